@@ -1,0 +1,42 @@
+//! tandem-core: the sans-IO state machine of tandem's replication protocol (the design in
+//! `seed/dovecot-replication-design-2008.txt`, fixed by `DESIGN.md`), and its wire codec.
+//!
+//! Nothing here reads a clock, opens a socket or a file, spawns a thread or draws global
+//! randomness: inputs enter through [`Server::handle`], outputs leave through
+//! [`Server::poll_output`], and [`Server::poll_timeout`] says when to call again.
+#![forbid(unsafe_code)]
+
+pub mod hash;
+pub mod msg;
+pub mod types;
+pub mod wire;
+
+pub use msg::*;
+pub use types::*;
+
+use std::fmt;
+
+/// Errors are values: every input a peer, a client or a file can influence is checked
+/// and refused with one of these instead of a panic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    BadFlag(String),
+    /// Malformed wire bytes: where, and what the decoder expected there.
+    Decode { offset: usize, expected: String },
+    /// A limit was exceeded (literal size, list length, ...).
+    TooLarge { what: &'static str, limit: usize },
+    BadRequest(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadFlag(s) => write!(f, "bad flag {s:?}"),
+            Error::Decode { offset, expected } => write!(f, "malformed input at byte {offset}: expected {expected}"),
+            Error::TooLarge { what, limit } => write!(f, "{what} exceeds the limit of {limit}"),
+            Error::BadRequest(s) => write!(f, "bad request: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,201 @@
+//! Peer protocol messages: what servers say to each other. The wire codec (`wire`) turns
+//! each of these into one IMAP-like tagged text command and back.
+
+use crate::types::*;
+use serde::{Deserialize, Serialize};
+
+/// Hops a message may take through relaying servers before it is dropped.
+pub const HOPS_MAX: u8 = 32;
+
+/// A peer message addressed end to end. Intermediate servers relay it unchanged except
+/// for `hops`, so a command can reach its target through servers with no direct link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub src: Sid,
+    pub dst: Sid,
+    pub hops: u8,
+    pub msg: Msg,
+}
+
+/// A client write as routed to the mailbox master (seed: SAVE/COPY/EXPUNGE/STORE without
+/// UID). The master answers with a `Msg::Reply` carrying the same tag.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteRequest {
+    Save {
+        mailbox: MailboxKey,
+        guid: Guid,
+        received: u64,
+        flags: Vec<Flag>,
+        body: Vec<u8>,
+    },
+    Copy {
+        src: MailboxKey,
+        src_uid: Uid,
+        guid: Guid,
+        dst: MailboxKey,
+        received: u64,
+    },
+    Expunge {
+        mailbox: MailboxKey,
+        uids: Vec<Uid>,
+    },
+    Store {
+        mailbox: MailboxKey,
+        uids: Vec<Uid>,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+        /// CONDSTORE UNCHANGEDSINCE: reject messages whose modseq is above this.
+        unchanged_since: Option<ModSeq>,
+        /// Highest modseq of these messages as the sender knew them; the master sends
+        /// current flags back for messages above it, fixing a stale sender.
+        known_modseq: ModSeq,
+    },
+}
+
+impl WriteRequest {
+    /// The mailbox whose master must order this write.
+    pub fn target(&self) -> &MailboxKey {
+        match self {
+            WriteRequest::Save { mailbox, .. } => mailbox,
+            WriteRequest::Copy { dst, .. } => dst,
+            WriteRequest::Expunge { mailbox, .. } => mailbox,
+            WriteRequest::Store { mailbox, .. } => mailbox,
+        }
+    }
+}
+
+/// Why a write failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailKind {
+    /// Try again later (IMAP `NO [UNAVAILABLE]`, LMTP 451). Never hides a false OK.
+    Temporary,
+    /// The request itself is wrong (no such message, bad mailbox).
+    Permanent,
+}
+
+/// The current flags of one message, sent back to a stale STORE sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentFlags {
+    pub uid: Uid,
+    pub flags: Vec<Flag>,
+    pub modseq: ModSeq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteResult {
+    Saved { uidvalidity: u32, uid: Uid, guid: Guid },
+    Copied { uidvalidity: u32, uid: Uid, guid: Guid },
+    Expunged { uids: Vec<Uid>, modseq: ModSeq },
+    Stored { modseq: ModSeq, rejected: Vec<Uid>, current: Vec<CurrentFlags> },
+    Failed { kind: FailKind, reason: String },
+}
+
+/// A change ordered by a mailbox master, replicated through the per-peer logs. Every
+/// change is a piece of mailbox state, so applying it twice or late is harmless.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// A new message with its body.
+    Save { mailbox: MailboxKey, uidvalidity: u32, record: MessageRecord, body: Vec<u8> },
+    /// A new message whose body the receiver already has (or FETCHes): no body resent.
+    Copy { mailbox: MailboxKey, uidvalidity: u32, record: MessageRecord },
+    Expunge { mailbox: MailboxKey, uidvalidity: u32, tombstones: Vec<Tombstone> },
+    /// Flag deltas, stamped by the master; never whole flag sets.
+    Store {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        stamp: Stamp,
+        messages: Vec<(Uid, Guid)>,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+    },
+    /// The outcome of a merge (UID-conflict renumbering, adopted messages) as one
+    /// atomic piece, so no delivery interleaves with a renumbering anywhere.
+    Merge { state: MailboxState },
+}
+
+impl Change {
+    pub fn mailbox(&self) -> &MailboxKey {
+        match self {
+            Change::Save { mailbox, .. }
+            | Change::Copy { mailbox, .. }
+            | Change::Expunge { mailbox, .. }
+            | Change::Store { mailbox, .. } => mailbox,
+            Change::Merge { state } => &state.mailbox,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// Link-state flooding: `origin`'s direct neighbours, newest `seq` wins.
+    LinkState { origin: Sid, seq: u64, neighbors: Vec<Sid> },
+    /// A new root term. The receiver flushes its master cache, drops its masterships
+    /// and answers `Dropped`.
+    Root { epoch: u64, root: Sid },
+    Dropped { epoch: u64 },
+    /// Ask the root who masters these keys; the root answers one `MasterIs` per key.
+    Who { epoch: u64, keys: Vec<MasterKey> },
+    MasterIs { epoch: u64, key: MasterKey, master: Sid },
+    /// Seed MASTER-MOVE: move mastership of `key` to `requester`, forwarded until it
+    /// reaches the current master.
+    MasterMove { tag: u64, key: MasterKey, requester: Sid },
+    /// The old master gave up `key`; `state` holds its mailboxes under that key.
+    MoveDone { tag: u64, key: MasterKey, epoch: u64, states: Vec<MailboxState> },
+    Request { tag: u64, request: WriteRequest },
+    Reply { tag: u64, master: Option<Sid>, result: WriteResult },
+    /// A replicated change at position `seq` of the sender's log for the receiver.
+    Change { seq: u64, change: Change },
+    /// The receiver made these changes durable; the sender may drop them from its log.
+    Ack { seqs: Vec<u64> },
+    /// Ask for the summaries of every mailbox under `key` (a new master catching up).
+    MboxRequest { tag: u64, key: MasterKey },
+    /// Seed MBOX: one mailbox's summary. `tag` is 0 when unsolicited.
+    Mbox { tag: u64, summary: Summary },
+    /// The answer to `MboxRequest` once every `Mbox` has been sent.
+    MboxDone { tag: u64, count: u32 },
+    /// Seed SYNC: a whole mailbox. `reply` is false for the first half of an exchange.
+    Sync { reply: bool, state: MailboxState },
+    /// Seed FETCH: ask for a body.
+    Fetch { guid: Guid },
+    /// FETCH's answer.
+    Body { guid: Guid, checksum: u64, body: Vec<u8> },
+    /// A peer's input was refused. Sent back instead of acting on it.
+    Error { text: String },
+}
+
+impl Msg {
+    /// The command name on the wire and in traces.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::LinkState { .. } => "LINKSTATE",
+            Msg::Root { .. } => "ROOT",
+            Msg::Dropped { .. } => "DROPPED",
+            Msg::Who { .. } => "WHO",
+            Msg::MasterIs { .. } => "MASTER",
+            Msg::MasterMove { .. } => "MASTER-MOVE",
+            Msg::MoveDone { .. } => "MOVED",
+            Msg::Request { request, .. } => match request {
+                WriteRequest::Save { .. } => "SAVE",
+                WriteRequest::Copy { .. } => "COPY",
+                WriteRequest::Expunge { .. } => "EXPUNGE",
+                WriteRequest::Store { .. } => "STORE",
+            },
+            Msg::Reply { .. } => "REPLY",
+            Msg::Change { change, .. } => match change {
+                Change::Save { .. } => "R-SAVE",
+                Change::Copy { .. } => "R-COPY",
+                Change::Expunge { .. } => "R-EXPUNGE",
+                Change::Store { .. } => "R-STORE",
+                Change::Merge { .. } => "R-MERGE",
+            },
+            Msg::Ack { .. } => "ACK",
+            Msg::MboxRequest { .. } => "MBOX-REQ",
+            Msg::Mbox { .. } => "MBOX",
+            Msg::MboxDone { .. } => "MBOX-DONE",
+            Msg::Sync { .. } => "SYNC",
+            Msg::Fetch { .. } => "FETCH",
+            Msg::Body { .. } => "BODY",
+            Msg::Error { .. } => "ERROR",
+        }
+    }
+}

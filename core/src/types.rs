@@ -1,0 +1,227 @@
+//! The data model of DESIGN.md: servers, mailboxes, messages, flags, tombstones.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A server id. Printed as `s<n>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Sid(pub u32);
+
+impl fmt::Display for Sid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// A global message id: 128 bits, assigned once at delivery and kept by COPY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Guid(pub u128);
+
+impl fmt::Display for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+pub type Uid = u32;
+pub type ModSeq = u64;
+
+/// Virtual or real monotonic time in microseconds. The core never reads a clock: the
+/// caller passes `now` with every input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Instant(pub u64);
+
+impl Instant {
+    pub fn from_millis(ms: u64) -> Self {
+        Instant(ms.saturating_mul(1000))
+    }
+    pub fn micros(self) -> u64 {
+        self.0
+    }
+    pub fn plus_us(self, us: u64) -> Self {
+        Instant(self.0.saturating_add(us))
+    }
+}
+
+/// (user, mailbox name). Both are non-empty and contain no control characters.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MailboxKey {
+    pub user: String,
+    pub name: String,
+}
+
+impl MailboxKey {
+    pub fn new(user: &str, name: &str) -> Self {
+        MailboxKey { user: user.to_string(), name: name.to_string() }
+    }
+    pub fn domain(&self) -> &str {
+        self.user.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+    }
+    /// The UIDVALIDITY every server derives for a new mailbox, so that two servers that
+    /// create the same mailbox while partitioned agree without talking.
+    pub fn initial_uidvalidity(&self) -> u32 {
+        let h = crate::hash::fnv64(&[self.user.as_bytes(), b"\0", self.name.as_bytes()]);
+        ((h as u32) & 0x7fff_ffff).max(1)
+    }
+}
+
+impl fmt::Display for MailboxKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.user, self.name)
+    }
+}
+
+/// How coarse mastership is: one master per mailbox (default), per user, per domain,
+/// or one for everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub enum Granularity {
+    #[default]
+    Mailbox,
+    User,
+    Domain,
+    Global,
+}
+
+/// The unit that has one master.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum MasterKey {
+    Mailbox(MailboxKey),
+    User(String),
+    Domain(String),
+    Global,
+}
+
+impl MasterKey {
+    pub fn of(mailbox: &MailboxKey, granularity: Granularity) -> MasterKey {
+        match granularity {
+            Granularity::Mailbox => MasterKey::Mailbox(mailbox.clone()),
+            Granularity::User => MasterKey::User(mailbox.user.clone()),
+            Granularity::Domain => MasterKey::Domain(mailbox.domain().to_string()),
+            Granularity::Global => MasterKey::Global,
+        }
+    }
+    pub fn covers(&self, mailbox: &MailboxKey) -> bool {
+        match self {
+            MasterKey::Mailbox(k) => k == mailbox,
+            MasterKey::User(u) => *u == mailbox.user,
+            MasterKey::Domain(d) => d == mailbox.domain(),
+            MasterKey::Global => true,
+        }
+    }
+}
+
+impl fmt::Display for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MasterKey::Mailbox(k) => write!(f, "mailbox {k}"),
+            MasterKey::User(u) => write!(f, "user {u}"),
+            MasterKey::Domain(d) => write!(f, "domain {d}"),
+            MasterKey::Global => write!(f, "global"),
+        }
+    }
+}
+
+/// An IMAP system flag (`\Seen`) or keyword (`$Junk`, `work`). Atom characters only.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Flag(String);
+
+pub const FLAG_LEN_MAX: usize = 64;
+
+impl Flag {
+    pub fn new(text: &str) -> Result<Flag, crate::Error> {
+        let body = text.strip_prefix('\\').unwrap_or(text);
+        let ok = !body.is_empty()
+            && text.len() <= FLAG_LEN_MAX
+            && body.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b));
+        if ok { Ok(Flag(text.to_string())) } else { Err(crate::Error::BadFlag(text.to_string())) }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Flag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who changed a flag last: the master's modseq for that change and the master's id.
+/// Flag merges after a partition keep, per flag, the change with the highest stamp: both
+/// sides' deltas are replayed, and every server computes the same result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Stamp {
+    pub modseq: ModSeq,
+    pub sid: Sid,
+}
+
+/// One flag's last change: set or cleared, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FlagState {
+    pub present: bool,
+    pub stamp: Stamp,
+}
+
+/// A message as every server stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub uid: Uid,
+    pub guid: Guid,
+    /// Received date, seconds since the Unix epoch.
+    pub received: u64,
+    pub size: u32,
+    /// Checksum of the body, fixed at delivery.
+    pub checksum: u64,
+    pub modseq: ModSeq,
+    /// Every flag ever touched, with its last change. Cleared flags stay as entries so a
+    /// removal is never lost in a merge.
+    pub flags: BTreeMap<Flag, FlagState>,
+}
+
+impl MessageRecord {
+    pub fn present_flags(&self) -> Vec<Flag> {
+        self.flags.iter().filter(|(_, s)| s.present).map(|(f, _)| f.clone()).collect()
+    }
+}
+
+/// An expunged or retired (UID, GUID) binding. Kept so that a later merge knows the UID
+/// was used and by which message (the seed's FIXME).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub uid: Uid,
+    pub guid: Guid,
+    pub modseq: ModSeq,
+}
+
+/// The summary carried by MBOX: enough to tell in O(1) whether two copies differ.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Summary {
+    pub mailbox: MailboxKey,
+    pub uidvalidity: u32,
+    pub uidnext: Uid,
+    pub count: u32,
+    pub highest_modseq: ModSeq,
+    pub digest: u64,
+}
+
+/// A whole mailbox or a part of one, as sent by SYNC and by merged changes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MailboxState {
+    pub mailbox: MailboxKey,
+    pub uidvalidity: u32,
+    pub uidnext: Uid,
+    pub highest_modseq: ModSeq,
+    pub messages: Vec<MessageRecord>,
+    pub tombstones: Vec<Tombstone>,
+}
+
+/// How SAVE/COPY is acknowledged (DESIGN.md, Durability modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum Durability {
+    /// Acked when durable on `replicas + 1` servers, else a temporary failure.
+    #[default]
+    Sync,
+    /// Acked when durable on the master in the local component.
+    Async,
+}
