@@ -7,11 +7,20 @@
 #![forbid(unsafe_code)]
 
 pub mod hash;
+pub mod io;
+pub mod mailbox;
+pub mod marks;
 pub mod msg;
+pub mod server;
+pub mod store;
 pub mod types;
 pub mod wire;
 
+pub use io::*;
+pub use marks::{Mark, Marks};
 pub use msg::*;
+pub use server::Server;
+pub use store::{DiskImage, StoreWrite};
 pub use types::*;
 
 use std::fmt;

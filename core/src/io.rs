@@ -1,0 +1,132 @@
+//! What enters and leaves a [`crate::Server`]: the sans-IO contract of DESIGN.md.
+
+use crate::msg::*;
+use crate::store::StoreWrite;
+use crate::types::*;
+use serde::{Deserialize, Serialize};
+
+/// Identifies one client request at one server; chosen by the caller.
+pub type RequestId = u64;
+/// Position of a durable write in the server's write stream (1, 2, 3, ...).
+pub type WriteId = u64;
+
+/// A server's configuration. Every limit has a value; nothing is unbounded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub sid: Sid,
+    /// Every server of the cluster, this one included.
+    pub servers: Vec<Sid>,
+    pub durability: Durability,
+    /// Extra durable copies a SAVE/COPY waits for in sync mode.
+    pub replicas: u8,
+    /// Entries per peer replication log before mailboxes are marked for SYNC.
+    pub log_capacity: usize,
+    pub granularity: Granularity,
+    /// A client request not answered by then gets a temporary failure.
+    pub request_timeout_us: u64,
+    /// Period of the housekeeping tick (timeouts, resends, anti-entropy pacing).
+    pub tick_us: u64,
+    /// Period after which a master re-checks a peer's copy of a mailbox it changed.
+    pub anti_entropy_us: u64,
+    /// Requests queued at one server waiting for a master or a root.
+    pub pending_max: usize,
+}
+
+impl Config {
+    pub fn new(sid: Sid, servers: Vec<Sid>) -> Config {
+        Config {
+            sid,
+            servers,
+            durability: Durability::Sync,
+            replicas: 1,
+            log_capacity: 10_000,
+            granularity: Granularity::Mailbox,
+            request_timeout_us: 5_000_000,
+            tick_us: 50_000,
+            anti_entropy_us: 1_000_000,
+            pending_max: 100_000,
+        }
+    }
+}
+
+/// A request from a mail client (IMAP/LMTP front end, admin CLI, or the simulator).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Save { mailbox: MailboxKey, received: u64, flags: Vec<Flag>, body: Vec<u8> },
+    Copy { src: MailboxKey, src_uid: Uid, dst: MailboxKey },
+    Expunge { mailbox: MailboxKey, uids: Vec<Uid> },
+    Store {
+        mailbox: MailboxKey,
+        uids: Vec<Uid>,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+        unchanged_since: Option<ModSeq>,
+    },
+    /// Show the mailbox as this server has it (exposes UIDs to the user).
+    Read { mailbox: MailboxKey },
+    /// Seed MASTER-MOVE: make this server the master of the mailbox's master key.
+    MasterMove { mailbox: MailboxKey },
+}
+
+/// One message as a client sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub uid: Uid,
+    pub guid: Guid,
+    pub flags: Vec<Flag>,
+    pub modseq: ModSeq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxView {
+    pub mailbox: MailboxKey,
+    pub uidvalidity: u32,
+    pub uidnext: Uid,
+    pub highest_modseq: ModSeq,
+    pub messages: Vec<MessageView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientReply {
+    Write(WriteResult),
+    Read(MailboxView),
+    /// MASTER-MOVE done: this server is now master.
+    Moved { master: Sid },
+    Failed { kind: FailKind, reason: String },
+}
+
+/// A change to the store that did not come through the protocol, as the shell found it
+/// (a mail file dropped in or deleted by hand, a body that fails its checksum). In the
+/// simulator the fault injector makes these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExternalEdit {
+    /// A message file appeared with no UID.
+    Added { mailbox: MailboxKey, received: u64, body: Vec<u8> },
+    /// The file of a message disappeared.
+    Removed { mailbox: MailboxKey, uid: Uid },
+    /// The stored body of a message changed under us.
+    Corrupted { guid: Guid, body: Vec<u8> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// A peer message arriving from the neighbour `from` over a direct link.
+    Peer { from: Sid, envelope: Envelope },
+    Client { id: RequestId, request: ClientRequest },
+    /// The deadline from `poll_timeout` passed.
+    Timer,
+    LinkUp { peer: Sid },
+    LinkDown { peer: Sid },
+    /// Every write up to and including `upto` is on disk.
+    Durable { upto: WriteId },
+    External(ExternalEdit),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Send to the direct neighbour `to`.
+    Send { to: Sid, envelope: Envelope },
+    Reply { id: RequestId, reply: ClientReply },
+    /// Make this write durable, in order, then report `Input::Durable`.
+    Write { id: WriteId, write: StoreWrite },
+}

@@ -1,0 +1,421 @@
+//! One mailbox's state and the merges that keep copies in agreement.
+//!
+//! Every change a master orders is a piece of mailbox state, so the copies form a
+//! join-semilattice: messages keyed by (UID, GUID), tombstones that kill exactly one
+//! binding, flags as per-flag last-writer-wins registers stamped by the master, and
+//! UIDNEXT/HIGHESTMODSEQ as maxima. Applying a piece twice, late or out of order gives
+//! the same state. The one thing a lattice join cannot do is decide a UID conflict (two
+//! GUIDs on one UID): only the mailbox master renumbers (`merge_as_master`); any other
+//! server refuses the conflicting piece and asks the master for a SYNC.
+
+use crate::hash::{fnv64, mix64};
+use crate::store::StoredMailbox;
+use crate::types::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a merge did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// Records added or changed here (to persist and, at a master, to replicate).
+    pub records: Vec<MessageRecord>,
+    /// UIDs whose live record went away (expunged or retired).
+    pub removed: Vec<Uid>,
+    /// Tombstones added here.
+    pub tombstones: Vec<Tombstone>,
+    /// UID conflicts renumbered (master only): how many messages got new UIDs.
+    pub renumbered: usize,
+    /// A non-master met a conflict it may not decide: it needs a SYNC with the master.
+    pub unresolved: bool,
+    /// Whether UIDNEXT/HIGHESTMODSEQ/UIDVALIDITY moved.
+    pub meta_changed: bool,
+    /// A conflict was found through a tombstone (the seed's FIXME).
+    pub tombstone_conflict: bool,
+}
+
+impl MergeOutcome {
+    pub fn changed(&self) -> bool {
+        !self.records.is_empty() || !self.removed.is_empty() || !self.tombstones.is_empty() || self.meta_changed
+    }
+}
+
+pub fn new_mailbox(key: &MailboxKey) -> StoredMailbox {
+    StoredMailbox {
+        uidvalidity: key.initial_uidvalidity(),
+        uidnext: 1,
+        highest_modseq: 0,
+        messages: BTreeMap::new(),
+        tombstones: BTreeMap::new(),
+    }
+}
+
+fn record_hash(r: &MessageRecord) -> u64 {
+    let mut h = fnv64(&[&r.uid.to_le_bytes(), &r.guid.0.to_le_bytes(), &r.modseq.to_le_bytes()]);
+    for (flag, state) in &r.flags {
+        h = mix64(
+            h ^ fnv64(&[
+                flag.as_str().as_bytes(),
+                &[u8::from(state.present)],
+                &state.stamp.modseq.to_le_bytes(),
+                &state.stamp.sid.0.to_le_bytes(),
+            ]),
+        );
+    }
+    mix64(h)
+}
+
+fn tombstone_hash(t: &Tombstone) -> u64 {
+    mix64(fnv64(&[b"T", &t.uid.to_le_bytes(), &t.guid.0.to_le_bytes()]))
+}
+
+/// Order-independent hash of the live messages and the tombstones.
+pub fn digest(m: &StoredMailbox) -> u64 {
+    let live = m.messages.values().fold(0u64, |acc, r| acc ^ record_hash(r));
+    let dead = m.tombstones.values().fold(0u64, |acc, t| acc ^ tombstone_hash(t));
+    live ^ mix64(dead)
+}
+
+pub fn summary(key: &MailboxKey, m: &StoredMailbox) -> Summary {
+    Summary {
+        mailbox: key.clone(),
+        uidvalidity: m.uidvalidity,
+        uidnext: m.uidnext,
+        count: u32::try_from(m.messages.len()).unwrap_or(u32::MAX),
+        highest_modseq: m.highest_modseq,
+        digest: digest(m),
+    }
+}
+
+pub fn state(key: &MailboxKey, m: &StoredMailbox) -> MailboxState {
+    MailboxState {
+        mailbox: key.clone(),
+        uidvalidity: m.uidvalidity,
+        uidnext: m.uidnext,
+        highest_modseq: m.highest_modseq,
+        messages: m.messages.values().cloned().collect(),
+        tombstones: m.tombstones.values().copied().collect(),
+    }
+}
+
+/// Per-flag last-writer-wins join. Returns whether `into` changed.
+pub fn join_flags(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, FlagState>) -> bool {
+    let mut changed = false;
+    for (flag, theirs) in from {
+        match into.get(flag) {
+            Some(ours) if ours.stamp > theirs.stamp => {}
+            Some(ours) if ours.stamp == theirs.stamp && ours.present == theirs.present => {}
+            Some(ours) if ours.stamp == theirs.stamp => {
+                // Same stamp, different value: only a hand-edited store can do this.
+                // Removal wins so every server decides the same way.
+                if ours.present {
+                    into.insert(flag.clone(), FlagState { present: false, stamp: ours.stamp });
+                    changed = true;
+                }
+            }
+            _ => {
+                into.insert(flag.clone(), *theirs);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// Which GUIDs a mailbox holds live, and at which UID.
+fn live_guids(m: &StoredMailbox) -> BTreeMap<Guid, Uid> {
+    m.messages.values().map(|r| (r.guid, r.uid)).collect()
+}
+
+fn bump_meta(m: &mut StoredMailbox, uidnext: Uid, hms: ModSeq, out: &mut MergeOutcome) {
+    if uidnext > m.uidnext {
+        m.uidnext = uidnext;
+        out.meta_changed = true;
+    }
+    if hms > m.highest_modseq {
+        m.highest_modseq = hms;
+        out.meta_changed = true;
+    }
+}
+
+fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
+    if let std::collections::btree_map::Entry::Vacant(e) = m.tombstones.entry((t.uid, t.guid)) {
+        e.insert(t);
+        out.tombstones.push(t);
+    }
+    if m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid) {
+        m.messages.remove(&t.uid);
+        out.removed.push(t.uid);
+    }
+    let next = t.uid.saturating_add(1);
+    if next > m.uidnext {
+        m.uidnext = next;
+        out.meta_changed = true;
+    }
+}
+
+/// Joins `foreign` into `m` at a server that is not the master. A record that would put
+/// a second GUID on a UID this server holds (live or as a tombstone) is refused and
+/// `unresolved` set: binding that UID would show a client two messages under one UID.
+pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeOutcome {
+    let mut out = MergeOutcome::default();
+    if foreign.uidvalidity != m.uidvalidity {
+        out.unresolved = true;
+        return out;
+    }
+    for t in &foreign.tombstones {
+        add_tombstone(m, *t, &mut out);
+    }
+    for r in &foreign.messages {
+        if m.tombstones.contains_key(&(r.uid, r.guid)) {
+            continue;
+        }
+        match m.messages.get_mut(&r.uid) {
+            Some(ours) if ours.guid == r.guid => {
+                let mut changed = join_flags(&mut ours.flags, &r.flags);
+                if r.modseq > ours.modseq {
+                    ours.modseq = r.modseq;
+                    changed = true;
+                }
+                if changed {
+                    out.records.push(ours.clone());
+                }
+            }
+            Some(_) => out.unresolved = true,
+            None => {
+                let retired = m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                if retired {
+                    out.unresolved = true;
+                } else {
+                    m.messages.insert(r.uid, r.clone());
+                    out.records.push(r.clone());
+                    let next = r.uid.saturating_add(1);
+                    if next > m.uidnext {
+                        m.uidnext = next;
+                        out.meta_changed = true;
+                    }
+                }
+            }
+        }
+        if r.modseq > m.highest_modseq {
+            m.highest_modseq = r.modseq;
+            out.meta_changed = true;
+        }
+    }
+    bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
+    out
+}
+
+/// Joins `foreign` into `m` at the mailbox master, deciding every conflict: both sides
+/// of a UID conflict (two GUIDs on one UID, or a live GUID on a UID another GUID was
+/// expunged from) get new UIDs above every UID either side used, in (old UID, GUID)
+/// order, and the old UID is retired with a tombstone per GUID. `me` stamps the merge.
+pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -> MergeOutcome {
+    let mut out = MergeOutcome::default();
+    let same_validity = foreign.uidvalidity == m.uidvalidity;
+    let modseq = m.highest_modseq.max(foreign.highest_modseq) + 1;
+    // Messages that must move to a new UID: (old uid, guid, record to move).
+    let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
+    if same_validity {
+        for t in &foreign.tombstones {
+            if m.tombstones.contains_key(&(t.uid, t.guid)) {
+                continue;
+            }
+            if let Some(ours) = m.messages.get(&t.uid)
+                && ours.guid != t.guid
+            {
+                // The seed's FIXME: the other side expunged another message from this
+                // UID. Ours must move too.
+                out.tombstone_conflict = true;
+                movers.insert((ours.uid, ours.guid), ours.clone());
+            }
+            add_tombstone(m, *t, &mut out);
+        }
+    }
+    let ours_live = live_guids(m);
+    let ours_dead: BTreeSet<Guid> = m.tombstones.keys().map(|(_, g)| *g).collect();
+    for r in &foreign.messages {
+        if !same_validity {
+            // Their UIDs mean nothing here: every message of theirs we lack is new.
+            if !ours_live.contains_key(&r.guid) && !ours_dead.contains(&r.guid) {
+                movers.insert((r.uid, r.guid), r.clone());
+            }
+            continue;
+        }
+        if m.tombstones.contains_key(&(r.uid, r.guid)) {
+            continue;
+        }
+        if let Some(&our_uid) = ours_live.get(&r.guid) {
+            if our_uid != r.uid {
+                // Same message known here under another UID (renumbered already): retire
+                // their binding, keep ours, take their flag changes.
+                add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq }, &mut out);
+            }
+            if let Some(ours) = m.messages.get_mut(&our_uid)
+                && join_flags(&mut ours.flags, &r.flags)
+            {
+                ours.modseq = modseq;
+                out.records.push(ours.clone());
+            }
+            continue;
+        }
+        if ours_dead.contains(&r.guid) {
+            // Expunged here under another UID: the expunge wins.
+            add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq }, &mut out);
+            continue;
+        }
+        match m.messages.get(&r.uid) {
+            Some(ours) => {
+                // Two GUIDs on one UID: both move.
+                movers.insert((ours.uid, ours.guid), ours.clone());
+                movers.insert((r.uid, r.guid), r.clone());
+            }
+            None => {
+                let retired = m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                if retired {
+                    out.tombstone_conflict = true;
+                    movers.insert((r.uid, r.guid), r.clone());
+                } else {
+                    let mut rec = r.clone();
+                    rec.modseq = modseq;
+                    m.messages.insert(rec.uid, rec.clone());
+                    out.records.push(rec);
+                    let next = r.uid.saturating_add(1);
+                    if next > m.uidnext {
+                        m.uidnext = next;
+                        out.meta_changed = true;
+                    }
+                }
+            }
+        }
+    }
+    bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
+    if !movers.is_empty() {
+        let mut next_uid = m.uidnext.max(foreign.uidnext);
+        let mut moved_guids = BTreeSet::new();
+        for ((old_uid, guid), rec) in movers {
+            if same_validity || m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
+                add_tombstone(m, Tombstone { uid: old_uid, guid, modseq }, &mut out);
+            }
+            if !moved_guids.insert(guid) {
+                continue;
+            }
+            let mut moved = rec;
+            moved.uid = next_uid;
+            moved.modseq = modseq;
+            next_uid = next_uid.saturating_add(1);
+            m.messages.insert(moved.uid, moved.clone());
+            out.records.push(moved);
+            out.renumbered += 1;
+        }
+        m.uidnext = next_uid;
+        out.meta_changed = true;
+    }
+    if out.changed() {
+        m.highest_modseq = m.highest_modseq.max(modseq);
+        out.meta_changed = true;
+    }
+    let _ = me;
+    debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
+    debug_assert!(m.messages.keys().all(|&u| u < m.uidnext), "a live UID is not below UIDNEXT");
+    out
+}
+
+/// At most one live UID per GUID.
+pub fn unique_guids(m: &StoredMailbox) -> bool {
+    let mut seen = BTreeSet::new();
+    m.messages.values().all(|r| seen.insert(r.guid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(uid: Uid, guid: u128, flags: &[(&str, bool, u64)]) -> MessageRecord {
+        MessageRecord {
+            uid,
+            guid: Guid(guid),
+            received: 0,
+            size: 1,
+            checksum: 0,
+            modseq: flags.iter().map(|f| f.2).max().unwrap_or(1),
+            flags: flags
+                .iter()
+                .map(|(f, p, m)| (Flag::new(f).unwrap(), FlagState { present: *p, stamp: Stamp { modseq: *m, sid: Sid(1) } }))
+                .collect(),
+        }
+    }
+
+    fn mbox(msgs: Vec<MessageRecord>) -> StoredMailbox {
+        let key = MailboxKey::new("u", "INBOX");
+        let mut m = new_mailbox(&key);
+        for r in msgs {
+            m.uidnext = m.uidnext.max(r.uid + 1);
+            m.highest_modseq = m.highest_modseq.max(r.modseq);
+            m.messages.insert(r.uid, r);
+        }
+        m
+    }
+
+    fn st(m: &StoredMailbox) -> MailboxState {
+        state(&MailboxKey::new("u", "INBOX"), m)
+    }
+
+    #[test]
+    fn seed_uid_conflict_renumbers_both_above_everything() {
+        let mut s1 = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[])]);
+        let s2 = mbox(vec![rec(1, 10, &[]), rec(2, 30, &[])]);
+        let out = merge_as_master(&mut s1, &st(&s2), Sid(1));
+        assert_eq!(out.renumbered, 2);
+        let by_uid: Vec<(Uid, u128)> = s1.messages.values().map(|r| (r.uid, r.guid.0)).collect();
+        assert_eq!(by_uid, vec![(1, 10), (3, 20), (4, 30)]);
+        assert!(s1.tombstones.contains_key(&(2, Guid(20))) && s1.tombstones.contains_key(&(2, Guid(30))));
+        // The other side applies the outcome and agrees.
+        let mut s2 = s2;
+        let applied = merge_as_replica(&mut s2, &st(&s1));
+        assert!(!applied.unresolved);
+        assert_eq!(digest(&s2), digest(&s1));
+    }
+
+    #[test]
+    fn expunged_conflict_found_by_tombstone() {
+        let mut master = mbox(vec![rec(1, 10, &[])]);
+        let mut other = mbox(vec![]);
+        other.tombstones.insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2 });
+        other.uidnext = 2;
+        let out = merge_as_master(&mut master, &st(&other), Sid(1));
+        assert!(out.tombstone_conflict);
+        assert_eq!(master.messages.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn flag_example_from_the_seed_ends_answered_seen() {
+        // Base (\Flagged) at modseq 1; s1 +\Answered at 2; s2 +\Seen -\Flagged at 2.
+        let mut s1 = mbox(vec![rec(1, 10, &[("\\Flagged", true, 1), ("\\Answered", true, 2)])]);
+        let mut s2 = mbox(vec![rec(1, 10, &[("\\Flagged", false, 2), ("\\Seen", true, 2)])]);
+        merge_as_master(&mut s1, &st(&s2), Sid(1));
+        merge_as_replica(&mut s2, &st(&s1));
+        for m in [&s1, &s2] {
+            let flags: Vec<String> = m.messages[&1].present_flags().iter().map(|f| f.to_string()).collect();
+            assert_eq!(flags, vec!["\\Answered", "\\Seen"]);
+        }
+        assert_eq!(digest(&s1), digest(&s2));
+    }
+
+    #[test]
+    fn replica_refuses_a_second_guid_on_a_uid() {
+        let mut r = mbox(vec![rec(1, 10, &[])]);
+        let out = merge_as_replica(&mut r, &st(&mbox(vec![rec(1, 11, &[])])));
+        assert!(out.unresolved);
+        assert_eq!(r.messages[&1].guid, Guid(10));
+    }
+
+    #[test]
+    fn merges_are_idempotent() {
+        let mut a = mbox(vec![rec(1, 10, &[("\\Seen", true, 3)])]);
+        let b = mbox(vec![rec(1, 10, &[("\\Seen", false, 4)]), rec(2, 20, &[])]);
+        merge_as_replica(&mut a, &st(&b));
+        let d = digest(&a);
+        let again = merge_as_replica(&mut a, &st(&b));
+        assert!(!again.changed());
+        assert_eq!(digest(&a), d);
+    }
+}

@@ -1,0 +1,81 @@
+//! Coverage marks: counters on the protocol paths that matter, so a simulation sweep can
+//! prove it reached the hard paths (and a scenario can expect one by name).
+
+use std::collections::BTreeMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mark {
+    UidConflictRenumbered,
+    TombstoneConflict,
+    RootElected,
+    MasterMoved,
+    MasterMovedMidSave,
+    RelayUsed,
+    LogOverflow,
+    FullSync,
+    DigestMismatch,
+    BodyRepaired,
+    CondstoreRejected,
+    SyncModeTemporaryFailure,
+    ReplicaConflictRefused,
+    StaleStoreCorrected,
+}
+
+impl Mark {
+    pub const ALL: [Mark; 14] = [
+        Mark::UidConflictRenumbered,
+        Mark::TombstoneConflict,
+        Mark::RootElected,
+        Mark::MasterMoved,
+        Mark::MasterMovedMidSave,
+        Mark::RelayUsed,
+        Mark::LogOverflow,
+        Mark::FullSync,
+        Mark::DigestMismatch,
+        Mark::BodyRepaired,
+        Mark::CondstoreRejected,
+        Mark::SyncModeTemporaryFailure,
+        Mark::ReplicaConflictRefused,
+        Mark::StaleStoreCorrected,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mark::UidConflictRenumbered => "uid_conflict_renumbered",
+            Mark::TombstoneConflict => "tombstone_conflict",
+            Mark::RootElected => "root_elected",
+            Mark::MasterMoved => "master_moved",
+            Mark::MasterMovedMidSave => "master_moved_mid_save",
+            Mark::RelayUsed => "relay_used",
+            Mark::LogOverflow => "log_overflow",
+            Mark::FullSync => "full_sync",
+            Mark::DigestMismatch => "digest_mismatch",
+            Mark::BodyRepaired => "body_repaired",
+            Mark::CondstoreRejected => "condstore_rejected",
+            Mark::SyncModeTemporaryFailure => "sync_mode_temporary_failure",
+            Mark::ReplicaConflictRefused => "replica_conflict_refused",
+            Mark::StaleStoreCorrected => "stale_store_corrected",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Mark> {
+        Mark::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    counts: BTreeMap<Mark, u64>,
+}
+
+impl Marks {
+    pub fn hit(&mut self, mark: Mark) {
+        *self.counts.entry(mark).or_insert(0) += 1;
+    }
+    pub fn count(&self, mark: Mark) -> u64 {
+        self.counts.get(&mark).copied().unwrap_or(0)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (Mark, u64)> + '_ {
+        self.counts.iter().map(|(m, c)| (*m, *c))
+    }
+}

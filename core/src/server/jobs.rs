@@ -1,0 +1,688 @@
+//! Requests in progress: client writes, writes forwarded by peers, MASTER-MOVE. A write
+//! goes to the mailbox master (directly, through the master cache, or after asking the
+//! root), and its client is answered only after the writes it depends on are durable
+//! and, for SAVE/COPY in sync mode, `replicas` peers have made the change durable too.
+
+use super::{Mastership, Server};
+use crate::io::*;
+use crate::mailbox;
+use crate::marks::Mark;
+use crate::msg::*;
+use crate::store::StoreWrite;
+use crate::types::*;
+use std::collections::BTreeSet;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Client(RequestId),
+    /// A peer forwarded this to us; answer with its tag.
+    Peer { sid: Sid, tag: u64 },
+    /// The server itself (a message file found in the store).
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    Write(WriteRequest),
+    /// Move mastership of the key to `requester`.
+    MasterMove { requester: Sid },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting for a master to be known or ready.
+    Queued,
+    Forwarded { to: Sid },
+    /// Executed here as master; waiting for durability.
+    Replicating { write: WriteId, need: usize, acked: BTreeSet<Sid>, result: WriteResult },
+    /// A COPY at the master, waiting for the body.
+    WaitingBody { guid: Guid },
+}
+
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub origin: Origin,
+    pub kind: JobKind,
+    pub key: MasterKey,
+    pub state: JobState,
+    pub deadline: Instant,
+}
+
+fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
+    WriteResult::Failed { kind, reason: reason.into() }
+}
+
+impl Server {
+    pub(crate) fn on_client(&mut self, id: RequestId, request: ClientRequest) {
+        let write = match request {
+            ClientRequest::Read { mailbox } => {
+                let reply = self.read_view(&mailbox);
+                self.push_reply(id, reply);
+                return;
+            }
+            ClientRequest::MasterMove { mailbox } => {
+                let key = self.master_key(&mailbox);
+                let job = Job {
+                    origin: Origin::Client(id),
+                    kind: JobKind::MasterMove { requester: self.cfg.sid },
+                    key,
+                    state: JobState::Queued,
+                    deadline: self.now.plus_us(self.cfg.request_timeout_us),
+                };
+                self.start_job(job);
+                return;
+            }
+            ClientRequest::Save { mailbox, received, flags, body } => {
+                let guid = self.new_guid();
+                WriteRequest::Save { mailbox, guid, received, flags, body }
+            }
+            ClientRequest::Copy { src, src_uid, dst } => {
+                let Some(record) = self.db.mailboxes.get(&src).and_then(|m| m.messages.get(&src_uid)) else {
+                    self.push_reply(id, ClientReply::Write(fail(FailKind::Permanent, format!("no message {src_uid} in {src}"))));
+                    return;
+                };
+                WriteRequest::Copy { src, src_uid, guid: record.guid, dst, received: record.received }
+            }
+            ClientRequest::Expunge { mailbox, uids } => WriteRequest::Expunge { mailbox, uids },
+            ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
+                let known_modseq = self
+                    .db
+                    .mailboxes
+                    .get(&mailbox)
+                    .map(|m| uids.iter().filter_map(|u| m.messages.get(u)).map(|r| r.modseq).max().unwrap_or(0))
+                    .unwrap_or(0);
+                WriteRequest::Store { mailbox, uids, add, remove, unchanged_since, known_modseq }
+            }
+        };
+        if let Err(reason) = validate(&write) {
+            self.push_reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
+            return;
+        }
+        self.submit_write(Origin::Client(id), write);
+    }
+
+    pub(crate) fn submit_write(&mut self, origin: Origin, request: WriteRequest) {
+        let key = self.master_key(request.target());
+        let job = Job {
+            origin,
+            kind: JobKind::Write(request),
+            key,
+            state: JobState::Queued,
+            deadline: self.now.plus_us(self.cfg.request_timeout_us),
+        };
+        self.start_job(job);
+    }
+
+    fn start_job(&mut self, job: Job) {
+        if self.jobs.len() >= self.cfg.pending_max {
+            self.answer(job.origin, None, fail(FailKind::Temporary, "server busy"));
+            return;
+        }
+        let tag = self.new_tag();
+        self.jobs.insert(tag, job);
+        self.dispatch(tag);
+    }
+
+    fn read_view(&self, mailbox: &MailboxKey) -> ClientReply {
+        let Some(m) = self.db.mailboxes.get(mailbox) else {
+            return ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {mailbox}") };
+        };
+        ClientReply::Read(MailboxView {
+            mailbox: mailbox.clone(),
+            uidvalidity: m.uidvalidity,
+            uidnext: m.uidnext,
+            highest_modseq: m.highest_modseq,
+            messages: m
+                .messages
+                .values()
+                .map(|r| MessageView { uid: r.uid, guid: r.guid, flags: r.present_flags(), modseq: r.modseq })
+                .collect(),
+        })
+    }
+
+    /// Send the job where it must go next, or run it if we are its master.
+    pub(crate) fn dispatch(&mut self, tag: u64) {
+        let Some(job) = self.jobs.get(&tag) else { return };
+        if job.state != JobState::Queued {
+            return;
+        }
+        let key = job.key.clone();
+        let is_move_job = matches!(job.kind, JobKind::MasterMove { .. });
+        if let Some(mastership) = self.mastered.get(&key) {
+            if mastership.catchup.is_none() {
+                self.execute(tag);
+            }
+            return;
+        }
+        if self.moving.contains(&key) && !is_move_job {
+            return;
+        }
+        let Some(&master) = self.master_cache.get(&key).filter(|m| self.reachable.contains(m)) else {
+            self.lookup_master(&key);
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&tag) else { return };
+        match job.kind.clone() {
+            JobKind::Write(request) => {
+                job.state = JobState::Forwarded { to: master };
+                self.send(master, Msg::Request { tag, request });
+            }
+            JobKind::MasterMove { requester } => {
+                let origin = job.origin.clone();
+                match origin {
+                    Origin::Peer { tag: their_tag, .. } => {
+                        // Pass it on with the requester's own tag; the master answers the
+                        // requester directly.
+                        self.jobs.remove(&tag);
+                        self.send(master, Msg::MasterMove { tag: their_tag, key, requester });
+                    }
+                    _ => {
+                        job.state = JobState::Forwarded { to: master };
+                        self.moving.insert(key.clone());
+                        self.send(master, Msg::MasterMove { tag, key, requester });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Jobs waiting on `key` try again (a master became known or ready, or was lost).
+    pub(crate) fn requeue_jobs_for(&mut self, key: &MasterKey) {
+        let tags: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.key == *key && j.state == JobState::Queued).map(|(t, _)| *t).collect();
+        for tag in tags {
+            self.dispatch(tag);
+        }
+    }
+
+    /// The master we forwarded to is gone: send the same request (same GUID) to the
+    /// next master. A master that already has the GUID answers with its UID, so a
+    /// resent SAVE never makes a second copy.
+    pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) {
+        let tags: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.state == JobState::Forwarded { to: peer }).map(|(t, _)| *t).collect();
+        for tag in &tags {
+            if let Some(job) = self.jobs.get_mut(tag) {
+                job.state = JobState::Queued;
+                if matches!(job.kind, JobKind::MasterMove { .. }) {
+                    let key = job.key.clone();
+                    self.moving.remove(&key);
+                }
+            }
+        }
+        for tag in tags {
+            self.dispatch(tag);
+        }
+    }
+
+    pub(crate) fn on_peer_request(&mut self, src: Sid, tag: u64, request: WriteRequest) {
+        if let Err(reason) = validate(&request) {
+            self.send(src, Msg::Reply { tag, master: None, result: fail(FailKind::Permanent, reason) });
+            return;
+        }
+        let key = self.master_key(request.target());
+        if !self.mastered.contains_key(&key) && self.master_cache.get(&key) == Some(&src) {
+            // The sender thinks we are master and we think it is: ask the root.
+            self.master_cache.remove(&key);
+        }
+        let job = Job {
+            origin: Origin::Peer { sid: src, tag },
+            kind: JobKind::Write(request),
+            key,
+            state: JobState::Queued,
+            deadline: self.now.plus_us(self.cfg.request_timeout_us),
+        };
+        self.start_job(job);
+    }
+
+    pub(crate) fn on_peer_reply(&mut self, src: Sid, tag: u64, master: Option<Sid>, result: WriteResult) {
+        let Some(job) = self.jobs.get(&tag) else { return };
+        if job.state != (JobState::Forwarded { to: src }) {
+            return;
+        }
+        let key = job.key.clone();
+        if let Some(m) = master
+            && !self.mastered.contains_key(&key)
+        {
+            self.master_cache.insert(key, m);
+        }
+        let Some(job) = self.jobs.remove(&tag) else { return };
+        self.answer(job.origin, master, result);
+    }
+
+    /// Answer a job's origin.
+    pub(crate) fn answer(&mut self, origin: Origin, master: Option<Sid>, result: WriteResult) {
+        match origin {
+            Origin::Client(id) => self.push_reply(id, ClientReply::Write(result)),
+            Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result }),
+            Origin::Internal => {}
+        }
+    }
+
+    pub(crate) fn expire_jobs(&mut self) {
+        let now = self.now;
+        let expired: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.deadline <= now).map(|(t, _)| *t).collect();
+        for tag in expired {
+            let Some(job) = self.jobs.remove(&tag) else { continue };
+            self.ack_waiters.retain(|_, t| *t != tag);
+            let reason = match &job.state {
+                JobState::Replicating { .. } => {
+                    self.marks.hit(Mark::SyncModeTemporaryFailure);
+                    "not enough durable copies in time"
+                }
+                JobState::Queued => "no master reachable in time",
+                JobState::Forwarded { .. } => "the master did not answer in time",
+                JobState::WaitingBody { .. } => "the message body could not be fetched in time",
+            };
+            match job.kind {
+                JobKind::MasterMove { .. } => {
+                    self.moving.remove(&job.key);
+                    if let Origin::Client(id) = job.origin {
+                        self.push_reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason: reason.into() });
+                    }
+                    self.requeue_jobs_for(&job.key);
+                }
+                JobKind::Write(_) => self.answer(job.origin, None, fail(FailKind::Temporary, reason)),
+            }
+        }
+    }
+
+    /// Finish jobs whose writes are durable and whose replicas have acknowledged.
+    pub(crate) fn progress_jobs(&mut self) {
+        let done: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| match &j.state {
+                JobState::Replicating { write, need, acked, .. } => self.is_durable(*write) && acked.len() >= *need,
+                _ => false,
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in done {
+            let Some(job) = self.jobs.remove(&tag) else { continue };
+            self.ack_waiters.retain(|_, t| *t != tag);
+            if let JobState::Replicating { result, .. } = job.state {
+                self.answer(job.origin, Some(self.cfg.sid), result);
+            }
+        }
+    }
+
+    /// Run a job as the master of its key.
+    fn execute(&mut self, tag: u64) {
+        let Some(job) = self.jobs.get(&tag) else { return };
+        match job.kind.clone() {
+            JobKind::MasterMove { requester } => {
+                let origin = job.origin.clone();
+                let key = job.key.clone();
+                self.jobs.remove(&tag);
+                match origin {
+                    Origin::Client(id) => self.push_reply(id, ClientReply::Moved { master: self.cfg.sid }),
+                    Origin::Peer { tag: their_tag, .. } => self.give_up_mastership(key, requester, their_tag),
+                    Origin::Internal => {}
+                }
+            }
+            JobKind::Write(request) => {
+                let (result, replicated) = match request {
+                    WriteRequest::Save { mailbox, guid, received, flags, body } => {
+                        self.master_save(&mailbox, guid, received, &flags, Some(body), tag)
+                    }
+                    WriteRequest::Copy { src, guid, dst, received, .. } => {
+                        if src == dst {
+                            (fail(FailKind::Permanent, "COPY into the source mailbox is not supported"), None)
+                        } else if !self.db.bodies.contains_key(&guid) && !self.has_live(&dst, guid) {
+                            let from = match self.jobs.get(&tag).map(|j| j.origin.clone()) {
+                                Some(Origin::Peer { sid, .. }) => Some(sid),
+                                _ => None,
+                            };
+                            self.want_body(guid, None, from, false);
+                            if let Some(job) = self.jobs.get_mut(&tag) {
+                                job.state = JobState::WaitingBody { guid };
+                            }
+                            return;
+                        } else {
+                            self.master_save(&dst, guid, received, &[], None, tag)
+                        }
+                    }
+                    WriteRequest::Expunge { mailbox, uids } => (self.master_expunge(&mailbox, &uids), None),
+                    WriteRequest::Store { mailbox, uids, add, remove, unchanged_since, known_modseq } => {
+                        (self.master_store(&mailbox, &uids, &add, &remove, unchanged_since, known_modseq), None)
+                    }
+                };
+                let need = match (&result, replicated, self.cfg.durability) {
+                    (WriteResult::Saved { .. } | WriteResult::Copied { .. }, Some(_), Durability::Sync) => usize::from(self.cfg.replicas),
+                    _ => 0,
+                };
+                if let WriteResult::Failed { .. } = result {
+                    if let Some(job) = self.jobs.remove(&tag) {
+                        self.answer(job.origin, Some(self.cfg.sid), result);
+                    }
+                    return;
+                }
+                let write = self.last_write();
+                if let Some(job) = self.jobs.get_mut(&tag) {
+                    job.state = JobState::Replicating { write, need, acked: BTreeSet::new(), result };
+                }
+                self.progress_jobs();
+            }
+        }
+    }
+
+    /// A COPY waiting for a body can go on.
+    pub(crate) fn body_arrived(&mut self, guid: Guid) {
+        let tags: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.state == JobState::WaitingBody { guid }).map(|(t, _)| *t).collect();
+        for tag in tags {
+            if let Some(job) = self.jobs.get_mut(&tag) {
+                job.state = JobState::Queued;
+            }
+            self.dispatch(tag);
+        }
+    }
+
+    fn has_live(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
+        self.db.mailboxes.get(mailbox).is_some_and(|m| m.messages.values().any(|r| r.guid == guid))
+    }
+
+    /// SAVE (body given) or COPY (body already here) at the master. Returns the result
+    /// and, when a change was replicated, the log positions it went to.
+    fn master_save(
+        &mut self,
+        mailbox: &MailboxKey,
+        guid: Guid,
+        received: u64,
+        flags: &[Flag],
+        body: Option<Vec<u8>>,
+        tag: u64,
+    ) -> (WriteResult, Option<()>) {
+        let is_copy = body.is_none();
+        let existing = self.db.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == guid)).map(|r| r.uid);
+        if let Some(m) = self.db.mailboxes.get(mailbox)
+            && let Some(uid) = existing
+        {
+            // A resent SAVE: the message is already here.
+            let uidvalidity = m.uidvalidity;
+            let result = if is_copy { WriteResult::Copied { uidvalidity, uid, guid } } else { WriteResult::Saved { uidvalidity, uid, guid } };
+            return (result, None);
+        }
+        if self.db.mailboxes.get(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
+            return (fail(FailKind::Permanent, "that message was expunged from the mailbox"), None);
+        }
+        if self.cfg.durability == Durability::Sync {
+            let reachable_peers = self.reachable.len().saturating_sub(1);
+            if reachable_peers < usize::from(self.cfg.replicas) {
+                self.marks.hit(Mark::SyncModeTemporaryFailure);
+                return (fail(FailKind::Temporary, "not enough servers reachable for the required copies"), None);
+            }
+        }
+        let (checksum, size) = match (&body, self.db.bodies.get(&guid)) {
+            (Some(b), _) => (crate::hash::body_checksum(b), u32::try_from(b.len()).unwrap_or(u32::MAX)),
+            (None, Some(stored)) => (stored.checksum, u32::try_from(stored.bytes.len()).unwrap_or(u32::MAX)),
+            (None, None) => return (fail(FailKind::Temporary, "message body not available"), None),
+        };
+        if let Some(bytes) = &body
+            && !self.db.bodies.contains_key(&guid)
+        {
+            self.db.bodies.insert(guid, crate::store::StoredBody { checksum, bytes: bytes.clone() });
+            self.write(StoreWrite::PutBody { guid, checksum, bytes: bytes.clone() });
+        }
+        let me = self.cfg.sid;
+        let m = self.mailbox_mut(mailbox);
+        let uid = m.uidnext;
+        let modseq = m.highest_modseq + 1;
+        m.uidnext += 1;
+        m.highest_modseq = modseq;
+        let stamp = Stamp { modseq, sid: me };
+        let record = MessageRecord {
+            uid,
+            guid,
+            received,
+            size,
+            checksum,
+            modseq,
+            flags: flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect(),
+        };
+        m.messages.insert(uid, record.clone());
+        let uidvalidity = m.uidvalidity;
+        debug_assert!(mailbox::unique_guids(m));
+        self.persist_meta(mailbox);
+        self.write(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() });
+        let change = if is_copy {
+            Change::Copy { mailbox: mailbox.clone(), uidvalidity, record }
+        } else {
+            Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: body.unwrap_or_default() }
+        };
+        self.replicate(change, Some(tag));
+        let result = if is_copy { WriteResult::Copied { uidvalidity, uid, guid } } else { WriteResult::Saved { uidvalidity, uid, guid } };
+        (result, Some(()))
+    }
+
+    fn master_expunge(&mut self, mailbox: &MailboxKey, uids: &[Uid]) -> WriteResult {
+        let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
+            return fail(FailKind::Permanent, format!("no mailbox {mailbox}"));
+        };
+        let modseq = m.highest_modseq + 1;
+        let mut tombstones = Vec::new();
+        for uid in uids {
+            if let Some(r) = m.messages.remove(uid) {
+                let t = Tombstone { uid: r.uid, guid: r.guid, modseq };
+                m.tombstones.insert((t.uid, t.guid), t);
+                tombstones.push(t);
+            }
+        }
+        if tombstones.is_empty() {
+            return WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq };
+        }
+        m.highest_modseq = modseq;
+        let uidvalidity = m.uidvalidity;
+        for t in &tombstones {
+            self.write(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
+            self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
+        }
+        self.persist_meta(mailbox);
+        let uids = tombstones.iter().map(|t| t.uid).collect();
+        self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, None);
+        WriteResult::Expunged { uids, modseq }
+    }
+
+    fn master_store(
+        &mut self,
+        mailbox: &MailboxKey,
+        uids: &[Uid],
+        add: &[Flag],
+        remove: &[Flag],
+        unchanged_since: Option<ModSeq>,
+        known_modseq: ModSeq,
+    ) -> WriteResult {
+        let me = self.cfg.sid;
+        let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
+            return fail(FailKind::Permanent, format!("no mailbox {mailbox}"));
+        };
+        let modseq = m.highest_modseq + 1;
+        let stamp = Stamp { modseq, sid: me };
+        let mut rejected = Vec::new();
+        let mut current = Vec::new();
+        let mut changed = Vec::new();
+        for uid in uids {
+            let Some(r) = m.messages.get_mut(uid) else { continue };
+            if unchanged_since.is_some_and(|since| r.modseq > since) {
+                rejected.push(*uid);
+                current.push(CurrentFlags { uid: *uid, flags: r.present_flags(), modseq: r.modseq });
+                continue;
+            }
+            if r.modseq > known_modseq {
+                current.push(CurrentFlags { uid: *uid, flags: r.present_flags(), modseq: r.modseq });
+            }
+            for f in add {
+                r.flags.insert(f.clone(), FlagState { present: true, stamp });
+            }
+            for f in remove {
+                if !add.contains(f) {
+                    r.flags.insert(f.clone(), FlagState { present: false, stamp });
+                }
+            }
+            r.modseq = modseq;
+            changed.push(r.clone());
+        }
+        if !rejected.is_empty() {
+            self.marks.hit(Mark::CondstoreRejected);
+        }
+        if !current.is_empty() && rejected.is_empty() {
+            self.marks.hit(Mark::StaleStoreCorrected);
+        }
+        if changed.is_empty() {
+            let hms = m.highest_modseq;
+            return WriteResult::Stored { modseq: hms, rejected, current };
+        }
+        m.highest_modseq = modseq;
+        let uidvalidity = m.uidvalidity;
+        let messages = changed.iter().map(|r| (r.uid, r.guid)).collect();
+        for record in changed {
+            self.write(StoreWrite::PutMessage { mailbox: mailbox.clone(), record });
+        }
+        self.persist_meta(mailbox);
+        let remove_only: Vec<Flag> = remove.iter().filter(|f| !add.contains(f)).cloned().collect();
+        self.replicate(
+            Change::Store { mailbox: mailbox.clone(), uidvalidity, stamp, messages, add: add.to_vec(), remove: remove_only },
+            None,
+        );
+        WriteResult::Stored { modseq, rejected, current }
+    }
+
+    pub(crate) fn persist_meta(&mut self, mailbox: &MailboxKey) {
+        if let Some(m) = self.db.mailboxes.get(mailbox) {
+            let write = StoreWrite::MailboxMeta {
+                mailbox: mailbox.clone(),
+                uidvalidity: m.uidvalidity,
+                uidnext: m.uidnext,
+                highest_modseq: m.highest_modseq,
+            };
+            self.write(write);
+        }
+    }
+
+    /// MASTER-MOVE reached a server.
+    pub(crate) fn on_master_move(&mut self, src: Sid, tag: u64, key: MasterKey, requester: Sid) {
+        if self.mastered.get(&key).is_some_and(|m| m.catchup.is_none()) {
+            self.give_up_mastership(key, requester, tag);
+            return;
+        }
+        let _ = src;
+        let job = Job {
+            origin: Origin::Peer { sid: requester, tag },
+            kind: JobKind::MasterMove { requester },
+            key,
+            state: JobState::Queued,
+            deadline: self.now.plus_us(self.cfg.request_timeout_us),
+        };
+        self.start_job(job);
+    }
+
+    fn give_up_mastership(&mut self, key: MasterKey, requester: Sid, tag: u64) {
+        if requester == self.cfg.sid {
+            return;
+        }
+        self.marks.hit(Mark::MasterMoved);
+        let in_flight = self.jobs.values().any(|j| j.key == key && matches!(j.state, JobState::Replicating { .. }));
+        if in_flight {
+            self.marks.hit(Mark::MasterMovedMidSave);
+        }
+        self.mastered.remove(&key);
+        self.master_cache.insert(key.clone(), requester);
+        let states: Vec<MailboxState> =
+            self.db.mailboxes.iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect();
+        let epoch = self.term.epoch;
+        if self.is_root() {
+            self.root_state.table.insert(key.clone(), requester);
+        } else if let Some(root) = self.term.root {
+            self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester });
+        }
+        self.send(requester, Msg::MoveDone { tag, key: key.clone(), epoch, states });
+        self.requeue_jobs_for(&key);
+    }
+
+    pub(crate) fn on_move_done(&mut self, tag: u64, key: MasterKey, epoch: u64, states: Vec<MailboxState>) {
+        let Some(job) = self.jobs.get(&tag) else { return };
+        if job.key != key || !matches!(job.kind, JobKind::MasterMove { .. }) {
+            return;
+        }
+        self.moving.remove(&key);
+        let Some(job) = self.jobs.remove(&tag) else { return };
+        if epoch != self.term.epoch {
+            if let Origin::Client(id) = job.origin {
+                self.push_reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason: "the root changed during the move".into() });
+            }
+            self.requeue_jobs_for(&key);
+            return;
+        }
+        self.become_master(key.clone(), Some(states));
+        if let Origin::Client(id) = job.origin {
+            self.push_reply(id, ClientReply::Moved { master: self.cfg.sid });
+        }
+        self.requeue_jobs_for(&key);
+    }
+
+    /// Take mastership of `key`: from a MASTER-MOVE (the old master's states, ready at
+    /// once) or from the root (catch up with every reachable server first).
+    pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>) {
+        self.master_cache.remove(&key);
+        if let Some(states) = moved_states {
+            self.mastered.insert(key.clone(), Mastership { catchup: None });
+            for state in states {
+                self.merge_foreign(self.cfg.sid, &state, false);
+            }
+            return;
+        }
+        if self.mastered.contains_key(&key) {
+            return;
+        }
+        let tag = self.new_tag();
+        let peers: BTreeSet<Sid> = self.reachable.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        for &peer in &peers {
+            self.send(peer, Msg::MboxRequest { tag, key: key.clone() });
+        }
+        let catchup = super::Catchup {
+            tag,
+            waiting_mbox: peers,
+            waiting_sync: BTreeSet::new(),
+            deadline: self.now.plus_us(self.cfg.request_timeout_us / 2),
+        };
+        self.mastered.insert(key.clone(), Mastership { catchup: Some(catchup) });
+        self.finish_catchups();
+    }
+
+    /// Catch-ups that have heard from everyone (or ran out of time) make their master ready.
+    pub(crate) fn finish_catchups(&mut self) {
+        let now = self.now;
+        let ready: Vec<MasterKey> = self
+            .mastered
+            .iter()
+            .filter(|(_, m)| {
+                m.catchup.as_ref().is_some_and(|c| (c.waiting_mbox.is_empty() && c.waiting_sync.is_empty()) || c.deadline <= now)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in ready {
+            if let Some(m) = self.mastered.get_mut(&key) {
+                m.catchup = None;
+            }
+            self.requeue_jobs_for(&key);
+        }
+    }
+}
+
+/// Checks a write before it is routed anywhere.
+fn validate(request: &WriteRequest) -> Result<(), String> {
+    const UIDS_MAX: usize = 100_000;
+    const BODY_LEN_MAX: usize = 64 * 1024 * 1024;
+    let mailbox_ok = |k: &MailboxKey| {
+        !k.user.is_empty() && !k.name.is_empty() && !k.user.chars().chain(k.name.chars()).any(|c| c.is_control())
+    };
+    if !mailbox_ok(request.target()) {
+        return Err(format!("bad mailbox name {:?}", request.target()));
+    }
+    match request {
+        WriteRequest::Save { body, .. } if body.len() > BODY_LEN_MAX => Err("message too large".into()),
+        WriteRequest::Copy { src, .. } if !mailbox_ok(src) => Err(format!("bad mailbox name {src:?}")),
+        WriteRequest::Expunge { uids, .. } | WriteRequest::Store { uids, .. } if uids.len() > UIDS_MAX => {
+            Err("too many UIDs in one request".into())
+        }
+        _ => Ok(()),
+    }
+}

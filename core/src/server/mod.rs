@@ -1,0 +1,377 @@
+//! The server state machine. Inputs arrive through [`Server::handle`]; outputs are
+//! drained with [`Server::poll_output`] after every input; [`Server::poll_timeout`] says
+//! when to deliver the next [`Input::Timer`].
+
+mod jobs;
+mod replication;
+mod root;
+mod routing;
+
+pub use jobs::{Job, JobKind, JobState, Origin};
+pub use root::{RootState, Term};
+pub use routing::LinkAnnouncement;
+
+use crate::io::*;
+use crate::mailbox;
+use crate::marks::Marks;
+use crate::msg::*;
+use crate::store::{DiskImage, StoreWrite, StoredMailbox};
+use crate::types::*;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A new master's catch-up: it asks every reachable server for its copies and merges
+/// the ones that differ before it orders any write, so new UIDs exceed every UID a
+/// reachable server has shown.
+#[derive(Clone, Debug)]
+pub struct Catchup {
+    pub tag: u64,
+    pub waiting_mbox: BTreeSet<Sid>,
+    pub waiting_sync: BTreeSet<(Sid, MailboxKey)>,
+    pub deadline: Instant,
+}
+
+#[derive(Clone, Debug)]
+pub struct Mastership {
+    /// None once caught up: the master orders writes.
+    pub catchup: Option<Catchup>,
+}
+
+/// A master's anti-entropy record of one peer's copy of one mailbox.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerCheck {
+    pub confirmed_digest: Option<u64>,
+    pub last_sent: Option<Instant>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WantedBody {
+    pub checksum: u64,
+    pub hint: Option<Sid>,
+    pub attempts: u32,
+    pub next_try: Instant,
+    pub repair: bool,
+}
+
+pub struct Server {
+    pub(crate) cfg: Config,
+    pub(crate) db: DiskImage,
+    pub(crate) now: Instant,
+    pub(crate) rng: ChaCha8Rng,
+    outputs: VecDeque<Output>,
+    last_write: WriteId,
+    durable_upto: WriteId,
+    pub(crate) marks: Marks,
+    // Routing.
+    pub(crate) links: BTreeSet<Sid>,
+    pub(crate) lsdb: BTreeMap<Sid, LinkAnnouncement>,
+    pub(crate) routes: BTreeMap<Sid, Sid>,
+    pub(crate) reachable: BTreeSet<Sid>,
+    // Root and masters.
+    pub(crate) term: Term,
+    pub(crate) root_state: RootState,
+    pub(crate) master_cache: BTreeMap<MasterKey, Sid>,
+    pub(crate) mastered: BTreeMap<MasterKey, Mastership>,
+    pub(crate) lookups: BTreeMap<MasterKey, Instant>,
+    pub(crate) need_master_check: bool,
+    pub(crate) moving: BTreeSet<MasterKey>,
+    // Requests in progress here.
+    pub(crate) next_tag: u64,
+    pub(crate) jobs: BTreeMap<u64, Job>,
+    // Replication.
+    pub(crate) pending_acks: Vec<(Sid, u64, WriteId)>,
+    pub(crate) ack_waiters: BTreeMap<(Sid, u64), u64>,
+    pub(crate) log_sent: BTreeMap<(Sid, u64), Instant>,
+    pub(crate) checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
+    pub(crate) dirty: BTreeMap<MailboxKey, Option<Instant>>,
+    pub(crate) wanted_bodies: BTreeMap<Guid, WantedBody>,
+    pub(crate) scrub_cursor: Option<Guid>,
+    next_tick: Instant,
+    last_slow_tick: Instant,
+}
+
+impl Server {
+    /// A server starting with an empty store.
+    pub fn new(cfg: Config, seed: u64) -> Server {
+        Server::recover(cfg, DiskImage::default(), seed)
+    }
+
+    /// A server restarting from what its disk holds. Volatile state (links, routes,
+    /// master cache, masterships, requests in progress) starts empty.
+    pub fn recover(cfg: Config, db: DiskImage, seed: u64) -> Server {
+        let incarnation = db.incarnation + 1;
+        let mut server = Server {
+            rng: ChaCha8Rng::seed_from_u64(seed ^ incarnation.rotate_left(32) ^ u64::from(cfg.sid.0)),
+            term: Term { epoch: db.epoch, root: None },
+            reachable: BTreeSet::from([cfg.sid]),
+            cfg,
+            db,
+            now: Instant(0),
+            outputs: VecDeque::new(),
+            last_write: 0,
+            durable_upto: 0,
+            marks: Marks::default(),
+            links: BTreeSet::new(),
+            lsdb: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            root_state: RootState::default(),
+            master_cache: BTreeMap::new(),
+            mastered: BTreeMap::new(),
+            lookups: BTreeMap::new(),
+            need_master_check: true,
+            moving: BTreeSet::new(),
+            next_tag: incarnation << 40,
+            jobs: BTreeMap::new(),
+            pending_acks: Vec::new(),
+            ack_waiters: BTreeMap::new(),
+            log_sent: BTreeMap::new(),
+            checks: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+            wanted_bodies: BTreeMap::new(),
+            scrub_cursor: None,
+            next_tick: Instant(0),
+            last_slow_tick: Instant(0),
+        };
+        server.db.incarnation = incarnation;
+        server.write(StoreWrite::Incarnation { incarnation });
+        // A restarted server rejoins a component that grew, so the root opens a new
+        // term and every new master checks this server's copies in its catch-up.
+        server
+    }
+
+    pub fn sid(&self) -> Sid {
+        self.cfg.sid
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// What the store holds, as the core sees it (durable or about to be).
+    pub fn image(&self) -> &DiskImage {
+        &self.db
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn marks(&self) -> &Marks {
+        &self.marks
+    }
+    pub fn reachable(&self) -> &BTreeSet<Sid> {
+        &self.reachable
+    }
+    pub fn masters_known(&self) -> &BTreeMap<MasterKey, Sid> {
+        &self.master_cache
+    }
+    /// Keys this server masters and has caught up on.
+    pub fn mastered_ready(&self) -> Vec<MasterKey> {
+        self.mastered.iter().filter(|(_, m)| m.catchup.is_none()).map(|(k, _)| k.clone()).collect()
+    }
+    pub fn summaries(&self) -> Vec<Summary> {
+        self.db.mailboxes.iter().map(|(k, m)| mailbox::summary(k, m)).collect()
+    }
+    /// Unacknowledged log entries per peer.
+    pub fn backlog(&self) -> BTreeMap<Sid, usize> {
+        self.db.logs.iter().map(|(p, l)| (*p, l.entries.len())).collect()
+    }
+    pub fn jobs_in_progress(&self) -> usize {
+        self.jobs.len()
+    }
+    pub fn wanted_bodies(&self) -> usize {
+        self.wanted_bodies.len()
+    }
+    pub fn dirty_mailboxes(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Feed one input. Drain `poll_output` afterwards.
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        debug_assert!(now >= self.now, "time went backwards");
+        self.now = self.now.max(now);
+        match input {
+            Input::Peer { from, envelope } => self.on_envelope(from, envelope),
+            Input::Client { id, request } => self.on_client(id, request),
+            Input::Timer => self.on_timer(),
+            Input::LinkUp { peer } => self.on_link_up(peer),
+            Input::LinkDown { peer } => self.on_link_down(peer),
+            Input::Durable { upto } => self.on_durable(upto),
+            Input::External(edit) => self.on_external(edit),
+        }
+        self.check_all_masters();
+        self.flush_acks();
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick.max(self.now)
+    }
+
+    pub(crate) fn push_send(&mut self, to: Sid, envelope: Envelope) {
+        self.outputs.push_back(Output::Send { to, envelope });
+    }
+
+    pub(crate) fn push_reply(&mut self, id: RequestId, reply: ClientReply) {
+        self.outputs.push_back(Output::Reply { id, reply });
+    }
+
+    /// Record a durable write (already applied to `db` by the caller) and emit it.
+    pub(crate) fn write(&mut self, write: StoreWrite) -> WriteId {
+        self.last_write += 1;
+        self.outputs.push_back(Output::Write { id: self.last_write, write });
+        self.last_write
+    }
+
+    pub(crate) fn last_write(&self) -> WriteId {
+        self.last_write
+    }
+
+    pub(crate) fn is_durable(&self, id: WriteId) -> bool {
+        id <= self.durable_upto
+    }
+
+    pub(crate) fn new_tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    pub(crate) fn new_guid(&mut self) -> Guid {
+        let hi = u128::from(self.rng.next_u64());
+        let lo = u128::from(self.rng.next_u64());
+        Guid((hi << 64 | lo) ^ (u128::from(self.cfg.sid.0) << 96))
+    }
+
+    pub(crate) fn mailbox_mut(&mut self, key: &MailboxKey) -> &mut StoredMailbox {
+        self.db.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key))
+    }
+
+    pub(crate) fn master_key(&self, mailbox: &MailboxKey) -> MasterKey {
+        MasterKey::of(mailbox, self.cfg.granularity)
+    }
+
+    pub(crate) fn peers(&self) -> Vec<Sid> {
+        self.cfg.servers.iter().copied().filter(|s| *s != self.cfg.sid).collect()
+    }
+
+    fn on_envelope(&mut self, from: Sid, envelope: Envelope) {
+        if !self.links.contains(&from) {
+            // Only a neighbour over a link we know is up may talk to us.
+            return;
+        }
+        if envelope.dst != self.cfg.sid {
+            if let Msg::LinkState { .. } = envelope.msg {
+                return;
+            }
+            self.relay(envelope);
+            return;
+        }
+        if !self.cfg.servers.contains(&envelope.src) {
+            self.send_error(from, format!("unknown server {}", envelope.src));
+            return;
+        }
+        let src = envelope.src;
+        match envelope.msg {
+            Msg::LinkState { origin, seq, neighbors } => self.on_link_state(from, origin, seq, neighbors),
+            Msg::Root { epoch, root } => self.on_root(src, epoch, root),
+            Msg::Dropped { epoch } => self.on_dropped(src, epoch),
+            Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),
+            Msg::MasterIs { epoch, key, master } => self.on_master_is(src, epoch, key, master),
+            Msg::MasterMove { tag, key, requester } => self.on_master_move(src, tag, key, requester),
+            Msg::MoveDone { tag, key, epoch, states } => self.on_move_done(tag, key, epoch, states),
+            Msg::Request { tag, request } => self.on_peer_request(src, tag, request),
+            Msg::Reply { tag, master, result } => self.on_peer_reply(src, tag, master, result),
+            Msg::Change { seq, change } => self.on_change(src, seq, change),
+            Msg::Ack { seqs } => self.on_ack(src, seqs),
+            Msg::MboxRequest { tag, key } => self.on_mbox_request(src, tag, key),
+            Msg::Mbox { tag, summary } => self.on_mbox(src, tag, summary),
+            Msg::MboxDone { tag, count } => self.on_mbox_done(src, tag, count),
+            Msg::Sync { reply, state } => self.on_sync(src, reply, state),
+            Msg::Fetch { guid } => self.on_fetch(src, guid),
+            Msg::Body { guid, checksum, body } => self.on_body(src, guid, checksum, body),
+            Msg::Error { .. } => {}
+        }
+    }
+
+    pub(crate) fn send_error(&mut self, to: Sid, text: String) {
+        let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg: Msg::Error { text } };
+        self.push_send(to, envelope);
+    }
+
+    fn on_durable(&mut self, upto: WriteId) {
+        debug_assert!(upto <= self.last_write, "durable beyond the last write issued");
+        self.durable_upto = self.durable_upto.max(upto.min(self.last_write));
+        self.progress_jobs();
+    }
+
+    pub(crate) fn on_reachability_changed(&mut self, gained: &[Sid], lost: &[Sid]) {
+        for &peer in gained {
+            let seqs: Vec<u64> = self.db.logs.get(&peer).map(|l| l.entries.keys().copied().collect()).unwrap_or_default();
+            for seq in seqs {
+                self.log_sent.remove(&(peer, seq));
+            }
+            self.checks.retain(|(p, _), _| *p != peer);
+        }
+        for &peer in lost {
+            if self.is_root() {
+                self.root_state.table.retain(|_, m| *m != peer);
+            }
+            self.master_cache.retain(|_, m| *m != peer);
+            for m in self.mastered.values_mut() {
+                if let Some(c) = m.catchup.as_mut() {
+                    c.waiting_mbox.remove(&peer);
+                    c.waiting_sync.retain(|(p, _)| *p != peer);
+                }
+            }
+            self.requeue_forwarded_to(peer);
+        }
+        self.check_root();
+        self.resend_logs();
+        self.finish_catchups();
+    }
+
+    fn on_timer(&mut self) {
+        if self.now < self.next_tick {
+            return;
+        }
+        self.next_tick = self.now.plus_us(self.cfg.tick_us);
+        self.expire_jobs();
+        if self.is_root() && !self.root_state.active {
+            self.broadcast_term();
+        }
+        let keys: BTreeSet<MasterKey> = self.jobs.values().filter(|j| matches!(j.state, JobState::Queued)).map(|j| j.key.clone()).collect();
+        for key in keys {
+            if !self.mastered.contains_key(&key) && !self.master_cache.contains_key(&key) {
+                self.lookup_master(&key);
+            }
+            self.requeue_jobs_for(&key);
+        }
+        self.finish_catchups();
+        self.resend_logs();
+        self.fetch_wanted_bodies();
+        if self.now.0.saturating_sub(self.last_slow_tick.0) >= self.cfg.anti_entropy_us {
+            self.last_slow_tick = self.now;
+            self.resend_lookups();
+            self.anti_entropy();
+            self.sync_dirty();
+            self.scrub_bodies();
+        }
+    }
+
+    fn resend_lookups(&mut self) {
+        // A lost answer is asked again; a root that never answers is replaced by failover.
+        let stale: Vec<MasterKey> = self
+            .lookups
+            .iter()
+            .filter(|(_, at)| self.now.0.saturating_sub(at.0) >= self.cfg.anti_entropy_us)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            self.lookups.remove(&key);
+            self.lookup_master(&key);
+        }
+        if self.need_master_check {
+            self.check_all_masters();
+        }
+    }
+}

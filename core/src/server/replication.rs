@@ -1,0 +1,565 @@
+//! Replication: per-peer logs of master-ordered changes, acknowledgements after
+//! durability, MBOX summaries, SYNC exchanges, FETCH of bodies, and the repair of stores
+//! edited behind the protocol's back.
+
+use super::{PeerCheck, Server, WantedBody};
+use crate::hash::body_checksum;
+use crate::io::ExternalEdit;
+use crate::mailbox::{self, MergeOutcome};
+use crate::marks::Mark;
+use crate::msg::*;
+use crate::store::{StoreWrite, StoredBody};
+use crate::types::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Log entries resent to one peer per tick at most.
+const RESEND_PER_TICK_MAX: usize = 1024;
+/// Bodies checked against their checksum per scrub.
+const SCRUB_PER_TICK_MAX: usize = 256;
+const FETCH_RETRY_US: u64 = 100_000;
+
+impl Server {
+    /// Append a master-ordered change to every peer's log and send it to the reachable
+    /// ones. `waiter` is the job that waits for the peers' acknowledgements.
+    pub(crate) fn replicate(&mut self, change: Change, waiter: Option<u64>) {
+        let mailbox = change.mailbox().clone();
+        for peer in self.peers() {
+            self.make_room(peer, &mailbox);
+            let log = self.db.logs.entry(peer).or_default();
+            if log.overflowed.contains(&mailbox) {
+                // The peer will get this mailbox by SYNC.
+                continue;
+            }
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            log.entries.insert(seq, change.clone());
+            self.write(StoreWrite::LogAppend { peer, seq, change: change.clone() });
+            if let Some(tag) = waiter {
+                self.ack_waiters.insert((peer, seq), tag);
+            }
+            if self.reachable.contains(&peer) {
+                self.log_sent.insert((peer, seq), self.now);
+                self.send(peer, Msg::Change { seq, change: change.clone() });
+            }
+        }
+    }
+
+    /// A full log drops the mailbox's entries and marks it for SYNC with that peer.
+    fn make_room(&mut self, peer: Sid, mailbox: &MailboxKey) {
+        let capacity = self.cfg.log_capacity.max(1);
+        let Some(log) = self.db.logs.get(&peer) else { return };
+        if log.entries.len() < capacity {
+            return;
+        }
+        self.marks.hit(Mark::LogOverflow);
+        let mut victims = vec![mailbox.clone()];
+        let mut counts: BTreeMap<MailboxKey, usize> = BTreeMap::new();
+        for change in log.entries.values() {
+            *counts.entry(change.mailbox().clone()).or_default() += 1;
+        }
+        let mut left = log.entries.len() - counts.get(mailbox).copied().unwrap_or(0);
+        let mut by_size: Vec<(usize, MailboxKey)> = counts.into_iter().filter(|(k, _)| k != mailbox).map(|(k, c)| (c, k)).collect();
+        by_size.sort_by(|a, b| b.cmp(a));
+        for (count, key) in by_size {
+            if left < capacity {
+                break;
+            }
+            left -= count;
+            victims.push(key);
+        }
+        let victims: BTreeSet<MailboxKey> = victims.into_iter().collect();
+        let Some(log) = self.db.logs.get_mut(&peer) else { return };
+        let seqs: Vec<u64> = log.entries.iter().filter(|(_, c)| victims.contains(c.mailbox())).map(|(s, _)| *s).collect();
+        for s in &seqs {
+            log.entries.remove(s);
+        }
+        for v in &victims {
+            log.overflowed.insert(v.clone());
+        }
+        for s in &seqs {
+            self.log_sent.remove(&(peer, *s));
+            self.ack_waiters.remove(&(peer, *s));
+        }
+        self.write(StoreWrite::LogRemove { peer, seqs });
+        for v in victims {
+            self.checks.remove(&(peer, v.clone()));
+            self.write(StoreWrite::LogOverflow { peer, mailbox: v, overflowed: true });
+        }
+    }
+
+    pub(crate) fn resend_logs(&mut self) {
+        let now = self.now;
+        let interval = self.cfg.anti_entropy_us;
+        let peers: Vec<Sid> = self.reachable.iter().copied().filter(|p| *p != self.cfg.sid).collect();
+        for peer in peers {
+            let Some(log) = self.db.logs.get(&peer) else { continue };
+            let due: Vec<(u64, Change)> = log
+                .entries
+                .iter()
+                .filter(|(seq, _)| self.log_sent.get(&(peer, **seq)).is_none_or(|at| now.0.saturating_sub(at.0) >= interval))
+                .take(RESEND_PER_TICK_MAX)
+                .map(|(s, c)| (*s, c.clone()))
+                .collect();
+            for (seq, change) in due {
+                self.log_sent.insert((peer, seq), now);
+                self.send(peer, Msg::Change { seq, change });
+            }
+        }
+    }
+
+    pub(crate) fn on_ack(&mut self, src: Sid, seqs: Vec<u64>) {
+        let Some(log) = self.db.logs.get_mut(&src) else { return };
+        let removed: Vec<u64> = seqs.into_iter().filter(|s| log.entries.remove(s).is_some()).collect();
+        if removed.is_empty() {
+            return;
+        }
+        for seq in &removed {
+            self.log_sent.remove(&(src, *seq));
+            if let Some(tag) = self.ack_waiters.remove(&(src, *seq))
+                && let Some(job) = self.jobs.get_mut(&tag)
+                && let super::JobState::Replicating { acked, .. } = &mut job.state
+            {
+                acked.insert(src);
+            }
+        }
+        self.write(StoreWrite::LogRemove { peer: src, seqs: removed });
+        self.progress_jobs();
+    }
+
+    /// Acknowledge received changes whose writes are durable.
+    pub(crate) fn flush_acks(&mut self) {
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let mut ready: BTreeMap<Sid, Vec<u64>> = BTreeMap::new();
+        let pending = std::mem::take(&mut self.pending_acks);
+        for (peer, seq, write) in pending {
+            if self.is_durable(write) {
+                ready.entry(peer).or_default().push(seq);
+            } else {
+                self.pending_acks.push((peer, seq, write));
+            }
+        }
+        for (peer, seqs) in ready {
+            self.send(peer, Msg::Ack { seqs });
+        }
+    }
+
+    /// A change from a peer's log.
+    pub(crate) fn on_change(&mut self, src: Sid, seq: u64, change: Change) {
+        let fragment = self.fragment_of(src, change);
+        if let Some(fragment) = fragment {
+            self.merge_foreign(src, &fragment, true);
+        }
+        self.pending_acks.push((src, seq, self.last_write()));
+    }
+
+    /// The piece of mailbox state a change carries. Bodies are stored on the way.
+    fn fragment_of(&mut self, src: Sid, change: Change) -> Option<MailboxState> {
+        let empty = |mailbox: MailboxKey, uidvalidity: u32| MailboxState {
+            mailbox,
+            uidvalidity,
+            uidnext: 1,
+            highest_modseq: 0,
+            messages: Vec::new(),
+            tombstones: Vec::new(),
+        };
+        match change {
+            Change::Save { mailbox, uidvalidity, record, body } => {
+                self.store_body(record.guid, record.checksum, body, Some(src));
+                let mut f = empty(mailbox, uidvalidity);
+                f.uidnext = record.uid.saturating_add(1);
+                f.highest_modseq = record.modseq;
+                f.messages.push(record);
+                Some(f)
+            }
+            Change::Copy { mailbox, uidvalidity, record } => {
+                let mut f = empty(mailbox, uidvalidity);
+                f.uidnext = record.uid.saturating_add(1);
+                f.highest_modseq = record.modseq;
+                f.messages.push(record);
+                Some(f)
+            }
+            Change::Expunge { mailbox, uidvalidity, tombstones } => {
+                let mut f = empty(mailbox, uidvalidity);
+                f.uidnext = tombstones.iter().map(|t| t.uid.saturating_add(1)).max().unwrap_or(1);
+                f.highest_modseq = tombstones.iter().map(|t| t.modseq).max().unwrap_or(0);
+                f.tombstones = tombstones;
+                Some(f)
+            }
+            Change::Store { mailbox, uidvalidity, stamp, messages, add, remove } => {
+                let key = self.master_key(&mailbox);
+                let is_master = self.mastered.contains_key(&key);
+                let mut f = empty(mailbox.clone(), uidvalidity);
+                f.highest_modseq = stamp.modseq;
+                let local = self.db.mailboxes.get(&mailbox);
+                let mut missing = false;
+                for (uid, guid) in messages {
+                    let Some(ours) = local.and_then(|m| m.messages.get(&uid)).filter(|r| r.guid == guid) else {
+                        let dead = local.is_some_and(|m| m.tombstones.contains_key(&(uid, guid)));
+                        missing |= !dead;
+                        continue;
+                    };
+                    let mut r = ours.clone();
+                    r.flags = add
+                        .iter()
+                        .map(|fl| (fl.clone(), FlagState { present: true, stamp }))
+                        .chain(remove.iter().map(|fl| (fl.clone(), FlagState { present: false, stamp })))
+                        .collect();
+                    r.modseq = r.modseq.max(stamp.modseq);
+                    f.uidnext = f.uidnext.max(uid.saturating_add(1));
+                    f.messages.push(r);
+                }
+                if missing && !is_master {
+                    // A flag change for a message we do not have: our copy lags.
+                    self.dirty.entry(mailbox).or_insert(None);
+                }
+                Some(f)
+            }
+            Change::Merge { state } => Some(state),
+        }
+    }
+
+    /// Join a piece of state from `src` into our copy: as master (deciding conflicts and
+    /// replicating the outcome) or as a replica (refusing conflicts, asking for SYNC).
+    pub(crate) fn merge_foreign(&mut self, src: Sid, state: &MailboxState, from_log: bool) -> MergeOutcome {
+        let key = self.master_key(&state.mailbox);
+        let is_master = self.mastered.contains_key(&key);
+        let me = self.cfg.sid;
+        let mailbox = state.mailbox.clone();
+        let is_new = !self.db.mailboxes.contains_key(&mailbox);
+        let m = self.mailbox_mut(&mailbox);
+        if is_new {
+            m.uidvalidity = state.uidvalidity;
+        }
+        let out = if is_master { mailbox::merge_as_master(m, state, me) } else { mailbox::merge_as_replica(m, state) };
+        let _ = from_log;
+        if is_new {
+            self.persist_meta(&mailbox);
+        }
+        self.persist_outcome(&mailbox, &out);
+        for r in &out.records {
+            if !self.db.bodies.contains_key(&r.guid) {
+                self.want_body(r.guid, Some(r.checksum), Some(src), false);
+            }
+        }
+        if out.renumbered > 0 {
+            self.marks.hit(Mark::UidConflictRenumbered);
+        }
+        if out.tombstone_conflict {
+            self.marks.hit(Mark::TombstoneConflict);
+        }
+        if out.unresolved {
+            self.marks.hit(Mark::ReplicaConflictRefused);
+            self.dirty.entry(mailbox.clone()).or_insert(None);
+        }
+        if is_master && out.changed() {
+            let Some(m) = self.db.mailboxes.get(&mailbox) else { return out };
+            let fragment = MailboxState {
+                mailbox: mailbox.clone(),
+                uidvalidity: m.uidvalidity,
+                uidnext: m.uidnext,
+                highest_modseq: m.highest_modseq,
+                messages: out.records.clone(),
+                tombstones: out.tombstones.clone(),
+            };
+            self.replicate(Change::Merge { state: fragment }, None);
+        }
+        out
+    }
+
+    fn persist_outcome(&mut self, mailbox: &MailboxKey, out: &MergeOutcome) {
+        for t in &out.tombstones {
+            self.write(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
+        }
+        for uid in &out.removed {
+            self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: *uid });
+        }
+        for r in &out.records {
+            self.write(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: r.clone() });
+        }
+        if out.changed() {
+            self.persist_meta(mailbox);
+        }
+    }
+
+    pub(crate) fn on_mbox_request(&mut self, src: Sid, tag: u64, key: MasterKey) {
+        let summaries: Vec<Summary> =
+            self.db.mailboxes.iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::summary(k, m)).collect();
+        let count = u32::try_from(summaries.len()).unwrap_or(u32::MAX);
+        for summary in summaries {
+            self.send(src, Msg::Mbox { tag, summary });
+        }
+        self.send(src, Msg::MboxDone { tag, count });
+    }
+
+    fn my_summary(&self, mailbox: &MailboxKey) -> Option<Summary> {
+        self.db.mailboxes.get(mailbox).map(|m| mailbox::summary(mailbox, m))
+    }
+
+    fn send_state(&mut self, to: Sid, mailbox: &MailboxKey, reply: bool) {
+        let is_new = !self.db.mailboxes.contains_key(mailbox);
+        let m = self.mailbox_mut(mailbox);
+        let state = mailbox::state(mailbox, m);
+        if is_new {
+            self.persist_meta(mailbox);
+        }
+        self.send(to, Msg::Sync { reply, state });
+    }
+
+    pub(crate) fn on_mbox(&mut self, src: Sid, tag: u64, summary: Summary) {
+        let mailbox = summary.mailbox.clone();
+        let key = self.master_key(&mailbox);
+        let equal = self.my_summary(&mailbox).as_ref() == Some(&summary);
+        if tag != 0 {
+            // A catch-up answer.
+            let Some(c) = self.mastered.get_mut(&key).and_then(|m| m.catchup.as_mut()).filter(|c| c.tag == tag) else { return };
+            if !equal {
+                c.waiting_sync.insert((src, mailbox.clone()));
+                self.marks.hit(Mark::DigestMismatch);
+                if self.db.mailboxes.get(&mailbox).is_none() {
+                    let m = self.mailbox_mut(&mailbox);
+                    m.uidvalidity = summary.uidvalidity;
+                }
+                self.send_state(src, &mailbox, false);
+            }
+            return;
+        }
+        let i_master = self.mastered.get(&key).is_some_and(|m| m.catchup.is_none());
+        if equal {
+            if i_master {
+                self.checks.entry((src, mailbox.clone())).or_default().confirmed_digest = Some(summary.digest);
+                self.clear_overflow(src, &mailbox);
+            } else if let Some(mine) = self.my_summary(&mailbox) {
+                self.send(src, Msg::Mbox { tag: 0, summary: mine });
+            }
+            return;
+        }
+        self.marks.hit(Mark::DigestMismatch);
+        self.send_state(src, &mailbox, false);
+    }
+
+    fn clear_overflow(&mut self, peer: Sid, mailbox: &MailboxKey) {
+        if let Some(log) = self.db.logs.get_mut(&peer)
+            && log.overflowed.remove(mailbox)
+        {
+            self.write(StoreWrite::LogOverflow { peer, mailbox: mailbox.clone(), overflowed: false });
+        }
+    }
+
+    pub(crate) fn on_mbox_done(&mut self, src: Sid, tag: u64, count: u32) {
+        let _ = count;
+        for m in self.mastered.values_mut() {
+            if let Some(c) = m.catchup.as_mut()
+                && c.tag == tag
+            {
+                c.waiting_mbox.remove(&src);
+            }
+        }
+        self.finish_catchups();
+    }
+
+    pub(crate) fn on_sync(&mut self, src: Sid, reply: bool, state: MailboxState) {
+        if !reply {
+            self.marks.hit(Mark::FullSync);
+        }
+        let mailbox = state.mailbox.clone();
+        let out = self.merge_foreign(src, &state, false);
+        if !reply {
+            self.send_state(src, &mailbox, true);
+            return;
+        }
+        let key = self.master_key(&mailbox);
+        if let Some(c) = self.mastered.get_mut(&key).and_then(|m| m.catchup.as_mut()) {
+            c.waiting_sync.remove(&(src, mailbox.clone()));
+        }
+        if !out.unresolved && self.master_cache.get(&key) == Some(&src) {
+            self.dirty.remove(&mailbox);
+        }
+        self.finish_catchups();
+    }
+
+    /// Masters check, about once per `anti_entropy_us`, each peer's copy of every
+    /// mailbox whose state the peer has not confirmed, once the log to it is drained.
+    pub(crate) fn anti_entropy(&mut self) {
+        let now = self.now;
+        let interval = self.cfg.anti_entropy_us;
+        let keys: Vec<MasterKey> = self.mastered_ready();
+        if keys.is_empty() {
+            return;
+        }
+        let peers: Vec<Sid> = self.reachable.iter().copied().filter(|p| *p != self.cfg.sid).collect();
+        for peer in peers {
+            let in_flight: BTreeSet<MailboxKey> =
+                self.db.logs.get(&peer).map(|l| l.entries.values().map(|c| c.mailbox().clone()).collect()).unwrap_or_default();
+            let mut to_send = Vec::new();
+            for (mailbox, m) in &self.db.mailboxes {
+                if in_flight.contains(mailbox) || !keys.iter().any(|k| k.covers(mailbox)) {
+                    continue;
+                }
+                let check = self.checks.get(&(peer, mailbox.clone())).copied().unwrap_or_default();
+                let summary = mailbox::summary(mailbox, m);
+                if check.confirmed_digest == Some(summary.digest) {
+                    continue;
+                }
+                if check.last_sent.is_some_and(|at| now.0.saturating_sub(at.0) < interval) {
+                    continue;
+                }
+                to_send.push(summary);
+            }
+            for summary in to_send {
+                self.checks.insert((peer, summary.mailbox.clone()), PeerCheck { confirmed_digest: None, last_sent: Some(now) });
+                self.send(peer, Msg::Mbox { tag: 0, summary });
+            }
+        }
+    }
+
+    /// Replicas holding a conflict they may not decide send their copy to the master.
+    pub(crate) fn sync_dirty(&mut self) {
+        let now = self.now;
+        let dirty: Vec<(MailboxKey, Option<Instant>)> = self.dirty.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (mailbox, last) in dirty {
+            let key = self.master_key(&mailbox);
+            if self.mastered.contains_key(&key) {
+                self.dirty.remove(&mailbox);
+                continue;
+            }
+            if last.is_some_and(|at| now.0.saturating_sub(at.0) < self.cfg.anti_entropy_us) {
+                continue;
+            }
+            match self.master_cache.get(&key).copied().filter(|m| self.reachable.contains(m)) {
+                Some(master) => {
+                    self.dirty.insert(mailbox.clone(), Some(now));
+                    self.send_state(master, &mailbox, false);
+                }
+                None => self.lookup_master(&key),
+            }
+        }
+    }
+
+    pub(crate) fn want_body(&mut self, guid: Guid, checksum: Option<u64>, hint: Option<Sid>, repair: bool) {
+        let checksum = checksum
+            .or_else(|| {
+                self.db.mailboxes.values().flat_map(|m| m.messages.values()).find(|r| r.guid == guid).map(|r| r.checksum)
+            })
+            .unwrap_or(0);
+        self.wanted_bodies.entry(guid).or_insert(WantedBody { checksum, hint, attempts: 0, next_try: self.now, repair });
+        self.fetch_wanted_bodies();
+    }
+
+    pub(crate) fn fetch_wanted_bodies(&mut self) {
+        let now = self.now;
+        let peers: Vec<Sid> = self.reachable.iter().copied().filter(|p| *p != self.cfg.sid).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let due: Vec<Guid> = self.wanted_bodies.iter().filter(|(_, w)| w.next_try <= now).map(|(g, _)| *g).take(256).collect();
+        for guid in due {
+            let Some(w) = self.wanted_bodies.get_mut(&guid) else { continue };
+            let target = match w.hint.filter(|h| w.attempts == 0 && peers.contains(h)) {
+                Some(h) => h,
+                None => peers[(w.attempts as usize + guid.0 as usize) % peers.len()],
+            };
+            w.attempts = w.attempts.saturating_add(1);
+            w.next_try = now.plus_us(FETCH_RETRY_US * u64::from(w.attempts.min(10)));
+            self.send(target, Msg::Fetch { guid });
+        }
+    }
+
+    pub(crate) fn on_fetch(&mut self, src: Sid, guid: Guid) {
+        let Some(body) = self.db.bodies.get(&guid) else { return };
+        if body_checksum(&body.bytes) != body.checksum {
+            // Never hand out a corrupted body; repair our own instead.
+            let checksum = body.checksum;
+            self.want_body(guid, Some(checksum), None, true);
+            return;
+        }
+        let msg = Msg::Body { guid, checksum: body.checksum, body: body.bytes.clone() };
+        self.send(src, msg);
+    }
+
+    pub(crate) fn on_body(&mut self, src: Sid, guid: Guid, checksum: u64, body: Vec<u8>) {
+        let Some(w) = self.wanted_bodies.get(&guid) else { return };
+        let expected = if w.checksum != 0 { w.checksum } else { checksum };
+        if body_checksum(&body) != expected {
+            return;
+        }
+        let repair = w.repair;
+        self.wanted_bodies.remove(&guid);
+        self.db.bodies.insert(guid, StoredBody { checksum: expected, bytes: body.clone() });
+        self.write(StoreWrite::PutBody { guid, checksum: expected, bytes: body });
+        if repair {
+            self.marks.hit(Mark::BodyRepaired);
+        }
+        let _ = src;
+        self.body_arrived(guid);
+    }
+
+    /// Keep a body that arrived with a change, if it is intact and new here.
+    fn store_body(&mut self, guid: Guid, checksum: u64, body: Vec<u8>, src: Option<Sid>) {
+        let intact_here = self.db.bodies.get(&guid).is_some_and(|b| body_checksum(&b.bytes) == b.checksum);
+        if intact_here {
+            return;
+        }
+        if body_checksum(&body) != checksum {
+            self.want_body(guid, Some(checksum), src, false);
+            return;
+        }
+        self.wanted_bodies.remove(&guid);
+        self.db.bodies.insert(guid, StoredBody { checksum, bytes: body.clone() });
+        self.write(StoreWrite::PutBody { guid, checksum, bytes: body });
+        self.body_arrived(guid);
+    }
+
+    /// Check some bodies against their checksums, and that every message has a body.
+    pub(crate) fn scrub_bodies(&mut self) {
+        let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
+        let batch: Vec<(Guid, u64, bool)> = self
+            .db
+            .bodies
+            .range(start..)
+            .take(SCRUB_PER_TICK_MAX)
+            .map(|(g, b)| (*g, b.checksum, body_checksum(&b.bytes) == b.checksum))
+            .collect();
+        self.scrub_cursor = if batch.len() < SCRUB_PER_TICK_MAX { None } else { batch.last().map(|b| b.0) };
+        for (guid, checksum, intact) in batch {
+            if !intact {
+                self.want_body(guid, Some(checksum), None, true);
+            }
+        }
+        let missing: Vec<(Guid, u64)> = self
+            .db
+            .mailboxes
+            .values()
+            .flat_map(|m| m.messages.values())
+            .filter(|r| !self.db.bodies.contains_key(&r.guid) && !self.wanted_bodies.contains_key(&r.guid))
+            .map(|r| (r.guid, r.checksum))
+            .collect();
+        for (guid, checksum) in missing {
+            self.want_body(guid, Some(checksum), None, true);
+        }
+    }
+
+    pub(crate) fn on_external(&mut self, edit: ExternalEdit) {
+        match edit {
+            ExternalEdit::Added { mailbox, received, body } => {
+                let guid = self.new_guid();
+                let request = WriteRequest::Save { mailbox, guid, received, flags: Vec::new(), body };
+                self.submit_write(super::Origin::Internal, request);
+            }
+            ExternalEdit::Removed { mailbox, uid } => {
+                let Some(record) = self.db.mailboxes.get(&mailbox).and_then(|m| m.messages.get(&uid)).cloned() else { return };
+                if self.db.bodies.remove(&record.guid).is_some() {
+                    self.write(StoreWrite::RemoveBody { guid: record.guid });
+                }
+                self.want_body(record.guid, Some(record.checksum), None, true);
+            }
+            ExternalEdit::Corrupted { guid, body } => {
+                let Some(stored) = self.db.bodies.get_mut(&guid) else { return };
+                stored.bytes = body.clone();
+                let checksum = stored.checksum;
+                self.write(StoreWrite::PutBody { guid, checksum, bytes: body });
+            }
+        }
+    }
+}

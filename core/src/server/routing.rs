@@ -1,0 +1,161 @@
+//! Link-state routing: every server floods its direct links; each computes the connected
+//! component and a next hop to every server in it, so a command can be relayed A-B-C
+//! when A-C is cut. Ties break on the lowest server id, so routes are deterministic.
+
+use super::Server;
+use crate::msg::*;
+use crate::store::StoreWrite;
+use crate::types::*;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// One server's last announcement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkAnnouncement {
+    pub seq: u64,
+    pub neighbors: BTreeSet<Sid>,
+}
+
+impl Server {
+    /// Announce our links after they changed.
+    pub(crate) fn announce_links(&mut self) {
+        let seq = self.db.link_seq + 1;
+        self.write(StoreWrite::LinkSeq { seq });
+        self.db.link_seq = seq;
+        let me = self.cfg.sid;
+        self.lsdb.insert(me, LinkAnnouncement { seq, neighbors: self.links.clone() });
+        let msg = Msg::LinkState { origin: me, seq, neighbors: self.links.iter().copied().collect() };
+        for &peer in &self.links.clone() {
+            self.send_direct(peer, msg.clone());
+        }
+        self.recompute_routes();
+    }
+
+    pub(crate) fn on_link_up(&mut self, peer: Sid) {
+        if peer == self.cfg.sid || !self.cfg.servers.contains(&peer) {
+            return;
+        }
+        self.links.insert(peer);
+        // The new neighbour learns everything we know.
+        let known: Vec<(Sid, LinkAnnouncement)> = self.lsdb.iter().map(|(s, a)| (*s, a.clone())).collect();
+        for (origin, ann) in known {
+            if origin != self.cfg.sid {
+                self.send_direct(peer, Msg::LinkState { origin, seq: ann.seq, neighbors: ann.neighbors.into_iter().collect() });
+            }
+        }
+        self.announce_links();
+    }
+
+    pub(crate) fn on_link_down(&mut self, peer: Sid) {
+        if self.links.remove(&peer) {
+            self.announce_links();
+        }
+    }
+
+    pub(crate) fn on_link_state(&mut self, from: Sid, origin: Sid, seq: u64, neighbors: Vec<Sid>) {
+        if origin == self.cfg.sid {
+            // An announcement of ours from before a restart: jump past it.
+            if seq >= self.db.link_seq {
+                self.db.link_seq = seq;
+                self.announce_links();
+            }
+            return;
+        }
+        if !self.cfg.servers.contains(&origin) {
+            return;
+        }
+        if self.lsdb.get(&origin).is_some_and(|a| a.seq >= seq) {
+            return;
+        }
+        let neighbors: BTreeSet<Sid> = neighbors.into_iter().filter(|s| self.cfg.servers.contains(s)).collect();
+        self.lsdb.insert(origin, LinkAnnouncement { seq, neighbors: neighbors.clone() });
+        let msg = Msg::LinkState { origin, seq, neighbors: neighbors.into_iter().collect() };
+        for &peer in &self.links.clone() {
+            if peer != from {
+                self.send_direct(peer, msg.clone());
+            }
+        }
+        self.recompute_routes();
+    }
+
+    fn linked(&self, a: Sid, b: Sid) -> bool {
+        let claims = |x: Sid, y: Sid| {
+            if x == self.cfg.sid {
+                self.links.contains(&y)
+            } else {
+                self.lsdb.get(&x).is_some_and(|ann| ann.neighbors.contains(&y))
+            }
+        };
+        claims(a, b) && claims(b, a)
+    }
+
+    /// Breadth-first search from us over links both ends announce.
+    pub(crate) fn recompute_routes(&mut self) {
+        let me = self.cfg.sid;
+        let mut next_hop: BTreeMap<Sid, Sid> = BTreeMap::new();
+        let mut seen: BTreeSet<Sid> = BTreeSet::from([me]);
+        let mut queue: VecDeque<Sid> = VecDeque::new();
+        for &n in &self.links {
+            if self.linked(me, n) && seen.insert(n) {
+                next_hop.insert(n, n);
+                queue.push_back(n);
+            }
+        }
+        while let Some(at) = queue.pop_front() {
+            let hop = next_hop[&at];
+            let neighbors: Vec<Sid> = self.lsdb.get(&at).map(|a| a.neighbors.iter().copied().collect()).unwrap_or_default();
+            for n in neighbors {
+                if self.linked(at, n) && seen.insert(n) {
+                    next_hop.insert(n, hop);
+                    queue.push_back(n);
+                }
+            }
+        }
+        let before = std::mem::take(&mut self.reachable);
+        self.routes = next_hop;
+        self.reachable = seen;
+        if before != self.reachable {
+            let gained: Vec<Sid> = self.reachable.difference(&before).copied().collect();
+            let lost: Vec<Sid> = before.difference(&self.reachable).copied().collect();
+            self.on_reachability_changed(&gained, &lost);
+        }
+    }
+
+    pub fn is_reachable(&self, sid: Sid) -> bool {
+        self.reachable.contains(&sid)
+    }
+
+    /// Sends an envelope towards its destination, relaying through the next hop.
+    pub(crate) fn route(&mut self, envelope: Envelope) {
+        if envelope.dst == self.cfg.sid {
+            return;
+        }
+        if let Some(&hop) = self.routes.get(&envelope.dst) {
+            if hop != envelope.dst {
+                self.marks.hit(crate::Mark::RelayUsed);
+            }
+            self.push_send(hop, envelope);
+        }
+        // No route: dropped. The replication log resends once the peer is reachable;
+        // requests time out.
+    }
+
+    pub(crate) fn send(&mut self, to: Sid, msg: Msg) {
+        let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };
+        self.route(envelope);
+    }
+
+    /// Link-state travels hop by hop only.
+    fn send_direct(&mut self, to: Sid, msg: Msg) {
+        let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };
+        self.push_send(to, envelope);
+    }
+
+    /// Relay an envelope that is not for us.
+    pub(crate) fn relay(&mut self, mut envelope: Envelope) {
+        if envelope.hops >= HOPS_MAX {
+            return;
+        }
+        envelope.hops += 1;
+        self.route(envelope);
+    }
+}
