@@ -100,8 +100,8 @@ pub enum ClientReply {
 /// simulator the fault injector makes these.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExternalEdit {
-    /// A message file appeared with no UID.
-    Added { mailbox: MailboxKey, received: u64, body: Vec<u8> },
+    /// A message file appeared with no UID; the shell gave it a GUID when it indexed it.
+    Added { mailbox: MailboxKey, guid: Guid, received: u64, body: Vec<u8> },
     /// The file of a message disappeared.
     Removed { mailbox: MailboxKey, uid: Uid },
     /// The stored body of a message changed under us.

@@ -56,8 +56,15 @@ impl Server {
     pub(crate) fn on_client(&mut self, id: RequestId, request: ClientRequest) {
         let write = match request {
             ClientRequest::Read { mailbox } => {
+                // A client is shown only what is durable, so a crash can never make this
+                // server show a UID bound to another message later.
                 let reply = self.read_view(&mailbox);
-                self.push_reply(id, reply);
+                let write = self.last_write();
+                if self.is_durable(write) {
+                    self.push_reply(id, reply);
+                } else {
+                    self.pending_reads.push((id, write, reply));
+                }
                 return;
             }
             ClientRequest::MasterMove { mailbox } => {

@@ -79,6 +79,7 @@ pub struct Server {
     // Requests in progress here.
     pub(crate) next_tag: u64,
     pub(crate) jobs: BTreeMap<u64, Job>,
+    pub(crate) pending_reads: Vec<(RequestId, WriteId, ClientReply)>,
     // Replication.
     pub(crate) pending_acks: Vec<(Sid, u64, WriteId)>,
     pub(crate) ack_waiters: BTreeMap<(Sid, u64), u64>,
@@ -123,6 +124,7 @@ impl Server {
             moving: BTreeSet::new(),
             next_tag: incarnation << 40,
             jobs: BTreeMap::new(),
+            pending_reads: Vec::new(),
             pending_acks: Vec::new(),
             ack_waiters: BTreeMap::new(),
             log_sent: BTreeMap::new(),
@@ -301,6 +303,14 @@ impl Server {
     fn on_durable(&mut self, upto: WriteId) {
         debug_assert!(upto <= self.last_write, "durable beyond the last write issued");
         self.durable_upto = self.durable_upto.max(upto.min(self.last_write));
+        let reads = std::mem::take(&mut self.pending_reads);
+        for (id, write, reply) in reads {
+            if self.is_durable(write) {
+                self.push_reply(id, reply);
+            } else {
+                self.pending_reads.push((id, write, reply));
+            }
+        }
         self.progress_jobs();
     }
 

@@ -542,8 +542,7 @@ impl Server {
 
     pub(crate) fn on_external(&mut self, edit: ExternalEdit) {
         match edit {
-            ExternalEdit::Added { mailbox, received, body } => {
-                let guid = self.new_guid();
+            ExternalEdit::Added { mailbox, guid, received, body } => {
                 let request = WriteRequest::Save { mailbox, guid, received, flags: Vec::new(), body };
                 self.submit_write(super::Origin::Internal, request);
             }

@@ -1,0 +1,290 @@
+//! The oracle: DESIGN.md's invariants, checked against what clients were told and what
+//! servers hold. Safety is checked as the run goes (every write a server makes, every
+//! answer a client gets); liveness and "nothing acked is lost" at quiescence.
+
+use std::collections::{BTreeMap, BTreeSet};
+use tandem_core::*;
+
+pub const NO_ACKED_LOSS: &str = "no_acked_loss";
+pub const UIDS_NEVER_REUSED: &str = "uids_never_reused";
+pub const MONOTONIC: &str = "monotonic";
+pub const FLAGS_AGREE: &str = "flags_agree";
+pub const CONVERGENCE: &str = "convergence";
+pub const INVARIANTS: [&str; 5] = [NO_ACKED_LOSS, UIDS_NEVER_REUSED, MONOTONIC, FLAGS_AGREE, CONVERGENCE];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub time_us: u64,
+    pub detail: String,
+}
+
+/// Key of a UID as clients see it.
+type UidKey = (MailboxKey, u32, Uid);
+
+#[derive(Clone, Debug, Default)]
+pub struct Oracle {
+    /// What each server has shown each UID bound to.
+    shown: BTreeMap<(Sid, UidKey), Guid>,
+    /// Every GUID any server has shown on a UID.
+    shown_any: BTreeMap<UidKey, BTreeSet<Guid>>,
+    /// First UID a client saw for each message.
+    pub first_uid: BTreeMap<(MailboxKey, Guid), Uid>,
+    /// SAVE/COPY answered OK.
+    pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
+    /// EXPUNGE answered OK, by message.
+    pub expunged: BTreeSet<(MailboxKey, Guid)>,
+    /// Last UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ a client saw per server and mailbox.
+    views: BTreeMap<(Sid, MailboxKey), (u32, Uid, ModSeq)>,
+    /// Last UIDNEXT/HIGHESTMODSEQ written by each server incarnation.
+    written_meta: BTreeMap<(Sid, u64, MailboxKey), (u32, Uid, ModSeq)>,
+    pub violations: Vec<Violation>,
+}
+
+impl Oracle {
+    fn violate(&mut self, invariant: &'static str, time_us: u64, detail: String) {
+        if self.violations.len() < 100 {
+            self.violations.push(Violation { invariant, time_us, detail });
+        }
+    }
+
+    /// A client was shown `uid` bound to `guid` by `server`.
+    pub fn shown(&mut self, time_us: u64, server: Sid, mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, guid: Guid) {
+        let key = (mailbox.clone(), uidvalidity, uid);
+        if let Some(before) = self.shown.insert((server, key.clone()), guid)
+            && before != guid
+        {
+            self.violate(
+                UIDS_NEVER_REUSED,
+                time_us,
+                format!("{server} showed {mailbox} UID {uid} as {before} and later as {guid}"),
+            );
+        }
+        self.shown_any.entry(key).or_default().insert(guid);
+        self.first_uid.entry((mailbox.clone(), guid)).or_insert(uid);
+    }
+
+    pub fn view(&mut self, time_us: u64, server: Sid, view: &MailboxView) {
+        for m in &view.messages {
+            self.shown(time_us, server, &view.mailbox, view.uidvalidity, m.uid, m.guid);
+        }
+        let now = (view.uidvalidity, view.uidnext, view.highest_modseq);
+        if let Some(before) = self.views.insert((server, view.mailbox.clone()), now)
+            && before.0 == now.0
+            && (now.1 < before.1 || now.2 < before.2)
+        {
+            self.violate(
+                MONOTONIC,
+                time_us,
+                format!("{server} showed {} UIDNEXT/HIGHESTMODSEQ {}/{} after {}/{}", view.mailbox, now.1, now.2, before.1, before.2),
+            );
+        }
+    }
+
+    /// A write a server asked its disk for: a shown UID must never be rebound, and
+    /// UIDNEXT/HIGHESTMODSEQ never go down within one incarnation.
+    pub fn write(&mut self, time_us: u64, server: Sid, incarnation: u64, image: &DiskImage, write: &StoreWrite) {
+        match write {
+            StoreWrite::PutMessage { mailbox, record } => {
+                let uidvalidity = image.mailboxes.get(mailbox).map(|m| m.uidvalidity).unwrap_or(0);
+                if let Some(shown) = self.shown.get(&(server, (mailbox.clone(), uidvalidity, record.uid)))
+                    && *shown != record.guid
+                {
+                    let shown = *shown;
+                    self.violate(
+                        UIDS_NEVER_REUSED,
+                        time_us,
+                        format!("{server} bound {mailbox} UID {} to {} after showing it as {shown}", record.uid, record.guid),
+                    );
+                }
+            }
+            StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
+                let now = (*uidvalidity, *uidnext, *highest_modseq);
+                if let Some(before) = self.written_meta.insert((server, incarnation, mailbox.clone()), now)
+                    && before.0 == now.0
+                    && (now.1 < before.1 || now.2 < before.2)
+                {
+                    self.violate(
+                        MONOTONIC,
+                        time_us,
+                        format!("{server} wrote {mailbox} UIDNEXT/HIGHESTMODSEQ {}/{} after {}/{}", now.1, now.2, before.1, before.2),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn saved(&mut self, time_us: u64, server: Sid, mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, guid: Guid) {
+        self.shown(time_us, server, mailbox, uidvalidity, uid, guid);
+        self.acked.entry((mailbox.clone(), guid)).or_insert((server, time_us));
+    }
+
+    pub fn expunge_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
+        for g in guids {
+            self.expunged.insert((mailbox.clone(), *g));
+        }
+    }
+
+    /// CONDSTORE: a rejected message must have had a modseq above UNCHANGEDSINCE.
+    pub fn stored(&mut self, time_us: u64, server: Sid, unchanged_since: Option<ModSeq>, result: &WriteResult) {
+        let WriteResult::Stored { rejected, current, .. } = result else { return };
+        for uid in rejected {
+            let Some(since) = unchanged_since else {
+                self.violate(FLAGS_AGREE, time_us, format!("{server} rejected UID {uid} of a STORE without UNCHANGEDSINCE"));
+                continue;
+            };
+            match current.iter().find(|c| c.uid == *uid) {
+                Some(c) if c.modseq > since => {}
+                _ => self.violate(FLAGS_AGREE, time_us, format!("{server} rejected UID {uid} though its modseq was not above {since}")),
+            }
+        }
+    }
+
+    /// Checks at quiescence over the live servers' stores.
+    pub fn at_quiescence(&mut self, time_us: u64, stores: &BTreeMap<Sid, &DiskImage>, check_loss: bool) {
+        if check_loss {
+            for ((mailbox, guid), (server, at)) in &self.acked.clone() {
+                if self.expunged.contains(&(mailbox.clone(), *guid)) {
+                    continue;
+                }
+                for (sid, image) in stores {
+                    let live = image.mailboxes.get(mailbox).is_some_and(|m| m.messages.values().any(|r| r.guid == *guid));
+                    let body = image.bodies.get(guid).is_some_and(|b| hash::body_checksum(&b.bytes) == b.checksum);
+                    if !live || !body {
+                        self.violate(
+                            NO_ACKED_LOSS,
+                            time_us,
+                            format!(
+                                "message {guid} acked by {server} at {} ms is {} on {sid}",
+                                at / 1000,
+                                if live { "without an intact body" } else { "missing from " }.to_string() + &mailbox.to_string()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        for (sid, image) in stores {
+            for (mailbox, m) in &image.mailboxes {
+                for r in m.messages.values() {
+                    if let Some(guids) = self.shown_any.get(&(mailbox.clone(), m.uidvalidity, r.uid))
+                        && guids.iter().any(|g| *g != r.guid)
+                    {
+                        self.violate(
+                            UIDS_NEVER_REUSED,
+                            time_us,
+                            format!("{sid} ends with {mailbox} UID {} bound to {} though clients saw it as {:?}", r.uid, r.guid, guids),
+                        );
+                    }
+                }
+            }
+        }
+        let flag_views: BTreeMap<Sid, BTreeMap<(MailboxKey, Guid), Vec<Flag>>> = stores
+            .iter()
+            .map(|(sid, image)| {
+                let flags = image
+                    .mailboxes
+                    .iter()
+                    .flat_map(|(k, m)| m.messages.values().map(move |r| ((k.clone(), r.guid), r.present_flags())))
+                    .collect();
+                (*sid, flags)
+            })
+            .collect();
+        let mut first: Option<(&Sid, &BTreeMap<(MailboxKey, Guid), Vec<Flag>>)> = None;
+        for (sid, flags) in &flag_views {
+            match first {
+                None => first = Some((sid, flags)),
+                Some((s0, f0)) => {
+                    for (k, f) in flags {
+                        if let Some(other) = f0.get(k)
+                            && other != f
+                        {
+                            self.violate(FLAGS_AGREE, time_us, format!("{} in {} has flags {f:?} on {sid} but {other:?} on {s0}", k.1, k.0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn violated(&self, name: &str) -> bool {
+        self.violations.iter().any(|v| v.invariant == name)
+    }
+}
+
+/// Why the live servers do not agree yet, or None when they have converged: the same
+/// mailboxes, messages, UIDs, flags and tombstones, intact bodies, one root, one master
+/// per master key.
+pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
+    let mut iter = servers.iter();
+    let (s0, first) = iter.next()?;
+    let img0 = first.image();
+    for (sid, server) in servers {
+        let image = server.image();
+        for (mailbox, m) in &image.mailboxes {
+            for r in m.messages.values() {
+                let ok = image.bodies.get(&r.guid).is_some_and(|b| hash::body_checksum(&b.bytes) == b.checksum);
+                if !ok {
+                    return Some(format!("{sid} lacks an intact body for {} in {mailbox}", r.guid));
+                }
+            }
+        }
+        if server.jobs_in_progress() > 0 {
+            return Some(format!("{sid} still has {} requests in progress", server.jobs_in_progress()));
+        }
+    }
+    for (sid, server) in iter {
+        let img = server.image();
+        let keys0: Vec<&MailboxKey> = img0.mailboxes.keys().collect();
+        let keys: Vec<&MailboxKey> = img.mailboxes.keys().collect();
+        if keys0 != keys {
+            return Some(format!("{s0} has mailboxes {keys0:?} but {sid} has {keys:?}"));
+        }
+        for (k, m0) in &img0.mailboxes {
+            let m = &img.mailboxes[k];
+            if m0.uidvalidity != m.uidvalidity || m0.uidnext != m.uidnext || m0.highest_modseq != m.highest_modseq {
+                return Some(format!(
+                    "{k}: {s0} has UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ {}/{}/{} but {sid} has {}/{}/{}",
+                    m0.uidvalidity, m0.uidnext, m0.highest_modseq, m.uidvalidity, m.uidnext, m.highest_modseq
+                ));
+            }
+            if m0.messages != m.messages {
+                return Some(format!("{k}: messages differ between {s0} ({}) and {sid} ({})", m0.messages.len(), m.messages.len()));
+            }
+            if m0.tombstones != m.tombstones {
+                return Some(format!("{k}: tombstones differ between {s0} and {sid}"));
+            }
+        }
+    }
+    let roots: BTreeSet<Option<Sid>> = servers.values().map(|s| s.term().root).collect();
+    if roots.len() != 1 || roots.iter().next().copied().flatten().is_none_or(|r| !servers.contains_key(&r)) {
+        return Some(format!("servers disagree on the root: {roots:?}"));
+    }
+    let mut masters: BTreeMap<MasterKey, BTreeSet<Sid>> = BTreeMap::new();
+    for (sid, server) in servers {
+        for key in server.mastered_ready() {
+            masters.entry(key).or_default().insert(*sid);
+        }
+    }
+    for (sid, server) in servers {
+        for (key, m) in server.masters_known() {
+            if let Some(set) = masters.get(key)
+                && !set.contains(m)
+            {
+                return Some(format!("{sid} thinks {m} masters {key} but {set:?} do"));
+            }
+        }
+    }
+    if let Some((key, set)) = masters.iter().find(|(_, s)| s.len() > 1) {
+        return Some(format!("{key} has several masters: {set:?}"));
+    }
+    let granularity = first.config().granularity;
+    for k in img0.mailboxes.keys() {
+        let key = MasterKey::of(k, granularity);
+        if !masters.contains_key(&key) {
+            return Some(format!("{key} has no master"));
+        }
+    }
+    None
+}

@@ -1,0 +1,1145 @@
+//! The simulated cluster: servers running the real core, a network of links with
+//! latencies, disks with group commit, clients, faults, and one seeded RNG driving all
+//! of it in virtual time. Same seed, same run.
+
+use crate::oracle::{self, Oracle};
+use crate::scenario::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use tandem_core::hash::{fnv64, mix64};
+use tandem_core::wire::{Decoder, Encoder};
+use tandem_core::*;
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub wire: bool,
+    /// Keep the whole readable timeline.
+    pub trace: bool,
+    /// Keep the last lines of the timeline for a failure report.
+    pub tail: bool,
+    pub seed: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunReport {
+    pub name: String,
+    pub seed: u64,
+    pub passed: bool,
+    pub failures: Vec<String>,
+    pub sim_time_us: u64,
+    pub messages: u64,
+    pub wire_bytes: u64,
+    pub steps: u64,
+    pub trace_hash: u64,
+    pub trace: Vec<String>,
+    pub marks: BTreeMap<String, u64>,
+    pub converged_after_us: Option<u64>,
+    pub violations: Vec<oracle::Violation>,
+}
+
+/// Trace lines kept for a failure report when not tracing everything.
+const TRACE_TAIL_MAX: usize = 400;
+/// Hard cap on simulated events, so a livelock ends as a failure instead of a hang.
+const STEPS_MAX: u64 = 50_000_000;
+
+#[derive(Debug)]
+enum Ev {
+    Deliver { from: Sid, to: Sid, generation: u64, envelope: Envelope },
+    Timer { server: Sid, incarnation: u64 },
+    Fsync { server: Sid, incarnation: u64, upto: WriteId },
+    Action { action: Action, event: Option<usize> },
+    Heal { end: bool },
+    RestoreLink { a: Sid, b: Sid },
+    /// A generated client operation or store edit, decided when it runs.
+    RandomOp { server: Sid, mailbox: MailboxKey, roll: u32 },
+}
+
+struct Node {
+    server: Option<Server>,
+    disk: DiskImage,
+    pending: Vec<(WriteId, StoreWrite)>,
+    fsync_in_flight: bool,
+    incarnation: u64,
+    lost: bool,
+    timer_at: Option<Instant>,
+}
+
+struct Link {
+    up: bool,
+    latency_us: (u64, u64),
+    generation: u64,
+    /// Per direction (from lower id, from higher id): last delivery time, codec state.
+    last_delivery: [Instant; 2],
+    codec: [(Encoder, Decoder); 2],
+}
+
+/// A client request waiting for its answer.
+struct Outstanding {
+    server: Sid,
+    incarnation: u64,
+    event: Option<usize>,
+    label: Option<String>,
+    mailbox: Option<MailboxKey>,
+    expunging: Vec<Guid>,
+    unchanged_since: Option<ModSeq>,
+}
+
+pub struct World {
+    scenario: Scenario,
+    opts: RunOptions,
+    rng: ChaCha8Rng,
+    now: Instant,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    next_event: u64,
+    nodes: BTreeMap<Sid, Node>,
+    links: BTreeMap<(Sid, Sid), Link>,
+    pub oracle: Oracle,
+    labels: BTreeMap<String, Guid>,
+    outstanding: BTreeMap<RequestId, Outstanding>,
+    next_request: RequestId,
+    /// Client answers by event index: (ok, rejected).
+    answers: BTreeMap<usize, ClientReply>,
+    failures: Vec<String>,
+    messages: u64,
+    wire_bytes: u64,
+    steps: u64,
+    trace_hash: u64,
+    trace: Vec<String>,
+    label_counter: u64,
+    lost_for_good: usize,
+    seed: u64,
+    /// Coverage marks of server incarnations that crashed.
+    dead_marks: BTreeMap<String, u64>,
+}
+
+fn link_key(a: Sid, b: Sid) -> (Sid, Sid) {
+    if a < b { (a, b) } else { (b, a) }
+}
+
+impl World {
+    pub fn new(scenario: &Scenario, opts: &RunOptions) -> World {
+        let seed = opts.seed.unwrap_or(scenario.seed);
+        let mut links = BTreeMap::new();
+        let spec = &scenario.cluster;
+        let mut add = |a: Sid, b: Sid, latency_ms: (u64, u64)| {
+            links.insert(
+                link_key(a, b),
+                Link {
+                    up: true,
+                    latency_us: (latency_ms.0 * 1000, latency_ms.1.max(latency_ms.0) * 1000),
+                    generation: 0,
+                    last_delivery: [Instant(0); 2],
+                    codec: Default::default(),
+                },
+            );
+        };
+        match &spec.links {
+            None => {
+                for (i, &a) in spec.servers.iter().enumerate() {
+                    for &b in &spec.servers[i + 1..] {
+                        add(a, b, spec.latency_ms);
+                    }
+                }
+            }
+            Some(list) => {
+                for l in list {
+                    add(l.a, l.b, l.latency_ms.unwrap_or(spec.latency_ms));
+                }
+            }
+        }
+        let mut world = World {
+            scenario: scenario.clone(),
+            opts: opts.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            now: Instant(0),
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_event: 0,
+            nodes: BTreeMap::new(),
+            links,
+            oracle: Oracle::default(),
+            labels: BTreeMap::new(),
+            outstanding: BTreeMap::new(),
+            next_request: 1,
+            answers: BTreeMap::new(),
+            failures: Vec::new(),
+            messages: 0,
+            wire_bytes: 0,
+            steps: 0,
+            trace_hash: 0,
+            trace: Vec::new(),
+            label_counter: 0,
+            lost_for_good: 0,
+            seed,
+            dead_marks: BTreeMap::new(),
+        };
+        for &sid in &spec.servers {
+            world.nodes.insert(
+                sid,
+                Node { server: None, disk: DiskImage::default(), pending: Vec::new(), fsync_in_flight: false, incarnation: 0, lost: false, timer_at: None },
+            );
+        }
+        world
+    }
+
+    fn config(&self, sid: Sid) -> Config {
+        let spec = &self.scenario.cluster;
+        let mut cfg = Config::new(sid, spec.servers.clone());
+        cfg.durability = spec.durability;
+        cfg.replicas = spec.replicas;
+        cfg.log_capacity = spec.log_capacity;
+        cfg.granularity = spec.granularity;
+        cfg.request_timeout_us = spec.request_timeout_ms * 1000;
+        cfg
+    }
+
+    fn schedule(&mut self, at: Instant, ev: Ev) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.events.insert(id, ev);
+        self.queue.push(Reverse((at, id)));
+    }
+
+    /// A trace line, formatted only when someone will read it.
+    fn note(&mut self, line: impl FnOnce(&World) -> String) {
+        if self.opts.trace {
+            let l = line(self);
+            self.trace.push(l);
+        } else if self.opts.tail {
+            let l = line(self);
+            if self.trace.len() >= TRACE_TAIL_MAX * 2 {
+                self.trace.drain(..TRACE_TAIL_MAX);
+            }
+            self.trace.push(l);
+        }
+    }
+
+    fn hash_in(&mut self, parts: &[&[u8]]) {
+        self.trace_hash = mix64(self.trace_hash ^ fnv64(parts));
+    }
+
+    fn ms(&self) -> String {
+        format!("{:>9.3}", self.now.0 as f64 / 1000.0)
+    }
+
+    /// Runs the scenario to the end and reports.
+    pub fn run(mut self) -> RunReport {
+        for &sid in &self.scenario.cluster.servers.clone() {
+            self.start_server(sid, false);
+        }
+        let events = self.scenario.events.clone();
+        let mut last_ms = 0;
+        for (i, e) in events.iter().enumerate() {
+            last_ms = last_ms.max(e.at_ms);
+            if let Action::RandomWorkload { until_ms, .. } | Action::RandomFaults { until_ms, .. } = &e.action {
+                last_ms = last_ms.max(*until_ms);
+            }
+            self.schedule(Instant::from_millis(e.at_ms), Ev::Action { action: e.action.clone(), event: Some(i) });
+        }
+        let end_of_events = Instant::from_millis(last_ms + 10);
+        self.run_until(end_of_events);
+        if self.scenario.heal_at_end {
+            self.schedule(self.now, Ev::Heal { end: true });
+        }
+        // Clients stop; faults heal; the cluster must converge within settle_ms.
+        let settle_deadline = self.now.plus_us(self.scenario.settle_ms * 1000);
+        let heal_time = self.now;
+        let mut converged_at = None;
+        while self.now < settle_deadline && self.failures.is_empty() {
+            let next = self.now.plus_us(250_000);
+            self.run_until(next);
+            if self.converged().is_none() {
+                converged_at = Some(self.now);
+                break;
+            }
+        }
+        if converged_at.is_none() && self.failures.is_empty() {
+            let why = self.converged().unwrap_or_default();
+            self.oracle.violations.push(oracle::Violation {
+                invariant: oracle::CONVERGENCE,
+                time_us: self.now.0,
+                detail: format!("not converged {} ms after the heal: {why}", self.scenario.settle_ms),
+            });
+        }
+        let stores: BTreeMap<Sid, &DiskImage> =
+            self.nodes.iter().filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.image()))).collect();
+        let check_loss = match self.scenario.cluster.durability {
+            Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
+            Durability::Async => self.lost_for_good == 0,
+        };
+        let mut oracle = std::mem::take(&mut self.oracle);
+        oracle.at_quiescence(self.now.0, &stores, check_loss);
+        self.oracle = oracle;
+        self.check_expectations();
+        self.report(converged_at.map(|t| t.0 - heal_time.0))
+    }
+
+    fn report(mut self, converged_after_us: Option<u64>) -> RunReport {
+        for v in &self.oracle.violations {
+            self.failures.push(format!("invariant {} broken at {:.3} ms: {}", v.invariant, v.time_us as f64 / 1000.0, v.detail));
+        }
+        let mut marks: BTreeMap<String, u64> = BTreeMap::new();
+        for node in self.nodes.values() {
+            if let Some(s) = &node.server {
+                for (m, c) in s.marks().iter() {
+                    *marks.entry(m.name().to_string()).or_default() += c;
+                }
+            }
+        }
+        // Marks of crashed incarnations are lost with them; the scenario marks count what
+        // the live servers did.
+        let stores: Vec<(Sid, u64)> = self
+            .nodes
+            .iter()
+            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.summaries().iter().fold(0u64, |a, x| a ^ x.digest))))
+            .collect();
+        for (sid, d) in stores {
+            self.hash_in(&[&sid.0.to_le_bytes(), &d.to_le_bytes()]);
+        }
+        if !self.opts.trace && self.trace.len() > TRACE_TAIL_MAX {
+            let cut = self.trace.len() - TRACE_TAIL_MAX;
+            self.trace.drain(..cut);
+        }
+        let marks = self.marks_total(marks);
+        RunReport {
+            name: self.scenario.name.clone(),
+            seed: self.seed,
+            passed: self.failures.is_empty(),
+            failures: self.failures,
+            sim_time_us: self.now.0,
+            messages: self.messages,
+            wire_bytes: self.wire_bytes,
+            steps: self.steps,
+            trace_hash: self.trace_hash,
+            trace: self.trace,
+            marks,
+            converged_after_us,
+            violations: self.oracle.violations.clone(),
+        }
+    }
+
+    fn marks_total(&self, live: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+        let mut all = self.dead_marks.clone();
+        for (k, v) in live {
+            *all.entry(k).or_default() += v;
+        }
+        all
+    }
+}
+
+// Servers, disks and the network.
+impl World {
+    fn alive(&self, sid: Sid) -> bool {
+        self.nodes.get(&sid).is_some_and(|n| n.server.is_some())
+    }
+
+    fn link_usable(&self, a: Sid, b: Sid) -> bool {
+        self.links.get(&link_key(a, b)).is_some_and(|l| l.up) && self.alive(a) && self.alive(b)
+    }
+
+    fn neighbours(&self, sid: Sid) -> Vec<Sid> {
+        self.links.keys().filter_map(|(a, b)| if *a == sid { Some(*b) } else if *b == sid { Some(*a) } else { None }).collect()
+    }
+
+    fn start_server(&mut self, sid: Sid, empty: bool) {
+        let cfg = self.config(sid);
+        let seed = self.rng.random::<u64>();
+        let Some(node) = self.nodes.get_mut(&sid) else { return };
+        if empty {
+            node.disk = DiskImage::default();
+        }
+        node.incarnation += 1;
+        node.pending.clear();
+        node.fsync_in_flight = false;
+        node.timer_at = None;
+        node.lost = false;
+        node.server = Some(Server::recover(cfg, node.disk.clone(), seed));
+        let incarnation = node.incarnation;
+        self.note(|w: &World| format!("{} {sid} starts (incarnation {incarnation})", w.ms()));
+        self.drain(sid);
+        for n in self.neighbours(sid) {
+            if self.link_usable(sid, n) {
+                self.bump_link(sid, n);
+                self.input(sid, Input::LinkUp { peer: n });
+                self.input(n, Input::LinkUp { peer: sid });
+            }
+        }
+    }
+
+    fn stop_server(&mut self, sid: Sid, wipe: bool) {
+        if !self.alive(sid) {
+            if wipe && let Some(node) = self.nodes.get_mut(&sid) {
+                node.disk = DiskImage::default();
+                node.lost = true;
+            }
+            return;
+        }
+        let neighbours: Vec<Sid> = self.neighbours(sid).into_iter().filter(|n| self.link_usable(sid, *n)).collect();
+        let Some(node) = self.nodes.get_mut(&sid) else { return };
+        if let Some(server) = node.server.take() {
+            for (m, c) in server.marks().iter() {
+                *self.dead_marks.entry(m.name().to_string()).or_default() += c;
+            }
+        }
+        node.pending.clear();
+        node.fsync_in_flight = false;
+        node.timer_at = None;
+        if wipe {
+            node.disk = DiskImage::default();
+            node.lost = true;
+        }
+        self.outstanding.retain(|_, o| o.server != sid);
+        self.note(|w: &World| format!("{} {sid} {}", w.ms(), if wipe { "is lost with its disk" } else { "crashes" }));
+        for n in neighbours {
+            self.bump_link(sid, n);
+            self.input(n, Input::LinkDown { peer: sid });
+        }
+    }
+
+    fn bump_link(&mut self, a: Sid, b: Sid) {
+        if let Some(l) = self.links.get_mut(&link_key(a, b)) {
+            l.generation += 1;
+            l.codec = Default::default();
+        }
+    }
+
+    fn set_link(&mut self, a: Sid, b: Sid, up: bool) {
+        let key = link_key(a, b);
+        let Some(link) = self.links.get(&key) else { return };
+        if link.up == up {
+            return;
+        }
+        let was_usable = self.link_usable(a, b);
+        if let Some(l) = self.links.get_mut(&key) {
+            l.up = up;
+        }
+        let usable = self.link_usable(a, b);
+        if was_usable == usable {
+            return;
+        }
+        self.bump_link(a, b);
+        self.note(|w: &World| format!("{} link {a}-{b} {}", w.ms(), if up { "restored" } else { "cut" }));
+        let input = |peer| if usable { Input::LinkUp { peer } } else { Input::LinkDown { peer } };
+        self.input(a, input(b));
+        self.input(b, input(a));
+    }
+
+    /// Feed one input to a live server and drain what it emits.
+    fn input(&mut self, sid: Sid, input: Input) {
+        let now = self.now;
+        let Some(server) = self.nodes.get_mut(&sid).and_then(|n| n.server.as_mut()) else { return };
+        server.handle(now, input);
+        self.steps += 1;
+        self.drain(sid);
+    }
+
+    fn drain(&mut self, sid: Sid) {
+        loop {
+            let Some(node) = self.nodes.get_mut(&sid) else { return };
+            let Some(server) = node.server.as_mut() else { return };
+            let Some(output) = server.poll_output() else { break };
+            match output {
+                Output::Send { to, envelope } => self.transmit(sid, to, envelope),
+                Output::Reply { id, reply } => self.client_reply(sid, id, reply),
+                Output::Write { id, write } => {
+                    let incarnation = node.incarnation;
+                    let image = server.image();
+                    self.oracle.write(self.now.0, sid, incarnation, image, &write);
+                    node.pending.push((id, write));
+                    if !node.fsync_in_flight {
+                        node.fsync_in_flight = true;
+                        let (lo, hi) = self.scenario.cluster.disk_latency_us;
+                        let delay = self.rng.random_range(lo..=hi.max(lo));
+                        self.schedule(self.now.plus_us(delay), Ev::Fsync { server: sid, incarnation, upto: id });
+                    }
+                }
+            }
+        }
+        // The next timer.
+        let Some(node) = self.nodes.get_mut(&sid) else { return };
+        let Some(server) = node.server.as_ref() else { return };
+        let at = server.poll_timeout();
+        if node.timer_at.is_none_or(|t| at < t || t < self.now) {
+            node.timer_at = Some(at);
+            let incarnation = node.incarnation;
+            self.schedule(at, Ev::Timer { server: sid, incarnation });
+        }
+    }
+
+    fn transmit(&mut self, from: Sid, to: Sid, envelope: Envelope) {
+        self.messages += 1;
+        let key = link_key(from, to);
+        if !self.link_usable(from, to) {
+            return;
+        }
+        let dir = usize::from(from > to);
+        let wire = self.opts.wire || self.scenario.wire;
+        let Some(link) = self.links.get_mut(&key) else { return };
+        let envelope = if wire {
+            let mut bytes = Vec::new();
+            link.codec[dir].0.encode(&envelope, &mut bytes);
+            self.wire_bytes += bytes.len() as u64;
+            match link.codec[dir].1.decode(&bytes) {
+                Ok(Some((decoded, used))) if used == bytes.len() => decoded,
+                other => {
+                    self.failures.push(format!("wire codec failed on {} from {from} to {to}: {other:?}", envelope.msg.name()));
+                    return;
+                }
+            }
+        } else {
+            envelope
+        };
+        let (lo, hi) = link.latency_us;
+        let generation = link.generation;
+        let delay = self.rng.random_range(lo..=hi);
+        let Some(link) = self.links.get_mut(&key) else { return };
+        let at = self.now.plus_us(delay).max(link.last_delivery[dir]);
+        link.last_delivery[dir] = at;
+        self.schedule(at, Ev::Deliver { from, to, generation, envelope });
+    }
+
+    fn run_until(&mut self, end: Instant) {
+        while let Some(Reverse((at, id))) = self.queue.peek().copied() {
+            if at > end || !self.failures.is_empty() {
+                break;
+            }
+            if self.steps >= STEPS_MAX {
+                self.failures.push(format!("the run exceeded {STEPS_MAX} steps"));
+                break;
+            }
+            self.queue.pop();
+            self.now = self.now.max(at);
+            let Some(ev) = self.events.remove(&id) else { continue };
+            self.step(ev);
+        }
+        self.now = self.now.max(end);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { from, to, generation, envelope } => {
+                let ok = self.links.get(&link_key(from, to)).is_some_and(|l| l.generation == generation) && self.link_usable(from, to);
+                if !ok {
+                    return;
+                }
+                let t = self.now.0;
+                self.hash_in(&[&t.to_le_bytes(), &from.0.to_le_bytes(), &to.0.to_le_bytes(), envelope.msg.name().as_bytes()]);
+                self.note(|w: &World| format!("{} {from} -> {to} {}", w.ms(), describe(&envelope)));
+                self.input(to, Input::Peer { from, envelope });
+            }
+            Ev::Timer { server, incarnation } => {
+                let Some(node) = self.nodes.get_mut(&server) else { return };
+                if node.incarnation != incarnation || node.server.is_none() || node.timer_at.is_some_and(|t| t > self.now) {
+                    return;
+                }
+                node.timer_at = None;
+                self.input(server, Input::Timer);
+            }
+            Ev::Fsync { server, incarnation, upto } => {
+                let Some(node) = self.nodes.get_mut(&server) else { return };
+                if node.incarnation != incarnation || node.server.is_none() {
+                    return;
+                }
+                let pending = std::mem::take(&mut node.pending);
+                let mut last = 0;
+                for (id, write) in pending {
+                    if id <= upto {
+                        node.disk.apply(&write);
+                        last = id;
+                    } else {
+                        node.pending.push((id, write));
+                    }
+                }
+                node.fsync_in_flight = false;
+                if let Some((next, _)) = node.pending.last() {
+                    let next = *next;
+                    node.fsync_in_flight = true;
+                    let (lo, hi) = self.scenario.cluster.disk_latency_us;
+                    let delay = self.rng.random_range(lo..=hi.max(lo));
+                    self.schedule(self.now.plus_us(delay), Ev::Fsync { server, incarnation, upto: next });
+                }
+                if last > 0 {
+                    self.input(server, Input::Durable { upto: last });
+                }
+            }
+            Ev::Action { action, event } => self.act(action, event),
+            Ev::Heal { end } => {
+                let keys: Vec<(Sid, Sid)> = self.links.keys().copied().collect();
+                for (a, b) in keys {
+                    self.set_link(a, b, true);
+                }
+                if end {
+                    let down: Vec<Sid> = self.nodes.iter().filter(|(_, n)| n.server.is_none() && !n.lost).map(|(s, _)| *s).collect();
+                    for sid in down {
+                        self.start_server(sid, false);
+                    }
+                }
+            }
+            Ev::RestoreLink { a, b } => self.set_link(a, b, true),
+            Ev::RandomOp { server, mailbox, roll } => self.random_op(server, mailbox, roll),
+        }
+    }
+
+    /// Why the live servers have not converged, or None.
+    fn converged(&self) -> Option<String> {
+        let servers: BTreeMap<Sid, &Server> = self.nodes.iter().filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x))).collect();
+        oracle::divergence(&servers)
+    }
+}
+
+/// A short readable form of a peer message for traces.
+pub fn describe(envelope: &Envelope) -> String {
+    let via = if envelope.hops > 0 { format!(" (relayed, {} hops)", envelope.hops) } else { String::new() };
+    let detail = match &envelope.msg {
+        Msg::LinkState { origin, seq, neighbors } => format!("{origin}#{seq} {neighbors:?}"),
+        Msg::Root { epoch, root } => format!("epoch {epoch} root {root}"),
+        Msg::Dropped { epoch } | Msg::Who { epoch, .. } => format!("epoch {epoch}"),
+        Msg::MasterIs { key, master, .. } => format!("{key} -> {master}"),
+        Msg::MasterMove { tag, key, requester } => format!("#{tag} {key} to {requester}"),
+        Msg::MoveDone { tag, key, .. } => format!("#{tag} {key}"),
+        Msg::Request { tag, request } => match request {
+            WriteRequest::Save { mailbox, guid, .. } => format!("#{tag} {mailbox} {guid}"),
+            WriteRequest::Copy { src, src_uid, dst, .. } => format!("#{tag} {src} {src_uid} -> {dst}"),
+            WriteRequest::Expunge { mailbox, uids } => format!("#{tag} {mailbox} {uids:?}"),
+            WriteRequest::Store { mailbox, uids, add, remove, unchanged_since, .. } => {
+                format!("#{tag} {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
+            }
+        },
+        Msg::Reply { tag, master, result } => format!("#{tag} master {master:?} {result:?}"),
+        Msg::Change { seq, change } => match change {
+            Change::Save { mailbox, record, .. } | Change::Copy { mailbox, record, .. } => {
+                format!("#{seq} {mailbox} UID {} {}", record.uid, record.guid)
+            }
+            Change::Expunge { mailbox, tombstones, .. } => {
+                format!("#{seq} {mailbox} {:?}", tombstones.iter().map(|t| t.uid).collect::<Vec<_>>())
+            }
+            Change::Store { mailbox, messages, add, remove, stamp, .. } => format!(
+                "#{seq} {mailbox} {:?} +{add:?} -{remove:?} modseq {}",
+                messages.iter().map(|m| m.0).collect::<Vec<_>>(),
+                stamp.modseq
+            ),
+            Change::Merge { state } => format!(
+                "#{seq} {} UIDs {:?} retired {:?}",
+                state.mailbox,
+                state.messages.iter().map(|m| m.uid).collect::<Vec<_>>(),
+                state.tombstones.iter().map(|t| t.uid).collect::<Vec<_>>()
+            ),
+        },
+        Msg::Ack { seqs } => format!("{} entries", seqs.len()),
+        Msg::MboxRequest { tag, key } => format!("#{tag} {key}"),
+        Msg::Mbox { tag, summary } => format!(
+            "#{tag} {} uidnext {} count {} hms {} digest {:016x}",
+            summary.mailbox, summary.uidnext, summary.count, summary.highest_modseq, summary.digest
+        ),
+        Msg::MboxDone { tag, count } => format!("#{tag} {count}"),
+        Msg::Sync { reply, state } => format!(
+            "{} {} with {} messages, {} tombstones",
+            if *reply { "reply" } else { "request" },
+            state.mailbox,
+            state.messages.len(),
+            state.tombstones.len()
+        ),
+        Msg::Fetch { guid } => format!("{guid}"),
+        Msg::Body { guid, body, .. } => format!("{guid} {} bytes", body.len()),
+        Msg::Error { text } => text.clone(),
+    };
+    format!("{} {detail}{via}", envelope.msg.name())
+}
+
+// Clients, faults and expectations.
+impl World {
+    fn body(&mut self, size: usize, salt: u64) -> Vec<u8> {
+        let mut body = format!("From: sim@example.org\r\nSubject: message {salt}\r\n\r\n").into_bytes();
+        while body.len() < size {
+            body.push(b'a' + (self.rng.random::<u8>() % 26));
+        }
+        body
+    }
+
+    /// The UID a server has for a labelled message in a mailbox, if any.
+    fn uid_of(&self, sid: Sid, mailbox: &MailboxKey, label: &str) -> Option<Uid> {
+        let guid = self.labels.get(label)?;
+        let server = self.nodes.get(&sid)?.server.as_ref()?;
+        server.image().mailboxes.get(mailbox)?.messages.values().find(|r| r.guid == *guid).map(|r| r.uid)
+    }
+
+    fn request(&mut self, sid: Sid, request: ClientRequest, event: Option<usize>, o: Outstanding) {
+        if !self.alive(sid) {
+            self.note(|w: &World| format!("{} client at {sid}: server is down", w.ms()));
+            return;
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        let text = format!("{request:?}");
+        let text: String = text.chars().take(160).collect();
+        self.note(|w: &World| format!("{} client -> {sid} #{id} {text}", w.ms()));
+        let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
+        self.outstanding.insert(id, Outstanding { server: sid, incarnation, event, ..o });
+        self.input(sid, Input::Client { id, request });
+    }
+
+    fn client_reply(&mut self, sid: Sid, id: RequestId, reply: ClientReply) {
+        let Some(o) = self.outstanding.remove(&id) else { return };
+        let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
+        if o.server != sid || o.incarnation != incarnation {
+            return;
+        }
+        let t = self.now.0;
+        let text = format!("{reply:?}");
+        self.hash_in(&[&t.to_le_bytes(), text.as_bytes()]);
+        let short: String = text.chars().take(200).collect();
+        self.note(|w: &World| format!("{} {sid} -> client #{id} {short}", w.ms()));
+        match &reply {
+            ClientReply::Read(view) => self.oracle.view(t, sid, view),
+            ClientReply::Write(WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid }) => {
+                if let Some(mailbox) = &o.mailbox {
+                    self.oracle.saved(t, sid, mailbox, *uidvalidity, *uid, *guid);
+                }
+                if let Some(label) = &o.label {
+                    self.labels.insert(label.clone(), *guid);
+                }
+            }
+            ClientReply::Write(WriteResult::Expunged { .. }) => {
+                if let Some(mailbox) = &o.mailbox {
+                    self.oracle.expunge_acked(mailbox, &o.expunging);
+                }
+            }
+            ClientReply::Write(result @ WriteResult::Stored { .. }) => self.oracle.stored(t, sid, o.unchanged_since, result),
+            _ => {}
+        }
+        if let Some(e) = o.event {
+            self.answers.insert(e, reply);
+        }
+    }
+
+    fn act(&mut self, action: Action, event: Option<usize>) {
+        let none = || Outstanding {
+            server: Sid(0),
+            incarnation: 0,
+            event: None,
+            label: None,
+            mailbox: None,
+            expunging: Vec::new(),
+            unchanged_since: None,
+        };
+        match action {
+            Action::Save { server, mailbox, label, flags, size } => {
+                self.label_counter += 1;
+                let body = self.body(size, self.label_counter);
+                let label = label.or_else(|| Some(format!("auto{}", self.label_counter)));
+                let request = ClientRequest::Save { mailbox: mailbox.clone(), received: 1_700_000_000 + self.now.0 / 1_000_000, flags, body };
+                self.request(server, request, event, Outstanding { label, mailbox: Some(mailbox), ..none() });
+            }
+            Action::Copy { server, from, label, to, as_label } => {
+                let Some(uid) = self.uid_of(server, &from, &label) else { return self.skip(server, &label, event) };
+                let request = ClientRequest::Copy { src: from, src_uid: uid, dst: to.clone() };
+                self.request(server, request, event, Outstanding { label: as_label, mailbox: Some(to), ..none() });
+            }
+            Action::Expunge { server, mailbox, labels } => {
+                let found: Vec<(Uid, Guid)> =
+                    labels.iter().filter_map(|l| Some((self.uid_of(server, &mailbox, l)?, *self.labels.get(l)?))).collect();
+                if found.is_empty() {
+                    return self.skip(server, &labels.join(","), event);
+                }
+                let request = ClientRequest::Expunge { mailbox: mailbox.clone(), uids: found.iter().map(|f| f.0).collect() };
+                let expunging = found.iter().map(|f| f.1).collect();
+                self.request(server, request, event, Outstanding { mailbox: Some(mailbox), expunging, ..none() });
+            }
+            Action::Store { server, mailbox, labels, add, remove, unchanged_since } => {
+                let uids: Vec<Uid> = labels.iter().filter_map(|l| self.uid_of(server, &mailbox, l)).collect();
+                if uids.is_empty() {
+                    return self.skip(server, &labels.join(","), event);
+                }
+                let since = match unchanged_since {
+                    None => None,
+                    Some(UnchangedSince::Value(v)) => Some(v),
+                    Some(UnchangedSince::Current) => self
+                        .nodes
+                        .get(&server)
+                        .and_then(|n| n.server.as_ref())
+                        .and_then(|s| s.image().mailboxes.get(&mailbox))
+                        .map(|m| uids.iter().filter_map(|u| m.messages.get(u)).map(|r| r.modseq).max().unwrap_or(0)),
+                };
+                let request = ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since: since };
+                self.request(server, request, event, Outstanding { mailbox: Some(mailbox), unchanged_since: since, ..none() });
+            }
+            Action::Read { server, mailbox } => {
+                self.request(server, ClientRequest::Read { mailbox: mailbox.clone() }, event, Outstanding { mailbox: Some(mailbox), ..none() })
+            }
+            Action::MasterMove { server, mailbox } => {
+                self.request(server, ClientRequest::MasterMove { mailbox }, event, none())
+            }
+            Action::Cut { a, b } => self.set_link(a, b, false),
+            Action::Restore { a, b } => self.set_link(a, b, true),
+            Action::Isolate { server } => {
+                for n in self.neighbours(server) {
+                    self.set_link(server, n, false);
+                }
+            }
+            Action::Partition { groups } => {
+                let group_of = |s: Sid| groups.iter().position(|g| g.contains(&s));
+                let keys: Vec<(Sid, Sid)> = self.links.keys().copied().collect();
+                for (a, b) in keys {
+                    let same = group_of(a).is_some() && group_of(a) == group_of(b);
+                    self.set_link(a, b, same);
+                }
+            }
+            Action::Heal => self.step(Ev::Heal { end: false }),
+            Action::Flap { a, b, down_ms } => {
+                self.set_link(a, b, false);
+                self.schedule(self.now.plus_us(down_ms * 1000), Ev::RestoreLink { a, b });
+            }
+            Action::Crash { server } => self.stop_server(server, false),
+            Action::Restart { server } => {
+                if !self.alive(server) && !self.nodes.get(&server).is_some_and(|n| n.lost) {
+                    self.start_server(server, false);
+                }
+            }
+            Action::Lose { server } => {
+                if !self.nodes.get(&server).is_some_and(|n| n.lost) {
+                    self.lost_for_good += 1;
+                }
+                self.stop_server(server, true);
+            }
+            Action::Replace { server } => {
+                if !self.alive(server) {
+                    self.start_server(server, true);
+                }
+            }
+            Action::HandAdd { server, mailbox, label } => {
+                self.label_counter += 1;
+                let guid = Guid(u128::from(self.rng.random::<u64>()) << 64 | u128::from(self.label_counter));
+                if let Some(label) = label {
+                    self.labels.insert(label, guid);
+                }
+                let body = self.body(800, self.label_counter);
+                self.note(|w: &World| format!("{} hand edit on {server}: new file in {mailbox}", w.ms()));
+                self.input(server, Input::External(ExternalEdit::Added { mailbox, guid, received: 1_700_000_000, body }));
+            }
+            Action::HandDelete { server, mailbox, label } => {
+                let Some(uid) = self.uid_of(server, &mailbox, &label) else { return self.skip(server, &label, event) };
+                self.note(|w: &World| format!("{} hand edit on {server}: file of {mailbox} UID {uid} deleted", w.ms()));
+                self.input(server, Input::External(ExternalEdit::Removed { mailbox, uid }));
+            }
+            Action::Corrupt { server, label } => {
+                let Some(&guid) = self.labels.get(&label) else { return self.skip(server, &label, event) };
+                let body = self.nodes.get(&server).and_then(|n| n.server.as_ref()).and_then(|s| s.image().bodies.get(&guid)).map(|b| b.bytes.clone());
+                let Some(mut body) = body else { return self.skip(server, &label, event) };
+                if let Some(first) = body.first_mut() {
+                    *first ^= 0x20;
+                } else {
+                    body.push(b'!');
+                }
+                self.note(|w: &World| format!("{} disk corruption on {server}: body of {label}", w.ms()));
+                self.input(server, Input::External(ExternalEdit::Corrupted { guid, body }));
+            }
+            Action::RandomWorkload { until_ms, ops_per_s, users, mailboxes, servers } => {
+                self.plan_workload(until_ms, ops_per_s, users, mailboxes, servers)
+            }
+            Action::RandomFaults { until_ms, count, kinds } => self.plan_faults(until_ms, count, kinds),
+        }
+    }
+
+    fn skip(&mut self, server: Sid, what: &str, event: Option<usize>) {
+        let what = what.to_string();
+        self.note(|w: &World| format!("{} client at {server}: skipped, {what} not there", w.ms()));
+        if let Some(e) = event {
+            self.answers.insert(e, ClientReply::Failed { kind: FailKind::Permanent, reason: "skipped".into() });
+        }
+    }
+
+    fn live_servers(&self) -> Vec<Sid> {
+        self.nodes.iter().filter(|(_, n)| n.server.is_some()).map(|(s, _)| *s).collect()
+    }
+
+    /// A random label of a message the server holds in the mailbox.
+    fn random_label_at(&mut self, sid: Sid, mailbox: &MailboxKey) -> Option<String> {
+        let server = self.nodes.get(&sid)?.server.as_ref()?;
+        let guids: BTreeSet<Guid> = server.image().mailboxes.get(mailbox)?.messages.values().map(|r| r.guid).collect();
+        let labels: Vec<String> = self.labels.iter().filter(|(_, g)| guids.contains(g)).map(|(l, _)| l.clone()).collect();
+        if labels.is_empty() {
+            return None;
+        }
+        let i = self.rng.random_range(0..labels.len());
+        Some(labels[i].clone())
+    }
+
+    fn plan_workload(&mut self, until_ms: u64, ops_per_s: u64, users: u32, mailboxes: u32, servers: Option<Vec<Sid>>) {
+        let servers = servers.unwrap_or_else(|| self.scenario.cluster.servers.clone());
+        let gap_us = 1_000_000 / ops_per_s.max(1);
+        let mut t = self.now.0;
+        let end = until_ms * 1000;
+        while t < end {
+            t += self.rng.random_range(gap_us / 2..=gap_us * 3 / 2).max(1);
+            let server = servers[self.rng.random_range(0..servers.len())];
+            let user = format!("user{}", self.rng.random_range(1..=users.max(1)));
+            let name = match self.rng.random_range(0..mailboxes.max(1)) {
+                0 => "INBOX".to_string(),
+                n => format!("Box{n}"),
+            };
+            let mailbox = MailboxKey::new(&user, &name);
+            let roll = self.rng.random_range(0..100u32);
+            self.schedule(Instant(t), Ev::RandomOp { server, mailbox, roll });
+        }
+    }
+
+    fn plan_faults(&mut self, until_ms: u64, count: u32, kinds: Vec<FaultKind>) {
+        if kinds.is_empty() {
+            return;
+        }
+        let servers = self.scenario.cluster.servers.clone();
+        let start = self.now.0;
+        let end = (until_ms * 1000).max(start + 1);
+        let mut planned_losses = self.lost_for_good;
+        for _ in 0..count {
+            let at = Instant(self.rng.random_range(start..end));
+            let kind = kinds[self.rng.random_range(0..kinds.len())];
+            let a = servers[self.rng.random_range(0..servers.len())];
+            let b = servers[self.rng.random_range(0..servers.len())];
+            let heal_after = self.rng.random_range(500_000..5_000_000u64);
+            match kind {
+                FaultKind::Partition => {
+                    let mut left = Vec::new();
+                    let mut right = Vec::new();
+                    for &s in &servers {
+                        if self.rng.random_bool(0.5) { left.push(s) } else { right.push(s) }
+                    }
+                    self.schedule(at, Ev::Action { action: Action::Partition { groups: vec![left, right] }, event: None });
+                    self.schedule(at.plus_us(heal_after), Ev::Heal { end: false });
+                }
+                FaultKind::Cut if a != b => {
+                    self.schedule(at, Ev::Action { action: Action::Cut { a, b }, event: None });
+                    self.schedule(at.plus_us(heal_after), Ev::RestoreLink { a, b });
+                }
+                FaultKind::Flap if a != b => {
+                    self.schedule(at, Ev::Action { action: Action::Flap { a, b, down_ms: heal_after / 5000 }, event: None })
+                }
+                FaultKind::Crash => {
+                    self.schedule(at, Ev::Action { action: Action::Crash { server: a }, event: None });
+                    self.schedule(at.plus_us(heal_after), Ev::Action { action: Action::Restart { server: a }, event: None });
+                }
+                FaultKind::Lose => {
+                    let budget = match self.scenario.cluster.durability {
+                        Durability::Sync => usize::from(self.scenario.cluster.replicas),
+                        Durability::Async => 0,
+                    };
+                    if planned_losses < budget {
+                        planned_losses += 1;
+                        self.schedule(at, Ev::Action { action: Action::Lose { server: a }, event: None });
+                        self.schedule(at.plus_us(heal_after), Ev::Action { action: Action::Replace { server: a }, event: None });
+                    }
+                }
+                FaultKind::HandEdit => {
+                    self.schedule(at, Ev::RandomOp { server: a, mailbox: MailboxKey::new("user1", "INBOX"), roll: 1000 });
+                }
+                FaultKind::Corrupt => {
+                    self.schedule(at, Ev::RandomOp { server: a, mailbox: MailboxKey::new("user1", "INBOX"), roll: 1001 });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl World {
+    fn random_op(&mut self, server: Sid, mailbox: MailboxKey, roll: u32) {
+        let flags = ["\\Seen", "\\Flagged", "\\Answered", "$Work"];
+        let flag = |w: &mut World| Flag::new(flags[w.rng.random_range(0..flags.len())]).ok().into_iter().collect::<Vec<_>>();
+        let action = match roll {
+            0..45 => {
+                let f = if self.rng.random_bool(0.3) { flag(self) } else { Vec::new() };
+                Action::Save { server, mailbox, label: None, flags: f, size: self.rng.random_range(200..3000) }
+            }
+            45..65 => Action::Read { server, mailbox },
+            65..82 => {
+                let Some(label) = self.random_label_at(server, &mailbox) else { return };
+                let (add, remove) = if self.rng.random_bool(0.5) { (flag(self), Vec::new()) } else { (Vec::new(), flag(self)) };
+                let unchanged_since = self.rng.random_bool(0.2).then_some(UnchangedSince::Current);
+                Action::Store { server, mailbox, labels: vec![label], add, remove, unchanged_since }
+            }
+            82..88 => {
+                let Some(label) = self.random_label_at(server, &mailbox) else { return };
+                Action::Expunge { server, mailbox, labels: vec![label] }
+            }
+            88..94 => {
+                let Some(label) = self.random_label_at(server, &mailbox) else { return };
+                let to = MailboxKey::new(&mailbox.user, if mailbox.name == "INBOX" { "Box1" } else { "INBOX" });
+                self.label_counter += 1;
+                let as_label = Some(format!("auto{}", self.label_counter));
+                Action::Copy { server, from: mailbox, label, to, as_label }
+            }
+            94..100 => Action::MasterMove { server, mailbox },
+            1000 => {
+                if self.rng.random_bool(0.5) {
+                    self.label_counter += 1;
+                    Action::HandAdd { server, mailbox, label: Some(format!("auto{}", self.label_counter)) }
+                } else {
+                    let Some(label) = self.random_label_at(server, &mailbox) else { return };
+                    Action::HandDelete { server, mailbox, label }
+                }
+            }
+            _ => {
+                let Some(label) = self.random_label_at(server, &mailbox) else { return };
+                Action::Corrupt { server, label }
+            }
+        };
+        self.act(action, None);
+    }
+
+    /// Live servers' view of a labelled message: (server, mailbox, record).
+    fn copies_of(&self, label: &str) -> Vec<(Sid, MailboxKey, MessageRecord)> {
+        let Some(guid) = self.labels.get(label) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (sid, node) in &self.nodes {
+            let Some(server) = &node.server else { continue };
+            for (k, m) in &server.image().mailboxes {
+                for r in m.messages.values() {
+                    if r.guid == *guid {
+                        out.push((*sid, k.clone(), r.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check_expectations(&mut self) {
+        let live = self.live_servers();
+        let expects = self.scenario.expects.clone();
+        let mut failures = Vec::new();
+        for (i, e) in self.scenario.events.iter().enumerate() {
+            let Some(want) = e.expect else { continue };
+            let got = self.answers.get(&i);
+            let ok = match (want, got) {
+                (ReplyExpect::Ok, Some(ClientReply::Write(WriteResult::Stored { rejected, .. }))) => rejected.is_empty(),
+                (ReplyExpect::Ok, Some(ClientReply::Write(WriteResult::Failed { .. }) | ClientReply::Failed { .. })) => false,
+                (ReplyExpect::Ok, Some(_)) => true,
+                (ReplyExpect::Rejected, Some(ClientReply::Write(WriteResult::Stored { rejected, .. }))) => !rejected.is_empty(),
+                (ReplyExpect::Temporary, Some(ClientReply::Write(WriteResult::Failed { kind: FailKind::Temporary, .. })))
+                | (ReplyExpect::Temporary, Some(ClientReply::Failed { kind: FailKind::Temporary, .. })) => true,
+                (ReplyExpect::Permanent, Some(ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, .. })))
+                | (ReplyExpect::Permanent, Some(ClientReply::Failed { kind: FailKind::Permanent, .. })) => true,
+                _ => false,
+            };
+            if !ok {
+                failures.push(format!("line {}: expected the answer to be {want:?}, got {got:?}", e.line));
+            }
+        }
+        for e in expects {
+            match e {
+                Expect::Invariants => {}
+                Expect::Invariant(name) => {
+                    if self.oracle.violated(&name) {
+                        failures.push(format!("expected invariant {name} to hold"));
+                    }
+                }
+                Expect::Root { server } => {
+                    for sid in &live {
+                        let root = self.nodes.get(sid).and_then(|n| n.server.as_ref()).and_then(|s| s.term().root);
+                        if root != Some(server) {
+                            failures.push(format!("expected root {server}, {sid} has {root:?}"));
+                        }
+                    }
+                }
+                Expect::NotUid { label, uid } => {
+                    for (sid, k, r) in self.copies_of(&label) {
+                        if r.uid == uid {
+                            failures.push(format!("{label} still has UID {uid} in {k} on {sid}"));
+                        }
+                    }
+                }
+                Expect::Uid { label, uid } => {
+                    let copies = self.copies_of(&label);
+                    if copies.len() < live.len() || copies.iter().any(|c| c.2.uid != uid) {
+                        failures.push(format!("expected {label} at UID {uid} everywhere, found {:?}", copies.iter().map(|c| (c.0, c.2.uid)).collect::<Vec<_>>()));
+                    }
+                }
+                Expect::Flags { label, flags } => {
+                    let mut want: Vec<Flag> = flags.clone();
+                    want.sort();
+                    let copies = self.copies_of(&label);
+                    if copies.is_empty() {
+                        failures.push(format!("{label} is on no server"));
+                    }
+                    for (sid, _, r) in copies {
+                        if r.present_flags() != want {
+                            failures.push(format!("{label} on {sid} has flags {:?}, expected {want:?}", r.present_flags()));
+                        }
+                    }
+                }
+                Expect::Present { label } => {
+                    let holders: BTreeSet<Sid> = self.copies_of(&label).iter().map(|c| c.0).collect();
+                    for sid in &live {
+                        if !holders.contains(sid) {
+                            failures.push(format!("{label} is missing on {sid}"));
+                        }
+                    }
+                }
+                Expect::Absent { label } => {
+                    if let Some((sid, k, r)) = self.copies_of(&label).first() {
+                        failures.push(format!("{label} is still live in {k} at UID {} on {sid}", r.uid));
+                    }
+                }
+                Expect::Mark { name, min } => {
+                    let mut total = self.dead_marks.get(&name).copied().unwrap_or(0);
+                    for node in self.nodes.values() {
+                        if let (Some(s), Some(m)) = (&node.server, Mark::from_name(&name)) {
+                            total += s.marks().count(m);
+                        }
+                    }
+                    if total < min {
+                        failures.push(format!("coverage mark {name} hit {total} times, expected at least {min}"));
+                    }
+                }
+                Expect::ExactlyOneOk { events } => {
+                    let oks = events
+                        .iter()
+                        .filter(|id| {
+                            let idx = self.scenario.events.iter().position(|e| e.id.as_deref() == Some(id.as_str()));
+                            match idx.and_then(|i| self.answers.get(&i)) {
+                                Some(ClientReply::Write(WriteResult::Stored { rejected, .. })) => rejected.is_empty(),
+                                Some(ClientReply::Write(WriteResult::Failed { .. })) | Some(ClientReply::Failed { .. }) | None => false,
+                                Some(_) => true,
+                            }
+                        })
+                        .count();
+                    if oks != 1 {
+                        failures.push(format!("expected exactly one of {events:?} to succeed, {oks} did"));
+                    }
+                }
+                Expect::Count { mailbox, count } => {
+                    for sid in &live {
+                        let n = self.nodes.get(sid).and_then(|n| n.server.as_ref()).and_then(|s| s.image().mailboxes.get(&mailbox)).map(|m| m.messages.len()).unwrap_or(0);
+                        if n != count {
+                            failures.push(format!("{mailbox} on {sid} holds {n} messages, expected {count}"));
+                        }
+                    }
+                }
+                Expect::Renumbered { labels } => {
+                    for label in labels {
+                        let Some(guid) = self.labels.get(&label).copied() else {
+                            failures.push(format!("{label} was never saved"));
+                            continue;
+                        };
+                        for (sid, k, r) in self.copies_of(&label) {
+                            match self.oracle.first_uid.get(&(k.clone(), guid)) {
+                                Some(first) if *first != r.uid => {}
+                                Some(first) => failures.push(format!("{label} on {sid} still has its first UID {first}")),
+                                None => failures.push(format!("no client ever saw {label}")),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.failures.extend(failures);
+    }
+}
+
+/// Runs one scenario.
+pub fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
+    World::new(scenario, opts).run()
+}
