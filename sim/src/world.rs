@@ -590,6 +590,39 @@ impl World {
     }
 }
 
+fn describe_request(request: &ClientRequest) -> String {
+    match request {
+        ClientRequest::Save { mailbox, flags, body, .. } => format!("SAVE {mailbox} {flags:?} ({} bytes)", body.len()),
+        ClientRequest::Copy { src, src_uid, dst } => format!("COPY {src} UID {src_uid} to {dst}"),
+        ClientRequest::Expunge { mailbox, uids } => format!("EXPUNGE {mailbox} {uids:?}"),
+        ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
+            format!("STORE {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
+        }
+        ClientRequest::Read { mailbox } => format!("READ {mailbox}"),
+        ClientRequest::MasterMove { mailbox } => format!("MASTER-MOVE {mailbox}"),
+    }
+}
+
+fn describe_reply(reply: &ClientReply) -> String {
+    match reply {
+        ClientReply::Read(view) => format!(
+            "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}: {}",
+            view.mailbox,
+            view.uidvalidity,
+            view.uidnext,
+            view.highest_modseq,
+            view.messages
+                .iter()
+                .map(|m| format!("{}={:08x}{:?}", m.uid, (m.guid.0 >> 96) as u32, m.flags))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        ClientReply::Write(WriteResult::Saved { uid, guid, .. }) => format!("OK saved UID {uid} = {:08x}", (guid.0 >> 96) as u32),
+        ClientReply::Write(WriteResult::Copied { uid, guid, .. }) => format!("OK copied UID {uid} = {:08x}", (guid.0 >> 96) as u32),
+        other => format!("{other:?}"),
+    }
+}
+
 /// A short readable form of a peer message for traces.
 pub fn describe(envelope: &Envelope) -> String {
     let via = if envelope.hops > 0 { format!(" (relayed, {} hops)", envelope.hops) } else { String::new() };
@@ -673,9 +706,7 @@ impl World {
         }
         let id = self.next_request;
         self.next_request += 1;
-        let text = format!("{request:?}");
-        let text: String = text.chars().take(160).collect();
-        self.note(|w: &World| format!("{} client -> {sid} #{id} {text}", w.ms()));
+        self.note(|w: &World| format!("{} client -> {sid} #{id} {}", w.ms(), describe_request(&request)));
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
         self.outstanding.insert(id, Outstanding { server: sid, incarnation, event, ..o });
         self.input(sid, Input::Client { id, request });
@@ -690,8 +721,7 @@ impl World {
         let t = self.now.0;
         let text = format!("{reply:?}");
         self.hash_in(&[&t.to_le_bytes(), text.as_bytes()]);
-        let short: String = text.chars().take(200).collect();
-        self.note(|w: &World| format!("{} {sid} -> client #{id} {short}", w.ms()));
+        self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
             ClientReply::Write(WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid }) => {

@@ -325,6 +325,10 @@ impl Server {
         for &peer in lost {
             if self.is_root() {
                 self.root_state.table.retain(|_, m| *m != peer);
+                // A server that comes back must drop its masterships again: it may have
+                // had its own root meanwhile.
+                self.root_state.members.remove(&peer);
+                self.root_state.dropped.remove(&peer);
             }
             self.master_cache.retain(|_, m| *m != peer);
             for m in self.mastered.values_mut() {

@@ -1,0 +1,139 @@
+//! Each invariant of the oracle fails on a deliberately wrong history or state: an
+//! oracle that cannot fail proves nothing.
+
+use std::collections::BTreeMap;
+use tandem_core::store::StoredMailbox;
+use tandem_core::*;
+use tandem_sim::oracle::{self, Oracle};
+
+fn inbox() -> MailboxKey {
+    MailboxKey::new("alice", "INBOX")
+}
+
+fn record(uid: Uid, guid: u128, flags: &[&str]) -> MessageRecord {
+    let stamp = Stamp { modseq: 1, sid: Sid(1) };
+    MessageRecord {
+        uid,
+        guid: Guid(guid),
+        received: 0,
+        size: 4,
+        checksum: hash::body_checksum(b"body"),
+        modseq: 1,
+        flags: flags.iter().map(|f| (Flag::new(f).unwrap(), FlagState { present: true, stamp })).collect(),
+    }
+}
+
+fn image(records: Vec<MessageRecord>) -> DiskImage {
+    let mut m = StoredMailbox { uidvalidity: 7, uidnext: 1, highest_modseq: 1, ..Default::default() };
+    let mut img = DiskImage::default();
+    for r in records {
+        m.uidnext = m.uidnext.max(r.uid + 1);
+        img.bodies.insert(r.guid, store::StoredBody { checksum: r.checksum, bytes: b"body".to_vec() });
+        m.messages.insert(r.uid, r);
+    }
+    img.mailboxes.insert(inbox(), m);
+    img
+}
+
+#[test]
+fn uids_never_reused_fails_when_a_server_shows_a_uid_twice() {
+    let mut o = Oracle::default();
+    o.shown(1, Sid(1), &inbox(), 7, 3, Guid(10));
+    assert!(!o.violated(oracle::UIDS_NEVER_REUSED));
+    o.shown(2, Sid(1), &inbox(), 7, 3, Guid(11));
+    assert!(o.violated(oracle::UIDS_NEVER_REUSED));
+}
+
+#[test]
+fn uids_never_reused_fails_when_a_conflicting_uid_is_not_retired() {
+    let mut o = Oracle::default();
+    o.shown(1, Sid(1), &inbox(), 7, 2, Guid(10));
+    o.shown(1, Sid(2), &inbox(), 7, 2, Guid(11));
+    assert!(!o.violated(oracle::UIDS_NEVER_REUSED), "two sides of a partition may show one UID");
+    let img = image(vec![record(2, 10, &[])]);
+    let stores = BTreeMap::from([(Sid(1), &img)]);
+    o.at_quiescence(5, &stores, true);
+    assert!(o.violated(oracle::UIDS_NEVER_REUSED));
+}
+
+#[test]
+fn monotonic_fails_when_uidnext_goes_down() {
+    let mut o = Oracle::default();
+    let view = |uidnext, hms| MailboxView { mailbox: inbox(), uidvalidity: 7, uidnext, highest_modseq: hms, messages: vec![] };
+    o.view(1, Sid(1), &view(5, 9));
+    o.view(2, Sid(1), &view(5, 9));
+    assert!(!o.violated(oracle::MONOTONIC));
+    o.view(3, Sid(1), &view(4, 9));
+    assert!(o.violated(oracle::MONOTONIC));
+}
+
+#[test]
+fn monotonic_fails_when_a_server_writes_a_lower_highestmodseq() {
+    let mut o = Oracle::default();
+    let img = DiskImage::default();
+    let meta = |hms| StoreWrite::MailboxMeta { mailbox: inbox(), uidvalidity: 7, uidnext: 3, highest_modseq: hms };
+    o.write(1, Sid(1), 1, &img, &meta(5));
+    o.write(2, Sid(1), 2, &img, &meta(1));
+    assert!(!o.violated(oracle::MONOTONIC), "a restarted server may have lost what was not durable");
+    o.write(3, Sid(1), 2, &img, &meta(0));
+    assert!(o.violated(oracle::MONOTONIC));
+}
+
+#[test]
+fn no_acked_loss_fails_when_an_acked_message_is_missing() {
+    let mut o = Oracle::default();
+    o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
+    o.saved(1, Sid(1), &inbox(), 7, 2, Guid(11));
+    o.expunge_acked(&inbox(), &[Guid(11)]);
+    let has_it = image(vec![record(1, 10, &[])]);
+    let lacks_it = image(vec![]);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &has_it)]), true);
+    assert!(!o.violated(oracle::NO_ACKED_LOSS), "an expunged message may be gone");
+    o.at_quiescence(6, &BTreeMap::from([(Sid(1), &has_it), (Sid(2), &lacks_it)]), true);
+    assert!(o.violated(oracle::NO_ACKED_LOSS));
+}
+
+#[test]
+fn no_acked_loss_fails_on_a_corrupted_body() {
+    let mut o = Oracle::default();
+    o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
+    let mut img = image(vec![record(1, 10, &[])]);
+    img.bodies.get_mut(&Guid(10)).unwrap().bytes = b"bodx".to_vec();
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), true);
+    assert!(o.violated(oracle::NO_ACKED_LOSS));
+}
+
+#[test]
+fn flags_agree_fails_when_servers_end_with_different_flags() {
+    let mut o = Oracle::default();
+    let a = image(vec![record(1, 10, &["\\Seen"])]);
+    let b = image(vec![record(1, 10, &["\\Seen", "\\Flagged"])]);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &a)]), true);
+    assert!(!o.violated(oracle::FLAGS_AGREE));
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &b)]), true);
+    assert!(o.violated(oracle::FLAGS_AGREE));
+}
+
+#[test]
+fn flags_agree_fails_when_condstore_rejects_an_unchanged_message() {
+    let mut o = Oracle::default();
+    let current = |modseq| vec![CurrentFlags { uid: 1, flags: vec![], modseq }];
+    let rejected = |modseq| WriteResult::Stored { modseq: 9, rejected: vec![1], current: current(modseq) };
+    o.stored(1, Sid(1), Some(4), &rejected(5));
+    assert!(!o.violated(oracle::FLAGS_AGREE));
+    o.stored(2, Sid(1), Some(4), &rejected(4));
+    assert!(o.violated(oracle::FLAGS_AGREE));
+}
+
+#[test]
+fn convergence_fails_on_different_stores_and_passes_on_equal_ones() {
+    let servers = vec![Sid(1), Sid(2)];
+    let a = Server::recover(Config::new(Sid(1), servers.clone()), image(vec![record(1, 10, &[])]), 1);
+    let b = Server::recover(Config::new(Sid(2), servers.clone()), image(vec![record(1, 11, &[])]), 2);
+    let why = oracle::divergence(&BTreeMap::from([(Sid(1), &a), (Sid(2), &b)]));
+    assert!(why.is_some_and(|w| w.contains("messages differ")));
+    let c = Server::recover(Config::new(Sid(2), servers), image(vec![record(1, 10, &[])]), 2);
+    let why = oracle::divergence(&BTreeMap::from([(Sid(1), &a), (Sid(2), &c)]));
+    // Same store, but no root has been elected: still not converged.
+    assert!(why.is_some_and(|w| w.contains("root")));
+}
