@@ -214,6 +214,11 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     let modseq = m.highest_modseq.max(foreign.highest_modseq) + 1;
     // Messages that must move to a new UID: (old uid, guid, record to move).
     let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
+    // Messages expunged here before this merge: tombstoned and nowhere live. (A GUID the
+    // foreign tombstones retire below may still be live on their side at a new UID.)
+    let ours_live_before = live_guids(m);
+    let ours_dead: BTreeSet<Guid> =
+        m.tombstones.keys().map(|(_, g)| *g).filter(|g| !ours_live_before.contains_key(g)).collect();
     if same_validity {
         for t in &foreign.tombstones {
             if m.tombstones.contains_key(&(t.uid, t.guid)) {
@@ -231,7 +236,6 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         }
     }
     let ours_live = live_guids(m);
-    let ours_dead: BTreeSet<Guid> = m.tombstones.keys().map(|(_, g)| *g).collect();
     for r in &foreign.messages {
         if !same_validity {
             // Their UIDs mean nothing here: every message of theirs we lack is new.

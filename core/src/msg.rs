@@ -35,13 +35,16 @@ pub enum WriteRequest {
         dst: MailboxKey,
         received: u64,
     },
+    /// Messages as (UID, GUID) the way the sender's client saw them: the master acts on
+    /// the GUID, so a UID that means another message at the master (before a conflict
+    /// is resolved everywhere) never expunges or flags the wrong one.
     Expunge {
         mailbox: MailboxKey,
-        uids: Vec<Uid>,
+        messages: Vec<(Uid, Guid)>,
     },
     Store {
         mailbox: MailboxKey,
-        uids: Vec<Uid>,
+        messages: Vec<(Uid, Guid)>,
         add: Vec<Flag>,
         remove: Vec<Flag>,
         /// CONDSTORE UNCHANGEDSINCE: reject messages whose modseq is above this.

@@ -588,6 +588,8 @@ impl<'de> serde::de::Visitor<'de> for KeyVisitor {
 
 // --- Semantic layer ----------------------------------------------------------------------
 
+type Entries = [(Key, Node)];
+
 /// A table being read: its name in messages, the line of its header, its entries.
 struct Tab<'a> {
     what: String,
@@ -810,10 +812,10 @@ impl Cx<'_> {
         let Some(f) = tab.get(key) else {
             return default.ok_or_else(|| self.missing(tab, key, &expected));
         };
-        if let Val::Str(s) = &f.node.val {
-            if let Some((_, v)) = choices.iter().find(|(n, _)| n == s) {
-                return Ok(*v);
-            }
+        if let Val::Str(s) = &f.node.val
+            && let Some((_, v)) = choices.iter().find(|(n, _)| n == s)
+        {
+            return Ok(*v);
         }
         Err(self.bad(tab, &f, &expected))
     }
@@ -849,7 +851,7 @@ impl Cx<'_> {
         top: &Tab<'a>,
         key: &str,
         header: &str,
-    ) -> Result<Vec<(usize, &'a [(Key, Node)])>, ScenarioError> {
+    ) -> Result<Vec<(usize, &'a Entries)>, ScenarioError> {
         let Some(f) = top.get(key) else { return Ok(Vec::new()) };
         let expected = format!("a list of `{header}` tables");
         let items = self.array_of(top, &f, &expected)?;
@@ -1523,6 +1525,23 @@ check = "invariants"
             heal_at_end: false,
         };
         assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn doc_example_parses() {
+        let src = include_str!("scenario.rs");
+        let example: String = src
+            .lines()
+            .skip_while(|l| *l != "//! ```toml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.strip_prefix("//!").unwrap().strip_prefix(' ').unwrap_or("")))
+            .collect();
+        let s = parse(&example, None).unwrap();
+        assert_eq!(s.name, "seed-uid-conflict");
+        assert_eq!(s.cluster.links.as_ref().map(Vec::len), Some(2));
+        assert_eq!(s.events.len(), 2);
+        assert_eq!(s.expects, vec![Expect::Present { label: "m1".into() }, Expect::Invariants]);
     }
 
     #[test]

@@ -636,8 +636,9 @@ pub fn describe(envelope: &Envelope) -> String {
         Msg::Request { tag, request } => match request {
             WriteRequest::Save { mailbox, guid, .. } => format!("#{tag} {mailbox} {guid}"),
             WriteRequest::Copy { src, src_uid, dst, .. } => format!("#{tag} {src} {src_uid} -> {dst}"),
-            WriteRequest::Expunge { mailbox, uids } => format!("#{tag} {mailbox} {uids:?}"),
-            WriteRequest::Store { mailbox, uids, add, remove, unchanged_since, .. } => {
+            WriteRequest::Expunge { mailbox, messages } => format!("#{tag} {mailbox} {:?}", messages.iter().map(|m| m.0).collect::<Vec<_>>()),
+            WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, .. } => {
+                let uids: Vec<Uid> = messages.iter().map(|m| m.0).collect();
                 format!("#{tag} {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
             }
         },

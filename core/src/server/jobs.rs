@@ -90,15 +90,19 @@ impl Server {
                 };
                 WriteRequest::Copy { src, src_uid, guid: record.guid, dst, received: record.received }
             }
-            ClientRequest::Expunge { mailbox, uids } => WriteRequest::Expunge { mailbox, uids },
+            ClientRequest::Expunge { mailbox, uids } => {
+                let messages = self.resolve_uids(&mailbox, &uids);
+                WriteRequest::Expunge { mailbox, messages }
+            }
             ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
+                let messages = self.resolve_uids(&mailbox, &uids);
                 let known_modseq = self
                     .db
                     .mailboxes
                     .get(&mailbox)
                     .map(|m| uids.iter().filter_map(|u| m.messages.get(u)).map(|r| r.modseq).max().unwrap_or(0))
                     .unwrap_or(0);
-                WriteRequest::Store { mailbox, uids, add, remove, unchanged_since, known_modseq }
+                WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq }
             }
         };
         if let Err(reason) = validate(&write) {
@@ -128,6 +132,12 @@ impl Server {
         let tag = self.new_tag();
         self.jobs.insert(tag, job);
         self.dispatch(tag);
+    }
+
+    /// The messages a client means by these UIDs here (UIDs we do not hold are dropped).
+    fn resolve_uids(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Vec<(Uid, Guid)> {
+        let Some(m) = self.db.mailboxes.get(mailbox) else { return Vec::new() };
+        uids.iter().filter_map(|u| m.messages.get(u)).map(|r| (r.uid, r.guid)).collect()
     }
 
     fn read_view(&self, mailbox: &MailboxKey) -> ClientReply {
@@ -348,9 +358,9 @@ impl Server {
                             self.master_save(&dst, guid, received, &[], None, tag)
                         }
                     }
-                    WriteRequest::Expunge { mailbox, uids } => (self.master_expunge(&mailbox, &uids), None),
-                    WriteRequest::Store { mailbox, uids, add, remove, unchanged_since, known_modseq } => {
-                        (self.master_store(&mailbox, &uids, &add, &remove, unchanged_since, known_modseq), None)
+                    WriteRequest::Expunge { mailbox, messages } => (self.master_expunge(&mailbox, &messages), None),
+                    WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } => {
+                        (self.master_store(&mailbox, &messages, &add, &remove, unchanged_since, known_modseq), None)
                     }
                 };
                 let need = match (&result, replicated, self.cfg.durability) {
@@ -460,13 +470,14 @@ impl Server {
         (result, Some(()))
     }
 
-    fn master_expunge(&mut self, mailbox: &MailboxKey, uids: &[Uid]) -> WriteResult {
+    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) -> WriteResult {
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return fail(FailKind::Permanent, format!("no mailbox {mailbox}"));
         };
         let modseq = m.highest_modseq + 1;
         let mut tombstones = Vec::new();
-        for uid in uids {
+        let uids = master_uids(m, messages);
+        for (_, uid) in &uids {
             if let Some(r) = m.messages.remove(uid) {
                 let t = Tombstone { uid: r.uid, guid: r.guid, modseq };
                 m.tombstones.insert((t.uid, t.guid), t);
@@ -483,7 +494,7 @@ impl Server {
             self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
         }
         self.persist_meta(mailbox);
-        let uids = tombstones.iter().map(|t| t.uid).collect();
+        let uids = uids.iter().filter(|(_, ours)| tombstones.iter().any(|t| t.uid == *ours)).map(|(theirs, _)| *theirs).collect();
         self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, None);
         WriteResult::Expunged { uids, modseq }
     }
@@ -491,7 +502,7 @@ impl Server {
     fn master_store(
         &mut self,
         mailbox: &MailboxKey,
-        uids: &[Uid],
+        messages: &[(Uid, Guid)],
         add: &[Flag],
         remove: &[Flag],
         unchanged_since: Option<ModSeq>,
@@ -506,15 +517,15 @@ impl Server {
         let mut rejected = Vec::new();
         let mut current = Vec::new();
         let mut changed = Vec::new();
-        for uid in uids {
-            let Some(r) = m.messages.get_mut(uid) else { continue };
+        for (uid, ours) in master_uids(m, messages) {
+            let Some(r) = m.messages.get_mut(&ours) else { continue };
             if unchanged_since.is_some_and(|since| r.modseq > since) {
-                rejected.push(*uid);
-                current.push(CurrentFlags { uid: *uid, flags: r.present_flags(), modseq: r.modseq });
+                rejected.push(uid);
+                current.push(CurrentFlags { uid, flags: r.present_flags(), modseq: r.modseq });
                 continue;
             }
             if r.modseq > known_modseq {
-                current.push(CurrentFlags { uid: *uid, flags: r.present_flags(), modseq: r.modseq });
+                current.push(CurrentFlags { uid, flags: r.present_flags(), modseq: r.modseq });
             }
             for f in add {
                 r.flags.insert(f.clone(), FlagState { present: true, stamp });
@@ -619,6 +630,11 @@ impl Server {
             return;
         }
         self.become_master(key.clone(), Some(states));
+        // Everyone learns the new master at once instead of through stale forwards.
+        let peers: Vec<Sid> = self.reachable.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        for peer in peers {
+            self.send(peer, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid });
+        }
         if let Origin::Client(id) = job.origin {
             self.push_reply(id, ClientReply::Moved { master: self.cfg.sid });
         }
@@ -674,6 +690,17 @@ impl Server {
     }
 }
 
+/// (sender's UID, our UID) of each message the sender named, found by GUID.
+fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec<(Uid, Uid)> {
+    messages
+        .iter()
+        .filter_map(|(theirs, guid)| match m.messages.get(theirs) {
+            Some(r) if r.guid == *guid => Some((*theirs, *theirs)),
+            _ => m.messages.values().find(|r| r.guid == *guid).map(|r| (*theirs, r.uid)),
+        })
+        .collect()
+}
+
 /// Checks a write before it is routed anywhere.
 fn validate(request: &WriteRequest) -> Result<(), String> {
     const UIDS_MAX: usize = 100_000;
@@ -687,7 +714,7 @@ fn validate(request: &WriteRequest) -> Result<(), String> {
     match request {
         WriteRequest::Save { body, .. } if body.len() > BODY_LEN_MAX => Err("message too large".into()),
         WriteRequest::Copy { src, .. } if !mailbox_ok(src) => Err(format!("bad mailbox name {src:?}")),
-        WriteRequest::Expunge { uids, .. } | WriteRequest::Store { uids, .. } if uids.len() > UIDS_MAX => {
+        WriteRequest::Expunge { messages, .. } | WriteRequest::Store { messages, .. } if messages.len() > UIDS_MAX => {
             Err("too many UIDs in one request".into())
         }
         _ => Ok(()),

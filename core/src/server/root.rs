@@ -256,8 +256,9 @@ impl Server {
         }
     }
 
-    /// A master for `key` is known. From the root it is an answer; to the root, from the
-    /// recorded master, it reports a MASTER-MOVE.
+    /// A master for `key` is known: an answer from the root, a new master announcing
+    /// itself after a MASTER-MOVE, or (to the root, from the recorded master) the report
+    /// of a move.
     pub(crate) fn on_master_is(&mut self, from: Sid, epoch: u64, key: MasterKey, master: Sid) {
         if epoch != self.term.epoch {
             return;
@@ -266,20 +267,25 @@ impl Server {
             if self.root_state.table.get(&key) == Some(&from) {
                 self.root_state.table.insert(key.clone(), master);
             }
-            self.master_cache.insert(key.clone(), master);
+            if master != self.cfg.sid {
+                self.master_cache.insert(key.clone(), master);
+                self.mastered.remove(&key);
+            }
+            self.requeue_jobs_for(&key);
             return;
         }
-        if Some(from) != self.term.root {
+        let from_root = Some(from) == self.term.root;
+        if !from_root && from != master {
             return;
         }
         self.lookups.remove(&key);
         if master == self.cfg.sid {
-            self.become_master(key.clone(), None);
+            if from_root {
+                self.become_master(key.clone(), None);
+            }
         } else {
             self.master_cache.insert(key.clone(), master);
-            if let Some(m) = self.mastered.remove(&key) {
-                let _ = m;
-            }
+            self.mastered.remove(&key);
         }
         self.requeue_jobs_for(&key);
     }
