@@ -64,7 +64,7 @@ fn record_hash(r: &MessageRecord) -> u64 {
 }
 
 fn tombstone_hash(t: &Tombstone) -> u64 {
-    mix64(fnv64(&[b"T", &t.uid.to_le_bytes(), &t.guid.0.to_le_bytes()]))
+    mix64(fnv64(&[b"T", &t.uid.to_le_bytes(), &t.guid.0.to_le_bytes(), &t.modseq.to_le_bytes()]))
 }
 
 /// Order-independent hash of the live messages and the tombstones.
@@ -137,9 +137,17 @@ fn bump_meta(m: &mut StoredMailbox, uidnext: Uid, hms: ModSeq, out: &mut MergeOu
 }
 
 fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
-    if let std::collections::btree_map::Entry::Vacant(e) = m.tombstones.entry((t.uid, t.guid)) {
-        e.insert(t);
-        out.tombstones.push(t);
+    // Join: the highest modseq wins, so every copy ends with the same tombstone.
+    match m.tombstones.entry((t.uid, t.guid)) {
+        std::collections::btree_map::Entry::Vacant(e) => {
+            e.insert(t);
+            out.tombstones.push(t);
+        }
+        std::collections::btree_map::Entry::Occupied(mut e) if e.get().modseq < t.modseq => {
+            e.insert(t);
+            out.tombstones.push(t);
+        }
+        std::collections::btree_map::Entry::Occupied(_) => {}
     }
     if m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid) {
         m.messages.remove(&t.uid);
@@ -222,6 +230,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     if same_validity {
         for t in &foreign.tombstones {
             if m.tombstones.contains_key(&(t.uid, t.guid)) {
+                add_tombstone(m, *t, &mut out);
                 continue;
             }
             if let Some(ours) = m.messages.get(&t.uid)

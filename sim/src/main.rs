@@ -27,6 +27,9 @@ enum Command {
         /// Pass every peer message through the wire codec.
         #[arg(long)]
         wire: bool,
+        /// Print how many peer messages of each kind every run sent.
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -55,7 +58,7 @@ fn load(path: &Path) -> Result<Scenario, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { paths, trace, seed, wire } => {
+        Command::Run { paths, trace, seed, wire, stats } => {
             let paths = if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths };
             let files = match collect(&paths) {
                 Ok(f) => f,
@@ -96,6 +99,10 @@ fn main() -> ExitCode {
                     converged,
                     wall.as_secs_f64()
                 );
+                if stats {
+                    let kinds: Vec<String> = report.messages_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    println!("    messages: {}", kinds.join(", "));
+                }
                 if report.passed {
                     passed += 1;
                 } else {

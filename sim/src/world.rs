@@ -37,6 +37,8 @@ pub struct RunReport {
     pub marks: BTreeMap<String, u64>,
     pub converged_after_us: Option<u64>,
     pub violations: Vec<oracle::Violation>,
+    /// Peer messages sent, by command name.
+    pub messages_by_kind: BTreeMap<&'static str, u64>,
 }
 
 /// Trace lines kept for a failure report when not tracing everything.
@@ -104,6 +106,7 @@ pub struct World {
     answers: BTreeMap<usize, ClientReply>,
     failures: Vec<String>,
     messages: u64,
+    messages_by_kind: BTreeMap<&'static str, u64>,
     wire_bytes: u64,
     steps: u64,
     trace_hash: u64,
@@ -167,6 +170,7 @@ impl World {
             answers: BTreeMap::new(),
             failures: Vec::new(),
             messages: 0,
+            messages_by_kind: BTreeMap::new(),
             wire_bytes: 0,
             steps: 0,
             trace_hash: 0,
@@ -258,6 +262,18 @@ impl World {
         }
         if converged_at.is_none() && self.failures.is_empty() {
             let why = self.converged().unwrap_or_default();
+            for (sid, node) in &self.nodes {
+                let Some(s) = &node.server else { continue };
+                self.failures.push(format!(
+                    "  state of {sid}: term {:?}, masters {:?}, jobs {}, dirty {}, wanted bodies {}, backlog {:?}",
+                    s.term(),
+                    s.mastered_ready(),
+                    s.jobs_in_progress(),
+                    s.dirty_mailboxes(),
+                    s.wanted_bodies(),
+                    s.backlog().into_iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>()
+                ));
+            }
             self.oracle.violations.push(oracle::Violation {
                 invariant: oracle::CONVERGENCE,
                 time_us: self.now.0,
@@ -318,6 +334,7 @@ impl World {
             marks,
             converged_after_us,
             violations: self.oracle.violations.clone(),
+            messages_by_kind: self.messages_by_kind,
         }
     }
 
@@ -471,6 +488,7 @@ impl World {
 
     fn transmit(&mut self, from: Sid, to: Sid, envelope: Envelope) {
         self.messages += 1;
+        *self.messages_by_kind.entry(envelope.msg.name()).or_default() += 1;
         let key = link_key(from, to);
         if !self.link_usable(from, to) {
             return;

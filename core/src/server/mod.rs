@@ -90,6 +90,8 @@ pub struct Server {
     pub(crate) scrub_cursor: Option<Guid>,
     next_tick: Instant,
     last_slow_tick: Instant,
+    /// When our pending link-state announcement goes out.
+    pub(crate) announce_due: Option<Instant>,
 }
 
 impl Server {
@@ -134,6 +136,7 @@ impl Server {
             scrub_cursor: None,
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
+            announce_due: None,
         };
         server.db.incarnation = incarnation;
         server.write(StoreWrite::Incarnation { incarnation });
@@ -207,7 +210,11 @@ impl Server {
     }
 
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick.max(self.now)
+        let tick = self.next_tick.max(self.now);
+        match self.announce_due {
+            Some(at) => tick.min(at.max(self.now)),
+            None => tick,
+        }
     }
 
     pub(crate) fn push_send(&mut self, to: Sid, envelope: Envelope) {
@@ -345,6 +352,7 @@ impl Server {
     }
 
     fn on_timer(&mut self) {
+        self.announce_if_due();
         if self.now < self.next_tick {
             return;
         }

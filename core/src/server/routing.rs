@@ -8,6 +8,9 @@ use crate::store::StoreWrite;
 use crate::types::*;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+/// How long link changes are collected before they are announced.
+pub const LINK_HOLD_US: u64 = 2_000;
+
 /// One server's last announcement.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LinkAnnouncement {
@@ -42,11 +45,27 @@ impl Server {
                 self.send_direct(peer, Msg::LinkState { origin, seq: ann.seq, neighbors: ann.neighbors.into_iter().collect() });
             }
         }
-        self.announce_links();
+        self.links_changed();
     }
 
     pub(crate) fn on_link_down(&mut self, peer: Sid) {
         if self.links.remove(&peer) {
+            self.links_changed();
+        }
+    }
+
+    /// Our own view changes at once; the announcement waits a moment so that the many
+    /// link changes of one partition or heal go out as one flood, not one per link.
+    fn links_changed(&mut self) {
+        if self.announce_due.is_none() {
+            self.announce_due = Some(self.now.plus_us(LINK_HOLD_US));
+        }
+        self.recompute_routes();
+    }
+
+    pub(crate) fn announce_if_due(&mut self) {
+        if self.announce_due.is_some_and(|at| at <= self.now) {
+            self.announce_due = None;
             self.announce_links();
         }
     }
@@ -54,7 +73,7 @@ impl Server {
     pub(crate) fn on_link_state(&mut self, from: Sid, origin: Sid, seq: u64, neighbors: Vec<Sid>) {
         if origin == self.cfg.sid {
             // An announcement of ours from before a restart: jump past it.
-            if seq >= self.db.link_seq {
+            if seq > self.db.link_seq {
                 self.db.link_seq = seq;
                 self.announce_links();
             }
