@@ -64,7 +64,7 @@ fn record_hash(r: &MessageRecord) -> u64 {
 }
 
 fn tombstone_hash(t: &Tombstone) -> u64 {
-    mix64(fnv64(&[b"T", &t.uid.to_le_bytes(), &t.guid.0.to_le_bytes(), &t.modseq.to_le_bytes()]))
+    mix64(fnv64(&[b"T", &t.uid.to_le_bytes(), &t.guid.0.to_le_bytes(), &t.modseq.to_le_bytes(), &[u8::from(t.expunged)]]))
 }
 
 /// Order-independent hash of the live messages and the tombstones.
@@ -143,9 +143,16 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
             e.insert(t);
             out.tombstones.push(t);
         }
-        std::collections::btree_map::Entry::Occupied(mut e) if e.get().modseq < t.modseq => {
-            e.insert(t);
-            out.tombstones.push(t);
+        std::collections::btree_map::Entry::Occupied(mut e)
+            if e.get().modseq < t.modseq || (t.expunged && !e.get().expunged) =>
+        {
+            let joined = Tombstone {
+                modseq: e.get().modseq.max(t.modseq),
+                expunged: e.get().expunged || t.expunged,
+                ..t
+            };
+            e.insert(joined);
+            out.tombstones.push(joined);
         }
         std::collections::btree_map::Entry::Occupied(_) => {}
     }
@@ -222,11 +229,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     let modseq = m.highest_modseq.max(foreign.highest_modseq) + 1;
     // Messages that must move to a new UID: (old uid, guid, record to move).
     let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
-    // Messages expunged here before this merge: tombstoned and nowhere live. (A GUID the
-    // foreign tombstones retire below may still be live on their side at a new UID.)
-    let ours_live_before = live_guids(m);
-    let ours_dead: BTreeSet<Guid> =
-        m.tombstones.keys().map(|(_, g)| *g).filter(|g| !ours_live_before.contains_key(g)).collect();
+    // Messages a client expunged (here or on a copy we merged before).
+    let ours_dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
     if same_validity {
         for t in &foreign.tombstones {
             if m.tombstones.contains_key(&(t.uid, t.guid)) {
@@ -260,7 +264,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
             if our_uid != r.uid {
                 // Same message known here under another UID (renumbered already): retire
                 // their binding, keep ours, take their flag changes.
-                add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq }, &mut out);
+                add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
             }
             if let Some(ours) = m.messages.get_mut(&our_uid)
                 && join_flags(&mut ours.flags, &r.flags)
@@ -272,7 +276,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         }
         if ours_dead.contains(&r.guid) {
             // Expunged here under another UID: the expunge wins.
-            add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq }, &mut out);
+            add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
             continue;
         }
         match m.messages.get(&r.uid) {
@@ -306,7 +310,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         let mut moved_guids = BTreeSet::new();
         for ((old_uid, guid), rec) in movers {
             if same_validity || m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
-                add_tombstone(m, Tombstone { uid: old_uid, guid, modseq }, &mut out);
+                add_tombstone(m, Tombstone { uid: old_uid, guid, modseq, expunged: false }, &mut out);
             }
             if !moved_guids.insert(guid) {
                 continue;
@@ -325,6 +329,18 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     if out.changed() {
         m.highest_modseq = m.highest_modseq.max(modseq);
         out.meta_changed = true;
+    }
+    // A retired binding travels with the binding that replaces it: a copy that learns
+    // (uid, guid) is dead must also learn where the message lives now, or it would lose
+    // the message (and later take the tombstone for an expunge).
+    let live = live_guids(m);
+    for t in out.tombstones.clone() {
+        if let Some(uid) = live.get(&t.guid)
+            && !out.records.iter().any(|r| r.uid == *uid)
+            && let Some(r) = m.messages.get(uid)
+        {
+            out.records.push(r.clone());
+        }
     }
     let _ = me;
     debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
@@ -392,7 +408,7 @@ mod tests {
     fn expunged_conflict_found_by_tombstone() {
         let mut master = mbox(vec![rec(1, 10, &[])]);
         let mut other = mbox(vec![]);
-        other.tombstones.insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2 });
+        other.tombstones.insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true });
         other.uidnext = 2;
         let out = merge_as_master(&mut master, &st(&other), Sid(1));
         assert!(out.tombstone_conflict);

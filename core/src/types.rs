@@ -192,6 +192,10 @@ pub struct Tombstone {
     pub uid: Uid,
     pub guid: Guid,
     pub modseq: ModSeq,
+    /// A client expunged the message. False when only the binding was retired by a
+    /// UID-conflict renumbering and the message lives on at another UID: a retirement
+    /// must never be taken for a deletion.
+    pub expunged: bool,
 }
 
 /// The summary carried by MBOX: enough to tell in O(1) whether two copies differ.

@@ -45,7 +45,7 @@
 //! where `<key>` is `MAILBOX <mbox>`, `USER <string>`, `DOMAIN <string>` or `GLOBAL`;
 //! `<state>` is `(<mbox> <uidvalidity> <uidnext> <highest-modseq> (<record>...) (<tombstone>...))`;
 //! `<record>` is `(<uid> <guid> <received> <size> <checksum> <modseq> ((<flag> SET|CLEAR <modseq> <sid>)...))`;
-//! `<tombstone>` is `(<uid> <guid> <modseq>)`; and `<result>` is one of
+//! `<tombstone>` is `(<uid> <guid> <modseq> EXPUNGED|RETIRED)`; and `<result>` is one of
 //! `SAVED <uidvalidity> <uid> <guid>`, `COPIED <uidvalidity> <uid> <guid>`,
 //! `EXPUNGED (<uid>...) <modseq>`, `STORED <modseq> (<rejected-uid>...) ((<uid> (<flag>...) <modseq>)...)`,
 //! `FAILED TEMPORARY|PERMANENT <string>`.
@@ -1340,7 +1340,10 @@ fn read_flag_states(r: &mut Reader) -> Parse<BTreeMap<Flag, FlagState>> {
 
 fn write_tombstone(w: &mut Writer, t: &Tombstone) {
     w.group(|w| {
-        w.num(t.uid).guid(t.guid).num(t.modseq);
+        w.num(t.uid)
+            .guid(t.guid)
+            .num(t.modseq)
+            .atom(if t.expunged { "EXPUNGED" } else { "RETIRED" });
     });
 }
 
@@ -1350,6 +1353,7 @@ fn read_tombstone(r: &mut Reader) -> Parse<Tombstone> {
             uid: r.u32()?,
             guid: r.guid()?,
             modseq: r.u64()?,
+            expunged: read_keyword(r, &["RETIRED", "EXPUNGED"])? == 1,
         })
     })
 }
@@ -1433,11 +1437,13 @@ mod tests {
                     uid: 4,
                     guid: Guid(u128::MAX),
                     modseq: 5,
+                    expunged: true,
                 },
                 Tombstone {
                     uid: 5,
                     guid: Guid(0),
                     modseq: 0,
+                    expunged: false,
                 },
             ],
         }
@@ -1757,6 +1763,7 @@ mod tests {
                             uid: 1,
                             guid,
                             modseq: 102,
+                            expunged: true,
                         }],
                     },
                 ),
@@ -2530,8 +2537,14 @@ mod tests {
                     body,
                 },
             });
-        let tombstone = (any::<u32>(), guid(), any::<u64>())
-            .prop_map(|(uid, guid, modseq)| Tombstone { uid, guid, modseq });
+        let tombstone = (any::<u32>(), guid(), any::<u64>(), any::<bool>()).prop_map(
+            |(uid, guid, modseq, expunged)| Tombstone {
+                uid,
+                guid,
+                modseq,
+                expunged,
+            },
+        );
         let sync = (
             any::<bool>(),
             mailbox_key(),

@@ -116,6 +116,8 @@ pub struct World {
     seed: u64,
     /// Coverage marks of server incarnations that crashed.
     dead_marks: BTreeMap<String, u64>,
+    /// Debugging aid: trace every durable write whose text contains this (TANDEM_WATCH).
+    watch: Option<String>,
 }
 
 fn link_key(a: Sid, b: Sid) -> (Sid, Sid) {
@@ -179,6 +181,7 @@ impl World {
             lost_for_good: 0,
             seed,
             dead_marks: BTreeMap::new(),
+            watch: std::env::var("TANDEM_WATCH").ok().filter(|w| !w.is_empty()),
         };
         for &sid in &spec.servers {
             world.nodes.insert(
@@ -462,6 +465,13 @@ impl World {
                 Output::Send { to, envelope } => self.transmit(sid, to, envelope),
                 Output::Reply { id, reply } => self.client_reply(sid, id, reply),
                 Output::Write { id, write } => {
+                    if let Some(w) = &self.watch {
+                        let text = format!("{write:?}");
+                        if text.contains(w.as_str()) {
+                            let line = format!("{:>9.3} {sid} WRITE {}", self.now.0 as f64 / 1000.0, text.chars().take(300).collect::<String>());
+                            self.trace.push(line);
+                        }
+                    }
                     let incarnation = node.incarnation;
                     let image = server.image();
                     self.oracle.write(self.now.0, sid, incarnation, image, &write);

@@ -479,7 +479,7 @@ impl Server {
         let uids = master_uids(m, messages);
         for (_, uid) in &uids {
             if let Some(r) = m.messages.remove(uid) {
-                let t = Tombstone { uid: r.uid, guid: r.guid, modseq };
+                let t = Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true };
                 m.tombstones.insert((t.uid, t.guid), t);
                 tombstones.push(t);
             }
