@@ -177,6 +177,11 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeO
         return out;
     }
     for t in &foreign.tombstones {
+        if m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid) {
+            // Our live message's UID was used for another message elsewhere: only the
+            // master may move ours.
+            out.unresolved = true;
+        }
         add_tombstone(m, *t, &mut out);
     }
     for r in &foreign.messages {
@@ -305,6 +310,16 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         }
     }
     bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
+    // A live message on a UID that another message was expunged from or retired from
+    // (however the two met here) moves too: the UID was shown as that other message.
+    for (uid, guid) in m.tombstones.keys() {
+        if let Some(ours) = m.messages.get(uid)
+            && ours.guid != *guid
+        {
+            out.tombstone_conflict = true;
+            movers.insert((ours.uid, ours.guid), ours.clone());
+        }
+    }
     if !movers.is_empty() {
         let mut next_uid = m.uidnext.max(foreign.uidnext);
         let mut moved_guids = BTreeSet::new();
@@ -344,8 +359,14 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     }
     let _ = me;
     debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
+    debug_assert!(no_retired_uid_live(m), "a live UID is also retired for another message");
     debug_assert!(m.messages.keys().all(|&u| u < m.uidnext), "a live UID is not below UIDNEXT");
     out
+}
+
+/// No live message sits on a UID that is tombstoned for another message.
+pub fn no_retired_uid_live(m: &StoredMailbox) -> bool {
+    m.tombstones.keys().all(|(uid, guid)| m.messages.get(uid).is_none_or(|r| r.guid == *guid))
 }
 
 /// At most one live UID per GUID.

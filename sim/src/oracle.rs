@@ -267,12 +267,15 @@ pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
             masters.entry(key).or_default().insert(*sid);
         }
     }
-    for (sid, server) in servers {
-        for (key, m) in server.masters_known() {
-            if let Some(set) = masters.get(key)
+    // The root's table must name the master; other servers' caches are hints that the
+    // next request through them corrects.
+    let root = roots.iter().next().copied().flatten();
+    if let Some(table) = root.and_then(|r| servers.get(&r)).map(|s| s.root_table()) {
+        for (key, set) in &masters {
+            if let Some(m) = table.get(key)
                 && !set.contains(m)
             {
-                return Some(format!("{sid} thinks {m} masters {key} but {set:?} do"));
+                return Some(format!("the root records {m} as master of {key} but {set:?} master it"));
             }
         }
     }

@@ -164,8 +164,13 @@ impl Server {
     pub fn reachable(&self) -> &BTreeSet<Sid> {
         &self.reachable
     }
+    /// The master cache: hints, corrected by the next forwarded request that uses them.
     pub fn masters_known(&self) -> &BTreeMap<MasterKey, Sid> {
         &self.master_cache
+    }
+    /// At the root: who masters what in this term (empty elsewhere).
+    pub fn root_table(&self) -> &BTreeMap<MasterKey, Sid> {
+        &self.root_state.table
     }
     /// Keys this server masters and has caught up on.
     pub fn mastered_ready(&self) -> Vec<MasterKey> {
