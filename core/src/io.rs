@@ -52,9 +52,21 @@ impl Config {
 /// A request from a mail client (IMAP/LMTP front end, admin CLI, or the simulator).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {
-    Save { mailbox: MailboxKey, received: u64, flags: Vec<Flag>, body: Vec<u8> },
-    Copy { src: MailboxKey, src_uid: Uid, dst: MailboxKey },
-    Expunge { mailbox: MailboxKey, uids: Vec<Uid> },
+    Save {
+        mailbox: MailboxKey,
+        received: u64,
+        flags: Vec<Flag>,
+        body: Vec<u8>,
+    },
+    Copy {
+        src: MailboxKey,
+        src_uid: Uid,
+        dst: MailboxKey,
+    },
+    Expunge {
+        mailbox: MailboxKey,
+        uids: Vec<Uid>,
+    },
     Store {
         mailbox: MailboxKey,
         uids: Vec<Uid>,
@@ -63,9 +75,13 @@ pub enum ClientRequest {
         unchanged_since: Option<ModSeq>,
     },
     /// Show the mailbox as this server has it (exposes UIDs to the user).
-    Read { mailbox: MailboxKey },
+    Read {
+        mailbox: MailboxKey,
+    },
     /// Seed MASTER-MOVE: make this server the master of the mailbox's master key.
-    MasterMove { mailbox: MailboxKey },
+    MasterMove {
+        mailbox: MailboxKey,
+    },
 }
 
 /// One message as a client sees it.
@@ -91,8 +107,13 @@ pub enum ClientReply {
     Write(WriteResult),
     Read(MailboxView),
     /// MASTER-MOVE done: this server is now master.
-    Moved { master: Sid },
-    Failed { kind: FailKind, reason: String },
+    Moved {
+        master: Sid,
+    },
+    Failed {
+        kind: FailKind,
+        reason: String,
+    },
 }
 
 /// A change to the store that did not come through the protocol, as the shell found it
@@ -111,22 +132,43 @@ pub enum ExternalEdit {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Input {
     /// A peer message arriving from the neighbour `from` over a direct link.
-    Peer { from: Sid, envelope: Envelope },
-    Client { id: RequestId, request: ClientRequest },
+    Peer {
+        from: Sid,
+        envelope: Envelope,
+    },
+    Client {
+        id: RequestId,
+        request: ClientRequest,
+    },
     /// The deadline from `poll_timeout` passed.
     Timer,
-    LinkUp { peer: Sid },
-    LinkDown { peer: Sid },
+    LinkUp {
+        peer: Sid,
+    },
+    LinkDown {
+        peer: Sid,
+    },
     /// Every write up to and including `upto` is on disk.
-    Durable { upto: WriteId },
+    Durable {
+        upto: WriteId,
+    },
     External(ExternalEdit),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
     /// Send to the direct neighbour `to`.
-    Send { to: Sid, envelope: Envelope },
-    Reply { id: RequestId, reply: ClientReply },
+    Send {
+        to: Sid,
+        envelope: Envelope,
+    },
+    Reply {
+        id: RequestId,
+        reply: ClientReply,
+    },
     /// Make this write durable, in order, then report `Input::Durable`.
-    Write { id: WriteId, write: StoreWrite },
+    Write {
+        id: WriteId,
+        write: StoreWrite,
+    },
 }

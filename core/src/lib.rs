@@ -31,9 +31,15 @@ use std::fmt;
 pub enum Error {
     BadFlag(String),
     /// Malformed wire bytes: where, and what the decoder expected there.
-    Decode { offset: usize, expected: String },
+    Decode {
+        offset: usize,
+        expected: String,
+    },
     /// A limit was exceeded (literal size, list length, ...).
-    TooLarge { what: &'static str, limit: usize },
+    TooLarge {
+        what: &'static str,
+        limit: usize,
+    },
     BadRequest(String),
 }
 

@@ -64,7 +64,13 @@ fn record_hash(r: &MessageRecord) -> u64 {
 }
 
 fn tombstone_hash(t: &Tombstone) -> u64 {
-    mix64(fnv64(&[b"T", &t.uid.to_le_bytes(), &t.guid.0.to_le_bytes(), &t.modseq.to_le_bytes(), &[u8::from(t.expunged)]]))
+    mix64(fnv64(&[
+        b"T",
+        &t.uid.to_le_bytes(),
+        &t.guid.0.to_le_bytes(),
+        &t.modseq.to_le_bytes(),
+        &[u8::from(t.expunged)],
+    ]))
 }
 
 /// Order-independent hash of the live messages and the tombstones.
@@ -146,11 +152,8 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
         std::collections::btree_map::Entry::Occupied(mut e)
             if e.get().modseq < t.modseq || (t.expunged && !e.get().expunged) =>
         {
-            let joined = Tombstone {
-                modseq: e.get().modseq.max(t.modseq),
-                expunged: e.get().expunged || t.expunged,
-                ..t
-            };
+            let joined =
+                Tombstone { modseq: e.get().modseq.max(t.modseq), expunged: e.get().expunged || t.expunged, ..t };
             e.insert(joined);
             out.tombstones.push(joined);
         }
@@ -177,12 +180,12 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeO
         return out;
     }
     for t in &foreign.tombstones {
-        if m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid) {
-            // Our live message's UID was used for another message elsewhere: only the
-            // master may move ours.
-            out.unresolved = true;
-        }
         add_tombstone(m, *t, &mut out);
+    }
+    if foreign.tombstones.iter().any(|t| m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid)) {
+        // A live message of ours sits on a UID another message was retired from or
+        // expunged from elsewhere: only the master may move ours.
+        out.unresolved = true;
     }
     for r in &foreign.messages {
         if m.tombstones.contains_key(&(r.uid, r.guid)) {
@@ -341,7 +344,10 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         m.uidnext = next_uid;
         out.meta_changed = true;
     }
-    if out.changed() {
+    if !out.records.is_empty() || !out.tombstones.is_empty() || !out.removed.is_empty() {
+        // The merge is one change at one new modseq. (A merge that only learned a higher
+        // UIDNEXT/HIGHESTMODSEQ takes theirs and makes no new modseq, so two servers that
+        // both think they master the mailbox cannot bump each other forever.)
         m.highest_modseq = m.highest_modseq.max(modseq);
         out.meta_changed = true;
     }
@@ -389,7 +395,9 @@ mod tests {
             modseq: flags.iter().map(|f| f.2).max().unwrap_or(1),
             flags: flags
                 .iter()
-                .map(|(f, p, m)| (Flag::new(f).unwrap(), FlagState { present: *p, stamp: Stamp { modseq: *m, sid: Sid(1) } }))
+                .map(|(f, p, m)| {
+                    (Flag::new(f).unwrap(), FlagState { present: *p, stamp: Stamp { modseq: *m, sid: Sid(1) } })
+                })
                 .collect(),
         }
     }

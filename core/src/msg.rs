@@ -98,10 +98,23 @@ pub enum WriteResult {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
     /// A new message with its body.
-    Save { mailbox: MailboxKey, uidvalidity: u32, record: MessageRecord, body: Vec<u8> },
+    Save {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        record: MessageRecord,
+        body: Vec<u8>,
+    },
     /// A new message whose body the receiver already has (or FETCHes): no body resent.
-    Copy { mailbox: MailboxKey, uidvalidity: u32, record: MessageRecord },
-    Expunge { mailbox: MailboxKey, uidvalidity: u32, tombstones: Vec<Tombstone> },
+    Copy {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        record: MessageRecord,
+    },
+    Expunge {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        tombstones: Vec<Tombstone>,
+    },
     /// Flag deltas, stamped by the master; never whole flag sets.
     Store {
         mailbox: MailboxKey,
@@ -113,7 +126,9 @@ pub enum Change {
     },
     /// The outcome of a merge (UID-conflict renumbering, adopted messages) as one
     /// atomic piece, so no delivery interleaves with a renumbering anywhere.
-    Merge { state: MailboxState },
+    Merge {
+        state: MailboxState,
+    },
 }
 
 impl Change {
@@ -131,39 +146,96 @@ impl Change {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// Link-state flooding: `origin`'s direct neighbours, newest `seq` wins.
-    LinkState { origin: Sid, seq: u64, neighbors: Vec<Sid> },
+    LinkState {
+        origin: Sid,
+        seq: u64,
+        neighbors: Vec<Sid>,
+    },
     /// A new root term. The receiver flushes its master cache, drops its masterships
     /// and answers `Dropped`.
-    Root { epoch: u64, root: Sid },
-    Dropped { epoch: u64 },
+    Root {
+        epoch: u64,
+        root: Sid,
+    },
+    Dropped {
+        epoch: u64,
+    },
     /// Ask the root who masters these keys; the root answers one `MasterIs` per key.
-    Who { epoch: u64, keys: Vec<MasterKey> },
-    MasterIs { epoch: u64, key: MasterKey, master: Sid },
+    Who {
+        epoch: u64,
+        keys: Vec<MasterKey>,
+    },
+    MasterIs {
+        epoch: u64,
+        key: MasterKey,
+        master: Sid,
+    },
     /// Seed MASTER-MOVE: move mastership of `key` to `requester`, forwarded until it
     /// reaches the current master.
-    MasterMove { tag: u64, key: MasterKey, requester: Sid },
+    MasterMove {
+        tag: u64,
+        key: MasterKey,
+        requester: Sid,
+    },
     /// The old master gave up `key`; `state` holds its mailboxes under that key.
-    MoveDone { tag: u64, key: MasterKey, epoch: u64, states: Vec<MailboxState> },
-    Request { tag: u64, request: WriteRequest },
-    Reply { tag: u64, master: Option<Sid>, result: WriteResult },
+    MoveDone {
+        tag: u64,
+        key: MasterKey,
+        epoch: u64,
+        states: Vec<MailboxState>,
+    },
+    Request {
+        tag: u64,
+        request: WriteRequest,
+    },
+    Reply {
+        tag: u64,
+        master: Option<Sid>,
+        result: WriteResult,
+    },
     /// A replicated change at position `seq` of the sender's log for the receiver.
-    Change { seq: u64, change: Change },
+    Change {
+        seq: u64,
+        change: Change,
+    },
     /// The receiver made these changes durable; the sender may drop them from its log.
-    Ack { seqs: Vec<u64> },
+    Ack {
+        seqs: Vec<u64>,
+    },
     /// Ask for the summaries of every mailbox under `key` (a new master catching up).
-    MboxRequest { tag: u64, key: MasterKey },
+    MboxRequest {
+        tag: u64,
+        key: MasterKey,
+    },
     /// Seed MBOX: one mailbox's summary. `tag` is 0 when unsolicited.
-    Mbox { tag: u64, summary: Summary },
+    Mbox {
+        tag: u64,
+        summary: Summary,
+    },
     /// The answer to `MboxRequest` once every `Mbox` has been sent.
-    MboxDone { tag: u64, count: u32 },
+    MboxDone {
+        tag: u64,
+        count: u32,
+    },
     /// Seed SYNC: a whole mailbox. `reply` is false for the first half of an exchange.
-    Sync { reply: bool, state: MailboxState },
+    Sync {
+        reply: bool,
+        state: MailboxState,
+    },
     /// Seed FETCH: ask for a body.
-    Fetch { guid: Guid },
+    Fetch {
+        guid: Guid,
+    },
     /// FETCH's answer.
-    Body { guid: Guid, checksum: u64, body: Vec<u8> },
+    Body {
+        guid: Guid,
+        checksum: u64,
+        body: Vec<u8>,
+    },
     /// A peer's input was refused. Sent back instead of acting on it.
-    Error { text: String },
+    Error {
+        text: String,
+    },
 }
 
 impl Msg {

@@ -101,11 +101,7 @@ impl Encoder {
     }
 
     fn ids_max(&self) -> u32 {
-        if self.ids_max == 0 {
-            MAILBOX_IDS_MAX
-        } else {
-            self.ids_max
-        }
+        if self.ids_max == 0 { MAILBOX_IDS_MAX } else { self.ids_max }
     }
 
     /// The id of `key`; binds one first (appending its line to `bindings`) when the peer
@@ -188,13 +184,7 @@ struct Writer<'e> {
 
 impl<'e> Writer<'e> {
     fn new(enc: &'e mut Encoder) -> Self {
-        Writer {
-            enc,
-            line: Vec::new(),
-            bindings: Vec::new(),
-            used: BTreeSet::new(),
-            fresh: true,
-        }
+        Writer { enc, line: Vec::new(), bindings: Vec::new(), used: BTreeSet::new(), fresh: true }
     }
 
     fn sep(&mut self) {
@@ -254,11 +244,7 @@ impl<'e> Writer<'e> {
     }
 
     /// `(` items `)`.
-    fn list<I: IntoIterator>(
-        &mut self,
-        items: I,
-        mut f: impl FnMut(&mut Self, I::Item),
-    ) -> &mut Self {
+    fn list<I: IntoIterator>(&mut self, items: I, mut f: impl FnMut(&mut Self, I::Item)) -> &mut Self {
         self.sep();
         self.line.push(b'(');
         self.fresh = true;
@@ -341,14 +327,8 @@ pub fn roundtrip(env: &Envelope) -> Result<Envelope, Error> {
     Encoder::new().encode(env, &mut bytes);
     match Decoder::new().decode(&bytes)? {
         Some((decoded, n)) if n == bytes.len() => Ok(decoded),
-        Some((_, n)) => Err(Error::Decode {
-            offset: n,
-            expected: "the end of the input".into(),
-        }),
-        None => Err(Error::Decode {
-            offset: bytes.len(),
-            expected: "a complete command".into(),
-        }),
+        Some((_, n)) => Err(Error::Decode { offset: n, expected: "the end of the input".into() }),
+        None => Err(Error::Decode { offset: bytes.len(), expected: "a complete command".into() }),
     }
 }
 
@@ -382,22 +362,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(input: &'a [u8], table: &'a BTreeMap<u32, MailboxKey>) -> Self {
-        Reader {
-            input,
-            pos: 0,
-            line_end: 0,
-            text: 0,
-            fresh: true,
-            table,
-            pending: BTreeMap::new(),
-        }
+        Reader { input, pos: 0, line_end: 0, text: 0, fresh: true, table, pending: BTreeMap::new() }
     }
 
     fn bad<T>(&self, offset: usize, expected: impl Into<String>) -> Parse<T> {
-        Err(Stop::Bad(Error::Decode {
-            offset,
-            expected: expected.into(),
-        }))
+        Err(Stop::Bad(Error::Decode { offset, expected: expected.into() }))
     }
 
     // -- lines ---------------------------------------------------------------------------
@@ -416,10 +385,7 @@ impl<'a> Reader<'a> {
                 return self.command();
             }
             if bindings >= MAILBOX_IDS_MAX as usize {
-                return too_large(
-                    "mailbox bindings before one command",
-                    MAILBOX_IDS_MAX as usize,
-                );
+                return too_large("mailbox bindings before one command", MAILBOX_IDS_MAX as usize);
             }
             self.binding()?;
             bindings += 1;
@@ -437,9 +403,7 @@ impl<'a> Reader<'a> {
                 self.text += len;
                 Ok(())
             }
-            None if rest.len() > budget.saturating_add(1) => {
-                too_large("command text", LINE_LEN_MAX)
-            }
+            None if rest.len() > budget.saturating_add(1) => too_large("command text", LINE_LEN_MAX),
             None => Err(Stop::More),
         }
     }
@@ -469,10 +433,7 @@ impl<'a> Reader<'a> {
         if id > MAILBOX_IDS_MAX {
             return too_large("mailbox id", MAILBOX_IDS_MAX as usize);
         }
-        let key = MailboxKey {
-            user: self.string()?,
-            name: self.string()?,
-        };
+        let key = MailboxKey { user: self.string()?, name: self.string()? };
         self.end()?;
         self.pending.insert(id, key);
         Ok(())
@@ -487,12 +448,7 @@ impl<'a> Reader<'a> {
         let (at, name) = self.token()?;
         let msg = read_msg(self, name, at)?;
         self.end()?;
-        Ok(Envelope {
-            src,
-            dst,
-            hops,
-            msg,
-        })
+        Ok(Envelope { src, dst, hops, msg })
     }
 
     /// The end of the command: its final CRLF.
@@ -526,10 +482,7 @@ impl<'a> Reader<'a> {
     fn token(&mut self) -> Parse<(usize, &'a [u8])> {
         self.sep()?;
         let line = self.rest_of_line();
-        let len = line
-            .iter()
-            .position(|&b| b == b' ' || b == b')')
-            .unwrap_or(line.len());
+        let len = line.iter().position(|&b| b == b' ' || b == b')').unwrap_or(line.len());
         let at = self.pos;
         self.pos += len;
         Ok((at, line.get(..len).unwrap_or(&[])))
@@ -595,10 +548,7 @@ impl<'a> Reader<'a> {
                         self.pos += 2;
                     }
                     _ => {
-                        return self.bad(
-                            self.pos,
-                            "\\\" or \\\\ (the only escapes in a quoted string)",
-                        );
+                        return self.bad(self.pos, "\\\" or \\\\ (the only escapes in a quoted string)");
                     }
                 },
                 Some(b) if is_quotable(b) => {
@@ -630,8 +580,7 @@ impl<'a> Reader<'a> {
         let Some(close) = header.iter().position(|&b| b == b'}') else {
             return self.bad(start, "a literal header {n}");
         };
-        let n = parse_decimal(header.get(..close).unwrap_or(&[]))
-            .or_else(|e| self.bad(start + 1, e))?;
+        let n = parse_decimal(header.get(..close).unwrap_or(&[])).or_else(|e| self.bad(start + 1, e))?;
         let n = usize::try_from(n).unwrap_or(usize::MAX);
         if body && n > LITERAL_LEN_MAX {
             return too_large("literal", LITERAL_LEN_MAX);
@@ -644,10 +593,7 @@ impl<'a> Reader<'a> {
             return self.bad(self.pos, "CRLF right after the literal header");
         }
         let first = self.line_end + 2;
-        let Some(bytes) = first
-            .checked_add(n)
-            .and_then(|last| self.input.get(first..last))
-        else {
+        let Some(bytes) = first.checked_add(n).and_then(|last| self.input.get(first..last)) else {
             return Err(Stop::More);
         };
         if !body {
@@ -723,10 +669,7 @@ impl<'a> Reader<'a> {
         let (at, id) = self.u32_at()?;
         match self.pending.get(&id).or_else(|| self.table.get(&id)) {
             Some(key) => Ok(key.clone()),
-            None => self.bad(
-                at,
-                format!("a mailbox id bound by * MBOX (id {id} is unbound)"),
-            ),
+            None => self.bad(at, format!("a mailbox id bound by * MBOX (id {id} is unbound)")),
         }
     }
 }
@@ -740,9 +683,7 @@ fn parse_decimal(word: &[u8]) -> Result<u64, &'static str> {
         return Err("a decimal number without leading zeros");
     }
     word.iter()
-        .try_fold(0u64, |n, &d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })
+        .try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
         .ok_or("a number of at most 18446744073709551615")
 }
 
@@ -778,11 +719,7 @@ fn parse_tag(word: &[u8]) -> Option<(Sid, Sid, u8)> {
 fn write_msg(w: &mut Writer, msg: &Msg) {
     w.atom(msg.name());
     match msg {
-        Msg::LinkState {
-            origin,
-            seq,
-            neighbors,
-        } => {
+        Msg::LinkState { origin, seq, neighbors } => {
             w.sid(*origin).num(*seq).list(neighbors, |w, &s| {
                 w.sid(s);
             });
@@ -801,21 +738,12 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
             write_master_key(w, key);
             w.sid(*master);
         }
-        Msg::MasterMove {
-            tag,
-            key,
-            requester,
-        } => {
+        Msg::MasterMove { tag, key, requester } => {
             w.num(*tag);
             write_master_key(w, key);
             w.sid(*requester);
         }
-        Msg::MoveDone {
-            tag,
-            key,
-            epoch,
-            states,
-        } => {
+        Msg::MoveDone { tag, key, epoch, states } => {
             w.num(*tag);
             write_master_key(w, key);
             w.num(*epoch).list(states, write_state);
@@ -824,11 +752,7 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
             w.num(*tag);
             write_request(w, request);
         }
-        Msg::Reply {
-            tag,
-            master,
-            result,
-        } => {
+        Msg::Reply { tag, master, result } => {
             w.num(*tag).opt(*master, |w, s| {
                 w.sid(s);
             });
@@ -862,11 +786,7 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
         Msg::Fetch { guid } => {
             w.guid(*guid);
         }
-        Msg::Body {
-            guid,
-            checksum,
-            body,
-        } => {
+        Msg::Body { guid, checksum, body } => {
             w.guid(*guid).num(*checksum).body(body);
         }
         Msg::Error { text } => {
@@ -877,56 +797,22 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
 
 fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
     Ok(match name {
-        b"LINKSTATE" => Msg::LinkState {
-            origin: r.sid()?,
-            seq: r.u64()?,
-            neighbors: r.list(Reader::sid)?,
-        },
-        b"ROOT" => Msg::Root {
-            epoch: r.u64()?,
-            root: r.sid()?,
-        },
+        b"LINKSTATE" => Msg::LinkState { origin: r.sid()?, seq: r.u64()?, neighbors: r.list(Reader::sid)? },
+        b"ROOT" => Msg::Root { epoch: r.u64()?, root: r.sid()? },
         b"DROPPED" => Msg::Dropped { epoch: r.u64()? },
-        b"WHO" => Msg::Who {
-            epoch: r.u64()?,
-            keys: r.list(read_master_key)?,
-        },
-        b"MASTER" => Msg::MasterIs {
-            epoch: r.u64()?,
-            key: read_master_key(r)?,
-            master: r.sid()?,
-        },
-        b"MASTER-MOVE" => Msg::MasterMove {
-            tag: r.u64()?,
-            key: read_master_key(r)?,
-            requester: r.sid()?,
-        },
-        b"MOVED" => Msg::MoveDone {
-            tag: r.u64()?,
-            key: read_master_key(r)?,
-            epoch: r.u64()?,
-            states: r.list(read_state)?,
-        },
-        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" => Msg::Request {
-            tag: r.u64()?,
-            request: read_request(r, name)?,
-        },
-        b"REPLY" => Msg::Reply {
-            tag: r.u64()?,
-            master: r.opt(Reader::sid)?,
-            result: read_result(r)?,
-        },
-        b"R-SAVE" | b"R-COPY" | b"R-EXPUNGE" | b"R-STORE" | b"R-MERGE" => Msg::Change {
-            seq: r.u64()?,
-            change: read_change(r, name)?,
-        },
-        b"ACK" => Msg::Ack {
-            seqs: r.list(Reader::u64)?,
-        },
-        b"MBOX-REQ" => Msg::MboxRequest {
-            tag: r.u64()?,
-            key: read_master_key(r)?,
-        },
+        b"WHO" => Msg::Who { epoch: r.u64()?, keys: r.list(read_master_key)? },
+        b"MASTER" => Msg::MasterIs { epoch: r.u64()?, key: read_master_key(r)?, master: r.sid()? },
+        b"MASTER-MOVE" => Msg::MasterMove { tag: r.u64()?, key: read_master_key(r)?, requester: r.sid()? },
+        b"MOVED" => {
+            Msg::MoveDone { tag: r.u64()?, key: read_master_key(r)?, epoch: r.u64()?, states: r.list(read_state)? }
+        }
+        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" => Msg::Request { tag: r.u64()?, request: read_request(r, name)? },
+        b"REPLY" => Msg::Reply { tag: r.u64()?, master: r.opt(Reader::sid)?, result: read_result(r)? },
+        b"R-SAVE" | b"R-COPY" | b"R-EXPUNGE" | b"R-STORE" | b"R-MERGE" => {
+            Msg::Change { seq: r.u64()?, change: read_change(r, name)? }
+        }
+        b"ACK" => Msg::Ack { seqs: r.list(Reader::u64)? },
+        b"MBOX-REQ" => Msg::MboxRequest { tag: r.u64()?, key: read_master_key(r)? },
         b"MBOX" => Msg::Mbox {
             tag: r.u64()?,
             summary: Summary {
@@ -938,26 +824,13 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
                 digest: r.u64()?,
             },
         },
-        b"MBOX-DONE" => Msg::MboxDone {
-            tag: r.u64()?,
-            count: r.u32()?,
-        },
-        b"SYNC" => Msg::Sync {
-            reply: read_keyword(r, &["FIRST", "REPLY"])? == 1,
-            state: read_state(r)?,
-        },
+        b"MBOX-DONE" => Msg::MboxDone { tag: r.u64()?, count: r.u32()? },
+        b"SYNC" => Msg::Sync { reply: read_keyword(r, &["FIRST", "REPLY"])? == 1, state: read_state(r)? },
         b"FETCH" => Msg::Fetch { guid: r.guid()? },
-        b"BODY" => Msg::Body {
-            guid: r.guid()?,
-            checksum: r.u64()?,
-            body: r.body()?,
-        },
+        b"BODY" => Msg::Body { guid: r.guid()?, checksum: r.u64()?, body: r.body()? },
         b"ERROR" => Msg::Error { text: r.string()? },
         _ => {
-            return r.bad(
-                at,
-                format!("a known command, not {:?}", String::from_utf8_lossy(name)),
-            );
+            return r.bad(at, format!("a known command, not {:?}", String::from_utf8_lossy(name)));
         }
     })
 }
@@ -981,56 +854,27 @@ fn write_master_key(w: &mut Writer, key: &MasterKey) {
 }
 
 fn read_master_key(r: &mut Reader) -> Parse<MasterKey> {
-    Ok(
-        match read_keyword(r, &["MAILBOX", "USER", "DOMAIN", "GLOBAL"])? {
-            0 => MasterKey::Mailbox(r.mailbox()?),
-            1 => MasterKey::User(r.string()?),
-            2 => MasterKey::Domain(r.string()?),
-            _ => MasterKey::Global,
-        },
-    )
+    Ok(match read_keyword(r, &["MAILBOX", "USER", "DOMAIN", "GLOBAL"])? {
+        0 => MasterKey::Mailbox(r.mailbox()?),
+        1 => MasterKey::User(r.string()?),
+        2 => MasterKey::Domain(r.string()?),
+        _ => MasterKey::Global,
+    })
 }
 
 fn write_request(w: &mut Writer, request: &WriteRequest) {
     match request {
-        WriteRequest::Save {
-            mailbox,
-            guid,
-            received,
-            flags,
-            body,
-        } => {
-            w.mailbox(mailbox)
-                .guid(*guid)
-                .num(*received)
-                .flags(flags)
-                .body(body);
+        WriteRequest::Save { mailbox, guid, received, flags, body } => {
+            w.mailbox(mailbox).guid(*guid).num(*received).flags(flags).body(body);
         }
-        WriteRequest::Copy {
-            src,
-            src_uid,
-            guid,
-            dst,
-            received,
-        } => {
-            w.mailbox(src)
-                .num(*src_uid)
-                .guid(*guid)
-                .mailbox(dst)
-                .num(*received);
+        WriteRequest::Copy { src, src_uid, guid, dst, received } => {
+            w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received);
         }
         WriteRequest::Expunge { mailbox, messages } => {
             w.mailbox(mailbox);
             write_uid_guids(w, messages);
         }
-        WriteRequest::Store {
-            mailbox,
-            messages,
-            add,
-            remove,
-            unchanged_since,
-            known_modseq,
-        } => {
+        WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } => {
             w.mailbox(mailbox);
             write_uid_guids(w, messages);
             w.flags(add).flags(remove);
@@ -1072,10 +916,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             dst: r.mailbox()?,
             received: r.u64()?,
         },
-        b"EXPUNGE" => WriteRequest::Expunge {
-            mailbox: r.mailbox()?,
-            messages: read_uid_guids(r)?,
-        },
+        b"EXPUNGE" => WriteRequest::Expunge { mailbox: r.mailbox()?, messages: read_uid_guids(r)? },
         _ => WriteRequest::Store {
             mailbox: r.mailbox()?,
             messages: read_uid_guids(r)?,
@@ -1089,36 +930,21 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
 
 fn write_result(w: &mut Writer, result: &WriteResult) {
     match result {
-        WriteResult::Saved {
-            uidvalidity,
-            uid,
-            guid,
-        } => {
+        WriteResult::Saved { uidvalidity, uid, guid } => {
             w.atom("SAVED").num(*uidvalidity).num(*uid).guid(*guid);
         }
-        WriteResult::Copied {
-            uidvalidity,
-            uid,
-            guid,
-        } => {
+        WriteResult::Copied { uidvalidity, uid, guid } => {
             w.atom("COPIED").num(*uidvalidity).num(*uid).guid(*guid);
         }
         WriteResult::Expunged { uids, modseq } => {
             w.atom("EXPUNGED").uids(uids).num(*modseq);
         }
-        WriteResult::Stored {
-            modseq,
-            rejected,
-            current,
-        } => {
-            w.atom("STORED")
-                .num(*modseq)
-                .uids(rejected)
-                .list(current, |w, c| {
-                    w.group(|w| {
-                        w.num(c.uid).flags(&c.flags).num(c.modseq);
-                    });
+        WriteResult::Stored { modseq, rejected, current } => {
+            w.atom("STORED").num(*modseq).uids(rejected).list(current, |w, c| {
+                w.group(|w| {
+                    w.num(c.uid).flags(&c.flags).num(c.modseq);
                 });
+            });
         }
         WriteResult::Failed { kind, reason } => {
             let kind = match kind {
@@ -1131,87 +957,42 @@ fn write_result(w: &mut Writer, result: &WriteResult) {
 }
 
 fn read_result(r: &mut Reader) -> Parse<WriteResult> {
-    Ok(
-        match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED"])? {
-            0 => WriteResult::Saved {
-                uidvalidity: r.u32()?,
-                uid: r.u32()?,
-                guid: r.guid()?,
-            },
-            1 => WriteResult::Copied {
-                uidvalidity: r.u32()?,
-                uid: r.u32()?,
-                guid: r.guid()?,
-            },
-            2 => WriteResult::Expunged {
-                uids: r.uids()?,
-                modseq: r.u64()?,
-            },
-            3 => WriteResult::Stored {
-                modseq: r.u64()?,
-                rejected: r.uids()?,
-                current: r.list(|r| {
-                    r.group(|r| {
-                        Ok(CurrentFlags {
-                            uid: r.u32()?,
-                            flags: r.flags()?,
-                            modseq: r.u64()?,
-                        })
-                    })
-                })?,
-            },
-            _ => WriteResult::Failed {
-                kind: match read_keyword(r, &["TEMPORARY", "PERMANENT"])? {
-                    0 => FailKind::Temporary,
-                    _ => FailKind::Permanent,
-                },
-                reason: r.string()?,
-            },
+    Ok(match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED"])? {
+        0 => WriteResult::Saved { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
+        1 => WriteResult::Copied { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
+        2 => WriteResult::Expunged { uids: r.uids()?, modseq: r.u64()? },
+        3 => WriteResult::Stored {
+            modseq: r.u64()?,
+            rejected: r.uids()?,
+            current: r
+                .list(|r| r.group(|r| Ok(CurrentFlags { uid: r.u32()?, flags: r.flags()?, modseq: r.u64()? })))?,
         },
-    )
+        _ => WriteResult::Failed {
+            kind: match read_keyword(r, &["TEMPORARY", "PERMANENT"])? {
+                0 => FailKind::Temporary,
+                _ => FailKind::Permanent,
+            },
+            reason: r.string()?,
+        },
+    })
 }
 
 fn write_change(w: &mut Writer, change: &Change) {
     match change {
-        Change::Save {
-            mailbox,
-            uidvalidity,
-            record,
-            body,
-        } => {
+        Change::Save { mailbox, uidvalidity, record, body } => {
             w.mailbox(mailbox).num(*uidvalidity);
             write_record(w, record);
             w.body(body);
         }
-        Change::Copy {
-            mailbox,
-            uidvalidity,
-            record,
-        } => {
+        Change::Copy { mailbox, uidvalidity, record } => {
             w.mailbox(mailbox).num(*uidvalidity);
             write_record(w, record);
         }
-        Change::Expunge {
-            mailbox,
-            uidvalidity,
-            tombstones,
-        } => {
-            w.mailbox(mailbox)
-                .num(*uidvalidity)
-                .list(tombstones, write_tombstone);
+        Change::Expunge { mailbox, uidvalidity, tombstones } => {
+            w.mailbox(mailbox).num(*uidvalidity).list(tombstones, write_tombstone);
         }
-        Change::Store {
-            mailbox,
-            uidvalidity,
-            stamp,
-            messages,
-            add,
-            remove,
-        } => {
-            w.mailbox(mailbox)
-                .num(*uidvalidity)
-                .num(stamp.modseq)
-                .sid(stamp.sid);
+        Change::Store { mailbox, uidvalidity, stamp, messages, add, remove } => {
+            w.mailbox(mailbox).num(*uidvalidity).num(stamp.modseq).sid(stamp.sid);
             w.list(messages, |w, &(uid, guid)| {
                 w.group(|w| {
                     w.num(uid).guid(guid);
@@ -1226,47 +1007,29 @@ fn write_change(w: &mut Writer, change: &Change) {
 /// `name` is one of R-SAVE, R-COPY, R-EXPUNGE, R-STORE, R-MERGE (checked by [`read_msg`]).
 fn read_change(r: &mut Reader, name: &[u8]) -> Parse<Change> {
     Ok(match name {
-        b"R-SAVE" => Change::Save {
-            mailbox: r.mailbox()?,
-            uidvalidity: r.u32()?,
-            record: read_record(r)?,
-            body: r.body()?,
-        },
-        b"R-COPY" => Change::Copy {
-            mailbox: r.mailbox()?,
-            uidvalidity: r.u32()?,
-            record: read_record(r)?,
-        },
-        b"R-EXPUNGE" => Change::Expunge {
-            mailbox: r.mailbox()?,
-            uidvalidity: r.u32()?,
-            tombstones: r.list(read_tombstone)?,
-        },
+        b"R-SAVE" => {
+            Change::Save { mailbox: r.mailbox()?, uidvalidity: r.u32()?, record: read_record(r)?, body: r.body()? }
+        }
+        b"R-COPY" => Change::Copy { mailbox: r.mailbox()?, uidvalidity: r.u32()?, record: read_record(r)? },
+        b"R-EXPUNGE" => {
+            Change::Expunge { mailbox: r.mailbox()?, uidvalidity: r.u32()?, tombstones: r.list(read_tombstone)? }
+        }
         b"R-STORE" => Change::Store {
             mailbox: r.mailbox()?,
             uidvalidity: r.u32()?,
-            stamp: Stamp {
-                modseq: r.u64()?,
-                sid: r.sid()?,
-            },
+            stamp: Stamp { modseq: r.u64()?, sid: r.sid()? },
             messages: r.list(|r| r.group(|r| Ok((r.u32()?, r.guid()?))))?,
             add: r.flags()?,
             remove: r.flags()?,
         },
-        _ => Change::Merge {
-            state: read_state(r)?,
-        },
+        _ => Change::Merge { state: read_state(r)? },
     })
 }
 
 fn write_state(w: &mut Writer, state: &MailboxState) {
     w.group(|w| {
-        w.mailbox(&state.mailbox)
-            .num(state.uidvalidity)
-            .num(state.uidnext)
-            .num(state.highest_modseq);
-        w.list(&state.messages, write_record)
-            .list(&state.tombstones, write_tombstone);
+        w.mailbox(&state.mailbox).num(state.uidvalidity).num(state.uidnext).num(state.highest_modseq);
+        w.list(&state.messages, write_record).list(&state.tombstones, write_tombstone);
     });
 }
 
@@ -1285,16 +1048,10 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
 
 fn write_record(w: &mut Writer, m: &MessageRecord) {
     w.group(|w| {
-        w.num(m.uid)
-            .guid(m.guid)
-            .num(m.received)
-            .num(m.size)
-            .num(m.checksum)
-            .num(m.modseq);
+        w.num(m.uid).guid(m.guid).num(m.received).num(m.size).num(m.checksum).num(m.modseq);
         w.list(&m.flags, |w, (flag, state)| {
             w.group(|w| {
-                w.flag(flag)
-                    .atom(if state.present { "SET" } else { "CLEAR" });
+                w.flag(flag).atom(if state.present { "SET" } else { "CLEAR" });
                 w.num(state.stamp.modseq).sid(state.stamp.sid);
             });
         });
@@ -1322,10 +1079,7 @@ fn read_flag_states(r: &mut Reader) -> Parse<BTreeMap<Flag, FlagState>> {
             let at = r.pos;
             let flag = r.flag()?;
             let present = read_keyword(r, &["CLEAR", "SET"])? == 1;
-            let stamp = Stamp {
-                modseq: r.u64()?,
-                sid: r.sid()?,
-            };
+            let stamp = Stamp { modseq: r.u64()?, sid: r.sid()? };
             Ok((at, flag, FlagState { present, stamp }))
         })
     })?;
@@ -1340,10 +1094,7 @@ fn read_flag_states(r: &mut Reader) -> Parse<BTreeMap<Flag, FlagState>> {
 
 fn write_tombstone(w: &mut Writer, t: &Tombstone) {
     w.group(|w| {
-        w.num(t.uid)
-            .guid(t.guid)
-            .num(t.modseq)
-            .atom(if t.expunged { "EXPUNGED" } else { "RETIRED" });
+        w.num(t.uid).guid(t.guid).num(t.modseq).atom(if t.expunged { "EXPUNGED" } else { "RETIRED" });
     });
 }
 
@@ -1372,19 +1123,11 @@ mod tests {
     }
 
     fn env(src: u32, dst: u32, hops: u8, msg: Msg) -> Envelope {
-        Envelope {
-            src: Sid(src),
-            dst: Sid(dst),
-            hops,
-            msg,
-        }
+        Envelope { src: Sid(src), dst: Sid(dst), hops, msg }
     }
 
     fn record(uid: Uid) -> MessageRecord {
-        let stamp = |modseq, sid| Stamp {
-            modseq,
-            sid: Sid(sid),
-        };
+        let stamp = |modseq, sid| Stamp { modseq, sid: Sid(sid) };
         MessageRecord {
             uid,
             guid: Guid(0x0123_4567_89ab_cdef_0011_2233_4455_6677 + u128::from(uid)),
@@ -1393,27 +1136,9 @@ mod tests {
             checksum: u64::MAX - u64::from(uid),
             modseq: 40 + u64::from(uid),
             flags: BTreeMap::from([
-                (
-                    flag("\\Seen"),
-                    FlagState {
-                        present: true,
-                        stamp: stamp(41, 1),
-                    },
-                ),
-                (
-                    flag("\\Deleted"),
-                    FlagState {
-                        present: false,
-                        stamp: stamp(42, 2),
-                    },
-                ),
-                (
-                    flag("$Junk"),
-                    FlagState {
-                        present: true,
-                        stamp: stamp(u64::MAX, u32::MAX),
-                    },
-                ),
+                (flag("\\Seen"), FlagState { present: true, stamp: stamp(41, 1) }),
+                (flag("\\Deleted"), FlagState { present: false, stamp: stamp(42, 2) }),
+                (flag("$Junk"), FlagState { present: true, stamp: stamp(u64::MAX, u32::MAX) }),
             ]),
         }
     }
@@ -1424,27 +1149,10 @@ mod tests {
             uidvalidity: 77,
             uidnext: 10,
             highest_modseq: 99,
-            messages: vec![
-                record(1),
-                record(2),
-                MessageRecord {
-                    flags: BTreeMap::new(),
-                    ..record(3)
-                },
-            ],
+            messages: vec![record(1), record(2), MessageRecord { flags: BTreeMap::new(), ..record(3) }],
             tombstones: vec![
-                Tombstone {
-                    uid: 4,
-                    guid: Guid(u128::MAX),
-                    modseq: 5,
-                    expunged: true,
-                },
-                Tombstone {
-                    uid: 5,
-                    guid: Guid(0),
-                    modseq: 0,
-                    expunged: false,
-                },
+                Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true },
+                Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false },
             ],
         }
     }
@@ -1470,91 +1178,18 @@ mod tests {
             unchanged_since,
             known_modseq: 12,
         };
-        let reply = |master, result| Msg::Reply {
-            tag: 9,
-            master,
-            result,
-        };
+        let reply = |master, result| Msg::Reply { tag: 9, master, result };
         let change = |seq, change| Msg::Change { seq, change };
         vec![
-            env(
-                1,
-                2,
-                0,
-                Msg::LinkState {
-                    origin: Sid(1),
-                    seq: 3,
-                    neighbors: vec![Sid(2), Sid(3)],
-                },
-            ),
-            env(
-                1,
-                2,
-                0,
-                Msg::LinkState {
-                    origin: Sid(7),
-                    seq: 0,
-                    neighbors: vec![],
-                },
-            ),
-            env(
-                1,
-                2,
-                1,
-                Msg::Root {
-                    epoch: 5,
-                    root: Sid(1),
-                },
-            ),
+            env(1, 2, 0, Msg::LinkState { origin: Sid(1), seq: 3, neighbors: vec![Sid(2), Sid(3)] }),
+            env(1, 2, 0, Msg::LinkState { origin: Sid(7), seq: 0, neighbors: vec![] }),
+            env(1, 2, 1, Msg::Root { epoch: 5, root: Sid(1) }),
             env(2, 1, 0, Msg::Dropped { epoch: 5 }),
-            env(
-                2,
-                1,
-                0,
-                Msg::Who {
-                    epoch: 5,
-                    keys: keys.clone(),
-                },
-            ),
-            env(
-                2,
-                1,
-                0,
-                Msg::Who {
-                    epoch: 6,
-                    keys: vec![],
-                },
-            ),
-            env(
-                1,
-                3,
-                2,
-                Msg::MasterIs {
-                    epoch: 5,
-                    key: keys[0].clone(),
-                    master: Sid(3),
-                },
-            ),
-            env(
-                1,
-                3,
-                2,
-                Msg::MasterIs {
-                    epoch: 5,
-                    key: keys[3].clone(),
-                    master: Sid(3),
-                },
-            ),
-            env(
-                3,
-                1,
-                0,
-                Msg::MasterMove {
-                    tag: 8,
-                    key: keys[1].clone(),
-                    requester: Sid(3),
-                },
-            ),
+            env(2, 1, 0, Msg::Who { epoch: 5, keys: keys.clone() }),
+            env(2, 1, 0, Msg::Who { epoch: 6, keys: vec![] }),
+            env(1, 3, 2, Msg::MasterIs { epoch: 5, key: keys[0].clone(), master: Sid(3) }),
+            env(1, 3, 2, Msg::MasterIs { epoch: 5, key: keys[3].clone(), master: Sid(3) }),
+            env(3, 1, 0, Msg::MasterMove { tag: 8, key: keys[1].clone(), requester: Sid(3) }),
             env(
                 1,
                 3,
@@ -1566,17 +1201,7 @@ mod tests {
                     states: vec![state(inbox.clone()), state(wild.clone())],
                 },
             ),
-            env(
-                1,
-                3,
-                0,
-                Msg::MoveDone {
-                    tag: 8,
-                    key: MasterKey::Global,
-                    epoch: 1,
-                    states: vec![],
-                },
-            ),
+            env(1, 3, 0, Msg::MoveDone { tag: 8, key: MasterKey::Global, epoch: 1, states: vec![] }),
             env(
                 2,
                 1,
@@ -1598,13 +1223,7 @@ mod tests {
                 0,
                 Msg::Request {
                     tag: 2,
-                    request: WriteRequest::Copy {
-                        src: inbox.clone(),
-                        src_uid: 4,
-                        guid,
-                        dst: odd.clone(),
-                        received: 0,
-                    },
+                    request: WriteRequest::Copy { src: inbox.clone(), src_uid: 4, guid, dst: odd.clone(), received: 0 },
                 },
             ),
             env(
@@ -1613,67 +1232,18 @@ mod tests {
                 0,
                 Msg::Request {
                     tag: 3,
-                    request: WriteRequest::Expunge {
-                        mailbox: inbox.clone(),
-                        messages: vec![(4, Guid(4))],
-                    },
+                    request: WriteRequest::Expunge { mailbox: inbox.clone(), messages: vec![(4, Guid(4))] },
                 },
             ),
-            env(
-                2,
-                1,
-                0,
-                Msg::Request {
-                    tag: 4,
-                    request: store(Some(11)),
-                },
-            ),
-            env(
-                2,
-                1,
-                0,
-                Msg::Request {
-                    tag: 5,
-                    request: store(None),
-                },
-            ),
+            env(2, 1, 0, Msg::Request { tag: 4, request: store(Some(11)) }),
+            env(2, 1, 0, Msg::Request { tag: 5, request: store(None) }),
+            env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Saved { uidvalidity: 77, uid: 11, guid })),
+            env(1, 2, 0, reply(None, WriteResult::Copied { uidvalidity: 77, uid: 12, guid })),
             env(
                 1,
                 2,
                 0,
-                reply(
-                    Some(Sid(1)),
-                    WriteResult::Saved {
-                        uidvalidity: 77,
-                        uid: 11,
-                        guid,
-                    },
-                ),
-            ),
-            env(
-                1,
-                2,
-                0,
-                reply(
-                    None,
-                    WriteResult::Copied {
-                        uidvalidity: 77,
-                        uid: 12,
-                        guid,
-                    },
-                ),
-            ),
-            env(
-                1,
-                2,
-                0,
-                reply(
-                    Some(Sid(1)),
-                    WriteResult::Expunged {
-                        messages: vec![(4, Guid(4)), (5, Guid(5))],
-                        modseq: 100,
-                    },
-                ),
+                reply(Some(Sid(1)), WriteResult::Expunged { uids: vec![4, 5], modseq: 100 }),
             ),
             env(
                 1,
@@ -1685,71 +1255,26 @@ mod tests {
                         modseq: 101,
                         rejected: vec![2],
                         current: vec![
-                            CurrentFlags {
-                                uid: 2,
-                                flags: vec![flag("\\Answered")],
-                                modseq: 90,
-                            },
-                            CurrentFlags {
-                                uid: 3,
-                                flags: vec![],
-                                modseq: 91,
-                            },
+                            CurrentFlags { uid: 2, flags: vec![flag("\\Answered")], modseq: 90 },
+                            CurrentFlags { uid: 3, flags: vec![], modseq: 91 },
                         ],
                     },
                 ),
             ),
+            env(1, 2, 0, reply(None, WriteResult::Failed { kind: FailKind::Temporary, reason: "no quorum".into() })),
             env(
                 1,
                 2,
                 0,
-                reply(
-                    None,
-                    WriteResult::Failed {
-                        kind: FailKind::Temporary,
-                        reason: "no quorum".into(),
-                    },
-                ),
+                reply(None, WriteResult::Failed { kind: FailKind::Permanent, reason: "no \"such\"\nmessage".into() }),
             ),
             env(
                 1,
                 2,
                 0,
-                reply(
-                    None,
-                    WriteResult::Failed {
-                        kind: FailKind::Permanent,
-                        reason: "no \"such\"\nmessage".into(),
-                    },
-                ),
+                change(1, Change::Save { mailbox: inbox.clone(), uidvalidity: 77, record: record(1), body: vec![] }),
             ),
-            env(
-                1,
-                2,
-                0,
-                change(
-                    1,
-                    Change::Save {
-                        mailbox: inbox.clone(),
-                        uidvalidity: 77,
-                        record: record(1),
-                        body: vec![],
-                    },
-                ),
-            ),
-            env(
-                1,
-                2,
-                0,
-                change(
-                    2,
-                    Change::Copy {
-                        mailbox: odd.clone(),
-                        uidvalidity: 78,
-                        record: record(2),
-                    },
-                ),
-            ),
+            env(1, 2, 0, change(2, Change::Copy { mailbox: odd.clone(), uidvalidity: 78, record: record(2) })),
             env(
                 1,
                 2,
@@ -1759,12 +1284,7 @@ mod tests {
                     Change::Expunge {
                         mailbox: inbox.clone(),
                         uidvalidity: 77,
-                        tombstones: vec![Tombstone {
-                            uid: 1,
-                            guid,
-                            modseq: 102,
-                            expunged: true,
-                        }],
+                        tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: true }],
                     },
                 ),
             ),
@@ -1777,45 +1297,17 @@ mod tests {
                     Change::Store {
                         mailbox: inbox.clone(),
                         uidvalidity: 77,
-                        stamp: Stamp {
-                            modseq: 103,
-                            sid: Sid(1),
-                        },
+                        stamp: Stamp { modseq: 103, sid: Sid(1) },
                         messages: vec![(2, guid), (3, Guid(3))],
                         add: vec![flag("\\Seen")],
                         remove: vec![flag("\\Draft"), flag("$Junk")],
                     },
                 ),
             ),
-            env(
-                1,
-                2,
-                0,
-                change(
-                    5,
-                    Change::Merge {
-                        state: state(odd.clone()),
-                    },
-                ),
-            ),
-            env(
-                2,
-                1,
-                0,
-                Msg::Ack {
-                    seqs: vec![1, 2, 3, u64::MAX],
-                },
-            ),
+            env(1, 2, 0, change(5, Change::Merge { state: state(odd.clone()) })),
+            env(2, 1, 0, Msg::Ack { seqs: vec![1, 2, 3, u64::MAX] }),
             env(2, 1, 0, Msg::Ack { seqs: vec![] }),
-            env(
-                3,
-                1,
-                0,
-                Msg::MboxRequest {
-                    tag: 10,
-                    key: keys[0].clone(),
-                },
-            ),
+            env(3, 1, 0, Msg::MboxRequest { tag: 10, key: keys[0].clone() }),
             env(
                 1,
                 3,
@@ -1833,69 +1325,14 @@ mod tests {
                 },
             ),
             env(1, 3, 0, Msg::MboxDone { tag: 10, count: 1 }),
-            env(
-                1,
-                3,
-                0,
-                Msg::Sync {
-                    reply: false,
-                    state: state(inbox.clone()),
-                },
-            ),
-            env(
-                3,
-                1,
-                0,
-                Msg::Sync {
-                    reply: true,
-                    state: state(inbox.clone()),
-                },
-            ),
+            env(1, 3, 0, Msg::Sync { reply: false, state: state(inbox.clone()) }),
+            env(3, 1, 0, Msg::Sync { reply: true, state: state(inbox.clone()) }),
             env(3, 1, 0, Msg::Fetch { guid }),
-            env(
-                1,
-                3,
-                0,
-                Msg::Body {
-                    guid,
-                    checksum: 42,
-                    body: b"\r\n\0{5}\r\n* MBOX 1 \"a\" \"b\"\r\n".to_vec(),
-                },
-            ),
-            env(
-                1,
-                3,
-                0,
-                Msg::Body {
-                    guid: Guid(0),
-                    checksum: 0,
-                    body: vec![],
-                },
-            ),
-            env(
-                1,
-                3,
-                0,
-                Msg::Error {
-                    text: "bad \"thing\" \\ here".into(),
-                },
-            ),
-            env(
-                1,
-                3,
-                0,
-                Msg::Error {
-                    text: "multi\r\nline ✓".into(),
-                },
-            ),
-            env(
-                1,
-                3,
-                0,
-                Msg::Error {
-                    text: String::new(),
-                },
-            ),
+            env(1, 3, 0, Msg::Body { guid, checksum: 42, body: b"\r\n\0{5}\r\n* MBOX 1 \"a\" \"b\"\r\n".to_vec() }),
+            env(1, 3, 0, Msg::Body { guid: Guid(0), checksum: 0, body: vec![] }),
+            env(1, 3, 0, Msg::Error { text: "bad \"thing\" \\ here".into() }),
+            env(1, 3, 0, Msg::Error { text: "multi\r\nline ✓".into() }),
+            env(1, 3, 0, Msg::Error { text: String::new() }),
         ]
     }
 
@@ -1921,10 +1358,7 @@ mod tests {
                     at += n;
                 }
                 None => {
-                    return Err(Error::Decode {
-                        offset: at,
-                        expected: "more bytes".into(),
-                    });
+                    return Err(Error::Decode { offset: at, expected: "more bytes".into() });
                 }
             }
         }
@@ -1962,20 +1396,9 @@ mod tests {
 
     fn decode_error_at(bytes: &[u8], offset: usize, needle: &str) {
         match decode_err(bytes) {
-            Error::Decode {
-                offset: o,
-                expected,
-            } => {
-                assert_eq!(
-                    o,
-                    offset,
-                    "offset for {:?}: {expected}",
-                    String::from_utf8_lossy(bytes)
-                );
-                assert!(
-                    expected.contains(needle),
-                    "{expected:?} should mention {needle:?}"
-                );
+            Error::Decode { offset: o, expected } => {
+                assert_eq!(o, offset, "offset for {:?}: {expected}", String::from_utf8_lossy(bytes));
+                assert!(expected.contains(needle), "{expected:?} should mention {needle:?}");
             }
             e => panic!("expected Error::Decode, got {e:?}"),
         }
@@ -2028,17 +1451,7 @@ mod tests {
              s1.s3.0 SAVE 7 1 00000000000000000000000000000001 5 (\\Seen $Junk) {2}\r\nhi\r\n";
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         let mut out = Vec::new();
-        Encoder::new().encode(
-            &env(
-                2,
-                1,
-                4,
-                Msg::Error {
-                    text: "é \"q\"".into(),
-                },
-            ),
-            &mut out,
-        );
+        Encoder::new().encode(&env(2, 1, 4, Msg::Error { text: "é \"q\"".into() }), &mut out);
         assert_eq!(out, "s2.s1.4 ERROR {6}\r\né \"q\"\r\n".as_bytes());
     }
 
@@ -2071,10 +1484,7 @@ mod tests {
             0,
             Msg::Request {
                 tag: 1,
-                request: WriteRequest::Expunge {
-                    mailbox: mb.clone(),
-                    messages: vec![(1, Guid(1))],
-                },
+                request: WriteRequest::Expunge { mailbox: mb.clone(), messages: vec![(1, Guid(1))] },
             },
         );
         let mut enc = Encoder::new();
@@ -2089,31 +1499,12 @@ mod tests {
         Encoder::new().encode(&e, &mut fresh);
         assert!(fresh.starts_with(b"* MBOX 1 \"u\" \"box\"\r\n"));
         // A copy between two new mailboxes binds both before the command.
-        let copy = WriteRequest::Copy {
-            src: key("u", "a"),
-            src_uid: 1,
-            guid: Guid(2),
-            dst: key("u", "b"),
-            received: 3,
-        };
+        let copy =
+            WriteRequest::Copy { src: key("u", "a"), src_uid: 1, guid: Guid(2), dst: key("u", "b"), received: 3 };
         let mut out = Vec::new();
-        enc.encode(
-            &env(
-                1,
-                2,
-                0,
-                Msg::Request {
-                    tag: 2,
-                    request: copy,
-                },
-            ),
-            &mut out,
-        );
+        enc.encode(&env(1, 2, 0, Msg::Request { tag: 2, request: copy }), &mut out);
         let text = String::from_utf8(out).unwrap();
-        assert!(
-            text.starts_with("* MBOX 2 \"u\" \"a\"\r\n* MBOX 3 \"u\" \"b\"\r\ns1.s2.0 COPY 2 2 1 "),
-            "{text}"
-        );
+        assert!(text.starts_with("* MBOX 2 \"u\" \"a\"\r\n* MBOX 3 \"u\" \"b\"\r\ns1.s2.0 COPY 2 2 1 "), "{text}");
     }
 
     #[test]
@@ -2123,46 +1514,26 @@ mod tests {
         let first = format!("* MBOX 1 \"u\" \"a\"\r\n{}", line("1"));
         let (e, n) = dec.decode(first.as_bytes()).unwrap().unwrap();
         assert_eq!(n, first.len());
-        let Msg::Mbox { summary, .. } = e.msg else {
-            panic!()
-        };
+        let Msg::Mbox { summary, .. } = e.msg else { panic!() };
         assert_eq!(summary.mailbox, key("u", "a"));
         let second = format!("* MBOX 1 \"u\" \"b\"\r\n{}", line("1"));
         let (e, _) = dec.decode(second.as_bytes()).unwrap().unwrap();
-        let Msg::Mbox { summary, .. } = e.msg else {
-            panic!()
-        };
+        let Msg::Mbox { summary, .. } = e.msg else { panic!() };
         assert_eq!(summary.mailbox, key("u", "b"));
         let (e, _) = dec.decode(line("1").as_bytes()).unwrap().unwrap();
-        let Msg::Mbox { summary, .. } = e.msg else {
-            panic!()
-        };
+        let Msg::Mbox { summary, .. } = e.msg else { panic!() };
         assert_eq!(summary.mailbox, key("u", "b"));
     }
 
     #[test]
     fn encoder_recycles_ids_but_not_within_a_command() {
-        let mut enc = Encoder {
-            ids_max: 2,
-            ..Encoder::new()
-        };
+        let mut enc = Encoder { ids_max: 2, ..Encoder::new() };
         let copy = |a: &str, b: &str| {
-            let request = WriteRequest::Copy {
-                src: key("u", a),
-                src_uid: 1,
-                guid: Guid(2),
-                dst: key("u", b),
-                received: 3,
-            };
+            let request =
+                WriteRequest::Copy { src: key("u", a), src_uid: 1, guid: Guid(2), dst: key("u", b), received: 3 };
             env(1, 2, 0, Msg::Request { tag: 1, request })
         };
-        let envs = vec![
-            copy("a", "b"),
-            copy("c", "a"),
-            copy("b", "c"),
-            copy("c", "d"),
-            copy("d", "c"),
-        ];
+        let envs = vec![copy("a", "b"), copy("c", "a"), copy("b", "c"), copy("c", "d"), copy("d", "c")];
         let mut out = Vec::new();
         for e in &envs {
             enc.encode(e, &mut out);
@@ -2177,26 +1548,17 @@ mod tests {
         decode_error_at(b"s1.s2.0 EXPUNGE 1 7 (1)\r\n", 18, "id 7 is unbound");
         decode_error_at(b"* MBOX 0 \"u\" \"a\"\r\n", 7, "mailbox id");
         let too_big = format!("* MBOX {} \"u\" \"a\"\r\n", MAILBOX_IDS_MAX + 1);
-        assert!(matches!(
-            decode_err(too_big.as_bytes()),
-            Error::TooLarge {
-                what: "mailbox id",
-                ..
-            }
-        ));
+        assert!(matches!(decode_err(too_big.as_bytes()), Error::TooLarge { what: "mailbox id", .. }));
     }
 
     #[test]
     fn bindings_take_effect_only_with_their_command() {
         let mut dec = Decoder::new();
-        let full = b"* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 EXPUNGE 1 1 (1)\r\n";
+        let full = b"* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\n";
         let cut = full.len() - 3;
         assert_eq!(dec.decode(&full[..cut]).unwrap(), None);
         // Nothing was committed: the id is still unknown on its own...
-        assert!(matches!(
-            dec.decode(b"s1.s2.0 EXPUNGE 1 1 (1)\r\n"),
-            Err(Error::Decode { .. })
-        ));
+        assert!(matches!(dec.decode(b"s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\n"), Err(Error::Decode { .. })));
         // ...and the retry with the whole input works.
         let (e, n) = dec.decode(full).unwrap().unwrap();
         assert_eq!(n, full.len());
@@ -2204,17 +1566,11 @@ mod tests {
             e.msg,
             Msg::Request {
                 tag: 1,
-                request: WriteRequest::Expunge {
-                    mailbox: key("u", "a"),
-                    messages: vec![(1, Guid(1))]
-                }
+                request: WriteRequest::Expunge { mailbox: key("u", "a"), messages: vec![(1, Guid(1))] }
             }
         );
-        let (_, n) = dec
-            .decode(b"s1.s2.0 EXPUNGE 1 1 (1)\r\nrest")
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 25);
+        let (_, n) = dec.decode(b"s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\nrest").unwrap().unwrap();
+        assert_eq!(n, "s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\n".len());
     }
 
     #[test]
@@ -2222,16 +1578,8 @@ mod tests {
         let mut dec = Decoder::new();
         assert_eq!(dec.decode(b"").unwrap(), None);
         assert_eq!(dec.decode(b"s1.s2.0 DROPPED 5\r").unwrap(), None);
-        assert_eq!(
-            dec.decode(b"s1.s2.0 BODY 0123456789abcdef0123456789abcdef 1 {5}\r\nabc")
-                .unwrap(),
-            None
-        );
-        assert_eq!(
-            dec.decode(b"s1.s2.0 BODY 0123456789abcdef0123456789abcdef 1 {5}\r\nabcde")
-                .unwrap(),
-            None
-        );
+        assert_eq!(dec.decode(b"s1.s2.0 BODY 0123456789abcdef0123456789abcdef 1 {5}\r\nabc").unwrap(), None);
+        assert_eq!(dec.decode(b"s1.s2.0 BODY 0123456789abcdef0123456789abcdef 1 {5}\r\nabcde").unwrap(), None);
     }
 
     #[test]
@@ -2250,24 +1598,14 @@ mod tests {
 
     #[test]
     fn bad_guid() {
-        decode_error_at(
-            b"s1.s2.0 FETCH 0123456789ABCDEF0123456789abcdef\r\n",
-            14,
-            "GUID",
-        );
-        decode_error_at(
-            b"s1.s2.0 FETCH 0123456789abcdef0123456789abcdef0\r\n",
-            14,
-            "GUID",
-        );
+        decode_error_at(b"s1.s2.0 FETCH 0123456789ABCDEF0123456789abcdef\r\n", 14, "GUID");
+        decode_error_at(b"s1.s2.0 FETCH 0123456789abcdef0123456789abcdef0\r\n", 14, "GUID");
         decode_error_at(b"s1.s2.0 FETCH 0123\r\n", 14, "GUID");
     }
 
     #[test]
     fn bad_flag() {
-        let input = format!(
-            "* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 SAVE 1 1 {G} 5 (\\Seen \\Se(en) {{0}}\r\n\r\n"
-        );
+        let input = format!("* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 SAVE 1 1 {G} 5 (\\Seen \\Se(en) {{0}}\r\n\r\n");
         let at = input.find("\\Se(").unwrap();
         decode_error_at(input.as_bytes(), at, "a flag");
         let input = "* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 R-STORE 1 1 1 1 s1 () (\\) ()\r\n";
@@ -2276,9 +1614,8 @@ mod tests {
 
     #[test]
     fn duplicate_flag_in_a_record() {
-        let input = format!(
-            "* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 R-COPY 1 1 1 (1 {G} 1 1 1 1 ((a SET 1 s1) (a CLEAR 2 s1)))\r\n"
-        );
+        let input =
+            format!("* MBOX 1 \"u\" \"a\"\r\ns1.s2.0 R-COPY 1 1 1 (1 {G} 1 1 1 1 ((a SET 1 s1) (a CLEAR 2 s1)))\r\n");
         let at = input.find("a CLEAR").unwrap();
         decode_error_at(input.as_bytes(), at, "not already listed");
     }
@@ -2286,28 +1623,12 @@ mod tests {
     #[test]
     fn huge_literal() {
         let input = format!("s1.s2.0 BODY {G} 1 {{999999999999}}\r\n");
-        assert_eq!(
-            decode_err(input.as_bytes()),
-            Error::TooLarge {
-                what: "literal",
-                limit: LITERAL_LEN_MAX
-            }
-        );
+        assert_eq!(decode_err(input.as_bytes()), Error::TooLarge { what: "literal", limit: LITERAL_LEN_MAX });
         let input = format!("s1.s2.0 BODY {G} 1 {{99999999999999999999999}}\r\n");
         decode_error_at(input.as_bytes(), 49, "at most 18446744073709551615");
         // A string literal counts against the command text.
-        assert!(matches!(
-            decode_err(b"s1.s2.0 ERROR {2000000}\r\n"),
-            Error::TooLarge {
-                what: "command text",
-                ..
-            }
-        ));
-        decode_error_at(
-            b"s1.s2.0 ERROR {5} \r\nabcde\r\n",
-            17,
-            "CRLF right after the literal header",
-        );
+        assert!(matches!(decode_err(b"s1.s2.0 ERROR {2000000}\r\n"), Error::TooLarge { what: "command text", .. }));
+        decode_error_at(b"s1.s2.0 ERROR {5} \r\nabcde\r\n", 17, "CRLF right after the literal header");
     }
 
     #[test]
@@ -2320,16 +1641,8 @@ mod tests {
 
     #[test]
     fn number_overflow() {
-        decode_error_at(
-            b"s1.s2.0 DROPPED 18446744073709551616\r\n",
-            16,
-            "at most 18446744073709551615",
-        );
-        decode_error_at(
-            b"s1.s2.0 MBOX-DONE 1 4294967296\r\n",
-            20,
-            "at most 4294967295",
-        );
+        decode_error_at(b"s1.s2.0 DROPPED 18446744073709551616\r\n", 16, "at most 18446744073709551615");
+        decode_error_at(b"s1.s2.0 MBOX-DONE 1 4294967296\r\n", 20, "at most 4294967295");
         decode_error_at(b"s1.s2.0 ROOT 1 s4294967296\r\n", 15, "server id");
         decode_error_at(b"s1.s2.256 DROPPED 1\r\n", 0, "a tag");
         decode_error_at(b"s1.s2.0 DROPPED 01\r\n", 16, "leading zeros");
@@ -2342,13 +1655,7 @@ mod tests {
         input.resize(LINE_LEN_MAX + 1, b'a');
         assert_eq!(Decoder::new().decode(&input).unwrap(), None);
         input.push(b'a');
-        assert_eq!(
-            decode_err(&input),
-            Error::TooLarge {
-                what: "command text",
-                limit: LINE_LEN_MAX
-            }
-        );
+        assert_eq!(decode_err(&input), Error::TooLarge { what: "command text", limit: LINE_LEN_MAX });
         // Exactly at the limit is fine.
         let mut input = b"s1.s2.0 ERROR \"".to_vec();
         input.resize(LINE_LEN_MAX - 1, b'a');
@@ -2369,13 +1676,7 @@ mod tests {
         let mut r = Reader::new(&input, &table);
         r.line_end = input.len() - 2;
         match r.list(Reader::u32) {
-            Err(Stop::Bad(e)) => assert_eq!(
-                e,
-                Error::TooLarge {
-                    what: "list",
-                    limit: LIST_LEN_MAX
-                }
-            ),
+            Err(Stop::Bad(e)) => assert_eq!(e, Error::TooLarge { what: "list", limit: LIST_LEN_MAX }),
             _ => panic!("expected the list limit"),
         }
     }
@@ -2402,8 +1703,7 @@ mod tests {
 
     fn mailbox_key() -> impl Strategy<Value = MailboxKey> {
         // A small user space so that streams reuse bindings.
-        (prop_oneof![Just("u".to_string()), text()], text())
-            .prop_map(|(user, name)| MailboxKey { user, name })
+        (prop_oneof![Just("u".to_string()), text()], text()).prop_map(|(user, name)| MailboxKey { user, name })
     }
 
     fn any_flag() -> impl Strategy<Value = Flag> {
@@ -2454,50 +1754,27 @@ mod tests {
     }
 
     fn message_record() -> impl Strategy<Value = MessageRecord> {
-        let flag_state =
-            (any::<bool>(), any::<u64>(), any::<u32>()).prop_map(|(present, modseq, sid)| {
-                FlagState {
-                    present,
-                    stamp: Stamp {
-                        modseq,
-                        sid: Sid(sid),
-                    },
-                }
-            });
+        let flag_state = (any::<bool>(), any::<u64>(), any::<u32>())
+            .prop_map(|(present, modseq, sid)| FlagState { present, stamp: Stamp { modseq, sid: Sid(sid) } });
         let flags = proptest::collection::btree_map(any_flag(), flag_state, 0..4);
-        (
-            any::<u32>(),
-            guid(),
-            any::<u64>(),
-            any::<u32>(),
-            any::<u64>(),
-            any::<u64>(),
-            flags,
+        (any::<u32>(), guid(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>(), flags).prop_map(
+            |(uid, guid, received, size, checksum, modseq, flags)| MessageRecord {
+                uid,
+                guid,
+                received,
+                size,
+                checksum,
+                modseq,
+                flags,
+            },
         )
-            .prop_map(|(uid, guid, received, size, checksum, modseq, flags)| {
-                MessageRecord {
-                    uid,
-                    guid,
-                    received,
-                    size,
-                    checksum,
-                    modseq,
-                    flags,
-                }
-            })
     }
 
     fn envelope() -> impl Strategy<Value = Envelope> {
         let save = (mailbox_key(), guid(), any::<u64>(), flag_list(), bytes()).prop_map(
             |(mailbox, guid, received, flags, body)| Msg::Request {
                 tag: 1,
-                request: WriteRequest::Save {
-                    mailbox,
-                    guid,
-                    received,
-                    flags,
-                    body,
-                },
+                request: WriteRequest::Save { mailbox, guid, received, flags, body },
             },
         );
         let store = (
@@ -2508,43 +1785,18 @@ mod tests {
             any::<Option<u64>>(),
             any::<u64>(),
         )
-            .prop_map(
-                |(mailbox, messages, add, remove, unchanged_since, known_modseq)| Msg::Request {
-                    tag: 2,
-                    request: WriteRequest::Store {
-                        mailbox,
-                        messages,
-                        add,
-                        remove,
-                        unchanged_since,
-                        known_modseq,
-                    },
-                },
-            );
-        let change_save = (
-            any::<u64>(),
-            mailbox_key(),
-            any::<u32>(),
-            message_record(),
-            bytes(),
-        )
-            .prop_map(|(seq, mailbox, uidvalidity, record, body)| Msg::Change {
-                seq,
-                change: Change::Save {
-                    mailbox,
-                    uidvalidity,
-                    record,
-                    body,
-                },
+            .prop_map(|(mailbox, messages, add, remove, unchanged_since, known_modseq)| Msg::Request {
+                tag: 2,
+                request: WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq },
             });
-        let tombstone = (any::<u32>(), guid(), any::<u64>(), any::<bool>()).prop_map(
-            |(uid, guid, modseq, expunged)| Tombstone {
-                uid,
-                guid,
-                modseq,
-                expunged,
+        let change_save = (any::<u64>(), mailbox_key(), any::<u32>(), message_record(), bytes()).prop_map(
+            |(seq, mailbox, uidvalidity, record, body)| Msg::Change {
+                seq,
+                change: Change::Save { mailbox, uidvalidity, record, body },
             },
         );
+        let tombstone = (any::<u32>(), guid(), any::<u64>(), any::<bool>())
+            .prop_map(|(uid, guid, modseq, expunged)| Tombstone { uid, guid, modseq, expunged });
         let sync = (
             any::<bool>(),
             mailbox_key(),
@@ -2552,55 +1804,27 @@ mod tests {
             proptest::collection::vec(message_record(), 0..3),
             proptest::collection::vec(tombstone, 0..3),
         )
-            .prop_map(
-                |(reply, mailbox, (uidvalidity, uidnext, highest_modseq), messages, tombstones)| {
-                    Msg::Sync {
-                        reply,
-                        state: MailboxState {
-                            mailbox,
-                            uidvalidity,
-                            uidnext,
-                            highest_modseq,
-                            messages,
-                            tombstones,
-                        },
-                    }
-                },
-            );
-        let mbox = (
-            any::<u64>(),
-            mailbox_key(),
-            any::<(u32, u32, u32, u64, u64)>(),
-        )
-            .prop_map(
-                |(tag, mailbox, (uidvalidity, uidnext, count, highest_modseq, digest))| Msg::Mbox {
-                    tag,
-                    summary: Summary {
-                        mailbox,
-                        uidvalidity,
-                        uidnext,
-                        count,
-                        highest_modseq,
-                        digest,
-                    },
-                },
-            );
+            .prop_map(|(reply, mailbox, (uidvalidity, uidnext, highest_modseq), messages, tombstones)| Msg::Sync {
+                reply,
+                state: MailboxState { mailbox, uidvalidity, uidnext, highest_modseq, messages, tombstones },
+            });
+        let mbox = (any::<u64>(), mailbox_key(), any::<(u32, u32, u32, u64, u64)>()).prop_map(
+            |(tag, mailbox, (uidvalidity, uidnext, count, highest_modseq, digest))| Msg::Mbox {
+                tag,
+                summary: Summary { mailbox, uidvalidity, uidnext, count, highest_modseq, digest },
+            },
+        );
         let error = text().prop_map(|text| Msg::Error { text });
         let failed = (any::<bool>(), text()).prop_map(|(temporary, reason)| Msg::Reply {
             tag: 3,
             master: None,
             result: WriteResult::Failed {
-                kind: if temporary {
-                    FailKind::Temporary
-                } else {
-                    FailKind::Permanent
-                },
+                kind: if temporary { FailKind::Temporary } else { FailKind::Permanent },
                 reason,
             },
         });
         let msg = prop_oneof![save, store, change_save, sync, mbox, error, failed];
-        (any::<u32>(), any::<u32>(), any::<u8>(), msg)
-            .prop_map(|(src, dst, hops, msg)| env(src, dst, hops, msg))
+        (any::<u32>(), any::<u32>(), any::<u8>(), msg).prop_map(|(src, dst, hops, msg)| env(src, dst, hops, msg))
     }
 
     proptest! {

@@ -88,7 +88,10 @@ fn main() -> ExitCode {
                         println!("{line}");
                     }
                 }
-                let converged = report.converged_after_us.map(|t| format!("{:.1}s", t as f64 / 1e6)).unwrap_or_else(|| "never".into());
+                let converged = report
+                    .converged_after_us
+                    .map(|t| format!("{:.1}s", t as f64 / 1e6))
+                    .unwrap_or_else(|| "never".into());
                 println!(
                     "{} {:<28} seed {:<6} sim {:>8.1}s  msgs {:>8}  converged after heal {:>6}  wall {:>6.2}s",
                     if report.passed { "pass" } else { "FAIL" },

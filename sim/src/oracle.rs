@@ -19,6 +19,9 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// Each message's flags on one server.
+type FlagView = BTreeMap<(MailboxKey, Guid), Vec<Flag>>;
+
 /// Key of a UID as clients see it.
 type UidKey = (MailboxKey, u32, Uid);
 
@@ -76,7 +79,10 @@ impl Oracle {
             self.violate(
                 MONOTONIC,
                 time_us,
-                format!("{server} showed {} UIDNEXT/HIGHESTMODSEQ {}/{} after {}/{}", view.mailbox, now.1, now.2, before.1, before.2),
+                format!(
+                    "{server} showed {} UIDNEXT/HIGHESTMODSEQ {}/{} after {}/{}",
+                    view.mailbox, now.1, now.2, before.1, before.2
+                ),
             );
         }
     }
@@ -94,7 +100,10 @@ impl Oracle {
                     self.violate(
                         UIDS_NEVER_REUSED,
                         time_us,
-                        format!("{server} bound {mailbox} UID {} to {} after showing it as {shown}", record.uid, record.guid),
+                        format!(
+                            "{server} bound {mailbox} UID {} to {} after showing it as {shown}",
+                            record.uid, record.guid
+                        ),
                     );
                 }
             }
@@ -107,7 +116,10 @@ impl Oracle {
                     self.violate(
                         MONOTONIC,
                         time_us,
-                        format!("{server} wrote {mailbox} UIDNEXT/HIGHESTMODSEQ {}/{} after {}/{}", now.1, now.2, before.1, before.2),
+                        format!(
+                            "{server} wrote {mailbox} UIDNEXT/HIGHESTMODSEQ {}/{} after {}/{}",
+                            now.1, now.2, before.1, before.2
+                        ),
                     );
                 }
             }
@@ -131,12 +143,20 @@ impl Oracle {
         let WriteResult::Stored { rejected, current, .. } = result else { return };
         for uid in rejected {
             let Some(since) = unchanged_since else {
-                self.violate(FLAGS_AGREE, time_us, format!("{server} rejected UID {uid} of a STORE without UNCHANGEDSINCE"));
+                self.violate(
+                    FLAGS_AGREE,
+                    time_us,
+                    format!("{server} rejected UID {uid} of a STORE without UNCHANGEDSINCE"),
+                );
                 continue;
             };
             match current.iter().find(|c| c.uid == *uid) {
                 Some(c) if c.modseq > since => {}
-                _ => self.violate(FLAGS_AGREE, time_us, format!("{server} rejected UID {uid} though its modseq was not above {since}")),
+                _ => self.violate(
+                    FLAGS_AGREE,
+                    time_us,
+                    format!("{server} rejected UID {uid} though its modseq was not above {since}"),
+                ),
             }
         }
     }
@@ -149,7 +169,8 @@ impl Oracle {
                     continue;
                 }
                 for (sid, image) in stores {
-                    let live = image.mailboxes.get(mailbox).is_some_and(|m| m.messages.values().any(|r| r.guid == *guid));
+                    let live =
+                        image.mailboxes.get(mailbox).is_some_and(|m| m.messages.values().any(|r| r.guid == *guid));
                     let body = image.bodies.get(guid).is_some_and(|b| hash::body_checksum(&b.bytes) == b.checksum);
                     if !live || !body {
                         self.violate(
@@ -158,7 +179,8 @@ impl Oracle {
                             format!(
                                 "message {guid} acked by {server} at {} ms is {} on {sid}",
                                 at / 1000,
-                                if live { "without an intact body" } else { "missing from " }.to_string() + &mailbox.to_string()
+                                if live { "without an intact body" } else { "missing from " }.to_string()
+                                    + &mailbox.to_string()
                             ),
                         );
                     }
@@ -174,13 +196,16 @@ impl Oracle {
                         self.violate(
                             UIDS_NEVER_REUSED,
                             time_us,
-                            format!("{sid} ends with {mailbox} UID {} bound to {} though clients saw it as {:?}", r.uid, r.guid, guids),
+                            format!(
+                                "{sid} ends with {mailbox} UID {} bound to {} though clients saw it as {:?}",
+                                r.uid, r.guid, guids
+                            ),
                         );
                     }
                 }
             }
         }
-        let flag_views: BTreeMap<Sid, BTreeMap<(MailboxKey, Guid), Vec<Flag>>> = stores
+        let flag_views: BTreeMap<Sid, FlagView> = stores
             .iter()
             .map(|(sid, image)| {
                 let flags = image
@@ -191,7 +216,7 @@ impl Oracle {
                 (*sid, flags)
             })
             .collect();
-        let mut first: Option<(&Sid, &BTreeMap<(MailboxKey, Guid), Vec<Flag>>)> = None;
+        let mut first: Option<(&Sid, &FlagView)> = None;
         for (sid, flags) in &flag_views {
             match first {
                 None => first = Some((sid, flags)),
@@ -200,7 +225,11 @@ impl Oracle {
                         if let Some(other) = f0.get(k)
                             && other != f
                         {
-                            self.violate(FLAGS_AGREE, time_us, format!("{} in {} has flags {f:?} on {sid} but {other:?} on {s0}", k.1, k.0));
+                            self.violate(
+                                FLAGS_AGREE,
+                                time_us,
+                                format!("{} in {} has flags {f:?} on {sid} but {other:?} on {s0}", k.1, k.0),
+                            );
                         }
                     }
                 }
@@ -250,7 +279,11 @@ pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
                 ));
             }
             if m0.messages != m.messages {
-                return Some(format!("{k}: messages differ between {s0} ({}) and {sid} ({})", m0.messages.len(), m.messages.len()));
+                return Some(format!(
+                    "{k}: messages differ between {s0} ({}) and {sid} ({})",
+                    m0.messages.len(),
+                    m.messages.len()
+                ));
             }
             if m0.tombstones != m.tombstones {
                 return Some(format!("{k}: tombstones differ between {s0} and {sid}"));

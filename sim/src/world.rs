@@ -48,14 +48,38 @@ const STEPS_MAX: u64 = 50_000_000;
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { from: Sid, to: Sid, generation: u64, envelope: Envelope },
-    Timer { server: Sid, incarnation: u64 },
-    Fsync { server: Sid, incarnation: u64, upto: WriteId },
-    Action { action: Action, event: Option<usize> },
-    Heal { end: bool },
-    RestoreLink { a: Sid, b: Sid },
+    Deliver {
+        from: Sid,
+        to: Sid,
+        generation: u64,
+        envelope: Envelope,
+    },
+    Timer {
+        server: Sid,
+        incarnation: u64,
+    },
+    Fsync {
+        server: Sid,
+        incarnation: u64,
+        upto: WriteId,
+    },
+    Action {
+        action: Action,
+        event: Option<usize>,
+    },
+    Heal {
+        end: bool,
+    },
+    RestoreLink {
+        a: Sid,
+        b: Sid,
+    },
     /// A generated client operation or store edit, decided when it runs.
-    RandomOp { server: Sid, mailbox: MailboxKey, roll: u32 },
+    RandomOp {
+        server: Sid,
+        mailbox: MailboxKey,
+        roll: u32,
+    },
 }
 
 struct Node {
@@ -186,7 +210,15 @@ impl World {
         for &sid in &spec.servers {
             world.nodes.insert(
                 sid,
-                Node { server: None, disk: DiskImage::default(), pending: Vec::new(), fsync_in_flight: false, incarnation: 0, lost: false, timer_at: None },
+                Node {
+                    server: None,
+                    disk: DiskImage::default(),
+                    pending: Vec::new(),
+                    fsync_in_flight: false,
+                    incarnation: 0,
+                    lost: false,
+                    timer_at: None,
+                },
             );
         }
         world
@@ -298,7 +330,12 @@ impl World {
 
     fn report(mut self, converged_after_us: Option<u64>) -> RunReport {
         for v in &self.oracle.violations {
-            self.failures.push(format!("invariant {} broken at {:.3} ms: {}", v.invariant, v.time_us as f64 / 1000.0, v.detail));
+            self.failures.push(format!(
+                "invariant {} broken at {:.3} ms: {}",
+                v.invariant,
+                v.time_us as f64 / 1000.0,
+                v.detail
+            ));
         }
         let mut marks: BTreeMap<String, u64> = BTreeMap::new();
         for node in self.nodes.values() {
@@ -313,7 +350,9 @@ impl World {
         let stores: Vec<(Sid, u64)> = self
             .nodes
             .iter()
-            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.summaries().iter().fold(0u64, |a, x| a ^ x.digest))))
+            .filter_map(|(sid, n)| {
+                n.server.as_ref().map(|s| (*sid, s.summaries().iter().fold(0u64, |a, x| a ^ x.digest)))
+            })
             .collect();
         for (sid, d) in stores {
             self.hash_in(&[&sid.0.to_le_bytes(), &d.to_le_bytes()]);
@@ -361,7 +400,18 @@ impl World {
     }
 
     fn neighbours(&self, sid: Sid) -> Vec<Sid> {
-        self.links.keys().filter_map(|(a, b)| if *a == sid { Some(*b) } else if *b == sid { Some(*a) } else { None }).collect()
+        self.links
+            .keys()
+            .filter_map(|(a, b)| {
+                if *a == sid {
+                    Some(*b)
+                } else if *b == sid {
+                    Some(*a)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     fn start_server(&mut self, sid: Sid, empty: bool) {
@@ -468,7 +518,11 @@ impl World {
                     if let Some(w) = &self.watch {
                         let text = format!("{write:?}");
                         if text.contains(w.as_str()) {
-                            let line = format!("{:>9.3} {sid} WRITE {}", self.now.0 as f64 / 1000.0, text.chars().take(300).collect::<String>());
+                            let line = format!(
+                                "{:>9.3} {sid} WRITE {}",
+                                self.now.0 as f64 / 1000.0,
+                                text.chars().take(300).collect::<String>()
+                            );
                             self.trace.push(line);
                         }
                     }
@@ -513,7 +567,8 @@ impl World {
             match link.codec[dir].1.decode(&bytes) {
                 Ok(Some((decoded, used))) if used == bytes.len() => decoded,
                 other => {
-                    self.failures.push(format!("wire codec failed on {} from {from} to {to}: {other:?}", envelope.msg.name()));
+                    self.failures
+                        .push(format!("wire codec failed on {} from {from} to {to}: {other:?}", envelope.msg.name()));
                     return;
                 }
             }
@@ -549,18 +604,27 @@ impl World {
     fn step(&mut self, ev: Ev) {
         match ev {
             Ev::Deliver { from, to, generation, envelope } => {
-                let ok = self.links.get(&link_key(from, to)).is_some_and(|l| l.generation == generation) && self.link_usable(from, to);
+                let ok = self.links.get(&link_key(from, to)).is_some_and(|l| l.generation == generation)
+                    && self.link_usable(from, to);
                 if !ok {
                     return;
                 }
                 let t = self.now.0;
-                self.hash_in(&[&t.to_le_bytes(), &from.0.to_le_bytes(), &to.0.to_le_bytes(), envelope.msg.name().as_bytes()]);
+                self.hash_in(&[
+                    &t.to_le_bytes(),
+                    &from.0.to_le_bytes(),
+                    &to.0.to_le_bytes(),
+                    envelope.msg.name().as_bytes(),
+                ]);
                 self.note(|w: &World| format!("{} {from} -> {to} {}", w.ms(), describe(&envelope)));
                 self.input(to, Input::Peer { from, envelope });
             }
             Ev::Timer { server, incarnation } => {
                 let Some(node) = self.nodes.get_mut(&server) else { return };
-                if node.incarnation != incarnation || node.server.is_none() || node.timer_at.is_some_and(|t| t > self.now) {
+                if node.incarnation != incarnation
+                    || node.server.is_none()
+                    || node.timer_at.is_some_and(|t| t > self.now)
+                {
                     return;
                 }
                 node.timer_at = None;
@@ -600,7 +664,8 @@ impl World {
                     self.set_link(a, b, true);
                 }
                 if end {
-                    let down: Vec<Sid> = self.nodes.iter().filter(|(_, n)| n.server.is_none() && !n.lost).map(|(s, _)| *s).collect();
+                    let down: Vec<Sid> =
+                        self.nodes.iter().filter(|(_, n)| n.server.is_none() && !n.lost).map(|(s, _)| *s).collect();
                     for sid in down {
                         self.start_server(sid, false);
                     }
@@ -613,7 +678,8 @@ impl World {
 
     /// Why the live servers have not converged, or None.
     fn converged(&self) -> Option<String> {
-        let servers: BTreeMap<Sid, &Server> = self.nodes.iter().filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x))).collect();
+        let servers: BTreeMap<Sid, &Server> =
+            self.nodes.iter().filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x))).collect();
         oracle::divergence(&servers)
     }
 }
@@ -645,8 +711,12 @@ fn describe_reply(reply: &ClientReply) -> String {
                 .collect::<Vec<_>>()
                 .join(" ")
         ),
-        ClientReply::Write(WriteResult::Saved { uid, guid, .. }) => format!("OK saved UID {uid} = {:08x}", (guid.0 >> 96) as u32),
-        ClientReply::Write(WriteResult::Copied { uid, guid, .. }) => format!("OK copied UID {uid} = {:08x}", (guid.0 >> 96) as u32),
+        ClientReply::Write(WriteResult::Saved { uid, guid, .. }) => {
+            format!("OK saved UID {uid} = {:08x}", (guid.0 >> 96) as u32)
+        }
+        ClientReply::Write(WriteResult::Copied { uid, guid, .. }) => {
+            format!("OK copied UID {uid} = {:08x}", (guid.0 >> 96) as u32)
+        }
         other => format!("{other:?}"),
     }
 }
@@ -664,7 +734,9 @@ pub fn describe(envelope: &Envelope) -> String {
         Msg::Request { tag, request } => match request {
             WriteRequest::Save { mailbox, guid, .. } => format!("#{tag} {mailbox} {guid}"),
             WriteRequest::Copy { src, src_uid, dst, .. } => format!("#{tag} {src} {src_uid} -> {dst}"),
-            WriteRequest::Expunge { mailbox, messages } => format!("#{tag} {mailbox} {:?}", messages.iter().map(|m| m.0).collect::<Vec<_>>()),
+            WriteRequest::Expunge { mailbox, messages } => {
+                format!("#{tag} {mailbox} {:?}", messages.iter().map(|m| m.0).collect::<Vec<_>>())
+            }
             WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, .. } => {
                 let uids: Vec<Uid> = messages.iter().map(|m| m.0).collect();
                 format!("#{tag} {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
@@ -753,7 +825,9 @@ impl World {
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
-            ClientReply::Write(WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid }) => {
+            ClientReply::Write(
+                WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid },
+            ) => {
                 if let Some(mailbox) = &o.mailbox {
                     self.oracle.saved(t, sid, mailbox, *uidvalidity, *uid, *guid);
                 }
@@ -766,7 +840,9 @@ impl World {
                     self.oracle.expunge_acked(mailbox, &o.expunging);
                 }
             }
-            ClientReply::Write(result @ WriteResult::Stored { .. }) => self.oracle.stored(t, sid, o.unchanged_since, result),
+            ClientReply::Write(result @ WriteResult::Stored { .. }) => {
+                self.oracle.stored(t, sid, o.unchanged_since, result)
+            }
             _ => {}
         }
         if let Some(e) = o.event {
@@ -789,7 +865,12 @@ impl World {
                 self.label_counter += 1;
                 let body = self.body(size, self.label_counter);
                 let label = label.or_else(|| Some(format!("auto{}", self.label_counter)));
-                let request = ClientRequest::Save { mailbox: mailbox.clone(), received: 1_700_000_000 + self.now.0 / 1_000_000, flags, body };
+                let request = ClientRequest::Save {
+                    mailbox: mailbox.clone(),
+                    received: 1_700_000_000 + self.now.0 / 1_000_000,
+                    flags,
+                    body,
+                };
                 self.request(server, request, event, Outstanding { label, mailbox: Some(mailbox), ..none() });
             }
             Action::Copy { server, from, label, to, as_label } => {
@@ -798,12 +879,15 @@ impl World {
                 self.request(server, request, event, Outstanding { label: as_label, mailbox: Some(to), ..none() });
             }
             Action::Expunge { server, mailbox, labels } => {
-                let found: Vec<(Uid, Guid)> =
-                    labels.iter().filter_map(|l| Some((self.uid_of(server, &mailbox, l)?, *self.labels.get(l)?))).collect();
+                let found: Vec<(Uid, Guid)> = labels
+                    .iter()
+                    .filter_map(|l| Some((self.uid_of(server, &mailbox, l)?, *self.labels.get(l)?)))
+                    .collect();
                 if found.is_empty() {
                     return self.skip(server, &labels.join(","), event);
                 }
-                let request = ClientRequest::Expunge { mailbox: mailbox.clone(), uids: found.iter().map(|f| f.0).collect() };
+                let request =
+                    ClientRequest::Expunge { mailbox: mailbox.clone(), uids: found.iter().map(|f| f.0).collect() };
                 let expunging = found.iter().map(|f| f.1).collect();
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), expunging, ..none() });
             }
@@ -822,12 +906,21 @@ impl World {
                         .and_then(|s| s.image().mailboxes.get(&mailbox))
                         .map(|m| uids.iter().filter_map(|u| m.messages.get(u)).map(|r| r.modseq).max().unwrap_or(0)),
                 };
-                let request = ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since: since };
-                self.request(server, request, event, Outstanding { mailbox: Some(mailbox), unchanged_since: since, ..none() });
+                let request =
+                    ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since: since };
+                self.request(
+                    server,
+                    request,
+                    event,
+                    Outstanding { mailbox: Some(mailbox), unchanged_since: since, ..none() },
+                );
             }
-            Action::Read { server, mailbox } => {
-                self.request(server, ClientRequest::Read { mailbox: mailbox.clone() }, event, Outstanding { mailbox: Some(mailbox), ..none() })
-            }
+            Action::Read { server, mailbox } => self.request(
+                server,
+                ClientRequest::Read { mailbox: mailbox.clone() },
+                event,
+                Outstanding { mailbox: Some(mailbox), ..none() },
+            ),
             Action::MasterMove { server, mailbox } => {
                 self.request(server, ClientRequest::MasterMove { mailbox }, event, none())
             }
@@ -876,7 +969,10 @@ impl World {
                 }
                 let body = self.body(800, self.label_counter);
                 self.note(|w: &World| format!("{} hand edit on {server}: new file in {mailbox}", w.ms()));
-                self.input(server, Input::External(ExternalEdit::Added { mailbox, guid, received: 1_700_000_000, body }));
+                self.input(
+                    server,
+                    Input::External(ExternalEdit::Added { mailbox, guid, received: 1_700_000_000, body }),
+                );
             }
             Action::HandDelete { server, mailbox, label } => {
                 let Some(uid) = self.uid_of(server, &mailbox, &label) else { return self.skip(server, &label, event) };
@@ -885,7 +981,12 @@ impl World {
             }
             Action::Corrupt { server, label } => {
                 let Some(&guid) = self.labels.get(&label) else { return self.skip(server, &label, event) };
-                let body = self.nodes.get(&server).and_then(|n| n.server.as_ref()).and_then(|s| s.image().bodies.get(&guid)).map(|b| b.bytes.clone());
+                let body = self
+                    .nodes
+                    .get(&server)
+                    .and_then(|n| n.server.as_ref())
+                    .and_then(|s| s.image().bodies.get(&guid))
+                    .map(|b| b.bytes.clone());
                 let Some(mut body) = body else { return self.skip(server, &label, event) };
                 if let Some(first) = body.first_mut() {
                     *first ^= 0x20;
@@ -918,7 +1019,8 @@ impl World {
     fn random_label_at(&mut self, sid: Sid, mailbox: &MailboxKey) -> Option<String> {
         let server = self.nodes.get(&sid)?.server.as_ref()?;
         let guids: BTreeSet<Guid> = server.image().mailboxes.get(mailbox)?.messages.values().map(|r| r.guid).collect();
-        let labels: Vec<String> = self.labels.iter().filter(|(_, g)| guids.contains(g)).map(|(l, _)| l.clone()).collect();
+        let labels: Vec<String> =
+            self.labels.iter().filter(|(_, g)| guids.contains(g)).map(|(l, _)| l.clone()).collect();
         if labels.is_empty() {
             return None;
         }
@@ -966,19 +1068,26 @@ impl World {
                     for &s in &servers {
                         if self.rng.random_bool(0.5) { left.push(s) } else { right.push(s) }
                     }
-                    self.schedule(at, Ev::Action { action: Action::Partition { groups: vec![left, right] }, event: None });
+                    self.schedule(
+                        at,
+                        Ev::Action { action: Action::Partition { groups: vec![left, right] }, event: None },
+                    );
                     self.schedule(at.plus_us(heal_after), Ev::Heal { end: false });
                 }
                 FaultKind::Cut if a != b => {
                     self.schedule(at, Ev::Action { action: Action::Cut { a, b }, event: None });
                     self.schedule(at.plus_us(heal_after), Ev::RestoreLink { a, b });
                 }
-                FaultKind::Flap if a != b => {
-                    self.schedule(at, Ev::Action { action: Action::Flap { a, b, down_ms: heal_after / 5000 }, event: None })
-                }
+                FaultKind::Flap if a != b => self.schedule(
+                    at,
+                    Ev::Action { action: Action::Flap { a, b, down_ms: heal_after / 5000 }, event: None },
+                ),
                 FaultKind::Crash => {
                     self.schedule(at, Ev::Action { action: Action::Crash { server: a }, event: None });
-                    self.schedule(at.plus_us(heal_after), Ev::Action { action: Action::Restart { server: a }, event: None });
+                    self.schedule(
+                        at.plus_us(heal_after),
+                        Ev::Action { action: Action::Restart { server: a }, event: None },
+                    );
                 }
                 FaultKind::Lose => {
                     let budget = match self.scenario.cluster.durability {
@@ -988,14 +1097,23 @@ impl World {
                     if planned_losses < budget {
                         planned_losses += 1;
                         self.schedule(at, Ev::Action { action: Action::Lose { server: a }, event: None });
-                        self.schedule(at.plus_us(heal_after), Ev::Action { action: Action::Replace { server: a }, event: None });
+                        self.schedule(
+                            at.plus_us(heal_after),
+                            Ev::Action { action: Action::Replace { server: a }, event: None },
+                        );
                     }
                 }
                 FaultKind::HandEdit => {
-                    self.schedule(at, Ev::RandomOp { server: a, mailbox: MailboxKey::new("user1", "INBOX"), roll: 1000 });
+                    self.schedule(
+                        at,
+                        Ev::RandomOp { server: a, mailbox: MailboxKey::new("user1", "INBOX"), roll: 1000 },
+                    );
                 }
                 FaultKind::Corrupt => {
-                    self.schedule(at, Ev::RandomOp { server: a, mailbox: MailboxKey::new("user1", "INBOX"), roll: 1001 });
+                    self.schedule(
+                        at,
+                        Ev::RandomOp { server: a, mailbox: MailboxKey::new("user1", "INBOX"), roll: 1001 },
+                    );
                 }
                 _ => {}
             }
@@ -1006,7 +1124,8 @@ impl World {
 impl World {
     fn random_op(&mut self, server: Sid, mailbox: MailboxKey, roll: u32) {
         let flags = ["\\Seen", "\\Flagged", "\\Answered", "$Work"];
-        let flag = |w: &mut World| Flag::new(flags[w.rng.random_range(0..flags.len())]).ok().into_iter().collect::<Vec<_>>();
+        let flag =
+            |w: &mut World| Flag::new(flags[w.rng.random_range(0..flags.len())]).ok().into_iter().collect::<Vec<_>>();
         let action = match roll {
             0..45 => {
                 let f = if self.rng.random_bool(0.3) { flag(self) } else { Vec::new() };
@@ -1015,7 +1134,8 @@ impl World {
             45..65 => Action::Read { server, mailbox },
             65..82 => {
                 let Some(label) = self.random_label_at(server, &mailbox) else { return };
-                let (add, remove) = if self.rng.random_bool(0.5) { (flag(self), Vec::new()) } else { (Vec::new(), flag(self)) };
+                let (add, remove) =
+                    if self.rng.random_bool(0.5) { (flag(self), Vec::new()) } else { (Vec::new(), flag(self)) };
                 let unchanged_since = self.rng.random_bool(0.2).then_some(UnchangedSince::Current);
                 Action::Store { server, mailbox, labels: vec![label], add, remove, unchanged_since }
             }
@@ -1073,13 +1193,26 @@ impl World {
             let Some(want) = e.expect else { continue };
             let got = self.answers.get(&i);
             let ok = match (want, got) {
-                (ReplyExpect::Ok, Some(ClientReply::Write(WriteResult::Stored { rejected, .. }))) => rejected.is_empty(),
-                (ReplyExpect::Ok, Some(ClientReply::Write(WriteResult::Failed { .. }) | ClientReply::Failed { .. })) => false,
+                (ReplyExpect::Ok, Some(ClientReply::Write(WriteResult::Stored { rejected, .. }))) => {
+                    rejected.is_empty()
+                }
+                (
+                    ReplyExpect::Ok,
+                    Some(ClientReply::Write(WriteResult::Failed { .. }) | ClientReply::Failed { .. }),
+                ) => false,
                 (ReplyExpect::Ok, Some(_)) => true,
-                (ReplyExpect::Rejected, Some(ClientReply::Write(WriteResult::Stored { rejected, .. }))) => !rejected.is_empty(),
-                (ReplyExpect::Temporary, Some(ClientReply::Write(WriteResult::Failed { kind: FailKind::Temporary, .. })))
+                (ReplyExpect::Rejected, Some(ClientReply::Write(WriteResult::Stored { rejected, .. }))) => {
+                    !rejected.is_empty()
+                }
+                (
+                    ReplyExpect::Temporary,
+                    Some(ClientReply::Write(WriteResult::Failed { kind: FailKind::Temporary, .. })),
+                )
                 | (ReplyExpect::Temporary, Some(ClientReply::Failed { kind: FailKind::Temporary, .. })) => true,
-                (ReplyExpect::Permanent, Some(ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, .. })))
+                (
+                    ReplyExpect::Permanent,
+                    Some(ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, .. })),
+                )
                 | (ReplyExpect::Permanent, Some(ClientReply::Failed { kind: FailKind::Permanent, .. })) => true,
                 _ => false,
             };
@@ -1113,7 +1246,10 @@ impl World {
                 Expect::Uid { label, uid } => {
                     let copies = self.copies_of(&label);
                     if copies.len() < live.len() || copies.iter().any(|c| c.2.uid != uid) {
-                        failures.push(format!("expected {label} at UID {uid} everywhere, found {:?}", copies.iter().map(|c| (c.0, c.2.uid)).collect::<Vec<_>>()));
+                        failures.push(format!(
+                            "expected {label} at UID {uid} everywhere, found {:?}",
+                            copies.iter().map(|c| (c.0, c.2.uid)).collect::<Vec<_>>()
+                        ));
                     }
                 }
                 Expect::Flags { label, flags } => {
@@ -1125,7 +1261,8 @@ impl World {
                     }
                     for (sid, _, r) in copies {
                         if r.present_flags() != want {
-                            failures.push(format!("{label} on {sid} has flags {:?}, expected {want:?}", r.present_flags()));
+                            failures
+                                .push(format!("{label} on {sid} has flags {:?}, expected {want:?}", r.present_flags()));
                         }
                     }
                 }
@@ -1160,7 +1297,9 @@ impl World {
                             let idx = self.scenario.events.iter().position(|e| e.id.as_deref() == Some(id.as_str()));
                             match idx.and_then(|i| self.answers.get(&i)) {
                                 Some(ClientReply::Write(WriteResult::Stored { rejected, .. })) => rejected.is_empty(),
-                                Some(ClientReply::Write(WriteResult::Failed { .. })) | Some(ClientReply::Failed { .. }) | None => false,
+                                Some(ClientReply::Write(WriteResult::Failed { .. }))
+                                | Some(ClientReply::Failed { .. })
+                                | None => false,
                                 Some(_) => true,
                             }
                         })
@@ -1171,7 +1310,13 @@ impl World {
                 }
                 Expect::Count { mailbox, count } => {
                     for sid in &live {
-                        let n = self.nodes.get(sid).and_then(|n| n.server.as_ref()).and_then(|s| s.image().mailboxes.get(&mailbox)).map(|m| m.messages.len()).unwrap_or(0);
+                        let n = self
+                            .nodes
+                            .get(sid)
+                            .and_then(|n| n.server.as_ref())
+                            .and_then(|s| s.image().mailboxes.get(&mailbox))
+                            .map(|m| m.messages.len())
+                            .unwrap_or(0);
                         if n != count {
                             failures.push(format!("{mailbox} on {sid} holds {n} messages, expected {count}"));
                         }
@@ -1186,7 +1331,9 @@ impl World {
                         for (sid, k, r) in self.copies_of(&label) {
                             match self.oracle.first_uid.get(&(k.clone(), guid)) {
                                 Some(first) if *first != r.uid => {}
-                                Some(first) => failures.push(format!("{label} on {sid} still has its first UID {first}")),
+                                Some(first) => {
+                                    failures.push(format!("{label} on {sid} still has its first UID {first}"))
+                                }
                                 None => failures.push(format!("no client ever saw {label}")),
                             }
                         }

@@ -59,7 +59,8 @@ fn uids_never_reused_fails_when_a_conflicting_uid_is_not_retired() {
 #[test]
 fn monotonic_fails_when_uidnext_goes_down() {
     let mut o = Oracle::default();
-    let view = |uidnext, hms| MailboxView { mailbox: inbox(), uidvalidity: 7, uidnext, highest_modseq: hms, messages: vec![] };
+    let view =
+        |uidnext, hms| MailboxView { mailbox: inbox(), uidvalidity: 7, uidnext, highest_modseq: hms, messages: vec![] };
     o.view(1, Sid(1), &view(5, 9));
     o.view(2, Sid(1), &view(5, 9));
     assert!(!o.violated(oracle::MONOTONIC));

@@ -16,7 +16,12 @@ fn check_all(wire: bool) {
         let s = scenario::load(f).expect("scenario parses");
         let report = run(&s, &RunOptions { wire, tail: true, ..Default::default() });
         if !report.passed {
-            failures.push(format!("{}: {:?}\n{}", s.name, report.failures, report.trace.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n")));
+            failures.push(format!(
+                "{}: {:?}\n{}",
+                s.name,
+                report.failures,
+                report.trace.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n")
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -16,7 +16,10 @@ use std::collections::BTreeSet;
 pub enum Origin {
     Client(RequestId),
     /// A peer forwarded this to us; answer with its tag.
-    Peer { sid: Sid, tag: u64 },
+    Peer {
+        sid: Sid,
+        tag: u64,
+    },
     /// The server itself (a message file found in the store).
     Internal,
 }
@@ -25,18 +28,29 @@ pub enum Origin {
 pub enum JobKind {
     Write(WriteRequest),
     /// Move mastership of the key to `requester`.
-    MasterMove { requester: Sid },
+    MasterMove {
+        requester: Sid,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobState {
     /// Waiting for a master to be known or ready.
     Queued,
-    Forwarded { to: Sid },
+    Forwarded {
+        to: Sid,
+    },
     /// Executed here as master; waiting for durability.
-    Replicating { write: WriteId, need: usize, acked: BTreeSet<Sid>, result: WriteResult },
+    Replicating {
+        write: WriteId,
+        need: usize,
+        acked: BTreeSet<Sid>,
+        result: WriteResult,
+    },
     /// A COPY at the master, waiting for the body.
-    WaitingBody { guid: Guid },
+    WaitingBody {
+        guid: Guid,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -85,7 +99,10 @@ impl Server {
             }
             ClientRequest::Copy { src, src_uid, dst } => {
                 let Some(record) = self.db.mailboxes.get(&src).and_then(|m| m.messages.get(&src_uid)) else {
-                    self.push_reply(id, ClientReply::Write(fail(FailKind::Permanent, format!("no message {src_uid} in {src}"))));
+                    self.push_reply(
+                        id,
+                        ClientReply::Write(fail(FailKind::Permanent, format!("no message {src_uid} in {src}"))),
+                    );
                     return;
                 };
                 WriteRequest::Copy { src, src_uid, guid: record.guid, dst, received: record.received }
@@ -205,7 +222,8 @@ impl Server {
 
     /// Jobs waiting on `key` try again (a master became known or ready, or was lost).
     pub(crate) fn requeue_jobs_for(&mut self, key: &MasterKey) {
-        let tags: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.key == *key && j.state == JobState::Queued).map(|(t, _)| *t).collect();
+        let tags: Vec<u64> =
+            self.jobs.iter().filter(|(_, j)| j.key == *key && j.state == JobState::Queued).map(|(t, _)| *t).collect();
         for tag in tags {
             self.dispatch(tag);
         }
@@ -215,7 +233,8 @@ impl Server {
     /// next master. A master that already has the GUID answers with its UID, so a
     /// resent SAVE never makes a second copy.
     pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) {
-        let tags: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.state == JobState::Forwarded { to: peer }).map(|(t, _)| *t).collect();
+        let tags: Vec<u64> =
+            self.jobs.iter().filter(|(_, j)| j.state == JobState::Forwarded { to: peer }).map(|(t, _)| *t).collect();
         for tag in &tags {
             if let Some(job) = self.jobs.get_mut(tag) {
                 job.state = JobState::Queued;
@@ -364,7 +383,9 @@ impl Server {
                     }
                 };
                 let need = match (&result, replicated, self.cfg.durability) {
-                    (WriteResult::Saved { .. } | WriteResult::Copied { .. }, Some(_), Durability::Sync) => usize::from(self.cfg.replicas),
+                    (WriteResult::Saved { .. } | WriteResult::Copied { .. }, Some(_), Durability::Sync) => {
+                        usize::from(self.cfg.replicas)
+                    }
                     _ => 0,
                 };
                 if let WriteResult::Failed { .. } = result {
@@ -384,7 +405,8 @@ impl Server {
 
     /// A COPY waiting for a body can go on.
     pub(crate) fn body_arrived(&mut self, guid: Guid) {
-        let tags: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.state == JobState::WaitingBody { guid }).map(|(t, _)| *t).collect();
+        let tags: Vec<u64> =
+            self.jobs.iter().filter(|(_, j)| j.state == JobState::WaitingBody { guid }).map(|(t, _)| *t).collect();
         for tag in tags {
             if let Some(job) = self.jobs.get_mut(&tag) {
                 job.state = JobState::Queued;
@@ -409,13 +431,18 @@ impl Server {
         tag: u64,
     ) -> (WriteResult, Option<()>) {
         let is_copy = body.is_none();
-        let existing = self.db.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == guid)).map(|r| r.uid);
+        let existing =
+            self.db.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == guid)).map(|r| r.uid);
         if let Some(m) = self.db.mailboxes.get(mailbox)
             && let Some(uid) = existing
         {
             // A resent SAVE: the message is already here.
             let uidvalidity = m.uidvalidity;
-            let result = if is_copy { WriteResult::Copied { uidvalidity, uid, guid } } else { WriteResult::Saved { uidvalidity, uid, guid } };
+            let result = if is_copy {
+                WriteResult::Copied { uidvalidity, uid, guid }
+            } else {
+                WriteResult::Saved { uidvalidity, uid, guid }
+            };
             return (result, None);
         }
         if self.db.mailboxes.get(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
@@ -466,7 +493,11 @@ impl Server {
             Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: body.unwrap_or_default() }
         };
         self.replicate(change, Some(tag));
-        let result = if is_copy { WriteResult::Copied { uidvalidity, uid, guid } } else { WriteResult::Saved { uidvalidity, uid, guid } };
+        let result = if is_copy {
+            WriteResult::Copied { uidvalidity, uid, guid }
+        } else {
+            WriteResult::Saved { uidvalidity, uid, guid }
+        };
         (result, Some(()))
     }
 
@@ -494,7 +525,11 @@ impl Server {
             self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
         }
         self.persist_meta(mailbox);
-        let uids = uids.iter().filter(|(_, ours)| tombstones.iter().any(|t| t.uid == *ours)).map(|(theirs, _)| *theirs).collect();
+        let uids = uids
+            .iter()
+            .filter(|(_, ours)| tombstones.iter().any(|t| t.uid == *ours))
+            .map(|(theirs, _)| *theirs)
+            .collect();
         self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, None);
         WriteResult::Expunged { uids, modseq }
     }
@@ -557,7 +592,14 @@ impl Server {
         self.persist_meta(mailbox);
         let remove_only: Vec<Flag> = remove.iter().filter(|f| !add.contains(f)).cloned().collect();
         self.replicate(
-            Change::Store { mailbox: mailbox.clone(), uidvalidity, stamp, messages, add: add.to_vec(), remove: remove_only },
+            Change::Store {
+                mailbox: mailbox.clone(),
+                uidvalidity,
+                stamp,
+                messages,
+                add: add.to_vec(),
+                remove: remove_only,
+            },
             None,
         );
         WriteResult::Stored { modseq, rejected, current }
@@ -624,7 +666,13 @@ impl Server {
         let Some(job) = self.jobs.remove(&tag) else { return };
         if epoch != self.term.epoch {
             if let Origin::Client(id) = job.origin {
-                self.push_reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason: "the root changed during the move".into() });
+                self.push_reply(
+                    id,
+                    ClientReply::Failed {
+                        kind: FailKind::Temporary,
+                        reason: "the root changed during the move".into(),
+                    },
+                );
             }
             self.requeue_jobs_for(&key);
             return;
@@ -677,7 +725,9 @@ impl Server {
             .mastered
             .iter()
             .filter(|(_, m)| {
-                m.catchup.as_ref().is_some_and(|c| (c.waiting_mbox.is_empty() && c.waiting_sync.is_empty()) || c.deadline <= now)
+                m.catchup
+                    .as_ref()
+                    .is_some_and(|c| (c.waiting_mbox.is_empty() && c.waiting_sync.is_empty()) || c.deadline <= now)
             })
             .map(|(k, _)| k.clone())
             .collect();

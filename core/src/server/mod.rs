@@ -328,7 +328,8 @@ impl Server {
 
     pub(crate) fn on_reachability_changed(&mut self, gained: &[Sid], lost: &[Sid]) {
         for &peer in gained {
-            let seqs: Vec<u64> = self.db.logs.get(&peer).map(|l| l.entries.keys().copied().collect()).unwrap_or_default();
+            let seqs: Vec<u64> =
+                self.db.logs.get(&peer).map(|l| l.entries.keys().copied().collect()).unwrap_or_default();
             for seq in seqs {
                 self.log_sent.remove(&(peer, seq));
             }
@@ -366,7 +367,8 @@ impl Server {
         if self.is_root() && !self.root_state.active {
             self.broadcast_term();
         }
-        let keys: BTreeSet<MasterKey> = self.jobs.values().filter(|j| matches!(j.state, JobState::Queued)).map(|j| j.key.clone()).collect();
+        let keys: BTreeSet<MasterKey> =
+            self.jobs.values().filter(|j| matches!(j.state, JobState::Queued)).map(|j| j.key.clone()).collect();
         for key in keys {
             if !self.mastered.contains_key(&key) && !self.master_cache.contains_key(&key) {
                 self.lookup_master(&key);

@@ -58,7 +58,8 @@ impl Server {
             *counts.entry(change.mailbox().clone()).or_default() += 1;
         }
         let mut left = log.entries.len() - counts.get(mailbox).copied().unwrap_or(0);
-        let mut by_size: Vec<(usize, MailboxKey)> = counts.into_iter().filter(|(k, _)| k != mailbox).map(|(k, c)| (c, k)).collect();
+        let mut by_size: Vec<(usize, MailboxKey)> =
+            counts.into_iter().filter(|(k, _)| k != mailbox).map(|(k, c)| (c, k)).collect();
         by_size.sort_by(|a, b| b.cmp(a));
         for (count, key) in by_size {
             if left < capacity {
@@ -69,7 +70,8 @@ impl Server {
         }
         let victims: BTreeSet<MailboxKey> = victims.into_iter().collect();
         let Some(log) = self.db.logs.get_mut(&peer) else { return };
-        let seqs: Vec<u64> = log.entries.iter().filter(|(_, c)| victims.contains(c.mailbox())).map(|(s, _)| *s).collect();
+        let seqs: Vec<u64> =
+            log.entries.iter().filter(|(_, c)| victims.contains(c.mailbox())).map(|(s, _)| *s).collect();
         for s in &seqs {
             log.entries.remove(s);
         }
@@ -96,7 +98,9 @@ impl Server {
             let due: Vec<(u64, Change)> = log
                 .entries
                 .iter()
-                .filter(|(seq, _)| self.log_sent.get(&(peer, **seq)).is_none_or(|at| now.0.saturating_sub(at.0) >= interval))
+                .filter(|(seq, _)| {
+                    self.log_sent.get(&(peer, **seq)).is_none_or(|at| now.0.saturating_sub(at.0) >= interval)
+                })
                 .take(RESEND_PER_TICK_MAX)
                 .map(|(s, c)| (*s, c.clone()))
                 .collect();
@@ -313,11 +317,13 @@ impl Server {
         let equal = self.my_summary(&mailbox).as_ref() == Some(&summary);
         if tag != 0 {
             // A catch-up answer.
-            let Some(c) = self.mastered.get_mut(&key).and_then(|m| m.catchup.as_mut()).filter(|c| c.tag == tag) else { return };
+            let Some(c) = self.mastered.get_mut(&key).and_then(|m| m.catchup.as_mut()).filter(|c| c.tag == tag) else {
+                return;
+            };
             if !equal {
                 c.waiting_sync.insert((src, mailbox.clone()));
                 self.marks.hit(Mark::DigestMismatch);
-                if self.db.mailboxes.get(&mailbox).is_none() {
+                if !self.db.mailboxes.contains_key(&mailbox) {
                     let m = self.mailbox_mut(&mailbox);
                     m.uidvalidity = summary.uidvalidity;
                 }
@@ -390,8 +396,12 @@ impl Server {
         }
         let peers: Vec<Sid> = self.reachable.iter().copied().filter(|p| *p != self.cfg.sid).collect();
         for peer in peers {
-            let in_flight: BTreeSet<MailboxKey> =
-                self.db.logs.get(&peer).map(|l| l.entries.values().map(|c| c.mailbox().clone()).collect()).unwrap_or_default();
+            let in_flight: BTreeSet<MailboxKey> = self
+                .db
+                .logs
+                .get(&peer)
+                .map(|l| l.entries.values().map(|c| c.mailbox().clone()).collect())
+                .unwrap_or_default();
             let mut to_send = Vec::new();
             for (mailbox, m) in &self.db.mailboxes {
                 if in_flight.contains(mailbox) || !keys.iter().any(|k| k.covers(mailbox)) {
@@ -408,7 +418,10 @@ impl Server {
                 to_send.push(summary);
             }
             for summary in to_send {
-                self.checks.insert((peer, summary.mailbox.clone()), PeerCheck { confirmed_digest: None, last_sent: Some(now) });
+                self.checks.insert(
+                    (peer, summary.mailbox.clone()),
+                    PeerCheck { confirmed_digest: None, last_sent: Some(now) },
+                );
                 self.send(peer, Msg::Mbox { tag: 0, summary });
             }
         }
@@ -440,10 +453,21 @@ impl Server {
     pub(crate) fn want_body(&mut self, guid: Guid, checksum: Option<u64>, hint: Option<Sid>, repair: bool) {
         let checksum = checksum
             .or_else(|| {
-                self.db.mailboxes.values().flat_map(|m| m.messages.values()).find(|r| r.guid == guid).map(|r| r.checksum)
+                self.db
+                    .mailboxes
+                    .values()
+                    .flat_map(|m| m.messages.values())
+                    .find(|r| r.guid == guid)
+                    .map(|r| r.checksum)
             })
             .unwrap_or(0);
-        self.wanted_bodies.entry(guid).or_insert(WantedBody { checksum, hint, attempts: 0, next_try: self.now, repair });
+        self.wanted_bodies.entry(guid).or_insert(WantedBody {
+            checksum,
+            hint,
+            attempts: 0,
+            next_try: self.now,
+            repair,
+        });
         self.fetch_wanted_bodies();
     }
 
@@ -453,7 +477,8 @@ impl Server {
         if peers.is_empty() {
             return;
         }
-        let due: Vec<Guid> = self.wanted_bodies.iter().filter(|(_, w)| w.next_try <= now).map(|(g, _)| *g).take(256).collect();
+        let due: Vec<Guid> =
+            self.wanted_bodies.iter().filter(|(_, w)| w.next_try <= now).map(|(g, _)| *g).take(256).collect();
         for guid in due {
             let Some(w) = self.wanted_bodies.get_mut(&guid) else { continue };
             let target = match w.hint.filter(|h| w.attempts == 0 && peers.contains(h)) {
@@ -547,7 +572,9 @@ impl Server {
                 self.submit_write(super::Origin::Internal, request);
             }
             ExternalEdit::Removed { mailbox, uid } => {
-                let Some(record) = self.db.mailboxes.get(&mailbox).and_then(|m| m.messages.get(&uid)).cloned() else { return };
+                let Some(record) = self.db.mailboxes.get(&mailbox).and_then(|m| m.messages.get(&uid)).cloned() else {
+                    return;
+                };
                 if self.db.bodies.remove(&record.guid).is_some() {
                     self.write(StoreWrite::RemoveBody { guid: record.guid });
                 }

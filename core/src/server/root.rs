@@ -59,7 +59,13 @@ impl Server {
     /// opens a new term when it is not root yet, when the component grew beyond the
     /// term's members, or when it has heard of a higher epoch.
     pub(crate) fn check_root(&mut self) {
-        if self.designated_root() != self.cfg.sid {
+        let designated = self.designated_root();
+        if designated != self.cfg.sid {
+            if self.is_root() {
+                // A lower server is reachable again: tell it our term, so that it opens
+                // one above our epoch and both sides drop their masters.
+                self.send(designated, Msg::Root { epoch: self.term.epoch, root: self.cfg.sid });
+            }
             return;
         }
         let grew = self.reachable.iter().any(|s| !self.root_state.members.contains(s));
@@ -96,7 +102,8 @@ impl Server {
     /// Sends the term to every member that has not dropped yet (also used for resends).
     pub(crate) fn broadcast_term(&mut self) {
         let Some(root) = self.term.root else { return };
-        let targets: Vec<Sid> = self.reachable.iter().copied().filter(|s| !self.root_state.dropped.contains(s)).collect();
+        let targets: Vec<Sid> =
+            self.reachable.iter().copied().filter(|s| !self.root_state.dropped.contains(s)).collect();
         for s in targets {
             self.send(s, Msg::Root { epoch: self.term.epoch, root });
         }
@@ -106,7 +113,8 @@ impl Server {
         if !self.is_root() || self.root_state.active {
             return;
         }
-        let waiting = self.root_state.members.iter().any(|s| self.reachable.contains(s) && !self.root_state.dropped.contains(s));
+        let waiting =
+            self.root_state.members.iter().any(|s| self.reachable.contains(s) && !self.root_state.dropped.contains(s));
         if !waiting {
             self.root_state.active = true;
             let held = std::mem::take(&mut self.root_state.held);
@@ -234,11 +242,10 @@ impl Server {
             return;
         }
         self.need_master_check = false;
-        let keys: BTreeSet<MasterKey> = self.db.mailboxes.keys().map(|k| MasterKey::of(k, self.cfg.granularity)).collect();
-        let unknown: Vec<MasterKey> = keys
-            .into_iter()
-            .filter(|k| !self.master_cache.contains_key(k) && !self.mastered.contains_key(k))
-            .collect();
+        let keys: BTreeSet<MasterKey> =
+            self.db.mailboxes.keys().map(|k| MasterKey::of(k, self.cfg.granularity)).collect();
+        let unknown: Vec<MasterKey> =
+            keys.into_iter().filter(|k| !self.master_cache.contains_key(k) && !self.mastered.contains_key(k)).collect();
         if unknown.is_empty() {
             return;
         }

@@ -42,7 +42,10 @@ impl Server {
         let known: Vec<(Sid, LinkAnnouncement)> = self.lsdb.iter().map(|(s, a)| (*s, a.clone())).collect();
         for (origin, ann) in known {
             if origin != self.cfg.sid {
-                self.send_direct(peer, Msg::LinkState { origin, seq: ann.seq, neighbors: ann.neighbors.into_iter().collect() });
+                self.send_direct(
+                    peer,
+                    Msg::LinkState { origin, seq: ann.seq, neighbors: ann.neighbors.into_iter().collect() },
+                );
             }
         }
         self.links_changed();
@@ -121,7 +124,8 @@ impl Server {
         }
         while let Some(at) = queue.pop_front() {
             let hop = next_hop[&at];
-            let neighbors: Vec<Sid> = self.lsdb.get(&at).map(|a| a.neighbors.iter().copied().collect()).unwrap_or_default();
+            let neighbors: Vec<Sid> =
+                self.lsdb.get(&at).map(|a| a.neighbors.iter().copied().collect()).unwrap_or_default();
             for n in neighbors {
                 if self.linked(at, n) && seen.insert(n) {
                     next_hop.insert(n, hop);
