@@ -274,11 +274,14 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
                 // their binding, keep ours, take their flag changes.
                 add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
             }
-            if let Some(ours) = m.messages.get_mut(&our_uid)
-                && join_flags(&mut ours.flags, &r.flags)
-            {
-                ours.modseq = modseq;
-                out.records.push(ours.clone());
+            if let Some(ours) = m.messages.get_mut(&our_uid) {
+                let flags_changed = join_flags(&mut ours.flags, &r.flags);
+                // A copy that saw a later change of this message (from an earlier master)
+                // must not keep a modseq the master's copy lacks.
+                if flags_changed || r.modseq > ours.modseq {
+                    ours.modseq = modseq;
+                    out.records.push(ours.clone());
+                }
             }
             continue;
         }

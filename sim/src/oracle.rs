@@ -279,8 +279,20 @@ pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
                 ));
             }
             if m0.messages != m.messages {
+                let first_diff = m0
+                    .messages
+                    .iter()
+                    .find(|(u, r)| m.messages.get(u) != Some(r))
+                    .map(|(u, r)| format!("UID {u}: {r:?} vs {:?}", m.messages.get(u)))
+                    .or_else(|| {
+                        m.messages
+                            .iter()
+                            .find(|(u, _)| !m0.messages.contains_key(u))
+                            .map(|(u, r)| format!("UID {u} only on {sid}: {r:?}"))
+                    })
+                    .unwrap_or_default();
                 return Some(format!(
-                    "{k}: messages differ between {s0} ({}) and {sid} ({})",
+                    "{k}: messages differ between {s0} ({}) and {sid} ({}); first difference {first_diff}",
                     m0.messages.len(),
                     m.messages.len()
                 ));

@@ -20,8 +20,12 @@ pub struct Term {
 }
 
 impl Term {
-    /// Higher epoch wins; on equal epochs the lower root id wins.
+    /// Higher epoch wins; on equal epochs the lower root id wins. Any term with a root
+    /// beats having none (a server that just restarted takes the term it is offered).
     pub fn beats(&self, other: &Term) -> bool {
+        if other.root.is_none() {
+            return self.root.is_some();
+        }
         let rank = |t: &Term| (t.epoch, std::cmp::Reverse(t.root.map(|s| s.0).unwrap_or(u32::MAX)));
         rank(self) > rank(other)
     }
