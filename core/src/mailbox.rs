@@ -205,7 +205,10 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeO
             Some(_) => out.unresolved = true,
             None => {
                 let retired = m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
-                if retired {
+                let elsewhere = m.messages.values().any(|ours| ours.guid == r.guid);
+                if retired || elsewhere {
+                    // A second UID for one message, or a UID used by another: the master
+                    // decides which binding lives.
                     out.unresolved = true;
                 } else {
                     m.messages.insert(r.uid, r.clone());
@@ -316,6 +319,26 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         }
     }
     bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
+    // One message live at two UIDs (two masters renumbered it differently): the lowest
+    // UID keeps it, with both copies' flag changes; the other binding is retired.
+    let mut first_uid: BTreeMap<Guid, Uid> = BTreeMap::new();
+    let mut duplicates = Vec::new();
+    for r in m.messages.values() {
+        if let Some(&keep) = first_uid.get(&r.guid) {
+            duplicates.push((keep, r.uid));
+        } else {
+            first_uid.insert(r.guid, r.uid);
+        }
+    }
+    for (keep, drop) in duplicates {
+        let Some(dropped) = m.messages.get(&drop).cloned() else { continue };
+        add_tombstone(m, Tombstone { uid: drop, guid: dropped.guid, modseq, expunged: false }, &mut out);
+        if let Some(kept) = m.messages.get_mut(&keep) {
+            join_flags(&mut kept.flags, &dropped.flags);
+            kept.modseq = modseq;
+            out.records.push(kept.clone());
+        }
+    }
     // A live message on a UID that another message was expunged from or retired from
     // (however the two met here) moves too: the UID was shown as that other message.
     for (uid, guid) in m.tombstones.keys() {
@@ -333,7 +356,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
             if same_validity || m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
                 add_tombstone(m, Tombstone { uid: old_uid, guid, modseq, expunged: false }, &mut out);
             }
-            if !moved_guids.insert(guid) {
+            if !moved_guids.insert(guid) || m.messages.values().any(|r| r.guid == guid) {
+                // Already moved, or still live at another UID: nothing more to place.
                 continue;
             }
             let mut moved = rec;
