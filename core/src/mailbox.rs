@@ -281,8 +281,13 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
                 let flags_changed = join_flags(&mut ours.flags, &r.flags);
                 // A copy that saw a later change of this message (from an earlier master)
                 // must not keep a modseq the master's copy lacks.
-                if flags_changed || r.modseq > ours.modseq {
+                if flags_changed {
                     ours.modseq = modseq;
+                    out.records.push(ours.clone());
+                } else if r.modseq > ours.modseq {
+                    // Adopt it rather than make a new one, so two servers that both
+                    // think they master the mailbox do not outbid each other forever.
+                    ours.modseq = r.modseq;
                     out.records.push(ours.clone());
                 }
             }

@@ -37,6 +37,8 @@ pub struct Oracle {
     pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
     /// EXPUNGE answered OK, by message.
     pub expunged: BTreeSet<(MailboxKey, Guid)>,
+    /// Every message an EXPUNGE was asked for, answered or not.
+    pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
     /// Last UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ a client saw per server and mailbox.
     views: BTreeMap<(Sid, MailboxKey), (u32, Uid, ModSeq)>,
     /// Last UIDNEXT/HIGHESTMODSEQ written by each server incarnation.
@@ -132,6 +134,12 @@ impl Oracle {
         self.acked.entry((mailbox.clone(), guid)).or_insert((server, time_us));
     }
 
+    pub fn expunge_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
+        for g in guids {
+            self.expunge_requested.insert((mailbox.clone(), *g));
+        }
+    }
+
     pub fn expunge_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
             self.expunged.insert((mailbox.clone(), *g));
@@ -165,7 +173,8 @@ impl Oracle {
     pub fn at_quiescence(&mut self, time_us: u64, stores: &BTreeMap<Sid, &DiskImage>, check_loss: bool) {
         if check_loss {
             for ((mailbox, guid), (server, at)) in &self.acked.clone() {
-                if self.expunged.contains(&(mailbox.clone(), *guid)) {
+                let key = (mailbox.clone(), *guid);
+                if self.expunged.contains(&key) || self.expunge_requested.contains(&key) {
                     continue;
                 }
                 for (sid, image) in stores {

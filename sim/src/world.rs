@@ -426,7 +426,9 @@ impl World {
         node.fsync_in_flight = false;
         node.timer_at = None;
         node.lost = false;
-        node.server = Some(Server::recover(cfg, node.disk.clone(), seed));
+        let mut server = Server::recover(cfg, node.disk.clone(), seed);
+        server.keep_notes(self.opts.trace || self.opts.tail);
+        node.server = Some(server);
         let incarnation = node.incarnation;
         self.note(|w: &World| format!("{} {sid} starts (incarnation {incarnation})", w.ms()));
         self.drain(sid);
@@ -502,7 +504,11 @@ impl World {
         let now = self.now;
         let Some(server) = self.nodes.get_mut(&sid).and_then(|n| n.server.as_mut()) else { return };
         server.handle(now, input);
+        let notes = server.take_notes();
         self.steps += 1;
+        for n in notes {
+            self.note(|w: &World| format!("{} {sid} {n}", w.ms()));
+        }
         self.drain(sid);
     }
 
@@ -888,7 +894,10 @@ impl World {
                 }
                 let request =
                     ClientRequest::Expunge { mailbox: mailbox.clone(), uids: found.iter().map(|f| f.0).collect() };
-                let expunging = found.iter().map(|f| f.1).collect();
+                let expunging: Vec<Guid> = found.iter().map(|f| f.1).collect();
+                // An EXPUNGE whose answer is lost (a crash, a timeout) may still have
+                // taken effect: those messages are no longer owed to anyone.
+                self.oracle.expunge_requested(&mailbox, &expunging);
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), expunging, ..none() });
             }
             Action::Store { server, mailbox, labels, add, remove, unchanged_since } => {

@@ -639,6 +639,7 @@ impl Server {
             return;
         }
         self.marks.hit(Mark::MasterMoved);
+        self.note(|| format!("gives {key} up to {requester}"));
         let in_flight = self.jobs.values().any(|j| j.key == key && matches!(j.state, JobState::Replicating { .. }));
         if in_flight {
             self.marks.hit(Mark::MasterMovedMidSave);
@@ -693,6 +694,8 @@ impl Server {
     /// once) or from the root (catch up with every reachable server first).
     pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>) {
         self.master_cache.remove(&key);
+        let how = if moved_states.is_some() { "by MASTER-MOVE" } else { "from the root" };
+        self.note(|| format!("becomes master of {key} {how}"));
         if let Some(states) = moved_states {
             self.mastered.insert(key.clone(), Mastership { catchup: None });
             for state in states {

@@ -92,6 +92,8 @@ pub struct Server {
     last_slow_tick: Instant,
     /// When our pending link-state announcement goes out.
     pub(crate) announce_due: Option<Instant>,
+    /// Role changes (root terms, masterships) for a readable timeline, when asked for.
+    notes: Option<Vec<String>>,
 }
 
 impl Server {
@@ -137,6 +139,7 @@ impl Server {
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
             announce_due: None,
+            notes: None,
         };
         server.db.incarnation = incarnation;
         server.write(StoreWrite::Incarnation { incarnation });
@@ -219,6 +222,21 @@ impl Server {
         match self.announce_due {
             Some(at) => tick.min(at.max(self.now)),
             None => tick,
+        }
+    }
+
+    /// Keep notes of role changes (for traces); `take_notes` drains them.
+    pub fn keep_notes(&mut self, on: bool) {
+        self.notes = on.then(Vec::new);
+    }
+
+    pub fn take_notes(&mut self) -> Vec<String> {
+        self.notes.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub(crate) fn note(&mut self, note: impl FnOnce() -> String) {
+        if let Some(notes) = self.notes.as_mut() {
+            notes.push(note());
         }
     }
 

@@ -84,7 +84,9 @@ impl Server {
         self.set_epoch(epoch);
         self.marks.hit(crate::Mark::RootElected);
         self.term = Term { epoch, root: Some(self.cfg.sid) };
-        self.drop_masterships();
+        self.note(|| format!("opens root term {epoch}"));
+        // The new term's (silent) root state first: dropping masterships requeues jobs,
+        // and their lookups must wait for this term, not be answered from the old one.
         self.root_state = RootState {
             dropped: BTreeSet::from([self.cfg.sid]),
             members: self.reachable.clone(),
@@ -92,6 +94,7 @@ impl Server {
             table: Default::default(),
             held: Vec::new(),
         };
+        self.drop_masterships();
         self.broadcast_term();
         self.check_root_active();
     }
@@ -121,6 +124,8 @@ impl Server {
             self.root_state.members.iter().any(|s| self.reachable.contains(s) && !self.root_state.dropped.contains(s));
         if !waiting {
             self.root_state.active = true;
+            let members = self.root_state.members.clone();
+            self.note(|| format!("root term active, members {members:?}"));
             let held = std::mem::take(&mut self.root_state.held);
             for (asker, key) in held {
                 self.answer_lookup(asker, key);
@@ -145,6 +150,7 @@ impl Server {
         }
         self.set_epoch(epoch);
         self.term = offered;
+        self.note(|| format!("accepts root {root} term {epoch}"));
         self.root_state = RootState::default();
         self.drop_masterships();
         self.send(root, Msg::Dropped { epoch });
@@ -280,7 +286,9 @@ impl Server {
             }
             if master != self.cfg.sid {
                 self.master_cache.insert(key.clone(), master);
-                self.mastered.remove(&key);
+                if self.mastered.remove(&key).is_some() {
+                    self.note(|| format!("stops mastering {key}: {from} says {master} does"));
+                }
             }
             self.requeue_jobs_for(&key);
             return;
@@ -296,7 +304,9 @@ impl Server {
             }
         } else {
             self.master_cache.insert(key.clone(), master);
-            self.mastered.remove(&key);
+            if self.mastered.remove(&key).is_some() {
+                self.note(|| format!("stops mastering {key}: {from} says {master} does"));
+            }
         }
         self.requeue_jobs_for(&key);
     }
