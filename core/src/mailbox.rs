@@ -272,9 +272,28 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
             continue;
         }
         if let Some(&our_uid) = ours_live.get(&r.guid) {
+            if r.uid > our_uid && !m.messages.contains_key(&r.uid) {
+                // Same message under a higher UID there: renumbering only ever moves a
+                // message up, so theirs is the later binding. Ours retires; theirs lives.
+                if let Some(mut moved) = m.messages.remove(&our_uid) {
+                    add_tombstone(m, Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false }, &mut out);
+                    out.removed.push(our_uid);
+                    join_flags(&mut moved.flags, &r.flags);
+                    moved.uid = r.uid;
+                    moved.modseq = modseq;
+                    m.messages.insert(r.uid, moved.clone());
+                    out.records.push(moved);
+                    let next = r.uid.saturating_add(1);
+                    if next > m.uidnext {
+                        m.uidnext = next;
+                        out.meta_changed = true;
+                    }
+                }
+                continue;
+            }
             if our_uid != r.uid {
-                // Same message known here under another UID (renumbered already): retire
-                // their binding, keep ours, take their flag changes.
+                // Same message known here under a higher (or taken) UID: retire their
+                // binding, keep ours, take their flag changes.
                 add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
             }
             if let Some(ours) = m.messages.get_mut(&our_uid) {
@@ -324,17 +343,14 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         }
     }
     bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
-    // One message live at two UIDs (two masters renumbered it differently): the lowest
-    // UID keeps it, with both copies' flag changes; the other binding is retired.
-    let mut first_uid: BTreeMap<Guid, Uid> = BTreeMap::new();
-    let mut duplicates = Vec::new();
+    // One message live at two UIDs (two masters renumbered it differently): the highest
+    // UID keeps it (the latest binding), with both copies' flag changes; the others retire.
+    let mut last_uid: BTreeMap<Guid, Uid> = BTreeMap::new();
     for r in m.messages.values() {
-        if let Some(&keep) = first_uid.get(&r.guid) {
-            duplicates.push((keep, r.uid));
-        } else {
-            first_uid.insert(r.guid, r.uid);
-        }
+        last_uid.insert(r.guid, r.uid);
     }
+    let duplicates: Vec<(Uid, Uid)> =
+        m.messages.values().filter(|r| last_uid[&r.guid] != r.uid).map(|r| (last_uid[&r.guid], r.uid)).collect();
     for (keep, drop) in duplicates {
         let Some(dropped) = m.messages.get(&drop).cloned() else { continue };
         add_tombstone(m, Tombstone { uid: drop, guid: dropped.guid, modseq, expunged: false }, &mut out);
