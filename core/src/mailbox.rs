@@ -271,46 +271,40 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         if m.tombstones.contains_key(&(r.uid, r.guid)) {
             continue;
         }
+        let mut r = r.clone();
         if let Some(&our_uid) = ours_live.get(&r.guid) {
-            if r.uid > our_uid && !m.messages.contains_key(&r.uid) {
+            if r.uid > our_uid {
                 // Same message under a higher UID there: renumbering only ever moves a
-                // message up, so theirs is the later binding. Ours retires; theirs lives.
-                if let Some(mut moved) = m.messages.remove(&our_uid) {
+                // message up, so theirs is the later binding. Ours retires, and theirs is
+                // placed below like any record (it may meet a conflict on its UID).
+                if let Some(ours) = m.messages.remove(&our_uid) {
                     add_tombstone(m, Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false }, &mut out);
                     out.removed.push(our_uid);
-                    join_flags(&mut moved.flags, &r.flags);
-                    moved.uid = r.uid;
-                    moved.modseq = modseq;
-                    m.messages.insert(r.uid, moved.clone());
-                    out.records.push(moved);
-                    let next = r.uid.saturating_add(1);
-                    if next > m.uidnext {
-                        m.uidnext = next;
-                        out.meta_changed = true;
+                    join_flags(&mut r.flags, &ours.flags);
+                    r.modseq = r.modseq.max(ours.modseq);
+                }
+            } else {
+                if our_uid != r.uid {
+                    // Same message here under a higher UID: retire their binding, keep
+                    // ours, take their flag changes.
+                    add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
+                }
+                if let Some(ours) = m.messages.get_mut(&our_uid) {
+                    let flags_changed = join_flags(&mut ours.flags, &r.flags);
+                    if flags_changed {
+                        ours.modseq = modseq;
+                        out.records.push(ours.clone());
+                    } else if r.modseq > ours.modseq {
+                        // A copy saw a later change of this message (from an earlier
+                        // master): adopt its modseq rather than make a new one, so two
+                        // servers that both think they master the mailbox do not outbid
+                        // each other forever.
+                        ours.modseq = r.modseq;
+                        out.records.push(ours.clone());
                     }
                 }
                 continue;
             }
-            if our_uid != r.uid {
-                // Same message known here under a higher (or taken) UID: retire their
-                // binding, keep ours, take their flag changes.
-                add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
-            }
-            if let Some(ours) = m.messages.get_mut(&our_uid) {
-                let flags_changed = join_flags(&mut ours.flags, &r.flags);
-                // A copy that saw a later change of this message (from an earlier master)
-                // must not keep a modseq the master's copy lacks.
-                if flags_changed {
-                    ours.modseq = modseq;
-                    out.records.push(ours.clone());
-                } else if r.modseq > ours.modseq {
-                    // Adopt it rather than make a new one, so two servers that both
-                    // think they master the mailbox do not outbid each other forever.
-                    ours.modseq = r.modseq;
-                    out.records.push(ours.clone());
-                }
-            }
-            continue;
         }
         if ours_dead.contains(&r.guid) {
             // Expunged here under another UID: the expunge wins.
