@@ -1239,12 +1239,7 @@ mod tests {
             env(2, 1, 0, Msg::Request { tag: 5, request: store(None) }),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Saved { uidvalidity: 77, uid: 11, guid })),
             env(1, 2, 0, reply(None, WriteResult::Copied { uidvalidity: 77, uid: 12, guid })),
-            env(
-                1,
-                2,
-                0,
-                reply(Some(Sid(1)), WriteResult::Expunged { uids: vec![4, 5], modseq: 100 }),
-            ),
+            env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Expunged { uids: vec![4, 5], modseq: 100 })),
             env(
                 1,
                 2,
@@ -1558,7 +1553,10 @@ mod tests {
         let cut = full.len() - 3;
         assert_eq!(dec.decode(&full[..cut]).unwrap(), None);
         // Nothing was committed: the id is still unknown on its own...
-        assert!(matches!(dec.decode(b"s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\n"), Err(Error::Decode { .. })));
+        assert!(matches!(
+            dec.decode(b"s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\n"),
+            Err(Error::Decode { .. })
+        ));
         // ...and the retry with the whole input works.
         let (e, n) = dec.decode(full).unwrap().unwrap();
         assert_eq!(n, full.len());
@@ -1569,7 +1567,8 @@ mod tests {
                 request: WriteRequest::Expunge { mailbox: key("u", "a"), messages: vec![(1, Guid(1))] }
             }
         );
-        let (_, n) = dec.decode(b"s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\nrest").unwrap().unwrap();
+        let (_, n) =
+            dec.decode(b"s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\nrest").unwrap().unwrap();
         assert_eq!(n, "s1.s2.0 EXPUNGE 1 1 ((1 00000000000000000000000000000001))\r\n".len());
     }
 

@@ -1,1 +1,54 @@
-fn main() {}
+//! Simulator speed: simulated messages and simulated seconds per wall-clock second, for
+//! the 30-server scenario (random workload and faults) and for a 5-server cluster under
+//! steady load without faults. Run: `cargo bench -p tandem-sim --bench sim_throughput`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+use tandem_sim::{RunOptions, run, scenario};
+
+fn measure(name: &str, s: &scenario::Scenario, runs: u64) {
+    let mut wall = Vec::new();
+    let mut messages = 0;
+    let mut sim_us = 0;
+    for seed in 1..=runs {
+        let started = Instant::now();
+        let report = run(s, &RunOptions { seed: Some(seed), ..Default::default() });
+        wall.push(started.elapsed().as_secs_f64());
+        assert!(report.passed, "{name} seed {seed} failed: {:?}", report.failures);
+        messages += report.messages;
+        sim_us += report.sim_time_us;
+    }
+    let total: f64 = wall.iter().sum();
+    wall.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{name:<34} runs {runs:>2}  median wall {:>7.3} s  sim msgs/wall s {:>10.0}  sim s/wall s {:>8.1}",
+        wall[wall.len() / 2],
+        messages as f64 / total,
+        sim_us as f64 / 1e6 / total
+    );
+}
+
+fn main() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let thirty = scenario::load(&dir.join("thirty-servers.toml")).expect("thirty-servers.toml");
+    let steady = scenario::parse(
+        r#"
+name = "five-servers-steady"
+settle_ms = 60000
+[cluster]
+servers = 5
+[[event]]
+at_ms = 500
+op = "random_workload"
+until_ms = 120000
+ops_per_s = 50
+users = 5
+mailboxes = 3
+"#,
+        None,
+    )
+    .expect("steady scenario");
+    let runs = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    measure("thirty-servers (faults)", &thirty, runs);
+    measure("five-servers-steady (no faults)", &steady, runs);
+}
