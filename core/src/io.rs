@@ -30,6 +30,10 @@ pub struct Config {
     pub anti_entropy_us: u64,
     /// Requests queued at one server waiting for a master or a root.
     pub pending_max: usize,
+    /// A deliberately broken variant, for tests of the oracle only.
+    #[cfg(feature = "broken")]
+    #[serde(default)]
+    pub bug: Option<crate::Bug>,
 }
 
 impl Config {
@@ -45,6 +49,8 @@ impl Config {
             tick_us: 50_000,
             anti_entropy_us: 1_000_000,
             pending_max: 100_000,
+            #[cfg(feature = "broken")]
+            bug: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! [`Server::poll_output`], and [`Server::poll_timeout`] says when to call again.
 #![forbid(unsafe_code)]
 
+pub mod bugs;
 pub mod hash;
 pub mod io;
 pub mod mailbox;
@@ -16,6 +17,7 @@ pub mod store;
 pub mod types;
 pub mod wire;
 
+pub use bugs::{Bug, MergeRules};
 pub use io::*;
 pub use marks::{Mark, Marks};
 pub use msg::*;

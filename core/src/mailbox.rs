@@ -8,6 +8,7 @@
 //! GUIDs on one UID): only the mailbox master renumbers (`merge_as_master`); any other
 //! server refuses the conflicting piece and asks the master for a SYNC.
 
+use crate::bugs::MergeRules;
 use crate::hash::{fnv64, mix64};
 use crate::store::StoredMailbox;
 use crate::types::*;
@@ -102,6 +103,19 @@ pub fn state(key: &MailboxKey, m: &StoredMailbox) -> MailboxState {
     }
 }
 
+/// Per-flag last-writer-wins join (or, in the broken variant, the newer whole set).
+fn join_flags_by(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, FlagState>, rules: &MergeRules) -> bool {
+    if rules.whole_flag_sets {
+        let newest = |m: &BTreeMap<Flag, FlagState>| m.values().map(|s| s.stamp).max();
+        if newest(from) > newest(into) && into != from {
+            *into = from.clone();
+            return true;
+        }
+        return false;
+    }
+    join_flags(into, from)
+}
+
 /// Per-flag last-writer-wins join. Returns whether `into` changed.
 pub fn join_flags(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, FlagState>) -> bool {
     let mut changed = false;
@@ -170,19 +184,42 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
     }
 }
 
+/// Applies foreign tombstones. Returns the live records they retired (not expunged):
+/// their flag changes must follow the message to its new UID.
+fn retire_bindings(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) -> BTreeMap<Guid, MessageRecord> {
+    let mut carried = BTreeMap::new();
+    for t in tombstones {
+        if !t.expunged
+            && let Some(ours) = m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
+        {
+            carried.insert(ours.guid, ours.clone());
+        }
+        add_tombstone(m, *t, out);
+    }
+    carried
+}
+
+/// A message placed at a new UID keeps the flag changes its retired binding had here.
+fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, rules: &MergeRules) {
+    if let Some(old) = carried.get(&r.guid) {
+        join_flags_by(&mut r.flags, &old.flags, rules);
+        r.modseq = r.modseq.max(old.modseq);
+    }
+}
+
 /// Joins `foreign` into `m` at a server that is not the master. A record that would put
 /// a second GUID on a UID this server holds (live or as a tombstone) is refused and
 /// `unresolved` set: binding that UID would show a client two messages under one UID.
-pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeOutcome {
+pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     if foreign.uidvalidity != m.uidvalidity {
         out.unresolved = true;
         return out;
     }
-    for t in &foreign.tombstones {
-        add_tombstone(m, *t, &mut out);
-    }
-    if foreign.tombstones.iter().any(|t| m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid)) {
+    let carried = retire_bindings(m, &foreign.tombstones, &mut out);
+    if !rules.ignore_tombstones
+        && foreign.tombstones.iter().any(|t| m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid))
+    {
         // A live message of ours sits on a UID another message was retired from or
         // expunged from elsewhere: only the master may move ours.
         out.unresolved = true;
@@ -193,7 +230,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeO
         }
         match m.messages.get_mut(&r.uid) {
             Some(ours) if ours.guid == r.guid => {
-                let mut changed = join_flags(&mut ours.flags, &r.flags);
+                let mut changed = join_flags_by(&mut ours.flags, &r.flags, rules);
                 if r.modseq > ours.modseq {
                     ours.modseq = r.modseq;
                     changed = true;
@@ -202,15 +239,22 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeO
                     out.records.push(ours.clone());
                 }
             }
+            Some(_) if rules.replica_overwrites => {
+                m.messages.insert(r.uid, r.clone());
+                out.records.push(r.clone());
+            }
             Some(_) => out.unresolved = true,
             None => {
-                let retired = m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                let retired = !rules.ignore_tombstones
+                    && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
                 let elsewhere = m.messages.values().any(|ours| ours.guid == r.guid);
                 if retired || elsewhere {
                     // A second UID for one message, or a UID used by another: the master
                     // decides which binding lives.
                     out.unresolved = true;
                 } else {
+                    let mut r = r.clone();
+                    carry_flags(&carried, &mut r, rules);
                     m.messages.insert(r.uid, r.clone());
                     out.records.push(r.clone());
                     let next = r.uid.saturating_add(1);
@@ -234,7 +278,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState) -> MergeO
 /// of a UID conflict (two GUIDs on one UID, or a live GUID on a UID another GUID was
 /// expunged from) get new UIDs above every UID either side used, in (old UID, GUID)
 /// order, and the old UID is retired with a tombstone per GUID. `me` stamps the merge.
-pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -> MergeOutcome {
+pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     let same_validity = foreign.uidvalidity == m.uidvalidity;
     let modseq = m.highest_modseq.max(foreign.highest_modseq) + 1;
@@ -242,14 +286,21 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
     // Messages a client expunged (here or on a copy we merged before).
     let ours_dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
+    let mut carried: BTreeMap<Guid, MessageRecord> = BTreeMap::new();
     if same_validity {
         for t in &foreign.tombstones {
+            if !t.expunged
+                && let Some(ours) = m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
+            {
+                carried.insert(ours.guid, ours.clone());
+            }
             if m.tombstones.contains_key(&(t.uid, t.guid)) {
                 add_tombstone(m, *t, &mut out);
                 continue;
             }
             if let Some(ours) = m.messages.get(&t.uid)
                 && ours.guid != t.guid
+                && !rules.ignore_tombstones
             {
                 // The seed's FIXME: the other side expunged another message from this
                 // UID. Ours must move too.
@@ -272,6 +323,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
             continue;
         }
         let mut r = r.clone();
+        carry_flags(&carried, &mut r, rules);
         if let Some(&our_uid) = ours_live.get(&r.guid) {
             if r.uid > our_uid {
                 // Same message under a higher UID there: renumbering only ever moves a
@@ -280,7 +332,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
                 if let Some(ours) = m.messages.remove(&our_uid) {
                     add_tombstone(m, Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false }, &mut out);
                     out.removed.push(our_uid);
-                    join_flags(&mut r.flags, &ours.flags);
+                    join_flags_by(&mut r.flags, &ours.flags, rules);
                     r.modseq = r.modseq.max(ours.modseq);
                 }
             } else {
@@ -290,7 +342,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
                     add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
                 }
                 if let Some(ours) = m.messages.get_mut(&our_uid) {
-                    let flags_changed = join_flags(&mut ours.flags, &r.flags);
+                    let flags_changed = join_flags_by(&mut ours.flags, &r.flags, rules);
                     if flags_changed {
                         ours.modseq = modseq;
                         out.records.push(ours.clone());
@@ -318,7 +370,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
                 movers.insert((r.uid, r.guid), r.clone());
             }
             None => {
-                let retired = m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                let retired = !rules.ignore_tombstones
+                    && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
                 if retired {
                     out.tombstone_conflict = true;
                     movers.insert((r.uid, r.guid), r.clone());
@@ -349,7 +402,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
         let Some(dropped) = m.messages.get(&drop).cloned() else { continue };
         add_tombstone(m, Tombstone { uid: drop, guid: dropped.guid, modseq, expunged: false }, &mut out);
         if let Some(kept) = m.messages.get_mut(&keep) {
-            join_flags(&mut kept.flags, &dropped.flags);
+            join_flags_by(&mut kept.flags, &dropped.flags, rules);
             kept.modseq = modseq;
             out.records.push(kept.clone());
         }
@@ -359,6 +412,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
     for (uid, guid) in m.tombstones.keys() {
         if let Some(ours) = m.messages.get(uid)
             && ours.guid != *guid
+            && !rules.ignore_tombstones
         {
             out.tombstone_conflict = true;
             movers.insert((ours.uid, ours.guid), ours.clone());
@@ -405,9 +459,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, me: Sid) -
             out.records.push(r.clone());
         }
     }
-    let _ = me;
     debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
-    debug_assert!(no_retired_uid_live(m), "a live UID is also retired for another message");
+    debug_assert!(rules.ignore_tombstones || no_retired_uid_live(m), "a live UID is also retired for another message");
     debug_assert!(m.messages.keys().all(|&u| u < m.uidnext), "a live UID is not below UIDNEXT");
     out
 }
@@ -463,14 +516,14 @@ mod tests {
     fn seed_uid_conflict_renumbers_both_above_everything() {
         let mut s1 = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[])]);
         let s2 = mbox(vec![rec(1, 10, &[]), rec(2, 30, &[])]);
-        let out = merge_as_master(&mut s1, &st(&s2), Sid(1));
+        let out = merge_as_master(&mut s1, &st(&s2), &MergeRules::default());
         assert_eq!(out.renumbered, 2);
         let by_uid: Vec<(Uid, u128)> = s1.messages.values().map(|r| (r.uid, r.guid.0)).collect();
         assert_eq!(by_uid, vec![(1, 10), (3, 20), (4, 30)]);
         assert!(s1.tombstones.contains_key(&(2, Guid(20))) && s1.tombstones.contains_key(&(2, Guid(30))));
         // The other side applies the outcome and agrees.
         let mut s2 = s2;
-        let applied = merge_as_replica(&mut s2, &st(&s1));
+        let applied = merge_as_replica(&mut s2, &st(&s1), &MergeRules::default());
         assert!(!applied.unresolved);
         assert_eq!(digest(&s2), digest(&s1));
     }
@@ -481,7 +534,7 @@ mod tests {
         let mut other = mbox(vec![]);
         other.tombstones.insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true });
         other.uidnext = 2;
-        let out = merge_as_master(&mut master, &st(&other), Sid(1));
+        let out = merge_as_master(&mut master, &st(&other), &MergeRules::default());
         assert!(out.tombstone_conflict);
         assert_eq!(master.messages.keys().copied().collect::<Vec<_>>(), vec![2]);
     }
@@ -491,8 +544,8 @@ mod tests {
         // Base (\Flagged) at modseq 1; s1 +\Answered at 2; s2 +\Seen -\Flagged at 2.
         let mut s1 = mbox(vec![rec(1, 10, &[("\\Flagged", true, 1), ("\\Answered", true, 2)])]);
         let mut s2 = mbox(vec![rec(1, 10, &[("\\Flagged", false, 2), ("\\Seen", true, 2)])]);
-        merge_as_master(&mut s1, &st(&s2), Sid(1));
-        merge_as_replica(&mut s2, &st(&s1));
+        merge_as_master(&mut s1, &st(&s2), &MergeRules::default());
+        merge_as_replica(&mut s2, &st(&s1), &MergeRules::default());
         for m in [&s1, &s2] {
             let flags: Vec<String> = m.messages[&1].present_flags().iter().map(|f| f.to_string()).collect();
             assert_eq!(flags, vec!["\\Answered", "\\Seen"]);
@@ -503,7 +556,7 @@ mod tests {
     #[test]
     fn replica_refuses_a_second_guid_on_a_uid() {
         let mut r = mbox(vec![rec(1, 10, &[])]);
-        let out = merge_as_replica(&mut r, &st(&mbox(vec![rec(1, 11, &[])])));
+        let out = merge_as_replica(&mut r, &st(&mbox(vec![rec(1, 11, &[])])), &MergeRules::default());
         assert!(out.unresolved);
         assert_eq!(r.messages[&1].guid, Guid(10));
     }
@@ -512,9 +565,9 @@ mod tests {
     fn merges_are_idempotent() {
         let mut a = mbox(vec![rec(1, 10, &[("\\Seen", true, 3)])]);
         let b = mbox(vec![rec(1, 10, &[("\\Seen", false, 4)]), rec(2, 20, &[])]);
-        merge_as_replica(&mut a, &st(&b));
+        merge_as_replica(&mut a, &st(&b), &MergeRules::default());
         let d = digest(&a);
-        let again = merge_as_replica(&mut a, &st(&b));
+        let again = merge_as_replica(&mut a, &st(&b), &MergeRules::default());
         assert!(!again.changed());
         assert_eq!(digest(&a), d);
     }

@@ -44,6 +44,19 @@ pub struct Oracle {
     /// Last UIDNEXT/HIGHESTMODSEQ written by each server incarnation.
     written_meta: BTreeMap<(Sid, u64, MailboxKey), (u32, Uid, ModSeq)>,
     pub violations: Vec<Violation>,
+    /// Per message and flag: asked to be added / removed by any STORE, and added /
+    /// removed by an acknowledged STORE.
+    flag_requests: BTreeMap<(MailboxKey, Guid, Flag), FlagHistory>,
+    /// Flags a SAVE asked for.
+    saved_with: BTreeSet<(MailboxKey, Guid, Flag)>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct FlagHistory {
+    add_requested: bool,
+    remove_requested: bool,
+    add_acked: bool,
+    remove_acked: bool,
 }
 
 impl Oracle {
@@ -146,6 +159,34 @@ impl Oracle {
         }
     }
 
+    pub fn store_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid], add: &[Flag], remove: &[Flag]) {
+        for g in guids {
+            for f in add {
+                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().add_requested = true;
+            }
+            for f in remove.iter().filter(|f| !add.contains(f)) {
+                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().remove_requested = true;
+            }
+        }
+    }
+
+    pub fn store_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid], add: &[Flag], remove: &[Flag]) {
+        for g in guids {
+            for f in add {
+                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().add_acked = true;
+            }
+            for f in remove.iter().filter(|f| !add.contains(f)) {
+                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().remove_acked = true;
+            }
+        }
+    }
+
+    pub fn saved_flags(&mut self, mailbox: &MailboxKey, guid: Guid, flags: &[Flag]) {
+        for f in flags {
+            self.saved_with.insert((mailbox.clone(), guid, f.clone()));
+        }
+    }
+
     /// CONDSTORE: a rejected message must have had a modseq above UNCHANGEDSINCE.
     pub fn stored(&mut self, time_us: u64, server: Sid, unchanged_since: Option<ModSeq>, result: &WriteResult) {
         let WriteResult::Stored { rejected, current, .. } = result else { return };
@@ -211,6 +252,25 @@ impl Oracle {
                             ),
                         );
                     }
+                }
+            }
+        }
+        // Flag deltas survive every merge: a flag an acknowledged STORE added that no
+        // request ever removed is set at the end, and one an acknowledged STORE removed
+        // that no request (nor the SAVE) ever added is clear. Whole-flag-set merges fail.
+        for (sid, image) in stores {
+            for ((mailbox, guid, flag), h) in &self.flag_requests.clone() {
+                let found = image.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == *guid));
+                let Some(r) = found else { continue };
+                let present = r.flags.get(flag).is_some_and(|s| s.present);
+                if h.add_acked && !h.remove_requested && !present {
+                    let detail = format!("{sid}: {guid} in {mailbox} lost {flag}, added by an acknowledged STORE and never removed");
+                    self.violate(FLAGS_AGREE, time_us, detail);
+                }
+                let saved_with = self.saved_with.contains(&(mailbox.clone(), *guid, flag.clone()));
+                if h.remove_acked && !h.add_requested && !saved_with && present {
+                    let detail = format!("{sid}: {guid} in {mailbox} has {flag} back, removed by an acknowledged STORE and never added");
+                    self.violate(FLAGS_AGREE, time_us, detail);
                 }
             }
         }

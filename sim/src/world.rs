@@ -110,6 +110,10 @@ struct Outstanding {
     mailbox: Option<MailboxKey>,
     expunging: Vec<Guid>,
     unchanged_since: Option<ModSeq>,
+    /// A STORE's messages as (UID here, GUID) and its deltas.
+    storing: Vec<(Uid, Guid)>,
+    add: Vec<Flag>,
+    remove: Vec<Flag>,
 }
 
 pub struct World {
@@ -836,6 +840,7 @@ impl World {
             ) => {
                 if let Some(mailbox) = &o.mailbox {
                     self.oracle.saved(t, sid, mailbox, *uidvalidity, *uid, *guid);
+                    self.oracle.saved_flags(mailbox, *guid, &o.add);
                 }
                 if let Some(label) = &o.label {
                     self.labels.insert(label.clone(), *guid);
@@ -846,8 +851,12 @@ impl World {
                     self.oracle.expunge_acked(mailbox, &o.expunging);
                 }
             }
-            ClientReply::Write(result @ WriteResult::Stored { .. }) => {
-                self.oracle.stored(t, sid, o.unchanged_since, result)
+            ClientReply::Write(result @ WriteResult::Stored { rejected, .. }) => {
+                self.oracle.stored(t, sid, o.unchanged_since, result);
+                if let Some(mailbox) = &o.mailbox {
+                    let done: Vec<Guid> = o.storing.iter().filter(|(u, _)| !rejected.contains(u)).map(|m| m.1).collect();
+                    self.oracle.store_acked(mailbox, &done, &o.add, &o.remove);
+                }
             }
             _ => {}
         }
@@ -865,6 +874,9 @@ impl World {
             mailbox: None,
             expunging: Vec::new(),
             unchanged_since: None,
+            storing: Vec::new(),
+            add: Vec::new(),
+            remove: Vec::new(),
         };
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
@@ -874,10 +886,11 @@ impl World {
                 let request = ClientRequest::Save {
                     mailbox: mailbox.clone(),
                     received: 1_700_000_000 + self.now.0 / 1_000_000,
-                    flags,
+                    flags: flags.clone(),
                     body,
                 };
-                self.request(server, request, event, Outstanding { label, mailbox: Some(mailbox), ..none() });
+                let o = Outstanding { label, mailbox: Some(mailbox), add: flags, ..none() };
+                self.request(server, request, event, o);
             }
             Action::Copy { server, from, label, to, as_label } => {
                 let Some(uid) = self.uid_of(server, &from, &label) else { return self.skip(server, &label, event) };
@@ -901,7 +914,9 @@ impl World {
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), expunging, ..none() });
             }
             Action::Store { server, mailbox, labels, add, remove, unchanged_since } => {
-                let uids: Vec<Uid> = labels.iter().filter_map(|l| self.uid_of(server, &mailbox, l)).collect();
+                let storing: Vec<(Uid, Guid)> =
+                    labels.iter().filter_map(|l| Some((self.uid_of(server, &mailbox, l)?, *self.labels.get(l)?))).collect();
+                let uids: Vec<Uid> = storing.iter().map(|m| m.0).collect();
                 if uids.is_empty() {
                     return self.skip(server, &labels.join(","), event);
                 }
@@ -915,14 +930,17 @@ impl World {
                         .and_then(|s| s.image().mailboxes.get(&mailbox))
                         .map(|m| uids.iter().filter_map(|u| m.messages.get(u)).map(|r| r.modseq).max().unwrap_or(0)),
                 };
-                let request =
-                    ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since: since };
-                self.request(
-                    server,
-                    request,
-                    event,
-                    Outstanding { mailbox: Some(mailbox), unchanged_since: since, ..none() },
-                );
+                let guids: Vec<Guid> = storing.iter().map(|m| m.1).collect();
+                self.oracle.store_requested(&mailbox, &guids, &add, &remove);
+                let request = ClientRequest::Store {
+                    mailbox: mailbox.clone(),
+                    uids,
+                    add: add.clone(),
+                    remove: remove.clone(),
+                    unchanged_since: since,
+                };
+                let o = Outstanding { mailbox: Some(mailbox), unchanged_since: since, storing, add, remove, ..none() };
+                self.request(server, request, event, o);
             }
             Action::Read { server, mailbox } => self.request(
                 server,

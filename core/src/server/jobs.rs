@@ -383,7 +383,9 @@ impl Server {
                     }
                 };
                 let need = match (&result, replicated, self.cfg.durability) {
-                    (WriteResult::Saved { .. } | WriteResult::Copied { .. }, Some(_), Durability::Sync) => {
+                    (WriteResult::Saved { .. } | WriteResult::Copied { .. }, Some(_), Durability::Sync)
+                        if !self.has_bug(crate::Bug::AckBeforeReplicaDurable) =>
+                    {
                         usize::from(self.cfg.replicas)
                     }
                     _ => 0,

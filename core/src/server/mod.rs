@@ -240,6 +240,28 @@ impl Server {
         }
     }
 
+    /// Whether a deliberately broken variant is switched on (never without the
+    /// `broken` feature).
+    pub(crate) fn has_bug(&self, bug: crate::Bug) -> bool {
+        #[cfg(feature = "broken")]
+        {
+            self.cfg.bug == Some(bug)
+        }
+        #[cfg(not(feature = "broken"))]
+        {
+            let _ = bug;
+            false
+        }
+    }
+
+    pub(crate) fn merge_rules(&self) -> crate::MergeRules {
+        crate::MergeRules {
+            whole_flag_sets: self.has_bug(crate::Bug::WholeFlagSets),
+            ignore_tombstones: self.has_bug(crate::Bug::IgnoreTombstones),
+            replica_overwrites: self.has_bug(crate::Bug::ReplicaOverwritesUid),
+        }
+    }
+
     pub(crate) fn push_send(&mut self, to: Sid, envelope: Envelope) {
         self.outputs.push_back(Output::Send { to, envelope });
     }

@@ -229,14 +229,20 @@ impl Server {
     pub(crate) fn merge_foreign(&mut self, src: Sid, state: &MailboxState, from_log: bool) -> MergeOutcome {
         let key = self.master_key(&state.mailbox);
         let is_master = self.mastered.contains_key(&key);
-        let me = self.cfg.sid;
+        let rules = self.merge_rules();
+        let reuse_bug = self.has_bug(crate::Bug::ReuseUidAfterRenumber);
         let mailbox = state.mailbox.clone();
         let is_new = !self.db.mailboxes.contains_key(&mailbox);
         let m = self.mailbox_mut(&mailbox);
         if is_new {
             m.uidvalidity = state.uidvalidity;
         }
-        let out = if is_master { mailbox::merge_as_master(m, state, me) } else { mailbox::merge_as_replica(m, state) };
+        let out = if is_master { mailbox::merge_as_master(m, state, &rules) } else { mailbox::merge_as_replica(m, state, &rules) };
+        if reuse_bug && is_master && out.renumbered > 0 {
+            if let Some(retired) = out.tombstones.iter().filter(|t| !t.expunged).map(|t| t.uid).min() {
+                m.uidnext = retired;
+            }
+        }
         let _ = from_log;
         if is_new {
             self.persist_meta(&mailbox);

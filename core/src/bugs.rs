@@ -1,0 +1,54 @@
+//! Deliberately broken protocol variants, to prove that the simulator's oracle and
+//! explorer catch real bugs. A bug can only be switched on through `Config::bug`, which
+//! exists only when tandem-core is built with the `broken` feature (tests do that; an
+//! operator's build never has it).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Bug {
+    /// After renumbering a UID conflict the master sets UIDNEXT back to the retired UID,
+    /// so the next SAVE reuses it.
+    ReuseUidAfterRenumber,
+    /// Flag merges take one side's whole flag set instead of replaying both sides'
+    /// deltas flag by flag.
+    WholeFlagSets,
+    /// Sync mode answers SAVE/COPY before any replica has made it durable.
+    AckBeforeReplicaDurable,
+    /// Tombstones are ignored when looking for UID conflicts (the seed's FIXME unsolved).
+    IgnoreTombstones,
+    /// A replica that meets a second GUID on a UID it holds overwrites its own.
+    ReplicaOverwritesUid,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 5] = [
+        Bug::ReuseUidAfterRenumber,
+        Bug::WholeFlagSets,
+        Bug::AckBeforeReplicaDurable,
+        Bug::IgnoreTombstones,
+        Bug::ReplicaOverwritesUid,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::ReuseUidAfterRenumber => "reuse-uid-after-renumber",
+            Bug::WholeFlagSets => "whole-flag-sets",
+            Bug::AckBeforeReplicaDurable => "ack-before-replica-durable",
+            Bug::IgnoreTombstones => "ignore-tombstones",
+            Bug::ReplicaOverwritesUid => "replica-overwrites-uid",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Bug> {
+        Bug::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+/// How merges behave; the default is the correct protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeRules {
+    pub whole_flag_sets: bool,
+    pub ignore_tombstones: bool,
+    pub replica_overwrites: bool,
+}
