@@ -186,7 +186,11 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
 
 /// Applies foreign tombstones. Returns the live records they retired (not expunged):
 /// their flag changes must follow the message to its new UID.
-fn retire_bindings(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) -> BTreeMap<Guid, MessageRecord> {
+fn retire_bindings(
+    m: &mut StoredMailbox,
+    tombstones: &[Tombstone],
+    out: &mut MergeOutcome,
+) -> BTreeMap<Guid, MessageRecord> {
     let mut carried = BTreeMap::new();
     for t in tombstones {
         if !t.expunged
@@ -197,6 +201,21 @@ fn retire_bindings(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut Me
         add_tombstone(m, *t, out);
     }
     carried
+}
+
+/// Flag changes made on a binding that was retired meanwhile follow the message to the
+/// UID it lives at now (never to an expunged one).
+fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out: &mut MergeOutcome) {
+    let expunged = m.tombstones.get(&(r.uid, r.guid)).is_some_and(|t| t.expunged);
+    if expunged {
+        return;
+    }
+    if let Some(live) = m.messages.values_mut().find(|x| x.guid == r.guid)
+        && join_flags_by(&mut live.flags, &r.flags, rules)
+    {
+        live.modseq = live.modseq.max(r.modseq);
+        out.records.push(live.clone());
+    }
 }
 
 /// A message placed at a new UID keeps the flag changes its retired binding had here.
@@ -216,7 +235,24 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         out.unresolved = true;
         return out;
     }
-    let carried = retire_bindings(m, &foreign.tombstones, &mut out);
+    // A retirement whose replacement binding cannot be placed here is not applied yet:
+    // our binding stays live (with its flag changes) until the master settles it.
+    let placeable = |m: &StoredMailbox, r: &MessageRecord| {
+        !m.tombstones.contains_key(&(r.uid, r.guid))
+            && m.messages.get(&r.uid).is_none_or(|ours| ours.guid == r.guid)
+            && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).all(|((_, g), _)| *g == r.guid)
+    };
+    let mut tombstones = Vec::new();
+    for t in &foreign.tombstones {
+        let ours_live = m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid);
+        let replacement = foreign.messages.iter().find(|r| r.guid == t.guid && r.uid != t.uid);
+        if !t.expunged && ours_live && replacement.is_some_and(|r| !placeable(m, r)) {
+            out.unresolved = true;
+            continue;
+        }
+        tombstones.push(*t);
+    }
+    let carried = retire_bindings(m, &tombstones, &mut out);
     if !rules.ignore_tombstones
         && foreign.tombstones.iter().any(|t| m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid))
     {
@@ -226,6 +262,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
     }
     for r in &foreign.messages {
         if m.tombstones.contains_key(&(r.uid, r.guid)) {
+            follow_guid(m, r, rules, &mut out);
             continue;
         }
         match m.messages.get_mut(&r.uid) {
@@ -320,6 +357,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
             continue;
         }
         if m.tombstones.contains_key(&(r.uid, r.guid)) {
+            follow_guid(m, r, rules, &mut out);
             continue;
         }
         let mut r = r.clone();
@@ -570,5 +608,42 @@ mod tests {
         let again = merge_as_replica(&mut a, &st(&b), &MergeRules::default());
         assert!(!again.changed());
         assert_eq!(digest(&a), d);
+    }
+}
+
+#[cfg(test)]
+mod carry_tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_binding_carries_its_flags_to_the_new_uid() {
+        let key = MailboxKey::new("u", "INBOX");
+        let mut m = new_mailbox(&key);
+        let stamp = Stamp { modseq: 26, sid: Sid(4) };
+        let mut rec = MessageRecord {
+            uid: 17,
+            guid: Guid(9),
+            received: 0,
+            size: 1,
+            checksum: 0,
+            modseq: 26,
+            flags: BTreeMap::new(),
+        };
+        rec.flags.insert(Flag::new("$Work").unwrap(), FlagState { present: true, stamp });
+        m.messages.insert(17, rec.clone());
+        m.uidnext = 18;
+        let moved = MessageRecord { uid: 34, modseq: 36, flags: BTreeMap::new(), ..rec.clone() };
+        let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false };
+        let fragment = MailboxState {
+            mailbox: key.clone(),
+            uidvalidity: m.uidvalidity,
+            uidnext: 35,
+            highest_modseq: 36,
+            messages: vec![moved],
+            tombstones: vec![t(17, 30), t(23, 36)],
+        };
+        let out = merge_as_replica(&mut m, &fragment, &MergeRules::default());
+        assert!(!out.unresolved);
+        assert_eq!(m.messages[&34].present_flags(), vec![Flag::new("$Work").unwrap()]);
     }
 }

@@ -28,12 +28,14 @@ pub enum WriteRequest {
         flags: Vec<Flag>,
         body: Vec<u8>,
     },
+    /// COPY keeps the message's flags (RFC 3501), as the sender's client saw them.
     Copy {
         src: MailboxKey,
         src_uid: Uid,
         guid: Guid,
         dst: MailboxKey,
         received: u64,
+        flags: Vec<Flag>,
     },
     /// Messages as (UID, GUID) the way the sender's client saw them: the master acts on
     /// the GUID, so a UID that means another message at the master (before a conflict

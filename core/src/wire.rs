@@ -24,7 +24,7 @@
 //! | `MASTER-MOVE` | `<tag> <key> <requester-sid>` |
 //! | `MOVED` | `<tag> <key> <epoch> (<state>...)` |
 //! | `SAVE` | `<tag> <mbox> <guid> <received> (<flag>...) {n}<body>` |
-//! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received>` |
+//! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
 //! | `REPLY` | `<tag> <master-sid>\|NIL <result>` |
@@ -867,8 +867,8 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Save { mailbox, guid, received, flags, body } => {
             w.mailbox(mailbox).guid(*guid).num(*received).flags(flags).body(body);
         }
-        WriteRequest::Copy { src, src_uid, guid, dst, received } => {
-            w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received);
+        WriteRequest::Copy { src, src_uid, guid, dst, received, flags } => {
+            w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received).flags(flags);
         }
         WriteRequest::Expunge { mailbox, messages } => {
             w.mailbox(mailbox);
@@ -915,6 +915,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             guid: r.guid()?,
             dst: r.mailbox()?,
             received: r.u64()?,
+            flags: r.flags()?,
         },
         b"EXPUNGE" => WriteRequest::Expunge { mailbox: r.mailbox()?, messages: read_uid_guids(r)? },
         _ => WriteRequest::Store {
@@ -1223,7 +1224,14 @@ mod tests {
                 0,
                 Msg::Request {
                     tag: 2,
-                    request: WriteRequest::Copy { src: inbox.clone(), src_uid: 4, guid, dst: odd.clone(), received: 0 },
+                    request: WriteRequest::Copy {
+                        src: inbox.clone(),
+                        src_uid: 4,
+                        guid,
+                        dst: odd.clone(),
+                        received: 0,
+                        flags: vec![],
+                    },
                 },
             ),
             env(
@@ -1494,8 +1502,14 @@ mod tests {
         Encoder::new().encode(&e, &mut fresh);
         assert!(fresh.starts_with(b"* MBOX 1 \"u\" \"box\"\r\n"));
         // A copy between two new mailboxes binds both before the command.
-        let copy =
-            WriteRequest::Copy { src: key("u", "a"), src_uid: 1, guid: Guid(2), dst: key("u", "b"), received: 3 };
+        let copy = WriteRequest::Copy {
+            src: key("u", "a"),
+            src_uid: 1,
+            guid: Guid(2),
+            dst: key("u", "b"),
+            received: 3,
+            flags: vec![],
+        };
         let mut out = Vec::new();
         enc.encode(&env(1, 2, 0, Msg::Request { tag: 2, request: copy }), &mut out);
         let text = String::from_utf8(out).unwrap();
@@ -1524,8 +1538,14 @@ mod tests {
     fn encoder_recycles_ids_but_not_within_a_command() {
         let mut enc = Encoder { ids_max: 2, ..Encoder::new() };
         let copy = |a: &str, b: &str| {
-            let request =
-                WriteRequest::Copy { src: key("u", a), src_uid: 1, guid: Guid(2), dst: key("u", b), received: 3 };
+            let request = WriteRequest::Copy {
+                src: key("u", a),
+                src_uid: 1,
+                guid: Guid(2),
+                dst: key("u", b),
+                received: 3,
+                flags: vec![],
+            };
             env(1, 2, 0, Msg::Request { tag: 1, request })
         };
         let envs = vec![copy("a", "b"), copy("c", "a"), copy("b", "c"), copy("c", "d"), copy("d", "c")];

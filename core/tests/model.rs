@@ -244,6 +244,7 @@ impl Model {
             return permanent();
         }
         let guid = msg.guid;
+        let flags = msg.flags.clone();
         let b = self.boxes.entry(dst.to_string()).or_insert_with(MBox::new);
         let uidvalidity = key(dst).initial_uidvalidity();
         // DEVIATION (design): a GUID is live at most once per mailbox, so a second COPY of
@@ -257,9 +258,8 @@ impl Model {
         let uid = b.uidnext;
         b.uidnext += 1;
         b.hms += 1;
-        // DEVIATION: the core COPYs without flags (`master_save(.., &[], ..)`); RFC 3501
-        // says COPY keeps them. See `copy_preserves_flags` (ignored).
-        b.messages.insert(uid, MMsg { guid, flags: BTreeSet::new(), modseq: b.hms });
+        // COPY keeps the message's flags (RFC 3501).
+        b.messages.insert(uid, MMsg { guid, flags, modseq: b.hms });
         ClientReply::Write(WriteResult::Copied { uidvalidity, uid, guid })
     }
 
@@ -601,7 +601,6 @@ fn copy_failures_and_unknown_mailboxes() {
 /// RFC 3501 6.4.7: COPY keeps the flags (and the internal date). The core copies with no
 /// flags: `execute` calls `master_save(&dst, guid, received, &[], None, tag)`.
 #[test]
-#[ignore = "core deviation: COPY drops the source message's flags"]
 fn copy_preserves_flags() {
     let mut h = Harness::new(Durability::Sync, Mode::Isolated);
     let uid = save(&mut h, "INBOX", &["\\Seen", "$Work"]);
@@ -615,7 +614,6 @@ fn copy_preserves_flags() {
 /// per name, to the reply. A front end turning the reply into `* n EXPUNGE` lines would
 /// send one too many. Minimal sequence: SAVE INBOX; EXPUNGE INBOX [1, 1].
 #[test]
-#[ignore = "core bug: a UID named twice in EXPUNGE is reported expunged twice"]
 fn expunge_duplicate_uid_reported_once() {
     let mut h = Harness::new(Durability::Sync, Mode::Isolated);
     let uid = save(&mut h, "INBOX", &[]);
@@ -629,7 +627,6 @@ fn expunge_duplicate_uid_reported_once() {
 /// without it the reply carries spurious `current` flags. Minimal sequence:
 /// SAVE INBOX; STORE INBOX [1, 1] +\Seen UNCHANGEDSINCE 1.
 #[test]
-#[ignore = "core bug: a UID named twice in STORE is applied twice and rejected by its own change"]
 fn store_duplicate_uid_counts_once() {
     let mut h = Harness::new(Durability::Sync, Mode::Isolated);
     let uid = save(&mut h, "INBOX", &[]);
@@ -646,7 +643,6 @@ fn store_duplicate_uid_counts_once() {
 /// with no link up (DESIGN.md: each side of a partition proceeds on its own).
 /// Minimal sequence: Config::new(s1, [s1]), replicas = 0; SAVE INBOX; Timers.
 #[test]
-#[ignore = "core bug: a server with no peers never becomes root, so it never serves a write"]
 fn lone_server_serves_writes() {
     let mut cfg = Config::new(S1, vec![S1]);
     cfg.replicas = 0;

@@ -406,7 +406,7 @@ impl Harness {
         }
         let pick = |v: u8| [peer, S1, if peer == S2 { S3 } else { S2 }][usize::from(v) % 3];
         let msg = match sent.msg {
-            Msg::Root { epoch, root } => {
+            Msg::Root { epoch, .. } => {
                 if v % 4 == 3 {
                     Msg::Root { epoch: epoch + 1, root: pick(v >> 2) }
                 } else {

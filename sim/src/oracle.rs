@@ -264,12 +264,16 @@ impl Oracle {
                 let Some(r) = found else { continue };
                 let present = r.flags.get(flag).is_some_and(|s| s.present);
                 if h.add_acked && !h.remove_requested && !present {
-                    let detail = format!("{sid}: {guid} in {mailbox} lost {flag}, added by an acknowledged STORE and never removed");
+                    let detail = format!(
+                        "{sid}: {guid} in {mailbox} lost {flag}, added by an acknowledged STORE and never removed"
+                    );
                     self.violate(FLAGS_AGREE, time_us, detail);
                 }
                 let saved_with = self.saved_with.contains(&(mailbox.clone(), *guid, flag.clone()));
                 if h.remove_acked && !h.add_requested && !saved_with && present {
-                    let detail = format!("{sid}: {guid} in {mailbox} has {flag} back, removed by an acknowledged STORE and never added");
+                    let detail = format!(
+                        "{sid}: {guid} in {mailbox} has {flag} back, removed by an acknowledged STORE and never added"
+                    );
                     self.violate(FLAGS_AGREE, time_us, detail);
                 }
             }

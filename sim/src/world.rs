@@ -854,7 +854,8 @@ impl World {
             ClientReply::Write(result @ WriteResult::Stored { rejected, .. }) => {
                 self.oracle.stored(t, sid, o.unchanged_since, result);
                 if let Some(mailbox) = &o.mailbox {
-                    let done: Vec<Guid> = o.storing.iter().filter(|(u, _)| !rejected.contains(u)).map(|m| m.1).collect();
+                    let done: Vec<Guid> =
+                        o.storing.iter().filter(|(u, _)| !rejected.contains(u)).map(|m| m.1).collect();
                     self.oracle.store_acked(mailbox, &done, &o.add, &o.remove);
                 }
             }
@@ -914,8 +915,10 @@ impl World {
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), expunging, ..none() });
             }
             Action::Store { server, mailbox, labels, add, remove, unchanged_since } => {
-                let storing: Vec<(Uid, Guid)> =
-                    labels.iter().filter_map(|l| Some((self.uid_of(server, &mailbox, l)?, *self.labels.get(l)?))).collect();
+                let storing: Vec<(Uid, Guid)> = labels
+                    .iter()
+                    .filter_map(|l| Some((self.uid_of(server, &mailbox, l)?, *self.labels.get(l)?)))
+                    .collect();
                 let uids: Vec<Uid> = storing.iter().map(|m| m.0).collect();
                 if uids.is_empty() {
                     return self.skip(server, &labels.join(","), event);

@@ -105,7 +105,14 @@ impl Server {
                     );
                     return;
                 };
-                WriteRequest::Copy { src, src_uid, guid: record.guid, dst, received: record.received }
+                WriteRequest::Copy {
+                    src,
+                    src_uid,
+                    guid: record.guid,
+                    dst,
+                    received: record.received,
+                    flags: record.present_flags(),
+                }
             }
             ClientRequest::Expunge { mailbox, uids } => {
                 let messages = self.resolve_uids(&mailbox, &uids);
@@ -360,7 +367,7 @@ impl Server {
                     WriteRequest::Save { mailbox, guid, received, flags, body } => {
                         self.master_save(&mailbox, guid, received, &flags, Some(body), tag)
                     }
-                    WriteRequest::Copy { src, guid, dst, received, .. } => {
+                    WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
                         if src == dst {
                             (fail(FailKind::Permanent, "COPY into the source mailbox is not supported"), None)
                         } else if !self.db.bodies.contains_key(&guid) && !self.has_live(&dst, guid) {
@@ -374,8 +381,20 @@ impl Server {
                             }
                             return;
                         } else {
-                            self.master_save(&dst, guid, received, &[], None, tag)
+                            self.master_save(&dst, guid, received, &flags, None, tag)
                         }
+                    }
+                    WriteRequest::Expunge { mailbox, messages } | WriteRequest::Store { mailbox, messages, .. }
+                        if unknown_here(self.db.mailboxes.get(&mailbox), &messages) =>
+                    {
+                        // Fetch the sender's copy so the next try finds the messages here.
+                        if let Some(Origin::Peer { sid, .. }) = self.jobs.get(&tag).map(|j| j.origin.clone()) {
+                            let state = self.db.mailboxes.get(&mailbox).map(|m| mailbox::state(&mailbox, m));
+                            if let Some(state) = state {
+                                self.send(sid, Msg::Sync { reply: false, state });
+                            }
+                        }
+                        (fail(FailKind::Temporary, "the master does not have that message yet"), None)
                     }
                     WriteRequest::Expunge { mailbox, messages } => (self.master_expunge(&mailbox, &messages), None),
                     WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } => {
@@ -746,14 +765,26 @@ impl Server {
 }
 
 /// (sender's UID, our UID) of each message the sender named, found by GUID.
+/// Each message named once, however often the request repeats it.
 fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec<(Uid, Uid)> {
+    let mut seen = BTreeSet::new();
     messages
         .iter()
         .filter_map(|(theirs, guid)| match m.messages.get(theirs) {
             Some(r) if r.guid == *guid => Some((*theirs, *theirs)),
             _ => m.messages.values().find(|r| r.guid == *guid).map(|r| (*theirs, r.uid)),
         })
+        .filter(|(_, ours)| seen.insert(*ours))
         .collect()
+}
+
+/// Messages named by a request that the master has neither live nor tombstoned: its
+/// copy lags the sender's, so it cannot order a change to them yet.
+fn unknown_here(m: Option<&crate::store::StoredMailbox>, messages: &[(Uid, Guid)]) -> bool {
+    let Some(m) = m else { return !messages.is_empty() };
+    messages
+        .iter()
+        .any(|(_, guid)| !m.messages.values().any(|r| r.guid == *guid) && !m.tombstones.keys().any(|(_, g)| g == guid))
 }
 
 /// Checks a write before it is routed anywhere.

@@ -403,6 +403,8 @@ impl Server {
             return;
         }
         self.next_tick = self.now.plus_us(self.cfg.tick_us);
+        // A server that starts alone (or lost every link) is its own root.
+        self.check_root();
         self.expire_jobs();
         if self.is_root() && !self.root_state.active {
             self.broadcast_term();

@@ -237,11 +237,17 @@ impl Server {
         if is_new {
             m.uidvalidity = state.uidvalidity;
         }
-        let out = if is_master { mailbox::merge_as_master(m, state, &rules) } else { mailbox::merge_as_replica(m, state, &rules) };
-        if reuse_bug && is_master && out.renumbered > 0 {
-            if let Some(retired) = out.tombstones.iter().filter(|t| !t.expunged).map(|t| t.uid).min() {
-                m.uidnext = retired;
-            }
+        let out = if is_master {
+            mailbox::merge_as_master(m, state, &rules)
+        } else {
+            mailbox::merge_as_replica(m, state, &rules)
+        };
+        if reuse_bug
+            && is_master
+            && out.renumbered > 0
+            && let Some(retired) = out.tombstones.iter().filter(|t| !t.expunged).map(|t| t.uid).min()
+        {
+            m.uidnext = retired;
         }
         let _ = from_log;
         if is_new {
