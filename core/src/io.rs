@@ -37,6 +37,21 @@ pub struct Config {
 }
 
 impl Config {
+    /// Switches a deliberately broken variant on (tests of the oracle only). Refused in a
+    /// build without the `broken` feature.
+    pub fn set_bug(&mut self, bug: Option<crate::Bug>) -> Result<(), crate::Error> {
+        #[cfg(feature = "broken")]
+        {
+            self.bug = bug;
+            Ok(())
+        }
+        #[cfg(not(feature = "broken"))]
+        match bug {
+            None => Ok(()),
+            Some(b) => Err(crate::Error::BadRequest(format!("bug {} needs tandem-core built with the broken feature", b.name()))),
+        }
+    }
+
     pub fn new(sid: Sid, servers: Vec<Sid>) -> Config {
         Config {
             sid,

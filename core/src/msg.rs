@@ -167,10 +167,13 @@ pub enum Msg {
         epoch: u64,
         keys: Vec<MasterKey>,
     },
+    /// `generation` counts the key's masters in this term; a higher one wins, so a
+    /// late or repeated announcement never undoes a later move.
     MasterIs {
         epoch: u64,
         key: MasterKey,
         master: Sid,
+        generation: u64,
     },
     /// Seed MASTER-MOVE: move mastership of `key` to `requester`, forwarded until it
     /// reaches the current master.
@@ -184,6 +187,7 @@ pub enum Msg {
         tag: u64,
         key: MasterKey,
         epoch: u64,
+        generation: u64,
         states: Vec<MailboxState>,
     },
     Request {

@@ -20,9 +20,9 @@
 //! | `ROOT` | `<epoch> <root-sid>` |
 //! | `DROPPED` | `<epoch>` |
 //! | `WHO` | `<epoch> (<key>...)` |
-//! | `MASTER` | `<epoch> <key> <master-sid>` |
+//! | `MASTER` | `<epoch> <key> <master-sid> <generation>` |
 //! | `MASTER-MOVE` | `<tag> <key> <requester-sid>` |
-//! | `MOVED` | `<tag> <key> <epoch> (<state>...)` |
+//! | `MOVED` | `<tag> <key> <epoch> <generation> (<state>...)` |
 //! | `SAVE` | `<tag> <mbox> <guid> <received> (<flag>...) {n}<body>` |
 //! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
@@ -733,20 +733,20 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
         Msg::Who { epoch, keys } => {
             w.num(*epoch).list(keys, write_master_key);
         }
-        Msg::MasterIs { epoch, key, master } => {
+        Msg::MasterIs { epoch, key, master, generation } => {
             w.num(*epoch);
             write_master_key(w, key);
-            w.sid(*master);
+            w.sid(*master).num(*generation);
         }
         Msg::MasterMove { tag, key, requester } => {
             w.num(*tag);
             write_master_key(w, key);
             w.sid(*requester);
         }
-        Msg::MoveDone { tag, key, epoch, states } => {
+        Msg::MoveDone { tag, key, epoch, generation, states } => {
             w.num(*tag);
             write_master_key(w, key);
-            w.num(*epoch).list(states, write_state);
+            w.num(*epoch).num(*generation).list(states, write_state);
         }
         Msg::Request { tag, request } => {
             w.num(*tag);
@@ -801,10 +801,18 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
         b"ROOT" => Msg::Root { epoch: r.u64()?, root: r.sid()? },
         b"DROPPED" => Msg::Dropped { epoch: r.u64()? },
         b"WHO" => Msg::Who { epoch: r.u64()?, keys: r.list(read_master_key)? },
-        b"MASTER" => Msg::MasterIs { epoch: r.u64()?, key: read_master_key(r)?, master: r.sid()? },
+        b"MASTER" => {
+            Msg::MasterIs { epoch: r.u64()?, key: read_master_key(r)?, master: r.sid()?, generation: r.u64()? }
+        }
         b"MASTER-MOVE" => Msg::MasterMove { tag: r.u64()?, key: read_master_key(r)?, requester: r.sid()? },
         b"MOVED" => {
-            Msg::MoveDone { tag: r.u64()?, key: read_master_key(r)?, epoch: r.u64()?, states: r.list(read_state)? }
+            Msg::MoveDone {
+                tag: r.u64()?,
+                key: read_master_key(r)?,
+                epoch: r.u64()?,
+                generation: r.u64()?,
+                states: r.list(read_state)?,
+            }
         }
         b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" => Msg::Request { tag: r.u64()?, request: read_request(r, name)? },
         b"REPLY" => Msg::Reply { tag: r.u64()?, master: r.opt(Reader::sid)?, result: read_result(r)? },
@@ -1188,8 +1196,8 @@ mod tests {
             env(2, 1, 0, Msg::Dropped { epoch: 5 }),
             env(2, 1, 0, Msg::Who { epoch: 5, keys: keys.clone() }),
             env(2, 1, 0, Msg::Who { epoch: 6, keys: vec![] }),
-            env(1, 3, 2, Msg::MasterIs { epoch: 5, key: keys[0].clone(), master: Sid(3) }),
-            env(1, 3, 2, Msg::MasterIs { epoch: 5, key: keys[3].clone(), master: Sid(3) }),
+            env(1, 3, 2, Msg::MasterIs { epoch: 5, key: keys[0].clone(), master: Sid(3), generation: 1 }),
+            env(1, 3, 2, Msg::MasterIs { epoch: 5, key: keys[3].clone(), master: Sid(3), generation: u64::MAX }),
             env(3, 1, 0, Msg::MasterMove { tag: 8, key: keys[1].clone(), requester: Sid(3) }),
             env(
                 1,
@@ -1199,10 +1207,11 @@ mod tests {
                     tag: 8,
                     key: keys[2].clone(),
                     epoch: u64::MAX,
+                    generation: 7,
                     states: vec![state(inbox.clone()), state(wild.clone())],
                 },
             ),
-            env(1, 3, 0, Msg::MoveDone { tag: 8, key: MasterKey::Global, epoch: 1, states: vec![] }),
+            env(1, 3, 0, Msg::MoveDone { tag: 8, key: MasterKey::Global, epoch: 1, generation: 2, states: vec![] }),
             env(
                 2,
                 1,

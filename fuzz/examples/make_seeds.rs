@@ -180,6 +180,25 @@ impl Gen {
         self.pump();
     }
 
+    /// s2 sends s1 its whole copy of `mailbox` (SYNC FIRST), as a master would.
+    fn sync_from_s2(&mut self, mailbox: &MailboxKey) {
+        let Some(m) = self.peer(S2).server.image().mailboxes.get(mailbox).cloned() else { return };
+        let state = MailboxState {
+            mailbox: mailbox.clone(),
+            uidvalidity: m.uidvalidity,
+            uidnext: m.uidnext,
+            highest_modseq: m.highest_modseq,
+            messages: m.messages.values().cloned().collect(),
+            tombstones: m.tombstones.values().copied().collect(),
+        };
+        let envelope = Envelope { src: S2, dst: S1, hops: 0, msg: Msg::Sync { reply: false, state } };
+        let mut chunk = vec![op::RAW_S2];
+        self.enc[0].encode(&envelope, &mut chunk);
+        self.wire.extend_from_slice(&chunk[1..]);
+        self.op(&chunk);
+        self.pump();
+    }
+
     fn client_peer(&mut self, sid: Sid, request: ClientRequest) {
         self.next_request += 1;
         let id = self.next_request;
@@ -242,7 +261,11 @@ fn core_seeds(dir: &Path) {
     g.tick(60);
     g.client_s1(&[2, 0, 0b1]); // Expunge uid 1
     g.tick(60);
+    g.client_s1(&[3, 0, 0b10, 0b1000, 0, 2]); // Store uid 2 +$Junk UNCHANGEDSINCE 1
+    g.tick(60);
     g.client_s1(&[4, 0]); // Read
+    g.tick(100);
+    g.client_peer(S2, ClientRequest::MasterMove { mailbox: inbox.clone() });
     g.tick(100);
     g.write(dir, "s1-master-writes");
 
@@ -293,6 +316,8 @@ fn core_seeds(dir: &Path) {
     g.link(S1, S2, true);
     g.pump();
     g.tick(1500);
+    g.sync_from_s2(&inbox);
+    g.tick(100);
     g.write(dir, "partition-uid-conflict");
 
     // A hand edit at s1 and a corrupted body: FETCH/BODY repair.
@@ -411,6 +436,7 @@ fn wire_seeds(dir: &Path) {
                             guid,
                             dst: odd.clone(),
                             received: 0,
+                            flags: vec![flag("\\Seen")],
                         },
                     },
                 ),

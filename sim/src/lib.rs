@@ -3,7 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod oracle;
+pub mod explore;
 pub mod scenario;
+pub mod scenario_write;
+pub mod shrink;
 pub mod world;
 
 pub use world::{RunOptions, RunReport, run};

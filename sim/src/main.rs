@@ -3,7 +3,12 @@
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
+use tandem_core::Bug;
+use tandem_sim::explore::{self, ExploreOptions};
 use tandem_sim::scenario::{self, Scenario};
+use tandem_sim::scenario_write::to_toml;
+use tandem_sim::shrink::{ShrinkBudget, shrink};
 use tandem_sim::{RunOptions, run};
 
 #[derive(Parser)]
@@ -30,7 +35,71 @@ enum Command {
         /// Print how many peer messages of each kind every run sent.
         #[arg(long)]
         stats: bool,
+        /// Run a deliberately broken variant of the core (build with --features broken).
+        #[arg(long, value_parser = parse_bug)]
+        bug: Option<Bug>,
     },
+    /// Run generated seeds (each its own cluster, workload and faults), report failing
+    /// seeds and coverage marks, and shrink failures to scenario files.
+    Explore {
+        #[arg(long, default_value_t = 1000)]
+        seeds: u64,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        time_budget: Option<u64>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Failing seeds to shrink and write to --out.
+        #[arg(long, default_value_t = 3)]
+        shrink: usize,
+        #[arg(long, default_value = "explore-failures")]
+        out: PathBuf,
+        #[arg(long, value_parser = parse_bug)]
+        bug: Option<Bug>,
+    },
+    /// Shrink a failing explore seed to a minimal scenario file.
+    Shrink {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, value_parser = parse_bug)]
+        bug: Option<Bug>,
+        /// Where to write the scenario (default: shrunk-seed-N.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn parse_bug(name: &str) -> Result<Bug, String> {
+    Bug::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Bug::ALL.iter().map(|b| b.name()).collect();
+        format!("unknown bug {name:?}; one of {}", names.join(", "))
+    })
+}
+
+/// Shrinks `seed`'s failure and writes the scenario; returns the path and event count.
+fn shrink_seed(seed: u64, bug: Option<Bug>, out: &Path) -> Result<(PathBuf, usize, String), String> {
+    let scenario = explore::generate(seed);
+    let opts = RunOptions { bug, ..Default::default() };
+    let Some((small, broken)) = shrink(&scenario, &opts, &ShrinkBudget::default()) else {
+        return Err(format!("seed {seed} passes: nothing to shrink"));
+    };
+    let mut small = small;
+    small.name = format!("shrunk-seed-{seed}");
+    let bug_line = bug.map(|b| format!("\nrun with: tandem-sim run --bug {} <this file>", b.name())).unwrap_or_default();
+    let comment = format!(
+        "Shrunk by `tandem-sim shrink --seed {seed}` from explore seed {seed} ({} events -> {}).\nIt breaks invariant {broken}.{bug_line}",
+        scenario.events.len(),
+        small.events.len()
+    );
+    let text = to_toml(&small, &comment.replace("\\n", "\n"));
+    let path = if out.extension().is_some_and(|x| x == "toml") { out.to_path_buf() } else { out.join(format!("shrunk-seed-{seed}.toml")) };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((path, small.events.len(), broken))
 }
 
 fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
@@ -58,7 +127,47 @@ fn load(path: &Path) -> Result<Scenario, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { paths, trace, seed, wire, stats } => {
+        Command::Explore { seeds, from, time_budget, threads, shrink, out, bug } => {
+            let opts = ExploreOptions {
+                from,
+                seeds,
+                threads,
+                time_budget: time_budget.map(Duration::from_secs),
+                bug,
+                stop_after_failures: 0,
+                progress: true,
+            };
+            let summary = explore::explore(&opts);
+            println!(
+                "{} seeds in {:.1} s ({:.1} seeds/s), {} failing",
+                summary.seeds_run,
+                summary.elapsed.as_secs_f64(),
+                summary.seeds_run as f64 / summary.elapsed.as_secs_f64().max(1e-9),
+                summary.failures.len()
+            );
+            print!("{}", explore::mark_table(&summary));
+            for f in summary.failures.iter().take(shrink) {
+                match shrink_seed(f.seed, bug, &out) {
+                    Ok((path, n, broken)) => println!("seed {} ({broken}) shrunk to {n} events: {}", f.seed, path.display()),
+                    Err(e) => println!("seed {}: {e}", f.seed),
+                }
+            }
+            if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Command::Shrink { seed, bug, out } => {
+            let out = out.unwrap_or_else(|| PathBuf::from("."));
+            match shrink_seed(seed, bug, &out) {
+                Ok((path, n, broken)) => {
+                    println!("seed {seed} ({broken}) shrunk to {n} events: {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tandem-sim: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run { paths, trace, seed, wire, stats, bug } => {
             let paths = if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths };
             let files = match collect(&paths) {
                 Ok(f) => f,
@@ -67,7 +176,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let opts = RunOptions { wire, trace, tail: true, seed };
+            let opts = RunOptions { wire, trace, tail: true, seed, bug };
             let mut failed = 0;
             let mut passed = 0;
             for file in files {

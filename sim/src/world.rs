@@ -20,6 +20,8 @@ pub struct RunOptions {
     /// Keep the last lines of the timeline for a failure report.
     pub tail: bool,
     pub seed: Option<u64>,
+    /// A deliberately broken protocol variant (needs the `broken` feature).
+    pub bug: Option<Bug>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -146,6 +148,7 @@ pub struct World {
     dead_marks: BTreeMap<String, u64>,
     /// Debugging aid: trace every durable write whose text contains this (TANDEM_WATCH).
     watch: Option<String>,
+    config_error: Option<String>,
 }
 
 fn link_key(a: Sid, b: Sid) -> (Sid, Sid) {
@@ -210,6 +213,7 @@ impl World {
             seed,
             dead_marks: BTreeMap::new(),
             watch: std::env::var("TANDEM_WATCH").ok().filter(|w| !w.is_empty()),
+            config_error: None,
         };
         for &sid in &spec.servers {
             world.nodes.insert(
@@ -228,7 +232,7 @@ impl World {
         world
     }
 
-    fn config(&self, sid: Sid) -> Config {
+    fn config(&mut self, sid: Sid) -> Config {
         let spec = &self.scenario.cluster;
         let mut cfg = Config::new(sid, spec.servers.clone());
         cfg.durability = spec.durability;
@@ -236,6 +240,9 @@ impl World {
         cfg.log_capacity = spec.log_capacity;
         cfg.granularity = spec.granularity;
         cfg.request_timeout_us = spec.request_timeout_ms * 1000;
+        if let Err(e) = cfg.set_bug(self.opts.bug) {
+            self.config_error = Some(e.to_string());
+        }
         cfg
     }
 
@@ -272,6 +279,10 @@ impl World {
     pub fn run(mut self) -> RunReport {
         for &sid in &self.scenario.cluster.servers.clone() {
             self.start_server(sid, false);
+        }
+        if let Some(e) = self.config_error.take() {
+            self.failures.push(e);
+            return self.report(None);
         }
         let events = self.scenario.events.clone();
         let mut last_ms = 0;

@@ -665,21 +665,30 @@ impl Server {
         if in_flight {
             self.marks.hit(Mark::MasterMovedMidSave);
         }
-        self.mastered.remove(&key);
+        let generation = self.mastered.remove(&key).map(|m| m.generation).unwrap_or(0) + 1;
         self.master_cache.insert(key.clone(), requester);
+        self.cache_generation.insert(key.clone(), generation);
         let states: Vec<MailboxState> =
             self.db.mailboxes.iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect();
         let epoch = self.term.epoch;
         if self.is_root() {
             self.root_state.table.insert(key.clone(), requester);
+            self.root_state.generations.insert(key.clone(), generation);
         } else if let Some(root) = self.term.root {
-            self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester });
+            self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester, generation });
         }
-        self.send(requester, Msg::MoveDone { tag, key: key.clone(), epoch, states });
+        self.send(requester, Msg::MoveDone { tag, key: key.clone(), epoch, generation, states });
         self.requeue_jobs_for(&key);
     }
 
-    pub(crate) fn on_move_done(&mut self, tag: u64, key: MasterKey, epoch: u64, states: Vec<MailboxState>) {
+    pub(crate) fn on_move_done(
+        &mut self,
+        tag: u64,
+        key: MasterKey,
+        epoch: u64,
+        generation: u64,
+        states: Vec<MailboxState>,
+    ) {
         let Some(job) = self.jobs.get(&tag) else { return };
         if job.key != key || !matches!(job.kind, JobKind::MasterMove { .. }) {
             return;
@@ -699,11 +708,12 @@ impl Server {
             self.requeue_jobs_for(&key);
             return;
         }
-        self.become_master(key.clone(), Some(states));
-        // Everyone learns the new master at once instead of through stale forwards.
+        self.become_master(key.clone(), Some(states), generation);
+        // Everyone (the root too) learns the new master at once instead of through stale
+        // forwards; the generation makes a late announcement harmless.
         let peers: Vec<Sid> = self.reachable.iter().copied().filter(|s| *s != self.cfg.sid).collect();
         for peer in peers {
-            self.send(peer, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid });
+            self.send(peer, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid, generation });
         }
         if let Origin::Client(id) = job.origin {
             self.push_reply(id, ClientReply::Moved { master: self.cfg.sid });
@@ -713,12 +723,12 @@ impl Server {
 
     /// Take mastership of `key`: from a MASTER-MOVE (the old master's states, ready at
     /// once) or from the root (catch up with every reachable server first).
-    pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>) {
+    pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>, generation: u64) {
         self.master_cache.remove(&key);
         let how = if moved_states.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some(states) = moved_states {
-            self.mastered.insert(key.clone(), Mastership { catchup: None });
+            self.mastered.insert(key.clone(), Mastership { catchup: None, generation });
             for state in states {
                 self.merge_foreign(self.cfg.sid, &state, false);
             }
@@ -738,7 +748,7 @@ impl Server {
             waiting_sync: BTreeSet::new(),
             deadline: self.now.plus_us(self.cfg.request_timeout_us / 2),
         };
-        self.mastered.insert(key.clone(), Mastership { catchup: Some(catchup) });
+        self.mastered.insert(key.clone(), Mastership { catchup: Some(catchup), generation });
         self.finish_catchups();
     }
 

@@ -36,6 +36,8 @@ pub struct Catchup {
 pub struct Mastership {
     /// None once caught up: the master orders writes.
     pub catchup: Option<Catchup>,
+    /// Which master of the key this is in the current term.
+    pub generation: u64,
 }
 
 /// A master's anti-entropy record of one peer's copy of one mailbox.
@@ -72,6 +74,8 @@ pub struct Server {
     pub(crate) term: Term,
     pub(crate) root_state: RootState,
     pub(crate) master_cache: BTreeMap<MasterKey, Sid>,
+    /// Generation of each master named by the root or announced; older news is ignored.
+    pub(crate) cache_generation: BTreeMap<MasterKey, u64>,
     pub(crate) mastered: BTreeMap<MasterKey, Mastership>,
     pub(crate) lookups: BTreeMap<MasterKey, Instant>,
     pub(crate) need_master_check: bool,
@@ -122,6 +126,7 @@ impl Server {
             routes: BTreeMap::new(),
             root_state: RootState::default(),
             master_cache: BTreeMap::new(),
+            cache_generation: BTreeMap::new(),
             mastered: BTreeMap::new(),
             lookups: BTreeMap::new(),
             need_master_check: true,
@@ -330,9 +335,11 @@ impl Server {
             Msg::Root { epoch, root } => self.on_root(src, epoch, root),
             Msg::Dropped { epoch } => self.on_dropped(src, epoch),
             Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),
-            Msg::MasterIs { epoch, key, master } => self.on_master_is(src, epoch, key, master),
+            Msg::MasterIs { epoch, key, master, generation } => self.on_master_is(src, epoch, key, master, generation),
             Msg::MasterMove { tag, key, requester } => self.on_master_move(src, tag, key, requester),
-            Msg::MoveDone { tag, key, epoch, states } => self.on_move_done(tag, key, epoch, states),
+            Msg::MoveDone { tag, key, epoch, generation, states } => {
+                self.on_move_done(tag, key, epoch, generation, states)
+            }
             Msg::Request { tag, request } => self.on_peer_request(src, tag, request),
             Msg::Reply { tag, master, result } => self.on_peer_reply(src, tag, master, result),
             Msg::Change { seq, change } => self.on_change(src, seq, change),

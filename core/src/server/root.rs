@@ -42,6 +42,8 @@ pub struct RootState {
     pub active: bool,
     /// The authoritative table: who masters what in this term.
     pub table: std::collections::BTreeMap<MasterKey, Sid>,
+    /// The generation of each key's master in this term (kept when a master is lost).
+    pub generations: std::collections::BTreeMap<MasterKey, u64>,
     /// Lookups held while the root is not yet active: (asker, key).
     pub held: Vec<(Sid, MasterKey)>,
 }
@@ -92,6 +94,7 @@ impl Server {
             members: self.reachable.clone(),
             active: false,
             table: Default::default(),
+            generations: Default::default(),
             held: Vec::new(),
         };
         self.drop_masterships();
@@ -173,6 +176,7 @@ impl Server {
     /// Forget every master we knew and stop being master of anything.
     pub(crate) fn drop_masterships(&mut self) {
         self.master_cache.clear();
+        self.cache_generation.clear();
         let dropped: Vec<MasterKey> = self.mastered.keys().cloned().collect();
         self.mastered.clear();
         self.lookups.clear();
@@ -192,13 +196,15 @@ impl Server {
             Some(m) => m,
             None => {
                 self.root_state.table.insert(key.clone(), asker);
+                *self.root_state.generations.entry(key.clone()).or_insert(0) += 1;
                 asker
             }
         };
+        let generation = self.root_state.generations.get(&key).copied().unwrap_or(0);
         if asker == self.cfg.sid {
-            self.on_master_is(self.cfg.sid, epoch, key, master);
+            self.on_master_is(self.cfg.sid, epoch, key, master, generation);
         } else {
-            self.send(asker, Msg::MasterIs { epoch, key, master });
+            self.send(asker, Msg::MasterIs { epoch, key, master, generation });
         }
     }
 
@@ -276,13 +282,14 @@ impl Server {
     /// A master for `key` is known: an answer from the root, a new master announcing
     /// itself after a MASTER-MOVE, or (to the root, from the recorded master) the report
     /// of a move.
-    pub(crate) fn on_master_is(&mut self, from: Sid, epoch: u64, key: MasterKey, master: Sid) {
+    pub(crate) fn on_master_is(&mut self, from: Sid, epoch: u64, key: MasterKey, master: Sid, generation: u64) {
         if epoch != self.term.epoch {
             return;
         }
         if self.is_root() && from != self.cfg.sid {
-            if self.root_state.table.get(&key) == Some(&from) {
+            if generation > self.root_state.generations.get(&key).copied().unwrap_or(0) {
                 self.root_state.table.insert(key.clone(), master);
+                self.root_state.generations.insert(key.clone(), generation);
             }
             if master != self.cfg.sid {
                 self.master_cache.insert(key.clone(), master);
@@ -297,10 +304,14 @@ impl Server {
         if !from_root && from != master {
             return;
         }
+        if generation < self.cache_generation.get(&key).copied().unwrap_or(0) {
+            return;
+        }
+        self.cache_generation.insert(key.clone(), generation);
         self.lookups.remove(&key);
         if master == self.cfg.sid {
             if from_root {
-                self.become_master(key.clone(), None);
+                self.become_master(key.clone(), None, generation);
             }
         } else {
             self.master_cache.insert(key.clone(), master);

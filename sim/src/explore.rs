@@ -1,0 +1,381 @@
+//! Seed exploration ("swarm" testing): every seed draws its own cluster, workload and
+//! fault mix as an ordinary scenario of explicit events, runs it (safety with faults,
+//! then heal and convergence), and reports the invariant it broke. Seeds run on every
+//! core in parallel; each seed stays deterministic.
+
+use crate::scenario::*;
+use crate::world::{RunOptions, RunReport, run};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+use tandem_core::{Bug, Durability, Flag, Granularity, MailboxKey, Mark, Sid};
+
+/// Keeps the generator's stream apart from the run's own RNG stream of the same seed.
+const GENERATOR_SALT: u64 = 0x5eed_0f5e_ed0f_5eed;
+
+fn pick<T: Copy>(rng: &mut ChaCha8Rng, weighted: &[(u32, T)]) -> T {
+    let total: u32 = weighted.iter().map(|w| w.0).sum();
+    let mut roll = rng.random_range(0..total);
+    for (w, v) in weighted {
+        if roll < *w {
+            return *v;
+        }
+        roll -= w;
+    }
+    weighted[weighted.len() - 1].1
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FaultMix {
+    None,
+    Partitions,
+    Crashes,
+    Links,
+    Everything,
+}
+
+/// The scenario of one seed: cluster, workload and faults all drawn from it.
+pub fn generate(seed: u64) -> Scenario {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ GENERATOR_SALT);
+    let n: u32 = match pick(&mut rng, &[(60, 0u8), (30, 1), (10, 2)]) {
+        0 => rng.random_range(3..=5),
+        1 => rng.random_range(6..=10),
+        _ => rng.random_range(11..=30),
+    };
+    let servers: Vec<Sid> = (1..=n).map(Sid).collect();
+    let durability = pick(&mut rng, &[(70, Durability::Sync), (30, Durability::Async)]);
+    let replicas = rng.random_range(0..=2u8.min((n - 1) as u8));
+    let log_capacity = pick(&mut rng, &[(15, 3usize), (15, 8), (20, 40), (20, 300), (30, 10_000)]);
+    let granularity = pick(
+        &mut rng,
+        &[(70, Granularity::Mailbox), (15, Granularity::User), (5, Granularity::Domain), (10, Granularity::Global)],
+    );
+    let latency_ms = pick(&mut rng, &[(70, (1, 5)), (20, (1, 30)), (10, (5, 100))]);
+    let links = match pick(&mut rng, &[(70, 0u8), (20, 1), (10, 2)]) {
+        0 => None,
+        1 => Some(random_connected(&mut rng, &servers)),
+        _ => Some(data_centres(&servers)),
+    };
+    let duration_ms = rng.random_range(3_000..=8_000u64);
+    let ops_per_s = rng.random_range(10..=60u64);
+    let users = rng.random_range(1..=3u32);
+    let boxes = rng.random_range(1..=3u32);
+    let mix = pick(
+        &mut rng,
+        &[
+            (20, FaultMix::None),
+            (20, FaultMix::Partitions),
+            (20, FaultMix::Crashes),
+            (15, FaultMix::Links),
+            (25, FaultMix::Everything),
+        ],
+    );
+    let mut events = Vec::new();
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    let gap = 1000 / ops_per_s.max(1);
+    let mut next_label = 0;
+    let flag_names = ["\\Seen", "\\Flagged", "\\Answered", "$Work"];
+    while t < duration_ms {
+        t += rng.random_range(gap / 2..=gap * 3 / 2).max(1);
+        let server = servers[rng.random_range(0..servers.len())];
+        let user = format!("u{}@d{}", rng.random_range(1..=users), rng.random_range(1..=2u32));
+        let name = match rng.random_range(0..boxes) {
+            0 => "INBOX".to_string(),
+            k => format!("Box{k}"),
+        };
+        let mailbox = MailboxKey::new(&user, &name);
+        let flag = |rng: &mut ChaCha8Rng| Flag::new(flag_names[rng.random_range(0..flag_names.len())]).ok().into_iter().collect();
+        let known: Vec<&(MailboxKey, String)> = labels.iter().filter(|(m, _)| *m == mailbox).collect();
+        let some_label = |rng: &mut ChaCha8Rng| known.get(rng.random_range(0..known.len().max(1))).map(|(_, l)| l.clone());
+        let roll = rng.random_range(0..100u32);
+        let action = match roll {
+            0..40 => {
+                next_label += 1;
+                let label = format!("m{next_label}");
+                labels.push((mailbox.clone(), label.clone()));
+                let flags = if rng.random_bool(0.3) { flag(&mut rng) } else { Vec::new() };
+                Action::Save { server, mailbox, label: Some(label), flags, size: rng.random_range(100..2000) }
+            }
+            40..60 => Action::Read { server, mailbox },
+            60..76 => {
+                let Some(label) = some_label(&mut rng) else { continue };
+                let (add, remove) = if rng.random_bool(0.5) { (flag(&mut rng), Vec::new()) } else { (Vec::new(), flag(&mut rng)) };
+                let unchanged_since = rng.random_bool(0.2).then_some(UnchangedSince::Current);
+                Action::Store { server, mailbox, labels: vec![label], add, remove, unchanged_since }
+            }
+            76..82 => {
+                let Some(label) = some_label(&mut rng) else { continue };
+                Action::Expunge { server, mailbox, labels: vec![label] }
+            }
+            82..88 => {
+                let Some(label) = some_label(&mut rng) else { continue };
+                let to = MailboxKey::new(&mailbox.user, if mailbox.name == "INBOX" { "Box9" } else { "INBOX" });
+                next_label += 1;
+                let as_label = format!("m{next_label}");
+                labels.push((to.clone(), as_label.clone()));
+                Action::Copy { server, from: mailbox, label, to, as_label: Some(as_label) }
+            }
+            88..94 => Action::MasterMove { server, mailbox },
+            _ if mix == FaultMix::Everything => match rng.random_range(0..3u32) {
+                0 => {
+                    next_label += 1;
+                    let label = format!("m{next_label}");
+                    labels.push((mailbox.clone(), label.clone()));
+                    Action::HandAdd { server, mailbox, label: Some(label) }
+                }
+                1 => {
+                    let Some(label) = some_label(&mut rng) else { continue };
+                    Action::HandDelete { server, mailbox, label }
+                }
+                _ => {
+                    let Some(label) = some_label(&mut rng) else { continue };
+                    Action::Corrupt { server, label }
+                }
+            },
+            _ => Action::Read { server, mailbox },
+        };
+        events.push(TimedEvent { at_ms: t, id: None, action, expect: None, line: 0 });
+    }
+    let faults = match mix {
+        FaultMix::None => 0,
+        _ => rng.random_range(1..=6u32),
+    };
+    let lose_budget = match durability {
+        Durability::Sync => usize::from(replicas),
+        Durability::Async => 0,
+    };
+    let mut lost = 0;
+    for _ in 0..faults {
+        let at = rng.random_range(200..duration_ms);
+        let heal_at = at + rng.random_range(300..4_000u64);
+        let a = servers[rng.random_range(0..servers.len())];
+        let b = servers[rng.random_range(0..servers.len())];
+        let kinds: &[u8] = match mix {
+            FaultMix::Partitions => &[0, 1],
+            FaultMix::Crashes => &[2],
+            FaultMix::Links => &[3, 4],
+            _ => &[0, 1, 2, 3, 4, 5],
+        };
+        let (fault, heal) = match kinds[rng.random_range(0..kinds.len())] {
+            0 => {
+                let (mut left, mut right) = (Vec::new(), Vec::new());
+                for &s in &servers {
+                    if rng.random_bool(0.5) { left.push(s) } else { right.push(s) }
+                }
+                left.retain(|s| !right.contains(s));
+                let groups: Vec<Vec<Sid>> = [left, right].into_iter().filter(|g| !g.is_empty()).collect();
+                (Action::Partition { groups }, Some(Action::Heal))
+            }
+            1 => (Action::Isolate { server: a }, Some(Action::Heal)),
+            2 => (Action::Crash { server: a }, Some(Action::Restart { server: a })),
+            3 if a != b => (Action::Cut { a, b }, Some(Action::Restore { a, b })),
+            4 if a != b => (Action::Flap { a, b, down_ms: rng.random_range(10..1_000) }, None),
+            5 if lost < lose_budget => {
+                lost += 1;
+                (Action::Lose { server: a }, Some(Action::Replace { server: a }))
+            }
+            _ => continue,
+        };
+        events.push(TimedEvent { at_ms: at, id: None, action: fault, expect: None, line: 0 });
+        if let Some(heal) = heal {
+            events.push(TimedEvent { at_ms: heal_at, id: None, action: heal, expect: None, line: 0 });
+        }
+    }
+    events.sort_by_key(|e| e.at_ms);
+    Scenario {
+        name: format!("explore-seed-{seed}"),
+        path: None,
+        seed,
+        wire: false,
+        cluster: ClusterSpec {
+            servers,
+            replicas,
+            durability,
+            log_capacity,
+            granularity,
+            latency_ms,
+            links,
+            disk_latency_us: (200, 1000),
+            request_timeout_ms: 5000,
+        },
+        events,
+        expects: vec![Expect::Invariants],
+        settle_ms: 60_000,
+        heal_at_end: true,
+    }
+}
+
+/// A random connected graph: a random spanning tree plus some extra links.
+fn random_connected(rng: &mut ChaCha8Rng, servers: &[Sid]) -> Vec<LinkSpec> {
+    let mut links = Vec::new();
+    for i in 1..servers.len() {
+        let j = rng.random_range(0..i);
+        links.push(LinkSpec { a: servers[j], b: servers[i], latency_ms: None });
+    }
+    for _ in 0..servers.len() / 2 {
+        let (i, j) = (rng.random_range(0..servers.len()), rng.random_range(0..servers.len()));
+        let (a, b) = (servers[i.min(j)], servers[i.max(j)]);
+        if a != b && !links.iter().any(|l| l.a == a && l.b == b) {
+            links.push(LinkSpec { a, b, latency_ms: None });
+        }
+    }
+    links
+}
+
+/// Three data centres: 1-2 ms inside, 100-110 ms across.
+fn data_centres(servers: &[Sid]) -> Vec<LinkSpec> {
+    let mut links = Vec::new();
+    for (i, &a) in servers.iter().enumerate() {
+        for (j, &b) in servers.iter().enumerate().skip(i + 1) {
+            let same = i % 3 == j % 3;
+            links.push(LinkSpec { a, b, latency_ms: Some(if same { (1, 2) } else { (100, 110) }) });
+        }
+    }
+    links
+}
+
+/// What one seed did.
+#[derive(Clone, Debug)]
+pub struct SeedResult {
+    pub seed: u64,
+    pub passed: bool,
+    /// The first invariant broken, `panic`, or the first failure line.
+    pub broken: Option<String>,
+    pub detail: Option<String>,
+    pub marks: Vec<String>,
+    pub events: usize,
+}
+
+/// The failure category a shrink must keep: the first invariant broken, or "panic".
+pub fn category(report: &RunReport) -> Option<String> {
+    if report.passed {
+        return None;
+    }
+    Some(report.violations.first().map(|v| v.invariant.to_string()).unwrap_or_else(|| {
+        report.failures.first().map(|f| if f.starts_with("panic") { "panic".to_string() } else { "failure".to_string() }).unwrap_or_default()
+    }))
+}
+
+/// Runs a scenario; a panic in the core or the simulator is a failure like any other.
+pub fn run_guarded(s: &Scenario, opts: &RunOptions) -> RunReport {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(s, opts)));
+    outcome.unwrap_or_else(|panic| {
+        let text = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        RunReport { name: s.name.clone(), seed: s.seed, passed: false, failures: vec![format!("panic: {text}")], ..Default::default() }
+    })
+}
+
+pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedResult {
+    let scenario = generate(seed);
+    let report = run_guarded(&scenario, &RunOptions { bug, ..Default::default() });
+    SeedResult {
+        seed,
+        passed: report.passed,
+        broken: category(&report),
+        detail: report.failures.first().cloned(),
+        marks: report.marks.iter().filter(|(_, c)| **c > 0).map(|(k, _)| k.clone()).collect(),
+        events: scenario.events.len(),
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub seeds_run: u64,
+    pub failures: Vec<SeedResult>,
+    /// Seeds that hit each coverage mark.
+    pub marks: BTreeMap<String, u64>,
+    pub elapsed: Duration,
+}
+
+pub struct ExploreOptions {
+    pub from: u64,
+    pub seeds: u64,
+    pub threads: usize,
+    pub time_budget: Option<Duration>,
+    pub bug: Option<Bug>,
+    /// Stop after this many failing seeds (0: never).
+    pub stop_after_failures: usize,
+    pub progress: bool,
+}
+
+/// Runs seeds `from..from+seeds` on `threads` threads.
+pub fn explore(opts: &ExploreOptions) -> Summary {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(opts.from));
+    let stop = Arc::new(AtomicBool::new(false));
+    let end = opts.from.saturating_add(opts.seeds);
+    let (tx, rx) = mpsc::channel::<SeedResult>();
+    let mut workers = Vec::new();
+    for _ in 0..opts.threads.max(1) {
+        let (next, stop, tx, bug) = (next.clone(), stop.clone(), tx.clone(), opts.bug);
+        workers.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    break;
+                }
+                if tx.send(run_seed(seed, bug)).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut summary = Summary::default();
+    let mut last_progress = Instant::now();
+    for result in rx {
+        summary.seeds_run += 1;
+        for m in &result.marks {
+            *summary.marks.entry(m.clone()).or_default() += 1;
+        }
+        if !result.passed {
+            if opts.progress {
+                println!("seed {} broke {}: {}", result.seed, result.broken.as_deref().unwrap_or("?"), result.detail.as_deref().unwrap_or(""));
+            }
+            summary.failures.push(result);
+            if opts.stop_after_failures > 0 && summary.failures.len() >= opts.stop_after_failures {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        if opts.time_budget.is_some_and(|b| started.elapsed() >= b) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        if opts.progress && last_progress.elapsed() >= Duration::from_secs(5) {
+            last_progress = Instant::now();
+            let rate = summary.seeds_run as f64 / started.elapsed().as_secs_f64();
+            println!(
+                "... {}/{} seeds, {} failing, {:.1} seeds/s, {:.0} s",
+                summary.seeds_run,
+                opts.seeds,
+                summary.failures.len(),
+                rate,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    summary.failures.sort_by_key(|f| f.seed);
+    summary.elapsed = started.elapsed();
+    summary
+}
+
+/// The coverage table: every mark of the core, with the seeds that hit it.
+pub fn mark_table(summary: &Summary) -> String {
+    let mut out = String::from("mark                           seeds      %\n");
+    for mark in Mark::ALL {
+        let hit = summary.marks.get(mark.name()).copied().unwrap_or(0);
+        let pct = if summary.seeds_run == 0 { 0.0 } else { 100.0 * hit as f64 / summary.seeds_run as f64 };
+        out.push_str(&format!("{:<30} {:>6} {:>6.1}\n", mark.name(), hit, pct));
+    }
+    out
+}
