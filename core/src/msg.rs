@@ -194,10 +194,13 @@ pub enum Msg {
         tag: u64,
         request: WriteRequest,
     },
+    /// `record` is the message as the master stored it, for SAVE and COPY: the server
+    /// that answers the client keeps the binding it shows before it shows it.
     Reply {
         tag: u64,
         master: Option<Sid>,
         result: WriteResult,
+        record: Option<MessageRecord>,
     },
     /// A replicated change at position `seq` of the sender's log for the receiver.
     Change {

@@ -27,7 +27,7 @@
 //! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
-//! | `REPLY` | `<tag> <master-sid>\|NIL <result>` |
+//! | `REPLY` | `<tag> <master-sid>\|NIL <result> RECORD <record>\|NIL` |
 //! | `R-SAVE` | `<seq> <mbox> <uidvalidity> <record> {n}<body>` |
 //! | `R-COPY` | `<seq> <mbox> <uidvalidity> <record>` |
 //! | `R-EXPUNGE` | `<seq> <mbox> <uidvalidity> (<tombstone>...)` |
@@ -752,11 +752,20 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
             w.num(*tag);
             write_request(w, request);
         }
-        Msg::Reply { tag, master, result } => {
+        Msg::Reply { tag, master, result, record } => {
             w.num(*tag).opt(*master, |w, s| {
                 w.sid(s);
             });
             write_result(w, result);
+            match record {
+                Some(r) => {
+                    w.atom("RECORD");
+                    write_record(w, r);
+                }
+                None => {
+                    w.atom("NIL");
+                }
+            }
         }
         Msg::Change { seq, change } => {
             w.num(*seq);
@@ -815,7 +824,15 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             }
         }
         b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" => Msg::Request { tag: r.u64()?, request: read_request(r, name)? },
-        b"REPLY" => Msg::Reply { tag: r.u64()?, master: r.opt(Reader::sid)?, result: read_result(r)? },
+        b"REPLY" => Msg::Reply {
+            tag: r.u64()?,
+            master: r.opt(Reader::sid)?,
+            result: read_result(r)?,
+            record: match read_keyword(r, &["NIL", "RECORD"])? {
+                0 => None,
+                _ => Some(read_record(r)?),
+            },
+        },
         b"R-SAVE" | b"R-COPY" | b"R-EXPUNGE" | b"R-STORE" | b"R-MERGE" => {
             Msg::Change { seq: r.u64()?, change: read_change(r, name)? }
         }
@@ -1187,7 +1204,7 @@ mod tests {
             unchanged_since,
             known_modseq: 12,
         };
-        let reply = |master, result| Msg::Reply { tag: 9, master, result };
+        let reply = |master, result| Msg::Reply { tag: 9, master, result, record: None };
         let change = |seq, change| Msg::Change { seq, change };
         vec![
             env(1, 2, 0, Msg::LinkState { origin: Sid(1), seq: 3, neighbors: vec![Sid(2), Sid(3)] }),
@@ -1846,6 +1863,7 @@ mod tests {
         let failed = (any::<bool>(), text()).prop_map(|(temporary, reason)| Msg::Reply {
             tag: 3,
             master: None,
+            record: None,
             result: WriteResult::Failed {
                 kind: if temporary { FailKind::Temporary } else { FailKind::Permanent },
                 reason,

@@ -280,7 +280,11 @@ pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedResult {
         seed,
         passed: report.passed,
         broken: category(&report),
-        detail: report.failures.first().cloned(),
+        detail: report
+            .violations
+            .first()
+            .map(|v| format!("{} at {:.3} ms", v.detail, v.time_us as f64 / 1000.0))
+            .or_else(|| report.failures.first().cloned()),
         marks: report.marks.iter().filter(|(_, c)| **c > 0).map(|(k, _)| k.clone()).collect(),
         events: scenario.events.len(),
     }

@@ -82,6 +82,14 @@ impl Oracle {
         self.first_uid.entry((mailbox.clone(), guid)).or_insert(uid);
     }
 
+    /// A server lost its disk for good: a replacement with its id is a new server, whose
+    /// clients start over (its UIDs are whatever the cluster's are; the cluster-wide
+    /// check at quiescence still covers every UID the lost server showed).
+    pub fn forget_server(&mut self, server: Sid) {
+        self.shown.retain(|(s, _), _| *s != server);
+        self.views.retain(|(s, _), _| *s != server);
+    }
+
     pub fn view(&mut self, time_us: u64, server: Sid, view: &MailboxView) {
         for m in &view.messages {
             self.shown(time_us, server, &view.mailbox, view.uidvalidity, m.uid, m.guid);

@@ -461,6 +461,7 @@ impl World {
             if wipe && let Some(node) = self.nodes.get_mut(&sid) {
                 node.disk = DiskImage::default();
                 node.lost = true;
+                self.oracle.forget_server(sid);
             }
             return;
         }
@@ -477,6 +478,7 @@ impl World {
         if wipe {
             node.disk = DiskImage::default();
             node.lost = true;
+            self.oracle.forget_server(sid);
         }
         self.outstanding.retain(|_, o| o.server != sid);
         self.note(|w: &World| format!("{} {sid} {}", w.ms(), if wipe { "is lost with its disk" } else { "crashes" }));
@@ -763,7 +765,7 @@ pub fn describe(envelope: &Envelope) -> String {
                 format!("#{tag} {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
             }
         },
-        Msg::Reply { tag, master, result } => format!("#{tag} master {master:?} {result:?}"),
+        Msg::Reply { tag, master, result, .. } => format!("#{tag} master {master:?} {result:?}"),
         Msg::Change { seq, change } => match change {
             Change::Save { mailbox, record, .. } | Change::Copy { mailbox, record, .. } => {
                 format!("#{seq} {mailbox} UID {} {}", record.uid, record.guid)

@@ -150,7 +150,7 @@ impl Server {
 
     fn start_job(&mut self, job: Job) {
         if self.jobs.len() >= self.cfg.pending_max {
-            self.answer(job.origin, None, fail(FailKind::Temporary, "server busy"));
+            self.answer(job.origin, None, fail(FailKind::Temporary, "server busy"), None);
             return;
         }
         let tag = self.new_tag();
@@ -258,7 +258,7 @@ impl Server {
 
     pub(crate) fn on_peer_request(&mut self, src: Sid, tag: u64, request: WriteRequest) {
         if let Err(reason) = validate(&request) {
-            self.send(src, Msg::Reply { tag, master: None, result: fail(FailKind::Permanent, reason) });
+            self.send(src, Msg::Reply { tag, master: None, result: fail(FailKind::Permanent, reason), record: None });
             return;
         }
         let key = self.master_key(request.target());
@@ -276,7 +276,14 @@ impl Server {
         self.start_job(job);
     }
 
-    pub(crate) fn on_peer_reply(&mut self, src: Sid, tag: u64, master: Option<Sid>, result: WriteResult) {
+    pub(crate) fn on_peer_reply(
+        &mut self,
+        src: Sid,
+        tag: u64,
+        master: Option<Sid>,
+        result: WriteResult,
+        record: Option<MessageRecord>,
+    ) {
         let Some(job) = self.jobs.get(&tag) else { return };
         if job.state != (JobState::Forwarded { to: src }) {
             return;
@@ -288,14 +295,53 @@ impl Server {
             self.master_cache.insert(key, m);
         }
         let Some(job) = self.jobs.remove(&tag) else { return };
-        self.answer(job.origin, master, result);
+        if let (Some(record), JobKind::Write(request)) = (&record, &job.kind) {
+            self.keep_acked_binding(src, request, &result, record);
+        }
+        match job.origin {
+            // The client sees the UID only once this server holds the binding durably, so
+            // no later change here can show that UID as another message.
+            Origin::Client(id) => {
+                let write = self.last_write();
+                if self.is_durable(write) {
+                    self.push_reply(id, ClientReply::Write(result));
+                } else {
+                    self.pending_reads.push((id, write, ClientReply::Write(result)));
+                }
+            }
+            origin => self.answer(origin, master, result, record),
+        }
+    }
+
+    /// The master's record of a message we saved or copied, merged here like any change.
+    fn keep_acked_binding(&mut self, src: Sid, request: &WriteRequest, result: &WriteResult, record: &MessageRecord) {
+        let uidvalidity = match result {
+            WriteResult::Saved { uidvalidity, .. } | WriteResult::Copied { uidvalidity, .. } => *uidvalidity,
+            _ => return,
+        };
+        if let WriteRequest::Save { guid, body, .. } = request
+            && !self.db.bodies.contains_key(guid)
+            && crate::hash::body_checksum(body) == record.checksum
+        {
+            self.db.bodies.insert(*guid, crate::store::StoredBody { checksum: record.checksum, bytes: body.clone() });
+            self.write(StoreWrite::PutBody { guid: *guid, checksum: record.checksum, bytes: body.clone() });
+        }
+        let fragment = MailboxState {
+            mailbox: request.target().clone(),
+            uidvalidity,
+            uidnext: record.uid.saturating_add(1),
+            highest_modseq: record.modseq,
+            messages: vec![record.clone()],
+            tombstones: Vec::new(),
+        };
+        self.merge_foreign(src, &fragment, false);
     }
 
     /// Answer a job's origin.
-    pub(crate) fn answer(&mut self, origin: Origin, master: Option<Sid>, result: WriteResult) {
+    pub(crate) fn answer(&mut self, origin: Origin, master: Option<Sid>, result: WriteResult, record: Option<MessageRecord>) {
         match origin {
             Origin::Client(id) => self.push_reply(id, ClientReply::Write(result)),
-            Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result }),
+            Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result, record }),
             Origin::Internal => {}
         }
     }
@@ -323,7 +369,7 @@ impl Server {
                     }
                     self.requeue_jobs_for(&job.key);
                 }
-                JobKind::Write(_) => self.answer(job.origin, None, fail(FailKind::Temporary, reason)),
+                JobKind::Write(_) => self.answer(job.origin, None, fail(FailKind::Temporary, reason), None),
             }
         }
     }
@@ -343,7 +389,13 @@ impl Server {
             let Some(job) = self.jobs.remove(&tag) else { continue };
             self.ack_waiters.retain(|_, t| *t != tag);
             if let JobState::Replicating { result, .. } = job.state {
-                self.answer(job.origin, Some(self.cfg.sid), result);
+                let record = match (&result, &job.kind) {
+                    (WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. }, JobKind::Write(request)) => {
+                        self.db.mailboxes.get(request.target()).and_then(|m| m.messages.get(uid)).cloned()
+                    }
+                    _ => None,
+                };
+                self.answer(job.origin, Some(self.cfg.sid), result, record);
             }
         }
     }
@@ -411,7 +463,7 @@ impl Server {
                 };
                 if let WriteResult::Failed { .. } = result {
                     if let Some(job) = self.jobs.remove(&tag) {
-                        self.answer(job.origin, Some(self.cfg.sid), result);
+                        self.answer(job.origin, Some(self.cfg.sid), result, None);
                     }
                     return;
                 }

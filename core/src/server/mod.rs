@@ -341,7 +341,7 @@ impl Server {
                 self.on_move_done(tag, key, epoch, generation, states)
             }
             Msg::Request { tag, request } => self.on_peer_request(src, tag, request),
-            Msg::Reply { tag, master, result } => self.on_peer_reply(src, tag, master, result),
+            Msg::Reply { tag, master, result, record } => self.on_peer_reply(src, tag, master, result, record),
             Msg::Change { seq, change } => self.on_change(src, seq, change),
             Msg::Ack { seqs } => self.on_ack(src, seqs),
             Msg::MboxRequest { tag, key } => self.on_mbox_request(src, tag, key),
