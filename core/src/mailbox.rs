@@ -218,6 +218,17 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
     }
 }
 
+/// An EXPUNGE removes the message, not one binding of it: where a renumbering moved
+/// the message meanwhile, its new binding is expunged too.
+fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) {
+    for t in tombstones.iter().filter(|t| t.expunged) {
+        let moved: Vec<Uid> = m.messages.values().filter(|r| r.guid == t.guid && r.uid != t.uid).map(|r| r.uid).collect();
+        for uid in moved {
+            add_tombstone(m, Tombstone { uid, guid: t.guid, modseq: t.modseq, expunged: true }, out);
+        }
+    }
+}
+
 /// A message placed at a new UID keeps the flag changes its retired binding had here.
 fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, rules: &MergeRules) {
     if let Some(old) = carried.get(&r.guid) {
@@ -253,6 +264,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         tombstones.push(*t);
     }
     let carried = retire_bindings(m, &tombstones, &mut out);
+    expunge_everywhere(m, &tombstones, &mut out);
     if !rules.ignore_tombstones
         && foreign.tombstones.iter().any(|t| m.messages.get(&t.uid).is_some_and(|ours| ours.guid != t.guid))
     {
@@ -346,6 +358,9 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
             }
             add_tombstone(m, *t, &mut out);
         }
+    }
+    if same_validity {
+        expunge_everywhere(m, &foreign.tombstones, &mut out);
     }
     let ours_live = live_guids(m);
     for r in &foreign.messages {

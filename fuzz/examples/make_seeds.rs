@@ -402,7 +402,7 @@ fn wire_seeds(dir: &Path) {
                     1,
                     Msg::Who { epoch: 5, keys: vec![mk.clone(), MasterKey::User("alice".into()), MasterKey::Global] },
                 ),
-                env(1, 2, Msg::MasterIs { epoch: 5, key: mk.clone(), master: S2 }),
+                env(1, 2, Msg::MasterIs { epoch: 5, key: mk.clone(), master: S2, generation: 1 }),
             ],
         ),
         (
@@ -475,6 +475,7 @@ fn wire_seeds(dir: &Path) {
                         tag: 9,
                         master: Some(S1),
                         result: WriteResult::Saved { uidvalidity: 77, uid: 11, guid },
+                        record: Some(MessageRecord { uid: 11, ..record.clone() }),
                     },
                 ),
                 env(
@@ -484,6 +485,7 @@ fn wire_seeds(dir: &Path) {
                         tag: 9,
                         master: None,
                         result: WriteResult::Expunged { uids: vec![4, 5], modseq: 100 },
+                        record: None,
                     },
                 ),
                 env(
@@ -497,6 +499,7 @@ fn wire_seeds(dir: &Path) {
                             rejected: vec![2],
                             current: vec![CurrentFlags { uid: 2, flags: vec![flag("\\Answered")], modseq: 90 }],
                         },
+                        record: None,
                     },
                 ),
                 env(
@@ -509,6 +512,7 @@ fn wire_seeds(dir: &Path) {
                             kind: FailKind::Permanent,
                             reason: "no \"such\"\nmessage".into(),
                         },
+                        record: None,
                     },
                 ),
             ],
@@ -598,7 +602,11 @@ fn wire_seeds(dir: &Path) {
             "master-move",
             vec![
                 env(1, 2, Msg::MasterMove { tag: 8, key: MasterKey::Domain("example.org".into()), requester: S1 }),
-                env(2, 1, Msg::MoveDone { tag: 8, key: mk.clone(), epoch: 5, states: vec![state.clone()] }),
+                env(
+                    2,
+                    1,
+                    Msg::MoveDone { tag: 8, key: mk.clone(), epoch: 5, generation: 2, states: vec![state.clone()] },
+                ),
                 env(3, 1, Msg::Error { text: "é \"q\"".into() }),
             ],
         ),

@@ -415,7 +415,7 @@ impl Harness {
             }
             Msg::Who { epoch, keys } => {
                 let Some(key) = keys.into_iter().next() else { return };
-                Msg::MasterIs { epoch, key, master: pick(v) }
+                Msg::MasterIs { epoch, key, master: pick(v), generation: u64::from(v >> 2) }
             }
             Msg::MasterMove { tag, key, .. } => {
                 let epoch = self.server.term().epoch;
@@ -437,33 +437,42 @@ impl Harness {
                         })
                         .collect()
                 };
-                Msg::MoveDone { tag, key, epoch, states }
+                Msg::MoveDone { tag, key, epoch, generation: u64::from(v >> 1) + 1, states }
             }
             Msg::Request { tag, request } => {
                 let master = if v & 8 == 0 { Some(peer) } else { None };
                 let uid = Uid::from(v % 4 + 1);
-                let result = match (v % 4, request) {
-                    (1, _) => WriteResult::Failed { kind: FailKind::Temporary, reason: "busy".into() },
-                    (2, _) => WriteResult::Failed { kind: FailKind::Permanent, reason: "no".into() },
-                    (_, WriteRequest::Save { mailbox, guid, .. }) => {
-                        WriteResult::Saved { uidvalidity: mailbox.initial_uidvalidity(), uid, guid }
-                    }
-                    (_, WriteRequest::Copy { dst, guid, .. }) => {
-                        WriteResult::Copied { uidvalidity: dst.initial_uidvalidity(), uid, guid }
-                    }
+                // The master's record of a SAVE/COPY, as it would send it back.
+                let record = |guid: Guid, received: u64, flags: &[Flag], body: Option<&Vec<u8>>| {
+                    let body = body.map(Vec::as_slice).unwrap_or(b"");
+                    let stamp = Stamp { modseq: 5, sid: peer };
+                    let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
+                    let size = u32::try_from(body.len()).unwrap_or(u32::MAX);
+                    MessageRecord { uid, guid, received, size, checksum: hash::body_checksum(body), modseq: 5, flags }
+                };
+                let (result, record) = match (v % 4, request) {
+                    (1, _) => (WriteResult::Failed { kind: FailKind::Temporary, reason: "busy".into() }, None),
+                    (2, _) => (WriteResult::Failed { kind: FailKind::Permanent, reason: "no".into() }, None),
+                    (_, WriteRequest::Save { mailbox, guid, received, flags, body }) => (
+                        WriteResult::Saved { uidvalidity: mailbox.initial_uidvalidity(), uid, guid },
+                        (v & 4 == 0).then(|| record(guid, received, &flags, Some(&body))),
+                    ),
+                    (_, WriteRequest::Copy { dst, guid, received, flags, .. }) => (
+                        WriteResult::Copied { uidvalidity: dst.initial_uidvalidity(), uid, guid },
+                        (v & 4 == 0).then(|| record(guid, received, &flags, self.bodies.get(&guid))),
+                    ),
                     (_, WriteRequest::Expunge { messages, .. }) => {
-                        WriteResult::Expunged { uids: messages.iter().map(|(u, _)| *u).collect(), modseq: 5 }
+                        (WriteResult::Expunged { uids: messages.iter().map(|(u, _)| *u).collect(), modseq: 5 }, None)
                     }
-                    (_, WriteRequest::Store { messages, add, .. }) => WriteResult::Stored {
-                        modseq: 6,
-                        rejected: Vec::new(),
-                        current: messages
+                    (_, WriteRequest::Store { messages, add, .. }) => {
+                        let current = messages
                             .iter()
                             .map(|(u, _)| CurrentFlags { uid: *u, flags: add.clone(), modseq: 6 })
-                            .collect(),
-                    },
+                            .collect();
+                        (WriteResult::Stored { modseq: 6, rejected: Vec::new(), current }, None)
+                    }
                 };
-                Msg::Reply { tag, master, result }
+                Msg::Reply { tag, master, result, record }
             }
             Msg::Change { seq, .. } => Msg::Ack { seqs: vec![seq] },
             Msg::MboxRequest { tag, .. } => Msg::MboxDone { tag, count: 0 },
