@@ -266,7 +266,7 @@ impl Oracle {
         // Flag deltas survive every merge: a flag an acknowledged STORE added that no
         // request ever removed is set at the end, and one an acknowledged STORE removed
         // that no request (nor the SAVE) ever added is clear. Whole-flag-set merges fail.
-        for (sid, image) in stores {
+        for (sid, image) in stores.iter().filter(|_| check_loss) {
             for ((mailbox, guid, flag), h) in &self.flag_requests.clone() {
                 let found = image.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == *guid));
                 let Some(r) = found else { continue };

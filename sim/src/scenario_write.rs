@@ -82,7 +82,11 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
                 None => format!("{{ a = {}, b = {} }}", sid(l.a), sid(l.b)),
             })
             .collect();
-        let _ = writeln!(out, "links = [\n  {},\n]", items.join(",\n  "));
+        if items.is_empty() {
+            let _ = writeln!(out, "links = []");
+        } else {
+            let _ = writeln!(out, "links = [\n  {},\n]", items.join(",\n  "));
+        }
     }
     for e in &s.events {
         let _ = writeln!(out, "\n[[event]]");

@@ -145,6 +145,10 @@ fn drop_servers(k: &mut Shrinker<'_>, best: &mut Scenario) -> bool {
                 groups.retain(|g| !g.is_empty());
             }
         }
+        if !connected(&candidate.cluster) {
+            // A cluster split for good never converges: that is not the failure we keep.
+            continue;
+        }
         let n = candidate.cluster.servers.len() as u8;
         candidate.cluster.replicas = candidate.cluster.replicas.min(n.saturating_sub(1));
         if k.fails(&candidate) {
@@ -153,6 +157,25 @@ fn drop_servers(k: &mut Shrinker<'_>, best: &mut Scenario) -> bool {
         }
     }
     changed
+}
+
+/// Whether every server can reach every other over the cluster's links.
+fn connected(c: &ClusterSpec) -> bool {
+    let Some(links) = &c.links else { return true };
+    let Some(&first) = c.servers.first() else { return true };
+    let mut seen = vec![first];
+    let mut i = 0;
+    while i < seen.len() {
+        let at = seen[i];
+        for l in links {
+            let other = if l.a == at { l.b } else if l.b == at { l.a } else { continue };
+            if !seen.contains(&other) {
+                seen.push(other);
+            }
+        }
+        i += 1;
+    }
+    c.servers.iter().all(|s| seen.contains(s))
 }
 
 /// Smaller bodies, no flags on SAVE, plain STOREs.

@@ -687,10 +687,12 @@ impl World {
                     self.set_link(a, b, true);
                 }
                 if end {
-                    let down: Vec<Sid> =
-                        self.nodes.iter().filter(|(_, n)| n.server.is_none() && !n.lost).map(|(s, _)| *s).collect();
-                    for sid in down {
-                        self.start_server(sid, false);
+                    // Crashed servers restart; lost ones are replaced by empty servers (an
+                    // operator replaces dead hardware before anyone expects quiescence).
+                    let down: Vec<(Sid, bool)> =
+                        self.nodes.iter().filter(|(_, n)| n.server.is_none()).map(|(s, n)| (*s, n.lost)).collect();
+                    for (sid, lost) in down {
+                        self.start_server(sid, lost);
                     }
                 }
             }

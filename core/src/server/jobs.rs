@@ -415,7 +415,15 @@ impl Server {
                 }
             }
             JobKind::Write(request) => {
+                let reachable_peers = self.reachable.len().saturating_sub(1);
                 let (result, replicated) = match request {
+                    // Sync mode: every acknowledged change must reach `replicas` more
+                    // servers, so with fewer reachable the answer is a temporary failure,
+                    // before anything changes.
+                    _ if self.cfg.durability == Durability::Sync && reachable_peers < usize::from(self.cfg.replicas) => {
+                        self.marks.hit(Mark::SyncModeTemporaryFailure);
+                        (fail(FailKind::Temporary, "not enough servers reachable for the required copies"), None)
+                    }
                     WriteRequest::Save { mailbox, guid, received, flags, body } => {
                         self.master_save(&mailbox, guid, received, &flags, Some(body), tag)
                     }
@@ -448,15 +456,16 @@ impl Server {
                         }
                         (fail(FailKind::Temporary, "the master does not have that message yet"), None)
                     }
-                    WriteRequest::Expunge { mailbox, messages } => (self.master_expunge(&mailbox, &messages), None),
+                    WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, tag),
                     WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } => {
-                        (self.master_store(&mailbox, &messages, &add, &remove, unchanged_since, known_modseq), None)
+                        self.master_store(&mailbox, &messages, &add, &remove, unchanged_since, known_modseq, tag)
                     }
                 };
-                let need = match (&result, replicated, self.cfg.durability) {
-                    (WriteResult::Saved { .. } | WriteResult::Copied { .. }, Some(_), Durability::Sync)
-                        if !self.has_bug(crate::Bug::AckBeforeReplicaDurable) =>
-                    {
+                // Sync mode answers a change once `replicas` peers made it durable too:
+                // SAVE and COPY (DESIGN.md), and STORE and EXPUNGE as well, so that no
+                // acknowledged flag change or expunge dies with one server.
+                let need = match (replicated, self.cfg.durability) {
+                    (Some(_), Durability::Sync) if !self.has_bug(crate::Bug::AckBeforeReplicaDurable) => {
                         usize::from(self.cfg.replicas)
                     }
                     _ => 0,
@@ -521,13 +530,6 @@ impl Server {
         if self.db.mailboxes.get(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
             return (fail(FailKind::Permanent, "that message was expunged from the mailbox"), None);
         }
-        if self.cfg.durability == Durability::Sync {
-            let reachable_peers = self.reachable.len().saturating_sub(1);
-            if reachable_peers < usize::from(self.cfg.replicas) {
-                self.marks.hit(Mark::SyncModeTemporaryFailure);
-                return (fail(FailKind::Temporary, "not enough servers reachable for the required copies"), None);
-            }
-        }
         let (checksum, size) = match (&body, self.db.bodies.get(&guid)) {
             (Some(b), _) => (crate::hash::body_checksum(b), u32::try_from(b.len()).unwrap_or(u32::MAX)),
             (None, Some(stored)) => (stored.checksum, u32::try_from(stored.bytes.len()).unwrap_or(u32::MAX)),
@@ -574,9 +576,9 @@ impl Server {
         (result, Some(()))
     }
 
-    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) -> WriteResult {
+    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], tag: u64) -> (WriteResult, Option<()>) {
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
-            return fail(FailKind::Permanent, format!("no mailbox {mailbox}"));
+            return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
         let modseq = m.highest_modseq + 1;
         let mut tombstones = Vec::new();
@@ -589,7 +591,7 @@ impl Server {
             }
         }
         if tombstones.is_empty() {
-            return WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq };
+            return (WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq }, None);
         }
         m.highest_modseq = modseq;
         let uidvalidity = m.uidvalidity;
@@ -603,8 +605,8 @@ impl Server {
             .filter(|(_, ours)| tombstones.iter().any(|t| t.uid == *ours))
             .map(|(theirs, _)| *theirs)
             .collect();
-        self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, None);
-        WriteResult::Expunged { uids, modseq }
+        self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(tag));
+        (WriteResult::Expunged { uids, modseq }, Some(()))
     }
 
     fn master_store(
@@ -615,10 +617,11 @@ impl Server {
         remove: &[Flag],
         unchanged_since: Option<ModSeq>,
         known_modseq: ModSeq,
-    ) -> WriteResult {
+        tag: u64,
+    ) -> (WriteResult, Option<()>) {
         let me = self.cfg.sid;
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
-            return fail(FailKind::Permanent, format!("no mailbox {mailbox}"));
+            return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
         let modseq = m.highest_modseq + 1;
         let stamp = Stamp { modseq, sid: me };
@@ -654,7 +657,7 @@ impl Server {
         }
         if changed.is_empty() {
             let hms = m.highest_modseq;
-            return WriteResult::Stored { modseq: hms, rejected, current };
+            return (WriteResult::Stored { modseq: hms, rejected, current }, None);
         }
         m.highest_modseq = modseq;
         let uidvalidity = m.uidvalidity;
@@ -673,9 +676,9 @@ impl Server {
                 add: add.to_vec(),
                 remove: remove_only,
             },
-            None,
+            Some(tag),
         );
-        WriteResult::Stored { modseq, rejected, current }
+        (WriteResult::Stored { modseq, rejected, current }, Some(()))
     }
 
     pub(crate) fn persist_meta(&mut self, mailbox: &MailboxKey) {
