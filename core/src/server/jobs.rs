@@ -744,14 +744,15 @@ impl Server {
         generation: u64,
         states: Vec<MailboxState>,
     ) {
-        let Some(job) = self.jobs.get(&tag) else { return };
-        if job.key != key || !matches!(job.kind, JobKind::MasterMove { .. }) {
-            return;
-        }
+        // The old master has given the key up whether or not our request is still
+        // waiting (it may have timed out): in this term we take it, or nobody has it.
+        let job = match self.jobs.get(&tag) {
+            Some(j) if j.key == key && matches!(j.kind, JobKind::MasterMove { .. }) => self.jobs.remove(&tag),
+            _ => None,
+        };
         self.moving.remove(&key);
-        let Some(job) = self.jobs.remove(&tag) else { return };
-        if epoch != self.term.epoch {
-            if let Origin::Client(id) = job.origin {
+        if epoch != self.term.epoch || self.mastered.contains_key(&key) {
+            if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
                 self.push_reply(
                     id,
                     ClientReply::Failed {
@@ -763,6 +764,11 @@ impl Server {
             self.requeue_jobs_for(&key);
             return;
         }
+        if self.cache_generation.get(&key).is_some_and(|g| *g > generation) {
+            // A later move already happened elsewhere.
+            self.requeue_jobs_for(&key);
+            return;
+        }
         self.become_master(key.clone(), Some(states), generation);
         // Everyone (the root too) learns the new master at once instead of through stale
         // forwards; the generation makes a late announcement harmless.
@@ -770,7 +776,7 @@ impl Server {
         for peer in peers {
             self.send(peer, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid, generation });
         }
-        if let Origin::Client(id) = job.origin {
+        if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
             self.push_reply(id, ClientReply::Moved { master: self.cfg.sid });
         }
         self.requeue_jobs_for(&key);

@@ -429,6 +429,9 @@ impl Server {
         self.fetch_wanted_bodies();
         if self.now.0.saturating_sub(self.last_slow_tick.0) >= self.cfg.anti_entropy_us {
             self.last_slow_tick = self.now;
+            // Every mailbox keeps a master: one whose master was lost (or whose
+            // MASTER-MOVE answer went astray) gets one again.
+            self.need_master_check = true;
             self.resend_lookups();
             self.anti_entropy();
             self.sync_dirty();
