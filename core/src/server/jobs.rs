@@ -786,6 +786,9 @@ impl Server {
     /// once) or from the root (catch up with every reachable server first).
     pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>, generation: u64) {
         self.master_cache.remove(&key);
+        // News of an older master of this key must not unseat us.
+        let known = self.cache_generation.get(&key).copied().unwrap_or(0);
+        self.cache_generation.insert(key.clone(), known.max(generation));
         let how = if moved_states.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some(states) = moved_states {
