@@ -88,6 +88,7 @@ pub struct CurrentFlags {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteResult {
+    /// `uid` 0: stored, but this server cannot show its UID yet.
     Saved { uidvalidity: u32, uid: Uid, guid: Guid },
     Copied { uidvalidity: u32, uid: Uid, guid: Guid },
     Expunged { uids: Vec<Uid>, modseq: ModSeq },

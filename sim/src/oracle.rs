@@ -151,7 +151,9 @@ impl Oracle {
     }
 
     pub fn saved(&mut self, time_us: u64, server: Sid, mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, guid: Guid) {
-        self.shown(time_us, server, mailbox, uidvalidity, uid, guid);
+        if uid != 0 {
+            self.shown(time_us, server, mailbox, uidvalidity, uid, guid);
+        }
         self.acked.entry((mailbox.clone(), guid)).or_insert((server, time_us));
     }
 

@@ -295,8 +295,21 @@ impl Server {
             self.master_cache.insert(key, m);
         }
         let Some(job) = self.jobs.remove(&tag) else { return };
+        let mut result = result;
         if let (Some(record), JobKind::Write(request)) = (&record, &job.kind) {
             self.keep_acked_binding(src, request, &result, record);
+            // If another message holds that UID here (a conflict the master has not
+            // settled yet), the client is told the message is stored but not its UID
+            // (IMAP lets APPENDUID/COPYUID be left out): never a UID this server shows
+            // as another message.
+            let held = self
+                .db
+                .mailboxes
+                .get(request.target())
+                .is_some_and(|m| m.messages.get(&record.uid).is_some_and(|r| r.guid == record.guid));
+            if !held && let WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. } = &mut result {
+                *uid = 0;
+            }
         }
         match job.origin {
             // The client sees the UID only once this server holds the binding durably, so
