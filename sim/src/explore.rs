@@ -34,6 +34,10 @@ enum FaultMix {
     Partitions,
     Crashes,
     Links,
+    /// Servers lost for good (within the mode's budget) and crashes.
+    Losses,
+    /// Everything but losses; the only mix with hand edits and corrupted bodies, which
+    /// destroy copies too.
     Everything,
 }
 
@@ -70,7 +74,8 @@ pub fn generate(seed: u64) -> Scenario {
             (20, FaultMix::Partitions),
             (20, FaultMix::Crashes),
             (15, FaultMix::Links),
-            (25, FaultMix::Everything),
+            (10, FaultMix::Losses),
+            (20, FaultMix::Everything),
         ],
     );
     let mut events = Vec::new();
@@ -160,7 +165,8 @@ pub fn generate(seed: u64) -> Scenario {
             FaultMix::Partitions => &[0, 1],
             FaultMix::Crashes => &[2],
             FaultMix::Links => &[3, 4],
-            _ => &[0, 1, 2, 3, 4, 5],
+            FaultMix::Losses => &[2, 5],
+            _ => &[0, 1, 2, 3, 4],
         };
         let (fault, heal) = match kinds[rng.random_range(0..kinds.len())] {
             0 => {

@@ -745,6 +745,7 @@ impl Server {
         } else if let Some(root) = self.term.root {
             self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester, generation });
         }
+        self.handoffs.insert(key.clone(), super::Handoff { requester, tag, epoch, generation, states: states.clone() });
         self.send(requester, Msg::MoveDone { tag, key: key.clone(), epoch, generation, states });
         self.requeue_jobs_for(&key);
     }
@@ -802,6 +803,10 @@ impl Server {
         // News of an older master of this key must not unseat us.
         let known = self.cache_generation.get(&key).copied().unwrap_or(0);
         self.cache_generation.insert(key.clone(), known.max(generation));
+        if self.is_root() && generation >= self.root_state.generations.get(&key).copied().unwrap_or(0) {
+            self.root_state.table.insert(key.clone(), self.cfg.sid);
+            self.root_state.generations.insert(key.clone(), generation);
+        }
         let how = if moved_states.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some(states) = moved_states {

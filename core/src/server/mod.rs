@@ -40,6 +40,16 @@ pub struct Mastership {
     pub generation: u64,
 }
 
+/// A MASTER-MOVE handover waiting for the new master's announcement.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    pub requester: Sid,
+    pub tag: u64,
+    pub epoch: u64,
+    pub generation: u64,
+    pub states: Vec<MailboxState>,
+}
+
 /// A master's anti-entropy record of one peer's copy of one mailbox.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PeerCheck {
@@ -80,6 +90,9 @@ pub struct Server {
     pub(crate) lookups: BTreeMap<MasterKey, Instant>,
     pub(crate) need_master_check: bool,
     pub(crate) moving: BTreeSet<MasterKey>,
+    /// Keys we gave up by MASTER-MOVE whose new master has not announced itself yet:
+    /// the handover is resent until it has, so a lost MOVED never leaves a key masterless.
+    pub(crate) handoffs: BTreeMap<MasterKey, Handoff>,
     // Requests in progress here.
     pub(crate) next_tag: u64,
     pub(crate) jobs: BTreeMap<u64, Job>,
@@ -131,6 +144,7 @@ impl Server {
             lookups: BTreeMap::new(),
             need_master_check: true,
             moving: BTreeSet::new(),
+            handoffs: BTreeMap::new(),
             next_tag: incarnation << 40,
             jobs: BTreeMap::new(),
             pending_reads: Vec::new(),
@@ -432,10 +446,36 @@ impl Server {
             // Every mailbox keeps a master: one whose master was lost (or whose
             // MASTER-MOVE answer went astray) gets one again.
             self.need_master_check = true;
+            self.resend_handoffs();
+            self.announce_masterships();
             self.resend_lookups();
             self.anti_entropy();
             self.sync_dirty();
             self.scrub_bodies();
+        }
+    }
+
+    fn resend_handoffs(&mut self) {
+        let pending: Vec<(MasterKey, Handoff)> = self.handoffs.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+        for (key, h) in pending {
+            if h.epoch != self.term.epoch {
+                self.handoffs.remove(&key);
+                continue;
+            }
+            let msg = Msg::MoveDone { tag: h.tag, key, epoch: h.epoch, generation: h.generation, states: h.states };
+            self.send(h.requester, msg);
+        }
+    }
+
+    /// Masters remind the root what they master, so a lost report cannot leave the
+    /// root's table naming a server that gave the key away.
+    fn announce_masterships(&mut self) {
+        let Some(root) = self.term.root.filter(|r| *r != self.cfg.sid) else { return };
+        let epoch = self.term.epoch;
+        let ready: Vec<(MasterKey, u64)> =
+            self.mastered.iter().filter(|(_, m)| m.catchup.is_none()).map(|(k, m)| (k.clone(), m.generation)).collect();
+        for (key, generation) in ready {
+            self.send(root, Msg::MasterIs { epoch, key, master: self.cfg.sid, generation });
         }
     }
 

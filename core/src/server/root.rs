@@ -175,6 +175,7 @@ impl Server {
 
     /// Forget every master we knew and stop being master of anything.
     pub(crate) fn drop_masterships(&mut self) {
+        self.handoffs.clear();
         self.master_cache.clear();
         self.cache_generation.clear();
         let dropped: Vec<MasterKey> = self.mastered.keys().cloned().collect();
@@ -285,6 +286,9 @@ impl Server {
     pub(crate) fn on_master_is(&mut self, from: Sid, epoch: u64, key: MasterKey, master: Sid, generation: u64) {
         if epoch != self.term.epoch {
             return;
+        }
+        if from == master && self.handoffs.get(&key).is_some_and(|h| h.requester == from && generation >= h.generation) {
+            self.handoffs.remove(&key);
         }
         if self.is_root() && from != self.cfg.sid {
             if generation > self.root_state.generations.get(&key).copied().unwrap_or(0) {
