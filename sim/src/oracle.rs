@@ -49,6 +49,8 @@ pub struct Oracle {
     flag_requests: BTreeMap<(MailboxKey, Guid, Flag), FlagHistory>,
     /// Flags a SAVE asked for.
     saved_with: BTreeSet<(MailboxKey, Guid, Flag)>,
+    /// Every UID binding a SAVE/COPY answer showed.
+    acked_bindings: BTreeSet<(UidKey, Guid)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,9 +87,20 @@ impl Oracle {
     /// A server lost its disk for good: a replacement with its id is a new server, whose
     /// clients start over (its UIDs are whatever the cluster's are; the cluster-wide
     /// check at quiescence still covers every UID the lost server showed).
+    ///
+    /// What it alone showed (bindings it never got to replicate) dies with it: the
+    /// cluster-wide record keeps only what other servers showed or acknowledged.
     pub fn forget_server(&mut self, server: Sid) {
         self.shown.retain(|(s, _), _| *s != server);
         self.views.retain(|(s, _), _| *s != server);
+        let mut any: BTreeMap<UidKey, BTreeSet<Guid>> = BTreeMap::new();
+        for ((_, key), guid) in &self.shown {
+            any.entry(key.clone()).or_default().insert(*guid);
+        }
+        for (key, guid) in &self.acked_bindings {
+            any.entry(key.clone()).or_default().insert(*guid);
+        }
+        self.shown_any = any;
     }
 
     pub fn view(&mut self, time_us: u64, server: Sid, view: &MailboxView) {
@@ -153,6 +166,7 @@ impl Oracle {
     pub fn saved(&mut self, time_us: u64, server: Sid, mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, guid: Guid) {
         if uid != 0 {
             self.shown(time_us, server, mailbox, uidvalidity, uid, guid);
+            self.acked_bindings.insert(((mailbox.clone(), uidvalidity, uid), guid));
         }
         self.acked.entry((mailbox.clone(), guid)).or_insert((server, time_us));
     }
