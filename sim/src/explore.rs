@@ -156,10 +156,25 @@ pub fn generate(seed: u64) -> Scenario {
         Durability::Async => 0,
     };
     let mut lost = 0;
+    let saves: Vec<(u64, Sid)> = events
+        .iter()
+        .filter_map(|e| match &e.action {
+            Action::Save { server, .. } => Some((e.at_ms, *server)),
+            _ => None,
+        })
+        .collect();
     for _ in 0..faults {
-        let at = rng.random_range(200..duration_ms);
+        let mut at = rng.random_range(200..duration_ms);
+        let mut target = None;
+        if mix == FaultMix::Losses && !saves.is_empty() && rng.random_bool(0.7) {
+            // Right after a SAVE, at the server that took it: the moment a copy is most
+            // likely to exist only there.
+            let (t, s) = saves[rng.random_range(0..saves.len())];
+            at = t + rng.random_range(1..=15);
+            target = Some(s);
+        }
         let heal_at = at + rng.random_range(300..4_000u64);
-        let a = servers[rng.random_range(0..servers.len())];
+        let a = target.unwrap_or_else(|| servers[rng.random_range(0..servers.len())]);
         let b = servers[rng.random_range(0..servers.len())];
         let kinds: &[u8] = match mix {
             FaultMix::Partitions => &[0, 1],

@@ -11,6 +11,10 @@ use crate::store::StoreWrite;
 use crate::types::*;
 use std::collections::BTreeSet;
 
+/// Bits of an epoch that hold the id of the root that opened it.
+pub const EPOCH_SID_BITS: u32 = 16;
+const EPOCH_SID_MASK: u64 = (1 << EPOCH_SID_BITS) - 1;
+
 /// Root term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Term {
@@ -82,7 +86,10 @@ impl Server {
     }
 
     fn open_term(&mut self) {
-        let epoch = self.db.epoch.max(self.term.epoch) + 1;
+        // Two roots on the two sides of a partition must never open terms with the same
+        // epoch (messages name a term by its epoch): the low bits are the root's id.
+        let round = (self.db.epoch.max(self.term.epoch) >> EPOCH_SID_BITS) + 1;
+        let epoch = (round << EPOCH_SID_BITS) | (u64::from(self.cfg.sid.0) & EPOCH_SID_MASK);
         self.set_epoch(epoch);
         self.marks.hit(crate::Mark::RootElected);
         self.term = Term { epoch, root: Some(self.cfg.sid) };
