@@ -48,7 +48,10 @@ impl Config {
         #[cfg(not(feature = "broken"))]
         match bug {
             None => Ok(()),
-            Some(b) => Err(crate::Error::BadRequest(format!("bug {} needs tandem-core built with the broken feature", b.name()))),
+            Some(b) => Err(crate::Error::BadRequest(format!(
+                "bug {} needs tandem-core built with the broken feature",
+                b.name()
+            ))),
         }
     }
 

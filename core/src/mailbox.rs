@@ -222,7 +222,8 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
 /// the message meanwhile, its new binding is expunged too.
 fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) {
     for t in tombstones.iter().filter(|t| t.expunged) {
-        let moved: Vec<Uid> = m.messages.values().filter(|r| r.guid == t.guid && r.uid != t.uid).map(|r| r.uid).collect();
+        let moved: Vec<Uid> =
+            m.messages.values().filter(|r| r.guid == t.guid && r.uid != t.uid).map(|r| r.uid).collect();
         for uid in moved {
             add_tombstone(m, Tombstone { uid, guid: t.guid, modseq: t.modseq, expunged: true }, out);
         }

@@ -89,11 +89,29 @@ pub struct CurrentFlags {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteResult {
     /// `uid` 0: stored, but this server cannot show its UID yet.
-    Saved { uidvalidity: u32, uid: Uid, guid: Guid },
-    Copied { uidvalidity: u32, uid: Uid, guid: Guid },
-    Expunged { uids: Vec<Uid>, modseq: ModSeq },
-    Stored { modseq: ModSeq, rejected: Vec<Uid>, current: Vec<CurrentFlags> },
-    Failed { kind: FailKind, reason: String },
+    Saved {
+        uidvalidity: u32,
+        uid: Uid,
+        guid: Guid,
+    },
+    Copied {
+        uidvalidity: u32,
+        uid: Uid,
+        guid: Guid,
+    },
+    Expunged {
+        uids: Vec<Uid>,
+        modseq: ModSeq,
+    },
+    Stored {
+        modseq: ModSeq,
+        rejected: Vec<Uid>,
+        current: Vec<CurrentFlags>,
+    },
+    Failed {
+        kind: FailKind,
+        reason: String,
+    },
 }
 
 /// A change ordered by a mailbox master, replicated through the per-peer logs. Every

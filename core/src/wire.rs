@@ -814,15 +814,13 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             Msg::MasterIs { epoch: r.u64()?, key: read_master_key(r)?, master: r.sid()?, generation: r.u64()? }
         }
         b"MASTER-MOVE" => Msg::MasterMove { tag: r.u64()?, key: read_master_key(r)?, requester: r.sid()? },
-        b"MOVED" => {
-            Msg::MoveDone {
-                tag: r.u64()?,
-                key: read_master_key(r)?,
-                epoch: r.u64()?,
-                generation: r.u64()?,
-                states: r.list(read_state)?,
-            }
-        }
+        b"MOVED" => Msg::MoveDone {
+            tag: r.u64()?,
+            key: read_master_key(r)?,
+            epoch: r.u64()?,
+            generation: r.u64()?,
+            states: r.list(read_state)?,
+        },
         b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" => Msg::Request { tag: r.u64()?, request: read_request(r, name)? },
         b"REPLY" => Msg::Reply {
             tag: r.u64()?,

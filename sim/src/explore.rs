@@ -93,9 +93,12 @@ pub fn generate(seed: u64) -> Scenario {
             k => format!("Box{k}"),
         };
         let mailbox = MailboxKey::new(&user, &name);
-        let flag = |rng: &mut ChaCha8Rng| Flag::new(flag_names[rng.random_range(0..flag_names.len())]).ok().into_iter().collect();
+        let flag = |rng: &mut ChaCha8Rng| {
+            Flag::new(flag_names[rng.random_range(0..flag_names.len())]).ok().into_iter().collect()
+        };
         let known: Vec<&(MailboxKey, String)> = labels.iter().filter(|(m, _)| *m == mailbox).collect();
-        let some_label = |rng: &mut ChaCha8Rng| known.get(rng.random_range(0..known.len().max(1))).map(|(_, l)| l.clone());
+        let some_label =
+            |rng: &mut ChaCha8Rng| known.get(rng.random_range(0..known.len().max(1))).map(|(_, l)| l.clone());
         let roll = rng.random_range(0..100u32);
         let action = match roll {
             0..40 => {
@@ -108,7 +111,8 @@ pub fn generate(seed: u64) -> Scenario {
             40..60 => Action::Read { server, mailbox },
             60..76 => {
                 let Some(label) = some_label(&mut rng) else { continue };
-                let (add, remove) = if rng.random_bool(0.5) { (flag(&mut rng), Vec::new()) } else { (Vec::new(), flag(&mut rng)) };
+                let (add, remove) =
+                    if rng.random_bool(0.5) { (flag(&mut rng), Vec::new()) } else { (Vec::new(), flag(&mut rng)) };
                 let unchanged_since = rng.random_bool(0.2).then_some(UnchangedSince::Current);
                 Action::Store { server, mailbox, labels: vec![label], add, remove, unchanged_since }
             }
@@ -127,22 +131,24 @@ pub fn generate(seed: u64) -> Scenario {
             88..94 => Action::MasterMove { server, mailbox },
             // Deleting or corrupting a file destroys a copy: only where the mode keeps a
             // second durable one can the protocol repair it.
-            _ if mix == FaultMix::Everything && durability == Durability::Sync && replicas > 0 => match rng.random_range(0..3u32) {
-                0 => {
-                    next_label += 1;
-                    let label = format!("m{next_label}");
-                    labels.push((mailbox.clone(), label.clone()));
-                    Action::HandAdd { server, mailbox, label: Some(label) }
+            _ if mix == FaultMix::Everything && durability == Durability::Sync && replicas > 0 => {
+                match rng.random_range(0..3u32) {
+                    0 => {
+                        next_label += 1;
+                        let label = format!("m{next_label}");
+                        labels.push((mailbox.clone(), label.clone()));
+                        Action::HandAdd { server, mailbox, label: Some(label) }
+                    }
+                    1 => {
+                        let Some(label) = some_label(&mut rng) else { continue };
+                        Action::HandDelete { server, mailbox, label }
+                    }
+                    _ => {
+                        let Some(label) = some_label(&mut rng) else { continue };
+                        Action::Corrupt { server, label }
+                    }
                 }
-                1 => {
-                    let Some(label) = some_label(&mut rng) else { continue };
-                    Action::HandDelete { server, mailbox, label }
-                }
-                _ => {
-                    let Some(label) = some_label(&mut rng) else { continue };
-                    Action::Corrupt { server, label }
-                }
-            },
+            }
             _ => Action::Read { server, mailbox },
         };
         events.push(TimedEvent { at_ms: t, id: None, action, expect: None, line: 0 });
@@ -156,10 +162,15 @@ pub fn generate(seed: u64) -> Scenario {
         Durability::Async => 0,
     };
     let mut lost = 0;
+    // Saves at the server that first saved into their mailbox: most likely its master.
+    let mut first_saver: BTreeMap<MailboxKey, Sid> = BTreeMap::new();
     let saves: Vec<(u64, Sid)> = events
         .iter()
         .filter_map(|e| match &e.action {
-            Action::Save { server, .. } => Some((e.at_ms, *server)),
+            Action::Save { server, mailbox, .. } => {
+                let first = *first_saver.entry(mailbox.clone()).or_insert(*server);
+                (first == *server).then_some((e.at_ms, *server))
+            }
             _ => None,
         })
         .collect();
@@ -170,7 +181,7 @@ pub fn generate(seed: u64) -> Scenario {
             // Right after a SAVE, at the server that took it: the moment a copy is most
             // likely to exist only there.
             let (t, s) = saves[rng.random_range(0..saves.len())];
-            at = t + rng.random_range(1..=15);
+            at = t + rng.random_range(1..=4);
             target = Some(s);
         }
         let heal_at = at + rng.random_range(300..4_000u64);
@@ -227,7 +238,7 @@ pub fn generate(seed: u64) -> Scenario {
         },
         events,
         expects: vec![Expect::Invariants],
-        settle_ms: 60_000,
+        settle_ms: 30_000,
         heal_at_end: true,
     }
 }
@@ -279,7 +290,11 @@ pub fn category(report: &RunReport) -> Option<String> {
         return None;
     }
     Some(report.violations.first().map(|v| v.invariant.to_string()).unwrap_or_else(|| {
-        report.failures.first().map(|f| if f.starts_with("panic") { "panic".to_string() } else { "failure".to_string() }).unwrap_or_default()
+        report
+            .failures
+            .first()
+            .map(|f| if f.starts_with("panic") { "panic".to_string() } else { "failure".to_string() })
+            .unwrap_or_default()
     }))
 }
 
@@ -292,7 +307,13 @@ pub fn run_guarded(s: &Scenario, opts: &RunOptions) -> RunReport {
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
-        RunReport { name: s.name.clone(), seed: s.seed, passed: false, failures: vec![format!("panic: {text}")], ..Default::default() }
+        RunReport {
+            name: s.name.clone(),
+            seed: s.seed,
+            passed: false,
+            failures: vec![format!("panic: {text}")],
+            ..Default::default()
+        }
     })
 }
 
@@ -365,7 +386,12 @@ pub fn explore(opts: &ExploreOptions) -> Summary {
         }
         if !result.passed {
             if opts.progress {
-                println!("seed {} broke {}: {}", result.seed, result.broken.as_deref().unwrap_or("?"), result.detail.as_deref().unwrap_or(""));
+                println!(
+                    "seed {} broke {}: {}",
+                    result.seed,
+                    result.broken.as_deref().unwrap_or("?"),
+                    result.detail.as_deref().unwrap_or("")
+                );
             }
             summary.failures.push(result);
             if opts.stop_after_failures > 0 && summary.failures.len() >= opts.stop_after_failures {

@@ -2,8 +2,8 @@
 //! runner and its invariant oracle.
 #![forbid(unsafe_code)]
 
-pub mod oracle;
 pub mod explore;
+pub mod oracle;
 pub mod scenario;
 pub mod scenario_write;
 pub mod shrink;

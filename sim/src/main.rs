@@ -87,14 +87,19 @@ fn shrink_seed(seed: u64, bug: Option<Bug>, out: &Path) -> Result<(PathBuf, usiz
     };
     let mut small = small;
     small.name = format!("shrunk-seed-{seed}");
-    let bug_line = bug.map(|b| format!("\nrun with: tandem-sim run --bug {} <this file>", b.name())).unwrap_or_default();
+    let bug_line =
+        bug.map(|b| format!("\nrun with: tandem-sim run --bug {} <this file>", b.name())).unwrap_or_default();
     let comment = format!(
         "Shrunk by `tandem-sim shrink --seed {seed}` from explore seed {seed} ({} events -> {}).\nIt breaks invariant {broken}.{bug_line}",
         scenario.events.len(),
         small.events.len()
     );
     let text = to_toml(&small, &comment.replace("\\n", "\n"));
-    let path = if out.extension().is_some_and(|x| x == "toml") { out.to_path_buf() } else { out.join(format!("shrunk-seed-{seed}.toml")) };
+    let path = if out.extension().is_some_and(|x| x == "toml") {
+        out.to_path_buf()
+    } else {
+        out.join(format!("shrunk-seed-{seed}.toml"))
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
@@ -148,7 +153,9 @@ fn main() -> ExitCode {
             print!("{}", explore::mark_table(&summary));
             for f in summary.failures.iter().take(shrink) {
                 match shrink_seed(f.seed, bug, &out) {
-                    Ok((path, n, broken)) => println!("seed {} ({broken}) shrunk to {n} events: {}", f.seed, path.display()),
+                    Ok((path, n, broken)) => {
+                        println!("seed {} ({broken}) shrunk to {n} events: {}", f.seed, path.display())
+                    }
                     Err(e) => println!("seed {}: {e}", f.seed),
                 }
             }

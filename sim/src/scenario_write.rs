@@ -188,8 +188,10 @@ fn write_action(out: &mut String, a: &Action) {
         }
         Action::Partition { groups } => {
             kv("op", quote("partition"));
-            let groups: Vec<String> =
-                groups.iter().map(|g| format!("[{}]", g.iter().map(|s| sid(*s)).collect::<Vec<_>>().join(", "))).collect();
+            let groups: Vec<String> = groups
+                .iter()
+                .map(|g| format!("[{}]", g.iter().map(|s| sid(*s)).collect::<Vec<_>>().join(", ")))
+                .collect();
             kv("groups", format!("[{}]", groups.join(", ")));
         }
         Action::Heal => kv("op", quote("heal")),
@@ -199,7 +201,10 @@ fn write_action(out: &mut String, a: &Action) {
             kv("b", sid(*b));
             kv("down_ms", down_ms.to_string());
         }
-        Action::Crash { server } | Action::Restart { server } | Action::Lose { server } | Action::Replace { server } => {
+        Action::Crash { server }
+        | Action::Restart { server }
+        | Action::Lose { server }
+        | Action::Replace { server } => {
             let op = match a {
                 Action::Crash { .. } => "crash",
                 Action::Restart { .. } => "restart",

@@ -168,7 +168,13 @@ fn connected(c: &ClusterSpec) -> bool {
     while i < seen.len() {
         let at = seen[i];
         for l in links {
-            let other = if l.a == at { l.b } else if l.b == at { l.a } else { continue };
+            let other = if l.a == at {
+                l.b
+            } else if l.b == at {
+                l.a
+            } else {
+                continue;
+            };
             if !seen.contains(&other) {
                 seen.push(other);
             }

@@ -351,7 +351,13 @@ impl Server {
     }
 
     /// Answer a job's origin.
-    pub(crate) fn answer(&mut self, origin: Origin, master: Option<Sid>, result: WriteResult, record: Option<MessageRecord>) {
+    pub(crate) fn answer(
+        &mut self,
+        origin: Origin,
+        master: Option<Sid>,
+        result: WriteResult,
+        record: Option<MessageRecord>,
+    ) {
         match origin {
             Origin::Client(id) => self.push_reply(id, ClientReply::Write(result)),
             Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result, record }),
@@ -433,7 +439,9 @@ impl Server {
                     // Sync mode: every acknowledged change must reach `replicas` more
                     // servers, so with fewer reachable the answer is a temporary failure,
                     // before anything changes.
-                    _ if self.cfg.durability == Durability::Sync && reachable_peers < usize::from(self.cfg.replicas) => {
+                    _ if self.cfg.durability == Durability::Sync
+                        && reachable_peers < usize::from(self.cfg.replicas) =>
+                    {
                         self.marks.hit(Mark::SyncModeTemporaryFailure);
                         (fail(FailKind::Temporary, "not enough servers reachable for the required copies"), None)
                     }
@@ -470,9 +478,7 @@ impl Server {
                         (fail(FailKind::Temporary, "the master does not have that message yet"), None)
                     }
                     WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, tag),
-                    WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } => {
-                        self.master_store(&mailbox, &messages, &add, &remove, unchanged_since, known_modseq, tag)
-                    }
+                    store @ WriteRequest::Store { .. } => self.master_store(&store, tag),
                 };
                 // Sync mode answers a change once `replicas` peers made it durable too:
                 // SAVE and COPY (DESIGN.md), and STORE and EXPUNGE as well, so that no
@@ -589,7 +595,12 @@ impl Server {
         (result, Some(()))
     }
 
-    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], tag: u64) -> (WriteResult, Option<()>) {
+    fn master_expunge(
+        &mut self,
+        mailbox: &MailboxKey,
+        messages: &[(Uid, Guid)],
+        tag: u64,
+    ) -> (WriteResult, Option<()>) {
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
@@ -622,16 +633,11 @@ impl Server {
         (WriteResult::Expunged { uids, modseq }, Some(()))
     }
 
-    fn master_store(
-        &mut self,
-        mailbox: &MailboxKey,
-        messages: &[(Uid, Guid)],
-        add: &[Flag],
-        remove: &[Flag],
-        unchanged_since: Option<ModSeq>,
-        known_modseq: ModSeq,
-        tag: u64,
-    ) -> (WriteResult, Option<()>) {
+    fn master_store(&mut self, request: &WriteRequest, tag: u64) -> (WriteResult, Option<()>) {
+        let WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } = request else {
+            return (fail(FailKind::Permanent, "not a STORE"), None);
+        };
+        let (unchanged_since, known_modseq) = (*unchanged_since, *known_modseq);
         let me = self.cfg.sid;
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);

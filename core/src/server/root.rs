@@ -294,7 +294,8 @@ impl Server {
         if epoch != self.term.epoch {
             return;
         }
-        if from == master && self.handoffs.get(&key).is_some_and(|h| h.requester == from && generation >= h.generation) {
+        if from == master && self.handoffs.get(&key).is_some_and(|h| h.requester == from && generation >= h.generation)
+        {
             self.handoffs.remove(&key);
         }
         if self.is_root() && from != self.cfg.sid {
