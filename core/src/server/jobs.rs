@@ -407,10 +407,19 @@ impl Server {
         for tag in done {
             let Some(job) = self.jobs.remove(&tag) else { continue };
             self.ack_waiters.retain(|_, t| *t != tag);
-            if let JobState::Replicating { result, .. } = job.state {
-                let record = match (&result, &job.kind) {
-                    (WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. }, JobKind::Write(request)) => {
-                        self.db.mailboxes.get(request.target()).and_then(|m| m.messages.get(uid)).cloned()
+            if let JobState::Replicating { mut result, .. } = job.state {
+                // The message may have been renumbered (or expunged) while the answer
+                // waited for its copies: answer with where it lives now, or no UID.
+                let record = match (&mut result, &job.kind) {
+                    (WriteResult::Saved { uid, guid, .. } | WriteResult::Copied { uid, guid, .. }, JobKind::Write(request)) => {
+                        let now = self
+                            .db
+                            .mailboxes
+                            .get(request.target())
+                            .and_then(|m| m.messages.values().find(|r| r.guid == *guid))
+                            .cloned();
+                        *uid = now.as_ref().map(|r| r.uid).unwrap_or(0);
+                        now
                     }
                     _ => None,
                 };
