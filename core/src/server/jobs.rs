@@ -411,7 +411,10 @@ impl Server {
                 // The message may have been renumbered (or expunged) while the answer
                 // waited for its copies: answer with where it lives now, or no UID.
                 let record = match (&mut result, &job.kind) {
-                    (WriteResult::Saved { uid, guid, .. } | WriteResult::Copied { uid, guid, .. }, JobKind::Write(request)) => {
+                    (
+                        WriteResult::Saved { uid, guid, .. } | WriteResult::Copied { uid, guid, .. },
+                        JobKind::Write(request),
+                    ) => {
                         let now = self
                             .db
                             .mailboxes
