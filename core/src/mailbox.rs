@@ -258,7 +258,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
     for t in &foreign.tombstones {
         let ours_live = m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid);
         let replacement = foreign.messages.iter().find(|r| r.guid == t.guid && r.uid != t.uid);
-        if !t.expunged && ours_live && replacement.is_some_and(|r| !placeable(m, r)) {
+        if !t.expunged && ours_live && !replacement.is_some_and(|r| placeable(m, r)) {
             out.unresolved = true;
             continue;
         }

@@ -54,6 +54,7 @@ pub struct Handoff {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PeerCheck {
     pub confirmed_digest: Option<u64>,
+    pub confirmed_at: Option<Instant>,
     pub last_sent: Option<Instant>,
 }
 

@@ -17,6 +17,8 @@ const RESEND_PER_TICK_MAX: usize = 1024;
 /// Bodies checked against their checksum per scrub.
 const SCRUB_PER_TICK_MAX: usize = 256;
 const FETCH_RETRY_US: u64 = 100_000;
+/// Anti-entropy periods after which a confirmed copy is checked again.
+const RECONFIRM_PERIODS: u64 = 10;
 
 impl Server {
     /// Append a master-ordered change to every peer's log and send it to the reachable
@@ -199,11 +201,17 @@ impl Server {
                 let local = self.db.mailboxes.get(&mailbox);
                 let mut missing = false;
                 for (uid, guid) in messages {
-                    let Some(ours) = local.and_then(|m| m.messages.get(&uid)).filter(|r| r.guid == guid) else {
+                    // The change follows the message if a renumbering moved it meanwhile.
+                    let ours = local
+                        .and_then(|m| m.messages.get(&uid))
+                        .filter(|r| r.guid == guid)
+                        .or_else(|| local.and_then(|m| m.messages.values().find(|r| r.guid == guid)));
+                    let Some(ours) = ours else {
                         let dead = local.is_some_and(|m| m.tombstones.contains_key(&(uid, guid)));
                         missing |= !dead;
                         continue;
                     };
+                    let uid = ours.uid;
                     let mut r = ours.clone();
                     r.flags = add
                         .iter()
@@ -346,7 +354,9 @@ impl Server {
         let i_master = self.mastered.get(&key).is_some_and(|m| m.catchup.is_none());
         if equal {
             if i_master {
-                self.checks.entry((src, mailbox.clone())).or_default().confirmed_digest = Some(summary.digest);
+                let check = self.checks.entry((src, mailbox.clone())).or_default();
+                check.confirmed_digest = Some(summary.digest);
+                check.confirmed_at = Some(self.now);
                 self.clear_overflow(src, &mailbox);
             } else if let Some(mine) = self.my_summary(&mailbox) {
                 self.send(src, Msg::Mbox { tag: 0, summary: mine });
@@ -421,7 +431,10 @@ impl Server {
                 }
                 let check = self.checks.get(&(peer, mailbox.clone())).copied().unwrap_or_default();
                 let summary = mailbox::summary(mailbox, m);
-                if check.confirmed_digest == Some(summary.digest) {
+                // A confirmed copy is checked again now and then: a peer may have lost its
+                // disk and come back before anyone saw it gone, or been edited by hand.
+                let fresh = check.confirmed_at.is_some_and(|at| now.0.saturating_sub(at.0) < interval * RECONFIRM_PERIODS);
+                if check.confirmed_digest == Some(summary.digest) && fresh {
                     continue;
                 }
                 if check.last_sent.is_some_and(|at| now.0.saturating_sub(at.0) < interval) {
@@ -432,7 +445,7 @@ impl Server {
             for summary in to_send {
                 self.checks.insert(
                     (peer, summary.mailbox.clone()),
-                    PeerCheck { confirmed_digest: None, last_sent: Some(now) },
+                    PeerCheck { confirmed_digest: None, confirmed_at: None, last_sent: Some(now) },
                 );
                 self.send(peer, Msg::Mbox { tag: 0, summary });
             }

@@ -38,6 +38,10 @@ impl Server {
             return;
         }
         self.links.insert(peer);
+        // A new connection: the peer may have restarted, even with an empty disk, before
+        // anyone saw it gone. Check its copies again and resend what it has not acked.
+        self.checks.retain(|(p, _), _| *p != peer);
+        self.log_sent.retain(|(p, _), _| *p != peer);
         // The new neighbour learns everything we know.
         let known: Vec<(Sid, LinkAnnouncement)> = self.lsdb.iter().map(|(s, a)| (*s, a.clone())).collect();
         for (origin, ann) in known {
