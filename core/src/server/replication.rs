@@ -433,7 +433,8 @@ impl Server {
                 let summary = mailbox::summary(mailbox, m);
                 // A confirmed copy is checked again now and then: a peer may have lost its
                 // disk and come back before anyone saw it gone, or been edited by hand.
-                let fresh = check.confirmed_at.is_some_and(|at| now.0.saturating_sub(at.0) < interval * RECONFIRM_PERIODS);
+                let fresh =
+                    check.confirmed_at.is_some_and(|at| now.0.saturating_sub(at.0) < interval * RECONFIRM_PERIODS);
                 if check.confirmed_digest == Some(summary.digest) && fresh {
                     continue;
                 }
