@@ -337,6 +337,16 @@ impl fmt::Display for ScenarioError {
 impl std::error::Error for ScenarioError {}
 
 /// Reads a scenario file and parses it.
+/// The scenario files (`*.toml`) of a directory, sorted by name.
+pub fn files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
     let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
         path: Some(path.to_path_buf()),
@@ -2025,12 +2035,7 @@ labels = ["m2", "m3"]
     #[test]
     fn every_scenario_file_loads() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        files.sort();
+        let files = files_in(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
         assert!(!files.is_empty(), "no scenario files in {}", dir.display());
         let mut failures = Vec::new();
         for f in &files {

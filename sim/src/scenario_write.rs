@@ -323,12 +323,7 @@ mod tests {
     #[test]
     fn every_scenario_file_survives_a_round_trip() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        files.sort();
+        let files = files_in(&dir).unwrap();
         for f in files {
             let mut original = load(&f).unwrap();
             let text = to_toml(&original, "round trip\nof a scenario");

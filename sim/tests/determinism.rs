@@ -6,12 +6,7 @@ use tandem_sim::{RunOptions, run, scenario};
 
 fn scenarios() -> Vec<scenario::Scenario> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("scenarios directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
+    let files = scenario::files_in(&dir).expect("scenarios directory");
     files.iter().map(|f| scenario::load(f).expect("scenario parses")).collect()
 }
 

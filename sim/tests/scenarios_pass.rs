@@ -5,12 +5,7 @@ use tandem_sim::{RunOptions, run, scenario};
 
 fn check_all(wire: bool) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("scenarios directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
+    let files = scenario::files_in(&dir).expect("scenarios directory");
     let mut failures = Vec::new();
     for f in &files {
         let s = scenario::load(f).expect("scenario parses");
