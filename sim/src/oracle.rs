@@ -19,6 +19,11 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// Whether UIDNEXT or HIGHESTMODSEQ went down under the same UIDVALIDITY.
+fn went_down(before: (u32, Uid, ModSeq), now: (u32, Uid, ModSeq)) -> bool {
+    before.0 == now.0 && (now.1 < before.1 || now.2 < before.2)
+}
+
 /// Each message's flags on one server.
 type FlagView = BTreeMap<(MailboxKey, Guid), Vec<Flag>>;
 
@@ -109,8 +114,7 @@ impl Oracle {
         }
         let now = (view.uidvalidity, view.uidnext, view.highest_modseq);
         if let Some(before) = self.views.insert((server, view.mailbox.clone()), now)
-            && before.0 == now.0
-            && (now.1 < before.1 || now.2 < before.2)
+            && went_down(before, now)
         {
             self.violate(
                 MONOTONIC,
@@ -146,8 +150,7 @@ impl Oracle {
             StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
                 let now = (*uidvalidity, *uidnext, *highest_modseq);
                 if let Some(before) = self.written_meta.insert((server, incarnation, mailbox.clone()), now)
-                    && before.0 == now.0
-                    && (now.1 < before.1 || now.2 < before.2)
+                    && went_down(before, now)
                 {
                     self.violate(
                         MONOTONIC,
@@ -184,23 +187,29 @@ impl Oracle {
     }
 
     pub fn store_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid], add: &[Flag], remove: &[Flag]) {
-        for g in guids {
-            for f in add {
-                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().add_requested = true;
-            }
-            for f in remove.iter().filter(|f| !add.contains(f)) {
-                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().remove_requested = true;
-            }
-        }
+        self.note_store(mailbox, guids, add, remove, |h| &mut h.add_requested, |h| &mut h.remove_requested);
     }
 
     pub fn store_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid], add: &[Flag], remove: &[Flag]) {
+        self.note_store(mailbox, guids, add, remove, |h| &mut h.add_acked, |h| &mut h.remove_acked);
+    }
+
+    /// Marks, per message and flag, the added or removed side of a STORE's history.
+    fn note_store(
+        &mut self,
+        mailbox: &MailboxKey,
+        guids: &[Guid],
+        add: &[Flag],
+        remove: &[Flag],
+        added: fn(&mut FlagHistory) -> &mut bool,
+        removed: fn(&mut FlagHistory) -> &mut bool,
+    ) {
         for g in guids {
             for f in add {
-                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().add_acked = true;
+                *added(self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default()) = true;
             }
             for f in remove.iter().filter(|f| !add.contains(f)) {
-                self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default().remove_acked = true;
+                *removed(self.flag_requests.entry((mailbox.clone(), *g, f.clone())).or_default()) = true;
             }
         }
     }

@@ -173,11 +173,7 @@ impl Server {
         match change {
             Change::Save { mailbox, uidvalidity, record, body } => {
                 self.store_body(record.guid, record.checksum, body, Some(src));
-                let mut f = empty(mailbox, uidvalidity);
-                f.uidnext = record.uid.saturating_add(1);
-                f.highest_modseq = record.modseq;
-                f.messages.push(record);
-                Some(f)
+                self.fragment_of(src, Change::Copy { mailbox, uidvalidity, record })
             }
             Change::Copy { mailbox, uidvalidity, record } => {
                 let mut f = empty(mailbox, uidvalidity);
