@@ -166,10 +166,13 @@ impl Change {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
-    /// Link-state flooding: `origin`'s direct neighbours, newest `seq` wins.
+    /// Link-state flooding: `origin`'s direct neighbours, newest `seq` wins. `epoch` is
+    /// the highest root epoch `origin` knows, so that a server that lost its disk never
+    /// opens a term with an epoch already in use.
     LinkState {
         origin: Sid,
         seq: u64,
+        epoch: u64,
         neighbors: Vec<Sid>,
     },
     /// A new root term. The receiver flushes its master cache, drops its masterships
@@ -226,9 +229,12 @@ pub enum Msg {
         seq: u64,
         change: Change,
     },
-    /// The receiver made these changes durable; the sender may drop them from its log.
+    /// The receiver is done with these changes; the sender may drop them from its log.
+    /// `seqs` it made durable; `refused` it could not apply (a UID conflict it may not
+    /// decide, settled by a SYNC with the master instead), so they count for no copy.
     Ack {
         seqs: Vec<u64>,
+        refused: Vec<u64>,
     },
     /// Ask for the summaries of every mailbox under `key` (a new master catching up).
     MboxRequest {
@@ -259,6 +265,10 @@ pub enum Msg {
         guid: Guid,
         checksum: u64,
         body: Vec<u8>,
+    },
+    /// FETCH's answer when the server holds no intact copy.
+    NoBody {
+        guid: Guid,
     },
     /// A peer's input was refused. Sent back instead of acting on it.
     Error {
@@ -298,6 +308,7 @@ impl Msg {
             Msg::Sync { .. } => "SYNC",
             Msg::Fetch { .. } => "FETCH",
             Msg::Body { .. } => "BODY",
+            Msg::NoBody { .. } => "NOBODY",
             Msg::Error { .. } => "ERROR",
         }
     }

@@ -719,8 +719,8 @@ fn parse_tag(word: &[u8]) -> Option<(Sid, Sid, u8)> {
 fn write_msg(w: &mut Writer, msg: &Msg) {
     w.atom(msg.name());
     match msg {
-        Msg::LinkState { origin, seq, neighbors } => {
-            w.sid(*origin).num(*seq).list(neighbors, |w, &s| {
+        Msg::LinkState { origin, seq, epoch, neighbors } => {
+            w.sid(*origin).num(*seq).num(*epoch).list(neighbors, |w, &s| {
                 w.sid(s);
             });
         }
@@ -771,8 +771,11 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
             w.num(*seq);
             write_change(w, change);
         }
-        Msg::Ack { seqs } => {
+        Msg::Ack { seqs, refused } => {
             w.list(seqs, |w, &seq| {
+                w.num(seq);
+            })
+            .list(refused, |w, &seq| {
                 w.num(seq);
             });
         }
@@ -798,6 +801,9 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
         Msg::Body { guid, checksum, body } => {
             w.guid(*guid).num(*checksum).body(body);
         }
+        Msg::NoBody { guid } => {
+            w.guid(*guid);
+        }
         Msg::Error { text } => {
             w.string(text);
         }
@@ -806,7 +812,9 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
 
 fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
     Ok(match name {
-        b"LINKSTATE" => Msg::LinkState { origin: r.sid()?, seq: r.u64()?, neighbors: r.list(Reader::sid)? },
+        b"LINKSTATE" => {
+            Msg::LinkState { origin: r.sid()?, seq: r.u64()?, epoch: r.u64()?, neighbors: r.list(Reader::sid)? }
+        }
         b"ROOT" => Msg::Root { epoch: r.u64()?, root: r.sid()? },
         b"DROPPED" => Msg::Dropped { epoch: r.u64()? },
         b"WHO" => Msg::Who { epoch: r.u64()?, keys: r.list(read_master_key)? },
@@ -834,7 +842,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
         b"R-SAVE" | b"R-COPY" | b"R-EXPUNGE" | b"R-STORE" | b"R-MERGE" => {
             Msg::Change { seq: r.u64()?, change: read_change(r, name)? }
         }
-        b"ACK" => Msg::Ack { seqs: r.list(Reader::u64)? },
+        b"ACK" => Msg::Ack { seqs: r.list(Reader::u64)?, refused: r.list(Reader::u64)? },
         b"MBOX-REQ" => Msg::MboxRequest { tag: r.u64()?, key: read_master_key(r)? },
         b"MBOX" => Msg::Mbox {
             tag: r.u64()?,
@@ -851,6 +859,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
         b"SYNC" => Msg::Sync { reply: read_keyword(r, &["FIRST", "REPLY"])? == 1, state: read_state(r)? },
         b"FETCH" => Msg::Fetch { guid: r.guid()? },
         b"BODY" => Msg::Body { guid: r.guid()?, checksum: r.u64()?, body: r.body()? },
+        b"NOBODY" => Msg::NoBody { guid: r.guid()? },
         b"ERROR" => Msg::Error { text: r.string()? },
         _ => {
             return r.bad(at, format!("a known command, not {:?}", String::from_utf8_lossy(name)));
@@ -1205,8 +1214,8 @@ mod tests {
         let reply = |master, result| Msg::Reply { tag: 9, master, result, record: None };
         let change = |seq, change| Msg::Change { seq, change };
         vec![
-            env(1, 2, 0, Msg::LinkState { origin: Sid(1), seq: 3, neighbors: vec![Sid(2), Sid(3)] }),
-            env(1, 2, 0, Msg::LinkState { origin: Sid(7), seq: 0, neighbors: vec![] }),
+            env(1, 2, 0, Msg::LinkState { origin: Sid(1), seq: 3, epoch: 65537, neighbors: vec![Sid(2), Sid(3)] }),
+            env(1, 2, 0, Msg::LinkState { origin: Sid(7), seq: 0, epoch: 0, neighbors: vec![] }),
             env(1, 2, 1, Msg::Root { epoch: 5, root: Sid(1) }),
             env(2, 1, 0, Msg::Dropped { epoch: 5 }),
             env(2, 1, 0, Msg::Who { epoch: 5, keys: keys.clone() }),
@@ -1332,8 +1341,8 @@ mod tests {
                 ),
             ),
             env(1, 2, 0, change(5, Change::Merge { state: state(odd.clone()) })),
-            env(2, 1, 0, Msg::Ack { seqs: vec![1, 2, 3, u64::MAX] }),
-            env(2, 1, 0, Msg::Ack { seqs: vec![] }),
+            env(2, 1, 0, Msg::Ack { seqs: vec![1, 2, 3, u64::MAX], refused: vec![4] }),
+            env(2, 1, 0, Msg::Ack { seqs: vec![], refused: vec![] }),
             env(3, 1, 0, Msg::MboxRequest { tag: 10, key: keys[0].clone() }),
             env(
                 1,
@@ -1357,6 +1366,7 @@ mod tests {
             env(3, 1, 0, Msg::Fetch { guid }),
             env(1, 3, 0, Msg::Body { guid, checksum: 42, body: b"\r\n\0{5}\r\n* MBOX 1 \"a\" \"b\"\r\n".to_vec() }),
             env(1, 3, 0, Msg::Body { guid: Guid(0), checksum: 0, body: vec![] }),
+            env(3, 1, 0, Msg::NoBody { guid }),
             env(1, 3, 0, Msg::Error { text: "bad \"thing\" \\ here".into() }),
             env(1, 3, 0, Msg::Error { text: "multi\r\nline ✓".into() }),
             env(1, 3, 0, Msg::Error { text: String::new() }),
@@ -1436,7 +1446,7 @@ mod tests {
     #[test]
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
-        assert_eq!(names.len(), 25, "{names:?}");
+        assert_eq!(names.len(), 26, "{names:?}");
     }
 
     #[test]

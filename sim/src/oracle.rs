@@ -67,7 +67,7 @@ struct FlagHistory {
 }
 
 impl Oracle {
-    fn violate(&mut self, invariant: &'static str, time_us: u64, detail: String) {
+    pub fn violate(&mut self, invariant: &'static str, time_us: u64, detail: String) {
         if self.violations.len() < 100 {
             self.violations.push(Violation { invariant, time_us, detail });
         }

@@ -116,6 +116,9 @@ struct Outstanding {
     storing: Vec<(Uid, Guid)>,
     add: Vec<Flag>,
     remove: Vec<Flag>,
+    /// Servers lost for good before the request was made: a copy that a server lost
+    /// later had kept the promise when it was made.
+    losses_before: usize,
 }
 
 pub struct World {
@@ -750,7 +753,7 @@ fn describe_reply(reply: &ClientReply) -> String {
 pub fn describe(envelope: &Envelope) -> String {
     let via = if envelope.hops > 0 { format!(" (relayed, {} hops)", envelope.hops) } else { String::new() };
     let detail = match &envelope.msg {
-        Msg::LinkState { origin, seq, neighbors } => format!("{origin}#{seq} {neighbors:?}"),
+        Msg::LinkState { origin, seq, epoch, neighbors } => format!("{origin}#{seq} epoch {epoch} {neighbors:?}"),
         Msg::Root { epoch, root } => format!("epoch {epoch} root {root}"),
         Msg::Dropped { epoch } | Msg::Who { epoch, .. } => format!("epoch {epoch}"),
         Msg::MasterIs { key, master, .. } => format!("{key} -> {master}"),
@@ -787,7 +790,8 @@ pub fn describe(envelope: &Envelope) -> String {
                 state.tombstones.iter().map(|t| t.uid).collect::<Vec<_>>()
             ),
         },
-        Msg::Ack { seqs } => format!("{} entries", seqs.len()),
+        Msg::Ack { seqs, refused } if refused.is_empty() => format!("{} entries", seqs.len()),
+        Msg::Ack { seqs, refused } => format!("{} entries, {} refused", seqs.len(), refused.len()),
         Msg::MboxRequest { tag, key } => format!("#{tag} {key}"),
         Msg::Mbox { tag, summary } => format!(
             "#{tag} {} uidnext {} count {} hms {} digest {:016x}",
@@ -801,7 +805,7 @@ pub fn describe(envelope: &Envelope) -> String {
             state.messages.len(),
             state.tombstones.len()
         ),
-        Msg::Fetch { guid } => format!("{guid}"),
+        Msg::Fetch { guid } | Msg::NoBody { guid } => format!("{guid}"),
         Msg::Body { guid, body, .. } => format!("{guid} {} bytes", body.len()),
         Msg::Error { text } => text.clone(),
     };
@@ -834,8 +838,34 @@ impl World {
         self.next_request += 1;
         self.note(|w: &World| format!("{} client -> {sid} #{id} {}", w.ms(), describe_request(&request)));
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
-        self.outstanding.insert(id, Outstanding { server: sid, incarnation, event, ..o });
+        let losses_before = self.lost_for_good;
+        self.outstanding.insert(id, Outstanding { server: sid, incarnation, event, losses_before, ..o });
         self.input(sid, Input::Client { id, request });
+    }
+
+    /// Sync mode promises that a client hears of a save only once the master and
+    /// `replicas` peers hold the message on disk: count the durable copies right now.
+    fn check_copies_at_ack(&mut self, mailbox: &MailboxKey, guid: Guid, lost_meanwhile: usize) {
+        if self.scenario.cluster.durability != Durability::Sync {
+            return;
+        }
+        let copies_needed = (1 + usize::from(self.scenario.cluster.replicas)).min(self.nodes.len());
+        let copies = self
+            .nodes
+            .values()
+            .filter(|n| {
+                let known = n.disk.mailboxes.get(mailbox).is_some_and(|m| {
+                    m.messages.values().any(|r| r.guid == guid) || m.tombstones.values().any(|t| t.guid == guid)
+                });
+                known && n.disk.bodies.contains_key(&guid)
+            })
+            .count();
+        if copies + lost_meanwhile < copies_needed {
+            let detail = format!(
+                "message {guid} in {mailbox} acked with {copies} durable copies, sync mode promises {copies_needed}"
+            );
+            self.oracle.violate(oracle::NO_ACKED_LOSS, self.now.0, detail);
+        }
     }
 
     fn client_reply(&mut self, sid: Sid, id: RequestId, reply: ClientReply) {
@@ -856,6 +886,7 @@ impl World {
                 if let Some(mailbox) = &o.mailbox {
                     self.oracle.saved(t, sid, mailbox, *uidvalidity, *uid, *guid);
                     self.oracle.saved_flags(mailbox, *guid, &o.add);
+                    self.check_copies_at_ack(mailbox, *guid, self.lost_for_good - o.losses_before);
                 }
                 if let Some(label) = &o.label {
                     self.labels.insert(label.clone(), *guid);
@@ -893,6 +924,7 @@ impl World {
             storing: Vec::new(),
             add: Vec::new(),
             remove: Vec::new(),
+            losses_before: 0,
         };
         match action {
             Action::Save { server, mailbox, label, flags, size } => {

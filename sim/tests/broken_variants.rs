@@ -30,13 +30,18 @@ fn catch_and_shrink(bug: Bug) {
         stop_after_failures: 1,
         progress: false,
     });
+    drop(std::panic::take_hook());
     let failing = summary.failures.first().unwrap_or_else(|| {
         panic!("{}: no failure in {} seeds ({} run)", bug.name(), seeds_allowed(bug), summary.seeds_run)
     });
     let scenario = generate(failing.seed);
     let with_bug = RunOptions { bug: Some(bug), ..Default::default() };
     let budget = ShrinkBudget { runs_max: 600, time_max: Duration::from_secs(240) };
-    let (small, broken) = shrink(&scenario, &with_bug, &budget).expect("the failing seed fails");
+    std::panic::set_hook(Box::new(|_| {}));
+    let shrunk = shrink(&scenario, &with_bug, &budget);
+    // From here on a panic is this test's own verdict: let it be heard.
+    drop(std::panic::take_hook());
+    let (small, broken) = shrunk.expect("the failing seed fails");
     assert!(
         small.events.len() <= EVENTS_MAX,
         "{}: seed {} shrunk only to {} events",

@@ -549,14 +549,37 @@ impl Server {
         if let Some(m) = self.db.mailboxes.get(mailbox)
             && let Some(uid) = existing
         {
-            // A resent SAVE: the message is already here.
+            // A resent SAVE: the message is already here, maybe only as a record that a
+            // SYNC brought. Sync mode promises the client `replicas` more copies, so the
+            // message goes out again, body and all, and the answer waits for their acks.
             let uidvalidity = m.uidvalidity;
+            let record = m.messages.get(&uid).cloned();
             let result = if is_copy {
                 WriteResult::Copied { uidvalidity, uid, guid }
             } else {
                 WriteResult::Saved { uidvalidity, uid, guid }
             };
-            return (result, None);
+            if self.cfg.durability != Durability::Sync {
+                return (result, None);
+            }
+            let bytes = match (body, self.db.bodies.get(&guid)) {
+                (_, Some(stored)) if crate::hash::body_checksum(&stored.bytes) == stored.checksum => {
+                    stored.bytes.clone()
+                }
+                (Some(bytes), _) => bytes,
+                (None, _) => {
+                    self.want_body(guid, record.as_ref().map(|r| r.checksum), None, false);
+                    return (fail(FailKind::Temporary, "message body not available yet"), None);
+                }
+            };
+            let Some(record) = record else { return (result, None) };
+            if crate::hash::body_checksum(&bytes) != record.checksum {
+                return (fail(FailKind::Permanent, "the body does not match the stored message"), None);
+            }
+            self.store_body(guid, record.checksum, bytes.clone(), None);
+            let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: bytes };
+            self.replicate(change, Some(tag));
+            return (result, Some(()));
         }
         if self.db.mailboxes.get(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
             return (fail(FailKind::Permanent, "that message was expunged from the mailbox"), None);
@@ -593,10 +616,16 @@ impl Server {
         debug_assert!(mailbox::unique_guids(m));
         self.persist_meta(mailbox);
         self.write(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() });
-        let change = if is_copy {
-            Change::Copy { mailbox: mailbox.clone(), uidvalidity, record }
-        } else {
-            Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: body.unwrap_or_default() }
+        // A replica acks a COPY once its record is durable, body or not. Sync mode counts
+        // acks as copies of the message, so there the body travels with it.
+        let body = match body {
+            Some(body) => Some(body),
+            None if self.cfg.durability == Durability::Sync => self.db.bodies.get(&guid).map(|b| b.bytes.clone()),
+            None => None,
+        };
+        let change = match body {
+            Some(body) => Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body },
+            None => Change::Copy { mailbox: mailbox.clone(), uidvalidity, record },
         };
         self.replicate(change, Some(tag));
         let result = if is_copy {
@@ -888,13 +917,14 @@ fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec
         .collect()
 }
 
-/// Messages named by a request that the master has neither live nor tombstoned: its
-/// copy lags the sender's, so it cannot order a change to them yet.
+/// Messages named by a request that the master has neither live nor expunged: its copy
+/// lags the sender's, so it cannot order a change to them yet. A binding retired by a
+/// renumbering does not count: the message lives on at a UID the master has not seen.
 fn unknown_here(m: Option<&crate::store::StoredMailbox>, messages: &[(Uid, Guid)]) -> bool {
     let Some(m) = m else { return !messages.is_empty() };
-    messages
-        .iter()
-        .any(|(_, guid)| !m.messages.values().any(|r| r.guid == *guid) && !m.tombstones.keys().any(|(_, g)| g == guid))
+    messages.iter().any(|(_, guid)| {
+        !m.messages.values().any(|r| r.guid == *guid) && !m.tombstones.values().any(|t| t.guid == *guid && t.expunged)
+    })
 }
 
 /// Checks a write before it is routed anywhere.

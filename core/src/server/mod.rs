@@ -65,6 +65,15 @@ pub struct WantedBody {
     pub attempts: u32,
     pub next_try: Instant,
     pub repair: bool,
+    /// A census the mailbox master runs when no peer it tried has the body: it asks every
+    /// configured server at once and notes who answered that it has none since `started`.
+    pub census: Option<BodyCensus>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BodyCensus {
+    pub started: Instant,
+    pub denied: BTreeSet<Sid>,
 }
 
 pub struct Server {
@@ -99,7 +108,9 @@ pub struct Server {
     pub(crate) jobs: BTreeMap<u64, Job>,
     pub(crate) pending_reads: Vec<(RequestId, WriteId, ClientReply)>,
     // Replication.
-    pub(crate) pending_acks: Vec<(Sid, u64, WriteId)>,
+    /// Changes received and not yet acknowledged: (peer, seq, our write, whether we
+    /// applied it).
+    pub(crate) pending_acks: Vec<(Sid, u64, WriteId, bool)>,
     pub(crate) ack_waiters: BTreeMap<(Sid, u64), u64>,
     pub(crate) log_sent: BTreeMap<(Sid, u64), Instant>,
     pub(crate) checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
@@ -346,7 +357,7 @@ impl Server {
         }
         let src = envelope.src;
         match envelope.msg {
-            Msg::LinkState { origin, seq, neighbors } => self.on_link_state(from, origin, seq, neighbors),
+            Msg::LinkState { origin, seq, epoch, neighbors } => self.on_link_state(from, origin, seq, epoch, neighbors),
             Msg::Root { epoch, root } => self.on_root(src, epoch, root),
             Msg::Dropped { epoch } => self.on_dropped(src, epoch),
             Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),
@@ -358,13 +369,14 @@ impl Server {
             Msg::Request { tag, request } => self.on_peer_request(src, tag, request),
             Msg::Reply { tag, master, result, record } => self.on_peer_reply(src, tag, master, result, record),
             Msg::Change { seq, change } => self.on_change(src, seq, change),
-            Msg::Ack { seqs } => self.on_ack(src, seqs),
+            Msg::Ack { seqs, refused } => self.on_ack(src, seqs, refused),
             Msg::MboxRequest { tag, key } => self.on_mbox_request(src, tag, key),
             Msg::Mbox { tag, summary } => self.on_mbox(src, tag, summary),
             Msg::MboxDone { tag, count } => self.on_mbox_done(src, tag, count),
             Msg::Sync { reply, state } => self.on_sync(src, reply, state),
             Msg::Fetch { guid } => self.on_fetch(src, guid),
             Msg::Body { guid, checksum, body } => self.on_body(src, guid, checksum, body),
+            Msg::NoBody { guid } => self.on_no_body(src, guid),
             Msg::Error { .. } => {}
         }
     }

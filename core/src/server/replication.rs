@@ -2,7 +2,7 @@
 //! durability, MBOX summaries, SYNC exchanges, FETCH of bodies, and the repair of stores
 //! edited behind the protocol's back.
 
-use super::{PeerCheck, Server, WantedBody};
+use super::{BodyCensus, PeerCheck, Server, WantedBody};
 use crate::hash::body_checksum;
 use crate::io::ExternalEdit;
 use crate::mailbox::{self, MergeOutcome};
@@ -17,6 +17,8 @@ const RESEND_PER_TICK_MAX: usize = 1024;
 /// Bodies checked against their checksum per scrub.
 const SCRUB_PER_TICK_MAX: usize = 256;
 const FETCH_RETRY_US: u64 = 100_000;
+/// A census whose answers did not all arrive is started again after this long.
+const CENSUS_TIMEOUT_US: u64 = 5_000_000;
 /// Anti-entropy periods after which a confirmed copy is checked again.
 const RECONFIRM_PERIODS: u64 = 10;
 
@@ -113,15 +115,21 @@ impl Server {
         }
     }
 
-    pub(crate) fn on_ack(&mut self, src: Sid, seqs: Vec<u64>) {
+    pub(crate) fn on_ack(&mut self, src: Sid, seqs: Vec<u64>, refused: Vec<u64>) {
         let Some(log) = self.db.logs.get_mut(&src) else { return };
-        let removed: Vec<u64> = seqs.into_iter().filter(|s| log.entries.remove(s).is_some()).collect();
+        let held: BTreeSet<u64> = seqs.iter().copied().collect();
+        let removed: Vec<u64> = seqs.into_iter().chain(refused).filter(|s| log.entries.remove(s).is_some()).collect();
         if removed.is_empty() {
             return;
         }
         for seq in &removed {
             self.log_sent.remove(&(src, *seq));
-            if let Some(tag) = self.ack_waiters.remove(&(src, *seq))
+            let waiter = self.ack_waiters.remove(&(src, *seq));
+            if !held.contains(seq) {
+                // The peer did not take the change: it is no copy of the message.
+                continue;
+            }
+            if let Some(tag) = waiter
                 && let Some(job) = self.jobs.get_mut(&tag)
                 && let super::JobState::Replicating { acked, .. } = &mut job.state
             {
@@ -137,27 +145,29 @@ impl Server {
         if self.pending_acks.is_empty() {
             return;
         }
-        let mut ready: BTreeMap<Sid, Vec<u64>> = BTreeMap::new();
+        let mut ready: BTreeMap<Sid, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
         let pending = std::mem::take(&mut self.pending_acks);
-        for (peer, seq, write) in pending {
-            if self.is_durable(write) {
-                ready.entry(peer).or_default().push(seq);
-            } else {
-                self.pending_acks.push((peer, seq, write));
+        for (peer, seq, write, applied) in pending {
+            if !self.is_durable(write) {
+                self.pending_acks.push((peer, seq, write, applied));
+                continue;
             }
+            let (seqs, refused) = ready.entry(peer).or_default();
+            if applied { seqs } else { refused }.push(seq);
         }
-        for (peer, seqs) in ready {
-            self.send(peer, Msg::Ack { seqs });
+        for (peer, (seqs, refused)) in ready {
+            self.send(peer, Msg::Ack { seqs, refused });
         }
     }
 
     /// A change from a peer's log.
     pub(crate) fn on_change(&mut self, src: Sid, seq: u64, change: Change) {
         let fragment = self.fragment_of(src, change);
-        if let Some(fragment) = fragment {
-            self.merge_foreign(src, &fragment, true);
-        }
-        self.pending_acks.push((src, seq, self.last_write()));
+        let applied = match fragment {
+            Some(fragment) => !self.merge_foreign(src, &fragment, true).unresolved,
+            None => true,
+        };
+        self.pending_acks.push((src, seq, self.last_write(), applied));
     }
 
     /// The piece of mailbox state a change carries. Bodies are stored on the way.
@@ -489,6 +499,7 @@ impl Server {
             attempts: 0,
             next_try: self.now,
             repair,
+            census: None,
         });
         self.fetch_wanted_bodies();
     }
@@ -502,6 +513,13 @@ impl Server {
         let due: Vec<Guid> =
             self.wanted_bodies.iter().filter(|(_, w)| w.next_try <= now).map(|(g, _)| *g).take(256).collect();
         for guid in due {
+            let Some(w) = self.wanted_bodies.get(&guid) else { continue };
+            let census_stale = w.census.as_ref().is_some_and(|c| c.started.plus_us(CENSUS_TIMEOUT_US) <= now);
+            let tried_everyone = w.attempts as usize >= peers.len();
+            if (w.census.is_none() || census_stale) && tried_everyone && self.may_run_census(guid) {
+                self.start_census(guid);
+                continue;
+            }
             let Some(w) = self.wanted_bodies.get_mut(&guid) else { continue };
             let target = match w.hint.filter(|h| w.attempts == 0 && peers.contains(h)) {
                 Some(h) => h,
@@ -514,11 +532,15 @@ impl Server {
     }
 
     pub(crate) fn on_fetch(&mut self, src: Sid, guid: Guid) {
-        let Some(body) = self.db.bodies.get(&guid) else { return };
+        let Some(body) = self.db.bodies.get(&guid) else {
+            self.send(src, Msg::NoBody { guid });
+            return;
+        };
         if body_checksum(&body.bytes) != body.checksum {
             // Never hand out a corrupted body; repair our own instead.
             let checksum = body.checksum;
             self.want_body(guid, Some(checksum), None, true);
+            self.send(src, Msg::NoBody { guid });
             return;
         }
         let msg = Msg::Body { guid, checksum: body.checksum, body: body.bytes.clone() };
@@ -542,8 +564,78 @@ impl Server {
         self.body_arrived(guid);
     }
 
+    /// A census may decide that a body is gone for good only where nothing that could
+    /// still bring it is in flight: we are the ready master of every mailbox that holds
+    /// the message, no write of ours on those mailboxes is pending, every replica has
+    /// acknowledged every change we logged for them, and every configured server is
+    /// reachable to be asked.
+    fn may_run_census(&self, guid: Guid) -> bool {
+        if !self.cfg.servers.iter().all(|s| self.reachable.contains(s)) {
+            return false;
+        }
+        let holders = self.mailboxes_holding(guid);
+        if holders.is_empty() {
+            return false;
+        }
+        holders.iter().all(|mailbox| {
+            let key = self.master_key(mailbox);
+            let ready = self.mastered.get(&key).is_some_and(|m| m.catchup.is_none());
+            let job_pending = self.jobs.values().any(|j| j.key == key);
+            let unacked = self.db.logs.values().any(|l| l.entries.values().any(|c| c.mailbox() == mailbox));
+            ready && !job_pending && !unacked
+        })
+    }
+
+    fn mailboxes_holding(&self, guid: Guid) -> Vec<MailboxKey> {
+        self.db
+            .mailboxes
+            .iter()
+            .filter(|(_, m)| m.messages.values().any(|r| r.guid == guid))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn start_census(&mut self, guid: Guid) {
+        let now = self.now;
+        let Some(w) = self.wanted_bodies.get_mut(&guid) else { return };
+        w.census = Some(BodyCensus { started: now, denied: BTreeSet::new() });
+        w.next_try = now.plus_us(FETCH_RETRY_US * 10);
+        let others: Vec<Sid> = self.cfg.servers.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        for s in others {
+            self.send(s, Msg::Fetch { guid });
+        }
+    }
+
+    pub(crate) fn on_no_body(&mut self, src: Sid, guid: Guid) {
+        let me = self.cfg.sid;
+        let Some(w) = self.wanted_bodies.get_mut(&guid) else { return };
+        let Some(census) = w.census.as_mut() else { return };
+        census.denied.insert(src);
+        if !self.cfg.servers.iter().all(|s| *s == me || census.denied.contains(s)) {
+            return;
+        }
+        w.census = None;
+        if !self.may_run_census(guid) {
+            return;
+        }
+        // No server has an intact copy: the message can never be read again. Expunging it
+        // is the only way the servers agree; it was never acknowledged to a client, or a
+        // copy would have survived (a client is told of a save only once enough servers
+        // hold the body).
+        for mailbox in self.mailboxes_holding(guid) {
+            let messages: Vec<(Uid, Guid)> = self.db.mailboxes[&mailbox]
+                .messages
+                .values()
+                .filter(|r| r.guid == guid)
+                .map(|r| (r.uid, r.guid))
+                .collect();
+            self.note(|| format!("body {guid} is on no server: expunging it from {mailbox}"));
+            self.submit_write(super::Origin::Internal, WriteRequest::Expunge { mailbox, messages });
+        }
+    }
+
     /// Keep a body that arrived with a change, if it is intact and new here.
-    fn store_body(&mut self, guid: Guid, checksum: u64, body: Vec<u8>, src: Option<Sid>) {
+    pub(crate) fn store_body(&mut self, guid: Guid, checksum: u64, body: Vec<u8>, src: Option<Sid>) {
         let intact_here = self.db.bodies.get(&guid).is_some_and(|b| body_checksum(&b.bytes) == b.checksum);
         if intact_here {
             return;
@@ -584,6 +676,20 @@ impl Server {
             .collect();
         for (guid, checksum) in missing {
             self.want_body(guid, Some(checksum), None, true);
+        }
+        if !self.wanted_bodies.is_empty() {
+            // A body whose every message was expunged meanwhile is no longer wanted.
+            let referenced: BTreeSet<Guid> =
+                self.db.mailboxes.values().flat_map(|m| m.messages.values()).map(|r| r.guid).collect();
+            let awaited: BTreeSet<Guid> = self
+                .jobs
+                .values()
+                .filter_map(|j| match j.state {
+                    super::JobState::WaitingBody { guid } => Some(guid),
+                    _ => None,
+                })
+                .collect();
+            self.wanted_bodies.retain(|g, _| referenced.contains(g) || awaited.contains(g));
         }
     }
 

@@ -113,7 +113,14 @@ impl Server {
         if epoch > self.db.epoch {
             self.db.epoch = epoch;
             self.write(StoreWrite::Epoch { epoch });
+            self.schedule_announcement();
         }
+    }
+
+    /// An epoch advertised in link-state. Only remembered: the designated root sees that
+    /// it is behind when the routes are recomputed and opens a term above it.
+    pub(crate) fn heard_epoch(&mut self, epoch: u64) {
+        self.set_epoch(epoch);
     }
 
     /// Sends the term to every member that has not dropped yet (also used for resends).

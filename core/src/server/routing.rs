@@ -15,6 +15,7 @@ pub const LINK_HOLD_US: u64 = 2_000;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LinkAnnouncement {
     pub seq: u64,
+    pub epoch: u64,
     pub neighbors: BTreeSet<Sid>,
 }
 
@@ -25,8 +26,9 @@ impl Server {
         self.write(StoreWrite::LinkSeq { seq });
         self.db.link_seq = seq;
         let me = self.cfg.sid;
-        self.lsdb.insert(me, LinkAnnouncement { seq, neighbors: self.links.clone() });
-        let msg = Msg::LinkState { origin: me, seq, neighbors: self.links.iter().copied().collect() };
+        let epoch = self.db.epoch;
+        self.lsdb.insert(me, LinkAnnouncement { seq, epoch, neighbors: self.links.clone() });
+        let msg = Msg::LinkState { origin: me, seq, epoch, neighbors: self.links.iter().copied().collect() };
         for &peer in &self.links.clone() {
             self.send_direct(peer, msg.clone());
         }
@@ -48,7 +50,12 @@ impl Server {
             if origin != self.cfg.sid {
                 self.send_direct(
                     peer,
-                    Msg::LinkState { origin, seq: ann.seq, neighbors: ann.neighbors.into_iter().collect() },
+                    Msg::LinkState {
+                        origin,
+                        seq: ann.seq,
+                        epoch: ann.epoch,
+                        neighbors: ann.neighbors.into_iter().collect(),
+                    },
                 );
             }
         }
@@ -64,10 +71,16 @@ impl Server {
     /// Our own view changes at once; the announcement waits a moment so that the many
     /// link changes of one partition or heal go out as one flood, not one per link.
     fn links_changed(&mut self) {
+        self.schedule_announcement();
+        self.recompute_routes();
+    }
+
+    /// Also called when our epoch rises, so that the epoch every server advertises is
+    /// its current one.
+    pub(crate) fn schedule_announcement(&mut self) {
         if self.announce_due.is_none() {
             self.announce_due = Some(self.now.plus_us(LINK_HOLD_US));
         }
-        self.recompute_routes();
     }
 
     pub(crate) fn announce_if_due(&mut self) {
@@ -77,7 +90,14 @@ impl Server {
         }
     }
 
-    pub(crate) fn on_link_state(&mut self, from: Sid, origin: Sid, seq: u64, neighbors: Vec<Sid>) {
+    pub(crate) fn on_link_state(&mut self, from: Sid, origin: Sid, seq: u64, epoch: u64, neighbors: Vec<Sid>) {
+        // Learned before the routes change, so that a term opened because the component
+        // grew has an epoch above every epoch in it (even our own from before a disk loss).
+        let behind = epoch > self.db.epoch;
+        self.heard_epoch(epoch);
+        if behind && self.reachable.contains(&origin) {
+            self.check_root();
+        }
         if origin == self.cfg.sid {
             // An announcement of ours from before a restart: jump past it.
             if seq > self.db.link_seq {
@@ -93,8 +113,8 @@ impl Server {
             return;
         }
         let neighbors: BTreeSet<Sid> = neighbors.into_iter().filter(|s| self.cfg.servers.contains(s)).collect();
-        self.lsdb.insert(origin, LinkAnnouncement { seq, neighbors: neighbors.clone() });
-        let msg = Msg::LinkState { origin, seq, neighbors: neighbors.into_iter().collect() };
+        self.lsdb.insert(origin, LinkAnnouncement { seq, epoch, neighbors: neighbors.clone() });
+        let msg = Msg::LinkState { origin, seq, epoch, neighbors: neighbors.into_iter().collect() };
         for &peer in &self.links.clone() {
             if peer != from {
                 self.send_direct(peer, msg.clone());
