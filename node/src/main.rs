@@ -1,7 +1,250 @@
-//! The `tandem` node binary. The real shell (sockets, durable store) is issue 4; until it
-//! lands this binary only says so, so that nobody mistakes it for a server.
+//! `tandem`: run a node, start a local cluster, or talk to a node's admin interface.
 
-fn main() {
-    eprintln!("tandem: the node is not built yet; use tandem-sim (see README.md)");
-    std::process::exit(2);
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tandem_node::admin::{self, AdminReply, AdminRequest};
+use tandem_node::config::{LogFormat, NodeConfig};
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Multi-master replication for IMAP mailboxes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+        /// Log JSON lines instead of text (overrides the config's log_format).
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Start N nodes on loopback in a new directory and keep them running.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Where configs and data go (default: a new directory under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Sync or async.
+        #[arg(long, default_value = "sync")]
+        mode: String,
+    },
+    /// A node's root, epoch, masters, links, backlog and mailboxes.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:7201")]
+        admin: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a message (from --file or standard input) through a node.
+    Deliver {
+        #[arg(long, default_value = "127.0.0.1:7201")]
+        admin: SocketAddr,
+        /// user/name, e.g. alice@example.org/INBOX
+        #[arg(long)]
+        mailbox: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long = "flag")]
+        flags: Vec<String>,
+    },
+    /// A mailbox as a node shows it: UIDs, GUIDs, flags.
+    Dump {
+        #[arg(long, default_value = "127.0.0.1:7201")]
+        admin: SocketAddr,
+        #[arg(long)]
+        mailbox: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove flags.
+    Store {
+        #[arg(long, default_value = "127.0.0.1:7201")]
+        admin: SocketAddr,
+        #[arg(long)]
+        mailbox: String,
+        #[arg(long, value_delimiter = ',')]
+        uids: Vec<u32>,
+        #[arg(long = "add")]
+        add: Vec<String>,
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tandem: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn call(admin: SocketAddr, request: AdminRequest) -> Result<AdminReply, String> {
+    match admin::call(admin, &request, ADMIN_TIMEOUT).await? {
+        AdminReply::Error { temporary, reason } => {
+            Err(format!("{}: {reason}", if temporary { "temporary failure" } else { "failed" }))
+        }
+        reply => Ok(reply),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Node { config, log_json } => {
+            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            init_logs(if log_json { LogFormat::Json } else { cfg.log_format });
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            tandem_node::node::run(cfg, shutdown).await
+        }
+        Command::Cluster { nodes, dir, mode } => run_cluster(nodes, dir, &mode).await,
+        Command::Status { admin, json: as_json } => {
+            let reply = call(admin, AdminRequest::Status).await?;
+            let AdminReply::Status(s) = reply else { return Err(format!("unexpected answer {reply:?}")) };
+            if as_json {
+                println!("{}", json(&s)?);
+                return Ok(());
+            }
+            println!("server {}  root {:?}  epoch {}", s.id, s.root, s.epoch);
+            println!("masters known: {:?}", s.masters);
+            println!("mastered here: {:?}", s.mastered_here);
+            for l in &s.links {
+                println!(
+                    "peer {}: {} {} backlog {}",
+                    l.peer,
+                    if l.connected { "connected" } else { "not connected" },
+                    if l.reachable { "reachable" } else { "unreachable" },
+                    l.backlog
+                );
+            }
+            for m in &s.mailboxes {
+                println!(
+                    "{}: UIDVALIDITY {} UIDNEXT {} messages {} HIGHESTMODSEQ {} digest {}",
+                    m.mailbox, m.uidvalidity, m.uidnext, m.messages, m.highest_modseq, m.digest
+                );
+            }
+            Ok(())
+        }
+        Command::Deliver { admin, mailbox, file, flags } => {
+            let body = match file {
+                Some(path) => std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+                None => {
+                    use std::io::Read;
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf).map_err(|e| format!("stdin: {e}"))?;
+                    buf
+                }
+            };
+            let body = String::from_utf8(body).map_err(|_| "the message is not UTF-8 text".to_string())?;
+            match call(admin, AdminRequest::Deliver { mailbox, body, flags }).await? {
+                AdminReply::Saved { uidvalidity, uid, guid } => {
+                    println!("saved UID {uid} (UIDVALIDITY {uidvalidity}) GUID {guid}");
+                    Ok(())
+                }
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        }
+        Command::Dump { admin, mailbox, json: as_json } => {
+            let reply = call(admin, AdminRequest::Dump { mailbox }).await?;
+            let AdminReply::Dump(d) = reply else { return Err(format!("unexpected answer {reply:?}")) };
+            if as_json {
+                println!("{}", json(&d)?);
+                return Ok(());
+            }
+            println!(
+                "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}",
+                d.mailbox, d.uidvalidity, d.uidnext, d.highest_modseq
+            );
+            for m in &d.messages {
+                println!("{} {} ({}) modseq {}", m.uid, m.guid, m.flags.join(" "), m.modseq);
+            }
+            Ok(())
+        }
+        Command::Store { admin, mailbox, uids, add, remove } => {
+            match call(admin, AdminRequest::Store { mailbox, uids, add, remove }).await? {
+                AdminReply::Stored { modseq } => {
+                    println!("stored, MODSEQ {modseq}");
+                    Ok(())
+                }
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        }
+    }
+}
+
+async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(), String> {
+    if !(1..=64).contains(&nodes) {
+        return Err("--nodes must be between 1 and 64".into());
+    }
+    let dir = dir.unwrap_or_else(|| {
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        std::env::temp_dir().join(format!("tandem-cluster-{}-{stamp}", std::process::id()))
+    });
+    let extra = format!("mode = \"{mode}\"");
+    let members =
+        tandem_node::cluster::write_configs(&dir, nodes, &extra).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    for m in &members {
+        let child = tokio::process::Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&m.config)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start node {}: {e}", m.id))?;
+        children.push(child);
+    }
+    println!("tandem cluster of {nodes} nodes in {}", dir.display());
+    for m in &members {
+        println!("  node {}: peers on {}, admin on {}, config {}", m.id, m.listen, m.admin, m.config.display());
+    }
+    if let Some(m) = members.first() {
+        println!("try:");
+        println!("  echo 'Subject: hi' | tandem deliver --admin {} --mailbox alice@example.org/INBOX", m.admin);
+        println!("  tandem dump --admin {} --mailbox alice@example.org/INBOX", members[members.len() - 1].admin);
+        println!("  tandem status --admin {}", m.admin);
+    }
+    println!("Ctrl-C stops the cluster.");
+    let _ = tokio::signal::ctrl_c().await;
+    for c in &mut children {
+        let _ = c.kill().await;
+    }
+    Ok(())
 }

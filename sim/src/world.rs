@@ -116,9 +116,10 @@ struct Outstanding {
     storing: Vec<(Uid, Guid)>,
     add: Vec<Flag>,
     remove: Vec<Flag>,
-    /// Servers lost for good before the request was made: a copy that a server lost
-    /// later had kept the promise when it was made.
+    /// Servers lost for good, and message files deleted by hand, before the request was
+    /// made: a copy lost to either later had kept the promise when it was made.
     losses_before: usize,
+    hand_deletes_before: usize,
 }
 
 pub struct World {
@@ -146,6 +147,7 @@ pub struct World {
     trace: Vec<String>,
     label_counter: u64,
     lost_for_good: usize,
+    hand_deletes: usize,
     seed: u64,
     /// Coverage marks of server incarnations that crashed.
     dead_marks: BTreeMap<String, u64>,
@@ -213,6 +215,7 @@ impl World {
             trace: Vec::new(),
             label_counter: 0,
             lost_for_good: 0,
+            hand_deletes: 0,
             seed,
             dead_marks: BTreeMap::new(),
             watch: std::env::var("TANDEM_WATCH").ok().filter(|w| !w.is_empty()),
@@ -838,8 +841,9 @@ impl World {
         self.next_request += 1;
         self.note(|w: &World| format!("{} client -> {sid} #{id} {}", w.ms(), describe_request(&request)));
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
-        let losses_before = self.lost_for_good;
-        self.outstanding.insert(id, Outstanding { server: sid, incarnation, event, losses_before, ..o });
+        let (losses_before, hand_deletes_before) = (self.lost_for_good, self.hand_deletes);
+        self.outstanding
+            .insert(id, Outstanding { server: sid, incarnation, event, losses_before, hand_deletes_before, ..o });
         self.input(sid, Input::Client { id, request });
     }
 
@@ -886,7 +890,9 @@ impl World {
                 if let Some(mailbox) = &o.mailbox {
                     self.oracle.saved(t, sid, mailbox, *uidvalidity, *uid, *guid);
                     self.oracle.saved_flags(mailbox, *guid, &o.add);
-                    self.check_copies_at_ack(mailbox, *guid, self.lost_for_good - o.losses_before);
+                    let copies_lost =
+                        (self.lost_for_good - o.losses_before) + (self.hand_deletes - o.hand_deletes_before);
+                    self.check_copies_at_ack(mailbox, *guid, copies_lost);
                 }
                 if let Some(label) = &o.label {
                     self.labels.insert(label.clone(), *guid);
@@ -925,6 +931,7 @@ impl World {
             add: Vec::new(),
             remove: Vec::new(),
             losses_before: 0,
+            hand_deletes_before: 0,
         };
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
@@ -1054,6 +1061,7 @@ impl World {
             Action::HandDelete { server, mailbox, label } => {
                 let Some(uid) = self.uid_of(server, &mailbox, &label) else { return self.skip(server, &label, event) };
                 self.note(|w: &World| format!("{} hand edit on {server}: file of {mailbox} UID {uid} deleted", w.ms()));
+                self.hand_deletes += 1;
                 self.input(server, Input::External(ExternalEdit::Removed { mailbox, uid }));
             }
             Action::Corrupt { server, label } => {

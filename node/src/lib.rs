@@ -1,0 +1,10 @@
+//! tandem's node: the replication core on real sockets, with a durable store.
+
+pub mod admin;
+pub mod cluster;
+pub mod codec;
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod store;

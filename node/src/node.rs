@@ -1,0 +1,492 @@
+//! The node: one event loop owns the core and feeds it everything that happens (peer
+//! messages, links going up and down, admin requests, durable writes, its timer), then
+//! drains every output. Writes go to a store thread that commits them in groups and
+//! reports back, so the core never hears "durable" before the fsync.
+
+use crate::admin::{self, AdminReply, AdminRequest};
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::peer::{self, Agreed, LinkEvent};
+use crate::store::Store;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tandem_core::io::{ClientReply, ClientRequest, Input, Output, RequestId, WriteId};
+use tandem_core::msg::{Envelope, FailKind, WriteResult};
+use tandem_core::store::StoreWrite;
+use tandem_core::types::*;
+use tandem_core::{Flag, Mark, Server};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant as TokioInstant;
+use tracing::{debug, error, info, warn};
+
+/// Admin connections served at once; more wait in the kernel's backlog.
+const ADMIN_CONNECTIONS_MAX: usize = 64;
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+enum Event {
+    Connected { agreed: Agreed, conn: u64, outgoing: mpsc::Sender<Envelope> },
+    Refused,
+    Admin { request: AdminRequest, reply: oneshot::Sender<AdminReply> },
+    Metrics { reply: oneshot::Sender<String> },
+    Durable { upto: WriteId, writes: usize },
+    StoreFailed(String),
+}
+
+struct Pending {
+    reply: oneshot::Sender<AdminReply>,
+    started: TokioInstant,
+    write: bool,
+}
+
+struct EventLoop {
+    server: Server,
+    start: TokioInstant,
+    links: BTreeMap<Sid, (u64, mpsc::Sender<Envelope>)>,
+    pending: BTreeMap<RequestId, Pending>,
+    next_request: RequestId,
+    writes: Vec<(WriteId, StoreWrite)>,
+    store: std::sync::mpsc::Sender<Vec<(WriteId, StoreWrite)>>,
+    metrics: Metrics,
+}
+
+/// Runs a node until `shutdown` resolves or its store fails.
+pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    let store = Store::open(&cfg.data_dir).map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
+    let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
+    let server = Server::recover(cfg.core.clone(), image, rand::random());
+    info!(id = cfg.core.sid.0, listen = %cfg.listen, admin = %cfg.admin, "tandem node starting");
+
+    let (events_tx, mut events) = mpsc::channel::<Event>(1024);
+    let (links_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
+    let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
+    spawn_store_thread(store, store_rx, events_tx.clone());
+
+    let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin).await.map_err(|e| format!("admin on {}: {e}", cfg.admin))?;
+    let conn_ids = Arc::new(AtomicU64::new(1));
+    tokio::spawn(accept_peers(peer_listener, cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
+    for p in cfg.peers.iter().filter(|p| p.id > cfg.core.sid.0) {
+        // The lower id dials: one connection per pair.
+        tokio::spawn(dial_peer(p.clone(), cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
+    }
+    tokio::spawn(serve_admin(admin_listener, events_tx.clone()));
+    if let Some(addr) = cfg.metrics {
+        let listener = TcpListener::bind(addr).await.map_err(|e| format!("metrics on {addr}: {e}"))?;
+        tokio::spawn(serve_metrics(listener, events_tx.clone()));
+    }
+
+    let mut node = EventLoop {
+        server,
+        start: TokioInstant::now(),
+        links: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        next_request: 1,
+        writes: Vec::new(),
+        store: store_tx,
+        metrics: Metrics::default(),
+    };
+    node.drain();
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = node.start + Duration::from_micros(node.server.poll_timeout().0);
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down");
+                return Ok(());
+            }
+            Some(event) = events.recv() => {
+                if let Event::StoreFailed(e) = &event {
+                    error!(error = %e, "the store failed; stopping so that nothing unsafe is acknowledged");
+                    return Err(format!("store failed: {e}"));
+                }
+                node.on_event(event);
+            }
+            Some(event) = link_events.recv() => node.on_link_event(event),
+            _ = tokio::time::sleep_until(deadline) => node.input(Input::Timer),
+        }
+    }
+}
+
+impl EventLoop {
+    fn now(&self) -> tandem_core::Instant {
+        tandem_core::Instant(self.start.elapsed().as_micros() as u64)
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = self.now();
+        self.server.handle(now, input);
+        self.drain();
+    }
+
+    /// Carries out every output of the core (str0m style: drain after each input).
+    fn drain(&mut self) {
+        let mut dropped = Vec::new();
+        while let Some(output) = self.server.poll_output() {
+            match output {
+                Output::Send { to, envelope } => {
+                    let Some((_, tx)) = self.links.get(&to) else { continue };
+                    self.metrics.peer_messages_out += 1;
+                    if tx.try_send(envelope).is_err() {
+                        dropped.push(to);
+                    }
+                }
+                Output::Reply { id, reply } => self.answer(id, reply),
+                Output::Write { id, write } => self.writes.push((id, write)),
+            }
+        }
+        if !self.writes.is_empty() {
+            let batch = std::mem::take(&mut self.writes);
+            if self.store.send(batch).is_err() {
+                error!("the store thread is gone");
+            }
+        }
+        for peer in dropped {
+            if self.links.remove(&peer).is_some() {
+                warn!(peer = peer.0, "peer too slow or gone: dropping the link");
+                self.input(Input::LinkDown { peer });
+            }
+        }
+    }
+
+    fn on_link_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Received { peer, conn, envelope } => {
+                if self.links.get(&peer).is_some_and(|(c, _)| *c == conn) {
+                    self.metrics.peer_messages_in += 1;
+                    self.input(Input::Peer { from: peer, envelope });
+                }
+            }
+            LinkEvent::Closed { peer, conn, why } => {
+                if self.links.get(&peer).is_some_and(|(c, _)| *c == conn) {
+                    self.links.remove(&peer);
+                    info!(peer = peer.0, reason = %why, "link down");
+                    self.input(Input::LinkDown { peer });
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Connected { agreed, conn, outgoing } => {
+                info!(peer = agreed.peer.0, conn, deflate = agreed.deflate, "link up");
+                self.links.insert(agreed.peer, (conn, outgoing));
+                self.input(Input::LinkUp { peer: agreed.peer });
+            }
+            Event::Refused => self.metrics.handshakes_refused += 1,
+            Event::Durable { upto, writes } => {
+                self.metrics.store_commits += 1;
+                self.metrics.store_writes += writes as u64;
+                self.input(Input::Durable { upto });
+            }
+            Event::StoreFailed(_) => {}
+            Event::Metrics { reply } => {
+                let _ = reply.send(self.render_metrics());
+            }
+            Event::Admin { request, reply } => self.on_admin(request, reply),
+        }
+    }
+
+    fn on_admin(&mut self, request: AdminRequest, reply: oneshot::Sender<AdminReply>) {
+        let client_request = match to_client_request(request) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = reply.send(AdminReply::Status(self.status()));
+                return;
+            }
+            Err(reason) => {
+                let _ = reply.send(AdminReply::Error { temporary: false, reason });
+                return;
+            }
+        };
+        let id = self.next_request;
+        self.next_request += 1;
+        let write = !matches!(client_request, ClientRequest::Read { .. });
+        self.pending.insert(id, Pending { reply, started: TokioInstant::now(), write });
+        self.input(Input::Client { id, request: client_request });
+    }
+
+    fn answer(&mut self, id: RequestId, reply: ClientReply) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        if p.write {
+            self.metrics.observe_ack_ms(p.started.elapsed().as_secs_f64() * 1000.0);
+        }
+        let answer = match reply {
+            ClientReply::Read(view) => AdminReply::Dump(admin::Dump {
+                mailbox: view.mailbox.to_string(),
+                uidvalidity: view.uidvalidity,
+                uidnext: view.uidnext,
+                highest_modseq: view.highest_modseq,
+                messages: view
+                    .messages
+                    .into_iter()
+                    .map(|m| admin::MessageLine {
+                        uid: m.uid,
+                        guid: m.guid.to_string(),
+                        flags: m.flags.iter().map(|f| f.as_str().to_string()).collect(),
+                        modseq: m.modseq,
+                    })
+                    .collect(),
+            }),
+            ClientReply::Write(WriteResult::Saved { uidvalidity, uid, guid })
+            | ClientReply::Write(WriteResult::Copied { uidvalidity, uid, guid }) => {
+                AdminReply::Saved { uidvalidity, uid, guid: guid.to_string() }
+            }
+            ClientReply::Write(WriteResult::Stored { modseq, .. }) => AdminReply::Stored { modseq },
+            ClientReply::Write(WriteResult::Expunged { uids, .. }) => AdminReply::Expunged { uids },
+            ClientReply::Write(WriteResult::Failed { kind, reason }) | ClientReply::Failed { kind, reason } => {
+                self.metrics.writes_failed += 1;
+                AdminReply::Error { temporary: kind == FailKind::Temporary, reason }
+            }
+            ClientReply::Moved { master } => AdminReply::Moved { master: master.0 },
+        };
+        let _ = p.reply.send(answer);
+    }
+
+    fn status(&self) -> admin::Status {
+        let s = &self.server;
+        let backlog = s.backlog();
+        admin::Status {
+            id: s.sid().0,
+            root: s.term().root.map(|r| r.0),
+            epoch: s.term().epoch,
+            masters: s.masters_known().iter().map(|(k, m)| (k.to_string(), m.0)).collect(),
+            mastered_here: s.mastered_ready().iter().map(|k| k.to_string()).collect(),
+            links: s
+                .config()
+                .servers
+                .iter()
+                .filter(|p| **p != s.sid())
+                .map(|p| admin::LinkStatus {
+                    peer: p.0,
+                    connected: self.links.contains_key(p),
+                    reachable: s.is_reachable(*p),
+                    backlog: backlog.get(p).copied().unwrap_or(0),
+                })
+                .collect(),
+            mailboxes: s
+                .summaries()
+                .into_iter()
+                .map(|m| admin::MailboxStatus {
+                    mailbox: m.mailbox.to_string(),
+                    uidvalidity: m.uidvalidity,
+                    uidnext: m.uidnext,
+                    messages: m.count,
+                    highest_modseq: m.highest_modseq,
+                    digest: format!("{:016x}", m.digest),
+                })
+                .collect(),
+            jobs: s.jobs_in_progress(),
+            wanted_bodies: s.wanted_bodies(),
+        }
+    }
+
+    fn render_metrics(&self) -> String {
+        let s = &self.server;
+        let backlog: BTreeMap<u32, usize> = s.backlog().into_iter().map(|(p, n)| (p.0, n)).collect();
+        let links: BTreeMap<u32, bool> =
+            s.config().servers.iter().filter(|p| **p != s.sid()).map(|p| (p.0, self.links.contains_key(p))).collect();
+        let marks: Vec<(&str, u64)> = Mark::ALL.iter().map(|m| (m.name(), s.marks().count(*m))).collect();
+        self.metrics.render(s.sid().0, &backlog, &links, &marks)
+    }
+}
+
+fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
+    names.iter().map(|f| Flag::new(f).map_err(|e| format!("bad flag {f:?}: {e:?}"))).collect()
+}
+
+/// Ok(None) for requests the loop answers itself (status).
+fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, String> {
+    Ok(Some(match request {
+        AdminRequest::Status => return Ok(None),
+        AdminRequest::Deliver { mailbox, body, flags: f } => ClientRequest::Save {
+            mailbox: admin::parse_mailbox(&mailbox)?,
+            received: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            flags: flags(&f)?,
+            body: body.into_bytes(),
+        },
+        AdminRequest::Dump { mailbox } => ClientRequest::Read { mailbox: admin::parse_mailbox(&mailbox)? },
+        AdminRequest::Store { mailbox, uids, add, remove } => ClientRequest::Store {
+            mailbox: admin::parse_mailbox(&mailbox)?,
+            uids,
+            add: flags(&add)?,
+            remove: flags(&remove)?,
+            unchanged_since: None,
+        },
+        AdminRequest::Expunge { mailbox, uids } => {
+            ClientRequest::Expunge { mailbox: admin::parse_mailbox(&mailbox)?, uids }
+        }
+        AdminRequest::MasterMove { mailbox } => ClientRequest::MasterMove { mailbox: admin::parse_mailbox(&mailbox)? },
+    }))
+}
+
+/// Group commit: everything queued while the previous transaction committed goes into
+/// the next one.
+fn spawn_store_thread(
+    store: Store,
+    batches: std::sync::mpsc::Receiver<Vec<(WriteId, StoreWrite)>>,
+    events: mpsc::Sender<Event>,
+) {
+    std::thread::spawn(move || {
+        while let Ok(mut batch) = batches.recv() {
+            while let Ok(more) = batches.try_recv() {
+                batch.extend(more);
+            }
+            let Some(upto) = batch.last().map(|(id, _)| *id) else { continue };
+            let writes: Vec<StoreWrite> = batch.into_iter().map(|(_, w)| w).collect();
+            let event = match store.apply(&writes) {
+                Ok(()) => Event::Durable { upto, writes: writes.len() },
+                Err(e) => Event::StoreFailed(e.to_string()),
+            };
+            let failed = matches!(event, Event::StoreFailed(_));
+            if events.blocking_send(event).is_err() || failed {
+                return;
+            }
+        }
+    });
+}
+
+async fn accept_peers(
+    listener: TcpListener,
+    cfg: NodeConfig,
+    events: mpsc::Sender<Event>,
+    links: mpsc::Sender<LinkEvent>,
+    conn_ids: Arc<AtomicU64>,
+) {
+    loop {
+        let (mut stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (cfg, events, links, conn_ids) = (cfg.clone(), events.clone(), links.clone(), conn_ids.clone());
+        tokio::spawn(async move {
+            let me = cfg.core.sid;
+            let handshake = peer::accept_handshake(&mut stream, me, &cfg.core.servers, &cfg.secret, cfg.compression);
+            let agreed = match tokio::time::timeout(peer::HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    warn!(%addr, reason = %e, "peer connection refused");
+                    let _ = events.send(Event::Refused).await;
+                    return;
+                }
+                Err(_) => {
+                    warn!(%addr, "peer handshake timed out");
+                    let _ = events.send(Event::Refused).await;
+                    return;
+                }
+            };
+            let conn = conn_ids.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel(peer::SEND_QUEUE_MAX);
+            if events.send(Event::Connected { agreed, conn, outgoing: tx }).await.is_err() {
+                return;
+            }
+            peer::run_link(stream, agreed, conn, rx, links).await;
+        });
+    }
+}
+
+async fn dial_peer(
+    target: crate::config::PeerConfig,
+    cfg: NodeConfig,
+    events: mpsc::Sender<Event>,
+    links: mpsc::Sender<LinkEvent>,
+    conn_ids: Arc<AtomicU64>,
+) {
+    let peer = Sid(target.id);
+    let mut backoff = DIAL_BACKOFF_MIN;
+    loop {
+        let attempt = async {
+            let mut stream = TcpStream::connect(target.address).await.map_err(|e| e.to_string())?;
+            let agreed = peer::dial_handshake(&mut stream, cfg.core.sid, peer, &cfg.secret, cfg.compression)
+                .await
+                .map_err(|e| e.0)?;
+            Ok::<_, String>((stream, agreed))
+        };
+        match tokio::time::timeout(peer::HANDSHAKE_TIMEOUT, attempt).await {
+            Ok(Ok((stream, agreed))) => {
+                backoff = DIAL_BACKOFF_MIN;
+                let conn = conn_ids.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = mpsc::channel(peer::SEND_QUEUE_MAX);
+                if events.send(Event::Connected { agreed, conn, outgoing: tx }).await.is_err() {
+                    return;
+                }
+                peer::run_link(stream, agreed, conn, rx, links.clone()).await;
+            }
+            Ok(Err(e)) => debug!(peer = peer.0, address = %target.address, error = %e, "dial failed"),
+            Err(_) => debug!(peer = peer.0, "dial timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+    }
+}
+
+async fn serve_admin(listener: TcpListener, events: mpsc::Sender<Event>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (read, mut write) = stream.into_split();
+            let mut reader = BufReader::new(read.take(admin::REQUEST_LEN_MAX as u64));
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let reply = match serde_json::from_str::<AdminRequest>(&line) {
+                    Ok(request) => {
+                        let (tx, rx) = oneshot::channel();
+                        if events.send(Event::Admin { request, reply: tx }).await.is_err() {
+                            return;
+                        }
+                        rx.await.unwrap_or(AdminReply::Error { temporary: true, reason: "node stopping".into() })
+                    }
+                    Err(e) => AdminReply::Error { temporary: false, reason: format!("bad request: {e}") },
+                };
+                let Ok(mut text) = serde_json::to_string(&reply) else { return };
+                text.push('\n');
+                if write.write_all(text.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// A minimal HTTP/1.0 responder: every GET gets the exposition.
+async fn serve_metrics(listener: TcpListener, events: mpsc::Sender<Event>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let mut head = vec![0u8; 4096];
+            let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await else { return };
+            let (tx, rx) = oneshot::channel();
+            if events.send(Event::Metrics { reply: tx }).await.is_err() {
+                return;
+            }
+            let Ok(body) = rx.await else { return };
+            let response = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,146 @@
+//! Three real `tandem` processes on loopback, checked through the admin interface.
+
+mod harness;
+
+use harness::{Cluster, raw_exchange};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+#[test]
+fn saves_on_any_node_converge_everywhere() {
+    let c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
+    let mut saved = BTreeSet::new();
+    for round in 0..4 {
+        for node in 0..3 {
+            let (_, guid) = c
+                .deliver(node, "alice@example.org/INBOX", &format!("Subject: {round} via {node}\r\n\r\nhello\r\n"))
+                .unwrap_or_else(|e| panic!("save via node {}: {e}\n{}", node + 1, c.log(node)));
+            saved.insert(guid);
+        }
+    }
+    let view = c.converged("alice@example.org/INBOX", CONVERGE);
+    let guids: BTreeSet<String> = view.messages.iter().map(|m| m.guid.clone()).collect();
+    assert_eq!(guids, saved);
+    let uids: Vec<u32> = view.messages.iter().map(|m| m.uid).collect();
+    assert_eq!(uids, (1..=12).collect::<Vec<u32>>(), "connected saves get consecutive UIDs");
+    let s = c.status(0);
+    assert!(s.root.is_some(), "{s:?}");
+    assert!(s.links.iter().all(|l| l.connected), "{s:?}");
+}
+
+#[test]
+fn kill_9_of_the_master_under_saves_loses_no_acknowledged_message() {
+    let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
+    let mailbox = "bob@example.org/INBOX";
+    // The first save makes node 1 the mailbox's master (it asks the root, node 1).
+    let mut acked = vec![c.deliver(0, mailbox, "Subject: first\r\n\r\n").expect("first save").1];
+    let s = c.status(0);
+    assert!(s.mastered_here.iter().any(|k| k.contains("bob@example.org")), "{s:?}");
+    for i in 0..60 {
+        if i == 20 {
+            c.kill9(0);
+        }
+        // Saves go through node 2 and 3, forwarded to the master while it lives.
+        let via = 1 + i % 2;
+        if let Ok((_, guid)) = c.deliver(via, mailbox, &format!("Subject: stream {i}\r\n\r\n")) {
+            acked.push(guid);
+        }
+    }
+    assert!(acked.len() > 40, "the cluster went on after the kill: {} acked", acked.len());
+    c.spawn(0);
+    c.wait_up(0);
+    let view = c.converged(mailbox, CONVERGE);
+    let present: BTreeSet<&String> = view.messages.iter().map(|m| &m.guid).collect();
+    for g in &acked {
+        assert!(present.contains(g), "acknowledged {g} lost; view {view:#?}");
+    }
+}
+
+#[test]
+fn partition_by_proxy_then_heal_renumbers_the_conflict() {
+    let c = Cluster::start(3, "mode = \"async\"\nreplicas = 1");
+    let mailbox = "carol@example.org/INBOX";
+    let (uid1, m1) = c.deliver(0, mailbox, "Subject: m1\r\n\r\n").expect("m1");
+    assert_eq!(uid1, 1);
+    c.converged(mailbox, CONVERGE);
+    c.isolate(2);
+    // Both sides go on alone: node 3 becomes its own root and master.
+    let mut a = None;
+    let mut b = None;
+    for _ in 0..100 {
+        a = a.or_else(|| c.deliver(0, mailbox, "Subject: m2 majority side\r\n\r\n").ok());
+        b = b.or_else(|| c.deliver(2, mailbox, "Subject: m3 isolated side\r\n\r\n").ok());
+        if a.is_some() && b.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (uid2, m2) = a.expect("save on the majority side");
+    let (uid3, m3) = b.expect("save on the isolated side");
+    assert_eq!((uid2, uid3), (2, 2), "both sides assigned UID 2");
+    c.heal();
+    let view = c.converged(mailbox, CONVERGE);
+    let uid_of = |g: &str| view.messages.iter().find(|m| m.guid == g).map(|m| m.uid);
+    assert_eq!(uid_of(&m1), Some(1), "m1 keeps UID 1");
+    let (n2, n3) = (uid_of(&m2).expect("m2 kept"), uid_of(&m3).expect("m3 kept"));
+    // As in the simulator's seed-uid-conflict scenario: both conflicting messages get
+    // new UIDs above every UID either side used.
+    assert!(n2 > 2 && n3 > 2 && n2 != n3, "{view:#?}");
+    assert_eq!(view.uidnext, n2.max(n3) + 1);
+}
+
+#[test]
+fn a_peer_with_a_wrong_secret_is_refused() {
+    let c = Cluster::start(3, "");
+    let mut s = TcpStream::connect(c.listen[1]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    s.write_all(b"TANDEM/1 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("TANDEM/1 CHALLENGE 2 "), "{line:?}");
+    s.write_all(format!("PROOF {}\r\n", "00".repeat(32)).as_bytes()).unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ERROR authentication failed"), "{line:?}");
+    line.clear();
+    assert_eq!(r.read_line(&mut line).unwrap_or(0), 0, "the connection is closed: {line:?}");
+    // A dialer that checks the acceptor's proof refuses a node with another secret too.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = rt.block_on(async {
+        let mut stream = tokio::net::TcpStream::connect(c.listen[2]).await.unwrap();
+        tandem_node::peer::dial_handshake(
+            &mut stream,
+            tandem_core::Sid(1),
+            tandem_core::Sid(3),
+            b"another secret, 32 bytes long...",
+            false,
+        )
+        .await
+    });
+    assert!(refused.is_err_and(|e| e.0.contains("does not know the cluster secret")));
+    assert!(c.log(1).contains("authentication failed"), "logged");
+    // The cluster is undisturbed.
+    c.deliver(0, "dave@example.org/INBOX", "Subject: x\r\n\r\n").unwrap();
+    c.converged("dave@example.org/INBOX", CONVERGE);
+}
+
+#[test]
+fn garbage_on_the_peer_port_gets_an_error_and_changes_nothing() {
+    let c = Cluster::start(3, "");
+    let answer = raw_exchange(c.listen[0], b"\x16\x03\x01\x02\x00GET / HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("ERROR expected TANDEM/1 HELLO"), "{answer:?}");
+    let answer = raw_exchange(c.listen[0], &[0xffu8; 4000]);
+    assert!(answer.starts_with("ERROR handshake line too long"), "{answer:?}");
+    let answer = raw_exchange(c.listen[0], b"TANDEM/1 HELLO 9 000102030405060708090a0b0c0d0e0f 0\r\n");
+    assert!(answer.starts_with("ERROR server 9 is not in this cluster"), "{answer:?}");
+    let s = c.status(0);
+    assert!(s.links.iter().all(|l| l.connected), "{s:?}");
+    c.deliver(1, "erin@example.org/INBOX", "Subject: y\r\n\r\n").unwrap();
+    let view = c.converged("erin@example.org/INBOX", CONVERGE);
+    assert_eq!(view.messages.len(), 1);
+}

@@ -1,0 +1,280 @@
+//! Test harness: real `tandem` processes on loopback, a fault-injecting TCP proxy in
+//! front of every peer link, and a blocking admin client.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_node::admin::{AdminReply, AdminRequest, Dump, Status};
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// A TCP proxy for one direction of dialing (dialer -> acceptor) that can be cut.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, l) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let mut live = l.lock().unwrap();
+                live.push(client.try_clone().unwrap());
+                live.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, cut, live }
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub listen: Vec<SocketAddr>,
+    pub admin: Vec<SocketAddr>,
+    /// (dialer index, acceptor index) -> proxy; the lower id dials.
+    pub proxies: BTreeMap<(usize, usize), Proxy>,
+    procs: Vec<Option<Child>>,
+    configs: Vec<PathBuf>,
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+impl Cluster {
+    /// `extra` is appended to every node's config (mode, replicas, ...).
+    pub fn start(n: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+        let listen: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let admin: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let mut proxies = BTreeMap::new();
+        for i in 0..n {
+            for (j, upstream) in listen.iter().enumerate().skip(i + 1) {
+                proxies.insert((i, j), Proxy::start(*upstream));
+            }
+        }
+        let mut configs = Vec::new();
+        for i in 0..n {
+            let mut text = format!(
+                "id = {}\nlisten = \"{}\"\nadmin = \"{}\"\ndata_dir = \"data-{}\"\nsecret_file = \"secret\"\nrequest_timeout_ms = 3000\n{extra}\n",
+                i + 1,
+                listen[i],
+                admin[i],
+                i + 1
+            );
+            for j in (0..n).filter(|j| *j != i) {
+                // Only the dialer (lower id) uses the address: it goes through the proxy.
+                let address = if i < j { proxies[&(i, j)].addr } else { listen[j] };
+                text.push_str(&format!("\n[[peer]]\nid = {}\naddress = \"{address}\"\n", j + 1));
+            }
+            let path = dir.path().join(format!("node-{}.toml", i + 1));
+            std::fs::write(&path, text).unwrap();
+            configs.push(path);
+        }
+        let mut cluster = Cluster { dir, listen, admin, proxies, procs: (0..n).map(|_| None).collect(), configs };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        for i in 0..n {
+            cluster.wait_up(i);
+        }
+        cluster.wait_linked();
+        cluster
+    }
+
+    /// Waits until every running node is connected to every other and they agree on
+    /// the root.
+    pub fn wait_linked(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let running: Vec<usize> = (0..self.procs.len()).filter(|i| self.procs[*i].is_some()).collect();
+        while Instant::now() < deadline {
+            let statuses: Vec<Status> = running.iter().map(|i| self.status(*i)).collect();
+            let linked = statuses.iter().all(|s| {
+                s.links.iter().filter(|l| running.contains(&(l.peer as usize - 1))).all(|l| l.connected && l.reachable)
+            });
+            let one_term = statuses.windows(2).all(|w| (w[0].root, w[0].epoch) == (w[1].root, w[1].epoch));
+            if linked && one_term && statuses.iter().all(|s| s.root.is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the cluster did not link up; log of node 1:\n{}", self.log(0));
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{}.log", i + 1)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .arg("node")
+            .arg("--config")
+            .arg(&self.configs[i])
+            .env("TANDEM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tandem");
+        self.procs[i] = Some(child);
+    }
+
+    pub fn wait_up(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if call(self.admin[i], &AdminRequest::Status).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {} did not come up; log:\n{}", i + 1, self.log(i));
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.procs[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", i + 1))).unwrap_or_default()
+    }
+
+    /// Cuts every link of node `i`.
+    pub fn isolate(&self, i: usize) {
+        for ((a, b), p) in &self.proxies {
+            if *a == i || *b == i {
+                p.cut();
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+
+    pub fn status(&self, i: usize) -> Status {
+        match call(self.admin[i], &AdminRequest::Status) {
+            Ok(AdminReply::Status(s)) => s,
+            other => panic!("status of node {}: {other:?}", i + 1),
+        }
+    }
+
+    /// The mailbox as node `i` shows it; a mailbox it does not have yet is empty.
+    pub fn dump(&self, i: usize, mailbox: &str) -> Dump {
+        match call(self.admin[i], &AdminRequest::Dump { mailbox: mailbox.into() }) {
+            Ok(AdminReply::Dump(d)) => d,
+            Ok(AdminReply::Error { reason, .. }) if reason.starts_with("no mailbox") => {
+                Dump { mailbox: mailbox.into(), uidvalidity: 0, uidnext: 0, highest_modseq: 0, messages: vec![] }
+            }
+            other => panic!("dump of node {}: {other:?}", i + 1),
+        }
+    }
+
+    /// Delivers; Ok((uid, guid)) when the node acknowledged the save.
+    pub fn deliver(&self, i: usize, mailbox: &str, body: &str) -> Result<(u32, String), String> {
+        let request = AdminRequest::Deliver { mailbox: mailbox.into(), body: body.into(), flags: vec![] };
+        match call(self.admin[i], &request)? {
+            AdminReply::Saved { uid, guid, .. } => Ok((uid, guid)),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// Waits until every running node shows `mailbox` the same way; returns that view.
+    pub fn converged(&self, mailbox: &str, timeout: Duration) -> Dump {
+        let deadline = Instant::now() + timeout;
+        let running: Vec<usize> = (0..self.procs.len()).filter(|i| self.procs[*i].is_some()).collect();
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            last = running.iter().map(|i| self.dump(*i, mailbox)).collect::<Vec<_>>();
+            let same = last.windows(2).all(|w| w[0] == w[1]);
+            let quiet = running.iter().all(|i| {
+                let s = self.status(*i);
+                s.links.iter().all(|l| l.backlog == 0) && s.jobs == 0 && s.wanted_bodies == 0
+            });
+            if same && quiet {
+                return last.swap_remove(0);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{mailbox} did not converge in {timeout:?}: {last:#?}");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.procs.len() {
+            self.kill9(i);
+        }
+    }
+}
+
+/// One admin request over a fresh connection.
+pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(|e| e.to_string())?;
+    serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))
+}
+
+/// Raw bytes to a peer port; returns what the node answered before closing.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let _ = stream.write_all(bytes);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
