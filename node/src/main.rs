@@ -24,6 +24,9 @@ enum Command {
         /// Log JSON lines instead of text (overrides the config's log_format).
         #[arg(long)]
         log_json: bool,
+        /// Stop when standard input closes (how `tandem cluster` ties its nodes to itself).
+        #[arg(long, hide = true)]
+        stop_on_stdin_eof: bool,
     },
     /// Start N nodes on loopback in a new directory and keep them running.
     Cluster {
@@ -82,7 +85,8 @@ enum Command {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -124,11 +128,21 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Node { config, log_json } => {
+        Command::Node { config, log_json, stop_on_stdin_eof } => {
             let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
             init_logs(if log_json { LogFormat::Json } else { cfg.log_format });
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
+            let shutdown = async move {
+                let stdin_closed = async {
+                    if !stop_on_stdin_eof {
+                        return std::future::pending().await;
+                    }
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = stdin_closed => {}
+                }
             };
             tandem_node::node::run(cfg, shutdown).await
         }
@@ -226,6 +240,8 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
             .arg("node")
             .arg("--config")
             .arg(&m.config)
+            .arg("--stop-on-stdin-eof")
+            .stdin(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start node {}: {e}", m.id))?;

@@ -12,7 +12,11 @@ const CONVERGE: Duration = Duration::from_secs(60);
 
 #[test]
 fn saves_on_any_node_converge_everywhere() {
-    let c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
+    // With DEFLATE on every link, and a metrics endpoint on node 1.
+    let metrics = harness::free_port();
+    let c = Cluster::start_with(3, "mode = \"sync\"\nreplicas = 1\ncompression = true", |i| {
+        if i == 0 { format!("metrics = \"{metrics}\"") } else { String::new() }
+    });
     let mut saved = BTreeSet::new();
     for round in 0..4 {
         for node in 0..3 {
@@ -30,6 +34,91 @@ fn saves_on_any_node_converge_everywhere() {
     let s = c.status(0);
     assert!(s.root.is_some(), "{s:?}");
     assert!(s.links.iter().all(|l| l.connected), "{s:?}");
+    assert!(c.log(0).contains("deflate=true"), "links negotiated DEFLATE");
+    let text = harness::http_get(metrics);
+    assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+    for needle in [
+        "tandem_replication_backlog{server=\"1\",peer=\"2\"} 0",
+        "tandem_link_up{server=\"1\",peer=\"3\"} 1",
+        "tandem_ack_latency_ms_count{server=\"1\"} 4",
+        "tandem_protocol_events_total{server=\"1\",event=\"root_elected\"}",
+        "tandem_store_commits_total",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}
+
+#[test]
+fn tandem_cluster_starts_a_usable_local_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["cluster", "--nodes", "3", "--dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut admins = Vec::new();
+    let mut line = String::new();
+    while admins.len() < 3 && out.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(rest) = line.split("admin on ").nth(1) {
+            admins.push(rest.split(',').next().unwrap().trim().parse::<std::net::SocketAddr>().unwrap());
+        }
+        line.clear();
+    }
+    assert_eq!(admins.len(), 3, "printed how to reach each server");
+    let tandem = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let a1 = admins[0].to_string();
+    let a3 = admins[2].to_string();
+    let mut saved = None;
+    for _ in 0..100 {
+        let body = dir.path().join("mail.eml");
+        std::fs::write(
+            &body,
+            "Subject: hello
+
+hi
+",
+        )
+        .unwrap();
+        let (ok, text) = tandem(&[
+            "deliver",
+            "--admin",
+            &a1,
+            "--mailbox",
+            "zoe@example.org/INBOX",
+            "--file",
+            body.to_str().unwrap(),
+        ]);
+        if ok {
+            saved = Some(text);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let saved = saved.expect("deliver through node 1");
+    assert!(saved.starts_with("saved UID 1"), "{saved}");
+    let mut shown = String::new();
+    for _ in 0..100 {
+        let (ok, text) = tandem(&["dump", "--admin", &a3, "--mailbox", "zoe@example.org/INBOX"]);
+        if ok && text.lines().count() == 2 {
+            shown = text;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(shown.lines().nth(1).is_some_and(|l| l.starts_with("1 ")), "node 3 shows the message: {shown:?}");
+    let (ok, status) = tandem(&["status", "--admin", &a3]);
+    assert!(ok && status.contains("root Some(1)"), "{status}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

@@ -79,7 +79,7 @@ pub struct Cluster {
     configs: Vec<PathBuf>,
 }
 
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
 }
@@ -87,6 +87,11 @@ fn free_port() -> SocketAddr {
 impl Cluster {
     /// `extra` is appended to every node's config (mode, replicas, ...).
     pub fn start(n: usize, extra: &str) -> Cluster {
+        Cluster::start_with(n, extra, |_| String::new())
+    }
+
+    /// Like `start`, with lines for node `i`'s config from `per_node(i)`.
+    pub fn start_with(n: usize, extra: &str, per_node: impl Fn(usize) -> String) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("secret"), SECRET).unwrap();
         let listen: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
@@ -100,11 +105,12 @@ impl Cluster {
         let mut configs = Vec::new();
         for i in 0..n {
             let mut text = format!(
-                "id = {}\nlisten = \"{}\"\nadmin = \"{}\"\ndata_dir = \"data-{}\"\nsecret_file = \"secret\"\nrequest_timeout_ms = 3000\n{extra}\n",
+                "id = {}\nlisten = \"{}\"\nadmin = \"{}\"\ndata_dir = \"data-{}\"\nsecret_file = \"secret\"\nrequest_timeout_ms = 3000\n{extra}\n{}\n",
                 i + 1,
                 listen[i],
                 admin[i],
-                i + 1
+                i + 1,
+                per_node(i)
             );
             for j in (0..n).filter(|j| *j != i) {
                 // Only the dialer (lower id) uses the address: it goes through the proxy.
@@ -267,6 +273,10 @@ pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, Stri
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(|e| e.to_string())?;
     serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))
+}
+
+pub fn http_get(addr: SocketAddr) -> String {
+    raw_exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n")
 }
 
 /// Raw bytes to a peer port; returns what the node answered before closing.
