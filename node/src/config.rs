@@ -35,6 +35,12 @@ struct FileConfig {
     #[serde(default)]
     log_format: Option<String>,
     #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    tls_ca: Option<PathBuf>,
+    #[serde(default)]
     peer: Vec<PeerConfig>,
 }
 
@@ -63,6 +69,8 @@ pub struct NodeConfig {
     pub metrics: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub peers: Vec<PeerConfig>,
+    /// Mutual TLS on peer links, when `tls_cert`, `tls_key` and `tls_ca` are set.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// The smallest secret accepted: a cluster secret is a key, not a password.
@@ -167,6 +175,14 @@ impl NodeConfig {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(bad("log_format", format!("{other:?} is neither \"text\" nor \"json\""))),
         };
+        let tls = match (&file.tls_cert, &file.tls_key, &file.tls_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(
+                crate::tls::Tls::load(&base.join(cert), &base.join(key), &base.join(ca))
+                    .map_err(|e| bad("tls_cert", e))?,
+            ),
+            _ => return Err(bad("tls_cert", "tls_cert, tls_key and tls_ca go together")),
+        };
         let admin = file.admin.unwrap_or_else(|| SocketAddr::new([127, 0, 0, 1].into(), file.listen.port() + 100));
         Ok(NodeConfig {
             core,
@@ -178,6 +194,7 @@ impl NodeConfig {
             metrics: file.metrics,
             log_format,
             peers: file.peer,
+            tls,
         })
     }
 }

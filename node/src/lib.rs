@@ -8,3 +8,4 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod store;
+pub mod tls;

@@ -6,7 +6,7 @@
 use crate::admin::{self, AdminReply, AdminRequest};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
-use crate::peer::{self, Agreed, LinkEvent};
+use crate::peer::{self, Agreed, LinkEvent, PeerStream};
 use crate::store::Store;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -362,7 +362,7 @@ async fn accept_peers(
     conn_ids: Arc<AtomicU64>,
 ) {
     loop {
-        let (mut stream, addr) = match listener.accept().await {
+        let (tcp, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -373,8 +373,19 @@ async fn accept_peers(
         let (cfg, events, links, conn_ids) = (cfg.clone(), events.clone(), links.clone(), conn_ids.clone());
         tokio::spawn(async move {
             let me = cfg.core.sid;
-            let handshake = peer::accept_handshake(&mut stream, me, &cfg.core.servers, &cfg.secret, cfg.compression);
-            let agreed = match tokio::time::timeout(peer::HANDSHAKE_TIMEOUT, handshake).await {
+            let _ = tcp.set_nodelay(true);
+            let handshake = async {
+                let mut stream: PeerStream = match &cfg.tls {
+                    None => Box::new(tcp),
+                    Some(tls) => Box::new(
+                        tls.acceptor.accept(tcp).await.map_err(|e| peer::Refused(format!("TLS handshake: {e}")))?,
+                    ),
+                };
+                let agreed =
+                    peer::accept_handshake(&mut stream, me, &cfg.core.servers, &cfg.secret, cfg.compression).await?;
+                Ok::<_, peer::Refused>((stream, agreed))
+            };
+            let (stream, agreed) = match tokio::time::timeout(peer::HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(a)) => a,
                 Ok(Err(e)) => {
                     warn!(%addr, reason = %e, "peer connection refused");
@@ -408,7 +419,15 @@ async fn dial_peer(
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
         let attempt = async {
-            let mut stream = TcpStream::connect(target.address).await.map_err(|e| e.to_string())?;
+            let tcp = TcpStream::connect(target.address).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let mut stream: PeerStream = match &cfg.tls {
+                None => Box::new(tcp),
+                Some(tls) => {
+                    let name = crate::tls::server_name(target.id)?;
+                    Box::new(tls.connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?)
+                }
+            };
             let agreed = peer::dial_handshake(&mut stream, cfg.core.sid, peer, &cfg.secret, cfg.compression)
                 .await
                 .map_err(|e| e.0)?;

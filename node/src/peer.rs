@@ -22,8 +22,12 @@ use tandem_core::msg::Envelope;
 use tandem_core::types::Sid;
 use tandem_core::wire::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+
+/// A peer connection: plain TCP, or TLS over it.
+pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+pub type PeerStream = Box<dyn PeerIo>;
 
 pub const HANDSHAKE_LINE_MAX: usize = 512;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,7 +107,7 @@ async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &str) -> Result<(), 
 
 /// Dials side of the handshake: we expect to reach `peer`.
 pub async fn dial_handshake(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     me: Sid,
     peer: Sid,
     secret: &[u8],
@@ -137,7 +141,7 @@ pub async fn dial_handshake(
 
 /// Accepting side: any configured server but us may dial.
 pub async fn accept_handshake(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     me: Sid,
     servers: &[Sid],
     secret: &[u8],
@@ -153,7 +157,7 @@ pub async fn accept_handshake(
 }
 
 async fn accept_inner(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     me: Sid,
     servers: &[Sid],
     secret: &[u8],
@@ -243,14 +247,13 @@ pub enum LinkEvent {
 /// Runs an authenticated connection until either side ends it. `outgoing` carries the
 /// envelopes to send; received ones go to `events`.
 pub async fn run_link(
-    stream: TcpStream,
+    stream: PeerStream,
     agreed: Agreed,
     conn: u64,
     mut outgoing: mpsc::Receiver<Envelope>,
     events: mpsc::Sender<LinkEvent>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let peer = agreed.peer;
     let deflate = agreed.deflate;
     let write_half = async move {
@@ -277,6 +280,7 @@ pub async fn run_link(
                 None => &plain,
             };
             writer.write_all(bytes).await.map_err(|e| format!("write failed: {e}"))?;
+            writer.flush().await.map_err(|e| format!("write failed: {e}"))?;
         }
         Ok::<(), String>(())
     };

@@ -201,7 +201,8 @@ fn a_peer_with_a_wrong_secret_is_refused() {
     // A dialer that checks the acceptor's proof refuses a node with another secret too.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let refused = rt.block_on(async {
-        let mut stream = tokio::net::TcpStream::connect(c.listen[2]).await.unwrap();
+        let mut stream: tandem_node::peer::PeerStream =
+            Box::new(tokio::net::TcpStream::connect(c.listen[2]).await.unwrap());
         tandem_node::peer::dial_handshake(
             &mut stream,
             tandem_core::Sid(1),
@@ -232,4 +233,42 @@ fn garbage_on_the_peer_port_gets_an_error_and_changes_nothing() {
     c.deliver(1, "erin@example.org/INBOX", "Subject: y\r\n\r\n").unwrap();
     let view = c.converged("erin@example.org/INBOX", CONVERGE);
     assert_eq!(view.messages.len(), 1);
+}
+
+/// A CA and one certificate per node, named `tandem-N`, written into `dir`.
+fn make_certs(dir: &std::path::Path, nodes: u32) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for id in 1..=nodes {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![format!("tandem-{id}")]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("node-{id}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("node-{id}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn mutual_tls_links_carry_replication_and_refuse_plain_peers() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), 3);
+    let p = certs.path().display().to_string();
+    let c = Cluster::start_with(3, "compression = true", |i| {
+        format!("tls_cert = \"{p}/node-{0}.pem\"\ntls_key = \"{p}/node-{0}.key\"\ntls_ca = \"{p}/ca.pem\"", i + 1)
+    });
+    for node in 0..3 {
+        c.deliver(node, "tls@example.org/INBOX", &format!("Subject: {node}\r\n\r\n")).unwrap();
+    }
+    let view = c.converged("tls@example.org/INBOX", CONVERGE);
+    assert_eq!(view.messages.len(), 3);
+    // A peer speaking plain text to a TLS port gets nowhere.
+    let answer = raw_exchange(c.listen[1], b"TANDEM/1 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n");
+    assert!(!answer.contains("CHALLENGE"), "{answer:?}");
+    assert!(c.log(1).contains("TLS handshake"), "the refusal is logged");
+    assert!(c.status(1).links.iter().all(|l| l.connected));
 }

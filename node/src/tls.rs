@@ -1,0 +1,66 @@
+//! Optional TLS on peer links, mutual: every node presents a certificate signed by the
+//! cluster's CA, and a dialer expects the certificate of server N to name `tandem-N`.
+//! The cluster-secret handshake runs inside the TLS session as well.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: TlsConnector,
+    pub acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+/// The name a server's certificate must carry.
+pub fn server_name(id: u32) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(format!("tandem-{id}")).map_err(|e| format!("bad server name: {e}"))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+impl Tls {
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Tls, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(ca)? {
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| format!("client verifier: {e}"))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        Ok(Tls { connector: TlsConnector::from(Arc::new(client)), acceptor: TlsAcceptor::from(Arc::new(server)) })
+    }
+}
