@@ -41,6 +41,10 @@ pub struct RunReport {
     pub violations: Vec<oracle::Violation>,
     /// Peer messages sent, by command name.
     pub messages_by_kind: BTreeMap<&'static str, u64>,
+    /// The GUID each labelled message got.
+    pub labels: BTreeMap<String, Guid>,
+    /// At the end, each running server's mailboxes: (UID, GUID, flags) in UID order.
+    pub final_mailboxes: BTreeMap<Sid, BTreeMap<MailboxKey, Vec<(Uid, Guid, Vec<Flag>)>>>,
 }
 
 /// Trace lines kept for a failure report when not tracing everything.
@@ -383,6 +387,21 @@ impl World {
             self.trace.drain(..cut);
         }
         let marks = self.marks_total(marks);
+        let final_mailboxes = self
+            .nodes
+            .iter()
+            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.image())))
+            .map(|(sid, image)| {
+                let boxes = image
+                    .mailboxes
+                    .iter()
+                    .map(|(k, m)| {
+                        (k.clone(), m.messages.values().map(|r| (r.uid, r.guid, r.present_flags())).collect())
+                    })
+                    .collect();
+                (sid, boxes)
+            })
+            .collect();
         RunReport {
             name: self.scenario.name.clone(),
             seed: self.seed,
@@ -398,6 +417,8 @@ impl World {
             converged_after_us,
             violations: self.oracle.violations.clone(),
             messages_by_kind: self.messages_by_kind,
+            labels: self.labels,
+            final_mailboxes,
         }
     }
 
