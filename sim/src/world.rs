@@ -44,8 +44,11 @@ pub struct RunReport {
     /// The GUID each labelled message got.
     pub labels: BTreeMap<String, Guid>,
     /// At the end, each running server's mailboxes: (UID, GUID, flags) in UID order.
-    pub final_mailboxes: BTreeMap<Sid, BTreeMap<MailboxKey, Vec<(Uid, Guid, Vec<Flag>)>>>,
+    pub final_mailboxes: BTreeMap<Sid, FinalMailboxes>,
 }
+
+/// One server's mailboxes at the end of a run: (UID, GUID, flags) in UID order.
+pub type FinalMailboxes = BTreeMap<MailboxKey, Vec<(Uid, Guid, Vec<Flag>)>>;
 
 /// Trace lines kept for a failure report when not tracing everything.
 const TRACE_TAIL_MAX: usize = 400;
