@@ -183,7 +183,15 @@ impl NodeConfig {
             ),
             _ => return Err(bad("tls_cert", "tls_cert, tls_key and tls_ca go together")),
         };
-        let admin = file.admin.unwrap_or_else(|| SocketAddr::new([127, 0, 0, 1].into(), file.listen.port() + 100));
+        let admin = match file.admin {
+            Some(a) => a,
+            None => {
+                let port = file.listen.port().checked_add(100).ok_or_else(|| {
+                    bad("admin", "no default: the listen port + 100 is not a port; set admin explicitly")
+                })?;
+                SocketAddr::new([127, 0, 0, 1].into(), port)
+            }
+        };
         Ok(NodeConfig {
             core,
             listen: file.listen,
