@@ -213,7 +213,7 @@ fn a_peer_with_a_wrong_secret_is_refused() {
         .await
     });
     assert!(refused.is_err_and(|e| e.0.contains("does not know the cluster secret")));
-    assert!(c.log(1).contains("authentication failed"), "logged");
+    assert!(harness::eventually(|| c.log(1).contains("authentication failed")), "logged");
     // The cluster is undisturbed.
     c.deliver(0, "dave@example.org/INBOX", "Subject: x\r\n\r\n").unwrap();
     c.converged("dave@example.org/INBOX", CONVERGE);
@@ -269,6 +269,6 @@ fn mutual_tls_links_carry_replication_and_refuse_plain_peers() {
     // A peer speaking plain text to a TLS port gets nowhere.
     let answer = raw_exchange(c.listen[1], b"TANDEM/1 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n");
     assert!(!answer.contains("CHALLENGE"), "{answer:?}");
-    assert!(c.log(1).contains("TLS handshake"), "the refusal is logged");
+    assert!(harness::eventually(|| c.log(1).contains("TLS handshake")), "the refusal is logged");
     assert!(c.status(1).links.iter().all(|l| l.connected));
 }

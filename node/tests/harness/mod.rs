@@ -79,9 +79,19 @@ pub struct Cluster {
     configs: Vec<PathBuf>,
 }
 
+/// A port no other test of this process got, below the kernel's ephemeral range (so no
+/// outgoing connection takes it between now and the node's bind).
 pub fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() * 97) % 8_000;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = base + offset % 4_000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
 }
 
 impl Cluster {
@@ -273,6 +283,18 @@ pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, Stri
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(|e| e.to_string())?;
     serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))
+}
+
+/// Polls `check` for up to 10 s (a log line may land just after the socket closed).
+pub fn eventually(check: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 pub fn http_get(addr: SocketAddr) -> String {
