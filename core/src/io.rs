@@ -115,6 +115,9 @@ pub struct MessageView {
     pub guid: Guid,
     pub flags: Vec<Flag>,
     pub modseq: ModSeq,
+    /// When the message arrived (seconds since the Unix epoch): IMAP's INTERNALDATE.
+    pub received: u64,
+    pub size: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -324,7 +324,15 @@ impl Model {
             messages: b
                 .messages
                 .iter()
-                .map(|(uid, m)| MessageView { uid: *uid, guid: m.guid, flags: flags_of(&m.flags), modseq: m.modseq })
+                .map(|(uid, m)| MessageView {
+                    uid: *uid,
+                    guid: m.guid,
+                    flags: flags_of(&m.flags),
+                    modseq: m.modseq,
+                    // Every message of the model is saved with this date and body.
+                    received: 1_700_000_000,
+                    size: b"Subject: model\r\n\r\nbody\r\n".len() as u32,
+                })
                 .collect(),
         })
     }

@@ -35,6 +35,12 @@ struct FileConfig {
     #[serde(default)]
     log_format: Option<String>,
     #[serde(default)]
+    imap: Option<SocketAddr>,
+    #[serde(default)]
+    lmtp: Option<SocketAddr>,
+    #[serde(default)]
+    users_file: Option<PathBuf>,
+    #[serde(default)]
     tls_cert: Option<PathBuf>,
     #[serde(default)]
     tls_key: Option<PathBuf>,
@@ -71,6 +77,9 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     /// Mutual TLS on peer links, when `tls_cert`, `tls_key` and `tls_ca` are set.
     pub tls: Option<crate::tls::Tls>,
+    pub imap: Option<SocketAddr>,
+    pub lmtp: Option<SocketAddr>,
+    pub users: std::sync::Arc<crate::users::Users>,
 }
 
 /// The smallest secret accepted: a cluster secret is a key, not a password.
@@ -183,6 +192,13 @@ impl NodeConfig {
             ),
             _ => return Err(bad("tls_cert", "tls_cert, tls_key and tls_ca go together")),
         };
+        if (file.imap.is_some() || file.lmtp.is_some()) && file.users_file.is_none() {
+            return Err(bad("users_file", "required when imap or lmtp is set"));
+        }
+        let users = match &file.users_file {
+            None => crate::users::Users::default(),
+            Some(p) => crate::users::Users::load(&base.join(p)).map_err(|e| bad("users_file", e))?,
+        };
         let admin = match file.admin {
             Some(a) => a,
             None => {
@@ -203,6 +219,9 @@ impl NodeConfig {
             log_format,
             peers: file.peer,
             tls,
+            imap: file.imap,
+            lmtp: file.lmtp,
+            users: std::sync::Arc::new(users),
         })
     }
 }

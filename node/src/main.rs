@@ -67,6 +67,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage mail users.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Add or remove flags.
     Store {
         #[arg(long, default_value = "127.0.0.1:7201")]
@@ -79,6 +84,16 @@ enum Command {
         add: Vec<String>,
         #[arg(long = "remove")]
         remove: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Add a user (or set a new password); the password is read from standard input.
+    Add {
+        name: String,
+        #[arg(long)]
+        users: PathBuf,
     },
 }
 
@@ -207,6 +222,14 @@ async fn run(command: Command) -> Result<(), String> {
             for m in &d.messages {
                 println!("{} {} ({}) modseq {}", m.uid, m.guid, m.flags.join(" "), m.modseq);
             }
+            Ok(())
+        }
+        Command::User { action: UserAction::Add { name, users } } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password).map_err(|e| format!("stdin: {e}"))?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            tandem_node::users::add_user(&users, &name, password.as_bytes())?;
+            println!("user {name} written to {}", users.display());
             Ok(())
         }
         Command::Store { admin, mailbox, uids, add, remove } => {

@@ -28,7 +28,45 @@ const ADMIN_CONNECTIONS_MAX: usize = 64;
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// What mail front ends (IMAP, LMTP) ask of the event loop.
+#[derive(Clone)]
+pub struct NodeHandle {
+    events: mpsc::Sender<Event>,
+}
+
+impl NodeHandle {
+    /// A client request through the core; the answer comes once the core gives it.
+    pub async fn request(&self, request: ClientRequest) -> ClientReply {
+        let (tx, rx) = oneshot::channel();
+        if self.events.send(Event::Client { request, reply: tx }).await.is_err() {
+            return ClientReply::Failed { kind: FailKind::Temporary, reason: "the node is stopping".into() };
+        }
+        rx.await.unwrap_or(ClientReply::Failed { kind: FailKind::Temporary, reason: "the node is stopping".into() })
+    }
+
+    /// Message bodies by GUID (those this node holds intact).
+    pub async fn bodies(&self, guids: Vec<Guid>) -> BTreeMap<Guid, Vec<u8>> {
+        let (tx, rx) = oneshot::channel();
+        if self.events.send(Event::Bodies { guids, reply: tx }).await.is_err() {
+            return BTreeMap::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The user's mailboxes as this node has them.
+    pub async fn mailboxes(&self, user: &str) -> Vec<tandem_core::Summary> {
+        let (tx, rx) = oneshot::channel();
+        if self.events.send(Event::Mailboxes { user: user.to_string(), reply: tx }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
 enum Event {
+    Client { request: ClientRequest, reply: oneshot::Sender<ClientReply> },
+    Bodies { guids: Vec<Guid>, reply: oneshot::Sender<BTreeMap<Guid, Vec<u8>>> },
+    Mailboxes { user: String, reply: oneshot::Sender<Vec<tandem_core::Summary>> },
     Connected { agreed: Agreed, conn: u64, outgoing: mpsc::Sender<Envelope> },
     Refused,
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminReply> },
@@ -37,8 +75,13 @@ enum Event {
     StoreFailed(String),
 }
 
+enum Answer {
+    Admin(oneshot::Sender<AdminReply>),
+    Client(oneshot::Sender<ClientReply>),
+}
+
 struct Pending {
-    reply: oneshot::Sender<AdminReply>,
+    reply: Answer,
     started: TokioInstant,
     write: bool,
 }
@@ -75,6 +118,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tokio::spawn(dial_peer(p.clone(), cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
     }
     tokio::spawn(serve_admin(admin_listener, events_tx.clone()));
+    let handle = NodeHandle { events: events_tx.clone() };
+    if let Some(addr) = cfg.imap {
+        let listener = TcpListener::bind(addr).await.map_err(|e| format!("imap on {addr}: {e}"))?;
+        info!(%addr, "IMAP listening");
+        tokio::spawn(crate::imap::serve(listener, handle.clone(), cfg.users.clone()));
+    }
+    if let Some(addr) = cfg.lmtp {
+        let listener = TcpListener::bind(addr).await.map_err(|e| format!("lmtp on {addr}: {e}"))?;
+        info!(%addr, "LMTP listening");
+        let hostname = format!("tandem-{}", cfg.core.sid.0);
+        tokio::spawn(crate::lmtp::serve(listener, handle.clone(), cfg.users.clone(), hostname));
+    }
     if let Some(addr) = cfg.metrics {
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("metrics on {addr}: {e}"))?;
         tokio::spawn(serve_metrics(listener, events_tx.clone()));
@@ -189,6 +244,21 @@ impl EventLoop {
                 let _ = reply.send(self.render_metrics());
             }
             Event::Admin { request, reply } => self.on_admin(request, reply),
+            Event::Client { request, reply } => self.on_client(request, reply),
+            Event::Bodies { guids, reply } => {
+                let image = self.server.image();
+                let found = guids
+                    .into_iter()
+                    .filter_map(|g| image.bodies.get(&g).map(|b| (g, b)))
+                    .filter(|(_, b)| tandem_core::hash::body_checksum(&b.bytes) == b.checksum)
+                    .map(|(g, b)| (g, b.bytes.clone()))
+                    .collect();
+                let _ = reply.send(found);
+            }
+            Event::Mailboxes { user, reply } => {
+                let boxes = self.server.summaries().into_iter().filter(|s| s.mailbox.user == user).collect();
+                let _ = reply.send(boxes);
+            }
         }
     }
 
@@ -207,8 +277,16 @@ impl EventLoop {
         let id = self.next_request;
         self.next_request += 1;
         let write = !matches!(client_request, ClientRequest::Read { .. });
-        self.pending.insert(id, Pending { reply, started: TokioInstant::now(), write });
+        self.pending.insert(id, Pending { reply: Answer::Admin(reply), started: TokioInstant::now(), write });
         self.input(Input::Client { id, request: client_request });
+    }
+
+    fn on_client(&mut self, request: ClientRequest, reply: oneshot::Sender<ClientReply>) {
+        let id = self.next_request;
+        self.next_request += 1;
+        let write = !matches!(request, ClientRequest::Read { .. });
+        self.pending.insert(id, Pending { reply: Answer::Client(reply), started: TokioInstant::now(), write });
+        self.input(Input::Client { id, request });
     }
 
     fn answer(&mut self, id: RequestId, reply: ClientReply) {
@@ -216,6 +294,15 @@ impl EventLoop {
         if p.write {
             self.metrics.observe_ack_ms(p.started.elapsed().as_secs_f64() * 1000.0);
         }
+        let failed = matches!(reply, ClientReply::Failed { .. } | ClientReply::Write(WriteResult::Failed { .. }));
+        let reply_to = match p.reply {
+            Answer::Client(tx) => {
+                self.metrics.writes_failed += u64::from(failed && p.write);
+                let _ = tx.send(reply);
+                return;
+            }
+            Answer::Admin(tx) => tx,
+        };
         let answer = match reply {
             ClientReply::Read(view) => AdminReply::Dump(admin::Dump {
                 mailbox: view.mailbox.to_string(),
@@ -245,7 +332,7 @@ impl EventLoop {
             }
             ClientReply::Moved { master } => AdminReply::Moved { master: master.0 },
         };
-        let _ = p.reply.send(answer);
+        let _ = reply_to.send(answer);
     }
 
     fn status(&self) -> admin::Status {

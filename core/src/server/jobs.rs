@@ -176,7 +176,14 @@ impl Server {
             messages: m
                 .messages
                 .values()
-                .map(|r| MessageView { uid: r.uid, guid: r.guid, flags: r.present_flags(), modseq: r.modseq })
+                .map(|r| MessageView {
+                    uid: r.uid,
+                    guid: r.guid,
+                    flags: r.present_flags(),
+                    modseq: r.modseq,
+                    received: r.received,
+                    size: r.size,
+                })
                 .collect(),
         })
     }

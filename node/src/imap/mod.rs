@@ -1,0 +1,16 @@
+//! IMAP4rev1 on a node. imap-codec parses commands (its Fragmentizer handles literals and
+//! lets an oversize literal be refused before it is read); responses are written by
+//! `wire`. Every write goes through the core (SAVE, COPY, EXPUNGE, STORE), so it
+//! replicates, and is answered only when the core answers it under the durability mode.
+//!
+//! A selected session keeps the UIDs it has shown (its sequence numbers). Before each
+//! command, and every 500 ms during IDLE, it reads the mailbox again and reports what
+//! changed — new messages (EXISTS), removed ones (EXPUNGE, held back during commands
+//! that use sequence numbers), and flag changes (FETCH) — whether made by this session,
+//! another one, another server, or a UID renumbering after a conflict.
+
+mod mime;
+mod session;
+mod wire;
+
+pub use session::serve;

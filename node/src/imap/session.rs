@@ -1,0 +1,1024 @@
+use super::mime;
+use super::wire::{astring, literal, quoted_or_literal};
+use crate::node::NodeHandle;
+use crate::users::Users;
+use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
+use imap_codec::imap_types::IntoStatic;
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
+use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
+use imap_codec::imap_types::flag::{Flag as ImapFlag, StoreResponse, StoreType};
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+use imap_codec::imap_types::status::StatusDataItemName;
+use imap_codec::{AuthenticateDataCodec, CommandCodec};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
+use tandem_core::msg::WriteResult;
+use tandem_core::types::{Flag, Guid, MailboxKey, Uid};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+/// The largest command, literals included (an APPEND of a 64 MiB message fits).
+const MESSAGE_SIZE_MAX: u32 = 65 * 1024 * 1024;
+const LITERAL_SIZE_MAX: u32 = 64 * 1024 * 1024;
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
+const IDLE_POLL: Duration = Duration::from_millis(500);
+/// Sessions served at once by one node.
+const SESSIONS_MAX: usize = 1024;
+const CAPABILITIES: &str = "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT ID NAMESPACE LITERAL+";
+
+pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(SESSIONS_MAX));
+    loop {
+        let Ok((stream, addr)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (node, users) = (node.clone(), users.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            debug!(%addr, "IMAP session");
+            let mut session =
+                Session { stream, node, users, user: None, selected: None, out: Vec::new(), quiet: BTreeSet::new() };
+            if let Err(e) = session.run().await {
+                debug!(%addr, error = %e, "IMAP session ended");
+            }
+        });
+    }
+}
+
+struct Selected {
+    mailbox: MailboxKey,
+    name: String,
+    read_only: bool,
+    uidvalidity: u32,
+    /// Sequence number i + 1 is uids[i].
+    uids: Vec<Uid>,
+    flags: BTreeMap<Uid, Vec<Flag>>,
+    guids: BTreeMap<Uid, Guid>,
+    view: BTreeMap<Uid, MessageView>,
+}
+
+struct Session {
+    stream: TcpStream,
+    node: NodeHandle,
+    users: Arc<Users>,
+    user: Option<String>,
+    selected: Option<Selected>,
+    out: Vec<u8>,
+    /// Messages whose flag changes the current command reports itself.
+    quiet: BTreeSet<Uid>,
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+enum Flow {
+    Continue,
+    Logout,
+}
+
+impl Session {
+    async fn flush(&mut self) -> Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await.map_err(|e| e.to_string())?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    async fn read_more(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
+        let mut buf = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("client closed the connection".into());
+        }
+        fragmentizer.enqueue_bytes(&buf[..n]);
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        self.line(&format!("* OK [CAPABILITY {CAPABILITIES}] tandem IMAP ready"));
+        self.flush().await?;
+        let mut fragmentizer = Fragmentizer::new(MESSAGE_SIZE_MAX);
+        loop {
+            let Some(info) = fragmentizer.progress() else {
+                self.read_more(&mut fragmentizer).await?;
+                continue;
+            };
+            if let FragmentInfo::Line { announcement: Some(LiteralAnnouncement { mode, length }), .. } = info {
+                if length > LITERAL_SIZE_MAX {
+                    // Refused before a byte of it is read.
+                    let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
+                    match tag {
+                        Some(tag) => self.line(&format!("{tag} BAD literal of {length} bytes is too large")),
+                        None => self.line("* BAD literal too large"),
+                    }
+                    self.flush().await?;
+                    if mode == LiteralMode::NonSync {
+                        return Err("oversize non-synchronizing literal".into());
+                    }
+                    fragmentizer.skip_message();
+                    continue;
+                }
+                if mode == LiteralMode::Sync {
+                    self.line("+ go ahead");
+                    self.flush().await?;
+                }
+                continue;
+            }
+            if !fragmentizer.is_message_complete() {
+                continue;
+            }
+            let parsed = fragmentizer.decode_message(&CommandCodec::default()).map(|c| c.into_static());
+            match parsed {
+                Ok(command) => {
+                    let flow = self.command(command, &mut fragmentizer).await?;
+                    self.flush().await?;
+                    if let Flow::Logout = flow {
+                        return Ok(());
+                    }
+                }
+                Err(_) => {
+                    let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
+                    match tag {
+                        Some(tag) => self.line(&format!("{tag} BAD could not parse the command")),
+                        None => self.line("* BAD could not parse the command"),
+                    }
+                    self.flush().await?;
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command<'static>, fragmentizer: &mut Fragmentizer) -> Result<Flow> {
+        let tag = command.tag.as_ref().to_string();
+        let name = command.body.name().to_string();
+        let authenticated = self.user.is_some();
+        // Changes since the last command first; expunges wait during sequence-number
+        // commands (RFC 3501 7.4.1).
+        let seq_command = matches!(
+            &command.body,
+            CommandBody::Fetch { uid: false, .. }
+                | CommandBody::Store { uid: false, .. }
+                | CommandBody::Search { uid: false, .. }
+                | CommandBody::Copy { uid: false, .. }
+        );
+        if self.selected.is_some() && !matches!(command.body, CommandBody::Select { .. } | CommandBody::Examine { .. })
+        {
+            self.refresh(!seq_command).await;
+        }
+        let result = match command.body {
+            CommandBody::Capability => {
+                self.line(&format!("* CAPABILITY {CAPABILITIES}"));
+                Ok("CAPABILITY done".to_string())
+            }
+            CommandBody::Noop | CommandBody::Check => Ok(format!("{name} done")),
+            CommandBody::Logout => {
+                self.line("* BYE tandem says goodbye");
+                self.line(&format!("{tag} OK LOGOUT done"));
+                return Ok(Flow::Logout);
+            }
+            CommandBody::Id { .. } => {
+                self.line("* ID (\"name\" \"tandem\")");
+                Ok("ID done".into())
+            }
+            CommandBody::Login { username, password } => {
+                let user = String::from_utf8_lossy(username.as_ref()).into_owned();
+                self.login(&user, password.declassify().as_ref()).await
+            }
+            CommandBody::Authenticate { mechanism: AuthMechanism::Plain, initial_response } => {
+                let data = match initial_response {
+                    Some(r) => r.declassify().to_vec(),
+                    None => {
+                        self.line("+ ");
+                        self.flush().await?;
+                        match self.authenticate_data(fragmentizer).await? {
+                            Some(d) => d,
+                            None => {
+                                self.line(&format!("{tag} BAD AUTHENTICATE cancelled"));
+                                return Ok(Flow::Continue);
+                            }
+                        }
+                    }
+                };
+                // authzid \0 authcid \0 password
+                let fields: Vec<&[u8]> = data.split(|b| *b == 0).collect();
+                match fields.as_slice() {
+                    [_, user, password] => {
+                        let user = String::from_utf8_lossy(user).into_owned();
+                        self.login(&user, password).await
+                    }
+                    _ => Err("BAD malformed PLAIN credentials".into()),
+                }
+            }
+            CommandBody::Authenticate { .. } => Err("NO only AUTHENTICATE PLAIN is supported".into()),
+            _ if !authenticated => Err("NO log in first".into()),
+            CommandBody::Namespace => {
+                self.line("* NAMESPACE ((\"\" \"/\")) NIL NIL");
+                Ok("NAMESPACE done".into())
+            }
+            CommandBody::Enable { .. } => {
+                self.line("* ENABLED");
+                Ok("ENABLE done".into())
+            }
+            CommandBody::List { reference, mailbox_wildcard } | CommandBody::Lsub { reference, mailbox_wildcard } => {
+                let reference = mailbox_name(&reference);
+                let pattern = match mailbox_wildcard {
+                    ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
+                    ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
+                };
+                self.list(&name, &reference, &pattern).await
+            }
+            CommandBody::Select { mailbox, .. } => self.select(&mailbox_name(&mailbox), false).await,
+            CommandBody::Examine { mailbox, .. } => self.select(&mailbox_name(&mailbox), true).await,
+            CommandBody::Status { mailbox, item_names } => self.status(&mailbox_name(&mailbox), &item_names).await,
+            CommandBody::Append { mailbox, flags, date, message } => {
+                let bytes = match message {
+                    LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
+                    LiteralOrLiteral8::Literal8(l) => l.data.to_vec(),
+                };
+                let received = date.map(|d| d.as_ref().timestamp().max(0) as u64);
+                self.append(&mailbox_name(&mailbox), &flags, received, bytes).await
+            }
+            CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => Ok(format!("{name} done")),
+            CommandBody::Create { mailbox } => {
+                let name = mailbox_name(&mailbox);
+                if self.mailbox_exists(&name).await {
+                    Err("NO [ALREADYEXISTS] that mailbox exists".into())
+                } else {
+                    Err("NO [CANNOT] creating an empty mailbox is not supported yet: APPEND or COPY into it".into())
+                }
+            }
+            CommandBody::Delete { .. } | CommandBody::Rename { .. } => {
+                Err("NO [CANNOT] DELETE and RENAME are not supported yet".into())
+            }
+            _ if self.selected.is_none() => Err("NO select a mailbox first".into()),
+            CommandBody::Fetch { sequence_set, macro_or_item_names, uid, .. } => {
+                self.fetch(&sequence_set, macro_or_item_names, uid).await
+            }
+            CommandBody::Store { sequence_set, kind, response, flags, uid, .. } => {
+                self.store(&sequence_set, kind, response, &flags, uid).await
+            }
+            CommandBody::Copy { sequence_set, mailbox, uid } => {
+                self.copy(&sequence_set, &mailbox_name(&mailbox), uid, false).await
+            }
+            CommandBody::Move { sequence_set, mailbox, uid } => {
+                self.copy(&sequence_set, &mailbox_name(&mailbox), uid, true).await
+            }
+            CommandBody::Search { criteria, uid, .. } => self.search(criteria.as_ref(), uid).await,
+            CommandBody::Expunge => self.expunge(None).await,
+            CommandBody::ExpungeUid { sequence_set } => self.expunge(Some(&sequence_set)).await,
+            CommandBody::Close => {
+                if self.selected.as_ref().is_some_and(|s| !s.read_only) {
+                    let _ = self.expunge_deleted(None, false).await;
+                }
+                self.selected = None;
+                Ok("CLOSE done".into())
+            }
+            CommandBody::Unselect => {
+                self.selected = None;
+                Ok("UNSELECT done".into())
+            }
+            CommandBody::Idle => {
+                self.idle(fragmentizer).await?;
+                Ok("IDLE terminated".into())
+            }
+            _ => Err(format!("BAD {name} is not supported")),
+        };
+        match result {
+            Ok(text) => self.line(&format!("{tag} OK {text}")),
+            Err(text) if text.starts_with("BAD ") || text.starts_with("NO ") => self.line(&format!("{tag} {text}")),
+            Err(text) => self.line(&format!("{tag} NO {text}")),
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn authenticate_data(&mut self, fragmentizer: &mut Fragmentizer) -> Result<Option<Vec<u8>>> {
+        loop {
+            let Some(_) = fragmentizer.progress() else {
+                self.read_more(fragmentizer).await?;
+                continue;
+            };
+            if !fragmentizer.is_message_complete() {
+                continue;
+            }
+            return match fragmentizer.decode_message(&AuthenticateDataCodec::default()) {
+                Ok(AuthenticateData::Continue(d)) => Ok(Some(d.declassify().to_vec())),
+                _ => Ok(None),
+            };
+        }
+    }
+
+    async fn login(&mut self, user: &str, password: &[u8]) -> Result<String> {
+        if self.users.verify(user, password) {
+            info!(user, "IMAP login");
+            self.user = Some(user.to_string());
+            Ok(format!("[CAPABILITY {CAPABILITIES}] logged in"))
+        } else {
+            warn!(user, "IMAP login refused");
+            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+            Err("NO [AUTHENTICATIONFAILED] wrong user name or password".into())
+        }
+    }
+
+    fn key(&self, name: &str) -> MailboxKey {
+        let name = if name.eq_ignore_ascii_case("INBOX") { "INBOX" } else { name };
+        MailboxKey::new(self.user.as_deref().unwrap_or_default(), name)
+    }
+
+    async fn mailbox_exists(&self, name: &str) -> bool {
+        let key = self.key(name);
+        key.name == "INBOX" || self.node.mailboxes(&key.user).await.iter().any(|s| s.mailbox == key)
+    }
+
+    /// The mailbox as the core shows it; INBOX exists (empty) before its first message.
+    async fn read(&self, name: &str) -> Result<MailboxView> {
+        let key = self.key(name);
+        match self.node.request(ClientRequest::Read { mailbox: key.clone() }).await {
+            ClientReply::Read(view) => Ok(view),
+            ClientReply::Failed { reason, .. } if reason.starts_with("no mailbox") => {
+                if key.name == "INBOX" {
+                    Ok(MailboxView {
+                        uidvalidity: key.initial_uidvalidity(),
+                        mailbox: key,
+                        uidnext: 1,
+                        highest_modseq: 0,
+                        messages: Vec::new(),
+                    })
+                } else {
+                    Err("NO [NONEXISTENT] no such mailbox".into())
+                }
+            }
+            other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+        }
+    }
+
+    async fn list(&mut self, command: &str, reference: &str, pattern: &str) -> Result<String> {
+        let user = self.user.clone().unwrap_or_default();
+        if pattern.is_empty() {
+            self.line(&format!("* {command} (\\Noselect) \"/\" \"\""));
+            return Ok(format!("{command} done"));
+        }
+        let mut names: BTreeSet<String> =
+            self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name).collect();
+        names.insert("INBOX".into());
+        let full = format!("{reference}{pattern}");
+        for n in names.iter().filter(|n| wildcard_match(&full, n)) {
+            let children = names.iter().any(|c| c.starts_with(&format!("{n}/")));
+            let attr = if children { "\\HasChildren" } else { "\\HasNoChildren" };
+            self.line(&format!("* {command} ({attr}) \"/\" {}", astring(n)));
+        }
+        Ok(format!("{command} done"))
+    }
+
+    async fn select(&mut self, name: &str, read_only: bool) -> Result<String> {
+        self.selected = None;
+        let view = self.read(name).await?;
+        let flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
+        self.line(&format!("* FLAGS ({flags})"));
+        self.line(&format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick"));
+        self.line(&format!("* {} EXISTS", view.messages.len()));
+        self.line("* 0 RECENT");
+        if let Some(first_unseen) = view.messages.iter().position(|m| !has(&m.flags, "\\Seen")) {
+            self.line(&format!("* OK [UNSEEN {}] first unseen", first_unseen + 1));
+        }
+        self.line(&format!("* OK [UIDVALIDITY {}] UIDs valid", view.uidvalidity));
+        self.line(&format!("* OK [UIDNEXT {}] next UID", view.uidnext));
+        self.line(&format!("* OK [HIGHESTMODSEQ {}] modseq", view.highest_modseq));
+        self.selected = Some(Selected {
+            mailbox: view.mailbox.clone(),
+            name: name.to_string(),
+            read_only,
+            uidvalidity: view.uidvalidity,
+            uids: view.messages.iter().map(|m| m.uid).collect(),
+            flags: view.messages.iter().map(|m| (m.uid, m.flags.clone())).collect(),
+            guids: view.messages.iter().map(|m| (m.uid, m.guid)).collect(),
+            view: view.messages.into_iter().map(|m| (m.uid, m)).collect(),
+        });
+        Ok(if read_only { "[READ-ONLY] EXAMINE done".into() } else { "[READ-WRITE] SELECT done".into() })
+    }
+
+    /// Tells the client what changed in the selected mailbox since it last looked.
+    async fn refresh(&mut self, expunges_allowed: bool) {
+        let Some(name) = self.selected.as_ref().map(|s| s.name.clone()) else { return };
+        let Ok(view) = self.read(&name).await else { return };
+        let Some(sel) = self.selected.as_mut() else { return };
+        let mut lines = Vec::new();
+        if view.uidvalidity != sel.uidvalidity {
+            lines.push(format!("* OK [UIDVALIDITY {}] UIDVALIDITY changed", view.uidvalidity));
+            sel.uidvalidity = view.uidvalidity;
+        }
+        let now: BTreeMap<Uid, &MessageView> = view.messages.iter().map(|m| (m.uid, m)).collect();
+        if expunges_allowed {
+            // Highest sequence numbers first, so each number is still right when sent.
+            for seq in (1..=sel.uids.len()).rev() {
+                let uid = sel.uids[seq - 1];
+                if !now.contains_key(&uid) {
+                    lines.push(format!("* {seq} EXPUNGE"));
+                    sel.uids.remove(seq - 1);
+                    sel.flags.remove(&uid);
+                    sel.guids.remove(&uid);
+                    sel.view.remove(&uid);
+                }
+            }
+        }
+        let known: BTreeSet<Uid> = sel.uids.iter().copied().collect();
+        let added: Vec<&MessageView> = view.messages.iter().filter(|m| !known.contains(&m.uid)).collect();
+        // A renumbered message's new UID is above every UID shown, so appending keeps
+        // the sequence in UID order.
+        for m in &added {
+            sel.uids.push(m.uid);
+            sel.flags.insert(m.uid, m.flags.clone());
+            sel.guids.insert(m.uid, m.guid);
+            sel.view.insert(m.uid, (*m).clone());
+        }
+        if !added.is_empty() {
+            lines.push(format!("* {} EXISTS", sel.uids.len()));
+        }
+        for (i, uid) in sel.uids.iter().enumerate() {
+            let Some(m) = now.get(uid) else { continue };
+            if sel.flags.get(uid) != Some(&m.flags) {
+                sel.flags.insert(*uid, m.flags.clone());
+                if self.quiet.contains(uid) {
+                    continue;
+                }
+                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}))", i + 1, flag_list(&m.flags)));
+            }
+            sel.view.insert(*uid, (*m).clone());
+        }
+        for l in lines {
+            self.line(&l);
+        }
+    }
+
+    async fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Result<String> {
+        let view = self.read(name).await?;
+        let mut parts = Vec::new();
+        for item in items {
+            match item {
+                StatusDataItemName::Messages => parts.push(format!("MESSAGES {}", view.messages.len())),
+                StatusDataItemName::Recent => parts.push("RECENT 0".into()),
+                StatusDataItemName::UidNext => parts.push(format!("UIDNEXT {}", view.uidnext)),
+                StatusDataItemName::UidValidity => parts.push(format!("UIDVALIDITY {}", view.uidvalidity)),
+                StatusDataItemName::Unseen => {
+                    parts.push(format!("UNSEEN {}", view.messages.iter().filter(|m| !has(&m.flags, "\\Seen")).count()))
+                }
+                StatusDataItemName::Deleted => parts
+                    .push(format!("DELETED {}", view.messages.iter().filter(|m| has(&m.flags, "\\Deleted")).count())),
+                StatusDataItemName::HighestModSeq => parts.push(format!("HIGHESTMODSEQ {}", view.highest_modseq)),
+                _ => {}
+            }
+        }
+        self.line(&format!("* STATUS {} ({})", astring(name), parts.join(" ")));
+        Ok("STATUS done".into())
+    }
+
+    async fn append(
+        &mut self,
+        name: &str,
+        flags: &[ImapFlag<'_>],
+        received: Option<u64>,
+        body: Vec<u8>,
+    ) -> Result<String> {
+        let flags = core_flags(flags)?;
+        let received = received.unwrap_or_else(now_secs);
+        let request = ClientRequest::Save { mailbox: self.key(name), received, flags, body };
+        match self.node.request(request).await {
+            ClientReply::Write(WriteResult::Saved { uidvalidity, uid, .. }) => {
+                if self.selected.as_ref().is_some_and(|s| s.mailbox == self.key(name)) {
+                    self.refresh(true).await;
+                }
+                Ok(format!("[APPENDUID {uidvalidity} {uid}] APPEND done"))
+            }
+            other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+        }
+    }
+
+    /// (sequence number, UID) of the messages a set names.
+    fn resolve(&self, set: &SequenceSet, uid: bool) -> Vec<(usize, Uid)> {
+        let Some(sel) = self.selected.as_ref() else { return Vec::new() };
+        let largest = if uid { sel.uids.last().copied().unwrap_or(0) } else { sel.uids.len() as u32 };
+        let mut out = Vec::new();
+        for (i, u) in sel.uids.iter().enumerate() {
+            let n = if uid { *u } else { i as u32 + 1 };
+            if in_set(set, n, largest) {
+                out.push((i + 1, *u));
+            }
+        }
+        out
+    }
+
+    async fn fetch(&mut self, set: &SequenceSet, items: MacroOrMessageDataItemNames<'_>, uid: bool) -> Result<String> {
+        let mut items: Vec<MessageDataItemName<'_>> = match items {
+            MacroOrMessageDataItemNames::Macro(m) => m.expand().into_iter().map(|i| i.into_static()).collect(),
+            MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
+        };
+        if uid && !items.contains(&MessageDataItemName::Uid) {
+            items.insert(0, MessageDataItemName::Uid);
+        }
+        let targets = self.resolve(set, uid);
+        let needs_body = items.iter().any(|i| {
+            !matches!(
+                i,
+                MessageDataItemName::Uid
+                    | MessageDataItemName::Flags
+                    | MessageDataItemName::InternalDate
+                    | MessageDataItemName::Rfc822Size
+                    | MessageDataItemName::ModSeq
+            )
+        });
+        let sets_seen = items.iter().any(|i| {
+            matches!(
+                i,
+                MessageDataItemName::BodyExt { peek: false, .. }
+                    | MessageDataItemName::Rfc822
+                    | MessageDataItemName::Rfc822Text
+            )
+        });
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        if sets_seen && !sel.read_only {
+            let unseen: Vec<Uid> =
+                targets.iter().map(|t| t.1).filter(|u| !sel.flags.get(u).is_some_and(|f| has(f, "\\Seen"))).collect();
+            if !unseen.is_empty() {
+                let mailbox = sel.mailbox.clone();
+                let seen = Flag::new("\\Seen").map_err(|e| format!("{e:?}"))?;
+                let request = ClientRequest::Store {
+                    mailbox,
+                    uids: unseen,
+                    add: vec![seen],
+                    remove: vec![],
+                    unchanged_since: None,
+                };
+                let _ = self.node.request(request).await;
+                // The new flags go out in this FETCH's own responses, not as separate ones.
+                if !items.contains(&MessageDataItemName::Flags) {
+                    items.push(MessageDataItemName::Flags);
+                }
+                self.quiet = targets.iter().map(|t| t.1).collect();
+                self.refresh(false).await;
+                self.quiet.clear();
+            }
+        }
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let guids: Vec<Guid> = targets.iter().filter_map(|(_, u)| sel.guids.get(u).copied()).collect();
+        let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let mut out = Vec::new();
+        for (seq, u) in &targets {
+            let Some(m) = sel.view.get(u) else { continue };
+            let body = bodies.get(&m.guid).map(Vec::as_slice);
+            if needs_body && body.is_none() {
+                // Not here yet (being fetched from a peer): say nothing rather than lie.
+                continue;
+            }
+            let body = body.unwrap_or_default();
+            out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b' ');
+                }
+                fetch_item(&mut out, item, m, sel.flags.get(u).map(Vec::as_slice).unwrap_or_default(), body);
+            }
+            out.extend_from_slice(b")\r\n");
+        }
+        self.out.extend_from_slice(&out);
+        Ok(format!("{}FETCH done", if uid { "UID " } else { "" }))
+    }
+
+    async fn store(
+        &mut self,
+        set: &SequenceSet,
+        kind: StoreType,
+        response: StoreResponse,
+        flags: &[ImapFlag<'_>],
+        uid: bool,
+    ) -> Result<String> {
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        if sel.read_only {
+            return Err("NO the mailbox is read-only".into());
+        }
+        let wanted = core_flags(flags)?;
+        let targets = self.resolve(set, uid);
+        let mailbox = sel.mailbox.clone();
+        // One request per distinct change: for FLAGS (replace), what to add and remove
+        // differs per message.
+        let mut groups: BTreeMap<(Vec<Flag>, Vec<Flag>), Vec<Uid>> = BTreeMap::new();
+        for (_, u) in &targets {
+            let current = sel.flags.get(u).cloned().unwrap_or_default();
+            let (add, remove) = match kind {
+                StoreType::Add => (wanted.clone(), vec![]),
+                StoreType::Remove => (vec![], wanted.clone()),
+                StoreType::Replace => (
+                    wanted.iter().filter(|f| !current.contains(f)).cloned().collect(),
+                    current.iter().filter(|f| !wanted.contains(f)).cloned().collect(),
+                ),
+            };
+            if !add.is_empty() || !remove.is_empty() {
+                groups.entry((add, remove)).or_default().push(*u);
+            }
+        }
+        for ((add, remove), uids) in groups {
+            let request = ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since: None };
+            match self.node.request(request).await {
+                ClientReply::Write(WriteResult::Stored { .. }) => {}
+                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        }
+        // The new flags reach the client through the refresh; with .SILENT they still
+        // do (RFC 3501 allows it) but only as changes.
+        let before: BTreeMap<Uid, Vec<Flag>> = self.selected.as_ref().map(|s| s.flags.clone()).unwrap_or_default();
+        self.refresh(false).await;
+        if response == StoreResponse::Answer {
+            let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+            let mut lines = Vec::new();
+            for (seq, u) in &targets {
+                let flags = sel.flags.get(u).cloned().unwrap_or_default();
+                if before.get(u) == Some(&flags) {
+                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}))", flag_list(&flags)));
+                }
+            }
+            for l in lines {
+                self.line(&l);
+            }
+        }
+        Ok(format!("{}STORE done", if uid { "UID " } else { "" }))
+    }
+
+    async fn copy(&mut self, set: &SequenceSet, to: &str, uid: bool, moving: bool) -> Result<String> {
+        let targets = self.resolve(set, uid);
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let src = sel.mailbox.clone();
+        let dst = self.key(to);
+        if dst == src {
+            return Err("NO [CANNOT] copying into the same mailbox is not supported".into());
+        }
+        let mut pairs = Vec::new();
+        let mut uidvalidity = 0;
+        for (_, u) in &targets {
+            let request = ClientRequest::Copy { src: src.clone(), src_uid: *u, dst: dst.clone() };
+            match self.node.request(request).await {
+                ClientReply::Write(WriteResult::Copied { uidvalidity: v, uid: new, .. }) => {
+                    uidvalidity = v;
+                    pairs.push((*u, new));
+                }
+                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        }
+        if moving && !targets.is_empty() {
+            let uids = targets.iter().map(|t| t.1).collect();
+            match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
+                ClientReply::Write(WriteResult::Expunged { .. }) => {}
+                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+            self.refresh(true).await;
+        }
+        let verb = if moving { "MOVE" } else { "COPY" };
+        if pairs.is_empty() {
+            return Ok(format!("{verb} done"));
+        }
+        let from: Vec<String> = pairs.iter().map(|p| p.0.to_string()).collect();
+        let new: Vec<String> = pairs.iter().map(|p| p.1.to_string()).collect();
+        Ok(format!("[COPYUID {uidvalidity} {} {}] {verb} done", from.join(","), new.join(",")))
+    }
+
+    async fn expunge(&mut self, set: Option<&SequenceSet>) -> Result<String> {
+        if self.selected.as_ref().is_some_and(|s| s.read_only) {
+            return Err("NO the mailbox is read-only".into());
+        }
+        self.expunge_deleted(set, true).await?;
+        Ok("EXPUNGE done".into())
+    }
+
+    async fn expunge_deleted(&mut self, set: Option<&SequenceSet>, report: bool) -> Result<()> {
+        let Some(sel) = self.selected.as_ref() else { return Ok(()) };
+        let candidates: Vec<Uid> = match set {
+            Some(s) => self.resolve(s, true).into_iter().map(|t| t.1).collect(),
+            None => sel.uids.clone(),
+        };
+        let doomed: Vec<Uid> =
+            candidates.into_iter().filter(|u| sel.flags.get(u).is_some_and(|f| has(f, "\\Deleted"))).collect();
+        if !doomed.is_empty() {
+            let request = ClientRequest::Expunge { mailbox: sel.mailbox.clone(), uids: doomed };
+            match self.node.request(request).await {
+                ClientReply::Write(WriteResult::Expunged { .. }) => {}
+                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        }
+        if report {
+            self.refresh(true).await;
+        }
+        Ok(())
+    }
+
+    async fn search(&mut self, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let needs_body = criteria.iter().any(key_needs_body);
+        let guids: Vec<Guid> = sel.guids.values().copied().collect();
+        let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let largest_uid = sel.uids.last().copied().unwrap_or(0);
+        let count = sel.uids.len() as u32;
+        let mut hits = Vec::new();
+        for (i, u) in sel.uids.iter().enumerate() {
+            let Some(m) = sel.view.get(u) else { continue };
+            let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
+            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, body, largest_uid, count };
+            if criteria.iter().all(|k| matches(k, &cx)) {
+                hits.push(if uid { *u } else { i as u32 + 1 });
+            }
+        }
+        let list: Vec<String> = hits.iter().map(u32::to_string).collect();
+        self.line(&format!("* SEARCH{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
+        Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
+    }
+
+    async fn idle(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
+        self.line("+ idling");
+        self.flush().await?;
+        let mut line = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                n = self.stream.read(&mut buf) => {
+                    let n = n.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("client closed the connection".into());
+                    }
+                    line.extend_from_slice(&buf[..n]);
+                    if let Some(end) = line.iter().position(|b| *b == b'\n') {
+                        let rest = line.split_off(end + 1);
+                        // Whatever came after DONE is the next command.
+                        fragmentizer.enqueue_bytes(&rest);
+                        let text = String::from_utf8_lossy(&line).trim().to_string();
+                        if text.eq_ignore_ascii_case("DONE") {
+                            return Ok(());
+                        }
+                        return Err(format!("expected DONE, got {text:?}"));
+                    }
+                    if line.len() > 1024 {
+                        return Err("expected DONE".into());
+                    }
+                }
+                _ = tokio::time::sleep(IDLE_POLL) => {
+                    self.refresh(true).await;
+                    self.flush().await?;
+                }
+            }
+        }
+    }
+}
+
+struct Candidate<'a> {
+    seq: u32,
+    uid: Uid,
+    m: &'a MessageView,
+    body: &'a [u8],
+    largest_uid: Uid,
+    count: u32,
+}
+
+fn key_needs_body(k: &SearchKey<'_>) -> bool {
+    match k {
+        SearchKey::And(keys) => keys.as_ref().iter().any(key_needs_body),
+        SearchKey::Not(k) => key_needs_body(k),
+        SearchKey::Or(a, b) => key_needs_body(a) || key_needs_body(b),
+        SearchKey::Bcc(_)
+        | SearchKey::Body(_)
+        | SearchKey::Cc(_)
+        | SearchKey::From(_)
+        | SearchKey::Header(..)
+        | SearchKey::Subject(_)
+        | SearchKey::Text(_)
+        | SearchKey::To(_)
+        | SearchKey::SentBefore(_)
+        | SearchKey::SentOn(_)
+        | SearchKey::SentSince(_) => true,
+        _ => false,
+    }
+}
+
+fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    let hay = hay.to_ascii_lowercase();
+    let needle = needle.to_ascii_lowercase();
+    hay.windows(needle.len()).any(|w| w == needle.as_slice())
+}
+
+fn header_value(body: &[u8], name: &str) -> Vec<u8> {
+    let header = &body[..mime::header_end(body)];
+    let fields = mime::header_fields(header, &[name.to_string()], false);
+    fields.splitn(2, |b| *b == b':').nth(1).map(<[u8]>::to_vec).unwrap_or_default()
+}
+
+fn day_of(secs: u64) -> Option<chrono::NaiveDate> {
+    chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0).map(|d| d.date_naive())
+}
+
+fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
+    let flag = |name: &str| has(&c.m.flags, name);
+    let date = day_of(c.m.received);
+    match k {
+        SearchKey::And(keys) => keys.as_ref().iter().all(|k| matches(k, c)),
+        SearchKey::Not(k) => !matches(k, c),
+        SearchKey::Or(a, b) => matches(a, c) || matches(b, c),
+        SearchKey::All => true,
+        SearchKey::SequenceSet(set) => in_set(set, c.seq, c.count),
+        SearchKey::Uid(set) => in_set(set, c.uid, c.largest_uid),
+        SearchKey::Answered => flag("\\Answered"),
+        SearchKey::Unanswered => !flag("\\Answered"),
+        SearchKey::Deleted => flag("\\Deleted"),
+        SearchKey::Undeleted => !flag("\\Deleted"),
+        SearchKey::Draft => flag("\\Draft"),
+        SearchKey::Undraft => !flag("\\Draft"),
+        SearchKey::Flagged => flag("\\Flagged"),
+        SearchKey::Unflagged => !flag("\\Flagged"),
+        SearchKey::Seen => flag("\\Seen"),
+        SearchKey::Unseen | SearchKey::New => !flag("\\Seen"),
+        SearchKey::Old => true,
+        SearchKey::Recent => false,
+        SearchKey::Keyword(a) => flag(a.as_ref()),
+        SearchKey::Unkeyword(a) => !flag(a.as_ref()),
+        SearchKey::Larger(n) => c.m.size > *n,
+        SearchKey::Smaller(n) => c.m.size < *n,
+        SearchKey::Before(d) => date.is_some_and(|x| x < *d.as_ref()),
+        SearchKey::On(d) => date.is_some_and(|x| x == *d.as_ref()),
+        SearchKey::Since(d) => date.is_some_and(|x| x >= *d.as_ref()),
+        SearchKey::Body(s) => contains_ci(&c.body[mime::header_end(c.body)..], s.as_ref()),
+        SearchKey::Text(s) => contains_ci(c.body, s.as_ref()),
+        SearchKey::Subject(s) => contains_ci(&header_value(c.body, "Subject"), s.as_ref()),
+        SearchKey::From(s) => contains_ci(&header_value(c.body, "From"), s.as_ref()),
+        SearchKey::To(s) => contains_ci(&header_value(c.body, "To"), s.as_ref()),
+        SearchKey::Cc(s) => contains_ci(&header_value(c.body, "Cc"), s.as_ref()),
+        SearchKey::Bcc(s) => contains_ci(&header_value(c.body, "Bcc"), s.as_ref()),
+        SearchKey::Header(name, s) => {
+            let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            let header = &c.body[..mime::header_end(c.body)];
+            let present = mime::header_fields(header, std::slice::from_ref(&name), false).len() > 2;
+            present && contains_ci(&header_value(c.body, &name), s.as_ref())
+        }
+        // Sent dates would need Date: parsing; the internal date stands in.
+        SearchKey::SentBefore(d) => date.is_some_and(|x| x < *d.as_ref()),
+        SearchKey::SentOn(d) => date.is_some_and(|x| x == *d.as_ref()),
+        SearchKey::SentSince(d) => date.is_some_and(|x| x >= *d.as_ref()),
+        _ => false,
+    }
+}
+
+fn in_set(set: &SequenceSet, n: u32, largest: u32) -> bool {
+    let value = |s: &SeqOrUid| match s {
+        SeqOrUid::Value(v) => v.get(),
+        SeqOrUid::Asterisk => largest.max(1),
+    };
+    set.0.as_ref().iter().any(|seq| match seq {
+        Sequence::Single(s) => value(s) == n,
+        Sequence::Range(a, b) => {
+            let (lo, hi) = (value(a).min(value(b)), value(a).max(value(b)));
+            (lo..=hi).contains(&n)
+        }
+    })
+}
+
+fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, flags: &[Flag], body: &[u8]) {
+    let header_end = mime::header_end(body);
+    match item {
+        MessageDataItemName::Uid => out.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
+        MessageDataItemName::Flags => out.extend_from_slice(format!("FLAGS ({})", flag_list(flags)).as_bytes()),
+        MessageDataItemName::InternalDate => {
+            out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(m.received)).as_bytes())
+        }
+        MessageDataItemName::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", m.size).as_bytes()),
+        MessageDataItemName::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", m.modseq).as_bytes()),
+        MessageDataItemName::Envelope => out.extend_from_slice(format!("ENVELOPE {}", mime::envelope(body)).as_bytes()),
+        MessageDataItemName::Body | MessageDataItemName::BodyStructure => {
+            let name = if matches!(item, MessageDataItemName::Body) { "BODY" } else { "BODYSTRUCTURE" };
+            out.extend_from_slice(format!("{name} {}", mime::bodystructure(body)).as_bytes())
+        }
+        MessageDataItemName::Rfc822 => {
+            out.extend_from_slice(b"RFC822 ");
+            literal(out, body);
+        }
+        MessageDataItemName::Rfc822Header => {
+            out.extend_from_slice(b"RFC822.HEADER ");
+            literal(out, &body[..header_end]);
+        }
+        MessageDataItemName::Rfc822Text => {
+            out.extend_from_slice(b"RFC822.TEXT ");
+            literal(out, &body[header_end..]);
+        }
+        MessageDataItemName::BodyExt { section, partial, .. } => {
+            let (name, bytes): (String, Vec<u8>) = match section {
+                None => (String::new(), body.to_vec()),
+                Some(Section::Header(None)) => ("HEADER".into(), body[..header_end].to_vec()),
+                Some(Section::Text(None)) => ("TEXT".into(), body[header_end..].to_vec()),
+                Some(Section::HeaderFields(None, names)) | Some(Section::HeaderFieldsNot(None, names)) => {
+                    let not = matches!(section, Some(Section::HeaderFieldsNot(..)));
+                    let names: Vec<String> =
+                        names.as_ref().iter().map(|n| String::from_utf8_lossy(n.as_ref()).into_owned()).collect();
+                    let quoted: Vec<String> = names.iter().map(|n| quoted_or_literal(n.as_bytes())).collect();
+                    let label = format!("HEADER.FIELDS{} ({})", if not { ".NOT" } else { "" }, quoted.join(" "));
+                    (label, mime::header_fields(&body[..header_end], &names, not))
+                }
+                Some(Section::Part(part)) => {
+                    let path: Vec<u32> = part.0.as_ref().iter().map(|n| n.get()).collect();
+                    let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+                    (label, mime::part_bytes(body, &path).map(<[u8]>::to_vec).unwrap_or_default())
+                }
+                Some(_) => ("".into(), Vec::new()),
+            };
+            let (origin, bytes) = match partial {
+                Some((start, len)) => {
+                    let start = (*start as usize).min(bytes.len());
+                    let end = (start + len.get() as usize).min(bytes.len());
+                    (format!("<{start}>"), bytes[start..end].to_vec())
+                }
+                None => (String::new(), bytes),
+            };
+            out.extend_from_slice(format!("BODY[{name}]{origin} ").as_bytes());
+            literal(out, &bytes);
+        }
+        _ => out.extend_from_slice(b"UID 0"),
+    }
+}
+
+fn mailbox_name(m: &Mailbox<'_>) -> String {
+    match m {
+        Mailbox::Inbox => "INBOX".into(),
+        Mailbox::Other(o) => String::from_utf8_lossy(o.as_ref()).into_owned(),
+    }
+}
+
+/// IMAP LIST wildcards: `*` matches anything, `%` anything but the delimiter.
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some((b'%', rest)) => (0..=n.len()).take_while(|i| *i == 0 || n[i - 1] != b'/').any(|i| go(rest, &n[i..])),
+            Some((c, rest)) => n.split_first().is_some_and(|(d, nr)| c.eq_ignore_ascii_case(d) && go(rest, nr)),
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+fn has(flags: &[Flag], name: &str) -> bool {
+    flags.iter().any(|f| f.as_str().eq_ignore_ascii_case(name))
+}
+
+fn flag_list(flags: &[Flag]) -> String {
+    flags.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(" ")
+}
+
+fn core_flags(flags: &[ImapFlag<'_>]) -> Result<Vec<Flag>> {
+    flags.iter().map(|f| Flag::new(&f.to_string()).map_err(|e| format!("BAD bad flag {f}: {e:?}"))).collect()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn internal_date(secs: u64) -> String {
+    let d = chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(0), 0).unwrap_or_default();
+    d.format("%d-%b-%Y %H:%M:%S +0000").to_string()
+}
+
+fn describe(reply: &ClientReply) -> String {
+    match reply {
+        ClientReply::Failed { reason, .. } | ClientReply::Write(WriteResult::Failed { reason, .. }) => reason.clone(),
+        other => format!("unexpected answer {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_wildcards() {
+        assert!(wildcard_match("*", "INBOX"));
+        assert!(wildcard_match("%", "Sent"));
+        assert!(!wildcard_match("%", "Archive/2024"));
+        assert!(wildcard_match("Archive/%", "Archive/2024"));
+        assert!(wildcard_match("inbox", "INBOX"));
+        assert!(!wildcard_match("Sent", "Sent Items"));
+    }
+
+    #[test]
+    fn sets_with_asterisk() {
+        let set: SequenceSet = "2:*".parse().unwrap();
+        assert!(in_set(&set, 5, 5) && in_set(&set, 2, 5) && !in_set(&set, 1, 5));
+        let set: SequenceSet = "*".parse().unwrap();
+        assert!(in_set(&set, 7, 7) && !in_set(&set, 6, 7));
+    }
+}

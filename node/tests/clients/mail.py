@@ -1,0 +1,145 @@
+"""Drives tandem with mail clients nobody here wrote: Python's imaplib and smtplib.LMTP.
+
+Usage: mail.py COMMAND ARGS... ; prints one JSON line on success, exits non-zero on any
+failure (an unexpected server answer raises).
+"""
+import imaplib
+import json
+import smtplib
+import sys
+import time
+
+
+def imap(port, user, password):
+    c = imaplib.IMAP4("127.0.0.1", int(port))
+    c.login(user, password)
+    return c
+
+
+def check(result):
+    typ, data = result
+    if typ != "OK":
+        raise SystemExit(f"server said {typ}: {data}")
+    return data
+
+
+def state(port, user, password, mailbox="INBOX"):
+    """UIDVALIDITY, HIGHESTMODSEQ and (UID, sorted flags) of every message."""
+    c = imap(port, user, password)
+    data = check(c.status(mailbox, "(UIDVALIDITY HIGHESTMODSEQ MESSAGES)"))
+    words = data[0].decode().split("(")[1].rstrip(")").split()
+    status = dict(zip(words[::2], map(int, words[1::2])))
+    check(c.select(mailbox, readonly=True))
+    messages = []
+    if status["MESSAGES"]:
+        for line in check(c.uid("FETCH", "1:*", "(UID FLAGS)")):
+            text = line.decode()
+            uid = int(text.split("UID ")[1].split()[0].rstrip(")"))
+            flags = sorted(text.split("FLAGS (")[1].split(")")[0].split())
+            messages.append([uid, flags])
+    c.logout()
+    return {"uidvalidity": status["UIDVALIDITY"], "highestmodseq": status["HIGHESTMODSEQ"], "messages": sorted(messages)}
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "lmtp":
+        port, sender, n, *rcpts = args
+        out = []
+        for i in range(int(n)):
+            with smtplib.LMTP("127.0.0.1", int(port)) as l:
+                msg = f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: delivery {i}\r\nMessage-ID: <{i}.{time.time()}@test>\r\n\r\nbody {i}\r\n"
+                refused = l.sendmail(sender, rcpts, msg)
+                out.append(refused)
+        print(json.dumps({"refused": out}))
+    elif cmd == "lmtp-unknown":
+        port, rcpt = args
+        with smtplib.LMTP("127.0.0.1", int(port)) as l:
+            try:
+                l.sendmail("a@b", [rcpt], "Subject: x\r\n\r\nx\r\n")
+                raise SystemExit("an unknown recipient was accepted")
+            except smtplib.SMTPRecipientsRefused as e:
+                print(json.dumps({"refused": {k: v[0] for k, v in e.recipients.items()}}))
+    elif cmd == "state":
+        print(json.dumps(state(*args)))
+    elif cmd == "wait-count":
+        port, user, password, count = args
+        deadline = time.time() + 60
+        while True:
+            s = state(port, user, password)
+            if len(s["messages"]) >= int(count):
+                print(json.dumps(s))
+                return
+            if time.time() > deadline:
+                raise SystemExit(f"only {len(s['messages'])} messages: {s}")
+            time.sleep(0.2)
+    elif cmd == "work":
+        # Read, flag, search, copy, append and expunge on one server.
+        port, user, password = args
+        c = imap(port, user, password)
+        caps = check(c.capability())[0].decode()
+        assert "IMAP4REV1" in caps.upper() and "UIDPLUS" in caps, caps
+        typ, data = c.select("INBOX")
+        assert typ == "OK", data
+        count = int(data[0])
+        assert count >= 3, count
+        data = check(c.fetch("1", "(UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
+        text = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in data)
+        assert b"Subject: delivery 0" in text, text
+        assert b"ENVELOPE" in text and b"BODYSTRUCTURE" in text, text
+        data = check(c.fetch("2", "(BODY[])"))
+        assert b"body 1" in data[0][1], data
+        # BODY[] (not PEEK) set \Seen on message 2.
+        flags = check(c.fetch("2", "(FLAGS)"))[0]
+        assert b"\\Seen" in flags, flags
+        check(c.store("1", "+FLAGS", "(\\Flagged)"))
+        found = check(c.search(None, "FLAGGED"))[0].split()
+        assert found == [b"1"], found
+        found = check(c.uid("SEARCH", None, "SUBJECT", '"delivery 2"'))[0].split()
+        assert len(found) == 1, found
+        typ, data = c.copy("1:2", "Archive")
+        assert typ == "OK" and b"COPYUID" in data[0], data
+        typ, data = c.append("INBOX", "(\\Draft)", None, b"Subject: appended\r\n\r\nhello\r\n")
+        assert typ == "OK" and b"APPENDUID" in data[0], data
+        check(c.store("3", "+FLAGS", "(\\Deleted)"))
+        typ, data = c.expunge()
+        assert typ == "OK" and data == [b"3"], data
+        typ, data = c.list()
+        names = b" ".join(data)
+        assert b"INBOX" in names and b"Archive" in names, data
+        try:
+            c.xatom("FROBNICATE")
+            raise SystemExit("a bad command was accepted")
+        except imaplib.IMAP4.error as e:
+            assert "BAD" in str(e) or "FROBNICATE" in str(e), e
+        check(c.noop())  # the session goes on after BAD
+        c.logout()
+        print(json.dumps({"ok": True}))
+    elif cmd == "bad-password":
+        port, user = args
+        start = time.time()
+        try:
+            imap(port, user, "wrong")
+            raise SystemExit("a wrong password was accepted")
+        except imaplib.IMAP4.error as e:
+            print(json.dumps({"error": str(e), "seconds": time.time() - start}))
+    elif cmd == "flag":
+        port, user, password, uid, flag = args
+        c = imap(port, user, password)
+        check(c.select("INBOX"))
+        check(c.uid("STORE", uid, "+FLAGS", f"({flag})"))
+        c.logout()
+        print(json.dumps({"ok": True}))
+    elif cmd == "append":
+        port, user, password, subject = args
+        c = imap(port, user, password)
+        typ, data = c.append("INBOX", None, None, f"Subject: {subject}\r\n\r\nx\r\n".encode())
+        assert typ == "OK", data
+        c.logout()
+        print(json.dumps({"ok": data[0].decode()}))
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()

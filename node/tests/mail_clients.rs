@@ -1,0 +1,119 @@
+//! Real mail clients (Python's imaplib and smtplib.LMTP) against a 3-node cluster.
+
+mod harness;
+
+use harness::Cluster;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+const USER: &str = "alice@example.org";
+const PASSWORD: &str = "correct horse battery";
+
+struct Mail {
+    cluster: Cluster,
+    imap: Vec<SocketAddr>,
+    lmtp: Vec<SocketAddr>,
+}
+
+fn start(extra: &str) -> Mail {
+    let users = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
+    tandem_node::users::add_user(&users, USER, PASSWORD.as_bytes()).unwrap();
+    tandem_node::users::add_user(&users, "bob@example.org", b"another password").unwrap();
+    let imap: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let lmtp: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let (i2, l2, u2) = (imap.clone(), lmtp.clone(), users.clone());
+    let cluster = Cluster::start_with(3, extra, move |i| {
+        format!("imap = \"{}\"\nlmtp = \"{}\"\nusers_file = \"{}\"", i2[i], l2[i], u2.display())
+    });
+    Mail { cluster, imap, lmtp }
+}
+
+/// Runs the client script; its JSON line on success.
+fn client(args: &[&str]) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
+    let out = Command::new("python3").arg(script).args(args).output().expect("python3");
+    assert!(
+        out.status.success(),
+        "mail.py {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.trim_ascii()).expect("one JSON line")
+}
+
+fn port(a: SocketAddr) -> String {
+    a.port().to_string()
+}
+
+/// Every node reports the same INBOX (UIDs, flags, HIGHESTMODSEQ); returns it.
+fn same_everywhere(m: &Mail, nodes: &[usize]) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let states: Vec<Value> = nodes.iter().map(|i| client(&["state", &port(m.imap[*i]), USER, PASSWORD])).collect();
+        if states.windows(2).all(|w| w[0] == w[1]) {
+            return states[0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "servers disagree: {states:#?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn lmtp_delivery_imap_work_and_agreement_across_servers() {
+    let m = start("mode = \"sync\"\nreplicas = 1");
+    let r = client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "3", USER]);
+    assert_eq!(r["refused"], serde_json::json!([{}, {}, {}]), "all accepted with 250");
+    let r = client(&["lmtp-unknown", &port(m.lmtp[0]), "nobody@example.org"]);
+    assert_eq!(r["refused"]["nobody@example.org"], 550);
+    client(&["wait-count", &port(m.imap[1]), USER, PASSWORD, "3"]);
+    client(&["work", &port(m.imap[1]), USER, PASSWORD]);
+    let s = same_everywhere(&m, &[0, 1, 2]);
+    let messages = s["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "3 delivered + 1 appended - 1 expunged: {s}");
+    assert!(messages.iter().any(|m| m[1] == serde_json::json!(["\\Flagged"])), "{s}");
+    let r = client(&["bad-password", &port(m.imap[2]), USER]);
+    assert!(r["seconds"].as_f64().unwrap() >= 0.9, "refused after a delay: {r}");
+    // Another user sees none of alice's mail.
+    let bob = client(&["state", &port(m.imap[2]), "bob@example.org", "another password"]);
+    assert_eq!(bob["messages"], serde_json::json!([]));
+}
+
+#[test]
+fn kill_9_during_imap_work_and_every_server_agrees_after_restart() {
+    let mut m = start("mode = \"sync\"\nreplicas = 1");
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "4", USER]);
+    let s = client(&["wait-count", &port(m.imap[1]), USER, PASSWORD, "4"]);
+    let first = s["messages"][0][0].to_string();
+    client(&["flag", &port(m.imap[1]), USER, PASSWORD, &first, "\\Seen"]);
+    m.cluster.kill9(0);
+    // Node 2 goes on: a new root, new masters, and replicas on node 3.
+    let mut appended = 0;
+    for i in 0..50 {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args(["append", &port(m.imap[1]), USER, PASSWORD, &format!("after kill {i}")])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            appended += 1;
+            if appended == 3 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(appended, 3, "node 2 keeps accepting mail with node 1 dead");
+    client(&["flag", &port(m.imap[1]), USER, PASSWORD, &first, "\\Answered"]);
+    m.cluster.spawn(0);
+    m.cluster.wait_up(0);
+    let s = same_everywhere(&m, &[0, 1, 2]);
+    let messages = s["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 7, "{s}");
+    assert!(
+        messages.iter().any(|x| x[1] == serde_json::json!(["\\Answered", "\\Seen"])),
+        "flags set before and after the kill survive: {s}"
+    );
+}
