@@ -43,6 +43,30 @@ fn client(args: &[&str]) -> Value {
     serde_json::from_slice(out.stdout.trim_ascii()).expect("one JSON line")
 }
 
+/// Syncs the user's mailboxes from node `i` into a local Maildir with mbsync (isync);
+/// returns how many messages the Maildir's INBOX holds.
+fn mbsync(m: &Mail, i: usize, maildir: &std::path::Path) -> usize {
+    let config = maildir.with_extension("mbsyncrc");
+    std::fs::create_dir_all(maildir).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "IMAPAccount tandem\nHost 127.0.0.1\nPort {}\nUser {USER}\nPass \"{PASSWORD}\"\nSSLType None\nAuthMechs LOGIN\n\n\
+             IMAPStore remote\nAccount tandem\n\n\
+             MaildirStore local\nPath {dir}/\nInbox {dir}/INBOX\nSubFolders Verbatim\n\n\
+             Channel mail\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\nSync Pull\nSyncState *\n",
+            m.imap[i].port(),
+            dir = maildir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("mbsync").arg("-c").arg(&config).arg("-a").output().expect("mbsync (package isync)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mbsync failed:\n{text}");
+    assert!(!text.to_lowercase().contains("error"), "mbsync reported errors:\n{text}");
+    ["cur", "new"].iter().map(|d| std::fs::read_dir(maildir.join("INBOX").join(d)).map(|r| r.count()).unwrap_or(0)).sum()
+}
+
 fn port(a: SocketAddr) -> String {
     a.port().to_string()
 }
@@ -87,6 +111,9 @@ fn kill_9_during_imap_work_and_every_server_agrees_after_restart() {
     let s = client(&["wait-count", &port(m.imap[1]), USER, PASSWORD, "4"]);
     let first = s["messages"][0][0].to_string();
     client(&["flag", &port(m.imap[1]), USER, PASSWORD, &first, "\\Seen"]);
+    let maildir = tempfile::tempdir().unwrap();
+    let local = maildir.path().join("mail");
+    assert_eq!(mbsync(&m, 1, &local), 4, "mbsync before the kill");
     m.cluster.kill9(0);
     // Node 2 goes on: a new root, new masters, and replicas on node 3.
     let mut appended = 0;
@@ -112,6 +139,8 @@ fn kill_9_during_imap_work_and_every_server_agrees_after_restart() {
     let s = same_everywhere(&m, &[0, 1, 2]);
     let messages = s["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 7, "{s}");
+    assert_eq!(mbsync(&m, 2, &local), 7, "mbsync after the restart, from another server: no duplicates");
+    assert_eq!(mbsync(&m, 0, &local), 7, "and again from the restarted one");
     assert!(
         messages.iter().any(|x| x[1] == serde_json::json!(["\\Answered", "\\Seen"])),
         "flags set before and after the kill survive: {s}"
