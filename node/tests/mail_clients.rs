@@ -64,7 +64,10 @@ fn mbsync(m: &Mail, i: usize, maildir: &std::path::Path) -> usize {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "mbsync failed:\n{text}");
     assert!(!text.to_lowercase().contains("error"), "mbsync reported errors:\n{text}");
-    ["cur", "new"].iter().map(|d| std::fs::read_dir(maildir.join("INBOX").join(d)).map(|r| r.count()).unwrap_or(0)).sum()
+    ["cur", "new"]
+        .iter()
+        .map(|d| std::fs::read_dir(maildir.join("INBOX").join(d)).map(|r| r.count()).unwrap_or(0))
+        .sum()
 }
 
 fn port(a: SocketAddr) -> String {
@@ -145,4 +148,53 @@ fn kill_9_during_imap_work_and_every_server_agrees_after_restart() {
         messages.iter().any(|x| x[1] == serde_json::json!(["\\Answered", "\\Seen"])),
         "flags set before and after the kill survive: {s}"
     );
+}
+
+/// Delivers one message over LMTP to node `i`, retrying while the node cannot take it
+/// yet (a fresh partition: the side elects its own root and master first).
+fn deliver_until_ok(m: &Mail, i: usize) {
+    for _ in 0..100 {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args(["lmtp", &port(m.lmtp[i]), "sender@example.net", "1", USER])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("node {} never took the message", i + 1);
+}
+
+#[test]
+fn partition_uid_conflict_seen_by_a_qresync_client() {
+    let m = start("mode = \"async\"\nreplicas = 1");
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "1", USER]);
+    same_everywhere(&m, &[0, 1, 2]);
+    m.cluster.isolate(2);
+    // Both sides deliver: each assigns UID 2 to a different message (the seed thread).
+    deliver_until_ok(&m, 0);
+    deliver_until_ok(&m, 2);
+    let isolated = client(&["qresync-state", &port(m.imap[2]), USER, PASSWORD]);
+    let uids: Vec<u64> = isolated["messages"].as_array().unwrap().iter().map(|x| x[0].as_u64().unwrap()).collect();
+    assert_eq!(uids, vec![1, 2], "{isolated}");
+    let majority = client(&["state", &port(m.imap[0]), USER, PASSWORD]);
+    assert_eq!(majority["messages"].as_array().unwrap().len(), 2, "{majority}");
+    m.cluster.heal();
+    let healed = same_everywhere(&m, &[0, 1, 2]);
+    assert_eq!(healed["messages"].as_array().unwrap().len(), 3, "{healed}");
+    let (v, ms) = (isolated["uidvalidity"].to_string(), isolated["highestmodseq"].to_string());
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let r = client(&["qresync-resume", &port(m.imap[i]), USER, PASSWORD, &v, &ms, "1:2"]);
+        assert_eq!(r["vanished"], serde_json::json!([2]), "node {}: UID 2 vanished: {r}", i + 1);
+        let uids: Vec<u64> = r["uids"].as_array().unwrap().iter().map(|u| u.as_u64().unwrap()).collect();
+        assert_eq!(uids.len(), 3, "{r}");
+        assert_eq!(uids[0], 1, "the first message keeps UID 1: {r}");
+        assert!(uids[1] > 2 && uids[2] > 2, "both conflicting messages got new UIDs: {r}");
+        seen.push(r);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "identical on every server: {seen:#?}");
 }

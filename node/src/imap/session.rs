@@ -5,7 +5,7 @@ use crate::users::Users;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
-use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, SelectParameter, StoreModifier};
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
@@ -32,7 +32,8 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Sessions served at once by one node.
 const SESSIONS_MAX: usize = 1024;
-const CAPABILITIES: &str = "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT ID NAMESPACE LITERAL+";
+const CAPABILITIES: &str =
+    "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
 
 pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SESSIONS_MAX));
@@ -43,8 +44,17 @@ pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>) {
         tokio::spawn(async move {
             let _permit = permit;
             debug!(%addr, "IMAP session");
-            let mut session =
-                Session { stream, node, users, user: None, selected: None, out: Vec::new(), quiet: BTreeSet::new() };
+            let mut session = Session {
+                stream,
+                node,
+                users,
+                user: None,
+                selected: None,
+                out: Vec::new(),
+                quiet: BTreeSet::new(),
+                condstore: false,
+                qresync: false,
+            };
             if let Err(e) = session.run().await {
                 debug!(%addr, error = %e, "IMAP session ended");
             }
@@ -73,6 +83,10 @@ struct Session {
     out: Vec<u8>,
     /// Messages whose flag changes the current command reports itself.
     quiet: BTreeSet<Uid>,
+    /// RFC 7162: MODSEQ goes with every FLAGS once CONDSTORE is in use, and expunges
+    /// are reported as VANISHED once QRESYNC is enabled.
+    condstore: bool,
+    qresync: bool,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -227,8 +241,17 @@ impl Session {
                 self.line("* NAMESPACE ((\"\" \"/\")) NIL NIL");
                 Ok("NAMESPACE done".into())
             }
-            CommandBody::Enable { .. } => {
-                self.line("* ENABLED");
+            CommandBody::Enable { capabilities } => {
+                let mut enabled = Vec::new();
+                for c in capabilities.as_ref() {
+                    let name = c.to_string().to_ascii_uppercase();
+                    if name == "CONDSTORE" || name == "QRESYNC" {
+                        self.condstore = true;
+                        self.qresync |= name == "QRESYNC";
+                        enabled.push(name);
+                    }
+                }
+                self.line(&format!("* ENABLED{}{}", if enabled.is_empty() { "" } else { " " }, enabled.join(" ")));
                 Ok("ENABLE done".into())
             }
             CommandBody::List { reference, mailbox_wildcard } | CommandBody::Lsub { reference, mailbox_wildcard } => {
@@ -239,8 +262,12 @@ impl Session {
                 };
                 self.list(&name, &reference, &pattern).await
             }
-            CommandBody::Select { mailbox, .. } => self.select(&mailbox_name(&mailbox), false).await,
-            CommandBody::Examine { mailbox, .. } => self.select(&mailbox_name(&mailbox), true).await,
+            CommandBody::Select { mailbox, parameters } => {
+                self.select(&mailbox_name(&mailbox), false, &parameters).await
+            }
+            CommandBody::Examine { mailbox, parameters } => {
+                self.select(&mailbox_name(&mailbox), true, &parameters).await
+            }
             CommandBody::Status { mailbox, item_names } => self.status(&mailbox_name(&mailbox), &item_names).await,
             CommandBody::Append { mailbox, flags, date, message } => {
                 let bytes = match message {
@@ -263,11 +290,12 @@ impl Session {
                 Err("NO [CANNOT] DELETE and RENAME are not supported yet".into())
             }
             _ if self.selected.is_none() => Err("NO select a mailbox first".into()),
-            CommandBody::Fetch { sequence_set, macro_or_item_names, uid, .. } => {
-                self.fetch(&sequence_set, macro_or_item_names, uid).await
+            CommandBody::Fetch { sequence_set, macro_or_item_names, uid, modifiers } => {
+                self.fetch(&sequence_set, macro_or_item_names, uid, &modifiers).await
             }
-            CommandBody::Store { sequence_set, kind, response, flags, uid, .. } => {
-                self.store(&sequence_set, kind, response, &flags, uid).await
+            CommandBody::Store { sequence_set, kind, response, flags, uid, modifiers } => {
+                let since = modifiers.iter().map(|StoreModifier::UnchangedSince(m)| *m).next();
+                self.store(&sequence_set, kind, response, &flags, uid, since).await
             }
             CommandBody::Copy { sequence_set, mailbox, uid } => {
                 self.copy(&sequence_set, &mailbox_name(&mailbox), uid, false).await
@@ -381,8 +409,20 @@ impl Session {
         Ok(format!("{command} done"))
     }
 
-    async fn select(&mut self, name: &str, read_only: bool) -> Result<String> {
+    async fn select(&mut self, name: &str, read_only: bool, parameters: &[SelectParameter]) -> Result<String> {
         self.selected = None;
+        let mut resync = None;
+        for p in parameters {
+            match p {
+                SelectParameter::CondStore => self.condstore = true,
+                SelectParameter::QResync { .. } if !self.qresync => {
+                    return Err("BAD ENABLE QRESYNC first".into());
+                }
+                SelectParameter::QResync { uid_validity, mod_sequence_value, known_uids, .. } => {
+                    resync = Some((uid_validity.get(), mod_sequence_value.get(), known_uids.clone()));
+                }
+            }
+        }
         let view = self.read(name).await?;
         let flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
         self.line(&format!("* FLAGS ({flags})"));
@@ -395,6 +435,31 @@ impl Session {
         self.line(&format!("* OK [UIDVALIDITY {}] UIDs valid", view.uidvalidity));
         self.line(&format!("* OK [UIDNEXT {}] next UID", view.uidnext));
         self.line(&format!("* OK [HIGHESTMODSEQ {}] modseq", view.highest_modseq));
+        if let Some((uidvalidity, since, known)) = resync.filter(|r| r.0 == view.uidvalidity) {
+            // What the client's cache lost: UIDs it may know that are gone, then every
+            // message changed since its modseq.
+            let present: BTreeSet<Uid> = view.messages.iter().map(|m| m.uid).collect();
+            let largest = view.uidnext.saturating_sub(1);
+            let gone: Vec<Uid> = (1..=largest)
+                .filter(|u| !present.contains(u))
+                .filter(|u| known.as_ref().is_none_or(|k| in_set(k, *u, largest)))
+                .collect();
+            if !gone.is_empty() {
+                self.line(&format!("* VANISHED (EARLIER) {}", uid_set(&gone)));
+            }
+            let _ = uidvalidity;
+            for (i, m) in view.messages.iter().enumerate() {
+                if m.modseq > since {
+                    self.line(&format!(
+                        "* {} FETCH (UID {} FLAGS ({}) MODSEQ ({}))",
+                        i + 1,
+                        m.uid,
+                        flag_list(&m.flags),
+                        m.modseq
+                    ));
+                }
+            }
+        }
         self.selected = Some(Selected {
             mailbox: view.mailbox.clone(),
             name: name.to_string(),
@@ -420,16 +485,25 @@ impl Session {
         }
         let now: BTreeMap<Uid, &MessageView> = view.messages.iter().map(|m| (m.uid, m)).collect();
         if expunges_allowed {
+            let mut vanished = Vec::new();
             // Highest sequence numbers first, so each number is still right when sent.
             for seq in (1..=sel.uids.len()).rev() {
                 let uid = sel.uids[seq - 1];
                 if !now.contains_key(&uid) {
-                    lines.push(format!("* {seq} EXPUNGE"));
+                    if self.qresync {
+                        vanished.push(uid);
+                    } else {
+                        lines.push(format!("* {seq} EXPUNGE"));
+                    }
                     sel.uids.remove(seq - 1);
                     sel.flags.remove(&uid);
                     sel.guids.remove(&uid);
                     sel.view.remove(&uid);
                 }
+            }
+            if !vanished.is_empty() {
+                vanished.sort();
+                lines.push(format!("* VANISHED {}", uid_set(&vanished)));
             }
         }
         let known: BTreeSet<Uid> = sel.uids.iter().copied().collect();
@@ -452,7 +526,8 @@ impl Session {
                 if self.quiet.contains(uid) {
                     continue;
                 }
-                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}))", i + 1, flag_list(&m.flags)));
+                let modseq = if self.condstore { format!(" MODSEQ ({})", m.modseq) } else { String::new() };
+                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, flag_list(&m.flags)));
             }
             sel.view.insert(*uid, (*m).clone());
         }
@@ -518,7 +593,13 @@ impl Session {
         out
     }
 
-    async fn fetch(&mut self, set: &SequenceSet, items: MacroOrMessageDataItemNames<'_>, uid: bool) -> Result<String> {
+    async fn fetch(
+        &mut self,
+        set: &SequenceSet,
+        items: MacroOrMessageDataItemNames<'_>,
+        uid: bool,
+        modifiers: &[FetchModifier],
+    ) -> Result<String> {
         let mut items: Vec<MessageDataItemName<'_>> = match items {
             MacroOrMessageDataItemNames::Macro(m) => m.expand().into_iter().map(|i| i.into_static()).collect(),
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
@@ -526,7 +607,39 @@ impl Session {
         if uid && !items.contains(&MessageDataItemName::Uid) {
             items.insert(0, MessageDataItemName::Uid);
         }
-        let targets = self.resolve(set, uid);
+        let mut changed_since = None;
+        for m in modifiers {
+            match m {
+                FetchModifier::ChangedSince(since) => {
+                    self.condstore = true;
+                    changed_since = Some(since.get());
+                }
+                FetchModifier::Vanished if !(uid && self.qresync) => {
+                    return Err("BAD VANISHED needs UID FETCH and QRESYNC".into());
+                }
+                FetchModifier::Vanished => {}
+            }
+        }
+        let vanished = modifiers.contains(&FetchModifier::Vanished);
+        if self.condstore
+            && (items.contains(&MessageDataItemName::Flags) || changed_since.is_some())
+            && !items.contains(&MessageDataItemName::ModSeq)
+        {
+            items.push(MessageDataItemName::ModSeq);
+        }
+        if vanished && let (Some(since), Some(sel)) = (changed_since, self.selected.as_ref()) {
+            let _ = since;
+            let largest = sel.uids.last().copied().unwrap_or(0);
+            let present: BTreeSet<Uid> = sel.uids.iter().copied().collect();
+            let gone: Vec<Uid> = (1..=largest).filter(|u| !present.contains(u) && in_set(set, *u, largest)).collect();
+            if !gone.is_empty() {
+                self.line(&format!("* VANISHED (EARLIER) {}", uid_set(&gone)));
+            }
+        }
+        let mut targets = self.resolve(set, uid);
+        if let (Some(since), Some(sel)) = (changed_since, self.selected.as_ref()) {
+            targets.retain(|(_, u)| sel.view.get(u).is_some_and(|m| m.modseq > since));
+        }
         let needs_body = items.iter().any(|i| {
             !matches!(
                 i,
@@ -602,7 +715,11 @@ impl Session {
         response: StoreResponse,
         flags: &[ImapFlag<'_>],
         uid: bool,
+        unchanged_since: Option<u64>,
     ) -> Result<String> {
+        if unchanged_since.is_some() {
+            self.condstore = true;
+        }
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         if sel.read_only {
             return Err("NO the mailbox is read-only".into());
@@ -623,14 +740,24 @@ impl Session {
                     current.iter().filter(|f| !wanted.contains(f)).cloned().collect(),
                 ),
             };
-            if !add.is_empty() || !remove.is_empty() {
+            // With UNCHANGEDSINCE even a no-op STORE must be checked against the modseq.
+            if !add.is_empty() || !remove.is_empty() || unchanged_since.is_some() {
                 groups.entry((add, remove)).or_default().push(*u);
             }
         }
+        let mut modified: Vec<Uid> = Vec::new();
         for ((add, remove), uids) in groups {
-            let request = ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since: None };
+            if add.is_empty() && remove.is_empty() {
+                // Nothing to change: only the UNCHANGEDSINCE test, against our view.
+                let sel = self.selected.as_ref();
+                let since = unchanged_since.unwrap_or(u64::MAX);
+                modified
+                    .extend(uids.iter().filter(|u| sel.and_then(|s| s.view.get(u)).is_some_and(|m| m.modseq > since)));
+                continue;
+            }
+            let request = ClientRequest::Store { mailbox: mailbox.clone(), uids, add, remove, unchanged_since };
             match self.node.request(request).await {
-                ClientReply::Write(WriteResult::Stored { .. }) => {}
+                ClientReply::Write(WriteResult::Stored { rejected, .. }) => modified.extend(rejected),
                 other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
             }
         }
@@ -643,15 +770,30 @@ impl Session {
             let mut lines = Vec::new();
             for (seq, u) in &targets {
                 let flags = sel.flags.get(u).cloned().unwrap_or_default();
-                if before.get(u) == Some(&flags) {
-                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}))", flag_list(&flags)));
+                if before.get(u) == Some(&flags) && !modified.contains(u) {
+                    let modseq = match (self.condstore, sel.view.get(u)) {
+                        (true, Some(m)) => format!(" MODSEQ ({})", m.modseq),
+                        _ => String::new(),
+                    };
+                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}){modseq})", flag_list(&flags)));
                 }
             }
             for l in lines {
                 self.line(&l);
             }
         }
-        Ok(format!("{}STORE done", if uid { "UID " } else { "" }))
+        let verb = if uid { "UID STORE" } else { "STORE" };
+        if !modified.is_empty() {
+            modified.sort();
+            // MODIFIED names what the client named: UIDs for UID STORE, else numbers.
+            let names: Vec<u32> = if uid {
+                modified
+            } else {
+                targets.iter().filter(|(_, u)| modified.contains(u)).map(|(s, _)| *s as u32).collect()
+            };
+            return Ok(format!("[MODIFIED {}] {verb} partly done", uid_set(&names)));
+        }
+        Ok(format!("{verb} done"))
     }
 
     async fn copy(&mut self, set: &SequenceSet, to: &str, uid: bool, moving: bool) -> Result<String> {
@@ -872,7 +1014,7 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
         SearchKey::SentBefore(d) => date.is_some_and(|x| x < *d.as_ref()),
         SearchKey::SentOn(d) => date.is_some_and(|x| x == *d.as_ref()),
         SearchKey::SentSince(d) => date.is_some_and(|x| x >= *d.as_ref()),
-        _ => false,
+        SearchKey::ModSequence { modseq, .. } => c.m.modseq >= *modseq,
     }
 }
 
@@ -970,6 +1112,21 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
         }
     }
     go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Sorted UIDs as an IMAP set with ranges: 1:3,7,9:10.
+fn uid_set(uids: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let mut j = i;
+        while j + 1 < uids.len() && uids[j + 1] == uids[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { uids[i].to_string() } else { format!("{}:{}", uids[i], uids[j]) });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 fn has(flags: &[Flag], name: &str) -> bool {

@@ -123,6 +123,29 @@ def main():
             raise SystemExit("a wrong password was accepted")
         except imaplib.IMAP4.error as e:
             print(json.dumps({"error": str(e), "seconds": time.time() - start}))
+    elif cmd == "qresync-state":
+        port, user, password = args
+        c = imap(port, user, password)
+        check(c.enable("QRESYNC"))
+        s = state(port, user, password)
+        print(json.dumps(s))
+    elif cmd == "qresync-resume":
+        # A QRESYNC client coming back with its cache: what vanished, what it sees now.
+        port, user, password, uidvalidity, modseq, known = args
+        c = imap(port, user, password)
+        check(c.enable("QRESYNC"))
+        typ, data = c._simple_command("SELECT", f"INBOX (QRESYNC ({uidvalidity} {modseq} {known}))")
+        assert typ == "OK", data
+        c.state = "SELECTED"  # imaplib's own select() takes no QRESYNC parameters
+        vanished = []
+        for v in c.untagged_responses.get("VANISHED", []):
+            text = v.decode().replace("(EARLIER)", "").strip()
+            for part in text.split(","):
+                lo, _, hi = part.partition(":")
+                vanished.extend(range(int(lo), int(hi or lo) + 1))
+        uids = sorted(int(u) for u in check(c.uid("SEARCH", None, "ALL"))[0].split())
+        c.logout()
+        print(json.dumps({"vanished": sorted(vanished), "uids": uids}))
     elif cmd == "flag":
         port, user, password, uid, flag = args
         c = imap(port, user, password)
