@@ -41,6 +41,12 @@ struct FileConfig {
     #[serde(default)]
     users_file: Option<PathBuf>,
     #[serde(default)]
+    imaps: Option<SocketAddr>,
+    #[serde(default)]
+    mail_tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    mail_tls_key: Option<PathBuf>,
+    #[serde(default)]
     tls_cert: Option<PathBuf>,
     #[serde(default)]
     tls_key: Option<PathBuf>,
@@ -78,6 +84,10 @@ pub struct NodeConfig {
     /// Mutual TLS on peer links, when `tls_cert`, `tls_key` and `tls_ca` are set.
     pub tls: Option<crate::tls::Tls>,
     pub imap: Option<SocketAddr>,
+    /// IMAP over implicit TLS (needs `mail_tls_cert`); the plain port offers STARTTLS
+    /// whenever a certificate is configured.
+    pub imaps: Option<SocketAddr>,
+    pub mail_tls: Option<crate::tls::MailTls>,
     pub lmtp: Option<SocketAddr>,
     pub users: std::sync::Arc<crate::users::Users>,
 }
@@ -192,8 +202,18 @@ impl NodeConfig {
             ),
             _ => return Err(bad("tls_cert", "tls_cert, tls_key and tls_ca go together")),
         };
-        if (file.imap.is_some() || file.lmtp.is_some()) && file.users_file.is_none() {
-            return Err(bad("users_file", "required when imap or lmtp is set"));
+        if (file.imap.is_some() || file.imaps.is_some() || file.lmtp.is_some()) && file.users_file.is_none() {
+            return Err(bad("users_file", "required when imap, imaps or lmtp is set"));
+        }
+        let mail_tls = match (&file.mail_tls_cert, &file.mail_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(
+                crate::tls::client_facing(&base.join(cert), &base.join(key)).map_err(|e| bad("mail_tls_cert", e))?,
+            ),
+            _ => return Err(bad("mail_tls_cert", "mail_tls_cert and mail_tls_key go together")),
+        };
+        if file.imaps.is_some() && mail_tls.is_none() {
+            return Err(bad("imaps", "needs mail_tls_cert and mail_tls_key"));
         }
         let users = match &file.users_file {
             None => crate::users::Users::default(),
@@ -220,6 +240,8 @@ impl NodeConfig {
             peers: file.peer,
             tls,
             imap: file.imap,
+            imaps: file.imaps,
+            mail_tls,
             lmtp: file.lmtp,
             users: std::sync::Arc::new(users),
         })

@@ -122,7 +122,24 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     if let Some(addr) = cfg.imap {
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("imap on {addr}: {e}"))?;
         info!(%addr, "IMAP listening");
-        tokio::spawn(crate::imap::serve(listener, handle.clone(), cfg.users.clone()));
+        tokio::spawn(crate::imap::serve(
+            listener,
+            handle.clone(),
+            cfg.users.clone(),
+            cfg.mail_tls.clone().map(|t| t.0),
+            false,
+        ));
+    }
+    if let Some(addr) = cfg.imaps {
+        let listener = TcpListener::bind(addr).await.map_err(|e| format!("imaps on {addr}: {e}"))?;
+        info!(%addr, "IMAP over TLS listening");
+        tokio::spawn(crate::imap::serve(
+            listener,
+            handle.clone(),
+            cfg.users.clone(),
+            cfg.mail_tls.clone().map(|t| t.0),
+            true,
+        ));
     }
     if let Some(addr) = cfg.lmtp {
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("lmtp on {addr}: {e}"))?;

@@ -36,6 +36,30 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// TLS for mail clients (STARTTLS and implicit TLS on IMAP).
+#[derive(Clone)]
+pub struct MailTls(pub TlsAcceptor);
+
+impl std::fmt::Debug for MailTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MailTls")
+    }
+}
+
+/// A certificate chain and key for mail clients; no client certificates.
+pub fn client_facing(cert: &Path, key: &Path) -> Result<MailTls, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    Ok(MailTls(TlsAcceptor::from(Arc::new(config))))
+}
+
 impl Tls {
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Tls, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -18,16 +18,60 @@ struct Mail {
 }
 
 fn start(extra: &str) -> Mail {
+    start_with_tls(extra, None).0
+}
+
+/// Like `start`; with a directory, every node also serves IMAP over TLS (STARTTLS and an
+/// implicit-TLS port) with a certificate for 127.0.0.1 signed by `ca.pem` there.
+fn start_with_tls(extra: &str, tls_dir: Option<&std::path::Path>) -> (Mail, Vec<SocketAddr>) {
     let users = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
     tandem_node::users::add_user(&users, USER, PASSWORD.as_bytes()).unwrap();
     tandem_node::users::add_user(&users, "bob@example.org", b"another password").unwrap();
     let imap: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
     let lmtp: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let imaps: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let tls_lines = match tls_dir {
+        None => vec![String::new(); 3],
+        Some(dir) => {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+            let ca_key = KeyPair::generate().unwrap();
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            // Distinct names: OpenSSL takes a leaf whose issuer is its own name for
+            // self-signed.
+            ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tandem test CA");
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            leaf.distinguished_name.push(rcgen::DnType::CommonName, "tandem mail");
+            let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+            std::fs::write(dir.join("mail.pem"), cert.pem()).unwrap();
+            std::fs::write(dir.join("mail.key"), key.serialize_pem()).unwrap();
+            imaps
+                .iter()
+                .map(|a| {
+                    format!(
+                        "imaps = \"{a}\"\nmail_tls_cert = \"{0}/mail.pem\"\nmail_tls_key = \"{0}/mail.key\"",
+                        dir.display()
+                    )
+                })
+                .collect()
+        }
+    };
     let (i2, l2, u2) = (imap.clone(), lmtp.clone(), users.clone());
     let cluster = Cluster::start_with(3, extra, move |i| {
-        format!("imap = \"{}\"\nlmtp = \"{}\"\nusers_file = \"{}\"", i2[i], l2[i], u2.display())
+        format!("imap = \"{}\"\nlmtp = \"{}\"\nusers_file = \"{}\"\n{}", i2[i], l2[i], u2.display(), tls_lines[i])
     });
-    Mail { cluster, imap, lmtp }
+    (Mail { cluster, imap, lmtp }, imaps)
+}
+
+#[test]
+fn starttls_and_implicit_tls_for_imap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, imaps) = start_with_tls("", Some(dir.path()));
+    let ca = dir.path().join("ca.pem");
+    client(&["tls", &port(m.imap[0]), &port(imaps[0]), USER, PASSWORD, ca.to_str().unwrap()]);
 }
 
 /// Runs the client script; its JSON line on success.

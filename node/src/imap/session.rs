@@ -1,6 +1,7 @@
 use super::mime;
 use super::wire::{astring, literal, quoted_or_literal};
 use crate::node::NodeHandle;
+use crate::peer::PeerIo;
 use crate::users::Users;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
@@ -22,7 +23,8 @@ use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
 use tandem_core::msg::WriteResult;
 use tandem_core::types::{Flag, Guid, MailboxKey, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 /// The largest command, literals included (an APPEND of a 64 MiB message fits).
@@ -35,15 +37,34 @@ const SESSIONS_MAX: usize = 1024;
 const CAPABILITIES: &str =
     "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
 
-pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>) {
+/// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
+/// plain, with STARTTLS offered when `tls` is set.
+pub async fn serve(
+    listener: TcpListener,
+    node: NodeHandle,
+    users: Arc<Users>,
+    tls: Option<TlsAcceptor>,
+    implicit_tls: bool,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SESSIONS_MAX));
     loop {
-        let Ok((stream, addr)) = listener.accept().await else { continue };
+        let Ok((tcp, addr)) = listener.accept().await else { continue };
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let (node, users) = (node.clone(), users.clone());
+        let (node, users, tls) = (node.clone(), users.clone(), tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
             debug!(%addr, "IMAP session");
+            let stream: Box<dyn PeerIo> = match (&tls, implicit_tls) {
+                (Some(acceptor), true) => match acceptor.accept(tcp).await {
+                    Ok(s) => Box::new(s),
+                    Err(e) => {
+                        debug!(%addr, error = %e, "IMAPS handshake failed");
+                        return;
+                    }
+                },
+                _ => Box::new(tcp),
+            };
+            let starttls = if implicit_tls { None } else { tls };
             let mut session = Session {
                 stream,
                 node,
@@ -54,6 +75,8 @@ pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>) {
                 quiet: BTreeSet::new(),
                 condstore: false,
                 qresync: false,
+                starttls,
+                secure: implicit_tls,
             };
             if let Err(e) = session.run().await {
                 debug!(%addr, error = %e, "IMAP session ended");
@@ -75,7 +98,7 @@ struct Selected {
 }
 
 struct Session {
-    stream: TcpStream,
+    stream: Box<dyn PeerIo>,
     node: NodeHandle,
     users: Arc<Users>,
     user: Option<String>,
@@ -87,6 +110,9 @@ struct Session {
     /// are reported as VANISHED once QRESYNC is enabled.
     condstore: bool,
     qresync: bool,
+    /// Offered while the session is still plain.
+    starttls: Option<TlsAcceptor>,
+    secure: bool,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -120,8 +146,12 @@ impl Session {
         Ok(())
     }
 
+    fn capabilities(&self) -> String {
+        if self.starttls.is_some() && !self.secure { format!("{CAPABILITIES} STARTTLS") } else { CAPABILITIES.into() }
+    }
+
     async fn run(&mut self) -> Result<()> {
-        self.line(&format!("* OK [CAPABILITY {CAPABILITIES}] tandem IMAP ready"));
+        self.line(&format!("* OK [CAPABILITY {}] tandem IMAP ready", self.capabilities()));
         self.flush().await?;
         let mut fragmentizer = Fragmentizer::new(MESSAGE_SIZE_MAX);
         loop {
@@ -193,8 +223,23 @@ impl Session {
         }
         let result = match command.body {
             CommandBody::Capability => {
-                self.line(&format!("* CAPABILITY {CAPABILITIES}"));
+                self.line(&format!("* CAPABILITY {}", self.capabilities()));
                 Ok("CAPABILITY done".to_string())
+            }
+            CommandBody::StartTLS => {
+                let Some(acceptor) = self.starttls.take().filter(|_| !self.secure) else {
+                    self.line(&format!("{tag} BAD STARTTLS is not available here"));
+                    return Ok(Flow::Continue);
+                };
+                self.line(&format!("{tag} OK begin TLS now"));
+                self.flush().await?;
+                // Nothing the client sent before the handshake may count after it.
+                *fragmentizer = Fragmentizer::new(MESSAGE_SIZE_MAX);
+                let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+                let tls = acceptor.accept(plain).await.map_err(|e| format!("STARTTLS handshake: {e}"))?;
+                self.stream = Box::new(tls);
+                self.secure = true;
+                return Ok(Flow::Continue);
             }
             CommandBody::Noop | CommandBody::Check => Ok(format!("{name} done")),
             CommandBody::Logout => {
@@ -351,7 +396,7 @@ impl Session {
         if self.users.verify(user, password) {
             info!(user, "IMAP login");
             self.user = Some(user.to_string());
-            Ok(format!("[CAPABILITY {CAPABILITIES}] logged in"))
+            Ok(format!("[CAPABILITY {}] logged in", self.capabilities()))
         } else {
             warn!(user, "IMAP login refused");
             tokio::time::sleep(AUTH_FAILURE_DELAY).await;

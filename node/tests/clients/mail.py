@@ -146,6 +146,22 @@ def main():
         uids = sorted(int(u) for u in check(c.uid("SEARCH", None, "ALL"))[0].split())
         c.logout()
         print(json.dumps({"vanished": sorted(vanished), "uids": uids}))
+    elif cmd == "tls":
+        import ssl
+        port, imaps_port, user, password, cafile = args
+        ctx = ssl.create_default_context(cafile=cafile)
+        c = imaplib.IMAP4("127.0.0.1", int(port))
+        assert "STARTTLS" in c.capabilities, c.capabilities
+        check(c.starttls(ssl_context=ctx))
+        c.login(user, password)
+        check(c.select("INBOX"))
+        c.logout()
+        s = imaplib.IMAP4_SSL("127.0.0.1", int(imaps_port), ssl_context=ctx)
+        assert "STARTTLS" not in s.capabilities, s.capabilities
+        s.login(user, password)
+        check(s.noop())
+        s.logout()
+        print(json.dumps({"ok": True}))
     elif cmd == "flag":
         port, user, password, uid, flag = args
         c = imap(port, user, password)
