@@ -67,6 +67,17 @@ fn start_with_tls(extra: &str, tls_dir: Option<&std::path::Path>) -> (Mail, Vec<
 }
 
 #[test]
+fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
+    let m = start("mode = \"sync\"\nreplicas = 1");
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "2", USER]);
+    client(&["wait-count", &port(m.imap[2]), USER, PASSWORD, "2"]);
+    // A session on node 3 in IDLE hears of an APPEND made on node 2.
+    let r = client(&["idle", &port(m.imap[2]), USER, PASSWORD, &port(m.imap[1])]);
+    assert_eq!(r["exists"], 3);
+    client(&["protocol-edges", &port(m.imap[0]), USER, PASSWORD]);
+}
+
+#[test]
 fn starttls_and_implicit_tls_for_imap() {
     let dir = tempfile::tempdir().unwrap();
     let (m, imaps) = start_with_tls("", Some(dir.path()));

@@ -35,7 +35,7 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Sessions served at once by one node.
 const SESSIONS_MAX: usize = 1024;
 const CAPABILITIES: &str =
-    "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
+    "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.

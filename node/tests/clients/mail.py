@@ -162,6 +162,48 @@ def main():
         check(s.noop())
         s.logout()
         print(json.dumps({"ok": True}))
+    elif cmd == "protocol-edges":
+        # AUTHENTICATE PLAIN, an oversize literal refused before it is sent, MOVE.
+        import base64
+        port, user, password = args
+        c = imaplib.IMAP4("127.0.0.1", int(port))
+        check(c.authenticate("PLAIN", lambda _: f"\0{user}\0{password}".encode()))
+        check(c.select("INBOX"))
+        tag = c._new_tag().decode()
+        c.send(f"{tag} APPEND INBOX {{999999999}}\r\n".encode())
+        answer = c.readline()
+        assert answer.startswith(f"{tag} BAD".encode()), answer
+        check(c.noop())  # the session goes on
+        typ, data = c.xatom("MOVE", "1", "Moved")
+        assert typ == "OK", (typ, data)
+        typ, data = c.status("Moved", "(MESSAGES)")
+        assert typ == "OK" and b"MESSAGES 1" in data[0], data
+        c.logout()
+        print(json.dumps({"ok": True}))
+    elif cmd == "idle":
+        # Waits in IDLE until another client's APPEND shows up as EXISTS.
+        port, user, password, other_port = args
+        c = imap(port, user, password)
+        typ, data = c.select("INBOX")
+        before = int(data[0])
+        tag = c._new_tag().decode()
+        c.send(f"{tag} IDLE\r\n".encode())
+        assert c.readline().startswith(b"+"), "IDLE continuation"
+        o = imap(other_port, user, password)
+        check(o.append("INBOX", None, None, b"Subject: during idle\r\n\r\nx\r\n"))
+        o.logout()
+        deadline = time.time() + 30
+        seen = None
+        while time.time() < deadline:
+            line = c.readline()
+            if line.endswith(b"EXISTS\r\n"):
+                seen = int(line.split()[1])
+                break
+        c.send(b"DONE\r\n")
+        assert c.readline().startswith(f"{tag} OK".encode())
+        assert seen == before + 1, (before, seen)
+        c.logout()
+        print(json.dumps({"exists": seen}))
     elif cmd == "flag":
         port, user, password, uid, flag = args
         c = imap(port, user, password)
