@@ -106,6 +106,14 @@ pub enum ClientRequest {
     MasterMove {
         mailbox: MailboxKey,
     },
+    /// IMAP CREATE: an empty mailbox, shown on every server.
+    CreateMailbox {
+        mailbox: MailboxKey,
+    },
+    /// IMAP DELETE: every message expunged and the mailbox hidden everywhere.
+    DeleteMailbox {
+        mailbox: MailboxKey,
+    },
 }
 
 /// One message as a client sees it.

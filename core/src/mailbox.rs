@@ -31,11 +31,17 @@ pub struct MergeOutcome {
     pub meta_changed: bool,
     /// A conflict was found through a tombstone (the seed's FIXME).
     pub tombstone_conflict: bool,
+    /// The mailbox's created/deleted stamps moved.
+    pub lifecycle_changed: bool,
 }
 
 impl MergeOutcome {
     pub fn changed(&self) -> bool {
-        !self.records.is_empty() || !self.removed.is_empty() || !self.tombstones.is_empty() || self.meta_changed
+        !self.records.is_empty()
+            || !self.removed.is_empty()
+            || !self.tombstones.is_empty()
+            || self.meta_changed
+            || self.lifecycle_changed
     }
 }
 
@@ -46,6 +52,7 @@ pub fn new_mailbox(key: &MailboxKey) -> StoredMailbox {
         highest_modseq: 0,
         messages: BTreeMap::new(),
         tombstones: BTreeMap::new(),
+        lifecycle: Lifecycle::default(),
     }
 }
 
@@ -78,7 +85,13 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
 pub fn digest(m: &StoredMailbox) -> u64 {
     let live = m.messages.values().fold(0u64, |acc, r| acc ^ record_hash(r));
     let dead = m.tombstones.values().fold(0u64, |acc, t| acc ^ tombstone_hash(t));
-    live ^ mix64(dead)
+    // A mailbox never created or deleted by a client digests as it always did.
+    let lifecycle = if m.lifecycle.is_default() {
+        0
+    } else {
+        mix64(m.lifecycle.created_at ^ mix64(m.lifecycle.deleted_at ^ 0x6c69_6665))
+    };
+    live ^ mix64(dead) ^ lifecycle
 }
 
 pub fn summary(key: &MailboxKey, m: &StoredMailbox) -> Summary {
@@ -100,6 +113,7 @@ pub fn state(key: &MailboxKey, m: &StoredMailbox) -> MailboxState {
         highest_modseq: m.highest_modseq,
         messages: m.messages.values().cloned().collect(),
         tombstones: m.tombstones.values().copied().collect(),
+        lifecycle: m.lifecycle,
     }
 }
 
@@ -247,6 +261,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         out.unresolved = true;
         return out;
     }
+    out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
     // A retirement whose replacement binding cannot be placed here is not applied yet:
     // our binding stays live (with its flag changes) until the master settles it.
     let placeable = |m: &StoredMailbox, r: &MessageRecord| {
@@ -331,6 +346,9 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     let same_validity = foreign.uidvalidity == m.uidvalidity;
+    if same_validity {
+        out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
+    }
     let modseq = m.highest_modseq.max(foreign.highest_modseq) + 1;
     // Messages that must move to a new UID: (old uid, guid, record to move).
     let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
@@ -657,6 +675,7 @@ mod carry_tests {
             highest_modseq: 36,
             messages: vec![moved],
             tombstones: vec![t(17, 30), t(23, 36)],
+            lifecycle: Default::default(),
         };
         let out = merge_as_replica(&mut m, &fragment, &MergeRules::default());
         assert!(!out.unresolved);

@@ -55,6 +55,19 @@ pub enum WriteRequest {
         /// current flags back for messages above it, fixing a stale sender.
         known_modseq: ModSeq,
     },
+    /// IMAP CREATE and DELETE (the seed is silent; users expect them to replicate).
+    Mailbox {
+        mailbox: MailboxKey,
+        action: MailboxAction,
+    },
+}
+
+/// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the
+/// mailbox deleted; see [`Lifecycle`] for how copies agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailboxAction {
+    Create,
+    Delete,
 }
 
 impl WriteRequest {
@@ -65,6 +78,7 @@ impl WriteRequest {
             WriteRequest::Copy { dst, .. } => dst,
             WriteRequest::Expunge { mailbox, .. } => mailbox,
             WriteRequest::Store { mailbox, .. } => mailbox,
+            WriteRequest::Mailbox { mailbox, .. } => mailbox,
         }
     }
 }
@@ -111,6 +125,10 @@ pub enum WriteResult {
     Failed {
         kind: FailKind,
         reason: String,
+    },
+    /// CREATE or DELETE done, at this modseq.
+    MailboxDone {
+        modseq: ModSeq,
     },
 }
 
@@ -292,6 +310,7 @@ impl Msg {
                 WriteRequest::Copy { .. } => "COPY",
                 WriteRequest::Expunge { .. } => "EXPUNGE",
                 WriteRequest::Store { .. } => "STORE",
+                WriteRequest::Mailbox { .. } => "MAILBOX",
             },
             Msg::Reply { .. } => "REPLY",
             Msg::Change { change, .. } => match change {

@@ -17,6 +17,15 @@ pub struct StoredMailbox {
     pub messages: BTreeMap<Uid, MessageRecord>,
     /// Keyed by (uid, guid): a retired UID keeps one tombstone per message it held.
     pub tombstones: BTreeMap<(Uid, Guid), Tombstone>,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+}
+
+impl StoredMailbox {
+    /// Whether clients see the mailbox (see [`Lifecycle`]).
+    pub fn visible(&self) -> bool {
+        !self.messages.is_empty() || self.lifecycle.created_at >= self.lifecycle.deleted_at
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +71,7 @@ pub enum StoreWrite {
     Epoch { epoch: u64 },
     LinkSeq { seq: u64 },
     Incarnation { incarnation: u64 },
+    MailboxLifecycle { mailbox: MailboxKey, lifecycle: Lifecycle },
 }
 
 impl DiskImage {
@@ -115,6 +125,9 @@ impl DiskImage {
             StoreWrite::Epoch { epoch } => self.epoch = self.epoch.max(*epoch),
             StoreWrite::LinkSeq { seq } => self.link_seq = self.link_seq.max(*seq),
             StoreWrite::Incarnation { incarnation } => self.incarnation = self.incarnation.max(*incarnation),
+            StoreWrite::MailboxLifecycle { mailbox, lifecycle } => {
+                self.mailboxes.entry(mailbox.clone()).or_default().lifecycle.join(lifecycle);
+            }
         }
     }
 }

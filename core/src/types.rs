@@ -218,6 +218,32 @@ pub struct MailboxState {
     pub highest_modseq: ModSeq,
     pub messages: Vec<MessageRecord>,
     pub tombstones: Vec<Tombstone>,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+}
+
+/// When a client last created and last deleted the mailbox (master modseqs; 0 never).
+/// Both only grow, so copies join by maximum. A mailbox is shown when it holds a live
+/// message or was created at or after its last deletion: a DELETE on one side of a
+/// partition never hides mail that the other side saved meanwhile. UIDVALIDITY and
+/// UIDNEXT survive a delete, so a re-created mailbox never reuses a UID.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lifecycle {
+    pub created_at: ModSeq,
+    pub deleted_at: ModSeq,
+}
+
+impl Lifecycle {
+    pub fn join(&mut self, other: &Lifecycle) -> bool {
+        let before = *self;
+        self.created_at = self.created_at.max(other.created_at);
+        self.deleted_at = self.deleted_at.max(other.deleted_at);
+        before != *self
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Lifecycle::default()
+    }
 }
 
 /// How SAVE/COPY is acknowledged (DESIGN.md, Durability modes).

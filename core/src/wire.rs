@@ -829,7 +829,9 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             generation: r.u64()?,
             states: r.list(read_state)?,
         },
-        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" => Msg::Request { tag: r.u64()?, request: read_request(r, name)? },
+        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" => {
+            Msg::Request { tag: r.u64()?, request: read_request(r, name)? }
+        }
         b"REPLY" => Msg::Reply {
             tag: r.u64()?,
             master: r.opt(Reader::sid)?,
@@ -915,6 +917,12 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
             });
             w.num(*known_modseq);
         }
+        WriteRequest::Mailbox { mailbox, action } => {
+            w.mailbox(mailbox).atom(match action {
+                MailboxAction::Create => "CREATE",
+                MailboxAction::Delete => "DELETE",
+            });
+        }
     }
 }
 
@@ -950,6 +958,14 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             flags: r.flags()?,
         },
         b"EXPUNGE" => WriteRequest::Expunge { mailbox: r.mailbox()?, messages: read_uid_guids(r)? },
+        b"MAILBOX" => {
+            let mailbox = r.mailbox()?;
+            let action = match read_keyword(r, &["CREATE", "DELETE"])? {
+                0 => MailboxAction::Create,
+                _ => MailboxAction::Delete,
+            };
+            WriteRequest::Mailbox { mailbox, action }
+        }
         _ => WriteRequest::Store {
             mailbox: r.mailbox()?,
             messages: read_uid_guids(r)?,
@@ -986,11 +1002,14 @@ fn write_result(w: &mut Writer, result: &WriteResult) {
             };
             w.atom("FAILED").atom(kind).string(reason);
         }
+        WriteResult::MailboxDone { modseq } => {
+            w.atom("MAILBOX-DONE").num(*modseq);
+        }
     }
 }
 
 fn read_result(r: &mut Reader) -> Parse<WriteResult> {
-    Ok(match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED"])? {
+    Ok(match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED", "MAILBOX-DONE"])? {
         0 => WriteResult::Saved { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
         1 => WriteResult::Copied { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
         2 => WriteResult::Expunged { uids: r.uids()?, modseq: r.u64()? },
@@ -1000,6 +1019,7 @@ fn read_result(r: &mut Reader) -> Parse<WriteResult> {
             current: r
                 .list(|r| r.group(|r| Ok(CurrentFlags { uid: r.u32()?, flags: r.flags()?, modseq: r.u64()? })))?,
         },
+        5 => WriteResult::MailboxDone { modseq: r.u64()? },
         _ => WriteResult::Failed {
             kind: match read_keyword(r, &["TEMPORARY", "PERMANENT"])? {
                 0 => FailKind::Temporary,
@@ -1063,6 +1083,7 @@ fn write_state(w: &mut Writer, state: &MailboxState) {
     w.group(|w| {
         w.mailbox(&state.mailbox).num(state.uidvalidity).num(state.uidnext).num(state.highest_modseq);
         w.list(&state.messages, write_record).list(&state.tombstones, write_tombstone);
+        w.num(state.lifecycle.created_at).num(state.lifecycle.deleted_at);
     });
 }
 
@@ -1075,6 +1096,7 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
             highest_modseq: r.u64()?,
             messages: r.list(read_record)?,
             tombstones: r.list(read_tombstone)?,
+            lifecycle: Lifecycle { created_at: r.u64()?, deleted_at: r.u64()? },
         })
     })
 }
@@ -1187,6 +1209,7 @@ mod tests {
                 Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true },
                 Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false },
             ],
+            lifecycle: Lifecycle { created_at: 3, deleted_at: 7 },
         }
     }
 
@@ -1278,6 +1301,25 @@ mod tests {
             ),
             env(2, 1, 0, Msg::Request { tag: 4, request: store(Some(11)) }),
             env(2, 1, 0, Msg::Request { tag: 5, request: store(None) }),
+            env(
+                2,
+                1,
+                0,
+                Msg::Request {
+                    tag: 6,
+                    request: WriteRequest::Mailbox { mailbox: odd.clone(), action: MailboxAction::Create },
+                },
+            ),
+            env(
+                2,
+                1,
+                0,
+                Msg::Request {
+                    tag: 7,
+                    request: WriteRequest::Mailbox { mailbox: wild.clone(), action: MailboxAction::Delete },
+                },
+            ),
+            env(1, 2, 0, reply(Some(Sid(1)), WriteResult::MailboxDone { modseq: 12 })),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Saved { uidvalidity: 77, uid: 11, guid })),
             env(1, 2, 0, reply(None, WriteResult::Copied { uidvalidity: 77, uid: 12, guid })),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Expunged { uids: vec![4, 5], modseq: 100 })),
@@ -1446,7 +1488,7 @@ mod tests {
     #[test]
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
-        assert_eq!(names.len(), 26, "{names:?}");
+        assert_eq!(names.len(), 27, "{names:?}");
     }
 
     #[test]
@@ -1856,11 +1898,31 @@ mod tests {
             any::<(u32, u32, u64)>(),
             proptest::collection::vec(message_record(), 0..3),
             proptest::collection::vec(tombstone, 0..3),
+            any::<(u64, u64)>(),
         )
-            .prop_map(|(reply, mailbox, (uidvalidity, uidnext, highest_modseq), messages, tombstones)| Msg::Sync {
-                reply,
-                state: MailboxState { mailbox, uidvalidity, uidnext, highest_modseq, messages, tombstones },
-            });
+            .prop_map(
+                |(
+                    reply,
+                    mailbox,
+                    (uidvalidity, uidnext, highest_modseq),
+                    messages,
+                    tombstones,
+                    (created_at, deleted_at),
+                )| {
+                    Msg::Sync {
+                        reply,
+                        state: MailboxState {
+                            mailbox,
+                            uidvalidity,
+                            uidnext,
+                            highest_modseq,
+                            messages,
+                            tombstones,
+                            lifecycle: Lifecycle { created_at, deleted_at },
+                        },
+                    }
+                },
+            );
         let mbox = (any::<u64>(), mailbox_key(), any::<(u32, u32, u32, u64, u64)>()).prop_map(
             |(tag, mailbox, (uidvalidity, uidnext, count, highest_modseq, digest))| Msg::Mbox {
                 tag,

@@ -273,7 +273,14 @@ impl EventLoop {
                 let _ = reply.send(found);
             }
             Event::Mailboxes { user, reply } => {
-                let boxes = self.server.summaries().into_iter().filter(|s| s.mailbox.user == user).collect();
+                let boxes = self
+                    .server
+                    .image()
+                    .mailboxes
+                    .iter()
+                    .filter(|(k, m)| k.user == user && m.visible())
+                    .map(|(k, m)| tandem_core::mailbox::summary(k, m))
+                    .collect();
                 let _ = reply.send(boxes);
             }
         }
@@ -348,6 +355,7 @@ impl EventLoop {
                 AdminReply::Error { temporary: kind == FailKind::Temporary, reason }
             }
             ClientReply::Moved { master } => AdminReply::Moved { master: master.0 },
+            ClientReply::Write(WriteResult::MailboxDone { modseq }) => AdminReply::Stored { modseq },
         };
         let _ = reply_to.send(answer);
     }

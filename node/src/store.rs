@@ -24,6 +24,8 @@ const BODIES: TableDefinition<u128, &[u8]> = TableDefinition::new("bodies");
 const LOG_ENTRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log_entries");
 /// peer -> next seq.
 const LOG_NEXT: TableDefinition<u32, u64> = TableDefinition::new("log_next");
+/// mailbox -> (created_at, deleted_at) of mailboxes a client created or deleted.
+const LIFECYCLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lifecycles");
 /// (peer, mailbox) -> (peer, mailbox) for mailboxes that overflowed a peer's log.
 const LOG_OVERFLOWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log_overflowed");
 
@@ -71,6 +73,7 @@ impl Store {
             txn.open_table(LOG_ENTRIES)?;
             txn.open_table(LOG_NEXT)?;
             txn.open_table(LOG_OVERFLOWED)?;
+            txn.open_table(LIFECYCLES)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -121,6 +124,12 @@ impl Store {
             let log = image.logs.entry(Sid(k.value())).or_default();
             log.next_seq = log.next_seq.max(v.value());
         }
+        for row in txn.open_table(LIFECYCLES)?.iter()? {
+            let (k, v) = row?;
+            let mailbox: MailboxKey = dec(k.value(), "mailbox key")?;
+            let (created_at, deleted_at): (ModSeq, ModSeq) = dec(v.value(), "lifecycle")?;
+            image.mailboxes.entry(mailbox).or_default().lifecycle.join(&Lifecycle { created_at, deleted_at });
+        }
         for row in txn.open_table(LOG_OVERFLOWED)?.iter()? {
             let (_, v) = row?;
             let (peer, mailbox): (u32, MailboxKey) = dec(v.value(), "overflow mark")?;
@@ -143,6 +152,7 @@ impl Store {
             let mut log_entries = txn.open_table(LOG_ENTRIES)?;
             let mut log_next = txn.open_table(LOG_NEXT)?;
             let mut log_overflowed = txn.open_table(LOG_OVERFLOWED)?;
+            let mut lifecycles = txn.open_table(LIFECYCLES)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -187,6 +197,16 @@ impl Store {
                         } else {
                             log_overflowed.remove(key.as_slice())?;
                         }
+                    }
+                    StoreWrite::MailboxLifecycle { mailbox, lifecycle } => {
+                        ensure_mailbox(&mut mailboxes, mailbox)?;
+                        let key = enc(mailbox)?;
+                        let mut joined = *lifecycle;
+                        if let Some(old) = lifecycles.get(key.as_slice())? {
+                            let (created_at, deleted_at): (ModSeq, ModSeq) = dec(old.value(), "lifecycle")?;
+                            joined.join(&Lifecycle { created_at, deleted_at });
+                        }
+                        lifecycles.insert(key.as_slice(), enc(&(joined.created_at, joined.deleted_at))?.as_slice())?;
                     }
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
@@ -253,6 +273,14 @@ mod tests {
             StoreWrite::LogOverflow { peer: Sid(2), mailbox: mailbox.clone(), overflowed: true },
             StoreWrite::Epoch { epoch: 65537 },
             StoreWrite::Epoch { epoch: 3 },
+            StoreWrite::MailboxLifecycle {
+                mailbox: mailbox.clone(),
+                lifecycle: Lifecycle { created_at: 2, deleted_at: 5 },
+            },
+            StoreWrite::MailboxLifecycle {
+                mailbox: mailbox.clone(),
+                lifecycle: Lifecycle { created_at: 6, deleted_at: 0 },
+            },
             StoreWrite::LinkSeq { seq: 6 },
         ];
         let mut expected = DiskImage::default();

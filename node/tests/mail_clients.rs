@@ -78,6 +78,12 @@ fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
 }
 
 #[test]
+fn create_rename_delete_replicate() {
+    let m = start("mode = \"sync\"\nreplicas = 1");
+    client(&["lifecycle", &port(m.imap[0]), &port(m.imap[1]), &port(m.imap[2]), USER, PASSWORD]);
+}
+
+#[test]
 fn starttls_and_implicit_tls_for_imap() {
     let dir = tempfile::tempdir().unwrap();
     let (m, imaps) = start_with_tls("", Some(dir.path()));

@@ -44,6 +44,8 @@ pub struct Oracle {
     pub expunged: BTreeSet<(MailboxKey, Guid)>,
     /// Every message an EXPUNGE was asked for, answered or not.
     pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
+    /// Mailboxes a client asked to DELETE.
+    pub deleted_mailboxes: BTreeSet<MailboxKey>,
     /// Last UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ a client saw per server and mailbox.
     views: BTreeMap<(Sid, MailboxKey), (u32, Uid, ModSeq)>,
     /// Last UIDNEXT/HIGHESTMODSEQ written by each server incarnation.
@@ -180,6 +182,12 @@ impl Oracle {
         }
     }
 
+    /// A DELETE of the mailbox was asked for: whatever it held may be expunged, including
+    /// messages acknowledged later but ordered before the delete at its master.
+    pub fn mailbox_delete_requested(&mut self, mailbox: &MailboxKey) {
+        self.deleted_mailboxes.insert(mailbox.clone());
+    }
+
     pub fn expunge_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
             self.expunged.insert((mailbox.clone(), *g));
@@ -248,7 +256,10 @@ impl Oracle {
         if check_loss {
             for ((mailbox, guid), (server, at)) in &self.acked.clone() {
                 let key = (mailbox.clone(), *guid);
-                if self.expunged.contains(&key) || self.expunge_requested.contains(&key) {
+                if self.expunged.contains(&key)
+                    || self.expunge_requested.contains(&key)
+                    || self.deleted_mailboxes.contains(mailbox)
+                {
                     continue;
                 }
                 for (sid, image) in stores {

@@ -201,6 +201,16 @@ pub enum Action {
         server: Sid,
         mailbox: MailboxKey,
     },
+    /// IMAP CREATE of an empty mailbox.
+    CreateMailbox {
+        server: Sid,
+        mailbox: MailboxKey,
+    },
+    /// IMAP DELETE: every message expunged, the mailbox hidden.
+    DeleteMailbox {
+        server: Sid,
+        mailbox: MailboxKey,
+    },
     Cut {
         a: Sid,
         b: Sid,
@@ -304,6 +314,8 @@ pub enum Expect {
     ExactlyOneOk { events: Vec<String> },
     /// Every live server holds this many messages in the mailbox at the end.
     Count { mailbox: MailboxKey, count: usize },
+    /// Whether every live server shows the mailbox (after CREATE/DELETE).
+    Visible { mailbox: MailboxKey, visible: bool },
     /// Every named message ends on a UID other than the first one a client saw for it.
     Renumbered { labels: Vec<String> },
 }
@@ -653,6 +665,8 @@ const OPS: &[(&str, &[&str])] = &[
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
     ("read", &["server", "mailbox"]),
     ("master_move", &["server", "mailbox"]),
+    ("create_mailbox", &["server", "mailbox"]),
+    ("delete_mailbox", &["server", "mailbox"]),
     ("cut", &["a", "b"]),
     ("restore", &["a", "b"]),
     ("isolate", &["server"]),
@@ -682,6 +696,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("mark", &["name", "min"]),
     ("exactly_one_ok", &["events"]),
     ("count", &["mailbox", "count"]),
+    ("visible", &["mailbox", "visible"]),
     ("renumbered", &["labels"]),
 ];
 
@@ -1189,6 +1204,12 @@ impl Cx<'_> {
             "master_move" => {
                 Action::MasterMove { server: self.server(tab, "server")?, mailbox: self.mailbox(tab, "mailbox")? }
             }
+            "create_mailbox" => {
+                Action::CreateMailbox { server: self.server(tab, "server")?, mailbox: self.mailbox(tab, "mailbox")? }
+            }
+            "delete_mailbox" => {
+                Action::DeleteMailbox { server: self.server(tab, "server")?, mailbox: self.mailbox(tab, "mailbox")? }
+            }
             "cut" => {
                 let (a, b) = self.two_servers(tab)?;
                 Action::Cut { a, b }
@@ -1379,6 +1400,14 @@ impl Cx<'_> {
             }
             "count" => {
                 Expect::Count { mailbox: self.mailbox(tab, "mailbox")?, count: self.req_u64(tab, "count")? as usize }
+            }
+            "visible" => {
+                let f = self.req(tab, "visible", "true or false")?;
+                let visible = match &f.node.val {
+                    Val::Bool(b) => *b,
+                    _ => return Err(self.bad(tab, &f, "true or false")),
+                };
+                Expect::Visible { mailbox: self.mailbox(tab, "mailbox")?, visible }
             }
             "renumbered" => {
                 let f = self.req(tab, "labels", "a non-empty list of message labels")?;
@@ -1726,6 +1755,16 @@ op = "random_faults"
 until_ms = 2000
 count = 9
 kinds = ["lose", "hand_edit", "corrupt", "partition", "cut", "crash", "flap"]
+[[event]]
+at_ms = 28
+op = "create_mailbox"
+server = "s1"
+mailbox = "alice/Projects"
+[[event]]
+at_ms = 29
+op = "delete_mailbox"
+server = "s2"
+mailbox = "alice/Projects"
 "#
         );
         let s = parse(&text, None).unwrap();
@@ -1805,10 +1844,12 @@ kinds = ["lose", "hand_edit", "corrupt", "partition", "cut", "crash", "flap"]
                     FaultKind::Flap,
                 ],
             },
+            Action::CreateMailbox { server: s1, mailbox: mb("alice/Projects") },
+            Action::DeleteMailbox { server: s2, mailbox: mb("alice/Projects") },
         ];
         let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
         assert_eq!(got, expected);
-        assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=27).collect::<Vec<_>>());
+        assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=29).collect::<Vec<_>>());
         // Every op in the table is exercised.
         for (op, _) in OPS {
             assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
@@ -1874,6 +1915,10 @@ count = 4
 [[expect]]
 check = "renumbered"
 labels = ["m2", "m3"]
+[[expect]]
+check = "visible"
+mailbox = "alice/Archive"
+visible = false
 "#
         );
         let s = parse(&text, None).unwrap();
@@ -1894,6 +1939,7 @@ labels = ["m2", "m3"]
                 Expect::ExactlyOneOk { events: vec!["a".into(), "b".into()] },
                 Expect::Count { mailbox: mb("alice/INBOX"), count: 4 },
                 Expect::Renumbered { labels: vec!["m2".into(), "m3".into()] },
+                Expect::Visible { mailbox: mb("alice/Archive"), visible: false },
             ]
         );
     }

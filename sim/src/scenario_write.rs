@@ -172,6 +172,12 @@ fn write_action(out: &mut String, a: &Action) {
             kv("server", sid(*server));
             kv("mailbox", mailbox(m));
         }
+        Action::CreateMailbox { server, mailbox: m } | Action::DeleteMailbox { server, mailbox: m } => {
+            let op = if matches!(a, Action::CreateMailbox { .. }) { "create_mailbox" } else { "delete_mailbox" };
+            kv("op", quote(op));
+            kv("server", sid(*server));
+            kv("mailbox", mailbox(m));
+        }
         Action::Cut { a, b } => {
             kv("op", quote("cut"));
             kv("a", sid(*a));
@@ -307,6 +313,11 @@ fn write_expect(out: &mut String, x: &Expect) {
             kv("check", quote("count"));
             kv("mailbox", mailbox(m));
             kv("count", count.to_string());
+        }
+        Expect::Visible { mailbox: m, visible } => {
+            kv("check", quote("visible"));
+            kv("mailbox", mailbox(m));
+            kv("visible", visible.to_string());
         }
         Expect::Renumbered { labels } => {
             kv("check", quote("renumbered"));

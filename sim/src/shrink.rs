@@ -108,6 +108,8 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::Store { server, .. }
         | Action::Read { server, .. }
         | Action::MasterMove { server, .. }
+        | Action::CreateMailbox { server, .. }
+        | Action::DeleteMailbox { server, .. }
         | Action::Isolate { server }
         | Action::Crash { server }
         | Action::Restart { server }

@@ -749,6 +749,8 @@ fn describe_request(request: &ClientRequest) -> String {
         }
         ClientRequest::Read { mailbox } => format!("READ {mailbox}"),
         ClientRequest::MasterMove { mailbox } => format!("MASTER-MOVE {mailbox}"),
+        ClientRequest::CreateMailbox { mailbox } => format!("CREATE {mailbox}"),
+        ClientRequest::DeleteMailbox { mailbox } => format!("DELETE {mailbox}"),
     }
 }
 
@@ -796,6 +798,7 @@ pub fn describe(envelope: &Envelope) -> String {
                 let uids: Vec<Uid> = messages.iter().map(|m| m.0).collect();
                 format!("#{tag} {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
             }
+            WriteRequest::Mailbox { mailbox, action } => format!("#{tag} {mailbox} {action:?}"),
         },
         Msg::Reply { tag, master, result, .. } => format!("#{tag} master {master:?} {result:?}"),
         Msg::Change { seq, change } => match change {
@@ -1029,6 +1032,16 @@ impl World {
                 event,
                 Outstanding { mailbox: Some(mailbox), ..none() },
             ),
+            Action::CreateMailbox { server, mailbox } => {
+                let o = Outstanding { mailbox: Some(mailbox.clone()), ..none() };
+                self.request(server, ClientRequest::CreateMailbox { mailbox }, event, o)
+            }
+            Action::DeleteMailbox { server, mailbox } => {
+                // Everything in it may go: the oracle treats it as an expunge of all.
+                self.oracle.mailbox_delete_requested(&mailbox);
+                let o = Outstanding { mailbox: Some(mailbox.clone()), ..none() };
+                self.request(server, ClientRequest::DeleteMailbox { mailbox }, event, o)
+            }
             Action::MasterMove { server, mailbox } => {
                 self.request(server, ClientRequest::MasterMove { mailbox }, event, none())
             }
@@ -1428,6 +1441,19 @@ impl World {
                             .unwrap_or(0);
                         if n != count {
                             failures.push(format!("{mailbox} on {sid} holds {n} messages, expected {count}"));
+                        }
+                    }
+                }
+                Expect::Visible { mailbox, visible } => {
+                    for sid in &live {
+                        let shown = self
+                            .nodes
+                            .get(sid)
+                            .and_then(|n| n.server.as_ref())
+                            .and_then(|s| s.image().mailboxes.get(&mailbox))
+                            .is_some_and(|m| m.visible());
+                        if shown != visible {
+                            failures.push(format!("{mailbox} on {sid}: shown {shown}, expected {visible}"));
                         }
                     }
                 }

@@ -128,6 +128,12 @@ impl Server {
                     .unwrap_or(0);
                 WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq }
             }
+            ClientRequest::CreateMailbox { mailbox } => {
+                WriteRequest::Mailbox { mailbox, action: MailboxAction::Create }
+            }
+            ClientRequest::DeleteMailbox { mailbox } => {
+                WriteRequest::Mailbox { mailbox, action: MailboxAction::Delete }
+            }
         };
         if let Err(reason) = validate(&write) {
             self.push_reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
@@ -165,7 +171,7 @@ impl Server {
     }
 
     fn read_view(&self, mailbox: &MailboxKey) -> ClientReply {
-        let Some(m) = self.db.mailboxes.get(mailbox) else {
+        let Some(m) = self.db.mailboxes.get(mailbox).filter(|m| m.visible()) else {
             return ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {mailbox}") };
         };
         ClientReply::Read(MailboxView {
@@ -353,6 +359,7 @@ impl Server {
             highest_modseq: record.modseq,
             messages: vec![record.clone()],
             tombstones: Vec::new(),
+            lifecycle: Default::default(),
         };
         self.merge_foreign(src, &fragment, false);
     }
@@ -497,6 +504,7 @@ impl Server {
                         (fail(FailKind::Temporary, "the master does not have that message yet"), None)
                     }
                     WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, tag),
+                    WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, tag),
                     store @ WriteRequest::Store { .. } => self.master_store(&store, tag),
                 };
                 // Sync mode answers a change once `replicas` peers made it durable too:
@@ -679,6 +687,57 @@ impl Server {
             .collect();
         self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(tag));
         (WriteResult::Expunged { uids, modseq }, Some(()))
+    }
+
+    /// CREATE and DELETE at the master: one change at one new modseq, replicated as a
+    /// piece of mailbox state (DELETE's tombstones with it).
+    fn master_lifecycle(&mut self, mailbox: &MailboxKey, action: MailboxAction, tag: u64) -> (WriteResult, Option<()>) {
+        let visible = self.db.mailboxes.get(mailbox).is_some_and(|m| m.visible());
+        match action {
+            MailboxAction::Create if visible => {
+                return (fail(FailKind::Permanent, format!("mailbox {mailbox} exists")), None);
+            }
+            MailboxAction::Delete if !visible => {
+                return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
+            }
+            MailboxAction::Delete if mailbox.name == "INBOX" => {
+                return (fail(FailKind::Permanent, "INBOX cannot be deleted"), None);
+            }
+            _ => {}
+        }
+        let m = self.mailbox_mut(mailbox);
+        let modseq = m.highest_modseq + 1;
+        let mut tombstones = Vec::new();
+        match action {
+            MailboxAction::Create => m.lifecycle.created_at = modseq,
+            MailboxAction::Delete => {
+                for r in std::mem::take(&mut m.messages).into_values() {
+                    let t = Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true };
+                    m.tombstones.insert((t.uid, t.guid), t);
+                    tombstones.push(t);
+                }
+                m.lifecycle.deleted_at = modseq;
+            }
+        }
+        m.highest_modseq = modseq;
+        debug_assert_eq!(m.visible(), action == MailboxAction::Create);
+        let state = MailboxState {
+            mailbox: mailbox.clone(),
+            uidvalidity: m.uidvalidity,
+            uidnext: m.uidnext,
+            highest_modseq: modseq,
+            messages: Vec::new(),
+            tombstones,
+            lifecycle: m.lifecycle,
+        };
+        for t in &state.tombstones {
+            self.write(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
+            self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
+        }
+        self.persist_meta(mailbox);
+        self.write(StoreWrite::MailboxLifecycle { mailbox: mailbox.clone(), lifecycle: state.lifecycle });
+        self.replicate(Change::Merge { state }, Some(tag));
+        (WriteResult::MailboxDone { modseq }, Some(()))
     }
 
     fn master_store(&mut self, request: &WriteRequest, tag: u64) -> (WriteResult, Option<()>) {

@@ -179,6 +179,7 @@ impl Server {
             highest_modseq: 0,
             messages: Vec::new(),
             tombstones: Vec::new(),
+            lifecycle: Default::default(),
         };
         match change {
             Change::Save { mailbox, uidvalidity, record, body } => {
@@ -292,6 +293,7 @@ impl Server {
                 highest_modseq: m.highest_modseq,
                 messages: out.records.clone(),
                 tombstones: out.tombstones.clone(),
+                lifecycle: m.lifecycle,
             };
             self.replicate(Change::Merge { state: fragment }, None);
         }
@@ -299,6 +301,11 @@ impl Server {
     }
 
     fn persist_outcome(&mut self, mailbox: &MailboxKey, out: &MergeOutcome) {
+        if out.lifecycle_changed
+            && let Some(lifecycle) = self.db.mailboxes.get(mailbox).map(|m| m.lifecycle)
+        {
+            self.write(StoreWrite::MailboxLifecycle { mailbox: mailbox.clone(), lifecycle });
+        }
         for t in &out.tombstones {
             self.write(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
         }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
-use tandem_core::msg::WriteResult;
+use tandem_core::msg::{FailKind, WriteResult};
 use tandem_core::types::{Flag, Guid, MailboxKey, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -325,15 +325,31 @@ impl Session {
             CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => Ok(format!("{name} done")),
             CommandBody::Create { mailbox } => {
                 let name = mailbox_name(&mailbox);
+                let name = name.trim_end_matches('/').to_string();
                 if self.mailbox_exists(&name).await {
                     Err("NO [ALREADYEXISTS] that mailbox exists".into())
                 } else {
-                    Err("NO [CANNOT] creating an empty mailbox is not supported yet: APPEND or COPY into it".into())
+                    self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(&name) })
+                        .await
+                        .map(|_| "CREATE done".into())
                 }
             }
-            CommandBody::Delete { .. } | CommandBody::Rename { .. } => {
-                Err("NO [CANNOT] DELETE and RENAME are not supported yet".into())
+            CommandBody::Delete { mailbox } => {
+                let name = mailbox_name(&mailbox);
+                if name.eq_ignore_ascii_case("INBOX") {
+                    Err("NO [CANNOT] INBOX cannot be deleted".into())
+                } else if !self.mailbox_exists(&name).await {
+                    Err("NO [NONEXISTENT] no such mailbox".into())
+                } else {
+                    if self.selected.as_ref().is_some_and(|s| s.mailbox == self.key(&name)) {
+                        self.selected = None;
+                    }
+                    self.lifecycle(ClientRequest::DeleteMailbox { mailbox: self.key(&name) })
+                        .await
+                        .map(|_| "DELETE done".into())
+                }
             }
+            CommandBody::Rename { from, to } => self.rename(&mailbox_name(&from), &mailbox_name(&to)).await,
             _ if self.selected.is_none() => Err("NO select a mailbox first".into()),
             CommandBody::Fetch { sequence_set, macro_or_item_names, uid, modifiers } => {
                 self.fetch(&sequence_set, macro_or_item_names, uid, &modifiers).await
@@ -434,6 +450,51 @@ impl Session {
             }
             other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
         }
+    }
+
+    async fn lifecycle(&self, request: ClientRequest) -> Result<()> {
+        match self.node.request(request).await {
+            ClientReply::Write(WriteResult::MailboxDone { .. }) => Ok(()),
+            ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, reason }) => {
+                Err(format!("NO {reason}"))
+            }
+            other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+        }
+    }
+
+    /// RENAME: the new mailbox gets a copy of every message, then the old one is deleted
+    /// (for INBOX: emptied, as RFC 3501 says). Each step replicates; a failure midway
+    /// leaves both mailboxes, never a lost message.
+    async fn rename(&mut self, from: &str, to: &str) -> Result<String> {
+        if !self.mailbox_exists(from).await {
+            return Err("NO [NONEXISTENT] no such mailbox".into());
+        }
+        if self.mailbox_exists(to).await {
+            return Err("NO [ALREADYEXISTS] the target exists".into());
+        }
+        let (src, dst) = (self.key(from), self.key(to));
+        self.lifecycle(ClientRequest::CreateMailbox { mailbox: dst.clone() }).await?;
+        let view = self.read(from).await?;
+        for m in &view.messages {
+            let request = ClientRequest::Copy { src: src.clone(), src_uid: m.uid, dst: dst.clone() };
+            match self.node.request(request).await {
+                ClientReply::Write(WriteResult::Copied { .. }) => {}
+                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        }
+        if src.name == "INBOX" {
+            let uids = view.messages.iter().map(|m| m.uid).collect();
+            match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
+                ClientReply::Write(WriteResult::Expunged { .. }) => {}
+                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        } else {
+            if self.selected.as_ref().is_some_and(|s| s.mailbox == src) {
+                self.selected = None;
+            }
+            self.lifecycle(ClientRequest::DeleteMailbox { mailbox: src }).await?;
+        }
+        Ok("RENAME done".into())
     }
 
     async fn list(&mut self, command: &str, reference: &str, pattern: &str) -> Result<String> {
@@ -611,6 +672,9 @@ impl Session {
         body: Vec<u8>,
     ) -> Result<String> {
         let flags = core_flags(flags)?;
+        if !self.mailbox_exists(name).await {
+            return Err("NO [TRYCREATE] no such mailbox".into());
+        }
         let received = received.unwrap_or_else(now_secs);
         let request = ClientRequest::Save { mailbox: self.key(name), received, flags, body };
         match self.node.request(request).await {
@@ -848,6 +912,9 @@ impl Session {
         let dst = self.key(to);
         if dst == src {
             return Err("NO [CANNOT] copying into the same mailbox is not supported".into());
+        }
+        if !self.mailbox_exists(to).await {
+            return Err("NO [TRYCREATE] no such mailbox".into());
         }
         let mut pairs = Vec::new();
         let mut uidvalidity = 0;

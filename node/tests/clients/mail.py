@@ -97,6 +97,9 @@ def main():
         assert found == [b"1"], found
         found = check(c.uid("SEARCH", None, "SUBJECT", '"delivery 2"'))[0].split()
         assert len(found) == 1, found
+        typ, data = c.copy("1:2", "Nowhere")
+        assert typ == "NO" and b"TRYCREATE" in data[0], data
+        check(c.create("Archive"))
         typ, data = c.copy("1:2", "Archive")
         assert typ == "OK" and b"COPYUID" in data[0], data
         typ, data = c.append("INBOX", "(\\Draft)", None, b"Subject: appended\r\n\r\nhello\r\n")
@@ -174,6 +177,7 @@ def main():
         answer = c.readline()
         assert answer.startswith(f"{tag} BAD".encode()), answer
         check(c.noop())  # the session goes on
+        check(c.create("Moved"))
         typ, data = c.xatom("MOVE", "1", "Moved")
         assert typ == "OK", (typ, data)
         typ, data = c.status("Moved", "(MESSAGES)")
@@ -204,6 +208,34 @@ def main():
         assert seen == before + 1, (before, seen)
         c.logout()
         print(json.dumps({"exists": seen}))
+    elif cmd == "lifecycle":
+        # CREATE on one server, seen on the others; RENAME and DELETE likewise.
+        a, b, cc, user, password = args
+        names = lambda port: [line.decode().rsplit(" ", 1)[-1].strip('"') for line in check(imap(port, user, password).list())]
+        x = imap(a, user, password)
+        check(x.create("Projects"))
+        typ, data = x.create("Projects")
+        assert typ == "NO" and b"ALREADYEXISTS" in data[0], data
+        wait = lambda cond: next((True for _ in range(150) if cond() or time.sleep(0.2)), False)
+        assert wait(lambda: "Projects" in names(b)), names(b)
+        y = imap(b, user, password)
+        typ, data = y.select("Projects")
+        assert typ == "OK" and data == [b"0"], data
+        check(y.append("Projects", None, None, b"Subject: plan\r\n\r\nx\r\n"))
+        y.logout()
+        check(x.rename("Projects", "Done"))
+        assert wait(lambda: "Done" in names(cc) and "Projects" not in names(cc)), names(cc)
+        z = imap(cc, user, password)
+        typ, data = z.select("Done")
+        assert typ == "OK" and data == [b"1"], data
+        z.close()
+        check(z.delete("Done"))
+        typ, data = z.delete("INBOX")
+        assert typ == "NO", data
+        z.logout()
+        assert wait(lambda: "Done" not in names(a)), names(a)
+        x.logout()
+        print(json.dumps({"ok": True}))
     elif cmd == "flag":
         port, user, password, uid, flag = args
         c = imap(port, user, password)
