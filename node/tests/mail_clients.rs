@@ -78,6 +78,34 @@ fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
 }
 
 #[test]
+fn lmtp_answers_451_when_the_durability_promise_cannot_be_kept() {
+    let mut m = start("mode = \"sync\"\nreplicas = 2");
+    m.cluster.kill9(1);
+    m.cluster.kill9(2);
+    let r = client(&["lmtp-temporary", &port(m.lmtp[0]), USER]);
+    assert_eq!(r["code"], 451, "{r}");
+}
+
+#[test]
+fn tandem_user_add_writes_a_working_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["user", "add", "carol@example.org", "--users"])
+        .arg(&users)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"s3cret pass\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let loaded = tandem_node::users::Users::load(&users).unwrap();
+    assert!(loaded.verify("carol@example.org", b"s3cret pass"));
+    assert!(!loaded.verify("carol@example.org", b"s3cret pass\n"));
+}
+
+#[test]
 fn create_rename_delete_replicate() {
     let m = start("mode = \"sync\"\nreplicas = 1");
     client(&["lifecycle", &port(m.imap[0]), &port(m.imap[1]), &port(m.imap[2]), USER, PASSWORD]);

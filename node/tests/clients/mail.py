@@ -52,6 +52,15 @@ def main():
                 refused = l.sendmail(sender, rcpts, msg)
                 out.append(refused)
         print(json.dumps({"refused": out}))
+    elif cmd == "lmtp-temporary":
+        # Not enough servers for the durability promise: 451, so the MTA retries.
+        port, rcpt = args
+        with smtplib.LMTP("127.0.0.1", int(port)) as l:
+            try:
+                l.sendmail("a@b", [rcpt], "Subject: x\r\n\r\nx\r\n")
+                raise SystemExit("accepted without the promised copies")
+            except smtplib.SMTPDataError as e:
+                print(json.dumps({"code": e.smtp_code}))
     elif cmd == "lmtp-unknown":
         port, rcpt = args
         with smtplib.LMTP("127.0.0.1", int(port)) as l:
