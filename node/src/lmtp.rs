@@ -21,18 +21,15 @@ const SESSIONS_MAX: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>, hostname: String) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(SESSIONS_MAX));
-    loop {
-        let Ok((stream, addr)) = listener.accept().await else { continue };
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+    crate::node::serve_sessions(listener, SESSIONS_MAX, move |stream, addr| {
         let (node, users, hostname) = (node.clone(), users.clone(), hostname.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             if let Err(e) = session(stream, node, users, &hostname).await {
                 debug!(%addr, error = %e, "LMTP session ended");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// One line, CRLF or LF ended, at most LINE_LEN_MAX bytes; None at end of stream.

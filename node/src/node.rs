@@ -563,14 +563,29 @@ async fn dial_peer(
     }
 }
 
-async fn serve_admin(listener: TcpListener, events: mpsc::Sender<Event>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+/// Accepts connections and runs `session` for each, at most `sessions_max` at once
+/// (more wait in the kernel's backlog).
+pub(crate) async fn serve_sessions<F, Fut>(listener: TcpListener, sessions_max: usize, mut session: F)
+where
+    F: FnMut(TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(sessions_max));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, addr)) = listener.accept().await else { continue };
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let events = events.clone();
+        let work = session(stream, addr);
         tokio::spawn(async move {
             let _permit = permit;
+            work.await;
+        });
+    }
+}
+
+async fn serve_admin(listener: TcpListener, events: mpsc::Sender<Event>) {
+    serve_sessions(listener, ADMIN_CONNECTIONS_MAX, move |stream, _| {
+        let events = events.clone();
+        async move {
             let (read, mut write) = stream.into_split();
             let mut reader = BufReader::new(read.take(admin::REQUEST_LEN_MAX as u64));
             let mut line = String::new();
@@ -596,8 +611,9 @@ async fn serve_admin(listener: TcpListener, events: mpsc::Sender<Event>) {
                     return;
                 }
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// A minimal HTTP/1.0 responder: every GET gets the exposition.

@@ -46,13 +46,9 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     implicit_tls: bool,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(SESSIONS_MAX));
-    loop {
-        let Ok((tcp, addr)) = listener.accept().await else { continue };
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+    crate::node::serve_sessions(listener, SESSIONS_MAX, move |tcp, addr| {
         let (node, users, tls) = (node.clone(), users.clone(), tls.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             debug!(%addr, "IMAP session");
             let stream: Box<dyn PeerIo> = match (&tls, implicit_tls) {
                 (Some(acceptor), true) => match acceptor.accept(tcp).await {
@@ -81,8 +77,9 @@ pub async fn serve(
             if let Err(e) = session.run().await {
                 debug!(%addr, error = %e, "IMAP session ended");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 struct Selected {
