@@ -434,6 +434,7 @@ impl Harness {
                             highest_modseq: m.highest_modseq,
                             messages: m.messages.values().cloned().collect(),
                             tombstones: m.tombstones.values().copied().collect(),
+                            lifecycle: m.lifecycle,
                         })
                         .collect()
                 };
@@ -471,10 +472,17 @@ impl Harness {
                             .collect();
                         (WriteResult::Stored { modseq: 6, rejected: Vec::new(), current }, None)
                     }
+                    (_, WriteRequest::Mailbox { .. }) => (WriteResult::MailboxDone { modseq: 7 }, None),
                 };
                 Msg::Reply { tag, master, result, record }
             }
-            Msg::Change { seq, .. } => Msg::Ack { seqs: vec![seq] },
+            Msg::Change { seq, .. } => {
+                if v % 5 == 0 {
+                    Msg::Ack { seqs: Vec::new(), refused: vec![seq] }
+                } else {
+                    Msg::Ack { seqs: vec![seq], refused: Vec::new() }
+                }
+            }
             Msg::MboxRequest { tag, .. } => Msg::MboxDone { tag, count: 0 },
             Msg::Mbox { mut summary, .. } => {
                 summary.digest ^= u64::from(v % 2);
@@ -486,6 +494,7 @@ impl Harness {
                 }
                 Msg::Sync { reply: true, state }
             }
+            Msg::Fetch { guid } if v % 8 == 7 => Msg::NoBody { guid },
             Msg::Fetch { guid } => {
                 let body = self.bodies.get(&guid).cloned().filter(|_| v % 4 != 3).unwrap_or_else(|| b"junk".to_vec());
                 let checksum = hash::body_checksum(&body);
@@ -498,7 +507,7 @@ impl Harness {
 }
 
 fn client_request(r: &mut Bytes) -> ClientRequest {
-    match r.byte() % 6 {
+    match r.byte() % 8 {
         0 => {
             let mailbox = mailbox(r.byte());
             let received = u64::from(r.byte());
@@ -519,7 +528,9 @@ fn client_request(r: &mut Bytes) -> ClientRequest {
             ClientRequest::Store { mailbox, uids, add, remove, unchanged_since }
         }
         4 => ClientRequest::Read { mailbox: mailbox(r.byte()) },
-        _ => ClientRequest::MasterMove { mailbox: mailbox(r.byte()) },
+        5 => ClientRequest::MasterMove { mailbox: mailbox(r.byte()) },
+        6 => ClientRequest::CreateMailbox { mailbox: mailbox(r.byte()) },
+        _ => ClientRequest::DeleteMailbox { mailbox: mailbox(r.byte()) },
     }
 }
 
