@@ -899,6 +899,11 @@ impl World {
         }
     }
 
+    /// A running server's copy of a mailbox.
+    fn stored_mailbox(&self, sid: Sid, mailbox: &MailboxKey) -> Option<&tandem_core::store::StoredMailbox> {
+        self.nodes.get(&sid).and_then(|n| n.server.as_ref()).and_then(|s| s.image().mailboxes.get(mailbox))
+    }
+
     fn client_reply(&mut self, sid: Sid, id: RequestId, reply: ClientReply) {
         let Some(o) = self.outstanding.remove(&id) else { return };
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
@@ -1432,13 +1437,7 @@ impl World {
                 }
                 Expect::Count { mailbox, count } => {
                     for sid in &live {
-                        let n = self
-                            .nodes
-                            .get(sid)
-                            .and_then(|n| n.server.as_ref())
-                            .and_then(|s| s.image().mailboxes.get(&mailbox))
-                            .map(|m| m.messages.len())
-                            .unwrap_or(0);
+                        let n = self.stored_mailbox(*sid, &mailbox).map(|m| m.messages.len()).unwrap_or(0);
                         if n != count {
                             failures.push(format!("{mailbox} on {sid} holds {n} messages, expected {count}"));
                         }
@@ -1446,12 +1445,7 @@ impl World {
                 }
                 Expect::Visible { mailbox, visible } => {
                     for sid in &live {
-                        let shown = self
-                            .nodes
-                            .get(sid)
-                            .and_then(|n| n.server.as_ref())
-                            .and_then(|s| s.image().mailboxes.get(&mailbox))
-                            .is_some_and(|m| m.visible());
+                        let shown = self.stored_mailbox(*sid, &mailbox).is_some_and(|m| m.visible());
                         if shown != visible {
                             failures.push(format!("{mailbox} on {sid}: shown {shown}, expected {visible}"));
                         }
