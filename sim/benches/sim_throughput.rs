@@ -1,6 +1,6 @@
 //! Simulator speed: simulated messages and simulated seconds per wall-clock second, for
-//! the 30-server scenario (random workload and faults) and for a 5-server cluster under
-//! steady load without faults. Run: `cargo bench -p tandem-sim --bench sim_throughput`.
+//! the 30-server scenario (random workload and faults), for a 5-server cluster under
+//! steady load without faults, and for 3, 10 and 30 servers under that same load. Run: `cargo bench -p tandem-sim --bench sim_throughput`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,24 +31,19 @@ fn measure(name: &str, s: &scenario::Scenario, runs: u64) {
 fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let thirty = scenario::load(&dir.join("thirty-servers.toml")).expect("thirty-servers.toml");
-    let steady = scenario::parse(
-        r#"
-name = "five-servers-steady"
-settle_ms = 60000
-[cluster]
-servers = 5
-[[event]]
-at_ms = 500
-op = "random_workload"
-until_ms = 120000
-ops_per_s = 50
-users = 5
-mailboxes = 3
-"#,
-        None,
-    )
-    .expect("steady scenario");
+    let steady = |servers: usize, until_ms: u64| {
+        let text = format!(
+            "name = \"{servers}-servers-steady\"\nsettle_ms = 60000\n[cluster]\nservers = {servers}\n\
+             [[event]]\nat_ms = 500\nop = \"random_workload\"\nuntil_ms = {until_ms}\nops_per_s = 50\n\
+             users = 5\nmailboxes = 3\n"
+        );
+        scenario::parse(&text, None).expect("steady scenario")
+    };
     let runs = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     measure("thirty-servers (faults)", &thirty, runs);
-    measure("five-servers-steady (no faults)", &steady, runs);
+    measure("five-servers-steady (no faults)", &steady(5, 120_000), runs);
+    // Cluster size under the same steady load (no faults), for the cost curve.
+    measure("3-servers-steady (no faults)", &steady(3, 60_000), runs);
+    measure("10-servers-steady (no faults)", &steady(10, 60_000), runs);
+    measure("30-servers-steady (no faults)", &steady(30, 60_000), runs);
 }
