@@ -109,18 +109,15 @@ impl Server {
         self.check_root_active();
     }
 
-    fn set_epoch(&mut self, epoch: u64) {
-        if epoch > self.db.epoch {
-            self.db.epoch = epoch;
-            self.write(StoreWrite::Epoch { epoch });
-            self.schedule_announcement();
+    /// Raises the highest epoch seen; true when it rose.
+    pub(crate) fn set_epoch(&mut self, epoch: u64) -> bool {
+        if epoch <= self.db.epoch {
+            return false;
         }
-    }
-
-    /// An epoch advertised in link-state. Only remembered: the designated root sees that
-    /// it is behind when the routes are recomputed and opens a term above it.
-    pub(crate) fn heard_epoch(&mut self, epoch: u64) {
-        self.set_epoch(epoch);
+        self.db.epoch = epoch;
+        self.write(StoreWrite::Epoch { epoch });
+        self.schedule_announcement();
+        true
     }
 
     /// Sends the term to every member that has not dropped yet (also used for resends).

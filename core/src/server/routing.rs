@@ -93,9 +93,7 @@ impl Server {
     pub(crate) fn on_link_state(&mut self, from: Sid, origin: Sid, seq: u64, epoch: u64, neighbors: Vec<Sid>) {
         // Learned before the routes change, so that a term opened because the component
         // grew has an epoch above every epoch in it (even our own from before a disk loss).
-        let behind = epoch > self.db.epoch;
-        self.heard_epoch(epoch);
-        if behind && self.reachable.contains(&origin) {
+        if self.set_epoch(epoch) && self.reachable.contains(&origin) {
             self.check_root();
         }
         if origin == self.cfg.sid {
