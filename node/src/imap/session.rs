@@ -68,7 +68,6 @@ pub async fn serve(
                 user: None,
                 selected: None,
                 out: Vec::new(),
-                quiet: BTreeSet::new(),
                 condstore: false,
                 qresync: false,
                 starttls,
@@ -89,9 +88,14 @@ struct Selected {
     uidvalidity: u32,
     /// Sequence number i + 1 is uids[i].
     uids: Vec<Uid>,
-    flags: BTreeMap<Uid, Vec<Flag>>,
-    guids: BTreeMap<Uid, Guid>,
+    /// What the client was last told of each message it has a sequence number for.
     view: BTreeMap<Uid, MessageView>,
+}
+
+impl Selected {
+    fn flags(&self, uid: &Uid) -> &[Flag] {
+        self.view.get(uid).map(|m| m.flags.as_slice()).unwrap_or_default()
+    }
 }
 
 struct Session {
@@ -101,8 +105,6 @@ struct Session {
     user: Option<String>,
     selected: Option<Selected>,
     out: Vec<u8>,
-    /// Messages whose flag changes the current command reports itself.
-    quiet: BTreeSet<Uid>,
     /// RFC 7162: MODSEQ goes with every FLAGS once CONDSTORE is in use, and expunges
     /// are reported as VANISHED once QRESYNC is enabled.
     condstore: bool,
@@ -538,7 +540,7 @@ impl Session {
         self.line(&format!("* OK [UIDVALIDITY {}] UIDs valid", view.uidvalidity));
         self.line(&format!("* OK [UIDNEXT {}] next UID", view.uidnext));
         self.line(&format!("* OK [HIGHESTMODSEQ {}] modseq", view.highest_modseq));
-        if let Some((uidvalidity, since, known)) = resync.filter(|r| r.0 == view.uidvalidity) {
+        if let Some((_, since, known)) = resync.filter(|r| r.0 == view.uidvalidity) {
             // What the client's cache lost: UIDs it may know that are gone, then every
             // message changed since its modseq.
             let present: BTreeSet<Uid> = view.messages.iter().map(|m| m.uid).collect();
@@ -550,7 +552,6 @@ impl Session {
             if !gone.is_empty() {
                 self.line(&format!("* VANISHED (EARLIER) {}", uid_set(&gone)));
             }
-            let _ = uidvalidity;
             for (i, m) in view.messages.iter().enumerate() {
                 if m.modseq > since {
                     self.line(&format!(
@@ -569,8 +570,6 @@ impl Session {
             read_only,
             uidvalidity: view.uidvalidity,
             uids: view.messages.iter().map(|m| m.uid).collect(),
-            flags: view.messages.iter().map(|m| (m.uid, m.flags.clone())).collect(),
-            guids: view.messages.iter().map(|m| (m.uid, m.guid)).collect(),
             view: view.messages.into_iter().map(|m| (m.uid, m)).collect(),
         });
         Ok(if read_only { "[READ-ONLY] EXAMINE done".into() } else { "[READ-WRITE] SELECT done".into() })
@@ -578,6 +577,11 @@ impl Session {
 
     /// Tells the client what changed in the selected mailbox since it last looked.
     async fn refresh(&mut self, expunges_allowed: bool) {
+        self.refresh_except(expunges_allowed, &BTreeSet::new()).await;
+    }
+
+    /// `refresh`, leaving out flag changes of `quiet`: the current command reports them.
+    async fn refresh_except(&mut self, expunges_allowed: bool, quiet: &BTreeSet<Uid>) {
         let Some(name) = self.selected.as_ref().map(|s| s.name.clone()) else { return };
         let Ok(view) = self.read(&name).await else { return };
         let Some(sel) = self.selected.as_mut() else { return };
@@ -599,8 +603,6 @@ impl Session {
                         lines.push(format!("* {seq} EXPUNGE"));
                     }
                     sel.uids.remove(seq - 1);
-                    sel.flags.remove(&uid);
-                    sel.guids.remove(&uid);
                     sel.view.remove(&uid);
                 }
             }
@@ -615,8 +617,6 @@ impl Session {
         // the sequence in UID order.
         for m in &added {
             sel.uids.push(m.uid);
-            sel.flags.insert(m.uid, m.flags.clone());
-            sel.guids.insert(m.uid, m.guid);
             sel.view.insert(m.uid, (*m).clone());
         }
         if !added.is_empty() {
@@ -624,15 +624,12 @@ impl Session {
         }
         for (i, uid) in sel.uids.iter().enumerate() {
             let Some(m) = now.get(uid) else { continue };
-            if sel.flags.get(uid) != Some(&m.flags) {
-                sel.flags.insert(*uid, m.flags.clone());
-                if self.quiet.contains(uid) {
-                    continue;
-                }
+            let changed = sel.flags(uid) != m.flags.as_slice();
+            sel.view.insert(*uid, (*m).clone());
+            if changed && !quiet.contains(uid) {
                 let modseq = if self.condstore { format!(" MODSEQ ({})", m.modseq) } else { String::new() };
                 lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, flag_list(&m.flags)));
             }
-            sel.view.insert(*uid, (*m).clone());
         }
         for l in lines {
             self.line(&l);
@@ -733,8 +730,10 @@ impl Session {
         {
             items.push(MessageDataItemName::ModSeq);
         }
-        if vanished && let (Some(since), Some(sel)) = (changed_since, self.selected.as_ref()) {
-            let _ = since;
+        if vanished
+            && changed_since.is_some()
+            && let Some(sel) = self.selected.as_ref()
+        {
             let largest = sel.uids.last().copied().unwrap_or(0);
             let present: BTreeSet<Uid> = sel.uids.iter().copied().collect();
             let gone: Vec<Uid> = (1..=largest).filter(|u| !present.contains(u) && in_set(set, *u, largest)).collect();
@@ -766,8 +765,7 @@ impl Session {
         });
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         if sets_seen && !sel.read_only {
-            let unseen: Vec<Uid> =
-                targets.iter().map(|t| t.1).filter(|u| !sel.flags.get(u).is_some_and(|f| has(f, "\\Seen"))).collect();
+            let unseen: Vec<Uid> = targets.iter().map(|t| t.1).filter(|u| !has(sel.flags(u), "\\Seen")).collect();
             if !unseen.is_empty() {
                 let mailbox = sel.mailbox.clone();
                 let seen = Flag::new("\\Seen").map_err(|e| format!("{e:?}"))?;
@@ -783,13 +781,12 @@ impl Session {
                 if !items.contains(&MessageDataItemName::Flags) {
                     items.push(MessageDataItemName::Flags);
                 }
-                self.quiet = targets.iter().map(|t| t.1).collect();
-                self.refresh(false).await;
-                self.quiet.clear();
+                let reported_here: BTreeSet<Uid> = targets.iter().map(|t| t.1).collect();
+                self.refresh_except(false, &reported_here).await;
             }
         }
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let guids: Vec<Guid> = targets.iter().filter_map(|(_, u)| sel.guids.get(u).copied()).collect();
+        let guids: Vec<Guid> = targets.iter().filter_map(|(_, u)| sel.view.get(u).map(|m| m.guid)).collect();
         let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         let mut out = Vec::new();
@@ -806,7 +803,7 @@ impl Session {
                 if i > 0 {
                     out.push(b' ');
                 }
-                fetch_item(&mut out, item, m, sel.flags.get(u).map(Vec::as_slice).unwrap_or_default(), body);
+                fetch_item(&mut out, item, m, body);
             }
             out.extend_from_slice(b")\r\n");
         }
@@ -837,7 +834,7 @@ impl Session {
         // differs per message.
         let mut groups: BTreeMap<(Vec<Flag>, Vec<Flag>), Vec<Uid>> = BTreeMap::new();
         for (_, u) in &targets {
-            let current = sel.flags.get(u).cloned().unwrap_or_default();
+            let current = sel.flags(u).to_vec();
             let (add, remove) = match kind {
                 StoreType::Add => (wanted.clone(), vec![]),
                 StoreType::Remove => (vec![], wanted.clone()),
@@ -869,13 +866,17 @@ impl Session {
         }
         // The new flags reach the client through the refresh; with .SILENT they still
         // do (RFC 3501 allows it) but only as changes.
-        let before: BTreeMap<Uid, Vec<Flag>> = self.selected.as_ref().map(|s| s.flags.clone()).unwrap_or_default();
+        let before: BTreeMap<Uid, Vec<Flag>> = self
+            .selected
+            .as_ref()
+            .map(|s| s.view.iter().map(|(u, m)| (*u, m.flags.clone())).collect())
+            .unwrap_or_default();
         self.refresh(false).await;
         if response == StoreResponse::Answer {
             let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
             let mut lines = Vec::new();
             for (seq, u) in &targets {
-                let flags = sel.flags.get(u).cloned().unwrap_or_default();
+                let flags = sel.flags(u).to_vec();
                 if before.get(u) == Some(&flags) && !modified.contains(u) {
                     let modseq = match (self.condstore, sel.view.get(u)) {
                         (true, Some(m)) => format!(" MODSEQ ({})", m.modseq),
@@ -956,8 +957,7 @@ impl Session {
             Some(s) => self.resolve(s, true).into_iter().map(|t| t.1).collect(),
             None => sel.uids.clone(),
         };
-        let doomed: Vec<Uid> =
-            candidates.into_iter().filter(|u| sel.flags.get(u).is_some_and(|f| has(f, "\\Deleted"))).collect();
+        let doomed: Vec<Uid> = candidates.into_iter().filter(|u| has(sel.flags(u), "\\Deleted")).collect();
         if !doomed.is_empty() {
             let request = ClientRequest::Expunge { mailbox: sel.mailbox.clone(), uids: doomed };
             match self.node.request(request).await {
@@ -974,7 +974,7 @@ impl Session {
     async fn search(&mut self, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         let needs_body = criteria.iter().any(key_needs_body);
-        let guids: Vec<Guid> = sel.guids.values().copied().collect();
+        let guids: Vec<Guid> = sel.view.values().map(|m| m.guid).collect();
         let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         let largest_uid = sel.uids.last().copied().unwrap_or(0);
@@ -1141,11 +1141,11 @@ fn in_set(set: &SequenceSet, n: u32, largest: u32) -> bool {
     })
 }
 
-fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, flags: &[Flag], body: &[u8]) {
+fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, body: &[u8]) {
     let header_end = mime::header_end(body);
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
-        MessageDataItemName::Flags => out.extend_from_slice(format!("FLAGS ({})", flag_list(flags)).as_bytes()),
+        MessageDataItemName::Flags => out.extend_from_slice(format!("FLAGS ({})", flag_list(&m.flags)).as_bytes()),
         MessageDataItemName::InternalDate => {
             out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(m.received)).as_bytes())
         }
