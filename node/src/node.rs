@@ -34,32 +34,31 @@ pub struct NodeHandle {
     events: mpsc::Sender<Event>,
 }
 
+/// Sends the event loop an event that carries a reply channel and waits for the answer;
+/// None when the loop is gone (the node is stopping).
+async fn ask<T>(events: &mpsc::Sender<Event>, event: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    events.send(event(tx)).await.ok()?;
+    rx.await.ok()
+}
+
 impl NodeHandle {
     /// A client request through the core; the answer comes once the core gives it.
     pub async fn request(&self, request: ClientRequest) -> ClientReply {
-        let (tx, rx) = oneshot::channel();
-        if self.events.send(Event::Client { request, reply: tx }).await.is_err() {
-            return ClientReply::Failed { kind: FailKind::Temporary, reason: "the node is stopping".into() };
-        }
-        rx.await.unwrap_or(ClientReply::Failed { kind: FailKind::Temporary, reason: "the node is stopping".into() })
+        ask(&self.events, |reply| Event::Client { request, reply })
+            .await
+            .unwrap_or(ClientReply::Failed { kind: FailKind::Temporary, reason: "the node is stopping".into() })
     }
 
     /// Message bodies by GUID (those this node holds intact).
     pub async fn bodies(&self, guids: Vec<Guid>) -> BTreeMap<Guid, Vec<u8>> {
-        let (tx, rx) = oneshot::channel();
-        if self.events.send(Event::Bodies { guids, reply: tx }).await.is_err() {
-            return BTreeMap::new();
-        }
-        rx.await.unwrap_or_default()
+        ask(&self.events, |reply| Event::Bodies { guids, reply }).await.unwrap_or_default()
     }
 
     /// The user's mailboxes as this node has them.
     pub async fn mailboxes(&self, user: &str) -> Vec<tandem_core::Summary> {
-        let (tx, rx) = oneshot::channel();
-        if self.events.send(Event::Mailboxes { user: user.to_string(), reply: tx }).await.is_err() {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
+        let user = user.to_string();
+        ask(&self.events, |reply| Event::Mailboxes { user, reply }).await.unwrap_or_default()
     }
 }
 
@@ -624,11 +623,7 @@ async fn serve_metrics(listener: TcpListener, events: mpsc::Sender<Event>) {
         tokio::spawn(async move {
             let mut head = vec![0u8; 4096];
             let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await else { return };
-            let (tx, rx) = oneshot::channel();
-            if events.send(Event::Metrics { reply: tx }).await.is_err() {
-                return;
-            }
-            let Ok(body) = rx.await else { return };
+            let Some(body) = ask(&events, |reply| Event::Metrics { reply }).await else { return };
             let response = format!(
                 "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()

@@ -55,10 +55,8 @@ pub struct Agreed {
 }
 
 fn mac(secret: &[u8], role: &str, dialer: Sid, acceptor: Sid, a: &str, b: &str) -> Hmac<Sha256> {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| {
-        // HMAC takes keys of any length; this branch cannot be reached.
-        <Hmac<Sha256> as Mac>::new_from_slice(b"tandem").unwrap_or_else(|_| unreachable!())
-    });
+    // HMAC takes keys of any length: the error case of new_from_slice cannot happen.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
     m.update(format!("tandem/1 {role} {} {} {a} {b}", dialer.0, acceptor.0).as_bytes());
     m
 }
@@ -147,47 +145,40 @@ pub async fn accept_handshake(
     secret: &[u8],
     deflate: bool,
 ) -> Result<Agreed, Refused> {
-    let result = accept_inner(stream, me, servers, secret, deflate).await;
+    let result = async {
+        let line = read_line(stream).await?;
+        let words: Vec<&str> = line.split(' ').collect();
+        let (id, theirs, wants_deflate) = match words.as_slice() {
+            ["TANDEM/1", "HELLO", id, theirs, d] => (*id, *theirs, *d == "1"),
+            _ => return Err(Refused("expected TANDEM/1 HELLO".into())),
+        };
+        let peer = id.parse::<u32>().ok().map(Sid).filter(|s| *s != me && servers.contains(s));
+        let Some(peer) = peer else { return Err(Refused(format!("server {id} is not in this cluster"))) };
+        if unhex(theirs).is_none_or(|n| n.len() != 16) {
+            return Err(Refused("bad nonce".into()));
+        }
+        let ours = nonce();
+        let proof = mac(secret, "acceptor", peer, me, theirs, &ours).finalize().into_bytes();
+        write_line(stream, &format!("TANDEM/1 CHALLENGE {} {ours} {}", me.0, hex(&proof))).await?;
+        let line = read_line(stream).await?;
+        let proof = match line.split(' ').collect::<Vec<_>>().as_slice() {
+            ["PROOF", p] => unhex(p).ok_or_else(|| Refused("proof is not hex".into()))?,
+            _ => return Err(Refused("expected PROOF".into())),
+        };
+        if mac(secret, "dialer", peer, me, theirs, &ours).verify_slice(&proof).is_err() {
+            return Err(Refused(format!("authentication failed for server {peer}")));
+        }
+        let deflate = deflate && wants_deflate;
+        write_line(stream, &format!("OK {}", u8::from(deflate))).await?;
+        Ok(Agreed { peer, deflate })
+    }
+    .await;
     if let Err(e) = &result {
         // Tell the other end why, in one line, and nothing else.
         let _ = write_line(stream, &format!("ERROR {e}")).await;
         let _ = stream.shutdown().await;
     }
     result
-}
-
-async fn accept_inner(
-    stream: &mut PeerStream,
-    me: Sid,
-    servers: &[Sid],
-    secret: &[u8],
-    deflate: bool,
-) -> Result<Agreed, Refused> {
-    let line = read_line(stream).await?;
-    let words: Vec<&str> = line.split(' ').collect();
-    let (id, theirs, wants_deflate) = match words.as_slice() {
-        ["TANDEM/1", "HELLO", id, theirs, d] => (*id, *theirs, *d == "1"),
-        _ => return Err(Refused("expected TANDEM/1 HELLO".into())),
-    };
-    let peer = id.parse::<u32>().ok().map(Sid).filter(|s| *s != me && servers.contains(s));
-    let Some(peer) = peer else { return Err(Refused(format!("server {id} is not in this cluster"))) };
-    if unhex(theirs).is_none_or(|n| n.len() != 16) {
-        return Err(Refused("bad nonce".into()));
-    }
-    let ours = nonce();
-    let proof = mac(secret, "acceptor", peer, me, theirs, &ours).finalize().into_bytes();
-    write_line(stream, &format!("TANDEM/1 CHALLENGE {} {ours} {}", me.0, hex(&proof))).await?;
-    let line = read_line(stream).await?;
-    let proof = match line.split(' ').collect::<Vec<_>>().as_slice() {
-        ["PROOF", p] => unhex(p).ok_or_else(|| Refused("proof is not hex".into()))?,
-        _ => return Err(Refused("expected PROOF".into())),
-    };
-    if mac(secret, "dialer", peer, me, theirs, &ours).verify_slice(&proof).is_err() {
-        return Err(Refused(format!("authentication failed for server {peer}")));
-    }
-    let deflate = deflate && wants_deflate;
-    write_line(stream, &format!("OK {}", u8::from(deflate))).await?;
-    Ok(Agreed { peer, deflate })
 }
 
 /// One direction of raw DEFLATE, flushed after every batch so the peer can decode it.
