@@ -272,15 +272,7 @@ impl EventLoop {
                 let _ = reply.send(found);
             }
             Event::Mailboxes { user, reply } => {
-                let boxes = self
-                    .server
-                    .image()
-                    .mailboxes
-                    .iter()
-                    .filter(|(k, m)| k.user == user && m.visible())
-                    .map(|(k, m)| tandem_core::mailbox::summary(k, m))
-                    .collect();
-                let _ = reply.send(boxes);
+                let _ = reply.send(self.server.visible_summaries(&user));
             }
         }
     }

@@ -138,9 +138,9 @@ impl Store {
         Ok(image)
     }
 
-    /// Applies writes in order in one transaction and commits it durably. The mirror
-    /// image is kept so that a write that reads (metadata of an unknown mailbox) sees
-    /// what the earlier writes did.
+    /// Applies writes in order in one transaction and commits it durably. Writes that
+    /// read (a lifecycle join, a log's next seq) read the transaction, so they see what
+    /// the earlier writes of the batch did.
     pub fn apply(&self, writes: &[StoreWrite]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {

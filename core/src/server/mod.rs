@@ -213,6 +213,15 @@ impl Server {
     pub fn summaries(&self) -> Vec<Summary> {
         self.db.mailboxes.iter().map(|(k, m)| mailbox::summary(k, m)).collect()
     }
+    /// The mailboxes a client of `user` is shown (IMAP LIST): see [`crate::types::Lifecycle`].
+    pub fn visible_summaries(&self, user: &str) -> Vec<Summary> {
+        self.db
+            .mailboxes
+            .iter()
+            .filter(|(k, m)| k.user == user && m.visible())
+            .map(|(k, m)| mailbox::summary(k, m))
+            .collect()
+    }
     /// Unacknowledged log entries per peer.
     pub fn backlog(&self) -> BTreeMap<Sid, usize> {
         self.db.logs.iter().map(|(p, l)| (*p, l.entries.len())).collect()
