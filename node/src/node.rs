@@ -118,27 +118,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
     tokio::spawn(serve_admin(admin_listener, events_tx.clone()));
     let handle = NodeHandle { events: events_tx.clone() };
-    if let Some(addr) = cfg.imap {
+    // The plain IMAP port (STARTTLS when a certificate is set) and the implicit-TLS one.
+    for (addr, implicit_tls) in [(cfg.imap, false), (cfg.imaps, true)] {
+        let Some(addr) = addr else { continue };
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("imap on {addr}: {e}"))?;
-        info!(%addr, "IMAP listening");
-        tokio::spawn(crate::imap::serve(
-            listener,
-            handle.clone(),
-            cfg.users.clone(),
-            cfg.mail_tls.clone().map(|t| t.0),
-            false,
-        ));
-    }
-    if let Some(addr) = cfg.imaps {
-        let listener = TcpListener::bind(addr).await.map_err(|e| format!("imaps on {addr}: {e}"))?;
-        info!(%addr, "IMAP over TLS listening");
-        tokio::spawn(crate::imap::serve(
-            listener,
-            handle.clone(),
-            cfg.users.clone(),
-            cfg.mail_tls.clone().map(|t| t.0),
-            true,
-        ));
+        info!(%addr, implicit_tls, "IMAP listening");
+        let tls = cfg.mail_tls.clone().map(|t| t.0);
+        tokio::spawn(crate::imap::serve(listener, handle.clone(), cfg.users.clone(), tls, implicit_tls));
     }
     if let Some(addr) = cfg.lmtp {
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("lmtp on {addr}: {e}"))?;
