@@ -550,6 +550,9 @@ where
     let slots = Arc::new(tokio::sync::Semaphore::new(sessions_max));
     loop {
         let Ok((stream, addr)) = listener.accept().await else { continue };
+        // Replies are small and a client may pipeline: without this, Nagle holds the
+        // second reply until the client's delayed ACK (40 ms per pipelined command).
+        let _ = stream.set_nodelay(true);
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let work = session(stream, addr);
         tokio::spawn(async move {

@@ -1,0 +1,218 @@
+//! `tandem-bench`: tandem's costs on real nodes (throughput, latency, bytes per change,
+//! resynchronisation by mailbox size), the simulator's speed, and Dovecot's dsync on
+//! the same messages in the same run; writes BENCHMARKS.md and its plots.
+
+mod cluster;
+mod dsync;
+mod lmtp;
+mod plot;
+mod proxy;
+mod report;
+mod scenarios;
+mod speed;
+
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(name = "tandem-bench", about = "tandem benchmarks, side by side with dsync; writes BENCHMARKS.md")]
+struct Args {
+    /// Mailbox sizes for the resynchronisation curves.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    sizes: Vec<usize>,
+    /// Runs per resynchronisation figure (the median is reported); dsync uses the same.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Messages per throughput measurement.
+    #[arg(long, default_value_t = 2000)]
+    throughput_messages: usize,
+    /// Changes per bytes-on-the-wire measurement.
+    #[arg(long, default_value_t = 500)]
+    wire_changes: usize,
+    /// Simulated seconds of load per simulator figure.
+    #[arg(long, default_value_t = 120)]
+    sim_load_s: u64,
+    /// Skip Dovecot's dsync (needs root and dovecot-core 2.3).
+    #[arg(long)]
+    no_dsync: bool,
+    /// Where both systems keep their stores (tmpfs by default, as dsync's script).
+    #[arg(long, default_value = "/dev/shm")]
+    bench_dir: PathBuf,
+    /// The workspace root: BENCHMARKS.md, bench/plots/, target/criterion are under it.
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Keep the benchmark directory afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(what: &str) {
+    eprintln!("[tandem-bench] {what}");
+}
+
+fn machine(bench_dir: &Path) -> String {
+    let read = |cmd: &str, args: &[&str]| {
+        Command::new(cmd).args(args).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!(
+        "{} cores ({cpu}), {mem_gib:.0} GiB, kernel {}, stores on {} ({}), {}; dovecot {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        read("uname", &["-r"]).unwrap_or_default(),
+        bench_dir.display(),
+        read("stat", &["-f", "-c", "%T", &bench_dir.to_string_lossy()]).unwrap_or_default(),
+        read("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+        read("dovecot", &["--version"]).filter(|v| !v.is_empty()).unwrap_or("not installed".into()),
+    )
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let workspace = match &args.workspace {
+        Some(w) => w.clone(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
+    let anchors = workspace.join("../shared/anchors/dsync");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let tandem = exe.with_file_name("tandem");
+    if !tandem.exists() {
+        return Err(format!("{} not found: build it first (cargo build --release -p tandem-node)", tandem.display()));
+    }
+    let root = tempfile::Builder::new()
+        .prefix("tandem-bench.")
+        .tempdir_in(&args.bench_dir)
+        .map_err(|e| format!("{}: {e}", args.bench_dir.display()))?;
+    say(&format!("working in {}", root.path().display()));
+    let max_size = args.sizes.iter().copied().max().unwrap_or(0);
+
+    say(&format!("generating {max_size} messages and 1,000 arrivals (genmail.py, as dsync's script does)"));
+    let genmail = anchors.join("genmail.py");
+    for (dir, count, tag) in [("mail", max_size.max(2100), "m"), ("arrivals", 1000, "append")] {
+        let status = Command::new("python3")
+            .arg(&genmail)
+            .args(["eml", &root.path().join(dir).to_string_lossy(), &count.to_string(), "--tag", tag])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("{}: {e}", genmail.display()))?;
+        if !status.success() {
+            return Err(format!("genmail.py failed: {status}"));
+        }
+    }
+    let messages = scenarios::read_messages(&root.path().join("mail"))?;
+    let arrivals = scenarios::read_messages(&root.path().join("arrivals"))?;
+    let mut ctx = scenarios::Ctx::new(root.path().join("tandem"), tandem, messages, arrivals, args.runs);
+
+    say("simulator speed");
+    let mut sim = Vec::new();
+    for servers in [3, 5, 10, 30] {
+        let row = speed::simulator(servers, args.sim_load_s)?;
+        say(&format!("  {servers} servers: {:.0} simulated s per wall s", row.sim_s_per_wall_s()));
+        sim.push(row);
+    }
+    let codec = speed::codec_from_criterion(&workspace.join("target/criterion"));
+
+    say("delivery throughput and latency");
+    let mut throughput = Vec::new();
+    for mode in ["sync", "async"] {
+        for replicas in [0, 1, 2] {
+            let row = scenarios::throughput(&mut ctx, mode, replicas, args.throughput_messages)?;
+            say(&format!(
+                "  {mode} replicas={replicas}: {:.0}/s p50 {:.2} ms p99 {:.2} ms",
+                row.per_s, row.p50_ms, row.p99_ms
+            ));
+            throughput.push(row);
+        }
+    }
+
+    say("bytes per change");
+    let mut wire = Vec::new();
+    for compression in [true, false] {
+        let row = scenarios::wire_bytes(&mut ctx, compression, args.wire_changes)?;
+        say(&format!("  {row:?}"));
+        wire.push(row);
+    }
+
+    let mut sizes = Vec::new();
+    for size in &args.sizes {
+        say(&format!("resynchronisation, {size} messages"));
+        let row = scenarios::by_size(&mut ctx, *size, true)?;
+        say(&format!("  {row:?}"));
+        sizes.push(row);
+    }
+    let mut sizes_plain = Vec::new();
+    if args.sizes.contains(&10_000) {
+        say("resynchronisation, 10000 messages, no DEFLATE");
+        sizes_plain.push(scenarios::by_size(&mut ctx, 10_000, false)?);
+    }
+
+    let (dsync, dsync_results_dir) = if args.no_dsync {
+        (None, None)
+    } else {
+        say("dsync (../shared/anchors/dsync/bench.sh)");
+        let results = root.path().join("dsync-results");
+        let parsed = dsync::run(&anchors.join("bench.sh"), &results, &args.bench_dir, args.runs)?;
+        let kept = workspace.join("bench/dsync-results");
+        let _ = std::fs::remove_dir_all(&kept);
+        copy_files(&results, &kept)?;
+        (Some(parsed), Some("bench/dsync-results/".to_string()))
+    };
+
+    let results = report::Results {
+        machine: machine(&args.bench_dir),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        sim,
+        codec,
+        throughput,
+        wire,
+        sizes,
+        sizes_plain,
+        dsync,
+        dsync_results_dir,
+    };
+    let plots = results.plots(&workspace.join("bench/plots"))?;
+    let links: Vec<(String, String)> = plots.iter().map(|(f, c)| (format!("bench/plots/{f}"), c.clone())).collect();
+    let refs: Vec<(&str, &str)> = links.iter().map(|(f, c)| (f.as_str(), c.as_str())).collect();
+    let md = results.markdown(&refs);
+    let out = workspace.join("BENCHMARKS.md");
+    std::fs::write(&out, &md).map_err(|e| format!("{}: {e}", out.display()))?;
+    say(&format!("wrote {}", out.display()));
+    print!("{md}");
+    if args.keep {
+        let kept = root.keep();
+        say(&format!("kept {}", kept.display()));
+    }
+    Ok(())
+}
+
+fn copy_files(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    for entry in std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! BENCHMARKS.md and its plots, from one run's figures.
+
+use crate::dsync::{self, DsyncResults};
+use crate::plot::{self, Series, human};
+use crate::scenarios::{SizeRow, SyncFigure, ThroughputRow, WireRow};
+use crate::speed::{CodecRow, SimRow};
+use plotters::style::RGBColor;
+use std::fmt::Write as _;
+use std::path::Path;
+
+pub struct Results {
+    pub machine: String,
+    pub command: String,
+    pub sim: Vec<SimRow>,
+    pub codec: Vec<CodecRow>,
+    pub throughput: Vec<ThroughputRow>,
+    pub wire: Vec<WireRow>,
+    pub sizes: Vec<SizeRow>,
+    /// The 10,000-message rows again with compression off.
+    pub sizes_plain: Vec<SizeRow>,
+    pub dsync: Option<DsyncResults>,
+    pub dsync_results_dir: Option<String>,
+}
+
+const BLUE: RGBColor = RGBColor(31, 119, 180);
+const ORANGE: RGBColor = RGBColor(255, 127, 14);
+const GREEN: RGBColor = RGBColor(44, 160, 44);
+const RED: RGBColor = RGBColor(214, 39, 40);
+const PURPLE: RGBColor = RGBColor(148, 103, 189);
+
+fn bytes(b: f64) -> String {
+    if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e4 {
+        format!("{:.0} KB", b / 1e3)
+    } else if b >= 1e3 {
+        format!("{:.1} KB", b / 1e3)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+fn wall(ms: f64) -> String {
+    if ms >= 1000.0 { format!("{:.2} s", ms / 1000.0) } else { format!("{ms:.1} ms") }
+}
+
+struct Target {
+    what: &'static str,
+    tandem: String,
+    other: String,
+    ratio: Option<f64>,
+    bound: &'static str,
+    met: Option<bool>,
+}
+
+impl Results {
+    fn size(&self, n: usize) -> Option<&SizeRow> {
+        self.sizes.iter().find(|r| r.size == n)
+    }
+
+    fn dsync(&self, scenario: &str, n: usize, state: &str) -> Option<dsync::DsyncFigure> {
+        self.dsync.as_ref().and_then(|d| dsync::get(d, scenario, n, state, "tcp"))
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        let ten = self.size(10_000);
+        let compare = |out: &mut Vec<Target>,
+                       what: &'static str,
+                       ours: Option<f64>,
+                       theirs: Option<f64>,
+                       max_ratio: f64,
+                       bound: &'static str,
+                       fmt: fn(f64) -> String| {
+            let ratio = ours.zip(theirs).map(|(a, b)| a / b);
+            out.push(Target {
+                what,
+                tandem: ours.map(fmt).unwrap_or("–".into()),
+                other: theirs.map(fmt).unwrap_or("not run".into()),
+                ratio,
+                bound,
+                met: ratio.map(|r| r <= max_ratio),
+            });
+        };
+        let d_init = self.dsync("initial", 10_000, "none");
+        let d_flags = self.dsync("flags", 10_000, "stateful");
+        let d_append = self.dsync("append", 10_000, "stateful");
+        compare(
+            &mut out,
+            "initial sync, 10,000 messages: wall",
+            ten.map(|r| r.initial.wall_ms),
+            d_init.map(|d| d.wall_ms),
+            0.5,
+            "≤ 0.5",
+            wall,
+        );
+        compare(
+            &mut out,
+            "initial sync, 10,000 messages: bytes",
+            ten.map(|r| r.initial.bytes),
+            d_init.and_then(|d| d.bytes),
+            1.0,
+            "≤ 1",
+            bytes,
+        );
+        compare(
+            &mut out,
+            "10 flag changes in 10,000: wall",
+            ten.map(|r| r.flags10.wall_ms),
+            d_flags.map(|d| d.wall_ms),
+            0.2,
+            "≤ 0.2",
+            wall,
+        );
+        let flag_bytes = ten.map(|r| r.flags10.bytes);
+        out.push(Target {
+            what: "10 flag changes in 10,000: bytes",
+            tandem: flag_bytes.map(bytes).unwrap_or("–".into()),
+            other: d_flags.and_then(|d| d.bytes).map(bytes).unwrap_or("not run".into()),
+            ratio: flag_bytes.zip(d_flags.and_then(|d| d.bytes)).map(|(a, b)| a / b),
+            bound: "< 1 KB",
+            met: flag_bytes.map(|b| b < 1000.0),
+        });
+        compare(
+            &mut out,
+            "100 new messages in 10,000: wall",
+            ten.map(|r| r.new100.wall_ms),
+            d_append.map(|d| d.wall_ms),
+            0.5,
+            "≤ 0.5",
+            wall,
+        );
+        compare(
+            &mut out,
+            "100 new messages in 10,000: bytes",
+            ten.map(|r| r.new100.bytes),
+            d_append.and_then(|d| d.bytes),
+            1.0,
+            "≤ 1",
+            bytes,
+        );
+        let tput =
+            |replicas| self.throughput.iter().find(|t| t.mode == "sync" && t.replicas == replicas).map(|t| t.per_s);
+        compare(
+            &mut out,
+            "APPEND (LMTP) throughput, replicas=1 / replicas=0 (sync)",
+            tput(1),
+            tput(0),
+            f64::INFINITY,
+            "≥ 0.5",
+            |v| format!("{v:.0}/s"),
+        );
+        if let Some(t) = out.last_mut() {
+            t.met = t.ratio.map(|r| r >= 0.5);
+        }
+        let five = self.sim.iter().find(|s| s.servers == 5).map(|s| s.sim_s_per_wall_s());
+        out.push(Target {
+            what: "simulator, 5 servers, steady load: simulated s per wall s",
+            tandem: five.map(|v| format!("{v:.0}")).unwrap_or("–".into()),
+            other: "–".into(),
+            ratio: None,
+            bound: "≥ 1,000",
+            met: five.map(|v| v >= 1000.0),
+        });
+        out
+    }
+
+    pub fn markdown(&self, plots: &[(&str, &str)]) -> String {
+        let mut md = String::new();
+        let w = &mut md;
+        let _ = writeln!(w, "# Benchmarks\n");
+        let _ = writeln!(
+            w,
+            "tandem's costs on real nodes, side by side with Dovecot 2.3's `doveadm sync` (dsync) on the same \
+             messages, the same machine and the same filesystem, in one run. Generated by `tandem-bench`; \
+             do not edit by hand.\n"
+        );
+        let _ = writeln!(
+            w,
+            "Rerun everything (builds, runs the criterion codec bench, tandem, then dsync; about 20 minutes):\n"
+        );
+        let _ = writeln!(w, "```\nbench/run            # = {}\n```\n", self.command);
+        let _ = writeln!(w, "Machine: {}\n", self.machine);
+        if let Some(dir) = &self.dsync_results_dir {
+            let _ = writeln!(w, "dsync's own output of this run: `{dir}`.\n");
+        }
+
+        let _ = writeln!(w, "## Targets\n");
+        let _ = writeln!(w, "| figure | tandem | dsync | ratio | target | met |\n|---|---|---|---|---|---|");
+        for t in self.targets() {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} |",
+                t.what,
+                t.tandem,
+                t.other,
+                t.ratio.map(|r| format!("{r:.3}")).unwrap_or("–".into()),
+                t.bound,
+                match t.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "–",
+                }
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\ndsync figures are `tcp` mode (how Dovecot's replicator runs it), medians of its runs; bytes from \
+             its proxied run; the incremental ones with saved state (`-s`), its best case. tandem's sync figures \
+             run from the moment the peer link is up again to the moment both servers show the same complete \
+             mailbox (digest, every body present, nothing queued), medians; bytes are everything on the link \
+             in that time, both ways, DEFLATE on.\n"
+        );
+
+        let _ = writeln!(w, "## Resynchronisation by mailbox size\n");
+        let _ = writeln!(
+            w,
+            "Two nodes, async mode. *initial*: the second server starts empty. *outage*: the link is cut, node 1 \
+             takes the changes, the link comes back. \"from start\" adds starting the loaded node's process.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| messages | load (LMTP, msgs/s) | initial: wall (from start) | initial: bytes | 10 flags: wall | 10 flags: bytes | 100 new: wall | 100 new: bytes | 1,000 new: wall | 1,000 new: bytes |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in self.sizes.iter().chain(self.sizes_plain.iter()) {
+            let plain = self.sizes_plain.iter().any(|p| std::ptr::eq(p, r));
+            let f = |s: &SyncFigure| (wall(s.wall_ms), bytes(s.bytes));
+            let _ = writeln!(
+                w,
+                "| {}{} | {:.0} | {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+                human(r.size as f64),
+                if plain { " (no DEFLATE)" } else { "" },
+                r.load_per_s,
+                wall(r.initial.wall_ms),
+                wall(r.initial.from_start_ms),
+                bytes(r.initial.bytes),
+                f(&r.flags10).0,
+                f(&r.flags10).1,
+                f(&r.new100).0,
+                f(&r.new100).1,
+                f(&r.new1000).0,
+                f(&r.new1000).1,
+            );
+        }
+        if let Some(d) = &self.dsync {
+            let _ = writeln!(w, "\ndsync on the same sets (tcp; wall, bytes):\n");
+            let _ = writeln!(w, "| scenario | messages | state | wall | bytes |\n|---|---|---|---|---|");
+            for ((scenario, n, state, mode), fig) in d {
+                if mode != "tcp" {
+                    continue;
+                }
+                let _ = writeln!(
+                    w,
+                    "| {scenario} | {} | {state} | {} | {} |",
+                    human(*n as f64),
+                    wall(fig.wall_ms),
+                    fig.bytes.map(bytes).unwrap_or("–".into())
+                );
+            }
+        }
+        let _ = writeln!(w);
+        for (file, caption) in plots {
+            let _ = writeln!(w, "![{caption}]({file})\n");
+        }
+
+        let _ = writeln!(w, "## Delivery throughput and acknowledgement latency\n");
+        let _ = writeln!(
+            w,
+            "Three nodes; LMTP to the INBOX's master over 4 sessions, 4 KB messages (2–4 KB, genmail.py); latency \
+             from the end of DATA to the 250. replicas = extra durable copies before the 250 in sync mode; async \
+             acknowledges once the master has it on disk.\n"
+        );
+        let _ = writeln!(w, "| mode | replicas | messages | msgs/s | p50 | p99 |\n|---|---|---|---|---|---|");
+        for t in &self.throughput {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms |",
+                t.mode, t.replicas, t.messages, t.per_s, t.p50_ms, t.p99_ms
+            );
+        }
+
+        let _ = writeln!(w, "\n## Bytes on the wire per replicated change\n");
+        let _ = writeln!(
+            w,
+            "Two nodes, sync mode, replicas = 1; each change done one at a time at the master; all bytes on the \
+             link both ways (requests, changes, acknowledgements), divided by the count.\n"
+        );
+        let _ =
+            writeln!(w, "| link | per SAVE (≈3 KB message) | per STORE | per EXPUNGE | idle |\n|---|---|---|---|---|");
+        for r in &self.wire {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {:.0} B/s |",
+                if r.compression { "DEFLATE" } else { "plain" },
+                bytes(r.save_bytes),
+                bytes(r.store_bytes),
+                bytes(r.expunge_bytes),
+                r.idle_bytes_per_s
+            );
+        }
+
+        let _ = writeln!(w, "\n## Simulator speed\n");
+        let _ = writeln!(w, "Steady 50 operations per simulated second, no faults, seed 1, one run each.\n");
+        let _ = writeln!(
+            w,
+            "| servers | simulated s | wall s | simulated s per wall s | peer messages per wall s |\n|---|---|---|---|---|"
+        );
+        for s in &self.sim {
+            let _ = writeln!(
+                w,
+                "| {} | {:.0} | {:.2} | {:.0} | {:.0} |",
+                s.servers,
+                s.sim_s,
+                s.wall_s,
+                s.sim_s_per_wall_s(),
+                s.messages_per_wall_s
+            );
+        }
+        if !self.codec.is_empty() {
+            let _ = writeln!(w, "\n## Wire codec\n");
+            let _ = writeln!(w, "`cargo bench -p tandem-core --bench codec` (criterion means).\n");
+            let _ = writeln!(w, "| message | encode | decode |\n|---|---|---|");
+            for c in &self.codec {
+                let _ = writeln!(w, "| {} | {:.0} ns | {:.0} ns |", c.kind, c.encode_ns, c.decode_ns);
+            }
+        }
+        md
+    }
+
+    /// Writes the plots into `dir`; their file names relative to `relative_to`, with captions.
+    pub fn plots(&self, dir: &Path) -> Result<Vec<(String, String)>, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        plot::register_font()?;
+        let line = |name: &str, color, get: &dyn Fn(&SizeRow) -> f64| Series {
+            name: name.into(),
+            points: self.sizes.iter().map(|r| (r.size as f64, get(r))).collect(),
+            color,
+            points_only: false,
+        };
+        let dsync_points =
+            |name: &str, color, scenario: &str, state: &str, field: &dyn Fn(dsync::DsyncFigure) -> Option<f64>| {
+                Series {
+                    name: name.into(),
+                    points: [1_000usize, 10_000]
+                        .iter()
+                        .filter_map(|n| self.dsync(scenario, *n, state).and_then(field).map(|v| (*n as f64, v)))
+                        .collect(),
+                    color,
+                    points_only: true,
+                }
+            };
+        let mut out = Vec::new();
+        let time = [
+            line("tandem: initial sync", BLUE, &|r| r.initial.wall_ms),
+            line("tandem: 10 flag changes", ORANGE, &|r| r.flags10.wall_ms),
+            line("tandem: 100 new messages", GREEN, &|r| r.new100.wall_ms),
+            line("tandem: 1,000 new messages", PURPLE, &|r| r.new1000.wall_ms),
+            dsync_points("dsync: initial (tcp)", BLUE, "initial", "none", &|d| Some(d.wall_ms)),
+            dsync_points("dsync: 10 flags (stateful)", ORANGE, "flags", "stateful", &|d| Some(d.wall_ms)),
+            dsync_points("dsync: 100 new (stateful)", GREEN, "append", "stateful", &|d| Some(d.wall_ms)),
+        ];
+        let path = dir.join("sync-time.png");
+        plot::log_log(&path, "Time to resynchronise vs mailbox size", "messages in the mailbox", "wall ms", &time)?;
+        out.push(("sync-time.png".to_string(), "time to resynchronise by mailbox size".to_string()));
+        let size = [
+            line("tandem: initial sync", BLUE, &|r| r.initial.bytes),
+            line("tandem: 10 flag changes", ORANGE, &|r| r.flags10.bytes),
+            line("tandem: 100 new messages", GREEN, &|r| r.new100.bytes),
+            line("tandem: 1,000 new messages", PURPLE, &|r| r.new1000.bytes),
+            dsync_points("dsync: initial (tcp)", BLUE, "initial", "none", &|d| d.bytes),
+            dsync_points("dsync: 10 flags (stateful)", ORANGE, "flags", "stateful", &|d| d.bytes),
+            dsync_points("dsync: 100 new (stateful)", GREEN, "append", "stateful", &|d| d.bytes),
+        ];
+        let path = dir.join("sync-bytes.png");
+        plot::log_log(
+            &path,
+            "Bytes on the wire to resynchronise vs mailbox size",
+            "messages in the mailbox",
+            "bytes",
+            &size,
+        )?;
+        out.push(("sync-bytes.png".to_string(), "bytes to resynchronise by mailbox size".to_string()));
+        let sim = [Series {
+            name: "simulated s per wall s".into(),
+            points: self.sim.iter().map(|s| (s.servers as f64, s.sim_s_per_wall_s())).collect(),
+            color: RED,
+            points_only: false,
+        }];
+        let path = dir.join("sim-speed.png");
+        plot::log_log(
+            &path,
+            "Simulator speed vs cluster size (steady load)",
+            "servers",
+            "simulated s per wall s",
+            &sim,
+        )?;
+        out.push(("sim-speed.png".to_string(), "simulator speed by cluster size".to_string()));
+        Ok(out)
+    }
+}
