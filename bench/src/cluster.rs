@@ -24,6 +24,9 @@ pub struct Setup {
 
 pub struct Node {
     pub config: PathBuf,
+    /// The same node configured without peers: mail it takes then is in no
+    /// replication log, as on a server that was alone before the others were added.
+    pub config_alone: PathBuf,
     pub data: PathBuf,
     pub admin: SocketAddr,
     pub lmtp: SocketAddr,
@@ -80,19 +83,32 @@ impl BenchCluster {
                 setup.replicas,
                 setup.compression,
             );
+            let config_alone = dir.join(format!("node-{}-alone.toml", i + 1));
+            std::fs::write(&config_alone, &text).map_err(err)?;
             for j in (0..n).filter(|j| *j != i) {
                 let address = if i < j { proxies[&(i, j)].addr } else { listen[j] };
                 text.push_str(&format!("\n[[peer]]\nid = {}\naddress = \"{address}\"\n", j + 1));
             }
             let config = dir.join(format!("node-{}.toml", i + 1));
             std::fs::write(&config, text).map_err(err)?;
-            nodes.push(Node { config, data, admin: admin[i], lmtp: lmtp[i], child: None });
+            nodes.push(Node { config, config_alone, data, admin: admin[i], lmtp: lmtp[i], child: None });
         }
         Ok(BenchCluster { dir: dir.to_path_buf(), nodes, proxies, tandem: tandem.to_path_buf() })
     }
 
     /// Starts node `i` and waits until its admin port answers.
     pub fn start(&mut self, i: usize) -> Result<(), String> {
+        let config = self.nodes[i].config.clone();
+        self.start_with(i, &config)
+    }
+
+    /// Starts node `i` configured without peers.
+    pub fn start_alone(&mut self, i: usize) -> Result<(), String> {
+        let config = self.nodes[i].config_alone.clone();
+        self.start_with(i, &config)
+    }
+
+    fn start_with(&mut self, i: usize, config: &Path) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,9 +117,9 @@ impl BenchCluster {
         let child = Command::new(&self.tandem)
             .arg("node")
             .arg("--config")
-            .arg(&self.nodes[i].config)
+            .arg(config)
             .arg("--stop-on-stdin-eof")
-            .env("TANDEM_LOG", "warn")
+            .env("TANDEM_LOG", std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
@@ -181,6 +197,8 @@ impl BenchCluster {
     ) -> Result<Instant, String> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
+        let trace = std::env::var_os("TANDEM_BENCH_TRACE").is_some();
+        let started = Instant::now();
         while Instant::now() < deadline {
             let statuses: Vec<Status> = ids.iter().map(|i| self.status(*i)).collect::<Result<_, _>>()?;
             let seen = Instant::now();
@@ -195,9 +213,27 @@ impl BenchCluster {
                     && s.links.iter().filter(|l| ids.contains(&(l.peer as usize - 1))).all(|l| l.backlog == 0)
             });
             if same && complete && quiet {
+                if trace {
+                    eprintln!("{:>9.3} ms converged", started.elapsed().as_secs_f64() * 1e3);
+                }
                 return Ok(seen);
             }
-            last = format!("{inboxes:?} wanted {:?}", statuses.iter().map(|s| s.wanted_bodies).collect::<Vec<_>>());
+            let brief: Vec<String> = inboxes
+                .iter()
+                .map(|m| {
+                    m.map(|m| format!("{}/{}/{}", m.messages, m.highest_modseq, &m.digest[..6])).unwrap_or_default()
+                })
+                .collect();
+            let now = format!(
+                "{brief:?} wanted {:?} jobs {:?} backlog {:?}",
+                statuses.iter().map(|s| s.wanted_bodies).collect::<Vec<_>>(),
+                statuses.iter().map(|s| s.jobs).collect::<Vec<_>>(),
+                statuses.iter().map(|s| s.links.iter().map(|l| l.backlog).collect::<Vec<_>>()).collect::<Vec<_>>()
+            );
+            if trace && now != last {
+                eprintln!("{:>9.3} ms {now}", started.elapsed().as_secs_f64() * 1e3);
+            }
+            last = now;
             std::thread::sleep(poll);
         }
         Err(format!("no convergence on {messages} messages: {last}; logs in {}", self.dir.display()))

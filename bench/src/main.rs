@@ -36,6 +36,9 @@ struct Args {
     /// Skip Dovecot's dsync (needs root and dovecot-core 2.3).
     #[arg(long)]
     no_dsync: bool,
+    /// Only these parts (sim, throughput, wire, resync), for working on one of them.
+    #[arg(long, value_delimiter = ',', default_value = "sim,throughput,wire,resync")]
+    parts: Vec<String>,
     /// Where both systems keep their stores (tmpfs by default, as dsync's script).
     #[arg(long, default_value = "/dev/shm")]
     bench_dir: PathBuf,
@@ -106,6 +109,15 @@ fn run(args: &Args) -> Result<(), String> {
         .tempdir_in(&args.bench_dir)
         .map_err(|e| format!("{}: {e}", args.bench_dir.display()))?;
     say(&format!("working in {}", root.path().display()));
+    let result = measure_and_report(args, &workspace, &anchors, &tandem, root.path());
+    if args.keep || result.is_err() {
+        let kept = root.keep();
+        say(&format!("kept {}", kept.display()));
+    }
+    result
+}
+
+fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Path, root: &Path) -> Result<(), String> {
     let max_size = args.sizes.iter().copied().max().unwrap_or(0);
 
     say(&format!("generating {max_size} messages and 1,000 arrivals (genmail.py, as dsync's script does)"));
@@ -113,7 +125,7 @@ fn run(args: &Args) -> Result<(), String> {
     for (dir, count, tag) in [("mail", max_size.max(2100), "m"), ("arrivals", 1000, "append")] {
         let status = Command::new("python3")
             .arg(&genmail)
-            .args(["eml", &root.path().join(dir).to_string_lossy(), &count.to_string(), "--tag", tag])
+            .args(["eml", &root.join(dir).to_string_lossy(), &count.to_string(), "--tag", tag])
             .stdout(std::process::Stdio::null())
             .status()
             .map_err(|e| format!("{}: {e}", genmail.display()))?;
@@ -121,13 +133,14 @@ fn run(args: &Args) -> Result<(), String> {
             return Err(format!("genmail.py failed: {status}"));
         }
     }
-    let messages = scenarios::read_messages(&root.path().join("mail"))?;
-    let arrivals = scenarios::read_messages(&root.path().join("arrivals"))?;
-    let mut ctx = scenarios::Ctx::new(root.path().join("tandem"), tandem, messages, arrivals, args.runs);
+    let messages = scenarios::read_messages(&root.join("mail"))?;
+    let arrivals = scenarios::read_messages(&root.join("arrivals"))?;
+    let mut ctx = scenarios::Ctx::new(root.join("tandem"), tandem.to_path_buf(), messages, arrivals, args.runs);
 
     say("simulator speed");
     let mut sim = Vec::new();
-    for servers in [3, 5, 10, 30] {
+    let part = |name: &str| args.parts.iter().any(|p| p == name);
+    for servers in [3, 5, 10, 30].into_iter().filter(|_| part("sim")) {
         let row = speed::simulator(servers, args.sim_load_s)?;
         say(&format!("  {servers} servers: {:.0} simulated s per wall s", row.sim_s_per_wall_s()));
         sim.push(row);
@@ -136,7 +149,7 @@ fn run(args: &Args) -> Result<(), String> {
 
     say("delivery throughput and latency");
     let mut throughput = Vec::new();
-    for mode in ["sync", "async"] {
+    for mode in ["sync", "async"].into_iter().filter(|_| part("throughput")) {
         for replicas in [0, 1, 2] {
             let row = scenarios::throughput(&mut ctx, mode, replicas, args.throughput_messages)?;
             say(&format!(
@@ -149,21 +162,21 @@ fn run(args: &Args) -> Result<(), String> {
 
     say("bytes per change");
     let mut wire = Vec::new();
-    for compression in [true, false] {
+    for compression in [true, false].into_iter().filter(|_| part("wire")) {
         let row = scenarios::wire_bytes(&mut ctx, compression, args.wire_changes)?;
         say(&format!("  {row:?}"));
         wire.push(row);
     }
 
     let mut sizes = Vec::new();
-    for size in &args.sizes {
+    for size in args.sizes.iter().filter(|_| part("resync")) {
         say(&format!("resynchronisation, {size} messages"));
         let row = scenarios::by_size(&mut ctx, *size, true)?;
         say(&format!("  {row:?}"));
         sizes.push(row);
     }
     let mut sizes_plain = Vec::new();
-    if args.sizes.contains(&10_000) {
+    if part("resync") && args.sizes.contains(&10_000) {
         say("resynchronisation, 10000 messages, no DEFLATE");
         sizes_plain.push(scenarios::by_size(&mut ctx, 10_000, false)?);
     }
@@ -172,7 +185,7 @@ fn run(args: &Args) -> Result<(), String> {
         (None, None)
     } else {
         say("dsync (../shared/anchors/dsync/bench.sh)");
-        let results = root.path().join("dsync-results");
+        let results = root.join("dsync-results");
         let parsed = dsync::run(&anchors.join("bench.sh"), &results, &args.bench_dir, args.runs)?;
         let kept = workspace.join("bench/dsync-results");
         let _ = std::fs::remove_dir_all(&kept);
@@ -200,10 +213,6 @@ fn run(args: &Args) -> Result<(), String> {
     std::fs::write(&out, &md).map_err(|e| format!("{}: {e}", out.display()))?;
     say(&format!("wrote {}", out.display()));
     print!("{md}");
-    if args.keep {
-        let kept = root.keep();
-        say(&format!("kept {}", kept.display()));
-    }
     Ok(())
 }
 

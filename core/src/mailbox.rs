@@ -106,13 +106,22 @@ pub fn summary(key: &MailboxKey, m: &StoredMailbox) -> Summary {
 }
 
 pub fn state(key: &MailboxKey, m: &StoredMailbox) -> MailboxState {
+    state_since(key, m, None)
+}
+
+/// The mailbox's state with only the records and tombstones changed after `since`
+/// (everything when None). A partial state merges like a log fragment: what it leaves
+/// out is no information, not an expunge.
+pub fn state_since(key: &MailboxKey, m: &StoredMailbox, since: Option<ModSeq>) -> MailboxState {
+    let after = since.unwrap_or(0);
+    let changed = |modseq: ModSeq| since.is_none() || modseq > after;
     MailboxState {
         mailbox: key.clone(),
         uidvalidity: m.uidvalidity,
         uidnext: m.uidnext,
         highest_modseq: m.highest_modseq,
-        messages: m.messages.values().cloned().collect(),
-        tombstones: m.tombstones.values().copied().collect(),
+        messages: m.messages.values().filter(|r| changed(r.modseq)).cloned().collect(),
+        tombstones: m.tombstones.values().filter(|t| changed(t.modseq)).copied().collect(),
         lifecycle: m.lifecycle,
     }
 }

@@ -960,6 +960,9 @@ impl Server {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        if !ready.is_empty() {
+            self.anti_entropy_kick = true;
+        }
         for key in ready {
             if let Some(m) = self.mastered.get_mut(&key) {
                 m.catchup = None;

@@ -58,6 +58,17 @@ pub struct PeerCheck {
     pub last_sent: Option<Instant>,
 }
 
+/// See [`Server::common_modseq`]: a point both copies of a mailbox had reached.
+#[derive(Clone, Copy, Debug)]
+pub struct CommonPoint {
+    pub modseq: u64,
+    pub deltas_left: u8,
+}
+
+/// Delta SYNCs tried after a common point before falling back to a full one: a heal
+/// can bring a catch-up and an anti-entropy round for the same mailbox.
+pub(crate) const DELTA_SYNCS_MAX: u8 = 3;
+
 #[derive(Clone, Debug)]
 pub struct WantedBody {
     pub checksum: u64,
@@ -114,8 +125,20 @@ pub struct Server {
     pub(crate) ack_waiters: BTreeMap<(Sid, u64), u64>,
     pub(crate) log_sent: BTreeMap<(Sid, u64), Instant>,
     pub(crate) checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
+    /// Our HIGHESTMODSEQ when a peer last showed the same digest as ours, and how many
+    /// delta SYNCs (changes after it) may still be tried before a full one. Kept across
+    /// link changes (that is when it pays); lost on restart, then SYNC is full.
+    pub(crate) common_modseq: BTreeMap<(Sid, MailboxKey), CommonPoint>,
     pub(crate) dirty: BTreeMap<MailboxKey, Option<Instant>>,
     pub(crate) wanted_bodies: BTreeMap<Guid, WantedBody>,
+    /// FETCHes sent and not yet answered, with when we stop waiting: at most
+    /// `FETCH_WINDOW_MAX`, refilled as bodies arrive.
+    pub(crate) fetching: BTreeMap<Guid, Instant>,
+    /// Set by whatever may let more FETCHes go out; acted on once after the input.
+    pub(crate) fetch_kick: bool,
+    /// Set when a peer became reachable or a mastership became ready: checking copies
+    /// then (not at the next slow tick, up to a second later) starts a resync at once.
+    pub(crate) anti_entropy_kick: bool,
     pub(crate) scrub_cursor: Option<Guid>,
     next_tick: Instant,
     last_slow_tick: Instant,
@@ -164,8 +187,12 @@ impl Server {
             ack_waiters: BTreeMap::new(),
             log_sent: BTreeMap::new(),
             checks: BTreeMap::new(),
+            common_modseq: BTreeMap::new(),
             dirty: BTreeMap::new(),
             wanted_bodies: BTreeMap::new(),
+            fetching: BTreeMap::new(),
+            fetch_kick: false,
+            anti_entropy_kick: false,
             scrub_cursor: None,
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
@@ -248,6 +275,12 @@ impl Server {
             Input::LinkDown { peer } => self.on_link_down(peer),
             Input::Durable { upto } => self.on_durable(upto),
             Input::External(edit) => self.on_external(edit),
+        }
+        if std::mem::take(&mut self.fetch_kick) {
+            self.fetch_wanted_bodies();
+        }
+        if std::mem::take(&mut self.anti_entropy_kick) {
+            self.anti_entropy();
         }
         self.check_all_masters();
         self.flush_acks();

@@ -2,7 +2,7 @@
 //! durability, MBOX summaries, SYNC exchanges, FETCH of bodies, and the repair of stores
 //! edited behind the protocol's back.
 
-use super::{BodyCensus, PeerCheck, Server, WantedBody};
+use super::{BodyCensus, CommonPoint, DELTA_SYNCS_MAX, PeerCheck, Server, WantedBody};
 use crate::hash::body_checksum;
 use crate::io::ExternalEdit;
 use crate::mailbox::{self, MergeOutcome};
@@ -17,6 +17,9 @@ const RESEND_PER_TICK_MAX: usize = 1024;
 /// Bodies checked against their checksum per scrub.
 const SCRUB_PER_TICK_MAX: usize = 256;
 const FETCH_RETRY_US: u64 = 100_000;
+/// FETCHes in flight at once: enough to fill a fast link, few enough that a resync of a
+/// large mailbox does not queue its whole body traffic at once.
+const FETCH_WINDOW_MAX: usize = 256;
 /// A census whose answers did not all arrive is started again after this long.
 const CENSUS_TIMEOUT_US: u64 = 5_000_000;
 /// Anti-entropy periods after which a confirmed copy is checked again.
@@ -330,14 +333,31 @@ impl Server {
         self.send(src, Msg::MboxDone { tag, count });
     }
 
+    fn my_uidvalidity(&self, mailbox: &MailboxKey) -> u32 {
+        self.db.mailboxes.get(mailbox).map(|m| m.uidvalidity).unwrap_or(0)
+    }
+
     fn my_summary(&self, mailbox: &MailboxKey) -> Option<Summary> {
         self.db.mailboxes.get(mailbox).map(|m| mailbox::summary(mailbox, m))
     }
 
     fn send_state(&mut self, to: Sid, mailbox: &MailboxKey, reply: bool) {
         let is_new = !self.db.mailboxes.contains_key(mailbox);
+        // Past a point both copies reached, only what changed since goes out; if that
+        // does not make the copies equal, the later tries (and at last a full SYNC) do.
+        let since = match self.common_modseq.get_mut(&(to, mailbox.clone())) {
+            Some(point) if point.deltas_left > 0 => {
+                point.deltas_left -= 1;
+                Some(point.modseq)
+            }
+            Some(_) => {
+                self.common_modseq.remove(&(to, mailbox.clone()));
+                None
+            }
+            None => None,
+        };
         let m = self.mailbox_mut(mailbox);
-        let state = mailbox::state(mailbox, m);
+        let state = mailbox::state_since(mailbox, m, since);
         if is_new {
             self.persist_meta(mailbox);
         }
@@ -348,6 +368,18 @@ impl Server {
         let mailbox = summary.mailbox.clone();
         let key = self.master_key(&mailbox);
         let equal = self.my_summary(&mailbox).as_ref() == Some(&summary);
+        if equal {
+            let point = CommonPoint { modseq: summary.highest_modseq, deltas_left: DELTA_SYNCS_MAX };
+            self.common_modseq.insert((src, mailbox.clone()), point);
+        } else if self
+            .common_modseq
+            .get(&(src, mailbox.clone()))
+            .is_some_and(|p| summary.highest_modseq < p.modseq || summary.uidvalidity != self.my_uidvalidity(&mailbox))
+        {
+            // The peer is behind the common point (it lost its disk) or holds another
+            // incarnation of the mailbox: only a full SYNC can repair that.
+            self.common_modseq.remove(&(src, mailbox.clone()));
+        }
         if tag != 0 {
             // A catch-up answer.
             let Some(c) = self.mastered.get_mut(&key).and_then(|m| m.catchup.as_mut()).filter(|c| c.tag == tag) else {
@@ -508,7 +540,9 @@ impl Server {
             repair,
             census: None,
         });
-        self.fetch_wanted_bodies();
+        // One fetch pass after the input, not one per wanted body: a SYNC can want
+        // thousands.
+        self.fetch_kick = true;
     }
 
     pub(crate) fn fetch_wanted_bodies(&mut self) {
@@ -517,8 +551,17 @@ impl Server {
         if peers.is_empty() {
             return;
         }
-        let due: Vec<Guid> =
-            self.wanted_bodies.iter().filter(|(_, w)| w.next_try <= now).map(|(g, _)| *g).take(256).collect();
+        let wanted = &self.wanted_bodies;
+        self.fetching.retain(|g, until| *until > now && wanted.contains_key(g));
+        let room = FETCH_WINDOW_MAX.saturating_sub(self.fetching.len());
+        let due: Vec<Guid> = self
+            .wanted_bodies
+            .iter()
+            .filter(|(g, w)| w.next_try <= now && !self.fetching.contains_key(g))
+            .map(|(g, _)| *g)
+            .take(room)
+            .collect();
+        debug_assert!(self.fetching.len() + due.len() <= FETCH_WINDOW_MAX);
         for guid in due {
             let Some(w) = self.wanted_bodies.get(&guid) else { continue };
             let census_stale = w.census.as_ref().is_some_and(|c| c.started.plus_us(CENSUS_TIMEOUT_US) <= now);
@@ -534,6 +577,7 @@ impl Server {
             };
             w.attempts = w.attempts.saturating_add(1);
             w.next_try = now.plus_us(FETCH_RETRY_US * u64::from(w.attempts.min(10)));
+            self.fetching.insert(guid, w.next_try);
             self.send(target, Msg::Fetch { guid });
         }
     }
@@ -562,6 +606,8 @@ impl Server {
         }
         let repair = w.repair;
         self.wanted_bodies.remove(&guid);
+        self.fetching.remove(&guid);
+        self.fetch_kick = true;
         self.db.bodies.insert(guid, StoredBody { checksum: expected, bytes: body.clone() });
         self.write(StoreWrite::PutBody { guid, checksum: expected, bytes: body });
         if repair {
@@ -615,6 +661,8 @@ impl Server {
 
     pub(crate) fn on_no_body(&mut self, src: Sid, guid: Guid) {
         let me = self.cfg.sid;
+        // The slot is free; the body is tried again (elsewhere) when its retry is due.
+        self.fetching.remove(&guid);
         let Some(w) = self.wanted_bodies.get_mut(&guid) else { return };
         let Some(census) = w.census.as_mut() else { return };
         census.denied.insert(src);

@@ -83,6 +83,10 @@ impl Server {
         if !self.is_root() || grew || behind {
             self.open_term();
         }
+        // A member lost before it answered DROPPED is no longer waited for: without this
+        // a link cut in the middle of opening a term left the term inactive, and every
+        // write on this side queued until the partition healed.
+        self.check_root_active();
     }
 
     fn open_term(&mut self) {

@@ -161,6 +161,10 @@ impl Server {
         if before != self.reachable {
             let gained: Vec<Sid> = self.reachable.difference(&before).copied().collect();
             let lost: Vec<Sid> = before.difference(&self.reachable).copied().collect();
+            if !gained.is_empty() {
+                self.anti_entropy_kick = true;
+                self.fetch_kick = true;
+            }
             self.on_reachability_changed(&gained, &lost);
         }
     }
