@@ -95,13 +95,19 @@ pub fn digest(m: &StoredMailbox) -> u64 {
 }
 
 pub fn summary(key: &MailboxKey, m: &StoredMailbox) -> Summary {
+    summary_with_digest(key, m, digest(m))
+}
+
+/// [`summary`] with the mailbox's digest already known.
+pub fn summary_with_digest(key: &MailboxKey, m: &StoredMailbox, digest: u64) -> Summary {
+    debug_assert_eq!(digest, self::digest(m), "stale digest of {key}");
     Summary {
         mailbox: key.clone(),
         uidvalidity: m.uidvalidity,
         uidnext: m.uidnext,
         count: u32::try_from(m.messages.len()).unwrap_or(u32::MAX),
         highest_modseq: m.highest_modseq,
-        digest: digest(m),
+        digest,
     }
 }
 

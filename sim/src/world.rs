@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use tandem_core::hash::{fnv64, mix64};
+use tandem_core::hash::{Fnv64, fnv64, mix64};
 use tandem_core::wire::{Decoder, Encoder};
 use tandem_core::*;
 
@@ -141,6 +141,8 @@ pub struct World {
     links: BTreeMap<(Sid, Sid), Link>,
     pub oracle: Oracle,
     labels: BTreeMap<String, Guid>,
+    /// `labels` inverted: the labels of each GUID.
+    labels_of: BTreeMap<Guid, BTreeSet<String>>,
     outstanding: BTreeMap<RequestId, Outstanding>,
     next_request: RequestId,
     /// Client answers by event index: (ok, rejected).
@@ -210,6 +212,7 @@ impl World {
             links,
             oracle: Oracle::default(),
             labels: BTreeMap::new(),
+            labels_of: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             next_request: 1,
             answers: BTreeMap::new(),
@@ -911,8 +914,11 @@ impl World {
             return;
         }
         let t = self.now.0;
-        let text = format!("{reply:?}");
-        self.hash_in(&[&t.to_le_bytes(), text.as_bytes()]);
+        // The hash of the reply's text, without building the text.
+        let mut h = Fnv64::default();
+        h.write(&t.to_le_bytes());
+        let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{reply:?}"));
+        self.trace_hash = mix64(self.trace_hash ^ h.0);
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
@@ -927,7 +933,7 @@ impl World {
                     self.check_copies_at_ack(mailbox, *guid, copies_lost);
                 }
                 if let Some(label) = &o.label {
-                    self.labels.insert(label.clone(), *guid);
+                    self.set_label(label.clone(), *guid);
                 }
             }
             ClientReply::Write(WriteResult::Expunged { .. }) => {
@@ -1091,7 +1097,7 @@ impl World {
                 self.label_counter += 1;
                 let guid = Guid(u128::from(self.rng.random::<u64>()) << 64 | u128::from(self.label_counter));
                 if let Some(label) = label {
-                    self.labels.insert(label, guid);
+                    self.set_label(label, guid);
                 }
                 let body = self.body(800, self.label_counter);
                 self.note(|w: &World| format!("{} hand edit on {server}: new file in {mailbox}", w.ms()));
@@ -1142,12 +1148,24 @@ impl World {
         self.nodes.iter().filter(|(_, n)| n.server.is_some()).map(|(s, _)| *s).collect()
     }
 
+    fn set_label(&mut self, label: String, guid: Guid) {
+        if let Some(old) = self.labels.insert(label.clone(), guid)
+            && let Some(set) = self.labels_of.get_mut(&old)
+        {
+            set.remove(&label);
+        }
+        self.labels_of.entry(guid).or_default().insert(label);
+    }
+
     /// A random label of a message the server holds in the mailbox.
     fn random_label_at(&mut self, sid: Sid, mailbox: &MailboxKey) -> Option<String> {
         let server = self.nodes.get(&sid)?.server.as_ref()?;
-        let guids: BTreeSet<Guid> = server.image().mailboxes.get(mailbox)?.messages.values().map(|r| r.guid).collect();
-        let labels: Vec<String> =
-            self.labels.iter().filter(|(_, g)| guids.contains(g)).map(|(l, _)| l.clone()).collect();
+        let messages = &server.image().mailboxes.get(mailbox)?.messages;
+        // Every label of a GUID held here, in label order, once.
+        let mut labels: Vec<&String> =
+            messages.values().filter_map(|r| self.labels_of.get(&r.guid)).flat_map(|set| set.iter()).collect();
+        labels.sort_unstable();
+        labels.dedup();
         if labels.is_empty() {
             return None;
         }
@@ -1458,8 +1476,8 @@ impl World {
                             continue;
                         };
                         for (sid, k, r) in self.copies_of(&label) {
-                            match self.oracle.first_uid.get(&(k.clone(), guid)) {
-                                Some(first) if *first != r.uid => {}
+                            match self.oracle.first_uid(&k, guid) {
+                                Some(first) if first != r.uid => {}
                                 Some(first) => {
                                     failures.push(format!("{label} on {sid} still has its first UID {first}"))
                                 }

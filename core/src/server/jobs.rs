@@ -349,7 +349,7 @@ impl Server {
             && !self.db.bodies.contains_key(guid)
             && crate::hash::body_checksum(body) == record.checksum
         {
-            self.db.bodies.insert(*guid, crate::store::StoredBody { checksum: record.checksum, bytes: body.clone() });
+            self.put_intact_body(*guid, record.checksum, body.clone());
             self.write(StoreWrite::PutBody { guid: *guid, checksum: record.checksum, bytes: body.clone() });
         }
         let fragment = MailboxState {
@@ -607,7 +607,7 @@ impl Server {
         if let Some(bytes) = &body
             && !self.db.bodies.contains_key(&guid)
         {
-            self.db.bodies.insert(guid, crate::store::StoredBody { checksum, bytes: bytes.clone() });
+            self.put_intact_body(guid, checksum, bytes.clone());
             self.write(StoreWrite::PutBody { guid, checksum, bytes: bytes.clone() });
         }
         let me = self.cfg.sid;
@@ -657,7 +657,7 @@ impl Server {
         messages: &[(Uid, Guid)],
         tag: u64,
     ) -> (WriteResult, Option<()>) {
-        let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
+        let Some(m) = self.mailbox_get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
         let modseq = m.highest_modseq + 1;
@@ -746,6 +746,8 @@ impl Server {
         };
         let (unchanged_since, known_modseq) = (*unchanged_since, *known_modseq);
         let me = self.cfg.sid;
+        // `mailbox_get_mut` inlined: `self.marks` is used while `m` is borrowed.
+        self.digests.remove(mailbox);
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };

@@ -117,6 +117,13 @@ pub struct Server {
     pub(crate) dirty: BTreeMap<MailboxKey, Option<Instant>>,
     pub(crate) wanted_bodies: BTreeMap<Guid, WantedBody>,
     pub(crate) scrub_cursor: Option<Guid>,
+    /// Whether each stored body matched its checksum when last checked: a cache of
+    /// `body_checksum(bytes) == checksum`, dropped whenever the stored body changes (all
+    /// changes go through `put_body`, `remove_body` and `replace_body_bytes`).
+    pub(crate) body_verdicts: BTreeMap<Guid, bool>,
+    /// Digests of mailboxes unchanged since they were computed: every mutable access to a
+    /// mailbox goes through `mailbox_mut` or `mailbox_get_mut`, which drop its entry.
+    pub(crate) digests: BTreeMap<MailboxKey, u64>,
     next_tick: Instant,
     last_slow_tick: Instant,
     /// When our pending link-state announcement goes out.
@@ -167,6 +174,8 @@ impl Server {
             dirty: BTreeMap::new(),
             wanted_bodies: BTreeMap::new(),
             scrub_cursor: None,
+            body_verdicts: BTreeMap::new(),
+            digests: BTreeMap::new(),
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
             announce_due: None,
@@ -337,7 +346,20 @@ impl Server {
     }
 
     pub(crate) fn mailbox_mut(&mut self, key: &MailboxKey) -> &mut StoredMailbox {
+        self.digests.remove(key);
         self.db.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key))
+    }
+
+    /// A mailbox to change, if it exists.
+    pub(crate) fn mailbox_get_mut(&mut self, key: &MailboxKey) -> Option<&mut StoredMailbox> {
+        self.digests.remove(key);
+        self.db.mailboxes.get_mut(key)
+    }
+
+    /// A mailbox's summary, its digest computed once per change of the mailbox.
+    pub(crate) fn summary_of(&mut self, key: &MailboxKey) -> Option<Summary> {
+        let m = self.db.mailboxes.get(key)?;
+        Some(cached_summary(&mut self.digests, key, m))
     }
 
     pub(crate) fn master_key(&self, mailbox: &MailboxKey) -> MasterKey {
@@ -517,4 +539,17 @@ impl Server {
             self.check_all_masters();
         }
     }
+}
+
+/// `mailbox::summary` through the digest cache (see `Server::digests`).
+pub(crate) fn cached_summary(digests: &mut BTreeMap<MailboxKey, u64>, key: &MailboxKey, m: &StoredMailbox) -> Summary {
+    let digest = match digests.get(key) {
+        Some(d) => *d,
+        None => {
+            let d = mailbox::digest(m);
+            digests.insert(key.clone(), d);
+            d
+        }
+    };
+    mailbox::summary_with_digest(key, m, digest)
 }

@@ -321,17 +321,19 @@ impl Server {
     }
 
     pub(crate) fn on_mbox_request(&mut self, src: Sid, tag: u64, key: MasterKey) {
-        let summaries: Vec<Summary> =
-            self.db.mailboxes.iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::summary(k, m)).collect();
+        let digests = &mut self.digests;
+        let summaries: Vec<Summary> = self
+            .db
+            .mailboxes
+            .iter()
+            .filter(|(k, _)| key.covers(k))
+            .map(|(k, m)| super::cached_summary(digests, k, m))
+            .collect();
         let count = u32::try_from(summaries.len()).unwrap_or(u32::MAX);
         for summary in summaries {
             self.send(src, Msg::Mbox { tag, summary });
         }
         self.send(src, Msg::MboxDone { tag, count });
-    }
-
-    fn my_summary(&self, mailbox: &MailboxKey) -> Option<Summary> {
-        self.db.mailboxes.get(mailbox).map(|m| mailbox::summary(mailbox, m))
     }
 
     fn send_state(&mut self, to: Sid, mailbox: &MailboxKey, reply: bool) {
@@ -347,7 +349,7 @@ impl Server {
     pub(crate) fn on_mbox(&mut self, src: Sid, tag: u64, summary: Summary) {
         let mailbox = summary.mailbox.clone();
         let key = self.master_key(&mailbox);
-        let equal = self.my_summary(&mailbox).as_ref() == Some(&summary);
+        let equal = self.summary_of(&mailbox).as_ref() == Some(&summary);
         if tag != 0 {
             // A catch-up answer.
             let Some(c) = self.mastered.get_mut(&key).and_then(|m| m.catchup.as_mut()).filter(|c| c.tag == tag) else {
@@ -371,7 +373,7 @@ impl Server {
                 check.confirmed_digest = Some(summary.digest);
                 check.confirmed_at = Some(self.now);
                 self.clear_overflow(src, &mailbox);
-            } else if let Some(mine) = self.my_summary(&mailbox) {
+            } else if let Some(mine) = self.summary_of(&mailbox) {
                 self.send(src, Msg::Mbox { tag: 0, summary: mine });
             }
             return;
@@ -443,7 +445,7 @@ impl Server {
                     continue;
                 }
                 let check = self.checks.get(&(peer, mailbox.clone())).copied().unwrap_or_default();
-                let summary = mailbox::summary(mailbox, m);
+                let summary = super::cached_summary(&mut self.digests, mailbox, m);
                 // A confirmed copy is checked again now and then: a peer may have lost its
                 // disk and come back before anyone saw it gone, or been edited by hand.
                 let fresh =
@@ -539,11 +541,12 @@ impl Server {
     }
 
     pub(crate) fn on_fetch(&mut self, src: Sid, guid: Guid) {
-        let Some(body) = self.db.bodies.get(&guid) else {
+        let Some(intact) = self.stored_body_intact(guid) else {
             self.send(src, Msg::NoBody { guid });
             return;
         };
-        if body_checksum(&body.bytes) != body.checksum {
+        let Some(body) = self.db.bodies.get(&guid) else { return };
+        if !intact {
             // Never hand out a corrupted body; repair our own instead.
             let checksum = body.checksum;
             self.want_body(guid, Some(checksum), None, true);
@@ -562,7 +565,7 @@ impl Server {
         }
         let repair = w.repair;
         self.wanted_bodies.remove(&guid);
-        self.db.bodies.insert(guid, StoredBody { checksum: expected, bytes: body.clone() });
+        self.put_intact_body(guid, expected, body.clone());
         self.write(StoreWrite::PutBody { guid, checksum: expected, bytes: body });
         if repair {
             self.marks.hit(Mark::BodyRepaired);
@@ -641,10 +644,21 @@ impl Server {
         }
     }
 
+    /// Whether the stored body of `guid` matches its checksum (None: no body stored).
+    pub(crate) fn stored_body_intact(&mut self, guid: Guid) -> Option<bool> {
+        let body = self.db.bodies.get(&guid)?;
+        Some(*self.body_verdicts.entry(guid).or_insert_with(|| body_checksum(&body.bytes) == body.checksum))
+    }
+
+    /// Store a body whose bytes were checked against `checksum`.
+    pub(crate) fn put_intact_body(&mut self, guid: Guid, checksum: u64, bytes: Vec<u8>) {
+        self.db.bodies.insert(guid, StoredBody { checksum, bytes });
+        self.body_verdicts.insert(guid, true);
+    }
+
     /// Keep a body that arrived with a change, if it is intact and new here.
     pub(crate) fn store_body(&mut self, guid: Guid, checksum: u64, body: Vec<u8>, src: Option<Sid>) {
-        let intact_here = self.db.bodies.get(&guid).is_some_and(|b| body_checksum(&b.bytes) == b.checksum);
-        if intact_here {
+        if self.stored_body_intact(guid) == Some(true) {
             return;
         }
         if body_checksum(&body) != checksum {
@@ -652,7 +666,7 @@ impl Server {
             return;
         }
         self.wanted_bodies.remove(&guid);
-        self.db.bodies.insert(guid, StoredBody { checksum, bytes: body.clone() });
+        self.put_intact_body(guid, checksum, body.clone());
         self.write(StoreWrite::PutBody { guid, checksum, bytes: body });
         self.body_arrived(guid);
     }
@@ -660,12 +674,15 @@ impl Server {
     /// Check some bodies against their checksums, and that every message has a body.
     pub(crate) fn scrub_bodies(&mut self) {
         let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
+        let verdicts = &mut self.body_verdicts;
         let batch: Vec<(Guid, u64, bool)> = self
             .db
             .bodies
             .range(start..)
             .take(SCRUB_PER_TICK_MAX)
-            .map(|(g, b)| (*g, b.checksum, body_checksum(&b.bytes) == b.checksum))
+            .map(|(g, b)| {
+                (*g, b.checksum, *verdicts.entry(*g).or_insert_with(|| body_checksum(&b.bytes) == b.checksum))
+            })
             .collect();
         self.scrub_cursor = if batch.len() < SCRUB_PER_TICK_MAX { None } else { batch.last().map(|b| b.0) };
         for (guid, checksum, intact) in batch {
@@ -710,6 +727,7 @@ impl Server {
                 let Some(record) = self.db.mailboxes.get(&mailbox).and_then(|m| m.messages.get(&uid)).cloned() else {
                     return;
                 };
+                self.body_verdicts.remove(&record.guid);
                 if self.db.bodies.remove(&record.guid).is_some() {
                     self.write(StoreWrite::RemoveBody { guid: record.guid });
                 }
@@ -718,6 +736,7 @@ impl Server {
             ExternalEdit::Corrupted { guid, body } => {
                 let Some(stored) = self.db.bodies.get_mut(&guid) else { return };
                 stored.bytes = body.clone();
+                self.body_verdicts.remove(&guid);
                 let checksum = stored.checksum;
                 self.write(StoreWrite::PutBody { guid, checksum, bytes: body });
             }
