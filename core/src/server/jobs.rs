@@ -657,7 +657,7 @@ impl Server {
         messages: &[(Uid, Guid)],
         tag: u64,
     ) -> (WriteResult, Option<()>) {
-        let Some(m) = self.mailbox_get_mut(mailbox) else {
+        let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
         let modseq = m.highest_modseq + 1;
@@ -746,8 +746,6 @@ impl Server {
         };
         let (unchanged_since, known_modseq) = (*unchanged_since, *known_modseq);
         let me = self.cfg.sid;
-        // `mailbox_get_mut` inlined: `self.marks` is used while `m` is borrowed.
-        self.digests.remove(mailbox);
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };

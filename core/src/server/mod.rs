@@ -121,9 +121,9 @@ pub struct Server {
     /// `body_checksum(bytes) == checksum`, dropped whenever the stored body changes (all
     /// changes go through `put_body`, `remove_body` and `replace_body_bytes`).
     pub(crate) body_verdicts: BTreeMap<Guid, bool>,
-    /// Digests of mailboxes unchanged since they were computed: every mutable access to a
-    /// mailbox goes through `mailbox_mut` or `mailbox_get_mut`, which drop its entry.
-    pub(crate) digests: BTreeMap<MailboxKey, u64>,
+    /// Each mailbox's digest, kept up to date by `write` from the writes that change the
+    /// mailbox (built from the store when first needed).
+    pub(crate) digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
     next_tick: Instant,
     last_slow_tick: Instant,
     /// When our pending link-state announcement goes out.
@@ -321,6 +321,24 @@ impl Server {
 
     /// Record a durable write (already applied to `db` by the caller) and emit it.
     pub(crate) fn write(&mut self, write: StoreWrite) -> WriteId {
+        match &write {
+            StoreWrite::PutMessage { mailbox, record } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.put_record(record);
+                }
+            }
+            StoreWrite::RemoveMessage { mailbox, uid } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.remove_record(*uid);
+                }
+            }
+            StoreWrite::PutTombstone { mailbox, tombstone } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.put_tombstone(tombstone);
+                }
+            }
+            _ => {}
+        }
         self.last_write += 1;
         self.outputs.push_back(Output::Write { id: self.last_write, write });
         self.last_write
@@ -346,17 +364,10 @@ impl Server {
     }
 
     pub(crate) fn mailbox_mut(&mut self, key: &MailboxKey) -> &mut StoredMailbox {
-        self.digests.remove(key);
         self.db.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key))
     }
 
-    /// A mailbox to change, if it exists.
-    pub(crate) fn mailbox_get_mut(&mut self, key: &MailboxKey) -> Option<&mut StoredMailbox> {
-        self.digests.remove(key);
-        self.db.mailboxes.get_mut(key)
-    }
-
-    /// A mailbox's summary, its digest computed once per change of the mailbox.
+    /// A mailbox's summary, its digest kept up to date (see `digests`).
     pub(crate) fn summary_of(&mut self, key: &MailboxKey) -> Option<Summary> {
         let m = self.db.mailboxes.get(key)?;
         Some(cached_summary(&mut self.digests, key, m))
@@ -541,13 +552,18 @@ impl Server {
     }
 }
 
-/// `mailbox::summary` through the digest cache (see `Server::digests`).
-pub(crate) fn cached_summary(digests: &mut BTreeMap<MailboxKey, u64>, key: &MailboxKey, m: &StoredMailbox) -> Summary {
+/// `mailbox::summary` with the digest kept in `digests` (see `Server::digests`).
+pub(crate) fn cached_summary(
+    digests: &mut BTreeMap<MailboxKey, mailbox::DigestParts>,
+    key: &MailboxKey,
+    m: &StoredMailbox,
+) -> Summary {
     let digest = match digests.get(key) {
-        Some(d) => *d,
-        None => {
-            let d = mailbox::digest(m);
-            digests.insert(key.clone(), d);
+        Some(parts) if parts.fits(m) => parts.digest(m),
+        _ => {
+            let parts = mailbox::DigestParts::of(m);
+            let d = parts.digest(m);
+            digests.insert(key.clone(), parts);
             d
         }
     };

@@ -690,21 +690,38 @@ impl Server {
                 self.want_body(guid, Some(checksum), None, true);
             }
         }
-        let missing: Vec<(Guid, u64)> = self
-            .db
-            .mailboxes
-            .values()
-            .flat_map(|m| m.messages.values())
-            .filter(|r| !self.db.bodies.contains_key(&r.guid) && !self.wanted_bodies.contains_key(&r.guid))
-            .map(|r| (r.guid, r.checksum))
-            .collect();
+        // Messages (in mailbox and UID order) with no body here and none wanted: the
+        // GUIDs found by one sorted walk over messages, bodies and wanted bodies.
+        let mut guids: Vec<Guid> =
+            self.db.mailboxes.values().flat_map(|m| m.messages.values()).map(|r| r.guid).collect();
+        guids.sort_unstable();
+        guids.dedup();
+        let mut have = self.db.bodies.keys().peekable();
+        let mut wanted = self.wanted_bodies.keys().peekable();
+        guids.retain(|g| {
+            while have.next_if(|h| *h < g).is_some() {}
+            while wanted.next_if(|w| *w < g).is_some() {}
+            have.peek() != Some(&g) && wanted.peek() != Some(&g)
+        });
+        let missing: Vec<(Guid, u64)> = if guids.is_empty() {
+            Vec::new()
+        } else {
+            self.db
+                .mailboxes
+                .values()
+                .flat_map(|m| m.messages.values())
+                .filter(|r| guids.binary_search(&r.guid).is_ok())
+                .map(|r| (r.guid, r.checksum))
+                .collect()
+        };
         for (guid, checksum) in missing {
             self.want_body(guid, Some(checksum), None, true);
         }
         if !self.wanted_bodies.is_empty() {
             // A body whose every message was expunged meanwhile is no longer wanted.
-            let referenced: BTreeSet<Guid> =
+            let mut referenced: Vec<Guid> =
                 self.db.mailboxes.values().flat_map(|m| m.messages.values()).map(|r| r.guid).collect();
+            referenced.sort_unstable();
             let awaited: BTreeSet<Guid> = self
                 .jobs
                 .values()
@@ -713,7 +730,7 @@ impl Server {
                     _ => None,
                 })
                 .collect();
-            self.wanted_bodies.retain(|g, _| referenced.contains(g) || awaited.contains(g));
+            self.wanted_bodies.retain(|g, _| referenced.binary_search(g).is_ok() || awaited.contains(g));
         }
     }
 
