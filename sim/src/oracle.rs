@@ -148,6 +148,10 @@ impl Oracle {
         };
         let mut rebound = Vec::new();
         for (uid, guid) in bindings {
+            if shown.get(&(uidvalidity, uid)) == Some(&guid) {
+                // Shown so before: `any` and `first` have it already.
+                continue;
+            }
             if let Some(before) = shown.insert((uidvalidity, uid), guid)
                 && before != guid
             {

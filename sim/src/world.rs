@@ -695,7 +695,7 @@ impl World {
                 let mut last = 0;
                 for (id, write) in pending {
                     if id <= upto {
-                        node.disk.apply(&write);
+                        node.disk.apply_owned(write);
                         last = id;
                     } else {
                         node.pending.push((id, write));
@@ -888,8 +888,10 @@ impl World {
             .nodes
             .values()
             .filter(|n| {
+                // From the highest UIDs down: a message just saved is most likely there.
                 let known = n.disk.mailboxes.get(mailbox).is_some_and(|m| {
-                    m.messages.values().any(|r| r.guid == guid) || m.tombstones.values().any(|t| t.guid == guid)
+                    m.messages.values().rev().any(|r| r.guid == guid)
+                        || m.tombstones.values().rev().any(|t| t.guid == guid)
                 });
                 known && n.disk.bodies.contains_key(&guid)
             })
