@@ -124,6 +124,11 @@ pub struct Server {
     /// Each mailbox's digest, kept up to date by `write` from the writes that change the
     /// mailbox (built from the store when first needed).
     pub(crate) digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
+    /// Messages that may lack a body: written while it was not here (see `write`).
+    pub(crate) scrub_suspects: BTreeSet<(MailboxKey, Uid)>,
+    /// A body was removed (or the server just started): the next scrub looks at every
+    /// message.
+    pub(crate) scrub_rescan: bool,
     next_tick: Instant,
     last_slow_tick: Instant,
     /// When our pending link-state announcement goes out.
@@ -176,6 +181,8 @@ impl Server {
             scrub_cursor: None,
             body_verdicts: BTreeMap::new(),
             digests: BTreeMap::new(),
+            scrub_suspects: BTreeSet::new(),
+            scrub_rescan: true,
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
             announce_due: None,
@@ -326,7 +333,11 @@ impl Server {
                 if let Some(parts) = self.digests.get_mut(mailbox) {
                     parts.put_record(record);
                 }
+                if !self.db.bodies.contains_key(&record.guid) {
+                    self.scrub_suspects.insert((mailbox.clone(), record.uid));
+                }
             }
+            StoreWrite::RemoveBody { .. } => self.scrub_rescan = true,
             StoreWrite::RemoveMessage { mailbox, uid } => {
                 if let Some(parts) = self.digests.get_mut(mailbox) {
                     parts.remove_record(*uid);

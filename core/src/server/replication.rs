@@ -690,30 +690,43 @@ impl Server {
                 self.want_body(guid, Some(checksum), None, true);
             }
         }
-        // Messages (in mailbox and UID order) with no body here and none wanted: the
-        // GUIDs found by one sorted walk over messages, bodies and wanted bodies.
-        let mut guids: Vec<Guid> =
-            self.db.mailboxes.values().flat_map(|m| m.messages.values()).map(|r| r.guid).collect();
-        guids.sort_unstable();
-        guids.dedup();
-        let mut have = self.db.bodies.keys().peekable();
-        let mut wanted = self.wanted_bodies.keys().peekable();
-        guids.retain(|g| {
-            while have.next_if(|h| *h < g).is_some() {}
-            while wanted.next_if(|w| *w < g).is_some() {}
-            have.peek() != Some(&g) && wanted.peek() != Some(&g)
+        // Messages (in mailbox and UID order) with no body here and none wanted. Only a
+        // message written while its body was not here, or any after a body was removed,
+        // can lack one (see `write`): those are the ones looked at.
+        if self.scrub_rescan {
+            self.scrub_rescan = false;
+            self.scrub_suspects = self
+                .db
+                .mailboxes
+                .iter()
+                .flat_map(|(k, m)| m.messages.values().map(move |r| (k, r)))
+                .filter(|(_, r)| !self.db.bodies.contains_key(&r.guid))
+                .map(|(k, r)| (k.clone(), r.uid))
+                .collect();
+        }
+        let mut missing: Vec<(Guid, u64)> = Vec::new();
+        let (db, wanted) = (&self.db, &self.wanted_bodies);
+        self.scrub_suspects.retain(|(k, uid)| {
+            let Some(r) = db.mailboxes.get(k).and_then(|m| m.messages.get(uid)) else { return false };
+            if db.bodies.contains_key(&r.guid) {
+                return false;
+            }
+            if !wanted.contains_key(&r.guid) {
+                missing.push((r.guid, r.checksum));
+            }
+            true
         });
-        let missing: Vec<(Guid, u64)> = if guids.is_empty() {
-            Vec::new()
-        } else {
+        debug_assert_eq!(
+            missing,
             self.db
                 .mailboxes
                 .values()
                 .flat_map(|m| m.messages.values())
-                .filter(|r| guids.binary_search(&r.guid).is_ok())
+                .filter(|r| !self.db.bodies.contains_key(&r.guid) && !self.wanted_bodies.contains_key(&r.guid))
                 .map(|r| (r.guid, r.checksum))
-                .collect()
-        };
+                .collect::<Vec<_>>(),
+            "scrub suspects missed a message without a body"
+        );
         for (guid, checksum) in missing {
             self.want_body(guid, Some(checksum), None, true);
         }
