@@ -7,7 +7,7 @@ use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use tandem_core::hash::{Fnv64, fnv64, mix64};
 use tandem_core::wire::{Decoder, Encoder};
 use tandem_core::*;
@@ -141,8 +141,8 @@ pub struct World {
     links: BTreeMap<(Sid, Sid), Link>,
     pub oracle: Oracle,
     labels: BTreeMap<String, Guid>,
-    /// `labels` inverted: the labels of each GUID.
-    labels_of: BTreeMap<Guid, BTreeSet<String>>,
+    /// `labels` inverted: the labels of each GUID (no order; only looked up).
+    labels_of: HashMap<Guid, Vec<String>>,
     outstanding: BTreeMap<RequestId, Outstanding>,
     next_request: RequestId,
     /// Client answers by event index: (ok, rejected).
@@ -212,7 +212,7 @@ impl World {
             links,
             oracle: Oracle::default(),
             labels: BTreeMap::new(),
-            labels_of: BTreeMap::new(),
+            labels_of: HashMap::new(),
             outstanding: BTreeMap::new(),
             next_request: 1,
             answers: BTreeMap::new(),
@@ -1152,11 +1152,11 @@ impl World {
 
     fn set_label(&mut self, label: String, guid: Guid) {
         if let Some(old) = self.labels.insert(label.clone(), guid)
-            && let Some(set) = self.labels_of.get_mut(&old)
+            && let Some(list) = self.labels_of.get_mut(&old)
         {
-            set.remove(&label);
+            list.retain(|l| *l != label);
         }
-        self.labels_of.entry(guid).or_default().insert(label);
+        self.labels_of.entry(guid).or_default().push(label);
     }
 
     /// A random label of a message the server holds in the mailbox.
@@ -1165,7 +1165,7 @@ impl World {
         let messages = &server.image().mailboxes.get(mailbox)?.messages;
         // Every label of a GUID held here, in label order, once.
         let mut labels: Vec<&String> =
-            messages.values().filter_map(|r| self.labels_of.get(&r.guid)).flat_map(|set| set.iter()).collect();
+            messages.values().filter_map(|r| self.labels_of.get(&r.guid)).flatten().collect();
         labels.sort_unstable();
         labels.dedup();
         if labels.is_empty() {
