@@ -91,6 +91,33 @@ enum Ev {
     },
 }
 
+/// An event in the queue, ordered by time and then by `id` (scheduling order).
+struct Queued {
+    at: Instant,
+    id: u64,
+    ev: Box<Ev>,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.id) == (other.at, other.id)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.id).cmp(&(other.at, other.id))
+    }
+}
+
 struct Node {
     server: Option<Server>,
     disk: DiskImage,
@@ -134,8 +161,8 @@ pub struct World {
     opts: RunOptions,
     rng: ChaCha8Rng,
     now: Instant,
-    queue: BinaryHeap<Reverse<(Instant, u64)>>,
-    events: BTreeMap<u64, Ev>,
+    /// Scheduled events, earliest first (ties in scheduling order).
+    queue: BinaryHeap<Reverse<Queued>>,
     next_event: u64,
     nodes: BTreeMap<Sid, Node>,
     links: BTreeMap<(Sid, Sid), Link>,
@@ -206,7 +233,6 @@ impl World {
             rng: ChaCha8Rng::seed_from_u64(seed),
             now: Instant(0),
             queue: BinaryHeap::new(),
-            events: BTreeMap::new(),
             next_event: 0,
             nodes: BTreeMap::new(),
             links,
@@ -265,8 +291,7 @@ impl World {
     fn schedule(&mut self, at: Instant, ev: Ev) {
         let id = self.next_event;
         self.next_event += 1;
-        self.events.insert(id, ev);
-        self.queue.push(Reverse((at, id)));
+        self.queue.push(Reverse(Queued { at, id, ev: Box::new(ev) }));
     }
 
     /// A trace line, formatted only when someone will read it.
@@ -641,7 +666,8 @@ impl World {
     }
 
     fn run_until(&mut self, end: Instant) {
-        while let Some(Reverse((at, id))) = self.queue.peek().copied() {
+        while let Some(Reverse(Queued { at, .. })) = self.queue.peek() {
+            let at = *at;
             if at > end || !self.failures.is_empty() {
                 break;
             }
@@ -649,10 +675,9 @@ impl World {
                 self.failures.push(format!("the run exceeded {STEPS_MAX} steps"));
                 break;
             }
-            self.queue.pop();
+            let Some(Reverse(queued)) = self.queue.pop() else { break };
             self.now = self.now.max(at);
-            let Some(ev) = self.events.remove(&id) else { continue };
-            self.step(ev);
+            self.step(*queued.ev);
         }
         self.now = self.now.max(end);
     }
