@@ -29,22 +29,22 @@ fn went_down(before: (u32, Uid, ModSeq), now: (u32, Uid, ModSeq)) -> bool {
 type FlagView<'a> = BTreeMap<(&'a MailboxKey, Guid), Vec<Flag>>;
 
 /// `body_checksum(bytes) == checksum` for stored bodies, computed once per distinct body
-/// of a GUID: another copy with the same bytes and checksum gets the same verdict.
-#[derive(Default)]
-struct BodyVerdicts<'a> {
-    seen: BTreeMap<Guid, (&'a StoredBody, bool)>,
+/// of a GUID: a copy with the same bytes and checksum as the one last checked gets the
+/// same verdict (the bytes are compared, not trusted).
+#[derive(Clone, Debug, Default)]
+pub struct BodyVerdicts {
+    seen: BTreeMap<Guid, (StoredBody, bool)>,
 }
 
-impl<'a> BodyVerdicts<'a> {
-    fn intact(&mut self, guid: Guid, body: &'a StoredBody) -> bool {
+impl BodyVerdicts {
+    pub fn intact(&mut self, guid: Guid, body: &StoredBody) -> bool {
         if let Some((seen, verdict)) = self.seen.get(&guid)
-            && seen.checksum == body.checksum
-            && seen.bytes == body.bytes
+            && seen == body
         {
             return *verdict;
         }
         let verdict = hash::body_checksum(&body.bytes) == body.checksum;
-        self.seen.insert(guid, (body, verdict));
+        self.seen.insert(guid, (body.clone(), verdict));
         verdict
     }
 }
@@ -96,6 +96,8 @@ pub struct Oracle {
     saved_with: BTreeSet<(MailboxKey, Guid, Flag)>,
     /// Every UID binding a SAVE/COPY answer showed.
     acked_bindings: BTreeSet<(UidKey, Guid)>,
+    /// Bodies checked at quiescence and for convergence.
+    pub body_verdicts: BodyVerdicts,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -340,7 +342,7 @@ impl Oracle {
         // Violations found, reported in the order found once the checks are done.
         let mut found: Vec<(&'static str, String)> = Vec::new();
         if check_loss {
-            let mut verdicts = BodyVerdicts::default();
+            let verdicts = &mut self.body_verdicts;
             for ((mailbox, guid), (server, at)) in &self.acked {
                 let key = (mailbox.clone(), *guid);
                 if self.expunged.contains(&key)
@@ -448,10 +450,14 @@ impl Oracle {
 /// mailboxes, messages, UIDs, flags and tombstones, intact bodies, one root, one master
 /// per master key.
 pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
+    divergence_with(servers, &mut BodyVerdicts::default())
+}
+
+/// [`divergence`], remembering the bodies it checked in `verdicts`.
+pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerdicts) -> Option<String> {
     let mut iter = servers.iter();
     let (s0, first) = iter.next()?;
     let img0 = first.image();
-    let mut verdicts = BodyVerdicts::default();
     for (sid, server) in servers {
         let image = server.image();
         for (mailbox, m) in &image.mailboxes {

@@ -760,10 +760,10 @@ impl World {
     }
 
     /// Why the live servers have not converged, or None.
-    fn converged(&self) -> Option<String> {
+    fn converged(&mut self) -> Option<String> {
         let servers: BTreeMap<Sid, &Server> =
             self.nodes.iter().filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x))).collect();
-        oracle::divergence(&servers)
+        oracle::divergence_with(&servers, &mut self.oracle.body_verdicts)
     }
 }
 

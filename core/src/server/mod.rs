@@ -227,7 +227,14 @@ impl Server {
         self.mastered.iter().filter(|(_, m)| m.catchup.is_none()).map(|(k, _)| k.clone()).collect()
     }
     pub fn summaries(&self) -> Vec<Summary> {
-        self.db.mailboxes.iter().map(|(k, m)| mailbox::summary(k, m)).collect()
+        self.db
+            .mailboxes
+            .iter()
+            .map(|(k, m)| match self.digests.get(k).filter(|parts| parts.fits(m)) {
+                Some(parts) => mailbox::summary_with_digest(k, m, parts.digest(m)),
+                None => mailbox::summary(k, m),
+            })
+            .collect()
     }
     /// The mailboxes a client of `user` is shown (IMAP LIST): see [`crate::types::Lifecycle`].
     pub fn visible_summaries(&self, user: &str) -> Vec<Summary> {
