@@ -67,13 +67,19 @@ fn records_by_guid(image: &DiskImage) -> BTreeMap<&MailboxKey, BTreeMap<Guid, &M
 /// Key of a UID as clients see it.
 type UidKey = (MailboxKey, u32, Uid);
 
+/// In one mailbox: the GUID shown on each (UIDVALIDITY, UID).
+type Bindings = BTreeMap<(u32, Uid), Guid>;
+
+/// In one mailbox: every GUID shown on each (UIDVALIDITY, UID).
+type AnyBindings = BTreeMap<(u32, Uid), BTreeSet<Guid>>;
+
 #[derive(Clone, Debug, Default)]
 pub struct Oracle {
     /// What each server has shown each UID bound to, by server, mailbox and
     /// (UIDVALIDITY, UID).
-    shown: BTreeMap<Sid, BTreeMap<MailboxKey, BTreeMap<(u32, Uid), Guid>>>,
+    shown: BTreeMap<Sid, BTreeMap<MailboxKey, Bindings>>,
     /// Every GUID any server has shown on a UID, by mailbox and (UIDVALIDITY, UID).
-    shown_any: BTreeMap<MailboxKey, BTreeMap<(u32, Uid), BTreeSet<Guid>>>,
+    shown_any: BTreeMap<MailboxKey, AnyBindings>,
     /// First UID a client saw for each message, by mailbox and GUID.
     first_uid: BTreeMap<MailboxKey, BTreeMap<Guid, Uid>>,
     /// SAVE/COPY answered OK.
@@ -181,7 +187,7 @@ impl Oracle {
     pub fn forget_server(&mut self, server: Sid) {
         self.shown.remove(&server);
         self.views.retain(|(s, _), _| *s != server);
-        let mut any: BTreeMap<MailboxKey, BTreeMap<(u32, Uid), BTreeSet<Guid>>> = BTreeMap::new();
+        let mut any: BTreeMap<MailboxKey, AnyBindings> = BTreeMap::new();
         for by_mailbox in self.shown.values() {
             for (mailbox, bindings) in by_mailbox {
                 let into = any.entry(mailbox.clone()).or_default();
