@@ -1188,16 +1188,27 @@ impl World {
     fn random_label_at(&mut self, sid: Sid, mailbox: &MailboxKey) -> Option<String> {
         let server = self.nodes.get(&sid)?.server.as_ref()?;
         let messages = &server.image().mailboxes.get(mailbox)?.messages;
-        // Every label of a GUID held here, in label order, once.
-        let mut labels: Vec<&String> =
-            messages.values().filter_map(|r| self.labels_of.get(&r.guid)).flatten().collect();
+        // Every label of a GUID held here, in label order, once. The sort compares the
+        // first 8 bytes as a number first (the same order as the bytes), then the rest.
+        let prefix = |l: &str| {
+            let mut b = [0u8; 8];
+            let n = l.len().min(8);
+            b[..n].copy_from_slice(&l.as_bytes()[..n]);
+            u64::from_be_bytes(b)
+        };
+        let mut labels: Vec<(u64, &String)> = messages
+            .values()
+            .filter_map(|r| self.labels_of.get(&r.guid))
+            .flatten()
+            .map(|l| (prefix(l), l))
+            .collect();
         labels.sort_unstable();
         labels.dedup();
         if labels.is_empty() {
             return None;
         }
         let i = self.rng.random_range(0..labels.len());
-        Some(labels[i].clone())
+        Some(labels[i].1.clone())
     }
 
     fn plan_workload(&mut self, until_ms: u64, ops_per_s: u64, users: u32, mailboxes: u32, servers: Option<Vec<Sid>>) {
