@@ -167,14 +167,12 @@ impl Server {
         let n = ids.len();
         let index = |s: Sid| ids.binary_search(&s).ok();
         let me_i = index(me)?;
-        // claims[x * n + y]: x has (we) or announces (others) a link to y; and x's
-        // neighbours in id order.
+        // claims[x * n + y]: x has (we) or announces (others) a link to y. A row read
+        // in order lists x's neighbours in id order.
         let mut claims = vec![false; n * n];
-        let mut neighbors: Vec<Vec<usize>> = vec![Vec::new(); n];
         for &y in &self.links {
             let j = index(y)?;
             claims[me_i * n + j] = true;
-            neighbors[me_i].push(j);
         }
         for (&x, ann) in &self.lsdb {
             if x == me {
@@ -184,7 +182,6 @@ impl Server {
             for &y in &ann.neighbors {
                 let j = index(y)?;
                 claims[i * n + j] = true;
-                neighbors[i].push(j);
             }
         }
         let linked = |a: usize, b: usize| claims[a * n + b] && claims[b * n + a];
@@ -192,7 +189,7 @@ impl Server {
         let mut seen = vec![false; n];
         seen[me_i] = true;
         let mut queue: VecDeque<usize> = VecDeque::new();
-        for &j in &neighbors[me_i] {
+        for j in 0..n {
             if linked(me_i, j) && !seen[j] {
                 seen[j] = true;
                 hop[j] = Some(j);
@@ -201,7 +198,7 @@ impl Server {
         }
         while let Some(at) = queue.pop_front() {
             let via = hop[at];
-            for &j in &neighbors[at] {
+            for j in 0..n {
                 if linked(at, j) && !seen[j] {
                     seen[j] = true;
                     hop[j] = via;
