@@ -1196,12 +1196,8 @@ impl World {
             b[..n].copy_from_slice(&l.as_bytes()[..n]);
             u64::from_be_bytes(b)
         };
-        let mut labels: Vec<(u64, &String)> = messages
-            .values()
-            .filter_map(|r| self.labels_of.get(&r.guid))
-            .flatten()
-            .map(|l| (prefix(l), l))
-            .collect();
+        let mut labels: Vec<(u64, &String)> =
+            messages.values().filter_map(|r| self.labels_of.get(&r.guid)).flatten().map(|l| (prefix(l), l)).collect();
         labels.sort_unstable();
         labels.dedup();
         if labels.is_empty() {
