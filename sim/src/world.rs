@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use tandem_core::hash::{Fnv64, fnv64, mix64};
 use tandem_core::wire::{Decoder, Encoder};
 use tandem_core::*;
@@ -91,6 +92,24 @@ enum Ev {
     },
 }
 
+/// A hasher for GUIDs, which are random already: a quick mix of their bits.
+#[derive(Default)]
+struct GuidHasher(u64);
+
+impl Hasher for GuidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = mix64(self.0 ^ fnv64(&[bytes]));
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = mix64(self.0 ^ (v as u64) ^ mix64((v >> 64) as u64));
+    }
+}
+
 /// An event in the queue, ordered by time and then by `id` (scheduling order).
 struct Queued {
     at: Instant,
@@ -169,7 +188,7 @@ pub struct World {
     pub oracle: Oracle,
     labels: BTreeMap<String, Guid>,
     /// `labels` inverted: the labels of each GUID (no order; only looked up).
-    labels_of: HashMap<Guid, Vec<String>>,
+    labels_of: HashMap<Guid, Vec<String>, BuildHasherDefault<GuidHasher>>,
     outstanding: BTreeMap<RequestId, Outstanding>,
     next_request: RequestId,
     /// Client answers by event index: (ok, rejected).
@@ -238,7 +257,7 @@ impl World {
             links,
             oracle: Oracle::default(),
             labels: BTreeMap::new(),
-            labels_of: HashMap::new(),
+            labels_of: HashMap::default(),
             outstanding: BTreeMap::new(),
             next_request: 1,
             answers: BTreeMap::new(),
