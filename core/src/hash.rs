@@ -16,6 +16,33 @@ pub fn fnv64(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// FNV-1a fed piece by piece: the same value as [`fnv64`] over the concatenation of
+/// everything written. Writing formatted text into it hashes the text without building it.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv64(pub u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(FNV_OFFSET)
+    }
+}
+
+impl Fnv64 {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(FNV_PRIME);
+        }
+    }
+}
+
+impl std::fmt::Write for Fnv64 {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.write(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// A 64-bit finaliser (splitmix64) so that XOR-combined item hashes do not cancel on
 /// structured input.
 pub fn mix64(mut x: u64) -> u64 {

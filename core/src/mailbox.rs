@@ -85,23 +85,90 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
 pub fn digest(m: &StoredMailbox) -> u64 {
     let live = m.messages.values().fold(0u64, |acc, r| acc ^ record_hash(r));
     let dead = m.tombstones.values().fold(0u64, |acc, t| acc ^ tombstone_hash(t));
+    combine_digest(live, dead, &m.lifecycle)
+}
+
+fn combine_digest(live: u64, dead: u64, lifecycle: &Lifecycle) -> u64 {
     // A mailbox never created or deleted by a client digests as it always did.
-    let lifecycle = if m.lifecycle.is_default() {
+    let lifecycle = if lifecycle.is_default() {
         0
     } else {
-        mix64(m.lifecycle.created_at ^ mix64(m.lifecycle.deleted_at ^ 0x6c69_6665))
+        mix64(lifecycle.created_at ^ mix64(lifecycle.deleted_at ^ 0x6c69_6665))
     };
     live ^ mix64(dead) ^ lifecycle
 }
 
+/// A mailbox's [`digest`] kept up to date record by record: the hash of every live
+/// record and tombstone, and their XORs. A server feeds it the writes it makes to the
+/// mailbox (its store holds exactly what those writes say), so a digest costs nothing
+/// however large the mailbox.
+#[derive(Clone, Debug, Default)]
+pub struct DigestParts {
+    live: BTreeMap<Uid, u64>,
+    dead: BTreeMap<(Uid, Guid), u64>,
+    live_xor: u64,
+    dead_xor: u64,
+}
+
+impl DigestParts {
+    pub fn of(m: &StoredMailbox) -> DigestParts {
+        let mut parts = DigestParts::default();
+        for r in m.messages.values() {
+            parts.put_record(r);
+        }
+        for t in m.tombstones.values() {
+            parts.put_tombstone(t);
+        }
+        parts
+    }
+
+    pub fn put_record(&mut self, r: &MessageRecord) {
+        let h = record_hash(r);
+        if let Some(old) = self.live.insert(r.uid, h) {
+            self.live_xor ^= old;
+        }
+        self.live_xor ^= h;
+    }
+
+    pub fn remove_record(&mut self, uid: Uid) {
+        if let Some(old) = self.live.remove(&uid) {
+            self.live_xor ^= old;
+        }
+    }
+
+    pub fn put_tombstone(&mut self, t: &Tombstone) {
+        let h = tombstone_hash(t);
+        if let Some(old) = self.dead.insert((t.uid, t.guid), h) {
+            self.dead_xor ^= old;
+        }
+        self.dead_xor ^= h;
+    }
+
+    /// Whether these parts can describe `m` (as many records and tombstones).
+    pub fn fits(&self, m: &StoredMailbox) -> bool {
+        self.live.len() == m.messages.len() && self.dead.len() == m.tombstones.len()
+    }
+
+    /// `digest(m)` for the mailbox these parts describe.
+    pub fn digest(&self, m: &StoredMailbox) -> u64 {
+        combine_digest(self.live_xor, self.dead_xor, &m.lifecycle)
+    }
+}
+
 pub fn summary(key: &MailboxKey, m: &StoredMailbox) -> Summary {
+    summary_with_digest(key, m, digest(m))
+}
+
+/// [`summary`] with the mailbox's digest already known.
+pub fn summary_with_digest(key: &MailboxKey, m: &StoredMailbox, digest: u64) -> Summary {
+    debug_assert_eq!(digest, self::digest(m), "stale digest of {key}");
     Summary {
         mailbox: key.clone(),
         uidvalidity: m.uidvalidity,
         uidnext: m.uidnext,
         count: u32::try_from(m.messages.len()).unwrap_or(u32::MAX),
         highest_modseq: m.highest_modseq,
-        digest: digest(m),
+        digest,
     }
 }
 

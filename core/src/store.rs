@@ -75,6 +75,25 @@ pub enum StoreWrite {
 }
 
 impl DiskImage {
+    /// [`DiskImage::apply`] taking the write: what it carries is moved in, not copied.
+    pub fn apply_owned(&mut self, write: StoreWrite) {
+        match write {
+            StoreWrite::PutMessage { mailbox, record } => {
+                let m = self.mailboxes.entry(mailbox).or_default();
+                m.messages.insert(record.uid, record);
+            }
+            StoreWrite::PutBody { guid, checksum, bytes } => {
+                self.bodies.insert(guid, StoredBody { checksum, bytes });
+            }
+            StoreWrite::LogAppend { peer, seq, change } => {
+                let log = self.logs.entry(peer).or_default();
+                log.entries.insert(seq, change);
+                log.next_seq = log.next_seq.max(seq + 1);
+            }
+            other => self.apply(&other),
+        }
+    }
+
     pub fn apply(&mut self, write: &StoreWrite) {
         match write {
             StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {

@@ -1,12 +1,16 @@
 //! Simulator speed: simulated messages and simulated seconds per wall-clock second, for
 //! the 30-server scenario (random workload and faults), for a 5-server cluster under
-//! steady load without faults, and for 3, 10 and 30 servers under that same load. Run: `cargo bench -p tandem-sim --bench sim_throughput`.
+//! steady load without faults, and for 3, 10 and 30 servers under that same load. Run: `cargo bench -p tandem-sim --bench sim_throughput`
+//! (`BENCH_RUNS=n` runs per line, `BENCH_FILTER=text` only the lines whose name contains it).
 
 use std::path::PathBuf;
 use std::time::Instant;
 use tandem_sim::{RunOptions, run, scenario};
 
 fn measure(name: &str, s: &scenario::Scenario, runs: u64) {
+    if std::env::var("BENCH_FILTER").is_ok_and(|f| !name.contains(f.as_str())) {
+        return;
+    }
     let mut wall = Vec::new();
     let mut messages = 0;
     let mut sim_us = 0;

@@ -3,6 +3,7 @@
 //! answer a client gets); liveness and "nothing acked is lost" at quiescence.
 
 use std::collections::{BTreeMap, BTreeSet};
+use tandem_core::store::StoredBody;
 use tandem_core::*;
 
 pub const NO_ACKED_LOSS: &str = "no_acked_loss";
@@ -25,19 +26,62 @@ fn went_down(before: (u32, Uid, ModSeq), now: (u32, Uid, ModSeq)) -> bool {
 }
 
 /// Each message's flags on one server.
-type FlagView = BTreeMap<(MailboxKey, Guid), Vec<Flag>>;
+type FlagView<'a> = BTreeMap<(&'a MailboxKey, Guid), Vec<Flag>>;
+
+/// `body_checksum(bytes) == checksum` for stored bodies, computed once per distinct body
+/// of a GUID: a copy with the same bytes and checksum as the one last checked gets the
+/// same verdict (the bytes are compared, not trusted).
+#[derive(Clone, Debug, Default)]
+pub struct BodyVerdicts {
+    seen: BTreeMap<Guid, (StoredBody, bool)>,
+}
+
+impl BodyVerdicts {
+    pub fn intact(&mut self, guid: Guid, body: &StoredBody) -> bool {
+        if let Some((seen, verdict)) = self.seen.get(&guid)
+            && seen == body
+        {
+            return *verdict;
+        }
+        let verdict = hash::body_checksum(&body.bytes) == body.checksum;
+        self.seen.insert(guid, (body.clone(), verdict));
+        verdict
+    }
+}
+
+/// For one store: each mailbox's messages by GUID (the lowest UID's record).
+fn records_by_guid(image: &DiskImage) -> BTreeMap<&MailboxKey, BTreeMap<Guid, &MessageRecord>> {
+    image
+        .mailboxes
+        .iter()
+        .map(|(k, m)| {
+            let mut by_guid = BTreeMap::new();
+            for r in m.messages.values() {
+                by_guid.entry(r.guid).or_insert(r);
+            }
+            (k, by_guid)
+        })
+        .collect()
+}
 
 /// Key of a UID as clients see it.
 type UidKey = (MailboxKey, u32, Uid);
 
+/// In one mailbox: the GUID shown on each (UIDVALIDITY, UID).
+type Bindings = BTreeMap<(u32, Uid), Guid>;
+
+/// In one mailbox: every GUID shown on each (UIDVALIDITY, UID).
+type AnyBindings = BTreeMap<(u32, Uid), BTreeSet<Guid>>;
+
 #[derive(Clone, Debug, Default)]
 pub struct Oracle {
-    /// What each server has shown each UID bound to.
-    shown: BTreeMap<(Sid, UidKey), Guid>,
-    /// Every GUID any server has shown on a UID.
-    shown_any: BTreeMap<UidKey, BTreeSet<Guid>>,
-    /// First UID a client saw for each message.
-    pub first_uid: BTreeMap<(MailboxKey, Guid), Uid>,
+    /// What each server has shown each UID bound to, by server, mailbox and
+    /// (UIDVALIDITY, UID).
+    shown: BTreeMap<Sid, BTreeMap<MailboxKey, Bindings>>,
+    /// Every GUID any server has shown on a UID, by mailbox and (UIDVALIDITY, UID).
+    shown_any: BTreeMap<MailboxKey, AnyBindings>,
+    /// First UID a client saw for each message, by mailbox and GUID.
+    first_uid: BTreeMap<MailboxKey, BTreeMap<Guid, Uid>>,
     /// SAVE/COPY answered OK.
     pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
     /// EXPUNGE answered OK, by message.
@@ -58,6 +102,8 @@ pub struct Oracle {
     saved_with: BTreeSet<(MailboxKey, Guid, Flag)>,
     /// Every UID binding a SAVE/COPY answer showed.
     acked_bindings: BTreeSet<(UidKey, Guid)>,
+    /// Bodies checked at quiescence and for convergence.
+    pub body_verdicts: BodyVerdicts,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -77,18 +123,59 @@ impl Oracle {
 
     /// A client was shown `uid` bound to `guid` by `server`.
     pub fn shown(&mut self, time_us: u64, server: Sid, mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, guid: Guid) {
-        let key = (mailbox.clone(), uidvalidity, uid);
-        if let Some(before) = self.shown.insert((server, key.clone()), guid)
-            && before != guid
-        {
-            self.violate(
-                UIDS_NEVER_REUSED,
-                time_us,
-                format!("{server} showed {mailbox} UID {uid} as {before} and later as {guid}"),
-            );
+        self.shown_all(time_us, server, mailbox, uidvalidity, [(uid, guid)]);
+    }
+
+    /// `shown` for several bindings of one mailbox, in order.
+    fn shown_all(
+        &mut self,
+        time_us: u64,
+        server: Sid,
+        mailbox: &MailboxKey,
+        uidvalidity: u32,
+        bindings: impl IntoIterator<Item = (Uid, Guid)>,
+    ) {
+        let mut bindings = bindings.into_iter().peekable();
+        if bindings.peek().is_none() {
+            return;
         }
-        self.shown_any.entry(key).or_default().insert(guid);
-        self.first_uid.entry((mailbox.clone(), guid)).or_insert(uid);
+        let by_server = self.shown.entry(server).or_default();
+        if !by_server.contains_key(mailbox) {
+            by_server.insert(mailbox.clone(), BTreeMap::new());
+        }
+        if !self.shown_any.contains_key(mailbox) {
+            self.shown_any.insert(mailbox.clone(), BTreeMap::new());
+        }
+        if !self.first_uid.contains_key(mailbox) {
+            self.first_uid.insert(mailbox.clone(), BTreeMap::new());
+        }
+        let (Some(shown), Some(any), Some(first)) =
+            (by_server.get_mut(mailbox), self.shown_any.get_mut(mailbox), self.first_uid.get_mut(mailbox))
+        else {
+            return;
+        };
+        let mut rebound = Vec::new();
+        for (uid, guid) in bindings {
+            if shown.get(&(uidvalidity, uid)) == Some(&guid) {
+                // Shown so before: `any` and `first` have it already.
+                continue;
+            }
+            if let Some(before) = shown.insert((uidvalidity, uid), guid)
+                && before != guid
+            {
+                rebound.push(format!("{server} showed {mailbox} UID {uid} as {before} and later as {guid}"));
+            }
+            any.entry((uidvalidity, uid)).or_default().insert(guid);
+            first.entry(guid).or_insert(uid);
+        }
+        for detail in rebound {
+            self.violate(UIDS_NEVER_REUSED, time_us, detail);
+        }
+    }
+
+    /// The first UID a client saw for a message.
+    pub fn first_uid(&self, mailbox: &MailboxKey, guid: Guid) -> Option<Uid> {
+        self.first_uid.get(mailbox).and_then(|m| m.get(&guid)).copied()
     }
 
     /// A server lost its disk for good: a replacement with its id is a new server, whose
@@ -98,22 +185,25 @@ impl Oracle {
     /// What it alone showed (bindings it never got to replicate) dies with it: the
     /// cluster-wide record keeps only what other servers showed or acknowledged.
     pub fn forget_server(&mut self, server: Sid) {
-        self.shown.retain(|(s, _), _| *s != server);
+        self.shown.remove(&server);
         self.views.retain(|(s, _), _| *s != server);
-        let mut any: BTreeMap<UidKey, BTreeSet<Guid>> = BTreeMap::new();
-        for ((_, key), guid) in &self.shown {
-            any.entry(key.clone()).or_default().insert(*guid);
+        let mut any: BTreeMap<MailboxKey, AnyBindings> = BTreeMap::new();
+        for by_mailbox in self.shown.values() {
+            for (mailbox, bindings) in by_mailbox {
+                let into = any.entry(mailbox.clone()).or_default();
+                for (key, guid) in bindings {
+                    into.entry(*key).or_default().insert(*guid);
+                }
+            }
         }
-        for (key, guid) in &self.acked_bindings {
-            any.entry(key.clone()).or_default().insert(*guid);
+        for ((mailbox, uidvalidity, uid), guid) in &self.acked_bindings {
+            any.entry(mailbox.clone()).or_default().entry((*uidvalidity, *uid)).or_default().insert(*guid);
         }
         self.shown_any = any;
     }
 
     pub fn view(&mut self, time_us: u64, server: Sid, view: &MailboxView) {
-        for m in &view.messages {
-            self.shown(time_us, server, &view.mailbox, view.uidvalidity, m.uid, m.guid);
-        }
+        self.shown_all(time_us, server, &view.mailbox, view.uidvalidity, view.messages.iter().map(|m| (m.uid, m.guid)));
         let now = (view.uidvalidity, view.uidnext, view.highest_modseq);
         if let Some(before) = self.views.insert((server, view.mailbox.clone()), now)
             && went_down(before, now)
@@ -135,7 +225,8 @@ impl Oracle {
         match write {
             StoreWrite::PutMessage { mailbox, record } => {
                 let uidvalidity = image.mailboxes.get(mailbox).map(|m| m.uidvalidity).unwrap_or(0);
-                if let Some(shown) = self.shown.get(&(server, (mailbox.clone(), uidvalidity, record.uid)))
+                if let Some(shown) =
+                    self.shown.get(&server).and_then(|m| m.get(mailbox)).and_then(|m| m.get(&(uidvalidity, record.uid)))
                     && *shown != record.guid
                 {
                     let shown = *shown;
@@ -253,8 +344,12 @@ impl Oracle {
 
     /// Checks at quiescence over the live servers' stores.
     pub fn at_quiescence(&mut self, time_us: u64, stores: &BTreeMap<Sid, &DiskImage>, check_loss: bool) {
+        let by_guid: BTreeMap<Sid, _> = stores.iter().map(|(sid, image)| (*sid, records_by_guid(image))).collect();
+        // Violations found, reported in the order found once the checks are done.
+        let mut found: Vec<(&'static str, String)> = Vec::new();
         if check_loss {
-            for ((mailbox, guid), (server, at)) in &self.acked.clone() {
+            let verdicts = &mut self.body_verdicts;
+            for ((mailbox, guid), (server, at)) in &self.acked {
                 let key = (mailbox.clone(), *guid);
                 if self.expunged.contains(&key)
                     || self.expunge_requested.contains(&key)
@@ -263,20 +358,18 @@ impl Oracle {
                     continue;
                 }
                 for (sid, image) in stores {
-                    let live =
-                        image.mailboxes.get(mailbox).is_some_and(|m| m.messages.values().any(|r| r.guid == *guid));
-                    let body = image.bodies.get(guid).is_some_and(|b| hash::body_checksum(&b.bytes) == b.checksum);
+                    let live = by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid));
+                    let body = image.bodies.get(guid).is_some_and(|b| verdicts.intact(*guid, b));
                     if !live || !body {
-                        self.violate(
+                        found.push((
                             NO_ACKED_LOSS,
-                            time_us,
                             format!(
                                 "message {guid} acked by {server} at {} ms is {} on {sid}",
                                 at / 1000,
                                 if live { "without an intact body" } else { "missing from " }.to_string()
                                     + &mailbox.to_string()
                             ),
-                        );
+                        ));
                     }
                 }
             }
@@ -284,17 +377,16 @@ impl Oracle {
         for (sid, image) in stores {
             for (mailbox, m) in &image.mailboxes {
                 for r in m.messages.values() {
-                    if let Some(guids) = self.shown_any.get(&(mailbox.clone(), m.uidvalidity, r.uid))
+                    if let Some(guids) = self.shown_any.get(mailbox).and_then(|s| s.get(&(m.uidvalidity, r.uid)))
                         && guids.iter().any(|g| *g != r.guid)
                     {
-                        self.violate(
+                        found.push((
                             UIDS_NEVER_REUSED,
-                            time_us,
                             format!(
                                 "{sid} ends with {mailbox} UID {} bound to {} though clients saw it as {:?}",
                                 r.uid, r.guid, guids
                             ),
-                        );
+                        ));
                     }
                 }
             }
@@ -302,23 +394,22 @@ impl Oracle {
         // Flag deltas survive every merge: a flag an acknowledged STORE added that no
         // request ever removed is set at the end, and one an acknowledged STORE removed
         // that no request (nor the SAVE) ever added is clear. Whole-flag-set merges fail.
-        for (sid, image) in stores.iter().filter(|_| check_loss) {
-            for ((mailbox, guid, flag), h) in &self.flag_requests.clone() {
-                let found = image.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == *guid));
-                let Some(r) = found else { continue };
+        for sid in stores.keys().filter(|_| check_loss) {
+            for ((mailbox, guid, flag), h) in &self.flag_requests {
+                let Some(r) = by_guid[sid].get(mailbox).and_then(|m| m.get(guid)) else { continue };
                 let present = r.flags.get(flag).is_some_and(|s| s.present);
                 if h.add_acked && !h.remove_requested && !present {
                     let detail = format!(
                         "{sid}: {guid} in {mailbox} lost {flag}, added by an acknowledged STORE and never removed"
                     );
-                    self.violate(FLAGS_AGREE, time_us, detail);
+                    found.push((FLAGS_AGREE, detail));
                 }
                 let saved_with = self.saved_with.contains(&(mailbox.clone(), *guid, flag.clone()));
                 if h.remove_acked && !h.add_requested && !saved_with && present {
                     let detail = format!(
                         "{sid}: {guid} in {mailbox} has {flag} back, removed by an acknowledged STORE and never added"
                     );
-                    self.violate(FLAGS_AGREE, time_us, detail);
+                    found.push((FLAGS_AGREE, detail));
                 }
             }
         }
@@ -328,7 +419,7 @@ impl Oracle {
                 let flags = image
                     .mailboxes
                     .iter()
-                    .flat_map(|(k, m)| m.messages.values().map(move |r| ((k.clone(), r.guid), r.present_flags())))
+                    .flat_map(|(k, m)| m.messages.values().map(move |r| ((k, r.guid), r.present_flags())))
                     .collect();
                 (*sid, flags)
             })
@@ -342,15 +433,17 @@ impl Oracle {
                         if let Some(other) = f0.get(k)
                             && other != f
                         {
-                            self.violate(
+                            found.push((
                                 FLAGS_AGREE,
-                                time_us,
                                 format!("{} in {} has flags {f:?} on {sid} but {other:?} on {s0}", k.1, k.0),
-                            );
+                            ));
                         }
                     }
                 }
             }
+        }
+        for (invariant, detail) in found {
+            self.violate(invariant, time_us, detail);
         }
     }
 
@@ -363,6 +456,11 @@ impl Oracle {
 /// mailboxes, messages, UIDs, flags and tombstones, intact bodies, one root, one master
 /// per master key.
 pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
+    divergence_with(servers, &mut BodyVerdicts::default())
+}
+
+/// [`divergence`], remembering the bodies it checked in `verdicts`.
+pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerdicts) -> Option<String> {
     let mut iter = servers.iter();
     let (s0, first) = iter.next()?;
     let img0 = first.image();
@@ -370,7 +468,7 @@ pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
         let image = server.image();
         for (mailbox, m) in &image.mailboxes {
             for r in m.messages.values() {
-                let ok = image.bodies.get(&r.guid).is_some_and(|b| hash::body_checksum(&b.bytes) == b.checksum);
+                let ok = image.bodies.get(&r.guid).is_some_and(|b| verdicts.intact(r.guid, b));
                 if !ok {
                     return Some(format!("{sid} lacks an intact body for {} in {mailbox}", r.guid));
                 }

@@ -7,8 +7,9 @@ use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use tandem_core::hash::{fnv64, mix64};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use tandem_core::hash::{Fnv64, fnv64, mix64};
 use tandem_core::wire::{Decoder, Encoder};
 use tandem_core::*;
 
@@ -91,6 +92,51 @@ enum Ev {
     },
 }
 
+/// A hasher for GUIDs, which are random already: a quick mix of their bits.
+#[derive(Default)]
+struct GuidHasher(u64);
+
+impl Hasher for GuidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = mix64(self.0 ^ fnv64(&[bytes]));
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = mix64(self.0 ^ (v as u64) ^ mix64((v >> 64) as u64));
+    }
+}
+
+/// An event in the queue, ordered by time and then by `id` (scheduling order).
+struct Queued {
+    at: Instant,
+    id: u64,
+    ev: Box<Ev>,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.id) == (other.at, other.id)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.id).cmp(&(other.at, other.id))
+    }
+}
+
 struct Node {
     server: Option<Server>,
     disk: DiskImage,
@@ -134,13 +180,15 @@ pub struct World {
     opts: RunOptions,
     rng: ChaCha8Rng,
     now: Instant,
-    queue: BinaryHeap<Reverse<(Instant, u64)>>,
-    events: BTreeMap<u64, Ev>,
+    /// Scheduled events, earliest first (ties in scheduling order).
+    queue: BinaryHeap<Reverse<Queued>>,
     next_event: u64,
     nodes: BTreeMap<Sid, Node>,
     links: BTreeMap<(Sid, Sid), Link>,
     pub oracle: Oracle,
     labels: BTreeMap<String, Guid>,
+    /// `labels` inverted: the labels of each GUID (no order; only looked up).
+    labels_of: HashMap<Guid, Vec<String>, BuildHasherDefault<GuidHasher>>,
     outstanding: BTreeMap<RequestId, Outstanding>,
     next_request: RequestId,
     /// Client answers by event index: (ok, rejected).
@@ -204,12 +252,12 @@ impl World {
             rng: ChaCha8Rng::seed_from_u64(seed),
             now: Instant(0),
             queue: BinaryHeap::new(),
-            events: BTreeMap::new(),
             next_event: 0,
             nodes: BTreeMap::new(),
             links,
             oracle: Oracle::default(),
             labels: BTreeMap::new(),
+            labels_of: HashMap::default(),
             outstanding: BTreeMap::new(),
             next_request: 1,
             answers: BTreeMap::new(),
@@ -262,8 +310,7 @@ impl World {
     fn schedule(&mut self, at: Instant, ev: Ev) {
         let id = self.next_event;
         self.next_event += 1;
-        self.events.insert(id, ev);
-        self.queue.push(Reverse((at, id)));
+        self.queue.push(Reverse(Queued { at, id, ev: Box::new(ev) }));
     }
 
     /// A trace line, formatted only when someone will read it.
@@ -638,7 +685,8 @@ impl World {
     }
 
     fn run_until(&mut self, end: Instant) {
-        while let Some(Reverse((at, id))) = self.queue.peek().copied() {
+        while let Some(Reverse(Queued { at, .. })) = self.queue.peek() {
+            let at = *at;
             if at > end || !self.failures.is_empty() {
                 break;
             }
@@ -646,10 +694,9 @@ impl World {
                 self.failures.push(format!("the run exceeded {STEPS_MAX} steps"));
                 break;
             }
-            self.queue.pop();
+            let Some(Reverse(queued)) = self.queue.pop() else { break };
             self.now = self.now.max(at);
-            let Some(ev) = self.events.remove(&id) else { continue };
-            self.step(ev);
+            self.step(*queued.ev);
         }
         self.now = self.now.max(end);
     }
@@ -692,7 +739,7 @@ impl World {
                 let mut last = 0;
                 for (id, write) in pending {
                     if id <= upto {
-                        node.disk.apply(&write);
+                        node.disk.apply_owned(write);
                         last = id;
                     } else {
                         node.pending.push((id, write));
@@ -732,10 +779,10 @@ impl World {
     }
 
     /// Why the live servers have not converged, or None.
-    fn converged(&self) -> Option<String> {
+    fn converged(&mut self) -> Option<String> {
         let servers: BTreeMap<Sid, &Server> =
             self.nodes.iter().filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x))).collect();
-        oracle::divergence(&servers)
+        oracle::divergence_with(&servers, &mut self.oracle.body_verdicts)
     }
 }
 
@@ -885,8 +932,10 @@ impl World {
             .nodes
             .values()
             .filter(|n| {
+                // From the highest UIDs down: a message just saved is most likely there.
                 let known = n.disk.mailboxes.get(mailbox).is_some_and(|m| {
-                    m.messages.values().any(|r| r.guid == guid) || m.tombstones.values().any(|t| t.guid == guid)
+                    m.messages.values().rev().any(|r| r.guid == guid)
+                        || m.tombstones.values().rev().any(|t| t.guid == guid)
                 });
                 known && n.disk.bodies.contains_key(&guid)
             })
@@ -911,8 +960,11 @@ impl World {
             return;
         }
         let t = self.now.0;
-        let text = format!("{reply:?}");
-        self.hash_in(&[&t.to_le_bytes(), text.as_bytes()]);
+        // The hash of the reply's text, without building the text.
+        let mut h = Fnv64::default();
+        h.write(&t.to_le_bytes());
+        let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{reply:?}"));
+        self.trace_hash = mix64(self.trace_hash ^ h.0);
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
@@ -927,7 +979,7 @@ impl World {
                     self.check_copies_at_ack(mailbox, *guid, copies_lost);
                 }
                 if let Some(label) = &o.label {
-                    self.labels.insert(label.clone(), *guid);
+                    self.set_label(label.clone(), *guid);
                 }
             }
             ClientReply::Write(WriteResult::Expunged { .. }) => {
@@ -1091,7 +1143,7 @@ impl World {
                 self.label_counter += 1;
                 let guid = Guid(u128::from(self.rng.random::<u64>()) << 64 | u128::from(self.label_counter));
                 if let Some(label) = label {
-                    self.labels.insert(label, guid);
+                    self.set_label(label, guid);
                 }
                 let body = self.body(800, self.label_counter);
                 self.note(|w: &World| format!("{} hand edit on {server}: new file in {mailbox}", w.ms()));
@@ -1142,17 +1194,36 @@ impl World {
         self.nodes.iter().filter(|(_, n)| n.server.is_some()).map(|(s, _)| *s).collect()
     }
 
+    fn set_label(&mut self, label: String, guid: Guid) {
+        if let Some(old) = self.labels.insert(label.clone(), guid)
+            && let Some(list) = self.labels_of.get_mut(&old)
+        {
+            list.retain(|l| *l != label);
+        }
+        self.labels_of.entry(guid).or_default().push(label);
+    }
+
     /// A random label of a message the server holds in the mailbox.
     fn random_label_at(&mut self, sid: Sid, mailbox: &MailboxKey) -> Option<String> {
         let server = self.nodes.get(&sid)?.server.as_ref()?;
-        let guids: BTreeSet<Guid> = server.image().mailboxes.get(mailbox)?.messages.values().map(|r| r.guid).collect();
-        let labels: Vec<String> =
-            self.labels.iter().filter(|(_, g)| guids.contains(g)).map(|(l, _)| l.clone()).collect();
+        let messages = &server.image().mailboxes.get(mailbox)?.messages;
+        // Every label of a GUID held here, in label order, once. The sort compares the
+        // first 8 bytes as a number first (the same order as the bytes), then the rest.
+        let prefix = |l: &str| {
+            let mut b = [0u8; 8];
+            let n = l.len().min(8);
+            b[..n].copy_from_slice(&l.as_bytes()[..n]);
+            u64::from_be_bytes(b)
+        };
+        let mut labels: Vec<(u64, &String)> =
+            messages.values().filter_map(|r| self.labels_of.get(&r.guid)).flatten().map(|l| (prefix(l), l)).collect();
+        labels.sort_unstable();
+        labels.dedup();
         if labels.is_empty() {
             return None;
         }
         let i = self.rng.random_range(0..labels.len());
-        Some(labels[i].clone())
+        Some(labels[i].1.clone())
     }
 
     fn plan_workload(&mut self, until_ms: u64, ops_per_s: u64, users: u32, mailboxes: u32, servers: Option<Vec<Sid>>) {
@@ -1458,8 +1529,8 @@ impl World {
                             continue;
                         };
                         for (sid, k, r) in self.copies_of(&label) {
-                            match self.oracle.first_uid.get(&(k.clone(), guid)) {
-                                Some(first) if *first != r.uid => {}
+                            match self.oracle.first_uid(&k, guid) {
+                                Some(first) if first != r.uid => {}
                                 Some(first) => {
                                     failures.push(format!("{label} on {sid} still has its first UID {first}"))
                                 }

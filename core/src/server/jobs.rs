@@ -349,7 +349,7 @@ impl Server {
             && !self.db.bodies.contains_key(guid)
             && crate::hash::body_checksum(body) == record.checksum
         {
-            self.db.bodies.insert(*guid, crate::store::StoredBody { checksum: record.checksum, bytes: body.clone() });
+            self.put_intact_body(*guid, record.checksum, body.clone());
             self.write(StoreWrite::PutBody { guid: *guid, checksum: record.checksum, bytes: body.clone() });
         }
         let fragment = MailboxState {
@@ -613,7 +613,7 @@ impl Server {
         if let Some(bytes) = &body
             && !self.db.bodies.contains_key(&guid)
         {
-            self.db.bodies.insert(guid, crate::store::StoredBody { checksum, bytes: bytes.clone() });
+            self.put_intact_body(guid, checksum, bytes.clone());
             self.write(StoreWrite::PutBody { guid, checksum, bytes: bytes.clone() });
         }
         let me = self.cfg.sid;

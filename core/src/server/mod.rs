@@ -140,6 +140,18 @@ pub struct Server {
     /// then (not at the next slow tick, up to a second later) starts a resync at once.
     pub(crate) anti_entropy_kick: bool,
     pub(crate) scrub_cursor: Option<Guid>,
+    /// Whether each stored body matched its checksum when last checked: a cache of
+    /// `body_checksum(bytes) == checksum`, dropped whenever the stored body changes (all
+    /// changes go through `put_body`, `remove_body` and `replace_body_bytes`).
+    pub(crate) body_verdicts: BTreeMap<Guid, bool>,
+    /// Each mailbox's digest, kept up to date by `write` from the writes that change the
+    /// mailbox (built from the store when first needed).
+    pub(crate) digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
+    /// Messages that may lack a body: written while it was not here (see `write`).
+    pub(crate) scrub_suspects: BTreeSet<(MailboxKey, Uid)>,
+    /// A body was removed (or the server just started): the next scrub looks at every
+    /// message.
+    pub(crate) scrub_rescan: bool,
     next_tick: Instant,
     last_slow_tick: Instant,
     /// When our pending link-state announcement goes out.
@@ -194,6 +206,10 @@ impl Server {
             fetch_kick: false,
             anti_entropy_kick: false,
             scrub_cursor: None,
+            body_verdicts: BTreeMap::new(),
+            digests: BTreeMap::new(),
+            scrub_suspects: BTreeSet::new(),
+            scrub_rescan: true,
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
             announce_due: None,
@@ -238,7 +254,14 @@ impl Server {
         self.mastered.iter().filter(|(_, m)| m.catchup.is_none()).map(|(k, _)| k.clone()).collect()
     }
     pub fn summaries(&self) -> Vec<Summary> {
-        self.db.mailboxes.iter().map(|(k, m)| mailbox::summary(k, m)).collect()
+        self.db
+            .mailboxes
+            .iter()
+            .map(|(k, m)| match self.digests.get(k).filter(|parts| parts.fits(m)) {
+                Some(parts) => mailbox::summary_with_digest(k, m, parts.digest(m)),
+                None => mailbox::summary(k, m),
+            })
+            .collect()
     }
     /// The mailboxes a client of `user` is shown (IMAP LIST): see [`crate::types::Lifecycle`].
     pub fn visible_summaries(&self, user: &str) -> Vec<Summary> {
@@ -345,6 +368,28 @@ impl Server {
 
     /// Record a durable write (already applied to `db` by the caller) and emit it.
     pub(crate) fn write(&mut self, write: StoreWrite) -> WriteId {
+        match &write {
+            StoreWrite::PutMessage { mailbox, record } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.put_record(record);
+                }
+                if !self.db.bodies.contains_key(&record.guid) {
+                    self.scrub_suspects.insert((mailbox.clone(), record.uid));
+                }
+            }
+            StoreWrite::RemoveBody { .. } => self.scrub_rescan = true,
+            StoreWrite::RemoveMessage { mailbox, uid } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.remove_record(*uid);
+                }
+            }
+            StoreWrite::PutTombstone { mailbox, tombstone } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.put_tombstone(tombstone);
+                }
+            }
+            _ => {}
+        }
         self.last_write += 1;
         self.outputs.push_back(Output::Write { id: self.last_write, write });
         self.last_write
@@ -371,6 +416,12 @@ impl Server {
 
     pub(crate) fn mailbox_mut(&mut self, key: &MailboxKey) -> &mut StoredMailbox {
         self.db.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key))
+    }
+
+    /// A mailbox's summary, its digest kept up to date (see `digests`).
+    pub(crate) fn summary_of(&mut self, key: &MailboxKey) -> Option<Summary> {
+        let m = self.db.mailboxes.get(key)?;
+        Some(cached_summary(&mut self.digests, key, m))
     }
 
     pub(crate) fn master_key(&self, mailbox: &MailboxKey) -> MasterKey {
@@ -550,4 +601,22 @@ impl Server {
             self.check_all_masters();
         }
     }
+}
+
+/// `mailbox::summary` with the digest kept in `digests` (see `Server::digests`).
+pub(crate) fn cached_summary(
+    digests: &mut BTreeMap<MailboxKey, mailbox::DigestParts>,
+    key: &MailboxKey,
+    m: &StoredMailbox,
+) -> Summary {
+    let digest = match digests.get(key) {
+        Some(parts) if parts.fits(m) => parts.digest(m),
+        _ => {
+            let parts = mailbox::DigestParts::of(m);
+            let d = parts.digest(m);
+            digests.insert(key.clone(), parts);
+            d
+        }
+    };
+    mailbox::summary_with_digest(key, m, digest)
 }

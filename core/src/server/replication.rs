@@ -324,8 +324,14 @@ impl Server {
     }
 
     pub(crate) fn on_mbox_request(&mut self, src: Sid, tag: u64, key: MasterKey) {
-        let summaries: Vec<Summary> =
-            self.db.mailboxes.iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::summary(k, m)).collect();
+        let digests = &mut self.digests;
+        let summaries: Vec<Summary> = self
+            .db
+            .mailboxes
+            .iter()
+            .filter(|(k, _)| key.covers(k))
+            .map(|(k, m)| super::cached_summary(digests, k, m))
+            .collect();
         let count = u32::try_from(summaries.len()).unwrap_or(u32::MAX);
         for summary in summaries {
             self.send(src, Msg::Mbox { tag, summary });
@@ -335,10 +341,6 @@ impl Server {
 
     fn my_uidvalidity(&self, mailbox: &MailboxKey) -> u32 {
         self.db.mailboxes.get(mailbox).map(|m| m.uidvalidity).unwrap_or(0)
-    }
-
-    fn my_summary(&self, mailbox: &MailboxKey) -> Option<Summary> {
-        self.db.mailboxes.get(mailbox).map(|m| mailbox::summary(mailbox, m))
     }
 
     fn send_state(&mut self, to: Sid, mailbox: &MailboxKey, reply: bool) {
@@ -367,7 +369,7 @@ impl Server {
     pub(crate) fn on_mbox(&mut self, src: Sid, tag: u64, summary: Summary) {
         let mailbox = summary.mailbox.clone();
         let key = self.master_key(&mailbox);
-        let equal = self.my_summary(&mailbox).as_ref() == Some(&summary);
+        let equal = self.summary_of(&mailbox).as_ref() == Some(&summary);
         if equal {
             let point = CommonPoint { modseq: summary.highest_modseq, deltas_left: DELTA_SYNCS_MAX };
             self.common_modseq.insert((src, mailbox.clone()), point);
@@ -403,7 +405,7 @@ impl Server {
                 check.confirmed_digest = Some(summary.digest);
                 check.confirmed_at = Some(self.now);
                 self.clear_overflow(src, &mailbox);
-            } else if let Some(mine) = self.my_summary(&mailbox) {
+            } else if let Some(mine) = self.summary_of(&mailbox) {
                 self.send(src, Msg::Mbox { tag: 0, summary: mine });
             }
             return;
@@ -475,7 +477,7 @@ impl Server {
                     continue;
                 }
                 let check = self.checks.get(&(peer, mailbox.clone())).copied().unwrap_or_default();
-                let summary = mailbox::summary(mailbox, m);
+                let summary = super::cached_summary(&mut self.digests, mailbox, m);
                 // A confirmed copy is checked again now and then: a peer may have lost its
                 // disk and come back before anyone saw it gone, or been edited by hand.
                 let fresh =
@@ -583,11 +585,12 @@ impl Server {
     }
 
     pub(crate) fn on_fetch(&mut self, src: Sid, guid: Guid) {
-        let Some(body) = self.db.bodies.get(&guid) else {
+        let Some(intact) = self.stored_body_intact(guid) else {
             self.send(src, Msg::NoBody { guid });
             return;
         };
-        if body_checksum(&body.bytes) != body.checksum {
+        let Some(body) = self.db.bodies.get(&guid) else { return };
+        if !intact {
             // Never hand out a corrupted body; repair our own instead.
             let checksum = body.checksum;
             self.want_body(guid, Some(checksum), None, true);
@@ -608,7 +611,7 @@ impl Server {
         self.wanted_bodies.remove(&guid);
         self.fetching.remove(&guid);
         self.fetch_kick = true;
-        self.db.bodies.insert(guid, StoredBody { checksum: expected, bytes: body.clone() });
+        self.put_intact_body(guid, expected, body.clone());
         self.write(StoreWrite::PutBody { guid, checksum: expected, bytes: body });
         if repair {
             self.marks.hit(Mark::BodyRepaired);
@@ -689,10 +692,21 @@ impl Server {
         }
     }
 
+    /// Whether the stored body of `guid` matches its checksum (None: no body stored).
+    pub(crate) fn stored_body_intact(&mut self, guid: Guid) -> Option<bool> {
+        let body = self.db.bodies.get(&guid)?;
+        Some(*self.body_verdicts.entry(guid).or_insert_with(|| body_checksum(&body.bytes) == body.checksum))
+    }
+
+    /// Store a body whose bytes were checked against `checksum`.
+    pub(crate) fn put_intact_body(&mut self, guid: Guid, checksum: u64, bytes: Vec<u8>) {
+        self.db.bodies.insert(guid, StoredBody { checksum, bytes });
+        self.body_verdicts.insert(guid, true);
+    }
+
     /// Keep a body that arrived with a change, if it is intact and new here.
     pub(crate) fn store_body(&mut self, guid: Guid, checksum: u64, body: Vec<u8>, src: Option<Sid>) {
-        let intact_here = self.db.bodies.get(&guid).is_some_and(|b| body_checksum(&b.bytes) == b.checksum);
-        if intact_here {
+        if self.stored_body_intact(guid) == Some(true) {
             return;
         }
         if body_checksum(&body) != checksum {
@@ -700,7 +714,7 @@ impl Server {
             return;
         }
         self.wanted_bodies.remove(&guid);
-        self.db.bodies.insert(guid, StoredBody { checksum, bytes: body.clone() });
+        self.put_intact_body(guid, checksum, body.clone());
         self.write(StoreWrite::PutBody { guid, checksum, bytes: body });
         self.body_arrived(guid);
     }
@@ -708,12 +722,15 @@ impl Server {
     /// Check some bodies against their checksums, and that every message has a body.
     pub(crate) fn scrub_bodies(&mut self) {
         let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
+        let verdicts = &mut self.body_verdicts;
         let batch: Vec<(Guid, u64, bool)> = self
             .db
             .bodies
             .range(start..)
             .take(SCRUB_PER_TICK_MAX)
-            .map(|(g, b)| (*g, b.checksum, body_checksum(&b.bytes) == b.checksum))
+            .map(|(g, b)| {
+                (*g, b.checksum, *verdicts.entry(*g).or_insert_with(|| body_checksum(&b.bytes) == b.checksum))
+            })
             .collect();
         self.scrub_cursor = if batch.len() < SCRUB_PER_TICK_MAX { None } else { batch.last().map(|b| b.0) };
         for (guid, checksum, intact) in batch {
@@ -721,21 +738,51 @@ impl Server {
                 self.want_body(guid, Some(checksum), None, true);
             }
         }
-        let missing: Vec<(Guid, u64)> = self
-            .db
-            .mailboxes
-            .values()
-            .flat_map(|m| m.messages.values())
-            .filter(|r| !self.db.bodies.contains_key(&r.guid) && !self.wanted_bodies.contains_key(&r.guid))
-            .map(|r| (r.guid, r.checksum))
-            .collect();
+        // Messages (in mailbox and UID order) with no body here and none wanted. Only a
+        // message written while its body was not here, or any after a body was removed,
+        // can lack one (see `write`): those are the ones looked at.
+        if self.scrub_rescan {
+            self.scrub_rescan = false;
+            self.scrub_suspects = self
+                .db
+                .mailboxes
+                .iter()
+                .flat_map(|(k, m)| m.messages.values().map(move |r| (k, r)))
+                .filter(|(_, r)| !self.db.bodies.contains_key(&r.guid))
+                .map(|(k, r)| (k.clone(), r.uid))
+                .collect();
+        }
+        let mut missing: Vec<(Guid, u64)> = Vec::new();
+        let (db, wanted) = (&self.db, &self.wanted_bodies);
+        self.scrub_suspects.retain(|(k, uid)| {
+            let Some(r) = db.mailboxes.get(k).and_then(|m| m.messages.get(uid)) else { return false };
+            if db.bodies.contains_key(&r.guid) {
+                return false;
+            }
+            if !wanted.contains_key(&r.guid) {
+                missing.push((r.guid, r.checksum));
+            }
+            true
+        });
+        debug_assert_eq!(
+            missing,
+            self.db
+                .mailboxes
+                .values()
+                .flat_map(|m| m.messages.values())
+                .filter(|r| !self.db.bodies.contains_key(&r.guid) && !self.wanted_bodies.contains_key(&r.guid))
+                .map(|r| (r.guid, r.checksum))
+                .collect::<Vec<_>>(),
+            "scrub suspects missed a message without a body"
+        );
         for (guid, checksum) in missing {
             self.want_body(guid, Some(checksum), None, true);
         }
         if !self.wanted_bodies.is_empty() {
             // A body whose every message was expunged meanwhile is no longer wanted.
-            let referenced: BTreeSet<Guid> =
+            let mut referenced: Vec<Guid> =
                 self.db.mailboxes.values().flat_map(|m| m.messages.values()).map(|r| r.guid).collect();
+            referenced.sort_unstable();
             let awaited: BTreeSet<Guid> = self
                 .jobs
                 .values()
@@ -744,7 +791,7 @@ impl Server {
                     _ => None,
                 })
                 .collect();
-            self.wanted_bodies.retain(|g, _| referenced.contains(g) || awaited.contains(g));
+            self.wanted_bodies.retain(|g, _| referenced.binary_search(g).is_ok() || awaited.contains(g));
         }
     }
 
@@ -758,6 +805,7 @@ impl Server {
                 let Some(record) = self.db.mailboxes.get(&mailbox).and_then(|m| m.messages.get(&uid)).cloned() else {
                     return;
                 };
+                self.body_verdicts.remove(&record.guid);
                 if self.db.bodies.remove(&record.guid).is_some() {
                     self.write(StoreWrite::RemoveBody { guid: record.guid });
                 }
@@ -766,6 +814,7 @@ impl Server {
             ExternalEdit::Corrupted { guid, body } => {
                 let Some(stored) = self.db.bodies.get_mut(&guid) else { return };
                 stored.bytes = body.clone();
+                self.body_verdicts.remove(&guid);
                 let checksum = stored.checksum;
                 self.write(StoreWrite::PutBody { guid, checksum, bytes: body });
             }

@@ -111,6 +111,9 @@ impl Server {
             return;
         }
         let neighbors: BTreeSet<Sid> = neighbors.into_iter().filter(|s| self.cfg.servers.contains(s)).collect();
+        // Routes depend on the announced neighbours only: a newer announcement of the same
+        // ones (a new epoch, a flap shorter than the hold) leaves them as they are.
+        let same_links = self.lsdb.get(&origin).is_some_and(|a| a.neighbors == neighbors);
         self.lsdb.insert(origin, LinkAnnouncement { seq, epoch, neighbors: neighbors.clone() });
         let msg = Msg::LinkState { origin, seq, epoch, neighbors: neighbors.into_iter().collect() };
         for &peer in &self.links.clone() {
@@ -118,7 +121,9 @@ impl Server {
                 self.send_direct(peer, msg.clone());
             }
         }
-        self.recompute_routes();
+        if !same_links {
+            self.recompute_routes();
+        }
     }
 
     fn linked(&self, a: Sid, b: Sid) -> bool {
@@ -132,8 +137,85 @@ impl Server {
         claims(a, b) && claims(b, a)
     }
 
-    /// Breadth-first search from us over links both ends announce.
+    /// Breadth-first search from us over links both ends announce. Routes and
+    /// reachability are a function of our links and the announced neighbours only.
     pub(crate) fn recompute_routes(&mut self) {
+        let (next_hop, seen) = match self.routes_dense() {
+            Some(found) => found,
+            None => self.routes_sparse(),
+        };
+        debug_assert!(self.routes_sparse() == (next_hop.clone(), seen.clone()), "dense routes differ");
+        let before = std::mem::take(&mut self.reachable);
+        self.routes = next_hop;
+        self.reachable = seen;
+        if before != self.reachable {
+            let gained: Vec<Sid> = self.reachable.difference(&before).copied().collect();
+            let lost: Vec<Sid> = before.difference(&self.reachable).copied().collect();
+            if !gained.is_empty() {
+                self.anti_entropy_kick = true;
+                self.fetch_kick = true;
+            }
+            self.on_reachability_changed(&gained, &lost);
+        }
+    }
+
+    /// The breadth-first search over a matrix of the configured servers (None if a
+    /// server outside the configuration is involved): the same search as
+    /// `routes_sparse`, visiting neighbours in the same (id) order.
+    fn routes_dense(&self) -> Option<(BTreeMap<Sid, Sid>, BTreeSet<Sid>)> {
+        let me = self.cfg.sid;
+        let mut ids: Vec<Sid> = self.cfg.servers.clone();
+        ids.push(me);
+        ids.sort_unstable();
+        ids.dedup();
+        let n = ids.len();
+        let index = |s: Sid| ids.binary_search(&s).ok();
+        let me_i = index(me)?;
+        // claims[x * n + y]: x has (we) or announces (others) a link to y. A row read
+        // in order lists x's neighbours in id order.
+        let mut claims = vec![false; n * n];
+        for &y in &self.links {
+            let j = index(y)?;
+            claims[me_i * n + j] = true;
+        }
+        for (&x, ann) in &self.lsdb {
+            if x == me {
+                continue;
+            }
+            let i = index(x)?;
+            for &y in &ann.neighbors {
+                let j = index(y)?;
+                claims[i * n + j] = true;
+            }
+        }
+        let linked = |a: usize, b: usize| claims[a * n + b] && claims[b * n + a];
+        let mut hop: Vec<Option<usize>> = vec![None; n];
+        let mut seen = vec![false; n];
+        seen[me_i] = true;
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        for j in 0..n {
+            if linked(me_i, j) && !seen[j] {
+                seen[j] = true;
+                hop[j] = Some(j);
+                queue.push_back(j);
+            }
+        }
+        while let Some(at) = queue.pop_front() {
+            let via = hop[at];
+            for j in 0..n {
+                if linked(at, j) && !seen[j] {
+                    seen[j] = true;
+                    hop[j] = via;
+                    queue.push_back(j);
+                }
+            }
+        }
+        let next_hop = hop.iter().enumerate().filter_map(|(i, h)| h.map(|h| (ids[i], ids[h]))).collect();
+        let reachable = seen.iter().enumerate().filter(|(_, s)| **s).map(|(i, _)| ids[i]).collect();
+        Some((next_hop, reachable))
+    }
+
+    fn routes_sparse(&self) -> (BTreeMap<Sid, Sid>, BTreeSet<Sid>) {
         let me = self.cfg.sid;
         let mut next_hop: BTreeMap<Sid, Sid> = BTreeMap::new();
         let mut seen: BTreeSet<Sid> = BTreeSet::from([me]);
@@ -155,18 +237,7 @@ impl Server {
                 }
             }
         }
-        let before = std::mem::take(&mut self.reachable);
-        self.routes = next_hop;
-        self.reachable = seen;
-        if before != self.reachable {
-            let gained: Vec<Sid> = self.reachable.difference(&before).copied().collect();
-            let lost: Vec<Sid> = before.difference(&self.reachable).copied().collect();
-            if !gained.is_empty() {
-                self.anti_entropy_kick = true;
-                self.fetch_kick = true;
-            }
-            self.on_reachability_changed(&gained, &lost);
-        }
+        (next_hop, seen)
     }
 
     pub fn is_reachable(&self, sid: Sid) -> bool {
