@@ -50,7 +50,7 @@ pub fn new_mailbox(key: &MailboxKey) -> StoredMailbox {
         uidvalidity: key.initial_uidvalidity(),
         uidnext: 1,
         highest_modseq: 0,
-        messages: BTreeMap::new(),
+        messages: crate::store::Messages::new(),
         tombstones: BTreeMap::new(),
         lifecycle: Lifecycle::default(),
     }
@@ -230,11 +230,6 @@ pub fn join_flags(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, Fl
     changed
 }
 
-/// Which GUIDs a mailbox holds live, and at which UID.
-fn live_guids(m: &StoredMailbox) -> BTreeMap<Guid, Uid> {
-    m.messages.values().map(|r| (r.guid, r.uid)).collect()
-}
-
 fn bump_meta(m: &mut StoredMailbox, uidnext: Uid, hms: ModSeq, out: &mut MergeOutcome) {
     if uidnext > m.uidnext {
         m.uidnext = uidnext;
@@ -300,7 +295,8 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
     if expunged {
         return;
     }
-    if let Some(live) = m.messages.values_mut().find(|x| x.guid == r.guid)
+    let lowest = m.messages.uids_of(r.guid).next();
+    if let Some(live) = lowest.and_then(|uid| m.messages.get_mut(&uid))
         && join_flags_by(&mut live.flags, &r.flags, rules)
     {
         live.modseq = live.modseq.max(r.modseq);
@@ -312,8 +308,7 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
 /// the message meanwhile, its new binding is expunged too.
 fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) {
     for t in tombstones.iter().filter(|t| t.expunged) {
-        let moved: Vec<Uid> =
-            m.messages.values().filter(|r| r.guid == t.guid && r.uid != t.uid).map(|r| r.uid).collect();
+        let moved: Vec<Uid> = m.messages.uids_of(t.guid).filter(|uid| *uid != t.uid).collect();
         for uid in moved {
             add_tombstone(m, Tombstone { uid, guid: t.guid, modseq: t.modseq, expunged: true }, out);
         }
@@ -388,7 +383,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
             None => {
                 let retired = !rules.ignore_tombstones
                     && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
-                let elsewhere = m.messages.values().any(|ours| ours.guid == r.guid);
+                let elsewhere = m.messages.has_guid(r.guid);
                 if retired || elsewhere {
                     // A second UID for one message, or a UID used by another: the master
                     // decides which binding lives.
@@ -457,7 +452,10 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     if same_validity {
         expunge_everywhere(m, &foreign.tombstones, &mut out);
     }
-    let ours_live = live_guids(m);
+    // Where each of their messages is live here (its latest binding), as before the
+    // loop below changes anything: an index lookup per record, not a mailbox scan.
+    let ours_live: BTreeMap<Guid, Uid> =
+        foreign.messages.iter().filter_map(|r| m.messages.last_uid_of(r.guid).map(|uid| (r.guid, uid))).collect();
     for r in &foreign.messages {
         if !same_validity {
             // Their UIDs mean nothing here: every message of theirs we lack is new.
@@ -540,12 +538,15 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
     // One message live at two UIDs (two masters renumbered it differently): the highest
     // UID keeps it (the latest binding), with both copies' flag changes; the others retire.
-    let mut last_uid: BTreeMap<Guid, Uid> = BTreeMap::new();
-    for r in m.messages.values() {
-        last_uid.insert(r.guid, r.uid);
+    let mut duplicates: Vec<(Uid, Uid)> = Vec::new();
+    for guid in m.messages.duplicated() {
+        let uids: Vec<Uid> = m.messages.uids_of(*guid).collect();
+        if let Some((keep, lower)) = uids.split_last() {
+            duplicates.extend(lower.iter().map(|drop| (*keep, *drop)));
+        }
     }
-    let duplicates: Vec<(Uid, Uid)> =
-        m.messages.values().filter(|r| last_uid[&r.guid] != r.uid).map(|r| (last_uid[&r.guid], r.uid)).collect();
+    // In UID order of the binding that retires, as a walk over the mailbox gives them.
+    duplicates.sort_by_key(|(_, drop)| *drop);
     for (keep, drop) in duplicates {
         let Some(dropped) = m.messages.get(&drop).cloned() else { continue };
         add_tombstone(m, Tombstone { uid: drop, guid: dropped.guid, modseq, expunged: false }, &mut out);
@@ -573,7 +574,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
             if same_validity || m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
                 add_tombstone(m, Tombstone { uid: old_uid, guid, modseq, expunged: false }, &mut out);
             }
-            if !moved_guids.insert(guid) || m.messages.values().any(|r| r.guid == guid) {
+            if !moved_guids.insert(guid) || m.messages.has_guid(guid) {
                 // Already moved, or still live at another UID: nothing more to place.
                 continue;
             }
@@ -598,16 +599,16 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     // A retired binding travels with the binding that replaces it: a copy that learns
     // (uid, guid) is dead must also learn where the message lives now, or it would lose
     // the message (and later take the tombstone for an expunge).
-    let live = live_guids(m);
     for t in out.tombstones.clone() {
-        if let Some(uid) = live.get(&t.guid)
-            && !out.records.iter().any(|r| r.uid == *uid)
-            && let Some(r) = m.messages.get(uid)
+        if let Some(uid) = m.messages.last_uid_of(t.guid)
+            && !out.records.iter().any(|r| r.uid == uid)
+            && let Some(r) = m.messages.get(&uid)
         {
             out.records.push(r.clone());
         }
     }
     debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
+    debug_assert!(m.messages.index_consistent(), "the GUID index disagrees with the records");
     debug_assert!(rules.ignore_tombstones || no_retired_uid_live(m), "a live UID is also retired for another message");
     debug_assert!(m.messages.keys().all(|&u| u < m.uidnext), "a live UID is not below UIDNEXT");
     out
@@ -620,8 +621,7 @@ pub fn no_retired_uid_live(m: &StoredMailbox) -> bool {
 
 /// At most one live UID per GUID.
 pub fn unique_guids(m: &StoredMailbox) -> bool {
-    let mut seen = BTreeSet::new();
-    m.messages.values().all(|r| seen.insert(r.guid))
+    m.messages.duplicated().is_empty()
 }
 
 #[cfg(test)]

@@ -6,7 +6,159 @@
 use crate::msg::Change;
 use crate::types::*;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, btree_map};
+
+/// A mailbox's live messages by UID, with an index by GUID kept in step so that "where
+/// is this message" is a lookup, not a scan of the mailbox (merges ask it for every
+/// record they bring). Through `get_mut`/`values_mut` only flags and modseq may change,
+/// never a record's UID or GUID. Serialized as the plain map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "BTreeMap<Uid, MessageRecord>", into = "BTreeMap<Uid, MessageRecord>")]
+pub struct Messages {
+    by_uid: BTreeMap<Uid, MessageRecord>,
+    by_guid: BTreeMap<Guid, BTreeSet<Uid>>,
+    /// GUIDs live at more than one UID (two masters renumbered one message differently).
+    multi: BTreeSet<Guid>,
+}
+
+impl Messages {
+    pub fn new() -> Messages {
+        Messages::default()
+    }
+    pub fn get(&self, uid: &Uid) -> Option<&MessageRecord> {
+        self.by_uid.get(uid)
+    }
+    pub fn get_mut(&mut self, uid: &Uid) -> Option<&mut MessageRecord> {
+        self.by_uid.get_mut(uid)
+    }
+    pub fn contains_key(&self, uid: &Uid) -> bool {
+        self.by_uid.contains_key(uid)
+    }
+    pub fn insert(&mut self, uid: Uid, record: MessageRecord) -> Option<MessageRecord> {
+        debug_assert_eq!(uid, record.uid, "a record is kept under its own UID");
+        let guid = record.guid;
+        let old = self.by_uid.insert(uid, record);
+        if let Some(old) = &old {
+            self.unindex(old.guid, uid);
+        }
+        let uids = self.by_guid.entry(guid).or_default();
+        uids.insert(uid);
+        if uids.len() > 1 {
+            self.multi.insert(guid);
+        }
+        old
+    }
+    pub fn remove(&mut self, uid: &Uid) -> Option<MessageRecord> {
+        let old = self.by_uid.remove(uid)?;
+        self.unindex(old.guid, *uid);
+        Some(old)
+    }
+    fn unindex(&mut self, guid: Guid, uid: Uid) {
+        if let Some(uids) = self.by_guid.get_mut(&guid) {
+            uids.remove(&uid);
+            match uids.len() {
+                0 => {
+                    self.by_guid.remove(&guid);
+                    self.multi.remove(&guid);
+                }
+                1 => {
+                    self.multi.remove(&guid);
+                }
+                _ => {}
+            }
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.by_uid.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.by_uid.is_empty()
+    }
+    pub fn iter(&self) -> btree_map::Iter<'_, Uid, MessageRecord> {
+        self.by_uid.iter()
+    }
+    pub fn keys(&self) -> btree_map::Keys<'_, Uid, MessageRecord> {
+        self.by_uid.keys()
+    }
+    pub fn values(&self) -> btree_map::Values<'_, Uid, MessageRecord> {
+        self.by_uid.values()
+    }
+    pub fn values_mut(&mut self) -> btree_map::ValuesMut<'_, Uid, MessageRecord> {
+        self.by_uid.values_mut()
+    }
+    pub fn into_values(self) -> btree_map::IntoValues<Uid, MessageRecord> {
+        self.by_uid.into_values()
+    }
+    /// The UIDs a message is live at, lowest first.
+    pub fn uids_of(&self, guid: Guid) -> impl Iterator<Item = Uid> + '_ {
+        self.by_guid.get(&guid).into_iter().flat_map(|uids| uids.iter().copied())
+    }
+    pub fn has_guid(&self, guid: Guid) -> bool {
+        self.by_guid.contains_key(&guid)
+    }
+    /// The message's record at its lowest UID.
+    pub fn find_guid(&self, guid: Guid) -> Option<&MessageRecord> {
+        self.uids_of(guid).next().and_then(|uid| self.by_uid.get(&uid))
+    }
+    /// The message's highest UID (its latest binding).
+    pub fn last_uid_of(&self, guid: Guid) -> Option<Uid> {
+        self.by_guid.get(&guid).and_then(|uids| uids.last().copied())
+    }
+    /// GUIDs live at more than one UID.
+    pub fn duplicated(&self) -> &BTreeSet<Guid> {
+        &self.multi
+    }
+    /// Whether the GUID index says exactly what the records say (for debug checks).
+    pub fn index_consistent(&self) -> bool {
+        let mut expected: BTreeMap<Guid, BTreeSet<Uid>> = BTreeMap::new();
+        for (uid, r) in &self.by_uid {
+            if *uid != r.uid {
+                return false;
+            }
+            expected.entry(r.guid).or_default().insert(*uid);
+        }
+        let multi: BTreeSet<Guid> = expected.iter().filter(|(_, u)| u.len() > 1).map(|(g, _)| *g).collect();
+        expected == self.by_guid && multi == self.multi
+    }
+}
+
+impl From<BTreeMap<Uid, MessageRecord>> for Messages {
+    fn from(map: BTreeMap<Uid, MessageRecord>) -> Messages {
+        map.into_values().map(|r| (r.uid, r)).collect()
+    }
+}
+
+impl From<Messages> for BTreeMap<Uid, MessageRecord> {
+    fn from(m: Messages) -> BTreeMap<Uid, MessageRecord> {
+        m.by_uid
+    }
+}
+
+impl FromIterator<(Uid, MessageRecord)> for Messages {
+    fn from_iter<I: IntoIterator<Item = (Uid, MessageRecord)>>(iter: I) -> Messages {
+        let mut m = Messages::new();
+        for (uid, r) in iter {
+            m.insert(uid, r);
+        }
+        m
+    }
+}
+
+impl std::ops::Index<&Uid> for Messages {
+    type Output = MessageRecord;
+    /// Like a map's index: for tests and for UIDs known to be live.
+    fn index(&self, uid: &Uid) -> &MessageRecord {
+        &self.by_uid[uid]
+    }
+}
+
+impl<'a> IntoIterator for &'a Messages {
+    type Item = (&'a Uid, &'a MessageRecord);
+    type IntoIter = btree_map::Iter<'a, Uid, MessageRecord>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.by_uid.iter()
+    }
+}
 
 /// One mailbox as stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,7 +166,7 @@ pub struct StoredMailbox {
     pub uidvalidity: u32,
     pub uidnext: Uid,
     pub highest_modseq: ModSeq,
-    pub messages: BTreeMap<Uid, MessageRecord>,
+    pub messages: Messages,
     /// Keyed by (uid, guid): a retired UID keeps one tombstone per message it held.
     pub tombstones: BTreeMap<(Uid, Guid), Tombstone>,
     #[serde(default)]

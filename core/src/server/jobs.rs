@@ -435,10 +435,7 @@ impl Server {
                             .mailboxes
                             .get(request.target())
                             .and_then(|m| {
-                                m.messages
-                                    .get(uid)
-                                    .filter(|r| r.guid == *guid)
-                                    .or_else(|| m.messages.values().find(|r| r.guid == *guid))
+                                m.messages.get(uid).filter(|r| r.guid == *guid).or_else(|| m.messages.find_guid(*guid))
                             })
                             .cloned();
                         *uid = now.as_ref().map(|r| r.uid).unwrap_or(0);
@@ -550,7 +547,7 @@ impl Server {
     }
 
     fn has_live(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
-        self.db.mailboxes.get(mailbox).is_some_and(|m| m.messages.values().any(|r| r.guid == guid))
+        self.db.mailboxes.get(mailbox).is_some_and(|m| m.messages.has_guid(guid))
     }
 
     /// SAVE (body given) or COPY (body already here) at the master. Returns the result
@@ -565,8 +562,7 @@ impl Server {
         tag: u64,
     ) -> (WriteResult, Option<()>) {
         let is_copy = body.is_none();
-        let existing =
-            self.db.mailboxes.get(mailbox).and_then(|m| m.messages.values().find(|r| r.guid == guid)).map(|r| r.uid);
+        let existing = self.db.mailboxes.get(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid);
         if let Some(m) = self.db.mailboxes.get(mailbox)
             && let Some(uid) = existing
         {
@@ -986,7 +982,7 @@ fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec
         .iter()
         .filter_map(|(theirs, guid)| match m.messages.get(theirs) {
             Some(r) if r.guid == *guid => Some((*theirs, *theirs)),
-            _ => m.messages.values().find(|r| r.guid == *guid).map(|r| (*theirs, r.uid)),
+            _ => m.messages.find_guid(*guid).map(|r| (*theirs, r.uid)),
         })
         .filter(|(_, ours)| seen.insert(*ours))
         .collect()
@@ -997,9 +993,9 @@ fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec
 /// renumbering does not count: the message lives on at a UID the master has not seen.
 fn unknown_here(m: Option<&crate::store::StoredMailbox>, messages: &[(Uid, Guid)]) -> bool {
     let Some(m) = m else { return !messages.is_empty() };
-    messages.iter().any(|(_, guid)| {
-        !m.messages.values().any(|r| r.guid == *guid) && !m.tombstones.values().any(|t| t.guid == *guid && t.expunged)
-    })
+    messages
+        .iter()
+        .any(|(_, guid)| !m.messages.has_guid(*guid) && !m.tombstones.values().any(|t| t.guid == *guid && t.expunged))
 }
 
 /// Checks a write before it is routed anywhere.

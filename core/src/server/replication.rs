@@ -215,7 +215,7 @@ impl Server {
                     let ours = local
                         .and_then(|m| m.messages.get(&uid))
                         .filter(|r| r.guid == guid)
-                        .or_else(|| local.and_then(|m| m.messages.values().find(|r| r.guid == guid)));
+                        .or_else(|| local.and_then(|m| m.messages.find_guid(guid)));
                     let Some(ours) = ours else {
                         let dead = local.is_some_and(|m| m.tombstones.contains_key(&(uid, guid)));
                         missing |= !dead;
@@ -525,14 +525,7 @@ impl Server {
 
     pub(crate) fn want_body(&mut self, guid: Guid, checksum: Option<u64>, hint: Option<Sid>, repair: bool) {
         let checksum = checksum
-            .or_else(|| {
-                self.db
-                    .mailboxes
-                    .values()
-                    .flat_map(|m| m.messages.values())
-                    .find(|r| r.guid == guid)
-                    .map(|r| r.checksum)
-            })
+            .or_else(|| self.db.mailboxes.values().find_map(|m| m.messages.find_guid(guid)).map(|r| r.checksum))
             .unwrap_or(0);
         self.wanted_bodies.entry(guid).or_insert(WantedBody {
             checksum,
@@ -643,12 +636,7 @@ impl Server {
     }
 
     fn mailboxes_holding(&self, guid: Guid) -> Vec<MailboxKey> {
-        self.db
-            .mailboxes
-            .iter()
-            .filter(|(_, m)| m.messages.values().any(|r| r.guid == guid))
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.db.mailboxes.iter().filter(|(_, m)| m.messages.has_guid(guid)).map(|(k, _)| k.clone()).collect()
     }
 
     fn start_census(&mut self, guid: Guid) {
