@@ -274,6 +274,11 @@ pub enum Msg {
         reply: bool,
         state: MailboxState,
     },
+    /// A piece of a mailbox state too large for one SYNC line: merged like a log
+    /// fragment and answered by nothing; the SYNC that follows carries the rest.
+    SyncPart {
+        state: MailboxState,
+    },
     /// Seed FETCH: ask for a body.
     Fetch {
         guid: Guid,
@@ -325,6 +330,7 @@ impl Msg {
             Msg::Mbox { .. } => "MBOX",
             Msg::MboxDone { .. } => "MBOX-DONE",
             Msg::Sync { .. } => "SYNC",
+            Msg::SyncPart { .. } => "SYNC-PART",
             Msg::Fetch { .. } => "FETCH",
             Msg::Body { .. } => "BODY",
             Msg::NoBody { .. } => "NOBODY",

@@ -795,6 +795,9 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
             w.atom(if *reply { "REPLY" } else { "FIRST" });
             write_state(w, state);
         }
+        Msg::SyncPart { state } => {
+            write_state(w, state);
+        }
         Msg::Fetch { guid } => {
             w.guid(*guid);
         }
@@ -859,6 +862,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
         },
         b"MBOX-DONE" => Msg::MboxDone { tag: r.u64()?, count: r.u32()? },
         b"SYNC" => Msg::Sync { reply: read_keyword(r, &["FIRST", "REPLY"])? == 1, state: read_state(r)? },
+        b"SYNC-PART" => Msg::SyncPart { state: read_state(r)? },
         b"FETCH" => Msg::Fetch { guid: r.guid()? },
         b"BODY" => Msg::Body { guid: r.guid()?, checksum: r.u64()?, body: r.body()? },
         b"NOBODY" => Msg::NoBody { guid: r.guid()? },
@@ -1405,6 +1409,7 @@ mod tests {
             env(1, 3, 0, Msg::MboxDone { tag: 10, count: 1 }),
             env(1, 3, 0, Msg::Sync { reply: false, state: state(inbox.clone()) }),
             env(3, 1, 0, Msg::Sync { reply: true, state: state(inbox.clone()) }),
+            env(3, 1, 0, Msg::SyncPart { state: state(inbox.clone()) }),
             env(3, 1, 0, Msg::Fetch { guid }),
             env(1, 3, 0, Msg::Body { guid, checksum: 42, body: b"\r\n\0{5}\r\n* MBOX 1 \"a\" \"b\"\r\n".to_vec() }),
             env(1, 3, 0, Msg::Body { guid: Guid(0), checksum: 0, body: vec![] }),
@@ -1488,7 +1493,7 @@ mod tests {
     #[test]
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
-        assert_eq!(names.len(), 27, "{names:?}");
+        assert_eq!(names.len(), 28, "{names:?}");
     }
 
     #[test]
@@ -1830,6 +1835,7 @@ mod tests {
             "SAVE",
             "R-MERGE",
             "SYNC",
+            "SYNC-PART",
             "REPLY",
             "STORED",
             "MAILBOX",

@@ -875,6 +875,14 @@ pub fn describe(envelope: &Envelope) -> String {
             summary.mailbox, summary.uidnext, summary.count, summary.highest_modseq, summary.digest
         ),
         Msg::MboxDone { tag, count } => format!("#{tag} {count}"),
+        Msg::SyncPart { state } => {
+            format!(
+                "part {} with {} messages, {} tombstones",
+                state.mailbox,
+                state.messages.len(),
+                state.tombstones.len()
+            )
+        }
         Msg::Sync { reply, state } => format!(
             "{} {} with {} messages, {} tombstones",
             if *reply { "reply" } else { "request" },

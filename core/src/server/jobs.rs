@@ -501,7 +501,7 @@ impl Server {
                         if let Some(Origin::Peer { sid, .. }) = self.jobs.get(&tag).map(|j| j.origin.clone()) {
                             let state = self.db.mailboxes.get(&mailbox).map(|m| mailbox::state(&mailbox, m));
                             if let Some(state) = state {
-                                self.send(sid, Msg::Sync { reply: false, state });
+                                self.send_sync(sid, false, state);
                             }
                         }
                         (fail(FailKind::Temporary, "the master does not have that message yet"), None)

@@ -467,6 +467,9 @@ impl Server {
             Msg::Mbox { tag, summary } => self.on_mbox(src, tag, summary),
             Msg::MboxDone { tag, count } => self.on_mbox_done(src, tag, count),
             Msg::Sync { reply, state } => self.on_sync(src, reply, state),
+            Msg::SyncPart { state } => {
+                self.merge_foreign(src, &state, false);
+            }
             Msg::Fetch { guid } => self.on_fetch(src, guid),
             Msg::Body { guid, checksum, body } => self.on_body(src, guid, checksum, body),
             Msg::NoBody { guid } => self.on_no_body(src, guid),

@@ -363,7 +363,44 @@ impl Server {
         if is_new {
             self.persist_meta(mailbox);
         }
-        self.send(to, Msg::Sync { reply, state });
+        self.send_sync(to, reply, state);
+    }
+
+    /// Sends a mailbox state as one SYNC, or, when its text would pass half of
+    /// `wire::LINE_LEN_MAX` (a mailbox of some ten thousand messages), as SYNC-PARTs
+    /// followed by a SYNC with the rest. Each piece carries the mailbox's meta; pieces
+    /// merge like log fragments.
+    pub(crate) fn send_sync(&mut self, to: Sid, reply: bool, mut state: MailboxState) {
+        let budget = crate::wire::LINE_LEN_MAX / 2;
+        // Generous estimates of each item's command text (numbers, GUID, flags with stamps).
+        let record_len = |r: &MessageRecord| 160 + r.flags.keys().map(|f| f.as_str().len() + 64).sum::<usize>();
+        const TOMBSTONE_LEN: usize = 96;
+        let total = state.messages.iter().map(record_len).sum::<usize>() + state.tombstones.len() * TOMBSTONE_LEN;
+        if total <= budget {
+            self.send(to, Msg::Sync { reply, state });
+            return;
+        }
+        let mut messages = std::mem::take(&mut state.messages).into_iter().peekable();
+        let mut tombstones = std::mem::take(&mut state.tombstones).into_iter().peekable();
+        loop {
+            let mut piece = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
+            let mut used = 0;
+            // At least one item per piece, so that every piece makes progress.
+            while let Some(r) = messages.next_if(|r| piece.messages.is_empty() || used + record_len(r) <= budget) {
+                used += record_len(&r);
+                piece.messages.push(r);
+            }
+            while let Some(t) = tombstones.next_if(|_| used + TOMBSTONE_LEN <= budget) {
+                used += TOMBSTONE_LEN;
+                piece.tombstones.push(t);
+            }
+            if messages.peek().is_none() && tombstones.peek().is_none() {
+                self.send(to, Msg::Sync { reply, state: piece });
+                return;
+            }
+            debug_assert!(!piece.messages.is_empty() || !piece.tombstones.is_empty(), "a SYNC piece is empty");
+            self.send(to, Msg::SyncPart { state: piece });
+        }
     }
 
     pub(crate) fn on_mbox(&mut self, src: Sid, tag: u64, summary: Summary) {
