@@ -707,6 +707,11 @@ impl Session {
             MacroOrMessageDataItemNames::Macro(m) => m.expand().into_iter().map(|i| i.into_static()).collect(),
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
         };
+        // Refused before any answer goes out: a half-answered FETCH would show the client
+        // made-up data for the items we cannot produce (BINARY, BINARY.SIZE).
+        if let Some(item) = items.iter().find(|i| !fetch_item_supported(i)) {
+            return Err(format!("BAD FETCH {item:?} is not supported"));
+        }
         if uid && !items.contains(&MessageDataItemName::Uid) {
             items.insert(0, MessageDataItemName::Uid);
         }
@@ -1141,6 +1146,25 @@ fn in_set(set: &SequenceSet, n: u32, largest: u32) -> bool {
     })
 }
 
+/// The FETCH items `fetch_item` answers.
+fn fetch_item_supported(item: &MessageDataItemName<'_>) -> bool {
+    matches!(
+        item,
+        MessageDataItemName::Uid
+            | MessageDataItemName::Flags
+            | MessageDataItemName::InternalDate
+            | MessageDataItemName::Rfc822Size
+            | MessageDataItemName::ModSeq
+            | MessageDataItemName::Envelope
+            | MessageDataItemName::Body
+            | MessageDataItemName::BodyStructure
+            | MessageDataItemName::BodyExt { .. }
+            | MessageDataItemName::Rfc822
+            | MessageDataItemName::Rfc822Header
+            | MessageDataItemName::Rfc822Text
+    )
+}
+
 fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, body: &[u8]) {
     let header_end = mime::header_end(body);
     match item {
@@ -1199,7 +1223,8 @@ fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView
             out.extend_from_slice(format!("BODY[{name}]{origin} ").as_bytes());
             literal(out, &bytes);
         }
-        _ => out.extend_from_slice(b"UID 0"),
+        // `fetch` refuses every other item before it answers anything.
+        _ => debug_assert!(!fetch_item_supported(item), "a supported FETCH item has no answer"),
     }
 }
 

@@ -181,6 +181,13 @@ def main():
         answer = c.readline()
         assert answer.startswith(f"{tag} BAD".encode()), answer
         check(c.noop())  # the session goes on
+        # An item the server cannot produce is refused whole, not answered with made-up data.
+        try:
+            typ, data = c.uid("FETCH", "1", "(UID BINARY.SIZE[])")
+        except imaplib.IMAP4.error as e:  # imaplib raises on BAD
+            typ, data = "BAD", [str(e)]
+        assert typ == "BAD", (typ, data)
+        check(c.noop())
         check(c.create("Moved"))
         typ, data = c.xatom("MOVE", "1", "Moved")
         assert typ == "OK", (typ, data)
