@@ -3,8 +3,7 @@
 
 use crate::proxy::CountingProxy;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -295,12 +294,5 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
 
 /// One admin request over a fresh connection.
 pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(|e| e.to_string())?;
-    serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))
+    tandem_node::admin::call_blocking(addr, request, Duration::from_secs(60))
 }

@@ -1,6 +1,6 @@
 //! BENCHMARKS.md and its plots, from one run's figures.
 
-use crate::dsync::{self, DsyncResults};
+use crate::dsync::{self, DsyncFigure, DsyncResults};
 use crate::plot::{self, Series, human};
 use crate::scenarios::{SizeRow, SyncFigure, ThroughputRow, WireRow};
 use crate::speed::{CodecRow, SimRow};
@@ -77,116 +77,115 @@ fn why_missed(what: &str) -> &'static str {
     }
 }
 
+impl Target {
+    /// `met` sees our figure and the ratio to dsync's (when both were measured).
+    fn new(
+        what: &'static str,
+        ours: Option<f64>,
+        theirs: Option<f64>,
+        fmt: fn(f64) -> String,
+        bound: &'static str,
+        met: impl Fn(f64, Option<f64>) -> Option<bool>,
+    ) -> Target {
+        let ratio = ours.zip(theirs).map(|(a, b)| a / b);
+        Target {
+            what,
+            tandem: ours.map(fmt).unwrap_or("–".into()),
+            other: theirs.map(fmt).unwrap_or("not run".into()),
+            ratio,
+            bound,
+            met: ours.and_then(|o| met(o, ratio)),
+        }
+    }
+}
+
 impl Results {
     fn size(&self, n: usize) -> Option<&SizeRow> {
         self.sizes.iter().find(|r| r.size == n)
     }
 
-    fn dsync(&self, scenario: &str, n: usize, state: &str) -> Option<dsync::DsyncFigure> {
+    fn dsync(&self, scenario: &str, n: usize, state: &str) -> Option<DsyncFigure> {
         self.dsync.as_ref().and_then(|d| dsync::get(d, scenario, n, state, "tcp"))
     }
 
     fn targets(&self) -> Vec<Target> {
-        let mut out = Vec::new();
         let ten = self.size(10_000);
-        let compare = |out: &mut Vec<Target>,
-                       what: &'static str,
-                       ours: Option<f64>,
-                       theirs: Option<f64>,
-                       max_ratio: f64,
-                       bound: &'static str,
-                       fmt: fn(f64) -> String| {
-            let ratio = ours.zip(theirs).map(|(a, b)| a / b);
-            out.push(Target {
-                what,
-                tandem: ours.map(fmt).unwrap_or("–".into()),
-                other: theirs.map(fmt).unwrap_or("not run".into()),
-                ratio,
-                bound,
-                met: ratio.map(|r| r <= max_ratio),
-            });
-        };
         let d_init = self.dsync("initial", 10_000, "none");
         let d_flags = self.dsync("flags", 10_000, "stateful");
         let d_append = self.dsync("append", 10_000, "stateful");
-        compare(
-            &mut out,
-            "initial sync, 10,000 messages: wall",
-            ten.map(|r| r.initial.wall_ms),
-            d_init.map(|d| d.wall_ms),
-            0.5,
-            "≤ 0.5",
-            wall,
-        );
-        compare(
-            &mut out,
-            "initial sync, 10,000 messages: bytes",
-            ten.map(|r| r.initial.bytes),
-            d_init.and_then(|d| d.bytes),
-            1.0,
-            "≤ 1",
-            bytes,
-        );
-        compare(
-            &mut out,
-            "10 flag changes in 10,000: wall",
-            ten.map(|r| r.flags10.wall_ms),
-            d_flags.map(|d| d.wall_ms),
-            0.2,
-            "≤ 0.2",
-            wall,
-        );
-        let flag_bytes = ten.map(|r| r.flags10.bytes);
-        out.push(Target {
-            what: "10 flag changes in 10,000: bytes",
-            tandem: flag_bytes.map(bytes).unwrap_or("–".into()),
-            other: d_flags.and_then(|d| d.bytes).map(bytes).unwrap_or("not run".into()),
-            ratio: flag_bytes.zip(d_flags.and_then(|d| d.bytes)).map(|(a, b)| a / b),
-            bound: "< 1 KB",
-            met: flag_bytes.map(|b| b < 1000.0),
-        });
-        compare(
-            &mut out,
-            "100 new messages in 10,000: wall",
-            ten.map(|r| r.new100.wall_ms),
-            d_append.map(|d| d.wall_ms),
-            0.5,
-            "≤ 0.5",
-            wall,
-        );
-        compare(
-            &mut out,
-            "100 new messages in 10,000: bytes",
-            ten.map(|r| r.new100.bytes),
-            d_append.and_then(|d| d.bytes),
-            1.0,
-            "≤ 1",
-            bytes,
-        );
         let tput =
             |replicas| self.throughput.iter().find(|t| t.mode == "sync" && t.replicas == replicas).map(|t| t.per_s);
-        compare(
-            &mut out,
-            "APPEND (LMTP) throughput, replicas=1 / replicas=0 (sync)",
-            tput(1),
-            tput(0),
-            f64::INFINITY,
-            "≥ 0.5",
-            |v| format!("{v:.0}/s"),
-        );
-        if let Some(t) = out.last_mut() {
-            t.met = t.ratio.map(|r| r >= 0.5);
-        }
         let five = self.sim.iter().find(|s| s.servers == 5).map(|s| s.sim_s_per_wall_s());
-        out.push(Target {
-            what: "simulator, 5 servers, steady load: simulated s per wall s",
-            tandem: five.map(|v| format!("{v:.0}")).unwrap_or("–".into()),
-            other: "–".into(),
-            ratio: None,
-            bound: "≥ 1,000",
-            met: five.map(|v| v >= 1000.0),
-        });
-        out
+        let ratio_at_most = |max: f64| move |_: f64, ratio: Option<f64>| ratio.map(|r| r <= max);
+        let wall_of = |d: Option<DsyncFigure>| d.map(|d| d.wall_ms);
+        let bytes_of = |d: Option<DsyncFigure>| d.and_then(|d| d.bytes);
+        vec![
+            Target::new(
+                "initial sync, 10,000 messages: wall",
+                ten.map(|r| r.initial.wall_ms),
+                wall_of(d_init),
+                wall,
+                "≤ 0.5",
+                ratio_at_most(0.5),
+            ),
+            Target::new(
+                "initial sync, 10,000 messages: bytes",
+                ten.map(|r| r.initial.bytes),
+                bytes_of(d_init),
+                bytes,
+                "≤ 1",
+                ratio_at_most(1.0),
+            ),
+            Target::new(
+                "10 flag changes in 10,000: wall",
+                ten.map(|r| r.flags10.wall_ms),
+                wall_of(d_flags),
+                wall,
+                "≤ 0.2",
+                ratio_at_most(0.2),
+            ),
+            Target::new(
+                "10 flag changes in 10,000: bytes",
+                ten.map(|r| r.flags10.bytes),
+                bytes_of(d_flags),
+                bytes,
+                "< 1 KB",
+                |ours, _| Some(ours < 1000.0),
+            ),
+            Target::new(
+                "100 new messages in 10,000: wall",
+                ten.map(|r| r.new100.wall_ms),
+                wall_of(d_append),
+                wall,
+                "≤ 0.5",
+                ratio_at_most(0.5),
+            ),
+            Target::new(
+                "100 new messages in 10,000: bytes",
+                ten.map(|r| r.new100.bytes),
+                bytes_of(d_append),
+                bytes,
+                "≤ 1",
+                ratio_at_most(1.0),
+            ),
+            Target::new(
+                "APPEND (LMTP) throughput, replicas=1 / replicas=0 (sync)",
+                tput(1),
+                tput(0),
+                |v| format!("{v:.0}/s"),
+                "≥ 0.5",
+                |_, ratio| ratio.map(|r| r >= 0.5),
+            ),
+            // Nothing to compare with: a bound of its own.
+            Target {
+                what: "simulator, 5 servers, steady load: simulated s per wall s",
+                tandem: five.map(|v| format!("{v:.0}")).unwrap_or("–".into()),
+                other: "–".into(),
+                ratio: None,
+                bound: "≥ 1,000",
+                met: five.map(|v| v >= 1000.0),
+            },
+        ]
     }
 
     pub fn markdown(&self, plots: &[(&str, &str)]) -> String {
@@ -264,7 +263,7 @@ impl Results {
                 if plain { " (no DEFLATE)" } else { "" },
                 r.load_per_s,
                 wall(r.initial.wall_ms),
-                wall(r.initial.from_start_ms),
+                wall(r.initial_from_start_ms),
                 bytes(r.initial.bytes),
                 f(&r.flags10).0,
                 f(&r.flags10).1,
@@ -359,50 +358,49 @@ impl Results {
         md
     }
 
+    /// One figure of every resynchronisation case: tandem's as lines over the mailbox
+    /// sizes, dsync's (where it has the case) as markers.
+    fn resync_series(&self, ours: fn(&SyncFigure) -> f64, theirs: fn(DsyncFigure) -> Option<f64>) -> Vec<Series> {
+        type Case = fn(&SizeRow) -> &SyncFigure;
+        let tandem: [(&str, RGBColor, Case); 4] = [
+            ("tandem: initial sync", BLUE, |r| &r.initial),
+            ("tandem: 10 flag changes", ORANGE, |r| &r.flags10),
+            ("tandem: 100 new messages", GREEN, |r| &r.new100),
+            ("tandem: 1,000 new messages", PURPLE, |r| &r.new1000),
+        ];
+        let dsync = [
+            ("dsync: initial (tcp)", BLUE, "initial", "none"),
+            ("dsync: 10 flags (stateful)", ORANGE, "flags", "stateful"),
+            ("dsync: 100 new (stateful)", GREEN, "append", "stateful"),
+        ];
+        let lines = tandem.into_iter().map(|(name, color, case)| Series {
+            name: name.into(),
+            points: self.sizes.iter().map(|r| (r.size as f64, ours(case(r)))).collect(),
+            color,
+            points_only: false,
+        });
+        let markers = dsync.into_iter().map(|(name, color, scenario, state)| Series {
+            name: name.into(),
+            points: [1_000usize, 10_000]
+                .iter()
+                .filter_map(|n| self.dsync(scenario, *n, state).and_then(theirs).map(|v| (*n as f64, v)))
+                .collect(),
+            color,
+            points_only: true,
+        });
+        lines.chain(markers).collect()
+    }
+
     /// Writes the plots into `dir`; their file names relative to `relative_to`, with captions.
     pub fn plots(&self, dir: &Path) -> Result<Vec<(String, String)>, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         plot::register_font()?;
-        let line = |name: &str, color, get: &dyn Fn(&SizeRow) -> f64| Series {
-            name: name.into(),
-            points: self.sizes.iter().map(|r| (r.size as f64, get(r))).collect(),
-            color,
-            points_only: false,
-        };
-        let dsync_points =
-            |name: &str, color, scenario: &str, state: &str, field: &dyn Fn(dsync::DsyncFigure) -> Option<f64>| {
-                Series {
-                    name: name.into(),
-                    points: [1_000usize, 10_000]
-                        .iter()
-                        .filter_map(|n| self.dsync(scenario, *n, state).and_then(field).map(|v| (*n as f64, v)))
-                        .collect(),
-                    color,
-                    points_only: true,
-                }
-            };
         let mut out = Vec::new();
-        let time = [
-            line("tandem: initial sync", BLUE, &|r| r.initial.wall_ms),
-            line("tandem: 10 flag changes", ORANGE, &|r| r.flags10.wall_ms),
-            line("tandem: 100 new messages", GREEN, &|r| r.new100.wall_ms),
-            line("tandem: 1,000 new messages", PURPLE, &|r| r.new1000.wall_ms),
-            dsync_points("dsync: initial (tcp)", BLUE, "initial", "none", &|d| Some(d.wall_ms)),
-            dsync_points("dsync: 10 flags (stateful)", ORANGE, "flags", "stateful", &|d| Some(d.wall_ms)),
-            dsync_points("dsync: 100 new (stateful)", GREEN, "append", "stateful", &|d| Some(d.wall_ms)),
-        ];
+        let time = self.resync_series(|f| f.wall_ms, |d| Some(d.wall_ms));
         let path = dir.join("sync-time.png");
         plot::log_log(&path, "Time to resynchronise vs mailbox size", "messages in the mailbox", "wall ms", &time)?;
         out.push(("sync-time.png".to_string(), "time to resynchronise by mailbox size".to_string()));
-        let size = [
-            line("tandem: initial sync", BLUE, &|r| r.initial.bytes),
-            line("tandem: 10 flag changes", ORANGE, &|r| r.flags10.bytes),
-            line("tandem: 100 new messages", GREEN, &|r| r.new100.bytes),
-            line("tandem: 1,000 new messages", PURPLE, &|r| r.new1000.bytes),
-            dsync_points("dsync: initial (tcp)", BLUE, "initial", "none", &|d| d.bytes),
-            dsync_points("dsync: 10 flags (stateful)", ORANGE, "flags", "stateful", &|d| d.bytes),
-            dsync_points("dsync: 100 new (stateful)", GREEN, "append", "stateful", &|d| d.bytes),
-        ];
+        let size = self.resync_series(|f| f.bytes, |d| d.bytes);
         let path = dir.join("sync-bytes.png");
         plot::log_log(
             &path,

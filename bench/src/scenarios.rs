@@ -188,15 +188,12 @@ fn admin_retrying(c: &BenchCluster, node: usize, request: &AdminRequest) -> Resu
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyncFigure {
     pub wall_ms: f64,
-    /// From starting the node process (initial sync only; else equal to `wall_ms`).
-    pub from_start_ms: f64,
     pub bytes: f64,
 }
 
 fn median_figure(figures: &[SyncFigure]) -> SyncFigure {
     SyncFigure {
         wall_ms: median(figures.iter().map(|f| f.wall_ms).collect()),
-        from_start_ms: median(figures.iter().map(|f| f.from_start_ms).collect()),
         bytes: median(figures.iter().map(|f| f.bytes).collect()),
     }
 }
@@ -206,6 +203,8 @@ pub struct SizeRow {
     pub size: usize,
     pub load_per_s: f64,
     pub initial: SyncFigure,
+    /// The initial sync timed from starting the loaded node's process, not from link-up.
+    pub initial_from_start_ms: f64,
     pub flags10: SyncFigure,
     pub new100: SyncFigure,
     pub new1000: SyncFigure,
@@ -241,6 +240,7 @@ pub fn by_size(ctx: &mut Ctx, size: usize, compression: bool) -> Result<SizeRow,
     // The largest mailboxes get one run: their figures are for the curve's shape.
     let runs = if size > 20_000 { 1 } else { ctx.runs };
     let mut initial = Vec::new();
+    let mut from_start = Vec::new();
     for _ in 0..runs {
         c.restore(0, Some(&loaded))?;
         c.restore(1, None)?;
@@ -252,9 +252,9 @@ pub fn by_size(ctx: &mut Ctx, size: usize, compression: bool) -> Result<SizeRow,
         let link_up = c.proxies[&(0, 1)].connected_at().ok_or("the link never came up")?;
         initial.push(SyncFigure {
             wall_ms: ms(done.saturating_duration_since(link_up)),
-            from_start_ms: ms(done - started),
             bytes: (c.link_bytes() - bytes_before) as f64,
         });
+        from_start.push(ms(done - started));
         c.stop_all();
     }
     let synced = [c.dir.join("template-synced-1"), c.dir.join("template-synced-2")];
@@ -271,7 +271,15 @@ pub fn by_size(ctx: &mut Ctx, size: usize, compression: bool) -> Result<SizeRow,
     let flags10 = outage(Outage::FlagChanges(10))?;
     let new100 = outage(Outage::NewMessages(100))?;
     let new1000 = outage(Outage::NewMessages(1000))?;
-    Ok(SizeRow { size, load_per_s, initial: median_figure(&initial), flags10, new100, new1000 })
+    Ok(SizeRow {
+        size,
+        load_per_s,
+        initial: median_figure(&initial),
+        initial_from_start_ms: median(from_start),
+        flags10,
+        new100,
+        new1000,
+    })
 }
 
 /// Both servers in sync on `size` messages; the link is cut; node 1 takes `what`; the
@@ -327,7 +335,6 @@ fn after_outage(
     let link_up = link.connected_at().filter(|at| *at >= healed).ok_or("the link did not come back")?;
     let figure = SyncFigure {
         wall_ms: ms(done.saturating_duration_since(link_up)),
-        from_start_ms: ms(done.saturating_duration_since(link_up)),
         bytes: (c.link_bytes() - bytes_before) as f64,
     };
     c.stop_all();

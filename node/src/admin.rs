@@ -118,6 +118,23 @@ pub async fn call(addr: SocketAddr, request: &AdminRequest, timeout: Duration) -
     tokio::time::timeout(timeout, work).await.map_err(|_| format!("{addr} did not answer in {timeout:?}"))?
 }
 
+/// [`call`] for callers without a runtime (tests, the benchmark): one request over a
+/// fresh connection, blocking for at most `timeout` per read.
+pub fn call_blocking(addr: SocketAddr, request: &AdminRequest, timeout: Duration) -> Result<AdminReply, String> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(|e| format!("write to {addr}: {e}"))?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer).map_err(|e| format!("read from {addr}: {e}"))?;
+    if answer.is_empty() {
+        return Err(format!("{addr} closed the connection without answering"));
+    }
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer from {addr}: {e}: {answer:?}"))
+}
+
 /// "user/name" -> mailbox key.
 pub fn parse_mailbox(text: &str) -> Result<tandem_core::MailboxKey, String> {
     match text.split_once('/') {

@@ -429,15 +429,8 @@ impl Server {
                         WriteResult::Saved { uid, guid, .. } | WriteResult::Copied { uid, guid, .. },
                         JobKind::Write(request),
                     ) => {
-                        // Where it was put, unless renumbered since (then search).
-                        let now = self
-                            .db
-                            .mailboxes
-                            .get(request.target())
-                            .and_then(|m| {
-                                m.messages.get(uid).filter(|r| r.guid == *guid).or_else(|| m.messages.find_guid(*guid))
-                            })
-                            .cloned();
+                        let now =
+                            self.db.mailboxes.get(request.target()).and_then(|m| m.messages.find_guid(*guid)).cloned();
                         *uid = now.as_ref().map(|r| r.uid).unwrap_or(0);
                         now
                     }

@@ -339,10 +339,6 @@ impl Server {
         self.send(src, Msg::MboxDone { tag, count });
     }
 
-    fn my_uidvalidity(&self, mailbox: &MailboxKey) -> u32 {
-        self.db.mailboxes.get(mailbox).map(|m| m.uidvalidity).unwrap_or(0)
-    }
-
     fn send_state(&mut self, to: Sid, mailbox: &MailboxKey, reply: bool) {
         let is_new = !self.db.mailboxes.contains_key(mailbox);
         // Past a point both copies reached, only what changed since goes out; if that
@@ -410,11 +406,10 @@ impl Server {
         if equal {
             let point = CommonPoint { modseq: summary.highest_modseq, deltas_left: DELTA_SYNCS_MAX };
             self.common_modseq.insert((src, mailbox.clone()), point);
-        } else if self
-            .common_modseq
-            .get(&(src, mailbox.clone()))
-            .is_some_and(|p| summary.highest_modseq < p.modseq || summary.uidvalidity != self.my_uidvalidity(&mailbox))
-        {
+        } else if self.common_modseq.get(&(src, mailbox.clone())).is_some_and(|p| {
+            let ours = self.db.mailboxes.get(&mailbox).map(|m| m.uidvalidity);
+            summary.highest_modseq < p.modseq || Some(summary.uidvalidity) != ours
+        }) {
             // The peer is behind the common point (it lost its disk) or holds another
             // incarnation of the mailbox: only a full SYNC can repair that.
             self.common_modseq.remove(&(src, mailbox.clone()));

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -275,14 +275,7 @@ impl Drop for Cluster {
 
 /// One admin request over a fresh connection.
 pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(|e| e.to_string())?;
-    serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))
+    tandem_node::admin::call_blocking(addr, request, Duration::from_secs(30))
 }
 
 /// Polls `check` for up to 10 s (a log line may land just after the socket closed).
