@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tandem_node::admin::{AdminReply, AdminRequest, MailboxStatus, Status};
+use tandem_node::admin::{AdminAddr, AdminReply, AdminRequest, MailboxStatus, Status};
 
 pub const USER: &str = "bench@example.org";
 pub const MAILBOX: &str = "bench@example.org/INBOX";
@@ -27,7 +27,7 @@ pub struct Node {
     /// replication log, as on a server that was alone before the others were added.
     pub config_alone: PathBuf,
     pub data: PathBuf,
-    pub admin: SocketAddr,
+    pub admin: AdminAddr,
     pub lmtp: SocketAddr,
     child: Option<Child>,
 }
@@ -50,14 +50,14 @@ impl BenchCluster {
     /// Writes configs for `setup` into `dir` (which must exist); starts nothing.
     pub fn create(dir: &Path, tandem: &Path, setup: &Setup) -> Result<BenchCluster, String> {
         let err = |e: std::io::Error| format!("{}: {e}", dir.display());
-        std::fs::write(dir.join("secret"), "bench-secret-0123456789abcdef\n").map_err(err)?;
+        tandem_node::users::write_private(&dir.join("secret"), b"bench-secret-0123456789abcdef\n")?;
         let users = dir.join("users.toml");
         if !users.exists() {
             tandem_node::users::add_user(&users, USER, b"bench")?;
         }
         let n = setup.nodes;
-        let addrs = free_addrs(3 * n)?;
-        let (listen, admin, lmtp) = (&addrs[..n], &addrs[n..2 * n], &addrs[2 * n..]);
+        let addrs = free_addrs(2 * n)?;
+        let (listen, lmtp) = (&addrs[..n], &addrs[n..]);
         let mut proxies = BTreeMap::new();
         for i in 0..n {
             for (j, upstream) in listen.iter().enumerate().skip(i + 1) {
@@ -68,12 +68,11 @@ impl BenchCluster {
         for i in 0..n {
             let data = dir.join(format!("data-{}", i + 1));
             let mut text = format!(
-                "id = {}\nlisten = \"{}\"\nadmin = \"{}\"\nlmtp = \"{}\"\nusers_file = \"{}\"\ndata_dir = \"{}\"\n\
+                "id = {}\nlisten = \"{}\"\nlmtp = \"{}\"\nusers_file = \"{}\"\ndata_dir = \"{}\"\n\
                  secret_file = \"{}\"\nmode = \"{}\"\nreplicas = {}\ncompression = {}\nlog_capacity = 200000\n\
                  request_timeout_ms = 30000\n",
                 i + 1,
                 listen[i],
-                admin[i],
                 lmtp[i],
                 users.display(),
                 data.display(),
@@ -90,7 +89,8 @@ impl BenchCluster {
             }
             let config = dir.join(format!("node-{}.toml", i + 1));
             std::fs::write(&config, text).map_err(err)?;
-            nodes.push(Node { config, config_alone, data, admin: admin[i], lmtp: lmtp[i], child: None });
+            let admin = AdminAddr::Unix(data.join("admin.sock"));
+            nodes.push(Node { config, config_alone, data, admin, lmtp: lmtp[i], child: None });
         }
         Ok(BenchCluster { dir: dir.to_path_buf(), nodes, proxies, tandem: tandem.to_path_buf() })
     }
@@ -161,7 +161,7 @@ impl BenchCluster {
     }
 
     pub fn status(&self, i: usize) -> Result<Status, String> {
-        match call(self.nodes[i].admin, &AdminRequest::Status)? {
+        match call(&self.nodes[i].admin, &AdminRequest::Status)? {
             AdminReply::Status(s) => Ok(s),
             other => Err(format!("status: {other:?}")),
         }
@@ -262,7 +262,7 @@ impl BenchCluster {
     }
 
     pub fn admin(&self, i: usize, request: &AdminRequest) -> Result<AdminReply, String> {
-        call(self.nodes[i].admin, request)
+        call(&self.nodes[i].admin, request)
     }
 }
 
@@ -283,8 +283,11 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
     for entry in std::fs::read_dir(from).map_err(err)? {
         let entry = entry.map_err(err)?;
         let target = to.join(entry.file_name());
-        if entry.file_type().map_err(err)?.is_dir() {
+        let kind = entry.file_type().map_err(err)?;
+        if kind.is_dir() {
             copy_dir(&entry.path(), &target)?;
+        } else if std::os::unix::fs::FileTypeExt::is_socket(&kind) {
+            // The admin socket belongs to the running node, not to its data.
         } else {
             std::fs::copy(entry.path(), target).map_err(err)?;
         }
@@ -293,6 +296,6 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 /// One admin request over a fresh connection.
-pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, String> {
+pub fn call(addr: &AdminAddr, request: &AdminRequest) -> Result<AdminReply, String> {
     tandem_node::admin::call_blocking(addr, request, Duration::from_secs(60))
 }

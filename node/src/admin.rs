@@ -1,11 +1,14 @@
-//! The admin interface: one JSON object per line each way, on a loopback TCP port.
-//! `tandem status`, `tandem deliver` and `tandem dump` are clients of it.
+//! The admin interface: one JSON object per line each way, on a Unix socket (mode
+//! 0600: whoever can open it operates the node) or, when configured, a TCP port where a
+//! `TOKEN <token>` line must come first. HTTP requests are refused on both. `tandem
+//! status`, `tandem deliver` and `tandem dump` are clients of it.
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
 
 /// A request line is at most this long (a delivered message travels in it).
 pub const REQUEST_LEN_MAX: usize = 96 * 1024 * 1024;
@@ -100,39 +103,143 @@ pub enum AdminReply {
     Error { temporary: bool, reason: String },
 }
 
-/// Sends one request to a node's admin port and waits for its answer.
-pub async fn call(addr: SocketAddr, request: &AdminRequest, timeout: Duration) -> Result<AdminReply, String> {
-    let work = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
-        let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
-        line.push('\n');
-        stream.write_all(line.as_bytes()).await.map_err(|e| format!("write to {addr}: {e}"))?;
-        let mut reader = BufReader::new(stream);
-        let mut answer = String::new();
-        reader.read_line(&mut answer).await.map_err(|e| format!("read from {addr}: {e}"))?;
-        if answer.is_empty() {
-            return Err(format!("{addr} closed the connection without answering"));
+/// Where a client finds a node's admin interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// The node's Unix socket (the default: `<data_dir>/admin.sock`).
+    Unix(PathBuf),
+    /// A TCP admin port, with the token the node was configured with.
+    Tcp { addr: SocketAddr, token: String },
+}
+
+impl AdminAddr {
+    /// A socket address is TCP (and needs `token`), anything else a socket path.
+    pub fn parse(text: &str, token: Option<String>) -> Result<AdminAddr, String> {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => match token {
+                Some(token) => Ok(AdminAddr::Tcp { addr, token }),
+                None => Err(format!("{addr} is a TCP admin port: give its token (--admin-token-file)")),
+            },
+            Err(_) => Ok(AdminAddr::Unix(PathBuf::from(text))),
         }
-        serde_json::from_str(&answer).map_err(|e| format!("bad answer from {addr}: {e}"))
+    }
+}
+
+impl std::fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAddr::Unix(p) => write!(f, "{}", p.display()),
+            AdminAddr::Tcp { addr, .. } => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// The line a TCP admin client sends first.
+pub fn token_line(token: &str) -> String {
+    format!("TOKEN {token}\n")
+}
+
+/// A request line as sent.
+fn request_line(request: &AdminRequest) -> Result<String, String> {
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    Ok(line)
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    addr: &AdminAddr,
+    request: &AdminRequest,
+) -> Result<AdminReply, String> {
+    let mut stream = BufReader::new(stream);
+    let mut out = match addr {
+        AdminAddr::Tcp { token, .. } => token_line(token),
+        AdminAddr::Unix(_) => String::new(),
+    };
+    out.push_str(&request_line(request)?);
+    stream.get_mut().write_all(out.as_bytes()).await.map_err(|e| format!("write to {addr}: {e}"))?;
+    let mut answer = String::new();
+    stream.read_line(&mut answer).await.map_err(|e| format!("read from {addr}: {e}"))?;
+    if answer.is_empty() {
+        return Err(format!("{addr} closed the connection without answering"));
+    }
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer from {addr}: {e}"))
+}
+
+/// Sends one request to a node's admin interface and waits for its answer.
+pub async fn call(addr: &AdminAddr, request: &AdminRequest, timeout: Duration) -> Result<AdminReply, String> {
+    let work = async {
+        match addr {
+            AdminAddr::Unix(path) => {
+                let stream = UnixStream::connect(path).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
+                exchange(stream, addr, request).await
+            }
+            AdminAddr::Tcp { addr: tcp, .. } => {
+                let stream = TcpStream::connect(tcp).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
+                exchange(stream, addr, request).await
+            }
+        }
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| format!("{addr} did not answer in {timeout:?}"))?
 }
 
 /// [`call`] for callers without a runtime (tests, the benchmark): one request over a
 /// fresh connection, blocking for at most `timeout` per read.
-pub fn call_blocking(addr: SocketAddr, request: &AdminRequest, timeout: Duration) -> Result<AdminReply, String> {
-    use std::io::{BufRead, Write};
-    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot reach {addr}: {e}"))?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(|e| format!("write to {addr}: {e}"))?;
-    let mut answer = String::new();
-    std::io::BufReader::new(stream).read_line(&mut answer).map_err(|e| format!("read from {addr}: {e}"))?;
-    if answer.is_empty() {
-        return Err(format!("{addr} closed the connection without answering"));
+pub fn call_blocking(addr: &AdminAddr, request: &AdminRequest, timeout: Duration) -> Result<AdminReply, String> {
+    use std::io::BufRead;
+    fn go<S: std::io::Read + std::io::Write>(
+        mut stream: S,
+        addr: &AdminAddr,
+        request: &AdminRequest,
+    ) -> Result<AdminReply, String> {
+        let mut out = match addr {
+            AdminAddr::Tcp { token, .. } => token_line(token),
+            AdminAddr::Unix(_) => String::new(),
+        };
+        out.push_str(&request_line(request)?);
+        stream.write_all(out.as_bytes()).map_err(|e| format!("write to {addr}: {e}"))?;
+        let mut answer = String::new();
+        std::io::BufReader::new(stream).read_line(&mut answer).map_err(|e| format!("read from {addr}: {e}"))?;
+        if answer.is_empty() {
+            return Err(format!("{addr} closed the connection without answering"));
+        }
+        serde_json::from_str(&answer).map_err(|e| format!("bad answer from {addr}: {e}: {answer:?}"))
     }
-    serde_json::from_str(&answer).map_err(|e| format!("bad answer from {addr}: {e}: {answer:?}"))
+    match addr {
+        AdminAddr::Unix(path) => {
+            let stream =
+                std::os::unix::net::UnixStream::connect(path).map_err(|e| format!("cannot reach {addr}: {e}"))?;
+            stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+            go(stream, addr, request)
+        }
+        AdminAddr::Tcp { addr: tcp, .. } => {
+            let stream = std::net::TcpStream::connect(tcp).map_err(|e| format!("cannot reach {addr}: {e}"))?;
+            stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+            go(stream, addr, request)
+        }
+    }
+}
+
+/// True for the first line of an HTTP request: a browser page may post to a loopback
+/// port, and nothing it sends may run as an admin command.
+pub fn looks_like_http(line: &str) -> bool {
+    const METHODS: [&str; 9] =
+        ["GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE "];
+    METHODS.iter().any(|m| line.len() >= m.len() && line[..m.len()].eq_ignore_ascii_case(m))
+        || line.contains(" HTTP/1.")
+}
+
+/// Compares a presented token with the configured one in time independent of where
+/// they differ.
+pub fn token_matches(presented: &str, configured: &str) -> bool {
+    use hmac::Mac;
+    // HMAC keys of any length are valid: new_from_slice cannot fail here.
+    let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(b"tandem admin token") else { return false };
+    mac.update(configured.as_bytes());
+    let expected = mac.finalize().into_bytes();
+    let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(b"tandem admin token") else { return false };
+    mac.update(presented.as_bytes());
+    mac.verify_slice(&expected).is_ok()
 }
 
 /// "user/name" -> mailbox key.
@@ -140,5 +247,20 @@ pub fn parse_mailbox(text: &str) -> Result<tandem_core::MailboxKey, String> {
     match text.split_once('/') {
         Some((user, name)) if !user.is_empty() && !name.is_empty() => Ok(tandem_core::MailboxKey::new(user, name)),
         _ => Err(format!("{text:?} is not a mailbox (user/name, e.g. alice@example.org/INBOX)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_is_recognised_and_tokens_compare() {
+        assert!(looks_like_http("POST / HTTP/1.1\r\n"));
+        assert!(looks_like_http("get /x HTTP/1.0"));
+        assert!(!looks_like_http("{\"cmd\":\"status\"}"));
+        assert!(token_matches("abc", "abc") && !token_matches("abd", "abc") && !token_matches("", "abc"));
+        assert_eq!(AdminAddr::parse("/run/a.sock", None), Ok(AdminAddr::Unix("/run/a.sock".into())));
+        assert!(AdminAddr::parse("127.0.0.1:7201", None).is_err());
     }
 }

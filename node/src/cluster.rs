@@ -9,7 +9,8 @@ pub struct ClusterNode {
     pub id: u32,
     pub config: PathBuf,
     pub listen: SocketAddr,
-    pub admin: SocketAddr,
+    /// The node's admin socket.
+    pub admin: PathBuf,
 }
 
 /// Free loopback ports, held until all are picked so none repeats.
@@ -22,22 +23,21 @@ fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
 pub fn write_configs(dir: &Path, nodes: usize, extra: &str) -> std::io::Result<Vec<ClusterNode>> {
     std::fs::create_dir_all(dir)?;
     let secret: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(dir.join("secret"), secret + "\n")?;
-    let ports = free_ports(nodes * 2)?;
+    crate::users::write_private(&dir.join("secret"), (secret + "\n").as_bytes()).map_err(std::io::Error::other)?;
+    let ports = free_ports(nodes)?;
     let lo = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let all: Vec<(u32, SocketAddr, SocketAddr)> =
-        (0..nodes).map(|i| (i as u32 + 1, lo(ports[2 * i]), lo(ports[2 * i + 1]))).collect();
+    let all: Vec<(u32, SocketAddr)> = (0..nodes).map(|i| (i as u32 + 1, lo(ports[i]))).collect();
     let mut out = Vec::new();
-    for (id, listen, admin) in &all {
-        let mut text = format!(
-            "id = {id}\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ndata_dir = \"data-{id}\"\nsecret_file = \"secret\"\n{extra}\n"
-        );
-        for (pid, paddr, _) in all.iter().filter(|(p, ..)| p != id) {
+    for (id, listen) in &all {
+        let mut text =
+            format!("id = {id}\nlisten = \"{listen}\"\ndata_dir = \"data-{id}\"\nsecret_file = \"secret\"\n{extra}\n");
+        for (pid, paddr) in all.iter().filter(|(p, _)| p != id) {
             let _ = write!(text, "\n[[peer]]\nid = {pid}\naddress = \"{paddr}\"\n");
         }
         let config = dir.join(format!("node-{id}.toml"));
         std::fs::write(&config, text)?;
-        out.push(ClusterNode { id: *id, config, listen: *listen, admin: *admin });
+        let admin = dir.join(format!("data-{id}")).join("admin.sock");
+        out.push(ClusterNode { id: *id, config, listen: *listen, admin });
     }
     Ok(out)
 }

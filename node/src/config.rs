@@ -53,7 +53,134 @@ struct FileConfig {
     #[serde(default)]
     tls_ca: Option<PathBuf>,
     #[serde(default)]
+    admin_socket: Option<PathBuf>,
+    #[serde(default)]
+    admin_token_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_plaintext_auth: Option<bool>,
+    #[serde(default)]
+    allow_plain_peer_links: Option<bool>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
     peer: Vec<PeerConfig>,
+}
+
+/// Bounds on what clients, senders and connections may use, each with a safe default
+/// (the `[limits]` table; README's Security section lists them).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message accepted by APPEND and LMTP, in bytes.
+    pub message_size_max: usize,
+    /// IMAP command line (without literals) after login, in bytes.
+    pub imap_line_len_max: usize,
+    /// A whole command before login, literals included, in bytes.
+    pub imap_prelogin_len_max: usize,
+    /// Sessions per listener (IMAP, IMAPS, LMTP each).
+    pub connections_max: usize,
+    /// Sessions per client IP address on one listener.
+    pub connections_per_ip_max: usize,
+    /// IMAP sessions logged in as one user on this node.
+    pub connections_per_user_max: usize,
+    /// Time to log in after connecting.
+    pub login_timeout_s: u64,
+    /// A logged-in session with no command for this long is logged out (RFC 3501: at
+    /// least 30 minutes). IDLE is exempt: it waits for the client's DONE.
+    pub autologout_s: u64,
+    /// LMTP recipients per transaction (duplicates collapse into one).
+    pub recipients_max: usize,
+    /// Mailbox name length in bytes and hierarchy depth.
+    pub mailbox_name_len_max: usize,
+    pub mailbox_depth_max: usize,
+    /// Mailboxes one user may have.
+    pub mailboxes_per_user_max: usize,
+    /// Admin connections served at once.
+    pub admin_connections_max: usize,
+    /// Per-user storage quota in bytes and messages; 0 is unlimited.
+    pub quota_bytes: u64,
+    pub quota_messages: u64,
+    /// LMTP: compare the local part of a recipient without case (the domain always is).
+    pub lmtp_local_part_ignore_case: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            message_size_max: 50 * 1024 * 1024,
+            imap_line_len_max: 64 * 1024,
+            imap_prelogin_len_max: 8 * 1024,
+            connections_max: 1024,
+            connections_per_ip_max: 64,
+            connections_per_user_max: 32,
+            login_timeout_s: 60,
+            autologout_s: 30 * 60,
+            recipients_max: 100,
+            mailbox_name_len_max: 1024,
+            mailbox_depth_max: 32,
+            mailboxes_per_user_max: 2000,
+            admin_connections_max: 16,
+            quota_bytes: 0,
+            quota_messages: 0,
+            lmtp_local_part_ignore_case: true,
+        }
+    }
+}
+
+impl Limits {
+    fn check(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("limits.message_size_max", self.message_size_max as u64),
+            ("limits.imap_line_len_max", self.imap_line_len_max as u64),
+            ("limits.imap_prelogin_len_max", self.imap_prelogin_len_max as u64),
+            ("limits.connections_max", self.connections_max as u64),
+            ("limits.connections_per_ip_max", self.connections_per_ip_max as u64),
+            ("limits.connections_per_user_max", self.connections_per_user_max as u64),
+            ("limits.login_timeout_s", self.login_timeout_s),
+            ("limits.autologout_s", self.autologout_s),
+            ("limits.recipients_max", self.recipients_max as u64),
+            ("limits.mailbox_name_len_max", self.mailbox_name_len_max as u64),
+            ("limits.mailbox_depth_max", self.mailbox_depth_max as u64),
+            ("limits.mailboxes_per_user_max", self.mailboxes_per_user_max as u64),
+            ("limits.admin_connections_max", self.admin_connections_max as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
+        if self.message_size_max > tandem_core::wire::LITERAL_LEN_MAX {
+            return Err(bad(
+                "limits.message_size_max",
+                format!("at most {} bytes (what a peer link carries)", tandem_core::wire::LITERAL_LEN_MAX),
+            ));
+        }
+        if self.mailbox_name_len_max > 4096 {
+            return Err(bad("limits.mailbox_name_len_max", "at most 4096 bytes"));
+        }
+        if self.autologout_s < 30 * 60 {
+            return Err(bad("limits.autologout_s", "RFC 3501 wants at least 30 minutes (1800)"));
+        }
+        Ok(())
+    }
+}
+
+/// Where the admin interface listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminListen {
+    /// A Unix socket, mode 0600: whoever may open it is the node's operator.
+    Unix(PathBuf),
+    /// TCP, only with a token every connection must present first.
+    Tcp { addr: SocketAddr, token: String },
+}
+
+impl std::fmt::Display for AdminListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminListen::Unix(p) => write!(f, "{}", p.display()),
+            AdminListen::Tcp { addr, .. } => write!(f, "{addr}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -74,7 +201,8 @@ pub enum LogFormat {
 pub struct NodeConfig {
     pub core: CoreConfig,
     pub listen: SocketAddr,
-    pub admin: SocketAddr,
+    /// The admin interface: a Unix socket unless a TCP address is configured.
+    pub admin: AdminListen,
     pub data_dir: PathBuf,
     pub secret: Vec<u8>,
     pub compression: bool,
@@ -90,6 +218,10 @@ pub struct NodeConfig {
     pub mail_tls: Option<crate::tls::MailTls>,
     pub lmtp: Option<SocketAddr>,
     pub users: std::sync::Arc<crate::users::Users>,
+    pub limits: Limits,
+    /// LOGIN and AUTHENTICATE PLAIN on a plain, non-loopback IMAP connection while TLS
+    /// is configured (Dovecot's `disable_plaintext_auth = no`).
+    pub allow_plaintext_auth: bool,
 }
 
 /// The smallest secret accepted: a cluster secret is a key, not a password.
@@ -108,6 +240,24 @@ impl std::error::Error for ConfigError {}
 
 fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("key `{key}`: {why}"))
+}
+
+/// A secret from a file the world cannot read: a key others can read is no key.
+fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(format!(
+                "{} is readable or writable by every user (mode {mode:o}): chmod 600 it",
+                path.display()
+            ));
+        }
+    }
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text.trim_ascii().to_vec())
 }
 
 impl NodeConfig {
@@ -180,9 +330,7 @@ impl NodeConfig {
                 Vec::new()
             }
             Some(p) => {
-                let path = base.join(p);
-                let text = std::fs::read(&path).map_err(|e| bad("secret_file", format!("{}: {e}", path.display())))?;
-                let secret = text.trim_ascii().to_vec();
+                let secret = read_secret_file(&base.join(p)).map_err(|e| bad("secret_file", e))?;
                 if secret.len() < SECRET_LEN_MIN {
                     return Err(bad("secret_file", format!("the secret must be at least {SECRET_LEN_MIN} bytes")));
                 }
@@ -202,6 +350,17 @@ impl NodeConfig {
             ),
             _ => return Err(bad("tls_cert", "tls_cert, tls_key and tls_ca go together")),
         };
+        // Without TLS only the handshake is authenticated: anyone on the path could change
+        // the traffic after it. Loopback has no path; anything else needs TLS or the
+        // operator's word that the network is private (a VPN, a dedicated cable).
+        let off_loopback = !file.listen.ip().is_loopback() || file.peer.iter().any(|p| !p.address.ip().is_loopback());
+        if tls.is_none() && off_loopback && !file.peer.is_empty() && !file.allow_plain_peer_links.unwrap_or(false) {
+            return Err(bad(
+                "tls_cert",
+                "peer links beyond loopback need mutual TLS (tls_cert, tls_key, tls_ca), \
+                 or allow_plain_peer_links = true on a network no one else can touch",
+            ));
+        }
         if (file.imap.is_some() || file.imaps.is_some() || file.lmtp.is_some()) && file.users_file.is_none() {
             return Err(bad("users_file", "required when imap, imaps or lmtp is set"));
         }
@@ -219,20 +378,33 @@ impl NodeConfig {
             None => crate::users::Users::default(),
             Some(p) => crate::users::Users::load(&base.join(p)).map_err(|e| bad("users_file", e))?,
         };
-        let admin = match file.admin {
-            Some(a) => a,
-            None => {
-                let port = file.listen.port().checked_add(100).ok_or_else(|| {
-                    bad("admin", "no default: the listen port + 100 is not a port; set admin explicitly")
-                })?;
-                SocketAddr::new([127, 0, 0, 1].into(), port)
+        file.limits.check()?;
+        let data_dir = base.join(file.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("tandem-{}", file.id))));
+        let admin = match (file.admin, &file.admin_token_file) {
+            (None, None) => AdminListen::Unix(
+                file.admin_socket.map(|p| base.join(p)).unwrap_or_else(|| data_dir.join("admin.sock")),
+            ),
+            (None, Some(_)) => return Err(bad("admin_token_file", "only with a TCP `admin` address")),
+            (Some(_), None) => {
+                return Err(bad(
+                    "admin",
+                    "a TCP admin port needs admin_token_file (or leave `admin` out: the Unix socket needs none)",
+                ));
+            }
+            (Some(addr), Some(token_file)) => {
+                let token = read_secret_file(&base.join(token_file)).map_err(|e| bad("admin_token_file", e))?;
+                if token.len() < SECRET_LEN_MIN {
+                    return Err(bad("admin_token_file", format!("the token must be at least {SECRET_LEN_MIN} bytes")));
+                }
+                let token = String::from_utf8(token).map_err(|_| bad("admin_token_file", "the token must be text"))?;
+                AdminListen::Tcp { addr, token }
             }
         };
         Ok(NodeConfig {
             core,
             listen: file.listen,
             admin,
-            data_dir: base.join(file.data_dir.unwrap_or_else(|| PathBuf::from(format!("tandem-{}", file.id)))),
+            data_dir,
             secret,
             compression: file.compression.unwrap_or(false),
             metrics: file.metrics,
@@ -244,6 +416,8 @@ impl NodeConfig {
             mail_tls,
             lmtp: file.lmtp,
             users: std::sync::Arc::new(users),
+            limits: file.limits,
+            allow_plaintext_auth: file.allow_plaintext_auth.unwrap_or(false),
         })
     }
 }
@@ -261,7 +435,8 @@ mod tests {
         let c = parse("id = 1\nlisten = \"127.0.0.1:7101\"\n").unwrap();
         assert_eq!(c.core.servers, vec![Sid(1)]);
         assert_eq!(c.core.replicas, 0);
-        assert_eq!(c.admin.port(), 7201);
+        assert_eq!(c.admin, AdminListen::Unix(PathBuf::from("/nonexistent/tandem-1/admin.sock")));
+        assert_eq!(c.limits, Limits::default());
     }
 
     #[test]
@@ -276,5 +451,24 @@ mod tests {
         assert!(e.0.contains("`secret_file`"), "{e}");
         let e = parse("id = 70000\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(e.0.contains("`id`"), "{e}");
+        let e = parse("id = 1\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n").unwrap_err();
+        assert!(e.0.contains("`admin`") && e.0.contains("token"), "{e}");
+        let e = parse("id = 1\nlisten = \"127.0.0.1:1\"\n[limits]\nconnections_max = 0\n").unwrap_err();
+        assert!(e.0.contains("`limits.connections_max`"), "{e}");
+    }
+
+    #[test]
+    fn a_world_readable_secret_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text =
+            "id = 1\nlisten = \"127.0.0.1:1\"\nsecret_file = \"secret\"\n[[peer]]\nid = 2\naddress = \"127.0.0.1:2\"\n";
+        let e = NodeConfig::parse(text, dir.path()).unwrap_err();
+        assert!(e.0.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(NodeConfig::parse(text, dir.path()).is_ok());
     }
 }

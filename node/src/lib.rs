@@ -4,6 +4,7 @@ pub mod admin;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod front;
 pub mod imap;
 pub mod lmtp;
 pub mod metrics;

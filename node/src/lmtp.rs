@@ -3,9 +3,8 @@
 //! recipient: 250 when the save is acknowledged under the durability mode, 451 when it
 //! is not (the MTA keeps the mail and retries), 550 for unknown users (at RCPT).
 
-use crate::node::NodeHandle;
-use crate::users::Users;
-use std::sync::Arc;
+use crate::front::Front;
+use crate::node::{NodeHandle, SessionLimits};
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest};
 use tandem_core::msg::WriteResult;
@@ -14,17 +13,23 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
+/// A command line (RFC 5321 allows 512 bytes; extensions make them longer).
 const LINE_LEN_MAX: usize = 4096;
-const MESSAGE_SIZE_MAX: usize = 64 * 1024 * 1024;
-const RECIPIENTS_MAX: usize = 1000;
-const SESSIONS_MAX: usize = 256;
+/// A line of message text: RFC 5322 says 998 bytes, real mail has longer ones. A longer
+/// line is not stored: the message is refused as too big, and its bytes are discarded.
+const DATA_LINE_LEN_MAX: usize = 1024 * 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub async fn serve(listener: TcpListener, node: NodeHandle, users: Arc<Users>, hostname: String) {
-    crate::node::serve_sessions(listener, SESSIONS_MAX, move |stream, addr| {
-        let (node, users, hostname) = (node.clone(), users.clone(), hostname.clone());
+pub async fn serve(listener: TcpListener, node: NodeHandle, front: Front, hostname: String) {
+    let limits = SessionLimits {
+        connections_max: front.limits.connections_max,
+        per_ip_max: front.limits.connections_per_ip_max,
+        refuse: "421 4.3.2 too many connections, try again later\r\n",
+    };
+    crate::node::serve_sessions(listener, limits, move |stream, addr| {
+        let (node, front, hostname) = (node.clone(), front.clone(), hostname.clone());
         async move {
-            if let Err(e) = session(stream, node, users, &hostname).await {
+            if let Err(e) = session(stream, node, front, &hostname).await {
                 debug!(%addr, error = %e, "LMTP session ended");
             }
         }
@@ -58,7 +63,8 @@ fn path_arg(rest: &str) -> Option<String> {
     Some(rest[start + 1..end].to_string())
 }
 
-async fn session(stream: TcpStream, node: NodeHandle, users: Arc<Users>, hostname: &str) -> Result<(), String> {
+async fn session(stream: TcpStream, node: NodeHandle, front: Front, hostname: &str) -> Result<(), String> {
+    let size_max = front.limits.message_size_max;
     let (read, mut write) = stream.into_split();
     let mut r = BufReader::new(read);
     let send = |mut text: String| {
@@ -68,15 +74,18 @@ async fn session(stream: TcpStream, node: NodeHandle, users: Arc<Users>, hostnam
     write.write_all(send(format!("220 {hostname} tandem LMTP ready")).as_bytes()).await.map_err(|e| e.to_string())?;
     let mut greeted = false;
     let mut sender: Option<String> = None;
-    let mut recipients: Vec<String> = Vec::new();
+    // (as written, the user it names)
+    let mut recipients: Vec<(String, String)> = Vec::new();
     while let Some(line) = read_line(&mut r).await? {
         let upper = line.to_ascii_uppercase();
         let reply = if upper.starts_with("LHLO") {
             greeted = true;
-            format!("250-{hostname}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE {MESSAGE_SIZE_MAX}")
+            format!("250-{hostname}\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE {size_max}")
         } else if upper.starts_with("MAIL FROM:") {
             if !greeted {
                 "503 5.5.1 LHLO first".into()
+            } else if declared_size(&line[10..]).is_some_and(|n| n > size_max) {
+                format!("552 5.3.4 message size exceeds the limit of {size_max} bytes")
             } else {
                 sender = Some(path_arg(&line[10..]).unwrap_or_default());
                 recipients.clear();
@@ -86,25 +95,48 @@ async fn session(stream: TcpStream, node: NodeHandle, users: Arc<Users>, hostnam
             match (&sender, path_arg(&line[8..])) {
                 (None, _) => "503 5.5.1 MAIL first".into(),
                 (_, None) => "501 5.1.3 bad recipient address".into(),
-                (_, Some(_)) if recipients.len() >= RECIPIENTS_MAX => "452 4.5.3 too many recipients".into(),
-                (_, Some(rcpt)) if users.exists(&rcpt) => {
-                    recipients.push(rcpt);
-                    "250 2.1.5 OK".into()
-                }
-                (_, Some(rcpt)) => format!("550 5.1.1 <{rcpt}> no such user here"),
+                (_, Some(rcpt)) => match front.users.recipient(&rcpt, front.limits.lmtp_local_part_ignore_case) {
+                    // One copy per user however often the user is named (each RCPT still
+                    // gets its answer after DATA, as LMTP wants).
+                    // Duplicates cost a line each: bounded too.
+                    Some(_) if recipients.len() >= front.limits.recipients_max.saturating_mul(4) => {
+                        "452 4.5.3 too many recipients".into()
+                    }
+                    Some(user) if recipients.iter().any(|(_, u)| u == user) => {
+                        recipients.push((rcpt.clone(), user.to_string()));
+                        "250 2.1.5 OK".into()
+                    }
+                    Some(_) if distinct(&recipients) >= front.limits.recipients_max => {
+                        "452 4.5.3 too many recipients".into()
+                    }
+                    Some(user) => {
+                        recipients.push((rcpt.clone(), user.to_string()));
+                        "250 2.1.5 OK".into()
+                    }
+                    None => format!("550 5.1.1 <{rcpt}> no such user here"),
+                },
             }
         } else if upper == "DATA" {
             if recipients.is_empty() {
                 "503 5.5.1 no valid recipients".into()
             } else {
                 write.write_all(b"354 go ahead, end with <CRLF>.<CRLF>\r\n").await.map_err(|e| e.to_string())?;
-                let body = read_data(&mut r).await?;
+                let body = read_data(&mut r, size_max).await?;
                 let mut replies = Vec::new();
-                for rcpt in std::mem::take(&mut recipients) {
-                    replies.push(match &body {
-                        None => "552 5.3.4 message too big".to_string(),
-                        Some(bytes) => deliver(&node, &rcpt, bytes.clone()).await,
-                    });
+                let mut answered: Vec<(String, String)> = Vec::new();
+                for (rcpt, user) in std::mem::take(&mut recipients) {
+                    if let Some((_, reply)) = answered.iter().find(|(u, _)| *u == user) {
+                        // The same answer for a user named twice: delivered once.
+                        let reply = reply.replace(&format!("<{user}>"), &format!("<{rcpt}>"));
+                        replies.push(reply);
+                        continue;
+                    }
+                    let reply = match &body {
+                        None => format!("552 5.3.4 message exceeds the limit of {size_max} bytes"),
+                        Some(bytes) => deliver(&node, &user, bytes.clone()).await,
+                    };
+                    answered.push((user, reply.clone()));
+                    replies.push(reply);
                 }
                 sender = None;
                 replies.join("\r\n")
@@ -128,30 +160,57 @@ async fn session(stream: TcpStream, node: NodeHandle, users: Arc<Users>, hostnam
     Ok(())
 }
 
-/// The message after DATA, dot-unstuffed; None (after reading it all) when too large.
-async fn read_data(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Result<Option<Vec<u8>>, String> {
+/// Users among the recipients, each counted once.
+fn distinct(recipients: &[(String, String)]) -> usize {
+    let users: std::collections::BTreeSet<&str> = recipients.iter().map(|(_, u)| u.as_str()).collect();
+    users.len()
+}
+
+/// The SIZE= parameter of MAIL FROM (RFC 1870), if given.
+fn declared_size(rest: &str) -> Option<usize> {
+    rest.split_ascii_whitespace()
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case("SIZE"))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// The message after DATA, dot-unstuffed; None (after reading it all, keeping none of
+/// it) when it exceeds `size_max` or has a line over [`DATA_LINE_LEN_MAX`].
+async fn read_data(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    size_max: usize,
+) -> Result<Option<Vec<u8>>, String> {
     let mut body = Vec::new();
     let mut too_big = false;
+    let mut line = Vec::new();
+    // A line longer than the limit arrives in pieces; only a piece that starts a line
+    // can be the final dot.
+    let mut at_line_start = true;
     loop {
-        let mut line = Vec::new();
-        let n = tokio::time::timeout(IDLE_TIMEOUT, r.read_until(b'\n', &mut line))
-            .await
-            .map_err(|_| "idle too long".to_string())?
-            .map_err(|e| e.to_string())?;
+        line.clear();
+        let n =
+            tokio::time::timeout(IDLE_TIMEOUT, (&mut *r).take(DATA_LINE_LEN_MAX as u64).read_until(b'\n', &mut line))
+                .await
+                .map_err(|_| "idle too long".to_string())?
+                .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("connection closed during DATA".into());
         }
-        if line == b".\r\n" || line == b".\n" {
+        let complete = line.last() == Some(&b'\n');
+        if at_line_start && (line == b".\r\n" || line == b".\n") {
             return Ok(if too_big { None } else { Some(body) });
         }
-        let line = if line.starts_with(b"..") { &line[1..] } else { &line[..] };
-        if body.len() + line.len() > MESSAGE_SIZE_MAX {
+        if !complete {
             too_big = true;
-            body.clear();
         }
-        if !too_big {
-            body.extend_from_slice(line);
+        let piece = if at_line_start && line.starts_with(b"..") { &line[1..] } else { &line[..] };
+        at_line_start = complete;
+        if too_big || body.len() + piece.len() > size_max {
+            too_big = true;
+            body = Vec::new();
+            continue;
         }
+        body.extend_from_slice(piece);
     }
 }
 

@@ -1,11 +1,10 @@
 //! `tandem`: run a node, start a local cluster, or talk to a node's admin interface.
 
 use clap::{Parser, Subcommand};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tandem_node::admin::{self, AdminReply, AdminRequest};
+use tandem_node::admin::{self, AdminAddr, AdminReply, AdminRequest};
 use tandem_node::config::{LogFormat, NodeConfig};
 
 #[derive(Parser)]
@@ -41,15 +40,15 @@ enum Command {
     },
     /// A node's root, epoch, masters, links, backlog and mailboxes.
     Status {
-        #[arg(long, default_value = "127.0.0.1:7201")]
-        admin: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[arg(long)]
         json: bool,
     },
     /// Save a message (from --file or standard input) through a node.
     Deliver {
-        #[arg(long, default_value = "127.0.0.1:7201")]
-        admin: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// user/name, e.g. alice@example.org/INBOX
         #[arg(long)]
         mailbox: String,
@@ -60,8 +59,8 @@ enum Command {
     },
     /// A mailbox as a node shows it: UIDs, GUIDs, flags.
     Dump {
-        #[arg(long, default_value = "127.0.0.1:7201")]
-        admin: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[arg(long)]
         mailbox: String,
         #[arg(long)]
@@ -74,8 +73,8 @@ enum Command {
     },
     /// Add or remove flags.
     Store {
-        #[arg(long, default_value = "127.0.0.1:7201")]
-        admin: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[arg(long)]
         mailbox: String,
         #[arg(long, value_delimiter = ',')]
@@ -85,6 +84,29 @@ enum Command {
         #[arg(long = "remove")]
         remove: Vec<String>,
     },
+}
+
+/// Where the node's admin interface is.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The node's admin socket (its data_dir/admin.sock), or host:port of a TCP admin port.
+    #[arg(long, default_value = "/var/lib/tandem/admin.sock")]
+    admin: String,
+    /// The token of a TCP admin port (also TANDEM_ADMIN_TOKEN).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn addr(&self) -> Result<AdminAddr, String> {
+        let token = match &self.admin_token_file {
+            Some(path) => {
+                Some(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?.trim().to_string())
+            }
+            None => std::env::var("TANDEM_ADMIN_TOKEN").ok(),
+        };
+        AdminAddr::parse(&self.admin, token)
+    }
 }
 
 #[derive(Subcommand)]
@@ -128,12 +150,24 @@ fn main() -> ExitCode {
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn call(admin: SocketAddr, request: AdminRequest) -> Result<AdminReply, String> {
-    match admin::call(admin, &request, ADMIN_TIMEOUT).await? {
+async fn call(admin: AdminArgs, request: AdminRequest) -> Result<AdminReply, String> {
+    match admin::call(&admin.addr()?, &request, ADMIN_TIMEOUT).await? {
         AdminReply::Error { temporary, reason } => {
             Err(format!("{}: {reason}", if temporary { "temporary failure" } else { "failed" }))
         }
         reply => Ok(reply),
+    }
+}
+
+/// Prints `text` and a newline; a closed standard output (`tandem status | head`) ends
+/// the command quietly instead of panicking as `println!` does.
+fn out(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("standard output: {e}")),
     }
 }
 
@@ -166,28 +200,30 @@ async fn run(command: Command) -> Result<(), String> {
             let reply = call(admin, AdminRequest::Status).await?;
             let AdminReply::Status(s) = reply else { return Err(format!("unexpected answer {reply:?}")) };
             if as_json {
-                println!("{}", json(&s)?);
-                return Ok(());
+                return out(&json(&s)?);
             }
-            println!("server {}  root {:?}  epoch {}", s.id, s.root, s.epoch);
-            println!("masters known: {:?}", s.masters);
-            println!("mastered here: {:?}", s.mastered_here);
+            let mut text = format!("server {}  root {:?}  epoch {}\n", s.id, s.root, s.epoch);
+            text += &format!("masters known: {:?}\n", s.masters);
+            text += &format!("mastered here: {:?}\n", s.mastered_here);
             for l in &s.links {
-                println!(
-                    "peer {}: {} {} backlog {}",
-                    l.peer,
-                    if l.connected { "connected" } else { "not connected" },
-                    if l.reachable { "reachable" } else { "unreachable" },
-                    l.backlog
+                text += &format!(
+                    "{}\n",
+                    format_args!(
+                        "peer {}: {} {} backlog {}",
+                        l.peer,
+                        if l.connected { "connected" } else { "not connected" },
+                        if l.reachable { "reachable" } else { "unreachable" },
+                        l.backlog
+                    )
                 );
             }
             for m in &s.mailboxes {
-                println!(
-                    "{}: UIDVALIDITY {} UIDNEXT {} messages {} HIGHESTMODSEQ {} digest {}",
+                text += &format!(
+                    "{}: UIDVALIDITY {} UIDNEXT {} messages {} HIGHESTMODSEQ {} digest {}\n",
                     m.mailbox, m.uidvalidity, m.uidnext, m.messages, m.highest_modseq, m.digest
                 );
             }
-            Ok(())
+            out(text.trim_end())
         }
         Command::Deliver { admin, mailbox, file, flags } => {
             let body = match file {
@@ -202,8 +238,7 @@ async fn run(command: Command) -> Result<(), String> {
             let body = String::from_utf8(body).map_err(|_| "the message is not UTF-8 text".to_string())?;
             match call(admin, AdminRequest::Deliver { mailbox, body, flags }).await? {
                 AdminReply::Saved { uidvalidity, uid, guid } => {
-                    println!("saved UID {uid} (UIDVALIDITY {uidvalidity}) GUID {guid}");
-                    Ok(())
+                    out(&format!("saved UID {uid} (UIDVALIDITY {uidvalidity}) GUID {guid}"))
                 }
                 other => Err(format!("unexpected answer {other:?}")),
             }
@@ -212,32 +247,27 @@ async fn run(command: Command) -> Result<(), String> {
             let reply = call(admin, AdminRequest::Dump { mailbox }).await?;
             let AdminReply::Dump(d) = reply else { return Err(format!("unexpected answer {reply:?}")) };
             if as_json {
-                println!("{}", json(&d)?);
-                return Ok(());
+                return out(&json(&d)?);
             }
-            println!(
-                "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}",
+            let mut text = format!(
+                "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}\n",
                 d.mailbox, d.uidvalidity, d.uidnext, d.highest_modseq
             );
             for m in &d.messages {
-                println!("{} {} ({}) modseq {}", m.uid, m.guid, m.flags.join(" "), m.modseq);
+                text += &format!("{} {} ({}) modseq {}\n", m.uid, m.guid, m.flags.join(" "), m.modseq);
             }
-            Ok(())
+            out(text.trim_end())
         }
         Command::User { action: UserAction::Add { name, users } } => {
             let mut password = String::new();
             std::io::stdin().read_line(&mut password).map_err(|e| format!("stdin: {e}"))?;
             let password = password.trim_end_matches(['\r', '\n']);
             tandem_node::users::add_user(&users, &name, password.as_bytes())?;
-            println!("user {name} written to {}", users.display());
-            Ok(())
+            out(&format!("user {name} written to {}", users.display()))
         }
         Command::Store { admin, mailbox, uids, add, remove } => {
             match call(admin, AdminRequest::Store { mailbox, uids, add, remove }).await? {
-                AdminReply::Stored { modseq } => {
-                    println!("stored, MODSEQ {modseq}");
-                    Ok(())
-                }
+                AdminReply::Stored { modseq } => out(&format!("stored, MODSEQ {modseq}")),
                 other => Err(format!("unexpected answer {other:?}")),
             }
         }
@@ -272,13 +302,25 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
     }
     println!("tandem cluster of {nodes} nodes in {}", dir.display());
     for m in &members {
-        println!("  node {}: peers on {}, admin on {}, config {}", m.id, m.listen, m.admin, m.config.display());
+        println!(
+            "  node {}: peers on {}, admin on {}, config {}",
+            m.id,
+            m.listen,
+            m.admin.display(),
+            m.config.display()
+        );
     }
     if let Some(m) = members.first() {
         println!("try:");
-        println!("  echo 'Subject: hi' | tandem deliver --admin {} --mailbox alice@example.org/INBOX", m.admin);
-        println!("  tandem dump --admin {} --mailbox alice@example.org/INBOX", members[members.len() - 1].admin);
-        println!("  tandem status --admin {}", m.admin);
+        println!(
+            "  echo 'Subject: hi' | tandem deliver --admin {} --mailbox alice@example.org/INBOX",
+            m.admin.display()
+        );
+        println!(
+            "  tandem dump --admin {} --mailbox alice@example.org/INBOX",
+            members[members.len() - 1].admin.display()
+        );
+        println!("  tandem status --admin {}", m.admin.display());
     }
     println!("Ctrl-C stops the cluster.");
     let _ = tokio::signal::ctrl_c().await;

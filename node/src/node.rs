@@ -4,7 +4,7 @@
 //! reports back, so the core never hears "durable" before the fsync.
 
 use crate::admin::{self, AdminReply, AdminRequest};
-use crate::config::NodeConfig;
+use crate::config::{AdminListen, NodeConfig};
 use crate::metrics::Metrics;
 use crate::peer::{self, Agreed, LinkEvent, PeerStream};
 use crate::store::Store;
@@ -23,8 +23,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant as TokioInstant;
 use tracing::{debug, error, info, warn};
 
-/// Admin connections served at once; more wait in the kernel's backlog.
-const ADMIN_CONNECTIONS_MAX: usize = 64;
+/// An admin client has this long to send each line (an idle one cannot hold a slot).
+const ADMIN_LINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause after a failed accept (EMFILE): the error repeats until a descriptor is
+/// freed, and retrying at once spins a core.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -109,28 +112,29 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     spawn_store_thread(store, store_rx, events_tx.clone());
 
     let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
-    let admin_listener = TcpListener::bind(cfg.admin).await.map_err(|e| format!("admin on {}: {e}", cfg.admin))?;
+    let admin_listener = AdminListener::bind(&cfg.admin)?;
     let conn_ids = Arc::new(AtomicU64::new(1));
     tokio::spawn(accept_peers(peer_listener, cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
     for p in cfg.peers.iter().filter(|p| p.id > cfg.core.sid.0) {
         // The lower id dials: one connection per pair.
         tokio::spawn(dial_peer(p.clone(), cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
     }
-    tokio::spawn(serve_admin(admin_listener, events_tx.clone()));
+    tokio::spawn(serve_admin(admin_listener, events_tx.clone(), cfg.limits.admin_connections_max));
     let handle = NodeHandle { events: events_tx.clone() };
+    let front = crate::front::Front::new(&cfg);
     // The plain IMAP port (STARTTLS when a certificate is set) and the implicit-TLS one.
     for (addr, implicit_tls) in [(cfg.imap, false), (cfg.imaps, true)] {
         let Some(addr) = addr else { continue };
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("imap on {addr}: {e}"))?;
         info!(%addr, implicit_tls, "IMAP listening");
         let tls = cfg.mail_tls.clone().map(|t| t.0);
-        tokio::spawn(crate::imap::serve(listener, handle.clone(), cfg.users.clone(), tls, implicit_tls));
+        tokio::spawn(crate::imap::serve(listener, handle.clone(), front.clone(), tls, implicit_tls));
     }
     if let Some(addr) = cfg.lmtp {
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("lmtp on {addr}: {e}"))?;
         info!(%addr, "LMTP listening");
         let hostname = format!("tandem-{}", cfg.core.sid.0);
-        tokio::spawn(crate::lmtp::serve(listener, handle.clone(), cfg.users.clone(), hostname));
+        tokio::spawn(crate::lmtp::serve(listener, handle.clone(), front.clone(), hostname));
     }
     if let Some(addr) = cfg.metrics {
         let listener = TcpListener::bind(addr).await.map_err(|e| format!("metrics on {addr}: {e}"))?;
@@ -231,6 +235,14 @@ impl EventLoop {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Connected { agreed, conn, outgoing } => {
+                if let Some((old, _)) = self.links.get(&agreed.peer) {
+                    // One link per peer: a second authenticated HELLO while the first link
+                    // lives is refused (dropping `outgoing` closes it). A dead first link
+                    // is noticed by its keepalive and frees the slot.
+                    warn!(peer = agreed.peer.0, conn, live = *old, "a second link for a connected peer: refused");
+                    self.metrics.handshakes_refused += 1;
+                    return;
+                }
                 info!(peer = agreed.peer.0, conn, deflate = agreed.deflate, "link up");
                 self.links.insert(agreed.peer, (conn, outgoing));
                 self.input(Input::LinkUp { peer: agreed.peer });
@@ -455,7 +467,7 @@ async fn accept_peers(
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
         };
@@ -464,14 +476,28 @@ async fn accept_peers(
             let me = cfg.core.sid;
             let _ = tcp.set_nodelay(true);
             let handshake = async {
-                let mut stream: PeerStream = match &cfg.tls {
-                    None => Box::new(tcp),
-                    Some(tls) => Box::new(
-                        tls.acceptor.accept(tcp).await.map_err(|e| peer::Refused(format!("TLS handshake: {e}")))?,
-                    ),
+                let (mut stream, certificate): (PeerStream, _) = match &cfg.tls {
+                    None => (Box::new(tcp), None),
+                    Some(tls) => {
+                        let s =
+                            tls.acceptor.accept(tcp).await.map_err(|e| peer::Refused(format!("TLS handshake: {e}")))?;
+                        let cert =
+                            s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+                        if cert.is_none() {
+                            return Err(peer::Refused("no client certificate".into()));
+                        }
+                        (Box::new(s), cert)
+                    }
                 };
-                let agreed =
-                    peer::accept_handshake(&mut stream, me, &cfg.core.servers, &cfg.secret, cfg.compression).await?;
+                let agreed = peer::accept_handshake(
+                    &mut stream,
+                    me,
+                    &cfg.core.servers,
+                    &cfg.secret,
+                    cfg.compression,
+                    certificate.as_ref(),
+                )
+                .await?;
                 Ok::<_, peer::Refused>((stream, agreed))
             };
             let (stream, agreed) = match tokio::time::timeout(peer::HANDSHAKE_TIMEOUT, handshake).await {
@@ -540,60 +566,205 @@ async fn dial_peer(
     }
 }
 
-/// Accepts connections and runs `session` for each, at most `sessions_max` at once
-/// (more wait in the kernel's backlog).
-pub(crate) async fn serve_sessions<F, Fut>(listener: TcpListener, sessions_max: usize, mut session: F)
+/// Accepts connections and runs `session` for each. A connection over `connections_max`
+/// in all or `per_ip_max` from its address gets `refuse`'s line and is closed at once,
+/// so that the others are told rather than left waiting for a greeting.
+pub(crate) async fn serve_sessions<F, Fut>(listener: TcpListener, limits: SessionLimits, mut session: F)
 where
     F: FnMut(TcpStream, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(tokio::sync::Semaphore::new(sessions_max));
+    let counts = Arc::new(std::sync::Mutex::new(ConnectionCounts::default()));
     loop {
-        let Ok((stream, addr)) = listener.accept().await else { continue };
+        let (mut stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
         // Replies are small and a client may pipeline: without this, Nagle holds the
         // second reply until the client's delayed ACK (40 ms per pipelined command).
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let admitted = counts.lock().map(|mut c| c.admit(addr.ip(), &limits)).unwrap_or(false);
+        if !admitted {
+            let refuse = limits.refuse;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(refuse.as_bytes())).await;
+            });
+            continue;
+        }
         let work = session(stream, addr);
+        let counts = counts.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             work.await;
+            if let Ok(mut c) = counts.lock() {
+                c.release(addr.ip());
+            }
         });
     }
 }
 
-async fn serve_admin(listener: TcpListener, events: mpsc::Sender<Event>) {
-    serve_sessions(listener, ADMIN_CONNECTIONS_MAX, move |stream, _| {
-        let events = events.clone();
-        async move {
-            let (read, mut write) = stream.into_split();
-            let mut reader = BufReader::new(read.take(admin::REQUEST_LEN_MAX as u64));
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let reply = match serde_json::from_str::<AdminRequest>(&line) {
-                    Ok(request) => {
-                        let (tx, rx) = oneshot::channel();
-                        if events.send(Event::Admin { request, reply: tx }).await.is_err() {
-                            return;
-                        }
-                        rx.await.unwrap_or(AdminReply::Error { temporary: true, reason: "node stopping".into() })
-                    }
-                    Err(e) => AdminReply::Error { temporary: false, reason: format!("bad request: {e}") },
-                };
-                let Ok(mut text) = serde_json::to_string(&reply) else { return };
-                text.push('\n');
-                if write.write_all(text.as_bytes()).await.is_err() {
-                    return;
-                }
+/// Connection limits of one listener and the line a refused connection gets.
+#[derive(Clone, Copy)]
+pub(crate) struct SessionLimits {
+    pub connections_max: usize,
+    pub per_ip_max: usize,
+    pub refuse: &'static str,
+}
+
+#[derive(Default)]
+struct ConnectionCounts {
+    total: usize,
+    per_ip: BTreeMap<std::net::IpAddr, usize>,
+}
+
+impl ConnectionCounts {
+    fn admit(&mut self, ip: std::net::IpAddr, limits: &SessionLimits) -> bool {
+        let here = self.per_ip.get(&ip).copied().unwrap_or(0);
+        if self.total >= limits.connections_max || here >= limits.per_ip_max {
+            return false;
+        }
+        self.total += 1;
+        self.per_ip.insert(ip, here + 1);
+        true
+    }
+
+    fn release(&mut self, ip: std::net::IpAddr) {
+        self.total = self.total.saturating_sub(1);
+        match self.per_ip.get_mut(&ip) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.per_ip.remove(&ip);
             }
         }
-    })
-    .await
+    }
+}
+
+/// The admin listener: a Unix socket (mode 0600) or a TCP port with its token.
+enum AdminListener {
+    Unix(tokio::net::UnixListener),
+    Tcp(TcpListener, String),
+}
+
+impl AdminListener {
+    fn bind(place: &AdminListen) -> Result<AdminListener, String> {
+        match place {
+            AdminListen::Unix(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("admin socket dir {}: {e}", dir.display()))?;
+                }
+                // A socket left by a node that did not stop cleanly.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(path);
+                }
+                let listener = tokio::net::UnixListener::bind(path)
+                    .map_err(|e| format!("admin socket {}: {e}", path.display()))?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("admin socket {}: {e}", path.display()))?;
+                Ok(AdminListener::Unix(listener))
+            }
+            AdminListen::Tcp { addr, token } => {
+                if !addr.ip().is_loopback() {
+                    warn!(
+                        %addr,
+                        "the admin port listens beyond loopback: anyone who can reach it and learns the token \
+                         operates this node; prefer the Unix socket"
+                    );
+                }
+                let std = std::net::TcpListener::bind(addr).map_err(|e| format!("admin on {addr}: {e}"))?;
+                std.set_nonblocking(true).map_err(|e| format!("admin on {addr}: {e}"))?;
+                let listener = TcpListener::from_std(std).map_err(|e| format!("admin on {addr}: {e}"))?;
+                Ok(AdminListener::Tcp(listener, token.clone()))
+            }
+        }
+    }
+}
+
+async fn serve_admin(listener: AdminListener, events: mpsc::Sender<Event>, connections_max: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(connections_max));
+    loop {
+        let accepted: std::io::Result<(Box<dyn crate::peer::PeerIo>, Option<String>)> = match &listener {
+            AdminListener::Unix(l) => {
+                l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn crate::peer::PeerIo>, None))
+            }
+            AdminListener::Tcp(l, token) => {
+                l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn crate::peer::PeerIo>, Some(token.clone())))
+            }
+        };
+        let (mut stream, token) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let busy = AdminReply::Error { temporary: true, reason: "too many admin connections".into() };
+            tokio::spawn(async move {
+                if let Ok(text) = serde_json::to_string(&busy) {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(format!("{text}\n").as_bytes()))
+                            .await;
+                }
+            });
+            continue;
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            admin_session(stream, token, events).await;
+        });
+    }
+}
+
+async fn admin_session(stream: Box<dyn crate::peer::PeerIo>, token: Option<String>, events: mpsc::Sender<Event>) {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut reader = BufReader::new(read.take(admin::REQUEST_LEN_MAX as u64));
+    let mut line = String::new();
+    let mut authenticated = token.is_none();
+    loop {
+        line.clear();
+        match tokio::time::timeout(ADMIN_LINE_TIMEOUT, reader.read_line(&mut line)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
+        }
+        let reply = if admin::looks_like_http(&line) {
+            warn!("an HTTP request on the admin interface: refused");
+            Err("HTTP is not spoken here".to_string())
+        } else if !authenticated {
+            let presented = line.trim_end().strip_prefix("TOKEN ").unwrap_or_default();
+            if token.as_deref().is_some_and(|t| admin::token_matches(presented, t)) {
+                authenticated = true;
+                continue;
+            }
+            warn!("an admin connection without the right token: refused");
+            Err("send TOKEN <admin token> first".to_string())
+        } else {
+            Ok(match serde_json::from_str::<AdminRequest>(&line) {
+                Ok(request) => {
+                    let Some(reply) = ask(&events, |reply| Event::Admin { request, reply }).await else { return };
+                    reply
+                }
+                Err(e) => AdminReply::Error { temporary: false, reason: format!("bad request: {e}") },
+            })
+        };
+        let (reply, close) = match reply {
+            Ok(r) => (r, false),
+            Err(reason) => (AdminReply::Error { temporary: false, reason }, true),
+        };
+        let Ok(mut text) = serde_json::to_string(&reply) else { return };
+        text.push('\n');
+        if write.write_all(text.as_bytes()).await.is_err() || close {
+            return;
+        }
+    }
 }
 
 /// A minimal HTTP/1.0 responder: every GET gets the exposition.

@@ -30,6 +30,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
 pub const HANDSHAKE_LINE_MAX: usize = 512;
+/// A link with nothing to send sends an empty line this often, so that its peer can tell
+/// a quiet link from a dead one (a halted process, a silent middlebox, a cut cable).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// A link that brought nothing (not even a keepalive) for this long is closed; the core
+/// then routes around the peer and, if it was the root or a master, fails over.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(8);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Envelopes queued for one peer before the link is dropped as too slow (the core's
 /// replication log resends whatever was lost with it).
@@ -138,12 +144,16 @@ pub async fn dial_handshake(
 }
 
 /// Accepting side: any configured server but us may dial.
+///
+/// `certificate`, on a mutual-TLS link, is the dialer's certificate: it must name the
+/// server the dialer says it is (`tandem-<id>`), or one server's key could speak for all.
 pub async fn accept_handshake(
     stream: &mut PeerStream,
     me: Sid,
     servers: &[Sid],
     secret: &[u8],
     deflate: bool,
+    certificate: Option<&rustls::pki_types::CertificateDer<'static>>,
 ) -> Result<Agreed, Refused> {
     let result = async {
         let line = read_line(stream).await?;
@@ -154,6 +164,9 @@ pub async fn accept_handshake(
         };
         let peer = id.parse::<u32>().ok().map(Sid).filter(|s| *s != me && servers.contains(s));
         let Some(peer) = peer else { return Err(Refused(format!("server {id} is not in this cluster"))) };
+        if let Some(cert) = certificate {
+            crate::tls::check_names(cert, peer.0).map_err(Refused)?;
+        }
         if unhex(theirs).is_none_or(|n| n.len() != 16) {
             return Err(Refused("bad nonce".into()));
         }
@@ -229,6 +242,14 @@ impl Inflater {
     }
 }
 
+/// Past the empty lines (keepalives) at `start`, a command boundary.
+fn skip_keepalives(pending: &[u8], mut start: usize) -> usize {
+    while pending.get(start..start + 2) == Some(b"\r\n") {
+        start += 2;
+    }
+    start
+}
+
 /// What a connection reports to the node's event loop.
 pub enum LinkEvent {
     Received { peer: Sid, conn: u64, envelope: Envelope },
@@ -252,9 +273,14 @@ pub async fn run_link(
         let mut deflater = deflate.then(|| Deflater(Compress::new(Compression::fast(), false)));
         let mut plain = Vec::new();
         let mut packed = Vec::new();
-        while let Some(first) = outgoing.recv().await {
+        loop {
             plain.clear();
-            encoder.encode(&first, &mut plain);
+            match tokio::time::timeout(KEEPALIVE_INTERVAL, outgoing.recv()).await {
+                Ok(Some(first)) => encoder.encode(&first, &mut plain),
+                Ok(None) => break,
+                // Between commands an empty line is a keepalive (the reader skips it).
+                Err(_) => plain.extend_from_slice(b"\r\n"),
+            }
             // Pipelining: everything already queued goes out in the same write.
             while plain.len() < 1 << 20 {
                 match outgoing.try_recv() {
@@ -282,7 +308,10 @@ pub async fn run_link(
         let mut pending: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            let n = reader.read(&mut chunk).await.map_err(|e| format!("read failed: {e}"))?;
+            let n = tokio::time::timeout(DEAD_PEER_TIMEOUT, reader.read(&mut chunk))
+                .await
+                .map_err(|_| format!("nothing from the peer for {DEAD_PEER_TIMEOUT:?}: taken for dead"))?
+                .map_err(|e| format!("read failed: {e}"))?;
             if n == 0 {
                 return Err::<(), String>("the peer closed the connection".into());
             }
@@ -290,11 +319,11 @@ pub async fn run_link(
                 Some(i) => i.inflate(&chunk[..n], &mut pending)?,
                 None => pending.extend_from_slice(&chunk[..n]),
             }
-            let mut start = 0;
+            let mut start = skip_keepalives(&pending, 0);
             while let Some((envelope, used)) =
                 decoder.decode(&pending[start..]).map_err(|e| format!("bad bytes from the peer: {e}"))?
             {
-                start += used;
+                start = skip_keepalives(&pending, start + used);
                 if read_events.send(LinkEvent::Received { peer, conn, envelope }).await.is_err() {
                     return Err("the node is shutting down".into());
                 }

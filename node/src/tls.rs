@@ -25,6 +25,13 @@ pub fn server_name(id: u32) -> Result<ServerName<'static>, String> {
     ServerName::try_from(format!("tandem-{id}")).map_err(|e| format!("bad server name: {e}"))
 }
 
+/// Checks that a peer's certificate names `tandem-<id>` (its DNS SANs).
+pub fn check_names(cert: &CertificateDer<'static>, id: u32) -> Result<(), String> {
+    let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| format!("bad peer certificate: {e}"))?;
+    rustls::client::verify_server_name(&parsed, &server_name(id)?)
+        .map_err(|_| format!("the peer's certificate does not name tandem-{id}, the server it says it is"))
+}
+
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?

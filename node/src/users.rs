@@ -37,6 +37,17 @@ pub fn valid_name(name: &str) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     hashes: BTreeMap<String, String>,
+    /// Names with their domain lowercased, and names wholly lowercased, to the name.
+    by_domain_case: BTreeMap<String, String>,
+    by_any_case: BTreeMap<String, String>,
+}
+
+/// `local@domain` with the domain lowercased (domains never depend on case).
+fn fold_domain(name: &str) -> String {
+    match name.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+        None => name.to_string(),
+    }
 }
 
 impl Users {
@@ -54,7 +65,28 @@ impl Users {
                 return Err(format!("{}: user {:?} appears twice", path.display(), u.name));
             }
         }
-        Ok(Users { hashes })
+        let mut users = Users { hashes, ..Users::default() };
+        for name in users.hashes.keys() {
+            users.by_domain_case.entry(fold_domain(name)).or_insert_with(|| name.clone());
+            users.by_any_case.entry(name.to_ascii_lowercase()).or_insert_with(|| name.clone());
+        }
+        Ok(users)
+    }
+
+    /// The user an LMTP recipient names: the exact name, else the name with the domain
+    /// compared without case, else (with `ignore_case_local`) the whole address without
+    /// case.
+    pub fn recipient(&self, rcpt: &str, ignore_case_local: bool) -> Option<&str> {
+        if let Some((name, _)) = self.hashes.get_key_value(rcpt) {
+            return Some(name);
+        }
+        if let Some(name) = self.by_domain_case.get(&fold_domain(rcpt)) {
+            return Some(name);
+        }
+        if ignore_case_local {
+            return self.by_any_case.get(&rcpt.to_ascii_lowercase()).map(String::as_str);
+        }
+        None
     }
 
     pub fn exists(&self, name: &str) -> bool {
@@ -95,8 +127,26 @@ pub fn add_user(path: &Path, name: &str, password: &[u8]) -> Result<(), String> 
     file.user.push(UserEntry { name: name.to_string(), password: hash });
     let text = toml::to_string(&file).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    write_private(&tmp, text.as_bytes())?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes a file only its owner can read (mode 0600 from its creation on: hashes and
+/// secrets are never readable, not even for a moment).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // create_new with a mode is subject to the umask, which can only take bits away.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    file.sync_all().map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -116,5 +166,11 @@ mod tests {
         assert!(users.verify("bob@example.org", b"battery staple"));
         assert!(!users.verify("carol@example.org", b"battery staple"));
         assert!(add_user(&path, "bad/name", b"x").is_err());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(users.recipient("alice@EXAMPLE.org", false), Some("alice@example.org"));
+        assert_eq!(users.recipient("Alice@example.org", false), None);
+        assert_eq!(users.recipient("Alice@Example.ORG", true), Some("alice@example.org"));
+        assert_eq!(users.recipient("carol@example.org", true), None);
     }
 }

@@ -63,7 +63,7 @@ fn tandem_cluster_starts_a_usable_local_cluster() {
     let mut line = String::new();
     while admins.len() < 3 && out.read_line(&mut line).unwrap_or(0) > 0 {
         if let Some(rest) = line.split("admin on ").nth(1) {
-            admins.push(rest.split(',').next().unwrap().trim().parse::<std::net::SocketAddr>().unwrap());
+            admins.push(std::path::PathBuf::from(rest.split(',').next().unwrap().trim()));
         }
         line.clear();
     }
@@ -75,8 +75,8 @@ fn tandem_cluster_starts_a_usable_local_cluster() {
             String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let a1 = admins[0].to_string();
-    let a3 = admins[2].to_string();
+    let a1 = admins[0].display().to_string();
+    let a3 = admins[2].display().to_string();
     let mut saved = None;
     for _ in 0..100 {
         let body = dir.path().join("mail.eml");

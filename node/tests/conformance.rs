@@ -88,7 +88,7 @@ fn real(s: &Scenario) -> State {
                     flags: flags.iter().map(|f| f.as_str().to_string()).collect(),
                 };
                 mailboxes.insert(mailbox.to_string());
-                match harness::call(c.admin[idx(*server)], &request) {
+                match harness::call(&c.admin[idx(*server)], &request) {
                     Ok(AdminReply::Saved { guid, .. }) => {
                         if let Some(l) = label {
                             labels.insert(l.clone(), guid);
@@ -107,13 +107,13 @@ fn real(s: &Scenario) -> State {
                     add: add.iter().map(|f| f.as_str().to_string()).collect(),
                     remove: remove.iter().map(|f| f.as_str().to_string()).collect(),
                 };
-                let reply = harness::call(c.admin[i], &request);
+                let reply = harness::call(&c.admin[i], &request);
                 assert!(matches!(reply, Ok(AdminReply::Stored { .. })), "{}: store on {server}: {reply:?}", s.name);
             }
             Action::Expunge { server, mailbox, labels: which } => {
                 let i = idx(*server);
                 let uids = which.iter().filter_map(|l| uid_at(&c, i, &mailbox.to_string(), &labels[l])).collect();
-                let reply = harness::call(c.admin[i], &AdminRequest::Expunge { mailbox: mailbox.to_string(), uids });
+                let reply = harness::call(&c.admin[i], &AdminRequest::Expunge { mailbox: mailbox.to_string(), uids });
                 assert!(matches!(reply, Ok(AdminReply::Expunged { .. })), "{}: expunge on {server}: {reply:?}", s.name);
             }
             Action::Isolate { server } => c.isolate(idx(*server)),

@@ -103,24 +103,92 @@ pub fn envelope(msg: &[u8]) -> String {
     )
 }
 
+/// MIME nesting walked for BODYSTRUCTURE; deeper parts are shown as one opaque leaf
+/// (Dovecot stops at about 100 levels too). A message nests at most this deep for us.
+pub const MIME_DEPTH_MAX: usize = 100;
+/// MIME parts described for one message; the rest are left out of their multipart.
+pub const MIME_PARTS_MAX: usize = 10_000;
+
 /// BODYSTRUCTURE (non-extensible form plus nothing: BODY's layout, which clients accept
-/// for both).
+/// for both). The walk is iterative and bounded by [`MIME_DEPTH_MAX`] and
+/// [`MIME_PARTS_MAX`]: a sender chooses the nesting.
 pub fn bodystructure(msg: &[u8]) -> String {
     match MessageParser::default().parse(msg) {
-        Some(m) => structure_of(&m, m.root_part(), msg),
+        Some(m) => structure_of(&m, msg),
         None => format!("(\"TEXT\" \"PLAIN\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" {} 0)", msg.len()),
     }
 }
 
-fn structure_of(m: &mail_parser::Message<'_>, part: &MessagePart<'_>, raw: &[u8]) -> String {
+/// A multipart whose children are being described.
+struct Frame {
+    children: Vec<u32>,
+    next: usize,
+    subtype: String,
+    text: String,
+}
+
+fn structure_of(m: &mail_parser::Message<'_>, raw: &[u8]) -> String {
+    let mut parts_seen = 1usize;
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut current = Some(m.root_part());
+    loop {
+        // Describe `current` (a leaf) or open a frame for it (a multipart in bounds).
+        if let Some(part) = current.take() {
+            let children = match &part.body {
+                PartType::Multipart(c) if stack.len() + 1 < MIME_DEPTH_MAX => Some(c.clone()),
+                _ => None,
+            };
+            match children {
+                Some(children) => {
+                    stack.push(Frame { children, next: 0, subtype: subtype_of(part), text: String::from("(") })
+                }
+                None => {
+                    let leaf = leaf_structure(part, raw);
+                    match stack.last_mut() {
+                        Some(frame) => frame.text.push_str(&leaf),
+                        None => return leaf,
+                    }
+                }
+            }
+        }
+        let Some(frame) = stack.last_mut() else { return String::from("NIL") };
+        let next_child = frame.children.get(frame.next).and_then(|id| m.parts.get(*id as usize));
+        frame.next += 1;
+        match next_child {
+            Some(child) if parts_seen < MIME_PARTS_MAX => {
+                parts_seen += 1;
+                current = Some(child);
+            }
+            Some(_) => {}
+            None if frame.next <= frame.children.len() => {}
+            None => {
+                let Some(done) = stack.pop() else { return String::from("NIL") };
+                let mut text = done.text;
+                if text.len() == 1 {
+                    // A multipart needs a body: an empty one is shown as an empty text part.
+                    text.push_str("(\"TEXT\" \"PLAIN\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 0 0)");
+                }
+                text.push(' ');
+                text.push_str(&quoted_or_literal(done.subtype.as_bytes()));
+                text.push(')');
+                match stack.last_mut() {
+                    Some(parent) => parent.text.push_str(&text),
+                    None => return text,
+                }
+            }
+        }
+    }
+}
+
+fn subtype_of(part: &MessagePart<'_>) -> String {
+    part.content_type().and_then(|c| c.subtype()).map(|s| s.to_ascii_uppercase()).unwrap_or_else(|| "PLAIN".into())
+}
+
+/// A part described as one body (a multipart past the depth limit included).
+fn leaf_structure(part: &MessagePart<'_>, raw: &[u8]) -> String {
     let ctype = part.content_type();
     let main = ctype.map(|c| c.ctype().to_ascii_uppercase()).unwrap_or_else(|| "TEXT".into());
-    let sub = ctype.and_then(|c| c.subtype()).map(|s| s.to_ascii_uppercase()).unwrap_or_else(|| "PLAIN".into());
-    if let PartType::Multipart(children) = &part.body {
-        let inner: String =
-            children.iter().filter_map(|id| m.parts.get(*id as usize)).map(|p| structure_of(m, p, raw)).collect();
-        return format!("({inner} {})", quoted_or_literal(sub.as_bytes()));
-    }
+    let sub = subtype_of(part);
     let params = ctype
         .and_then(|c| c.attributes())
         .map(|attrs| {
@@ -186,5 +254,47 @@ Message-ID: <1@example.org>\r\nX-Long: a\r\n continued\r\n\r\nHello\r\nWorld\r\n
         assert!(b.starts_with("(\"TEXT\" \"PLAIN\""), "{b}");
         assert_eq!(part_bytes(MAIL, &[1]), Some(&b"Hello\r\nWorld\r\n"[..]));
         assert_eq!(part_bytes(MAIL, &[2]), None);
+    }
+
+    /// `depth` multiparts, each inside the one before, around one text part.
+    pub(crate) fn nested_multiparts(depth: usize) -> Vec<u8> {
+        let mut mail = b"From: a@example.org\r\nSubject: deep\r\nMIME-Version: 1.0\r\n".to_vec();
+        for i in 0..depth {
+            mail.extend_from_slice(
+                format!("Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n").as_bytes(),
+            );
+        }
+        mail.extend_from_slice(b"Content-Type: text/plain\r\n\r\nhello\r\n");
+        for i in (0..depth).rev() {
+            mail.extend_from_slice(format!("--b{i}--\r\n").as_bytes());
+        }
+        mail
+    }
+
+    #[test]
+    fn deep_nesting_is_cut_at_the_depth_limit_without_recursion() {
+        let mail = nested_multiparts(8000);
+        let started = std::time::Instant::now();
+        let b = bodystructure(&mail);
+        let depth = b.bytes().take_while(|c| *c == b'(').count();
+        assert!(depth <= MIME_DEPTH_MAX + 1, "{depth}");
+        assert!(depth >= 50, "{depth}");
+        assert_eq!(b.matches('(').count(), b.matches(')').count());
+        eprintln!("8000 levels: {} bytes of BODYSTRUCTURE in {:?}", b.len(), started.elapsed());
+        // A shallow multipart still shows every level.
+        let b = bodystructure(&nested_multiparts(3));
+        assert!(b.starts_with("((((\"TEXT\" \"PLAIN\""), "{b}");
+        assert!(b.ends_with(" \"MIXED\") \"MIXED\") \"MIXED\")"), "{b}");
+    }
+
+    #[test]
+    fn many_parts_are_capped() {
+        let mut mail = b"Content-Type: multipart/mixed; boundary=\"x\"\r\n\r\n".to_vec();
+        for _ in 0..(MIME_PARTS_MAX + 50) {
+            mail.extend_from_slice(b"--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n");
+        }
+        mail.extend_from_slice(b"--x--\r\n");
+        let b = bodystructure(&mail);
+        assert!(b.matches("\"PLAIN\"").count() < MIME_PARTS_MAX, "{}", b.matches("\"PLAIN\"").count());
     }
 }

@@ -1,8 +1,8 @@
 use super::mime;
 use super::wire::{astring, literal, quoted_or_literal};
-use crate::node::NodeHandle;
+use crate::front::{Front, LoginError, UserSession};
+use crate::node::{NodeHandle, SessionLimits};
 use crate::peer::PeerIo;
-use crate::users::Users;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
@@ -17,7 +17,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_codec::imap_types::status::StatusDataItemName;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
@@ -27,36 +27,43 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-/// The largest command, literals included (an APPEND of a 64 MiB message fits).
-const MESSAGE_SIZE_MAX: u32 = 65 * 1024 * 1024;
-const LITERAL_SIZE_MAX: u32 = 64 * 1024 * 1024;
+/// A failed login is answered after this long at least (the throttle adds more after
+/// repeated failures).
 const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
-/// Sessions served at once by one node.
-const SESSIONS_MAX: usize = 1024;
+/// The command text around literals in one command may add this much to the message.
+const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
 const CAPABILITIES: &str =
-    "IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
+    "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
 pub async fn serve(
     listener: TcpListener,
     node: NodeHandle,
-    users: Arc<Users>,
+    front: Front,
     tls: Option<TlsAcceptor>,
     implicit_tls: bool,
 ) {
-    crate::node::serve_sessions(listener, SESSIONS_MAX, move |tcp, addr| {
-        let (node, users, tls) = (node.clone(), users.clone(), tls.clone());
+    let limits = SessionLimits {
+        connections_max: front.limits.connections_max,
+        per_ip_max: front.limits.connections_per_ip_max,
+        refuse: "* BYE [UNAVAILABLE] too many connections, try again later\r\n",
+    };
+    crate::node::serve_sessions(listener, limits, move |tcp, addr| {
+        let (node, front, tls) = (node.clone(), front.clone(), tls.clone());
         async move {
+            let login_deadline = tokio::time::Instant::now() + Duration::from_secs(front.limits.login_timeout_s);
+            let _ = set_keepalive(&tcp);
             debug!(%addr, "IMAP session");
             let stream: Box<dyn PeerIo> = match (&tls, implicit_tls) {
-                (Some(acceptor), true) => match acceptor.accept(tcp).await {
-                    Ok(s) => Box::new(s),
-                    Err(e) => {
+                (Some(acceptor), true) => match tokio::time::timeout_at(login_deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
                         debug!(%addr, error = %e, "IMAPS handshake failed");
                         return;
                     }
+                    Err(_) => return,
                 },
                 _ => Box::new(tcp),
             };
@@ -64,7 +71,10 @@ pub async fn serve(
             let mut session = Session {
                 stream,
                 node,
-                users,
+                front,
+                peer_ip: addr.ip(),
+                login_deadline,
+                login: None,
                 user: None,
                 selected: None,
                 out: Vec::new(),
@@ -101,7 +111,12 @@ impl Selected {
 struct Session {
     stream: Box<dyn PeerIo>,
     node: NodeHandle,
-    users: Arc<Users>,
+    front: Front,
+    peer_ip: IpAddr,
+    /// Before login, every read must finish by then.
+    login_deadline: tokio::time::Instant,
+    /// Holds the session's place in the user's session count.
+    login: Option<UserSession>,
     user: Option<String>,
     selected: Option<Selected>,
     out: Vec<u8>,
@@ -135,9 +150,27 @@ impl Session {
         self.out.extend_from_slice(b"\r\n");
     }
 
+    /// Before login the login deadline applies; after it, the autologout time per read.
+    fn read_deadline(&self) -> tokio::time::Instant {
+        if self.user.is_none() {
+            self.login_deadline
+        } else {
+            tokio::time::Instant::now() + Duration::from_secs(self.front.limits.autologout_s)
+        }
+    }
+
     async fn read_more(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
         let mut buf = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let deadline = self.read_deadline();
+        let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+            Ok(n) => n.map_err(|e| e.to_string())?,
+            Err(_) => {
+                let why = if self.user.is_none() { "no login in time" } else { "autologout: idle too long" };
+                self.line(&format!("* BYE {why}"));
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+                return Err(why.into());
+            }
+        };
         if n == 0 {
             return Err("client closed the connection".into());
         }
@@ -146,31 +179,87 @@ impl Session {
     }
 
     fn capabilities(&self) -> String {
-        if self.starttls.is_some() && !self.secure { format!("{CAPABILITIES} STARTTLS") } else { CAPABILITIES.into() }
+        let mut caps = String::from(CAPABILITIES);
+        if self.starttls.is_some() && !self.secure {
+            caps.push_str(" STARTTLS");
+        }
+        if self.user.is_none() {
+            caps.push_str(if self.plaintext_refused() { " LOGINDISABLED" } else { " AUTH=PLAIN" });
+        }
+        caps
+    }
+
+    /// Passwords are not taken in the clear where TLS is on offer (RFC 3501's
+    /// LOGINDISABLED; Dovecot's disable_plaintext_auth), except from loopback, which
+    /// never crosses a network, or where the operator allows it.
+    fn plaintext_refused(&self) -> bool {
+        self.starttls.is_some() && !self.secure && !self.peer_ip.is_loopback() && !self.front.allow_plaintext_auth
+    }
+
+    /// The largest literal accepted now: a message after login, a few KiB before.
+    fn literal_len_max(&self) -> u32 {
+        let limits = &self.front.limits;
+        let max = if self.user.is_none() { limits.imap_prelogin_len_max } else { limits.message_size_max };
+        u32::try_from(max).unwrap_or(u32::MAX)
+    }
+
+    /// The longest command text between literals accepted now.
+    fn line_len_max(&self) -> usize {
+        let limits = &self.front.limits;
+        if self.user.is_none() { limits.imap_prelogin_len_max } else { limits.imap_line_len_max }
     }
 
     async fn run(&mut self) -> Result<()> {
         self.line(&format!("* OK [CAPABILITY {}] tandem IMAP ready", self.capabilities()));
         self.flush().await?;
-        let mut fragmentizer = Fragmentizer::new(MESSAGE_SIZE_MAX);
+        let mut fragmentizer = Fragmentizer::new(self.message_len_max());
+        // Where the current line of the current command began, and whether a literal's
+        // bytes are arriving (those count against the literal limit instead).
+        let mut line_start = 0usize;
+        let mut in_literal = false;
         loop {
             let Some(info) = fragmentizer.progress() else {
+                if !in_literal && fragmentizer.message_bytes().len().saturating_sub(line_start) > self.line_len_max() {
+                    // A line without end: answered and closed, as nothing after it can
+                    // be told apart from it.
+                    self.line("* BYE [LIMIT] command line too long");
+                    self.flush().await?;
+                    return Err("command line too long".into());
+                }
                 self.read_more(&mut fragmentizer).await?;
                 continue;
             };
+            match info {
+                FragmentInfo::Line { end, announcement, .. } => {
+                    line_start = end;
+                    in_literal = announcement.is_some();
+                }
+                FragmentInfo::Literal { end, .. } => {
+                    line_start = end;
+                    in_literal = false;
+                }
+            }
             if let FragmentInfo::Line { announcement: Some(LiteralAnnouncement { mode, length }), .. } = info {
-                if length > LITERAL_SIZE_MAX {
+                if length > self.literal_len_max() {
                     // Refused before a byte of it is read.
                     let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
+                    let limit = self.literal_len_max();
+                    let why = if self.user.is_none() { "before login" } else { "for this server" };
                     match tag {
-                        Some(tag) => self.line(&format!("{tag} BAD literal of {length} bytes is too large")),
-                        None => self.line("* BAD literal too large"),
+                        Some(tag) => self.line(&format!(
+                            "{tag} BAD [TOOBIG] a literal of {length} bytes is too large {why} (limit {limit})"
+                        )),
+                        None => self.line("* BAD [LIMIT] literal too large"),
                     }
                     self.flush().await?;
                     if mode == LiteralMode::NonSync {
+                        self.line("* BYE [LIMIT] an oversize non-synchronizing literal cannot be skipped");
+                        self.flush().await?;
                         return Err("oversize non-synchronizing literal".into());
                     }
                     fragmentizer.skip_message();
+                    line_start = 0;
+                    in_literal = false;
                     continue;
                 }
                 if mode == LiteralMode::Sync {
@@ -182,6 +271,8 @@ impl Session {
             if !fragmentizer.is_message_complete() {
                 continue;
             }
+            line_start = 0;
+            in_literal = false;
             let parsed = fragmentizer.decode_message(&CommandCodec::default()).map(|c| c.into_static());
             match parsed {
                 Ok(command) => {
@@ -233,7 +324,7 @@ impl Session {
                 self.line(&format!("{tag} OK begin TLS now"));
                 self.flush().await?;
                 // Nothing the client sent before the handshake may count after it.
-                *fragmentizer = Fragmentizer::new(MESSAGE_SIZE_MAX);
+                *fragmentizer = Fragmentizer::new(self.message_len_max());
                 let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
                 let tls = acceptor.accept(plain).await.map_err(|e| format!("STARTTLS handshake: {e}"))?;
                 self.stream = Box::new(tls);
@@ -249,6 +340,12 @@ impl Session {
             CommandBody::Id { .. } => {
                 self.line("* ID (\"name\" \"tandem\")");
                 Ok("ID done".into())
+            }
+            CommandBody::Login { .. } | CommandBody::Authenticate { .. } if authenticated => {
+                Err("BAD already logged in".into())
+            }
+            CommandBody::Login { .. } | CommandBody::Authenticate { .. } if self.plaintext_refused() => {
+                Err("NO [PRIVACYREQUIRED] use STARTTLS before sending a password".into())
             }
             CommandBody::Login { username, password } => {
                 let user = String::from_utf8_lossy(username.as_ref()).into_owned();
@@ -269,9 +366,13 @@ impl Session {
                         }
                     }
                 };
-                // authzid \0 authcid \0 password
+                // authzid \0 authcid \0 password; acting as another user (an authzid
+                // other than the authcid) is not something anyone may do here.
                 let fields: Vec<&[u8]> = data.split(|b| *b == 0).collect();
                 match fields.as_slice() {
+                    [authz, user, _] if !authz.is_empty() && authz != user => {
+                        Err("NO [AUTHORIZATIONFAILED] logging in as another user is not allowed".into())
+                    }
                     [_, user, password] => {
                         let user = String::from_utf8_lossy(user).into_owned();
                         self.login(&user, password).await
@@ -325,7 +426,11 @@ impl Session {
             CommandBody::Create { mailbox } => {
                 let name = mailbox_name(&mailbox);
                 let name = name.trim_end_matches('/').to_string();
-                if self.mailbox_exists(&name).await {
+                if let Err(e) = self.check_new_name(&name) {
+                    Err(e)
+                } else if let Err(e) = self.check_mailbox_count().await {
+                    Err(e)
+                } else if self.mailbox_exists(&name).await {
                     Err("NO [ALREADYEXISTS] that mailbox exists".into())
                 } else {
                     self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(&name) })
@@ -408,15 +513,55 @@ impl Session {
     }
 
     async fn login(&mut self, user: &str, password: &[u8]) -> Result<String> {
-        if self.users.verify(user, password) {
-            info!(user, "IMAP login");
-            self.user = Some(user.to_string());
-            Ok(format!("[CAPABILITY {}] logged in", self.capabilities()))
-        } else {
-            warn!(user, "IMAP login refused");
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            Err("NO [AUTHENTICATIONFAILED] wrong user name or password".into())
+        let started = tokio::time::Instant::now();
+        match self.front.login(self.peer_ip, user, password).await {
+            Ok(session) => {
+                info!(user, ip = %self.peer_ip, "IMAP login");
+                self.user = Some(user.to_string());
+                self.login = Some(session);
+                Ok(format!("[CAPABILITY {}] logged in", self.capabilities()))
+            }
+            Err(LoginError::Refused) => {
+                warn!(user, ip = %self.peer_ip, "IMAP login refused");
+                tokio::time::sleep_until(started + AUTH_FAILURE_DELAY).await;
+                Err("NO [AUTHENTICATIONFAILED] wrong user name or password".into())
+            }
+            Err(LoginError::TooManySessions) => {
+                warn!(user, ip = %self.peer_ip, "IMAP login over the user's session limit");
+                Err("NO [LIMIT] too many sessions for this user".into())
+            }
+            Err(LoginError::Unavailable) => Err("NO [UNAVAILABLE] the server is stopping".into()),
         }
+    }
+
+    /// The largest command the fragmentizer keeps: a message and its command text.
+    fn message_len_max(&self) -> u32 {
+        u32::try_from(self.front.limits.message_size_max).unwrap_or(u32::MAX).saturating_add(COMMAND_TEXT_SLACK)
+    }
+
+    /// A mailbox name a client may create: bounded in length and depth, and no empty
+    /// level (the core keys mailboxes by name; the peers' limits must never be met).
+    fn check_new_name(&self, name: &str) -> Result<()> {
+        let limits = &self.front.limits;
+        if name.len() > limits.mailbox_name_len_max {
+            return Err(format!("NO [LIMIT] mailbox names are at most {} bytes", limits.mailbox_name_len_max));
+        }
+        if name.split('/').count() > limits.mailbox_depth_max {
+            return Err(format!("NO [LIMIT] mailboxes nest at most {} levels", limits.mailbox_depth_max));
+        }
+        if name.is_empty() || name.split('/').any(str::is_empty) || name.chars().any(char::is_control) {
+            return Err("NO [CANNOT] not a valid mailbox name".into());
+        }
+        Ok(())
+    }
+
+    async fn check_mailbox_count(&self) -> Result<()> {
+        let user = self.user.clone().unwrap_or_default();
+        let count = self.node.mailboxes(&user).await.len();
+        if count >= self.front.limits.mailboxes_per_user_max {
+            return Err(format!("NO [LIMIT] at most {} mailboxes per user", self.front.limits.mailboxes_per_user_max));
+        }
+        Ok(())
     }
 
     fn key(&self, name: &str) -> MailboxKey {
@@ -465,6 +610,7 @@ impl Session {
     /// (for INBOX: emptied, as RFC 3501 says). Each step replicates; a failure midway
     /// leaves both mailboxes, never a lost message.
     async fn rename(&mut self, from: &str, to: &str) -> Result<String> {
+        self.check_new_name(to)?;
         if !self.mailbox_exists(from).await {
             return Err("NO [NONEXISTENT] no such mailbox".into());
         }
@@ -506,6 +652,9 @@ impl Session {
             self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name).collect();
         names.insert("INBOX".into());
         let full = format!("{reference}{pattern}");
+        if full.len() > 2 * self.front.limits.mailbox_name_len_max {
+            return Err("BAD [LIMIT] pattern too long".into());
+        }
         for n in names.iter().filter(|n| wildcard_match(&full, n)) {
             let children = names.iter().any(|c| c.starts_with(&format!("{n}/")));
             let attr = if children { "\\HasChildren" } else { "\\HasNoChildren" };
@@ -543,14 +692,12 @@ impl Session {
         if let Some((_, since, known)) = resync.filter(|r| r.0 == view.uidvalidity) {
             // What the client's cache lost: UIDs it may know that are gone, then every
             // message changed since its modseq.
-            let present: BTreeSet<Uid> = view.messages.iter().map(|m| m.uid).collect();
+            let present: Vec<Uid> = view.messages.iter().map(|m| m.uid).collect();
             let largest = view.uidnext.saturating_sub(1);
-            let gone: Vec<Uid> = (1..=largest)
-                .filter(|u| !present.contains(u))
-                .filter(|u| known.as_ref().is_none_or(|k| in_set(k, *u, largest)))
-                .collect();
+            let known = known.as_ref().map(|k| Intervals::new(k, largest)).unwrap_or_else(|| Intervals::all(largest));
+            let gone = known.absent(&present, largest);
             if !gone.is_empty() {
-                self.line(&format!("* VANISHED (EARLIER) {}", uid_set(&gone)));
+                self.line(&format!("* VANISHED (EARLIER) {}", range_set(&gone)));
             }
             for (i, m) in view.messages.iter().enumerate() {
                 if m.modseq > since {
@@ -666,6 +813,9 @@ impl Session {
         body: Vec<u8>,
     ) -> Result<String> {
         let flags = core_flags(flags)?;
+        if body.len() > self.front.limits.message_size_max {
+            return Err(format!("NO [TOOBIG] messages are at most {} bytes", self.front.limits.message_size_max));
+        }
         if !self.mailbox_exists(name).await {
             return Err("NO [TRYCREATE] no such mailbox".into());
         }
@@ -686,10 +836,11 @@ impl Session {
     fn resolve(&self, set: &SequenceSet, uid: bool) -> Vec<(usize, Uid)> {
         let Some(sel) = self.selected.as_ref() else { return Vec::new() };
         let largest = if uid { sel.uids.last().copied().unwrap_or(0) } else { sel.uids.len() as u32 };
+        let set = Intervals::new(set, largest);
         let mut out = Vec::new();
         for (i, u) in sel.uids.iter().enumerate() {
             let n = if uid { *u } else { i as u32 + 1 };
-            if in_set(set, n, largest) {
+            if set.contains(n) {
                 out.push((i + 1, *u));
             }
         }
@@ -740,10 +891,9 @@ impl Session {
             && let Some(sel) = self.selected.as_ref()
         {
             let largest = sel.uids.last().copied().unwrap_or(0);
-            let present: BTreeSet<Uid> = sel.uids.iter().copied().collect();
-            let gone: Vec<Uid> = (1..=largest).filter(|u| !present.contains(u) && in_set(set, *u, largest)).collect();
+            let gone = Intervals::new(set, largest).absent(&sel.uids, largest);
             if !gone.is_empty() {
-                self.line(&format!("* VANISHED (EARLIER) {}", uid_set(&gone)));
+                self.line(&format!("* VANISHED (EARLIER) {}", range_set(&gone)));
             }
         }
         let mut targets = self.resolve(set, uid);
@@ -984,11 +1134,12 @@ impl Session {
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         let largest_uid = sel.uids.last().copied().unwrap_or(0);
         let count = sel.uids.len() as u32;
+        let sets = SetCache::default();
         let mut hits = Vec::new();
         for (i, u) in sel.uids.iter().enumerate() {
             let Some(m) = sel.view.get(u) else { continue };
             let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
-            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, body, largest_uid, count };
+            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, body, largest_uid, count, sets: &sets };
             if criteria.iter().all(|k| matches(k, &cx)) {
                 hits.push(if uid { *u } else { i as u32 + 1 });
             }
@@ -1041,6 +1192,21 @@ struct Candidate<'a> {
     body: &'a [u8],
     largest_uid: Uid,
     count: u32,
+    sets: &'a SetCache,
+}
+
+/// The sequence sets of one SEARCH as [`Intervals`], built once per set and command, not
+/// once per message. Keyed by the set's address in the parsed command, which lives for
+/// the whole search.
+#[derive(Default)]
+struct SetCache(std::cell::RefCell<BTreeMap<usize, Intervals>>);
+
+impl SetCache {
+    fn contains(&self, set: &SequenceSet, largest: u32, n: u32) -> bool {
+        let key = set as *const SequenceSet as usize;
+        let mut cache = self.0.borrow_mut();
+        cache.entry(key).or_insert_with(|| Intervals::new(set, largest)).contains(n)
+    }
 }
 
 fn key_needs_body(k: &SearchKey<'_>) -> bool {
@@ -1067,9 +1233,11 @@ fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
     if needle.is_empty() {
         return true;
     }
+    // Two-way search: linear in the haystack, whatever the needle (a sliding window
+    // compare costs their product).
     let hay = hay.to_ascii_lowercase();
     let needle = needle.to_ascii_lowercase();
-    hay.windows(needle.len()).any(|w| w == needle.as_slice())
+    memchr::memmem::find(&hay, &needle).is_some()
 }
 
 fn header_value(body: &[u8], name: &str) -> Vec<u8> {
@@ -1090,8 +1258,8 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
         SearchKey::Not(k) => !matches(k, c),
         SearchKey::Or(a, b) => matches(a, c) || matches(b, c),
         SearchKey::All => true,
-        SearchKey::SequenceSet(set) => in_set(set, c.seq, c.count),
-        SearchKey::Uid(set) => in_set(set, c.uid, c.largest_uid),
+        SearchKey::SequenceSet(set) => c.sets.contains(set, c.count, c.seq),
+        SearchKey::Uid(set) => c.sets.contains(set, c.largest_uid, c.uid),
         SearchKey::Answered => flag("\\Answered"),
         SearchKey::Unanswered => !flag("\\Answered"),
         SearchKey::Deleted => flag("\\Deleted"),
@@ -1132,18 +1300,78 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
     }
 }
 
-fn in_set(set: &SequenceSet, n: u32, largest: u32) -> bool {
-    let value = |s: &SeqOrUid| match s {
-        SeqOrUid::Value(v) => v.get(),
-        SeqOrUid::Asterisk => largest.max(1),
-    };
-    set.0.as_ref().iter().any(|seq| match seq {
-        Sequence::Single(s) => value(s) == n,
-        Sequence::Range(a, b) => {
-            let (lo, hi) = (value(a).min(value(b)), value(a).max(value(b)));
-            (lo..=hi).contains(&n)
+/// A sequence set as sorted, disjoint, inclusive ranges: membership costs a binary
+/// search, however many elements the client wrote (a set of 200,000 ranges against
+/// every message of a mailbox would otherwise cost their product).
+struct Intervals(Vec<(u32, u32)>);
+
+impl Intervals {
+    /// `*` stands for `largest` (or 1 in an empty mailbox).
+    fn new(set: &SequenceSet, largest: u32) -> Intervals {
+        let value = |s: &SeqOrUid| match s {
+            SeqOrUid::Value(v) => v.get(),
+            SeqOrUid::Asterisk => largest.max(1),
+        };
+        let mut ranges: Vec<(u32, u32)> = set
+            .0
+            .as_ref()
+            .iter()
+            .map(|seq| match seq {
+                Sequence::Single(s) => (value(s), value(s)),
+                Sequence::Range(a, b) => (value(a).min(value(b)), value(a).max(value(b))),
+            })
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
         }
-    })
+        Intervals(merged)
+    }
+
+    fn all(largest: u32) -> Intervals {
+        Intervals(if largest == 0 { Vec::new() } else { vec![(1, largest)] })
+    }
+
+    fn contains(&self, n: u32) -> bool {
+        let i = self.0.partition_point(|r| r.1 < n);
+        self.0.get(i).is_some_and(|r| r.0 <= n)
+    }
+
+    /// The numbers in these ranges, up to `largest`, that are not in `present` (sorted),
+    /// as ranges: linear in ranges plus present, not in the numbers covered.
+    fn absent(&self, present: &[u32], largest: u32) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.0 {
+            let hi = hi.min(largest);
+            if lo > hi {
+                continue;
+            }
+            // u64: the number after u32::MAX must not wrap to it.
+            let mut next = u64::from(lo);
+            let start = present.partition_point(|u| *u < lo);
+            for &u in present[start..].iter().take_while(|u| **u <= hi) {
+                if u64::from(u) > next {
+                    out.push((next as u32, u - 1));
+                }
+                next = u64::from(u) + 1;
+            }
+            if next <= u64::from(hi) {
+                out.push((next as u32, hi));
+            }
+        }
+        out
+    }
+}
+
+/// Ranges as an IMAP set: 1:3,7,9:10.
+fn range_set(ranges: &[(u32, u32)]) -> String {
+    let parts: Vec<String> =
+        ranges.iter().map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}:{hi}") }).collect();
+    parts.join(",")
 }
 
 /// The FETCH items `fetch_item` answers.
@@ -1235,17 +1463,41 @@ fn mailbox_name(m: &Mailbox<'_>) -> String {
     }
 }
 
-/// IMAP LIST wildcards: `*` matches anything, `%` anything but the delimiter.
+/// IMAP LIST wildcards: `*` matches anything, `%` anything but the delimiter. One pass
+/// per pattern byte over the set of name positions reachable so far: O(pattern x name),
+/// never the exponential backtracking a recursive matcher does on `*a*a*a*...b`.
 fn wildcard_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
-            Some((b'%', rest)) => (0..=n.len()).take_while(|i| *i == 0 || n[i - 1] != b'/').any(|i| go(rest, &n[i..])),
-            Some((c, rest)) => n.split_first().is_some_and(|(d, nr)| c.eq_ignore_ascii_case(d) && go(rest, nr)),
+    let name = name.as_bytes();
+    // reachable[i]: the pattern so far can match name[..i].
+    let mut reachable = vec![false; name.len() + 1];
+    reachable[0] = true;
+    let mut next = vec![false; name.len() + 1];
+    for &p in pattern.as_bytes() {
+        next.iter_mut().for_each(|x| *x = false);
+        match p {
+            b'*' | b'%' => {
+                let mut open = false;
+                for i in 0..=name.len() {
+                    open |= reachable[i];
+                    next[i] = open;
+                    // `%` cannot run across a hierarchy delimiter.
+                    if p == b'%' && name.get(i) == Some(&b'/') {
+                        open = false;
+                    }
+                }
+            }
+            c => {
+                for i in 0..name.len() {
+                    next[i + 1] = reachable[i] && name[i].eq_ignore_ascii_case(&c);
+                }
+            }
+        }
+        std::mem::swap(&mut reachable, &mut next);
+        if !reachable.iter().any(|x| *x) {
+            return false;
         }
     }
-    go(pattern.as_bytes(), name.as_bytes())
+    reachable[name.len()]
 }
 
 /// Sorted UIDs as an IMAP set with ranges: 1:3,7,9:10.
@@ -1291,6 +1543,14 @@ fn describe(reply: &ClientReply) -> String {
     }
 }
 
+/// TCP keepalive: a client that vanished without a FIN (IDLE waits without a timeout)
+/// is noticed within minutes, not hours.
+fn set_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(120)).with_interval(Duration::from_secs(30));
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1303,13 +1563,31 @@ mod tests {
         assert!(wildcard_match("Archive/%", "Archive/2024"));
         assert!(wildcard_match("inbox", "INBOX"));
         assert!(!wildcard_match("Sent", "Sent Items"));
+        assert!(wildcard_match("A%/%", "a/b") && !wildcard_match("%", "a/") && wildcard_match("%/", "a/"));
+        assert!(wildcard_match("*b", "a/b") && wildcard_match("a*b*", "ab") && !wildcard_match("a*c", "ab"));
+        // Exponential for a backtracking matcher: here one pass per pattern byte.
+        let name = "a".repeat(60);
+        let pattern = format!("{}b", "*a".repeat(200));
+        assert!(!wildcard_match(&pattern, &name));
     }
 
     #[test]
     fn sets_with_asterisk() {
         let set: SequenceSet = "2:*".parse().unwrap();
-        assert!(in_set(&set, 5, 5) && in_set(&set, 2, 5) && !in_set(&set, 1, 5));
+        let i = Intervals::new(&set, 5);
+        assert!(i.contains(5) && i.contains(2) && !i.contains(1) && !i.contains(6));
         let set: SequenceSet = "*".parse().unwrap();
-        assert!(in_set(&set, 7, 7) && !in_set(&set, 6, 7));
+        let i = Intervals::new(&set, 7);
+        assert!(i.contains(7) && !i.contains(6));
+        let set: SequenceSet = "9,1:3,2:5,20:*".parse().unwrap();
+        let i = Intervals::new(&set, 4_000_000_000);
+        assert_eq!(i.0, vec![(1, 5), (9, 9), (20, 4_000_000_000)]);
+        assert_eq!(
+            i.absent(&[2, 3, 9, 25, 4_000_000_000], 4_000_000_000),
+            vec![(1, 1), (4, 5), (20, 24), (26, 3_999_999_999)]
+        );
+        assert_eq!(range_set(&i.absent(&[], 3)), "1:3");
+        let set: SequenceSet = "1:*".parse().unwrap();
+        assert_eq!(Intervals::new(&set, u32::MAX).absent(&[u32::MAX], u32::MAX), vec![(1, u32::MAX - 1)]);
     }
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_node::admin::{AdminReply, AdminRequest, Dump, Status};
+use tandem_node::admin::{AdminAddr, AdminReply, AdminRequest, Dump, Status};
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 
@@ -72,7 +72,8 @@ impl Proxy {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub listen: Vec<SocketAddr>,
-    pub admin: Vec<SocketAddr>,
+    /// Each node's admin socket (data-N/admin.sock).
+    pub admin: Vec<AdminAddr>,
     /// (dialer index, acceptor index) -> proxy; the lower id dials.
     pub proxies: BTreeMap<(usize, usize), Proxy>,
     procs: Vec<Option<Child>>,
@@ -103,9 +104,10 @@ impl Cluster {
     /// Like `start`, with lines for node `i`'s config from `per_node(i)`.
     pub fn start_with(n: usize, extra: &str, per_node: impl Fn(usize) -> String) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+        write_private(&dir.path().join("secret"), SECRET);
         let listen: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
-        let admin: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let admin: Vec<AdminAddr> =
+            (0..n).map(|i| AdminAddr::Unix(dir.path().join(format!("data-{}", i + 1)).join("admin.sock"))).collect();
         let mut proxies = BTreeMap::new();
         for i in 0..n {
             for (j, upstream) in listen.iter().enumerate().skip(i + 1) {
@@ -115,10 +117,9 @@ impl Cluster {
         let mut configs = Vec::new();
         for i in 0..n {
             let mut text = format!(
-                "id = {}\nlisten = \"{}\"\nadmin = \"{}\"\ndata_dir = \"data-{}\"\nsecret_file = \"secret\"\nrequest_timeout_ms = 3000\n{extra}\n{}\n",
+                "id = {}\nlisten = \"{}\"\ndata_dir = \"data-{}\"\nsecret_file = \"secret\"\nrequest_timeout_ms = 3000\n{extra}\n{}\n",
                 i + 1,
                 listen[i],
-                admin[i],
                 i + 1,
                 per_node(i)
             );
@@ -182,7 +183,7 @@ impl Cluster {
     pub fn wait_up(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if call(self.admin[i], &AdminRequest::Status).is_ok() {
+            if call(&self.admin[i], &AdminRequest::Status).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -218,7 +219,7 @@ impl Cluster {
     }
 
     pub fn status(&self, i: usize) -> Status {
-        match call(self.admin[i], &AdminRequest::Status) {
+        match call(&self.admin[i], &AdminRequest::Status) {
             Ok(AdminReply::Status(s)) => s,
             other => panic!("status of node {}: {other:?}", i + 1),
         }
@@ -226,7 +227,7 @@ impl Cluster {
 
     /// The mailbox as node `i` shows it; a mailbox it does not have yet is empty.
     pub fn dump(&self, i: usize, mailbox: &str) -> Dump {
-        match call(self.admin[i], &AdminRequest::Dump { mailbox: mailbox.into() }) {
+        match call(&self.admin[i], &AdminRequest::Dump { mailbox: mailbox.into() }) {
             Ok(AdminReply::Dump(d)) => d,
             Ok(AdminReply::Error { reason, .. }) if reason.starts_with("no mailbox") => {
                 Dump { mailbox: mailbox.into(), uidvalidity: 0, uidnext: 0, highest_modseq: 0, messages: vec![] }
@@ -238,7 +239,7 @@ impl Cluster {
     /// Delivers; Ok((uid, guid)) when the node acknowledged the save.
     pub fn deliver(&self, i: usize, mailbox: &str, body: &str) -> Result<(u32, String), String> {
         let request = AdminRequest::Deliver { mailbox: mailbox.into(), body: body.into(), flags: vec![] };
-        match call(self.admin[i], &request)? {
+        match call(&self.admin[i], &request)? {
             AdminReply::Saved { uid, guid, .. } => Ok((uid, guid)),
             other => Err(format!("{other:?}")),
         }
@@ -274,8 +275,15 @@ impl Drop for Cluster {
 }
 
 /// One admin request over a fresh connection.
-pub fn call(addr: SocketAddr, request: &AdminRequest) -> Result<AdminReply, String> {
+pub fn call(addr: &AdminAddr, request: &AdminRequest) -> Result<AdminReply, String> {
     tandem_node::admin::call_blocking(addr, request, Duration::from_secs(30))
+}
+
+/// Writes a file with mode 0600 (the node refuses a secret others can read).
+pub fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// Polls `check` for up to 10 s (a log line may land just after the socket closed).
