@@ -295,3 +295,76 @@ fn absurd_numbers_from_a_peer_are_refused() {
     assert_eq!(h.mailbox(S1).messages.len(), 4);
     assert_eq!(h.mailbox(S2).messages.len(), 4);
 }
+
+/// Sizes `limits::UIDS_PER_CHANGE_MAX`: a maximal R-STORE, R-EXPUNGE and forwarded
+/// STORE (largest numbers, longest mailbox name, most and longest flags) stay within
+/// 80% of a line; the codec refuses, and writes nothing for, one that does not fit.
+#[test]
+fn maximal_parts_fit_a_line() {
+    let n = limits::UIDS_PER_CHANGE_MAX;
+    let mailbox =
+        MailboxKey::new(&"u".repeat(limits::USER_LEN_MAX), &"\u{e9}".repeat(limits::MAILBOX_NAME_LEN_MAX / 2));
+    let flags: Vec<Flag> = (0..limits::FLAGS_PER_REQUEST_MAX)
+        .map(|i| Flag::new(&format!("{i:0>width$}", width = types::FLAG_LEN_MAX)).unwrap())
+        .collect();
+    let messages: Vec<(Uid, Guid)> = (0..n).map(|_| (u32::MAX, Guid(u128::MAX))).collect();
+    let tombstone = Tombstone { uid: u32::MAX, guid: Guid(u128::MAX), modseq: u64::MAX, expunged: false };
+    let msgs = [
+        Msg::Change {
+            seq: u64::MAX,
+            change: Change::Store {
+                mailbox: mailbox.clone(),
+                uidvalidity: u32::MAX,
+                stamp: Stamp { modseq: u64::MAX, sid: Sid(u32::MAX) },
+                messages: messages.clone(),
+                add: flags.clone(),
+                remove: flags.clone(),
+            },
+        },
+        Msg::Change {
+            seq: u64::MAX,
+            change: Change::Expunge { mailbox: mailbox.clone(), uidvalidity: u32::MAX, tombstones: vec![tombstone; n] },
+        },
+        Msg::Request {
+            tag: u64::MAX,
+            request: WriteRequest::Store {
+                mailbox: mailbox.clone(),
+                messages: messages.clone(),
+                add: flags.clone(),
+                remove: flags.clone(),
+                unchanged_since: Some(u64::MAX),
+                known_modseq: u64::MAX,
+            },
+        },
+    ];
+    for msg in msgs {
+        let env = Envelope { src: Sid(u32::MAX), dst: Sid(u32::MAX), hops: msg::HOPS_MAX, msg };
+        let mut bytes = Vec::new();
+        Encoder::new().try_encode(&env, &mut bytes).expect("a maximal part fits");
+        let longest = bytes.split(|b| *b == b'\n').map(|l| l.len()).max().unwrap_or(0);
+        eprintln!("maximal {}: {longest} bytes", env.msg.name());
+        assert!(longest <= LINE_LEN_MAX * 8 / 10, "{} takes {longest} bytes", env.msg.name());
+        assert!(matches!(Decoder::new().decode(&bytes), Ok(Some(_))));
+    }
+    // Twice the parts: refused, nothing written, and the encoder still in step.
+    let mut enc = Encoder::new();
+    let mut dec = Decoder::new();
+    let too_big = Envelope {
+        src: S1,
+        dst: S2,
+        hops: 0,
+        msg: Msg::Change {
+            seq: 1,
+            change: Change::Expunge { mailbox: mailbox.clone(), uidvalidity: 1, tombstones: vec![tombstone; 2 * n] },
+        },
+    };
+    let mut bytes = Vec::new();
+    assert!(enc.try_encode(&too_big, &mut bytes).is_err());
+    assert!(bytes.is_empty());
+    let small = Envelope {
+        msg: Msg::Change { seq: 2, change: Change::Expunge { mailbox, uidvalidity: 1, tombstones: vec![tombstone] } },
+        ..too_big
+    };
+    enc.encode(&small, &mut bytes);
+    assert_eq!(dec.decode(&bytes).expect("decodes").map(|(e, _)| e), Some(small));
+}
