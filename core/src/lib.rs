@@ -9,6 +9,7 @@
 pub mod bugs;
 pub mod hash;
 pub mod io;
+pub mod limits;
 pub mod mailbox;
 pub mod marks;
 pub mod msg;

@@ -420,7 +420,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     if same_validity {
         out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
     }
-    let modseq = m.highest_modseq.max(foreign.highest_modseq) + 1;
+    let modseq = m.highest_modseq.max(foreign.highest_modseq).saturating_add(1);
     // Messages that must move to a new UID: (old uid, guid, record to move).
     let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
     // Messages a client expunged (here or on a copy we merged before).

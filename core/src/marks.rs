@@ -19,10 +19,16 @@ pub enum Mark {
     SyncModeTemporaryFailure,
     ReplicaConflictRefused,
     StaleStoreCorrected,
+    /// A peer message with a number out of range (or a mailbox beyond the limits) was
+    /// dropped at receipt.
+    PeerInputRefused,
+    /// A logged change could not be encoded within the wire limits: dropped, and the
+    /// mailbox marked for full SYNC with that peer.
+    UnsendableChange,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 14] = [
+    pub const ALL: [Mark; 16] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -37,6 +43,8 @@ impl Mark {
         Mark::SyncModeTemporaryFailure,
         Mark::ReplicaConflictRefused,
         Mark::StaleStoreCorrected,
+        Mark::PeerInputRefused,
+        Mark::UnsendableChange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +63,8 @@ impl Mark {
             Mark::SyncModeTemporaryFailure => "sync_mode_temporary_failure",
             Mark::ReplicaConflictRefused => "replica_conflict_refused",
             Mark::StaleStoreCorrected => "stale_store_corrected",
+            Mark::PeerInputRefused => "peer_input_refused",
+            Mark::UnsendableChange => "unsendable_change",
         }
     }
 

@@ -90,14 +90,46 @@ impl Encoder {
     }
 
     /// Appends the bytes of one envelope (binding lines first if needed) to `out`.
+    /// An envelope the peer's [`Decoder`] would refuse (see [`Encoder::try_encode`]) is
+    /// not written at all: the protocol recovers from a lost message, not from a link
+    /// that drops on every attempt to send one. The core never asks for such a thing.
     pub fn encode(&mut self, env: &Envelope, out: &mut Vec<u8>) {
+        let _ = self.try_encode(env, out);
+    }
+
+    /// Appends the bytes of one envelope to `out`, or refuses (appending nothing and
+    /// binding nothing) when a line of it would pass [`LINE_LEN_MAX`] or a list
+    /// [`LIST_LEN_MAX`], so that the encoder never emits what the decoder refuses.
+    pub fn try_encode(&mut self, env: &Envelope, out: &mut Vec<u8>) -> Result<(), Error> {
+        let evict_next = self.evict_next;
         let mut w = Writer::new(self);
         w.atom(&format!("{}.{}.{}", env.src, env.dst, env.hops));
         write_msg(&mut w, &env.msg);
-        let Writer { line, bindings, .. } = w;
+        let Writer { line, bindings, body_bytes, list_max, binding_max, undo, .. } = w;
+        let too_large = if line.len().saturating_sub(body_bytes) > LINE_LEN_MAX || binding_max > LINE_LEN_MAX {
+            Some(Error::TooLarge { what: "command text", limit: LINE_LEN_MAX })
+        } else if list_max > LIST_LEN_MAX {
+            Some(Error::TooLarge { what: "list", limit: LIST_LEN_MAX })
+        } else {
+            None
+        };
+        if let Some(e) = too_large {
+            // Forget the bindings this command made: the peer never sees them.
+            for (id, key, old) in undo.into_iter().rev() {
+                self.ids.remove(&key);
+                self.keys.remove(&id);
+                if let Some(old) = old {
+                    self.keys.insert(id, old.clone());
+                    self.ids.insert(old, id);
+                }
+            }
+            self.evict_next = evict_next;
+            return Err(e);
+        }
         out.extend_from_slice(&bindings);
         out.extend_from_slice(&line);
         out.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     fn ids_max(&self) -> u32 {
@@ -106,15 +138,24 @@ impl Encoder {
 
     /// The id of `key`; binds one first (appending its line to `bindings`) when the peer
     /// does not know `key`. `used` holds the ids the current command already refers to.
-    fn id_of(&mut self, key: &MailboxKey, used: &mut BTreeSet<u32>, bindings: &mut Vec<u8>) -> u32 {
+    /// Each new binding is pushed on `undo` as (id, key, the key it replaced).
+    fn id_of(
+        &mut self,
+        key: &MailboxKey,
+        used: &mut BTreeSet<u32>,
+        bindings: &mut Vec<u8>,
+        undo: &mut Vec<(u32, MailboxKey, Option<MailboxKey>)>,
+    ) -> u32 {
         if let Some(&id) = self.ids.get(key) {
             used.insert(id);
             return id;
         }
         let id = self.unused_id(used);
-        if let Some(old) = self.keys.insert(id, key.clone()) {
-            self.ids.remove(&old);
+        let old = self.keys.insert(id, key.clone());
+        if let Some(old) = &old {
+            self.ids.remove(old);
         }
+        undo.push((id, key.clone(), old));
         self.ids.insert(key.clone(), id);
         used.insert(id);
         bindings.extend_from_slice(format!("* MBOX {id} ").as_bytes());
@@ -180,11 +221,28 @@ struct Writer<'e> {
     used: BTreeSet<u32>,
     /// At the start of the command or right after `(`: no space before the next token.
     fresh: bool,
+    /// Bytes of message bodies in `line` (they do not count against [`LINE_LEN_MAX`]).
+    body_bytes: usize,
+    /// The longest list and the longest binding line written.
+    list_max: usize,
+    binding_max: usize,
+    /// Bindings made for this command, to forget if it is refused.
+    undo: Vec<(u32, MailboxKey, Option<MailboxKey>)>,
 }
 
 impl<'e> Writer<'e> {
     fn new(enc: &'e mut Encoder) -> Self {
-        Writer { enc, line: Vec::new(), bindings: Vec::new(), used: BTreeSet::new(), fresh: true }
+        Writer {
+            enc,
+            line: Vec::new(),
+            bindings: Vec::new(),
+            used: BTreeSet::new(),
+            fresh: true,
+            body_bytes: 0,
+            list_max: 0,
+            binding_max: 0,
+            undo: Vec::new(),
+        }
     }
 
     fn sep(&mut self) {
@@ -225,11 +283,14 @@ impl<'e> Writer<'e> {
     fn body(&mut self, body: &[u8]) -> &mut Self {
         self.sep();
         put_literal(&mut self.line, body);
+        self.body_bytes += body.len();
         self
     }
 
     fn mailbox(&mut self, key: &MailboxKey) -> &mut Self {
-        let id = self.enc.id_of(key, &mut self.used, &mut self.bindings);
+        let before = self.bindings.len();
+        let id = self.enc.id_of(key, &mut self.used, &mut self.bindings, &mut self.undo);
+        self.binding_max = self.binding_max.max((self.bindings.len() - before).saturating_sub(2));
         self.num(id)
     }
 
@@ -248,9 +309,12 @@ impl<'e> Writer<'e> {
         self.sep();
         self.line.push(b'(');
         self.fresh = true;
+        let mut n = 0;
         for item in items {
             f(self, item);
+            n += 1;
         }
+        self.list_max = self.list_max.max(n);
         self.line.push(b')');
         self.fresh = false;
         self
@@ -318,6 +382,12 @@ impl Decoder {
             Err(Stop::Bad(e)) => Err(e),
         }
     }
+}
+
+/// Whether `env` can be encoded within the decoder's limits (with a fresh encoder: a
+/// binding line, if needed, is checked too).
+pub fn fits(env: &Envelope) -> bool {
+    Encoder::new().try_encode(env, &mut Vec::new()).is_ok()
 }
 
 /// Convenience for tests and the simulator's wire switch: encodes with a fresh pair and

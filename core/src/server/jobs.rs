@@ -22,6 +22,10 @@ pub enum Origin {
     },
     /// The server itself (a message file found in the store).
     Internal,
+    /// A part of a request too large to forward as one command (see `split_job`).
+    Part {
+        parent: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +54,12 @@ pub enum JobState {
     /// A COPY at the master, waiting for the body.
     WaitingBody {
         guid: Guid,
+    },
+    /// Forwarded in parts (jobs whose origin is `Origin::Part` of this one): `left`
+    /// parts have not answered; `result` joins the answers so far.
+    Split {
+        left: usize,
+        result: Option<WriteResult>,
     },
 }
 
@@ -215,6 +225,12 @@ impl Server {
             self.lookup_master(&key);
             return;
         };
+        if let Some(JobKind::Write(request)) = self.jobs.get(&tag).map(|j| &j.kind)
+            && request_len(request) > crate::limits::UIDS_PER_CHANGE_MAX
+        {
+            self.split_job(tag);
+            return;
+        }
         let Some(job) = self.jobs.get_mut(&tag) else { return };
         match job.kind.clone() {
             JobKind::Write(request) => {
@@ -376,6 +392,39 @@ impl Server {
             Origin::Client(id) => self.push_reply(id, ClientReply::Write(result)),
             Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result, record }),
             Origin::Internal => {}
+            Origin::Part { parent } => self.on_part_answer(parent, result),
+        }
+    }
+
+    /// A STORE or EXPUNGE naming more messages than one forwarded command may carry goes
+    /// to the master as several requests; the origin is answered once, when all have.
+    fn split_job(&mut self, tag: u64) {
+        let Some(job) = self.jobs.get_mut(&tag) else { return };
+        let JobKind::Write(request) = &job.kind else { return };
+        let parts = split_request(request);
+        job.state = JobState::Split { left: parts.len(), result: None };
+        let (key, deadline) = (job.key.clone(), job.deadline);
+        for part in parts {
+            let origin = Origin::Part { parent: tag };
+            let child = Job { origin, kind: JobKind::Write(part), key: key.clone(), state: JobState::Queued, deadline };
+            self.start_job(child);
+        }
+    }
+
+    fn on_part_answer(&mut self, parent: u64, result: WriteResult) {
+        let Some(job) = self.jobs.get_mut(&parent) else { return };
+        let JobState::Split { left, result: joined } = &mut job.state else { return };
+        *joined = Some(match joined.take() {
+            None => result,
+            Some(prev) => join_results(prev, result),
+        });
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return;
+        }
+        let Some(job) = self.jobs.remove(&parent) else { return };
+        if let JobState::Split { result: Some(result), .. } = job.state {
+            self.answer(job.origin, None, result, None);
         }
     }
 
@@ -385,6 +434,7 @@ impl Server {
         for tag in expired {
             let Some(job) = self.jobs.remove(&tag) else { continue };
             self.ack_waiters.retain(|_, t| *t != tag);
+            self.parts_left.retain(|(t, _), _| *t != tag);
             let reason = match &job.state {
                 JobState::Replicating { .. } => {
                     self.marks.hit(Mark::SyncModeTemporaryFailure);
@@ -393,6 +443,7 @@ impl Server {
                 JobState::Queued => "no master reachable in time",
                 JobState::Forwarded { .. } => "the master did not answer in time",
                 JobState::WaitingBody { .. } => "the message body could not be fetched in time",
+                JobState::Split { .. } => "the parts of the request did not finish in time",
             };
             match job.kind {
                 JobKind::MasterMove { .. } => {
@@ -421,6 +472,7 @@ impl Server {
         for tag in done {
             let Some(job) = self.jobs.remove(&tag) else { continue };
             self.ack_waiters.retain(|_, t| *t != tag);
+            self.parts_left.retain(|(t, _), _| *t != tag);
             if let JobState::Replicating { mut result, .. } = job.state {
                 // The message may have been renumbered (or expunged) while the answer
                 // waited for its copies: answer with where it lives now, or no UID.
@@ -452,7 +504,7 @@ impl Server {
                 match origin {
                     Origin::Client(id) => self.push_reply(id, ClientReply::Moved { master: self.cfg.sid }),
                     Origin::Peer { tag: their_tag, .. } => self.give_up_mastership(key, requester, their_tag),
-                    Origin::Internal => {}
+                    Origin::Internal | Origin::Part { .. } => {}
                 }
             }
             JobKind::Write(request) => {
@@ -594,6 +646,9 @@ impl Server {
         if self.db.mailboxes.get(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
             return (fail(FailKind::Permanent, "that message was expunged from the mailbox"), None);
         }
+        if self.db.mailboxes.get(mailbox).is_some_and(|m| m.uidnext > crate::limits::UID_MAX) {
+            return (fail(FailKind::Permanent, "the mailbox has run out of UIDs"), None);
+        }
         let (checksum, size) = match (&body, self.db.bodies.get(&guid)) {
             (Some(b), _) => (crate::hash::body_checksum(b), u32::try_from(b.len()).unwrap_or(u32::MAX)),
             (None, Some(stored)) => (stored.checksum, u32::try_from(stored.bytes.len()).unwrap_or(u32::MAX)),
@@ -608,8 +663,8 @@ impl Server {
         let me = self.cfg.sid;
         let m = self.mailbox_mut(mailbox);
         let uid = m.uidnext;
-        let modseq = m.highest_modseq + 1;
-        m.uidnext += 1;
+        let modseq = m.highest_modseq.saturating_add(1);
+        m.uidnext = m.uidnext.saturating_add(1);
         m.highest_modseq = modseq;
         let stamp = Stamp { modseq, sid: me };
         let record = MessageRecord {
@@ -655,7 +710,7 @@ impl Server {
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
-        let modseq = m.highest_modseq + 1;
+        let modseq = m.highest_modseq.saturating_add(1);
         let mut tombstones = Vec::new();
         let uids = master_uids(m, messages);
         for (_, uid) in &uids {
@@ -675,11 +730,8 @@ impl Server {
             self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
         }
         self.persist_meta(mailbox);
-        let uids = uids
-            .iter()
-            .filter(|(_, ours)| tombstones.iter().any(|t| t.uid == *ours))
-            .map(|(theirs, _)| *theirs)
-            .collect();
+        let gone: BTreeSet<Uid> = tombstones.iter().map(|t| t.uid).collect();
+        let uids = uids.iter().filter(|(_, ours)| gone.contains(ours)).map(|(theirs, _)| *theirs).collect();
         self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(tag));
         (WriteResult::Expunged { uids, modseq }, Some(()))
     }
@@ -701,7 +753,7 @@ impl Server {
             _ => {}
         }
         let m = self.mailbox_mut(mailbox);
-        let modseq = m.highest_modseq + 1;
+        let modseq = m.highest_modseq.saturating_add(1);
         let mut tombstones = Vec::new();
         match action {
             MailboxAction::Create => m.lifecycle.created_at = modseq,
@@ -744,12 +796,21 @@ impl Server {
         let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
             return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
         };
-        let modseq = m.highest_modseq + 1;
+        let modseq = m.highest_modseq.saturating_add(1);
         let stamp = Stamp { modseq, sid: me };
+        let targets = master_uids(m, messages);
+        let too_many = targets.iter().filter_map(|(_, ours)| m.messages.get(ours)).any(|r| {
+            let new = add.iter().chain(remove).filter(|f| !r.flags.contains_key(*f)).collect::<BTreeSet<_>>();
+            r.flags.len() + new.len() > crate::limits::FLAGS_PER_MESSAGE_MAX
+        });
+        if too_many {
+            let limit = crate::limits::FLAGS_PER_MESSAGE_MAX;
+            return (fail(FailKind::Permanent, format!("a message would carry more than {limit} flags")), None);
+        }
         let mut rejected = Vec::new();
         let mut current = Vec::new();
         let mut changed = Vec::new();
-        for (uid, ours) in master_uids(m, messages) {
+        for (uid, ours) in targets {
             let Some(r) = m.messages.get_mut(&ours) else { continue };
             if unchanged_since.is_some_and(|since| r.modseq > since) {
                 rejected.push(uid);
@@ -841,7 +902,7 @@ impl Server {
         if in_flight {
             self.marks.hit(Mark::MasterMovedMidSave);
         }
-        let generation = self.mastered.remove(&key).map(|m| m.generation).unwrap_or(0) + 1;
+        let generation = self.mastered.remove(&key).map(|m| m.generation).unwrap_or(0).saturating_add(1);
         self.master_cache.insert(key.clone(), requester);
         self.cache_generation.insert(key.clone(), generation);
         let states: Vec<MailboxState> =
@@ -854,7 +915,7 @@ impl Server {
             self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester, generation });
         }
         self.handoffs.insert(key.clone(), super::Handoff { requester, tag, epoch, generation, states: states.clone() });
-        self.send(requester, Msg::MoveDone { tag, key: key.clone(), epoch, generation, states });
+        self.send_move_done(requester, tag, key.clone(), epoch, generation, states);
         self.requeue_jobs_for(&key);
     }
 
@@ -991,22 +1052,67 @@ fn unknown_here(m: Option<&crate::store::StoredMailbox>, messages: &[(Uid, Guid)
         .any(|(_, guid)| !m.messages.has_guid(*guid) && !m.tombstones.values().any(|t| t.guid == *guid && t.expunged))
 }
 
-/// Checks a write before it is routed anywhere.
+/// Checks a write before it is routed anywhere (see [`crate::limits`]).
 fn validate(request: &WriteRequest) -> Result<(), String> {
-    const UIDS_MAX: usize = 100_000;
-    const BODY_LEN_MAX: usize = 64 * 1024 * 1024;
-    let mailbox_ok = |k: &MailboxKey| {
-        !k.user.is_empty() && !k.name.is_empty() && !k.user.chars().chain(k.name.chars()).any(|c| c.is_control())
-    };
-    if !mailbox_ok(request.target()) {
-        return Err(format!("bad mailbox name {:?}", request.target()));
-    }
+    crate::limits::check_request(request)
+}
+
+/// How many messages a request names.
+fn request_len(request: &WriteRequest) -> usize {
     match request {
-        WriteRequest::Save { body, .. } if body.len() > BODY_LEN_MAX => Err("message too large".into()),
-        WriteRequest::Copy { src, .. } if !mailbox_ok(src) => Err(format!("bad mailbox name {src:?}")),
-        WriteRequest::Expunge { messages, .. } | WriteRequest::Store { messages, .. } if messages.len() > UIDS_MAX => {
-            Err("too many UIDs in one request".into())
+        WriteRequest::Expunge { messages, .. } | WriteRequest::Store { messages, .. } => messages.len(),
+        _ => 1,
+    }
+}
+
+/// A STORE or EXPUNGE cut into requests of at most `limits::UIDS_PER_CHANGE_MAX`
+/// messages, each message named once.
+fn split_request(request: &WriteRequest) -> Vec<WriteRequest> {
+    let once = |messages: &[(Uid, Guid)]| {
+        let mut seen = BTreeSet::new();
+        messages.iter().copied().filter(|m| seen.insert(*m)).collect::<Vec<_>>()
+    };
+    let n = crate::limits::UIDS_PER_CHANGE_MAX;
+    match request {
+        WriteRequest::Expunge { mailbox, messages } => once(messages)
+            .chunks(n)
+            .map(|c| WriteRequest::Expunge { mailbox: mailbox.clone(), messages: c.to_vec() })
+            .collect(),
+        WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } => once(messages)
+            .chunks(n)
+            .map(|c| WriteRequest::Store {
+                mailbox: mailbox.clone(),
+                messages: c.to_vec(),
+                add: add.clone(),
+                remove: remove.clone(),
+                unchanged_since: *unchanged_since,
+                known_modseq: *known_modseq,
+            })
+            .collect(),
+        other => vec![other.clone()],
+    }
+}
+
+/// The answer to a request sent in parts: a failure if any part failed (a temporary one
+/// first: the client tries again, and STORE and EXPUNGE are idempotent), else the
+/// parts' results joined, at the highest modseq.
+fn join_results(a: WriteResult, b: WriteResult) -> WriteResult {
+    use WriteResult::*;
+    match (a, b) {
+        (f @ Failed { kind: FailKind::Temporary, .. }, _) | (_, f @ Failed { kind: FailKind::Temporary, .. }) => f,
+        (f @ Failed { .. }, _) | (_, f @ Failed { .. }) => f,
+        (
+            Stored { modseq: m1, rejected: mut r1, current: mut c1 },
+            Stored { modseq: m2, rejected: r2, current: c2 },
+        ) => {
+            r1.extend(r2);
+            c1.extend(c2);
+            Stored { modseq: m1.max(m2), rejected: r1, current: c1 }
         }
-        _ => Ok(()),
+        (Expunged { uids: mut u1, modseq: m1 }, Expunged { uids: u2, modseq: m2 }) => {
+            u1.extend(u2);
+            Expunged { uids: u1, modseq: m1.max(m2) }
+        }
+        (a, _) => a,
     }
 }

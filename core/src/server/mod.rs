@@ -8,12 +8,12 @@ mod root;
 mod routing;
 
 pub use jobs::{Job, JobKind, JobState, Origin};
-pub use root::{RootState, Term};
+pub use root::{EPOCH_SID_BITS, RootState, Term};
 pub use routing::LinkAnnouncement;
 
 use crate::io::*;
 use crate::mailbox;
-use crate::marks::Marks;
+use crate::marks::{Mark, Marks};
 use crate::msg::*;
 use crate::store::{DiskImage, StoreWrite, StoredMailbox};
 use crate::types::*;
@@ -123,6 +123,9 @@ pub struct Server {
     /// applied it).
     pub(crate) pending_acks: Vec<(Sid, u64, WriteId, bool)>,
     pub(crate) ack_waiters: BTreeMap<(Sid, u64), u64>,
+    /// Per (job tag, peer): log entries of the job's change (a change too large for one
+    /// command goes in parts) that peer has yet to acknowledge; it counts as a copy at 0.
+    pub(crate) parts_left: BTreeMap<(u64, Sid), usize>,
     pub(crate) log_sent: BTreeMap<(Sid, u64), Instant>,
     pub(crate) checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
     /// Our HIGHESTMODSEQ when a peer last showed the same digest as ours, and how many
@@ -197,6 +200,7 @@ impl Server {
             pending_reads: Vec::new(),
             pending_acks: Vec::new(),
             ack_waiters: BTreeMap::new(),
+            parts_left: BTreeMap::new(),
             log_sent: BTreeMap::new(),
             checks: BTreeMap::new(),
             common_modseq: BTreeMap::new(),
@@ -449,6 +453,18 @@ impl Server {
             return;
         }
         let src = envelope.src;
+        if let Err(why) = crate::limits::check_peer_msg(&envelope.msg) {
+            // A number no server could have reached, or a mailbox no client could have
+            // made: acting on it could overflow or wedge something, so it is dropped (a
+            // change is acked as refused, so the sender's log does not keep it forever).
+            self.marks.hit(Mark::PeerInputRefused);
+            let name = envelope.msg.name();
+            self.note(|| format!("refuses {name} from {src}: {why}"));
+            if let Msg::Change { seq, .. } = envelope.msg {
+                self.send(src, Msg::Ack { seqs: Vec::new(), refused: vec![seq] });
+            }
+            return;
+        }
         match envelope.msg {
             Msg::LinkState { origin, seq, epoch, neighbors } => self.on_link_state(from, origin, seq, epoch, neighbors),
             Msg::Root { epoch, root } => self.on_root(src, epoch, root),
@@ -571,8 +587,7 @@ impl Server {
                 self.handoffs.remove(&key);
                 continue;
             }
-            let msg = Msg::MoveDone { tag: h.tag, key, epoch: h.epoch, generation: h.generation, states: h.states };
-            self.send(h.requester, msg);
+            self.send_move_done(h.requester, h.tag, key, h.epoch, h.generation, h.states);
         }
     }
 

@@ -28,10 +28,28 @@ const RECONFIRM_PERIODS: u64 = 10;
 impl Server {
     /// Append a master-ordered change to every peer's log and send it to the reachable
     /// ones. `waiter` is the job that waits for the peers' acknowledgements.
+    /// A change too large for one command goes as several log entries (see
+    /// `limits::change_parts`); the waiter counts a peer once it acknowledged them all.
     pub(crate) fn replicate(&mut self, change: Change, waiter: Option<u64>) {
+        for part in crate::limits::change_parts(change) {
+            self.replicate_part(part, waiter);
+        }
+    }
+
+    fn replicate_part(&mut self, change: Change, waiter: Option<u64>) {
         let mailbox = change.mailbox().clone();
+        // The safety net: a change that still cannot be encoded within the peer's limits
+        // is never logged (it would wedge the link); the peer gets the mailbox by SYNC.
+        let sendable = crate::limits::change_fits(&change);
+        debug_assert!(sendable, "a replicated change does not fit a command line");
         for peer in self.peers() {
             self.make_room(peer, &mailbox);
+            if !sendable {
+                self.marks.hit(Mark::UnsendableChange);
+                self.note(|| format!("cannot send a change of {mailbox} to {peer}: marked for SYNC"));
+                self.overflow(peer, BTreeSet::from([mailbox.clone()]));
+                continue;
+            }
             let log = self.db.logs.entry(peer).or_default();
             if log.overflowed.contains(&mailbox) {
                 // The peer will get this mailbox by SYNC.
@@ -43,6 +61,7 @@ impl Server {
             self.write(StoreWrite::LogAppend { peer, seq, change: change.clone() });
             if let Some(tag) = waiter {
                 self.ack_waiters.insert((peer, seq), tag);
+                *self.parts_left.entry((tag, peer)).or_default() += 1;
             }
             if self.reachable.contains(&peer) {
                 self.log_sent.insert((peer, seq), self.now);
@@ -75,7 +94,11 @@ impl Server {
             left -= count;
             victims.push(key);
         }
-        let victims: BTreeSet<MailboxKey> = victims.into_iter().collect();
+        self.overflow(peer, victims.into_iter().collect());
+    }
+
+    /// Drops the log entries of `victims` for `peer` and marks them for full SYNC.
+    fn overflow(&mut self, peer: Sid, victims: BTreeSet<MailboxKey>) {
         let Some(log) = self.db.logs.get_mut(&peer) else { return };
         let seqs: Vec<u64> =
             log.entries.iter().filter(|(_, c)| victims.contains(c.mailbox())).map(|(s, _)| *s).collect();
@@ -112,6 +135,15 @@ impl Server {
                 .map(|(s, c)| (*s, c.clone()))
                 .collect();
             for (seq, change) in due {
+                if !crate::limits::change_fits(&change) {
+                    // A change logged before parts existed (or by a broken build) that
+                    // the peer would refuse: drop it, the peer gets the mailbox by SYNC.
+                    let mailbox = change.mailbox().clone();
+                    self.marks.hit(Mark::UnsendableChange);
+                    self.note(|| format!("cannot send logged change {seq} of {mailbox} to {peer}: marked for SYNC"));
+                    self.overflow(peer, BTreeSet::from([mailbox]));
+                    continue;
+                }
                 self.log_sent.insert((peer, seq), now);
                 self.send(peer, Msg::Change { seq, change });
             }
@@ -132,8 +164,15 @@ impl Server {
                 // The peer did not take the change: it is no copy of the message.
                 continue;
             }
-            if let Some(tag) = waiter
-                && let Some(job) = self.jobs.get_mut(&tag)
+            let Some(tag) = waiter else { continue };
+            let left = self.parts_left.entry((tag, src)).or_insert(1);
+            *left = left.saturating_sub(1);
+            if *left > 0 {
+                // More parts of the change to come from this peer.
+                continue;
+            }
+            self.parts_left.remove(&(tag, src));
+            if let Some(job) = self.jobs.get_mut(&tag)
                 && let super::JobState::Replicating { acked, .. } = &mut job.state
             {
                 acked.insert(src);
@@ -366,37 +405,44 @@ impl Server {
     /// `wire::LINE_LEN_MAX` (a mailbox of some ten thousand messages), as SYNC-PARTs
     /// followed by a SYNC with the rest. Each piece carries the mailbox's meta; pieces
     /// merge like log fragments.
-    pub(crate) fn send_sync(&mut self, to: Sid, reply: bool, mut state: MailboxState) {
-        let budget = crate::wire::LINE_LEN_MAX / 2;
-        // Generous estimates of each item's command text (numbers, GUID, flags with stamps).
-        let record_len = |r: &MessageRecord| 160 + r.flags.keys().map(|f| f.as_str().len() + 64).sum::<usize>();
-        const TOMBSTONE_LEN: usize = 96;
-        let total = state.messages.iter().map(record_len).sum::<usize>() + state.tombstones.len() * TOMBSTONE_LEN;
-        if total <= budget {
-            self.send(to, Msg::Sync { reply, state });
-            return;
-        }
-        let mut messages = std::mem::take(&mut state.messages).into_iter().peekable();
-        let mut tombstones = std::mem::take(&mut state.tombstones).into_iter().peekable();
-        loop {
-            let mut piece = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
-            let mut used = 0;
-            // At least one item per piece, so that every piece makes progress.
-            while let Some(r) = messages.next_if(|r| piece.messages.is_empty() || used + record_len(r) <= budget) {
-                used += record_len(&r);
-                piece.messages.push(r);
-            }
-            while let Some(t) = tombstones.next_if(|_| used + TOMBSTONE_LEN <= budget) {
-                used += TOMBSTONE_LEN;
-                piece.tombstones.push(t);
-            }
-            if messages.peek().is_none() && tombstones.peek().is_none() {
-                self.send(to, Msg::Sync { reply, state: piece });
-                return;
-            }
-            debug_assert!(!piece.messages.is_empty() || !piece.tombstones.is_empty(), "a SYNC piece is empty");
+    pub(crate) fn send_sync(&mut self, to: Sid, reply: bool, state: MailboxState) {
+        let mut pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
+        let last = pieces.pop();
+        for piece in pieces {
             self.send(to, Msg::SyncPart { state: piece });
         }
+        if let Some(state) = last {
+            self.send(to, Msg::Sync { reply, state });
+        }
+    }
+
+    /// Sends MOVED. States too large for one command go ahead as SYNC-PARTs, and MOVED
+    /// then carries only their meta (UIDNEXT, HIGHESTMODSEQ, lifecycle), which is what
+    /// keeps the new master from reusing a UID; anti-entropy brings anything lost.
+    pub(crate) fn send_move_done(
+        &mut self,
+        to: Sid,
+        tag: u64,
+        key: MasterKey,
+        epoch: u64,
+        generation: u64,
+        mut states: Vec<MailboxState>,
+    ) {
+        let len = |s: &MailboxState| {
+            s.messages.iter().map(crate::limits::record_len).sum::<usize>()
+                + s.tombstones.len() * crate::limits::TOMBSTONE_LEN
+                + 256
+        };
+        if states.iter().map(len).sum::<usize>() > crate::limits::STATE_PIECE_LEN_MAX {
+            for state in &mut states {
+                let meta = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
+                let whole = std::mem::replace(state, meta);
+                for piece in crate::limits::state_pieces(whole, crate::limits::STATE_PIECE_LEN_MAX) {
+                    self.send(to, Msg::SyncPart { state: piece });
+                }
+            }
+        }
+        self.send(to, Msg::MoveDone { tag, key, epoch, generation, states });
     }
 
     pub(crate) fn on_mbox(&mut self, src: Sid, tag: u64, summary: Summary) {

@@ -14,6 +14,9 @@ use std::collections::BTreeSet;
 /// Bits of an epoch that hold the id of the root that opened it.
 pub const EPOCH_SID_BITS: u32 = 16;
 const EPOCH_SID_MASK: u64 = (1 << EPOCH_SID_BITS) - 1;
+/// The last round an epoch can hold (peers' epochs are bounded far below it, see
+/// `limits::EPOCH_MAX`): the round never wraps.
+const EPOCH_ROUND_LAST: u64 = u64::MAX >> EPOCH_SID_BITS;
 
 /// Root term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +95,7 @@ impl Server {
     fn open_term(&mut self) {
         // Two roots on the two sides of a partition must never open terms with the same
         // epoch (messages name a term by its epoch): the low bits are the root's id.
-        let round = (self.db.epoch.max(self.term.epoch) >> EPOCH_SID_BITS) + 1;
+        let round = (self.db.epoch.max(self.term.epoch) >> EPOCH_SID_BITS).saturating_add(1).min(EPOCH_ROUND_LAST);
         let epoch = (round << EPOCH_SID_BITS) | (u64::from(self.cfg.sid.0) & EPOCH_SID_MASK);
         self.set_epoch(epoch);
         self.marks.hit(crate::Mark::RootElected);
@@ -212,7 +215,8 @@ impl Server {
             Some(m) => m,
             None => {
                 self.root_state.table.insert(key.clone(), asker);
-                *self.root_state.generations.entry(key.clone()).or_insert(0) += 1;
+                let g = self.root_state.generations.entry(key.clone()).or_insert(0);
+                *g = g.saturating_add(1);
                 asker
             }
         };

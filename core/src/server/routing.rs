@@ -22,7 +22,7 @@ pub struct LinkAnnouncement {
 impl Server {
     /// Announce our links after they changed.
     pub(crate) fn announce_links(&mut self) {
-        let seq = self.db.link_seq + 1;
+        let seq = self.db.link_seq.saturating_add(1);
         self.write(StoreWrite::LinkSeq { seq });
         self.db.link_seq = seq;
         let me = self.cfg.sid;

@@ -1,0 +1,337 @@
+//! Limits on what a client may ask for and on what a peer may say, so that replication
+//! never builds a command the peer's decoder must refuse (see `wire::LINE_LEN_MAX`) and
+//! no peer-supplied number can overflow the arithmetic done on it.
+//!
+//! The client-facing limits are exported so that the node can refuse a request earlier,
+//! with an IMAP error; the core refuses it too, with a permanent failure.
+
+use crate::msg::*;
+use crate::types::*;
+
+pub use crate::types::FLAG_LEN_MAX;
+
+/// Longest mailbox name in bytes.
+pub const MAILBOX_NAME_LEN_MAX: usize = 1024;
+/// Most levels of a mailbox name (parts separated by `/`).
+pub const MAILBOX_DEPTH_MAX: usize = 64;
+/// Longest user name in bytes.
+pub const USER_LEN_MAX: usize = 256;
+/// Most flags in each of a STORE's add and remove lists, and in a SAVE.
+pub const FLAGS_PER_REQUEST_MAX: usize = 256;
+/// Most distinct flags a message may carry (set or cleared: cleared ones keep their
+/// stamp), so that one message record always fits a command line.
+pub const FLAGS_PER_MESSAGE_MAX: usize = 1024;
+/// Most messages one client STORE or EXPUNGE may name.
+pub const UIDS_PER_REQUEST_MAX: usize = 1_000_000;
+/// Most messages in one forwarded STORE/EXPUNGE and in one replicated R-STORE or
+/// R-EXPUNGE: bigger requests are forwarded in parts and bigger changes logged in parts.
+/// Sized by the test `maximal_parts_fit_a_line` (a maximal R-EXPUNGE is ~60% of a line).
+pub const UIDS_PER_CHANGE_MAX: usize = 8192;
+/// A piece of mailbox state (R-MERGE, SYNC-PART, MOVED) is cut at this estimated size.
+pub const STATE_PIECE_LEN_MAX: usize = crate::wire::LINE_LEN_MAX / 2;
+
+/// Largest UID a peer may name (UIDNEXT one above): room is left above it for
+/// renumbering, and a master refuses to assign UIDs beyond it.
+pub const UID_MAX: Uid = u32::MAX - (1 << 24);
+/// Largest modseq a peer may send.
+pub const MODSEQ_MAX: ModSeq = 1 << 62;
+/// Largest epoch a peer may send: rounds up to 2^40 (the low bits hold the root's id).
+pub const EPOCH_MAX: u64 = (1 << (40 + crate::server::EPOCH_SID_BITS)) - 1;
+/// Largest link-state sequence number and master generation a peer may send.
+pub const COUNTER_MAX: u64 = 1 << 62;
+
+/// Why a client's mailbox name is refused, if it is.
+pub fn check_mailbox(key: &MailboxKey) -> Result<(), String> {
+    if key.user.is_empty() || key.name.is_empty() || key.user.chars().chain(key.name.chars()).any(|c| c.is_control()) {
+        return Err(format!("bad mailbox name {key:?}"));
+    }
+    if key.user.len() > USER_LEN_MAX {
+        return Err(format!("user name longer than {USER_LEN_MAX} bytes"));
+    }
+    if key.name.len() > MAILBOX_NAME_LEN_MAX {
+        return Err(format!("mailbox name longer than {MAILBOX_NAME_LEN_MAX} bytes"));
+    }
+    if key.name.split('/').count() > MAILBOX_DEPTH_MAX {
+        return Err(format!("mailbox name deeper than {MAILBOX_DEPTH_MAX} levels"));
+    }
+    Ok(())
+}
+
+/// Why a client's write request is refused, if it is.
+pub fn check_request(request: &WriteRequest) -> Result<(), String> {
+    const BODY_LEN_MAX: usize = crate::wire::LITERAL_LEN_MAX;
+    check_mailbox(request.target())?;
+    match request {
+        WriteRequest::Save { body, flags, .. } => {
+            if body.len() > BODY_LEN_MAX {
+                return Err("message too large".into());
+            }
+            check_flags(flags)
+        }
+        WriteRequest::Copy { src, flags, .. } => {
+            check_mailbox(src)?;
+            check_flags(flags)
+        }
+        WriteRequest::Expunge { messages, .. } if messages.len() > UIDS_PER_REQUEST_MAX => {
+            Err("too many UIDs in one request".into())
+        }
+        WriteRequest::Store { messages, add, remove, .. } => {
+            if messages.len() > UIDS_PER_REQUEST_MAX {
+                return Err("too many UIDs in one request".into());
+            }
+            check_flags(add)?;
+            check_flags(remove)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_flags(flags: &[Flag]) -> Result<(), String> {
+    if flags.len() > FLAGS_PER_REQUEST_MAX {
+        return Err(format!("more than {FLAGS_PER_REQUEST_MAX} flags in one request"));
+    }
+    Ok(())
+}
+
+/// Why a peer's message is refused at receipt, if it is: a number beyond what the
+/// protocol can reach (so arithmetic on it could overflow), or a mailbox no client
+/// could have created. Lists are bounded by the decoder already.
+pub fn check_peer_msg(msg: &Msg) -> Result<(), &'static str> {
+    let epoch = |e: u64| if e > EPOCH_MAX { Err("epoch out of range") } else { Ok(()) };
+    let counter = |c: u64| if c > COUNTER_MAX { Err("counter out of range") } else { Ok(()) };
+    match msg {
+        Msg::LinkState { seq, epoch: e, .. } => {
+            counter(*seq)?;
+            epoch(*e)
+        }
+        Msg::Root { epoch: e, .. } | Msg::Dropped { epoch: e } => epoch(*e),
+        Msg::Who { epoch: e, keys } => {
+            epoch(*e)?;
+            keys.iter().try_for_each(check_key)
+        }
+        Msg::MasterIs { epoch: e, key, generation, .. } => {
+            epoch(*e)?;
+            counter(*generation)?;
+            check_key(key)
+        }
+        Msg::MasterMove { key, .. } | Msg::MboxRequest { key, .. } => check_key(key),
+        Msg::MoveDone { key, epoch: e, generation, states, .. } => {
+            epoch(*e)?;
+            counter(*generation)?;
+            check_key(key)?;
+            states.iter().try_for_each(check_state)
+        }
+        Msg::Request { request, .. } => check_request(request).map_err(|_| "request beyond the limits"),
+        Msg::Reply { result, record, .. } => {
+            if let Some(r) = record {
+                check_record(r)?;
+            }
+            match result {
+                WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. } => check_uid(*uid),
+                WriteResult::Expunged { modseq, .. } | WriteResult::MailboxDone { modseq } => check_modseq(*modseq),
+                WriteResult::Stored { modseq, current, .. } => {
+                    check_modseq(*modseq)?;
+                    current.iter().try_for_each(|c| check_modseq(c.modseq))
+                }
+                WriteResult::Failed { .. } => Ok(()),
+            }
+        }
+        Msg::Change { change, .. } => check_change(change),
+        Msg::Mbox { summary, .. } => {
+            check_peer_mailbox(&summary.mailbox)?;
+            check_uidnext(summary.uidnext)?;
+            check_modseq(summary.highest_modseq)
+        }
+        Msg::Sync { state, .. } | Msg::SyncPart { state } => check_state(state),
+        Msg::Ack { .. }
+        | Msg::MboxDone { .. }
+        | Msg::Fetch { .. }
+        | Msg::Body { .. }
+        | Msg::NoBody { .. }
+        | Msg::Error { .. } => Ok(()),
+    }
+}
+
+/// A replicated change within the limits (see [`check_peer_msg`]).
+pub fn check_change(change: &Change) -> Result<(), &'static str> {
+    check_peer_mailbox(change.mailbox())?;
+    match change {
+        Change::Save { record, .. } | Change::Copy { record, .. } => check_record(record),
+        Change::Expunge { tombstones, .. } => tombstones.iter().try_for_each(check_tombstone),
+        Change::Store { stamp, messages, .. } => {
+            check_modseq(stamp.modseq)?;
+            messages.iter().try_for_each(|(uid, _)| check_uid(*uid))
+        }
+        Change::Merge { state } => check_state(state),
+    }
+}
+
+fn check_peer_mailbox(key: &MailboxKey) -> Result<(), &'static str> {
+    check_mailbox(key).map_err(|_| "mailbox name beyond the limits")
+}
+
+fn check_key(key: &MasterKey) -> Result<(), &'static str> {
+    match key {
+        MasterKey::Mailbox(k) => check_peer_mailbox(k),
+        MasterKey::User(u) | MasterKey::Domain(u) if u.len() > USER_LEN_MAX => Err("user name beyond the limits"),
+        _ => Ok(()),
+    }
+}
+
+fn check_uid(uid: Uid) -> Result<(), &'static str> {
+    if uid > UID_MAX { Err("UID out of range") } else { Ok(()) }
+}
+
+fn check_uidnext(uidnext: Uid) -> Result<(), &'static str> {
+    if uidnext > UID_MAX + 1 { Err("UIDNEXT out of range") } else { Ok(()) }
+}
+
+fn check_modseq(modseq: ModSeq) -> Result<(), &'static str> {
+    if modseq > MODSEQ_MAX { Err("modseq out of range") } else { Ok(()) }
+}
+
+fn check_record(r: &MessageRecord) -> Result<(), &'static str> {
+    check_uid(r.uid)?;
+    check_modseq(r.modseq)?;
+    if r.flags.len() > FLAGS_PER_MESSAGE_MAX {
+        return Err("too many flags on a message");
+    }
+    r.flags.values().try_for_each(|s| check_modseq(s.stamp.modseq))
+}
+
+fn check_tombstone(t: &Tombstone) -> Result<(), &'static str> {
+    check_uid(t.uid)?;
+    check_modseq(t.modseq)
+}
+
+fn check_state(s: &MailboxState) -> Result<(), &'static str> {
+    check_peer_mailbox(&s.mailbox)?;
+    check_uidnext(s.uidnext)?;
+    check_modseq(s.highest_modseq)?;
+    check_modseq(s.lifecycle.created_at)?;
+    check_modseq(s.lifecycle.deleted_at)?;
+    s.messages.iter().try_for_each(check_record)?;
+    s.tombstones.iter().try_for_each(check_tombstone)
+}
+
+/// A generous estimate of a message record's command text (numbers, GUID, flags with
+/// their stamps).
+pub fn record_len(r: &MessageRecord) -> usize {
+    160 + r.flags.keys().map(|f| f.as_str().len() + 64).sum::<usize>()
+}
+
+/// A generous estimate of a tombstone's command text.
+pub const TOMBSTONE_LEN: usize = 96;
+
+/// Cuts a mailbox state into pieces whose estimated text is at most `budget` (each
+/// with at least one item, each carrying the state's meta). A tombstone travels in the
+/// piece of the record with its GUID (a retired binding with the binding that replaces
+/// it, so a replica can apply each piece on its own); the other tombstones follow the
+/// records. A state within the budget stays one piece.
+pub fn state_pieces(mut state: MailboxState, budget: usize) -> Vec<MailboxState> {
+    let total = state.messages.iter().map(record_len).sum::<usize>() + state.tombstones.len() * TOMBSTONE_LEN;
+    if total <= budget {
+        return vec![state];
+    }
+    let tombstones = std::mem::take(&mut state.tombstones);
+    let mut by_guid: std::collections::BTreeMap<Guid, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, t) in tombstones.iter().enumerate() {
+        by_guid.entry(t.guid).or_default().push(i);
+    }
+    // Units: a record with the tombstones of its GUID, then each other tombstone.
+    let mut taken = vec![false; tombstones.len()];
+    let mut units: Vec<(Option<MessageRecord>, Vec<Tombstone>)> = Vec::new();
+    for r in std::mem::take(&mut state.messages) {
+        let ts: Vec<Tombstone> = by_guid
+            .remove(&r.guid)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| {
+                taken[i] = true;
+                tombstones[i]
+            })
+            .collect();
+        units.push((Some(r), ts));
+    }
+    units.extend(tombstones.iter().zip(&taken).filter(|(_, t)| !**t).map(|(t, _)| (None, vec![*t])));
+    let unit_len = |u: &(Option<MessageRecord>, Vec<Tombstone>)| {
+        u.0.as_ref().map(record_len).unwrap_or(0) + u.1.len() * TOMBSTONE_LEN
+    };
+    let mut pieces = Vec::new();
+    let mut piece = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
+    let mut used = 0;
+    for unit in units {
+        let len = unit_len(&unit);
+        // At least one unit per piece, so that every piece makes progress.
+        if used > 0 && used + len > budget {
+            pieces.push(std::mem::replace(
+                &mut piece,
+                MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() },
+            ));
+            used = 0;
+        }
+        used += len;
+        piece.messages.extend(unit.0);
+        piece.tombstones.extend(unit.1);
+    }
+    pieces.push(piece);
+    pieces
+}
+
+/// Cuts a change into parts that each fit a command line: R-STORE and R-EXPUNGE by
+/// [`UIDS_PER_CHANGE_MAX`] messages, R-MERGE by [`STATE_PIECE_LEN_MAX`]. Every part
+/// keeps the change's stamp and meta, so applying the parts is applying the change.
+pub fn change_parts(change: Change) -> Vec<Change> {
+    match change {
+        Change::Store { mailbox, uidvalidity, stamp, messages, add, remove }
+            if messages.len() > UIDS_PER_CHANGE_MAX =>
+        {
+            messages
+                .chunks(UIDS_PER_CHANGE_MAX)
+                .map(|chunk| Change::Store {
+                    mailbox: mailbox.clone(),
+                    uidvalidity,
+                    stamp,
+                    messages: chunk.to_vec(),
+                    add: add.clone(),
+                    remove: remove.clone(),
+                })
+                .collect()
+        }
+        Change::Expunge { mailbox, uidvalidity, tombstones } if tombstones.len() > UIDS_PER_CHANGE_MAX => tombstones
+            .chunks(UIDS_PER_CHANGE_MAX)
+            .map(|chunk| Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones: chunk.to_vec() })
+            .collect(),
+        Change::Merge { state } => {
+            state_pieces(state, STATE_PIECE_LEN_MAX).into_iter().map(|state| Change::Merge { state }).collect()
+        }
+        change => vec![change],
+    }
+}
+
+/// An upper bound of a change's command text (binding line included), cheap to compute:
+/// when it is within half a line the change surely fits and needs no trial encoding.
+pub fn change_len_bound(change: &Change) -> usize {
+    let key = change.mailbox();
+    let head = 256 + 2 * (key.user.len() + key.name.len());
+    let flags = |fs: &[Flag]| fs.iter().map(|f| f.as_str().len() + 1).sum::<usize>();
+    head + match change {
+        Change::Save { record, .. } | Change::Copy { record, .. } => record_len(record),
+        Change::Expunge { tombstones, .. } => tombstones.len() * TOMBSTONE_LEN,
+        Change::Store { messages, add, remove, .. } => messages.len() * 64 + flags(add) + flags(remove),
+        Change::Merge { state } => {
+            state.messages.iter().map(record_len).sum::<usize>() + state.tombstones.len() * TOMBSTONE_LEN
+        }
+    }
+}
+
+/// Whether a change can go to a peer as one command (see `wire::fits`).
+pub fn change_fits(change: &Change) -> bool {
+    change_len_bound(change) <= crate::wire::LINE_LEN_MAX / 2
+        || crate::wire::fits(&Envelope {
+            src: Sid(u32::MAX),
+            dst: Sid(u32::MAX),
+            hops: HOPS_MAX,
+            msg: Msg::Change { seq: u64::MAX, change: change.clone() },
+        })
+}
