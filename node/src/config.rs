@@ -61,6 +61,8 @@ struct FileConfig {
     #[serde(default)]
     allow_plain_peer_links: Option<bool>,
     #[serde(default)]
+    plaintext_auth_on_loopback: Option<bool>,
+    #[serde(default)]
     limits: Limits,
     #[serde(default)]
     peer: Vec<PeerConfig>,
@@ -155,8 +157,15 @@ impl Limits {
                 format!("at most {} bytes (what a peer link carries)", tandem_core::wire::LITERAL_LEN_MAX),
             ));
         }
-        if self.mailbox_name_len_max > 4096 {
-            return Err(bad("limits.mailbox_name_len_max", "at most 4096 bytes"));
+        // The core refuses longer names and deeper ones from every client and peer.
+        if self.mailbox_name_len_max > tandem_core::limits::MAILBOX_NAME_LEN_MAX {
+            return Err(bad(
+                "limits.mailbox_name_len_max",
+                format!("at most {} bytes", tandem_core::limits::MAILBOX_NAME_LEN_MAX),
+            ));
+        }
+        if self.mailbox_depth_max > tandem_core::limits::MAILBOX_DEPTH_MAX {
+            return Err(bad("limits.mailbox_depth_max", format!("at most {}", tandem_core::limits::MAILBOX_DEPTH_MAX)));
         }
         if self.autologout_s < 30 * 60 {
             return Err(bad("limits.autologout_s", "RFC 3501 wants at least 30 minutes (1800)"));
@@ -222,6 +231,9 @@ pub struct NodeConfig {
     /// LOGIN and AUTHENTICATE PLAIN on a plain, non-loopback IMAP connection while TLS
     /// is configured (Dovecot's `disable_plaintext_auth = no`).
     pub allow_plaintext_auth: bool,
+    /// Loopback clients count as secure (they cross no network) unless a plain TCP
+    /// forwarder on this host makes remote clients look local: then set it false.
+    pub plaintext_auth_on_loopback: bool,
 }
 
 /// The smallest secret accepted: a cluster secret is a key, not a password.
@@ -418,6 +430,7 @@ impl NodeConfig {
             users: std::sync::Arc::new(users),
             limits: file.limits,
             allow_plaintext_auth: file.allow_plaintext_auth.unwrap_or(false),
+            plaintext_auth_on_loopback: file.plaintext_auth_on_loopback.unwrap_or(true),
         })
     }
 }
@@ -453,6 +466,9 @@ mod tests {
         assert!(e.0.contains("`id`"), "{e}");
         let e = parse("id = 1\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n").unwrap_err();
         assert!(e.0.contains("`admin`") && e.0.contains("token"), "{e}");
+        let e =
+            parse("id = 1\nlisten = \"10.0.0.1:1\"\nsecret_file = \"s\"\n[[peer]]\nid = 2\naddress = \"10.0.0.2:1\"\n");
+        assert!(e.is_err(), "a missing secret file or plain links off loopback are refused");
         let e = parse("id = 1\nlisten = \"127.0.0.1:1\"\n[limits]\nconnections_max = 0\n").unwrap_err();
         assert!(e.0.contains("`limits.connections_max`"), "{e}");
     }

@@ -3,6 +3,7 @@
 //! and the count of sessions per user.
 
 use crate::config::{Limits, NodeConfig};
+use crate::node::NodeHandle;
 use crate::users::Users;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -33,6 +34,7 @@ pub struct Front {
     pub users: Arc<Users>,
     pub limits: Limits,
     pub allow_plaintext_auth: bool,
+    pub plaintext_auth_on_loopback: bool,
     checks: Arc<Semaphore>,
     throttle: Arc<Mutex<Throttle>>,
     sessions: Arc<Mutex<BTreeMap<String, usize>>>,
@@ -69,14 +71,11 @@ pub enum LoginError {
 
 impl Front {
     pub fn new(cfg: &NodeConfig) -> Front {
-        Front::with(cfg.users.clone(), cfg.limits.clone(), cfg.allow_plaintext_auth)
-    }
-
-    pub fn with(users: Arc<Users>, limits: Limits, allow_plaintext_auth: bool) -> Front {
         Front {
-            users,
-            limits,
-            allow_plaintext_auth,
+            users: cfg.users.clone(),
+            limits: cfg.limits.clone(),
+            allow_plaintext_auth: cfg.allow_plaintext_auth,
+            plaintext_auth_on_loopback: cfg.plaintext_auth_on_loopback,
             checks: Arc::new(Semaphore::new(PASSWORD_CHECKS_MAX)),
             throttle: Arc::default(),
             sessions: Arc::default(),
@@ -115,6 +114,41 @@ impl Front {
         }
         *n += 1;
         Ok(UserSession { user: user.to_string(), sessions: self.sessions.clone() })
+    }
+}
+
+impl Front {
+    /// Whether `user` may store `bytes` more in `messages` more messages under the
+    /// quota; the reason when not. Measured against this node's copy of the user's mail:
+    /// two deliveries racing on two nodes may both fit, so the quota is a bound the
+    /// user can exceed by one message per node at most.
+    pub async fn within_quota(&self, node: &NodeHandle, user: &str, bytes: u64, messages: u64) -> Result<(), String> {
+        let (bytes_max, messages_max) = (self.limits.quota_bytes, self.limits.quota_messages);
+        if bytes_max == 0 && messages_max == 0 {
+            return Ok(());
+        }
+        let used = node.usage(user).await;
+        if bytes_max > 0 && used.bytes.saturating_add(bytes) > bytes_max {
+            return Err(format!("over the storage quota: {} of {bytes_max} bytes used", used.bytes));
+        }
+        if messages_max > 0 && used.messages.saturating_add(messages) > messages_max {
+            return Err(format!("over the message quota: {} of {messages_max} messages", used.messages));
+        }
+        Ok(())
+    }
+
+    /// RFC 9208's QUOTA response for the user's one quota root (""), with the usage.
+    pub async fn quota_response(&self, node: &NodeHandle, user: &str) -> String {
+        let used = node.usage(user).await;
+        let mut resources = Vec::new();
+        if self.limits.quota_bytes > 0 {
+            // STORAGE counts units of 1024 octets.
+            resources.push(format!("STORAGE {} {}", used.bytes.div_ceil(1024), self.limits.quota_bytes / 1024));
+        }
+        if self.limits.quota_messages > 0 {
+            resources.push(format!("MESSAGE {} {}", used.messages, self.limits.quota_messages));
+        }
+        format!("* QUOTA \"\" ({})", resources.join(" "))
     }
 }
 
@@ -161,11 +195,14 @@ impl Throttle {
     fn reserve(&mut self, ip: IpAddr, user: &str, now: Instant) -> Duration {
         self.forget_old(now);
         let by_ip = reserve_slot(self.ips.get_mut(&ip), now, 0, IP_PENALTY_MAX);
-        let trusted = self.trusted.get(user).is_some_and(|s| s.contains(&ip));
-        let by_user = if trusted {
-            Duration::ZERO
-        } else {
+        // The per-user spacing slows addresses that have failed before and never logged in
+        // as this user: a client from a clean address is never held up by an attack on
+        // its user, and each attacking address gets one free guess at most.
+        let suspect = self.ips.contains_key(&ip) && !self.trusted.get(user).is_some_and(|s| s.contains(&ip));
+        let by_user = if suspect {
             reserve_slot(self.users.get_mut(user), now, USER_FAILURES_FREE, USER_PENALTY_MAX)
+        } else {
+            Duration::ZERO
         };
         by_ip.max(by_user)
     }
@@ -242,8 +279,11 @@ mod tests {
         assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
         assert!(waits[9] >= Duration::from_secs(15), "{waits:?}");
         assert!(waits[9] <= IP_PENALTY_MAX * 2, "{waits:?}");
-        // Another address waits only the per-user spacing, and not at all once trusted.
-        assert!(t.reserve(honest, "alice", now) <= USER_PENALTY_MAX * 2);
+        // A clean address is not held up by the attack on its user.
+        assert_eq!(t.reserve(honest, "alice", now), Duration::ZERO);
+        // An address that failed once waits for the user's spacing too.
+        t.failed(honest, "alice", now);
+        assert!(t.reserve(honest, "alice", now) > Duration::ZERO);
         t.succeeded(honest, "alice");
         assert_eq!(t.reserve(honest, "alice", now), Duration::ZERO);
         // And another user is not slowed down from a fresh address.

@@ -133,7 +133,10 @@ async fn session(stream: TcpStream, node: NodeHandle, front: Front, hostname: &s
                     }
                     let reply = match &body {
                         None => format!("552 5.3.4 message exceeds the limit of {size_max} bytes"),
-                        Some(bytes) => deliver(&node, &user, bytes.clone()).await,
+                        Some(bytes) => match front.within_quota(&node, &user, bytes.len() as u64, 1).await {
+                            Ok(()) => deliver(&node, &user, bytes.clone()).await,
+                            Err(why) => format!("552 5.2.2 <{user}> mailbox full: {why}"),
+                        },
                     };
                     answered.push((user, reply.clone()));
                     replies.push(reply);

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub handshakes_refused: u64,
     pub store_commits: u64,
     pub store_writes: u64,
+    pub store_failures: u64,
 }
 
 impl Metrics {
@@ -65,6 +66,7 @@ impl Metrics {
             ("tandem_handshakes_refused_total", "Peer connections refused.", self.handshakes_refused),
             ("tandem_store_commits_total", "Durable store transactions (group commits).", self.store_commits),
             ("tandem_store_writes_total", "Store writes made durable.", self.store_writes),
+            ("tandem_store_failures_total", "Store commits that failed and were retried.", self.store_failures),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{server=\"{sid}\"}} {value}");

@@ -25,9 +25,16 @@ use tracing::{debug, error, info, warn};
 
 /// An admin client has this long to send each line (an idle one cannot hold a slot).
 const ADMIN_LINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A TCP admin client has this long to show its token.
+const ADMIN_TOKEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP admin connections yet to show their token (each for ADMIN_TOKEN_TIMEOUT at
+/// most); more are closed at once.
+const ADMIN_UNPROVEN_MAX: usize = 1024;
 /// The pause after a failed accept (EMFILE): the error repeats until a descriptor is
 /// freed, and retrying at once spins a core.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -58,6 +65,12 @@ impl NodeHandle {
         ask(&self.events, |reply| Event::Bodies { guids, reply }).await.unwrap_or_default()
     }
 
+    /// What the user's mail takes on this node (for the quota).
+    pub async fn usage(&self, user: &str) -> Usage {
+        let user = user.to_string();
+        ask(&self.events, |reply| Event::Usage { user, reply }).await.unwrap_or_default()
+    }
+
     /// The user's mailboxes as this node has them.
     pub async fn mailboxes(&self, user: &str) -> Vec<tandem_core::Summary> {
         let user = user.to_string();
@@ -66,15 +79,41 @@ impl NodeHandle {
 }
 
 enum Event {
-    Client { request: ClientRequest, reply: oneshot::Sender<ClientReply> },
-    Bodies { guids: Vec<Guid>, reply: oneshot::Sender<BTreeMap<Guid, Vec<u8>>> },
-    Mailboxes { user: String, reply: oneshot::Sender<Vec<tandem_core::Summary>> },
-    Connected { agreed: Agreed, conn: u64, outgoing: mpsc::Sender<Envelope> },
+    Client {
+        request: ClientRequest,
+        reply: oneshot::Sender<ClientReply>,
+    },
+    Bodies {
+        guids: Vec<Guid>,
+        reply: oneshot::Sender<BTreeMap<Guid, Vec<u8>>>,
+    },
+    Mailboxes {
+        user: String,
+        reply: oneshot::Sender<Vec<tandem_core::Summary>>,
+    },
+    Connected {
+        agreed: Agreed,
+        conn: u64,
+        outgoing: mpsc::Sender<Envelope>,
+    },
     Refused,
-    Admin { request: AdminRequest, reply: oneshot::Sender<AdminReply> },
-    Metrics { reply: oneshot::Sender<String> },
-    Durable { upto: WriteId, writes: usize },
-    StoreFailed(String),
+    Admin {
+        request: AdminRequest,
+        reply: oneshot::Sender<AdminReply>,
+    },
+    Metrics {
+        reply: oneshot::Sender<String>,
+    },
+    Durable {
+        upto: WriteId,
+        writes: usize,
+    },
+    /// A commit failed and will be retried (the disk may be full).
+    StoreTrouble(String),
+    Usage {
+        user: String,
+        reply: oneshot::Sender<Usage>,
+    },
 }
 
 enum Answer {
@@ -97,6 +136,14 @@ struct EventLoop {
     writes: Vec<(WriteId, StoreWrite)>,
     store: std::sync::mpsc::Sender<Vec<(WriteId, StoreWrite)>>,
     metrics: Metrics,
+    last_store_warning: Option<TokioInstant>,
+}
+
+/// What a user's mail takes on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub messages: u64,
 }
 
 /// Runs a node until `shutdown` resolves or its store fails.
@@ -109,7 +156,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
     let (links_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
     let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
-    spawn_store_thread(store, store_rx, events_tx.clone());
+    spawn_store_thread(store, cfg.data_dir.clone(), store_rx, events_tx.clone());
 
     let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let admin_listener = AdminListener::bind(&cfg.admin)?;
@@ -150,6 +197,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         writes: Vec::new(),
         store: store_tx,
         metrics: Metrics::default(),
+        last_store_warning: None,
     };
     node.drain();
     tokio::pin!(shutdown);
@@ -160,13 +208,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                 info!("shutting down");
                 return Ok(());
             }
-            Some(event) = events.recv() => {
-                if let Event::StoreFailed(e) = &event {
-                    error!(error = %e, "the store failed; stopping so that nothing unsafe is acknowledged");
-                    return Err(format!("store failed: {e}"));
-                }
-                node.on_event(event);
-            }
+            Some(event) = events.recv() => node.on_event(event),
             Some(event) = link_events.recv() => node.on_link_event(event),
             _ = tokio::time::sleep_until(deadline) => node.input(Input::Timer),
         }
@@ -253,7 +295,23 @@ impl EventLoop {
                 self.metrics.store_writes += writes as u64;
                 self.input(Input::Durable { upto });
             }
-            Event::StoreFailed(_) => {}
+            Event::StoreTrouble(e) => {
+                self.metrics.store_failures += 1;
+                // Once a minute at most: a full disk fails every retry.
+                let now = TokioInstant::now();
+                if self.last_store_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+                    self.last_store_warning = Some(now);
+                    error!(error = %e, "a store commit failed (full disk?): writes wait and are retried, reads go on");
+                }
+            }
+            Event::Usage { user, reply } => {
+                let mut usage = Usage::default();
+                for (_, m) in self.server.image().mailboxes.iter().filter(|(k, _)| k.user == user) {
+                    usage.messages += m.messages.len() as u64;
+                    usage.bytes += m.messages.values().map(|r| u64::from(r.size)).sum::<u64>();
+                }
+                let _ = reply.send(usage);
+            }
             Event::Metrics { reply } => {
                 let _ = reply.send(self.render_metrics());
             }
@@ -430,26 +488,53 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
 }
 
 /// Group commit: everything queued while the previous transaction committed goes into
-/// the next one.
+/// the next one. A commit that fails (a full disk, an I/O error) is retried with the
+/// store reopened, the failed batch first and in order, until it lands: nothing is
+/// reported durable that is not, the core's later writes wait behind it, writes get
+/// temporary failures by their timeout, and reads go on.
 fn spawn_store_thread(
     store: Store,
+    path: std::path::PathBuf,
     batches: std::sync::mpsc::Receiver<Vec<(WriteId, StoreWrite)>>,
     events: mpsc::Sender<Event>,
 ) {
     std::thread::spawn(move || {
+        let mut store = Some(store);
+        let mut backoff = STORE_RETRY_MIN;
         while let Ok(mut batch) = batches.recv() {
-            while let Ok(more) = batches.try_recv() {
-                batch.extend(more);
-            }
-            let Some(upto) = batch.last().map(|(id, _)| *id) else { continue };
-            let writes: Vec<StoreWrite> = batch.into_iter().map(|(_, w)| w).collect();
-            let event = match store.apply(&writes) {
-                Ok(()) => Event::Durable { upto, writes: writes.len() },
-                Err(e) => Event::StoreFailed(e.to_string()),
-            };
-            let failed = matches!(event, Event::StoreFailed(_));
-            if events.blocking_send(event).is_err() || failed {
-                return;
+            loop {
+                while let Ok(more) = batches.try_recv() {
+                    batch.extend(more);
+                }
+                let Some(upto) = batch.last().map(|(id, _)| *id) else { break };
+                let writes: Vec<StoreWrite> = batch.iter().map(|(_, w)| w.clone()).collect();
+                let result = match &store {
+                    Some(s) => s.apply(&writes).map_err(|e| e.to_string()),
+                    None => Store::open(&path).map_err(|e| e.to_string()).and_then(|s| {
+                        let r = s.apply(&writes).map_err(|e| e.to_string());
+                        store = Some(s);
+                        r
+                    }),
+                };
+                match result {
+                    Ok(()) => {
+                        backoff = STORE_RETRY_MIN;
+                        if events.blocking_send(Event::Durable { upto, writes: writes.len() }).is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        // redb refuses every later operation after a failed commit: the
+                        // next attempt opens the store again.
+                        store = None;
+                        if events.blocking_send(Event::StoreTrouble(e)).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(STORE_RETRY_MAX);
+                    }
+                }
             }
         }
     });
@@ -688,6 +773,9 @@ impl AdminListener {
 
 async fn serve_admin(listener: AdminListener, events: mpsc::Sender<Event>, connections_max: usize) {
     let slots = Arc::new(tokio::sync::Semaphore::new(connections_max));
+    // Connections still to show their token hold no slot of the operator's, only one of
+    // these, and for ADMIN_TOKEN_TIMEOUT at most.
+    let unproven = Arc::new(tokio::sync::Semaphore::new(ADMIN_UNPROVEN_MAX));
     loop {
         let accepted: std::io::Result<(Box<dyn crate::peer::PeerIo>, Option<String>)> = match &listener {
             AdminListener::Unix(l) => {
@@ -697,7 +785,7 @@ async fn serve_admin(listener: AdminListener, events: mpsc::Sender<Event>, conne
                 l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn crate::peer::PeerIo>, Some(token.clone())))
             }
         };
-        let (mut stream, token) = match accepted {
+        let (stream, token) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
@@ -705,63 +793,76 @@ async fn serve_admin(listener: AdminListener, events: mpsc::Sender<Event>, conne
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            let busy = AdminReply::Error { temporary: true, reason: "too many admin connections".into() };
-            tokio::spawn(async move {
-                if let Ok(text) = serde_json::to_string(&busy) {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(format!("{text}\n").as_bytes()))
-                            .await;
-                }
-            });
-            continue;
-        };
-        let events = events.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            admin_session(stream, token, events).await;
-        });
+        let (events, slots) = (events.clone(), slots.clone());
+        match token {
+            None => {
+                tokio::spawn(admin_session(stream, None, slots, events));
+            }
+            Some(token) => {
+                let Ok(permit) = unproven.clone().try_acquire_owned() else { continue };
+                tokio::spawn(async move {
+                    let _unproven = permit;
+                    admin_session(stream, Some(token), slots, events).await;
+                });
+            }
+        }
     }
 }
 
-async fn admin_session(stream: Box<dyn crate::peer::PeerIo>, token: Option<String>, events: mpsc::Sender<Event>) {
+async fn admin_reply<W: tokio::io::AsyncWrite + Unpin>(write: &mut W, reply: &AdminReply) -> bool {
+    let Ok(mut text) = serde_json::to_string(reply) else { return false };
+    text.push('\n');
+    tokio::time::timeout(ADMIN_LINE_TIMEOUT, write.write_all(text.as_bytes())).await.is_ok_and(|r| r.is_ok())
+}
+
+async fn admin_session(
+    stream: Box<dyn crate::peer::PeerIo>,
+    token: Option<String>,
+    slots: Arc<tokio::sync::Semaphore>,
+    events: mpsc::Sender<Event>,
+) {
     let (read, mut write) = tokio::io::split(stream);
     let mut reader = BufReader::new(read.take(admin::REQUEST_LEN_MAX as u64));
     let mut line = String::new();
-    let mut authenticated = token.is_none();
+    if let Some(token) = &token {
+        let first = tokio::time::timeout(ADMIN_TOKEN_TIMEOUT, (&mut reader).take(512).read_line(&mut line)).await;
+        let presented = line.trim_end().strip_prefix("TOKEN ").unwrap_or_default();
+        if !matches!(first, Ok(Ok(n)) if n > 0) || !admin::token_matches(presented, token) {
+            let reason = if admin::looks_like_http(&line) {
+                "HTTP is not spoken here"
+            } else {
+                "send TOKEN <admin token> first"
+            };
+            warn!(reason, "an admin connection without the right token: refused");
+            admin_reply(&mut write, &AdminReply::Error { temporary: false, reason: reason.into() }).await;
+            return;
+        }
+    }
+    let Ok(_permit) = slots.try_acquire_owned() else {
+        let busy = AdminReply::Error { temporary: true, reason: "too many admin connections".into() };
+        admin_reply(&mut write, &busy).await;
+        return;
+    };
     loop {
         line.clear();
         match tokio::time::timeout(ADMIN_LINE_TIMEOUT, reader.read_line(&mut line)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(_)) => {}
         }
-        let reply = if admin::looks_like_http(&line) {
+        if admin::looks_like_http(&line) {
             warn!("an HTTP request on the admin interface: refused");
-            Err("HTTP is not spoken here".to_string())
-        } else if !authenticated {
-            let presented = line.trim_end().strip_prefix("TOKEN ").unwrap_or_default();
-            if token.as_deref().is_some_and(|t| admin::token_matches(presented, t)) {
-                authenticated = true;
-                continue;
+            let refused = AdminReply::Error { temporary: false, reason: "HTTP is not spoken here".into() };
+            admin_reply(&mut write, &refused).await;
+            return;
+        }
+        let reply = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(request) => {
+                let Some(reply) = ask(&events, |reply| Event::Admin { request, reply }).await else { return };
+                reply
             }
-            warn!("an admin connection without the right token: refused");
-            Err("send TOKEN <admin token> first".to_string())
-        } else {
-            Ok(match serde_json::from_str::<AdminRequest>(&line) {
-                Ok(request) => {
-                    let Some(reply) = ask(&events, |reply| Event::Admin { request, reply }).await else { return };
-                    reply
-                }
-                Err(e) => AdminReply::Error { temporary: false, reason: format!("bad request: {e}") },
-            })
+            Err(e) => AdminReply::Error { temporary: false, reason: format!("bad request: {e}") },
         };
-        let (reply, close) = match reply {
-            Ok(r) => (r, false),
-            Err(reason) => (AdminReply::Error { temporary: false, reason }, true),
-        };
-        let Ok(mut text) = serde_json::to_string(&reply) else { return };
-        text.push('\n');
-        if write.write_all(text.as_bytes()).await.is_err() || close {
+        if !admin_reply(&mut write, &reply).await {
             return;
         }
     }

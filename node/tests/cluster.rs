@@ -271,4 +271,27 @@ fn mutual_tls_links_carry_replication_and_refuse_plain_peers() {
     assert!(!answer.contains("CHALLENGE"), "{answer:?}");
     assert!(harness::eventually(|| c.log(1).contains("TLS handshake")), "the refusal is logged");
     assert!(c.status(1).links.iter().all(|l| l.connected));
+    // Server 1's certificate (valid, signed by the CA) cannot speak for server 3.
+    let tls = tandem_node::tls::Tls::load(
+        &certs.path().join("node-1.pem"),
+        &certs.path().join("node-1.key"),
+        &certs.path().join("ca.pem"),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let refused = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(c.listen[1]).await.unwrap();
+        let name = tandem_node::tls::server_name(2).unwrap();
+        let stream = tls.connector.connect(name, tcp).await.unwrap();
+        let mut stream: tandem_node::peer::PeerStream = Box::new(stream);
+        tandem_node::peer::dial_handshake(
+            &mut stream,
+            tandem_core::types::Sid(3),
+            tandem_core::types::Sid(2),
+            harness::SECRET.as_bytes(),
+            false,
+        )
+        .await
+    });
+    assert!(refused.is_err_and(|e| e.0.contains("does not name tandem-3")));
 }

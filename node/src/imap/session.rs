@@ -33,8 +33,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str =
-    "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -193,7 +192,8 @@ impl Session {
     /// LOGINDISABLED; Dovecot's disable_plaintext_auth), except from loopback, which
     /// never crosses a network, or where the operator allows it.
     fn plaintext_refused(&self) -> bool {
-        self.starttls.is_some() && !self.secure && !self.peer_ip.is_loopback() && !self.front.allow_plaintext_auth
+        let trusted_loopback = self.peer_ip.is_loopback() && self.front.plaintext_auth_on_loopback;
+        self.starttls.is_some() && !self.secure && !trusted_loopback && !self.front.allow_plaintext_auth
     }
 
     /// The largest literal accepted now: a message after login, a few KiB before.
@@ -454,6 +454,24 @@ impl Session {
                 }
             }
             CommandBody::Rename { from, to } => self.rename(&mailbox_name(&from), &mailbox_name(&to)).await,
+            CommandBody::GetQuotaRoot { mailbox } => {
+                let user = self.user.clone().unwrap_or_default();
+                self.line(&format!("* QUOTAROOT {} \"\"", astring(&mailbox_name(&mailbox))));
+                let quota = self.front.quota_response(&self.node, &user).await;
+                self.line(&quota);
+                Ok("GETQUOTAROOT done".into())
+            }
+            CommandBody::GetQuota { root } => {
+                if !root.as_ref().is_empty() {
+                    Err("NO [NONEXISTENT] the only quota root is \"\"".into())
+                } else {
+                    let user = self.user.clone().unwrap_or_default();
+                    let quota = self.front.quota_response(&self.node, &user).await;
+                    self.line(&quota);
+                    Ok("GETQUOTA done".into())
+                }
+            }
+            CommandBody::SetQuota { .. } => Err("NO [NOPERM] quotas are set in the server's configuration".into()),
             _ if self.selected.is_none() => Err("NO select a mailbox first".into()),
             CommandBody::Fetch { sequence_set, macro_or_item_names, uid, modifiers } => {
                 self.fetch(&sequence_set, macro_or_item_names, uid, &modifiers).await
@@ -819,6 +837,10 @@ impl Session {
         if !self.mailbox_exists(name).await {
             return Err("NO [TRYCREATE] no such mailbox".into());
         }
+        let user = self.user.clone().unwrap_or_default();
+        if let Err(why) = self.front.within_quota(&self.node, &user, body.len() as u64, 1).await {
+            return Err(format!("NO [OVERQUOTA] {why}"));
+        }
         let received = received.unwrap_or_else(now_secs);
         let request = ClientRequest::Save { mailbox: self.key(name), received, flags, body };
         match self.node.request(request).await {
@@ -1068,6 +1090,13 @@ impl Session {
         }
         if !self.mailbox_exists(to).await {
             return Err("NO [TRYCREATE] no such mailbox".into());
+        }
+        if !moving {
+            let bytes: u64 = targets.iter().filter_map(|(_, u)| sel.view.get(u)).map(|m| u64::from(m.size)).sum();
+            let user = self.user.clone().unwrap_or_default();
+            if let Err(why) = self.front.within_quota(&self.node, &user, bytes, targets.len() as u64).await {
+                return Err(format!("NO [OVERQUOTA] {why}"));
+            }
         }
         let mut pairs = Vec::new();
         let mut uidvalidity = 0;

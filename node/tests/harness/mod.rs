@@ -19,6 +19,8 @@ pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Connections stay open but carry nothing (bytes are read and dropped).
+    frozen: Arc<AtomicBool>,
     live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -27,8 +29,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (c, l) = (cut.clone(), live.clone());
+        let (c, l, f) = (cut.clone(), live.clone(), frozen.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -45,15 +48,37 @@ impl Proxy {
                 live.push(server.try_clone().unwrap());
                 for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
                 {
+                    let f = f.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if f.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(Shutdown::Both);
                         let _ = from.shutdown(Shutdown::Both);
                     });
                 }
             }
         });
-        Proxy { addr, cut, live }
+        Proxy { addr, cut, frozen, live }
+    }
+
+    /// The link goes silent: connections stay open, nothing gets through.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
     }
 
     /// Drops every connection through the proxy and refuses new ones.
@@ -178,6 +203,16 @@ impl Cluster {
             .spawn()
             .expect("start tandem");
         self.procs[i] = Some(child);
+    }
+
+    /// Node `i`'s process id, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i].as_ref().map(|c| c.id())
+    }
+
+    /// Node `i`'s config file.
+    pub fn config(&self, i: usize) -> &std::path::Path {
+        &self.configs[i]
     }
 
     pub fn wait_up(&self, i: usize) {
