@@ -72,10 +72,19 @@ pub enum LoginError {
 impl Front {
     pub fn new(cfg: &NodeConfig) -> Front {
         Front {
-            users: cfg.users.clone(),
-            limits: cfg.limits.clone(),
             allow_plaintext_auth: cfg.allow_plaintext_auth,
             plaintext_auth_on_loopback: cfg.plaintext_auth_on_loopback,
+            ..Front::with(cfg.users.clone(), cfg.limits.clone())
+        }
+    }
+
+    /// Users and limits, plaintext passwords refused where TLS is offered.
+    pub fn with(users: Arc<Users>, limits: Limits) -> Front {
+        Front {
+            users,
+            limits,
+            allow_plaintext_auth: false,
+            plaintext_auth_on_loopback: true,
             checks: Arc::new(Semaphore::new(PASSWORD_CHECKS_MAX)),
             throttle: Arc::default(),
             sessions: Arc::default(),

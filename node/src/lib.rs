@@ -5,6 +5,9 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod front;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod imap;
 pub mod lmtp;
 pub mod metrics;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest};
 use tandem_core::msg::WriteResult;
 use tandem_core::types::MailboxKey;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 /// A command line (RFC 5321 allows 512 bytes; extensions make them longer).
@@ -38,7 +38,7 @@ pub async fn serve(listener: TcpListener, node: NodeHandle, front: Front, hostna
 }
 
 /// One line, CRLF or LF ended, at most LINE_LEN_MAX bytes; None at end of stream.
-async fn read_line(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Result<Option<String>, String> {
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<Option<String>, String> {
     let mut line = Vec::new();
     let read = tokio::time::timeout(IDLE_TIMEOUT, (&mut *r).take(LINE_LEN_MAX as u64 + 1).read_until(b'\n', &mut line))
         .await
@@ -63,9 +63,15 @@ fn path_arg(rest: &str) -> Option<String> {
     Some(rest[start + 1..end].to_string())
 }
 
-async fn session(stream: TcpStream, node: NodeHandle, front: Front, hostname: &str) -> Result<(), String> {
+/// One LMTP session on any byte stream (a TCP connection; the fuzzer's pipe).
+pub(crate) async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    node: NodeHandle,
+    front: Front,
+    hostname: &str,
+) -> Result<(), String> {
     let size_max = front.limits.message_size_max;
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut r = BufReader::new(read);
     let send = |mut text: String| {
         text.push_str("\r\n");
@@ -179,10 +185,7 @@ fn declared_size(rest: &str) -> Option<usize> {
 
 /// The message after DATA, dot-unstuffed; None (after reading it all, keeping none of
 /// it) when it exceeds `size_max` or has a line over [`DATA_LINE_LEN_MAX`].
-async fn read_data(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    size_max: usize,
-) -> Result<Option<Vec<u8>>, String> {
+async fn read_data<R: AsyncBufRead + Unpin>(r: &mut R, size_max: usize) -> Result<Option<Vec<u8>>, String> {
     let mut body = Vec::new();
     let mut too_big = false;
     let mut line = Vec::new();

@@ -146,6 +146,41 @@ pub struct Usage {
     pub messages: u64,
 }
 
+/// A node with no sockets and no disk, for the fuzzer: the core's writes are reported
+/// durable at once. It runs on the current runtime until every handle is dropped.
+#[cfg(feature = "fuzzing")]
+pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
+    let (events_tx, mut events) = mpsc::channel::<Event>(1024);
+    let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
+    let mut node = EventLoop::new(Server::new(core, 1), store_tx);
+    let handle = NodeHandle { events: events_tx };
+    tokio::spawn(async move {
+        node.drain();
+        loop {
+            // Everything the core asked to write is durable as soon as it is asked.
+            let mut upto = None;
+            let mut count = 0;
+            while let Ok(batch) = store_rx.try_recv() {
+                count += batch.len();
+                upto = batch.last().map(|(id, _)| *id).or(upto);
+            }
+            if let Some(upto) = upto {
+                node.on_event(Event::Durable { upto, writes: count });
+                continue;
+            }
+            let deadline = node.start + Duration::from_micros(node.server.poll_timeout().0);
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => node.on_event(event),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => node.input(Input::Timer),
+            }
+        }
+    });
+    handle
+}
+
 /// Runs a node until `shutdown` resolves or its store fails.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
     let store = Store::open(&cfg.data_dir).map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
@@ -188,17 +223,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tokio::spawn(serve_metrics(listener, events_tx.clone()));
     }
 
-    let mut node = EventLoop {
-        server,
-        start: TokioInstant::now(),
-        links: BTreeMap::new(),
-        pending: BTreeMap::new(),
-        next_request: 1,
-        writes: Vec::new(),
-        store: store_tx,
-        metrics: Metrics::default(),
-        last_store_warning: None,
-    };
+    let mut node = EventLoop::new(server, store_tx);
     node.drain();
     tokio::pin!(shutdown);
     loop {
@@ -216,6 +241,20 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
 }
 
 impl EventLoop {
+    fn new(server: Server, store: std::sync::mpsc::Sender<Vec<(WriteId, StoreWrite)>>) -> EventLoop {
+        EventLoop {
+            server,
+            start: TokioInstant::now(),
+            links: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_request: 1,
+            writes: Vec::new(),
+            store,
+            metrics: Metrics::default(),
+            last_store_warning: None,
+        }
+    }
+
     fn now(&self) -> tandem_core::Instant {
         tandem_core::Instant(self.start.elapsed().as_micros() as u64)
     }

@@ -9,8 +9,8 @@
 //! that use sequence numbers), and flag changes (FETCH) — whether made by this session,
 //! another one, another server, or a UID renumbering after a conflict.
 
-mod mime;
-mod session;
+pub(crate) mod mime;
+pub(crate) mod session;
 mod wire;
 
 pub use session::serve;

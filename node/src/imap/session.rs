@@ -67,27 +67,44 @@ pub async fn serve(
                 _ => Box::new(tcp),
             };
             let starttls = if implicit_tls { None } else { tls };
-            let mut session = Session {
-                stream,
-                node,
-                front,
-                peer_ip: addr.ip(),
-                login_deadline,
-                login: None,
-                user: None,
-                selected: None,
-                out: Vec::new(),
-                condstore: false,
-                qresync: false,
-                starttls,
-                secure: implicit_tls,
-            };
-            if let Err(e) = session.run().await {
+            let secure = implicit_tls;
+            if let Err(e) = run_session(stream, node, front, addr.ip(), login_deadline, starttls, secure, None).await {
                 debug!(%addr, error = %e, "IMAP session ended");
             }
         }
     })
     .await
+}
+
+/// One IMAP session on any byte stream; `logged_in` starts it as that user (the fuzzer
+/// reaches the commands behind LOGIN without paying for argon2).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_session(
+    stream: Box<dyn PeerIo>,
+    node: NodeHandle,
+    front: Front,
+    peer_ip: IpAddr,
+    login_deadline: tokio::time::Instant,
+    starttls: Option<TlsAcceptor>,
+    secure: bool,
+    logged_in: Option<String>,
+) -> Result<()> {
+    let mut session = Session {
+        stream,
+        node,
+        front,
+        peer_ip,
+        login_deadline,
+        login: None,
+        user: logged_in,
+        selected: None,
+        out: Vec::new(),
+        condstore: false,
+        qresync: false,
+        starttls,
+        secure,
+    };
+    session.run().await
 }
 
 struct Selected {
