@@ -95,6 +95,8 @@ impl Front {
     /// argon2 on the blocking pool, then counts the session against the user's limit.
     pub async fn login(&self, ip: IpAddr, user: &str, password: &[u8]) -> Result<UserSession, LoginError> {
         let wait = self.throttle.lock().map(|mut t| t.reserve(ip, user, Instant::now())).unwrap_or_default();
+        // Counted until the check is done or the client leaves, whichever comes first.
+        let _in_flight = InFlight { throttle: self.throttle.clone(), ip };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -161,6 +163,25 @@ impl Front {
     }
 }
 
+/// One login check under way from an address; the count goes down when it is dropped.
+struct InFlight {
+    throttle: Arc<Mutex<Throttle>>,
+    ip: IpAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.throttle.lock() {
+            match t.in_flight.get_mut(&self.ip) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    t.in_flight.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Penalty {
     failures: u32,
@@ -177,6 +198,9 @@ struct Throttle {
     users: BTreeMap<String, Penalty>,
     /// (user, address) pairs that logged in lately: the per-user spacing spares them.
     trusted: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Checks under way per address: parallel attempts from one address are spaced out
+    /// before any of them has failed (a burst of connections gets no free wave).
+    in_flight: BTreeMap<IpAddr, u32>,
 }
 
 fn penalty_of(failures: u32, free: u32, max: Duration) -> Duration {
@@ -213,7 +237,11 @@ impl Throttle {
         } else {
             Duration::ZERO
         };
-        by_ip.max(by_user)
+        let trusted = self.trusted.get(user).is_some_and(|s| s.contains(&ip));
+        let parallel = self.in_flight.entry(ip).or_insert(0);
+        let by_burst = if trusted { Duration::ZERO } else { (PENALTY_BASE * (*parallel).min(60)).min(IP_PENALTY_MAX) };
+        *parallel = parallel.saturating_add(1);
+        by_ip.max(by_user).max(by_burst)
     }
 
     fn failed(&mut self, ip: IpAddr, user: &str, now: Instant) {
@@ -285,18 +313,27 @@ mod tests {
         }
         // Ten parallel attempts from the attacker wait for successive slots.
         let waits: Vec<Duration> = (0..10).map(|_| t.reserve(attacker, "alice", now)).collect();
+        t.in_flight.clear();
         assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
         assert!(waits[9] >= Duration::from_secs(15), "{waits:?}");
         assert!(waits[9] <= IP_PENALTY_MAX * 2, "{waits:?}");
         // A clean address is not held up by the attack on its user.
         assert_eq!(t.reserve(honest, "alice", now), Duration::ZERO);
+        t.in_flight.clear();
         // An address that failed once waits for the user's spacing too.
         t.failed(honest, "alice", now);
         assert!(t.reserve(honest, "alice", now) > Duration::ZERO);
+        t.in_flight.clear();
         t.succeeded(honest, "alice");
         assert_eq!(t.reserve(honest, "alice", now), Duration::ZERO);
+        t.in_flight.clear();
         // And another user is not slowed down from a fresh address.
         assert_eq!(t.reserve(honest, "bob", now), Duration::ZERO);
+        t.in_flight.clear();
+        // A burst from a fresh address is spaced before any attempt has failed.
+        let burst: IpAddr = [10, 0, 0, 9].into();
+        let waits: Vec<Duration> = (0..4).map(|_| t.reserve(burst, "carol", now)).collect();
+        assert_eq!(waits, vec![Duration::ZERO, PENALTY_BASE, PENALTY_BASE * 2, PENALTY_BASE * 3]);
         // Everything is forgotten in time.
         let later = now + THROTTLE_MEMORY + Duration::from_secs(1);
         assert_eq!(t.reserve(attacker, "alice", later), Duration::ZERO);
