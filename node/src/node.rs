@@ -540,13 +540,23 @@ fn spawn_store_thread(
     std::thread::spawn(move || {
         let mut store = Some(store);
         let mut backoff = STORE_RETRY_MIN;
-        while let Ok(mut batch) = batches.recv() {
+        while let Ok(first) = batches.recv() {
+            // Moved out of the batches once; a failed commit retries these same writes,
+            // with whatever arrived meanwhile appended in order.
+            let mut upto = None;
+            let mut writes: Vec<StoreWrite> = Vec::new();
+            fn absorb(batch: Vec<(WriteId, StoreWrite)>, upto: &mut Option<WriteId>, writes: &mut Vec<StoreWrite>) {
+                for (id, write) in batch {
+                    *upto = Some(id);
+                    writes.push(write);
+                }
+            }
+            absorb(first, &mut upto, &mut writes);
             loop {
                 while let Ok(more) = batches.try_recv() {
-                    batch.extend(more);
+                    absorb(more, &mut upto, &mut writes);
                 }
-                let Some(upto) = batch.last().map(|(id, _)| *id) else { break };
-                let writes: Vec<StoreWrite> = batch.iter().map(|(_, w)| w.clone()).collect();
+                let Some(upto) = upto else { break };
                 let result = match &store {
                     Some(s) => s.apply(&writes).map_err(|e| e.to_string()),
                     None => Store::open(&path).map_err(|e| e.to_string()).and_then(|s| {
