@@ -730,12 +730,11 @@ where
             continue;
         }
         let work = session(stream, addr);
-        let counts = counts.clone();
+        // Given back when the session ends, however it ends (a panic included).
+        let slot = Admitted { counts: counts.clone(), ip: addr.ip() };
         tokio::spawn(async move {
+            let _slot = slot;
             work.await;
-            if let Ok(mut c) = counts.lock() {
-                c.release(addr.ip());
-            }
         });
     }
 }
@@ -746,6 +745,20 @@ pub(crate) struct SessionLimits {
     pub connections_max: usize,
     pub per_ip_max: usize,
     pub refuse: &'static str,
+}
+
+/// A session's place in its listener's counts.
+struct Admitted {
+    counts: Arc<std::sync::Mutex<ConnectionCounts>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.release(self.ip);
+        }
+    }
 }
 
 #[derive(Default)]
