@@ -3,7 +3,7 @@
 //! and the count of sessions per user.
 
 use crate::config::{Limits, NodeConfig};
-use crate::node::NodeHandle;
+use crate::node::{NodeHandle, SessionLimits};
 use crate::users::Users;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -88,6 +88,15 @@ impl Front {
             checks: Arc::new(Semaphore::new(PASSWORD_CHECKS_MAX)),
             throttle: Arc::default(),
             sessions: Arc::default(),
+        }
+    }
+
+    /// A listener's connection limits, and the line a connection over them gets.
+    pub(crate) fn session_limits(&self, refuse: &'static str) -> SessionLimits {
+        SessionLimits {
+            connections_max: self.limits.connections_max,
+            per_ip_max: self.limits.connections_per_ip_max,
+            refuse,
         }
     }
 

@@ -4,7 +4,7 @@
 //! is not (the MTA keeps the mail and retries), 550 for unknown users (at RCPT).
 
 use crate::front::Front;
-use crate::node::{NodeHandle, SessionLimits};
+use crate::node::NodeHandle;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest};
 use tandem_core::msg::WriteResult;
@@ -21,11 +21,7 @@ const DATA_LINE_LEN_MAX: usize = 1024 * 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn serve(listener: TcpListener, node: NodeHandle, front: Front, hostname: String) {
-    let limits = SessionLimits {
-        connections_max: front.limits.connections_max,
-        per_ip_max: front.limits.connections_per_ip_max,
-        refuse: "421 4.3.2 too many connections, try again later\r\n",
-    };
+    let limits = front.session_limits("421 4.3.2 too many connections, try again later\r\n");
     crate::node::serve_sessions(listener, limits, move |stream, addr| {
         let (node, front, hostname) = (node.clone(), front.clone(), hostname.clone());
         async move {

@@ -89,10 +89,6 @@ impl Users {
         None
     }
 
-    pub fn exists(&self, name: &str) -> bool {
-        self.hashes.contains_key(name)
-    }
-
     /// True when `password` is this user's. Unknown users cost the same work as known
     /// ones, so timing does not tell which names exist.
     pub fn verify(&self, name: &str, password: &[u8]) -> bool {

@@ -1,7 +1,7 @@
 use super::mime;
 use super::wire::{astring, literal, quoted_or_literal};
 use crate::front::{Front, LoginError, UserSession};
-use crate::node::{NodeHandle, SessionLimits};
+use crate::node::NodeHandle;
 use crate::peer::PeerIo;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
@@ -44,11 +44,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     implicit_tls: bool,
 ) {
-    let limits = SessionLimits {
-        connections_max: front.limits.connections_max,
-        per_ip_max: front.limits.connections_per_ip_max,
-        refuse: "* BYE [UNAVAILABLE] too many connections, try again later\r\n",
-    };
+    let limits = front.session_limits("* BYE [UNAVAILABLE] too many connections, try again later\r\n");
     crate::node::serve_sessions(listener, limits, move |tcp, addr| {
         let (node, front, tls) = (node.clone(), front.clone(), tls.clone());
         async move {
@@ -1548,17 +1544,14 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
 
 /// Sorted UIDs as an IMAP set with ranges: 1:3,7,9:10.
 fn uid_set(uids: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < uids.len() {
-        let mut j = i;
-        while j + 1 < uids.len() && uids[j + 1] == uids[j] + 1 {
-            j += 1;
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &u in uids {
+        match runs.last_mut() {
+            Some(run) if run.1.checked_add(1) == Some(u) => run.1 = u,
+            _ => runs.push((u, u)),
         }
-        parts.push(if i == j { uids[i].to_string() } else { format!("{}:{}", uids[i], uids[j]) });
-        i = j + 1;
     }
-    parts.join(",")
+    range_set(&runs)
 }
 
 fn has(flags: &[Flag], name: &str) -> bool {
@@ -1633,6 +1626,7 @@ mod tests {
             vec![(1, 1), (4, 5), (20, 24), (26, 3_999_999_999)]
         );
         assert_eq!(range_set(&i.absent(&[], 3)), "1:3");
+        assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
         let set: SequenceSet = "1:*".parse().unwrap();
         assert_eq!(Intervals::new(&set, u32::MAX).absent(&[u32::MAX], u32::MAX), vec![(1, u32::MAX - 1)]);
     }
