@@ -111,7 +111,8 @@ impl Default for Limits {
         Limits {
             message_size_max: 50 * 1024 * 1024,
             imap_line_len_max: 64 * 1024,
-            imap_prelogin_len_max: 8 * 1024,
+            // RFC 2971 lets a client send ID with 30 pairs of up to 1024 bytes before login.
+            imap_prelogin_len_max: 64 * 1024,
             connections_max: 1024,
             connections_per_ip_max: 64,
             connections_per_user_max: 32,

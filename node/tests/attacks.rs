@@ -308,6 +308,10 @@ fn oversize_lines_and_literals_are_refused_before_they_are_buffered() {
     imap.w.write_all(b"a LOGIN {67108864}\r\n").unwrap();
     let answer = imap.line();
     assert!(answer.starts_with("a BAD [TOOBIG]"), "{answer}");
+    // RFC 2971's largest ID (30 pairs, values of 1024 bytes) fits before login.
+    let pairs: Vec<String> = (0..30).map(|i| format!("\"k{i}\" \"{}\"", "v".repeat(1024))).collect();
+    let (_, done) = imap.run(&format!("ID ({})", pairs.join(" ")));
+    assert!(done.contains("OK"), "{done}");
     // Eight connections each sending a 60 MiB line: each is closed after a few KiB.
     let senders: Vec<_> = (0..8)
         .map(|_| {
