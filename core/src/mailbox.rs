@@ -323,6 +323,28 @@ fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, r
     }
 }
 
+/// The foreign tombstones a replica applies now. A retirement whose replacement binding
+/// cannot be placed here is not applied yet: our binding stays live (with its flag
+/// changes) until the master settles it, and `unresolved` is set.
+fn replica_tombstones(m: &StoredMailbox, foreign: &MailboxState, out: &mut MergeOutcome) -> Vec<Tombstone> {
+    let placeable = |r: &MessageRecord| {
+        !m.tombstones.contains_key(&(r.uid, r.guid))
+            && m.messages.get(&r.uid).is_none_or(|ours| ours.guid == r.guid)
+            && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).all(|((_, g), _)| *g == r.guid)
+    };
+    let mut tombstones = Vec::new();
+    for t in &foreign.tombstones {
+        let ours_live = m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid);
+        let replacement = foreign.messages.iter().find(|r| r.guid == t.guid && r.uid != t.uid);
+        if !t.expunged && ours_live && !replacement.is_some_and(placeable) {
+            out.unresolved = true;
+            continue;
+        }
+        tombstones.push(*t);
+    }
+    tombstones
+}
+
 /// Joins `foreign` into `m` at a server that is not the master. A record that would put
 /// a second GUID on a UID this server holds (live or as a tombstone) is refused and
 /// `unresolved` set: binding that UID would show a client two messages under one UID.
@@ -333,23 +355,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         return out;
     }
     out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
-    // A retirement whose replacement binding cannot be placed here is not applied yet:
-    // our binding stays live (with its flag changes) until the master settles it.
-    let placeable = |m: &StoredMailbox, r: &MessageRecord| {
-        !m.tombstones.contains_key(&(r.uid, r.guid))
-            && m.messages.get(&r.uid).is_none_or(|ours| ours.guid == r.guid)
-            && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).all(|((_, g), _)| *g == r.guid)
-    };
-    let mut tombstones = Vec::new();
-    for t in &foreign.tombstones {
-        let ours_live = m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid);
-        let replacement = foreign.messages.iter().find(|r| r.guid == t.guid && r.uid != t.uid);
-        if !t.expunged && ours_live && !replacement.is_some_and(|r| placeable(m, r)) {
-            out.unresolved = true;
-            continue;
-        }
-        tombstones.push(*t);
-    }
+    let tombstones = replica_tombstones(m, foreign, &mut out);
     let carried = retire_bindings(m, &tombstones, &mut out);
     expunge_everywhere(m, &tombstones, &mut out);
     if !rules.ignore_tombstones
@@ -413,205 +419,274 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 /// Joins `foreign` into `m` at the mailbox master, deciding every conflict: both sides
 /// of a UID conflict (two GUIDs on one UID, or a live GUID on a UID another GUID was
 /// expunged from) get new UIDs above every UID either side used, in (old UID, GUID)
-/// order, and the old UID is retired with a tombstone per GUID. `me` stamps the merge.
+/// order, and the old UID is retired with a tombstone per GUID. The merge is one change
+/// at one new modseq.
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
-    let mut out = MergeOutcome::default();
     let same_validity = foreign.uidvalidity == m.uidvalidity;
+    let mut merge = MasterMerge {
+        modseq: m.highest_modseq.max(foreign.highest_modseq).saturating_add(1),
+        // Messages a client expunged (here or on a copy we merged before).
+        ours_dead: m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect(),
+        ours_live: BTreeMap::new(),
+        m,
+        foreign,
+        rules,
+        same_validity,
+        movers: BTreeMap::new(),
+        carried: BTreeMap::new(),
+        out: MergeOutcome::default(),
+    };
     if same_validity {
-        out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
+        merge.out.lifecycle_changed = merge.m.lifecycle.join(&foreign.lifecycle);
+        merge.take_tombstones();
+        expunge_everywhere(merge.m, &foreign.tombstones, &mut merge.out);
     }
-    let modseq = m.highest_modseq.max(foreign.highest_modseq).saturating_add(1);
-    // Messages that must move to a new UID: (old uid, guid, record to move).
-    let mut movers: BTreeMap<(Uid, Guid), MessageRecord> = BTreeMap::new();
-    // Messages a client expunged (here or on a copy we merged before).
-    let ours_dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
-    let mut carried: BTreeMap<Guid, MessageRecord> = BTreeMap::new();
-    if same_validity {
-        for t in &foreign.tombstones {
+    // Where each of their messages is live here (its latest binding) once their
+    // tombstones are in, as before any record is placed: an index lookup per record, not
+    // a mailbox scan.
+    merge.ours_live =
+        foreign.messages.iter().filter_map(|r| merge.m.messages.last_uid_of(r.guid).map(|uid| (r.guid, uid))).collect();
+    for r in &foreign.messages {
+        merge.place(r);
+    }
+    bump_meta(merge.m, foreign.uidnext, foreign.highest_modseq, &mut merge.out);
+    merge.retire_duplicates();
+    merge.move_off_retired_uids();
+    merge.renumber_movers();
+    merge.finish()
+}
+
+/// One master merge in progress (see [`merge_as_master`]).
+struct MasterMerge<'a> {
+    m: &'a mut StoredMailbox,
+    foreign: &'a MailboxState,
+    rules: &'a MergeRules,
+    same_validity: bool,
+    /// The merge's one new modseq.
+    modseq: ModSeq,
+    ours_dead: BTreeSet<Guid>,
+    ours_live: BTreeMap<Guid, Uid>,
+    /// Messages that must move to a new UID, by (old uid, guid).
+    movers: BTreeMap<(Uid, Guid), MessageRecord>,
+    /// Our records of bindings their tombstones retire: the flag changes follow.
+    carried: BTreeMap<Guid, MessageRecord>,
+    out: MergeOutcome,
+}
+
+impl MasterMerge<'_> {
+    /// Their tombstones join ours; a live message of ours on a UID they retired for
+    /// another message must move.
+    fn take_tombstones(&mut self) {
+        for t in &self.foreign.tombstones {
             if !t.expunged
-                && let Some(ours) = m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
+                && let Some(ours) = self.m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
             {
-                carried.insert(ours.guid, ours.clone());
+                self.carried.insert(ours.guid, ours.clone());
             }
-            if m.tombstones.contains_key(&(t.uid, t.guid)) {
-                add_tombstone(m, *t, &mut out);
+            if self.m.tombstones.contains_key(&(t.uid, t.guid)) {
+                add_tombstone(self.m, *t, &mut self.out);
                 continue;
             }
-            if let Some(ours) = m.messages.get(&t.uid)
+            if let Some(ours) = self.m.messages.get(&t.uid)
                 && ours.guid != t.guid
-                && !rules.ignore_tombstones
+                && !self.rules.ignore_tombstones
             {
                 // The seed's FIXME: the other side expunged another message from this
                 // UID. Ours must move too.
-                out.tombstone_conflict = true;
-                movers.insert((ours.uid, ours.guid), ours.clone());
+                self.out.tombstone_conflict = true;
+                self.movers.insert((ours.uid, ours.guid), ours.clone());
             }
-            add_tombstone(m, *t, &mut out);
+            add_tombstone(self.m, *t, &mut self.out);
         }
     }
-    if same_validity {
-        expunge_everywhere(m, &foreign.tombstones, &mut out);
-    }
-    // Where each of their messages is live here (its latest binding), as before the
-    // loop below changes anything: an index lookup per record, not a mailbox scan.
-    let ours_live: BTreeMap<Guid, Uid> =
-        foreign.messages.iter().filter_map(|r| m.messages.last_uid_of(r.guid).map(|uid| (r.guid, uid))).collect();
-    for r in &foreign.messages {
-        if !same_validity {
+
+    /// One of their records: joined with ours, placed at its UID, or marked to move.
+    fn place(&mut self, r: &MessageRecord) {
+        if !self.same_validity {
             // Their UIDs mean nothing here: every message of theirs we lack is new.
-            if !ours_live.contains_key(&r.guid) && !ours_dead.contains(&r.guid) {
-                movers.insert((r.uid, r.guid), r.clone());
+            if !self.ours_live.contains_key(&r.guid) && !self.ours_dead.contains(&r.guid) {
+                self.movers.insert((r.uid, r.guid), r.clone());
             }
-            continue;
+            return;
         }
-        if m.tombstones.contains_key(&(r.uid, r.guid)) {
-            follow_guid(m, r, rules, &mut out);
-            continue;
+        if self.m.tombstones.contains_key(&(r.uid, r.guid)) {
+            follow_guid(self.m, r, self.rules, &mut self.out);
+            return;
         }
         let mut r = r.clone();
-        carry_flags(&carried, &mut r, rules);
-        if let Some(&our_uid) = ours_live.get(&r.guid) {
-            if r.uid > our_uid {
-                // Same message under a higher UID there: renumbering only ever moves a
-                // message up, so theirs is the later binding. Ours retires, and theirs is
-                // placed below like any record (it may meet a conflict on its UID).
-                if let Some(ours) = m.messages.remove(&our_uid) {
-                    add_tombstone(m, Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false }, &mut out);
-                    out.removed.push(our_uid);
-                    join_flags_by(&mut r.flags, &ours.flags, rules);
-                    r.modseq = r.modseq.max(ours.modseq);
-                }
-            } else {
-                if our_uid != r.uid {
-                    // Same message here under a higher UID: retire their binding, keep
-                    // ours, take their flag changes.
-                    add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
-                }
-                if let Some(ours) = m.messages.get_mut(&our_uid) {
-                    let flags_changed = join_flags_by(&mut ours.flags, &r.flags, rules);
-                    if flags_changed {
-                        ours.modseq = modseq;
-                        out.records.push(ours.clone());
-                    } else if r.modseq > ours.modseq {
-                        // A copy saw a later change of this message (from an earlier
-                        // master): adopt its modseq rather than make a new one, so two
-                        // servers that both think they master the mailbox do not outbid
-                        // each other forever.
-                        ours.modseq = r.modseq;
-                        out.records.push(ours.clone());
-                    }
-                }
-                continue;
+        carry_flags(&self.carried, &mut r, self.rules);
+        if let Some(&our_uid) = self.ours_live.get(&r.guid)
+            && self.join_live(&mut r, our_uid)
+        {
+            return;
+        }
+        if self.ours_dead.contains(&r.guid) {
+            // Expunged here under another UID: the expunge wins.
+            let t = Tombstone { uid: r.uid, guid: r.guid, modseq: self.modseq, expunged: false };
+            add_tombstone(self.m, t, &mut self.out);
+            return;
+        }
+        self.place_at_uid(r);
+    }
+
+    /// Their record of a message live here at `our_uid`. True when that settles it;
+    /// false when theirs is the later binding (ours retired) and must still be placed.
+    fn join_live(&mut self, r: &mut MessageRecord, our_uid: Uid) -> bool {
+        let (rules, modseq) = (self.rules, self.modseq);
+        if r.uid > our_uid {
+            // Same message under a higher UID there: renumbering only ever moves a
+            // message up, so theirs is the later binding. Ours retires, and theirs is
+            // placed like any record (it may meet a conflict on its UID).
+            if let Some(ours) = self.m.messages.remove(&our_uid) {
+                add_tombstone(self.m, Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false }, &mut self.out);
+                self.out.removed.push(our_uid);
+                join_flags_by(&mut r.flags, &ours.flags, rules);
+                r.modseq = r.modseq.max(ours.modseq);
+            }
+            return false;
+        }
+        if our_uid != r.uid {
+            // Same message here under a higher UID: retire their binding, keep ours,
+            // take their flag changes.
+            add_tombstone(self.m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut self.out);
+        }
+        if let Some(ours) = self.m.messages.get_mut(&our_uid) {
+            if join_flags_by(&mut ours.flags, &r.flags, rules) {
+                ours.modseq = modseq;
+                self.out.records.push(ours.clone());
+            } else if r.modseq > ours.modseq {
+                // A copy saw a later change of this message (from an earlier master):
+                // adopt its modseq rather than make a new one, so two servers that both
+                // think they master the mailbox do not outbid each other forever.
+                ours.modseq = r.modseq;
+                self.out.records.push(ours.clone());
             }
         }
-        if ours_dead.contains(&r.guid) {
-            // Expunged here under another UID: the expunge wins.
-            add_tombstone(m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut out);
-            continue;
-        }
-        match m.messages.get(&r.uid) {
+        true
+    }
+
+    /// A message new here at its own UID, unless that UID is taken or was retired.
+    fn place_at_uid(&mut self, r: MessageRecord) {
+        match self.m.messages.get(&r.uid) {
             Some(ours) => {
                 // Two GUIDs on one UID: both move.
-                movers.insert((ours.uid, ours.guid), ours.clone());
-                movers.insert((r.uid, r.guid), r.clone());
+                self.movers.insert((ours.uid, ours.guid), ours.clone());
+                self.movers.insert((r.uid, r.guid), r);
             }
             None => {
-                let retired = !rules.ignore_tombstones
-                    && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                let retired = !self.rules.ignore_tombstones
+                    && self.m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
                 if retired {
-                    out.tombstone_conflict = true;
-                    movers.insert((r.uid, r.guid), r.clone());
-                } else {
-                    let mut rec = r.clone();
-                    rec.modseq = modseq;
-                    m.messages.insert(rec.uid, rec.clone());
-                    out.records.push(rec);
-                    let next = r.uid.saturating_add(1);
-                    if next > m.uidnext {
-                        m.uidnext = next;
-                        out.meta_changed = true;
-                    }
+                    self.out.tombstone_conflict = true;
+                    self.movers.insert((r.uid, r.guid), r);
+                    return;
+                }
+                let next = r.uid.saturating_add(1);
+                let rec = MessageRecord { modseq: self.modseq, ..r };
+                self.m.messages.insert(rec.uid, rec.clone());
+                self.out.records.push(rec);
+                if next > self.m.uidnext {
+                    self.m.uidnext = next;
+                    self.out.meta_changed = true;
                 }
             }
         }
     }
-    bump_meta(m, foreign.uidnext, foreign.highest_modseq, &mut out);
-    // One message live at two UIDs (two masters renumbered it differently): the highest
-    // UID keeps it (the latest binding), with both copies' flag changes; the others retire.
-    let mut duplicates: Vec<(Uid, Uid)> = Vec::new();
-    for guid in m.messages.duplicated() {
-        let uids: Vec<Uid> = m.messages.uids_of(*guid).collect();
-        if let Some((keep, lower)) = uids.split_last() {
-            duplicates.extend(lower.iter().map(|drop| (*keep, *drop)));
-        }
-    }
-    // In UID order of the binding that retires, as a walk over the mailbox gives them.
-    duplicates.sort_by_key(|(_, drop)| *drop);
-    for (keep, drop) in duplicates {
-        let Some(dropped) = m.messages.get(&drop).cloned() else { continue };
-        add_tombstone(m, Tombstone { uid: drop, guid: dropped.guid, modseq, expunged: false }, &mut out);
-        if let Some(kept) = m.messages.get_mut(&keep) {
-            join_flags_by(&mut kept.flags, &dropped.flags, rules);
-            kept.modseq = modseq;
-            out.records.push(kept.clone());
-        }
-    }
-    // A live message on a UID that another message was expunged from or retired from
-    // (however the two met here) moves too: the UID was shown as that other message.
-    for (uid, guid) in m.tombstones.keys() {
-        if let Some(ours) = m.messages.get(uid)
-            && ours.guid != *guid
-            && !rules.ignore_tombstones
-        {
-            out.tombstone_conflict = true;
-            movers.insert((ours.uid, ours.guid), ours.clone());
-        }
-    }
-    if !movers.is_empty() {
-        let mut next_uid = m.uidnext.max(foreign.uidnext);
-        let mut moved_guids = BTreeSet::new();
-        for ((old_uid, guid), rec) in movers {
-            if same_validity || m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
-                add_tombstone(m, Tombstone { uid: old_uid, guid, modseq, expunged: false }, &mut out);
+
+    /// One message live at two UIDs (two masters renumbered it differently): the highest
+    /// UID keeps it (the latest binding), with both copies' flag changes; the others
+    /// retire, in UID order of the binding that retires.
+    fn retire_duplicates(&mut self) {
+        let mut duplicates: Vec<(Uid, Uid)> = Vec::new();
+        for guid in self.m.messages.duplicated() {
+            let uids: Vec<Uid> = self.m.messages.uids_of(*guid).collect();
+            if let Some((keep, lower)) = uids.split_last() {
+                duplicates.extend(lower.iter().map(|drop| (*keep, *drop)));
             }
-            if !moved_guids.insert(guid) || m.messages.has_guid(guid) {
+        }
+        duplicates.sort_by_key(|(_, drop)| *drop);
+        for (keep, drop) in duplicates {
+            let Some(dropped) = self.m.messages.get(&drop).cloned() else { continue };
+            let t = Tombstone { uid: drop, guid: dropped.guid, modseq: self.modseq, expunged: false };
+            add_tombstone(self.m, t, &mut self.out);
+            if let Some(kept) = self.m.messages.get_mut(&keep) {
+                join_flags_by(&mut kept.flags, &dropped.flags, self.rules);
+                kept.modseq = self.modseq;
+                self.out.records.push(kept.clone());
+            }
+        }
+    }
+
+    /// A live message on a UID that another message was expunged from or retired from
+    /// (however the two met here) moves too: the UID was shown as that other message.
+    fn move_off_retired_uids(&mut self) {
+        for (uid, guid) in self.m.tombstones.keys() {
+            if let Some(ours) = self.m.messages.get(uid)
+                && ours.guid != *guid
+                && !self.rules.ignore_tombstones
+            {
+                self.out.tombstone_conflict = true;
+                self.movers.insert((ours.uid, ours.guid), ours.clone());
+            }
+        }
+    }
+
+    /// Movers get new UIDs above every UID either side used, in (old UID, GUID) order.
+    fn renumber_movers(&mut self) {
+        if self.movers.is_empty() {
+            return;
+        }
+        let mut next_uid = self.m.uidnext.max(self.foreign.uidnext);
+        let mut moved_guids = BTreeSet::new();
+        for ((old_uid, guid), rec) in std::mem::take(&mut self.movers) {
+            if self.same_validity || self.m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
+                let t = Tombstone { uid: old_uid, guid, modseq: self.modseq, expunged: false };
+                add_tombstone(self.m, t, &mut self.out);
+            }
+            if !moved_guids.insert(guid) || self.m.messages.has_guid(guid) {
                 // Already moved, or still live at another UID: nothing more to place.
                 continue;
             }
-            let mut moved = rec;
-            moved.uid = next_uid;
-            moved.modseq = modseq;
+            let moved = MessageRecord { uid: next_uid, modseq: self.modseq, ..rec };
             next_uid = next_uid.saturating_add(1);
-            m.messages.insert(moved.uid, moved.clone());
-            out.records.push(moved);
-            out.renumbered += 1;
+            self.m.messages.insert(moved.uid, moved.clone());
+            self.out.records.push(moved);
+            self.out.renumbered += 1;
         }
-        m.uidnext = next_uid;
-        out.meta_changed = true;
+        self.m.uidnext = next_uid;
+        self.out.meta_changed = true;
     }
-    if !out.records.is_empty() || !out.tombstones.is_empty() || !out.removed.is_empty() {
-        // The merge is one change at one new modseq. (A merge that only learned a higher
-        // UIDNEXT/HIGHESTMODSEQ takes theirs and makes no new modseq, so two servers that
-        // both think they master the mailbox cannot bump each other forever.)
-        m.highest_modseq = m.highest_modseq.max(modseq);
-        out.meta_changed = true;
-    }
-    // A retired binding travels with the binding that replaces it: a copy that learns
-    // (uid, guid) is dead must also learn where the message lives now, or it would lose
-    // the message (and later take the tombstone for an expunge).
-    for t in out.tombstones.clone() {
-        if let Some(uid) = m.messages.last_uid_of(t.guid)
-            && !out.records.iter().any(|r| r.uid == uid)
-            && let Some(r) = m.messages.get(&uid)
-        {
-            out.records.push(r.clone());
+
+    fn finish(self) -> MergeOutcome {
+        let MasterMerge { m, rules, modseq, mut out, .. } = self;
+        if !out.records.is_empty() || !out.tombstones.is_empty() || !out.removed.is_empty() {
+            // The merge is one change at one new modseq. (A merge that only learned a
+            // higher UIDNEXT/HIGHESTMODSEQ takes theirs and makes no new modseq, so two
+            // servers that both think they master the mailbox cannot bump each other
+            // forever.)
+            m.highest_modseq = m.highest_modseq.max(modseq);
+            out.meta_changed = true;
         }
+        // A retired binding travels with the binding that replaces it: a copy that learns
+        // (uid, guid) is dead must also learn where the message lives now, or it would
+        // lose the message (and later take the tombstone for an expunge).
+        for t in out.tombstones.clone() {
+            if let Some(uid) = m.messages.last_uid_of(t.guid)
+                && !out.records.iter().any(|r| r.uid == uid)
+                && let Some(r) = m.messages.get(&uid)
+            {
+                out.records.push(r.clone());
+            }
+        }
+        debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
+        debug_assert!(m.messages.index_consistent(), "the GUID index disagrees with the records");
+        debug_assert!(
+            rules.ignore_tombstones || no_retired_uid_live(m),
+            "a live UID is also retired for another message"
+        );
+        debug_assert!(m.messages.keys().all(|&u| u < m.uidnext), "a live UID is not below UIDNEXT");
+        out
     }
-    debug_assert!(unique_guids(m), "a GUID is live at two UIDs after a master merge");
-    debug_assert!(m.messages.index_consistent(), "the GUID index disagrees with the records");
-    debug_assert!(rules.ignore_tombstones || no_retired_uid_live(m), "a live UID is also retired for another message");
-    debug_assert!(m.messages.keys().all(|&u| u < m.uidnext), "a live UID is not below UIDNEXT");
-    out
 }
 
 /// No live message sits on a UID that is tombstoned for another message.

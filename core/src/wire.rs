@@ -788,6 +788,12 @@ fn parse_tag(word: &[u8]) -> Option<(Sid, Sid, u8)> {
 
 fn write_msg(w: &mut Writer, msg: &Msg) {
     w.atom(msg.name());
+    write_fields(w, msg);
+}
+
+/// The fields of routing, root and mastership messages (the rest: see
+/// `write_replication_msg`).
+fn write_fields(w: &mut Writer, msg: &Msg) {
     match msg {
         Msg::LinkState { origin, seq, epoch, neighbors } => {
             w.sid(*origin).num(*seq).num(*epoch).list(neighbors, |w, &s| {
@@ -818,25 +824,41 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
             write_master_key(w, key);
             w.num(*epoch).num(*generation).list(states, write_state);
         }
+        other => write_replication_msg(w, other),
+    }
+}
+
+fn write_reply(w: &mut Writer, tag: u64, master: Option<Sid>, result: &WriteResult, record: Option<&MessageRecord>) {
+    w.num(tag).opt(master, |w, s| {
+        w.sid(s);
+    });
+    write_result(w, result);
+    match record {
+        Some(r) => {
+            w.atom("RECORD");
+            write_record(w, r);
+        }
+        None => {
+            w.atom("NIL");
+        }
+    }
+}
+
+/// The fields of requests, replies, log changes, summaries, SYNCs and bodies.
+fn write_replication_msg(w: &mut Writer, msg: &Msg) {
+    match msg {
+        Msg::LinkState { .. }
+        | Msg::Root { .. }
+        | Msg::Dropped { .. }
+        | Msg::Who { .. }
+        | Msg::MasterIs { .. }
+        | Msg::MasterMove { .. }
+        | Msg::MoveDone { .. } => debug_assert!(false, "{} is written by write_fields", msg.name()),
         Msg::Request { tag, request } => {
             w.num(*tag);
             write_request(w, request);
         }
-        Msg::Reply { tag, master, result, record } => {
-            w.num(*tag).opt(*master, |w, s| {
-                w.sid(s);
-            });
-            write_result(w, result);
-            match record {
-                Some(r) => {
-                    w.atom("RECORD");
-                    write_record(w, r);
-                }
-                None => {
-                    w.atom("NIL");
-                }
-            }
-        }
+        Msg::Reply { tag, master, result, record } => write_reply(w, *tag, *master, result, record.as_ref()),
         Msg::Change { seq, change } => {
             w.num(*seq);
             write_change(w, change);

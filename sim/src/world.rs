@@ -141,6 +141,9 @@ struct Node {
     server: Option<Server>,
     disk: DiskImage,
     pending: Vec<(WriteId, StoreWrite)>,
+    /// Debug builds: the image a fresh start plus every write the server emitted makes,
+    /// which must equal the server's own image after every input (one mutation path).
+    replayed: Option<DiskImage>,
     fsync_in_flight: bool,
     incarnation: u64,
     lost: bool,
@@ -283,6 +286,7 @@ impl World {
                     server: None,
                     disk: DiskImage::default(),
                     pending: Vec::new(),
+                    replayed: None,
                     fsync_in_flight: false,
                     incarnation: 0,
                     lost: false,
@@ -519,6 +523,7 @@ impl World {
         node.timer_at = None;
         node.lost = false;
         let mut server = Server::recover(cfg, node.disk.clone(), seed);
+        node.replayed = cfg!(debug_assertions).then(|| node.disk.clone());
         server.keep_notes(self.opts.trace || self.opts.tail);
         node.server = Some(server);
         let incarnation = node.incarnation;
@@ -607,6 +612,7 @@ impl World {
     }
 
     fn drain(&mut self, sid: Sid) {
+        let mut wrote = false;
         loop {
             let Some(node) = self.nodes.get_mut(&sid) else { return };
             let Some(server) = node.server.as_mut() else { return };
@@ -629,6 +635,10 @@ impl World {
                     let incarnation = node.incarnation;
                     let image = server.image();
                     self.oracle.write(self.now.0, sid, incarnation, image, &write);
+                    if let Some(replayed) = node.replayed.as_mut() {
+                        replayed.apply(&write);
+                        wrote = true;
+                    }
                     node.pending.push((id, write));
                     if !node.fsync_in_flight {
                         node.fsync_in_flight = true;
@@ -642,6 +652,12 @@ impl World {
         // The next timer.
         let Some(node) = self.nodes.get_mut(&sid) else { return };
         let Some(server) = node.server.as_ref() else { return };
+        if wrote && node.replayed.as_ref().is_some_and(|replayed| replayed != server.image()) {
+            let what = image_difference(node.replayed.as_ref(), server.image());
+            self.failures.push(format!("{sid}'s image differs from the replay of its writes: {what}"));
+            node.replayed = None;
+            return;
+        }
         let at = server.poll_timeout();
         if node.timer_at.is_none_or(|t| at < t || t < self.now) {
             node.timer_at = Some(at);
@@ -1556,4 +1572,29 @@ impl World {
 /// Runs one scenario.
 pub fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
     World::new(scenario, opts).run()
+}
+
+/// The first part of two images that differs, for a failure message.
+fn image_difference(replayed: Option<&DiskImage>, image: &DiskImage) -> String {
+    let Some(replayed) = replayed else { return "no replay".into() };
+    for (k, m) in &image.mailboxes {
+        match replayed.mailboxes.get(k) {
+            None => return format!("mailbox {k} is not in the writes"),
+            Some(r) if r != m => return format!("mailbox {k}: image {m:?} writes {r:?}"),
+            _ => {}
+        }
+    }
+    if let Some(k) = replayed.mailboxes.keys().find(|k| !image.mailboxes.contains_key(*k)) {
+        return format!("mailbox {k} is only in the writes");
+    }
+    if replayed.bodies != image.bodies {
+        return "bodies".into();
+    }
+    if replayed.logs != image.logs {
+        return format!("logs: image {:?} writes {:?}", image.logs, replayed.logs);
+    }
+    format!(
+        "epoch {}/{} link_seq {}/{} incarnation {}/{}",
+        image.epoch, replayed.epoch, image.link_seq, replayed.link_seq, image.incarnation, replayed.incarnation
+    )
 }

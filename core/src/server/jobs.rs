@@ -72,6 +72,27 @@ pub struct Job {
     pub deadline: Instant,
 }
 
+/// A write the master ordered: its result, and whether it replicated a change (whose
+/// copies the answer may wait for).
+struct Ordered {
+    result: WriteResult,
+    replicated: bool,
+}
+
+impl Ordered {
+    fn replicated(result: WriteResult) -> Ordered {
+        Ordered { result, replicated: true }
+    }
+    fn unreplicated(result: WriteResult) -> Ordered {
+        Ordered { result, replicated: false }
+    }
+}
+
+/// The answer to a SAVE (or a COPY) that put `guid` at `uid`.
+fn saved(is_copy: bool, uidvalidity: u32, uid: Uid, guid: Guid) -> WriteResult {
+    if is_copy { WriteResult::Copied { uidvalidity, uid, guid } } else { WriteResult::Saved { uidvalidity, uid, guid } }
+}
+
 fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
     WriteResult::Failed { kind, reason: reason.into() }
 }
@@ -83,12 +104,7 @@ impl Server {
                 // A client is shown only what is durable, so a crash can never make this
                 // server show a UID bound to another message later.
                 let reply = self.read_view(&mailbox);
-                let write = self.last_write();
-                if self.is_durable(write) {
-                    self.push_reply(id, reply);
-                } else {
-                    self.pending_reads.push((id, write, reply));
-                }
+                self.out.reply_when_durable(id, reply);
                 return;
             }
             ClientRequest::MasterMove { mailbox } => {
@@ -108,8 +124,8 @@ impl Server {
                 WriteRequest::Save { mailbox, guid, received, flags, body }
             }
             ClientRequest::Copy { src, src_uid, dst } => {
-                let Some(record) = self.db.mailboxes.get(&src).and_then(|m| m.messages.get(&src_uid)) else {
-                    self.push_reply(
+                let Some(record) = self.image.mailbox(&src).and_then(|m| m.messages.get(&src_uid)) else {
+                    self.out.reply(
                         id,
                         ClientReply::Write(fail(FailKind::Permanent, format!("no message {src_uid} in {src}"))),
                     );
@@ -131,9 +147,8 @@ impl Server {
             ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
                 let messages = self.resolve_uids(&mailbox, &uids);
                 let known_modseq = self
-                    .db
-                    .mailboxes
-                    .get(&mailbox)
+                    .image
+                    .mailbox(&mailbox)
                     .map(|m| uids.iter().filter_map(|u| m.messages.get(u)).map(|r| r.modseq).max().unwrap_or(0))
                     .unwrap_or(0);
                 WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq }
@@ -146,7 +161,7 @@ impl Server {
             }
         };
         if let Err(reason) = validate(&write) {
-            self.push_reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
+            self.out.reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
             return;
         }
         self.submit_write(Origin::Client(id), write);
@@ -169,19 +184,18 @@ impl Server {
             self.answer(job.origin, None, fail(FailKind::Temporary, "server busy"), None);
             return;
         }
-        let tag = self.new_tag();
-        self.jobs.insert(tag, job);
+        let tag = self.jobs.insert(job);
         self.dispatch(tag);
     }
 
     /// The messages a client means by these UIDs here (UIDs we do not hold are dropped).
     fn resolve_uids(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Vec<(Uid, Guid)> {
-        let Some(m) = self.db.mailboxes.get(mailbox) else { return Vec::new() };
+        let Some(m) = self.image.mailbox(mailbox) else { return Vec::new() };
         uids.iter().filter_map(|u| m.messages.get(u)).map(|r| (r.uid, r.guid)).collect()
     }
 
     fn read_view(&self, mailbox: &MailboxKey) -> ClientReply {
-        let Some(m) = self.db.mailboxes.get(mailbox).filter(|m| m.visible()) else {
+        let Some(m) = self.image.mailbox(mailbox).filter(|m| m.visible()) else {
             return ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {mailbox}") };
         };
         ClientReply::Read(MailboxView {
@@ -206,35 +220,35 @@ impl Server {
 
     /// Send the job where it must go next, or run it if we are its master.
     pub(crate) fn dispatch(&mut self, tag: u64) {
-        let Some(job) = self.jobs.get(&tag) else { return };
+        let Some(job) = self.jobs.get(tag) else { return };
         if job.state != JobState::Queued {
             return;
         }
         let key = job.key.clone();
         let is_move_job = matches!(job.kind, JobKind::MasterMove { .. });
-        if let Some(mastership) = self.mastered.get(&key) {
-            if mastership.catchup.is_none() {
+        if self.masters.masters(&key) {
+            if self.masters.masters_ready(&key) {
                 self.execute(tag);
             }
             return;
         }
-        if self.moving.contains(&key) && !is_move_job {
+        if self.masters.is_moving(&key) && !is_move_job {
             return;
         }
-        let Some(&master) = self.master_cache.get(&key).filter(|m| self.reachable.contains(m)) else {
+        let Some(master) = self.masters.cached(&key).filter(|m| self.routing.is_reachable(*m)) else {
             self.lookup_master(&key);
             return;
         };
-        if let Some(JobKind::Write(request)) = self.jobs.get(&tag).map(|j| &j.kind)
+        if let Some(JobKind::Write(request)) = self.jobs.get(tag).map(|j| &j.kind)
             && request_len(request) > crate::limits::UIDS_PER_CHANGE_MAX
         {
             self.split_job(tag);
             return;
         }
-        let Some(job) = self.jobs.get_mut(&tag) else { return };
+        let Some(job) = self.jobs.get(tag) else { return };
         match job.kind.clone() {
             JobKind::Write(request) => {
-                job.state = JobState::Forwarded { to: master };
+                self.jobs.set_state(tag, JobState::Forwarded { to: master });
                 self.send(master, Msg::Request { tag, request });
             }
             JobKind::MasterMove { requester } => {
@@ -243,12 +257,12 @@ impl Server {
                     Origin::Peer { tag: their_tag, .. } => {
                         // Pass it on with the requester's own tag; the master answers the
                         // requester directly.
-                        self.jobs.remove(&tag);
+                        self.jobs.remove(tag);
                         self.send(master, Msg::MasterMove { tag: their_tag, key, requester });
                     }
                     _ => {
-                        job.state = JobState::Forwarded { to: master };
-                        self.moving.insert(key.clone());
+                        self.jobs.set_state(tag, JobState::Forwarded { to: master });
+                        self.masters.set_moving(key.clone());
                         self.send(master, Msg::MasterMove { tag, key, requester });
                     }
                 }
@@ -258,9 +272,7 @@ impl Server {
 
     /// Jobs waiting on `key` try again (a master became known or ready, or was lost).
     pub(crate) fn requeue_jobs_for(&mut self, key: &MasterKey) {
-        let tags: Vec<u64> =
-            self.jobs.iter().filter(|(_, j)| j.key == *key && j.state == JobState::Queued).map(|(t, _)| *t).collect();
-        for tag in tags {
+        for tag in self.jobs.queued_for(key) {
             self.dispatch(tag);
         }
     }
@@ -269,16 +281,9 @@ impl Server {
     /// next master. A master that already has the GUID answers with its UID, so a
     /// resent SAVE never makes a second copy.
     pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) {
-        let tags: Vec<u64> =
-            self.jobs.iter().filter(|(_, j)| j.state == JobState::Forwarded { to: peer }).map(|(t, _)| *t).collect();
-        for tag in &tags {
-            if let Some(job) = self.jobs.get_mut(tag) {
-                job.state = JobState::Queued;
-                if matches!(job.kind, JobKind::MasterMove { .. }) {
-                    let key = job.key.clone();
-                    self.moving.remove(&key);
-                }
-            }
+        let (tags, moves) = self.jobs.requeue_forwarded_to(peer);
+        for key in moves {
+            self.masters.done_moving(&key);
         }
         for tag in tags {
             self.dispatch(tag);
@@ -291,9 +296,9 @@ impl Server {
             return;
         }
         let key = self.master_key(request.target());
-        if !self.mastered.contains_key(&key) && self.master_cache.get(&key) == Some(&src) {
+        if !self.masters.masters(&key) && self.masters.cached(&key) == Some(src) {
             // The sender thinks we are master and we think it is: ask the root.
-            self.master_cache.remove(&key);
+            self.masters.forget(&key);
         }
         let job = Job {
             origin: Origin::Peer { sid: src, tag },
@@ -313,17 +318,17 @@ impl Server {
         result: WriteResult,
         record: Option<MessageRecord>,
     ) {
-        let Some(job) = self.jobs.get(&tag) else { return };
+        let Some(job) = self.jobs.get(tag) else { return };
         if job.state != (JobState::Forwarded { to: src }) {
             return;
         }
         let key = job.key.clone();
         if let Some(m) = master
-            && !self.mastered.contains_key(&key)
+            && !self.masters.masters(&key)
         {
-            self.master_cache.insert(key, m);
+            self.masters.remember(key, m);
         }
-        let Some(job) = self.jobs.remove(&tag) else { return };
+        let Some(job) = self.jobs.remove(tag) else { return };
         let mut result = result;
         if let (Some(record), JobKind::Write(request)) = (&record, &job.kind) {
             self.keep_acked_binding(src, request, &result, record);
@@ -332,9 +337,8 @@ impl Server {
             // (IMAP lets APPENDUID/COPYUID be left out): never a UID this server shows
             // as another message.
             let held = self
-                .db
-                .mailboxes
-                .get(request.target())
+                .image
+                .mailbox(request.target())
                 .is_some_and(|m| m.messages.get(&record.uid).is_some_and(|r| r.guid == record.guid));
             if !held && let WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. } = &mut result {
                 *uid = 0;
@@ -343,14 +347,7 @@ impl Server {
         match job.origin {
             // The client sees the UID only once this server holds the binding durably, so
             // no later change here can show that UID as another message.
-            Origin::Client(id) => {
-                let write = self.last_write();
-                if self.is_durable(write) {
-                    self.push_reply(id, ClientReply::Write(result));
-                } else {
-                    self.pending_reads.push((id, write, ClientReply::Write(result)));
-                }
-            }
+            Origin::Client(id) => self.out.reply_when_durable(id, ClientReply::Write(result)),
             origin => self.answer(origin, master, result, record),
         }
     }
@@ -362,11 +359,10 @@ impl Server {
             _ => return,
         };
         if let WriteRequest::Save { guid, body, .. } = request
-            && !self.db.bodies.contains_key(guid)
+            && !self.image.has_body(guid)
             && crate::hash::body_checksum(body) == record.checksum
         {
-            self.put_intact_body(*guid, record.checksum, body.clone());
-            self.write(StoreWrite::PutBody { guid: *guid, checksum: record.checksum, bytes: body.clone() });
+            self.image.put_checked_body(&mut self.out, *guid, record.checksum, body.clone());
         }
         let fragment = MailboxState {
             mailbox: request.target().clone(),
@@ -377,7 +373,7 @@ impl Server {
             tombstones: Vec::new(),
             lifecycle: Default::default(),
         };
-        self.merge_foreign(src, &fragment, false);
+        self.merge_foreign(src, &fragment);
     }
 
     /// Answer a job's origin.
@@ -389,7 +385,7 @@ impl Server {
         record: Option<MessageRecord>,
     ) {
         match origin {
-            Origin::Client(id) => self.push_reply(id, ClientReply::Write(result)),
+            Origin::Client(id) => self.out.reply(id, ClientReply::Write(result)),
             Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result, record }),
             Origin::Internal => {}
             Origin::Part { parent } => self.on_part_answer(parent, result),
@@ -399,11 +395,11 @@ impl Server {
     /// A STORE or EXPUNGE naming more messages than one forwarded command may carry goes
     /// to the master as several requests; the origin is answered once, when all have.
     fn split_job(&mut self, tag: u64) {
-        let Some(job) = self.jobs.get_mut(&tag) else { return };
+        let Some(job) = self.jobs.get(tag) else { return };
         let JobKind::Write(request) = &job.kind else { return };
         let parts = split_request(request);
-        job.state = JobState::Split { left: parts.len(), result: None };
         let (key, deadline) = (job.key.clone(), job.deadline);
+        self.jobs.set_state(tag, JobState::Split { left: parts.len(), result: None });
         for part in parts {
             let origin = Origin::Part { parent: tag };
             let child = Job { origin, kind: JobKind::Write(part), key: key.clone(), state: JobState::Queued, deadline };
@@ -412,29 +408,16 @@ impl Server {
     }
 
     fn on_part_answer(&mut self, parent: u64, result: WriteResult) {
-        let Some(job) = self.jobs.get_mut(&parent) else { return };
-        let JobState::Split { left, result: joined } = &mut job.state else { return };
-        *joined = Some(match joined.take() {
-            None => result,
-            Some(prev) => join_results(prev, result),
-        });
-        *left = left.saturating_sub(1);
-        if *left > 0 {
-            return;
-        }
-        let Some(job) = self.jobs.remove(&parent) else { return };
-        if let JobState::Split { result: Some(result), .. } = job.state {
+        if let Some((job, result)) = self.jobs.part_answered(parent, result, join_results) {
             self.answer(job.origin, None, result, None);
         }
     }
 
     pub(crate) fn expire_jobs(&mut self) {
         let now = self.now;
-        let expired: Vec<u64> = self.jobs.iter().filter(|(_, j)| j.deadline <= now).map(|(t, _)| *t).collect();
-        for tag in expired {
-            let Some(job) = self.jobs.remove(&tag) else { continue };
-            self.ack_waiters.retain(|_, t| *t != tag);
-            self.parts_left.retain(|(t, _), _| *t != tag);
+        for tag in self.jobs.expired(now) {
+            let Some(job) = self.jobs.remove(tag) else { continue };
+            self.log_progress.job_over(tag);
             let reason = match &job.state {
                 JobState::Replicating { .. } => {
                     self.marks.hit(Mark::SyncModeTemporaryFailure);
@@ -447,9 +430,9 @@ impl Server {
             };
             match job.kind {
                 JobKind::MasterMove { .. } => {
-                    self.moving.remove(&job.key);
+                    self.masters.done_moving(&job.key);
                     if let Origin::Client(id) = job.origin {
-                        self.push_reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason: reason.into() });
+                        self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason: reason.into() });
                     }
                     self.requeue_jobs_for(&job.key);
                 }
@@ -460,19 +443,11 @@ impl Server {
 
     /// Finish jobs whose writes are durable and whose replicas have acknowledged.
     pub(crate) fn progress_jobs(&mut self) {
-        let done: Vec<u64> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| match &j.state {
-                JobState::Replicating { write, need, acked, .. } => self.is_durable(*write) && acked.len() >= *need,
-                _ => false,
-            })
-            .map(|(t, _)| *t)
-            .collect();
+        let out = &self.out;
+        let done = self.jobs.replicated(|write| out.is_durable(write));
         for tag in done {
-            let Some(job) = self.jobs.remove(&tag) else { continue };
-            self.ack_waiters.retain(|_, t| *t != tag);
-            self.parts_left.retain(|(t, _), _| *t != tag);
+            let Some(job) = self.jobs.remove(tag) else { continue };
+            self.log_progress.job_over(tag);
             if let JobState::Replicating { mut result, .. } = job.state {
                 // The message may have been renumbered (or expunged) while the answer
                 // waited for its copies: answer with where it lives now, or no UID.
@@ -482,7 +457,7 @@ impl Server {
                         JobKind::Write(request),
                     ) => {
                         let now =
-                            self.db.mailboxes.get(request.target()).and_then(|m| m.messages.find_guid(*guid)).cloned();
+                            self.image.mailbox(request.target()).and_then(|m| m.messages.find_guid(*guid)).cloned();
                         *uid = now.as_ref().map(|r| r.uid).unwrap_or(0);
                         now
                     }
@@ -495,108 +470,114 @@ impl Server {
 
     /// Run a job as the master of its key.
     fn execute(&mut self, tag: u64) {
-        let Some(job) = self.jobs.get(&tag) else { return };
+        let Some(job) = self.jobs.get(tag) else { return };
         match job.kind.clone() {
             JobKind::MasterMove { requester } => {
                 let origin = job.origin.clone();
                 let key = job.key.clone();
-                self.jobs.remove(&tag);
+                self.jobs.remove(tag);
                 match origin {
-                    Origin::Client(id) => self.push_reply(id, ClientReply::Moved { master: self.cfg.sid }),
+                    Origin::Client(id) => self.out.reply(id, ClientReply::Moved { master: self.cfg.sid }),
                     Origin::Peer { tag: their_tag, .. } => self.give_up_mastership(key, requester, their_tag),
                     Origin::Internal | Origin::Part { .. } => {}
                 }
             }
             JobKind::Write(request) => {
-                let reachable_peers = self.reachable.len().saturating_sub(1);
-                let (result, replicated) = match request {
-                    // Sync mode: every acknowledged change must reach `replicas` more
-                    // servers, so with fewer reachable the answer is a temporary failure,
-                    // before anything changes.
-                    _ if self.cfg.durability == Durability::Sync
-                        && reachable_peers < usize::from(self.cfg.replicas) =>
-                    {
-                        self.marks.hit(Mark::SyncModeTemporaryFailure);
-                        (fail(FailKind::Temporary, "not enough servers reachable for the required copies"), None)
-                    }
-                    WriteRequest::Save { mailbox, guid, received, flags, body } => {
-                        self.master_save(&mailbox, guid, received, &flags, Some(body), tag)
-                    }
-                    WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
-                        if src == dst {
-                            (fail(FailKind::Permanent, "COPY into the source mailbox is not supported"), None)
-                        } else if !self.db.bodies.contains_key(&guid) && !self.has_live(&dst, guid) {
-                            let from = match self.jobs.get(&tag).map(|j| j.origin.clone()) {
-                                Some(Origin::Peer { sid, .. }) => Some(sid),
-                                _ => None,
-                            };
-                            self.want_body(guid, None, from, false);
-                            if let Some(job) = self.jobs.get_mut(&tag) {
-                                job.state = JobState::WaitingBody { guid };
-                            }
-                            return;
-                        } else {
-                            self.master_save(&dst, guid, received, &flags, None, tag)
-                        }
-                    }
-                    WriteRequest::Expunge { mailbox, messages } | WriteRequest::Store { mailbox, messages, .. }
-                        if unknown_here(self.db.mailboxes.get(&mailbox), &messages) =>
-                    {
-                        // Fetch the sender's copy so the next try finds the messages here.
-                        if let Some(Origin::Peer { sid, .. }) = self.jobs.get(&tag).map(|j| j.origin.clone()) {
-                            let state = self.db.mailboxes.get(&mailbox).map(|m| mailbox::state(&mailbox, m));
-                            if let Some(state) = state {
-                                self.send_sync(sid, false, state);
-                            }
-                        }
-                        (fail(FailKind::Temporary, "the master does not have that message yet"), None)
-                    }
-                    WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, tag),
-                    WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, tag),
-                    store @ WriteRequest::Store { .. } => self.master_store(&store, tag),
-                };
-                // Sync mode answers a change once `replicas` peers made it durable too:
-                // SAVE and COPY (DESIGN.md), and STORE and EXPUNGE as well, so that no
-                // acknowledged flag change or expunge dies with one server.
-                let need = match (replicated, self.cfg.durability) {
-                    (Some(_), Durability::Sync) if !self.has_bug(crate::Bug::AckBeforeReplicaDurable) => {
-                        usize::from(self.cfg.replicas)
-                    }
-                    _ => 0,
-                };
-                if let WriteResult::Failed { .. } = result {
-                    if let Some(job) = self.jobs.remove(&tag) {
-                        self.answer(job.origin, Some(self.cfg.sid), result, None);
-                    }
-                    return;
-                }
-                let write = self.last_write();
-                if let Some(job) = self.jobs.get_mut(&tag) {
-                    job.state = JobState::Replicating { write, need, acked: BTreeSet::new(), result };
-                }
-                self.progress_jobs();
+                let Some(ordered) = self.order_write(tag, request) else { return };
+                self.await_copies(tag, ordered);
             }
         }
     }
 
+    /// Orders a write as master: the result, and whether a change was replicated. None
+    /// when the job waits (for a body).
+    fn order_write(&mut self, tag: u64, request: WriteRequest) -> Option<Ordered> {
+        let reachable_peers = self.routing.reachable().len().saturating_sub(1);
+        let ordered = match request {
+            // Sync mode: every acknowledged change must reach `replicas` more servers, so
+            // with fewer reachable the answer is a temporary failure, before anything
+            // changes.
+            _ if self.cfg.durability == Durability::Sync && reachable_peers < usize::from(self.cfg.replicas) => {
+                self.marks.hit(Mark::SyncModeTemporaryFailure);
+                Ordered::unreplicated(fail(FailKind::Temporary, "not enough servers reachable for the required copies"))
+            }
+            WriteRequest::Save { mailbox, guid, received, flags, body } => {
+                self.master_save(&mailbox, guid, received, &flags, Some(body), tag)
+            }
+            WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
+                if src == dst {
+                    Ordered::unreplicated(fail(FailKind::Permanent, "COPY into the source mailbox is not supported"))
+                } else if !self.image.has_body(&guid) && !self.has_live(&dst, guid) {
+                    let from = self.origin_peer(tag);
+                    self.want_body(guid, None, from, false);
+                    self.jobs.set_state(tag, JobState::WaitingBody { guid });
+                    return None;
+                } else {
+                    self.master_save(&dst, guid, received, &flags, None, tag)
+                }
+            }
+            WriteRequest::Expunge { mailbox, messages } | WriteRequest::Store { mailbox, messages, .. }
+                if unknown_here(self.image.mailbox(&mailbox), &messages) =>
+            {
+                // Fetch the sender's copy so the next try finds the messages here.
+                if let Some(sid) = self.origin_peer(tag)
+                    && let Some(state) = self.image.mailbox(&mailbox).map(|m| mailbox::state(&mailbox, m))
+                {
+                    self.send_sync(sid, false, state);
+                }
+                Ordered::unreplicated(fail(FailKind::Temporary, "the master does not have that message yet"))
+            }
+            WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, tag),
+            WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, tag),
+            store @ WriteRequest::Store { .. } => self.master_store(&store, tag),
+        };
+        Some(ordered)
+    }
+
+    /// The peer that forwarded job `tag`, if a peer did.
+    fn origin_peer(&self, tag: u64) -> Option<Sid> {
+        match self.jobs.get(tag).map(|j| &j.origin) {
+            Some(Origin::Peer { sid, .. }) => Some(*sid),
+            _ => None,
+        }
+    }
+
+    /// A write ordered here waits until it is durable and, in sync mode, until
+    /// `replicas` peers made it durable too: SAVE and COPY (DESIGN.md), and STORE and
+    /// EXPUNGE as well, so that no acknowledged flag change or expunge dies with one
+    /// server. A failure is answered at once.
+    fn await_copies(&mut self, tag: u64, ordered: Ordered) {
+        let Ordered { result, replicated } = ordered;
+        let sync = self.cfg.durability == Durability::Sync;
+        let need = if replicated && sync && !self.has_bug(crate::Bug::AckBeforeReplicaDurable) {
+            usize::from(self.cfg.replicas)
+        } else {
+            0
+        };
+        if let WriteResult::Failed { .. } = result {
+            if let Some(job) = self.jobs.remove(tag) {
+                self.answer(job.origin, Some(self.cfg.sid), result, None);
+            }
+            return;
+        }
+        let write = self.out.last_write();
+        self.jobs.set_state(tag, JobState::Replicating { write, need, acked: BTreeSet::new(), result });
+        self.progress_jobs();
+    }
+
     /// A COPY waiting for a body can go on.
     pub(crate) fn body_arrived(&mut self, guid: Guid) {
-        let tags: Vec<u64> =
-            self.jobs.iter().filter(|(_, j)| j.state == JobState::WaitingBody { guid }).map(|(t, _)| *t).collect();
-        for tag in tags {
-            if let Some(job) = self.jobs.get_mut(&tag) {
-                job.state = JobState::Queued;
-            }
+        for tag in self.jobs.body_arrived(guid) {
             self.dispatch(tag);
         }
     }
 
     fn has_live(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
-        self.db.mailboxes.get(mailbox).is_some_and(|m| m.messages.has_guid(guid))
+        self.image.mailbox(mailbox).is_some_and(|m| m.messages.has_guid(guid))
     }
 
-    /// SAVE (body given) or COPY (body already here) at the master. Returns the result
-    /// and, when a change was replicated, the log positions it went to.
+    /// SAVE (body given) or COPY (body already here) at the master: the message gets the
+    /// mailbox's next UID, unless it is there already.
     fn master_save(
         &mut self,
         mailbox: &MailboxKey,
@@ -605,87 +586,34 @@ impl Server {
         flags: &[Flag],
         body: Option<Vec<u8>>,
         tag: u64,
-    ) -> (WriteResult, Option<()>) {
+    ) -> Ordered {
         let is_copy = body.is_none();
-        let existing = self.db.mailboxes.get(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid);
-        if let Some(m) = self.db.mailboxes.get(mailbox)
-            && let Some(uid) = existing
-        {
-            // A resent SAVE: the message is already here, maybe only as a record that a
-            // SYNC brought. Sync mode promises the client `replicas` more copies, so the
-            // message goes out again, body and all, and the answer waits for their acks.
-            let uidvalidity = m.uidvalidity;
-            let record = m.messages.get(&uid).cloned();
-            let result = if is_copy {
-                WriteResult::Copied { uidvalidity, uid, guid }
-            } else {
-                WriteResult::Saved { uidvalidity, uid, guid }
-            };
-            if self.cfg.durability != Durability::Sync {
-                return (result, None);
-            }
-            let bytes = match (body, self.db.bodies.get(&guid)) {
-                (_, Some(stored)) if crate::hash::body_checksum(&stored.bytes) == stored.checksum => {
-                    stored.bytes.clone()
-                }
-                (Some(bytes), _) => bytes,
-                (None, _) => {
-                    self.want_body(guid, record.as_ref().map(|r| r.checksum), None, false);
-                    return (fail(FailKind::Temporary, "message body not available yet"), None);
-                }
-            };
-            let Some(record) = record else { return (result, None) };
-            if crate::hash::body_checksum(&bytes) != record.checksum {
-                return (fail(FailKind::Permanent, "the body does not match the stored message"), None);
-            }
-            self.store_body(guid, record.checksum, bytes.clone(), None);
-            let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: bytes };
-            self.replicate(change, Some(tag));
-            return (result, Some(()));
+        if let Some(uid) = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid) {
+            return self.resend_saved(mailbox, guid, uid, body, tag);
         }
-        if self.db.mailboxes.get(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
-            return (fail(FailKind::Permanent, "that message was expunged from the mailbox"), None);
+        if self.image.mailbox(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
+            return Ordered::unreplicated(fail(FailKind::Permanent, "that message was expunged from the mailbox"));
         }
-        if self.db.mailboxes.get(mailbox).is_some_and(|m| m.uidnext > crate::limits::UID_MAX) {
-            return (fail(FailKind::Permanent, "the mailbox has run out of UIDs"), None);
+        if self.image.mailbox(mailbox).is_some_and(|m| m.uidnext > crate::limits::UID_MAX) {
+            return Ordered::unreplicated(fail(FailKind::Permanent, "the mailbox has run out of UIDs"));
         }
-        let (checksum, size) = match (&body, self.db.bodies.get(&guid)) {
+        let (checksum, size) = match (&body, self.image.body(&guid)) {
             (Some(b), _) => (crate::hash::body_checksum(b), u32::try_from(b.len()).unwrap_or(u32::MAX)),
             (None, Some(stored)) => (stored.checksum, u32::try_from(stored.bytes.len()).unwrap_or(u32::MAX)),
-            (None, None) => return (fail(FailKind::Temporary, "message body not available"), None),
+            (None, None) => return Ordered::unreplicated(fail(FailKind::Temporary, "message body not available")),
         };
         if let Some(bytes) = &body
-            && !self.db.bodies.contains_key(&guid)
+            && !self.image.has_body(&guid)
         {
-            self.put_intact_body(guid, checksum, bytes.clone());
-            self.write(StoreWrite::PutBody { guid, checksum, bytes: bytes.clone() });
+            self.image.put_checked_body(&mut self.out, guid, checksum, bytes.clone());
         }
-        let me = self.cfg.sid;
-        let m = self.mailbox_mut(mailbox);
-        let uid = m.uidnext;
-        let modseq = m.highest_modseq.saturating_add(1);
-        m.uidnext = m.uidnext.saturating_add(1);
-        m.highest_modseq = modseq;
-        let stamp = Stamp { modseq, sid: me };
-        let record = MessageRecord {
-            uid,
-            guid,
-            received,
-            size,
-            checksum,
-            modseq,
-            flags: flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect(),
-        };
-        m.messages.insert(uid, record.clone());
-        let uidvalidity = m.uidvalidity;
-        debug_assert!(mailbox::unique_guids(m));
-        self.persist_meta(mailbox);
-        self.write(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() });
+        let (record, uidvalidity) = self.place_new_message(mailbox, guid, received, flags, (checksum, size));
+        let uid = record.uid;
         // A replica acks a COPY once its record is durable, body or not. Sync mode counts
         // acks as copies of the message, so there the body travels with it.
         let body = match body {
             Some(body) => Some(body),
-            None if self.cfg.durability == Durability::Sync => self.db.bodies.get(&guid).map(|b| b.bytes.clone()),
+            None if self.cfg.durability == Durability::Sync => self.image.body(&guid).map(|b| b.bytes.clone()),
             None => None,
         };
         let change = match body {
@@ -693,81 +621,140 @@ impl Server {
             None => Change::Copy { mailbox: mailbox.clone(), uidvalidity, record },
         };
         self.replicate(change, Some(tag));
-        let result = if is_copy {
-            WriteResult::Copied { uidvalidity, uid, guid }
-        } else {
-            WriteResult::Saved { uidvalidity, uid, guid }
-        };
-        (result, Some(()))
+        Ordered::replicated(saved(is_copy, uidvalidity, uid, guid))
     }
 
-    fn master_expunge(
+    /// Writes a new message at the mailbox's next UID and modseq (creating the mailbox
+    /// if needed). Returns its record and the mailbox's UIDVALIDITY.
+    fn place_new_message(
         &mut self,
         mailbox: &MailboxKey,
-        messages: &[(Uid, Guid)],
-        tag: u64,
-    ) -> (WriteResult, Option<()>) {
-        let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
-            return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
+        guid: Guid,
+        received: u64,
+        flags: &[Flag],
+        (checksum, size): (u64, u32),
+    ) -> (MessageRecord, u32) {
+        let fresh;
+        let m = match self.image.mailbox(mailbox) {
+            Some(m) => m,
+            None => {
+                fresh = mailbox::new_mailbox(mailbox);
+                &fresh
+            }
+        };
+        let (uid, uidvalidity) = (m.uidnext, m.uidvalidity);
+        let modseq = m.highest_modseq.saturating_add(1);
+        debug_assert!(!m.messages.contains_key(&uid), "UIDNEXT is above every live UID");
+        let stamp = Stamp { modseq, sid: self.cfg.sid };
+        let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
+        let record = MessageRecord { uid, guid, received, size, checksum, modseq, flags };
+        let meta = StoreWrite::MailboxMeta {
+            mailbox: mailbox.clone(),
+            uidvalidity,
+            uidnext: uid.saturating_add(1),
+            highest_modseq: modseq,
+        };
+        self.commit(meta);
+        self.commit(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() });
+        debug_assert!(self.image.mailbox(mailbox).is_some_and(mailbox::unique_guids));
+        (record, uidvalidity)
+    }
+
+    /// A resent SAVE (or COPY): the message is already here at `uid`, maybe only as a
+    /// record that a SYNC brought. Sync mode promises the client `replicas` more copies,
+    /// so the message goes out again, body and all, and the answer waits for their acks.
+    fn resend_saved(&mut self, mailbox: &MailboxKey, guid: Guid, uid: Uid, body: Option<Vec<u8>>, tag: u64) -> Ordered {
+        let Some(m) = self.image.mailbox(mailbox) else {
+            return Ordered::unreplicated(fail(FailKind::Temporary, "the mailbox changed meanwhile"));
+        };
+        let uidvalidity = m.uidvalidity;
+        let record = m.messages.get(&uid).cloned();
+        let result = saved(body.is_none(), uidvalidity, uid, guid);
+        if self.cfg.durability != Durability::Sync {
+            return Ordered::unreplicated(result);
+        }
+        let bytes = match (body, self.image.body(&guid)) {
+            (_, Some(stored)) if crate::hash::body_checksum(&stored.bytes) == stored.checksum => stored.bytes.clone(),
+            (Some(bytes), _) => bytes,
+            (None, _) => {
+                self.want_body(guid, record.as_ref().map(|r| r.checksum), None, false);
+                return Ordered::unreplicated(fail(FailKind::Temporary, "message body not available yet"));
+            }
+        };
+        let Some(record) = record else { return Ordered::unreplicated(result) };
+        if crate::hash::body_checksum(&bytes) != record.checksum {
+            return Ordered::unreplicated(fail(FailKind::Permanent, "the body does not match the stored message"));
+        }
+        self.store_body(guid, record.checksum, bytes.clone(), None);
+        let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: bytes };
+        self.replicate(change, Some(tag));
+        Ordered::replicated(result)
+    }
+
+    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], tag: u64) -> Ordered {
+        let Some(m) = self.image.mailbox(mailbox) else {
+            return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
         };
         let modseq = m.highest_modseq.saturating_add(1);
-        let mut tombstones = Vec::new();
         let uids = master_uids(m, messages);
-        for (_, uid) in &uids {
-            if let Some(r) = m.messages.remove(uid) {
-                let t = Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true };
-                m.tombstones.insert((t.uid, t.guid), t);
-                tombstones.push(t);
-            }
-        }
+        let tombstones: Vec<Tombstone> = uids
+            .iter()
+            .filter_map(|(_, uid)| m.messages.get(uid))
+            .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true })
+            .collect();
         if tombstones.is_empty() {
-            return (WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq }, None);
+            return Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq });
         }
-        m.highest_modseq = modseq;
-        let uidvalidity = m.uidvalidity;
+        let (uidvalidity, uidnext) = (m.uidvalidity, m.uidnext);
         for t in &tombstones {
-            self.write(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
-            self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
+            self.commit(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
+            self.commit(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
         }
-        self.persist_meta(mailbox);
+        self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext, highest_modseq: modseq });
         let gone: BTreeSet<Uid> = tombstones.iter().map(|t| t.uid).collect();
         let uids = uids.iter().filter(|(_, ours)| gone.contains(ours)).map(|(theirs, _)| *theirs).collect();
         self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(tag));
-        (WriteResult::Expunged { uids, modseq }, Some(()))
+        Ordered::replicated(WriteResult::Expunged { uids, modseq })
     }
 
     /// CREATE and DELETE at the master: one change at one new modseq, replicated as a
     /// piece of mailbox state (DELETE's tombstones with it).
-    fn master_lifecycle(&mut self, mailbox: &MailboxKey, action: MailboxAction, tag: u64) -> (WriteResult, Option<()>) {
-        let visible = self.db.mailboxes.get(mailbox).is_some_and(|m| m.visible());
+    fn master_lifecycle(&mut self, mailbox: &MailboxKey, action: MailboxAction, tag: u64) -> Ordered {
+        let visible = self.image.mailbox(mailbox).is_some_and(|m| m.visible());
         match action {
             MailboxAction::Create if visible => {
-                return (fail(FailKind::Permanent, format!("mailbox {mailbox} exists")), None);
+                return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {mailbox} exists")));
             }
             MailboxAction::Delete if !visible => {
-                return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
+                return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
             }
             MailboxAction::Delete if mailbox.name == "INBOX" => {
-                return (fail(FailKind::Permanent, "INBOX cannot be deleted"), None);
+                return Ordered::unreplicated(fail(FailKind::Permanent, "INBOX cannot be deleted"));
             }
             _ => {}
         }
-        let m = self.mailbox_mut(mailbox);
+        let fresh;
+        let m = match self.image.mailbox(mailbox) {
+            Some(m) => m,
+            None => {
+                fresh = mailbox::new_mailbox(mailbox);
+                &fresh
+            }
+        };
         let modseq = m.highest_modseq.saturating_add(1);
+        let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();
         match action {
-            MailboxAction::Create => m.lifecycle.created_at = modseq,
+            MailboxAction::Create => lifecycle.created_at = modseq,
             MailboxAction::Delete => {
-                for r in std::mem::take(&mut m.messages).into_values() {
-                    let t = Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true };
-                    m.tombstones.insert((t.uid, t.guid), t);
-                    tombstones.push(t);
-                }
-                m.lifecycle.deleted_at = modseq;
+                tombstones = m
+                    .messages
+                    .values()
+                    .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true })
+                    .collect();
+                lifecycle.deleted_at = modseq;
             }
         }
-        m.highest_modseq = modseq;
-        debug_assert_eq!(m.visible(), action == MailboxAction::Create);
         let state = MailboxState {
             mailbox: mailbox.clone(),
             uidvalidity: m.uidvalidity,
@@ -775,26 +762,36 @@ impl Server {
             highest_modseq: modseq,
             messages: Vec::new(),
             tombstones,
-            lifecycle: m.lifecycle,
+            lifecycle,
         };
         for t in &state.tombstones {
-            self.write(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
-            self.write(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
+            self.commit(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
+            self.commit(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
         }
-        self.persist_meta(mailbox);
-        self.write(StoreWrite::MailboxLifecycle { mailbox: mailbox.clone(), lifecycle: state.lifecycle });
+        let meta = StoreWrite::MailboxMeta {
+            mailbox: mailbox.clone(),
+            uidvalidity: state.uidvalidity,
+            uidnext: state.uidnext,
+            highest_modseq: modseq,
+        };
+        self.commit(meta);
+        self.commit(StoreWrite::MailboxLifecycle { mailbox: mailbox.clone(), lifecycle });
+        debug_assert_eq!(
+            self.image.mailbox(mailbox).map(|m| (m.visible(), m.lifecycle)),
+            Some((action == MailboxAction::Create, lifecycle))
+        );
         self.replicate(Change::Merge { state }, Some(tag));
-        (WriteResult::MailboxDone { modseq }, Some(()))
+        Ordered::replicated(WriteResult::MailboxDone { modseq })
     }
 
-    fn master_store(&mut self, request: &WriteRequest, tag: u64) -> (WriteResult, Option<()>) {
+    fn master_store(&mut self, request: &WriteRequest, tag: u64) -> Ordered {
         let WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } = request else {
-            return (fail(FailKind::Permanent, "not a STORE"), None);
+            return Ordered::unreplicated(fail(FailKind::Permanent, "not a STORE"));
         };
         let (unchanged_since, known_modseq) = (*unchanged_since, *known_modseq);
         let me = self.cfg.sid;
-        let Some(m) = self.db.mailboxes.get_mut(mailbox) else {
-            return (fail(FailKind::Permanent, format!("no mailbox {mailbox}")), None);
+        let Some(m) = self.image.mailbox(mailbox) else {
+            return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
         };
         let modseq = m.highest_modseq.saturating_add(1);
         let stamp = Stamp { modseq, sid: me };
@@ -805,32 +802,13 @@ impl Server {
         });
         if too_many {
             let limit = crate::limits::FLAGS_PER_MESSAGE_MAX;
-            return (fail(FailKind::Permanent, format!("a message would carry more than {limit} flags")), None);
+            return Ordered::unreplicated(fail(
+                FailKind::Permanent,
+                format!("a message would carry more than {limit} flags"),
+            ));
         }
-        let mut rejected = Vec::new();
-        let mut current = Vec::new();
-        let mut changed = Vec::new();
-        for (uid, ours) in targets {
-            let Some(r) = m.messages.get_mut(&ours) else { continue };
-            if unchanged_since.is_some_and(|since| r.modseq > since) {
-                rejected.push(uid);
-                current.push(CurrentFlags { uid, flags: r.present_flags(), modseq: r.modseq });
-                continue;
-            }
-            if r.modseq > known_modseq {
-                current.push(CurrentFlags { uid, flags: r.present_flags(), modseq: r.modseq });
-            }
-            for f in add {
-                r.flags.insert(f.clone(), FlagState { present: true, stamp });
-            }
-            for f in remove {
-                if !add.contains(f) {
-                    r.flags.insert(f.clone(), FlagState { present: false, stamp });
-                }
-            }
-            r.modseq = modseq;
-            changed.push(r.clone());
-        }
+        let StorePlan { rejected, current, changed } =
+            plan_store(m, &targets, add, remove, stamp, unchanged_since, known_modseq);
         if !rejected.is_empty() {
             self.marks.hit(Mark::CondstoreRejected);
         }
@@ -839,15 +817,14 @@ impl Server {
         }
         if changed.is_empty() {
             let hms = m.highest_modseq;
-            return (WriteResult::Stored { modseq: hms, rejected, current }, None);
+            return Ordered::unreplicated(WriteResult::Stored { modseq: hms, rejected, current });
         }
-        m.highest_modseq = modseq;
-        let uidvalidity = m.uidvalidity;
+        let (uidvalidity, uidnext) = (m.uidvalidity, m.uidnext);
         let messages = changed.iter().map(|r| (r.uid, r.guid)).collect();
         for record in changed {
-            self.write(StoreWrite::PutMessage { mailbox: mailbox.clone(), record });
+            self.commit(StoreWrite::PutMessage { mailbox: mailbox.clone(), record });
         }
-        self.persist_meta(mailbox);
+        self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext, highest_modseq: modseq });
         let remove_only: Vec<Flag> = remove.iter().filter(|f| !add.contains(f)).cloned().collect();
         self.replicate(
             Change::Store {
@@ -860,24 +837,12 @@ impl Server {
             },
             Some(tag),
         );
-        (WriteResult::Stored { modseq, rejected, current }, Some(()))
-    }
-
-    pub(crate) fn persist_meta(&mut self, mailbox: &MailboxKey) {
-        if let Some(m) = self.db.mailboxes.get(mailbox) {
-            let write = StoreWrite::MailboxMeta {
-                mailbox: mailbox.clone(),
-                uidvalidity: m.uidvalidity,
-                uidnext: m.uidnext,
-                highest_modseq: m.highest_modseq,
-            };
-            self.write(write);
-        }
+        Ordered::replicated(WriteResult::Stored { modseq, rejected, current })
     }
 
     /// MASTER-MOVE reached a server.
     pub(crate) fn on_master_move(&mut self, src: Sid, tag: u64, key: MasterKey, requester: Sid) {
-        if self.mastered.get(&key).is_some_and(|m| m.catchup.is_none()) {
+        if self.masters.masters_ready(&key) {
             self.give_up_mastership(key, requester, tag);
             return;
         }
@@ -898,23 +863,21 @@ impl Server {
         }
         self.marks.hit(Mark::MasterMoved);
         self.note(|| format!("gives {key} up to {requester}"));
-        let in_flight = self.jobs.values().any(|j| j.key == key && matches!(j.state, JobState::Replicating { .. }));
+        let in_flight = self.jobs.replicating_for(&key);
         if in_flight {
             self.marks.hit(Mark::MasterMovedMidSave);
         }
-        let generation = self.mastered.remove(&key).map(|m| m.generation).unwrap_or(0).saturating_add(1);
-        self.master_cache.insert(key.clone(), requester);
-        self.cache_generation.insert(key.clone(), generation);
+        let generation = self.masters.stop(&key).map(|m| m.generation).unwrap_or(0).saturating_add(1);
         let states: Vec<MailboxState> =
-            self.db.mailboxes.iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect();
-        let epoch = self.term.epoch;
+            self.image.mailboxes().iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect();
+        let epoch = self.root_role.epoch();
         if self.is_root() {
-            self.root_state.table.insert(key.clone(), requester);
-            self.root_state.generations.insert(key.clone(), generation);
-        } else if let Some(root) = self.term.root {
+            self.root_role.record(key.clone(), requester, generation);
+        } else if let Some(root) = self.root_role.root() {
             self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester, generation });
         }
-        self.handoffs.insert(key.clone(), super::Handoff { requester, tag, epoch, generation, states: states.clone() });
+        self.masters
+            .hand_off(key.clone(), super::Handoff { requester, tag, epoch, generation, states: states.clone() });
         self.send_move_done(requester, tag, key.clone(), epoch, generation, states);
         self.requeue_jobs_for(&key);
     }
@@ -929,14 +892,14 @@ impl Server {
     ) {
         // The old master has given the key up whether or not our request is still
         // waiting (it may have timed out): in this term we take it, or nobody has it.
-        let job = match self.jobs.get(&tag) {
-            Some(j) if j.key == key && matches!(j.kind, JobKind::MasterMove { .. }) => self.jobs.remove(&tag),
+        let job = match self.jobs.get(tag) {
+            Some(j) if j.key == key && matches!(j.kind, JobKind::MasterMove { .. }) => self.jobs.remove(tag),
             _ => None,
         };
-        self.moving.remove(&key);
-        if epoch != self.term.epoch || self.mastered.contains_key(&key) {
+        self.masters.done_moving(&key);
+        if epoch != self.root_role.epoch() || self.masters.masters(&key) {
             if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
-                self.push_reply(
+                self.out.reply(
                     id,
                     ClientReply::Failed {
                         kind: FailKind::Temporary,
@@ -947,7 +910,7 @@ impl Server {
             self.requeue_jobs_for(&key);
             return;
         }
-        if self.cache_generation.get(&key).is_some_and(|g| *g > generation) {
+        if self.masters.generation(&key) > generation {
             // A later move already happened elsewhere.
             self.requeue_jobs_for(&key);
             return;
@@ -955,12 +918,12 @@ impl Server {
         self.become_master(key.clone(), Some(states), generation);
         // Everyone (the root too) learns the new master at once instead of through stale
         // forwards; the generation makes a late announcement harmless.
-        let peers: Vec<Sid> = self.reachable.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        let peers: Vec<Sid> = self.routing.reachable_peers().into_iter().collect();
         for peer in peers {
             self.send(peer, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid, generation });
         }
         if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
-            self.push_reply(id, ClientReply::Moved { master: self.cfg.sid });
+            self.out.reply(id, ClientReply::Moved { master: self.cfg.sid });
         }
         self.requeue_jobs_for(&key);
     }
@@ -968,28 +931,27 @@ impl Server {
     /// Take mastership of `key`: from a MASTER-MOVE (the old master's states, ready at
     /// once) or from the root (catch up with every reachable server first).
     pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>, generation: u64) {
-        self.master_cache.remove(&key);
+        self.masters.forget(&key);
         // News of an older master of this key must not unseat us.
-        let known = self.cache_generation.get(&key).copied().unwrap_or(0);
-        self.cache_generation.insert(key.clone(), known.max(generation));
-        if self.is_root() && generation >= self.root_state.generations.get(&key).copied().unwrap_or(0) {
-            self.root_state.table.insert(key.clone(), self.cfg.sid);
-            self.root_state.generations.insert(key.clone(), generation);
+        let known = self.masters.generation(&key);
+        self.masters.set_generation(key.clone(), known.max(generation));
+        if self.is_root() && generation >= self.root_role.generation(&key) {
+            self.root_role.record(key.clone(), self.cfg.sid, generation);
         }
         let how = if moved_states.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some(states) = moved_states {
-            self.mastered.insert(key.clone(), Mastership { catchup: None, generation });
+            self.masters.start(key.clone(), Mastership { catchup: None, generation });
             for state in states {
-                self.merge_foreign(self.cfg.sid, &state, false);
+                self.merge_foreign(self.cfg.sid, &state);
             }
             return;
         }
-        if self.mastered.contains_key(&key) {
+        if self.masters.masters(&key) {
             return;
         }
-        let tag = self.new_tag();
-        let peers: BTreeSet<Sid> = self.reachable.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        let tag = self.jobs.new_tag();
+        let peers: BTreeSet<Sid> = self.routing.reachable_peers().into_iter().collect();
         for &peer in &peers {
             self.send(peer, Msg::MboxRequest { tag, key: key.clone() });
         }
@@ -999,30 +961,18 @@ impl Server {
             waiting_sync: BTreeSet::new(),
             deadline: self.now.plus_us(self.cfg.request_timeout_us / 2),
         };
-        self.mastered.insert(key.clone(), Mastership { catchup: Some(catchup), generation });
+        self.masters.start(key.clone(), Mastership { catchup: Some(catchup), generation });
         self.finish_catchups();
     }
 
     /// Catch-ups that have heard from everyone (or ran out of time) make their master ready.
     pub(crate) fn finish_catchups(&mut self) {
-        let now = self.now;
-        let ready: Vec<MasterKey> = self
-            .mastered
-            .iter()
-            .filter(|(_, m)| {
-                m.catchup
-                    .as_ref()
-                    .is_some_and(|c| (c.waiting_mbox.is_empty() && c.waiting_sync.is_empty()) || c.deadline <= now)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let ready = self.masters.finished_catchups(self.now);
         if !ready.is_empty() {
-            self.anti_entropy_kick = true;
+            self.anti_entropy.kick();
         }
         for key in ready {
-            if let Some(m) = self.mastered.get_mut(&key) {
-                m.catchup = None;
-            }
+            self.masters.caught_up(&key);
             self.requeue_jobs_for(&key);
         }
     }
@@ -1040,6 +990,51 @@ fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec
         })
         .filter(|(_, ours)| seen.insert(*ours))
         .collect()
+}
+
+/// What a STORE does at the master (see [`plan_store`]).
+struct StorePlan {
+    /// UIDs whose UNCHANGEDSINCE test failed (RFC 7162 MODIFIED).
+    rejected: Vec<Uid>,
+    /// Flags of messages changed since the client last saw them, for its answer.
+    current: Vec<CurrentFlags>,
+    /// The changed records, at the new modseq.
+    changed: Vec<MessageRecord>,
+}
+
+/// The records a STORE changes, each flag stamped with the new modseq, and those whose
+/// UNCHANGEDSINCE test fails. `targets` are (client's UID, our UID) pairs.
+fn plan_store(
+    m: &crate::store::StoredMailbox,
+    targets: &[(Uid, Uid)],
+    add: &[Flag],
+    remove: &[Flag],
+    stamp: Stamp,
+    unchanged_since: Option<ModSeq>,
+    known_modseq: ModSeq,
+) -> StorePlan {
+    let mut plan = StorePlan { rejected: Vec::new(), current: Vec::new(), changed: Vec::new() };
+    for &(uid, ours) in targets {
+        let Some(r) = m.messages.get(&ours) else { continue };
+        if unchanged_since.is_some_and(|since| r.modseq > since) {
+            plan.rejected.push(uid);
+            plan.current.push(CurrentFlags { uid, flags: r.present_flags(), modseq: r.modseq });
+            continue;
+        }
+        if r.modseq > known_modseq {
+            plan.current.push(CurrentFlags { uid, flags: r.present_flags(), modseq: r.modseq });
+        }
+        let mut r = r.clone();
+        for f in add {
+            r.flags.insert(f.clone(), FlagState { present: true, stamp });
+        }
+        for f in remove.iter().filter(|f| !add.contains(f)) {
+            r.flags.insert(f.clone(), FlagState { present: false, stamp });
+        }
+        r.modseq = stamp.modseq;
+        plan.changed.push(r);
+    }
+    plan
 }
 
 /// Messages named by a request that the master has neither live nor expunged: its copy

@@ -2,163 +2,68 @@
 //! drained with [`Server::poll_output`] after every input; [`Server::poll_timeout`] says
 //! when to deliver the next [`Input::Timer`].
 
+mod anti_entropy;
+mod body_fetch;
+mod image;
+mod job_table;
 mod jobs;
+mod log_progress;
+mod masters;
+mod outbox;
 mod replication;
 mod root;
+mod root_role;
+mod route_table;
 mod routing;
 
 pub use jobs::{Job, JobKind, JobState, Origin};
-pub use root::{EPOCH_SID_BITS, RootState, Term};
-pub use routing::LinkAnnouncement;
+use root_role::RootRole;
+pub use root_role::{EPOCH_SID_BITS, RootState, Term};
+pub use route_table::LinkAnnouncement;
+use route_table::RouteTable;
 
 use crate::io::*;
 use crate::mailbox;
 use crate::marks::{Mark, Marks};
 use crate::msg::*;
-use crate::store::{DiskImage, StoreWrite, StoredMailbox};
+use crate::store::{DiskImage, StoreWrite};
 use crate::types::*;
+use anti_entropy::AntiEntropy;
+use body_fetch::BodyFetch;
+use image::Image;
+use job_table::JobTable;
+use log_progress::LogProgress;
+use masters::{Catchup, Handoff, Masters, Mastership};
+use outbox::Outbox;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-
-/// A new master's catch-up: it asks every reachable server for its copies and merges
-/// the ones that differ before it orders any write, so new UIDs exceed every UID a
-/// reachable server has shown.
-#[derive(Clone, Debug)]
-pub struct Catchup {
-    pub tag: u64,
-    pub waiting_mbox: BTreeSet<Sid>,
-    pub waiting_sync: BTreeSet<(Sid, MailboxKey)>,
-    pub deadline: Instant,
-}
-
-#[derive(Clone, Debug)]
-pub struct Mastership {
-    /// None once caught up: the master orders writes.
-    pub catchup: Option<Catchup>,
-    /// Which master of the key this is in the current term.
-    pub generation: u64,
-}
-
-/// A MASTER-MOVE handover waiting for the new master's announcement.
-#[derive(Clone, Debug)]
-pub struct Handoff {
-    pub requester: Sid,
-    pub tag: u64,
-    pub epoch: u64,
-    pub generation: u64,
-    pub states: Vec<MailboxState>,
-}
-
-/// A master's anti-entropy record of one peer's copy of one mailbox.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PeerCheck {
-    pub confirmed_digest: Option<u64>,
-    pub confirmed_at: Option<Instant>,
-    pub last_sent: Option<Instant>,
-}
-
-/// See [`Server::common_modseq`]: a point both copies of a mailbox had reached.
-#[derive(Clone, Copy, Debug)]
-pub struct CommonPoint {
-    pub modseq: u64,
-    pub deltas_left: u8,
-}
-
-/// Delta SYNCs tried after a common point before falling back to a full one: a heal
-/// can bring a catch-up and an anti-entropy round for the same mailbox.
-pub(crate) const DELTA_SYNCS_MAX: u8 = 3;
-
-#[derive(Clone, Debug)]
-pub struct WantedBody {
-    pub checksum: u64,
-    pub hint: Option<Sid>,
-    pub attempts: u32,
-    pub next_try: Instant,
-    pub repair: bool,
-    /// A census the mailbox master runs when no peer it tried has the body: it asks every
-    /// configured server at once and notes who answered that it has none since `started`.
-    pub census: Option<BodyCensus>,
-}
-
-#[derive(Clone, Debug)]
-pub struct BodyCensus {
-    pub started: Instant,
-    pub denied: BTreeSet<Sid>,
-}
+use std::collections::{BTreeMap, BTreeSet};
 
 pub struct Server {
-    pub(crate) cfg: Config,
-    pub(crate) db: DiskImage,
-    pub(crate) now: Instant,
-    pub(crate) rng: ChaCha8Rng,
-    outputs: VecDeque<Output>,
-    last_write: WriteId,
-    durable_upto: WriteId,
-    pub(crate) marks: Marks,
-    // Routing.
-    pub(crate) links: BTreeSet<Sid>,
-    pub(crate) lsdb: BTreeMap<Sid, LinkAnnouncement>,
-    pub(crate) routes: BTreeMap<Sid, Sid>,
-    pub(crate) reachable: BTreeSet<Sid>,
-    // Root and masters.
-    pub(crate) term: Term,
-    pub(crate) root_state: RootState,
-    pub(crate) master_cache: BTreeMap<MasterKey, Sid>,
-    /// Generation of each master named by the root or announced; older news is ignored.
-    pub(crate) cache_generation: BTreeMap<MasterKey, u64>,
-    pub(crate) mastered: BTreeMap<MasterKey, Mastership>,
-    pub(crate) lookups: BTreeMap<MasterKey, Instant>,
-    pub(crate) need_master_check: bool,
-    pub(crate) moving: BTreeSet<MasterKey>,
-    /// Keys we gave up by MASTER-MOVE whose new master has not announced itself yet:
-    /// the handover is resent until it has, so a lost MOVED never leaves a key masterless.
-    pub(crate) handoffs: BTreeMap<MasterKey, Handoff>,
-    // Requests in progress here.
-    pub(crate) next_tag: u64,
-    pub(crate) jobs: BTreeMap<u64, Job>,
-    pub(crate) pending_reads: Vec<(RequestId, WriteId, ClientReply)>,
-    // Replication.
-    /// Changes received and not yet acknowledged: (peer, seq, our write, whether we
-    /// applied it).
-    pub(crate) pending_acks: Vec<(Sid, u64, WriteId, bool)>,
-    pub(crate) ack_waiters: BTreeMap<(Sid, u64), u64>,
-    /// Per (job tag, peer): log entries of the job's change (a change too large for one
-    /// command goes in parts) that peer has yet to acknowledge; it counts as a copy at 0.
-    pub(crate) parts_left: BTreeMap<(u64, Sid), usize>,
-    pub(crate) log_sent: BTreeMap<(Sid, u64), Instant>,
-    pub(crate) checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
-    /// Our HIGHESTMODSEQ when a peer last showed the same digest as ours, and how many
-    /// delta SYNCs (changes after it) may still be tried before a full one. Kept across
-    /// link changes (that is when it pays); lost on restart, then SYNC is full.
-    pub(crate) common_modseq: BTreeMap<(Sid, MailboxKey), CommonPoint>,
-    pub(crate) dirty: BTreeMap<MailboxKey, Option<Instant>>,
-    pub(crate) wanted_bodies: BTreeMap<Guid, WantedBody>,
-    /// FETCHes sent and not yet answered, with when we stop waiting: at most
-    /// `FETCH_WINDOW_MAX`, refilled as bodies arrive.
-    pub(crate) fetching: BTreeMap<Guid, Instant>,
-    /// Set by whatever may let more FETCHes go out; acted on once after the input.
-    pub(crate) fetch_kick: bool,
-    /// Set when a peer became reachable or a mastership became ready: checking copies
-    /// then (not at the next slow tick, up to a second later) starts a resync at once.
-    pub(crate) anti_entropy_kick: bool,
-    pub(crate) scrub_cursor: Option<Guid>,
-    /// Whether each stored body matched its checksum when last checked: a cache of
-    /// `body_checksum(bytes) == checksum`, dropped whenever the stored body changes (all
-    /// changes go through `put_body`, `remove_body` and `replace_body_bytes`).
-    pub(crate) body_verdicts: BTreeMap<Guid, bool>,
-    /// Each mailbox's digest, kept up to date by `write` from the writes that change the
-    /// mailbox (built from the store when first needed).
-    pub(crate) digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
-    /// Messages that may lack a body: written while it was not here (see `write`).
-    pub(crate) scrub_suspects: BTreeSet<(MailboxKey, Uid)>,
-    /// A body was removed (or the server just started): the next scrub looks at every
-    /// message.
-    pub(crate) scrub_rescan: bool,
+    cfg: Config,
+    now: Instant,
+    rng: ChaCha8Rng,
+    marks: Marks,
+    /// What the store holds (see `image`): changed only through `Server::commit`.
+    image: Image,
+    /// What goes out, in order (see `outbox`).
+    out: Outbox,
+    /// Links, link-state announcements and routes (see `route_table`).
+    routing: RouteTable,
+    /// The root term, and the root's table while we are the root (see `root_role`).
+    root_role: RootRole,
+    /// Masterships, the master cache, lookups and handovers (see `masters`).
+    masters: Masters,
+    /// Requests in progress here (see `job_table`).
+    jobs: JobTable,
+    /// Log entries sent and acknowledged, and acknowledgements owed (see `log_progress`).
+    log_progress: LogProgress,
+    /// Peers' copies checked, common points, dirty mailboxes (see `anti_entropy`).
+    anti_entropy: AntiEntropy,
+    /// Bodies wanted and FETCHes in flight (see `body_fetch`).
+    body_fetch: BodyFetch,
     next_tick: Instant,
     last_slow_tick: Instant,
-    /// When our pending link-state announcement goes out.
-    pub(crate) announce_due: Option<Instant>,
     /// Role changes (root terms, masterships) for a readable timeline, when asked for.
     notes: Option<Vec<String>>,
 }
@@ -171,56 +76,28 @@ impl Server {
 
     /// A server restarting from what its disk holds. Volatile state (links, routes,
     /// master cache, masterships, requests in progress) starts empty.
-    pub fn recover(cfg: Config, db: DiskImage, seed: u64) -> Server {
-        let incarnation = db.incarnation + 1;
+    pub fn recover(cfg: Config, disk: DiskImage, seed: u64) -> Server {
+        let incarnation = disk.incarnation.saturating_add(1);
         let mut server = Server {
             rng: ChaCha8Rng::seed_from_u64(seed ^ incarnation.rotate_left(32) ^ u64::from(cfg.sid.0)),
-            term: Term { epoch: db.epoch, root: None },
-            reachable: BTreeSet::from([cfg.sid]),
+            root_role: RootRole::new(cfg.sid, disk.epoch),
+            routing: RouteTable::new(cfg.sid, &cfg.servers),
             cfg,
-            db,
+            image: Image::new(disk),
+            out: Outbox::default(),
             now: Instant(0),
-            outputs: VecDeque::new(),
-            last_write: 0,
-            durable_upto: 0,
             marks: Marks::default(),
-            links: BTreeSet::new(),
-            lsdb: BTreeMap::new(),
-            routes: BTreeMap::new(),
-            root_state: RootState::default(),
-            master_cache: BTreeMap::new(),
-            cache_generation: BTreeMap::new(),
-            mastered: BTreeMap::new(),
-            lookups: BTreeMap::new(),
-            need_master_check: true,
-            moving: BTreeSet::new(),
-            handoffs: BTreeMap::new(),
-            next_tag: incarnation << 40,
-            jobs: BTreeMap::new(),
-            pending_reads: Vec::new(),
-            pending_acks: Vec::new(),
-            ack_waiters: BTreeMap::new(),
-            parts_left: BTreeMap::new(),
-            log_sent: BTreeMap::new(),
-            checks: BTreeMap::new(),
-            common_modseq: BTreeMap::new(),
-            dirty: BTreeMap::new(),
-            wanted_bodies: BTreeMap::new(),
-            fetching: BTreeMap::new(),
-            fetch_kick: false,
-            anti_entropy_kick: false,
-            scrub_cursor: None,
-            body_verdicts: BTreeMap::new(),
-            digests: BTreeMap::new(),
-            scrub_suspects: BTreeSet::new(),
-            scrub_rescan: true,
+            masters: Masters::new(),
+            jobs: JobTable::new(incarnation),
+            log_progress: LogProgress::default(),
+            anti_entropy: AntiEntropy::default(),
+            body_fetch: BodyFetch::default(),
             next_tick: Instant(0),
             last_slow_tick: Instant(0),
-            announce_due: None,
             notes: None,
         };
-        server.db.incarnation = incarnation;
-        server.write(StoreWrite::Incarnation { incarnation });
+        let started = server.image.start_incarnation(&mut server.out);
+        debug_assert_eq!(started, incarnation);
         // A restarted server rejoins a component that grew, so the root opens a new
         // term and every new master checks this server's copies in its catch-up.
         server
@@ -234,43 +111,36 @@ impl Server {
     }
     /// What the store holds, as the core sees it (durable or about to be).
     pub fn image(&self) -> &DiskImage {
-        &self.db
+        self.image.disk()
     }
     pub fn term(&self) -> Term {
-        self.term
+        self.root_role.term()
     }
     pub fn marks(&self) -> &Marks {
         &self.marks
     }
     pub fn reachable(&self) -> &BTreeSet<Sid> {
-        &self.reachable
+        self.routing.reachable()
     }
     /// The master cache: hints, corrected by the next forwarded request that uses them.
     pub fn masters_known(&self) -> &BTreeMap<MasterKey, Sid> {
-        &self.master_cache
+        self.masters.known()
     }
     /// At the root: who masters what in this term (empty elsewhere).
     pub fn root_table(&self) -> &BTreeMap<MasterKey, Sid> {
-        &self.root_state.table
+        self.root_role.table()
     }
     /// Keys this server masters and has caught up on.
     pub fn mastered_ready(&self) -> Vec<MasterKey> {
-        self.mastered.iter().filter(|(_, m)| m.catchup.is_none()).map(|(k, _)| k.clone()).collect()
+        self.masters.ready_keys()
     }
     pub fn summaries(&self) -> Vec<Summary> {
-        self.db
-            .mailboxes
-            .iter()
-            .map(|(k, m)| match self.digests.get(k).filter(|parts| parts.fits(m)) {
-                Some(parts) => mailbox::summary_with_digest(k, m, parts.digest(m)),
-                None => mailbox::summary(k, m),
-            })
-            .collect()
+        self.image.summaries()
     }
     /// The mailboxes a client of `user` is shown (IMAP LIST): see [`crate::types::Lifecycle`].
     pub fn visible_summaries(&self, user: &str) -> Vec<Summary> {
-        self.db
-            .mailboxes
+        self.image
+            .mailboxes()
             .iter()
             .filter(|(k, m)| k.user == user && m.visible())
             .map(|(k, m)| mailbox::summary(k, m))
@@ -278,16 +148,16 @@ impl Server {
     }
     /// Unacknowledged log entries per peer.
     pub fn backlog(&self) -> BTreeMap<Sid, usize> {
-        self.db.logs.iter().map(|(p, l)| (*p, l.entries.len())).collect()
+        self.image.logs().iter().map(|(p, l)| (*p, l.entries.len())).collect()
     }
     pub fn jobs_in_progress(&self) -> usize {
         self.jobs.len()
     }
     pub fn wanted_bodies(&self) -> usize {
-        self.wanted_bodies.len()
+        self.body_fetch.count()
     }
     pub fn dirty_mailboxes(&self) -> usize {
-        self.dirty.len()
+        self.anti_entropy.dirty_count()
     }
 
     /// Feed one input. Drain `poll_output` afterwards.
@@ -303,10 +173,10 @@ impl Server {
             Input::Durable { upto } => self.on_durable(upto),
             Input::External(edit) => self.on_external(edit),
         }
-        if std::mem::take(&mut self.fetch_kick) {
+        if self.body_fetch.take_kick() {
             self.fetch_wanted_bodies();
         }
-        if std::mem::take(&mut self.anti_entropy_kick) {
+        if self.anti_entropy.take_kick() {
             self.anti_entropy();
         }
         self.check_all_masters();
@@ -314,12 +184,12 @@ impl Server {
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        self.out.pop()
     }
 
     pub fn poll_timeout(&self) -> Instant {
         let tick = self.next_tick.max(self.now);
-        match self.announce_due {
+        match self.routing.announcement_due_at() {
             Some(at) => tick.min(at.max(self.now)),
             None => tick,
         }
@@ -362,54 +232,9 @@ impl Server {
         }
     }
 
-    pub(crate) fn push_send(&mut self, to: Sid, envelope: Envelope) {
-        self.outputs.push_back(Output::Send { to, envelope });
-    }
-
-    pub(crate) fn push_reply(&mut self, id: RequestId, reply: ClientReply) {
-        self.outputs.push_back(Output::Reply { id, reply });
-    }
-
-    /// Record a durable write (already applied to `db` by the caller) and emit it.
-    pub(crate) fn write(&mut self, write: StoreWrite) -> WriteId {
-        match &write {
-            StoreWrite::PutMessage { mailbox, record } => {
-                if let Some(parts) = self.digests.get_mut(mailbox) {
-                    parts.put_record(record);
-                }
-                if !self.db.bodies.contains_key(&record.guid) {
-                    self.scrub_suspects.insert((mailbox.clone(), record.uid));
-                }
-            }
-            StoreWrite::RemoveBody { .. } => self.scrub_rescan = true,
-            StoreWrite::RemoveMessage { mailbox, uid } => {
-                if let Some(parts) = self.digests.get_mut(mailbox) {
-                    parts.remove_record(*uid);
-                }
-            }
-            StoreWrite::PutTombstone { mailbox, tombstone } => {
-                if let Some(parts) = self.digests.get_mut(mailbox) {
-                    parts.put_tombstone(tombstone);
-                }
-            }
-            _ => {}
-        }
-        self.last_write += 1;
-        self.outputs.push_back(Output::Write { id: self.last_write, write });
-        self.last_write
-    }
-
-    pub(crate) fn last_write(&self) -> WriteId {
-        self.last_write
-    }
-
-    pub(crate) fn is_durable(&self, id: WriteId) -> bool {
-        id <= self.durable_upto
-    }
-
-    pub(crate) fn new_tag(&mut self) -> u64 {
-        self.next_tag += 1;
-        self.next_tag
+    /// Applies a write to the image and emits it: the one way the store changes.
+    pub(crate) fn commit(&mut self, write: StoreWrite) -> WriteId {
+        self.image.commit(&mut self.out, write)
     }
 
     pub(crate) fn new_guid(&mut self) -> Guid {
@@ -418,14 +243,9 @@ impl Server {
         Guid((hi << 64 | lo) ^ (u128::from(self.cfg.sid.0) << 96))
     }
 
-    pub(crate) fn mailbox_mut(&mut self, key: &MailboxKey) -> &mut StoredMailbox {
-        self.db.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key))
-    }
-
-    /// A mailbox's summary, its digest kept up to date (see `digests`).
+    /// A mailbox's summary, its digest kept up to date.
     pub(crate) fn summary_of(&mut self, key: &MailboxKey) -> Option<Summary> {
-        let m = self.db.mailboxes.get(key)?;
-        Some(cached_summary(&mut self.digests, key, m))
+        self.image.summary(key)
     }
 
     pub(crate) fn master_key(&self, mailbox: &MailboxKey) -> MasterKey {
@@ -437,7 +257,7 @@ impl Server {
     }
 
     fn on_envelope(&mut self, from: Sid, envelope: Envelope) {
-        if !self.links.contains(&from) {
+        if !self.routing.has_link(from) {
             // Only a neighbour over a link we know is up may talk to us.
             return;
         }
@@ -484,7 +304,7 @@ impl Server {
             Msg::MboxDone { tag, count } => self.on_mbox_done(src, tag, count),
             Msg::Sync { reply, state } => self.on_sync(src, reply, state),
             Msg::SyncPart { state } => {
-                self.merge_foreign(src, &state, false);
+                self.merge_foreign(src, &state);
             }
             Msg::Fetch { guid } => self.on_fetch(src, guid),
             Msg::Body { guid, checksum, body } => self.on_body(src, guid, checksum, body),
@@ -495,47 +315,23 @@ impl Server {
 
     pub(crate) fn send_error(&mut self, to: Sid, text: String) {
         let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg: Msg::Error { text } };
-        self.push_send(to, envelope);
+        self.out.send(to, envelope);
     }
 
     fn on_durable(&mut self, upto: WriteId) {
-        debug_assert!(upto <= self.last_write, "durable beyond the last write issued");
-        self.durable_upto = self.durable_upto.max(upto.min(self.last_write));
-        let reads = std::mem::take(&mut self.pending_reads);
-        for (id, write, reply) in reads {
-            if self.is_durable(write) {
-                self.push_reply(id, reply);
-            } else {
-                self.pending_reads.push((id, write, reply));
-            }
-        }
+        self.out.durable(upto);
         self.progress_jobs();
     }
 
     pub(crate) fn on_reachability_changed(&mut self, gained: &[Sid], lost: &[Sid]) {
         for &peer in gained {
-            let seqs: Vec<u64> =
-                self.db.logs.get(&peer).map(|l| l.entries.keys().copied().collect()).unwrap_or_default();
-            for seq in seqs {
-                self.log_sent.remove(&(peer, seq));
-            }
-            self.checks.retain(|(p, _), _| *p != peer);
+            // Everything in its log goes out again, and every copy of its is checked.
+            self.log_progress.resend_all(peer);
+            self.anti_entropy.recheck_peer(peer);
         }
         for &peer in lost {
-            if self.is_root() {
-                self.root_state.table.retain(|_, m| *m != peer);
-                // A server that comes back must drop its masterships again: it may have
-                // had its own root meanwhile.
-                self.root_state.members.remove(&peer);
-                self.root_state.dropped.remove(&peer);
-            }
-            self.master_cache.retain(|_, m| *m != peer);
-            for m in self.mastered.values_mut() {
-                if let Some(c) = m.catchup.as_mut() {
-                    c.waiting_mbox.remove(&peer);
-                    c.waiting_sync.retain(|(p, _)| *p != peer);
-                }
-            }
+            self.root_role.peer_lost(peer);
+            self.masters.peer_lost(peer);
             self.requeue_forwarded_to(peer);
         }
         self.check_root();
@@ -552,13 +348,11 @@ impl Server {
         // A server that starts alone (or lost every link) is its own root.
         self.check_root();
         self.expire_jobs();
-        if self.is_root() && !self.root_state.active {
+        if self.is_root() && !self.root_role.active() {
             self.broadcast_term();
         }
-        let keys: BTreeSet<MasterKey> =
-            self.jobs.values().filter(|j| matches!(j.state, JobState::Queued)).map(|j| j.key.clone()).collect();
-        for key in keys {
-            if !self.mastered.contains_key(&key) && !self.master_cache.contains_key(&key) {
+        for key in self.jobs.queued_keys() {
+            if !self.masters.knows(&key) {
                 self.lookup_master(&key);
             }
             self.requeue_jobs_for(&key);
@@ -570,7 +364,7 @@ impl Server {
             self.last_slow_tick = self.now;
             // Every mailbox keeps a master: one whose master was lost (or whose
             // MASTER-MOVE answer went astray) gets one again.
-            self.need_master_check = true;
+            self.masters.request_check();
             self.resend_handoffs();
             self.announce_masterships();
             self.resend_lookups();
@@ -581,10 +375,9 @@ impl Server {
     }
 
     fn resend_handoffs(&mut self) {
-        let pending: Vec<(MasterKey, Handoff)> = self.handoffs.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
-        for (key, h) in pending {
-            if h.epoch != self.term.epoch {
-                self.handoffs.remove(&key);
+        for (key, h) in self.masters.handoffs() {
+            if h.epoch != self.root_role.epoch() {
+                self.masters.handoff_done(&key);
                 continue;
             }
             self.send_move_done(h.requester, h.tag, key, h.epoch, h.generation, h.states);
@@ -594,47 +387,20 @@ impl Server {
     /// Masters remind the root what they master, so a lost report cannot leave the
     /// root's table naming a server that gave the key away.
     fn announce_masterships(&mut self) {
-        let Some(root) = self.term.root.filter(|r| *r != self.cfg.sid) else { return };
-        let epoch = self.term.epoch;
-        let ready: Vec<(MasterKey, u64)> =
-            self.mastered.iter().filter(|(_, m)| m.catchup.is_none()).map(|(k, m)| (k.clone(), m.generation)).collect();
-        for (key, generation) in ready {
+        let Some(root) = self.root_role.root().filter(|r| *r != self.cfg.sid) else { return };
+        let epoch = self.root_role.epoch();
+        for (key, generation) in self.masters.ready_generations() {
             self.send(root, Msg::MasterIs { epoch, key, master: self.cfg.sid, generation });
         }
     }
 
     fn resend_lookups(&mut self) {
         // A lost answer is asked again; a root that never answers is replaced by failover.
-        let stale: Vec<MasterKey> = self
-            .lookups
-            .iter()
-            .filter(|(_, at)| self.now.0.saturating_sub(at.0) >= self.cfg.anti_entropy_us)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            self.lookups.remove(&key);
+        for key in self.masters.take_stale_lookups(self.now, self.cfg.anti_entropy_us) {
             self.lookup_master(&key);
         }
-        if self.need_master_check {
+        if self.masters.check_due() {
             self.check_all_masters();
         }
     }
-}
-
-/// `mailbox::summary` with the digest kept in `digests` (see `Server::digests`).
-pub(crate) fn cached_summary(
-    digests: &mut BTreeMap<MailboxKey, mailbox::DigestParts>,
-    key: &MailboxKey,
-    m: &StoredMailbox,
-) -> Summary {
-    let digest = match digests.get(key) {
-        Some(parts) if parts.fits(m) => parts.digest(m),
-        _ => {
-            let parts = mailbox::DigestParts::of(m);
-            let d = parts.digest(m);
-            digests.insert(key.clone(), parts);
-            d
-        }
-    };
-    mailbox::summary_with_digest(key, m, digest)
 }

@@ -1,0 +1,182 @@
+//! What anti-entropy remembers: for a master, each peer's copy of each mailbox (when we
+//! last sent our summary, when the peer last showed the same digest); for both sides,
+//! the last point two copies agreed on, so a resync can send only what changed since;
+//! and for a replica, the mailboxes holding a conflict it may not decide (dirty), whose
+//! copy goes to the master.
+
+use crate::types::{Instant, MailboxKey, ModSeq, Sid};
+use std::collections::BTreeMap;
+
+/// Delta SYNCs tried after a common point before falling back to a full one: a heal
+/// can bring a catch-up and an anti-entropy round for the same mailbox.
+pub(crate) const DELTA_SYNCS_MAX: u8 = 3;
+
+/// A master's anti-entropy record of one peer's copy of one mailbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCheck {
+    pub confirmed_digest: Option<u64>,
+    pub confirmed_at: Option<Instant>,
+    pub last_sent: Option<Instant>,
+}
+
+/// A point both copies of a mailbox had reached, and how many delta SYNCs may still be
+/// tried from it before a full one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommonPoint {
+    pub modseq: ModSeq,
+    pub deltas_left: u8,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct AntiEntropy {
+    checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
+    /// Kept across link changes (that is when it pays); lost on restart, then SYNC is
+    /// full.
+    common: BTreeMap<(Sid, MailboxKey), CommonPoint>,
+    /// Mailboxes whose copy must go to the master, with when it last went.
+    dirty: BTreeMap<MailboxKey, Option<Instant>>,
+    /// Set when a peer became reachable or a mastership became ready: checking copies
+    /// then (not at the next slow tick, up to a second later) starts a resync at once.
+    kick: bool,
+}
+
+impl AntiEntropy {
+    pub(crate) fn check(&self, peer: Sid, mailbox: &MailboxKey) -> PeerCheck {
+        self.checks.get(&(peer, mailbox.clone())).copied().unwrap_or_default()
+    }
+
+    /// Our summary of `mailbox` went to `peer`; its confirmation is awaited again.
+    pub(crate) fn summary_sent(&mut self, peer: Sid, mailbox: MailboxKey, now: Instant) {
+        self.checks
+            .insert((peer, mailbox), PeerCheck { confirmed_digest: None, confirmed_at: None, last_sent: Some(now) });
+    }
+
+    /// `peer` showed the same digest as ours.
+    pub(crate) fn confirmed(&mut self, peer: Sid, mailbox: MailboxKey, digest: u64, now: Instant) {
+        let check = self.checks.entry((peer, mailbox)).or_default();
+        check.confirmed_digest = Some(digest);
+        check.confirmed_at = Some(now);
+    }
+
+    pub(crate) fn forget_check(&mut self, peer: Sid, mailbox: &MailboxKey) {
+        self.checks.remove(&(peer, mailbox.clone()));
+    }
+
+    /// Every copy of `peer`'s is checked again (it may have restarted with another disk).
+    pub(crate) fn recheck_peer(&mut self, peer: Sid) {
+        self.checks.retain(|(p, _), _| *p != peer);
+    }
+
+    /// Both copies reached `modseq`.
+    pub(crate) fn agreed(&mut self, peer: Sid, mailbox: MailboxKey, modseq: ModSeq) {
+        self.common.insert((peer, mailbox), CommonPoint { modseq, deltas_left: DELTA_SYNCS_MAX });
+    }
+
+    pub(crate) fn common_point(&self, peer: Sid, mailbox: &MailboxKey) -> Option<CommonPoint> {
+        self.common.get(&(peer, mailbox.clone())).copied()
+    }
+
+    pub(crate) fn forget_common_point(&mut self, peer: Sid, mailbox: &MailboxKey) {
+        self.common.remove(&(peer, mailbox.clone()));
+    }
+
+    /// Where a SYNC to `peer` may start: the common point, while delta SYNCs are left
+    /// (one is used up); None for a full SYNC.
+    pub(crate) fn take_delta_base(&mut self, peer: Sid, mailbox: &MailboxKey) -> Option<ModSeq> {
+        let key = (peer, mailbox.clone());
+        match self.common.get_mut(&key) {
+            Some(point) if point.deltas_left > 0 => {
+                point.deltas_left -= 1;
+                Some(point.modseq)
+            }
+            Some(_) => {
+                self.common.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub(crate) fn mark_dirty(&mut self, mailbox: MailboxKey) {
+        self.dirty.entry(mailbox).or_insert(None);
+    }
+
+    pub(crate) fn clean(&mut self, mailbox: &MailboxKey) {
+        self.dirty.remove(mailbox);
+    }
+
+    /// Our copy of a dirty mailbox went to its master.
+    pub(crate) fn dirty_sent(&mut self, mailbox: MailboxKey, now: Instant) {
+        self.dirty.insert(mailbox, Some(now));
+    }
+
+    pub(crate) fn dirty(&self) -> Vec<(MailboxKey, Option<Instant>)> {
+        self.dirty.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    pub(crate) fn dirty_count(&self) -> usize {
+        self.dirty.len()
+    }
+
+    pub(crate) fn kick(&mut self) {
+        self.kick = true;
+    }
+
+    pub(crate) fn take_kick(&mut self) -> bool {
+        std::mem::take(&mut self.kick)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mb() -> MailboxKey {
+        MailboxKey { user: "alice".into(), name: "INBOX".into() }
+    }
+
+    #[test]
+    fn a_common_point_allows_a_few_deltas_then_a_full_sync() {
+        let mut a = AntiEntropy::default();
+        assert_eq!(a.take_delta_base(Sid(2), &mb()), None, "no common point: full");
+        a.agreed(Sid(2), mb(), 40);
+        for _ in 0..DELTA_SYNCS_MAX {
+            assert_eq!(a.take_delta_base(Sid(2), &mb()), Some(40));
+        }
+        assert_eq!(a.take_delta_base(Sid(2), &mb()), None);
+        assert_eq!(a.common_point(Sid(2), &mb()), None, "the used-up point is gone");
+    }
+
+    #[test]
+    fn a_sent_summary_waits_for_a_new_confirmation() {
+        let mut a = AntiEntropy::default();
+        a.confirmed(Sid(2), mb(), 77, Instant(10));
+        assert_eq!(a.check(Sid(2), &mb()).confirmed_digest, Some(77));
+        a.summary_sent(Sid(2), mb(), Instant(20));
+        assert_eq!(
+            a.check(Sid(2), &mb()),
+            PeerCheck { confirmed_digest: None, confirmed_at: None, last_sent: Some(Instant(20)) }
+        );
+        a.recheck_peer(Sid(2));
+        assert_eq!(a.check(Sid(2), &mb()), PeerCheck::default());
+    }
+
+    #[test]
+    fn a_dirty_mailbox_keeps_when_it_was_sent() {
+        let mut a = AntiEntropy::default();
+        a.mark_dirty(mb());
+        a.dirty_sent(mb(), Instant(5));
+        a.mark_dirty(mb());
+        assert_eq!(a.dirty(), vec![(mb(), Some(Instant(5)))], "marking again keeps the time");
+        a.clean(&mb());
+        assert_eq!(a.dirty_count(), 0);
+    }
+
+    #[test]
+    fn a_kick_is_taken_once() {
+        let mut a = AntiEntropy::default();
+        a.kick();
+        assert!(a.take_kick());
+        assert!(!a.take_kick());
+    }
+}

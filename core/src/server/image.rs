@@ -1,0 +1,496 @@
+//! The server's image of its disk: what the store holds, durable or about to be, and the
+//! caches derived from it (mailbox digests, body checks, messages that may lack a body).
+//! Every change goes through [`Image::commit`], which applies a [`StoreWrite`] and emits
+//! the same write, so the image and the disk a restart reads can never disagree; the
+//! simulator checks after every input that the image equals the replay of the writes.
+//! The one exception is a merge, which changes a mailbox in place (a copy per merge
+//! would cost the whole mailbox) and then commits what it changed: [`Image::merge`]
+//! holds both halves.
+
+use super::outbox::Outbox;
+use crate::MergeRules;
+use crate::hash::body_checksum;
+use crate::io::WriteId;
+use crate::mailbox::{self, MergeOutcome};
+use crate::store::{DiskImage, PeerLog, StoreWrite, StoredBody, StoredMailbox};
+use crate::types::*;
+use crate::{Change, MailboxState, Summary};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Bodies checked against their checksum per scrub.
+const SCRUB_PER_TICK_MAX: usize = 256;
+
+#[derive(Debug)]
+pub(crate) struct Image {
+    disk: DiskImage,
+    /// Each mailbox's digest, kept up to date from the writes that change the mailbox
+    /// (built from the mailbox when first needed).
+    digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
+    /// Whether each stored body matched its checksum when last checked: a cache of
+    /// `body_checksum(bytes) == checksum`, dropped whenever the stored body changes.
+    body_verdicts: BTreeMap<Guid, bool>,
+    /// Messages that may lack a body: written while it was not here.
+    scrub_suspects: BTreeSet<(MailboxKey, Uid)>,
+    /// A body was removed (or the server just started): the next scrub looks at every
+    /// message.
+    scrub_rescan: bool,
+    scrub_cursor: Option<Guid>,
+}
+
+/// What one scrub found: bodies that fail their checksum, and messages with no body
+/// here that nobody is fetching yet, each as (GUID, checksum).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct ScrubFindings {
+    pub(crate) corrupt: Vec<(Guid, u64)>,
+    pub(crate) missing: Vec<(Guid, u64)>,
+}
+
+impl Image {
+    pub(crate) fn new(disk: DiskImage) -> Image {
+        Image {
+            disk,
+            digests: BTreeMap::new(),
+            body_verdicts: BTreeMap::new(),
+            scrub_suspects: BTreeSet::new(),
+            scrub_rescan: true,
+            scrub_cursor: None,
+        }
+    }
+
+    pub(crate) fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    pub(crate) fn mailbox(&self, key: &MailboxKey) -> Option<&StoredMailbox> {
+        self.disk.mailboxes.get(key)
+    }
+
+    pub(crate) fn mailboxes(&self) -> &BTreeMap<MailboxKey, StoredMailbox> {
+        &self.disk.mailboxes
+    }
+
+    pub(crate) fn body(&self, guid: &Guid) -> Option<&StoredBody> {
+        self.disk.bodies.get(guid)
+    }
+
+    pub(crate) fn has_body(&self, guid: &Guid) -> bool {
+        self.disk.bodies.contains_key(guid)
+    }
+
+    pub(crate) fn log(&self, peer: Sid) -> Option<&PeerLog> {
+        self.disk.logs.get(&peer)
+    }
+
+    pub(crate) fn logs(&self) -> &BTreeMap<Sid, PeerLog> {
+        &self.disk.logs
+    }
+
+    /// Applies a write to the image, keeps the caches in step and emits it.
+    pub(crate) fn commit(&mut self, out: &mut Outbox, write: StoreWrite) -> WriteId {
+        self.disk.apply(&write);
+        self.follow(&write);
+        out.write(write)
+    }
+
+    /// Keeps the caches derived from the image in step with a write just applied.
+    fn follow(&mut self, write: &StoreWrite) {
+        match write {
+            StoreWrite::PutMessage { mailbox, record } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.put_record(record);
+                }
+                if !self.disk.bodies.contains_key(&record.guid) {
+                    self.scrub_suspects.insert((mailbox.clone(), record.uid));
+                }
+            }
+            StoreWrite::RemoveMessage { mailbox, uid } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.remove_record(*uid);
+                }
+            }
+            StoreWrite::PutTombstone { mailbox, tombstone } => {
+                if let Some(parts) = self.digests.get_mut(mailbox) {
+                    parts.put_tombstone(tombstone);
+                }
+            }
+            StoreWrite::PutBody { guid, .. } => {
+                self.body_verdicts.remove(guid);
+            }
+            StoreWrite::RemoveBody { guid } => {
+                self.body_verdicts.remove(guid);
+                self.scrub_rescan = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// The mailbox's meta as a write (nothing if the mailbox is not here).
+    pub(crate) fn commit_meta(&mut self, out: &mut Outbox, key: &MailboxKey) {
+        let Some(m) = self.disk.mailboxes.get(key) else { return };
+        let write = StoreWrite::MailboxMeta {
+            mailbox: key.clone(),
+            uidvalidity: m.uidvalidity,
+            uidnext: m.uidnext,
+            highest_modseq: m.highest_modseq,
+        };
+        self.commit(out, write);
+    }
+
+    /// Makes sure the mailbox exists here, new ones with `uidvalidity` (or the one its
+    /// name gives) and written at once. True when it was created.
+    pub(crate) fn create_mailbox(&mut self, out: &mut Outbox, key: &MailboxKey, uidvalidity: Option<u32>) -> bool {
+        if self.disk.mailboxes.contains_key(key) {
+            return false;
+        }
+        let fresh = mailbox::new_mailbox(key);
+        let write = StoreWrite::MailboxMeta {
+            mailbox: key.clone(),
+            uidvalidity: uidvalidity.unwrap_or(fresh.uidvalidity),
+            uidnext: fresh.uidnext,
+            highest_modseq: fresh.highest_modseq,
+        };
+        self.commit(out, write);
+        debug_assert!(self.disk.mailboxes.contains_key(key));
+        true
+    }
+
+    /// Stores a body whose bytes were checked against `checksum`.
+    pub(crate) fn put_checked_body(&mut self, out: &mut Outbox, guid: Guid, checksum: u64, bytes: Vec<u8>) {
+        debug_assert_eq!(body_checksum(&bytes), checksum, "a checked body matches its checksum");
+        self.commit(out, StoreWrite::PutBody { guid, checksum, bytes });
+        self.body_verdicts.insert(guid, true);
+    }
+
+    /// Whether the stored body of `guid` matches its checksum (None: no body stored).
+    pub(crate) fn body_intact(&mut self, guid: Guid) -> Option<bool> {
+        let body = self.disk.bodies.get(&guid)?;
+        Some(*self.body_verdicts.entry(guid).or_insert_with(|| body_checksum(&body.bytes) == body.checksum))
+    }
+
+    /// A mailbox's summary, its digest kept up to date.
+    pub(crate) fn summary(&mut self, key: &MailboxKey) -> Option<Summary> {
+        let m = self.disk.mailboxes.get(key)?;
+        Some(cached_summary(&mut self.digests, key, m))
+    }
+
+    /// Summaries of the mailboxes `filter` accepts, in mailbox order.
+    pub(crate) fn summaries_where(&mut self, filter: impl Fn(&MailboxKey) -> bool) -> Vec<Summary> {
+        let digests = &mut self.digests;
+        self.disk.mailboxes.iter().filter(|(k, _)| filter(k)).map(|(k, m)| cached_summary(digests, k, m)).collect()
+    }
+
+    /// Every mailbox's summary, with the digests known so far (no cache is filled).
+    pub(crate) fn summaries(&self) -> Vec<Summary> {
+        self.disk
+            .mailboxes
+            .iter()
+            .map(|(k, m)| match self.digests.get(k).filter(|parts| parts.fits(m)) {
+                Some(parts) => mailbox::summary_with_digest(k, m, parts.digest(m)),
+                None => mailbox::summary(k, m),
+            })
+            .collect()
+    }
+
+    /// Joins a piece of a peer's state into our copy of its mailbox (as master: deciding
+    /// conflicts; as replica: refusing them) and commits what changed.
+    pub(crate) fn merge(
+        &mut self,
+        out: &mut Outbox,
+        state: &MailboxState,
+        as_master: bool,
+        rules: &MergeRules,
+        reuse_retired_uid: bool,
+    ) -> MergeOutcome {
+        let key = &state.mailbox;
+        let is_new = !self.disk.mailboxes.contains_key(key);
+        let m = self.disk.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key));
+        if is_new {
+            m.uidvalidity = state.uidvalidity;
+        }
+        let outcome = if as_master {
+            mailbox::merge_as_master(m, state, rules)
+        } else {
+            mailbox::merge_as_replica(m, state, rules)
+        };
+        if reuse_retired_uid
+            && as_master
+            && outcome.renumbered > 0
+            && let Some(retired) = outcome.tombstones.iter().filter(|t| !t.expunged).map(|t| t.uid).min()
+        {
+            // A deliberately broken variant (see `Bug::ReuseUidAfterRenumber`).
+            m.uidnext = retired;
+        }
+        if is_new {
+            self.commit_meta(out, key);
+        }
+        self.commit_outcome(out, key, &outcome);
+        outcome
+    }
+
+    /// The writes a merge's changes make, in the order a restart must replay them. Each
+    /// write carries the mailbox's final value for what it touches: a merge can place a
+    /// record and retire it again (or change it twice), and a replay of its first value
+    /// would bring back on disk a binding the image no longer has.
+    fn commit_outcome(&mut self, out: &mut Outbox, key: &MailboxKey, outcome: &MergeOutcome) {
+        if outcome.lifecycle_changed
+            && let Some(lifecycle) = self.disk.mailboxes.get(key).map(|m| m.lifecycle)
+        {
+            self.commit(out, StoreWrite::MailboxLifecycle { mailbox: key.clone(), lifecycle });
+        }
+        for t in &outcome.tombstones {
+            let tombstone = self.tombstone_now(key, t);
+            self.commit(out, StoreWrite::PutTombstone { mailbox: key.clone(), tombstone });
+        }
+        let touched = outcome.removed.iter().copied().chain(outcome.records.iter().map(|r| r.uid));
+        for uid in touched.collect::<Vec<Uid>>() {
+            let write = match self.disk.mailboxes.get(key).and_then(|m| m.messages.get(&uid)) {
+                Some(record) => StoreWrite::PutMessage { mailbox: key.clone(), record: record.clone() },
+                None => StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
+            };
+            self.commit(out, write);
+        }
+        if outcome.changed() {
+            self.commit_meta(out, key);
+        }
+    }
+
+    /// A tombstone as the mailbox holds it now (a later step of a merge may have joined
+    /// it with another).
+    fn tombstone_now(&self, key: &MailboxKey, t: &Tombstone) -> Tombstone {
+        let now = self.disk.mailboxes.get(key).and_then(|m| m.tombstones.get(&(t.uid, t.guid)));
+        debug_assert!(now.is_some(), "a merge's tombstone is in the mailbox");
+        now.copied().unwrap_or(*t)
+    }
+
+    /// Appends a change to a peer's log; None if the mailbox overflowed that log (the
+    /// peer gets it by SYNC).
+    pub(crate) fn log_append(&mut self, out: &mut Outbox, peer: Sid, change: Change) -> Option<u64> {
+        let log = self.disk.logs.get(&peer);
+        if log.is_some_and(|l| l.overflowed.contains(change.mailbox())) {
+            return None;
+        }
+        let seq = log.map(|l| l.next_seq).unwrap_or(0);
+        self.commit(out, StoreWrite::LogAppend { peer, seq, change });
+        debug_assert_eq!(self.disk.logs.get(&peer).map(|l| l.next_seq), Some(seq + 1));
+        Some(seq)
+    }
+
+    /// Removes the entries of a peer's log that are there; returns those removed.
+    pub(crate) fn log_remove(&mut self, out: &mut Outbox, peer: Sid, seqs: Vec<u64>) -> Vec<u64> {
+        let Some(log) = self.disk.logs.get(&peer) else { return Vec::new() };
+        let mut seen = BTreeSet::new();
+        let removed: Vec<u64> = seqs.into_iter().filter(|s| log.entries.contains_key(s) && seen.insert(*s)).collect();
+        if !removed.is_empty() {
+            self.commit(out, StoreWrite::LogRemove { peer, seqs: removed.clone() });
+        }
+        removed
+    }
+
+    /// Drops a peer's log entries for `victims` and marks those mailboxes for a full
+    /// SYNC with it. Returns the entries dropped.
+    pub(crate) fn log_overflow(&mut self, out: &mut Outbox, peer: Sid, victims: &BTreeSet<MailboxKey>) -> Vec<u64> {
+        let Some(log) = self.disk.logs.get(&peer) else { return Vec::new() };
+        let seqs: Vec<u64> =
+            log.entries.iter().filter(|(_, c)| victims.contains(c.mailbox())).map(|(s, _)| *s).collect();
+        self.commit(out, StoreWrite::LogRemove { peer, seqs: seqs.clone() });
+        for v in victims {
+            self.commit(out, StoreWrite::LogOverflow { peer, mailbox: v.clone(), overflowed: true });
+        }
+        seqs
+    }
+
+    /// The peer's copy of `mailbox` was confirmed: it no longer needs a full SYNC.
+    pub(crate) fn clear_overflow(&mut self, out: &mut Outbox, peer: Sid, mailbox: &MailboxKey) {
+        if self.disk.logs.get(&peer).is_some_and(|l| l.overflowed.contains(mailbox)) {
+            self.commit(out, StoreWrite::LogOverflow { peer, mailbox: mailbox.clone(), overflowed: false });
+        }
+    }
+
+    /// Raises the highest epoch seen; true when it rose.
+    pub(crate) fn raise_epoch(&mut self, out: &mut Outbox, epoch: u64) -> bool {
+        if epoch <= self.disk.epoch {
+            return false;
+        }
+        self.commit(out, StoreWrite::Epoch { epoch });
+        debug_assert_eq!(self.disk.epoch, epoch);
+        true
+    }
+
+    /// The next sequence number of our link-state announcements, past `seen` too.
+    pub(crate) fn next_link_seq(&mut self, out: &mut Outbox, seen: u64) -> u64 {
+        let seq = self.disk.link_seq.max(seen).saturating_add(1);
+        self.commit(out, StoreWrite::LinkSeq { seq });
+        seq
+    }
+
+    pub(crate) fn start_incarnation(&mut self, out: &mut Outbox) -> u64 {
+        let incarnation = self.disk.incarnation.saturating_add(1);
+        self.commit(out, StoreWrite::Incarnation { incarnation });
+        incarnation
+    }
+
+    /// Checks some bodies against their checksums, and finds messages that have no body
+    /// here and are not in `wanted`.
+    pub(crate) fn scrub(&mut self, wanted: impl Fn(&Guid) -> bool) -> ScrubFindings {
+        let mut found = ScrubFindings::default();
+        let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
+        let verdicts = &mut self.body_verdicts;
+        let batch: Vec<(Guid, u64, bool)> = self
+            .disk
+            .bodies
+            .range(start..)
+            .take(SCRUB_PER_TICK_MAX)
+            .map(|(g, b)| {
+                (*g, b.checksum, *verdicts.entry(*g).or_insert_with(|| body_checksum(&b.bytes) == b.checksum))
+            })
+            .collect();
+        self.scrub_cursor = if batch.len() < SCRUB_PER_TICK_MAX { None } else { batch.last().map(|b| b.0) };
+        found.corrupt = batch.into_iter().filter(|(_, _, intact)| !intact).map(|(g, c, _)| (g, c)).collect();
+        // Only a message written while its body was not here, or any after a body was
+        // removed, can lack one: those are the ones looked at (in mailbox and UID order).
+        if std::mem::take(&mut self.scrub_rescan) {
+            self.scrub_suspects = self
+                .disk
+                .mailboxes
+                .iter()
+                .flat_map(|(k, m)| m.messages.values().map(move |r| (k, r)))
+                .filter(|(_, r)| !self.disk.bodies.contains_key(&r.guid))
+                .map(|(k, r)| (k.clone(), r.uid))
+                .collect();
+        }
+        let disk = &self.disk;
+        let missing = &mut found.missing;
+        self.scrub_suspects.retain(|(k, uid)| {
+            let Some(r) = disk.mailboxes.get(k).and_then(|m| m.messages.get(uid)) else { return false };
+            if disk.bodies.contains_key(&r.guid) {
+                return false;
+            }
+            if !wanted(&r.guid) {
+                missing.push((r.guid, r.checksum));
+            }
+            true
+        });
+        debug_assert_eq!(
+            found.missing,
+            self.disk
+                .mailboxes
+                .values()
+                .flat_map(|m| m.messages.values())
+                .filter(|r| !self.disk.bodies.contains_key(&r.guid) && !wanted(&r.guid))
+                .map(|r| (r.guid, r.checksum))
+                .collect::<Vec<_>>(),
+            "scrub suspects missed a message without a body"
+        );
+        found
+    }
+}
+
+/// `mailbox::summary` with the digest kept in `digests`.
+fn cached_summary(
+    digests: &mut BTreeMap<MailboxKey, mailbox::DigestParts>,
+    key: &MailboxKey,
+    m: &StoredMailbox,
+) -> Summary {
+    let digest = match digests.get(key) {
+        Some(parts) if parts.fits(m) => parts.digest(m),
+        _ => {
+            let parts = mailbox::DigestParts::of(m);
+            let d = parts.digest(m);
+            digests.insert(key.clone(), parts);
+            d
+        }
+    };
+    mailbox::summary_with_digest(key, m, digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Output;
+
+    fn key(name: &str) -> MailboxKey {
+        MailboxKey { user: "alice".into(), name: name.into() }
+    }
+
+    fn record(uid: Uid, guid: u128) -> MessageRecord {
+        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq: 1, flags: BTreeMap::new() }
+    }
+
+    /// The image a restart reads: an empty disk plus every write emitted.
+    fn replay(out: &mut Outbox) -> DiskImage {
+        let mut disk = DiskImage::default();
+        while let Some(output) = out.pop() {
+            if let Output::Write { write, .. } = output {
+                disk.apply(&write);
+            }
+        }
+        disk
+    }
+
+    #[test]
+    fn a_commit_is_applied_and_emitted() {
+        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        image.create_mailbox(&mut out, &key("INBOX"), Some(7));
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
+        assert_eq!(image.mailbox(&key("INBOX")).map(|m| m.uidvalidity), Some(7));
+        assert_eq!(&replay(&mut out), image.disk());
+    }
+
+    #[test]
+    fn a_merge_commits_everything_it_changed() {
+        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let state = MailboxState {
+            mailbox: key("Sent"),
+            uidvalidity: 5,
+            uidnext: 3,
+            highest_modseq: 2,
+            messages: vec![record(1, 1), record(2, 2)],
+            tombstones: Vec::new(),
+            lifecycle: Default::default(),
+        };
+        let outcome = image.merge(&mut out, &state, false, &MergeRules::default(), false);
+        assert!(outcome.changed());
+        assert_eq!(image.mailbox(&key("Sent")).map(|m| m.messages.len()), Some(2));
+        assert_eq!(&replay(&mut out), image.disk());
+    }
+
+    #[test]
+    fn the_log_skips_an_overflowed_mailbox() {
+        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let change = |n: &str| Change::Copy { mailbox: key(n), uidvalidity: 1, record: record(1, 1) };
+        assert_eq!(image.log_append(&mut out, Sid(2), change("A")), Some(0));
+        assert_eq!(image.log_append(&mut out, Sid(2), change("B")), Some(1));
+        let dropped = image.log_overflow(&mut out, Sid(2), &BTreeSet::from([key("A")]));
+        assert_eq!(dropped, vec![0]);
+        assert_eq!(image.log_append(&mut out, Sid(2), change("A")), None);
+        assert_eq!(image.log_remove(&mut out, Sid(2), vec![1, 5]), vec![1]);
+        image.clear_overflow(&mut out, Sid(2), &key("A"));
+        assert_eq!(image.log_append(&mut out, Sid(2), change("A")), Some(2));
+        assert_eq!(&replay(&mut out), image.disk());
+    }
+
+    #[test]
+    fn epochs_only_rise() {
+        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        assert!(image.raise_epoch(&mut out, 5));
+        assert!(!image.raise_epoch(&mut out, 5));
+        assert!(!image.raise_epoch(&mut out, 3));
+        assert_eq!(image.disk().epoch, 5);
+    }
+
+    #[test]
+    fn scrub_finds_a_corrupt_body_and_a_message_without_one() {
+        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let bytes = b"hello".to_vec();
+        let checksum = body_checksum(&bytes);
+        image.put_checked_body(&mut out, Guid(1), checksum, bytes);
+        assert_eq!(image.body_intact(Guid(1)), Some(true));
+        image.commit(&mut out, StoreWrite::PutBody { guid: Guid(1), checksum, bytes: b"hellO".to_vec() });
+        assert_eq!(image.body_intact(Guid(1)), Some(false), "a changed body is checked again");
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 2) });
+        let found = image.scrub(|_| false);
+        assert_eq!(found.corrupt, vec![(Guid(1), checksum)]);
+        assert_eq!(found.missing, vec![(Guid(2), 0)]);
+        assert!(image.scrub(|g| *g == Guid(2)).missing.is_empty(), "a wanted body is not reported");
+    }
+}

@@ -1,0 +1,244 @@
+//! Requests in progress here, by tag: what each waits for, and the rules that move it
+//! from one state to the next. `jobs` decides where a job goes; the table keeps them.
+
+use super::jobs::{Job, JobKind, JobState};
+use crate::types::*;
+use crate::{WriteId, WriteResult};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug)]
+pub(crate) struct JobTable {
+    /// Tags are unique across restarts: the incarnation sits in the high bits.
+    next_tag: u64,
+    jobs: BTreeMap<u64, Job>,
+}
+
+impl JobTable {
+    pub(crate) fn new(incarnation: u64) -> JobTable {
+        JobTable { next_tag: incarnation << 40, jobs: BTreeMap::new() }
+    }
+
+    /// A fresh tag (for jobs, and for catch-ups, whose answers carry it).
+    pub(crate) fn new_tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Files a job under a new tag.
+    pub(crate) fn insert(&mut self, job: Job) -> u64 {
+        let tag = self.new_tag();
+        let old = self.jobs.insert(tag, job);
+        debug_assert!(old.is_none(), "a tag is used once");
+        tag
+    }
+
+    pub(crate) fn get(&self, tag: u64) -> Option<&Job> {
+        self.jobs.get(&tag)
+    }
+
+    pub(crate) fn remove(&mut self, tag: u64) -> Option<Job> {
+        self.jobs.remove(&tag)
+    }
+
+    pub(crate) fn set_state(&mut self, tag: u64, state: JobState) {
+        if let Some(job) = self.jobs.get_mut(&tag) {
+            job.state = state;
+        }
+    }
+
+    /// Jobs waiting for a master of `key`.
+    pub(crate) fn queued_for(&self, key: &MasterKey) -> Vec<u64> {
+        self.tags_where(|j| j.key == *key && j.state == JobState::Queued)
+    }
+
+    /// Keys that jobs wait on.
+    pub(crate) fn queued_keys(&self) -> BTreeSet<MasterKey> {
+        self.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.key.clone()).collect()
+    }
+
+    /// Jobs forwarded to `peer` go back to the queue; returns them, and the keys of the
+    /// MASTER-MOVEs among them (no longer moving).
+    pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) -> (Vec<u64>, Vec<MasterKey>) {
+        let tags = self.tags_where(|j| j.state == JobState::Forwarded { to: peer });
+        let mut moves = Vec::new();
+        for tag in &tags {
+            if let Some(job) = self.jobs.get_mut(tag) {
+                job.state = JobState::Queued;
+                if matches!(job.kind, JobKind::MasterMove { .. }) {
+                    moves.push(job.key.clone());
+                }
+            }
+        }
+        (tags, moves)
+    }
+
+    /// COPYs that waited for `guid` go back to the queue; returns them.
+    pub(crate) fn body_arrived(&mut self, guid: Guid) -> Vec<u64> {
+        let tags = self.tags_where(|j| j.state == JobState::WaitingBody { guid });
+        for tag in &tags {
+            self.set_state(*tag, JobState::Queued);
+        }
+        tags
+    }
+
+    /// Bodies that COPYs wait for.
+    pub(crate) fn awaited_bodies(&self) -> BTreeSet<Guid> {
+        self.jobs
+            .values()
+            .filter_map(|j| match j.state {
+                JobState::WaitingBody { guid } => Some(guid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(crate) fn expired(&self, now: Instant) -> Vec<u64> {
+        self.tags_where(|j| j.deadline <= now)
+    }
+
+    pub(crate) fn any_for(&self, key: &MasterKey) -> bool {
+        self.jobs.values().any(|j| j.key == *key)
+    }
+
+    /// Whether a change of `key` ordered here still waits for its copies.
+    pub(crate) fn replicating_for(&self, key: &MasterKey) -> bool {
+        self.jobs.values().any(|j| j.key == *key && matches!(j.state, JobState::Replicating { .. }))
+    }
+
+    /// `peer` made the whole change of job `tag` durable: one more copy.
+    pub(crate) fn peer_acked(&mut self, tag: u64, peer: Sid) {
+        if let Some(Job { state: JobState::Replicating { acked, .. }, .. }) = self.jobs.get_mut(&tag) {
+            acked.insert(peer);
+        }
+    }
+
+    /// Jobs executed here whose writes are durable and whose copies are all acknowledged.
+    pub(crate) fn replicated(&self, is_durable: impl Fn(WriteId) -> bool) -> Vec<u64> {
+        self.tags_where(|j| match &j.state {
+            JobState::Replicating { write, need, acked, .. } => is_durable(*write) && acked.len() >= *need,
+            _ => false,
+        })
+    }
+
+    /// One part of a split job answered. When it was the last, the parent job leaves the
+    /// table with the parts' results joined by `join`.
+    pub(crate) fn part_answered(
+        &mut self,
+        parent: u64,
+        result: WriteResult,
+        join: impl FnOnce(WriteResult, WriteResult) -> WriteResult,
+    ) -> Option<(Job, WriteResult)> {
+        let job = self.jobs.get_mut(&parent)?;
+        let JobState::Split { left, result: joined } = &mut job.state else { return None };
+        *joined = Some(match joined.take() {
+            None => result,
+            Some(prev) => join(prev, result),
+        });
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return None;
+        }
+        let job = self.jobs.remove(&parent)?;
+        match job.state {
+            JobState::Split { result: Some(ref result), .. } => {
+                let result = result.clone();
+                Some((job, result))
+            }
+            _ => None,
+        }
+    }
+
+    fn tags_where(&self, keep: impl Fn(&Job) -> bool) -> Vec<u64> {
+        self.jobs.iter().filter(|(_, j)| keep(j)).map(|(t, _)| *t).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::jobs::Origin;
+    use super::*;
+
+    fn key() -> MasterKey {
+        MasterKey::of(&MailboxKey { user: "alice".into(), name: "INBOX".into() }, Granularity::Mailbox)
+    }
+
+    fn job(state: JobState, deadline: u64) -> Job {
+        Job {
+            origin: Origin::Internal,
+            kind: JobKind::MasterMove { requester: Sid(1) },
+            key: key(),
+            state,
+            deadline: Instant(deadline),
+        }
+    }
+
+    #[test]
+    fn tags_are_unique_across_incarnations() {
+        let mut first = JobTable::new(1);
+        let mut second = JobTable::new(2);
+        let a = first.insert(job(JobState::Queued, 0));
+        let b = second.insert(job(JobState::Queued, 0));
+        assert_ne!(a, b);
+        assert!(first.new_tag() > a);
+    }
+
+    #[test]
+    fn a_job_is_done_when_durable_and_acked_enough() {
+        let mut t = JobTable::new(1);
+        let result = WriteResult::MailboxDone { modseq: 1 };
+        let state = JobState::Replicating { write: 5, need: 2, acked: BTreeSet::new(), result };
+        let tag = t.insert(job(state, 0));
+        assert!(t.replicated(|_| true).is_empty(), "no copies yet");
+        t.peer_acked(tag, Sid(2));
+        t.peer_acked(tag, Sid(2));
+        assert!(t.replicated(|_| true).is_empty(), "one peer counts once");
+        t.peer_acked(tag, Sid(3));
+        assert!(t.replicated(|w| w < 5).is_empty(), "the write is not durable yet");
+        assert_eq!(t.replicated(|w| w <= 5), vec![tag]);
+    }
+
+    #[test]
+    fn forwarded_jobs_requeue_when_their_master_is_lost() {
+        let mut t = JobTable::new(1);
+        let a = t.insert(job(JobState::Forwarded { to: Sid(2) }, 0));
+        let b = t.insert(job(JobState::Forwarded { to: Sid(3) }, 0));
+        let (tags, moves) = t.requeue_forwarded_to(Sid(2));
+        assert_eq!(tags, vec![a]);
+        assert_eq!(moves, vec![key()], "a MASTER-MOVE stops moving");
+        assert_eq!(t.queued_for(&key()), vec![a]);
+        assert_eq!(t.get(b).map(|j| j.state.clone()), Some(JobState::Forwarded { to: Sid(3) }));
+    }
+
+    #[test]
+    fn a_split_job_answers_once_all_parts_have() {
+        let mut t = JobTable::new(1);
+        let parent = t.insert(job(JobState::Split { left: 2, result: None }, 0));
+        let part = |n| WriteResult::Expunged { uids: vec![n], modseq: n.into() };
+        let join = |a: WriteResult, b: WriteResult| match (a, b) {
+            (WriteResult::Expunged { mut uids, .. }, WriteResult::Expunged { uids: more, modseq }) => {
+                uids.extend(more);
+                WriteResult::Expunged { uids, modseq }
+            }
+            (a, _) => a,
+        };
+        assert!(t.part_answered(parent, part(1), join).is_none());
+        let (_, joined) = t.part_answered(parent, part(2), join).expect("all parts answered");
+        assert_eq!(joined, WriteResult::Expunged { uids: vec![1, 2], modseq: 2 });
+        assert!(t.get(parent).is_none());
+    }
+
+    #[test]
+    fn deadlines_and_bodies_are_found() {
+        let mut t = JobTable::new(1);
+        let late = t.insert(job(JobState::WaitingBody { guid: Guid(7) }, 10));
+        t.insert(job(JobState::Queued, 50));
+        assert_eq!(t.expired(Instant(10)), vec![late]);
+        assert_eq!(t.awaited_bodies(), BTreeSet::from([Guid(7)]));
+        assert_eq!(t.body_arrived(Guid(7)), vec![late]);
+        assert_eq!(t.queued_for(&key()).len(), 2);
+    }
+}

@@ -1,0 +1,130 @@
+//! What the server has to say: messages to peers, replies to clients and writes for the
+//! store, in the order they were decided, drained by `Server::poll_output`. The outbox
+//! also numbers the writes and learns from the shell which are durable, so a reply that
+//! must not be seen before its writes are on disk waits here.
+
+use crate::io::{ClientReply, Output, RequestId, WriteId};
+use crate::msg::Envelope;
+use crate::store::StoreWrite;
+use crate::types::Sid;
+use std::collections::VecDeque;
+
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    outputs: VecDeque<Output>,
+    last_write: WriteId,
+    durable_upto: WriteId,
+    /// Replies that may go out once every write up to theirs is durable.
+    held_replies: VecDeque<(RequestId, WriteId, ClientReply)>,
+}
+
+impl Outbox {
+    pub(crate) fn pop(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    pub(crate) fn send(&mut self, to: Sid, envelope: Envelope) {
+        self.outputs.push_back(Output::Send { to, envelope });
+    }
+
+    pub(crate) fn reply(&mut self, id: RequestId, reply: ClientReply) {
+        self.outputs.push_back(Output::Reply { id, reply });
+    }
+
+    /// Replies at once if every write issued so far is durable, else when it is: a client
+    /// is never shown something a crash could take back.
+    pub(crate) fn reply_when_durable(&mut self, id: RequestId, reply: ClientReply) {
+        let write = self.last_write;
+        if self.is_durable(write) {
+            self.reply(id, reply);
+        } else {
+            self.held_replies.push_back((id, write, reply));
+        }
+    }
+
+    /// Numbers a write and queues it. The caller has applied it to the image (see
+    /// `Image::commit`, the only caller).
+    pub(super) fn write(&mut self, write: StoreWrite) -> WriteId {
+        self.last_write += 1;
+        self.outputs.push_back(Output::Write { id: self.last_write, write });
+        self.last_write
+    }
+
+    pub(crate) fn last_write(&self) -> WriteId {
+        self.last_write
+    }
+
+    pub(crate) fn is_durable(&self, id: WriteId) -> bool {
+        id <= self.durable_upto
+    }
+
+    /// The shell made every write up to `upto` durable: replies held for them go out.
+    pub(crate) fn durable(&mut self, upto: WriteId) {
+        debug_assert!(upto <= self.last_write, "durable beyond the last write issued");
+        self.durable_upto = self.durable_upto.max(upto.min(self.last_write));
+        // Writes become durable in order, so the held replies (queued in write order) go
+        // out from the front.
+        while let Some((_, write, _)) = self.held_replies.front() {
+            if !self.is_durable(*write) {
+                break;
+            }
+            let Some((id, _, reply)) = self.held_replies.pop_front() else { break };
+            self.reply(id, reply);
+        }
+        debug_assert!(self.held_replies.iter().all(|(_, w, _)| !self.is_durable(*w)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(epoch: u64) -> StoreWrite {
+        StoreWrite::Epoch { epoch }
+    }
+
+    #[test]
+    fn writes_are_numbered_in_order() {
+        let mut out = Outbox::default();
+        assert_eq!(out.write(epoch(1)), 1);
+        assert_eq!(out.write(epoch(2)), 2);
+        assert_eq!(out.last_write(), 2);
+        assert!(matches!(out.pop(), Some(Output::Write { id: 1, .. })));
+        assert!(matches!(out.pop(), Some(Output::Write { id: 2, .. })));
+        assert!(out.pop().is_none());
+    }
+
+    #[test]
+    fn a_reply_waits_for_the_writes_before_it() {
+        let mut out = Outbox::default();
+        out.write(epoch(1));
+        out.reply_when_durable(7, ClientReply::Moved { master: Sid(1) });
+        out.write(epoch(2));
+        out.reply_when_durable(8, ClientReply::Moved { master: Sid(1) });
+        while out.pop().is_some() {}
+        out.durable(1);
+        assert!(matches!(out.pop(), Some(Output::Reply { id: 7, .. })));
+        assert!(out.pop().is_none(), "the second reply waits for write 2");
+        out.durable(2);
+        assert!(matches!(out.pop(), Some(Output::Reply { id: 8, .. })));
+    }
+
+    #[test]
+    fn a_reply_with_nothing_pending_goes_at_once() {
+        let mut out = Outbox::default();
+        out.write(epoch(1));
+        out.durable(1);
+        while out.pop().is_some() {}
+        out.reply_when_durable(3, ClientReply::Moved { master: Sid(2) });
+        assert!(matches!(out.pop(), Some(Output::Reply { id: 3, .. })));
+    }
+
+    #[test]
+    fn durability_never_passes_the_last_write() {
+        let mut out = Outbox::default();
+        out.write(epoch(1));
+        out.durable(1);
+        assert!(out.is_durable(1));
+        assert!(!out.is_durable(2));
+    }
+}
