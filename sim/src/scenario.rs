@@ -786,9 +786,9 @@ impl Tab<'_> {
         list.unwrap_or_default().iter().map(flag).collect()
     }
 
-    fn cluster(&self, c: ClusterToml) -> Result<ClusterSpec, ScenarioError> {
+    fn cluster(&self, cluster: ClusterToml) -> Result<ClusterSpec, ScenarioError> {
         const SERVERS: &str = "a server count (1 or more) or a list of server names like [\"s1\", \"s2\"]";
-        let mut servers: Vec<Sid> = match self.req(c.servers, "servers", SERVERS)? {
+        let mut servers: Vec<Sid> = match self.req(cluster.servers, "servers", SERVERS)? {
             ServersToml::Count(n) if (1..=10_000).contains(&n) => (1..=n as u32).map(Sid).collect(),
             ServersToml::Count(n) => return Err(self.bad("servers", SERVERS, n)),
             ServersToml::Names(names) if names.is_empty() => return Err(self.bad("servers", SERVERS, names)),
@@ -805,8 +805,8 @@ impl Tab<'_> {
             }
         };
         servers.sort();
-        let durability = self.choice(c.mode, "mode", MODES)?.unwrap_or(Durability::Sync);
-        let replicas = c.replicas.unwrap_or(1);
+        let durability = self.choice(cluster.mode, "mode", MODES)?.unwrap_or(Durability::Sync);
+        let replicas = cluster.replicas.unwrap_or(1);
         if durability == Durability::Sync && usize::from(replicas) >= servers.len() {
             let count = servers.len();
             return Err(self.err(
@@ -817,9 +817,9 @@ impl Tab<'_> {
                 ),
             ));
         }
-        let log_capacity = self.int_in(c.log_capacity, "log_capacity", 1..=u32::MAX.into())?.unwrap_or(10_000);
-        let request_timeout_ms = self.int_in(c.request_timeout_ms, "request_timeout_ms", 1..=u64::MAX >> 1)?;
-        let links = match c.links {
+        let log_capacity = self.int_in(cluster.log_capacity, "log_capacity", 1..=u32::MAX.into())?.unwrap_or(10_000);
+        let request_timeout_ms = self.int_in(cluster.request_timeout_ms, "request_timeout_ms", 1..=u64::MAX >> 1)?;
+        let links = match cluster.links {
             None => None,
             Some(items) => {
                 let no_keys = Keys::new();
@@ -845,70 +845,72 @@ impl Tab<'_> {
             replicas,
             durability,
             log_capacity: log_capacity as usize,
-            granularity: self.choice(c.granularity, "granularity", GRANULARITIES)?.unwrap_or(Granularity::Mailbox),
-            latency_ms: self.range(c.latency_ms, "latency_ms")?.unwrap_or((1, 5)),
+            granularity: self
+                .choice(cluster.granularity, "granularity", GRANULARITIES)?
+                .unwrap_or(Granularity::Mailbox),
+            latency_ms: self.range(cluster.latency_ms, "latency_ms")?.unwrap_or((1, 5)),
             links,
-            disk_latency_us: self.range(c.disk_latency_us, "disk_latency_us")?.unwrap_or((200, 1000)),
+            disk_latency_us: self.range(cluster.disk_latency_us, "disk_latency_us")?.unwrap_or((200, 1000)),
             request_timeout_ms: request_timeout_ms.unwrap_or(5000),
             servers,
         })
     }
 
-    fn event(&self, e: EventToml) -> Result<TimedEvent, ScenarioError> {
+    fn event(&self, event: EventToml) -> Result<TimedEvent, ScenarioError> {
         let names: Vec<&str> = OPS.iter().map(|(n, _)| *n).collect();
         let expected = format!("one of {}", names.join(", "));
-        let op = self.req(e.op, "op", &expected)?;
+        let op = self.req(event.op, "op", &expected)?;
         let Some((op, keys)) = OPS.iter().find(|(n, _)| *n == op) else {
             return Err(self.bad("op", &expected, op));
         };
-        let t = &Tab { what: format!("{} ({op})", self.what), ..*self };
-        t.check_keys(&[EVENT_COMMON, keys].concat())?;
-        let at_ms = t.req(e.at_ms, "at_ms", "a non-negative integer")?;
-        let id = match e.id {
-            Some(id) if id.is_empty() => return Err(t.bad("id", "a non-empty event id", id)),
+        let tab = &Tab { what: format!("{} ({op})", self.what), ..*self };
+        tab.check_keys(&[EVENT_COMMON, keys].concat())?;
+        let at_ms = tab.req(event.at_ms, "at_ms", "a non-negative integer")?;
+        let id = match event.id {
+            Some(id) if id.is_empty() => return Err(tab.bad("id", "a non-empty event id", id)),
             id => id,
         };
-        let server = || t.server(e.server.as_deref(), "server");
-        let mailbox = || t.mailbox(e.mailbox.as_deref(), "mailbox");
-        let until_ms = || match t.req(e.until_ms, "until_ms", "a non-negative integer")? {
-            until if until < at_ms => Err(t.bad("until_ms", &format!("at or after `at_ms` ({at_ms})"), until)),
+        let server = || tab.server(event.server.as_deref(), "server");
+        let mailbox = || tab.mailbox(event.mailbox.as_deref(), "mailbox");
+        let until_ms = || match tab.req(event.until_ms, "until_ms", "a non-negative integer")? {
+            until if until < at_ms => Err(tab.bad("until_ms", &format!("at or after `at_ms` ({at_ms})"), until)),
             until => Ok(until),
         };
         let action = match *op {
             "save" => Action::Save {
                 server: server()?,
                 mailbox: mailbox()?,
-                label: t.label(e.label.as_deref(), "label")?,
-                flags: t.flags(e.flags, "flags")?,
-                size: t.int_in(e.size, "size", 0..=u32::MAX.into())?.unwrap_or(1000) as usize,
+                label: tab.label(event.label.as_deref(), "label")?,
+                flags: tab.flags(event.flags, "flags")?,
+                size: tab.int_in(event.size, "size", 0..=u32::MAX.into())?.unwrap_or(1000) as usize,
             },
             "copy" => Action::Copy {
                 server: server()?,
-                from: t.mailbox(e.from.as_deref(), "from")?,
-                label: t.req_label(e.label.as_deref(), "label")?,
-                to: t.mailbox(e.to.as_deref(), "to")?,
-                as_label: t.label(e.as_label.as_deref(), "as_label")?,
+                from: tab.mailbox(event.from.as_deref(), "from")?,
+                label: tab.req_label(event.label.as_deref(), "label")?,
+                to: tab.mailbox(event.to.as_deref(), "to")?,
+                as_label: tab.label(event.as_label.as_deref(), "as_label")?,
             },
             "expunge" => Action::Expunge {
                 server: server()?,
                 mailbox: mailbox()?,
-                labels: t.labels(e.labels, e.label.as_deref())?,
+                labels: tab.labels(event.labels, event.label.as_deref())?,
             },
             "store" => {
                 let (server, mailbox) = (server()?, mailbox()?);
-                let labels = t.labels(e.labels, e.label.as_deref())?;
-                if e.add.is_none() && e.remove.is_none() {
-                    return Err(t.missing("add", "flags to add; or `remove`, flags to remove"));
+                let labels = tab.labels(event.labels, event.label.as_deref())?;
+                if event.add.is_none() && event.remove.is_none() {
+                    return Err(tab.missing("add", "flags to add; or `remove`, flags to remove"));
                 }
-                let unchanged_since = match e.unchanged_since {
+                let unchanged_since = match event.unchanged_since {
                     None => None,
                     Some(ModseqToml::Value(modseq)) => Some(UnchangedSince::Value(modseq)),
                     Some(ModseqToml::Word(w)) if w == "current" => Some(UnchangedSince::Current),
                     Some(ModseqToml::Word(w)) => {
-                        return Err(t.bad("unchanged_since", "\"current\" or a non-negative integer modseq", w));
+                        return Err(tab.bad("unchanged_since", "\"current\" or a non-negative integer modseq", w));
                     }
                 };
-                let (add, remove) = (t.flags(e.add, "add")?, t.flags(e.remove, "remove")?);
+                let (add, remove) = (tab.flags(event.add, "add")?, tab.flags(event.remove, "remove")?);
                 Action::Store { server, mailbox, labels, add, remove, unchanged_since }
             }
             "read" => Action::Read { server: server()?, mailbox: mailbox()? },
@@ -916,22 +918,22 @@ impl Tab<'_> {
             "create_mailbox" => Action::CreateMailbox { server: server()?, mailbox: mailbox()? },
             "delete_mailbox" => Action::DeleteMailbox { server: server()?, mailbox: mailbox()? },
             "cut" | "restore" | "flap" => {
-                let (a, b) = t.two_servers(e.a.as_deref(), e.b.as_deref())?;
+                let (a, b) = tab.two_servers(event.a.as_deref(), event.b.as_deref())?;
                 match *op {
                     "cut" => Action::Cut { a, b },
                     "restore" => Action::Restore { a, b },
-                    _ => Action::Flap { a, b, down_ms: e.down_ms.unwrap_or(500) },
+                    _ => Action::Flap { a, b, down_ms: event.down_ms.unwrap_or(500) },
                 }
             }
             "isolate" => Action::Isolate { server: server()? },
             "partition" => {
                 const GROUPS: &str = "a non-empty list of non-empty server groups like [[\"s1\", \"s2\"], [\"s3\"]]";
-                let groups = t.req(e.groups, "groups", GROUPS)?;
+                let groups = tab.req(event.groups, "groups", GROUPS)?;
                 if groups.is_empty() || groups.iter().any(Vec::is_empty) {
-                    return Err(t.err(t.line_of("groups"), format!("`groups` must be {GROUPS}")));
+                    return Err(tab.err(tab.line_of("groups"), format!("`groups` must be {GROUPS}")));
                 }
                 let mut taken = Vec::new();
-                let groups: Result<_, _> = groups.iter().map(|g| t.servers_of(g, "groups", &mut taken)).collect();
+                let groups: Result<_, _> = groups.iter().map(|g| tab.servers_of(g, "groups", &mut taken)).collect();
                 Action::Partition { groups: groups? }
             }
             "heal" => Action::Heal,
@@ -939,33 +941,35 @@ impl Tab<'_> {
             "restart" => Action::Restart { server: server()? },
             "lose" => Action::Lose { server: server()? },
             "replace" => Action::Replace { server: server()? },
-            "hand_add" => {
-                Action::HandAdd { server: server()?, mailbox: mailbox()?, label: t.label(e.label.as_deref(), "label")? }
-            }
+            "hand_add" => Action::HandAdd {
+                server: server()?,
+                mailbox: mailbox()?,
+                label: tab.label(event.label.as_deref(), "label")?,
+            },
             "hand_delete" => Action::HandDelete {
                 server: server()?,
                 mailbox: mailbox()?,
-                label: t.req_label(e.label.as_deref(), "label")?,
+                label: tab.req_label(event.label.as_deref(), "label")?,
             },
-            "corrupt" => Action::Corrupt { server: server()?, label: t.req_label(e.label.as_deref(), "label")? },
+            "corrupt" => Action::Corrupt { server: server()?, label: tab.req_label(event.label.as_deref(), "label")? },
             "random_workload" => Action::RandomWorkload {
                 until_ms: until_ms()?,
-                ops_per_s: t.int_in(e.ops_per_s, "ops_per_s", 1..=1_000_000)?.unwrap_or(20),
-                users: t.int_in(e.users, "users", 1..=1_000_000)?.unwrap_or(3) as u32,
-                mailboxes: t.int_in(e.mailboxes, "mailboxes", 1..=1_000_000)?.unwrap_or(2) as u32,
-                servers: match e.servers {
+                ops_per_s: tab.int_in(event.ops_per_s, "ops_per_s", 1..=1_000_000)?.unwrap_or(20),
+                users: tab.int_in(event.users, "users", 1..=1_000_000)?.unwrap_or(3) as u32,
+                mailboxes: tab.int_in(event.mailboxes, "mailboxes", 1..=1_000_000)?.unwrap_or(2) as u32,
+                servers: match event.servers {
                     Some(list) if list.is_empty() => {
-                        return Err(t.bad("servers", "a non-empty list of server names", Vec::<String>::new()));
+                        return Err(tab.bad("servers", "a non-empty list of server names", Vec::<String>::new()));
                     }
-                    Some(list) => Some(t.servers_of(&list, "servers", &mut Vec::new())?),
+                    Some(list) => Some(tab.servers_of(&list, "servers", &mut Vec::new())?),
                     None => None,
                 },
             },
             "random_faults" => {
-                let kinds = match e.kinds {
+                let kinds = match event.kinds {
                     None => ALL_BUT_LOSE.to_vec(),
                     Some(list) if list.is_empty() => {
-                        return Err(t.bad("kinds", "a non-empty list of fault kinds", list));
+                        return Err(tab.bad("kinds", "a non-empty list of fault kinds", list));
                     }
                     Some(list) => list.iter().fold(Vec::new(), |mut kinds, k| {
                         if !kinds.contains(k) {
@@ -974,60 +978,60 @@ impl Tab<'_> {
                         kinds
                     }),
                 };
-                let count = t.int_in(e.count, "count", 0..=1_000_000)?.unwrap_or(5) as u32;
+                let count = tab.int_in(event.count, "count", 0..=1_000_000)?.unwrap_or(5) as u32;
                 Action::RandomFaults { until_ms: until_ms()?, count, kinds }
             }
             other => unreachable!("op {other} is in OPS but not handled"),
         };
-        Ok(TimedEvent { at_ms, id, action, expect: e.expect, line: self.line })
+        Ok(TimedEvent { at_ms, id, action, expect: event.expect, line: self.line })
     }
 
-    fn expect(&self, x: ExpectToml, ids: &[String]) -> Result<Expect, ScenarioError> {
+    fn expect(&self, expect: ExpectToml, ids: &[String]) -> Result<Expect, ScenarioError> {
         let names: Vec<&str> = CHECKS.iter().map(|(n, _)| *n).collect();
         let expected = format!("one of {}", names.join(", "));
-        let check = self.req(x.check, "check", &expected)?;
+        let check = self.req(expect.check, "check", &expected)?;
         let Some((check, keys)) = CHECKS.iter().find(|(n, _)| *n == check) else {
             return Err(self.bad("check", &expected, check));
         };
-        let t = &Tab { what: format!("{} ({check})", self.what), ..*self };
-        t.check_keys(&[&["check"], *keys].concat())?;
-        let label = || t.req_label(x.label.as_deref(), "label");
-        let uid = || match t.int_in(x.uid, "uid", 1..=u32::MAX.into())? {
+        let tab = &Tab { what: format!("{} ({check})", self.what), ..*self };
+        tab.check_keys(&[&["check"], *keys].concat())?;
+        let label = || tab.req_label(expect.label.as_deref(), "label");
+        let uid = || match tab.int_in(expect.uid, "uid", 1..=u32::MAX.into())? {
             Some(uid) => Ok(uid as u32),
-            None => Err(t.missing("uid", "an integer from 1 to 4294967295")),
+            None => Err(tab.missing("uid", "an integer from 1 to 4294967295")),
         };
         Ok(match *check {
             "invariants" => Expect::Invariants,
             "invariant" => {
                 let expected = format!("one of {}", INVARIANTS.join(", "));
-                match t.req(x.name, "name", &expected)? {
+                match tab.req(expect.name, "name", &expected)? {
                     name if INVARIANTS.contains(&name.as_str()) => Expect::Invariant(name),
-                    name => return Err(t.bad("name", &expected, name)),
+                    name => return Err(tab.bad("name", &expected, name)),
                 }
             }
-            "root" => Expect::Root { server: t.server(x.server.as_deref(), "server")? },
+            "root" => Expect::Root { server: tab.server(expect.server.as_deref(), "server")? },
             "not_uid" => Expect::NotUid { label: label()?, uid: uid()? },
             "uid" => Expect::Uid { label: label()?, uid: uid()? },
             "flags" => {
                 let label = label()?;
-                let flags = t.req(x.flags, "flags", "a list of flags, possibly empty")?;
-                Expect::Flags { label, flags: t.flags(Some(flags), "flags")? }
+                let flags = tab.req(expect.flags, "flags", "a list of flags, possibly empty")?;
+                Expect::Flags { label, flags: tab.flags(Some(flags), "flags")? }
             }
             "present" => Expect::Present { label: label()? },
             "absent" => Expect::Absent { label: label()? },
             "mark" => {
                 let marks: Vec<&str> = tandem_core::Mark::ALL.iter().map(|m| m.name()).collect();
                 let expected = format!("a coverage mark name, one of {}", marks.join(", "));
-                let name = t.req(x.name, "name", &expected)?;
+                let name = tab.req(expect.name, "name", &expected)?;
                 if tandem_core::Mark::from_name(&name).is_none() {
-                    return Err(t.bad("name", &expected, name));
+                    return Err(tab.bad("name", &expected, name));
                 }
-                Expect::Mark { name, min: x.min.unwrap_or(1) }
+                Expect::Mark { name, min: expect.min.unwrap_or(1) }
             }
             "exactly_one_ok" => {
-                let events = t.req(x.events, "events", "a list of event ids")?;
+                let events = tab.req(expect.events, "events", "a list of event ids")?;
                 if events.is_empty() {
-                    return Err(t.bad("events", "a non-empty list of event ids", Vec::<String>::new()));
+                    return Err(tab.bad("events", "a non-empty list of event ids", Vec::<String>::new()));
                 }
                 let known = match ids {
                     [] => "no event has an `id`".to_string(),
@@ -1038,20 +1042,20 @@ impl Tab<'_> {
                     if ids.contains(id.get_ref()) {
                         Ok(id.into_inner())
                     } else {
-                        Err(t.bad_item("events", &id, &expected))
+                        Err(tab.bad_item("events", &id, &expected))
                     }
                 };
                 Expect::ExactlyOneOk { events: events.into_iter().map(known_id).collect::<Result<_, _>>()? }
             }
             "count" => Expect::Count {
-                mailbox: t.mailbox(x.mailbox.as_deref(), "mailbox")?,
-                count: t.req(x.count, "count", "a non-negative integer")? as usize,
+                mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,
+                count: tab.req(expect.count, "count", "a non-negative integer")? as usize,
             },
             "visible" => {
-                let visible = t.req(x.visible, "visible", "true or false")?;
-                Expect::Visible { mailbox: t.mailbox(x.mailbox.as_deref(), "mailbox")?, visible }
+                let visible = tab.req(expect.visible, "visible", "true or false")?;
+                Expect::Visible { mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?, visible }
             }
-            "renumbered" => Expect::Renumbered { labels: t.label_list(x.labels, "labels")? },
+            "renumbered" => Expect::Renumbered { labels: tab.label_list(expect.labels, "labels")? },
             other => unreachable!("check {other} is in CHECKS but not handled"),
         })
     }

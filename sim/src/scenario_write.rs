@@ -78,27 +78,27 @@ fn servers(list: &[Sid]) -> Vec<Spanned<String>> {
 }
 
 fn event_of(e: &TimedEvent) -> EventToml {
-    let mut t = EventToml { at_ms: Some(e.at_ms), id: e.id.clone(), expect: e.expect, ..Default::default() };
+    let mut table = EventToml { at_ms: Some(e.at_ms), id: e.id.clone(), expect: e.expect, ..Default::default() };
     let op = match &e.action {
         Action::Save { server: s, mailbox: m, label, flags: f, size } => {
-            (t.server, t.mailbox, t.label, t.flags) = (server(s), mailbox(m), label.clone(), flags(f));
-            t.size = Some(*size as u64);
+            (table.server, table.mailbox, table.label, table.flags) = (server(s), mailbox(m), label.clone(), flags(f));
+            table.size = Some(*size as u64);
             "save"
         }
         Action::Copy { server: s, from, label, to, as_label } => {
-            (t.server, t.from, t.label) = (server(s), mailbox(from), Some(label.clone()));
-            (t.to, t.as_label) = (mailbox(to), as_label.clone());
+            (table.server, table.from, table.label) = (server(s), mailbox(from), Some(label.clone()));
+            (table.to, table.as_label) = (mailbox(to), as_label.clone());
             "copy"
         }
         Action::Expunge { server: s, mailbox: m, labels } => {
-            (t.server, t.mailbox, t.labels) = (server(s), mailbox(m), Some(labels.clone()));
+            (table.server, table.mailbox, table.labels) = (server(s), mailbox(m), Some(labels.clone()));
             "expunge"
         }
         Action::Store { server: s, mailbox: m, labels, add, remove, unchanged_since } => {
-            (t.server, t.mailbox, t.labels) = (server(s), mailbox(m), Some(labels.clone()));
+            (table.server, table.mailbox, table.labels) = (server(s), mailbox(m), Some(labels.clone()));
             // Both lists, even empty: a STORE needs at least one of them.
-            (t.add, t.remove) = (flags(add), flags(remove));
-            t.unchanged_since = unchanged_since.as_ref().map(|u| match u {
+            (table.add, table.remove) = (flags(add), flags(remove));
+            table.unchanged_since = unchanged_since.as_ref().map(|u| match u {
                 UnchangedSince::Current => ModseqToml::Word("current".to_string()),
                 UnchangedSince::Value(modseq) => ModseqToml::Value(*modseq),
             });
@@ -108,7 +108,7 @@ fn event_of(e: &TimedEvent) -> EventToml {
         | Action::MasterMove { server: s, mailbox: m }
         | Action::CreateMailbox { server: s, mailbox: m }
         | Action::DeleteMailbox { server: s, mailbox: m } => {
-            (t.server, t.mailbox) = (server(s), mailbox(m));
+            (table.server, table.mailbox) = (server(s), mailbox(m));
             match e.action {
                 Action::Read { .. } => "read",
                 Action::MasterMove { .. } => "master_move",
@@ -117,15 +117,15 @@ fn event_of(e: &TimedEvent) -> EventToml {
             }
         }
         Action::Cut { a, b } | Action::Restore { a, b } => {
-            (t.a, t.b) = (server(a), server(b));
+            (table.a, table.b) = (server(a), server(b));
             if matches!(e.action, Action::Cut { .. }) { "cut" } else { "restore" }
         }
         Action::Flap { a, b, down_ms } => {
-            (t.a, t.b, t.down_ms) = (server(a), server(b), Some(*down_ms));
+            (table.a, table.b, table.down_ms) = (server(a), server(b), Some(*down_ms));
             "flap"
         }
         Action::Partition { groups } => {
-            t.groups = Some(groups.iter().map(|g| servers(g)).collect());
+            table.groups = Some(groups.iter().map(|g| servers(g)).collect());
             "partition"
         }
         Action::Heal => "heal",
@@ -134,7 +134,7 @@ fn event_of(e: &TimedEvent) -> EventToml {
         | Action::Restart { server: s }
         | Action::Lose { server: s }
         | Action::Replace { server: s } => {
-            t.server = server(s);
+            table.server = server(s);
             match e.action {
                 Action::Isolate { .. } => "isolate",
                 Action::Crash { .. } => "crash",
@@ -144,79 +144,80 @@ fn event_of(e: &TimedEvent) -> EventToml {
             }
         }
         Action::HandAdd { server: s, mailbox: m, label } => {
-            (t.server, t.mailbox, t.label) = (server(s), mailbox(m), label.clone());
+            (table.server, table.mailbox, table.label) = (server(s), mailbox(m), label.clone());
             "hand_add"
         }
         Action::HandDelete { server: s, mailbox: m, label } => {
-            (t.server, t.mailbox, t.label) = (server(s), mailbox(m), Some(label.clone()));
+            (table.server, table.mailbox, table.label) = (server(s), mailbox(m), Some(label.clone()));
             "hand_delete"
         }
         Action::Corrupt { server: s, label } => {
-            (t.server, t.label) = (server(s), Some(label.clone()));
+            (table.server, table.label) = (server(s), Some(label.clone()));
             "corrupt"
         }
         Action::RandomWorkload { until_ms, ops_per_s, users, mailboxes, servers: list } => {
-            (t.until_ms, t.ops_per_s) = (Some(*until_ms), Some(*ops_per_s));
-            (t.users, t.mailboxes) = (Some(u64::from(*users)), Some(u64::from(*mailboxes)));
-            t.servers = list.as_deref().map(servers);
+            (table.until_ms, table.ops_per_s) = (Some(*until_ms), Some(*ops_per_s));
+            (table.users, table.mailboxes) = (Some(u64::from(*users)), Some(u64::from(*mailboxes)));
+            table.servers = list.as_deref().map(servers);
             "random_workload"
         }
         Action::RandomFaults { until_ms, count, kinds } => {
-            (t.until_ms, t.count, t.kinds) = (Some(*until_ms), Some(u64::from(*count)), Some(kinds.clone()));
+            (table.until_ms, table.count, table.kinds) =
+                (Some(*until_ms), Some(u64::from(*count)), Some(kinds.clone()));
             "random_faults"
         }
     };
-    t.op = Some(op.to_string());
-    t
+    table.op = Some(op.to_string());
+    table
 }
 
 fn expect_of(x: &Expect) -> ExpectToml {
-    let mut t = ExpectToml::default();
+    let mut table = ExpectToml::default();
     let check = match x {
         Expect::Invariants => "invariants",
         Expect::Invariant(name) => {
-            t.name = Some(name.clone());
+            table.name = Some(name.clone());
             "invariant"
         }
         Expect::Root { server: s } => {
-            t.server = server(s);
+            table.server = server(s);
             "root"
         }
         Expect::NotUid { label, uid } | Expect::Uid { label, uid } => {
-            (t.label, t.uid) = (Some(label.clone()), Some(u64::from(*uid)));
+            (table.label, table.uid) = (Some(label.clone()), Some(u64::from(*uid)));
             if matches!(x, Expect::Uid { .. }) { "uid" } else { "not_uid" }
         }
         Expect::Flags { label, flags: f } => {
-            (t.label, t.flags) = (Some(label.clone()), flags(f));
+            (table.label, table.flags) = (Some(label.clone()), flags(f));
             "flags"
         }
         Expect::Present { label } | Expect::Absent { label } => {
-            t.label = Some(label.clone());
+            table.label = Some(label.clone());
             if matches!(x, Expect::Present { .. }) { "present" } else { "absent" }
         }
         Expect::Mark { name, min } => {
-            (t.name, t.min) = (Some(name.clone()), Some(*min));
+            (table.name, table.min) = (Some(name.clone()), Some(*min));
             "mark"
         }
         Expect::ExactlyOneOk { events } => {
-            t.events = Some(events.iter().map(|id| unplaced(id.clone())).collect());
+            table.events = Some(events.iter().map(|id| unplaced(id.clone())).collect());
             "exactly_one_ok"
         }
         Expect::Count { mailbox: m, count } => {
-            (t.mailbox, t.count) = (mailbox(m), Some(*count as u64));
+            (table.mailbox, table.count) = (mailbox(m), Some(*count as u64));
             "count"
         }
         Expect::Visible { mailbox: m, visible } => {
-            (t.mailbox, t.visible) = (mailbox(m), Some(*visible));
+            (table.mailbox, table.visible) = (mailbox(m), Some(*visible));
             "visible"
         }
         Expect::Renumbered { labels } => {
-            t.labels = Some(labels.clone());
+            table.labels = Some(labels.clone());
             "renumbered"
         }
     };
-    t.check = Some(check.to_string());
-    t
+    table.check = Some(check.to_string());
+    table
 }
 
 #[cfg(test)]
