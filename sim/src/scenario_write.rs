@@ -1,9 +1,10 @@
 //! Writes a [`Scenario`] back as a scenario file that `scenario::parse` reads to the same
 //! value: how a shrunk failure becomes an ordinary regression test. The file is the
-//! parser's own `FileToml` filled in and written by toml's serializer, which does the
-//! quoting and escaping.
+//! parser's own `scenario_file::FileToml` filled in and written by toml's serializer,
+//! which does the quoting and escaping.
 
 use crate::scenario::*;
+use crate::scenario_file::*;
 use tandem_core::{Flag, MailboxKey, Sid};
 use toml::Spanned;
 
