@@ -5,6 +5,7 @@
 pub mod explore;
 pub mod oracle;
 pub mod scenario;
+mod scenario_file;
 pub mod scenario_write;
 pub mod shrink;
 pub mod world;
