@@ -112,13 +112,52 @@ struct Selected {
     uids: Vec<Uid>,
     /// What the client was last told of each message it has a sequence number for.
     view: BTreeMap<Uid, MessageView>,
+    /// The messages that are `\Recent` in this session (see `recent`).
+    recent: BTreeSet<Uid>,
+    /// The keywords announced in FLAGS: a message with another keyword is shown only
+    /// after a new FLAGS response names it (RFC 3501 7.2.6; clients build their keyword
+    /// lists from it).
+    keywords: BTreeSet<String>,
 }
 
 impl Selected {
     fn flags(&self, uid: &Uid) -> &[Flag] {
         self.view.get(uid).map(|m| m.flags.as_slice()).unwrap_or_default()
     }
+
+    /// A message's flags as FETCH shows them: with `\Recent` when it is recent here.
+    fn flag_list(&self, uid: &Uid) -> String {
+        shown_flags(self.flags(uid), self.recent.contains(uid))
+    }
+
+    /// The FLAGS and PERMANENTFLAGS responses for the system flags and the keywords
+    /// announced so far.
+    fn flags_responses(&self) -> [String; 2] {
+        let mut flags = String::from(SYSTEM_FLAGS);
+        for k in &self.keywords {
+            flags.push(' ');
+            flags.push_str(k);
+        }
+        [format!("* FLAGS ({flags})"), format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick")]
+    }
+
+    /// Adds the keywords of `messages` not announced yet; true when there were any.
+    fn learn_keywords<'a>(&mut self, messages: impl IntoIterator<Item = &'a MessageView>) -> bool {
+        let mut learned = false;
+        for m in messages {
+            for f in m.flags.iter().filter(|f| !f.as_str().starts_with('\\')) {
+                if !self.keywords.contains(f.as_str()) {
+                    self.keywords.insert(f.as_str().to_string());
+                    learned = true;
+                }
+            }
+        }
+        learned
+    }
 }
+
+/// The flags every mailbox has.
+const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
 
 struct Session {
     stream: Box<dyn PeerIo>,
@@ -709,11 +748,30 @@ impl Session {
             }
         }
         let view = self.read(name).await?;
-        let flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
-        self.line(&format!("* FLAGS ({flags})"));
-        self.line(&format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick"));
+        let uids: Vec<Uid> = view.messages.iter().map(|m| m.uid).collect();
+        // SELECT takes the recent messages for this session; EXAMINE only shows them.
+        let recent: BTreeSet<Uid> = if read_only {
+            let mark = self.front.recent.mark(&view.mailbox, view.uidvalidity);
+            uids.iter().copied().filter(|u| *u > mark).collect()
+        } else {
+            self.front.recent.take(&view.mailbox, view.uidvalidity, uids.iter().copied()).into_iter().collect()
+        };
+        let mut selected = Selected {
+            mailbox: view.mailbox.clone(),
+            name: name.to_string(),
+            read_only,
+            uidvalidity: view.uidvalidity,
+            uids,
+            view: BTreeMap::new(),
+            recent,
+            keywords: BTreeSet::new(),
+        };
+        selected.learn_keywords(&view.messages);
+        for l in selected.flags_responses() {
+            self.line(&l);
+        }
         self.line(&format!("* {} EXISTS", view.messages.len()));
-        self.line("* 0 RECENT");
+        self.line(&format!("* {} RECENT", selected.recent.len()));
         if let Some(first_unseen) = view.messages.iter().position(|m| !has(&m.flags, "\\Seen")) {
             self.line(&format!("* OK [UNSEEN {}] first unseen", first_unseen + 1));
         }
@@ -736,20 +794,14 @@ impl Session {
                         "* {} FETCH (UID {} FLAGS ({}) MODSEQ ({}))",
                         i + 1,
                         m.uid,
-                        flag_list(&m.flags),
+                        shown_flags(&m.flags, selected.recent.contains(&m.uid)),
                         m.modseq
                     ));
                 }
             }
         }
-        self.selected = Some(Selected {
-            mailbox: view.mailbox.clone(),
-            name: name.to_string(),
-            read_only,
-            uidvalidity: view.uidvalidity,
-            uids: view.messages.iter().map(|m| m.uid).collect(),
-            view: view.messages.into_iter().map(|m| (m.uid, m)).collect(),
-        });
+        selected.view = view.messages.into_iter().map(|m| (m.uid, m)).collect();
+        self.selected = Some(selected);
         Ok(if read_only { "[READ-ONLY] EXAMINE done".into() } else { "[READ-WRITE] SELECT done".into() })
     }
 
@@ -782,6 +834,7 @@ impl Session {
                     }
                     sel.uids.remove(seq - 1);
                     sel.view.remove(&uid);
+                    sel.recent.remove(&uid);
                 }
             }
             if !vanished.is_empty() {
@@ -798,7 +851,21 @@ impl Session {
             sel.view.insert(m.uid, (*m).clone());
         }
         if !added.is_empty() {
+            let new_uids = added.iter().map(|m| m.uid);
+            let recent: Vec<Uid> = if sel.read_only {
+                let mark = self.front.recent.mark(&sel.mailbox, sel.uidvalidity);
+                new_uids.filter(|u| *u > mark).collect()
+            } else {
+                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_uids)
+            };
+            sel.recent.extend(recent);
             lines.push(format!("* {} EXISTS", sel.uids.len()));
+            lines.push(format!("* {} RECENT", sel.recent.len()));
+        }
+        // Keywords new to this session are announced before any message shows them.
+        let shown: Vec<&MessageView> = sel.uids.iter().filter_map(|u| now.get(u).copied()).collect();
+        if sel.learn_keywords(shown) {
+            lines.extend(sel.flags_responses());
         }
         for (i, uid) in sel.uids.iter().enumerate() {
             let Some(m) = now.get(uid) else { continue };
@@ -806,7 +873,7 @@ impl Session {
             sel.view.insert(*uid, (*m).clone());
             if changed && !quiet.contains(uid) {
                 let modseq = if self.condstore { format!(" MODSEQ ({})", m.modseq) } else { String::new() };
-                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, flag_list(&m.flags)));
+                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, sel.flag_list(uid)));
             }
         }
         for l in lines {
@@ -820,7 +887,10 @@ impl Session {
         for item in items {
             match item {
                 StatusDataItemName::Messages => parts.push(format!("MESSAGES {}", view.messages.len())),
-                StatusDataItemName::Recent => parts.push("RECENT 0".into()),
+                StatusDataItemName::Recent => {
+                    let mark = self.front.recent.mark(&view.mailbox, view.uidvalidity);
+                    parts.push(format!("RECENT {}", view.messages.iter().filter(|m| m.uid > mark).count()))
+                }
                 StatusDataItemName::UidNext => parts.push(format!("UIDNEXT {}", view.uidnext)),
                 StatusDataItemName::UidValidity => parts.push(format!("UIDVALIDITY {}", view.uidvalidity)),
                 StatusDataItemName::Unseen => {
@@ -993,7 +1063,7 @@ impl Session {
                 if i > 0 {
                     out.push(b' ');
                 }
-                fetch_item(&mut out, item, m, body);
+                fetch_item(&mut out, item, m, sel.recent.contains(u), body);
             }
             out.extend_from_slice(b")\r\n");
         }
@@ -1072,7 +1142,7 @@ impl Session {
                         (true, Some(m)) => format!(" MODSEQ ({})", m.modseq),
                         _ => String::new(),
                     };
-                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}){modseq})", flag_list(&flags)));
+                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}){modseq})", sel.flag_list(u)));
                 }
             }
             for l in lines {
@@ -1181,7 +1251,8 @@ impl Session {
         for (i, u) in sel.uids.iter().enumerate() {
             let Some(m) = sel.view.get(u) else { continue };
             let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
-            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, body, largest_uid, count, sets: &sets };
+            let recent = sel.recent.contains(u);
+            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, recent, body, largest_uid, count, sets: &sets };
             if criteria.iter().all(|k| matches(k, &cx)) {
                 hits.push(if uid { *u } else { i as u32 + 1 });
             }
@@ -1231,6 +1302,8 @@ struct Candidate<'a> {
     seq: u32,
     uid: Uid,
     m: &'a MessageView,
+    /// `\Recent` in this session.
+    recent: bool,
     body: &'a [u8],
     largest_uid: Uid,
     count: u32,
@@ -1311,9 +1384,10 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
         SearchKey::Flagged => flag("\\Flagged"),
         SearchKey::Unflagged => !flag("\\Flagged"),
         SearchKey::Seen => flag("\\Seen"),
-        SearchKey::Unseen | SearchKey::New => !flag("\\Seen"),
-        SearchKey::Old => true,
-        SearchKey::Recent => false,
+        SearchKey::Unseen => !flag("\\Seen"),
+        SearchKey::New => c.recent && !flag("\\Seen"),
+        SearchKey::Old => !c.recent,
+        SearchKey::Recent => c.recent,
         SearchKey::Keyword(a) => flag(a.as_ref()),
         SearchKey::Unkeyword(a) => !flag(a.as_ref()),
         SearchKey::Larger(n) => c.m.size > *n,
@@ -1435,11 +1509,13 @@ fn fetch_item_supported(item: &MessageDataItemName<'_>) -> bool {
     )
 }
 
-fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, body: &[u8]) {
+fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, recent: bool, body: &[u8]) {
     let header_end = mime::header_end(body);
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
-        MessageDataItemName::Flags => out.extend_from_slice(format!("FLAGS ({})", flag_list(&m.flags)).as_bytes()),
+        MessageDataItemName::Flags => {
+            out.extend_from_slice(format!("FLAGS ({})", shown_flags(&m.flags, recent)).as_bytes())
+        }
         MessageDataItemName::InternalDate => {
             out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(m.received)).as_bytes())
         }
@@ -1558,12 +1634,20 @@ fn has(flags: &[Flag], name: &str) -> bool {
     flags.iter().any(|f| f.as_str().eq_ignore_ascii_case(name))
 }
 
-fn flag_list(flags: &[Flag]) -> String {
-    flags.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(" ")
+/// Flags as a FETCH shows them; `\Recent` is the session's, never stored.
+fn shown_flags(flags: &[Flag], recent: bool) -> String {
+    let recent = recent.then_some("\\Recent");
+    recent.into_iter().chain(flags.iter().map(|f| f.as_str())).collect::<Vec<_>>().join(" ")
 }
 
+/// The flags a client asks to store; `\Recent` is the server's to set, so it is left out.
 fn core_flags(flags: &[ImapFlag<'_>]) -> Result<Vec<Flag>> {
-    flags.iter().map(|f| Flag::new(&f.to_string()).map_err(|e| format!("BAD bad flag {f}: {e:?}"))).collect()
+    flags
+        .iter()
+        .map(|f| f.to_string())
+        .filter(|f| !f.eq_ignore_ascii_case("\\Recent"))
+        .map(|f| Flag::new(&f).map_err(|e| format!("BAD bad flag {f}: {e:?}")))
+        .collect()
 }
 
 fn now_secs() -> u64 {
