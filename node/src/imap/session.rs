@@ -1057,13 +1057,13 @@ impl Session {
                 // Not here yet (being fetched from a peer): say nothing rather than lie.
                 continue;
             }
-            let body = body.unwrap_or_default();
+            let message = Message::new(body.unwrap_or_default());
             out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(b' ');
                 }
-                fetch_item(&mut out, item, m, sel.recent.contains(u), body);
+                fetch_item(&mut out, item, m, sel.recent.contains(u), &message);
             }
             out.extend_from_slice(b")\r\n");
         }
@@ -1361,6 +1361,21 @@ fn header_value(body: &[u8], name: &str) -> Vec<u8> {
     fields.splitn(2, |b| *b == b':').nth(1).map(<[u8]>::to_vec).unwrap_or_default()
 }
 
+/// SEARCH FROM/TO/CC/BCC: the string in the addresses as "Name <mailbox@host>" (groups
+/// by name), or in the raw header when it holds no address mail-parser can read.
+fn address_matches(body: &[u8], name: &str, needle: &[u8]) -> bool {
+    match mime::address_search_text(&body[..mime::header_end(body)], name) {
+        Some(text) => contains_ci(text.as_bytes(), needle),
+        None => contains_ci(&header_value(body, name), needle),
+    }
+}
+
+/// The day of the Date: header as written (time and zone disregarded, RFC 3501), or of
+/// the internal date when there is none or it cannot be read (as Dovecot does).
+fn sent_date(c: &Candidate<'_>) -> Option<chrono::NaiveDate> {
+    mime::sent_date(&c.body[..mime::header_end(c.body)]).or_else(|| day_of(c.m.received))
+}
+
 fn day_of(secs: u64) -> Option<chrono::NaiveDate> {
     chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0).map(|d| d.date_naive())
 }
@@ -1398,20 +1413,19 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
         SearchKey::Body(s) => contains_ci(&c.body[mime::header_end(c.body)..], s.as_ref()),
         SearchKey::Text(s) => contains_ci(c.body, s.as_ref()),
         SearchKey::Subject(s) => contains_ci(&header_value(c.body, "Subject"), s.as_ref()),
-        SearchKey::From(s) => contains_ci(&header_value(c.body, "From"), s.as_ref()),
-        SearchKey::To(s) => contains_ci(&header_value(c.body, "To"), s.as_ref()),
-        SearchKey::Cc(s) => contains_ci(&header_value(c.body, "Cc"), s.as_ref()),
-        SearchKey::Bcc(s) => contains_ci(&header_value(c.body, "Bcc"), s.as_ref()),
+        SearchKey::From(s) => address_matches(c.body, "From", s.as_ref()),
+        SearchKey::To(s) => address_matches(c.body, "To", s.as_ref()),
+        SearchKey::Cc(s) => address_matches(c.body, "Cc", s.as_ref()),
+        SearchKey::Bcc(s) => address_matches(c.body, "Bcc", s.as_ref()),
         SearchKey::Header(name, s) => {
             let name = String::from_utf8_lossy(name.as_ref()).into_owned();
             let header = &c.body[..mime::header_end(c.body)];
             let present = mime::header_fields(header, std::slice::from_ref(&name), false).len() > 2;
             present && contains_ci(&header_value(c.body, &name), s.as_ref())
         }
-        // Sent dates would need Date: parsing; the internal date stands in.
-        SearchKey::SentBefore(d) => date.is_some_and(|x| x < *d.as_ref()),
-        SearchKey::SentOn(d) => date.is_some_and(|x| x == *d.as_ref()),
-        SearchKey::SentSince(d) => date.is_some_and(|x| x >= *d.as_ref()),
+        SearchKey::SentBefore(d) => sent_date(c).is_some_and(|x| x < *d.as_ref()),
+        SearchKey::SentOn(d) => sent_date(c).is_some_and(|x| x == *d.as_ref()),
+        SearchKey::SentSince(d) => sent_date(c).is_some_and(|x| x >= *d.as_ref()),
         SearchKey::ModSequence { modseq, .. } => c.m.modseq >= *modseq,
     }
 }
@@ -1509,7 +1523,24 @@ fn fetch_item_supported(item: &MessageDataItemName<'_>) -> bool {
     )
 }
 
-fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, recent: bool, body: &[u8]) {
+/// One message's bytes, with its MIME tree found at most once for all its FETCH items.
+struct Message<'a> {
+    bytes: &'a [u8],
+    structure: std::cell::OnceCell<mime::Structure>,
+}
+
+impl<'a> Message<'a> {
+    fn new(bytes: &'a [u8]) -> Message<'a> {
+        Message { bytes, structure: std::cell::OnceCell::new() }
+    }
+
+    fn structure(&self) -> &mime::Structure {
+        self.structure.get_or_init(|| mime::Structure::of(self.bytes))
+    }
+}
+
+fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, recent: bool, msg: &Message<'_>) {
+    let body = msg.bytes;
     let header_end = mime::header_end(body);
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
@@ -1522,9 +1553,11 @@ fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView
         MessageDataItemName::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", m.size).as_bytes()),
         MessageDataItemName::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", m.modseq).as_bytes()),
         MessageDataItemName::Envelope => out.extend_from_slice(format!("ENVELOPE {}", mime::envelope(body)).as_bytes()),
-        MessageDataItemName::Body | MessageDataItemName::BodyStructure => {
-            let name = if matches!(item, MessageDataItemName::Body) { "BODY" } else { "BODYSTRUCTURE" };
-            out.extend_from_slice(format!("{name} {}", mime::bodystructure(body)).as_bytes())
+        MessageDataItemName::Body => {
+            out.extend_from_slice(format!("BODY {}", mime::describe(body, msg.structure(), false)).as_bytes())
+        }
+        MessageDataItemName::BodyStructure => {
+            out.extend_from_slice(format!("BODYSTRUCTURE {}", mime::describe(body, msg.structure(), true)).as_bytes())
         }
         MessageDataItemName::Rfc822 => {
             out.extend_from_slice(b"RFC822 ");
@@ -1539,29 +1572,44 @@ fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView
             literal(out, &body[header_end..]);
         }
         MessageDataItemName::BodyExt { section, partial, .. } => {
-            let (name, bytes): (String, Vec<u8>) = match section {
-                None => (String::new(), body.to_vec()),
-                Some(Section::Header(None)) => ("HEADER".into(), body[..header_end].to_vec()),
-                Some(Section::Text(None)) => ("TEXT".into(), body[header_end..].to_vec()),
-                Some(Section::HeaderFields(None, names)) | Some(Section::HeaderFieldsNot(None, names)) => {
+            let numbers = |part: &Option<&imap_codec::imap_types::fetch::Part>| -> Vec<u32> {
+                part.map(|p| p.0.as_ref().iter().map(|n| n.get()).collect()).unwrap_or_default()
+            };
+            let names_of = |names: &[imap_codec::imap_types::core::AString<'_>]| -> Vec<String> {
+                names.iter().map(|n| String::from_utf8_lossy(n.as_ref()).into_owned()).collect()
+            };
+            let header_names;
+            let (path, label, text) = match section {
+                None => (Vec::new(), String::new(), mime::SectionText::All),
+                Some(Section::Part(p)) => (numbers(&Some(p)), String::new(), mime::SectionText::All),
+                Some(Section::Header(p)) => (numbers(&p.as_ref()), "HEADER".into(), mime::SectionText::Header),
+                Some(Section::Text(p)) => (numbers(&p.as_ref()), "TEXT".into(), mime::SectionText::Text),
+                Some(Section::Mime(p)) => (numbers(&Some(p)), "MIME".into(), mime::SectionText::Mime),
+                Some(Section::HeaderFields(p, names)) | Some(Section::HeaderFieldsNot(p, names)) => {
                     let not = matches!(section, Some(Section::HeaderFieldsNot(..)));
-                    let names: Vec<String> =
-                        names.as_ref().iter().map(|n| String::from_utf8_lossy(n.as_ref()).into_owned()).collect();
-                    let quoted: Vec<String> = names.iter().map(|n| quoted_or_literal(n.as_bytes())).collect();
+                    header_names = names_of(names.as_ref());
+                    let quoted: Vec<String> = header_names.iter().map(|n| quoted_or_literal(n.as_bytes())).collect();
                     let label = format!("HEADER.FIELDS{} ({})", if not { ".NOT" } else { "" }, quoted.join(" "));
-                    (label, mime::header_fields(&body[..header_end], &names, not))
+                    (numbers(&p.as_ref()), label, mime::SectionText::HeaderFields { names: &header_names, not })
                 }
-                Some(Section::Part(part)) => {
-                    let path: Vec<u32> = part.0.as_ref().iter().map(|n| n.get()).collect();
-                    let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-                    (label, mime::part_bytes(body, &path).map(<[u8]>::to_vec).unwrap_or_default())
-                }
-                Some(_) => ("".into(), Vec::new()),
+            };
+            let bytes = match (path.is_empty(), &text) {
+                // The whole message and its own header and text need no MIME tree.
+                (true, mime::SectionText::All) => body.to_vec(),
+                (true, mime::SectionText::Header) => body[..header_end].to_vec(),
+                (true, mime::SectionText::Text) => body[header_end..].to_vec(),
+                _ => mime::section(body, msg.structure(), &path, text).unwrap_or_default(),
+            };
+            let numbers_label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+            let name = match (numbers_label.is_empty(), label.is_empty()) {
+                (true, _) => label,
+                (false, true) => numbers_label,
+                (false, false) => format!("{numbers_label}.{label}"),
             };
             let (origin, bytes) = match partial {
                 Some((start, len)) => {
                     let start = (*start as usize).min(bytes.len());
-                    let end = (start + len.get() as usize).min(bytes.len());
+                    let end = start.saturating_add(len.get() as usize).min(bytes.len());
                     (format!("<{start}>"), bytes[start..end].to_vec())
                 }
                 None => (String::new(), bytes),
