@@ -1163,51 +1163,97 @@ impl Session {
         Ok(format!("{verb} done"))
     }
 
+    /// COPY and MOVE. Into another mailbox each message is a core COPY (the body is not
+    /// sent again); into the selected mailbox itself (which the core refuses: one GUID
+    /// would have two UIDs there) each is saved anew, with its flags and internal date,
+    /// as Dovecot does. MOVE is the copy, then `* OK [COPYUID ...]`, then the expunge of
+    /// the originals and their EXPUNGE responses (RFC 6851). A message expunged meanwhile
+    /// (by another session, unseen here yet) stops the command before anything is copied:
+    /// `NO [EXPUNGEISSUED]`.
     async fn copy(&mut self, set: &SequenceSet, to: &str, uid: bool, moving: bool) -> Result<String> {
         let targets = self.resolve(set, uid);
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let src = sel.mailbox.clone();
-        let dst = self.key(to);
-        if dst == src {
-            return Err("NO [CANNOT] copying into the same mailbox is not supported".into());
+        if moving && sel.read_only {
+            return Err("NO the mailbox is read-only".into());
         }
+        let (src, src_name) = (sel.mailbox.clone(), sel.name.clone());
+        let dst = self.key(to);
         if !self.mailbox_exists(to).await {
             return Err("NO [TRYCREATE] no such mailbox".into());
         }
-        if !moving {
-            let bytes: u64 = targets.iter().filter_map(|(_, u)| sel.view.get(u)).map(|m| u64::from(m.size)).sum();
+        let verb = if moving { "MOVE" } else { "COPY" };
+        if targets.is_empty() {
+            return Ok(format!("{verb} done"));
+        }
+        let now = self.read(&src_name).await?;
+        let present: BTreeMap<Uid, &MessageView> = now.messages.iter().map(|m| (m.uid, m)).collect();
+        let Some(messages) = targets.iter().map(|(_, u)| present.get(u).copied().cloned()).collect::<Option<Vec<_>>>()
+        else {
+            return Err("NO [EXPUNGEISSUED] some of the messages no longer exist".into());
+        };
+        if !moving || dst == src {
+            let bytes: u64 = messages.iter().map(|m| u64::from(m.size)).sum();
             let user = self.user.clone().unwrap_or_default();
-            if let Err(why) = self.front.within_quota(&self.node, &user, bytes, targets.len() as u64).await {
+            if let Err(why) = self.front.within_quota(&self.node, &user, bytes, messages.len() as u64).await {
                 return Err(format!("NO [OVERQUOTA] {why}"));
             }
         }
         let mut pairs = Vec::new();
         let mut uidvalidity = 0;
-        for (_, u) in &targets {
-            let request = ClientRequest::Copy { src: src.clone(), src_uid: *u, dst: dst.clone() };
-            match self.node.request(request).await {
-                ClientReply::Write(WriteResult::Copied { uidvalidity: v, uid: new, .. }) => {
-                    uidvalidity = v;
-                    pairs.push((*u, new));
+        if dst == src {
+            let bodies = self.node.bodies(messages.iter().map(|m| m.guid).collect()).await;
+            for m in &messages {
+                let Some(body) = bodies.get(&m.guid) else {
+                    return Err("NO [UNAVAILABLE] a message's body is not on this server yet; try again".into());
+                };
+                let request = ClientRequest::Save {
+                    mailbox: dst.clone(),
+                    received: m.received,
+                    flags: m.flags.clone(),
+                    body: body.clone(),
+                };
+                match self.node.request(request).await {
+                    ClientReply::Write(WriteResult::Saved { uidvalidity: v, uid: new, .. }) => {
+                        uidvalidity = v;
+                        pairs.push((m.uid, new));
+                    }
+                    other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
                 }
-                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        } else {
+            for m in &messages {
+                let request = ClientRequest::Copy { src: src.clone(), src_uid: m.uid, dst: dst.clone() };
+                match self.node.request(request).await {
+                    ClientReply::Write(WriteResult::Copied { uidvalidity: v, uid: new, .. }) => {
+                        uidvalidity = v;
+                        pairs.push((m.uid, new));
+                    }
+                    // Expunged between our read and the master's copy.
+                    ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, reason })
+                        if reason.starts_with("no message") =>
+                    {
+                        return Err("NO [EXPUNGEISSUED] some of the messages no longer exist".into());
+                    }
+                    other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+                }
             }
         }
-        if moving && !targets.is_empty() {
-            let uids = targets.iter().map(|t| t.1).collect();
-            match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
-                ClientReply::Write(WriteResult::Expunged { .. }) => {}
-                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
-            }
-            self.refresh(true).await;
+        let from: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+        let new: Vec<u32> = pairs.iter().map(|p| p.1).collect();
+        // UIDPLUS sets name the messages in the order copied, pairwise: no ranges merged
+        // across both lists, so each source UID stays beside its new UID.
+        let copyuid = format!("COPYUID {uidvalidity} {} {}", comma_list(&from), comma_list(&new));
+        if !moving {
+            return Ok(format!("[{copyuid}] COPY done"));
         }
-        let verb = if moving { "MOVE" } else { "COPY" };
-        if pairs.is_empty() {
-            return Ok(format!("{verb} done"));
+        self.line(&format!("* OK [{copyuid}] moved"));
+        let uids = messages.iter().map(|m| m.uid).collect();
+        match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
+            ClientReply::Write(WriteResult::Expunged { .. }) => {}
+            other => return Err(format!("NO [UNAVAILABLE] copied, but the originals stay: {}", describe(&other))),
         }
-        let from: Vec<String> = pairs.iter().map(|p| p.0.to_string()).collect();
-        let new: Vec<String> = pairs.iter().map(|p| p.1.to_string()).collect();
-        Ok(format!("[COPYUID {uidvalidity} {} {}] {verb} done", from.join(","), new.join(",")))
+        self.refresh(true).await;
+        Ok("MOVE done".into())
     }
 
     async fn expunge(&mut self, set: Option<&SequenceSet>) -> Result<String> {
@@ -1664,6 +1710,11 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
         }
     }
     reachable[name.len()]
+}
+
+/// Numbers in the order given, as an IMAP set without ranges: 4,2,9.
+fn comma_list(numbers: &[u32]) -> String {
+    numbers.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Sorted UIDs as an IMAP set with ranges: 1:3,7,9:10.

@@ -196,6 +196,43 @@ def main():
         assert typ == "OK" and b"MESSAGES 1" in data[0], data
         c.logout()
         print(json.dumps({"ok": True}))
+    elif cmd == "copy-edges":
+        # \Recent in one session only; COPY of a message another session expunged;
+        # COPY and MOVE into the selected mailbox itself; MOVE's COPYUID before EXPUNGE.
+        port, user, password = args
+        a, b = imap(port, user, password), imap(port, user, password)
+        check(a.create("Edges"))
+        for i in range(3):
+            check(a.append("Edges", None, None, f"Subject: edge {i}\r\n\r\nx\r\n".encode()))
+        typ, data = a.select("Edges")
+        assert a.untagged_responses.get("RECENT") == [b"3"], a.untagged_responses
+        check(b.select("Edges"))
+        assert b.untagged_responses.get("RECENT") == [b"0"], b.untagged_responses
+        flags = check(a.fetch("1", "(FLAGS)"))[0]
+        assert b"\\Recent" in flags, flags
+        assert check(a.search(None, "RECENT"))[0] == b"1 2 3"
+        assert check(b.search(None, "OLD"))[0] == b"1 2 3"
+        check(b.store("1", "+FLAGS", "\\Deleted"))
+        check(b.expunge())
+        # a has not been told of the expunge (COPY with sequence numbers holds it back).
+        typ, data = a.copy("1", "INBOX")
+        assert typ == "NO" and b"EXPUNGEISSUED" in data[0], (typ, data)
+        check(a.noop())
+        typ, data = a.copy("1", "Edges")
+        assert typ == "OK" and b"COPYUID" in data[0], (typ, data)
+        tag = a._new_tag().decode()
+        a.send(f"{tag} MOVE 1 Edges\r\n".encode())
+        lines = []
+        while not lines or not lines[-1].startswith(tag.encode()):
+            lines.append(a.readline())
+        copyuid = next(i for i, l in enumerate(lines) if b"[COPYUID" in l)
+        expunge = next(i for i, l in enumerate(lines) if l.endswith(b"EXPUNGE\r\n"))
+        assert copyuid < expunge and lines[-1].startswith(f"{tag} OK".encode()), lines
+        check(a.noop())
+        assert check(a.search(None, "ALL"))[0] == b"1 2 3", a.search(None, "ALL")
+        a.logout()
+        b.logout()
+        print(json.dumps({"ok": True}))
     elif cmd == "idle":
         # Waits in IDLE until another client's APPEND shows up as EXISTS.
         port, user, password, other_port = args
