@@ -517,6 +517,163 @@ pub fn sent_date(header: &[u8]) -> Option<chrono::NaiveDate> {
     chrono::NaiveDate::from_ymd_opt(i32::from(d.year), u32::from(d.month), u32::from(d.day))
 }
 
+/// What SORT compares, from one message's header.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SortFields {
+    /// RFC 5256's base subject.
+    pub subject: String,
+    /// The mailbox (local part) of the first address; a group's name for a group.
+    pub from: String,
+    pub to: String,
+    pub cc: String,
+    /// RFC 5957: the first address's display name, or its address when it has none.
+    pub display_from: String,
+    pub display_to: String,
+    /// The Date: header as seconds since the epoch (UTC).
+    pub date: Option<i64>,
+}
+
+impl SortFields {
+    pub fn of(header: &[u8]) -> SortFields {
+        let Some(m) = MessageParser::default().parse_headers(header) else { return SortFields::default() };
+        SortFields {
+            subject: base_subject(m.subject().unwrap_or_default()),
+            from: first_mailbox(m.from()),
+            to: first_mailbox(m.to()),
+            cc: first_mailbox(m.cc()),
+            display_from: first_display(m.from()),
+            display_to: first_display(m.to()),
+            date: m.date().map(|d| d.to_timestamp()),
+        }
+    }
+}
+
+/// The first address of a list, or the name of a first group (as ENVELOPE's group start
+/// carries it in the mailbox field).
+enum First<'a> {
+    Address(&'a mail_parser::Addr<'a>),
+    Group(&'a str),
+}
+
+fn first<'a>(a: Option<&'a Address<'a>>) -> Option<First<'a>> {
+    match a? {
+        Address::List(list) => list.first().map(First::Address),
+        Address::Group(groups) => {
+            let g = groups.first()?;
+            match g.name.as_deref() {
+                Some(name) => Some(First::Group(name)),
+                None => g.addresses.first().map(First::Address),
+            }
+        }
+    }
+}
+
+fn first_mailbox(a: Option<&Address<'_>>) -> String {
+    match first(a) {
+        Some(First::Address(x)) => {
+            // A bare word ("To: d") is read as a name without an address: it is the
+            // mailbox there.
+            let address = x.address.as_deref().or(x.name.as_deref()).unwrap_or_default();
+            address.rsplit_once('@').map(|(local, _)| local).unwrap_or(address).to_string()
+        }
+        Some(First::Group(name)) => name.to_string(),
+        None => String::new(),
+    }
+}
+
+fn first_display(a: Option<&Address<'_>>) -> String {
+    match first(a) {
+        Some(First::Address(x)) => match x.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            Some(name) => name.to_string(),
+            None => x.address.as_deref().unwrap_or_default().to_string(),
+        },
+        Some(First::Group(name)) => name.to_string(),
+        None => String::new(),
+    }
+}
+
+/// RFC 5256 2.1's base subject of a (decoded) subject: whitespace runs made one space,
+/// then trailing "(fwd)", leading "Re:", "Fw:", "Fwd:" (with [blob]s before or inside
+/// them) and a leading [blob] removed until none is left, and a "[fwd: ...]" wrapper
+/// unwrapped. Each pass removes text, so the loops end.
+pub fn base_subject(subject: &str) -> String {
+    let mut s = String::with_capacity(subject.len());
+    for word in subject.split([' ', '\t', '\r', '\n']) {
+        if !word.is_empty() {
+            if !s.is_empty() || subject.starts_with([' ', '\t']) {
+                s.push(' ');
+            }
+            s.push_str(word);
+        }
+    }
+    let mut s = s.as_str();
+    loop {
+        // (2) trailers: "(fwd)" and spaces.
+        loop {
+            let trimmed = s.trim_end_matches(' ');
+            match trimmed.len().checked_sub(5).filter(|at| trimmed.is_char_boundary(*at)) {
+                Some(at) if trimmed[at..].eq_ignore_ascii_case("(fwd)") => s = &trimmed[..at],
+                _ => {
+                    s = trimmed;
+                    break;
+                }
+            }
+        }
+        // (3)-(5) leaders and blobs.
+        loop {
+            let before = s.len();
+            while let Some(rest) = strip_leader(s) {
+                s = rest;
+            }
+            if let Some(rest) = strip_blob(s).filter(|rest| !rest.trim().is_empty()) {
+                s = rest;
+            }
+            if s.len() == before {
+                break;
+            }
+        }
+        // (6) "[fwd: ...]".
+        let wrapped = s.len() >= 6 && s.is_char_boundary(5) && s[..5].eq_ignore_ascii_case("[fwd:") && s.ends_with(']');
+        if !wrapped {
+            return s.to_string();
+        }
+        s = &s[5..s.len() - 1];
+    }
+}
+
+/// subj-leader: (*subj-blob subj-refwd) / WSP; the rest after it.
+fn strip_leader(s: &str) -> Option<&str> {
+    if let Some(rest) = s.strip_prefix(' ') {
+        return Some(rest);
+    }
+    let mut p = s;
+    while let Some(rest) = strip_blob(p) {
+        p = rest;
+    }
+    let starts = |p: &str, word: &str| {
+        p.len() >= word.len() && p.is_char_boundary(word.len()) && p[..word.len()].eq_ignore_ascii_case(word)
+    };
+    let after = if starts(p, "re") {
+        &p[2..]
+    } else if starts(p, "fwd") {
+        &p[3..]
+    } else if starts(p, "fw") {
+        &p[2..]
+    } else {
+        return None;
+    };
+    let after = after.trim_start_matches(' ');
+    let after = strip_blob(after).unwrap_or(after);
+    after.strip_prefix(':')
+}
+
+/// subj-blob: "[" *BLOBCHAR "]" *WSP; the rest after it.
+fn strip_blob(s: &str) -> Option<&str> {
+    let inner = s.strip_prefix('[')?;
+    let end = inner.find(['[', ']'])?;
+    inner[end..].strip_prefix(']').map(|rest| rest.trim_start_matches(' '))
+}
+
 /// BODYSTRUCTURE (with `extensible`: extension data as RFC 3501 gives it for
 /// BODYSTRUCTURE) or BODY (without). Built bottom-up with an explicit stack; the tree is
 /// already bounded by [`MIME_DEPTH_MAX`] and [`MIME_PARTS_MAX`].
@@ -797,6 +954,26 @@ Date: Sun, 25 Mar 2007 00:00:00 +0200\r\n\r\n";
         assert_eq!(address_search_text(h, "cc"), None);
         assert_eq!(sent_date(h), chrono::NaiveDate::from_ymd_opt(2007, 3, 25));
         assert_eq!(sent_date(b"Date: someday\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn base_subjects_as_rfc_5256_strips_them() {
+        for (subject, base) in [
+            ("[foo] Fwd: [bar] Re: fw: b (fWd)  (fwd)", "b"),
+            ("Re: [FWD: c]", "c"),
+            ("[xyz]", "[xyz]"),
+            (" ", ""),
+            ("Ad: Re: Ad: Re: Ad: x", "Ad: Re: Ad: Re: Ad: x"),
+            ("re: [fwd: [fwd: re: [fwd: babylon]]]", "babylon"),
+            ("b (a)", "b (a)"),
+            ("Re:\t hello   world", "hello world"),
+            ("[fwd:]", ""),
+        ] {
+            assert_eq!(base_subject(subject), base, "{subject:?}");
+        }
+        let f = SortFields::of(b"From: foo bar <a@b.c>\r\nCc: user2: blah@d.org;\r\nTo: d\r\n\r\n");
+        assert_eq!((f.from.as_str(), f.display_from.as_str()), ("a", "foo bar"));
+        assert_eq!((f.cc.as_str(), f.to.as_str(), f.display_to.as_str()), ("user2", "d", "d"));
     }
 
     /// `depth` multiparts, each inside the one before, around one text part.

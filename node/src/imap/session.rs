@@ -7,8 +7,9 @@ use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, SelectParameter, StoreModifier};
-use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::core::{Charset, LiteralMode};
 use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
+use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey};
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
 use imap_codec::imap_types::flag::{Flag as ImapFlag, StoreResponse, StoreType};
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
@@ -33,7 +34,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -357,6 +358,7 @@ impl Session {
             CommandBody::Fetch { uid: false, .. }
                 | CommandBody::Store { uid: false, .. }
                 | CommandBody::Search { uid: false, .. }
+                | CommandBody::Sort { uid: false, .. }
                 | CommandBody::Copy { uid: false, .. }
         );
         if self.selected.is_some() && !matches!(command.body, CommandBody::Select { .. } | CommandBody::Examine { .. })
@@ -539,6 +541,9 @@ impl Session {
                 self.copy(&sequence_set, &mailbox_name(&mailbox), uid, true).await
             }
             CommandBody::Search { criteria, uid, .. } => self.search(criteria.as_ref(), uid).await,
+            CommandBody::Sort { sort_criteria, charset, search_criteria, uid } => {
+                self.sort(sort_criteria.as_ref(), &charset, search_criteria.as_ref(), uid).await
+            }
             CommandBody::Expunge => self.expunge(None).await,
             CommandBody::ExpungeUid { sequence_set } => self.expunge(Some(&sequence_set)).await,
             CommandBody::Close => {
@@ -1285,8 +1290,22 @@ impl Session {
     }
 
     async fn search(&mut self, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
+        let (hits, _) = self.matching(criteria, false).await?;
+        let list: Vec<String> = hits.iter().map(|(seq, u)| if uid { *u } else { *seq }.to_string()).collect();
+        self.line(&format!("* SEARCH{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
+        Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
+    }
+
+    /// (sequence number, UID) of the selected messages that match every key, in order,
+    /// and the bodies read for them (every message's, when the keys or `with_bodies`
+    /// need them).
+    async fn matching(
+        &self,
+        criteria: &[SearchKey<'_>],
+        with_bodies: bool,
+    ) -> Result<(Vec<(u32, Uid)>, BTreeMap<Guid, Vec<u8>>)> {
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let needs_body = criteria.iter().any(key_needs_body);
+        let needs_body = with_bodies || criteria.iter().any(key_needs_body);
         let guids: Vec<Guid> = sel.view.values().map(|m| m.guid).collect();
         let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
@@ -1300,12 +1319,49 @@ impl Session {
             let recent = sel.recent.contains(u);
             let cx = Candidate { seq: i as u32 + 1, uid: *u, m, recent, body, largest_uid, count, sets: &sets };
             if criteria.iter().all(|k| matches(k, &cx)) {
-                hits.push(if uid { *u } else { i as u32 + 1 });
+                hits.push((i as u32 + 1, *u));
             }
         }
-        let list: Vec<String> = hits.iter().map(u32::to_string).collect();
-        self.line(&format!("* SEARCH{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
-        Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
+        Ok((hits, bodies))
+    }
+
+    /// SORT (RFC 5256) and SORT=DISPLAY (RFC 5957): the matching messages ordered by each
+    /// criterion in turn (REVERSE turns one criterion around), ties by sequence number.
+    async fn sort(
+        &mut self,
+        criteria: &[SortCriterion],
+        charset: &Charset<'_>,
+        search: &[SearchKey<'_>],
+        uid: bool,
+    ) -> Result<String> {
+        check_charset(charset)?;
+        let header_keys = criteria.iter().any(|c| !matches!(c.key, SortKey::Arrival | SortKey::Size));
+        let (hits, bodies) = self.matching(search, header_keys).await?;
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let mut rows: Vec<(u32, Uid, &MessageView, Option<mime::SortFields>)> = hits
+            .iter()
+            .filter_map(|(seq, u)| {
+                let m = sel.view.get(u)?;
+                let fields = header_keys.then(|| {
+                    let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
+                    mime::SortFields::of(&body[..mime::header_end(body)])
+                });
+                Some((*seq, *u, m, fields))
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            for c in criteria {
+                let order = sort_compare(&c.key, (a.2, &a.3), (b.2, &b.3));
+                let order = if c.reverse { order.reverse() } else { order };
+                if order != std::cmp::Ordering::Equal {
+                    return order;
+                }
+            }
+            a.0.cmp(&b.0)
+        });
+        let list: Vec<String> = rows.iter().map(|r| if uid { r.1 } else { r.0 }.to_string()).collect();
+        self.line(&format!("* SORT{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
+        Ok(format!("{}SORT done", if uid { "UID " } else { "" }))
     }
 
     async fn idle(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
@@ -1341,6 +1397,46 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// SEARCH and SORT take US-ASCII and UTF-8 (their strings are compared as bytes).
+fn check_charset(charset: &Charset<'_>) -> Result<()> {
+    let name = match charset {
+        Charset::Atom(a) => a.as_ref().to_string(),
+        Charset::Quoted(q) => q.as_ref().to_string(),
+    };
+    if name.eq_ignore_ascii_case("US-ASCII") || name.eq_ignore_ascii_case("UTF-8") {
+        Ok(())
+    } else {
+        Err("NO [BADCHARSET (US-ASCII UTF-8)] only US-ASCII and UTF-8 are known".into())
+    }
+}
+
+/// One SORT criterion between two messages. Text keys compare as i;ascii-casemap
+/// (ASCII letters folded to upper case, then bytes); DATE is the Date: header's instant,
+/// or INTERNALDATE without one (RFC 5256).
+fn sort_compare(
+    key: &SortKey,
+    (a, fa): (&MessageView, &Option<mime::SortFields>),
+    (b, fb): (&MessageView, &Option<mime::SortFields>),
+) -> std::cmp::Ordering {
+    let text = |f: &Option<mime::SortFields>, pick: fn(&mime::SortFields) -> &str| {
+        f.as_ref().map(|f| pick(f).to_ascii_uppercase()).unwrap_or_default()
+    };
+    let date = |m: &MessageView, f: &Option<mime::SortFields>| {
+        f.as_ref().and_then(|f| f.date).unwrap_or_else(|| i64::try_from(m.received).unwrap_or(i64::MAX))
+    };
+    match key {
+        SortKey::Arrival => a.received.cmp(&b.received),
+        SortKey::Size => a.size.cmp(&b.size),
+        SortKey::Date => date(a, fa).cmp(&date(b, fb)),
+        SortKey::Subject => text(fa, |f| &f.subject).cmp(&text(fb, |f| &f.subject)),
+        SortKey::From => text(fa, |f| &f.from).cmp(&text(fb, |f| &f.from)),
+        SortKey::To => text(fa, |f| &f.to).cmp(&text(fb, |f| &f.to)),
+        SortKey::Cc => text(fa, |f| &f.cc).cmp(&text(fb, |f| &f.cc)),
+        SortKey::DisplayFrom => text(fa, |f| &f.display_from).cmp(&text(fb, |f| &f.display_from)),
+        SortKey::DisplayTo => text(fa, |f| &f.display_to).cmp(&text(fb, |f| &f.display_to)),
     }
 }
 

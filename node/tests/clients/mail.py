@@ -230,6 +230,12 @@ def main():
         assert copyuid < expunge and lines[-1].startswith(f"{tag} OK".encode()), lines
         check(a.noop())
         assert check(a.search(None, "ALL"))[0] == b"1 2 3", a.search(None, "ALL")
+        # SORT: now "edge 2", then the copy of "edge 1" and the moved "edge 1"; ties in
+        # sequence order, also when the criterion is reversed.
+        assert check(a.sort("(SUBJECT)", "UTF-8", "ALL"))[0] == b"2 3 1"
+        assert check(a.sort("(REVERSE SUBJECT)", "UTF-8", "ALL"))[0] == b"1 2 3"
+        typ, data = a.sort("(ARRIVAL)", "KOI8-R", "ALL")
+        assert typ == "NO" and b"BADCHARSET" in data[0], (typ, data)
         a.logout()
         b.logout()
         print(json.dumps({"ok": True}))
