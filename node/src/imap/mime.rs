@@ -597,6 +597,13 @@ fn first_display(a: Option<&Address<'_>>) -> String {
 /// them) and a leading [blob] removed until none is left, and a "[fwd: ...]" wrapper
 /// unwrapped. Each pass removes text, so the loops end.
 pub fn base_subject(subject: &str) -> String {
+    base_subject_and_reply(subject).0
+}
+
+/// [`base_subject`], and whether a reply or forward marker ("Re:", "Fwd:", "(fwd)",
+/// "[fwd: ...]") was taken off (THREAD=REFERENCES joins replies under originals).
+pub fn base_subject_and_reply(subject: &str) -> (String, bool) {
+    let mut reply = false;
     let mut s = String::with_capacity(subject.len());
     for word in subject.split([' ', '\t', '\r', '\n']) {
         if !word.is_empty() {
@@ -612,7 +619,10 @@ pub fn base_subject(subject: &str) -> String {
         loop {
             let trimmed = s.trim_end_matches(' ');
             match trimmed.len().checked_sub(5).filter(|at| trimmed.is_char_boundary(*at)) {
-                Some(at) if trimmed[at..].eq_ignore_ascii_case("(fwd)") => s = &trimmed[..at],
+                Some(at) if trimmed[at..].eq_ignore_ascii_case("(fwd)") => {
+                    s = &trimmed[..at];
+                    reply = true;
+                }
                 _ => {
                     s = trimmed;
                     break;
@@ -622,8 +632,9 @@ pub fn base_subject(subject: &str) -> String {
         // (3)-(5) leaders and blobs.
         loop {
             let before = s.len();
-            while let Some(rest) = strip_leader(s) {
+            while let Some((rest, marker)) = strip_leader(s) {
                 s = rest;
+                reply |= marker;
             }
             if let Some(rest) = strip_blob(s).filter(|rest| !rest.trim().is_empty()) {
                 s = rest;
@@ -635,16 +646,18 @@ pub fn base_subject(subject: &str) -> String {
         // (6) "[fwd: ...]".
         let wrapped = s.len() >= 6 && s.is_char_boundary(5) && s[..5].eq_ignore_ascii_case("[fwd:") && s.ends_with(']');
         if !wrapped {
-            return s.to_string();
+            return (s.to_string(), reply);
         }
         s = &s[5..s.len() - 1];
+        reply = true;
     }
 }
 
-/// subj-leader: (*subj-blob subj-refwd) / WSP; the rest after it.
-fn strip_leader(s: &str) -> Option<&str> {
+/// subj-leader: (*subj-blob subj-refwd) / WSP; the rest after it, and whether it was a
+/// reply or forward marker.
+fn strip_leader(s: &str) -> Option<(&str, bool)> {
     if let Some(rest) = s.strip_prefix(' ') {
-        return Some(rest);
+        return Some((rest, false));
     }
     let mut p = s;
     while let Some(rest) = strip_blob(p) {
@@ -664,7 +677,60 @@ fn strip_leader(s: &str) -> Option<&str> {
     };
     let after = after.trim_start_matches(' ');
     let after = strip_blob(after).unwrap_or(after);
-    after.strip_prefix(':')
+    after.strip_prefix(':').map(|rest| (rest, true))
+}
+
+/// What THREAD needs from one message's header.
+pub struct ThreadFields {
+    pub message_id: Option<String>,
+    /// References, or the first In-Reply-To without them (RFC 5256 4.(1)).
+    pub references: Vec<String>,
+    pub subject: String,
+    pub reply: bool,
+    /// The Date: header as seconds since the epoch (UTC).
+    pub date: Option<i64>,
+}
+
+impl ThreadFields {
+    pub fn of(header: &[u8]) -> ThreadFields {
+        let Some(m) = MessageParser::default().parse_headers(header) else {
+            return ThreadFields {
+                message_id: None,
+                references: Vec::new(),
+                subject: String::new(),
+                reply: false,
+                date: None,
+            };
+        };
+        let ids = |name: &str| m.header_raw(name).map(message_ids).unwrap_or_default();
+        let mut references = ids("References");
+        if references.is_empty() {
+            references = ids("In-Reply-To").into_iter().take(1).collect();
+        }
+        let (subject, reply) = base_subject_and_reply(m.subject().unwrap_or_default());
+        ThreadFields {
+            message_id: ids("Message-ID").into_iter().next(),
+            references,
+            subject,
+            reply,
+            date: m.date().map(|d| d.to_timestamp()),
+        }
+    }
+}
+
+/// The `<...>` message identifiers in a header value, in order.
+fn message_ids(value: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let Some(len) = rest[open..].find('>') else { break };
+        let id: String = rest[open..open + len + 1].chars().filter(|c| !c.is_whitespace()).collect();
+        if id.len() > 2 {
+            ids.push(id);
+        }
+        rest = &rest[open + len + 1..];
+    }
+    ids
 }
 
 /// subj-blob: "[" *BLOBCHAR "]" *WSP; the rest after it.

@@ -12,6 +12,7 @@
 pub(crate) mod mime;
 pub(crate) mod recent;
 pub(crate) mod session;
+pub(crate) mod thread;
 mod wire;
 
 pub use session::serve;

@@ -1,5 +1,5 @@
-use super::mime;
 use super::wire::{astring, literal, quoted_or_literal};
+use super::{mime, thread};
 use crate::front::{Front, LoginError, UserSession};
 use crate::node::NodeHandle;
 use crate::peer::PeerIo;
@@ -10,6 +10,7 @@ use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, Selec
 use imap_codec::imap_types::core::{Charset, LiteralMode};
 use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
 use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey};
+use imap_codec::imap_types::extensions::thread::ThreadingAlgorithm;
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
 use imap_codec::imap_types::flag::{Flag as ImapFlag, StoreResponse, StoreType};
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
@@ -34,7 +35,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -359,6 +360,7 @@ impl Session {
                 | CommandBody::Store { uid: false, .. }
                 | CommandBody::Search { uid: false, .. }
                 | CommandBody::Sort { uid: false, .. }
+                | CommandBody::Thread { uid: false, .. }
                 | CommandBody::Copy { uid: false, .. }
         );
         if self.selected.is_some() && !matches!(command.body, CommandBody::Select { .. } | CommandBody::Examine { .. })
@@ -543,6 +545,9 @@ impl Session {
             CommandBody::Search { criteria, uid, .. } => self.search(criteria.as_ref(), uid).await,
             CommandBody::Sort { sort_criteria, charset, search_criteria, uid } => {
                 self.sort(sort_criteria.as_ref(), &charset, search_criteria.as_ref(), uid).await
+            }
+            CommandBody::Thread { algorithm, charset, search_criteria, uid } => {
+                self.thread(&algorithm, &charset, search_criteria.as_ref(), uid).await
             }
             CommandBody::Expunge => self.expunge(None).await,
             CommandBody::ExpungeUid { sequence_set } => self.expunge(Some(&sequence_set)).await,
@@ -1362,6 +1367,46 @@ impl Session {
         let list: Vec<String> = rows.iter().map(|r| if uid { r.1 } else { r.0 }.to_string()).collect();
         self.line(&format!("* SORT{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
         Ok(format!("{}SORT done", if uid { "UID " } else { "" }))
+    }
+
+    /// THREAD=ORDEREDSUBJECT and THREAD=REFERENCES (RFC 5256) over the matching messages.
+    async fn thread(
+        &mut self,
+        algorithm: &ThreadingAlgorithm<'_>,
+        charset: &Charset<'_>,
+        search: &[SearchKey<'_>],
+        uid: bool,
+    ) -> Result<String> {
+        check_charset(charset)?;
+        if let ThreadingAlgorithm::Other(other) = algorithm {
+            return Err(format!("BAD THREAD={} is not supported", other.as_ref()));
+        }
+        let (hits, bodies) = self.matching(search, true).await?;
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let messages: Vec<thread::ThreadMessage> = hits
+            .iter()
+            .filter_map(|(seq, u)| {
+                let m = sel.view.get(u)?;
+                let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
+                let f = mime::ThreadFields::of(&body[..mime::header_end(body)]);
+                let date = f.date.unwrap_or_else(|| i64::try_from(m.received).unwrap_or(i64::MAX));
+                Some(thread::ThreadMessage {
+                    number: if uid { *u } else { *seq },
+                    order: (date, *seq),
+                    message_id: f.message_id,
+                    references: f.references,
+                    // Subjects group as i;ascii-casemap compares them.
+                    subject: f.subject.to_ascii_uppercase(),
+                    reply: f.reply,
+                })
+            })
+            .collect();
+        let threads = match algorithm {
+            ThreadingAlgorithm::OrderedSubject => thread::ordered_subject(&messages),
+            _ => thread::references(&messages),
+        };
+        self.line(&format!("* THREAD{}{threads}", if threads.is_empty() { "" } else { " " }));
+        Ok(format!("{}THREAD done", if uid { "UID " } else { "" }))
     }
 
     async fn idle(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {

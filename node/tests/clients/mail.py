@@ -234,6 +234,9 @@ def main():
         # sequence order, also when the criterion is reversed.
         assert check(a.sort("(SUBJECT)", "UTF-8", "ALL"))[0] == b"2 3 1"
         assert check(a.sort("(REVERSE SUBJECT)", "UTF-8", "ALL"))[0] == b"1 2 3"
+        # THREAD: the three share a subject and none is a reply: one dummy holds them.
+        assert check(a.thread("REFERENCES", "UTF-8", "ALL"))[0] == b"(1)((2)(3))", a.thread("REFERENCES", "UTF-8", "ALL")
+        assert check(a.thread("ORDEREDSUBJECT", "UTF-8", "ALL"))[0] == b"(1)(2 3)", a.thread("ORDEREDSUBJECT", "UTF-8", "ALL")
         typ, data = a.sort("(ARRIVAL)", "KOI8-R", "ALL")
         assert typ == "NO" and b"BADCHARSET" in data[0], (typ, data)
         a.logout()
