@@ -23,6 +23,8 @@ pub fn mime(data: &[u8]) {
     let _ = mime::header_fields(&data[..end], &names, false);
     let _ = mime::address_search_text(&data[..end], "to");
     let _ = mime::sent_date(&data[..end]);
+    let _ = mime::SortFields::of(&data[..end]);
+    let _ = mime::ThreadFields::of(&data[..end]);
     for path in [&[1][..], &[1, 1], &[2, 1, 3], &[1, 2, 1, 2], &[2, 1]] {
         let _ = mime::part_bytes(data, path);
         for text in [SectionText::Header, SectionText::Text, SectionText::Mime] {

@@ -1042,6 +1042,18 @@ Date: Sun, 25 Mar 2007 00:00:00 +0200\r\n\r\n";
         assert_eq!((f.cc.as_str(), f.to.as_str(), f.display_to.as_str()), ("user2", "d", "d"));
     }
 
+    #[test]
+    fn thread_fields_read_message_ids() {
+        let h = b"Message-ID: <a@b>\r\nIn-Reply-To: <x@y> (comment) <z@y>\r\nSubject: Re: [list] hi (fwd)\r\n\r\n";
+        let f = ThreadFields::of(h);
+        assert_eq!(f.message_id.as_deref(), Some("<a@b>"));
+        assert_eq!(f.references, vec!["<x@y>".to_string()]);
+        assert_eq!((f.subject.as_str(), f.reply), ("hi", true));
+        let f = ThreadFields::of(b"References: <1@x>\r\n <2@x>\r\nIn-Reply-To: <3@x>\r\nSubject: hi\r\n\r\n");
+        assert_eq!(f.references, vec!["<1@x>".to_string(), "<2@x>".to_string()]);
+        assert_eq!((f.message_id, f.reply), (None, false));
+    }
+
     /// `depth` multiparts, each inside the one before, around one text part.
     pub(crate) fn nested_multiparts(depth: usize) -> Vec<u8> {
         let mut mail = b"From: a@example.org\r\nSubject: deep\r\nMIME-Version: 1.0\r\n".to_vec();

@@ -114,7 +114,7 @@ struct Selected {
     uids: Vec<Uid>,
     /// What the client was last told of each message it has a sequence number for.
     view: BTreeMap<Uid, MessageView>,
-    /// The messages that are `\Recent` in this session (see `recent`).
+    /// The messages that are `\Recent` in this session (the rule: `super::recent`).
     recent: BTreeSet<Uid>,
     /// The keywords announced in FLAGS: a message with another keyword is shown only
     /// after a new FLAGS response names it (RFC 3501 7.2.6; clients build their keyword
