@@ -25,8 +25,10 @@ pub fn mime(data: &[u8]) {
     let _ = mime::sent_date(&data[..end]);
     let _ = mime::SortFields::of(&data[..end]);
     let _ = mime::ThreadFields::of(&data[..end]);
+    let _ = mime::encode_binary_parts(data);
     for path in [&[1][..], &[1, 1], &[2, 1, 3], &[1, 2, 1, 2], &[2, 1]] {
         let _ = mime::part_bytes(data, path);
+        let _ = mime::binary_section(data, &structure, path);
         for text in [SectionText::Header, SectionText::Text, SectionText::Mime] {
             let _ = mime::section(data, &structure, path, text);
         }

@@ -382,6 +382,102 @@ pub fn section(msg: &[u8], structure: &Structure, path: &[u32], text: SectionTex
     }
 }
 
+/// BINARY[path] (RFC 3516): a leaf part's body decoded from its Content-Transfer-Encoding;
+/// the whole message, a multipart or an attached message as they are. `Ok(None)` when
+/// there is no such part; `Err` names an encoding that cannot be undone (UNKNOWN-CTE).
+pub fn binary_section(msg: &[u8], structure: &Structure, path: &[u32]) -> Result<Option<Vec<u8>>, String> {
+    if path.is_empty() {
+        return Ok(Some(msg.to_vec()));
+    }
+    let Some(part) = structure.resolve(path).and_then(|i| structure.parts.get(i)) else { return Ok(None) };
+    let body = msg.get(part.body.clone()).unwrap_or_default();
+    if part.holds != Holds::Nothing {
+        return Ok(Some(body.to_vec()));
+    }
+    let encoding = part.content.encoding.as_deref().unwrap_or("7bit").trim().to_ascii_lowercase();
+    match encoding.as_str() {
+        "7bit" | "8bit" | "binary" => Ok(Some(body.to_vec())),
+        "base64" => {
+            // Line breaks and other whitespace are not part of the data.
+            let compact: Vec<u8> = body.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+            mail_parser::decoders::base64::base64_decode(&compact).map(Some).ok_or_else(|| "invalid base64".to_string())
+        }
+        "quoted-printable" => mail_parser::decoders::quoted_printable::quoted_printable_decode(body)
+            .map(Some)
+            .ok_or_else(|| "invalid quoted-printable".to_string()),
+        other => Err(format!("unknown Content-Transfer-Encoding {other}")),
+    }
+}
+
+/// A message received as binary (APPEND with a literal8, RFC 3516) with every part
+/// declared `Content-Transfer-Encoding: binary`, or holding NUL bytes, re-encoded as
+/// base64: what BODY[] answers must be text, and BINARY[] gives the bytes back. `None`
+/// when no part needs it.
+pub fn encode_binary_parts(msg: &[u8]) -> Option<Vec<u8>> {
+    let structure = Structure::of(msg);
+    let binary: Vec<&Part> = structure
+        .parts
+        .iter()
+        .filter(|p| p.holds == Holds::Nothing)
+        .filter(|p| {
+            let encoding = p.content.encoding.as_deref().unwrap_or("7bit").trim().to_ascii_lowercase();
+            let body = msg.get(p.body.clone()).unwrap_or_default();
+            encoding == "binary" || (matches!(encoding.as_str(), "7bit" | "8bit") && body.contains(&0))
+        })
+        .collect();
+    if binary.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(msg.len() * 4 / 3 + 64);
+    let mut copied = 0;
+    // Leaves do not overlap, and the walk found them in the order of their bytes.
+    for part in binary {
+        if part.header.start < copied {
+            continue;
+        }
+        out.extend_from_slice(msg.get(copied..part.header.start)?);
+        let header = msg.get(part.header.clone())?;
+        let blank = if header.ends_with(b"\r\n\r\n") || header == b"\r\n" {
+            2
+        } else if header.ends_with(b"\n\n") || header == b"\n" {
+            1
+        } else {
+            0
+        };
+        let fields = header_fields(&header[..header.len() - blank], &["Content-Transfer-Encoding".to_string()], true);
+        // `header_fields` ends with its own blank line; the new field goes before it.
+        out.extend_from_slice(&fields[..fields.len() - 2]);
+        out.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n");
+        if blank > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(&base64_lines(msg.get(part.body.clone())?));
+        copied = part.body.end;
+    }
+    out.extend_from_slice(msg.get(copied..)?);
+    Some(out)
+}
+
+/// Base64 in lines of 76 characters, each ended by CRLF but the last.
+fn base64_lines(bytes: &[u8]) -> Vec<u8> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + bytes.len() / 38 + 4);
+    for (i, chunk) in bytes.chunks(3).enumerate() {
+        if i > 0 && i % 19 == 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        let n = chunk.iter().enumerate().fold(0u32, |n, (j, b)| n | u32::from(*b) << (16 - 8 * j));
+        for j in 0..4 {
+            if j <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * j) & 63) as usize]);
+            } else {
+                out.push(b'=');
+            }
+        }
+    }
+    out
+}
+
 /// The bytes of MIME part `path` (1-based numbers as in BODY[1.2]); `None` if no such
 /// part. A non-multipart message has one part, 1: its body.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -1052,6 +1148,31 @@ Date: Sun, 25 Mar 2007 00:00:00 +0200\r\n\r\n";
         let f = ThreadFields::of(b"References: <1@x>\r\n <2@x>\r\nIn-Reply-To: <3@x>\r\nSubject: hi\r\n\r\n");
         assert_eq!(f.references, vec!["<1@x>".to_string(), "<2@x>".to_string()]);
         assert_eq!((f.message_id, f.reply), (None, false));
+    }
+
+    #[test]
+    fn binary_parts_are_stored_as_base64_and_decoded_again() {
+        let mail = b"From: a@b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n\0-\xe4\n\r\n";
+        let stored = encode_binary_parts(mail).unwrap();
+        let text = String::from_utf8(stored.clone()).unwrap();
+        assert!(
+            text.starts_with(
+                "From: a@b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            ),
+            "{text}"
+        );
+        let s = Structure::of(&stored);
+        assert_eq!(binary_section(&stored, &s, &[1]).unwrap().unwrap(), b"\0-\xe4\n\r\n");
+        assert_eq!(encode_binary_parts(MAIL), None);
+        let long: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let encoded = base64_lines(&long);
+        assert!(encoded.split(|b| *b == b'\n').all(|l| l.len() <= 77));
+        let compact: Vec<u8> = encoded.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+        assert_eq!(mail_parser::decoders::base64::base64_decode(&compact).unwrap(), long);
+        let qp = b"Content-Transfer-Encoding: quoted-printable\r\n\r\nfoo=3Dbar=\r\nbaz\r\n";
+        assert_eq!(binary_section(qp, &Structure::of(qp), &[1]).unwrap().unwrap(), b"foo=barbaz\r\n");
+        let odd = b"Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n";
+        assert!(binary_section(odd, &Structure::of(odd), &[1]).is_err());
     }
 
     /// `depth` multiparts, each inside the one before, around one text part.

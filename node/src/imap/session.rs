@@ -35,7 +35,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -473,7 +473,10 @@ impl Session {
             CommandBody::Append { mailbox, flags, date, message } => {
                 let bytes = match message {
                     LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
-                    LiteralOrLiteral8::Literal8(l) => l.data.to_vec(),
+                    // Binary content (RFC 3516) is kept as base64, so BODY[] stays text.
+                    LiteralOrLiteral8::Literal8(l) => {
+                        mime::encode_binary_parts(&l.data).unwrap_or_else(|| l.data.to_vec())
+                    }
                 };
                 let received = date.map(|d| d.as_ref().timestamp().max(0) as u64);
                 self.append(&mailbox_name(&mailbox), &flags, received, bytes).await
@@ -973,11 +976,6 @@ impl Session {
             MacroOrMessageDataItemNames::Macro(m) => m.expand().into_iter().map(|i| i.into_static()).collect(),
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
         };
-        // Refused before any answer goes out: a half-answered FETCH would show the client
-        // made-up data for the items we cannot produce (BINARY, BINARY.SIZE).
-        if let Some(item) = items.iter().find(|i| !fetch_item_supported(i)) {
-            return Err(format!("BAD FETCH {item:?} is not supported"));
-        }
         if uid && !items.contains(&MessageDataItemName::Uid) {
             items.insert(0, MessageDataItemName::Uid);
         }
@@ -1029,6 +1027,7 @@ impl Session {
             matches!(
                 i,
                 MessageDataItemName::BodyExt { peek: false, .. }
+                    | MessageDataItemName::Binary { peek: false, .. }
                     | MessageDataItemName::Rfc822
                     | MessageDataItemName::Rfc822Text
             )
@@ -1068,12 +1067,18 @@ impl Session {
                 continue;
             }
             let message = Message::new(body.unwrap_or_default());
+            let answered = out.len();
             out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(b' ');
                 }
-                fetch_item(&mut out, item, m, sel.recent.contains(u), &message);
+                if let Err(why) = fetch_item(&mut out, item, m, sel.recent.contains(u), &message) {
+                    // What was answered for earlier messages stands.
+                    out.truncate(answered);
+                    self.out.extend_from_slice(&out);
+                    return Err(format!("NO [UNKNOWN-CTE] message {seq}: {why}"));
+                }
             }
             out.extend_from_slice(b")\r\n");
         }
@@ -1691,25 +1696,6 @@ fn range_set(ranges: &[(u32, u32)]) -> String {
     parts.join(",")
 }
 
-/// The FETCH items `fetch_item` answers.
-fn fetch_item_supported(item: &MessageDataItemName<'_>) -> bool {
-    matches!(
-        item,
-        MessageDataItemName::Uid
-            | MessageDataItemName::Flags
-            | MessageDataItemName::InternalDate
-            | MessageDataItemName::Rfc822Size
-            | MessageDataItemName::ModSeq
-            | MessageDataItemName::Envelope
-            | MessageDataItemName::Body
-            | MessageDataItemName::BodyStructure
-            | MessageDataItemName::BodyExt { .. }
-            | MessageDataItemName::Rfc822
-            | MessageDataItemName::Rfc822Header
-            | MessageDataItemName::Rfc822Text
-    )
-}
-
 /// One message's bytes, with its MIME tree found at most once for all its FETCH items.
 struct Message<'a> {
     bytes: &'a [u8],
@@ -1726,7 +1712,14 @@ impl<'a> Message<'a> {
     }
 }
 
-fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, recent: bool, msg: &Message<'_>) {
+/// One FETCH item of one message; `Err` when a BINARY section's encoding cannot be undone.
+fn fetch_item(
+    out: &mut Vec<u8>,
+    item: &MessageDataItemName<'_>,
+    m: &MessageView,
+    recent: bool,
+    msg: &Message<'_>,
+) -> std::result::Result<(), String> {
     let body = msg.bytes;
     let header_end = mime::header_end(body);
     match item {
@@ -1804,9 +1797,33 @@ fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView
             out.extend_from_slice(format!("BODY[{name}]{origin} ").as_bytes());
             literal(out, &bytes);
         }
-        // `fetch` refuses every other item before it answers anything.
-        _ => debug_assert!(!fetch_item_supported(item), "a supported FETCH item has no answer"),
+        MessageDataItemName::Binary { section, partial, .. } => {
+            let path: Vec<u32> = section.iter().map(|n| n.get()).collect();
+            let bytes = mime::binary_section(body, msg.structure(), &path)?.unwrap_or_default();
+            let (origin, bytes) = match partial {
+                Some((start, len)) => {
+                    let start = (*start as usize).min(bytes.len());
+                    let end = start.saturating_add(len.get() as usize).min(bytes.len());
+                    (format!("<{start}>"), &bytes[start..end])
+                }
+                None => (String::new(), bytes.as_slice()),
+            };
+            let name = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+            out.extend_from_slice(format!("BINARY[{name}]{origin} ").as_bytes());
+            // NUL cannot be in a plain literal (RFC 3516's literal8 carries it).
+            if bytes.contains(&0) {
+                out.push(b'~');
+            }
+            literal(out, bytes);
+        }
+        MessageDataItemName::BinarySize { section } => {
+            let path: Vec<u32> = section.iter().map(|n| n.get()).collect();
+            let size = mime::binary_section(body, msg.structure(), &path)?.map(|b| b.len()).unwrap_or(0);
+            let name = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+            out.extend_from_slice(format!("BINARY.SIZE[{name}] {size}").as_bytes());
+        }
     }
+    Ok(())
 }
 
 fn mailbox_name(m: &Mailbox<'_>) -> String {

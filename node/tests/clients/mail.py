@@ -182,12 +182,14 @@ def main():
         answer = c.readline()
         assert answer.startswith(f"{tag} BAD".encode()), answer
         check(c.noop())  # the session goes on
-        # An item the server cannot produce is refused whole, not answered with made-up data.
-        try:
-            typ, data = c.uid("FETCH", "1", "(UID BINARY.SIZE[])")
-        except imaplib.IMAP4.error as e:  # imaplib raises on BAD
-            typ, data = "BAD", [str(e)]
-        assert typ == "BAD", (typ, data)
+        # BINARY (RFC 3516): a message's whole size, and a part with an encoding nobody
+        # can undo refused with UNKNOWN-CTE.
+        typ, data = c.uid("FETCH", "1", "(UID BINARY.SIZE[])")
+        assert typ == "OK" and b"BINARY.SIZE[] " in data[0], (typ, data)
+        odd = b"Content-Transfer-Encoding: x-odd\r\n\r\nbegin\r\n"
+        check(c.append("INBOX", None, None, odd))
+        typ, data = c.fetch("*", "(BINARY.PEEK[1])")
+        assert typ == "NO" and b"UNKNOWN-CTE" in data[0], (typ, data)
         check(c.noop())
         check(c.create("Moved"))
         typ, data = c.xatom("MOVE", "1", "Moved")
