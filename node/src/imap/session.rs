@@ -158,6 +158,10 @@ impl Selected {
     }
 }
 
+/// SEARCH, SORT and THREAD read message bodies in batches of at most this many bytes
+/// (one message at least).
+const BODY_BATCH_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The flags every mailbox has.
 const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
 
@@ -1300,39 +1304,58 @@ impl Session {
     }
 
     async fn search(&mut self, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
-        let (hits, _) = self.matching(criteria, false).await?;
-        let list: Vec<String> = hits.iter().map(|(seq, u)| if uid { *u } else { *seq }.to_string()).collect();
+        let hits = self.matching(criteria, false, |_, _| ()).await?;
+        let list: Vec<String> = hits.iter().map(|(seq, u, ())| if uid { *u } else { *seq }.to_string()).collect();
         self.line(&format!("* SEARCH{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
         Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
     }
 
-    /// (sequence number, UID) of the selected messages that match every key, in order,
-    /// and the bodies read for them (every message's, when the keys or `with_bodies`
-    /// need them).
-    async fn matching(
+    /// The selected messages that match every key, in order: (sequence number, UID, what
+    /// `extract` takes from the message and its bytes). The bytes are read when the keys
+    /// or `with_bodies` need them (else `extract` gets none), in batches of at most
+    /// [`BODY_BATCH_BYTES`], so a command holds one batch in memory, not the mailbox.
+    async fn matching<T>(
         &self,
         criteria: &[SearchKey<'_>],
         with_bodies: bool,
-    ) -> Result<(Vec<(u32, Uid)>, BTreeMap<Guid, Vec<u8>>)> {
+        mut extract: impl FnMut(&MessageView, &[u8]) -> T,
+    ) -> Result<Vec<(u32, Uid, T)>> {
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         let needs_body = with_bodies || criteria.iter().any(key_needs_body);
-        let guids: Vec<Guid> = sel.view.values().map(|m| m.guid).collect();
-        let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         let largest_uid = sel.uids.last().copied().unwrap_or(0);
         let count = sel.uids.len() as u32;
+        // Copied out of the session: reading the batches awaits.
+        let rows: Vec<(u32, Uid, MessageView, bool)> = sel
+            .uids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| sel.view.get(u).map(|m| (i as u32 + 1, *u, m.clone(), sel.recent.contains(u))))
+            .collect();
         let sets = SetCache::default();
         let mut hits = Vec::new();
-        for (i, u) in sel.uids.iter().enumerate() {
-            let Some(m) = sel.view.get(u) else { continue };
-            let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
-            let recent = sel.recent.contains(u);
-            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, recent, body, largest_uid, count, sets: &sets };
-            if criteria.iter().all(|k| matches(k, &cx)) {
-                hits.push((i as u32 + 1, *u));
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = rows.len();
+            let mut bodies = BTreeMap::new();
+            if needs_body {
+                let mut bytes = 0u64;
+                end = start;
+                while end < rows.len() && (end == start || bytes + u64::from(rows[end].2.size) <= BODY_BATCH_BYTES) {
+                    bytes += u64::from(rows[end].2.size);
+                    end += 1;
+                }
+                bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
             }
+            for (seq, uid, m, recent) in &rows[start..end] {
+                let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
+                let cx = Candidate { seq: *seq, uid: *uid, m, recent: *recent, body, largest_uid, count, sets: &sets };
+                if criteria.iter().all(|k| matches(k, &cx)) {
+                    hits.push((*seq, *uid, extract(m, body)));
+                }
+            }
+            start = end;
         }
-        Ok((hits, bodies))
+        Ok(hits)
     }
 
     /// SORT (RFC 5256) and SORT=DISPLAY (RFC 5957): the matching messages ordered by each
@@ -1346,22 +1369,15 @@ impl Session {
     ) -> Result<String> {
         check_charset(charset)?;
         let header_keys = criteria.iter().any(|c| !matches!(c.key, SortKey::Arrival | SortKey::Size));
-        let (hits, bodies) = self.matching(search, header_keys).await?;
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let mut rows: Vec<(u32, Uid, &MessageView, Option<mime::SortFields>)> = hits
-            .iter()
-            .filter_map(|(seq, u)| {
-                let m = sel.view.get(u)?;
-                let fields = header_keys.then(|| {
-                    let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
-                    mime::SortFields::of(&body[..mime::header_end(body)])
-                });
-                Some((*seq, *u, m, fields))
+        let mut rows = self
+            .matching(search, header_keys, |m, body| {
+                let fields = header_keys.then(|| mime::SortFields::of(&body[..mime::header_end(body)]));
+                (m.clone(), fields)
             })
-            .collect();
+            .await?;
         rows.sort_by(|a, b| {
             for c in criteria {
-                let order = sort_compare(&c.key, (a.2, &a.3), (b.2, &b.3));
+                let order = sort_compare(&c.key, (&a.2.0, &a.2.1), (&b.2.0, &b.2.1));
                 let order = if c.reverse { order.reverse() } else { order };
                 if order != std::cmp::Ordering::Equal {
                     return order;
@@ -1386,24 +1402,22 @@ impl Session {
         if let ThreadingAlgorithm::Other(other) = algorithm {
             return Err(format!("BAD THREAD={} is not supported", other.as_ref()));
         }
-        let (hits, bodies) = self.matching(search, true).await?;
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let messages: Vec<thread::ThreadMessage> = hits
-            .iter()
-            .filter_map(|(seq, u)| {
-                let m = sel.view.get(u)?;
-                let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
-                let f = mime::ThreadFields::of(&body[..mime::header_end(body)]);
-                let date = f.date.unwrap_or_else(|| i64::try_from(m.received).unwrap_or(i64::MAX));
-                Some(thread::ThreadMessage {
-                    number: if uid { *u } else { *seq },
-                    order: (date, *seq),
-                    message_id: f.message_id,
-                    references: f.references,
-                    // Subjects group as i;ascii-casemap compares them.
-                    subject: f.subject.to_ascii_uppercase(),
-                    reply: f.reply,
-                })
+        let messages = self
+            .matching(search, true, |m, body| {
+                let fields = mime::ThreadFields::of(&body[..mime::header_end(body)]);
+                (fields, i64::try_from(m.received).unwrap_or(i64::MAX))
+            })
+            .await?;
+        let messages: Vec<thread::ThreadMessage> = messages
+            .into_iter()
+            .map(|(seq, u, (f, received))| thread::ThreadMessage {
+                number: if uid { u } else { seq },
+                order: (f.date.unwrap_or(received), seq),
+                message_id: f.message_id,
+                references: f.references,
+                // Subjects group as i;ascii-casemap compares them.
+                subject: f.subject.to_ascii_uppercase(),
+                reply: f.reply,
             })
             .collect();
         let threads = match algorithm {
