@@ -208,12 +208,26 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
     let plots = results.plots(&workspace.join("bench/plots"))?;
     let links: Vec<(String, String)> = plots.iter().map(|(f, c)| (format!("bench/plots/{f}"), c.clone())).collect();
     let refs: Vec<(&str, &str)> = links.iter().map(|(f, c)| (f.as_str(), c.as_str())).collect();
-    let md = results.markdown(&refs);
     let out = workspace.join("BENCHMARKS.md");
+    let md = keep_imaptest_section(&out, results.markdown(&refs));
     std::fs::write(&out, &md).map_err(|e| format!("{}: {e}", out.display()))?;
     say(&format!("wrote {}", out.display()));
     print!("{md}");
     Ok(())
+}
+
+/// `bench/imaptest --write`'s table (between its markers) is kept when the other
+/// benchmarks are rerun: it comes from another script and another run.
+fn keep_imaptest_section(path: &Path, md: String) -> String {
+    const BEGIN: &str = "<!-- imaptest:begin";
+    const END: &str = "<!-- imaptest:end -->";
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    match (old.find(BEGIN), old.find(END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            format!("{}\n\n{}\n", md.trim_end(), &old[begin..end + END.len()])
+        }
+        _ => md,
+    }
 }
 
 fn copy_files(from: &Path, to: &Path) -> Result<(), String> {

@@ -38,6 +38,9 @@ pub struct Front {
     checks: Arc<Semaphore>,
     throttle: Arc<Mutex<Throttle>>,
     sessions: Arc<Mutex<BTreeMap<String, usize>>>,
+    /// IMAP's `\Recent`: which messages a session on this node has already been shown as
+    /// recent (per server, as RFC 3501 allows).
+    pub(crate) recent: Arc<crate::imap::recent::RecentMarks>,
 }
 
 /// A logged-in session's place in the per-user count, given back when dropped.
@@ -88,6 +91,7 @@ impl Front {
             checks: Arc::new(Semaphore::new(PASSWORD_CHECKS_MAX)),
             throttle: Arc::default(),
             sessions: Arc::default(),
+            recent: Arc::default(),
         }
     }
 

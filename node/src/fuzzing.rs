@@ -14,13 +14,25 @@ use tokio::io::AsyncWriteExt;
 /// MIME structure extraction: BODYSTRUCTURE, ENVELOPE, parts and header fields of any
 /// bytes taken as a message.
 pub fn mime(data: &[u8]) {
-    use crate::imap::mime;
-    let _ = mime::bodystructure(data);
+    use crate::imap::mime::{self, SectionText};
+    let structure = mime::Structure::of(data);
+    let _ = mime::describe(data, &structure, true);
     let _ = mime::envelope(data);
     let end = mime::header_end(data);
-    let _ = mime::header_fields(&data[..end], &["subject".into(), "to".into()], false);
-    for path in [&[1][..], &[1, 1], &[2, 1, 3], &[1, 2, 1, 2]] {
+    let names = ["subject".to_string(), "to".to_string()];
+    let _ = mime::header_fields(&data[..end], &names, false);
+    let _ = mime::address_search_text(&data[..end], "to");
+    let _ = mime::sent_date(&data[..end]);
+    let _ = mime::SortFields::of(&data[..end]);
+    let _ = mime::ThreadFields::of(&data[..end]);
+    let _ = mime::encode_binary_parts(data);
+    for path in [&[1][..], &[1, 1], &[2, 1, 3], &[1, 2, 1, 2], &[2, 1]] {
         let _ = mime::part_bytes(data, path);
+        let _ = mime::binary_section(data, &structure, path);
+        for text in [SectionText::Header, SectionText::Text, SectionText::Mime] {
+            let _ = mime::section(data, &structure, path, text);
+        }
+        let _ = mime::section(data, &structure, path, SectionText::HeaderFields { names: &names, not: true });
     }
 }
 

@@ -75,6 +75,7 @@ fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
     let r = client(&["idle", &port(m.imap[2]), USER, PASSWORD, &port(m.imap[1])]);
     assert_eq!(r["exists"], 3);
     client(&["protocol-edges", &port(m.imap[0]), USER, PASSWORD]);
+    client(&["copy-edges", &port(m.imap[0]), USER, PASSWORD]);
 }
 
 #[test]

@@ -10,7 +10,9 @@
 //! another one, another server, or a UID renumbering after a conflict.
 
 pub(crate) mod mime;
+pub(crate) mod recent;
 pub(crate) mod session;
+pub(crate) mod thread;
 mod wire;
 
 pub use session::serve;

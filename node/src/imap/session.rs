@@ -1,5 +1,5 @@
-use super::mime;
 use super::wire::{astring, literal, quoted_or_literal};
+use super::{mime, thread};
 use crate::front::{Front, LoginError, UserSession};
 use crate::node::NodeHandle;
 use crate::peer::PeerIo;
@@ -7,8 +7,10 @@ use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, SelectParameter, StoreModifier};
-use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::core::{Charset, LiteralMode};
 use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
+use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey};
+use imap_codec::imap_types::extensions::thread::ThreadingAlgorithm;
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
 use imap_codec::imap_types::flag::{Flag as ImapFlag, StoreResponse, StoreType};
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
@@ -33,7 +35,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -112,13 +114,56 @@ struct Selected {
     uids: Vec<Uid>,
     /// What the client was last told of each message it has a sequence number for.
     view: BTreeMap<Uid, MessageView>,
+    /// The messages that are `\Recent` in this session (the rule: `super::recent`).
+    recent: BTreeSet<Uid>,
+    /// The keywords announced in FLAGS: a message with another keyword is shown only
+    /// after a new FLAGS response names it (RFC 3501 7.2.6; clients build their keyword
+    /// lists from it).
+    keywords: BTreeSet<String>,
 }
 
 impl Selected {
     fn flags(&self, uid: &Uid) -> &[Flag] {
         self.view.get(uid).map(|m| m.flags.as_slice()).unwrap_or_default()
     }
+
+    /// A message's flags as FETCH shows them: with `\Recent` when it is recent here.
+    fn flag_list(&self, uid: &Uid) -> String {
+        shown_flags(self.flags(uid), self.recent.contains(uid))
+    }
+
+    /// The FLAGS and PERMANENTFLAGS responses for the system flags and the keywords
+    /// announced so far.
+    fn flags_responses(&self) -> [String; 2] {
+        let mut flags = String::from(SYSTEM_FLAGS);
+        for k in &self.keywords {
+            flags.push(' ');
+            flags.push_str(k);
+        }
+        [format!("* FLAGS ({flags})"), format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick")]
+    }
+
+    /// Adds the keywords of `messages` not announced yet; true when there were any.
+    fn learn_keywords<'a>(&mut self, messages: impl IntoIterator<Item = &'a MessageView>) -> bool {
+        let mut learned = false;
+        for m in messages {
+            for f in m.flags.iter().filter(|f| !f.as_str().starts_with('\\')) {
+                if !self.keywords.contains(f.as_str()) {
+                    self.keywords.insert(f.as_str().to_string());
+                    learned = true;
+                }
+            }
+        }
+        learned
+    }
 }
+
+/// SEARCH, SORT and THREAD read message bodies in batches of at most this many bytes
+/// (one message at least).
+const BODY_BATCH_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The flags every mailbox has.
+const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
 
 struct Session {
     stream: Box<dyn PeerIo>,
@@ -318,6 +363,8 @@ impl Session {
             CommandBody::Fetch { uid: false, .. }
                 | CommandBody::Store { uid: false, .. }
                 | CommandBody::Search { uid: false, .. }
+                | CommandBody::Sort { uid: false, .. }
+                | CommandBody::Thread { uid: false, .. }
                 | CommandBody::Copy { uid: false, .. }
         );
         if self.selected.is_some() && !matches!(command.body, CommandBody::Select { .. } | CommandBody::Examine { .. })
@@ -430,7 +477,10 @@ impl Session {
             CommandBody::Append { mailbox, flags, date, message } => {
                 let bytes = match message {
                     LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
-                    LiteralOrLiteral8::Literal8(l) => l.data.to_vec(),
+                    // Binary content (RFC 3516) is kept as base64, so BODY[] stays text.
+                    LiteralOrLiteral8::Literal8(l) => {
+                        mime::encode_binary_parts(&l.data).unwrap_or_else(|| l.data.to_vec())
+                    }
                 };
                 let received = date.map(|d| d.as_ref().timestamp().max(0) as u64);
                 self.append(&mailbox_name(&mailbox), &flags, received, bytes).await
@@ -500,6 +550,12 @@ impl Session {
                 self.copy(&sequence_set, &mailbox_name(&mailbox), uid, true).await
             }
             CommandBody::Search { criteria, uid, .. } => self.search(criteria.as_ref(), uid).await,
+            CommandBody::Sort { sort_criteria, charset, search_criteria, uid } => {
+                self.sort(sort_criteria.as_ref(), &charset, search_criteria.as_ref(), uid).await
+            }
+            CommandBody::Thread { algorithm, charset, search_criteria, uid } => {
+                self.thread(&algorithm, &charset, search_criteria.as_ref(), uid).await
+            }
             CommandBody::Expunge => self.expunge(None).await,
             CommandBody::ExpungeUid { sequence_set } => self.expunge(Some(&sequence_set)).await,
             CommandBody::Close => {
@@ -709,11 +765,30 @@ impl Session {
             }
         }
         let view = self.read(name).await?;
-        let flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
-        self.line(&format!("* FLAGS ({flags})"));
-        self.line(&format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick"));
+        let uids: Vec<Uid> = view.messages.iter().map(|m| m.uid).collect();
+        // SELECT takes the recent messages for this session; EXAMINE only shows them.
+        let recent: BTreeSet<Uid> = if read_only {
+            let mark = self.front.recent.mark(&view.mailbox, view.uidvalidity);
+            uids.iter().copied().filter(|u| *u > mark).collect()
+        } else {
+            self.front.recent.take(&view.mailbox, view.uidvalidity, uids.iter().copied()).into_iter().collect()
+        };
+        let mut selected = Selected {
+            mailbox: view.mailbox.clone(),
+            name: name.to_string(),
+            read_only,
+            uidvalidity: view.uidvalidity,
+            uids,
+            view: BTreeMap::new(),
+            recent,
+            keywords: BTreeSet::new(),
+        };
+        selected.learn_keywords(&view.messages);
+        for l in selected.flags_responses() {
+            self.line(&l);
+        }
         self.line(&format!("* {} EXISTS", view.messages.len()));
-        self.line("* 0 RECENT");
+        self.line(&format!("* {} RECENT", selected.recent.len()));
         if let Some(first_unseen) = view.messages.iter().position(|m| !has(&m.flags, "\\Seen")) {
             self.line(&format!("* OK [UNSEEN {}] first unseen", first_unseen + 1));
         }
@@ -736,20 +811,14 @@ impl Session {
                         "* {} FETCH (UID {} FLAGS ({}) MODSEQ ({}))",
                         i + 1,
                         m.uid,
-                        flag_list(&m.flags),
+                        shown_flags(&m.flags, selected.recent.contains(&m.uid)),
                         m.modseq
                     ));
                 }
             }
         }
-        self.selected = Some(Selected {
-            mailbox: view.mailbox.clone(),
-            name: name.to_string(),
-            read_only,
-            uidvalidity: view.uidvalidity,
-            uids: view.messages.iter().map(|m| m.uid).collect(),
-            view: view.messages.into_iter().map(|m| (m.uid, m)).collect(),
-        });
+        selected.view = view.messages.into_iter().map(|m| (m.uid, m)).collect();
+        self.selected = Some(selected);
         Ok(if read_only { "[READ-ONLY] EXAMINE done".into() } else { "[READ-WRITE] SELECT done".into() })
     }
 
@@ -782,6 +851,7 @@ impl Session {
                     }
                     sel.uids.remove(seq - 1);
                     sel.view.remove(&uid);
+                    sel.recent.remove(&uid);
                 }
             }
             if !vanished.is_empty() {
@@ -798,7 +868,21 @@ impl Session {
             sel.view.insert(m.uid, (*m).clone());
         }
         if !added.is_empty() {
+            let new_uids = added.iter().map(|m| m.uid);
+            let recent: Vec<Uid> = if sel.read_only {
+                let mark = self.front.recent.mark(&sel.mailbox, sel.uidvalidity);
+                new_uids.filter(|u| *u > mark).collect()
+            } else {
+                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_uids)
+            };
+            sel.recent.extend(recent);
             lines.push(format!("* {} EXISTS", sel.uids.len()));
+            lines.push(format!("* {} RECENT", sel.recent.len()));
+        }
+        // Keywords new to this session are announced before any message shows them.
+        let shown: Vec<&MessageView> = sel.uids.iter().filter_map(|u| now.get(u).copied()).collect();
+        if sel.learn_keywords(shown) {
+            lines.extend(sel.flags_responses());
         }
         for (i, uid) in sel.uids.iter().enumerate() {
             let Some(m) = now.get(uid) else { continue };
@@ -806,7 +890,7 @@ impl Session {
             sel.view.insert(*uid, (*m).clone());
             if changed && !quiet.contains(uid) {
                 let modseq = if self.condstore { format!(" MODSEQ ({})", m.modseq) } else { String::new() };
-                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, flag_list(&m.flags)));
+                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, sel.flag_list(uid)));
             }
         }
         for l in lines {
@@ -820,7 +904,10 @@ impl Session {
         for item in items {
             match item {
                 StatusDataItemName::Messages => parts.push(format!("MESSAGES {}", view.messages.len())),
-                StatusDataItemName::Recent => parts.push("RECENT 0".into()),
+                StatusDataItemName::Recent => {
+                    let mark = self.front.recent.mark(&view.mailbox, view.uidvalidity);
+                    parts.push(format!("RECENT {}", view.messages.iter().filter(|m| m.uid > mark).count()))
+                }
                 StatusDataItemName::UidNext => parts.push(format!("UIDNEXT {}", view.uidnext)),
                 StatusDataItemName::UidValidity => parts.push(format!("UIDVALIDITY {}", view.uidvalidity)),
                 StatusDataItemName::Unseen => {
@@ -893,11 +980,6 @@ impl Session {
             MacroOrMessageDataItemNames::Macro(m) => m.expand().into_iter().map(|i| i.into_static()).collect(),
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
         };
-        // Refused before any answer goes out: a half-answered FETCH would show the client
-        // made-up data for the items we cannot produce (BINARY, BINARY.SIZE).
-        if let Some(item) = items.iter().find(|i| !fetch_item_supported(i)) {
-            return Err(format!("BAD FETCH {item:?} is not supported"));
-        }
         if uid && !items.contains(&MessageDataItemName::Uid) {
             items.insert(0, MessageDataItemName::Uid);
         }
@@ -949,6 +1031,7 @@ impl Session {
             matches!(
                 i,
                 MessageDataItemName::BodyExt { peek: false, .. }
+                    | MessageDataItemName::Binary { peek: false, .. }
                     | MessageDataItemName::Rfc822
                     | MessageDataItemName::Rfc822Text
             )
@@ -987,13 +1070,19 @@ impl Session {
                 // Not here yet (being fetched from a peer): say nothing rather than lie.
                 continue;
             }
-            let body = body.unwrap_or_default();
+            let message = Message::new(body.unwrap_or_default());
+            let answered = out.len();
             out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(b' ');
                 }
-                fetch_item(&mut out, item, m, body);
+                if let Err(why) = fetch_item(&mut out, item, m, sel.recent.contains(u), &message) {
+                    // What was answered for earlier messages stands.
+                    out.truncate(answered);
+                    self.out.extend_from_slice(&out);
+                    return Err(format!("NO [UNKNOWN-CTE] message {seq}: {why}"));
+                }
             }
             out.extend_from_slice(b")\r\n");
         }
@@ -1072,7 +1161,7 @@ impl Session {
                         (true, Some(m)) => format!(" MODSEQ ({})", m.modseq),
                         _ => String::new(),
                     };
-                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}){modseq})", flag_list(&flags)));
+                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}){modseq})", sel.flag_list(u)));
                 }
             }
             for l in lines {
@@ -1093,51 +1182,97 @@ impl Session {
         Ok(format!("{verb} done"))
     }
 
+    /// COPY and MOVE. Into another mailbox each message is a core COPY (the body is not
+    /// sent again); into the selected mailbox itself (which the core refuses: one GUID
+    /// would have two UIDs there) each is saved anew, with its flags and internal date,
+    /// as Dovecot does. MOVE is the copy, then `* OK [COPYUID ...]`, then the expunge of
+    /// the originals and their EXPUNGE responses (RFC 6851). A message expunged meanwhile
+    /// (by another session, unseen here yet) stops the command before anything is copied:
+    /// `NO [EXPUNGEISSUED]`.
     async fn copy(&mut self, set: &SequenceSet, to: &str, uid: bool, moving: bool) -> Result<String> {
         let targets = self.resolve(set, uid);
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let src = sel.mailbox.clone();
-        let dst = self.key(to);
-        if dst == src {
-            return Err("NO [CANNOT] copying into the same mailbox is not supported".into());
+        if moving && sel.read_only {
+            return Err("NO the mailbox is read-only".into());
         }
+        let (src, src_name) = (sel.mailbox.clone(), sel.name.clone());
+        let dst = self.key(to);
         if !self.mailbox_exists(to).await {
             return Err("NO [TRYCREATE] no such mailbox".into());
         }
-        if !moving {
-            let bytes: u64 = targets.iter().filter_map(|(_, u)| sel.view.get(u)).map(|m| u64::from(m.size)).sum();
+        let verb = if moving { "MOVE" } else { "COPY" };
+        if targets.is_empty() {
+            return Ok(format!("{verb} done"));
+        }
+        let now = self.read(&src_name).await?;
+        let present: BTreeMap<Uid, &MessageView> = now.messages.iter().map(|m| (m.uid, m)).collect();
+        let Some(messages) = targets.iter().map(|(_, u)| present.get(u).copied().cloned()).collect::<Option<Vec<_>>>()
+        else {
+            return Err("NO [EXPUNGEISSUED] some of the messages no longer exist".into());
+        };
+        if !moving || dst == src {
+            let bytes: u64 = messages.iter().map(|m| u64::from(m.size)).sum();
             let user = self.user.clone().unwrap_or_default();
-            if let Err(why) = self.front.within_quota(&self.node, &user, bytes, targets.len() as u64).await {
+            if let Err(why) = self.front.within_quota(&self.node, &user, bytes, messages.len() as u64).await {
                 return Err(format!("NO [OVERQUOTA] {why}"));
             }
         }
         let mut pairs = Vec::new();
         let mut uidvalidity = 0;
-        for (_, u) in &targets {
-            let request = ClientRequest::Copy { src: src.clone(), src_uid: *u, dst: dst.clone() };
-            match self.node.request(request).await {
-                ClientReply::Write(WriteResult::Copied { uidvalidity: v, uid: new, .. }) => {
-                    uidvalidity = v;
-                    pairs.push((*u, new));
+        if dst == src {
+            let bodies = self.node.bodies(messages.iter().map(|m| m.guid).collect()).await;
+            for m in &messages {
+                let Some(body) = bodies.get(&m.guid) else {
+                    return Err("NO [UNAVAILABLE] a message's body is not on this server yet; try again".into());
+                };
+                let request = ClientRequest::Save {
+                    mailbox: dst.clone(),
+                    received: m.received,
+                    flags: m.flags.clone(),
+                    body: body.clone(),
+                };
+                match self.node.request(request).await {
+                    ClientReply::Write(WriteResult::Saved { uidvalidity: v, uid: new, .. }) => {
+                        uidvalidity = v;
+                        pairs.push((m.uid, new));
+                    }
+                    other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
                 }
-                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+            }
+        } else {
+            for m in &messages {
+                let request = ClientRequest::Copy { src: src.clone(), src_uid: m.uid, dst: dst.clone() };
+                match self.node.request(request).await {
+                    ClientReply::Write(WriteResult::Copied { uidvalidity: v, uid: new, .. }) => {
+                        uidvalidity = v;
+                        pairs.push((m.uid, new));
+                    }
+                    // Expunged between our read and the master's copy.
+                    ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, reason })
+                        if reason.starts_with("no message") =>
+                    {
+                        return Err("NO [EXPUNGEISSUED] some of the messages no longer exist".into());
+                    }
+                    other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+                }
             }
         }
-        if moving && !targets.is_empty() {
-            let uids = targets.iter().map(|t| t.1).collect();
-            match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
-                ClientReply::Write(WriteResult::Expunged { .. }) => {}
-                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
-            }
-            self.refresh(true).await;
+        let from: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+        let new: Vec<u32> = pairs.iter().map(|p| p.1).collect();
+        // UIDPLUS sets name the messages in the order copied, pairwise: no ranges merged
+        // across both lists, so each source UID stays beside its new UID.
+        let copyuid = format!("COPYUID {uidvalidity} {} {}", comma_list(&from), comma_list(&new));
+        if !moving {
+            return Ok(format!("[{copyuid}] COPY done"));
         }
-        let verb = if moving { "MOVE" } else { "COPY" };
-        if pairs.is_empty() {
-            return Ok(format!("{verb} done"));
+        self.line(&format!("* OK [{copyuid}] moved"));
+        let uids = messages.iter().map(|m| m.uid).collect();
+        match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
+            ClientReply::Write(WriteResult::Expunged { .. }) => {}
+            other => return Err(format!("NO [UNAVAILABLE] copied, but the originals stay: {}", describe(&other))),
         }
-        let from: Vec<String> = pairs.iter().map(|p| p.0.to_string()).collect();
-        let new: Vec<String> = pairs.iter().map(|p| p.1.to_string()).collect();
-        Ok(format!("[COPYUID {uidvalidity} {} {}] {verb} done", from.join(","), new.join(",")))
+        self.refresh(true).await;
+        Ok("MOVE done".into())
     }
 
     async fn expunge(&mut self, set: Option<&SequenceSet>) -> Result<String> {
@@ -1169,26 +1304,128 @@ impl Session {
     }
 
     async fn search(&mut self, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let needs_body = criteria.iter().any(key_needs_body);
-        let guids: Vec<Guid> = sel.view.values().map(|m| m.guid).collect();
-        let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let largest_uid = sel.uids.last().copied().unwrap_or(0);
-        let count = sel.uids.len() as u32;
-        let sets = SetCache::default();
-        let mut hits = Vec::new();
-        for (i, u) in sel.uids.iter().enumerate() {
-            let Some(m) = sel.view.get(u) else { continue };
-            let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
-            let cx = Candidate { seq: i as u32 + 1, uid: *u, m, body, largest_uid, count, sets: &sets };
-            if criteria.iter().all(|k| matches(k, &cx)) {
-                hits.push(if uid { *u } else { i as u32 + 1 });
-            }
-        }
-        let list: Vec<String> = hits.iter().map(u32::to_string).collect();
+        let hits = self.matching(criteria, false, |_, _| ()).await?;
+        let list: Vec<String> = hits.iter().map(|(seq, u, ())| if uid { *u } else { *seq }.to_string()).collect();
         self.line(&format!("* SEARCH{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
         Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
+    }
+
+    /// The selected messages that match every key, in order: (sequence number, UID, what
+    /// `extract` takes from the message and its bytes). The bytes are read when the keys
+    /// or `with_bodies` need them (else `extract` gets none), in batches of at most
+    /// [`BODY_BATCH_BYTES`], so a command holds one batch in memory, not the mailbox.
+    async fn matching<T>(
+        &self,
+        criteria: &[SearchKey<'_>],
+        with_bodies: bool,
+        mut extract: impl FnMut(&MessageView, &[u8]) -> T,
+    ) -> Result<Vec<(u32, Uid, T)>> {
+        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+        let needs_body = with_bodies || criteria.iter().any(key_needs_body);
+        let largest_uid = sel.uids.last().copied().unwrap_or(0);
+        let count = sel.uids.len() as u32;
+        // Copied out of the session: reading the batches awaits.
+        let rows: Vec<(u32, Uid, MessageView, bool)> = sel
+            .uids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| sel.view.get(u).map(|m| (i as u32 + 1, *u, m.clone(), sel.recent.contains(u))))
+            .collect();
+        let sets = SetCache::default();
+        let mut hits = Vec::new();
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = rows.len();
+            let mut bodies = BTreeMap::new();
+            if needs_body {
+                let mut bytes = 0u64;
+                end = start;
+                while end < rows.len() && (end == start || bytes + u64::from(rows[end].2.size) <= BODY_BATCH_BYTES) {
+                    bytes += u64::from(rows[end].2.size);
+                    end += 1;
+                }
+                bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
+            }
+            for (seq, uid, m, recent) in &rows[start..end] {
+                let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
+                let cx = Candidate { seq: *seq, uid: *uid, m, recent: *recent, body, largest_uid, count, sets: &sets };
+                if criteria.iter().all(|k| matches(k, &cx)) {
+                    hits.push((*seq, *uid, extract(m, body)));
+                }
+            }
+            start = end;
+        }
+        Ok(hits)
+    }
+
+    /// SORT (RFC 5256) and SORT=DISPLAY (RFC 5957): the matching messages ordered by each
+    /// criterion in turn (REVERSE turns one criterion around), ties by sequence number.
+    async fn sort(
+        &mut self,
+        criteria: &[SortCriterion],
+        charset: &Charset<'_>,
+        search: &[SearchKey<'_>],
+        uid: bool,
+    ) -> Result<String> {
+        check_charset(charset)?;
+        let header_keys = criteria.iter().any(|c| !matches!(c.key, SortKey::Arrival | SortKey::Size));
+        let mut rows = self
+            .matching(search, header_keys, |m, body| {
+                let fields = header_keys.then(|| mime::SortFields::of(&body[..mime::header_end(body)]));
+                (m.clone(), fields)
+            })
+            .await?;
+        rows.sort_by(|a, b| {
+            for c in criteria {
+                let order = sort_compare(&c.key, (&a.2.0, &a.2.1), (&b.2.0, &b.2.1));
+                let order = if c.reverse { order.reverse() } else { order };
+                if order != std::cmp::Ordering::Equal {
+                    return order;
+                }
+            }
+            a.0.cmp(&b.0)
+        });
+        let list: Vec<String> = rows.iter().map(|r| if uid { r.1 } else { r.0 }.to_string()).collect();
+        self.line(&format!("* SORT{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
+        Ok(format!("{}SORT done", if uid { "UID " } else { "" }))
+    }
+
+    /// THREAD=ORDEREDSUBJECT and THREAD=REFERENCES (RFC 5256) over the matching messages.
+    async fn thread(
+        &mut self,
+        algorithm: &ThreadingAlgorithm<'_>,
+        charset: &Charset<'_>,
+        search: &[SearchKey<'_>],
+        uid: bool,
+    ) -> Result<String> {
+        check_charset(charset)?;
+        if let ThreadingAlgorithm::Other(other) = algorithm {
+            return Err(format!("BAD THREAD={} is not supported", other.as_ref()));
+        }
+        let messages = self
+            .matching(search, true, |m, body| {
+                let fields = mime::ThreadFields::of(&body[..mime::header_end(body)]);
+                (fields, i64::try_from(m.received).unwrap_or(i64::MAX))
+            })
+            .await?;
+        let messages: Vec<thread::ThreadMessage> = messages
+            .into_iter()
+            .map(|(seq, u, (f, received))| thread::ThreadMessage {
+                number: if uid { u } else { seq },
+                order: (f.date.unwrap_or(received), seq),
+                message_id: f.message_id,
+                references: f.references,
+                // Subjects group as i;ascii-casemap compares them.
+                subject: f.subject.to_ascii_uppercase(),
+                reply: f.reply,
+            })
+            .collect();
+        let threads = match algorithm {
+            ThreadingAlgorithm::OrderedSubject => thread::ordered_subject(&messages),
+            _ => thread::references(&messages),
+        };
+        self.line(&format!("* THREAD{}{threads}", if threads.is_empty() { "" } else { " " }));
+        Ok(format!("{}THREAD done", if uid { "UID " } else { "" }))
     }
 
     async fn idle(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
@@ -1227,10 +1464,52 @@ impl Session {
     }
 }
 
+/// SEARCH and SORT take US-ASCII and UTF-8 (their strings are compared as bytes).
+fn check_charset(charset: &Charset<'_>) -> Result<()> {
+    let name = match charset {
+        Charset::Atom(a) => a.as_ref().to_string(),
+        Charset::Quoted(q) => q.as_ref().to_string(),
+    };
+    if name.eq_ignore_ascii_case("US-ASCII") || name.eq_ignore_ascii_case("UTF-8") {
+        Ok(())
+    } else {
+        Err("NO [BADCHARSET (US-ASCII UTF-8)] only US-ASCII and UTF-8 are known".into())
+    }
+}
+
+/// One SORT criterion between two messages. Text keys compare as i;ascii-casemap
+/// (ASCII letters folded to upper case, then bytes); DATE is the Date: header's instant,
+/// or INTERNALDATE without one (RFC 5256).
+fn sort_compare(
+    key: &SortKey,
+    (a, fa): (&MessageView, &Option<mime::SortFields>),
+    (b, fb): (&MessageView, &Option<mime::SortFields>),
+) -> std::cmp::Ordering {
+    let text = |f: &Option<mime::SortFields>, pick: fn(&mime::SortFields) -> &str| {
+        f.as_ref().map(|f| pick(f).to_ascii_uppercase()).unwrap_or_default()
+    };
+    let date = |m: &MessageView, f: &Option<mime::SortFields>| {
+        f.as_ref().and_then(|f| f.date).unwrap_or_else(|| i64::try_from(m.received).unwrap_or(i64::MAX))
+    };
+    match key {
+        SortKey::Arrival => a.received.cmp(&b.received),
+        SortKey::Size => a.size.cmp(&b.size),
+        SortKey::Date => date(a, fa).cmp(&date(b, fb)),
+        SortKey::Subject => text(fa, |f| &f.subject).cmp(&text(fb, |f| &f.subject)),
+        SortKey::From => text(fa, |f| &f.from).cmp(&text(fb, |f| &f.from)),
+        SortKey::To => text(fa, |f| &f.to).cmp(&text(fb, |f| &f.to)),
+        SortKey::Cc => text(fa, |f| &f.cc).cmp(&text(fb, |f| &f.cc)),
+        SortKey::DisplayFrom => text(fa, |f| &f.display_from).cmp(&text(fb, |f| &f.display_from)),
+        SortKey::DisplayTo => text(fa, |f| &f.display_to).cmp(&text(fb, |f| &f.display_to)),
+    }
+}
+
 struct Candidate<'a> {
     seq: u32,
     uid: Uid,
     m: &'a MessageView,
+    /// `\Recent` in this session.
+    recent: bool,
     body: &'a [u8],
     largest_uid: Uid,
     count: u32,
@@ -1288,6 +1567,21 @@ fn header_value(body: &[u8], name: &str) -> Vec<u8> {
     fields.splitn(2, |b| *b == b':').nth(1).map(<[u8]>::to_vec).unwrap_or_default()
 }
 
+/// SEARCH FROM/TO/CC/BCC: the string in the addresses as "Name <mailbox@host>" (groups
+/// by name), or in the raw header when it holds no address mail-parser can read.
+fn address_matches(body: &[u8], name: &str, needle: &[u8]) -> bool {
+    match mime::address_search_text(&body[..mime::header_end(body)], name) {
+        Some(text) => contains_ci(text.as_bytes(), needle),
+        None => contains_ci(&header_value(body, name), needle),
+    }
+}
+
+/// The day of the Date: header as written (time and zone disregarded, RFC 3501), or of
+/// the internal date when there is none or it cannot be read (as Dovecot does).
+fn sent_date(c: &Candidate<'_>) -> Option<chrono::NaiveDate> {
+    mime::sent_date(&c.body[..mime::header_end(c.body)]).or_else(|| day_of(c.m.received))
+}
+
 fn day_of(secs: u64) -> Option<chrono::NaiveDate> {
     chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0).map(|d| d.date_naive())
 }
@@ -1311,9 +1605,10 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
         SearchKey::Flagged => flag("\\Flagged"),
         SearchKey::Unflagged => !flag("\\Flagged"),
         SearchKey::Seen => flag("\\Seen"),
-        SearchKey::Unseen | SearchKey::New => !flag("\\Seen"),
-        SearchKey::Old => true,
-        SearchKey::Recent => false,
+        SearchKey::Unseen => !flag("\\Seen"),
+        SearchKey::New => c.recent && !flag("\\Seen"),
+        SearchKey::Old => !c.recent,
+        SearchKey::Recent => c.recent,
         SearchKey::Keyword(a) => flag(a.as_ref()),
         SearchKey::Unkeyword(a) => !flag(a.as_ref()),
         SearchKey::Larger(n) => c.m.size > *n,
@@ -1324,20 +1619,19 @@ fn matches(k: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
         SearchKey::Body(s) => contains_ci(&c.body[mime::header_end(c.body)..], s.as_ref()),
         SearchKey::Text(s) => contains_ci(c.body, s.as_ref()),
         SearchKey::Subject(s) => contains_ci(&header_value(c.body, "Subject"), s.as_ref()),
-        SearchKey::From(s) => contains_ci(&header_value(c.body, "From"), s.as_ref()),
-        SearchKey::To(s) => contains_ci(&header_value(c.body, "To"), s.as_ref()),
-        SearchKey::Cc(s) => contains_ci(&header_value(c.body, "Cc"), s.as_ref()),
-        SearchKey::Bcc(s) => contains_ci(&header_value(c.body, "Bcc"), s.as_ref()),
+        SearchKey::From(s) => address_matches(c.body, "From", s.as_ref()),
+        SearchKey::To(s) => address_matches(c.body, "To", s.as_ref()),
+        SearchKey::Cc(s) => address_matches(c.body, "Cc", s.as_ref()),
+        SearchKey::Bcc(s) => address_matches(c.body, "Bcc", s.as_ref()),
         SearchKey::Header(name, s) => {
             let name = String::from_utf8_lossy(name.as_ref()).into_owned();
             let header = &c.body[..mime::header_end(c.body)];
             let present = mime::header_fields(header, std::slice::from_ref(&name), false).len() > 2;
             present && contains_ci(&header_value(c.body, &name), s.as_ref())
         }
-        // Sent dates would need Date: parsing; the internal date stands in.
-        SearchKey::SentBefore(d) => date.is_some_and(|x| x < *d.as_ref()),
-        SearchKey::SentOn(d) => date.is_some_and(|x| x == *d.as_ref()),
-        SearchKey::SentSince(d) => date.is_some_and(|x| x >= *d.as_ref()),
+        SearchKey::SentBefore(d) => sent_date(c).is_some_and(|x| x < *d.as_ref()),
+        SearchKey::SentOn(d) => sent_date(c).is_some_and(|x| x == *d.as_ref()),
+        SearchKey::SentSince(d) => sent_date(c).is_some_and(|x| x >= *d.as_ref()),
         SearchKey::ModSequence { modseq, .. } => c.m.modseq >= *modseq,
     }
 }
@@ -1416,39 +1710,48 @@ fn range_set(ranges: &[(u32, u32)]) -> String {
     parts.join(",")
 }
 
-/// The FETCH items `fetch_item` answers.
-fn fetch_item_supported(item: &MessageDataItemName<'_>) -> bool {
-    matches!(
-        item,
-        MessageDataItemName::Uid
-            | MessageDataItemName::Flags
-            | MessageDataItemName::InternalDate
-            | MessageDataItemName::Rfc822Size
-            | MessageDataItemName::ModSeq
-            | MessageDataItemName::Envelope
-            | MessageDataItemName::Body
-            | MessageDataItemName::BodyStructure
-            | MessageDataItemName::BodyExt { .. }
-            | MessageDataItemName::Rfc822
-            | MessageDataItemName::Rfc822Header
-            | MessageDataItemName::Rfc822Text
-    )
+/// One message's bytes, with its MIME tree found at most once for all its FETCH items.
+struct Message<'a> {
+    bytes: &'a [u8],
+    structure: std::cell::OnceCell<mime::Structure>,
 }
 
-fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView, body: &[u8]) {
+impl<'a> Message<'a> {
+    fn new(bytes: &'a [u8]) -> Message<'a> {
+        Message { bytes, structure: std::cell::OnceCell::new() }
+    }
+
+    fn structure(&self) -> &mime::Structure {
+        self.structure.get_or_init(|| mime::Structure::of(self.bytes))
+    }
+}
+
+/// One FETCH item of one message; `Err` when a BINARY section's encoding cannot be undone.
+fn fetch_item(
+    out: &mut Vec<u8>,
+    item: &MessageDataItemName<'_>,
+    m: &MessageView,
+    recent: bool,
+    msg: &Message<'_>,
+) -> std::result::Result<(), String> {
+    let body = msg.bytes;
     let header_end = mime::header_end(body);
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
-        MessageDataItemName::Flags => out.extend_from_slice(format!("FLAGS ({})", flag_list(&m.flags)).as_bytes()),
+        MessageDataItemName::Flags => {
+            out.extend_from_slice(format!("FLAGS ({})", shown_flags(&m.flags, recent)).as_bytes())
+        }
         MessageDataItemName::InternalDate => {
             out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(m.received)).as_bytes())
         }
         MessageDataItemName::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", m.size).as_bytes()),
         MessageDataItemName::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", m.modseq).as_bytes()),
         MessageDataItemName::Envelope => out.extend_from_slice(format!("ENVELOPE {}", mime::envelope(body)).as_bytes()),
-        MessageDataItemName::Body | MessageDataItemName::BodyStructure => {
-            let name = if matches!(item, MessageDataItemName::Body) { "BODY" } else { "BODYSTRUCTURE" };
-            out.extend_from_slice(format!("{name} {}", mime::bodystructure(body)).as_bytes())
+        MessageDataItemName::Body => {
+            out.extend_from_slice(format!("BODY {}", mime::describe(body, msg.structure(), false)).as_bytes())
+        }
+        MessageDataItemName::BodyStructure => {
+            out.extend_from_slice(format!("BODYSTRUCTURE {}", mime::describe(body, msg.structure(), true)).as_bytes())
         }
         MessageDataItemName::Rfc822 => {
             out.extend_from_slice(b"RFC822 ");
@@ -1463,29 +1766,44 @@ fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView
             literal(out, &body[header_end..]);
         }
         MessageDataItemName::BodyExt { section, partial, .. } => {
-            let (name, bytes): (String, Vec<u8>) = match section {
-                None => (String::new(), body.to_vec()),
-                Some(Section::Header(None)) => ("HEADER".into(), body[..header_end].to_vec()),
-                Some(Section::Text(None)) => ("TEXT".into(), body[header_end..].to_vec()),
-                Some(Section::HeaderFields(None, names)) | Some(Section::HeaderFieldsNot(None, names)) => {
+            let numbers = |part: &Option<&imap_codec::imap_types::fetch::Part>| -> Vec<u32> {
+                part.map(|p| p.0.as_ref().iter().map(|n| n.get()).collect()).unwrap_or_default()
+            };
+            let names_of = |names: &[imap_codec::imap_types::core::AString<'_>]| -> Vec<String> {
+                names.iter().map(|n| String::from_utf8_lossy(n.as_ref()).into_owned()).collect()
+            };
+            let header_names;
+            let (path, label, text) = match section {
+                None => (Vec::new(), String::new(), mime::SectionText::All),
+                Some(Section::Part(p)) => (numbers(&Some(p)), String::new(), mime::SectionText::All),
+                Some(Section::Header(p)) => (numbers(&p.as_ref()), "HEADER".into(), mime::SectionText::Header),
+                Some(Section::Text(p)) => (numbers(&p.as_ref()), "TEXT".into(), mime::SectionText::Text),
+                Some(Section::Mime(p)) => (numbers(&Some(p)), "MIME".into(), mime::SectionText::Mime),
+                Some(Section::HeaderFields(p, names)) | Some(Section::HeaderFieldsNot(p, names)) => {
                     let not = matches!(section, Some(Section::HeaderFieldsNot(..)));
-                    let names: Vec<String> =
-                        names.as_ref().iter().map(|n| String::from_utf8_lossy(n.as_ref()).into_owned()).collect();
-                    let quoted: Vec<String> = names.iter().map(|n| quoted_or_literal(n.as_bytes())).collect();
+                    header_names = names_of(names.as_ref());
+                    let quoted: Vec<String> = header_names.iter().map(|n| quoted_or_literal(n.as_bytes())).collect();
                     let label = format!("HEADER.FIELDS{} ({})", if not { ".NOT" } else { "" }, quoted.join(" "));
-                    (label, mime::header_fields(&body[..header_end], &names, not))
+                    (numbers(&p.as_ref()), label, mime::SectionText::HeaderFields { names: &header_names, not })
                 }
-                Some(Section::Part(part)) => {
-                    let path: Vec<u32> = part.0.as_ref().iter().map(|n| n.get()).collect();
-                    let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-                    (label, mime::part_bytes(body, &path).map(<[u8]>::to_vec).unwrap_or_default())
-                }
-                Some(_) => ("".into(), Vec::new()),
+            };
+            let bytes = match (path.is_empty(), &text) {
+                // The whole message and its own header and text need no MIME tree.
+                (true, mime::SectionText::All) => body.to_vec(),
+                (true, mime::SectionText::Header) => body[..header_end].to_vec(),
+                (true, mime::SectionText::Text) => body[header_end..].to_vec(),
+                _ => mime::section(body, msg.structure(), &path, text).unwrap_or_default(),
+            };
+            let numbers_label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+            let name = match (numbers_label.is_empty(), label.is_empty()) {
+                (true, _) => label,
+                (false, true) => numbers_label,
+                (false, false) => format!("{numbers_label}.{label}"),
             };
             let (origin, bytes) = match partial {
                 Some((start, len)) => {
                     let start = (*start as usize).min(bytes.len());
-                    let end = (start + len.get() as usize).min(bytes.len());
+                    let end = start.saturating_add(len.get() as usize).min(bytes.len());
                     (format!("<{start}>"), bytes[start..end].to_vec())
                 }
                 None => (String::new(), bytes),
@@ -1493,9 +1811,33 @@ fn fetch_item(out: &mut Vec<u8>, item: &MessageDataItemName<'_>, m: &MessageView
             out.extend_from_slice(format!("BODY[{name}]{origin} ").as_bytes());
             literal(out, &bytes);
         }
-        // `fetch` refuses every other item before it answers anything.
-        _ => debug_assert!(!fetch_item_supported(item), "a supported FETCH item has no answer"),
+        MessageDataItemName::Binary { section, partial, .. } => {
+            let path: Vec<u32> = section.iter().map(|n| n.get()).collect();
+            let bytes = mime::binary_section(body, msg.structure(), &path)?.unwrap_or_default();
+            let (origin, bytes) = match partial {
+                Some((start, len)) => {
+                    let start = (*start as usize).min(bytes.len());
+                    let end = start.saturating_add(len.get() as usize).min(bytes.len());
+                    (format!("<{start}>"), &bytes[start..end])
+                }
+                None => (String::new(), bytes.as_slice()),
+            };
+            let name = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+            out.extend_from_slice(format!("BINARY[{name}]{origin} ").as_bytes());
+            // NUL cannot be in a plain literal (RFC 3516's literal8 carries it).
+            if bytes.contains(&0) {
+                out.push(b'~');
+            }
+            literal(out, bytes);
+        }
+        MessageDataItemName::BinarySize { section } => {
+            let path: Vec<u32> = section.iter().map(|n| n.get()).collect();
+            let size = mime::binary_section(body, msg.structure(), &path)?.map(|b| b.len()).unwrap_or(0);
+            let name = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+            out.extend_from_slice(format!("BINARY.SIZE[{name}] {size}").as_bytes());
+        }
     }
+    Ok(())
 }
 
 fn mailbox_name(m: &Mailbox<'_>) -> String {
@@ -1542,6 +1884,11 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
     reachable[name.len()]
 }
 
+/// Numbers in the order given, as an IMAP set without ranges: 4,2,9.
+fn comma_list(numbers: &[u32]) -> String {
+    numbers.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Sorted UIDs as an IMAP set with ranges: 1:3,7,9:10.
 fn uid_set(uids: &[u32]) -> String {
     let mut runs: Vec<(u32, u32)> = Vec::new();
@@ -1558,12 +1905,20 @@ fn has(flags: &[Flag], name: &str) -> bool {
     flags.iter().any(|f| f.as_str().eq_ignore_ascii_case(name))
 }
 
-fn flag_list(flags: &[Flag]) -> String {
-    flags.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(" ")
+/// Flags as a FETCH shows them; `\Recent` is the session's, never stored.
+fn shown_flags(flags: &[Flag], recent: bool) -> String {
+    let recent = recent.then_some("\\Recent");
+    recent.into_iter().chain(flags.iter().map(|f| f.as_str())).collect::<Vec<_>>().join(" ")
 }
 
+/// The flags a client asks to store; `\Recent` is the server's to set, so it is left out.
 fn core_flags(flags: &[ImapFlag<'_>]) -> Result<Vec<Flag>> {
-    flags.iter().map(|f| Flag::new(&f.to_string()).map_err(|e| format!("BAD bad flag {f}: {e:?}"))).collect()
+    flags
+        .iter()
+        .map(|f| f.to_string())
+        .filter(|f| !f.eq_ignore_ascii_case("\\Recent"))
+        .map(|f| Flag::new(&f).map_err(|e| format!("BAD bad flag {f}: {e:?}")))
+        .collect()
 }
 
 fn now_secs() -> u64 {

@@ -35,7 +35,8 @@ def state(port, user, password, mailbox="INBOX"):
         for line in check(c.uid("FETCH", "1:*", "(UID FLAGS)")):
             text = line.decode()
             uid = int(text.split("UID ")[1].split()[0].rstrip(")"))
-            flags = sorted(text.split("FLAGS (")[1].split(")")[0].split())
+            # \Recent is per server and per session (RFC 3501), not replicated state.
+            flags = sorted(f for f in text.split("FLAGS (")[1].split(")")[0].split() if f != "\\Recent")
             messages.append([uid, flags])
     c.logout()
     return {"uidvalidity": status["UIDVALIDITY"], "highestmodseq": status["HIGHESTMODSEQ"], "messages": sorted(messages)}
@@ -181,12 +182,14 @@ def main():
         answer = c.readline()
         assert answer.startswith(f"{tag} BAD".encode()), answer
         check(c.noop())  # the session goes on
-        # An item the server cannot produce is refused whole, not answered with made-up data.
-        try:
-            typ, data = c.uid("FETCH", "1", "(UID BINARY.SIZE[])")
-        except imaplib.IMAP4.error as e:  # imaplib raises on BAD
-            typ, data = "BAD", [str(e)]
-        assert typ == "BAD", (typ, data)
+        # BINARY (RFC 3516): a message's whole size, and a part with an encoding nobody
+        # can undo refused with UNKNOWN-CTE.
+        typ, data = c.uid("FETCH", "1", "(UID BINARY.SIZE[])")
+        assert typ == "OK" and b"BINARY.SIZE[] " in data[0], (typ, data)
+        odd = b"Content-Transfer-Encoding: x-odd\r\n\r\nbegin\r\n"
+        check(c.append("INBOX", None, None, odd))
+        typ, data = c.fetch("*", "(BINARY.PEEK[1])")
+        assert typ == "NO" and b"UNKNOWN-CTE" in data[0], (typ, data)
         check(c.noop())
         check(c.create("Moved"))
         typ, data = c.xatom("MOVE", "1", "Moved")
@@ -194,6 +197,52 @@ def main():
         typ, data = c.status("Moved", "(MESSAGES)")
         assert typ == "OK" and b"MESSAGES 1" in data[0], data
         c.logout()
+        print(json.dumps({"ok": True}))
+    elif cmd == "copy-edges":
+        # \Recent in one session only; COPY of a message another session expunged;
+        # COPY and MOVE into the selected mailbox itself; MOVE's COPYUID before EXPUNGE.
+        port, user, password = args
+        a, b = imap(port, user, password), imap(port, user, password)
+        check(a.create("Edges"))
+        for i in range(3):
+            check(a.append("Edges", None, None, f"Subject: edge {i}\r\n\r\nx\r\n".encode()))
+        typ, data = a.select("Edges")
+        assert a.untagged_responses.get("RECENT") == [b"3"], a.untagged_responses
+        check(b.select("Edges"))
+        assert b.untagged_responses.get("RECENT") == [b"0"], b.untagged_responses
+        flags = check(a.fetch("1", "(FLAGS)"))[0]
+        assert b"\\Recent" in flags, flags
+        assert check(a.search(None, "RECENT"))[0] == b"1 2 3"
+        assert check(b.search(None, "OLD"))[0] == b"1 2 3"
+        check(b.store("1", "+FLAGS", "\\Deleted"))
+        check(b.expunge())
+        # a has not been told of the expunge (COPY with sequence numbers holds it back).
+        typ, data = a.copy("1", "INBOX")
+        assert typ == "NO" and b"EXPUNGEISSUED" in data[0], (typ, data)
+        check(a.noop())
+        typ, data = a.copy("1", "Edges")
+        assert typ == "OK" and b"COPYUID" in data[0], (typ, data)
+        tag = a._new_tag().decode()
+        a.send(f"{tag} MOVE 1 Edges\r\n".encode())
+        lines = []
+        while not lines or not lines[-1].startswith(tag.encode()):
+            lines.append(a.readline())
+        copyuid = next(i for i, l in enumerate(lines) if b"[COPYUID" in l)
+        expunge = next(i for i, l in enumerate(lines) if l.endswith(b"EXPUNGE\r\n"))
+        assert copyuid < expunge and lines[-1].startswith(f"{tag} OK".encode()), lines
+        check(a.noop())
+        assert check(a.search(None, "ALL"))[0] == b"1 2 3", a.search(None, "ALL")
+        # SORT: now "edge 2", then the copy of "edge 1" and the moved "edge 1"; ties in
+        # sequence order, also when the criterion is reversed.
+        assert check(a.sort("(SUBJECT)", "UTF-8", "ALL"))[0] == b"2 3 1"
+        assert check(a.sort("(REVERSE SUBJECT)", "UTF-8", "ALL"))[0] == b"1 2 3"
+        # THREAD: the three share a subject and none is a reply: one dummy holds them.
+        assert check(a.thread("REFERENCES", "UTF-8", "ALL"))[0] == b"(1)((2)(3))", a.thread("REFERENCES", "UTF-8", "ALL")
+        assert check(a.thread("ORDEREDSUBJECT", "UTF-8", "ALL"))[0] == b"(1)(2 3)", a.thread("ORDEREDSUBJECT", "UTF-8", "ALL")
+        typ, data = a.sort("(ARRIVAL)", "KOI8-R", "ALL")
+        assert typ == "NO" and b"BADCHARSET" in data[0], (typ, data)
+        a.logout()
+        b.logout()
         print(json.dumps({"ok": True}))
     elif cmd == "idle":
         # Waits in IDLE until another client's APPEND shows up as EXISTS.
@@ -215,7 +264,11 @@ def main():
                 seen = int(line.split()[1])
                 break
         c.send(b"DONE\r\n")
-        assert c.readline().startswith(f"{tag} OK".encode())
+        # Untagged responses (RECENT after EXISTS) may still come before the tagged one.
+        line = c.readline()
+        while line.startswith(b"* "):
+            line = c.readline()
+        assert line.startswith(f"{tag} OK".encode()), line
         assert seen == before + 1, (before, seen)
         c.logout()
         print(json.dumps({"exists": seen}))
