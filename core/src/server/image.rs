@@ -65,6 +65,15 @@ impl Image {
         self.disk.mailboxes.get(key)
     }
 
+    /// The mailbox as stored, or as a new one would start (not stored by this): what a
+    /// master orders its first write against.
+    pub(crate) fn mailbox_or_new(&self, key: &MailboxKey) -> std::borrow::Cow<'_, StoredMailbox> {
+        match self.disk.mailboxes.get(key) {
+            Some(m) => std::borrow::Cow::Borrowed(m),
+            None => std::borrow::Cow::Owned(mailbox::new_mailbox(key)),
+        }
+    }
+
     pub(crate) fn mailboxes(&self) -> &BTreeMap<MailboxKey, StoredMailbox> {
         &self.disk.mailboxes
     }

@@ -634,14 +634,7 @@ impl Server {
         flags: &[Flag],
         (checksum, size): (u64, u32),
     ) -> (MessageRecord, u32) {
-        let fresh;
-        let m = match self.image.mailbox(mailbox) {
-            Some(m) => m,
-            None => {
-                fresh = mailbox::new_mailbox(mailbox);
-                &fresh
-            }
-        };
+        let m = self.image.mailbox_or_new(mailbox);
         let (uid, uidvalidity) = (m.uidnext, m.uidvalidity);
         let modseq = m.highest_modseq.saturating_add(1);
         debug_assert!(!m.messages.contains_key(&uid), "UIDNEXT is above every live UID");
@@ -733,14 +726,7 @@ impl Server {
             }
             _ => {}
         }
-        let fresh;
-        let m = match self.image.mailbox(mailbox) {
-            Some(m) => m,
-            None => {
-                fresh = mailbox::new_mailbox(mailbox);
-                &fresh
-            }
-        };
+        let m = self.image.mailbox_or_new(mailbox);
         let modseq = m.highest_modseq.saturating_add(1);
         let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();
