@@ -238,6 +238,33 @@ impl BenchCluster {
         Err(format!("no convergence on {messages} messages: {last}; logs in {}", self.dir.display()))
     }
 
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(|c| c.id())
+    }
+
+    /// Waits until every node in `ids` holds `inboxes` INBOXes of one message each
+    /// (besides the bench user's), nothing queued, fetched or running.
+    pub fn wait_quiet(&self, ids: &[usize], inboxes: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let statuses: Vec<Status> = ids.iter().map(|i| self.status(*i)).collect::<Result<_, _>>()?;
+            let counts: Vec<usize> = statuses
+                .iter()
+                .map(|s| s.mailboxes.iter().filter(|m| m.mailbox != MAILBOX && m.messages == 1).count())
+                .collect();
+            let quiet =
+                statuses.iter().all(|s| s.wanted_bodies == 0 && s.jobs == 0 && s.links.iter().all(|l| l.backlog == 0));
+            if quiet && counts.iter().all(|c| *c == inboxes) {
+                return Ok(());
+            }
+            last = format!("{counts:?} quiet {quiet}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("not quiet: {last}; logs in {}", self.dir.display()))
+    }
+
     /// Copies node `i`'s data directory to `to` (the node must be stopped).
     pub fn snapshot(&self, i: usize, to: &Path) -> Result<(), String> {
         copy_dir(&self.nodes[i].data, to)

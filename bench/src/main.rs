@@ -10,6 +10,7 @@ mod proxy;
 mod report;
 mod scenarios;
 mod speed;
+mod store;
 
 use clap::Parser;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,15 @@ struct Args {
     /// The workspace root: BENCHMARKS.md, bench/plots/, target/criterion are under it.
     #[arg(long)]
     workspace: Option<PathBuf>,
+    /// The "store" part: recipients of one LMTP message, and its size in MiB.
+    #[arg(long, default_value_t = 1000)]
+    store_recipients: usize,
+    #[arg(long, default_value_t = 1)]
+    store_body_mib: usize,
+    /// Also run the "store" part with this `tandem` binary (an earlier build), beside
+    /// this one.
+    #[arg(long)]
+    baseline_tandem: Option<PathBuf>,
     /// Keep the benchmark directory afterwards.
     #[arg(long)]
     keep: bool,
@@ -118,6 +128,21 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Path, root: &Path) -> Result<(), String> {
+    if args.parts.iter().any(|p| p == "store") {
+        say("one message to many recipients");
+        let mut rows = Vec::new();
+        let builds = args.baseline_tandem.iter().map(|b| ("baseline", b.as_path())).chain([("this build", tandem)]);
+        for (build, binary) in builds {
+            let row = store::recipients(build, binary, root, args.store_recipients, args.store_body_mib)?;
+            say(&format!("  {row:?}"));
+            rows.push(row);
+        }
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        store::splice(&workspace.join("BENCHMARKS.md"), &store::markdown(&rows, &command))?;
+        if args.parts.len() == 1 {
+            return Ok(());
+        }
+    }
     let max_size = args.sizes.iter().copied().max().unwrap_or(0);
 
     say(&format!("generating {max_size} messages and 1,000 arrivals (genmail.py, as dsync's script does)"));

@@ -27,7 +27,8 @@ fn record(uid: Uid) -> MessageRecord {
 
 fn kinds() -> Vec<(&'static str, Envelope)> {
     let inbox = MailboxKey::new("alice@example.org", "INBOX");
-    let body: Vec<u8> = (0..4096u32).map(|i| b"abcdefghij\r\n"[(i % 12) as usize]).collect();
+    let body: tandem_core::types::Body =
+        (0..4096u32).map(|i| b"abcdefghij\r\n"[(i % 12) as usize]).collect::<Vec<u8>>().into();
     let env = |msg| Envelope { src: Sid(1), dst: Sid(2), hops: 0, msg };
     let state = MailboxState {
         mailbox: inbox.clone(),

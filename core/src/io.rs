@@ -80,7 +80,7 @@ pub enum ClientRequest {
         mailbox: MailboxKey,
         received: u64,
         flags: Vec<Flag>,
-        body: Vec<u8>,
+        body: Body,
     },
     Copy {
         src: MailboxKey,
@@ -157,11 +157,12 @@ pub enum ClientReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExternalEdit {
     /// A message file appeared with no UID; the shell gave it a GUID when it indexed it.
-    Added { mailbox: MailboxKey, guid: Guid, received: u64, body: Vec<u8> },
+    Added { mailbox: MailboxKey, guid: Guid, received: u64, body: Body },
     /// The file of a message disappeared.
     Removed { mailbox: MailboxKey, uid: Uid },
-    /// The stored body of a message changed under us.
-    Corrupted { guid: Guid, body: Vec<u8> },
+    /// The stored body of a message changed under us (the driver's body store now
+    /// holds other bytes for it).
+    Corrupted { guid: Guid },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

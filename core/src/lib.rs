@@ -23,7 +23,7 @@ pub use io::*;
 pub use marks::{Mark, Marks};
 pub use msg::*;
 pub use server::Server;
-pub use store::{DiskImage, StoreWrite};
+pub use store::{BodyStore, DiskImage, MemoryBodies, StoreWrite};
 pub use types::*;
 
 use std::fmt;

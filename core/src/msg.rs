@@ -26,7 +26,7 @@ pub enum WriteRequest {
         guid: Guid,
         received: u64,
         flags: Vec<Flag>,
-        body: Vec<u8>,
+        body: Body,
     },
     /// COPY keeps the message's flags (RFC 3501), as the sender's client saw them.
     Copy {
@@ -141,7 +141,7 @@ pub enum Change {
         mailbox: MailboxKey,
         uidvalidity: u32,
         record: MessageRecord,
-        body: Vec<u8>,
+        body: Body,
     },
     /// A new message whose body the receiver already has (or FETCHes): no body resent.
     Copy {
@@ -287,7 +287,7 @@ pub enum Msg {
     Body {
         guid: Guid,
         checksum: u64,
-        body: Vec<u8>,
+        body: Body,
     },
     /// FETCH's answer when the server holds no intact copy.
     NoBody {

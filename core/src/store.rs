@@ -180,10 +180,80 @@ impl StoredMailbox {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What the image knows of a stored body: the bytes themselves are in the driver's
+/// [`BodyStore`], never in the core's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredBody {
     pub checksum: u64,
-    pub bytes: Vec<u8>,
+    pub len: u64,
+}
+
+/// Where a server's message bodies live: owned by the driver (files on the node's disk,
+/// memory in the simulator), written by it from [`StoreWrite::PutBody`] and
+/// [`StoreWrite::RemoveBody`] in order, read by the core when it must send or check a
+/// body. A read returns what is stored *now*, damaged or not: the core checks it against
+/// the checksum. Reads must be deterministic for a given store content.
+pub trait BodyStore: Send + std::fmt::Debug {
+    fn read(&self, guid: Guid) -> Option<Body>;
+}
+
+/// A body store in memory, shared between the driver that writes it and the core that
+/// reads it (the simulator, tests, the fuzzer).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryBodies {
+    bodies: std::sync::Arc<std::sync::Mutex<BTreeMap<Guid, Body>>>,
+}
+
+impl MemoryBodies {
+    fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Body>> {
+        // A panic elsewhere while holding the lock leaves the map itself whole.
+        self.bodies.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+    /// Does what a body write asks; other writes are not about bodies.
+    pub fn apply(&self, write: &StoreWrite) {
+        match write {
+            StoreWrite::PutBody { guid, bytes, .. } => {
+                self.locked().insert(*guid, bytes.clone());
+            }
+            StoreWrite::RemoveBody { guid } => {
+                self.locked().remove(guid);
+            }
+            _ => {}
+        }
+    }
+    /// Replaces what is stored for `guid` (a hand edit, a damaged disk).
+    pub fn overwrite(&self, guid: Guid, bytes: Body) {
+        self.locked().insert(guid, bytes);
+    }
+    pub fn remove(&self, guid: Guid) {
+        self.locked().remove(&guid);
+    }
+    pub fn clear(&self) {
+        self.locked().clear();
+    }
+    pub fn contains(&self, guid: Guid) -> bool {
+        self.locked().contains_key(&guid)
+    }
+    pub fn len(&self) -> usize {
+        self.locked().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.locked().is_empty()
+    }
+    /// A copy of the whole store (the map, not the bytes, is copied).
+    pub fn snapshot(&self) -> BTreeMap<Guid, Body> {
+        self.locked().clone()
+    }
+    /// A store that starts with `bodies` and is not shared with this one.
+    pub fn from_map(bodies: BTreeMap<Guid, Body>) -> MemoryBodies {
+        MemoryBodies { bodies: std::sync::Arc::new(std::sync::Mutex::new(bodies)) }
+    }
+}
+
+impl BodyStore for MemoryBodies {
+    fn read(&self, guid: Guid) -> Option<Body> {
+        self.locked().get(&guid).cloned()
+    }
 }
 
 /// One peer's replication log: changes it has not acknowledged.
@@ -215,7 +285,7 @@ pub enum StoreWrite {
     PutMessage { mailbox: MailboxKey, record: MessageRecord },
     RemoveMessage { mailbox: MailboxKey, uid: Uid },
     PutTombstone { mailbox: MailboxKey, tombstone: Tombstone },
-    PutBody { guid: Guid, checksum: u64, bytes: Vec<u8> },
+    PutBody { guid: Guid, checksum: u64, bytes: Body },
     RemoveBody { guid: Guid },
     LogAppend { peer: Sid, seq: u64, change: Change },
     LogRemove { peer: Sid, seqs: Vec<u64> },
@@ -233,9 +303,6 @@ impl DiskImage {
             StoreWrite::PutMessage { mailbox, record } => {
                 let m = self.mailboxes.entry(mailbox).or_default();
                 m.messages.insert(record.uid, record);
-            }
-            StoreWrite::PutBody { guid, checksum, bytes } => {
-                self.bodies.insert(guid, StoredBody { checksum, bytes });
             }
             StoreWrite::LogAppend { peer, seq, change } => {
                 let log = self.logs.entry(peer).or_default();
@@ -268,7 +335,7 @@ impl DiskImage {
                 m.tombstones.insert((tombstone.uid, tombstone.guid), *tombstone);
             }
             StoreWrite::PutBody { guid, checksum, bytes } => {
-                self.bodies.insert(*guid, StoredBody { checksum: *checksum, bytes: bytes.clone() });
+                self.bodies.insert(*guid, StoredBody { checksum: *checksum, len: bytes.len() as u64 });
             }
             StoreWrite::RemoveBody { guid } => {
                 self.bodies.remove(guid);

@@ -24,6 +24,10 @@ impl fmt::Display for Guid {
     }
 }
 
+/// A message body's bytes. Cloning shares them (a reference count), so a body goes from
+/// the front end through the core, the store and the socket without being copied.
+pub type Body = bytes::Bytes;
+
 pub type Uid = u32;
 pub type ModSeq = u64;
 

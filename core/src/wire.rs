@@ -634,12 +634,12 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn body(&mut self) -> Parse<Vec<u8>> {
+    fn body(&mut self) -> Parse<Body> {
         self.sep()?;
         if self.peek() != Some(b'{') {
             return self.bad(self.pos, "a message body literal {n}");
         }
-        Ok(self.literal(true)?.to_vec())
+        Ok(Body::copy_from_slice(self.literal(true)?))
     }
 
     /// `{n}\r\n<n bytes>` at `pos`; then reads up to the CRLF of the following segment.
@@ -1366,7 +1366,7 @@ mod tests {
                         guid,
                         received: 1_700_000_000,
                         flags: vec![flag("\\Seen")],
-                        body: b"Subject: hi\r\n\r\nbody\0with NUL\r\n".to_vec(),
+                        body: Body::from_static(b"Subject: hi\r\n\r\nbody\0with NUL\r\n"),
                     },
                 },
             ),
@@ -1446,7 +1446,10 @@ mod tests {
                 1,
                 2,
                 0,
-                change(1, Change::Save { mailbox: inbox.clone(), uidvalidity: 77, record: record(1), body: vec![] }),
+                change(
+                    1,
+                    Change::Save { mailbox: inbox.clone(), uidvalidity: 77, record: record(1), body: Body::new() },
+                ),
             ),
             env(1, 2, 0, change(2, Change::Copy { mailbox: odd.clone(), uidvalidity: 78, record: record(2) })),
             env(
@@ -1503,8 +1506,13 @@ mod tests {
             env(3, 1, 0, Msg::Sync { reply: true, state: state(inbox.clone()) }),
             env(3, 1, 0, Msg::SyncPart { state: state(inbox.clone()) }),
             env(3, 1, 0, Msg::Fetch { guid }),
-            env(1, 3, 0, Msg::Body { guid, checksum: 42, body: b"\r\n\0{5}\r\n* MBOX 1 \"a\" \"b\"\r\n".to_vec() }),
-            env(1, 3, 0, Msg::Body { guid: Guid(0), checksum: 0, body: vec![] }),
+            env(
+                1,
+                3,
+                0,
+                Msg::Body { guid, checksum: 42, body: Body::from_static(b"\r\n\0{5}\r\n* MBOX 1 \"a\" \"b\"\r\n") },
+            ),
+            env(1, 3, 0, Msg::Body { guid: Guid(0), checksum: 0, body: Body::new() }),
             env(3, 1, 0, Msg::NoBody { guid }),
             env(1, 3, 0, Msg::Error { text: "bad \"thing\" \\ here".into() }),
             env(1, 3, 0, Msg::Error { text: "multi\r\nline ✓".into() }),
@@ -1617,7 +1625,7 @@ mod tests {
                     guid: Guid(1),
                     received: 5,
                     flags: vec![flag("\\Seen"), flag("$Junk")],
-                    body: b"hi".to_vec(),
+                    body: Body::from_static(b"hi"),
                 },
             },
         );
@@ -1967,7 +1975,7 @@ mod tests {
         let save = (mailbox_key(), guid(), any::<u64>(), flag_list(), bytes()).prop_map(
             |(mailbox, guid, received, flags, body)| Msg::Request {
                 tag: 1,
-                request: WriteRequest::Save { mailbox, guid, received, flags, body },
+                request: WriteRequest::Save { mailbox, guid, received, flags, body: body.into() },
             },
         );
         let store = (
@@ -1985,7 +1993,7 @@ mod tests {
         let change_save = (any::<u64>(), mailbox_key(), any::<u32>(), message_record(), bytes()).prop_map(
             |(seq, mailbox, uidvalidity, record, body)| Msg::Change {
                 seq,
-                change: Change::Save { mailbox, uidvalidity, record, body },
+                change: Change::Save { mailbox, uidvalidity, record, body: body.into() },
             },
         );
         let tombstone = (any::<u32>(), guid(), any::<u64>(), any::<bool>())

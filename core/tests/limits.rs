@@ -13,6 +13,8 @@ const STEP_MAX: usize = 2000;
 
 struct Harness {
     servers: BTreeMap<Sid, Server>,
+    /// Each server's body store, written as its writes become durable.
+    bodies: BTreeMap<Sid, MemoryBodies>,
     codecs: BTreeMap<(Sid, Sid), (Encoder, Decoder)>,
     now: Instant,
     next_id: RequestId,
@@ -27,11 +29,11 @@ fn inbox() -> MailboxKey {
 }
 
 /// Both servers start with the same `n`-message INBOX (bodies included).
-fn image(n: u32) -> DiskImage {
+fn image(n: u32, store: &MemoryBodies) -> DiskImage {
     let key = inbox();
     let mut m = mailbox::new_mailbox(&key);
     let mut db = DiskImage::default();
-    let body = b"Subject: x\r\n\r\nx\r\n".to_vec();
+    let body = Body::from_static(b"Subject: x\r\n\r\nx\r\n");
     let checksum = hash::body_checksum(&body);
     for uid in 1..=n {
         let guid = Guid(u128::from(uid) << 64 | 0xabcd);
@@ -45,7 +47,8 @@ fn image(n: u32) -> DiskImage {
             flags: Default::default(),
         };
         m.messages.insert(uid, record);
-        db.bodies.insert(guid, StoredBody { checksum, bytes: body.clone() });
+        db.bodies.insert(guid, StoredBody { checksum, len: body.len() as u64 });
+        store.overwrite(guid, body.clone());
     }
     m.uidnext = n + 1;
     m.highest_modseq = 1;
@@ -55,6 +58,8 @@ fn image(n: u32) -> DiskImage {
 
 impl Harness {
     fn new(n: u32) -> Harness {
+        let bodies: BTreeMap<Sid, MemoryBodies> =
+            [S1, S2].into_iter().map(|sid| (sid, MemoryBodies::default())).collect();
         let servers = [S1, S2]
             .into_iter()
             .map(|sid| {
@@ -62,12 +67,23 @@ impl Harness {
                 cfg.replicas = 1;
                 cfg.durability = Durability::Sync;
                 cfg.request_timeout_us = 600_000_000;
-                (sid, Server::recover(cfg, image(n), 7 + u64::from(sid.0)))
+                (
+                    sid,
+                    Server::recover(cfg, image(n, &bodies[&sid]), 7 + u64::from(sid.0), Box::new(bodies[&sid].clone())),
+                )
             })
             .collect();
         let codecs = [(S1, S2), (S2, S1)].into_iter().map(|d| (d, (Encoder::new(), Decoder::new()))).collect();
-        let mut h =
-            Harness { servers, codecs, now: Instant(0), next_id: 1, replies: BTreeMap::new(), longest: 0, commands: 0 };
+        let mut h = Harness {
+            servers,
+            bodies,
+            codecs,
+            now: Instant(0),
+            next_id: 1,
+            replies: BTreeMap::new(),
+            longest: 0,
+            commands: 0,
+        };
         h.pump(Vec::new());
         h.pump(vec![(S1, Input::LinkUp { peer: S2 }), (S2, Input::LinkUp { peer: S1 })]);
         for _ in 0..STEP_MAX {
@@ -97,7 +113,10 @@ impl Harness {
             for (&sid, server) in &mut self.servers {
                 while let Some(out) = server.poll_output() {
                     match out {
-                        Output::Write { id, .. } => queue.push((sid, Input::Durable { upto: id })),
+                        Output::Write { id, write } => {
+                            self.bodies.entry(sid).or_default().apply(&write);
+                            queue.push((sid, Input::Durable { upto: id }));
+                        }
                         Output::Reply { id, reply } => {
                             self.replies.insert((sid, id), reply);
                         }
@@ -257,7 +276,7 @@ fn absurd_numbers_from_a_peer_are_refused() {
                 mailbox: inbox(),
                 uidvalidity: h.mailbox(S1).uidvalidity,
                 record: record(u32::MAX, 5),
-                body: b"x".to_vec(),
+                body: Body::from_static(b"x"),
             },
         },
         Msg::Change {
@@ -287,8 +306,10 @@ fn absurd_numbers_from_a_peer_are_refused() {
     // Still one root, and writes still work and replicate.
     assert!(h.servers[&S1].root_active());
     assert_eq!(h.servers[&S2].term(), h.servers[&S1].term());
-    let reply =
-        h.request_at(S2, ClientRequest::Save { mailbox: inbox(), received: 2, flags: vec![], body: b"hello".to_vec() });
+    let reply = h.request_at(
+        S2,
+        ClientRequest::Save { mailbox: inbox(), received: 2, flags: vec![], body: Body::from_static(b"hello") },
+    );
     let ClientReply::Write(WriteResult::Saved { uid, .. }) = reply else { panic!("{reply:?}") };
     assert_eq!(uid, 4);
     h.settle();

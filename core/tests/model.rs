@@ -51,6 +51,8 @@ enum Mode {
 
 struct Harness {
     servers: BTreeMap<Sid, Server>,
+    /// Each server's body store, written as its writes become durable.
+    bodies: BTreeMap<Sid, MemoryBodies>,
     linked: bool,
     now: Instant,
     next_id: RequestId,
@@ -60,17 +62,20 @@ struct Harness {
 
 impl Harness {
     fn new(durability: Durability, mode: Mode) -> Harness {
+        let bodies: BTreeMap<Sid, MemoryBodies> =
+            [S1, S2].into_iter().map(|sid| (sid, MemoryBodies::default())).collect();
         let servers = [S1, S2]
             .into_iter()
             .map(|sid| {
                 let mut cfg = Config::new(sid, vec![S1, S2]);
                 cfg.replicas = 0;
                 cfg.durability = durability;
-                (sid, Server::new(cfg, 7 + u64::from(sid.0)))
+                (sid, Server::new(cfg, 7 + u64::from(sid.0), Box::new(bodies[&sid].clone())))
             })
             .collect();
         let mut h = Harness {
             servers,
+            bodies,
             linked: true,
             now: Instant(0),
             next_id: 1,
@@ -121,7 +126,10 @@ impl Harness {
             for (&sid, server) in &mut self.servers {
                 while let Some(out) = server.poll_output() {
                     match out {
-                        Output::Write { id, .. } => queue.push((sid, Input::Durable { upto: id })),
+                        Output::Write { id, write } => {
+                            self.bodies.entry(sid).or_default().apply(&write);
+                            queue.push((sid, Input::Durable { upto: id }));
+                        }
                         Output::Reply { id, reply } => {
                             assert!(self.issued.remove(&(sid, id)), "{sid}: reply to unknown request {id}: {reply:?}");
                             self.replies.insert((sid, id), reply);
@@ -389,7 +397,7 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> String {
                 mailbox: key(name),
                 received: 1_700_000_000,
                 flags: flags.iter().map(|i| flag(FLAGS[*i])).collect(),
-                body: b"Subject: model\r\n\r\nbody\r\n".to_vec(),
+                body: Body::from_static(b"Subject: model\r\n\r\nbody\r\n"),
             };
             let text = format!("{request:?}");
             let reply = h.request(request);
@@ -504,7 +512,7 @@ fn save(h: &mut Harness, name: &str, flags: &[&str]) -> Uid {
         mailbox: key(name),
         received: 1_700_000_000,
         flags: flags.iter().map(|f| flag(f)).collect(),
-        body: b"Subject: case\r\n\r\nbody\r\n".to_vec(),
+        body: Body::from_static(b"Subject: case\r\n\r\nbody\r\n"),
     };
     match h.request(request) {
         ClientReply::Write(WriteResult::Saved { uid, .. }) => uid,
@@ -655,9 +663,10 @@ fn lone_server_serves_writes() {
     let mut cfg = Config::new(S1, vec![S1]);
     cfg.replicas = 0;
     let tick = cfg.tick_us;
-    let mut server = Server::new(cfg, 7);
+    let mut server = Server::new(cfg, 7, Box::new(MemoryBodies::default()));
     let mut now = Instant(0);
-    let request = ClientRequest::Save { mailbox: key("INBOX"), received: 0, flags: vec![], body: b"x".to_vec() };
+    let request =
+        ClientRequest::Save { mailbox: key("INBOX"), received: 0, flags: vec![], body: Body::from_static(b"x") };
     let mut input = Some(Input::Client { id: 1, request });
     for _ in 0..STEP_MAX {
         server.handle(now, input.take().unwrap_or(Input::Timer));

@@ -15,6 +15,7 @@ use tandem_fuzz::{Harness, S1, S2, S3, op};
 
 struct Peer {
     server: Server,
+    bodies: MemoryBodies,
     last_write: WriteId,
     durable: WriteId,
 }
@@ -42,7 +43,11 @@ fn pair(a: Sid, b: Sid) -> (Sid, Sid) {
 impl Gen {
     fn new() -> Gen {
         let servers = vec![S1, S2, S3];
-        let peer = |sid| Peer { server: Server::new(Config::new(sid, servers.clone()), 7), last_write: 0, durable: 0 };
+        let peer = |sid| {
+            let bodies = MemoryBodies::default();
+            let server = Server::new(Config::new(sid, servers.clone()), 7, Box::new(bodies.clone()));
+            Peer { server, bodies, last_write: 0, durable: 0 }
+        };
         let mut h = Harness::new();
         h.record(true);
         let mut g = Gen {
@@ -114,7 +119,11 @@ impl Gen {
                 for o in outs {
                     busy = true;
                     match o {
-                        Output::Write { id, .. } => self.peer(sid).last_write = id,
+                        Output::Write { id, write } => {
+                            // Applied at once: only what a restart would keep depends on it.
+                            self.peer(sid).bodies.apply(&write);
+                            self.peer(sid).last_write = id;
+                        }
                         Output::Reply { .. } => {}
                         Output::Send { to, envelope } => {
                             if !self.links.contains(&pair(sid, to)) {
@@ -235,7 +244,7 @@ fn save_req(mailbox: MailboxKey, body: &str) -> ClientRequest {
         mailbox,
         received: 1_700_000_000,
         flags: vec![flag("\\Seen")],
-        body: body.as_bytes().to_vec(),
+        body: body.as_bytes().to_vec().into(),
     }
 }
 
@@ -417,7 +426,7 @@ fn wire_seeds(dir: &Path) {
                         guid,
                         received: 1_700_000_000,
                         flags: vec![flag("\\Seen"), flag("work")],
-                        body: b"Subject: hi\r\n\r\nbody\0with NUL\r\n".to_vec(),
+                        body: Body::from_static(b"Subject: hi\r\n\r\nbody\0with NUL\r\n"),
                     },
                 },
             )],
@@ -529,7 +538,7 @@ fn wire_seeds(dir: &Path) {
                             mailbox: inbox.clone(),
                             uidvalidity: 77,
                             record: record.clone(),
-                            body: b"hello".to_vec(),
+                            body: Body::from_static(b"hello"),
                         },
                     },
                 ),
@@ -595,7 +604,7 @@ fn wire_seeds(dir: &Path) {
                 env(1, 2, Msg::Sync { reply: false, state: state.clone() }),
                 env(2, 1, Msg::Sync { reply: true, state: state.clone() }),
                 env(1, 2, Msg::Fetch { guid }),
-                env(2, 1, Msg::Body { guid, checksum: 77, body: b"hello".to_vec() }),
+                env(2, 1, Msg::Body { guid, checksum: 77, body: Body::from_static(b"hello") }),
             ],
         ),
         (

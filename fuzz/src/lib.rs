@@ -154,10 +154,12 @@ pub struct Harness {
     last_write: WriteId,
     durable: WriteId,
     disk: DiskImage,
+    /// The bytes of the bodies `disk` lists (s1's body store).
+    disk_bodies: MemoryBodies,
     /// s1's recent sends (hop, envelope), for RESPOND.
     queue: VecDeque<(Sid, Envelope)>,
     /// Bodies seen on the way in or out, for answering FETCH.
-    bodies: BTreeMap<Guid, Vec<u8>>,
+    bodies: BTreeMap<Guid, Body>,
     next_request: RequestId,
     /// Every send since the last `take_sent` (only when recording, for the generator).
     recording: bool,
@@ -173,8 +175,10 @@ impl Default for Harness {
 impl Harness {
     /// s1 with its link to s2 up.
     pub fn new() -> Harness {
+        let disk_bodies = MemoryBodies::default();
         let mut h = Harness {
-            server: Server::new(config(), 7),
+            server: Server::new(config(), 7, Box::new(disk_bodies.clone())),
+            disk_bodies,
             now: Instant(0),
             decoders: [Decoder::new(), Decoder::new()],
             links: [false, false],
@@ -257,6 +261,7 @@ impl Harness {
             && *id <= upto
         {
             let (_, write) = self.pending.pop_front().unwrap();
+            self.disk_bodies.apply(&write);
             self.disk.apply(&write);
         }
         self.durable = self.durable.max(upto);
@@ -295,7 +300,7 @@ impl Harness {
         self.queue.clear();
         self.links = [false, false];
         self.decoders = [Decoder::new(), Decoder::new()];
-        self.server = Server::recover(config(), self.disk.clone(), 7);
+        self.server = Server::recover(config(), self.disk.clone(), 7, Box::new(self.disk_bodies.clone()));
         self.drain();
         self.set_link(S2, true);
     }
@@ -379,14 +384,16 @@ impl Harness {
                 let guid = Guid(u128::from(r.byte()) << 100 | 0xe);
                 let received = u64::from(r.byte());
                 let n = usize::from(r.byte() % 16);
-                ExternalEdit::Added { mailbox, guid, received, body: r.take(n).to_vec() }
+                ExternalEdit::Added { mailbox, guid, received, body: r.take(n).to_vec().into() }
             }
             1 => ExternalEdit::Removed { mailbox: mailbox(r.byte()), uid: Uid::from(r.byte() % 8 + 1) },
             _ => {
                 let b = r.byte();
                 let guid = self.bodies.keys().nth(usize::from(b) % self.bodies.len().max(1)).copied();
                 let n = usize::from(r.byte() % 16);
-                ExternalEdit::Corrupted { guid: guid.unwrap_or(Guid(u128::from(b))), body: r.take(n).to_vec() }
+                let guid = guid.unwrap_or(Guid(u128::from(b)));
+                self.disk_bodies.overwrite(guid, r.take(n).to_vec().into());
+                ExternalEdit::Corrupted { guid }
             }
         }
     }
@@ -444,8 +451,8 @@ impl Harness {
                 let master = if v & 8 == 0 { Some(peer) } else { None };
                 let uid = Uid::from(v % 4 + 1);
                 // The master's record of a SAVE/COPY, as it would send it back.
-                let record = |guid: Guid, received: u64, flags: &[Flag], body: Option<&Vec<u8>>| {
-                    let body = body.map(Vec::as_slice).unwrap_or(b"");
+                let record = |guid: Guid, received: u64, flags: &[Flag], body: Option<&Body>| {
+                    let body = body.map(|b| b.as_ref()).unwrap_or(b"");
                     let stamp = Stamp { modseq: 5, sid: peer };
                     let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
                     let size = u32::try_from(body.len()).unwrap_or(u32::MAX);
@@ -496,7 +503,7 @@ impl Harness {
             }
             Msg::Fetch { guid } if v % 8 == 7 => Msg::NoBody { guid },
             Msg::Fetch { guid } => {
-                let body = self.bodies.get(&guid).cloned().filter(|_| v % 4 != 3).unwrap_or_else(|| b"junk".to_vec());
+                let body = self.bodies.get(&guid).cloned().filter(|_| v % 4 != 3).unwrap_or_else(|| Body::from_static(b"junk"));
                 let checksum = hash::body_checksum(&body);
                 Msg::Body { guid, checksum, body }
             }
@@ -513,7 +520,7 @@ fn client_request(r: &mut Bytes) -> ClientRequest {
             let received = u64::from(r.byte());
             let flags = flags(r.byte());
             let n = usize::from(r.byte() % 32);
-            ClientRequest::Save { mailbox, received, flags, body: r.take(n).to_vec() }
+            ClientRequest::Save { mailbox, received, flags, body: r.take(n).to_vec().into() }
         }
         1 => {
             ClientRequest::Copy { src: mailbox(r.byte()), src_uid: Uid::from(r.byte() % 8 + 1), dst: mailbox(r.byte()) }

@@ -1,6 +1,7 @@
 //! tandem's node: the replication core on real sockets, with a durable store.
 
 pub mod admin;
+pub mod bodies;
 pub mod cluster;
 pub mod codec;
 pub mod config;

@@ -123,7 +123,8 @@ pub(crate) async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 "503 5.5.1 no valid recipients".into()
             } else {
                 write.write_all(b"354 go ahead, end with <CRLF>.<CRLF>\r\n").await.map_err(|e| e.to_string())?;
-                let body = read_data(&mut r, size_max).await?;
+                // One shared body for every recipient: cloning it is a reference count.
+                let body = read_data(&mut r, size_max).await?.map(tandem_core::Body::from);
                 let mut replies = Vec::new();
                 let mut answered: Vec<(String, String)> = Vec::new();
                 for (rcpt, user) in std::mem::take(&mut recipients) {
@@ -216,7 +217,7 @@ async fn read_data<R: AsyncBufRead + Unpin>(r: &mut R, size_max: usize) -> Resul
     }
 }
 
-async fn deliver(node: &NodeHandle, user: &str, body: Vec<u8>) -> String {
+async fn deliver(node: &NodeHandle, user: &str, body: tandem_core::Body) -> String {
     let received = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let request = ClientRequest::Save { mailbox: MailboxKey::new(user, "INBOX"), received, flags: vec![], body };
     match node.request(request).await {

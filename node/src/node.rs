@@ -61,7 +61,7 @@ impl NodeHandle {
     }
 
     /// Message bodies by GUID (those this node holds intact).
-    pub async fn bodies(&self, guids: Vec<Guid>) -> BTreeMap<Guid, Vec<u8>> {
+    pub async fn bodies(&self, guids: Vec<Guid>) -> BTreeMap<Guid, tandem_core::Body> {
         ask(&self.events, |reply| Event::Bodies { guids, reply }).await.unwrap_or_default()
     }
 
@@ -85,7 +85,7 @@ enum Event {
     },
     Bodies {
         guids: Vec<Guid>,
-        reply: oneshot::Sender<BTreeMap<Guid, Vec<u8>>>,
+        reply: oneshot::Sender<BTreeMap<Guid, tandem_core::Body>>,
     },
     Mailboxes {
         user: String,
@@ -152,7 +152,8 @@ pub struct Usage {
 pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
     let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
-    let mut node = EventLoop::new(Server::new(core, 1), store_tx);
+    let bodies = tandem_core::MemoryBodies::default();
+    let mut node = EventLoop::new(Server::new(core, 1, Box::new(bodies.clone())), store_tx);
     let handle = NodeHandle { events: events_tx };
     tokio::spawn(async move {
         node.drain();
@@ -161,6 +162,9 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
             let mut upto = None;
             let mut count = 0;
             while let Ok(batch) = store_rx.try_recv() {
+                for (_, write) in &batch {
+                    bodies.apply(write);
+                }
                 count += batch.len();
                 upto = batch.last().map(|(id, _)| *id).or(upto);
             }
@@ -185,7 +189,7 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
     let store = Store::open(&cfg.data_dir).map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
-    let server = Server::recover(cfg.core.clone(), image, rand::random());
+    let server = Server::recover(cfg.core.clone(), image, rand::random(), Box::new(store.body_reader()));
     info!(id = cfg.core.sid.0, listen = %cfg.listen, admin = %cfg.admin, "tandem node starting");
 
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
@@ -357,14 +361,23 @@ impl EventLoop {
             Event::Admin { request, reply } => self.on_admin(request, reply),
             Event::Client { request, reply } => self.on_client(request, reply),
             Event::Bodies { guids, reply } => {
-                let image = self.server.image();
-                let found = guids
-                    .into_iter()
-                    .filter_map(|g| image.bodies.get(&g).map(|b| (g, b)))
-                    .filter(|(_, b)| tandem_core::hash::body_checksum(&b.bytes) == b.checksum)
-                    .map(|(g, b)| (g, b.bytes.clone()))
-                    .collect();
+                let mut found = BTreeMap::new();
+                let mut damaged = Vec::new();
+                for guid in guids {
+                    let Some(checksum) = self.server.image().bodies.get(&guid).map(|b| b.checksum) else { continue };
+                    match self.server.stored_body(guid) {
+                        Some(bytes) if tandem_core::hash::body_checksum(&bytes) == checksum => {
+                            found.insert(guid, bytes);
+                        }
+                        _ => damaged.push(guid),
+                    }
+                }
                 let _ = reply.send(found);
+                // The disk changed a body under us: the core repairs it from a peer.
+                for guid in damaged {
+                    warn!(%guid, "a stored body is missing or damaged; fetching it from a peer");
+                    self.input(Input::External(tandem_core::ExternalEdit::Corrupted { guid }));
+                }
             }
             Event::Mailboxes { user, reply } => {
                 let _ = reply.send(self.server.visible_summaries(&user));
@@ -509,7 +522,7 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             flags: flags(&f)?,
-            body: body.into_bytes(),
+            body: body.into_bytes().into(),
         },
         AdminRequest::Dump { mailbox } => ClientRequest::Read { mailbox: admin::parse_mailbox(&mailbox)? },
         AdminRequest::Store { mailbox, uids, add, remove } => ClientRequest::Store {
@@ -538,6 +551,7 @@ fn spawn_store_thread(
     events: mpsc::Sender<Event>,
 ) {
     std::thread::spawn(move || {
+        let index = store.index().clone();
         let mut store = Some(store);
         let mut backoff = STORE_RETRY_MIN;
         while let Ok(first) = batches.recv() {
@@ -559,7 +573,7 @@ fn spawn_store_thread(
                 let Some(upto) = upto else { break };
                 let result = match &store {
                     Some(s) => s.apply(&writes).map_err(|e| e.to_string()),
-                    None => Store::open(&path).map_err(|e| e.to_string()).and_then(|s| {
+                    None => Store::open_with_index(&path, index.clone()).map_err(|e| e.to_string()).and_then(|s| {
                         let r = s.apply(&writes).map_err(|e| e.to_string());
                         store = Some(s);
                         r

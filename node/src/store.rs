@@ -1,10 +1,14 @@
-//! The durable store: redb tables mirroring the core's [`DiskImage`]. The core's
-//! [`StoreWrite`]s are applied in order, many per transaction (group commit); a
-//! transaction commits with fsync before the core hears that its writes are durable.
-//! On start the image is read back whole and handed to `Server::recover`.
+//! The durable store: redb tables mirroring the core's [`DiskImage`] (metadata: no
+//! message bytes), and the body files of [`crate::bodies`]. The core's [`StoreWrite`]s
+//! are applied in order, many per transaction (group commit); a transaction commits with
+//! fsync, after the body files it references are durable, before the core hears that its
+//! writes are durable. On start the metadata is read back whole and handed to
+//! `Server::recover` with a [`BodyReader`] for the bytes.
 
+use crate::bodies::{BodyFiles, BodyHash, BodyIndex, BodyReader, hash_of};
 use crate::codec::{Bincode, RecordCodec};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use std::collections::BTreeSet;
 use std::path::Path;
 use tandem_core::msg::Change;
 use tandem_core::store::{DiskImage, StoreWrite, StoredBody};
@@ -18,8 +22,12 @@ const MAILBOXES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailboxes
 const MESSAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("messages");
 /// (mailbox, uid, guid) -> (mailbox, tombstone).
 const TOMBSTONES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tombstones");
-/// guid -> (checksum, bytes).
-const BODIES: TableDefinition<u128, &[u8]> = TableDefinition::new("bodies");
+/// Before body files: guid -> (checksum, bytes). Converted to files at open.
+const LEGACY_BODIES: TableDefinition<u128, &[u8]> = TableDefinition::new("bodies");
+/// guid -> checksum (8 bytes LE), length (8 bytes LE), SHA-256 of the bytes (32).
+const BODY_REFS: TableDefinition<u128, &[u8]> = TableDefinition::new("body_refs");
+/// SHA-256 -> how many GUIDs reference that body file.
+const BODY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("body_counts");
 /// (peer, seq) -> change.
 const LOG_ENTRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log_entries");
 /// peer -> next seq.
@@ -54,13 +62,42 @@ fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, St
     Bincode::decode(bytes).map_err(|e| StoreError(format!("corrupt {what} record: {e}")))
 }
 
+fn io_error(what: &str, e: std::io::Error) -> StoreError {
+    StoreError(format!("{what}: {e}"))
+}
+
+/// A body reference as stored: checksum, length, hash.
+fn encode_ref(checksum: u64, len: u64, hash: &BodyHash) -> [u8; 48] {
+    let mut out = [0u8; 48];
+    out[..8].copy_from_slice(&checksum.to_le_bytes());
+    out[8..16].copy_from_slice(&len.to_le_bytes());
+    out[16..].copy_from_slice(hash);
+    out
+}
+
+fn decode_ref(bytes: &[u8]) -> Result<(u64, u64, BodyHash), StoreError> {
+    let bad = || StoreError("corrupt body reference".into());
+    let checksum = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let len = u64::from_le_bytes(bytes.get(8..16).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let hash: BodyHash = bytes.get(16..48).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+    Ok((checksum, len, hash))
+}
+
 pub struct Store {
     db: Database,
+    files: BodyFiles,
+    /// GUID -> body file, shared with the core's [`BodyReader`] and across reopens.
+    index: BodyIndex,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_index(dir, BodyIndex::default())
+    }
+
+    /// Opens the store again after a failure, keeping the index the core reads through.
+    pub fn open_with_index(dir: &Path, index: BodyIndex) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         let db = Database::create(dir.join("tandem.redb"))?;
         let txn = db.begin_write()?;
@@ -69,14 +106,62 @@ impl Store {
             txn.open_table(MAILBOXES)?;
             txn.open_table(MESSAGES)?;
             txn.open_table(TOMBSTONES)?;
-            txn.open_table(BODIES)?;
+            txn.open_table(BODY_REFS)?;
+            txn.open_table(BODY_COUNTS)?;
             txn.open_table(LOG_ENTRIES)?;
             txn.open_table(LOG_NEXT)?;
             txn.open_table(LOG_OVERFLOWED)?;
             txn.open_table(LIFECYCLES)?;
         }
         txn.commit()?;
-        Ok(Store { db })
+        let store = Store { db, files: BodyFiles::new(dir), index };
+        store.convert_legacy_bodies()?;
+        Ok(store)
+    }
+
+    /// What the core reads bodies through.
+    pub fn body_reader(&self) -> BodyReader {
+        BodyReader { files: self.files.clone(), index: self.index.clone() }
+    }
+
+    pub fn index(&self) -> &BodyIndex {
+        &self.index
+    }
+
+    /// A store written before body files kept bodies in a redb table: each becomes a
+    /// file, and the table is dropped in the transaction that references the files.
+    fn convert_legacy_bodies(&self) -> Result<(), StoreError> {
+        let read = self.db.begin_read()?;
+        let legacy = read.list_tables()?.any(|t| t.name() == LEGACY_BODIES.name());
+        drop(read);
+        if !legacy {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        let mut converted = 0u64;
+        {
+            let legacy = txn.open_table(LEGACY_BODIES)?;
+            let mut refs = txn.open_table(BODY_REFS)?;
+            let mut counts = txn.open_table(BODY_COUNTS)?;
+            let mut dirs = BTreeSet::new();
+            for row in legacy.iter()? {
+                let (k, v) = row?;
+                let (checksum, bytes): (u64, Vec<u8>) = dec(v.value(), "body")?;
+                let hash = hash_of(&bytes);
+                let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
+                if count == 0 {
+                    dirs.insert(self.files.write(&hash, &bytes).map_err(|e| io_error("writing a body file", e))?);
+                }
+                counts.insert(hash.as_slice(), count + 1)?;
+                refs.insert(k.value(), encode_ref(checksum, bytes.len() as u64, &hash).as_slice())?;
+                converted += 1;
+            }
+            self.files.sync_dirs(&dirs).map_err(|e| io_error("syncing body directories", e))?;
+        }
+        txn.delete_table(LEGACY_BODIES)?;
+        txn.commit()?;
+        tracing::info!(bodies = converted, "converted the store's bodies to body files");
+        Ok(())
     }
 
     /// Everything the core wrote, as one image.
@@ -106,15 +191,27 @@ impl Store {
             let (mailbox, t): (MailboxKey, Tombstone) = dec(v.value(), "tombstone")?;
             image.mailboxes.entry(mailbox).or_default().tombstones.insert((t.uid, t.guid), t);
         }
-        for row in txn.open_table(BODIES)?.iter()? {
+        let mut referenced = BTreeSet::new();
+        for row in txn.open_table(BODY_REFS)?.iter()? {
             let (k, v) = row?;
-            let (checksum, bytes): (u64, Vec<u8>) = dec(v.value(), "body")?;
-            image.bodies.insert(Guid(k.value()), StoredBody { checksum, bytes });
+            let (checksum, len, hash) = decode_ref(v.value())?;
+            image.bodies.insert(Guid(k.value()), StoredBody { checksum, len });
+            self.index.set(Guid(k.value()), hash);
+            referenced.insert(hash);
+        }
+        let deleted = self.files.collect_garbage(&referenced).map_err(|e| io_error("collecting body files", e))?;
+        if deleted > 0 {
+            tracing::info!(files = deleted, "deleted body files no message references (left by a crash)");
         }
         for row in txn.open_table(LOG_ENTRIES)?.iter()? {
             let (k, v) = row?;
             let (peer, seq) = k.value();
-            let change: Change = dec(v.value(), "log entry")?;
+            let mut change: Change = dec(v.value(), "log entry")?;
+            if let Change::Save { body, .. } = &mut change {
+                // A log written before logs referenced bodies held the bytes: the core
+                // reads them from the body files when it sends the entry.
+                *body = Body::new();
+            }
             let log = image.logs.entry(Sid(peer)).or_default();
             log.entries.insert(seq, change);
             log.next_seq = log.next_seq.max(seq + 1);
@@ -143,12 +240,14 @@ impl Store {
     /// the earlier writes of the batch did.
     pub fn apply(&self, writes: &[StoreWrite]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
+        let mut bodies = BodyBatch::default();
         {
             let mut meta = txn.open_table(META)?;
             let mut mailboxes = txn.open_table(MAILBOXES)?;
             let mut messages = txn.open_table(MESSAGES)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
-            let mut bodies = txn.open_table(BODIES)?;
+            let mut refs = txn.open_table(BODY_REFS)?;
+            let mut counts = txn.open_table(BODY_COUNTS)?;
             let mut log_entries = txn.open_table(LOG_ENTRIES)?;
             let mut log_next = txn.open_table(LOG_NEXT)?;
             let mut log_overflowed = txn.open_table(LOG_OVERFLOWED)?;
@@ -175,10 +274,10 @@ impl Store {
                         tombstones.insert(key.as_slice(), enc(&(mailbox, tombstone))?.as_slice())?;
                     }
                     StoreWrite::PutBody { guid, checksum, bytes } => {
-                        bodies.insert(guid.0, enc(&(*checksum, bytes))?.as_slice())?;
+                        bodies.put(&self.files, &mut refs, &mut counts, *guid, *checksum, bytes)?;
                     }
                     StoreWrite::RemoveBody { guid } => {
-                        bodies.remove(guid.0)?;
+                        bodies.remove(&mut refs, &mut counts, *guid)?;
                     }
                     StoreWrite::LogAppend { peer, seq, change } => {
                         log_entries.insert((peer.0, *seq), enc(change)?.as_slice())?;
@@ -214,7 +313,89 @@ impl Store {
                 }
             }
         }
+        self.files.sync_dirs(&bodies.dirs).map_err(|e| io_error("syncing body directories", e))?;
         txn.commit()?;
+        for hash in &bodies.unreferenced {
+            self.files.remove(hash);
+        }
+        for (guid, hash) in bodies.index_changes {
+            match hash {
+                Some(hash) => self.index.set(guid, hash),
+                None => self.index.unset(guid),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one transaction does to the body files: written before it commits, deleted and
+/// shown to the core's reads after.
+#[derive(Default)]
+struct BodyBatch {
+    dirs: BTreeSet<std::path::PathBuf>,
+    unreferenced: BTreeSet<BodyHash>,
+    index_changes: Vec<(Guid, Option<BodyHash>)>,
+}
+
+type RefTable<'t> = redb::Table<'t, u128, &'static [u8]>;
+type CountTable<'t> = redb::Table<'t, &'static [u8], u64>;
+
+impl BodyBatch {
+    /// Points `guid` at the file of `bytes`, writing the file unless another GUID's
+    /// reference already holds it. A GUID stored again with the same bytes is a repair
+    /// (its file may be damaged): the file is written again.
+    fn put(
+        &mut self,
+        files: &BodyFiles,
+        refs: &mut RefTable<'_>,
+        counts: &mut CountTable<'_>,
+        guid: Guid,
+        checksum: u64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let hash = hash_of(bytes);
+        let old = match refs.get(guid.0)? {
+            Some(v) => Some(decode_ref(v.value())?.2),
+            None => None,
+        };
+        let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
+        let same = old == Some(hash);
+        if count == 0 || same {
+            self.dirs.insert(files.write(&hash, bytes).map_err(|e| io_error("writing a body file", e))?);
+            self.unreferenced.remove(&hash);
+        }
+        if !same {
+            if let Some(old) = old {
+                self.release(counts, old)?;
+            }
+            counts.insert(hash.as_slice(), count + 1)?;
+        }
+        refs.insert(guid.0, encode_ref(checksum, bytes.len() as u64, &hash).as_slice())?;
+        self.index_changes.push((guid, Some(hash)));
+        Ok(())
+    }
+
+    fn remove(&mut self, refs: &mut RefTable<'_>, counts: &mut CountTable<'_>, guid: Guid) -> Result<(), StoreError> {
+        let old = match refs.remove(guid.0)? {
+            Some(v) => Some(decode_ref(v.value())?.2),
+            None => None,
+        };
+        if let Some(old) = old {
+            self.release(counts, old)?;
+            self.index_changes.push((guid, None));
+        }
+        Ok(())
+    }
+
+    /// One reference fewer to `hash`; the file goes after the commit if none is left.
+    fn release(&mut self, counts: &mut CountTable<'_>, hash: BodyHash) -> Result<(), StoreError> {
+        let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
+        if count <= 1 {
+            counts.remove(hash.as_slice())?;
+            self.unreferenced.insert(hash);
+        } else {
+            counts.insert(hash.as_slice(), count - 1)?;
+        }
         Ok(())
     }
 }
@@ -239,6 +420,7 @@ fn raise(meta: &mut redb::Table<&str, u64>, key: &str, value: u64) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_core::store::BodyStore;
 
     #[test]
     fn writes_read_back_as_the_same_image() {
@@ -258,7 +440,7 @@ mod tests {
             StoreWrite::Incarnation { incarnation: 1 },
             StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity: 42, uidnext: 2, highest_modseq: 1 },
             StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() },
-            StoreWrite::PutBody { guid: Guid(7), checksum: 9, bytes: b"abc".to_vec() },
+            StoreWrite::PutBody { guid: Guid(7), checksum: 9, bytes: Body::from_static(b"abc") },
             StoreWrite::PutTombstone {
                 mailbox: mailbox.clone(),
                 tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true },
@@ -292,5 +474,120 @@ mod tests {
         drop(store);
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.load().unwrap(), expected);
+    }
+
+    fn body_files(dir: &Path) -> usize {
+        let Ok(fans) = std::fs::read_dir(dir.join("bodies")) else { return 0 };
+        fans.map(|f| std::fs::read_dir(f.unwrap().path()).unwrap().count()).sum()
+    }
+
+    fn put(guid: u128, bytes: &'static [u8]) -> StoreWrite {
+        StoreWrite::PutBody {
+            guid: Guid(guid),
+            checksum: tandem_core::hash::body_checksum(bytes),
+            bytes: Body::from_static(bytes),
+        }
+    }
+
+    #[test]
+    fn a_body_is_stored_once_whatever_the_number_of_guids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let writes: Vec<StoreWrite> = (0..1000).map(|g| put(g, b"one body for a thousand recipients")).collect();
+        store.apply(&writes).unwrap();
+        assert_eq!(body_files(dir.path()), 1);
+        let reader = store.body_reader();
+        assert_eq!(reader.read(Guid(999)).as_deref(), Some(&b"one body for a thousand recipients"[..]));
+        // The file goes with its last reference, not before.
+        store.apply(&(0..999).map(|g| StoreWrite::RemoveBody { guid: Guid(g) }).collect::<Vec<_>>()).unwrap();
+        assert_eq!(body_files(dir.path()), 1);
+        assert!(reader.read(Guid(3)).is_none());
+        store.apply(&[StoreWrite::RemoveBody { guid: Guid(999) }]).unwrap();
+        assert_eq!(body_files(dir.path()), 0);
+        // Removed and stored again in one batch: the file stays.
+        store.apply(&[put(1, b"x"), StoreWrite::RemoveBody { guid: Guid(1) }, put(2, b"x")]).unwrap();
+        assert_eq!(reader.read(Guid(2)).as_deref(), Some(&b"x"[..]));
+    }
+
+    #[test]
+    fn a_damaged_body_file_spoils_one_body_and_is_rewritten_by_a_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.apply(&[put(1, b"first"), put(2, b"second")]).unwrap();
+        let path = BodyFiles::new(dir.path()).path_of(&hash_of(b"first"));
+        std::fs::write(&path, b"firsT").unwrap();
+        std::fs::remove_file(BodyFiles::new(dir.path()).path_of(&hash_of(b"second"))).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let image = store.load().unwrap();
+        assert_eq!(image.bodies.len(), 2, "the store opens with both references");
+        let reader = store.body_reader();
+        assert_eq!(reader.read(Guid(1)).as_deref(), Some(&b"firsT"[..]), "the core sees the damage and repairs");
+        assert!(reader.read(Guid(2)).is_none());
+        store.apply(&[put(1, b"first"), put(2, b"second")]).unwrap();
+        assert_eq!(reader.read(Guid(1)).as_deref(), Some(&b"first"[..]));
+        assert_eq!(reader.read(Guid(2)).as_deref(), Some(&b"second"[..]));
+    }
+
+    #[test]
+    fn files_left_by_a_crash_are_deleted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.apply(&[put(1, b"kept")]).unwrap();
+        // A body written whose transaction never committed, and a half-written one.
+        let files = BodyFiles::new(dir.path());
+        files.write(&hash_of(b"orphan"), b"orphan").unwrap();
+        let half = files.path_of(&hash_of(b"half")).with_extension("tmp");
+        std::fs::create_dir_all(half.parent().unwrap()).unwrap();
+        std::fs::write(half, b"ha").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.load().unwrap();
+        assert_eq!(body_files(dir.path()), 1);
+        assert_eq!(store.body_reader().read(Guid(1)).as_deref(), Some(&b"kept"[..]));
+    }
+
+    #[test]
+    fn a_store_with_bodies_in_redb_is_converted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("tandem.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut legacy = txn.open_table(LEGACY_BODIES).unwrap();
+                for (guid, bytes) in [(1u128, &b"same"[..]), (2, b"same"), (3, b"other")] {
+                    let row = enc(&(tandem_core::hash::body_checksum(bytes), bytes.to_vec())).unwrap();
+                    legacy.insert(guid, row.as_slice()).unwrap();
+                }
+                let mut log = txn.open_table(LOG_ENTRIES).unwrap();
+                let change = Change::Save {
+                    mailbox: MailboxKey::new("u@d", "INBOX"),
+                    uidvalidity: 1,
+                    record: MessageRecord {
+                        uid: 1,
+                        guid: Guid(1),
+                        received: 0,
+                        size: 4,
+                        checksum: 0,
+                        modseq: 1,
+                        flags: Default::default(),
+                    },
+                    body: Body::from_static(b"same"),
+                };
+                log.insert((2, 0), enc(&change).unwrap().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let image = store.load().unwrap();
+        assert_eq!(image.bodies.len(), 3);
+        assert_eq!(image.bodies[&Guid(3)].len, 5);
+        assert_eq!(body_files(dir.path()), 2);
+        assert_eq!(store.body_reader().read(Guid(2)).as_deref(), Some(&b"same"[..]));
+        let logged = &image.logs[&Sid(2)].entries[&0];
+        assert!(matches!(logged, Change::Save { body, .. } if body.is_empty()), "a log references its body");
+        drop(store);
+        Store::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(body_files(dir.path()), 2, "converted once");
     }
 }

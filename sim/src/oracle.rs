@@ -3,7 +3,6 @@
 //! answer a client gets); liveness and "nothing acked is lost" at quiescence.
 
 use std::collections::{BTreeMap, BTreeSet};
-use tandem_core::store::StoredBody;
 use tandem_core::*;
 
 pub const NO_ACKED_LOSS: &str = "no_acked_loss";
@@ -33,18 +32,23 @@ type FlagView<'a> = BTreeMap<(&'a MailboxKey, Guid), Vec<Flag>>;
 /// same verdict (the bytes are compared, not trusted).
 #[derive(Clone, Debug, Default)]
 pub struct BodyVerdicts {
-    seen: BTreeMap<Guid, (StoredBody, bool)>,
+    seen: BTreeMap<Guid, (u64, Body, bool)>,
 }
 
 impl BodyVerdicts {
-    pub fn intact(&mut self, guid: Guid, body: &StoredBody) -> bool {
-        if let Some((seen, verdict)) = self.seen.get(&guid)
-            && seen == body
+    /// Whether `server` holds the body of `guid` intact: listed in its image, with bytes
+    /// that match the checksum.
+    pub fn intact(&mut self, guid: Guid, server: &Server) -> bool {
+        let Some(stored) = server.image().bodies.get(&guid) else { return false };
+        let Some(bytes) = server.stored_body(guid) else { return false };
+        if let Some((checksum, seen, verdict)) = self.seen.get(&guid)
+            && *checksum == stored.checksum
+            && *seen == bytes
         {
             return *verdict;
         }
-        let verdict = hash::body_checksum(&body.bytes) == body.checksum;
-        self.seen.insert(guid, (body.clone(), verdict));
+        let verdict = hash::body_checksum(&bytes) == stored.checksum;
+        self.seen.insert(guid, (stored.checksum, bytes, verdict));
         verdict
     }
 }
@@ -343,7 +347,9 @@ impl Oracle {
     }
 
     /// Checks at quiescence over the live servers' stores.
-    pub fn at_quiescence(&mut self, time_us: u64, stores: &BTreeMap<Sid, &DiskImage>, check_loss: bool) {
+    pub fn at_quiescence(&mut self, time_us: u64, servers: &BTreeMap<Sid, &Server>, check_loss: bool) {
+        let stores: BTreeMap<Sid, &DiskImage> = servers.iter().map(|(sid, s)| (*sid, s.image())).collect();
+        let stores = &stores;
         let by_guid: BTreeMap<Sid, _> = stores.iter().map(|(sid, image)| (*sid, records_by_guid(image))).collect();
         // Violations found, reported in the order found once the checks are done.
         let mut found: Vec<(&'static str, String)> = Vec::new();
@@ -357,9 +363,9 @@ impl Oracle {
                 {
                     continue;
                 }
-                for (sid, image) in stores {
+                for sid in stores.keys() {
                     let live = by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid));
-                    let body = image.bodies.get(guid).is_some_and(|b| verdicts.intact(*guid, b));
+                    let body = verdicts.intact(*guid, servers[sid]);
                     if !live || !body {
                         found.push((
                             NO_ACKED_LOSS,
@@ -468,7 +474,7 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
         let image = server.image();
         for (mailbox, m) in &image.mailboxes {
             for r in m.messages.values() {
-                let ok = image.bodies.get(&r.guid).is_some_and(|b| verdicts.intact(r.guid, b));
+                let ok = verdicts.intact(r.guid, server);
                 if !ok {
                     return Some(format!("{sid} lacks an intact body for {} in {mailbox}", r.guid));
                 }

@@ -140,6 +140,9 @@ impl Ord for Queued {
 struct Node {
     server: Option<Server>,
     disk: DiskImage,
+    /// The bytes of the bodies `disk` lists: the driver's body store, shared with the
+    /// running server, which reads it.
+    bodies: MemoryBodies,
     pending: Vec<(WriteId, StoreWrite)>,
     /// Debug builds: the image a fresh start plus every write the server emitted makes,
     /// which must equal the server's own image after every input (one mutation path).
@@ -285,6 +288,7 @@ impl World {
                 Node {
                     server: None,
                     disk: DiskImage::default(),
+                    bodies: MemoryBodies::default(),
                     pending: Vec::new(),
                     replayed: None,
                     fsync_in_flight: false,
@@ -394,8 +398,8 @@ impl World {
                 detail: format!("not converged {} ms after the heal: {why}", self.scenario.settle_ms),
             });
         }
-        let stores: BTreeMap<Sid, &DiskImage> =
-            self.nodes.iter().filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.image()))).collect();
+        let stores: BTreeMap<Sid, &Server> =
+            self.nodes.iter().filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s))).collect();
         let check_loss = match self.scenario.cluster.durability {
             Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
             Durability::Async => self.lost_for_good == 0,
@@ -516,13 +520,14 @@ impl World {
         let Some(node) = self.nodes.get_mut(&sid) else { return };
         if empty {
             node.disk = DiskImage::default();
+            node.bodies = MemoryBodies::default();
         }
         node.incarnation += 1;
         node.pending.clear();
         node.fsync_in_flight = false;
         node.timer_at = None;
         node.lost = false;
-        let mut server = Server::recover(cfg, node.disk.clone(), seed);
+        let mut server = Server::recover(cfg, node.disk.clone(), seed, Box::new(node.bodies.clone()));
         node.replayed = cfg!(debug_assertions).then(|| node.disk.clone());
         server.keep_notes(self.opts.trace || self.opts.tail);
         node.server = Some(server);
@@ -542,6 +547,7 @@ impl World {
         if !self.alive(sid) {
             if wipe && let Some(node) = self.nodes.get_mut(&sid) {
                 node.disk = DiskImage::default();
+                node.bodies = MemoryBodies::default();
                 node.lost = true;
                 self.oracle.forget_server(sid);
             }
@@ -559,6 +565,7 @@ impl World {
         node.timer_at = None;
         if wipe {
             node.disk = DiskImage::default();
+            node.bodies = MemoryBodies::default();
             node.lost = true;
             self.oracle.forget_server(sid);
         }
@@ -755,6 +762,7 @@ impl World {
                 let mut last = 0;
                 for (id, write) in pending {
                     if id <= upto {
+                        node.bodies.apply(&write);
                         node.disk.apply_owned(write);
                         last = id;
                     } else {
@@ -915,12 +923,12 @@ pub fn describe(envelope: &Envelope) -> String {
 
 // Clients, faults and expectations.
 impl World {
-    fn body(&mut self, size: usize, salt: u64) -> Vec<u8> {
+    fn body(&mut self, size: usize, salt: u64) -> Body {
         let mut body = format!("From: sim@example.org\r\nSubject: message {salt}\r\n\r\n").into_bytes();
         while body.len() < size {
             body.push(b'a' + (self.rng.random::<u8>() % 26));
         }
-        body
+        body.into()
     }
 
     /// The UID a server has for a labelled message in a mailbox, if any.
@@ -1184,20 +1192,25 @@ impl World {
             }
             Action::Corrupt { server, label } => {
                 let Some(&guid) = self.labels.get(&label) else { return self.skip(server, &label, event) };
-                let body = self
-                    .nodes
-                    .get(&server)
-                    .and_then(|n| n.server.as_ref())
-                    .and_then(|s| s.image().bodies.get(&guid))
-                    .map(|b| b.bytes.clone());
-                let Some(mut body) = body else { return self.skip(server, &label, event) };
-                if let Some(first) = body.first_mut() {
+                // Only a body already on disk can be damaged there; one still being
+                // written would be written whole over the damage.
+                let node = self.nodes.get(&server).filter(|n| n.server.is_some());
+                let pending = node.is_some_and(|n| {
+                    n.pending.iter().any(|(_, w)| matches!(w, StoreWrite::PutBody { guid: g, .. } if *g == guid))
+                });
+                let body = node.filter(|_| !pending).and_then(|n| n.bodies.read(guid));
+                let Some(body) = body else { return self.skip(server, &label, event) };
+                let mut damaged = body.to_vec();
+                if let Some(first) = damaged.first_mut() {
                     *first ^= 0x20;
                 } else {
-                    body.push(b'!');
+                    damaged.push(b'!');
+                }
+                if let Some(n) = self.nodes.get(&server) {
+                    n.bodies.overwrite(guid, damaged.into());
                 }
                 self.note(|w: &World| format!("{} disk corruption on {server}: body of {label}", w.ms()));
-                self.input(server, Input::External(ExternalEdit::Corrupted { guid, body }));
+                self.input(server, Input::External(ExternalEdit::Corrupted { guid }));
             }
             Action::RandomWorkload { until_ms, ops_per_s, users, mailboxes, servers } => {
                 self.plan_workload(until_ms, ops_per_s, users, mailboxes, servers)

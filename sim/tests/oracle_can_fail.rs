@@ -28,11 +28,24 @@ fn image(records: Vec<MessageRecord>) -> DiskImage {
     let mut img = DiskImage::default();
     for r in records {
         m.uidnext = m.uidnext.max(r.uid + 1);
-        img.bodies.insert(r.guid, store::StoredBody { checksum: r.checksum, bytes: b"body".to_vec() });
+        img.bodies.insert(r.guid, store::StoredBody { checksum: r.checksum, len: 4 });
         m.messages.insert(r.uid, r);
     }
     img.mailboxes.insert(inbox(), m);
     img
+}
+
+/// A server (s1 of s1 and s2) that starts from these records, each body stored as `body`.
+fn server_with(records: Vec<MessageRecord>, body: &'static [u8]) -> Server {
+    let bodies = MemoryBodies::default();
+    for r in &records {
+        bodies.overwrite(r.guid, Body::from_static(body));
+    }
+    Server::recover(Config::new(Sid(1), vec![Sid(1), Sid(2)]), image(records), 1, Box::new(bodies))
+}
+
+fn server(records: Vec<MessageRecord>) -> Server {
+    server_with(records, b"body")
 }
 
 #[test]
@@ -50,7 +63,7 @@ fn uids_never_reused_fails_when_a_conflicting_uid_is_not_retired() {
     o.shown(1, Sid(1), &inbox(), 7, 2, Guid(10));
     o.shown(1, Sid(2), &inbox(), 7, 2, Guid(11));
     assert!(!o.violated(oracle::UIDS_NEVER_REUSED), "two sides of a partition may show one UID");
-    let img = image(vec![record(2, 10, &[])]);
+    let img = server(vec![record(2, 10, &[])]);
     let stores = BTreeMap::from([(Sid(1), &img)]);
     o.at_quiescence(5, &stores, true);
     assert!(o.violated(oracle::UIDS_NEVER_REUSED));
@@ -86,8 +99,8 @@ fn no_acked_loss_fails_when_an_acked_message_is_missing() {
     o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
     o.saved(1, Sid(1), &inbox(), 7, 2, Guid(11));
     o.expunge_acked(&inbox(), &[Guid(11)]);
-    let has_it = image(vec![record(1, 10, &[])]);
-    let lacks_it = image(vec![]);
+    let has_it = server(vec![record(1, 10, &[])]);
+    let lacks_it = server(vec![]);
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &has_it)]), true);
     assert!(!o.violated(oracle::NO_ACKED_LOSS), "an expunged message may be gone");
     o.at_quiescence(6, &BTreeMap::from([(Sid(1), &has_it), (Sid(2), &lacks_it)]), true);
@@ -98,8 +111,7 @@ fn no_acked_loss_fails_when_an_acked_message_is_missing() {
 fn no_acked_loss_fails_on_a_corrupted_body() {
     let mut o = Oracle::default();
     o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
-    let mut img = image(vec![record(1, 10, &[])]);
-    img.bodies.get_mut(&Guid(10)).unwrap().bytes = b"bodx".to_vec();
+    let img = server_with(vec![record(1, 10, &[])], b"bodx");
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), true);
     assert!(o.violated(oracle::NO_ACKED_LOSS));
 }
@@ -107,8 +119,8 @@ fn no_acked_loss_fails_on_a_corrupted_body() {
 #[test]
 fn flags_agree_fails_when_servers_end_with_different_flags() {
     let mut o = Oracle::default();
-    let a = image(vec![record(1, 10, &["\\Seen"])]);
-    let b = image(vec![record(1, 10, &["\\Seen", "\\Flagged"])]);
+    let a = server(vec![record(1, 10, &["\\Seen"])]);
+    let b = server(vec![record(1, 10, &["\\Seen", "\\Flagged"])]);
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &a)]), true);
     assert!(!o.violated(oracle::FLAGS_AGREE));
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &b)]), true);
@@ -129,11 +141,17 @@ fn flags_agree_fails_when_condstore_rejects_an_unchanged_message() {
 #[test]
 fn convergence_fails_on_different_stores_and_passes_on_equal_ones() {
     let servers = vec![Sid(1), Sid(2)];
-    let a = Server::recover(Config::new(Sid(1), servers.clone()), image(vec![record(1, 10, &[])]), 1);
-    let b = Server::recover(Config::new(Sid(2), servers.clone()), image(vec![record(1, 11, &[])]), 2);
+    let bodies = || {
+        let store = MemoryBodies::default();
+        store.overwrite(Guid(10), Body::from_static(b"body"));
+        store.overwrite(Guid(11), Body::from_static(b"body"));
+        Box::new(store)
+    };
+    let a = Server::recover(Config::new(Sid(1), servers.clone()), image(vec![record(1, 10, &[])]), 1, bodies());
+    let b = Server::recover(Config::new(Sid(2), servers.clone()), image(vec![record(1, 11, &[])]), 2, bodies());
     let why = oracle::divergence(&BTreeMap::from([(Sid(1), &a), (Sid(2), &b)]));
     assert!(why.is_some_and(|w| w.contains("messages differ")));
-    let c = Server::recover(Config::new(Sid(2), servers), image(vec![record(1, 10, &[])]), 2);
+    let c = Server::recover(Config::new(Sid(2), servers), image(vec![record(1, 10, &[])]), 2, bodies());
     let why = oracle::divergence(&BTreeMap::from([(Sid(1), &a), (Sid(2), &c)]));
     // Same store, but no root has been elected: still not converged.
     assert!(why.is_some_and(|w| w.contains("root")));

@@ -12,7 +12,7 @@ use crate::MergeRules;
 use crate::hash::body_checksum;
 use crate::io::WriteId;
 use crate::mailbox::{self, MergeOutcome};
-use crate::store::{DiskImage, PeerLog, StoreWrite, StoredBody, StoredMailbox};
+use crate::store::{BodyStore, DiskImage, PeerLog, StoreWrite, StoredBody, StoredMailbox};
 use crate::types::*;
 use crate::{Change, MailboxState, Summary};
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +23,11 @@ const SCRUB_PER_TICK_MAX: usize = 256;
 #[derive(Debug)]
 pub(crate) struct Image {
     disk: DiskImage,
+    /// The bytes of the bodies `disk` lists, owned by the driver.
+    bodies: Box<dyn BodyStore>,
+    /// Bodies written but not yet reported durable: the driver may not have stored them
+    /// yet, so their bytes are read from here. Dropped once durable.
+    unsynced: BTreeMap<Guid, (WriteId, Body)>,
     /// Each mailbox's digest, kept up to date from the writes that change the mailbox
     /// (built from the mailbox when first needed).
     digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
@@ -46,9 +51,11 @@ pub(crate) struct ScrubFindings {
 }
 
 impl Image {
-    pub(crate) fn new(disk: DiskImage) -> Image {
+    pub(crate) fn new(disk: DiskImage, bodies: Box<dyn BodyStore>) -> Image {
         Image {
             disk,
+            bodies,
+            unsynced: BTreeMap::new(),
             digests: BTreeMap::new(),
             body_verdicts: BTreeMap::new(),
             scrub_suspects: BTreeSet::new(),
@@ -86,6 +93,35 @@ impl Image {
         self.disk.bodies.contains_key(guid)
     }
 
+    /// The stored bytes of a body, as they are now (not checked).
+    pub(crate) fn stored_bytes(&self, guid: Guid) -> Option<Body> {
+        if !self.disk.bodies.contains_key(&guid) {
+            return None;
+        }
+        match self.unsynced.get(&guid) {
+            Some((_, bytes)) => Some(bytes.clone()),
+            None => self.bodies.read(guid),
+        }
+    }
+
+    /// The body's bytes if they are here and match their checksum.
+    pub(crate) fn intact_body(&mut self, guid: Guid) -> Option<Body> {
+        let stored = *self.disk.bodies.get(&guid)?;
+        let bytes = self.stored_bytes(guid)?;
+        let intact = *self.body_verdicts.entry(guid).or_insert_with(|| body_checksum(&bytes) == stored.checksum);
+        intact.then_some(bytes)
+    }
+
+    /// Writes up to `upto` are on disk: the driver's store holds their bodies now.
+    pub(crate) fn durable(&mut self, upto: WriteId) {
+        self.unsynced.retain(|_, (id, _)| *id > upto);
+    }
+
+    /// The driver found the stored body changed: it is checked again before use.
+    pub(crate) fn body_changed(&mut self, guid: Guid) {
+        self.body_verdicts.remove(&guid);
+    }
+
     pub(crate) fn log(&self, peer: Sid) -> Option<&PeerLog> {
         self.disk.logs.get(&peer)
     }
@@ -98,7 +134,15 @@ impl Image {
     pub(crate) fn commit(&mut self, out: &mut Outbox, write: StoreWrite) -> WriteId {
         self.disk.apply(&write);
         self.follow(&write);
-        out.write(write)
+        let unsynced = match &write {
+            StoreWrite::PutBody { guid, bytes, .. } => Some((*guid, bytes.clone())),
+            _ => None,
+        };
+        let id = out.write(write);
+        if let Some((guid, bytes)) = unsynced {
+            self.unsynced.insert(guid, (id, bytes));
+        }
+        id
     }
 
     /// Keeps the caches derived from the image in step with a write just applied.
@@ -127,6 +171,7 @@ impl Image {
             }
             StoreWrite::RemoveBody { guid } => {
                 self.body_verdicts.remove(guid);
+                self.unsynced.remove(guid);
                 self.scrub_rescan = true;
             }
             _ => {}
@@ -164,16 +209,23 @@ impl Image {
     }
 
     /// Stores a body whose bytes were checked against `checksum`.
-    pub(crate) fn put_checked_body(&mut self, out: &mut Outbox, guid: Guid, checksum: u64, bytes: Vec<u8>) {
+    pub(crate) fn put_checked_body(&mut self, out: &mut Outbox, guid: Guid, checksum: u64, bytes: Body) {
         debug_assert_eq!(body_checksum(&bytes), checksum, "a checked body matches its checksum");
+        debug_assert!(u32::try_from(bytes.len()).is_ok(), "a body's size fits a record");
         self.commit(out, StoreWrite::PutBody { guid, checksum, bytes });
         self.body_verdicts.insert(guid, true);
     }
 
     /// Whether the stored body of `guid` matches its checksum (None: no body stored).
     pub(crate) fn body_intact(&mut self, guid: Guid) -> Option<bool> {
-        let body = self.disk.bodies.get(&guid)?;
-        Some(*self.body_verdicts.entry(guid).or_insert_with(|| body_checksum(&body.bytes) == body.checksum))
+        let stored = *self.disk.bodies.get(&guid)?;
+        if let Some(verdict) = self.body_verdicts.get(&guid) {
+            return Some(*verdict);
+        }
+        // A body the store cannot produce is as bad as a damaged one: fetched again.
+        let intact = self.stored_bytes(guid).is_some_and(|bytes| body_checksum(&bytes) == stored.checksum);
+        self.body_verdicts.insert(guid, intact);
+        Some(intact)
     }
 
     /// A mailbox's summary, its digest kept up to date.
@@ -279,6 +331,13 @@ impl Image {
             return None;
         }
         let seq = log.map(|l| l.next_seq).unwrap_or(0);
+        // The log references the body, which is stored once (see `with_logged_body`).
+        let change = match change {
+            Change::Save { mailbox, uidvalidity, record, .. } => {
+                Change::Save { mailbox, uidvalidity, record, body: Body::new() }
+            }
+            other => other,
+        };
         self.commit(out, StoreWrite::LogAppend { peer, seq, change });
         debug_assert_eq!(self.disk.logs.get(&peer).map(|l| l.next_seq), Some(seq + 1));
         Some(seq)
@@ -343,16 +402,10 @@ impl Image {
     pub(crate) fn scrub(&mut self, wanted: impl Fn(&Guid) -> bool) -> ScrubFindings {
         let mut found = ScrubFindings::default();
         let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
-        let verdicts = &mut self.body_verdicts;
-        let batch: Vec<(Guid, u64, bool)> = self
-            .disk
-            .bodies
-            .range(start..)
-            .take(SCRUB_PER_TICK_MAX)
-            .map(|(g, b)| {
-                (*g, b.checksum, *verdicts.entry(*g).or_insert_with(|| body_checksum(&b.bytes) == b.checksum))
-            })
-            .collect();
+        let guids: Vec<(Guid, u64)> =
+            self.disk.bodies.range(start..).take(SCRUB_PER_TICK_MAX).map(|(g, b)| (*g, b.checksum)).collect();
+        let batch: Vec<(Guid, u64, bool)> =
+            guids.into_iter().map(|(g, checksum)| (g, checksum, self.body_intact(g).unwrap_or(false))).collect();
         self.scrub_cursor = if batch.len() < SCRUB_PER_TICK_MAX { None } else { batch.last().map(|b| b.0) };
         found.corrupt = batch.into_iter().filter(|(_, _, intact)| !intact).map(|(g, c, _)| (g, c)).collect();
         // Only a message written while its body was not here, or any after a body was
@@ -416,6 +469,7 @@ fn cached_summary(
 mod tests {
     use super::*;
     use crate::io::Output;
+    use crate::store::MemoryBodies;
 
     fn key(name: &str) -> MailboxKey {
         MailboxKey { user: "alice".into(), name: name.into() }
@@ -438,7 +492,8 @@ mod tests {
 
     #[test]
     fn a_commit_is_applied_and_emitted() {
-        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         image.create_mailbox(&mut out, &key("INBOX"), Some(7));
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
         assert_eq!(image.mailbox(&key("INBOX")).map(|m| m.uidvalidity), Some(7));
@@ -447,7 +502,8 @@ mod tests {
 
     #[test]
     fn a_merge_commits_everything_it_changed() {
-        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         let state = MailboxState {
             mailbox: key("Sent"),
             uidvalidity: 5,
@@ -465,7 +521,8 @@ mod tests {
 
     #[test]
     fn the_log_skips_an_overflowed_mailbox() {
-        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         let change = |n: &str| Change::Copy { mailbox: key(n), uidvalidity: 1, record: record(1, 1) };
         assert_eq!(image.log_append(&mut out, Sid(2), change("A")), Some(0));
         assert_eq!(image.log_append(&mut out, Sid(2), change("B")), Some(1));
@@ -480,7 +537,8 @@ mod tests {
 
     #[test]
     fn epochs_only_rise() {
-        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         assert!(image.raise_epoch(&mut out, 5));
         assert!(!image.raise_epoch(&mut out, 5));
         assert!(!image.raise_epoch(&mut out, 3));
@@ -489,17 +547,55 @@ mod tests {
 
     #[test]
     fn scrub_finds_a_corrupt_body_and_a_message_without_one() {
-        let (mut image, mut out) = (Image::new(DiskImage::default()), Outbox::default());
-        let bytes = b"hello".to_vec();
+        let store = MemoryBodies::default();
+        let (mut image, mut out) = (Image::new(DiskImage::default(), Box::new(store.clone())), Outbox::default());
+        let bytes = Body::from_static(b"hello");
         let checksum = body_checksum(&bytes);
         image.put_checked_body(&mut out, Guid(1), checksum, bytes);
         assert_eq!(image.body_intact(Guid(1)), Some(true));
-        image.commit(&mut out, StoreWrite::PutBody { guid: Guid(1), checksum, bytes: b"hellO".to_vec() });
+        // The driver stores the body and reports it durable; then the disk changes it.
+        while let Some(output) = out.pop() {
+            if let Output::Write { write, .. } = output {
+                store.apply(&write);
+            }
+        }
+        image.durable(out.last_write());
+        store.overwrite(Guid(1), Body::from_static(b"hellO"));
+        assert_eq!(image.body_intact(Guid(1)), Some(true), "a verdict is kept until the body is said to change");
+        image.body_changed(Guid(1));
         assert_eq!(image.body_intact(Guid(1)), Some(false), "a changed body is checked again");
+        assert_eq!(image.intact_body(Guid(1)), None, "a damaged body is never handed out");
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 2) });
         let found = image.scrub(|_| false);
         assert_eq!(found.corrupt, vec![(Guid(1), checksum)]);
         assert_eq!(found.missing, vec![(Guid(2), 0)]);
         assert!(image.scrub(|g| *g == Guid(2)).missing.is_empty(), "a wanted body is not reported");
+    }
+
+    #[test]
+    fn a_body_is_read_from_the_image_until_durable_then_from_the_store() {
+        let store = MemoryBodies::default();
+        let (mut image, mut out) = (Image::new(DiskImage::default(), Box::new(store.clone())), Outbox::default());
+        let bytes = Body::from_static(b"body");
+        image.put_checked_body(&mut out, Guid(3), body_checksum(&bytes), bytes.clone());
+        assert_eq!(image.intact_body(Guid(3)), Some(bytes.clone()), "not yet in the store: read from the image");
+        assert!(store.is_empty());
+        image.durable(out.last_write());
+        assert_eq!(image.intact_body(Guid(3)), None, "durable but the driver did not store it: nothing to read");
+        store.overwrite(Guid(3), bytes.clone());
+        image.body_changed(Guid(3));
+        assert_eq!(image.intact_body(Guid(3)), Some(bytes));
+        assert_eq!(image.disk().bodies[&Guid(3)], StoredBody { checksum: body_checksum(b"body"), len: 4 });
+    }
+
+    #[test]
+    fn a_logged_save_references_its_body() {
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let change =
+            Change::Save { mailbox: key("A"), uidvalidity: 1, record: record(1, 1), body: Body::from_static(b"x") };
+        assert_eq!(image.log_append(&mut out, Sid(2), change), Some(0));
+        let logged = &image.log(Sid(2)).map(|l| l.entries[&0].clone());
+        assert!(matches!(logged, Some(Change::Save { body, .. }) if body.is_empty()), "{logged:?}");
     }
 }

@@ -584,7 +584,7 @@ impl Server {
         guid: Guid,
         received: u64,
         flags: &[Flag],
-        body: Option<Vec<u8>>,
+        body: Option<Body>,
         tag: u64,
     ) -> Ordered {
         let is_copy = body.is_none();
@@ -599,7 +599,7 @@ impl Server {
         }
         let (checksum, size) = match (&body, self.image.body(&guid)) {
             (Some(b), _) => (crate::hash::body_checksum(b), u32::try_from(b.len()).unwrap_or(u32::MAX)),
-            (None, Some(stored)) => (stored.checksum, u32::try_from(stored.bytes.len()).unwrap_or(u32::MAX)),
+            (None, Some(stored)) => (stored.checksum, u32::try_from(stored.len).unwrap_or(u32::MAX)),
             (None, None) => return Ordered::unreplicated(fail(FailKind::Temporary, "message body not available")),
         };
         if let Some(bytes) = &body
@@ -613,7 +613,7 @@ impl Server {
         // acks as copies of the message, so there the body travels with it.
         let body = match body {
             Some(body) => Some(body),
-            None if self.cfg.durability == Durability::Sync => self.image.body(&guid).map(|b| b.bytes.clone()),
+            None if self.cfg.durability == Durability::Sync => self.image.stored_bytes(guid),
             None => None,
         };
         let change = match body {
@@ -656,7 +656,7 @@ impl Server {
     /// A resent SAVE (or COPY): the message is already here at `uid`, maybe only as a
     /// record that a SYNC brought. Sync mode promises the client `replicas` more copies,
     /// so the message goes out again, body and all, and the answer waits for their acks.
-    fn resend_saved(&mut self, mailbox: &MailboxKey, guid: Guid, uid: Uid, body: Option<Vec<u8>>, tag: u64) -> Ordered {
+    fn resend_saved(&mut self, mailbox: &MailboxKey, guid: Guid, uid: Uid, body: Option<Body>, tag: u64) -> Ordered {
         let Some(m) = self.image.mailbox(mailbox) else {
             return Ordered::unreplicated(fail(FailKind::Temporary, "the mailbox changed meanwhile"));
         };
@@ -666,9 +666,9 @@ impl Server {
         if self.cfg.durability != Durability::Sync {
             return Ordered::unreplicated(result);
         }
-        let bytes = match (body, self.image.body(&guid)) {
-            (_, Some(stored)) if crate::hash::body_checksum(&stored.bytes) == stored.checksum => stored.bytes.clone(),
-            (Some(bytes), _) => bytes,
+        let bytes = match (body, self.image.intact_body(guid)) {
+            (_, Some(stored)) => stored,
+            (Some(bytes), None) => bytes,
             (None, _) => {
                 self.want_body(guid, record.as_ref().map(|r| r.checksum), None, false);
                 return Ordered::unreplicated(fail(FailKind::Temporary, "message body not available yet"));

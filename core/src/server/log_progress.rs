@@ -45,6 +45,12 @@ impl LogProgress {
         *self.parts_left.entry((tag, peer)).or_default() += 1;
     }
 
+    /// Entry `seq` went to `peer` without what makes it a copy (its body): the job
+    /// waiting for it is not helped by its acknowledgement.
+    pub(crate) fn counts_for_no_copy(&mut self, peer: Sid, seq: u64) {
+        self.waiters.remove(&(peer, seq));
+    }
+
     /// Entries dropped from a log (it overflowed): nobody waits for them.
     pub(crate) fn dropped(&mut self, peer: Sid, seqs: &[u64]) {
         for s in seqs {

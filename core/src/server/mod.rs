@@ -26,7 +26,7 @@ use crate::io::*;
 use crate::mailbox;
 use crate::marks::{Mark, Marks};
 use crate::msg::*;
-use crate::store::{DiskImage, StoreWrite};
+use crate::store::{BodyStore, DiskImage, StoreWrite};
 use crate::types::*;
 use anti_entropy::AntiEntropy;
 use body_fetch::BodyFetch;
@@ -69,21 +69,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server starting with an empty store.
-    pub fn new(cfg: Config, seed: u64) -> Server {
-        Server::recover(cfg, DiskImage::default(), seed)
+    /// A server starting with an empty store; `bodies` is where the driver keeps the
+    /// bytes of the bodies it is asked to write (see [`BodyStore`]).
+    pub fn new(cfg: Config, seed: u64, bodies: Box<dyn BodyStore>) -> Server {
+        Server::recover(cfg, DiskImage::default(), seed, bodies)
     }
 
-    /// A server restarting from what its disk holds. Volatile state (links, routes,
-    /// master cache, masterships, requests in progress) starts empty.
-    pub fn recover(cfg: Config, disk: DiskImage, seed: u64) -> Server {
+    /// A server restarting from what its disk holds: `disk` with the metadata, `bodies`
+    /// with the bytes. Volatile state (links, routes, master cache, masterships,
+    /// requests in progress) starts empty.
+    pub fn recover(cfg: Config, disk: DiskImage, seed: u64, bodies: Box<dyn BodyStore>) -> Server {
         let incarnation = disk.incarnation.saturating_add(1);
         let mut server = Server {
             rng: ChaCha8Rng::seed_from_u64(seed ^ incarnation.rotate_left(32) ^ u64::from(cfg.sid.0)),
             root_role: RootRole::new(cfg.sid, disk.epoch),
             routing: RouteTable::new(cfg.sid, &cfg.servers),
             cfg,
-            image: Image::new(disk),
+            image: Image::new(disk, bodies),
             out: Outbox::default(),
             now: Instant(0),
             marks: Marks::default(),
@@ -112,6 +114,11 @@ impl Server {
     /// What the store holds, as the core sees it (durable or about to be).
     pub fn image(&self) -> &DiskImage {
         self.image.disk()
+    }
+    /// The bytes stored for a body the image lists, as they are now (not checked):
+    /// from the driver's store once durable, from memory until then.
+    pub fn stored_body(&self, guid: Guid) -> Option<Body> {
+        self.image.stored_bytes(guid)
     }
     pub fn term(&self) -> Term {
         self.root_role.term()
@@ -320,6 +327,7 @@ impl Server {
 
     fn on_durable(&mut self, upto: WriteId) {
         self.out.durable(upto);
+        self.image.durable(upto);
         self.progress_jobs();
     }
 

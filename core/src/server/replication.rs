@@ -108,7 +108,8 @@ impl Server {
                 .take(RESEND_PER_TICK_MAX)
                 .map(|(s, c)| (*s, c.clone()))
                 .collect();
-            for (seq, change) in due {
+            for (seq, logged) in due {
+                let change = self.with_logged_body(peer, seq, logged);
                 if !crate::limits::change_fits(&change) {
                     // A change logged before parts existed (or by a broken build) that
                     // the peer would refuse: drop it, the peer gets the mailbox by SYNC.
@@ -120,6 +121,21 @@ impl Server {
                 }
                 self.log_progress.sent(peer, seq, now);
                 self.send(peer, Msg::Change { seq, change });
+            }
+        }
+    }
+
+    /// A logged SAVE references its body (the log holds no bytes): the body goes out as
+    /// stored now. A body no longer intact here goes as a COPY (the peer fetches the body
+    /// elsewhere), whose acknowledgement counts for no copy of the message.
+    fn with_logged_body(&mut self, peer: Sid, seq: u64, logged: Change) -> Change {
+        let Change::Save { mailbox, uidvalidity, record, .. } = logged else { return logged };
+        match self.image.intact_body(record.guid) {
+            Some(body) => Change::Save { mailbox, uidvalidity, record, body },
+            None => {
+                self.log_progress.counts_for_no_copy(peer, seq);
+                self.want_body(record.guid, Some(record.checksum), None, true);
+                Change::Copy { mailbox, uidvalidity, record }
             }
         }
     }
@@ -489,23 +505,20 @@ impl Server {
     }
 
     pub(crate) fn on_fetch(&mut self, src: Sid, guid: Guid) {
-        let Some(intact) = self.image.body_intact(guid) else {
+        let Some(checksum) = self.image.body(&guid).map(|b| b.checksum) else {
             self.send(src, Msg::NoBody { guid });
             return;
         };
-        let Some(body) = self.image.body(&guid) else { return };
-        if !intact {
+        let Some(body) = self.image.intact_body(guid) else {
             // Never hand out a corrupted body; repair our own instead.
-            let checksum = body.checksum;
             self.want_body(guid, Some(checksum), None, true);
             self.send(src, Msg::NoBody { guid });
             return;
-        }
-        let msg = Msg::Body { guid, checksum: body.checksum, body: body.bytes.clone() };
-        self.send(src, msg);
+        };
+        self.send(src, Msg::Body { guid, checksum, body });
     }
 
-    pub(crate) fn on_body(&mut self, src: Sid, guid: Guid, checksum: u64, body: Vec<u8>) {
+    pub(crate) fn on_body(&mut self, src: Sid, guid: Guid, checksum: u64, body: Body) {
         let Some((expected, repair)) = self.body_fetch.expected(&guid, checksum) else { return };
         if body_checksum(&body) != expected {
             return;
@@ -577,7 +590,7 @@ impl Server {
     }
 
     /// Keep a body that arrived with a change, if it is intact and new here.
-    pub(crate) fn store_body(&mut self, guid: Guid, checksum: u64, body: Vec<u8>, src: Option<Sid>) {
+    pub(crate) fn store_body(&mut self, guid: Guid, checksum: u64, body: Body, src: Option<Sid>) {
         if self.image.body_intact(guid) == Some(true) {
             return;
         }
@@ -625,10 +638,7 @@ impl Server {
                 }
                 self.want_body(record.guid, Some(record.checksum), None, true);
             }
-            ExternalEdit::Corrupted { guid, body } => {
-                let Some(checksum) = self.image.body(&guid).map(|b| b.checksum) else { return };
-                self.commit(StoreWrite::PutBody { guid, checksum, bytes: body });
-            }
+            ExternalEdit::Corrupted { guid } => self.image.body_changed(guid),
         }
     }
 }

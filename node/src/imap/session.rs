@@ -942,7 +942,7 @@ impl Session {
             return Err(format!("NO [OVERQUOTA] {why}"));
         }
         let received = received.unwrap_or_else(now_secs);
-        let request = ClientRequest::Save { mailbox: self.key(name), received, flags, body };
+        let request = ClientRequest::Save { mailbox: self.key(name), received, flags, body: body.into() };
         match self.node.request(request).await {
             ClientReply::Write(WriteResult::Saved { uidvalidity, uid, .. }) => {
                 if self.selected.as_ref().is_some_and(|s| s.mailbox == self.key(name)) {
@@ -1065,7 +1065,7 @@ impl Session {
         let mut out = Vec::new();
         for (seq, u) in &targets {
             let Some(m) = sel.view.get(u) else { continue };
-            let body = bodies.get(&m.guid).map(Vec::as_slice);
+            let body = bodies.get(&m.guid).map(|b| b.as_ref());
             if needs_body && body.is_none() {
                 // Not here yet (being fetched from a peer): say nothing rather than lie.
                 continue;
@@ -1347,7 +1347,7 @@ impl Session {
                 bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
             }
             for (seq, uid, m, recent) in &rows[start..end] {
-                let body = bodies.get(&m.guid).map(Vec::as_slice).unwrap_or_default();
+                let body = bodies.get(&m.guid).map(|b| b.as_ref()).unwrap_or_default();
                 let cx = Candidate { seq: *seq, uid: *uid, m, recent: *recent, body, largest_uid, count, sets: &sets };
                 if criteria.iter().all(|k| matches(k, &cx)) {
                     hits.push((*seq, *uid, extract(m, body)));

@@ -1,0 +1,200 @@
+//! What one message to many recipients costs each node: one LMTP transaction with
+//! `recipients` RCPTs and a body of `body_mib` MiB into a 3-node cluster (sync,
+//! replicas=1); each node's RSS and data directory before and after, once the cluster
+//! has converged. Run with one or two `tandem` binaries (a baseline beside this build).
+
+use crate::cluster::{BenchCluster, Setup};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct RecipientsRow {
+    pub build: String,
+    pub recipients: usize,
+    pub body_mib: usize,
+    pub delivery_s: f64,
+    /// Per node: (RSS growth, disk growth), bytes.
+    pub growth: Vec<(i64, i64)>,
+}
+
+fn rss_bytes(pid: u32) -> Result<i64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kib * 1024)
+}
+
+fn disk_bytes(dir: &Path) -> i64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                // Allocated blocks, not apparent size: what the disk really gave.
+                Ok(m) => total += std::os::unix::fs::MetadataExt::blocks(&m) as i64 * 512,
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn user(i: usize) -> String {
+    format!("r{i}@example.org")
+}
+
+/// Adds `n` recipients to the cluster's users file, reusing one password hash (hashing a
+/// thousand passwords would take minutes and is not what is measured).
+fn add_recipients(dir: &Path, n: usize) -> Result<(), String> {
+    let path = dir.join("users.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let hash = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password = "))
+        .ok_or("no password in the users file")?
+        .to_string();
+    let mut more = String::new();
+    for i in 0..n {
+        more.push_str(&format!("\n[[user]]\nname = \"{}\"\npassword = {hash}\n", user(i)));
+    }
+    std::fs::write(&path, text + &more).map_err(|e| e.to_string())
+}
+
+fn expect(reader: &mut BufReader<TcpStream>, code: &str) -> Result<(), String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("LMTP server closed the connection".into());
+        }
+        if !line.starts_with(code) {
+            return Err(format!("expected {code}: {}", line.trim_end()));
+        }
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok(());
+        }
+    }
+}
+
+fn deliver_to_all(addr: std::net::SocketAddr, recipients: usize, body: &[u8]) -> Result<(), String> {
+    let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    expect(&mut reader, "220")?;
+    writer.write_all(b"LHLO bench.example\r\n").map_err(|e| e.to_string())?;
+    expect(&mut reader, "250")?;
+    writer.write_all(b"MAIL FROM:<sender@bench.example>\r\n").map_err(|e| e.to_string())?;
+    expect(&mut reader, "250")?;
+    for i in 0..recipients {
+        writer.write_all(format!("RCPT TO:<{}>\r\n", user(i)).as_bytes()).map_err(|e| e.to_string())?;
+        expect(&mut reader, "250")?;
+    }
+    writer.write_all(b"DATA\r\n").map_err(|e| e.to_string())?;
+    expect(&mut reader, "354")?;
+    writer.write_all(body).map_err(|e| e.to_string())?;
+    writer.write_all(b".\r\n").map_err(|e| e.to_string())?;
+    for _ in 0..recipients {
+        expect(&mut reader, "250")?;
+    }
+    Ok(())
+}
+
+/// A message of about `mib` MiB: headers, then 76-character lines (no line starts with
+/// a dot, so nothing is dot-stuffed).
+fn message(mib: usize) -> Vec<u8> {
+    let mut body = b"From: sender@bench.example\r\nSubject: one for everyone\r\n\r\n".to_vec();
+    let line = [b'x'; 76];
+    while body.len() < mib << 20 {
+        body.extend_from_slice(&line);
+        body.extend_from_slice(b"\r\n");
+    }
+    body
+}
+
+pub fn recipients(
+    build: &str,
+    tandem: &Path,
+    root: &Path,
+    recipients: usize,
+    body_mib: usize,
+) -> Result<RecipientsRow, String> {
+    let dir = root.join(format!("store-{build}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: false };
+    let mut cluster = BenchCluster::create(&dir, tandem, &setup)?;
+    add_recipients(&dir, recipients)?;
+    for i in 0..3 {
+        cluster.start(i)?;
+    }
+    let result = (|| {
+        cluster.wait_linked(&[0, 1, 2], Duration::from_secs(60))?;
+        let pids: Vec<u32> = (0..3).map(|i| cluster.pid(i).ok_or("a node has no process")).collect::<Result<_, _>>()?;
+        let before: Vec<(i64, i64)> = (0..3)
+            .map(|i| Ok((rss_bytes(pids[i])?, disk_bytes(&cluster.nodes[i].data))))
+            .collect::<Result<_, String>>()?;
+        let started = Instant::now();
+        deliver_to_all(cluster.nodes[0].lmtp, recipients, &message(body_mib))?;
+        let delivery_s = started.elapsed().as_secs_f64();
+        cluster.wait_quiet(&[0, 1, 2], recipients, Duration::from_secs(600))?;
+        let growth = (0..3)
+            .map(|i| Ok((rss_bytes(pids[i])? - before[i].0, disk_bytes(&cluster.nodes[i].data) - before[i].1)))
+            .collect::<Result<_, String>>()?;
+        Ok(RecipientsRow { build: build.to_string(), recipients, body_mib, delivery_s, growth })
+    })();
+    cluster.stop_all();
+    result
+}
+
+pub fn markdown(rows: &[RecipientsRow], command: &str) -> String {
+    let mib = |b: i64| b as f64 / f64::from(1 << 20);
+    let mut out = String::from(
+        "## One message to many recipients\n\n\
+         One LMTP transaction, every recipient a different user, into a 3-node cluster \
+         (sync, replicas=1), on the benchmark directory's filesystem; growth of each \
+         node's RSS and data directory (allocated blocks) once the cluster is quiet.\n\n",
+    );
+    out.push_str(&format!("Command: `{command}`\n\n"));
+    out.push_str(
+        "| build | recipients × size | delivery s | RSS growth MiB (n1, n2, n3) | disk growth MiB (n1, n2, n3) |\n",
+    );
+    out.push_str("|---|---|---:|---|---|\n");
+    for r in rows {
+        let rss: Vec<String> = r.growth.iter().map(|g| format!("{:.1}", mib(g.0))).collect();
+        let disk: Vec<String> = r.growth.iter().map(|g| format!("{:.1}", mib(g.1))).collect();
+        out.push_str(&format!(
+            "| {} | {} × {} MiB | {:.2} | {} | {} |\n",
+            r.build,
+            r.recipients,
+            r.body_mib,
+            r.delivery_s,
+            rss.join(", "),
+            disk.join(", ")
+        ));
+    }
+    out
+}
+
+/// Replaces the part of BENCHMARKS.md between the store markers (appending it the
+/// first time), so this part can be rerun alone.
+pub fn splice(benchmarks: &Path, section: &str) -> Result<(), String> {
+    const START: &str = "<!-- store:start -->";
+    const END: &str = "<!-- store:end -->";
+    let text = std::fs::read_to_string(benchmarks).unwrap_or_default();
+    let block = format!("{START}\n{section}{END}\n");
+    let new = match (text.find(START), text.find(END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{block}{}", &text[..a], text[b + END.len()..].trim_start_matches('\n'))
+        }
+        _ => format!("{}\n{block}", text.trim_end()),
+    };
+    std::fs::write(benchmarks, new).map_err(|e| format!("{}: {e}", benchmarks.display()))
+}
