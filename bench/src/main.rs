@@ -241,18 +241,21 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
     Ok(())
 }
 
-/// `bench/imaptest --write`'s table (between its markers) is kept when the other
-/// benchmarks are rerun: it comes from another script and another run.
+/// Sections other runs wrote (between their markers) are kept when the other
+/// benchmarks are rerun: `bench/imaptest --write`'s table, and the "store" part's.
 fn keep_imaptest_section(path: &Path, md: String) -> String {
-    const BEGIN: &str = "<!-- imaptest:begin";
-    const END: &str = "<!-- imaptest:end -->";
+    const MARKERS: [(&str, &str); 2] =
+        [("<!-- imaptest:begin", "<!-- imaptest:end -->"), ("<!-- store:start -->", "<!-- store:end -->")];
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    match (old.find(BEGIN), old.find(END)) {
-        (Some(begin), Some(end)) if begin < end => {
-            format!("{}\n\n{}\n", md.trim_end(), &old[begin..end + END.len()])
+    let mut out = md;
+    for (begin_marker, end_marker) in MARKERS {
+        if let (Some(begin), Some(end)) = (old.find(begin_marker), old.find(end_marker))
+            && begin < end
+        {
+            out = format!("{}\n\n{}\n", out.trim_end(), &old[begin..end + end_marker.len()]);
         }
-        _ => md,
     }
+    out
 }
 
 fn copy_files(from: &Path, to: &Path) -> Result<(), String> {

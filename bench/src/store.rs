@@ -132,6 +132,11 @@ pub fn recipients(
     let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: false };
     let mut cluster = BenchCluster::create(&dir, tandem, &setup)?;
     add_recipients(&dir, recipients)?;
+    for node in &cluster.nodes {
+        let mut text = std::fs::read_to_string(&node.config).map_err(|e| e.to_string())?;
+        text.push_str(&format!("\n[limits]\nrecipients_max = {}\n", recipients.max(1)));
+        std::fs::write(&node.config, text).map_err(|e| e.to_string())?;
+    }
     for i in 0..3 {
         cluster.start(i)?;
     }
@@ -162,7 +167,9 @@ pub fn markdown(rows: &[RecipientsRow], command: &str) -> String {
          (sync, replicas=1), on the benchmark directory's filesystem; growth of each \
          node's RSS and data directory (allocated blocks) once the cluster is quiet.\n\n",
     );
-    out.push_str(&format!("Command: `{command}`\n\n"));
+    out.push_str(&format!(
+        "Command: `{command}` (the baseline, when given, is an earlier `tandem` binary: its path is in the command)\n\n"
+    ));
     out.push_str(
         "| build | recipients × size | delivery s | RSS growth MiB (n1, n2, n3) | disk growth MiB (n1, n2, n3) |\n",
     );

@@ -143,6 +143,10 @@ impl BodyIndex {
     pub fn len(&self) -> usize {
         self.locked().len()
     }
+    /// The distinct body files referenced.
+    pub fn hashes(&self) -> BTreeSet<BodyHash> {
+        self.locked().values().copied().collect()
+    }
     pub fn is_empty(&self) -> bool {
         self.locked().is_empty()
     }
