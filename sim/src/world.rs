@@ -779,6 +779,9 @@ impl World {
                 }
                 if last > 0 {
                     self.input(server, Input::Durable { upto: last });
+                    if cfg!(debug_assertions) {
+                        self.check_durable_reads(server);
+                    }
                 }
             }
             Ev::Action { action, event } => self.act(action, event),
@@ -1588,6 +1591,29 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
 }
 
 /// The first part of two images that differs, for a failure message.
+impl World {
+    /// Debug builds: what a server shows a reader is exactly what its disk holds now
+    /// (it is told of every write on disk; later writes are in its image only).
+    fn check_durable_reads(&mut self, sid: Sid) {
+        let Some(node) = self.nodes.get(&sid) else { return };
+        let Some(server) = node.server.as_ref() else { return };
+        let keys: BTreeSet<&MailboxKey> = server.image().mailboxes.keys().chain(node.disk.mailboxes.keys()).collect();
+        for key in keys {
+            let expected = match node.disk.mailboxes.get(key).filter(|m| m.visible()) {
+                Some(m) => ClientReply::Read(tandem_core::server::mailbox_view(key, m)),
+                None => ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {key}") },
+            };
+            let shown = server.read(key);
+            if shown != expected {
+                self.failures.push(format!(
+                    "{sid} shows {key} otherwise than its disk holds it: shown {shown:?}, on disk {expected:?}"
+                ));
+                return;
+            }
+        }
+    }
+}
+
 fn image_difference(replayed: Option<&DiskImage>, image: &DiskImage) -> String {
     let Some(replayed) = replayed else { return "no replay".into() };
     for (k, m) in &image.mailboxes {

@@ -15,7 +15,7 @@ use crate::mailbox::{self, MergeOutcome};
 use crate::store::{BodyStore, DiskImage, PeerLog, StoreWrite, StoredBody, StoredMailbox};
 use crate::types::*;
 use crate::{Change, MailboxState, Summary};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Bodies checked against their checksum per scrub.
 const SCRUB_PER_TICK_MAX: usize = 256;
@@ -28,6 +28,11 @@ pub(crate) struct Image {
     /// Bodies written but not yet reported durable: the driver may not have stored them
     /// yet, so their bytes are read from here. Dropped once durable.
     unsynced: BTreeMap<Guid, (WriteId, Body)>,
+    /// For each write not yet durable, oldest first, what it replaced of what a client
+    /// is shown (a mailbox's meta, lifecycle and records): the durable store is the image
+    /// with these undone, so reads are answered from it at once, also while the disk is
+    /// full and nothing becomes durable.
+    undo: VecDeque<(WriteId, MailboxKey, Undo)>,
     /// Each mailbox's digest, kept up to date from the writes that change the mailbox
     /// (built from the mailbox when first needed).
     digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
@@ -40,6 +45,30 @@ pub(crate) struct Image {
     /// message.
     scrub_rescan: bool,
     scrub_cursor: Option<Guid>,
+}
+
+/// What a write replaced (see `Image::undo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Undo {
+    /// The mailbox did not exist.
+    Absent,
+    Meta {
+        uidvalidity: u32,
+        uidnext: Uid,
+        highest_modseq: ModSeq,
+    },
+    Lifecycle(Lifecycle),
+    Record {
+        uid: Uid,
+        before: Option<MessageRecord>,
+    },
+}
+
+/// A mailbox's parts a merge may change, as they were before it (see `Image::merge`).
+struct MergeSnapshot {
+    meta: Undo,
+    lifecycle: Lifecycle,
+    records: BTreeMap<Uid, Option<MessageRecord>>,
 }
 
 /// What one scrub found: bodies that fail their checksum, and messages with no body
@@ -56,6 +85,7 @@ impl Image {
             disk,
             bodies,
             unsynced: BTreeMap::new(),
+            undo: VecDeque::new(),
             digests: BTreeMap::new(),
             body_verdicts: BTreeMap::new(),
             scrub_suspects: BTreeSet::new(),
@@ -115,6 +145,68 @@ impl Image {
     /// Writes up to `upto` are on disk: the driver's store holds their bodies now.
     pub(crate) fn durable(&mut self, upto: WriteId) {
         self.unsynced.retain(|_, (id, _)| *id > upto);
+        while self.undo.front().is_some_and(|(id, _, _)| *id <= upto) {
+            self.undo.pop_front();
+        }
+    }
+
+    /// The mailbox as the durable store holds it (None: not there), for a client's read.
+    /// Costs nothing extra unless writes to it are pending.
+    pub(crate) fn durable_mailbox(&self, key: &MailboxKey) -> Option<std::borrow::Cow<'_, StoredMailbox>> {
+        let now = self.disk.mailboxes.get(key);
+        let mut pending = self.undo.iter().filter(|(_, k, _)| k == key).map(|(_, _, u)| u).peekable();
+        let Some(first) = pending.peek() else { return now.map(std::borrow::Cow::Borrowed) };
+        if **first == Undo::Absent {
+            return None;
+        }
+        let mut m = now?.clone();
+        let (mut meta_done, mut lifecycle_done, mut records_done) = (false, false, BTreeSet::new());
+        // The oldest pending write's before-image of each part is its durable value.
+        for undo in pending {
+            match undo {
+                Undo::Absent => debug_assert!(false, "a mailbox is absent only before its oldest pending write"),
+                Undo::Meta { uidvalidity, uidnext, highest_modseq } if !meta_done => {
+                    meta_done = true;
+                    (m.uidvalidity, m.uidnext, m.highest_modseq) = (*uidvalidity, *uidnext, *highest_modseq);
+                }
+                Undo::Lifecycle(lifecycle) if !lifecycle_done => {
+                    lifecycle_done = true;
+                    m.lifecycle = *lifecycle;
+                }
+                Undo::Record { uid, before } if records_done.insert(*uid) => match before {
+                    Some(record) => {
+                        m.messages.insert(*uid, record.clone());
+                    }
+                    None => {
+                        m.messages.remove(uid);
+                    }
+                },
+                _ => {}
+            }
+        }
+        Some(std::borrow::Cow::Owned(m))
+    }
+
+    /// What a write is about to replace of what a client is shown.
+    fn before_image(&self, write: &StoreWrite) -> Option<(MailboxKey, Undo)> {
+        let (key, uid) = match write {
+            StoreWrite::MailboxMeta { mailbox, .. } | StoreWrite::MailboxLifecycle { mailbox, .. } => (mailbox, None),
+            StoreWrite::PutMessage { mailbox, record } => (mailbox, Some(record.uid)),
+            StoreWrite::RemoveMessage { mailbox, uid } => (mailbox, Some(*uid)),
+            // A tombstone is not shown, but its write creates a missing mailbox.
+            StoreWrite::PutTombstone { mailbox, .. } => (mailbox, None),
+            _ => return None,
+        };
+        let Some(m) = self.disk.mailboxes.get(key) else { return Some((key.clone(), Undo::Absent)) };
+        let undo = match (write, uid) {
+            (_, Some(uid)) => Undo::Record { uid, before: m.messages.get(&uid).cloned() },
+            (StoreWrite::MailboxMeta { .. }, _) => {
+                Undo::Meta { uidvalidity: m.uidvalidity, uidnext: m.uidnext, highest_modseq: m.highest_modseq }
+            }
+            (StoreWrite::MailboxLifecycle { .. }, _) => Undo::Lifecycle(m.lifecycle),
+            _ => return None,
+        };
+        Some((key.clone(), undo))
     }
 
     /// The driver found the stored body changed: it is checked again before use.
@@ -132,6 +224,12 @@ impl Image {
 
     /// Applies a write to the image, keeps the caches in step and emits it.
     pub(crate) fn commit(&mut self, out: &mut Outbox, write: StoreWrite) -> WriteId {
+        let undo = self.before_image(&write);
+        self.commit_undo(out, write, undo)
+    }
+
+    /// [`Image::commit`] with the before-image given: a merge changes the mailbox first.
+    fn commit_undo(&mut self, out: &mut Outbox, write: StoreWrite, undo: Option<(MailboxKey, Undo)>) -> WriteId {
         self.disk.apply(&write);
         self.follow(&write);
         let unsynced = match &write {
@@ -141,6 +239,9 @@ impl Image {
         let id = out.write(write);
         if let Some((guid, bytes)) = unsynced {
             self.unsynced.insert(guid, (id, bytes));
+        }
+        if let Some((key, undo)) = undo {
+            self.undo.push_back((id, key, undo));
         }
         id
     }
@@ -176,18 +277,6 @@ impl Image {
             }
             _ => {}
         }
-    }
-
-    /// The mailbox's meta as a write (nothing if the mailbox is not here).
-    pub(crate) fn commit_meta(&mut self, out: &mut Outbox, key: &MailboxKey) {
-        let Some(m) = self.disk.mailboxes.get(key) else { return };
-        let write = StoreWrite::MailboxMeta {
-            mailbox: key.clone(),
-            uidvalidity: m.uidvalidity,
-            uidnext: m.uidnext,
-            highest_modseq: m.highest_modseq,
-        };
-        self.commit(out, write);
     }
 
     /// Makes sure the mailbox exists here, new ones with `uidvalidity` (or the one its
@@ -264,6 +353,7 @@ impl Image {
     ) -> MergeOutcome {
         let key = &state.mailbox;
         let is_new = !self.disk.mailboxes.contains_key(key);
+        let snapshot = self.merge_snapshot(state, as_master);
         let m = self.disk.mailboxes.entry(key.clone()).or_insert_with(|| mailbox::new_mailbox(key));
         if is_new {
             m.uidvalidity = state.uidvalidity;
@@ -281,26 +371,89 @@ impl Image {
             // A deliberately broken variant (see `Bug::ReuseUidAfterRenumber`).
             m.uidnext = retired;
         }
-        if is_new {
-            self.commit_meta(out, key);
-        }
-        self.commit_outcome(out, key, &outcome);
+        let snapshot = match snapshot {
+            Some(snapshot) => snapshot,
+            None => {
+                // The mailbox's first write creates it with this meta and nothing else:
+                // that is what the merge's other writes replace.
+                let write = self.meta_write(key);
+                let meta = match &write {
+                    StoreWrite::MailboxMeta { uidvalidity, uidnext, highest_modseq, .. } => {
+                        Undo::Meta { uidvalidity: *uidvalidity, uidnext: *uidnext, highest_modseq: *highest_modseq }
+                    }
+                    _ => Undo::Absent,
+                };
+                self.commit_undo(out, write, Some((key.clone(), Undo::Absent)));
+                MergeSnapshot { meta, lifecycle: Lifecycle::default(), records: BTreeMap::new() }
+            }
+        };
+        self.commit_outcome(out, key, &outcome, &snapshot);
         outcome
+    }
+
+    /// Before a merge of `state`: the mailbox's meta, lifecycle and every record the
+    /// merge may replace (None if the mailbox is new): those at the UIDs and GUIDs it
+    /// brings, and, as master, those the master's merge moves whatever it brings (a
+    /// message on a UID a tombstone retired, a message live at two UIDs).
+    fn merge_snapshot(&self, state: &MailboxState, as_master: bool) -> Option<MergeSnapshot> {
+        let m = self.disk.mailboxes.get(&state.mailbox)?;
+        let mut records = BTreeMap::new();
+        let brought =
+            state.messages.iter().map(|r| (r.uid, r.guid)).chain(state.tombstones.iter().map(|t| (t.uid, t.guid)));
+        let mut uids: BTreeSet<Uid> = BTreeSet::new();
+        for (uid, guid) in brought {
+            uids.insert(uid);
+            uids.extend(m.messages.uids_of(guid));
+        }
+        if as_master {
+            let retired =
+                m.tombstones.keys().filter(|(uid, guid)| m.messages.get(uid).is_some_and(|r| r.guid != *guid));
+            uids.extend(retired.map(|(uid, _)| *uid));
+            for guid in m.messages.duplicated() {
+                uids.extend(m.messages.uids_of(*guid));
+            }
+        }
+        for uid in uids {
+            records.insert(uid, m.messages.get(&uid).cloned());
+        }
+        Some(MergeSnapshot {
+            meta: Undo::Meta { uidvalidity: m.uidvalidity, uidnext: m.uidnext, highest_modseq: m.highest_modseq },
+            lifecycle: m.lifecycle,
+            records,
+        })
+    }
+
+    fn meta_write(&self, key: &MailboxKey) -> StoreWrite {
+        let m = self.disk.mailboxes.get(key);
+        debug_assert!(m.is_some(), "a mailbox's meta is written once it is in the image");
+        StoreWrite::MailboxMeta {
+            mailbox: key.clone(),
+            uidvalidity: m.map(|m| m.uidvalidity).unwrap_or(0),
+            uidnext: m.map(|m| m.uidnext).unwrap_or(1),
+            highest_modseq: m.map(|m| m.highest_modseq).unwrap_or(0),
+        }
     }
 
     /// The writes a merge's changes make, in the order a restart must replay them. Each
     /// write carries the mailbox's final value for what it touches: a merge can place a
     /// record and retire it again (or change it twice), and a replay of its first value
     /// would bring back on disk a binding the image no longer has.
-    fn commit_outcome(&mut self, out: &mut Outbox, key: &MailboxKey, outcome: &MergeOutcome) {
+    /// The before-images are those of `snapshot`, the mailbox before the merge.
+    fn commit_outcome(&mut self, out: &mut Outbox, key: &MailboxKey, outcome: &MergeOutcome, snapshot: &MergeSnapshot) {
+        let undo = |u: Undo| Some((key.clone(), u));
         if outcome.lifecycle_changed
             && let Some(lifecycle) = self.disk.mailboxes.get(key).map(|m| m.lifecycle)
         {
-            self.commit(out, StoreWrite::MailboxLifecycle { mailbox: key.clone(), lifecycle });
+            let before = snapshot.lifecycle;
+            self.commit_undo(
+                out,
+                StoreWrite::MailboxLifecycle { mailbox: key.clone(), lifecycle },
+                undo(Undo::Lifecycle(before)),
+            );
         }
         for t in &outcome.tombstones {
             let tombstone = self.tombstone_now(key, t);
-            self.commit(out, StoreWrite::PutTombstone { mailbox: key.clone(), tombstone });
+            self.commit_undo(out, StoreWrite::PutTombstone { mailbox: key.clone(), tombstone }, None);
         }
         let touched = outcome.removed.iter().copied().chain(outcome.records.iter().map(|r| r.uid));
         for uid in touched.collect::<Vec<Uid>>() {
@@ -308,10 +461,13 @@ impl Image {
                 Some(record) => StoreWrite::PutMessage { mailbox: key.clone(), record: record.clone() },
                 None => StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
             };
-            self.commit(out, write);
+            // A UID the merge brought that the mailbox did not hold before.
+            let before = snapshot.records.get(&uid).cloned().flatten();
+            self.commit_undo(out, write, undo(Undo::Record { uid, before }));
         }
         if outcome.changed() {
-            self.commit_meta(out, key);
+            let write = self.meta_write(key);
+            self.commit_undo(out, write, undo(snapshot.meta.clone()));
         }
     }
 
@@ -597,5 +753,37 @@ mod tests {
         assert_eq!(image.log_append(&mut out, Sid(2), change), Some(0));
         let logged = &image.log(Sid(2)).map(|l| l.entries[&0].clone());
         assert!(matches!(logged, Some(Change::Save { body, .. }) if body.is_empty()), "{logged:?}");
+    }
+
+    #[test]
+    fn a_read_sees_the_durable_mailbox_while_writes_are_pending() {
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        assert!(image.durable_mailbox(&key("INBOX")).is_none());
+        image.create_mailbox(&mut out, &key("INBOX"), Some(7));
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
+        assert!(image.durable_mailbox(&key("INBOX")).is_none(), "not created on disk yet");
+        image.durable(out.last_write());
+        let durable = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
+        assert_eq!(durable.as_ref(), image.mailbox(&key("INBOX")));
+        // A merge that renumbers and a meta change, all pending: the read sees before.
+        let before = image.mailbox(&key("INBOX")).cloned();
+        let conflict = MailboxState {
+            mailbox: key("INBOX"),
+            uidvalidity: 7,
+            uidnext: 2,
+            highest_modseq: 4,
+            messages: vec![record(1, 10)],
+            tombstones: Vec::new(),
+            lifecycle: Default::default(),
+        };
+        let outcome = image.merge(&mut out, &conflict, true, &MergeRules::default(), false);
+        assert!(outcome.renumbered > 0);
+        assert_ne!(image.mailbox(&key("INBOX")), before.as_ref());
+        // What a client is shown (tombstones are not, and are not undone).
+        let view = |m: Option<&StoredMailbox>| m.map(|m| super::super::mailbox_view(&key("INBOX"), m));
+        assert_eq!(view(image.durable_mailbox(&key("INBOX")).as_deref()), view(before.as_ref()));
+        image.durable(out.last_write());
+        assert_eq!(image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned()).as_ref(), image.mailbox(&key("INBOX")));
     }
 }

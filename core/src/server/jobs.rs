@@ -102,9 +102,10 @@ impl Server {
         let write = match request {
             ClientRequest::Read { mailbox } => {
                 // A client is shown only what is durable, so a crash can never make this
-                // server show a UID bound to another message later.
+                // server show a UID bound to another message later; the durable view is
+                // answered at once, so reads go on while the disk cannot take writes.
                 let reply = self.read_view(&mailbox);
-                self.out.reply_when_durable(id, reply);
+                self.out.reply(id, reply);
                 return;
             }
             ClientRequest::MasterMove { mailbox } => {
@@ -194,28 +195,12 @@ impl Server {
         uids.iter().filter_map(|u| m.messages.get(u)).map(|r| (r.uid, r.guid)).collect()
     }
 
-    fn read_view(&self, mailbox: &MailboxKey) -> ClientReply {
-        let Some(m) = self.image.mailbox(mailbox).filter(|m| m.visible()) else {
-            return ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {mailbox}") };
-        };
-        ClientReply::Read(MailboxView {
-            mailbox: mailbox.clone(),
-            uidvalidity: m.uidvalidity,
-            uidnext: m.uidnext,
-            highest_modseq: m.highest_modseq,
-            messages: m
-                .messages
-                .values()
-                .map(|r| MessageView {
-                    uid: r.uid,
-                    guid: r.guid,
-                    flags: r.present_flags(),
-                    modseq: r.modseq,
-                    received: r.received,
-                    size: r.size,
-                })
-                .collect(),
-        })
+    /// What a client is shown of a mailbox: what is durable.
+    pub(crate) fn read_view(&self, mailbox: &MailboxKey) -> ClientReply {
+        match self.image.durable_mailbox(mailbox).filter(|m| m.visible()) {
+            Some(m) => ClientReply::Read(mailbox_view(mailbox, &m)),
+            None => ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {mailbox}") },
+        }
     }
 
     /// Send the job where it must go next, or run it if we are its master.
@@ -1095,5 +1080,27 @@ fn join_results(a: WriteResult, b: WriteResult) -> WriteResult {
             Expunged { uids: u1, modseq: m1.max(m2) }
         }
         (a, _) => a,
+    }
+}
+
+/// A stored mailbox as a client sees it.
+pub fn mailbox_view(key: &MailboxKey, m: &crate::store::StoredMailbox) -> MailboxView {
+    MailboxView {
+        mailbox: key.clone(),
+        uidvalidity: m.uidvalidity,
+        uidnext: m.uidnext,
+        highest_modseq: m.highest_modseq,
+        messages: m
+            .messages
+            .values()
+            .map(|r| MessageView {
+                uid: r.uid,
+                guid: r.guid,
+                flags: r.present_flags(),
+                modseq: r.modseq,
+                received: r.received,
+                size: r.size,
+            })
+            .collect(),
     }
 }

@@ -7,6 +7,7 @@ mod body_fetch;
 mod image;
 mod job_table;
 mod jobs;
+pub use jobs::mailbox_view;
 mod log_progress;
 mod masters;
 mod outbox;
@@ -114,6 +115,10 @@ impl Server {
     /// What the store holds, as the core sees it (durable or about to be).
     pub fn image(&self) -> &DiskImage {
         self.image.disk()
+    }
+    /// What a client reading `mailbox` is shown now: its durable state.
+    pub fn read(&self, mailbox: &MailboxKey) -> ClientReply {
+        self.read_view(mailbox)
     }
     /// The bytes stored for a body the image lists, as they are now (not checked):
     /// from the driver's store once durable, from memory until then.
