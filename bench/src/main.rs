@@ -51,6 +51,9 @@ struct Args {
     store_recipients: usize,
     #[arg(long, default_value_t = 1)]
     store_body_mib: usize,
+    /// Message counts for the "store" part's restart and memory figures.
+    #[arg(long, value_delimiter = ',', default_value = "100000,300000,1000000")]
+    store_counts: Vec<usize>,
     /// Also run the "store" part with this `tandem` binary (an earlier build), beside
     /// this one.
     #[arg(long)]
@@ -137,8 +140,16 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
             say(&format!("  {row:?}"));
             rows.push(row);
         }
+        let mut restarts = Vec::new();
+        for count in &args.store_counts {
+            say(&format!("restart with {count} messages"));
+            let row = store::restart(tandem, root, *count)?;
+            say(&format!("  {row:?}"));
+            restarts.push(row);
+        }
         let command = std::env::args().collect::<Vec<_>>().join(" ");
-        store::splice(&workspace.join("BENCHMARKS.md"), &store::markdown(&rows, &command))?;
+        let section = store::markdown(&rows, &command) + &store::restart_markdown(&restarts);
+        store::splice(&workspace.join("BENCHMARKS.md"), &section)?;
         if args.parts.len() == 1 {
             return Ok(());
         }

@@ -205,3 +205,106 @@ pub fn splice(benchmarks: &Path, section: &str) -> Result<(), String> {
     };
     std::fs::write(benchmarks, new).map_err(|e| format!("{}: {e}", benchmarks.display()))
 }
+
+#[derive(Clone, Debug)]
+pub struct RestartRow {
+    pub messages: usize,
+    /// Time to write the store directly (not part of the figure; said for scale).
+    pub generate_s: f64,
+    /// From process start to the admin port answering (the store loaded, the core
+    /// recovered, stray body files collected).
+    pub restart_s: f64,
+    pub rss_bytes: i64,
+    pub disk_bytes: i64,
+}
+
+/// A store of `messages` distinct messages of about `body_bytes` each, spread over 100
+/// users' INBOXes, written through the node's own store code in large transactions.
+fn generate_store(data: &Path, messages: usize, body_bytes: usize) -> Result<(), String> {
+    use tandem_core::store::StoreWrite;
+    use tandem_core::types::{Guid, MailboxKey, MessageRecord};
+    let store = tandem_node::store::Store::open(data).map_err(|e| e.to_string())?;
+    let users = 100usize;
+    let per_user = messages.div_ceil(users);
+    let filler = "z".repeat(body_bytes.saturating_sub(80));
+    let mut writes = Vec::new();
+    for u in 0..users {
+        let mailbox = MailboxKey::new(&format!("load{u}@example.org"), "INBOX");
+        let count = per_user.min(messages.saturating_sub(u * per_user));
+        for n in 0..count {
+            let uid = n as u32 + 1;
+            let body = format!("From: load@example.org\r\nSubject: message {u}/{n}\r\n\r\n{filler}\r\n");
+            let checksum = tandem_core::hash::body_checksum(body.as_bytes());
+            let guid = Guid((u as u128) << 64 | n as u128 | 1 << 120);
+            let record = MessageRecord {
+                uid,
+                guid,
+                received: 1_700_000_000,
+                size: body.len() as u32,
+                checksum,
+                modseq: u64::from(uid),
+                flags: Default::default(),
+            };
+            writes.push(StoreWrite::PutBody { guid, checksum, bytes: body.into_bytes().into() });
+            writes.push(StoreWrite::PutMessage { mailbox: mailbox.clone(), record });
+            if writes.len() >= 20_000 {
+                store.apply(&writes).map_err(|e| e.to_string())?;
+                writes.clear();
+            }
+        }
+        writes.push(StoreWrite::MailboxMeta {
+            mailbox,
+            uidvalidity: 1,
+            uidnext: count as u32 + 1,
+            highest_modseq: count as u64,
+        });
+    }
+    store.apply(&writes).map_err(|e| e.to_string())
+}
+
+pub fn restart(tandem: &Path, root: &Path, messages: usize) -> Result<RestartRow, String> {
+    let dir = root.join(format!("restart-{messages}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let setup = Setup { nodes: 1, mode: "sync", replicas: 0, compression: false };
+    let mut cluster = BenchCluster::create(&dir, tandem, &setup)?;
+    let started = Instant::now();
+    generate_store(&cluster.nodes[0].data, messages, 4096)?;
+    let generate_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    cluster.start(0)?;
+    let restart_s = started.elapsed().as_secs_f64();
+    let result = (|| {
+        let status = cluster.status(0)?;
+        let shown: u64 = status.mailboxes.iter().map(|m| u64::from(m.messages)).sum();
+        if shown != messages as u64 {
+            return Err(format!("the node shows {shown} messages, not {messages}"));
+        }
+        let rss_bytes = rss_bytes(cluster.pid(0).ok_or("no process")?)?;
+        Ok(RestartRow { messages, generate_s, restart_s, rss_bytes, disk_bytes: disk_bytes(&cluster.nodes[0].data) })
+    })();
+    cluster.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+pub fn restart_markdown(rows: &[RestartRow]) -> String {
+    let mut out = String::from(
+        "\n## Restart and memory by message count\n\n\
+         One node whose store holds this many distinct messages of about 4 KB (100 users' \
+         INBOXes), written directly through the node's store code; then the node is \
+         started: time until its admin port answers, and its RSS then.\n\n\
+         | messages | restart s | RSS MiB | RSS bytes per message | data directory MiB |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let mib = |b: i64| b as f64 / f64::from(1 << 20);
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.0} | {:.0} | {:.0} |\n",
+            r.messages,
+            r.restart_s,
+            mib(r.rss_bytes),
+            r.rss_bytes as f64 / r.messages.max(1) as f64,
+            mib(r.disk_bytes)
+        ));
+    }
+    out
+}
