@@ -167,17 +167,24 @@ fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body_file() {
     let writer = {
         let (admin, stop) = (c.admin.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut acked = Vec::new();
+            let (mut acked, mut expunged) = (Vec::new(), Vec::new());
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let body = format!("Subject: big {i}\r\n\r\n{}\r\n", "x".repeat(200_000 + i * 97));
+                let via = &admin[1 + i % 2];
                 let request = AdminRequest::Deliver { mailbox: mailbox.into(), body, flags: vec![] };
-                if let Ok(AdminReply::Saved { guid, .. }) = harness::call(&admin[1 + i % 2], &request) {
-                    acked.push(guid);
+                if let Ok(AdminReply::Saved { guid, uid, .. }) = harness::call(via, &request) {
+                    // Every third message is expunged again: its body file is deleted.
+                    let expunge = AdminRequest::Expunge { mailbox: mailbox.into(), uids: vec![uid] };
+                    if i % 3 == 0 && matches!(harness::call(via, &expunge), Ok(AdminReply::Expunged { .. })) {
+                        expunged.push(guid);
+                    } else {
+                        acked.push(guid);
+                    }
                 }
                 i += 1;
             }
-            acked
+            (acked, expunged)
         })
     };
     for _ in 0..3 {
@@ -189,14 +196,19 @@ fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body_file() {
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let acked = writer.join().expect("writer");
-    assert!(acked.len() > 10, "only {} saves acknowledged", acked.len());
+    let (acked, expunged) = writer.join().expect("writer");
+    assert!(acked.len() > 10 && !expunged.is_empty(), "only {} saves and {} expunges", acked.len(), expunged.len());
     let view = c.converged(mailbox, CONVERGE);
     let present: BTreeSet<&String> = view.messages.iter().map(|m| &m.guid).collect();
     for g in &acked {
         assert!(present.contains(g), "acknowledged {g} lost");
     }
-    // A quiet cluster has no write in flight: a kill now leaves exactly what it wrote.
+    for g in &expunged {
+        assert!(!present.contains(g), "expunged {g} is back");
+    }
+    // Bodies of expunged messages are collected on a slow tick; then a quiet cluster has
+    // no write in flight, and a kill leaves exactly what it wrote.
+    std::thread::sleep(Duration::from_secs(3));
     for i in 0..3 {
         c.kill9(i);
     }
@@ -215,6 +227,8 @@ fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body_file() {
         let live: BTreeSet<tandem_core::Guid> =
             image.mailboxes.values().flat_map(|m| m.messages.values().map(|r| r.guid)).collect();
         assert!(live.iter().all(|g| image.bodies.contains_key(g)), "node {}: a message without a body", i + 1);
+        let kept: BTreeSet<tandem_core::Guid> = image.bodies.keys().copied().collect();
+        assert_eq!(kept, live, "node {}: bodies of expunged messages are collected", i + 1);
     }
 }
 

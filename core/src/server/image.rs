@@ -33,6 +33,11 @@ pub(crate) struct Image {
     /// with these undone, so reads are answered from it at once, also while the disk is
     /// full and nothing becomes durable.
     undo: VecDeque<(WriteId, MailboxKey, Undo)>,
+    /// Live records per GUID, over every mailbox (kept from each write's before-image
+    /// and value), and the stored bodies that lost their last one: candidates for
+    /// collection (see `Server::collect_bodies`).
+    live_refs: BTreeMap<Guid, u32>,
+    unreferenced: BTreeSet<Guid>,
     /// Each mailbox's digest, kept up to date from the writes that change the mailbox
     /// (built from the mailbox when first needed).
     digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
@@ -81,7 +86,15 @@ pub(crate) struct ScrubFindings {
 
 impl Image {
     pub(crate) fn new(disk: DiskImage, bodies: Box<dyn BodyStore>) -> Image {
+        let mut live_refs: BTreeMap<Guid, u32> = BTreeMap::new();
+        for r in disk.mailboxes.values().flat_map(|m| m.messages.values()) {
+            *live_refs.entry(r.guid).or_default() += 1;
+        }
+        // Bodies no message holds (left by an earlier run) are collected too.
+        let unreferenced = disk.bodies.keys().filter(|g| !live_refs.contains_key(g)).copied().collect();
         Image {
+            live_refs,
+            unreferenced,
             disk,
             bodies,
             unsynced: BTreeMap::new(),
@@ -187,6 +200,60 @@ impl Image {
         Some(std::borrow::Cow::Owned(m))
     }
 
+    /// Keeps `live_refs` in step with a record write: its before-image loses a reference,
+    /// its value gains one.
+    fn count_refs(&mut self, write: &StoreWrite, undo: Option<&Undo>) {
+        let added = match write {
+            StoreWrite::PutMessage { record, .. } => Some(record.guid),
+            StoreWrite::RemoveMessage { .. } => None,
+            _ => return,
+        };
+        if let Some(Undo::Record { before: Some(before), .. }) = undo {
+            match self.live_refs.get_mut(&before.guid) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    self.live_refs.remove(&before.guid);
+                    if self.disk.bodies.contains_key(&before.guid) {
+                        self.unreferenced.insert(before.guid);
+                    }
+                }
+                None => debug_assert!(false, "a replaced record was counted"),
+            }
+        }
+        if let Some(guid) = added {
+            *self.live_refs.entry(guid).or_default() += 1;
+            self.unreferenced.remove(&guid);
+        }
+    }
+
+    /// Stored bodies that no live record holds any more (some may be wanted still).
+    pub(crate) fn unreferenced_bodies(&self) -> impl Iterator<Item = Guid> + '_ {
+        self.unreferenced.iter().copied()
+    }
+
+    /// Whether any live record holds this GUID.
+    pub(crate) fn is_referenced(&self, guid: Guid) -> bool {
+        self.live_refs.contains_key(&guid)
+    }
+
+    /// Removes a body no record holds (see `Server::collect_bodies`).
+    pub(crate) fn remove_unreferenced_body(&mut self, out: &mut Outbox, guid: Guid) {
+        debug_assert!(!self.live_refs.contains_key(&guid), "a live message's body is kept");
+        self.unreferenced.remove(&guid);
+        if self.disk.bodies.contains_key(&guid) {
+            self.commit(out, StoreWrite::RemoveBody { guid });
+        }
+    }
+
+    /// Debug check: the reference counts equal a count over every mailbox.
+    pub(crate) fn refs_consistent(&self) -> bool {
+        let mut counted: BTreeMap<Guid, u32> = BTreeMap::new();
+        for r in self.disk.mailboxes.values().flat_map(|m| m.messages.values()) {
+            *counted.entry(r.guid).or_default() += 1;
+        }
+        counted == self.live_refs
+    }
+
     /// What a write is about to replace of what a client is shown.
     fn before_image(&self, write: &StoreWrite) -> Option<(MailboxKey, Undo)> {
         let (key, uid) = match write {
@@ -230,6 +297,7 @@ impl Image {
 
     /// [`Image::commit`] with the before-image given: a merge changes the mailbox first.
     fn commit_undo(&mut self, out: &mut Outbox, write: StoreWrite, undo: Option<(MailboxKey, Undo)>) -> WriteId {
+        self.count_refs(&write, undo.as_ref().map(|(_, u)| u));
         self.disk.apply(&write);
         self.follow(&write);
         let unsynced = match &write {
@@ -273,6 +341,7 @@ impl Image {
             StoreWrite::RemoveBody { guid } => {
                 self.body_verdicts.remove(guid);
                 self.unsynced.remove(guid);
+                self.unreferenced.remove(guid);
                 self.scrub_rescan = true;
             }
             _ => {}
@@ -303,6 +372,11 @@ impl Image {
         debug_assert!(u32::try_from(bytes.len()).is_ok(), "a body's size fits a record");
         self.commit(out, StoreWrite::PutBody { guid, checksum, bytes });
         self.body_verdicts.insert(guid, true);
+        if !self.live_refs.contains_key(&guid) {
+            // Stored for a record placed right after, or fetched for one expunged since:
+            // the latter is collected.
+            self.unreferenced.insert(guid);
+        }
     }
 
     /// Whether the stored body of `guid` matches its checksum (None: no body stored).
@@ -455,8 +529,10 @@ impl Image {
             let tombstone = self.tombstone_now(key, t);
             self.commit_undo(out, StoreWrite::PutTombstone { mailbox: key.clone(), tombstone }, None);
         }
+        // Each touched UID once, with its final value (a merge may touch one twice).
+        let mut seen = BTreeSet::new();
         let touched = outcome.removed.iter().copied().chain(outcome.records.iter().map(|r| r.uid));
-        for uid in touched.collect::<Vec<Uid>>() {
+        for uid in touched.filter(|uid| seen.insert(*uid)).collect::<Vec<Uid>>() {
             let write = match self.disk.mailboxes.get(key).and_then(|m| m.messages.get(&uid)) {
                 Some(record) => StoreWrite::PutMessage { mailbox: key.clone(), record: record.clone() },
                 None => StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
@@ -785,5 +861,24 @@ mod tests {
         assert_eq!(view(image.durable_mailbox(&key("INBOX")).as_deref()), view(before.as_ref()));
         image.durable(out.last_write());
         assert_eq!(image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned()).as_ref(), image.mailbox(&key("INBOX")));
+    }
+
+    #[test]
+    fn a_body_becomes_collectable_when_its_last_record_goes() {
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let bytes = Body::from_static(b"shared");
+        image.put_checked_body(&mut out, Guid(9), body_checksum(&bytes), bytes);
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("A"), record: record(1, 9) });
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("B"), record: record(4, 9) });
+        assert_eq!(image.unreferenced_bodies().count(), 0);
+        image.commit(&mut out, StoreWrite::RemoveMessage { mailbox: key("A"), uid: 1 });
+        assert_eq!(image.unreferenced_bodies().count(), 0, "a copy in another mailbox holds it");
+        image.commit(&mut out, StoreWrite::RemoveMessage { mailbox: key("B"), uid: 4 });
+        assert_eq!(image.unreferenced_bodies().collect::<Vec<_>>(), vec![Guid(9)]);
+        image.remove_unreferenced_body(&mut out, Guid(9));
+        assert!(!image.has_body(&Guid(9)));
+        assert!(image.refs_consistent());
+        assert_eq!(&replay(&mut out), image.disk());
     }
 }

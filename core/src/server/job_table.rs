@@ -86,6 +86,15 @@ impl JobTable {
     }
 
     /// Bodies that COPYs wait for.
+    /// Bodies a job still needs: awaited from a peer, or copied by a COPY not done yet.
+    pub(crate) fn bodies_in_use(&self) -> BTreeSet<Guid> {
+        let copied = self.jobs.values().filter_map(|j| match &j.kind {
+            super::jobs::JobKind::Write(crate::msg::WriteRequest::Copy { guid, .. }) => Some(*guid),
+            _ => None,
+        });
+        self.awaited_bodies().into_iter().chain(copied).collect()
+    }
+
     pub(crate) fn awaited_bodies(&self) -> BTreeSet<Guid> {
         self.jobs
             .values()

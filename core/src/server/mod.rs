@@ -384,6 +384,7 @@ impl Server {
             self.anti_entropy();
             self.sync_dirty();
             self.scrub_bodies();
+            self.collect_bodies();
         }
     }
 

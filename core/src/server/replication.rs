@@ -623,6 +623,36 @@ impl Server {
         }
     }
 
+    /// Deletes bodies no live message holds: expunged everywhere here, not in any peer's
+    /// log, not wanted, not needed by a job. A COPY or a replica's FETCH that comes later
+    /// finds no body here and is served by a server that still holds the message.
+    pub(crate) fn collect_bodies(&mut self) {
+        let candidates: Vec<Guid> = self.image.unreferenced_bodies().take(COLLECT_PER_TICK_MAX).collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let in_use = self.jobs.bodies_in_use();
+        let logged: BTreeSet<Guid> = self
+            .image
+            .logs()
+            .values()
+            .flat_map(|l| l.entries.values())
+            .flat_map(logged_guids)
+            .filter(|g| candidates.binary_search(g).is_ok())
+            .collect();
+        for guid in candidates {
+            if self.image.is_referenced(guid)
+                || in_use.contains(&guid)
+                || logged.contains(&guid)
+                || self.body_fetch.is_wanted(&guid)
+            {
+                continue;
+            }
+            self.image.remove_unreferenced_body(&mut self.out, guid);
+        }
+        debug_assert!(self.image.refs_consistent(), "live reference counts match the mailboxes");
+    }
+
     pub(crate) fn on_external(&mut self, edit: ExternalEdit) {
         match edit {
             ExternalEdit::Added { mailbox, guid, received, body } => {
@@ -640,5 +670,17 @@ impl Server {
             }
             ExternalEdit::Corrupted { guid } => self.image.body_changed(guid),
         }
+    }
+}
+
+/// Bodies collected per slow tick at most.
+const COLLECT_PER_TICK_MAX: usize = 256;
+
+/// The GUIDs a logged change refers to.
+fn logged_guids(change: &Change) -> Vec<Guid> {
+    match change {
+        Change::Save { record, .. } | Change::Copy { record, .. } => vec![record.guid],
+        Change::Merge { state } => state.messages.iter().map(|r| r.guid).collect(),
+        Change::Expunge { .. } | Change::Store { .. } => Vec::new(),
     }
 }
