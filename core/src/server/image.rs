@@ -17,8 +17,10 @@ use crate::types::*;
 use crate::{Change, MailboxState, Summary};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// Bodies checked against their checksum per scrub.
+/// Bodies, and bytes of them, read back and checked against their checksum per scrub
+/// (a slow tick): the disk is walked at a rate that does not compete with clients.
 const SCRUB_PER_TICK_MAX: usize = 256;
+const SCRUB_BYTES_PER_TICK_MAX: u64 = 4 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Image {
@@ -629,16 +631,33 @@ impl Image {
         incarnation
     }
 
-    /// Checks some bodies against their checksums, and finds messages that have no body
-    /// here and are not in `wanted`.
+    /// Reads the next bodies back from the store and checks them against their checksums
+    /// (a verdict from an earlier check is not trusted: the disk may have changed under
+    /// us), and finds messages that have no body here and are not in `wanted`.
     pub(crate) fn scrub(&mut self, wanted: impl Fn(&Guid) -> bool) -> ScrubFindings {
         let mut found = ScrubFindings::default();
         let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
-        let guids: Vec<(Guid, u64)> =
-            self.disk.bodies.range(start..).take(SCRUB_PER_TICK_MAX).map(|(g, b)| (*g, b.checksum)).collect();
+        let mut bytes = 0u64;
+        let mut guids: Vec<(Guid, u64)> = Vec::new();
+        for (g, b) in self.disk.bodies.range(start..) {
+            if guids.len() >= SCRUB_PER_TICK_MAX
+                || (!guids.is_empty() && bytes.saturating_add(b.len) > SCRUB_BYTES_PER_TICK_MAX)
+            {
+                break;
+            }
+            bytes = bytes.saturating_add(b.len);
+            guids.push((*g, b.checksum));
+        }
+        let last = guids.last().map(|(g, _)| *g);
+        let more = last.is_some_and(|g| self.disk.bodies.range(Guid(g.0.saturating_add(1))..).next().is_some());
+        for (g, _) in &guids {
+            if !self.unsynced.contains_key(g) {
+                self.body_verdicts.remove(g);
+            }
+        }
         let batch: Vec<(Guid, u64, bool)> =
             guids.into_iter().map(|(g, checksum)| (g, checksum, self.body_intact(g).unwrap_or(false))).collect();
-        self.scrub_cursor = if batch.len() < SCRUB_PER_TICK_MAX { None } else { batch.last().map(|b| b.0) };
+        self.scrub_cursor = if more { last } else { None };
         found.corrupt = batch.into_iter().filter(|(_, _, intact)| !intact).map(|(g, c, _)| (g, c)).collect();
         // Only a message written while its body was not here, or any after a body was
         // removed, can lack one: those are the ones looked at (in mailbox and UID order).
@@ -880,5 +899,20 @@ mod tests {
         assert!(!image.has_body(&Guid(9)));
         assert!(image.refs_consistent());
         assert_eq!(&replay(&mut out), image.disk());
+    }
+
+    #[test]
+    fn the_scrub_reads_the_disk_again_and_finds_damage_it_was_not_told_of() {
+        let store = MemoryBodies::default();
+        let (mut image, mut out) = (Image::new(DiskImage::default(), Box::new(store.clone())), Outbox::default());
+        let bytes = Body::from_static(b"kept safe");
+        let checksum = body_checksum(&bytes);
+        image.put_checked_body(&mut out, Guid(5), checksum, bytes.clone());
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 5) });
+        store.overwrite(Guid(5), bytes);
+        image.durable(out.last_write());
+        assert!(image.scrub(|_| false).corrupt.is_empty());
+        store.overwrite(Guid(5), Body::from_static(b"kept safE"));
+        assert_eq!(image.scrub(|_| false).corrupt, vec![(Guid(5), checksum)]);
     }
 }
