@@ -253,10 +253,14 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
 }
 
 /// Sections other runs wrote (between their markers) are kept when the other
-/// benchmarks are rerun: `bench/imaptest --write`'s table, and the "store" part's.
+/// benchmarks are rerun: `bench/imaptest --write`'s table, the "store" part's, and
+/// `bench/fetch-memory`'s.
 fn keep_imaptest_section(path: &Path, md: String) -> String {
-    const MARKERS: [(&str, &str); 2] =
-        [("<!-- imaptest:begin", "<!-- imaptest:end -->"), ("<!-- store:start -->", "<!-- store:end -->")];
+    const MARKERS: [(&str, &str); 3] = [
+        ("<!-- imaptest:begin", "<!-- imaptest:end -->"),
+        ("<!-- store:start -->", "<!-- store:end -->"),
+        ("<!-- fetch:start -->", "<!-- fetch:end -->"),
+    ];
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = md;
     for (begin_marker, end_marker) in MARKERS {

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
-use tandem_core::types::{Flag, Guid, MailboxKey, Uid};
+use tandem_core::types::{Flag, MailboxKey, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -161,6 +161,10 @@ impl Selected {
 /// SEARCH, SORT and THREAD read message bodies in batches of at most this many bytes
 /// (one message at least).
 const BODY_BATCH_BYTES: u64 = 64 * 1024 * 1024;
+
+/// FETCH reads bodies, and writes their responses to the client, in batches of at most
+/// this many bytes of message (one message at least).
+const FETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The flags every mailbox has.
 const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
@@ -1058,35 +1062,60 @@ impl Session {
                 self.refresh_except(false, &reported_here).await;
             }
         }
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let guids: Vec<Guid> = targets.iter().filter_map(|(_, u)| sel.view.get(u).map(|m| m.guid)).collect();
-        let bodies = if needs_body { self.node.bodies(guids).await } else { BTreeMap::new() };
-        let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
-        let mut out = Vec::new();
-        for (seq, u) in &targets {
-            let Some(m) = sel.view.get(u) else { continue };
-            let body = bodies.get(&m.guid).map(|b| b.as_ref());
-            if needs_body && body.is_none() {
-                // Not here yet (being fetched from a peer): say nothing rather than lie.
-                continue;
-            }
-            let message = Message::new(body.unwrap_or_default());
-            let answered = out.len();
-            out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b' ');
+        // Copied out of the session: the batches below await reads and writes.
+        let rows: Vec<(usize, Uid, MessageView, bool)> = {
+            let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
+            targets
+                .iter()
+                .filter_map(|(seq, u)| sel.view.get(u).map(|m| (*seq, *u, m.clone(), sel.recent.contains(u))))
+                .collect()
+        };
+        // Bodies are read and answered in batches of at most FETCH_BATCH_BYTES, each
+        // batch written to the client before the next is read: a FETCH of a whole
+        // mailbox holds one batch of bodies and responses in memory, not the mailbox.
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = rows.len();
+            let mut bodies = BTreeMap::new();
+            if needs_body {
+                let mut bytes = 0u64;
+                end = start;
+                while end < rows.len() && (end == start || bytes + u64::from(rows[end].2.size) <= FETCH_BATCH_BYTES) {
+                    bytes += u64::from(rows[end].2.size);
+                    end += 1;
                 }
-                if let Err(why) = fetch_item(&mut out, item, m, sel.recent.contains(u), &message) {
-                    // What was answered for earlier messages stands.
-                    out.truncate(answered);
-                    self.out.extend_from_slice(&out);
-                    return Err(format!("NO [UNKNOWN-CTE] message {seq}: {why}"));
-                }
+                bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
             }
-            out.extend_from_slice(b")\r\n");
+            let mut out = Vec::new();
+            for (seq, _, m, recent) in &rows[start..end] {
+                let body = bodies.get(&m.guid).map(|b| b.as_ref());
+                if needs_body && body.is_none() {
+                    // Not here yet (being fetched from a peer): say nothing rather than lie.
+                    continue;
+                }
+                let message = Message::new(body.unwrap_or_default());
+                let answered = out.len();
+                out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b' ');
+                    }
+                    if let Err(why) = fetch_item(&mut out, item, m, *recent, &message) {
+                        // What was answered for earlier messages stands.
+                        out.truncate(answered);
+                        self.out.extend_from_slice(&out);
+                        return Err(format!("NO [UNKNOWN-CTE] message {seq}: {why}"));
+                    }
+                }
+                out.extend_from_slice(b")\r\n");
+            }
+            drop(bodies);
+            self.out.extend_from_slice(&out);
+            start = end;
+            if start < rows.len() {
+                self.flush().await?;
+            }
         }
-        self.out.extend_from_slice(&out);
         Ok(format!("{}FETCH done", if uid { "UID " } else { "" }))
     }
 
