@@ -41,6 +41,8 @@ pub struct Front {
     /// IMAP's `\Recent`: which messages a session on this node has already been shown as
     /// recent (per server, as RFC 3501 allows).
     pub(crate) recent: Arc<crate::imap::recent::RecentMarks>,
+    /// ENVELOPE, BODY and BODYSTRUCTURE per GUID, parsed once for every session.
+    pub(crate) parsed: Arc<crate::imap::parsed::ParsedCache>,
 }
 
 /// A logged-in session's place in the per-user count, given back when dropped.
@@ -92,6 +94,7 @@ impl Front {
             throttle: Arc::default(),
             sessions: Arc::default(),
             recent: Arc::default(),
+            parsed: Arc::default(),
         }
     }
 

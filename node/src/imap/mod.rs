@@ -10,6 +10,7 @@
 //! another one, another server, or a UID renumbering after a conflict.
 
 pub(crate) mod mime;
+pub(crate) mod parsed;
 pub(crate) mod recent;
 pub(crate) mod session;
 pub(crate) mod thread;

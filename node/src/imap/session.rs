@@ -1,3 +1,4 @@
+use super::parsed::Parsed;
 use super::wire::{astring, literal, quoted_or_literal};
 use super::{mime, thread};
 use crate::front::{Front, LoginError, UserSession};
@@ -20,6 +21,7 @@ use imap_codec::imap_types::status::StatusDataItemName;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
@@ -1073,6 +1075,20 @@ impl Session {
         // Bodies are read and answered in batches of at most FETCH_BATCH_BYTES, each
         // batch written to the client before the next is read: a FETCH of a whole
         // mailbox holds one batch of bodies and responses in memory, not the mailbox.
+        // ENVELOPE, BODY and BODYSTRUCTURE come from the node's cache when it has them:
+        // such a FETCH reads only the bodies parsed for the first time.
+        let parsed_only = needs_body
+            && items.iter().all(|i| {
+                !matches!(
+                    i,
+                    MessageDataItemName::BodyExt { .. }
+                        | MessageDataItemName::Binary { .. }
+                        | MessageDataItemName::BinarySize { .. }
+                        | MessageDataItemName::Rfc822
+                        | MessageDataItemName::Rfc822Header
+                        | MessageDataItemName::Rfc822Text
+                )
+            });
         let mut start = 0;
         while start < rows.len() {
             let mut end = rows.len();
@@ -1084,16 +1100,24 @@ impl Session {
                     bytes += u64::from(rows[end].2.size);
                     end += 1;
                 }
-                bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
+                let wanted: Vec<_> = rows[start..end]
+                    .iter()
+                    .map(|r| r.2.guid)
+                    .filter(|g| !parsed_only || self.front.parsed.get(*g).is_none())
+                    .collect();
+                if !wanted.is_empty() {
+                    bodies = self.node.bodies(wanted).await;
+                }
             }
             let mut out = Vec::new();
             for (seq, _, m, recent) in &rows[start..end] {
+                let parsed = parsed_only.then(|| self.front.parsed.get(m.guid)).flatten();
                 let body = bodies.get(&m.guid).map(|b| b.as_ref());
-                if needs_body && body.is_none() {
+                if needs_body && body.is_none() && parsed.is_none() {
                     // Not here yet (being fetched from a peer): say nothing rather than lie.
                     continue;
                 }
-                let message = Message::new(body.unwrap_or_default());
+                let message = Message::new(body.unwrap_or_default(), parsed);
                 let answered = out.len();
                 out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
                 for (i, item) in items.iter().enumerate() {
@@ -1108,6 +1132,9 @@ impl Session {
                     }
                 }
                 out.extend_from_slice(b")\r\n");
+                if parsed_only && body.is_some() {
+                    self.front.parsed.put(m.guid, message.parsed());
+                }
             }
             drop(bodies);
             self.out.extend_from_slice(&out);
@@ -1739,19 +1766,38 @@ fn range_set(ranges: &[(u32, u32)]) -> String {
     parts.join(",")
 }
 
-/// One message's bytes, with its MIME tree found at most once for all its FETCH items.
+/// One message's bytes, with its MIME tree found at most once for all its FETCH items,
+/// and its parsed items, from the node's cache or worked out once.
 struct Message<'a> {
     bytes: &'a [u8],
     structure: std::cell::OnceCell<mime::Structure>,
+    parsed: std::cell::OnceCell<Arc<Parsed>>,
 }
 
 impl<'a> Message<'a> {
-    fn new(bytes: &'a [u8]) -> Message<'a> {
-        Message { bytes, structure: std::cell::OnceCell::new() }
+    fn new(bytes: &'a [u8], parsed: Option<Arc<Parsed>>) -> Message<'a> {
+        let cell = std::cell::OnceCell::new();
+        if let Some(p) = parsed {
+            let _ = cell.set(p);
+        }
+        Message { bytes, structure: std::cell::OnceCell::new(), parsed: cell }
     }
 
     fn structure(&self) -> &mime::Structure {
         self.structure.get_or_init(|| mime::Structure::of(self.bytes))
+    }
+
+    /// ENVELOPE, BODY and BODYSTRUCTURE (parsed from the bytes unless the cache had them).
+    fn parsed(&self) -> Arc<Parsed> {
+        self.parsed
+            .get_or_init(|| {
+                Arc::new(Parsed {
+                    envelope: mime::envelope(self.bytes),
+                    body: mime::describe(self.bytes, self.structure(), false),
+                    bodystructure: mime::describe(self.bytes, self.structure(), true),
+                })
+            })
+            .clone()
     }
 }
 
@@ -1775,12 +1821,12 @@ fn fetch_item(
         }
         MessageDataItemName::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", m.size).as_bytes()),
         MessageDataItemName::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", m.modseq).as_bytes()),
-        MessageDataItemName::Envelope => out.extend_from_slice(format!("ENVELOPE {}", mime::envelope(body)).as_bytes()),
-        MessageDataItemName::Body => {
-            out.extend_from_slice(format!("BODY {}", mime::describe(body, msg.structure(), false)).as_bytes())
+        MessageDataItemName::Envelope => {
+            out.extend_from_slice(format!("ENVELOPE {}", msg.parsed().envelope).as_bytes())
         }
+        MessageDataItemName::Body => out.extend_from_slice(format!("BODY {}", msg.parsed().body).as_bytes()),
         MessageDataItemName::BodyStructure => {
-            out.extend_from_slice(format!("BODYSTRUCTURE {}", mime::describe(body, msg.structure(), true)).as_bytes())
+            out.extend_from_slice(format!("BODYSTRUCTURE {}", msg.parsed().bodystructure).as_bytes())
         }
         MessageDataItemName::Rfc822 => {
             out.extend_from_slice(b"RFC822 ");
