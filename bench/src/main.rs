@@ -3,6 +3,7 @@
 //! the same messages in the same run; writes BENCHMARKS.md and its plots.
 
 mod cluster;
+mod dovecot_lmtp;
 mod dsync;
 mod lmtp;
 mod plot;
@@ -150,9 +151,11 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         let section = store::markdown(&rows, &command) + &store::restart_markdown(&restarts);
         store::splice(&workspace.join("BENCHMARKS.md"), &section)?;
-        if args.parts.len() == 1 {
-            return Ok(());
-        }
+    }
+    let standard = ["sim", "throughput", "wire", "resync"];
+    let only_extras = !args.parts.iter().any(|p| standard.contains(&p.as_str()));
+    if only_extras && !args.parts.iter().any(|p| p == "lmtp") {
+        return Ok(());
     }
     let max_size = args.sizes.iter().copied().max().unwrap_or(0);
 
@@ -172,6 +175,51 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
     let messages = scenarios::read_messages(&root.join("mail"))?;
     let arrivals = scenarios::read_messages(&root.join("arrivals"))?;
     let mut ctx = scenarios::Ctx::new(root.join("tandem"), tandem.to_path_buf(), messages, arrivals, args.runs);
+
+    if args.parts.iter().any(|p| p == "lmtp") {
+        say("LMTP delivery beside a single Dovecot 2.3 LMTP server");
+        let row = scenarios::throughput(&mut ctx, "sync", 1, args.throughput_messages)?;
+        say(&format!("  tandem 3 nodes sync replicas=1: {row:?}"));
+        let dovecot = dovecot_lmtp::throughput(
+            &root.join("dovecot-lmtp"),
+            &ctx.messages,
+            args.throughput_messages,
+            ctx.connections,
+        )?;
+        say(&format!("  dovecot: {dovecot:?}"));
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let fs = Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(&args.bench_dir)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let section = format!(
+            "## LMTP delivery beside Dovecot\n\n\
+             The same {} messages (genmail.py) over {} LMTP connections, after 50 of warm-up, \
+             on {} ({fs}): tandem as a 3-node cluster (sync, replicas=1, delivered to the \
+             INBOX's master), Dovecot 2.3 as one LMTP server writing Maildir.\n\n\
+             Command: `{command}`\n\n\
+             | server | delivered | per s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|\n\
+             | tandem, 3 nodes, sync, replicas=1 | {} | {:.0} | {:.2} | {:.2} |\n\
+             | Dovecot 2.3, one server | {} | {:.0} | {:.2} | {:.2} |\n",
+            args.throughput_messages,
+            ctx.connections,
+            args.bench_dir.display(),
+            row.messages,
+            row.per_s,
+            row.p50_ms,
+            row.p99_ms,
+            dovecot.0,
+            dovecot.1,
+            dovecot.2,
+            dovecot.3,
+        );
+        store::splice_marked(&workspace.join("BENCHMARKS.md"), "lmtp", &section)?;
+        if only_extras {
+            return Ok(());
+        }
+    }
 
     say("simulator speed");
     let mut sim = Vec::new();
@@ -256,10 +304,11 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
 /// benchmarks are rerun: `bench/imaptest --write`'s table, the "store" part's, and
 /// `bench/fetch-memory`'s.
 fn keep_imaptest_section(path: &Path, md: String) -> String {
-    const MARKERS: [(&str, &str); 3] = [
+    const MARKERS: [(&str, &str); 4] = [
         ("<!-- imaptest:begin", "<!-- imaptest:end -->"),
         ("<!-- store:start -->", "<!-- store:end -->"),
         ("<!-- fetch:start -->", "<!-- fetch:end -->"),
+        ("<!-- lmtp:start -->", "<!-- lmtp:end -->"),
     ];
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = md;

@@ -193,15 +193,20 @@ pub fn markdown(rows: &[RecipientsRow], command: &str) -> String {
 /// Replaces the part of BENCHMARKS.md between the store markers (appending it the
 /// first time), so this part can be rerun alone.
 pub fn splice(benchmarks: &Path, section: &str) -> Result<(), String> {
-    const START: &str = "<!-- store:start -->";
-    const END: &str = "<!-- store:end -->";
+    splice_marked(benchmarks, "store", section)
+}
+
+/// Replaces the block between `<!-- NAME:start -->` and `<!-- NAME:end -->`, appending
+/// it the first time.
+pub fn splice_marked(benchmarks: &Path, name: &str, section: &str) -> Result<(), String> {
+    let (start, end) = (format!("<!-- {name}:start -->"), format!("<!-- {name}:end -->"));
     let text = std::fs::read_to_string(benchmarks).unwrap_or_default();
-    let block = format!("{START}\n{section}{END}\n");
-    let new = match (text.find(START), text.find(END)) {
+    let block = format!("{start}\n{section}{end}\n");
+    let new = match (text.find(&start), text.find(&end)) {
         (Some(a), Some(b)) if a < b => {
-            format!("{}{block}{}", &text[..a], text[b + END.len()..].trim_start_matches('\n'))
+            format!("{}{block}{}", &text[..a], text[b + end.len()..].trim_start_matches('\n'))
         }
-        _ => format!("{}\n{block}", text.trim_end()),
+        _ => format!("{}\n\n{block}", text.trim_end()),
     };
     std::fs::write(benchmarks, new).map_err(|e| format!("{}: {e}", benchmarks.display()))
 }
