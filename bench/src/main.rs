@@ -195,7 +195,7 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         let section = format!(
-            "## LMTP delivery beside Dovecot\n\n\
+            "## LMTP delivery beside Dovecot ({fs})\n\n\
              The same {} messages (genmail.py) over {} LMTP connections, after 50 of warm-up, \
              on {} ({fs}): tandem as a 3-node cluster (sync, replicas=1, delivered to the \
              INBOX's master), Dovecot 2.3 as one LMTP server writing Maildir.\n\n\
@@ -215,7 +215,9 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
             dovecot.2,
             dovecot.3,
         );
-        store::splice_marked(&workspace.join("BENCHMARKS.md"), "lmtp", &section)?;
+        // One block for tmpfs and one for a real disk, where fsync costs what it costs.
+        let block = if fs == "tmpfs" { "lmtp-tmpfs" } else { "lmtp-disk" };
+        store::splice_marked(&workspace.join("BENCHMARKS.md"), block, &section)?;
         if only_extras {
             return Ok(());
         }
@@ -304,11 +306,12 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
 /// benchmarks are rerun: `bench/imaptest --write`'s table, the "store" part's, and
 /// `bench/fetch-memory`'s.
 fn keep_imaptest_section(path: &Path, md: String) -> String {
-    const MARKERS: [(&str, &str); 4] = [
+    const MARKERS: [(&str, &str); 5] = [
         ("<!-- imaptest:begin", "<!-- imaptest:end -->"),
         ("<!-- store:start -->", "<!-- store:end -->"),
         ("<!-- fetch:start -->", "<!-- fetch:end -->"),
-        ("<!-- lmtp:start -->", "<!-- lmtp:end -->"),
+        ("<!-- lmtp-tmpfs:start -->", "<!-- lmtp-tmpfs:end -->"),
+        ("<!-- lmtp-disk:start -->", "<!-- lmtp-disk:end -->"),
     ];
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = md;
