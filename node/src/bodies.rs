@@ -1,5 +1,5 @@
 //! Message bodies on disk, content-addressed: one file per distinct body, named by the
-//! SHA-256 of its bytes (`bodies/<2 hex>/<62 hex>`), shared by every GUID with those
+//! SHA-256 of its bytes (`bodies/<64 hex>`), shared by every GUID with those
 //! bytes. A thousand recipients of one message, or a message in many mailboxes, take one
 //! file. Files rather than a redb table because a damaged file spoils one body and never
 //! the store (the core refetches it from a peer), a body is read and written whole
@@ -50,39 +50,48 @@ impl BodyFiles {
         BodyFiles { dir: data_dir.join("bodies") }
     }
 
-    fn fan_dir(&self, hash: &BodyHash) -> PathBuf {
-        self.dir.join(format!("{:02x}", hash[0]))
-    }
-
     pub fn path_of(&self, hash: &BodyHash) -> PathBuf {
-        let name = hex(hash);
-        self.fan_dir(hash).join(&name[2..])
+        self.dir.join(hex(hash))
     }
 
-    /// Writes the file of a body and makes it durable; returns its directory, which the
-    /// caller fsyncs once per batch ([`BodyFiles::sync_dirs`]).
-    pub fn write(&self, hash: &BodyHash, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        let dir = self.fan_dir(hash);
-        std::fs::create_dir_all(&dir)?;
+    /// Writes the file of a body and makes its bytes durable; the caller then syncs the
+    /// directory once per batch ([`BodyFiles::sync_dir`]). A new file is written in
+    /// place: nobody reads it before the commit that references it, and a crash before
+    /// that commit leaves a file the next start deletes. A file that exists (a repair of
+    /// a damaged one, which readers may have open) is replaced by a rename. Returns
+    /// whether `bodies/` itself was created (then its parent is synced too).
+    pub fn write(&self, hash: &BodyHash, bytes: &[u8]) -> std::io::Result<bool> {
+        let new_dir = !self.dir.is_dir();
+        if new_dir {
+            std::fs::create_dir_all(&self.dir)?;
+        }
         let path = self.path_of(hash);
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, &path)?;
-        Ok(dir)
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut file) => {
+                file.write_all(bytes)?;
+                file.sync_data()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let tmp = path.with_extension("tmp");
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(bytes)?;
+                file.sync_data()?;
+                drop(file);
+                std::fs::rename(&tmp, &path)?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(new_dir)
     }
 
-    /// Makes the renames in these directories (and the directories themselves) durable.
-    pub fn sync_dirs(&self, dirs: &BTreeSet<PathBuf>) -> std::io::Result<()> {
-        if !dirs.is_empty() {
-            std::fs::File::open(&self.dir)?.sync_all()?;
+    /// Makes the batch's new files' names durable (one directory fsync for them all:
+    /// one directory, not a fan-out, because each directory synced costs a journal
+    /// commit), and with `created` the directory itself.
+    pub fn sync_dir(&self, created: bool) -> std::io::Result<()> {
+        if created && let Some(parent) = self.dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
         }
-        for dir in dirs {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        std::fs::File::open(&self.dir)?.sync_all()
     }
 
     pub fn read(&self, hash: &BodyHash) -> Option<Vec<u8>> {
@@ -99,21 +108,16 @@ impl BodyFiles {
     /// Returns how many it deleted.
     pub fn collect_garbage(&self, referenced: &BTreeSet<BodyHash>) -> std::io::Result<usize> {
         let mut deleted = 0;
-        let Ok(fans) = std::fs::read_dir(&self.dir) else { return Ok(0) };
-        for fan in fans {
-            let fan = fan?;
-            if !fan.file_type()?.is_dir() {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(0) };
+        for entry in entries {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
                 continue;
             }
-            let prefix = fan.file_name().to_string_lossy().into_owned();
-            for entry in std::fs::read_dir(fan.path())? {
-                let entry = entry?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let keep = unhex(&format!("{prefix}{name}")).is_some_and(|h| referenced.contains(&h));
-                if !keep {
-                    std::fs::remove_file(entry.path())?;
-                    deleted += 1;
-                }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !unhex(&name).is_some_and(|h| referenced.contains(&h)) {
+                std::fs::remove_file(entry.path())?;
+                deleted += 1;
             }
         }
         Ok(deleted)
@@ -176,10 +180,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = BodyFiles::new(dir.path());
         let (a, b) = (hash_of(b"one"), hash_of(b"two"));
-        let mut dirs = BTreeSet::new();
-        dirs.insert(files.write(&a, b"one").unwrap());
-        dirs.insert(files.write(&b, b"two").unwrap());
-        files.sync_dirs(&dirs).unwrap();
+        assert!(files.write(&a, b"one").unwrap(), "bodies/ is created");
+        assert!(!files.write(&b, b"two").unwrap());
+        assert!(files.write(&a, b"one").is_ok(), "an existing file is replaced");
+        files.sync_dir(true).unwrap();
         assert_eq!(files.read(&a).as_deref(), Some(&b"one"[..]));
         std::fs::write(files.path_of(&b).with_extension("tmp"), b"half").unwrap();
         assert_eq!(files.collect_garbage(&BTreeSet::from([a])).unwrap(), 2, "b and the temporary file");

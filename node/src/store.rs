@@ -143,20 +143,23 @@ impl Store {
             let legacy = txn.open_table(LEGACY_BODIES)?;
             let mut refs = txn.open_table(BODY_REFS)?;
             let mut counts = txn.open_table(BODY_COUNTS)?;
-            let mut dirs = BTreeSet::new();
+            let (mut wrote, mut created) = (false, false);
             for row in legacy.iter()? {
                 let (k, v) = row?;
                 let (checksum, bytes): (u64, Vec<u8>) = dec(v.value(), "body")?;
                 let hash = hash_of(&bytes);
                 let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
                 if count == 0 {
-                    dirs.insert(self.files.write(&hash, &bytes).map_err(|e| io_error("writing a body file", e))?);
+                    created |= self.files.write(&hash, &bytes).map_err(|e| io_error("writing a body file", e))?;
+                    wrote = true;
                 }
                 counts.insert(hash.as_slice(), count + 1)?;
                 refs.insert(k.value(), encode_ref(checksum, bytes.len() as u64, &hash).as_slice())?;
                 converted += 1;
             }
-            self.files.sync_dirs(&dirs).map_err(|e| io_error("syncing body directories", e))?;
+            if wrote {
+                self.files.sync_dir(created).map_err(|e| io_error("syncing the body directory", e))?;
+            }
         }
         txn.delete_table(LEGACY_BODIES)?;
         txn.commit()?;
@@ -313,7 +316,9 @@ impl Store {
                 }
             }
         }
-        self.files.sync_dirs(&bodies.dirs).map_err(|e| io_error("syncing body directories", e))?;
+        if bodies.wrote {
+            self.files.sync_dir(bodies.created).map_err(|e| io_error("syncing the body directory", e))?;
+        }
         txn.commit()?;
         for hash in &bodies.unreferenced {
             self.files.remove(hash);
@@ -332,7 +337,9 @@ impl Store {
 /// shown to the core's reads after.
 #[derive(Default)]
 struct BodyBatch {
-    dirs: BTreeSet<std::path::PathBuf>,
+    /// A body file was written (the directory is synced once), and `bodies/` created.
+    wrote: bool,
+    created: bool,
     unreferenced: BTreeSet<BodyHash>,
     index_changes: Vec<(Guid, Option<BodyHash>)>,
 }
@@ -361,7 +368,8 @@ impl BodyBatch {
         let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
         let same = old == Some(hash);
         if count == 0 || same {
-            self.dirs.insert(files.write(&hash, bytes).map_err(|e| io_error("writing a body file", e))?);
+            self.created |= files.write(&hash, bytes).map_err(|e| io_error("writing a body file", e))?;
+            self.wrote = true;
             self.unreferenced.remove(&hash);
         }
         if !same {
@@ -477,8 +485,7 @@ mod tests {
     }
 
     fn body_files(dir: &Path) -> usize {
-        let Ok(fans) = std::fs::read_dir(dir.join("bodies")) else { return 0 };
-        fans.map(|f| std::fs::read_dir(f.unwrap().path()).unwrap().count()).sum()
+        std::fs::read_dir(dir.join("bodies")).map(|d| d.count()).unwrap_or(0)
     }
 
     fn put(guid: u128, bytes: &'static [u8]) -> StoreWrite {
@@ -537,9 +544,7 @@ mod tests {
         // A body written whose transaction never committed, and a half-written one.
         let files = BodyFiles::new(dir.path());
         files.write(&hash_of(b"orphan"), b"orphan").unwrap();
-        let half = files.path_of(&hash_of(b"half")).with_extension("tmp");
-        std::fs::create_dir_all(half.parent().unwrap()).unwrap();
-        std::fs::write(half, b"ha").unwrap();
+        std::fs::write(files.path_of(&hash_of(b"half")).with_extension("tmp"), b"ha").unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         store.load().unwrap();
