@@ -1094,12 +1094,7 @@ impl Session {
             let mut end = rows.len();
             let mut bodies = BTreeMap::new();
             if needs_body {
-                let mut bytes = 0u64;
-                end = start;
-                while end < rows.len() && (end == start || bytes + u64::from(rows[end].2.size) <= FETCH_BATCH_BYTES) {
-                    bytes += u64::from(rows[end].2.size);
-                    end += 1;
-                }
+                end = batch_end(rows.iter().map(|r| r.2.size), start, FETCH_BATCH_BYTES);
                 let wanted: Vec<_> = rows[start..end]
                     .iter()
                     .map(|r| r.2.guid)
@@ -1394,12 +1389,7 @@ impl Session {
             let mut end = rows.len();
             let mut bodies = BTreeMap::new();
             if needs_body {
-                let mut bytes = 0u64;
-                end = start;
-                while end < rows.len() && (end == start || bytes + u64::from(rows[end].2.size) <= BODY_BATCH_BYTES) {
-                    bytes += u64::from(rows[end].2.size);
-                    end += 1;
-                }
+                end = batch_end(rows.iter().map(|r| r.2.size), start, BODY_BATCH_BYTES);
                 bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
             }
             for (seq, uid, m, recent) in &rows[start..end] {
@@ -1759,6 +1749,21 @@ impl Intervals {
     }
 }
 
+/// Where a batch of messages that starts at `start` ends: at least one message, and no
+/// more than `bytes_max` bytes of them.
+fn batch_end(sizes: impl Iterator<Item = u32>, start: usize, bytes_max: u64) -> usize {
+    let mut bytes = 0u64;
+    let mut end = start;
+    for size in sizes.skip(start) {
+        if end > start && bytes + u64::from(size) > bytes_max {
+            break;
+        }
+        bytes += u64::from(size);
+        end += 1;
+    }
+    end
+}
+
 /// Ranges as an IMAP set: 1:3,7,9:10.
 fn range_set(ranges: &[(u32, u32)]) -> String {
     let parts: Vec<String> =
@@ -2023,6 +2028,14 @@ fn set_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_holds_one_message_at_least_and_bytes_max_at_most() {
+        let sizes = [5u32, 5, 20, 1, 1];
+        assert_eq!(batch_end(sizes.into_iter(), 0, 10), 2);
+        assert_eq!(batch_end(sizes.into_iter(), 2, 10), 3, "one message larger than the limit goes alone");
+        assert_eq!(batch_end(sizes.into_iter(), 3, 10), 5);
+    }
 
     #[test]
     fn list_wildcards() {
