@@ -225,28 +225,8 @@ impl MemoryBodies {
     pub fn overwrite(&self, guid: Guid, bytes: Body) {
         self.locked().insert(guid, bytes);
     }
-    pub fn remove(&self, guid: Guid) {
-        self.locked().remove(&guid);
-    }
-    pub fn clear(&self) {
-        self.locked().clear();
-    }
-    pub fn contains(&self, guid: Guid) -> bool {
-        self.locked().contains_key(&guid)
-    }
-    pub fn len(&self) -> usize {
-        self.locked().len()
-    }
     pub fn is_empty(&self) -> bool {
         self.locked().is_empty()
-    }
-    /// A copy of the whole store (the map, not the bytes, is copied).
-    pub fn snapshot(&self) -> BTreeMap<Guid, Body> {
-        self.locked().clone()
-    }
-    /// A store that starts with `bodies` and is not shared with this one.
-    pub fn from_map(bodies: BTreeMap<Guid, Body>) -> MemoryBodies {
-        MemoryBodies { bodies: std::sync::Arc::new(std::sync::Mutex::new(bodies)) }
     }
 }
 

@@ -144,15 +144,9 @@ impl BodyIndex {
     pub fn get(&self, guid: Guid) -> Option<BodyHash> {
         self.locked().get(&guid).copied()
     }
-    pub fn len(&self) -> usize {
-        self.locked().len()
-    }
     /// The distinct body files referenced.
     pub fn hashes(&self) -> BTreeSet<BodyHash> {
         self.locked().values().copied().collect()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.locked().is_empty()
     }
 }
 

@@ -364,12 +364,12 @@ impl EventLoop {
                 let mut found = BTreeMap::new();
                 let mut damaged = Vec::new();
                 for guid in guids {
-                    let Some(checksum) = self.server.image().bodies.get(&guid).map(|b| b.checksum) else { continue };
-                    match self.server.stored_body(guid) {
-                        Some(bytes) if tandem_core::hash::body_checksum(&bytes) == checksum => {
+                    match self.server.checked_body(guid) {
+                        Ok(Some(bytes)) => {
                             found.insert(guid, bytes);
                         }
-                        _ => damaged.push(guid),
+                        Ok(None) => {}
+                        Err(_) => damaged.push(guid),
                     }
                 }
                 let _ = reply.send(found);

@@ -71,6 +71,13 @@ pub(crate) enum Undo {
     },
 }
 
+impl Undo {
+    /// A mailbox's meta as it is now, to be restored by undoing a later write.
+    fn meta_of(m: &StoredMailbox) -> Undo {
+        Undo::Meta { uidvalidity: m.uidvalidity, uidnext: m.uidnext, highest_modseq: m.highest_modseq }
+    }
+}
+
 /// A mailbox's parts a merge may change, as they were before it (see `Image::merge`).
 struct MergeSnapshot {
     meta: Undo,
@@ -88,10 +95,7 @@ pub(crate) struct ScrubFindings {
 
 impl Image {
     pub(crate) fn new(disk: DiskImage, bodies: Box<dyn BodyStore>) -> Image {
-        let mut live_refs: BTreeMap<Guid, u32> = BTreeMap::new();
-        for r in disk.mailboxes.values().flat_map(|m| m.messages.values()) {
-            *live_refs.entry(r.guid).or_default() += 1;
-        }
+        let live_refs = count_live_refs(&disk);
         // Bodies no message holds (left by an earlier run) are collected too.
         let unreferenced = disk.bodies.keys().filter(|g| !live_refs.contains_key(g)).copied().collect();
         Image {
@@ -249,11 +253,7 @@ impl Image {
 
     /// Debug check: the reference counts equal a count over every mailbox.
     pub(crate) fn refs_consistent(&self) -> bool {
-        let mut counted: BTreeMap<Guid, u32> = BTreeMap::new();
-        for r in self.disk.mailboxes.values().flat_map(|m| m.messages.values()) {
-            *counted.entry(r.guid).or_default() += 1;
-        }
-        counted == self.live_refs
+        count_live_refs(&self.disk) == self.live_refs
     }
 
     /// What a write is about to replace of what a client is shown.
@@ -269,9 +269,7 @@ impl Image {
         let Some(m) = self.disk.mailboxes.get(key) else { return Some((key.clone(), Undo::Absent)) };
         let undo = match (write, uid) {
             (_, Some(uid)) => Undo::Record { uid, before: m.messages.get(&uid).cloned() },
-            (StoreWrite::MailboxMeta { .. }, _) => {
-                Undo::Meta { uidvalidity: m.uidvalidity, uidnext: m.uidnext, highest_modseq: m.highest_modseq }
-            }
+            (StoreWrite::MailboxMeta { .. }, _) => Undo::meta_of(m),
             (StoreWrite::MailboxLifecycle { .. }, _) => Undo::Lifecycle(m.lifecycle),
             _ => return None,
         };
@@ -453,13 +451,8 @@ impl Image {
                 // The mailbox's first write creates it with this meta and nothing else:
                 // that is what the merge's other writes replace.
                 let write = self.meta_write(key);
-                let meta = match &write {
-                    StoreWrite::MailboxMeta { uidvalidity, uidnext, highest_modseq, .. } => {
-                        Undo::Meta { uidvalidity: *uidvalidity, uidnext: *uidnext, highest_modseq: *highest_modseq }
-                    }
-                    _ => Undo::Absent,
-                };
                 self.commit_undo(out, write, Some((key.clone(), Undo::Absent)));
+                let meta = self.disk.mailboxes.get(key).map(Undo::meta_of).unwrap_or(Undo::Absent);
                 MergeSnapshot { meta, lifecycle: Lifecycle::default(), records: BTreeMap::new() }
             }
         };
@@ -492,11 +485,7 @@ impl Image {
         for uid in uids {
             records.insert(uid, m.messages.get(&uid).cloned());
         }
-        Some(MergeSnapshot {
-            meta: Undo::Meta { uidvalidity: m.uidvalidity, uidnext: m.uidnext, highest_modseq: m.highest_modseq },
-            lifecycle: m.lifecycle,
-            records,
-        })
+        Some(MergeSnapshot { meta: Undo::meta_of(m), lifecycle: m.lifecycle, records })
     }
 
     fn meta_write(&self, key: &MailboxKey) -> StoreWrite {
@@ -696,6 +685,15 @@ impl Image {
         );
         found
     }
+}
+
+/// Live records per GUID over every mailbox of `disk`.
+fn count_live_refs(disk: &DiskImage) -> BTreeMap<Guid, u32> {
+    let mut counted = BTreeMap::new();
+    for r in disk.mailboxes.values().flat_map(|m| m.messages.values()) {
+        *counted.entry(r.guid).or_default() += 1;
+    }
+    counted
 }
 
 /// `mailbox::summary` with the digest kept in `digests`.

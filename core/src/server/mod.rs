@@ -69,6 +69,11 @@ pub struct Server {
     notes: Option<Vec<String>>,
 }
 
+/// A stored body whose bytes are missing or fail their checksum (see
+/// [`Server::checked_body`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyDamaged;
+
 impl Server {
     /// A server starting with an empty store; `bodies` is where the driver keeps the
     /// bytes of the bodies it is asked to write (see [`BodyStore`]).
@@ -119,6 +124,17 @@ impl Server {
     /// What a client reading `mailbox` is shown now: its durable state.
     pub fn read(&self, mailbox: &MailboxKey) -> ClientReply {
         self.read_view(mailbox)
+    }
+    /// A body's bytes for a client's read: Ok(Some) when they match their checksum,
+    /// Ok(None) when the image lists no such body, Err when the store holds none or
+    /// damaged bytes (the driver reports that as `ExternalEdit::Corrupted`, and the
+    /// body is fetched again). Changes nothing here.
+    pub fn checked_body(&self, guid: Guid) -> Result<Option<Body>, BodyDamaged> {
+        let Some(stored) = self.image.body(&guid) else { return Ok(None) };
+        match self.image.stored_bytes(guid) {
+            Some(bytes) if crate::hash::body_checksum(&bytes) == stored.checksum => Ok(Some(bytes)),
+            _ => Err(BodyDamaged),
+        }
     }
     /// The bytes stored for a body the image lists, as they are now (not checked):
     /// from the driver's store once durable, from memory until then.
