@@ -24,9 +24,12 @@ pub struct Config {
     pub granularity: Granularity,
     /// A client request not answered by then gets a temporary failure.
     pub request_timeout_us: u64,
-    /// Period of the housekeeping tick (timeouts, resends, anti-entropy pacing).
+    /// How often work that nothing announces is polled while it waits (requests queued
+    /// for a master, a root term opening, catch-ups, bodies wanted), and how soon a
+    /// resend that could not go is tried again. An idle server is not woken by it.
     pub tick_us: u64,
-    /// Period after which a master re-checks a peer's copy of a mailbox it changed.
+    /// The maintenance period (anti-entropy, reminders, scrub, body collection), and how
+    /// long a log entry waits for its acknowledgement before it is sent again.
     pub anti_entropy_us: u64,
     /// Requests queued at one server waiting for a master or a root.
     pub pending_max: usize,

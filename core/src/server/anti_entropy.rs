@@ -11,6 +11,11 @@ use std::collections::BTreeMap;
 /// can bring a catch-up and an anti-entropy round for the same mailbox.
 pub(crate) const DELTA_SYNCS_MAX: u8 = 3;
 
+/// Mailboxes a master examines per peer in one anti-entropy pass at most; the next pass
+/// goes on where this one stopped, so a store of any size is checked round by round
+/// with bounded work per pass.
+pub(crate) const EXAMINED_PER_PASS_MAX: usize = 2048;
+
 /// A master's anti-entropy record of one peer's copy of one mailbox.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCheck {
@@ -35,8 +40,10 @@ pub(crate) struct AntiEntropy {
     common: BTreeMap<(Sid, MailboxKey), CommonPoint>,
     /// Mailboxes whose copy must go to the master, with when it last went.
     dirty: BTreeMap<MailboxKey, Option<Instant>>,
+    /// Per peer, the last mailbox the previous pass examined when it stopped short.
+    resume_after: BTreeMap<Sid, MailboxKey>,
     /// Set when a peer became reachable or a mastership became ready: checking copies
-    /// then (not at the next slow tick, up to a second later) starts a resync at once.
+    /// then (not at the next maintenance pass, up to a second later) starts a resync at once.
     kick: bool,
 }
 
@@ -56,6 +63,19 @@ impl AntiEntropy {
         let check = self.checks.entry((peer, mailbox)).or_default();
         check.confirmed_digest = Some(digest);
         check.confirmed_at = Some(now);
+    }
+
+    /// Where the next pass for `peer` starts: after this mailbox (None: at the first).
+    pub(crate) fn pass_start(&self, peer: Sid) -> Option<&MailboxKey> {
+        self.resume_after.get(&peer)
+    }
+
+    /// A pass for `peer` stopped after `last` (None: it went all the way round).
+    pub(crate) fn pass_ended(&mut self, peer: Sid, last: Option<MailboxKey>) {
+        match last {
+            Some(k) => self.resume_after.insert(peer, k),
+            None => self.resume_after.remove(&peer),
+        };
     }
 
     pub(crate) fn forget_check(&mut self, peer: Sid, mailbox: &MailboxKey) {
@@ -170,6 +190,17 @@ mod tests {
         assert_eq!(a.dirty(), vec![(mb(), Some(Instant(5)))], "marking again keeps the time");
         a.clean(&mb());
         assert_eq!(a.dirty_count(), 0);
+    }
+
+    #[test]
+    fn a_pass_resumes_where_the_last_stopped() {
+        let mut ae = AntiEntropy::default();
+        assert_eq!(ae.pass_start(Sid(2)), None);
+        ae.pass_ended(Sid(2), Some(mb()));
+        assert_eq!(ae.pass_start(Sid(2)), Some(&mb()));
+        assert_eq!(ae.pass_start(Sid(3)), None, "each peer has its own place");
+        ae.pass_ended(Sid(2), None);
+        assert_eq!(ae.pass_start(Sid(2)), None);
     }
 
     #[test]

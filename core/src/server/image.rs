@@ -18,9 +18,9 @@ use crate::{Change, MailboxState, Summary};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Bodies, and bytes of them, read back and checked against their checksum per scrub
-/// (a slow tick): the disk is walked at a rate that does not compete with clients.
-const SCRUB_PER_TICK_MAX: usize = 256;
-const SCRUB_BYTES_PER_TICK_MAX: u64 = 4 << 20;
+/// (a maintenance pass): the disk is walked at a rate that does not compete with clients.
+const SCRUB_PER_PASS_MAX: usize = 256;
+const SCRUB_BYTES_PER_PASS_MAX: u64 = 4 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Image {
@@ -40,6 +40,10 @@ pub(crate) struct Image {
     /// collection (see `Server::collect_bodies`).
     live_refs: BTreeMap<Guid, u32>,
     unreferenced: BTreeSet<Guid>,
+    /// How many entries of each peer's log name each mailbox: anti-entropy leaves a
+    /// mailbox alone while its changes are still on the way, and a full log picks the
+    /// mailboxes it drops by these counts, both without reading the logs.
+    logged: BTreeMap<(Sid, MailboxKey), u32>,
     /// Each mailbox's digest, kept up to date from the writes that change the mailbox
     /// (built from the mailbox when first needed).
     digests: BTreeMap<MailboxKey, mailbox::DigestParts>,
@@ -98,9 +102,11 @@ impl Image {
         let live_refs = count_live_refs(&disk);
         // Bodies no message holds (left by an earlier run) are collected too.
         let unreferenced = disk.bodies.keys().filter(|g| !live_refs.contains_key(g)).copied().collect();
+        let logged = count_logged(&disk);
         Image {
             live_refs,
             unreferenced,
+            logged,
             disk,
             bodies,
             unsynced: BTreeMap::new(),
@@ -251,9 +257,44 @@ impl Image {
         }
     }
 
-    /// Debug check: the reference counts equal a count over every mailbox.
+    /// Debug check: the reference counts equal a count over every mailbox, and the log
+    /// counts a count over every log.
     pub(crate) fn refs_consistent(&self) -> bool {
-        count_live_refs(&self.disk) == self.live_refs
+        count_live_refs(&self.disk) == self.live_refs && count_logged(&self.disk) == self.logged
+    }
+
+    /// Whether `peer`'s log holds a change of `mailbox`.
+    pub(crate) fn is_logged(&self, peer: Sid, mailbox: &MailboxKey) -> bool {
+        self.logged.contains_key(&(peer, mailbox.clone()))
+    }
+
+    /// How many entries of `peer`'s log name each mailbox.
+    pub(crate) fn logged_counts(&self, peer: Sid) -> impl Iterator<Item = (&MailboxKey, u32)> {
+        let from = (peer, MailboxKey { user: String::new(), name: String::new() });
+        self.logged.range(from..).take_while(move |((p, _), _)| *p == peer).map(|((_, k), n)| (k, *n))
+    }
+
+    /// Keeps the log counts in step with a log write about to be applied.
+    fn count_logged_write(&mut self, write: &StoreWrite) {
+        let (peer, seqs, added) = match write {
+            StoreWrite::LogAppend { peer, seq, change } => (*peer, std::slice::from_ref(seq), Some(change.mailbox())),
+            StoreWrite::LogRemove { peer, seqs } => (*peer, seqs.as_slice(), None),
+            _ => return,
+        };
+        let log = self.disk.logs.get(&peer);
+        for seq in seqs {
+            let Some(gone) = log.and_then(|l| l.entries.get(seq)) else { continue };
+            let key = (peer, gone.mailbox().clone());
+            if let Some(n) = self.logged.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.logged.remove(&key);
+                }
+            }
+        }
+        if let Some(mailbox) = added {
+            *self.logged.entry((peer, mailbox.clone())).or_default() += 1;
+        }
     }
 
     /// What a write is about to replace of what a client is shown.
@@ -298,6 +339,7 @@ impl Image {
     /// [`Image::commit`] with the before-image given: a merge changes the mailbox first.
     fn commit_undo(&mut self, out: &mut Outbox, write: StoreWrite, undo: Option<(MailboxKey, Undo)>) -> WriteId {
         self.count_refs(&write, undo.as_ref().map(|(_, u)| u));
+        self.count_logged_write(&write);
         self.disk.apply(&write);
         self.follow(&write);
         let unsynced = match &write {
@@ -629,8 +671,8 @@ impl Image {
         let mut bytes = 0u64;
         let mut guids: Vec<(Guid, u64)> = Vec::new();
         for (g, b) in self.disk.bodies.range(start..) {
-            if guids.len() >= SCRUB_PER_TICK_MAX
-                || (!guids.is_empty() && bytes.saturating_add(b.len) > SCRUB_BYTES_PER_TICK_MAX)
+            if guids.len() >= SCRUB_PER_PASS_MAX
+                || (!guids.is_empty() && bytes.saturating_add(b.len) > SCRUB_BYTES_PER_PASS_MAX)
             {
                 break;
             }
@@ -692,6 +734,16 @@ fn count_live_refs(disk: &DiskImage) -> BTreeMap<Guid, u32> {
     let mut counted = BTreeMap::new();
     for r in disk.mailboxes.values().flat_map(|m| m.messages.values()) {
         *counted.entry(r.guid).or_default() += 1;
+    }
+    counted
+}
+
+fn count_logged(disk: &DiskImage) -> BTreeMap<(Sid, MailboxKey), u32> {
+    let mut counted = BTreeMap::new();
+    for (peer, log) in &disk.logs {
+        for change in log.entries.values() {
+            *counted.entry((*peer, change.mailbox().clone())).or_default() += 1;
+        }
     }
     counted
 }

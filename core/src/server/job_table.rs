@@ -1,58 +1,77 @@
-//! Requests in progress here, by tag: what each waits for, and the rules that move it
+//! Requests in progress here, by id: what each waits for, and the rules that move it
 //! from one state to the next. `jobs` decides where a job goes; the table keeps them.
 
-use super::jobs::{Job, JobKind, JobState};
+use super::jobs::{Job, JobId, JobKind, JobState};
 use crate::types::*;
 use crate::{WriteId, WriteResult};
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug)]
 pub(crate) struct JobTable {
-    /// Tags are unique across restarts: the incarnation sits in the high bits.
-    next_tag: u64,
-    jobs: BTreeMap<u64, Job>,
+    /// The last number handed out (see `unique_number`).
+    next_number: u64,
+    jobs: BTreeMap<JobId, Job>,
+    /// Every job's deadline, earliest first: the job timer and the expiry read it here.
+    deadlines: BTreeSet<(Instant, JobId)>,
 }
 
 impl JobTable {
     pub(crate) fn new(incarnation: u64) -> JobTable {
-        JobTable { next_tag: incarnation << 40, jobs: BTreeMap::new() }
+        JobTable { next_number: incarnation << 40, jobs: BTreeMap::new(), deadlines: BTreeSet::new() }
     }
 
-    /// A fresh tag (for jobs, and for catch-ups, whose answers carry it).
-    pub(crate) fn new_tag(&mut self) -> u64 {
-        self.next_tag += 1;
-        self.next_tag
+    /// A number used once on this server, across restarts too (the incarnation sits in
+    /// the high bits): for jobs, and for catch-ups, whose answers carry it.
+    pub(crate) fn unique_number(&mut self) -> u64 {
+        self.next_number += 1;
+        self.next_number
     }
 
     pub(crate) fn len(&self) -> usize {
         self.jobs.len()
     }
 
-    /// Files a job under a new tag.
-    pub(crate) fn insert(&mut self, job: Job) -> u64 {
-        let tag = self.new_tag();
-        let old = self.jobs.insert(tag, job);
-        debug_assert!(old.is_none(), "a tag is used once");
-        tag
+    /// Files a job under a new id.
+    pub(crate) fn insert(&mut self, job: Job) -> JobId {
+        let id = JobId(self.unique_number());
+        self.deadlines.insert((job.deadline, id));
+        let old = self.jobs.insert(id, job);
+        debug_assert!(old.is_none(), "a job id is used once");
+        debug_assert_eq!(self.deadlines.len(), self.jobs.len());
+        id
     }
 
-    pub(crate) fn get(&self, tag: u64) -> Option<&Job> {
-        self.jobs.get(&tag)
+    pub(crate) fn get(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
     }
 
-    pub(crate) fn remove(&mut self, tag: u64) -> Option<Job> {
-        self.jobs.remove(&tag)
+    pub(crate) fn remove(&mut self, id: JobId) -> Option<Job> {
+        let job = self.jobs.remove(&id)?;
+        let indexed = self.deadlines.remove(&(job.deadline, id));
+        debug_assert!(indexed, "every job's deadline is indexed");
+        debug_assert_eq!(self.deadlines.len(), self.jobs.len());
+        Some(job)
     }
 
-    pub(crate) fn set_state(&mut self, tag: u64, state: JobState) {
-        if let Some(job) = self.jobs.get_mut(&tag) {
+    /// The earliest deadline of a job in progress.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    pub(crate) fn set_state(&mut self, id: JobId, state: JobState) {
+        if let Some(job) = self.jobs.get_mut(&id) {
             job.state = state;
         }
     }
 
     /// Jobs waiting for a master of `key`.
-    pub(crate) fn queued_for(&self, key: &MasterKey) -> Vec<u64> {
-        self.tags_where(|j| j.key == *key && j.state == JobState::Queued)
+    pub(crate) fn queued_for(&self, key: &MasterKey) -> Vec<JobId> {
+        self.ids_where(|j| j.key == *key && j.state == JobState::Queued)
+    }
+
+    /// Whether a job waits for a master.
+    pub(crate) fn has_queued(&self) -> bool {
+        self.jobs.values().any(|j| j.state == JobState::Queued)
     }
 
     /// Keys that jobs wait on.
@@ -62,27 +81,27 @@ impl JobTable {
 
     /// Jobs forwarded to `peer` go back to the queue; returns them, and the keys of the
     /// MASTER-MOVEs among them (no longer moving).
-    pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) -> (Vec<u64>, Vec<MasterKey>) {
-        let tags = self.tags_where(|j| j.state == JobState::Forwarded { to: peer });
+    pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) -> (Vec<JobId>, Vec<MasterKey>) {
+        let ids = self.ids_where(|j| j.state == JobState::Forwarded { to: peer });
         let mut moves = Vec::new();
-        for tag in &tags {
-            if let Some(job) = self.jobs.get_mut(tag) {
+        for id in &ids {
+            if let Some(job) = self.jobs.get_mut(id) {
                 job.state = JobState::Queued;
                 if matches!(job.kind, JobKind::MasterMove { .. }) {
                     moves.push(job.key.clone());
                 }
             }
         }
-        (tags, moves)
+        (ids, moves)
     }
 
     /// COPYs that waited for `guid` go back to the queue; returns them.
-    pub(crate) fn body_arrived(&mut self, guid: Guid) -> Vec<u64> {
-        let tags = self.tags_where(|j| j.state == JobState::WaitingBody { guid });
-        for tag in &tags {
-            self.set_state(*tag, JobState::Queued);
+    pub(crate) fn body_arrived(&mut self, guid: Guid) -> Vec<JobId> {
+        let ids = self.ids_where(|j| j.state == JobState::WaitingBody { guid });
+        for id in &ids {
+            self.set_state(*id, JobState::Queued);
         }
-        tags
+        ids
     }
 
     /// Bodies that COPYs wait for.
@@ -105,8 +124,9 @@ impl JobTable {
             .collect()
     }
 
-    pub(crate) fn expired(&self, now: Instant) -> Vec<u64> {
-        self.tags_where(|j| j.deadline <= now)
+    /// Jobs whose deadline has passed, earliest first.
+    pub(crate) fn expired(&self, now: Instant) -> Vec<JobId> {
+        self.deadlines.iter().take_while(|(at, _)| *at <= now).map(|(_, id)| *id).collect()
     }
 
     pub(crate) fn any_for(&self, key: &MasterKey) -> bool {
@@ -118,16 +138,16 @@ impl JobTable {
         self.jobs.values().any(|j| j.key == *key && matches!(j.state, JobState::Replicating { .. }))
     }
 
-    /// `peer` made the whole change of job `tag` durable: one more copy.
-    pub(crate) fn peer_acked(&mut self, tag: u64, peer: Sid) {
-        if let Some(Job { state: JobState::Replicating { acked, .. }, .. }) = self.jobs.get_mut(&tag) {
+    /// `peer` made the whole change of job `id` durable: one more copy.
+    pub(crate) fn peer_acked(&mut self, id: JobId, peer: Sid) {
+        if let Some(Job { state: JobState::Replicating { acked, .. }, .. }) = self.jobs.get_mut(&id) {
             acked.insert(peer);
         }
     }
 
     /// Jobs executed here whose writes are durable and whose copies are all acknowledged.
-    pub(crate) fn replicated(&self, is_durable: impl Fn(WriteId) -> bool) -> Vec<u64> {
-        self.tags_where(|j| match &j.state {
+    pub(crate) fn replicated(&self, is_durable: impl Fn(WriteId) -> bool) -> Vec<JobId> {
+        self.ids_where(|j| match &j.state {
             JobState::Replicating { write, need, acked, .. } => is_durable(*write) && acked.len() >= *need,
             _ => false,
         })
@@ -137,7 +157,7 @@ impl JobTable {
     /// table with the parts' results joined by `join`.
     pub(crate) fn part_answered(
         &mut self,
-        parent: u64,
+        parent: JobId,
         result: WriteResult,
         join: impl FnOnce(WriteResult, WriteResult) -> WriteResult,
     ) -> Option<(Job, WriteResult)> {
@@ -151,7 +171,7 @@ impl JobTable {
         if *left > 0 {
             return None;
         }
-        let job = self.jobs.remove(&parent)?;
+        let job = self.remove(parent)?;
         match job.state {
             JobState::Split { result: Some(ref result), .. } => {
                 let result = result.clone();
@@ -161,7 +181,7 @@ impl JobTable {
         }
     }
 
-    fn tags_where(&self, keep: impl Fn(&Job) -> bool) -> Vec<u64> {
+    fn ids_where(&self, keep: impl Fn(&Job) -> bool) -> Vec<JobId> {
         self.jobs.iter().filter(|(_, j)| keep(j)).map(|(t, _)| *t).collect()
     }
 }
@@ -186,13 +206,13 @@ mod tests {
     }
 
     #[test]
-    fn tags_are_unique_across_incarnations() {
+    fn ids_are_unique_across_incarnations() {
         let mut first = JobTable::new(1);
         let mut second = JobTable::new(2);
         let a = first.insert(job(JobState::Queued, 0));
         let b = second.insert(job(JobState::Queued, 0));
         assert_ne!(a, b);
-        assert!(first.new_tag() > a);
+        assert!(first.unique_number() > a.0);
     }
 
     #[test]
@@ -200,14 +220,14 @@ mod tests {
         let mut t = JobTable::new(1);
         let result = WriteResult::MailboxDone { modseq: 1 };
         let state = JobState::Replicating { write: 5, need: 2, acked: BTreeSet::new(), result };
-        let tag = t.insert(job(state, 0));
+        let id = t.insert(job(state, 0));
         assert!(t.replicated(|_| true).is_empty(), "no copies yet");
-        t.peer_acked(tag, Sid(2));
-        t.peer_acked(tag, Sid(2));
+        t.peer_acked(id, Sid(2));
+        t.peer_acked(id, Sid(2));
         assert!(t.replicated(|_| true).is_empty(), "one peer counts once");
-        t.peer_acked(tag, Sid(3));
+        t.peer_acked(id, Sid(3));
         assert!(t.replicated(|w| w < 5).is_empty(), "the write is not durable yet");
-        assert_eq!(t.replicated(|w| w <= 5), vec![tag]);
+        assert_eq!(t.replicated(|w| w <= 5), vec![id]);
     }
 
     #[test]
@@ -215,8 +235,8 @@ mod tests {
         let mut t = JobTable::new(1);
         let a = t.insert(job(JobState::Forwarded { to: Sid(2) }, 0));
         let b = t.insert(job(JobState::Forwarded { to: Sid(3) }, 0));
-        let (tags, moves) = t.requeue_forwarded_to(Sid(2));
-        assert_eq!(tags, vec![a]);
+        let (ids, moves) = t.requeue_forwarded_to(Sid(2));
+        assert_eq!(ids, vec![a]);
         assert_eq!(moves, vec![key()], "a MASTER-MOVE stops moving");
         assert_eq!(t.queued_for(&key()), vec![a]);
         assert_eq!(t.get(b).map(|j| j.state.clone()), Some(JobState::Forwarded { to: Sid(3) }));
@@ -249,5 +269,20 @@ mod tests {
         assert_eq!(t.awaited_bodies(), BTreeSet::from([Guid(7)]));
         assert_eq!(t.body_arrived(Guid(7)), vec![late]);
         assert_eq!(t.queued_for(&key()).len(), 2);
+    }
+
+    #[test]
+    fn the_next_deadline_is_the_earliest_job_left() {
+        let mut t = JobTable::new(1);
+        assert_eq!(t.next_deadline(), None);
+        let late = t.insert(job(JobState::Queued, 50));
+        let early = t.insert(job(JobState::Queued, 10));
+        assert_eq!(t.next_deadline(), Some(Instant(10)));
+        assert_eq!(t.expired(Instant(60)), vec![early, late], "earliest first");
+        t.remove(early);
+        assert_eq!(t.next_deadline(), Some(Instant(50)));
+        t.remove(late);
+        assert_eq!(t.next_deadline(), None);
+        assert!(t.expired(Instant(100)).is_empty());
     }
 }

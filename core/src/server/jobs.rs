@@ -12,19 +12,24 @@ use crate::store::StoreWrite;
 use crate::types::*;
 use std::collections::BTreeSet;
 
+/// A job's number: unique on this server across restarts. Messages about a job carry
+/// it as their wire tag, so an answer names the job it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JobId(pub u64);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
     Client(RequestId),
-    /// A peer forwarded this to us; answer with its tag.
+    /// A peer forwarded this to us; the answer names the peer's job.
     Peer {
         sid: Sid,
-        tag: u64,
+        job: JobId,
     },
     /// The server itself (a message file found in the store).
     Internal,
     /// A part of a request too large to forward as one command (see `split_job`).
     Part {
-        parent: u64,
+        parent: JobId,
     },
 }
 
@@ -185,8 +190,8 @@ impl Server {
             self.answer(job.origin, None, fail(FailKind::Temporary, "server busy"), None);
             return;
         }
-        let tag = self.jobs.insert(job);
-        self.dispatch(tag);
+        let id = self.jobs.insert(job);
+        self.dispatch(id);
     }
 
     /// The messages a client means by these UIDs here (UIDs we do not hold are dropped).
@@ -204,8 +209,8 @@ impl Server {
     }
 
     /// Send the job where it must go next, or run it if we are its master.
-    pub(crate) fn dispatch(&mut self, tag: u64) {
-        let Some(job) = self.jobs.get(tag) else { return };
+    pub(crate) fn dispatch(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(id) else { return };
         if job.state != JobState::Queued {
             return;
         }
@@ -213,7 +218,7 @@ impl Server {
         let is_move_job = matches!(job.kind, JobKind::MasterMove { .. });
         if self.masters.masters(&key) {
             if self.masters.masters_ready(&key) {
-                self.execute(tag);
+                self.execute(id);
             }
             return;
         }
@@ -224,31 +229,31 @@ impl Server {
             self.lookup_master(&key);
             return;
         };
-        if let Some(JobKind::Write(request)) = self.jobs.get(tag).map(|j| &j.kind)
+        if let Some(JobKind::Write(request)) = self.jobs.get(id).map(|j| &j.kind)
             && request_len(request) > crate::limits::UIDS_PER_CHANGE_MAX
         {
-            self.split_job(tag);
+            self.split_job(id);
             return;
         }
-        let Some(job) = self.jobs.get(tag) else { return };
+        let Some(job) = self.jobs.get(id) else { return };
         match job.kind.clone() {
             JobKind::Write(request) => {
-                self.jobs.set_state(tag, JobState::Forwarded { to: master });
-                self.send(master, Msg::Request { tag, request });
+                self.jobs.set_state(id, JobState::Forwarded { to: master });
+                self.send(master, Msg::Request { tag: id.0, request });
             }
             JobKind::MasterMove { requester } => {
                 let origin = job.origin.clone();
                 match origin {
-                    Origin::Peer { tag: their_tag, .. } => {
-                        // Pass it on with the requester's own tag; the master answers the
+                    Origin::Peer { job: their_job, .. } => {
+                        // Pass it on with the requester's job; the master answers the
                         // requester directly.
-                        self.jobs.remove(tag);
-                        self.send(master, Msg::MasterMove { tag: their_tag, key, requester });
+                        self.jobs.remove(id);
+                        self.send(master, Msg::MasterMove { tag: their_job.0, key, requester });
                     }
                     _ => {
-                        self.jobs.set_state(tag, JobState::Forwarded { to: master });
+                        self.jobs.set_state(id, JobState::Forwarded { to: master });
                         self.masters.set_moving(key.clone());
-                        self.send(master, Msg::MasterMove { tag, key, requester });
+                        self.send(master, Msg::MasterMove { tag: id.0, key, requester });
                     }
                 }
             }
@@ -257,8 +262,8 @@ impl Server {
 
     /// Jobs waiting on `key` try again (a master became known or ready, or was lost).
     pub(crate) fn requeue_jobs_for(&mut self, key: &MasterKey) {
-        for tag in self.jobs.queued_for(key) {
-            self.dispatch(tag);
+        for id in self.jobs.queued_for(key) {
+            self.dispatch(id);
         }
     }
 
@@ -266,18 +271,21 @@ impl Server {
     /// next master. A master that already has the GUID answers with its UID, so a
     /// resent SAVE never makes a second copy.
     pub(crate) fn requeue_forwarded_to(&mut self, peer: Sid) {
-        let (tags, moves) = self.jobs.requeue_forwarded_to(peer);
+        let (ids, moves) = self.jobs.requeue_forwarded_to(peer);
         for key in moves {
             self.masters.done_moving(&key);
         }
-        for tag in tags {
-            self.dispatch(tag);
+        for id in ids {
+            self.dispatch(id);
         }
     }
 
-    pub(crate) fn on_peer_request(&mut self, src: Sid, tag: u64, request: WriteRequest) {
+    pub(crate) fn on_peer_request(&mut self, src: Sid, id: JobId, request: WriteRequest) {
         if let Err(reason) = validate(&request) {
-            self.send(src, Msg::Reply { tag, master: None, result: fail(FailKind::Permanent, reason), record: None });
+            self.send(
+                src,
+                Msg::Reply { tag: id.0, master: None, result: fail(FailKind::Permanent, reason), record: None },
+            );
             return;
         }
         let key = self.master_key(request.target());
@@ -286,7 +294,7 @@ impl Server {
             self.masters.forget(&key);
         }
         let job = Job {
-            origin: Origin::Peer { sid: src, tag },
+            origin: Origin::Peer { sid: src, job: id },
             kind: JobKind::Write(request),
             key,
             state: JobState::Queued,
@@ -298,12 +306,12 @@ impl Server {
     pub(crate) fn on_peer_reply(
         &mut self,
         src: Sid,
-        tag: u64,
+        id: JobId,
         master: Option<Sid>,
         result: WriteResult,
         record: Option<MessageRecord>,
     ) {
-        let Some(job) = self.jobs.get(tag) else { return };
+        let Some(job) = self.jobs.get(id) else { return };
         if job.state != (JobState::Forwarded { to: src }) {
             return;
         }
@@ -313,7 +321,7 @@ impl Server {
         {
             self.masters.remember(key, m);
         }
-        let Some(job) = self.jobs.remove(tag) else { return };
+        let Some(job) = self.jobs.remove(id) else { return };
         let mut result = result;
         if let (Some(record), JobKind::Write(request)) = (&record, &job.kind) {
             self.keep_acked_binding(src, request, &result, record);
@@ -371,7 +379,7 @@ impl Server {
     ) {
         match origin {
             Origin::Client(id) => self.out.reply(id, ClientReply::Write(result)),
-            Origin::Peer { sid, tag } => self.send(sid, Msg::Reply { tag, master, result, record }),
+            Origin::Peer { sid, job } => self.send(sid, Msg::Reply { tag: job.0, master, result, record }),
             Origin::Internal => {}
             Origin::Part { parent } => self.on_part_answer(parent, result),
         }
@@ -379,20 +387,20 @@ impl Server {
 
     /// A STORE or EXPUNGE naming more messages than one forwarded command may carry goes
     /// to the master as several requests; the origin is answered once, when all have.
-    fn split_job(&mut self, tag: u64) {
-        let Some(job) = self.jobs.get(tag) else { return };
+    fn split_job(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(id) else { return };
         let JobKind::Write(request) = &job.kind else { return };
         let parts = split_request(request);
         let (key, deadline) = (job.key.clone(), job.deadline);
-        self.jobs.set_state(tag, JobState::Split { left: parts.len(), result: None });
+        self.jobs.set_state(id, JobState::Split { left: parts.len(), result: None });
         for part in parts {
-            let origin = Origin::Part { parent: tag };
+            let origin = Origin::Part { parent: id };
             let child = Job { origin, kind: JobKind::Write(part), key: key.clone(), state: JobState::Queued, deadline };
             self.start_job(child);
         }
     }
 
-    fn on_part_answer(&mut self, parent: u64, result: WriteResult) {
+    fn on_part_answer(&mut self, parent: JobId, result: WriteResult) {
         if let Some((job, result)) = self.jobs.part_answered(parent, result, join_results) {
             self.answer(job.origin, None, result, None);
         }
@@ -400,9 +408,9 @@ impl Server {
 
     pub(crate) fn expire_jobs(&mut self) {
         let now = self.now;
-        for tag in self.jobs.expired(now) {
-            let Some(job) = self.jobs.remove(tag) else { continue };
-            self.log_progress.job_over(tag);
+        for id in self.jobs.expired(now) {
+            let Some(job) = self.jobs.remove(id) else { continue };
+            self.log_progress.job_over(id);
             let reason = match &job.state {
                 JobState::Replicating { .. } => {
                     self.marks.hit(Mark::SyncModeTemporaryFailure);
@@ -430,9 +438,9 @@ impl Server {
     pub(crate) fn progress_jobs(&mut self) {
         let out = &self.out;
         let done = self.jobs.replicated(|write| out.is_durable(write));
-        for tag in done {
-            let Some(job) = self.jobs.remove(tag) else { continue };
-            self.log_progress.job_over(tag);
+        for id in done {
+            let Some(job) = self.jobs.remove(id) else { continue };
+            self.log_progress.job_over(id);
             if let JobState::Replicating { mut result, .. } = job.state {
                 // The message may have been renumbered (or expunged) while the answer
                 // waited for its copies: answer with where it lives now, or no UID.
@@ -454,29 +462,29 @@ impl Server {
     }
 
     /// Run a job as the master of its key.
-    fn execute(&mut self, tag: u64) {
-        let Some(job) = self.jobs.get(tag) else { return };
+    fn execute(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(id) else { return };
         match job.kind.clone() {
             JobKind::MasterMove { requester } => {
                 let origin = job.origin.clone();
                 let key = job.key.clone();
-                self.jobs.remove(tag);
+                self.jobs.remove(id);
                 match origin {
                     Origin::Client(id) => self.out.reply(id, ClientReply::Moved { master: self.cfg.sid }),
-                    Origin::Peer { tag: their_tag, .. } => self.give_up_mastership(key, requester, their_tag),
+                    Origin::Peer { job: their_job, .. } => self.give_up_mastership(key, requester, their_job),
                     Origin::Internal | Origin::Part { .. } => {}
                 }
             }
             JobKind::Write(request) => {
-                let Some(ordered) = self.order_write(tag, request) else { return };
-                self.await_copies(tag, ordered);
+                let Some(ordered) = self.order_write(id, request) else { return };
+                self.await_copies(id, ordered);
             }
         }
     }
 
     /// Orders a write as master: the result, and whether a change was replicated. None
     /// when the job waits (for a body).
-    fn order_write(&mut self, tag: u64, request: WriteRequest) -> Option<Ordered> {
+    fn order_write(&mut self, id: JobId, request: WriteRequest) -> Option<Ordered> {
         let reachable_peers = self.routing.reachable().len().saturating_sub(1);
         let ordered = match request {
             // Sync mode: every acknowledged change must reach `replicas` more servers, so
@@ -487,41 +495,41 @@ impl Server {
                 Ordered::unreplicated(fail(FailKind::Temporary, "not enough servers reachable for the required copies"))
             }
             WriteRequest::Save { mailbox, guid, received, flags, body } => {
-                self.master_save(&mailbox, guid, received, &flags, Some(body), tag)
+                self.master_save(&mailbox, guid, received, &flags, Some(body), id)
             }
             WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
                 if src == dst {
                     Ordered::unreplicated(fail(FailKind::Permanent, "COPY into the source mailbox is not supported"))
                 } else if !self.image.has_body(&guid) && !self.has_live(&dst, guid) {
-                    let from = self.origin_peer(tag);
+                    let from = self.origin_peer(id);
                     self.want_body(guid, None, from, false);
-                    self.jobs.set_state(tag, JobState::WaitingBody { guid });
+                    self.jobs.set_state(id, JobState::WaitingBody { guid });
                     return None;
                 } else {
-                    self.master_save(&dst, guid, received, &flags, None, tag)
+                    self.master_save(&dst, guid, received, &flags, None, id)
                 }
             }
             WriteRequest::Expunge { mailbox, messages } | WriteRequest::Store { mailbox, messages, .. }
                 if unknown_here(self.image.mailbox(&mailbox), &messages) =>
             {
                 // Fetch the sender's copy so the next try finds the messages here.
-                if let Some(sid) = self.origin_peer(tag)
+                if let Some(sid) = self.origin_peer(id)
                     && let Some(state) = self.image.mailbox(&mailbox).map(|m| mailbox::state(&mailbox, m))
                 {
                     self.send_sync(sid, false, state);
                 }
                 Ordered::unreplicated(fail(FailKind::Temporary, "the master does not have that message yet"))
             }
-            WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, tag),
-            WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, tag),
-            store @ WriteRequest::Store { .. } => self.master_store(&store, tag),
+            WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, id),
+            WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
+            store @ WriteRequest::Store { .. } => self.master_store(&store, id),
         };
         Some(ordered)
     }
 
-    /// The peer that forwarded job `tag`, if a peer did.
-    fn origin_peer(&self, tag: u64) -> Option<Sid> {
-        match self.jobs.get(tag).map(|j| &j.origin) {
+    /// The peer that forwarded job `id`, if a peer did.
+    fn origin_peer(&self, id: JobId) -> Option<Sid> {
+        match self.jobs.get(id).map(|j| &j.origin) {
             Some(Origin::Peer { sid, .. }) => Some(*sid),
             _ => None,
         }
@@ -531,7 +539,7 @@ impl Server {
     /// `replicas` peers made it durable too: SAVE and COPY (DESIGN.md), and STORE and
     /// EXPUNGE as well, so that no acknowledged flag change or expunge dies with one
     /// server. A failure is answered at once.
-    fn await_copies(&mut self, tag: u64, ordered: Ordered) {
+    fn await_copies(&mut self, id: JobId, ordered: Ordered) {
         let Ordered { result, replicated } = ordered;
         let sync = self.cfg.durability == Durability::Sync;
         let need = if replicated && sync && !self.has_bug(crate::Bug::AckBeforeReplicaDurable) {
@@ -540,20 +548,20 @@ impl Server {
             0
         };
         if let WriteResult::Failed { .. } = result {
-            if let Some(job) = self.jobs.remove(tag) {
+            if let Some(job) = self.jobs.remove(id) {
                 self.answer(job.origin, Some(self.cfg.sid), result, None);
             }
             return;
         }
         let write = self.out.last_write();
-        self.jobs.set_state(tag, JobState::Replicating { write, need, acked: BTreeSet::new(), result });
+        self.jobs.set_state(id, JobState::Replicating { write, need, acked: BTreeSet::new(), result });
         self.progress_jobs();
     }
 
     /// A COPY waiting for a body can go on.
     pub(crate) fn body_arrived(&mut self, guid: Guid) {
-        for tag in self.jobs.body_arrived(guid) {
-            self.dispatch(tag);
+        for id in self.jobs.body_arrived(guid) {
+            self.dispatch(id);
         }
     }
 
@@ -570,11 +578,11 @@ impl Server {
         received: u64,
         flags: &[Flag],
         body: Option<Body>,
-        tag: u64,
+        id: JobId,
     ) -> Ordered {
         let is_copy = body.is_none();
         if let Some(uid) = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid) {
-            return self.resend_saved(mailbox, guid, uid, body, tag);
+            return self.resend_saved(mailbox, guid, uid, body, id);
         }
         if self.image.mailbox(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
             return Ordered::unreplicated(fail(FailKind::Permanent, "that message was expunged from the mailbox"));
@@ -605,7 +613,7 @@ impl Server {
             Some(body) => Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body },
             None => Change::Copy { mailbox: mailbox.clone(), uidvalidity, record },
         };
-        self.replicate(change, Some(tag));
+        self.replicate(change, Some(id));
         Ordered::replicated(saved(is_copy, uidvalidity, uid, guid))
     }
 
@@ -641,7 +649,7 @@ impl Server {
     /// A resent SAVE (or COPY): the message is already here at `uid`, maybe only as a
     /// record that a SYNC brought. Sync mode promises the client `replicas` more copies,
     /// so the message goes out again, body and all, and the answer waits for their acks.
-    fn resend_saved(&mut self, mailbox: &MailboxKey, guid: Guid, uid: Uid, body: Option<Body>, tag: u64) -> Ordered {
+    fn resend_saved(&mut self, mailbox: &MailboxKey, guid: Guid, uid: Uid, body: Option<Body>, id: JobId) -> Ordered {
         let Some(m) = self.image.mailbox(mailbox) else {
             return Ordered::unreplicated(fail(FailKind::Temporary, "the mailbox changed meanwhile"));
         };
@@ -665,11 +673,11 @@ impl Server {
         }
         self.store_body(guid, record.checksum, bytes.clone(), None);
         let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body: bytes };
-        self.replicate(change, Some(tag));
+        self.replicate(change, Some(id));
         Ordered::replicated(result)
     }
 
-    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], tag: u64) -> Ordered {
+    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], id: JobId) -> Ordered {
         let Some(m) = self.image.mailbox(mailbox) else {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
         };
@@ -691,13 +699,13 @@ impl Server {
         self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext, highest_modseq: modseq });
         let gone: BTreeSet<Uid> = tombstones.iter().map(|t| t.uid).collect();
         let uids = uids.iter().filter(|(_, ours)| gone.contains(ours)).map(|(theirs, _)| *theirs).collect();
-        self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(tag));
+        self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(id));
         Ordered::replicated(WriteResult::Expunged { uids, modseq })
     }
 
     /// CREATE and DELETE at the master: one change at one new modseq, replicated as a
     /// piece of mailbox state (DELETE's tombstones with it).
-    fn master_lifecycle(&mut self, mailbox: &MailboxKey, action: MailboxAction, tag: u64) -> Ordered {
+    fn master_lifecycle(&mut self, mailbox: &MailboxKey, action: MailboxAction, id: JobId) -> Ordered {
         let visible = self.image.mailbox(mailbox).is_some_and(|m| m.visible());
         match action {
             MailboxAction::Create if visible => {
@@ -751,11 +759,11 @@ impl Server {
             self.image.mailbox(mailbox).map(|m| (m.visible(), m.lifecycle)),
             Some((action == MailboxAction::Create, lifecycle))
         );
-        self.replicate(Change::Merge { state }, Some(tag));
+        self.replicate(Change::Merge { state }, Some(id));
         Ordered::replicated(WriteResult::MailboxDone { modseq })
     }
 
-    fn master_store(&mut self, request: &WriteRequest, tag: u64) -> Ordered {
+    fn master_store(&mut self, request: &WriteRequest, id: JobId) -> Ordered {
         let WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq } = request else {
             return Ordered::unreplicated(fail(FailKind::Permanent, "not a STORE"));
         };
@@ -806,20 +814,20 @@ impl Server {
                 add: add.to_vec(),
                 remove: remove_only,
             },
-            Some(tag),
+            Some(id),
         );
         Ordered::replicated(WriteResult::Stored { modseq, rejected, current })
     }
 
     /// MASTER-MOVE reached a server.
-    pub(crate) fn on_master_move(&mut self, src: Sid, tag: u64, key: MasterKey, requester: Sid) {
+    pub(crate) fn on_master_move(&mut self, src: Sid, id: JobId, key: MasterKey, requester: Sid) {
         if self.masters.masters_ready(&key) {
-            self.give_up_mastership(key, requester, tag);
+            self.give_up_mastership(key, requester, id);
             return;
         }
         let _ = src;
         let job = Job {
-            origin: Origin::Peer { sid: requester, tag },
+            origin: Origin::Peer { sid: requester, job: id },
             kind: JobKind::MasterMove { requester },
             key,
             state: JobState::Queued,
@@ -828,7 +836,7 @@ impl Server {
         self.start_job(job);
     }
 
-    fn give_up_mastership(&mut self, key: MasterKey, requester: Sid, tag: u64) {
+    fn give_up_mastership(&mut self, key: MasterKey, requester: Sid, id: JobId) {
         if requester == self.cfg.sid {
             return;
         }
@@ -847,15 +855,17 @@ impl Server {
         } else if let Some(root) = self.root_role.root() {
             self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester, generation });
         }
-        self.masters
-            .hand_off(key.clone(), super::Handoff { requester, tag, epoch, generation, states: states.clone() });
-        self.send_move_done(requester, tag, key.clone(), epoch, generation, states);
+        self.masters.hand_off(
+            key.clone(),
+            super::Handoff { requester, requester_job: id, epoch, generation, states: states.clone() },
+        );
+        self.send_move_done(requester, id, key.clone(), epoch, generation, states);
         self.requeue_jobs_for(&key);
     }
 
     pub(crate) fn on_move_done(
         &mut self,
-        tag: u64,
+        id: JobId,
         key: MasterKey,
         epoch: u64,
         generation: u64,
@@ -863,8 +873,8 @@ impl Server {
     ) {
         // The old master has given the key up whether or not our request is still
         // waiting (it may have timed out): in this term we take it, or nobody has it.
-        let job = match self.jobs.get(tag) {
-            Some(j) if j.key == key && matches!(j.kind, JobKind::MasterMove { .. }) => self.jobs.remove(tag),
+        let job = match self.jobs.get(id) {
+            Some(j) if j.key == key && matches!(j.kind, JobKind::MasterMove { .. }) => self.jobs.remove(id),
             _ => None,
         };
         self.masters.done_moving(&key);
@@ -921,13 +931,13 @@ impl Server {
         if self.masters.masters(&key) {
             return;
         }
-        let tag = self.jobs.new_tag();
+        let id = super::CatchupId(self.jobs.unique_number());
         let peers: BTreeSet<Sid> = self.routing.reachable_peers().into_iter().collect();
         for &peer in &peers {
-            self.send(peer, Msg::MboxRequest { tag, key: key.clone() });
+            self.send(peer, Msg::MboxRequest { tag: id.0, key: key.clone() });
         }
         let catchup = super::Catchup {
-            tag,
+            id,
             waiting_mbox: peers,
             waiting_sync: BTreeSet::new(),
             deadline: self.now.plus_us(self.cfg.request_timeout_us / 2),

@@ -4,18 +4,21 @@
 //! all of them). Incoming: changes received whose acknowledgement waits until the
 //! writes they made are durable. The logs themselves are on disk (see `image`).
 
+use super::jobs::JobId;
 use crate::io::WriteId;
 use crate::types::{Instant, Sid};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Default)]
 pub(crate) struct LogProgress {
     /// When each (peer, seq) entry was last sent.
     sent_at: BTreeMap<(Sid, u64), Instant>,
-    /// The job (by tag) waiting for each (peer, seq) entry.
-    waiters: BTreeMap<(Sid, u64), u64>,
-    /// Per (job tag, peer): entries of the job's change that peer has yet to acknowledge.
-    parts_left: BTreeMap<(u64, Sid), usize>,
+    /// The same, oldest send first: when the next resend is due, without a scan.
+    sent_order: BTreeSet<(Instant, Sid, u64)>,
+    /// The job (by id) waiting for each (peer, seq) entry.
+    waiters: BTreeMap<(Sid, u64), JobId>,
+    /// Per (job id, peer): entries of the job's change that peer has yet to acknowledge.
+    parts_left: BTreeMap<(JobId, Sid), usize>,
     /// Changes received and not yet acknowledged: (peer, seq, our last write when it
     /// was applied, whether we took it).
     owed: Vec<(Sid, u64, WriteId, bool)>,
@@ -26,7 +29,23 @@ pub(crate) type ReadyAcks = BTreeMap<Sid, (Vec<u64>, Vec<u64>)>;
 
 impl LogProgress {
     pub(crate) fn sent(&mut self, peer: Sid, seq: u64, now: Instant) {
-        self.sent_at.insert((peer, seq), now);
+        if let Some(before) = self.sent_at.insert((peer, seq), now) {
+            self.sent_order.remove(&(before, peer, seq));
+        }
+        self.sent_order.insert((now, peer, seq));
+        debug_assert_eq!(self.sent_at.len(), self.sent_order.len());
+    }
+
+    fn forget_sent(&mut self, peer: Sid, seq: u64) {
+        if let Some(at) = self.sent_at.remove(&(peer, seq)) {
+            self.sent_order.remove(&(at, peer, seq));
+        }
+        debug_assert_eq!(self.sent_at.len(), self.sent_order.len());
+    }
+
+    /// When the oldest entry sent and not acknowledged is due to go again.
+    pub(crate) fn next_resend(&self, interval_us: u64) -> Option<Instant> {
+        self.sent_order.first().map(|(at, _, _)| at.plus_us(interval_us))
     }
 
     /// Whether an entry is due to be sent: never sent, or last sent `interval_us` ago.
@@ -37,12 +56,14 @@ impl LogProgress {
     /// Everything in `peer`'s log goes out again at once (a new link, or it came back).
     pub(crate) fn resend_all(&mut self, peer: Sid) {
         self.sent_at.retain(|(p, _), _| *p != peer);
+        self.sent_order.retain(|(_, p, _)| *p != peer);
+        debug_assert_eq!(self.sent_at.len(), self.sent_order.len());
     }
 
-    /// Job `tag` waits for `peer` to acknowledge entry `seq`.
-    pub(crate) fn wait_for(&mut self, peer: Sid, seq: u64, tag: u64) {
-        self.waiters.insert((peer, seq), tag);
-        *self.parts_left.entry((tag, peer)).or_default() += 1;
+    /// Job `id` waits for `peer` to acknowledge entry `seq`.
+    pub(crate) fn wait_for(&mut self, peer: Sid, seq: u64, id: JobId) {
+        self.waiters.insert((peer, seq), id);
+        *self.parts_left.entry((id, peer)).or_default() += 1;
     }
 
     /// Entry `seq` went to `peer` without what makes it a copy (its body): the job
@@ -54,33 +75,33 @@ impl LogProgress {
     /// Entries dropped from a log (it overflowed): nobody waits for them.
     pub(crate) fn dropped(&mut self, peer: Sid, seqs: &[u64]) {
         for s in seqs {
-            self.sent_at.remove(&(peer, *s));
+            self.forget_sent(peer, *s);
             self.waiters.remove(&(peer, *s));
         }
     }
 
     /// `peer` acknowledged entry `seq`, having taken it (`held`) or refused it. Returns
     /// the job for which `peer` now counts as a copy: the last of its entries was taken.
-    pub(crate) fn acknowledged(&mut self, peer: Sid, seq: u64, held: bool) -> Option<u64> {
-        self.sent_at.remove(&(peer, seq));
-        let tag = self.waiters.remove(&(peer, seq))?;
+    pub(crate) fn acknowledged(&mut self, peer: Sid, seq: u64, held: bool) -> Option<JobId> {
+        self.forget_sent(peer, seq);
+        let id = self.waiters.remove(&(peer, seq))?;
         if !held {
             // The peer did not take the change: it is no copy of the message.
             return None;
         }
-        let left = self.parts_left.entry((tag, peer)).or_insert(1);
+        let left = self.parts_left.entry((id, peer)).or_insert(1);
         *left = left.saturating_sub(1);
         if *left > 0 {
             return None;
         }
-        self.parts_left.remove(&(tag, peer));
-        Some(tag)
+        self.parts_left.remove(&(id, peer));
+        Some(id)
     }
 
-    /// Job `tag` is over: its entries are still delivered, but nobody waits for them.
-    pub(crate) fn job_over(&mut self, tag: u64) {
-        self.waiters.retain(|_, t| *t != tag);
-        self.parts_left.retain(|(t, _), _| *t != tag);
+    /// Job `id` is over: its entries are still delivered, but nobody waits for them.
+    pub(crate) fn job_over(&mut self, id: JobId) {
+        self.waiters.retain(|_, t| *t != id);
+        self.parts_left.retain(|(t, _), _| *t != id);
     }
 
     /// A change from `peer`'s log was handled; its acknowledgement waits for `write`.
@@ -114,17 +135,17 @@ mod tests {
     #[test]
     fn a_peer_counts_once_every_part_is_taken() {
         let mut p = LogProgress::default();
-        p.wait_for(Sid(2), 10, 7);
-        p.wait_for(Sid(2), 11, 7);
+        p.wait_for(Sid(2), 10, JobId(7));
+        p.wait_for(Sid(2), 11, JobId(7));
         assert_eq!(p.acknowledged(Sid(2), 10, true), None, "one part left");
-        assert_eq!(p.acknowledged(Sid(2), 11, true), Some(7));
+        assert_eq!(p.acknowledged(Sid(2), 11, true), Some(JobId(7)));
         assert_eq!(p.acknowledged(Sid(2), 11, true), None, "acknowledged once");
     }
 
     #[test]
     fn a_refused_change_is_no_copy() {
         let mut p = LogProgress::default();
-        p.wait_for(Sid(3), 1, 9);
+        p.wait_for(Sid(3), 1, JobId(9));
         assert_eq!(p.acknowledged(Sid(3), 1, false), None);
     }
 
@@ -136,6 +157,21 @@ mod tests {
         assert!(p.send_due(Sid(2), 1, Instant(200), 100));
         p.resend_all(Sid(2));
         assert!(p.send_due(Sid(2), 1, Instant(150), 100));
+    }
+
+    #[test]
+    fn the_next_resend_follows_the_oldest_unacknowledged_send() {
+        let mut p = LogProgress::default();
+        assert_eq!(p.next_resend(100), None);
+        p.sent(Sid(2), 1, Instant(100));
+        p.sent(Sid(3), 1, Instant(120));
+        assert_eq!(p.next_resend(100), Some(Instant(200)));
+        p.sent(Sid(2), 1, Instant(300));
+        assert_eq!(p.next_resend(100), Some(Instant(220)), "a resend moves the entry back");
+        p.acknowledged(Sid(3), 1, true);
+        assert_eq!(p.next_resend(100), Some(Instant(400)));
+        p.resend_all(Sid(2));
+        assert_eq!(p.next_resend(100), None);
     }
 
     #[test]
@@ -153,10 +189,10 @@ mod tests {
     #[test]
     fn an_overflow_or_a_finished_job_leaves_nobody_waiting() {
         let mut p = LogProgress::default();
-        p.wait_for(Sid(2), 1, 7);
-        p.wait_for(Sid(3), 1, 8);
+        p.wait_for(Sid(2), 1, JobId(7));
+        p.wait_for(Sid(3), 1, JobId(8));
         p.dropped(Sid(2), &[1]);
-        p.job_over(8);
+        p.job_over(JobId(8));
         assert_eq!(p.acknowledged(Sid(2), 1, true), None);
         assert_eq!(p.acknowledged(Sid(3), 1, true), None);
     }

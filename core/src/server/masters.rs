@@ -3,6 +3,7 @@
 //! news so older news never overrides newer), lookups sent to the root, MASTER-MOVEs in
 //! flight and handovers not yet confirmed. A new term (see `root`) drops all of it.
 
+use super::jobs::JobId;
 use crate::MailboxState;
 use crate::types::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,10 +11,15 @@ use std::collections::{BTreeMap, BTreeSet};
 /// A new master's catch-up: it asks every reachable server for its copies and merges
 /// the ones that differ before it orders any write, so new UIDs exceed every UID a
 /// reachable server has shown.
+/// A catch-up's number, drawn with the job numbers (so unique across restarts); MBOX
+/// messages carry it as their wire tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CatchupId(pub u64);
+
 #[derive(Clone, Debug)]
 pub struct Catchup {
     /// Carried by the MBOX answers, so answers to an older catch-up are ignored.
-    pub tag: u64,
+    pub id: CatchupId,
     pub waiting_mbox: BTreeSet<Sid>,
     pub waiting_sync: BTreeSet<(Sid, MailboxKey)>,
     pub deadline: Instant,
@@ -31,8 +37,8 @@ pub struct Mastership {
 #[derive(Clone, Debug)]
 pub struct Handoff {
     pub requester: Sid,
-    /// The requester's tag for its MASTER-MOVE.
-    pub tag: u64,
+    /// The requester's job that asked for the MASTER-MOVE.
+    pub requester_job: JobId,
     pub epoch: u64,
     pub generation: u64,
     pub states: Vec<MailboxState>,
@@ -72,6 +78,15 @@ impl Masters {
         self.mastered.get(key).is_some_and(|m| m.catchup.is_none())
     }
 
+    /// Whether a mastership of ours is still catching up.
+    pub(crate) fn has_catchups(&self) -> bool {
+        self.mastered.values().any(|m| m.catchup.is_some())
+    }
+
+    pub(crate) fn any_ready(&self) -> bool {
+        self.ready().next().is_some()
+    }
+
     pub(crate) fn ready_keys(&self) -> Vec<MasterKey> {
         self.ready().map(|(k, _)| k.clone()).collect()
     }
@@ -94,12 +109,12 @@ impl Masters {
         self.mastered.remove(key)
     }
 
-    /// Whether a catch-up with this tag is running for `key`.
-    pub(crate) fn catching_up(&self, key: &MasterKey, tag: u64) -> bool {
-        self.catchup(key).is_some_and(|c| c.tag == tag)
+    /// Whether catch-up `id` is running for `key`.
+    pub(crate) fn catching_up(&self, key: &MasterKey, id: CatchupId) -> bool {
+        self.catchup(key).is_some_and(|c| c.id == id)
     }
 
-    /// The catch-up `tag` of `key` waits for a SYNC answer from `peer` for `mailbox`.
+    /// The catch-up of `key` waits for a SYNC answer from `peer` for `mailbox`.
     pub(crate) fn await_sync(&mut self, key: &MasterKey, peer: Sid, mailbox: MailboxKey) {
         if let Some(c) = self.catchup_mut(key) {
             c.waiting_sync.insert((peer, mailbox));
@@ -112,9 +127,9 @@ impl Masters {
         }
     }
 
-    /// `peer` listed all its mailboxes for catch-up `tag`.
-    pub(crate) fn listed(&mut self, tag: u64, peer: Sid) {
-        for c in self.mastered.values_mut().filter_map(|m| m.catchup.as_mut()).filter(|c| c.tag == tag) {
+    /// `peer` listed all its mailboxes for catch-up `id`.
+    pub(crate) fn listed(&mut self, id: CatchupId, peer: Sid) {
+        for c in self.mastered.values_mut().filter_map(|m| m.catchup.as_mut()).filter(|c| c.id == id) {
             c.waiting_mbox.remove(&peer);
         }
     }
@@ -283,9 +298,9 @@ mod tests {
         MasterKey::of(&MailboxKey { user: "alice".into(), name: n.into() }, Granularity::Mailbox)
     }
 
-    fn catching_up(tag: u64, peers: &[u32], deadline: u64) -> Mastership {
+    fn catching_up(id: u64, peers: &[u32], deadline: u64) -> Mastership {
         let catchup = Catchup {
-            tag,
+            id: CatchupId(id),
             waiting_mbox: peers.iter().map(|p| Sid(*p)).collect(),
             waiting_sync: BTreeSet::new(),
             deadline: Instant(deadline),
@@ -298,9 +313,9 @@ mod tests {
         let mut m = Masters::new();
         m.start(key("A"), catching_up(7, &[2, 3], 1_000));
         assert!(m.masters(&key("A")) && !m.masters_ready(&key("A")));
-        m.listed(7, Sid(2));
+        m.listed(CatchupId(7), Sid(2));
         m.await_sync(&key("A"), Sid(3), MailboxKey { user: "alice".into(), name: "A".into() });
-        m.listed(7, Sid(3));
+        m.listed(CatchupId(7), Sid(3));
         assert!(m.finished_catchups(Instant(0)).is_empty(), "a SYNC is still awaited");
         m.synced(&key("A"), Sid(3), &MailboxKey { user: "alice".into(), name: "A".into() });
         assert_eq!(m.finished_catchups(Instant(0)), vec![key("A")]);
@@ -324,9 +339,9 @@ mod tests {
     fn answers_to_another_catchup_are_ignored() {
         let mut m = Masters::new();
         m.start(key("A"), catching_up(7, &[2], 1_000));
-        m.listed(6, Sid(2));
+        m.listed(CatchupId(6), Sid(2));
         assert!(m.finished_catchups(Instant(0)).is_empty());
-        assert!(m.catching_up(&key("A"), 7) && !m.catching_up(&key("A"), 6));
+        assert!(m.catching_up(&key("A"), CatchupId(7)) && !m.catching_up(&key("A"), CatchupId(6)));
     }
 
     #[test]
@@ -349,7 +364,10 @@ mod tests {
         let mut m = Masters::new();
         m.start(key("A"), Mastership { catchup: None, generation: 1 });
         let generation = m.stop(&key("A")).map(|s| s.generation + 1).unwrap_or(0);
-        m.hand_off(key("A"), Handoff { requester: Sid(2), tag: 9, epoch: 1, generation, states: Vec::new() });
+        m.hand_off(
+            key("A"),
+            Handoff { requester: Sid(2), requester_job: JobId(9), epoch: 1, generation, states: Vec::new() },
+        );
         assert_eq!(m.cached(&key("A")), Some(Sid(2)));
         assert_eq!(m.generation(&key("A")), 2);
         m.announced(&key("A"), Sid(3), 5);

@@ -16,8 +16,9 @@ mod root;
 mod root_role;
 mod route_table;
 mod routing;
+mod timers;
 
-pub use jobs::{Job, JobKind, JobState, Origin};
+pub use jobs::{Job, JobId, JobKind, JobState, Origin};
 use root_role::RootRole;
 pub use root_role::{EPOCH_SID_BITS, RootState, Term};
 pub use route_table::LinkAnnouncement;
@@ -34,11 +35,12 @@ use body_fetch::BodyFetch;
 use image::Image;
 use job_table::JobTable;
 use log_progress::LogProgress;
-use masters::{Catchup, Handoff, Masters, Mastership};
+use masters::{Catchup, CatchupId, Handoff, Masters, Mastership};
 use outbox::Outbox;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
+use timers::{Timer, TimerTable};
 
 pub struct Server {
     cfg: Config,
@@ -63,8 +65,8 @@ pub struct Server {
     anti_entropy: AntiEntropy,
     /// Bodies wanted and FETCHes in flight (see `body_fetch`).
     body_fetch: BodyFetch,
-    next_tick: Instant,
-    last_slow_tick: Instant,
+    /// Every deadline, by name (see `timers`).
+    timers: TimerTable,
     /// Role changes (root terms, masterships) for a readable timeline, when asked for.
     notes: Option<Vec<String>>,
 }
@@ -100,10 +102,13 @@ impl Server {
             log_progress: LogProgress::default(),
             anti_entropy: AntiEntropy::default(),
             body_fetch: BodyFetch::default(),
-            next_tick: Instant(0),
-            last_slow_tick: Instant(0),
+            timers: TimerTable::default(),
             notes: None,
         };
+        // The first timer finds out whether the server is alone (then it is its own
+        // root); maintenance starts an interval later.
+        server.timers.set(Timer::Retry, Instant(0));
+        server.timers.set(Timer::Maintenance, Instant(server.cfg.anti_entropy_us));
         let started = server.image.start_incarnation(&mut server.out);
         debug_assert_eq!(started, incarnation);
         // A restarted server rejoins a component that grew, so the root opens a new
@@ -209,18 +214,18 @@ impl Server {
         }
         self.check_all_masters();
         self.flush_acks();
+        self.arm_timers();
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop()
     }
 
+    /// When to deliver the next [`Input::Timer`]: the earliest deadline of the timer
+    /// table (maintenance is always armed).
     pub fn poll_timeout(&self) -> Instant {
-        let tick = self.next_tick.max(self.now);
-        match self.routing.announcement_due_at() {
-            Some(at) => tick.min(at.max(self.now)),
-            None => tick,
-        }
+        let next = self.timers.next().unwrap_or(self.now.plus_us(self.cfg.anti_entropy_us));
+        next.max(self.now)
     }
 
     /// Keep notes of role changes (for traces); `take_notes` drains them.
@@ -319,17 +324,19 @@ impl Server {
             Msg::Dropped { epoch } => self.on_dropped(src, epoch),
             Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),
             Msg::MasterIs { epoch, key, master, generation } => self.on_master_is(src, epoch, key, master, generation),
-            Msg::MasterMove { tag, key, requester } => self.on_master_move(src, tag, key, requester),
+            // A wire tag names the sender's job in a request, ours in an answer.
+            Msg::MasterMove { tag, key, requester } => self.on_master_move(src, JobId(tag), key, requester),
             Msg::MoveDone { tag, key, epoch, generation, states } => {
-                self.on_move_done(tag, key, epoch, generation, states)
+                self.on_move_done(JobId(tag), key, epoch, generation, states)
             }
-            Msg::Request { tag, request } => self.on_peer_request(src, tag, request),
-            Msg::Reply { tag, master, result, record } => self.on_peer_reply(src, tag, master, result, record),
+            Msg::Request { tag, request } => self.on_peer_request(src, JobId(tag), request),
+            Msg::Reply { tag, master, result, record } => self.on_peer_reply(src, JobId(tag), master, result, record),
             Msg::Change { seq, change } => self.on_change(src, seq, change),
             Msg::Ack { seqs, refused } => self.on_ack(src, seqs, refused),
-            Msg::MboxRequest { tag, key } => self.on_mbox_request(src, tag, key),
-            Msg::Mbox { tag, summary } => self.on_mbox(src, tag, summary),
-            Msg::MboxDone { tag, count } => self.on_mbox_done(src, tag, count),
+            // A catch-up's number; 0 in an unsolicited MBOX (anti-entropy).
+            Msg::MboxRequest { tag, key } => self.on_mbox_request(src, CatchupId(tag), key),
+            Msg::Mbox { tag, summary } => self.on_mbox(src, (tag != 0).then_some(CatchupId(tag)), summary),
+            Msg::MboxDone { tag, count } => self.on_mbox_done(src, CatchupId(tag), count),
             Msg::Sync { reply, state } => self.on_sync(src, reply, state),
             Msg::SyncPart { state } => {
                 self.merge_foreign(src, &state);
@@ -359,6 +366,9 @@ impl Server {
             self.anti_entropy.recheck_peer(peer);
         }
         for &peer in lost {
+            // Its log goes out in full when it is back (above); until then nothing is
+            // resent to it.
+            self.log_progress.resend_all(peer);
             self.root_role.peer_lost(peer);
             self.masters.peer_lost(peer);
             self.requeue_forwarded_to(peer);
@@ -369,14 +379,53 @@ impl Server {
     }
 
     fn on_timer(&mut self) {
-        self.announce_if_due();
-        if self.now < self.next_tick {
-            return;
+        for timer in self.timers.take_expired(self.now) {
+            match timer {
+                Timer::Announce => self.announce_links(0),
+                Timer::Retry => self.retry_waiting_work(),
+                Timer::JobDeadline => self.expire_jobs(),
+                Timer::LogResend => self.resend_logs(),
+                Timer::Maintenance => {
+                    self.timers.set(Timer::Maintenance, self.now.plus_us(self.cfg.anti_entropy_us));
+                    self.maintain();
+                }
+            }
         }
-        self.next_tick = self.now.plus_us(self.cfg.tick_us);
+    }
+
+    /// Arms each timer for the work left after an input (see `timers`).
+    fn arm_timers(&mut self) {
+        match self.jobs.next_deadline() {
+            Some(at) => self.timers.set(Timer::JobDeadline, at),
+            None => self.timers.stop(Timer::JobDeadline),
+        }
+        if let Some(at) = self.log_progress.next_resend(self.cfg.anti_entropy_us) {
+            // A resend that was due and did not go (its peer is out of reach, or the
+            // pass was full) is tried a tick later, not again at once.
+            let at = if at <= self.now { self.now.plus_us(self.cfg.tick_us) } else { at };
+            self.timers.set_earliest(Timer::LogResend, at);
+        }
+        if self.has_waiting_work() {
+            if !self.timers.is_armed(Timer::Retry) {
+                self.timers.set(Timer::Retry, self.now.plus_us(self.cfg.tick_us));
+            }
+        } else {
+            self.timers.stop(Timer::Retry);
+        }
+        debug_assert!(self.timers.is_armed(Timer::Maintenance), "maintenance is always armed");
+    }
+
+    /// Work that waits on something no input announces, so it is polled.
+    fn has_waiting_work(&self) -> bool {
+        self.jobs.has_queued()
+            || (self.is_root() && !self.root_role.active())
+            || self.masters.has_catchups()
+            || self.body_fetch.count() > 0
+    }
+
+    fn retry_waiting_work(&mut self) {
         // A server that starts alone (or lost every link) is its own root.
         self.check_root();
-        self.expire_jobs();
         if self.is_root() && !self.root_role.active() {
             self.broadcast_term();
         }
@@ -387,21 +436,21 @@ impl Server {
             self.requeue_jobs_for(&key);
         }
         self.finish_catchups();
-        self.resend_logs();
         self.fetch_wanted_bodies();
-        if self.now.0.saturating_sub(self.last_slow_tick.0) >= self.cfg.anti_entropy_us {
-            self.last_slow_tick = self.now;
-            // Every mailbox keeps a master: one whose master was lost (or whose
-            // MASTER-MOVE answer went astray) gets one again.
-            self.masters.request_check();
-            self.resend_handoffs();
-            self.announce_masterships();
-            self.resend_lookups();
-            self.anti_entropy();
-            self.sync_dirty();
-            self.scrub_bodies();
-            self.collect_bodies();
-        }
+    }
+
+    fn maintain(&mut self) {
+        self.check_root();
+        // Every mailbox keeps a master: one whose master was lost (or whose
+        // MASTER-MOVE answer went astray) gets one again.
+        self.masters.request_check();
+        self.resend_handoffs();
+        self.announce_masterships();
+        self.resend_lookups();
+        self.anti_entropy();
+        self.sync_dirty();
+        self.scrub_bodies();
+        self.collect_bodies();
     }
 
     fn resend_handoffs(&mut self) {
@@ -410,7 +459,7 @@ impl Server {
                 self.masters.handoff_done(&key);
                 continue;
             }
-            self.send_move_done(h.requester, h.tag, key, h.epoch, h.generation, h.states);
+            self.send_move_done(h.requester, h.requester_job, key, h.epoch, h.generation, h.states);
         }
     }
 

@@ -2,7 +2,9 @@
 //! durability, MBOX summaries, SYNC exchanges, FETCH of bodies, and the repair of stores
 //! edited behind the protocol's back.
 
-use super::Server;
+use super::anti_entropy::EXAMINED_PER_PASS_MAX;
+use super::timers::Timer;
+use super::{CatchupId, JobId, Server};
 use crate::hash::body_checksum;
 use crate::io::ExternalEdit;
 use crate::mailbox::{self, MergeOutcome};
@@ -10,10 +12,10 @@ use crate::marks::Mark;
 use crate::msg::*;
 use crate::store::StoreWrite;
 use crate::types::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-/// Log entries resent to one peer per tick at most.
-const RESEND_PER_TICK_MAX: usize = 1024;
+/// Log entries resent to one peer per pass at most.
+const RESEND_PER_PASS_MAX: usize = 1024;
 /// Anti-entropy periods after which a confirmed copy is checked again.
 const RECONFIRM_PERIODS: u64 = 10;
 
@@ -22,13 +24,13 @@ impl Server {
     /// ones. `waiter` is the job that waits for the peers' acknowledgements.
     /// A change too large for one command goes as several log entries (see
     /// `limits::change_parts`); the waiter counts a peer once it acknowledged them all.
-    pub(crate) fn replicate(&mut self, change: Change, waiter: Option<u64>) {
+    pub(crate) fn replicate(&mut self, change: Change, waiter: Option<JobId>) {
         for part in crate::limits::change_parts(change) {
             self.replicate_part(part, waiter);
         }
     }
 
-    fn replicate_part(&mut self, change: Change, waiter: Option<u64>) {
+    fn replicate_part(&mut self, change: Change, waiter: Option<JobId>) {
         let mailbox = change.mailbox().clone();
         // The safety net: a change that still cannot be encoded within the peer's limits
         // is never logged (it would wedge the link); the peer gets the mailbox by SYNC.
@@ -46,8 +48,8 @@ impl Server {
                 // The peer will get this mailbox by SYNC.
                 continue;
             };
-            if let Some(tag) = waiter {
-                self.log_progress.wait_for(peer, seq, tag);
+            if let Some(job) = waiter {
+                self.log_progress.wait_for(peer, seq, job);
             }
             if self.routing.is_reachable(peer) {
                 self.log_progress.sent(peer, seq, self.now);
@@ -65,13 +67,15 @@ impl Server {
         }
         self.marks.hit(Mark::LogOverflow);
         let mut victims = vec![mailbox.clone()];
-        let mut counts: BTreeMap<MailboxKey, usize> = BTreeMap::new();
-        for change in log.entries.values() {
-            *counts.entry(change.mailbox().clone()).or_default() += 1;
-        }
-        let mut left = log.entries.len() - counts.get(mailbox).copied().unwrap_or(0);
-        let mut by_size: Vec<(usize, MailboxKey)> =
-            counts.into_iter().filter(|(k, _)| k != mailbox).map(|(k, c)| (c, k)).collect();
+        let mut left = log.entries.len()
+            - self.image.logged_counts(peer).find(|(k, _)| *k == mailbox).map_or(0, |(_, n)| n as usize);
+        let counts: Vec<(usize, MailboxKey)> = self
+            .image
+            .logged_counts(peer)
+            .filter(|(k, _)| *k != mailbox)
+            .map(|(k, n)| (n as usize, k.clone()))
+            .collect();
+        let mut by_size = counts;
         by_size.sort_by(|a, b| b.cmp(a));
         for (count, key) in by_size {
             if left < capacity {
@@ -95,6 +99,9 @@ impl Server {
         }
     }
 
+    /// Sends each reachable peer's log entries that were never sent or not acknowledged
+    /// within the interval, at most `RESEND_PER_PASS_MAX` per peer; a full pass is
+    /// followed by another a tick later.
     pub(crate) fn resend_logs(&mut self) {
         let now = self.now;
         let interval = self.cfg.anti_entropy_us;
@@ -105,9 +112,12 @@ impl Server {
                 .entries
                 .iter()
                 .filter(|(seq, _)| self.log_progress.send_due(peer, **seq, now, interval))
-                .take(RESEND_PER_TICK_MAX)
+                .take(RESEND_PER_PASS_MAX)
                 .map(|(s, c)| (*s, c.clone()))
                 .collect();
+            if due.len() == RESEND_PER_PASS_MAX {
+                self.timers.set_earliest(Timer::LogResend, now.plus_us(self.cfg.tick_us));
+            }
             for (seq, logged) in due {
                 let change = self.with_logged_body(peer, seq, logged);
                 if !crate::limits::change_fits(&change) {
@@ -147,8 +157,8 @@ impl Server {
             return;
         }
         for seq in &removed {
-            if let Some(tag) = self.log_progress.acknowledged(src, *seq, held.contains(seq)) {
-                self.jobs.peer_acked(tag, src);
+            if let Some(job) = self.log_progress.acknowledged(src, *seq, held.contains(seq)) {
+                self.jobs.peer_acked(job, src);
             }
         }
         self.progress_jobs();
@@ -282,13 +292,13 @@ impl Server {
         out
     }
 
-    pub(crate) fn on_mbox_request(&mut self, src: Sid, tag: u64, key: MasterKey) {
+    pub(crate) fn on_mbox_request(&mut self, src: Sid, catchup: CatchupId, key: MasterKey) {
         let summaries = self.image.summaries_where(|k| key.covers(k));
         let count = u32::try_from(summaries.len()).unwrap_or(u32::MAX);
         for summary in summaries {
-            self.send(src, Msg::Mbox { tag, summary });
+            self.send(src, Msg::Mbox { tag: catchup.0, summary });
         }
-        self.send(src, Msg::MboxDone { tag, count });
+        self.send(src, Msg::MboxDone { tag: catchup.0, count });
     }
 
     fn send_state(&mut self, to: Sid, mailbox: &MailboxKey, reply: bool) {
@@ -322,7 +332,7 @@ impl Server {
     pub(crate) fn send_move_done(
         &mut self,
         to: Sid,
-        tag: u64,
+        requester_job: JobId,
         key: MasterKey,
         epoch: u64,
         generation: u64,
@@ -342,10 +352,12 @@ impl Server {
                 }
             }
         }
-        self.send(to, Msg::MoveDone { tag, key, epoch, generation, states });
+        self.send(to, Msg::MoveDone { tag: requester_job.0, key, epoch, generation, states });
     }
 
-    pub(crate) fn on_mbox(&mut self, src: Sid, tag: u64, summary: Summary) {
+    /// A peer's summary of a mailbox: an answer to our catch-up `catchup`, or (None)
+    /// anti-entropy's.
+    pub(crate) fn on_mbox(&mut self, src: Sid, catchup: Option<CatchupId>, summary: Summary) {
         let mailbox = summary.mailbox.clone();
         let key = self.master_key(&mailbox);
         let equal = self.summary_of(&mailbox).as_ref() == Some(&summary);
@@ -359,9 +371,8 @@ impl Server {
             // incarnation of the mailbox: only a full SYNC can repair that.
             self.anti_entropy.forget_common_point(src, &mailbox);
         }
-        if tag != 0 {
-            // A catch-up answer.
-            if !self.masters.catching_up(&key, tag) {
+        if let Some(catchup) = catchup {
+            if !self.masters.catching_up(&key, catchup) {
                 return;
             }
             if !equal {
@@ -388,9 +399,9 @@ impl Server {
         self.send_state(src, &mailbox, false);
     }
 
-    pub(crate) fn on_mbox_done(&mut self, src: Sid, tag: u64, count: u32) {
+    pub(crate) fn on_mbox_done(&mut self, src: Sid, catchup: CatchupId, count: u32) {
         let _ = count;
-        self.masters.listed(tag, src);
+        self.masters.listed(catchup, src);
         self.finish_catchups();
     }
 
@@ -414,48 +425,67 @@ impl Server {
 
     /// Masters check, about once per `anti_entropy_us`, each peer's copy of every
     /// mailbox whose state the peer has not confirmed, once the log to it is drained.
+    /// One pass examines at most `EXAMINED_PER_PASS_MAX` mailboxes per peer and the next
+    /// goes on from there, so the work per pass is bounded whatever the store holds.
     pub(crate) fn anti_entropy(&mut self) {
-        let now = self.now;
-        let interval = self.cfg.anti_entropy_us;
-        let keys: Vec<MasterKey> = self.mastered_ready();
-        if keys.is_empty() {
+        if !self.masters.any_ready() {
             return;
         }
-        let peers: Vec<Sid> = self.routing.reachable_peers();
-        for peer in peers {
-            let in_flight: BTreeSet<MailboxKey> = self
-                .image
-                .log(peer)
-                .map(|l| l.entries.values().map(|c| c.mailbox().clone()).collect())
-                .unwrap_or_default();
-            let candidates: Vec<MailboxKey> = self
-                .image
-                .mailboxes()
-                .keys()
-                .filter(|k| !in_flight.contains(*k) && keys.iter().any(|key| key.covers(k)))
-                .cloned()
-                .collect();
-            let mut to_send = Vec::new();
-            for mailbox in &candidates {
-                let check = self.anti_entropy.check(peer, mailbox);
-                let Some(summary) = self.image.summary(mailbox) else { continue };
-                // A confirmed copy is checked again now and then: a peer may have lost its
-                // disk and come back before anyone saw it gone, or been edited by hand.
-                let fresh =
-                    check.confirmed_at.is_some_and(|at| now.0.saturating_sub(at.0) < interval * RECONFIRM_PERIODS);
-                if check.confirmed_digest == Some(summary.digest) && fresh {
-                    continue;
-                }
-                if check.last_sent.is_some_and(|at| now.0.saturating_sub(at.0) < interval) {
-                    continue;
-                }
-                to_send.push(summary);
-            }
-            for summary in to_send {
-                self.anti_entropy.summary_sent(peer, summary.mailbox.clone(), now);
+        for peer in self.routing.reachable_peers() {
+            let (candidates, resume_after) = self.pass_candidates(peer);
+            self.anti_entropy.pass_ended(peer, resume_after);
+            for mailbox in candidates {
+                let Some(summary) = self.summary_to_check(peer, &mailbox) else { continue };
+                self.anti_entropy.summary_sent(peer, summary.mailbox.clone(), self.now);
                 self.send(peer, Msg::Mbox { tag: 0, summary });
             }
         }
+    }
+
+    /// The mailboxes of this pass for `peer` that we master and whose changes to it are
+    /// all delivered, in key order from where the last pass stopped; and where the next
+    /// pass starts (None: this one went all the way round).
+    fn pass_candidates(&self, peer: Sid) -> (Vec<MailboxKey>, Option<MailboxKey>) {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let mailboxes = self.image.mailboxes();
+        let start = self.anti_entropy.pass_start(peer).filter(|k| mailboxes.contains_key(*k));
+        let after = match start {
+            Some(k) => mailboxes.range::<MailboxKey, _>((Excluded(k), Unbounded)),
+            None => mailboxes.range::<MailboxKey, _>(..),
+        };
+        let before = start.map(|k| mailboxes.range::<MailboxKey, _>((Unbounded, Included(k))));
+        let order = after.chain(before.into_iter().flatten());
+        let mut candidates = Vec::new();
+        let mut last = None;
+        for (examined, (key, _)) in order.enumerate() {
+            if examined == EXAMINED_PER_PASS_MAX {
+                return (candidates, last);
+            }
+            last = Some(key.clone());
+            if !self.image.is_logged(peer, key) && self.masters.masters_ready(&self.master_key(key)) {
+                candidates.push(key.clone());
+            }
+        }
+        (candidates, None)
+    }
+
+    /// Our summary of `mailbox`, when `peer`'s copy is due to be checked: not confirmed
+    /// at our digest lately, and no summary sent within the interval.
+    fn summary_to_check(&mut self, peer: Sid, mailbox: &MailboxKey) -> Option<Summary> {
+        let now = self.now;
+        let interval = self.cfg.anti_entropy_us;
+        let check = self.anti_entropy.check(peer, mailbox);
+        let summary = self.image.summary(mailbox)?;
+        // A confirmed copy is checked again now and then: a peer may have lost its disk
+        // and come back before anyone saw it gone, or been edited by hand.
+        let fresh = check.confirmed_at.is_some_and(|at| now.0.saturating_sub(at.0) < interval * RECONFIRM_PERIODS);
+        if check.confirmed_digest == Some(summary.digest) && fresh {
+            return None;
+        }
+        if check.last_sent.is_some_and(|at| now.0.saturating_sub(at.0) < interval) {
+            return None;
+        }
+        Some(summary)
     }
 
     /// Replicas holding a conflict they may not decide send their copy to the master.
@@ -627,7 +657,7 @@ impl Server {
     /// log, not wanted, not needed by a job. A COPY or a replica's FETCH that comes later
     /// finds no body here and is served by a server that still holds the message.
     pub(crate) fn collect_bodies(&mut self) {
-        let candidates: Vec<Guid> = self.image.unreferenced_bodies().take(COLLECT_PER_TICK_MAX).collect();
+        let candidates: Vec<Guid> = self.image.unreferenced_bodies().take(COLLECT_PER_PASS_MAX).collect();
         if candidates.is_empty() {
             return;
         }
@@ -673,8 +703,8 @@ impl Server {
     }
 }
 
-/// Bodies collected per slow tick at most.
-const COLLECT_PER_TICK_MAX: usize = 256;
+/// Bodies collected per maintenance pass at most.
+const COLLECT_PER_PASS_MAX: usize = 256;
 
 /// The GUIDs a logged change refers to.
 fn logged_guids(change: &Change) -> Vec<Guid> {

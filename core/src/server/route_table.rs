@@ -3,7 +3,7 @@
 //! in it. A link counts only when both ends announce it. Ties break on the lowest
 //! server id, so routes are deterministic. The table decides; `routing` sends.
 
-use crate::types::{Instant, Sid};
+use crate::types::Sid;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// How long link changes are collected before they are announced.
@@ -34,8 +34,6 @@ pub(crate) struct RouteTable {
     next_hops: BTreeMap<Sid, Sid>,
     /// Always holds `me`.
     reachable: BTreeSet<Sid>,
-    /// When our pending announcement goes out.
-    announce_at: Option<Instant>,
 }
 
 impl RouteTable {
@@ -47,7 +45,6 @@ impl RouteTable {
             announcements: BTreeMap::new(),
             next_hops: BTreeMap::new(),
             reachable: BTreeSet::from([me]),
-            announce_at: None,
         }
     }
 
@@ -121,27 +118,6 @@ impl RouteTable {
         let announcement = LinkAnnouncement { seq, epoch, neighbors };
         self.announcements.insert(origin, announcement.clone());
         Some((announcement, changed))
-    }
-
-    /// Our announcement goes out `LINK_HOLD_US` after the first change that needs it, so
-    /// the many link changes of one partition or heal go out as one flood.
-    pub(crate) fn schedule_announcement(&mut self, now: Instant) {
-        if self.announce_at.is_none() {
-            self.announce_at = Some(now.plus_us(LINK_HOLD_US));
-        }
-    }
-
-    pub(crate) fn announcement_due_at(&self) -> Option<Instant> {
-        self.announce_at
-    }
-
-    /// True (once) when our pending announcement is due.
-    pub(crate) fn take_due_announcement(&mut self, now: Instant) -> bool {
-        if self.announce_at.is_some_and(|at| at <= now) {
-            self.announce_at = None;
-            return true;
-        }
-        false
     }
 
     /// Breadth-first search from us over links both ends announce. Routes and
@@ -318,17 +294,6 @@ mod tests {
         assert!(!t.link_up(s(1)));
         assert!(!t.link_up(s(7)));
         assert!(t.links().is_empty());
-    }
-
-    #[test]
-    fn an_announcement_waits_for_the_hold() {
-        let mut t = RouteTable::new(s(1), &[s(1), s(2)]);
-        t.schedule_announcement(Instant(100));
-        t.schedule_announcement(Instant(900));
-        assert_eq!(t.announcement_due_at(), Some(Instant(100 + LINK_HOLD_US)));
-        assert!(!t.take_due_announcement(Instant(100)));
-        assert!(t.take_due_announcement(Instant(100 + LINK_HOLD_US)));
-        assert!(!t.take_due_announcement(Instant(100 + LINK_HOLD_US)), "only once");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! a command can be relayed A-B-C when A-C is cut.
 
 use super::Server;
+use super::route_table::LINK_HOLD_US;
 use super::route_table::ReachabilityChange;
+use super::timers::Timer;
 use crate::msg::*;
 use crate::types::*;
 
@@ -29,6 +31,7 @@ impl Server {
         // anyone saw it gone. Check its copies again and resend what it has not acked.
         self.anti_entropy.recheck_peer(peer);
         self.log_progress.resend_all(peer);
+        self.timers.set_earliest(Timer::LogResend, self.now);
         // The new neighbour learns everything we know.
         for (origin, ann) in self.routing.others_announcements() {
             let neighbors = ann.neighbors.into_iter().collect();
@@ -52,13 +55,10 @@ impl Server {
 
     /// Also called when our epoch rises, so that the epoch every server advertises is
     /// its current one.
+    /// Our announcement goes out `LINK_HOLD_US` after the first change that needs it.
     pub(crate) fn schedule_announcement(&mut self) {
-        self.routing.schedule_announcement(self.now);
-    }
-
-    pub(crate) fn announce_if_due(&mut self) {
-        if self.routing.take_due_announcement(self.now) {
-            self.announce_links(0);
+        if !self.timers.is_armed(Timer::Announce) {
+            self.timers.set(Timer::Announce, self.now.plus_us(LINK_HOLD_US));
         }
     }
 
