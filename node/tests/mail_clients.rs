@@ -122,6 +122,7 @@ fn starttls_and_implicit_tls_for_imap() {
 
 /// Runs the client script; its JSON line on success.
 fn client(args: &[&str]) -> Value {
+    harness::require_tools();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
     let out = Command::new("python3").arg(script).args(args).output().expect("python3");
     assert!(
@@ -150,6 +151,7 @@ fn mbsync(m: &Mail, i: usize, maildir: &std::path::Path) -> usize {
         ),
     )
     .unwrap();
+    harness::require_tools();
     let out = Command::new("mbsync").arg("-c").arg(&config).arg("-a").output().expect("mbsync (package isync)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "mbsync failed:\n{text}");
@@ -217,6 +219,7 @@ fn kill_9_during_imap_work_and_every_server_agrees_after_restart() {
     // Node 2 goes on: a new root, new masters, and replicas on node 3.
     let mut appended = 0;
     for i in 0..50 {
+        harness::require_tools();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
         let out = Command::new("python3")
             .arg(script)
@@ -250,6 +253,7 @@ fn kill_9_during_imap_work_and_every_server_agrees_after_restart() {
 /// yet (a fresh partition: the side elects its own root and master first).
 fn deliver_until_ok(m: &Mail, i: usize) {
     for _ in 0..100 {
+        harness::require_tools();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
         let out = Command::new("python3")
             .arg(script)

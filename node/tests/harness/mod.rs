@@ -346,3 +346,23 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let _ = stream.read_to_end(&mut answer);
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+/// Makes sure the system tools a test drives (python3, mbsync) are installed, through
+/// the same `scripts/test-tools` that `.ci/run` uses: installed once per test binary
+/// when missing, and a panic saying what to do when they cannot be (never a skip).
+#[allow(dead_code)]
+pub fn require_tools() {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/test-tools");
+        let out = Command::new(script).output().map_err(|e| format!("{script}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    if let Err(why) = result {
+        panic!("a system tool this test needs is missing: {why}");
+    }
+}
