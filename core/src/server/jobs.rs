@@ -432,6 +432,7 @@ impl Server {
                 JobKind::Write(_) => self.answer(job.origin, None, fail(FailKind::Temporary, reason), None),
             }
         }
+        debug_assert!(self.jobs.next_deadline().is_none_or(|at| at > now), "every expired job was answered");
     }
 
     /// Finish jobs whose writes are durable and whose replicas have acknowledged.
@@ -642,7 +643,12 @@ impl Server {
         };
         self.commit(meta);
         self.commit(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() });
-        debug_assert!(self.image.mailbox(mailbox).is_some_and(mailbox::unique_guids));
+        // The promise the protocol rests on: a UID is given out once, above every UID
+        // and modseq this mailbox has shown (checked in release too; it is cheap).
+        let placed = self.image.mailbox(mailbox);
+        assert!(placed.is_some_and(|m| m.uidnext > uid && m.highest_modseq >= modseq), "UIDNEXT and modseq moved past the new message");
+        debug_assert!(placed.is_some_and(|m| m.tombstones.keys().all(|(u, _)| *u != uid)), "a new UID was never expunged");
+        debug_assert!(placed.is_some_and(mailbox::unique_guids));
         (record, uidvalidity)
     }
 

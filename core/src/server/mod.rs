@@ -413,6 +413,11 @@ impl Server {
             self.timers.stop(Timer::Retry);
         }
         debug_assert!(self.timers.is_armed(Timer::Maintenance), "maintenance is always armed");
+        debug_assert_eq!(self.timers.is_armed(Timer::JobDeadline), self.jobs.len() > 0, "a job is never forgotten");
+        debug_assert!(
+            self.log_progress.next_resend(0).is_none() || self.timers.is_armed(Timer::LogResend),
+            "an unacknowledged entry is resent"
+        );
     }
 
     /// Work that waits on something no input announces, so it is polled.

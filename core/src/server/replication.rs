@@ -161,6 +161,10 @@ impl Server {
                 self.jobs.peer_acked(job, src);
             }
         }
+        debug_assert!(
+            removed.iter().all(|seq| self.image.log(src).is_none_or(|l| !l.entries.contains_key(seq))),
+            "an acknowledged entry leaves the log"
+        );
         self.progress_jobs();
     }
 

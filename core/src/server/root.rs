@@ -50,7 +50,9 @@ impl Server {
     }
 
     fn open_term(&mut self) {
-        let epoch = Term::next_epoch(self.image.disk().epoch.max(self.root_role.epoch()), self.cfg.sid);
+        let before = self.image.disk().epoch.max(self.root_role.epoch());
+        let epoch = Term::next_epoch(before, self.cfg.sid);
+        assert!(epoch > before, "a new term's epoch is above every epoch seen");
         self.set_epoch(epoch);
         self.marks.hit(crate::Mark::RootElected);
         // The new term's (silent) root state first: dropping masterships requeues jobs,
@@ -60,6 +62,7 @@ impl Server {
         self.drop_masterships();
         self.broadcast_term();
         self.check_root_active();
+        debug_assert!(self.is_root() && self.root_role.epoch() == epoch, "we are root of the new term");
     }
 
     /// Raises the highest epoch seen; true when it rose.

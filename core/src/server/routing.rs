@@ -89,6 +89,9 @@ impl Server {
 
     pub(crate) fn recompute_routes(&mut self) {
         let ReachabilityChange { gained, lost } = self.routing.recompute();
+        debug_assert!(self.routing.is_reachable(self.cfg.sid), "we always reach ourselves");
+        debug_assert!(gained.iter().chain(&lost).all(|s| *s != self.cfg.sid), "we never gain or lose ourselves");
+        debug_assert!(gained.iter().all(|s| self.routing.next_hop(*s).is_some()), "a server gained has a route");
         if gained.is_empty() && lost.is_empty() {
             return;
         }
