@@ -25,10 +25,13 @@ pub enum Mark {
     /// A logged change could not be encoded within the wire limits: dropped, and the
     /// mailbox marked for full SYNC with that peer.
     UnsendableChange,
+    /// A restart found a message live at a binding its own tombstone retires (a crash
+    /// between a merge's or expunge's writes) and removed it.
+    InterruptedMergeFinished,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 16] = [
+    pub const ALL: [Mark; 17] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -45,6 +48,7 @@ impl Mark {
         Mark::StaleStoreCorrected,
         Mark::PeerInputRefused,
         Mark::UnsendableChange,
+        Mark::InterruptedMergeFinished,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +69,7 @@ impl Mark {
             Mark::StaleStoreCorrected => "stale_store_corrected",
             Mark::PeerInputRefused => "peer_input_refused",
             Mark::UnsendableChange => "unsendable_change",
+            Mark::InterruptedMergeFinished => "interrupted_merge_finished",
         }
     }
 

@@ -10,7 +10,9 @@ pub const UIDS_NEVER_REUSED: &str = "uids_never_reused";
 pub const MONOTONIC: &str = "monotonic";
 pub const FLAGS_AGREE: &str = "flags_agree";
 pub const CONVERGENCE: &str = "convergence";
-pub const INVARIANTS: [&str; 5] = [NO_ACKED_LOSS, UIDS_NEVER_REUSED, MONOTONIC, FLAGS_AGREE, CONVERGENCE];
+pub const NO_RESURRECTION: &str = "no_resurrection";
+pub const INVARIANTS: [&str; 6] =
+    [NO_ACKED_LOSS, UIDS_NEVER_REUSED, MONOTONIC, FLAGS_AGREE, CONVERGENCE, NO_RESURRECTION];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
@@ -94,6 +96,9 @@ pub struct Oracle {
     pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
     /// Mailboxes a client asked to DELETE.
     pub deleted_mailboxes: BTreeSet<MailboxKey>,
+    /// Every (mailbox, message) a COPY was asked for: a message expunged from a
+    /// mailbox may come back by a later COPY.
+    copy_requested: BTreeSet<(MailboxKey, Guid)>,
     /// Last UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ a client saw per server and mailbox.
     views: BTreeMap<(Sid, MailboxKey), (u32, Uid, ModSeq)>,
     /// Last UIDNEXT/HIGHESTMODSEQ written by each server incarnation.
@@ -283,6 +288,10 @@ impl Oracle {
         self.deleted_mailboxes.insert(mailbox.clone());
     }
 
+    pub fn copy_requested(&mut self, mailbox: &MailboxKey, guid: Guid) {
+        self.copy_requested.insert((mailbox.clone(), guid));
+    }
+
     pub fn expunge_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
             self.expunged.insert((mailbox.clone(), *g));
@@ -377,6 +386,19 @@ impl Oracle {
                             ),
                         ));
                     }
+                }
+            }
+        }
+        // An acknowledged EXPUNGE is final: the message is not live again anywhere
+        // (unless a COPY brought it back), whatever copy, log entry or collected
+        // tombstone a merge met.
+        for (mailbox, guid) in self.expunged.iter().filter(|k| !self.copy_requested.contains(*k)) {
+            for sid in stores.keys() {
+                if by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid)) {
+                    found.push((
+                        NO_RESURRECTION,
+                        format!("{sid}: {guid} is live in {mailbox} after an acknowledged EXPUNGE"),
+                    ));
                 }
             }
         }

@@ -314,7 +314,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("renumbered", &["labels"]),
 ];
 
-const INVARIANTS: &[&str] = &["no_acked_loss", "uids_never_reused", "monotonic", "flags_agree", "convergence"];
+const INVARIANTS: &[&str] = &crate::oracle::INVARIANTS;
 
 const ALL_BUT_LOSE: &[FaultKind] =
     &[FaultKind::Partition, FaultKind::Cut, FaultKind::Crash, FaultKind::Flap, FaultKind::HandEdit, FaultKind::Corrupt];

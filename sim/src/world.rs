@@ -521,7 +521,11 @@ impl World {
         if empty {
             node.disk = DiskImage::default();
             node.bodies = MemoryBodies::default();
+            // A new, empty server under the old id (a replaced disk): what the old one
+            // showed no longer binds it, as when a disk is wiped on stop.
+            self.oracle.forget_server(sid);
         }
+        let Some(node) = self.nodes.get_mut(&sid) else { return };
         node.incarnation += 1;
         node.pending.clear();
         node.fsync_in_flight = false;
@@ -1068,6 +1072,9 @@ impl World {
             }
             Action::Copy { server, from, label, to, as_label } => {
                 let Some(uid) = self.uid_of(server, &from, &label) else { return self.skip(server, &label, event) };
+                if let Some(guid) = self.labels.get(&label) {
+                    self.oracle.copy_requested(&to, *guid);
+                }
                 let request = ClientRequest::Copy { src: from, src_uid: uid, dst: to.clone() };
                 self.request(server, request, event, Outstanding { label: as_label, mailbox: Some(to), ..none() });
             }

@@ -546,8 +546,19 @@ impl Image {
     /// record and retire it again (or change it twice), and a replay of its first value
     /// would bring back on disk a binding the image no longer has.
     /// The before-images are those of `snapshot`, the mailbox before the merge.
+    /// Writes a merge's result in an order that a crash after any prefix leaves safe: the
+    /// raised UIDNEXT/HIGHESTMODSEQ first (so no UID or modseq is given out twice), then
+    /// the live records (a message's new binding before the tombstone that retires its
+    /// old one, so it is never only retired), then the tombstones (an expunge is
+    /// recorded before its message goes), then the removals. The prefixes that leave a
+    /// message both live and tombstoned are finished at start (see
+    /// `finish_interrupted_merges`).
     fn commit_outcome(&mut self, out: &mut Outbox, key: &MailboxKey, outcome: &MergeOutcome, snapshot: &MergeSnapshot) {
         let undo = |u: Undo| Some((key.clone(), u));
+        if outcome.changed() {
+            let write = self.meta_write(key);
+            self.commit_undo(out, write, undo(snapshot.meta.clone()));
+        }
         if outcome.lifecycle_changed
             && let Some(lifecycle) = self.disk.mailboxes.get(key).map(|m| m.lifecycle)
         {
@@ -558,26 +569,61 @@ impl Image {
                 undo(Undo::Lifecycle(before)),
             );
         }
+        // Each touched UID once, with its final value (a merge may touch one twice).
+        let mut seen = BTreeSet::new();
+        let touched: Vec<Uid> = outcome
+            .removed
+            .iter()
+            .copied()
+            .chain(outcome.records.iter().map(|r| r.uid))
+            .filter(|uid| seen.insert(*uid))
+            .collect();
+        let live = |image: &Image, uid: &Uid| image.disk.mailboxes.get(key).and_then(|m| m.messages.get(uid)).cloned();
+        let (kept, gone): (Vec<Uid>, Vec<Uid>) = touched.into_iter().partition(|uid| live(self, uid).is_some());
+        for uid in kept {
+            let Some(record) = live(self, &uid) else { continue };
+            // A UID the merge brought that the mailbox did not hold before.
+            let before = snapshot.records.get(&uid).cloned().flatten();
+            let write = StoreWrite::PutMessage { mailbox: key.clone(), record };
+            self.commit_undo(out, write, undo(Undo::Record { uid, before }));
+        }
         for t in &outcome.tombstones {
             let tombstone = self.tombstone_now(key, t);
             self.commit_undo(out, StoreWrite::PutTombstone { mailbox: key.clone(), tombstone }, None);
         }
-        // Each touched UID once, with its final value (a merge may touch one twice).
-        let mut seen = BTreeSet::new();
-        let touched = outcome.removed.iter().copied().chain(outcome.records.iter().map(|r| r.uid));
-        for uid in touched.filter(|uid| seen.insert(*uid)).collect::<Vec<Uid>>() {
-            let write = match self.disk.mailboxes.get(key).and_then(|m| m.messages.get(&uid)) {
-                Some(record) => StoreWrite::PutMessage { mailbox: key.clone(), record: record.clone() },
-                None => StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
-            };
-            // A UID the merge brought that the mailbox did not hold before.
+        for uid in gone {
             let before = snapshot.records.get(&uid).cloned().flatten();
-            self.commit_undo(out, write, undo(Undo::Record { uid, before }));
+            self.commit_undo(
+                out,
+                StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
+                undo(Undo::Record { uid, before }),
+            );
         }
-        if outcome.changed() {
-            let write = self.meta_write(key);
-            self.commit_undo(out, write, undo(snapshot.meta.clone()));
+    }
+
+    /// Finishes what a crash interrupted: a message still live at a binding its own
+    /// tombstone retires lost the race between the tombstone's write and its removal
+    /// (see `commit_outcome`, `master_expunge`), so it is removed now, by a write.
+    pub(crate) fn finish_interrupted_merges(&mut self, out: &mut Outbox) -> usize {
+        let stale: Vec<(MailboxKey, Uid)> = self
+            .disk
+            .mailboxes
+            .iter()
+            .flat_map(|(k, m)| {
+                m.messages.values().filter(|r| m.tombstones.contains_key(&(r.uid, r.guid))).map(|r| (k.clone(), r.uid))
+            })
+            .collect();
+        for (mailbox, uid) in &stale {
+            self.commit(out, StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: *uid });
         }
+        debug_assert!(
+            self.disk
+                .mailboxes
+                .values()
+                .all(|m| m.messages.values().all(|r| !m.tombstones.contains_key(&(r.uid, r.guid)))),
+            "no live message is tombstoned at its own binding"
+        );
+        stale.len()
     }
 
     /// A tombstone as the mailbox holds it now (a later step of a merge may have joined
@@ -818,6 +864,76 @@ mod tests {
         assert!(outcome.changed());
         assert_eq!(image.mailbox(&key("Sent")).map(|m| m.messages.len()), Some(2));
         assert_eq!(&replay(&mut out), image.disk());
+    }
+
+    /// A renumbering merge and an expunge, cut after every one of their writes (a crash
+    /// before the rest was durable): a restart that finishes interrupted merges holds
+    /// every message somewhere, never a message both live and tombstoned at one binding,
+    /// and UIDNEXT above every live UID.
+    #[test]
+    fn a_crash_after_any_prefix_of_a_merge_loses_nothing() {
+        let mailbox = key("INBOX");
+        let ours = MailboxState {
+            mailbox: mailbox.clone(),
+            uidvalidity: 5,
+            uidnext: 3,
+            highest_modseq: 2,
+            messages: vec![record(1, 1), record(2, 2)],
+            tombstones: Vec::new(),
+            lifecycle: Default::default(),
+        };
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        image.merge(&mut out, &ours, false, &MergeRules::default(), false);
+        let start = replay(&mut out);
+        // Theirs bound UID 2 to another message: both move above UID 2.
+        let theirs = MailboxState { messages: vec![record(1, 1), record(2, 3)], ..ours.clone() };
+        let mut image = Image::new(start.clone(), Box::new(MemoryBodies::default()));
+        let outcome = image.merge(&mut out, &theirs, true, &MergeRules::default(), false);
+        assert_eq!(outcome.renumbered, 2);
+        let expunge_uid = image.mailbox(&mailbox).and_then(|m| m.messages.find_guid(Guid(3))).map(|r| r.uid);
+        let mut writes = Vec::new();
+        while let Some(output) = out.pop() {
+            if let Output::Write { write, .. } = output {
+                writes.push(write);
+            }
+        }
+        // Then an expunge of one moved message, as the master writes it.
+        let uid = expunge_uid.expect("the moved message");
+        let modseq = image.mailbox(&mailbox).map(|m| m.highest_modseq + 1).unwrap_or(1);
+        let m = image.mailbox(&mailbox).cloned().expect("the mailbox");
+        writes.push(StoreWrite::MailboxMeta {
+            mailbox: mailbox.clone(),
+            uidvalidity: 5,
+            uidnext: m.uidnext,
+            highest_modseq: modseq,
+        });
+        writes.push(StoreWrite::PutTombstone {
+            mailbox: mailbox.clone(),
+            tombstone: Tombstone { uid, guid: Guid(3), modseq, expunged: true },
+        });
+        writes.push(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid });
+        // Theirs is here from the moment its new binding is written.
+        let mut arrived = false;
+        for cut in 0..=writes.len() {
+            let mut disk = start.clone();
+            for write in &writes[..cut] {
+                disk.apply(write);
+            }
+            let mut restarted = Image::new(disk, Box::new(MemoryBodies::default()));
+            restarted.finish_interrupted_merges(&mut Outbox::default());
+            let m = restarted.mailbox(&mailbox).expect("the mailbox");
+            let expunged = cut == writes.len();
+            arrived |= m.messages.find_guid(Guid(3)).is_some();
+            for guid in [1, 2, 3].map(Guid).into_iter().filter(|g| *g != Guid(3) || arrived) {
+                let live = m.messages.find_guid(guid).is_some();
+                let dead = m.tombstones.values().any(|t| t.guid == guid && t.expunged);
+                assert!(live || dead, "after {cut} writes, message {guid:?} is nowhere");
+                assert!(!(expunged && guid == Guid(3) && live), "the expunge holds");
+            }
+            assert!(m.messages.values().all(|r| !m.tombstones.contains_key(&(r.uid, r.guid))), "after {cut} writes");
+            assert!(m.messages.keys().all(|u| *u < m.uidnext), "after {cut} writes: UIDNEXT above every live UID");
+        }
     }
 
     #[test]

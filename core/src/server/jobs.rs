@@ -646,8 +646,14 @@ impl Server {
         // The promise the protocol rests on: a UID is given out once, above every UID
         // and modseq this mailbox has shown (checked in release too; it is cheap).
         let placed = self.image.mailbox(mailbox);
-        assert!(placed.is_some_and(|m| m.uidnext > uid && m.highest_modseq >= modseq), "UIDNEXT and modseq moved past the new message");
-        debug_assert!(placed.is_some_and(|m| m.tombstones.keys().all(|(u, _)| *u != uid)), "a new UID was never expunged");
+        assert!(
+            placed.is_some_and(|m| m.uidnext > uid && m.highest_modseq >= modseq),
+            "UIDNEXT and modseq moved past the new message"
+        );
+        debug_assert!(
+            placed.is_some_and(|m| m.tombstones.keys().all(|(u, _)| *u != uid)),
+            "a new UID was never expunged"
+        );
         debug_assert!(placed.is_some_and(mailbox::unique_guids));
         (record, uidvalidity)
     }
@@ -698,11 +704,13 @@ impl Server {
             return Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq });
         }
         let (uidvalidity, uidnext) = (m.uidvalidity, m.uidnext);
+        // The modseq first, then each tombstone before its removal: a crash after any
+        // prefix never reuses the modseq nor forgets an expunge (see `commit_outcome`).
+        self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext, highest_modseq: modseq });
         for t in &tombstones {
             self.commit(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });
             self.commit(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid: t.uid });
         }
-        self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext, highest_modseq: modseq });
         let gone: BTreeSet<Uid> = tombstones.iter().map(|t| t.uid).collect();
         let uids = uids.iter().filter(|(_, ours)| gone.contains(ours)).map(|(theirs, _)| *theirs).collect();
         self.replicate(Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones }, Some(id));

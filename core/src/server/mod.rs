@@ -111,6 +111,9 @@ impl Server {
         server.timers.set(Timer::Maintenance, Instant(server.cfg.anti_entropy_us));
         let started = server.image.start_incarnation(&mut server.out);
         debug_assert_eq!(started, incarnation);
+        if server.image.finish_interrupted_merges(&mut server.out) > 0 {
+            server.marks.hit(Mark::InterruptedMergeFinished);
+        }
         // A restarted server rejoins a component that grew, so the root opens a new
         // term and every new master checks this server's copies in its catch-up.
         server
