@@ -228,6 +228,8 @@ pub struct NodeConfig {
     pub mail_tls: Option<crate::tls::MailTls>,
     pub lmtp: Option<SocketAddr>,
     pub users: std::sync::Arc<crate::users::Users>,
+    /// Where `users` was read from: SIGHUP reads it again.
+    pub users_file: Option<PathBuf>,
     pub limits: Limits,
     /// LOGIN and AUTHENTICATE PLAIN on a plain, non-loopback IMAP connection while TLS
     /// is configured (Dovecot's `disable_plaintext_auth = no`).
@@ -429,6 +431,7 @@ impl NodeConfig {
             mail_tls,
             lmtp: file.lmtp,
             users: std::sync::Arc::new(users),
+            users_file: file.users_file.as_ref().map(|p| base.join(p)),
             limits: file.limits,
             allow_plaintext_auth: file.allow_plaintext_auth.unwrap_or(false),
             plaintext_auth_on_loopback: file.plaintext_auth_on_loopback.unwrap_or(true),

@@ -7,7 +7,7 @@ use crate::node::{NodeHandle, SessionLimits};
 use crate::users::Users;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -31,7 +31,9 @@ const TRUSTED_PER_USER_MAX: usize = 16;
 
 #[derive(Clone)]
 pub struct Front {
-    pub users: Arc<Users>,
+    /// Replaced whole when the users file is read again (SIGHUP): a check in progress
+    /// keeps the set it started with.
+    users: Arc<RwLock<Arc<Users>>>,
     pub limits: Limits,
     pub allow_plaintext_auth: bool,
     pub plaintext_auth_on_loopback: bool,
@@ -83,10 +85,27 @@ impl Front {
         }
     }
 
+    /// The users as now configured.
+    pub fn users(&self) -> Arc<Users> {
+        match self.users.read() {
+            Ok(users) => users.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Takes a new set of users (the users file was read again); sessions already
+    /// logged in go on.
+    pub fn replace_users(&self, users: Users) {
+        match self.users.write() {
+            Ok(mut slot) => *slot = Arc::new(users),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(users),
+        }
+    }
+
     /// Users and limits, plaintext passwords refused where TLS is offered.
     pub fn with(users: Arc<Users>, limits: Limits) -> Front {
         Front {
-            users,
+            users: Arc::new(RwLock::new(users)),
             limits,
             allow_plaintext_auth: false,
             plaintext_auth_on_loopback: true,
@@ -117,7 +136,7 @@ impl Front {
             tokio::time::sleep(wait).await;
         }
         let permit = self.checks.clone().acquire_owned().await.map_err(|_| LoginError::Unavailable)?;
-        let (users, name, password) = (self.users.clone(), user.to_string(), password.to_vec());
+        let (users, name, password) = (self.users(), user.to_string(), password.to_vec());
         let ok = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             users.verify(&name, &password)

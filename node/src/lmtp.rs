@@ -97,7 +97,7 @@ pub(crate) async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             match (&sender, path_arg(&line[8..])) {
                 (None, _) => "503 5.5.1 MAIL first".into(),
                 (_, None) => "501 5.1.3 bad recipient address".into(),
-                (_, Some(rcpt)) => match front.users.recipient(&rcpt, front.limits.lmtp_local_part_ignore_case) {
+                (_, Some(rcpt)) => match front.users().recipient(&rcpt, front.limits.lmtp_local_part_ignore_case) {
                     // One copy per user however often the user is named (each RCPT still
                     // gets its answer after DATA, as LMTP wants).
                     // Duplicates cost a line each: bounded too.

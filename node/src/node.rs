@@ -208,6 +208,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tokio::spawn(serve_admin(admin_listener, events_tx.clone(), cfg.limits.admin_connections_max));
     let handle = NodeHandle { events: events_tx.clone() };
     let front = crate::front::Front::new(&cfg);
+    tokio::spawn(reload_users_on_hangup(cfg.users_file.clone(), front.clone()));
     // The plain IMAP port (STARTTLS when a certificate is set) and the implicit-TLS one.
     for (addr, implicit_tls) in [(cfg.imap, false), (cfg.imaps, true)] {
         let Some(addr) = addr else { continue };
@@ -959,5 +960,32 @@ async fn serve_metrics(listener: TcpListener, events: mpsc::Sender<Event>) {
             );
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+/// SIGHUP reads the users file again (passwords changed, users added or removed) without
+/// a restart; a file that does not load is reported and the users stay as they were.
+async fn reload_users_on_hangup(path: Option<std::path::PathBuf>, front: crate::front::Front) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the users file is read at start only");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let Some(path) = &path else {
+            info!("SIGHUP: no users_file configured, nothing to read again");
+            continue;
+        };
+        match crate::users::Users::load(path) {
+            Ok(users) => {
+                let count = users.len();
+                front.replace_users(users);
+                info!(file = %path.display(), users = count, "SIGHUP: users file read again");
+            }
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: users file not read again; the users stay as they were"),
+        }
     }
 }

@@ -91,6 +91,14 @@ impl Users {
 
     /// True when `password` is this user's. Unknown users cost the same work as known
     /// ones, so timing does not tell which names exist.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
     pub fn verify(&self, name: &str, password: &[u8]) -> bool {
         const DUMMY: &str =
             "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$3ZFm0pJ8fgUkM3nm1KqUL2xAqKWwI1N1m7Yd7jeq2Mc";

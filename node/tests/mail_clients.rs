@@ -15,6 +15,8 @@ struct Mail {
     cluster: Cluster,
     imap: Vec<SocketAddr>,
     lmtp: Vec<SocketAddr>,
+    /// The users file every node reads.
+    users: std::path::PathBuf,
 }
 
 fn start(extra: &str) -> Mail {
@@ -63,7 +65,7 @@ fn start_with_tls(extra: &str, tls_dir: Option<&std::path::Path>) -> (Mail, Vec<
     let cluster = Cluster::start_with(3, extra, move |i| {
         format!("imap = \"{}\"\nlmtp = \"{}\"\nusers_file = \"{}\"\n{}", i2[i], l2[i], u2.display(), tls_lines[i])
     });
-    (Mail { cluster, imap, lmtp }, imaps)
+    (Mail { cluster, imap, lmtp, users }, imaps)
 }
 
 #[test]
@@ -76,6 +78,33 @@ fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
     assert_eq!(r["exists"], 3);
     client(&["protocol-edges", &port(m.imap[0]), USER, PASSWORD]);
     client(&["copy-edges", &port(m.imap[0]), USER, PASSWORD]);
+}
+
+/// SIGHUP reads the users file again: a user added since start logs in, the node goes
+/// on (it used to die of the signal), and a file that does not load leaves the users as
+/// they were.
+#[test]
+fn sighup_reads_the_users_file_again() {
+    let m = start("");
+    let login = |user: &str, password: &str| {
+        let command = format!("a LOGIN {user} \"{password}\"\r\nb LOGOUT\r\n");
+        harness::raw_exchange(m.imap[0], command.as_bytes())
+    };
+    let hangup = || {
+        let pid = m.cluster.pid(0).expect("node 1 runs");
+        let status = Command::new("sh").arg("-c").arg(format!("kill -HUP {pid}")).status().expect("sh");
+        assert!(status.success());
+    };
+    assert!(login("dave@example.org", "dave's pass").contains("a NO"), "not a user yet");
+    tandem_node::users::add_user(&m.users, "dave@example.org", b"dave's pass").unwrap();
+    hangup();
+    assert!(harness::eventually(|| login("dave@example.org", "dave's pass").contains("a OK")), "read again");
+    assert!(login(USER, PASSWORD).contains("a OK"), "the node goes on, its other users too");
+    std::fs::write(&m.users, "this is [not a users file").unwrap();
+    hangup();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(login("dave@example.org", "dave's pass").contains("a OK"), "a broken file changes nothing");
+    assert!(m.cluster.pid(0).is_some());
 }
 
 #[test]
