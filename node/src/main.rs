@@ -31,7 +31,8 @@ enum Command {
     Cluster {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// Where configs and data go (default: a new directory under the system temp dir).
+        /// Where configs and data go (default: a new directory under the system temp
+        /// dir); a directory an earlier run made is taken up again, data and all.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Sync or async.
@@ -284,11 +285,10 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
         std::env::temp_dir().join(format!("tandem-cluster-{}-{stamp}", std::process::id()))
     });
     let extra = format!("mode = \"{mode}\"");
-    let members =
-        tandem_node::cluster::write_configs(&dir, nodes, &extra).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let cluster = tandem_node::cluster::prepare(&dir, nodes, &extra)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut children = Vec::new();
-    for m in &members {
+    for m in &cluster.node {
         let child = tokio::process::Command::new(&exe)
             .arg("node")
             .arg("--config")
@@ -300,28 +300,8 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
             .map_err(|e| format!("cannot start node {}: {e}", m.id))?;
         children.push(child);
     }
-    println!("tandem cluster of {nodes} nodes in {}", dir.display());
-    for m in &members {
-        println!(
-            "  node {}: peers on {}, admin on {}, config {}",
-            m.id,
-            m.listen,
-            m.admin.display(),
-            m.config.display()
-        );
-    }
-    if let Some(m) = members.first() {
-        println!("try:");
-        println!(
-            "  echo 'Subject: hi' | tandem deliver --admin {} --mailbox alice@example.org/INBOX",
-            m.admin.display()
-        );
-        println!(
-            "  tandem dump --admin {} --mailbox alice@example.org/INBOX",
-            members[members.len() - 1].admin.display()
-        );
-        println!("  tandem status --admin {}", m.admin.display());
-    }
+    print!("{}", tandem_node::cluster::describe(&cluster, &dir));
+    println!("\n`tandem cluster --nodes {nodes} --dir {}` starts this cluster again, data kept.", dir.display());
     println!("Ctrl-C stops the cluster.");
     let _ = tokio::signal::ctrl_c().await;
     for c in &mut children {

@@ -48,26 +48,53 @@ fn saves_on_any_node_converge_everywhere() {
     }
 }
 
-#[test]
-fn tandem_cluster_starts_a_usable_local_cluster() {
-    let dir = tempfile::tempdir().unwrap();
+/// `tandem cluster` prints until "Ctrl-C stops the cluster."; its output so far.
+fn start_local_cluster(dir: &std::path::Path) -> (std::process::Child, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["cluster", "--nodes", "3", "--dir"])
-        .arg(dir.path())
+        .arg(dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut admins = Vec::new();
+    let mut printed = String::new();
     let mut line = String::new();
-    while admins.len() < 3 && out.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some(rest) = line.split("admin on ").nth(1) {
-            admins.push(std::path::PathBuf::from(rest.split(',').next().unwrap().trim()));
+    while out.read_line(&mut line).unwrap_or(0) > 0 {
+        printed.push_str(&line);
+        if line.starts_with("Ctrl-C stops") {
+            break;
         }
         line.clear();
     }
-    assert_eq!(admins.len(), 3, "printed how to reach each server");
+    // The nodes log to stderr; nothing more is read from stdout.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    (child, printed)
+}
+
+/// The value after `key` in a printed line, up to `end`.
+fn printed_after<'a>(printed: &'a str, key: &str, end: char) -> Vec<&'a str> {
+    printed
+        .lines()
+        .filter_map(|l| l.split(key).nth(1))
+        .map(|rest| rest.split(end).next().unwrap_or("").trim())
+        .collect()
+}
+
+/// `tandem cluster` starts nodes a mail client can use as printed: the admin commands,
+/// LMTP delivery, and the printed mbsync settings (IMAPS, the generated CA, the demo
+/// user) fetch the mail; run again on the same directory, it is the same cluster with
+/// its mail.
+#[test]
+fn tandem_cluster_starts_a_usable_local_cluster() {
+    harness::require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, printed) = start_local_cluster(dir.path());
+    let admins: Vec<std::path::PathBuf> =
+        printed_after(&printed, "admin on ", ',').into_iter().map(Into::into).collect();
+    assert_eq!(admins.len(), 3, "printed how to reach each server:\n{printed}");
+    let password = printed_after(&printed, " password ", '\n').first().map(|p| p.to_string()).expect("a password");
+    let lmtp: std::net::SocketAddr = printed_after(&printed, "lmtp ", ',')[0].parse().unwrap();
     let tandem = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().unwrap();
         (
@@ -80,14 +107,7 @@ fn tandem_cluster_starts_a_usable_local_cluster() {
     let mut saved = None;
     for _ in 0..100 {
         let body = dir.path().join("mail.eml");
-        std::fs::write(
-            &body,
-            "Subject: hello
-
-hi
-",
-        )
-        .unwrap();
+        std::fs::write(&body, "Subject: hello\n\nhi\n").unwrap();
         let (ok, text) = tandem(&[
             "deliver",
             "--admin",
@@ -105,18 +125,47 @@ hi
     }
     let saved = saved.expect("deliver through node 1");
     assert!(saved.starts_with("saved UID 1"), "{saved}");
-    let mut shown = String::new();
-    for _ in 0..100 {
-        let (ok, text) = tandem(&["dump", "--admin", &a3, "--mailbox", "zoe@example.org/INBOX"]);
-        if ok && text.lines().count() == 2 {
-            shown = text;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(shown.lines().nth(1).is_some_and(|l| l.starts_with("1 ")), "node 3 shows the message: {shown:?}");
+    let dump_shows = |admin: &str, mailbox: &str, lines: usize| {
+        (0..100).any(|_| {
+            let (ok, text) = tandem(&["dump", "--admin", admin, "--mailbox", mailbox]);
+            let shown = ok && text.lines().count() == lines + 1;
+            if !shown {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            shown
+        })
+    };
+    assert!(dump_shows(&a3, "zoe@example.org/INBOX", 1), "node 3 shows the message");
     let (ok, status) = tandem(&["status", "--admin", &a3]);
     assert!(ok && status.contains("root Some(1)"), "{status}");
+
+    // LMTP to node 1, then the printed mbsync settings fetch it over IMAPS.
+    let lmtp_answer = harness::raw_exchange(
+        lmtp,
+        b"LHLO me\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<demo@example.org>\r\nDATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+    );
+    assert!(lmtp_answer.contains("250 2.0.0"), "{lmtp_answer}");
+    let block = printed.split("--- mbsync, ~/.mbsyncrc ---\n").nth(1).and_then(|b| b.split("--- end ---").next());
+    let maildir = dir.path().join("maildir");
+    let config = block.expect("mbsync settings").replace("~/Mail/tandem", maildir.to_str().unwrap());
+    std::fs::create_dir_all(&maildir).unwrap();
+    std::fs::write(dir.path().join("mbsyncrc"), config).unwrap();
+    let out =
+        std::process::Command::new("mbsync").arg("-c").arg(dir.path().join("mbsyncrc")).arg("-a").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mbsync with the printed settings: {text}");
+    let fetched =
+        ["new", "cur"].iter().filter_map(|d| std::fs::read_dir(maildir.join("INBOX").join(d)).ok()).flatten().count();
+    assert_eq!(fetched, 1, "the LMTP delivery reached the Maildir: {text}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // The same directory again: the same user, password and mail.
+    let (mut child, again) = start_local_cluster(dir.path());
+    assert!(again.contains("the cluster recorded in"), "{again}");
+    assert!(again.contains(&format!("password {password}")), "{again}");
+    let a3 = printed_after(&again, "admin on ", ',')[2].to_string();
+    assert!(dump_shows(&a3, "demo@example.org/INBOX", 1), "the mail is kept across runs");
     let _ = child.kill();
     let _ = child.wait();
 }
