@@ -228,6 +228,47 @@ fn one_deeply_nested_email_is_described_by_every_node_which_stays_up() {
     }
 }
 
+/// One rule for NUL on every path: LMTP takes it, FETCH shows it as 0x80 in a plain
+/// literal and as itself in BINARY's literal8, and an APPEND with NUL in a plain literal
+/// is refused saying why.
+#[test]
+fn a_nul_byte_follows_one_rule_on_every_path() {
+    let m = start(1, "", "");
+    let (_, replies) = lmtp_deliver(m.lmtp[0], &[USER], b"Subject: nul\r\n\r\nx\0y\r\n");
+    assert!(replies[0].starts_with("250"), "{replies:?}");
+    let stream = TcpStream::connect(m.imap[0]).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    // Everything up to and including the line starting with `tag`.
+    let mut until = |tag: &[u8]| -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if std::io::BufRead::read_until(&mut r, b'\n', &mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.extend_from_slice(&line);
+            if line.starts_with(tag) {
+                return all;
+            }
+        }
+    };
+    until(b"* OK");
+    w.write_all(format!("a LOGIN \"{USER}\" \"{PASSWORD}\"\r\nb SELECT INBOX\r\n").as_bytes()).unwrap();
+    until(b"b ");
+    w.write_all(b"c FETCH 1 (BODY.PEEK[TEXT] BINARY.PEEK[1])\r\n").unwrap();
+    let fetched = until(b"c ");
+    let has = |needle: &[u8]| fetched.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"BODY[TEXT] {7}\r\nx\x80y\r\n"), "{}", String::from_utf8_lossy(&fetched));
+    assert!(has(b"BINARY[1] ~{7}\r\nx\0y\r\n"), "{}", String::from_utf8_lossy(&fetched));
+    w.write_all(b"d APPEND INBOX {3}\r\n").unwrap();
+    until(b"+");
+    w.write_all(b"a\0b\r\n").unwrap();
+    let refused = String::from_utf8_lossy(&until(b"d ")).into_owned();
+    assert!(refused.contains("d BAD a literal may not contain NUL"), "{refused}");
+}
+
 #[test]
 fn list_patterns_and_huge_names_cost_little_and_refuse_cleanly() {
     let m = start(3, "", "");

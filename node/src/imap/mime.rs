@@ -311,6 +311,36 @@ fn raw_header(m: &mail_parser::Message<'_>, name: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_string())
 }
 
+/// The first `name` field of a header, unfolded and trimmed, read from the bytes (so a
+/// raw 8-bit value is not lost): UTF-8 as it is, anything else taken as ISO-8859-1, the
+/// charset of most unlabelled 8-bit headers. None when absent or empty.
+fn header_value(header: &[u8], name: &str) -> Option<String> {
+    let mut value: Option<Vec<u8>> = None;
+    for line in header.split_inclusive(|b| *b == b'\n') {
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        match value.as_mut() {
+            Some(v) if text.first().is_some_and(|b| *b == b' ' || *b == b'\t') => v.extend_from_slice(text),
+            Some(_) => break,
+            None => {
+                let Some(colon) = memchr::memchr(b':', text) else { continue };
+                if text[..colon].trim_ascii().eq_ignore_ascii_case(name.as_bytes()) {
+                    value = Some(text[colon + 1..].to_vec());
+                }
+            }
+        }
+    }
+    let value = value?;
+    let value = value.trim_ascii();
+    if value.is_empty() {
+        return None;
+    }
+    Some(match std::str::from_utf8(value) {
+        Ok(text) => text.to_string(),
+        Err(_) => value.iter().map(|b| char::from(*b)).collect(),
+    })
+}
+
 /// Offset where the body starts (after the blank line), or the end if there is none.
 pub fn header_end(msg: &[u8]) -> usize {
     let mut pos = 0;
@@ -543,7 +573,7 @@ fn envelope_of_header(header: &[u8]) -> String {
     let Some(m) = MessageParser::default().parse_headers(header) else {
         return "(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)".into();
     };
-    let raw = |name: &str| nstring(raw_header(&m, name).as_deref().map(str::as_bytes));
+    let raw = |name: &str| nstring(header_value(header, name).as_deref().map(str::as_bytes));
     let list = |a: Option<&Address<'_>>| addresses(a).unwrap_or_else(|| "NIL".into());
     let from = list(m.from());
     // An absent or empty Sender or Reply-To is the From (RFC 3501 7.4.2).
@@ -1090,6 +1120,15 @@ From: m1@example.com\r\nSubject: m1\r\n\r\nm1 body\r\n\r\n--foo \r\nX-Mime: m2 h
         assert!(b.contains(" \"ALTERNATIVE\") 18) \"MIXED\")"), "{b}");
         let ext = bodystructure(NESTED, true);
         assert!(ext.ends_with(" \"MIXED\" (\"BOUNDARY\" \"foo bar\") NIL NIL NIL)"), "{ext}");
+    }
+
+    #[test]
+    fn envelope_keeps_raw_8bit_headers_and_empty_groups() {
+        let mail = b"Subject: caf\xe9 cr\xe8me\r\nTo: undisclosed-recipients:;\r\nFrom: a@b.org\r\n\r\nbody\r\n";
+        let e = envelope(mail);
+        // ISO-8859-1 bytes come back as their characters, in a literal of the right length.
+        assert!(e.contains("{12}\r\ncaf\u{e9} cr\u{e8}me"), "{e}");
+        assert!(e.contains("((NIL NIL \"undisclosed-recipients\" NIL)(NIL NIL NIL NIL))"), "{e}");
     }
 
     #[test]

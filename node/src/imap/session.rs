@@ -348,9 +348,17 @@ impl Session {
                 }
                 Err(_) => {
                     let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
+                    // The one rule for NUL: a plain literal may not hold it (RFC 3501),
+                    // a literal8 may (BINARY, RFC 3516); FETCH shows a stored NUL as 0x80
+                    // outside BINARY, as Dovecot does.
+                    let why = if memchr::memchr(0, fragmentizer.message_bytes()).is_some() {
+                        "a literal may not contain NUL (APPEND binary content with a literal8, ~{n})"
+                    } else {
+                        "could not parse the command"
+                    };
                     match tag {
-                        Some(tag) => self.line(&format!("{tag} BAD could not parse the command")),
-                        None => self.line("* BAD could not parse the command"),
+                        Some(tag) => self.line(&format!("{tag} BAD {why}")),
+                        None => self.line(&format!("* BAD {why}")),
                     }
                     self.flush().await?;
                 }
@@ -1835,15 +1843,15 @@ fn fetch_item(
         }
         MessageDataItemName::Rfc822 => {
             out.extend_from_slice(b"RFC822 ");
-            literal(out, body);
+            text_literal(out, body);
         }
         MessageDataItemName::Rfc822Header => {
             out.extend_from_slice(b"RFC822.HEADER ");
-            literal(out, &body[..header_end]);
+            text_literal(out, &body[..header_end]);
         }
         MessageDataItemName::Rfc822Text => {
             out.extend_from_slice(b"RFC822.TEXT ");
-            literal(out, &body[header_end..]);
+            text_literal(out, &body[header_end..]);
         }
         MessageDataItemName::BodyExt { section, partial, .. } => {
             let numbers = |part: &Option<&imap_codec::imap_types::fetch::Part>| -> Vec<u32> {
@@ -1889,7 +1897,7 @@ fn fetch_item(
                 None => (String::new(), bytes),
             };
             out.extend_from_slice(format!("BODY[{name}]{origin} ").as_bytes());
-            literal(out, &bytes);
+            text_literal(out, &bytes);
         }
         MessageDataItemName::Binary { section, partial, .. } => {
             let path: Vec<u32> = section.iter().map(|n| n.get()).collect();
@@ -1918,6 +1926,17 @@ fn fetch_item(
         }
     }
     Ok(())
+}
+
+/// A message's bytes as a plain literal: a NUL, which a plain literal may not hold, goes
+/// as 0x80 (as Dovecot sends it); BINARY[] sends the bytes as they are, in a literal8.
+fn text_literal(out: &mut Vec<u8>, bytes: &[u8]) {
+    if memchr::memchr(0, bytes).is_none() {
+        literal(out, bytes);
+        return;
+    }
+    let cleaned: Vec<u8> = bytes.iter().map(|b| if *b == 0 { 0x80 } else { *b }).collect();
+    literal(out, &cleaned);
 }
 
 fn mailbox_name(m: &Mailbox<'_>) -> String {
