@@ -27,6 +27,12 @@ enum Command {
         #[arg(long, hide = true)]
         stop_on_stdin_eof: bool,
     },
+    /// Read a node's config file as `tandem node` would (secret, TLS files, users file,
+    /// limits) and say what it sets up, or what is wrong; exits 1 on a bad file.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Start N nodes on loopback in a new directory and keep them running.
     Cluster {
         #[arg(long, default_value_t = 3)]
@@ -189,12 +195,28 @@ async fn run(command: Command) -> Result<(), String> {
                     let mut sink = Vec::new();
                     let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
                 };
+                // SIGTERM (systemd's stop) and SIGINT stop the node the same way.
+                let terminated = async {
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                        Ok(mut term) => {
+                            term.recv().await;
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                };
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
+                    _ = terminated => {}
                     _ = stdin_closed => {}
                 }
             };
             tandem_node::node::run(cfg, shutdown).await
+        }
+        Command::CheckConfig { config } => {
+            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            println!("{}: ok", config.display());
+            println!("{}", describe_config(&cfg));
+            Ok(())
         }
         Command::Cluster { nodes, dir, mode } => run_cluster(nodes, dir, &mode).await,
         Command::Status { admin, json: as_json } => {
@@ -308,4 +330,22 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
         let _ = c.kill().await;
     }
     Ok(())
+}
+
+/// What a loaded config sets up, one fact a line (`tandem check-config`).
+fn describe_config(cfg: &NodeConfig) -> String {
+    let on = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+    let peers: Vec<String> = cfg.peers.iter().map(|p| format!("{} at {}", p.id, p.address)).collect();
+    let core = &cfg.core;
+    [
+        format!("id {}, peers on {}", core.sid.0, cfg.listen),
+        format!("peers: {}", if peers.is_empty() { "none (a cluster of one)".into() } else { peers.join(", ") }),
+        format!("mode {:?}, replicas {}, granularity {:?}", core.durability, core.replicas, core.granularity),
+        format!("peer TLS: {}", if cfg.tls.is_some() { "on" } else { "off" }),
+        format!("data_dir {}", cfg.data_dir.display()),
+        format!("imap {}, imaps {}, lmtp {}, metrics {}", on(cfg.imap), on(cfg.imaps), on(cfg.lmtp), on(cfg.metrics)),
+        format!("mail TLS: {}", if cfg.mail_tls.is_some() { "on" } else { "off" }),
+        format!("users: {}", cfg.users.len()),
+    ]
+    .join("\n")
 }

@@ -170,6 +170,36 @@ fn tandem_cluster_starts_a_usable_local_cluster() {
     let _ = child.wait();
 }
 
+/// `tandem check-config` accepts a node's file and says what it sets up, refuses a bad
+/// one naming the line; SIGTERM (systemd's stop) ends a node cleanly.
+#[test]
+fn check_config_and_sigterm_for_an_operator() {
+    let mut c = Cluster::start(2, "");
+    let check = |path: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["check-config", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = check(c.config(0));
+    assert!(ok && text.contains(": ok") && text.contains("peers: 2 at "), "{text}");
+    let broken = c.dir.path().join("broken.toml");
+    let good = std::fs::read_to_string(c.config(0)).unwrap();
+    std::fs::write(&broken, good + "\nreplicas = \"two\"\n").unwrap();
+    let (ok, text) = check(&broken);
+    assert!(!ok && text.contains("replicas"), "{text}");
+    let pid = c.pid(1).expect("node 2 runs");
+    let status = std::process::Command::new("sh").arg("-c").arg(format!("kill -TERM {pid}")).status().unwrap();
+    assert!(status.success());
+    let exit = c.wait_exit(1, Duration::from_secs(10)).expect("node 2 stops on SIGTERM");
+    assert!(exit.success(), "a clean stop: {exit:?}\n{}", c.log(1));
+}
+
 #[test]
 fn kill_9_of_the_master_under_saves_loses_no_acknowledged_message() {
     let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");

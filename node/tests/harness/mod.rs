@@ -234,6 +234,20 @@ impl Cluster {
         }
     }
 
+    /// Waits up to `limit` for node `i`'s process to end on its own; its exit status.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.procs[i].as_mut().map(|c| c.try_wait()) {
+                self.procs[i] = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", i + 1))).unwrap_or_default()
     }
