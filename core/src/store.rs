@@ -195,26 +195,32 @@ pub struct StoredBody {
 /// the checksum. Reads must be deterministic for a given store content.
 pub trait BodyStore: Send + std::fmt::Debug {
     fn read(&self, guid: Guid) -> Option<Body>;
+
+    /// The checksum of what is stored for `guid` now (the scrub's question). A store
+    /// that knows it without reading (one in memory, which hashed the bytes when they
+    /// were written and knows when they change) answers from there.
+    fn checksum(&self, guid: Guid) -> Option<u64> {
+        self.read(guid).map(|bytes| crate::hash::body_checksum(&bytes))
+    }
 }
 
 /// A body store in memory, shared between the driver that writes it and the core that
 /// reads it (the simulator, tests, the fuzzer).
 #[derive(Clone, Debug, Default)]
 pub struct MemoryBodies {
-    bodies: std::sync::Arc<std::sync::Mutex<BTreeMap<Guid, Body>>>,
+    /// Each body with the checksum of its bytes, taken when they were put.
+    bodies: std::sync::Arc<std::sync::Mutex<BTreeMap<Guid, (Body, u64)>>>,
 }
 
 impl MemoryBodies {
-    fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Body>> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, (Body, u64)>> {
         // A panic elsewhere while holding the lock leaves the map itself whole.
         self.bodies.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
     /// Does what a body write asks; other writes are not about bodies.
     pub fn apply(&self, write: &StoreWrite) {
         match write {
-            StoreWrite::PutBody { guid, bytes, .. } => {
-                self.locked().insert(*guid, bytes.clone());
-            }
+            StoreWrite::PutBody { guid, bytes, .. } => self.overwrite(*guid, bytes.clone()),
             StoreWrite::RemoveBody { guid } => {
                 self.locked().remove(guid);
             }
@@ -223,7 +229,8 @@ impl MemoryBodies {
     }
     /// Replaces what is stored for `guid` (a hand edit, a damaged disk).
     pub fn overwrite(&self, guid: Guid, bytes: Body) {
-        self.locked().insert(guid, bytes);
+        let checksum = crate::hash::body_checksum(&bytes);
+        self.locked().insert(guid, (bytes, checksum));
     }
     pub fn is_empty(&self) -> bool {
         self.locked().is_empty()
@@ -232,7 +239,13 @@ impl MemoryBodies {
 
 impl BodyStore for MemoryBodies {
     fn read(&self, guid: Guid) -> Option<Body> {
-        self.locked().get(&guid).cloned()
+        self.locked().get(&guid).map(|(bytes, _)| bytes.clone())
+    }
+
+    fn checksum(&self, guid: Guid) -> Option<u64> {
+        let checksum = self.locked().get(&guid).map(|(_, checksum)| *checksum);
+        debug_assert_eq!(checksum, self.read(guid).map(|b| crate::hash::body_checksum(&b)));
+        checksum
     }
 }
 

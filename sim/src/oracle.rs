@@ -356,7 +356,15 @@ impl Oracle {
     }
 
     /// Checks at quiescence over the live servers' stores.
-    pub fn at_quiescence(&mut self, time_us: u64, servers: &BTreeMap<Sid, &Server>, check_loss: bool) {
+    /// `unrecoverable`: messages more of whose copies were destroyed by faults than the
+    /// durability mode survives (not counted as losses).
+    pub fn at_quiescence(
+        &mut self,
+        time_us: u64,
+        servers: &BTreeMap<Sid, &Server>,
+        check_loss: bool,
+        unrecoverable: &BTreeSet<Guid>,
+    ) {
         let stores: BTreeMap<Sid, &DiskImage> = servers.iter().map(|(sid, s)| (*sid, s.image())).collect();
         let stores = &stores;
         let by_guid: BTreeMap<Sid, _> = stores.iter().map(|(sid, image)| (*sid, records_by_guid(image))).collect();
@@ -369,6 +377,7 @@ impl Oracle {
                 if self.expunged.contains(&key)
                     || self.expunge_requested.contains(&key)
                     || self.deleted_mailboxes.contains(mailbox)
+                    || unrecoverable.contains(guid)
                 {
                     continue;
                 }

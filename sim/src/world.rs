@@ -209,6 +209,10 @@ pub struct World {
     label_counter: u64,
     lost_for_good: usize,
     hand_deletes: usize,
+    /// Per message, the servers whose copy was destroyed by a hand edit (file deleted or
+    /// body corrupted): with servers lost for good, more than `replicas` of them is more
+    /// than sync mode promises to survive.
+    destroyed_copies: BTreeMap<Guid, BTreeSet<Sid>>,
     seed: u64,
     /// Coverage marks of server incarnations that crashed.
     dead_marks: BTreeMap<String, u64>,
@@ -277,6 +281,7 @@ impl World {
             label_counter: 0,
             lost_for_good: 0,
             hand_deletes: 0,
+            destroyed_copies: BTreeMap::new(),
             seed,
             dead_marks: BTreeMap::new(),
             watch: std::env::var("TANDEM_WATCH").ok().filter(|w| !w.is_empty()),
@@ -404,8 +409,20 @@ impl World {
             Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
             Durability::Async => self.lost_for_good == 0,
         };
+        // A message more of whose copies were destroyed than sync mode survives is gone
+        // for any system: not counted as a loss.
+        let survivable = match self.scenario.cluster.durability {
+            Durability::Sync => usize::from(self.scenario.cluster.replicas),
+            Durability::Async => 0,
+        };
+        let unrecoverable: BTreeSet<Guid> = self
+            .destroyed_copies
+            .iter()
+            .filter(|(_, servers)| servers.len() + self.lost_for_good > survivable)
+            .map(|(guid, _)| *guid)
+            .collect();
         let mut oracle = std::mem::take(&mut self.oracle);
-        oracle.at_quiescence(self.now.0, &stores, check_loss);
+        oracle.at_quiescence(self.now.0, &stores, check_loss, &unrecoverable);
         self.oracle = oracle;
         self.check_expectations();
         self.report(converged_at.map(|t| t.0 - heal_time.0))
@@ -1198,6 +1215,9 @@ impl World {
                 let Some(uid) = self.uid_of(server, &mailbox, &label) else { return self.skip(server, &label, event) };
                 self.note(|w: &World| format!("{} hand edit on {server}: file of {mailbox} UID {uid} deleted", w.ms()));
                 self.hand_deletes += 1;
+                if let Some(&guid) = self.labels.get(&label) {
+                    self.destroyed_copies.entry(guid).or_default().insert(server);
+                }
                 self.input(server, Input::External(ExternalEdit::Removed { mailbox, uid }));
             }
             Action::Corrupt { server, label } => {
@@ -1219,6 +1239,7 @@ impl World {
                 if let Some(n) = self.nodes.get(&server) {
                     n.bodies.overwrite(guid, damaged.into());
                 }
+                self.destroyed_copies.entry(guid).or_default().insert(server);
                 self.note(|w: &World| format!("{} disk corruption on {server}: body of {label}", w.ms()));
                 self.input(server, Input::External(ExternalEdit::Corrupted { guid }));
             }

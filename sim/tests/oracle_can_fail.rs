@@ -1,7 +1,7 @@
 //! Each invariant of the oracle fails on a deliberately wrong history or state: an
 //! oracle that cannot fail proves nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tandem_core::store::StoredMailbox;
 use tandem_core::*;
 use tandem_sim::oracle::{self, Oracle};
@@ -65,7 +65,7 @@ fn uids_never_reused_fails_when_a_conflicting_uid_is_not_retired() {
     assert!(!o.violated(oracle::UIDS_NEVER_REUSED), "two sides of a partition may show one UID");
     let img = server(vec![record(2, 10, &[])]);
     let stores = BTreeMap::from([(Sid(1), &img)]);
-    o.at_quiescence(5, &stores, true);
+    o.at_quiescence(5, &stores, true, &BTreeSet::new());
     assert!(o.violated(oracle::UIDS_NEVER_REUSED));
 }
 
@@ -101,10 +101,31 @@ fn no_acked_loss_fails_when_an_acked_message_is_missing() {
     o.expunge_acked(&inbox(), &[Guid(11)]);
     let has_it = server(vec![record(1, 10, &[])]);
     let lacks_it = server(vec![]);
-    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &has_it)]), true);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &has_it)]), true, &BTreeSet::new());
     assert!(!o.violated(oracle::NO_ACKED_LOSS), "an expunged message may be gone");
-    o.at_quiescence(6, &BTreeMap::from([(Sid(1), &has_it), (Sid(2), &lacks_it)]), true);
+    let mut excused = o.clone();
+    excused.at_quiescence(
+        6,
+        &BTreeMap::from([(Sid(1), &has_it), (Sid(2), &lacks_it)]),
+        true,
+        &BTreeSet::from([Guid(10)]),
+    );
+    assert!(!excused.violated(oracle::NO_ACKED_LOSS), "more copies destroyed than the mode survives");
+    o.at_quiescence(6, &BTreeMap::from([(Sid(1), &has_it), (Sid(2), &lacks_it)]), true, &BTreeSet::new());
     assert!(o.violated(oracle::NO_ACKED_LOSS));
+}
+
+#[test]
+fn no_resurrection_fails_when_an_expunged_message_is_back() {
+    let mut o = Oracle::default();
+    o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
+    o.expunge_acked(&inbox(), &[Guid(10)]);
+    let gone = server(vec![]);
+    let back = server(vec![record(3, 10, &[])]);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &gone)]), true, &BTreeSet::new());
+    assert!(!o.violated(oracle::NO_RESURRECTION));
+    o.at_quiescence(6, &BTreeMap::from([(Sid(1), &gone), (Sid(2), &back)]), true, &BTreeSet::new());
+    assert!(o.violated(oracle::NO_RESURRECTION));
 }
 
 #[test]
@@ -112,7 +133,7 @@ fn no_acked_loss_fails_on_a_corrupted_body() {
     let mut o = Oracle::default();
     o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
     let img = server_with(vec![record(1, 10, &[])], b"bodx");
-    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), true);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), true, &BTreeSet::new());
     assert!(o.violated(oracle::NO_ACKED_LOSS));
 }
 
@@ -121,9 +142,9 @@ fn flags_agree_fails_when_servers_end_with_different_flags() {
     let mut o = Oracle::default();
     let a = server(vec![record(1, 10, &["\\Seen"])]);
     let b = server(vec![record(1, 10, &["\\Seen", "\\Flagged"])]);
-    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &a)]), true);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &a)]), true, &BTreeSet::new());
     assert!(!o.violated(oracle::FLAGS_AGREE));
-    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &b)]), true);
+    o.at_quiescence(5, &BTreeMap::from([(Sid(1), &a), (Sid(2), &b)]), true, &BTreeSet::new());
     assert!(o.violated(oracle::FLAGS_AGREE));
 }
 

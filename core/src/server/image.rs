@@ -50,10 +50,10 @@ pub(crate) struct Image {
     /// Whether each stored body matched its checksum when last checked: a cache of
     /// `body_checksum(bytes) == checksum`, dropped whenever the stored body changes.
     body_verdicts: BTreeMap<Guid, bool>,
-    /// Messages that may lack a body: written while it was not here.
+    /// Messages that may lack a body: written while it was not here, or holding one
+    /// that was removed.
     scrub_suspects: BTreeSet<(MailboxKey, Uid)>,
-    /// A body was removed (or the server just started): the next scrub looks at every
-    /// message.
+    /// The server just started: the first scrub looks at every message.
     scrub_rescan: bool,
     scrub_cursor: Option<Guid>,
 }
@@ -384,7 +384,11 @@ impl Image {
                 self.body_verdicts.remove(guid);
                 self.unsynced.remove(guid);
                 self.unreferenced.remove(guid);
-                self.scrub_rescan = true;
+                // Only the messages of this GUID can have lost their body (a look per
+                // mailbox, not a scan of every message).
+                for (key, m) in &self.disk.mailboxes {
+                    self.scrub_suspects.extend(m.messages.uids_of(*guid).map(|uid| (key.clone(), uid)));
+                }
             }
             _ => {}
         }
@@ -428,7 +432,11 @@ impl Image {
             return Some(*verdict);
         }
         // A body the store cannot produce is as bad as a damaged one: fetched again.
-        let intact = self.stored_bytes(guid).is_some_and(|bytes| body_checksum(&bytes) == stored.checksum);
+        let now = match self.unsynced.get(&guid) {
+            Some((_, bytes)) => Some(body_checksum(bytes)),
+            None => self.bodies.checksum(guid),
+        };
+        let intact = now == Some(stored.checksum);
         self.body_verdicts.insert(guid, intact);
         Some(intact)
     }
@@ -736,8 +744,9 @@ impl Image {
             guids.into_iter().map(|(g, checksum)| (g, checksum, self.body_intact(g).unwrap_or(false))).collect();
         self.scrub_cursor = if more { last } else { None };
         found.corrupt = batch.into_iter().filter(|(_, _, intact)| !intact).map(|(g, c, _)| (g, c)).collect();
-        // Only a message written while its body was not here, or any after a body was
-        // removed, can lack one: those are the ones looked at (in mailbox and UID order).
+        // Only a message written while its body was not here, or one whose body was
+        // removed, can lack one (and, after a start, any): those are the ones looked at,
+        // in mailbox and UID order.
         if std::mem::take(&mut self.scrub_rescan) {
             self.scrub_suspects = self
                 .disk

@@ -228,7 +228,13 @@ impl Server {
             self.masters.announced(&key, from, generation);
         }
         if self.is_root() && from != self.cfg.sid {
-            if generation > self.root_role.generation(&key) {
+            let recorded = self.root_role.generation(&key);
+            if generation < recorded {
+                // A late report of an earlier move (relayed, or resent): the root knows
+                // a later master, maybe itself, and must not give the key up for it.
+                return;
+            }
+            if generation > recorded {
                 self.root_role.record(key.clone(), master, generation);
             }
             if master != self.cfg.sid {
