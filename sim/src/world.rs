@@ -983,6 +983,7 @@ impl World {
         if self.scenario.cluster.durability != Durability::Sync {
             return;
         }
+
         let copies_needed = (1 + usize::from(self.scenario.cluster.replicas)).min(self.nodes.len());
         let copies = self
             .nodes
@@ -1032,7 +1033,11 @@ impl World {
                     self.oracle.saved_flags(mailbox, *guid, &o.add);
                     let copies_lost =
                         (self.lost_for_good - o.losses_before) + (self.hand_deletes - o.hand_deletes_before);
-                    self.check_copies_at_ack(mailbox, *guid, copies_lost);
+                    // UID 0: an EXPUNGE removed the message (and maybe its body) while the
+                    // answer waited for its copies; there is nothing left to count.
+                    if *uid != 0 {
+                        self.check_copies_at_ack(mailbox, *guid, copies_lost);
+                    }
                 }
                 if let Some(label) = &o.label {
                     self.set_label(label.clone(), *guid);
