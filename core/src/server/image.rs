@@ -835,6 +835,19 @@ mod tests {
         MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq: 1, flags: BTreeMap::new() }
     }
 
+    /// A copy of `mailbox` with UIDs 1 and 2 (GUIDs 1 and 2), UIDVALIDITY 5.
+    fn two_messages(mailbox: MailboxKey) -> MailboxState {
+        MailboxState {
+            mailbox,
+            uidvalidity: 5,
+            uidnext: 3,
+            highest_modseq: 2,
+            messages: vec![record(1, 1), record(2, 2)],
+            tombstones: Vec::new(),
+            lifecycle: Default::default(),
+        }
+    }
+
     /// The image a restart reads: an empty disk plus every write emitted.
     fn replay(out: &mut Outbox) -> DiskImage {
         let mut disk = DiskImage::default();
@@ -860,15 +873,7 @@ mod tests {
     fn a_merge_commits_everything_it_changed() {
         let (mut image, mut out) =
             (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
-        let state = MailboxState {
-            mailbox: key("Sent"),
-            uidvalidity: 5,
-            uidnext: 3,
-            highest_modseq: 2,
-            messages: vec![record(1, 1), record(2, 2)],
-            tombstones: Vec::new(),
-            lifecycle: Default::default(),
-        };
+        let state = two_messages(key("Sent"));
         let outcome = image.merge(&mut out, &state, false, &MergeRules::default(), false);
         assert!(outcome.changed());
         assert_eq!(image.mailbox(&key("Sent")).map(|m| m.messages.len()), Some(2));
@@ -882,15 +887,7 @@ mod tests {
     #[test]
     fn a_crash_after_any_prefix_of_a_merge_loses_nothing() {
         let mailbox = key("INBOX");
-        let ours = MailboxState {
-            mailbox: mailbox.clone(),
-            uidvalidity: 5,
-            uidnext: 3,
-            highest_modseq: 2,
-            messages: vec![record(1, 1), record(2, 2)],
-            tombstones: Vec::new(),
-            lifecycle: Default::default(),
-        };
+        let ours = two_messages(mailbox.clone());
         let (mut image, mut out) =
             (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         image.merge(&mut out, &ours, false, &MergeRules::default(), false);
