@@ -12,7 +12,7 @@ pub const EPOCH_SID_BITS: u32 = 16;
 const EPOCH_SID_MASK: u64 = (1 << EPOCH_SID_BITS) - 1;
 /// The last round an epoch can hold (peers' epochs are bounded far below it, see
 /// `limits::EPOCH_MAX`): the round never wraps.
-const EPOCH_ROUND_LAST: u64 = u64::MAX >> EPOCH_SID_BITS;
+pub(crate) const EPOCH_ROUND_LAST: u64 = u64::MAX >> EPOCH_SID_BITS;
 
 /// Root term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
