@@ -38,6 +38,7 @@ fn kinds() -> Vec<(&'static str, Envelope)> {
         messages: (1..=100).map(record).collect(),
         tombstones: Vec::new(),
         lifecycle: Lifecycle::default(),
+        retired: Default::default(),
     };
     vec![
         (

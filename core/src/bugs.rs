@@ -19,15 +19,19 @@ pub enum Bug {
     IgnoreTombstones,
     /// A replica that meets a second GUID on a UID it holds overwrites its own.
     ReplicaOverwritesUid,
+    /// A master collects a mailbox's tombstones as soon as it has any, without waiting
+    /// for every server to show it the same copy.
+    CollectTombstonesEarly,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
         Bug::IgnoreTombstones,
         Bug::ReplicaOverwritesUid,
+        Bug::CollectTombstonesEarly,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +41,7 @@ impl Bug {
             Bug::AckBeforeReplicaDurable => "ack-before-replica-durable",
             Bug::IgnoreTombstones => "ignore-tombstones",
             Bug::ReplicaOverwritesUid => "replica-overwrites-uid",
+            Bug::CollectTombstonesEarly => "collect-tombstones-early",
         }
     }
 

@@ -33,6 +33,11 @@ pub struct Config {
     pub anti_entropy_us: u64,
     /// Requests queued at one server waiting for a master or a root.
     pub pending_max: usize,
+    /// How long every other server must have shown a mailbox master the same copy of a
+    /// mailbox, with nothing of it in any replication log, before the master collects
+    /// its tombstones: longer than any message can stay on its way (a relay, a resend),
+    /// so that no copy of an expunged message still travels when its tombstone goes.
+    pub tombstone_grace_us: u64,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
     #[serde(default)]
@@ -70,6 +75,7 @@ impl Config {
             tick_us: 50_000,
             anti_entropy_us: 1_000_000,
             pending_max: 100_000,
+            tombstone_grace_us: 60_000_000,
             #[cfg(feature = "broken")]
             bug: None,
         }

@@ -211,7 +211,12 @@ fn check_state(s: &MailboxState) -> Result<(), &'static str> {
     check_modseq(s.lifecycle.created_at)?;
     check_modseq(s.lifecycle.deleted_at)?;
     s.messages.iter().try_for_each(check_record)?;
-    s.tombstones.iter().try_for_each(check_tombstone)
+    s.tombstones.iter().try_for_each(check_tombstone)?;
+    check_modseq(s.retired.collected)?;
+    s.retired.ranges.iter().try_for_each(|(first, last)| {
+        check_uid(*first)?;
+        check_uid(*last)
+    })
 }
 
 /// A generous estimate of a message record's command text (numbers, GUID, flags with
@@ -223,16 +228,44 @@ pub fn record_len(r: &MessageRecord) -> usize {
 /// A generous estimate of a tombstone's command text.
 pub const TOMBSTONE_LEN: usize = 96;
 
+/// A generous estimate of a retired UID range's command text.
+pub const RETIRED_RANGE_LEN: usize = 32;
+
 /// Cuts a mailbox state into pieces whose estimated text is at most `budget` (each
 /// with at least one item, each carrying the state's meta). A tombstone travels in the
 /// piece of the record with its GUID (a retired binding with the binding that replaces
 /// it, so a replica can apply each piece on its own); the other tombstones follow the
 /// records. A state within the budget stays one piece.
 pub fn state_pieces(mut state: MailboxState, budget: usize) -> Vec<MailboxState> {
-    let total = state.messages.iter().map(record_len).sum::<usize>() + state.tombstones.len() * TOMBSTONE_LEN;
+    let total = state.messages.iter().map(record_len).sum::<usize>()
+        + state.tombstones.len() * TOMBSTONE_LEN
+        + state.retired.ranges.len() * RETIRED_RANGE_LEN;
     if total <= budget {
         return vec![state];
     }
+    // Retired ranges go in pieces of their own after the rest (they are joined, so any
+    // share of them is right to apply alone).
+    let retired = std::mem::take(&mut state.retired);
+    let ranges_per_piece = (budget / RETIRED_RANGE_LEN).max(1);
+    let ranges: Vec<(Uid, Uid)> = retired.ranges.into_iter().collect();
+    let mut range_pieces: Vec<MailboxState> = ranges
+        .chunks(ranges_per_piece)
+        .map(|chunk| MailboxState {
+            messages: Vec::new(),
+            tombstones: Vec::new(),
+            retired: Retired { ranges: chunk.iter().copied().collect(), collected: retired.collected },
+            ..state.clone()
+        })
+        .collect();
+    if state.messages.is_empty() && state.tombstones.is_empty() {
+        return range_pieces;
+    }
+    let mut pieces = records_pieces(state, budget);
+    pieces.append(&mut range_pieces);
+    pieces
+}
+
+fn records_pieces(mut state: MailboxState, budget: usize) -> Vec<MailboxState> {
     let tombstones = std::mem::take(&mut state.tombstones);
     let mut by_guid: std::collections::BTreeMap<Guid, Vec<usize>> = std::collections::BTreeMap::new();
     for (i, t) in tombstones.iter().enumerate() {

@@ -33,6 +33,8 @@ pub struct MergeOutcome {
     pub tombstone_conflict: bool,
     /// The mailbox's created/deleted stamps moved.
     pub lifecycle_changed: bool,
+    /// Retired UIDs were joined in (and the tombstones they cover dropped).
+    pub retired_changed: bool,
 }
 
 impl MergeOutcome {
@@ -42,6 +44,7 @@ impl MergeOutcome {
             || !self.tombstones.is_empty()
             || self.meta_changed
             || self.lifecycle_changed
+            || self.retired_changed
     }
 }
 
@@ -53,6 +56,7 @@ pub fn new_mailbox(key: &MailboxKey) -> StoredMailbox {
         messages: crate::store::Messages::new(),
         tombstones: BTreeMap::new(),
         lifecycle: Lifecycle::default(),
+        retired: Retired::default(),
     }
 }
 
@@ -81,21 +85,34 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
     ]))
 }
 
-/// Order-independent hash of the live messages and the tombstones.
+fn retired_hash(retired: &Retired) -> u64 {
+    // A mailbox that never had tombstones collected digests as it always did.
+    if retired.is_default() {
+        return 0;
+    }
+    let ranges = retired
+        .ranges
+        .iter()
+        .fold(0u64, |acc, (first, last)| mix64(acc ^ fnv64(&[b"R", &first.to_le_bytes(), &last.to_le_bytes()])));
+    mix64(ranges ^ mix64(retired.collected ^ 0x7265_7469))
+}
+
+/// Order-independent hash of the live messages and the tombstones (and of the retired
+/// UIDs, which stand for the tombstones collected).
 pub fn digest(m: &StoredMailbox) -> u64 {
     let live = m.messages.values().fold(0u64, |acc, r| acc ^ record_hash(r));
     let dead = m.tombstones.values().fold(0u64, |acc, t| acc ^ tombstone_hash(t));
-    combine_digest(live, dead, &m.lifecycle)
+    combine_digest(live, dead, &m.lifecycle, retired_hash(&m.retired))
 }
 
-fn combine_digest(live: u64, dead: u64, lifecycle: &Lifecycle) -> u64 {
+fn combine_digest(live: u64, dead: u64, lifecycle: &Lifecycle, retired: u64) -> u64 {
     // A mailbox never created or deleted by a client digests as it always did.
     let lifecycle = if lifecycle.is_default() {
         0
     } else {
         mix64(lifecycle.created_at ^ mix64(lifecycle.deleted_at ^ 0x6c69_6665))
     };
-    live ^ mix64(dead) ^ lifecycle
+    live ^ mix64(dead) ^ lifecycle ^ retired
 }
 
 /// A mailbox's [`digest`] kept up to date record by record: the hash of every live
@@ -108,6 +125,9 @@ pub struct DigestParts {
     dead: BTreeMap<(Uid, Guid), u64>,
     live_xor: u64,
     dead_xor: u64,
+    /// The hash of the retired UIDs: a `RetireUids` write drops these parts, so they are
+    /// built again with it.
+    retired: u64,
 }
 
 impl DigestParts {
@@ -119,6 +139,7 @@ impl DigestParts {
         for t in m.tombstones.values() {
             parts.put_tombstone(t);
         }
+        parts.retired = retired_hash(&m.retired);
         parts
     }
 
@@ -151,7 +172,7 @@ impl DigestParts {
 
     /// `digest(m)` for the mailbox these parts describe.
     pub fn digest(&self, m: &StoredMailbox) -> u64 {
-        combine_digest(self.live_xor, self.dead_xor, &m.lifecycle)
+        combine_digest(self.live_xor, self.dead_xor, &m.lifecycle, self.retired)
     }
 }
 
@@ -190,6 +211,8 @@ pub fn state_since(key: &MailboxKey, m: &StoredMailbox, since: Option<ModSeq>) -
         messages: m.messages.values().filter(|r| changed(r.modseq)).cloned().collect(),
         tombstones: m.tombstones.values().filter(|t| changed(t.modseq)).copied().collect(),
         lifecycle: m.lifecycle,
+        // A collection is a change at its own modseq, so a delta carries it when it is newer.
+        retired: if changed(m.retired.collected) { m.retired.clone() } else { Retired::default() },
     }
 }
 
@@ -329,6 +352,7 @@ fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, r
 fn replica_tombstones(m: &StoredMailbox, foreign: &MailboxState, out: &mut MergeOutcome) -> Vec<Tombstone> {
     let placeable = |r: &MessageRecord| {
         !m.tombstones.contains_key(&(r.uid, r.guid))
+            && !m.retired.contains(r.uid)
             && m.messages.get(&r.uid).is_none_or(|ours| ours.guid == r.guid)
             && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).all(|((_, g), _)| *g == r.guid)
     };
@@ -345,6 +369,42 @@ fn replica_tombstones(m: &StoredMailbox, foreign: &MailboxState, out: &mut Merge
     tombstones
 }
 
+/// Joins their retired UIDs into ours: the tombstones they cover go, UIDNEXT rises above
+/// them. Returns our live messages that now sit on a retired UID (none, normally: a copy
+/// brought back from an old disk or placed by hand).
+fn join_retired(m: &mut StoredMailbox, foreign: &MailboxState, out: &mut MergeOutcome) -> Vec<Uid> {
+    if foreign.retired.is_default() {
+        return Vec::new();
+    }
+    let (added, changed) = m.retire(&foreign.retired);
+    if !changed {
+        return Vec::new();
+    }
+    out.retired_changed = true;
+    if let Some(last) = m.retired.last_uid()
+        && last >= m.uidnext
+    {
+        m.uidnext = last.saturating_add(1);
+        out.meta_changed = true;
+    }
+    added.iter().flat_map(|(first, last)| m.messages.uids_in(*first, *last)).collect()
+}
+
+/// Their state without the tombstones our retired UIDs cover (already collected here).
+fn without_collected<'a>(m: &StoredMailbox, foreign: &'a MailboxState) -> std::borrow::Cow<'a, MailboxState> {
+    if m.retired.is_default() || !foreign.tombstones.iter().any(|t| m.retired.covers(t)) {
+        return std::borrow::Cow::Borrowed(foreign);
+    }
+    let mut kept = foreign.clone();
+    kept.tombstones.retain(|t| !m.retired.covers(t));
+    std::borrow::Cow::Owned(kept)
+}
+
+/// Our live messages on retired UIDs, by walking the retired ranges.
+pub fn live_on_retired(m: &StoredMailbox) -> Vec<Uid> {
+    m.retired.ranges.iter().flat_map(|(first, last)| m.messages.uids_in(*first, *last)).collect()
+}
+
 /// Joins `foreign` into `m` at a server that is not the master. A record that would put
 /// a second GUID on a UID this server holds (live or as a tombstone) is refused and
 /// `unresolved` set: binding that UID would show a client two messages under one UID.
@@ -355,6 +415,12 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         return out;
     }
     out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
+    if !rules.ignore_tombstones && !join_retired(m, foreign, &mut out).is_empty() {
+        // A message of ours on a UID whose tombstones were collected elsewhere: only the
+        // master may move it (it is kept, never dropped).
+        out.unresolved = true;
+    }
+    let foreign = &*without_collected(m, foreign);
     let tombstones = replica_tombstones(m, foreign, &mut out);
     let carried = retire_bindings(m, &tombstones, &mut out);
     expunge_everywhere(m, &tombstones, &mut out);
@@ -368,6 +434,12 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
     for r in &foreign.messages {
         if m.tombstones.contains_key(&(r.uid, r.guid)) {
             follow_guid(m, r, rules, &mut out);
+            continue;
+        }
+        if !rules.ignore_tombstones && m.retired.contains(r.uid) {
+            // A copy of a binding collected here (or of a message placed on a retired
+            // UID by a disk that forgot it): the master moves it.
+            out.unresolved = true;
             continue;
         }
         match m.messages.get_mut(&r.uid) {
@@ -438,8 +510,10 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     };
     if same_validity {
         merge.out.lifecycle_changed = merge.m.lifecycle.join(&foreign.lifecycle);
-        merge.take_tombstones();
-        expunge_everywhere(merge.m, &foreign.tombstones, &mut merge.out);
+        join_retired(merge.m, foreign, &mut merge.out);
+        let uncollected = without_collected(merge.m, foreign);
+        merge.take_tombstones(&uncollected.tombstones);
+        expunge_everywhere(merge.m, &uncollected.tombstones, &mut merge.out);
     }
     // Where each of their messages is live here (its latest binding) once their
     // tombstones are in, as before any record is placed: an index lookup per record, not
@@ -476,8 +550,8 @@ struct MasterMerge<'a> {
 impl MasterMerge<'_> {
     /// Their tombstones join ours; a live message of ours on a UID they retired for
     /// another message must move.
-    fn take_tombstones(&mut self) {
-        for t in &self.foreign.tombstones {
+    fn take_tombstones(&mut self, tombstones: &[Tombstone]) {
+        for t in tombstones {
             if !t.expunged
                 && let Some(ours) = self.m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
             {
@@ -575,7 +649,8 @@ impl MasterMerge<'_> {
             }
             None => {
                 let retired = !self.rules.ignore_tombstones
-                    && self.m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                    && (self.m.retired.contains(r.uid)
+                        || self.m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some());
                 if retired {
                     self.out.tombstone_conflict = true;
                     self.movers.insert((r.uid, r.guid), r);
@@ -620,11 +695,21 @@ impl MasterMerge<'_> {
     /// A live message on a UID that another message was expunged from or retired from
     /// (however the two met here) moves too: the UID was shown as that other message.
     fn move_off_retired_uids(&mut self) {
+        if self.rules.ignore_tombstones {
+            return;
+        }
         for (uid, guid) in self.m.tombstones.keys() {
             if let Some(ours) = self.m.messages.get(uid)
                 && ours.guid != *guid
-                && !self.rules.ignore_tombstones
             {
+                self.out.tombstone_conflict = true;
+                self.movers.insert((ours.uid, ours.guid), ours.clone());
+            }
+        }
+        // Whatever message sits on a UID whose tombstones were collected moves: the UID
+        // was shown as a message that is gone, and which one is no longer known.
+        for uid in live_on_retired(self.m) {
+            if let Some(ours) = self.m.messages.get(&uid) {
                 self.out.tombstone_conflict = true;
                 self.movers.insert((ours.uid, ours.guid), ours.clone());
             }
@@ -689,9 +774,10 @@ impl MasterMerge<'_> {
     }
 }
 
-/// No live message sits on a UID that is tombstoned for another message.
+/// No live message sits on a UID that is tombstoned for another message, or retired.
 pub fn no_retired_uid_live(m: &StoredMailbox) -> bool {
     m.tombstones.keys().all(|(uid, guid)| m.messages.get(uid).is_none_or(|r| r.guid == *guid))
+        && live_on_retired(m).is_empty()
 }
 
 /// At most one live UID per GUID.
@@ -827,9 +913,140 @@ mod carry_tests {
             messages: vec![moved],
             tombstones: vec![t(17, 30), t(23, 36)],
             lifecycle: Default::default(),
+            retired: Default::default(),
         };
         let out = merge_as_replica(&mut m, &fragment, &MergeRules::default());
         assert!(!out.unresolved);
         assert_eq!(m.messages[&34].present_flags(), vec![Flag::new("$Work").unwrap()]);
+    }
+}
+
+#[cfg(test)]
+mod retired_tests {
+    use super::*;
+
+    fn key() -> MailboxKey {
+        MailboxKey::new("u", "INBOX")
+    }
+
+    fn rec(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
+        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq, flags: BTreeMap::new() }
+    }
+
+    fn retired(ranges: &[(Uid, Uid)], collected: ModSeq) -> Retired {
+        Retired { ranges: ranges.iter().copied().collect(), collected }
+    }
+
+    /// UIDs 1..=5 used, 2..=4 collected at modseq 8, 1 and 5 live.
+    fn collected_mailbox() -> StoredMailbox {
+        let mut m = new_mailbox(&key());
+        m.messages.insert(1, rec(1, 10, 1));
+        m.messages.insert(5, rec(5, 50, 5));
+        m.uidnext = 6;
+        m.highest_modseq = 8;
+        m.retired = retired(&[(2, 4)], 8);
+        m
+    }
+
+    fn fragment(m: &StoredMailbox, messages: Vec<MessageRecord>) -> MailboxState {
+        MailboxState { messages, retired: Retired::default(), ..state(&key(), m) }
+    }
+
+    #[test]
+    fn ranges_join_and_coalesce() {
+        let mut r = retired(&[(2, 3)], 4);
+        r.insert_range(7, 7);
+        r.insert_range(4, 5);
+        assert_eq!(r.ranges.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(), vec![(2, 5), (7, 7)]);
+        let (added, changed) = r.join(&retired(&[(3, 4), (6, 6), (9, 12)], 6));
+        assert!(changed);
+        assert_eq!(added, vec![(6, 6), (9, 12)], "only ranges with new UIDs count as added");
+        assert_eq!(r.ranges.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(), vec![(2, 7), (9, 12)]);
+        assert_eq!(r.collected, 6);
+        assert!(r.contains(7) && !r.contains(8) && r.contains(12) && !r.contains(1));
+        assert!(r.well_formed());
+        assert_eq!(r.join(&retired(&[(10, 11)], 5)), (Vec::new(), false), "a join with less changes nothing");
+    }
+
+    #[test]
+    fn a_replica_refuses_a_copy_on_a_retired_uid() {
+        let mut replica = collected_mailbox();
+        let stale = fragment(&replica, vec![rec(3, 30, 3)]);
+        let out = merge_as_replica(&mut replica, &stale, &MergeRules::default());
+        assert!(out.unresolved, "only the master decides");
+        assert!(!replica.messages.contains_key(&3));
+    }
+
+    #[test]
+    fn a_master_moves_a_message_found_on_a_retired_uid_and_keeps_it() {
+        let mut master = collected_mailbox();
+        let restored = fragment(&master, vec![rec(3, 30, 3)]);
+        let out = merge_as_master(&mut master, &restored, &MergeRules::default());
+        assert_eq!(out.renumbered, 1);
+        assert!(out.tombstone_conflict);
+        let moved = master.messages.find_guid(Guid(30)).map(|r| r.uid);
+        assert_eq!(moved, Some(6), "above every UID used");
+        let t = master.tombstones[&(3, Guid(30))];
+        assert!(t.modseq > master.retired.collected, "the new tombstone is not taken for a collected one");
+        assert!(no_retired_uid_live(&master));
+        // A replica that held the same copy follows the master's decision.
+        let mut replica = collected_mailbox();
+        replica.messages.insert(3, rec(3, 30, 3));
+        let applied = merge_as_replica(&mut replica, &state(&key(), &master), &MergeRules::default());
+        assert!(!applied.unresolved);
+        assert_eq!(digest(&replica), digest(&master));
+    }
+
+    #[test]
+    fn retired_uids_drop_the_tombstones_they_cover_and_no_later_one() {
+        let mut replica = new_mailbox(&key());
+        replica.messages.insert(1, rec(1, 10, 1));
+        let t = |uid: Uid, guid: u128, modseq| Tombstone { uid, guid: Guid(guid), modseq, expunged: true };
+        for tomb in [t(2, 20, 3), t(3, 30, 3), t(4, 40, 9)] {
+            replica.tombstones.insert((tomb.uid, tomb.guid), tomb);
+        }
+        replica.uidnext = 5;
+        replica.highest_modseq = 9;
+        let mut collection = fragment(&replica, Vec::new());
+        collection.tombstones.clear();
+        collection.retired = retired(&[(2, 4)], 8);
+        let out = merge_as_replica(&mut replica, &collection, &MergeRules::default());
+        assert!(out.retired_changed && !out.unresolved);
+        assert_eq!(replica.tombstones.keys().copied().collect::<Vec<_>>(), vec![(4, Guid(40))]);
+        // A stale copy of a collected tombstone is not taken back in.
+        let stale = MailboxState { tombstones: vec![t(2, 20, 3)], ..fragment(&replica, Vec::new()) };
+        let again = merge_as_replica(&mut replica, &stale, &MergeRules::default());
+        assert!(!again.changed());
+        assert_eq!(replica.tombstones.len(), 1);
+    }
+
+    #[test]
+    fn a_replica_keeps_its_own_message_on_a_newly_retired_uid_for_the_master() {
+        let mut replica = new_mailbox(&key());
+        replica.messages.insert(3, rec(3, 33, 2));
+        replica.uidnext = 4;
+        let mut collection = fragment(&replica, Vec::new());
+        collection.retired = retired(&[(2, 4)], 8);
+        collection.uidnext = 6;
+        let out = merge_as_replica(&mut replica, &collection, &MergeRules::default());
+        assert!(out.unresolved, "the master moves it");
+        assert!(replica.messages.contains_key(&3), "never dropped");
+        assert_eq!(replica.uidnext, 6);
+    }
+
+    #[test]
+    fn a_state_too_large_for_one_piece_carries_its_ranges_in_pieces_of_their_own() {
+        let mut m = collected_mailbox();
+        m.retired = Retired { ranges: (0..100u32).map(|i| (i * 3 + 1, i * 3 + 2)).collect(), collected: 8 };
+        let whole = state(&key(), &m);
+        let pieces = crate::limits::state_pieces(whole.clone(), 40 * crate::limits::RETIRED_RANGE_LEN);
+        assert!(pieces.len() > 2);
+        let mut joined = Retired::default();
+        for p in &pieces {
+            joined.join(&p.retired);
+            assert!(p.retired.ranges.len() <= 40);
+        }
+        assert_eq!(joined, whole.retired);
+        assert_eq!(pieces.iter().map(|p| p.messages.len()).sum::<usize>(), 2);
     }
 }

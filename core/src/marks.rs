@@ -28,10 +28,12 @@ pub enum Mark {
     /// A restart found a message live at a binding its own tombstone retires (a crash
     /// between a merge's or expunge's writes) and removed it.
     InterruptedMergeFinished,
+    /// A master collected a mailbox's tombstones.
+    TombstonesCollected,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 17] = [
+    pub const ALL: [Mark; 18] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -49,6 +51,7 @@ impl Mark {
         Mark::PeerInputRefused,
         Mark::UnsendableChange,
         Mark::InterruptedMergeFinished,
+        Mark::TombstonesCollected,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Mark {
             Mark::PeerInputRefused => "peer_input_refused",
             Mark::UnsendableChange => "unsendable_change",
             Mark::InterruptedMergeFinished => "interrupted_merge_finished",
+            Mark::TombstonesCollected => "tombstones_collected",
         }
     }
 

@@ -104,6 +104,10 @@ impl Messages {
     pub fn last_uid_of(&self, guid: Guid) -> Option<Uid> {
         self.by_guid.get(&guid).and_then(|uids| uids.last().copied())
     }
+    /// The live UIDs in `first..=last`.
+    pub fn uids_in(&self, first: Uid, last: Uid) -> impl Iterator<Item = Uid> + '_ {
+        self.by_uid.range(first..=last.max(first)).map(|(uid, _)| *uid)
+    }
     /// GUIDs live at more than one UID.
     pub fn duplicated(&self) -> &BTreeSet<Guid> {
         &self.multi
@@ -171,9 +175,24 @@ pub struct StoredMailbox {
     pub tombstones: BTreeMap<(Uid, Guid), Tombstone>,
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// UIDs whose tombstones were collected (see [`Retired`]).
+    #[serde(default)]
+    pub retired: Retired,
 }
 
 impl StoredMailbox {
+    /// Joins retired UIDs in and drops the tombstones they cover. Returns the joined
+    /// ranges that added UIDs and whether anything changed. (UIDNEXT is the caller's: it
+    /// is meta, written by its own write.)
+    pub fn retire(&mut self, retired: &Retired) -> (Vec<(Uid, Uid)>, bool) {
+        let (added, changed) = self.retired.join(retired);
+        if changed {
+            let covered = &self.retired;
+            self.tombstones.retain(|_, t| !covered.covers(t));
+        }
+        (added, changed)
+    }
+
     /// Whether clients see the mailbox (see [`Lifecycle`]).
     pub fn visible(&self) -> bool {
         !self.messages.is_empty() || self.lifecycle.created_at >= self.lifecycle.deleted_at
@@ -274,19 +293,65 @@ pub struct DiskImage {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoreWrite {
-    MailboxMeta { mailbox: MailboxKey, uidvalidity: u32, uidnext: Uid, highest_modseq: ModSeq },
-    PutMessage { mailbox: MailboxKey, record: MessageRecord },
-    RemoveMessage { mailbox: MailboxKey, uid: Uid },
-    PutTombstone { mailbox: MailboxKey, tombstone: Tombstone },
-    PutBody { guid: Guid, checksum: u64, bytes: Body },
-    RemoveBody { guid: Guid },
-    LogAppend { peer: Sid, seq: u64, change: Change },
-    LogRemove { peer: Sid, seqs: Vec<u64> },
-    LogOverflow { peer: Sid, mailbox: MailboxKey, overflowed: bool },
-    Epoch { epoch: u64 },
-    LinkSeq { seq: u64 },
-    Incarnation { incarnation: u64 },
-    MailboxLifecycle { mailbox: MailboxKey, lifecycle: Lifecycle },
+    MailboxMeta {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        uidnext: Uid,
+        highest_modseq: ModSeq,
+    },
+    PutMessage {
+        mailbox: MailboxKey,
+        record: MessageRecord,
+    },
+    RemoveMessage {
+        mailbox: MailboxKey,
+        uid: Uid,
+    },
+    PutTombstone {
+        mailbox: MailboxKey,
+        tombstone: Tombstone,
+    },
+    PutBody {
+        guid: Guid,
+        checksum: u64,
+        bytes: Body,
+    },
+    RemoveBody {
+        guid: Guid,
+    },
+    LogAppend {
+        peer: Sid,
+        seq: u64,
+        change: Change,
+    },
+    LogRemove {
+        peer: Sid,
+        seqs: Vec<u64>,
+    },
+    LogOverflow {
+        peer: Sid,
+        mailbox: MailboxKey,
+        overflowed: bool,
+    },
+    Epoch {
+        epoch: u64,
+    },
+    LinkSeq {
+        seq: u64,
+    },
+    Incarnation {
+        incarnation: u64,
+    },
+    MailboxLifecycle {
+        mailbox: MailboxKey,
+        lifecycle: Lifecycle,
+    },
+    /// Joins retired UIDs into the mailbox and drops the tombstones they cover (see
+    /// [`StoredMailbox::retire`]).
+    RetireUids {
+        mailbox: MailboxKey,
+        retired: Retired,
+    },
 }
 
 impl DiskImage {
@@ -358,6 +423,9 @@ impl DiskImage {
             StoreWrite::Incarnation { incarnation } => self.incarnation = self.incarnation.max(*incarnation),
             StoreWrite::MailboxLifecycle { mailbox, lifecycle } => {
                 self.mailboxes.entry(mailbox.clone()).or_default().lifecycle.join(lifecycle);
+            }
+            StoreWrite::RetireUids { mailbox, retired } => {
+                self.mailboxes.entry(mailbox.clone()).or_default().retire(retired);
             }
         }
     }

@@ -224,6 +224,94 @@ pub struct MailboxState {
     pub tombstones: Vec<Tombstone>,
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// UIDs whose tombstones were collected (all of them, or, in a piece of a state, some).
+    #[serde(default)]
+    pub retired: Retired,
+}
+
+/// The UIDs of a mailbox whose tombstones were collected, as ranges, and the modseq of
+/// the latest collection. A retired UID was shown to clients as a message that is gone:
+/// no message may be placed there again, and a message found live there (a copy from a
+/// disk restored or replaced since, or edited by hand) moves to a new UID rather than
+/// being dropped. Copies join by union and maximum. A tombstone at a retired UID with a
+/// modseq at or below `collected` was collected: it is dropped wherever it is met.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Retired {
+    /// First UID -> last UID of each range; ranges neither overlap nor touch.
+    pub ranges: BTreeMap<Uid, Uid>,
+    pub collected: ModSeq,
+}
+
+impl Retired {
+    pub fn is_default(&self) -> bool {
+        self.ranges.is_empty() && self.collected == 0
+    }
+
+    pub fn contains(&self, uid: Uid) -> bool {
+        self.ranges.range(..=uid).next_back().is_some_and(|(_, last)| *last >= uid)
+    }
+
+    /// Whether a tombstone was collected (see the type's comment).
+    pub fn covers(&self, t: &Tombstone) -> bool {
+        t.modseq <= self.collected && self.contains(t.uid)
+    }
+
+    /// The highest retired UID.
+    pub fn last_uid(&self) -> Option<Uid> {
+        self.ranges.values().next_back().copied()
+    }
+
+    /// Adds `first..=last`, merging with the ranges it overlaps or touches.
+    pub fn insert_range(&mut self, first: Uid, last: Uid) {
+        debug_assert!(first <= last, "a range runs upwards");
+        let (mut first, mut last) = (first, last);
+        // The range that starts at or before `first` may reach it (or touch it).
+        if let Some((&start, &end)) = self.ranges.range(..=first).next_back()
+            && end.saturating_add(1) >= first
+        {
+            first = start;
+            last = last.max(end);
+        }
+        // Ranges that start inside (or right after) the new one are swallowed.
+        let swallowed: Vec<(Uid, Uid)> =
+            self.ranges.range(first..=last.saturating_add(1)).map(|(s, e)| (*s, *e)).collect();
+        for (start, end) in swallowed {
+            self.ranges.remove(&start);
+            last = last.max(end);
+        }
+        self.ranges.insert(first, last);
+        debug_assert!(self.well_formed(), "retired ranges overlap or touch");
+    }
+
+    /// Joins `other` in. Returns the ranges of `other` that held a UID not retired here
+    /// before (where a live message may now sit on a retired UID), and whether anything
+    /// changed.
+    pub fn join(&mut self, other: &Retired) -> (Vec<(Uid, Uid)>, bool) {
+        let mut added = Vec::new();
+        for (&first, &last) in &other.ranges {
+            let covered = self.ranges.range(..=first).next_back().is_some_and(|(_, end)| *end >= last);
+            if !covered {
+                added.push((first, last));
+                self.insert_range(first, last);
+            }
+        }
+        let raised = other.collected > self.collected;
+        self.collected = self.collected.max(other.collected);
+        let changed = raised || !added.is_empty();
+        (added, changed)
+    }
+
+    /// Ranges in order, none overlapping or touching, none empty.
+    pub fn well_formed(&self) -> bool {
+        let mut previous_end: Option<Uid> = None;
+        for (&first, &last) in &self.ranges {
+            if first > last || first == 0 || previous_end.is_some_and(|end| end.saturating_add(1) >= first) {
+                return false;
+            }
+            previous_end = Some(last);
+        }
+        true
+    }
 }
 
 /// When a client last created and last deleted the mailbox (master modseqs; 0 never).

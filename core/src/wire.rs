@@ -1180,7 +1180,27 @@ fn write_state(w: &mut Writer, state: &MailboxState) {
         w.mailbox(&state.mailbox).num(state.uidvalidity).num(state.uidnext).num(state.highest_modseq);
         w.list(&state.messages, write_record).list(&state.tombstones, write_tombstone);
         w.num(state.lifecycle.created_at).num(state.lifecycle.deleted_at);
+        let ranges: Vec<(Uid, Uid)> = state.retired.ranges.iter().map(|(a, b)| (*a, *b)).collect();
+        w.num(state.retired.collected).list(&ranges, |w, (first, last)| {
+            w.group(|w| {
+                w.num(*first).num(*last);
+            });
+        });
     });
+}
+
+fn read_retired(r: &mut Reader) -> Parse<Retired> {
+    let collected = r.u64()?;
+    let at = r.pos;
+    let ranges = r.list(|r| r.group(|r| Ok((r.u32()?, r.u32()?))))?;
+    let mut retired = Retired { ranges: BTreeMap::new(), collected };
+    for (first, last) in ranges {
+        if first == 0 || first > last {
+            return r.bad(at, "retired UID ranges that run upwards from 1");
+        }
+        retired.insert_range(first, last);
+    }
+    Ok(retired)
 }
 
 fn read_state(r: &mut Reader) -> Parse<MailboxState> {
@@ -1193,6 +1213,7 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
             messages: r.list(read_record)?,
             tombstones: r.list(read_tombstone)?,
             lifecycle: Lifecycle { created_at: r.u64()?, deleted_at: r.u64()? },
+            retired: read_retired(r)?,
         })
     })
 }
@@ -1306,6 +1327,7 @@ mod tests {
                 Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false },
             ],
             lifecycle: Lifecycle { created_at: 3, deleted_at: 7 },
+            retired: Retired { ranges: [(6, 6), (8, 9)].into_iter().collect(), collected: 98 },
         }
     }
 
@@ -2005,6 +2027,7 @@ mod tests {
             proptest::collection::vec(message_record(), 0..3),
             proptest::collection::vec(tombstone, 0..3),
             any::<(u64, u64)>(),
+            (any::<u64>(), proptest::collection::vec((1..u32::MAX / 2, 0..1000u32), 0..4)),
         )
             .prop_map(
                 |(
@@ -2014,7 +2037,12 @@ mod tests {
                     messages,
                     tombstones,
                     (created_at, deleted_at),
+                    (collected, ranges),
                 )| {
+                    let mut retired = Retired { ranges: BTreeMap::new(), collected };
+                    for (first, len) in ranges {
+                        retired.insert_range(first, first + len);
+                    }
                     Msg::Sync {
                         reply,
                         state: MailboxState {
@@ -2025,6 +2053,7 @@ mod tests {
                             messages,
                             tombstones,
                             lifecycle: Lifecycle { created_at, deleted_at },
+                            retired,
                         },
                     }
                 },

@@ -442,6 +442,7 @@ impl Harness {
                             messages: m.messages.values().cloned().collect(),
                             tombstones: m.tombstones.values().copied().collect(),
                             lifecycle: m.lifecycle,
+                            retired: m.retired.clone(),
                         })
                         .collect()
                 };

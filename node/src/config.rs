@@ -29,6 +29,8 @@ struct FileConfig {
     #[serde(default)]
     request_timeout_ms: Option<u64>,
     #[serde(default)]
+    tombstone_grace_secs: Option<u64>,
+    #[serde(default)]
     compression: Option<bool>,
     #[serde(default)]
     metrics: Option<SocketAddr>,
@@ -241,6 +243,10 @@ pub struct NodeConfig {
 
 /// The smallest secret accepted: a cluster secret is a key, not a password.
 const SECRET_LEN_MIN: usize = 16;
+/// How long every peer must agree on a mailbox before its tombstones are collected
+/// (see `tandem_core::Config::tombstone_grace_us`).
+const TOMBSTONE_GRACE_SECS_DEFAULT: u64 = 3600;
+const TOMBSTONE_GRACE_SECS_MIN: u64 = 10;
 
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -336,6 +342,19 @@ impl NodeConfig {
                 return Err(bad("request_timeout_ms", "must be at least 1"));
             }
             core.request_timeout_us = ms.saturating_mul(1000);
+        }
+        // An hour by default: far longer than a message can stay on its way between
+        // peers (a dead link is noticed within seconds), and an hour of tombstones is
+        // nothing to store.
+        core.tombstone_grace_us = TOMBSTONE_GRACE_SECS_DEFAULT * 1_000_000;
+        if let Some(secs) = file.tombstone_grace_secs {
+            if secs < TOMBSTONE_GRACE_SECS_MIN {
+                return Err(bad(
+                    "tombstone_grace_secs",
+                    format!("must be at least {TOMBSTONE_GRACE_SECS_MIN} (longer than a message stays on its way)"),
+                ));
+            }
+            core.tombstone_grace_us = secs.saturating_mul(1_000_000);
         }
         let secret = match &file.secret_file {
             None => {

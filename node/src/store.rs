@@ -34,6 +34,9 @@ const LOG_ENTRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("lo
 const LOG_NEXT: TableDefinition<u32, u64> = TableDefinition::new("log_next");
 /// mailbox -> (created_at, deleted_at) of mailboxes a client created or deleted.
 const LIFECYCLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lifecycles");
+/// mailbox -> its retired UIDs (ranges and the modseq of the last collection), for
+/// mailboxes whose tombstones were collected.
+const RETIRED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retired");
 /// (peer, mailbox) -> (peer, mailbox) for mailboxes that overflowed a peer's log.
 const LOG_OVERFLOWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log_overflowed");
 
@@ -112,6 +115,7 @@ impl Store {
             txn.open_table(LOG_NEXT)?;
             txn.open_table(LOG_OVERFLOWED)?;
             txn.open_table(LIFECYCLES)?;
+            txn.open_table(RETIRED)?;
         }
         txn.commit()?;
         let store = Store { db, files: BodyFiles::new(dir), index };
@@ -230,6 +234,15 @@ impl Store {
             let (created_at, deleted_at): (ModSeq, ModSeq) = dec(v.value(), "lifecycle")?;
             image.mailboxes.entry(mailbox).or_default().lifecycle.join(&Lifecycle { created_at, deleted_at });
         }
+        for row in txn.open_table(RETIRED)?.iter()? {
+            let (k, v) = row?;
+            let mailbox: MailboxKey = dec(k.value(), "mailbox key")?;
+            let retired: Retired = dec(v.value(), "retired UIDs")?;
+            if !retired.well_formed() {
+                return Err(StoreError(format!("corrupt retired UIDs record of {mailbox}: ranges overlap")));
+            }
+            image.mailboxes.entry(mailbox).or_default().retired = retired;
+        }
         for row in txn.open_table(LOG_OVERFLOWED)?.iter()? {
             let (_, v) = row?;
             let (peer, mailbox): (u32, MailboxKey) = dec(v.value(), "overflow mark")?;
@@ -255,6 +268,7 @@ impl Store {
             let mut log_next = txn.open_table(LOG_NEXT)?;
             let mut log_overflowed = txn.open_table(LOG_OVERFLOWED)?;
             let mut lifecycles = txn.open_table(LIFECYCLES)?;
+            let mut retired_uids = txn.open_table(RETIRED)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -309,6 +323,10 @@ impl Store {
                             joined.join(&Lifecycle { created_at, deleted_at });
                         }
                         lifecycles.insert(key.as_slice(), enc(&(joined.created_at, joined.deleted_at))?.as_slice())?;
+                    }
+                    StoreWrite::RetireUids { mailbox, retired } => {
+                        ensure_mailbox(&mut mailboxes, mailbox)?;
+                        retire_uids(&mut retired_uids, &mut tombstones, mailbox, retired)?;
                     }
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
@@ -417,6 +435,39 @@ fn ensure_mailbox(table: &mut redb::Table<&[u8], &[u8]>, mailbox: &MailboxKey) -
     Ok(())
 }
 
+/// Joins retired UIDs into a mailbox's and deletes the tombstones they cover (see
+/// `StoredMailbox::retire`): a scan of that mailbox's tombstones, whose keys all start
+/// with the mailbox's encoding (length-prefixed strings, so no other mailbox's do).
+fn retire_uids(
+    retired_uids: &mut redb::Table<&[u8], &[u8]>,
+    tombstones: &mut redb::Table<&[u8], &[u8]>,
+    mailbox: &MailboxKey,
+    retired: &Retired,
+) -> Result<(), StoreError> {
+    let key = enc(mailbox)?;
+    let mut joined = match retired_uids.get(key.as_slice())? {
+        Some(old) => dec::<Retired>(old.value(), "retired UIDs")?,
+        None => Retired::default(),
+    };
+    joined.join(retired);
+    retired_uids.insert(key.as_slice(), enc(&joined)?.as_slice())?;
+    let mut covered = Vec::new();
+    for row in tombstones.range(key.as_slice()..)? {
+        let (k, v) = row?;
+        if !k.value().starts_with(&key) {
+            break;
+        }
+        let (_, t): (MailboxKey, Tombstone) = dec(v.value(), "tombstone")?;
+        if joined.covers(&t) {
+            covered.push(k.value().to_vec());
+        }
+    }
+    for k in covered {
+        tombstones.remove(k.as_slice())?;
+    }
+    Ok(())
+}
+
 fn raise(meta: &mut redb::Table<&str, u64>, key: &str, value: u64) -> Result<(), StoreError> {
     let current = meta.get(key)?.map(|v| v.value()).unwrap_or(0);
     if value > current {
@@ -472,6 +523,25 @@ mod tests {
                 lifecycle: Lifecycle { created_at: 6, deleted_at: 0 },
             },
             StoreWrite::LinkSeq { seq: 6 },
+            // Tombstones in two mailboxes whose names share a prefix: a collection in one
+            // drops only its own covered tombstones (UID 3 at modseq 2), not the other's,
+            // nor one above the collection's modseq.
+            StoreWrite::PutTombstone {
+                mailbox: MailboxKey::new("u@d", "INBOX2"),
+                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true },
+            },
+            StoreWrite::PutTombstone {
+                mailbox: mailbox.clone(),
+                tombstone: Tombstone { uid: 4, guid: Guid(9), modseq: 9, expunged: false },
+            },
+            StoreWrite::RetireUids {
+                mailbox: mailbox.clone(),
+                retired: Retired { ranges: [(2, 4)].into_iter().collect(), collected: 6 },
+            },
+            StoreWrite::RetireUids {
+                mailbox: mailbox.clone(),
+                retired: Retired { ranges: [(8, 8)].into_iter().collect(), collected: 5 },
+            },
         ];
         let mut expected = DiskImage::default();
         for w in &writes {
@@ -481,7 +551,13 @@ mod tests {
         store.apply(&writes[5..]).unwrap();
         drop(store);
         let again = Store::open(dir.path()).unwrap();
-        assert_eq!(again.load().unwrap(), expected);
+        let loaded = again.load().unwrap();
+        assert_eq!(loaded, expected);
+        let inbox = &loaded.mailboxes[&mailbox];
+        assert_eq!(inbox.tombstones.keys().map(|(uid, _)| *uid).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(inbox.retired.ranges.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(), vec![(2, 4), (8, 8)]);
+        assert_eq!(inbox.retired.collected, 6);
+        assert_eq!(loaded.mailboxes[&MailboxKey::new("u@d", "INBOX2")].tombstones.len(), 1);
     }
 
     fn body_files(dir: &Path) -> usize {

@@ -500,3 +500,59 @@ fn mutual_tls_links_carry_replication_and_refuse_plain_peers() {
     });
     assert!(refused.is_err_and(|e| e.0.contains("does not name tandem-3")));
 }
+
+/// The node's count of a protocol event (a core mark) from its metrics endpoint.
+fn event_count(metrics: std::net::SocketAddr, sid: usize, event: &str) -> u64 {
+    let needle = format!("tandem_protocol_events_total{{server=\"{sid}\",event=\"{event}\"}} ");
+    let text = harness::http_get(metrics);
+    text.lines().find_map(|l| l.strip_prefix(needle.as_str())).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn tombstones_are_collected_once_every_node_agreed_and_survive_a_kill_9() {
+    let metrics: Vec<std::net::SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let mut c = Cluster::start_with(3, "mode = \"sync\"\nreplicas = 1\ntombstone_grace_secs = 10", |i| {
+        format!("metrics = \"{}\"", metrics[i])
+    });
+    let mailbox = "alice@example.org/INBOX";
+    let mut uids = Vec::new();
+    for n in 0..6 {
+        let (uid, _) = c.deliver(n % 3, mailbox, &format!("Subject: {n}\r\n\r\nbody {n}\r\n")).expect("deliver");
+        uids.push(uid);
+    }
+    let expunge = tandem_node::admin::AdminRequest::Expunge { mailbox: mailbox.into(), uids: uids[1..4].to_vec() };
+    let reply = harness::call(&c.admin[1], &expunge).expect("expunge");
+    assert!(matches!(reply, tandem_node::admin::AdminReply::Expunged { ref uids } if uids.len() == 3), "{reply:?}");
+    c.converged(mailbox, CONVERGE);
+    // Collection waits for every node to have shown the master the same copy for the
+    // grace period (10 s) after the expunge: not before, but well within a minute.
+    let collected = || (0..3).map(|i| event_count(metrics[i], i + 1, "tombstones_collected")).sum::<u64>();
+    assert_eq!(collected(), 0, "collected before the grace period");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while collected() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no collection within a minute\n{}", c.log(0));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.converged(mailbox, CONVERGE);
+    // Every node's store holds no tombstone of the mailbox any more, only retired UIDs.
+    c.kill9(2);
+    let store = tandem_node::store::Store::open(&c.dir.path().join("data-3")).expect("open the store");
+    let image = store.load().expect("load");
+    drop(store);
+    let key = tandem_core::MailboxKey::new("alice@example.org", "INBOX");
+    let m = &image.mailboxes[&key];
+    assert!(m.tombstones.is_empty(), "tombstones left: {:?}", m.tombstones);
+    for uid in &uids[1..4] {
+        assert!(m.retired.contains(*uid), "UID {uid} not retired: {:?}", m.retired);
+    }
+    // After a kill -9 and a restart nothing expunged is back, and a new save gets a UID
+    // above every retired one.
+    c.spawn(2);
+    c.wait_up(2);
+    c.wait_linked();
+    let (uid, _) = c.deliver(2, mailbox, "Subject: after\r\n\r\nafter\r\n").expect("deliver after");
+    assert!(uid > uids[5], "UID {uid} reused");
+    let view = c.converged(mailbox, CONVERGE);
+    let shown: Vec<u32> = view.messages.iter().map(|m| m.uid).collect();
+    assert_eq!(shown, vec![uids[0], uids[4], uids[5], uid]);
+}

@@ -220,6 +220,17 @@ pub fn generate(seed: u64) -> Scenario {
         }
     }
     events.sort_by_key(|e| e.at_ms);
+    // Drawn last, so the rest of a seed's scenario is what it was before tombstones were
+    // collected. The shortest grace is just above the longest a message can travel here
+    // (32 hops at the slowest latency); the longest never collects within the run.
+    let tombstone_grace_ms = pick(
+        &mut rng,
+        &[
+            (40, u64::from(tandem_core::HOPS_MAX) * latency_ms.1 + 500),
+            (40, crate::scenario::TOMBSTONE_GRACE_MS_DEFAULT),
+            (20, 600_000),
+        ],
+    );
     Scenario {
         name: format!("explore-seed-{seed}"),
         path: None,
@@ -235,6 +246,7 @@ pub fn generate(seed: u64) -> Scenario {
             links,
             disk_latency_us: (200, 1000),
             request_timeout_ms: 5000,
+            tombstone_grace_ms,
         },
         events,
         expects: vec![Expect::Invariants],

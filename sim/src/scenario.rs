@@ -50,7 +50,15 @@ pub struct ClusterSpec {
     pub disk_latency_us: (u64, u64),
     /// Client request timeout in the servers' configuration.
     pub request_timeout_ms: u64,
+    /// How long copies must agree before a master collects tombstones (see
+    /// `Config::tombstone_grace_us`).
+    pub tombstone_grace_ms: u64,
 }
+
+/// The simulator's default tombstone grace: longer than a message can travel here (32
+/// relay hops at 100 ms, the slowest latency the explorer draws), short enough that
+/// scenarios collect tombstones while they settle.
+pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 5000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkSpec {
@@ -243,6 +251,9 @@ pub enum Expect {
     ExactlyOneOk { events: Vec<String> },
     /// Every live server holds this many messages in the mailbox at the end.
     Count { mailbox: MailboxKey, count: usize },
+    /// Every live server holds this many tombstones in the mailbox at the end (0: all
+    /// collected).
+    Tombstones { mailbox: MailboxKey, count: usize },
     /// Whether every live server shows the mailbox (after CREATE/DELETE).
     Visible { mailbox: MailboxKey, visible: bool },
     /// Every named message ends on a UID other than the first one a client saw for it.
@@ -310,6 +321,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("mark", &["name", "min"]),
     ("exactly_one_ok", &["events"]),
     ("count", &["mailbox", "count"]),
+    ("tombstones", &["mailbox", "count"]),
     ("visible", &["mailbox", "visible"]),
     ("renumbered", &["labels"]),
 ];
@@ -699,6 +711,7 @@ impl Tab<'_> {
         }
         let log_capacity = self.int_in(cluster.log_capacity, "log_capacity", 1..=u32::MAX.into())?.unwrap_or(10_000);
         let request_timeout_ms = self.int_in(cluster.request_timeout_ms, "request_timeout_ms", 1..=u64::MAX >> 1)?;
+        let tombstone_grace_ms = self.int_in(cluster.tombstone_grace_ms, "tombstone_grace_ms", 0..=u64::MAX >> 12)?;
         let links = match cluster.links {
             None => None,
             Some(items) => {
@@ -732,6 +745,7 @@ impl Tab<'_> {
             links,
             disk_latency_us: self.range(cluster.disk_latency_us, "disk_latency_us")?.unwrap_or((200, 1000)),
             request_timeout_ms: request_timeout_ms.unwrap_or(5000),
+            tombstone_grace_ms: tombstone_grace_ms.unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT),
             servers,
         })
     }
@@ -928,6 +942,10 @@ impl Tab<'_> {
                 Expect::ExactlyOneOk { events: events.into_iter().map(known_id).collect::<Result<_, _>>()? }
             }
             "count" => Expect::Count {
+                mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,
+                count: tab.req(expect.count, "count", "a non-negative integer")? as usize,
+            },
+            "tombstones" => Expect::Tombstones {
                 mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,
                 count: tab.req(expect.count, "count", "a non-negative integer")? as usize,
             },

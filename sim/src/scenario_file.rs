@@ -35,6 +35,7 @@ pub(crate) struct ClusterToml {
     pub latency_ms: Option<RangeToml>,
     pub disk_latency_us: Option<RangeToml>,
     pub request_timeout_ms: Option<u64>,
+    pub tombstone_grace_ms: Option<u64>,
     pub links: Option<Vec<Spanned<LinkToml>>>,
 }
 

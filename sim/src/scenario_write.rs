@@ -35,6 +35,7 @@ fn file_of(s: &Scenario) -> FileToml {
         latency_ms: Some(range(c.latency_ms)),
         disk_latency_us: Some(range(c.disk_latency_us)),
         request_timeout_ms: Some(c.request_timeout_ms),
+        tombstone_grace_ms: Some(c.tombstone_grace_ms),
         links: c.links.as_ref().map(|links| links.iter().map(link).collect()),
     };
     FileToml {
@@ -207,6 +208,10 @@ fn expect_of(x: &Expect) -> ExpectToml {
         Expect::Count { mailbox: m, count } => {
             (table.mailbox, table.count) = (mailbox(m), Some(*count as u64));
             "count"
+        }
+        Expect::Tombstones { mailbox: m, count } => {
+            (table.mailbox, table.count) = (mailbox(m), Some(*count as u64));
+            "tombstones"
         }
         Expect::Visible { mailbox: m, visible } => {
             (table.mailbox, table.visible) = (mailbox(m), Some(*visible));

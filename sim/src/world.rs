@@ -314,6 +314,7 @@ impl World {
         cfg.log_capacity = spec.log_capacity;
         cfg.granularity = spec.granularity;
         cfg.request_timeout_us = spec.request_timeout_ms * 1000;
+        cfg.tombstone_grace_us = spec.tombstone_grace_ms * 1000;
         if let Err(e) = cfg.set_bug(self.opts.bug) {
             self.config_error = Some(e.to_string());
         }
@@ -908,11 +909,19 @@ pub fn describe(envelope: &Envelope) -> String {
                 messages.iter().map(|m| m.0).collect::<Vec<_>>(),
                 stamp.modseq
             ),
-            Change::Merge { state } => format!(
-                "#{seq} {} UIDs {:?} retired {:?}",
+            Change::Merge { state } if state.retired.is_default() => format!(
+                "#{seq} {} UIDs {:?} tombstones {:?}",
                 state.mailbox,
                 state.messages.iter().map(|m| m.uid).collect::<Vec<_>>(),
                 state.tombstones.iter().map(|t| t.uid).collect::<Vec<_>>()
+            ),
+            Change::Merge { state } => format!(
+                "#{seq} {} UIDs {:?} tombstones {:?} collected {:?} at modseq {}",
+                state.mailbox,
+                state.messages.iter().map(|m| m.uid).collect::<Vec<_>>(),
+                state.tombstones.iter().map(|t| t.uid).collect::<Vec<_>>(),
+                state.retired.ranges.iter().map(|(a, b)| format!("{a}:{b}")).collect::<Vec<_>>(),
+                state.retired.collected
             ),
         },
         Msg::Ack { seqs, refused } if refused.is_empty() => format!("{} entries", seqs.len()),
@@ -1584,6 +1593,14 @@ impl World {
                         let n = self.stored_mailbox(*sid, &mailbox).map(|m| m.messages.len()).unwrap_or(0);
                         if n != count {
                             failures.push(format!("{mailbox} on {sid} holds {n} messages, expected {count}"));
+                        }
+                    }
+                }
+                Expect::Tombstones { mailbox, count } => {
+                    for sid in &live {
+                        let n = self.stored_mailbox(*sid, &mailbox).map(|m| m.tombstones.len()).unwrap_or(0);
+                        if n != count {
+                            failures.push(format!("{mailbox} on {sid} holds {n} tombstones, expected {count}"));
                         }
                     }
                 }

@@ -93,3 +93,8 @@ fn ignored_tombstones_are_caught() {
 fn replica_overwriting_a_uid_is_caught() {
     catch_and_shrink(Bug::ReplicaOverwritesUid);
 }
+
+#[test]
+fn collecting_tombstones_early_is_caught() {
+    catch_and_shrink(Bug::CollectTombstonesEarly);
+}

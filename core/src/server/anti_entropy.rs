@@ -22,6 +22,9 @@ pub struct PeerCheck {
     pub confirmed_digest: Option<u64>,
     pub confirmed_at: Option<Instant>,
     pub last_sent: Option<Instant>,
+    /// The digest the peer last confirmed and when it first confirmed it: kept across
+    /// new summaries, so tombstone collection knows how long the copies have agreed.
+    pub agreed_since: Option<(u64, Instant)>,
 }
 
 /// A point both copies of a mailbox had reached, and how many delta SYNCs may still be
@@ -42,6 +45,9 @@ pub(crate) struct AntiEntropy {
     dirty: BTreeMap<MailboxKey, Option<Instant>>,
     /// Per peer, the last mailbox the previous pass examined when it stopped short.
     resume_after: BTreeMap<Sid, MailboxKey>,
+    /// The last mailbox the previous tombstone-collection pass examined when it stopped
+    /// short.
+    collect_after: Option<MailboxKey>,
     /// Set when a peer became reachable or a mastership became ready: checking copies
     /// then (not at the next maintenance pass, up to a second later) starts a resync at once.
     kick: bool,
@@ -54,8 +60,8 @@ impl AntiEntropy {
 
     /// Our summary of `mailbox` went to `peer`; its confirmation is awaited again.
     pub(crate) fn summary_sent(&mut self, peer: Sid, mailbox: MailboxKey, now: Instant) {
-        self.checks
-            .insert((peer, mailbox), PeerCheck { confirmed_digest: None, confirmed_at: None, last_sent: Some(now) });
+        let check = self.checks.entry((peer, mailbox)).or_default();
+        *check = PeerCheck { last_sent: Some(now), agreed_since: check.agreed_since, ..PeerCheck::default() };
     }
 
     /// `peer` showed the same digest as ours.
@@ -63,6 +69,25 @@ impl AntiEntropy {
         let check = self.checks.entry((peer, mailbox)).or_default();
         check.confirmed_digest = Some(digest);
         check.confirmed_at = Some(now);
+        if check.agreed_since.is_none_or(|(d, _)| d != digest) {
+            check.agreed_since = Some((digest, now));
+        }
+    }
+
+    /// Since when `peer` has shown `digest` for `mailbox` (None: it has not, or not
+    /// since it was last reconnected).
+    pub(crate) fn agreed_since(&self, peer: Sid, mailbox: &MailboxKey, digest: u64) -> Option<Instant> {
+        let check = self.checks.get(&(peer, mailbox.clone()))?;
+        check.agreed_since.filter(|(d, _)| *d == digest).map(|(_, at)| at)
+    }
+
+    /// Where the next tombstone-collection pass starts: after this mailbox.
+    pub(crate) fn collection_start(&self) -> Option<&MailboxKey> {
+        self.collect_after.as_ref()
+    }
+
+    pub(crate) fn collection_ended(&mut self, last: Option<MailboxKey>) {
+        self.collect_after = last;
     }
 
     /// Where the next pass for `peer` starts: after this mailbox (None: at the first).
@@ -175,8 +200,19 @@ mod tests {
         a.summary_sent(Sid(2), mb(), Instant(20));
         assert_eq!(
             a.check(Sid(2), &mb()),
-            PeerCheck { confirmed_digest: None, confirmed_at: None, last_sent: Some(Instant(20)) }
+            PeerCheck {
+                confirmed_digest: None,
+                confirmed_at: None,
+                last_sent: Some(Instant(20)),
+                agreed_since: Some((77, Instant(10)))
+            }
         );
+        assert_eq!(a.agreed_since(Sid(2), &mb(), 77), Some(Instant(10)), "agreement outlives a new summary");
+        a.confirmed(Sid(2), mb(), 77, Instant(30));
+        assert_eq!(a.agreed_since(Sid(2), &mb(), 77), Some(Instant(10)), "a reconfirmation keeps the start");
+        a.confirmed(Sid(2), mb(), 78, Instant(40));
+        assert_eq!(a.agreed_since(Sid(2), &mb(), 78), Some(Instant(40)), "another digest starts again");
+        assert_eq!(a.agreed_since(Sid(2), &mb(), 77), None);
         a.recheck_peer(Sid(2));
         assert_eq!(a.check(Sid(2), &mb()), PeerCheck::default());
     }

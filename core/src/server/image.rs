@@ -377,6 +377,10 @@ impl Image {
                     parts.put_tombstone(tombstone);
                 }
             }
+            StoreWrite::RetireUids { mailbox, .. } => {
+                // Rare (a collection): the digest is built again when next asked.
+                self.digests.remove(mailbox);
+            }
             StoreWrite::PutBody { guid, .. } => {
                 self.body_verdicts.remove(guid);
             }
@@ -528,6 +532,7 @@ impl Image {
             let retired =
                 m.tombstones.keys().filter(|(uid, guid)| m.messages.get(uid).is_some_and(|r| r.guid != *guid));
             uids.extend(retired.map(|(uid, _)| *uid));
+            uids.extend(mailbox::live_on_retired(m));
             for guid in m.messages.duplicated() {
                 uids.extend(m.messages.uids_of(*guid));
             }
@@ -576,6 +581,13 @@ impl Image {
                 StoreWrite::MailboxLifecycle { mailbox: key.clone(), lifecycle },
                 undo(Undo::Lifecycle(before)),
             );
+        }
+        if outcome.retired_changed
+            && let Some(retired) = self.disk.mailboxes.get(key).map(|m| m.retired.clone())
+        {
+            // Not shown to clients: no before-image. The tombstones it covers are
+            // already gone from the image; the write drops them on disk.
+            self.commit_undo(out, StoreWrite::RetireUids { mailbox: key.clone(), retired }, None);
         }
         // Each touched UID once, with its final value (a merge may touch one twice).
         let mut seen = BTreeSet::new();
@@ -845,6 +857,7 @@ mod tests {
             messages: vec![record(1, 1), record(2, 2)],
             tombstones: Vec::new(),
             lifecycle: Default::default(),
+            retired: Default::default(),
         }
     }
 
@@ -1043,6 +1056,7 @@ mod tests {
             messages: vec![record(1, 10)],
             tombstones: Vec::new(),
             lifecycle: Default::default(),
+            retired: Default::default(),
         };
         let outcome = image.merge(&mut out, &conflict, true, &MergeRules::default(), false);
         assert!(outcome.renumbered > 0);

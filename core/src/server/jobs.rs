@@ -365,6 +365,7 @@ impl Server {
             messages: vec![record.clone()],
             tombstones: Vec::new(),
             lifecycle: Default::default(),
+            retired: Default::default(),
         };
         self.merge_foreign(src, &fragment);
     }
@@ -756,6 +757,7 @@ impl Server {
             messages: Vec::new(),
             tombstones,
             lifecycle,
+            retired: Default::default(),
         };
         for t in &state.tombstones {
             self.commit(StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: *t });

@@ -17,6 +17,7 @@ mod root_role;
 mod route_table;
 mod routing;
 mod timers;
+mod tombstones;
 
 pub use jobs::{Job, JobId, JobKind, JobState, Origin};
 use root_role::RootRole;
@@ -459,6 +460,7 @@ impl Server {
         self.sync_dirty();
         self.scrub_bodies();
         self.collect_bodies();
+        self.collect_tombstones();
     }
 
     fn resend_handoffs(&mut self) {

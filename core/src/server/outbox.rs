@@ -14,8 +14,8 @@ pub(crate) struct Outbox {
     outputs: VecDeque<Output>,
     last_write: WriteId,
     durable_upto: WriteId,
-    /// Replies that may go out once every write up to theirs is durable.
-    held_replies: VecDeque<(RequestId, WriteId, ClientReply)>,
+    /// Replies and messages that may go out once every write up to theirs is durable.
+    held: VecDeque<(WriteId, Output)>,
 }
 
 impl Outbox {
@@ -34,11 +34,21 @@ impl Outbox {
     /// Replies at once if every write issued so far is durable, else when it is: a client
     /// is never shown something a crash could take back.
     pub(crate) fn reply_when_durable(&mut self, id: RequestId, reply: ClientReply) {
+        self.when_durable(Output::Reply { id, reply });
+    }
+
+    /// Sends at once if every write issued so far is durable, else when it is: a peer is
+    /// told only what a crash here cannot take back.
+    pub(crate) fn send_when_durable(&mut self, to: Sid, envelope: Envelope) {
+        self.when_durable(Output::Send { to, envelope });
+    }
+
+    fn when_durable(&mut self, output: Output) {
         let write = self.last_write;
         if self.is_durable(write) {
-            self.reply(id, reply);
+            self.outputs.push_back(output);
         } else {
-            self.held_replies.push_back((id, write, reply));
+            self.held.push_back((write, output));
         }
     }
 
@@ -62,16 +72,16 @@ impl Outbox {
     pub(crate) fn durable(&mut self, upto: WriteId) {
         debug_assert!(upto <= self.last_write, "durable beyond the last write issued");
         self.durable_upto = self.durable_upto.max(upto.min(self.last_write));
-        // Writes become durable in order, so the held replies (queued in write order) go
+        // Writes become durable in order, so what is held (queued in write order) goes
         // out from the front.
-        while let Some((_, write, _)) = self.held_replies.front() {
+        while let Some((write, _)) = self.held.front() {
             if !self.is_durable(*write) {
                 break;
             }
-            let Some((id, _, reply)) = self.held_replies.pop_front() else { break };
-            self.reply(id, reply);
+            let Some((_, output)) = self.held.pop_front() else { break };
+            self.outputs.push_back(output);
         }
-        debug_assert!(self.held_replies.iter().all(|(_, w, _)| !self.is_durable(*w)));
+        debug_assert!(self.held.iter().all(|(w, _)| !self.is_durable(*w)));
     }
 }
 

@@ -197,6 +197,7 @@ impl Server {
             messages: Vec::new(),
             tombstones: Vec::new(),
             lifecycle: Default::default(),
+            retired: Default::default(),
         };
         match change {
             Change::Save { mailbox, uidvalidity, record, body } => {
@@ -290,6 +291,9 @@ impl Server {
                 messages: out.records.clone(),
                 tombstones: out.tombstones.clone(),
                 lifecycle: m.lifecycle,
+                // Retired UIDs travel when they changed (they are joined, so all of them
+                // or only the new ones would do alike).
+                retired: if out.retired_changed { m.retired.clone() } else { Default::default() },
             };
             self.replicate(Change::Merge { state: fragment }, None);
         }
@@ -394,13 +398,23 @@ impl Server {
             if i_master {
                 self.anti_entropy.confirmed(src, mailbox.clone(), summary.digest, self.now);
                 self.image.clear_overflow(&mut self.out, src, &mailbox);
-            } else if let Some(mine) = self.summary_of(&mailbox) {
-                self.send(src, Msg::Mbox { tag: 0, summary: mine });
+            } else if !self.logs_hold(&mailbox)
+                && let Some(mine) = self.summary_of(&mailbox)
+            {
+                // Our confirmation is what lets the master collect the mailbox's
+                // tombstones: it is given for a copy a crash here cannot take back, with
+                // none of the mailbox's changes still on their way from here.
+                self.send_when_durable(src, Msg::Mbox { tag: 0, summary: mine });
             }
             return;
         }
         self.marks.hit(Mark::DigestMismatch);
         self.send_state(src, &mailbox, false);
+    }
+
+    /// Whether any of our replication logs holds a change of `mailbox`.
+    fn logs_hold(&self, mailbox: &MailboxKey) -> bool {
+        self.cfg.servers.iter().any(|peer| self.image.is_logged(*peer, mailbox))
     }
 
     pub(crate) fn on_mbox_done(&mut self, src: Sid, catchup: CatchupId, count: u32) {

@@ -126,6 +126,22 @@ impl Server {
         self.route(envelope);
     }
 
+    /// [`Server::send`] once every write issued so far is durable (see
+    /// `Outbox::send_when_durable`). The hop is chosen now; if that link is gone by then,
+    /// the message is lost like any other sent on it.
+    pub(crate) fn send_when_durable(&mut self, to: Sid, msg: Msg) {
+        let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };
+        if to == self.cfg.sid {
+            return;
+        }
+        if let Some(hop) = self.routing.next_hop(to) {
+            if hop != to {
+                self.marks.hit(crate::Mark::RelayUsed);
+            }
+            self.out.send_when_durable(hop, envelope);
+        }
+    }
+
     /// Link-state travels hop by hop only.
     fn send_direct(&mut self, to: Sid, msg: Msg) {
         let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };

@@ -99,6 +99,7 @@ fn example_parses_to_expected_structure() {
             ]),
             disk_latency_us: (100, 300),
             request_timeout_ms: 4000,
+            tombstone_grace_ms: TOMBSTONE_GRACE_MS_DEFAULT,
         },
         events: vec![
             TimedEvent {

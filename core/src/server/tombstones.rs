@@ -1,0 +1,131 @@
+//! Tombstone collection: a mailbox master turns a mailbox's tombstones into retired UID
+//! ranges once no copy of what they kill can still arrive anywhere.
+//!
+//! A tombstone keeps an expunged (or renumbered) binding from coming back. It can go
+//! when every server holds it and nothing that predates it is still travelling:
+//! - every other configured server has shown the master the same copy of the mailbox
+//!   (the same digest, so the same tombstones and no live copy of what they kill), each
+//!   for longer than `tombstone_grace_us` (a message sent before that is delivered or
+//!   lost by then). A server gives that confirmation only once its copy is durable and
+//!   none of its replication logs holds a change of the mailbox (an old master's change
+//!   may be delivered much later);
+//! - none of the master's own logs holds a change of the mailbox.
+//!
+//! The UIDs stay retired (see [`Retired`]): nothing is placed there again, and a message
+//! that turns up there anyway (a disk restored from an old backup) moves to a new UID.
+
+use super::Server;
+use crate::marks::Mark;
+use crate::msg::Change;
+use crate::store::StoreWrite;
+use crate::types::*;
+
+/// Mailboxes examined per pass at most; the next pass goes on where this one stopped.
+const EXAMINED_PER_PASS_MAX: usize = 2048;
+
+impl Server {
+    /// Collects the tombstones of the mailboxes we master whose every copy agrees (see
+    /// the module comment); one bounded pass, from where the last one stopped.
+    pub(crate) fn collect_tombstones(&mut self) {
+        if !self.masters.any_ready() {
+            return;
+        }
+        let (ready, resume_after) = self.collection_candidates();
+        self.anti_entropy.collection_ended(resume_after);
+        for mailbox in ready {
+            self.collect_mailbox_tombstones(&mailbox);
+        }
+    }
+
+    /// The mailboxes of this pass whose tombstones may go, and where the next pass starts.
+    fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let mailboxes = self.image.mailboxes();
+        let start = self.anti_entropy.collection_start().filter(|k| mailboxes.contains_key(*k)).cloned();
+        let after = match &start {
+            Some(k) => mailboxes.range::<MailboxKey, _>((Excluded(k), Unbounded)),
+            None => mailboxes.range::<MailboxKey, _>(..),
+        };
+        let before = start.as_ref().map(|k| mailboxes.range::<MailboxKey, _>((Unbounded, Included(k))));
+        let mut with_tombstones = Vec::new();
+        let mut last = None;
+        for (examined, (key, m)) in after.chain(before.into_iter().flatten()).enumerate() {
+            if examined == EXAMINED_PER_PASS_MAX {
+                return (self.collectable(with_tombstones), last);
+            }
+            last = Some(key.clone());
+            if !m.tombstones.is_empty() {
+                with_tombstones.push(key.clone());
+            }
+        }
+        (self.collectable(with_tombstones), None)
+    }
+
+    fn collectable(&mut self, mailboxes: Vec<MailboxKey>) -> Vec<MailboxKey> {
+        mailboxes.into_iter().filter(|k| self.may_collect(k)).collect()
+    }
+
+    /// Whether `mailbox`'s tombstones may go now (see the module comment).
+    fn may_collect(&mut self, mailbox: &MailboxKey) -> bool {
+        if !self.masters.masters_ready(&self.master_key(mailbox)) {
+            return false;
+        }
+        if self.has_bug(crate::Bug::CollectTombstonesEarly) {
+            // A deliberately broken variant: no confirmations, no grace, logs ignored.
+            return true;
+        }
+        let peers: Vec<Sid> = self.cfg.servers.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        if peers.iter().any(|p| self.image.is_logged(*p, mailbox)) {
+            return false;
+        }
+        let Some(summary) = self.image.summary(mailbox) else { return false };
+        let grace = self.cfg.tombstone_grace_us;
+        peers.iter().all(|p| {
+            self.anti_entropy
+                .agreed_since(*p, mailbox, summary.digest)
+                .is_some_and(|at| self.now.0.saturating_sub(at.0) >= grace)
+        })
+    }
+
+    /// Turns every tombstone of `mailbox` into a retired UID, at one new modseq, and
+    /// replicates that like any change.
+    fn collect_mailbox_tombstones(&mut self, mailbox: &MailboxKey) {
+        let Some(m) = self.image.mailbox(mailbox) else { return };
+        debug_assert!(
+            m.tombstones.keys().all(|(uid, _)| !m.messages.contains_key(uid)),
+            "a master never holds a live message on a tombstoned UID when it collects"
+        );
+        let collected = m.highest_modseq.saturating_add(1);
+        let mut fresh = Retired { ranges: Default::default(), collected };
+        for (uid, _) in m.tombstones.keys() {
+            fresh.insert_range(*uid, *uid);
+        }
+        let (uidvalidity, uidnext) = (m.uidvalidity, m.uidnext);
+        debug_assert!(fresh.last_uid().is_none_or(|last| last < uidnext), "a tombstone's UID is below UIDNEXT");
+        // The modseq first (it is never given out twice), then the retirement.
+        self.commit(StoreWrite::MailboxMeta {
+            mailbox: mailbox.clone(),
+            uidvalidity,
+            uidnext,
+            highest_modseq: collected,
+        });
+        self.commit(StoreWrite::RetireUids { mailbox: mailbox.clone(), retired: fresh.clone() });
+        debug_assert!(
+            self.image.mailbox(mailbox).is_some_and(|m| m.tombstones.is_empty() && m.retired.collected == collected),
+            "a collection leaves no tombstone"
+        );
+        self.marks.hit(Mark::TombstonesCollected);
+        // Only the new ranges travel: retired UIDs are joined, never replaced.
+        let state = MailboxState {
+            mailbox: mailbox.clone(),
+            uidvalidity,
+            uidnext,
+            highest_modseq: collected,
+            messages: Vec::new(),
+            tombstones: Vec::new(),
+            lifecycle: self.image.mailbox(mailbox).map(|m| m.lifecycle).unwrap_or_default(),
+            retired: fresh,
+        };
+        self.replicate(Change::Merge { state }, None);
+    }
+}
