@@ -123,6 +123,12 @@ pub enum ClientRequest {
     DeleteMailbox {
         mailbox: MailboxKey,
     },
+    /// IMAP SUBSCRIBE (`subscribe`) and UNSUBSCRIBE: the user's subscription to the
+    /// mailbox, kept on every server.
+    Subscription {
+        mailbox: MailboxKey,
+        subscribe: bool,
+    },
 }
 
 /// One message as a client sees it.

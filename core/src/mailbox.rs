@@ -110,7 +110,14 @@ fn combine_digest(live: u64, dead: u64, lifecycle: &Lifecycle, retired: u64) -> 
     let lifecycle = if lifecycle.is_default() {
         0
     } else {
-        mix64(lifecycle.created_at ^ mix64(lifecycle.deleted_at ^ 0x6c69_6665))
+        let life = mix64(lifecycle.created_at ^ mix64(lifecycle.deleted_at ^ 0x6c69_6665));
+        // A mailbox nobody ever subscribed to digests as it always did.
+        let subscription = if lifecycle.subscribed_at == 0 && lifecycle.unsubscribed_at == 0 {
+            0
+        } else {
+            mix64(lifecycle.subscribed_at ^ mix64(lifecycle.unsubscribed_at ^ 0x7375_6273))
+        };
+        life ^ subscription
     };
     live ^ mix64(dead) ^ lifecycle ^ retired
 }
@@ -1048,5 +1055,32 @@ mod retired_tests {
         }
         assert_eq!(joined, whole.retired);
         assert_eq!(pieces.iter().map(|p| p.messages.len()).sum::<usize>(), 2);
+    }
+}
+
+#[cfg(test)]
+mod subscription_tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_join_by_the_later_change_and_an_unsubscribe_wins_a_tie() {
+        let subscribed_at = |s, u| Lifecycle { subscribed_at: s, unsubscribed_at: u, ..Lifecycle::default() };
+        // Across a partition: subscribed on one side at 5, unsubscribed on the other at 7.
+        let mut a = subscribed_at(5, 0);
+        assert!(a.subscribed());
+        assert!(a.join(&subscribed_at(0, 7)));
+        assert!(!a.subscribed());
+        // The same modseq on both sides: unsubscribed, whichever joins which.
+        let (mut x, mut y) = (subscribed_at(6, 0), subscribed_at(0, 6));
+        x.join(&subscribed_at(0, 6));
+        y.join(&subscribed_at(6, 0));
+        assert_eq!(x, y);
+        assert!(!x.subscribed());
+        // A subscription is part of the digest, so copies that differ in it resync.
+        let key = MailboxKey::new("u", "INBOX");
+        let mut m = new_mailbox(&key);
+        let plain = digest(&m);
+        m.lifecycle = subscribed_at(3, 0);
+        assert_ne!(digest(&m), plain);
     }
 }

@@ -68,6 +68,10 @@ pub enum WriteRequest {
 pub enum MailboxAction {
     Create,
     Delete,
+    /// IMAP SUBSCRIBE: the mailbox joins its user's subscriptions.
+    Subscribe,
+    /// IMAP UNSUBSCRIBE.
+    Unsubscribe,
 }
 
 impl WriteRequest {

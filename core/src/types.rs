@@ -319,10 +319,20 @@ impl Retired {
 /// message or was created at or after its last deletion: a DELETE on one side of a
 /// partition never hides mail that the other side saved meanwhile. UIDVALIDITY and
 /// UIDNEXT survive a delete, so a re-created mailbox never reuses a UID.
+///
+/// A user's subscription to the mailbox (IMAP SUBSCRIBE/UNSUBSCRIBE) is kept the same
+/// way: when a client last subscribed and last unsubscribed it, ordered by the master;
+/// it is subscribed when the subscription is the later one (across a partition, the
+/// later modseq wins, and unsubscribing wins a tie). A subscription outlives a DELETE,
+/// as RFC 3501 wants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lifecycle {
     pub created_at: ModSeq,
     pub deleted_at: ModSeq,
+    #[serde(default)]
+    pub subscribed_at: ModSeq,
+    #[serde(default)]
+    pub unsubscribed_at: ModSeq,
 }
 
 impl Lifecycle {
@@ -330,7 +340,13 @@ impl Lifecycle {
         let before = *self;
         self.created_at = self.created_at.max(other.created_at);
         self.deleted_at = self.deleted_at.max(other.deleted_at);
+        self.subscribed_at = self.subscribed_at.max(other.subscribed_at);
+        self.unsubscribed_at = self.unsubscribed_at.max(other.unsubscribed_at);
         before != *self
+    }
+
+    pub fn subscribed(&self) -> bool {
+        self.subscribed_at > self.unsubscribed_at
     }
 
     pub fn is_default(&self) -> bool {

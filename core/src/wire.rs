@@ -1017,6 +1017,8 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
             w.mailbox(mailbox).atom(match action {
                 MailboxAction::Create => "CREATE",
                 MailboxAction::Delete => "DELETE",
+                MailboxAction::Subscribe => "SUBSCRIBE",
+                MailboxAction::Unsubscribe => "UNSUBSCRIBE",
             });
         }
     }
@@ -1056,9 +1058,11 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         b"EXPUNGE" => WriteRequest::Expunge { mailbox: r.mailbox()?, messages: read_uid_guids(r)? },
         b"MAILBOX" => {
             let mailbox = r.mailbox()?;
-            let action = match read_keyword(r, &["CREATE", "DELETE"])? {
+            let action = match read_keyword(r, &["CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"])? {
                 0 => MailboxAction::Create,
-                _ => MailboxAction::Delete,
+                1 => MailboxAction::Delete,
+                2 => MailboxAction::Subscribe,
+                _ => MailboxAction::Unsubscribe,
             };
             WriteRequest::Mailbox { mailbox, action }
         }
@@ -1180,6 +1184,7 @@ fn write_state(w: &mut Writer, state: &MailboxState) {
         w.mailbox(&state.mailbox).num(state.uidvalidity).num(state.uidnext).num(state.highest_modseq);
         w.list(&state.messages, write_record).list(&state.tombstones, write_tombstone);
         w.num(state.lifecycle.created_at).num(state.lifecycle.deleted_at);
+        w.num(state.lifecycle.subscribed_at).num(state.lifecycle.unsubscribed_at);
         let ranges: Vec<(Uid, Uid)> = state.retired.ranges.iter().map(|(a, b)| (*a, *b)).collect();
         w.num(state.retired.collected).list(&ranges, |w, (first, last)| {
             w.group(|w| {
@@ -1212,7 +1217,12 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
             highest_modseq: r.u64()?,
             messages: r.list(read_record)?,
             tombstones: r.list(read_tombstone)?,
-            lifecycle: Lifecycle { created_at: r.u64()?, deleted_at: r.u64()? },
+            lifecycle: Lifecycle {
+                created_at: r.u64()?,
+                deleted_at: r.u64()?,
+                subscribed_at: r.u64()?,
+                unsubscribed_at: r.u64()?,
+            },
             retired: read_retired(r)?,
         })
     })
@@ -1326,7 +1336,7 @@ mod tests {
                 Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true },
                 Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false },
             ],
-            lifecycle: Lifecycle { created_at: 3, deleted_at: 7 },
+            lifecycle: Lifecycle { created_at: 3, deleted_at: 7, subscribed_at: 5, unsubscribed_at: 4 },
             retired: Retired { ranges: [(6, 6), (8, 9)].into_iter().collect(), collected: 98 },
         }
     }
@@ -2052,7 +2062,12 @@ mod tests {
                             highest_modseq,
                             messages,
                             tombstones,
-                            lifecycle: Lifecycle { created_at, deleted_at },
+                            lifecycle: Lifecycle {
+                                created_at,
+                                deleted_at,
+                                subscribed_at: deleted_at / 2,
+                                unsubscribed_at: created_at / 3,
+                            },
                             retired,
                         },
                     }

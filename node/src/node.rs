@@ -76,6 +76,12 @@ impl NodeHandle {
         let user = user.to_string();
         ask(&self.events, |reply| Event::Mailboxes { user, reply }).await.unwrap_or_default()
     }
+
+    /// The names of the mailboxes `user` is subscribed to.
+    pub async fn subscriptions(&self, user: &str) -> Vec<String> {
+        let user = user.to_string();
+        ask(&self.events, |reply| Event::Subscriptions { user, reply }).await.unwrap_or_default()
+    }
 }
 
 enum Event {
@@ -90,6 +96,10 @@ enum Event {
     Mailboxes {
         user: String,
         reply: oneshot::Sender<Vec<tandem_core::Summary>>,
+    },
+    Subscriptions {
+        user: String,
+        reply: oneshot::Sender<Vec<String>>,
     },
     Connected {
         agreed: Agreed,
@@ -382,6 +392,9 @@ impl EventLoop {
             }
             Event::Mailboxes { user, reply } => {
                 let _ = reply.send(self.server.visible_summaries(&user));
+            }
+            Event::Subscriptions { user, reply } => {
+                let _ = reply.send(self.server.subscriptions(&user));
             }
         }
     }

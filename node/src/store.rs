@@ -231,8 +231,7 @@ impl Store {
         for row in txn.open_table(LIFECYCLES)?.iter()? {
             let (k, v) = row?;
             let mailbox: MailboxKey = dec(k.value(), "mailbox key")?;
-            let (created_at, deleted_at): (ModSeq, ModSeq) = dec(v.value(), "lifecycle")?;
-            image.mailboxes.entry(mailbox).or_default().lifecycle.join(&Lifecycle { created_at, deleted_at });
+            image.mailboxes.entry(mailbox).or_default().lifecycle.join(&decode_lifecycle(v.value())?);
         }
         for row in txn.open_table(RETIRED)?.iter()? {
             let (k, v) = row?;
@@ -319,10 +318,10 @@ impl Store {
                         let key = enc(mailbox)?;
                         let mut joined = *lifecycle;
                         if let Some(old) = lifecycles.get(key.as_slice())? {
-                            let (created_at, deleted_at): (ModSeq, ModSeq) = dec(old.value(), "lifecycle")?;
-                            joined.join(&Lifecycle { created_at, deleted_at });
+                            joined.join(&decode_lifecycle(old.value())?);
                         }
-                        lifecycles.insert(key.as_slice(), enc(&(joined.created_at, joined.deleted_at))?.as_slice())?;
+                        let row = (joined.created_at, joined.deleted_at, joined.subscribed_at, joined.unsubscribed_at);
+                        lifecycles.insert(key.as_slice(), enc(&row)?.as_slice())?;
                     }
                     StoreWrite::RetireUids { mailbox, retired } => {
                         ensure_mailbox(&mut mailboxes, mailbox)?;
@@ -435,6 +434,18 @@ fn ensure_mailbox(table: &mut redb::Table<&[u8], &[u8]>, mailbox: &MailboxKey) -
     Ok(())
 }
 
+/// A lifecycle row: (created, deleted, subscribed, unsubscribed), or (created, deleted)
+/// as a store written before subscriptions holds it.
+fn decode_lifecycle(bytes: &[u8]) -> Result<Lifecycle, StoreError> {
+    if let Ok((created_at, deleted_at, subscribed_at, unsubscribed_at)) =
+        dec::<(u64, u64, u64, u64)>(bytes, "lifecycle")
+    {
+        return Ok(Lifecycle { created_at, deleted_at, subscribed_at, unsubscribed_at });
+    }
+    let (created_at, deleted_at): (ModSeq, ModSeq) = dec(bytes, "lifecycle")?;
+    Ok(Lifecycle { created_at, deleted_at, ..Lifecycle::default() })
+}
+
 /// Joins retired UIDs into a mailbox's and deletes the tombstones they cover (see
 /// `StoredMailbox::retire`): a scan of that mailbox's tombstones, whose keys all start
 /// with the mailbox's encoding (length-prefixed strings, so no other mailbox's do).
@@ -516,11 +527,11 @@ mod tests {
             StoreWrite::Epoch { epoch: 3 },
             StoreWrite::MailboxLifecycle {
                 mailbox: mailbox.clone(),
-                lifecycle: Lifecycle { created_at: 2, deleted_at: 5 },
+                lifecycle: Lifecycle { created_at: 2, deleted_at: 5, subscribed_at: 3, unsubscribed_at: 0 },
             },
             StoreWrite::MailboxLifecycle {
                 mailbox: mailbox.clone(),
-                lifecycle: Lifecycle { created_at: 6, deleted_at: 0 },
+                lifecycle: Lifecycle { created_at: 6, deleted_at: 0, subscribed_at: 0, unsubscribed_at: 4 },
             },
             StoreWrite::LinkSeq { seq: 6 },
             // Tombstones in two mailboxes whose names share a prefix: a collection in one
@@ -640,6 +651,10 @@ mod tests {
                     let row = enc(&(tandem_core::hash::body_checksum(bytes), bytes.to_vec())).unwrap();
                     legacy.insert(guid, row.as_slice()).unwrap();
                 }
+                // A lifecycle row from before subscriptions: (created, deleted).
+                let mut lifecycles = txn.open_table(LIFECYCLES).unwrap();
+                let inbox = enc(&MailboxKey::new("u@d", "INBOX")).unwrap();
+                lifecycles.insert(inbox.as_slice(), enc(&(2u64, 5u64)).unwrap().as_slice()).unwrap();
                 let mut log = txn.open_table(LOG_ENTRIES).unwrap();
                 let change = Change::Save {
                     mailbox: MailboxKey::new("u@d", "INBOX"),
@@ -662,6 +677,10 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let image = store.load().unwrap();
         assert_eq!(image.bodies.len(), 3);
+        assert_eq!(
+            image.mailboxes[&MailboxKey::new("u@d", "INBOX")].lifecycle,
+            Lifecycle { created_at: 2, deleted_at: 5, subscribed_at: 0, unsubscribed_at: 0 }
+        );
         assert_eq!(image.bodies[&Guid(3)].len, 5);
         assert_eq!(body_files(dir.path()), 2);
         assert_eq!(store.body_reader().read(Guid(2)).as_deref(), Some(&b"same"[..]));

@@ -847,6 +847,8 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::MasterMove { mailbox } => format!("MASTER-MOVE {mailbox}"),
         ClientRequest::CreateMailbox { mailbox } => format!("CREATE {mailbox}"),
         ClientRequest::DeleteMailbox { mailbox } => format!("DELETE {mailbox}"),
+        ClientRequest::Subscription { mailbox, subscribe: true } => format!("SUBSCRIBE {mailbox}"),
+        ClientRequest::Subscription { mailbox, subscribe: false } => format!("UNSUBSCRIBE {mailbox}"),
     }
 }
 

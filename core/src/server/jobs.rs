@@ -165,6 +165,10 @@ impl Server {
             ClientRequest::DeleteMailbox { mailbox } => {
                 WriteRequest::Mailbox { mailbox, action: MailboxAction::Delete }
             }
+            ClientRequest::Subscription { mailbox, subscribe } => {
+                let action = if subscribe { MailboxAction::Subscribe } else { MailboxAction::Unsubscribe };
+                WriteRequest::Mailbox { mailbox, action }
+            }
         };
         if let Err(reason) = validate(&write) {
             self.out.reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
@@ -718,11 +722,20 @@ impl Server {
         Ordered::replicated(WriteResult::Expunged { uids, modseq })
     }
 
-    /// CREATE and DELETE at the master: one change at one new modseq, replicated as a
-    /// piece of mailbox state (DELETE's tombstones with it).
+    /// CREATE, DELETE, SUBSCRIBE and UNSUBSCRIBE at the master: one change at one new
+    /// modseq, replicated as a piece of mailbox state (DELETE's tombstones with it).
     fn master_lifecycle(&mut self, mailbox: &MailboxKey, action: MailboxAction, id: JobId) -> Ordered {
         let visible = self.image.mailbox(mailbox).is_some_and(|m| m.visible());
         match action {
+            // RFC 3501 lets a server refuse to subscribe to a mailbox that does not exist;
+            // keeping one would make it exist (a mailbox never created is shown).
+            MailboxAction::Subscribe if !visible => {
+                return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
+            }
+            // A subscription outlives its mailbox, so a deleted one can be unsubscribed.
+            MailboxAction::Unsubscribe if self.image.mailbox(mailbox).is_none() => {
+                return Ordered::unreplicated(fail(FailKind::Permanent, format!("not subscribed to {mailbox}")));
+            }
             MailboxAction::Create if visible => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {mailbox} exists")));
             }
@@ -748,6 +761,8 @@ impl Server {
                     .collect();
                 lifecycle.deleted_at = modseq;
             }
+            MailboxAction::Subscribe => lifecycle.subscribed_at = modseq,
+            MailboxAction::Unsubscribe => lifecycle.unsubscribed_at = modseq,
         }
         let state = MailboxState {
             mailbox: mailbox.clone(),
@@ -771,10 +786,13 @@ impl Server {
         };
         self.commit(meta);
         self.commit(StoreWrite::MailboxLifecycle { mailbox: mailbox.clone(), lifecycle });
-        debug_assert_eq!(
-            self.image.mailbox(mailbox).map(|m| (m.visible(), m.lifecycle)),
-            Some((action == MailboxAction::Create, lifecycle))
-        );
+        debug_assert_eq!(self.image.mailbox(mailbox).map(|m| m.lifecycle), Some(lifecycle));
+        debug_assert!(match action {
+            MailboxAction::Create => visible_now(self.image.mailbox(mailbox)),
+            MailboxAction::Delete => !visible_now(self.image.mailbox(mailbox)),
+            MailboxAction::Subscribe => lifecycle.subscribed(),
+            MailboxAction::Unsubscribe => !lifecycle.subscribed(),
+        });
         self.replicate(Change::Merge { state }, Some(id));
         Ordered::replicated(WriteResult::MailboxDone { modseq })
     }
@@ -1129,4 +1147,8 @@ pub fn mailbox_view(key: &MailboxKey, m: &crate::store::StoredMailbox) -> Mailbo
             })
             .collect(),
     }
+}
+
+fn visible_now(m: Option<&crate::store::StoredMailbox>) -> bool {
+    m.is_some_and(|m| m.visible())
 }

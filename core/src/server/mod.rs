@@ -183,6 +183,16 @@ impl Server {
             .map(|(k, m)| mailbox::summary(k, m))
             .collect()
     }
+    /// The names of the mailboxes `user` is subscribed to (some may no longer exist: a
+    /// subscription outlives its mailbox), in name order.
+    pub fn subscriptions(&self, user: &str) -> Vec<String> {
+        self.image
+            .mailboxes()
+            .iter()
+            .filter(|(k, m)| k.user == user && m.lifecycle.subscribed())
+            .map(|(k, _)| k.name.clone())
+            .collect()
+    }
     /// Unacknowledged log entries per peer.
     pub fn backlog(&self) -> BTreeMap<Sid, usize> {
         self.image.logs().iter().map(|(p, l)| (*p, l.entries.len())).collect()

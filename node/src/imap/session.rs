@@ -499,7 +499,13 @@ impl Session {
                 let received = date.map(|d| d.as_ref().timestamp().max(0) as u64);
                 self.append(&mailbox_name(&mailbox), &flags, received, bytes).await
             }
-            CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => Ok(format!("{name} done")),
+            CommandBody::Subscribe { mailbox } | CommandBody::Unsubscribe { mailbox } => {
+                let subscribe = name == "SUBSCRIBE";
+                let target = mailbox_name(&mailbox).trim_end_matches('/').to_string();
+                self.lifecycle(ClientRequest::Subscription { mailbox: self.key(&target), subscribe })
+                    .await
+                    .map(|_| format!("{name} done"))
+            }
             CommandBody::Create { mailbox } => {
                 let name = mailbox_name(&mailbox);
                 let name = name.trim_end_matches('/').to_string();
@@ -749,6 +755,9 @@ impl Session {
             self.line(&format!("* {command} (\\Noselect) \"/\" \"\""));
             return Ok(format!("{command} done"));
         }
+        if command == "LSUB" {
+            return self.lsub(&user, reference, pattern).await;
+        }
         let mut names: BTreeSet<String> =
             self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name).collect();
         names.insert("INBOX".into());
@@ -762,6 +771,37 @@ impl Session {
             self.line(&format!("* {command} ({attr}) \"/\" {}", astring(n)));
         }
         Ok(format!("{command} done"))
+    }
+
+    /// LSUB: the subscribed names the pattern matches (a subscription may outlive its
+    /// mailbox), and, for a pattern ending in `%`, each parent it matches that is not
+    /// subscribed itself but has a subscribed child, as `\Noselect` (RFC 3501 6.3.9).
+    async fn lsub(&mut self, user: &str, reference: &str, pattern: &str) -> Result<String> {
+        let full = format!("{reference}{pattern}");
+        if full.len() > 2 * self.front.limits.mailbox_name_len_max {
+            return Err("BAD [LIMIT] pattern too long".into());
+        }
+        let subscribed: BTreeSet<String> = self.node.subscriptions(user).await.into_iter().collect();
+        // Name -> shown only as the parent of a subscribed mailbox.
+        let mut shown: BTreeMap<String, bool> = BTreeMap::new();
+        for name in &subscribed {
+            if wildcard_match(&full, name) {
+                shown.insert(name.clone(), false);
+            } else if full.ends_with('%') {
+                let mut parent = name.as_str();
+                while let Some(cut) = parent.rfind('/') {
+                    parent = &parent[..cut];
+                    if !subscribed.contains(parent) && wildcard_match(&full, parent) {
+                        shown.entry(parent.to_string()).or_insert(true);
+                    }
+                }
+            }
+        }
+        for (name, parent_only) in shown {
+            let attr = if parent_only { "\\Noselect" } else { "" };
+            self.line(&format!("* LSUB ({attr}) \"/\" {}", astring(&name)));
+        }
+        Ok("LSUB done".into())
     }
 
     async fn select(&mut self, name: &str, read_only: bool, parameters: &[SelectParameter]) -> Result<String> {
