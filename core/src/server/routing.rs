@@ -108,17 +108,23 @@ impl Server {
 
     /// Sends an envelope towards its destination, relaying through the next hop.
     pub(crate) fn route(&mut self, envelope: Envelope) {
-        if envelope.dst == self.cfg.sid {
-            return;
-        }
-        if let Some(hop) = self.routing.next_hop(envelope.dst) {
-            if hop != envelope.dst {
-                self.marks.hit(crate::Mark::RelayUsed);
-            }
+        if let Some(hop) = self.hop_towards(envelope.dst) {
             self.out.send(hop, envelope);
         }
-        // No route: dropped. The replication log resends once the peer is reachable;
-        // requests time out.
+    }
+
+    /// The next hop towards `dst`; None for ourselves and when there is no route (then
+    /// the envelope is dropped: the replication log resends once the peer is reachable,
+    /// requests time out).
+    fn hop_towards(&mut self, dst: Sid) -> Option<Sid> {
+        if dst == self.cfg.sid {
+            return None;
+        }
+        let hop = self.routing.next_hop(dst)?;
+        if hop != dst {
+            self.marks.hit(crate::Mark::RelayUsed);
+        }
+        Some(hop)
     }
 
     pub(crate) fn send(&mut self, to: Sid, msg: Msg) {
@@ -130,14 +136,8 @@ impl Server {
     /// `Outbox::send_when_durable`). The hop is chosen now; if that link is gone by then,
     /// the message is lost like any other sent on it.
     pub(crate) fn send_when_durable(&mut self, to: Sid, msg: Msg) {
-        let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };
-        if to == self.cfg.sid {
-            return;
-        }
-        if let Some(hop) = self.routing.next_hop(to) {
-            if hop != to {
-                self.marks.hit(crate::Mark::RelayUsed);
-            }
+        if let Some(hop) = self.hop_towards(to) {
+            let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };
             self.out.send_when_durable(hop, envelope);
         }
     }
