@@ -16,12 +16,20 @@ pub(crate) struct JobTable {
 }
 
 impl JobTable {
-    pub(crate) fn new(incarnation: u64) -> JobTable {
-        JobTable { next_number: incarnation << 40, jobs: BTreeMap::new(), deadlines: BTreeSet::new() }
+    /// `start` is drawn at random by each start of the server: a server that lost its
+    /// disk counts its incarnations from 1 again, and a late answer to a job of its
+    /// earlier life must not find a new job under the same number (the explorer's seed
+    /// 99582: a SAVE was answered with another message's GUID). Numbers start at a
+    /// random point in the lower half of the incarnation's window, so two lives with one
+    /// incarnation overlap only if their ranges meet (about jobs / 2^39).
+    pub(crate) fn new(incarnation: u64, start: u64) -> JobTable {
+        let offset = start & ((1 << 39) - 1);
+        JobTable { next_number: (incarnation << 40) | offset, jobs: BTreeMap::new(), deadlines: BTreeSet::new() }
     }
 
     /// A number used once on this server, across restarts too (the incarnation sits in
-    /// the high bits): for jobs, and for catch-ups, whose answers carry it.
+    /// the high bits, a random start below it): for jobs, and for catch-ups, whose
+    /// answers carry it.
     pub(crate) fn unique_number(&mut self) -> u64 {
         self.next_number += 1;
         self.next_number
@@ -207,17 +215,21 @@ mod tests {
 
     #[test]
     fn ids_are_unique_across_incarnations() {
-        let mut first = JobTable::new(1);
-        let mut second = JobTable::new(2);
+        let mut first = JobTable::new(1, u64::MAX);
+        let mut second = JobTable::new(2, 0);
         let a = first.insert(job(JobState::Queued, 0));
         let b = second.insert(job(JobState::Queued, 0));
         assert_ne!(a, b);
         assert!(first.unique_number() > a.0);
+        assert!(a.0 < b.0, "the random start stays within the incarnation's window");
+        // A life after a disk loss has the same incarnation but another start.
+        let mut again = JobTable::new(1, 12_345_678);
+        assert_ne!(again.insert(job(JobState::Queued, 0)), a);
     }
 
     #[test]
     fn a_job_is_done_when_durable_and_acked_enough() {
-        let mut t = JobTable::new(1);
+        let mut t = JobTable::new(1, 0);
         let result = WriteResult::MailboxDone { modseq: 1 };
         let state = JobState::Replicating { write: 5, need: 2, acked: BTreeSet::new(), result };
         let id = t.insert(job(state, 0));
@@ -232,7 +244,7 @@ mod tests {
 
     #[test]
     fn forwarded_jobs_requeue_when_their_master_is_lost() {
-        let mut t = JobTable::new(1);
+        let mut t = JobTable::new(1, 0);
         let a = t.insert(job(JobState::Forwarded { to: Sid(2) }, 0));
         let b = t.insert(job(JobState::Forwarded { to: Sid(3) }, 0));
         let (ids, moves) = t.requeue_forwarded_to(Sid(2));
@@ -244,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_split_job_answers_once_all_parts_have() {
-        let mut t = JobTable::new(1);
+        let mut t = JobTable::new(1, 0);
         let parent = t.insert(job(JobState::Split { left: 2, result: None }, 0));
         let part = |n| WriteResult::Expunged { uids: vec![n], modseq: n.into() };
         let join = |a: WriteResult, b: WriteResult| match (a, b) {
@@ -262,7 +274,7 @@ mod tests {
 
     #[test]
     fn deadlines_and_bodies_are_found() {
-        let mut t = JobTable::new(1);
+        let mut t = JobTable::new(1, 0);
         let late = t.insert(job(JobState::WaitingBody { guid: Guid(7) }, 10));
         t.insert(job(JobState::Queued, 50));
         assert_eq!(t.expired(Instant(10)), vec![late]);
@@ -273,7 +285,7 @@ mod tests {
 
     #[test]
     fn the_next_deadline_is_the_earliest_job_left() {
-        let mut t = JobTable::new(1);
+        let mut t = JobTable::new(1, 0);
         assert_eq!(t.next_deadline(), None);
         let late = t.insert(job(JobState::Queued, 50));
         let early = t.insert(job(JobState::Queued, 10));

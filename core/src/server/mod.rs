@@ -89,8 +89,10 @@ impl Server {
     /// requests in progress) starts empty.
     pub fn recover(cfg: Config, disk: DiskImage, seed: u64, bodies: Box<dyn BodyStore>) -> Server {
         let incarnation = disk.incarnation.saturating_add(1);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ incarnation.rotate_left(32) ^ u64::from(cfg.sid.0));
+        let job_numbers_start = rng.next_u64();
         let mut server = Server {
-            rng: ChaCha8Rng::seed_from_u64(seed ^ incarnation.rotate_left(32) ^ u64::from(cfg.sid.0)),
+            rng,
             root_role: RootRole::new(cfg.sid, disk.epoch),
             routing: RouteTable::new(cfg.sid, &cfg.servers),
             cfg,
@@ -99,7 +101,7 @@ impl Server {
             now: Instant(0),
             marks: Marks::default(),
             masters: Masters::new(),
-            jobs: JobTable::new(incarnation),
+            jobs: JobTable::new(incarnation, job_numbers_start),
             log_progress: LogProgress::default(),
             anti_entropy: AntiEntropy::default(),
             body_fetch: BodyFetch::default(),
