@@ -469,6 +469,38 @@ impl Image {
             .collect()
     }
 
+    /// One bounded pass over the mailboxes in key order, from after `resume_after` (the
+    /// last mailbox the previous pass examined) round to it: at most `examined_max`
+    /// examined. Returns those `wanted` accepts, and where the next pass starts (None:
+    /// this one went all the way round).
+    pub(crate) fn mailbox_pass(
+        &self,
+        resume_after: Option<&MailboxKey>,
+        examined_max: usize,
+        mut wanted: impl FnMut(&MailboxKey, &StoredMailbox) -> bool,
+    ) -> (Vec<MailboxKey>, Option<MailboxKey>) {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let mailboxes = &self.disk.mailboxes;
+        let start = resume_after.filter(|k| mailboxes.contains_key(*k));
+        let after = match start {
+            Some(k) => mailboxes.range::<MailboxKey, _>((Excluded(k), Unbounded)),
+            None => mailboxes.range::<MailboxKey, _>(..),
+        };
+        let before = start.map(|k| mailboxes.range::<MailboxKey, _>((Unbounded, Included(k))));
+        let mut accepted = Vec::new();
+        let mut last = None;
+        for (examined, (key, m)) in after.chain(before.into_iter().flatten()).enumerate() {
+            if examined == examined_max {
+                return (accepted, last);
+            }
+            last = Some(key.clone());
+            if wanted(key, m) {
+                accepted.push(key.clone());
+            }
+        }
+        (accepted, None)
+    }
+
     /// Joins a piece of a peer's state into our copy of its mailbox (as master: deciding
     /// conflicts; as replica: refusing them) and commits what changed.
     pub(crate) fn merge(

@@ -464,27 +464,9 @@ impl Server {
     /// all delivered, in key order from where the last pass stopped; and where the next
     /// pass starts (None: this one went all the way round).
     fn pass_candidates(&self, peer: Sid) -> (Vec<MailboxKey>, Option<MailboxKey>) {
-        use std::ops::Bound::{Excluded, Included, Unbounded};
-        let mailboxes = self.image.mailboxes();
-        let start = self.anti_entropy.pass_start(peer).filter(|k| mailboxes.contains_key(*k));
-        let after = match start {
-            Some(k) => mailboxes.range::<MailboxKey, _>((Excluded(k), Unbounded)),
-            None => mailboxes.range::<MailboxKey, _>(..),
-        };
-        let before = start.map(|k| mailboxes.range::<MailboxKey, _>((Unbounded, Included(k))));
-        let order = after.chain(before.into_iter().flatten());
-        let mut candidates = Vec::new();
-        let mut last = None;
-        for (examined, (key, _)) in order.enumerate() {
-            if examined == EXAMINED_PER_PASS_MAX {
-                return (candidates, last);
-            }
-            last = Some(key.clone());
-            if !self.image.is_logged(peer, key) && self.masters.masters_ready(&self.master_key(key)) {
-                candidates.push(key.clone());
-            }
-        }
-        (candidates, None)
+        self.image.mailbox_pass(self.anti_entropy.pass_start(peer), EXAMINED_PER_PASS_MAX, |key, _| {
+            !self.image.is_logged(peer, key) && self.masters.masters_ready(&self.master_key(key))
+        })
     }
 
     /// Our summary of `mailbox`, when `peer`'s copy is due to be checked: not confirmed

@@ -20,8 +20,7 @@ use crate::msg::Change;
 use crate::store::StoreWrite;
 use crate::types::*;
 
-/// Mailboxes examined per pass at most; the next pass goes on where this one stopped.
-const EXAMINED_PER_PASS_MAX: usize = 2048;
+use super::anti_entropy::EXAMINED_PER_PASS_MAX;
 
 impl Server {
     /// Collects the tombstones of the mailboxes we master whose every copy agrees (see
@@ -39,30 +38,12 @@ impl Server {
 
     /// The mailboxes of this pass whose tombstones may go, and where the next pass starts.
     fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
-        use std::ops::Bound::{Excluded, Included, Unbounded};
-        let mailboxes = self.image.mailboxes();
-        let start = self.anti_entropy.collection_start().filter(|k| mailboxes.contains_key(*k)).cloned();
-        let after = match &start {
-            Some(k) => mailboxes.range::<MailboxKey, _>((Excluded(k), Unbounded)),
-            None => mailboxes.range::<MailboxKey, _>(..),
-        };
-        let before = start.as_ref().map(|k| mailboxes.range::<MailboxKey, _>((Unbounded, Included(k))));
-        let mut with_tombstones = Vec::new();
-        let mut last = None;
-        for (examined, (key, m)) in after.chain(before.into_iter().flatten()).enumerate() {
-            if examined == EXAMINED_PER_PASS_MAX {
-                return (self.collectable(with_tombstones), last);
-            }
-            last = Some(key.clone());
-            if !m.tombstones.is_empty() {
-                with_tombstones.push(key.clone());
-            }
-        }
-        (self.collectable(with_tombstones), None)
-    }
-
-    fn collectable(&mut self, mailboxes: Vec<MailboxKey>) -> Vec<MailboxKey> {
-        mailboxes.into_iter().filter(|k| self.may_collect(k)).collect()
+        let (with_tombstones, resume_after) =
+            self.image.mailbox_pass(self.anti_entropy.collection_start(), EXAMINED_PER_PASS_MAX, |_, m| {
+                !m.tombstones.is_empty()
+            });
+        let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
+        (ready, resume_after)
     }
 
     /// Whether `mailbox`'s tombstones may go now (see the module comment).
