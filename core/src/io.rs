@@ -38,6 +38,15 @@ pub struct Config {
     /// its tombstones: longer than any message can stay on its way (a relay, a resend),
     /// so that no copy of an expunged message still travels when its tombstone goes.
     pub tombstone_grace_us: u64,
+    /// How long a server that just started waits to hear its peers before it opens a
+    /// root term alone (or with part of the cluster): its links come up and their link
+    /// states arrive within a few link latencies, and a server that became root of
+    /// itself in that moment would master mailboxes from its own, maybe stale or empty,
+    /// disk and give out UIDs the rest of the cluster had already given. The hold ends
+    /// as soon as every configured server is reachable; a term another server opens is
+    /// accepted during it. Requests wait meanwhile (as for any master).
+    #[serde(default = "startup_hold_us_default")]
+    pub startup_hold_us: u64,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
     #[serde(default)]
@@ -76,10 +85,17 @@ impl Config {
             anti_entropy_us: 1_000_000,
             pending_max: 100_000,
             tombstone_grace_us: 60_000_000,
+            startup_hold_us: startup_hold_us_default(),
             #[cfg(feature = "broken")]
             bug: None,
         }
     }
+}
+
+/// Two seconds: a connection and a link-state exchange take milliseconds on a LAN and
+/// well under a second between continents; far below a request's timeout.
+fn startup_hold_us_default() -> u64 {
+    2_000_000
 }
 
 /// A request from a mail client (IMAP/LMTP front end, admin CLI, or the simulator).

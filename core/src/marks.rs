@@ -30,10 +30,13 @@ pub enum Mark {
     InterruptedMergeFinished,
     /// A master collected a mailbox's tombstones.
     TombstonesCollected,
+    /// A just-started server's hold ended by its time, with part of the cluster out of
+    /// reach, and it went on without them.
+    StartupHoldExpired,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 18] = [
+    pub const ALL: [Mark; 19] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -52,6 +55,7 @@ impl Mark {
         Mark::UnsendableChange,
         Mark::InterruptedMergeFinished,
         Mark::TombstonesCollected,
+        Mark::StartupHoldExpired,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +78,7 @@ impl Mark {
             Mark::UnsendableChange => "unsendable_change",
             Mark::InterruptedMergeFinished => "interrupted_merge_finished",
             Mark::TombstonesCollected => "tombstones_collected",
+            Mark::StartupHoldExpired => "startup_hold_expired",
         }
     }
 

@@ -31,6 +31,10 @@ struct FileConfig {
     #[serde(default)]
     tombstone_grace_secs: Option<u64>,
     #[serde(default)]
+    body_inline_max_bytes: Option<u64>,
+    #[serde(default)]
+    startup_hold_ms: Option<u64>,
+    #[serde(default)]
     compression: Option<bool>,
     #[serde(default)]
     metrics: Option<SocketAddr>,
@@ -216,6 +220,9 @@ pub struct NodeConfig {
     /// The admin interface: a Unix socket unless a TCP address is configured.
     pub admin: AdminListen,
     pub data_dir: PathBuf,
+    /// New bodies up to this size are stored in the database, larger ones in files
+    /// (see `crate::bodies`); 0 puts every body in a file.
+    pub body_inline_max_bytes: u64,
     pub secret: Vec<u8>,
     pub compression: bool,
     pub metrics: Option<SocketAddr>,
@@ -247,6 +254,8 @@ const SECRET_LEN_MIN: usize = 16;
 /// (see `tandem_core::Config::tombstone_grace_us`).
 const TOMBSTONE_GRACE_SECS_DEFAULT: u64 = 3600;
 const TOMBSTONE_GRACE_SECS_MIN: u64 = 10;
+/// A start-up hold longer than this would hold writes past any request's timeout.
+const STARTUP_HOLD_MS_MAX: u64 = 60_000;
 
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -356,6 +365,12 @@ impl NodeConfig {
             }
             core.tombstone_grace_us = secs.saturating_mul(1_000_000);
         }
+        if let Some(ms) = file.startup_hold_ms {
+            if ms > STARTUP_HOLD_MS_MAX {
+                return Err(bad("startup_hold_ms", format!("must be at most {STARTUP_HOLD_MS_MAX}")));
+            }
+            core.startup_hold_us = ms.saturating_mul(1000);
+        }
         let secret = match &file.secret_file {
             None => {
                 if !file.peer.is_empty() {
@@ -413,6 +428,13 @@ impl NodeConfig {
             Some(p) => crate::users::Users::load(&base.join(p)).map_err(|e| bad("users_file", e))?,
         };
         file.limits.check()?;
+        let body_inline_max_bytes = file.body_inline_max_bytes.unwrap_or(crate::bodies::INLINE_BODY_LEN_MAX_DEFAULT);
+        if body_inline_max_bytes > crate::bodies::INLINE_BODY_LEN_MAX_LIMIT {
+            return Err(bad(
+                "body_inline_max_bytes",
+                format!("must be at most {} (larger bodies belong in files)", crate::bodies::INLINE_BODY_LEN_MAX_LIMIT),
+            ));
+        }
         let data_dir = base.join(file.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("tandem-{}", file.id))));
         let admin = match (file.admin, &file.admin_token_file) {
             (None, None) => AdminListen::Unix(
@@ -439,6 +461,7 @@ impl NodeConfig {
             listen: file.listen,
             admin,
             data_dir,
+            body_inline_max_bytes,
             secret,
             compression: file.compression.unwrap_or(false),
             metrics: file.metrics,

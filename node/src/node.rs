@@ -36,7 +36,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A peer that comes back is dialled within a second: it holds back after its start
+/// until it hears every peer or `startup_hold_ms` (2 s by default) passes, and the
+/// higher id of a pair never dials. A refused connection a second costs nothing.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What mail front ends (IMAP, LMTP) ask of the event loop.
 #[derive(Clone)]
@@ -197,7 +200,8 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
 
 /// Runs a node until `shutdown` resolves or its store fails.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
-    let store = Store::open(&cfg.data_dir).map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
+    let store = Store::open_with_index(&cfg.data_dir, Default::default(), cfg.body_inline_max_bytes)
+        .map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let server = Server::recover(cfg.core.clone(), image, rand::random(), Box::new(store.body_reader()));
     info!(id = cfg.core.sid.0, listen = %cfg.listen, admin = %cfg.admin, "tandem node starting");
@@ -205,7 +209,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
     let (links_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
     let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
-    spawn_store_thread(store, cfg.data_dir.clone(), store_rx, events_tx.clone());
+    spawn_store_thread(store, cfg.data_dir.clone(), cfg.body_inline_max_bytes, store_rx, events_tx.clone());
 
     let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let admin_listener = AdminListener::bind(&cfg.admin)?;
@@ -561,6 +565,7 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
 fn spawn_store_thread(
     store: Store,
     path: std::path::PathBuf,
+    inline_len_max: u64,
     batches: std::sync::mpsc::Receiver<Vec<(WriteId, StoreWrite)>>,
     events: mpsc::Sender<Event>,
 ) {
@@ -587,11 +592,13 @@ fn spawn_store_thread(
                 let Some(upto) = upto else { break };
                 let result = match &store {
                     Some(s) => s.apply(&writes).map_err(|e| e.to_string()),
-                    None => Store::open_with_index(&path, index.clone()).map_err(|e| e.to_string()).and_then(|s| {
-                        let r = s.apply(&writes).map_err(|e| e.to_string());
-                        store = Some(s);
-                        r
-                    }),
+                    None => Store::open_with_index(&path, index.clone(), inline_len_max)
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| {
+                            let r = s.apply(&writes).map_err(|e| e.to_string());
+                            store = Some(s);
+                            r
+                        }),
                 };
                 match result {
                     Ok(()) => {

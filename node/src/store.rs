@@ -5,11 +5,15 @@
 //! writes are durable. On start the metadata is read back whole and handed to
 //! `Server::recover` with a [`BodyReader`] for the bytes.
 
-use crate::bodies::{BodyFiles, BodyHash, BodyIndex, BodyReader, hash_of};
+use crate::bodies::{
+    BodyFiles, BodyHash, BodyIndex, BodyReader, INLINE_BODY_LEN_MAX_DEFAULT, INLINE_CHUNKS, INLINE_TAILS, InlineTables,
+    hash_of,
+};
 use crate::codec::{Bincode, RecordCodec};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 use tandem_core::msg::Change;
 use tandem_core::store::{DiskImage, StoreWrite, StoredBody};
 use tandem_core::types::*;
@@ -26,7 +30,7 @@ const TOMBSTONES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tombston
 const LEGACY_BODIES: TableDefinition<u128, &[u8]> = TableDefinition::new("bodies");
 /// guid -> checksum (8 bytes LE), length (8 bytes LE), SHA-256 of the bytes (32).
 const BODY_REFS: TableDefinition<u128, &[u8]> = TableDefinition::new("body_refs");
-/// SHA-256 -> how many GUIDs reference that body file.
+/// SHA-256 -> how many GUIDs reference that body (a file or rows of [`INLINE_TAILS`] and [`INLINE_CHUNKS`]).
 const BODY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("body_counts");
 /// (peer, seq) -> change.
 const LOG_ENTRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log_entries");
@@ -87,22 +91,31 @@ fn decode_ref(bytes: &[u8]) -> Result<(u64, u64, BodyHash), StoreError> {
 }
 
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     files: BodyFiles,
-    /// GUID -> body file, shared with the core's [`BodyReader`] and across reopens.
+    /// GUID -> body, shared with the core's [`BodyReader`] and across reopens.
     index: BodyIndex,
+    /// Bodies up to this size are stored in the database, larger ones in files.
+    inline_len_max: u64,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.index.detach(&self.db);
+    }
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with_index(dir, BodyIndex::default())
+        Store::open_with_index(dir, BodyIndex::default(), INLINE_BODY_LEN_MAX_DEFAULT)
     }
 
-    /// Opens the store again after a failure, keeping the index the core reads through.
-    pub fn open_with_index(dir: &Path, index: BodyIndex) -> Result<Store, StoreError> {
+    /// Opens the store, or opens it again after a failure keeping the index the core
+    /// reads through; new bodies up to `inline_len_max` bytes go into the database.
+    pub fn open_with_index(dir: &Path, index: BodyIndex, inline_len_max: u64) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("tandem.redb"))?;
+        let db = Arc::new(Database::create(dir.join("tandem.redb"))?);
         let txn = db.begin_write()?;
         {
             txn.open_table(META)?;
@@ -111,6 +124,8 @@ impl Store {
             txn.open_table(TOMBSTONES)?;
             txn.open_table(BODY_REFS)?;
             txn.open_table(BODY_COUNTS)?;
+            txn.open_table(INLINE_CHUNKS)?;
+            txn.open_table(INLINE_TAILS)?;
             txn.open_table(LOG_ENTRIES)?;
             txn.open_table(LOG_NEXT)?;
             txn.open_table(LOG_OVERFLOWED)?;
@@ -118,7 +133,8 @@ impl Store {
             txn.open_table(RETIRED)?;
         }
         txn.commit()?;
-        let store = Store { db, files: BodyFiles::new(dir), index };
+        index.attach(db.clone());
+        let store = Store { db, files: BodyFiles::new(dir), index, inline_len_max };
         store.convert_legacy_bodies()?;
         Ok(store)
     }
@@ -132,6 +148,17 @@ impl Store {
         &self.index
     }
 
+    /// The hashes of the bodies held in the database rather than in files.
+    pub fn inline_hashes(&self) -> Result<BTreeSet<BodyHash>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut out = BTreeSet::new();
+        for row in txn.open_table(INLINE_TAILS)?.iter()? {
+            let (k, _) = row?;
+            out.insert(k.value());
+        }
+        Ok(out)
+    }
+
     /// A store written before body files kept bodies in a redb table: each becomes a
     /// file, and the table is dropped in the transaction that references the files.
     fn convert_legacy_bodies(&self) -> Result<(), StoreError> {
@@ -143,31 +170,27 @@ impl Store {
         }
         let txn = self.db.begin_write()?;
         let mut converted = 0u64;
+        let mut bodies = BodyBatch::new(self.inline_len_max);
         {
             let legacy = txn.open_table(LEGACY_BODIES)?;
-            let mut refs = txn.open_table(BODY_REFS)?;
-            let mut counts = txn.open_table(BODY_COUNTS)?;
-            let (mut wrote, mut created) = (false, false);
+            let mut tables = BodyTables {
+                refs: txn.open_table(BODY_REFS)?,
+                counts: txn.open_table(BODY_COUNTS)?,
+                inline: InlineTables::open(&txn)?,
+            };
             for row in legacy.iter()? {
                 let (k, v) = row?;
                 let (checksum, bytes): (u64, Vec<u8>) = dec(v.value(), "body")?;
-                let hash = hash_of(&bytes);
-                let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
-                if count == 0 {
-                    created |= self.files.write(&hash, &bytes).map_err(|e| io_error("writing a body file", e))?;
-                    wrote = true;
-                }
-                counts.insert(hash.as_slice(), count + 1)?;
-                refs.insert(k.value(), encode_ref(checksum, bytes.len() as u64, &hash).as_slice())?;
+                bodies.put(&self.files, &mut tables, Guid(k.value()), checksum, &bytes)?;
                 converted += 1;
             }
-            if wrote {
-                self.files.sync_dir(created).map_err(|e| io_error("syncing the body directory", e))?;
+            if bodies.wrote {
+                self.files.sync_dir(bodies.created).map_err(|e| io_error("syncing the body directory", e))?;
             }
         }
         txn.delete_table(LEGACY_BODIES)?;
         txn.commit()?;
-        tracing::info!(bodies = converted, "converted the store's bodies to body files");
+        tracing::info!(bodies = converted, "converted the store's bodies to body files and rows");
         Ok(())
     }
 
@@ -255,14 +278,17 @@ impl Store {
     /// the earlier writes of the batch did.
     pub fn apply(&self, writes: &[StoreWrite]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        let mut bodies = BodyBatch::default();
+        let mut bodies = BodyBatch::new(self.inline_len_max);
         {
             let mut meta = txn.open_table(META)?;
             let mut mailboxes = txn.open_table(MAILBOXES)?;
             let mut messages = txn.open_table(MESSAGES)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
-            let mut refs = txn.open_table(BODY_REFS)?;
-            let mut counts = txn.open_table(BODY_COUNTS)?;
+            let mut body_tables = BodyTables {
+                refs: txn.open_table(BODY_REFS)?,
+                counts: txn.open_table(BODY_COUNTS)?,
+                inline: InlineTables::open(&txn)?,
+            };
             let mut log_entries = txn.open_table(LOG_ENTRIES)?;
             let mut log_next = txn.open_table(LOG_NEXT)?;
             let mut log_overflowed = txn.open_table(LOG_OVERFLOWED)?;
@@ -290,10 +316,10 @@ impl Store {
                         tombstones.insert(key.as_slice(), enc(&(mailbox, tombstone))?.as_slice())?;
                     }
                     StoreWrite::PutBody { guid, checksum, bytes } => {
-                        bodies.put(&self.files, &mut refs, &mut counts, *guid, *checksum, bytes)?;
+                        bodies.put(&self.files, &mut body_tables, *guid, *checksum, bytes)?;
                     }
                     StoreWrite::RemoveBody { guid } => {
-                        bodies.remove(&mut refs, &mut counts, *guid)?;
+                        bodies.remove(&mut body_tables, *guid)?;
                     }
                     StoreWrite::LogAppend { peer, seq, change } => {
                         log_entries.insert((peer.0, *seq), enc(change)?.as_slice())?;
@@ -350,10 +376,10 @@ impl Store {
     }
 }
 
-/// What one transaction does to the body files: written before it commits, deleted and
-/// shown to the core's reads after.
-#[derive(Default)]
+/// What one transaction does to the bodies: files written before it commits, deleted and
+/// shown to the core's reads after; table rows written and deleted within it.
 struct BodyBatch {
+    inline_len_max: u64,
     /// A body file was written (the directory is synced once), and `bodies/` created.
     wrote: bool,
     created: bool,
@@ -361,65 +387,87 @@ struct BodyBatch {
     index_changes: Vec<(Guid, Option<BodyHash>)>,
 }
 
-type RefTable<'t> = redb::Table<'t, u128, &'static [u8]>;
-type CountTable<'t> = redb::Table<'t, &'static [u8], u64>;
+/// The tables a body's references and small bytes live in.
+struct BodyTables<'t> {
+    refs: redb::Table<'t, u128, &'static [u8]>,
+    counts: redb::Table<'t, &'static [u8], u64>,
+    inline: InlineTables<'t>,
+}
 
 impl BodyBatch {
-    /// Points `guid` at the file of `bytes`, writing the file unless another GUID's
-    /// reference already holds it. A GUID stored again with the same bytes is a repair
-    /// (its file may be damaged): the file is written again.
+    fn new(inline_len_max: u64) -> BodyBatch {
+        BodyBatch {
+            inline_len_max,
+            wrote: false,
+            created: false,
+            unreferenced: BTreeSet::new(),
+            index_changes: Vec::new(),
+        }
+    }
+
+    /// Points `guid` at the body `bytes`, storing them unless another GUID's reference
+    /// already holds them. A GUID stored again with the same bytes is a repair (its copy
+    /// may be damaged): the bytes are written again where they are.
     fn put(
         &mut self,
         files: &BodyFiles,
-        refs: &mut RefTable<'_>,
-        counts: &mut CountTable<'_>,
+        tables: &mut BodyTables<'_>,
         guid: Guid,
         checksum: u64,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         let hash = hash_of(bytes);
-        let old = match refs.get(guid.0)? {
+        let old = match tables.refs.get(guid.0)? {
             Some(v) => Some(decode_ref(v.value())?.2),
             None => None,
         };
-        let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
+        let count = tables.counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
         let same = old == Some(hash);
         if count == 0 || same {
-            self.created |= files.write(&hash, bytes).map_err(|e| io_error("writing a body file", e))?;
-            self.wrote = true;
+            let inline =
+                if count == 0 { bytes.len() as u64 <= self.inline_len_max } else { tables.inline.contains(&hash)? };
+            if inline {
+                tables.inline.write(&hash, bytes)?;
+            } else {
+                self.created |= files.write(&hash, bytes).map_err(|e| io_error("writing a body file", e))?;
+                self.wrote = true;
+            }
             self.unreferenced.remove(&hash);
         }
         if !same {
             if let Some(old) = old {
-                self.release(counts, old)?;
+                self.release(tables, old)?;
             }
-            counts.insert(hash.as_slice(), count + 1)?;
+            tables.counts.insert(hash.as_slice(), count + 1)?;
         }
-        refs.insert(guid.0, encode_ref(checksum, bytes.len() as u64, &hash).as_slice())?;
+        tables.refs.insert(guid.0, encode_ref(checksum, bytes.len() as u64, &hash).as_slice())?;
         self.index_changes.push((guid, Some(hash)));
         Ok(())
     }
 
-    fn remove(&mut self, refs: &mut RefTable<'_>, counts: &mut CountTable<'_>, guid: Guid) -> Result<(), StoreError> {
-        let old = match refs.remove(guid.0)? {
+    fn remove(&mut self, tables: &mut BodyTables<'_>, guid: Guid) -> Result<(), StoreError> {
+        let old = match tables.refs.remove(guid.0)? {
             Some(v) => Some(decode_ref(v.value())?.2),
             None => None,
         };
         if let Some(old) = old {
-            self.release(counts, old)?;
+            self.release(tables, old)?;
             self.index_changes.push((guid, None));
         }
         Ok(())
     }
 
-    /// One reference fewer to `hash`; the file goes after the commit if none is left.
-    fn release(&mut self, counts: &mut CountTable<'_>, hash: BodyHash) -> Result<(), StoreError> {
-        let count = counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
+    /// One reference fewer to `hash`; if none is left its row goes now and its file (if
+    /// it has one) after the commit.
+    fn release(&mut self, tables: &mut BodyTables<'_>, hash: BodyHash) -> Result<(), StoreError> {
+        let count = tables.counts.get(hash.as_slice())?.map(|c| c.value()).unwrap_or(0);
         if count <= 1 {
-            counts.remove(hash.as_slice())?;
-            self.unreferenced.insert(hash);
+            tables.counts.remove(hash.as_slice())?;
+            if !tables.inline.remove(&hash)? {
+                self.unreferenced.insert(hash);
+            }
         } else {
-            counts.insert(hash.as_slice(), count - 1)?;
+            tables.counts.insert(hash.as_slice(), count - 1)?;
         }
         Ok(())
     }
@@ -571,6 +619,10 @@ mod tests {
         assert_eq!(loaded.mailboxes[&MailboxKey::new("u@d", "INBOX2")].tombstones.len(), 1);
     }
 
+    fn store_inline_count(dir: &Path) -> usize {
+        Store::open(dir).unwrap().inline_hashes().unwrap().len()
+    }
+
     fn body_files(dir: &Path) -> usize {
         std::fs::read_dir(dir.join("bodies")).map(|d| d.count()).unwrap_or(0)
     }
@@ -583,10 +635,15 @@ mod tests {
         }
     }
 
+    /// A store that keeps every body in a file.
+    fn open_with_files(dir: &Path) -> Store {
+        Store::open_with_index(dir, BodyIndex::default(), 0).unwrap()
+    }
+
     #[test]
     fn a_body_is_stored_once_whatever_the_number_of_guids() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open_with_files(dir.path());
         let writes: Vec<StoreWrite> = (0..1000).map(|g| put(g, b"one body for a thousand recipients")).collect();
         store.apply(&writes).unwrap();
         assert_eq!(body_files(dir.path()), 1);
@@ -606,12 +663,13 @@ mod tests {
     #[test]
     fn a_damaged_body_file_spoils_one_body_and_is_rewritten_by_a_repair() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open_with_files(dir.path());
         store.apply(&[put(1, b"first"), put(2, b"second")]).unwrap();
         let path = BodyFiles::new(dir.path()).path_of(&hash_of(b"first"));
         std::fs::write(&path, b"firsT").unwrap();
         std::fs::remove_file(BodyFiles::new(dir.path()).path_of(&hash_of(b"second"))).unwrap();
         drop(store);
+        // Reopened with small bodies in the database: the damaged ones stay in files.
         let store = Store::open(dir.path()).unwrap();
         let image = store.load().unwrap();
         assert_eq!(image.bodies.len(), 2, "the store opens with both references");
@@ -626,7 +684,7 @@ mod tests {
     #[test]
     fn files_left_by_a_crash_are_deleted_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open_with_files(dir.path());
         store.apply(&[put(1, b"kept")]).unwrap();
         // A body written whose transaction never committed, and a half-written one.
         let files = BodyFiles::new(dir.path());
@@ -637,6 +695,64 @@ mod tests {
         store.load().unwrap();
         assert_eq!(body_files(dir.path()), 1);
         assert_eq!(store.body_reader().read(Guid(1)).as_deref(), Some(&b"kept"[..]));
+    }
+
+    #[test]
+    fn small_bodies_live_in_the_database_and_large_ones_in_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_index(dir.path(), BodyIndex::default(), 8).unwrap();
+        store.apply(&[put(1, b"small"), put(2, b"small"), put(3, b"larger than 8"), put(4, b"tiny")]).unwrap();
+        assert_eq!(body_files(dir.path()), 1);
+        assert_eq!(store.inline_hashes().unwrap(), BTreeSet::from([hash_of(b"small"), hash_of(b"tiny")]));
+        let reader = store.body_reader();
+        assert_eq!(reader.read(Guid(2)).as_deref(), Some(&b"small"[..]));
+        assert_eq!(reader.read(Guid(3)).as_deref(), Some(&b"larger than 8"[..]));
+        // A row goes with its last reference, in the same transaction; a repair rewrites it.
+        store.apply(&[StoreWrite::RemoveBody { guid: Guid(1) }, put(2, b"small")]).unwrap();
+        assert_eq!(store.inline_hashes().unwrap().len(), 2);
+        store.apply(&[StoreWrite::RemoveBody { guid: Guid(2) }, StoreWrite::RemoveBody { guid: Guid(4) }]).unwrap();
+        assert!(store.inline_hashes().unwrap().is_empty());
+        assert!(reader.read(Guid(2)).is_none());
+        // Removed and stored again in one batch: the row stays.
+        store.apply(&[put(5, b"again"), StoreWrite::RemoveBody { guid: Guid(5) }, put(6, b"again")]).unwrap();
+        assert_eq!(reader.read(Guid(6)).as_deref(), Some(&b"again"[..]));
+        // The reader follows the store across a reopen (after a failed commit).
+        drop(store);
+        assert!(reader.read(Guid(6)).is_none(), "a closed store reads as no body");
+        let store = Store::open_with_index(dir.path(), reader.index.clone(), 8).unwrap();
+        assert_eq!(reader.read(Guid(6)).as_deref(), Some(&b"again"[..]));
+        let image = store.load().unwrap();
+        assert_eq!(image.bodies.len(), 2);
+        assert_eq!(body_files(dir.path()), 1);
+    }
+
+    #[test]
+    fn a_small_body_is_stored_in_chunks_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lens = [0, 1, crate::bodies::INLINE_CHUNK_LEN, crate::bodies::INLINE_CHUNK_LEN + 1, 10_000, 65_536];
+        let bodies: Vec<Vec<u8>> = lens.iter().map(|&n| (0..n).map(|i| (i % 251) as u8).collect()).collect();
+        let writes: Vec<StoreWrite> = bodies
+            .iter()
+            .enumerate()
+            .map(|(g, b)| StoreWrite::PutBody {
+                guid: Guid(g as u128),
+                checksum: tandem_core::hash::body_checksum(b),
+                bytes: Body::from(b.clone()),
+            })
+            .collect();
+        store.apply(&writes).unwrap();
+        assert_eq!(body_files(dir.path()), 0);
+        assert_eq!(store.inline_hashes().unwrap().len(), lens.len());
+        let reader = store.body_reader();
+        for (g, b) in bodies.iter().enumerate() {
+            assert_eq!(reader.read(Guid(g as u128)).as_deref(), Some(&b[..]), "body of {} bytes", b.len());
+        }
+        // Removing one body removes all of its chunks and none of its neighbours'.
+        store.apply(&[StoreWrite::RemoveBody { guid: Guid(4) }]).unwrap();
+        assert!(reader.read(Guid(4)).is_none());
+        assert_eq!(reader.read(Guid(5)).as_deref(), Some(&bodies[5][..]));
+        assert_eq!(store.inline_hashes().unwrap().len(), lens.len() - 1);
     }
 
     #[test]
@@ -682,12 +798,13 @@ mod tests {
             Lifecycle { created_at: 2, deleted_at: 5, subscribed_at: 0, unsubscribed_at: 0 }
         );
         assert_eq!(image.bodies[&Guid(3)].len, 5);
-        assert_eq!(body_files(dir.path()), 2);
+        assert_eq!(body_files(dir.path()), 0, "small bodies go into the database");
+        assert_eq!(store.inline_hashes().unwrap().len(), 2);
         assert_eq!(store.body_reader().read(Guid(2)).as_deref(), Some(&b"same"[..]));
         let logged = &image.logs[&Sid(2)].entries[&0];
         assert!(matches!(logged, Change::Save { body, .. } if body.is_empty()), "a log references its body");
         drop(store);
         Store::open(dir.path()).unwrap().load().unwrap();
-        assert_eq!(body_files(dir.path()), 2, "converted once");
+        assert_eq!(store_inline_count(dir.path()), 2, "converted once");
     }
 }

@@ -228,27 +228,59 @@ fn kill_9_of_the_master_under_saves_loses_no_acknowledged_message() {
     }
 }
 
+/// A restart is a normal condition (issue 15): a node killed while the others took
+/// saves, restarted, and written through at once must not master the mailbox from its
+/// stale disk and hand out UIDs the cluster already gave. Every message keeps the UID
+/// its client was told, in async mode where a master acknowledges alone.
+#[test]
+fn a_restarted_node_takes_saves_at_once_and_nothing_is_renumbered() {
+    let mut c = Cluster::start(3, "mode = \"async\"\nreplicas = 1");
+    let mailbox = "dave@example.org/INBOX";
+    let mut told: std::collections::BTreeMap<String, u32> = Default::default();
+    for i in 0..4 {
+        let (uid, guid) = c.deliver(i % 3, mailbox, &format!("Subject: before {i}\r\n\r\n")).expect("save");
+        told.insert(guid, uid);
+    }
+    c.converged(mailbox, CONVERGE);
+    c.kill9(2);
+    // Long enough for the others' redials to back off to their slowest.
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..4 {
+        let (uid, guid) = c.deliver(i % 2, mailbox, &format!("Subject: while away {i}\r\n\r\n")).expect("save");
+        told.insert(guid, uid);
+    }
+    c.spawn(2);
+    c.wait_up(2);
+    let (uid, guid) = c.deliver(2, mailbox, "Subject: right after the restart\r\n\r\n").expect("save at once");
+    told.insert(guid, uid);
+    assert_eq!(uid, 9, "the restarted node's save gets the cluster's next UID");
+    let view = c.converged(mailbox, CONVERGE);
+    let now: std::collections::BTreeMap<String, u32> = view.messages.iter().map(|m| (m.guid.clone(), m.uid)).collect();
+    assert_eq!(now, told, "every message keeps the UID its client was told");
+}
+
 /// Files under a data directory's `bodies/`.
 fn body_files(data: &std::path::Path) -> usize {
     std::fs::read_dir(data.join("bodies")).map(|d| d.count()).unwrap_or(0)
 }
 
 #[test]
-fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body_file() {
+fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body() {
     use tandem_core::store::BodyStore;
     use tandem_node::admin::{AdminReply, AdminRequest};
     let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
     let mailbox = "bob@example.org/INBOX";
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Large bodies through nodes 2 and 3, so that a kill of node 1 (a replica or the
-    // master) lands while body files are being written.
+    // Large bodies (files) and small ones (database rows) through nodes 2 and 3, so that
+    // a kill of node 1 (a replica or the master) lands while bodies are being written.
     let writer = {
         let (admin, stop) = (c.admin.clone(), stop.clone());
         std::thread::spawn(move || {
             let (mut acked, mut expunged) = (Vec::new(), Vec::new());
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let body = format!("Subject: big {i}\r\n\r\n{}\r\n", "x".repeat(200_000 + i * 97));
+                let len = if i % 4 < 2 { 200_000 + i * 97 } else { 2_000 + i };
+                let body = format!("Subject: body {i}\r\n\r\n{}\r\n", "x".repeat(len));
                 let via = &admin[1 + i % 2];
                 let request = AdminRequest::Deliver { mailbox: mailbox.into(), body, flags: vec![] };
                 if let Ok(AdminReply::Saved { guid, uid, .. }) = harness::call(via, &request) {
@@ -296,7 +328,10 @@ fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body_file() {
         let store = tandem_node::store::Store::open(&data).expect("store opens");
         let image = store.load().expect("store loads");
         let referenced = store.index().hashes();
-        assert_eq!(files, referenced.len(), "node {}: body files that no message references", i + 1);
+        let inline = store.inline_hashes().expect("inline bodies");
+        assert!(inline.is_subset(&referenced), "node {}: body rows that no message references", i + 1);
+        assert!(!inline.is_empty() && files > 0, "node {}: {files} files, {} rows", i + 1, inline.len());
+        assert_eq!(files + inline.len(), referenced.len(), "node {}: body files that no message references", i + 1);
         let reader = store.body_reader();
         for (guid, stored) in &image.bodies {
             let bytes = reader.read(*guid).unwrap_or_else(|| panic!("node {}: body {guid} dangling", i + 1));
@@ -330,7 +365,8 @@ fn body_files_intact(data: &std::path::Path, count: usize) -> bool {
 
 #[test]
 fn a_damaged_or_missing_body_file_is_refetched_from_a_peer_and_the_rest_is_served() {
-    let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
+    // Every body in a file, where a hand can damage one.
+    let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1\nbody_inline_max_bytes = 0");
     let mailbox = "carol@example.org/INBOX";
     for i in 0..6 {
         c.deliver(0, mailbox, &format!("Subject: keep {i}\r\n\r\nbody {i}\r\n")).expect("save");

@@ -247,6 +247,7 @@ pub fn generate(seed: u64) -> Scenario {
             disk_latency_us: (200, 1000),
             request_timeout_ms: 5000,
             tombstone_grace_ms,
+            startup_hold_ms: crate::scenario::STARTUP_HOLD_MS_DEFAULT,
         },
         events,
         expects: vec![Expect::Invariants],

@@ -53,12 +53,18 @@ pub struct ClusterSpec {
     /// How long copies must agree before a master collects tombstones (see
     /// `Config::tombstone_grace_us`).
     pub tombstone_grace_ms: u64,
+    /// How long a started server waits to hear every peer before it acts alone (see
+    /// `Config::startup_hold_us`).
+    pub startup_hold_ms: u64,
 }
 
 /// The simulator's default tombstone grace: longer than a message can travel here (32
 /// relay hops at 100 ms, the slowest latency the explorer draws), short enough that
 /// scenarios collect tombstones while they settle.
 pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 5000;
+
+/// The core's default start-up hold.
+pub const STARTUP_HOLD_MS_DEFAULT: u64 = 2000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkSpec {
@@ -245,8 +251,9 @@ pub enum Expect {
     Present { label: String },
     /// Live on no server at the end.
     Absent { label: String },
-    /// A coverage mark hit at least `min` times in the whole cluster.
-    Mark { name: String, min: u64 },
+    /// A coverage mark hit at least `min` and at most `max` times in the whole cluster
+    /// (`max = 0`: a path that must not be taken, such as a renumbering).
+    Mark { name: String, min: u64, max: Option<u64> },
     /// Of these events' client answers exactly one is OK (not rejected, not failed).
     ExactlyOneOk { events: Vec<String> },
     /// Every live server holds this many messages in the mailbox at the end.
@@ -318,7 +325,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("flags", &["label", "flags"]),
     ("present", &["label"]),
     ("absent", &["label"]),
-    ("mark", &["name", "min"]),
+    ("mark", &["name", "min", "max"]),
     ("exactly_one_ok", &["events"]),
     ("count", &["mailbox", "count"]),
     ("tombstones", &["mailbox", "count"]),
@@ -712,6 +719,7 @@ impl Tab<'_> {
         let log_capacity = self.int_in(cluster.log_capacity, "log_capacity", 1..=u32::MAX.into())?.unwrap_or(10_000);
         let request_timeout_ms = self.int_in(cluster.request_timeout_ms, "request_timeout_ms", 1..=u64::MAX >> 1)?;
         let tombstone_grace_ms = self.int_in(cluster.tombstone_grace_ms, "tombstone_grace_ms", 0..=u64::MAX >> 12)?;
+        let startup_hold_ms = self.int_in(cluster.startup_hold_ms, "startup_hold_ms", 0..=u64::MAX >> 12)?;
         let links = match cluster.links {
             None => None,
             Some(items) => {
@@ -746,6 +754,7 @@ impl Tab<'_> {
             disk_latency_us: self.range(cluster.disk_latency_us, "disk_latency_us")?.unwrap_or((200, 1000)),
             request_timeout_ms: request_timeout_ms.unwrap_or(5000),
             tombstone_grace_ms: tombstone_grace_ms.unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT),
+            startup_hold_ms: startup_hold_ms.unwrap_or(STARTUP_HOLD_MS_DEFAULT),
             servers,
         })
     }
@@ -920,7 +929,11 @@ impl Tab<'_> {
                 if tandem_core::Mark::from_name(&name).is_none() {
                     return Err(tab.bad("name", &expected, name));
                 }
-                Expect::Mark { name, min: expect.min.unwrap_or(1) }
+                let (min, max) = (expect.min.unwrap_or(if expect.max.is_some() { 0 } else { 1 }), expect.max);
+                if max.is_some_and(|max| max < min) {
+                    return Err(tab.bad("max", &format!("at least min ({min})"), max.unwrap_or(0)));
+                }
+                Expect::Mark { name, min, max }
             }
             "exactly_one_ok" => {
                 let events = tab.req(expect.events, "events", "a list of event ids")?;

@@ -36,6 +36,7 @@ pub(crate) struct ClusterToml {
     pub disk_latency_us: Option<RangeToml>,
     pub request_timeout_ms: Option<u64>,
     pub tombstone_grace_ms: Option<u64>,
+    pub startup_hold_ms: Option<u64>,
     pub links: Option<Vec<Spanned<LinkToml>>>,
 }
 
@@ -115,6 +116,7 @@ pub(crate) struct ExpectToml {
     pub uid: Option<u64>,
     pub flags: Option<Vec<Spanned<String>>>,
     pub min: Option<u64>,
+    pub max: Option<u64>,
     pub events: Option<Vec<Spanned<String>>>,
     pub mailbox: Option<String>,
     pub count: Option<u64>,

@@ -36,6 +36,7 @@ fn file_of(s: &Scenario) -> FileToml {
         disk_latency_us: Some(range(c.disk_latency_us)),
         request_timeout_ms: Some(c.request_timeout_ms),
         tombstone_grace_ms: Some(c.tombstone_grace_ms),
+        startup_hold_ms: Some(c.startup_hold_ms),
         links: c.links.as_ref().map(|links| links.iter().map(link).collect()),
     };
     FileToml {
@@ -197,8 +198,8 @@ fn expect_of(x: &Expect) -> ExpectToml {
             table.label = Some(label.clone());
             if matches!(x, Expect::Present { .. }) { "present" } else { "absent" }
         }
-        Expect::Mark { name, min } => {
-            (table.name, table.min) = (Some(name.clone()), Some(*min));
+        Expect::Mark { name, min, max } => {
+            (table.name, table.min, table.max) = (Some(name.clone()), Some(*min), *max);
             "mark"
         }
         Expect::ExactlyOneOk { events } => {

@@ -315,6 +315,7 @@ impl World {
         cfg.granularity = spec.granularity;
         cfg.request_timeout_us = spec.request_timeout_ms * 1000;
         cfg.tombstone_grace_us = spec.tombstone_grace_ms * 1000;
+        cfg.startup_hold_us = spec.startup_hold_ms * 1000;
         if let Err(e) = cfg.set_bug(self.opts.bug) {
             self.config_error = Some(e.to_string());
         }
@@ -1561,7 +1562,7 @@ impl World {
                         failures.push(format!("{label} is still live in {k} at UID {} on {sid}", r.uid));
                     }
                 }
-                Expect::Mark { name, min } => {
+                Expect::Mark { name, min, max } => {
                     let mut total = self.dead_marks.get(&name).copied().unwrap_or(0);
                     for node in self.nodes.values() {
                         if let (Some(s), Some(m)) = (&node.server, Mark::from_name(&name)) {
@@ -1570,6 +1571,9 @@ impl World {
                     }
                     if total < min {
                         failures.push(format!("coverage mark {name} hit {total} times, expected at least {min}"));
+                    }
+                    if let Some(max) = max.filter(|max| total > *max) {
+                        failures.push(format!("coverage mark {name} hit {total} times, expected at most {max}"));
                     }
                 }
                 Expect::ExactlyOneOk { events } => {

@@ -31,3 +31,21 @@ fn scenarios_pass() {
 fn scenarios_pass_through_the_wire_codec() {
     check_all(true);
 }
+
+/// The start-up hold is what keeps a restart from renumbering: without it (a hold of 0)
+/// the restarted server masters the mailbox from its stale disk, and the scenario that
+/// expects no renumbering fails on exactly that.
+#[test]
+fn without_the_startup_hold_a_restart_renumbers() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/restart-without-renumbering.toml");
+    let mut s = scenario::load(&path).expect("scenario parses");
+    assert!(run(&s, &RunOptions::default()).passed);
+    s.cluster.startup_hold_ms = 0;
+    let report = run(&s, &RunOptions::default());
+    assert!(!report.passed, "a restart without the hold did not renumber");
+    assert!(
+        report.failures.iter().any(|f| f.contains("uid_conflict_renumbered")),
+        "the failure is the renumbering: {:?}",
+        report.failures
+    );
+}

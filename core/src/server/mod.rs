@@ -70,6 +70,17 @@ pub struct Server {
     timers: TimerTable,
     /// Role changes (root terms, masterships) for a readable timeline, when asked for.
     notes: Option<Vec<String>>,
+    /// Whether this incarnation still waits to hear its peers (see `root`).
+    startup: StartupHold,
+}
+
+/// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StartupHold {
+    /// No input yet: the hold starts with the first one (the driver's clock starts there).
+    NotStarted,
+    Until(Instant),
+    Over,
 }
 
 /// A stored body whose bytes are missing or fail their checksum (see
@@ -107,6 +118,7 @@ impl Server {
             body_fetch: BodyFetch::default(),
             timers: TimerTable::default(),
             notes: None,
+            startup: StartupHold::NotStarted,
         };
         // The first timer finds out whether the server is alone (then it is its own
         // root); maintenance starts an interval later.
@@ -213,6 +225,9 @@ impl Server {
     pub fn handle(&mut self, now: Instant, input: Input) {
         debug_assert!(now >= self.now, "time went backwards");
         self.now = self.now.max(now);
+        if self.startup == StartupHold::NotStarted {
+            self.startup = StartupHold::Until(self.now.plus_us(self.cfg.startup_hold_us));
+        }
         match input {
             Input::Peer { from, envelope } => self.on_envelope(from, envelope),
             Input::Client { id, request } => self.on_client(id, request),
@@ -439,13 +454,15 @@ impl Server {
     /// Work that waits on something no input announces, so it is polled.
     fn has_waiting_work(&self) -> bool {
         self.jobs.has_queued()
+            || matches!(self.startup, StartupHold::Until(_))
             || (self.is_root() && !self.root_role.active())
             || self.masters.has_catchups()
             || self.body_fetch.count() > 0
     }
 
     fn retry_waiting_work(&mut self) {
-        // A server that starts alone (or lost every link) is its own root.
+        // A server that starts alone (after its start-up hold), or lost every link, is
+        // its own root.
         self.check_root();
         if self.is_root() && !self.root_role.active() {
             self.broadcast_term();

@@ -6,8 +6,8 @@
 //! which one wins, and the winner opens a fresh term so both sides' masters are dropped.
 //! The term and the root's table are kept by [`RootRole`](super::root_role::RootRole).
 
-use super::Server;
 use super::root_role::Term;
+use super::{Server, StartupHold};
 use crate::msg::*;
 use crate::types::*;
 use std::collections::BTreeSet;
@@ -38,6 +38,9 @@ impl Server {
             }
             return;
         }
+        if self.holding_at_start() {
+            return;
+        }
         let grew = self.root_role.grew(self.routing.reachable());
         let behind = self.image.disk().epoch > self.root_role.epoch();
         if !self.is_root() || grew || behind {
@@ -47,6 +50,28 @@ impl Server {
         // a link cut in the middle of opening a term left the term inactive, and every
         // write on this side queued until the partition healed.
         self.check_root_active();
+    }
+
+    /// Whether a just-started server still waits to hear its peers before it opens a
+    /// term: until `Config::startup_hold_us` has passed since its first input, or every
+    /// configured server is reachable, whichever comes first. Ends once for good: a link
+    /// lost later is failed over at once, as always.
+    fn holding_at_start(&mut self) -> bool {
+        let until = match self.startup {
+            StartupHold::Over => return false,
+            StartupHold::NotStarted => return true,
+            StartupHold::Until(until) => until,
+        };
+        let everyone = self.cfg.servers.iter().all(|s| self.routing.is_reachable(*s));
+        if self.now < until && !everyone {
+            return true;
+        }
+        self.startup = StartupHold::Over;
+        if !everyone {
+            self.marks.hit(crate::Mark::StartupHoldExpired);
+            self.note(|| "start-up hold over without hearing every server".to_string());
+        }
+        false
     }
 
     fn open_term(&mut self) {

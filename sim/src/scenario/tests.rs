@@ -100,6 +100,7 @@ fn example_parses_to_expected_structure() {
             disk_latency_us: (100, 300),
             request_timeout_ms: 4000,
             tombstone_grace_ms: TOMBSTONE_GRACE_MS_DEFAULT,
+            startup_hold_ms: STARTUP_HOLD_MS_DEFAULT,
         },
         events: vec![
             TimedEvent {
@@ -497,8 +498,8 @@ visible = false
             Expect::Flags { label: "m1".into(), flags: vec![fl("\\Answered"), fl("\\Seen")] },
             Expect::Present { label: "m1".into() },
             Expect::Absent { label: "m3".into() },
-            Expect::Mark { name: "root_elected".into(), min: 1 },
-            Expect::Mark { name: "full_sync".into(), min: 3 },
+            Expect::Mark { name: "root_elected".into(), min: 1, max: None },
+            Expect::Mark { name: "full_sync".into(), min: 3, max: None },
             Expect::ExactlyOneOk { events: vec!["a".into(), "b".into()] },
             Expect::Count { mailbox: mb("alice/INBOX"), count: 4 },
             Expect::Renumbered { labels: vec!["m2".into(), "m3".into()] },
