@@ -144,12 +144,17 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
         let mut restarts = Vec::new();
         for count in &args.store_counts {
             say(&format!("restart with {count} messages"));
-            let row = store::restart(tandem, root, *count)?;
+            let row = store::restart(tandem, root, *count, args.keep)?;
             say(&format!("  {row:?}"));
             restarts.push(row);
         }
         let command = std::env::args().collect::<Vec<_>>().join(" ");
-        let section = store::markdown(&rows, &command) + &store::restart_markdown(&restarts);
+        let mut section = store::markdown(&rows, &command) + &store::restart_markdown(&restarts);
+        if restarts.len() >= 2 {
+            for (file, caption) in store::restart_plots(&restarts, &workspace.join("bench/plots"))? {
+                section.push_str(&format!("\n![{caption}](bench/plots/{file})\n"));
+            }
+        }
         store::splice(&workspace.join("BENCHMARKS.md"), &section)?;
     }
     let standard = ["sim", "throughput", "wire", "resync"];

@@ -267,7 +267,8 @@ fn generate_store(data: &Path, messages: usize, body_bytes: usize) -> Result<(),
     store.apply(&writes).map_err(|e| e.to_string())
 }
 
-pub fn restart(tandem: &Path, root: &Path, messages: usize) -> Result<RestartRow, String> {
+/// `keep`: leave the store (and the node's log, with its start-up timings) behind.
+pub fn restart(tandem: &Path, root: &Path, messages: usize, keep: bool) -> Result<RestartRow, String> {
     let dir = root.join(format!("restart-{messages}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let setup = Setup { nodes: 1, mode: "sync", replicas: 0, compression: false };
@@ -288,8 +289,34 @@ pub fn restart(tandem: &Path, root: &Path, messages: usize) -> Result<RestartRow
         Ok(RestartRow { messages, generate_s, restart_s, rss_bytes, disk_bytes: disk_bytes(&cluster.nodes[0].data) })
     })();
     cluster.stop_all();
-    let _ = std::fs::remove_dir_all(&dir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
+}
+
+/// Restart time and RSS against the number of stored messages, as PNGs in `dir`; their
+/// file names with captions.
+pub fn restart_plots(rows: &[RestartRow], dir: &Path) -> Result<Vec<(String, String)>, String> {
+    use crate::plot::{self, Series};
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    plot::register_font()?;
+    let series = |name: &str, value: fn(&RestartRow) -> f64| {
+        [Series {
+            name: name.into(),
+            points: rows.iter().map(|r| (r.messages as f64, value(r))).collect(),
+            color: plotters::style::RED,
+            points_only: false,
+        }]
+    };
+    let restart = series("restart s", |r| r.restart_s);
+    plot::log_log(&dir.join("store-restart.png"), "Restart time vs stored messages", "messages", "s", &restart)?;
+    let rss = series("RSS MiB", |r| r.rss_bytes as f64 / (1024.0 * 1024.0));
+    plot::log_log(&dir.join("store-rss.png"), "RSS after restart vs stored messages", "messages", "MiB", &rss)?;
+    Ok(vec![
+        ("store-restart.png".into(), "restart time by stored messages".into()),
+        ("store-rss.png".into(), "RSS by stored messages".into()),
+    ])
 }
 
 pub fn restart_markdown(rows: &[RestartRow]) -> String {

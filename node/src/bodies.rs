@@ -18,7 +18,7 @@
 //! Crash safety: a file is written (temporary name, fsync, rename, directory fsync)
 //! before the transaction that references it commits, and deleted only after the
 //! transaction that drops its last reference commits. A crash in between leaves an
-//! unreferenced file, which the next start deletes ([`BodyFiles::collect_garbage`]). A
+//! unreferenced file, which the next start deletes ([`BodyFiles::remove_unreferenced`]). A
 //! table row comes and goes with its references, in one transaction.
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -188,19 +188,32 @@ impl BodyFiles {
         let _ = std::fs::remove_file(self.path_of(hash));
     }
 
-    /// Deletes every file no GUID references (left by a crash between a file's write
-    /// and its commit, or between a commit and a delete) and every temporary file.
-    /// Returns how many it deleted.
-    pub fn collect_garbage(&self, referenced: &BTreeSet<BodyHash>) -> std::io::Result<usize> {
-        let mut deleted = 0;
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(0) };
+    /// The bodies that have a file, and every file that is not one (a temporary file,
+    /// a stray name) as `None`.
+    pub fn present(&self) -> std::io::Result<BTreeSet<Option<BodyHash>>> {
+        let mut present = BTreeSet::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(present) };
         for entry in entries {
             let entry = entry?;
-            if !entry.file_type()?.is_file() {
-                continue;
+            if entry.file_type()?.is_file() {
+                present.insert(unhex(&entry.file_name().to_string_lossy()));
             }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !unhex(&name).is_some_and(|h| referenced.contains(&h)) {
+        }
+        Ok(present)
+    }
+
+    /// Deletes the files of bodies no GUID references (left by a crash between a file's
+    /// write and its commit, or between a commit and a delete) and every temporary
+    /// file: what [`BodyFiles::present`] listed, less what is referenced. Returns how
+    /// many it deleted.
+    pub fn remove_unreferenced(&self, unreferenced: &BTreeSet<Option<BodyHash>>) -> std::io::Result<usize> {
+        if unreferenced.is_empty() {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() && unreferenced.contains(&unhex(&entry.file_name().to_string_lossy())) {
                 std::fs::remove_file(entry.path())?;
                 deleted += 1;
             }
@@ -255,6 +268,10 @@ impl BodyIndex {
             }
         }
     }
+    /// Replaces the whole index (at load).
+    pub fn replace(&self, by_guid: BTreeMap<Guid, BodyHash>) {
+        *self.locked() = by_guid;
+    }
     pub fn set(&self, guid: Guid, hash: BodyHash) {
         self.locked().insert(guid, hash);
     }
@@ -305,7 +322,10 @@ mod tests {
         files.sync_dir(true).unwrap();
         assert_eq!(files.read(&a).as_deref(), Some(&b"one"[..]));
         std::fs::write(files.path_of(&b).with_extension("tmp"), b"half").unwrap();
-        assert_eq!(files.collect_garbage(&BTreeSet::from([a])).unwrap(), 2, "b and the temporary file");
+        let mut unreferenced = files.present().unwrap();
+        assert_eq!(unreferenced.len(), 3, "a, b and the temporary file");
+        unreferenced.remove(&Some(a));
+        assert_eq!(files.remove_unreferenced(&unreferenced).unwrap(), 2, "b and the temporary file");
         assert!(files.read(&b).is_none());
         assert_eq!(files.read(&a).as_deref(), Some(&b"one"[..]));
     }

@@ -200,16 +200,22 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
 
 /// Runs a node until `shutdown` resolves or its store fails.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    // Each start-up phase's time is logged: a slow start is the operator's to explain.
+    let started = std::time::Instant::now();
     let store = Store::open_with_index(&cfg.data_dir, Default::default(), cfg.body_inline_max_bytes)
         .map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
+    let opened_ms = started.elapsed().as_millis();
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
+    let loaded_ms = started.elapsed().as_millis();
     let server = Server::recover(cfg.core.clone(), image, rand::random(), Box::new(store.body_reader()));
+    info!(opened_ms, loaded_ms, recovered_ms = started.elapsed().as_millis() as u64, "store read");
     info!(id = cfg.core.sid.0, listen = %cfg.listen, admin = %cfg.admin, "tandem node starting");
 
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
     let (links_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
     let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
-    spawn_store_thread(store, cfg.data_dir.clone(), cfg.body_inline_max_bytes, store_rx, events_tx.clone());
+    let store_thread =
+        spawn_store_thread(store, cfg.data_dir.clone(), cfg.body_inline_max_bytes, store_rx, events_tx.clone());
 
     let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let admin_listener = AdminListener::bind(&cfg.admin)?;
@@ -250,6 +256,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tokio::select! {
             _ = &mut shutdown => {
                 info!("shutting down");
+                // The store thread commits what it holds and closes the database when
+                // its queue closes; waiting for it makes the next start a clean open
+                // rather than a crash recovery. Its reports have nobody to go to.
+                drop(node);
+                drop(events);
+                if tokio::task::spawn_blocking(move || store_thread.join()).await.is_err() {
+                    error!("the store thread failed while closing");
+                }
+                info!("store closed");
                 return Ok(());
             }
             Some(event) = events.recv() => node.on_event(event),
@@ -568,7 +583,7 @@ fn spawn_store_thread(
     inline_len_max: u64,
     batches: std::sync::mpsc::Receiver<Vec<(WriteId, StoreWrite)>>,
     events: mpsc::Sender<Event>,
-) {
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let index = store.index().clone();
         let mut store = Some(store);
@@ -621,7 +636,7 @@ fn spawn_store_thread(
                 }
             }
         }
-    });
+    })
 }
 
 async fn accept_peers(
