@@ -35,6 +35,11 @@ impl Server {
                 // A lower server is reachable again: tell it our term, so that it opens
                 // one above our epoch and both sides drop their masters.
                 self.send(designated, Msg::Root { epoch: self.root_role.epoch(), root: self.cfg.sid });
+            } else if self.root_role.root().is_none() {
+                // We have no term (we just started, and held back): ask the server that
+                // should lead us for its term by naming it root. Its term may count us
+                // as a member from before our restart, so nothing else would send it.
+                self.send(designated, Msg::Root { epoch: self.root_role.epoch(), root: designated });
             }
             return;
         }
@@ -122,6 +127,10 @@ impl Server {
     }
 
     pub(crate) fn on_root(&mut self, from: Sid, epoch: u64, root: Sid) {
+        if root == self.cfg.sid && from != self.cfg.sid {
+            self.on_term_asked(from, epoch);
+            return;
+        }
         let offered = Term { epoch, root: Some(root) };
         if offered == self.root_role.term() {
             if !self.is_root() {
@@ -142,6 +151,21 @@ impl Server {
         self.drop_masterships();
         self.send(root, Msg::Dropped { epoch });
         // A designated root that heard of a higher epoch opens a term above it.
+        self.check_root();
+    }
+
+    /// `from` names us root of a term: it has none (see `check_root`), or it answers an
+    /// offer of ours with what it believes our term is. Either way it learns our term
+    /// from the next one we open: a root treats it as a member that left and came back
+    /// (a restarted server holds none of the masterships our table may still give it,
+    /// and a new term drops them everywhere), and a designated root that is not root
+    /// yet opens one once its own start-up hold allows.
+    fn on_term_asked(&mut self, from: Sid, epoch: u64) {
+        self.set_epoch(epoch);
+        if self.is_root() {
+            self.note(|| format!("{from} asks for our term: it is taken as back"));
+            self.root_role.peer_lost(from);
+        }
         self.check_root();
     }
 
