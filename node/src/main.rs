@@ -187,6 +187,11 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Node { config, log_json, stop_on_stdin_eof } => {
             let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
             init_logs(if log_json { LogFormat::Json } else { cfg.log_format });
+            // Signal handlers first, before the store loads (seconds for a large one): a
+            // SIGTERM or SIGINT then is a clean stop once the node is up, not a kill by
+            // the default action.
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
             let shutdown = async move {
                 let stdin_closed = async {
                     if !stop_on_stdin_eof {
@@ -196,17 +201,17 @@ async fn run(command: Command) -> Result<(), String> {
                     let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
                 };
                 // SIGTERM (systemd's stop) and SIGINT stop the node the same way.
-                let terminated = async {
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                        Ok(mut term) => {
-                            term.recv().await;
+                let received = |stream: std::io::Result<tokio::signal::unix::Signal>| async move {
+                    match stream {
+                        Ok(mut stream) => {
+                            stream.recv().await;
                         }
                         Err(_) => std::future::pending::<()>().await,
                     }
                 };
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminated => {}
+                    _ = received(interrupt) => {}
+                    _ = received(term) => {}
                     _ = stdin_closed => {}
                 }
             };

@@ -200,6 +200,8 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
 
 /// Runs a node until `shutdown` resolves or its store fails.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    // Before the store loads: a SIGHUP's default action would kill the node.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // Each start-up phase's time is logged: a slow start is the operator's to explain.
     let started = std::time::Instant::now();
     let store = Store::open_with_index(&cfg.data_dir, Default::default(), cfg.body_inline_max_bytes)
@@ -228,7 +230,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tokio::spawn(serve_admin(admin_listener, events_tx.clone(), cfg.limits.admin_connections_max));
     let handle = NodeHandle { events: events_tx.clone() };
     let front = crate::front::Front::new(&cfg);
-    tokio::spawn(reload_users_on_hangup(cfg.users_file.clone(), front.clone()));
+    tokio::spawn(reload_users_on_hangup(hangups, cfg.users_file.clone(), front.clone()));
     // The plain IMAP port (STARTTLS when a certificate is set) and the implicit-TLS one.
     for (addr, implicit_tls) in [(cfg.imap, false), (cfg.imaps, true)] {
         let Some(addr) = addr else { continue };
@@ -1000,9 +1002,12 @@ async fn serve_metrics(listener: TcpListener, events: mpsc::Sender<Event>) {
 
 /// SIGHUP reads the users file again (passwords changed, users added or removed) without
 /// a restart; a file that does not load is reported and the users stay as they were.
-async fn reload_users_on_hangup(path: Option<std::path::PathBuf>, front: crate::front::Front) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
+async fn reload_users_on_hangup(
+    hangups: std::io::Result<tokio::signal::unix::Signal>,
+    path: Option<std::path::PathBuf>,
+    front: crate::front::Front,
+) {
+    let mut hangups = match hangups {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP: the users file is read at start only");
