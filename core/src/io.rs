@@ -45,7 +45,7 @@ pub struct Config {
     /// disk and give out UIDs the rest of the cluster had already given. The hold ends
     /// as soon as every configured server is reachable; a term another server opens is
     /// accepted during it. Requests wait meanwhile (as for any master).
-    #[serde(default = "startup_hold_us_default")]
+    #[serde(default = "Config::startup_hold_us_default")]
     pub startup_hold_us: u64,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
@@ -72,6 +72,14 @@ impl Config {
         }
     }
 
+    /// Two seconds: a connection and a link-state exchange take milliseconds on a LAN
+    /// and well under a second between continents; far below a request's timeout.
+    pub const STARTUP_HOLD_US_DEFAULT: u64 = 2_000_000;
+
+    fn startup_hold_us_default() -> u64 {
+        Config::STARTUP_HOLD_US_DEFAULT
+    }
+
     pub fn new(sid: Sid, servers: Vec<Sid>) -> Config {
         Config {
             sid,
@@ -85,17 +93,11 @@ impl Config {
             anti_entropy_us: 1_000_000,
             pending_max: 100_000,
             tombstone_grace_us: 60_000_000,
-            startup_hold_us: startup_hold_us_default(),
+            startup_hold_us: Config::STARTUP_HOLD_US_DEFAULT,
             #[cfg(feature = "broken")]
             bug: None,
         }
     }
-}
-
-/// Two seconds: a connection and a link-state exchange take milliseconds on a LAN and
-/// well under a second between continents; far below a request's timeout.
-fn startup_hold_us_default() -> u64 {
-    2_000_000
 }
 
 /// A request from a mail client (IMAP/LMTP front end, admin CLI, or the simulator).

@@ -41,10 +41,11 @@ pub const INLINE_TAILS: TableDefinition<BodyHash, &[u8]> = TableDefinition::new(
 /// Bytes per full chunk: one chunk, its key and a leaf page's header fit one 4 KiB redb
 /// page. A whole body as one value took the next power of two of pages (a body of
 /// 4.1 KB took 8 KiB), and a body's last, short chunk next to its full ones took a page
-/// to itself; tails in their own table share pages with other tails. Measured
-/// (100,000 bodies, bytes of pages per body): 4,080-byte bodies 8,277 whole against
-/// 5,001 split, 10,000-byte bodies 16,469 against 13,292; a file on a 4 KiB-block
-/// filesystem takes 4,096 and 12,288 plus its inode.
+/// to itself; tails in their own table share pages with other tails. Measured by
+/// `cargo run --release -p tandem-node --example inline_layout` (100,000 bodies, bytes
+/// of pages per body): 4,080-byte bodies 8,348 as one value against 5,028 as chunks,
+/// 10,000-byte bodies 16,541 against 13,511; a file on a 4 KiB-block filesystem takes
+/// 4,096 and 12,288 plus its inode.
 pub const INLINE_CHUNK_LEN: usize = 3968;
 
 /// The tables small bodies live in, open in a write transaction.

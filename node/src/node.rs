@@ -263,7 +263,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                 // rather than a crash recovery. Its reports have nobody to go to.
                 drop(node);
                 drop(events);
-                if tokio::task::spawn_blocking(move || store_thread.join()).await.is_err() {
+                if !matches!(tokio::task::spawn_blocking(move || store_thread.join()).await, Ok(Ok(()))) {
                     error!("the store thread failed while closing");
                 }
                 info!("store closed");

@@ -173,11 +173,7 @@ impl Store {
         let mut bodies = BodyBatch::new(self.inline_len_max);
         {
             let legacy = txn.open_table(LEGACY_BODIES)?;
-            let mut tables = BodyTables {
-                refs: txn.open_table(BODY_REFS)?,
-                counts: txn.open_table(BODY_COUNTS)?,
-                inline: InlineTables::open(&txn)?,
-            };
+            let mut tables = BodyTables::open(&txn)?;
             for row in legacy.iter()? {
                 let (k, v) = row?;
                 let (checksum, bytes): (u64, Vec<u8>) = dec(v.value(), "body")?;
@@ -231,9 +227,7 @@ impl Store {
             let (checksum, len, hash) = decode_ref(v.value())?;
             bodies.push((Guid(k.value()), StoredBody { checksum, len }));
             index.push((Guid(k.value()), hash));
-            if !unreferenced_files.is_empty() {
-                unreferenced_files.remove(&Some(hash));
-            }
+            unreferenced_files.remove(&Some(hash));
         }
         image.bodies = bodies.into_iter().collect();
         self.index.replace(index.into_iter().collect());
@@ -293,11 +287,7 @@ impl Store {
             let mut mailboxes = txn.open_table(MAILBOXES)?;
             let mut messages = txn.open_table(MESSAGES)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
-            let mut body_tables = BodyTables {
-                refs: txn.open_table(BODY_REFS)?,
-                counts: txn.open_table(BODY_COUNTS)?,
-                inline: InlineTables::open(&txn)?,
-            };
+            let mut body_tables = BodyTables::open(&txn)?;
             let mut log_entries = txn.open_table(LOG_ENTRIES)?;
             let mut log_next = txn.open_table(LOG_NEXT)?;
             let mut log_overflowed = txn.open_table(LOG_OVERFLOWED)?;
@@ -401,6 +391,16 @@ struct BodyTables<'t> {
     refs: redb::Table<'t, u128, &'static [u8]>,
     counts: redb::Table<'t, &'static [u8], u64>,
     inline: InlineTables<'t>,
+}
+
+impl<'t> BodyTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<BodyTables<'t>, StoreError> {
+        Ok(BodyTables {
+            refs: txn.open_table(BODY_REFS)?,
+            counts: txn.open_table(BODY_COUNTS)?,
+            inline: InlineTables::open(txn)?,
+        })
+    }
 }
 
 impl BodyBatch {

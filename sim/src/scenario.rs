@@ -64,7 +64,7 @@ pub struct ClusterSpec {
 pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 5000;
 
 /// The core's default start-up hold.
-pub const STARTUP_HOLD_MS_DEFAULT: u64 = 2000;
+pub const STARTUP_HOLD_MS_DEFAULT: u64 = tandem_core::Config::STARTUP_HOLD_US_DEFAULT / 1000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkSpec {
