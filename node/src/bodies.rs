@@ -297,6 +297,18 @@ pub struct BodyReader {
     pub index: BodyIndex,
 }
 
+impl BodyReader {
+    /// A body's bytes when they hash to the address the index gives them: for a
+    /// client's read off the event loop. None for anything else (no such body here,
+    /// not yet durable, unreadable or damaged), which the caller asks the core about:
+    /// the core knows the bodies still in memory and reports damaged ones for repair.
+    pub fn read_verified(&self, guid: Guid) -> Option<Body> {
+        let hash = self.index.get(guid)?;
+        let bytes = self.read(guid)?;
+        (hash_of(&bytes) == hash).then_some(bytes)
+    }
+}
+
 impl BodyStore for BodyReader {
     fn read(&self, guid: Guid) -> Option<Body> {
         let hash = self.index.get(guid)?;

@@ -45,6 +45,9 @@ const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct NodeHandle {
     events: mpsc::Sender<Event>,
+    /// Reads bodies straight from the store, hash-checked, on the caller's side: a
+    /// FETCH of a large mailbox then neither waits on nor stalls the event loop.
+    bodies: Option<crate::bodies::BodyReader>,
 }
 
 /// Sends the event loop an event that carries a reply channel and waits for the answer;
@@ -63,9 +66,36 @@ impl NodeHandle {
             .unwrap_or(ClientReply::Failed { kind: FailKind::Temporary, reason: "the node is stopping".into() })
     }
 
-    /// Message bodies by GUID (those this node holds intact).
+    /// Message bodies by GUID (those this node holds intact). Read from the store on a
+    /// blocking thread and checked against their content address; what that does not
+    /// find intact is asked of the core, which holds bodies not yet durable and starts
+    /// the repair of a damaged one.
     pub async fn bodies(&self, guids: Vec<Guid>) -> BTreeMap<Guid, tandem_core::Body> {
-        ask(&self.events, |reply| Event::Bodies { guids, reply }).await.unwrap_or_default()
+        let (mut found, rest) = match self.bodies.clone() {
+            Some(reader) => {
+                let asked = guids.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut found = BTreeMap::new();
+                    let mut rest = Vec::new();
+                    for guid in asked {
+                        match reader.read_verified(guid) {
+                            Some(bytes) => {
+                                found.insert(guid, bytes);
+                            }
+                            None => rest.push(guid),
+                        }
+                    }
+                    (found, rest)
+                });
+                read.await.unwrap_or((BTreeMap::new(), guids))
+            }
+            None => (BTreeMap::new(), guids),
+        };
+        if !rest.is_empty() {
+            let from_core = ask(&self.events, |reply| Event::Bodies { guids: rest, reply }).await.unwrap_or_default();
+            found.extend(from_core);
+        }
+        found
     }
 
     /// What the user's mail takes on this node (for the quota).
@@ -167,7 +197,7 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
     let (store_tx, store_rx) = std::sync::mpsc::channel::<Vec<(WriteId, StoreWrite)>>();
     let bodies = tandem_core::MemoryBodies::default();
     let mut node = EventLoop::new(Server::new(core, 1, Box::new(bodies.clone())), store_tx);
-    let handle = NodeHandle { events: events_tx };
+    let handle = NodeHandle { events: events_tx, bodies: None };
     tokio::spawn(async move {
         node.drain();
         loop {
@@ -210,6 +240,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let loaded_ms = started.elapsed().as_millis();
     let server = Server::recover(cfg.core.clone(), image, rand::random(), Box::new(store.body_reader()));
+    let direct_reads = store.body_reader();
     info!(opened_ms, loaded_ms, recovered_ms = started.elapsed().as_millis() as u64, "store read");
     info!(id = cfg.core.sid.0, listen = %cfg.listen, admin = %cfg.admin, "tandem node starting");
 
@@ -228,7 +259,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tokio::spawn(dial_peer(p.clone(), cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
     }
     tokio::spawn(serve_admin(admin_listener, events_tx.clone(), cfg.limits.admin_connections_max));
-    let handle = NodeHandle { events: events_tx.clone() };
+    let handle = NodeHandle { events: events_tx.clone(), bodies: Some(direct_reads) };
     let front = crate::front::Front::new(&cfg);
     tokio::spawn(reload_users_on_hangup(hangups, cfg.users_file.clone(), front.clone()));
     // The plain IMAP port (STARTTLS when a certificate is set) and the implicit-TLS one.

@@ -697,8 +697,11 @@ mod tests {
         let reader = store.body_reader();
         assert_eq!(reader.read(Guid(1)).as_deref(), Some(&b"firsT"[..]), "the core sees the damage and repairs");
         assert!(reader.read(Guid(2)).is_none());
+        assert!(reader.read_verified(Guid(1)).is_none(), "a client's read off the loop never gets damaged bytes");
+        assert!(reader.read_verified(Guid(2)).is_none());
         store.apply(&[put(1, b"first"), put(2, b"second")]).unwrap();
         assert_eq!(reader.read(Guid(1)).as_deref(), Some(&b"first"[..]));
+        assert_eq!(reader.read_verified(Guid(1)).as_deref(), Some(&b"first"[..]));
         assert_eq!(reader.read(Guid(2)).as_deref(), Some(&b"second"[..]));
     }
 
@@ -768,6 +771,7 @@ mod tests {
         let reader = store.body_reader();
         for (g, b) in bodies.iter().enumerate() {
             assert_eq!(reader.read(Guid(g as u128)).as_deref(), Some(&b[..]), "body of {} bytes", b.len());
+            assert_eq!(reader.read_verified(Guid(g as u128)).as_deref(), Some(&b[..]), "verified, {} bytes", b.len());
         }
         // Removing one body removes all of its chunks and none of its neighbours'.
         store.apply(&[StoreWrite::RemoveBody { guid: Guid(4) }]).unwrap();

@@ -986,7 +986,7 @@ fn single_part(msg: &[u8], part: &Part, attached: Option<(String, String)>, exte
     };
     let encoding = c.encoding.as_deref().unwrap_or("7BIT").to_ascii_uppercase();
     let body = msg.get(part.body.clone()).unwrap_or_default();
-    let lines = body.iter().filter(|b| **b == b'\n').count();
+    let lines = memchr::memchr_iter(b'\n', body).count();
     let mut text = format!(
         "({} {} {params} {} {} {} {}",
         quoted_or_literal(main.as_bytes()),

@@ -1137,20 +1137,27 @@ impl Session {
                         | MessageDataItemName::Rfc822Text
                 )
             });
-        let mut start = 0;
-        while start < rows.len() {
-            let mut end = rows.len();
-            let mut bodies = BTreeMap::new();
-            if needs_body {
-                end = batch_end(rows.iter().map(|r| r.2.size), start, FETCH_BATCH_BYTES);
-                let wanted: Vec<_> = rows[start..end]
-                    .iter()
-                    .map(|r| r.2.guid)
-                    .filter(|g| !parsed_only || self.front.parsed.get(*g).is_none())
-                    .collect();
-                if !wanted.is_empty() {
-                    bodies = self.node.bodies(wanted).await;
-                }
+        let batches =
+            if needs_body { batches(rows.iter().map(|r| r.2.size), FETCH_BATCH_BYTES) } else { vec![(0, rows.len())] };
+        // The next batch's bodies are read while this one is formatted and written: the
+        // store and the socket work at once, and at most two batches are in memory.
+        let read_batch = |this: &Self, (start, end): (usize, usize)| {
+            let wanted: Vec<_> = rows[start..end]
+                .iter()
+                .map(|r| r.2.guid)
+                .filter(|g| !parsed_only || this.front.parsed.get(*g).is_none())
+                .collect();
+            let node = this.node.clone();
+            tokio::spawn(async move { if wanted.is_empty() { BTreeMap::new() } else { node.bodies(wanted).await } })
+        };
+        let mut next = (needs_body && !batches.is_empty()).then(|| read_batch(self, batches[0]));
+        for (i, &(start, end)) in batches.iter().enumerate() {
+            let bodies = match next.take() {
+                Some(read) => read.await.unwrap_or_default(),
+                None => BTreeMap::new(),
+            };
+            if needs_body && let Some(&following) = batches.get(i + 1) {
+                next = Some(read_batch(self, following));
             }
             let mut out = Vec::new();
             for (seq, _, m, recent) in &rows[start..end] {
@@ -1175,14 +1182,16 @@ impl Session {
                     }
                 }
                 out.extend_from_slice(b")\r\n");
-                if parsed_only && body.is_some() {
+                // A body read whole anyway is parsed while it is here (as Dovecot caches
+                // what it learns on a FETCH): the client's next ENVELOPE or
+                // BODYSTRUCTURE of it reads nothing.
+                if body.is_some() && (parsed_only || self.front.parsed.get(m.guid).is_none()) {
                     self.front.parsed.put(m.guid, message.parsed());
                 }
             }
             drop(bodies);
             self.out.extend_from_slice(&out);
-            start = end;
-            if start < rows.len() {
+            if end < rows.len() {
                 self.flush().await?;
             }
         }
@@ -1432,12 +1441,11 @@ impl Session {
             .collect();
         let sets = SetCache::default();
         let mut hits = Vec::new();
-        let mut start = 0;
-        while start < rows.len() {
-            let mut end = rows.len();
+        let batches =
+            if needs_body { batches(rows.iter().map(|r| r.2.size), BODY_BATCH_BYTES) } else { vec![(0, rows.len())] };
+        for (start, end) in batches {
             let mut bodies = BTreeMap::new();
             if needs_body {
-                end = batch_end(rows.iter().map(|r| r.2.size), start, BODY_BATCH_BYTES);
                 bodies = self.node.bodies(rows[start..end].iter().map(|r| r.2.guid).collect()).await;
             }
             for (seq, uid, m, recent) in &rows[start..end] {
@@ -1447,7 +1455,6 @@ impl Session {
                     hits.push((*seq, *uid, extract(m, body)));
                 }
             }
-            start = end;
         }
         Ok(hits)
     }
@@ -1799,17 +1806,24 @@ impl Intervals {
 
 /// Where a batch of messages that starts at `start` ends: at least one message, and no
 /// more than `bytes_max` bytes of them.
-fn batch_end(sizes: impl Iterator<Item = u32>, start: usize, bytes_max: u64) -> usize {
-    let mut bytes = 0u64;
-    let mut end = start;
-    for size in sizes.skip(start) {
-        if end > start && bytes + u64::from(size) > bytes_max {
-            break;
+/// Consecutive index ranges of at most `bytes_max` bytes each (a message larger than
+/// that is a batch of its own), covering every size in order.
+fn batches(sizes: impl Iterator<Item = u32>, bytes_max: u64) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    let mut count = 0usize;
+    for (i, size) in sizes.enumerate() {
+        if i > start && bytes + u64::from(size) > bytes_max {
+            out.push((start, i));
+            (start, bytes) = (i, 0);
         }
         bytes += u64::from(size);
-        end += 1;
+        count = i + 1;
     }
-    end
+    if count > start {
+        out.push((start, count));
+    }
+    out
 }
 
 /// Ranges as an IMAP set: 1:3,7,9:10.
@@ -2091,9 +2105,14 @@ mod tests {
     #[test]
     fn a_batch_holds_one_message_at_least_and_bytes_max_at_most() {
         let sizes = [5u32, 5, 20, 1, 1];
-        assert_eq!(batch_end(sizes.into_iter(), 0, 10), 2);
-        assert_eq!(batch_end(sizes.into_iter(), 2, 10), 3, "one message larger than the limit goes alone");
-        assert_eq!(batch_end(sizes.into_iter(), 3, 10), 5);
+        assert_eq!(
+            batches(sizes.into_iter(), 10),
+            [(0, 2), (2, 3), (3, 5)],
+            "one message larger than the limit goes alone"
+        );
+        assert_eq!(batches([10u32, 10].into_iter(), 10), [(0, 1), (1, 2)]);
+        assert_eq!(batches([].into_iter(), 10), []);
+        assert_eq!(batches([0u32, 0, 0].into_iter(), 0), [(0, 3)], "empty messages cost nothing");
     }
 
     #[test]
