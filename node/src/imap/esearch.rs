@@ -140,7 +140,7 @@ pub fn response(tag: &str, uid: bool, options: ReturnOptions, hits: &[(u32, u64)
 fn set_in_order(numbers: impl Iterator<Item = u32>) -> String {
     let mut out = String::new();
     let mut run: Option<(u32, u32)> = None;
-    let mut push = |out: &mut String, (a, b): (u32, u32)| {
+    let push = |out: &mut String, (a, b): (u32, u32)| {
         if !out.is_empty() {
             out.push(',');
         }

@@ -9,6 +9,7 @@
 //! that use sequence numbers), and flag changes (FETCH) — whether made by this session,
 //! another one, another server, or a UID renumbering after a conflict.
 
+mod esearch;
 pub(crate) mod mime;
 pub(crate) mod parsed;
 pub(crate) mod recent;

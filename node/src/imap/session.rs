@@ -4,6 +4,7 @@ use super::{mime, thread};
 use crate::front::{Front, LoginError, UserSession};
 use crate::node::NodeHandle;
 use crate::peer::PeerIo;
+use imap_codec::decode::Decoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
@@ -37,7 +38,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -103,6 +104,7 @@ pub(crate) async fn run_session(
         qresync: false,
         starttls,
         secure,
+        returning: None,
     };
     session.run().await
 }
@@ -122,6 +124,8 @@ struct Selected {
     /// after a new FLAGS response names it (RFC 3501 7.2.6; clients build their keyword
     /// lists from it).
     keywords: BTreeSet<String>,
+    /// The mailbox's HIGHESTMODSEQ as of the last read.
+    highest_modseq: u64,
 }
 
 impl Selected {
@@ -190,6 +194,9 @@ struct Session {
     /// Offered while the session is still plain.
     starttls: Option<TlsAcceptor>,
     secure: bool,
+    /// The RETURN options of the SEARCH or SORT being run (ESEARCH, ESORT); None for
+    /// every other command and for a plain SEARCH or SORT.
+    returning: Option<super::esearch::ReturnOptions>,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -206,6 +213,18 @@ impl Session {
             self.out.clear();
         }
         Ok(())
+    }
+
+    /// A CONDSTORE enabling command (RFC 7162 section 3.1): from now on FLAGS go with
+    /// MODSEQ, and the first such command on a selected mailbox reports HIGHESTMODSEQ.
+    fn enable_condstore(&mut self) {
+        if self.condstore {
+            return;
+        }
+        self.condstore = true;
+        if let Some(highest) = self.selected.as_ref().map(|s| s.highest_modseq) {
+            self.line(&format!("* OK [HIGHESTMODSEQ {highest}] CONDSTORE enabled"));
+        }
     }
 
     fn line(&mut self, text: &str) {
@@ -337,10 +356,27 @@ impl Session {
             }
             line_start = 0;
             in_literal = false;
-            let parsed = fragmentizer.decode_message(&CommandCodec::default()).map(|c| c.into_static());
+            // A SEARCH or SORT with RETURN: the codec parses the command without it.
+            let mut returning = None;
+            let parsed = match super::esearch::cut_return(fragmentizer.message_bytes()) {
+                None => fragmentizer.decode_message(&CommandCodec::default()).map(|c| c.into_static()).map_err(|_| ()),
+                Some(Ok((rest, options))) => {
+                    returning = Some(options);
+                    CommandCodec::default().decode(&rest).map(|(_, c)| c.into_static()).map_err(|_| ())
+                }
+                Some(Err(why)) => {
+                    let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
+                    self.line(&format!("{} BAD {why}", tag.as_deref().unwrap_or("*")));
+                    self.flush().await?;
+                    continue;
+                }
+            };
             match parsed {
                 Ok(command) => {
-                    let flow = self.command(command, &mut fragmentizer).await?;
+                    self.returning = returning;
+                    let flow = self.command(command, &mut fragmentizer).await;
+                    self.returning = None;
+                    let flow = flow?;
                     self.flush().await?;
                     if let Flow::Logout = flow {
                         return Ok(());
@@ -569,9 +605,9 @@ impl Session {
             CommandBody::Move { sequence_set, mailbox, uid } => {
                 self.copy(&sequence_set, &mailbox_name(&mailbox), uid, true).await
             }
-            CommandBody::Search { criteria, uid, .. } => self.search(criteria.as_ref(), uid).await,
+            CommandBody::Search { criteria, uid, .. } => self.search(&tag, criteria.as_ref(), uid).await,
             CommandBody::Sort { sort_criteria, charset, search_criteria, uid } => {
-                self.sort(sort_criteria.as_ref(), &charset, search_criteria.as_ref(), uid).await
+                self.sort(&tag, sort_criteria.as_ref(), &charset, search_criteria.as_ref(), uid).await
             }
             CommandBody::Thread { algorithm, charset, search_criteria, uid } => {
                 self.thread(&algorithm, &charset, search_criteria.as_ref(), uid).await
@@ -836,6 +872,7 @@ impl Session {
             view: BTreeMap::new(),
             recent,
             keywords: BTreeSet::new(),
+            highest_modseq: view.highest_modseq,
         };
         selected.learn_keywords(&view.messages);
         for l in selected.flags_responses() {
@@ -886,6 +923,7 @@ impl Session {
         let Some(name) = self.selected.as_ref().map(|s| s.name.clone()) else { return };
         let Ok(view) = self.read(&name).await else { return };
         let Some(sel) = self.selected.as_mut() else { return };
+        sel.highest_modseq = view.highest_modseq;
         let mut lines = Vec::new();
         if view.uidvalidity != sel.uidvalidity {
             lines.push(format!("* OK [UIDVALIDITY {}] UIDVALIDITY changed", view.uidvalidity));
@@ -1041,7 +1079,7 @@ impl Session {
         for m in modifiers {
             match m {
                 FetchModifier::ChangedSince(since) => {
-                    self.condstore = true;
+                    self.enable_condstore();
                     changed_since = Some(since.get());
                 }
                 FetchModifier::Vanished if !(uid && self.qresync) => {
@@ -1049,6 +1087,9 @@ impl Session {
                 }
                 FetchModifier::Vanished => {}
             }
+        }
+        if items.contains(&MessageDataItemName::ModSeq) {
+            self.enable_condstore();
         }
         let vanished = modifiers.contains(&FetchModifier::Vanished);
         if self.condstore
@@ -1208,7 +1249,7 @@ impl Session {
         unchanged_since: Option<u64>,
     ) -> Result<String> {
         if unchanged_since.is_some() {
-            self.condstore = true;
+            self.enable_condstore();
         }
         let Some(sel) = self.selected.as_ref() else { return Err("NO select a mailbox first".into()) };
         if sel.read_only {
@@ -1411,10 +1452,31 @@ impl Session {
         Ok(())
     }
 
-    async fn search(&mut self, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
-        let hits = self.matching(criteria, false, |_, _| ()).await?;
-        let list: Vec<String> = hits.iter().map(|(seq, u, ())| if uid { *u } else { *seq }.to_string()).collect();
-        self.line(&format!("* SEARCH{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
+    async fn search(&mut self, tag: &str, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
+        // RFC 7162 section 3.1.5: a search that names MODSEQ says the highest modseq of
+        // what it returns.
+        let with_modseq = criteria.iter().any(names_modseq);
+        if with_modseq {
+            self.enable_condstore();
+        }
+        let hits = self.matching(criteria, false, |m, _| m.modseq).await?;
+        let numbers: Vec<(u32, u64)> = hits
+            .iter()
+            .map(|(seq, u, modseq)| (if uid { *u } else { *seq }, if with_modseq { *modseq } else { 0 }))
+            .collect();
+        match self.returning {
+            Some(options) => self.line(&super::esearch::response(tag, uid, options, &numbers, false)),
+            None => {
+                let mut text = String::from("* SEARCH");
+                for (n, _) in &numbers {
+                    text.push_str(&format!(" {n}"));
+                }
+                if let Some(highest) = numbers.iter().map(|n| n.1).max().filter(|m| *m > 0) {
+                    text.push_str(&format!(" (MODSEQ {highest})"));
+                }
+                self.line(&text);
+            }
+        }
         Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
     }
 
@@ -1463,6 +1525,7 @@ impl Session {
     /// criterion in turn (REVERSE turns one criterion around), ties by sequence number.
     async fn sort(
         &mut self,
+        tag: &str,
         criteria: &[SortCriterion],
         charset: &Charset<'_>,
         search: &[SearchKey<'_>],
@@ -1486,6 +1549,15 @@ impl Session {
             }
             a.0.cmp(&b.0)
         });
+        if let Some(options) = self.returning {
+            let with_modseq = search.iter().any(names_modseq);
+            let numbers: Vec<(u32, u64)> = rows
+                .iter()
+                .map(|r| (if uid { r.1 } else { r.0 }, if with_modseq { r.2.0.modseq } else { 0 }))
+                .collect();
+            self.line(&super::esearch::response(tag, uid, options, &numbers, true));
+            return Ok(format!("{}SORT done", if uid { "UID " } else { "" }));
+        }
         let list: Vec<String> = rows.iter().map(|r| if uid { r.1 } else { r.0 }.to_string()).collect();
         self.line(&format!("* SORT{}{}", if list.is_empty() { "" } else { " " }, list.join(" ")));
         Ok(format!("{}SORT done", if uid { "UID " } else { "" }))
@@ -1647,6 +1719,18 @@ fn key_needs_body(k: &SearchKey<'_>) -> bool {
         | SearchKey::SentBefore(_)
         | SearchKey::SentOn(_)
         | SearchKey::SentSince(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether a search names MODSEQ anywhere (its nesting is bounded by the codec, as for
+/// [`key_needs_body`]).
+fn names_modseq(k: &SearchKey<'_>) -> bool {
+    match k {
+        SearchKey::And(keys) => keys.as_ref().iter().any(names_modseq),
+        SearchKey::Not(k) => names_modseq(k),
+        SearchKey::Or(a, b) => names_modseq(a) || names_modseq(b),
+        SearchKey::ModSequence { .. } => true,
         _ => false,
     }
 }
