@@ -6,6 +6,7 @@ mod cluster;
 mod dovecot_lmtp;
 mod dsync;
 mod lmtp;
+mod noop;
 mod plot;
 mod proxy;
 mod report;
@@ -55,10 +56,15 @@ struct Args {
     /// Message counts for the "store" part's restart and memory figures.
     #[arg(long, value_delimiter = ',', default_value = "100000,300000,1000000")]
     store_counts: Vec<usize>,
-    /// Also run the "store" part with this `tandem` binary (an earlier build), beside
-    /// this one.
+    /// Also run the "store" and "noop" parts with this `tandem` binary (an earlier
+    /// build), beside this one.
     #[arg(long)]
     baseline_tandem: Option<PathBuf>,
+    /// The "noop" part: messages in the selected mailbox, and NOOPs timed.
+    #[arg(long, default_value_t = 100_000)]
+    noop_messages: usize,
+    #[arg(long, default_value_t = 2000)]
+    noops: usize,
     /// Keep the benchmark directory afterwards.
     #[arg(long)]
     keep: bool,
@@ -156,6 +162,17 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
             }
         }
         store::splice(&workspace.join("BENCHMARKS.md"), &section)?;
+    }
+    if args.parts.iter().any(|p| p == "noop") {
+        say("NOOP latency on a large mailbox");
+        let builds: Vec<(&str, &Path)> =
+            args.baseline_tandem.iter().map(|b| ("baseline", b.as_path())).chain([("this build", tandem)]).collect();
+        let rows = noop::noop_latency(&builds, root, args.noop_messages, args.noops)?;
+        for row in &rows {
+            say(&format!("  {row:?}"));
+        }
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        store::splice_marked(&workspace.join("BENCHMARKS.md"), "noop", &noop::markdown(&rows, &command))?;
     }
     let standard = ["sim", "throughput", "wire", "resync"];
     let only_extras = !args.parts.iter().any(|p| standard.contains(&p.as_str()));

@@ -226,15 +226,21 @@ pub struct RestartRow {
 /// A store of `messages` distinct messages of about `body_bytes` each, spread over 100
 /// users' INBOXes, written through the node's own store code in large transactions.
 fn generate_store(data: &Path, messages: usize, body_bytes: usize) -> Result<(), String> {
+    let users: Vec<String> = (0..100).map(|u| format!("load{u}@example.org")).collect();
+    generate_mailboxes(data, &users, messages, body_bytes)
+}
+
+/// `messages` distinct messages of about `body_bytes` each, spread over the INBOXes of
+/// `users`, written through the node's own store code in large transactions.
+pub fn generate_mailboxes(data: &Path, users: &[String], messages: usize, body_bytes: usize) -> Result<(), String> {
     use tandem_core::store::StoreWrite;
     use tandem_core::types::{Guid, MailboxKey, MessageRecord};
     let store = tandem_node::store::Store::open(data).map_err(|e| e.to_string())?;
-    let users = 100usize;
-    let per_user = messages.div_ceil(users);
+    let per_user = messages.div_ceil(users.len().max(1));
     let filler = "z".repeat(body_bytes.saturating_sub(80));
     let mut writes = Vec::new();
-    for u in 0..users {
-        let mailbox = MailboxKey::new(&format!("load{u}@example.org"), "INBOX");
+    for (u, user) in users.iter().enumerate() {
+        let mailbox = MailboxKey::new(user, "INBOX");
         let count = per_user.min(messages.saturating_sub(u * per_user));
         for n in 0..count {
             let uid = n as u32 + 1;

@@ -170,6 +170,22 @@ pub struct MailboxView {
     pub messages: Vec<MessageView>,
 }
 
+/// What changed in a mailbox after a modseq a session has shown (see
+/// `Server::changes_since`): the messages whose modseq is above it, the UIDs whose
+/// binding ended above it, and the message count, which lets the session check that
+/// it missed nothing (a collected tombstone is not listed; the count then disagrees and
+/// the session reads the mailbox whole).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailboxChanges {
+    pub uidnext: Uid,
+    pub highest_modseq: ModSeq,
+    pub count: usize,
+    /// In UID order.
+    pub changed: Vec<MessageView>,
+    /// In UID order; a UID may be listed that the session never saw.
+    pub gone: Vec<Uid>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientReply {
     Write(WriteResult),

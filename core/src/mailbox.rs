@@ -326,7 +326,7 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
         return;
     }
     let lowest = m.messages.uids_of(r.guid).next();
-    if let Some(live) = lowest.and_then(|uid| m.messages.get_mut(&uid))
+    if let Some(mut live) = lowest.and_then(|uid| m.messages.get_mut(&uid))
         && join_flags_by(&mut live.flags, &r.flags, rules)
     {
         live.modseq = live.modseq.max(r.modseq);
@@ -449,15 +449,17 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
             out.unresolved = true;
             continue;
         }
-        match m.messages.get_mut(&r.uid) {
-            Some(ours) if ours.guid == r.guid => {
-                let mut changed = join_flags_by(&mut ours.flags, &r.flags, rules);
-                if r.modseq > ours.modseq {
-                    ours.modseq = r.modseq;
-                    changed = true;
-                }
-                if changed {
-                    out.records.push(ours.clone());
+        match m.messages.get(&r.uid).map(|ours| ours.guid) {
+            Some(guid) if guid == r.guid => {
+                if let Some(mut ours) = m.messages.get_mut(&r.uid) {
+                    let mut changed = join_flags_by(&mut ours.flags, &r.flags, rules);
+                    if r.modseq > ours.modseq {
+                        ours.modseq = r.modseq;
+                        changed = true;
+                    }
+                    if changed {
+                        out.records.push(ours.clone());
+                    }
                 }
             }
             Some(_) if rules.replica_overwrites => {
@@ -631,7 +633,7 @@ impl MasterMerge<'_> {
             // take their flag changes.
             add_tombstone(self.m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut self.out);
         }
-        if let Some(ours) = self.m.messages.get_mut(&our_uid) {
+        if let Some(mut ours) = self.m.messages.get_mut(&our_uid) {
             if join_flags_by(&mut ours.flags, &r.flags, rules) {
                 ours.modseq = modseq;
                 self.out.records.push(ours.clone());
@@ -691,7 +693,7 @@ impl MasterMerge<'_> {
             let Some(dropped) = self.m.messages.get(&drop).cloned() else { continue };
             let t = Tombstone { uid: drop, guid: dropped.guid, modseq: self.modseq, expunged: false };
             add_tombstone(self.m, t, &mut self.out);
-            if let Some(kept) = self.m.messages.get_mut(&keep) {
+            if let Some(mut kept) = self.m.messages.get_mut(&keep) {
                 join_flags_by(&mut kept.flags, &dropped.flags, self.rules);
                 kept.modseq = self.modseq;
                 self.out.records.push(kept.clone());

@@ -19,6 +19,41 @@ pub struct Messages {
     by_guid: BTreeMap<Guid, BTreeSet<Uid>>,
     /// GUIDs live at more than one UID (two masters renumbered one message differently).
     multi: BTreeSet<Guid>,
+    /// Every record by its modseq: what changed after a modseq a session has shown is a
+    /// range, not a pass over the mailbox.
+    by_modseq: BTreeSet<(ModSeq, Uid)>,
+}
+
+/// A record being changed in place; its modseq is indexed again when the change ends.
+/// Its UID and GUID stay (a GUID moves by a remove and an insert).
+pub struct RecordMut<'a> {
+    record: &'a mut MessageRecord,
+    by_modseq: &'a mut BTreeSet<(ModSeq, Uid)>,
+    modseq_before: ModSeq,
+    guid_before: Guid,
+}
+
+impl std::ops::Deref for RecordMut<'_> {
+    type Target = MessageRecord;
+    fn deref(&self) -> &MessageRecord {
+        self.record
+    }
+}
+
+impl std::ops::DerefMut for RecordMut<'_> {
+    fn deref_mut(&mut self) -> &mut MessageRecord {
+        self.record
+    }
+}
+
+impl Drop for RecordMut<'_> {
+    fn drop(&mut self) {
+        debug_assert_eq!(self.record.guid, self.guid_before, "a record changed in place keeps its GUID");
+        if self.record.modseq != self.modseq_before {
+            self.by_modseq.remove(&(self.modseq_before, self.record.uid));
+            self.by_modseq.insert((self.record.modseq, self.record.uid));
+        }
+    }
 }
 
 impl Messages {
@@ -28,8 +63,14 @@ impl Messages {
     pub fn get(&self, uid: &Uid) -> Option<&MessageRecord> {
         self.by_uid.get(uid)
     }
-    pub fn get_mut(&mut self, uid: &Uid) -> Option<&mut MessageRecord> {
-        self.by_uid.get_mut(uid)
+    pub fn get_mut(&mut self, uid: &Uid) -> Option<RecordMut<'_>> {
+        let record = self.by_uid.get_mut(uid)?;
+        let (modseq_before, guid_before) = (record.modseq, record.guid);
+        Some(RecordMut { record, by_modseq: &mut self.by_modseq, modseq_before, guid_before })
+    }
+    /// The records whose modseq is above `since`, lowest modseq first.
+    pub fn changed_since(&self, since: ModSeq) -> impl Iterator<Item = &MessageRecord> + '_ {
+        self.by_modseq.range((since.saturating_add(1), 0)..).filter_map(|(_, uid)| self.by_uid.get(uid))
     }
     pub fn contains_key(&self, uid: &Uid) -> bool {
         self.by_uid.contains_key(uid)
@@ -37,9 +78,15 @@ impl Messages {
     pub fn insert(&mut self, uid: Uid, record: MessageRecord) -> Option<MessageRecord> {
         debug_assert_eq!(uid, record.uid, "a record is kept under its own UID");
         let guid = record.guid;
+        self.by_modseq.insert((record.modseq, uid));
         let old = self.by_uid.insert(uid, record);
         if let Some(old) = &old {
             self.unindex(old.guid, uid);
+            if let Some(now) = self.by_uid.get(&uid).map(|r| r.modseq)
+                && now != old.modseq
+            {
+                self.by_modseq.remove(&(old.modseq, uid));
+            }
         }
         let uids = self.by_guid.entry(guid).or_default();
         uids.insert(uid);
@@ -51,6 +98,7 @@ impl Messages {
     pub fn remove(&mut self, uid: &Uid) -> Option<MessageRecord> {
         let old = self.by_uid.remove(uid)?;
         self.unindex(old.guid, *uid);
+        self.by_modseq.remove(&(old.modseq, *uid));
         Some(old)
     }
     fn unindex(&mut self, guid: Guid, uid: Uid) {
@@ -82,9 +130,6 @@ impl Messages {
     }
     pub fn values(&self) -> btree_map::Values<'_, Uid, MessageRecord> {
         self.by_uid.values()
-    }
-    pub fn values_mut(&mut self) -> btree_map::ValuesMut<'_, Uid, MessageRecord> {
-        self.by_uid.values_mut()
     }
     pub fn into_values(self) -> btree_map::IntoValues<Uid, MessageRecord> {
         self.by_uid.into_values()
@@ -122,7 +167,8 @@ impl Messages {
             expected.entry(r.guid).or_default().insert(*uid);
         }
         let multi: BTreeSet<Guid> = expected.iter().filter(|(_, u)| u.len() > 1).map(|(g, _)| *g).collect();
-        expected == self.by_guid && multi == self.multi
+        let by_modseq: BTreeSet<(ModSeq, Uid)> = self.by_uid.values().map(|r| (r.modseq, r.uid)).collect();
+        expected == self.by_guid && multi == self.multi && by_modseq == self.by_modseq
     }
 }
 
@@ -428,5 +474,37 @@ impl DiskImage {
                 self.mailboxes.entry(mailbox.clone()).or_default().retire(retired);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
+        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq, flags: Default::default() }
+    }
+
+    #[test]
+    fn the_modseq_index_follows_inserts_changes_and_removals() {
+        let mut m: Messages =
+            [(1, record(1, 10, 5)), (2, record(2, 20, 7)), (3, record(3, 30, 9))].into_iter().collect();
+        let after = |m: &Messages, since| m.changed_since(since).map(|r| r.uid).collect::<Vec<_>>();
+        assert_eq!(after(&m, 6), [2, 3]);
+        assert_eq!(after(&m, 9), Vec::<Uid>::new());
+        if let Some(mut r) = m.get_mut(&1) {
+            r.modseq = 11;
+        }
+        assert_eq!(after(&m, 9), [1]);
+        m.insert(2, record(2, 20, 12));
+        assert_eq!(after(&m, 9), [1, 2]);
+        m.remove(&1);
+        assert_eq!(after(&m, 0), [3, 2]);
+        if let Some(mut r) = m.get_mut(&3) {
+            r.size = 2; // no modseq change: nothing to index again
+        }
+        assert!(m.index_consistent());
+        let restored: Messages = BTreeMap::from(m.clone()).into();
+        assert_eq!(restored, m);
     }
 }

@@ -18,6 +18,18 @@ impl fmt::Display for Sid {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Guid(pub u128);
 
+impl Guid {
+    /// Bits of a GUID that name the server that assigned it (its SID's low 16 bits; a
+    /// SID fits them, see `EPOCH_SID_BITS`); the rest are random.
+    pub const ORIGIN_MASK: u128 = 0xffff;
+
+    /// The server that assigned this GUID, as far as its low bits say: a hint (a front
+    /// end's `\Recent`), never trusted for anything that matters (a peer chooses it).
+    pub fn origin(&self) -> u32 {
+        (self.0 & Self::ORIGIN_MASK) as u32
+    }
+}
+
 impl fmt::Display for Guid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)

@@ -81,6 +81,10 @@ impl Front {
         Front {
             allow_plaintext_auth: cfg.allow_plaintext_auth,
             plaintext_auth_on_loopback: cfg.plaintext_auth_on_loopback,
+            recent: Arc::new(crate::imap::recent::RecentMarks::for_cluster(
+                cfg.core.sid.0,
+                cfg.peers.iter().map(|p| p.id),
+            )),
             ..Front::with(cfg.users.clone(), cfg.limits.clone())
         }
     }

@@ -124,6 +124,18 @@ enum UserAction {
         #[arg(long)]
         users: PathBuf,
     },
+    /// Remove a user (their mail stays in the store); a running node forgets them at its
+    /// next SIGHUP.
+    Remove {
+        name: String,
+        #[arg(long)]
+        users: PathBuf,
+    },
+    /// List the users in the file.
+    List {
+        #[arg(long)]
+        users: PathBuf,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -292,6 +304,13 @@ async fn run(command: Command) -> Result<(), String> {
             let password = password.trim_end_matches(['\r', '\n']);
             tandem_node::users::add_user(&users, &name, password.as_bytes())?;
             out(&format!("user {name} written to {}", users.display()))
+        }
+        Command::User { action: UserAction::Remove { name, users } } => {
+            tandem_node::users::remove_user(&users, &name)?;
+            out(&format!("user {name} removed from {}; send the nodes a SIGHUP", users.display()))
+        }
+        Command::User { action: UserAction::List { users } } => {
+            out(&tandem_node::users::list_users(&users)?.join("\n"))
         }
         Command::Store { admin, mailbox, uids, add, remove } => {
             match call(admin, AdminRequest::Store { mailbox, uids, add, remove }).await? {

@@ -98,7 +98,18 @@ impl NodeHandle {
         found
     }
 
-    /// What the user's mail takes on this node (for the quota).
+    /// What changed in a mailbox after the modseq a session has shown; None when the
+    /// session must read it whole (see `Server::changes_since`).
+    pub async fn changes(
+        &self,
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        since: u64,
+    ) -> Option<tandem_core::MailboxChanges> {
+        ask(&self.events, |reply| Event::Changes { mailbox, uidvalidity, since, reply }).await.flatten()
+    }
+
+    /// What a user's mail takes on this node (for the quota).
     pub async fn usage(&self, user: &str) -> Usage {
         let user = user.to_string();
         ask(&self.events, |reply| Event::Usage { user, reply }).await.unwrap_or_default()
@@ -125,6 +136,12 @@ enum Event {
     Bodies {
         guids: Vec<Guid>,
         reply: oneshot::Sender<BTreeMap<Guid, tandem_core::Body>>,
+    },
+    Changes {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        since: u64,
+        reply: oneshot::Sender<Option<tandem_core::MailboxChanges>>,
     },
     Mailboxes {
         user: String,
@@ -441,6 +458,9 @@ impl EventLoop {
                     warn!(%guid, "a stored body is missing or damaged; fetching it from a peer");
                     self.input(Input::External(tandem_core::ExternalEdit::Corrupted { guid }));
                 }
+            }
+            Event::Changes { mailbox, uidvalidity, since, reply } => {
+                let _ = reply.send(self.server.changes_since(&mailbox, uidvalidity, since));
             }
             Event::Mailboxes { user, reply } => {
                 let _ = reply.send(self.server.visible_summaries(&user));

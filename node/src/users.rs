@@ -129,10 +129,37 @@ pub fn add_user(path: &Path, name: &str, password: &[u8]) -> Result<(), String> 
     let hash = hash_password(password)?;
     file.user.retain(|u| u.name != name);
     file.user.push(UserEntry { name: name.to_string(), password: hash });
-    let text = toml::to_string(&file).map_err(|e| e.to_string())?;
+    write_users_file(path, &file)
+}
+
+fn read_users_file(path: &Path) -> Result<UsersFile, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Replaces the file whole (a rename: a node reading it sees the old or the new one).
+fn write_users_file(path: &Path, file: &UsersFile) -> Result<(), String> {
+    let text = toml::to_string(file).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("tmp");
     write_private(&tmp, text.as_bytes())?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Removes a user from the file (their mail stays in the store). Err when there is no
+/// such user, so a typo is not taken for a removal.
+pub fn remove_user(path: &Path, name: &str) -> Result<(), String> {
+    let mut file = read_users_file(path)?;
+    let before = file.user.len();
+    file.user.retain(|u| u.name != name);
+    if file.user.len() == before {
+        return Err(format!("no user {name:?} in {}", path.display()));
+    }
+    write_users_file(path, &file)
+}
+
+/// The names in the file, in its order.
+pub fn list_users(path: &Path) -> Result<Vec<String>, String> {
+    Ok(read_users_file(path)?.user.into_iter().map(|u| u.name).collect())
 }
 
 /// Writes a file only its owner can read (mode 0600 from its creation on: hashes and
@@ -176,5 +203,11 @@ mod tests {
         assert_eq!(users.recipient("Alice@example.org", false), None);
         assert_eq!(users.recipient("Alice@Example.ORG", true), Some("alice@example.org"));
         assert_eq!(users.recipient("carol@example.org", true), None);
+        assert_eq!(list_users(&path).unwrap(), ["bob@example.org", "alice@example.org"]);
+        remove_user(&path, "bob@example.org").unwrap();
+        assert!(remove_user(&path, "bob@example.org").is_err(), "removing nobody is an error");
+        assert_eq!(list_users(&path).unwrap(), ["alice@example.org"]);
+        assert!(Users::load(&path).unwrap().verify("alice@example.org", b"new one"));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -1134,18 +1134,18 @@ pub fn mailbox_view(key: &MailboxKey, m: &crate::store::StoredMailbox) -> Mailbo
         uidvalidity: m.uidvalidity,
         uidnext: m.uidnext,
         highest_modseq: m.highest_modseq,
-        messages: m
-            .messages
-            .values()
-            .map(|r| MessageView {
-                uid: r.uid,
-                guid: r.guid,
-                flags: r.present_flags(),
-                modseq: r.modseq,
-                received: r.received,
-                size: r.size,
-            })
-            .collect(),
+        messages: m.messages.values().map(message_view).collect(),
+    }
+}
+
+pub(crate) fn message_view(r: &crate::types::MessageRecord) -> MessageView {
+    MessageView {
+        uid: r.uid,
+        guid: r.guid,
+        flags: r.present_flags(),
+        modseq: r.modseq,
+        received: r.received,
+        size: r.size,
     }
 }
 

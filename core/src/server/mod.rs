@@ -148,6 +148,44 @@ impl Server {
     pub fn read(&self, mailbox: &MailboxKey) -> ClientReply {
         self.read_view(mailbox)
     }
+    /// What changed in `mailbox`'s durable state after `since` (a HIGHESTMODSEQ a
+    /// session has shown under `uidvalidity`); None when the session must read the
+    /// mailbox whole (no such mailbox, another UIDVALIDITY, a modseq from the future).
+    /// An unchanged mailbox costs a lookup, a changed one a range of its modseq index and
+    /// a pass over its tombstones.
+    pub fn changes_since(
+        &self,
+        mailbox: &MailboxKey,
+        uidvalidity: u32,
+        since: crate::types::ModSeq,
+    ) -> Option<crate::io::MailboxChanges> {
+        let m = self.image.durable_mailbox(mailbox).filter(|m| m.visible())?;
+        if m.uidvalidity != uidvalidity || m.highest_modseq < since {
+            return None;
+        }
+        let mut changes = crate::io::MailboxChanges {
+            uidnext: m.uidnext,
+            highest_modseq: m.highest_modseq,
+            count: m.messages.len(),
+            ..Default::default()
+        };
+        if m.highest_modseq == since {
+            return Some(changes);
+        }
+        let mut changed: Vec<MessageView> = m.messages.changed_since(since).map(jobs::message_view).collect();
+        changed.sort_unstable_by_key(|v| v.uid);
+        changes.changed = changed;
+        let mut gone: Vec<Uid> = m
+            .tombstones
+            .values()
+            .filter(|t| t.modseq > since && m.messages.get(&t.uid).is_none_or(|r| r.guid != t.guid))
+            .map(|t| t.uid)
+            .collect();
+        gone.dedup();
+        changes.gone = gone;
+        Some(changes)
+    }
+
     /// A body's bytes for a client's read: Ok(Some) when they match their checksum,
     /// Ok(None) when the image lists no such body, Err when the store holds none or
     /// damaged bytes (the driver reports that as `ExternalEdit::Corrupted`, and the
@@ -304,7 +342,8 @@ impl Server {
     pub(crate) fn new_guid(&mut self) -> Guid {
         let hi = u128::from(self.rng.next_u64());
         let lo = u128::from(self.rng.next_u64());
-        Guid((hi << 64 | lo) ^ (u128::from(self.cfg.sid.0) << 96))
+        // The origin in the low bits: GUIDs still sort by random bits.
+        Guid(((hi << 64 | lo) & !Guid::ORIGIN_MASK) | (u128::from(self.cfg.sid.0) & Guid::ORIGIN_MASK))
     }
 
     /// A mailbox's summary, its digest kept up to date.

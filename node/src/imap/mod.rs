@@ -3,11 +3,15 @@
 //! `wire`. Every write goes through the core (SAVE, COPY, EXPUNGE, STORE), so it
 //! replicates, and is answered only when the core answers it under the durability mode.
 //!
-//! A selected session keeps the UIDs it has shown (its sequence numbers). Before each
-//! command, and every 500 ms during IDLE, it reads the mailbox again and reports what
-//! changed — new messages (EXISTS), removed ones (EXPUNGE, held back during commands
-//! that use sequence numbers), and flag changes (FETCH) — whether made by this session,
-//! another one, another server, or a UID renumbering after a conflict.
+//! A selected session keeps the UIDs it has shown (its sequence numbers) and the
+//! HIGHESTMODSEQ it has shown. Before each command, and every 500 ms during IDLE, it
+//! asks the node what changed after that modseq (the core's `changes_since`: a lookup
+//! when nothing did, else a range of the mailbox's modseq index) and reports it — new
+//! messages (EXISTS), removed ones (EXPUNGE, held back during commands that use sequence
+//! numbers), and flag changes (FETCH) — whether made by this session, another one,
+//! another server, or a UID renumbering after a conflict. When the changes do not add up
+//! to the mailbox's message count (a tombstone collected meanwhile), or the UIDVALIDITY
+//! changed, it reads the mailbox whole instead.
 
 mod esearch;
 pub(crate) mod mime;

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_core::io::{ClientReply, ClientRequest, MailboxView, MessageView};
+use tandem_core::io::{ClientReply, ClientRequest, MailboxChanges, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
 use tandem_core::types::{Flag, MailboxKey, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -124,8 +124,12 @@ struct Selected {
     /// after a new FLAGS response names it (RFC 3501 7.2.6; clients build their keyword
     /// lists from it).
     keywords: BTreeSet<String>,
-    /// The mailbox's HIGHESTMODSEQ as of the last read.
+    /// The mailbox's HIGHESTMODSEQ as of the last read: changes after it are what the
+    /// next refresh asks the node for.
     highest_modseq: u64,
+    /// Messages gone from the mailbox that the client still has a sequence number for
+    /// (an expunge waits during commands that use sequence numbers).
+    gone: BTreeSet<Uid>,
 }
 
 impl Selected {
@@ -857,11 +861,11 @@ impl Session {
         let view = self.read(name).await?;
         let uids: Vec<Uid> = view.messages.iter().map(|m| m.uid).collect();
         // SELECT takes the recent messages for this session; EXAMINE only shows them.
+        let messages = view.messages.iter().map(|m| (m.uid, m.guid));
         let recent: BTreeSet<Uid> = if read_only {
-            let mark = self.front.recent.mark(&view.mailbox, view.uidvalidity);
-            uids.iter().copied().filter(|u| *u > mark).collect()
+            self.front.recent.shown(&view.mailbox, view.uidvalidity, messages).into_iter().collect()
         } else {
-            self.front.recent.take(&view.mailbox, view.uidvalidity, uids.iter().copied()).into_iter().collect()
+            self.front.recent.take(&view.mailbox, view.uidvalidity, messages).into_iter().collect()
         };
         let mut selected = Selected {
             mailbox: view.mailbox.clone(),
@@ -873,6 +877,7 @@ impl Session {
             recent,
             keywords: BTreeSet::new(),
             highest_modseq: view.highest_modseq,
+            gone: BTreeSet::new(),
         };
         selected.learn_keywords(&view.messages);
         for l in selected.flags_responses() {
@@ -920,6 +925,100 @@ impl Session {
 
     /// `refresh`, leaving out flag changes of `quiet`: the current command reports them.
     async fn refresh_except(&mut self, expunges_allowed: bool, quiet: &BTreeSet<Uid>) {
+        let Some((mailbox, uidvalidity, since)) =
+            self.selected.as_ref().map(|s| (s.mailbox.clone(), s.uidvalidity, s.highest_modseq))
+        else {
+            return;
+        };
+        // What changed since the session last looked: a lookup when nothing did.
+        if let Some(changes) = self.node.changes(mailbox, uidvalidity, since).await
+            && self.apply_changes(changes, expunges_allowed, quiet)
+        {
+            return;
+        }
+        self.refresh_whole(expunges_allowed, quiet).await;
+    }
+
+    /// Reports `changes` to the client; false, having reported nothing, when they do not
+    /// add up to the node's message count (a tombstone collected, a new message below
+    /// one shown): the caller then reads the mailbox whole.
+    fn apply_changes(&mut self, changes: MailboxChanges, expunges_allowed: bool, quiet: &BTreeSet<Uid>) -> bool {
+        let qresync = self.condstore_modseq_shown();
+        let Some(sel) = self.selected.as_mut() else { return false };
+        let gone: Vec<Uid> =
+            changes.gone.iter().copied().filter(|u| sel.view.contains_key(u) && !sel.gone.contains(u)).collect();
+        let added: Vec<&MessageView> = changes.changed.iter().filter(|m| !sel.view.contains_key(&m.uid)).collect();
+        let last_shown = sel.uids.last().copied().unwrap_or(0);
+        let still_shown = sel.uids.len() - sel.gone.len() - gone.len();
+        if still_shown + added.len() != changes.count || added.iter().any(|m| m.uid <= last_shown) {
+            return false;
+        }
+        let mut lines = Vec::new();
+        sel.gone.extend(gone);
+        if expunges_allowed && !sel.gone.is_empty() {
+            let gone = std::mem::take(&mut sel.gone);
+            // Highest sequence numbers first, so each number is still right when sent.
+            for uid in gone.iter().rev() {
+                let Ok(i) = sel.uids.binary_search(uid) else { continue };
+                if !qresync.1 {
+                    lines.push(format!("* {} EXPUNGE", i + 1));
+                }
+                sel.uids.remove(i);
+                sel.view.remove(uid);
+                sel.recent.remove(uid);
+            }
+            if qresync.1 {
+                lines.push(format!("* VANISHED {}", uid_set(&gone.into_iter().collect::<Vec<_>>())));
+            }
+        }
+        if !added.is_empty() {
+            for m in &added {
+                sel.uids.push(m.uid);
+            }
+            let new_messages = added.iter().map(|m| (m.uid, m.guid));
+            let recent: Vec<Uid> = if sel.read_only {
+                self.front.recent.shown(&sel.mailbox, sel.uidvalidity, new_messages)
+            } else {
+                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_messages)
+            };
+            sel.recent.extend(recent);
+            lines.push(format!("* {} EXISTS", sel.uids.len()));
+            lines.push(format!("* {} RECENT", sel.recent.len()));
+        }
+        // Keywords new to this session are announced before any message shows them.
+        if sel.learn_keywords(&changes.changed) {
+            lines.extend(sel.flags_responses());
+        }
+        for m in changes.changed {
+            if sel.gone.contains(&m.uid) {
+                continue;
+            }
+            let known = sel.view.contains_key(&m.uid);
+            let changed = known && sel.flags(&m.uid) != m.flags.as_slice();
+            let (uid, modseq) = (m.uid, m.modseq);
+            sel.view.insert(uid, m);
+            if changed
+                && !quiet.contains(&uid)
+                && let Ok(i) = sel.uids.binary_search(&uid)
+            {
+                let modseq = if qresync.0 { format!(" MODSEQ ({modseq})") } else { String::new() };
+                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, sel.flag_list(&uid)));
+            }
+        }
+        sel.highest_modseq = changes.highest_modseq;
+        for l in lines {
+            self.line(&l);
+        }
+        true
+    }
+
+    /// (CONDSTORE in use, QRESYNC enabled): how changes are reported.
+    fn condstore_modseq_shown(&self) -> (bool, bool) {
+        (self.condstore, self.qresync)
+    }
+
+    /// `refresh_except` by reading the whole mailbox.
+    async fn refresh_whole(&mut self, expunges_allowed: bool, quiet: &BTreeSet<Uid>) {
         let Some(name) = self.selected.as_ref().map(|s| s.name.clone()) else { return };
         let Ok(view) = self.read(&name).await else { return };
         let Some(sel) = self.selected.as_mut() else { return };
@@ -930,7 +1029,9 @@ impl Session {
             sel.uidvalidity = view.uidvalidity;
         }
         let now: BTreeMap<Uid, &MessageView> = view.messages.iter().map(|m| (m.uid, m)).collect();
+        sel.gone = sel.uids.iter().copied().filter(|u| !now.contains_key(u)).collect();
         if expunges_allowed {
+            sel.gone.clear();
             let mut vanished = Vec::new();
             // Highest sequence numbers first, so each number is still right when sent.
             for seq in (1..=sel.uids.len()).rev() {
@@ -960,12 +1061,11 @@ impl Session {
             sel.view.insert(m.uid, (*m).clone());
         }
         if !added.is_empty() {
-            let new_uids = added.iter().map(|m| m.uid);
+            let new_messages = added.iter().map(|m| (m.uid, m.guid));
             let recent: Vec<Uid> = if sel.read_only {
-                let mark = self.front.recent.mark(&sel.mailbox, sel.uidvalidity);
-                new_uids.filter(|u| *u > mark).collect()
+                self.front.recent.shown(&sel.mailbox, sel.uidvalidity, new_messages)
             } else {
-                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_uids)
+                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_messages)
             };
             sel.recent.extend(recent);
             lines.push(format!("* {} EXISTS", sel.uids.len()));
@@ -997,8 +1097,11 @@ impl Session {
             match item {
                 StatusDataItemName::Messages => parts.push(format!("MESSAGES {}", view.messages.len())),
                 StatusDataItemName::Recent => {
-                    let mark = self.front.recent.mark(&view.mailbox, view.uidvalidity);
-                    parts.push(format!("RECENT {}", view.messages.iter().filter(|m| m.uid > mark).count()))
+                    let messages = view.messages.iter().map(|m| (m.uid, m.guid));
+                    parts.push(format!(
+                        "RECENT {}",
+                        self.front.recent.shown(&view.mailbox, view.uidvalidity, messages).len()
+                    ))
                 }
                 StatusDataItemName::UidNext => parts.push(format!("UIDNEXT {}", view.uidnext)),
                 StatusDataItemName::UidValidity => parts.push(format!("UIDVALIDITY {}", view.uidvalidity)),
@@ -1297,7 +1400,7 @@ impl Session {
         let before: BTreeMap<Uid, Vec<Flag>> = self
             .selected
             .as_ref()
-            .map(|s| s.view.iter().map(|(u, m)| (*u, m.flags.clone())).collect())
+            .map(|s| targets.iter().map(|(_, u)| (*u, s.flags(u).to_vec())).collect())
             .unwrap_or_default();
         self.refresh(false).await;
         if response == StoreResponse::Answer {

@@ -1,0 +1,150 @@
+//! NOOP latency on a large mailbox: what a session pays to learn what changed before
+//! each command (and on each IDLE poll). One node whose store holds one user's INBOX of
+//! `messages` messages (written directly, as the restart figures are); one IMAP session
+//! selects it and times NOOPs: with nothing changed, and with one flag changed by
+//! another session before each.
+
+use crate::cluster::{BenchCluster, Setup, USER};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct NoopRow {
+    pub build: String,
+    pub messages: usize,
+    pub idle_p50_us: f64,
+    pub idle_p99_us: f64,
+    pub changed_p50_us: f64,
+    pub changed_p99_us: f64,
+}
+
+struct Imap {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    tag: u64,
+}
+
+impl Imap {
+    fn connect(addr: SocketAddr) -> Result<Imap, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("imap {addr}: {e}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut imap = Imap { reader: BufReader::new(stream), writer, tag: 0 };
+        let mut greeting = String::new();
+        imap.reader.read_line(&mut greeting).map_err(|e| e.to_string())?;
+        Ok(imap)
+    }
+
+    /// Sends a command and reads through its tagged answer, which must be OK.
+    fn command(&mut self, text: &str) -> Result<(), String> {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        self.writer.write_all(format!("{tag} {text}\r\n").as_bytes()).map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err(format!("connection closed during {text}"));
+            }
+            if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
+                return if rest.starts_with("OK") { Ok(()) } else { Err(format!("{text}: {}", line.trim_end())) };
+            }
+        }
+    }
+}
+
+fn percentile(sorted_us: &[f64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() - 1) as f64 * p).round() as usize;
+    sorted_us[i.min(sorted_us.len() - 1)]
+}
+
+fn timed_noops(session: &mut Imap, other: Option<&mut Imap>, count: usize) -> Result<(f64, f64), String> {
+    let mut other = other;
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count {
+        if let Some(o) = other.as_deref_mut() {
+            let op = if i % 2 == 0 { '+' } else { '-' };
+            o.command(&format!("STORE 1 {op}FLAGS.SILENT (\\Flagged)"))?;
+        }
+        let started = Instant::now();
+        session.command("NOOP")?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
+}
+
+/// Each build in turn on the same store (generated once).
+pub fn noop_latency(
+    builds: &[(&str, &Path)],
+    root: &Path,
+    messages: usize,
+    noops: usize,
+) -> Result<Vec<NoopRow>, String> {
+    let dir = root.join(format!("noop-{messages}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let setup = Setup { nodes: 1, mode: "sync", replicas: 0, compression: false };
+    let mut rows = Vec::new();
+    for (i, (build, binary)) in builds.iter().enumerate() {
+        let mut cluster = BenchCluster::create(&dir, binary, &setup)?;
+        if i == 0 {
+            crate::store::generate_mailboxes(&cluster.nodes[0].data, &[USER.to_string()], messages, 2048)?;
+        }
+        let imap_addr =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
+        let config = cluster.nodes[0].config.clone();
+        let mut text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
+        text.push_str(&format!("imap = \"{imap_addr}\"\n"));
+        std::fs::write(&config, text).map_err(|e| e.to_string())?;
+        cluster.start(0)?;
+        let result: Result<NoopRow, String> = (|| {
+            let mut session = Imap::connect(imap_addr)?;
+            session.command(&format!("LOGIN {USER} bench"))?;
+            session.command("SELECT INBOX")?;
+            let mut other = Imap::connect(imap_addr)?;
+            other.command(&format!("LOGIN {USER} bench"))?;
+            other.command("SELECT INBOX")?;
+            timed_noops(&mut session, None, noops / 10)?;
+            let (idle_p50_us, idle_p99_us) = timed_noops(&mut session, None, noops)?;
+            let (changed_p50_us, changed_p99_us) = timed_noops(&mut session, Some(&mut other), noops / 2)?;
+            Ok(NoopRow { build: build.to_string(), messages, idle_p50_us, idle_p99_us, changed_p50_us, changed_p99_us })
+        })();
+        cluster.stop_all();
+        rows.push(result?);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+pub fn markdown(rows: &[NoopRow], command: &str) -> String {
+    let mut out = String::from(
+        "## NOOP latency on a large mailbox\n\n\
+         One node; one user's INBOX written directly into its store (2 KB messages); one IMAP session \
+         has it selected and times NOOP round trips on loopback. \"Idle\": nothing changed between NOOPs \
+         (what an IDLE poll costs too). \"One change\": another session changed one message's flag \
+         before each NOOP, which the NOOP reports. Builds ran one after the other in one run: `",
+    );
+    out.push_str(command);
+    out.push_str("`.\n\n| build | messages | idle p50 µs | idle p99 µs | one change p50 µs | one change p99 µs |\n|---|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            r.build, r.messages, r.idle_p50_us, r.idle_p99_us, r.changed_p50_us, r.changed_p99_us
+        ));
+    }
+    out.push_str(
+        "\nBefore 2026-12-01 (commit 6d27edb) a session read the whole mailbox before every command (and every \
+         IDLE poll), through the event loop: every other session of the node waited behind it. Now it asks \
+         for the changes after the HIGHESTMODSEQ it has shown (`Server::changes_since`, a range of a \
+         per-mailbox modseq index). IDLE still polls every 500 ms (each poll costs what an idle NOOP \
+         does); pushing changes to IDLE sessions is not done.\n",
+    );
+    out
+}
