@@ -15,6 +15,7 @@
 
 mod esearch;
 pub(crate) mod mime;
+mod multiappend;
 pub(crate) mod parsed;
 pub(crate) mod recent;
 pub(crate) mod session;

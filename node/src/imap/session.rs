@@ -38,7 +38,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT MULTIAPPEND";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -387,6 +387,25 @@ impl Session {
                     }
                 }
                 Err(_) => {
+                    // An APPEND of several messages (MULTIAPPEND), one APPEND each.
+                    let appends: Option<Vec<Command<'static>>> =
+                        super::multiappend::split(fragmentizer.message_bytes()).and_then(|commands| {
+                            commands
+                                .iter()
+                                .map(|c| CommandCodec::default().decode(c).ok().map(|(_, c)| c.into_static()))
+                                .collect()
+                        });
+                    if let Some(appends) = appends {
+                        let tag = appends.first().map(|c| c.tag.as_ref().to_string()).unwrap_or_default();
+                        let answer = match self.multi_append(appends).await {
+                            Ok(text) => format!("{tag} OK {text}"),
+                            Err(text) if text.starts_with("BAD") || text.starts_with("NO") => format!("{tag} {text}"),
+                            Err(text) => format!("{tag} NO {text}"),
+                        };
+                        self.line(&answer);
+                        self.flush().await?;
+                        continue;
+                    }
                     let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
                     // The one rule for NUL: a plain literal may not hold it (RFC 3501),
                     // a literal8 may (BINARY, RFC 3516); FETCH shows a stored NUL as 0x80
@@ -529,13 +548,7 @@ impl Session {
             }
             CommandBody::Status { mailbox, item_names } => self.status(&mailbox_name(&mailbox), &item_names).await,
             CommandBody::Append { mailbox, flags, date, message } => {
-                let bytes = match message {
-                    LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
-                    // Binary content (RFC 3516) is kept as base64, so BODY[] stays text.
-                    LiteralOrLiteral8::Literal8(l) => {
-                        mime::encode_binary_parts(&l.data).unwrap_or_else(|| l.data.to_vec())
-                    }
-                };
+                let bytes = append_bytes(message);
                 let received = date.map(|d| d.as_ref().timestamp().max(0) as u64);
                 self.append(&mailbox_name(&mailbox), &flags, received, bytes).await
             }
@@ -1147,6 +1160,67 @@ impl Session {
             }
             other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
         }
+    }
+
+    /// MULTIAPPEND (RFC 3502): every message or none. The checks come first (size, the
+    /// mailbox, the quota for all of them); the messages are then saved in order, and
+    /// if one cannot be, those saved before it are expunged again and the answer is NO.
+    async fn multi_append(&mut self, appends: Vec<Command<'static>>) -> Result<String> {
+        if self.user.is_none() {
+            return Err("NO log in first".into());
+        }
+        if self.selected.is_some() {
+            self.refresh(false).await;
+        }
+        let mut name = None;
+        let mut messages = Vec::new();
+        for command in appends {
+            let CommandBody::Append { mailbox, flags, date, message } = command.body else {
+                return Err("BAD not an APPEND".into());
+            };
+            let this = mailbox_name(&mailbox);
+            if name.get_or_insert_with(|| this.clone()) != &this {
+                return Err("BAD one mailbox per APPEND".into());
+            }
+            let bytes = append_bytes(message);
+            if bytes.len() > self.front.limits.message_size_max {
+                return Err(format!("NO [TOOBIG] messages are at most {} bytes", self.front.limits.message_size_max));
+            }
+            let received = date.map(|d| d.as_ref().timestamp().max(0) as u64).unwrap_or_else(now_secs);
+            messages.push((core_flags(&flags)?, received, bytes));
+        }
+        let name = name.unwrap_or_default();
+        if !self.mailbox_exists(&name).await {
+            return Err("NO [TRYCREATE] no such mailbox".into());
+        }
+        let user = self.user.clone().unwrap_or_default();
+        let total: u64 = messages.iter().map(|m| m.2.len() as u64).sum();
+        if let Err(why) = self.front.within_quota(&self.node, &user, total, messages.len() as u64).await {
+            return Err(format!("NO [OVERQUOTA] {why}"));
+        }
+        let key = self.key(&name);
+        let mut saved = Vec::new();
+        let mut validity = 0;
+        for (flags, received, body) in messages {
+            let request = ClientRequest::Save { mailbox: key.clone(), received, flags, body: body.into() };
+            match self.node.request(request).await {
+                ClientReply::Write(WriteResult::Saved { uidvalidity, uid, .. }) => {
+                    validity = uidvalidity;
+                    saved.push(uid);
+                }
+                other => {
+                    if !saved.is_empty() {
+                        let undo = ClientRequest::Expunge { mailbox: key.clone(), uids: saved.clone() };
+                        let _ = self.node.request(undo).await;
+                    }
+                    return Err(format!("NO [UNAVAILABLE] none of the messages was kept: {}", describe(&other)));
+                }
+            }
+        }
+        if self.selected.as_ref().is_some_and(|s| s.mailbox == key) {
+            self.refresh(true).await;
+        }
+        Ok(format!("[APPENDUID {validity} {}] APPEND done", uid_set(&saved)))
     }
 
     /// (sequence number, UID) of the messages a set names.
@@ -1823,6 +1897,15 @@ fn key_needs_body(k: &SearchKey<'_>) -> bool {
         | SearchKey::SentOn(_)
         | SearchKey::SentSince(_) => true,
         _ => false,
+    }
+}
+
+/// An APPEND's message as stored: binary content (RFC 3516) is kept as base64, so
+/// BODY[] stays text.
+fn append_bytes(message: LiteralOrLiteral8<'_>) -> Vec<u8> {
+    match message {
+        LiteralOrLiteral8::Literal(l) => l.data().to_vec(),
+        LiteralOrLiteral8::Literal8(l) => mime::encode_binary_parts(&l.data).unwrap_or_else(|| l.data.to_vec()),
     }
 }
 
