@@ -962,8 +962,8 @@ impl Session {
             changes.gone.iter().copied().filter(|u| sel.view.contains_key(u) && !sel.gone.contains(u)).collect();
         let added: Vec<&MessageView> = changes.changed.iter().filter(|m| !sel.view.contains_key(&m.uid)).collect();
         let last_shown = sel.uids.last().copied().unwrap_or(0);
-        let still_shown = sel.uids.len() - sel.gone.len() - gone.len();
-        if still_shown + added.len() != changes.count || added.iter().any(|m| m.uid <= last_shown) {
+        let still_shown = sel.uids.len().checked_sub(sel.gone.len() + gone.len());
+        if still_shown.map(|s| s + added.len()) != Some(changes.count) || added.iter().any(|m| m.uid <= last_shown) {
             return false;
         }
         let mut lines = Vec::new();
