@@ -153,6 +153,27 @@ impl Selected {
         [format!("* FLAGS ({flags})"), format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick")]
     }
 
+    /// New messages (already in `uids`): those recent in this session, then EXISTS and
+    /// RECENT. A read-only session shows the recent ones without taking them.
+    fn announce_new(
+        &mut self,
+        marks: &super::recent::RecentMarks,
+        added: impl ExactSizeIterator<Item = (Uid, tandem_core::types::Guid)>,
+        lines: &mut Vec<String>,
+    ) {
+        if added.len() == 0 {
+            return;
+        }
+        let recent = if self.read_only {
+            marks.shown(&self.mailbox, self.uidvalidity, added)
+        } else {
+            marks.take(&self.mailbox, self.uidvalidity, added)
+        };
+        self.recent.extend(recent);
+        lines.push(format!("* {} EXISTS", self.uids.len()));
+        lines.push(format!("* {} RECENT", self.recent.len()));
+    }
+
     /// Adds the keywords of `messages` not announced yet; true when there were any.
     fn learn_keywords<'a>(&mut self, messages: impl IntoIterator<Item = &'a MessageView>) -> bool {
         let mut learned = false;
@@ -984,20 +1005,10 @@ impl Session {
                 lines.push(format!("* VANISHED {}", uid_set(&gone.into_iter().collect::<Vec<_>>())));
             }
         }
-        if !added.is_empty() {
-            for m in &added {
-                sel.uids.push(m.uid);
-            }
-            let new_messages = added.iter().map(|m| (m.uid, m.guid));
-            let recent: Vec<Uid> = if sel.read_only {
-                self.front.recent.shown(&sel.mailbox, sel.uidvalidity, new_messages)
-            } else {
-                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_messages)
-            };
-            sel.recent.extend(recent);
-            lines.push(format!("* {} EXISTS", sel.uids.len()));
-            lines.push(format!("* {} RECENT", sel.recent.len()));
+        for m in &added {
+            sel.uids.push(m.uid);
         }
+        sel.announce_new(&self.front.recent, added.iter().map(|m| (m.uid, m.guid)), &mut lines);
         // Keywords new to this session are announced before any message shows them.
         if sel.learn_keywords(&changes.changed) {
             lines.extend(sel.flags_responses());
@@ -1073,17 +1084,7 @@ impl Session {
             sel.uids.push(m.uid);
             sel.view.insert(m.uid, (*m).clone());
         }
-        if !added.is_empty() {
-            let new_messages = added.iter().map(|m| (m.uid, m.guid));
-            let recent: Vec<Uid> = if sel.read_only {
-                self.front.recent.shown(&sel.mailbox, sel.uidvalidity, new_messages)
-            } else {
-                self.front.recent.take(&sel.mailbox, sel.uidvalidity, new_messages)
-            };
-            sel.recent.extend(recent);
-            lines.push(format!("* {} EXISTS", sel.uids.len()));
-            lines.push(format!("* {} RECENT", sel.recent.len()));
-        }
+        sel.announce_new(&self.front.recent, added.iter().map(|m| (m.uid, m.guid)), &mut lines);
         // Keywords new to this session are announced before any message shows them.
         let shown: Vec<&MessageView> = sel.uids.iter().filter_map(|u| now.get(u).copied()).collect();
         if sel.learn_keywords(shown) {
