@@ -399,7 +399,7 @@ pub fn explore(opts: &ExploreOptions) -> Summary {
         }
         if !result.passed {
             if opts.progress {
-                println!(
+                crate::say!(
                     "seed {} broke {}: {}",
                     result.seed,
                     result.broken.as_deref().unwrap_or("?"),
@@ -417,7 +417,7 @@ pub fn explore(opts: &ExploreOptions) -> Summary {
         if opts.progress && last_progress.elapsed() >= Duration::from_secs(5) {
             last_progress = Instant::now();
             let rate = summary.seeds_run as f64 / started.elapsed().as_secs_f64();
-            println!(
+            crate::say!(
                 "... {}/{} seeds, {} failing, {:.1} seeds/s, {:.0} s",
                 summary.seeds_run,
                 opts.seeds,

@@ -137,7 +137,7 @@ fn main() -> ExitCode {
                 progress: true,
             };
             let summary = explore::explore(&opts);
-            println!(
+            tandem_sim::say!(
                 "{} seeds in {:.1} s ({:.1} seeds/s), {} failing",
                 summary.seeds_run,
                 summary.elapsed.as_secs_f64(),
@@ -148,9 +148,9 @@ fn main() -> ExitCode {
             for f in summary.failures.iter().take(shrink) {
                 match shrink_seed(f.seed, bug, &out) {
                     Ok((path, n, broken)) => {
-                        println!("seed {} ({broken}) shrunk to {n} events: {}", f.seed, path.display())
+                        tandem_sim::say!("seed {} ({broken}) shrunk to {n} events: {}", f.seed, path.display())
                     }
-                    Err(e) => println!("seed {}: {e}", f.seed),
+                    Err(e) => tandem_sim::say!("seed {}: {e}", f.seed),
                 }
             }
             if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
@@ -159,7 +159,7 @@ fn main() -> ExitCode {
             let out = out.unwrap_or_else(|| PathBuf::from("."));
             match shrink_seed(seed, bug, &out) {
                 Ok((path, n, broken)) => {
-                    println!("seed {seed} ({broken}) shrunk to {n} events: {}", path.display());
+                    tandem_sim::say!("seed {seed} ({broken}) shrunk to {n} events: {}", path.display());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -184,7 +184,7 @@ fn main() -> ExitCode {
                 let scenario = match load(&file) {
                     Ok(s) => s,
                     Err(e) => {
-                        println!("ERROR {e}");
+                        tandem_sim::say!("ERROR {e}");
                         failed += 1;
                         continue;
                     }
@@ -193,16 +193,16 @@ fn main() -> ExitCode {
                 let report = run(&scenario, &opts);
                 let wall = started.elapsed();
                 if trace {
-                    println!("--- timeline of {} (seed {})", report.name, report.seed);
+                    tandem_sim::say!("--- timeline of {} (seed {})", report.name, report.seed);
                     for line in &report.trace {
-                        println!("{line}");
+                        tandem_sim::say!("{line}");
                     }
                 }
                 let converged = report
                     .converged_after_us
                     .map(|t| format!("{:.1}s", t as f64 / 1e6))
                     .unwrap_or_else(|| "never".into());
-                println!(
+                tandem_sim::say!(
                     "{} {:<28} seed {:<6} sim {:>8.1}s  msgs {:>8}  converged after heal {:>6}  wall {:>6.2}s",
                     if report.passed { "pass" } else { "FAIL" },
                     report.name,
@@ -214,24 +214,24 @@ fn main() -> ExitCode {
                 );
                 if stats {
                     let kinds: Vec<String> = report.messages_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                    println!("    messages: {}", kinds.join(", "));
+                    tandem_sim::say!("    messages: {}", kinds.join(", "));
                 }
                 if report.passed {
                     passed += 1;
                 } else {
                     failed += 1;
                     for f in &report.failures {
-                        println!("    {f}");
+                        tandem_sim::say!("    {f}");
                     }
                     if !trace {
-                        println!("    last events before the end (rerun with --trace for all):");
+                        tandem_sim::say!("    last events before the end (rerun with --trace for all):");
                         for line in report.trace.iter().rev().take(40).rev() {
-                            println!("      {line}");
+                            tandem_sim::say!("      {line}");
                         }
                     }
                 }
             }
-            println!("{passed} passed, {failed} failed");
+            tandem_sim::say!("{passed} passed, {failed} failed");
             if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
     }
