@@ -389,3 +389,44 @@ fn maximal_parts_fit_a_line() {
     enc.encode(&small, &mut bytes);
     assert_eq!(dec.decode(&bytes).expect("decodes").map(|(e, _)| e), Some(small));
 }
+
+/// What a session is told changed after the modseq it has shown: nothing for an unchanged
+/// mailbox, the changed records and the ended bindings otherwise, on the master and on
+/// the replica alike; None for another UIDVALIDITY.
+#[test]
+fn changes_since_a_modseq_are_what_changed_after_it() {
+    let mut h = Harness::new(5);
+    let validity = h.mailbox(S1).uidvalidity;
+    for sid in [S1, S2] {
+        let none = h.servers[&sid].changes_since(&inbox(), validity, 1).expect("the mailbox is there");
+        assert_eq!((none.count, none.changed.len(), none.gone.len()), (5, 0, 0));
+        assert!(h.servers[&sid].changes_since(&inbox(), validity ^ 1, 1).is_none());
+    }
+    let seen = Flag::new("\\Seen").unwrap();
+    let reply = h.request_at(
+        S1,
+        ClientRequest::Store {
+            mailbox: inbox(),
+            uids: vec![2],
+            add: vec![seen],
+            remove: vec![],
+            unchanged_since: None,
+        },
+    );
+    let ClientReply::Write(WriteResult::Stored { modseq, .. }) = reply else { panic!("{reply:?}") };
+    h.settle();
+    let reply = h.request_at(S1, ClientRequest::Expunge { mailbox: inbox(), uids: vec![3] });
+    assert!(matches!(reply, ClientReply::Write(WriteResult::Expunged { .. })), "{reply:?}");
+    h.settle();
+    for sid in [S1, S2] {
+        let since_start = h.servers[&sid].changes_since(&inbox(), validity, 1).expect("the mailbox is there");
+        assert_eq!(since_start.changed.iter().map(|m| m.uid).collect::<Vec<_>>(), [2], "{sid}");
+        assert_eq!(since_start.gone, [3], "{sid}");
+        assert_eq!(since_start.count, 4);
+        let since_store = h.servers[&sid].changes_since(&inbox(), validity, modseq).expect("the mailbox is there");
+        assert!(since_store.changed.is_empty(), "{sid}: {since_store:?}");
+        assert_eq!(since_store.gone, [3]);
+        let now = h.servers[&sid].changes_since(&inbox(), validity, since_store.highest_modseq).unwrap();
+        assert!(now.changed.is_empty() && now.gone.is_empty());
+    }
+}
