@@ -177,7 +177,6 @@ pub struct MailboxView {
 /// the session reads the mailbox whole).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailboxChanges {
-    pub uidnext: Uid,
     pub highest_modseq: ModSeq,
     pub count: usize,
     /// In UID order.

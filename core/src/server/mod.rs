@@ -164,7 +164,6 @@ impl Server {
             return None;
         }
         let mut changes = crate::io::MailboxChanges {
-            uidnext: m.uidnext,
             highest_modseq: m.highest_modseq,
             count: m.messages.len(),
             ..Default::default()

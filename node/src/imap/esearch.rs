@@ -123,7 +123,7 @@ pub fn response(tag: &str, uid: bool, options: ReturnOptions, hits: &[(u32, u64)
         out.push_str(&format!(" COUNT {}", hits.len()));
     }
     if options.all && !hits.is_empty() {
-        out.push_str(&format!(" ALL {}", set_in_order(hits.iter().map(|h| h.0))));
+        out.push_str(&format!(" ALL {}", super::session::uid_set(&hits.iter().map(|h| h.0).collect::<Vec<_>>())));
         returned_modseq = hits.iter().map(|h| h.1).max().unwrap_or(0);
     }
     if options.count && !options.all && !options.min && !options.max {
@@ -131,37 +131,6 @@ pub fn response(tag: &str, uid: bool, options: ReturnOptions, hits: &[(u32, u64)
     }
     if returned_modseq > 0 {
         out.push_str(&format!(" MODSEQ {returned_modseq}"));
-    }
-    out
-}
-
-/// Numbers as a sequence set in the order given: runs of consecutive ascending numbers
-/// become ranges (1:3,5,9:10); a SORT's order is kept.
-fn set_in_order(numbers: impl Iterator<Item = u32>) -> String {
-    let mut out = String::new();
-    let mut run: Option<(u32, u32)> = None;
-    let push = |out: &mut String, (a, b): (u32, u32)| {
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if a == b {
-            out.push_str(&a.to_string());
-        } else {
-            out.push_str(&format!("{a}:{b}"));
-        }
-    };
-    for n in numbers {
-        run = match run {
-            Some((a, b)) if b.checked_add(1) == Some(n) => Some((a, n)),
-            Some(r) => {
-                push(&mut out, r);
-                Some((n, n))
-            }
-            None => Some((n, n)),
-        };
-    }
-    if let Some(r) = run {
-        push(&mut out, r);
     }
     out
 }

@@ -27,9 +27,9 @@ pub struct RecentMarks {
     /// One entry per mailbox any session selected since the node started: bounded by the
     /// mailboxes that exist (users x `mailboxes_per_user_max`).
     marks: Mutex<HashMap<MailboxKey, (u32, Uid)>>,
-    /// This server's id, and whether it is alone (then every message may be recent here).
-    me: u32,
-    alone: bool,
+    /// The GUID origin of this server's messages; None for a server alone, where every
+    /// message may be recent.
+    origin: Option<u32>,
 }
 
 impl Default for RecentMarks {
@@ -43,12 +43,13 @@ impl RecentMarks {
     /// Marks for server `me` of a cluster of `servers` (its own id among them or not).
     pub fn for_cluster(me: u32, servers: impl IntoIterator<Item = u32>) -> RecentMarks {
         let alone = servers.into_iter().all(|s| s == me);
-        RecentMarks { marks: Mutex::default(), me, alone }
+        let origin = (!alone).then(|| Guid(u128::from(me)).origin());
+        RecentMarks { marks: Mutex::default(), origin }
     }
 
     /// Whether a message may be recent on this server at all (see the module's note).
     pub fn ours(&self, guid: Guid) -> bool {
-        self.alone || u128::from(self.me) & Guid::ORIGIN_MASK == u128::from(guid.origin())
+        self.origin.is_none_or(|origin| guid.origin() == origin)
     }
 
     /// The UIDs among `messages` (UID, GUID) that are recent for the calling session,
@@ -89,7 +90,7 @@ impl RecentMarks {
 
     /// The highest UID no longer recent for anyone else: every UID above it is recent to
     /// the next session that takes it.
-    pub fn mark(&self, mailbox: &MailboxKey, uidvalidity: u32) -> Uid {
+    fn mark(&self, mailbox: &MailboxKey, uidvalidity: u32) -> Uid {
         let Ok(marks) = self.marks.lock() else { return Uid::MAX };
         match marks.get(mailbox) {
             Some((validity, mark)) if *validity == uidvalidity => *mark,

@@ -153,6 +153,43 @@ impl Selected {
         [format!("* FLAGS ({flags})"), format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags stick")]
     }
 
+    /// The index of `uid` in `uids` (its sequence number less one). `uids` is in UID
+    /// order unless a refresh appended a UID below one shown; then it is looked for.
+    fn index_of(&self, uid: &Uid) -> Option<usize> {
+        self.uids.binary_search(uid).ok().or_else(|| self.uids.iter().position(|u| u == uid))
+    }
+
+    /// Drops `gone` from the session and says so: an EXPUNGE per message, highest
+    /// sequence number first (so each number is still right when sent), or one VANISHED
+    /// once QRESYNC is enabled.
+    fn report_expunges(&mut self, gone: &BTreeSet<Uid>, qresync: bool, lines: &mut Vec<String>) {
+        let mut at: Vec<usize> = gone.iter().filter_map(|u| self.index_of(u)).collect();
+        at.sort_unstable_by(|a, b| b.cmp(a));
+        let mut vanished = Vec::new();
+        for i in at {
+            let uid = self.uids.remove(i);
+            if !qresync {
+                lines.push(format!("* {} EXPUNGE", i + 1));
+            }
+            self.view.remove(&uid);
+            self.recent.remove(&uid);
+            vanished.push(uid);
+        }
+        if qresync && !vanished.is_empty() {
+            vanished.sort_unstable();
+            lines.push(format!("* VANISHED {}", uid_set(&vanished)));
+        }
+    }
+
+    /// A message's flags as an untagged FETCH, with MODSEQ once CONDSTORE is in use.
+    fn flags_line(&self, seq: usize, uid: &Uid, condstore: bool) -> String {
+        let modseq = match (condstore, self.view.get(uid)) {
+            (true, Some(m)) => format!(" MODSEQ ({})", m.modseq),
+            _ => String::new(),
+        };
+        format!("* {seq} FETCH (UID {uid} FLAGS ({}){modseq})", self.flag_list(uid))
+    }
+
     /// New messages (already in `uids`): those recent in this session, then EXISTS and
     /// RECENT. A read-only session shows the recent ones without taking them.
     fn announce_new(
@@ -977,7 +1014,7 @@ impl Session {
     /// add up to the node's message count (a tombstone collected, a new message below
     /// one shown): the caller then reads the mailbox whole.
     fn apply_changes(&mut self, changes: MailboxChanges, expunges_allowed: bool, quiet: &BTreeSet<Uid>) -> bool {
-        let qresync = self.condstore_modseq_shown();
+        let (condstore, qresync) = (self.condstore, self.qresync);
         let Some(sel) = self.selected.as_mut() else { return false };
         let gone: Vec<Uid> =
             changes.gone.iter().copied().filter(|u| sel.view.contains_key(u) && !sel.gone.contains(u)).collect();
@@ -989,21 +1026,9 @@ impl Session {
         }
         let mut lines = Vec::new();
         sel.gone.extend(gone);
-        if expunges_allowed && !sel.gone.is_empty() {
+        if expunges_allowed {
             let gone = std::mem::take(&mut sel.gone);
-            // Highest sequence numbers first, so each number is still right when sent.
-            for uid in gone.iter().rev() {
-                let Ok(i) = sel.uids.binary_search(uid) else { continue };
-                if !qresync.1 {
-                    lines.push(format!("* {} EXPUNGE", i + 1));
-                }
-                sel.uids.remove(i);
-                sel.view.remove(uid);
-                sel.recent.remove(uid);
-            }
-            if qresync.1 {
-                lines.push(format!("* VANISHED {}", uid_set(&gone.into_iter().collect::<Vec<_>>())));
-            }
+            sel.report_expunges(&gone, qresync, &mut lines);
         }
         for m in &added {
             sel.uids.push(m.uid);
@@ -1019,14 +1044,13 @@ impl Session {
             }
             let known = sel.view.contains_key(&m.uid);
             let changed = known && sel.flags(&m.uid) != m.flags.as_slice();
-            let (uid, modseq) = (m.uid, m.modseq);
+            let uid = m.uid;
             sel.view.insert(uid, m);
             if changed
                 && !quiet.contains(&uid)
-                && let Ok(i) = sel.uids.binary_search(&uid)
+                && let Some(i) = sel.index_of(&uid)
             {
-                let modseq = if qresync.0 { format!(" MODSEQ ({modseq})") } else { String::new() };
-                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, sel.flag_list(&uid)));
+                lines.push(sel.flags_line(i + 1, &uid, condstore));
             }
         }
         sel.highest_modseq = changes.highest_modseq;
@@ -1034,11 +1058,6 @@ impl Session {
             self.line(&l);
         }
         true
-    }
-
-    /// (CONDSTORE in use, QRESYNC enabled): how changes are reported.
-    fn condstore_modseq_shown(&self) -> (bool, bool) {
-        (self.condstore, self.qresync)
     }
 
     /// `refresh_except` by reading the whole mailbox.
@@ -1055,26 +1074,8 @@ impl Session {
         let now: BTreeMap<Uid, &MessageView> = view.messages.iter().map(|m| (m.uid, m)).collect();
         sel.gone = sel.uids.iter().copied().filter(|u| !now.contains_key(u)).collect();
         if expunges_allowed {
-            sel.gone.clear();
-            let mut vanished = Vec::new();
-            // Highest sequence numbers first, so each number is still right when sent.
-            for seq in (1..=sel.uids.len()).rev() {
-                let uid = sel.uids[seq - 1];
-                if !now.contains_key(&uid) {
-                    if self.qresync {
-                        vanished.push(uid);
-                    } else {
-                        lines.push(format!("* {seq} EXPUNGE"));
-                    }
-                    sel.uids.remove(seq - 1);
-                    sel.view.remove(&uid);
-                    sel.recent.remove(&uid);
-                }
-            }
-            if !vanished.is_empty() {
-                vanished.sort();
-                lines.push(format!("* VANISHED {}", uid_set(&vanished)));
-            }
+            let gone = std::mem::take(&mut sel.gone);
+            sel.report_expunges(&gone, self.qresync, &mut lines);
         }
         let known: BTreeSet<Uid> = sel.uids.iter().copied().collect();
         let added: Vec<&MessageView> = view.messages.iter().filter(|m| !known.contains(&m.uid)).collect();
@@ -1095,8 +1096,7 @@ impl Session {
             let changed = sel.flags(uid) != m.flags.as_slice();
             sel.view.insert(*uid, (*m).clone());
             if changed && !quiet.contains(uid) {
-                let modseq = if self.condstore { format!(" MODSEQ ({})", m.modseq) } else { String::new() };
-                lines.push(format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})", i + 1, sel.flag_list(uid)));
+                lines.push(sel.flags_line(i + 1, uid, self.condstore));
             }
         }
         for l in lines {
@@ -1484,11 +1484,7 @@ impl Session {
             for (seq, u) in &targets {
                 let flags = sel.flags(u).to_vec();
                 if before.get(u) == Some(&flags) && !modified.contains(u) {
-                    let modseq = match (self.condstore, sel.view.get(u)) {
-                        (true, Some(m)) => format!(" MODSEQ ({})", m.modseq),
-                        _ => String::new(),
-                    };
-                    lines.push(format!("* {seq} FETCH (UID {u} FLAGS ({}){modseq})", sel.flag_list(u)));
+                    lines.push(sel.flags_line(*seq, u, self.condstore));
                 }
             }
             for l in lines {
@@ -2313,8 +2309,9 @@ fn comma_list(numbers: &[u32]) -> String {
     numbers.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// Sorted UIDs as an IMAP set with ranges: 1:3,7,9:10.
-fn uid_set(uids: &[u32]) -> String {
+/// Numbers as an IMAP set in the order given: runs of consecutive ascending numbers
+/// become ranges (1:3,7,9:10); sorted UIDs give the shortest set.
+pub(super) fn uid_set(uids: &[u32]) -> String {
     let mut runs: Vec<(u32, u32)> = Vec::new();
     for &u in uids {
         match runs.last_mut() {
