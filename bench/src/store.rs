@@ -219,7 +219,12 @@ pub struct RestartRow {
     /// From process start to the admin port answering (the store loaded, the core
     /// recovered, stray body files collected).
     pub restart_s: f64,
+    /// From process start until it is linked again and agrees with both peers.
+    pub rejoin_s: f64,
+    /// The restarted node's RSS once it has rejoined.
     pub rss_bytes: i64,
+    /// The larger of the two peers' RSS then.
+    pub peer_rss_bytes: i64,
     pub disk_bytes: i64,
 }
 
@@ -273,26 +278,76 @@ pub fn generate_mailboxes(data: &Path, users: &[String], messages: usize, body_b
     store.apply(&writes).map_err(|e| e.to_string())
 }
 
-/// `keep`: leave the store (and the node's log, with its start-up timings) behind.
+/// Every node in `ids` answers, holds `messages` messages in all, and shows every
+/// mailbox exactly as node `ids[0]` does (digests included), linked to the others.
+fn cluster_agrees(cluster: &BenchCluster, ids: &[usize], messages: usize) -> Result<bool, String> {
+    let statuses: Vec<_> = ids.iter().map(|i| cluster.status(*i)).collect::<Result<_, _>>()?;
+    let complete =
+        statuses.iter().all(|s| s.mailboxes.iter().map(|m| u64::from(m.messages)).sum::<u64>() == messages as u64);
+    let same = statuses.windows(2).all(|w| w[0].mailboxes == w[1].mailboxes);
+    let linked = statuses.iter().all(|s| {
+        s.links.iter().filter(|l| ids.contains(&(l.peer as usize - 1))).all(|l| l.connected && l.reachable)
+            && s.root.is_some()
+    });
+    Ok(complete && same && linked)
+}
+
+fn wait_agreed(cluster: &BenchCluster, ids: &[usize], messages: usize, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cluster_agrees(cluster, ids, messages)? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("nodes {ids:?} did not agree on {messages} messages; logs in {}", cluster.dir.display()))
+}
+
+/// A 3-node cluster (sync, replicas=1) whose nodes each hold the same `messages`
+/// messages (the store is written once through the node's store code and copied to the
+/// other two, as a restored backup would be); once the three are linked and agree, node
+/// 1 is stopped and started again: time until its admin port answers, then until it has
+/// rejoined (linked, every mailbox's digest equal to its peers'), and every node's RSS.
+/// `keep`: leave the stores (and the nodes' logs, with their start-up timings) behind.
 pub fn restart(tandem: &Path, root: &Path, messages: usize, keep: bool) -> Result<RestartRow, String> {
     let dir = root.join(format!("restart-{messages}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let setup = Setup { nodes: 1, mode: "sync", replicas: 0, compression: false };
+    let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: true };
     let mut cluster = BenchCluster::create(&dir, tandem, &setup)?;
     let started = Instant::now();
     generate_store(&cluster.nodes[0].data, messages, 4096)?;
     let generate_s = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    cluster.start(0)?;
-    let restart_s = started.elapsed().as_secs_f64();
     let result = (|| {
+        for i in 1..3 {
+            let _ = std::fs::remove_dir_all(&cluster.nodes[i].data);
+            cluster.snapshot(0, &cluster.nodes[i].data.clone())?;
+        }
+        for i in 0..3 {
+            cluster.start(i)?;
+        }
+        wait_agreed(&cluster, &[0, 1, 2], messages, Duration::from_secs(600))?;
+        cluster.stop(0);
+        let started = Instant::now();
+        cluster.start(0)?;
+        let restart_s = started.elapsed().as_secs_f64();
         let status = cluster.status(0)?;
         let shown: u64 = status.mailboxes.iter().map(|m| u64::from(m.messages)).sum();
         if shown != messages as u64 {
-            return Err(format!("the node shows {shown} messages, not {messages}"));
+            return Err(format!("the restarted node shows {shown} messages, not {messages}"));
         }
-        let rss_bytes = rss_bytes(cluster.pid(0).ok_or("no process")?)?;
-        Ok(RestartRow { messages, generate_s, restart_s, rss_bytes, disk_bytes: disk_bytes(&cluster.nodes[0].data) })
+        wait_agreed(&cluster, &[0, 1, 2], messages, Duration::from_secs(600))?;
+        let rejoin_s = started.elapsed().as_secs_f64();
+        let rss: Vec<i64> =
+            (0..3).map(|i| rss_bytes(cluster.pid(i).ok_or("no process")?)).collect::<Result<_, String>>()?;
+        Ok(RestartRow {
+            messages,
+            generate_s,
+            restart_s,
+            rejoin_s,
+            rss_bytes: rss[0],
+            peer_rss_bytes: rss[1].max(rss[2]),
+            disk_bytes: disk_bytes(&cluster.nodes[0].data),
+        })
     })();
     cluster.stop_all();
     if !keep {
@@ -315,8 +370,11 @@ pub fn restart_plots(rows: &[RestartRow], dir: &Path) -> Result<Vec<(String, Str
             points_only: false,
         }]
     };
-    let restart = series("restart s", |r| r.restart_s);
-    plot::log_log(&dir.join("store-restart.png"), "Restart time vs stored messages", "messages", "s", &restart)?;
+    let [restart] = series("restart s", |r| r.restart_s);
+    let [mut rejoin] = series("rejoin s", |r| r.rejoin_s);
+    rejoin.color = plotters::style::BLUE;
+    let times = [restart, rejoin];
+    plot::log_log(&dir.join("store-restart.png"), "Restart time vs stored messages", "messages", "s", &times)?;
     let rss = series("RSS MiB", |r| r.rss_bytes as f64 / (1024.0 * 1024.0));
     plot::log_log(&dir.join("store-rss.png"), "RSS after restart vs stored messages", "messages", "MiB", &rss)?;
     Ok(vec![
@@ -328,21 +386,28 @@ pub fn restart_plots(rows: &[RestartRow], dir: &Path) -> Result<Vec<(String, Str
 pub fn restart_markdown(rows: &[RestartRow]) -> String {
     let mut out = String::from(
         "\n## Restart and memory by message count\n\n\
-         One node whose store holds this many distinct messages of about 4 KB (100 users' \
-         INBOXes), written directly through the node's store code, on the benchmark \
-         directory's filesystem (tmpfs unless `--bench-dir` says otherwise, so the page \
-         cache is warm); then the node is started: time until its admin port answers, and \
-         its RSS then.\n\n\
-         | messages | restart s | RSS MiB | RSS bytes per message | data directory MiB | store written in s |\n|---:|---:|---:|---:|---:|---:|\n",
+         A 3-node cluster (sync, replicas=1) whose nodes each hold this many distinct \
+         messages of about 4 KB (100 users' INBOXes): the store is written once directly \
+         through the node's store code and copied to the other two nodes, as a restored \
+         backup would be; the three start, link up and agree. Then node 1 is stopped and \
+         started: *restart* is the time until its admin port answers (store opened, core \
+         recovered, stray body files collected), *rejoin* until it is linked again and \
+         every mailbox's digest equals its peers'. RSS is node 1's after the rejoin, and \
+         the larger of its peers'. Stores on the benchmark directory's filesystem (tmpfs \
+         unless `--bench-dir` says otherwise, so the page cache is warm).\n\n\
+         | messages | restart s | rejoin s | RSS MiB | RSS bytes per message | peer RSS MiB | data directory MiB | store written in s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let mib = |b: i64| b as f64 / f64::from(1 << 20);
         out.push_str(&format!(
-            "| {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |\n",
             r.messages,
             r.restart_s,
+            r.rejoin_s,
             mib(r.rss_bytes),
             r.rss_bytes as f64 / r.messages.max(1) as f64,
+            mib(r.peer_rss_bytes),
             mib(r.disk_bytes),
             r.generate_s
         ));

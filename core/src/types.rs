@@ -63,13 +63,15 @@ impl Instant {
 /// (user, mailbox name). Both are non-empty and contain no control characters.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MailboxKey {
-    pub user: String,
-    pub name: String,
+    /// Shared, not owned: a key is cloned into every write, change and job, and a
+    /// reference count costs less than a copy of the text (serialized as a string).
+    pub user: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
 }
 
 impl MailboxKey {
     pub fn new(user: &str, name: &str) -> Self {
-        MailboxKey { user: user.to_string(), name: name.to_string() }
+        MailboxKey { user: user.into(), name: name.into() }
     }
     pub fn domain(&self) -> &str {
         self.user.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
@@ -112,7 +114,7 @@ impl MasterKey {
     pub fn of(mailbox: &MailboxKey, granularity: Granularity) -> MasterKey {
         match granularity {
             Granularity::Mailbox => MasterKey::Mailbox(mailbox.clone()),
-            Granularity::User => MasterKey::User(mailbox.user.clone()),
+            Granularity::User => MasterKey::User(mailbox.user.to_string()),
             Granularity::Domain => MasterKey::Domain(mailbox.domain().to_string()),
             Granularity::Global => MasterKey::Global,
         }
@@ -120,7 +122,7 @@ impl MasterKey {
     pub fn covers(&self, mailbox: &MailboxKey) -> bool {
         match self {
             MasterKey::Mailbox(k) => k == mailbox,
-            MasterKey::User(u) => *u == mailbox.user,
+            MasterKey::User(u) => **u == *mailbox.user,
             MasterKey::Domain(d) => d == mailbox.domain(),
             MasterKey::Global => true,
         }

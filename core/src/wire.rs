@@ -503,7 +503,7 @@ impl<'a> Reader<'a> {
         if id > MAILBOX_IDS_MAX {
             return too_large("mailbox id", MAILBOX_IDS_MAX as usize);
         }
-        let key = MailboxKey { user: self.string()?, name: self.string()? };
+        let key = MailboxKey { user: self.string()?.into(), name: self.string()?.into() };
         self.end()?;
         self.pending.insert(id, key);
         Ok(())
@@ -1935,7 +1935,8 @@ mod tests {
 
     fn mailbox_key() -> impl Strategy<Value = MailboxKey> {
         // A small user space so that streams reuse bindings.
-        (prop_oneof![Just("u".to_string()), text()], text()).prop_map(|(user, name)| MailboxKey { user, name })
+        (prop_oneof![Just("u".to_string()), text()], text())
+            .prop_map(|(user, name)| MailboxKey { user: user.into(), name: name.into() })
     }
 
     fn any_flag() -> impl Strategy<Value = Flag> {

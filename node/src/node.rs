@@ -429,7 +429,7 @@ impl EventLoop {
             }
             Event::Usage { user, reply } => {
                 let mut usage = Usage::default();
-                for (_, m) in self.server.image().mailboxes.iter().filter(|(k, _)| k.user == user) {
+                for (_, m) in self.server.image().mailboxes.iter().filter(|(k, _)| *k.user == *user) {
                     usage.messages += m.messages.len() as u64;
                     usage.bytes += m.messages.values().map(|r| u64::from(r.size)).sum::<u64>();
                 }

@@ -122,7 +122,7 @@ pub fn generate(seed: u64) -> Scenario {
             }
             82..88 => {
                 let Some(label) = some_label(&mut rng) else { continue };
-                let to = MailboxKey::new(&mailbox.user, if mailbox.name == "INBOX" { "Box9" } else { "INBOX" });
+                let to = MailboxKey::new(&mailbox.user, if &*mailbox.name == "INBOX" { "Box9" } else { "INBOX" });
                 next_label += 1;
                 let as_label = format!("m{next_label}");
                 labels.push((to.clone(), as_label.clone()));

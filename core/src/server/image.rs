@@ -270,7 +270,7 @@ impl Image {
 
     /// How many entries of `peer`'s log name each mailbox.
     pub(crate) fn logged_counts(&self, peer: Sid) -> impl Iterator<Item = (&MailboxKey, u32)> {
-        let from = (peer, MailboxKey { user: String::new(), name: String::new() });
+        let from = (peer, MailboxKey::new("", ""));
         self.logged.range(from..).take_while(move |((p, _), _)| *p == peer).map(|((_, k), n)| (k, *n))
     }
 
@@ -779,15 +779,21 @@ impl Image {
         }
         let last = guids.last().map(|(g, _)| *g);
         let more = last.is_some_and(|g| self.disk.bodies.range(Guid(g.0.saturating_add(1))..).next().is_some());
-        for (g, _) in &guids {
-            if !self.unsynced.contains_key(g) {
-                self.body_verdicts.remove(g);
+        for (g, checksum) in guids {
+            // A body not yet durable keeps its verdict (the bytes in hand were checked);
+            // any other is asked of the store again, whatever was known of it.
+            let intact = if self.unsynced.contains_key(&g) {
+                self.body_intact(g).unwrap_or(false)
+            } else {
+                let intact = self.bodies.checksum(g) == Some(checksum);
+                self.body_verdicts.insert(g, intact);
+                intact
+            };
+            if !intact {
+                found.corrupt.push((g, checksum));
             }
         }
-        let batch: Vec<(Guid, u64, bool)> =
-            guids.into_iter().map(|(g, checksum)| (g, checksum, self.body_intact(g).unwrap_or(false))).collect();
         self.scrub_cursor = if more { last } else { None };
-        found.corrupt = batch.into_iter().filter(|(_, _, intact)| !intact).map(|(g, c, _)| (g, c)).collect();
         // Only a message written while its body was not here, or one whose body was
         // removed, can lack one (and, after a start, any): those are the ones looked at,
         // in mailbox and UID order.

@@ -742,7 +742,7 @@ impl Server {
             MailboxAction::Delete if !visible => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
             }
-            MailboxAction::Delete if mailbox.name == "INBOX" => {
+            MailboxAction::Delete if &*mailbox.name == "INBOX" => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, "INBOX cannot be deleted"));
             }
             _ => {}

@@ -230,7 +230,7 @@ impl Server {
         self.image
             .mailboxes()
             .iter()
-            .filter(|(k, m)| k.user == user && m.visible())
+            .filter(|(k, m)| &*k.user == user && m.visible())
             .map(|(k, m)| mailbox::summary(k, m))
             .collect()
     }
@@ -240,8 +240,8 @@ impl Server {
         self.image
             .mailboxes()
             .iter()
-            .filter(|(k, m)| k.user == user && m.lifecycle.subscribed())
-            .map(|(k, _)| k.name.clone())
+            .filter(|(k, m)| &*k.user == user && m.lifecycle.subscribed())
+            .map(|(k, _)| k.name.to_string())
             .collect()
     }
     /// Unacknowledged log entries per peer.

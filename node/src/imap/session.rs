@@ -789,7 +789,7 @@ impl Session {
 
     async fn mailbox_exists(&self, name: &str) -> bool {
         let key = self.key(name);
-        key.name == "INBOX" || self.node.mailboxes(&key.user).await.iter().any(|s| s.mailbox == key)
+        &*key.name == "INBOX" || self.node.mailboxes(&key.user).await.iter().any(|s| s.mailbox == key)
     }
 
     /// The mailbox as the core shows it; INBOX exists (empty) before its first message.
@@ -798,7 +798,7 @@ impl Session {
         match self.node.request(ClientRequest::Read { mailbox: key.clone() }).await {
             ClientReply::Read(view) => Ok(view),
             ClientReply::Failed { reason, .. } if reason.starts_with("no mailbox") => {
-                if key.name == "INBOX" {
+                if &*key.name == "INBOX" {
                     Ok(MailboxView {
                         uidvalidity: key.initial_uidvalidity(),
                         mailbox: key,
@@ -845,7 +845,7 @@ impl Session {
                 other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
             }
         }
-        if src.name == "INBOX" {
+        if &*src.name == "INBOX" {
             let uids = view.messages.iter().map(|m| m.uid).collect();
             match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
                 ClientReply::Write(WriteResult::Expunged { .. }) => {}
@@ -870,7 +870,7 @@ impl Session {
             return self.lsub(&user, reference, pattern).await;
         }
         let mut names: BTreeSet<String> =
-            self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name).collect();
+            self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name.to_string()).collect();
         names.insert("INBOX".into());
         let full = format!("{reference}{pattern}");
         if full.len() > 2 * self.front.limits.mailbox_name_len_max {
