@@ -1,6 +1,8 @@
-//! ESEARCH (RFC 4731) and ESORT (RFC 5267): `SEARCH RETURN (...)` and `SORT RETURN
-//! (...)`. imap-codec 2.0.0-alpha.10 parses neither clause, so it is cut out of the
-//! command here, before the codec sees the rest; the options then shape the answer.
+//! ESEARCH (RFC 4731), ESORT and CONTEXT=SEARCH (RFC 5267): `SEARCH RETURN (...)` and
+//! `SORT RETURN (...)`, with PARTIAL and UPDATE, and CANCELUPDATE. imap-codec
+//! 2.0.0-alpha.10 parses none of these, so the clause is cut out of the command here,
+//! before the codec sees the rest (CANCELUPDATE is parsed here whole); the options then
+//! shape the answer.
 //!
 //! Only the command's first line is looked at (the clause comes before any criterion,
 //! so before any literal), with a fixed bound on its options: no recursion, no
@@ -13,7 +15,76 @@ pub struct ReturnOptions {
     pub max: bool,
     pub count: bool,
     pub all: bool,
+    /// PARTIAL: the results at these positions (1-based, `low <= high`; negative ones
+    /// count from the end, RFC 9394).
+    pub partial: Option<(i64, i64)>,
+    /// UPDATE: the session keeps telling the client how the result changes.
+    pub update: bool,
 }
+
+/// The results of `hits` at the positions `range` names, in order (see
+/// [`ReturnOptions::partial`]).
+fn partial_of<T: Copy>(hits: &[T], (low, high): (i64, i64)) -> Vec<T> {
+    let len = hits.len() as i64;
+    // Negative positions count back from the last result (-1 is the last).
+    let (first, last) = if low < 0 { (len + high + 1, len + low + 1) } else { (low, high) };
+    let first = first.max(1);
+    let last = last.min(len);
+    if first > last {
+        return Vec::new();
+    }
+    hits[(first - 1) as usize..last as usize].to_vec()
+}
+
+/// A PARTIAL range: `n:m` of non-zero numbers of one sign, in either order.
+fn parse_range(text: &[u8]) -> Option<(i64, i64)> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (a, b) = text.split_once(':')?;
+    let number = |t: &str| -> Option<i64> {
+        let digits = t.strip_prefix('-').unwrap_or(t);
+        if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: i64 = t.parse().ok()?;
+        (n != 0 && n.unsigned_abs() <= u64::from(u32::MAX)).then_some(n)
+    };
+    let (a, b) = (number(a)?, number(b)?);
+    if (a < 0) != (b < 0) {
+        return None;
+    }
+    Some(if a.abs() <= b.abs() { (a, b) } else { (b, a) })
+}
+
+/// `TAG CANCELUPDATE "tag1" ...` (RFC 5267 section 4.3): the tags, or Err with a reason;
+/// None when `message` is another command.
+pub fn cancel_update(message: &[u8]) -> Option<Result<Vec<String>, String>> {
+    let line_end = memchr::memchr(b'\n', message).unwrap_or(message.len());
+    let line = message[..line_end].strip_suffix(b"\r").unwrap_or(&message[..line_end]);
+    let mut at = 0;
+    let tag = word(line, &mut at)?;
+    if tag.is_empty() || !word(line, &mut at)?.eq_ignore_ascii_case(b"CANCELUPDATE") {
+        return None;
+    }
+    let mut tags = Vec::new();
+    while let Some(quoted) = word(line, &mut at) {
+        if tags.len() >= UPDATES_MAX * 4 {
+            return Some(Err("too many tags".into()));
+        }
+        let inner = quoted.strip_prefix(b"\"").and_then(|q| q.strip_suffix(b"\""));
+        match inner.filter(|t| !t.is_empty() && t.iter().all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b'\\')) {
+            Some(t) => tags.push(String::from_utf8_lossy(t).into_owned()),
+            None => return Some(Err("CANCELUPDATE wants quoted tags".into())),
+        }
+    }
+    if tags.is_empty() {
+        return Some(Err("CANCELUPDATE wants at least one tag".into()));
+    }
+    Some(Ok(tags))
+}
+
+/// Searches one session keeps updating at once; a further one is answered without
+/// updates and a NOUPDATE (RFC 5267 section 4.4).
+pub const UPDATES_MAX: usize = 8;
 
 /// Options in one RETURN list at most: four distinct ones exist here.
 const OPTIONS_MAX: usize = 8;
@@ -50,7 +121,8 @@ pub fn cut_return(message: &[u8]) -> Option<Result<(Vec<u8>, ReturnOptions), Str
     let mut options = ReturnOptions::default();
     let listed = &line[at + 1..close];
     let mut seen = 0;
-    for option in listed.split(|b| *b == b' ').filter(|o| !o.is_empty()) {
+    let mut words = listed.split(|b| *b == b' ').filter(|o| !o.is_empty());
+    while let Some(option) = words.next() {
         seen += 1;
         if seen > OPTIONS_MAX {
             return Some(Err("too many RETURN options".into()));
@@ -60,12 +132,18 @@ pub fn cut_return(message: &[u8]) -> Option<Result<(Vec<u8>, ReturnOptions), Str
             b"MAX" => options.max = true,
             b"COUNT" => options.count = true,
             b"ALL" => options.all = true,
+            b"UPDATE" => options.update = true,
+            b"PARTIAL" => match words.next().and_then(parse_range) {
+                Some(range) => options.partial = Some(range),
+                None => return Some(Err("PARTIAL wants a range of positions, like 1:100".into())),
+            },
             other => {
                 let name = String::from_utf8_lossy(&other[..other.len().min(32)]).into_owned();
                 return Some(Err(format!("RETURN option {name} is not supported")));
             }
         }
     }
+    // No option means ALL; UPDATE alone asks for nothing now (RFC 5267 section 4.2).
     if options == ReturnOptions::default() {
         options.all = true;
     }
@@ -122,6 +200,13 @@ pub fn response(tag: &str, uid: bool, options: ReturnOptions, hits: &[(u32, u64)
     if options.count {
         out.push_str(&format!(" COUNT {}", hits.len()));
     }
+    if let Some(range) = options.partial {
+        let part = partial_of(hits, range);
+        let numbers: Vec<u32> = part.iter().map(|h| h.0).collect();
+        let listed = if numbers.is_empty() { "NIL".to_string() } else { super::session::uid_set(&numbers) };
+        out.push_str(&format!(" PARTIAL ({}:{} {listed})", range.0, range.1));
+        returned_modseq = returned_modseq.max(part.iter().map(|h| h.1).max().unwrap_or(0));
+    }
     if options.all && !hits.is_empty() {
         out.push_str(&format!(" ALL {}", super::session::uid_set(&hits.iter().map(|h| h.0).collect::<Vec<_>>())));
         returned_modseq = hits.iter().map(|h| h.1).max().unwrap_or(0);
@@ -167,7 +252,12 @@ mod tests {
     #[test]
     fn unsupported_or_malformed_clauses_are_refused() {
         assert!(cut("a SEARCH RETURN (SAVE) ALL\r\n").unwrap().is_err());
-        assert!(cut("a SEARCH RETURN (PARTIAL 1:10) ALL\r\n").unwrap().is_err());
+        assert!(cut("a SEARCH RETURN (PARTIAL 1) ALL\r\n").unwrap().is_err());
+        assert!(cut("a SEARCH RETURN (PARTIAL 1:*) ALL\r\n").unwrap().is_err());
+        assert!(cut("a SEARCH RETURN (PARTIAL *:1) ALL\r\n").unwrap().is_err());
+        assert!(cut("a SEARCH RETURN (PARTIAL 0:3) ALL\r\n").unwrap().is_err());
+        assert!(cut("a SEARCH RETURN (PARTIAL -1:3) ALL\r\n").unwrap().is_err());
+        assert!(cut("a SEARCH RETURN (PARTIAL) ALL\r\n").unwrap().is_err());
         assert!(cut("a SEARCH RETURN MIN ALL\r\n").unwrap().is_err());
         assert!(cut("a SEARCH RETURN (MIN ALL\r\n").unwrap().is_err());
         assert!(cut("a SEARCH RETURN (MIN)\r\n").unwrap().is_err());
@@ -187,6 +277,33 @@ mod tests {
         let sorted = [(3, 0), (1, 0), (2, 0)];
         assert_eq!(response("t", false, all, &sorted, true), "* ESEARCH (TAG \"t\") ALL 3,1:2");
         assert_eq!(response("t", false, min_max, &sorted, true), "* ESEARCH (TAG \"t\") MIN 3 MAX 2");
+    }
+
+    #[test]
+    fn partial_returns_the_results_at_those_positions() {
+        let (_, o) = cut("a SEARCH RETURN (PARTIAL 4:2) ALL\r\n").unwrap().unwrap();
+        assert_eq!(o.partial, Some((2, 4)));
+        assert!(!o.all);
+        let five = [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0)];
+        let p = |low, high| ReturnOptions { partial: Some((low, high)), ..Default::default() };
+        assert_eq!(response("t", false, p(1, 1), &five, false), "* ESEARCH (TAG \"t\") PARTIAL (1:1 1)");
+        assert_eq!(response("t", false, p(1, 6), &five, false), "* ESEARCH (TAG \"t\") PARTIAL (1:6 1:5)");
+        assert_eq!(response("t", false, p(6, 6), &five, false), "* ESEARCH (TAG \"t\") PARTIAL (6:6 NIL)");
+        assert_eq!(response("t", false, p(-1, -2), &five, false), "* ESEARCH (TAG \"t\") PARTIAL (-1:-2 4:5)");
+        let gaps = [(1, 0), (2, 0), (4, 0), (5, 0)];
+        assert_eq!(response("t", true, p(2, 3), &gaps, false), "* ESEARCH (TAG \"t\") UID PARTIAL (2:3 2,4)");
+    }
+
+    #[test]
+    fn update_alone_asks_for_nothing_now_and_cancelupdate_names_tags() {
+        let (_, o) = cut("a SEARCH RETURN (UPDATE) SEEN\r\n").unwrap().unwrap();
+        assert_eq!(o, ReturnOptions { update: true, ..Default::default() });
+        let (_, o) = cut("a SEARCH RETURN (UPDATE ALL) SEEN\r\n").unwrap().unwrap();
+        assert!(o.update && o.all);
+        assert_eq!(cancel_update(b"b CANCELUPDATE \"a\" \"x1\"\r\n"), Some(Ok(vec!["a".into(), "x1".into()])));
+        assert!(cancel_update(b"b CANCELUPDATE a\r\n").unwrap().is_err());
+        assert!(cancel_update(b"b CANCELUPDATE\r\n").unwrap().is_err());
+        assert!(cancel_update(b"b NOOP\r\n").is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! changed, it reads the mailbox whole instead.
 
 mod esearch;
+mod listext;
 pub(crate) mod mime;
 mod multiappend;
 pub(crate) mod parsed;

@@ -38,7 +38,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT MULTIAPPEND";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -130,6 +130,33 @@ struct Selected {
     /// Messages gone from the mailbox that the client still has a sequence number for
     /// (an expunge waits during commands that use sequence numbers).
     gone: BTreeSet<Uid>,
+    /// Searches whose result the client is kept told of (CONTEXT=SEARCH's UPDATE).
+    updates: Vec<UpdateSearch>,
+}
+
+/// A `SEARCH RETURN (UPDATE)` the session keeps answering (RFC 5267 section 4).
+struct UpdateSearch {
+    tag: String,
+    uid: bool,
+    criteria: Vec<SearchKey<'static>>,
+    /// The result the client was last told of, by UID.
+    hits: BTreeSet<Uid>,
+}
+
+impl UpdateSearch {
+    /// `* ESEARCH (TAG ..) [UID] ADDTO|REMOVEFROM (position set)` for `uids`, numbered
+    /// as `sel` numbers them now; `position` is where the first of them is (was) in the
+    /// result.
+    fn line(&self, sel: &Selected, what: &str, position: usize, uids: &[Uid]) -> String {
+        let mut numbers: Vec<u32> = if self.uid {
+            uids.to_vec()
+        } else {
+            uids.iter().filter_map(|u| sel.index_of(u)).map(|i| i as u32 + 1).collect()
+        };
+        numbers.sort_unstable();
+        let uid = if self.uid { " UID" } else { "" };
+        format!("* ESEARCH (TAG \"{}\"){uid} {what} ({position} {})", self.tag, uid_set(&numbers))
+    }
 }
 
 impl Selected {
@@ -163,6 +190,19 @@ impl Selected {
     /// sequence number first (so each number is still right when sent), or one VANISHED
     /// once QRESYNC is enabled.
     fn report_expunges(&mut self, gone: &BTreeSet<Uid>, qresync: bool, lines: &mut Vec<String>) {
+        // An updated search loses its expunged results first, numbered as before.
+        let mut removals = Vec::new();
+        for u in &self.updates {
+            let removed: Vec<Uid> = u.hits.intersection(gone).copied().collect();
+            if let Some(first) = removed.first() {
+                let position = u.hits.range(..first).count() + 1;
+                removals.push(u.line(self, "REMOVEFROM", position, &removed));
+            }
+        }
+        lines.extend(removals);
+        for u in &mut self.updates {
+            u.hits.retain(|h| !gone.contains(h));
+        }
         let mut at: Vec<usize> = gone.iter().filter_map(|u| self.index_of(u)).collect();
         at.sort_unstable_by(|a, b| b.cmp(a));
         let mut vanished = Vec::new();
@@ -418,6 +458,21 @@ impl Session {
             }
             line_start = 0;
             in_literal = false;
+            // An extended LIST (RFC 5258), which the codec does not parse.
+            if let Some(list) = super::listext::parse(fragmentizer.message_bytes()) {
+                let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string()).unwrap_or("*".into());
+                let answer = match list {
+                    Err(why) => format!("{tag} BAD {why}"),
+                    Ok(_) if self.user.is_none() => format!("{tag} BAD log in first"),
+                    Ok(list) => {
+                        let text = self.list_extended(&list).await;
+                        format!("{tag} OK {text}")
+                    }
+                };
+                self.line(&answer);
+                self.flush().await?;
+                continue;
+            }
             // A SEARCH or SORT with RETURN: the codec parses the command without it.
             let mut returning = None;
             let parsed = match super::esearch::cut_return(fragmentizer.message_bytes()) {
@@ -445,6 +500,17 @@ impl Session {
                     }
                 }
                 Err(_) => {
+                    if let Some(cancel) = super::esearch::cancel_update(fragmentizer.message_bytes()) {
+                        let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string()).unwrap_or("*".into());
+                        let answer = match cancel.and_then(|tags| self.cancel_updates(&tags)) {
+                            Ok(text) => format!("{tag} OK {text}"),
+                            Err(text) if text.starts_with("BAD") => format!("{tag} {text}"),
+                            Err(text) => format!("{tag} BAD {text}"),
+                        };
+                        self.line(&answer);
+                        self.flush().await?;
+                        continue;
+                    }
                     // An APPEND of several messages (MULTIAPPEND), one APPEND each.
                     let appends: Option<Vec<Command<'static>>> =
                         super::multiappend::split(fragmentizer.message_bytes()).and_then(|commands| {
@@ -884,6 +950,24 @@ impl Session {
         Ok(format!("{command} done"))
     }
 
+    /// An extended LIST: see `super::listext`.
+    async fn list_extended(&mut self, list: &super::listext::ListExtended) -> String {
+        let user = self.user.clone().unwrap_or_default();
+        let mut existing: BTreeSet<String> =
+            self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name.to_string()).collect();
+        existing.insert("INBOX".into());
+        let subscribed: BTreeSet<String> = self.node.subscriptions(&user).await.into_iter().collect();
+        let limit = 2 * self.front.limits.mailbox_name_len_max;
+        let listed = super::listext::answer(list, &existing, &subscribed, |pattern, name| {
+            pattern.len() <= limit && wildcard_match(pattern, name)
+        });
+        for l in listed {
+            let childinfo = if l.childinfo_subscribed { " (\"CHILDINFO\" (\"SUBSCRIBED\"))" } else { "" };
+            self.line(&format!("* LIST ({}) \"/\" {}{childinfo}", l.attributes.join(" "), astring(&l.name)));
+        }
+        "LIST done".into()
+    }
+
     /// LSUB: the subscribed names the pattern matches (a subscription may outlive its
     /// mailbox), and, for a pattern ending in `%`, each parent it matches that is not
     /// subscribed itself but has a subscribed child, as `\Noselect` (RFC 3501 6.3.9).
@@ -949,6 +1033,7 @@ impl Session {
             keywords: BTreeSet::new(),
             highest_modseq: view.highest_modseq,
             gone: BTreeSet::new(),
+            updates: Vec::new(),
         };
         selected.learn_keywords(&view.messages);
         for l in selected.flags_responses() {
@@ -1005,9 +1090,48 @@ impl Session {
         if let Some(changes) = self.node.changes(mailbox, uidvalidity, since).await
             && self.apply_changes(changes, expunges_allowed, quiet)
         {
+            self.refresh_updates(since).await;
             return;
         }
         self.refresh_whole(expunges_allowed, quiet).await;
+        self.refresh_updates(since).await;
+    }
+
+    /// Tells the client how each updated search's result changed, when the mailbox
+    /// changed after `since` (its HIGHESTMODSEQ before this refresh): what left it, then
+    /// what joined it.
+    async fn refresh_updates(&mut self, since: u64) {
+        let Some(sel) = self.selected.as_ref() else { return };
+        if sel.updates.is_empty() || sel.highest_modseq == since {
+            return;
+        }
+        for i in 0..sel.updates.len() {
+            let Some(criteria) = self.selected.as_ref().and_then(|s| s.updates.get(i)).map(|u| u.criteria.clone())
+            else {
+                return;
+            };
+            let Ok(hits) = self.matching(&criteria, false, |_, _| ()).await else { return };
+            let now: BTreeSet<Uid> = hits.iter().map(|h| h.1).collect();
+            let Some(sel) = self.selected.as_mut() else { return };
+            let Some(update) = sel.updates.get(i) else { return };
+            let removed: Vec<Uid> = update.hits.difference(&now).copied().collect();
+            let added: Vec<Uid> = now.difference(&update.hits).copied().collect();
+            let mut lines = Vec::new();
+            if let Some(first) = removed.first() {
+                let position = update.hits.range(..first).count() + 1;
+                lines.push(update.line(sel, "REMOVEFROM", position, &removed));
+            }
+            if let Some(first) = added.first() {
+                let position = now.range(..first).count() + 1;
+                lines.push(update.line(sel, "ADDTO", position, &added));
+            }
+            if let Some(update) = sel.updates.get_mut(i) {
+                update.hits = now;
+            }
+            for l in lines {
+                self.line(&l);
+            }
+        }
     }
 
     /// Reports `changes` to the client; false, having reported nothing, when they do not
@@ -1626,7 +1750,7 @@ impl Session {
         Ok(())
     }
 
-    async fn search(&mut self, tag: &str, criteria: &[SearchKey<'_>], uid: bool) -> Result<String> {
+    async fn search(&mut self, tag: &str, criteria: &[SearchKey<'static>], uid: bool) -> Result<String> {
         // RFC 7162 section 3.1.5: a search that names MODSEQ says the highest modseq of
         // what it returns.
         let with_modseq = criteria.iter().any(names_modseq);
@@ -1638,6 +1762,18 @@ impl Session {
             .iter()
             .map(|(seq, u, modseq)| (if uid { *u } else { *seq }, if with_modseq { *modseq } else { 0 }))
             .collect();
+        let mut code = String::new();
+        if let Some(options) = self.returning.filter(|o| o.update)
+            && let Some(sel) = self.selected.as_mut()
+        {
+            if sel.updates.len() < super::esearch::UPDATES_MAX && !sel.updates.iter().any(|u| u.tag == tag) {
+                let hits = hits.iter().map(|h| h.1).collect();
+                sel.updates.push(UpdateSearch { tag: tag.to_string(), uid, criteria: criteria.to_vec(), hits });
+            } else {
+                code = format!("[NOUPDATE \"{tag}\"] ");
+            }
+            debug_assert!(options.update);
+        }
         match self.returning {
             Some(options) => self.line(&super::esearch::response(tag, uid, options, &numbers, false)),
             None => {
@@ -1651,7 +1787,17 @@ impl Session {
                 self.line(&text);
             }
         }
-        Ok(format!("{}SEARCH done", if uid { "UID " } else { "" }))
+        Ok(format!("{code}{}SEARCH done", if uid { "UID " } else { "" }))
+    }
+
+    /// CANCELUPDATE: the searches named stop being updated.
+    fn cancel_updates(&mut self, tags: &[String]) -> Result<String> {
+        let Some(sel) = self.selected.as_mut() else { return Err("BAD no mailbox is selected".into()) };
+        if let Some(unknown) = tags.iter().find(|t| !sel.updates.iter().any(|u| &u.tag == *t)) {
+            return Err(format!("BAD no search {unknown:?} is being updated"));
+        }
+        sel.updates.retain(|u| !tags.contains(&u.tag));
+        Ok("CANCELUPDATE done".into())
     }
 
     /// The selected messages that match every key, in order: (sequence number, UID, what
@@ -1706,6 +1852,10 @@ impl Session {
         uid: bool,
     ) -> Result<String> {
         check_charset(charset)?;
+        if self.returning.is_some_and(|o| o.update) {
+            // CONTEXT=SORT is not advertised: a sorted result is not kept up to date.
+            return Err("BAD RETURN (UPDATE) is for SEARCH only".into());
+        }
         let header_keys = criteria.iter().any(|c| !matches!(c.key, SortKey::Arrival | SortKey::Size));
         let mut rows = self
             .matching(search, header_keys, |m, body| {
