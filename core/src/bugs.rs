@@ -56,4 +56,7 @@ pub struct MergeRules {
     pub whole_flag_sets: bool,
     pub ignore_tombstones: bool,
     pub replica_overwrites: bool,
+    /// The state merged comes from the mailbox's master: a replica may take its
+    /// UIDVALIDITY (see `mailbox::merge_as_replica`).
+    pub from_master: bool,
 }

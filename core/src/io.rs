@@ -147,6 +147,11 @@ pub enum ClientRequest {
         mailbox: MailboxKey,
         subscribe: bool,
     },
+    /// IMAP RENAME: see [`crate::msg::WriteRequest::Rename`].
+    RenameMailbox {
+        from: MailboxKey,
+        to: MailboxKey,
+    },
 }
 
 /// One message as a client sees it.

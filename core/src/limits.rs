@@ -72,6 +72,22 @@ pub fn check_request(request: &WriteRequest) -> Result<(), String> {
             check_mailbox(src)?;
             check_flags(flags)
         }
+        WriteRequest::Rename { from, to } => {
+            check_mailbox(to)?;
+            if from.user != to.user {
+                return Err("a mailbox is renamed within its user".into());
+            }
+            if from == to {
+                return Err("a mailbox cannot be renamed to itself".into());
+            }
+            if &*to.name == "INBOX" {
+                return Err("nothing can be renamed to INBOX".into());
+            }
+            if to.name.starts_with(&format!("{}/", from.name)) {
+                return Err("a mailbox cannot be renamed under itself".into());
+            }
+            Ok(())
+        }
         WriteRequest::Expunge { messages, .. } if messages.len() > UIDS_PER_REQUEST_MAX => {
             Err("too many UIDs in one request".into())
         }

@@ -35,6 +35,9 @@ pub struct MergeOutcome {
     pub lifecycle_changed: bool,
     /// Retired UIDs were joined in (and the tombstones they cover dropped).
     pub retired_changed: bool,
+    /// A replica took its master's UIDVALIDITY: every earlier tombstone and retired UID
+    /// of the mailbox is dropped (its messages are in `removed`).
+    pub new_validity: bool,
 }
 
 impl MergeOutcome {
@@ -45,6 +48,7 @@ impl MergeOutcome {
             || self.meta_changed
             || self.lifecycle_changed
             || self.retired_changed
+            || self.new_validity
     }
 }
 
@@ -412,14 +416,43 @@ pub fn live_on_retired(m: &StoredMailbox) -> Vec<Uid> {
     m.retired.ranges.iter().flat_map(|(first, last)| m.messages.uids_in(*first, *last)).collect()
 }
 
+/// Whether a replica may drop its copy for its master's, which has another UIDVALIDITY
+/// (two incarnations of one name, made by a RENAME onto a name whose history one side
+/// lacked): only when every message live here is in the master's, live or expunged, so
+/// nothing is lost by it.
+fn adoptable(m: &StoredMailbox, master: &MailboxState) -> bool {
+    let theirs: BTreeSet<Guid> =
+        master.messages.iter().map(|r| r.guid).chain(master.tombstones.iter().map(|t| t.guid)).collect();
+    m.messages.values().all(|r| theirs.contains(&r.guid))
+}
+
+/// The replica's copy empties and takes the master's UIDVALIDITY, UIDNEXT and
+/// HIGHESTMODSEQ; the merge then brings the master's messages in.
+fn adopt_validity(m: &mut StoredMailbox, master: &MailboxState, out: &mut MergeOutcome) {
+    out.removed.extend(m.messages.keys().copied());
+    m.messages = crate::store::Messages::new();
+    m.tombstones.clear();
+    m.retired = Default::default();
+    m.uidvalidity = master.uidvalidity;
+    m.uidnext = 1;
+    m.highest_modseq = 0;
+    out.new_validity = true;
+    out.meta_changed = true;
+}
+
 /// Joins `foreign` into `m` at a server that is not the master. A record that would put
 /// a second GUID on a UID this server holds (live or as a tombstone) is refused and
 /// `unresolved` set: binding that UID would show a client two messages under one UID.
 pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     if foreign.uidvalidity != m.uidvalidity {
-        out.unresolved = true;
-        return out;
+        if !(rules.from_master && adoptable(m, foreign)) {
+            // Ours goes to the master (by SYNC), which gives what it lacks new UIDs in
+            // its own UIDVALIDITY; then this copy can take that one.
+            out.unresolved = true;
+            return out;
+        }
+        adopt_validity(m, foreign, &mut out);
     }
     out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
     if !rules.ignore_tombstones && !join_retired(m, foreign, &mut out).is_empty() {

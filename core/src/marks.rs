@@ -33,10 +33,13 @@ pub enum Mark {
     /// A just-started server's hold ended by its time, with part of the cluster out of
     /// reach, and it went on without them.
     StartupHoldExpired,
+    /// A replica took its master's UIDVALIDITY for a mailbox (two incarnations of one
+    /// name, made by RENAMEs on both sides of a partition).
+    ValidityAdopted,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 19] = [
+    pub const ALL: [Mark; 20] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -56,6 +59,7 @@ impl Mark {
         Mark::InterruptedMergeFinished,
         Mark::TombstonesCollected,
         Mark::StartupHoldExpired,
+        Mark::ValidityAdopted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +83,7 @@ impl Mark {
             Mark::InterruptedMergeFinished => "interrupted_merge_finished",
             Mark::TombstonesCollected => "tombstones_collected",
             Mark::StartupHoldExpired => "startup_hold_expired",
+            Mark::ValidityAdopted => "validity_adopted",
         }
     }
 

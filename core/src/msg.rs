@@ -60,6 +60,13 @@ pub enum WriteRequest {
         mailbox: MailboxKey,
         action: MailboxAction,
     },
+    /// IMAP RENAME, ordered by the master of `from`: `to` gets every message of `from`
+    /// (with its UIDVALIDITY and UIDs when `to` has no history), `from` is deleted
+    /// (INBOX is emptied instead), in one step.
+    Rename {
+        from: MailboxKey,
+        to: MailboxKey,
+    },
 }
 
 /// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the
@@ -83,6 +90,7 @@ impl WriteRequest {
             WriteRequest::Expunge { mailbox, .. } => mailbox,
             WriteRequest::Store { mailbox, .. } => mailbox,
             WriteRequest::Mailbox { mailbox, .. } => mailbox,
+            WriteRequest::Rename { from, .. } => from,
         }
     }
 }
@@ -320,6 +328,7 @@ impl Msg {
                 WriteRequest::Expunge { .. } => "EXPUNGE",
                 WriteRequest::Store { .. } => "STORE",
                 WriteRequest::Mailbox { .. } => "MAILBOX",
+                WriteRequest::Rename { .. } => "RENAME",
             },
             Msg::Reply { .. } => "REPLY",
             Msg::Change { change, .. } => match change {

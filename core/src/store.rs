@@ -403,6 +403,12 @@ pub enum StoreWrite {
         mailbox: MailboxKey,
         retired: Retired,
     },
+    /// A replica takes its master's UIDVALIDITY for the mailbox (see
+    /// `mailbox::merge_as_replica`): the old one's tombstones and retired UIDs go (its
+    /// messages go by their own writes, before); the meta write sets the new value.
+    NewValidity {
+        mailbox: MailboxKey,
+    },
 }
 
 impl DiskImage {
@@ -442,6 +448,12 @@ impl DiskImage {
             StoreWrite::PutTombstone { mailbox, tombstone } => {
                 let m = self.mailboxes.entry(mailbox.clone()).or_default();
                 m.tombstones.insert((tombstone.uid, tombstone.guid), *tombstone);
+            }
+            StoreWrite::NewValidity { mailbox } => {
+                if let Some(m) = self.mailboxes.get_mut(mailbox) {
+                    m.tombstones.clear();
+                    m.retired = Retired::default();
+                }
             }
             StoreWrite::PutBody { guid, checksum, bytes } => {
                 self.bodies.insert(*guid, StoredBody { checksum: *checksum, len: bytes.len() as u64 });

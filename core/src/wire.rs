@@ -924,7 +924,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             generation: r.u64()?,
             states: r.list(read_state)?,
         },
-        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" => {
+        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" => {
             Msg::Request { tag: r.u64()?, request: read_request(r, name)? }
         }
         b"REPLY" => Msg::Reply {
@@ -1021,6 +1021,9 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
                 MailboxAction::Unsubscribe => "UNSUBSCRIBE",
             });
         }
+        WriteRequest::Rename { from, to } => {
+            w.mailbox(from).mailbox(to);
+        }
     }
 }
 
@@ -1066,6 +1069,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             };
             WriteRequest::Mailbox { mailbox, action }
         }
+        b"RENAME" => WriteRequest::Rename { from: r.mailbox()?, to: r.mailbox()? },
         _ => WriteRequest::Store {
             mailbox: r.mailbox()?,
             messages: read_uid_guids(r)?,

@@ -611,6 +611,79 @@ fn copy_failures_and_unknown_mailboxes() {
     assert_eq!((v.uidnext, v.highest_modseq, v.messages[0].modseq), (2, 1, 1));
 }
 
+fn rename(h: &mut Harness, from: &str, to: &str) -> ClientReply {
+    h.request(ClientRequest::RenameMailbox { from: key(from), to: key(to) })
+}
+
+#[test]
+fn rename_onto_a_new_name_keeps_uidvalidity_uids_and_flags() {
+    for mode in [Mode::Isolated, Mode::Linked] {
+        let mut h = Harness::new(Durability::Sync, mode);
+        assert!(matches!(
+            h.request(ClientRequest::CreateMailbox { mailbox: key("Work") }),
+            ClientReply::Write(WriteResult::MailboxDone { .. })
+        ));
+        let a = save(&mut h, "Work", &["\\Seen"]);
+        let b = save(&mut h, "Work", &["$Later"]);
+        h.request(ClientRequest::Expunge { mailbox: key("Work"), uids: vec![a] });
+        let before = view(&mut h, "Work");
+        assert!(matches!(rename(&mut h, "Work", "Done"), ClientReply::Write(WriteResult::MailboxDone { .. })));
+        let after = view(&mut h, "Done");
+        assert_eq!((after.uidvalidity, after.uidnext), (before.uidvalidity, before.uidnext), "{mode:?}");
+        assert_eq!(
+            after.messages.iter().map(|m| (m.uid, m.guid, m.flags.clone())).collect::<Vec<_>>(),
+            before.messages.iter().map(|m| (m.uid, m.guid, m.flags.clone())).collect::<Vec<_>>()
+        );
+        assert_eq!(after.messages[0].uid, b);
+        let gone = ClientReply::Failed { kind: FailKind::Permanent, reason: String::new() };
+        assert_eq!(normalize(h.read("Work")), gone, "{mode:?}: the old name is gone");
+        if mode == Mode::Linked {
+            let replica = h.request_at(S2, ClientRequest::Read { mailbox: key("Done") });
+            assert_eq!(normalize(replica), normalize(ClientReply::Read(after.clone())));
+        }
+        // The old name comes back with its own history: no UID of it is shown again.
+        h.request(ClientRequest::CreateMailbox { mailbox: key("Work") });
+        let again = view(&mut h, "Work");
+        assert_eq!((again.uidvalidity, again.uidnext), (before.uidvalidity, before.uidnext));
+        assert!(again.messages.is_empty());
+    }
+}
+
+#[test]
+fn rename_onto_a_deleted_name_continues_its_uids() {
+    let mut h = Harness::new(Durability::Sync, Mode::Isolated);
+    save(&mut h, "Old", &[]);
+    save(&mut h, "Old", &[]);
+    let old = view(&mut h, "Old");
+    h.request(ClientRequest::DeleteMailbox { mailbox: key("Old") });
+    let moved = save(&mut h, "New", &["\\Flagged"]);
+    let guid = view(&mut h, "New").messages[0].guid;
+    assert_eq!(moved, 1);
+    assert!(matches!(rename(&mut h, "New", "Old"), ClientReply::Write(WriteResult::MailboxDone { .. })));
+    let v = view(&mut h, "Old");
+    assert_eq!(v.uidvalidity, old.uidvalidity);
+    assert_eq!(v.messages.iter().map(|m| (m.uid, m.guid)).collect::<Vec<_>>(), vec![(old.uidnext, guid)]);
+    assert_eq!(v.messages[0].flags, vec![flag("\\Flagged")]);
+}
+
+#[test]
+fn rename_refusals_and_inbox() {
+    let mut h = Harness::new(Durability::Sync, Mode::Isolated);
+    let uid = save(&mut h, "INBOX", &[]);
+    save(&mut h, "Taken", &[]);
+    assert_eq!(normalize(rename(&mut h, "Nothing", "Else")), permanent());
+    assert_eq!(normalize(rename(&mut h, "INBOX", "Taken")), permanent());
+    assert_eq!(normalize(rename(&mut h, "Taken", "INBOX")), permanent());
+    assert_eq!(normalize(rename(&mut h, "Taken", "Taken/Below")), permanent());
+    assert_eq!(normalize(rename(&mut h, "Taken", "Taken")), permanent());
+    // INBOX: its messages move, INBOX stays (empty).
+    assert!(matches!(rename(&mut h, "INBOX", "Archive"), ClientReply::Write(WriteResult::MailboxDone { .. })));
+    assert_eq!(view(&mut h, "Archive").messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![uid]);
+    let inbox = view(&mut h, "INBOX");
+    assert!(inbox.messages.is_empty());
+    assert_eq!(save(&mut h, "INBOX", &[]), uid + 1, "INBOX never reuses a UID");
+}
+
 // ---------------------------------------------------------------------------------------
 // Divergences from IMAP, kept failing until the core is fixed.
 

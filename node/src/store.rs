@@ -352,6 +352,21 @@ impl Store {
                         ensure_mailbox(&mut mailboxes, mailbox)?;
                         retire_uids(&mut retired_uids, &mut tombstones, mailbox, retired)?;
                     }
+                    StoreWrite::NewValidity { mailbox } => {
+                        let key = enc(mailbox)?;
+                        retired_uids.remove(key.as_slice())?;
+                        let mut old = Vec::new();
+                        for row in tombstones.range(key.as_slice()..)? {
+                            let (k, _) = row?;
+                            if !k.value().starts_with(&key) {
+                                break;
+                            }
+                            old.push(k.value().to_vec());
+                        }
+                        for k in old {
+                            tombstones.remove(k.as_slice())?;
+                        }
+                    }
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
                     StoreWrite::Incarnation { incarnation } => raise(&mut meta, "incarnation", *incarnation)?,

@@ -96,6 +96,8 @@ pub struct Oracle {
     pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
     /// Mailboxes a client asked to DELETE.
     pub deleted_mailboxes: BTreeSet<MailboxKey>,
+    /// RENAMEs asked for: from each mailbox to where its messages may have gone.
+    pub renamed: BTreeMap<MailboxKey, BTreeSet<MailboxKey>>,
     /// Every (mailbox, message) a COPY was asked for: a message expunged from a
     /// mailbox may come back by a later COPY.
     copy_requested: BTreeSet<(MailboxKey, Guid)>,
@@ -288,6 +290,12 @@ impl Oracle {
         self.deleted_mailboxes.insert(mailbox.clone());
     }
 
+    /// A RENAME of `from` to `to` was asked for: a message acknowledged in `from` may
+    /// now be live in `to` instead (or further on, if `to` was renamed too).
+    pub fn rename_requested(&mut self, from: &MailboxKey, to: &MailboxKey) {
+        self.renamed.entry(from.clone()).or_default().insert(to.clone());
+    }
+
     pub fn copy_requested(&mut self, mailbox: &MailboxKey, guid: Guid) {
         self.copy_requested.insert((mailbox.clone(), guid));
     }
@@ -373,16 +381,19 @@ impl Oracle {
         if check_loss {
             let verdicts = &mut self.body_verdicts;
             for ((mailbox, guid), (server, at)) in &self.acked {
-                let key = (mailbox.clone(), *guid);
-                if self.expunged.contains(&key)
-                    || self.expunge_requested.contains(&key)
-                    || self.deleted_mailboxes.contains(mailbox)
-                    || unrecoverable.contains(guid)
-                {
+                // Where it may be: here, or where a rename asked for may have moved it.
+                let places = rename_targets(&self.renamed, mailbox);
+                let gone_on_purpose = places.iter().any(|place| {
+                    let key = (place.clone(), *guid);
+                    self.expunged.contains(&key)
+                        || self.expunge_requested.contains(&key)
+                        || self.deleted_mailboxes.contains(place)
+                });
+                if gone_on_purpose || unrecoverable.contains(guid) {
                     continue;
                 }
                 for sid in stores.keys() {
-                    let live = by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid));
+                    let live = places.iter().any(|place| by_guid[sid].get(place).is_some_and(|m| m.contains_key(guid)));
                     let body = verdicts.intact(*guid, servers[sid]);
                     if !live || !body {
                         found.push((
@@ -587,4 +598,20 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
         }
     }
     None
+}
+
+/// `mailbox` and every mailbox a rename asked for may have moved its messages to, each
+/// once, in the order found (bounded by the renames asked for).
+fn rename_targets(renamed: &BTreeMap<MailboxKey, BTreeSet<MailboxKey>>, mailbox: &MailboxKey) -> Vec<MailboxKey> {
+    let mut seen = vec![mailbox.clone()];
+    let mut i = 0;
+    while i < seen.len() {
+        for to in renamed.get(&seen[i]).into_iter().flatten() {
+            if !seen.contains(to) {
+                seen.push(to.clone());
+            }
+        }
+        i += 1;
+    }
+    seen
 }

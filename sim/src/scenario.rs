@@ -153,6 +153,12 @@ pub enum Action {
         server: Sid,
         mailbox: MailboxKey,
     },
+    /// IMAP RENAME: every message of `from` moves to `to`, `from` is deleted.
+    RenameMailbox {
+        server: Sid,
+        from: MailboxKey,
+        to: MailboxKey,
+    },
     Cut {
         a: Sid,
         b: Sid,
@@ -298,6 +304,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("master_move", &["server", "mailbox"]),
     ("create_mailbox", &["server", "mailbox"]),
     ("delete_mailbox", &["server", "mailbox"]),
+    ("rename_mailbox", &["server", "from", "to"]),
     ("cut", &["a", "b"]),
     ("restore", &["a", "b"]),
     ("isolate", &["server"]),
@@ -820,6 +827,11 @@ impl Tab<'_> {
             "master_move" => Action::MasterMove { server: server()?, mailbox: mailbox()? },
             "create_mailbox" => Action::CreateMailbox { server: server()?, mailbox: mailbox()? },
             "delete_mailbox" => Action::DeleteMailbox { server: server()?, mailbox: mailbox()? },
+            "rename_mailbox" => Action::RenameMailbox {
+                server: server()?,
+                from: tab.mailbox(event.from.as_deref(), "from")?,
+                to: tab.mailbox(event.to.as_deref(), "to")?,
+            },
             "cut" | "restore" | "flap" => {
                 let (a, b) = tab.two_servers(event.a.as_deref(), event.b.as_deref())?;
                 match *op {

@@ -93,6 +93,10 @@ fn event_of(e: &TimedEvent) -> EventToml {
             (table.to, table.as_label) = (mailbox(to), as_label.clone());
             "copy"
         }
+        Action::RenameMailbox { server: s, from, to } => {
+            (table.server, table.from, table.to) = (server(s), mailbox(from), mailbox(to));
+            "rename_mailbox"
+        }
         Action::Expunge { server: s, mailbox: m, labels } => {
             (table.server, table.mailbox, table.labels) = (server(s), mailbox(m), Some(labels.clone()));
             "expunge"

@@ -110,6 +110,7 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::MasterMove { server, .. }
         | Action::CreateMailbox { server, .. }
         | Action::DeleteMailbox { server, .. }
+        | Action::RenameMailbox { server, .. }
         | Action::Isolate { server }
         | Action::Crash { server }
         | Action::Restart { server }

@@ -850,6 +850,7 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::DeleteMailbox { mailbox } => format!("DELETE {mailbox}"),
         ClientRequest::Subscription { mailbox, subscribe: true } => format!("SUBSCRIBE {mailbox}"),
         ClientRequest::Subscription { mailbox, subscribe: false } => format!("UNSUBSCRIBE {mailbox}"),
+        ClientRequest::RenameMailbox { from, to } => format!("RENAME {from} to {to}"),
     }
 }
 
@@ -898,6 +899,7 @@ pub fn describe(envelope: &Envelope) -> String {
                 format!("#{tag} {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
             }
             WriteRequest::Mailbox { mailbox, action } => format!("#{tag} {mailbox} {action:?}"),
+            WriteRequest::Rename { from, to } => format!("#{tag} {from} -> {to}"),
         },
         Msg::Reply { tag, master, result, .. } => format!("#{tag} master {master:?} {result:?}"),
         Msg::Change { seq, change } => match change {
@@ -1173,6 +1175,12 @@ impl World {
                 self.oracle.mailbox_delete_requested(&mailbox);
                 let o = Outstanding { mailbox: Some(mailbox.clone()), ..none() };
                 self.request(server, ClientRequest::DeleteMailbox { mailbox }, event, o)
+            }
+            Action::RenameMailbox { server, from, to } => {
+                // Its messages may end in `to` (or stay, if the rename is refused).
+                self.oracle.rename_requested(&from, &to);
+                let o = Outstanding { mailbox: Some(from.clone()), ..none() };
+                self.request(server, ClientRequest::RenameMailbox { from, to }, event, o)
             }
             Action::MasterMove { server, mailbox } => {
                 self.request(server, ClientRequest::MasterMove { mailbox }, event, none())

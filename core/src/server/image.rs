@@ -377,8 +377,9 @@ impl Image {
                     parts.put_tombstone(tombstone);
                 }
             }
-            StoreWrite::RetireUids { mailbox, .. } => {
-                // Rare (a collection): the digest is built again when next asked.
+            StoreWrite::RetireUids { mailbox, .. } | StoreWrite::NewValidity { mailbox } => {
+                // Rare (a collection, a new UIDVALIDITY): the digest is built again when
+                // next asked.
                 self.digests.remove(mailbox);
             }
             StoreWrite::PutBody { guid, .. } => {
@@ -560,6 +561,10 @@ impl Image {
             uids.insert(uid);
             uids.extend(m.messages.uids_of(guid));
         }
+        if state.uidvalidity != m.uidvalidity {
+            // A replica may take the master's UIDVALIDITY, dropping every record.
+            uids.extend(m.messages.keys().copied());
+        }
         if as_master {
             let retired =
                 m.tombstones.keys().filter(|(uid, guid)| m.messages.get(uid).is_some_and(|r| r.guid != *guid));
@@ -600,6 +605,10 @@ impl Image {
     /// `finish_interrupted_merges`).
     fn commit_outcome(&mut self, out: &mut Outbox, key: &MailboxKey, outcome: &MergeOutcome, snapshot: &MergeSnapshot) {
         let undo = |u: Undo| Some((key.clone(), u));
+        if outcome.new_validity {
+            // First: the old UIDVALIDITY's tombstones go before the new ones are written.
+            self.commit_undo(out, StoreWrite::NewValidity { mailbox: key.clone() }, None);
+        }
         if outcome.changed() {
             let write = self.meta_write(key);
             self.commit_undo(out, write, undo(snapshot.meta.clone()));

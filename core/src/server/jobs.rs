@@ -169,6 +169,7 @@ impl Server {
                 let action = if subscribe { MailboxAction::Subscribe } else { MailboxAction::Unsubscribe };
                 WriteRequest::Mailbox { mailbox, action }
             }
+            ClientRequest::RenameMailbox { from, to } => WriteRequest::Rename { from, to },
         };
         if let Err(reason) = validate(&write) {
             self.out.reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
@@ -528,6 +529,7 @@ impl Server {
             }
             WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, id),
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
+            WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
         };
         Some(ordered)
@@ -794,6 +796,87 @@ impl Server {
             MailboxAction::Unsubscribe => !lifecycle.subscribed(),
         });
         self.replicate(Change::Merge { state }, Some(id));
+        Ordered::replicated(WriteResult::MailboxDone { modseq })
+    }
+
+    /// RENAME at the master of `from`, in one step: `to` gets every message of `from`,
+    /// then `from` is deleted (INBOX is emptied instead). A `to` this server has never
+    /// seen takes `from`'s UIDVALIDITY, UIDNEXT, UIDs and modseqs; a `to` with history
+    /// here (a deleted mailbox of that name) keeps its own UIDVALIDITY and gives the
+    /// messages new UIDs above every UID it used, as COPY would, so no UID of it is ever
+    /// shown again for another message. `to`'s state travels as a merge: its master (if
+    /// another server) joins it like any other, so a concurrent CREATE or RENAME onto
+    /// the same name there keeps both sides' messages (the later ones renumbered).
+    fn master_rename(&mut self, from: &MailboxKey, to: &MailboxKey, id: JobId) -> Ordered {
+        let Some(src) = self.image.mailbox(from).filter(|m| m.visible()) else {
+            return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {from}")));
+        };
+        if self.image.mailbox(to).is_some_and(|m| m.visible()) {
+            return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {to} exists")));
+        }
+        let moved: Vec<(Uid, Guid)> = src.messages.values().map(|r| (r.uid, r.guid)).collect();
+        let target = match self.image.mailbox(to) {
+            None => {
+                let modseq = src.highest_modseq.saturating_add(1);
+                MailboxState {
+                    mailbox: to.clone(),
+                    uidvalidity: src.uidvalidity,
+                    uidnext: src.uidnext,
+                    highest_modseq: modseq,
+                    messages: src.messages.values().cloned().collect(),
+                    tombstones: Vec::new(),
+                    lifecycle: Lifecycle { created_at: modseq, ..Lifecycle::default() },
+                    retired: Default::default(),
+                }
+            }
+            Some(old) => {
+                let modseq = old.highest_modseq.max(src.highest_modseq).saturating_add(1);
+                let mut next = old.uidnext;
+                let mut messages = Vec::with_capacity(src.messages.len());
+                for r in src.messages.values() {
+                    messages.push(MessageRecord { uid: next, modseq, ..r.clone() });
+                    next = next.saturating_add(1);
+                }
+                MailboxState {
+                    mailbox: to.clone(),
+                    uidvalidity: old.uidvalidity,
+                    uidnext: next,
+                    highest_modseq: modseq,
+                    messages,
+                    tombstones: Vec::new(),
+                    lifecycle: Lifecycle { created_at: modseq, ..old.lifecycle },
+                    retired: Default::default(),
+                }
+            }
+        };
+        if target.uidnext == Uid::MAX {
+            return Ordered::unreplicated(fail(FailKind::Permanent, format!("no UIDs left in {to}")));
+        }
+        let to_master = self.masters.masters(&self.master_key(to));
+        let rules = self.merge_rules();
+        let outcome = self.image.merge(&mut self.out, &target, to_master, &rules, false);
+        debug_assert!(!outcome.unresolved, "a rename's target merges without conflict here");
+        debug_assert!(visible_now(self.image.mailbox(to)), "a renamed mailbox is shown under its new name");
+        for r in &outcome.records {
+            if !self.image.has_body(&r.guid) {
+                self.want_body(r.guid, Some(r.checksum), None, false);
+            }
+        }
+        let Some(state) = self.image.mailbox(to).map(|m| mailbox::state(to, m)) else {
+            return Ordered::unreplicated(fail(FailKind::Temporary, "the renamed mailbox vanished"));
+        };
+        // The target first: a peer that applies the source's deletion has its messages.
+        self.replicate(Change::Merge { state }, Some(id));
+        let done = if &*from.name == "INBOX" {
+            if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, id)) }
+        } else {
+            Some(self.master_lifecycle(from, MailboxAction::Delete, id))
+        };
+        if let Some(Ordered { result: result @ WriteResult::Failed { .. }, .. }) = done {
+            // The target holds every message already: nothing is lost, the source stays.
+            return Ordered::replicated(result);
+        }
+        let modseq = self.image.mailbox(to).map(|m| m.highest_modseq).unwrap_or(0);
         Ordered::replicated(WriteResult::MailboxDone { modseq })
     }
 

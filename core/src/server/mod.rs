@@ -330,6 +330,7 @@ impl Server {
             whole_flag_sets: self.has_bug(crate::Bug::WholeFlagSets),
             ignore_tombstones: self.has_bug(crate::Bug::IgnoreTombstones),
             replica_overwrites: self.has_bug(crate::Bug::ReplicaOverwritesUid),
+            from_master: false,
         }
     }
 

@@ -262,7 +262,8 @@ impl Server {
     pub(crate) fn merge_foreign(&mut self, src: Sid, state: &MailboxState) -> MergeOutcome {
         let key = self.master_key(&state.mailbox);
         let is_master = self.masters.masters(&key);
-        let rules = self.merge_rules();
+        let mut rules = self.merge_rules();
+        rules.from_master = self.masters.cached(&key) == Some(src);
         let reuse_bug = self.has_bug(crate::Bug::ReuseUidAfterRenumber);
         let mailbox = state.mailbox.clone();
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);
@@ -276,6 +277,9 @@ impl Server {
         }
         if out.tombstone_conflict {
             self.marks.hit(Mark::TombstoneConflict);
+        }
+        if out.new_validity {
+            self.marks.hit(Mark::ValidityAdopted);
         }
         if out.unresolved {
             self.marks.hit(Mark::ReplicaConflictRefused);

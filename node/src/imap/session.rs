@@ -890,9 +890,9 @@ impl Session {
         }
     }
 
-    /// RENAME: the new mailbox gets a copy of every message, then the old one is deleted
-    /// (for INBOX: emptied, as RFC 3501 says). Each step replicates; a failure midway
-    /// leaves both mailboxes, never a lost message.
+    /// RENAME: one request to the core, ordered by the master of the old name: the new
+    /// name gets every message (with the old UIDVALIDITY and UIDs when the name is new),
+    /// the old one is deleted (INBOX is emptied instead), in one step.
     async fn rename(&mut self, from: &str, to: &str) -> Result<String> {
         self.check_new_name(to)?;
         if !self.mailbox_exists(from).await {
@@ -902,28 +902,22 @@ impl Session {
             return Err("NO [ALREADYEXISTS] the target exists".into());
         }
         let (src, dst) = (self.key(from), self.key(to));
-        self.lifecycle(ClientRequest::CreateMailbox { mailbox: dst.clone() }).await?;
-        let view = self.read(from).await?;
-        for m in &view.messages {
-            let request = ClientRequest::Copy { src: src.clone(), src_uid: m.uid, dst: dst.clone() };
-            match self.node.request(request).await {
-                ClientReply::Write(WriteResult::Copied { .. }) => {}
-                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+        let renamed = match self.node.request(ClientRequest::RenameMailbox { from: src.clone(), to: dst }).await {
+            ClientReply::Write(WriteResult::MailboxDone { .. }) => Ok("RENAME done".to_string()),
+            ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, reason })
+                if reason.starts_with("no mailbox") && &*src.name == "INBOX" =>
+            {
+                // An INBOX that never held a message: the core has no copy of it yet, so
+                // the new name starts empty.
+                self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(to) }).await?;
+                Ok("RENAME done".to_string())
             }
+            other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+        };
+        if &*src.name != "INBOX" && self.selected.as_ref().is_some_and(|s| s.mailbox == src) {
+            self.selected = None;
         }
-        if &*src.name == "INBOX" {
-            let uids = view.messages.iter().map(|m| m.uid).collect();
-            match self.node.request(ClientRequest::Expunge { mailbox: src, uids }).await {
-                ClientReply::Write(WriteResult::Expunged { .. }) => {}
-                other => return Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
-            }
-        } else {
-            if self.selected.as_ref().is_some_and(|s| s.mailbox == src) {
-                self.selected = None;
-            }
-            self.lifecycle(ClientRequest::DeleteMailbox { mailbox: src }).await?;
-        }
-        Ok("RENAME done".into())
+        renamed
     }
 
     async fn list(&mut self, command: &str, reference: &str, pattern: &str) -> Result<String> {

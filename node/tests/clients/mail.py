@@ -288,12 +288,19 @@ def main():
         typ, data = y.select("Projects")
         assert typ == "OK" and data == [b"0"], data
         check(y.append("Projects", None, None, b"Subject: plan\r\n\r\nx\r\n"))
+        check(y.select("Projects"))
+        validity = y.response("UIDVALIDITY")[1][0]
+        uids = check(y.uid("SEARCH", "ALL"))[0]
         y.logout()
         check(x.rename("Projects", "Done"))
         assert wait(lambda: "Done" in names(cc) and "Projects" not in names(cc)), names(cc)
         z = imap(cc, user, password)
         typ, data = z.select("Done")
         assert typ == "OK" and data == [b"1"], data
+        # One RENAME in the core: the new name keeps the UIDVALIDITY and the UIDs.
+        moved = z.response("UIDVALIDITY")[1][0]
+        assert moved == validity and validity is not None, (validity, moved)
+        assert check(z.uid("SEARCH", "ALL"))[0] == uids, uids
         z.close()
         check(z.delete("Done"))
         typ, data = z.delete("INBOX")
