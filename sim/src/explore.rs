@@ -149,6 +149,19 @@ pub fn generate(seed: u64) -> Scenario {
                     }
                 }
             }
+            // Mailbox lifecycle now and then: RENAME (its labels follow it), CREATE,
+            // DELETE (of INBOX: refused).
+            94..97 => match rng.random_range(0..3u32) {
+                0 => {
+                    let to = MailboxKey::new(&mailbox.user, &format!("Ren{}", rng.random_range(1..=3u32)));
+                    for entry in labels.iter_mut().filter(|(m, _)| *m == mailbox) {
+                        entry.0 = to.clone();
+                    }
+                    Action::RenameMailbox { server, from: mailbox, to }
+                }
+                1 => Action::CreateMailbox { server, mailbox },
+                _ => Action::DeleteMailbox { server, mailbox },
+            },
             _ => Action::Read { server, mailbox },
         };
         events.push(TimedEvent { at_ms: t, id: None, action, expect: None, line: 0 });
