@@ -667,6 +667,16 @@ fn rename_onto_a_deleted_name_continues_its_uids() {
 }
 
 #[test]
+fn rename_onto_a_name_that_held_one_of_the_messages_is_refused_not_lost() {
+    let mut h = Harness::new(Durability::Sync, Mode::Isolated);
+    let uid = save(&mut h, "X", &[]);
+    h.request(ClientRequest::Copy { src: key("X"), src_uid: uid, dst: key("From") });
+    h.request(ClientRequest::DeleteMailbox { mailbox: key("X") });
+    assert_eq!(normalize(rename(&mut h, "From", "X")), permanent());
+    assert_eq!(view(&mut h, "From").messages.len(), 1, "the message stays where it was");
+}
+
+#[test]
 fn rename_refusals_and_inbox() {
     let mut h = Harness::new(Durability::Sync, Mode::Isolated);
     let uid = save(&mut h, "INBOX", &[]);

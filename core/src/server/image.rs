@@ -340,7 +340,11 @@ impl Image {
     fn commit_undo(&mut self, out: &mut Outbox, write: StoreWrite, undo: Option<(MailboxKey, Undo)>) -> WriteId {
         self.count_refs(&write, undo.as_ref().map(|(_, u)| u));
         self.count_logged_write(&write);
-        self.disk.apply(&write);
+        // A new UIDVALIDITY is only ever written after the merge that took it, which
+        // already emptied the image's copy and then filled it anew.
+        if !matches!(write, StoreWrite::NewValidity { .. }) {
+            self.disk.apply(&write);
+        }
         self.follow(&write);
         let unsynced = match &write {
             StoreWrite::PutBody { guid, bytes, .. } => Some((*guid, bytes.clone())),
@@ -605,8 +609,22 @@ impl Image {
     /// `finish_interrupted_merges`).
     fn commit_outcome(&mut self, out: &mut Outbox, key: &MailboxKey, outcome: &MergeOutcome, snapshot: &MergeSnapshot) {
         let undo = |u: Undo| Some((key.clone(), u));
+        // The old UIDVALIDITY's records, removed (and uncounted) up front.
+        let removed_first: BTreeSet<Uid> =
+            if outcome.new_validity { outcome.removed.iter().copied().collect() } else { BTreeSet::new() };
         if outcome.new_validity {
-            // First: the old UIDVALIDITY's tombstones go before the new ones are written.
+            // First the old UIDVALIDITY's messages go, then its tombstones and retired
+            // UIDs, before anything of the new one is written: a crash between these
+            // writes never leaves an old message under the new UIDVALIDITY. The merge
+            // already did all of this to the image.
+            for &uid in &outcome.removed {
+                let before = snapshot.records.get(&uid).cloned().flatten();
+                self.commit_undo(
+                    out,
+                    StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
+                    undo(Undo::Record { uid, before }),
+                );
+            }
             self.commit_undo(out, StoreWrite::NewValidity { mailbox: key.clone() }, None);
         }
         if outcome.changed() {
@@ -643,8 +661,10 @@ impl Image {
         let (kept, gone): (Vec<Uid>, Vec<Uid>) = touched.into_iter().partition(|uid| live(self, uid).is_some());
         for uid in kept {
             let Some(record) = live(self, &uid) else { continue };
-            // A UID the merge brought that the mailbox did not hold before.
-            let before = snapshot.records.get(&uid).cloned().flatten();
+            // A UID the merge brought that the mailbox did not hold before (or whose old
+            // record went with the old UIDVALIDITY).
+            let before =
+                if removed_first.contains(&uid) { None } else { snapshot.records.get(&uid).cloned().flatten() };
             let write = StoreWrite::PutMessage { mailbox: key.clone(), record };
             self.commit_undo(out, write, undo(Undo::Record { uid, before }));
         }
@@ -652,7 +672,7 @@ impl Image {
             let tombstone = self.tombstone_now(key, t);
             self.commit_undo(out, StoreWrite::PutTombstone { mailbox: key.clone(), tombstone }, None);
         }
-        for uid in gone {
+        for uid in gone.into_iter().filter(|u| !removed_first.contains(u)) {
             let before = snapshot.records.get(&uid).cloned().flatten();
             self.commit_undo(
                 out,

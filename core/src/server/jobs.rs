@@ -815,6 +815,27 @@ impl Server {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {to} exists")));
         }
         let moved: Vec<(Uid, Guid)> = src.messages.values().map(|r| (r.uid, r.guid)).collect();
+        let to_master = self.masters.masters(&self.master_key(to));
+        if let Some(old) = self.image.mailbox(to) {
+            // Only the name's master may hand out its UIDs: another server's view of them
+            // may be behind (a UID it gives could already be shown for another message).
+            if !self.masters.masters_ready(&self.master_key(to)) {
+                return Ordered::unreplicated(fail(
+                    FailKind::Temporary,
+                    format!("{to} was used before and another server masters it: try again later"),
+                ));
+            }
+            // A message expunged (or retired) from that name before would be dropped by
+            // the rule that an expunge wins: refused rather than lost.
+            if let Some((_, guid)) =
+                moved.iter().find(|(_, g)| old.tombstones.keys().any(|(_, t)| t == g) || old.messages.has_guid(*g))
+            {
+                return Ordered::unreplicated(fail(
+                    FailKind::Permanent,
+                    format!("{to} held message {guid} before: COPY it instead"),
+                ));
+            }
+        }
         let target = match self.image.mailbox(to) {
             None => {
                 let modseq = src.highest_modseq.saturating_add(1);
@@ -852,7 +873,6 @@ impl Server {
         if target.uidnext == Uid::MAX {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no UIDs left in {to}")));
         }
-        let to_master = self.masters.masters(&self.master_key(to));
         let rules = self.merge_rules();
         let outcome = self.image.merge(&mut self.out, &target, to_master, &rules, false);
         debug_assert!(!outcome.unresolved, "a rename's target merges without conflict here");

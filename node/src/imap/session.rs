@@ -912,9 +912,12 @@ impl Session {
                 self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(to) }).await?;
                 Ok("RENAME done".to_string())
             }
+            ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, reason }) => {
+                Err(format!("NO {reason}"))
+            }
             other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
         };
-        if &*src.name != "INBOX" && self.selected.as_ref().is_some_and(|s| s.mailbox == src) {
+        if renamed.is_ok() && &*src.name != "INBOX" && self.selected.as_ref().is_some_and(|s| s.mailbox == src) {
             self.selected = None;
         }
         renamed

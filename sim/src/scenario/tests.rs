@@ -335,6 +335,12 @@ at_ms = 29
 op = "delete_mailbox"
 server = "s2"
 mailbox = "alice/Projects"
+[[event]]
+at_ms = 30
+op = "rename_mailbox"
+server = "s3"
+from = "alice/Projects"
+to = "alice/Done"
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -410,10 +416,11 @@ mailbox = "alice/Projects"
         },
         Action::CreateMailbox { server: s1, mailbox: mb("alice/Projects") },
         Action::DeleteMailbox { server: s2, mailbox: mb("alice/Projects") },
+        Action::RenameMailbox { server: s3, from: mb("alice/Projects"), to: mb("alice/Done") },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=29).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
