@@ -650,7 +650,7 @@ fn rename_onto_a_new_name_keeps_uidvalidity_uids_and_flags() {
 }
 
 #[test]
-fn rename_onto_a_deleted_name_continues_its_uids() {
+fn rename_onto_a_deleted_name_gives_a_new_uidvalidity_and_continues_its_uids() {
     let mut h = Harness::new(Durability::Sync, Mode::Isolated);
     save(&mut h, "Old", &[]);
     save(&mut h, "Old", &[]);
@@ -661,7 +661,7 @@ fn rename_onto_a_deleted_name_continues_its_uids() {
     assert_eq!(moved, 1);
     assert!(matches!(rename(&mut h, "New", "Old"), ClientReply::Write(WriteResult::MailboxDone { .. })));
     let v = view(&mut h, "Old");
-    assert_eq!(v.uidvalidity, old.uidvalidity);
+    assert_ne!(v.uidvalidity, old.uidvalidity, "a new incarnation of the name");
     assert_eq!(v.messages.iter().map(|m| (m.uid, m.guid)).collect::<Vec<_>>(), vec![(old.uidnext, guid)]);
     assert_eq!(v.messages[0].flags, vec![flag("\\Flagged")]);
 }

@@ -860,7 +860,7 @@ impl Server {
                 }
                 MailboxState {
                     mailbox: to.clone(),
-                    uidvalidity: old.uidvalidity,
+                    uidvalidity: renamed_validity(old.uidvalidity, modseq),
                     uidnext: next,
                     highest_modseq: modseq,
                     messages,
@@ -872,6 +872,18 @@ impl Server {
         };
         if target.uidnext == Uid::MAX {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no UIDs left in {to}")));
+        }
+        if let Some(old) = self.image.mailbox(to).filter(|old| old.uidvalidity != target.uidvalidity) {
+            // The name's new incarnation: a new UIDVALIDITY, with its UIDs still above
+            // every one it used (its tombstones stay meaningful); replicas take it from
+            // here as their master's.
+            let meta = StoreWrite::MailboxMeta {
+                mailbox: to.clone(),
+                uidvalidity: target.uidvalidity,
+                uidnext: old.uidnext,
+                highest_modseq: old.highest_modseq,
+            };
+            self.commit(meta);
         }
         let rules = self.merge_rules();
         let outcome = self.image.merge(&mut self.out, &target, to_master, &rules, false);
@@ -1254,4 +1266,15 @@ pub(crate) fn message_view(r: &crate::types::MessageRecord) -> MessageView {
 
 fn visible_now(m: Option<&crate::store::StoredMailbox>) -> bool {
     m.is_some_and(|m| m.visible())
+}
+
+/// The UIDVALIDITY a RENAME gives a name with history (`old` before): another one, drawn
+/// from the rename's modseq, in 1..2^31.
+fn renamed_validity(old: u32, modseq: ModSeq) -> u32 {
+    let mut v = (crate::hash::mix64(u64::from(old) ^ modseq.rotate_left(32)) as u32) & 0x7fff_ffff;
+    while v == 0 || v == old {
+        v = (v.wrapping_add(1)) & 0x7fff_ffff;
+    }
+    debug_assert!(v != old && v != 0);
+    v
 }
