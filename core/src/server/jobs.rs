@@ -816,73 +816,66 @@ impl Server {
         }
         let moved: Vec<(Uid, Guid)> = src.messages.values().map(|r| (r.uid, r.guid)).collect();
         let to_master = self.masters.masters(&self.master_key(to));
-        if let Some(old) = self.image.mailbox(to) {
-            // Only the name's master may hand out its UIDs: another server's view of them
-            // may be behind (a UID it gives could already be shown for another message).
-            if !self.masters.masters_ready(&self.master_key(to)) {
-                return Ordered::unreplicated(fail(
-                    FailKind::Temporary,
-                    format!("{to} was used before and another server masters it: try again later"),
-                ));
-            }
-            // A message expunged (or retired) from that name before would be dropped by
-            // the rule that an expunge wins: refused rather than lost.
-            if let Some((_, guid)) =
-                moved.iter().find(|(_, g)| old.tombstones.keys().any(|(_, t)| t == g) || old.messages.has_guid(*g))
-            {
-                return Ordered::unreplicated(fail(
-                    FailKind::Permanent,
-                    format!("{to} held message {guid} before: COPY it instead"),
-                ));
-            }
-        }
-        let target = match self.image.mailbox(to) {
-            None => {
-                let modseq = src.highest_modseq.saturating_add(1);
-                MailboxState {
-                    mailbox: to.clone(),
-                    uidvalidity: src.uidvalidity,
-                    uidnext: src.uidnext,
-                    highest_modseq: modseq,
-                    messages: src.messages.values().cloned().collect(),
-                    tombstones: Vec::new(),
-                    lifecycle: Lifecycle { created_at: modseq, ..Lifecycle::default() },
-                    retired: Default::default(),
-                }
-            }
+        // What the target starts from: nothing (a new name keeps the source's UIDVALIDITY,
+        // UIDs and modseqs), or a name with history, which becomes a new incarnation (a
+        // new UIDVALIDITY, UIDs still above every one it used, so its tombstones keep
+        // their meaning; replicas take it from here as their master's).
+        let (uidvalidity, renumber_from, modseq, lifecycle, incarnation) = match self.image.mailbox(to) {
+            None => (src.uidvalidity, None, src.highest_modseq.saturating_add(1), Lifecycle::default(), None),
             Some(old) => {
+                // Only the name's master may hand out its UIDs: another server's view of
+                // them may be behind (a UID it gives could already be shown for another
+                // message).
+                if !self.masters.masters_ready(&self.master_key(to)) {
+                    return Ordered::unreplicated(fail(
+                        FailKind::Temporary,
+                        format!("{to} was used before and another server masters it: try again later"),
+                    ));
+                }
+                // A message expunged (or retired) from that name before would be dropped
+                // by the rule that an expunge wins: refused rather than lost.
+                if let Some((_, guid)) =
+                    moved.iter().find(|(_, g)| old.tombstones.keys().any(|(_, t)| t == g) || old.messages.has_guid(*g))
+                {
+                    return Ordered::unreplicated(fail(
+                        FailKind::Permanent,
+                        format!("{to} held message {guid} before: COPY it instead"),
+                    ));
+                }
                 let modseq = old.highest_modseq.max(src.highest_modseq).saturating_add(1);
-                let mut next = old.uidnext;
-                let mut messages = Vec::with_capacity(src.messages.len());
-                for r in src.messages.values() {
-                    messages.push(MessageRecord { uid: next, modseq, ..r.clone() });
-                    next = next.saturating_add(1);
-                }
-                MailboxState {
+                let uidvalidity = renamed_validity(old.uidvalidity, modseq);
+                let meta = StoreWrite::MailboxMeta {
                     mailbox: to.clone(),
-                    uidvalidity: renamed_validity(old.uidvalidity, modseq),
-                    uidnext: next,
-                    highest_modseq: modseq,
-                    messages,
-                    tombstones: Vec::new(),
-                    lifecycle: Lifecycle { created_at: modseq, ..old.lifecycle },
-                    retired: Default::default(),
-                }
+                    uidvalidity,
+                    uidnext: old.uidnext,
+                    highest_modseq: old.highest_modseq,
+                };
+                (uidvalidity, Some(old.uidnext), modseq, old.lifecycle, Some(meta))
             }
         };
-        if target.uidnext == Uid::MAX {
+        let mut messages: Vec<MessageRecord> = src.messages.values().cloned().collect();
+        let mut uidnext = src.uidnext;
+        if let Some(first) = renumber_from {
+            uidnext = first;
+            for r in &mut messages {
+                (r.uid, r.modseq) = (uidnext, modseq);
+                uidnext = uidnext.saturating_add(1);
+            }
+        }
+        if uidnext == Uid::MAX {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no UIDs left in {to}")));
         }
-        if let Some(old) = self.image.mailbox(to).filter(|old| old.uidvalidity != target.uidvalidity) {
-            // The name's new incarnation: a new UIDVALIDITY, with its UIDs still above
-            // every one it used (its tombstones stay meaningful); replicas take it from
-            // here as their master's.
-            let meta = StoreWrite::MailboxMeta {
-                mailbox: to.clone(),
-                uidvalidity: target.uidvalidity,
-                uidnext: old.uidnext,
-                highest_modseq: old.highest_modseq,
-            };
+        let target = MailboxState {
+            mailbox: to.clone(),
+            uidvalidity,
+            uidnext,
+            highest_modseq: modseq,
+            messages,
+            tombstones: Vec::new(),
+            lifecycle: Lifecycle { created_at: modseq, ..lifecycle },
+            retired: Default::default(),
+        };
+        if let Some(meta) = incarnation {
             self.commit(meta);
         }
         let rules = self.merge_rules();

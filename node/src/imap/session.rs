@@ -1760,7 +1760,7 @@ impl Session {
             .map(|(seq, u, modseq)| (if uid { *u } else { *seq }, if with_modseq { *modseq } else { 0 }))
             .collect();
         let mut code = String::new();
-        if let Some(options) = self.returning.filter(|o| o.update)
+        if self.returning.is_some_and(|o| o.update)
             && let Some(sel) = self.selected.as_mut()
         {
             if sel.updates.len() < super::esearch::UPDATES_MAX && !sel.updates.iter().any(|u| u.tag == tag) {
@@ -1769,7 +1769,6 @@ impl Session {
             } else {
                 code = format!("[NOUPDATE \"{tag}\"] ");
             }
-            debug_assert!(options.update);
         }
         match self.returning {
             Some(options) => self.line(&super::esearch::response(tag, uid, options, &numbers, false)),
