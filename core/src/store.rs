@@ -411,6 +411,30 @@ pub enum StoreWrite {
     },
 }
 
+impl StoreWrite {
+    /// The mailbox whose state this write changes, if it changes one: what a driver
+    /// needs to wake the sessions watching that mailbox once the write is durable.
+    pub fn mailbox(&self) -> Option<&MailboxKey> {
+        match self {
+            StoreWrite::MailboxMeta { mailbox, .. }
+            | StoreWrite::PutMessage { mailbox, .. }
+            | StoreWrite::RemoveMessage { mailbox, .. }
+            | StoreWrite::PutTombstone { mailbox, .. }
+            | StoreWrite::MailboxLifecycle { mailbox, .. }
+            | StoreWrite::RetireUids { mailbox, .. }
+            | StoreWrite::NewValidity { mailbox } => Some(mailbox),
+            StoreWrite::LogOverflow { .. }
+            | StoreWrite::PutBody { .. }
+            | StoreWrite::RemoveBody { .. }
+            | StoreWrite::LogAppend { .. }
+            | StoreWrite::LogRemove { .. }
+            | StoreWrite::Epoch { .. }
+            | StoreWrite::LinkSeq { .. }
+            | StoreWrite::Incarnation { .. } => None,
+        }
+    }
+}
+
 impl DiskImage {
     /// [`DiskImage::apply`] taking the write: what it carries is moved in, not copied.
     pub fn apply_owned(&mut self, write: StoreWrite) {

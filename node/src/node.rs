@@ -19,7 +19,7 @@ use tandem_core::types::*;
 use tandem_core::{Flag, Mark, Server};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant as TokioInstant;
 use tracing::{debug, error, info, warn};
 
@@ -109,6 +109,12 @@ impl NodeHandle {
         ask(&self.events, |reply| Event::Changes { mailbox, uidvalidity, since, reply }).await.flatten()
     }
 
+    /// A wake-up for each durable change to `mailbox` (the value counts them): an IDLE
+    /// session waits on it instead of polling. None when the node is stopping.
+    pub async fn watch(&self, mailbox: MailboxKey) -> Option<watch::Receiver<u64>> {
+        ask(&self.events, |reply| Event::Watch { mailbox, reply }).await
+    }
+
     /// What a user's mail takes on this node (for the quota).
     pub async fn usage(&self, user: &str) -> Usage {
         let user = user.to_string();
@@ -146,6 +152,10 @@ enum Event {
     Mailboxes {
         user: String,
         reply: oneshot::Sender<Vec<tandem_core::Summary>>,
+    },
+    Watch {
+        mailbox: MailboxKey,
+        reply: oneshot::Sender<watch::Receiver<u64>>,
     },
     Subscriptions {
         user: String,
@@ -197,7 +207,18 @@ struct EventLoop {
     store: std::sync::mpsc::Sender<Vec<(WriteId, StoreWrite)>>,
     metrics: Metrics,
     last_store_warning: Option<TokioInstant>,
+    /// The mailboxes IDLE sessions wait on; a sender whose receivers are all gone is
+    /// dropped when next met (and all of them when the map outgrows `watchers_live`).
+    watchers: BTreeMap<MailboxKey, watch::Sender<u64>>,
+    /// The map's size after its last pruning: it is pruned again at twice that.
+    watchers_live: usize,
+    /// The mailbox each not-yet-durable write changes (consecutive repeats once): a
+    /// session reads durable state, so its wake-up comes with `Event::Durable`.
+    undurable: std::collections::VecDeque<(WriteId, MailboxKey)>,
 }
+
+/// Watched mailboxes below this many are never pruned (pruning walks them all).
+const WATCHERS_PRUNE_MIN: usize = 1024;
 
 /// What a user's mail takes on this node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -336,6 +357,9 @@ impl EventLoop {
             store,
             metrics: Metrics::default(),
             last_store_warning: None,
+            watchers: BTreeMap::new(),
+            watchers_live: 0,
+            undurable: std::collections::VecDeque::new(),
         }
     }
 
@@ -362,7 +386,14 @@ impl EventLoop {
                     }
                 }
                 Output::Reply { id, reply } => self.answer(id, reply),
-                Output::Write { id, write } => self.writes.push((id, write)),
+                Output::Write { id, write } => {
+                    if let Some(mailbox) = write.mailbox()
+                        && self.undurable.back().is_none_or(|(_, last)| last != mailbox)
+                    {
+                        self.undurable.push_back((id, mailbox.clone()));
+                    }
+                    self.writes.push((id, write));
+                }
             }
         }
         if !self.writes.is_empty() {
@@ -417,6 +448,7 @@ impl EventLoop {
                 self.metrics.store_commits += 1;
                 self.metrics.store_writes += writes as u64;
                 self.input(Input::Durable { upto });
+                self.wake_watchers(upto);
             }
             Event::StoreTrouble(e) => {
                 self.metrics.store_failures += 1;
@@ -462,11 +494,38 @@ impl EventLoop {
             Event::Changes { mailbox, uidvalidity, since, reply } => {
                 let _ = reply.send(self.server.changes_since(&mailbox, uidvalidity, since));
             }
+            Event::Watch { mailbox, reply } => {
+                let _ = reply.send(self.watch(mailbox));
+            }
             Event::Mailboxes { user, reply } => {
                 let _ = reply.send(self.server.visible_summaries(&user));
             }
             Event::Subscriptions { user, reply } => {
                 let _ = reply.send(self.server.subscriptions(&user));
+            }
+        }
+    }
+
+    fn watch(&mut self, mailbox: MailboxKey) -> watch::Receiver<u64> {
+        if self.watchers.len() >= WATCHERS_PRUNE_MIN.max(2 * self.watchers_live) {
+            self.watchers.retain(|_, tx| tx.receiver_count() > 0);
+            self.watchers_live = self.watchers.len();
+        }
+        self.watchers.entry(mailbox).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Wakes the sessions watching a mailbox that writes up to `upto` changed.
+    fn wake_watchers(&mut self, upto: WriteId) {
+        while let Some((id, _)) = self.undurable.front() {
+            if *id > upto {
+                break;
+            }
+            let Some((_, mailbox)) = self.undurable.pop_front() else { break };
+            let Some(tx) = self.watchers.get(&mailbox) else { continue };
+            if tx.receiver_count() == 0 {
+                self.watchers.remove(&mailbox);
+            } else {
+                tx.send_modify(|changes| *changes = changes.wrapping_add(1));
             }
         }
     }

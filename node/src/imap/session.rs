@@ -35,7 +35,9 @@ use tracing::{debug, info, warn};
 /// A failed login is answered after this long at least (the throttle adds more after
 /// repeated failures).
 const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
-const IDLE_POLL: Duration = Duration::from_millis(500);
+/// An IDLE session's poll when no wake-up came: wake-ups carry every durable change,
+/// so this only bounds how long a change the node failed to announce stays unseen.
+const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
 const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED";
@@ -1921,8 +1923,17 @@ impl Session {
         Ok(format!("{}THREAD done", if uid { "UID " } else { "" }))
     }
 
+    /// Waits for DONE, telling the client each change to the selected mailbox as the
+    /// node makes it durable: the node wakes the session (`NodeHandle::watch`), and a
+    /// slow poll covers a node that stopped waking it.
     async fn idle(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
+        let mut wake = match self.selected.as_ref().map(|s| s.mailbox.clone()) {
+            Some(mailbox) => self.node.watch(mailbox).await,
+            None => None,
+        };
         self.line("+ idling");
+        // What changed between the command's own refresh and the watch's start.
+        self.refresh(true).await;
         self.flush().await?;
         let mut line = Vec::new();
         let mut buf = [0u8; 1024];
@@ -1948,12 +1959,28 @@ impl Session {
                         return Err("expected DONE".into());
                     }
                 }
+                woken = changed(&mut wake) => {
+                    if !woken {
+                        wake = None;
+                    }
+                    self.refresh(true).await;
+                    self.flush().await?;
+                }
                 _ = tokio::time::sleep(IDLE_POLL) => {
                     self.refresh(true).await;
                     self.flush().await?;
                 }
             }
         }
+    }
+}
+
+/// True when the watched mailbox changed; false when the node stopped sending wake-ups;
+/// never resolves without a watch.
+async fn changed(wake: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match wake {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
