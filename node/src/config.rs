@@ -2,6 +2,7 @@
 //! key; everything but the server id, the listen address and the peers has a default.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tandem_core::io::Config as CoreConfig;
@@ -68,6 +69,8 @@ struct FileConfig {
     allow_plain_peer_links: Option<bool>,
     #[serde(default)]
     plaintext_auth_on_loopback: Option<bool>,
+    #[serde(default)]
+    special_use: Option<BTreeMap<String, String>>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -246,6 +249,48 @@ pub struct NodeConfig {
     /// Loopback clients count as secure (they cross no network) unless a plain TCP
     /// forwarder on this host makes remote clients look local: then set it false.
     pub plaintext_auth_on_loopback: bool,
+    /// SPECIAL-USE (RFC 6154): mailbox name -> its attribute, said in LIST. By name,
+    /// as Dovecot's default configuration does, so it needs no replicated state.
+    pub special_use: BTreeMap<String, &'static str>,
+}
+
+/// RFC 6154's special-use attributes.
+pub const SPECIAL_USES: [&str; 7] = ["\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"];
+/// At most this many mailbox names have a special use.
+const SPECIAL_USE_NAMES_MAX: usize = 64;
+
+/// The names Dovecot's example configuration gives a special use (Thunderbird, Apple
+/// Mail and Outlook find these by it), and Archive.
+pub fn special_use_default() -> BTreeMap<String, &'static str> {
+    [
+        ("Drafts", "\\Drafts"),
+        ("Sent", "\\Sent"),
+        ("Sent Messages", "\\Sent"),
+        ("Trash", "\\Trash"),
+        ("Junk", "\\Junk"),
+        ("Archive", "\\Archive"),
+    ]
+    .into_iter()
+    .map(|(n, u)| (n.to_string(), u))
+    .collect()
+}
+
+fn special_use(given: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, &'static str>, ConfigError> {
+    let Some(given) = given else { return Ok(special_use_default()) };
+    if given.len() > SPECIAL_USE_NAMES_MAX {
+        return Err(bad("special_use", format!("at most {SPECIAL_USE_NAMES_MAX} names")));
+    }
+    let mut out = BTreeMap::new();
+    for (name, attribute) in given {
+        if name.is_empty() || name.len() > 255 || name.contains(['*', '%', '\r', '\n']) {
+            return Err(bad("special_use", format!("{name:?} is not a mailbox name")));
+        }
+        let Some(known) = SPECIAL_USES.iter().find(|u| u.eq_ignore_ascii_case(&attribute)) else {
+            return Err(bad("special_use", format!("{attribute:?} is none of {}", SPECIAL_USES.join(" "))));
+        };
+        out.insert(name, *known);
+    }
+    Ok(out)
 }
 
 /// The smallest secret accepted: a cluster secret is a key, not a password.
@@ -477,6 +522,7 @@ impl NodeConfig {
             limits: file.limits,
             allow_plaintext_auth: file.allow_plaintext_auth.unwrap_or(false),
             plaintext_auth_on_loopback: file.plaintext_auth_on_loopback.unwrap_or(true),
+            special_use: special_use(file.special_use)?,
         })
     }
 }
@@ -532,5 +578,24 @@ mod tests {
         assert!(e.0.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(NodeConfig::parse(text, dir.path()).is_ok());
+    }
+
+    #[test]
+    fn special_use_names_are_checked() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7101\"\n";
+        let config = |extra: &str| parse(&format!("{base}{extra}"));
+        match config("") {
+            Ok(c) => assert_eq!(c.special_use.get("Sent"), Some(&"\\Sent")),
+            Err(e) => panic!("{e:?}"),
+        }
+        match config("special_use = { \"Sent Items\" = \"\\\\sent\" }\n") {
+            Ok(c) => {
+                assert_eq!(c.special_use.get("Sent Items"), Some(&"\\Sent"));
+                assert!(!c.special_use.contains_key("Sent"), "a table of one's own replaces the defaults");
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(config("special_use = { Spam = \"\\\\Spam\" }\n").is_err_and(|e| e.0.contains("special_use")));
+        assert!(config("special_use = { \"a*\" = \"\\\\Junk\" }\n").is_err());
     }
 }

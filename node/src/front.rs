@@ -45,6 +45,8 @@ pub struct Front {
     pub(crate) recent: Arc<crate::imap::recent::RecentMarks>,
     /// ENVELOPE, BODY and BODYSTRUCTURE per GUID, parsed once for every session.
     pub(crate) parsed: Arc<crate::imap::parsed::ParsedCache>,
+    /// Mailbox name -> SPECIAL-USE attribute (see `NodeConfig::special_use`).
+    pub special_use: Arc<BTreeMap<String, &'static str>>,
 }
 
 /// A logged-in session's place in the per-user count, given back when dropped.
@@ -85,6 +87,7 @@ impl Front {
                 cfg.core.sid.0,
                 cfg.peers.iter().map(|p| p.id),
             )),
+            special_use: Arc::new(cfg.special_use.clone()),
             ..Front::with(cfg.users.clone(), cfg.limits.clone())
         }
     }
@@ -118,6 +121,7 @@ impl Front {
             sessions: Arc::default(),
             recent: Arc::default(),
             parsed: Arc::default(),
+            special_use: Arc::new(crate::config::special_use_default()),
         }
     }
 

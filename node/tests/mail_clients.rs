@@ -80,6 +80,29 @@ fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
     client(&["copy-edges", &port(m.imap[0]), USER, PASSWORD]);
 }
 
+/// LIST-STATUS and SPECIAL-USE: a STATUS after each selectable mailbox listed, and the
+/// special use of the names configured for one (Dovecot's default names here).
+#[test]
+fn list_status_and_special_use() {
+    let m = start("");
+    let script = format!(
+        "a LOGIN {USER} \"{PASSWORD}\"\r\nb CREATE Sent\r\nc CREATE work\r\n\
+         d LIST \"\" % RETURN (STATUS (MESSAGES UIDNEXT) SPECIAL-USE)\r\n\
+         e LIST (SPECIAL-USE) \"\" *\r\nf LIST \"\" Sent\r\ng LOGOUT\r\n"
+    );
+    let answer = harness::raw_exchange(m.imap[0], script.as_bytes());
+    let lines: Vec<&str> = answer.lines().collect();
+    let at = |needle: &str| lines.iter().position(|l| *l == needle).unwrap_or_else(|| panic!("{needle:?} in {answer}"));
+    assert!(at("* LIST (\\Sent \\HasNoChildren) \"/\" Sent") + 1 == at("* STATUS Sent (MESSAGES 0 UIDNEXT 1)"));
+    assert!(at("* LIST (\\HasNoChildren) \"/\" work") + 1 == at("* STATUS work (MESSAGES 0 UIDNEXT 1)"));
+    assert!(lines.iter().any(|l| l.starts_with("* STATUS INBOX (MESSAGES ")), "{answer}");
+    let selection: Vec<&&str> =
+        lines.iter().skip_while(|l| !l.starts_with("d OK")).take_while(|l| !l.starts_with("e OK")).skip(1).collect();
+    assert_eq!(selection, vec![&"* LIST (\\Sent \\HasNoChildren) \"/\" Sent"], "{answer}");
+    assert!(lines.iter().filter(|l| l.ends_with("\"/\" Sent")).count() == 3, "base LIST says it too: {answer}");
+    assert!(answer.contains("f OK"), "{answer}");
+}
+
 /// SIGHUP reads the users file again: a user added since start logs in, the node goes
 /// on (it used to die of the signal), and a file that does not load leaves the users as
 /// they were.

@@ -1,4 +1,5 @@
-//! LIST-EXTENDED (RFC 5258): selection options, several patterns and return options.
+//! LIST-EXTENDED (RFC 5258): selection options, several patterns and return options,
+//! with LIST-STATUS (RFC 5819) and SPECIAL-USE (RFC 6154) among them.
 //! imap-codec 2.0.0-alpha.10 parses only the base LIST, so an extended one is read here
 //! from the command's first line (quoted strings and atoms; a literal is left to the
 //! codec, which refuses it), and the answer is worked out from the user's mailboxes and
@@ -23,13 +24,41 @@ pub struct ListExtended {
     pub patterns: Vec<String>,
     /// RETURN (SUBSCRIBED): say `\Subscribed` of each name listed.
     pub return_subscribed: bool,
+    /// SPECIAL-USE selection: only mailboxes with a special use (and their parents'
+    /// CHILDINFO is not asked for by it).
+    pub special_use_only: bool,
+    /// RETURN (STATUS (items)): a STATUS response after each selectable mailbox listed,
+    /// with these items (upper case, each known to STATUS, no repeats).
+    pub return_status: Option<Vec<String>>,
 }
+
+/// STATUS items LIST-STATUS may ask for.
+pub const STATUS_ITEMS: [&str; 7] =
+    ["MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "HIGHESTMODSEQ"];
 
 /// One token of the line.
 #[derive(Debug, PartialEq, Eq)]
 enum Token {
     Text(String),
+    List(Vec<Item>),
+}
+
+/// One item of a parenthesised list: a string, or (after STATUS) a flat list.
+#[derive(Debug, PartialEq, Eq)]
+enum Item {
+    Text(String),
     List(Vec<String>),
+}
+
+/// The strings of a list that must hold strings only.
+fn texts(items: Vec<Item>, what: &str) -> Result<Vec<String>, String> {
+    items
+        .into_iter()
+        .map(|i| match i {
+            Item::Text(t) => Ok(t),
+            Item::List(_) => Err(format!("a list inside the {what}")),
+        })
+        .collect()
 }
 
 /// The extended LIST in `message`; None when it is not a LIST or is a base one (the
@@ -60,11 +89,16 @@ fn extended(tokens: Vec<Token>) -> Result<ListExtended, String> {
     let mut list = ListExtended::default();
     let mut tokens = tokens.into_iter().peekable();
     let mut has_base_selection = false;
-    if let Some(Token::List(options)) = tokens.peek() {
-        for o in options {
+    if matches!(tokens.peek(), Some(Token::List(_))) {
+        let Some(Token::List(options)) = tokens.next() else { return Err("LIST selection options".into()) };
+        for o in texts(options, "selection options")? {
             match o.to_ascii_uppercase().as_str() {
                 "SUBSCRIBED" => {
                     list.subscribed = true;
+                    has_base_selection = true;
+                }
+                "SPECIAL-USE" => {
+                    list.special_use_only = true;
                     has_base_selection = true;
                 }
                 // Every mailbox here is local: REMOTE changes nothing.
@@ -76,7 +110,6 @@ fn extended(tokens: Vec<Token>) -> Result<ListExtended, String> {
         if list.recursive && !has_base_selection {
             return Err("RECURSIVEMATCH needs another selection option".into());
         }
-        tokens.next();
     }
     list.reference = match tokens.next() {
         Some(Token::Text(r)) => r,
@@ -84,7 +117,7 @@ fn extended(tokens: Vec<Token>) -> Result<ListExtended, String> {
     };
     list.patterns = match tokens.next() {
         Some(Token::Text(p)) => vec![p],
-        Some(Token::List(p)) if !p.is_empty() => p,
+        Some(Token::List(p)) if !p.is_empty() => texts(p, "patterns")?,
         _ => return Err("LIST wants a pattern or a list of them".into()),
     };
     if list.patterns.len() > PATTERNS_MAX {
@@ -93,11 +126,22 @@ fn extended(tokens: Vec<Token>) -> Result<ListExtended, String> {
     match (tokens.next(), tokens.next()) {
         (None, _) => {}
         (Some(Token::Text(word)), Some(Token::List(options))) if word.eq_ignore_ascii_case("RETURN") => {
-            for o in &options {
+            let mut options = options.into_iter().peekable();
+            while let Some(o) = options.next() {
+                let Item::Text(o) = o else { return Err("a list where a return option belongs".into()) };
                 match o.to_ascii_uppercase().as_str() {
                     "SUBSCRIBED" => list.return_subscribed = true,
-                    // Children are always said.
-                    "CHILDREN" => {}
+                    // Children and special uses are always said.
+                    "CHILDREN" | "SPECIAL-USE" => {}
+                    "STATUS" => {
+                        let Some(Item::List(items)) = options.next() else {
+                            return Err("STATUS wants a list of status items".into());
+                        };
+                        if list.return_status.is_some() {
+                            return Err("STATUS twice".into());
+                        }
+                        list.return_status = Some(status_items(items)?);
+                    }
                     other => return Err(format!("unknown LIST return option {}", clip(other))),
                 }
             }
@@ -108,6 +152,23 @@ fn extended(tokens: Vec<Token>) -> Result<ListExtended, String> {
         return Err("too many arguments".into());
     }
     Ok(list)
+}
+
+fn status_items(items: Vec<String>) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in items {
+        let upper = item.to_ascii_uppercase();
+        if !STATUS_ITEMS.contains(&upper.as_str()) {
+            return Err(format!("unknown status item {}", clip(&item)));
+        }
+        if !out.contains(&upper) {
+            out.push(upper);
+        }
+    }
+    if out.is_empty() {
+        return Err("STATUS wants at least one item".into());
+    }
+    Ok(out)
 }
 
 fn clip(s: &str) -> &str {
@@ -152,13 +213,42 @@ fn tokens(mut rest: &str) -> Result<Vec<Token>, Option<String>> {
                         if items.len() >= PATTERNS_MAX.max(OPTIONS_MAX) {
                             return Err(Some("too many items in a list".into()));
                         }
-                        items.push(string(&mut rest, true)?);
+                        let after_status =
+                            matches!(items.last(), Some(Item::Text(t)) if t.eq_ignore_ascii_case("STATUS"));
+                        if after_status && rest.starts_with('(') {
+                            items.push(Item::List(flat_list(&mut rest)?));
+                        } else {
+                            items.push(Item::Text(string(&mut rest, true)?));
+                        }
                     }
                 }
             }
             out.push(Token::List(items));
         } else {
             out.push(Token::Text(string(&mut rest, false)?));
+        }
+    }
+}
+
+/// A parenthesised list of strings, no deeper (STATUS's items inside RETURN's options).
+fn flat_list(rest: &mut &str) -> Result<Vec<String>, Option<String>> {
+    *rest = &rest[1..];
+    let mut items = Vec::new();
+    loop {
+        *rest = rest.trim_start_matches(' ');
+        match rest.chars().next() {
+            Some(')') => {
+                *rest = &rest[1..];
+                return Ok(items);
+            }
+            None => return Err(Some("an unclosed list".into())),
+            Some('(') => return Err(Some("lists nested too deep".into())),
+            Some(_) => {
+                if items.len() >= OPTIONS_MAX {
+                    return Err(Some("too many items in a list".into()));
+                }
+                items.push(string(rest, true)?);
+            }
         }
     }
 }
@@ -211,6 +301,7 @@ pub fn answer(
     existing: &BTreeSet<String>,
     subscribed: &BTreeSet<String>,
     matches: impl Fn(&str, &str) -> bool,
+    special_use: impl Fn(&str) -> Option<&'static str>,
 ) -> Vec<Listed> {
     let matched = |name: &str| list.patterns.iter().any(|p| matches(&format!("{}{p}", list.reference), name));
     // Every name that exists, is subscribed, or is the parent of one of these.
@@ -231,10 +322,15 @@ pub fn answer(
         if !list.subscribed && !exists && !has_children(name) {
             continue;
         }
+        let special = special_use(name).filter(|_| exists);
+        if list.special_use_only && special.is_none() {
+            continue;
+        }
         let mut attributes = Vec::new();
         if !exists {
             attributes.push("\\NonExistent");
         }
+        attributes.extend(special);
         if is_subscribed && (list.subscribed || list.return_subscribed) {
             attributes.push("\\Subscribed");
         }
@@ -328,6 +424,46 @@ mod tests {
         }
     }
 
+    fn no_use(_: &str) -> Option<&'static str> {
+        None
+    }
+
+    #[test]
+    fn list_status_and_special_use_are_read() {
+        let l =
+            p("a LIST \"\" % RETURN (SUBSCRIBED STATUS (messages unseen messages) SPECIAL-USE)\r\n").unwrap().unwrap();
+        assert!(l.return_subscribed);
+        assert_eq!(l.return_status, Some(vec!["MESSAGES".to_string(), "UNSEEN".into()]));
+        let l = p("a LIST (SPECIAL-USE) \"\" *\r\n").unwrap().unwrap();
+        assert!(l.special_use_only && l.return_status.is_none());
+        assert!(p("a LIST \"\" % RETURN (STATUS)\r\n").unwrap().is_err());
+        assert!(p("a LIST \"\" % RETURN (STATUS ())\r\n").unwrap().is_err());
+        assert!(p("a LIST \"\" % RETURN (STATUS (SIZE))\r\n").unwrap().is_err());
+        assert!(p("a LIST \"\" % RETURN (STATUS (MESSAGES (UNSEEN)))\r\n").unwrap().is_err());
+        assert!(p("a LIST \"\" % RETURN (STATUS (MESSAGES) STATUS (UNSEEN))\r\n").unwrap().is_err());
+        assert!(p("a LIST \"\" % RETURN ((MESSAGES))\r\n").unwrap().is_err());
+        assert!(p("a LIST (STATUS (x)) \"\" %\r\n").unwrap().is_err());
+    }
+
+    #[test]
+    fn special_use_selection_lists_only_special_mailboxes() {
+        let existing = names(&["INBOX", "Sent", "Trash", "work"]);
+        let special = |n: &str| match n {
+            "Sent" => Some("\\Sent"),
+            "Trash" | "Gone" => Some("\\Trash"),
+            _ => None,
+        };
+        let list = ListExtended { special_use_only: true, patterns: vec!["*".into()], ..Default::default() };
+        let got = answer(&list, &existing, &BTreeSet::new(), glob, special);
+        assert_eq!(got.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), vec!["Sent", "Trash"]);
+        assert_eq!(got[0].attributes, vec!["\\Sent", "\\HasNoChildren"]);
+        // Without the selection every mailbox is listed, each special one with its use;
+        // a name that does not exist has none.
+        let list = ListExtended { subscribed: true, patterns: vec!["*".into()], ..Default::default() };
+        let got = answer(&list, &existing, &names(&["Gone", "work"]), glob, special);
+        assert_eq!(got[0].attributes, vec!["\\NonExistent", "\\Subscribed", "\\HasNoChildren"]);
+    }
+
     #[test]
     fn recursivematch_names_parents_whose_subscribed_children_are_not_listed() {
         let existing =
@@ -339,13 +475,13 @@ mod tests {
             patterns: patterns.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        let got = answer(&list(&["b/t2%"]), &existing, &subscribed, glob);
+        let got = answer(&list(&["b/t2%"]), &existing, &subscribed, glob, no_use);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].name, "b/t2");
         assert!(got[0].childinfo_subscribed && !got[0].attributes.contains(&"\\Subscribed"));
-        let got = answer(&list(&["b/t2", "b/t2/t1"]), &existing, &subscribed, glob);
+        let got = answer(&list(&["b/t2", "b/t2/t1"]), &existing, &subscribed, glob, no_use);
         assert_eq!(got.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), vec!["b/t2/t1"]);
-        let all = answer(&list(&["b/*"]), &existing, &subscribed, glob);
+        let all = answer(&list(&["b/*"]), &existing, &subscribed, glob, no_use);
         let t6 = all.iter().find(|l| l.name == "b/t6").unwrap();
         assert!(t6.attributes.contains(&"\\NonExistent") && t6.attributes.contains(&"\\Subscribed"));
         assert!(!all.iter().any(|l| l.name == "b/t7"), "t7's subscribed child is listed itself");
@@ -355,7 +491,7 @@ mod tests {
     fn a_percent_pattern_shows_parents_that_only_have_children() {
         let existing = names(&["INBOX", "b", "b/t4/t5"]);
         let list = ListExtended { patterns: vec!["b/%".into()], ..Default::default() };
-        let got = answer(&list, &existing, &BTreeSet::new(), glob);
+        let got = answer(&list, &existing, &BTreeSet::new(), glob, no_use);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].attributes, vec!["\\NonExistent", "\\HasChildren"]);
     }

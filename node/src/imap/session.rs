@@ -40,7 +40,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -944,7 +944,8 @@ impl Session {
         for n in names.iter().filter(|n| wildcard_match(&full, n)) {
             let children = names.iter().any(|c| c.starts_with(&format!("{n}/")));
             let attr = if children { "\\HasChildren" } else { "\\HasNoChildren" };
-            self.line(&format!("* {command} ({attr}) \"/\" {}", astring(n)));
+            let special = self.front.special_use.get(n.as_str()).map(|u| format!("{u} ")).unwrap_or_default();
+            self.line(&format!("* {command} ({special}{attr}) \"/\" {}", astring(n)));
         }
         Ok(format!("{command} done"))
     }
@@ -957,12 +958,25 @@ impl Session {
         existing.insert("INBOX".into());
         let subscribed: BTreeSet<String> = self.node.subscriptions(&user).await.into_iter().collect();
         let limit = 2 * self.front.limits.mailbox_name_len_max;
-        let listed = super::listext::answer(list, &existing, &subscribed, |pattern, name| {
-            pattern.len() <= limit && wildcard_match(pattern, name)
-        });
+        let special_use = self.front.special_use.clone();
+        let listed = super::listext::answer(
+            list,
+            &existing,
+            &subscribed,
+            |pattern, name| pattern.len() <= limit && wildcard_match(pattern, name),
+            |name| special_use.get(name).copied(),
+        );
         for l in listed {
             let childinfo = if l.childinfo_subscribed { " (\"CHILDINFO\" (\"SUBSCRIBED\"))" } else { "" };
             self.line(&format!("* LIST ({}) \"/\" {}{childinfo}", l.attributes.join(" "), astring(&l.name)));
+            // LIST-STATUS: each selectable mailbox's STATUS right after its LIST line; one
+            // that vanished meanwhile is left out (RFC 5819 section 2).
+            if let Some(items) = &list.return_status
+                && existing.contains(&l.name)
+            {
+                let items: Vec<StatusDataItemName> = items.iter().filter_map(|i| status_item(i)).collect();
+                let _ = self.status(&l.name, &items).await;
+            }
         }
         "LIST done".into()
     }
@@ -1973,6 +1987,20 @@ impl Session {
             }
         }
     }
+}
+
+/// A LIST-STATUS item (one of `listext::STATUS_ITEMS`) as the codec names it.
+fn status_item(name: &str) -> Option<StatusDataItemName> {
+    Some(match name {
+        "MESSAGES" => StatusDataItemName::Messages,
+        "RECENT" => StatusDataItemName::Recent,
+        "UIDNEXT" => StatusDataItemName::UidNext,
+        "UIDVALIDITY" => StatusDataItemName::UidValidity,
+        "UNSEEN" => StatusDataItemName::Unseen,
+        "DELETED" => StatusDataItemName::Deleted,
+        "HIGHESTMODSEQ" => StatusDataItemName::HighestModSeq,
+        _ => return None,
+    })
 }
 
 /// True when the watched mailbox changed; false when the node stopped sending wake-ups;
