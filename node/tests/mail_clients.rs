@@ -76,6 +76,8 @@ fn idle_sees_other_servers_mail_and_protocol_edges_hold() {
     // A session on node 3 in IDLE hears of an APPEND made on node 2.
     let r = client(&["idle", &port(m.imap[2]), USER, PASSWORD, &port(m.imap[1])]);
     assert_eq!(r["exists"], 3);
+    // COMPRESS=DEFLATE: the same session, every command and answer deflated.
+    client(&["compress", &port(m.imap[1]), USER, PASSWORD]);
     client(&["protocol-edges", &port(m.imap[0]), USER, PASSWORD]);
     client(&["copy-edges", &port(m.imap[0]), USER, PASSWORD]);
 }

@@ -40,7 +40,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE COMPRESS=DEFLATE";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -106,6 +106,7 @@ pub(crate) async fn run_session(
         qresync: false,
         starttls,
         secure,
+        compressed: false,
         returning: None,
     };
     session.run().await
@@ -298,6 +299,8 @@ struct Session {
     /// Offered while the session is still plain.
     starttls: Option<TlsAcceptor>,
     secure: bool,
+    /// COMPRESS=DEFLATE (RFC 4978) is on: both directions pass through raw DEFLATE.
+    compressed: bool,
     /// The RETURN options of the SEARCH or SORT being run (ESEARCH, ESORT); None for
     /// every other command and for a plain SEARCH or SORT.
     returning: Option<super::esearch::ReturnOptions>,
@@ -314,6 +317,9 @@ impl Session {
     async fn flush(&mut self) -> Result<()> {
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await.map_err(|e| e.to_string())?;
+            // TLS sends its records, DEFLATE ends its block (a sync flush): the client
+            // must get every response now, not when a buffer fills.
+            self.stream.flush().await.map_err(|e| e.to_string())?;
             self.out.clear();
         }
         Ok(())
@@ -589,6 +595,28 @@ impl Session {
                 self.stream = Box::new(tls);
                 self.secure = true;
                 return Ok(Flow::Continue);
+            }
+            CommandBody::Compress { algorithm: _ } => {
+                // DEFLATE is the only algorithm the codec parses.
+                if self.compressed {
+                    Err("NO [COMPRESSIONACTIVE] DEFLATE is on already".to_string())
+                } else if self.user.is_none() {
+                    Err("BAD log in first".to_string())
+                } else {
+                    self.line(&format!("{tag} OK DEFLATE active"));
+                    self.flush().await?;
+                    // The client waits for the OK before compressing: anything it sent
+                    // after the command was sent before it knew, and is dropped.
+                    *fragmentizer = Fragmentizer::new(self.message_len_max());
+                    let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+                    let (reader, writer) = tokio::io::split(plain);
+                    let reader =
+                        async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
+                    let writer = async_compression::tokio::write::DeflateEncoder::new(writer);
+                    self.stream = Box::new(tokio::io::join(reader, writer));
+                    self.compressed = true;
+                    return Ok(Flow::Continue);
+                }
             }
             CommandBody::Noop | CommandBody::Check => Ok(format!("{name} done")),
             CommandBody::Logout => {

@@ -246,6 +246,56 @@ def main():
         a.logout()
         b.logout()
         print(json.dumps({"ok": True}))
+    elif cmd == "compress":
+        # COMPRESS=DEFLATE (RFC 4978) by hand (imaplib has none): raw DEFLATE both ways,
+        # each command ended by a sync flush; the answers must inflate to whole lines.
+        import socket
+        import zlib
+        port, user, password = args
+        s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(f'a LOGIN {user} "{password}"\r\n'.encode())
+        while not (line := f.readline()).startswith(b"a "):
+            pass
+        assert line.startswith(b"a OK"), line
+        assert b"COMPRESS=DEFLATE" in line, line
+        s.sendall(b"b COMPRESS DEFLATE\r\n")
+        line = f.readline()
+        assert line.startswith(b"b OK"), line
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        inflate = zlib.decompressobj(-15)
+        pending = b""
+
+        def command(tag, text):
+            nonlocal pending
+            s.sendall(deflate.compress(f"{tag} {text}\r\n".encode()) + deflate.flush(zlib.Z_SYNC_FLUSH))
+            lines = []
+            while True:
+                while b"\r\n" in pending:
+                    line, pending = pending.split(b"\r\n", 1)
+                    lines.append(line)
+                    if line.startswith(f"{tag} ".encode()):
+                        return lines
+                chunk = s.recv(65536)
+                assert chunk, "connection closed"
+                pending += inflate.decompress(chunk)
+
+        lines = command("c", "COMPRESS DEFLATE")
+        assert lines[-1].startswith(b"c NO [COMPRESSIONACTIVE]"), lines
+        lines = command("d", "SELECT INBOX")
+        assert lines[-1].startswith(b"d OK"), lines
+        exists = next(int(l.split()[1]) for l in lines if l.endswith(b" EXISTS"))
+        body = b"Subject: compressed\r\n\r\n" + b"the same words again " * 2000 + b"\r\n"
+        s.sendall(deflate.compress(f"e APPEND INBOX {{{len(body)}+}}\r\n".encode() + body + b"\r\n") + deflate.flush(zlib.Z_SYNC_FLUSH))
+        lines = command("f", "NOOP")
+        assert any(l.startswith(b"e OK") for l in lines), lines
+        lines = command("g", f"FETCH {exists + 1} BODY.PEEK[]")
+        assert lines[-1].startswith(b"g OK"), lines
+        assert sum(l.count(b"the same words again") for l in lines) == 2000, lines[:3]
+        lines = command("h", "LOGOUT")
+        assert lines[-1].startswith(b"h OK"), lines
+        print(json.dumps({"exists": exists + 1}))
     elif cmd == "idle":
         # Waits in IDLE until another client's APPEND shows up as EXISTS.
         port, user, password, other_port = args
