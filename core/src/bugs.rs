@@ -22,16 +22,20 @@ pub enum Bug {
     /// A master collects a mailbox's tombstones as soon as it has any, without waiting
     /// for every server to show it the same copy.
     CollectTombstonesEarly,
+    /// A fresh read is answered from this server's copy at once, without asking the
+    /// master where it stands.
+    FreshReadWithoutBarrier,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
         Bug::IgnoreTombstones,
         Bug::ReplicaOverwritesUid,
         Bug::CollectTombstonesEarly,
+        Bug::FreshReadWithoutBarrier,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +46,7 @@ impl Bug {
             Bug::IgnoreTombstones => "ignore-tombstones",
             Bug::ReplicaOverwritesUid => "replica-overwrites-uid",
             Bug::CollectTombstonesEarly => "collect-tombstones-early",
+            Bug::FreshReadWithoutBarrier => "fresh-read-without-barrier",
         }
     }
 

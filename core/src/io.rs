@@ -47,6 +47,10 @@ pub struct Config {
     /// accepted during it. Requests wait meanwhile (as for any master).
     #[serde(default = "Config::startup_hold_us_default")]
     pub startup_hold_us: u64,
+    /// How long a `ClientRequest::FreshRead` may wait for its master's position and for
+    /// this server's copy to reach it before it is answered from what is here.
+    #[serde(default = "Config::fresh_read_us_default")]
+    pub fresh_read_us: u64,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
     #[serde(default)]
@@ -80,6 +84,15 @@ impl Config {
         Config::STARTUP_HOLD_US_DEFAULT
     }
 
+    /// One second: a round trip to the master and a replica's apply take milliseconds;
+    /// a SELECT held longer would feel broken, and after it the client sees what this
+    /// server has.
+    pub const FRESH_READ_US_DEFAULT: u64 = 1_000_000;
+
+    fn fresh_read_us_default() -> u64 {
+        Config::FRESH_READ_US_DEFAULT
+    }
+
     pub fn new(sid: Sid, servers: Vec<Sid>) -> Config {
         Config {
             sid,
@@ -94,6 +107,7 @@ impl Config {
             pending_max: 100_000,
             tombstone_grace_us: 60_000_000,
             startup_hold_us: Config::STARTUP_HOLD_US_DEFAULT,
+            fresh_read_us: Config::FRESH_READ_US_DEFAULT,
             #[cfg(feature = "broken")]
             bug: None,
         }
@@ -127,6 +141,14 @@ pub enum ClientRequest {
     },
     /// Show the mailbox as this server has it (exposes UIDs to the user).
     Read {
+        mailbox: MailboxKey,
+    },
+    /// `Read`, once this server has every change the mailbox's master had ordered
+    /// when asked: a client that wrote through another server (and was told OK) finds
+    /// its write. Answered from what this server has when the master cannot be asked
+    /// or the copy does not catch up within `Config::fresh_read_us` (see
+    /// `server::fresh_reads`).
+    FreshRead {
         mailbox: MailboxKey,
     },
     /// Seed MASTER-MOVE: make this server the master of the mailbox's master key.
@@ -194,6 +216,12 @@ pub struct MailboxChanges {
 pub enum ClientReply {
     Write(WriteResult),
     Read(MailboxView),
+    /// A `FreshRead`'s view; `caught_up` when it holds every change the master had
+    /// ordered when asked, false when it is this server's copy without that promise.
+    FreshRead {
+        view: MailboxView,
+        caught_up: bool,
+    },
     /// MASTER-MOVE done: this server is now master.
     Moved {
         master: Sid,

@@ -144,7 +144,9 @@ pub fn check_peer_msg(msg: &Msg) -> Result<(), &'static str> {
             }
             match result {
                 WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. } => check_uid(*uid),
-                WriteResult::Expunged { modseq, .. } | WriteResult::MailboxDone { modseq } => check_modseq(*modseq),
+                WriteResult::Expunged { modseq, .. }
+                | WriteResult::MailboxDone { modseq }
+                | WriteResult::Position { highest_modseq: modseq, .. } => check_modseq(*modseq),
                 WriteResult::Stored { modseq, current, .. } => {
                     check_modseq(*modseq)?;
                     current.iter().try_for_each(|c| check_modseq(c.modseq))

@@ -36,10 +36,15 @@ pub enum Mark {
     /// A replica took its master's UIDVALIDITY for a mailbox (two incarnations of one
     /// name, made by RENAMEs on both sides of a partition).
     ValidityAdopted,
+    /// A fresh read was answered once this server's copy reached its master's position.
+    FreshReadCaughtUp,
+    /// A fresh read was answered from this server's copy without its master's position
+    /// (no master in time, or a copy that did not catch up in time).
+    FreshReadStale,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 20] = [
+    pub const ALL: [Mark; 22] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -60,6 +65,8 @@ impl Mark {
         Mark::TombstonesCollected,
         Mark::StartupHoldExpired,
         Mark::ValidityAdopted,
+        Mark::FreshReadCaughtUp,
+        Mark::FreshReadStale,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,6 +91,8 @@ impl Mark {
             Mark::TombstonesCollected => "tombstones_collected",
             Mark::StartupHoldExpired => "startup_hold_expired",
             Mark::ValidityAdopted => "validity_adopted",
+            Mark::FreshReadCaughtUp => "fresh_read_caught_up",
+            Mark::FreshReadStale => "fresh_read_stale",
         }
     }
 

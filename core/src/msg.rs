@@ -67,6 +67,12 @@ pub enum WriteRequest {
         from: MailboxKey,
         to: MailboxKey,
     },
+    /// Where the master stands on a mailbox, for a read that must show every change
+    /// the master ordered before it (`ClientRequest::FreshRead`): answered with
+    /// `WriteResult::Position`, changing nothing.
+    Barrier {
+        mailbox: MailboxKey,
+    },
 }
 
 /// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the
@@ -91,6 +97,7 @@ impl WriteRequest {
             WriteRequest::Store { mailbox, .. } => mailbox,
             WriteRequest::Mailbox { mailbox, .. } => mailbox,
             WriteRequest::Rename { from, .. } => from,
+            WriteRequest::Barrier { mailbox } => mailbox,
         }
     }
 }
@@ -141,6 +148,12 @@ pub enum WriteResult {
     /// CREATE or DELETE done, at this modseq.
     MailboxDone {
         modseq: ModSeq,
+    },
+    /// A BARRIER's answer: the mailbox's HIGHESTMODSEQ and digest at its master (both
+    /// 0: no such mailbox there).
+    Position {
+        highest_modseq: ModSeq,
+        digest: u64,
     },
 }
 
@@ -329,6 +342,7 @@ impl Msg {
                 WriteRequest::Store { .. } => "STORE",
                 WriteRequest::Mailbox { .. } => "MAILBOX",
                 WriteRequest::Rename { .. } => "RENAME",
+                WriteRequest::Barrier { .. } => "BARRIER",
             },
             Msg::Reply { .. } => "REPLY",
             Msg::Change { change, .. } => match change {

@@ -27,6 +27,7 @@
 //! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
+//! | `BARRIER` | `<tag> <mbox>` |
 //! | `REPLY` | `<tag> <master-sid>\|NIL <result> RECORD <record>\|NIL` |
 //! | `R-SAVE` | `<seq> <mbox> <uidvalidity> <record> {n}<body>` |
 //! | `R-COPY` | `<seq> <mbox> <uidvalidity> <record>` |
@@ -48,7 +49,7 @@
 //! `<tombstone>` is `(<uid> <guid> <modseq> EXPUNGED|RETIRED)`; and `<result>` is one of
 //! `SAVED <uidvalidity> <uid> <guid>`, `COPIED <uidvalidity> <uid> <guid>`,
 //! `EXPUNGED (<uid>...) <modseq>`, `STORED <modseq> (<rejected-uid>...) ((<uid> (<flag>...) <modseq>)...)`,
-//! `FAILED TEMPORARY|PERMANENT <string>`.
+//! `FAILED TEMPORARY|PERMANENT <string>`, `MAILBOX-DONE <modseq>`, `POSITION <highest-modseq> <digest>`.
 //!
 //! Limits: a command's text (everything but message bodies, string literals included) is
 //! at most [`LINE_LEN_MAX`] bytes, a body at most [`LITERAL_LEN_MAX`], a list at most
@@ -924,7 +925,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             generation: r.u64()?,
             states: r.list(read_state)?,
         },
-        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" => {
+        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER" => {
             Msg::Request { tag: r.u64()?, request: read_request(r, name)? }
         }
         b"REPLY" => Msg::Reply {
@@ -1024,6 +1025,9 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Rename { from, to } => {
             w.mailbox(from).mailbox(to);
         }
+        WriteRequest::Barrier { mailbox } => {
+            w.mailbox(mailbox);
+        }
     }
 }
 
@@ -1070,6 +1074,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             WriteRequest::Mailbox { mailbox, action }
         }
         b"RENAME" => WriteRequest::Rename { from: r.mailbox()?, to: r.mailbox()? },
+        b"BARRIER" => WriteRequest::Barrier { mailbox: r.mailbox()? },
         _ => WriteRequest::Store {
             mailbox: r.mailbox()?,
             messages: read_uid_guids(r)?,
@@ -1109,11 +1114,14 @@ fn write_result(w: &mut Writer, result: &WriteResult) {
         WriteResult::MailboxDone { modseq } => {
             w.atom("MAILBOX-DONE").num(*modseq);
         }
+        WriteResult::Position { highest_modseq, digest } => {
+            w.atom("POSITION").num(*highest_modseq).num(*digest);
+        }
     }
 }
 
 fn read_result(r: &mut Reader) -> Parse<WriteResult> {
-    Ok(match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED", "MAILBOX-DONE"])? {
+    Ok(match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED", "MAILBOX-DONE", "POSITION"])? {
         0 => WriteResult::Saved { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
         1 => WriteResult::Copied { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
         2 => WriteResult::Expunged { uids: r.uids()?, modseq: r.u64()? },
@@ -1124,6 +1132,7 @@ fn read_result(r: &mut Reader) -> Parse<WriteResult> {
                 .list(|r| r.group(|r| Ok(CurrentFlags { uid: r.u32()?, flags: r.flags()?, modseq: r.u64()? })))?,
         },
         5 => WriteResult::MailboxDone { modseq: r.u64()? },
+        6 => WriteResult::Position { highest_modseq: r.u64()?, digest: r.u64()? },
         _ => WriteResult::Failed {
             kind: match read_keyword(r, &["TEMPORARY", "PERMANENT"])? {
                 0 => FailKind::Temporary,
@@ -1451,7 +1460,9 @@ mod tests {
                     request: WriteRequest::Mailbox { mailbox: wild.clone(), action: MailboxAction::Delete },
                 },
             ),
+            env(2, 1, 0, Msg::Request { tag: 8, request: WriteRequest::Barrier { mailbox: odd.clone() } }),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::MailboxDone { modseq: 12 })),
+            env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Position { highest_modseq: 13, digest: u64::MAX })),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Saved { uidvalidity: 77, uid: 11, guid })),
             env(1, 2, 0, reply(None, WriteResult::Copied { uidvalidity: 77, uid: 12, guid })),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Expunged { uids: vec![4, 5], modseq: 100 })),
@@ -1629,7 +1640,7 @@ mod tests {
     #[test]
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
-        assert_eq!(names.len(), 28, "{names:?}");
+        assert_eq!(names.len(), 29, "{names:?}");
     }
 
     #[test]

@@ -544,7 +544,7 @@ impl EventLoop {
         };
         let id = self.next_request;
         self.next_request += 1;
-        let write = !matches!(client_request, ClientRequest::Read { .. });
+        let write = !matches!(client_request, ClientRequest::Read { .. } | ClientRequest::FreshRead { .. });
         self.pending.insert(id, Pending { reply: Answer::Admin(reply), started: TokioInstant::now(), write });
         self.input(Input::Client { id, request: client_request });
     }
@@ -552,7 +552,7 @@ impl EventLoop {
     fn on_client(&mut self, request: ClientRequest, reply: oneshot::Sender<ClientReply>) {
         let id = self.next_request;
         self.next_request += 1;
-        let write = !matches!(request, ClientRequest::Read { .. });
+        let write = !matches!(request, ClientRequest::Read { .. } | ClientRequest::FreshRead { .. });
         self.pending.insert(id, Pending { reply: Answer::Client(reply), started: TokioInstant::now(), write });
         self.input(Input::Client { id, request });
     }
@@ -572,7 +572,7 @@ impl EventLoop {
             Answer::Admin(tx) => tx,
         };
         let answer = match reply {
-            ClientReply::Read(view) => AdminReply::Dump(admin::Dump {
+            ClientReply::Read(view) | ClientReply::FreshRead { view, .. } => AdminReply::Dump(admin::Dump {
                 mailbox: view.mailbox.to_string(),
                 uidvalidity: view.uidvalidity,
                 uidnext: view.uidnext,
@@ -600,6 +600,10 @@ impl EventLoop {
             }
             ClientReply::Moved { master } => AdminReply::Moved { master: master.0 },
             ClientReply::Write(WriteResult::MailboxDone { modseq }) => AdminReply::Stored { modseq },
+            // A BARRIER's answer goes to the core's own fresh reads, never to a client.
+            ClientReply::Write(WriteResult::Position { highest_modseq, .. }) => {
+                AdminReply::Stored { modseq: highest_modseq }
+            }
         };
         let _ = reply_to.send(answer);
     }

@@ -105,6 +105,109 @@ fn list_status_and_special_use() {
     assert!(answer.contains("f OK"), "{answer}");
 }
 
+/// One IMAP connection, line by line (commands without literals).
+struct Lines {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+    tag: u32,
+}
+
+impl Lines {
+    fn login(addr: SocketAddr) -> Lines {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut c = Lines { reader: std::io::BufReader::new(stream), writer, tag: 0 };
+        let mut greeting = String::new();
+        std::io::BufRead::read_line(&mut c.reader, &mut greeting).expect("greeting");
+        let answer = c.command(&format!("LOGIN {USER} \"{PASSWORD}\""));
+        assert!(answer.last().is_some_and(|l| l.contains(" OK")), "{answer:?}");
+        c
+    }
+
+    /// Every line of the answer, the tagged one last.
+    fn command(&mut self, text: &str) -> Vec<String> {
+        self.tag += 1;
+        let tag = format!("x{}", self.tag);
+        std::io::Write::write_all(&mut self.writer, format!("{tag} {text}\r\n").as_bytes()).expect("send");
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut self.reader, &mut line).expect("read");
+            assert!(n > 0, "connection closed during {text}: {lines:?}");
+            let done = line.starts_with(&format!("{tag} "));
+            lines.push(line.trim_end().to_string());
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    fn ok(&mut self, text: &str) -> Vec<String> {
+        let lines = self.command(text);
+        assert!(lines.last().is_some_and(|l| l.split(' ').nth(1) == Some("OK")), "{text}: {lines:?}");
+        lines
+    }
+}
+
+/// Read-your-writes across nodes: what a client did through one node and was told OK
+/// is there when it looks through another at once (SELECT and STATUS ask the
+/// mailbox's master where it stands and wait for this node's copy to get there). With
+/// `replicas = 1` of three nodes, an OK may come before the third node has the change.
+#[test]
+fn a_write_told_ok_on_one_node_is_seen_on_the_others_at_once() {
+    let m = start("mode = \"sync\"\nreplicas = 1");
+    let mut writer = Lines::login(m.imap[0]);
+    let mut readers = [Lines::login(m.imap[1]), Lines::login(m.imap[2])];
+    for i in 0..30 {
+        let name = format!("ryw{i}");
+        writer.ok(&format!("CREATE {name}"));
+        let reader = &mut readers[i % 2];
+        reader.ok(&format!("SELECT {name}"));
+        let status = reader.ok(&format!("STATUS {name} (MESSAGES)"));
+        assert!(status.iter().any(|l| l.ends_with("(MESSAGES 0)")), "{status:?}");
+    }
+    // Mail in, then expunged: each step is seen at once through the other nodes.
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "20", USER]);
+    writer.ok("SELECT INBOX");
+    for (i, reader) in readers.iter_mut().enumerate() {
+        let status = reader.ok("STATUS INBOX (MESSAGES)");
+        assert!(status.iter().any(|l| l.ends_with("(MESSAGES 20)")), "node {}: {status:?}", i + 2);
+    }
+    for n in (1..=20).rev() {
+        writer.ok(&format!("STORE {n} +FLAGS.SILENT (\\Deleted)"));
+        writer.ok("EXPUNGE");
+        let reader = &mut readers[n % 2];
+        let status = reader.ok("STATUS INBOX (MESSAGES)");
+        assert!(status.iter().any(|l| l.ends_with(&format!("(MESSAGES {})", n - 1))), "{status:?}");
+    }
+}
+
+/// UTF8=ACCEPT (RFC 6855): a client that enables it sends and is shown mailbox names
+/// in UTF-8, one that does not in modified UTF-7, for the same mailboxes; APPEND takes
+/// `UTF8 (literal8)`.
+#[test]
+fn utf8_accept_shows_the_same_mailboxes_in_utf8() {
+    let m = start("");
+    let mut legacy = Lines::login(m.imap[0]);
+    let mut modern = Lines::login(m.imap[0]);
+    legacy.ok("CREATE \"Entw&APw-rfe\"");
+    let enabled = modern.ok("ENABLE UTF8=ACCEPT");
+    assert!(enabled.iter().any(|l| l == "* ENABLED UTF8=ACCEPT"), "{enabled:?}");
+    let listed = modern.ok("LIST \"\" *");
+    assert!(listed.iter().any(|l| l.ends_with("\"/\" \"Entwürfe\"")), "{listed:?}");
+    modern.ok("CREATE \"日本語\"");
+    let listed = legacy.ok("LIST \"\" *");
+    assert!(listed.iter().any(|l| l.ends_with("\"/\" &ZeVnLIqe-")), "{listed:?}");
+    let body = "Subject: Grüße\r\n\r\nhé\r\n";
+    modern.ok(&format!("APPEND \"日本語\" UTF8 (~{{{}+}}\r\n{body})", body.len()));
+    let status = modern.ok("STATUS \"日本語\" (MESSAGES)");
+    assert!(status.iter().any(|l| l == "* STATUS \"日本語\" (MESSAGES 1)"), "{status:?}");
+    let status = legacy.ok("STATUS &ZeVnLIqe- (MESSAGES)");
+    assert!(status.iter().any(|l| l == "* STATUS &ZeVnLIqe- (MESSAGES 1)"), "{status:?}");
+    modern.ok("SELECT \"Entwürfe\"");
+}
+
 /// SIGHUP reads the users file again: a user added since start logs in, the node goes
 /// on (it used to die of the signal), and a file that does not load leaves the users as
 /// they were.

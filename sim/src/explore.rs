@@ -108,7 +108,7 @@ pub fn generate(seed: u64) -> Scenario {
                 let flags = if rng.random_bool(0.3) { flag(&mut rng) } else { Vec::new() };
                 Action::Save { server, mailbox, label: Some(label), flags, size: rng.random_range(100..2000) }
             }
-            40..60 => Action::Read { server, mailbox },
+            40..60 => Action::Read { server, mailbox, fresh: rng.random_bool(0.5) },
             60..76 => {
                 let Some(label) = some_label(&mut rng) else { continue };
                 let (add, remove) =
@@ -162,7 +162,7 @@ pub fn generate(seed: u64) -> Scenario {
                 1 => Action::CreateMailbox { server, mailbox },
                 _ => Action::DeleteMailbox { server, mailbox },
             },
-            _ => Action::Read { server, mailbox },
+            _ => Action::Read { server, mailbox, fresh: false },
         };
         events.push(TimedEvent { at_ms: t, id: None, action, expect: None, line: 0 });
     }

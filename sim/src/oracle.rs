@@ -11,8 +11,9 @@ pub const MONOTONIC: &str = "monotonic";
 pub const FLAGS_AGREE: &str = "flags_agree";
 pub const CONVERGENCE: &str = "convergence";
 pub const NO_RESURRECTION: &str = "no_resurrection";
-pub const INVARIANTS: [&str; 6] =
-    [NO_ACKED_LOSS, UIDS_NEVER_REUSED, MONOTONIC, FLAGS_AGREE, CONVERGENCE, NO_RESURRECTION];
+pub const READ_YOUR_WRITES: &str = "read_your_writes";
+pub const INVARIANTS: [&str; 7] =
+    [NO_ACKED_LOSS, UIDS_NEVER_REUSED, MONOTONIC, FLAGS_AGREE, CONVERGENCE, NO_RESURRECTION, READ_YOUR_WRITES];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
@@ -276,6 +277,35 @@ impl Oracle {
             self.acked_bindings.insert(((mailbox.clone(), uidvalidity, uid), guid));
         }
         self.acked.entry((mailbox.clone(), guid)).or_insert((server, time_us));
+    }
+
+    /// A fresh read that caught up with its master's position (asked at `issued_us`)
+    /// shows every message of the mailbox whose SAVE or COPY was acknowledged before
+    /// it was asked, after the last fault (`faults_until_us`), unless an EXPUNGE, a
+    /// DELETE or a RENAME may have taken it out.
+    pub fn fresh_view(&mut self, time_us: u64, server: Sid, view: &MailboxView, issued_us: u64, faults_until_us: u64) {
+        let mailbox = &view.mailbox;
+        let renamed = self.renamed.contains_key(mailbox) || self.renamed.values().any(|to| to.contains(mailbox));
+        if renamed || self.deleted_mailboxes.contains(mailbox) {
+            return;
+        }
+        let shown: BTreeSet<Guid> = view.messages.iter().map(|m| m.guid).collect();
+        let range = (mailbox.clone(), Guid(0))..=(mailbox.clone(), Guid(u128::MAX));
+        let missing: Vec<(Guid, Sid, u64)> = self
+            .acked
+            .range(range)
+            .filter(|(_, (_, acked_us))| *acked_us < issued_us && *acked_us > faults_until_us)
+            .filter(|((m, g), _)| !shown.contains(g) && !self.expunge_requested.contains(&(m.clone(), *g)))
+            .map(|((_, g), (by, acked_us))| (*g, *by, *acked_us))
+            .collect();
+        for (guid, by, acked_us) in missing {
+            let detail = format!(
+                "{server} read {mailbox} fresh (asked at {:.3} ms) without {guid}, acknowledged by {by} at {:.3} ms",
+                issued_us as f64 / 1000.0,
+                acked_us as f64 / 1000.0
+            );
+            self.violate(READ_YOUR_WRITES, time_us, detail);
+        }
     }
 
     pub fn expunge_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {

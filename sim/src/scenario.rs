@@ -134,10 +134,12 @@ pub enum Action {
         remove: Vec<Flag>,
         unchanged_since: Option<UnchangedSince>,
     },
-    /// A client reads the mailbox (the user sees its UIDs).
+    /// A client reads the mailbox (the user sees its UIDs); `fresh`: after every
+    /// change the mailbox's master had ordered (`ClientRequest::FreshRead`).
     Read {
         server: Sid,
         mailbox: MailboxKey,
+        fresh: bool,
     },
     MasterMove {
         server: Sid,
@@ -300,7 +302,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("copy", &["server", "from", "label", "to", "as_label"]),
     ("expunge", &["server", "mailbox", "labels", "label"]),
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
-    ("read", &["server", "mailbox"]),
+    ("read", &["server", "mailbox", "fresh"]),
     ("master_move", &["server", "mailbox"]),
     ("create_mailbox", &["server", "mailbox"]),
     ("delete_mailbox", &["server", "mailbox"]),
@@ -823,7 +825,7 @@ impl Tab<'_> {
                 let (add, remove) = (tab.flags(event.add, "add")?, tab.flags(event.remove, "remove")?);
                 Action::Store { server, mailbox, labels, add, remove, unchanged_since }
             }
-            "read" => Action::Read { server: server()?, mailbox: mailbox()? },
+            "read" => Action::Read { server: server()?, mailbox: mailbox()?, fresh: event.fresh.unwrap_or(false) },
             "master_move" => Action::MasterMove { server: server()?, mailbox: mailbox()? },
             "create_mailbox" => Action::CreateMailbox { server: server()?, mailbox: mailbox()? },
             "delete_mailbox" => Action::DeleteMailbox { server: server()?, mailbox: mailbox()? },

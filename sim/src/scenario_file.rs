@@ -86,6 +86,7 @@ pub(crate) struct EventToml {
     pub b: Option<String>,
     pub groups: Option<Vec<Vec<Spanned<String>>>>,
     pub down_ms: Option<u64>,
+    pub fresh: Option<bool>,
     pub until_ms: Option<u64>,
     pub ops_per_s: Option<u64>,
     pub users: Option<u64>,

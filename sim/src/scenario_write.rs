@@ -111,13 +111,16 @@ fn event_of(e: &TimedEvent) -> EventToml {
             });
             "store"
         }
-        Action::Read { server: s, mailbox: m }
-        | Action::MasterMove { server: s, mailbox: m }
+        Action::Read { server: s, mailbox: m, fresh } => {
+            (table.server, table.mailbox) = (server(s), mailbox(m));
+            table.fresh = fresh.then_some(true);
+            "read"
+        }
+        Action::MasterMove { server: s, mailbox: m }
         | Action::CreateMailbox { server: s, mailbox: m }
         | Action::DeleteMailbox { server: s, mailbox: m } => {
             (table.server, table.mailbox) = (server(s), mailbox(m));
             match e.action {
-                Action::Read { .. } => "read",
                 Action::MasterMove { .. } => "master_move",
                 Action::CreateMailbox { .. } => "create_mailbox",
                 _ => "delete_mailbox",

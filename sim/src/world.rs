@@ -179,6 +179,8 @@ struct Outstanding {
     /// made: a copy lost to either later had kept the promise when it was made.
     losses_before: usize,
     hand_deletes_before: usize,
+    /// When the client asked.
+    issued_us: u64,
 }
 
 pub struct World {
@@ -209,6 +211,10 @@ pub struct World {
     label_counter: u64,
     lost_for_good: usize,
     hand_deletes: usize,
+    /// The last crash, start, link change or hand edit: a fresh read must show every
+    /// save acknowledged after it (before that a master may have moved to a server
+    /// without the message, which async mode allows).
+    last_fault_us: u64,
     /// Per message, the servers whose copy was destroyed by a hand edit (file deleted or
     /// body corrupted): with servers lost for good, more than `replicas` of them is more
     /// than sync mode promises to survive.
@@ -281,6 +287,7 @@ impl World {
             label_counter: 0,
             lost_for_good: 0,
             hand_deletes: 0,
+            last_fault_us: 0,
             destroyed_copies: BTreeMap::new(),
             seed,
             dead_marks: BTreeMap::new(),
@@ -534,6 +541,7 @@ impl World {
     }
 
     fn start_server(&mut self, sid: Sid, empty: bool) {
+        self.last_fault_us = self.now.0;
         let cfg = self.config(sid);
         let seed = self.rng.random::<u64>();
         let Some(node) = self.nodes.get_mut(&sid) else { return };
@@ -567,6 +575,7 @@ impl World {
     }
 
     fn stop_server(&mut self, sid: Sid, wipe: bool) {
+        self.last_fault_us = self.now.0;
         if !self.alive(sid) {
             if wipe && let Some(node) = self.nodes.get_mut(&sid) {
                 node.disk = DiskImage::default();
@@ -622,6 +631,7 @@ impl World {
             return;
         }
         self.bump_link(a, b);
+        self.last_fault_us = self.now.0;
         self.note(|w: &World| format!("{} link {a}-{b} {}", w.ms(), if up { "restored" } else { "cut" }));
         let input = |peer| if usable { Input::LinkUp { peer } } else { Input::LinkDown { peer } };
         self.input(a, input(b));
@@ -845,6 +855,7 @@ fn describe_request(request: &ClientRequest) -> String {
             format!("STORE {mailbox} {uids:?} +{add:?} -{remove:?} unchangedsince {unchanged_since:?}")
         }
         ClientRequest::Read { mailbox } => format!("READ {mailbox}"),
+        ClientRequest::FreshRead { mailbox } => format!("FRESH-READ {mailbox}"),
         ClientRequest::MasterMove { mailbox } => format!("MASTER-MOVE {mailbox}"),
         ClientRequest::CreateMailbox { mailbox } => format!("CREATE {mailbox}"),
         ClientRequest::DeleteMailbox { mailbox } => format!("DELETE {mailbox}"),
@@ -856,6 +867,11 @@ fn describe_request(request: &ClientRequest) -> String {
 
 fn describe_reply(reply: &ClientReply) -> String {
     match reply {
+        ClientReply::FreshRead { view, caught_up } => format!(
+            "{} {}",
+            if *caught_up { "caught up:" } else { "stale (no master position in time):" },
+            describe_reply(&ClientReply::Read(view.clone()))
+        ),
         ClientReply::Read(view) => format!(
             "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}: {}",
             view.mailbox,
@@ -900,6 +916,7 @@ pub fn describe(envelope: &Envelope) -> String {
             }
             WriteRequest::Mailbox { mailbox, action } => format!("#{tag} {mailbox} {action:?}"),
             WriteRequest::Rename { from, to } => format!("#{tag} {from} -> {to}"),
+            WriteRequest::Barrier { mailbox } => format!("#{tag} {mailbox}"),
         },
         Msg::Reply { tag, master, result, .. } => format!("#{tag} master {master:?} {result:?}"),
         Msg::Change { seq, change } => match change {
@@ -989,8 +1006,11 @@ impl World {
         self.note(|w: &World| format!("{} client -> {sid} #{id} {}", w.ms(), describe_request(&request)));
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
         let (losses_before, hand_deletes_before) = (self.lost_for_good, self.hand_deletes);
-        self.outstanding
-            .insert(id, Outstanding { server: sid, incarnation, event, losses_before, hand_deletes_before, ..o });
+        let issued_us = self.now.0;
+        self.outstanding.insert(
+            id,
+            Outstanding { server: sid, incarnation, event, losses_before, hand_deletes_before, issued_us, ..o },
+        );
         self.input(sid, Input::Client { id, request });
     }
 
@@ -1038,6 +1058,17 @@ impl World {
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
+            ClientReply::FreshRead { view, caught_up } => {
+                self.oracle.view(t, sid, view);
+                // Lost servers and deleted files may take acknowledged mail with them,
+                // which a read cannot be asked to show.
+                // A server cut off is the master of its own side (the design's answer to a
+                // partition), so only a whole cluster owes a read every acknowledged save.
+                let whole = self.nodes.keys().all(|s| self.alive(*s)) && self.links.values().all(|l| l.up);
+                if *caught_up && whole && self.lost_for_good == 0 && self.hand_deletes == 0 {
+                    self.oracle.fresh_view(t, sid, view, o.issued_us, self.last_fault_us);
+                }
+            }
             ClientReply::Write(
                 WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid },
             ) => {
@@ -1090,6 +1121,7 @@ impl World {
             remove: Vec::new(),
             losses_before: 0,
             hand_deletes_before: 0,
+            issued_us: 0,
         };
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
@@ -1160,12 +1192,14 @@ impl World {
                 let o = Outstanding { mailbox: Some(mailbox), unchanged_since: since, storing, add, remove, ..none() };
                 self.request(server, request, event, o);
             }
-            Action::Read { server, mailbox } => self.request(
-                server,
-                ClientRequest::Read { mailbox: mailbox.clone() },
-                event,
-                Outstanding { mailbox: Some(mailbox), ..none() },
-            ),
+            Action::Read { server, mailbox, fresh } => {
+                let request = if fresh {
+                    ClientRequest::FreshRead { mailbox: mailbox.clone() }
+                } else {
+                    ClientRequest::Read { mailbox: mailbox.clone() }
+                };
+                self.request(server, request, event, Outstanding { mailbox: Some(mailbox), ..none() })
+            }
             Action::CreateMailbox { server, mailbox } => {
                 let o = Outstanding { mailbox: Some(mailbox.clone()), ..none() };
                 self.request(server, ClientRequest::CreateMailbox { mailbox }, event, o)
@@ -1223,6 +1257,7 @@ impl World {
                 }
             }
             Action::HandAdd { server, mailbox, label } => {
+                self.last_fault_us = self.now.0;
                 self.label_counter += 1;
                 let guid = Guid(u128::from(self.rng.random::<u64>()) << 64 | u128::from(self.label_counter));
                 if let Some(label) = label {
@@ -1236,6 +1271,7 @@ impl World {
                 );
             }
             Action::HandDelete { server, mailbox, label } => {
+                self.last_fault_us = self.now.0;
                 let Some(uid) = self.uid_of(server, &mailbox, &label) else { return self.skip(server, &label, event) };
                 self.note(|w: &World| format!("{} hand edit on {server}: file of {mailbox} UID {uid} deleted", w.ms()));
                 self.hand_deletes += 1;
@@ -1245,6 +1281,7 @@ impl World {
                 self.input(server, Input::External(ExternalEdit::Removed { mailbox, uid }));
             }
             Action::Corrupt { server, label } => {
+                self.last_fault_us = self.now.0;
                 let Some(&guid) = self.labels.get(&label) else { return self.skip(server, &label, event) };
                 // Only a body already on disk can be damaged there; one still being
                 // written would be written whole over the damage.
@@ -1415,7 +1452,7 @@ impl World {
                 let f = if self.rng.random_bool(0.3) { flag(self) } else { Vec::new() };
                 Action::Save { server, mailbox, label: None, flags: f, size: self.rng.random_range(200..3000) }
             }
-            45..65 => Action::Read { server, mailbox },
+            45..65 => Action::Read { server, mailbox, fresh: self.rng.random_bool(0.5) },
             65..82 => {
                 let Some(label) = self.random_label_at(server, &mailbox) else { return };
                 let (add, remove) =
@@ -1701,11 +1738,16 @@ fn image_difference(replayed: Option<&DiskImage>, image: &DiskImage) -> String {
 fn reply_hash(t: u64, reply: &ClientReply) -> u64 {
     let mut h = Fnv64::default();
     h.write(&t.to_le_bytes());
-    let ClientReply::Read(view) = reply else {
-        let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{reply:?}"));
-        return h.0;
+    let (view, kind) = match reply {
+        ClientReply::Read(view) => (view, "Read"),
+        ClientReply::FreshRead { view, caught_up: true } => (view, "FreshRead"),
+        ClientReply::FreshRead { view, caught_up: false } => (view, "StaleRead"),
+        _ => {
+            let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{reply:?}"));
+            return h.0;
+        }
     };
-    let _ = std::fmt::Write::write_fmt(&mut h, format_args!("Read {}", view.mailbox));
+    let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{kind} {}", view.mailbox));
     let mut x = mix64(h.0 ^ u64::from(view.uidvalidity));
     x = mix64(x ^ u64::from(view.uidnext));
     x = mix64(x ^ view.highest_modseq);

@@ -98,3 +98,8 @@ fn replica_overwriting_a_uid_is_caught() {
 fn collecting_tombstones_early_is_caught() {
     catch_and_shrink(Bug::CollectTombstonesEarly);
 }
+
+#[test]
+fn fresh_reads_without_a_barrier_are_caught() {
+    catch_and_shrink(Bug::FreshReadWithoutBarrier);
+}

@@ -10,7 +10,7 @@ use crate::marks::Mark;
 use crate::msg::*;
 use crate::store::StoreWrite;
 use crate::types::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A job's number: unique on this server across restarts. Messages about a job carry
 /// it as their wire tag, so an answer names the job it answers.
@@ -30,6 +30,13 @@ pub enum Origin {
     /// A part of a request too large to forward as one command (see `split_job`).
     Part {
         parent: JobId,
+    },
+    /// A client's fresh read of `mailbox`, whose BARRIER this is, to be answered by
+    /// `deadline` (see `fresh_reads`).
+    Read {
+        id: RequestId,
+        mailbox: MailboxKey,
+        deadline: Instant,
     },
 }
 
@@ -98,6 +105,9 @@ fn saved(is_copy: bool, uidvalidity: u32, uid: Uid, guid: Guid) -> WriteResult {
     if is_copy { WriteResult::Copied { uidvalidity, uid, guid } } else { WriteResult::Saved { uidvalidity, uid, guid } }
 }
 
+/// Rounds of `answer_fresh_reads` in one input (reads asked again of a master here).
+const FRESH_READ_ROUNDS_MAX: usize = 4;
+
 fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
     WriteResult::Failed { kind, reason: reason.into() }
 }
@@ -111,6 +121,27 @@ impl Server {
                 // answered at once, so reads go on while the disk cannot take writes.
                 let reply = self.read_view(&mailbox);
                 self.out.reply(id, reply);
+                return;
+            }
+            ClientRequest::FreshRead { mailbox } => {
+                let key = self.master_key(&mailbox);
+                let skip_barrier = self.has_bug(crate::Bug::FreshReadWithoutBarrier);
+                if self.masters.masters_ready(&key) || self.cfg.servers.len() <= 1 || skip_barrier {
+                    // Every change the master ordered is here already.
+                    self.marks.hit(Mark::FreshReadCaughtUp);
+                    let reply = self.fresh_view(&mailbox, true);
+                    self.out.reply(id, reply);
+                    return;
+                }
+                let deadline = self.now.plus_us(self.cfg.fresh_read_us);
+                let job = Job {
+                    origin: Origin::Read { id, mailbox: mailbox.clone(), deadline },
+                    kind: JobKind::Write(WriteRequest::Barrier { mailbox }),
+                    key,
+                    state: JobState::Queued,
+                    deadline,
+                };
+                self.start_job(job);
                 return;
             }
             ClientRequest::MasterMove { mailbox } => {
@@ -388,6 +419,89 @@ impl Server {
             Origin::Peer { sid, job } => self.send(sid, Msg::Reply { tag: job.0, master, result, record }),
             Origin::Internal => {}
             Origin::Part { parent } => self.on_part_answer(parent, result),
+            Origin::Read { id, mailbox, deadline } => self.on_position(id, mailbox, deadline, result),
+        }
+    }
+
+    /// A fresh read's BARRIER answered (or failed, or timed out): the read waits until
+    /// this server's durable copy reaches the master's position, within what is left
+    /// of its time; without a position it is answered from what is here now.
+    fn on_position(&mut self, id: RequestId, mailbox: MailboxKey, deadline: Instant, result: WriteResult) {
+        match result {
+            // Compared with our copy at the end of this input (`answer_fresh_reads`).
+            WriteResult::Position { highest_modseq, digest } => {
+                let position = super::fresh_reads::Position { highest_modseq, digest };
+                self.fresh_reads.wait(id, mailbox, position, deadline);
+            }
+            _ => {
+                self.marks.hit(Mark::FreshReadStale);
+                let reply = self.fresh_view(&mailbox, false);
+                self.out.reply(id, reply);
+            }
+        }
+    }
+
+    fn fresh_view(&self, mailbox: &MailboxKey, caught_up: bool) -> ClientReply {
+        match self.read_view(mailbox) {
+            ClientReply::Read(view) => ClientReply::FreshRead { view, caught_up },
+            other => other,
+        }
+    }
+
+    /// Moves each fresh read on (see `fresh_reads::Step`): answers those whose copy
+    /// here durably equals their master's position, and those out of time (from what
+    /// is here: stale, never refused); asks again for those whose copy went past it.
+    pub(crate) fn answer_fresh_reads(&mut self) {
+        // A master answers a BARRIER at once, so a read asked again may be ready in
+        // the same input: a few rounds, each with fewer reads left.
+        for _ in 0..FRESH_READ_ROUNDS_MAX {
+            if self.fresh_reads.is_empty() {
+                return;
+            }
+            let mailboxes: BTreeSet<MailboxKey> = self.fresh_reads.mailboxes().cloned().collect();
+            let summaries: BTreeMap<MailboxKey, super::fresh_reads::Position> = mailboxes
+                .into_iter()
+                .filter_map(|m| {
+                    let s = self.image.summary(&m)?;
+                    Some((m, super::fresh_reads::Position { highest_modseq: s.highest_modseq, digest: s.digest }))
+                })
+                .collect();
+            let none = super::fresh_reads::Position { highest_modseq: 0, digest: 0 };
+            let summary = |m: &MailboxKey| summaries.get(m).copied().unwrap_or(none);
+            let out = &self.out;
+            let is_durable = |w| out.is_durable(w);
+            let copies =
+                super::fresh_reads::Copies { summary: &summary, last_write: out.last_write(), is_durable: &is_durable };
+            let steps = self.fresh_reads.steps(self.now, &copies);
+            let mut asked_again = false;
+            for step in steps {
+                match step {
+                    super::fresh_reads::Step::Answer { id, mailbox, caught_up } => {
+                        self.marks.hit(if caught_up { Mark::FreshReadCaughtUp } else { Mark::FreshReadStale });
+                        let reply = self.fresh_view(&mailbox, caught_up);
+                        self.out.reply(id, reply);
+                    }
+                    super::fresh_reads::Step::AskAgain { id, mailbox, deadline } => {
+                        asked_again = true;
+                        let key = self.master_key(&mailbox);
+                        let origin = Origin::Read { id, mailbox: mailbox.clone(), deadline };
+                        let kind = JobKind::Write(WriteRequest::Barrier { mailbox });
+                        self.start_job(Job { origin, kind, key, state: JobState::Queued, deadline });
+                    }
+                    super::fresh_reads::Step::Compare { mailbox } => {
+                        let key = self.master_key(&mailbox);
+                        if let Some(master) = self.masters.cached(&key)
+                            && master != self.cfg.sid
+                            && let Some(summary) = self.image.summary(&mailbox)
+                        {
+                            self.send(master, Msg::Mbox { tag: 0, summary });
+                        }
+                    }
+                }
+            }
+            if !asked_again {
+                return;
+            }
         }
     }
 
@@ -479,7 +593,8 @@ impl Server {
                 match origin {
                     Origin::Client(id) => self.out.reply(id, ClientReply::Moved { master: self.cfg.sid }),
                     Origin::Peer { job: their_job, .. } => self.give_up_mastership(key, requester, their_job),
-                    Origin::Internal | Origin::Part { .. } => {}
+                    // A fresh read's job is a BARRIER, never a move.
+                    Origin::Internal | Origin::Part { .. } | Origin::Read { .. } => {}
                 }
             }
             JobKind::Write(request) => {
@@ -494,6 +609,13 @@ impl Server {
     fn order_write(&mut self, id: JobId, request: WriteRequest) -> Option<Ordered> {
         let reachable_peers = self.routing.reachable().len().saturating_sub(1);
         let ordered = match request {
+            // Changes nothing, so it needs no copies: where this master stands, after
+            // every change it ordered before (a fresh read elsewhere waits for that).
+            WriteRequest::Barrier { mailbox } => {
+                let (highest_modseq, digest) =
+                    self.image.summary(&mailbox).map(|s| (s.highest_modseq, s.digest)).unwrap_or((0, 0));
+                Ordered::unreplicated(WriteResult::Position { highest_modseq, digest })
+            }
             // Sync mode: every acknowledged change must reach `replicas` more servers, so
             // with fewer reachable the answer is a temporary failure, before anything
             // changes.

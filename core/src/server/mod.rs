@@ -4,6 +4,7 @@
 
 mod anti_entropy;
 mod body_fetch;
+mod fresh_reads;
 mod image;
 mod job_table;
 mod jobs;
@@ -33,6 +34,7 @@ use crate::store::{BodyStore, DiskImage, StoreWrite};
 use crate::types::*;
 use anti_entropy::AntiEntropy;
 use body_fetch::BodyFetch;
+use fresh_reads::FreshReads;
 use image::Image;
 use job_table::JobTable;
 use log_progress::LogProgress;
@@ -72,6 +74,9 @@ pub struct Server {
     notes: Option<Vec<String>>,
     /// Whether this incarnation still waits to hear its peers (see `root`).
     startup: StartupHold,
+    /// Reads waiting for this server's copies to reach their master's position (see
+    /// `fresh_reads`).
+    fresh_reads: FreshReads,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -119,6 +124,7 @@ impl Server {
             timers: TimerTable::default(),
             notes: None,
             startup: StartupHold::NotStarted,
+            fresh_reads: FreshReads::default(),
         };
         // The first timer finds out whether the server is alone (then it is its own
         // root); maintenance starts an interval later.
@@ -281,6 +287,8 @@ impl Server {
             self.anti_entropy();
         }
         self.check_all_masters();
+        // A peer's change may bring a waiting read's copy to its master's position.
+        self.answer_fresh_reads();
         self.flush_acks();
         self.arm_timers();
     }
@@ -454,6 +462,7 @@ impl Server {
                 Timer::Announce => self.announce_links(0),
                 Timer::Retry => self.retry_waiting_work(),
                 Timer::JobDeadline => self.expire_jobs(),
+                Timer::FreshReadDeadline => self.answer_fresh_reads(),
                 Timer::LogResend => self.resend_logs(),
                 Timer::Maintenance => {
                     self.timers.set(Timer::Maintenance, self.now.plus_us(self.cfg.anti_entropy_us));
@@ -468,6 +477,10 @@ impl Server {
         match self.jobs.next_deadline() {
             Some(at) => self.timers.set(Timer::JobDeadline, at),
             None => self.timers.stop(Timer::JobDeadline),
+        }
+        match self.fresh_reads.next_deadline() {
+            Some(at) => self.timers.set(Timer::FreshReadDeadline, at),
+            None => self.timers.stop(Timer::FreshReadDeadline),
         }
         if let Some(at) = self.log_progress.next_resend(self.cfg.anti_entropy_us) {
             // A resend that was due and did not go (its peer is out of reach, or the

@@ -16,6 +16,8 @@ pub(crate) enum Timer {
     Retry,
     /// The earliest deadline of a job in progress.
     JobDeadline,
+    /// The earliest deadline of a fresh read waiting for its copy to catch up.
+    FreshReadDeadline,
     /// The earliest log entry sent and not acknowledged within the interval.
     LogResend,
     /// Every `anti_entropy_us`: anti-entropy, mastership reminders, lookups and
@@ -24,7 +26,14 @@ pub(crate) enum Timer {
 }
 
 impl Timer {
-    const ALL: [Timer; 5] = [Timer::Announce, Timer::Retry, Timer::JobDeadline, Timer::LogResend, Timer::Maintenance];
+    const ALL: [Timer; 6] = [
+        Timer::Announce,
+        Timer::Retry,
+        Timer::JobDeadline,
+        Timer::FreshReadDeadline,
+        Timer::LogResend,
+        Timer::Maintenance,
+    ];
 
     fn index(self) -> usize {
         self as usize

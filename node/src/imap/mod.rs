@@ -13,6 +13,7 @@
 //! to the mailbox's message count (a tombstone collected meanwhile), or the UIDVALIDITY
 //! changed, it reads the mailbox whole instead.
 
+mod catenate;
 mod esearch;
 mod listext;
 pub(crate) mod mime;
@@ -21,6 +22,7 @@ pub(crate) mod parsed;
 pub(crate) mod recent;
 pub(crate) mod session;
 pub(crate) mod thread;
+mod utf7;
 mod wire;
 
 pub use session::serve;

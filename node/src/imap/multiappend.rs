@@ -59,7 +59,7 @@ fn expect(message: &[u8], at: usize, what: &[u8]) -> Option<usize> {
 }
 
 /// Where an astring (atom, quoted string or literal) that starts at `at` ends.
-fn astring_end(message: &[u8], at: usize) -> Option<usize> {
+pub(super) fn astring_end(message: &[u8], at: usize) -> Option<usize> {
     match message.get(at)? {
         b'"' => quoted_end(message, at),
         b'{' | b'~' => literal_end(message, at),
@@ -68,7 +68,7 @@ fn astring_end(message: &[u8], at: usize) -> Option<usize> {
 }
 
 /// Where a quoted string that starts at `at` (on its opening quote) ends.
-fn quoted_end(message: &[u8], at: usize) -> Option<usize> {
+pub(super) fn quoted_end(message: &[u8], at: usize) -> Option<usize> {
     let mut i = at + 1;
     while i < message.len() {
         match message[i] {
@@ -83,7 +83,7 @@ fn quoted_end(message: &[u8], at: usize) -> Option<usize> {
 
 /// Where a literal (`{n}`, `{n+}` or a literal8 `~{n}`, then CRLF and n bytes) that
 /// starts at `at` ends.
-fn literal_end(message: &[u8], at: usize) -> Option<usize> {
+pub(super) fn literal_end(message: &[u8], at: usize) -> Option<usize> {
     let mut i = at;
     if message.get(i) == Some(&b'~') {
         i += 1;

@@ -40,7 +40,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE COMPRESS=DEFLATE";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -107,6 +107,7 @@ pub(crate) async fn run_session(
         starttls,
         secure,
         compressed: false,
+        utf8: false,
         returning: None,
     };
     session.run().await
@@ -301,6 +302,9 @@ struct Session {
     secure: bool,
     /// COMPRESS=DEFLATE (RFC 4978) is on: both directions pass through raw DEFLATE.
     compressed: bool,
+    /// UTF8=ACCEPT (RFC 6855) is enabled: mailbox names are UTF-8 both ways here (kept
+    /// in modified UTF-7, as clients without it write them; see `super::utf7`).
+    utf8: bool,
     /// The RETURN options of the SEARCH or SORT being run (ESEARCH, ESORT); None for
     /// every other command and for a plain SEARCH or SORT.
     returning: Option<super::esearch::ReturnOptions>,
@@ -519,6 +523,23 @@ impl Session {
                         self.flush().await?;
                         continue;
                     }
+                    // An APPEND made of parts (CATENATE), with MULTIAPPEND or not.
+                    if let Some(parsed) = super::catenate::parse(fragmentizer.message_bytes()) {
+                        let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string()).unwrap_or("*".into());
+                        let answer = match parsed {
+                            Err(why) => format!("{tag} BAD {why}"),
+                            Ok(catenate) => match self.catenate(catenate).await {
+                                Ok(text) => format!("{tag} OK {text}"),
+                                Err(text) if text.starts_with("BAD") || text.starts_with("NO") => {
+                                    format!("{tag} {text}")
+                                }
+                                Err(text) => format!("{tag} NO {text}"),
+                            },
+                        };
+                        self.line(&answer);
+                        self.flush().await?;
+                        continue;
+                    }
                     // An APPEND of several messages (MULTIAPPEND), one APPEND each.
                     let appends: Option<Vec<Command<'static>>> =
                         super::multiappend::split(fragmentizer.message_bytes()).and_then(|commands| {
@@ -681,40 +702,40 @@ impl Session {
                         self.condstore = true;
                         self.qresync |= name == "QRESYNC";
                         enabled.push(name);
+                    } else if name == "UTF8=ACCEPT" {
+                        self.utf8 = true;
+                        enabled.push(name);
                     }
                 }
                 self.line(&format!("* ENABLED{}{}", if enabled.is_empty() { "" } else { " " }, enabled.join(" ")));
                 Ok("ENABLE done".into())
             }
             CommandBody::List { reference, mailbox_wildcard } | CommandBody::Lsub { reference, mailbox_wildcard } => {
-                let reference = mailbox_name(&reference);
+                let reference = self.name(&reference);
                 let pattern = match mailbox_wildcard {
                     ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
                     ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
                 };
+                let pattern = self.stored_name(pattern);
                 self.list(&name, &reference, &pattern).await
             }
-            CommandBody::Select { mailbox, parameters } => {
-                self.select(&mailbox_name(&mailbox), false, &parameters).await
-            }
-            CommandBody::Examine { mailbox, parameters } => {
-                self.select(&mailbox_name(&mailbox), true, &parameters).await
-            }
-            CommandBody::Status { mailbox, item_names } => self.status(&mailbox_name(&mailbox), &item_names).await,
+            CommandBody::Select { mailbox, parameters } => self.select(&self.name(&mailbox), false, &parameters).await,
+            CommandBody::Examine { mailbox, parameters } => self.select(&self.name(&mailbox), true, &parameters).await,
+            CommandBody::Status { mailbox, item_names } => self.status(&self.name(&mailbox), &item_names).await,
             CommandBody::Append { mailbox, flags, date, message } => {
                 let bytes = append_bytes(message);
                 let received = date.map(|d| d.as_ref().timestamp().max(0) as u64);
-                self.append(&mailbox_name(&mailbox), &flags, received, bytes).await
+                self.append(&self.name(&mailbox), &flags, received, bytes).await
             }
             CommandBody::Subscribe { mailbox } | CommandBody::Unsubscribe { mailbox } => {
                 let subscribe = name == "SUBSCRIBE";
-                let target = mailbox_name(&mailbox).trim_end_matches('/').to_string();
+                let target = self.name(&mailbox).trim_end_matches('/').to_string();
                 self.lifecycle(ClientRequest::Subscription { mailbox: self.key(&target), subscribe })
                     .await
                     .map(|_| format!("{name} done"))
             }
             CommandBody::Create { mailbox } => {
-                let name = mailbox_name(&mailbox);
+                let name = self.name(&mailbox);
                 let name = name.trim_end_matches('/').to_string();
                 if let Err(e) = self.check_new_name(&name) {
                     Err(e)
@@ -729,7 +750,7 @@ impl Session {
                 }
             }
             CommandBody::Delete { mailbox } => {
-                let name = mailbox_name(&mailbox);
+                let name = self.name(&mailbox);
                 if name.eq_ignore_ascii_case("INBOX") {
                     Err("NO [CANNOT] INBOX cannot be deleted".into())
                 } else if !self.mailbox_exists(&name).await {
@@ -743,7 +764,7 @@ impl Session {
                         .map(|_| "DELETE done".into())
                 }
             }
-            CommandBody::Rename { from, to } => self.rename(&mailbox_name(&from), &mailbox_name(&to)).await,
+            CommandBody::Rename { from, to } => self.rename(&self.name(&from), &self.name(&to)).await,
             CommandBody::GetQuotaRoot { mailbox } => {
                 let user = self.user.clone().unwrap_or_default();
                 self.line(&format!("* QUOTAROOT {} \"\"", astring(&mailbox_name(&mailbox))));
@@ -771,10 +792,10 @@ impl Session {
                 self.store(&sequence_set, kind, response, &flags, uid, since).await
             }
             CommandBody::Copy { sequence_set, mailbox, uid } => {
-                self.copy(&sequence_set, &mailbox_name(&mailbox), uid, false).await
+                self.copy(&sequence_set, &self.name(&mailbox), uid, false).await
             }
             CommandBody::Move { sequence_set, mailbox, uid } => {
-                self.copy(&sequence_set, &mailbox_name(&mailbox), uid, true).await
+                self.copy(&sequence_set, &self.name(&mailbox), uid, true).await
             }
             CommandBody::Search { criteria, uid, .. } => self.search(&tag, criteria.as_ref(), uid).await,
             CommandBody::Sort { sort_criteria, charset, search_criteria, uid } => {
@@ -883,16 +904,59 @@ impl Session {
         MailboxKey::new(self.user.as_deref().unwrap_or_default(), name)
     }
 
-    async fn mailbox_exists(&self, name: &str) -> bool {
-        let key = self.key(name);
-        &*key.name == "INBOX" || self.node.mailboxes(&key.user).await.iter().any(|s| s.mailbox == key)
+    /// The stored form of a mailbox name the client sent (modified UTF-7 for a client
+    /// with UTF8=ACCEPT, as clients without it write names themselves).
+    fn name(&self, m: &Mailbox<'_>) -> String {
+        self.stored_name(mailbox_name(m))
     }
 
-    /// The mailbox as the core shows it; INBOX exists (empty) before its first message.
-    async fn read(&self, name: &str) -> Result<MailboxView> {
+    fn stored_name(&self, name: String) -> String {
+        if self.utf8 { super::utf7::encode(&name) } else { name }
+    }
+
+    /// A stored mailbox name as this client is shown it: UTF-8 with UTF8=ACCEPT (a name
+    /// that is not well-formed modified UTF-7 as it is).
+    fn shown(&self, name: &str) -> String {
+        if self.utf8 { super::utf7::decode(name).unwrap_or_else(|| name.to_string()) } else { name.to_string() }
+    }
+
+    /// `shown`, written as an astring (quoted UTF-8 with UTF8=ACCEPT).
+    fn shown_astring(&self, name: &str) -> String {
+        if self.utf8 { super::wire::astring_utf8(&self.shown(name)) } else { astring(name) }
+    }
+
+    /// Whether the mailbox exists: here, or (asked of its master when this node has not
+    /// heard of it) made through another node a moment ago.
+    async fn mailbox_exists(&self, name: &str) -> bool {
         let key = self.key(name);
-        match self.node.request(ClientRequest::Read { mailbox: key.clone() }).await {
-            ClientReply::Read(view) => Ok(view),
+        &*key.name == "INBOX"
+            || self.node.mailboxes(&key.user).await.iter().any(|s| s.mailbox == key)
+            || self.read_fresh(name).await.is_ok()
+    }
+
+    /// The mailbox as this node has it; INBOX exists (empty) before its first message.
+    /// For what the session already shows (its refreshes, COPY's sources).
+    async fn read(&self, name: &str) -> Result<MailboxView> {
+        self.read_as(name, false).await
+    }
+
+    /// The mailbox with every change its master had ordered when asked, so that what a
+    /// client did through another node and was told OK is here (read-your-writes); from
+    /// what this node has if the master cannot be reached within a second. For SELECT,
+    /// EXAMINE and STATUS, which start from the mailbox as it is.
+    async fn read_fresh(&self, name: &str) -> Result<MailboxView> {
+        self.read_as(name, true).await
+    }
+
+    async fn read_as(&self, name: &str, fresh: bool) -> Result<MailboxView> {
+        let key = self.key(name);
+        let request = if fresh {
+            ClientRequest::FreshRead { mailbox: key.clone() }
+        } else {
+            ClientRequest::Read { mailbox: key.clone() }
+        };
+        match self.node.request(request).await {
+            ClientReply::Read(view) | ClientReply::FreshRead { view, .. } => Ok(view),
             ClientReply::Failed { reason, .. } if reason.starts_with("no mailbox") => {
                 if &*key.name == "INBOX" {
                     Ok(MailboxView {
@@ -973,13 +1037,17 @@ impl Session {
             let children = names.iter().any(|c| c.starts_with(&format!("{n}/")));
             let attr = if children { "\\HasChildren" } else { "\\HasNoChildren" };
             let special = self.front.special_use.get(n.as_str()).map(|u| format!("{u} ")).unwrap_or_default();
-            self.line(&format!("* {command} ({special}{attr}) \"/\" {}", astring(n)));
+            self.line(&format!("* {command} ({special}{attr}) \"/\" {}", self.shown_astring(n)));
         }
         Ok(format!("{command} done"))
     }
 
     /// An extended LIST: see `super::listext`.
     async fn list_extended(&mut self, list: &super::listext::ListExtended) -> String {
+        let mut list = list.clone();
+        list.reference = self.stored_name(std::mem::take(&mut list.reference));
+        list.patterns = std::mem::take(&mut list.patterns).into_iter().map(|p| self.stored_name(p)).collect();
+        let list = &list;
         let user = self.user.clone().unwrap_or_default();
         let mut existing: BTreeSet<String> =
             self.node.mailboxes(&user).await.into_iter().map(|s| s.mailbox.name.to_string()).collect();
@@ -996,7 +1064,8 @@ impl Session {
         );
         for l in listed {
             let childinfo = if l.childinfo_subscribed { " (\"CHILDINFO\" (\"SUBSCRIBED\"))" } else { "" };
-            self.line(&format!("* LIST ({}) \"/\" {}{childinfo}", l.attributes.join(" "), astring(&l.name)));
+            let shown = self.shown_astring(&l.name);
+            self.line(&format!("* LIST ({}) \"/\" {shown}{childinfo}", l.attributes.join(" ")));
             // LIST-STATUS: each selectable mailbox's STATUS right after its LIST line; one
             // that vanished meanwhile is left out (RFC 5819 section 2).
             if let Some(items) = &list.return_status
@@ -1035,7 +1104,7 @@ impl Session {
         }
         for (name, parent_only) in shown {
             let attr = if parent_only { "\\Noselect" } else { "" };
-            self.line(&format!("* LSUB ({attr}) \"/\" {}", astring(&name)));
+            self.line(&format!("* LSUB ({attr}) \"/\" {}", self.shown_astring(&name)));
         }
         Ok("LSUB done".into())
     }
@@ -1054,7 +1123,7 @@ impl Session {
                 }
             }
         }
-        let view = self.read(name).await?;
+        let view = self.read_fresh(name).await?;
         let uids: Vec<Uid> = view.messages.iter().map(|m| m.uid).collect();
         // SELECT takes the recent messages for this session; EXAMINE only shows them.
         let messages = view.messages.iter().map(|m| (m.uid, m.guid));
@@ -1270,7 +1339,7 @@ impl Session {
     }
 
     async fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Result<String> {
-        let view = self.read(name).await?;
+        let view = self.read_fresh(name).await?;
         let mut parts = Vec::new();
         for item in items {
             match item {
@@ -1293,7 +1362,7 @@ impl Session {
                 _ => {}
             }
         }
-        self.line(&format!("* STATUS {} ({})", astring(name), parts.join(" ")));
+        self.line(&format!("* STATUS {} ({})", self.shown_astring(name), parts.join(" ")));
         Ok("STATUS done".into())
     }
 
@@ -1331,6 +1400,96 @@ impl Session {
     /// MULTIAPPEND (RFC 3502): every message or none. The checks come first (size, the
     /// mailbox, the quota for all of them); the messages are then saved in order, and
     /// if one cannot be, those saved before it are expunged again and the answer is NO.
+    /// CATENATE: each message's parts joined (URLs resolved to the bytes they name),
+    /// then appended as MULTIAPPEND appends them. A missing mailbox is TRYCREATE before
+    /// any URL is looked at; a URL that names nothing here is BADURL and nothing is
+    /// appended.
+    async fn catenate(&mut self, catenate: super::catenate::Catenate) -> Result<String> {
+        use super::catenate::Part;
+        if self.user.is_none() {
+            return Err("BAD log in first".into());
+        }
+        // The target's name as the codec reads a mailbox (quoted, literal, INBOX).
+        let probe = [catenate.tag.as_slice(), b" APPEND ", &catenate.mailbox, b" {1+}\r\nx\r\n"].concat();
+        let name = match CommandCodec::default().decode(&probe) {
+            Ok((_, Command { body: CommandBody::Append { mailbox, .. }, .. })) => self.name(&mailbox),
+            _ => return Err("BAD a malformed mailbox name".into()),
+        };
+        if !self.mailbox_exists(&name).await {
+            return Err("NO [TRYCREATE] no such mailbox".into());
+        }
+        let size_max = self.front.limits.message_size_max;
+        let mut appends = Vec::with_capacity(catenate.messages.len());
+        for message in &catenate.messages {
+            let mut body = Vec::new();
+            for part in &message.parts {
+                match part {
+                    Part::Text(text) => body.extend_from_slice(text),
+                    Part::Url(url) => {
+                        let bytes = self.url_bytes(url).await.map_err(|why| {
+                            let shown: String =
+                                url.chars().filter(|c| *c != ']' && !c.is_control()).take(200).collect();
+                            format!("NO [BADURL {shown}] {why}")
+                        })?;
+                        body.extend_from_slice(&bytes);
+                    }
+                }
+                if body.len() > size_max {
+                    return Err(format!("NO [TOOBIG] messages are at most {size_max} bytes"));
+                }
+            }
+            // NUL only in a literal8 (BINARY is offered); the codec reads it as any APPEND.
+            let literal = if memchr::memchr(0, &body).is_some() {
+                format!("~{{{}+}}\r\n", body.len())
+            } else {
+                format!("{{{}+}}\r\n", body.len())
+            };
+            let command = [
+                catenate.tag.as_slice(),
+                b" APPEND ",
+                &catenate.mailbox,
+                b" ",
+                &message.options,
+                literal.as_bytes(),
+                &body,
+                b"\r\n",
+            ]
+            .concat();
+            match CommandCodec::default().decode(&command) {
+                Ok((_, command)) => appends.push(command.into_static()),
+                Err(_) => return Err("BAD a malformed APPEND (flags or date)".into()),
+            }
+        }
+        self.multi_append(appends).await
+    }
+
+    /// The bytes a CATENATE URL names: a message of this user's (or a section or a
+    /// range of it), read as FETCH BODY.PEEK would.
+    async fn url_bytes(&self, url: &str) -> std::result::Result<Vec<u8>, String> {
+        let url = super::catenate::parse_url(url)?;
+        // A URL's mailbox is UTF-8 (RFC 5092); names are kept in modified UTF-7.
+        let mailbox = super::utf7::encode(&url.mailbox);
+        let view = self.read_fresh(&mailbox).await.map_err(|_| "no such mailbox".to_string())?;
+        if url.uidvalidity.is_some_and(|v| v != view.uidvalidity) {
+            return Err("the mailbox has another UIDVALIDITY".into());
+        }
+        let message = view.messages.iter().find(|m| m.uid == url.uid).ok_or("no such message")?;
+        let bodies = self.node.bodies(vec![message.guid]).await;
+        let msg = bodies.get(&message.guid).ok_or("the message's body cannot be read now")?;
+        let bytes = url_section(msg, &url.section)?;
+        Ok(match url.partial {
+            None => bytes,
+            Some((offset, length)) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+                let end = length
+                    .map(|l| start.saturating_add(usize::try_from(l).unwrap_or(usize::MAX)))
+                    .unwrap_or(bytes.len())
+                    .min(bytes.len());
+                bytes[start..end].to_vec()
+            }
+        })
+    }
+
     async fn multi_append(&mut self, appends: Vec<Command<'static>>) -> Result<String> {
         if self.user.is_none() {
             return Err("NO log in first".into());
@@ -1344,7 +1503,7 @@ impl Session {
             let CommandBody::Append { mailbox, flags, date, message } = command.body else {
                 return Err("BAD not an APPEND".into());
             };
-            let this = mailbox_name(&mailbox);
+            let this = self.name(&mailbox);
             if name.get_or_insert_with(|| this.clone()) != &this {
                 return Err("BAD one mailbox per APPEND".into());
             }
@@ -2017,6 +2176,31 @@ impl Session {
     }
 }
 
+/// A URL's section of a message: empty for all of it, else part numbers (`1.2`) and
+/// at most one of HEADER, TEXT and MIME after them.
+fn url_section(msg: &[u8], section: &str) -> std::result::Result<Vec<u8>, String> {
+    if section.is_empty() {
+        return Ok(msg.to_vec());
+    }
+    let mut path = Vec::new();
+    let mut text = mime::SectionText::All;
+    let mut pieces = section.split('.').peekable();
+    while let Some(piece) = pieces.next() {
+        let last = pieces.peek().is_none();
+        match piece {
+            "HEADER" if last => text = mime::SectionText::Header,
+            "TEXT" if last => text = mime::SectionText::Text,
+            "MIME" if last && !path.is_empty() => text = mime::SectionText::Mime,
+            number => match number.parse::<u32>() {
+                Ok(n) if n > 0 && path.len() < 32 => path.push(n),
+                _ => return Err(format!("no section {}", section.chars().take(40).collect::<String>())),
+            },
+        }
+    }
+    let structure = mime::Structure::of(msg);
+    mime::section(msg, &structure, &path, text).ok_or_else(|| "no such section".to_string())
+}
+
 /// A LIST-STATUS item (one of `listext::STATUS_ITEMS`) as the codec names it.
 fn status_item(name: &str) -> Option<StatusDataItemName> {
     Some(match name {
@@ -2489,6 +2673,7 @@ fn text_literal(out: &mut Vec<u8>, bytes: &[u8]) {
     literal(out, &cleaned);
 }
 
+/// A mailbox name as the client wrote it (see `Session::name` for what is looked up).
 fn mailbox_name(m: &Mailbox<'_>) -> String {
     match m {
         Mailbox::Inbox => "INBOX".into(),

@@ -119,7 +119,7 @@ fn example_parses_to_expected_structure() {
             TimedEvent {
                 at_ms: 900,
                 id: None,
-                action: Action::Read { server: Sid(2), mailbox: mb("alice/INBOX") },
+                action: Action::Read { server: Sid(2), mailbox: mb("alice/INBOX"), fresh: false },
                 expect: None,
                 line: 19,
             },
@@ -228,6 +228,7 @@ at_ms = 7
 op = "read"
 server = "s1"
 mailbox = "bob/INBOX"
+fresh = true
 [[event]]
 at_ms = 8
 op = "master_move"
@@ -381,7 +382,7 @@ to = "alice/Done"
             remove: vec![],
             unchanged_since: Some(UnchangedSince::Value(12)),
         },
-        Action::Read { server: s1, mailbox: mb("bob/INBOX") },
+        Action::Read { server: s1, mailbox: mb("bob/INBOX"), fresh: true },
         Action::MasterMove { server: s2, mailbox: mb("bob/INBOX") },
         Action::Cut { a: s1, b: s2 },
         Action::Restore { a: s2, b: s1 },
