@@ -208,6 +208,45 @@ fn utf8_accept_shows_the_same_mailboxes_in_utf8() {
     modern.ok("SELECT \"Entwürfe\"");
 }
 
+/// offlineimap syncs both ways through any node: mail delivered through one node comes
+/// down through another, a flag set and a message written locally go up through a third,
+/// and a run with nothing new changes nothing (no duplicates either way).
+#[test]
+fn offlineimap_syncs_both_ways_through_any_node() {
+    let m = start("mode = \"sync\"\nreplicas = 1");
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "5", USER]);
+    let dir = m.cluster.dir.path().join("offlineimap");
+    let files = offlineimap(&m, 1, &dir);
+    assert_eq!(files.len(), 5, "{files:?}");
+    // Locally: one message read (the Maildir S flag), one new message written.
+    let cur = dir.join("mail/INBOX/cur");
+    let first = ["new", "cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(dir.join("mail/INBOX").join(d)).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .min()
+        .expect("a message");
+    let name = first.file_name().unwrap().to_string_lossy().into_owned();
+    let (base, flags) = name.split_once(":2,").unwrap_or((&name, ""));
+    let mut flags: Vec<char> = flags.chars().chain(['S']).collect();
+    flags.sort();
+    flags.dedup();
+    std::fs::rename(&first, cur.join(format!("{base}:2,{}", flags.into_iter().collect::<String>()))).unwrap();
+    std::fs::write(
+        dir.join("mail/INBOX/new/1700000000.local.tandem"),
+        "From: me@example.org\r\nSubject: written offline\r\n\r\nhello\r\n",
+    )
+    .unwrap();
+    let files = offlineimap(&m, 2, &dir);
+    assert_eq!(files.len(), 6, "{files:?}");
+    let state = same_everywhere_with(&m, &[0, 1, 2], |s| s["messages"].as_array().is_some_and(|a| a.len() == 6));
+    let seen = state["messages"].as_array().unwrap().iter().filter(|m| m[1].to_string().contains("Seen")).count();
+    assert_eq!(seen, 1, "{state}");
+    // Nothing new: nothing changes on either side.
+    assert_eq!(offlineimap(&m, 0, &dir), files);
+    assert_eq!(same_everywhere(&m, &[0, 1, 2]), state);
+}
+
 /// SIGHUP reads the users file again: a user added since start logs in, the node goes
 /// on (it used to die of the signal), and a file that does not load leaves the users as
 /// they were.
@@ -317,6 +356,45 @@ fn mbsync(m: &Mail, i: usize, maildir: &std::path::Path) -> usize {
         .iter()
         .map(|d| std::fs::read_dir(maildir.join("INBOX").join(d)).map(|r| r.count()).unwrap_or(0))
         .sum()
+}
+
+/// Two-way sync of the user's mailboxes with a local Maildir by offlineimap, through
+/// node `i` (one run); returns the names of the files in the Maildir's INBOX.
+fn offlineimap(m: &Mail, i: usize, dir: &std::path::Path) -> Vec<String> {
+    let config = dir.join("offlineimaprc");
+    std::fs::create_dir_all(dir.join("mail")).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[general]\naccounts = tandem\nmetadata = {dir}/meta\n\n\
+             [Account tandem]\nlocalrepository = local\nremoterepository = remote\n\n\
+             [Repository local]\ntype = Maildir\nlocalfolders = {dir}/mail\n\n\
+             [Repository remote]\ntype = IMAP\nremotehost = 127.0.0.1\nremoteport = {}\n\
+             remoteuser = {USER}\nremotepass = {PASSWORD}\nssl = no\nstarttls = no\n",
+            m.imap[i].port(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    harness::require_tools();
+    let out = Command::new("offlineimap")
+        .arg("-c")
+        .arg(&config)
+        .arg("-o")
+        .arg("-u")
+        .arg("basic")
+        .output()
+        .expect("offlineimap (package offlineimap3)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "offlineimap failed:\n{text}");
+    assert!(!text.contains("ERROR"), "offlineimap reported errors:\n{text}");
+    let mut files: Vec<String> = ["cur", "new"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(dir.join("mail/INBOX").join(d)).into_iter().flatten())
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    files.sort();
+    files
 }
 
 fn port(a: SocketAddr) -> String {
