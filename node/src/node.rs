@@ -387,10 +387,13 @@ impl EventLoop {
                 }
                 Output::Reply { id, reply } => self.answer(id, reply),
                 Output::Write { id, write } => {
-                    if let Some(mailbox) = write.mailbox()
-                        && self.undurable.back().is_none_or(|(_, last)| last != mailbox)
-                    {
-                        self.undurable.push_back((id, mailbox.clone()));
+                    if let Some(mailbox) = write.mailbox() {
+                        // A repeat of the last mailbox moves its entry on to this write:
+                        // the wake-up waits for the last of them.
+                        match self.undurable.back_mut() {
+                            Some((last_id, last)) if last == mailbox => *last_id = id,
+                            _ => self.undurable.push_back((id, mailbox.clone())),
+                        }
                     }
                     self.writes.push((id, write));
                 }

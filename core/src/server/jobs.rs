@@ -124,16 +124,26 @@ impl Server {
                 return;
             }
             ClientRequest::FreshRead { mailbox } => {
+                if let Err(reason) = crate::limits::check_mailbox(&mailbox) {
+                    self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+                    return;
+                }
                 let key = self.master_key(&mailbox);
-                let skip_barrier = self.has_bug(crate::Bug::FreshReadWithoutBarrier);
-                if self.masters.masters_ready(&key) || self.cfg.servers.len() <= 1 || skip_barrier {
-                    // Every change the master ordered is here already.
+                let deadline = self.now.plus_us(self.cfg.fresh_read_us);
+                if self.has_bug(crate::Bug::FreshReadWithoutBarrier) {
                     self.marks.hit(Mark::FreshReadCaughtUp);
                     let reply = self.fresh_view(&mailbox, true);
                     self.out.reply(id, reply);
                     return;
                 }
-                let deadline = self.now.plus_us(self.cfg.fresh_read_us);
+                if self.masters.masters_ready(&key) || self.cfg.servers.len() <= 1 {
+                    // Every change the master ordered is in its own copy, but maybe not
+                    // yet durable (a mastership just taken over merges states): the read
+                    // waits for that, and is answered at the end of this input if it is.
+                    let position = self.position_of(&mailbox);
+                    self.fresh_reads.wait(id, mailbox, position, deadline);
+                    return;
+                }
                 let job = Job {
                     origin: Origin::Read { id, mailbox: mailbox.clone(), deadline },
                     kind: JobKind::Write(WriteRequest::Barrier { mailbox }),
@@ -441,6 +451,21 @@ impl Server {
         }
     }
 
+    /// Where this server's copy of a mailbox stands, as a fresh read compares it: its
+    /// HIGHESTMODSEQ, and its digest joined with UIDVALIDITY and UIDNEXT (two
+    /// incarnations of a name can hold the same records); (0, 0) for no copy.
+    fn position_of(&mut self, mailbox: &MailboxKey) -> super::fresh_reads::Position {
+        match self.image.summary(mailbox) {
+            Some(s) => super::fresh_reads::Position {
+                highest_modseq: s.highest_modseq,
+                digest: crate::hash::mix64(
+                    s.digest ^ crate::hash::mix64(u64::from(s.uidvalidity) | (u64::from(s.uidnext) << 32)),
+                ),
+            },
+            None => super::fresh_reads::Position { highest_modseq: 0, digest: 0 },
+        }
+    }
+
     fn fresh_view(&self, mailbox: &MailboxKey, caught_up: bool) -> ClientReply {
         match self.read_view(mailbox) {
             ClientReply::Read(view) => ClientReply::FreshRead { view, caught_up },
@@ -459,13 +484,8 @@ impl Server {
                 return;
             }
             let mailboxes: BTreeSet<MailboxKey> = self.fresh_reads.mailboxes().cloned().collect();
-            let summaries: BTreeMap<MailboxKey, super::fresh_reads::Position> = mailboxes
-                .into_iter()
-                .filter_map(|m| {
-                    let s = self.image.summary(&m)?;
-                    Some((m, super::fresh_reads::Position { highest_modseq: s.highest_modseq, digest: s.digest }))
-                })
-                .collect();
+            let summaries: BTreeMap<MailboxKey, super::fresh_reads::Position> =
+                mailboxes.into_iter().map(|m| (m.clone(), self.position_of(&m))).collect();
             let none = super::fresh_reads::Position { highest_modseq: 0, digest: 0 };
             let summary = |m: &MailboxKey| summaries.get(m).copied().unwrap_or(none);
             let out = &self.out;
@@ -612,8 +632,7 @@ impl Server {
             // Changes nothing, so it needs no copies: where this master stands, after
             // every change it ordered before (a fresh read elsewhere waits for that).
             WriteRequest::Barrier { mailbox } => {
-                let (highest_modseq, digest) =
-                    self.image.summary(&mailbox).map(|s| (s.highest_modseq, s.digest)).unwrap_or((0, 0));
+                let super::fresh_reads::Position { highest_modseq, digest } = self.position_of(&mailbox);
                 Ordered::unreplicated(WriteResult::Position { highest_modseq, digest })
             }
             // Sync mode: every acknowledged change must reach `replicas` more servers, so

@@ -1419,6 +1419,10 @@ impl Session {
             return Err("NO [TRYCREATE] no such mailbox".into());
         }
         let size_max = self.front.limits.message_size_max;
+        // URLs multiply a short command into much more: all messages together may hold
+        // no more than the longest command the session takes.
+        let total_max = usize::try_from(self.message_len_max()).unwrap_or(usize::MAX);
+        let mut total = 0usize;
         let mut appends = Vec::with_capacity(catenate.messages.len());
         for message in &catenate.messages {
             let mut body = Vec::new();
@@ -1437,7 +1441,11 @@ impl Session {
                 if body.len() > size_max {
                     return Err(format!("NO [TOOBIG] messages are at most {size_max} bytes"));
                 }
+                if total.saturating_add(body.len()) > total_max {
+                    return Err(format!("NO [TOOBIG] one APPEND takes at most {total_max} bytes in all"));
+                }
             }
+            total = total.saturating_add(body.len());
             // NUL only in a literal8 (BINARY is offered); the codec reads it as any APPEND.
             let literal = if memchr::memchr(0, &body).is_some() {
                 format!("~{{{}+}}\r\n", body.len())
