@@ -1,0 +1,97 @@
+//! A fresh read at the mailbox's own master shows what the master ordered before it,
+//! once that is durable: a master's copy can hold writes not yet on disk (a mastership
+//! just taken over merges the states it was handed), and a read answered from the disk
+//! at once would miss them while saying it caught up.
+
+use tandem_core::*;
+
+const S1: Sid = Sid(1);
+
+struct One {
+    server: Server,
+    now: Instant,
+    /// Writes issued and not yet reported durable.
+    held: Vec<WriteId>,
+    replies: Vec<(RequestId, ClientReply)>,
+}
+
+impl One {
+    fn new() -> One {
+        let mut cfg = Config::new(S1, vec![S1]);
+        cfg.replicas = 0;
+        One {
+            server: Server::new(cfg, 3, Box::new(MemoryBodies::default())),
+            now: Instant(0),
+            held: Vec::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        self.server.handle(self.now, input);
+        while let Some(out) = self.server.poll_output() {
+            match out {
+                Output::Write { id, .. } => self.held.push(id),
+                Output::Reply { id, reply } => self.replies.push((id, reply)),
+                Output::Send { to, .. } => panic!("a lone server sent to {to}"),
+            }
+        }
+    }
+
+    /// Everything held so far becomes durable.
+    fn durable(&mut self) {
+        if let Some(upto) = self.held.drain(..).max() {
+            self.input(Input::Durable { upto });
+        }
+    }
+
+    fn tick(&mut self, durable: bool) {
+        self.now = self.now.plus_us(self.server.config().tick_us);
+        self.input(Input::Timer);
+        if durable {
+            self.durable();
+        }
+    }
+
+    fn reply(&mut self, id: RequestId) -> Option<ClientReply> {
+        let at = self.replies.iter().position(|(i, _)| *i == id)?;
+        Some(self.replies.remove(at).1)
+    }
+}
+
+fn save(mailbox: &MailboxKey, text: &'static [u8]) -> ClientRequest {
+    ClientRequest::Save { mailbox: mailbox.clone(), received: 0, flags: Vec::new(), body: Body::from_static(text) }
+}
+
+#[test]
+fn a_masters_fresh_read_waits_until_its_own_copy_is_durable() {
+    let inbox = MailboxKey::new("u", "INBOX");
+    let mut one = One::new();
+    one.input(Input::Client { id: 1, request: save(&inbox, b"first") });
+    for _ in 0..200 {
+        if one.reply(1).is_some() {
+            break;
+        }
+        one.tick(true);
+    }
+    // The second save is ordered and in the master's copy, not yet on disk.
+    one.input(Input::Client { id: 2, request: save(&inbox, b"second") });
+    assert!(!one.held.is_empty(), "the second save's writes are issued");
+    one.input(Input::Client { id: 3, request: ClientRequest::FreshRead { mailbox: inbox.clone() } });
+    one.tick(false);
+    assert!(one.reply(3).is_none(), "answered before the master's own copy was durable");
+    one.durable();
+    match one.reply(3) {
+        Some(ClientReply::FreshRead { view, caught_up: true }) => assert_eq!(view.messages.len(), 2, "{view:?}"),
+        other => panic!("expected a caught-up view of both messages, got {other:?}"),
+    }
+    assert!(matches!(one.reply(2), Some(ClientReply::Write(WriteResult::Saved { .. }))));
+}
+
+#[test]
+fn a_fresh_read_of_a_bad_name_is_refused_at_once() {
+    let mut one = One::new();
+    let bad = MailboxKey::new("u", "");
+    one.input(Input::Client { id: 1, request: ClientRequest::FreshRead { mailbox: bad } });
+    assert!(matches!(one.reply(1), Some(ClientReply::Failed { kind: FailKind::Permanent, .. })));
+}
