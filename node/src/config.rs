@@ -36,6 +36,8 @@ struct FileConfig {
     #[serde(default)]
     startup_hold_ms: Option<u64>,
     #[serde(default)]
+    fresh_read_ms: Option<u64>,
+    #[serde(default)]
     compression: Option<bool>,
     #[serde(default)]
     metrics: Option<SocketAddr>,
@@ -301,6 +303,10 @@ const TOMBSTONE_GRACE_SECS_DEFAULT: u64 = 3600;
 const TOMBSTONE_GRACE_SECS_MIN: u64 = 10;
 /// A start-up hold longer than this would hold writes past any request's timeout.
 const STARTUP_HOLD_MS_MAX: u64 = 60_000;
+/// A fresh read (SELECT, STATUS) waits for its master's position at most this long:
+/// below a round trip it would always be stale, above a minute a client gives up.
+const FRESH_READ_MS_MIN: u64 = 10;
+const FRESH_READ_MS_MAX: u64 = 60_000;
 
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -415,6 +421,17 @@ impl NodeConfig {
                 return Err(bad("startup_hold_ms", format!("must be at most {STARTUP_HOLD_MS_MAX}")));
             }
             core.startup_hold_us = ms.saturating_mul(1000);
+        }
+        if let Some(ms) = file.fresh_read_ms {
+            if !(FRESH_READ_MS_MIN..=FRESH_READ_MS_MAX).contains(&ms) {
+                return Err(bad(
+                    "fresh_read_ms",
+                    format!(
+                        "must be from {FRESH_READ_MS_MIN} to {FRESH_READ_MS_MAX} (a SELECT waits at most this long)"
+                    ),
+                ));
+            }
+            core.fresh_read_us = ms.saturating_mul(1000);
         }
         let secret = match &file.secret_file {
             None => {
@@ -597,5 +614,16 @@ mod tests {
         }
         assert!(config("special_use = { Spam = \"\\\\Spam\" }\n").is_err_and(|e| e.0.contains("special_use")));
         assert!(config("special_use = { \"a*\" = \"\\\\Junk\" }\n").is_err());
+    }
+
+    #[test]
+    fn fresh_read_ms_is_bounded() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7101\"\n";
+        match parse(&format!("{base}fresh_read_ms = 2500\n")) {
+            Ok(c) => assert_eq!(c.core.fresh_read_us, 2_500_000),
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(parse(&format!("{base}fresh_read_ms = 1\n")).is_err_and(|e| e.0.contains("fresh_read_ms")));
+        assert!(parse(&format!("{base}fresh_read_ms = 600000\n")).is_err());
     }
 }
