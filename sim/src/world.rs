@@ -865,25 +865,29 @@ fn describe_request(request: &ClientRequest) -> String {
     }
 }
 
+fn describe_view(view: &tandem_core::io::MailboxView) -> String {
+    format!(
+        "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}: {}",
+        view.mailbox,
+        view.uidvalidity,
+        view.uidnext,
+        view.highest_modseq,
+        view.messages
+            .iter()
+            .map(|m| format!("{}={:08x}{:?}", m.uid, (m.guid.0 >> 96) as u32, m.flags))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
 fn describe_reply(reply: &ClientReply) -> String {
     match reply {
         ClientReply::FreshRead { view, caught_up } => format!(
             "{} {}",
             if *caught_up { "caught up:" } else { "stale (no master position in time):" },
-            describe_reply(&ClientReply::Read(view.clone()))
+            describe_view(view)
         ),
-        ClientReply::Read(view) => format!(
-            "{} UIDVALIDITY {} UIDNEXT {} HIGHESTMODSEQ {}: {}",
-            view.mailbox,
-            view.uidvalidity,
-            view.uidnext,
-            view.highest_modseq,
-            view.messages
-                .iter()
-                .map(|m| format!("{}={:08x}{:?}", m.uid, (m.guid.0 >> 96) as u32, m.flags))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
+        ClientReply::Read(view) => describe_view(view),
         ClientReply::Write(WriteResult::Saved { uid, guid, .. }) => {
             format!("OK saved UID {uid} = {:08x}", (guid.0 >> 96) as u32)
         }

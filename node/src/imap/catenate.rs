@@ -9,7 +9,7 @@
 //! backtracking, at most [`super::multiappend::MESSAGES_MAX`] messages and
 //! [`PARTS_MAX`] parts in each.
 
-use super::multiappend::{MESSAGES_MAX, astring_end, literal_end, quoted_end};
+use super::multiappend::{MESSAGES_MAX, astring_end, literal_end, options_end};
 use std::ops::Range;
 
 /// Parts of one CATENATE at most.
@@ -59,23 +59,11 @@ pub fn parse(message: &[u8]) -> Option<Result<Catenate, String>> {
         if message.get(at) != Some(&b' ') {
             return Some(Err("APPEND wants a message after the mailbox".into()));
         }
-        at += 1;
-        let options_start = at;
-        if message.get(at) == Some(&b'(') {
-            let Some(close) = memchr::memchr(b')', &message[at..]) else {
-                return Some(Err("an unclosed flag list".into()));
-            };
-            at = match expect(message, at + close + 1, b" ") {
-                Some(next) => next,
-                None => return Some(Err("a space after the flags".into())),
-            };
-        }
-        if message.get(at) == Some(&b'"') {
-            at = match quoted_end(message, at).and_then(|end| expect(message, end, b" ")) {
-                Some(next) => next,
-                None => return Some(Err("a malformed date".into())),
-            };
-        }
+        let options_start = at + 1;
+        at = match options_end(message, options_start) {
+            Some(next) => next,
+            None => return Some(Err("malformed flags or date".into())),
+        };
         let options = message[options_start..at].to_vec();
         let parts = if starts_with_ignore_case(&message[at..], b"UTF8 (") {
             any_catenate = true;
@@ -183,10 +171,6 @@ fn astring_text(raw: &[u8]) -> Option<String> {
         _ => raw.to_vec(),
     };
     String::from_utf8(bytes).ok()
-}
-
-fn expect(message: &[u8], at: usize, what: &[u8]) -> Option<usize> {
-    message.get(at..)?.starts_with(what).then_some(at + what.len())
 }
 
 fn starts_with_ignore_case(bytes: &[u8], prefix: &[u8]) -> bool {

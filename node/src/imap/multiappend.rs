@@ -29,15 +29,7 @@ pub fn split(message: &[u8]) -> Option<Vec<Vec<u8>>> {
             return None;
         }
         let part_start = at;
-        at += 1;
-        if message.get(at) == Some(&b'(') {
-            at += memchr::memchr(b')', &message[at..])? + 1;
-            at = expect(message, at, b" ")?;
-        }
-        if message.get(at) == Some(&b'"') {
-            at = quoted_end(message, at)?;
-            at = expect(message, at, b" ")?;
-        }
+        at = options_end(message, at + 1)?;
         at = literal_end(message, at)?;
         let mut command = Vec::with_capacity(head.len() + (at - part_start) + 2);
         command.extend_from_slice(head);
@@ -54,7 +46,21 @@ pub fn split(message: &[u8]) -> Option<Vec<Vec<u8>>> {
     (commands.len() >= 2).then_some(commands)
 }
 
-fn expect(message: &[u8], at: usize, what: &[u8]) -> Option<usize> {
+/// Where an APPEND message's optional flag list and date (each followed by a space)
+/// that start at `at` end.
+pub(super) fn options_end(message: &[u8], mut at: usize) -> Option<usize> {
+    if message.get(at) == Some(&b'(') {
+        at += memchr::memchr(b')', message.get(at..)?)? + 1;
+        at = expect(message, at, b" ")?;
+    }
+    if message.get(at) == Some(&b'"') {
+        at = quoted_end(message, at)?;
+        at = expect(message, at, b" ")?;
+    }
+    Some(at)
+}
+
+pub(super) fn expect(message: &[u8], at: usize, what: &[u8]) -> Option<usize> {
     message.get(at..)?.starts_with(what).then_some(at + what.len())
 }
 

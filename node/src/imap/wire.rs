@@ -4,16 +4,7 @@
 pub fn quoted_or_literal(bytes: &[u8]) -> String {
     let quotable = bytes.len() < 1024 && bytes.iter().all(|b| (0x20..0x7f).contains(b));
     if quotable {
-        let mut s = String::with_capacity(bytes.len() + 2);
-        s.push('"');
-        for &b in bytes {
-            if b == b'"' || b == b'\\' {
-                s.push('\\');
-            }
-            s.push(b as char);
-        }
-        s.push('"');
-        s
+        quoted(bytes.iter().map(|&b| b as char))
     } else {
         // The literal's length is counted on the text written, never on the bytes it
         // came from: bytes that are not UTF-8 (an 8-bit header) become U+FFFD, which
@@ -43,9 +34,13 @@ pub fn astring_utf8(s: &str) -> String {
     if !quotable || s.is_ascii() {
         return astring(s);
     }
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
+    quoted(s.chars())
+}
+
+/// A quoted string of these characters, `"` and `\` escaped.
+fn quoted(chars: impl Iterator<Item = char>) -> String {
+    let mut out = String::from('"');
+    for c in chars {
         if c == '"' || c == '\\' {
             out.push('\\');
         }
