@@ -13,6 +13,7 @@
 //! to the mailbox's message count (a tombstone collected meanwhile), or the UIDVALIDITY
 //! changed, it reads the mailbox whole instead.
 
+mod address;
 mod catenate;
 mod esearch;
 mod listext;

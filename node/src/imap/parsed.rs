@@ -8,12 +8,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tandem_core::types::Guid;
 
-/// The texts of one message's parsed FETCH items.
+/// The response bytes of one message's parsed FETCH items.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parsed {
-    pub envelope: String,
-    pub body: String,
-    pub bodystructure: String,
+    pub envelope: Vec<u8>,
+    pub body: Vec<u8>,
+    pub bodystructure: Vec<u8>,
 }
 
 impl Parsed {
@@ -70,7 +70,7 @@ mod tests {
     use super::*;
 
     fn parsed(n: usize) -> Arc<Parsed> {
-        Arc::new(Parsed { envelope: "e".repeat(n), body: String::new(), bodystructure: String::new() })
+        Arc::new(Parsed { envelope: vec![b'e'; n], body: Vec::new(), bodystructure: Vec::new() })
     }
 
     #[test]

@@ -1,5 +1,5 @@
 use super::parsed::Parsed;
-use super::wire::{astring, literal, quoted_or_literal};
+use super::wire::{astring, literal, string, text_literal};
 use super::{mime, thread};
 use crate::front::{Front, LoginError, UserSession};
 use crate::node::NodeHandle;
@@ -2577,11 +2577,16 @@ fn fetch_item(
         MessageDataItemName::Rfc822Size => out.extend_from_slice(format!("RFC822.SIZE {}", m.size).as_bytes()),
         MessageDataItemName::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", m.modseq).as_bytes()),
         MessageDataItemName::Envelope => {
-            out.extend_from_slice(format!("ENVELOPE {}", msg.parsed().envelope).as_bytes())
+            out.extend_from_slice(b"ENVELOPE ");
+            out.extend_from_slice(&msg.parsed().envelope);
         }
-        MessageDataItemName::Body => out.extend_from_slice(format!("BODY {}", msg.parsed().body).as_bytes()),
+        MessageDataItemName::Body => {
+            out.extend_from_slice(b"BODY ");
+            out.extend_from_slice(&msg.parsed().body);
+        }
         MessageDataItemName::BodyStructure => {
-            out.extend_from_slice(format!("BODYSTRUCTURE {}", msg.parsed().bodystructure).as_bytes())
+            out.extend_from_slice(b"BODYSTRUCTURE ");
+            out.extend_from_slice(&msg.parsed().bodystructure);
         }
         MessageDataItemName::Rfc822 => {
             out.extend_from_slice(b"RFC822 ");
@@ -2603,17 +2608,24 @@ fn fetch_item(
                 names.iter().map(|n| String::from_utf8_lossy(n.as_ref()).into_owned()).collect()
             };
             let header_names;
-            let (path, label, text) = match section {
-                None => (Vec::new(), String::new(), mime::SectionText::All),
-                Some(Section::Part(p)) => (numbers(&Some(p)), String::new(), mime::SectionText::All),
-                Some(Section::Header(p)) => (numbers(&p.as_ref()), "HEADER".into(), mime::SectionText::Header),
-                Some(Section::Text(p)) => (numbers(&p.as_ref()), "TEXT".into(), mime::SectionText::Text),
-                Some(Section::Mime(p)) => (numbers(&Some(p)), "MIME".into(), mime::SectionText::Mime),
+            let (path, label, text): (_, Vec<u8>, _) = match section {
+                None => (Vec::new(), Vec::new(), mime::SectionText::All),
+                Some(Section::Part(p)) => (numbers(&Some(p)), Vec::new(), mime::SectionText::All),
+                Some(Section::Header(p)) => (numbers(&p.as_ref()), b"HEADER".to_vec(), mime::SectionText::Header),
+                Some(Section::Text(p)) => (numbers(&p.as_ref()), b"TEXT".to_vec(), mime::SectionText::Text),
+                Some(Section::Mime(p)) => (numbers(&Some(p)), b"MIME".to_vec(), mime::SectionText::Mime),
                 Some(Section::HeaderFields(p, names)) | Some(Section::HeaderFieldsNot(p, names)) => {
                     let not = matches!(section, Some(Section::HeaderFieldsNot(..)));
                     header_names = names_of(names.as_ref());
-                    let quoted: Vec<String> = header_names.iter().map(|n| quoted_or_literal(n.as_bytes())).collect();
-                    let label = format!("HEADER.FIELDS{} ({})", if not { ".NOT" } else { "" }, quoted.join(" "));
+                    // The names are echoed as the client sent them, byte for byte.
+                    let mut label = format!("HEADER.FIELDS{} (", if not { ".NOT" } else { "" }).into_bytes();
+                    for (n, name) in names.as_ref().iter().enumerate() {
+                        if n > 0 {
+                            label.push(b' ');
+                        }
+                        string(&mut label, name.as_ref());
+                    }
+                    label.push(b')');
                     (numbers(&p.as_ref()), label, mime::SectionText::HeaderFields { names: &header_names, not })
                 }
             };
@@ -2624,12 +2636,11 @@ fn fetch_item(
                 (true, mime::SectionText::Text) => body[header_end..].to_vec(),
                 _ => mime::section(body, msg.structure(), &path, text).unwrap_or_default(),
             };
-            let numbers_label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-            let name = match (numbers_label.is_empty(), label.is_empty()) {
-                (true, _) => label,
-                (false, true) => numbers_label,
-                (false, false) => format!("{numbers_label}.{label}"),
-            };
+            let mut name = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".").into_bytes();
+            if !name.is_empty() && !label.is_empty() {
+                name.push(b'.');
+            }
+            name.extend_from_slice(&label);
             let (origin, bytes) = match partial {
                 Some((start, len)) => {
                     let start = (*start as usize).min(bytes.len());
@@ -2638,7 +2649,9 @@ fn fetch_item(
                 }
                 None => (String::new(), bytes),
             };
-            out.extend_from_slice(format!("BODY[{name}]{origin} ").as_bytes());
+            out.extend_from_slice(b"BODY[");
+            out.extend_from_slice(&name);
+            out.extend_from_slice(format!("]{origin} ").as_bytes());
             text_literal(out, &bytes);
         }
         MessageDataItemName::Binary { section, partial, .. } => {
@@ -2668,17 +2681,6 @@ fn fetch_item(
         }
     }
     Ok(())
-}
-
-/// A message's bytes as a plain literal: a NUL, which a plain literal may not hold, goes
-/// as 0x80 (as Dovecot sends it); BINARY[] sends the bytes as they are, in a literal8.
-fn text_literal(out: &mut Vec<u8>, bytes: &[u8]) {
-    if memchr::memchr(0, bytes).is_none() {
-        literal(out, bytes);
-        return;
-    }
-    let cleaned: Vec<u8> = bytes.iter().map(|b| if *b == 0 { 0x80 } else { *b }).collect();
-    literal(out, &cleaned);
 }
 
 /// A mailbox name as the client wrote it (see `Session::name` for what is looked up).

@@ -1,22 +1,30 @@
 //! Writing IMAP response syntax: strings as atoms, quoted strings or literals.
 
-/// A string as a quoted string when it can be one, else as a literal.
-pub fn quoted_or_literal(bytes: &[u8]) -> String {
+/// Appends a string: quoted when it can be, else a literal of exactly these bytes (a
+/// byte that is not UTF-8, an 8-bit header, goes out as it came in).
+pub fn string(out: &mut Vec<u8>, bytes: &[u8]) {
     let quotable = bytes.len() < 1024 && bytes.iter().all(|b| (0x20..0x7f).contains(b));
     if quotable {
-        quoted(bytes.iter().map(|&b| b as char))
+        out.extend_from_slice(quoted(bytes.iter().map(|&b| b as char)).as_bytes());
     } else {
-        // The literal's length is counted on the text written, never on the bytes it
-        // came from: bytes that are not UTF-8 (an 8-bit header) become U+FFFD, which
-        // is longer, and a length counted before that would desynchronise the client.
-        let text = String::from_utf8_lossy(bytes);
-        format!("{{{}}}\r\n{text}", text.len())
+        text_literal(out, bytes);
     }
 }
 
-/// NIL or a string.
-pub fn nstring(bytes: Option<&[u8]>) -> String {
-    bytes.map(quoted_or_literal).unwrap_or_else(|| "NIL".into())
+/// Appends NIL or a string.
+pub fn nstring(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(bytes) => string(out, bytes),
+        None => out.extend_from_slice(b"NIL"),
+    }
+}
+
+/// Text as a quoted string when it can be one, else as a literal of its bytes.
+pub fn quoted_or_literal(text: &str) -> String {
+    let mut out = Vec::new();
+    string(&mut out, text.as_bytes());
+    // Only whole characters were copied, so the result is the text's own UTF-8.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// A mailbox name: an atom when it is one, else quoted.
@@ -24,7 +32,7 @@ pub fn astring(s: &str) -> String {
     let atom = !s.is_empty()
         && s.bytes().all(|b| b.is_ascii_graphic() && !b"(){ %*\"\\]".contains(&b))
         && !s.eq_ignore_ascii_case("NIL");
-    if atom { s.to_string() } else { quoted_or_literal(s.as_bytes()) }
+    if atom { s.to_string() } else { quoted_or_literal(s) }
 }
 
 /// A mailbox name for a client with UTF8=ACCEPT (RFC 6855): an atom, else a quoted
@@ -50,6 +58,17 @@ fn quoted(chars: impl Iterator<Item = char>) -> String {
     out
 }
 
+/// A literal of a message's text: its bytes as they are, except NUL, which RFC 3501
+/// forbids in a literal and which becomes 0x80 as in Dovecot (BINARY can carry it).
+pub fn text_literal(out: &mut Vec<u8>, bytes: &[u8]) {
+    if memchr::memchr(0, bytes).is_none() {
+        literal(out, bytes);
+        return;
+    }
+    let cleaned: Vec<u8> = bytes.iter().map(|b| if *b == 0 { 0x80 } else { *b }).collect();
+    literal(out, &cleaned);
+}
+
 /// A literal of raw bytes (bodies must keep their bytes; no lossy text conversion).
 pub fn literal(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(format!("{{{}}}\r\n", bytes.len()).as_bytes());
@@ -61,18 +80,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The bytes a client reads back from a string written by `quoted_or_literal`: the
-    /// literal's declared length must be exactly what follows it.
-    fn read_back(written: &str) -> Option<Vec<u8>> {
-        if let Some(rest) = written.strip_prefix('{') {
-            let (len, text) = rest.split_once("}\r\n")?;
-            let len: usize = len.parse().ok()?;
-            (text.len() == len).then(|| text.as_bytes().to_vec())
+    /// The bytes a client reads back from a string written by `string`: the literal's
+    /// declared length must be exactly what follows it.
+    fn read_back(written: &[u8]) -> Option<Vec<u8>> {
+        if let Some(rest) = written.strip_prefix(b"{") {
+            let close = rest.windows(3).position(|w| w == b"}\r\n")?;
+            let len: usize = std::str::from_utf8(&rest[..close]).ok()?.parse().ok()?;
+            let text = &rest[close + 3..];
+            (text.len() == len).then(|| text.to_vec())
         } else {
-            let inner = written.strip_prefix('"')?.strip_suffix('"')?;
+            let inner = written.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
             let mut out = Vec::new();
             let mut escaped = false;
-            for b in inner.bytes() {
+            for &b in inner {
                 if !escaped && b == b'\\' {
                     escaped = true;
                     continue;
@@ -84,21 +104,25 @@ mod tests {
         }
     }
 
+    fn written(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        string(&mut out, bytes);
+        out
+    }
+
     #[test]
-    fn an_eight_bit_header_gets_a_literal_of_its_true_length() {
-        let written = quoted_or_literal(b"Subject \xff\xfe caf\xc3\xa9");
-        assert_eq!(read_back(&written), Some("Subject \u{fffd}\u{fffd} café".as_bytes().to_vec()));
+    fn an_eight_bit_header_goes_out_as_its_own_bytes() {
+        let bytes = b"Subject \xff\xfe caf\xc3\xa9";
+        assert_eq!(written(bytes), b"{16}\r\nSubject \xff\xfe caf\xc3\xa9");
+        assert_eq!(quoted_or_literal("caf\u{e9}"), "{5}\r\ncaf\u{e9}");
     }
 
     proptest! {
         #[test]
         fn every_string_reads_back_as_written(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let written = quoted_or_literal(&bytes);
-            let back = read_back(&written);
-            prop_assert!(back.is_some(), "unreadable: {written:?}");
-            if std::str::from_utf8(&bytes).is_ok() {
-                prop_assert_eq!(back.unwrap_or_default(), bytes);
-            }
+            let back = read_back(&written(&bytes));
+            let sent: Vec<u8> = bytes.iter().map(|b| if *b == 0 { 0x80 } else { *b }).collect();
+            prop_assert_eq!(back, Some(sent));
         }
     }
 }
