@@ -155,9 +155,11 @@ pub enum ClientRequest {
     MasterMove {
         mailbox: MailboxKey,
     },
-    /// IMAP CREATE: an empty mailbox, shown on every server.
+    /// IMAP CREATE: an empty mailbox, shown on every server, with the special use given
+    /// by CREATE-SPECIAL-USE (empty for a plain CREATE).
     CreateMailbox {
         mailbox: MailboxKey,
+        special_use: SpecialUse,
     },
     /// IMAP DELETE: every message expunged and the mailbox hidden everywhere.
     DeleteMailbox {

@@ -228,6 +228,7 @@ fn check_state(s: &MailboxState) -> Result<(), &'static str> {
     check_modseq(s.highest_modseq)?;
     check_modseq(s.lifecycle.created_at)?;
     check_modseq(s.lifecycle.deleted_at)?;
+    check_modseq(s.lifecycle.special_use_at)?;
     s.messages.iter().try_for_each(check_record)?;
     s.tombstones.iter().try_for_each(check_tombstone)?;
     check_modseq(s.retired.collected)?;

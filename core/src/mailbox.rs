@@ -121,7 +121,13 @@ fn combine_digest(live: u64, dead: u64, lifecycle: &Lifecycle, retired: u64) -> 
         } else {
             mix64(lifecycle.subscribed_at ^ mix64(lifecycle.unsubscribed_at ^ 0x7375_6273))
         };
-        life ^ subscription
+        // Nor one no client gave a special use.
+        let special_use = if lifecycle.special_use_at == 0 {
+            0
+        } else {
+            mix64(lifecycle.special_use_at ^ mix64(u64::from(lifecycle.special_use.0) ^ 0x7573_6573))
+        };
+        life ^ subscription ^ special_use
     };
     live ^ mix64(dead) ^ lifecycle ^ retired
 }
@@ -1117,5 +1123,30 @@ mod subscription_tests {
         let plain = digest(&m);
         m.lifecycle = subscribed_at(3, 0);
         assert_ne!(digest(&m), plain);
+    }
+
+    #[test]
+    fn special_uses_join_by_the_later_stamp_and_the_larger_set_wins_a_tie() {
+        let used = |bits, at| Lifecycle { special_use: SpecialUse(bits), special_use_at: at, ..Lifecycle::default() };
+        assert_eq!(Lifecycle::default().special_use(), None);
+        let mut a = used(32, 4);
+        assert!(!a.join(&used(64, 3)), "an older use changes nothing");
+        assert_eq!(a.special_use(), Some(SpecialUse(32)));
+        assert!(a.join(&used(4, 9)));
+        assert_eq!(a.special_use(), Some(SpecialUse(4)));
+        let (mut x, mut y) = (used(2, 5), used(64, 5));
+        x.join(&used(64, 5));
+        y.join(&used(2, 5));
+        assert_eq!(x, y);
+        assert_eq!(x.special_use(), Some(SpecialUse(64)));
+        assert_eq!(SpecialUse(32 | 2).names().collect::<Vec<_>>(), ["\\Archive", "\\Sent"]);
+        assert_eq!(SpecialUse::named("\\sent"), Some(SpecialUse(32)));
+        assert_eq!(SpecialUse::named("\\Spam"), None);
+        assert!(!SpecialUse(128).is_valid());
+        let key = MailboxKey::new("u", "Sent");
+        let mut m = new_mailbox(&key);
+        let plain = digest(&m);
+        m.lifecycle = used(32, 2);
+        assert_ne!(digest(&m), plain, "a special use is part of the digest");
     }
 }

@@ -80,6 +80,9 @@ pub enum WriteRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MailboxAction {
     Create,
+    /// CREATE with a special use (RFC 6154 CREATE-SPECIAL-USE): created and given the
+    /// use in one step.
+    CreateWithUse(SpecialUse),
     Delete,
     /// IMAP SUBSCRIBE: the mailbox joins its user's subscriptions.
     Subscribe,

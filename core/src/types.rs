@@ -339,6 +339,10 @@ impl Retired {
 /// it is subscribed when the subscription is the later one (across a partition, the
 /// later modseq wins, and unsubscribing wins a tie). A subscription outlives a DELETE,
 /// as RFC 3501 wants.
+///
+/// The mailbox's special use (RFC 6154, set by CREATE-SPECIAL-USE) is the value stamped
+/// by the latest modseq that set one; at a tie (two masters across a partition) the
+/// larger set wins, so copies join to one answer in any order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lifecycle {
     pub created_at: ModSeq,
@@ -347,6 +351,53 @@ pub struct Lifecycle {
     pub subscribed_at: ModSeq,
     #[serde(default)]
     pub unsubscribed_at: ModSeq,
+    #[serde(default)]
+    pub special_use: SpecialUse,
+    /// The modseq that set `special_use`; 0 when no client ever did.
+    #[serde(default)]
+    pub special_use_at: ModSeq,
+}
+
+/// A set of RFC 6154 special uses, one bit each (see [`SpecialUse::NAMES`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SpecialUse(pub u8);
+
+impl SpecialUse {
+    pub const NONE: SpecialUse = SpecialUse(0);
+    /// Each use's IMAP attribute and bit, in the order LIST shows them.
+    pub const NAMES: [(&'static str, u8); 7] = [
+        ("\\All", 1),
+        ("\\Archive", 2),
+        ("\\Drafts", 4),
+        ("\\Flagged", 8),
+        ("\\Junk", 16),
+        ("\\Sent", 32),
+        ("\\Trash", 64),
+    ];
+    const KNOWN: u8 = 127;
+
+    /// The use an attribute names (case-insensitive), or None for an unknown one.
+    pub fn named(attribute: &str) -> Option<SpecialUse> {
+        Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(attribute)).map(|(_, bit)| SpecialUse(*bit))
+    }
+
+    /// The attributes of the uses in this set, in [`SpecialUse::NAMES`] order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES.iter().filter(move |(_, bit)| self.0 & bit != 0).map(|(n, _)| *n)
+    }
+
+    pub fn union(self, other: SpecialUse) -> SpecialUse {
+        SpecialUse(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Only bits that name a use (a peer or a file could send others).
+    pub fn is_valid(self) -> bool {
+        self.0 & !Self::KNOWN == 0
+    }
 }
 
 impl Lifecycle {
@@ -356,11 +407,20 @@ impl Lifecycle {
         self.deleted_at = self.deleted_at.max(other.deleted_at);
         self.subscribed_at = self.subscribed_at.max(other.subscribed_at);
         self.unsubscribed_at = self.unsubscribed_at.max(other.unsubscribed_at);
+        if (other.special_use_at, other.special_use) > (self.special_use_at, self.special_use) {
+            (self.special_use_at, self.special_use) = (other.special_use_at, other.special_use);
+        }
         before != *self
     }
 
     pub fn subscribed(&self) -> bool {
         self.subscribed_at > self.unsubscribed_at
+    }
+
+    /// The special use a client gave the mailbox, or None when none ever did (the
+    /// server's own default by name then applies).
+    pub fn special_use(&self) -> Option<SpecialUse> {
+        (self.special_use_at > 0).then_some(self.special_use)
     }
 
     pub fn is_default(&self) -> bool {

@@ -1017,10 +1017,14 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Mailbox { mailbox, action } => {
             w.mailbox(mailbox).atom(match action {
                 MailboxAction::Create => "CREATE",
+                MailboxAction::CreateWithUse(_) => "CREATE-USE",
                 MailboxAction::Delete => "DELETE",
                 MailboxAction::Subscribe => "SUBSCRIBE",
                 MailboxAction::Unsubscribe => "UNSUBSCRIBE",
             });
+            if let MailboxAction::CreateWithUse(special_use) = action {
+                w.num(special_use.0);
+            }
         }
         WriteRequest::Rename { from, to } => {
             w.mailbox(from).mailbox(to);
@@ -1065,11 +1069,12 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         b"EXPUNGE" => WriteRequest::Expunge { mailbox: r.mailbox()?, messages: read_uid_guids(r)? },
         b"MAILBOX" => {
             let mailbox = r.mailbox()?;
-            let action = match read_keyword(r, &["CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"])? {
+            let action = match read_keyword(r, &["CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "CREATE-USE"])? {
                 0 => MailboxAction::Create,
                 1 => MailboxAction::Delete,
                 2 => MailboxAction::Subscribe,
-                _ => MailboxAction::Unsubscribe,
+                3 => MailboxAction::Unsubscribe,
+                _ => MailboxAction::CreateWithUse(read_special_use(r)?),
             };
             WriteRequest::Mailbox { mailbox, action }
         }
@@ -1204,7 +1209,21 @@ fn write_state(w: &mut Writer, state: &MailboxState) {
                 w.num(*first).num(*last);
             });
         });
+        // Last and only when set, so a state without one reads as it always did.
+        if state.lifecycle.special_use_at > 0 {
+            w.num(state.lifecycle.special_use_at).num(state.lifecycle.special_use.0);
+        }
     });
+}
+
+/// A special-use set: a number whose bits all name a use.
+fn read_special_use(r: &mut Reader) -> Parse<SpecialUse> {
+    let at = r.pos;
+    let bits = r.u32()?;
+    match u8::try_from(bits).map(SpecialUse) {
+        Ok(special_use) if special_use.is_valid() => Ok(special_use),
+        _ => r.bad(at, "a special-use set (bits 1 to 64)"),
+    }
 }
 
 fn read_retired(r: &mut Reader) -> Parse<Retired> {
@@ -1223,7 +1242,7 @@ fn read_retired(r: &mut Reader) -> Parse<Retired> {
 
 fn read_state(r: &mut Reader) -> Parse<MailboxState> {
     r.group(|r| {
-        Ok(MailboxState {
+        let mut state = MailboxState {
             mailbox: r.mailbox()?,
             uidvalidity: r.u32()?,
             uidnext: r.u32()?,
@@ -1235,9 +1254,19 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
                 deleted_at: r.u64()?,
                 subscribed_at: r.u64()?,
                 unsubscribed_at: r.u64()?,
+                ..Lifecycle::default()
             },
             retired: read_retired(r)?,
-        })
+        };
+        if r.peek() == Some(b' ') {
+            let at = r.pos;
+            state.lifecycle.special_use_at = r.u64()?;
+            state.lifecycle.special_use = read_special_use(r)?;
+            if state.lifecycle.special_use_at == 0 {
+                return r.bad(at, "a special use's modseq from 1 up");
+            }
+        }
+        Ok(state)
     })
 }
 
@@ -1349,7 +1378,14 @@ mod tests {
                 Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true },
                 Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false },
             ],
-            lifecycle: Lifecycle { created_at: 3, deleted_at: 7, subscribed_at: 5, unsubscribed_at: 4 },
+            lifecycle: Lifecycle {
+                created_at: 3,
+                deleted_at: 7,
+                subscribed_at: 5,
+                unsubscribed_at: 4,
+                special_use: SpecialUse(32),
+                special_use_at: 6,
+            },
             retired: Retired { ranges: [(6, 6), (8, 9)].into_iter().collect(), collected: 98 },
         }
     }
@@ -1458,6 +1494,18 @@ mod tests {
                 Msg::Request {
                     tag: 7,
                     request: WriteRequest::Mailbox { mailbox: wild.clone(), action: MailboxAction::Delete },
+                },
+            ),
+            env(
+                2,
+                1,
+                0,
+                Msg::Request {
+                    tag: 9,
+                    request: WriteRequest::Mailbox {
+                        mailbox: wild.clone(),
+                        action: MailboxAction::CreateWithUse(SpecialUse(34)),
+                    },
                 },
             ),
             env(2, 1, 0, Msg::Request { tag: 8, request: WriteRequest::Barrier { mailbox: odd.clone() } }),
@@ -2083,6 +2131,9 @@ mod tests {
                                 deleted_at,
                                 subscribed_at: deleted_at / 2,
                                 unsubscribed_at: created_at / 3,
+                                // Every other state carries a special use.
+                                special_use: SpecialUse(if created_at % 2 == 0 { 0 } else { (created_at % 128) as u8 }),
+                                special_use_at: if created_at % 2 == 0 { 0 } else { created_at / 5 + 1 },
                             },
                             retired,
                         },

@@ -236,10 +236,10 @@ fn store_and_expunge_of_200k_messages_fit_the_lines_and_replicate() {
 fn long_mailbox_names_and_too_many_flags_are_refused() {
     let mut h = Harness::new(3);
     let long = MailboxKey::new("u", &"a".repeat(limits::MAILBOX_NAME_LEN_MAX + 1));
-    let reply = h.request_at(S2, ClientRequest::CreateMailbox { mailbox: long });
+    let reply = h.request_at(S2, ClientRequest::CreateMailbox { mailbox: long, special_use: SpecialUse::NONE });
     assert!(matches!(reply, ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, .. })), "{reply:?}");
     let deep = MailboxKey::new("u", &vec!["a"; limits::MAILBOX_DEPTH_MAX + 1].join("/"));
-    let reply = h.request_at(S2, ClientRequest::CreateMailbox { mailbox: deep });
+    let reply = h.request_at(S2, ClientRequest::CreateMailbox { mailbox: deep, special_use: SpecialUse::NONE });
     assert!(matches!(reply, ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, .. })), "{reply:?}");
     let flags: Vec<Flag> = (0..=limits::FLAGS_PER_REQUEST_MAX).map(|i| Flag::new(&format!("k{i}")).unwrap()).collect();
     let reply = h.request_at(
@@ -248,7 +248,7 @@ fn long_mailbox_names_and_too_many_flags_are_refused() {
     );
     assert!(matches!(reply, ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, .. })), "{reply:?}");
     let ok = MailboxKey::new("u", &"a".repeat(limits::MAILBOX_NAME_LEN_MAX));
-    let reply = h.request_at(S2, ClientRequest::CreateMailbox { mailbox: ok });
+    let reply = h.request_at(S2, ClientRequest::CreateMailbox { mailbox: ok, special_use: SpecialUse::NONE });
     assert!(matches!(reply, ClientReply::Write(WriteResult::MailboxDone { .. })), "{reply:?}");
 }
 

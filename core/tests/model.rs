@@ -620,7 +620,7 @@ fn rename_onto_a_new_name_keeps_uidvalidity_uids_and_flags() {
     for mode in [Mode::Isolated, Mode::Linked] {
         let mut h = Harness::new(Durability::Sync, mode);
         assert!(matches!(
-            h.request(ClientRequest::CreateMailbox { mailbox: key("Work") }),
+            h.request(ClientRequest::CreateMailbox { mailbox: key("Work"), special_use: SpecialUse::NONE }),
             ClientReply::Write(WriteResult::MailboxDone { .. })
         ));
         let a = save(&mut h, "Work", &["\\Seen"]);
@@ -642,7 +642,7 @@ fn rename_onto_a_new_name_keeps_uidvalidity_uids_and_flags() {
             assert_eq!(normalize(replica), normalize(ClientReply::Read(after.clone())));
         }
         // The old name comes back with its own history: no UID of it is shown again.
-        h.request(ClientRequest::CreateMailbox { mailbox: key("Work") });
+        h.request(ClientRequest::CreateMailbox { mailbox: key("Work"), special_use: SpecialUse::NONE });
         let again = view(&mut h, "Work");
         assert_eq!((again.uidvalidity, again.uidnext), (before.uidvalidity, before.uidnext));
         assert!(again.messages.is_empty());

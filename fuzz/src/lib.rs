@@ -480,7 +480,12 @@ impl Harness {
                             .collect();
                         (WriteResult::Stored { modseq: 6, rejected: Vec::new(), current }, None)
                     }
-                    (_, WriteRequest::Mailbox { .. }) => (WriteResult::MailboxDone { modseq: 7 }, None),
+                    (_, WriteRequest::Mailbox { .. } | WriteRequest::Rename { .. }) => {
+                        (WriteResult::MailboxDone { modseq: 7 }, None)
+                    }
+                    (_, WriteRequest::Barrier { .. }) => {
+                        (WriteResult::Position { highest_modseq: 7, digest: u64::from(v) }, None)
+                    }
                 };
                 Msg::Reply { tag, master, result, record }
             }
@@ -537,7 +542,7 @@ fn client_request(r: &mut Bytes) -> ClientRequest {
         }
         4 => ClientRequest::Read { mailbox: mailbox(r.byte()) },
         5 => ClientRequest::MasterMove { mailbox: mailbox(r.byte()) },
-        6 => ClientRequest::CreateMailbox { mailbox: mailbox(r.byte()) },
+        6 => ClientRequest::CreateMailbox { mailbox: mailbox(r.byte()), special_use: SpecialUse(r.byte() & 127) },
         _ => ClientRequest::DeleteMailbox { mailbox: mailbox(r.byte()) },
     }
 }

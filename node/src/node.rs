@@ -16,7 +16,7 @@ use tandem_core::io::{ClientReply, ClientRequest, Input, Output, RequestId, Writ
 use tandem_core::msg::{Envelope, FailKind, WriteResult};
 use tandem_core::store::StoreWrite;
 use tandem_core::types::*;
-use tandem_core::{Flag, Mark, Server};
+use tandem_core::{Flag, Mark, Server, SpecialUse};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -132,6 +132,12 @@ impl NodeHandle {
         let user = user.to_string();
         ask(&self.events, |reply| Event::Subscriptions { user, reply }).await.unwrap_or_default()
     }
+
+    /// The special uses clients gave `user`'s mailboxes, by name.
+    pub async fn special_uses(&self, user: &str) -> BTreeMap<String, SpecialUse> {
+        let user = user.to_string();
+        ask(&self.events, |reply| Event::SpecialUses { user, reply }).await.unwrap_or_default().into_iter().collect()
+    }
 }
 
 enum Event {
@@ -160,6 +166,10 @@ enum Event {
     Subscriptions {
         user: String,
         reply: oneshot::Sender<Vec<String>>,
+    },
+    SpecialUses {
+        user: String,
+        reply: oneshot::Sender<Vec<(String, SpecialUse)>>,
     },
     Connected {
         agreed: Agreed,
@@ -505,6 +515,9 @@ impl EventLoop {
             }
             Event::Subscriptions { user, reply } => {
                 let _ = reply.send(self.server.subscriptions(&user));
+            }
+            Event::SpecialUses { user, reply } => {
+                let _ = reply.send(self.server.special_uses(&user));
             }
         }
     }

@@ -345,8 +345,7 @@ impl Store {
                         if let Some(old) = lifecycles.get(key.as_slice())? {
                             joined.join(&decode_lifecycle(old.value())?);
                         }
-                        let row = (joined.created_at, joined.deleted_at, joined.subscribed_at, joined.unsubscribed_at);
-                        lifecycles.insert(key.as_slice(), enc(&row)?.as_slice())?;
+                        lifecycles.insert(key.as_slice(), encode_lifecycle(&joined)?.as_slice())?;
                     }
                     StoreWrite::RetireUids { mailbox, retired } => {
                         ensure_mailbox(&mut mailboxes, mailbox)?;
@@ -518,13 +517,33 @@ fn ensure_mailbox(table: &mut redb::Table<&[u8], &[u8]>, mailbox: &MailboxKey) -
     Ok(())
 }
 
-/// A lifecycle row: (created, deleted, subscribed, unsubscribed), or (created, deleted)
-/// as a store written before subscriptions holds it.
+/// A lifecycle row: (created, deleted, subscribed, unsubscribed), with (special use
+/// stamp, special use) after them when a client gave the mailbox one. A row without
+/// those reads as it did before special uses were kept.
+fn encode_lifecycle(l: &Lifecycle) -> Result<Vec<u8>, StoreError> {
+    let row = (l.created_at, l.deleted_at, l.subscribed_at, l.unsubscribed_at);
+    if l.special_use_at == 0 {
+        return enc(&row);
+    }
+    enc(&(row.0, row.1, row.2, row.3, l.special_use_at, l.special_use.0))
+}
+
+/// A lifecycle row as [`encode_lifecycle`] writes it, or (created, deleted) as a store
+/// written before subscriptions holds it.
 fn decode_lifecycle(bytes: &[u8]) -> Result<Lifecycle, StoreError> {
+    if let Ok((created_at, deleted_at, subscribed_at, unsubscribed_at, special_use_at, bits)) =
+        dec::<(u64, u64, u64, u64, u64, u8)>(bytes, "lifecycle")
+    {
+        let special_use = SpecialUse(bits);
+        if !special_use.is_valid() || special_use_at == 0 {
+            return Err(StoreError("corrupt lifecycle record: a special use out of range".into()));
+        }
+        return Ok(Lifecycle { created_at, deleted_at, subscribed_at, unsubscribed_at, special_use, special_use_at });
+    }
     if let Ok((created_at, deleted_at, subscribed_at, unsubscribed_at)) =
         dec::<(u64, u64, u64, u64)>(bytes, "lifecycle")
     {
-        return Ok(Lifecycle { created_at, deleted_at, subscribed_at, unsubscribed_at });
+        return Ok(Lifecycle { created_at, deleted_at, subscribed_at, unsubscribed_at, ..Lifecycle::default() });
     }
     let (created_at, deleted_at): (ModSeq, ModSeq) = dec(bytes, "lifecycle")?;
     Ok(Lifecycle { created_at, deleted_at, ..Lifecycle::default() })
@@ -611,11 +630,18 @@ mod tests {
             StoreWrite::Epoch { epoch: 3 },
             StoreWrite::MailboxLifecycle {
                 mailbox: mailbox.clone(),
-                lifecycle: Lifecycle { created_at: 2, deleted_at: 5, subscribed_at: 3, unsubscribed_at: 0 },
+                lifecycle: Lifecycle {
+                    created_at: 2,
+                    deleted_at: 5,
+                    subscribed_at: 3,
+                    special_use: SpecialUse(32),
+                    special_use_at: 2,
+                    ..Lifecycle::default()
+                },
             },
             StoreWrite::MailboxLifecycle {
                 mailbox: mailbox.clone(),
-                lifecycle: Lifecycle { created_at: 6, deleted_at: 0, subscribed_at: 0, unsubscribed_at: 4 },
+                lifecycle: Lifecycle { created_at: 6, unsubscribed_at: 4, ..Lifecycle::default() },
             },
             StoreWrite::LinkSeq { seq: 6 },
             // Tombstones in two mailboxes whose names share a prefix: a collection in one
@@ -835,7 +861,7 @@ mod tests {
         assert_eq!(image.bodies.len(), 3);
         assert_eq!(
             image.mailboxes[&MailboxKey::new("u@d", "INBOX")].lifecycle,
-            Lifecycle { created_at: 2, deleted_at: 5, subscribed_at: 0, unsubscribed_at: 0 }
+            Lifecycle { created_at: 2, deleted_at: 5, ..Lifecycle::default() }
         );
         assert_eq!(image.bodies[&Guid(3)].len, 5);
         assert_eq!(body_files(dir.path()), 0, "small bodies go into the database");

@@ -105,6 +105,42 @@ fn list_status_and_special_use() {
     assert!(answer.contains("f OK"), "{answer}");
 }
 
+/// CREATE-SPECIAL-USE: the use a client gives a mailbox is replicated (another node
+/// lists it), goes with the mailbox when it is renamed, replaces the node's default for
+/// that name, and an unknown use is refused without creating anything.
+#[test]
+fn a_special_use_given_at_create_is_listed_on_every_node() {
+    let m = start("");
+    let mut one = Lines::login(m.imap[0]);
+    one.ok("CREATE \"Old Mail\" (USE (\\Archive))");
+    one.ok("CREATE Sent (USE (\\Drafts \\Sent))");
+    let refused = one.command("CREATE Spam (USE (\\Spam))");
+    assert!(refused.last().is_some_and(|l| l.contains(" NO [USEATTR]")), "{refused:?}");
+    let bad = one.command("CREATE Other (FOO)");
+    assert!(bad.last().is_some_and(|l| l.contains(" BAD ")), "{bad:?}");
+    let mut two = Lines::login(m.imap[1]);
+    let wanted = [
+        "* LIST (\\Archive \\HasNoChildren) \"/\" \"Old Mail\"",
+        "* LIST (\\Drafts \\Sent \\HasNoChildren) \"/\" Sent",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = two.ok("LIST (SPECIAL-USE) \"\" *");
+        if listed[..listed.len() - 1] == wanted {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node 2 lists {listed:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let all = two.ok("LIST \"\" *");
+    assert!(!all.iter().any(|l| l.contains("Spam") || l.contains("Other")), "{all:?}");
+    two.ok("RENAME \"Old Mail\" Attic");
+    let listed = two.ok("LIST \"\" Attic");
+    assert_eq!(listed[0], "* LIST (\\Archive \\HasNoChildren) \"/\" Attic", "{listed:?}");
+    let capabilities = one.ok("CAPABILITY");
+    assert!(capabilities[0].contains(" CREATE-SPECIAL-USE"), "{capabilities:?}");
+}
+
 /// One IMAP connection, line by line (commands without literals).
 struct Lines {
     reader: std::io::BufReader<std::net::TcpStream>,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
-use tandem_core::{Bug, Durability, Flag, Granularity, MailboxKey, Mark, Sid};
+use tandem_core::{Bug, Durability, Flag, Granularity, MailboxKey, Mark, Sid, SpecialUse};
 
 /// Keeps the generator's stream apart from the run's own RNG stream of the same seed.
 const GENERATOR_SALT: u64 = 0x5eed_0f5e_ed0f_5eed;
@@ -159,7 +159,12 @@ pub fn generate(seed: u64) -> Scenario {
                     }
                     Action::RenameMailbox { server, from: mailbox, to }
                 }
-                1 => Action::CreateMailbox { server, mailbox },
+                // Every other CREATE gives a special use, taken from the time rather
+                // than the generator so the rest of the seed's workload is unchanged.
+                1 => {
+                    let special_use = if t % 2 == 0 { SpecialUse(1 << (t / 2 % 7)) } else { SpecialUse::NONE };
+                    Action::CreateMailbox { server, mailbox, special_use }
+                }
                 _ => Action::DeleteMailbox { server, mailbox },
             },
             _ => Action::Read { server, mailbox, fresh: false },

@@ -531,8 +531,9 @@ impl Oracle {
 }
 
 /// Why the live servers do not agree yet, or None when they have converged: the same
-/// mailboxes, messages, UIDs, flags and tombstones, intact bodies, one root, one master
-/// per master key.
+/// mailboxes, messages, UIDs, flags and tombstones, the same lifecycles (created,
+/// deleted, subscribed, special use), intact bodies, one root, one master per master
+/// key.
 pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
     divergence_with(servers, &mut BodyVerdicts::default())
 }
@@ -592,6 +593,9 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
             }
             if m0.tombstones != m.tombstones {
                 return Some(format!("{k}: tombstones differ between {s0} and {sid}"));
+            }
+            if m0.lifecycle != m.lifecycle {
+                return Some(format!("{k}: {s0} has {:?} but {sid} has {:?}", m0.lifecycle, m.lifecycle));
             }
         }
     }

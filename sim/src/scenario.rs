@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use tandem_core::{Durability, Flag, Granularity, MailboxKey, Sid};
+use tandem_core::{Durability, Flag, Granularity, MailboxKey, Sid, SpecialUse};
 use toml::Spanned;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -149,6 +149,9 @@ pub enum Action {
     CreateMailbox {
         server: Sid,
         mailbox: MailboxKey,
+        /// CREATE-SPECIAL-USE: the uses the mailbox is created with (none for a plain
+        /// CREATE).
+        special_use: SpecialUse,
     },
     /// IMAP DELETE: every message expunged, the mailbox hidden.
     DeleteMailbox {
@@ -273,6 +276,9 @@ pub enum Expect {
     Visible { mailbox: MailboxKey, visible: bool },
     /// Every named message ends on a UID other than the first one a client saw for it.
     Renumbered { labels: Vec<String> },
+    /// Every live server gives the mailbox these special uses (none: no client gave it
+    /// one).
+    SpecialUse { mailbox: MailboxKey, special_use: SpecialUse },
 }
 
 // ---------------------------------------------------------------------------------------
@@ -304,7 +310,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
     ("read", &["server", "mailbox", "fresh"]),
     ("master_move", &["server", "mailbox"]),
-    ("create_mailbox", &["server", "mailbox"]),
+    ("create_mailbox", &["server", "mailbox", "special_use"]),
     ("delete_mailbox", &["server", "mailbox"]),
     ("rename_mailbox", &["server", "from", "to"]),
     ("cut", &["a", "b"]),
@@ -340,6 +346,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("tombstones", &["mailbox", "count"]),
     ("visible", &["mailbox", "visible"]),
     ("renumbered", &["labels"]),
+    ("special_use", &["mailbox", "special_use"]),
 ];
 
 const INVARIANTS: &[&str] = &crate::oracle::INVARIANTS;
@@ -678,6 +685,18 @@ impl Tab<'_> {
         Ok((a, b))
     }
 
+    /// `special_use = ["\\Sent", ...]`: RFC 6154 uses; none when the key is absent.
+    fn special_use(&self, names: Option<Vec<String>>) -> Result<SpecialUse, ScenarioError> {
+        let mut special_use = SpecialUse::NONE;
+        for name in names.iter().flatten() {
+            let Some(one) = SpecialUse::named(name) else {
+                return Err(self.bad("special_use", "a list of RFC 6154 uses such as \"\\\\Sent\"", name));
+            };
+            special_use = special_use.union(one);
+        }
+        Ok(special_use)
+    }
+
     fn mailbox(&self, value: Option<&str>, key: &str) -> Result<MailboxKey, ScenarioError> {
         let s = self.req(value, key, MAILBOX)?;
         match s.split_once('/') {
@@ -827,7 +846,11 @@ impl Tab<'_> {
             }
             "read" => Action::Read { server: server()?, mailbox: mailbox()?, fresh: event.fresh.unwrap_or(false) },
             "master_move" => Action::MasterMove { server: server()?, mailbox: mailbox()? },
-            "create_mailbox" => Action::CreateMailbox { server: server()?, mailbox: mailbox()? },
+            "create_mailbox" => Action::CreateMailbox {
+                server: server()?,
+                mailbox: mailbox()?,
+                special_use: tab.special_use(event.special_use)?,
+            },
             "delete_mailbox" => Action::DeleteMailbox { server: server()?, mailbox: mailbox()? },
             "rename_mailbox" => Action::RenameMailbox {
                 server: server()?,
@@ -981,6 +1004,10 @@ impl Tab<'_> {
                 Expect::Visible { mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?, visible }
             }
             "renumbered" => Expect::Renumbered { labels: tab.label_list(expect.labels, "labels")? },
+            "special_use" => Expect::SpecialUse {
+                mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,
+                special_use: tab.special_use(expect.special_use)?,
+            },
             other => unreachable!("check {other} is in CHECKS but not handled"),
         })
     }

@@ -87,6 +87,8 @@ pub(crate) struct EventToml {
     pub groups: Option<Vec<Vec<Spanned<String>>>>,
     pub down_ms: Option<u64>,
     pub fresh: Option<bool>,
+    /// create_mailbox: RFC 6154 special-use attributes (CREATE-SPECIAL-USE).
+    pub special_use: Option<Vec<String>>,
     pub until_ms: Option<u64>,
     pub ops_per_s: Option<u64>,
     pub users: Option<u64>,
@@ -123,6 +125,7 @@ pub(crate) struct ExpectToml {
     pub count: Option<u64>,
     pub visible: Option<bool>,
     pub labels: Option<Vec<String>>,
+    pub special_use: Option<Vec<String>>,
 }
 
 /// The words of `[cluster] mode`.

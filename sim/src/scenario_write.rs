@@ -116,13 +116,17 @@ fn event_of(e: &TimedEvent) -> EventToml {
             table.fresh = fresh.then_some(true);
             "read"
         }
-        Action::MasterMove { server: s, mailbox: m }
-        | Action::CreateMailbox { server: s, mailbox: m }
-        | Action::DeleteMailbox { server: s, mailbox: m } => {
+        Action::CreateMailbox { server: s, mailbox: m, special_use } => {
+            (table.server, table.mailbox) = (server(s), mailbox(m));
+            if !special_use.is_empty() {
+                table.special_use = Some(special_use.names().map(str::to_string).collect());
+            }
+            "create_mailbox"
+        }
+        Action::MasterMove { server: s, mailbox: m } | Action::DeleteMailbox { server: s, mailbox: m } => {
             (table.server, table.mailbox) = (server(s), mailbox(m));
             match e.action {
                 Action::MasterMove { .. } => "master_move",
-                Action::CreateMailbox { .. } => "create_mailbox",
                 _ => "delete_mailbox",
             }
         }
@@ -228,6 +232,11 @@ fn expect_of(x: &Expect) -> ExpectToml {
         Expect::Renumbered { labels } => {
             table.labels = Some(labels.clone());
             "renumbered"
+        }
+        Expect::SpecialUse { mailbox: m, special_use } => {
+            table.mailbox = mailbox(m);
+            table.special_use = Some(special_use.names().map(str::to_string).collect());
+            "special_use"
         }
     };
     table.check = Some(check.to_string());

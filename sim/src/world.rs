@@ -857,7 +857,10 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::Read { mailbox } => format!("READ {mailbox}"),
         ClientRequest::FreshRead { mailbox } => format!("FRESH-READ {mailbox}"),
         ClientRequest::MasterMove { mailbox } => format!("MASTER-MOVE {mailbox}"),
-        ClientRequest::CreateMailbox { mailbox } => format!("CREATE {mailbox}"),
+        ClientRequest::CreateMailbox { mailbox, special_use } if special_use.is_empty() => format!("CREATE {mailbox}"),
+        ClientRequest::CreateMailbox { mailbox, special_use } => {
+            format!("CREATE {mailbox} (USE ({}))", special_use.names().collect::<Vec<_>>().join(" "))
+        }
         ClientRequest::DeleteMailbox { mailbox } => format!("DELETE {mailbox}"),
         ClientRequest::Subscription { mailbox, subscribe: true } => format!("SUBSCRIBE {mailbox}"),
         ClientRequest::Subscription { mailbox, subscribe: false } => format!("UNSUBSCRIBE {mailbox}"),
@@ -1204,9 +1207,9 @@ impl World {
                 };
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), ..none() })
             }
-            Action::CreateMailbox { server, mailbox } => {
+            Action::CreateMailbox { server, mailbox, special_use } => {
                 let o = Outstanding { mailbox: Some(mailbox.clone()), ..none() };
-                self.request(server, ClientRequest::CreateMailbox { mailbox }, event, o)
+                self.request(server, ClientRequest::CreateMailbox { mailbox, special_use }, event, o)
             }
             Action::DeleteMailbox { server, mailbox } => {
                 // Everything in it may go: the oracle treats it as an expunge of all.
@@ -1649,6 +1652,15 @@ impl World {
                         let n = self.stored_mailbox(*sid, &mailbox).map(|m| m.tombstones.len()).unwrap_or(0);
                         if n != count {
                             failures.push(format!("{mailbox} on {sid} holds {n} tombstones, expected {count}"));
+                        }
+                    }
+                }
+                Expect::SpecialUse { mailbox, special_use } => {
+                    for sid in &live {
+                        let given = self.stored_mailbox(*sid, &mailbox).and_then(|m| m.lifecycle.special_use());
+                        if given.unwrap_or_default() != special_use {
+                            failures
+                                .push(format!("{mailbox} on {sid}: special use {given:?}, expected {special_use:?}"));
                         }
                     }
                 }

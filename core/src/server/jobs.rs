@@ -200,8 +200,11 @@ impl Server {
                     .unwrap_or(0);
                 WriteRequest::Store { mailbox, messages, add, remove, unchanged_since, known_modseq }
             }
-            ClientRequest::CreateMailbox { mailbox } => {
+            ClientRequest::CreateMailbox { mailbox, special_use } if special_use.is_empty() => {
                 WriteRequest::Mailbox { mailbox, action: MailboxAction::Create }
+            }
+            ClientRequest::CreateMailbox { mailbox, special_use } => {
+                WriteRequest::Mailbox { mailbox, action: MailboxAction::CreateWithUse(special_use) }
             }
             ClientRequest::DeleteMailbox { mailbox } => {
                 WriteRequest::Mailbox { mailbox, action: MailboxAction::Delete }
@@ -879,7 +882,7 @@ impl Server {
             MailboxAction::Unsubscribe if self.image.mailbox(mailbox).is_none() => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, format!("not subscribed to {mailbox}")));
             }
-            MailboxAction::Create if visible => {
+            MailboxAction::Create | MailboxAction::CreateWithUse(_) if visible => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {mailbox} exists")));
             }
             MailboxAction::Delete if !visible => {
@@ -896,6 +899,10 @@ impl Server {
         let mut tombstones = Vec::new();
         match action {
             MailboxAction::Create => lifecycle.created_at = modseq,
+            MailboxAction::CreateWithUse(special_use) => {
+                lifecycle.created_at = modseq;
+                (lifecycle.special_use, lifecycle.special_use_at) = (special_use, modseq);
+            }
             MailboxAction::Delete => {
                 tombstones = m
                     .messages
@@ -932,6 +939,9 @@ impl Server {
         debug_assert_eq!(self.image.mailbox(mailbox).map(|m| m.lifecycle), Some(lifecycle));
         debug_assert!(match action {
             MailboxAction::Create => visible_now(self.image.mailbox(mailbox)),
+            MailboxAction::CreateWithUse(special_use) => {
+                visible_now(self.image.mailbox(mailbox)) && lifecycle.special_use() == Some(special_use)
+            }
             MailboxAction::Delete => !visible_now(self.image.mailbox(mailbox)),
             MailboxAction::Subscribe => lifecycle.subscribed(),
             MailboxAction::Unsubscribe => !lifecycle.subscribed(),
@@ -956,6 +966,7 @@ impl Server {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {to} exists")));
         }
         let moved: Vec<(Uid, Guid)> = src.messages.values().map(|r| (r.uid, r.guid)).collect();
+        let special_use = src.lifecycle.special_use();
         let to_master = self.masters.masters(&self.master_key(to));
         // What the target starts from: nothing (a new name keeps the source's UIDVALIDITY,
         // UIDs and modseqs), or a name with history, which becomes a new incarnation (a
@@ -1006,7 +1017,7 @@ impl Server {
         if uidnext == Uid::MAX {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no UIDs left in {to}")));
         }
-        let target = MailboxState {
+        let mut target = MailboxState {
             mailbox: to.clone(),
             uidvalidity,
             uidnext,
@@ -1016,6 +1027,10 @@ impl Server {
             lifecycle: Lifecycle { created_at: modseq, ..lifecycle },
             retired: Default::default(),
         };
+        // A special use a client gave the mailbox goes with it to its new name.
+        if let Some(special_use) = special_use {
+            (target.lifecycle.special_use, target.lifecycle.special_use_at) = (special_use, modseq);
+        }
         if let Some(meta) = incarnation {
             self.commit(meta);
         }

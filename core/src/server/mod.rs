@@ -250,6 +250,16 @@ impl Server {
             .map(|(k, _)| k.name.to_string())
             .collect()
     }
+    /// The special uses clients gave `user`'s mailboxes (CREATE-SPECIAL-USE), by name;
+    /// a mailbox no client gave one is not listed.
+    pub fn special_uses(&self, user: &str) -> Vec<(String, SpecialUse)> {
+        self.image
+            .mailboxes()
+            .iter()
+            .filter(|(k, m)| &*k.user == user && m.visible())
+            .filter_map(|(k, m)| Some((k.name.to_string(), m.lifecycle.special_use()?)))
+            .collect()
+    }
     /// Unacknowledged log entries per peer.
     pub fn backlog(&self) -> BTreeMap<Sid, usize> {
         self.image.logs().iter().map(|(p, l)| (*p, l.entries.len())).collect()

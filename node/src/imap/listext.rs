@@ -301,7 +301,7 @@ pub fn answer(
     existing: &BTreeSet<String>,
     subscribed: &BTreeSet<String>,
     matches: impl Fn(&str, &str) -> bool,
-    special_use: impl Fn(&str) -> Option<&'static str>,
+    special_use: impl Fn(&str) -> Vec<&'static str>,
 ) -> Vec<Listed> {
     let matched = |name: &str| list.patterns.iter().any(|p| matches(&format!("{}{p}", list.reference), name));
     // Every name that exists, is subscribed, or is the parent of one of these.
@@ -322,8 +322,8 @@ pub fn answer(
         if !list.subscribed && !exists && !has_children(name) {
             continue;
         }
-        let special = special_use(name).filter(|_| exists);
-        if list.special_use_only && special.is_none() {
+        let special = if exists { special_use(name) } else { Vec::new() };
+        if list.special_use_only && special.is_empty() {
             continue;
         }
         let mut attributes = Vec::new();
@@ -424,8 +424,8 @@ mod tests {
         }
     }
 
-    fn no_use(_: &str) -> Option<&'static str> {
-        None
+    fn no_use(_: &str) -> Vec<&'static str> {
+        Vec::new()
     }
 
     #[test]
@@ -449,14 +449,14 @@ mod tests {
     fn special_use_selection_lists_only_special_mailboxes() {
         let existing = names(&["INBOX", "Sent", "Trash", "work"]);
         let special = |n: &str| match n {
-            "Sent" => Some("\\Sent"),
-            "Trash" | "Gone" => Some("\\Trash"),
-            _ => None,
+            "Sent" => vec!["\\Archive", "\\Sent"],
+            "Trash" | "Gone" => vec!["\\Trash"],
+            _ => Vec::new(),
         };
         let list = ListExtended { special_use_only: true, patterns: vec!["*".into()], ..Default::default() };
         let got = answer(&list, &existing, &BTreeSet::new(), glob, special);
         assert_eq!(got.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), vec!["Sent", "Trash"]);
-        assert_eq!(got[0].attributes, vec!["\\Sent", "\\HasNoChildren"]);
+        assert_eq!(got[0].attributes, vec!["\\Archive", "\\Sent", "\\HasNoChildren"]);
         // Without the selection every mailbox is listed, each special one with its use;
         // a name that does not exist has none.
         let list = ListExtended { subscribed: true, patterns: vec!["*".into()], ..Default::default() };

@@ -22,6 +22,7 @@ mod multiappend;
 pub(crate) mod parsed;
 pub(crate) mod recent;
 pub(crate) mod session;
+mod special_use;
 pub(crate) mod thread;
 mod utf7;
 mod wire;

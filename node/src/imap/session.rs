@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest, MailboxChanges, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
-use tandem_core::types::{Flag, MailboxKey, Uid};
+use tandem_core::types::{Flag, MailboxKey, SpecialUse, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -40,7 +40,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE CREATE-SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -109,6 +109,7 @@ pub(crate) async fn run_session(
         compressed: false,
         utf8: false,
         returning: None,
+        create_use: SpecialUse::NONE,
     };
     session.run().await
 }
@@ -308,6 +309,8 @@ struct Session {
     /// The RETURN options of the SEARCH or SORT being run (ESEARCH, ESORT); None for
     /// every other command and for a plain SEARCH or SORT.
     returning: Option<super::esearch::ReturnOptions>,
+    /// The special use the CREATE being run asked for (CREATE-SPECIAL-USE).
+    create_use: SpecialUse,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -487,15 +490,29 @@ impl Session {
             }
             // A SEARCH or SORT with RETURN: the codec parses the command without it.
             let mut returning = None;
-            let parsed = match super::esearch::cut_return(fragmentizer.message_bytes()) {
-                None => fragmentizer.decode_message(&CommandCodec::default()).map(|c| c.into_static()).map_err(|_| ()),
+            // A CREATE with a special use: the codec parses it without its parameters.
+            let mut create_use = SpecialUse::NONE;
+            let cut = match super::esearch::cut_return(fragmentizer.message_bytes()) {
                 Some(Ok((rest, options))) => {
                     returning = Some(options);
-                    CommandCodec::default().decode(&rest).map(|(_, c)| c.into_static()).map_err(|_| ())
+                    Some(Ok(rest))
                 }
-                Some(Err(why)) => {
+                Some(Err(why)) => Some(Err(format!("BAD {why}"))),
+                None => super::special_use::cut_create_use(fragmentizer.message_bytes()).map(|cut| match cut {
+                    Ok((rest, uses)) => {
+                        create_use = uses;
+                        Ok(rest)
+                    }
+                    Err(super::special_use::Refused::Bad(why)) => Err(format!("BAD {why}")),
+                    Err(super::special_use::Refused::UseAttribute(why)) => Err(format!("NO [USEATTR] {why}")),
+                }),
+            };
+            let parsed = match cut {
+                None => fragmentizer.decode_message(&CommandCodec::default()).map(|c| c.into_static()).map_err(|_| ()),
+                Some(Ok(rest)) => CommandCodec::default().decode(&rest).map(|(_, c)| c.into_static()).map_err(|_| ()),
+                Some(Err(answer)) => {
                     let tag = fragmentizer.decode_tag().map(|t| t.as_ref().to_string());
-                    self.line(&format!("{} BAD {why}", tag.as_deref().unwrap_or("*")));
+                    self.line(&format!("{} {answer}", tag.as_deref().unwrap_or("*")));
                     self.flush().await?;
                     continue;
                 }
@@ -503,8 +520,10 @@ impl Session {
             match parsed {
                 Ok(command) => {
                     self.returning = returning;
+                    self.create_use = create_use;
                     let flow = self.command(command, &mut fragmentizer).await;
                     self.returning = None;
+                    self.create_use = SpecialUse::NONE;
                     let flow = flow?;
                     self.flush().await?;
                     if let Flow::Logout = flow {
@@ -744,7 +763,8 @@ impl Session {
                 } else if self.mailbox_exists(&name).await {
                     Err("NO [ALREADYEXISTS] that mailbox exists".into())
                 } else {
-                    self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(&name) })
+                    let special_use = self.create_use;
+                    self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(&name), special_use })
                         .await
                         .map(|_| "CREATE done".into())
                 }
@@ -1003,7 +1023,8 @@ impl Session {
             {
                 // An INBOX that never held a message: the core has no copy of it yet, so
                 // the new name starts empty.
-                self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(to) }).await?;
+                let special_use = SpecialUse::NONE;
+                self.lifecycle(ClientRequest::CreateMailbox { mailbox: self.key(to), special_use }).await?;
                 Ok("RENAME done".to_string())
             }
             ClientReply::Write(WriteResult::Failed { kind: FailKind::Permanent, reason }) => {
@@ -1033,13 +1054,25 @@ impl Session {
         if full.len() > 2 * self.front.limits.mailbox_name_len_max {
             return Err("BAD [LIMIT] pattern too long".into());
         }
+        let special_uses = self.special_uses(&user).await;
         for n in names.iter().filter(|n| wildcard_match(&full, n)) {
             let children = names.iter().any(|c| c.starts_with(&format!("{n}/")));
             let attr = if children { "\\HasChildren" } else { "\\HasNoChildren" };
-            let special = self.front.special_use.get(n.as_str()).map(|u| format!("{u} ")).unwrap_or_default();
+            let special: String = special_uses(n).iter().map(|u| format!("{u} ")).collect();
             self.line(&format!("* {command} ({special}{attr}) \"/\" {}", self.shown_astring(n)));
         }
         Ok(format!("{command} done"))
+    }
+
+    /// The special-use attributes of each of the user's mailboxes: the uses a client gave
+    /// it (CREATE-SPECIAL-USE, replicated) or else the node's table by name.
+    async fn special_uses(&self, user: &str) -> impl Fn(&str) -> Vec<&'static str> + use<> {
+        let given = self.node.special_uses(user).await;
+        let by_name = self.front.special_use.clone();
+        move |name: &str| match given.get(name) {
+            Some(uses) => uses.names().collect(),
+            None => by_name.get(name).copied().into_iter().collect(),
+        }
     }
 
     /// An extended LIST: see `super::listext`.
@@ -1054,13 +1087,13 @@ impl Session {
         existing.insert("INBOX".into());
         let subscribed: BTreeSet<String> = self.node.subscriptions(&user).await.into_iter().collect();
         let limit = 2 * self.front.limits.mailbox_name_len_max;
-        let special_use = self.front.special_use.clone();
+        let special_uses = self.special_uses(&user).await;
         let listed = super::listext::answer(
             list,
             &existing,
             &subscribed,
             |pattern, name| pattern.len() <= limit && wildcard_match(pattern, name),
-            |name| special_use.get(name).copied(),
+            special_uses,
         );
         for l in listed {
             let childinfo = if l.childinfo_subscribed { " (\"CHILDINFO\" (\"SUBSCRIBED\"))" } else { "" };

@@ -415,7 +415,7 @@ to = "alice/Done"
                 FaultKind::Flap,
             ],
         },
-        Action::CreateMailbox { server: s1, mailbox: mb("alice/Projects") },
+        Action::CreateMailbox { server: s1, mailbox: mb("alice/Projects"), special_use: SpecialUse::NONE },
         Action::DeleteMailbox { server: s2, mailbox: mb("alice/Projects") },
         Action::RenameMailbox { server: s3, from: mb("alice/Projects"), to: mb("alice/Done") },
     ];
