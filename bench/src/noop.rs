@@ -21,6 +21,8 @@ pub struct NoopRow {
     pub changed_p99_us: f64,
     pub wake_p50_us: f64,
     pub wake_p99_us: f64,
+    pub status_p50_us: f64,
+    pub status_p99_us: f64,
 }
 
 struct Imap {
@@ -94,6 +96,21 @@ fn timed_noops(session: &mut Imap, other: Option<&mut Imap>, count: usize) -> Re
     Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
 }
 
+/// STATUS of the large mailbox with the counts a mail client asks for (another
+/// session's flag change before each, so nothing can be remembered between them).
+fn timed_status(session: &mut Imap, other: &mut Imap, count: usize) -> Result<(f64, f64), String> {
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count {
+        let op = if i % 2 == 0 { '+' } else { '-' };
+        other.command(&format!("STORE 2 {op}FLAGS.SILENT (\\Seen)"))?;
+        let started = Instant::now();
+        session.command("STATUS INBOX (MESSAGES UNSEEN DELETED UIDNEXT HIGHESTMODSEQ)")?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
+}
+
 /// `session` waits in IDLE while `other` changes a flag `count` times: the time from
 /// each STORE's OK to the FETCH reaching the IDLE session (nothing when it came first).
 fn timed_idle_wakeups(session: &mut Imap, other: &mut Imap, count: usize) -> Result<(f64, f64), String> {
@@ -150,6 +167,9 @@ pub fn noop_latency(
             let (idle_p50_us, idle_p99_us) = timed_noops(&mut session, None, noops)?;
             let (changed_p50_us, changed_p99_us) = timed_noops(&mut session, Some(&mut other), noops / 2)?;
             let (wake_p50_us, wake_p99_us) = timed_idle_wakeups(&mut session, &mut other, noops / 10)?;
+            let mut third = Imap::connect(imap_addr)?;
+            third.command(&format!("LOGIN {USER} bench"))?;
+            let (status_p50_us, status_p99_us) = timed_status(&mut third, &mut other, noops / 10)?;
             Ok(NoopRow {
                 build: build.to_string(),
                 messages,
@@ -159,6 +179,8 @@ pub fn noop_latency(
                 changed_p99_us,
                 wake_p50_us,
                 wake_p99_us,
+                status_p50_us,
+                status_p99_us,
             })
         })();
         cluster.stop_all();
@@ -176,13 +198,14 @@ pub fn markdown(rows: &[NoopRow], command: &str) -> String {
          (what an IDLE poll costs too). \"One change\": another session changed one message's flag \
          before each NOOP, which the NOOP reports. \"IDLE wake-up\": the session waits in IDLE while \
          the other session changes a flag; the time from the STORE's OK to the IDLE session receiving its \
-         FETCH (0 when it came first). Builds ran one after the other in one run: `",
+         FETCH (0 when it came first). \"STATUS\": a third session asks `STATUS INBOX (MESSAGES UNSEEN \
+         DELETED UIDNEXT HIGHESTMODSEQ)`, the other session having changed a flag before each. Builds ran one after the other in one run: `",
     );
     out.push_str(command);
-    out.push_str("`.\n\n| build | messages | idle p50 µs | idle p99 µs | one change p50 µs | one change p99 µs | IDLE wake-up p50 µs | IDLE wake-up p99 µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("`.\n\n| build | messages | idle p50 µs | idle p99 µs | one change p50 µs | one change p99 µs | IDLE wake-up p50 µs | IDLE wake-up p99 µs | STATUS p50 µs | STATUS p99 µs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
             r.build,
             r.messages,
             r.idle_p50_us,
@@ -190,7 +213,9 @@ pub fn markdown(rows: &[NoopRow], command: &str) -> String {
             r.changed_p50_us,
             r.changed_p99_us,
             r.wake_p50_us,
-            r.wake_p99_us
+            r.wake_p99_us,
+            r.status_p50_us,
+            r.status_p99_us
         ));
     }
     out.push_str(

@@ -151,6 +151,11 @@ pub enum ClientRequest {
     FreshRead {
         mailbox: MailboxKey,
     },
+    /// `FreshRead` for IMAP STATUS: the same wait, answered with the mailbox's counts
+    /// rather than its messages (constant work, not a pass over the mailbox).
+    FreshStatus {
+        mailbox: MailboxKey,
+    },
     /// Seed MASTER-MOVE: make this server the master of the mailbox's master key.
     MasterMove {
         mailbox: MailboxKey,
@@ -190,6 +195,19 @@ pub struct MessageView {
     pub size: u32,
 }
 
+/// What IMAP STATUS shows of a mailbox, as a client would count it in a [`MailboxView`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxStatus {
+    pub mailbox: MailboxKey,
+    pub uidvalidity: u32,
+    pub uidnext: Uid,
+    pub highest_modseq: ModSeq,
+    pub messages: usize,
+    /// Messages with `\Seen` set, and with `\Deleted`.
+    pub seen: usize,
+    pub deleted: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxView {
     pub mailbox: MailboxKey,
@@ -222,6 +240,11 @@ pub enum ClientReply {
     /// ordered when asked, false when it is this server's copy without that promise.
     FreshRead {
         view: MailboxView,
+        caught_up: bool,
+    },
+    /// A `FreshStatus`'s counts, `caught_up` as for `FreshRead`.
+    FreshStatus {
+        status: MailboxStatus,
         caught_up: bool,
     },
     /// MASTER-MOVE done: this server is now master.

@@ -22,6 +22,27 @@ pub struct Messages {
     /// Every record by its modseq: what changed after a modseq a session has shown is a
     /// range, not a pass over the mailbox.
     by_modseq: BTreeSet<(ModSeq, Uid)>,
+    /// What STATUS counts, kept as records come, go and change (not a pass either).
+    counts: FlagCounts,
+}
+
+/// Records with `\Seen` and with `\Deleted` set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlagCounts {
+    pub seen: usize,
+    pub deleted: usize,
+}
+
+impl FlagCounts {
+    fn add(&mut self, r: &MessageRecord) {
+        self.seen += usize::from(r.has_flag("\\Seen"));
+        self.deleted += usize::from(r.has_flag("\\Deleted"));
+    }
+
+    fn take(&mut self, r: &MessageRecord) {
+        self.seen -= usize::from(r.has_flag("\\Seen"));
+        self.deleted -= usize::from(r.has_flag("\\Deleted"));
+    }
 }
 
 /// A record being changed in place; its modseq is indexed again when the change ends.
@@ -29,8 +50,11 @@ pub struct Messages {
 pub struct RecordMut<'a> {
     record: &'a mut MessageRecord,
     by_modseq: &'a mut BTreeSet<(ModSeq, Uid)>,
+    counts: &'a mut FlagCounts,
     modseq_before: ModSeq,
     guid_before: Guid,
+    /// The record's part of `counts` before the change, taken out until it ends.
+    counted_before: FlagCounts,
 }
 
 impl std::ops::Deref for RecordMut<'_> {
@@ -53,6 +77,9 @@ impl Drop for RecordMut<'_> {
             self.by_modseq.remove(&(self.modseq_before, self.record.uid));
             self.by_modseq.insert((self.record.modseq, self.record.uid));
         }
+        self.counts.seen -= self.counted_before.seen;
+        self.counts.deleted -= self.counted_before.deleted;
+        self.counts.add(self.record);
     }
 }
 
@@ -66,7 +93,20 @@ impl Messages {
     pub fn get_mut(&mut self, uid: &Uid) -> Option<RecordMut<'_>> {
         let record = self.by_uid.get_mut(uid)?;
         let (modseq_before, guid_before) = (record.modseq, record.guid);
-        Some(RecordMut { record, by_modseq: &mut self.by_modseq, modseq_before, guid_before })
+        let mut counted_before = FlagCounts::default();
+        counted_before.add(record);
+        Some(RecordMut {
+            record,
+            by_modseq: &mut self.by_modseq,
+            counts: &mut self.counts,
+            modseq_before,
+            guid_before,
+            counted_before,
+        })
+    }
+    /// Records with `\Seen`, with `\Deleted` (for STATUS UNSEEN and DELETED).
+    pub fn flag_counts(&self) -> FlagCounts {
+        self.counts
     }
     /// The records whose modseq is above `since`, lowest modseq first.
     pub fn changed_since(&self, since: ModSeq) -> impl Iterator<Item = &MessageRecord> + '_ {
@@ -79,8 +119,10 @@ impl Messages {
         debug_assert_eq!(uid, record.uid, "a record is kept under its own UID");
         let guid = record.guid;
         self.by_modseq.insert((record.modseq, uid));
+        self.counts.add(&record);
         let old = self.by_uid.insert(uid, record);
         if let Some(old) = &old {
+            self.counts.take(old);
             self.unindex(old.guid, uid);
             if let Some(now) = self.by_uid.get(&uid).map(|r| r.modseq)
                 && now != old.modseq
@@ -99,6 +141,7 @@ impl Messages {
         let old = self.by_uid.remove(uid)?;
         self.unindex(old.guid, *uid);
         self.by_modseq.remove(&(old.modseq, *uid));
+        self.counts.take(&old);
         Some(old)
     }
     fn unindex(&mut self, guid: Guid, uid: Uid) {
@@ -168,7 +211,9 @@ impl Messages {
         }
         let multi: BTreeSet<Guid> = expected.iter().filter(|(_, u)| u.len() > 1).map(|(g, _)| *g).collect();
         let by_modseq: BTreeSet<(ModSeq, Uid)> = self.by_uid.values().map(|r| (r.modseq, r.uid)).collect();
-        expected == self.by_guid && multi == self.multi && by_modseq == self.by_modseq
+        let mut counts = FlagCounts::default();
+        self.by_uid.values().for_each(|r| counts.add(r));
+        expected == self.by_guid && multi == self.multi && by_modseq == self.by_modseq && counts == self.counts
     }
 }
 
@@ -547,5 +592,33 @@ mod tests {
         assert!(m.index_consistent());
         let restored: Messages = BTreeMap::from(m.clone()).into();
         assert_eq!(restored, m);
+    }
+
+    #[test]
+    fn flag_counts_follow_inserts_changes_and_removals() {
+        let stamp = Stamp { modseq: 1, sid: Sid(1) };
+        let with = |uid, flags: &[(&str, bool)]| {
+            let mut r = record(uid, u128::from(uid), 1);
+            for (f, present) in flags {
+                r.flags.insert(Flag::new(f).unwrap(), FlagState { present: *present, stamp });
+            }
+            r
+        };
+        let mut m = Messages::new();
+        m.insert(1, with(1, &[("\\Seen", true)]));
+        m.insert(2, with(2, &[("\\seen", true), ("\\Deleted", true)]));
+        m.insert(3, with(3, &[("\\Seen", false), ("$Work", true)]));
+        assert_eq!(m.flag_counts(), FlagCounts { seen: 2, deleted: 1 });
+        if let Some(mut r) = m.get_mut(&3) {
+            r.flags.insert(Flag::new("\\Seen").unwrap(), FlagState { present: true, stamp });
+        }
+        if let Some(mut r) = m.get_mut(&2) {
+            r.flags.insert(Flag::new("\\Deleted").unwrap(), FlagState { present: false, stamp });
+        }
+        assert_eq!(m.flag_counts(), FlagCounts { seen: 3, deleted: 0 });
+        m.insert(1, with(1, &[]));
+        m.remove(&2);
+        assert_eq!(m.flag_counts(), FlagCounts { seen: 1, deleted: 0 });
+        assert!(m.index_consistent());
     }
 }

@@ -201,6 +201,11 @@ impl MessageRecord {
     pub fn present_flags(&self) -> Vec<Flag> {
         self.flags.iter().filter(|(_, s)| s.present).map(|(f, _)| f.clone()).collect()
     }
+
+    /// Whether the flag (a system flag's name in any case, as IMAP compares them) is set.
+    pub fn has_flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|(f, s)| s.present && f.as_str().eq_ignore_ascii_case(name))
+    }
 }
 
 /// An expunged or retired (UID, GUID) binding. Kept so that a later merge knows the UID

@@ -86,6 +86,20 @@ fn a_masters_fresh_read_waits_until_its_own_copy_is_durable() {
         other => panic!("expected a caught-up view of both messages, got {other:?}"),
     }
     assert!(matches!(one.reply(2), Some(ClientReply::Write(WriteResult::Saved { .. }))));
+    // STATUS waits the same way and counts what the view shows.
+    let flags = vec![Flag::new("\\Seen").unwrap()];
+    let seen = ClientRequest::Save { mailbox: inbox.clone(), received: 0, flags, body: Body::from_static(b"third") };
+    one.input(Input::Client { id: 4, request: seen });
+    one.input(Input::Client { id: 5, request: ClientRequest::FreshStatus { mailbox: inbox.clone() } });
+    one.tick(false);
+    assert!(one.reply(5).is_none(), "STATUS answered before the master's own copy was durable");
+    one.durable();
+    match one.reply(5) {
+        Some(ClientReply::FreshStatus { status, caught_up: true }) => {
+            assert_eq!((status.messages, status.seen, status.deleted, status.uidnext), (3, 1, 0, 4), "{status:?}")
+        }
+        other => panic!("expected a caught-up STATUS, got {other:?}"),
+    }
 }
 
 #[test]

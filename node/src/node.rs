@@ -560,7 +560,10 @@ impl EventLoop {
         };
         let id = self.next_request;
         self.next_request += 1;
-        let write = !matches!(client_request, ClientRequest::Read { .. } | ClientRequest::FreshRead { .. });
+        let write = !matches!(
+            client_request,
+            ClientRequest::Read { .. } | ClientRequest::FreshRead { .. } | ClientRequest::FreshStatus { .. }
+        );
         self.pending.insert(id, Pending { reply: Answer::Admin(reply), started: TokioInstant::now(), write });
         self.input(Input::Client { id, request: client_request });
     }
@@ -568,7 +571,10 @@ impl EventLoop {
     fn on_client(&mut self, request: ClientRequest, reply: oneshot::Sender<ClientReply>) {
         let id = self.next_request;
         self.next_request += 1;
-        let write = !matches!(request, ClientRequest::Read { .. } | ClientRequest::FreshRead { .. });
+        let write = !matches!(
+            request,
+            ClientRequest::Read { .. } | ClientRequest::FreshRead { .. } | ClientRequest::FreshStatus { .. }
+        );
         self.pending.insert(id, Pending { reply: Answer::Client(reply), started: TokioInstant::now(), write });
         self.input(Input::Client { id, request });
     }
@@ -620,6 +626,8 @@ impl EventLoop {
             ClientReply::Write(WriteResult::Position { highest_modseq, .. }) => {
                 AdminReply::Stored { modseq: highest_modseq }
             }
+            // The admin interface asks for whole views only.
+            ClientReply::FreshStatus { status, .. } => AdminReply::Stored { modseq: status.highest_modseq },
         };
         let _ = reply_to.send(answer);
     }

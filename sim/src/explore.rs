@@ -108,7 +108,12 @@ pub fn generate(seed: u64) -> Scenario {
                 let flags = if rng.random_bool(0.3) { flag(&mut rng) } else { Vec::new() };
                 Action::Save { server, mailbox, label: Some(label), flags, size: rng.random_range(100..2000) }
             }
-            40..60 => Action::Read { server, mailbox, fresh: rng.random_bool(0.5) },
+            // A quarter of the fresh reads (by the clock, leaving the generator's
+            // sequence as it was) ask for STATUS counts instead.
+            40..60 => match rng.random_bool(0.5) {
+                true if t % 4 == 0 => Action::Status { server, mailbox },
+                fresh => Action::Read { server, mailbox, fresh },
+            },
             60..76 => {
                 let Some(label) = some_label(&mut rng) else { continue };
                 let (add, remove) =

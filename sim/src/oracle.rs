@@ -308,6 +308,45 @@ impl Oracle {
         }
     }
 
+    /// A fresh STATUS: it counts at least every message acknowledged in the mailbox
+    /// before it was asked (and not asked to be expunged), as `fresh_view` shows them.
+    pub fn fresh_status(
+        &mut self,
+        time_us: u64,
+        server: Sid,
+        status: &MailboxStatus,
+        issued_us: u64,
+        faults_until_us: u64,
+    ) {
+        let mailbox = &status.mailbox;
+        let renamed = self.renamed.contains_key(mailbox) || self.renamed.values().any(|to| to.contains(mailbox));
+        if renamed || self.deleted_mailboxes.contains(mailbox) {
+            return;
+        }
+        let range = (mailbox.clone(), Guid(0))..=(mailbox.clone(), Guid(u128::MAX));
+        let owed = self
+            .acked
+            .range(range)
+            .filter(|(_, (_, acked_us))| *acked_us < issued_us && *acked_us > faults_until_us)
+            .filter(|((m, g), _)| !self.expunge_requested.contains(&(m.clone(), *g)))
+            .count();
+        if status.messages < owed {
+            let detail = format!(
+                "{server}'s fresh STATUS of {mailbox} (asked at {:.3} ms) counts {} messages, {owed} were acknowledged",
+                issued_us as f64 / 1000.0,
+                status.messages
+            );
+            self.violate(READ_YOUR_WRITES, time_us, detail);
+        }
+        if status.seen > status.messages || status.deleted > status.messages {
+            self.violate(
+                READ_YOUR_WRITES,
+                time_us,
+                format!("{server}'s STATUS of {mailbox} is not a count: {status:?}"),
+            );
+        }
+    }
+
     pub fn expunge_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
             self.expunge_requested.insert((mailbox.clone(), *g));

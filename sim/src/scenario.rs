@@ -141,6 +141,12 @@ pub enum Action {
         mailbox: MailboxKey,
         fresh: bool,
     },
+    /// A client asks for the mailbox's STATUS counts, fresh as a fresh read is
+    /// (`ClientRequest::FreshStatus`).
+    Status {
+        server: Sid,
+        mailbox: MailboxKey,
+    },
     MasterMove {
         server: Sid,
         mailbox: MailboxKey,
@@ -309,6 +315,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("expunge", &["server", "mailbox", "labels", "label"]),
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
     ("read", &["server", "mailbox", "fresh"]),
+    ("status", &["server", "mailbox"]),
     ("master_move", &["server", "mailbox"]),
     ("create_mailbox", &["server", "mailbox", "special_use"]),
     ("delete_mailbox", &["server", "mailbox"]),
@@ -845,6 +852,7 @@ impl Tab<'_> {
                 Action::Store { server, mailbox, labels, add, remove, unchanged_since }
             }
             "read" => Action::Read { server: server()?, mailbox: mailbox()?, fresh: event.fresh.unwrap_or(false) },
+            "status" => Action::Status { server: server()?, mailbox: mailbox()? },
             "master_move" => Action::MasterMove { server: server()?, mailbox: mailbox()? },
             "create_mailbox" => Action::CreateMailbox {
                 server: server()?,

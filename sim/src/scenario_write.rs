@@ -123,10 +123,13 @@ fn event_of(e: &TimedEvent) -> EventToml {
             }
             "create_mailbox"
         }
-        Action::MasterMove { server: s, mailbox: m } | Action::DeleteMailbox { server: s, mailbox: m } => {
+        Action::MasterMove { server: s, mailbox: m }
+        | Action::DeleteMailbox { server: s, mailbox: m }
+        | Action::Status { server: s, mailbox: m } => {
             (table.server, table.mailbox) = (server(s), mailbox(m));
             match e.action {
                 Action::MasterMove { .. } => "master_move",
+                Action::Status { .. } => "status",
                 _ => "delete_mailbox",
             }
         }

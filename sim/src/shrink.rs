@@ -107,6 +107,7 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::Expunge { server, .. }
         | Action::Store { server, .. }
         | Action::Read { server, .. }
+        | Action::Status { server, .. }
         | Action::MasterMove { server, .. }
         | Action::CreateMailbox { server, .. }
         | Action::DeleteMailbox { server, .. }

@@ -856,6 +856,7 @@ fn describe_request(request: &ClientRequest) -> String {
         }
         ClientRequest::Read { mailbox } => format!("READ {mailbox}"),
         ClientRequest::FreshRead { mailbox } => format!("FRESH-READ {mailbox}"),
+        ClientRequest::FreshStatus { mailbox } => format!("FRESH-STATUS {mailbox}"),
         ClientRequest::MasterMove { mailbox } => format!("MASTER-MOVE {mailbox}"),
         ClientRequest::CreateMailbox { mailbox, special_use } if special_use.is_empty() => format!("CREATE {mailbox}"),
         ClientRequest::CreateMailbox { mailbox, special_use } => {
@@ -1065,6 +1066,12 @@ impl World {
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
+            ClientReply::FreshStatus { status, caught_up } => {
+                let whole = self.nodes.keys().all(|s| self.alive(*s)) && self.links.values().all(|l| l.up);
+                if *caught_up && whole && self.lost_for_good == 0 && self.hand_deletes == 0 {
+                    self.oracle.fresh_status(t, sid, status, o.issued_us, self.last_fault_us);
+                }
+            }
             ClientReply::FreshRead { view, caught_up } => {
                 self.oracle.view(t, sid, view);
                 // Lost servers and deleted files may take acknowledged mail with them,
@@ -1205,6 +1212,10 @@ impl World {
                 } else {
                     ClientRequest::Read { mailbox: mailbox.clone() }
                 };
+                self.request(server, request, event, Outstanding { mailbox: Some(mailbox), ..none() })
+            }
+            Action::Status { server, mailbox } => {
+                let request = ClientRequest::FreshStatus { mailbox: mailbox.clone() };
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), ..none() })
             }
             Action::CreateMailbox { server, mailbox, special_use } => {
@@ -1459,7 +1470,12 @@ impl World {
                 let f = if self.rng.random_bool(0.3) { flag(self) } else { Vec::new() };
                 Action::Save { server, mailbox, label: None, flags: f, size: self.rng.random_range(200..3000) }
             }
-            45..65 => Action::Read { server, mailbox, fresh: self.rng.random_bool(0.5) },
+            // A quarter of the fresh reads (by the clock, leaving the generator's
+            // sequence as it was) ask for STATUS counts instead.
+            45..65 => match self.rng.random_bool(0.5) {
+                true if (self.now.0 / 1000).is_multiple_of(4) => Action::Status { server, mailbox },
+                fresh => Action::Read { server, mailbox, fresh },
+            },
             65..82 => {
                 let Some(label) = self.random_label_at(server, &mailbox) else { return };
                 let (add, remove) =

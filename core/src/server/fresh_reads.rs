@@ -10,6 +10,13 @@
 use crate::io::{RequestId, WriteId};
 use crate::types::{Instant, MailboxKey, ModSeq};
 
+/// What a fresh read is answered with: the mailbox's messages, or only its counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    View,
+    Status,
+}
+
 /// Where the master stood on a mailbox: its HIGHESTMODSEQ and digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Position {
@@ -22,6 +29,7 @@ pub(crate) struct Position {
 struct Waiting {
     id: RequestId,
     mailbox: MailboxKey,
+    wanted: Wanted,
     position: Position,
     deadline: Instant,
     /// Once this server's copy (durable or not) equals the master's at the position:
@@ -45,10 +53,10 @@ pub(crate) struct Copies<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Answer from the durable copy: `caught_up` when it holds the master's position.
-    Answer { id: RequestId, mailbox: MailboxKey, caught_up: bool },
+    Answer { id: RequestId, mailbox: MailboxKey, wanted: Wanted, caught_up: bool },
     /// Our copy went past the position (later changes, or changes of its own), so it
     /// cannot be compared with it: ask the master again, within the same time.
-    AskAgain { id: RequestId, mailbox: MailboxKey, deadline: Instant },
+    AskAgain { id: RequestId, mailbox: MailboxKey, wanted: Wanted, deadline: Instant },
     /// Our copy has the master's HIGHESTMODSEQ but not its digest (a change it missed,
     /// say a log that overflowed): send the master our summary, which starts a SYNC.
     Compare { mailbox: MailboxKey },
@@ -62,9 +70,16 @@ pub(crate) struct FreshReads {
 }
 
 impl FreshReads {
-    pub(crate) fn wait(&mut self, id: RequestId, mailbox: MailboxKey, position: Position, deadline: Instant) {
+    pub(crate) fn wait(
+        &mut self,
+        id: RequestId,
+        mailbox: MailboxKey,
+        wanted: Wanted,
+        position: Position,
+        deadline: Instant,
+    ) {
         debug_assert!(self.waiting.iter().all(|w| w.id != id), "one wait per request");
-        self.waiting.push(Waiting { id, mailbox, position, deadline, upto: None, compared: false });
+        self.waiting.push(Waiting { id, mailbox, wanted, position, deadline, upto: None, compared: false });
     }
 
     /// The mailboxes reads wait on (their copies' summaries are what `steps` needs).
@@ -81,7 +96,8 @@ impl FreshReads {
                 if ours == w.position {
                     w.upto = Some(copies.last_write);
                 } else if ours.highest_modseq > w.position.highest_modseq && w.deadline > now {
-                    steps.push(Step::AskAgain { id: w.id, mailbox: w.mailbox.clone(), deadline: w.deadline });
+                    let (mailbox, wanted) = (w.mailbox.clone(), w.wanted);
+                    steps.push(Step::AskAgain { id: w.id, mailbox, wanted, deadline: w.deadline });
                     return false;
                 } else if ours.highest_modseq == w.position.highest_modseq && !w.compared {
                     w.compared = true;
@@ -90,7 +106,7 @@ impl FreshReads {
             }
             let caught_up = w.upto.is_some_and(|upto| (copies.is_durable)(upto));
             if caught_up || w.deadline <= now {
-                steps.push(Step::Answer { id: w.id, mailbox: w.mailbox.clone(), caught_up });
+                steps.push(Step::Answer { id: w.id, mailbox: w.mailbox.clone(), wanted: w.wanted, caught_up });
                 return false;
             }
             true
@@ -125,12 +141,12 @@ mod tests {
     fn a_read_is_answered_once_its_copy_equals_the_position_durably() {
         let inbox = MailboxKey::new("u", "INBOX");
         let mut reads = FreshReads::default();
-        reads.wait(1, inbox.clone(), at(7, 70), Instant(100));
+        reads.wait(1, inbox.clone(), Wanted::View, at(7, 70), Instant(100));
         assert!(steps(&mut reads, 10, at(6, 60), 10, 10).is_empty(), "changes still on their way");
         // Equal with write 12, which is not durable yet; then durable.
         assert!(steps(&mut reads, 10, at(7, 70), 12, 11).is_empty());
         let answered = steps(&mut reads, 10, at(8, 80), 13, 12);
-        assert_eq!(answered, vec![Step::Answer { id: 1, mailbox: inbox, caught_up: true }]);
+        assert_eq!(answered, vec![Step::Answer { id: 1, mailbox: inbox, wanted: Wanted::View, caught_up: true }]);
         assert!(reads.is_empty() && reads.next_deadline().is_none());
     }
 
@@ -138,20 +154,20 @@ mod tests {
     fn a_copy_that_differs_is_compared_once_or_asked_again_and_the_deadline_answers() {
         let inbox = MailboxKey::new("u", "INBOX");
         let mut reads = FreshReads::default();
-        reads.wait(1, inbox.clone(), at(7, 70), Instant(100));
-        reads.wait(2, inbox.clone(), at(5, 50), Instant(100));
+        reads.wait(1, inbox.clone(), Wanted::View, at(7, 70), Instant(100));
+        reads.wait(2, inbox.clone(), Wanted::Status, at(5, 50), Instant(100));
         // Same modseq, another digest: compared (once); the other read's copy is past it.
         let first = steps(&mut reads, 10, at(7, 71), 10, 10);
         assert_eq!(
             first,
             vec![
                 Step::Compare { mailbox: inbox.clone() },
-                Step::AskAgain { id: 2, mailbox: inbox.clone(), deadline: Instant(100) }
+                Step::AskAgain { id: 2, mailbox: inbox.clone(), wanted: Wanted::Status, deadline: Instant(100) }
             ]
         );
         assert!(steps(&mut reads, 20, at(7, 71), 10, 10).is_empty());
         assert_eq!(reads.next_deadline(), Some(Instant(100)));
         let late = steps(&mut reads, 100, at(7, 71), 10, 10);
-        assert_eq!(late, vec![Step::Answer { id: 1, mailbox: inbox, caught_up: false }]);
+        assert_eq!(late, vec![Step::Answer { id: 1, mailbox: inbox, wanted: Wanted::View, caught_up: false }]);
     }
 }

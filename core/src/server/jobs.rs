@@ -3,6 +3,7 @@
 //! root), and its client is answered only after the writes it depends on are durable
 //! and, for SAVE/COPY in sync mode, `replicas` peers have made the change durable too.
 
+use super::fresh_reads::Wanted;
 use super::{Mastership, Server};
 use crate::io::*;
 use crate::mailbox;
@@ -36,6 +37,7 @@ pub enum Origin {
     Read {
         id: RequestId,
         mailbox: MailboxKey,
+        wanted: Wanted,
         deadline: Instant,
     },
 }
@@ -114,6 +116,7 @@ fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
 
 impl Server {
     pub(crate) fn on_client(&mut self, id: RequestId, request: ClientRequest) {
+        let wanted = if matches!(request, ClientRequest::FreshStatus { .. }) { Wanted::Status } else { Wanted::View };
         let write = match request {
             ClientRequest::Read { mailbox } => {
                 // A client is shown only what is durable, so a crash can never make this
@@ -123,7 +126,7 @@ impl Server {
                 self.out.reply(id, reply);
                 return;
             }
-            ClientRequest::FreshRead { mailbox } => {
+            ClientRequest::FreshRead { mailbox } | ClientRequest::FreshStatus { mailbox } => {
                 if let Err(reason) = crate::limits::check_mailbox(&mailbox) {
                     self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
                     return;
@@ -132,7 +135,7 @@ impl Server {
                 let deadline = self.now.plus_us(self.cfg.fresh_read_us);
                 if self.has_bug(crate::Bug::FreshReadWithoutBarrier) {
                     self.marks.hit(Mark::FreshReadCaughtUp);
-                    let reply = self.fresh_view(&mailbox, true);
+                    let reply = self.fresh_view(&mailbox, wanted, true);
                     self.out.reply(id, reply);
                     return;
                 }
@@ -141,11 +144,11 @@ impl Server {
                     // yet durable (a mastership just taken over merges states): the read
                     // waits for that, and is answered at the end of this input if it is.
                     let position = self.position_of(&mailbox);
-                    self.fresh_reads.wait(id, mailbox, position, deadline);
+                    self.fresh_reads.wait(id, mailbox, wanted, position, deadline);
                     return;
                 }
                 let job = Job {
-                    origin: Origin::Read { id, mailbox: mailbox.clone(), deadline },
+                    origin: Origin::Read { id, mailbox: mailbox.clone(), wanted, deadline },
                     kind: JobKind::Write(WriteRequest::Barrier { mailbox }),
                     key,
                     state: JobState::Queued,
@@ -432,23 +435,30 @@ impl Server {
             Origin::Peer { sid, job } => self.send(sid, Msg::Reply { tag: job.0, master, result, record }),
             Origin::Internal => {}
             Origin::Part { parent } => self.on_part_answer(parent, result),
-            Origin::Read { id, mailbox, deadline } => self.on_position(id, mailbox, deadline, result),
+            Origin::Read { id, mailbox, wanted, deadline } => self.on_position(id, mailbox, wanted, deadline, result),
         }
     }
 
     /// A fresh read's BARRIER answered (or failed, or timed out): the read waits until
     /// this server's durable copy reaches the master's position, within what is left
     /// of its time; without a position it is answered from what is here now.
-    fn on_position(&mut self, id: RequestId, mailbox: MailboxKey, deadline: Instant, result: WriteResult) {
+    fn on_position(
+        &mut self,
+        id: RequestId,
+        mailbox: MailboxKey,
+        wanted: Wanted,
+        deadline: Instant,
+        result: WriteResult,
+    ) {
         match result {
             // Compared with our copy at the end of this input (`answer_fresh_reads`).
             WriteResult::Position { highest_modseq, digest } => {
                 let position = super::fresh_reads::Position { highest_modseq, digest };
-                self.fresh_reads.wait(id, mailbox, position, deadline);
+                self.fresh_reads.wait(id, mailbox, wanted, position, deadline);
             }
             _ => {
                 self.marks.hit(Mark::FreshReadStale);
-                let reply = self.fresh_view(&mailbox, false);
+                let reply = self.fresh_view(&mailbox, wanted, false);
                 self.out.reply(id, reply);
             }
         }
@@ -469,7 +479,13 @@ impl Server {
         }
     }
 
-    fn fresh_view(&self, mailbox: &MailboxKey, caught_up: bool) -> ClientReply {
+    fn fresh_view(&self, mailbox: &MailboxKey, wanted: Wanted, caught_up: bool) -> ClientReply {
+        if wanted == Wanted::Status {
+            return match self.image.durable_mailbox(mailbox).filter(|m| m.visible()) {
+                Some(m) => ClientReply::FreshStatus { status: mailbox_status(mailbox, &m), caught_up },
+                None => ClientReply::Failed { kind: FailKind::Permanent, reason: format!("no mailbox {mailbox}") },
+            };
+        }
         match self.read_view(mailbox) {
             ClientReply::Read(view) => ClientReply::FreshRead { view, caught_up },
             other => other,
@@ -499,15 +515,15 @@ impl Server {
             let mut asked_again = false;
             for step in steps {
                 match step {
-                    super::fresh_reads::Step::Answer { id, mailbox, caught_up } => {
+                    super::fresh_reads::Step::Answer { id, mailbox, wanted, caught_up } => {
                         self.marks.hit(if caught_up { Mark::FreshReadCaughtUp } else { Mark::FreshReadStale });
-                        let reply = self.fresh_view(&mailbox, caught_up);
+                        let reply = self.fresh_view(&mailbox, wanted, caught_up);
                         self.out.reply(id, reply);
                     }
-                    super::fresh_reads::Step::AskAgain { id, mailbox, deadline } => {
+                    super::fresh_reads::Step::AskAgain { id, mailbox, wanted, deadline } => {
                         asked_again = true;
                         let key = self.master_key(&mailbox);
-                        let origin = Origin::Read { id, mailbox: mailbox.clone(), deadline };
+                        let origin = Origin::Read { id, mailbox: mailbox.clone(), wanted, deadline };
                         let kind = JobKind::Write(WriteRequest::Barrier { mailbox });
                         self.start_job(Job { origin, kind, key, state: JobState::Queued, deadline });
                     }
@@ -1399,6 +1415,21 @@ pub fn mailbox_view(key: &MailboxKey, m: &crate::store::StoredMailbox) -> Mailbo
         uidnext: m.uidnext,
         highest_modseq: m.highest_modseq,
         messages: m.messages.values().map(message_view).collect(),
+    }
+}
+
+/// A stored mailbox's STATUS counts, from the counts its records keep (no pass).
+pub fn mailbox_status(key: &MailboxKey, m: &crate::store::StoredMailbox) -> MailboxStatus {
+    let counts = m.messages.flag_counts();
+    debug_assert!(counts.seen <= m.messages.len() && counts.deleted <= m.messages.len());
+    MailboxStatus {
+        mailbox: key.clone(),
+        uidvalidity: m.uidvalidity,
+        uidnext: m.uidnext,
+        highest_modseq: m.highest_modseq,
+        messages: m.messages.len(),
+        seen: counts.seen,
+        deleted: counts.deleted,
     }
 }
 

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_core::io::{ClientReply, ClientRequest, MailboxChanges, MailboxView, MessageView};
+use tandem_core::io::{ClientReply, ClientRequest, MailboxChanges, MailboxStatus, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
 use tandem_core::types::{Flag, MailboxKey, SpecialUse, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1372,31 +1372,59 @@ impl Session {
     }
 
     async fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Result<String> {
-        let view = self.read_fresh(name).await?;
+        // RECENT is per session and message, so only it needs the messages; every other
+        // item is a count the core keeps, answered without a pass over the mailbox.
+        let recent = if items.contains(&StatusDataItemName::Recent) {
+            let view = self.read_fresh(name).await?;
+            let messages = view.messages.iter().map(|m| (m.uid, m.guid));
+            Some(self.front.recent.shown(&view.mailbox, view.uidvalidity, messages).len())
+        } else {
+            None
+        };
+        let status = self.status_fresh(name).await?;
         let mut parts = Vec::new();
         for item in items {
             match item {
-                StatusDataItemName::Messages => parts.push(format!("MESSAGES {}", view.messages.len())),
-                StatusDataItemName::Recent => {
-                    let messages = view.messages.iter().map(|m| (m.uid, m.guid));
-                    parts.push(format!(
-                        "RECENT {}",
-                        self.front.recent.shown(&view.mailbox, view.uidvalidity, messages).len()
-                    ))
-                }
-                StatusDataItemName::UidNext => parts.push(format!("UIDNEXT {}", view.uidnext)),
-                StatusDataItemName::UidValidity => parts.push(format!("UIDVALIDITY {}", view.uidvalidity)),
+                StatusDataItemName::Messages => parts.push(format!("MESSAGES {}", status.messages)),
+                StatusDataItemName::Recent => parts.push(format!("RECENT {}", recent.unwrap_or(0))),
+                StatusDataItemName::UidNext => parts.push(format!("UIDNEXT {}", status.uidnext)),
+                StatusDataItemName::UidValidity => parts.push(format!("UIDVALIDITY {}", status.uidvalidity)),
                 StatusDataItemName::Unseen => {
-                    parts.push(format!("UNSEEN {}", view.messages.iter().filter(|m| !has(&m.flags, "\\Seen")).count()))
+                    parts.push(format!("UNSEEN {}", status.messages.saturating_sub(status.seen)))
                 }
-                StatusDataItemName::Deleted => parts
-                    .push(format!("DELETED {}", view.messages.iter().filter(|m| has(&m.flags, "\\Deleted")).count())),
-                StatusDataItemName::HighestModSeq => parts.push(format!("HIGHESTMODSEQ {}", view.highest_modseq)),
+                StatusDataItemName::Deleted => parts.push(format!("DELETED {}", status.deleted)),
+                StatusDataItemName::HighestModSeq => parts.push(format!("HIGHESTMODSEQ {}", status.highest_modseq)),
                 _ => {}
             }
         }
         self.line(&format!("* STATUS {} ({})", self.shown_astring(name), parts.join(" ")));
         Ok("STATUS done".into())
+    }
+
+    /// The mailbox's STATUS counts, fresh as `read_fresh` is.
+    async fn status_fresh(&self, name: &str) -> Result<MailboxStatus> {
+        let key = self.key(name);
+        match self.node.request(ClientRequest::FreshStatus { mailbox: key.clone() }).await {
+            ClientReply::FreshStatus { status, .. } => Ok(status),
+            ClientReply::Failed { reason, .. } if reason.starts_with("no mailbox") => {
+                if &*key.name == "INBOX" {
+                    let uidvalidity = key.initial_uidvalidity();
+                    let (messages, seen, deleted) = (0, 0, 0);
+                    Ok(MailboxStatus {
+                        mailbox: key,
+                        uidvalidity,
+                        uidnext: 1,
+                        highest_modseq: 0,
+                        messages,
+                        seen,
+                        deleted,
+                    })
+                } else {
+                    Err("NO [NONEXISTENT] no such mailbox".into())
+                }
+            }
+            other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
+        }
     }
 
     async fn append(

@@ -342,6 +342,17 @@ op = "rename_mailbox"
 server = "s3"
 from = "alice/Projects"
 to = "alice/Done"
+[[event]]
+at_ms = 31
+op = "status"
+server = "s2"
+mailbox = "bob/INBOX"
+[[event]]
+at_ms = 32
+op = "create_mailbox"
+server = "s1"
+mailbox = "alice/Sent"
+special_use = ["\\Sent", "\\Archive"]
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -418,10 +429,12 @@ to = "alice/Done"
         Action::CreateMailbox { server: s1, mailbox: mb("alice/Projects"), special_use: SpecialUse::NONE },
         Action::DeleteMailbox { server: s2, mailbox: mb("alice/Projects") },
         Action::RenameMailbox { server: s3, from: mb("alice/Projects"), to: mb("alice/Done") },
+        Action::Status { server: s2, mailbox: mb("bob/INBOX") },
+        Action::CreateMailbox { server: s1, mailbox: mb("alice/Sent"), special_use: SpecialUse(32 | 2) },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=32).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
@@ -491,6 +504,10 @@ labels = ["m2", "m3"]
 check = "visible"
 mailbox = "alice/Archive"
 visible = false
+[[expect]]
+check = "special_use"
+mailbox = "alice/Sent"
+special_use = ["\\Trash"]
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -512,6 +529,7 @@ visible = false
             Expect::Count { mailbox: mb("alice/INBOX"), count: 4 },
             Expect::Renumbered { labels: vec!["m2".into(), "m3".into()] },
             Expect::Visible { mailbox: mb("alice/Archive"), visible: false },
+            Expect::SpecialUse { mailbox: mb("alice/Sent"), special_use: SpecialUse(64) },
         ]
     );
 }
