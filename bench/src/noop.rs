@@ -225,7 +225,11 @@ pub fn markdown(rows: &[NoopRow], command: &str) -> String {
          for the changes after the HIGHESTMODSEQ it has shown (`Server::changes_since`, a range of a \
          per-mailbox modseq index). Before 2026-12-02 (commit c4fa896) IDLE polled every 500 ms; now the \
          node wakes the sessions watching a mailbox when a change to it is durable (`NodeHandle::watch`), \
-         and IDLE polls every 30 s only as a fallback.\n",
+         and IDLE polls every 30 s only as a fallback (IDLE wake-up p50 499,768 µs, p99 500,746 µs before, on \
+         the same 100k messages). Before commit 7d91d3a STATUS built the whole mailbox's view through the \
+         event loop to count it (p50 6,662 µs here); now the records keep counts of `\\Seen` and `\\Deleted` \
+         as they change (`Messages::flag_counts`) and STATUS asks the core for them \
+         (`ClientRequest::FreshStatus`).\n",
     );
     out
 }
