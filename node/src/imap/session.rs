@@ -787,7 +787,13 @@ impl Session {
             CommandBody::Rename { from, to } => self.rename(&self.name(&from), &self.name(&to)).await,
             CommandBody::GetQuotaRoot { mailbox } => {
                 let user = self.user.clone().unwrap_or_default();
-                self.line(&format!("* QUOTAROOT {} \"\"", astring(&mailbox_name(&mailbox))));
+                // The name echoed as the client sent it, byte for byte.
+                self.out.extend_from_slice(b"* QUOTAROOT ");
+                match &mailbox {
+                    Mailbox::Inbox => self.out.extend_from_slice(b"INBOX"),
+                    Mailbox::Other(other) => string(&mut self.out, other.as_ref()),
+                }
+                self.line(" \"\"");
                 let quota = self.front.quota_response(&self.node, &user).await;
                 self.line(&quota);
                 Ok("GETQUOTAROOT done".into())
