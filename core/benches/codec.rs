@@ -51,6 +51,7 @@ fn kinds() -> Vec<(&'static str, Envelope)> {
                     received: 1,
                     flags: vec![],
                     body: body.clone(),
+                    delivery: true,
                 },
             }),
         ),

@@ -25,10 +25,13 @@ pub enum Bug {
     /// A fresh read is answered from this server's copy at once, without asking the
     /// master where it stands.
     FreshReadWithoutBarrier,
+    /// A SAVE retried after a timeout is stored again even when its first attempt was
+    /// stored (no recognition of retries).
+    StoreRetriesTwice,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -36,6 +39,7 @@ impl Bug {
         Bug::ReplicaOverwritesUid,
         Bug::CollectTombstonesEarly,
         Bug::FreshReadWithoutBarrier,
+        Bug::StoreRetriesTwice,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +51,7 @@ impl Bug {
             Bug::ReplicaOverwritesUid => "replica-overwrites-uid",
             Bug::CollectTombstonesEarly => "collect-tombstones-early",
             Bug::FreshReadWithoutBarrier => "fresh-read-without-barrier",
+            Bug::StoreRetriesTwice => "store-retries-twice",
         }
     }
 

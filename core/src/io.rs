@@ -51,6 +51,12 @@ pub struct Config {
     /// this server's copy to reach it before it is answered from what is here.
     #[serde(default = "Config::fresh_read_us_default")]
     pub fresh_read_us: u64,
+    /// A SAVE whose bytes equal a live message's in the same mailbox, received within
+    /// this many seconds of it, is answered with that message instead of stored again:
+    /// an MTA or a client retrying after a timeout whose first attempt was stored after
+    /// all (see `Server::master_save`). 0 turns it off.
+    #[serde(default = "Config::retry_window_s_default")]
+    pub retry_window_s: u64,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
     #[serde(default)]
@@ -93,6 +99,13 @@ impl Config {
         Config::FRESH_READ_US_DEFAULT
     }
 
+    /// A day: MTAs retry a temporary failure for days, most within hours.
+    pub const RETRY_WINDOW_S_DEFAULT: u64 = 86_400;
+
+    fn retry_window_s_default() -> u64 {
+        Config::RETRY_WINDOW_S_DEFAULT
+    }
+
     pub fn new(sid: Sid, servers: Vec<Sid>) -> Config {
         Config {
             sid,
@@ -108,6 +121,7 @@ impl Config {
             tombstone_grace_us: 60_000_000,
             startup_hold_us: Config::STARTUP_HOLD_US_DEFAULT,
             fresh_read_us: Config::FRESH_READ_US_DEFAULT,
+            retry_window_s: Config::RETRY_WINDOW_S_DEFAULT,
             #[cfg(feature = "broken")]
             bug: None,
         }
@@ -122,6 +136,11 @@ pub enum ClientRequest {
         received: u64,
         flags: Vec<Flag>,
         body: Body,
+        /// A delivery (LMTP), which an MTA retries after a temporary failure: the master
+        /// answers one with the message its first attempt stored, if it was stored after
+        /// all (see `Config::retry_window_s`). An IMAP APPEND is not one: RFC 3501 makes
+        /// each APPEND a new message, even of the same bytes.
+        delivery: bool,
     },
     Copy {
         src: MailboxKey,

@@ -41,10 +41,12 @@ pub enum Mark {
     /// A fresh read was answered from this server's copy without its master's position
     /// (no master in time, or a copy that did not catch up in time).
     FreshReadStale,
+    /// A SAVE was recognised as a retry of one already stored, and answered with it.
+    RetryRecognised,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 22] = [
+    pub const ALL: [Mark; 23] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -67,6 +69,7 @@ impl Mark {
         Mark::ValidityAdopted,
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
+        Mark::RetryRecognised,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +96,7 @@ impl Mark {
             Mark::ValidityAdopted => "validity_adopted",
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
+            Mark::RetryRecognised => "retry_recognised",
         }
     }
 

@@ -27,23 +27,15 @@ pub enum WriteRequest {
         received: u64,
         flags: Vec<Flag>,
         body: Body,
+        /// See [`crate::ClientRequest::Save`]'s `delivery`.
+        delivery: bool,
     },
     /// COPY keeps the message's flags (RFC 3501), as the sender's client saw them.
-    Copy {
-        src: MailboxKey,
-        src_uid: Uid,
-        guid: Guid,
-        dst: MailboxKey,
-        received: u64,
-        flags: Vec<Flag>,
-    },
+    Copy { src: MailboxKey, src_uid: Uid, guid: Guid, dst: MailboxKey, received: u64, flags: Vec<Flag> },
     /// Messages as (UID, GUID) the way the sender's client saw them: the master acts on
     /// the GUID, so a UID that means another message at the master (before a conflict
     /// is resolved everywhere) never expunges or flags the wrong one.
-    Expunge {
-        mailbox: MailboxKey,
-        messages: Vec<(Uid, Guid)>,
-    },
+    Expunge { mailbox: MailboxKey, messages: Vec<(Uid, Guid)> },
     Store {
         mailbox: MailboxKey,
         messages: Vec<(Uid, Guid)>,
@@ -56,23 +48,15 @@ pub enum WriteRequest {
         known_modseq: ModSeq,
     },
     /// IMAP CREATE and DELETE (the seed is silent; users expect them to replicate).
-    Mailbox {
-        mailbox: MailboxKey,
-        action: MailboxAction,
-    },
+    Mailbox { mailbox: MailboxKey, action: MailboxAction },
     /// IMAP RENAME, ordered by the master of `from`: `to` gets every message of `from`
     /// (with its UIDVALIDITY and UIDs when `to` has no history), `from` is deleted
     /// (INBOX is emptied instead), in one step.
-    Rename {
-        from: MailboxKey,
-        to: MailboxKey,
-    },
+    Rename { from: MailboxKey, to: MailboxKey },
     /// Where the master stands on a mailbox, for a read that must show every change
     /// the master ordered before it (`ClientRequest::FreshRead`): answered with
     /// `WriteResult::Position`, changing nothing.
-    Barrier {
-        mailbox: MailboxKey,
-    },
+    Barrier { mailbox: MailboxKey },
 }
 
 /// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the

@@ -24,6 +24,9 @@ pub struct Messages {
     by_modseq: BTreeSet<(ModSeq, Uid)>,
     /// What STATUS counts, kept as records come, go and change (not a pass either).
     counts: FlagCounts,
+    /// Every record by its body checksum: a retried SAVE finds the message its first
+    /// attempt stored by a lookup (see `Server::master_save`).
+    by_checksum: BTreeSet<(u64, Uid)>,
 }
 
 /// Records with `\Seen` and with `\Deleted` set.
@@ -55,6 +58,7 @@ pub struct RecordMut<'a> {
     guid_before: Guid,
     /// The record's part of `counts` before the change, taken out until it ends.
     counted_before: FlagCounts,
+    checksum_before: u64,
 }
 
 impl std::ops::Deref for RecordMut<'_> {
@@ -77,6 +81,7 @@ impl Drop for RecordMut<'_> {
             self.by_modseq.remove(&(self.modseq_before, self.record.uid));
             self.by_modseq.insert((self.record.modseq, self.record.uid));
         }
+        debug_assert_eq!(self.record.checksum, self.checksum_before, "a record changed in place keeps its body");
         self.counts.seen -= self.counted_before.seen;
         self.counts.deleted -= self.counted_before.deleted;
         self.counts.add(self.record);
@@ -92,7 +97,7 @@ impl Messages {
     }
     pub fn get_mut(&mut self, uid: &Uid) -> Option<RecordMut<'_>> {
         let record = self.by_uid.get_mut(uid)?;
-        let (modseq_before, guid_before) = (record.modseq, record.guid);
+        let (modseq_before, guid_before, record_checksum) = (record.modseq, record.guid, record.checksum);
         let mut counted_before = FlagCounts::default();
         counted_before.add(record);
         Some(RecordMut {
@@ -102,7 +107,12 @@ impl Messages {
             modseq_before,
             guid_before,
             counted_before,
+            checksum_before: record_checksum,
         })
+    }
+    /// The live records whose body has this checksum, lowest UID first.
+    pub fn with_checksum(&self, checksum: u64) -> impl Iterator<Item = &MessageRecord> + '_ {
+        self.by_checksum.range((checksum, 0)..=(checksum, Uid::MAX)).filter_map(|(_, uid)| self.by_uid.get(uid))
     }
     /// Records with `\Seen`, with `\Deleted` (for STATUS UNSEEN and DELETED).
     pub fn flag_counts(&self) -> FlagCounts {
@@ -120,9 +130,11 @@ impl Messages {
         let guid = record.guid;
         self.by_modseq.insert((record.modseq, uid));
         self.counts.add(&record);
+        let checksum = record.checksum;
         let old = self.by_uid.insert(uid, record);
         if let Some(old) = &old {
             self.counts.take(old);
+            self.by_checksum.remove(&(old.checksum, uid));
             self.unindex(old.guid, uid);
             if let Some(now) = self.by_uid.get(&uid).map(|r| r.modseq)
                 && now != old.modseq
@@ -130,6 +142,7 @@ impl Messages {
                 self.by_modseq.remove(&(old.modseq, uid));
             }
         }
+        self.by_checksum.insert((checksum, uid));
         let uids = self.by_guid.entry(guid).or_default();
         uids.insert(uid);
         if uids.len() > 1 {
@@ -142,6 +155,7 @@ impl Messages {
         self.unindex(old.guid, *uid);
         self.by_modseq.remove(&(old.modseq, *uid));
         self.counts.take(&old);
+        self.by_checksum.remove(&(old.checksum, *uid));
         Some(old)
     }
     fn unindex(&mut self, guid: Guid, uid: Uid) {
@@ -213,7 +227,12 @@ impl Messages {
         let by_modseq: BTreeSet<(ModSeq, Uid)> = self.by_uid.values().map(|r| (r.modseq, r.uid)).collect();
         let mut counts = FlagCounts::default();
         self.by_uid.values().for_each(|r| counts.add(r));
-        expected == self.by_guid && multi == self.multi && by_modseq == self.by_modseq && counts == self.counts
+        let by_checksum: BTreeSet<(u64, Uid)> = self.by_uid.values().map(|r| (r.checksum, r.uid)).collect();
+        expected == self.by_guid
+            && multi == self.multi
+            && by_modseq == self.by_modseq
+            && counts == self.counts
+            && by_checksum == self.by_checksum
     }
 }
 

@@ -23,7 +23,7 @@
 //! | `MASTER` | `<epoch> <key> <master-sid> <generation>` |
 //! | `MASTER-MOVE` | `<tag> <key> <requester-sid>` |
 //! | `MOVED` | `<tag> <key> <epoch> <generation> (<state>...)` |
-//! | `SAVE` | `<tag> <mbox> <guid> <received> (<flag>...) {n}<body>` |
+//! | `SAVE` | `<tag> <mbox> <guid> <received> (<flag>...) APPEND\|DELIVERY {n}<body>` |
 //! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
@@ -995,8 +995,9 @@ fn read_master_key(r: &mut Reader) -> Parse<MasterKey> {
 
 fn write_request(w: &mut Writer, request: &WriteRequest) {
     match request {
-        WriteRequest::Save { mailbox, guid, received, flags, body } => {
-            w.mailbox(mailbox).guid(*guid).num(*received).flags(flags).body(body);
+        WriteRequest::Save { mailbox, guid, received, flags, body, delivery } => {
+            w.mailbox(mailbox).guid(*guid).num(*received).flags(flags);
+            w.atom(if *delivery { "DELIVERY" } else { "APPEND" }).body(body);
         }
         WriteRequest::Copy { src, src_uid, guid, dst, received, flags } => {
             w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received).flags(flags);
@@ -1056,6 +1057,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             guid: r.guid()?,
             received: r.u64()?,
             flags: r.flags()?,
+            delivery: read_keyword(r, &["APPEND", "DELIVERY"])? == 1,
             body: r.body()?,
         },
         b"COPY" => WriteRequest::Copy {
@@ -1448,6 +1450,7 @@ mod tests {
                         received: 1_700_000_000,
                         flags: vec![flag("\\Seen")],
                         body: Body::from_static(b"Subject: hi\r\n\r\nbody\0with NUL\r\n"),
+                        delivery: true,
                     },
                 },
             ),
@@ -1721,13 +1724,14 @@ mod tests {
                     received: 5,
                     flags: vec![flag("\\Seen"), flag("$Junk")],
                     body: Body::from_static(b"hi"),
+                    delivery: false,
                 },
             },
         );
         let mut out = Vec::new();
         Encoder::new().encode(&e, &mut out);
         let expected = "* MBOX 1 \"bob\" \"INBOX\"\r\n\
-             s1.s3.0 SAVE 7 1 00000000000000000000000000000001 5 (\\Seen $Junk) {2}\r\nhi\r\n";
+             s1.s3.0 SAVE 7 1 00000000000000000000000000000001 5 (\\Seen $Junk) APPEND {2}\r\nhi\r\n";
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         let mut out = Vec::new();
         Encoder::new().encode(&env(2, 1, 4, Msg::Error { text: "é \"q\"".into() }), &mut out);
@@ -2071,7 +2075,14 @@ mod tests {
         let save = (mailbox_key(), guid(), any::<u64>(), flag_list(), bytes()).prop_map(
             |(mailbox, guid, received, flags, body)| Msg::Request {
                 tag: 1,
-                request: WriteRequest::Save { mailbox, guid, received, flags, body: body.into() },
+                request: WriteRequest::Save {
+                    mailbox,
+                    guid,
+                    received,
+                    flags,
+                    delivery: received % 2 == 0,
+                    body: body.into(),
+                },
             },
         );
         let store = (

@@ -3,64 +3,19 @@
 //! just taken over merges the states it was handed), and a read answered from the disk
 //! at once would miss them while saying it caught up.
 
+mod one;
+
+use one::One;
 use tandem_core::*;
 
-const S1: Sid = Sid(1);
-
-struct One {
-    server: Server,
-    now: Instant,
-    /// Writes issued and not yet reported durable.
-    held: Vec<WriteId>,
-    replies: Vec<(RequestId, ClientReply)>,
-}
-
-impl One {
-    fn new() -> One {
-        let mut cfg = Config::new(S1, vec![S1]);
-        cfg.replicas = 0;
-        One {
-            server: Server::new(cfg, 3, Box::new(MemoryBodies::default())),
-            now: Instant(0),
-            held: Vec::new(),
-            replies: Vec::new(),
-        }
-    }
-
-    fn input(&mut self, input: Input) {
-        self.server.handle(self.now, input);
-        while let Some(out) = self.server.poll_output() {
-            match out {
-                Output::Write { id, .. } => self.held.push(id),
-                Output::Reply { id, reply } => self.replies.push((id, reply)),
-                Output::Send { to, .. } => panic!("a lone server sent to {to}"),
-            }
-        }
-    }
-
-    /// Everything held so far becomes durable.
-    fn durable(&mut self) {
-        if let Some(upto) = self.held.drain(..).max() {
-            self.input(Input::Durable { upto });
-        }
-    }
-
-    fn tick(&mut self, durable: bool) {
-        self.now = self.now.plus_us(self.server.config().tick_us);
-        self.input(Input::Timer);
-        if durable {
-            self.durable();
-        }
-    }
-
-    fn reply(&mut self, id: RequestId) -> Option<ClientReply> {
-        let at = self.replies.iter().position(|(i, _)| *i == id)?;
-        Some(self.replies.remove(at).1)
-    }
-}
-
 fn save(mailbox: &MailboxKey, text: &'static [u8]) -> ClientRequest {
-    ClientRequest::Save { mailbox: mailbox.clone(), received: 0, flags: Vec::new(), body: Body::from_static(text) }
+    ClientRequest::Save {
+        mailbox: mailbox.clone(),
+        received: 0,
+        flags: Vec::new(),
+        body: Body::from_static(text),
+        delivery: false,
+    }
 }
 
 #[test]
@@ -88,7 +43,13 @@ fn a_masters_fresh_read_waits_until_its_own_copy_is_durable() {
     assert!(matches!(one.reply(2), Some(ClientReply::Write(WriteResult::Saved { .. }))));
     // STATUS waits the same way and counts what the view shows.
     let flags = vec![Flag::new("\\Seen").unwrap()];
-    let seen = ClientRequest::Save { mailbox: inbox.clone(), received: 0, flags, body: Body::from_static(b"third") };
+    let seen = ClientRequest::Save {
+        mailbox: inbox.clone(),
+        received: 0,
+        flags,
+        body: Body::from_static(b"third"),
+        delivery: false,
+    };
     one.input(Input::Client { id: 4, request: seen });
     one.input(Input::Client { id: 5, request: ClientRequest::FreshStatus { mailbox: inbox.clone() } });
     one.tick(false);

@@ -308,7 +308,13 @@ fn absurd_numbers_from_a_peer_are_refused() {
     assert_eq!(h.servers[&S2].term(), h.servers[&S1].term());
     let reply = h.request_at(
         S2,
-        ClientRequest::Save { mailbox: inbox(), received: 2, flags: vec![], body: Body::from_static(b"hello") },
+        ClientRequest::Save {
+            mailbox: inbox(),
+            received: 2,
+            flags: vec![],
+            body: Body::from_static(b"hello"),
+            delivery: false,
+        },
     );
     let ClientReply::Write(WriteResult::Saved { uid, .. }) = reply else { panic!("{reply:?}") };
     assert_eq!(uid, 4);

@@ -397,7 +397,9 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> String {
                 mailbox: key(name),
                 received: 1_700_000_000,
                 flags: flags.iter().map(|i| flag(FLAGS[*i])).collect(),
-                body: Body::from_static(b"Subject: model\r\n\r\nbody\r\n"),
+                // Each save its own bytes: equal bytes would be taken for a retry.
+                body: Body::from(format!("Subject: {:05}\r\n\r\nbody\r\n", h.next_id % 100_000).into_bytes()),
+                delivery: false,
             };
             let text = format!("{request:?}");
             let reply = h.request(request);
@@ -512,7 +514,9 @@ fn save(h: &mut Harness, name: &str, flags: &[&str]) -> Uid {
         mailbox: key(name),
         received: 1_700_000_000,
         flags: flags.iter().map(|f| flag(f)).collect(),
-        body: Body::from_static(b"Subject: case\r\n\r\nbody\r\n"),
+        // Each save its own bytes: equal bytes would be taken for a retry.
+        body: Body::from(format!("Subject: case {}\r\n\r\nbody\r\n", h.next_id).into_bytes()),
+        delivery: false,
     };
     match h.request(request) {
         ClientReply::Write(WriteResult::Saved { uid, .. }) => uid,
@@ -748,8 +752,13 @@ fn lone_server_serves_writes() {
     let tick = cfg.tick_us;
     let mut server = Server::new(cfg, 7, Box::new(MemoryBodies::default()));
     let mut now = Instant(0);
-    let request =
-        ClientRequest::Save { mailbox: key("INBOX"), received: 0, flags: vec![], body: Body::from_static(b"x") };
+    let request = ClientRequest::Save {
+        mailbox: key("INBOX"),
+        received: 0,
+        flags: vec![],
+        body: Body::from_static(b"x"),
+        delivery: false,
+    };
     let mut input = Some(Input::Client { id: 1, request });
     for _ in 0..STEP_MAX {
         server.handle(now, input.take().unwrap_or(Input::Timer));

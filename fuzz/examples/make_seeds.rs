@@ -245,6 +245,7 @@ fn save_req(mailbox: MailboxKey, body: &str) -> ClientRequest {
         received: 1_700_000_000,
         flags: vec![flag("\\Seen")],
         body: body.as_bytes().to_vec().into(),
+        delivery: true,
     }
 }
 
@@ -427,6 +428,7 @@ fn wire_seeds(dir: &Path) {
                         received: 1_700_000_000,
                         flags: vec![flag("\\Seen"), flag("work")],
                         body: Body::from_static(b"Subject: hi\r\n\r\nbody\0with NUL\r\n"),
+                        delivery: true,
                     },
                 },
             )],

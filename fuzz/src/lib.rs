@@ -462,7 +462,7 @@ impl Harness {
                 let (result, record) = match (v % 4, request) {
                     (1, _) => (WriteResult::Failed { kind: FailKind::Temporary, reason: "busy".into() }, None),
                     (2, _) => (WriteResult::Failed { kind: FailKind::Permanent, reason: "no".into() }, None),
-                    (_, WriteRequest::Save { mailbox, guid, received, flags, body }) => (
+                    (_, WriteRequest::Save { mailbox, guid, received, flags, body, .. }) => (
                         WriteResult::Saved { uidvalidity: mailbox.initial_uidvalidity(), uid, guid },
                         (v & 4 == 0).then(|| record(guid, received, &flags, Some(&body))),
                     ),
@@ -526,7 +526,7 @@ fn client_request(r: &mut Bytes) -> ClientRequest {
             let received = u64::from(r.byte());
             let flags = flags(r.byte());
             let n = usize::from(r.byte() % 32);
-            ClientRequest::Save { mailbox, received, flags, body: r.take(n).to_vec().into() }
+            ClientRequest::Save { mailbox, received, flags, body: r.take(n).to_vec().into(), delivery: false }
         }
         1 => {
             ClientRequest::Copy { src: mailbox(r.byte()), src_uid: Uid::from(r.byte() % 8 + 1), dst: mailbox(r.byte()) }

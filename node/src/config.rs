@@ -38,6 +38,8 @@ struct FileConfig {
     #[serde(default)]
     fresh_read_ms: Option<u64>,
     #[serde(default)]
+    retry_window_s: Option<u64>,
+    #[serde(default)]
     compression: Option<bool>,
     #[serde(default)]
     metrics: Option<SocketAddr>,
@@ -307,6 +309,9 @@ const STARTUP_HOLD_MS_MAX: u64 = 60_000;
 /// below a round trip it would always be stale, above a minute a client gives up.
 const FRESH_READ_MS_MIN: u64 = 10;
 const FRESH_READ_MS_MAX: u64 = 60_000;
+/// How far apart a SAVE and its retry may be received (`retry_window_s`): 30 days,
+/// longer than any MTA keeps a message queued.
+const RETRY_WINDOW_S_MAX: u64 = 30 * 86_400;
 
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -432,6 +437,15 @@ impl NodeConfig {
                 ));
             }
             core.fresh_read_us = ms.saturating_mul(1000);
+        }
+        if let Some(seconds) = file.retry_window_s {
+            if seconds > RETRY_WINDOW_S_MAX {
+                return Err(bad(
+                    "retry_window_s",
+                    format!("must be at most {RETRY_WINDOW_S_MAX} (30 days; 0 turns recognising retries off)"),
+                ));
+            }
+            core.retry_window_s = seconds;
         }
         let secret = match &file.secret_file {
             None => {
@@ -625,5 +639,19 @@ mod tests {
         }
         assert!(parse(&format!("{base}fresh_read_ms = 1\n")).is_err_and(|e| e.0.contains("fresh_read_ms")));
         assert!(parse(&format!("{base}fresh_read_ms = 600000\n")).is_err());
+    }
+
+    #[test]
+    fn retry_window_s_is_bounded_and_zero_turns_it_off() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7101\"\n";
+        match parse(base) {
+            Ok(c) => assert_eq!(c.core.retry_window_s, 86_400),
+            Err(e) => panic!("{e:?}"),
+        }
+        match parse(&format!("{base}retry_window_s = 0\n")) {
+            Ok(c) => assert_eq!(c.core.retry_window_s, 0),
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(parse(&format!("{base}retry_window_s = 9999999\n")).is_err_and(|e| e.0.contains("retry_window_s")));
     }
 }

@@ -219,15 +219,21 @@ async fn read_data<R: AsyncBufRead + Unpin>(r: &mut R, size_max: usize) -> Resul
 
 async fn deliver(node: &NodeHandle, user: &str, body: tandem_core::Body) -> String {
     let received = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let request = ClientRequest::Save { mailbox: MailboxKey::new(user, "INBOX"), received, flags: vec![], body };
+    // A delivery: an MTA retries a 451, and the mailbox's master answers a retry with the
+    // message its first attempt stored, if it was stored after all.
+    let mailbox = MailboxKey::new(user, "INBOX");
+    let request = ClientRequest::Save { mailbox, received, flags: vec![], body, delivery: true };
     match node.request(request).await {
         ClientReply::Write(WriteResult::Saved { uid, guid, .. }) => {
             info!(user, uid, %guid, "delivered");
             format!("250 2.0.0 <{user}> saved as UID {uid}")
         }
-        ClientReply::Write(WriteResult::Failed { reason, .. }) | ClientReply::Failed { reason, .. } => {
-            format!("451 4.3.0 <{user}> not stored, try again later: {reason}")
-        }
+        // A failure for now may come after the master stored the message (its answer, or
+        // its copies' acknowledgements, came too late): "not stored" would be a promise
+        // this node cannot keep. What it can promise is that the retry is not stored twice.
+        ClientReply::Write(WriteResult::Failed { reason, .. }) | ClientReply::Failed { reason, .. } => format!(
+            "451 4.3.0 <{user}> not confirmed, try again later (a retry of the same message is not stored twice): {reason}"
+        ),
         other => format!("451 4.3.0 <{user}> not stored: {other:?}"),
     }
 }

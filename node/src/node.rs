@@ -696,6 +696,7 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
                 .unwrap_or(0),
             flags: flags(&f)?,
             body: body.into_bytes().into(),
+            delivery: false,
         },
         AdminRequest::Dump { mailbox } => ClientRequest::Read { mailbox: admin::parse_mailbox(&mailbox)? },
         AdminRequest::Store { mailbox, uids, add, remove } => ClientRequest::Store {

@@ -111,7 +111,13 @@ impl Pair {
     }
 
     fn save(&mut self, at: Sid, id: RequestId, body: Body) -> ClientReply {
-        let request = ClientRequest::Save { mailbox: MailboxKey::new("u", "INBOX"), received: 1, flags: vec![], body };
+        let request = ClientRequest::Save {
+            mailbox: MailboxKey::new("u", "INBOX"),
+            received: 1,
+            flags: vec![],
+            body,
+            delivery: false,
+        };
         self.pump(vec![(at, Input::Client { id, request })]);
         for _ in 0..1000 {
             if let Some(r) = self.replies.remove(&(at, id)) {

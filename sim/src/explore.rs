@@ -13,6 +13,9 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 use tandem_core::{Bug, Durability, Flag, Granularity, MailboxKey, Mark, Sid, SpecialUse};
 
+/// Explored clients retry failed deliveries as an MTA does, after this long.
+const MTA_RETRY_MS: u64 = 4000;
+
 /// Keeps the generator's stream apart from the run's own RNG stream of the same seed.
 const GENERATOR_SALT: u64 = 0x5eed_0f5e_ed0f_5eed;
 
@@ -271,6 +274,7 @@ pub fn generate(seed: u64) -> Scenario {
             request_timeout_ms: 5000,
             tombstone_grace_ms,
             startup_hold_ms: crate::scenario::STARTUP_HOLD_MS_DEFAULT,
+            mta_retry_ms: Some(MTA_RETRY_MS),
         },
         events,
         expects: vec![Expect::Invariants],

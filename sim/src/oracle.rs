@@ -10,10 +10,21 @@ pub const UIDS_NEVER_REUSED: &str = "uids_never_reused";
 pub const MONOTONIC: &str = "monotonic";
 pub const FLAGS_AGREE: &str = "flags_agree";
 pub const CONVERGENCE: &str = "convergence";
+/// A delivery retried while every server was up, connected and agreeing is stored once
+/// at the end (its first attempt, if stored, was found and answered with).
+pub const RETRIES_STORED_ONCE: &str = "retries_stored_once";
 pub const NO_RESURRECTION: &str = "no_resurrection";
 pub const READ_YOUR_WRITES: &str = "read_your_writes";
-pub const INVARIANTS: [&str; 7] =
-    [NO_ACKED_LOSS, UIDS_NEVER_REUSED, MONOTONIC, FLAGS_AGREE, CONVERGENCE, NO_RESURRECTION, READ_YOUR_WRITES];
+pub const INVARIANTS: [&str; 8] = [
+    NO_ACKED_LOSS,
+    UIDS_NEVER_REUSED,
+    MONOTONIC,
+    FLAGS_AGREE,
+    CONVERGENCE,
+    NO_RESURRECTION,
+    READ_YOUR_WRITES,
+    RETRIES_STORED_ONCE,
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
@@ -344,6 +355,28 @@ impl Oracle {
                 time_us,
                 format!("{server}'s STATUS of {mailbox} is not a count: {status:?}"),
             );
+        }
+    }
+
+    /// Each delivery retried when the cluster was whole (mailbox, body checksum) is one
+    /// message in its mailbox on every live server: two GUIDs with its bytes there mean a
+    /// retry was stored as a second message.
+    pub fn retries_stored_once(
+        &mut self,
+        time_us: u64,
+        stores: &BTreeMap<Sid, &Server>,
+        retried: &BTreeSet<(MailboxKey, u64)>,
+    ) {
+        for (sid, server) in stores {
+            for (mailbox, checksum) in retried {
+                let Some(m) = server.image().mailboxes.get(mailbox) else { continue };
+                let guids: BTreeSet<Guid> = m.messages.with_checksum(*checksum).map(|r| r.guid).collect();
+                if guids.len() > 1 {
+                    let detail =
+                        format!("{sid} holds a retried delivery in {mailbox} as {} messages: {guids:?}", guids.len());
+                    self.violate(RETRIES_STORED_ONCE, time_us, detail);
+                }
+            }
         }
     }
 

@@ -56,6 +56,10 @@ pub struct ClusterSpec {
     /// How long a started server waits to hear every peer before it acts alone (see
     /// `Config::startup_hold_us`).
     pub startup_hold_ms: u64,
+    /// Clients retry a delivery that failed for now (or whose server went down before
+    /// answering) after this long, at the next server, with the same bytes, as an MTA
+    /// does with several MX hosts; None: they give up.
+    pub mta_retry_ms: Option<u64>,
 }
 
 /// The simulator's default tombstone grace: longer than a message can travel here (32
@@ -755,6 +759,7 @@ impl Tab<'_> {
         let request_timeout_ms = self.int_in(cluster.request_timeout_ms, "request_timeout_ms", 1..=u64::MAX >> 1)?;
         let tombstone_grace_ms = self.int_in(cluster.tombstone_grace_ms, "tombstone_grace_ms", 0..=u64::MAX >> 12)?;
         let startup_hold_ms = self.int_in(cluster.startup_hold_ms, "startup_hold_ms", 0..=u64::MAX >> 12)?;
+        let mta_retry_ms = self.int_in(cluster.mta_retry_ms, "mta_retry_ms", 1..=u64::MAX >> 12)?;
         let links = match cluster.links {
             None => None,
             Some(items) => {
@@ -790,6 +795,7 @@ impl Tab<'_> {
             request_timeout_ms: request_timeout_ms.unwrap_or(5000),
             tombstone_grace_ms: tombstone_grace_ms.unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT),
             startup_hold_ms: startup_hold_ms.unwrap_or(STARTUP_HOLD_MS_DEFAULT),
+            mta_retry_ms,
             servers,
         })
     }

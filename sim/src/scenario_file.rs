@@ -37,6 +37,7 @@ pub(crate) struct ClusterToml {
     pub request_timeout_ms: Option<u64>,
     pub tombstone_grace_ms: Option<u64>,
     pub startup_hold_ms: Option<u64>,
+    pub mta_retry_ms: Option<u64>,
     pub links: Option<Vec<Spanned<LinkToml>>>,
 }
 

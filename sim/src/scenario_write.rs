@@ -37,6 +37,7 @@ fn file_of(s: &Scenario) -> FileToml {
         request_timeout_ms: Some(c.request_timeout_ms),
         tombstone_grace_ms: Some(c.tombstone_grace_ms),
         startup_hold_ms: Some(c.startup_hold_ms),
+        mta_retry_ms: c.mta_retry_ms,
         links: c.links.as_ref().map(|links| links.iter().map(link).collect()),
     };
     FileToml {

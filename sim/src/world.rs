@@ -90,7 +90,26 @@ enum Ev {
         mailbox: MailboxKey,
         roll: u32,
     },
+    /// A client delivers again what failed for now (see `ClusterSpec::mta_retry_ms`).
+    Retry {
+        server: Sid,
+        retry: Retry,
+    },
 }
+
+/// A delivery a client will try again if it fails for now, as an MTA does.
+#[derive(Clone, Debug)]
+struct Retry {
+    mailbox: MailboxKey,
+    flags: Vec<Flag>,
+    body: Body,
+    label: Option<String>,
+    /// Attempts made so far (1: the first).
+    attempts: u32,
+}
+
+/// Attempts a client makes at one delivery before it gives up (an MTA bounces later).
+const DELIVERY_ATTEMPTS_MAX: u32 = 5;
 
 /// A hasher for GUIDs, which are random already: a quick mix of their bits.
 #[derive(Default)]
@@ -181,6 +200,30 @@ struct Outstanding {
     hand_deletes_before: usize,
     /// When the client asked.
     issued_us: u64,
+    /// A delivery to try again if it fails for now.
+    retry: Option<Retry>,
+}
+
+impl Outstanding {
+    /// A request's bookkeeping before the client fills it in.
+    fn none() -> Outstanding {
+        Outstanding {
+            server: Sid(0),
+            incarnation: 0,
+            event: None,
+            label: None,
+            mailbox: None,
+            expunging: Vec::new(),
+            unchanged_since: None,
+            storing: Vec::new(),
+            add: Vec::new(),
+            remove: Vec::new(),
+            losses_before: 0,
+            hand_deletes_before: 0,
+            issued_us: 0,
+            retry: None,
+        }
+    }
 }
 
 pub struct World {
@@ -209,6 +252,9 @@ pub struct World {
     trace_hash: u64,
     trace: Vec<String>,
     label_counter: u64,
+    /// Deliveries retried while the cluster was whole and agreeing, as (mailbox, body
+    /// checksum): each must be stored once (see `oracle::RETRIES_STORED_ONCE`).
+    retried_when_whole: BTreeSet<(MailboxKey, u64)>,
     lost_for_good: usize,
     hand_deletes: usize,
     /// The last crash, start, link change or hand edit: a fresh read must show every
@@ -285,6 +331,7 @@ impl World {
             trace_hash: 0,
             trace: Vec::new(),
             label_counter: 0,
+            retried_when_whole: BTreeSet::new(),
             lost_for_good: 0,
             hand_deletes: 0,
             last_fault_us: 0,
@@ -432,6 +479,7 @@ impl World {
             .collect();
         let mut oracle = std::mem::take(&mut self.oracle);
         oracle.at_quiescence(self.now.0, &stores, check_loss, &unrecoverable);
+        oracle.retries_stored_once(self.now.0, &stores, &self.retried_when_whole);
         self.oracle = oracle;
         self.check_expectations();
         self.report(converged_at.map(|t| t.0 - heal_time.0))
@@ -601,7 +649,14 @@ impl World {
             node.lost = true;
             self.oracle.forget_server(sid);
         }
-        self.outstanding.retain(|_, o| o.server != sid);
+        // Clients of the server lose their connections: an MTA tries its deliveries again.
+        let dropped: Vec<RequestId> =
+            self.outstanding.iter().filter(|(_, o)| o.server == sid).map(|(id, _)| *id).collect();
+        for id in dropped {
+            if let Some(retry) = self.outstanding.remove(&id).and_then(|o| o.retry) {
+                self.retry_later(sid, retry);
+            }
+        }
         self.note(|w: &World| format!("{} {sid} {}", w.ms(), if wipe { "is lost with its disk" } else { "crashes" }));
         for n in neighbours {
             self.bump_link(sid, n);
@@ -835,7 +890,47 @@ impl World {
             }
             Ev::RestoreLink { a, b } => self.set_link(a, b, true),
             Ev::RandomOp { server, mailbox, roll } => self.random_op(server, mailbox, roll),
+            Ev::Retry { server, retry } => self.deliver_again(server, retry),
         }
+    }
+
+    /// A client's delivery failed for now or went unanswered: try again later at the
+    /// next server (an MTA's next MX host), unless it has tried enough.
+    fn retry_later(&mut self, failed_at: Sid, retry: Retry) {
+        let Some(delay_ms) = self.scenario.cluster.mta_retry_ms else { return };
+        if retry.attempts >= DELIVERY_ATTEMPTS_MAX {
+            return;
+        }
+        let servers: Vec<Sid> = self.nodes.keys().copied().collect();
+        let next = servers.iter().position(|s| *s == failed_at).map_or(0, |i| (i + 1) % servers.len());
+        let Some(server) = servers.get(next).copied() else { return };
+        self.schedule(self.now.plus_us(delay_ms * 1000), Ev::Retry { server, retry });
+    }
+
+    fn deliver_again(&mut self, server: Sid, retry: Retry) {
+        let retry = Retry { attempts: retry.attempts + 1, ..retry };
+        // A retry made while every server is up, connected and agreeing must find its
+        // first attempt, if that was stored: only a partition can hide it.
+        if self.nodes.keys().all(|s| self.alive(*s)) && self.links.values().all(|l| l.up) && self.converged().is_none()
+        {
+            let checksum = tandem_core::hash::body_checksum(&retry.body);
+            self.retried_when_whole.insert((retry.mailbox.clone(), checksum));
+        }
+        let request = ClientRequest::Save {
+            mailbox: retry.mailbox.clone(),
+            received: 1_700_000_000 + self.now.0 / 1_000_000,
+            flags: retry.flags.clone(),
+            body: retry.body.clone(),
+            delivery: true,
+        };
+        let o = Outstanding {
+            label: retry.label.clone(),
+            mailbox: Some(retry.mailbox.clone()),
+            add: retry.flags.clone(),
+            retry: Some(retry),
+            ..Outstanding::none()
+        };
+        self.request(server, request, None, o);
     }
 
     /// Why the live servers have not converged, or None.
@@ -1007,6 +1102,9 @@ impl World {
     fn request(&mut self, sid: Sid, request: ClientRequest, event: Option<usize>, o: Outstanding) {
         if !self.alive(sid) {
             self.note(|w: &World| format!("{} client at {sid}: server is down", w.ms()));
+            if let Some(retry) = o.retry {
+                self.retry_later(sid, retry);
+            }
             return;
         }
         let id = self.next_request;
@@ -1064,6 +1162,14 @@ impl World {
         let t = self.now.0;
         self.trace_hash = mix64(self.trace_hash ^ reply_hash(t, &reply));
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
+        let temporary = matches!(
+            reply,
+            ClientReply::Write(WriteResult::Failed { kind: FailKind::Temporary, .. })
+                | ClientReply::Failed { kind: FailKind::Temporary, .. }
+        );
+        if temporary && let Some(retry) = o.retry.clone() {
+            self.retry_later(sid, retry);
+        }
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
             ClientReply::FreshStatus { status, caught_up } => {
@@ -1122,33 +1228,27 @@ impl World {
     }
 
     fn act(&mut self, action: Action, event: Option<usize>) {
-        let none = || Outstanding {
-            server: Sid(0),
-            incarnation: 0,
-            event: None,
-            label: None,
-            mailbox: None,
-            expunging: Vec::new(),
-            unchanged_since: None,
-            storing: Vec::new(),
-            add: Vec::new(),
-            remove: Vec::new(),
-            losses_before: 0,
-            hand_deletes_before: 0,
-            issued_us: 0,
-        };
+        let none = Outstanding::none;
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
                 self.label_counter += 1;
                 let body = self.body(size, self.label_counter);
                 let label = label.or_else(|| Some(format!("auto{}", self.label_counter)));
+                let retry = self.scenario.cluster.mta_retry_ms.map(|_| Retry {
+                    mailbox: mailbox.clone(),
+                    flags: flags.clone(),
+                    body: body.clone(),
+                    label: label.clone(),
+                    attempts: 1,
+                });
                 let request = ClientRequest::Save {
                     mailbox: mailbox.clone(),
                     received: 1_700_000_000 + self.now.0 / 1_000_000,
                     flags: flags.clone(),
                     body,
+                    delivery: true,
                 };
-                let o = Outstanding { label, mailbox: Some(mailbox), add: flags, ..none() };
+                let o = Outstanding { label, mailbox: Some(mailbox), add: flags, retry, ..none() };
                 self.request(server, request, event, o);
             }
             Action::Copy { server, from, label, to, as_label } => {

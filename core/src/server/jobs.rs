@@ -110,6 +110,10 @@ fn saved(is_copy: bool, uidvalidity: u32, uid: Uid, guid: Guid) -> WriteResult {
 /// Rounds of `answer_fresh_reads` in one input (reads asked again of a master here).
 const FRESH_READ_ROUNDS_MAX: usize = 4;
 
+/// Live messages with one body a retried SAVE compares its bytes with at most: more
+/// are the same message saved on purpose again and again, and the retry is one more.
+const RETRY_CANDIDATES_MAX: usize = 8;
+
 fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
     WriteResult::Failed { kind, reason: reason.into() }
 }
@@ -169,9 +173,9 @@ impl Server {
                 self.start_job(job);
                 return;
             }
-            ClientRequest::Save { mailbox, received, flags, body } => {
+            ClientRequest::Save { mailbox, received, flags, body, delivery } => {
                 let guid = self.new_guid();
-                WriteRequest::Save { mailbox, guid, received, flags, body }
+                WriteRequest::Save { mailbox, guid, received, flags, body, delivery }
             }
             ClientRequest::Copy { src, src_uid, dst } => {
                 let Some(record) = self.image.mailbox(&src).and_then(|m| m.messages.get(&src_uid)) else {
@@ -403,11 +407,13 @@ impl Server {
             WriteResult::Saved { uidvalidity, .. } | WriteResult::Copied { uidvalidity, .. } => *uidvalidity,
             _ => return,
         };
-        if let WriteRequest::Save { guid, body, .. } = request
-            && !self.image.has_body(guid)
+        // The record's GUID, not the request's: a retry recognised at the master is
+        // answered with the message its first attempt stored.
+        if let WriteRequest::Save { body, .. } = request
+            && !self.image.has_body(&record.guid)
             && crate::hash::body_checksum(body) == record.checksum
         {
-            self.image.put_checked_body(&mut self.out, *guid, record.checksum, body.clone());
+            self.image.put_checked_body(&mut self.out, record.guid, record.checksum, body.clone());
         }
         let fragment = MailboxState {
             mailbox: request.target().clone(),
@@ -661,8 +667,15 @@ impl Server {
                 self.marks.hit(Mark::SyncModeTemporaryFailure);
                 Ordered::unreplicated(fail(FailKind::Temporary, "not enough servers reachable for the required copies"))
             }
-            WriteRequest::Save { mailbox, guid, received, flags, body } => {
-                self.master_save(&mailbox, guid, received, &flags, Some(body), id)
+            WriteRequest::Save { mailbox, guid, received, flags, body, delivery } => {
+                let delivered = delivery.then_some(&body).and_then(|b| self.stored_before(&mailbox, received, b));
+                match delivered {
+                    Some((first_guid, first_uid)) => {
+                        self.marks.hit(Mark::RetryRecognised);
+                        self.resend_saved(&mailbox, first_guid, first_uid, Some(body), id)
+                    }
+                    None => self.master_save(&mailbox, guid, received, &flags, Some(body), id),
+                }
             }
             WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
                 if src == dst {
@@ -783,6 +796,33 @@ impl Server {
         };
         self.replicate(change, Some(id));
         Ordered::replicated(saved(is_copy, uidvalidity, uid, guid))
+    }
+
+    /// A live message of `mailbox` with exactly these bytes, received within
+    /// `Config::retry_window_s` of `received`: the first attempt of a SAVE that is being
+    /// retried (an MTA after a 451, a client after NO [UNAVAILABLE], when that attempt
+    /// was stored after all, say because its answer was lost or came too late). Found by
+    /// the body's checksum, confirmed on the stored bytes, so a different message that
+    /// shares a checksum or a Message-ID is never taken for it.
+    fn stored_before(&self, mailbox: &MailboxKey, received: u64, bytes: &Body) -> Option<(Guid, Uid)> {
+        let window = self.cfg.retry_window_s;
+        if window == 0 || self.has_bug(crate::Bug::StoreRetriesTwice) {
+            return None;
+        }
+        let checksum = crate::hash::body_checksum(bytes);
+        let size = u32::try_from(bytes.len()).ok()?;
+        let candidates: Vec<(Guid, Uid)> = self
+            .image
+            .mailbox(mailbox)?
+            .messages
+            .with_checksum(checksum)
+            .filter(|r| r.size == size && r.received.abs_diff(received) <= window)
+            .map(|r| (r.guid, r.uid))
+            .take(RETRY_CANDIDATES_MAX)
+            .collect();
+        candidates
+            .into_iter()
+            .find(|(guid, _)| self.image.stored_bytes(*guid).is_some_and(|stored| stored.as_ref() == bytes.as_ref()))
     }
 
     /// Writes a new message at the mailbox's next UID and modseq (creating the mailbox

@@ -690,7 +690,7 @@ impl Server {
     pub(crate) fn on_external(&mut self, edit: ExternalEdit) {
         match edit {
             ExternalEdit::Added { mailbox, guid, received, body } => {
-                let request = WriteRequest::Save { mailbox, guid, received, flags: Vec::new(), body };
+                let request = WriteRequest::Save { mailbox, guid, received, flags: Vec::new(), body, delivery: false };
                 self.submit_write(super::Origin::Internal, request);
             }
             ExternalEdit::Removed { mailbox, uid } => {

@@ -1452,7 +1452,8 @@ impl Session {
             return Err(format!("NO [OVERQUOTA] {why}"));
         }
         let received = received.unwrap_or_else(now_secs);
-        let request = ClientRequest::Save { mailbox: self.key(name), received, flags, body: body.into() };
+        let request =
+            ClientRequest::Save { mailbox: self.key(name), received, flags, body: body.into(), delivery: false };
         match self.node.request(request).await {
             ClientReply::Write(WriteResult::Saved { uidvalidity, uid, .. }) => {
                 if self.selected.as_ref().is_some_and(|s| s.mailbox == self.key(name)) {
@@ -1602,7 +1603,8 @@ impl Session {
         let mut saved = Vec::new();
         let mut validity = 0;
         for (flags, received, body) in messages {
-            let request = ClientRequest::Save { mailbox: key.clone(), received, flags, body: body.into() };
+            let request =
+                ClientRequest::Save { mailbox: key.clone(), received, flags, body: body.into(), delivery: false };
             match self.node.request(request).await {
                 ClientReply::Write(WriteResult::Saved { uidvalidity, uid, .. }) => {
                     validity = uidvalidity;
@@ -1952,6 +1954,7 @@ impl Session {
                     received: m.received,
                     flags: m.flags.clone(),
                     body: body.clone(),
+                    delivery: false,
                 };
                 match self.node.request(request).await {
                     ClientReply::Write(WriteResult::Saved { uidvalidity: v, uid: new, .. }) => {

@@ -101,6 +101,7 @@ fn example_parses_to_expected_structure() {
             request_timeout_ms: 4000,
             tombstone_grace_ms: TOMBSTONE_GRACE_MS_DEFAULT,
             startup_hold_ms: STARTUP_HOLD_MS_DEFAULT,
+            mta_retry_ms: None,
         },
         events: vec![
             TimedEvent {
