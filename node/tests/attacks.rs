@@ -729,3 +729,52 @@ fn absurd_numbers_from_a_peer_with_the_secret_change_nothing() {
     let view = c.converged("alice@example.org/INBOX", Duration::from_secs(60));
     assert_eq!(view.messages.len(), 2);
 }
+
+/// The silent master of the hostile-input and refused-delivery issues: the node that
+/// masters a user's INBOX keeps its connections open but they carry nothing. Deliveries
+/// through the other nodes are answered 451 ("not confirmed") until those links are
+/// declared dead and mastership moves, then 250; an MTA that retries every 451 at the
+/// next node ends, after the heal, with each message exactly once on every node.
+#[test]
+fn an_mta_retrying_around_a_silent_master_stores_each_message_once() {
+    let m = start(3, "mode = \"sync\"\nreplicas = 1", "");
+    let (_, first) = lmtp_deliver(m.lmtp[1], &[USER], b"Message-ID: <0@retry.test>\r\nSubject: first\r\n\r\nx\r\n");
+    assert!(first[0].starts_with("250"), "{first:?}");
+    let master = (0..3)
+        .find(|i| m.cluster.status(*i).mastered_here.iter().any(|k| k.contains(USER)))
+        .expect("some node masters the INBOX");
+    let others: Vec<usize> = (0..3).filter(|i| *i != master).collect();
+    let around_master: Vec<&harness::Proxy> =
+        m.cluster.proxies.iter().filter(|((a, b), _)| *a == master || *b == master).map(|(_, p)| p).collect();
+    around_master.iter().for_each(|p| p.freeze());
+    let frozen_at = Instant::now();
+    let mut first_ok_after = None;
+    let mut not_confirmed = 0;
+    for n in 1..=10 {
+        let body = format!("Message-ID: <{n}@retry.test>\r\nSubject: m{n}\r\n\r\nbody {n}\r\n");
+        for attempt in 0.. {
+            assert!(attempt < 120, "message {n} was never delivered");
+            let (_, data) = lmtp_deliver(m.lmtp[others[attempt % 2]], &[USER], body.as_bytes());
+            if data[0].starts_with("250") {
+                first_ok_after.get_or_insert(frozen_at.elapsed());
+                break;
+            }
+            assert!(data[0].starts_with("451 4.3.0") && data[0].contains("not confirmed"), "{data:?}");
+            not_confirmed += 1;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    let moved_after = first_ok_after.expect("deliveries resumed");
+    for p in &around_master {
+        p.thaw();
+        p.cut();
+        p.heal();
+    }
+    m.cluster.wait_linked();
+    let view = m.cluster.converged(&format!("{USER}/INBOX"), Duration::from_secs(60));
+    assert_eq!(view.messages.len(), 11, "each delivery once on every node: {view:?}");
+    eprintln!(
+        "silent master: {not_confirmed} deliveries answered 451, the first 250 {moved_after:?} after the silence began"
+    );
+    assert!(moved_after < Duration::from_secs(20), "{moved_after:?}");
+}
