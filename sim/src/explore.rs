@@ -216,7 +216,8 @@ pub fn generate(seed: u64) -> Scenario {
         let kinds: &[u8] = match mix {
             FaultMix::Partitions => &[0, 1],
             FaultMix::Crashes => &[2],
-            FaultMix::Links => &[3, 4],
+            // Slow links and one-way silences too: what TCP does besides breaking.
+            FaultMix::Links => &[3, 4, 6, 7],
             FaultMix::Losses => &[2, 5],
             _ => &[0, 1, 2, 3, 4],
         };
@@ -234,6 +235,11 @@ pub fn generate(seed: u64) -> Scenario {
             2 => (Action::Crash { server: a }, Some(Action::Restart { server: a })),
             3 if a != b => (Action::Cut { a, b }, Some(Action::Restore { a, b })),
             4 if a != b => (Action::Flap { a, b, down_ms: rng.random_range(10..1_000) }, None),
+            6 if a != b => {
+                let (delay_ms, for_ms) = (rng.random_range(500..4_000), rng.random_range(1_000..10_000));
+                (Action::Slow { a, b, delay_ms, for_ms }, None)
+            }
+            7 if a != b => (Action::Silence { from: a, to: b, for_ms: rng.random_range(500..8_000) }, None),
             5 if lost < lose_budget => {
                 lost += 1;
                 (Action::Lose { server: a }, Some(Action::Replace { server: a }))

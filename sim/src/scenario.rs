@@ -106,6 +106,11 @@ pub enum FaultKind {
     HandEdit,
     Corrupt,
     Lose,
+    /// A link's latency rises to seconds for a while.
+    Slow,
+    /// One direction of a link carries nothing while its connection stays open, until
+    /// the side that hears nothing drops it.
+    Silence,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -197,6 +202,22 @@ pub enum Action {
         a: Sid,
         b: Sid,
         down_ms: u64,
+    },
+    /// The link's latency becomes `delay_ms` (to 1.5 times that) for `for_ms`: a
+    /// congested or satellite link.
+    Slow {
+        a: Sid,
+        b: Sid,
+        delay_ms: u64,
+        for_ms: u64,
+    },
+    /// What `from` sends to `to` is lost for `for_ms` while the connection stays open
+    /// (a half-open TCP connection, a middlebox that drops one direction); then `to`,
+    /// having heard nothing, drops the connection and both reconnect.
+    Silence {
+        from: Sid,
+        to: Sid,
+        for_ms: u64,
     },
     Crash {
         server: Sid,
@@ -330,6 +351,8 @@ const OPS: &[(&str, &[&str])] = &[
     ("partition", &["groups"]),
     ("heal", &[]),
     ("flap", &["a", "b", "down_ms"]),
+    ("slow", &["a", "b", "delay_ms", "for_ms"]),
+    ("silence", &["a", "b", "for_ms"]),
     ("crash", &["server"]),
     ("restart", &["server"]),
     ("lose", &["server"]),
@@ -878,6 +901,15 @@ impl Tab<'_> {
                     "restore" => Action::Restore { a, b },
                     _ => Action::Flap { a, b, down_ms: event.down_ms.unwrap_or(500) },
                 }
+            }
+            "slow" => {
+                let (a, b) = tab.two_servers(event.a.as_deref(), event.b.as_deref())?;
+                let delay_ms = tab.req(event.delay_ms, "delay_ms", "a latency in milliseconds")?;
+                Action::Slow { a, b, delay_ms, for_ms: event.for_ms.unwrap_or(5000) }
+            }
+            "silence" => {
+                let (from, to) = tab.two_servers(event.a.as_deref(), event.b.as_deref())?;
+                Action::Silence { from, to, for_ms: event.for_ms.unwrap_or(5000) }
             }
             "isolate" => Action::Isolate { server: server()? },
             "partition" => {

@@ -87,6 +87,8 @@ pub(crate) struct EventToml {
     pub b: Option<String>,
     pub groups: Option<Vec<Vec<Spanned<String>>>>,
     pub down_ms: Option<u64>,
+    pub delay_ms: Option<u64>,
+    pub for_ms: Option<u64>,
     pub fresh: Option<bool>,
     /// create_mailbox: RFC 6154 special-use attributes (CREATE-SPECIAL-USE).
     pub special_use: Option<Vec<String>>,

@@ -142,6 +142,14 @@ fn event_of(e: &TimedEvent) -> EventToml {
             (table.a, table.b, table.down_ms) = (server(a), server(b), Some(*down_ms));
             "flap"
         }
+        Action::Slow { a, b, delay_ms, for_ms } => {
+            (table.a, table.b, table.delay_ms, table.for_ms) = (server(a), server(b), Some(*delay_ms), Some(*for_ms));
+            "slow"
+        }
+        Action::Silence { from, to, for_ms } => {
+            (table.a, table.b, table.for_ms) = (server(from), server(to), Some(*for_ms));
+            "silence"
+        }
         Action::Partition { groups } => {
             table.groups = Some(groups.iter().map(|g| servers(g)).collect());
             "partition"

@@ -120,7 +120,11 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::HandAdd { server, .. }
         | Action::HandDelete { server, .. }
         | Action::Corrupt { server, .. } => *server == sid,
-        Action::Cut { a, b } | Action::Restore { a, b } | Action::Flap { a, b, .. } => *a == sid || *b == sid,
+        Action::Cut { a, b }
+        | Action::Restore { a, b }
+        | Action::Flap { a, b, .. }
+        | Action::Slow { a, b, .. }
+        | Action::Silence { from: a, to: b, .. } => *a == sid || *b == sid,
         Action::Partition { .. } | Action::Heal | Action::RandomWorkload { .. } | Action::RandomFaults { .. } => false,
     }
 }

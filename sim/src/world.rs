@@ -84,6 +84,11 @@ enum Ev {
         a: Sid,
         b: Sid,
     },
+    /// A `slow` fault ends: the link's latency is what it was.
+    RestoreLatency {
+        a: Sid,
+        b: Sid,
+    },
     /// A generated client operation or store edit, decided when it runs.
     RandomOp {
         server: Sid,
@@ -175,6 +180,11 @@ struct Node {
 struct Link {
     up: bool,
     latency_us: (u64, u64),
+    /// The latency the link has when no `slow` fault is on.
+    normal_latency_us: (u64, u64),
+    /// Per direction (as `last_delivery`): until when envelopes are dropped while the
+    /// connection stays up (a `silence` fault).
+    silent_until: [Instant; 2],
     generation: u64,
     /// Per direction (from lower id, from higher id): last delivery time, codec state.
     last_delivery: [Instant; 2],
@@ -255,6 +265,8 @@ pub struct World {
     /// Deliveries retried while the cluster was whole and agreeing, as (mailbox, body
     /// checksum): each must be stored once (see `oracle::RETRIES_STORED_ONCE`).
     retried_when_whole: BTreeSet<(MailboxKey, u64)>,
+    /// The settle phase: clients make no more requests, retries included.
+    clients_stopped: bool,
     lost_for_good: usize,
     hand_deletes: usize,
     /// The last crash, start, link change or hand edit: a fresh read must show every
@@ -288,8 +300,10 @@ impl World {
                 Link {
                     up: true,
                     latency_us: (latency_ms.0 * 1000, latency_ms.1.max(latency_ms.0) * 1000),
+                    normal_latency_us: (latency_ms.0 * 1000, latency_ms.1.max(latency_ms.0) * 1000),
                     generation: 0,
                     last_delivery: [Instant(0); 2],
+                    silent_until: [Instant(0); 2],
                     codec: Default::default(),
                 },
             );
@@ -332,6 +346,7 @@ impl World {
             trace: Vec::new(),
             label_counter: 0,
             retried_when_whole: BTreeSet::new(),
+            clients_stopped: false,
             lost_for_good: 0,
             hand_deletes: 0,
             last_fault_us: 0,
@@ -428,6 +443,7 @@ impl World {
             self.schedule(self.now, Ev::Heal { end: true });
         }
         // Clients stop; faults heal; the cluster must converge within settle_ms.
+        self.clients_stopped = true;
         let settle_deadline = self.now.plus_us(self.scenario.settle_ms * 1000);
         let heal_time = self.now;
         let mut converged_at = None;
@@ -771,6 +787,10 @@ impl World {
         let dir = usize::from(from > to);
         let wire = self.opts.wire || self.scenario.wire;
         let Some(link) = self.links.get_mut(&key) else { return };
+        if self.now < link.silent_until[dir] {
+            // Sent into a connection that carries nothing: lost (see `Action::Silence`).
+            return;
+        }
         let envelope = if wire {
             let mut bytes = Vec::new();
             link.codec[dir].0.encode(&envelope, &mut bytes);
@@ -889,6 +909,12 @@ impl World {
                 }
             }
             Ev::RestoreLink { a, b } => self.set_link(a, b, true),
+            Ev::RestoreLatency { a, b } => {
+                if let Some(link) = self.links.get_mut(&link_key(a, b)) {
+                    link.latency_us = link.normal_latency_us;
+                }
+                self.note(|w: &World| format!("{} link {a}-{b} at its normal latency again", w.ms()));
+            }
             Ev::RandomOp { server, mailbox, roll } => self.random_op(server, mailbox, roll),
             Ev::Retry { server, retry } => self.deliver_again(server, retry),
         }
@@ -898,7 +924,7 @@ impl World {
     /// next server (an MTA's next MX host), unless it has tried enough.
     fn retry_later(&mut self, failed_at: Sid, retry: Retry) {
         let Some(delay_ms) = self.scenario.cluster.mta_retry_ms else { return };
-        if retry.attempts >= DELIVERY_ATTEMPTS_MAX {
+        if retry.attempts >= DELIVERY_ATTEMPTS_MAX || self.clients_stopped {
             return;
         }
         let servers: Vec<Sid> = self.nodes.keys().copied().collect();
@@ -908,6 +934,9 @@ impl World {
     }
 
     fn deliver_again(&mut self, server: Sid, retry: Retry) {
+        if self.clients_stopped {
+            return;
+        }
         let retry = Retry { attempts: retry.attempts + 1, ..retry };
         // A retry made while every server is up, connected and agreeing must find its
         // first attempt, if that was stored: only a partition can hide it.
@@ -1357,6 +1386,23 @@ impl World {
                 self.set_link(a, b, false);
                 self.schedule(self.now.plus_us(down_ms * 1000), Ev::RestoreLink { a, b });
             }
+            Action::Slow { a, b, delay_ms, for_ms } => {
+                let Some(link) = self.links.get_mut(&link_key(a, b)) else { return };
+                let delay_us = delay_ms * 1000;
+                link.latency_us = (delay_us, delay_us + delay_us / 2);
+                self.note(|w: &World| format!("{} link {a}-{b} slows to {delay_ms} ms for {for_ms} ms", w.ms()));
+                self.schedule(self.now.plus_us(for_ms * 1000), Ev::RestoreLatency { a, b });
+            }
+            Action::Silence { from, to, for_ms } => {
+                let Some(link) = self.links.get_mut(&link_key(from, to)) else { return };
+                let until = self.now.plus_us(for_ms * 1000);
+                link.silent_until[usize::from(from > to)] = until;
+                self.last_fault_us = self.now.0;
+                self.note(|w: &World| format!("{} link {from} -> {to} goes silent for {for_ms} ms", w.ms()));
+                // The side that hears nothing declares the peer dead and drops the
+                // connection (the node's dead-peer timeout); both sides reconnect.
+                self.schedule(until, Ev::Action { action: Action::Flap { a: from, b: to, down_ms: 100 }, event: None });
+            }
             Action::Crash { server } => self.stop_server(server, false),
             Action::Restart { server } => {
                 if !self.alive(server) && !self.nodes.get(&server).is_some_and(|n| n.lost) {
@@ -1521,6 +1567,14 @@ impl World {
                     at,
                     Ev::Action { action: Action::Flap { a, b, down_ms: heal_after / 5000 }, event: None },
                 ),
+                FaultKind::Slow if a != b => {
+                    let (delay_ms, for_ms) = (self.rng.random_range(500..4_000u64), heal_after / 1000);
+                    self.schedule(at, Ev::Action { action: Action::Slow { a, b, delay_ms, for_ms }, event: None });
+                }
+                FaultKind::Silence if a != b => {
+                    let action = Action::Silence { from: a, to: b, for_ms: heal_after / 1000 };
+                    self.schedule(at, Ev::Action { action, event: None });
+                }
                 FaultKind::Crash => {
                     self.schedule(at, Ev::Action { action: Action::Crash { server: a }, event: None });
                     self.schedule(

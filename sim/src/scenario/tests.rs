@@ -354,6 +354,19 @@ op = "create_mailbox"
 server = "s1"
 mailbox = "alice/Sent"
 special_use = ["\\Sent", "\\Archive"]
+[[event]]
+at_ms = 33
+op = "slow"
+a = "s1"
+b = "s2"
+delay_ms = 2000
+for_ms = 3000
+[[event]]
+at_ms = 34
+op = "silence"
+a = "s3"
+b = "s1"
+for_ms = 4000
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -432,10 +445,12 @@ special_use = ["\\Sent", "\\Archive"]
         Action::RenameMailbox { server: s3, from: mb("alice/Projects"), to: mb("alice/Done") },
         Action::Status { server: s2, mailbox: mb("bob/INBOX") },
         Action::CreateMailbox { server: s1, mailbox: mb("alice/Sent"), special_use: SpecialUse(32 | 2) },
+        Action::Slow { a: s1, b: s2, delay_ms: 2000, for_ms: 3000 },
+        Action::Silence { from: s3, to: s1, for_ms: 4000 },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=32).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=34).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
