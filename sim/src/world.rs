@@ -828,6 +828,12 @@ impl World {
             let Some(Reverse(queued)) = self.queue.pop() else { break };
             self.now = self.now.max(at);
             self.step(*queued.ev);
+            // Until the servers agree on one root again after a partition, a server that
+            // mastered its side may still answer as master: read-your-writes is promised
+            // from then on, as after any other fault.
+            if self.roots_disagree() {
+                self.last_fault_us = self.now.0;
+            }
         }
         self.now = self.now.max(end);
     }
@@ -940,8 +946,7 @@ impl World {
         let retry = Retry { attempts: retry.attempts + 1, ..retry };
         // A retry made while every server is up, connected and agreeing must find its
         // first attempt, if that was stored: only a partition can hide it.
-        if self.nodes.keys().all(|s| self.alive(*s)) && self.links.values().all(|l| l.up) && self.converged().is_none()
-        {
+        if self.whole() && self.converged().is_none() {
             let checksum = tandem_core::hash::body_checksum(&retry.body);
             self.retried_when_whole.insert((retry.mailbox.clone(), checksum));
         }
@@ -960,6 +965,20 @@ impl World {
             ..Outstanding::none()
         };
         self.request(server, request, None, o);
+    }
+
+    /// Every server up and every link carrying what is sent both ways (none cut, none
+    /// silent): a cluster that is not partitioned in any way.
+    fn whole(&self) -> bool {
+        self.nodes.keys().all(|s| self.alive(*s))
+            && self.links.values().all(|l| l.up && l.silent_until.iter().all(|until| *until <= self.now))
+    }
+
+    /// Whether the live servers are in more than one root term.
+    fn roots_disagree(&self) -> bool {
+        let mut terms = self.nodes.values().filter_map(|n| n.server.as_ref()).map(|s| s.term());
+        let Some(first) = terms.next() else { return false };
+        terms.any(|t| t != first)
     }
 
     /// Why the live servers have not converged, or None.
@@ -1157,18 +1176,20 @@ impl World {
         }
 
         let copies_needed = (1 + usize::from(self.scenario.cluster.replicas)).min(self.nodes.len());
-        let copies =
-            self.nodes
-                .values()
-                .filter(|n| {
-                    // Live here by the GUID index, else (rarely) among the tombstones from the
-                    // highest UIDs down.
-                    let known = n.disk.mailboxes.get(mailbox).is_some_and(|m| {
-                        m.messages.has_guid(guid) || m.tombstones.values().rev().any(|t| t.guid == guid)
-                    });
-                    known && n.disk.bodies.contains_key(&guid)
+        let copies = self
+            .nodes
+            .values()
+            .filter(|n| {
+                // Live here (by the GUID index) with its body, or (rarely) expunged here
+                // already, by an EXPUNGE or DELETE its master ordered after the save
+                // while the answer was on its way: a tombstone says the copy was here,
+                // and its body may have been collected with it.
+                n.disk.mailboxes.get(mailbox).is_some_and(|m| {
+                    (m.messages.has_guid(guid) && n.disk.bodies.contains_key(&guid))
+                        || m.tombstones.values().rev().any(|t| t.guid == guid)
                 })
-                .count();
+            })
+            .count();
         if copies + lost_meanwhile < copies_needed {
             let detail = format!(
                 "message {guid} in {mailbox} acked with {copies} durable copies, sync mode promises {copies_needed}"
@@ -1202,7 +1223,7 @@ impl World {
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
             ClientReply::FreshStatus { status, caught_up } => {
-                let whole = self.nodes.keys().all(|s| self.alive(*s)) && self.links.values().all(|l| l.up);
+                let whole = self.whole();
                 if *caught_up && whole && self.lost_for_good == 0 && self.hand_deletes == 0 {
                     self.oracle.fresh_status(t, sid, status, o.issued_us, self.last_fault_us);
                 }
@@ -1213,7 +1234,7 @@ impl World {
                 // which a read cannot be asked to show.
                 // A server cut off is the master of its own side (the design's answer to a
                 // partition), so only a whole cluster owes a read every acknowledged save.
-                let whole = self.nodes.keys().all(|s| self.alive(*s)) && self.links.values().all(|l| l.up);
+                let whole = self.whole();
                 if *caught_up && whole && self.lost_for_good == 0 && self.hand_deletes == 0 {
                     self.oracle.fresh_view(t, sid, view, o.issued_us, self.last_fault_us);
                 }
