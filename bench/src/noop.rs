@@ -80,36 +80,32 @@ fn percentile(sorted_us: &[f64], p: f64) -> f64 {
     sorted_us[i.min(sorted_us.len() - 1)]
 }
 
-fn timed_noops(session: &mut Imap, other: Option<&mut Imap>, count: usize) -> Result<(f64, f64), String> {
+/// The p50 and p99 round trips of `command` on `session`, `count` times; before each,
+/// `other` (if any) sets or clears `flag` on message `message`, so the command has a
+/// change to report or count.
+fn timed(
+    session: &mut Imap,
+    other: Option<(&mut Imap, u32, &str)>,
+    command: &str,
+    count: usize,
+) -> Result<(f64, f64), String> {
     let mut other = other;
     let mut times = Vec::with_capacity(count);
     for i in 0..count {
-        if let Some(o) = other.as_deref_mut() {
+        if let Some((o, message, flag)) = other.as_mut() {
             let op = if i % 2 == 0 { '+' } else { '-' };
-            o.command(&format!("STORE 1 {op}FLAGS.SILENT (\\Flagged)"))?;
+            o.command(&format!("STORE {message} {op}FLAGS.SILENT ({flag})"))?;
         }
         let started = Instant::now();
-        session.command("NOOP")?;
+        session.command(command)?;
         times.push(started.elapsed().as_secs_f64() * 1e6);
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
 }
 
-/// STATUS of the large mailbox with the counts a mail client asks for (another
-/// session's flag change before each, so nothing can be remembered between them).
-fn timed_status(session: &mut Imap, other: &mut Imap, count: usize) -> Result<(f64, f64), String> {
-    let mut times = Vec::with_capacity(count);
-    for i in 0..count {
-        let op = if i % 2 == 0 { '+' } else { '-' };
-        other.command(&format!("STORE 2 {op}FLAGS.SILENT (\\Seen)"))?;
-        let started = Instant::now();
-        session.command("STATUS INBOX (MESSAGES UNSEEN DELETED UIDNEXT HIGHESTMODSEQ)")?;
-        times.push(started.elapsed().as_secs_f64() * 1e6);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
-}
+/// STATUS of the large mailbox with the counts a mail client asks for.
+const STATUS_COMMAND: &str = "STATUS INBOX (MESSAGES UNSEEN DELETED UIDNEXT HIGHESTMODSEQ)";
 
 /// `session` waits in IDLE while `other` changes a flag `count` times: the time from
 /// each STORE's OK to the FETCH reaching the IDLE session (nothing when it came first).
@@ -163,13 +159,16 @@ pub fn noop_latency(
             let mut other = Imap::connect(imap_addr)?;
             other.command(&format!("LOGIN {USER} bench"))?;
             other.command("SELECT INBOX")?;
-            timed_noops(&mut session, None, noops / 10)?;
-            let (idle_p50_us, idle_p99_us) = timed_noops(&mut session, None, noops)?;
-            let (changed_p50_us, changed_p99_us) = timed_noops(&mut session, Some(&mut other), noops / 2)?;
+            timed(&mut session, None, "NOOP", noops / 10)?;
+            let (idle_p50_us, idle_p99_us) = timed(&mut session, None, "NOOP", noops)?;
+            let flagged = Some((&mut other, 1, "\\Flagged"));
+            let (changed_p50_us, changed_p99_us) = timed(&mut session, flagged, "NOOP", noops / 2)?;
             let (wake_p50_us, wake_p99_us) = timed_idle_wakeups(&mut session, &mut other, noops / 10)?;
             let mut third = Imap::connect(imap_addr)?;
             third.command(&format!("LOGIN {USER} bench"))?;
-            let (status_p50_us, status_p99_us) = timed_status(&mut third, &mut other, noops / 10)?;
+            // Another session's flag change before each, so nothing can be remembered.
+            let seen = Some((&mut other, 2, "\\Seen"));
+            let (status_p50_us, status_p99_us) = timed(&mut third, seen, STATUS_COMMAND, noops / 10)?;
             Ok(NoopRow {
                 build: build.to_string(),
                 messages,
