@@ -984,17 +984,14 @@ impl Session {
         match self.node.request(request).await {
             ClientReply::Read(view) | ClientReply::FreshRead { view, .. } => Ok(view),
             ClientReply::Failed { reason, .. } if reason.starts_with("no mailbox") => {
-                if &*key.name == "INBOX" {
-                    Ok(MailboxView {
-                        uidvalidity: key.initial_uidvalidity(),
-                        mailbox: key,
-                        uidnext: 1,
-                        highest_modseq: 0,
-                        messages: Vec::new(),
-                    })
-                } else {
-                    Err("NO [NONEXISTENT] no such mailbox".into())
-                }
+                inbox_before_its_first_message(&key)?;
+                Ok(MailboxView {
+                    uidvalidity: key.initial_uidvalidity(),
+                    mailbox: key,
+                    uidnext: 1,
+                    highest_modseq: 0,
+                    messages: Vec::new(),
+                })
             }
             other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
         }
@@ -1413,21 +1410,10 @@ impl Session {
         match self.node.request(ClientRequest::FreshStatus { mailbox: key.clone() }).await {
             ClientReply::FreshStatus { status, .. } => Ok(status),
             ClientReply::Failed { reason, .. } if reason.starts_with("no mailbox") => {
-                if &*key.name == "INBOX" {
-                    let uidvalidity = key.initial_uidvalidity();
-                    let (messages, seen, deleted) = (0, 0, 0);
-                    Ok(MailboxStatus {
-                        mailbox: key,
-                        uidvalidity,
-                        uidnext: 1,
-                        highest_modseq: 0,
-                        messages,
-                        seen,
-                        deleted,
-                    })
-                } else {
-                    Err("NO [NONEXISTENT] no such mailbox".into())
-                }
+                inbox_before_its_first_message(&key)?;
+                let uidvalidity = key.initial_uidvalidity();
+                let (messages, seen, deleted) = (0, 0, 0);
+                Ok(MailboxStatus { mailbox: key, uidvalidity, uidnext: 1, highest_modseq: 0, messages, seen, deleted })
             }
             other => Err(format!("NO [UNAVAILABLE] {}", describe(&other))),
         }
@@ -2751,6 +2737,12 @@ fn fetch_item(
         }
     }
     Ok(())
+}
+
+/// A mailbox the core does not have: INBOX, which exists (empty) before its first
+/// message, or else NONEXISTENT.
+fn inbox_before_its_first_message(key: &MailboxKey) -> Result<()> {
+    if &*key.name == "INBOX" { Ok(()) } else { Err("NO [NONEXISTENT] no such mailbox".into()) }
 }
 
 /// A mailbox name as the client wrote it (see `Session::name` for what is looked up).

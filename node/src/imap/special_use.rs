@@ -4,8 +4,10 @@
 //! the mailbox (see `tandem_core::Lifecycle`), and LIST shows it on every server.
 //!
 //! One forward pass over the command: the tag, CREATE, the mailbox (atom, quoted string
-//! or literal), then the parameter list, with a fixed bound on its length.
+//! or literal, skipped as APPEND's is), then the parameter list, with a fixed bound on
+//! its length.
 
+use super::multiappend::astring_end;
 use tandem_core::SpecialUse;
 
 /// Use attributes one CREATE may name (there are seven uses).
@@ -22,14 +24,12 @@ pub enum Refused {
 /// A CREATE with parameters: the command without them (for the codec) and the uses
 /// asked for. None when `message` is not a CREATE or has no parameters.
 pub fn cut_create_use(message: &[u8]) -> Option<Result<(Vec<u8>, SpecialUse), Refused>> {
-    let mut at = word_end(message, 0)?;
-    let verb_start = skip_space(message, at)?;
-    at = word_end(message, verb_start)?;
-    if !message[verb_start..at].eq_ignore_ascii_case(b"CREATE") {
+    let verb_start = memchr::memchr(b' ', message)? + 1;
+    let verb_end = verb_start + memchr::memchr(b' ', message.get(verb_start..)?)?;
+    if !message[verb_start..verb_end].eq_ignore_ascii_case(b"CREATE") {
         return None;
     }
-    let name_start = skip_space(message, at)?;
-    let name_end = mailbox_end(message, name_start)?;
+    let name_end = astring_end(message, verb_end + 1)?;
     let rest = message.get(name_end..)?;
     let rest = rest.strip_suffix(b"\r\n").or_else(|| rest.strip_suffix(b"\n")).unwrap_or(rest);
     if rest.is_empty() {
@@ -74,48 +74,6 @@ fn parse_params(params: &[u8]) -> Result<SpecialUse, Refused> {
         }
     }
     Ok(uses)
-}
-
-/// Where the word starting at `from` ends (a space or the line's end).
-fn word_end(message: &[u8], from: usize) -> Option<usize> {
-    let len = message.get(from..)?.iter().position(|b| matches!(b, b' ' | b'\r' | b'\n'))?;
-    (len > 0).then_some(from + len)
-}
-
-fn skip_space(message: &[u8], at: usize) -> Option<usize> {
-    (message.get(at) == Some(&b' ')).then_some(at + 1)
-}
-
-/// Where a mailbox name (atom, quoted string or literal) starting at `from` ends.
-fn mailbox_end(message: &[u8], from: usize) -> Option<usize> {
-    match message.get(from)? {
-        b'"' => {
-            let mut i = from + 1;
-            loop {
-                match message.get(i)? {
-                    b'\\' => i += 2,
-                    b'"' => return Some(i + 1),
-                    _ => i += 1,
-                }
-            }
-        }
-        b'{' | b'~' => {
-            let open = if message[from] == b'~' { from + 1 } else { from };
-            if message.get(open) != Some(&b'{') {
-                return None;
-            }
-            let close = open + memchr::memchr(b'}', message.get(open..)?)?;
-            let spec = message.get(open + 1..close)?;
-            let digits = spec.strip_suffix(b"+").unwrap_or(spec);
-            if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let len: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
-            let body = close + 3;
-            (message.get(close + 1..body)? == b"\r\n").then_some(body.checked_add(len)?)
-        }
-        _ => word_end(message, from),
-    }
 }
 
 #[cfg(test)]
