@@ -200,6 +200,11 @@ pub enum ClientRequest {
         from: MailboxKey,
         to: MailboxKey,
     },
+    /// An operator's membership change (`tandem member add|remove`): made here and
+    /// flooded to every server; answered with the membership once it is stored.
+    Membership {
+        change: crate::membership::MemberChange,
+    },
 }
 
 /// One message as a client sees it.
@@ -269,6 +274,10 @@ pub enum ClientReply {
     /// MASTER-MOVE done: this server is now master.
     Moved {
         master: Sid,
+    },
+    /// A membership change was taken: the membership as this server now has it.
+    Members {
+        members: crate::membership::Membership,
     },
     Failed {
         kind: FailKind,

@@ -120,6 +120,14 @@ pub fn check_peer_msg(msg: &Msg) -> Result<(), &'static str> {
             counter(*seq)?;
             epoch(*e)
         }
+        // Bounded as it is read (`Membership::join_member` drops entries past the limits).
+        Msg::Members { members } => {
+            if members.len() > crate::membership::MEMBERS_MAX {
+                Err("too many members")
+            } else {
+                Ok(())
+            }
+        }
         Msg::Root { epoch: e, .. } | Msg::Dropped { epoch: e } => epoch(*e),
         Msg::Who { epoch: e, keys } => {
             epoch(*e)?;

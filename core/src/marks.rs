@@ -43,10 +43,19 @@ pub enum Mark {
     FreshReadStale,
     /// A SAVE was recognised as a retry of one already stored, and answered with it.
     RetryRecognised,
+    /// A client write arrived while its server still held back after a start (see
+    /// `Config::startup_hold_us`).
+    WriteAtStart,
+    /// A server learned of a member added to the cluster.
+    MemberAdded,
+    /// A server learned that a member is leaving.
+    MemberLeaving,
+    /// A server learned that a member retired (it left, or was lost for good).
+    MemberRetired,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 23] = [
+    pub const ALL: [Mark; 27] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -70,6 +79,10 @@ impl Mark {
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
         Mark::RetryRecognised,
+        Mark::WriteAtStart,
+        Mark::MemberAdded,
+        Mark::MemberLeaving,
+        Mark::MemberRetired,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +110,10 @@ impl Mark {
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
             Mark::RetryRecognised => "retry_recognised",
+            Mark::WriteAtStart => "write_at_start",
+            Mark::MemberAdded => "member_added",
+            Mark::MemberLeaving => "member_leaving",
+            Mark::MemberRetired => "member_retired",
         }
     }
 

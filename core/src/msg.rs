@@ -205,6 +205,11 @@ pub enum Msg {
         epoch: u64,
         neighbors: Vec<Sid>,
     },
+    /// The sender's membership (see `membership`), flooded hop by hop like link state:
+    /// to every neighbour when a link comes up and whenever it changes.
+    Members {
+        members: crate::membership::Membership,
+    },
     /// A new root term. The receiver flushes its master cache, drops its masterships
     /// and answers `Dropped`.
     Root {
@@ -316,6 +321,7 @@ impl Msg {
     pub fn name(&self) -> &'static str {
         match self {
             Msg::LinkState { .. } => "LINKSTATE",
+            Msg::Members { .. } => "MEMBERS",
             Msg::Root { .. } => "ROOT",
             Msg::Dropped { .. } => "DROPPED",
             Msg::Who { .. } => "WHO",

@@ -404,6 +404,10 @@ pub struct DiskImage {
     pub link_seq: u64,
     /// Restarts so far; mixed into GUIDs and tags so nothing repeats after a crash.
     pub incarnation: u64,
+    /// Servers added or retired after the configuration was written (joined with the
+    /// configured servers at start; see `membership`).
+    #[serde(default)]
+    pub members: crate::membership::Membership,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -457,6 +461,10 @@ pub enum StoreWrite {
     Incarnation {
         incarnation: u64,
     },
+    /// The membership as this server now knows it (joined with what is stored).
+    Members {
+        members: crate::membership::Membership,
+    },
     MailboxLifecycle {
         mailbox: MailboxKey,
         lifecycle: Lifecycle,
@@ -494,7 +502,8 @@ impl StoreWrite {
             | StoreWrite::LogRemove { .. }
             | StoreWrite::Epoch { .. }
             | StoreWrite::LinkSeq { .. }
-            | StoreWrite::Incarnation { .. } => None,
+            | StoreWrite::Incarnation { .. }
+            | StoreWrite::Members { .. } => None,
         }
     }
 }
@@ -572,6 +581,9 @@ impl DiskImage {
             StoreWrite::Epoch { epoch } => self.epoch = self.epoch.max(*epoch),
             StoreWrite::LinkSeq { seq } => self.link_seq = self.link_seq.max(*seq),
             StoreWrite::Incarnation { incarnation } => self.incarnation = self.incarnation.max(*incarnation),
+            StoreWrite::Members { members } => {
+                self.members.join(members);
+            }
             StoreWrite::MailboxLifecycle { mailbox, lifecycle } => {
                 self.mailboxes.entry(mailbox.clone()).or_default().lifecycle.join(lifecycle);
             }

@@ -17,6 +17,7 @@
 //! | command | arguments after `<tag> <NAME>` |
 //! |---|---|
 //! | `LINKSTATE` | `<origin-sid> <seq> (<sid>...)` |
+//! | `MEMBERS` | `((<sid> ACTIVE\|LEAVING\|RETIRED <string>)...)` |
 //! | `ROOT` | `<epoch> <root-sid>` |
 //! | `DROPPED` | `<epoch>` |
 //! | `WHO` | `<epoch> (<key>...)` |
@@ -57,6 +58,7 @@
 //! [`Decoder::decode`].
 
 use crate::Error;
+use crate::membership::MemberState;
 use crate::msg::*;
 use crate::types::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -801,6 +803,14 @@ fn write_fields(w: &mut Writer, msg: &Msg) {
                 w.sid(s);
             });
         }
+        Msg::Members { members } => {
+            let entries: Vec<(Sid, &crate::membership::Member)> = members.entries().collect();
+            w.list(&entries, |w, (sid, m)| {
+                w.group(|w| {
+                    w.sid(*sid).atom(member_state_atom(m.state)).string(&m.address);
+                });
+            });
+        }
         Msg::Root { epoch, root } => {
             w.num(*epoch).sid(*root);
         }
@@ -849,6 +859,7 @@ fn write_reply(w: &mut Writer, tag: u64, master: Option<Sid>, result: &WriteResu
 fn write_replication_msg(w: &mut Writer, msg: &Msg) {
     match msg {
         Msg::LinkState { .. }
+        | Msg::Members { .. }
         | Msg::Root { .. }
         | Msg::Dropped { .. }
         | Msg::Who { .. }
@@ -911,6 +922,18 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
         b"LINKSTATE" => {
             Msg::LinkState { origin: r.sid()?, seq: r.u64()?, epoch: r.u64()?, neighbors: r.list(Reader::sid)? }
         }
+        b"MEMBERS" => {
+            let entries = r.list(|r| {
+                r.group(|r| {
+                    let sid = r.sid()?;
+                    let state = [MemberState::Active, MemberState::Leaving, MemberState::Retired]
+                        [read_keyword(r, &["ACTIVE", "LEAVING", "RETIRED"])?];
+                    let address = r.string()?;
+                    Ok((sid, crate::membership::Member { state, address }))
+                })
+            })?;
+            Msg::Members { members: crate::membership::Membership::from_entries(entries) }
+        }
         b"ROOT" => Msg::Root { epoch: r.u64()?, root: r.sid()? },
         b"DROPPED" => Msg::Dropped { epoch: r.u64()? },
         b"WHO" => Msg::Who { epoch: r.u64()?, keys: r.list(read_master_key)? },
@@ -964,6 +987,14 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             return r.bad(at, format!("a known command, not {:?}", String::from_utf8_lossy(name)));
         }
     })
+}
+
+fn member_state_atom(state: MemberState) -> &'static str {
+    match state {
+        MemberState::Active => "ACTIVE",
+        MemberState::Leaving => "LEAVING",
+        MemberState::Retired => "RETIRED",
+    }
 }
 
 /// One of `keywords`, as its index.
@@ -1418,6 +1449,21 @@ mod tests {
         vec![
             env(1, 2, 0, Msg::LinkState { origin: Sid(1), seq: 3, epoch: 65537, neighbors: vec![Sid(2), Sid(3)] }),
             env(1, 2, 0, Msg::LinkState { origin: Sid(7), seq: 0, epoch: 0, neighbors: vec![] }),
+            env(
+                1,
+                2,
+                0,
+                Msg::Members {
+                    members: crate::membership::Membership::from_entries([
+                        (Sid(1), crate::membership::Member { state: MemberState::Active, address: String::new() }),
+                        (
+                            Sid(4),
+                            crate::membership::Member { state: MemberState::Leaving, address: "10.0.0.4:7101".into() },
+                        ),
+                        (Sid(9), crate::membership::Member { state: MemberState::Retired, address: "h\u{e9}".into() }),
+                    ]),
+                },
+            ),
             env(1, 2, 1, Msg::Root { epoch: 5, root: Sid(1) }),
             env(2, 1, 0, Msg::Dropped { epoch: 5 }),
             env(2, 1, 0, Msg::Who { epoch: 5, keys: keys.clone() }),
@@ -1691,7 +1737,7 @@ mod tests {
     #[test]
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
-        assert_eq!(names.len(), 29, "{names:?}");
+        assert_eq!(names.len(), 30, "{names:?}");
     }
 
     #[test]

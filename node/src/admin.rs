@@ -41,6 +41,27 @@ pub enum AdminRequest {
     MasterMove {
         mailbox: String,
     },
+    /// The cluster's membership as this node knows it.
+    Members,
+    /// Add a server (`address`: where the others dial it).
+    MemberAdd {
+        id: u32,
+        address: String,
+    },
+    /// Retire a server: it hands its work over first, unless `lost` (a server gone for
+    /// good, retired at once).
+    MemberRemove {
+        id: u32,
+        lost: bool,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberLine {
+    pub id: u32,
+    /// active, leaving or retired.
+    pub state: String,
+    pub address: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,6 +121,7 @@ pub enum AdminReply {
     Stored { modseq: u64 },
     Expunged { uids: Vec<u32> },
     Moved { master: u32 },
+    Members(Vec<MemberLine>),
     Error { temporary: bool, reason: String },
 }
 

@@ -16,7 +16,7 @@ use tandem_core::io::{ClientReply, ClientRequest, Input, Output, RequestId, Writ
 use tandem_core::msg::{Envelope, FailKind, WriteResult};
 use tandem_core::store::StoreWrite;
 use tandem_core::types::*;
-use tandem_core::{Flag, Mark, Server, SpecialUse};
+use tandem_core::{Flag, Mark, MemberChange, Membership, Server, SpecialUse};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -547,8 +547,13 @@ impl EventLoop {
     }
 
     fn on_admin(&mut self, request: AdminRequest, reply: oneshot::Sender<AdminReply>) {
+        let members_asked = matches!(request, AdminRequest::Members);
         let client_request = match to_client_request(request) {
             Ok(Some(r)) => r,
+            Ok(None) if members_asked => {
+                let _ = reply.send(AdminReply::Members(member_lines(self.server.members())));
+                return;
+            }
             Ok(None) => {
                 let _ = reply.send(AdminReply::Status(self.status()));
                 return;
@@ -621,6 +626,7 @@ impl EventLoop {
                 AdminReply::Error { temporary: kind == FailKind::Temporary, reason }
             }
             ClientReply::Moved { master } => AdminReply::Moved { master: master.0 },
+            ClientReply::Members { members } => AdminReply::Members(member_lines(&members)),
             ClientReply::Write(WriteResult::MailboxDone { modseq }) => AdminReply::Stored { modseq },
             // A BARRIER's answer goes to the core's own fresh reads, never to a client.
             ClientReply::Write(WriteResult::Position { highest_modseq, .. }) => {
@@ -680,6 +686,13 @@ impl EventLoop {
     }
 }
 
+fn member_lines(members: &Membership) -> Vec<admin::MemberLine> {
+    members
+        .entries()
+        .map(|(sid, m)| admin::MemberLine { id: sid.0, state: m.state.name().to_string(), address: m.address.clone() })
+        .collect()
+}
+
 fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
     names.iter().map(|f| Flag::new(f).map_err(|e| format!("bad flag {f:?}: {e:?}"))).collect()
 }
@@ -687,7 +700,16 @@ fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
 /// Ok(None) for requests the loop answers itself (status).
 fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, String> {
     Ok(Some(match request {
-        AdminRequest::Status => return Ok(None),
+        AdminRequest::Status | AdminRequest::Members => return Ok(None),
+        AdminRequest::MemberAdd { id, address } => {
+            ClientRequest::Membership { change: MemberChange::Add { sid: Sid(id), address } }
+        }
+        AdminRequest::MemberRemove { id, lost: false } => {
+            ClientRequest::Membership { change: MemberChange::Leave { sid: Sid(id) } }
+        }
+        AdminRequest::MemberRemove { id, lost: true } => {
+            ClientRequest::Membership { change: MemberChange::Lost { sid: Sid(id) } }
+        }
         AdminRequest::Deliver { mailbox, body, flags: f } => ClientRequest::Save {
             mailbox: admin::parse_mailbox(&mailbox)?,
             received: std::time::SystemTime::now()

@@ -36,6 +36,9 @@ const BODY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("body_coun
 const LOG_ENTRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log_entries");
 /// peer -> next seq.
 const LOG_NEXT: TableDefinition<u32, u64> = TableDefinition::new("log_next");
+/// "members" -> the membership as the core last stored it (servers added or retired
+/// after the configuration was written).
+const MEMBERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("membership");
 /// mailbox -> (created_at, deleted_at) of mailboxes a client created or deleted.
 const LIFECYCLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lifecycles");
 /// mailbox -> its retired UIDs (ranges and the modseq of the last collection), for
@@ -198,6 +201,16 @@ impl Store {
         image.epoch = meta.get("epoch")?.map(|v| v.value()).unwrap_or(0);
         image.link_seq = meta.get("link_seq")?.map(|v| v.value()).unwrap_or(0);
         image.incarnation = meta.get("incarnation")?.map(|v| v.value()).unwrap_or(0);
+        match txn.open_table(MEMBERSHIP) {
+            Ok(table) => {
+                if let Some(v) = table.get("members")? {
+                    image.members = dec(v.value(), "membership")?;
+                }
+            }
+            // A store written before membership changes existed.
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         for row in txn.open_table(MAILBOXES)?.iter()? {
             let (k, v) = row?;
             let mailbox: MailboxKey = dec(k.value(), "mailbox key")?;
@@ -293,6 +306,7 @@ impl Store {
             let mut log_overflowed = txn.open_table(LOG_OVERFLOWED)?;
             let mut lifecycles = txn.open_table(LIFECYCLES)?;
             let mut retired_uids = txn.open_table(RETIRED)?;
+            let mut membership = txn.open_table(MEMBERSHIP)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -369,6 +383,13 @@ impl Store {
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
                     StoreWrite::Incarnation { incarnation } => raise(&mut meta, "incarnation", *incarnation)?,
+                    StoreWrite::Members { members } => {
+                        let mut joined = members.clone();
+                        if let Some(old) = membership.get("members")? {
+                            joined.join(&dec(old.value(), "membership")?);
+                        }
+                        membership.insert("members", enc(&joined)?.as_slice())?;
+                    }
                 }
             }
         }

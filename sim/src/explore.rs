@@ -263,6 +263,12 @@ pub fn generate(seed: u64) -> Scenario {
             (20, 600_000),
         ],
     );
+    // Membership changes and writes right after a start, drawn after everything else so
+    // the rest of a seed's scenario is what it was before they existed.
+    let mut links = links;
+    let spares = membership_changes(&mut rng, &mut events, &servers, &mut links, durability, replicas, duration_ms);
+    writes_after_starts(&mut rng, &mut events, &labels);
+    events.sort_by_key(|e| e.at_ms);
     Scenario {
         name: format!("explore-seed-{seed}"),
         path: None,
@@ -270,6 +276,7 @@ pub fn generate(seed: u64) -> Scenario {
         wire: false,
         cluster: ClusterSpec {
             servers,
+            spares,
             replicas,
             durability,
             log_capacity,
@@ -286,6 +293,86 @@ pub fn generate(seed: u64) -> Scenario {
         expects: vec![Expect::Invariants],
         settle_ms: 30_000,
         heal_at_end: true,
+    }
+}
+
+/// A server joins (a spare, started when it is added), one leaves, or both (a server
+/// replaced under a new id); returns the spares. A leave keeps more servers than sync
+/// mode's copies need.
+fn membership_changes(
+    rng: &mut ChaCha8Rng,
+    events: &mut Vec<TimedEvent>,
+    servers: &[Sid],
+    links: &mut Option<Vec<LinkSpec>>,
+    durability: Durability,
+    replicas: u8,
+    duration_ms: u64,
+) -> Vec<Sid> {
+    let (join, leave) = match pick(rng, &[(70, 0u8), (12, 1), (12, 2), (6, 3)]) {
+        0 => (false, false),
+        1 => (true, false),
+        2 => (false, true),
+        _ => (true, true),
+    };
+    let mut spares = Vec::new();
+    let event = |at_ms, action| TimedEvent { at_ms, id: None, action, expect: None, line: 0 };
+    // Drawn first, so that a server joining is not linked to the one leaving alone.
+    let leaving = servers[rng.random_range(0..servers.len())];
+    if join {
+        let spare = Sid(servers.iter().map(|s| s.0).max().unwrap_or(0) + 1);
+        spares.push(spare);
+        if let Some(list) = links.as_mut() {
+            // Joined to one or two servers of the drawn topology.
+            let stay: Vec<Sid> = servers.iter().copied().filter(|s| !leave || *s != leaving).collect();
+            for _ in 0..rng.random_range(1..=2u32) {
+                let Some(&a) = stay.get(rng.random_range(0..stay.len().max(1))) else { break };
+                if !list.iter().any(|l| l.a == a && l.b == spare) {
+                    list.push(LinkSpec { a, b: spare, latency_ms: None });
+                }
+            }
+        }
+        let at = rng.random_range(200..duration_ms.max(201));
+        let server = servers[rng.random_range(0..servers.len())];
+        events.push(event(at, Action::MemberAdd { server, member: spare }));
+    }
+    let remaining = servers.len() + spares.len() - 1;
+    let enough = match durability {
+        Durability::Sync => remaining > usize::from(replicas),
+        Durability::Async => remaining >= 1,
+    };
+    if leave && enough && servers.len() >= 2 {
+        let member = leaving;
+        let server = servers[rng.random_range(0..servers.len())];
+        let at = rng.random_range(200..duration_ms.max(201));
+        events.push(event(at, Action::MemberRemove { server, member, lost: false }));
+    }
+    spares
+}
+
+/// Now and then a save right after a server (re)starts, at that server: within the
+/// start-up hold, before it has heard its peers.
+fn writes_after_starts(rng: &mut ChaCha8Rng, events: &mut Vec<TimedEvent>, labels: &[(MailboxKey, String)]) {
+    let starts: Vec<(u64, Sid)> = events
+        .iter()
+        .filter_map(|e| match e.action {
+            Action::Restart { server } | Action::Replace { server } => Some((e.at_ms, server)),
+            Action::MemberAdd { member, .. } => Some((e.at_ms, member)),
+            _ => None,
+        })
+        .collect();
+    for (i, (at, server)) in starts.into_iter().enumerate() {
+        if !rng.random_bool(0.5) {
+            continue;
+        }
+        let mailbox = match labels.get(rng.random_range(0..labels.len().max(1))) {
+            Some((m, _)) => m.clone(),
+            None => MailboxKey::new("u1@d1", "INBOX"),
+        };
+        let label = Some(format!("start{i}"));
+        let at_ms = at + rng.random_range(0..=10);
+        let size = rng.random_range(100..2000);
+        let action = Action::Save { server, mailbox, label, flags: Vec::new(), size };
+        events.push(TimedEvent { at_ms, id: None, action, expect: None, line: 0 });
     }
 }
 

@@ -671,6 +671,9 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
             }
         }
     }
+    if let Some((sid, _)) = servers.iter().find(|(_, s)| s.members() != first.members()) {
+        return Some(format!("{s0} and {sid} disagree on the membership"));
+    }
     let roots: BTreeSet<Option<Sid>> = servers.values().map(|s| s.term().root).collect();
     if roots.len() != 1 || roots.iter().next().copied().flatten().is_none_or(|r| !servers.contains_key(&r)) {
         return Some(format!("servers disagree on the root: {roots:?}"));

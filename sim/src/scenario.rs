@@ -38,6 +38,9 @@ pub struct Scenario {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterSpec {
     pub servers: Vec<Sid>,
+    /// Servers that exist (with links to every server) but are neither started nor
+    /// members until a `member_add` names them.
+    pub spares: Vec<Sid>,
     pub replicas: u8,
     pub durability: Durability,
     pub log_capacity: usize,
@@ -233,6 +236,19 @@ pub enum Action {
     Replace {
         server: Sid,
     },
+    /// An operator at `server` adds `member` to the cluster (`tandem member add`) and
+    /// starts it (empty) if it is a spare that never ran.
+    MemberAdd {
+        server: Sid,
+        member: Sid,
+    },
+    /// An operator at `server` retires `member`: it hands its work over and retires
+    /// itself; `lost`: it is lost for good (with its disk) and retired at once.
+    MemberRemove {
+        server: Sid,
+        member: Sid,
+        lost: bool,
+    },
     /// A message file dropped into the store by hand.
     HandAdd {
         server: Sid,
@@ -310,6 +326,8 @@ pub enum Expect {
     /// Every live server gives the mailbox these special uses (none: no client gave it
     /// one).
     SpecialUse { mailbox: MailboxKey, special_use: SpecialUse },
+    /// Every live member's membership gives `server` this state at the end.
+    Member { server: Sid, state: tandem_core::MemberState },
 }
 
 // ---------------------------------------------------------------------------------------
@@ -357,6 +375,8 @@ const OPS: &[(&str, &[&str])] = &[
     ("restart", &["server"]),
     ("lose", &["server"]),
     ("replace", &["server"]),
+    ("member_add", &["server", "member"]),
+    ("member_remove", &["server", "member", "lost"]),
     ("hand_add", &["server", "mailbox", "label"]),
     ("hand_delete", &["server", "mailbox", "label"]),
     ("corrupt", &["server", "label"]),
@@ -381,6 +401,14 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("visible", &["mailbox", "visible"]),
     ("renumbered", &["labels"]),
     ("special_use", &["mailbox", "special_use"]),
+    ("member", &["server", "state"]),
+];
+
+/// The words of a member's state.
+const MEMBER_STATES: &[(&str, tandem_core::MemberState)] = &[
+    ("active", tandem_core::MemberState::Active),
+    ("leaving", tandem_core::MemberState::Leaving),
+    ("retired", tandem_core::MemberState::Retired),
 ];
 
 const INVARIANTS: &[&str] = &crate::oracle::INVARIANTS;
@@ -464,13 +492,13 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Scenario, ScenarioError>
     };
     let line = top.line_of("cluster");
     let cluster = Tab { what: "[cluster]".to_string(), line, keys: &outline.cluster, ..top }.cluster(cluster)?;
+    let all_servers: Vec<Sid> = cluster.servers.iter().chain(&cluster.spares).copied().collect();
 
     let mut events = Vec::with_capacity(file.event.len());
     let mut ids: Vec<String> = Vec::new();
     for (i, (event, at)) in file.event.into_iter().zip(&outline.event).enumerate() {
         let line = cx.line_at(at.span().start);
-        let tab =
-            Tab { cx: &cx, what: format!("event {}", i + 1), line, keys: at.get_ref(), servers: &cluster.servers };
+        let tab = Tab { cx: &cx, what: format!("event {}", i + 1), line, keys: at.get_ref(), servers: &all_servers };
         let event = tab.event(event)?;
         if let Some(id) = &event.id {
             if ids.contains(id) {
@@ -485,8 +513,7 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Scenario, ScenarioError>
     let mut expects = Vec::with_capacity(file.expect.len());
     for (i, (expect, at)) in file.expect.into_iter().zip(&outline.expect).enumerate() {
         let line = cx.line_at(at.span().start);
-        let tab =
-            Tab { cx: &cx, what: format!("expect {}", i + 1), line, keys: at.get_ref(), servers: &cluster.servers };
+        let tab = Tab { cx: &cx, what: format!("expect {}", i + 1), line, keys: at.get_ref(), servers: &all_servers };
         expects.push(tab.expect(expect, &ids)?);
     }
 
@@ -766,6 +793,16 @@ impl Tab<'_> {
             }
         };
         servers.sort();
+        let mut spares: Vec<Sid> = Vec::new();
+        for name in cluster.spares.unwrap_or_default() {
+            const SPARE: &str = "a list of server names, none of them in `servers`";
+            let sid = parse_sid(&name).ok_or_else(|| self.bad("spares", SPARE, &name))?;
+            if servers.contains(&sid) || spares.contains(&sid) {
+                return Err(self.bad("spares", SPARE, &name));
+            }
+            spares.push(sid);
+        }
+        spares.sort();
         let durability = self.choice(cluster.mode, "mode", MODES)?.unwrap_or(Durability::Sync);
         let replicas = cluster.replicas.unwrap_or(1);
         if durability == Durability::Sync && usize::from(replicas) >= servers.len() {
@@ -783,6 +820,7 @@ impl Tab<'_> {
         let tombstone_grace_ms = self.int_in(cluster.tombstone_grace_ms, "tombstone_grace_ms", 0..=u64::MAX >> 12)?;
         let startup_hold_ms = self.int_in(cluster.startup_hold_ms, "startup_hold_ms", 0..=u64::MAX >> 12)?;
         let mta_retry_ms = self.int_in(cluster.mta_retry_ms, "mta_retry_ms", 1..=u64::MAX >> 12)?;
+        let with_spares: Vec<Sid> = servers.iter().chain(&spares).copied().collect();
         let links = match cluster.links {
             None => None,
             Some(items) => {
@@ -791,7 +829,7 @@ impl Tab<'_> {
                 for (i, item) in items.into_iter().enumerate() {
                     let line = self.cx.line_at(item.span().start);
                     let what = format!("[cluster] link {}", i + 1);
-                    let tab = Tab { what, line, keys: &no_keys, servers: &servers, ..*self };
+                    let tab = Tab { what, line, keys: &no_keys, servers: &with_spares, ..*self };
                     let link = item.into_inner();
                     let (a, b) = (tab.server(Some(&link.a), "a")?, tab.server(Some(&link.b), "b")?);
                     if a == b {
@@ -820,6 +858,7 @@ impl Tab<'_> {
             startup_hold_ms: startup_hold_ms.unwrap_or(STARTUP_HOLD_MS_DEFAULT),
             mta_retry_ms,
             servers,
+            spares,
         })
     }
 
@@ -927,6 +966,13 @@ impl Tab<'_> {
             "restart" => Action::Restart { server: server()? },
             "lose" => Action::Lose { server: server()? },
             "replace" => Action::Replace { server: server()? },
+            "member_add" | "member_remove" => {
+                let (server, member) = (server()?, tab.server(event.member.as_deref(), "member")?);
+                match *op {
+                    "member_add" => Action::MemberAdd { server, member },
+                    _ => Action::MemberRemove { server, member, lost: event.lost.unwrap_or(false) },
+                }
+            }
             "hand_add" => Action::HandAdd {
                 server: server()?,
                 mailbox: mailbox()?,
@@ -996,6 +1042,12 @@ impl Tab<'_> {
                 }
             }
             "root" => Expect::Root { server: tab.server(expect.server.as_deref(), "server")? },
+            "member" => Expect::Member {
+                server: tab.server(expect.server.as_deref(), "server")?,
+                state: tab
+                    .choice(expect.state, "state", MEMBER_STATES)?
+                    .ok_or_else(|| tab.missing("state", "active, leaving or retired"))?,
+            },
             "not_uid" => Expect::NotUid { label: label()?, uid: uid()? },
             "uid" => Expect::Uid { label: label()?, uid: uid()? },
             "flags" => {

@@ -38,6 +38,7 @@ pub(crate) struct ClusterToml {
     pub tombstone_grace_ms: Option<u64>,
     pub startup_hold_ms: Option<u64>,
     pub mta_retry_ms: Option<u64>,
+    pub spares: Option<Vec<String>>,
     pub links: Option<Vec<Spanned<LinkToml>>>,
 }
 
@@ -99,6 +100,10 @@ pub(crate) struct EventToml {
     pub servers: Option<Vec<Spanned<String>>>,
     pub count: Option<u64>,
     pub kinds: Option<Vec<FaultKind>>,
+    /// member_add, member_remove: the server added or retired.
+    pub member: Option<String>,
+    /// member_remove: lost for good, retired at once.
+    pub lost: Option<bool>,
     pub id: Option<String>,
     pub expect: Option<ReplyExpect>,
 }
@@ -129,6 +134,8 @@ pub(crate) struct ExpectToml {
     pub visible: Option<bool>,
     pub labels: Option<Vec<String>>,
     pub special_use: Option<Vec<String>>,
+    /// member: active, leaving or retired.
+    pub state: Option<String>,
 }
 
 /// The words of `[cluster] mode`.

@@ -38,6 +38,7 @@ fn file_of(s: &Scenario) -> FileToml {
         tombstone_grace_ms: Some(c.tombstone_grace_ms),
         startup_hold_ms: Some(c.startup_hold_ms),
         mta_retry_ms: c.mta_retry_ms,
+        spares: (!c.spares.is_empty()).then(|| c.spares.iter().map(Sid::to_string).collect()),
         links: c.links.as_ref().map(|links| links.iter().map(link).collect()),
     };
     FileToml {
@@ -169,6 +170,14 @@ fn event_of(e: &TimedEvent) -> EventToml {
                 _ => "replace",
             }
         }
+        Action::MemberAdd { server: s, member } => {
+            (table.server, table.member) = (server(s), server(member));
+            "member_add"
+        }
+        Action::MemberRemove { server: s, member, lost } => {
+            (table.server, table.member, table.lost) = (server(s), server(member), lost.then_some(true));
+            "member_remove"
+        }
         Action::HandAdd { server: s, mailbox: m, label } => {
             (table.server, table.mailbox, table.label) = (server(s), mailbox(m), label.clone());
             "hand_add"
@@ -249,6 +258,10 @@ fn expect_of(x: &Expect) -> ExpectToml {
             table.mailbox = mailbox(m);
             table.special_use = Some(special_use.names().map(str::to_string).collect());
             "special_use"
+        }
+        Expect::Member { server: s, state } => {
+            (table.server, table.state) = (server(s), Some(state.name().to_string()));
+            "member"
         }
     };
     table.check = Some(check.to_string());

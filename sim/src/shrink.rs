@@ -124,7 +124,9 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::Restore { a, b }
         | Action::Flap { a, b, .. }
         | Action::Slow { a, b, .. }
-        | Action::Silence { from: a, to: b, .. } => *a == sid || *b == sid,
+        | Action::Silence { from: a, to: b, .. }
+        | Action::MemberAdd { server: a, member: b }
+        | Action::MemberRemove { server: a, member: b, .. } => *a == sid || *b == sid,
         Action::Partition { .. } | Action::Heal | Action::RandomWorkload { .. } | Action::RandomFaults { .. } => false,
     }
 }

@@ -308,10 +308,11 @@ impl World {
                 },
             );
         };
+        let everyone: Vec<Sid> = spec.servers.iter().chain(&spec.spares).copied().collect();
         match &spec.links {
             None => {
-                for (i, &a) in spec.servers.iter().enumerate() {
-                    for &b in &spec.servers[i + 1..] {
+                for (i, &a) in everyone.iter().enumerate() {
+                    for &b in &everyone[i + 1..] {
                         add(a, b, spec.latency_ms);
                     }
                 }
@@ -356,7 +357,7 @@ impl World {
             watch: std::env::var("TANDEM_WATCH").ok().filter(|w| !w.is_empty()),
             config_error: None,
         };
-        for &sid in &spec.servers {
+        for &sid in &everyone {
             world.nodes.insert(
                 sid,
                 Node {
@@ -377,7 +378,12 @@ impl World {
 
     fn config(&mut self, sid: Sid) -> Config {
         let spec = &self.scenario.cluster;
-        let mut cfg = Config::new(sid, spec.servers.clone());
+        // A spare is configured as a new server is: the cluster it joins, and itself.
+        let mut servers = spec.servers.clone();
+        if !servers.contains(&sid) {
+            servers.push(sid);
+        }
+        let mut cfg = Config::new(sid, servers);
         cfg.durability = spec.durability;
         cfg.replicas = spec.replicas;
         cfg.log_capacity = spec.log_capacity;
@@ -475,8 +481,13 @@ impl World {
                 detail: format!("not converged {} ms after the heal: {why}", self.scenario.settle_ms),
             });
         }
-        let stores: BTreeMap<Sid, &Server> =
-            self.nodes.iter().filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s))).collect();
+        let retired = self.retired();
+        let stores: BTreeMap<Sid, &Server> = self
+            .nodes
+            .iter()
+            .filter(|(sid, _)| !retired.contains(sid))
+            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s)))
+            .collect();
         let check_loss = match self.scenario.cluster.durability {
             Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
             Durability::Async => self.lost_for_good == 0,
@@ -907,8 +918,14 @@ impl World {
                 if end {
                     // Crashed servers restart; lost ones are replaced by empty servers (an
                     // operator replaces dead hardware before anyone expects quiescence).
-                    let down: Vec<(Sid, bool)> =
-                        self.nodes.iter().filter(|(_, n)| n.server.is_none()).map(|(s, n)| (*s, n.lost)).collect();
+                    // Spares never added stay off, and retired servers stay gone.
+                    let retired = self.retired();
+                    let down: Vec<(Sid, bool)> = self
+                        .nodes
+                        .iter()
+                        .filter(|(s, n)| n.server.is_none() && n.incarnation > 0 && !retired.contains(s))
+                        .map(|(s, n)| (*s, n.lost))
+                        .collect();
                     for (sid, lost) in down {
                         self.start_server(sid, lost);
                     }
@@ -970,21 +987,58 @@ impl World {
     /// Every server up and every link carrying what is sent both ways (none cut, none
     /// silent): a cluster that is not partitioned in any way.
     fn whole(&self) -> bool {
-        self.nodes.keys().all(|s| self.alive(*s))
-            && self.links.values().all(|l| l.up && l.silent_until.iter().all(|until| *until <= self.now))
+        let retired = self.retired();
+        let in_cluster = |s: &Sid| self.nodes.get(s).is_some_and(|n| n.incarnation > 0) && !retired.contains(s);
+        self.nodes.keys().filter(|s| in_cluster(s)).all(|s| self.alive(*s))
+            && self
+                .links
+                .iter()
+                .filter(|((a, b), _)| in_cluster(a) && in_cluster(b))
+                .all(|(_, l)| l.up && l.silent_until.iter().all(|until| *until <= self.now))
+    }
+
+    /// Servers some live server knows to be retired: they are out of the cluster, and
+    /// no invariant is checked on them any more.
+    fn retired(&self) -> BTreeSet<Sid> {
+        let mut retired = BTreeSet::new();
+        for node in self.nodes.values() {
+            let Some(server) = &node.server else { continue };
+            for (sid, m) in server.members().entries() {
+                if m.state == MemberState::Retired {
+                    retired.insert(sid);
+                }
+            }
+        }
+        retired
+    }
+
+    /// Live servers that are members of the cluster, by id.
+    fn member_servers(&self) -> BTreeMap<Sid, &Server> {
+        let retired = self.retired();
+        self.nodes
+            .iter()
+            .filter(|(sid, _)| !retired.contains(sid))
+            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s)))
+            .collect()
     }
 
     /// Whether the live servers are in more than one root term.
     fn roots_disagree(&self) -> bool {
-        let mut terms = self.nodes.values().filter_map(|n| n.server.as_ref()).map(|s| s.term());
+        let members = self.member_servers();
+        let mut terms = members.values().map(|s| s.term());
         let Some(first) = terms.next() else { return false };
         terms.any(|t| t != first)
     }
 
     /// Why the live servers have not converged, or None.
     fn converged(&mut self) -> Option<String> {
-        let servers: BTreeMap<Sid, &Server> =
-            self.nodes.iter().filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x))).collect();
+        let retired = self.retired();
+        let servers: BTreeMap<Sid, &Server> = self
+            .nodes
+            .iter()
+            .filter(|(s, _)| !retired.contains(s))
+            .filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x)))
+            .collect();
         oracle::divergence_with(&servers, &mut self.oracle.body_verdicts)
     }
 }
@@ -1009,6 +1063,7 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::Subscription { mailbox, subscribe: true } => format!("SUBSCRIBE {mailbox}"),
         ClientRequest::Subscription { mailbox, subscribe: false } => format!("UNSUBSCRIBE {mailbox}"),
         ClientRequest::RenameMailbox { from, to } => format!("RENAME {from} to {to}"),
+        ClientRequest::Membership { change } => format!("MEMBER {change:?}"),
     }
 }
 
@@ -1050,6 +1105,9 @@ pub fn describe(envelope: &Envelope) -> String {
     let via = if envelope.hops > 0 { format!(" (relayed, {} hops)", envelope.hops) } else { String::new() };
     let detail = match &envelope.msg {
         Msg::LinkState { origin, seq, epoch, neighbors } => format!("{origin}#{seq} epoch {epoch} {neighbors:?}"),
+        Msg::Members { members } => {
+            members.entries().map(|(s, m)| format!("{s}:{}", m.state.name())).collect::<Vec<_>>().join(" ")
+        }
         Msg::Root { epoch, root } => format!("epoch {epoch} root {root}"),
         Msg::Dropped { epoch } | Msg::Who { epoch, .. } => format!("epoch {epoch}"),
         Msg::MasterIs { key, master, .. } => format!("{key} -> {master}"),
@@ -1441,6 +1499,26 @@ impl World {
                     self.start_server(server, true);
                 }
             }
+            Action::MemberAdd { server, member } => {
+                let address = format!("sim-{}", member.0);
+                let change = MemberChange::Add { sid: member, address };
+                self.request(server, ClientRequest::Membership { change }, event, none());
+                // The operator starts the new server once it is added.
+                if self.nodes.get(&member).is_some_and(|n| n.incarnation == 0 && n.server.is_none()) {
+                    self.start_server(member, true);
+                }
+            }
+            Action::MemberRemove { server, member, lost } => {
+                if lost && !self.nodes.get(&member).is_some_and(|n| n.lost) {
+                    // Retired as lost: what only it held is gone, as with any server lost
+                    // for good.
+                    self.lost_for_good += 1;
+                    self.stop_server(member, true);
+                }
+                let change =
+                    if lost { MemberChange::Lost { sid: member } } else { MemberChange::Leave { sid: member } };
+                self.request(server, ClientRequest::Membership { change }, event, none());
+            }
             Action::HandAdd { server, mailbox, label } => {
                 self.last_fault_us = self.now.0;
                 self.label_counter += 1;
@@ -1504,8 +1582,9 @@ impl World {
         }
     }
 
+    /// Live servers that are members (not retired).
     fn live_servers(&self) -> Vec<Sid> {
-        self.nodes.iter().filter(|(_, n)| n.server.is_some()).map(|(s, _)| *s).collect()
+        self.member_servers().into_keys().collect()
     }
 
     fn set_label(&mut self, label: String, guid: Guid) {
@@ -1752,6 +1831,15 @@ impl World {
                         let root = self.nodes.get(sid).and_then(|n| n.server.as_ref()).and_then(|s| s.term().root);
                         if root != Some(server) {
                             failures.push(format!("expected root {server}, {sid} has {root:?}"));
+                        }
+                    }
+                }
+                Expect::Member { server, state } => {
+                    for sid in &live {
+                        let got =
+                            self.nodes.get(sid).and_then(|n| n.server.as_ref()).and_then(|s| s.members().state(server));
+                        if got != Some(state) {
+                            failures.push(format!("expected {server} {}, {sid} has it {got:?}", state.name()));
                         }
                     }
                 }

@@ -759,6 +759,25 @@ impl Image {
         seqs
     }
 
+    /// Drops everything logged for a retired peer; returns the entries dropped.
+    pub(crate) fn drop_log(&mut self, out: &mut Outbox, peer: Sid) -> Vec<u64> {
+        let Some(log) = self.disk.logs.get(&peer) else { return Vec::new() };
+        let seqs: Vec<u64> = log.entries.keys().copied().collect();
+        let overflowed: Vec<MailboxKey> = log.overflowed.iter().cloned().collect();
+        if !seqs.is_empty() {
+            self.commit(out, StoreWrite::LogRemove { peer, seqs: seqs.clone() });
+        }
+        for mailbox in overflowed {
+            self.commit(out, StoreWrite::LogOverflow { peer, mailbox, overflowed: false });
+        }
+        seqs
+    }
+
+    /// Whether every log is empty and marks no mailbox for SYNC.
+    pub(crate) fn logs_drained(&self) -> bool {
+        self.disk.logs.values().all(|l| l.entries.is_empty() && l.overflowed.is_empty())
+    }
+
     /// The peer's copy of `mailbox` was confirmed: it no longer needs a full SYNC.
     pub(crate) fn clear_overflow(&mut self, out: &mut Outbox, peer: Sid, mailbox: &MailboxKey) {
         if self.disk.logs.get(&peer).is_some_and(|l| l.overflowed.contains(mailbox)) {

@@ -121,7 +121,20 @@ fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
 impl Server {
     pub(crate) fn on_client(&mut self, id: RequestId, request: ClientRequest) {
         let wanted = if matches!(request, ClientRequest::FreshStatus { .. }) { Wanted::Status } else { Wanted::View };
+        let is_read = matches!(
+            request,
+            ClientRequest::Read { .. } | ClientRequest::FreshRead { .. } | ClientRequest::FreshStatus { .. }
+        );
+        if self.retired() && !is_read {
+            let reason = "this server is retired from the cluster: connect to another".to_string();
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
         let write = match request {
+            ClientRequest::Membership { change } => {
+                self.on_member_change(id, change);
+                return;
+            }
             ClientRequest::Read { mailbox } => {
                 // A client is shown only what is durable, so a crash can never make this
                 // server show a UID bound to another message later; the durable view is
@@ -143,7 +156,13 @@ impl Server {
                     self.out.reply(id, reply);
                     return;
                 }
-                if self.masters.masters_ready(&key) || self.cfg.servers.len() <= 1 {
+                if self.retired() {
+                    // Out of the cluster: what is here, with no promise.
+                    let reply = self.fresh_view(&mailbox, wanted, false);
+                    self.out.reply(id, reply);
+                    return;
+                }
+                if self.masters.masters_ready(&key) || self.member_servers.len() <= 1 {
                     // Every change the master ordered is in its own copy, but maybe not
                     // yet durable (a mastership just taken over merges states): the read
                     // waits for that, and is answered at the end of this input if it is.
@@ -162,6 +181,11 @@ impl Server {
                 return;
             }
             ClientRequest::MasterMove { mailbox } => {
+                if !self.members.is_active(self.cfg.sid) {
+                    let reason = "a server leaving the cluster masters nothing".to_string();
+                    self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+                    return;
+                }
                 let key = self.master_key(&mailbox);
                 let job = Job {
                     origin: Origin::Client(id),
@@ -1175,6 +1199,10 @@ impl Server {
 
     /// MASTER-MOVE reached a server.
     pub(crate) fn on_master_move(&mut self, src: Sid, id: JobId, key: MasterKey, requester: Sid) {
+        if !self.members.is_active(requester) {
+            // A leaving server takes no mastership; its request times out there.
+            return;
+        }
         if self.masters.masters_ready(&key) {
             self.give_up_mastership(key, requester, id);
             return;

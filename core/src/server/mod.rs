@@ -11,6 +11,7 @@ mod jobs;
 pub use jobs::mailbox_view;
 mod log_progress;
 mod masters;
+mod members;
 mod outbox;
 mod replication;
 mod root;
@@ -77,6 +78,16 @@ pub struct Server {
     /// Reads waiting for this server's copies to reach their master's position (see
     /// `fresh_reads`).
     fresh_reads: FreshReads,
+    /// Who is in the cluster (see `members`).
+    members: crate::membership::Membership,
+    /// The servers routes and replication use (`Server::routing_servers`), kept for
+    /// the many loops over peers.
+    member_servers: Vec<Sid>,
+    /// While this server leaves the cluster: what it still waits for.
+    leaving: Option<members::Leaving>,
+    /// Stored bodies no record holds, with when that was first seen (see
+    /// `collect_bodies`).
+    unreferenced_since: BTreeMap<Guid, Instant>,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -105,12 +116,14 @@ impl Server {
     /// requests in progress) starts empty.
     pub fn recover(cfg: Config, disk: DiskImage, seed: u64, bodies: Box<dyn BodyStore>) -> Server {
         let incarnation = disk.incarnation.saturating_add(1);
+        let mut members = crate::membership::Membership::seed(&cfg.servers);
+        members.join(&disk.members);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ incarnation.rotate_left(32) ^ u64::from(cfg.sid.0));
         let job_numbers_start = rng.next_u64();
         let mut server = Server {
             rng,
             root_role: RootRole::new(cfg.sid, disk.epoch),
-            routing: RouteTable::new(cfg.sid, &cfg.servers),
+            routing: RouteTable::new(cfg.sid, &[cfg.sid]),
             cfg,
             image: Image::new(disk, bodies),
             out: Outbox::default(),
@@ -125,7 +138,18 @@ impl Server {
             notes: None,
             startup: StartupHold::NotStarted,
             fresh_reads: FreshReads::default(),
+            members,
+            member_servers: Vec::new(),
+            leaving: None,
+            unreferenced_since: BTreeMap::new(),
         };
+        server.member_servers = server.routing_servers();
+        server.routing.set_servers(&server.member_servers);
+        if server.members.state(server.cfg.sid) == Some(crate::membership::MemberState::Leaving) {
+            // A restart while leaving: every copy is confirmed again.
+            let unconfirmed = server.image.mailboxes().keys().cloned().collect();
+            server.leaving = Some(members::Leaving::new(unconfirmed, Instant(0)));
+        }
         // The first timer finds out whether the server is alone (then it is its own
         // root); maintenance starts an interval later.
         server.timers.set(Timer::Retry, Instant(0));
@@ -373,13 +397,21 @@ impl Server {
         MasterKey::of(mailbox, self.cfg.granularity)
     }
 
-    pub(crate) fn peers(&self) -> Vec<Sid> {
-        self.cfg.servers.iter().copied().filter(|s| *s != self.cfg.sid).collect()
-    }
-
     fn on_envelope(&mut self, from: Sid, envelope: Envelope) {
-        if !self.routing.has_link(from) {
+        if !self.routing.has_any_link(from) {
             // Only a neighbour over a link we know is up may talk to us.
+            return;
+        }
+        if !self.routing.has_link(from) {
+            // A neighbour outside the membership (not added yet, or retired) is told
+            // and heard about membership and links only.
+            match envelope.msg {
+                Msg::Members { members } if envelope.dst == self.cfg.sid => self.on_members(from, &members),
+                Msg::LinkState { origin, seq, epoch, neighbors } if !self.retired() => {
+                    self.on_link_state(from, origin, seq, epoch, neighbors)
+                }
+                _ => {}
+            }
             return;
         }
         if envelope.dst != self.cfg.sid {
@@ -389,7 +421,7 @@ impl Server {
             self.relay(envelope);
             return;
         }
-        if !self.cfg.servers.contains(&envelope.src) {
+        if !self.is_member(envelope.src) {
             self.send_error(from, format!("unknown server {}", envelope.src));
             return;
         }
@@ -408,6 +440,7 @@ impl Server {
         }
         match envelope.msg {
             Msg::LinkState { origin, seq, epoch, neighbors } => self.on_link_state(from, origin, seq, epoch, neighbors),
+            Msg::Members { members } => self.on_members(from, &members),
             Msg::Root { epoch, root } => self.on_root(src, epoch, root),
             Msg::Dropped { epoch } => self.on_dropped(src, epoch),
             Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),
@@ -552,6 +585,7 @@ impl Server {
         self.scrub_bodies();
         self.collect_bodies();
         self.collect_tombstones();
+        self.finish_leaving();
     }
 
     fn resend_handoffs(&mut self) {

@@ -405,6 +405,7 @@ impl Server {
             } else if !self.logs_hold(&mailbox)
                 && let Some(mine) = self.summary_of(&mailbox)
             {
+                self.leaving_confirmed(src, &mailbox);
                 // Our confirmation is what lets the master collect the mailbox's
                 // tombstones: it is given for a copy a crash here cannot take back, with
                 // none of the mailbox's changes still on their way from here.
@@ -418,7 +419,7 @@ impl Server {
 
     /// Whether any of our replication logs holds a change of `mailbox`.
     fn logs_hold(&self, mailbox: &MailboxKey) -> bool {
-        self.cfg.servers.iter().any(|peer| self.image.is_logged(*peer, mailbox))
+        self.member_servers.iter().any(|peer| self.image.is_logged(*peer, mailbox))
     }
 
     pub(crate) fn on_mbox_done(&mut self, src: Sid, catchup: CatchupId, count: u32) {
@@ -539,6 +540,7 @@ impl Server {
     }
 
     pub(crate) fn on_fetch(&mut self, src: Sid, guid: Guid) {
+        self.leaving_served_body();
         let Some(checksum) = self.image.body(&guid).map(|b| b.checksum) else {
             self.send(src, Msg::NoBody { guid });
             return;
@@ -572,7 +574,7 @@ impl Server {
     /// acknowledged every change we logged for them, and every configured server is
     /// reachable to be asked.
     fn may_run_census(&self, guid: Guid) -> bool {
-        if !self.cfg.servers.iter().all(|s| self.routing.is_reachable(*s)) {
+        if !self.member_servers.iter().all(|s| self.routing.is_reachable(*s)) {
             return false;
         }
         let holders = self.mailboxes_holding(guid);
@@ -594,7 +596,7 @@ impl Server {
 
     fn start_census(&mut self, guid: Guid) {
         self.body_fetch.start_census(guid, self.now);
-        let others: Vec<Sid> = self.cfg.servers.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        let others: Vec<Sid> = self.peers();
         for s in others {
             self.send(s, Msg::Fetch { guid });
         }
@@ -662,6 +664,21 @@ impl Server {
     /// finds no body here and is served by a server that still holds the message.
     pub(crate) fn collect_bodies(&mut self) {
         let candidates: Vec<Guid> = self.image.unreferenced_bodies().take(COLLECT_PER_PASS_MAX).collect();
+        // A body no record here holds may still be needed: the message may have moved
+        // (a RENAME whose new mailbox arrives later, by SYNC after a log overflow) to a
+        // master that never had its bytes. It is kept for the tombstone grace (at least
+        // a few maintenance passes, in which a SYNC comes) after it lost its last record.
+        let keep_us = self.cfg.tombstone_grace_us.max(self.cfg.anti_entropy_us * BODY_KEEP_PASSES);
+        let now = self.now;
+        self.unreferenced_since.retain(|g, _| candidates.binary_search(g).is_ok());
+        let mut due = Vec::with_capacity(candidates.len());
+        for guid in candidates {
+            let since = *self.unreferenced_since.entry(guid).or_insert(now);
+            if now.0.saturating_sub(since.0) >= keep_us {
+                due.push(guid);
+            }
+        }
+        let candidates = due;
         if candidates.is_empty() {
             return;
         }
@@ -683,6 +700,7 @@ impl Server {
                 continue;
             }
             self.image.remove_unreferenced_body(&mut self.out, guid);
+            self.unreferenced_since.remove(&guid);
         }
         debug_assert!(self.image.refs_consistent(), "live reference counts match the mailboxes");
     }
@@ -709,6 +727,8 @@ impl Server {
 
 /// Bodies collected per maintenance pass at most.
 const COLLECT_PER_PASS_MAX: usize = 256;
+/// Maintenance passes a body no record holds is kept at least (see `collect_bodies`).
+const BODY_KEEP_PASSES: u64 = 3;
 
 /// The GUIDs a logged change refers to.
 fn logged_guids(change: &Change) -> Vec<Guid> {

@@ -21,14 +21,25 @@ impl Server {
         self.root_role.active()
     }
 
+    /// The lowest reachable active member (a leaving server is root only of a
+    /// component without one).
     fn designated_root(&self) -> Sid {
-        self.routing.reachable().iter().next().copied().unwrap_or(self.cfg.sid)
+        let reachable = self.routing.reachable();
+        reachable
+            .iter()
+            .copied()
+            .find(|s| self.members.is_active(*s))
+            .or_else(|| reachable.iter().next().copied())
+            .unwrap_or(self.cfg.sid)
     }
 
     /// Called whenever reachability or the term changes: the lowest reachable server
     /// opens a new term when it is not root yet, when the component grew beyond the
     /// term's members, or when it has heard of a higher epoch.
     pub(crate) fn check_root(&mut self) {
+        if self.retired() {
+            return;
+        }
         let designated = self.designated_root();
         if designated != self.cfg.sid {
             if self.is_root() {
@@ -67,7 +78,7 @@ impl Server {
             StartupHold::NotStarted => return true,
             StartupHold::Until(until) => until,
         };
-        let everyone = self.cfg.servers.iter().all(|s| self.routing.is_reachable(*s));
+        let everyone = self.member_servers.iter().all(|s| self.routing.is_reachable(*s));
         if self.now < until && !everyone {
             return true;
         }
@@ -79,7 +90,7 @@ impl Server {
         false
     }
 
-    fn open_term(&mut self) {
+    pub(crate) fn open_term(&mut self) {
         let before = self.image.disk().epoch.max(self.root_role.epoch());
         let epoch = Term::next_epoch(before, self.cfg.sid);
         // Above every epoch seen, unless the epochs ran out (peers cannot get there, see
@@ -189,15 +200,28 @@ impl Server {
         }
     }
 
-    /// A lookup at the root: answer with the recorded master if it is reachable, or make
-    /// the asker master.
+    /// A lookup at the root: answer with the recorded master if it is reachable (and
+    /// active), or make the asker master (the root itself when the asker is leaving).
     pub(crate) fn answer_lookup(&mut self, asker: Sid, key: MasterKey) {
+        let me = self.cfg.sid;
         let epoch = self.root_role.epoch();
-        let routing = &self.routing;
-        let (master, generation) = self.root_role.assign(&key, asker, |m| routing.is_reachable(m));
-        if asker == self.cfg.sid {
-            self.on_master_is(self.cfg.sid, epoch, key, master, generation);
+        let candidate = if self.eligible(asker) {
+            asker
+        } else if self.eligible(me) {
+            me
         } else {
+            // No active server here may master it: the asker asks again later.
+            return;
+        };
+        let routing = &self.routing;
+        let members = &self.members;
+        let before = self.root_role.generation(&key);
+        let (master, generation) =
+            self.root_role.assign(&key, candidate, |m| routing.is_reachable(m) && members.is_active(m));
+        if asker == me || (master == me && generation != before) {
+            self.on_master_is(me, epoch, key.clone(), master, generation);
+        }
+        if asker != me {
             self.send(asker, Msg::MasterIs { epoch, key, master, generation });
         }
     }
@@ -310,7 +334,9 @@ impl Server {
         self.masters.set_generation(key.clone(), generation);
         self.masters.lookup_answered(&key);
         if master == self.cfg.sid {
-            if from_root {
+            // A leaving server takes no mastership (a root that has not heard yet that
+            // we leave opens a new term once it does).
+            if from_root && self.members.is_active(self.cfg.sid) {
                 self.become_master(key.clone(), None, generation);
             }
         } else {

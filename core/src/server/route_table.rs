@@ -2,6 +2,11 @@
 //! its neighbours, and from them the connected component and a next hop to each server
 //! in it. A link counts only when both ends announce it. Ties break on the lowest
 //! server id, so routes are deterministic. The table decides; `routing` sends.
+//!
+//! Only members count: a link to a server outside the membership (one not added yet,
+//! or retired) is remembered apart and carries nothing but membership and link state;
+//! announcements are kept from anyone (bounded), so a server added later is routed to
+//! at once, and routes use members' announcements and links between members only.
 
 use crate::types::Sid;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -27,9 +32,12 @@ pub(crate) struct ReachabilityChange {
 #[derive(Debug)]
 pub(crate) struct RouteTable {
     me: Sid,
-    /// The configured servers: announcements name no one else.
+    /// The members (see `membership`): routes use no one else.
     servers: BTreeSet<Sid>,
+    /// Links up to members.
     links: BTreeSet<Sid>,
+    /// Links up to servers outside the membership.
+    stranger_links: BTreeSet<Sid>,
     announcements: BTreeMap<Sid, LinkAnnouncement>,
     next_hops: BTreeMap<Sid, Sid>,
     /// Always holds `me`.
@@ -42,6 +50,7 @@ impl RouteTable {
             me,
             servers: servers.iter().copied().collect(),
             links: BTreeSet::new(),
+            stranger_links: BTreeSet::new(),
             announcements: BTreeMap::new(),
             next_hops: BTreeMap::new(),
             reachable: BTreeSet::from([me]),
@@ -54,6 +63,29 @@ impl RouteTable {
 
     pub(crate) fn has_link(&self, peer: Sid) -> bool {
         self.links.contains(&peer)
+    }
+
+    /// A link up to `peer`, member or not.
+    pub(crate) fn has_any_link(&self, peer: Sid) -> bool {
+        self.links.contains(&peer) || self.stranger_links.contains(&peer)
+    }
+
+    /// Every link up, members' and strangers'.
+    pub(crate) fn all_links(&self) -> Vec<Sid> {
+        self.links.union(&self.stranger_links).copied().collect()
+    }
+
+    /// The membership changed: links move between members' and strangers'. True when
+    /// the members' links changed (our announcement must go out again).
+    pub(crate) fn set_servers(&mut self, servers: &[Sid]) -> bool {
+        self.servers = servers.iter().copied().collect();
+        let all: BTreeSet<Sid> = self.links.union(&self.stranger_links).copied().collect();
+        let (links, strangers): (BTreeSet<Sid>, BTreeSet<Sid>) =
+            all.into_iter().partition(|s| self.servers.contains(s));
+        let changed = links != self.links;
+        self.links = links;
+        self.stranger_links = strangers;
+        changed
     }
 
     pub(crate) fn reachable(&self) -> &BTreeSet<Sid> {
@@ -73,17 +105,25 @@ impl RouteTable {
         self.next_hops.get(&dst).copied()
     }
 
-    /// A link to a configured peer came up; false for ourselves or a stranger.
+    /// A link to a member came up; false for ourselves or a stranger (whose link is
+    /// remembered, up to `MEMBERS_MAX` of them).
     pub(crate) fn link_up(&mut self, peer: Sid) -> bool {
-        if peer == self.me || !self.servers.contains(&peer) {
+        if peer == self.me {
+            return false;
+        }
+        if !self.servers.contains(&peer) {
+            if self.stranger_links.len() < crate::membership::MEMBERS_MAX {
+                self.stranger_links.insert(peer);
+            }
             return false;
         }
         self.links.insert(peer);
         true
     }
 
-    /// True when the link was up.
+    /// True when a link to a member was up.
     pub(crate) fn link_down(&mut self, peer: Sid) -> bool {
+        self.stranger_links.remove(&peer);
         self.links.remove(&peer)
     }
 
@@ -100,8 +140,8 @@ impl RouteTable {
     }
 
     /// Records another server's announcement. None if it is not newer than the one we
-    /// have (or names a stranger); else the announcement as kept (strangers dropped from
-    /// its neighbours) and whether its neighbours changed (routes depend on them only).
+    /// have (or would be one too many); else the announcement as kept and whether its
+    /// neighbours changed (routes depend on them only).
     pub(crate) fn learn(
         &mut self,
         origin: Sid,
@@ -110,10 +150,12 @@ impl RouteTable {
         neighbors: Vec<Sid>,
     ) -> Option<(LinkAnnouncement, bool)> {
         debug_assert_ne!(origin, self.me, "our own announcements are not learned");
-        if !self.servers.contains(&origin) || self.announcements.get(&origin).is_some_and(|a| a.seq >= seq) {
-            return None;
+        match self.announcements.get(&origin) {
+            Some(a) if a.seq >= seq => return None,
+            None if self.announcements.len() >= crate::membership::MEMBERS_MAX => return None,
+            _ => {}
         }
-        let neighbors: BTreeSet<Sid> = neighbors.into_iter().filter(|s| self.servers.contains(s)).collect();
+        let neighbors: BTreeSet<Sid> = neighbors.into_iter().collect();
         let changed = self.announcements.get(&origin).is_none_or(|a| a.neighbors != neighbors);
         let announcement = LinkAnnouncement { seq, epoch, neighbors };
         self.announcements.insert(origin, announcement.clone());
@@ -137,7 +179,28 @@ impl RouteTable {
         }
     }
 
+    /// Whether the servers we reach still reach each other without us: false when we
+    /// are the only relay between some of them (retiring us would split the cluster).
+    pub(crate) fn others_connected_without_me(&self) -> bool {
+        let others: BTreeSet<Sid> = self.reachable.iter().copied().filter(|s| *s != self.me).collect();
+        let Some(&start) = others.iter().next() else { return true };
+        let mut seen = BTreeSet::from([start]);
+        let mut queue = VecDeque::from([start]);
+        while let Some(at) = queue.pop_front() {
+            for &n in &others {
+                if !seen.contains(&n) && self.linked(at, n) {
+                    seen.insert(n);
+                    queue.push_back(n);
+                }
+            }
+        }
+        seen == others
+    }
+
     fn linked(&self, a: Sid, b: Sid) -> bool {
+        if !self.servers.contains(&a) && a != self.me || !self.servers.contains(&b) {
+            return false;
+        }
         let claims = |x: Sid, y: Sid| {
             if x == self.me {
                 self.links.contains(&y)
@@ -148,8 +211,7 @@ impl RouteTable {
         claims(a, b) && claims(b, a)
     }
 
-    /// The breadth-first search over a matrix of the configured servers (None if a
-    /// server outside the configuration is involved): the same search as
+    /// The breadth-first search over a matrix of the members: the same search as
     /// `routes_sparse`, visiting neighbours in the same (id) order.
     fn routes_dense(&self) -> Option<(BTreeMap<Sid, Sid>, BTreeSet<Sid>)> {
         let me = self.me;
@@ -171,9 +233,9 @@ impl RouteTable {
             if x == me {
                 continue;
             }
-            let i = index(x)?;
+            let Some(i) = index(x) else { continue };
             for &y in &ann.neighbors {
-                let j = index(y)?;
+                let Some(j) = index(y) else { continue };
                 claims[i * n + j] = true;
             }
         }
@@ -268,6 +330,21 @@ mod tests {
     }
 
     #[test]
+    fn the_middle_of_a_line_is_the_only_relay() {
+        let mut t = line();
+        t.recompute();
+        assert!(t.others_connected_without_me(), "1 is an end: 2 and 3 are linked");
+        let mut middle = RouteTable::new(s(2), &[s(1), s(2), s(3)]);
+        middle.link_up(s(1));
+        middle.link_up(s(3));
+        middle.learn(s(1), 1, 0, vec![s(2)]);
+        middle.learn(s(3), 1, 0, vec![s(2)]);
+        middle.recompute();
+        assert_eq!(middle.reachable_peers(), vec![s(1), s(3)]);
+        assert!(!middle.others_connected_without_me(), "1 and 3 meet only through 2");
+    }
+
+    #[test]
     fn losing_the_middle_loses_the_far_end() {
         let mut t = line();
         t.recompute();
@@ -279,21 +356,39 @@ mod tests {
     }
 
     #[test]
-    fn stale_and_foreign_announcements_are_ignored() {
+    fn stale_announcements_are_ignored_and_strangers_are_not_routed_to() {
         let mut t = line();
         assert!(t.learn(s(2), 1, 0, vec![s(1)]).is_none(), "same seq");
-        assert!(t.learn(s(9), 1, 0, vec![s(1)]).is_none(), "not configured");
+        assert!(t.learn(s(9), 1, 0, vec![s(2)]).is_some(), "kept for when 9 is added");
         let (kept, changed) = t.learn(s(2), 2, 5, vec![s(1), s(3), s(9)]).expect("newer");
-        assert!(!changed, "the same neighbours once strangers are dropped");
-        assert_eq!(kept.neighbors, BTreeSet::from([s(1), s(3)]));
+        assert!(changed);
+        assert_eq!(kept.neighbors, BTreeSet::from([s(1), s(3), s(9)]));
+        t.recompute();
+        assert!(!t.is_reachable(s(9)), "not a member");
+        assert_eq!(t.routes_dense(), Some(t.routes_sparse()));
+        t.set_servers(&[s(1), s(2), s(3), s(9)]);
+        let change = t.recompute();
+        assert_eq!(change.gained, vec![s(9)], "routed to once added");
+        assert_eq!(t.next_hop(s(9)), Some(s(2)));
+        t.set_servers(&[s(1), s(3)]);
+        assert!(!t.others_connected_without_me() || t.reachable_peers().len() <= 1);
+        let change = t.recompute();
+        assert_eq!(change.lost, vec![s(2), s(3), s(9)], "2 retired: 3 was behind it");
     }
 
     #[test]
-    fn strangers_and_ourselves_get_no_link() {
+    fn strangers_and_ourselves_get_no_link_until_added() {
         let mut t = RouteTable::new(s(1), &[s(1), s(2)]);
         assert!(!t.link_up(s(1)));
         assert!(!t.link_up(s(7)));
         assert!(t.links().is_empty());
+        assert!(t.has_any_link(s(7)));
+        assert!(t.set_servers(&[s(1), s(2), s(7)]), "the link to 7 now counts");
+        assert!(t.has_link(s(7)));
+        assert!(t.set_servers(&[s(1), s(2)]), "and no longer once 7 is retired");
+        assert!(!t.has_link(s(7)) && t.has_any_link(s(7)));
+        assert!(!t.link_down(s(7)));
+        assert!(!t.has_any_link(s(7)));
     }
 
     #[test]

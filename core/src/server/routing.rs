@@ -24,7 +24,13 @@ impl Server {
     }
 
     pub(crate) fn on_link_up(&mut self, peer: Sid) {
-        if !self.routing.link_up(peer) {
+        let member = self.routing.link_up(peer);
+        if peer != self.cfg.sid {
+            // Every neighbour, member or not, learns the membership: a server added
+            // while its links were down, or retired while it was away, hears of it here.
+            self.send_members(peer);
+        }
+        if !member {
             return;
         }
         // A new connection: the peer may have restarted, even with an empty disk, before

@@ -55,7 +55,7 @@ impl Server {
             // A deliberately broken variant: no confirmations, no grace, logs ignored.
             return true;
         }
-        let peers: Vec<Sid> = self.cfg.servers.iter().copied().filter(|s| *s != self.cfg.sid).collect();
+        let peers: Vec<Sid> = self.peers();
         if peers.iter().any(|p| self.image.is_logged(*p, mailbox)) {
             return false;
         }

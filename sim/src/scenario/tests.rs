@@ -88,6 +88,7 @@ fn example_parses_to_expected_structure() {
         wire: true,
         cluster: ClusterSpec {
             servers: vec![Sid(1), Sid(2), Sid(3)],
+            spares: Vec::new(),
             replicas: 1,
             durability: Durability::Async,
             log_capacity: 50,
@@ -367,6 +368,17 @@ op = "silence"
 a = "s3"
 b = "s1"
 for_ms = 4000
+[[event]]
+at_ms = 35
+op = "member_add"
+server = "s1"
+member = "s3"
+[[event]]
+at_ms = 36
+op = "member_remove"
+server = "s2"
+member = "s1"
+lost = true
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -447,10 +459,12 @@ for_ms = 4000
         Action::CreateMailbox { server: s1, mailbox: mb("alice/Sent"), special_use: SpecialUse(32 | 2) },
         Action::Slow { a: s1, b: s2, delay_ms: 2000, for_ms: 3000 },
         Action::Silence { from: s3, to: s1, for_ms: 4000 },
+        Action::MemberAdd { server: s1, member: s3 },
+        Action::MemberRemove { server: s2, member: s1, lost: true },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=34).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=36).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
@@ -524,6 +538,10 @@ visible = false
 check = "special_use"
 mailbox = "alice/Sent"
 special_use = ["\\Trash"]
+[[expect]]
+check = "member"
+server = "s3"
+state = "leaving"
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -546,6 +564,7 @@ special_use = ["\\Trash"]
             Expect::Renumbered { labels: vec!["m2".into(), "m3".into()] },
             Expect::Visible { mailbox: mb("alice/Archive"), visible: false },
             Expect::SpecialUse { mailbox: mb("alice/Sent"), special_use: SpecialUse(64) },
+            Expect::Member { server: Sid(3), state: tandem_core::MemberState::Leaving },
         ]
     );
 }
