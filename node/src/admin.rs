@@ -121,7 +121,7 @@ pub enum AdminReply {
     Stored { modseq: u64 },
     Expunged { uids: Vec<u32> },
     Moved { master: u32 },
-    Members(Vec<MemberLine>),
+    Members { members: Vec<MemberLine> },
     Error { temporary: bool, reason: String },
 }
 

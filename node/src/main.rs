@@ -78,6 +78,12 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// The cluster's servers: add one, retire one, or list them (through any node; the
+    /// change reaches every server).
+    Member {
+        #[command(subcommand)]
+        action: MemberAction,
+    },
     /// Add or remove flags.
     Store {
         #[command(flatten)]
@@ -114,6 +120,35 @@ impl AdminArgs {
         };
         AdminAddr::parse(&self.admin, token)
     }
+}
+
+#[derive(Subcommand)]
+enum MemberAction {
+    /// Add a server: ID (1..65535, never used before) and ADDRESS (host:port of its
+    /// peer port). Start it afterwards with a config listing any running server as peer.
+    Add {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: u32,
+        address: String,
+    },
+    /// Retire a server: it hands its masterships and copies over, then retires itself
+    /// (`member list` shows it retired; then stop it). `--lost`: it is gone for good and
+    /// is retired at once; what only it held is lost.
+    Remove {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: u32,
+        #[arg(long)]
+        lost: bool,
+    },
+    /// Every server and its state (active, leaving, retired), as this node knows them.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -311,6 +346,22 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::User { action: UserAction::List { users } } => {
             out(&tandem_node::users::list_users(&users)?.join("\n"))
+        }
+        Command::Member { action } => {
+            let (admin, request, as_json) = match action {
+                MemberAction::Add { admin, id, address } => (admin, AdminRequest::MemberAdd { id, address }, false),
+                MemberAction::Remove { admin, id, lost } => (admin, AdminRequest::MemberRemove { id, lost }, false),
+                MemberAction::List { admin, json } => (admin, AdminRequest::Members, json),
+            };
+            match call(admin, request).await? {
+                AdminReply::Members { members: lines } if as_json => out(&json(&lines)?),
+                AdminReply::Members { members: lines } => out(&lines
+                    .iter()
+                    .map(|m| format!("{} {} {}", m.id, m.state, if m.address.is_empty() { "-" } else { &m.address }))
+                    .collect::<Vec<_>>()
+                    .join("\n")),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
         }
         Command::Store { admin, mailbox, uids, add, remove } => {
             match call(admin, AdminRequest::Store { mailbox, uids, add, remove }).await? {

@@ -225,6 +225,76 @@ struct EventLoop {
     /// The mailbox each not-yet-durable write changes (consecutive repeats once): a
     /// session reads durable state, so its wake-up comes with `Event::Durable`.
     undurable: std::collections::VecDeque<(WriteId, MailboxKey)>,
+    /// Who is dialled and who may connect, kept in step with the core's membership.
+    peers: Option<PeerDialer>,
+}
+
+/// The servers this node dials (the lower id dials) and accepts, from the core's
+/// membership: configured peers and servers added since, at the address the membership
+/// gives (or the configuration's); a retired server is neither dialled nor accepted.
+struct PeerDialer {
+    cfg: NodeConfig,
+    events: mpsc::Sender<Event>,
+    links: mpsc::Sender<LinkEvent>,
+    conn_ids: Arc<AtomicU64>,
+    /// The ids a HELLO is accepted from, shared with the accept loop.
+    accepted: Arc<std::sync::RwLock<Vec<Sid>>>,
+    dials: BTreeMap<Sid, tokio::task::JoinHandle<()>>,
+    /// The membership last acted on.
+    seen: Option<Membership>,
+}
+
+impl PeerDialer {
+    /// Acts on a changed membership; returns the servers retired since the last call.
+    fn reconcile(&mut self, members: &Membership) -> Vec<Sid> {
+        if self.seen.as_ref() == Some(members) {
+            return Vec::new();
+        }
+        let me = self.cfg.core.sid;
+        let retired: Vec<Sid> = members
+            .entries()
+            .filter(|(sid, m)| {
+                m.state == tandem_core::MemberState::Retired
+                    && self.seen.as_ref().is_none_or(|s| s.state(*sid) != Some(tandem_core::MemberState::Retired))
+            })
+            .map(|(sid, _)| sid)
+            .collect();
+        if let Ok(mut accepted) = self.accepted.write() {
+            *accepted = members.servers();
+        }
+        if members.state(me) == Some(tandem_core::MemberState::Retired) {
+            warn!("this server is retired from the cluster: it takes no writes; stop it");
+        }
+        for (sid, member) in members.entries() {
+            let gone = member.state == tandem_core::MemberState::Retired;
+            if gone {
+                if let Some(task) = self.dials.remove(&sid) {
+                    task.abort();
+                }
+                continue;
+            }
+            if sid <= me || self.dials.contains_key(&sid) {
+                continue;
+            }
+            let address = match self.cfg.peers.iter().find(|p| p.id == sid.0) {
+                Some(p) => p.address.to_string(),
+                None if !member.address.is_empty() => member.address.clone(),
+                None => continue,
+            };
+            info!(peer = sid.0, %address, "dialling");
+            let task = tokio::spawn(dial_peer(
+                sid,
+                address,
+                self.cfg.clone(),
+                self.events.clone(),
+                self.links.clone(),
+                self.conn_ids.clone(),
+            ));
+            self.dials.insert(sid, task);
+        }
+        self.seen = Some(members.clone());
+        retired
+    }
 }
 
 /// Watched mailboxes below this many are never pruned (pruning walks them all).
@@ -301,11 +371,25 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let admin_listener = AdminListener::bind(&cfg.admin)?;
     let conn_ids = Arc::new(AtomicU64::new(1));
-    tokio::spawn(accept_peers(peer_listener, cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
-    for p in cfg.peers.iter().filter(|p| p.id > cfg.core.sid.0) {
-        // The lower id dials: one connection per pair.
-        tokio::spawn(dial_peer(p.clone(), cfg.clone(), events_tx.clone(), links_tx.clone(), conn_ids.clone()));
-    }
+    let accepted = Arc::new(std::sync::RwLock::new(server.members().servers()));
+    tokio::spawn(accept_peers(
+        peer_listener,
+        cfg.clone(),
+        accepted.clone(),
+        events_tx.clone(),
+        links_tx.clone(),
+        conn_ids.clone(),
+    ));
+    // The lower id dials: one connection per pair (see `PeerDialer`).
+    let dialer = PeerDialer {
+        cfg: cfg.clone(),
+        events: events_tx.clone(),
+        links: links_tx.clone(),
+        conn_ids: conn_ids.clone(),
+        accepted,
+        dials: BTreeMap::new(),
+        seen: None,
+    };
     tokio::spawn(serve_admin(admin_listener, events_tx.clone(), cfg.limits.admin_connections_max));
     let handle = NodeHandle { events: events_tx.clone(), bodies: Some(direct_reads) };
     let front = crate::front::Front::new(&cfg);
@@ -330,6 +414,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
 
     let mut node = EventLoop::new(server, store_tx);
+    node.peers = Some(dialer);
     node.drain();
     tokio::pin!(shutdown);
     loop {
@@ -370,6 +455,7 @@ impl EventLoop {
             watchers: BTreeMap::new(),
             watchers_live: 0,
             undurable: std::collections::VecDeque::new(),
+            peers: None,
         }
     }
 
@@ -418,6 +504,17 @@ impl EventLoop {
         for peer in dropped {
             if self.links.remove(&peer).is_some() {
                 warn!(peer = peer.0, "peer too slow or gone: dropping the link");
+                self.input(Input::LinkDown { peer });
+            }
+        }
+        let retired = match self.peers.as_mut() {
+            Some(dialer) => dialer.reconcile(self.server.members()),
+            None => Vec::new(),
+        };
+        for peer in retired {
+            // Its connection closes (the link task ends with its queue).
+            if self.links.remove(&peer).is_some() {
+                info!(peer = peer.0, "retired: link closed");
                 self.input(Input::LinkDown { peer });
             }
         }
@@ -551,7 +648,7 @@ impl EventLoop {
         let client_request = match to_client_request(request) {
             Ok(Some(r)) => r,
             Ok(None) if members_asked => {
-                let _ = reply.send(AdminReply::Members(member_lines(self.server.members())));
+                let _ = reply.send(AdminReply::Members { members: member_lines(self.server.members()) });
                 return;
             }
             Ok(None) => {
@@ -626,7 +723,7 @@ impl EventLoop {
                 AdminReply::Error { temporary: kind == FailKind::Temporary, reason }
             }
             ClientReply::Moved { master } => AdminReply::Moved { master: master.0 },
-            ClientReply::Members { members } => AdminReply::Members(member_lines(&members)),
+            ClientReply::Members { members } => AdminReply::Members { members: member_lines(&members) },
             ClientReply::Write(WriteResult::MailboxDone { modseq }) => AdminReply::Stored { modseq },
             // A BARRIER's answer goes to the core's own fresh reads, never to a client.
             ClientReply::Write(WriteResult::Position { highest_modseq, .. }) => {
@@ -648,8 +745,8 @@ impl EventLoop {
             masters: s.masters_known().iter().map(|(k, m)| (k.to_string(), m.0)).collect(),
             mastered_here: s.mastered_ready().iter().map(|k| k.to_string()).collect(),
             links: s
-                .config()
-                .servers
+                .members()
+                .servers()
                 .iter()
                 .filter(|p| **p != s.sid())
                 .map(|p| admin::LinkStatus {
@@ -679,8 +776,13 @@ impl EventLoop {
     fn render_metrics(&self) -> String {
         let s = &self.server;
         let backlog: BTreeMap<u32, usize> = s.backlog().into_iter().map(|(p, n)| (p.0, n)).collect();
-        let links: BTreeMap<u32, bool> =
-            s.config().servers.iter().filter(|p| **p != s.sid()).map(|p| (p.0, self.links.contains_key(p))).collect();
+        let links: BTreeMap<u32, bool> = s
+            .members()
+            .servers()
+            .iter()
+            .filter(|p| **p != s.sid())
+            .map(|p| (p.0, self.links.contains_key(p)))
+            .collect();
         let marks: Vec<(&str, u64)> = Mark::ALL.iter().map(|m| (m.name(), s.marks().count(*m))).collect();
         self.metrics.render(s.sid().0, &backlog, &links, &marks)
     }
@@ -805,6 +907,7 @@ fn spawn_store_thread(
 async fn accept_peers(
     listener: TcpListener,
     cfg: NodeConfig,
+    accepted: Arc<std::sync::RwLock<Vec<Sid>>>,
     events: mpsc::Sender<Event>,
     links: mpsc::Sender<LinkEvent>,
     conn_ids: Arc<AtomicU64>,
@@ -819,6 +922,10 @@ async fn accept_peers(
             }
         };
         let (cfg, events, links, conn_ids) = (cfg.clone(), events.clone(), links.clone(), conn_ids.clone());
+        let servers: Vec<Sid> = match accepted.read() {
+            Ok(ids) => ids.clone(),
+            Err(_) => cfg.core.servers.clone(),
+        };
         tokio::spawn(async move {
             let me = cfg.core.sid;
             let _ = tcp.set_nodelay(true);
@@ -839,7 +946,7 @@ async fn accept_peers(
                 let agreed = peer::accept_handshake(
                     &mut stream,
                     me,
-                    &cfg.core.servers,
+                    &servers,
                     &cfg.secret,
                     cfg.compression,
                     certificate.as_ref(),
@@ -871,22 +978,22 @@ async fn accept_peers(
 }
 
 async fn dial_peer(
-    target: crate::config::PeerConfig,
+    peer: Sid,
+    address: String,
     cfg: NodeConfig,
     events: mpsc::Sender<Event>,
     links: mpsc::Sender<LinkEvent>,
     conn_ids: Arc<AtomicU64>,
 ) {
-    let peer = Sid(target.id);
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
         let attempt = async {
-            let tcp = TcpStream::connect(target.address).await.map_err(|e| e.to_string())?;
+            let tcp = TcpStream::connect(address.as_str()).await.map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
             let mut stream: PeerStream = match &cfg.tls {
                 None => Box::new(tcp),
                 Some(tls) => {
-                    let name = crate::tls::server_name(target.id)?;
+                    let name = crate::tls::server_name(peer.0)?;
                     Box::new(tls.connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?)
                 }
             };
@@ -905,7 +1012,7 @@ async fn dial_peer(
                 }
                 peer::run_link(stream, agreed, conn, rx, links.clone()).await;
             }
-            Ok(Err(e)) => debug!(peer = peer.0, address = %target.address, error = %e, "dial failed"),
+            Ok(Err(e)) => debug!(peer = peer.0, %address, error = %e, "dial failed"),
             Err(_) => debug!(peer = peer.0, "dial timed out"),
         }
         tokio::time::sleep(backoff).await;

@@ -316,9 +316,10 @@ fn kill_9_during_body_writes_loses_no_message_and_leaves_no_stray_body() {
     for g in &expunged {
         assert!(!present.contains(g), "expunged {g} is back");
     }
-    // Bodies of expunged messages are collected on a slow tick; then a quiet cluster has
-    // no write in flight, and a kill leaves exactly what it wrote.
-    std::thread::sleep(Duration::from_secs(3));
+    // Bodies of expunged messages are collected on a slow tick, two maintenance passes
+    // after they lost their last message; then a quiet cluster has no write in flight,
+    // and a kill leaves exactly what it wrote.
+    std::thread::sleep(Duration::from_secs(5));
     for i in 0..3 {
         c.kill9(i);
     }

@@ -666,9 +666,10 @@ impl Server {
         let candidates: Vec<Guid> = self.image.unreferenced_bodies().take(COLLECT_PER_PASS_MAX).collect();
         // A body no record here holds may still be needed: the message may have moved
         // (a RENAME whose new mailbox arrives later, by SYNC after a log overflow) to a
-        // master that never had its bytes. It is kept for the tombstone grace (at least
-        // a few maintenance passes, in which a SYNC comes) after it lost its last record.
-        let keep_us = self.cfg.tombstone_grace_us.max(self.cfg.anti_entropy_us * BODY_KEEP_PASSES);
+        // master that never had its bytes. It is kept a few maintenance passes after it
+        // lost its last record, in which that SYNC comes (the master's anti-entropy sends
+        // its summary every pass).
+        let keep_us = self.cfg.anti_entropy_us * BODY_KEEP_PASSES;
         let now = self.now;
         self.unreferenced_since.retain(|g, _| candidates.binary_search(g).is_ok());
         let mut due = Vec::with_capacity(candidates.len());
@@ -728,7 +729,7 @@ impl Server {
 /// Bodies collected per maintenance pass at most.
 const COLLECT_PER_PASS_MAX: usize = 256;
 /// Maintenance passes a body no record holds is kept at least (see `collect_bodies`).
-const BODY_KEEP_PASSES: u64 = 3;
+const BODY_KEEP_PASSES: u64 = 2;
 
 /// The GUIDs a logged change refers to.
 fn logged_guids(change: &Change) -> Vec<Guid> {

@@ -187,6 +187,30 @@ impl Cluster {
         panic!("the cluster did not link up; log of node 1:\n{}", self.log(0));
     }
 
+    /// A new node (the next id), not started: its config lists every existing node as a
+    /// peer at its own address (no proxy) with `extra` appended; returns its index and
+    /// its peer address, which the others learn from `tandem member add`.
+    #[allow(dead_code)]
+    pub fn add_node(&mut self, extra: &str) -> (usize, SocketAddr) {
+        let i = self.procs.len();
+        let listen = free_port();
+        let mut text = format!(
+            "id = {}\nlisten = \"{listen}\"\ndata_dir = \"data-{}\"\nsecret_file = \"secret\"\nrequest_timeout_ms = 3000\n{extra}\n",
+            i + 1,
+            i + 1
+        );
+        for (j, address) in self.listen.iter().enumerate() {
+            text.push_str(&format!("\n[[peer]]\nid = {}\naddress = \"{address}\"\n", j + 1));
+        }
+        let path = self.dir.path().join(format!("node-{}.toml", i + 1));
+        std::fs::write(&path, text).unwrap();
+        self.configs.push(path);
+        self.listen.push(listen);
+        self.admin.push(AdminAddr::Unix(self.dir.path().join(format!("data-{}", i + 1)).join("admin.sock")));
+        self.procs.push(None);
+        (i, listen)
+    }
+
     pub fn spawn(&mut self, i: usize) {
         let log = std::fs::OpenOptions::new()
             .create(true)
