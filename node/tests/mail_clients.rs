@@ -570,3 +570,78 @@ fn partition_uid_conflict_seen_by_a_qresync_client() {
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "identical on every server: {seen:#?}");
 }
+
+/// Runs the client script; its JSON line, or None when it failed (a node stopping or
+/// starting under the load).
+fn try_client(args: &[&str]) -> Option<Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mail.py");
+    let out = Command::new("python3").arg(script).args(args).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(out.stdout.trim_ascii()).ok()
+}
+
+/// An upgrade as an operator does it: each node in turn is stopped (SIGTERM) and
+/// started again while LMTP deliveries and IMAP APPENDs go on through the nodes. A
+/// restart is a normal condition: a QRESYNC client that cached the mailbox before the
+/// roll sees no message vanish and none renumbered, and every acknowledged message is
+/// there on every node.
+#[test]
+fn a_rolling_restart_under_imap_and_lmtp_load_renumbers_nothing() {
+    harness::require_tools();
+    let mut m = start("mode = \"async\"\nreplicas = 1");
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "3", USER]);
+    same_everywhere_with(&m, &[0, 1, 2], |s| s["messages"].as_array().is_some_and(|a| a.len() == 3));
+    let cached = client(&["qresync-state", &port(m.imap[0]), USER, PASSWORD]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (imap, lmtp, stop) = (m.imap.clone(), m.lmtp.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut acked = 0usize;
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let node = k % 3;
+                let ok = if k.is_multiple_of(2) {
+                    try_client(&["lmtp", &port(lmtp[node]), "sender@example.net", "1", USER])
+                        .is_some_and(|r| r["refused"] == serde_json::json!([{}]))
+                } else {
+                    try_client(&["append", &port(imap[node]), USER, PASSWORD, &format!("roll {k}")]).is_some()
+                };
+                acked += usize::from(ok);
+                k += 1;
+            }
+            acked
+        })
+    };
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(700));
+        let pid = m.cluster.pid(i).expect("running");
+        Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+        assert!(m.cluster.wait_exit(i, Duration::from_secs(20)).is_some(), "node {} did not stop", i + 1);
+        std::thread::sleep(Duration::from_millis(300));
+        m.cluster.spawn(i);
+        m.cluster.wait_up(i);
+        m.cluster.wait_linked();
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = load.join().expect("load");
+    assert!(acked >= 6, "the load went on through the roll: {acked} acknowledged");
+    let expected = 3 + acked;
+    let settled =
+        same_everywhere_with(&m, &[0, 1, 2], |s| s["messages"].as_array().is_some_and(|a| a.len() >= expected));
+    let before: Vec<u64> =
+        cached["messages"].as_array().unwrap().iter().map(|x| x[0].as_u64().unwrap()).collect::<Vec<_>>();
+    let (v, ms) = (cached["uidvalidity"].to_string(), cached["highestmodseq"].to_string());
+    let known = format!("1:{}", before.iter().max().copied().unwrap_or(1));
+    for i in 0..3 {
+        let r = client(&["qresync-resume", &port(m.imap[i]), USER, PASSWORD, &v, &ms, &known]);
+        assert_eq!(r["vanished"], serde_json::json!([]), "node {}: nothing vanished: {r}", i + 1);
+        let uids: Vec<u64> = r["uids"].as_array().unwrap().iter().map(|u| u.as_u64().unwrap()).collect();
+        assert!(before.iter().all(|u| uids.contains(u)), "node {}: the cached UIDs stay: {r}", i + 1);
+        assert!(uids.len() >= expected, "node {}: {} messages, {expected} acknowledged", i + 1, uids.len());
+    }
+    let uids: Vec<u64> = settled["messages"].as_array().unwrap().iter().map(|x| x[0].as_u64().unwrap()).collect();
+    assert_eq!(uids, (1..=uids.len() as u64).collect::<Vec<_>>(), "UIDs 1..n, none skipped by a renumbering");
+}

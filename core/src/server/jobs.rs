@@ -125,6 +125,9 @@ impl Server {
             request,
             ClientRequest::Read { .. } | ClientRequest::FreshRead { .. } | ClientRequest::FreshStatus { .. }
         );
+        if !is_read && matches!(self.startup, super::StartupHold::Until(_)) {
+            self.marks.hit(Mark::WriteAtStart);
+        }
         if self.retired() && !is_read {
             let reason = "this server is retired from the cluster: connect to another".to_string();
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
