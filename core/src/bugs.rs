@@ -28,10 +28,13 @@ pub enum Bug {
     /// A SAVE retried after a timeout is stored again even when its first attempt was
     /// stored (no recognition of retries).
     StoreRetriesTwice,
+    /// A just-started server opens a root term at once, without waiting to hear its
+    /// peers (no start-up hold).
+    SkipStartupHold,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -40,6 +43,7 @@ impl Bug {
         Bug::CollectTombstonesEarly,
         Bug::FreshReadWithoutBarrier,
         Bug::StoreRetriesTwice,
+        Bug::SkipStartupHold,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Bug {
             Bug::CollectTombstonesEarly => "collect-tombstones-early",
             Bug::FreshReadWithoutBarrier => "fresh-read-without-barrier",
             Bug::StoreRetriesTwice => "store-retries-twice",
+            Bug::SkipStartupHold => "skip-startup-hold",
         }
     }
 

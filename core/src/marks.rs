@@ -43,6 +43,12 @@ pub enum Mark {
     FreshReadStale,
     /// A SAVE was recognised as a retry of one already stored, and answered with it.
     RetryRecognised,
+    /// A master carried out an IMAP CREATE (with or without a special use).
+    MailboxCreated,
+    /// A master carried out an IMAP DELETE.
+    MailboxDeleted,
+    /// A master carried out an IMAP RENAME.
+    MailboxRenamed,
     /// A client write arrived while its server still held back after a start (see
     /// `Config::startup_hold_us`).
     WriteAtStart,
@@ -55,7 +61,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 27] = [
+    pub const ALL: [Mark; 30] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -79,6 +85,9 @@ impl Mark {
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
         Mark::RetryRecognised,
+        Mark::MailboxCreated,
+        Mark::MailboxDeleted,
+        Mark::MailboxRenamed,
         Mark::WriteAtStart,
         Mark::MemberAdded,
         Mark::MemberLeaving,
@@ -110,6 +119,9 @@ impl Mark {
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
             Mark::RetryRecognised => "retry_recognised",
+            Mark::MailboxCreated => "mailbox_created",
+            Mark::MailboxDeleted => "mailbox_deleted",
+            Mark::MailboxRenamed => "mailbox_renamed",
             Mark::WriteAtStart => "write_at_start",
             Mark::MemberAdded => "member_added",
             Mark::MemberLeaving => "member_leaving",

@@ -15,7 +15,11 @@ pub const CONVERGENCE: &str = "convergence";
 pub const RETRIES_STORED_ONCE: &str = "retries_stored_once";
 pub const NO_RESURRECTION: &str = "no_resurrection";
 pub const READ_YOUR_WRITES: &str = "read_your_writes";
-pub const INVARIANTS: [&str; 8] = [
+/// A run whose only faults were crashes and restarts of servers that had handed every
+/// change on (their replication logs empty when they went down), with no start-up hold
+/// running out, renumbers nothing: a restart is a normal condition.
+pub const RESTARTS_RENUMBER_NOTHING: &str = "restarts_renumber_nothing";
+pub const INVARIANTS: [&str; 9] = [
     NO_ACKED_LOSS,
     UIDS_NEVER_REUSED,
     MONOTONIC,
@@ -24,6 +28,7 @@ pub const INVARIANTS: [&str; 8] = [
     NO_RESURRECTION,
     READ_YOUR_WRITES,
     RETRIES_STORED_ONCE,
+    RESTARTS_RENUMBER_NOTHING,
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +199,36 @@ impl Oracle {
         for detail in rebound {
             self.violate(UIDS_NEVER_REUSED, time_us, detail);
         }
+    }
+
+    /// Messages live at a UID other than one a client was shown them at, in the same
+    /// mailbox under the same UIDVALIDITY, whose binding there was retired (not
+    /// expunged: a message expunged, or renamed away, and copied back gets a new UID
+    /// rightly): renumbered (at most `limit` reported).
+    pub fn moved_from_shown_uids(&self, servers: &BTreeMap<Sid, &Server>, limit: usize) -> Vec<String> {
+        let mut moved = Vec::new();
+        for (mailbox, any) in &self.shown_any {
+            let mut shown_at: BTreeMap<(u32, Guid), Vec<Uid>> = BTreeMap::new();
+            for ((uidvalidity, uid), guids) in any {
+                for guid in guids {
+                    shown_at.entry((*uidvalidity, *guid)).or_default().push(*uid);
+                }
+            }
+            for (sid, server) in servers {
+                let Some(m) = server.image().mailboxes.get(mailbox) else { continue };
+                for r in m.messages.values() {
+                    let Some(uids) = shown_at.get(&(m.uidvalidity, r.guid)) else { continue };
+                    let retired = |uid: Uid| m.tombstones.get(&(uid, r.guid)).is_some_and(|t| !t.expunged);
+                    if let Some(was) = uids.iter().find(|u| **u != r.uid && retired(**u)) {
+                        moved.push(format!("{sid}: {} in {mailbox} was shown at UID {was}, is at {}", r.guid, r.uid));
+                        if moved.len() >= limit {
+                            return moved;
+                        }
+                    }
+                }
+            }
+        }
+        moved
     }
 
     /// The first UID a client saw for a message.

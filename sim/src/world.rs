@@ -267,6 +267,9 @@ pub struct World {
     retried_when_whole: BTreeSet<(MailboxKey, u64)>,
     /// The settle phase: clients make no more requests, retries included.
     clients_stopped: bool,
+    /// Whether every fault so far was a crash of a server that had handed every change
+    /// on, or a restart (see `oracle::RESTARTS_RENUMBER_NOTHING`).
+    only_clean_restarts: bool,
     lost_for_good: usize,
     hand_deletes: usize,
     /// The last crash, start, link change or hand edit: a fresh read must show every
@@ -348,6 +351,7 @@ impl World {
             label_counter: 0,
             retried_when_whole: BTreeSet::new(),
             clients_stopped: false,
+            only_clean_restarts: true,
             lost_for_good: 0,
             hand_deletes: 0,
             last_fault_us: 0,
@@ -507,6 +511,12 @@ impl World {
         let mut oracle = std::mem::take(&mut self.oracle);
         oracle.at_quiescence(self.now.0, &stores, check_loss, &unrecoverable);
         oracle.retries_stored_once(self.now.0, &stores, &self.retried_when_whole);
+        if self.only_clean_restarts && self.mark_count(Mark::StartupHoldExpired) == 0 {
+            for detail in oracle.moved_from_shown_uids(&stores, 5) {
+                let detail = format!("{detail}, in a run whose only faults were clean crashes and restarts");
+                oracle.violate(oracle::RESTARTS_RENUMBER_NOTHING, self.now.0, detail);
+            }
+        }
         self.oracle = oracle;
         self.check_expectations();
         self.report(converged_at.map(|t| t.0 - heal_time.0))
@@ -579,6 +589,12 @@ impl World {
             labels: self.labels,
             final_mailboxes,
         }
+    }
+
+    /// How often `mark` was hit, by every server incarnation so far.
+    fn mark_count(&self, mark: Mark) -> u64 {
+        let dead = self.dead_marks.get(mark.name()).copied().unwrap_or(0);
+        dead + self.nodes.values().filter_map(|n| n.server.as_ref()).map(|s| s.marks().count(mark)).sum::<u64>()
     }
 
     fn marks_total(&self, live: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
@@ -997,6 +1013,24 @@ impl World {
                 .all(|(_, l)| l.up && l.silent_until.iter().all(|until| *until <= self.now))
     }
 
+    /// Whether the live servers other than `gone` reach each other over usable links
+    /// that do not pass through it.
+    fn connected_without(&self, gone: Sid) -> bool {
+        let live: Vec<Sid> = self.nodes.keys().copied().filter(|s| *s != gone && self.alive(*s)).collect();
+        let Some(&start) = live.first() else { return true };
+        let mut seen = BTreeSet::from([start]);
+        let mut queue = vec![start];
+        while let Some(at) = queue.pop() {
+            for &n in &live {
+                if !seen.contains(&n) && self.link_usable(at, n) {
+                    seen.insert(n);
+                    queue.push(n);
+                }
+            }
+        }
+        seen.len() == live.len()
+    }
+
     /// Servers some live server knows to be retired: they are out of the cluster, and
     /// no invariant is checked on them any more.
     fn retired(&self) -> BTreeSet<Sid> {
@@ -1337,6 +1371,35 @@ impl World {
 
     fn act(&mut self, action: Action, event: Option<usize>) {
         let none = Outstanding::none;
+        let unclean = match &action {
+            Action::Cut { .. }
+            | Action::Isolate { .. }
+            | Action::Partition { .. }
+            | Action::Flap { .. }
+            | Action::Slow { .. }
+            | Action::Silence { .. }
+            | Action::Lose { .. }
+            | Action::Replace { .. }
+            | Action::HandAdd { .. }
+            | Action::HandDelete { .. }
+            | Action::Corrupt { .. }
+            | Action::MemberRemove { lost: true, .. } => true,
+            // A crash of a server whose changes had not all reached the others (async
+            // mode may lose them; in any mode its disk may hold a UID it gave and that
+            // only it knows): what happens then is a partition's business.
+            // So is one that splits the others (the only relay between them).
+            Action::Crash { server } => {
+                self.nodes.get(server).is_some_and(|n| {
+                    n.server.as_ref().is_some_and(|s| {
+                        !n.pending.is_empty() || s.backlog().values().any(|len| *len > 0) || s.dirty_mailboxes() > 0
+                    })
+                }) || !self.connected_without(*server)
+            }
+            _ => false,
+        };
+        if unclean {
+            self.only_clean_restarts = false;
+        }
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
                 self.label_counter += 1;

@@ -14,6 +14,8 @@ use tandem_sim::shrink::{ShrinkBudget, shrink};
 /// overwrites); shrunk to 4, 2, 1, 4 and 4 events.
 /// A retried delivery stored twice needs a delivery that times out although stored
 /// and a retry made once the cluster is whole again: first seen at seed 151 (2026-12-02).
+/// A server that skips its start-up hold renumbers after a clean restart with a write
+/// through it at once: first seen at seed 27 (2026-12-02, third session).
 fn seeds_allowed(bug: Bug) -> u64 {
     match bug {
         Bug::StoreRetriesTwice => 400,
@@ -112,4 +114,9 @@ fn fresh_reads_without_a_barrier_are_caught() {
 #[test]
 fn retried_deliveries_stored_twice_are_caught() {
     catch_and_shrink(Bug::StoreRetriesTwice);
+}
+
+#[test]
+fn skipping_the_startup_hold_is_caught() {
+    catch_and_shrink(Bug::SkipStartupHold);
 }

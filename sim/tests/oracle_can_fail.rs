@@ -177,3 +177,22 @@ fn convergence_fails_on_different_stores_and_passes_on_equal_ones() {
     // Same store, but no root has been elected: still not converged.
     assert!(why.is_some_and(|w| w.contains("root")));
 }
+
+#[test]
+fn a_message_moved_from_a_shown_uid_is_found() {
+    let mut o = Oracle::default();
+    o.shown(1, Sid(1), &inbox(), 7, 5, Guid(10));
+    let same = server(vec![record(5, 10, &[])]);
+    let servers: BTreeMap<Sid, &Server> = [(Sid(1), &same)].into_iter().collect();
+    assert!(o.moved_from_shown_uids(&servers, 5).is_empty(), "still at the UID shown");
+    let mut img = image(vec![record(7, 10, &[])]);
+    let retired = Tombstone { uid: 5, guid: Guid(10), modseq: 2, expunged: false };
+    img.mailboxes.get_mut(&inbox()).unwrap().tombstones.insert((5, Guid(10)), retired);
+    let bodies = MemoryBodies::default();
+    bodies.overwrite(Guid(10), Body::from_static(b"body"));
+    let moved = Server::recover(Config::new(Sid(1), vec![Sid(1), Sid(2)]), img, 1, Box::new(bodies));
+    let servers: BTreeMap<Sid, &Server> = [(Sid(1), &moved)].into_iter().collect();
+    let found = o.moved_from_shown_uids(&servers, 5);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("shown at UID 5, is at 7"), "{found:?}");
+}

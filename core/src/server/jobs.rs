@@ -981,6 +981,11 @@ impl Server {
         let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();
         match action {
+            MailboxAction::Create | MailboxAction::CreateWithUse(_) => self.marks.hit(Mark::MailboxCreated),
+            MailboxAction::Delete => self.marks.hit(Mark::MailboxDeleted),
+            MailboxAction::Subscribe | MailboxAction::Unsubscribe => {}
+        }
+        match action {
             MailboxAction::Create => lifecycle.created_at = modseq,
             MailboxAction::CreateWithUse(special_use) => {
                 lifecycle.created_at = modseq;
@@ -1100,6 +1105,7 @@ impl Server {
         if uidnext == Uid::MAX {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no UIDs left in {to}")));
         }
+        self.marks.hit(Mark::MailboxRenamed);
         let mut target = MailboxState {
             mailbox: to.clone(),
             uidvalidity,
@@ -1250,6 +1256,7 @@ impl Server {
 
     pub(crate) fn on_move_done(
         &mut self,
+        from: Sid,
         id: JobId,
         key: MasterKey,
         epoch: u64,
@@ -1281,7 +1288,7 @@ impl Server {
             self.requeue_jobs_for(&key);
             return;
         }
-        self.become_master(key.clone(), Some(states), generation);
+        self.become_master(key.clone(), Some((from, states)), generation);
         // Everyone (the root too) learns the new master at once instead of through stale
         // forwards; the generation makes a late announcement harmless.
         let peers: Vec<Sid> = self.routing.reachable_peers().into_iter().collect();
@@ -1296,7 +1303,9 @@ impl Server {
 
     /// Take mastership of `key`: from a MASTER-MOVE (the old master's states, ready at
     /// once) or from the root (catch up with every reachable server first).
-    pub(crate) fn become_master(&mut self, key: MasterKey, moved_states: Option<Vec<MailboxState>>, generation: u64) {
+    /// `moved`: the states a MASTER-MOVE handed over, and who handed them (the bodies
+    /// they lack are asked of it first: it had them all).
+    pub(crate) fn become_master(&mut self, key: MasterKey, moved: Option<(Sid, Vec<MailboxState>)>, generation: u64) {
         self.masters.forget(&key);
         // News of an older master of this key must not unseat us.
         let known = self.masters.generation(&key);
@@ -1304,12 +1313,12 @@ impl Server {
         if self.is_root() && generation >= self.root_role.generation(&key) {
             self.root_role.record(key.clone(), self.cfg.sid, generation);
         }
-        let how = if moved_states.is_some() { "by MASTER-MOVE" } else { "from the root" };
+        let how = if moved.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
-        if let Some(states) = moved_states {
+        if let Some((old_master, states)) = moved {
             self.masters.start(key.clone(), Mastership { catchup: None, generation });
             for state in states {
-                self.merge_foreign(self.cfg.sid, &state);
+                self.merge_foreign(old_master, &state);
             }
             return;
         }

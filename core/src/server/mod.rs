@@ -448,7 +448,7 @@ impl Server {
             // A wire tag names the sender's job in a request, ours in an answer.
             Msg::MasterMove { tag, key, requester } => self.on_master_move(src, JobId(tag), key, requester),
             Msg::MoveDone { tag, key, epoch, generation, states } => {
-                self.on_move_done(JobId(tag), key, epoch, generation, states)
+                self.on_move_done(src, JobId(tag), key, epoch, generation, states)
             }
             Msg::Request { tag, request } => self.on_peer_request(src, JobId(tag), request),
             Msg::Reply { tag, master, result, record } => self.on_peer_reply(src, JobId(tag), master, result, record),

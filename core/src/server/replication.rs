@@ -414,6 +414,11 @@ impl Server {
             return;
         }
         self.marks.hit(Mark::DigestMismatch);
+        // A mailbox we lack is created with the sender's UIDVALIDITY, as in a catch-up:
+        // one made with a fresh UIDVALIDITY would be another incarnation of the name,
+        // whose messages this server would renumber if it became the mailbox's master
+        // before its copy took the master's (a new, empty server did exactly that).
+        self.image.create_mailbox(&mut self.out, &mailbox, Some(summary.uidvalidity));
         self.send_state(src, &mailbox, false);
     }
 
