@@ -216,8 +216,9 @@ pub fn generate(seed: u64) -> Scenario {
         let kinds: &[u8] = match mix {
             FaultMix::Partitions => &[0, 1],
             FaultMix::Crashes => &[2],
-            // Slow links and one-way silences too: what TCP does besides breaking.
-            FaultMix::Links => &[3, 4, 6, 7],
+            // Slow links, one-way silences and resets noticed at one end first too: what
+            // TCP does besides breaking.
+            FaultMix::Links => &[3, 4, 6, 7, 8],
             FaultMix::Losses => &[2, 5],
             _ => &[0, 1, 2, 3, 4],
         };
@@ -240,6 +241,7 @@ pub fn generate(seed: u64) -> Scenario {
                 (Action::Slow { a, b, delay_ms, for_ms }, None)
             }
             7 if a != b => (Action::Silence { from: a, to: b, for_ms: rng.random_range(500..8_000) }, None),
+            8 if a != b => (Action::Reset { a, b, down_ms: rng.random_range(10..1_000) }, None),
             5 if lost < lose_budget => {
                 lost += 1;
                 (Action::Lose { server: a }, Some(Action::Replace { server: a }))

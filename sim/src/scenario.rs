@@ -114,6 +114,8 @@ pub enum FaultKind {
     /// One direction of a link carries nothing while its connection stays open, until
     /// the side that hears nothing drops it.
     Silence,
+    /// A connection reset noticed at one end before the other (see `Action::Reset`).
+    Reset,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -189,6 +191,14 @@ pub enum Action {
     Restore {
         a: Sid,
         b: Sid,
+    },
+    /// The connection `a`-`b` is reset: `a` notices at once, `b` only after what `a` had
+    /// sent before has reached it (its own sends since are lost); both reconnect after
+    /// `down_ms`. What `b` acknowledged into the void, `a` sends again: duplicates.
+    Reset {
+        a: Sid,
+        b: Sid,
+        down_ms: u64,
     },
     /// Cut every link of the server.
     Isolate {
@@ -369,6 +379,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("partition", &["groups"]),
     ("heal", &[]),
     ("flap", &["a", "b", "down_ms"]),
+    ("reset", &["a", "b", "down_ms"]),
     ("slow", &["a", "b", "delay_ms", "for_ms"]),
     ("silence", &["a", "b", "for_ms"]),
     ("crash", &["server"]),
@@ -933,11 +944,12 @@ impl Tab<'_> {
                 from: tab.mailbox(event.from.as_deref(), "from")?,
                 to: tab.mailbox(event.to.as_deref(), "to")?,
             },
-            "cut" | "restore" | "flap" => {
+            "cut" | "restore" | "flap" | "reset" => {
                 let (a, b) = tab.two_servers(event.a.as_deref(), event.b.as_deref())?;
                 match *op {
                     "cut" => Action::Cut { a, b },
                     "restore" => Action::Restore { a, b },
+                    "reset" => Action::Reset { a, b, down_ms: event.down_ms.unwrap_or(500) },
                     _ => Action::Flap { a, b, down_ms: event.down_ms.unwrap_or(500) },
                 }
             }

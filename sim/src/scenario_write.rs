@@ -143,6 +143,10 @@ fn event_of(e: &TimedEvent) -> EventToml {
             (table.a, table.b, table.down_ms) = (server(a), server(b), Some(*down_ms));
             "flap"
         }
+        Action::Reset { a, b, down_ms } => {
+            (table.a, table.b, table.down_ms) = (server(a), server(b), Some(*down_ms));
+            "reset"
+        }
         Action::Slow { a, b, delay_ms, for_ms } => {
             (table.a, table.b, table.delay_ms, table.for_ms) = (server(a), server(b), Some(*delay_ms), Some(*for_ms));
             "slow"

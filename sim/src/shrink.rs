@@ -123,6 +123,7 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         Action::Cut { a, b }
         | Action::Restore { a, b }
         | Action::Flap { a, b, .. }
+        | Action::Reset { a, b, .. }
         | Action::Slow { a, b, .. }
         | Action::Silence { from: a, to: b, .. }
         | Action::MemberAdd { server: a, member: b }

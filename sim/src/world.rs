@@ -84,6 +84,12 @@ enum Ev {
         a: Sid,
         b: Sid,
     },
+    /// The far end of a `reset` connection notices it.
+    ResetNoticed {
+        server: Sid,
+        peer: Sid,
+        generation: u64,
+    },
     /// A `slow` fault ends: the link's latency is what it was.
     RestoreLatency {
         a: Sid,
@@ -189,6 +195,9 @@ struct Link {
     /// Per direction (from lower id, from higher id): last delivery time, codec state.
     last_delivery: [Instant; 2],
     codec: [(Encoder, Decoder); 2],
+    /// After a `reset`: the old connection's generation, the server that has not
+    /// noticed the reset yet, and until when it still receives what was in flight.
+    lingering: Option<(u64, Sid, Instant)>,
 }
 
 /// A client request waiting for its answer.
@@ -308,6 +317,7 @@ impl World {
                     last_delivery: [Instant(0); 2],
                     silent_until: [Instant(0); 2],
                     codec: Default::default(),
+                    lingering: None,
                 },
             );
         };
@@ -723,6 +733,11 @@ impl World {
         let was_usable = self.link_usable(a, b);
         if let Some(l) = self.links.get_mut(&key) {
             l.up = up;
+            if up {
+                // A reset connection not yet noticed at its far end is replaced: the new
+                // connection's LINK-UP tells that end.
+                l.lingering = None;
+            }
         }
         let usable = self.link_usable(a, b);
         if was_usable == usable {
@@ -868,8 +883,15 @@ impl World {
     fn step(&mut self, ev: Ev) {
         match ev {
             Ev::Deliver { from, to, generation, envelope } => {
-                let ok = self.links.get(&link_key(from, to)).is_some_and(|l| l.generation == generation)
-                    && self.link_usable(from, to);
+                let link = self.links.get(&link_key(from, to));
+                // What was in flight on a reset connection still reaches the end that has
+                // not noticed the reset (TCP delivered it before the RST).
+                let lingers = link
+                    .and_then(|l| l.lingering)
+                    .is_some_and(|(g, receiver, until)| g == generation && receiver == to && self.now <= until)
+                    && self.alive(from)
+                    && self.alive(to);
+                let ok = lingers || (link.is_some_and(|l| l.generation == generation) && self.link_usable(from, to));
                 if !ok {
                     return;
                 }
@@ -948,6 +970,14 @@ impl World {
                 }
             }
             Ev::RestoreLink { a, b } => self.set_link(a, b, true),
+            Ev::ResetNoticed { server, peer, generation } => {
+                let Some(link) = self.links.get_mut(&link_key(server, peer)) else { return };
+                if !link.up && link.lingering.is_some_and(|(g, s, _)| g == generation && s == server) {
+                    link.lingering = None;
+                    self.note(|w: &World| format!("{} {server} notices the reset of its link to {peer}", w.ms()));
+                    self.input(server, Input::LinkDown { peer });
+                }
+            }
             Ev::RestoreLatency { a, b } => {
                 if let Some(link) = self.links.get_mut(&link_key(a, b)) {
                     link.latency_us = link.normal_latency_us;
@@ -1376,6 +1406,7 @@ impl World {
             | Action::Isolate { .. }
             | Action::Partition { .. }
             | Action::Flap { .. }
+            | Action::Reset { .. }
             | Action::Slow { .. }
             | Action::Silence { .. }
             | Action::Lose { .. }
@@ -1527,6 +1558,28 @@ impl World {
             Action::Flap { a, b, down_ms } => {
                 self.set_link(a, b, false);
                 self.schedule(self.now.plus_us(down_ms * 1000), Ev::RestoreLink { a, b });
+            }
+            Action::Reset { a, b, down_ms } => {
+                // `a` sees the connection fail at once; `b` only once what `a` had sent
+                // before has reached it (and its own sends since are lost). `a` then
+                // resends what `b` acknowledged into the void: duplicates at `b`.
+                if !self.link_usable(a, b) {
+                    return;
+                }
+                let key = link_key(a, b);
+                let Some(link) = self.links.get(&key) else { return };
+                let generation = link.generation;
+                let notice = self.now.plus_us(link.latency_us.1.min(down_ms * 500).max(1));
+                if let Some(l) = self.links.get_mut(&key) {
+                    l.up = false;
+                    l.lingering = Some((generation, b, notice));
+                }
+                self.bump_link(a, b);
+                self.last_fault_us = self.now.0;
+                self.note(|w: &World| format!("{} link {a}-{b} reset ({a} notices at once)", w.ms()));
+                self.input(a, Input::LinkDown { peer: b });
+                self.schedule(notice, Ev::ResetNoticed { server: b, peer: a, generation });
+                self.schedule(self.now.plus_us(down_ms.max(1) * 1000), Ev::RestoreLink { a, b });
             }
             Action::Slow { a, b, delay_ms, for_ms } => {
                 let Some(link) = self.links.get_mut(&link_key(a, b)) else { return };
@@ -1729,6 +1782,10 @@ impl World {
                 FaultKind::Flap if a != b => self.schedule(
                     at,
                     Ev::Action { action: Action::Flap { a, b, down_ms: heal_after / 5000 }, event: None },
+                ),
+                FaultKind::Reset if a != b => self.schedule(
+                    at,
+                    Ev::Action { action: Action::Reset { a, b, down_ms: heal_after / 5000 }, event: None },
                 ),
                 FaultKind::Slow if a != b => {
                     let (delay_ms, for_ms) = (self.rng.random_range(500..4_000u64), heal_after / 1000);

@@ -379,6 +379,12 @@ op = "member_remove"
 server = "s2"
 member = "s1"
 lost = true
+[[event]]
+at_ms = 37
+op = "reset"
+a = "s2"
+b = "s3"
+down_ms = 80
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -461,10 +467,11 @@ lost = true
         Action::Silence { from: s3, to: s1, for_ms: 4000 },
         Action::MemberAdd { server: s1, member: s3 },
         Action::MemberRemove { server: s2, member: s1, lost: true },
+        Action::Reset { a: s2, b: s3, down_ms: 80 },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=36).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=37).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
