@@ -297,6 +297,16 @@ pub struct World {
     config_error: Option<String>,
 }
 
+/// The live servers not in `retired`, by id (a free function, so that a caller may
+/// hold it while it changes other fields of the world).
+fn live_members<'a>(nodes: &'a BTreeMap<Sid, Node>, retired: &BTreeSet<Sid>) -> BTreeMap<Sid, &'a Server> {
+    nodes
+        .iter()
+        .filter(|(sid, _)| !retired.contains(sid))
+        .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s)))
+        .collect()
+}
+
 fn link_key(a: Sid, b: Sid) -> (Sid, Sid) {
     if a < b { (a, b) } else { (b, a) }
 }
@@ -495,13 +505,7 @@ impl World {
                 detail: format!("not converged {} ms after the heal: {why}", self.scenario.settle_ms),
             });
         }
-        let retired = self.retired();
-        let stores: BTreeMap<Sid, &Server> = self
-            .nodes
-            .iter()
-            .filter(|(sid, _)| !retired.contains(sid))
-            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s)))
-            .collect();
+        let stores = live_members(&self.nodes, &self.retired());
         let check_loss = match self.scenario.cluster.durability {
             Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
             Durability::Async => self.lost_for_good == 0,
@@ -1078,12 +1082,7 @@ impl World {
 
     /// Live servers that are members of the cluster, by id.
     fn member_servers(&self) -> BTreeMap<Sid, &Server> {
-        let retired = self.retired();
-        self.nodes
-            .iter()
-            .filter(|(sid, _)| !retired.contains(sid))
-            .filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s)))
-            .collect()
+        live_members(&self.nodes, &self.retired())
     }
 
     /// Whether the live servers are in more than one root term.
@@ -1096,13 +1095,7 @@ impl World {
 
     /// Why the live servers have not converged, or None.
     fn converged(&mut self) -> Option<String> {
-        let retired = self.retired();
-        let servers: BTreeMap<Sid, &Server> = self
-            .nodes
-            .iter()
-            .filter(|(s, _)| !retired.contains(s))
-            .filter_map(|(s, n)| n.server.as_ref().map(|x| (*s, x)))
-            .collect();
+        let servers = live_members(&self.nodes, &self.retired());
         oracle::divergence_with(&servers, &mut self.oracle.body_verdicts)
     }
 }
