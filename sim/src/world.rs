@@ -1410,12 +1410,16 @@ impl World {
             | Action::MemberRemove { lost: true, .. } => true,
             // A crash of a server whose changes had not all reached the others (async
             // mode may lose them; in any mode its disk may hold a UID it gave and that
-            // only it knows): what happens then is a partition's business.
+            // only it knows, logged or owed by a SYNC after a log overflow): what
+            // happens then is a partition's business.
             // So is one that splits the others (the only relay between them).
             Action::Crash { server } => {
                 self.nodes.get(server).is_some_and(|n| {
                     n.server.as_ref().is_some_and(|s| {
-                        !n.pending.is_empty() || s.backlog().values().any(|len| *len > 0) || s.dirty_mailboxes() > 0
+                        // A log that overflowed holds no entry for a change it owes: the
+                        // mailbox is marked for a SYNC instead.
+                        let owed = s.image().logs.values().any(|l| !l.entries.is_empty() || !l.overflowed.is_empty());
+                        !n.pending.is_empty() || owed || s.dirty_mailboxes() > 0
                     })
                 }) || !self.connected_without(*server)
             }
