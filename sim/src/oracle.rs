@@ -581,6 +581,12 @@ impl Oracle {
         // that no request (nor the SAVE) ever added is clear. Whole-flag-set merges fail.
         for sid in stores.keys().filter(|_| check_loss) {
             for ((mailbox, guid, flag), h) in &self.flag_requests {
+                let key = (mailbox.clone(), *guid);
+                if self.expunge_requested.contains(&key) && self.copy_requested.contains(&key) {
+                    // Expunged and copied back: the message there now is a new copy (same
+                    // GUID) with its source's flags, not the one the STOREs changed.
+                    continue;
+                }
                 let Some(r) = by_guid[sid].get(mailbox).and_then(|m| m.get(guid)) else { continue };
                 let present = r.flags.get(flag).is_some_and(|s| s.present);
                 if h.add_acked && !h.remove_requested && !present {
