@@ -150,6 +150,15 @@ impl Membership {
         self.members.iter().filter(|(_, m)| m.state == MemberState::Active).map(|(s, _)| *s).collect()
     }
 
+    /// Servers in `state` here that were not in it in `before`, in id order.
+    pub fn newly(&self, before: &Membership, state: MemberState) -> Vec<Sid> {
+        self.members
+            .iter()
+            .filter(|(s, m)| m.state == state && before.state(**s) != Some(state))
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     /// Joins one entry; true when anything changed. An entry past `MEMBERS_MAX` is
     /// dropped (a peer cannot make the list grow without bound).
     pub fn join_member(&mut self, sid: Sid, member: &Member) -> bool {
@@ -252,6 +261,9 @@ mod tests {
             m.changed(&MemberChange::Add { sid: Sid(1), address: "x:1".into() }),
             Err(MemberError::Known(_, MemberState::Retired))
         ));
+        let seeded = Membership::seed(&[Sid(1), Sid(2), Sid(3)]);
+        assert_eq!(m.newly(&seeded, MemberState::Retired), vec![Sid(1)]);
+        assert_eq!(m.newly(&m, MemberState::Retired), Vec::<Sid>::new(), "nothing is new against itself");
         let mut older = Membership::seed(&[Sid(1), Sid(2), Sid(3)]);
         assert!(older.join(&m));
         assert_eq!(older, m, "a later state wins a join");

@@ -251,14 +251,8 @@ impl PeerDialer {
             return Vec::new();
         }
         let me = self.cfg.core.sid;
-        let retired: Vec<Sid> = members
-            .entries()
-            .filter(|(sid, m)| {
-                m.state == tandem_core::MemberState::Retired
-                    && self.seen.as_ref().is_none_or(|s| s.state(*sid) != Some(tandem_core::MemberState::Retired))
-            })
-            .map(|(sid, _)| sid)
-            .collect();
+        let before = self.seen.take().unwrap_or_default();
+        let retired = members.newly(&before, tandem_core::MemberState::Retired);
         if let Ok(mut accepted) = self.accepted.write() {
             *accepted = members.servers();
         }

@@ -85,16 +85,10 @@ impl Server {
     }
 
     /// A neighbour's membership.
-    pub(crate) fn on_members(&mut self, from: Sid, members: &Membership) {
-        let before = self.members.clone();
-        if !self.learn_members(members) {
-            return;
-        }
-        // The sender lacks what we knew before its news: tell it.
-        let mut theirs = members.clone();
-        if theirs.join(&before) {
-            self.send_members(from);
-        }
+    /// A neighbour's membership. What it lacks of ours reaches it with the flood of
+    /// what we learn (it goes to every link, the sender's too), or at its next link-up.
+    pub(crate) fn on_members(&mut self, members: &Membership) {
+        self.learn_members(members);
     }
 
     /// Tells a neighbour (member or not) our membership.
@@ -123,18 +117,8 @@ impl Server {
         let me = self.cfg.sid;
         self.member_servers = self.routing_servers();
         let added: Vec<Sid> = self.members.servers().into_iter().filter(|s| !before.is_member(*s)).collect();
-        let leaving: Vec<Sid> = self
-            .members
-            .entries()
-            .filter(|(s, m)| m.state == MemberState::Leaving && before.state(*s) != Some(MemberState::Leaving))
-            .map(|(s, _)| s)
-            .collect();
-        let retired: Vec<Sid> = self
-            .members
-            .entries()
-            .filter(|(s, m)| m.state == MemberState::Retired && before.state(*s) != Some(MemberState::Retired))
-            .map(|(s, _)| s)
-            .collect();
+        let leaving = self.members.newly(before, MemberState::Leaving);
+        let retired = self.members.newly(before, MemberState::Retired);
         for _ in &added {
             self.marks.hit(Mark::MemberAdded);
         }
@@ -154,8 +138,7 @@ impl Server {
         }
         if leaving.contains(&me) && self.leaving.is_none() {
             self.note(|| "leaves the cluster".to_string());
-            let unconfirmed = self.image.mailboxes().keys().cloned().collect();
-            self.leaving = Some(Leaving::new(unconfirmed, self.now));
+            self.start_leaving();
         }
         if retired.contains(&me) {
             self.note(|| "is retired from the cluster".to_string());
@@ -169,16 +152,7 @@ impl Server {
         for &sid in &added {
             if self.routing.has_link(sid) {
                 // As for a link that just came up: the new member learns the routes.
-                for (origin, ann) in self.routing.others_announcements() {
-                    let neighbors = ann.neighbors.into_iter().collect();
-                    let envelope = Envelope {
-                        src: me,
-                        dst: sid,
-                        hops: 0,
-                        msg: Msg::LinkState { origin, seq: ann.seq, epoch: ann.epoch, neighbors },
-                    };
-                    self.out.send(sid, envelope);
-                }
+                self.send_announcements(sid);
                 self.log_progress.resend_all(sid);
             }
         }
@@ -190,6 +164,13 @@ impl Server {
             self.open_term();
         }
         self.check_root();
+    }
+
+    /// Every mailbox held now waits for an active server to show it equal (also after a
+    /// restart while leaving: confirmations are not stored).
+    pub(crate) fn start_leaving(&mut self) {
+        let unconfirmed = self.image.mailboxes().keys().cloned().collect();
+        self.leaving = Some(Leaving::new(unconfirmed, self.now));
     }
 
     /// The servers routes may use: members, and ourselves even when retired (a retired

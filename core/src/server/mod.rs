@@ -146,9 +146,7 @@ impl Server {
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
         if server.members.state(server.cfg.sid) == Some(crate::membership::MemberState::Leaving) {
-            // A restart while leaving: every copy is confirmed again.
-            let unconfirmed = server.image.mailboxes().keys().cloned().collect();
-            server.leaving = Some(members::Leaving::new(unconfirmed, Instant(0)));
+            server.start_leaving();
         }
         // The first timer finds out whether the server is alone (then it is its own
         // root); maintenance starts an interval later.
@@ -406,7 +404,7 @@ impl Server {
             // A neighbour outside the membership (not added yet, or retired) is told
             // and heard about membership and links only.
             match envelope.msg {
-                Msg::Members { members } if envelope.dst == self.cfg.sid => self.on_members(from, &members),
+                Msg::Members { members } if envelope.dst == self.cfg.sid => self.on_members(&members),
                 Msg::LinkState { origin, seq, epoch, neighbors } if !self.retired() => {
                     self.on_link_state(from, origin, seq, epoch, neighbors)
                 }
@@ -440,7 +438,7 @@ impl Server {
         }
         match envelope.msg {
             Msg::LinkState { origin, seq, epoch, neighbors } => self.on_link_state(from, origin, seq, epoch, neighbors),
-            Msg::Members { members } => self.on_members(from, &members),
+            Msg::Members { members } => self.on_members(&members),
             Msg::Root { epoch, root } => self.on_root(src, epoch, root),
             Msg::Dropped { epoch } => self.on_dropped(src, epoch),
             Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),

@@ -38,12 +38,16 @@ impl Server {
         self.anti_entropy.recheck_peer(peer);
         self.log_progress.resend_all(peer);
         self.timers.set_earliest(Timer::LogResend, self.now);
-        // The new neighbour learns everything we know.
+        self.send_announcements(peer);
+        self.links_changed();
+    }
+
+    /// A new neighbour learns every other server's announcement we know.
+    pub(crate) fn send_announcements(&mut self, peer: Sid) {
         for (origin, ann) in self.routing.others_announcements() {
             let neighbors = ann.neighbors.into_iter().collect();
             self.send_direct(peer, Msg::LinkState { origin, seq: ann.seq, epoch: ann.epoch, neighbors });
         }
-        self.links_changed();
     }
 
     pub(crate) fn on_link_down(&mut self, peer: Sid) {
