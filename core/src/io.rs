@@ -200,6 +200,26 @@ pub enum ClientRequest {
         from: MailboxKey,
         to: MailboxKey,
     },
+    /// A message migrated from another server (`tandem import`), kept at the UID it had
+    /// there: the master places it at `uid` when the mailbox has `uidvalidity` (a mailbox
+    /// with no history yet takes it) and `uid` is at or above its UIDNEXT. A message
+    /// with the same bytes already at `uid` is answered as saved (a resumed import adds
+    /// nothing); anything else is a permanent failure, after which the importer saves
+    /// the message without a UID.
+    Import {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        uid: Uid,
+        received: u64,
+        flags: Vec<Flag>,
+        body: Body,
+    },
+    /// A mailbox migrated with no message (`tandem import`): created, with `uidvalidity`
+    /// when it has no history yet.
+    ImportMailbox {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+    },
     /// An operator's membership change (`tandem member add|remove`): made here and
     /// flooded to every server; answered with the membership once it is stored.
     Membership {

@@ -62,7 +62,7 @@ pub fn check_request(request: &WriteRequest) -> Result<(), String> {
     const BODY_LEN_MAX: usize = crate::wire::LITERAL_LEN_MAX;
     check_mailbox(request.target())?;
     match request {
-        WriteRequest::Save { body, flags, .. } => {
+        WriteRequest::Save { body, flags, .. } | WriteRequest::Import { body, flags, .. } => {
             if body.len() > BODY_LEN_MAX {
                 return Err("message too large".into());
             }

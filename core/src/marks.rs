@@ -36,6 +36,7 @@ pub enum Mark {
     /// A replica took its master's UIDVALIDITY for a mailbox (two incarnations of one
     /// name, made by RENAMEs on both sides of a partition).
     ValidityAdopted,
+    ImportedValidity,
     /// A fresh read was answered once this server's copy reached its master's position.
     FreshReadCaughtUp,
     /// A fresh read was answered from this server's copy without its master's position
@@ -61,7 +62,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 30] = [
+    pub const ALL: [Mark; 31] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -82,6 +83,7 @@ impl Mark {
         Mark::TombstonesCollected,
         Mark::StartupHoldExpired,
         Mark::ValidityAdopted,
+        Mark::ImportedValidity,
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
         Mark::RetryRecognised,
@@ -116,6 +118,7 @@ impl Mark {
             Mark::TombstonesCollected => "tombstones_collected",
             Mark::StartupHoldExpired => "startup_hold_expired",
             Mark::ValidityAdopted => "validity_adopted",
+            Mark::ImportedValidity => "imported_validity",
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
             Mark::RetryRecognised => "retry_recognised",

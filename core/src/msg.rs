@@ -47,6 +47,8 @@ pub enum WriteRequest {
         /// current flags back for messages above it, fixing a stale sender.
         known_modseq: ModSeq,
     },
+    /// A migrated message at the UID it had elsewhere: see [`crate::ClientRequest::Import`].
+    Import { mailbox: MailboxKey, guid: Guid, received: u64, flags: Vec<Flag>, body: Body, uidvalidity: u32, uid: Uid },
     /// IMAP CREATE and DELETE (the seed is silent; users expect them to replicate).
     Mailbox { mailbox: MailboxKey, action: MailboxAction },
     /// IMAP RENAME, ordered by the master of `from`: `to` gets every message of `from`
@@ -67,6 +69,9 @@ pub enum MailboxAction {
     /// CREATE with a special use (RFC 6154 CREATE-SPECIAL-USE): created and given the
     /// use in one step.
     CreateWithUse(SpecialUse),
+    /// A migrated mailbox (`tandem import`): created, and given this UIDVALIDITY if it
+    /// has no history (no UID given out, nothing expunged).
+    CreateWithValidity(u32),
     Delete,
     /// IMAP SUBSCRIBE: the mailbox joins its user's subscriptions.
     Subscribe,
@@ -78,7 +83,7 @@ impl WriteRequest {
     /// The mailbox whose master must order this write.
     pub fn target(&self) -> &MailboxKey {
         match self {
-            WriteRequest::Save { mailbox, .. } => mailbox,
+            WriteRequest::Save { mailbox, .. } | WriteRequest::Import { mailbox, .. } => mailbox,
             WriteRequest::Copy { dst, .. } => dst,
             WriteRequest::Expunge { mailbox, .. } => mailbox,
             WriteRequest::Store { mailbox, .. } => mailbox,
@@ -330,6 +335,7 @@ impl Msg {
             Msg::MoveDone { .. } => "MOVED",
             Msg::Request { request, .. } => match request {
                 WriteRequest::Save { .. } => "SAVE",
+                WriteRequest::Import { .. } => "IMPORT",
                 WriteRequest::Copy { .. } => "COPY",
                 WriteRequest::Expunge { .. } => "EXPUNGE",
                 WriteRequest::Store { .. } => "STORE",

@@ -948,7 +948,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             generation: r.u64()?,
             states: r.list(read_state)?,
         },
-        b"SAVE" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER" => {
+        b"SAVE" | b"IMPORT" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER" => {
             Msg::Request { tag: r.u64()?, request: read_request(r, name)? }
         }
         b"REPLY" => Msg::Reply {
@@ -1030,6 +1030,9 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
             w.mailbox(mailbox).guid(*guid).num(*received).flags(flags);
             w.atom(if *delivery { "DELIVERY" } else { "APPEND" }).body(body);
         }
+        WriteRequest::Import { mailbox, guid, received, flags, body, uidvalidity, uid } => {
+            w.mailbox(mailbox).guid(*guid).num(*received).flags(flags).num(*uidvalidity).num(*uid).body(body);
+        }
         WriteRequest::Copy { src, src_uid, guid, dst, received, flags } => {
             w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received).flags(flags);
         }
@@ -1053,9 +1056,16 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
                 MailboxAction::Delete => "DELETE",
                 MailboxAction::Subscribe => "SUBSCRIBE",
                 MailboxAction::Unsubscribe => "UNSUBSCRIBE",
+                MailboxAction::CreateWithValidity(_) => "CREATE-VALIDITY",
             });
-            if let MailboxAction::CreateWithUse(special_use) = action {
-                w.num(special_use.0);
+            match action {
+                MailboxAction::CreateWithUse(special_use) => {
+                    w.num(special_use.0);
+                }
+                MailboxAction::CreateWithValidity(uidvalidity) => {
+                    w.num(*uidvalidity);
+                }
+                _ => {}
             }
         }
         WriteRequest::Rename { from, to } => {
@@ -1091,6 +1101,15 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             delivery: read_keyword(r, &["APPEND", "DELIVERY"])? == 1,
             body: r.body()?,
         },
+        b"IMPORT" => WriteRequest::Import {
+            mailbox: r.mailbox()?,
+            guid: r.guid()?,
+            received: r.u64()?,
+            flags: r.flags()?,
+            uidvalidity: r.u32()?,
+            uid: r.u32()?,
+            body: r.body()?,
+        },
         b"COPY" => WriteRequest::Copy {
             src: r.mailbox()?,
             src_uid: r.u32()?,
@@ -1102,12 +1121,14 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         b"EXPUNGE" => WriteRequest::Expunge { mailbox: r.mailbox()?, messages: read_uid_guids(r)? },
         b"MAILBOX" => {
             let mailbox = r.mailbox()?;
-            let action = match read_keyword(r, &["CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "CREATE-USE"])? {
+            let keywords = ["CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "CREATE-USE", "CREATE-VALIDITY"];
+            let action = match read_keyword(r, &keywords)? {
                 0 => MailboxAction::Create,
                 1 => MailboxAction::Delete,
                 2 => MailboxAction::Subscribe,
                 3 => MailboxAction::Unsubscribe,
-                _ => MailboxAction::CreateWithUse(read_special_use(r)?),
+                4 => MailboxAction::CreateWithUse(read_special_use(r)?),
+                _ => MailboxAction::CreateWithValidity(r.u32()?),
             };
             WriteRequest::Mailbox { mailbox, action }
         }
@@ -2213,7 +2234,17 @@ mod tests {
                 reason,
             },
         });
-        let msg = prop_oneof![save, store, change_save, sync, mbox, error, failed];
+        let import = (mailbox_key(), guid(), any::<u64>(), flag_list(), bytes(), any::<u32>(), any::<u32>()).prop_map(
+            |(mailbox, guid, received, flags, body, uidvalidity, uid)| Msg::Request {
+                tag: 2,
+                request: WriteRequest::Import { mailbox, guid, received, flags, body: body.into(), uidvalidity, uid },
+            },
+        );
+        let create = (mailbox_key(), any::<u32>()).prop_map(|(mailbox, v)| Msg::Request {
+            tag: 3,
+            request: WriteRequest::Mailbox { mailbox, action: MailboxAction::CreateWithValidity(v) },
+        });
+        let msg = prop_oneof![save, import, create, store, change_save, sync, mbox, error, failed];
         (any::<u32>(), any::<u32>(), any::<u8>(), msg).prop_map(|(src, dst, hops, msg)| env(src, dst, hops, msg))
     }
 

@@ -128,6 +128,18 @@ pub enum Action {
         flags: Vec<Flag>,
         size: usize,
     },
+    /// A message migrated from another server (`tandem import`) at the UIDVALIDITY and
+    /// UID it had there; the same label imported again sends the same bytes (a resumed
+    /// import).
+    Import {
+        server: Sid,
+        mailbox: MailboxKey,
+        label: String,
+        uidvalidity: u32,
+        uid: u32,
+        flags: Vec<Flag>,
+        size: usize,
+    },
     Copy {
         server: Sid,
         from: MailboxKey,
@@ -326,6 +338,8 @@ pub enum Expect {
     ExactlyOneOk { events: Vec<String> },
     /// Every live server holds this many messages in the mailbox at the end.
     Count { mailbox: MailboxKey, count: usize },
+    /// Every live server's copy of the mailbox has this UIDVALIDITY at the end.
+    Validity { mailbox: MailboxKey, uidvalidity: u32 },
     /// Every live server holds this many tombstones in the mailbox at the end (0: all
     /// collected).
     Tombstones { mailbox: MailboxKey, count: usize },
@@ -364,6 +378,7 @@ const EVENT_COMMON: &[&str] = &["at_ms", "op", "id", "expect"];
 /// Every op with the keys it takes besides `EVENT_COMMON`.
 const OPS: &[(&str, &[&str])] = &[
     ("save", &["server", "mailbox", "label", "flags", "size"]),
+    ("import", &["server", "mailbox", "label", "uidvalidity", "uid", "flags", "size"]),
     ("copy", &["server", "from", "label", "to", "as_label"]),
     ("expunge", &["server", "mailbox", "labels", "label"]),
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
@@ -408,6 +423,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("mark", &["name", "min", "max"]),
     ("exactly_one_ok", &["events"]),
     ("count", &["mailbox", "count"]),
+    ("uidvalidity", &["mailbox", "uidvalidity"]),
     ("tombstones", &["mailbox", "count"]),
     ("visible", &["mailbox", "visible"]),
     ("renumbered", &["labels"]),
@@ -901,6 +917,15 @@ impl Tab<'_> {
                 flags: tab.flags(event.flags, "flags")?,
                 size: tab.int_in(event.size, "size", 0..=u32::MAX.into())?.unwrap_or(1000) as usize,
             },
+            "import" => Action::Import {
+                server: server()?,
+                mailbox: mailbox()?,
+                label: tab.req_label(event.label.as_deref(), "label")?,
+                uidvalidity: tab.int_in(event.uidvalidity, "uidvalidity", 1..=u32::MAX.into())?.unwrap_or(1) as u32,
+                uid: tab.int_in(event.uid, "uid", 1..=u32::MAX.into())?.unwrap_or(1) as u32,
+                flags: tab.flags(event.flags, "flags")?,
+                size: tab.int_in(event.size, "size", 0..=u32::MAX.into())?.unwrap_or(1000) as usize,
+            },
             "copy" => Action::Copy {
                 server: server()?,
                 from: tab.mailbox(event.from.as_deref(), "from")?,
@@ -1104,6 +1129,10 @@ impl Tab<'_> {
             "count" => Expect::Count {
                 mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,
                 count: tab.req(expect.count, "count", "a non-negative integer")? as usize,
+            },
+            "uidvalidity" => Expect::Validity {
+                mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,
+                uidvalidity: tab.req(expect.uidvalidity, "uidvalidity", "an integer")?.min(u32::MAX.into()) as u32,
             },
             "tombstones" => Expect::Tombstones {
                 mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,

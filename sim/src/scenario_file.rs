@@ -81,6 +81,9 @@ pub(crate) struct EventToml {
     pub labels: Option<Vec<String>>,
     pub flags: Option<Vec<Spanned<String>>>,
     pub size: Option<u64>,
+    /// import: the UIDVALIDITY and UID the message had on the server it came from.
+    pub uidvalidity: Option<u64>,
+    pub uid: Option<u64>,
     pub add: Option<Vec<Spanned<String>>>,
     pub remove: Option<Vec<Spanned<String>>>,
     pub unchanged_since: Option<ModseqToml>,
@@ -131,6 +134,7 @@ pub(crate) struct ExpectToml {
     pub events: Option<Vec<Spanned<String>>>,
     pub mailbox: Option<String>,
     pub count: Option<u64>,
+    pub uidvalidity: Option<u64>,
     pub visible: Option<bool>,
     pub labels: Option<Vec<String>>,
     pub special_use: Option<Vec<String>>,

@@ -90,6 +90,13 @@ fn event_of(e: &TimedEvent) -> EventToml {
             table.size = Some(*size as u64);
             "save"
         }
+        Action::Import { server: s, mailbox: m, label, uidvalidity, uid, flags: f, size } => {
+            (table.server, table.mailbox, table.label, table.flags) =
+                (server(s), mailbox(m), Some(label.clone()), flags(f));
+            (table.uidvalidity, table.uid, table.size) =
+                (Some(u64::from(*uidvalidity)), Some(u64::from(*uid)), Some(*size as u64));
+            "import"
+        }
         Action::Copy { server: s, from, label, to, as_label } => {
             (table.server, table.from, table.label) = (server(s), mailbox(from), Some(label.clone()));
             (table.to, table.as_label) = (mailbox(to), as_label.clone());
@@ -245,6 +252,10 @@ fn expect_of(x: &Expect) -> ExpectToml {
         Expect::Count { mailbox: m, count } => {
             (table.mailbox, table.count) = (mailbox(m), Some(*count as u64));
             "count"
+        }
+        Expect::Validity { mailbox: m, uidvalidity } => {
+            (table.mailbox, table.uidvalidity) = (mailbox(m), Some(u64::from(*uidvalidity)));
+            "uidvalidity"
         }
         Expect::Tombstones { mailbox: m, count } => {
             (table.mailbox, table.count) = (mailbox(m), Some(*count as u64));

@@ -103,6 +103,7 @@ fn drop_event_chunks(k: &mut Shrinker<'_>, best: &mut Scenario) -> bool {
 fn mentions(action: &Action, sid: Sid) -> bool {
     match action {
         Action::Save { server, .. }
+        | Action::Import { server, .. }
         | Action::Copy { server, .. }
         | Action::Expunge { server, .. }
         | Action::Store { server, .. }

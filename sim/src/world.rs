@@ -271,6 +271,8 @@ pub struct World {
     trace_hash: u64,
     trace: Vec<String>,
     label_counter: u64,
+    /// The bytes of each imported label: importing it again sends them again.
+    imported: BTreeMap<String, Body>,
     /// Deliveries retried while the cluster was whole and agreeing, as (mailbox, body
     /// checksum): each must be stored once (see `oracle::RETRIES_STORED_ONCE`).
     retried_when_whole: BTreeSet<(MailboxKey, u64)>,
@@ -369,6 +371,7 @@ impl World {
             trace_hash: 0,
             trace: Vec::new(),
             label_counter: 0,
+            imported: BTreeMap::new(),
             retried_when_whole: BTreeSet::new(),
             clients_stopped: false,
             only_clean_restarts: true,
@@ -1103,6 +1106,10 @@ impl World {
 fn describe_request(request: &ClientRequest) -> String {
     match request {
         ClientRequest::Save { mailbox, flags, body, .. } => format!("SAVE {mailbox} {flags:?} ({} bytes)", body.len()),
+        ClientRequest::Import { mailbox, uidvalidity, uid, body, .. } => {
+            format!("IMPORT {mailbox} UIDVALIDITY {uidvalidity} UID {uid} ({} bytes)", body.len())
+        }
+        ClientRequest::ImportMailbox { mailbox, uidvalidity } => format!("IMPORT {mailbox} UIDVALIDITY {uidvalidity}"),
         ClientRequest::Copy { src, src_uid, dst } => format!("COPY {src} UID {src_uid} to {dst}"),
         ClientRequest::Expunge { mailbox, uids } => format!("EXPUNGE {mailbox} {uids:?}"),
         ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
@@ -1172,6 +1179,9 @@ pub fn describe(envelope: &Envelope) -> String {
         Msg::MoveDone { tag, key, .. } => format!("#{tag} {key}"),
         Msg::Request { tag, request } => match request {
             WriteRequest::Save { mailbox, guid, .. } => format!("#{tag} {mailbox} {guid}"),
+            WriteRequest::Import { mailbox, guid, uidvalidity, uid, .. } => {
+                format!("#{tag} {mailbox} {guid} at {uidvalidity}/{uid}")
+            }
             WriteRequest::Copy { src, src_uid, dst, .. } => format!("#{tag} {src} {src_uid} -> {dst}"),
             WriteRequest::Expunge { mailbox, messages } => {
                 format!("#{tag} {mailbox} {:?}", messages.iter().map(|m| m.0).collect::<Vec<_>>())
@@ -1448,6 +1458,27 @@ impl World {
                     delivery: true,
                 };
                 let o = Outstanding { label, mailbox: Some(mailbox), add: flags, retry, ..none() };
+                self.request(server, request, event, o);
+            }
+            Action::Import { server, mailbox, label, uidvalidity, uid, flags, size } => {
+                let body = match self.imported.get(&label) {
+                    Some(body) => body.clone(),
+                    None => {
+                        self.label_counter += 1;
+                        let body = self.body(size, self.label_counter);
+                        self.imported.insert(label.clone(), body.clone());
+                        body
+                    }
+                };
+                let request = ClientRequest::Import {
+                    mailbox: mailbox.clone(),
+                    uidvalidity,
+                    uid,
+                    received: 1_700_000_000 + self.now.0 / 1_000_000,
+                    flags: flags.clone(),
+                    body,
+                };
+                let o = Outstanding { label: Some(label), mailbox: Some(mailbox), add: flags, ..none() };
                 self.request(server, request, event, o);
             }
             Action::Copy { server, from, label, to, as_label } => {
@@ -2040,6 +2071,14 @@ impl World {
                         let n = self.stored_mailbox(*sid, &mailbox).map(|m| m.messages.len()).unwrap_or(0);
                         if n != count {
                             failures.push(format!("{mailbox} on {sid} holds {n} messages, expected {count}"));
+                        }
+                    }
+                }
+                Expect::Validity { mailbox, uidvalidity } => {
+                    for sid in &live {
+                        let v = self.stored_mailbox(*sid, &mailbox).map(|m| m.uidvalidity);
+                        if v != Some(uidvalidity) {
+                            failures.push(format!("{mailbox} on {sid} has UIDVALIDITY {v:?}, expected {uidvalidity}"));
                         }
                     }
                 }

@@ -204,6 +204,13 @@ impl Server {
                 let guid = self.new_guid();
                 WriteRequest::Save { mailbox, guid, received, flags, body, delivery }
             }
+            ClientRequest::Import { mailbox, uidvalidity, uid, received, flags, body } => {
+                let guid = self.new_guid();
+                WriteRequest::Import { mailbox, guid, received, flags, body, uidvalidity, uid }
+            }
+            ClientRequest::ImportMailbox { mailbox, uidvalidity } => {
+                WriteRequest::Mailbox { mailbox, action: MailboxAction::CreateWithValidity(uidvalidity) }
+            }
             ClientRequest::Copy { src, src_uid, dst } => {
                 let Some(record) = self.image.mailbox(&src).and_then(|m| m.messages.get(&src_uid)) else {
                     self.out.reply(
@@ -701,8 +708,11 @@ impl Server {
                         self.marks.hit(Mark::RetryRecognised);
                         self.resend_saved(&mailbox, first_guid, first_uid, Some(body), id)
                     }
-                    None => self.master_save(&mailbox, guid, received, &flags, Some(body), id),
+                    None => self.master_save(&mailbox, guid, received, &flags, Some(body), id, None),
                 }
+            }
+            WriteRequest::Import { mailbox, guid, received, flags, body, uidvalidity, uid } => {
+                self.master_import(&mailbox, (uidvalidity, uid), guid, received, &flags, body, id)
             }
             WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
                 if src == dst {
@@ -713,7 +723,7 @@ impl Server {
                     self.jobs.set_state(id, JobState::WaitingBody { guid });
                     return None;
                 } else {
-                    self.master_save(&dst, guid, received, &flags, None, id)
+                    self.master_save(&dst, guid, received, &flags, None, id, None)
                 }
             }
             WriteRequest::Expunge { mailbox, messages } | WriteRequest::Store { mailbox, messages, .. }
@@ -777,8 +787,64 @@ impl Server {
         self.image.mailbox(mailbox).is_some_and(|m| m.messages.has_guid(guid))
     }
 
+    /// A migrated message at the UID it had elsewhere (see `ClientRequest::Import`).
+    #[allow(clippy::too_many_arguments)]
+    fn master_import(
+        &mut self,
+        mailbox: &MailboxKey,
+        (uidvalidity, uid): (u32, Uid),
+        guid: Guid,
+        received: u64,
+        flags: &[Flag],
+        body: Body,
+        id: JobId,
+    ) -> Ordered {
+        self.take_import_validity(mailbox, uidvalidity);
+        let Some(m) = self.image.mailbox(mailbox) else {
+            return Ordered::unreplicated(fail(FailKind::Temporary, "the mailbox changed meanwhile"));
+        };
+        if m.uidvalidity != uidvalidity {
+            let reason = format!("{mailbox} has UIDVALIDITY {}, the import {uidvalidity}", m.uidvalidity);
+            return Ordered::unreplicated(fail(FailKind::Permanent, reason));
+        }
+        if let Some(r) = m.messages.get(&uid) {
+            if u64::from(r.size) == body.len() as u64 && r.checksum == crate::hash::body_checksum(&body) {
+                // A resumed import: this message was placed by an earlier attempt.
+                let first = r.guid;
+                return self.resend_saved(mailbox, first, uid, Some(body), id);
+            }
+            return Ordered::unreplicated(fail(
+                FailKind::Permanent,
+                format!("UID {uid} of {mailbox} is another message"),
+            ));
+        }
+        if uid < m.uidnext || uid == 0 || uid > crate::limits::UID_MAX {
+            return Ordered::unreplicated(fail(FailKind::Permanent, format!("UID {uid} of {mailbox} is not free")));
+        }
+        self.master_save(mailbox, guid, received, flags, Some(body), id, Some(uid))
+    }
+
+    /// A migrated mailbox takes the UIDVALIDITY it had elsewhere, when it has no history
+    /// here: it is created with it, or an empty copy that never gave out a UID changes to
+    /// it (the replicas' copies adopt it with the next change, as after a RENAME).
+    fn take_import_validity(&mut self, mailbox: &MailboxKey, uidvalidity: u32) {
+        let Some(m) = self.image.mailbox(mailbox) else {
+            self.image.create_mailbox(&mut self.out, mailbox, Some(uidvalidity));
+            return;
+        };
+        let fresh =
+            m.uidnext == 1 && m.messages.is_empty() && m.tombstones.is_empty() && m.retired.last_uid().is_none();
+        if fresh && m.uidvalidity != uidvalidity {
+            let highest_modseq = m.highest_modseq;
+            self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext: 1, highest_modseq });
+            self.marks.hit(Mark::ImportedValidity);
+        }
+    }
+
     /// SAVE (body given) or COPY (body already here) at the master: the message gets the
-    /// mailbox's next UID, unless it is there already.
+    /// mailbox's next UID (or `at`, a migrated message's, checked free by the caller),
+    /// unless it is there already.
+    #[allow(clippy::too_many_arguments)]
     fn master_save(
         &mut self,
         mailbox: &MailboxKey,
@@ -787,6 +853,7 @@ impl Server {
         flags: &[Flag],
         body: Option<Body>,
         id: JobId,
+        at: Option<Uid>,
     ) -> Ordered {
         let is_copy = body.is_none();
         if let Some(uid) = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid) {
@@ -808,7 +875,7 @@ impl Server {
         {
             self.image.put_checked_body(&mut self.out, guid, checksum, bytes.clone());
         }
-        let (record, uidvalidity) = self.place_new_message(mailbox, guid, received, flags, (checksum, size));
+        let (record, uidvalidity) = self.place_new_message(mailbox, guid, received, flags, (checksum, size), at);
         let uid = record.uid;
         // A replica acks a COPY once its record is durable, body or not. Sync mode counts
         // acks as copies of the message, so there the body travels with it.
@@ -852,8 +919,9 @@ impl Server {
             .find(|(guid, _)| self.image.stored_bytes(*guid).is_some_and(|stored| stored.as_ref() == bytes.as_ref()))
     }
 
-    /// Writes a new message at the mailbox's next UID and modseq (creating the mailbox
-    /// if needed). Returns its record and the mailbox's UIDVALIDITY.
+    /// Writes a new message at the mailbox's next UID (or `at`, at or above it) and next
+    /// modseq (creating the mailbox if needed). Returns its record and the mailbox's
+    /// UIDVALIDITY.
     fn place_new_message(
         &mut self,
         mailbox: &MailboxKey,
@@ -861,9 +929,11 @@ impl Server {
         received: u64,
         flags: &[Flag],
         (checksum, size): (u64, u32),
+        at: Option<Uid>,
     ) -> (MessageRecord, u32) {
         let m = self.image.mailbox_or_new(mailbox);
-        let (uid, uidvalidity) = (m.uidnext, m.uidvalidity);
+        debug_assert!(at.is_none_or(|uid| uid >= m.uidnext), "a migrated message's UID is free");
+        let (uid, uidvalidity) = (at.unwrap_or(m.uidnext).max(m.uidnext), m.uidvalidity);
         let modseq = m.highest_modseq.saturating_add(1);
         debug_assert!(!m.messages.contains_key(&uid), "UIDNEXT is above every live UID");
         let stamp = Stamp { modseq, sid: self.cfg.sid };
@@ -968,6 +1038,18 @@ impl Server {
             MailboxAction::Create | MailboxAction::CreateWithUse(_) if visible => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, format!("mailbox {mailbox} exists")));
             }
+            MailboxAction::CreateWithValidity(uidvalidity) => {
+                let before = self.image.mailbox(mailbox).map(|m| m.uidvalidity);
+                self.take_import_validity(mailbox, uidvalidity);
+                let now = self.image.mailbox(mailbox).map(|m| (m.uidvalidity, m.highest_modseq));
+                if let (true, Some((validity, modseq))) = (visible, now)
+                    && before == Some(validity)
+                {
+                    // Nothing to do (a resumed import), or a mailbox with history, which
+                    // keeps its UIDVALIDITY: the importer sees that and saves without UIDs.
+                    return Ordered::unreplicated(WriteResult::MailboxDone { modseq });
+                }
+            }
             MailboxAction::Delete if !visible => {
                 return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
             }
@@ -981,12 +1063,17 @@ impl Server {
         let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();
         match action {
-            MailboxAction::Create | MailboxAction::CreateWithUse(_) => self.marks.hit(Mark::MailboxCreated),
+            MailboxAction::Create | MailboxAction::CreateWithUse(_) | MailboxAction::CreateWithValidity(_) => {
+                self.marks.hit(Mark::MailboxCreated)
+            }
             MailboxAction::Delete => self.marks.hit(Mark::MailboxDeleted),
             MailboxAction::Subscribe | MailboxAction::Unsubscribe => {}
         }
         match action {
             MailboxAction::Create => lifecycle.created_at = modseq,
+            // A migrated mailbox is created once: a resumed import changes nothing.
+            MailboxAction::CreateWithValidity(_) if visible => {}
+            MailboxAction::CreateWithValidity(_) => lifecycle.created_at = modseq,
             MailboxAction::CreateWithUse(special_use) => {
                 lifecycle.created_at = modseq;
                 (lifecycle.special_use, lifecycle.special_use_at) = (special_use, modseq);
@@ -1026,7 +1113,7 @@ impl Server {
         self.commit(StoreWrite::MailboxLifecycle { mailbox: mailbox.clone(), lifecycle });
         debug_assert_eq!(self.image.mailbox(mailbox).map(|m| m.lifecycle), Some(lifecycle));
         debug_assert!(match action {
-            MailboxAction::Create => visible_now(self.image.mailbox(mailbox)),
+            MailboxAction::Create | MailboxAction::CreateWithValidity(_) => visible_now(self.image.mailbox(mailbox)),
             MailboxAction::CreateWithUse(special_use) => {
                 visible_now(self.image.mailbox(mailbox)) && lifecycle.special_use() == Some(special_use)
             }
