@@ -54,6 +54,60 @@ pub enum AdminRequest {
         id: u32,
         lost: bool,
     },
+    /// A migrated message (`tandem import`): at `uid` if given (see the core's
+    /// `ClientRequest::Import`), else saved at the next UID; `received` is its
+    /// INTERNALDATE (seconds since the Unix epoch).
+    Import {
+        mailbox: String,
+        uidvalidity: u32,
+        uid: Option<u32>,
+        received: u64,
+        flags: Vec<String>,
+        body_base64: String,
+    },
+    /// A migrated mailbox: created, with `uidvalidity` if it has no history yet.
+    ImportMailbox {
+        mailbox: String,
+        uidvalidity: u32,
+    },
+    /// The user subscribes to the mailbox (IMAP SUBSCRIBE), or unsubscribes.
+    Subscribe {
+        mailbox: String,
+        subscribe: bool,
+    },
+    /// The visible mailboxes of `user`, or of every user.
+    Mailboxes {
+        user: Option<String>,
+    },
+    /// The bodies of messages of a mailbox (those this node holds; a UID it does not
+    /// have is left out), at most [`FETCH_UIDS_MAX`] per request.
+    Fetch {
+        mailbox: String,
+        uids: Vec<u32>,
+    },
+    /// A consistent copy of the node's store into `dir` (a new or empty directory the
+    /// node can write), taken while the node runs: see `crate::backup`.
+    Backup {
+        dir: String,
+    },
+}
+
+/// Bodies per [`AdminRequest::Fetch`].
+pub const FETCH_UIDS_MAX: usize = 256;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MailboxLine {
+    pub mailbox: String,
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub messages: u32,
+    pub subscribed: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FetchedBody {
+    pub uid: u32,
+    pub body_base64: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -101,6 +155,15 @@ pub struct MessageLine {
     pub guid: String,
     pub flags: Vec<String>,
     pub modseq: u64,
+    /// INTERNALDATE, seconds since the Unix epoch.
+    #[serde(default)]
+    pub received: u64,
+    #[serde(default)]
+    pub size: u32,
+    /// The body's 64-bit checksum (`tandem_core::hash::body_checksum`), hex: how an
+    /// import recognises a message it brought in before.
+    #[serde(default)]
+    pub checksum: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,6 +185,9 @@ pub enum AdminReply {
     Expunged { uids: Vec<u32> },
     Moved { master: u32 },
     Members { members: Vec<MemberLine> },
+    Mailboxes { mailboxes: Vec<MailboxLine> },
+    Bodies { bodies: Vec<FetchedBody> },
+    BackedUp { dir: String, bytes: u64, body_files: u64, mailboxes: u64, messages: u64 },
     Error { temporary: bool, reason: String },
 }
 

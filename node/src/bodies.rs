@@ -231,6 +231,28 @@ impl BodyFiles {
 pub struct BodyIndex {
     by_guid: Arc<Mutex<BTreeMap<Guid, BodyHash>>>,
     database: Arc<RwLock<Option<Arc<Database>>>>,
+    removals: Arc<Mutex<Removals>>,
+}
+
+/// Body files whose last reference went while a backup was reading the store: they
+/// stay until the backup is done, then the store thread deletes those still
+/// unreferenced (between its commits, so never one a new reference brought back).
+#[derive(Debug, Default)]
+struct Removals {
+    holds: usize,
+    deferred: BTreeSet<BodyHash>,
+}
+
+/// Keeps body files from being deleted while it lives (see [`BodyIndex::hold_removals`]).
+pub struct RemovalHold {
+    removals: Arc<Mutex<Removals>>,
+}
+
+impl Drop for RemovalHold {
+    fn drop(&mut self) {
+        let mut removals = self.removals.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        removals.holds = removals.holds.saturating_sub(1);
+    }
 }
 
 /// Where a read found a body's hash.
@@ -268,6 +290,36 @@ impl BodyIndex {
                 InlineLookup::Unavailable
             }
         }
+    }
+    /// The open database, if the store is open (a backup reads a snapshot of it).
+    pub fn database(&self) -> Option<Arc<Database>> {
+        self.database.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+    fn removals(&self) -> MutexGuard<'_, Removals> {
+        self.removals.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+    /// No body file is deleted until the hold is dropped: a backup copies the files its
+    /// snapshot references after taking the snapshot.
+    pub fn hold_removals(&self) -> RemovalHold {
+        self.removals().holds += 1;
+        RemovalHold { removals: self.removals.clone() }
+    }
+    /// True when the file of `hash` must stay for now (a hold is on): it is remembered.
+    pub fn defer_removal(&self, hash: &BodyHash) -> bool {
+        let mut removals = self.removals();
+        if removals.holds == 0 {
+            return false;
+        }
+        removals.deferred.insert(*hash);
+        true
+    }
+    /// The deferred removals, once no hold is left (for the store thread to check).
+    pub fn released_removals(&self) -> BTreeSet<BodyHash> {
+        let mut removals = self.removals();
+        if removals.holds > 0 {
+            return BTreeSet::new();
+        }
+        std::mem::take(&mut removals.deferred)
     }
     /// Replaces the whole index (at load).
     pub fn replace(&self, by_guid: BTreeMap<Guid, BodyHash>) {

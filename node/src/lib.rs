@@ -1,6 +1,7 @@
 //! tandem's node: the replication core on real sockets, with a durable store.
 
 pub mod admin;
+pub mod backup;
 pub mod bodies;
 pub mod cluster;
 pub mod codec;
@@ -12,6 +13,7 @@ pub mod fuzzing;
 pub mod imap;
 pub mod lmtp;
 pub mod metrics;
+pub mod migrate;
 pub mod node;
 pub mod peer;
 pub mod store;

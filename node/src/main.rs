@@ -84,6 +84,54 @@ enum Command {
         #[command(subcommand)]
         action: MemberAction,
     },
+    /// Bring a user's mail in from another server: any IMAP server (--from) or a
+    /// Dovecot Maildir (--maildir), into a running cluster through one node. Flags,
+    /// keywords and INTERNALDATEs are kept, and UIDVALIDITY and UIDs where the target
+    /// mailbox is new, so mail clients download nothing again. Run it again to resume an
+    /// interrupted import: what is already there is not imported twice.
+    Import {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The tandem user the mail goes to.
+        #[arg(long)]
+        user: String,
+        /// imap://user@host[:port] or imaps://user@host[:port] (user@domain as user%40domain).
+        #[arg(long, conflicts_with = "maildir", required_unless_present = "maildir")]
+        from: Option<String>,
+        /// The file holding the source account's password (else it is asked for).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// CA certificates (PEM) to trust for imaps:// (default: the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// A user's Maildir (the directory holding cur/, new/ and the .Folder directories).
+        #[arg(long)]
+        maildir: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write mailboxes out as Dovecot Maildirs (DIR/<user>/Maildir, with dovecot-uidlist:
+    /// UIDs and UIDVALIDITY kept). Run again into the same DIR, it writes what is new.
+    Export {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        maildir: PathBuf,
+        /// One user (default: every user).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// A consistent copy of a running node's store in DIR (new or empty, writable by the
+    /// node), taken without stopping it. Restore: a node started on the copy (same id)
+    /// catches up with the others by SYNC.
+    Backup {
+        #[command(flatten)]
+        admin: AdminArgs,
+        dir: PathBuf,
+    },
     /// Add or remove flags.
     Store {
         #[command(flatten)]
@@ -203,6 +251,29 @@ fn main() -> ExitCode {
 }
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The source account's password: the file's first line, or asked for on the terminal.
+fn read_password(file: Option<&std::path::Path>, user: &str) -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        return Ok(text.lines().next().unwrap_or_default().to_string());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err("no --password-file and no terminal to ask for the password on".into());
+    }
+    eprint!("password for {user}: ");
+    let _ = std::io::stderr().flush();
+    let echo_off = std::process::Command::new("stty").arg("-echo").status().is_ok_and(|s| s.success());
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if echo_off {
+        let _ = std::process::Command::new("stty").arg("echo").status();
+        eprintln!();
+    }
+    read.map_err(|e| e.to_string())?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
 
 async fn call(admin: AdminArgs, request: AdminRequest) -> Result<AdminReply, String> {
     match admin::call(&admin.addr()?, &request, ADMIN_TIMEOUT).await? {
@@ -360,6 +431,60 @@ async fn run(command: Command) -> Result<(), String> {
                     .map(|m| format!("{} {} {}", m.id, m.state, if m.address.is_empty() { "-" } else { &m.address }))
                     .collect::<Vec<_>>()
                     .join("\n")),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        }
+        Command::Import { admin, user, from, password_file, ca_file, maildir, quiet } => {
+            let addr = admin.addr()?;
+            let done = tokio::task::spawn_blocking(move || {
+                use tandem_node::migrate::{Source, imap_source, maildir::MaildirSource};
+                let mut source = match (from, maildir) {
+                    (_, Some(dir)) => Source::Maildir(MaildirSource::open(&dir)?),
+                    (Some(url), None) => {
+                        let url = imap_source::ImapUrl::parse(&url)?;
+                        let password = read_password(password_file.as_deref(), &url.user)?;
+                        Source::Imap(imap_source::ImapSource::connect(&url, &password, ca_file.as_deref())?)
+                    }
+                    (None, None) => return Err("give --from imap[s]://user@host or --maildir DIR".to_string()),
+                };
+                let done = tandem_node::migrate::import(&mut source, &addr, &user, quiet);
+                if let Source::Imap(s) = source {
+                    s.logout();
+                }
+                done
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            out(&format!(
+                "imported {} messages ({} bytes) into {} mailboxes; {} already there; {} at new UIDs",
+                done.messages, done.bytes, done.folders, done.skipped, done.renumbered
+            ))
+        }
+        Command::Export { admin, maildir, user, quiet } => {
+            let addr = admin.addr()?;
+            let done = tokio::task::spawn_blocking(move || {
+                tandem_node::migrate::export(&addr, user.as_deref(), &maildir, quiet)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let dropped = if done.keywords_dropped > 0 {
+                format!("; {} keywords beyond the 26 a Maildir folder can hold were left out", done.keywords_dropped)
+            } else {
+                String::new()
+            };
+            out(&format!(
+                "exported {} messages ({} bytes) in {} mailboxes of {} users{dropped}",
+                done.messages, done.bytes, done.mailboxes, done.users
+            ))
+        }
+        Command::Backup { admin, dir } => {
+            let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let request = AdminRequest::Backup { dir: dir.display().to_string() };
+            match admin::call(&admin.addr()?, &request, Duration::from_secs(24 * 3600)).await? {
+                AdminReply::BackedUp { dir, bytes, body_files, mailboxes, messages } => out(&format!(
+                    "backup in {dir}: {mailboxes} mailboxes, {messages} messages, {body_files} body files, {bytes} bytes"
+                )),
+                AdminReply::Error { reason, .. } => Err(format!("backup failed: {reason}")),
                 other => Err(format!("unexpected answer {other:?}")),
             }
         }

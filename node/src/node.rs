@@ -227,6 +227,8 @@ struct EventLoop {
     undurable: std::collections::VecDeque<(WriteId, MailboxKey)>,
     /// Who is dialled and who may connect, kept in step with the core's membership.
     peers: Option<PeerDialer>,
+    /// What `tandem backup` reads the store through (None in tests without a store).
+    backup_reader: Option<crate::bodies::BodyReader>,
 }
 
 /// The servers this node dials (the lower id dials) and accepts, from the core's
@@ -353,6 +355,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let loaded_ms = started.elapsed().as_millis();
     let server = Server::recover(cfg.core.clone(), image, rand::random(), Box::new(store.body_reader()));
     let direct_reads = store.body_reader();
+    let backup_reader = store.body_reader();
     info!(opened_ms, loaded_ms, recovered_ms = started.elapsed().as_millis() as u64, "store read");
     info!(id = cfg.core.sid.0, listen = %cfg.listen, admin = %cfg.admin, "tandem node starting");
 
@@ -409,6 +412,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
 
     let mut node = EventLoop::new(server, store_tx);
     node.peers = Some(dialer);
+    node.backup_reader = Some(backup_reader);
     node.drain();
     tokio::pin!(shutdown);
     loop {
@@ -450,6 +454,7 @@ impl EventLoop {
             watchers_live: 0,
             undurable: std::collections::VecDeque::new(),
             peers: None,
+            backup_reader: None,
         }
     }
 
@@ -638,6 +643,21 @@ impl EventLoop {
     }
 
     fn on_admin(&mut self, request: AdminRequest, reply: oneshot::Sender<AdminReply>) {
+        let request = match request {
+            AdminRequest::Mailboxes { user } => {
+                let _ = reply.send(AdminReply::Mailboxes { mailboxes: self.mailbox_lines(user.as_deref()) });
+                return;
+            }
+            AdminRequest::Fetch { mailbox, uids } => {
+                let _ = reply.send(self.fetch_bodies(&mailbox, &uids));
+                return;
+            }
+            AdminRequest::Backup { dir } => {
+                self.start_backup(std::path::PathBuf::from(dir), reply);
+                return;
+            }
+            other => other,
+        };
         let members_asked = matches!(request, AdminRequest::Members);
         let client_request = match to_client_request(request) {
             Ok(Some(r)) => r,
@@ -662,6 +682,79 @@ impl EventLoop {
         );
         self.pending.insert(id, Pending { reply: Answer::Admin(reply), started: TokioInstant::now(), write });
         self.input(Input::Client { id, request: client_request });
+    }
+
+    /// The visible mailboxes of `user` (or of everyone), for `tandem export`.
+    fn mailbox_lines(&self, user: Option<&str>) -> Vec<admin::MailboxLine> {
+        self.server
+            .image()
+            .mailboxes
+            .iter()
+            .filter(|(key, m)| m.visible() && user.is_none_or(|u| &*key.user == u))
+            .map(|(key, m)| admin::MailboxLine {
+                mailbox: key.to_string(),
+                uidvalidity: m.uidvalidity,
+                uidnext: m.uidnext,
+                messages: u32::try_from(m.messages.len()).unwrap_or(u32::MAX),
+                subscribed: m.lifecycle.subscribed(),
+            })
+            .collect()
+    }
+
+    /// The bodies of `uids` in `mailbox` that this node holds intact.
+    fn fetch_bodies(&self, mailbox: &str, uids: &[u32]) -> AdminReply {
+        use base64::Engine;
+        if uids.len() > admin::FETCH_UIDS_MAX {
+            let reason = format!("at most {} UIDs per fetch", admin::FETCH_UIDS_MAX);
+            return AdminReply::Error { temporary: false, reason };
+        }
+        let key = match admin::parse_mailbox(mailbox) {
+            Ok(key) => key,
+            Err(reason) => return AdminReply::Error { temporary: false, reason },
+        };
+        let Some(m) = self.server.image().mailboxes.get(&key) else {
+            return AdminReply::Error { temporary: false, reason: format!("no mailbox {key}") };
+        };
+        let mut bodies = Vec::new();
+        for uid in uids {
+            let Some(record) = m.messages.get(uid) else { continue };
+            match self.server.checked_body(record.guid) {
+                Ok(Some(bytes)) => bodies.push(admin::FetchedBody {
+                    uid: *uid,
+                    body_base64: base64::engine::general_purpose::STANDARD.encode(&bytes),
+                }),
+                _ => {
+                    let reason = format!("the body of UID {uid} is not here yet (being fetched or repaired)");
+                    return AdminReply::Error { temporary: true, reason };
+                }
+            }
+        }
+        AdminReply::Bodies { bodies }
+    }
+
+    /// `tandem backup`: the copy runs on a blocking thread; the loop goes on.
+    fn start_backup(&self, dir: std::path::PathBuf, reply: oneshot::Sender<AdminReply>) {
+        let Some(reader) = self.backup_reader.clone() else {
+            let _ = reply.send(AdminReply::Error { temporary: false, reason: "this node has no store".into() });
+            return;
+        };
+        let node_id = self.server.sid().0;
+        tokio::task::spawn_blocking(move || {
+            let answer = match crate::backup::take(&reader, node_id, &dir) {
+                Ok(c) => {
+                    info!(dir = %dir.display(), bytes = c.bytes, messages = c.messages, unreadable = c.bodies_unreadable, "backup taken");
+                    AdminReply::BackedUp {
+                        dir: dir.display().to_string(),
+                        bytes: c.bytes,
+                        body_files: c.body_files,
+                        mailboxes: c.mailboxes,
+                        messages: c.messages,
+                    }
+                }
+                Err(reason) => AdminReply::Error { temporary: false, reason },
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     fn on_client(&mut self, request: ClientRequest, reply: oneshot::Sender<ClientReply>) {
@@ -690,22 +783,30 @@ impl EventLoop {
             Answer::Admin(tx) => tx,
         };
         let answer = match reply {
-            ClientReply::Read(view) | ClientReply::FreshRead { view, .. } => AdminReply::Dump(admin::Dump {
-                mailbox: view.mailbox.to_string(),
-                uidvalidity: view.uidvalidity,
-                uidnext: view.uidnext,
-                highest_modseq: view.highest_modseq,
-                messages: view
-                    .messages
-                    .into_iter()
-                    .map(|m| admin::MessageLine {
-                        uid: m.uid,
-                        guid: m.guid.to_string(),
-                        flags: m.flags.iter().map(|f| f.as_str().to_string()).collect(),
-                        modseq: m.modseq,
-                    })
-                    .collect(),
-            }),
+            ClientReply::Read(view) | ClientReply::FreshRead { view, .. } => {
+                let stored = self.server.image().mailboxes.get(&view.mailbox);
+                let checksum =
+                    |uid: u32| stored.and_then(|m| m.messages.get(&uid)).map(|r| format!("{:016x}", r.checksum));
+                AdminReply::Dump(admin::Dump {
+                    mailbox: view.mailbox.to_string(),
+                    uidvalidity: view.uidvalidity,
+                    uidnext: view.uidnext,
+                    highest_modseq: view.highest_modseq,
+                    messages: view
+                        .messages
+                        .into_iter()
+                        .map(|m| admin::MessageLine {
+                            uid: m.uid,
+                            guid: m.guid.to_string(),
+                            flags: m.flags.iter().map(|f| f.as_str().to_string()).collect(),
+                            modseq: m.modseq,
+                            received: m.received,
+                            size: m.size,
+                            checksum: checksum(m.uid).unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+            }
             ClientReply::Write(WriteResult::Saved { uidvalidity, uid, guid })
             | ClientReply::Write(WriteResult::Copied { uidvalidity, uid, guid }) => {
                 AdminReply::Saved { uidvalidity, uid, guid: guid.to_string() }
@@ -797,6 +898,31 @@ fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
 fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, String> {
     Ok(Some(match request {
         AdminRequest::Status | AdminRequest::Members => return Ok(None),
+        AdminRequest::Mailboxes { .. } | AdminRequest::Fetch { .. } | AdminRequest::Backup { .. } => {
+            return Err("answered by the event loop".into());
+        }
+        AdminRequest::Import { mailbox, uidvalidity, uid, received, flags: f, body_base64 } => {
+            use base64::Engine;
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(body_base64.as_bytes())
+                .map_err(|e| format!("body_base64: {e}"))?;
+            let (mailbox, flags) = (admin::parse_mailbox(&mailbox)?, flags(&f)?);
+            match uid {
+                Some(uid) => ClientRequest::Import { mailbox, uidvalidity, uid, received, flags, body: body.into() },
+                None => ClientRequest::Save { mailbox, received, flags, body: body.into(), delivery: false },
+            }
+        }
+        AdminRequest::Subscribe { mailbox, subscribe } => {
+            ClientRequest::Subscription { mailbox: admin::parse_mailbox(&mailbox)?, subscribe }
+        }
+        // A source mailbox without a UIDVALIDITY (a Maildir Dovecot never opened): a plain
+        // CREATE, the mailbox's own UIDVALIDITY kept.
+        AdminRequest::ImportMailbox { mailbox, uidvalidity: 0 } => {
+            ClientRequest::CreateMailbox { mailbox: admin::parse_mailbox(&mailbox)?, special_use: Default::default() }
+        }
+        AdminRequest::ImportMailbox { mailbox, uidvalidity } => {
+            ClientRequest::ImportMailbox { mailbox: admin::parse_mailbox(&mailbox)?, uidvalidity }
+        }
         AdminRequest::MemberAdd { id, address } => {
             ClientRequest::Membership { change: MemberChange::Add { sid: Sid(id), address } }
         }

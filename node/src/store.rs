@@ -76,6 +76,27 @@ fn io_error(what: &str, e: std::io::Error) -> StoreError {
     StoreError(format!("{what}: {e}"))
 }
 
+/// Copies one table of a snapshot (none if the snapshot lacks it); returns its rows.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    src: &redb::ReadTransaction,
+    dst: &redb::WriteTransaction,
+    definition: TableDefinition<K, V>,
+) -> Result<u64, StoreError> {
+    let table = match src.open_table(definition) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = dst.open_table(definition)?;
+    let mut rows = 0;
+    for row in table.iter()? {
+        let (key, value) = row?;
+        out.insert(key.value(), value.value())?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
 /// A body reference as stored: checksum, length, hash.
 fn encode_ref(checksum: u64, len: u64, hash: &BodyHash) -> [u8; 48] {
     let mut out = [0u8; 48];
@@ -149,6 +170,60 @@ impl Store {
 
     pub fn index(&self) -> &BodyIndex {
         &self.index
+    }
+
+    /// Deletes the files a backup kept (see [`BodyIndex::hold_removals`]) once it is done,
+    /// those still without a reference: run between commits, so none that a commit
+    /// referenced again is deleted.
+    fn remove_released_files(&self) -> Result<(), StoreError> {
+        let released = self.index.released_removals();
+        if released.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_read()?;
+        let counts = txn.open_table(BODY_COUNTS)?;
+        for hash in released {
+            if counts.get(hash.as_slice())?.is_none() {
+                self.files.remove(&hash);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies every table of the snapshot `src` into `dst` (a new store's first
+    /// transaction): a backup. Returns (mailboxes, messages) copied and the hashes of
+    /// the bodies that live in files.
+    pub fn copy_snapshot(
+        src: &redb::ReadTransaction,
+        dst: &redb::WriteTransaction,
+    ) -> Result<(u64, u64, BTreeSet<BodyHash>), StoreError> {
+        let mailboxes = copy_table(src, dst, MAILBOXES)?;
+        let messages = copy_table(src, dst, MESSAGES)?;
+        copy_table(src, dst, META)?;
+        copy_table(src, dst, TOMBSTONES)?;
+        copy_table(src, dst, LEGACY_BODIES)?;
+        copy_table(src, dst, BODY_REFS)?;
+        copy_table(src, dst, BODY_COUNTS)?;
+        copy_table(src, dst, LOG_ENTRIES)?;
+        copy_table(src, dst, LOG_NEXT)?;
+        copy_table(src, dst, MEMBERSHIP)?;
+        copy_table(src, dst, LIFECYCLES)?;
+        copy_table(src, dst, RETIRED)?;
+        copy_table(src, dst, LOG_OVERFLOWED)?;
+        copy_table(src, dst, crate::bodies::INLINE_CHUNKS)?;
+        copy_table(src, dst, crate::bodies::INLINE_TAILS)?;
+        let mut in_files = BTreeSet::new();
+        if let Ok(refs) = src.open_table(BODY_REFS) {
+            let tails = src.open_table(crate::bodies::INLINE_TAILS)?;
+            for row in refs.iter()? {
+                let (_, value) = row?;
+                let (_, _, hash) = decode_ref(value.value())?;
+                if tails.get(hash)?.is_none() {
+                    in_files.insert(hash);
+                }
+            }
+        }
+        Ok((mailboxes, messages, in_files))
     }
 
     /// The hashes of the bodies held in the database rather than in files.
@@ -398,8 +473,11 @@ impl Store {
         }
         txn.commit()?;
         for hash in &bodies.unreferenced {
-            self.files.remove(hash);
+            if !self.index.defer_removal(hash) {
+                self.files.remove(hash);
+            }
         }
+        self.remove_released_files()?;
         for (guid, hash) in bodies.index_changes {
             match hash {
                 Some(hash) => self.index.set(guid, hash),

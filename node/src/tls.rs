@@ -32,7 +32,7 @@ pub fn check_names(cert: &CertificateDer<'static>, id: u32) -> Result<(), String
         .map_err(|_| format!("the peer's certificate does not name tandem-{id}, the server it says it is"))
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<_, _>>()
