@@ -36,7 +36,10 @@ pub enum Mark {
     /// A replica took its master's UIDVALIDITY for a mailbox (two incarnations of one
     /// name, made by RENAMEs on both sides of a partition).
     ValidityAdopted,
+    /// A migrated mailbox took the UIDVALIDITY it had elsewhere.
     ImportedValidity,
+    /// A migrated message was placed at the UID it had elsewhere.
+    ImportedAtUid,
     /// A fresh read was answered once this server's copy reached its master's position.
     FreshReadCaughtUp,
     /// A fresh read was answered from this server's copy without its master's position
@@ -62,7 +65,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 31] = [
+    pub const ALL: [Mark; 32] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -84,6 +87,7 @@ impl Mark {
         Mark::StartupHoldExpired,
         Mark::ValidityAdopted,
         Mark::ImportedValidity,
+        Mark::ImportedAtUid,
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
         Mark::RetryRecognised,
@@ -119,6 +123,7 @@ impl Mark {
             Mark::StartupHoldExpired => "startup_hold_expired",
             Mark::ValidityAdopted => "validity_adopted",
             Mark::ImportedValidity => "imported_validity",
+            Mark::ImportedAtUid => "imported_at_uid",
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
             Mark::RetryRecognised => "retry_recognised",

@@ -270,6 +270,7 @@ pub fn generate(seed: u64) -> Scenario {
     let mut links = links;
     let spares = membership_changes(&mut rng, &mut events, &servers, &mut links, durability, replicas, duration_ms);
     writes_after_starts(&mut rng, &mut events, &labels);
+    imports(&mut rng, &mut events, &servers, users, duration_ms);
     events.sort_by_key(|e| e.at_ms);
     Scenario {
         name: format!("explore-seed-{seed}"),
@@ -375,6 +376,48 @@ fn writes_after_starts(rng: &mut ChaCha8Rng, events: &mut Vec<TimedEvent>, label
         let size = rng.random_range(100..2000);
         let action = Action::Save { server, mailbox, label, flags: Vec::new(), size };
         events.push(TimedEvent { at_ms, id: None, action, expect: None, line: 0 });
+    }
+}
+
+/// Now and then a migration (`tandem import`) into a user's mailbox while everything
+/// else goes on: messages at UIDs of their own (gaps between them) under a UIDVALIDITY
+/// of their own, through any server, some sent twice (a resumed import); mostly into a
+/// new mailbox, sometimes into INBOX, which may have history (then the UIDs are refused
+/// and kept nowhere). Drawn after everything else.
+fn imports(rng: &mut ChaCha8Rng, events: &mut Vec<TimedEvent>, servers: &[Sid], users: u32, duration_ms: u64) {
+    if !rng.random_bool(0.25) {
+        return;
+    }
+    let user = format!("u{}@d{}", rng.random_range(1..=users), rng.random_range(1..=2u32));
+    let name = if rng.random_bool(0.8) { format!("Imported{}", rng.random_range(1..=2u32)) } else { "INBOX".into() };
+    let mailbox = MailboxKey::new(&user, &name);
+    let uidvalidity = rng.random_range(1..=1_000_000_000u32);
+    let mut uid = rng.random_range(1..=50u32);
+    let mut at_ms = rng.random_range(300..=duration_ms);
+    let mut sent: Vec<(String, u32)> = Vec::new();
+    for i in 0..rng.random_range(3..=15u32) {
+        let server = servers[rng.random_range(0..servers.len())];
+        let (label, this_uid) = match sent.get(rng.random_range(0..sent.len().max(1))) {
+            Some((label, u)) if rng.random_bool(0.2) => (label.clone(), *u),
+            _ => {
+                uid += rng.random_range(1..=5u32);
+                let label = format!("imp{i}");
+                sent.push((label.clone(), uid));
+                (label, uid)
+            }
+        };
+        let size = 100 + (this_uid as usize * 37) % 1900;
+        let action = Action::Import {
+            server,
+            mailbox: mailbox.clone(),
+            label,
+            uidvalidity,
+            uid: this_uid,
+            flags: Vec::new(),
+            size,
+        };
+        events.push(TimedEvent { at_ms, id: None, action, expect: None, line: 0 });
+        at_ms += rng.random_range(5..=200);
     }
 }
 

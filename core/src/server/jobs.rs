@@ -821,6 +821,7 @@ impl Server {
         if uid < m.uidnext || uid == 0 || uid > crate::limits::UID_MAX {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("UID {uid} of {mailbox} is not free")));
         }
+        self.marks.hit(Mark::ImportedAtUid);
         self.master_save(mailbox, guid, received, flags, Some(body), id, Some(uid))
     }
 
@@ -830,6 +831,7 @@ impl Server {
     fn take_import_validity(&mut self, mailbox: &MailboxKey, uidvalidity: u32) {
         let Some(m) = self.image.mailbox(mailbox) else {
             self.image.create_mailbox(&mut self.out, mailbox, Some(uidvalidity));
+            self.marks.hit(Mark::ImportedValidity);
             return;
         };
         let fresh =
