@@ -65,6 +65,11 @@ pub enum AdminRequest {
         flags: Vec<String>,
         body_base64: String,
     },
+    /// Imports (only) given to the core together and in order, answered together
+    /// (`AdminReply::Batch`, one result each): an import's round trips overlap.
+    ImportBatch {
+        requests: Vec<AdminRequest>,
+    },
     /// A migrated mailbox: created, with `uidvalidity` if it has no history yet.
     ImportMailbox {
         mailbox: String,
@@ -91,6 +96,9 @@ pub enum AdminRequest {
         dir: String,
     },
 }
+
+/// Requests per [`AdminRequest::ImportBatch`].
+pub const BATCH_MAX: usize = 64;
 
 /// Bodies per [`AdminRequest::Fetch`].
 pub const FETCH_UIDS_MAX: usize = 256;
@@ -187,6 +195,7 @@ pub enum AdminReply {
     Members { members: Vec<MemberLine> },
     Mailboxes { mailboxes: Vec<MailboxLine> },
     Bodies { bodies: Vec<FetchedBody> },
+    Batch { results: Vec<AdminReply> },
     BackedUp { dir: String, bytes: u64, body_files: u64, mailboxes: u64, messages: u64 },
     Error { temporary: bool, reason: String },
 }

@@ -110,6 +110,9 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Messages sent to the node per request (1 to 64): their round trips overlap.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
     },
     /// Write mailboxes out as Dovecot Maildirs (DIR/<user>/Maildir, with dovecot-uidlist:
     /// UIDs and UIDVALIDITY kept). Run again into the same DIR, it writes what is new.
@@ -434,7 +437,7 @@ async fn run(command: Command) -> Result<(), String> {
                 other => Err(format!("unexpected answer {other:?}")),
             }
         }
-        Command::Import { admin, user, from, password_file, ca_file, maildir, quiet } => {
+        Command::Import { admin, user, from, password_file, ca_file, maildir, quiet, batch } => {
             let addr = admin.addr()?;
             let done = tokio::task::spawn_blocking(move || {
                 use tandem_node::migrate::{Source, imap_source, maildir::MaildirSource};
@@ -447,7 +450,7 @@ async fn run(command: Command) -> Result<(), String> {
                     }
                     (None, None) => return Err("give --from imap[s]://user@host or --maildir DIR".to_string()),
                 };
-                let done = tandem_node::migrate::import(&mut source, &addr, &user, quiet);
+                let done = tandem_node::migrate::import(&mut source, &addr, &user, batch, quiet);
                 if let Source::Imap(s) = source {
                     s.logout();
                 }

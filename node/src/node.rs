@@ -199,6 +199,16 @@ enum Event {
 enum Answer {
     Admin(oneshot::Sender<AdminReply>),
     Client(oneshot::Sender<ClientReply>),
+    /// One request of an admin batch (`AdminRequest::ImportBatch`): the batch's number
+    /// and the request's place in it.
+    BatchPart(u64, usize),
+}
+
+/// An admin batch whose requests are in the core: answered once all are.
+struct Batch {
+    replies: Vec<Option<AdminReply>>,
+    left: usize,
+    reply: oneshot::Sender<AdminReply>,
 }
 
 struct Pending {
@@ -229,6 +239,8 @@ struct EventLoop {
     peers: Option<PeerDialer>,
     /// What `tandem backup` reads the store through (None in tests without a store).
     backup_reader: Option<crate::bodies::BodyReader>,
+    batches: BTreeMap<u64, Batch>,
+    next_batch: u64,
 }
 
 /// The servers this node dials (the lower id dials) and accepts, from the core's
@@ -455,6 +467,8 @@ impl EventLoop {
             undurable: std::collections::VecDeque::new(),
             peers: None,
             backup_reader: None,
+            batches: BTreeMap::new(),
+            next_batch: 1,
         }
     }
 
@@ -656,6 +670,10 @@ impl EventLoop {
                 self.start_backup(std::path::PathBuf::from(dir), reply);
                 return;
             }
+            AdminRequest::ImportBatch { requests } => {
+                self.start_batch(requests, reply);
+                return;
+            }
             other => other,
         };
         let members_asked = matches!(request, AdminRequest::Members);
@@ -732,6 +750,50 @@ impl EventLoop {
         AdminReply::Bodies { bodies }
     }
 
+    /// Every request of an import batch goes into the core at once, in order (so a
+    /// mailbox's master orders them as sent), and the batch is answered when all are.
+    fn start_batch(&mut self, requests: Vec<AdminRequest>, reply: oneshot::Sender<AdminReply>) {
+        if requests.len() > admin::BATCH_MAX || requests.iter().any(|r| !matches!(r, AdminRequest::Import { .. })) {
+            let reason = format!("a batch holds up to {} imports and nothing else", admin::BATCH_MAX);
+            let _ = reply.send(AdminReply::Error { temporary: false, reason });
+            return;
+        }
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        let mut replies = vec![None; requests.len()];
+        let mut inputs = Vec::new();
+        for (index, request) in requests.into_iter().enumerate() {
+            match to_client_request(request) {
+                Ok(Some(request)) => inputs.push((index, request)),
+                Ok(None) => {}
+                Err(reason) => replies[index] = Some(AdminReply::Error { temporary: false, reason }),
+            }
+        }
+        let left = inputs.len();
+        self.batches.insert(batch, Batch { replies, left, reply });
+        if left == 0 {
+            self.finish_batch(batch);
+            return;
+        }
+        for (index, request) in inputs {
+            let id = self.next_request;
+            self.next_request += 1;
+            let answer = Answer::BatchPart(batch, index);
+            self.pending.insert(id, Pending { reply: answer, started: TokioInstant::now(), write: true });
+            self.input(Input::Client { id, request });
+        }
+    }
+
+    fn finish_batch(&mut self, batch: u64) {
+        let Some(b) = self.batches.remove(&batch) else { return };
+        let results = b
+            .replies
+            .into_iter()
+            .map(|r| r.unwrap_or(AdminReply::Error { temporary: true, reason: "not answered".into() }))
+            .collect();
+        let _ = b.reply.send(AdminReply::Batch { results });
+    }
+
     /// `tandem backup`: the copy runs on a blocking thread; the loop goes on.
     fn start_backup(&self, dir: std::path::PathBuf, reply: oneshot::Sender<AdminReply>) {
         let Some(reader) = self.backup_reader.clone() else {
@@ -781,8 +843,26 @@ impl EventLoop {
                 return;
             }
             Answer::Admin(tx) => tx,
+            Answer::BatchPart(batch, index) => {
+                let answer = self.admin_answer(reply);
+                let Some(b) = self.batches.get_mut(&batch) else { return };
+                if let Some(slot) = b.replies.get_mut(index) {
+                    *slot = Some(answer);
+                }
+                b.left = b.left.saturating_sub(1);
+                if b.left == 0 {
+                    self.finish_batch(batch);
+                }
+                return;
+            }
         };
-        let answer = match reply {
+        let answer = self.admin_answer(reply);
+        let _ = reply_to.send(answer);
+    }
+
+    /// A core reply as the admin interface gives it.
+    fn admin_answer(&mut self, reply: ClientReply) -> AdminReply {
+        match reply {
             ClientReply::Read(view) | ClientReply::FreshRead { view, .. } => {
                 let stored = self.server.image().mailboxes.get(&view.mailbox);
                 let checksum =
@@ -826,8 +906,7 @@ impl EventLoop {
             }
             // The admin interface asks for whole views only.
             ClientReply::FreshStatus { status, .. } => AdminReply::Stored { modseq: status.highest_modseq },
-        };
-        let _ = reply_to.send(answer);
+        }
     }
 
     fn status(&self) -> admin::Status {
@@ -898,7 +977,10 @@ fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
 fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, String> {
     Ok(Some(match request {
         AdminRequest::Status | AdminRequest::Members => return Ok(None),
-        AdminRequest::Mailboxes { .. } | AdminRequest::Fetch { .. } | AdminRequest::Backup { .. } => {
+        AdminRequest::Mailboxes { .. }
+        | AdminRequest::Fetch { .. }
+        | AdminRequest::Backup { .. }
+        | AdminRequest::ImportBatch { .. } => {
             return Err("answered by the event loop".into());
         }
         AdminRequest::Import { mailbox, uidvalidity, uid, received, flags: f, body_base64 } => {

@@ -19,6 +19,9 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Encoded bytes per import batch (beside `admin::BATCH_MAX` messages).
+const BATCH_BYTES_MAX: u64 = 32 * 1024 * 1024;
+
 /// A mailbox of the source.
 #[derive(Clone, Debug)]
 pub struct SourceFolder {
@@ -160,7 +163,15 @@ impl Progress {
 }
 
 /// Imports every folder of `source` into `user`'s mailboxes through the node at `admin`.
-pub fn import(source: &mut Source, admin: &AdminAddr, user: &str, quiet: bool) -> Result<Imported, String> {
+/// `batch` messages go to the node per request (1 to `admin::BATCH_MAX`).
+pub fn import(
+    source: &mut Source,
+    admin: &AdminAddr,
+    user: &str,
+    batch: usize,
+    quiet: bool,
+) -> Result<Imported, String> {
+    let batch_max = batch.clamp(1, admin::BATCH_MAX);
     let mut admin = Admin::connect(admin)?;
     let mut progress = Progress { quiet, tty: std::io::stderr().is_terminal(), last: Instant::now() };
     let mut done = Imported::default();
@@ -197,8 +208,10 @@ pub fn import(source: &mut Source, admin: &AdminAddr, user: &str, quiet: bool) -
         for batch in metas.chunks(admin::FETCH_UIDS_MAX) {
             let uids: Vec<u32> = batch.iter().map(|m| m.uid).collect();
             let bodies: BTreeMap<u32, Vec<u8>> = source.bodies(&folder, &uids)?.into_iter().collect();
+            // What this chunk brings, sent in batches: the round trips overlap, and the
+            // master places them in the order sent.
+            let mut todo: Vec<(AdminRequest, Option<u32>, u64)> = Vec::new();
             for meta in batch {
-                handled += 1;
                 let Some(body) = bodies.get(&meta.uid) else {
                     // Expunged at the source meanwhile: nothing to bring.
                     continue;
@@ -213,7 +226,7 @@ pub fn import(source: &mut Source, admin: &AdminAddr, user: &str, quiet: bool) -
                     continue;
                 }
                 let at = (keep_uids && meta.uid >= uidnext).then_some(meta.uid);
-                let mut request = AdminRequest::Import {
+                let request = AdminRequest::Import {
                     mailbox: target.clone(),
                     uidvalidity: folder.uidvalidity,
                     uid: at,
@@ -221,28 +234,48 @@ pub fn import(source: &mut Source, admin: &AdminAddr, user: &str, quiet: bool) -
                     flags: meta.flags.clone(),
                     body_base64: base64::engine::general_purpose::STANDARD.encode(body),
                 };
-                let mut answer = admin.call(&request)?;
-                if at.is_some() && matches!(answer, AdminReply::Error { temporary: false, .. }) {
-                    // The UID was taken meanwhile (mail delivered into the target during
-                    // the import): the message goes in at a new UID instead.
-                    if let AdminRequest::Import { uid, .. } = &mut request {
-                        *uid = None;
-                    }
-                    answer = admin.call(&request)?;
+                todo.push((request, at, body.len() as u64));
+            }
+            handled += batch.len() - todo.len();
+            while !todo.is_empty() {
+                let mut take = 0;
+                let mut encoded = 0u64;
+                while take < todo.len() && take < batch_max && (take == 0 || encoded < BATCH_BYTES_MAX) {
+                    encoded += todo[take].2 * 4 / 3;
+                    take += 1;
                 }
-                match answer {
-                    AdminReply::Saved { uid, .. } => {
-                        if Some(uid) != at {
-                            done.renumbered += 1;
-                        }
-                        uidnext = uidnext.max(uid.saturating_add(1));
-                        done.messages += 1;
-                        done.bytes += body.len() as u64;
-                    }
-                    AdminReply::Error { reason, .. } => {
-                        return Err(format!("{target} UID {}: {reason} (run the import again to go on)", meta.uid));
-                    }
+                let part: Vec<(AdminRequest, Option<u32>, u64)> = todo.drain(..take).collect();
+                let requests = part.iter().map(|(r, _, _)| r.clone()).collect();
+                let results = match admin.call(&AdminRequest::ImportBatch { requests })? {
+                    AdminReply::Batch { results } if results.len() == part.len() => results,
+                    AdminReply::Error { reason, .. } => return Err(format!("{target}: {reason}")),
                     other => return Err(format!("{target}: unexpected answer {other:?}")),
+                };
+                for ((mut request, at, len), mut answer) in part.into_iter().zip(results) {
+                    if at.is_some() && matches!(answer, AdminReply::Error { temporary: false, .. }) {
+                        // The UID was taken meanwhile (mail delivered into the target
+                        // during the import): the message goes in at a new UID instead.
+                        if let AdminRequest::Import { uid, .. } = &mut request {
+                            *uid = None;
+                        }
+                        answer = admin.call(&request)?;
+                    }
+                    match answer {
+                        AdminReply::Saved { uid, .. } => {
+                            if Some(uid) != at {
+                                done.renumbered += 1;
+                            }
+                            uidnext = uidnext.max(uid.saturating_add(1));
+                            done.messages += 1;
+                            done.bytes += len;
+                        }
+                        AdminReply::Error { reason, .. } => {
+                            let uid = at.map_or_else(|| "a message".to_string(), |u| format!("UID {u}"));
+                            return Err(format!("{target} {uid}: {reason} (run the import again to go on)"));
+                        }
+                        other => return Err(format!("{target}: unexpected answer {other:?}")),
+                    }
+                    handled += 1;
                 }
                 progress.show(&target, handled, total, done.bytes, false);
             }
