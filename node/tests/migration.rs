@@ -306,7 +306,7 @@ fn a_backup_under_load_restored_on_a_fresh_node_directory_converges_with_nothing
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 i += 1;
                 // Every seventh body is large enough to live in a file of its own.
-                let filler = if i % 7 == 0 { 100_000 } else { (i % 50) as usize * 40 };
+                let filler = if i.is_multiple_of(7) { 100_000 } else { (i % 50) as usize * 40 };
                 let body =
                     format!("Subject: load {i}\r\nMessage-ID: <load{i}@example.net>\r\n\r\n{}\r\n", "x".repeat(filler));
                 let request = tandem_node::admin::AdminRequest::Deliver {
