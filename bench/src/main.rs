@@ -326,14 +326,16 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
 
 /// Sections other runs wrote (between their markers) are kept when the other
 /// benchmarks are rerun: `bench/imaptest --write`'s table, the "store" part's, and
-/// `bench/fetch-memory`'s.
+/// `bench/fetch-memory`'s, the NOOP part's and `bench/migrate --write`'s.
 fn keep_imaptest_section(path: &Path, md: String) -> String {
-    const MARKERS: [(&str, &str); 5] = [
+    const MARKERS: [(&str, &str); 7] = [
         ("<!-- imaptest:begin", "<!-- imaptest:end -->"),
         ("<!-- store:start -->", "<!-- store:end -->"),
         ("<!-- fetch:start -->", "<!-- fetch:end -->"),
         ("<!-- lmtp-tmpfs:start -->", "<!-- lmtp-tmpfs:end -->"),
         ("<!-- lmtp-disk:start -->", "<!-- lmtp-disk:end -->"),
+        ("<!-- noop:start -->", "<!-- noop:end -->"),
+        ("<!-- migrate:start -->", "<!-- migrate:end -->"),
     ];
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = md;
