@@ -31,10 +31,13 @@ pub enum Bug {
     /// A just-started server opens a root term at once, without waiting to hear its
     /// peers (no start-up hold).
     SkipStartupHold,
+    /// A CANCEL expunges the save even when a retry was answered with it (its client
+    /// was told it is stored).
+    CancelClaimedSaves,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 10] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -44,6 +47,7 @@ impl Bug {
         Bug::FreshReadWithoutBarrier,
         Bug::StoreRetriesTwice,
         Bug::SkipStartupHold,
+        Bug::CancelClaimedSaves,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Bug {
             Bug::FreshReadWithoutBarrier => "fresh-read-without-barrier",
             Bug::StoreRetriesTwice => "store-retries-twice",
             Bug::SkipStartupHold => "skip-startup-hold",
+            Bug::CancelClaimedSaves => "cancel-claimed-saves",
         }
     }
 

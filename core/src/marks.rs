@@ -40,6 +40,12 @@ pub enum Mark {
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
     ImportedAtUid,
+    /// A client's SAVE timed out where it was taken: a CANCEL went to the master.
+    SaveCancelSent,
+    /// A master expunged a save it ordered whose client was told it failed.
+    SaveCancelled,
+    /// A master kept a cancelled save: a retry was answered with it.
+    SaveCancelRefused,
     /// A fresh read was answered once this server's copy reached its master's position.
     FreshReadCaughtUp,
     /// A fresh read was answered from this server's copy without its master's position
@@ -65,7 +71,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 32] = [
+    pub const ALL: [Mark; 35] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -88,6 +94,9 @@ impl Mark {
         Mark::ValidityAdopted,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
+        Mark::SaveCancelSent,
+        Mark::SaveCancelled,
+        Mark::SaveCancelRefused,
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
         Mark::RetryRecognised,
@@ -124,6 +133,9 @@ impl Mark {
             Mark::ValidityAdopted => "validity_adopted",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
+            Mark::SaveCancelSent => "save_cancel_sent",
+            Mark::SaveCancelled => "save_cancelled",
+            Mark::SaveCancelRefused => "save_cancel_refused",
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
             Mark::RetryRecognised => "retry_recognised",

@@ -49,6 +49,10 @@ pub enum WriteRequest {
     },
     /// A migrated message at the UID it had elsewhere: see [`crate::ClientRequest::Import`].
     Import { mailbox: MailboxKey, guid: Guid, received: u64, flags: Vec<Flag>, body: Body, uidvalidity: u32, uid: Uid },
+    /// A SAVE whose client was told it failed (it timed out where it was taken): the
+    /// master expunges the message if it ordered it and told nobody it is stored (see
+    /// `server::cancels`).
+    Cancel { mailbox: MailboxKey, guid: Guid },
     /// IMAP CREATE and DELETE (the seed is silent; users expect them to replicate).
     Mailbox { mailbox: MailboxKey, action: MailboxAction },
     /// IMAP RENAME, ordered by the master of `from`: `to` gets every message of `from`
@@ -83,7 +87,9 @@ impl WriteRequest {
     /// The mailbox whose master must order this write.
     pub fn target(&self) -> &MailboxKey {
         match self {
-            WriteRequest::Save { mailbox, .. } | WriteRequest::Import { mailbox, .. } => mailbox,
+            WriteRequest::Save { mailbox, .. }
+            | WriteRequest::Import { mailbox, .. }
+            | WriteRequest::Cancel { mailbox, .. } => mailbox,
             WriteRequest::Copy { dst, .. } => dst,
             WriteRequest::Expunge { mailbox, .. } => mailbox,
             WriteRequest::Store { mailbox, .. } => mailbox,
@@ -336,6 +342,7 @@ impl Msg {
             Msg::Request { request, .. } => match request {
                 WriteRequest::Save { .. } => "SAVE",
                 WriteRequest::Import { .. } => "IMPORT",
+                WriteRequest::Cancel { .. } => "CANCEL",
                 WriteRequest::Copy { .. } => "COPY",
                 WriteRequest::Expunge { .. } => "EXPUNGE",
                 WriteRequest::Store { .. } => "STORE",

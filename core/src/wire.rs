@@ -948,7 +948,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             generation: r.u64()?,
             states: r.list(read_state)?,
         },
-        b"SAVE" | b"IMPORT" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER" => {
+        b"SAVE" | b"IMPORT" | b"CANCEL" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER" => {
             Msg::Request { tag: r.u64()?, request: read_request(r, name)? }
         }
         b"REPLY" => Msg::Reply {
@@ -1033,6 +1033,9 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Import { mailbox, guid, received, flags, body, uidvalidity, uid } => {
             w.mailbox(mailbox).guid(*guid).num(*received).flags(flags).num(*uidvalidity).num(*uid).body(body);
         }
+        WriteRequest::Cancel { mailbox, guid } => {
+            w.mailbox(mailbox).guid(*guid);
+        }
         WriteRequest::Copy { src, src_uid, guid, dst, received, flags } => {
             w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received).flags(flags);
         }
@@ -1110,6 +1113,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             uid: r.u32()?,
             body: r.body()?,
         },
+        b"CANCEL" => WriteRequest::Cancel { mailbox: r.mailbox()?, guid: r.guid()? },
         b"COPY" => WriteRequest::Copy {
             src: r.mailbox()?,
             src_uid: r.u32()?,
@@ -2244,7 +2248,9 @@ mod tests {
             tag: 3,
             request: WriteRequest::Mailbox { mailbox, action: MailboxAction::CreateWithValidity(v) },
         });
-        let msg = prop_oneof![save, import, create, store, change_save, sync, mbox, error, failed];
+        let cancel = (mailbox_key(), guid())
+            .prop_map(|(mailbox, guid)| Msg::Request { tag: 4, request: WriteRequest::Cancel { mailbox, guid } });
+        let msg = prop_oneof![save, import, create, cancel, store, change_save, sync, mbox, error, failed];
         (any::<u32>(), any::<u32>(), any::<u8>(), msg).prop_map(|(src, dst, hops, msg)| env(src, dst, hops, msg))
     }
 

@@ -628,7 +628,19 @@ impl Server {
                     }
                     self.requeue_jobs_for(&job.key);
                 }
-                JobKind::Write(_) => self.answer(job.origin, None, fail(FailKind::Temporary, reason), None),
+                JobKind::Write(request) => {
+                    let cancelled =
+                        matches!(job.origin, Origin::Client(_)) && matches!(request, WriteRequest::Save { .. });
+                    let reason = if cancelled {
+                        self.cancel_save(&request);
+                        format!(
+                            "{reason}; cancelled at the master, unless it cannot be reached or a retry of it was stored"
+                        )
+                    } else {
+                        reason.to_string()
+                    };
+                    self.answer(job.origin, None, fail(FailKind::Temporary, reason), None)
+                }
             }
         }
         debug_assert!(self.jobs.next_deadline().is_none_or(|at| at > now), "every expired job was answered");
@@ -706,9 +718,16 @@ impl Server {
                 match delivered {
                     Some((first_guid, first_uid)) => {
                         self.marks.hit(Mark::RetryRecognised);
+                        self.ordered_saves.claimed(first_guid);
                         self.resend_saved(&mailbox, first_guid, first_uid, Some(body), id)
                     }
-                    None => self.master_save(&mailbox, guid, received, &flags, Some(body), id, None),
+                    None => {
+                        let ordered = self.master_save(&mailbox, guid, received, &flags, Some(body), id, None);
+                        if matches!(ordered.result, WriteResult::Saved { guid: placed, .. } if placed == guid) {
+                            self.ordered_saves.ordered(guid, self.now);
+                        }
+                        ordered
+                    }
                 }
             }
             WriteRequest::Import { mailbox, guid, received, flags, body, uidvalidity, uid } => {
@@ -738,6 +757,7 @@ impl Server {
                 Ordered::unreplicated(fail(FailKind::Temporary, "the master does not have that message yet"))
             }
             WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, id),
+            WriteRequest::Cancel { mailbox, guid } => self.master_cancel(&mailbox, guid, id),
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
             WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
@@ -785,6 +805,25 @@ impl Server {
 
     fn has_live(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
         self.image.mailbox(mailbox).is_some_and(|m| m.messages.has_guid(guid))
+    }
+
+    /// CANCEL at the master: the message goes if this master ordered it and no retry
+    /// was answered with it (see the module comment).
+    fn master_cancel(&mut self, mailbox: &MailboxKey, guid: Guid, id: JobId) -> Ordered {
+        let live = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid);
+        let highest_modseq = self.image.mailbox(mailbox).map_or(0, |m| m.highest_modseq);
+        let kept = || Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: highest_modseq });
+        let Some(uid) = live else {
+            self.ordered_saves.take_cancellable(guid);
+            return kept();
+        };
+        let cancellable = self.ordered_saves.take_cancellable(guid);
+        if !cancellable && !self.has_bug(crate::Bug::CancelClaimedSaves) {
+            self.marks.hit(Mark::SaveCancelRefused);
+            return kept();
+        }
+        self.marks.hit(Mark::SaveCancelled);
+        self.master_expunge(mailbox, &[(uid, guid)], id)
     }
 
     /// A migrated message at the UID it had elsewhere (see `ClientRequest::Import`).

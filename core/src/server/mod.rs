@@ -4,6 +4,7 @@
 
 mod anti_entropy;
 mod body_fetch;
+mod cancels;
 mod fresh_reads;
 mod image;
 mod job_table;
@@ -88,6 +89,8 @@ pub struct Server {
     /// Stored bodies no record holds, with when that was first seen (see
     /// `collect_bodies`).
     unreferenced_since: BTreeMap<Guid, Instant>,
+    /// Saves ordered here as master, for cancels (see `cancels`).
+    ordered_saves: cancels::OrderedSaves,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -142,6 +145,7 @@ impl Server {
             member_servers: Vec::new(),
             leaving: None,
             unreferenced_since: BTreeMap::new(),
+            ordered_saves: Default::default(),
         };
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
@@ -584,6 +588,7 @@ impl Server {
         self.collect_bodies();
         self.collect_tombstones();
         self.finish_leaving();
+        self.forget_old_saves();
     }
 
     fn resend_handoffs(&mut self) {
