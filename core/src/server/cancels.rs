@@ -23,9 +23,11 @@ use std::collections::BTreeMap;
 
 /// Saves remembered at most; beyond it new ones are not cancellable.
 const ORDERED_SAVES_MAX: usize = 65_536;
-/// How long a save stays cancellable, in request timeouts (a cancel is sent one
-/// request timeout after the save at the latest, and travels the same way).
-const CANCEL_HORIZON_TIMEOUTS: u64 = 4;
+/// How long a save stays cancellable at its master, in request timeouts: its cancel is
+/// sent one request timeout after the save at the latest and keeps trying for
+/// [`CANCEL_TRIES_TIMEOUTS`] more (a short partition), travelling the same way.
+const CANCEL_HORIZON_TIMEOUTS: u64 = 5;
+const CANCEL_TRIES_TIMEOUTS: u64 = 3;
 
 /// Saves this server ordered as master, for deciding cancels.
 #[derive(Debug, Default)]
@@ -69,7 +71,8 @@ impl Server {
         if let WriteRequest::Save { mailbox, guid, .. } = request {
             self.marks.hit(Mark::SaveCancelSent);
             let cancel = WriteRequest::Cancel { mailbox: mailbox.clone(), guid: *guid };
-            self.submit_write(super::Origin::Internal, cancel);
+            let within_us = self.cfg.request_timeout_us.saturating_mul(CANCEL_TRIES_TIMEOUTS);
+            self.submit_write_within(super::Origin::Internal, cancel, within_us);
         }
     }
 

@@ -264,13 +264,18 @@ impl Server {
     }
 
     pub(crate) fn submit_write(&mut self, origin: Origin, request: WriteRequest) {
+        self.submit_write_within(origin, request, self.cfg.request_timeout_us);
+    }
+
+    /// `submit_write` with a deadline `within_us` from now.
+    pub(crate) fn submit_write_within(&mut self, origin: Origin, request: WriteRequest, within_us: u64) {
         let key = self.master_key(request.target());
         let job = Job {
             origin,
             kind: JobKind::Write(request),
             key,
             state: JobState::Queued,
-            deadline: self.now.plus_us(self.cfg.request_timeout_us),
+            deadline: self.now.plus_us(within_us),
         };
         self.start_job(job);
     }
