@@ -385,6 +385,16 @@ op = "reset"
 a = "s2"
 b = "s3"
 down_ms = 80
+[[event]]
+at_ms = 38
+op = "import"
+server = "s1"
+mailbox = "alice/Old"
+label = "i7"
+uidvalidity = 555
+uid = 7
+flags = ['\Seen']
+size = 300
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -468,10 +478,19 @@ down_ms = 80
         Action::MemberAdd { server: s1, member: s3 },
         Action::MemberRemove { server: s2, member: s1, lost: true },
         Action::Reset { a: s2, b: s3, down_ms: 80 },
+        Action::Import {
+            server: s1,
+            mailbox: mb("alice/Old"),
+            label: "i7".into(),
+            uidvalidity: 555,
+            uid: 7,
+            flags: vec![fl("\\Seen")],
+            size: 300,
+        },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=37).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=38).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
@@ -535,6 +554,10 @@ check = "count"
 mailbox = "alice/INBOX"
 count = 4
 [[expect]]
+check = "uidvalidity"
+mailbox = "alice/Old"
+uidvalidity = 555
+[[expect]]
 check = "renumbered"
 labels = ["m2", "m3"]
 [[expect]]
@@ -568,6 +591,7 @@ state = "leaving"
             Expect::Mark { name: "full_sync".into(), min: 3, max: None },
             Expect::ExactlyOneOk { events: vec!["a".into(), "b".into()] },
             Expect::Count { mailbox: mb("alice/INBOX"), count: 4 },
+            Expect::Validity { mailbox: mb("alice/Old"), uidvalidity: 555 },
             Expect::Renumbered { labels: vec!["m2".into(), "m3".into()] },
             Expect::Visible { mailbox: mb("alice/Archive"), visible: false },
             Expect::SpecialUse { mailbox: mb("alice/Sent"), special_use: SpecialUse(64) },
