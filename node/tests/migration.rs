@@ -126,7 +126,7 @@ fn cluster() -> (Cluster, Vec<SocketAddr>) {
     (cluster, imap)
 }
 
-fn tandem(args: &[&str]) -> std::process::Output {
+fn tandem<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().expect("tandem")
 }
 
@@ -230,12 +230,12 @@ fn import_from_dovecot_keeps_uids_and_flags_resumes_without_duplicates_and_expor
     let interrupted_at = stored(&c, 0);
     assert!(interrupted_at < total, "interrupted part way: {interrupted_at} of {total}");
     // Resumed through another node.
-    let out = tandem(&import_args(&admin_path(&c, 1)).iter().map(String::as_str).collect::<Vec<_>>());
+    let out = tandem(&import_args(&admin_path(&c, 1)));
     let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the resumed import failed: {said}");
     assert!(said.contains("0 at new UIDs"), "{said}");
     // And once more: nothing to do.
-    let out = tandem(&import_args(&admin_path(&c, 2)).iter().map(String::as_str).collect::<Vec<_>>());
+    let out = tandem(&import_args(&admin_path(&c, 2)));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.starts_with("imported 0 messages"), "a third run imported again: {said}");
 

@@ -54,7 +54,6 @@ impl OrderedSaves {
         if let Some(s) = self.saves.get_mut(&guid) {
             s.claimed = true;
         }
-        debug_assert!(self.saves.get(&guid).is_none_or(|s| s.claimed));
     }
     /// Whether the save may be cancelled now; it is forgotten either way.
     pub(crate) fn take_cancellable(&mut self, guid: Guid) -> bool {

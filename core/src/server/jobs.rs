@@ -817,15 +817,13 @@ impl Server {
     fn master_cancel(&mut self, mailbox: &MailboxKey, guid: Guid, id: JobId) -> Ordered {
         let live = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid);
         let highest_modseq = self.image.mailbox(mailbox).map_or(0, |m| m.highest_modseq);
-        let kept = || Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: highest_modseq });
-        let Some(uid) = live else {
-            self.ordered_saves.take_cancellable(guid);
-            return kept();
-        };
+        let kept = Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: highest_modseq });
+        // Forgotten either way: a save is cancelled at most once.
         let cancellable = self.ordered_saves.take_cancellable(guid);
+        let Some(uid) = live else { return kept };
         if !cancellable && !self.has_bug(crate::Bug::CancelClaimedSaves) {
             self.marks.hit(Mark::SaveCancelRefused);
-            return kept();
+            return kept;
         }
         self.marks.hit(Mark::SaveCancelled);
         self.master_expunge(mailbox, &[(uid, guid)], id)
