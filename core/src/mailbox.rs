@@ -562,6 +562,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
         let uncollected = without_collected(merge.m, foreign);
         merge.take_tombstones(&uncollected.tombstones);
         expunge_everywhere(merge.m, &uncollected.tombstones, &mut merge.out);
+    } else {
+        merge.take_other_incarnation_expunges();
     }
     // Where each of their messages is live here (its latest binding) once their
     // tombstones are in, as before any record is placed: an index lookup per record, not
@@ -619,6 +621,34 @@ impl MasterMerge<'_> {
                 self.movers.insert((ours.uid, ours.guid), ours.clone());
             }
             add_tombstone(self.m, *t, &mut self.out);
+        }
+    }
+
+    /// Their copy is another incarnation of this mailbox (another UIDVALIDITY): its UIDs
+    /// mean nothing here, but its expunges do. A message is one GUID in a mailbox, so an
+    /// expunge there kills the message here, at whatever UID it came in under (a record
+    /// of theirs merged earlier moved in at a new UID). One we have not seen yet gets an
+    /// expunged tombstone at a fresh UID, so that no later copy of their incarnation (a
+    /// replica's full state, a log entry) brings it in: the tombstone is what makes a
+    /// replica of theirs adoptable without the message.
+    fn take_other_incarnation_expunges(&mut self) {
+        debug_assert!(!self.same_validity);
+        let (modseq, foreign) = (self.modseq, self.foreign);
+        for t in foreign.tombstones.iter().filter(|t| t.expunged) {
+            if self.ours_dead.contains(&t.guid) {
+                continue;
+            }
+            let live: Vec<Uid> = self.m.messages.uids_of(t.guid).collect();
+            if live.is_empty() {
+                let uid = self.m.uidnext;
+                add_tombstone(self.m, Tombstone { uid, guid: t.guid, modseq, expunged: true }, &mut self.out);
+                debug_assert!(self.m.uidnext > uid, "a tombstone at UIDNEXT raises UIDNEXT");
+            }
+            for uid in live {
+                add_tombstone(self.m, Tombstone { uid, guid: t.guid, modseq, expunged: true }, &mut self.out);
+            }
+            debug_assert!(!self.m.messages.has_guid(t.guid), "a message expunged in the other incarnation is live");
+            self.ours_dead.insert(t.guid);
         }
     }
 
@@ -894,6 +924,47 @@ mod tests {
         let out = merge_as_master(&mut master, &st(&other), &MergeRules::default());
         assert!(out.tombstone_conflict);
         assert_eq!(master.messages.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn an_expunge_in_another_incarnation_kills_the_message_that_moved_in() {
+        // Explore seed 67714: theirs saved 20 at UID 1 and later expunged it, under
+        // another UIDVALIDITY; their R-SAVE moved 20 in here first.
+        let mut master = mbox(vec![rec(39, 10, &[])]);
+        master.uidvalidity = 7;
+        let saved = mbox(vec![rec(1, 20, &[])]);
+        let out = merge_as_master(&mut master, &st(&saved), &MergeRules::default());
+        assert_eq!(out.renumbered, 1);
+        assert!(master.messages.has_guid(Guid(20)));
+        let mut expunged = mbox(vec![]);
+        expunged.uidnext = 2;
+        expunged.tombstones.insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true });
+        merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
+        assert!(!master.messages.has_guid(Guid(20)), "the expunge in the other incarnation is ignored");
+        assert!(master.messages.has_guid(Guid(10)));
+        // Their earlier state (20 live) arriving again does not bring it back.
+        merge_as_master(&mut master, &st(&saved), &MergeRules::default());
+        assert!(!master.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn an_unseen_expunge_in_another_incarnation_is_remembered_at_a_fresh_uid() {
+        let mut master = mbox(vec![rec(39, 10, &[])]);
+        master.uidvalidity = 7;
+        let mut expunged = mbox(vec![]);
+        expunged.uidnext = 2;
+        expunged.tombstones.insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true });
+        merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
+        assert!(master.tombstones.get(&(40, Guid(20))).is_some_and(|t| t.expunged));
+        assert_eq!(master.uidnext, 41);
+        // A replica of theirs that still holds 20 live can now take the master's copy.
+        let mut replica = mbox(vec![rec(1, 20, &[])]);
+        let out = merge_as_replica(&mut replica, &st(&master), &MergeRules { from_master: true, ..Default::default() });
+        assert!(!out.unresolved && out.new_validity);
+        assert!(!replica.messages.has_guid(Guid(20)));
+        // And the master, given that replica's old state, still does not take 20.
+        merge_as_master(&mut master, &st(&mbox(vec![rec(1, 20, &[])])), &MergeRules::default());
+        assert!(!master.messages.has_guid(Guid(20)));
     }
 
     #[test]
