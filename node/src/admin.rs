@@ -103,6 +103,33 @@ pub const BATCH_MAX: usize = 64;
 /// Bodies per [`AdminRequest::Fetch`].
 pub const FETCH_UIDS_MAX: usize = 256;
 
+/// Bytes of bodies per [`AdminRequest::Fetch`] (their stored sizes summed), unless it
+/// asks for one UID: what one answer holds in the node's memory, twice (the bytes and
+/// their base64).
+pub const FETCH_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Splits `uids` (with their sizes) into fetches within [`FETCH_UIDS_MAX`] and
+/// [`FETCH_BYTES_MAX`], in order; a message larger than the byte budget goes alone.
+pub fn fetch_batches(sized: &[(u32, u64)]) -> Vec<Vec<u32>> {
+    let mut batches: Vec<Vec<u32>> = Vec::new();
+    let mut bytes = 0u64;
+    for &(uid, size) in sized {
+        let fits = batches
+            .last()
+            .is_some_and(|last| last.len() < FETCH_UIDS_MAX && bytes.saturating_add(size) <= FETCH_BYTES_MAX);
+        if fits {
+            bytes = bytes.saturating_add(size);
+            if let Some(last) = batches.last_mut() {
+                last.push(uid);
+            }
+        } else {
+            bytes = size;
+            batches.push(vec![uid]);
+        }
+    }
+    batches
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MailboxLine {
     pub mailbox: String,
@@ -350,6 +377,18 @@ pub fn parse_mailbox(text: &str) -> Result<tandem_core::MailboxKey, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fetches_stay_within_their_count_and_byte_budgets() {
+        let mib = 1024 * 1024;
+        let sized = [(1, 30 * mib), (2, 30 * mib), (3, 30 * mib), (4, 100 * mib), (5, 1), (6, 1)];
+        assert_eq!(fetch_batches(&sized), vec![vec![1, 2], vec![3], vec![4], vec![5, 6]]);
+        let many: Vec<(u32, u64)> = (1..=600).map(|uid| (uid, 10)).collect();
+        let batches = fetch_batches(&many);
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![256, 256, 88]);
+        assert_eq!(batches.concat(), (1..=600).collect::<Vec<_>>(), "every UID once, in order");
+        assert!(fetch_batches(&[]).is_empty());
+    }
 
     #[test]
     fn http_is_recognised_and_tokens_compare() {

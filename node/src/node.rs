@@ -239,6 +239,9 @@ struct EventLoop {
     peers: Option<PeerDialer>,
     /// What `tandem backup` reads the store through (None in tests without a store).
     backup_reader: Option<crate::bodies::BodyReader>,
+    /// How admin fetches read bodies off the loop, as the front ends do (None in tests
+    /// without a store: those read through the core).
+    body_reads: Option<NodeHandle>,
     batches: BTreeMap<u64, Batch>,
     next_batch: u64,
 }
@@ -425,6 +428,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let mut node = EventLoop::new(server, store_tx);
     node.peers = Some(dialer);
     node.backup_reader = Some(backup_reader);
+    node.body_reads = Some(handle.clone());
     node.drain();
     tokio::pin!(shutdown);
     loop {
@@ -467,6 +471,7 @@ impl EventLoop {
             undurable: std::collections::VecDeque::new(),
             peers: None,
             backup_reader: None,
+            body_reads: None,
             batches: BTreeMap::new(),
             next_batch: 1,
         }
@@ -663,7 +668,7 @@ impl EventLoop {
                 return;
             }
             AdminRequest::Fetch { mailbox, uids } => {
-                let _ = reply.send(self.fetch_bodies(&mailbox, &uids));
+                self.fetch_bodies(&mailbox, &uids, reply);
                 return;
             }
             AdminRequest::Backup { dir } => {
@@ -719,35 +724,59 @@ impl EventLoop {
             .collect()
     }
 
-    /// The bodies of `uids` in `mailbox` that this node holds intact.
-    fn fetch_bodies(&self, mailbox: &str, uids: &[u32]) -> AdminReply {
+    /// Answers with the bodies of `uids` in `mailbox` that this node holds intact. The
+    /// event loop only looks the GUIDs up: the bytes are read (and encoded) off it, the
+    /// way an IMAP FETCH reads them, so that an export of a large mailbox does not stall
+    /// the loop that answers peers and clients.
+    fn fetch_bodies(&self, mailbox: &str, uids: &[u32], reply: oneshot::Sender<AdminReply>) {
         use base64::Engine;
         if uids.len() > admin::FETCH_UIDS_MAX {
             let reason = format!("at most {} UIDs per fetch", admin::FETCH_UIDS_MAX);
-            return AdminReply::Error { temporary: false, reason };
+            let _ = reply.send(AdminReply::Error { temporary: false, reason });
+            return;
         }
         let key = match admin::parse_mailbox(mailbox) {
             Ok(key) => key,
-            Err(reason) => return AdminReply::Error { temporary: false, reason },
+            Err(reason) => {
+                let _ = reply.send(AdminReply::Error { temporary: false, reason });
+                return;
+            }
         };
         let Some(m) = self.server.image().mailboxes.get(&key) else {
-            return AdminReply::Error { temporary: false, reason: format!("no mailbox {key}") };
+            let _ = reply.send(AdminReply::Error { temporary: false, reason: format!("no mailbox {key}") });
+            return;
         };
-        let mut bodies = Vec::new();
-        for uid in uids {
-            let Some(record) = m.messages.get(uid) else { continue };
-            match self.server.checked_body(record.guid) {
-                Ok(Some(bytes)) => bodies.push(admin::FetchedBody {
-                    uid: *uid,
-                    body_base64: base64::engine::general_purpose::STANDARD.encode(&bytes),
-                }),
-                _ => {
-                    let reason = format!("the body of UID {uid} is not here yet (being fetched or repaired)");
-                    return AdminReply::Error { temporary: true, reason };
-                }
-            }
+        let wanted: Vec<(u32, Guid)> =
+            uids.iter().filter_map(|uid| m.messages.get(uid).map(|record| (*uid, record.guid))).collect();
+        let bytes: u64 = uids.iter().filter_map(|uid| m.messages.get(uid)).map(|r| u64::from(r.size)).sum();
+        if wanted.len() > 1 && bytes > admin::FETCH_BYTES_MAX {
+            let reason = format!(
+                "{bytes} bytes of bodies asked for at once: at most {} per fetch (or one message)",
+                admin::FETCH_BYTES_MAX
+            );
+            let _ = reply.send(AdminReply::Error { temporary: false, reason });
+            return;
         }
-        AdminReply::Bodies { bodies }
+        let Some(handle) = self.body_reads.clone() else {
+            let _ = reply.send(AdminReply::Error { temporary: false, reason: "this node has no store".into() });
+            return;
+        };
+        tokio::spawn(async move {
+            let found = handle.bodies(wanted.iter().map(|(_, guid)| *guid).collect()).await;
+            let mut bodies = Vec::with_capacity(wanted.len());
+            for (uid, guid) in wanted {
+                let Some(bytes) = found.get(&guid) else {
+                    let reason = format!("the body of UID {uid} is not here yet (being fetched or repaired)");
+                    let _ = reply.send(AdminReply::Error { temporary: true, reason });
+                    return;
+                };
+                bodies.push(admin::FetchedBody {
+                    uid,
+                    body_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+                });
+            }
+            let _ = reply.send(AdminReply::Bodies { bodies });
+        });
     }
 
     /// Every request of an import batch goes into the core at once, in order (so a

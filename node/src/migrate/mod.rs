@@ -319,8 +319,10 @@ pub fn export(admin: &AdminAddr, user: Option<&str>, dir: &Path, quiet: bool) ->
         let todo: Vec<&admin::MessageLine> = dump.messages.iter().filter(|m| !writer.has(m.uid)).collect();
         let total = dump.messages.len();
         let mut written = total - todo.len();
-        for batch in todo.chunks(admin::FETCH_UIDS_MAX) {
-            let uids: Vec<u32> = batch.iter().map(|m| m.uid).collect();
+        let sized: Vec<(u32, u64)> = todo.iter().map(|m| (m.uid, u64::from(m.size))).collect();
+        let by_uid: BTreeMap<u32, &admin::MessageLine> = todo.iter().map(|m| (m.uid, *m)).collect();
+        for uids in admin::fetch_batches(&sized) {
+            let batch: Vec<&admin::MessageLine> = uids.iter().filter_map(|uid| by_uid.get(uid).copied()).collect();
             let bodies = match admin.call(&AdminRequest::Fetch { mailbox: line.mailbox.clone(), uids })? {
                 AdminReply::Bodies { bodies } => bodies,
                 AdminReply::Error { reason, .. } => return Err(format!("{}: {reason}", line.mailbox)),
