@@ -199,6 +199,8 @@ impl Gen {
             highest_modseq: m.highest_modseq,
             messages: m.messages.values().cloned().collect(),
             tombstones: m.tombstones.values().copied().collect(),
+            lifecycle: m.lifecycle,
+            retired: m.retired.clone(),
         };
         let envelope = Envelope { src: S2, dst: S1, hops: 0, msg: Msg::Sync { reply: false, state } };
         let mut chunk = vec![op::RAW_S2];
@@ -398,13 +400,15 @@ fn wire_seeds(dir: &Path) {
         highest_modseq: 9,
         messages: vec![record.clone()],
         tombstones: vec![Tombstone { uid: 2, guid: Guid(2), modseq: 8, expunged: true }],
+        lifecycle: Default::default(),
+        retired: Default::default(),
     };
     let mk = MasterKey::Mailbox(inbox.clone());
     let streams: Vec<(&str, Vec<Envelope>)> = vec![
         (
             "routing",
             vec![
-                env(2, 1, Msg::LinkState { origin: S2, seq: 3, neighbors: vec![S1, S3] }),
+                env(2, 1, Msg::LinkState { origin: S2, seq: 3, epoch: 1, neighbors: vec![S1, S3] }),
                 env(1, 2, Msg::Root { epoch: 5, root: S1 }),
                 env(2, 1, Msg::Dropped { epoch: 5 }),
                 env(
@@ -580,7 +584,7 @@ fn wire_seeds(dir: &Path) {
                     },
                 ),
                 env(1, 2, Msg::Change { seq: 5, change: Change::Merge { state: state.clone() } }),
-                env(2, 1, Msg::Ack { seqs: vec![1, 2, 3, 4, 5] }),
+                env(2, 1, Msg::Ack { seqs: vec![1, 2, 3, 4, 5], refused: Vec::new() }),
             ],
         ),
         (

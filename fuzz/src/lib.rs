@@ -466,6 +466,14 @@ impl Harness {
                         WriteResult::Saved { uidvalidity: mailbox.initial_uidvalidity(), uid, guid },
                         (v & 4 == 0).then(|| record(guid, received, &flags, Some(&body))),
                     ),
+                    (_, WriteRequest::Import { guid, received, flags, body, uidvalidity, uid: at, .. }) => (
+                        WriteResult::Saved { uidvalidity, uid: at, guid },
+                        (v & 4 == 0).then(|| MessageRecord { uid: at, ..record(guid, received, &flags, Some(&body)) }),
+                    ),
+                    (_, WriteRequest::Cancel { .. }) => (
+                        WriteResult::Expunged { uids: if v & 4 == 0 { vec![uid] } else { Vec::new() }, modseq: 5 },
+                        None,
+                    ),
                     (_, WriteRequest::Copy { dst, guid, received, flags, .. }) => (
                         WriteResult::Copied { uidvalidity: dst.initial_uidvalidity(), uid, guid },
                         (v & 4 == 0).then(|| record(guid, received, &flags, self.bodies.get(&guid))),
@@ -509,7 +517,12 @@ impl Harness {
             }
             Msg::Fetch { guid } if v % 8 == 7 => Msg::NoBody { guid },
             Msg::Fetch { guid } => {
-                let body = self.bodies.get(&guid).cloned().filter(|_| v % 4 != 3).unwrap_or_else(|| Body::from_static(b"junk"));
+                let body = self
+                    .bodies
+                    .get(&guid)
+                    .cloned()
+                    .filter(|_| v % 4 != 3)
+                    .unwrap_or_else(|| Body::from_static(b"junk"));
                 let checksum = hash::body_checksum(&body);
                 Msg::Body { guid, checksum, body }
             }
