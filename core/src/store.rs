@@ -342,6 +342,12 @@ pub struct MemoryBodies {
 }
 
 impl MemoryBodies {
+    /// A store holding the same bodies that shares nothing with this one (a clone
+    /// shares the store).
+    pub fn deep_copy(&self) -> MemoryBodies {
+        let bodies = self.locked().clone();
+        MemoryBodies { bodies: std::sync::Arc::new(std::sync::Mutex::new(bodies)) }
+    }
     fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, (Body, u64)>> {
         // A panic elsewhere while holding the lock leaves the map itself whole.
         self.bodies.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -56,7 +56,7 @@ const TRACE_TAIL_MAX: usize = 400;
 /// Hard cap on simulated events, so a livelock ends as a failure instead of a hang.
 const STEPS_MAX: u64 = 50_000_000;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Ev {
     Deliver {
         from: Sid,
@@ -141,6 +141,7 @@ impl Hasher for GuidHasher {
 }
 
 /// An event in the queue, ordered by time and then by `id` (scheduling order).
+#[derive(Clone)]
 struct Queued {
     at: Instant,
     id: u64,
@@ -183,6 +184,26 @@ struct Node {
     timer_at: Option<Instant>,
 }
 
+/// A copy of a node that shares nothing with it: its own body store, and its server
+/// forked to read from that (see `World::fork`).
+impl Clone for Node {
+    fn clone(&self) -> Node {
+        let bodies = self.bodies.deep_copy();
+        Node {
+            server: self.server.as_ref().map(|s| s.fork(Box::new(bodies.clone()))),
+            disk: self.disk.clone(),
+            bodies,
+            pending: self.pending.clone(),
+            replayed: self.replayed.clone(),
+            fsync_in_flight: self.fsync_in_flight,
+            incarnation: self.incarnation,
+            lost: self.lost,
+            timer_at: self.timer_at,
+        }
+    }
+}
+
+#[derive(Clone)]
 struct Link {
     up: bool,
     latency_us: (u64, u64),
@@ -201,6 +222,7 @@ struct Link {
 }
 
 /// A client request waiting for its answer.
+#[derive(Clone)]
 struct Outstanding {
     server: Sid,
     incarnation: u64,
@@ -245,6 +267,9 @@ impl Outstanding {
     }
 }
 
+/// Cloning a world forks it: the copy shares nothing with it (servers, body stores,
+/// queue, oracle), and both go on alike on the same choices.
+#[derive(Clone)]
 pub struct World {
     scenario: Scenario,
     opts: RunOptions,
@@ -454,12 +479,20 @@ impl World {
 
     /// Runs the scenario to the end and reports.
     pub fn run(mut self) -> RunReport {
+        let Some(end_of_events) = self.start() else { return self.report(None) };
+        self.run_until(end_of_events);
+        self.settle_and_report()
+    }
+
+    /// Starts the servers and schedules the scenario's events; returns when the last of
+    /// them is done, or None when the scenario cannot run (the failure is recorded).
+    pub fn start(&mut self) -> Option<Instant> {
         for &sid in &self.scenario.cluster.servers.clone() {
             self.start_server(sid, false);
         }
         if let Some(e) = self.config_error.take() {
             self.failures.push(e);
-            return self.report(None);
+            return None;
         }
         let events = self.scenario.events.clone();
         let mut last_ms = 0;
@@ -470,8 +503,12 @@ impl World {
             }
             self.schedule(Instant::from_millis(e.at_ms), Ev::Action { action: e.action.clone(), event: Some(i) });
         }
-        let end_of_events = Instant::from_millis(last_ms + 10);
-        self.run_until(end_of_events);
+        Some(Instant::from_millis(last_ms + 10))
+    }
+
+    /// The end of a run: faults heal (where the scenario says so), clients stop, the
+    /// cluster must converge within `settle_ms`, and the oracle checks the stores.
+    pub fn settle_and_report(mut self) -> RunReport {
         if self.scenario.heal_at_end {
             self.schedule(self.now, Ev::Heal { end: true });
         }
@@ -864,7 +901,18 @@ impl World {
         self.schedule(at, Ev::Deliver { from, to, generation, envelope });
     }
 
-    fn run_until(&mut self, end: Instant) {
+    /// Each running server's protocol state digest (see `Server::state_digest`).
+    pub fn server_digests(&self) -> Vec<(Sid, u64)> {
+        self.nodes.iter().filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.state_digest()))).collect()
+    }
+
+    /// The simulated time now.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Runs every event scheduled up to `end`, in time order.
+    pub fn run_until(&mut self, end: Instant) {
         while let Some(Reverse(Queued { at, .. })) = self.queue.peek() {
             let at = *at;
             if at > end || !self.failures.is_empty() {

@@ -35,7 +35,7 @@ pub struct CommonPoint {
     pub deltas_left: u8,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct AntiEntropy {
     checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
     /// Kept across link changes (that is when it pays); lost on restart, then SYNC is

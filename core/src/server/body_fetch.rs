@@ -34,7 +34,7 @@ pub struct BodyCensus {
     pub denied: BTreeSet<Sid>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct BodyFetch {
     wanted: BTreeMap<Guid, WantedBody>,
     /// FETCHes sent and not yet answered, with when we stop waiting: at most

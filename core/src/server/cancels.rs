@@ -30,7 +30,7 @@ const CANCEL_HORIZON_TIMEOUTS: u64 = 5;
 const CANCEL_TRIES_TIMEOUTS: u64 = 3;
 
 /// Saves this server ordered as master, for deciding cancels.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct OrderedSaves {
     saves: BTreeMap<Guid, OrderedSave>,
 }

@@ -62,7 +62,7 @@ pub(crate) enum Step {
     Compare { mailbox: MailboxKey },
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct FreshReads {
     /// In arrival order; at most one per client request in progress, so bounded by the
     /// driver's requests (and `Config::pending_max` through the jobs that led here).

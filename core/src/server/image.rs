@@ -98,6 +98,35 @@ pub(crate) struct ScrubFindings {
 }
 
 impl Image {
+    /// This image with its caches, reading bodies from `bodies` (which must hold what
+    /// ours holds): for a model checker that explores two futures of one state.
+    pub(crate) fn fork(&self, bodies: Box<dyn BodyStore>) -> Image {
+        Image {
+            disk: self.disk.clone(),
+            bodies,
+            unsynced: self.unsynced.clone(),
+            undo: self.undo.clone(),
+            live_refs: self.live_refs.clone(),
+            unreferenced: self.unreferenced.clone(),
+            logged: self.logged.clone(),
+            digests: self.digests.clone(),
+            body_verdicts: self.body_verdicts.clone(),
+            scrub_suspects: self.scrub_suspects.clone(),
+            scrub_rescan: self.scrub_rescan,
+            scrub_cursor: self.scrub_cursor,
+        }
+    }
+
+    /// Writes what the image holds that is not derived from the rest (the durable image
+    /// and the writes not yet durable), leaving out the caches.
+    pub(crate) fn describe_state(&self, into: &mut impl std::fmt::Write) -> std::fmt::Result {
+        write!(into, "{:?}|{:?}|", self.disk, self.undo)?;
+        for (guid, (id, body)) in &self.unsynced {
+            write!(into, "{guid:?}@{id:?}:{}:{:016x};", body.len(), crate::hash::body_checksum(body))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn new(disk: DiskImage, bodies: Box<dyn BodyStore>) -> Image {
         let live_refs = count_live_refs(&disk);
         // Bodies no message holds (left by an earlier run) are collected too.

@@ -6,7 +6,7 @@ use crate::types::*;
 use crate::{WriteId, WriteResult};
 use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct JobTable {
     /// The last number handed out (see `unique_number`).
     next_number: u64,

@@ -9,7 +9,7 @@ use crate::io::WriteId;
 use crate::types::{Instant, Sid};
 use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct LogProgress {
     /// When each (peer, seq) entry was last sent.
     sent_at: BTreeMap<(Sid, u64), Instant>,

@@ -44,7 +44,7 @@ pub struct Handoff {
     pub states: Vec<MailboxState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Masters {
     mastered: BTreeMap<MasterKey, Mastership>,
     cache: BTreeMap<MasterKey, Sid>,

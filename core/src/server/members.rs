@@ -26,7 +26,7 @@ use crate::types::*;
 use std::collections::BTreeSet;
 
 /// A leaving server's progress towards retiring itself.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Leaving {
     /// Mailboxes held when leaving began that no active server has shown equal since.
     unconfirmed: BTreeSet<MailboxKey>,

@@ -166,6 +166,74 @@ impl Server {
         server
     }
 
+    /// This server in the same state, reading bodies from `bodies`, which must hold
+    /// what the driver's store for this server holds now (a copy of it, so that the two
+    /// futures do not share writes): for a model checker that explores every next input
+    /// from one state. The two go on independently and, given the same inputs, alike.
+    pub fn fork(&self, bodies: Box<dyn BodyStore>) -> Server {
+        Server {
+            cfg: self.cfg.clone(),
+            now: self.now,
+            rng: self.rng.clone(),
+            marks: self.marks.clone(),
+            image: self.image.fork(bodies),
+            out: self.out.clone(),
+            routing: self.routing.clone(),
+            root_role: self.root_role.clone(),
+            masters: self.masters.clone(),
+            jobs: self.jobs.clone(),
+            log_progress: self.log_progress.clone(),
+            anti_entropy: self.anti_entropy.clone(),
+            body_fetch: self.body_fetch.clone(),
+            timers: self.timers.clone(),
+            notes: self.notes.clone(),
+            startup: self.startup,
+            fresh_reads: self.fresh_reads.clone(),
+            members: self.members.clone(),
+            member_servers: self.member_servers.clone(),
+            leaving: self.leaving.clone(),
+            unreferenced_since: self.unreferenced_since.clone(),
+            ordered_saves: self.ordered_saves.clone(),
+        }
+    }
+
+    /// A hash of the protocol state: everything that decides what this server does next
+    /// (its store, roles, requests in progress, logs, deadlines, random generator),
+    /// without the caches (digests, reference counts, scrub verdicts), the coverage
+    /// marks, the notes and outputs not yet taken. Two servers with the same digest
+    /// behave alike from here on the same inputs; a model checker explores a state
+    /// reached twice once.
+    pub fn state_digest(&self) -> u64 {
+        let mut h = crate::hash::Fnv64::default();
+        let _ = self.describe_state(&mut h);
+        h.0
+    }
+
+    fn describe_state(&self, h: &mut crate::hash::Fnv64) -> std::fmt::Result {
+        use std::fmt::Write;
+        write!(h, "{:?}|{:?}|{:?}|", self.cfg.sid, self.now, self.rng.get_word_pos())?;
+        self.image.describe_state(h)?;
+        write!(
+            h,
+            "|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.routing,
+            self.root_role,
+            self.masters,
+            self.jobs,
+            self.log_progress,
+            self.anti_entropy,
+            self.body_fetch,
+            self.timers,
+            self.startup,
+            self.fresh_reads,
+            self.members,
+            self.member_servers,
+            self.leaving,
+            self.unreferenced_since,
+            self.ordered_saves,
+        )
+    }
+
     pub fn sid(&self) -> Sid {
         self.cfg.sid
     }

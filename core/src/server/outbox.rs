@@ -9,7 +9,7 @@ use crate::store::StoreWrite;
 use crate::types::Sid;
 use std::collections::VecDeque;
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Outbox {
     outputs: VecDeque<Output>,
     last_write: WriteId,

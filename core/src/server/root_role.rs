@@ -62,7 +62,7 @@ pub struct RootState {
 /// A term that became active: its members, and the lookups held until then.
 pub(crate) type Activation = (BTreeSet<Sid>, Vec<(Sid, MasterKey)>);
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct RootRole {
     me: Sid,
     term: Term,

@@ -29,7 +29,7 @@ pub(crate) struct ReachabilityChange {
     pub(crate) lost: Vec<Sid>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct RouteTable {
     me: Sid,
     /// The members (see `membership`): routes use no one else.

@@ -40,7 +40,7 @@ impl Timer {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct TimerTable {
     deadlines: [Option<Instant>; Timer::ALL.len()],
 }
