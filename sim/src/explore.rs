@@ -296,6 +296,7 @@ pub fn generate(seed: u64) -> Scenario {
         expects: vec![Expect::Invariants],
         settle_ms: 30_000,
         heal_at_end: true,
+        schedule: Vec::new(),
     }
 }
 

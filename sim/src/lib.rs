@@ -2,6 +2,7 @@
 //! runner and its invariant oracle.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod explore;
 pub mod oracle;
 pub mod scenario;

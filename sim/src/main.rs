@@ -59,6 +59,28 @@ enum Command {
         #[arg(long, value_parser = parse_bug)]
         bug: Option<Bug>,
     },
+    /// Explore every order of events for a small cluster (breadth first, each state
+    /// once) and check the invariants in every state; the first violation is written as
+    /// a scenario file with the schedule that reaches it in the fewest steps.
+    Check {
+        #[arg(long, default_value_t = 2)]
+        servers: usize,
+        #[arg(long, default_value_t = 2)]
+        ops: usize,
+        #[arg(long, default_value_t = 0)]
+        faults: usize,
+        /// Steps explored from the start at most.
+        #[arg(long, default_value_t = 40)]
+        depth: usize,
+        /// States explored at most.
+        #[arg(long, default_value_t = 20_000)]
+        states: u64,
+        #[arg(long, value_parser = parse_bug)]
+        bug: Option<Bug>,
+        /// Where to write a counterexample.
+        #[arg(long, default_value = "check-failures")]
+        out: PathBuf,
+    },
     /// Shrink a failing explore seed to a minimal scenario file.
     Shrink {
         #[arg(long)]
@@ -154,6 +176,43 @@ fn main() -> ExitCode {
                 }
             }
             if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Command::Check { servers, ops, faults, depth, states, bug, out } => {
+            let opts =
+                tandem_sim::check::CheckOptions { servers, ops, faults, depth_max: depth, states_max: states, bug };
+            let report = match tandem_sim::check::check(&opts) {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("tandem-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            tandem_sim::say!(
+                "check: {servers} servers, {ops} ops, {faults} faults{}: {} states, {} ends checked, depth {} (bound {depth}), {:.1} s, {}",
+                bug.map(|b| format!(", bug {}", b.name())).unwrap_or_default(),
+                report.states,
+                report.ends_checked,
+                report.depth_reached,
+                report.elapsed_s,
+                if report.exhausted { "every state within the bound" } else { "stopped at the state bound" }
+            );
+            let Some((why, s)) = report.violation else { return ExitCode::SUCCESS };
+            let path = out.join(format!("{}.toml", s.name));
+            let header = format!(
+                "Found by `tandem-sim check --servers {servers} --ops {ops} --faults {faults}{}` in {} steps.\n{why}",
+                bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
+                s.schedule.len().saturating_sub(1)
+            );
+            let written = std::fs::create_dir_all(&out).and_then(|_| std::fs::write(&path, to_toml(&s, &header)));
+            match written {
+                Ok(()) => tandem_sim::say!(
+                    "violation: {why}\ncounterexample ({} steps): {}",
+                    s.schedule.len().saturating_sub(1),
+                    path.display()
+                ),
+                Err(e) => eprintln!("tandem-sim: violation: {why}; writing {}: {e}", path.display()),
+            }
+            ExitCode::from(1)
         }
         Command::Shrink { seed, bug, out } => {
             let out = out.unwrap_or_else(|| PathBuf::from("."));

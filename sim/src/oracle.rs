@@ -143,6 +143,32 @@ struct FlagHistory {
 }
 
 impl Oracle {
+    /// What the oracle knows that decides its later verdicts, without when it learned
+    /// it (a model checker's state key: two runs that reached the same knowledge at
+    /// other times are one state).
+    pub fn describe_timeless(&self, into: &mut impl std::fmt::Write) -> std::fmt::Result {
+        let acked: Vec<(&(MailboxKey, Guid), Sid)> = self.acked.iter().map(|(k, (sid, _))| (k, *sid)).collect();
+        write!(
+            into,
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+            self.shown,
+            self.shown_any,
+            self.first_uid,
+            acked,
+            self.expunged,
+            self.expunge_requested,
+            self.deleted_mailboxes,
+            self.renamed,
+            self.copy_requested,
+            self.views,
+            self.written_meta,
+            self.flag_requests,
+            self.saved_with,
+            self.acked_bindings,
+            self.violations.len()
+        )
+    }
+
     pub fn violate(&mut self, invariant: &'static str, time_us: u64, detail: String) {
         if self.violations.len() < 100 {
             self.violations.push(Violation { invariant, time_us, detail });

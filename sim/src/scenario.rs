@@ -33,6 +33,9 @@ pub struct Scenario {
     pub settle_ms: u64,
     /// Heal every link and restart every crashed (not lost) server after the last event.
     pub heal_at_end: bool,
+    /// A model checker's counterexample (see `check`): the streams whose next event runs,
+    /// one per step, from the first event on; the run goes on in time order after it.
+    pub schedule: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -116,6 +119,28 @@ pub enum FaultKind {
     Silence,
     /// A connection reset noticed at one end before the other (see `Action::Reset`).
     Reset,
+}
+
+impl Action {
+    /// A fault (links, crashes, disks, hand edits, membership) rather than a client's
+    /// request.
+    pub fn is_fault(&self) -> bool {
+        !matches!(
+            self,
+            Action::Save { .. }
+                | Action::Import { .. }
+                | Action::Copy { .. }
+                | Action::Expunge { .. }
+                | Action::Store { .. }
+                | Action::Read { .. }
+                | Action::Status { .. }
+                | Action::MasterMove { .. }
+                | Action::CreateMailbox { .. }
+                | Action::DeleteMailbox { .. }
+                | Action::RenameMailbox { .. }
+                | Action::RandomWorkload { .. }
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -554,6 +579,7 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Scenario, ScenarioError>
         expects,
         settle_ms: file.settle_ms.unwrap_or(60_000),
         heal_at_end: file.heal_at_end.unwrap_or(true),
+        schedule: file.schedule,
     })
 }
 

@@ -17,6 +17,8 @@ pub(crate) struct FileToml {
     pub wire: Option<bool>,
     pub settle_ms: Option<u64>,
     pub heal_at_end: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<String>,
     pub cluster: Option<ClusterToml>,
     #[serde(default)]
     pub event: Vec<EventToml>,

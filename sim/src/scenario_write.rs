@@ -47,6 +47,7 @@ fn file_of(s: &Scenario) -> FileToml {
         wire: Some(s.wire),
         settle_ms: Some(s.settle_ms),
         heal_at_end: Some(s.heal_at_end),
+        schedule: s.schedule.clone(),
         cluster: Some(cluster),
         event: s.events.iter().map(event_of).collect(),
         expect: s.expects.iter().map(expect_of).collect(),

@@ -480,6 +480,19 @@ impl World {
     /// Runs the scenario to the end and reports.
     pub fn run(mut self) -> RunReport {
         let Some(end_of_events) = self.start() else { return self.report(None) };
+        // A model checker's counterexample first runs its steps, in its order.
+        for (i, stream) in self.scenario.schedule.clone().iter().enumerate() {
+            if !self.failures.is_empty() {
+                break;
+            }
+            if let Some(ms) = stream.strip_prefix("until ").and_then(|ms| ms.trim_end_matches(" ms").parse().ok()) {
+                self.run_until(Instant::from_millis(ms));
+                continue;
+            }
+            if !self.take(stream) {
+                self.failures.push(format!("schedule step {}: nothing queued on {stream}", i + 1));
+            }
+        }
         self.run_until(end_of_events);
         self.settle_and_report()
     }
@@ -909,6 +922,109 @@ impl World {
     /// The simulated time now.
     pub fn now(&self) -> Instant {
         self.now
+    }
+
+    /// The stream a queued event belongs to. A model checker may run the next event of
+    /// any stream before the others (a message overtaking one on another link, a timer
+    /// firing late, a client acting early); within a stream the order stays (one TCP
+    /// connection, one disk, one client).
+    fn stream_of(&self, ev: &Ev) -> String {
+        match ev {
+            Ev::Deliver { from, to, .. } => format!("deliver {from}>{to}"),
+            Ev::Timer { server, .. } => format!("timer {server}"),
+            Ev::Fsync { server, .. } => format!("fsync {server}"),
+            Ev::Action { action, .. } if action.is_fault() => "faults".into(),
+            Ev::Action { .. } | Ev::RandomOp { .. } | Ev::Retry { .. } => "client".into(),
+            Ev::Heal { .. } | Ev::RestoreLink { .. } | Ev::RestoreLatency { .. } | Ev::ResetNoticed { .. } => {
+                "faults".into()
+            }
+        }
+    }
+
+    /// The next event of each stream, by stream name: what may happen next.
+    pub fn choices(&self) -> BTreeMap<String, (Instant, u64)> {
+        let mut next: BTreeMap<String, (Instant, u64)> = BTreeMap::new();
+        for Reverse(q) in self.queue.iter() {
+            let stream = self.stream_of(&q.ev);
+            let entry = next.entry(stream).or_insert((q.at, q.id));
+            if (q.at, q.id) < *entry {
+                *entry = (q.at, q.id);
+            }
+        }
+        next
+    }
+
+    /// Runs the next event of `stream`; false when the stream has nothing queued. Only a
+    /// timer moves the clock (to its deadline): everything else happens now, so that
+    /// what a model checker chooses is the order of events, and time passes only as the
+    /// servers' own deadlines come due.
+    pub fn take(&mut self, stream: &str) -> bool {
+        let Some(&(at, id)) = self.choices().get(stream) else { return false };
+        let mut rest = std::mem::take(&mut self.queue).into_vec();
+        let Some(i) = rest.iter().position(|Reverse(q)| q.id == id) else { return false };
+        let Reverse(queued) = rest.swap_remove(i);
+        self.queue = BinaryHeap::from(rest);
+        if stream.starts_with("timer ") {
+            self.now = self.now.max(at);
+        }
+        self.steps += 1;
+        self.step(*queued.ev);
+        if self.roots_disagree() {
+            self.last_fault_us = self.now.0;
+        }
+        true
+    }
+
+    /// Whether an invariant broke or the run failed so far, and how.
+    pub fn broken(&self) -> Option<String> {
+        if let Some(v) = self.oracle.violations.first() {
+            return Some(format!("invariant {}: {}", v.invariant, v.detail));
+        }
+        self.failures.first().cloned()
+    }
+
+    /// A hash of the world's state up to a shift in time: every server's protocol state,
+    /// what is queued (with its time for timers only), the links and what the oracle
+    /// knows, with every instant taken relative to now. Two states that differ only in when they happen hash alike (the
+    /// core decides by intervals, not by the clock's reading); the world's random
+    /// generator (latencies) is left out, as the checker chooses the order itself.
+    pub fn timeless_key(&self) -> u64 {
+        let mut h = Fnv64::default();
+        h.write(self.timeless_text().as_bytes());
+        h.0
+    }
+
+    /// What [`World::timeless_key`] hashes.
+    pub fn timeless_text(&self) -> String {
+        use std::fmt::Write;
+        let mut text = String::new();
+        for (sid, node) in &self.nodes {
+            let _ = write!(text, "{sid}:{}:{}:", node.incarnation, node.lost);
+            if let Some(server) = &node.server {
+                let _ = server.describe_state(&mut text);
+            }
+            let _ = write!(text, "|{:?}|", node.pending);
+        }
+        // Only a timer's time matters: the next event of any other stream may be chosen
+        // at any point, whenever it was scheduled for. A set: a server's timer may be
+        // queued more than once (each time its deadline moved earlier), and the extra
+        // firings find nothing due.
+        let queued: BTreeSet<(String, u64, String)> = self
+            .queue
+            .iter()
+            .map(|Reverse(q)| {
+                let stream = self.stream_of(&q.ev);
+                let due = if stream.starts_with("timer ") { q.at.0.saturating_sub(self.now.0) } else { 0 };
+                (stream, due, format!("{:?}", q.ev))
+            })
+            .collect();
+        let _ = write!(text, "{queued:?}");
+        for (key, link) in &self.links {
+            let _ = write!(text, "{key:?}:{}:{}:{:?};", link.up, link.generation, link.lingering.map(|l| (l.0, l.1)));
+        }
+        let _ = self.oracle.describe_timeless(&mut text);
+        let _ = write!(text, "{:?}{:?}", self.labels, self.outstanding.keys().collect::<Vec<_>>());
+        relative_instants(&text, self.now.0)
     }
 
     /// Runs every event scheduled up to `end`, in time order.
@@ -2276,4 +2392,25 @@ fn reply_hash(t: u64, reply: &ClientReply) -> u64 {
         x = mix64(x ^ m.flags.len() as u64);
     }
     x
+}
+
+/// `text` with every `Instant(N)` written as its distance from `now` (see
+/// `World::timeless_key`).
+fn relative_instants(text: &str, now: u64) -> String {
+    const MARK: &str = "Instant(";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let (head, tail) = rest.split_at(at + MARK.len());
+        out.push_str(head);
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        match tail[..digits].parse::<u64>() {
+            Ok(n) if n >= now => out.push_str(&format!("+{}", n - now)),
+            Ok(n) => out.push_str(&format!("-{}", now - n)),
+            Err(_) => {}
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
 }

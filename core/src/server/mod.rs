@@ -209,9 +209,10 @@ impl Server {
         h.0
     }
 
-    fn describe_state(&self, h: &mut crate::hash::Fnv64) -> std::fmt::Result {
-        use std::fmt::Write;
-        write!(h, "{:?}|{:?}|{:?}|", self.cfg.sid, self.now, self.rng.get_word_pos())?;
+    /// Writes what [`Server::state_digest`] hashes.
+    pub fn describe_state(&self, h: &mut impl std::fmt::Write) -> std::fmt::Result {
+        // Not `now`: every input brings its own, and nothing is decided by the last one.
+        write!(h, "{:?}|{:?}|", self.cfg.sid, self.rng.get_word_pos())?;
         self.image.describe_state(h)?;
         write!(
             h,

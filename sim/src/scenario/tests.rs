@@ -134,6 +134,7 @@ fn example_parses_to_expected_structure() {
         ],
         settle_ms: 30000,
         heal_at_end: false,
+        schedule: Vec::new(),
     };
     assert_eq!(s, expected);
 }
