@@ -746,9 +746,10 @@ impl EventLoop {
             let _ = reply.send(AdminReply::Error { temporary: false, reason: format!("no mailbox {key}") });
             return;
         };
-        let wanted: Vec<(u32, Guid)> =
-            uids.iter().filter_map(|uid| m.messages.get(uid).map(|record| (*uid, record.guid))).collect();
-        let bytes: u64 = uids.iter().filter_map(|uid| m.messages.get(uid)).map(|r| u64::from(r.size)).sum();
+        let records: Vec<(u32, &tandem_core::MessageRecord)> =
+            uids.iter().filter_map(|uid| m.messages.get(uid).map(|record| (*uid, record))).collect();
+        let bytes: u64 = records.iter().map(|(_, r)| u64::from(r.size)).sum();
+        let wanted: Vec<(u32, Guid)> = records.iter().map(|(uid, r)| (*uid, r.guid)).collect();
         if wanted.len() > 1 && bytes > admin::FETCH_BYTES_MAX {
             let reason = format!(
                 "{bytes} bytes of bodies asked for at once: at most {} per fetch (or one message)",

@@ -127,7 +127,7 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
     let mut root = World::new(&base, &run_opts);
     let end = root.start().ok_or("the check's scenario does not start")?;
     root.run_until(tandem_core::Instant::from_millis(EXPLORE_FROM_MS));
-    let prelude = format!("until {EXPLORE_FROM_MS} ms");
+    let prelude = crate::world::schedule_until(EXPLORE_FROM_MS);
     let mut report =
         CheckReport { states: 1, ends_checked: 0, depth_reached: 0, elapsed_s: 0.0, exhausted: true, violation: None };
     let mut seen: BTreeSet<u64> = BTreeSet::from([root.timeless_key()]);

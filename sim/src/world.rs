@@ -185,7 +185,7 @@ struct Node {
 }
 
 /// A copy of a node that shares nothing with it: its own body store, and its server
-/// forked to read from that (see `World::fork`).
+/// forked to read from that (what makes cloning a `World` fork it).
 impl Clone for Node {
     fn clone(&self) -> Node {
         let bodies = self.bodies.deep_copy();
@@ -485,7 +485,7 @@ impl World {
             if !self.failures.is_empty() {
                 break;
             }
-            if let Some(ms) = stream.strip_prefix("until ").and_then(|ms| ms.trim_end_matches(" ms").parse().ok()) {
+            if let Some(ms) = schedule_until_ms(stream) {
                 self.run_until(Instant::from_millis(ms));
                 continue;
             }
@@ -919,11 +919,6 @@ impl World {
         self.nodes.iter().filter_map(|(sid, n)| n.server.as_ref().map(|s| (*sid, s.state_digest()))).collect()
     }
 
-    /// The simulated time now.
-    pub fn now(&self) -> Instant {
-        self.now
-    }
-
     /// The stream a queued event belongs to. A model checker may run the next event of
     /// any stream before the others (a message overtaking one on another link, a timer
     /// firing late, a client acting early); within a stream the order stays (one TCP
@@ -967,12 +962,19 @@ impl World {
         if stream.starts_with("timer ") {
             self.now = self.now.max(at);
         }
-        self.steps += 1;
-        self.step(*queued.ev);
+        self.run_event(*queued.ev);
+        true
+    }
+
+    /// Runs one event taken off the queue (the clock already set).
+    fn run_event(&mut self, ev: Ev) {
+        self.step(ev);
+        // Until the servers agree on one root again after a partition, a server that
+        // mastered its side may still answer as master: read-your-writes is promised
+        // from then on, as after any other fault.
         if self.roots_disagree() {
             self.last_fault_us = self.now.0;
         }
-        true
     }
 
     /// Whether an invariant broke or the run failed so far, and how.
@@ -985,17 +987,11 @@ impl World {
 
     /// A hash of the world's state up to a shift in time: every server's protocol state,
     /// what is queued (with its time for timers only), the links and what the oracle
-    /// knows, with every instant taken relative to now. Two states that differ only in when they happen hash alike (the
-    /// core decides by intervals, not by the clock's reading); the world's random
-    /// generator (latencies) is left out, as the checker chooses the order itself.
+    /// knows, with every instant taken relative to now. Two states that differ only in
+    /// when they happen hash alike (the core decides by intervals, not by the clock's
+    /// reading); the world's random generator (latencies) is left out, as the checker
+    /// chooses the order itself.
     pub fn timeless_key(&self) -> u64 {
-        let mut h = Fnv64::default();
-        h.write(self.timeless_text().as_bytes());
-        h.0
-    }
-
-    /// What [`World::timeless_key`] hashes.
-    pub fn timeless_text(&self) -> String {
         use std::fmt::Write;
         let mut text = String::new();
         for (sid, node) in &self.nodes {
@@ -1024,7 +1020,9 @@ impl World {
         }
         let _ = self.oracle.describe_timeless(&mut text);
         let _ = write!(text, "{:?}{:?}", self.labels, self.outstanding.keys().collect::<Vec<_>>());
-        relative_instants(&text, self.now.0)
+        let mut h = Fnv64::default();
+        h.write(relative_instants(&text, self.now.0).as_bytes());
+        h.0
     }
 
     /// Runs every event scheduled up to `end`, in time order.
@@ -1040,13 +1038,7 @@ impl World {
             }
             let Some(Reverse(queued)) = self.queue.pop() else { break };
             self.now = self.now.max(at);
-            self.step(*queued.ev);
-            // Until the servers agree on one root again after a partition, a server that
-            // mastered its side may still answer as master: read-your-writes is promised
-            // from then on, as after any other fault.
-            if self.roots_disagree() {
-                self.last_fault_us = self.now.0;
-            }
+            self.run_event(*queued.ev);
         }
         self.now = self.now.max(end);
     }
@@ -2392,6 +2384,16 @@ fn reply_hash(t: u64, reply: &ClientReply) -> u64 {
         x = mix64(x ^ m.flags.len() as u64);
     }
     x
+}
+
+/// A schedule step that runs every event up to `ms` in time order (a checker's start).
+pub fn schedule_until(ms: u64) -> String {
+    format!("until {ms} ms")
+}
+
+/// The time of a step made by [`schedule_until`].
+fn schedule_until_ms(step: &str) -> Option<u64> {
+    step.strip_prefix("until ")?.strip_suffix(" ms")?.parse().ok()
 }
 
 /// `text` with every `Instant(N)` written as its distance from `now` (see
