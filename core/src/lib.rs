@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bugs;
+pub mod codec;
 pub mod hash;
 pub mod io;
 pub mod limits;
@@ -14,6 +15,7 @@ pub mod mailbox;
 pub mod marks;
 pub mod membership;
 pub mod msg;
+pub mod record;
 pub mod server;
 pub mod store;
 pub mod types;
@@ -29,6 +31,9 @@ pub use store::{BodyStore, DiskImage, MemoryBodies, StoreWrite};
 pub use types::*;
 
 use std::fmt;
+
+/// This build of the core: its version and a hash of its sources (see `build.rs`).
+pub const BUILD: &str = env!("TANDEM_CORE_BUILD");
 
 /// Errors are values: every input a peer, a client or a file can influence is checked
 /// and refused with one of these instead of a panic.

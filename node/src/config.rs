@@ -78,8 +78,36 @@ struct FileConfig {
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
+    record: Option<RecordFileConfig>,
+    #[serde(default)]
     peer: Vec<PeerConfig>,
 }
+
+/// The `[record]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFileConfig {
+    dir: PathBuf,
+    #[serde(default)]
+    max_mb: Option<u64>,
+    #[serde(default)]
+    bodies: Option<bool>,
+}
+
+/// Recording the core's inputs for replay (`crate::record`); off unless configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordConfig {
+    pub dir: PathBuf,
+    /// What the directory's recordings may take together; the oldest go first.
+    pub max_bytes: u64,
+    /// Keep body bytes (replayable) or only their hashes and sizes (no mail in the file).
+    pub bodies: bool,
+}
+
+/// `record.max_mb` when not given, and its bounds.
+pub const RECORD_MB_DEFAULT: u64 = 1024;
+const RECORD_MB_MIN: u64 = 1;
+const RECORD_MB_MAX: u64 = 1 << 20;
 
 /// Bounds on what clients, senders and connections may use, each with a safe default
 /// (the `[limits]` table; README's Security section lists them).
@@ -256,6 +284,7 @@ pub struct NodeConfig {
     /// SPECIAL-USE (RFC 6154): mailbox name -> its attribute, said in LIST. By name,
     /// as Dovecot's default configuration does, so it needs no replicated state.
     pub special_use: BTreeMap<String, &'static str>,
+    pub record: Option<RecordConfig>,
 }
 
 /// RFC 6154's special-use attributes.
@@ -532,6 +561,16 @@ impl NodeConfig {
                 AdminListen::Tcp { addr, token }
             }
         };
+        let record = match file.record {
+            None => None,
+            Some(r) => {
+                let max_mb = r.max_mb.unwrap_or(RECORD_MB_DEFAULT);
+                if !(RECORD_MB_MIN..=RECORD_MB_MAX).contains(&max_mb) {
+                    return Err(bad("record.max_mb", format!("must be {RECORD_MB_MIN} to {RECORD_MB_MAX}")));
+                }
+                Some(RecordConfig { dir: base.join(r.dir), max_bytes: max_mb << 20, bodies: r.bodies.unwrap_or(false) })
+            }
+        };
         Ok(NodeConfig {
             core,
             listen: file.listen,
@@ -554,6 +593,7 @@ impl NodeConfig {
             allow_plaintext_auth: file.allow_plaintext_auth.unwrap_or(false),
             plaintext_auth_on_loopback: file.plaintext_auth_on_loopback.unwrap_or(true),
             special_use: special_use(file.special_use)?,
+            record,
         })
     }
 }

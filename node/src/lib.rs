@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod node;
 pub mod peer;
+pub mod record;
 pub mod store;
 pub mod tls;
 pub mod users;

@@ -244,6 +244,8 @@ struct EventLoop {
     body_reads: Option<NodeHandle>,
     batches: BTreeMap<u64, Batch>,
     next_batch: u64,
+    /// Where the core's inputs and outputs are recorded, when `[record]` is set.
+    recorder: Option<crate::record::SharedRecorder>,
 }
 
 /// The servers this node dials (the lower id dials) and accepts, from the core's
@@ -368,7 +370,33 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let opened_ms = started.elapsed().as_millis();
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let loaded_ms = started.elapsed().as_millis();
-    let server = Server::recover(cfg.core.clone(), image, rand::random(), Box::new(store.body_reader()));
+    let seed: u64 = rand::random();
+    let recorder = match &cfg.record {
+        None => None,
+        Some(rc) => {
+            let header = tandem_core::record::Header {
+                format: tandem_core::record::FORMAT,
+                build: tandem_core::BUILD.into(),
+                cfg: cfg.core.clone(),
+                seed,
+                disk: image.clone(),
+                bodies: rc.bodies,
+                started_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            };
+            let recorder = crate::record::Recorder::start(rc, header).map_err(|e| format!("record: {e}"))?;
+            Some(Arc::new(std::sync::Mutex::new(recorder)))
+        }
+    };
+    let core_bodies: Box<dyn tandem_core::BodyStore> = match &recorder {
+        Some(recorder) => Box::new(crate::record::RecordingBodies {
+            inner: Box::new(store.body_reader()),
+            recorder: recorder.clone(),
+        }),
+        None => Box::new(store.body_reader()),
+    };
+    let server = Server::recover(cfg.core.clone(), image, seed, core_bodies);
     let direct_reads = store.body_reader();
     let backup_reader = store.body_reader();
     info!(opened_ms, loaded_ms, recovered_ms = started.elapsed().as_millis() as u64, "store read");
@@ -426,6 +454,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     }
 
     let mut node = EventLoop::new(server, store_tx);
+    node.recorder = recorder;
     node.peers = Some(dialer);
     node.backup_reader = Some(backup_reader);
     node.body_reads = Some(handle.clone());
@@ -436,6 +465,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tokio::select! {
             _ = &mut shutdown => {
                 info!("shutting down");
+                if let Some(recorder) = &node.recorder {
+                    crate::record::lock(recorder).finish();
+                }
                 // The store thread commits what it holds and closes the database when
                 // its queue closes; waiting for it makes the next start a clean open
                 // rather than a crash recovery. Its reports have nobody to go to.
@@ -474,6 +506,7 @@ impl EventLoop {
             body_reads: None,
             batches: BTreeMap::new(),
             next_batch: 1,
+            recorder: None,
         }
     }
 
@@ -483,6 +516,9 @@ impl EventLoop {
 
     fn input(&mut self, input: Input) {
         let now = self.now();
+        if let Some(recorder) = &self.recorder {
+            crate::record::lock(recorder).input(now, &input);
+        }
         self.server.handle(now, input);
         self.drain();
     }
@@ -491,6 +527,9 @@ impl EventLoop {
     fn drain(&mut self) {
         let mut dropped = Vec::new();
         while let Some(output) = self.server.poll_output() {
+            if let Some(recorder) = &self.recorder {
+                crate::record::lock(recorder).output(&output);
+            }
             match output {
                 Output::Send { to, envelope } => {
                     let Some((_, tx)) = self.links.get(&to) else { continue };

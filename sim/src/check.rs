@@ -35,6 +35,10 @@ pub struct CheckOptions {
     /// States explored at most; the report says whether the space was exhausted.
     pub states_max: u64,
     pub bug: Option<Bug>,
+    /// Explore the events of this scenario instead of the menus' (`servers`, `ops` and
+    /// `faults` are then ignored): its client operations form one stream and its faults
+    /// another, each kept in its order; the run before its first event is in time order.
+    pub scenario: Option<Scenario>,
 }
 
 /// What a check found.
@@ -110,6 +114,16 @@ pub fn scenario(opts: &CheckOptions) -> Result<Scenario, String> {
     scenario::parse(&text, None).map_err(|e| format!("the check's scenario: {e}"))
 }
 
+/// The start of a check and when its explored part begins.
+fn start(opts: &CheckOptions) -> Result<(Scenario, u64), String> {
+    let Some(given) = &opts.scenario else { return Ok((scenario(opts)?, EXPLORE_FROM_MS)) };
+    let mut base = given.clone();
+    base.schedule.clear();
+    let first_ms = base.events.iter().map(|e| e.at_ms).min().ok_or("the scenario has no events to explore")?;
+    // Just before the first event, so that it is the first choice the check makes.
+    Ok((base, first_ms.saturating_sub(1)))
+}
+
 /// The world after `path` from the start.
 fn replay(root: &World, path: &[String]) -> World {
     let mut world = root.clone();
@@ -122,12 +136,12 @@ fn replay(root: &World, path: &[String]) -> World {
 /// Explores as `CheckOptions` say; see the module's comment.
 pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
     let started = WallInstant::now();
-    let base = scenario(opts)?;
+    let (base, explore_from_ms) = start(opts)?;
     let run_opts = RunOptions { bug: opts.bug, ..Default::default() };
     let mut root = World::new(&base, &run_opts);
     let end = root.start().ok_or("the check's scenario does not start")?;
-    root.run_until(tandem_core::Instant::from_millis(EXPLORE_FROM_MS));
-    let prelude = crate::world::schedule_until(EXPLORE_FROM_MS);
+    root.run_until(tandem_core::Instant::from_millis(explore_from_ms));
+    let prelude = crate::world::schedule_until(explore_from_ms);
     let mut report =
         CheckReport { states: 1, ends_checked: 0, depth_reached: 0, elapsed_s: 0.0, exhausted: true, violation: None };
     let mut seen: BTreeSet<u64> = BTreeSet::from([root.timeless_key()]);
@@ -157,7 +171,9 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
             rest.run_until(end);
             let ran = rest.settle_and_report();
             if !ran.passed {
-                let why = ran.failures.first().cloned().unwrap_or_default();
+                // The servers' state lines of a convergence failure come before what failed.
+                let why = ran.failures.iter().find(|f| !f.starts_with(' ')).or(ran.failures.first());
+                let why = why.cloned().unwrap_or_default();
                 report.violation = Some(counterexample(&path, why));
                 break;
             }

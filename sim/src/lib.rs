@@ -5,6 +5,7 @@
 pub mod check;
 pub mod explore;
 pub mod oracle;
+pub mod replay;
 pub mod scenario;
 mod scenario_file;
 pub mod scenario_write;

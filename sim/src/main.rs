@@ -80,6 +80,20 @@ enum Command {
         /// Where to write a counterexample.
         #[arg(long, default_value = "check-failures")]
         out: PathBuf,
+        /// Explore this scenario's events (its client operations and its faults, each
+        /// stream in its order) instead of the menus; --servers, --ops and --faults are
+        /// then taken from the file.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+    },
+    /// Replay node recordings (`[record]` in a node's configuration) through this core
+    /// and check that it asks for the same outputs after every input.
+    Replay {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Replay a recording made by another core build (to see where they differ).
+        #[arg(long)]
+        any_build: bool,
     },
     /// Shrink a failing explore seed to a minimal scenario file.
     Shrink {
@@ -177,9 +191,33 @@ fn main() -> ExitCode {
             }
             if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
-        Command::Check { servers, ops, faults, depth, states, bug, out } => {
-            let opts =
-                tandem_sim::check::CheckOptions { servers, ops, faults, depth_max: depth, states_max: states, bug };
+        Command::Check { servers, ops, faults, depth, states, bug, out, scenario } => {
+            let given = match scenario.as_deref().map(load).transpose() {
+                Ok(given) => given,
+                Err(e) => {
+                    eprintln!("tandem-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let what = match (&given, &scenario) {
+                (Some(s), Some(path)) => {
+                    format!("{}: {} servers, {} events", path.display(), s.cluster.servers.len(), s.events.len())
+                }
+                _ => format!("{servers} servers, {ops} ops, {faults} faults"),
+            };
+            let command = match &scenario {
+                Some(path) => format!("--scenario {}", path.display()),
+                None => format!("--servers {servers} --ops {ops} --faults {faults}"),
+            };
+            let opts = tandem_sim::check::CheckOptions {
+                servers,
+                ops,
+                faults,
+                depth_max: depth,
+                states_max: states,
+                bug,
+                scenario: given,
+            };
             let report = match tandem_sim::check::check(&opts) {
                 Ok(report) => report,
                 Err(e) => {
@@ -188,18 +226,24 @@ fn main() -> ExitCode {
                 }
             };
             tandem_sim::say!(
-                "check: {servers} servers, {ops} ops, {faults} faults{}: {} states, {} ends checked, depth {} (bound {depth}), {:.1} s, {}",
+                "check: {what}{}: {} states, {} ends checked, depth {} (bound {depth}), {:.1} s, {}",
                 bug.map(|b| format!(", bug {}", b.name())).unwrap_or_default(),
                 report.states,
                 report.ends_checked,
                 report.depth_reached,
                 report.elapsed_s,
-                if report.exhausted { "every state within the bound" } else { "stopped at the state bound" }
+                if report.violation.is_some() {
+                    "stopped at the first violation"
+                } else if report.exhausted {
+                    "every state within the bound"
+                } else {
+                    "stopped at the state bound"
+                }
             );
             let Some((why, s)) = report.violation else { return ExitCode::SUCCESS };
             let path = out.join(format!("{}.toml", s.name));
             let header = format!(
-                "Found by `tandem-sim check --servers {servers} --ops {ops} --faults {faults}{}` in {} steps.\n{why}",
+                "Found by `tandem-sim check {command} --depth {depth}{}` in {} steps.\n{why}",
                 bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
                 s.schedule.len().saturating_sub(1)
             );
@@ -213,6 +257,36 @@ fn main() -> ExitCode {
                 Err(e) => eprintln!("tandem-sim: violation: {why}; writing {}: {e}", path.display()),
             }
             ExitCode::from(1)
+        }
+        Command::Replay { files, any_build } => {
+            let mut failed = 0;
+            for file in &files {
+                let outcome = tandem_sim::replay::load(file)
+                    .and_then(|recording| tandem_sim::replay::replay(&recording, any_build).map(|r| (recording, r)));
+                match outcome {
+                    Err(e) => {
+                        tandem_sim::say!("ERROR {}: {e}", file.display());
+                        failed += 1;
+                    }
+                    Ok((recording, report)) => {
+                        let torn = report.torn.as_deref().map(|t| format!(" (ends early: {t})")).unwrap_or_default();
+                        match &report.divergence {
+                            None => tandem_sim::say!(
+                                "same {}: s{}, {} inputs, {} outputs{torn}",
+                                file.display(),
+                                recording.header.cfg.sid.0,
+                                report.inputs,
+                                report.outputs
+                            ),
+                            Some(d) => {
+                                failed += 1;
+                                tandem_sim::say!("DIVERGED {}: {d}{torn}", file.display());
+                            }
+                        }
+                    }
+                }
+            }
+            if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
         Command::Shrink { seed, bug, out } => {
             let out = out.unwrap_or_else(|| PathBuf::from("."));
@@ -236,7 +310,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let opts = RunOptions { wire, trace, tail: true, seed, bug };
+            // The trace tail costs a formatted line per step; a failing run is run again with it
+            // (runs are deterministic), as `explore` does.
+            let opts = RunOptions { wire, trace, tail: false, seed, bug };
             let mut failed = 0;
             let mut passed = 0;
             for file in files {
@@ -283,8 +359,9 @@ fn main() -> ExitCode {
                         tandem_sim::say!("    {f}");
                     }
                     if !trace {
+                        let traced = run(&scenario, &RunOptions { tail: true, ..opts.clone() });
                         tandem_sim::say!("    last events before the end (rerun with --trace for all):");
-                        for line in report.trace.iter().rev().take(40).rev() {
+                        for line in traced.trace.iter().rev().take(40).rev() {
                             tandem_sim::say!("      {line}");
                         }
                     }

@@ -10,9 +10,65 @@ fn the_checker_exhausts_a_small_cluster_and_finds_nothing_on_the_real_core() {
         depth_max: 200,
         states_max: 100_000,
         bug: None,
+        scenario: None,
     };
     let report = tandem_sim::check::check(&opts).expect("check runs");
     assert!(report.exhausted, "2 servers and 2 ops fit the bound: {report:?}");
     assert!(report.states > 100 && report.ends_checked > 0, "{report:?}");
     assert!(report.violation.is_none(), "{:?}", report.violation.map(|v| v.0));
+}
+
+fn scenario(name: &str) -> tandem_sim::scenario::Scenario {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/check").join(format!("{name}.toml"));
+    tandem_sim::scenario::load(&path).expect("check scenario")
+}
+
+/// `check` finds a broken variant within a stated bound, with a counterexample that
+/// `run` replays to the same failure and that passes on the real core. The bounds
+/// (README's check table) are the states each needed on 2026-12-03, with room.
+fn finds(bug: tandem_core::Bug, on: Option<&str>, states_max: u64) {
+    let opts = tandem_sim::check::CheckOptions {
+        servers: 2,
+        ops: 1,
+        faults: 0,
+        depth_max: 200,
+        states_max,
+        bug: Some(bug),
+        scenario: on.map(scenario),
+    };
+    let report = tandem_sim::check::check(&opts).expect("check runs");
+    let Some((why, counterexample)) = report.violation else {
+        panic!("{}: nothing found in {} states: {report:?}", bug.name(), report.states)
+    };
+    let with_bug = tandem_sim::RunOptions { bug: Some(bug), ..Default::default() };
+    let again = tandem_sim::run(&counterexample, &with_bug);
+    assert!(!again.passed, "{}: the counterexample replays to a failure ({why})", bug.name());
+    let fixed = tandem_sim::run(&counterexample, &tandem_sim::RunOptions::default());
+    assert!(fixed.passed, "{}: the counterexample passes on the real core: {:?}", bug.name(), fixed.failures);
+    println!("{}: {} states, {} steps: {why}", bug.name(), report.states, counterexample.schedule.len() - 1);
+}
+
+#[test]
+fn check_finds_an_ack_before_a_replica_is_durable() {
+    finds(tandem_core::Bug::AckBeforeReplicaDurable, None, 1_000);
+}
+
+#[test]
+fn check_finds_a_uid_reused_after_renumbering() {
+    finds(tandem_core::Bug::ReuseUidAfterRenumber, Some("uid-conflict"), 20_000);
+}
+
+#[test]
+fn check_finds_whole_flag_sets_merged() {
+    finds(tandem_core::Bug::WholeFlagSets, Some("flags"), 40_000);
+}
+
+#[test]
+fn check_finds_a_fresh_read_without_its_barrier() {
+    finds(tandem_core::Bug::FreshReadWithoutBarrier, Some("fresh-read"), 20_000);
+}
+
+#[test]
+fn check_finds_a_replica_overwriting_a_uid() {
+    finds(tandem_core::Bug::ReplicaOverwritesUid, Some("uid-conflict"), 40_000);
 }

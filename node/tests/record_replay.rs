@@ -1,0 +1,115 @@
+//! Record and replay on real processes: a 3-node cluster records its cores' inputs
+//! (`[record]`) through a partition, a conflict, a kill -9 and a restart, and every
+//! recording (the killed node's torn one and its restart's too) replays through this
+//! build's core with the same outputs after every input.
+
+mod harness;
+
+use harness::Cluster;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn recordings(c: &Cluster, node: usize) -> Vec<PathBuf> {
+    let dir = c.dir.path().join(format!("rec-{}", node + 1));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tdrec"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_recorded_cluster_run_replays_input_for_input() {
+    let mut c = Cluster::start_with(3, "mode = \"async\"\nreplicas = 1", |i| {
+        format!("[record]\ndir = \"rec-{}\"\nmax_mb = 64\nbodies = true\n", i + 1)
+    });
+    let mailbox = "dave@example.org/INBOX";
+    for n in 0..5 {
+        c.deliver(n % 3, mailbox, &format!("Subject: before {n}\r\n\r\nbody {n}\r\n")).expect("delivered");
+    }
+    c.converged(mailbox, CONVERGE);
+    // A partition with a save on each side (a UID conflict), then the heal.
+    c.isolate(2);
+    let mut a = None;
+    let mut b = None;
+    for _ in 0..100 {
+        a = a.or_else(|| c.deliver(0, mailbox, "Subject: majority\r\n\r\n").ok());
+        b = b.or_else(|| c.deliver(2, mailbox, "Subject: isolated\r\n\r\n").ok());
+        if a.is_some() && b.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.is_some() && b.is_some(), "both sides saved");
+    c.heal();
+    c.converged(mailbox, CONVERGE);
+    // kill -9 and a restart: the first recording of node 2 ends torn or short, and
+    // its restart begins a second one from what its store recovered.
+    c.kill9(1);
+    c.deliver(0, mailbox, "Subject: while node 2 is down\r\n\r\n").expect("delivered");
+    c.spawn(1);
+    c.wait_up(1);
+    c.deliver(1, mailbox, "Subject: after the restart\r\n\r\n").expect("delivered");
+    let view = c.converged(mailbox, CONVERGE);
+    assert_eq!(view.messages.len(), 9, "{view:#?}");
+    // Let a timer flush the last inputs, then stop every node the hard way.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        c.kill9(i);
+    }
+    let mut replayed = Vec::new();
+    for node in 0..3 {
+        let files = recordings(&c, node);
+        assert_eq!(files.len(), if node == 1 { 2 } else { 1 }, "node {}: {files:?}", node + 1);
+        for file in files {
+            let recording = tandem_sim::replay::load(&file).expect("the recording reads");
+            let report = tandem_sim::replay::replay(&recording, false).expect("the recording replays");
+            assert!(report.divergence.is_none(), "{}: {:?}", file.display(), report.divergence);
+            assert!(report.inputs > 20 && report.outputs > 0, "{}: {report:?}", file.display());
+            replayed.push((file, report.inputs, report.outputs, report.torn));
+        }
+    }
+    println!("{replayed:#?}");
+}
+
+#[test]
+fn a_recording_without_bodies_holds_no_mail_and_says_it_cannot_replay() {
+    let c = Cluster::start_with(2, "mode = \"sync\"\nreplicas = 1", |i| format!("[record]\ndir = \"rec-{}\"\n", i + 1));
+    let mailbox = "erin@example.org/INBOX";
+    let secret = "a sentence only this message holds";
+    c.deliver(0, mailbox, &format!("Subject: private\r\n\r\n{secret}\r\n")).expect("delivered");
+    c.converged(mailbox, CONVERGE);
+    // The save reaches the file at the next flush (within about 100 ms of an input).
+    let files = recordings(&c, 0);
+    let has_save = || {
+        let bytes = std::fs::read(&files[0]).unwrap_or_default();
+        tandem_core::record::parse(&bytes).is_ok_and(|r| {
+            r.frames.iter().any(|f| {
+                matches!(
+                    f,
+                    tandem_core::record::Frame::Input {
+                        input: tandem_core::Input::Client { request: tandem_core::ClientRequest::Save { .. }, .. },
+                        ..
+                    }
+                )
+            })
+        })
+    };
+    assert!(harness::eventually(has_save), "the save was recorded");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "no mail in the file");
+    let recording = tandem_sim::replay::load(&files[0]).expect("it reads");
+    assert!(!recording.header.bodies);
+    let err = tandem_sim::replay::replay(&recording, false).expect_err("no bodies, no replay");
+    assert!(err.contains("bodies = true"), "{err}");
+    // Another build is named as such.
+    let mut other = recording.clone();
+    other.header.build = "0.0.0+src.0000000000000000".into();
+    let err = tandem_sim::replay::replay(&other, false).expect_err("another build");
+    assert!(err.contains("core build 0.0.0+src.0000000000000000") && err.contains("--any-build"), "{err}");
+}

@@ -1,0 +1,206 @@
+//! Replays a node's recording (`tandem_core::record`) through this build's core: the
+//! core starts from the recorded store, configuration and seed, gets every recorded
+//! input at its recorded instant, reads bodies as the recording says the node's store
+//! answered, and must ask for the same outputs after each input. The first input after
+//! which it does not is the divergence: a different core build, a non-determinism in
+//! the core, or a shell that fed the core something it did not record.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tandem_core::record::{self, BodyKey, Frame, OutputDigest, Recording};
+use tandem_core::store::BodyStore;
+use tandem_core::types::{Body, Guid};
+use tandem_core::{Input, Server};
+
+/// What a replay found.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayReport {
+    pub inputs: u64,
+    pub outputs: u64,
+    /// The first input after which this core asked for something else, described.
+    pub divergence: Option<String>,
+    /// Why the recording ended early (a crash while writing), if it did.
+    pub torn: Option<String>,
+}
+
+/// The body store a replayed core reads: what the node's store answered, by GUID, as
+/// the recording gives it (the latest read of each GUID so far).
+#[derive(Clone, Debug, Default)]
+struct RecordedReads {
+    answers: Arc<Mutex<BTreeMap<Guid, Option<Body>>>>,
+    /// GUIDs the core read that the recording never saw read: a divergence.
+    unrecorded: Arc<Mutex<Vec<Guid>>>,
+}
+
+impl RecordedReads {
+    fn answers(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<Body>>> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, Vec<Guid>> {
+        self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl BodyStore for RecordedReads {
+    fn read(&self, guid: Guid) -> Option<Body> {
+        let answer = self.answers().get(&guid).cloned();
+        match answer {
+            Some(body) => body,
+            None => {
+                self.unrecorded().push(guid);
+                None
+            }
+        }
+    }
+}
+
+/// Reads a recording file.
+pub fn load(path: &std::path::Path) -> Result<Recording, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    record::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// An input in a line (bodies by size).
+fn describe(input: &Input) -> String {
+    match input {
+        Input::Peer { from, envelope } => format!("{} from {from}", envelope.msg.name()),
+        Input::Client { id, request } => {
+            let text = format!("{request:?}");
+            let cut: String = text.chars().take(120).collect();
+            format!("client request #{id}: {cut}")
+        }
+        other => {
+            let text = format!("{other:?}");
+            text.chars().take(120).collect()
+        }
+    }
+}
+
+/// Replays `recording`; `any_build` replays one made by another core build anyway (to
+/// see where the two differ).
+pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, String> {
+    let header = &recording.header;
+    if header.build != tandem_core::BUILD && !any_build {
+        return Err(format!(
+            "recorded by core build {}, and this is core build {}: a replay needs the core that made \
+             the recording (build tandem-sim from the node's commit), or pass --any-build to see where they differ",
+            header.build,
+            tandem_core::BUILD
+        ));
+    }
+    let mut report = ReplayReport { torn: recording.torn.clone(), ..Default::default() };
+    let reads = RecordedReads::default();
+    let mut bodies: BTreeMap<BodyKey, Body> = BTreeMap::new();
+    let mut server = Server::recover(header.cfg.clone(), header.disk.clone(), header.seed, Box::new(reads.clone()));
+    let mut digest = OutputDigest::default();
+    let mut last = "the start".to_string();
+    let missing_body = |key: BodyKey| {
+        let hex: String = key.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        if header.bodies {
+            format!("body {hex}… is referred to before its bytes: the recording is damaged")
+        } else {
+            format!(
+                "the recording holds no mail (record.bodies = false), so it can be read but not replayed \
+                 (first body needed: {hex}…); record with bodies = true to replay"
+            )
+        }
+    };
+    let frames = &recording.frames;
+    let mut i = 0;
+    while i < frames.len() {
+        match &frames[i] {
+            Frame::Header(_) => return Err(format!("a second header at frame {}", i + 1)),
+            Frame::Body { key, bytes } => {
+                bodies.insert(*key, bytes.clone());
+            }
+            Frame::Read { guid, body } => {
+                let mut body = body.clone();
+                if let Some(b) = &mut body {
+                    let mut missing = None;
+                    record::resolve_one(b, &bodies, &mut missing);
+                    if let Some(key) = missing {
+                        return Err(missing_body(key));
+                    }
+                }
+                reads.answers().insert(*guid, body);
+            }
+            Frame::Input { now, input } => {
+                // The reads made while the node handled this input follow it in the file
+                // (with the bytes of bodies read for the first time): the store must
+                // answer them before the core asks.
+                let mut j = i + 1;
+                while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. })) = frames.get(j) {
+                    match frame {
+                        Frame::Body { key, bytes } => {
+                            bodies.insert(*key, bytes.clone());
+                        }
+                        Frame::Read { guid, body } => {
+                            let mut body = body.clone();
+                            if let Some(b) = &mut body {
+                                let mut missing = None;
+                                record::resolve_one(b, &bodies, &mut missing);
+                                if let Some(key) = missing {
+                                    return Err(missing_body(key));
+                                }
+                            }
+                            reads.answers().insert(*guid, body);
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                if j == frames.len() {
+                    // The node stopped (or the recording filled up) while it handled this
+                    // input: what the core read and asked for then is not all here.
+                    report.torn.get_or_insert_with(|| "the recording ends inside its last input".into());
+                    break;
+                }
+                let mut input = input.clone();
+                record::resolve_bodies(&mut input, &bodies).map_err(missing_body)?;
+                last = format!("input {} at {} µs ({})", report.inputs + 1, now.0, describe(&input));
+                server.handle(*now, input);
+                report.inputs += 1;
+                while let Some(output) = server.poll_output() {
+                    digest.add(&output);
+                    report.outputs += 1;
+                }
+                let unrecorded = std::mem::take(&mut *reads.unrecorded());
+                if let Some(guid) = unrecorded.first() {
+                    let later = frames[j..].iter().position(|f| matches!(f, Frame::Read { guid: g, .. } if g == guid));
+                    let inputs_before =
+                        |k: usize| frames[..k].iter().filter(|f| matches!(f, Frame::Input { .. })).count();
+                    let when = match later {
+                        Some(k) => format!("its first recorded read is in input {}", inputs_before(j + k)),
+                        None => "it never read it".into(),
+                    };
+                    report.divergence = Some(format!(
+                        "after {last}: the core read body {guid:?}, which the node's core did not read here ({when})"
+                    ));
+                    return Ok(report);
+                }
+                i = j;
+                continue;
+            }
+            Frame::Outputs { count, digest: recorded } => {
+                // Outputs before the first input come from recovery itself.
+                if report.inputs == 0 {
+                    while let Some(output) = server.poll_output() {
+                        digest.add(&output);
+                        report.outputs += 1;
+                    }
+                }
+                let replayed = std::mem::take(&mut digest);
+                if replayed.count != *count || replayed.digest != *recorded {
+                    report.divergence = Some(format!(
+                        "after {last}: the node's core asked for {count} outputs (digest {recorded:016x}), \
+                         this core for {} (digest {:016x})",
+                        replayed.count, replayed.digest
+                    ));
+                    return Ok(report);
+                }
+            }
+        }
+        i += 1;
+    }
+    Ok(report)
+}
