@@ -19,6 +19,8 @@ pub struct Setup {
     pub mode: &'static str,
     pub replicas: usize,
     pub compression: bool,
+    /// Record each core's inputs (`[record]`): None is off, Some(bodies) on.
+    pub record: Option<bool>,
 }
 
 pub struct Node {
@@ -81,6 +83,12 @@ impl BenchCluster {
                 setup.replicas,
                 setup.compression,
             );
+            if let Some(bodies) = setup.record {
+                text.push_str(&format!(
+                    "[record]\ndir = \"{}\"\nmax_mb = 4096\nbodies = {bodies}\n",
+                    dir.join(format!("record-{}", i + 1)).display()
+                ));
+            }
             let config_alone = dir.join(format!("node-{}-alone.toml", i + 1));
             std::fs::write(&config_alone, &text).map_err(err)?;
             for j in (0..n).filter(|j| *j != i) {

@@ -176,7 +176,7 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
     }
     let standard = ["sim", "throughput", "wire", "resync"];
     let only_extras = !args.parts.iter().any(|p| standard.contains(&p.as_str()));
-    if only_extras && !args.parts.iter().any(|p| p == "lmtp") {
+    if only_extras && !args.parts.iter().any(|p| p == "lmtp" || p == "record") {
         return Ok(());
     }
     let max_size = args.sizes.iter().copied().max().unwrap_or(0);
@@ -198,6 +198,34 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
     let arrivals = scenarios::read_messages(&root.join("arrivals"))?;
     let mut ctx = scenarios::Ctx::new(root.join("tandem"), tandem.to_path_buf(), messages, arrivals, args.runs);
 
+    if args.parts.iter().any(|p| p == "record") {
+        // Recording's overhead: the same delivery with recording off, on without bodies
+        // and on with bodies, in rounds, so that drift on a noisy machine hits all three.
+        say("LMTP delivery with each node recording its core's inputs ([record]) and without");
+        let mut rows: std::collections::BTreeMap<&str, Vec<scenarios::ThroughputRow>> = Default::default();
+        for round in 1..=args.runs.max(1) {
+            for (name, record) in [("off", None), ("on, no bodies", Some(false)), ("on, bodies", Some(true))] {
+                let row = scenarios::throughput_recorded(&mut ctx, "sync", 1, args.throughput_messages, record)?;
+                say(&format!("  round {round} recording {name}: {row:?}"));
+                rows.entry(name).or_default().push(row);
+            }
+        }
+        let median = |rows: &[scenarios::ThroughputRow], f: fn(&scenarios::ThroughputRow) -> f64| {
+            let mut v: Vec<f64> = rows.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let off = median(&rows["off"], |r| r.per_s);
+        for (name, rows) in &rows {
+            say(&format!(
+                "  recording {name}: median {:.0}/s ({:.3} of off), p50 {:.2} ms, p99 {:.2} ms",
+                median(rows, |r| r.per_s),
+                median(rows, |r| r.per_s) / off,
+                median(rows, |r| r.p50_ms),
+                median(rows, |r| r.p99_ms)
+            ));
+        }
+    }
     if args.parts.iter().any(|p| p == "lmtp") {
         say("LMTP delivery beside a single Dovecot 2.3 LMTP server");
         let row = scenarios::throughput(&mut ctx, "sync", 1, args.throughput_messages)?;
@@ -243,6 +271,9 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
         if only_extras {
             return Ok(());
         }
+    }
+    if only_extras {
+        return Ok(());
     }
 
     say("simulator speed");

@@ -138,7 +138,7 @@ pub fn noop_latency(
     let dir = root.join(format!("noop-{messages}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let setup = Setup { nodes: 1, mode: "sync", replicas: 0, compression: false };
+    let setup = Setup { nodes: 1, mode: "sync", replicas: 0, compression: false, record: None };
     let mut rows = Vec::new();
     for (i, (build, binary)) in builds.iter().enumerate() {
         let mut cluster = BenchCluster::create(&dir, binary, &setup)?;

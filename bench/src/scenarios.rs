@@ -86,8 +86,24 @@ pub struct ThroughputRow {
 /// LMTP delivery of `count` messages to the INBOX master of a 3-node cluster over
 /// `ctx.connections` sessions; the first 50 messages (creating the mailbox) are not timed.
 pub fn throughput(ctx: &mut Ctx, mode: &'static str, replicas: usize, count: usize) -> Result<ThroughputRow, String> {
-    let setup = Setup { nodes: 3, mode, replicas, compression: true };
-    let mut c = ctx.cluster(&format!("throughput-{mode}-{replicas}"), &setup)?;
+    throughput_recorded(ctx, mode, replicas, count, None)
+}
+
+/// As [`throughput`], with each node recording its core's inputs when `record` is
+/// Some(bodies) (the "record" part: recording's overhead).
+pub fn throughput_recorded(
+    ctx: &mut Ctx,
+    mode: &'static str,
+    replicas: usize,
+    count: usize,
+    record: Option<bool>,
+) -> Result<ThroughputRow, String> {
+    let setup = Setup { nodes: 3, mode, replicas, compression: true, record };
+    let name = match record {
+        None => format!("throughput-{mode}-{replicas}"),
+        Some(bodies) => format!("throughput-{mode}-{replicas}-record-{bodies}"),
+    };
+    let mut c = ctx.cluster(&name, &setup)?;
     for i in 0..3 {
         c.start(i)?;
     }
@@ -121,7 +137,7 @@ pub struct WireRow {
 /// Bytes on the one peer link of a 2-node sync cluster per replicated SAVE, STORE and
 /// EXPUNGE, each done `count` times at the master, one at a time.
 pub fn wire_bytes(ctx: &mut Ctx, compression: bool, count: usize) -> Result<WireRow, String> {
-    let setup = Setup { nodes: 2, mode: "sync", replicas: 1, compression };
+    let setup = Setup { nodes: 2, mode: "sync", replicas: 1, compression, record: None };
     let mut c = ctx.cluster(&format!("wire-{}", if compression { "deflate" } else { "plain" }), &setup)?;
     c.start(1)?;
     c.start(0)?;
@@ -220,7 +236,7 @@ enum Outage {
 /// Every cost that depends on the mailbox size, for a mailbox of `size` messages on a
 /// 2-node async cluster (`compression` on the link).
 pub fn by_size(ctx: &mut Ctx, size: usize, compression: bool) -> Result<SizeRow, String> {
-    let setup = Setup { nodes: 2, mode: "async", replicas: 0, compression };
+    let setup = Setup { nodes: 2, mode: "async", replicas: 0, compression, record: None };
     let mut c = ctx.cluster(&format!("size-{size}"), &setup)?;
     let poll = Duration::from_millis(if size > 20_000 { 10 } else { 2 });
     let timeout = Duration::from_secs(600);

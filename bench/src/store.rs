@@ -129,7 +129,7 @@ pub fn recipients(
 ) -> Result<RecipientsRow, String> {
     let dir = root.join(format!("store-{build}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: false };
+    let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: false, record: None };
     let mut cluster = BenchCluster::create(&dir, tandem, &setup)?;
     add_recipients(&dir, recipients)?;
     for node in &cluster.nodes {
@@ -312,7 +312,7 @@ fn wait_agreed(cluster: &BenchCluster, ids: &[usize], messages: usize, timeout: 
 pub fn restart(tandem: &Path, root: &Path, messages: usize, keep: bool) -> Result<RestartRow, String> {
     let dir = root.join(format!("restart-{messages}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: true };
+    let setup = Setup { nodes: 3, mode: "sync", replicas: 1, compression: true, record: None };
     let mut cluster = BenchCluster::create(&dir, tandem, &setup)?;
     let started = Instant::now();
     generate_store(&cluster.nodes[0].data, messages, 4096)?;
