@@ -356,6 +356,21 @@ mod tests {
         assert_eq!(parse_body_ref(b"short"), None);
     }
 
+    proptest::proptest! {
+        /// A damaged or hostile file is an error or a torn tail, never a panic.
+        #[test]
+        fn any_bytes_after_the_magic_read_without_panic(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend(&tail);
+            let _ = parse(&bytes);
+            let mut real = file(&[Frame::Header(Box::new(header())), Frame::Input { now: Instant(1), input: Input::Timer }]);
+            let at = tail.first().map_or(0, |b| usize::from(*b) % real.len());
+            real.truncate(at.max(MAGIC.len()));
+            real.extend(&tail);
+            let _ = parse(&real);
+        }
+    }
+
     #[test]
     fn the_output_digest_tells_outputs_apart() {
         let mut a = OutputDigest::default();
