@@ -46,6 +46,9 @@ pub enum Mark {
     SaveCancelled,
     /// A master kept a cancelled save: a retry was answered with it.
     SaveCancelRefused,
+    /// A root answered a request for its term sent before the asker heard it (a slow
+    /// link) with the term, instead of opening another.
+    StaleTermAskAnswered,
     /// A fresh read was answered once this server's copy reached its master's position.
     FreshReadCaughtUp,
     /// A fresh read was answered from this server's copy without its master's position
@@ -71,7 +74,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 35] = [
+    pub const ALL: [Mark; 36] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -97,6 +100,7 @@ impl Mark {
         Mark::SaveCancelSent,
         Mark::SaveCancelled,
         Mark::SaveCancelRefused,
+        Mark::StaleTermAskAnswered,
         Mark::FreshReadCaughtUp,
         Mark::FreshReadStale,
         Mark::RetryRecognised,
@@ -136,6 +140,7 @@ impl Mark {
             Mark::SaveCancelSent => "save_cancel_sent",
             Mark::SaveCancelled => "save_cancelled",
             Mark::SaveCancelRefused => "save_cancel_refused",
+            Mark::StaleTermAskAnswered => "stale_term_ask_answered",
             Mark::FreshReadCaughtUp => "fresh_read_caught_up",
             Mark::FreshReadStale => "fresh_read_stale",
             Mark::RetryRecognised => "retry_recognised",

@@ -175,8 +175,20 @@ impl Server {
     /// (a restarted server holds none of the masterships our table may still give it,
     /// and a new term drops them everywhere), and a designated root that is not root
     /// yet opens one once its own start-up hold allows.
+    ///
+    /// An ask below our epoch from a server that has not dropped in our term was sent
+    /// before it heard the term (on a link with seconds of latency it arrives after we
+    /// sent it ours): it holds nothing of this term, so the term is all it needs. Taking
+    /// it as back would open another term, which the next ask in flight would undo in
+    /// turn: terms without end on a satellite link.
     fn on_term_asked(&mut self, from: Sid, epoch: u64) {
         self.set_epoch(epoch);
+        if self.is_root() && epoch < self.root_role.epoch() && !self.root_role.has_dropped(from) {
+            debug_assert!(!self.root_role.table_names(from), "a server that never dropped masters nothing");
+            self.marks.hit(crate::Mark::StaleTermAskAnswered);
+            self.send(from, Msg::Root { epoch: self.root_role.epoch(), root: self.cfg.sid });
+            return;
+        }
         if self.is_root() {
             self.note(|| format!("{from} asks for our term: it is taken as back"));
             self.root_role.peer_lost(from);

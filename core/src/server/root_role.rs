@@ -121,6 +121,11 @@ impl RootRole {
         self.state.dropped.insert(from);
     }
 
+    /// Whether this term's table names `server` master of anything.
+    pub(crate) fn table_names(&self, server: Sid) -> bool {
+        self.state.table.values().any(|m| *m == server)
+    }
+
     pub(crate) fn has_dropped(&self, from: Sid) -> bool {
         self.state.dropped.contains(&from)
     }
