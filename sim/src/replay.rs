@@ -76,6 +76,33 @@ fn describe(input: &Input) -> String {
     }
 }
 
+/// A body's bytes, or a read the node's store answered (its body resolved), taken in;
+/// the key of a body referred to before its bytes is the error.
+fn take_body_or_read(
+    frame: &Frame,
+    bodies: &mut BTreeMap<BodyKey, Body>,
+    reads: &RecordedReads,
+) -> Result<(), BodyKey> {
+    match frame {
+        Frame::Body { key, bytes } => {
+            bodies.insert(*key, bytes.clone());
+        }
+        Frame::Read { guid, body } => {
+            let mut body = body.clone();
+            if let Some(b) = &mut body {
+                let mut missing = None;
+                record::resolve_one(b, bodies, &mut missing);
+                if let Some(key) = missing {
+                    return Err(key);
+                }
+            }
+            reads.answers().insert(*guid, body);
+        }
+        Frame::Header(_) | Frame::Input { .. } | Frame::Outputs { .. } => {}
+    }
+    Ok(())
+}
+
 /// Replays `recording`; `any_build` replays one made by another core build anyway (to
 /// see where the two differ).
 pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, String> {
@@ -110,19 +137,8 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
     while i < frames.len() {
         match &frames[i] {
             Frame::Header(_) => return Err(format!("a second header at frame {}", i + 1)),
-            Frame::Body { key, bytes } => {
-                bodies.insert(*key, bytes.clone());
-            }
-            Frame::Read { guid, body } => {
-                let mut body = body.clone();
-                if let Some(b) = &mut body {
-                    let mut missing = None;
-                    record::resolve_one(b, &bodies, &mut missing);
-                    if let Some(key) = missing {
-                        return Err(missing_body(key));
-                    }
-                }
-                reads.answers().insert(*guid, body);
+            frame @ (Frame::Body { .. } | Frame::Read { .. }) => {
+                take_body_or_read(frame, &mut bodies, &reads).map_err(missing_body)?;
             }
             Frame::Input { now, input } => {
                 // The reads made while the node handled this input follow it in the file
@@ -130,23 +146,7 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
                 // answer them before the core asks.
                 let mut j = i + 1;
                 while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. })) = frames.get(j) {
-                    match frame {
-                        Frame::Body { key, bytes } => {
-                            bodies.insert(*key, bytes.clone());
-                        }
-                        Frame::Read { guid, body } => {
-                            let mut body = body.clone();
-                            if let Some(b) = &mut body {
-                                let mut missing = None;
-                                record::resolve_one(b, &bodies, &mut missing);
-                                if let Some(key) = missing {
-                                    return Err(missing_body(key));
-                                }
-                            }
-                            reads.answers().insert(*guid, body);
-                        }
-                        _ => {}
-                    }
+                    take_body_or_read(frame, &mut bodies, &reads).map_err(missing_body)?;
                     j += 1;
                 }
                 if j == frames.len() {
