@@ -385,8 +385,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
             };
-            let recorder = crate::record::Recorder::start(rc, header).map_err(|e| format!("record: {e}"))?;
-            Some(Arc::new(std::sync::Mutex::new(recorder)))
+            // Recording is a diagnostic: a node that cannot record still serves mail.
+            match crate::record::Recorder::start(rc, header) {
+                Ok(recorder) => Some(Arc::new(std::sync::Mutex::new(recorder))),
+                Err(e) => {
+                    error!(error = %e, "recording the core's inputs is off");
+                    None
+                }
+            }
         }
     };
     let core_bodies: Box<dyn tandem_core::BodyStore> = match &recorder {

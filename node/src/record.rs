@@ -110,6 +110,14 @@ impl Recorder {
         recorder.write_bytes(record::MAGIC)?;
         recorder.write(&Frame::Header(Box::new(header)))?;
         recorder.flush();
+        if recorder.stopped {
+            // Only the header can have filled it: the store's image is the big part.
+            let _ = std::fs::remove_file(&recorder.path);
+            return Err(format!(
+                "the store's image does not fit in record.max_mb = {} MiB: raise it to record this node",
+                recorder.max_bytes >> 20
+            ));
+        }
         info!(path = %recorder.path.display(), "recording the core's inputs");
         Ok(recorder)
     }
@@ -335,6 +343,15 @@ mod tests {
             let mail_in_file = bytes.windows(8).any(|w| w == b"the mail");
             assert_eq!(mail_in_file, bodies, "the file holds mail only when asked to");
         }
+    }
+
+    #[test]
+    fn a_store_too_big_for_the_bound_is_refused_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecordConfig { dir: dir.path().to_path_buf(), max_bytes: 64, bodies: false };
+        let err = Recorder::start(&cfg, header(1, false)).unwrap_err();
+        assert!(err.contains("record.max_mb"), "{err}");
+        assert!(recordings_in(dir.path()).unwrap().is_empty());
     }
 
     #[test]
