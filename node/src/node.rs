@@ -466,6 +466,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     node.body_reads = Some(handle.clone());
     node.drain();
     tokio::pin!(shutdown);
+    let mut record_flush = tokio::time::interval(crate::record::FLUSH_EVERY);
+    record_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = node.start + Duration::from_micros(node.server.poll_timeout().0);
         tokio::select! {
@@ -488,6 +490,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             Some(event) = events.recv() => node.on_event(event),
             Some(event) = link_events.recv() => node.on_link_event(event),
             _ = tokio::time::sleep_until(deadline) => node.input(Input::Timer),
+            _ = record_flush.tick(), if node.recorder.is_some() => {
+                if let Some(recorder) = &node.recorder {
+                    crate::record::lock(recorder).idle();
+                }
+            }
         }
     }
 }

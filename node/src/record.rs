@@ -30,7 +30,7 @@ pub const EXTENSION: &str = "tdrec";
 const BUFFER_BYTES: usize = 64 * 1024;
 /// What is buffered is handed to the file at the first input after this long (a crash
 /// loses at most about this much of the recording).
-const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Recorder {
     out: std::io::BufWriter<std::fs::File>,
@@ -48,6 +48,8 @@ pub struct Recorder {
     /// Recording stopped: the bound was reached or the file failed.
     stopped: bool,
     last_flush: std::time::Instant,
+    /// Frames were written since the last flush.
+    unflushed: bool,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -106,6 +108,7 @@ impl Recorder {
             input_open: false,
             stopped: false,
             last_flush: std::time::Instant::now(),
+            unflushed: false,
         };
         recorder.write_bytes(record::MAGIC)?;
         recorder.write(&Frame::Header(Box::new(header)))?;
@@ -170,6 +173,7 @@ impl Recorder {
 
     /// Writes a recording failure off: the node goes on without it.
     fn write_or_stop(&mut self, frame: &Frame) {
+        self.unflushed = true;
         if let Err(e) = self.write(frame) {
             self.stopped = true;
             error!(error = %e, "recording stopped");
@@ -236,8 +240,23 @@ impl Recorder {
         }
     }
 
+    /// Between inputs (the event loop calls this every `FLUSH_EVERY`): the last input's
+    /// outputs are all drained, so its Outputs frame is written and the file flushed. A
+    /// node that goes quiet after an input has that input on disk within about
+    /// `FLUSH_EVERY`, not at its next input, which may never come before a kill -9.
+    pub fn idle(&mut self) {
+        if self.stopped || !(self.input_open || self.outputs.count > 0 || self.unflushed) {
+            return;
+        }
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.close_outputs();
+            self.flush();
+        }
+    }
+
     /// Hands what is buffered to the file (now and then, and when the node stops).
     pub fn flush(&mut self) {
+        self.unflushed = false;
         self.last_flush = std::time::Instant::now();
         if let Err(e) = self.out.flush() {
             self.stopped = true;

@@ -94,11 +94,19 @@ enum Command {
         /// Replay a recording made by another core build (to see where they differ).
         #[arg(long)]
         any_build: bool,
+        /// Instead of checking the outputs, turn the recordings of one incident (every
+        /// node's files) into a scenario file written here, run it, and shrink it if it
+        /// fails.
+        #[arg(long, value_name = "OUT.toml")]
+        to_scenario: Option<PathBuf>,
     },
-    /// Shrink a failing explore seed to a minimal scenario file.
+    /// Shrink a failing explore seed, or a failing scenario file (such as one
+    /// `replay --to-scenario` made), to a minimal scenario file.
     Shrink {
+        #[arg(long, required_unless_present = "scenario", conflicts_with = "scenario")]
+        seed: Option<u64>,
         #[arg(long)]
-        seed: u64,
+        scenario: Option<PathBuf>,
         #[arg(long, value_parser = parse_bug)]
         bug: Option<Bug>,
         /// Where to write the scenario (default: shrunk-seed-N.toml).
@@ -141,6 +149,63 @@ fn shrink_seed(seed: u64, bug: Option<Bug>, out: &Path) -> Result<(PathBuf, usiz
     }
     std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((path, small.events.len(), broken))
+}
+
+/// `replay --to-scenario`: writes the incident's scenario to `out`, runs it, and if it
+/// fails writes the shrunk failure next to it. Whether it passed.
+fn incident_to_scenario(files: &[PathBuf], out: &Path, any_build: bool) -> Result<bool, String> {
+    let recordings = files.iter().map(|f| tandem_sim::replay::load(f)).collect::<Result<Vec<_>, _>>()?;
+    let name = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "incident".into());
+    let conversion = tandem_sim::incident::to_scenario(&recordings, &name, any_build)?;
+    let sources: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let text = tandem_sim::incident::to_toml(&conversion, &sources);
+    std::fs::write(out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+    for note in &conversion.notes {
+        tandem_sim::say!("note: {note}");
+    }
+    // Run what the file says (as `run` will), not the value it was written from.
+    let scenario = load(out)?;
+    let opts = RunOptions::default();
+    let report = tandem_sim::run(&scenario, &opts);
+    let s = &conversion.scenario;
+    tandem_sim::say!(
+        "wrote {}: {} servers, {} events, {} expectations",
+        out.display(),
+        s.cluster.servers.len(),
+        s.events.len(),
+        s.expects.len()
+    );
+    if report.passed {
+        tandem_sim::say!("pass: the simulator runs the incident to what the real cluster held");
+        return Ok(true);
+    }
+    tandem_sim::say!("FAIL: {}", report.failures.join("; "));
+    let shrunk = out.with_extension("shrunk.toml");
+    match shrink_file(out, None, &shrunk)? {
+        Some((n, why)) => tandem_sim::say!("shrunk to {n} events ({why}): {}", shrunk.display()),
+        None => tandem_sim::say!("it passed when run again: nothing to shrink"),
+    }
+    Ok(false)
+}
+
+/// Shrinks a failing scenario file (with the broken variant `bug`, if given) into
+/// `out`: the number of events left and the invariant it breaks; None if it passes.
+fn shrink_file(file: &Path, bug: Option<Bug>, out: &Path) -> Result<Option<(usize, String)>, String> {
+    let scenario = load(file)?;
+    let opts = RunOptions { bug, ..Default::default() };
+    let Some((small, why)) = shrink(&scenario, &opts, &ShrinkBudget::default()) else {
+        return Ok(None);
+    };
+    let bug_line =
+        bug.map(|b| format!("\nrun with: tandem-sim run --bug {} <this file>", b.name())).unwrap_or_default();
+    let comment = format!(
+        "Shrunk by `tandem-sim shrink --scenario {}` ({} events -> {}).\nIt breaks invariant {why}.{bug_line}",
+        file.display(),
+        scenario.events.len(),
+        small.events.len()
+    );
+    std::fs::write(out, to_toml(&small, &comment)).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(Some((small.events.len(), why)))
 }
 
 fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
@@ -258,7 +323,22 @@ fn main() -> ExitCode {
             }
             ExitCode::from(1)
         }
-        Command::Replay { files, any_build } => {
+        Command::Replay { files, any_build, to_scenario: Some(out) } => {
+            match incident_to_scenario(&files, &out, any_build) {
+                Ok(passed) => {
+                    if passed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tandem-sim: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Replay { files, any_build, to_scenario: None, .. } => {
             let mut failed = 0;
             for file in &files {
                 let outcome = tandem_sim::replay::load(file)
@@ -288,7 +368,25 @@ fn main() -> ExitCode {
             }
             if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
-        Command::Shrink { seed, bug, out } => {
+        Command::Shrink { seed: None, scenario: Some(file), bug, out } => {
+            let out = out.unwrap_or_else(|| file.with_extension("shrunk.toml"));
+            match shrink_file(&file, bug, &out) {
+                Ok(Some((n, why))) => {
+                    tandem_sim::say!("{} ({why}) shrunk to {n} events: {}", file.display(), out.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    eprintln!("tandem-sim: {} passes: nothing to shrink", file.display());
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("tandem-sim: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Shrink { seed, bug, out, .. } => {
+            let seed = seed.unwrap_or(0);
             let out = out.unwrap_or_else(|| PathBuf::from("."));
             match shrink_seed(seed, bug, &out) {
                 Ok((path, n, broken)) => {

@@ -26,14 +26,14 @@ pub struct ReplayReport {
 /// The body store a replayed core reads: what the node's store answered, by GUID, as
 /// the recording gives it (the latest read of each GUID so far).
 #[derive(Clone, Debug, Default)]
-struct RecordedReads {
+pub(crate) struct RecordedReads {
     answers: Arc<Mutex<BTreeMap<Guid, Option<Body>>>>,
     /// GUIDs the core read that the recording never saw read: a divergence.
     unrecorded: Arc<Mutex<Vec<Guid>>>,
 }
 
 impl RecordedReads {
-    fn answers(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<Body>>> {
+    pub(crate) fn answers(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<Body>>> {
         self.answers.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn unrecorded(&self) -> std::sync::MutexGuard<'_, Vec<Guid>> {
@@ -103,9 +103,9 @@ fn take_body_or_read(
     Ok(())
 }
 
-/// Replays `recording`; `any_build` replays one made by another core build anyway (to
-/// see where the two differ).
-pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, String> {
+/// A recording made by another core build cannot be replayed by this one (unless
+/// `any_build`, to see where the two differ): the error names both.
+pub(crate) fn same_build(recording: &Recording, any_build: bool) -> Result<(), String> {
     let header = &recording.header;
     if header.build != tandem_core::BUILD && !any_build {
         return Err(format!(
@@ -115,6 +115,14 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
             tandem_core::BUILD
         ));
     }
+    Ok(())
+}
+
+/// Replays `recording`; `any_build` replays one made by another core build anyway (to
+/// see where the two differ).
+pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, String> {
+    let header = &recording.header;
+    same_build(recording, any_build)?;
     let mut report = ReplayReport { torn: recording.torn.clone(), ..Default::default() };
     let reads = RecordedReads::default();
     let mut bodies: BTreeMap<BodyKey, Body> = BTreeMap::new();

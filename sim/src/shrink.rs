@@ -54,12 +54,43 @@ pub fn shrink(s: &Scenario, opts: &RunOptions, budget: &ShrinkBudget) -> Option<
     let mut progress = true;
     while progress && !k.spent() {
         progress = false;
+        progress |= drop_expectations(&mut k, &mut best);
         progress |= drop_event_chunks(&mut k, &mut best);
         progress |= drop_servers(&mut k, &mut best);
         progress |= simplify(&mut k, &mut best);
         progress |= pull_earlier(&mut k, &mut best);
     }
     Some((best, target))
+}
+
+/// Expectations the failure does not need (a scenario made from an incident expects
+/// everything the real cluster held): all at once, else one at a time.
+fn drop_expectations(k: &mut Shrinker<'_>, best: &mut Scenario) -> bool {
+    let droppable = |x: &Expect| !matches!(x, Expect::Invariants);
+    if !best.expects.iter().any(droppable) {
+        return false;
+    }
+    let mut candidate = best.clone();
+    candidate.expects.retain(|x| !droppable(x));
+    if k.fails(&candidate) {
+        *best = candidate;
+        return true;
+    }
+    let mut changed = false;
+    let mut i = 0;
+    while i < best.expects.len() && !k.spent() {
+        if droppable(&best.expects[i]) {
+            let mut candidate = best.clone();
+            candidate.expects.remove(i);
+            if k.fails(&candidate) {
+                *best = candidate;
+                changed = true;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    changed
 }
 
 /// Delta debugging over the event list.

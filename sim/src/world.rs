@@ -298,6 +298,8 @@ pub struct World {
     label_counter: u64,
     /// The bytes of each imported label: importing it again sends them again.
     imported: BTreeMap<String, Body>,
+    /// The bytes of each labelled save: saving the label again sends them again.
+    saved: BTreeMap<String, Body>,
     /// Deliveries retried while the cluster was whole and agreeing, as (mailbox, body
     /// checksum): each must be stored once (see `oracle::RETRIES_STORED_ONCE`).
     retried_when_whole: BTreeSet<(MailboxKey, u64)>,
@@ -397,6 +399,7 @@ impl World {
             trace: Vec::new(),
             label_counter: 0,
             imported: BTreeMap::new(),
+            saved: BTreeMap::new(),
             retried_when_whole: BTreeSet::new(),
             clients_stopped: false,
             only_clean_restarts: true,
@@ -1609,8 +1612,18 @@ impl World {
         }
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
-                self.label_counter += 1;
-                let body = self.body(size, self.label_counter);
+                // A label saved again is a retried delivery: the same bytes.
+                let body = match label.as_ref().and_then(|l| self.saved.get(l)) {
+                    Some(body) => body.clone(),
+                    None => {
+                        self.label_counter += 1;
+                        let body = self.body(size, self.label_counter);
+                        if let Some(l) = &label {
+                            self.saved.insert(l.clone(), body.clone());
+                        }
+                        body
+                    }
+                };
                 let label = label.or_else(|| Some(format!("auto{}", self.label_counter)));
                 let retry = self.scenario.cluster.mta_retry_ms.map(|_| Retry {
                     mailbox: mailbox.clone(),
