@@ -136,7 +136,7 @@ fn combine_digest(live: u64, dead: u64, lifecycle: &Lifecycle, retired: u64) -> 
 /// record and tombstone, and their XORs. A server feeds it the writes it makes to the
 /// mailbox (its store holds exactly what those writes say), so a digest costs nothing
 /// however large the mailbox.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DigestParts {
     live: BTreeMap<Uid, u64>,
     dead: BTreeMap<(Uid, Guid), u64>,

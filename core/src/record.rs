@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 
 pub const MAGIC: &[u8; 8] = b"TDMREC\x00\x01";
 /// The layout of [`Frame`]; a reader refuses another.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// A frame longer than this is damage, not a frame (a body is far smaller).
 pub const FRAME_BYTES_MAX: usize = 1 << 30;
 const FRAME_HEAD_BYTES: usize = 8;
@@ -48,6 +48,30 @@ pub struct Header {
     pub bodies: bool,
     /// When the recording started (wall clock, for the reader; nothing replays by it).
     pub started_unix_ms: u64,
+    /// A file that continues a run the previous file recorded (a recording rotates when
+    /// it grows): the core resumes from a snapshot instead of recovering from `disk`.
+    pub resumed: Option<Resumed>,
+}
+
+/// Where a file that continues a run begins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// `Server::snapshot` between the previous file's last input and this file's first.
+    /// None when recorded without bodies: the core's state holds bodies in flight,
+    /// which such a file must not (it is read, not replayed, like its predecessors).
+    pub snapshot: Option<Vec<u8>>,
+    /// When the node's run began: the core's instants count from there.
+    pub run_started_unix_ms: u64,
+    /// The file this one continues.
+    pub previous: String,
+}
+
+impl Header {
+    /// When the core's instant 0 was, on the wall clock: the run's start, which for the
+    /// first file of a run is the file's.
+    pub fn clock_origin_unix_ms(&self) -> u64 {
+        self.resumed.as_ref().map(|r| r.run_started_unix_ms).unwrap_or(self.started_unix_ms)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +97,13 @@ pub enum Frame {
     Outputs {
         count: u32,
         digest: u64,
+    },
+    /// The core asked its store for a body's checksum (the scrub's question, which a
+    /// store may answer without reading the bytes): recorded as the answer, not the
+    /// body, so a scrub pass does not copy the mail it checks into the recording.
+    Checksum {
+        guid: Guid,
+        checksum: Option<u64>,
     },
 }
 
@@ -297,6 +328,7 @@ mod tests {
             disk: DiskImage::default(),
             bodies: true,
             started_unix_ms: 0,
+            resumed: None,
         }
     }
 

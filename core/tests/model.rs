@@ -780,3 +780,49 @@ fn lone_server_serves_writes() {
     }
     panic!("no reply to SAVE");
 }
+
+/// A server restored from its snapshot (`Server::snapshot` and `Server::resume`, how a
+/// recording begins a new file in the middle of a run) is the same server: the same
+/// state digest, and on the same inputs the same replies and the same state after.
+#[test]
+fn a_resumed_snapshot_is_the_same_server() {
+    let save = |n: u32| ClientRequest::Save {
+        mailbox: key("INBOX"),
+        received: 1_700_000_000,
+        flags: vec![],
+        body: Body::from(format!("Subject: {n}\r\n\r\nbody {n}\r\n").into_bytes()),
+        delivery: true,
+    };
+    let mut h = Harness::new(Durability::Sync, Mode::Linked);
+    for n in 0..3 {
+        h.request_at(if n % 2 == 0 { S1 } else { S2 }, save(n));
+    }
+    let mut servers = BTreeMap::new();
+    let mut bodies = BTreeMap::new();
+    for (sid, server) in &h.servers {
+        let store = h.bodies[sid].deep_copy();
+        let snapshot = server.snapshot().expect("a snapshot");
+        let resumed = Server::resume(&snapshot, Box::new(store.clone())).expect("it resumes");
+        assert_eq!(resumed.state_digest(), server.state_digest(), "{sid}");
+        servers.insert(*sid, resumed);
+        bodies.insert(*sid, store);
+    }
+    let mut twin = Harness {
+        servers,
+        bodies,
+        linked: h.linked,
+        now: h.now,
+        next_id: h.next_id,
+        replies: BTreeMap::new(),
+        issued: BTreeSet::new(),
+    };
+    assert!(Server::resume(b"not a snapshot", Box::new(MemoryBodies::default())).is_err());
+    for n in 3..7 {
+        let at = if n % 2 == 0 { S1 } else { S2 };
+        assert_eq!(h.request_at(at, save(n)), twin.request_at(at, save(n)), "save {n}");
+    }
+    assert_eq!(h.read("INBOX"), twin.read("INBOX"));
+    for sid in [S1, S2] {
+        assert_eq!(h.servers[&sid].state_digest(), twin.servers[&sid].state_digest(), "{sid}");
+    }
+}

@@ -384,6 +384,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                 started_unix_ms: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
+                resumed: None,
             };
             // Recording is a diagnostic: a node that cannot record still serves mail.
             match crate::record::Recorder::start(rc, header) {
@@ -530,7 +531,13 @@ impl EventLoop {
     fn input(&mut self, input: Input) {
         let now = self.now();
         if let Some(recorder) = &self.recorder {
-            crate::record::lock(recorder).input(now, &input);
+            let mut recorder = crate::record::lock(recorder);
+            if recorder.wants_rotation() {
+                // Between inputs, every output drained: the state a replay resumes from.
+                let snapshot = recorder.keeps_bodies().then(|| self.server.snapshot());
+                recorder.rotate(snapshot);
+            }
+            recorder.input(now, &input);
         }
         self.server.handle(now, input);
         self.drain();

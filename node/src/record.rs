@@ -6,9 +6,10 @@
 //! outputs. `tandem-sim replay` feeds a recording to the same core build and checks
 //! that it asks for the same.
 //!
-//! Bounded: the recordings in `dir` take at most `max_bytes` together. The oldest are
-//! deleted to make room for the current one; the current one stops (with a warning)
-//! when it alone would pass the bound, so what it holds stays replayable from its start.
+//! Bounded: the recordings in `dir` take at most `max_bytes` together. A file rotates
+//! when it passes a quarter of that: the next begins with the core's snapshot (with
+//! bodies), so each replays on its own, and the oldest are deleted to make room. A
+//! file that alone would pass the bound stops (with a warning).
 //! Bodies are written as their SHA-256 and size unless `bodies` is set; then each
 //! distinct body's bytes are written once per recording.
 
@@ -35,7 +36,12 @@ pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(10
 pub struct Recorder {
     out: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
+    dir: PathBuf,
+    /// The header of this run's files (the store image only in the first).
+    header: Header,
     written: u64,
+    /// What this file's header took.
+    header_bytes: u64,
     max_bytes: u64,
     /// Older recordings in the directory, oldest first, with their sizes: deleted to
     /// make room as this one grows.
@@ -84,22 +90,41 @@ fn key_of(body: &[u8]) -> BodyKey {
     Sha256::digest(body).into()
 }
 
+/// A new recording file in `dir` for a file starting at `at_ms` (a later millisecond if
+/// that name is taken).
+fn create(dir: &Path, at_ms: u64, sid: tandem_core::Sid) -> Result<(std::fs::File, PathBuf, u64), String> {
+    let mut at_ms = at_ms;
+    loop {
+        let path = dir.join(format!("{at_ms:020}-s{}.{EXTENSION}", sid.0));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(file) => return Ok((file, path, at_ms)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && at_ms < u64::MAX => at_ms += 1,
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A file rotates once its frames after the header pass this share of the directory's
+/// bound, so the directory holds the current file and a few before it.
+const ROTATE_SHARE: u64 = 4;
+
 impl Recorder {
     /// Begins a recording of a core that starts from `header`.
     pub fn start(cfg: &RecordConfig, header: Header) -> Result<Recorder, String> {
         std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
         let older = recordings_in(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
-        let name = format!("{:020}-s{}.{EXTENSION}", header.started_unix_ms, header.cfg.sid.0);
-        let path = cfg.dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let (file, path, _) = create(&cfg.dir, header.started_unix_ms, header.cfg.sid)?;
         let mut recorder = Recorder {
             out: std::io::BufWriter::with_capacity(BUFFER_BYTES, file),
             path,
+            dir: cfg.dir.clone(),
+            header: header.clone(),
             written: 0,
+            header_bytes: 0,
             max_bytes: cfg.max_bytes,
             older: older.into(),
             bodies: header.bodies,
@@ -112,6 +137,9 @@ impl Recorder {
         };
         recorder.write_bytes(record::MAGIC)?;
         recorder.write(&Frame::Header(Box::new(header)))?;
+        recorder.header_bytes = recorder.written;
+        // Later files of the run resume from a snapshot, not from the store's image.
+        recorder.header.disk = Default::default();
         recorder.flush();
         if recorder.stopped {
             // Only the header can have filled it: the store's image is the big part.
@@ -127,6 +155,69 @@ impl Recorder {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// This file has grown past its share of the bound: the event loop should call
+    /// [`Recorder::rotate`] with the core's snapshot before the next input.
+    pub fn wants_rotation(&self) -> bool {
+        !self.stopped && self.written.saturating_sub(self.header_bytes) >= self.max_bytes / ROTATE_SHARE
+    }
+
+    /// Whether this recording keeps body bytes (then a rotated file carries the core's
+    /// snapshot, which holds bodies in flight).
+    pub fn keeps_bodies(&self) -> bool {
+        self.bodies
+    }
+
+    /// Ends this file and begins the next of the run, whose header carries `snapshot`
+    /// (the core's state now, between two inputs; None without bodies). The finished
+    /// file joins the older ones, deleted first when room is needed; the new one is
+    /// replayable on its own.
+    pub fn rotate(&mut self, snapshot: Option<Result<Vec<u8>, String>>) {
+        if self.stopped {
+            return;
+        }
+        self.close_outputs();
+        self.flush();
+        let snapshot = match snapshot.transpose() {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                self.stopped = true;
+                error!(path = %self.path.display(), error = %e, "the core's snapshot failed: recording stopped");
+                return;
+            }
+        };
+        let (file, path, at_ms) =
+            match create(&self.dir, unix_ms().max(self.header.started_unix_ms + 1), self.header.cfg.sid) {
+                Ok(created) => created,
+                Err(e) => {
+                    self.stopped = true;
+                    error!(error = %e, "recording failed: stopped");
+                    return;
+                }
+            };
+        let run_started_unix_ms = self.header.clock_origin_unix_ms();
+        let previous = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.older.push_back((std::mem::replace(&mut self.path, path), self.written));
+        self.out = std::io::BufWriter::with_capacity(BUFFER_BYTES, file);
+        self.written = 0;
+        self.bodies_written.clear();
+        self.header.started_unix_ms = at_ms;
+        self.header.resumed = Some(record::Resumed { snapshot, run_started_unix_ms, previous });
+        let header = self.header.clone();
+        if let Err(e) = self.write_bytes(record::MAGIC).and_then(|()| self.write(&Frame::Header(Box::new(header)))) {
+            error!(error = %e, "recording failed: stopped");
+            return;
+        }
+        self.header_bytes = self.written;
+        if self.written > self.max_bytes / 2 {
+            // The core's state alone takes half the bound: rotating again would leave
+            // no room for what it records.
+            self.stopped = true;
+            warn!(path = %self.path.display(), max_bytes = self.max_bytes, "the core's snapshot takes half of record.max_mb: recording stopped");
+        }
+        self.flush();
+        info!(path = %self.path.display(), "recording continues in a new file");
     }
 
     /// Makes room for `len` more bytes, deleting the oldest recordings; false when this
@@ -233,6 +324,13 @@ impl Recorder {
         self.write_or_stop(&Frame::Read { guid, body });
     }
 
+    /// A body's checksum the core asked its store for, as the store answered.
+    pub fn checksum(&mut self, guid: Guid, checksum: Option<u64>) {
+        if !self.stopped {
+            self.write_or_stop(&Frame::Checksum { guid, checksum });
+        }
+    }
+
     /// An output the core asked for.
     pub fn output(&mut self, output: &Output) {
         if !self.stopped {
@@ -285,6 +383,12 @@ impl BodyStore for RecordingBodies {
         lock(&self.recorder).read(guid, body.as_ref());
         body
     }
+
+    fn checksum(&self, guid: Guid) -> Option<u64> {
+        let checksum = self.inner.checksum(guid);
+        lock(&self.recorder).checksum(guid, checksum);
+        checksum
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +407,7 @@ mod tests {
             disk: DiskImage::default(),
             bodies,
             started_unix_ms: at_ms,
+            resumed: None,
         }
     }
 
@@ -343,6 +448,7 @@ mod tests {
                     Frame::Body { .. } => "body",
                     Frame::Input { .. } => "input",
                     Frame::Read { .. } => "read",
+                    Frame::Checksum { .. } => "checksum",
                     Frame::Outputs { count, .. } => {
                         if *count == 1 {
                             "outputs1"
@@ -361,6 +467,41 @@ mod tests {
             assert_eq!(kinds, expected);
             let mail_in_file = bytes.windows(8).any(|w| w == b"the mail");
             assert_eq!(mail_in_file, bodies, "the file holds mail only when asked to");
+        }
+    }
+
+    #[test]
+    fn a_growing_recording_rotates_within_its_bound_each_file_beginning_with_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecordConfig { dir: dir.path().to_path_buf(), max_bytes: 1 << 20, bodies: true };
+        let mut r = Recorder::start(&cfg, header(1, true)).unwrap();
+        let mut rotations = 0;
+        for i in 0..400u64 {
+            if r.wants_rotation() {
+                r.rotate(Some(Ok(vec![i as u8; 1000])));
+                rotations += 1;
+            }
+            let body: &'static [u8] = Box::leak(format!("{i} {}", "x".repeat(8000)).into_bytes().into_boxed_slice());
+            r.input(Instant(i), &save(body));
+        }
+        r.finish();
+        assert!(!r.stopped);
+        let left = recordings_in(dir.path()).unwrap();
+        let total: u64 = left.iter().map(|(_, size)| size).sum();
+        assert!(rotations >= 10, "{rotations} rotations");
+        assert!(total <= 1 << 20 && left.len() >= 4, "{total} bytes in {left:?}");
+        let mut previous: Option<String> = None;
+        for (path, _) in &left {
+            let rec = record::parse(&std::fs::read(path).unwrap()).unwrap();
+            let resumed = rec.header.resumed.as_ref().expect("the first file was deleted: each left resumes");
+            assert_eq!(resumed.snapshot.as_ref().map(Vec::len), Some(1000));
+            assert_eq!(resumed.run_started_unix_ms, 1);
+            if let Some(p) = &previous {
+                assert_eq!(&resumed.previous, p);
+            }
+            previous = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            // Each file holds the bytes of the bodies it refers to.
+            assert!(matches!(rec.frames.first(), Some(Frame::Body { .. })), "{}", path.display());
         }
     }
 

@@ -131,6 +131,50 @@ fn incident_becomes_a_scenario(incident: &[tandem_core::record::Recording], name
     assert!(report.passed, "{:?}\n{shape}", report.failures);
 }
 
+/// A recording that grows past a quarter of `max_mb` goes on in a new file that begins
+/// with the core's snapshot: every file replays on its own, the directory stays within
+/// its bound, and the rotated files of one run make one life in a scenario (no crash).
+#[test]
+fn a_long_recording_rotates_and_every_file_replays_on_its_own() {
+    let c = Cluster::start_with(3, "mode = \"sync\"\nreplicas = 1", |i| {
+        format!("[record]\ndir = \"rec-{}\"\nmax_mb = 1\nbodies = true\n", i + 1)
+    });
+    let mailbox = "fay@example.org/INBOX";
+    let filler = "x".repeat(4000);
+    let total = 300;
+    for n in 0..total {
+        c.deliver(n % 3, mailbox, &format!("Subject: rotation {n}\r\n\r\n{n} {filler}\r\n")).expect("delivered");
+    }
+    c.converged(mailbox, CONVERGE);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut incident = Vec::new();
+    for node in 0..3 {
+        let files = recordings(&c, node);
+        let sizes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+        assert!(sizes <= 1 << 20, "node {}: {sizes} bytes in {files:?}", node + 1);
+        let mut resumed = 0;
+        for file in &files {
+            let recording = tandem_sim::replay::load(file).expect("the recording reads");
+            if let Some(r) = &recording.header.resumed {
+                resumed += 1;
+                assert!(r.snapshot.is_some(), "{}: a snapshot with bodies = true", file.display());
+            }
+            let report = tandem_sim::replay::replay(&recording, false).expect("the file replays on its own");
+            assert!(report.divergence.is_none(), "{}: {:?}", file.display(), report.divergence);
+            incident.push(recording);
+        }
+        assert!(resumed >= 2, "node {}: fewer than two rotations in {files:?}\n{}", node + 1, c.log(node));
+        println!("node {}: {} files, {sizes} bytes, {resumed} resumed", node + 1, files.len());
+    }
+    let conversion = tandem_sim::incident::to_scenario(&incident, "rotated", false).expect("it converts");
+    let s = &conversion.scenario;
+    assert!(
+        !s.events.iter().any(|e| matches!(e.action, tandem_sim::scenario::Action::Crash { .. })),
+        "a rotation is not a crash: {:?}",
+        conversion.notes
+    );
+}
+
 #[test]
 fn a_recording_without_bodies_holds_no_mail_and_says_it_cannot_replay() {
     let c = Cluster::start_with(2, "mode = \"sync\"\nreplicas = 1", |i| format!("[record]\ndir = \"rec-{}\"\n", i + 1));

@@ -159,12 +159,13 @@ pub fn to_scenario(recordings: &[Recording], name: &str, any_build: bool) -> Res
     for r in recordings {
         same_build(r, any_build)?;
     }
-    let first_ms = recordings.iter().map(|r| r.header.started_unix_ms).min().unwrap_or(0);
+    // The core's instants count from its run's start, which a rotated file names.
+    let first_ms = recordings.iter().map(|r| r.header.clock_origin_unix_ms()).min().unwrap_or(0);
     let mut placed: Vec<Placed<'_>> = recordings
         .iter()
-        .map(|r| Placed { sid: r.header.cfg.sid, start_ms: r.header.started_unix_ms - first_ms, recording: r })
+        .map(|r| Placed { sid: r.header.cfg.sid, start_ms: r.header.clock_origin_unix_ms() - first_ms, recording: r })
         .collect();
-    placed.sort_by_key(|p| (p.sid, p.start_ms));
+    placed.sort_by_key(|p| (p.sid, p.start_ms, p.recording.header.started_unix_ms));
     let mut reading = Reading::default();
     for p in &placed {
         read_one(p, &mut reading)?;
@@ -217,7 +218,8 @@ pub fn to_scenario(recordings: &[Recording], name: &str, any_build: bool) -> Res
 fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
     let header = &p.recording.header;
     let reads = RecordedReads::default();
-    let mut server = Server::recover(header.cfg.clone(), header.disk.clone(), header.seed, Box::new(reads.clone()));
+    let mut server = crate::replay::start(p.recording, Box::new(reads.clone()))
+        .map_err(|e| format!("the {} recording: {e}", p.sid))?;
     let mut bodies: BTreeMap<BodyKey, tandem_core::Body> = BTreeMap::new();
     let mut pending: BTreeMap<u64, String> = BTreeMap::new();
     let mut last_ms = p.start_ms;
@@ -250,6 +252,9 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
                 }
                 reads.answers().insert(*guid, body);
             }
+            Frame::Checksum { guid, checksum } => {
+                reads.checksums().insert(*guid, *checksum);
+            }
             _ => {}
         }
         Ok(())
@@ -259,7 +264,7 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
     while i < frames.len() {
         if let Frame::Input { now, input } = &frames[i] {
             let mut j = i + 1;
-            while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. })) = frames.get(j) {
+            while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. } | Frame::Checksum { .. })) = frames.get(j) {
                 take(frame, &mut bodies).map_err(missing)?;
                 j += 1;
             }
@@ -280,7 +285,12 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
         take(&frames[i], &mut bodies).map_err(missing)?;
         i += 1;
     }
-    r.lives.entry(p.sid).or_default().push((p.start_ms, last_ms));
+    let runs = r.lives.entry(p.sid).or_default();
+    match (&header.resumed, runs.last_mut()) {
+        // A file that continues a run (a rotation) extends it: no crash in between.
+        (Some(_), Some(run)) if run.0 == p.start_ms => run.1 = run.1.max(last_ms),
+        _ => runs.push((p.start_ms, last_ms)),
+    }
     r.last_store.insert(p.sid, server);
     Ok(())
 }

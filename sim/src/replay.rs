@@ -28,6 +28,8 @@ pub struct ReplayReport {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RecordedReads {
     answers: Arc<Mutex<BTreeMap<Guid, Option<Body>>>>,
+    /// The checksums the store gave, by GUID (the latest so far).
+    checksums: Arc<Mutex<BTreeMap<Guid, Option<u64>>>>,
     /// GUIDs the core read that the recording never saw read: a divergence.
     unrecorded: Arc<Mutex<Vec<Guid>>>,
 }
@@ -35,6 +37,9 @@ pub(crate) struct RecordedReads {
 impl RecordedReads {
     pub(crate) fn answers(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<Body>>> {
         self.answers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn checksums(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<u64>>> {
+        self.checksums.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn unrecorded(&self) -> std::sync::MutexGuard<'_, Vec<Guid>> {
         self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
@@ -46,6 +51,17 @@ impl BodyStore for RecordedReads {
         let answer = self.answers().get(&guid).cloned();
         match answer {
             Some(body) => body,
+            None => {
+                self.unrecorded().push(guid);
+                None
+            }
+        }
+    }
+
+    fn checksum(&self, guid: Guid) -> Option<u64> {
+        let answer = self.checksums().get(&guid).copied();
+        match answer {
+            Some(checksum) => checksum,
             None => {
                 self.unrecorded().push(guid);
                 None
@@ -98,9 +114,31 @@ fn take_body_or_read(
             }
             reads.answers().insert(*guid, body);
         }
+        Frame::Checksum { guid, checksum } => {
+            reads.checksums().insert(*guid, *checksum);
+        }
         Frame::Header(_) | Frame::Input { .. } | Frame::Outputs { .. } => {}
     }
     Ok(())
+}
+
+/// The core a recording begins with: recovered from the header's store, or, for a file
+/// that continues a run, resumed from the snapshot it begins with.
+pub(crate) fn start(recording: &Recording, bodies: Box<dyn BodyStore>) -> Result<Server, String> {
+    let header = &recording.header;
+    match &header.resumed {
+        None => Ok(Server::recover(header.cfg.clone(), header.disk.clone(), header.seed, bodies)),
+        Some(resumed) => match &resumed.snapshot {
+            Some(snapshot) => {
+                Server::resume(snapshot, bodies).map_err(|e| format!("its snapshot does not decode: {e}"))
+            }
+            None => Err(format!(
+                "it continues {} and was recorded without bodies, so it holds no snapshot of the core to \
+                 begin from: it can be read but not replayed",
+                resumed.previous
+            )),
+        },
+    }
 }
 
 /// A recording made by another core build cannot be replayed by this one (unless
@@ -126,7 +164,7 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
     let mut report = ReplayReport { torn: recording.torn.clone(), ..Default::default() };
     let reads = RecordedReads::default();
     let mut bodies: BTreeMap<BodyKey, Body> = BTreeMap::new();
-    let mut server = Server::recover(header.cfg.clone(), header.disk.clone(), header.seed, Box::new(reads.clone()));
+    let mut server = start(recording, Box::new(reads.clone()))?;
     let mut digest = OutputDigest::default();
     let mut last = "the start".to_string();
     let missing_body = |key: BodyKey| {
@@ -145,7 +183,7 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
     while i < frames.len() {
         match &frames[i] {
             Frame::Header(_) => return Err(format!("a second header at frame {}", i + 1)),
-            frame @ (Frame::Body { .. } | Frame::Read { .. }) => {
+            frame @ (Frame::Body { .. } | Frame::Read { .. } | Frame::Checksum { .. }) => {
                 take_body_or_read(frame, &mut bodies, &reads).map_err(missing_body)?;
             }
             Frame::Input { now, input } => {
@@ -153,7 +191,9 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
                 // (with the bytes of bodies read for the first time): the store must
                 // answer them before the core asks.
                 let mut j = i + 1;
-                while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. })) = frames.get(j) {
+                while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. } | Frame::Checksum { .. })) =
+                    frames.get(j)
+                {
                     take_body_or_read(frame, &mut bodies, &reads).map_err(missing_body)?;
                     j += 1;
                 }
@@ -174,7 +214,9 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
                 }
                 let unrecorded = std::mem::take(&mut *reads.unrecorded());
                 if let Some(guid) = unrecorded.first() {
-                    let later = frames[j..].iter().position(|f| matches!(f, Frame::Read { guid: g, .. } if g == guid));
+                    let later = frames[j..].iter().position(
+                        |f| matches!(f, Frame::Read { guid: g, .. } | Frame::Checksum { guid: g, .. } if g == guid),
+                    );
                     let inputs_before =
                         |k: usize| frames[..k].iter().filter(|f| matches!(f, Frame::Input { .. })).count();
                     let when = match later {

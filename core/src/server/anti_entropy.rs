@@ -5,6 +5,7 @@
 //! copy goes to the master.
 
 use crate::types::{Instant, MailboxKey, ModSeq, Sid};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Delta SYNCs tried after a common point before falling back to a full one: a heal
@@ -17,7 +18,7 @@ pub(crate) const DELTA_SYNCS_MAX: u8 = 3;
 pub(crate) const EXAMINED_PER_PASS_MAX: usize = 2048;
 
 /// A master's anti-entropy record of one peer's copy of one mailbox.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerCheck {
     pub confirmed_digest: Option<u64>,
     pub confirmed_at: Option<Instant>,
@@ -29,13 +30,13 @@ pub struct PeerCheck {
 
 /// A point both copies of a mailbox had reached, and how many delta SYNCs may still be
 /// tried from it before a full one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommonPoint {
     pub modseq: ModSeq,
     pub deltas_left: u8,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct AntiEntropy {
     checks: BTreeMap<(Sid, MailboxKey), PeerCheck>,
     /// Kept across link changes (that is when it pays); lost on restart, then SYNC is

@@ -4,6 +4,7 @@
 //! the server (`replication`), which knows what else is in flight.
 
 use crate::types::{Guid, Instant, Sid};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 const FETCH_RETRY_US: u64 = 100_000;
@@ -13,7 +14,7 @@ const FETCH_WINDOW_MAX: usize = 256;
 /// A census whose answers did not all arrive is started again after this long.
 const CENSUS_TIMEOUT_US: u64 = 5_000_000;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WantedBody {
     /// The checksum the body must have (0: take the one it comes with).
     pub checksum: u64,
@@ -28,13 +29,13 @@ pub struct WantedBody {
     pub census: Option<BodyCensus>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BodyCensus {
     pub started: Instant,
     pub denied: BTreeSet<Sid>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct BodyFetch {
     wanted: BTreeMap<Guid, WantedBody>,
     /// FETCHes sent and not yet answered, with when we stop waiting: at most

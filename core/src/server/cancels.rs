@@ -19,6 +19,7 @@ use super::Server;
 use crate::marks::Mark;
 use crate::msg::WriteRequest;
 use crate::types::*;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Saves remembered at most; beyond it new ones are not cancellable.
@@ -30,12 +31,12 @@ const CANCEL_HORIZON_TIMEOUTS: u64 = 5;
 const CANCEL_TRIES_TIMEOUTS: u64 = 3;
 
 /// Saves this server ordered as master, for deciding cancels.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct OrderedSaves {
     saves: BTreeMap<Guid, OrderedSave>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct OrderedSave {
     at: Instant,
     /// A retry was answered with this message: its client was told it is stored.

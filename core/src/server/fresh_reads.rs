@@ -9,23 +9,24 @@
 
 use crate::io::{RequestId, WriteId};
 use crate::types::{Instant, MailboxKey, ModSeq};
+use serde::{Deserialize, Serialize};
 
 /// What a fresh read is answered with: the mailbox's messages, or only its counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Wanted {
     View,
     Status,
 }
 
 /// Where the master stood on a mailbox: its HIGHESTMODSEQ and digest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Position {
     pub(crate) highest_modseq: ModSeq,
     pub(crate) digest: u64,
 }
 
 /// A read waiting for this server's durable copy to reach its master's position.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Waiting {
     id: RequestId,
     mailbox: MailboxKey,
@@ -50,7 +51,7 @@ pub(crate) struct Copies<'a> {
 }
 
 /// What the server does next for a waiting read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Step {
     /// Answer from the durable copy: `caught_up` when it holds the master's position.
     Answer { id: RequestId, mailbox: MailboxKey, wanted: Wanted, caught_up: bool },
@@ -62,7 +63,7 @@ pub(crate) enum Step {
     Compare { mailbox: MailboxKey },
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct FreshReads {
     /// In arrival order; at most one per client request in progress, so bounded by the
     /// driver's requests (and `Config::pending_max` through the jobs that led here).

@@ -15,6 +15,7 @@ use crate::mailbox::{self, MergeOutcome};
 use crate::store::{BodyStore, DiskImage, PeerLog, StoreWrite, StoredBody, StoredMailbox};
 use crate::types::*;
 use crate::{Change, MailboxState, Summary};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Bodies, and bytes of them, read back and checked against their checksum per scrub
@@ -22,10 +23,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 const SCRUB_PER_PASS_MAX: usize = 256;
 const SCRUB_BYTES_PER_PASS_MAX: u64 = 4 << 20;
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Image {
     disk: DiskImage,
-    /// The bytes of the bodies `disk` lists, owned by the driver.
+    /// The bytes of the bodies `disk` lists, owned by the driver (not in a snapshot: a
+    /// restored server is given the driver's store).
+    #[serde(skip, default = "no_bodies")]
     bodies: Box<dyn BodyStore>,
     /// Bodies written but not yet reported durable: the driver may not have stored them
     /// yet, so their bytes are read from here. Dropped once durable.
@@ -58,8 +61,12 @@ pub(crate) struct Image {
     scrub_cursor: Option<Guid>,
 }
 
+fn no_bodies() -> Box<dyn BodyStore> {
+    Box::new(crate::store::MemoryBodies::default())
+}
+
 /// What a write replaced (see `Image::undo`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Undo {
     /// The mailbox did not exist.
     Absent,
@@ -91,13 +98,18 @@ struct MergeSnapshot {
 
 /// What one scrub found: bodies that fail their checksum, and messages with no body
 /// here that nobody is fetching yet, each as (GUID, checksum).
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ScrubFindings {
     pub(crate) corrupt: Vec<(Guid, u64)>,
     pub(crate) missing: Vec<(Guid, u64)>,
 }
 
 impl Image {
+    /// The driver's body store, given to an image restored from a snapshot.
+    pub(crate) fn set_bodies(&mut self, bodies: Box<dyn BodyStore>) {
+        self.bodies = bodies;
+    }
+
     /// This image with its caches, reading bodies from `bodies` (which must hold what
     /// ours holds): for a model checker that explores two futures of one state.
     pub(crate) fn fork(&self, bodies: Box<dyn BodyStore>) -> Image {

@@ -4,9 +4,10 @@
 use super::jobs::{Job, JobId, JobKind, JobState};
 use crate::types::*;
 use crate::{WriteId, WriteResult};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct JobTable {
     /// The last number handed out (see `unique_number`).
     next_number: u64,

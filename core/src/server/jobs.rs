@@ -11,14 +11,15 @@ use crate::marks::Mark;
 use crate::msg::*;
 use crate::store::StoreWrite;
 use crate::types::*;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A job's number: unique on this server across restarts. Messages about a job carry
 /// it as their wire tag, so an answer names the job it answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct JobId(pub u64);
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Origin {
     Client(RequestId),
     /// A peer forwarded this to us; the answer names the peer's job.
@@ -42,7 +43,7 @@ pub enum Origin {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobKind {
     Write(WriteRequest),
     /// Move mastership of the key to `requester`.
@@ -51,7 +52,7 @@ pub enum JobKind {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobState {
     /// Waiting for a master to be known or ready.
     Queued,
@@ -77,7 +78,7 @@ pub enum JobState {
     },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Job {
     pub origin: Origin,
     pub kind: JobKind,

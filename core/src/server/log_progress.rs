@@ -7,9 +7,10 @@
 use super::jobs::JobId;
 use crate::io::WriteId;
 use crate::types::{Instant, Sid};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct LogProgress {
     /// When each (peer, seq) entry was last sent.
     sent_at: BTreeMap<(Sid, u64), Instant>,

@@ -6,6 +6,7 @@
 use super::jobs::JobId;
 use crate::MailboxState;
 use crate::types::*;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A new master's catch-up: it asks every reachable server for its copies and merges
@@ -13,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 /// reachable server has shown.
 /// A catch-up's number, drawn with the job numbers (so unique across restarts); MBOX
 /// messages carry it as their wire tag.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CatchupId(pub u64);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Catchup {
     /// Carried by the MBOX answers, so answers to an older catch-up are ignored.
     pub id: CatchupId,
@@ -25,7 +26,7 @@ pub struct Catchup {
     pub deadline: Instant,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Mastership {
     /// None once caught up: the master orders writes.
     pub catchup: Option<Catchup>,
@@ -34,7 +35,7 @@ pub struct Mastership {
 }
 
 /// A MASTER-MOVE handover waiting for the new master's announcement.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Handoff {
     pub requester: Sid,
     /// The requester's job that asked for the MASTER-MOVE.
@@ -44,7 +45,7 @@ pub struct Handoff {
     pub states: Vec<MailboxState>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Masters {
     mastered: BTreeMap<MasterKey, Mastership>,
     cache: BTreeMap<MasterKey, Sid>,

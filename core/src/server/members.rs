@@ -23,10 +23,11 @@ use crate::membership::{MemberChange, MemberState, Membership};
 use crate::msg::*;
 use crate::store::StoreWrite;
 use crate::types::*;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 /// A leaving server's progress towards retiring itself.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Leaving {
     /// Mailboxes held when leaving began that no active server has shown equal since.
     unconfirmed: BTreeSet<MailboxKey>,

@@ -2,6 +2,7 @@
 //! drained with [`Server::poll_output`] after every input; [`Server::poll_timeout`] says
 //! when to deliver the next [`Input::Timer`].
 
+use serde::{Deserialize, Serialize};
 mod anti_entropy;
 mod body_fetch;
 mod cancels;
@@ -47,6 +48,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use timers::{Timer, TimerTable};
 
+#[derive(Serialize, Deserialize)]
 pub struct Server {
     cfg: Config,
     now: Instant,
@@ -94,7 +96,7 @@ pub struct Server {
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum StartupHold {
     /// No input yet: the hold starts with the first one (the driver's clock starts there).
     NotStarted,
@@ -104,7 +106,7 @@ pub(crate) enum StartupHold {
 
 /// A stored body whose bytes are missing or fail their checksum (see
 /// [`Server::checked_body`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BodyDamaged;
 
 impl Server {
@@ -164,6 +166,25 @@ impl Server {
         // A restarted server rejoins a component that grew, so the root opens a new
         // term and every new master checks this server's copies in its catch-up.
         server
+    }
+
+    /// The whole state of this server (the store's metadata, roles, requests in
+    /// progress, logs, deadlines, the random generator), for a recording that begins in
+    /// the middle of a run: [`Server::resume`] makes it a server again. Taken between
+    /// inputs, once the outputs are drained (an output not yet taken would be lost).
+    /// The bodies are the driver's and are not in it, but the bytes of bodies in flight
+    /// (saves in progress, writes not yet durable) are.
+    pub fn snapshot(&self) -> Result<Vec<u8>, String> {
+        debug_assert!(self.out.drained(), "a snapshot is taken with the outputs drained");
+        <crate::codec::Bincode as crate::codec::RecordCodec>::encode(self)
+    }
+
+    /// A server in the state [`Server::snapshot`] took, reading bodies from `bodies`
+    /// (which must hold what the driver's store held then).
+    pub fn resume(snapshot: &[u8], bodies: Box<dyn BodyStore>) -> Result<Server, String> {
+        let mut server: Server = <crate::codec::Bincode as crate::codec::RecordCodec>::decode(snapshot)?;
+        server.image.set_bodies(bodies);
+        Ok(server)
     }
 
     /// This server in the same state, reading bodies from `bodies`, which must hold

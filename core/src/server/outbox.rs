@@ -7,9 +7,10 @@ use crate::io::{ClientReply, Output, RequestId, WriteId};
 use crate::msg::Envelope;
 use crate::store::StoreWrite;
 use crate::types::Sid;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Outbox {
     outputs: VecDeque<Output>,
     last_write: WriteId,
@@ -19,6 +20,12 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    /// Every output decided so far was taken (held ones wait for durability, not for
+    /// the driver).
+    pub(crate) fn drained(&self) -> bool {
+        self.outputs.is_empty()
+    }
+
     pub(crate) fn pop(&mut self) -> Option<Output> {
         self.outputs.pop_front()
     }

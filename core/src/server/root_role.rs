@@ -5,6 +5,7 @@
 //! open and are accepted; this keeps their rules.
 
 use crate::types::*;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Bits of an epoch that hold the id of the root that opened it.
@@ -15,7 +16,7 @@ const EPOCH_SID_MASK: u64 = (1 << EPOCH_SID_BITS) - 1;
 pub(crate) const EPOCH_ROUND_LAST: u64 = u64::MAX >> EPOCH_SID_BITS;
 
 /// Root term.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Term {
     pub epoch: u64,
     /// None right after a restart, before any term is known.
@@ -43,7 +44,7 @@ impl Term {
 }
 
 /// What the root keeps about its own term.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RootState {
     /// Servers that have dropped their masterships in this term.
     pub dropped: BTreeSet<Sid>,
@@ -62,7 +63,7 @@ pub struct RootState {
 /// A term that became active: its members, and the lookups held until then.
 pub(crate) type Activation = (BTreeSet<Sid>, Vec<(Sid, MasterKey)>);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct RootRole {
     me: Sid,
     term: Term,

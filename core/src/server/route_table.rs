@@ -9,13 +9,14 @@
 //! at once, and routes use members' announcements and links between members only.
 
 use crate::types::Sid;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// How long link changes are collected before they are announced.
 pub const LINK_HOLD_US: u64 = 2_000;
 
 /// One server's last announcement.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkAnnouncement {
     pub seq: u64,
     pub epoch: u64,
@@ -23,13 +24,13 @@ pub struct LinkAnnouncement {
 }
 
 /// What a recomputation changed in the set of reachable servers.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ReachabilityChange {
     pub(crate) gained: Vec<Sid>,
     pub(crate) lost: Vec<Sid>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct RouteTable {
     me: Sid,
     /// The members (see `membership`): routes use no one else.

@@ -4,8 +4,9 @@
 //! an idle server wakes for its maintenance pass and nothing else.
 
 use crate::types::Instant;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub(crate) enum Timer {
     /// Our link-state announcement, held a moment so the many link changes of one
     /// partition or heal go out as one flood.
@@ -40,7 +41,7 @@ impl Timer {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct TimerTable {
     deadlines: [Option<Instant>; Timer::ALL.len()],
 }
