@@ -18,7 +18,7 @@
 use crate::RunOptions;
 use crate::scenario::{self, Scenario};
 use crate::world::World;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant as WallInstant;
 use tandem_core::Bug;
 
@@ -39,6 +39,11 @@ pub struct CheckOptions {
     /// `faults` are then ignored): its client operations form one stream and its faults
     /// another, each kept in its order; the run before its first event is in time order.
     pub scenario: Option<Scenario>,
+    /// Explore only the orders that depart from time order at most this many times
+    /// (delay bounding): each step takes the event due first unless a departure is
+    /// left. Few departures reach deep into a run (retries, timeouts, a second fault)
+    /// where every order reaches only a few steps. None: every order.
+    pub deviations_max: Option<usize>,
 }
 
 /// What a check found.
@@ -144,15 +149,18 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
     let prelude = crate::world::schedule_until(explore_from_ms);
     let mut report =
         CheckReport { states: 1, ends_checked: 0, depth_reached: 0, elapsed_s: 0.0, exhausted: true, violation: None };
-    let mut seen: BTreeSet<u64> = BTreeSet::from([root.timeless_key()]);
-    let mut frontier: VecDeque<Vec<String>> = VecDeque::from([Vec::new()]);
+    // Each state with the fewest departures from time order it was reached with: one
+    // reached again with fewer has more orders left to explore from it.
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::from([(root.timeless_key(), 0)]);
+    let mut frontier: VecDeque<(Vec<String>, usize)> = VecDeque::from([(Vec::new(), 0)]);
+    let departures_max = opts.deviations_max.unwrap_or(usize::MAX);
     let counterexample = |path: &[String], why: String| {
         let mut s = base.clone();
         s.name = format!("{}-counterexample", base.name);
         s.schedule = std::iter::once(prelude.clone()).chain(path.iter().cloned()).collect();
         (why, s)
     };
-    while let Some(path) = frontier.pop_front() {
+    while let Some((path, departures)) = frontier.pop_front() {
         let world = replay(&root, &path);
         report.depth_reached = report.depth_reached.max(path.len());
         if let Some(why) = world.broken() {
@@ -165,6 +173,8 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
         // everything else is free, and time moves only as far as the event chosen.
         let earliest = choices.iter().min_by_key(|(_, at)| **at).map(|(stream, _)| stream.clone());
         choices.retain(|stream, _| !stream.starts_with("timer ") || Some(stream) == earliest.as_ref());
+        // What time order takes next (the world's own order: due time, then queue order).
+        let in_time_order = earliest;
         if only_timers || path.len() >= opts.depth_max {
             report.ends_checked += 1;
             let mut rest = world.clone();
@@ -180,15 +190,23 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
             continue;
         }
         for stream in choices.keys() {
-            let mut next = world.clone();
-            next.take(stream);
-            if !seen.insert(next.timeless_key()) {
+            let departs = usize::from(Some(stream) != in_time_order.as_ref());
+            let departures = departures + departs;
+            if departures > departures_max {
                 continue;
             }
-            report.states += 1;
+            let mut next = world.clone();
+            next.take(stream);
+            let key = next.timeless_key();
+            if seen.get(&key).is_some_and(|fewest| *fewest <= departures) {
+                continue;
+            }
+            if seen.insert(key, departures).is_none() {
+                report.states += 1;
+            }
             let mut longer = path.clone();
             longer.push(stream.clone());
-            frontier.push_back(longer);
+            frontier.push_back((longer, departures));
         }
         if report.states >= opts.states_max {
             report.exhausted = false;

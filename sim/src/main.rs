@@ -85,6 +85,10 @@ enum Command {
         /// then taken from the file.
         #[arg(long)]
         scenario: Option<PathBuf>,
+        /// Only orders that depart from time order at most this many times (reaches
+        /// deep into a run: retries, timeouts; default: every order).
+        #[arg(long)]
+        deviations: Option<usize>,
     },
     /// Replay node recordings (`[record]` in a node's configuration) through this core
     /// and check that it asks for the same outputs after every input.
@@ -256,7 +260,7 @@ fn main() -> ExitCode {
             }
             if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
-        Command::Check { servers, ops, faults, depth, states, bug, out, scenario } => {
+        Command::Check { servers, ops, faults, depth, states, bug, out, scenario, deviations } => {
             let given = match scenario.as_deref().map(load).transpose() {
                 Ok(given) => given,
                 Err(e) => {
@@ -282,6 +286,7 @@ fn main() -> ExitCode {
                 states_max: states,
                 bug,
                 scenario: given,
+                deviations_max: deviations,
             };
             let report = match tandem_sim::check::check(&opts) {
                 Ok(report) => report,
@@ -308,7 +313,8 @@ fn main() -> ExitCode {
             let Some((why, s)) = report.violation else { return ExitCode::SUCCESS };
             let path = out.join(format!("{}.toml", s.name));
             let header = format!(
-                "Found by `tandem-sim check {command} --depth {depth}{}` in {} steps.\n{why}",
+                "Found by `tandem-sim check {command} --depth {depth}{}{}` in {} steps.\n{why}",
+                deviations.map(|d| format!(" --deviations {d}")).unwrap_or_default(),
                 bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
                 s.schedule.len().saturating_sub(1)
             );

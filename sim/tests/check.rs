@@ -11,6 +11,7 @@ fn the_checker_exhausts_a_small_cluster_and_finds_nothing_on_the_real_core() {
         states_max: 100_000,
         bug: None,
         scenario: None,
+        deviations_max: None,
     };
     let report = tandem_sim::check::check(&opts).expect("check runs");
     assert!(report.exhausted, "2 servers and 2 ops fit the bound: {report:?}");
@@ -27,14 +28,21 @@ fn scenario(name: &str) -> tandem_sim::scenario::Scenario {
 /// `run` replays to the same failure and that passes on the real core. The bounds
 /// (README's check table) are the states each needed on 2026-12-03, with room.
 fn finds(bug: tandem_core::Bug, on: Option<&str>, states_max: u64) {
+    finds_within(bug, on, 200, None, states_max);
+}
+
+/// `finds`, exploring only the orders that depart from time order at most
+/// `deviations` times, to `depth` steps: how `check` reaches bugs deep in a run.
+fn finds_within(bug: tandem_core::Bug, on: Option<&str>, depth: usize, deviations: Option<usize>, states_max: u64) {
     let opts = tandem_sim::check::CheckOptions {
         servers: 2,
         ops: 1,
         faults: 0,
-        depth_max: 200,
+        depth_max: depth,
         states_max,
         bug: Some(bug),
         scenario: on.map(scenario),
+        deviations_max: deviations,
     };
     let report = tandem_sim::check::check(&opts).expect("check runs");
     let Some((why, counterexample)) = report.violation else {
@@ -71,4 +79,32 @@ fn check_finds_a_fresh_read_without_its_barrier() {
 #[test]
 fn check_finds_a_replica_overwriting_a_uid() {
     finds(tandem_core::Bug::ReplicaOverwritesUid, Some("uid-conflict"), 40_000);
+}
+
+#[test]
+fn check_finds_a_retried_delivery_stored_twice_one_departure_from_time_order_away() {
+    finds_within(tandem_core::Bug::StoreRetriesTwice, Some("retry-after-crash"), 400, Some(1), 20_000);
+}
+
+#[test]
+fn check_finds_a_cancel_that_loses_a_claimed_save() {
+    finds_within(tandem_core::Bug::CancelClaimedSaves, Some("cancel-after-retry"), 60, Some(1), 5_000);
+}
+
+/// With no departure allowed, `check` runs time order only: the retry bug needs one.
+#[test]
+fn a_check_without_departures_follows_time_order_only() {
+    let opts = tandem_sim::check::CheckOptions {
+        servers: 2,
+        ops: 1,
+        faults: 0,
+        depth_max: 400,
+        states_max: 20_000,
+        bug: Some(tandem_core::Bug::StoreRetriesTwice),
+        scenario: Some(scenario("retry-after-crash")),
+        deviations_max: Some(0),
+    };
+    let report = tandem_sim::check::check(&opts).expect("check runs");
+    assert!(report.exhausted && report.violation.is_none(), "{report:?}");
+    assert!(report.states < 1_000, "one order, one state per step: {report:?}");
 }
