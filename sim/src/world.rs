@@ -496,7 +496,9 @@ impl World {
                 // Another core (a counterexample's bug fixed) decided otherwise before
                 // here: the schedule no longer applies, and the rest runs in time order.
                 let step = i + 1;
-                self.note(|w| format!("{} schedule step {step}: nothing queued on {stream}; time order from here", w.ms()));
+                self.note(|w| {
+                    format!("{} schedule step {step}: nothing queued on {stream}; time order from here", w.ms())
+                });
                 break;
             }
         }

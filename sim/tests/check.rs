@@ -83,12 +83,12 @@ fn check_finds_a_replica_overwriting_a_uid() {
 
 #[test]
 fn check_finds_a_retried_delivery_stored_twice_one_departure_from_time_order_away() {
-    finds_within(tandem_core::Bug::StoreRetriesTwice, Some("retry-after-crash"), 400, Some(1), 20_000);
+    finds_within(tandem_core::Bug::StoreRetriesTwice, Some("deep/retry-after-crash"), 400, Some(1), 20_000);
 }
 
 #[test]
 fn check_finds_a_cancel_that_loses_a_claimed_save() {
-    finds_within(tandem_core::Bug::CancelClaimedSaves, Some("cancel-after-retry"), 60, Some(1), 5_000);
+    finds_within(tandem_core::Bug::CancelClaimedSaves, Some("deep/cancel-after-retry"), 60, Some(1), 5_000);
 }
 
 /// With no departure allowed, `check` runs time order only: the retry bug needs one.
@@ -101,10 +101,15 @@ fn a_check_without_departures_follows_time_order_only() {
         depth_max: 400,
         states_max: 20_000,
         bug: Some(tandem_core::Bug::StoreRetriesTwice),
-        scenario: Some(scenario("retry-after-crash")),
+        scenario: Some(scenario("deep/retry-after-crash")),
         deviations_max: Some(0),
     };
     let report = tandem_sim::check::check(&opts).expect("check runs");
     assert!(report.exhausted && report.violation.is_none(), "{report:?}");
     assert!(report.states < 1_000, "one order, one state per step: {report:?}");
+}
+
+#[test]
+fn check_finds_tombstones_collected_before_a_crashed_server_saw_them() {
+    finds_within(tandem_core::Bug::CollectTombstonesEarly, Some("deep/tombstones-after-crash"), 400, Some(1), 40_000);
 }
