@@ -236,28 +236,8 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
             )
         }
     };
-    let take = |frame: &Frame, bodies: &mut BTreeMap<BodyKey, tandem_core::Body>| -> Result<(), BodyKey> {
-        match frame {
-            Frame::Body { key, bytes } => {
-                bodies.insert(*key, bytes.clone());
-            }
-            Frame::Read { guid, body } => {
-                let mut body = body.clone();
-                if let Some(b) = &mut body {
-                    let mut gap = None;
-                    record::resolve_one(b, bodies, &mut gap);
-                    if let Some(key) = gap {
-                        return Err(key);
-                    }
-                }
-                reads.answers().insert(*guid, body);
-            }
-            Frame::Checksum { guid, checksum } => {
-                reads.checksums().insert(*guid, *checksum);
-            }
-            _ => {}
-        }
-        Ok(())
+    let take = |frame: &Frame, bodies: &mut BTreeMap<BodyKey, tandem_core::Body>| {
+        crate::replay::take_body_or_read(frame, bodies, &reads)
     };
     let mut i = 0;
     drain(&mut server, &mut pending, r);

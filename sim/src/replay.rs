@@ -94,7 +94,7 @@ fn describe(input: &Input) -> String {
 
 /// A body's bytes, or a read the node's store answered (its body resolved), taken in;
 /// the key of a body referred to before its bytes is the error.
-fn take_body_or_read(
+pub(crate) fn take_body_or_read(
     frame: &Frame,
     bodies: &mut BTreeMap<BodyKey, Body>,
     reads: &RecordedReads,
