@@ -163,7 +163,11 @@ pub fn to_scenario(recordings: &[Recording], name: &str, any_build: bool) -> Res
     let first_ms = recordings.iter().map(|r| r.header.clock_origin_unix_ms()).min().unwrap_or(0);
     let mut placed: Vec<Placed<'_>> = recordings
         .iter()
-        .map(|r| Placed { sid: r.header.cfg.sid, start_ms: r.header.clock_origin_unix_ms() - first_ms, recording: r })
+        .map(|r| Placed {
+            sid: r.header.cfg.sid,
+            start_ms: r.header.clock_origin_unix_ms().saturating_sub(first_ms),
+            recording: r,
+        })
         .collect();
     placed.sort_by_key(|p| (p.sid, p.start_ms, p.recording.header.started_unix_ms));
     let mut reading = Reading::default();
@@ -254,7 +258,8 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
             }
             let mut input = input.clone();
             record::resolve_bodies(&mut input, &bodies).map_err(missing)?;
-            let at_ms = p.start_ms + now.0 / 1000;
+            // A damaged file's instants must not overflow the clock.
+            let at_ms = p.start_ms.saturating_add(now.0 / 1000);
             last_ms = at_ms;
             take_input(p.sid, at_ms, &input, &server, &mut pending, r);
             server.handle(*now, input);
@@ -475,13 +480,13 @@ fn crashes(lives: &BTreeMap<Sid, Vec<(u64, u64)>>, end_ms: u64, notes: &mut Vec<
         }
         for (k, &(_, last)) in runs.iter().enumerate() {
             let next = runs.get(k + 1).map(|(start, _)| *start);
-            let stopped = next.is_some() || last + STOPPED_BEFORE_END_MS < end_ms;
+            let stopped = next.is_some() || last.saturating_add(STOPPED_BEFORE_END_MS) < end_ms;
             if !stopped {
                 continue;
             }
-            out.push((last + 1, sid, Action::Crash { server: sid }));
+            out.push((last.saturating_add(1), sid, Action::Crash { server: sid }));
             if let Some(start) = next {
-                out.push((start.max(last + 2), sid, Action::Restart { server: sid }));
+                out.push((start.max(last.saturating_add(2)), sid, Action::Restart { server: sid }));
             }
         }
     }
@@ -499,7 +504,7 @@ fn down_windows(lives: &BTreeMap<Sid, Vec<(u64, u64)>>) -> BTreeMap<Sid, Vec<(u6
         }
         for (k, &(_, last)) in runs.iter().enumerate() {
             // After its last recording (a crash, or the end) it stays down.
-            let until = runs.get(k + 1).map(|(start, _)| start + CRASH_LINK_AFTER_MS).unwrap_or(u64::MAX);
+            let until = runs.get(k + 1).map(|(start, _)| start.saturating_add(CRASH_LINK_AFTER_MS)).unwrap_or(u64::MAX);
             out.entry(sid).or_default().push((last.saturating_sub(CRASH_LINK_BEFORE_MS), until));
         }
     }
@@ -585,7 +590,7 @@ fn expectations(r: &mut Reading, end_ms: u64) -> Vec<Expect> {
     let running: Vec<Sid> = r
         .lives
         .iter()
-        .filter(|(_, runs)| runs.last().is_some_and(|(_, last)| last + STOPPED_BEFORE_END_MS >= end_ms))
+        .filter(|(_, runs)| runs.last().is_some_and(|(_, last)| last.saturating_add(STOPPED_BEFORE_END_MS) >= end_ms))
         .map(|(sid, _)| *sid)
         .collect();
     let held: Vec<Contents> = running

@@ -155,12 +155,25 @@ fn shrink_seed(seed: u64, bug: Option<Bug>, out: &Path) -> Result<(PathBuf, usiz
     Ok((path, small.events.len(), broken))
 }
 
+/// Runs a replay: a core fed a damaged recording may trip its own assertions (it trusts
+/// its driver, which the file stands in for), which is reported as an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(format!("the core refused an input of the recording (damaged, or from another build): {why}"))
+    })
+}
+
 /// `replay --to-scenario`: writes the incident's scenario to `out`, runs it, and if it
 /// fails writes the shrunk failure next to it. Whether it passed.
 fn incident_to_scenario(files: &[PathBuf], out: &Path, any_build: bool) -> Result<bool, String> {
     let recordings = files.iter().map(|f| tandem_sim::replay::load(f)).collect::<Result<Vec<_>, _>>()?;
     let name = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "incident".into());
-    let conversion = tandem_sim::incident::to_scenario(&recordings, &name, any_build)?;
+    let conversion = guarded(|| tandem_sim::incident::to_scenario(&recordings, &name, any_build))?;
     let sources: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let text = tandem_sim::incident::to_toml(&conversion, &sources);
     std::fs::write(out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -347,8 +360,9 @@ fn main() -> ExitCode {
         Command::Replay { files, any_build, to_scenario: None, .. } => {
             let mut failed = 0;
             for file in &files {
-                let outcome = tandem_sim::replay::load(file)
-                    .and_then(|recording| tandem_sim::replay::replay(&recording, any_build).map(|r| (recording, r)));
+                let outcome = tandem_sim::replay::load(file).and_then(|recording| {
+                    guarded(|| tandem_sim::replay::replay(&recording, any_build)).map(|r| (recording, r))
+                });
                 match outcome {
                     Err(e) => {
                         tandem_sim::say!("ERROR {}: {e}", file.display());
