@@ -51,7 +51,7 @@ pub(crate) struct Copies<'a> {
 }
 
 /// What the server does next for a waiting read.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Answer from the durable copy: `caught_up` when it holds the master's position.
     Answer { id: RequestId, mailbox: MailboxKey, wanted: Wanted, caught_up: bool },

@@ -98,7 +98,7 @@ struct MergeSnapshot {
 
 /// What one scrub found: bodies that fail their checksum, and messages with no body
 /// here that nobody is fetching yet, each as (GUID, checksum).
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ScrubFindings {
     pub(crate) corrupt: Vec<(Guid, u64)>,
     pub(crate) missing: Vec<(Guid, u64)>,

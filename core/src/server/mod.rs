@@ -106,7 +106,7 @@ pub(crate) enum StartupHold {
 
 /// A stored body whose bytes are missing or fail their checksum (see
 /// [`Server::checked_body`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BodyDamaged;
 
 impl Server {

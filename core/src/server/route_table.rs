@@ -24,7 +24,7 @@ pub struct LinkAnnouncement {
 }
 
 /// What a recomputation changed in the set of reachable servers.
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ReachabilityChange {
     pub(crate) gained: Vec<Sid>,
     pub(crate) lost: Vec<Sid>,

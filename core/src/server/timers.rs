@@ -6,7 +6,7 @@
 use crate::types::Instant;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     /// Our link-state announcement, held a moment so the many link changes of one
     /// partition or heal go out as one flood.
