@@ -381,9 +381,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                 seed,
                 disk: image.clone(),
                 bodies: rc.bodies,
-                started_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
+                started_unix_ms: crate::record::unix_ms(),
                 resumed: None,
             };
             // Recording is a diagnostic: a node that cannot record still serves mail.

@@ -54,8 +54,6 @@ pub struct Recorder {
     /// Recording stopped: the bound was reached or the file failed.
     stopped: bool,
     last_flush: std::time::Instant,
-    /// Frames were written since the last flush.
-    unflushed: bool,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -104,7 +102,8 @@ fn create(dir: &Path, at_ms: u64, sid: tandem_core::Sid) -> Result<(std::fs::Fil
     }
 }
 
-fn unix_ms() -> u64 {
+/// Now on the wall clock, in milliseconds since the Unix epoch (a name and a header field).
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -133,7 +132,6 @@ impl Recorder {
             input_open: false,
             stopped: false,
             last_flush: std::time::Instant::now(),
-            unflushed: false,
         };
         recorder.write_bytes(record::MAGIC)?;
         recorder.write(&Frame::Header(Box::new(header)))?;
@@ -264,7 +262,6 @@ impl Recorder {
 
     /// Writes a recording failure off: the node goes on without it.
     fn write_or_stop(&mut self, frame: &Frame) {
-        self.unflushed = true;
         if let Err(e) = self.write(frame) {
             self.stopped = true;
             error!(error = %e, "recording stopped");
@@ -343,18 +340,18 @@ impl Recorder {
     /// node that goes quiet after an input has that input on disk within about
     /// `FLUSH_EVERY`, not at its next input, which may never come before a kill -9.
     pub fn idle(&mut self) {
-        if self.stopped || !(self.input_open || self.outputs.count > 0 || self.unflushed) {
+        if self.stopped || self.last_flush.elapsed() < FLUSH_EVERY {
             return;
         }
-        if self.last_flush.elapsed() >= FLUSH_EVERY {
-            self.close_outputs();
+        self.close_outputs();
+        // What was written since the last flush is what the buffer holds.
+        if !self.out.buffer().is_empty() {
             self.flush();
         }
     }
 
     /// Hands what is buffered to the file (now and then, and when the node stops).
     pub fn flush(&mut self) {
-        self.unflushed = false;
         self.last_flush = std::time::Instant::now();
         if let Err(e) = self.out.flush() {
             self.stopped = true;

@@ -153,18 +153,25 @@ fn a_long_recording_rotates_and_every_file_replays_on_its_own() {
         let sizes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
         assert!(sizes <= 1 << 20, "node {}: {sizes} bytes in {files:?}", node + 1);
         let mut resumed = 0;
+        let mut snapshot_bytes = Vec::new();
         for file in &files {
             let recording = tandem_sim::replay::load(file).expect("the recording reads");
             if let Some(r) = &recording.header.resumed {
                 resumed += 1;
                 assert!(r.snapshot.is_some(), "{}: a snapshot with bodies = true", file.display());
+                snapshot_bytes.extend(r.snapshot.as_ref().map(Vec::len));
             }
             let report = tandem_sim::replay::replay(&recording, false).expect("the file replays on its own");
             assert!(report.divergence.is_none(), "{}: {:?}", file.display(), report.divergence);
             incident.push(recording);
         }
         assert!(resumed >= 2, "node {}: fewer than two rotations in {files:?}\n{}", node + 1, c.log(node));
-        println!("node {}: {} files, {sizes} bytes, {resumed} resumed", node + 1, files.len());
+        // BENCHMARKS.md's snapshot sizes (run with --nocapture).
+        println!(
+            "node {}: {} files, {sizes} bytes, {resumed} resumed, snapshots of {snapshot_bytes:?} bytes",
+            node + 1,
+            files.len()
+        );
     }
     let conversion = tandem_sim::incident::to_scenario(&incident, "rotated", false).expect("it converts");
     let s = &conversion.scenario;

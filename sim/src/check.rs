@@ -173,8 +173,6 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
         // everything else is free, and time moves only as far as the event chosen.
         let earliest = choices.iter().min_by_key(|(_, at)| **at).map(|(stream, _)| stream.clone());
         choices.retain(|stream, _| !stream.starts_with("timer ") || Some(stream) == earliest.as_ref());
-        // What time order takes next (the world's own order: due time, then queue order).
-        let in_time_order = earliest;
         if only_timers || path.len() >= opts.depth_max {
             report.ends_checked += 1;
             let mut rest = world.clone();
@@ -190,8 +188,8 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, String> {
             continue;
         }
         for stream in choices.keys() {
-            let departs = usize::from(Some(stream) != in_time_order.as_ref());
-            let departures = departures + departs;
+            // Time order takes the earliest event (the world's order: due time, then queue order).
+            let departures = departures + usize::from(Some(stream) != earliest.as_ref());
             if departures > departures_max {
                 continue;
             }

@@ -93,12 +93,14 @@ struct Reading {
     last_store: BTreeMap<Sid, Server>,
     /// A message's label, from the reply that stored it.
     label_of_guid: BTreeMap<Guid, String>,
-    /// A body's key, from the write that stored it (for messages whose reply was lost).
-    key_of_guid: BTreeMap<Guid, BodyKey>,
-    /// The first label given to each body.
-    label_of_key: BTreeMap<BodyKey, String>,
+    /// A body's checksum, from the write that stored it (for messages whose reply was
+    /// lost). The checksum names a body: the core's writes carry it, not the recording's
+    /// SHA-256 keys.
+    checksum_of_guid: BTreeMap<Guid, u64>,
+    /// The first label given to each body, by checksum.
+    label_of_checksum: BTreeMap<u64, String>,
     /// A delivery's label by mailbox and body: the same bytes delivered again are a retry.
-    delivery_label: BTreeMap<(MailboxKey, BodyKey), String>,
+    delivery_label: BTreeMap<(MailboxKey, u64), String>,
     used_labels: BTreeSet<String>,
     copies: u64,
     hand_added: u64,
@@ -119,10 +121,10 @@ impl Reading {
         label
     }
 
-    fn body_label(&mut self, key: &BodyKey) -> String {
-        let hex: String = key.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        let label = self.new_label(&format!("m{hex}"));
-        self.label_of_key.entry(*key).or_insert_with(|| label.clone());
+    /// A new label for a body: `m` and the top half of its checksum.
+    fn body_label(&mut self, checksum: u64) -> String {
+        let label = self.new_label(&format!("m{:08x}", checksum >> 32));
+        self.label_of_checksum.entry(checksum).or_insert_with(|| label.clone());
         label
     }
 
@@ -131,18 +133,6 @@ impl Reading {
             self.notes.push(line);
         }
     }
-}
-
-/// A body's name: its checksum (the recording's SHA-256 keys are not what the core's
-/// writes carry, and the checksum names a body in both).
-fn body_key(body: &[u8]) -> BodyKey {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&tandem_core::hash::body_checksum(body).to_be_bytes());
-    key
-}
-
-fn body_size(body: &[u8]) -> usize {
-    body.len()
 }
 
 fn guid_name(guid: Guid) -> String {
@@ -294,8 +284,8 @@ fn drain(server: &mut Server, pending: &mut BTreeMap<u64, String>, r: &mut Readi
             Output::Reply { id, .. } => {
                 pending.remove(&id);
             }
-            Output::Write { write: StoreWrite::PutBody { guid, bytes, .. }, .. } => {
-                r.key_of_guid.entry(guid).or_insert_with(|| body_key(&bytes));
+            Output::Write { write: StoreWrite::PutBody { guid, checksum, .. }, .. } => {
+                r.checksum_of_guid.entry(guid).or_insert(checksum);
             }
             _ => {}
         }
@@ -352,7 +342,6 @@ fn client_action(
     pending: &mut BTreeMap<u64, String>,
     r: &mut Reading,
 ) -> Option<Action> {
-    let server_name = server_sid;
     let uids_named = |mailbox: &MailboxKey, uids: &[u32], r: &mut Reading| -> Vec<String> {
         let mut labels = Vec::new();
         for uid in uids {
@@ -367,12 +356,12 @@ fn client_action(
     };
     Some(match request {
         ClientRequest::Save { mailbox, flags, body, delivery, .. } => {
-            let key = body_key(body);
+            let key = tandem_core::hash::body_checksum(body);
             let retried = delivery.then(|| r.delivery_label.get(&(mailbox.clone(), key)).cloned()).flatten();
             let label = match retried {
                 Some(label) => label,
                 None => {
-                    let label = r.body_label(&key);
+                    let label = r.body_label(key);
                     if *delivery {
                         r.delivery_label.insert((mailbox.clone(), key), label.clone());
                     } else {
@@ -383,25 +372,25 @@ fn client_action(
             };
             pending.insert(id, label.clone());
             Action::Save {
-                server: server_name,
+                server: server_sid,
                 mailbox: mailbox.clone(),
                 label: Some(label),
                 flags: flags.clone(),
-                size: body_size(body),
+                size: body.len(),
             }
         }
         ClientRequest::Import { mailbox, uidvalidity, uid, flags, body, .. } => {
-            let key = body_key(body);
-            let label = r.label_of_key.get(&key).cloned().unwrap_or_else(|| r.body_label(&key));
+            let key = tandem_core::hash::body_checksum(body);
+            let label = r.label_of_checksum.get(&key).cloned().unwrap_or_else(|| r.body_label(key));
             pending.insert(id, label.clone());
             Action::Import {
-                server: server_name,
+                server: server_sid,
                 mailbox: mailbox.clone(),
                 label,
                 uidvalidity: *uidvalidity,
                 uid: *uid,
                 flags: flags.clone(),
-                size: body_size(body),
+                size: body.len(),
             }
         }
         ClientRequest::Copy { src, src_uid, dst } => {
@@ -409,14 +398,14 @@ fn client_action(
             r.copies += 1;
             let as_label = r.new_label(&format!("copy{}", r.copies));
             pending.insert(id, as_label.clone());
-            Action::Copy { server: server_name, from: src.clone(), label, to: dst.clone(), as_label: Some(as_label) }
+            Action::Copy { server: server_sid, from: src.clone(), label, to: dst.clone(), as_label: Some(as_label) }
         }
         ClientRequest::Expunge { mailbox, uids } => {
             let labels = uids_named(mailbox, uids, r);
             if labels.is_empty() {
                 return None;
             }
-            Action::Expunge { server: server_name, mailbox: mailbox.clone(), labels }
+            Action::Expunge { server: server_sid, mailbox: mailbox.clone(), labels }
         }
         ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
             let labels = uids_named(mailbox, uids, r);
@@ -424,7 +413,7 @@ fn client_action(
                 return None;
             }
             Action::Store {
-                server: server_name,
+                server: server_sid,
                 mailbox: mailbox.clone(),
                 labels,
                 add: add.clone(),
@@ -432,31 +421,31 @@ fn client_action(
                 unchanged_since: unchanged_since.map(UnchangedSince::Value),
             }
         }
-        ClientRequest::Read { mailbox } => Action::Read { server: server_name, mailbox: mailbox.clone(), fresh: false },
+        ClientRequest::Read { mailbox } => Action::Read { server: server_sid, mailbox: mailbox.clone(), fresh: false },
         ClientRequest::FreshRead { mailbox } => {
-            Action::Read { server: server_name, mailbox: mailbox.clone(), fresh: true }
+            Action::Read { server: server_sid, mailbox: mailbox.clone(), fresh: true }
         }
-        ClientRequest::FreshStatus { mailbox } => Action::Status { server: server_name, mailbox: mailbox.clone() },
-        ClientRequest::MasterMove { mailbox } => Action::MasterMove { server: server_name, mailbox: mailbox.clone() },
+        ClientRequest::FreshStatus { mailbox } => Action::Status { server: server_sid, mailbox: mailbox.clone() },
+        ClientRequest::MasterMove { mailbox } => Action::MasterMove { server: server_sid, mailbox: mailbox.clone() },
         ClientRequest::CreateMailbox { mailbox, special_use } => {
-            Action::CreateMailbox { server: server_name, mailbox: mailbox.clone(), special_use: *special_use }
+            Action::CreateMailbox { server: server_sid, mailbox: mailbox.clone(), special_use: *special_use }
         }
         ClientRequest::DeleteMailbox { mailbox } => {
-            Action::DeleteMailbox { server: server_name, mailbox: mailbox.clone() }
+            Action::DeleteMailbox { server: server_sid, mailbox: mailbox.clone() }
         }
         ClientRequest::RenameMailbox { from, to } => {
-            Action::RenameMailbox { server: server_name, from: from.clone(), to: to.clone() }
+            Action::RenameMailbox { server: server_sid, from: from.clone(), to: to.clone() }
         }
         ClientRequest::ImportMailbox { mailbox, .. } => {
             r.note(format!(
                 "an imported empty mailbox {mailbox} on {server_sid} is created plainly (its UIDVALIDITY is not kept)"
             ));
-            Action::CreateMailbox { server: server_name, mailbox: mailbox.clone(), special_use: Default::default() }
+            Action::CreateMailbox { server: server_sid, mailbox: mailbox.clone(), special_use: Default::default() }
         }
         ClientRequest::Membership { change } => match change {
-            MemberChange::Add { sid, .. } => Action::MemberAdd { server: server_name, member: *sid },
-            MemberChange::Leave { sid } => Action::MemberRemove { server: server_name, member: *sid, lost: false },
-            MemberChange::Lost { sid } => Action::MemberRemove { server: server_name, member: *sid, lost: true },
+            MemberChange::Add { sid, .. } => Action::MemberAdd { server: server_sid, member: *sid },
+            MemberChange::Leave { sid } => Action::MemberRemove { server: server_sid, member: *sid, lost: false },
+            MemberChange::Lost { sid } => Action::MemberRemove { server: server_sid, member: *sid, lost: true },
         },
         ClientRequest::Subscription { mailbox, .. } => {
             r.note(format!("subscriptions (to {mailbox} on {server_sid}) are not scenario ops: left out"));
@@ -541,7 +530,7 @@ fn final_label(name: &str, r: &Reading) -> Option<String> {
     r.label_of_guid
         .get(&guid)
         .cloned()
-        .or_else(|| r.key_of_guid.get(&guid).and_then(|k| r.label_of_key.get(k).cloned()))
+        .or_else(|| r.checksum_of_guid.get(&guid).and_then(|c| r.label_of_checksum.get(c).cloned()))
 }
 
 /// Orders the events and names every message by its label; a request naming only

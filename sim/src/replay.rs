@@ -46,27 +46,26 @@ impl RecordedReads {
     }
 }
 
+impl RecordedReads {
+    /// What the node's store answered (`recorded`), or, if the recording never saw the
+    /// question, nothing, noted as a divergence.
+    fn answer<T>(&self, guid: Guid, recorded: Option<Option<T>>) -> Option<T> {
+        recorded.unwrap_or_else(|| {
+            self.unrecorded().push(guid);
+            None
+        })
+    }
+}
+
 impl BodyStore for RecordedReads {
     fn read(&self, guid: Guid) -> Option<Body> {
-        let answer = self.answers().get(&guid).cloned();
-        match answer {
-            Some(body) => body,
-            None => {
-                self.unrecorded().push(guid);
-                None
-            }
-        }
+        let recorded = self.answers().get(&guid).cloned();
+        self.answer(guid, recorded)
     }
 
     fn checksum(&self, guid: Guid) -> Option<u64> {
-        let answer = self.checksums().get(&guid).copied();
-        match answer {
-            Some(checksum) => checksum,
-            None => {
-                self.unrecorded().push(guid);
-                None
-            }
-        }
+        let recorded = self.checksums().get(&guid).copied();
+        self.answer(guid, recorded)
     }
 }
 

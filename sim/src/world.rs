@@ -296,10 +296,8 @@ pub struct World {
     trace_hash: u64,
     trace: Vec<String>,
     label_counter: u64,
-    /// The bytes of each imported label: importing it again sends them again.
-    imported: BTreeMap<String, Body>,
-    /// The bytes of each labelled save: saving the label again sends them again.
-    saved: BTreeMap<String, Body>,
+    /// The bytes of each labelled save or import (see `labelled_body`).
+    labelled_bytes: BTreeMap<String, Body>,
     /// Deliveries retried while the cluster was whole and agreeing, as (mailbox, body
     /// checksum): each must be stored once (see `oracle::RETRIES_STORED_ONCE`).
     retried_when_whole: BTreeSet<(MailboxKey, u64)>,
@@ -398,8 +396,7 @@ impl World {
             trace_hash: 0,
             trace: Vec::new(),
             label_counter: 0,
-            imported: BTreeMap::new(),
-            saved: BTreeMap::new(),
+            labelled_bytes: BTreeMap::new(),
             retried_when_whole: BTreeSet::new(),
             clients_stopped: false,
             only_clean_restarts: true,
@@ -1443,6 +1440,20 @@ impl World {
         body.into()
     }
 
+    /// The bytes of a save or an import: a label saved or imported again sends the same
+    /// bytes (an MTA's retry of one delivery, a resumed import); anything else new ones.
+    fn labelled_body(&mut self, label: Option<&str>, size: usize) -> Body {
+        if let Some(body) = label.and_then(|l| self.labelled_bytes.get(l)) {
+            return body.clone();
+        }
+        self.label_counter += 1;
+        let body = self.body(size, self.label_counter);
+        if let Some(l) = label {
+            self.labelled_bytes.insert(l.to_string(), body.clone());
+        }
+        body
+    }
+
     /// The UID a server has for a labelled message in a mailbox, if any.
     fn uid_of(&self, sid: Sid, mailbox: &MailboxKey, label: &str) -> Option<Uid> {
         let guid = self.labels.get(label)?;
@@ -1618,18 +1629,7 @@ impl World {
         }
         match action {
             Action::Save { server, mailbox, label, flags, size } => {
-                // A label saved again is a retried delivery: the same bytes.
-                let body = match label.as_ref().and_then(|l| self.saved.get(l)) {
-                    Some(body) => body.clone(),
-                    None => {
-                        self.label_counter += 1;
-                        let body = self.body(size, self.label_counter);
-                        if let Some(l) = &label {
-                            self.saved.insert(l.clone(), body.clone());
-                        }
-                        body
-                    }
-                };
+                let body = self.labelled_body(label.as_deref(), size);
                 let label = label.or_else(|| Some(format!("auto{}", self.label_counter)));
                 let retry = self.scenario.cluster.mta_retry_ms.map(|_| Retry {
                     mailbox: mailbox.clone(),
@@ -1649,15 +1649,7 @@ impl World {
                 self.request(server, request, event, o);
             }
             Action::Import { server, mailbox, label, uidvalidity, uid, flags, size } => {
-                let body = match self.imported.get(&label) {
-                    Some(body) => body.clone(),
-                    None => {
-                        self.label_counter += 1;
-                        let body = self.body(size, self.label_counter);
-                        self.imported.insert(label.clone(), body.clone());
-                        body
-                    }
-                };
+                let body = self.labelled_body(Some(&label), size);
                 let request = ClientRequest::Import {
                     mailbox: mailbox.clone(),
                     uidvalidity,
