@@ -57,6 +57,11 @@ pub struct Config {
     /// all (see `Server::master_save`). 0 turns it off.
     #[serde(default = "Config::retry_window_s_default")]
     pub retry_window_s: u64,
+    /// This server is one user's personal replica (a laptop's store, kept in sync by
+    /// `tandem replicate`), a cluster of its own: it takes the cluster's copy of a
+    /// mailbox with `ClientRequest::ReplicaAdopt`, which a cluster server refuses.
+    #[serde(default)]
+    pub user_replica: bool,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
     #[serde(default)]
@@ -122,6 +127,7 @@ impl Config {
             startup_hold_us: Config::STARTUP_HOLD_US_DEFAULT,
             fresh_read_us: Config::FRESH_READ_US_DEFAULT,
             retry_window_s: Config::RETRY_WINDOW_S_DEFAULT,
+            user_replica: false,
             #[cfg(feature = "broken")]
             bug: None,
         }
@@ -225,6 +231,35 @@ pub enum ClientRequest {
     Membership {
         change: crate::membership::MemberChange,
     },
+    /// A user replica's sync (`tandem replicate`, see `user_replica`): the summary of
+    /// every mailbox of `user` here, deleted ones included.
+    ReplicaList {
+        user: std::sync::Arc<str>,
+    },
+    /// The durable state of a mailbox changed after `since` (all of it when None).
+    ReplicaPull {
+        mailbox: MailboxKey,
+        since: Option<ModSeq>,
+    },
+    /// The bodies of these messages that this server holds, intact.
+    ReplicaBodies {
+        guids: Vec<Guid>,
+    },
+    /// A user replica's copy (or piece of one) joined by the mailbox's master: see
+    /// [`crate::msg::WriteRequest::Merge`].
+    ReplicaPush {
+        state: MailboxState,
+        bodies: Vec<(Guid, Body)>,
+    },
+    /// The cluster's copy (or piece of one), taken by this user replica as a replica
+    /// takes its master's (the cluster decided every conflict). `pushed_upto`: this
+    /// server's HIGHESTMODSEQ of the mailbox when it was last pulled for a push. Answered
+    /// with `WriteResult::Merged` once durable; refused by a cluster server.
+    ReplicaAdopt {
+        state: MailboxState,
+        bodies: Vec<(Guid, Body)>,
+        pushed_upto: ModSeq,
+    },
 }
 
 /// One message as a client sees it.
@@ -298,6 +333,20 @@ pub enum ClientReply {
     /// A membership change was taken: the membership as this server now has it.
     Members {
         members: crate::membership::Membership,
+    },
+    /// `ReplicaList`'s summaries, in mailbox order.
+    ReplicaList {
+        summaries: Vec<Summary>,
+    },
+    /// `ReplicaPull`'s state, with the summary of the whole mailbox it is part of (None:
+    /// no such mailbox here).
+    ReplicaState {
+        state: MailboxState,
+        summary: Option<Summary>,
+    },
+    /// `ReplicaBodies`: the bodies found; the others are not here.
+    ReplicaBodies {
+        bodies: Vec<(Guid, Body)>,
     },
     Failed {
         kind: FailKind,

@@ -19,6 +19,7 @@ pub mod record;
 pub mod server;
 pub mod store;
 pub mod types;
+pub mod user_replica;
 pub mod wire;
 
 pub use bugs::{Bug, MergeRules};

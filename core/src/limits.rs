@@ -88,6 +88,7 @@ pub fn check_request(request: &WriteRequest) -> Result<(), String> {
             }
             Ok(())
         }
+        WriteRequest::Merge { state, bodies } => check_adopted_state(state, bodies),
         WriteRequest::Expunge { messages, .. } if messages.len() > UIDS_PER_REQUEST_MAX => {
             Err("too many UIDs in one request".into())
         }
@@ -100,6 +101,31 @@ pub fn check_request(request: &WriteRequest) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// Bodies one user replica's push or adopt carries at most, and their bytes at most
+/// (its agent sends more in further requests; one body alone may be as large as any).
+pub const REPLICA_PUSH_BODIES_MAX: usize = 1024;
+pub const REPLICA_PUSH_BYTES_MAX: usize = 2 * crate::wire::LITERAL_LEN_MAX;
+
+/// A mailbox state and bodies a user replica's agent sends (a push to the cluster, an
+/// adopt by the replica) within the limits a peer's SYNC has, and bounded bodies.
+pub fn check_adopted_state(state: &MailboxState, bodies: &[(Guid, Body)]) -> Result<(), String> {
+    check_mailbox(&state.mailbox)?;
+    check_state(state).map_err(|e| e.to_string())?;
+    if state.messages.len().saturating_add(state.tombstones.len()) > UIDS_PER_REQUEST_MAX {
+        return Err("too many messages in one state".into());
+    }
+    if bodies.len() > REPLICA_PUSH_BODIES_MAX {
+        return Err("too many bodies in one request".into());
+    }
+    if bodies.iter().any(|(_, b)| b.len() > crate::wire::LITERAL_LEN_MAX) {
+        return Err("message too large".into());
+    }
+    if bodies.iter().map(|(_, b)| b.len()).fold(0usize, usize::saturating_add) > REPLICA_PUSH_BYTES_MAX {
+        return Err("too many bytes of bodies in one request".into());
+    }
+    Ok(())
 }
 
 fn check_flags(flags: &[Flag]) -> Result<(), String> {
@@ -154,7 +180,8 @@ pub fn check_peer_msg(msg: &Msg) -> Result<(), &'static str> {
                 WriteResult::Saved { uid, .. } | WriteResult::Copied { uid, .. } => check_uid(*uid),
                 WriteResult::Expunged { modseq, .. }
                 | WriteResult::MailboxDone { modseq }
-                | WriteResult::Position { highest_modseq: modseq, .. } => check_modseq(*modseq),
+                | WriteResult::Position { highest_modseq: modseq, .. }
+                | WriteResult::Merged { modseq, .. } => check_modseq(*modseq),
                 WriteResult::Stored { modseq, current, .. } => {
                     check_modseq(*modseq)?;
                     current.iter().try_for_each(|c| check_modseq(c.modseq))

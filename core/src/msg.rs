@@ -63,6 +63,11 @@ pub enum WriteRequest {
     /// the master ordered before it (`ClientRequest::FreshRead`): answered with
     /// `WriteResult::Position`, changing nothing.
     Barrier { mailbox: MailboxKey },
+    /// A user replica's copy of one of its user's mailboxes (or a piece of it), pushed by
+    /// `tandem replicate`: joined by the master exactly as a peer's SYNC is (its conflict
+    /// rules, its renumbering), with the bodies of messages the cluster may lack. A body
+    /// the master neither has nor is given is answered as missing, and nothing changes.
+    Merge { state: Box<MailboxState>, bodies: Vec<(Guid, Body)> },
 }
 
 /// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the
@@ -96,6 +101,7 @@ impl WriteRequest {
             WriteRequest::Mailbox { mailbox, .. } => mailbox,
             WriteRequest::Rename { from, .. } => from,
             WriteRequest::Barrier { mailbox } => mailbox,
+            WriteRequest::Merge { state, .. } => &state.mailbox,
         }
     }
 }
@@ -152,6 +158,14 @@ pub enum WriteResult {
     Position {
         highest_modseq: ModSeq,
         digest: u64,
+    },
+    /// A `Merge` or a user replica's `ClientRequest::ReplicaAdopt` done, or (when `missing` is not empty) not done for want of
+    /// these bodies. `modseq`: after a merge, the mailbox's HIGHESTMODSEQ at the master;
+    /// after an adopt, the replica's modseq up to which every change of its own has been
+    /// pushed (its next push starts there).
+    Merged {
+        modseq: ModSeq,
+        missing: Vec<Guid>,
     },
 }
 
@@ -349,6 +363,7 @@ impl Msg {
                 WriteRequest::Mailbox { .. } => "MAILBOX",
                 WriteRequest::Rename { .. } => "RENAME",
                 WriteRequest::Barrier { .. } => "BARRIER",
+                WriteRequest::Merge { .. } => "MERGE",
             },
             Msg::Reply { .. } => "REPLY",
             Msg::Change { change, .. } => match change {

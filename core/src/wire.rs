@@ -29,6 +29,7 @@
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
 //! | `BARRIER` | `<tag> <mbox>` |
+//! | `MERGE` | `<tag> <state> ((<guid> {n}<body>)...)` |
 //! | `REPLY` | `<tag> <master-sid>\|NIL <result> RECORD <record>\|NIL` |
 //! | `R-SAVE` | `<seq> <mbox> <uidvalidity> <record> {n}<body>` |
 //! | `R-COPY` | `<seq> <mbox> <uidvalidity> <record>` |
@@ -50,7 +51,8 @@
 //! `<tombstone>` is `(<uid> <guid> <modseq> EXPUNGED|RETIRED)`; and `<result>` is one of
 //! `SAVED <uidvalidity> <uid> <guid>`, `COPIED <uidvalidity> <uid> <guid>`,
 //! `EXPUNGED (<uid>...) <modseq>`, `STORED <modseq> (<rejected-uid>...) ((<uid> (<flag>...) <modseq>)...)`,
-//! `FAILED TEMPORARY|PERMANENT <string>`, `MAILBOX-DONE <modseq>`, `POSITION <highest-modseq> <digest>`.
+//! `FAILED TEMPORARY|PERMANENT <string>`, `MAILBOX-DONE <modseq>`, `POSITION <highest-modseq> <digest>`,
+//! `MERGED <modseq> (<guid>...)`.
 //!
 //! Limits: a command's text (everything but message bodies, string literals included) is
 //! at most [`LINE_LEN_MAX`] bytes, a body at most [`LITERAL_LEN_MAX`], a list at most
@@ -948,9 +950,8 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
             generation: r.u64()?,
             states: r.list(read_state)?,
         },
-        b"SAVE" | b"IMPORT" | b"CANCEL" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER" => {
-            Msg::Request { tag: r.u64()?, request: read_request(r, name)? }
-        }
+        b"SAVE" | b"IMPORT" | b"CANCEL" | b"COPY" | b"EXPUNGE" | b"STORE" | b"MAILBOX" | b"RENAME" | b"BARRIER"
+        | b"MERGE" => Msg::Request { tag: r.u64()?, request: read_request(r, name)? },
         b"REPLY" => Msg::Reply {
             tag: r.u64()?,
             master: r.opt(Reader::sid)?,
@@ -1077,6 +1078,14 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Barrier { mailbox } => {
             w.mailbox(mailbox);
         }
+        WriteRequest::Merge { state, bodies } => {
+            write_state(w, state);
+            w.list(bodies, |w, (guid, body)| {
+                w.group(|w| {
+                    w.guid(*guid).body(body);
+                });
+            });
+        }
     }
 }
 
@@ -1138,6 +1147,10 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         }
         b"RENAME" => WriteRequest::Rename { from: r.mailbox()?, to: r.mailbox()? },
         b"BARRIER" => WriteRequest::Barrier { mailbox: r.mailbox()? },
+        b"MERGE" => WriteRequest::Merge {
+            state: Box::new(read_state(r)?),
+            bodies: r.list(|r| r.group(|r| Ok((r.guid()?, r.body()?))))?,
+        },
         _ => WriteRequest::Store {
             mailbox: r.mailbox()?,
             messages: read_uid_guids(r)?,
@@ -1180,30 +1193,41 @@ fn write_result(w: &mut Writer, result: &WriteResult) {
         WriteResult::Position { highest_modseq, digest } => {
             w.atom("POSITION").num(*highest_modseq).num(*digest);
         }
+        WriteResult::Merged { modseq, missing } => {
+            w.atom("MERGED").num(*modseq).list(missing, |w, guid| {
+                w.guid(*guid);
+            });
+        }
     }
 }
 
 fn read_result(r: &mut Reader) -> Parse<WriteResult> {
-    Ok(match read_keyword(r, &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED", "MAILBOX-DONE", "POSITION"])? {
-        0 => WriteResult::Saved { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
-        1 => WriteResult::Copied { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
-        2 => WriteResult::Expunged { uids: r.uids()?, modseq: r.u64()? },
-        3 => WriteResult::Stored {
-            modseq: r.u64()?,
-            rejected: r.uids()?,
-            current: r
-                .list(|r| r.group(|r| Ok(CurrentFlags { uid: r.u32()?, flags: r.flags()?, modseq: r.u64()? })))?,
-        },
-        5 => WriteResult::MailboxDone { modseq: r.u64()? },
-        6 => WriteResult::Position { highest_modseq: r.u64()?, digest: r.u64()? },
-        _ => WriteResult::Failed {
-            kind: match read_keyword(r, &["TEMPORARY", "PERMANENT"])? {
-                0 => FailKind::Temporary,
-                _ => FailKind::Permanent,
+    Ok(
+        match read_keyword(
+            r,
+            &["SAVED", "COPIED", "EXPUNGED", "STORED", "FAILED", "MAILBOX-DONE", "POSITION", "MERGED"],
+        )? {
+            0 => WriteResult::Saved { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
+            1 => WriteResult::Copied { uidvalidity: r.u32()?, uid: r.u32()?, guid: r.guid()? },
+            2 => WriteResult::Expunged { uids: r.uids()?, modseq: r.u64()? },
+            3 => WriteResult::Stored {
+                modseq: r.u64()?,
+                rejected: r.uids()?,
+                current: r
+                    .list(|r| r.group(|r| Ok(CurrentFlags { uid: r.u32()?, flags: r.flags()?, modseq: r.u64()? })))?,
             },
-            reason: r.string()?,
+            5 => WriteResult::MailboxDone { modseq: r.u64()? },
+            6 => WriteResult::Position { highest_modseq: r.u64()?, digest: r.u64()? },
+            7 => WriteResult::Merged { modseq: r.u64()?, missing: r.list(Reader::guid)? },
+            _ => WriteResult::Failed {
+                kind: match read_keyword(r, &["TEMPORARY", "PERMANENT"])? {
+                    0 => FailKind::Temporary,
+                    _ => FailKind::Permanent,
+                },
+                reason: r.string()?,
+            },
         },
-    })
+    )
 }
 
 fn write_change(w: &mut Writer, change: &Change) {
@@ -1583,6 +1607,24 @@ mod tests {
                 },
             ),
             env(2, 1, 0, Msg::Request { tag: 8, request: WriteRequest::Barrier { mailbox: odd.clone() } }),
+            env(
+                2,
+                1,
+                0,
+                Msg::Request {
+                    tag: 10,
+                    request: WriteRequest::Merge {
+                        state: Box::new(state(odd.clone())),
+                        bodies: vec![(Guid(7), b"a body\r\n".to_vec().into()), (Guid(u128::MAX), Body::default())],
+                    },
+                },
+            ),
+            env(
+                1,
+                2,
+                0,
+                reply(Some(Sid(1)), WriteResult::Merged { modseq: 12, missing: vec![Guid(1), Guid(u128::MAX)] }),
+            ),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::MailboxDone { modseq: 12 })),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Position { highest_modseq: 13, digest: u64::MAX })),
             env(1, 2, 0, reply(Some(Sid(1)), WriteResult::Saved { uidvalidity: 77, uid: 11, guid })),
@@ -1762,7 +1804,7 @@ mod tests {
     #[test]
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
-        assert_eq!(names.len(), 30, "{names:?}");
+        assert_eq!(names.len(), 31, "{names:?}");
     }
 
     #[test]

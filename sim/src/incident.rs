@@ -451,6 +451,18 @@ fn client_action(
             r.note(format!("subscriptions (to {mailbox} on {server_sid}) are not scenario ops: left out"));
             return None;
         }
+        ClientRequest::ReplicaPush { state, .. } => {
+            r.note(format!(
+                "a user replica's push of {} on {server_sid} is not a scenario op: left out",
+                state.mailbox
+            ));
+            return None;
+        }
+        // Reads change nothing; an adopt happens on a user replica, not on a cluster node.
+        ClientRequest::ReplicaList { .. }
+        | ClientRequest::ReplicaPull { .. }
+        | ClientRequest::ReplicaBodies { .. }
+        | ClientRequest::ReplicaAdopt { .. } => return None,
     })
 }
 

@@ -1302,6 +1302,23 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::Subscription { mailbox, subscribe: false } => format!("UNSUBSCRIBE {mailbox}"),
         ClientRequest::RenameMailbox { from, to } => format!("RENAME {from} to {to}"),
         ClientRequest::Membership { change } => format!("MEMBER {change:?}"),
+        ClientRequest::ReplicaList { user } => format!("REPLICA-LIST {user}"),
+        ClientRequest::ReplicaPull { mailbox, since } => format!("REPLICA-PULL {mailbox} since {since:?}"),
+        ClientRequest::ReplicaBodies { guids } => format!("REPLICA-BODIES {} GUIDs", guids.len()),
+        ClientRequest::ReplicaPush { state, bodies } => format!(
+            "REPLICA-PUSH {} {} messages {} tombstones {} bodies",
+            state.mailbox,
+            state.messages.len(),
+            state.tombstones.len(),
+            bodies.len()
+        ),
+        ClientRequest::ReplicaAdopt { state, bodies, pushed_upto } => format!(
+            "REPLICA-ADOPT {} {} messages {} tombstones {} bodies, pushed up to {pushed_upto}",
+            state.mailbox,
+            state.messages.len(),
+            state.tombstones.len(),
+            bodies.len()
+        ),
     }
 }
 
@@ -1368,6 +1385,13 @@ pub fn describe(envelope: &Envelope) -> String {
             WriteRequest::Mailbox { mailbox, action } => format!("#{tag} {mailbox} {action:?}"),
             WriteRequest::Rename { from, to } => format!("#{tag} {from} -> {to}"),
             WriteRequest::Barrier { mailbox } => format!("#{tag} {mailbox}"),
+            WriteRequest::Merge { state, bodies } => format!(
+                "#{tag} {} {} messages {} tombstones {} bodies",
+                state.mailbox,
+                state.messages.len(),
+                state.tombstones.len(),
+                bodies.len()
+            ),
         },
         Msg::Reply { tag, master, result, .. } => format!("#{tag} master {master:?} {result:?}"),
         Msg::Change { seq, change } => match change {

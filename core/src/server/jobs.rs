@@ -124,7 +124,12 @@ impl Server {
         let wanted = if matches!(request, ClientRequest::FreshStatus { .. }) { Wanted::Status } else { Wanted::View };
         let is_read = matches!(
             request,
-            ClientRequest::Read { .. } | ClientRequest::FreshRead { .. } | ClientRequest::FreshStatus { .. }
+            ClientRequest::Read { .. }
+                | ClientRequest::FreshRead { .. }
+                | ClientRequest::FreshStatus { .. }
+                | ClientRequest::ReplicaList { .. }
+                | ClientRequest::ReplicaPull { .. }
+                | ClientRequest::ReplicaBodies { .. }
         );
         if !is_read && matches!(self.startup, super::StartupHold::Until(_)) {
             self.marks.hit(Mark::WriteAtStart);
@@ -256,6 +261,23 @@ impl Server {
                 WriteRequest::Mailbox { mailbox, action }
             }
             ClientRequest::RenameMailbox { from, to } => WriteRequest::Rename { from, to },
+            ClientRequest::ReplicaList { user } => {
+                self.on_replica_list(id, &user);
+                return;
+            }
+            ClientRequest::ReplicaPull { mailbox, since } => {
+                self.on_replica_pull(id, &mailbox, since);
+                return;
+            }
+            ClientRequest::ReplicaBodies { guids } => {
+                self.on_replica_bodies(id, &guids);
+                return;
+            }
+            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto } => {
+                self.on_replica_adopt(id, &state, bodies, pushed_upto);
+                return;
+            }
+            ClientRequest::ReplicaPush { state, bodies } => WriteRequest::Merge { state: Box::new(state), bodies },
         };
         if let Err(reason) = validate(&write) {
             self.out.reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
@@ -767,6 +789,7 @@ impl Server {
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
             WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
+            WriteRequest::Merge { state, bodies } => Ordered::unreplicated(self.master_merge(&state, bodies)),
         };
         Some(ordered)
     }

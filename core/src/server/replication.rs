@@ -262,14 +262,27 @@ impl Server {
     pub(crate) fn merge_foreign(&mut self, src: Sid, state: &MailboxState) -> MergeOutcome {
         let key = self.master_key(&state.mailbox);
         let is_master = self.masters.masters(&key);
+        let from_master = self.masters.cached(&key) == Some(src);
+        self.merge_state(state, is_master, from_master, Some(src))
+    }
+
+    /// [`Server::merge_foreign`] with the role given: a user replica's copy merged by its
+    /// master (no peer sent it), or the cluster's copy taken by a user replica.
+    pub(crate) fn merge_state(
+        &mut self,
+        state: &MailboxState,
+        is_master: bool,
+        from_master: bool,
+        src: Option<Sid>,
+    ) -> MergeOutcome {
         let mut rules = self.merge_rules();
-        rules.from_master = self.masters.cached(&key) == Some(src);
+        rules.from_master = from_master;
         let reuse_bug = self.has_bug(crate::Bug::ReuseUidAfterRenumber);
         let mailbox = state.mailbox.clone();
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);
         for r in &out.records {
             if !self.image.has_body(&r.guid) {
-                self.want_body(r.guid, Some(r.checksum), Some(src), false);
+                self.want_body(r.guid, Some(r.checksum), src, false);
             }
         }
         if out.renumbered > 0 {

@@ -1,0 +1,148 @@
+//! Serving a user replica's sync (`tandem replicate`, see [`crate::user_replica`]): the
+//! requests its agent makes of a cluster server (list, pull, bodies, push) and of the
+//! user replica itself (the same, and adopt).
+//!
+//! A push is a mailbox state merged by the mailbox's master exactly as a peer's SYNC is,
+//! so a laptop's offline changes meet the cluster's under the conflict rules servers
+//! use; an adopt is the cluster's answer taken as a replica takes its master's. Neither
+//! side keeps a log for the other: each pull is a delta from a modseq the agent keeps.
+use super::Server;
+use crate::io::{ClientReply, RequestId};
+use crate::msg::{FailKind, WriteResult};
+use crate::types::*;
+use std::collections::BTreeSet;
+
+/// Bodies one `ReplicaBodies` answer carries at most, and their bytes at most (the
+/// agent asks again for the rest).
+pub const REPLICA_BODIES_MAX: usize = 1024;
+pub const REPLICA_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+impl Server {
+    pub(crate) fn on_replica_list(&mut self, id: RequestId, user: &str) {
+        let summaries = self.image.summaries_where(|k| &*k.user == user);
+        self.out.reply(id, ClientReply::ReplicaList { summaries });
+    }
+
+    /// What is durable only: a crash here never takes back what a replica was given.
+    pub(crate) fn on_replica_pull(&mut self, id: RequestId, mailbox: &MailboxKey, since: Option<ModSeq>) {
+        if let Err(reason) = crate::limits::check_mailbox(mailbox) {
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let state = match self.image.durable_mailbox(mailbox) {
+            Some(m) => crate::mailbox::state_since(mailbox, &m, since),
+            None => MailboxState {
+                mailbox: mailbox.clone(),
+                uidvalidity: 0,
+                uidnext: 1,
+                highest_modseq: 0,
+                messages: Vec::new(),
+                tombstones: Vec::new(),
+                lifecycle: Lifecycle::default(),
+                retired: Retired::default(),
+            },
+        };
+        let summary = self.image.summary(mailbox);
+        self.out.reply(id, ClientReply::ReplicaState { state, summary });
+    }
+
+    pub(crate) fn on_replica_bodies(&mut self, id: RequestId, guids: &[Guid]) {
+        let mut bodies = Vec::new();
+        let mut bytes = 0usize;
+        for &guid in guids.iter().collect::<BTreeSet<_>>() {
+            if bodies.len() >= REPLICA_BODIES_MAX || bytes >= REPLICA_BODY_BYTES_MAX {
+                break;
+            }
+            // Only an intact body leaves: a damaged one is this server's to repair.
+            if let Some(body) = self.image.intact_body(guid) {
+                bytes = bytes.saturating_add(body.len());
+                bodies.push((guid, body));
+            }
+        }
+        self.out.reply(id, ClientReply::ReplicaBodies { bodies });
+    }
+
+    /// Stores the given bodies that belong to records of `state` (checked against their
+    /// checksums) and returns the GUIDs of records whose bodies are still missing here.
+    /// A message this mailbox expunged needs no body: the merge drops it.
+    pub(crate) fn take_replica_bodies(&mut self, state: &MailboxState, bodies: Vec<(Guid, Body)>) -> Vec<Guid> {
+        for (guid, bytes) in bodies {
+            let Some(record) = state.messages.iter().find(|r| r.guid == guid) else { continue };
+            if self.image.has_body(&guid)
+                || crate::hash::body_checksum(&bytes) != record.checksum
+                || u32::try_from(bytes.len()).is_err()
+            {
+                continue;
+            }
+            self.image.put_checked_body(&mut self.out, guid, record.checksum, bytes);
+        }
+        let expunged: BTreeSet<Guid> = self
+            .image
+            .mailbox(&state.mailbox)
+            .map(|m| m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect())
+            .unwrap_or_default();
+        let mut missing: Vec<Guid> = state
+            .messages
+            .iter()
+            .map(|r| r.guid)
+            .filter(|g| !self.image.has_body(g) && !expunged.contains(g))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
+    /// A user replica's copy, joined here as its mailbox's master (the job that runs
+    /// this is on the master). Answered once durable here: the replica keeps its own
+    /// copy, and its agent pushes again whatever a lost master took with it.
+    pub(crate) fn master_merge(&mut self, state: &MailboxState, bodies: Vec<(Guid, Body)>) -> WriteResult {
+        let missing = self.take_replica_bodies(state, bodies);
+        let highest = |s: &Server| s.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
+        if !missing.is_empty() {
+            return WriteResult::Merged { modseq: highest(self), missing };
+        }
+        let was_new = self.image.mailbox(&state.mailbox).is_none();
+        let outcome = self.merge_state(state, true, false, None);
+        debug_assert!(!outcome.unresolved, "a master decides every conflict");
+        debug_assert!(was_new || self.image.mailbox(&state.mailbox).is_some(), "a merge never drops a mailbox");
+        WriteResult::Merged { modseq: highest(self), missing: Vec::new() }
+    }
+
+    /// The cluster's copy taken by this user replica. The new push mark moves past the
+    /// adopted changes only if nothing was written here since the pull it answers;
+    /// a conflict this copy could not take (a write here since) sends the next push whole.
+    pub(crate) fn on_replica_adopt(
+        &mut self,
+        id: RequestId,
+        state: &MailboxState,
+        bodies: Vec<(Guid, Body)>,
+        pushed_upto: ModSeq,
+    ) {
+        if !self.cfg.user_replica {
+            let reason = "only a user replica takes another copy's decisions".to_string();
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        if let Err(reason) = crate::limits::check_adopted_state(state, &bodies) {
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let missing = self.take_replica_bodies(state, bodies);
+        if !missing.is_empty() {
+            self.out.reply_when_durable(id, ClientReply::Write(WriteResult::Merged { modseq: pushed_upto, missing }));
+            return;
+        }
+        let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
+        let outcome = self.merge_state(state, false, true, None);
+        let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
+        debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
+        let modseq = if outcome.unresolved {
+            0
+        } else if before == pushed_upto {
+            after
+        } else {
+            pushed_upto
+        };
+        self.out.reply_when_durable(id, ClientReply::Write(WriteResult::Merged { modseq, missing: Vec::new() }));
+    }
+}

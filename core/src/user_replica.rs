@@ -1,0 +1,472 @@
+//! A user replica's agent: the sans-IO state machine behind `tandem replicate`, which
+//! keeps one user's personal store (a laptop's tandem, a cluster of its own) in two-way
+//! sync with that user's mailboxes on a cluster.
+//!
+//! The seed thread's wish ("a cron job that asks my laptop's Dovecot to replicate from
+//! my server's Dovecot, without giving it any special permissions") and Timo's answer
+//! (safe "by just not allowing user to become replication master", and "not writing
+//! (long) replication logs to disk while waiting for it to become online"): the agent is
+//! a client of both sides. It never joins the cluster, so it can master nothing there;
+//! it reads deltas from modseqs it keeps itself ([`SyncMarks`]), so the cluster keeps
+//! no log for it. Per mailbox, a round is:
+//!
+//! 1. compare both sides' summaries (`ReplicaList`): equal digests need nothing;
+//! 2. pull the replica's changes since the last push (`ReplicaPull`) and push them to
+//!    the cluster (`ReplicaPush`), where the mailbox's master merges them exactly as it
+//!    merges a peer's SYNC: the same conflict rules, the same renumbering;
+//! 3. pull the cluster's changes since the last pull, the merge's outcome included, and
+//!    have the replica adopt them (`ReplicaAdopt`) as a replica adopts its master's.
+//!
+//! A body travels only when the other side says it lacks it (`missing`). Every mailbox
+//! goes through its steps at once, so a round costs a few round trips however many
+//! mailboxes and messages it carries (a satellite link's second of latency is paid a
+//! few times, not once per message). A round ends with the summaries compared again; a
+//! mailbox still unequal is synced whole in the next round (a delta can miss a change
+//! that reached the cluster's copy out of modseq order), up to `rounds_max`.
+use crate::io::{ClientReply, ClientRequest, RequestId};
+use crate::msg::WriteResult;
+use crate::types::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+/// Which copy a request goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Side {
+    /// The user's own store (the laptop).
+    Replica,
+    /// A server of the cluster (any: pushes reach the mailbox's master through it).
+    Cluster,
+}
+
+/// Where one mailbox's two copies stood when they last agreed: what the agent keeps
+/// between runs (a small file next to the laptop's store).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxMarks {
+    /// The cluster's copy: its UIDVALIDITY, and the modseq up to which the replica has
+    /// every change of it.
+    pub cluster_uidvalidity: u32,
+    pub pulled: ModSeq,
+    /// The replica's copy: its UIDVALIDITY, and the modseq up to which the cluster has
+    /// every change of it.
+    pub replica_uidvalidity: u32,
+    pub pushed: ModSeq,
+}
+
+/// Marks by mailbox name (one user's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncMarks {
+    pub mailboxes: BTreeMap<String, MailboxMarks>,
+}
+
+/// What a sync did, for the operator (and the benchmarks).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub rounds: u32,
+    /// Mailboxes that needed work, counted once per round.
+    pub mailboxes_synced: u64,
+    pub records_pushed: u64,
+    pub records_pulled: u64,
+    pub bodies_pushed: u64,
+    pub bodies_pulled: u64,
+    pub body_bytes_pushed: u64,
+    pub body_bytes_pulled: u64,
+    pub requests: u64,
+    /// Both copies of every mailbox agreed at the end.
+    pub converged: bool,
+    /// Mailboxes a round could not finish, and why (each is tried again next round).
+    pub failures: Vec<String>,
+}
+
+/// Rounds a sync makes at most by default: one, and one more for what a delta missed
+/// or what changed meanwhile.
+pub const ROUNDS_MAX_DEFAULT: u32 = 3;
+/// Body fetches for one piece of state at most (each brings up to
+/// `ReplicaBodies`' limits); more means a side keeps losing bodies.
+const BODY_ROUNDS_MAX: u32 = 64;
+
+#[derive(Clone, Debug)]
+enum Awaited {
+    List,
+    PullReplica(MailboxKey),
+    Push { mailbox: MailboxKey, piece: usize },
+    BodiesForPush { mailbox: MailboxKey, piece: usize },
+    PullCluster(MailboxKey),
+    Adopt { mailbox: MailboxKey, piece: usize },
+    BodiesForAdopt { mailbox: MailboxKey, piece: usize },
+}
+
+/// One mailbox's round.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// Sync it whole: no marks, or a delta left the copies unequal.
+    whole: bool,
+    /// The replica's HIGHESTMODSEQ when it was pulled for the push.
+    pushed_upto: ModSeq,
+    pieces: Vec<MailboxState>,
+    pieces_left: usize,
+    body_rounds: u32,
+    /// The lowest push mark the adopted pieces gave (0: push whole next time).
+    new_pushed: Option<ModSeq>,
+    cluster_uidvalidity: u32,
+    cluster_highest: ModSeq,
+    failed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Listing,
+    Syncing,
+    Done,
+}
+
+/// The agent. Drive it like any sans-IO machine: send every request `poll_request`
+/// gives (to its side), hand each answer to `handle_reply`, until `is_done`.
+pub struct ReplicaSync {
+    user: Arc<str>,
+    marks: SyncMarks,
+    rounds_max: u32,
+    phase: Phase,
+    next_id: RequestId,
+    outbox: VecDeque<(Side, RequestId, ClientRequest)>,
+    waiting: BTreeMap<(Side, RequestId), Awaited>,
+    lists: BTreeMap<Side, Vec<Summary>>,
+    /// Mailboxes the last round synced (a second look finds them unequal: whole next).
+    synced_last_round: BTreeSet<MailboxKey>,
+    mailboxes: BTreeMap<MailboxKey, Progress>,
+    report: SyncReport,
+}
+
+impl ReplicaSync {
+    pub fn new(user: &str, marks: SyncMarks, rounds_max: u32) -> ReplicaSync {
+        let mut sync = ReplicaSync {
+            user: user.into(),
+            marks,
+            rounds_max: rounds_max.max(1),
+            phase: Phase::Listing,
+            next_id: 1,
+            outbox: VecDeque::new(),
+            waiting: BTreeMap::new(),
+            lists: BTreeMap::new(),
+            synced_last_round: BTreeSet::new(),
+            mailboxes: BTreeMap::new(),
+            report: SyncReport::default(),
+        };
+        sync.start_round();
+        sync
+    }
+
+    /// The next request to send, to which side, with the id its answer must carry.
+    pub fn poll_request(&mut self) -> Option<(Side, RequestId, ClientRequest)> {
+        self.outbox.pop_front()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    pub fn report(&self) -> &SyncReport {
+        &self.report
+    }
+
+    /// The marks to keep for the next run (updated as mailboxes finish, so an
+    /// interrupted sync keeps what it finished).
+    pub fn marks(&self) -> &SyncMarks {
+        &self.marks
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn outstanding(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The connection to one side was lost: what was outstanding there fails, and the
+    /// sync ends without converging (its finished mailboxes keep their marks).
+    pub fn side_lost(&mut self, side: Side) {
+        let lost: Vec<(Side, RequestId)> = self.waiting.keys().filter(|(s, _)| *s == side).copied().collect();
+        for key in lost {
+            self.waiting.remove(&key);
+        }
+        self.outbox.retain(|(s, _, _)| *s != side);
+        self.report.failures.push(format!("lost the connection to the {side:?} side"));
+        self.report.converged = false;
+        self.phase = Phase::Done;
+    }
+
+    pub fn handle_reply(&mut self, side: Side, id: RequestId, reply: ClientReply) {
+        let Some(awaited) = self.waiting.remove(&(side, id)) else { return };
+        if self.phase == Phase::Done {
+            return;
+        }
+        match awaited {
+            Awaited::List => self.on_list(side, reply),
+            Awaited::PullReplica(mailbox) => self.on_replica_state(mailbox, reply),
+            Awaited::Push { mailbox, piece } => self.on_pushed(mailbox, piece, reply),
+            Awaited::BodiesForPush { mailbox, piece } => self.on_bodies(mailbox, piece, reply, true),
+            Awaited::PullCluster(mailbox) => self.on_cluster_state(mailbox, reply),
+            Awaited::Adopt { mailbox, piece } => self.on_adopted(mailbox, piece, reply),
+            Awaited::BodiesForAdopt { mailbox, piece } => self.on_bodies(mailbox, piece, reply, false),
+        }
+        self.end_round_if_done();
+    }
+
+    fn request(&mut self, side: Side, request: ClientRequest, awaited: Awaited) {
+        let id = self.next_id;
+        self.next_id = self.next_id.saturating_add(1);
+        self.report.requests += 1;
+        self.waiting.insert((side, id), awaited);
+        self.outbox.push_back((side, id, request));
+    }
+
+    fn start_round(&mut self) {
+        self.report.rounds += 1;
+        self.phase = Phase::Listing;
+        self.lists.clear();
+        self.mailboxes.clear();
+        let user = self.user.clone();
+        self.request(Side::Replica, ClientRequest::ReplicaList { user: user.clone() }, Awaited::List);
+        self.request(Side::Cluster, ClientRequest::ReplicaList { user }, Awaited::List);
+    }
+
+    fn fail(&mut self, mailbox: &MailboxKey, why: String) {
+        self.report.failures.push(format!("{mailbox}: {why}"));
+        if let Some(p) = self.mailboxes.get_mut(mailbox) {
+            p.failed = true;
+            p.pieces_left = 0;
+        }
+    }
+
+    fn on_list(&mut self, side: Side, reply: ClientReply) {
+        let summaries = match reply {
+            ClientReply::ReplicaList { summaries } => summaries,
+            other => {
+                self.report.failures.push(format!("the {side:?} side could not list the mailboxes: {other:?}"));
+                self.phase = Phase::Done;
+                return;
+            }
+        };
+        // Only the user's own mailboxes, whatever a side answered.
+        let user = self.user.clone();
+        self.lists.insert(side, summaries.into_iter().filter(|s| s.mailbox.user == user).collect());
+        if self.lists.len() < 2 {
+            return;
+        }
+        let by_key = |list: Option<&Vec<Summary>>| -> BTreeMap<MailboxKey, Summary> {
+            list.into_iter().flatten().map(|s| (s.mailbox.clone(), s.clone())).collect()
+        };
+        let replica = by_key(self.lists.get(&Side::Replica));
+        let cluster = by_key(self.lists.get(&Side::Cluster));
+        let keys: BTreeSet<MailboxKey> = replica.keys().chain(cluster.keys()).cloned().collect();
+        let mut work = Vec::new();
+        for key in keys {
+            let (r, c) = (replica.get(&key), cluster.get(&key));
+            if let (Some(r), Some(c)) = (r, c)
+                && (r.uidvalidity, r.count, r.digest) == (c.uidvalidity, c.count, c.digest)
+            {
+                // In step: everything each holds now the other has.
+                self.marks.mailboxes.insert(
+                    key.name.to_string(),
+                    MailboxMarks {
+                        cluster_uidvalidity: c.uidvalidity,
+                        pulled: c.highest_modseq,
+                        replica_uidvalidity: r.uidvalidity,
+                        pushed: r.highest_modseq,
+                    },
+                );
+                continue;
+            }
+            work.push((key, r.cloned(), c.cloned()));
+        }
+        if work.is_empty() {
+            self.report.converged = true;
+            self.phase = Phase::Done;
+            return;
+        }
+        if self.report.rounds > self.rounds_max {
+            self.report.converged = false;
+            self.phase = Phase::Done;
+            return;
+        }
+        self.phase = Phase::Syncing;
+        let previous = std::mem::take(&mut self.synced_last_round);
+        for (key, replica_summary, cluster_summary) in work {
+            self.report.mailboxes_synced += 1;
+            let marks = self.marks.mailboxes.get(&*key.name).copied();
+            let whole = previous.contains(&key) || marks.is_none();
+            self.synced_last_round.insert(key.clone());
+            self.mailboxes.insert(key.clone(), Progress { whole, ..Progress::default() });
+            match replica_summary {
+                Some(r) => {
+                    let since = marks.filter(|m| !whole && m.replica_uidvalidity == r.uidvalidity).map(|m| m.pushed);
+                    self.request(
+                        Side::Replica,
+                        ClientRequest::ReplicaPull { mailbox: key.clone(), since },
+                        Awaited::PullReplica(key),
+                    );
+                }
+                // Nothing to push: the cluster's copy comes down.
+                None => self.pull_cluster(&key, cluster_summary.as_ref()),
+            }
+        }
+    }
+
+    fn pull_cluster(&mut self, key: &MailboxKey, cluster_summary: Option<&Summary>) {
+        let whole = self.mailboxes.get(key).is_none_or(|p| p.whole);
+        let marks = self.marks.mailboxes.get(&*key.name).copied();
+        let since = marks
+            .filter(|m| !whole && cluster_summary.is_none_or(|c| c.uidvalidity == m.cluster_uidvalidity))
+            .map(|m| m.pulled);
+        self.request(
+            Side::Cluster,
+            ClientRequest::ReplicaPull { mailbox: key.clone(), since },
+            Awaited::PullCluster(key.clone()),
+        );
+    }
+
+    fn on_replica_state(&mut self, mailbox: MailboxKey, reply: ClientReply) {
+        let (state, summary) = match reply {
+            ClientReply::ReplicaState { state, summary } => (state, summary),
+            other => return self.fail(&mailbox, format!("the replica could not be read: {other:?}")),
+        };
+        let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
+        if summary.is_none() {
+            // Gone from the replica since the listing: nothing to push.
+            self.pull_cluster(&mailbox, None);
+            return;
+        }
+        p.pushed_upto = state.highest_modseq;
+        self.report.records_pushed += (state.messages.len() + state.tombstones.len()) as u64;
+        let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
+        p.pieces_left = pieces.len();
+        p.pieces = pieces;
+        p.body_rounds = 0;
+        for piece in 0..p.pieces_left {
+            self.push_piece(&mailbox, piece, Vec::new());
+        }
+    }
+
+    fn push_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
+        let Some(state) = self.mailboxes.get(mailbox).and_then(|p| p.pieces.get(piece)).cloned() else { return };
+        self.report.bodies_pushed += bodies.len() as u64;
+        self.report.body_bytes_pushed += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.request(
+            Side::Cluster,
+            ClientRequest::ReplicaPush { state, bodies },
+            Awaited::Push { mailbox: mailbox.clone(), piece },
+        );
+    }
+
+    fn adopt_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
+        let Some(p) = self.mailboxes.get(mailbox) else { return };
+        let Some(state) = p.pieces.get(piece).cloned() else { return };
+        let pushed_upto = p.pushed_upto;
+        self.report.bodies_pulled += bodies.len() as u64;
+        self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.request(
+            Side::Replica,
+            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto },
+            Awaited::Adopt { mailbox: mailbox.clone(), piece },
+        );
+    }
+
+    /// A push or an adopt answered `missing`: the bodies come from the other side.
+    fn fetch_bodies(&mut self, mailbox: &MailboxKey, piece: usize, missing: Vec<Guid>, for_push: bool) {
+        let Some(p) = self.mailboxes.get_mut(mailbox) else { return };
+        p.body_rounds += 1;
+        if p.body_rounds > BODY_ROUNDS_MAX {
+            return self.fail(mailbox, "bodies keep going missing".into());
+        }
+        let (side, awaited) = if for_push {
+            (Side::Replica, Awaited::BodiesForPush { mailbox: mailbox.clone(), piece })
+        } else {
+            (Side::Cluster, Awaited::BodiesForAdopt { mailbox: mailbox.clone(), piece })
+        };
+        self.request(side, ClientRequest::ReplicaBodies { guids: missing }, awaited);
+    }
+
+    fn on_bodies(&mut self, mailbox: MailboxKey, piece: usize, reply: ClientReply, for_push: bool) {
+        let bodies = match reply {
+            ClientReply::ReplicaBodies { bodies } => bodies,
+            other => return self.fail(&mailbox, format!("bodies could not be read: {other:?}")),
+        };
+        if bodies.is_empty() {
+            let from = if for_push { "replica" } else { "cluster" };
+            return self.fail(&mailbox, format!("the {from} does not have the bodies the other side lacks"));
+        }
+        if for_push { self.push_piece(&mailbox, piece, bodies) } else { self.adopt_piece(&mailbox, piece, bodies) }
+    }
+
+    fn on_pushed(&mut self, mailbox: MailboxKey, piece: usize, reply: ClientReply) {
+        match reply {
+            ClientReply::Write(WriteResult::Merged { missing, .. }) if !missing.is_empty() => {
+                self.fetch_bodies(&mailbox, piece, missing, true)
+            }
+            ClientReply::Write(WriteResult::Merged { .. }) => {
+                let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
+                p.pieces_left = p.pieces_left.saturating_sub(1);
+                if p.pieces_left == 0 && !p.failed {
+                    let summary =
+                        self.lists.get(&Side::Cluster).and_then(|l| l.iter().find(|s| s.mailbox == mailbox)).cloned();
+                    self.pull_cluster(&mailbox, summary.as_ref());
+                }
+            }
+            other => self.fail(&mailbox, format!("the cluster refused the push: {other:?}")),
+        }
+    }
+
+    fn on_cluster_state(&mut self, mailbox: MailboxKey, reply: ClientReply) {
+        let (state, summary) = match reply {
+            ClientReply::ReplicaState { state, summary } => (state, summary),
+            other => return self.fail(&mailbox, format!("the cluster could not be read: {other:?}")),
+        };
+        let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
+        if summary.is_none() {
+            // Neither side has it any more.
+            p.pieces_left = 0;
+            return;
+        }
+        p.cluster_uidvalidity = state.uidvalidity;
+        p.cluster_highest = state.highest_modseq;
+        p.new_pushed = None;
+        self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
+        let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
+        p.pieces_left = pieces.len();
+        p.pieces = pieces;
+        p.body_rounds = 0;
+        for piece in 0..p.pieces_left {
+            self.adopt_piece(&mailbox, piece, Vec::new());
+        }
+    }
+
+    fn on_adopted(&mut self, mailbox: MailboxKey, piece: usize, reply: ClientReply) {
+        match reply {
+            ClientReply::Write(WriteResult::Merged { missing, .. }) if !missing.is_empty() => {
+                self.fetch_bodies(&mailbox, piece, missing, false)
+            }
+            ClientReply::Write(WriteResult::Merged { modseq, .. }) => {
+                let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
+                p.new_pushed = Some(p.new_pushed.map_or(modseq, |m| m.min(modseq)));
+                p.pieces_left = p.pieces_left.saturating_sub(1);
+                if p.pieces_left == 0 && !p.failed {
+                    let marks = MailboxMarks {
+                        cluster_uidvalidity: p.cluster_uidvalidity,
+                        pulled: p.cluster_highest,
+                        // The replica takes the cluster's UIDVALIDITY when it adopts.
+                        replica_uidvalidity: p.cluster_uidvalidity,
+                        pushed: p.new_pushed.unwrap_or(0),
+                    };
+                    self.marks.mailboxes.insert(mailbox.name.to_string(), marks);
+                }
+            }
+            other => self.fail(&mailbox, format!("the replica refused the cluster's copy: {other:?}")),
+        }
+    }
+
+    fn end_round_if_done(&mut self) {
+        if self.phase != Phase::Syncing || !self.waiting.is_empty() {
+            return;
+        }
+        // Every mailbox's requests are answered: look again.
+        self.start_round();
+    }
+}

@@ -1,0 +1,328 @@
+//! A user replica (`tandem_core::user_replica`) against a two-server cluster, all three
+//! real `Server`s driven in one process: the seed thread's laptop, which goes offline,
+//! changes things, and syncs back under the cluster's conflict rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use tandem_core::user_replica::{ReplicaSync, Side, SyncMarks, SyncReport};
+use tandem_core::*;
+
+const USER: &str = "alice";
+const S1: Sid = Sid(1);
+const S2: Sid = Sid(2);
+/// The laptop: a cluster of its own.
+const LAPTOP: Sid = Sid(100);
+const STEP_MAX: usize = 2000;
+
+fn key(name: &str) -> MailboxKey {
+    MailboxKey::new(USER, name)
+}
+
+fn flag(s: &str) -> Flag {
+    Flag::new(s).expect("valid flag")
+}
+
+struct World {
+    servers: BTreeMap<Sid, Server>,
+    bodies: BTreeMap<Sid, MemoryBodies>,
+    now: Instant,
+    next_id: RequestId,
+    replies: BTreeMap<(Sid, RequestId), ClientReply>,
+}
+
+impl World {
+    fn new() -> World {
+        let mut servers = BTreeMap::new();
+        let mut bodies = BTreeMap::new();
+        for sid in [S1, S2] {
+            let store = MemoryBodies::default();
+            let mut cfg = Config::new(sid, vec![S1, S2]);
+            cfg.replicas = 1;
+            servers.insert(sid, Server::new(cfg, 7 + u64::from(sid.0), Box::new(store.clone())));
+            bodies.insert(sid, store);
+        }
+        let store = MemoryBodies::default();
+        let mut cfg = Config::new(LAPTOP, vec![LAPTOP]);
+        cfg.replicas = 0;
+        cfg.user_replica = true;
+        servers.insert(LAPTOP, Server::new(cfg, 99, Box::new(store.clone())));
+        bodies.insert(LAPTOP, store);
+        let mut w = World { servers, bodies, now: Instant(0), next_id: 1, replies: BTreeMap::new() };
+        w.pump(vec![(S1, Input::LinkUp { peer: S2 }), (S2, Input::LinkUp { peer: S1 })]);
+        for _ in 0..STEP_MAX {
+            if w.servers[&S1].root_active() && w.servers[&S2].term() == w.servers[&S1].term() {
+                return w;
+            }
+            w.tick();
+        }
+        panic!("the cluster never opened a term");
+    }
+
+    fn tick(&mut self) {
+        self.now = self.now.plus_us(50_000);
+        let inputs = self.servers.keys().map(|sid| (*sid, Input::Timer)).collect();
+        self.pump(inputs);
+    }
+
+    /// Feeds the inputs and everything they cause: writes durable at once, messages
+    /// delivered between S1 and S2 (the laptop has no peer link).
+    fn pump(&mut self, mut queue: Vec<(Sid, Input)>) {
+        loop {
+            for (sid, input) in std::mem::take(&mut queue) {
+                if let Some(server) = self.servers.get_mut(&sid) {
+                    server.handle(self.now, input);
+                }
+            }
+            for (&sid, server) in &mut self.servers {
+                while let Some(out) = server.poll_output() {
+                    match out {
+                        Output::Write { id, write } => {
+                            self.bodies.entry(sid).or_default().apply(&write);
+                            queue.push((sid, Input::Durable { upto: id }));
+                        }
+                        Output::Reply { id, reply } => {
+                            self.replies.insert((sid, id), reply);
+                        }
+                        Output::Send { to, envelope } => {
+                            assert_ne!(sid, LAPTOP, "the laptop sent {envelope:?} to {to}");
+                            queue.push((to, Input::Peer { from: sid, envelope }));
+                        }
+                    }
+                }
+            }
+            if queue.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn send(&mut self, sid: Sid, request: ClientRequest) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.now = self.now.plus_us(1);
+        self.pump(vec![(sid, Input::Client { id, request })]);
+        id
+    }
+
+    fn request(&mut self, sid: Sid, request: ClientRequest) -> ClientReply {
+        let id = self.send(sid, request.clone());
+        for _ in 0..STEP_MAX {
+            if let Some(reply) = self.replies.remove(&(sid, id)) {
+                return reply;
+            }
+            self.tick();
+        }
+        panic!("{sid}: no reply to {request:?}");
+    }
+
+    fn save(&mut self, sid: Sid, name: &str, text: &str, flags: &[&str]) -> Uid {
+        let request = ClientRequest::Save {
+            mailbox: key(name),
+            received: 1_700_000_000,
+            flags: flags.iter().map(|f| flag(f)).collect(),
+            body: Body::from(format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes()),
+            delivery: false,
+        };
+        match self.request(sid, request) {
+            ClientReply::Write(WriteResult::Saved { uid, .. }) => uid,
+            other => panic!("{sid}: SAVE {text} to {name}: {other:?}"),
+        }
+    }
+
+    fn write(&mut self, sid: Sid, request: ClientRequest) {
+        let reply = self.request(sid, request.clone());
+        let ok = matches!(reply, ClientReply::Write(ref r) if !matches!(r, WriteResult::Failed { .. }));
+        assert!(ok, "{sid}: {request:?}: {reply:?}");
+    }
+
+    fn view(&mut self, sid: Sid, name: &str) -> MailboxView {
+        match self.request(sid, ClientRequest::Read { mailbox: key(name) }) {
+            ClientReply::Read(view) => view,
+            other => panic!("{sid}: READ {name}: {other:?}"),
+        }
+    }
+
+    /// (UID, body text, flags) of every message, as a client sees them.
+    fn contents(&mut self, sid: Sid, name: &str) -> Vec<(Uid, String, Vec<String>)> {
+        let view = self.view(sid, name);
+        let server = &self.servers[&sid];
+        view.messages
+            .iter()
+            .map(|m| {
+                let body =
+                    server.stored_body(m.guid).map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
+                let subject = body.lines().next().unwrap_or("").trim_start_matches("Subject: ").to_string();
+                (m.uid, subject, m.flags.iter().map(|f| f.as_str().to_string()).collect())
+            })
+            .collect()
+    }
+
+    fn mailbox_names(&self, sid: Sid) -> BTreeSet<String> {
+        self.servers[&sid]
+            .image()
+            .mailboxes
+            .iter()
+            .filter(|(k, m)| &*k.user == USER && m.visible())
+            .map(|(k, _)| k.name.to_string())
+            .collect()
+    }
+
+    /// Runs the agent between the laptop and `home` until it is done.
+    fn sync(&mut self, home: Sid, marks: SyncMarks) -> (SyncReport, SyncMarks) {
+        let mut agent = ReplicaSync::new(USER, marks, 3);
+        let mut sent: BTreeMap<(Sid, RequestId), (Side, RequestId)> = BTreeMap::new();
+        for _ in 0..STEP_MAX {
+            while let Some((side, agent_id, request)) = agent.poll_request() {
+                let sid = if side == Side::Replica { LAPTOP } else { home };
+                let id = self.send(sid, request);
+                sent.insert((sid, id), (side, agent_id));
+            }
+            let answered: Vec<(Sid, RequestId)> =
+                sent.keys().filter(|k| self.replies.contains_key(k)).copied().collect();
+            for k in answered {
+                let reply = self.replies.remove(&k).expect("answered");
+                let (side, agent_id) = sent.remove(&k).expect("sent");
+                agent.handle_reply(side, agent_id, reply);
+            }
+            if agent.is_done() {
+                return (agent.report().clone(), agent.marks().clone());
+            }
+            if agent.outstanding() > 0 && sent.keys().all(|k| !self.replies.contains_key(k)) {
+                self.tick();
+            }
+        }
+        panic!("the sync never ended: {:?}", agent.report());
+    }
+
+    fn assert_same(&mut self, names: &[&str]) {
+        assert_eq!(self.mailbox_names(LAPTOP), self.mailbox_names(S1), "the same folders");
+        for name in names {
+            let (laptop, cluster) = (self.contents(LAPTOP, name), self.contents(S1, name));
+            assert_eq!(laptop, cluster, "{name}: the laptop and the cluster show the same messages");
+            assert_eq!(self.view(LAPTOP, name).uidvalidity, self.view(S1, name).uidvalidity, "{name}");
+        }
+    }
+}
+
+fn subjects(contents: &[(Uid, String, Vec<String>)]) -> BTreeSet<String> {
+    contents.iter().map(|(_, s, _)| s.clone()).collect()
+}
+
+#[test]
+fn a_laptop_takes_the_users_mail_then_syncs_offline_changes_both_ways() {
+    let mut w = World::new();
+    for (n, flags) in [(1, vec![]), (2, vec!["\\Seen"]), (3, vec![])] {
+        w.save(S1, "INBOX", &format!("server-{n}"), &flags);
+    }
+    w.save(S2, "Archive", "old", &["\\Seen"]);
+
+    // First sync: the laptop was empty.
+    let (first, marks) = w.sync(S2, SyncMarks::default());
+    assert!(first.converged, "{first:?}");
+    assert_eq!(first.bodies_pulled, 4, "each body comes down once: {first:?}");
+    assert_eq!(first.bodies_pushed, 0, "{first:?}");
+    w.assert_same(&["INBOX", "Archive"]);
+    let inbox_before = w.contents(LAPTOP, "INBOX");
+
+    // Nothing changed: one look at both lists, and nothing else.
+    let (idle, marks) = w.sync(S2, marks);
+    assert!(idle.converged && idle.requests == 2 && idle.mailboxes_synced == 0, "{idle:?}");
+
+    // Offline: the laptop saves two messages (UIDs 4 and 5 here), files server-1 into
+    // a new folder (copy and expunge), flags server-3, writes a draft in a new folder.
+    w.save(LAPTOP, "INBOX", "laptop-a", &[]);
+    w.save(LAPTOP, "INBOX", "laptop-b", &["\\Seen"]);
+    w.write(LAPTOP, ClientRequest::CreateMailbox { mailbox: key("Projects"), special_use: Default::default() });
+    w.write(LAPTOP, ClientRequest::Copy { src: key("INBOX"), src_uid: 1, dst: key("Projects") });
+    w.write(LAPTOP, ClientRequest::Expunge { mailbox: key("INBOX"), uids: vec![1] });
+    let store = |uids: Vec<Uid>, add: &[&str], remove: &[&str]| ClientRequest::Store {
+        mailbox: key("INBOX"),
+        uids,
+        add: add.iter().map(|f| flag(f)).collect(),
+        remove: remove.iter().map(|f| flag(f)).collect(),
+        unchanged_since: None,
+    };
+    w.write(LAPTOP, store(vec![3], &["\\Flagged"], &[]));
+    w.save(LAPTOP, "Drafts", "draft", &["\\Draft"]);
+    // Meanwhile on the cluster: a new message takes UID 4 (a conflict with the
+    // laptop's), webmail clears \Seen of server-2 and sets $Work on server-3.
+    w.save(S1, "INBOX", "server-4", &[]);
+    w.write(S2, store(vec![2], &[], &["\\Seen"]));
+    w.write(S2, store(vec![3], &["$Work"], &[]));
+
+    let (back, marks) = w.sync(S2, marks);
+    assert!(back.converged, "{back:?}");
+    // The laptop's three new messages go up; the filed copy is the same message, whose
+    // body the cluster has; only server-4 comes down.
+    assert_eq!(back.bodies_pushed, 3, "{back:?}");
+    assert_eq!(back.bodies_pulled, 1, "{back:?}");
+    w.assert_same(&["INBOX", "Archive", "Projects", "Drafts"]);
+    let inbox = w.contents(S1, "INBOX");
+    assert_eq!(
+        subjects(&inbox),
+        ["laptop-a", "laptop-b", "server-2", "server-3", "server-4"].map(String::from).into(),
+        "no message lost, the expunged one gone: {inbox:?}"
+    );
+    // UID 4 was shown for two messages (laptop-a on the laptop, server-4 on the
+    // cluster): both moved above every UID either side used; none keeps 4.
+    assert!(inbox.iter().all(|(uid, _, _)| *uid != 4), "{inbox:?}");
+    let uid_of = |s: &str| inbox.iter().find(|(_, subject, _)| subject == s).map(|m| m.0).expect("present");
+    assert!(uid_of("laptop-a") > 5 && uid_of("server-4") > 5, "{inbox:?}");
+    // Flag deltas from both sides: server-3 has both, server-2 lost \Seen.
+    let flags_of = |s: &str| inbox.iter().find(|(_, subject, _)| subject == s).map(|m| m.2.clone()).expect("present");
+    assert_eq!(flags_of("server-3"), vec!["$Work".to_string(), "\\Flagged".to_string()]);
+    assert!(flags_of("server-2").is_empty());
+    // Messages the two sides never disagreed on kept their UIDs.
+    assert_eq!(uid_of("server-2"), 2);
+    assert_eq!(inbox_before.iter().find(|m| m.1 == "server-3").map(|m| m.0), Some(uid_of("server-3")));
+    assert_eq!(subjects(&w.contents(S1, "Projects")), ["server-1".to_string()].into());
+
+    // And the replica of the cluster holds the same.
+    assert_eq!(w.contents(S2, "INBOX"), inbox);
+    let (again, _) = w.sync(S2, marks);
+    assert!(again.converged && again.mailboxes_synced == 0, "{again:?}");
+}
+
+#[test]
+fn a_cluster_server_refuses_to_adopt_and_a_lost_body_is_not_pushed_as_lost_mail() {
+    let mut w = World::new();
+    w.save(S1, "INBOX", "one", &[]);
+    let state = MailboxState {
+        mailbox: key("INBOX"),
+        uidvalidity: 1,
+        uidnext: 1,
+        highest_modseq: 0,
+        messages: Vec::new(),
+        tombstones: Vec::new(),
+        lifecycle: Default::default(),
+        retired: Default::default(),
+    };
+    let adopt = ClientRequest::ReplicaAdopt { state, bodies: Vec::new(), pushed_upto: 0 };
+    assert!(
+        matches!(w.request(S2, adopt), ClientReply::Failed { kind: FailKind::Permanent, .. }),
+        "only a user replica adopts the cluster's decisions"
+    );
+    // A push that names a message whose body neither side has changes nothing.
+    let pulled = match w.request(S1, ClientRequest::ReplicaPull { mailbox: key("INBOX"), since: None }) {
+        ClientReply::ReplicaState { state, .. } => state,
+        other => panic!("{other:?}"),
+    };
+    let mut forged = pulled.clone();
+    let mut record = forged.messages[0].clone();
+    record.uid = 7;
+    record.guid = Guid(42);
+    forged.messages = vec![record];
+    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies: Vec::new() }) {
+        ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(42)]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.view(S1, "INBOX").messages.len(), 1, "nothing merged without its body");
+    // A body that does not match its record's checksum is not taken for it.
+    let mut forged = pulled;
+    forged.messages[0].uid = 8;
+    forged.messages[0].guid = Guid(43);
+    let bodies = vec![(Guid(43), Body::from_static(b"other bytes"))];
+    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies }) {
+        ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(43)]),
+        other => panic!("{other:?}"),
+    }
+}
