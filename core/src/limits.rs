@@ -88,7 +88,7 @@ pub fn check_request(request: &WriteRequest) -> Result<(), String> {
             }
             Ok(())
         }
-        WriteRequest::Merge { state, bodies } => check_adopted_state(state, bodies),
+        WriteRequest::Merge { state, bodies, .. } => check_adopted_state(state, bodies),
         WriteRequest::Expunge { messages, .. } if messages.len() > UIDS_PER_REQUEST_MAX => {
             Err("too many UIDs in one request".into())
         }

@@ -71,10 +71,13 @@ pub enum Mark {
     MemberLeaving,
     /// A server learned that a member retired (it left, or was lost for good).
     MemberRetired,
+    /// A user replica's copy of a message the cluster expunged and forgot (its tombstone
+    /// collected while the replica was away) was dropped, not merged back in.
+    ReplicaCopyOfForgottenExpunge,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 36] = [
+    pub const ALL: [Mark; 37] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -111,6 +114,7 @@ impl Mark {
         Mark::MemberAdded,
         Mark::MemberLeaving,
         Mark::MemberRetired,
+        Mark::ReplicaCopyOfForgottenExpunge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -151,6 +155,7 @@ impl Mark {
             Mark::MemberAdded => "member_added",
             Mark::MemberLeaving => "member_leaving",
             Mark::MemberRetired => "member_retired",
+            Mark::ReplicaCopyOfForgottenExpunge => "replica_copy_of_forgotten_expunge",
         }
     }
 

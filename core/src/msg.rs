@@ -67,7 +67,12 @@ pub enum WriteRequest {
     /// `tandem replicate`: joined by the master exactly as a peer's SYNC is (its conflict
     /// rules, its renumbering), with the bodies of messages the cluster may lack. A body
     /// the master neither has nor is given is answered as missing, and nothing changes.
-    Merge { state: Box<MailboxState>, bodies: Vec<(Guid, Body)> },
+    ///
+    /// `from_cluster_below`: the replica took every message below this UID from the
+    /// cluster (its own new ones are at or above it). One of those at a UID the master
+    /// retired since is a message the cluster expunged and forgot: it is dropped, not
+    /// merged back in (a server's copy found there moves instead, as it may be mail).
+    Merge { state: Box<MailboxState>, bodies: Vec<(Guid, Body)>, from_cluster_below: Uid },
 }
 
 /// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the
@@ -159,10 +164,8 @@ pub enum WriteResult {
         highest_modseq: ModSeq,
         digest: u64,
     },
-    /// A `Merge` or a user replica's `ClientRequest::ReplicaAdopt` done, or (when `missing` is not empty) not done for want of
-    /// these bodies. `modseq`: after a merge, the mailbox's HIGHESTMODSEQ at the master;
-    /// after an adopt, the replica's modseq up to which every change of its own has been
-    /// pushed (its next push starts there).
+    /// A `Merge` done (`modseq`: the mailbox's HIGHESTMODSEQ at the master after it), or,
+    /// when `missing` is not empty, not done for want of these bodies.
     Merged {
         modseq: ModSeq,
         missing: Vec<Guid>,

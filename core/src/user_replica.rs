@@ -51,6 +51,11 @@ pub struct MailboxMarks {
     /// every change of it.
     pub replica_uidvalidity: u32,
     pub pushed: ModSeq,
+    /// Every message of the replica's copy below this UID came from the cluster (its
+    /// own new ones are at or above it): the cluster's UIDNEXT at the last sync that
+    /// took all of the cluster's copy with nothing written on the replica meanwhile.
+    #[serde(default)]
+    pub from_cluster_below: Uid,
 }
 
 /// Marks by mailbox name (one user's).
@@ -108,8 +113,13 @@ struct Progress {
     body_rounds: u32,
     /// The lowest push mark the adopted pieces gave (0: push whole next time).
     new_pushed: Option<ModSeq>,
+    /// Whether every adopted piece took all (see `ClientReply::ReplicaAdopted`).
+    took_all: bool,
+    /// The replica's messages below this came from the cluster (from the marks).
+    from_cluster_below: Uid,
     cluster_uidvalidity: u32,
     cluster_highest: ModSeq,
+    cluster_uidnext: Uid,
     failed: bool,
 }
 
@@ -122,6 +132,7 @@ enum Phase {
 
 /// The agent. Drive it like any sans-IO machine: send every request `poll_request`
 /// gives (to its side), hand each answer to `handle_reply`, until `is_done`.
+#[derive(Clone, Debug)]
 pub struct ReplicaSync {
     user: Arc<str>,
     marks: SyncMarks,
@@ -271,6 +282,8 @@ impl ReplicaSync {
                         pulled: c.highest_modseq,
                         replica_uidvalidity: r.uidvalidity,
                         pushed: r.highest_modseq,
+                        // Equal copies: every message of the replica's is the cluster's.
+                        from_cluster_below: c.uidnext,
                     },
                 );
                 continue;
@@ -294,7 +307,14 @@ impl ReplicaSync {
             let marks = self.marks.mailboxes.get(&*key.name).copied();
             let whole = previous.contains(&key) || marks.is_none();
             self.synced_last_round.insert(key.clone());
-            self.mailboxes.insert(key.clone(), Progress { whole, ..Progress::default() });
+            // Only for the same incarnation of the mailbox on both sides.
+            let from_cluster_below = marks
+                .filter(|m| {
+                    Some(m.cluster_uidvalidity) == cluster_summary.as_ref().map(|c| c.uidvalidity)
+                        && Some(m.replica_uidvalidity) == replica_summary.as_ref().map(|r| r.uidvalidity)
+                })
+                .map_or(0, |m| m.from_cluster_below);
+            self.mailboxes.insert(key.clone(), Progress { whole, from_cluster_below, ..Progress::default() });
             match replica_summary {
                 Some(r) => {
                     let since = marks.filter(|m| !whole && m.replica_uidvalidity == r.uidvalidity).map(|m| m.pushed);
@@ -346,12 +366,14 @@ impl ReplicaSync {
     }
 
     fn push_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
-        let Some(state) = self.mailboxes.get(mailbox).and_then(|p| p.pieces.get(piece)).cloned() else { return };
+        let Some(p) = self.mailboxes.get(mailbox) else { return };
+        let Some(state) = p.pieces.get(piece).cloned() else { return };
+        let from_cluster_below = p.from_cluster_below;
         self.report.bodies_pushed += bodies.len() as u64;
         self.report.body_bytes_pushed += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.request(
             Side::Cluster,
-            ClientRequest::ReplicaPush { state, bodies },
+            ClientRequest::ReplicaPush { state, bodies, from_cluster_below },
             Awaited::Push { mailbox: mailbox.clone(), piece },
         );
     }
@@ -359,12 +381,12 @@ impl ReplicaSync {
     fn adopt_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
         let Some(p) = self.mailboxes.get(mailbox) else { return };
         let Some(state) = p.pieces.get(piece).cloned() else { return };
-        let pushed_upto = p.pushed_upto;
+        let (pushed_upto, from_cluster_below) = (p.pushed_upto, p.from_cluster_below);
         self.report.bodies_pulled += bodies.len() as u64;
         self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.request(
             Side::Replica,
-            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto },
+            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster_below },
             Awaited::Adopt { mailbox: mailbox.clone(), piece },
         );
     }
@@ -427,7 +449,9 @@ impl ReplicaSync {
         }
         p.cluster_uidvalidity = state.uidvalidity;
         p.cluster_highest = state.highest_modseq;
+        p.cluster_uidnext = state.uidnext;
         p.new_pushed = None;
+        p.took_all = true;
         self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
         let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
         p.pieces_left = pieces.len();
@@ -440,12 +464,13 @@ impl ReplicaSync {
 
     fn on_adopted(&mut self, mailbox: MailboxKey, piece: usize, reply: ClientReply) {
         match reply {
-            ClientReply::Write(WriteResult::Merged { missing, .. }) if !missing.is_empty() => {
+            ClientReply::ReplicaAdopted { missing, .. } if !missing.is_empty() => {
                 self.fetch_bodies(&mailbox, piece, missing, false)
             }
-            ClientReply::Write(WriteResult::Merged { modseq, .. }) => {
+            ClientReply::ReplicaAdopted { pushed_upto, took_all, .. } => {
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
-                p.new_pushed = Some(p.new_pushed.map_or(modseq, |m| m.min(modseq)));
+                p.new_pushed = Some(p.new_pushed.map_or(pushed_upto, |m| m.min(pushed_upto)));
+                p.took_all &= took_all;
                 p.pieces_left = p.pieces_left.saturating_sub(1);
                 if p.pieces_left == 0 && !p.failed {
                     let marks = MailboxMarks {
@@ -454,6 +479,8 @@ impl ReplicaSync {
                         // The replica takes the cluster's UIDVALIDITY when it adopts.
                         replica_uidvalidity: p.cluster_uidvalidity,
                         pushed: p.new_pushed.unwrap_or(0),
+                        // Raised only when nothing of the replica's own can be below it.
+                        from_cluster_below: if p.took_all { p.cluster_uidnext } else { p.from_cluster_below },
                     };
                     self.marks.mailboxes.insert(mailbox.name.to_string(), marks);
                 }

@@ -29,7 +29,7 @@
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
 //! | `BARRIER` | `<tag> <mbox>` |
-//! | `MERGE` | `<tag> <state> ((<guid> {n}<body>)...)` |
+//! | `MERGE` | `<tag> <from-cluster-below-uid> <state> ((<guid> {n}<body>)...)` |
 //! | `REPLY` | `<tag> <master-sid>\|NIL <result> RECORD <record>\|NIL` |
 //! | `R-SAVE` | `<seq> <mbox> <uidvalidity> <record> {n}<body>` |
 //! | `R-COPY` | `<seq> <mbox> <uidvalidity> <record>` |
@@ -1078,7 +1078,8 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Barrier { mailbox } => {
             w.mailbox(mailbox);
         }
-        WriteRequest::Merge { state, bodies } => {
+        WriteRequest::Merge { state, bodies, from_cluster_below } => {
+            w.num(*from_cluster_below);
             write_state(w, state);
             w.list(bodies, |w, (guid, body)| {
                 w.group(|w| {
@@ -1148,6 +1149,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         b"RENAME" => WriteRequest::Rename { from: r.mailbox()?, to: r.mailbox()? },
         b"BARRIER" => WriteRequest::Barrier { mailbox: r.mailbox()? },
         b"MERGE" => WriteRequest::Merge {
+            from_cluster_below: r.u32()?,
             state: Box::new(read_state(r)?),
             bodies: r.list(|r| r.group(|r| Ok((r.guid()?, r.body()?))))?,
         },
@@ -1616,6 +1618,7 @@ mod tests {
                     request: WriteRequest::Merge {
                         state: Box::new(state(odd.clone())),
                         bodies: vec![(Guid(7), b"a body\r\n".to_vec().into()), (Guid(u128::MAX), Body::default())],
+                        from_cluster_below: 6,
                     },
                 },
             ),

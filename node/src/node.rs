@@ -995,7 +995,10 @@ impl EventLoop {
             ClientReply::FreshStatus { status, .. } => AdminReply::Stored { modseq: status.highest_modseq },
             ClientReply::Write(WriteResult::Merged { modseq, .. }) => AdminReply::Stored { modseq },
             // A user replica's sync is served to its agent, never through the admin interface.
-            ClientReply::ReplicaList { .. } | ClientReply::ReplicaState { .. } | ClientReply::ReplicaBodies { .. } => {
+            ClientReply::ReplicaList { .. }
+            | ClientReply::ReplicaState { .. }
+            | ClientReply::ReplicaBodies { .. }
+            | ClientReply::ReplicaAdopted { .. } => {
                 AdminReply::Error { temporary: false, reason: "a user replica's answer is not an admin answer".into() }
             }
         }

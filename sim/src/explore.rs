@@ -291,6 +291,7 @@ pub fn generate(seed: u64) -> Scenario {
             tombstone_grace_ms,
             startup_hold_ms: crate::scenario::STARTUP_HOLD_MS_DEFAULT,
             mta_retry_ms: Some(MTA_RETRY_MS),
+            laptops: Vec::new(),
         },
         events,
         expects: vec![Expect::Invariants],

@@ -7,7 +7,7 @@
 //! tables. A bad file gets an error naming the line and what was expected there.
 
 use crate::scenario_file::{
-    ClusterToml, EventToml, ExpectToml, FileToml, GRANULARITIES, MODES, ModseqToml, RangeToml, ServersToml,
+    ClusterToml, EventToml, ExpectToml, FileToml, GRANULARITIES, LaptopToml, MODES, ModseqToml, RangeToml, ServersToml,
 };
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
@@ -66,7 +66,24 @@ pub struct ClusterSpec {
     /// answering) after this long, at the next server, with the same bytes, as an MTA
     /// does with several MX hosts; None: they give up.
     pub mta_retry_ms: Option<u64>,
+    /// User replicas (laptops): servers of their own, outside the cluster, each kept in
+    /// sync with its user's mailboxes by a `replicate` op's agent.
+    pub laptops: Vec<LaptopSpec>,
 }
+
+/// One user replica: a server outside the cluster holding one user's mailboxes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaptopSpec {
+    pub sid: Sid,
+    pub user: String,
+    /// The cluster server its agent talks to, unless a `replicate` op names another.
+    pub home: Sid,
+    /// One-way latency between the laptop and any cluster server, in milliseconds.
+    pub latency_ms: (u64, u64),
+}
+
+/// A laptop's default one-way latency to the cluster: a home connection's.
+pub const LAPTOP_LATENCY_MS_DEFAULT: (u64, u64) = (10, 40);
 
 /// The simulator's default tombstone grace: longer than a message can travel here (32
 /// relay hops at 100 ms, the slowest latency the explorer draws), short enough that
@@ -139,12 +156,19 @@ impl Action {
                 | Action::DeleteMailbox { .. }
                 | Action::RenameMailbox { .. }
                 | Action::RandomWorkload { .. }
+                | Action::Replicate { .. }
         )
     }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
+    /// A user replica's agent syncs the laptop `server` with its user's mailboxes on the
+    /// cluster, through `home` (or the laptop's configured home server).
+    Replicate {
+        server: Sid,
+        home: Option<Sid>,
+    },
     /// A client delivers a new message; `label` names it for later events.
     Save {
         server: Sid,
@@ -413,6 +437,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("create_mailbox", &["server", "mailbox", "special_use"]),
     ("delete_mailbox", &["server", "mailbox"]),
     ("rename_mailbox", &["server", "from", "to"]),
+    ("replicate", &["server", "home"]),
     ("cut", &["a", "b"]),
     ("restore", &["a", "b"]),
     ("isolate", &["server"]),
@@ -544,7 +569,8 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Scenario, ScenarioError>
     };
     let line = top.line_of("cluster");
     let cluster = Tab { what: "[cluster]".to_string(), line, keys: &outline.cluster, ..top }.cluster(cluster)?;
-    let all_servers: Vec<Sid> = cluster.servers.iter().chain(&cluster.spares).copied().collect();
+    let all_servers: Vec<Sid> =
+        cluster.servers.iter().chain(&cluster.spares).copied().chain(cluster.laptops.iter().map(|l| l.sid)).collect();
 
     let mut events = Vec::with_capacity(file.event.len());
     let mut ids: Vec<String> = Vec::new();
@@ -552,6 +578,14 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Scenario, ScenarioError>
         let line = cx.line_at(at.span().start);
         let tab = Tab { cx: &cx, what: format!("event {}", i + 1), line, keys: at.get_ref(), servers: &all_servers };
         let event = tab.event(event)?;
+        if let Action::Replicate { server, home } = &event.action {
+            if !cluster.laptops.iter().any(|l| l.sid == *server) {
+                return Err(tab.bad("server", "a laptop of `[cluster] laptops`", server.to_string()));
+            }
+            if home.is_some_and(|h| !cluster.servers.contains(&h) && !cluster.spares.contains(&h)) {
+                return Err(tab.bad("home", "a server of the cluster", home.map(|h| h.to_string())));
+            }
+        }
         if let Some(id) = &event.id {
             if ids.contains(id) {
                 return Err(tab.err(tab.line_of("id"), format!("duplicate event id {id:?}")));
@@ -910,9 +944,36 @@ impl Tab<'_> {
             tombstone_grace_ms: tombstone_grace_ms.unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT),
             startup_hold_ms: startup_hold_ms.unwrap_or(STARTUP_HOLD_MS_DEFAULT),
             mta_retry_ms,
+            laptops: self.laptops(cluster.laptops, &with_spares)?,
             servers,
             spares,
         })
+    }
+
+    fn laptops(
+        &self,
+        items: Option<Vec<Spanned<LaptopToml>>>,
+        cluster: &[Sid],
+    ) -> Result<Vec<LaptopSpec>, ScenarioError> {
+        let mut laptops: Vec<LaptopSpec> = Vec::new();
+        let no_keys = Keys::new();
+        for (i, item) in items.unwrap_or_default().into_iter().enumerate() {
+            let line = self.cx.line_at(item.span().start);
+            let tab =
+                Tab { what: format!("[cluster] laptop {}", i + 1), line, keys: &no_keys, servers: cluster, ..*self };
+            let laptop = item.into_inner();
+            let sid = parse_sid(&laptop.server).ok_or_else(|| tab.bad("server", SERVER, &laptop.server))?;
+            if cluster.contains(&sid) || laptops.iter().any(|l| l.sid == sid) {
+                return Err(tab.bad("server", "a server name of its own (not a cluster server's)", &laptop.server));
+            }
+            if laptop.user.is_empty() || laptop.user.contains('/') {
+                return Err(tab.bad("user", "a user name (non-empty, no '/')", &laptop.user));
+            }
+            let home = tab.server(Some(&laptop.home), "home")?;
+            let latency_ms = tab.range(laptop.latency_ms, "latency_ms")?.unwrap_or(LAPTOP_LATENCY_MS_DEFAULT);
+            laptops.push(LaptopSpec { sid, user: laptop.user, home, latency_ms });
+        }
+        Ok(laptops)
     }
 
     fn event(&self, event: EventToml) -> Result<TimedEvent, ScenarioError> {
@@ -990,6 +1051,13 @@ impl Tab<'_> {
                 special_use: tab.special_use(event.special_use)?,
             },
             "delete_mailbox" => Action::DeleteMailbox { server: server()?, mailbox: mailbox()? },
+            "replicate" => Action::Replicate {
+                server: server()?,
+                home: match event.home.as_deref() {
+                    None => None,
+                    home => Some(tab.server(home, "home")?),
+                },
+            },
             "rename_mailbox" => Action::RenameMailbox {
                 server: server()?,
                 from: tab.mailbox(event.from.as_deref(), "from")?,

@@ -42,6 +42,18 @@ pub(crate) struct ClusterToml {
     pub mta_retry_ms: Option<u64>,
     pub spares: Option<Vec<String>>,
     pub links: Option<Vec<Spanned<LinkToml>>>,
+    pub laptops: Option<Vec<Spanned<LaptopToml>>>,
+}
+
+/// A user replica (`[cluster] laptops = [...]`): its server name, its user, the cluster
+/// server its agent talks to, and the latency of the way there.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LaptopToml {
+    pub server: String,
+    pub user: String,
+    pub home: String,
+    pub latency_ms: Option<RangeToml>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -75,6 +87,7 @@ pub(crate) struct EventToml {
     pub at_ms: Option<u64>,
     pub op: Option<String>,
     pub server: Option<String>,
+    pub home: Option<String>,
     pub mailbox: Option<String>,
     pub from: Option<String>,
     pub label: Option<String>,

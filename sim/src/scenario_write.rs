@@ -40,6 +40,22 @@ fn file_of(s: &Scenario) -> FileToml {
         mta_retry_ms: c.mta_retry_ms,
         spares: (!c.spares.is_empty()).then(|| c.spares.iter().map(Sid::to_string).collect()),
         links: c.links.as_ref().map(|links| links.iter().map(link).collect()),
+        laptops: (!c.laptops.is_empty()).then(|| {
+            c.laptops
+                .iter()
+                .map(|l| {
+                    Spanned::new(
+                        0..0,
+                        LaptopToml {
+                            server: l.sid.to_string(),
+                            user: l.user.clone(),
+                            home: l.home.to_string(),
+                            latency_ms: Some(range(l.latency_ms)),
+                        },
+                    )
+                })
+                .collect()
+        }),
     };
     FileToml {
         name: Some(s.name.clone()),
@@ -102,6 +118,11 @@ fn event_of(e: &TimedEvent) -> EventToml {
             (table.server, table.from, table.label) = (server(s), mailbox(from), Some(label.clone()));
             (table.to, table.as_label) = (mailbox(to), as_label.clone());
             "copy"
+        }
+        Action::Replicate { server: s, home } => {
+            table.server = server(s);
+            table.home = home.as_ref().map(Sid::to_string);
+            "replicate"
         }
         Action::RenameMailbox { server: s, from, to } => {
             (table.server, table.from, table.to) = (server(s), mailbox(from), mailbox(to));

@@ -152,6 +152,7 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::HandAdd { server, .. }
         | Action::HandDelete { server, .. }
         | Action::Corrupt { server, .. } => *server == sid,
+        Action::Replicate { server, home } => *server == sid || *home == Some(sid),
         Action::Cut { a, b }
         | Action::Restore { a, b }
         | Action::Flap { a, b, .. }

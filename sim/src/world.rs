@@ -106,6 +106,17 @@ enum Ev {
         server: Sid,
         retry: Retry,
     },
+    /// A laptop's agent request reaches its home server (after the way there).
+    AgentRequest {
+        tag: AgentTag,
+        home: Sid,
+        request: ClientRequest,
+    },
+    /// An answer reaches a laptop's agent (`None`: the connection was lost).
+    AgentReply {
+        tag: AgentTag,
+        reply: Option<ClientReply>,
+    },
 }
 
 /// A delivery a client will try again if it fails for now, as an MTA does.
@@ -243,6 +254,8 @@ struct Outstanding {
     issued_us: u64,
     /// A delivery to try again if it fails for now.
     retry: Option<Retry>,
+    /// A laptop agent's request: its answer goes to the agent.
+    agent: Option<AgentTag>,
 }
 
 impl Outstanding {
@@ -263,6 +276,7 @@ impl Outstanding {
             hand_deletes_before: 0,
             issued_us: 0,
             retry: None,
+            agent: None,
         }
     }
 }
@@ -322,6 +336,30 @@ pub struct World {
     /// Debugging aid: trace every durable write whose text contains this (TANDEM_WATCH).
     watch: Option<String>,
     config_error: Option<String>,
+    /// The `replicate` running for each laptop, and how many ran.
+    agents: BTreeMap<Sid, Agent>,
+    agent_runs: u64,
+    /// Each laptop's agent marks, kept between its runs (the file beside its store).
+    laptop_marks: BTreeMap<Sid, user_replica::SyncMarks>,
+    /// Every finished sync, in order.
+    sync_reports: Vec<(Sid, user_replica::SyncReport)>,
+}
+
+/// A user replica's agent at work (see `tandem_core::user_replica`).
+#[derive(Clone)]
+struct Agent {
+    sync: user_replica::ReplicaSync,
+    run: u64,
+    home: Sid,
+}
+
+/// Which agent request a client request is.
+#[derive(Clone, Copy, Debug)]
+struct AgentTag {
+    laptop: Sid,
+    run: u64,
+    side: user_replica::Side,
+    id: RequestId,
 }
 
 /// The live servers not in `retired`, by id (a free function, so that a caller may
@@ -408,8 +446,12 @@ impl World {
             dead_marks: BTreeMap::new(),
             watch: std::env::var("TANDEM_WATCH").ok().filter(|w| !w.is_empty()),
             config_error: None,
+            agents: BTreeMap::new(),
+            agent_runs: 0,
+            laptop_marks: BTreeMap::new(),
+            sync_reports: Vec::new(),
         };
-        for &sid in &everyone {
+        for sid in everyone.iter().copied().chain(spec.laptops.iter().map(|l| l.sid)) {
             world.nodes.insert(
                 sid,
                 Node {
@@ -430,6 +472,17 @@ impl World {
 
     fn config(&mut self, sid: Sid) -> Config {
         let spec = &self.scenario.cluster;
+        if spec.laptops.iter().any(|l| l.sid == sid) {
+            // A cluster of its own: it orders its own writes, with no copy to wait for.
+            let mut cfg = Config::new(sid, vec![sid]);
+            cfg.replicas = 0;
+            cfg.user_replica = true;
+            cfg.request_timeout_us = spec.request_timeout_ms * 1000;
+            if let Err(e) = cfg.set_bug(self.opts.bug) {
+                self.config_error = Some(e.to_string());
+            }
+            return cfg;
+        }
         // A spare is configured as a new server is: the cluster it joins, and itself.
         let mut servers = spec.servers.clone();
         if !servers.contains(&sid) {
@@ -509,6 +562,9 @@ impl World {
         for &sid in &self.scenario.cluster.servers.clone() {
             self.start_server(sid, false);
         }
+        for sid in self.scenario.cluster.laptops.iter().map(|l| l.sid).collect::<Vec<_>>() {
+            self.start_server(sid, false);
+        }
         if let Some(e) = self.config_error.take() {
             self.failures.push(e);
             return None;
@@ -564,7 +620,10 @@ impl World {
                 detail: format!("not converged {} ms after the heal: {why}", self.scenario.settle_ms),
             });
         }
-        let stores = live_members(&self.nodes, &self.retired());
+        if converged_at.is_some() && self.failures.is_empty() && !self.scenario.cluster.laptops.is_empty() {
+            self.settle_laptops(settle_deadline);
+        }
+        let stores = live_members(&self.nodes, &self.outside_cluster());
         let check_loss = match self.scenario.cluster.durability {
             Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
             Durability::Async => self.lost_for_good == 0,
@@ -769,7 +828,11 @@ impl World {
         let dropped: Vec<RequestId> =
             self.outstanding.iter().filter(|(_, o)| o.server == sid).map(|(id, _)| *id).collect();
         for id in dropped {
-            if let Some(retry) = self.outstanding.remove(&id).and_then(|o| o.retry) {
+            let Some(o) = self.outstanding.remove(&id) else { continue };
+            if let Some(tag) = o.agent {
+                self.schedule(self.now, Ev::AgentReply { tag, reply: None });
+            }
+            if let Some(retry) = o.retry {
                 self.retry_later(sid, retry);
             }
         }
@@ -936,6 +999,7 @@ impl World {
             Ev::Fsync { server, .. } => format!("fsync {server}"),
             Ev::Action { action, .. } if action.is_fault() => "faults".into(),
             Ev::Action { .. } | Ev::RandomOp { .. } | Ev::Retry { .. } => "client".into(),
+            Ev::AgentRequest { tag, .. } | Ev::AgentReply { tag, .. } => format!("agent {}", tag.laptop),
             Ev::Heal { .. } | Ev::RestoreLink { .. } | Ev::RestoreLatency { .. } | Ev::ResetNoticed { .. } => {
                 "faults".into()
             }
@@ -1155,7 +1219,179 @@ impl World {
             }
             Ev::RandomOp { server, mailbox, roll } => self.random_op(server, mailbox, roll),
             Ev::Retry { server, retry } => self.deliver_again(server, retry),
+            Ev::AgentRequest { tag, home, request } => {
+                if !self.alive(home) {
+                    self.schedule(self.now, Ev::AgentReply { tag, reply: None });
+                    return;
+                }
+                let o = Outstanding { agent: Some(tag), ..Outstanding::none() };
+                self.request(home, request, None, o);
+            }
+            Ev::AgentReply { tag, reply } => self.agent_reply(tag, reply),
         }
+    }
+
+    /// The end of a run with laptops: each live laptop syncs once more (clients have
+    /// stopped), the cluster converges on what they pushed, and every laptop must then
+    /// hold exactly its user's mailboxes as the cluster does (DESIGN.md invariant 5 for a
+    /// user replica; invariant 1 is the oracle's, as a laptop's saves are acknowledged).
+    fn settle_laptops(&mut self, deadline: Instant) {
+        const SYNCS_MAX: usize = 3;
+        let step_us = 250_000;
+        for _ in 0..SYNCS_MAX {
+            while !self.agents.is_empty() && self.now < deadline && self.failures.is_empty() {
+                self.run_until(self.now.plus_us(step_us));
+            }
+            let laptops = self.scenario.cluster.laptops.clone();
+            for l in &laptops {
+                if !self.alive(l.sid) {
+                    continue;
+                }
+                let home = if self.alive(l.home) { Some(l.home) } else { self.member_servers().keys().next().copied() };
+                if let Some(home) = home {
+                    self.start_agent(l.sid, Some(home));
+                }
+            }
+            while !self.agents.is_empty() && self.now < deadline && self.failures.is_empty() {
+                self.run_until(self.now.plus_us(step_us));
+            }
+            while self.converged().is_some() && self.now < deadline && self.failures.is_empty() {
+                self.run_until(self.now.plus_us(step_us));
+            }
+            if self.laptops_differ().is_none() {
+                return;
+            }
+        }
+        if let Some(why) = self.laptops_differ() {
+            self.oracle.violations.push(oracle::Violation {
+                invariant: oracle::CONVERGENCE,
+                time_us: self.now.0,
+                detail: format!("a laptop and the cluster differ after {SYNCS_MAX} final syncs: {why}"),
+            });
+        }
+    }
+
+    /// The first way a live laptop's mailboxes differ from its user's on the cluster
+    /// (messages at their UIDs with their flags, UIDVALIDITY, which mailboxes are shown).
+    fn laptops_differ(&self) -> Option<String> {
+        let members = self.member_servers();
+        let (&csid, cluster) = members.iter().next()?;
+        type Shown = BTreeMap<String, (u32, Vec<(Uid, Guid, Vec<Flag>)>)>;
+        let shown = |server: &Server, user: &str| -> Shown {
+            server
+                .image()
+                .mailboxes
+                .iter()
+                .filter(|(k, m)| &*k.user == user && m.visible())
+                .map(|(k, m)| {
+                    let messages = m.messages.values().map(|r| (r.uid, r.guid, r.present_flags())).collect();
+                    (k.name.to_string(), (m.uidvalidity, messages))
+                })
+                .collect()
+        };
+        for l in &self.scenario.cluster.laptops {
+            let Some(laptop) = self.nodes.get(&l.sid).and_then(|n| n.server.as_ref()) else { continue };
+            let (mine, theirs) = (shown(laptop, &l.user), shown(cluster, &l.user));
+            if mine == theirs {
+                continue;
+            }
+            let names = |m: &Shown| m.keys().cloned().collect::<Vec<_>>();
+            if names(&mine) != names(&theirs) {
+                return Some(format!("{} shows {:?}, {csid} {:?}", l.sid, names(&mine), names(&theirs)));
+            }
+            for (name, ours) in &mine {
+                if theirs.get(name) != Some(ours) {
+                    return Some(format!("{}/{name}: {} has {ours:?}, {csid} {:?}", l.user, l.sid, theirs.get(name)));
+                }
+            }
+        }
+        None
+    }
+
+    /// One way between a laptop and the cluster, drawn from the laptop's latency.
+    fn laptop_delay_us(&mut self, laptop: Sid) -> u64 {
+        let (lo, hi) = self.scenario.cluster.laptops.iter().find(|l| l.sid == laptop).map_or((1, 1), |l| l.latency_ms);
+        self.rng.random_range(lo..=hi.max(lo)) * 1000
+    }
+
+    /// A `replicate` op: the laptop's agent starts a sync through `home` (or the
+    /// laptop's home server), unless one is running or the laptop is down.
+    fn start_agent(&mut self, laptop: Sid, home: Option<Sid>) {
+        let Some(spec) = self.scenario.cluster.laptops.iter().find(|l| l.sid == laptop).cloned() else { return };
+        if self.agents.contains_key(&laptop) || !self.alive(laptop) {
+            self.note(|w: &World| format!("{} {laptop}: no sync now (one is running, or the laptop is down)", w.ms()));
+            return;
+        }
+        self.agent_runs += 1;
+        // A laptop works offline between its syncs: it is a side of a partition, whose
+        // changes may renumber the cluster's when they meet.
+        self.only_clean_restarts = false;
+        let marks = self.laptop_marks.get(&laptop).cloned().unwrap_or_default();
+        let sync = user_replica::ReplicaSync::new(&spec.user, marks, user_replica::ROUNDS_MAX_DEFAULT);
+        let home = home.unwrap_or(spec.home);
+        self.note(|w: &World| format!("{} {laptop} starts syncing {} through {home}", w.ms(), spec.user));
+        self.agents.insert(laptop, Agent { sync, run: self.agent_runs, home });
+        self.pump_agent(laptop);
+    }
+
+    /// Sends what the laptop's agent asks: to the laptop at once, to the cluster over the
+    /// way there; ends the agent when it is done.
+    fn pump_agent(&mut self, laptop: Sid) {
+        loop {
+            let Some(agent) = self.agents.get_mut(&laptop) else { return };
+            if agent.sync.is_done() {
+                return self.finish_agent(laptop);
+            }
+            let Some((side, id, request)) = agent.sync.poll_request() else { return };
+            let tag = AgentTag { laptop, run: agent.run, side, id };
+            let home = agent.home;
+            match side {
+                user_replica::Side::Replica if self.alive(laptop) => {
+                    let o = Outstanding { agent: Some(tag), ..Outstanding::none() };
+                    self.request(laptop, request, None, o);
+                }
+                user_replica::Side::Replica => self.schedule(self.now, Ev::AgentReply { tag, reply: None }),
+                user_replica::Side::Cluster => {
+                    let delay = self.laptop_delay_us(laptop);
+                    self.schedule(self.now.plus_us(delay), Ev::AgentRequest { tag, home, request });
+                }
+            }
+        }
+    }
+
+    fn agent_reply(&mut self, tag: AgentTag, reply: Option<ClientReply>) {
+        let Some(agent) = self.agents.get_mut(&tag.laptop) else { return };
+        if agent.run != tag.run {
+            return;
+        }
+        match reply {
+            Some(reply) => agent.sync.handle_reply(tag.side, tag.id, reply),
+            None => agent.sync.side_lost(tag.side),
+        }
+        self.pump_agent(tag.laptop);
+    }
+
+    fn finish_agent(&mut self, laptop: Sid) {
+        let Some(agent) = self.agents.remove(&laptop) else { return };
+        let report = agent.sync.report().clone();
+        self.laptop_marks.insert(laptop, agent.sync.marks().clone());
+        self.note(|w: &World| {
+            format!(
+                "{} {laptop} sync done: converged {}, {} rounds, {} mailboxes, {} records up, {} down, \
+                 {} bodies up, {} down, {} requests{}",
+                w.ms(),
+                report.converged,
+                report.rounds,
+                report.mailboxes_synced,
+                report.records_pushed,
+                report.records_pulled,
+                report.bodies_pushed,
+                report.bodies_pulled,
+                report.requests,
+                if report.failures.is_empty() { String::new() } else { format!(", failures {:?}", report.failures) }
+            )
+        });
+        self.sync_reports.push((laptop, report));
     }
 
     /// A client's delivery failed for now or went unanswered: try again later at the
@@ -1165,7 +1401,7 @@ impl World {
         if retry.attempts >= DELIVERY_ATTEMPTS_MAX || self.clients_stopped {
             return;
         }
-        let servers: Vec<Sid> = self.nodes.keys().copied().collect();
+        let servers: Vec<Sid> = self.nodes.keys().copied().filter(|s| !self.is_laptop(*s)).collect();
         let next = servers.iter().position(|s| *s == failed_at).map_or(0, |i| (i + 1) % servers.len());
         let Some(server) = servers.get(next).copied() else { return };
         self.schedule(self.now.plus_us(delay_ms * 1000), Ev::Retry { server, retry });
@@ -1202,7 +1438,7 @@ impl World {
     /// Every server up and every link carrying what is sent both ways (none cut, none
     /// silent): a cluster that is not partitioned in any way.
     fn whole(&self) -> bool {
-        let retired = self.retired();
+        let retired = self.outside_cluster();
         let in_cluster = |s: &Sid| self.nodes.get(s).is_some_and(|n| n.incarnation > 0) && !retired.contains(s);
         self.nodes.keys().filter(|s| in_cluster(s)).all(|s| self.alive(*s))
             && self
@@ -1215,7 +1451,8 @@ impl World {
     /// Whether the live servers other than `gone` reach each other over usable links
     /// that do not pass through it.
     fn connected_without(&self, gone: Sid) -> bool {
-        let live: Vec<Sid> = self.nodes.keys().copied().filter(|s| *s != gone && self.alive(*s)).collect();
+        let live: Vec<Sid> =
+            self.nodes.keys().copied().filter(|s| *s != gone && self.alive(*s) && !self.is_laptop(*s)).collect();
         let Some(&start) = live.first() else { return true };
         let mut seen = BTreeSet::from([start]);
         let mut queue = vec![start];
@@ -1245,9 +1482,21 @@ impl World {
         retired
     }
 
+    /// Servers no cluster invariant is checked on: retired members, and user replicas
+    /// (laptops), which hold one user's mail and are checked against the cluster apart.
+    fn outside_cluster(&self) -> BTreeSet<Sid> {
+        let mut outside = self.retired();
+        outside.extend(self.scenario.cluster.laptops.iter().map(|l| l.sid));
+        outside
+    }
+
+    fn is_laptop(&self, sid: Sid) -> bool {
+        self.scenario.cluster.laptops.iter().any(|l| l.sid == sid)
+    }
+
     /// Live servers that are members of the cluster, by id.
     fn member_servers(&self) -> BTreeMap<Sid, &Server> {
-        live_members(&self.nodes, &self.retired())
+        live_members(&self.nodes, &self.outside_cluster())
     }
 
     /// Whether the live servers are in more than one root term. Asked after every step:
@@ -1259,7 +1508,7 @@ impl World {
         if everyone.all(|t| t == first) {
             return false;
         }
-        let retired = self.retired();
+        let retired = self.outside_cluster();
         let mut terms = self
             .nodes
             .iter()
@@ -1272,7 +1521,7 @@ impl World {
 
     /// Why the live servers have not converged, or None.
     fn converged(&mut self) -> Option<String> {
-        let servers = live_members(&self.nodes, &self.retired());
+        let servers = live_members(&self.nodes, &self.outside_cluster());
         oracle::divergence_with(&servers, &mut self.oracle.body_verdicts)
     }
 }
@@ -1305,15 +1554,16 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::ReplicaList { user } => format!("REPLICA-LIST {user}"),
         ClientRequest::ReplicaPull { mailbox, since } => format!("REPLICA-PULL {mailbox} since {since:?}"),
         ClientRequest::ReplicaBodies { guids } => format!("REPLICA-BODIES {} GUIDs", guids.len()),
-        ClientRequest::ReplicaPush { state, bodies } => format!(
-            "REPLICA-PUSH {} {} messages {} tombstones {} bodies",
+        ClientRequest::ReplicaPush { state, bodies, from_cluster_below } => format!(
+            "REPLICA-PUSH {} {} messages {} tombstones {} bodies, the cluster's below UID {from_cluster_below}",
             state.mailbox,
             state.messages.len(),
             state.tombstones.len(),
             bodies.len()
         ),
-        ClientRequest::ReplicaAdopt { state, bodies, pushed_upto } => format!(
-            "REPLICA-ADOPT {} {} messages {} tombstones {} bodies, pushed up to {pushed_upto}",
+        ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster_below } => format!(
+            "REPLICA-ADOPT {} {} messages {} tombstones {} bodies, pushed up to {pushed_upto}, \
+             the cluster's below UID {from_cluster_below}",
             state.mailbox,
             state.messages.len(),
             state.tombstones.len(),
@@ -1351,6 +1601,16 @@ fn describe_reply(reply: &ClientReply) -> String {
         ClientReply::Write(WriteResult::Copied { uid, guid, .. }) => {
             format!("OK copied UID {uid} = {:08x}", (guid.0 >> 96) as u32)
         }
+        ClientReply::ReplicaList { summaries } => format!("{} mailboxes", summaries.len()),
+        ClientReply::ReplicaState { state, summary } => format!(
+            "{} since: {} messages {} tombstones, highest modseq {}{}",
+            state.mailbox,
+            state.messages.len(),
+            state.tombstones.len(),
+            state.highest_modseq,
+            if summary.is_none() { " (no such mailbox)" } else { "" }
+        ),
+        ClientReply::ReplicaBodies { bodies } => format!("{} bodies", bodies.len()),
         other => format!("{other:?}"),
     }
 }
@@ -1385,7 +1645,7 @@ pub fn describe(envelope: &Envelope) -> String {
             WriteRequest::Mailbox { mailbox, action } => format!("#{tag} {mailbox} {action:?}"),
             WriteRequest::Rename { from, to } => format!("#{tag} {from} -> {to}"),
             WriteRequest::Barrier { mailbox } => format!("#{tag} {mailbox}"),
-            WriteRequest::Merge { state, bodies } => format!(
+            WriteRequest::Merge { state, bodies, .. } => format!(
                 "#{tag} {} {} messages {} tombstones {} bodies",
                 state.mailbox,
                 state.messages.len(),
@@ -1513,10 +1773,13 @@ impl World {
             return;
         }
 
-        let copies_needed = (1 + usize::from(self.scenario.cluster.replicas)).min(self.nodes.len());
+        let laptops = self.scenario.cluster.laptops.len();
+        let copies_needed = (1 + usize::from(self.scenario.cluster.replicas)).min(self.nodes.len() - laptops);
         let copies = self
             .nodes
-            .values()
+            .iter()
+            .filter(|(sid, _)| !self.is_laptop(**sid))
+            .map(|(_, n)| n)
             .filter(|n| {
                 // Live here (by the GUID index) with its body, or (rarely) expunged here
                 // already, by an EXPUNGE or DELETE its master ordered after the save
@@ -1550,6 +1813,13 @@ impl World {
         let t = self.now.0;
         self.trace_hash = mix64(self.trace_hash ^ reply_hash(t, &reply));
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
+        if let Some(tag) = o.agent {
+            // Through the queue, never at once: the agent's next request must not run
+            // inside this server's input.
+            let delay = if tag.side == user_replica::Side::Cluster { self.laptop_delay_us(tag.laptop) } else { 0 };
+            self.schedule(self.now.plus_us(delay), Ev::AgentReply { tag, reply: Some(reply) });
+            return;
+        }
         let temporary = matches!(
             reply,
             ClientReply::Write(WriteResult::Failed { kind: FailKind::Temporary, .. })
@@ -1587,7 +1857,9 @@ impl World {
                         (self.lost_for_good - o.losses_before) + (self.hand_deletes - o.hand_deletes_before);
                     // UID 0: an EXPUNGE removed the message (and maybe its body) while the
                     // answer waited for its copies; there is nothing left to count.
-                    if *uid != 0 {
+                    // A laptop is a cluster of one: its copies are the cluster's business
+                    // once its agent pushed them.
+                    if *uid != 0 && !self.is_laptop(sid) {
                         self.check_copies_at_ack(mailbox, *guid, copies_lost);
                     }
                 }
@@ -1762,6 +2034,7 @@ impl World {
                 let o = Outstanding { mailbox: Some(mailbox.clone()), ..none() };
                 self.request(server, ClientRequest::DeleteMailbox { mailbox }, event, o)
             }
+            Action::Replicate { server, home } => self.start_agent(server, home),
             Action::RenameMailbox { server, from, to } => {
                 // Its messages may end in `to` (or stay, if the rename is refused).
                 self.oracle.rename_requested(&from, &to);

@@ -273,11 +273,13 @@ impl Server {
                 self.on_replica_bodies(id, &guids);
                 return;
             }
-            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto } => {
-                self.on_replica_adopt(id, &state, bodies, pushed_upto);
+            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster_below } => {
+                self.on_replica_adopt(id, &state, bodies, (pushed_upto, from_cluster_below));
                 return;
             }
-            ClientRequest::ReplicaPush { state, bodies } => WriteRequest::Merge { state: Box::new(state), bodies },
+            ClientRequest::ReplicaPush { state, bodies, from_cluster_below } => {
+                WriteRequest::Merge { state: Box::new(state), bodies, from_cluster_below }
+            }
         };
         if let Err(reason) = validate(&write) {
             self.out.reply(id, ClientReply::Write(fail(FailKind::Permanent, reason)));
@@ -789,7 +791,9 @@ impl Server {
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
             WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
-            WriteRequest::Merge { state, bodies } => Ordered::unreplicated(self.master_merge(&state, bodies)),
+            WriteRequest::Merge { state, bodies, from_cluster_below } => {
+                Ordered::unreplicated(self.master_merge(*state, bodies, from_cluster_below))
+            }
         };
         Some(ordered)
     }

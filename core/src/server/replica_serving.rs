@@ -95,28 +95,55 @@ impl Server {
     /// A user replica's copy, joined here as its mailbox's master (the job that runs
     /// this is on the master). Answered once durable here: the replica keeps its own
     /// copy, and its agent pushes again whatever a lost master took with it.
-    pub(crate) fn master_merge(&mut self, state: &MailboxState, bodies: Vec<(Guid, Body)>) -> WriteResult {
-        let missing = self.take_replica_bodies(state, bodies);
+    pub(crate) fn master_merge(
+        &mut self,
+        mut state: MailboxState,
+        bodies: Vec<(Guid, Body)>,
+        from_cluster_below: Uid,
+    ) -> WriteResult {
+        let forgotten = self.forgotten_here(&state, from_cluster_below);
+        if !forgotten.is_empty() {
+            self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
+            state.messages.retain(|r| !forgotten.contains(&r.uid));
+        }
+        let missing = self.take_replica_bodies(&state, bodies);
         let highest = |s: &Server| s.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         if !missing.is_empty() {
             return WriteResult::Merged { modseq: highest(self), missing };
         }
-        let was_new = self.image.mailbox(&state.mailbox).is_none();
-        let outcome = self.merge_state(state, true, false, None);
+        let outcome = self.merge_state(&state, true, false, None);
         debug_assert!(!outcome.unresolved, "a master decides every conflict");
-        debug_assert!(was_new || self.image.mailbox(&state.mailbox).is_some(), "a merge never drops a mailbox");
         WriteResult::Merged { modseq: highest(self), missing: Vec::new() }
     }
 
-    /// The cluster's copy taken by this user replica. The new push mark moves past the
-    /// adopted changes only if nothing was written here since the pull it answers;
-    /// a conflict this copy could not take (a write here since) sends the next push whole.
+    /// The UIDs of a replica's records (below `from_cluster_below`, so taken from the
+    /// cluster) that this copy retired, with no live message of that GUID here: the
+    /// cluster expunged the message and collected its tombstone while the replica was
+    /// away. A server's copy found at a retired UID moves instead (it may be mail no one
+    /// else has); a replica's is known to be the cluster's own, gone.
+    fn forgotten_here(&self, state: &MailboxState, from_cluster_below: Uid) -> BTreeSet<Uid> {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return BTreeSet::new() };
+        if m.uidvalidity != state.uidvalidity {
+            return BTreeSet::new();
+        }
+        state
+            .messages
+            .iter()
+            .filter(|r| r.uid < from_cluster_below && m.retired.contains(r.uid))
+            .filter(|r| m.messages.get(&r.uid).is_none_or(|ours| ours.guid != r.guid))
+            .map(|r| r.uid)
+            .collect()
+    }
+
+    /// The cluster's copy taken by this user replica. The push mark moves past the
+    /// adopted changes only if nothing was written here since the pull it answers; a
+    /// conflict this copy could not take (a write here since) sends the next push whole.
     pub(crate) fn on_replica_adopt(
         &mut self,
         id: RequestId,
         state: &MailboxState,
         bodies: Vec<(Guid, Body)>,
-        pushed_upto: ModSeq,
+        (pushed_upto, from_cluster_below): (ModSeq, Uid),
     ) {
         if !self.cfg.user_replica {
             let reason = "only a user replica takes another copy's decisions".to_string();
@@ -129,20 +156,43 @@ impl Server {
         }
         let missing = self.take_replica_bodies(state, bodies);
         if !missing.is_empty() {
-            self.out.reply_when_durable(id, ClientReply::Write(WriteResult::Merged { modseq: pushed_upto, missing }));
+            self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing, took_all: false });
             return;
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
+        self.drop_forgotten_expunges(state, from_cluster_below);
         let outcome = self.merge_state(state, false, true, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
-        let modseq = if outcome.unresolved {
-            0
-        } else if before == pushed_upto {
-            after
-        } else {
-            pushed_upto
+        let untouched = before == pushed_upto;
+        let pushed_upto = match (outcome.unresolved, untouched) {
+            (true, _) => 0,
+            (false, true) => after,
+            (false, false) => pushed_upto,
         };
-        self.out.reply_when_durable(id, ClientReply::Write(WriteResult::Merged { modseq, missing: Vec::new() }));
+        let took_all = untouched && !outcome.unresolved;
+        self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), took_all });
+    }
+
+    /// Messages here that the cluster expunged and forgot while this replica was away
+    /// (below `from_cluster_below`, at UIDs the cluster's copy retired): they go, as the
+    /// expunge the cluster no longer remembers would have taken them.
+    fn drop_forgotten_expunges(&mut self, state: &MailboxState, from_cluster_below: Uid) {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return };
+        if m.uidvalidity != state.uidvalidity {
+            return;
+        }
+        let gone: Vec<Uid> = m
+            .messages
+            .keys()
+            .copied()
+            .filter(|uid| *uid < from_cluster_below && state.retired.contains(*uid))
+            .collect();
+        if !gone.is_empty() {
+            self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
+        }
+        for uid in gone {
+            self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
+        }
     }
 }

@@ -26,7 +26,11 @@ impl Server {
     /// Collects the tombstones of the mailboxes we master whose every copy agrees (see
     /// the module comment); one bounded pass, from where the last one stopped.
     pub(crate) fn collect_tombstones(&mut self) {
-        if !self.masters.any_ready() {
+        // A user replica's tombstones are how its expunges reach the cluster: it never
+        // collects one itself, and drops those the cluster collected when it adopts the
+        // cluster's retired UIDs (a collection of its own would push the UID as merely
+        // retired, and the cluster would move the message instead of expunging it).
+        if !self.masters.any_ready() || self.cfg.user_replica {
             return;
         }
         let (ready, resume_after) = self.collection_candidates();

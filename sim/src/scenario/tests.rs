@@ -103,6 +103,7 @@ fn example_parses_to_expected_structure() {
             tombstone_grace_ms: TOMBSTONE_GRACE_MS_DEFAULT,
             startup_hold_ms: STARTUP_HOLD_MS_DEFAULT,
             mta_retry_ms: None,
+            laptops: Vec::new(),
         },
         events: vec![
             TimedEvent {
@@ -183,7 +184,7 @@ fn dotted_keys_without_spans_parse() {
 #[test]
 fn every_op_parses() {
     let text = format!(
-        r#"{HEAD}
+        r#"{HEAD}laptops = [{{ server = "s9", user = "alice", home = "s2", latency_ms = [100, 200] }}]
 [[event]]
 at_ms = 1
 op = "save"
@@ -396,9 +397,18 @@ uidvalidity = 555
 uid = 7
 flags = ['\Seen']
 size = 300
+[[event]]
+at_ms = 39
+op = "replicate"
+server = "s9"
+home = "s3"
 "#
     );
     let s = parse(&text, None).unwrap();
+    assert_eq!(
+        s.cluster.laptops,
+        vec![LaptopSpec { sid: Sid(9), user: "alice".into(), home: Sid(2), latency_ms: (100, 200) }]
+    );
     let (s1, s2, s3) = (Sid(1), Sid(2), Sid(3));
     let inbox = mb("alice/INBOX");
     let all_but_lose = vec![
@@ -488,10 +498,11 @@ size = 300
             flags: vec![fl("\\Seen")],
             size: 300,
         },
+        Action::Replicate { server: Sid(9), home: Some(s3) },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=38).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=39).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
