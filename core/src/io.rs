@@ -250,20 +250,20 @@ pub enum ClientRequest {
     ReplicaPush {
         state: MailboxState,
         bodies: Vec<(Guid, Body)>,
-        from_cluster_below: Uid,
+        from_cluster: Vec<(Uid, Uid)>,
     },
     /// The cluster's copy (or piece of one), taken by this user replica as a replica
     /// takes its master's (the cluster decided every conflict). `pushed_upto`: this
     /// server's HIGHESTMODSEQ of the mailbox when it was last pulled for a push;
-    /// `from_cluster_below` as for [`crate::msg::WriteRequest::Merge`] (a message here
-    /// below it at a UID the cluster retired is one the cluster expunged: it goes).
+    /// `from_cluster` as for [`crate::msg::WriteRequest::Merge`] (a message here in it,
+    /// at a UID the cluster retired, is one the cluster expunged or moved: it goes).
     /// Answered with `ClientReply::ReplicaAdopted` once durable; refused by a cluster
     /// server.
     ReplicaAdopt {
         state: MailboxState,
         bodies: Vec<(Guid, Body)>,
         pushed_upto: ModSeq,
-        from_cluster_below: Uid,
+        from_cluster: Vec<(Uid, Uid)>,
     },
 }
 
@@ -355,13 +355,12 @@ pub enum ClientReply {
     },
     /// `ReplicaAdopt` done, or (when `missing` is not empty) not done for want of these
     /// bodies. `pushed_upto`: the modseq up to which every change of this replica's own
-    /// is in the cluster (its next push starts there; 0: push whole). `took_all`: nothing
-    /// was written here between the pull and the adopt, and every conflict was taken, so
-    /// every message here below the cluster's UIDNEXT came from the cluster.
+    /// is in the cluster (its next push starts there; 0: push whole). `held`: the UID
+    /// ranges of the cluster's messages this copy now holds at the cluster's binding.
     ReplicaAdopted {
         pushed_upto: ModSeq,
         missing: Vec<Guid>,
-        took_all: bool,
+        held: Vec<(Uid, Uid)>,
     },
     Failed {
         kind: FailKind,

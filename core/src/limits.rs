@@ -88,7 +88,10 @@ pub fn check_request(request: &WriteRequest) -> Result<(), String> {
             }
             Ok(())
         }
-        WriteRequest::Merge { state, bodies, .. } => check_adopted_state(state, bodies),
+        WriteRequest::Merge { state, bodies, from_cluster } => {
+            check_adopted_state(state, bodies)?;
+            check_uid_ranges(from_cluster)
+        }
         WriteRequest::Expunge { messages, .. } if messages.len() > UIDS_PER_REQUEST_MAX => {
             Err("too many UIDs in one request".into())
         }
@@ -124,6 +127,18 @@ pub fn check_adopted_state(state: &MailboxState, bodies: &[(Guid, Body)]) -> Res
     }
     if bodies.iter().map(|(_, b)| b.len()).fold(0usize, usize::saturating_add) > REPLICA_PUSH_BYTES_MAX {
         return Err("too many bytes of bodies in one request".into());
+    }
+    Ok(())
+}
+
+/// UID ranges a user replica names (see `WriteRequest::Merge`): bounded, each running
+/// upwards within the UID space.
+pub fn check_uid_ranges(ranges: &[(Uid, Uid)]) -> Result<(), String> {
+    if ranges.len() > UIDS_PER_REQUEST_MAX {
+        return Err("too many UID ranges in one request".into());
+    }
+    if ranges.iter().any(|&(first, last)| first == 0 || first > last || last > UID_MAX) {
+        return Err("a UID range must run upwards from 1 within the UID space".into());
     }
     Ok(())
 }

@@ -68,11 +68,12 @@ pub enum WriteRequest {
     /// rules, its renumbering), with the bodies of messages the cluster may lack. A body
     /// the master neither has nor is given is answered as missing, and nothing changes.
     ///
-    /// `from_cluster_below`: the replica took every message below this UID from the
-    /// cluster (its own new ones are at or above it). One of those at a UID the master
-    /// retired since is a message the cluster expunged and forgot: it is dropped, not
-    /// merged back in (a server's copy found there moves instead, as it may be mail).
-    Merge { state: Box<MailboxState>, bodies: Vec<(Guid, Body)>, from_cluster_below: Uid },
+    /// `from_cluster`: UID ranges where the replica's binding is one the cluster has
+    /// held (taken from it, or pushed to it before). Such a message at a UID the master
+    /// retired since, whose GUID is not live here, is one the cluster expunged (or moved)
+    /// and forgot: it is dropped, not merged back in. Any other message found at a
+    /// retired UID moves instead, as a server's does (it may be mail no one else has).
+    Merge { state: Box<MailboxState>, bodies: Vec<(Guid, Body)>, from_cluster: Vec<(Uid, Uid)> },
 }
 
 /// What a [`WriteRequest::Mailbox`] does. DELETE expunges every message and stamps the

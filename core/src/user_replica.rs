@@ -41,7 +41,7 @@ pub enum Side {
 
 /// Where one mailbox's two copies stood when they last agreed: what the agent keeps
 /// between runs (a small file next to the laptop's store).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxMarks {
     /// The cluster's copy: its UIDVALIDITY, and the modseq up to which the replica has
     /// every change of it.
@@ -51,11 +51,12 @@ pub struct MailboxMarks {
     /// every change of it.
     pub replica_uidvalidity: u32,
     pub pushed: ModSeq,
-    /// Every message of the replica's copy below this UID came from the cluster (its
-    /// own new ones are at or above it): the cluster's UIDNEXT at the last sync that
-    /// took all of the cluster's copy with nothing written on the replica meanwhile.
+    /// UIDs where the replica's binding is one the cluster held (the replica took it
+    /// from the cluster, or pushed it there): a message the cluster retires at one of
+    /// them later was expunged (or moved) there, never new mail. As ranges (a `Retired`
+    /// with nothing collected); UIDs are never bound twice, so it only grows.
     #[serde(default)]
-    pub from_cluster_below: Uid,
+    pub from_cluster: Retired,
 }
 
 /// Marks by mailbox name (one user's).
@@ -113,13 +114,10 @@ struct Progress {
     body_rounds: u32,
     /// The lowest push mark the adopted pieces gave (0: push whole next time).
     new_pushed: Option<ModSeq>,
-    /// Whether every adopted piece took all (see `ClientReply::ReplicaAdopted`).
-    took_all: bool,
-    /// The replica's messages below this came from the cluster (from the marks).
-    from_cluster_below: Uid,
+    /// Bindings the cluster has held (from the marks, and as this round learns them).
+    from_cluster: Retired,
     cluster_uidvalidity: u32,
     cluster_highest: ModSeq,
-    cluster_uidnext: Uid,
     failed: bool,
 }
 
@@ -274,7 +272,18 @@ impl ReplicaSync {
             if let (Some(r), Some(c)) = (r, c)
                 && (r.uidvalidity, r.count, r.digest) == (c.uidvalidity, c.count, c.digest)
             {
-                // In step: everything each holds now the other has.
+                // In step: everything each holds now the other has, so every UID the
+                // replica has bound so far is at a binding the cluster holds.
+                let mut from_cluster = self
+                    .marks
+                    .mailboxes
+                    .get(&*key.name)
+                    .filter(|m| m.replica_uidvalidity == r.uidvalidity)
+                    .map(|m| m.from_cluster.clone())
+                    .unwrap_or_default();
+                if r.uidnext > 1 {
+                    from_cluster.insert_range(1, r.uidnext - 1);
+                }
                 self.marks.mailboxes.insert(
                     key.name.to_string(),
                     MailboxMarks {
@@ -282,8 +291,8 @@ impl ReplicaSync {
                         pulled: c.highest_modseq,
                         replica_uidvalidity: r.uidvalidity,
                         pushed: r.highest_modseq,
-                        // Equal copies: every message of the replica's is the cluster's.
-                        from_cluster_below: c.uidnext,
+                        // Equal copies: every binding of the replica's is the cluster's.
+                        from_cluster,
                     },
                 );
                 continue;
@@ -304,17 +313,17 @@ impl ReplicaSync {
         let previous = std::mem::take(&mut self.synced_last_round);
         for (key, replica_summary, cluster_summary) in work {
             self.report.mailboxes_synced += 1;
-            let marks = self.marks.mailboxes.get(&*key.name).copied();
+            let marks = self.marks.mailboxes.get(&*key.name).cloned();
             let whole = previous.contains(&key) || marks.is_none();
             self.synced_last_round.insert(key.clone());
-            // Only for the same incarnation of the mailbox on both sides.
-            let from_cluster_below = marks
-                .filter(|m| {
-                    Some(m.cluster_uidvalidity) == cluster_summary.as_ref().map(|c| c.uidvalidity)
-                        && Some(m.replica_uidvalidity) == replica_summary.as_ref().map(|r| r.uidvalidity)
-                })
-                .map_or(0, |m| m.from_cluster_below);
-            self.mailboxes.insert(key.clone(), Progress { whole, from_cluster_below, ..Progress::default() });
+            // Only for the incarnation of the mailbox the replica holds.
+            let from_cluster = marks
+                .as_ref()
+                .filter(|m| Some(m.replica_uidvalidity) == replica_summary.as_ref().map(|r| r.uidvalidity))
+                .map(|m| m.from_cluster.clone())
+                .unwrap_or_default();
+            self.mailboxes.insert(key.clone(), Progress { whole, from_cluster, ..Progress::default() });
+            let marks = marks.as_ref();
             match replica_summary {
                 Some(r) => {
                     let since = marks.filter(|m| !whole && m.replica_uidvalidity == r.uidvalidity).map(|m| m.pushed);
@@ -332,7 +341,7 @@ impl ReplicaSync {
 
     fn pull_cluster(&mut self, key: &MailboxKey, cluster_summary: Option<&Summary>) {
         let whole = self.mailboxes.get(key).is_none_or(|p| p.whole);
-        let marks = self.marks.mailboxes.get(&*key.name).copied();
+        let marks = self.marks.mailboxes.get(&*key.name);
         let since = marks
             .filter(|m| !whole && cluster_summary.is_none_or(|c| c.uidvalidity == m.cluster_uidvalidity))
             .map(|m| m.pulled);
@@ -368,12 +377,12 @@ impl ReplicaSync {
     fn push_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
         let Some(p) = self.mailboxes.get(mailbox) else { return };
         let Some(state) = p.pieces.get(piece).cloned() else { return };
-        let from_cluster_below = p.from_cluster_below;
+        let from_cluster: Vec<(Uid, Uid)> = p.from_cluster.ranges.iter().map(|(a, b)| (*a, *b)).collect();
         self.report.bodies_pushed += bodies.len() as u64;
         self.report.body_bytes_pushed += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.request(
             Side::Cluster,
-            ClientRequest::ReplicaPush { state, bodies, from_cluster_below },
+            ClientRequest::ReplicaPush { state, bodies, from_cluster },
             Awaited::Push { mailbox: mailbox.clone(), piece },
         );
     }
@@ -381,12 +390,13 @@ impl ReplicaSync {
     fn adopt_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
         let Some(p) = self.mailboxes.get(mailbox) else { return };
         let Some(state) = p.pieces.get(piece).cloned() else { return };
-        let (pushed_upto, from_cluster_below) = (p.pushed_upto, p.from_cluster_below);
+        let pushed_upto = p.pushed_upto;
+        let from_cluster: Vec<(Uid, Uid)> = p.from_cluster.ranges.iter().map(|(a, b)| (*a, *b)).collect();
         self.report.bodies_pulled += bodies.len() as u64;
         self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.request(
             Side::Replica,
-            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster_below },
+            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster },
             Awaited::Adopt { mailbox: mailbox.clone(), piece },
         );
     }
@@ -425,6 +435,14 @@ impl ReplicaSync {
             }
             ClientReply::Write(WriteResult::Merged { .. }) => {
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
+                // The cluster holds these bindings now (or retired them for a move).
+                let pushed: Vec<Uid> =
+                    p.pieces.get(piece).map(|s| s.messages.iter().map(|r| r.uid).collect()).unwrap_or_default();
+                for uid in pushed {
+                    if uid > 0 {
+                        p.from_cluster.insert_range(uid, uid);
+                    }
+                }
                 p.pieces_left = p.pieces_left.saturating_sub(1);
                 if p.pieces_left == 0 && !p.failed {
                     let summary =
@@ -449,9 +467,7 @@ impl ReplicaSync {
         }
         p.cluster_uidvalidity = state.uidvalidity;
         p.cluster_highest = state.highest_modseq;
-        p.cluster_uidnext = state.uidnext;
         p.new_pushed = None;
-        p.took_all = true;
         self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
         let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
         p.pieces_left = pieces.len();
@@ -467,10 +483,12 @@ impl ReplicaSync {
             ClientReply::ReplicaAdopted { missing, .. } if !missing.is_empty() => {
                 self.fetch_bodies(&mailbox, piece, missing, false)
             }
-            ClientReply::ReplicaAdopted { pushed_upto, took_all, .. } => {
+            ClientReply::ReplicaAdopted { pushed_upto, held, .. } => {
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
                 p.new_pushed = Some(p.new_pushed.map_or(pushed_upto, |m| m.min(pushed_upto)));
-                p.took_all &= took_all;
+                for (first, last) in held {
+                    p.from_cluster.insert_range(first, last);
+                }
                 p.pieces_left = p.pieces_left.saturating_sub(1);
                 if p.pieces_left == 0 && !p.failed {
                     let marks = MailboxMarks {
@@ -479,8 +497,7 @@ impl ReplicaSync {
                         // The replica takes the cluster's UIDVALIDITY when it adopts.
                         replica_uidvalidity: p.cluster_uidvalidity,
                         pushed: p.new_pushed.unwrap_or(0),
-                        // Raised only when nothing of the replica's own can be below it.
-                        from_cluster_below: if p.took_all { p.cluster_uidnext } else { p.from_cluster_below },
+                        from_cluster: p.from_cluster.clone(),
                     };
                     self.marks.mailboxes.insert(mailbox.name.to_string(), marks);
                 }

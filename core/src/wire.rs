@@ -29,7 +29,7 @@
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
 //! | `BARRIER` | `<tag> <mbox>` |
-//! | `MERGE` | `<tag> <from-cluster-below-uid> <state> ((<guid> {n}<body>)...)` |
+//! | `MERGE` | `<tag> ((<first-uid> <last-uid>)...) <state> ((<guid> {n}<body>)...)` |
 //! | `REPLY` | `<tag> <master-sid>\|NIL <result> RECORD <record>\|NIL` |
 //! | `R-SAVE` | `<seq> <mbox> <uidvalidity> <record> {n}<body>` |
 //! | `R-COPY` | `<seq> <mbox> <uidvalidity> <record>` |
@@ -1078,8 +1078,12 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Barrier { mailbox } => {
             w.mailbox(mailbox);
         }
-        WriteRequest::Merge { state, bodies, from_cluster_below } => {
-            w.num(*from_cluster_below);
+        WriteRequest::Merge { state, bodies, from_cluster } => {
+            w.list(from_cluster, |w, &(first, last)| {
+                w.group(|w| {
+                    w.num(first).num(last);
+                });
+            });
             write_state(w, state);
             w.list(bodies, |w, (guid, body)| {
                 w.group(|w| {
@@ -1149,7 +1153,7 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         b"RENAME" => WriteRequest::Rename { from: r.mailbox()?, to: r.mailbox()? },
         b"BARRIER" => WriteRequest::Barrier { mailbox: r.mailbox()? },
         b"MERGE" => WriteRequest::Merge {
-            from_cluster_below: r.u32()?,
+            from_cluster: r.list(|r| r.group(|r| Ok((r.u32()?, r.u32()?))))?,
             state: Box::new(read_state(r)?),
             bodies: r.list(|r| r.group(|r| Ok((r.guid()?, r.body()?))))?,
         },
@@ -1618,7 +1622,7 @@ mod tests {
                     request: WriteRequest::Merge {
                         state: Box::new(state(odd.clone())),
                         bodies: vec![(Guid(7), b"a body\r\n".to_vec().into()), (Guid(u128::MAX), Body::default())],
-                        from_cluster_below: 6,
+                        from_cluster: vec![(1, 4), (6, 6)],
                     },
                 },
             ),

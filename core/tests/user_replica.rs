@@ -296,7 +296,7 @@ fn a_cluster_server_refuses_to_adopt_and_a_lost_body_is_not_pushed_as_lost_mail(
         lifecycle: Default::default(),
         retired: Default::default(),
     };
-    let adopt = ClientRequest::ReplicaAdopt { state, bodies: Vec::new(), pushed_upto: 0, from_cluster_below: 0 };
+    let adopt = ClientRequest::ReplicaAdopt { state, bodies: Vec::new(), pushed_upto: 0, from_cluster: Vec::new() };
     assert!(
         matches!(w.request(S2, adopt), ClientReply::Failed { kind: FailKind::Permanent, .. }),
         "only a user replica adopts the cluster's decisions"
@@ -311,7 +311,7 @@ fn a_cluster_server_refuses_to_adopt_and_a_lost_body_is_not_pushed_as_lost_mail(
     record.uid = 7;
     record.guid = Guid(42);
     forged.messages = vec![record];
-    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies: Vec::new(), from_cluster_below: 0 }) {
+    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies: Vec::new(), from_cluster: Vec::new() }) {
         ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(42)]),
         other => panic!("{other:?}"),
     }
@@ -321,7 +321,7 @@ fn a_cluster_server_refuses_to_adopt_and_a_lost_body_is_not_pushed_as_lost_mail(
     forged.messages[0].uid = 8;
     forged.messages[0].guid = Guid(43);
     let bodies = vec![(Guid(43), Body::from_static(b"other bytes"))];
-    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies, from_cluster_below: 0 }) {
+    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies, from_cluster: Vec::new() }) {
         ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(43)]),
         other => panic!("{other:?}"),
     }

@@ -271,6 +271,7 @@ pub fn generate(seed: u64) -> Scenario {
     let spares = membership_changes(&mut rng, &mut events, &servers, &mut links, durability, replicas, duration_ms);
     writes_after_starts(&mut rng, &mut events, &labels);
     imports(&mut rng, &mut events, &servers, users, duration_ms);
+    let laptops = laptop(&mut rng, &mut events, &servers, &labels, (users, boxes), duration_ms);
     events.sort_by_key(|e| e.at_ms);
     Scenario {
         name: format!("explore-seed-{seed}"),
@@ -291,7 +292,7 @@ pub fn generate(seed: u64) -> Scenario {
             tombstone_grace_ms,
             startup_hold_ms: crate::scenario::STARTUP_HOLD_MS_DEFAULT,
             mta_retry_ms: Some(MTA_RETRY_MS),
-            laptops: Vec::new(),
+            laptops,
         },
         events,
         expects: vec![Expect::Invariants],
@@ -379,6 +380,71 @@ fn writes_after_starts(rng: &mut ChaCha8Rng, events: &mut Vec<TimedEvent>, label
         let action = Action::Save { server, mailbox, label, flags: Vec::new(), size };
         events.push(TimedEvent { at_ms, id: None, action, expect: None, line: 0 });
     }
+}
+
+/// Now and then a user's laptop (a user replica, issue 17): work on it while it is
+/// offline (saves, flag changes, expunges, copies, a new folder), between syncs through
+/// a cluster server over a LAN or a satellite link, while the cluster goes on with the
+/// same user's mail. Drawn after everything else.
+fn laptop(
+    rng: &mut ChaCha8Rng,
+    events: &mut Vec<TimedEvent>,
+    servers: &[Sid],
+    labels: &[(MailboxKey, String)],
+    (users, boxes): (u32, u32),
+    duration_ms: u64,
+) -> Vec<LaptopSpec> {
+    if !rng.random_bool(0.3) {
+        return Vec::new();
+    }
+    // Above any spare's id (a spare is the highest server's plus one).
+    let sid = Sid(servers.iter().map(|s| s.0).max().unwrap_or(0) + 10);
+    let user = format!("u{}@d{}", rng.random_range(1..=users), rng.random_range(1..=2u32));
+    let home = servers[rng.random_range(0..servers.len())];
+    let latency_ms = pick(rng, &[(60, (1, 10)), (40, (500, 2_000))]);
+    let event = |at_ms, action| TimedEvent { at_ms, id: None, action, expect: None, line: 0 };
+    for _ in 0..rng.random_range(1..=4u32) {
+        // Now and then through another server (its user took the laptop elsewhere).
+        let through = rng.random_bool(0.2).then(|| servers[rng.random_range(0..servers.len())]);
+        events
+            .push(event(rng.random_range(200..duration_ms.max(201)), Action::Replicate { server: sid, home: through }));
+    }
+    let mut mine: Vec<(MailboxKey, String)> = labels.iter().filter(|(m, _)| *m.user == *user).cloned().collect();
+    let flags = ["\\Seen", "\\Flagged", "\\Draft", "$Work"];
+    for n in 0..rng.random_range(3..=20u32) {
+        let at = rng.random_range(200..duration_ms.max(201));
+        let name = match rng.random_range(0..=boxes) {
+            0 => "INBOX".to_string(),
+            k if k == boxes => "Notes".to_string(),
+            k => format!("Box{k}"),
+        };
+        let mailbox = MailboxKey::new(&user, &name);
+        let flag: Vec<Flag> = Flag::new(flags[rng.random_range(0..flags.len())]).ok().into_iter().collect();
+        let known: Vec<String> = mine.iter().filter(|(m, _)| *m == mailbox).map(|(_, l)| l.clone()).collect();
+        let label = known.get(rng.random_range(0..known.len().max(1))).cloned();
+        let action = match (rng.random_range(0..100u32), label) {
+            (0..45, _) | (_, None) => {
+                let label = format!("laptop{n}");
+                mine.push((mailbox.clone(), label.clone()));
+                let flags = if rng.random_bool(0.3) { flag } else { Vec::new() };
+                Action::Save { server: sid, mailbox, label: Some(label), flags, size: rng.random_range(100..2000) }
+            }
+            (45..70, Some(label)) => {
+                let (add, remove) = if rng.random_bool(0.6) { (flag, Vec::new()) } else { (Vec::new(), flag) };
+                Action::Store { server: sid, mailbox, labels: vec![label], add, remove, unchanged_since: None }
+            }
+            (70..82, Some(label)) => Action::Expunge { server: sid, mailbox, labels: vec![label] },
+            (82..94, Some(label)) => {
+                let to = MailboxKey::new(&user, if name == "INBOX" { "Notes" } else { "INBOX" });
+                let as_label = format!("laptop{n}-copy");
+                mine.push((to.clone(), as_label.clone()));
+                Action::Copy { server: sid, from: mailbox, label, to, as_label: Some(as_label) }
+            }
+            _ => Action::CreateMailbox { server: sid, mailbox, special_use: SpecialUse::NONE },
+        };
+        events.push(event(at, action));
+    }
+    vec![LaptopSpec { sid, user, home, latency_ms }]
 }
 
 /// Now and then a migration (`tandem import`) into a user's mailbox while everything

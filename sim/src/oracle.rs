@@ -98,6 +98,10 @@ type AnyBindings = BTreeMap<(u32, Uid), BTreeSet<Guid>>;
 
 #[derive(Clone, Debug, Default)]
 pub struct Oracle {
+    /// User replicas (laptops): a save they acknowledge reaches the cluster only at their
+    /// next sync, and what they show is their own copy, so read-your-writes (a cluster's
+    /// promise) neither counts their acknowledgements nor checks their reads.
+    apart: BTreeSet<Sid>,
     /// What each server has shown each UID bound to, by server, mailbox and
     /// (UIDVALIDITY, UID).
     shown: BTreeMap<Sid, BTreeMap<MailboxKey, Bindings>>,
@@ -355,7 +359,15 @@ impl Oracle {
     /// shows every message of the mailbox whose SAVE or COPY was acknowledged before
     /// it was asked, after the last fault (`faults_until_us`), unless an EXPUNGE, a
     /// DELETE or a RENAME may have taken it out.
+    /// `server` is a user replica (see `apart`).
+    pub fn set_apart(&mut self, server: Sid) {
+        self.apart.insert(server);
+    }
+
     pub fn fresh_view(&mut self, time_us: u64, server: Sid, view: &MailboxView, issued_us: u64, faults_until_us: u64) {
+        if self.apart.contains(&server) {
+            return;
+        }
         let mailbox = &view.mailbox;
         let renamed = self.renamed.contains_key(mailbox) || self.renamed.values().any(|to| to.contains(mailbox));
         if renamed || self.deleted_mailboxes.contains(mailbox) {
@@ -366,7 +378,9 @@ impl Oracle {
         let missing: Vec<(Guid, Sid, u64)> = self
             .acked
             .range(range)
-            .filter(|(_, (_, acked_us))| *acked_us < issued_us && *acked_us > faults_until_us)
+            .filter(|(_, (by, acked_us))| {
+                *acked_us < issued_us && *acked_us > faults_until_us && !self.apart.contains(by)
+            })
             .filter(|((m, g), _)| !shown.contains(g) && !self.expunge_requested.contains(&(m.clone(), *g)))
             .map(|((_, g), (by, acked_us))| (*g, *by, *acked_us))
             .collect();
@@ -390,6 +404,9 @@ impl Oracle {
         issued_us: u64,
         faults_until_us: u64,
     ) {
+        if self.apart.contains(&server) {
+            return;
+        }
         let mailbox = &status.mailbox;
         let renamed = self.renamed.contains_key(mailbox) || self.renamed.values().any(|to| to.contains(mailbox));
         if renamed || self.deleted_mailboxes.contains(mailbox) {
@@ -399,7 +416,9 @@ impl Oracle {
         let owed = self
             .acked
             .range(range)
-            .filter(|(_, (_, acked_us))| *acked_us < issued_us && *acked_us > faults_until_us)
+            .filter(|(_, (by, acked_us))| {
+                *acked_us < issued_us && *acked_us > faults_until_us && !self.apart.contains(by)
+            })
             .filter(|((m, g), _)| !self.expunge_requested.contains(&(m.clone(), *g)))
             .count();
         if status.messages < owed {

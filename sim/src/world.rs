@@ -563,6 +563,7 @@ impl World {
             self.start_server(sid, false);
         }
         for sid in self.scenario.cluster.laptops.iter().map(|l| l.sid).collect::<Vec<_>>() {
+            self.oracle.set_apart(sid);
             self.start_server(sid, false);
         }
         if let Some(e) = self.config_error.take() {
@@ -1247,7 +1248,8 @@ impl World {
                 if !self.alive(l.sid) {
                     continue;
                 }
-                let home = if self.alive(l.home) { Some(l.home) } else { self.member_servers().keys().next().copied() };
+                let members = self.member_servers();
+                let home = if members.contains_key(&l.home) { Some(l.home) } else { members.keys().next().copied() };
                 if let Some(home) = home {
                     self.start_agent(l.sid, Some(home));
                 }
@@ -1554,16 +1556,16 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::ReplicaList { user } => format!("REPLICA-LIST {user}"),
         ClientRequest::ReplicaPull { mailbox, since } => format!("REPLICA-PULL {mailbox} since {since:?}"),
         ClientRequest::ReplicaBodies { guids } => format!("REPLICA-BODIES {} GUIDs", guids.len()),
-        ClientRequest::ReplicaPush { state, bodies, from_cluster_below } => format!(
-            "REPLICA-PUSH {} {} messages {} tombstones {} bodies, the cluster's below UID {from_cluster_below}",
+        ClientRequest::ReplicaPush { state, bodies, from_cluster } => format!(
+            "REPLICA-PUSH {} {} messages {} tombstones {} bodies, the cluster's at {from_cluster:?}",
             state.mailbox,
             state.messages.len(),
             state.tombstones.len(),
             bodies.len()
         ),
-        ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster_below } => format!(
+        ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster } => format!(
             "REPLICA-ADOPT {} {} messages {} tombstones {} bodies, pushed up to {pushed_upto}, \
-             the cluster's below UID {from_cluster_below}",
+             the cluster's at {from_cluster:?}",
             state.mailbox,
             state.messages.len(),
             state.tombstones.len(),

@@ -273,12 +273,12 @@ impl Server {
                 self.on_replica_bodies(id, &guids);
                 return;
             }
-            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster_below } => {
-                self.on_replica_adopt(id, &state, bodies, (pushed_upto, from_cluster_below));
+            ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster } => {
+                self.on_replica_adopt(id, &state, bodies, (pushed_upto, &from_cluster));
                 return;
             }
-            ClientRequest::ReplicaPush { state, bodies, from_cluster_below } => {
-                WriteRequest::Merge { state: Box::new(state), bodies, from_cluster_below }
+            ClientRequest::ReplicaPush { state, bodies, from_cluster } => {
+                WriteRequest::Merge { state: Box::new(state), bodies, from_cluster }
             }
         };
         if let Err(reason) = validate(&write) {
@@ -791,8 +791,8 @@ impl Server {
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
             WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
-            WriteRequest::Merge { state, bodies, from_cluster_below } => {
-                Ordered::unreplicated(self.master_merge(*state, bodies, from_cluster_below))
+            WriteRequest::Merge { state, bodies, from_cluster } => {
+                Ordered::unreplicated(self.master_merge(*state, bodies, &from_cluster))
             }
         };
         Some(ordered)

@@ -99,13 +99,14 @@ impl Server {
         &mut self,
         mut state: MailboxState,
         bodies: Vec<(Guid, Body)>,
-        from_cluster_below: Uid,
+        from_cluster: &[(Uid, Uid)],
     ) -> WriteResult {
-        let forgotten = self.forgotten_here(&state, from_cluster_below);
+        let forgotten = self.forgotten_here(&state, &uid_set(from_cluster));
         if !forgotten.is_empty() {
             self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
             state.messages.retain(|r| !forgotten.contains(&r.uid));
         }
+        self.expunge_where_live(&mut state);
         let missing = self.take_replica_bodies(&state, bodies);
         let highest = |s: &Server| s.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         if !missing.is_empty() {
@@ -116,12 +117,39 @@ impl Server {
         WriteResult::Merged { modseq: highest(self), missing: Vec::new() }
     }
 
-    /// The UIDs of a replica's records (below `from_cluster_below`, so taken from the
-    /// cluster) that this copy retired, with no live message of that GUID here: the
+    /// The replica's client expunged each message of an expunged tombstone, at the
+    /// binding it had there; the cluster may have moved it since (a renumbering whose
+    /// tombstone it may even have collected). The expunge is of the message: it is
+    /// added at the binding the message has here, so no retired or collected UID hides
+    /// it. (A replica's own modseqs do not order against this copy's collections.)
+    fn expunge_where_live(&self, state: &mut MailboxState) {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return };
+        if m.uidvalidity != state.uidvalidity {
+            return;
+        }
+        let moved: Vec<Tombstone> = state
+            .tombstones
+            .iter()
+            .filter(|t| t.expunged)
+            .filter_map(|t| {
+                let here = m.messages.last_uid_of(t.guid)?;
+                (here != t.uid).then_some(Tombstone {
+                    uid: here,
+                    guid: t.guid,
+                    modseq: t.modseq.max(1),
+                    expunged: true,
+                })
+            })
+            .collect();
+        state.tombstones.extend(moved);
+    }
+
+    /// The UIDs of a replica's records at bindings the cluster held (`from_cluster`)
+    /// that this copy retired since, with no live message of that GUID here: the
     /// cluster expunged the message and collected its tombstone while the replica was
     /// away. A server's copy found at a retired UID moves instead (it may be mail no one
-    /// else has); a replica's is known to be the cluster's own, gone.
-    fn forgotten_here(&self, state: &MailboxState, from_cluster_below: Uid) -> BTreeSet<Uid> {
+    /// else has); these are known to be the cluster's own, gone.
+    fn forgotten_here(&self, state: &MailboxState, from_cluster: &Retired) -> BTreeSet<Uid> {
         let Some(m) = self.image.mailbox(&state.mailbox) else { return BTreeSet::new() };
         if m.uidvalidity != state.uidvalidity {
             return BTreeSet::new();
@@ -129,7 +157,7 @@ impl Server {
         state
             .messages
             .iter()
-            .filter(|r| r.uid < from_cluster_below && m.retired.contains(r.uid))
+            .filter(|r| from_cluster.contains(r.uid) && m.retired.contains(r.uid))
             .filter(|r| m.messages.get(&r.uid).is_none_or(|ours| ours.guid != r.guid))
             .map(|r| r.uid)
             .collect()
@@ -143,25 +171,28 @@ impl Server {
         id: RequestId,
         state: &MailboxState,
         bodies: Vec<(Guid, Body)>,
-        (pushed_upto, from_cluster_below): (ModSeq, Uid),
+        (pushed_upto, from_cluster): (ModSeq, &[(Uid, Uid)]),
     ) {
         if !self.cfg.user_replica {
             let reason = "only a user replica takes another copy's decisions".to_string();
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
-        if let Err(reason) = crate::limits::check_adopted_state(state, &bodies) {
+        let checked = crate::limits::check_adopted_state(state, &bodies)
+            .and_then(|()| crate::limits::check_uid_ranges(from_cluster));
+        if let Err(reason) = checked {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
         let missing = self.take_replica_bodies(state, bodies);
         if !missing.is_empty() {
-            self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing, took_all: false });
+            self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing, held: Vec::new() });
             return;
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
-        self.drop_forgotten_expunges(state, from_cluster_below);
-        let outcome = self.merge_state(state, false, true, None);
+        self.take_collected_bindings(state, &uid_set(from_cluster));
+        let state = self.without_expunged_here(state);
+        let outcome = self.merge_state(&state, false, true, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
         let untouched = before == pushed_upto;
@@ -170,23 +201,54 @@ impl Server {
             (false, true) => after,
             (false, false) => pushed_upto,
         };
-        let took_all = untouched && !outcome.unresolved;
-        self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), took_all });
+        let held = self.held_as_cluster_has(&state);
+        self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held });
     }
 
-    /// Messages here that the cluster expunged and forgot while this replica was away
-    /// (below `from_cluster_below`, at UIDs the cluster's copy retired): they go, as the
-    /// expunge the cluster no longer remembers would have taken them.
-    fn drop_forgotten_expunges(&mut self, state: &MailboxState, from_cluster_below: Uid) {
-        let Some(m) = self.image.mailbox(&state.mailbox) else { return };
+    /// The cluster's copy without the messages a client of this replica expunged since
+    /// the pull it answers (this copy's tombstone says so, at whatever UID the cluster
+    /// has them now): the next push takes the expunge to the cluster. A GUID expunged
+    /// from a mailbox never comes back to it.
+    fn without_expunged_here(&self, state: &MailboxState) -> MailboxState {
+        let mut state = state.clone();
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return state };
         if m.uidvalidity != state.uidvalidity {
+            return state;
+        }
+        let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
+        state.messages.retain(|r| !dead.contains(&r.guid));
+        state
+    }
+
+    /// The UID ranges where this copy now binds a message as the cluster's `state` does.
+    fn held_as_cluster_has(&self, state: &MailboxState) -> Vec<(Uid, Uid)> {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return Vec::new() };
+        let mut held = Retired::default();
+        for r in &state.messages {
+            if m.messages.get(&r.uid).is_some_and(|ours| ours.guid == r.guid) {
+                held.insert_range(r.uid, r.uid);
+            }
+        }
+        held.ranges.into_iter().collect()
+    }
+
+    /// Takes the cluster's decisions on UIDs it retired and forgot (their tombstones
+    /// collected while this replica was away), which a replica's merge leaves to a
+    /// master: a message here at a binding the cluster held (`from_cluster`) at such a
+    /// UID was expunged or moved by the cluster, and goes; one of this replica's own
+    /// whose GUID the cluster's copy holds at another UID follows it there. Any other is
+    /// left for the cluster's master to move (the next push).
+    fn take_collected_bindings(&mut self, state: &MailboxState, from_cluster: &Retired) {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return };
+        if m.uidvalidity != state.uidvalidity || state.retired.ranges.is_empty() {
             return;
         }
+        let moved: BTreeSet<Guid> = state.messages.iter().map(|r| r.guid).collect();
         let gone: Vec<Uid> = m
             .messages
-            .keys()
-            .copied()
-            .filter(|uid| *uid < from_cluster_below && state.retired.contains(*uid))
+            .values()
+            .filter(|r| state.retired.contains(r.uid) && (from_cluster.contains(r.uid) || moved.contains(&r.guid)))
+            .map(|r| r.uid)
             .collect();
         if !gone.is_empty() {
             self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
@@ -195,4 +257,15 @@ impl Server {
             self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
         }
     }
+}
+
+/// UID ranges as a set (a `Retired` with nothing collected: the same range arithmetic).
+fn uid_set(ranges: &[(Uid, Uid)]) -> Retired {
+    let mut set = Retired::default();
+    for &(first, last) in ranges {
+        if first <= last {
+            set.insert_range(first, last);
+        }
+    }
+    set
 }
