@@ -34,10 +34,14 @@ pub enum Bug {
     /// A CANCEL expunges the save even when a retry was answered with it (its client
     /// was told it is stored).
     CancelClaimedSaves,
+    /// A user replica's push is merged as a server's copy is: a message the cluster
+    /// expunged and forgot while the replica was away moves to a new UID instead of
+    /// going, and the replica's expunge stays at the binding it saw.
+    ReplicaResurrects,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -48,6 +52,7 @@ impl Bug {
         Bug::StoreRetriesTwice,
         Bug::SkipStartupHold,
         Bug::CancelClaimedSaves,
+        Bug::ReplicaResurrects,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +67,7 @@ impl Bug {
             Bug::StoreRetriesTwice => "store-retries-twice",
             Bug::SkipStartupHold => "skip-startup-hold",
             Bug::CancelClaimedSaves => "cancel-claimed-saves",
+            Bug::ReplicaResurrects => "replica-resurrects",
         }
     }
 

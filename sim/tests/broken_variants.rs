@@ -16,9 +16,12 @@ use tandem_sim::shrink::{ShrinkBudget, shrink};
 /// and a retry made once the cluster is whole again: first seen at seed 151 (2026-12-02).
 /// A server that skips its start-up hold renumbers after a clean restart with a write
 /// through it at once: first seen at seed 27 (2026-12-02, third session).
+/// A user replica's push merged as a server's copy needs a laptop (3 seeds in 10), an
+/// expunge on the cluster collected before the laptop's next sync: first seen at seed
+/// 130 (2026-12-03), shrunk to 7 events.
 fn seeds_allowed(bug: Bug) -> u64 {
     match bug {
-        Bug::StoreRetriesTwice => 400,
+        Bug::StoreRetriesTwice | Bug::ReplicaResurrects => 400,
         _ => 60,
     }
 }
@@ -147,4 +150,9 @@ fn cancelling_a_save_a_retry_was_answered_with_is_caught() {
 #[test]
 fn skipping_the_startup_hold_is_caught() {
     catch_and_shrink(Bug::SkipStartupHold);
+}
+
+#[test]
+fn a_replica_copy_resurrecting_what_the_cluster_expunged_is_caught() {
+    catch_and_shrink(Bug::ReplicaResurrects);
 }

@@ -101,12 +101,14 @@ impl Server {
         bodies: Vec<(Guid, Body)>,
         from_cluster: &[(Uid, Uid)],
     ) -> WriteResult {
-        let forgotten = self.forgotten_here(&state, &uid_set(from_cluster));
-        if !forgotten.is_empty() {
-            self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
-            state.messages.retain(|r| !forgotten.contains(&r.uid));
+        if !self.has_bug(crate::Bug::ReplicaResurrects) {
+            let forgotten = self.forgotten_here(&state, &uid_set(from_cluster));
+            if !forgotten.is_empty() {
+                self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
+                state.messages.retain(|r| !forgotten.contains(&r.uid));
+            }
+            self.expunge_where_live(&mut state);
         }
-        self.expunge_where_live(&mut state);
         let missing = self.take_replica_bodies(&state, bodies);
         let highest = |s: &Server| s.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         if !missing.is_empty() {
