@@ -241,8 +241,11 @@ pub enum ClientRequest {
         mailbox: MailboxKey,
         since: Option<ModSeq>,
     },
-    /// The bodies of these messages that this server holds, intact.
+    /// The bodies of these messages of `mailbox` that this server holds, intact. Only
+    /// a message live in the mailbox is answered: the agent of one user's replica never
+    /// reads another's mail by naming its GUID.
     ReplicaBodies {
+        mailbox: MailboxKey,
         guids: Vec<Guid>,
     },
     /// A user replica's copy (or piece of one) joined by the mailbox's master: see

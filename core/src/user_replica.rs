@@ -413,7 +413,7 @@ impl ReplicaSync {
         } else {
             (Side::Cluster, Awaited::BodiesForAdopt { mailbox: mailbox.clone(), piece })
         };
-        self.request(side, ClientRequest::ReplicaBodies { guids: missing }, awaited);
+        self.request(side, ClientRequest::ReplicaBodies { mailbox: mailbox.clone(), guids: missing }, awaited);
     }
 
     fn on_bodies(&mut self, mailbox: MailboxKey, piece: usize, reply: ClientReply, for_push: bool) {

@@ -283,7 +283,7 @@ fn a_laptop_takes_the_users_mail_then_syncs_offline_changes_both_ways() {
 }
 
 #[test]
-fn a_cluster_server_refuses_to_adopt_and_a_lost_body_is_not_pushed_as_lost_mail() {
+fn a_cluster_server_refuses_to_adopt_answers_only_the_mailboxs_bodies_and_merges_nothing_without_its_body() {
     let mut w = World::new();
     w.save(S1, "INBOX", "one", &[]);
     let state = MailboxState {
@@ -301,6 +301,22 @@ fn a_cluster_server_refuses_to_adopt_and_a_lost_body_is_not_pushed_as_lost_mail(
         matches!(w.request(S2, adopt), ClientReply::Failed { kind: FailKind::Permanent, .. }),
         "only a user replica adopts the cluster's decisions"
     );
+    // Another user's message is not read by naming its GUID in one's own mailbox.
+    let bob = MailboxKey::new("bob", "INBOX");
+    let request = ClientRequest::Save {
+        mailbox: bob.clone(),
+        received: 1,
+        flags: Vec::new(),
+        body: Body::from_static(b"Subject: for bob\r\n\r\nsecret\r\n"),
+        delivery: false,
+    };
+    let bobs = match w.request(S1, request) {
+        ClientReply::Write(WriteResult::Saved { guid, .. }) => guid,
+        other => panic!("{other:?}"),
+    };
+    let ask = |mailbox: MailboxKey| ClientRequest::ReplicaBodies { mailbox, guids: vec![bobs] };
+    assert!(matches!(w.request(S1, ask(key("INBOX"))), ClientReply::ReplicaBodies { bodies } if bodies.is_empty()));
+    assert!(matches!(w.request(S1, ask(bob)), ClientReply::ReplicaBodies { bodies } if bodies.len() == 1));
     // A push that names a message whose body neither side has changes nothing.
     let pulled = match w.request(S1, ClientRequest::ReplicaPull { mailbox: key("INBOX"), since: None }) {
         ClientReply::ReplicaState { state, .. } => state,

@@ -1555,7 +1555,7 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::Membership { change } => format!("MEMBER {change:?}"),
         ClientRequest::ReplicaList { user } => format!("REPLICA-LIST {user}"),
         ClientRequest::ReplicaPull { mailbox, since } => format!("REPLICA-PULL {mailbox} since {since:?}"),
-        ClientRequest::ReplicaBodies { guids } => format!("REPLICA-BODIES {} GUIDs", guids.len()),
+        ClientRequest::ReplicaBodies { mailbox, guids } => format!("REPLICA-BODIES {mailbox} {} GUIDs", guids.len()),
         ClientRequest::ReplicaPush { state, bodies, from_cluster } => format!(
             "REPLICA-PUSH {} {} messages {} tombstones {} bodies, the cluster's at {from_cluster:?}",
             state.mailbox,

@@ -269,8 +269,8 @@ impl Server {
                 self.on_replica_pull(id, &mailbox, since);
                 return;
             }
-            ClientRequest::ReplicaBodies { guids } => {
-                self.on_replica_bodies(id, &guids);
+            ClientRequest::ReplicaBodies { mailbox, guids } => {
+                self.on_replica_bodies(id, &mailbox, &guids);
                 return;
             }
             ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster } => {

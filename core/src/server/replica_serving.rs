@@ -46,10 +46,17 @@ impl Server {
         self.out.reply(id, ClientReply::ReplicaState { state, summary });
     }
 
-    pub(crate) fn on_replica_bodies(&mut self, id: RequestId, guids: &[Guid]) {
+    pub(crate) fn on_replica_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
+        let Some(m) = self.image.mailbox(mailbox) else {
+            self.out.reply(id, ClientReply::ReplicaBodies { bodies: Vec::new() });
+            return;
+        };
+        // A live message of the mailbox, by the GUID index; no more asked than answered.
+        let held: BTreeSet<Guid> =
+            guids.iter().take(REPLICA_BODIES_MAX).copied().filter(|g| m.messages.has_guid(*g)).collect();
         let mut bodies = Vec::new();
         let mut bytes = 0usize;
-        for &guid in guids.iter().collect::<BTreeSet<_>>() {
+        for guid in held {
             if bodies.len() >= REPLICA_BODIES_MAX || bytes >= REPLICA_BODY_BYTES_MAX {
                 break;
             }
