@@ -34,9 +34,10 @@ pub enum Bug {
     /// A CANCEL expunges the save even when a retry was answered with it (its client
     /// was told it is stored).
     CancelClaimedSaves,
-    /// A user replica's push is merged as a server's copy is: a message the cluster
-    /// expunged and forgot while the replica was away moves to a new UID instead of
-    /// going, and the replica's expunge stays at the binding it saw.
+    /// A user replica's copy is treated as a server's: the master moves a message the
+    /// cluster expunged and forgot while the replica was away to a new UID instead of
+    /// dropping it, the replica's expunge stays at the binding it saw, and the replica
+    /// leaves the bindings the cluster retired and forgot for the master to move.
     ReplicaResurrects,
 }
 

@@ -114,6 +114,9 @@ struct Progress {
     body_rounds: u32,
     /// The lowest push mark the adopted pieces gave (0: push whole next time).
     new_pushed: Option<ModSeq>,
+    /// Every adopted piece was taken whole (no conflict left for the cluster to decide):
+    /// only then does the pull mark move past what this round pulled.
+    took_all: bool,
     /// Bindings the cluster has held (from the marks, and as this round learns them).
     from_cluster: Retired,
     cluster_uidvalidity: u32,
@@ -314,7 +317,14 @@ impl ReplicaSync {
         for (key, replica_summary, cluster_summary) in work {
             self.report.mailboxes_synced += 1;
             let marks = self.marks.mailboxes.get(&*key.name).cloned();
-            let whole = previous.contains(&key) || marks.is_none();
+            // Synced last round, unequal now, and neither side changed since: a delta
+            // cannot mend it, a whole state does. A side that changed since (a
+            // collection of tombstones, a new message) brings its delta.
+            let unchanged = |m: &MailboxMarks| {
+                replica_summary.as_ref().is_none_or(|r| r.highest_modseq <= m.pushed)
+                    && cluster_summary.as_ref().is_none_or(|c| c.highest_modseq <= m.pulled)
+            };
+            let whole = marks.as_ref().is_none_or(|m| previous.contains(&key) && unchanged(m));
             self.synced_last_round.insert(key.clone());
             // Only for the incarnation of the mailbox the replica holds.
             let from_cluster = marks
@@ -468,6 +478,7 @@ impl ReplicaSync {
         p.cluster_uidvalidity = state.uidvalidity;
         p.cluster_highest = state.highest_modseq;
         p.new_pushed = None;
+        p.took_all = true;
         self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
         let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
         p.pieces_left = pieces.len();
@@ -486,14 +497,24 @@ impl ReplicaSync {
             ClientReply::ReplicaAdopted { pushed_upto, held, .. } => {
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
                 p.new_pushed = Some(p.new_pushed.map_or(pushed_upto, |m| m.min(pushed_upto)));
+                // A push mark of 0 is the replica's word that a conflict was left over.
+                p.took_all &= pushed_upto != 0;
                 for (first, last) in held {
                     p.from_cluster.insert_range(first, last);
                 }
                 p.pieces_left = p.pieces_left.saturating_sub(1);
                 if p.pieces_left == 0 && !p.failed {
+                    // What was not all taken is pulled again from where the last
+                    // complete adopt left off.
+                    let before = self.marks.mailboxes.get(&*mailbox.name);
+                    let pulled = match before {
+                        _ if p.took_all => p.cluster_highest,
+                        Some(m) if m.cluster_uidvalidity == p.cluster_uidvalidity => m.pulled.min(p.cluster_highest),
+                        _ => 0,
+                    };
                     let marks = MailboxMarks {
                         cluster_uidvalidity: p.cluster_uidvalidity,
-                        pulled: p.cluster_highest,
+                        pulled,
                         // The replica takes the cluster's UIDVALIDITY when it adopts.
                         replica_uidvalidity: p.cluster_uidvalidity,
                         pushed: p.new_pushed.unwrap_or(0),

@@ -16,9 +16,9 @@ use tandem_sim::shrink::{ShrinkBudget, shrink};
 /// and a retry made once the cluster is whole again: first seen at seed 151 (2026-12-02).
 /// A server that skips its start-up hold renumbers after a clean restart with a write
 /// through it at once: first seen at seed 27 (2026-12-02, third session).
-/// A user replica's push merged as a server's copy needs a laptop (3 seeds in 10), an
-/// expunge on the cluster collected before the laptop's next sync: first seen at seed
-/// 130 (2026-12-03), shrunk to 7 events.
+/// A user replica's copy treated as a server's needs a laptop (3 seeds in 10) and a
+/// binding the cluster retired and forgot before the laptop's next sync: first seen at
+/// seed 12 (2026-12-03, after the laptop side learned to drop such copies itself).
 fn seeds_allowed(bug: Bug) -> u64 {
     match bug {
         Bug::StoreRetriesTwice | Bug::ReplicaResurrects => 400,

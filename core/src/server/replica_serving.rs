@@ -199,7 +199,9 @@ impl Server {
             return;
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
-        self.take_collected_bindings(state, &uid_set(from_cluster));
+        if !self.has_bug(crate::Bug::ReplicaResurrects) {
+            self.take_collected_bindings(state, &uid_set(from_cluster));
+        }
         let state = self.without_expunged_here(state);
         let outcome = self.merge_state(&state, false, true, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
