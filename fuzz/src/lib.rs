@@ -494,6 +494,12 @@ impl Harness {
                     (_, WriteRequest::Barrier { .. }) => {
                         (WriteResult::Position { highest_modseq: 7, digest: u64::from(v) }, None)
                     }
+                    // A user replica's push: merged, or (now and then) wanting its bodies.
+                    (_, WriteRequest::Merge { state, .. }) => {
+                        let missing =
+                            if v & 4 == 0 { Vec::new() } else { state.messages.iter().map(|r| r.guid).collect() };
+                        (WriteResult::Merged { modseq: 8, missing }, None)
+                    }
                 };
                 Msg::Reply { tag, master, result, record }
             }

@@ -503,6 +503,19 @@ impl Image {
         self.disk.mailboxes.iter().filter(|(k, _)| filter(k)).map(|(k, m)| cached_summary(digests, k, m)).collect()
     }
 
+    /// Summaries of one user's mailboxes, in mailbox order: a range of the image (keys
+    /// order by user first), not a pass over every user's.
+    pub(crate) fn summaries_of_user(&mut self, user: &str) -> Vec<Summary> {
+        let digests = &mut self.digests;
+        let first = MailboxKey::new(user, "");
+        self.disk
+            .mailboxes
+            .range(first..)
+            .take_while(|(k, _)| &*k.user == user)
+            .map(|(k, m)| cached_summary(digests, k, m))
+            .collect()
+    }
+
     /// Every mailbox's summary, with the digests known so far (no cache is filled).
     pub(crate) fn summaries(&self) -> Vec<Summary> {
         self.disk

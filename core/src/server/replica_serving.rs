@@ -19,7 +19,7 @@ pub const REPLICA_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 impl Server {
     pub(crate) fn on_replica_list(&mut self, id: RequestId, user: &str) {
-        let summaries = self.image.summaries_where(|k| &*k.user == user);
+        let summaries = self.image.summaries_of_user(user);
         self.out.reply(id, ClientReply::ReplicaList { summaries });
     }
 
