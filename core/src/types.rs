@@ -248,6 +248,23 @@ pub struct MailboxState {
     pub retired: Retired,
 }
 
+impl MailboxState {
+    /// A mailbox's state with nothing in it but its name and UIDVALIDITY: the frame a
+    /// change's records are merged in, or "no such mailbox here" (UIDVALIDITY 0).
+    pub fn empty(mailbox: MailboxKey, uidvalidity: u32) -> MailboxState {
+        MailboxState {
+            mailbox,
+            uidvalidity,
+            uidnext: 1,
+            highest_modseq: 0,
+            messages: Vec::new(),
+            tombstones: Vec::new(),
+            lifecycle: Lifecycle::default(),
+            retired: Retired::default(),
+        }
+    }
+}
+
 /// The UIDs of a mailbox whose tombstones were collected, as ranges, and the modseq of
 /// the latest collection. A retired UID was shown to clients as a message that is gone:
 /// no message may be placed there again, and a message found live there (a copy from a

@@ -124,6 +124,20 @@ struct Progress {
     failed: bool,
 }
 
+impl Progress {
+    /// Cuts a state into the pieces that go one per request; how many.
+    fn start_pieces(&mut self, state: MailboxState) -> usize {
+        self.pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
+        self.pieces_left = self.pieces.len();
+        self.body_rounds = 0;
+        self.pieces_left
+    }
+
+    fn cluster_held_ranges(&self) -> Vec<(Uid, Uid)> {
+        self.from_cluster.ranges.iter().map(|(first, last)| (*first, *last)).collect()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Listing,
@@ -375,11 +389,7 @@ impl ReplicaSync {
         }
         p.pushed_upto = state.highest_modseq;
         self.report.records_pushed += (state.messages.len() + state.tombstones.len()) as u64;
-        let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
-        p.pieces_left = pieces.len();
-        p.pieces = pieces;
-        p.body_rounds = 0;
-        for piece in 0..p.pieces_left {
+        for piece in 0..p.start_pieces(state) {
             self.push_piece(&mailbox, piece, Vec::new());
         }
     }
@@ -387,7 +397,7 @@ impl ReplicaSync {
     fn push_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
         let Some(p) = self.mailboxes.get(mailbox) else { return };
         let Some(state) = p.pieces.get(piece).cloned() else { return };
-        let from_cluster: Vec<(Uid, Uid)> = p.from_cluster.ranges.iter().map(|(a, b)| (*a, *b)).collect();
+        let from_cluster = p.cluster_held_ranges();
         self.report.bodies_pushed += bodies.len() as u64;
         self.report.body_bytes_pushed += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.request(
@@ -400,8 +410,7 @@ impl ReplicaSync {
     fn adopt_piece(&mut self, mailbox: &MailboxKey, piece: usize, bodies: Vec<(Guid, Body)>) {
         let Some(p) = self.mailboxes.get(mailbox) else { return };
         let Some(state) = p.pieces.get(piece).cloned() else { return };
-        let pushed_upto = p.pushed_upto;
-        let from_cluster: Vec<(Uid, Uid)> = p.from_cluster.ranges.iter().map(|(a, b)| (*a, *b)).collect();
+        let (pushed_upto, from_cluster) = (p.pushed_upto, p.cluster_held_ranges());
         self.report.bodies_pulled += bodies.len() as u64;
         self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.request(
@@ -480,11 +489,7 @@ impl ReplicaSync {
         p.new_pushed = None;
         p.took_all = true;
         self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
-        let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
-        p.pieces_left = pieces.len();
-        p.pieces = pieces;
-        p.body_rounds = 0;
-        for piece in 0..p.pieces_left {
+        for piece in 0..p.start_pieces(state) {
             self.adopt_piece(&mailbox, piece, Vec::new());
         }
     }

@@ -286,16 +286,7 @@ fn a_laptop_takes_the_users_mail_then_syncs_offline_changes_both_ways() {
 fn a_cluster_server_refuses_to_adopt_answers_only_the_mailboxs_bodies_and_merges_nothing_without_its_body() {
     let mut w = World::new();
     w.save(S1, "INBOX", "one", &[]);
-    let state = MailboxState {
-        mailbox: key("INBOX"),
-        uidvalidity: 1,
-        uidnext: 1,
-        highest_modseq: 0,
-        messages: Vec::new(),
-        tombstones: Vec::new(),
-        lifecycle: Default::default(),
-        retired: Default::default(),
-    };
+    let state = MailboxState::empty(key("INBOX"), 1);
     let adopt = ClientRequest::ReplicaAdopt { state, bodies: Vec::new(), pushed_upto: 0, from_cluster: Vec::new() };
     assert!(
         matches!(w.request(S2, adopt), ClientReply::Failed { kind: FailKind::Permanent, .. }),

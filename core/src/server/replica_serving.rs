@@ -31,16 +31,7 @@ impl Server {
         }
         let state = match self.image.durable_mailbox(mailbox) {
             Some(m) => crate::mailbox::state_since(mailbox, &m, since),
-            None => MailboxState {
-                mailbox: mailbox.clone(),
-                uidvalidity: 0,
-                uidnext: 1,
-                highest_modseq: 0,
-                messages: Vec::new(),
-                tombstones: Vec::new(),
-                lifecycle: Lifecycle::default(),
-                retired: Retired::default(),
-            },
+            None => MailboxState::empty(mailbox.clone(), 0),
         };
         let summary = self.image.summary(mailbox);
         self.out.reply(id, ClientReply::ReplicaState { state, summary });

@@ -189,16 +189,7 @@ impl Server {
 
     /// The piece of mailbox state a change carries. Bodies are stored on the way.
     fn fragment_of(&mut self, src: Sid, change: Change) -> Option<MailboxState> {
-        let empty = |mailbox: MailboxKey, uidvalidity: u32| MailboxState {
-            mailbox,
-            uidvalidity,
-            uidnext: 1,
-            highest_modseq: 0,
-            messages: Vec::new(),
-            tombstones: Vec::new(),
-            lifecycle: Default::default(),
-            retired: Default::default(),
-        };
+        let empty = MailboxState::empty;
         match change {
             Change::Save { mailbox, uidvalidity, record, body } => {
                 self.store_body(record.guid, record.checksum, body, Some(src));
