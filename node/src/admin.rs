@@ -95,6 +95,9 @@ pub enum AdminRequest {
     Backup {
         dir: String,
     },
+    /// Switch this connection to the replica link (`crate::replica_link`), as the owner
+    /// of this user replica's store: what `tandem replicate` does on the laptop's node.
+    Replicate,
 }
 
 /// Requests per [`AdminRequest::ImportBatch`].
@@ -215,16 +218,45 @@ pub struct Dump {
 pub enum AdminReply {
     Status(Status),
     Dump(Dump),
-    Saved { uidvalidity: u32, uid: u32, guid: String },
-    Stored { modseq: u64 },
-    Expunged { uids: Vec<u32> },
-    Moved { master: u32 },
-    Members { members: Vec<MemberLine> },
-    Mailboxes { mailboxes: Vec<MailboxLine> },
-    Bodies { bodies: Vec<FetchedBody> },
-    Batch { results: Vec<AdminReply> },
-    BackedUp { dir: String, bytes: u64, body_files: u64, mailboxes: u64, messages: u64 },
-    Error { temporary: bool, reason: String },
+    Saved {
+        uidvalidity: u32,
+        uid: u32,
+        guid: String,
+    },
+    Stored {
+        modseq: u64,
+    },
+    Expunged {
+        uids: Vec<u32>,
+    },
+    Moved {
+        master: u32,
+    },
+    Members {
+        members: Vec<MemberLine>,
+    },
+    Mailboxes {
+        mailboxes: Vec<MailboxLine>,
+    },
+    Bodies {
+        bodies: Vec<FetchedBody>,
+    },
+    Batch {
+        results: Vec<AdminReply>,
+    },
+    BackedUp {
+        dir: String,
+        bytes: u64,
+        body_files: u64,
+        mailboxes: u64,
+        messages: u64,
+    },
+    /// The connection now speaks the replica link.
+    Replicating,
+    Error {
+        temporary: bool,
+        reason: String,
+    },
 }
 
 /// Where a client finds a node's admin interface.

@@ -23,6 +23,10 @@ struct FileConfig {
     mode: Option<String>,
     #[serde(default)]
     replicas: Option<u8>,
+    /// This node is a user replica (a laptop's store): see the core's
+    /// `Config::user_replica`. It has no peers; `tandem replicate` syncs it.
+    #[serde(default)]
+    user_replica: Option<bool>,
     #[serde(default)]
     log_capacity: Option<usize>,
     #[serde(default)]
@@ -414,6 +418,15 @@ impl NodeConfig {
                 return Err(bad("granularity", format!("{other:?} is not mailbox, user, domain or global")));
             }
         };
+        if file.user_replica == Some(true) {
+            if !file.peer.is_empty() {
+                return Err(bad(
+                    "user_replica",
+                    "a user replica is a cluster of its own: it has no peers (`tandem replicate` syncs it)",
+                ));
+            }
+            core.user_replica = true;
+        }
         if let Some(r) = file.replicas {
             if usize::from(r) > file.peer.len() {
                 return Err(bad(

@@ -17,6 +17,8 @@ pub mod migrate;
 pub mod node;
 pub mod peer;
 pub mod record;
+pub mod replica_link;
+pub mod replicate;
 pub mod store;
 pub mod tls;
 pub mod users;

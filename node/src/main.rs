@@ -135,6 +135,47 @@ enum Command {
         admin: AdminArgs,
         dir: PathBuf,
     },
+    /// Keep a user replica (this machine's tandem node, `user_replica = true`) in two-way
+    /// sync with the user's mailboxes on a cluster: logs in to the cluster's IMAP port as
+    /// the user over TLS and syncs by `X-REPLICATE`. Once by default (for cron or a
+    /// systemd timer); with --every, again and again. Exits 1 when a sync does not end
+    /// with both sides alike.
+    Replicate {
+        /// The user replica's node (its admin socket).
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The cluster's IMAP server: host[:port] (port 993, or 143 with --starttls).
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        user: String,
+        /// The file holding the user's password or app token (else it is asked for).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// CA certificates (PEM) to trust (default: the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Connect in plain text and STARTTLS before the password.
+        #[arg(long)]
+        starttls: bool,
+        /// No COMPRESS=DEFLATE on the link.
+        #[arg(long)]
+        no_compress: bool,
+        /// Where the sync's marks are kept (default: beside the admin socket,
+        /// replica-<user>.marks). Keep it with the store: without it the next sync is
+        /// whole.
+        #[arg(long)]
+        marks: Option<PathBuf>,
+        /// Sync again every SECONDS, for ever (a long-running agent).
+        #[arg(long)]
+        every: Option<u64>,
+        /// Rounds a sync makes at most (a round syncs what the one before left unequal).
+        #[arg(long, default_value_t = tandem_core::user_replica::ROUNDS_MAX_DEFAULT)]
+        rounds: u32,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or remove flags.
     Store {
         #[command(flatten)]
@@ -462,6 +503,62 @@ async fn run(command: Command) -> Result<(), String> {
                 "imported {} messages ({} bytes) into {} mailboxes; {} already there; {} at new UIDs",
                 done.messages, done.bytes, done.folders, done.skipped, done.renumbered
             ))
+        }
+        Command::Replicate {
+            admin,
+            server,
+            user,
+            password_file,
+            ca_file,
+            starttls,
+            no_compress,
+            marks,
+            every,
+            rounds,
+            json,
+        } => {
+            use tandem_node::replicate::{self, ClusterLogin, ReplicateOptions, TlsMode};
+            let tls = if starttls { TlsMode::StartTls } else { TlsMode::Implicit };
+            let (host, port) = ClusterLogin::parse_server(&server, tls)?;
+            let replica = admin.addr()?;
+            let marks_file = match (marks, &replica) {
+                (Some(path), _) => path,
+                (None, admin::AdminAddr::Unix(socket)) => {
+                    socket.with_file_name(format!("replica-{}.marks", user.replace(['/', '\\'], "_")))
+                }
+                (None, admin::AdminAddr::Tcp { .. }) => {
+                    return Err("a TCP admin port has no directory beside it: give --marks".into());
+                }
+            };
+            let password = read_password(password_file.as_deref(), &user)?;
+            let opts = ReplicateOptions {
+                cluster: ClusterLogin { host, port, tls, user, password, ca_file, compress: !no_compress },
+                replica,
+                marks_file,
+                rounds_max: rounds,
+            };
+            loop {
+                let outcome = replicate::sync_once(&opts).await;
+                let converged = match &outcome {
+                    Ok(report) if json => {
+                        out(&serde_json::to_string(report).map_err(|e| e.to_string())?)?;
+                        report.converged
+                    }
+                    Ok(report) => {
+                        out(&replicate::summary(report))?;
+                        report.converged
+                    }
+                    Err(e) => {
+                        eprintln!("tandem: replicate: {e}");
+                        false
+                    }
+                };
+                match every {
+                    Some(seconds) => tokio::time::sleep(Duration::from_secs(seconds.max(1))).await,
+                    None if converged => return Ok(()),
+                    None => return Err(outcome.err().unwrap_or_else(|| "the sync ended with the sides unlike".into())),
+                }
+            }
         }
         Command::Export { admin, maildir, user, quiet } => {
             let addr = admin.addr()?;

@@ -1078,6 +1078,7 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
         | AdminRequest::ImportBatch { .. } => {
             return Err("answered by the event loop".into());
         }
+        AdminRequest::Replicate => return Err("the replica link is its own connection's, not a request".into()),
         AdminRequest::Import { mailbox, uidvalidity, uid, received, flags: f, body_base64 } => {
             use base64::Engine;
             let body = base64::engine::general_purpose::STANDARD
@@ -1535,6 +1536,24 @@ async fn admin_session(
             return;
         }
         let reply = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(AdminRequest::Replicate) => {
+                // The agent waits for this answer before its first frame: nothing of it
+                // can sit in the line reader's buffer.
+                if !reader.buffer().is_empty() {
+                    let early = AdminReply::Error { temporary: false, reason: "frames before the answer".into() };
+                    admin_reply(&mut write, &early).await;
+                    return;
+                }
+                if !admin_reply(&mut write, &AdminReply::Replicating).await {
+                    return;
+                }
+                let stream = reader.into_inner().into_inner().unsplit(write);
+                let node = NodeHandle { events, bodies: None };
+                if let Err(e) = crate::replica_link::serve(stream, crate::replica_link::Gate::Owner, node).await {
+                    debug!(error = %e, "a replica link on the admin interface ended");
+                }
+                return;
+            }
             Ok(request) => {
                 let Some(reply) = ask(&events, |reply| Event::Admin { request, reply }).await else { return };
                 reply

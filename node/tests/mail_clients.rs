@@ -35,21 +35,7 @@ fn start_with_tls(extra: &str, tls_dir: Option<&std::path::Path>) -> (Mail, Vec<
     let tls_lines = match tls_dir {
         None => vec![String::new(); 3],
         Some(dir) => {
-            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-            let ca_key = KeyPair::generate().unwrap();
-            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            // Distinct names: OpenSSL takes a leaf whose issuer is its own name for
-            // self-signed.
-            ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tandem test CA");
-            let ca = ca_params.self_signed(&ca_key).unwrap();
-            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-            let key = KeyPair::generate().unwrap();
-            let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-            leaf.distinguished_name.push(rcgen::DnType::CommonName, "tandem mail");
-            let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
-            std::fs::write(dir.join("mail.pem"), cert.pem()).unwrap();
-            std::fs::write(dir.join("mail.key"), key.serialize_pem()).unwrap();
+            harness::make_mail_tls(dir);
             imaps
                 .iter()
                 .map(|a| {

@@ -40,7 +40,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE CREATE-SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE CREATE-SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT X-REPLICATE";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -487,6 +487,21 @@ impl Session {
                 self.line(&answer);
                 self.flush().await?;
                 continue;
+            }
+            // A user replica's agent (`tandem replicate`): the rest of the connection is
+            // the replica link, gated to this user's mailboxes.
+            if let Some(tag) = replicate_tag(fragmentizer.message_bytes()) {
+                let Some(user) = self.user.clone() else {
+                    self.line(&format!("{tag} NO log in first"));
+                    self.flush().await?;
+                    continue;
+                };
+                info!(user, ip = %self.peer_ip, "a user replica's sync begins");
+                self.line(&format!("{tag} OK the replica link begins"));
+                self.flush().await?;
+                let stream = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+                let gate = crate::replica_link::Gate::User(user.as_str().into());
+                return crate::replica_link::serve(stream, gate, self.node.clone()).await;
             }
             // A SEARCH or SORT with RETURN: the codec parses the command without it.
             let mut returning = None;
@@ -2852,9 +2867,27 @@ fn set_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
+/// The tag of an `X-REPLICATE` command (`tag X-REPLICATE` and nothing else), if this is one.
+fn replicate_tag(message: &[u8]) -> Option<String> {
+    let line = message.strip_suffix(b"\r\n").or_else(|| message.strip_suffix(b"\n"))?;
+    let text = std::str::from_utf8(line).ok()?;
+    let (tag, command) = text.split_once(' ')?;
+    let tag_ok = !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b));
+    (tag_ok && command.eq_ignore_ascii_case("X-REPLICATE")).then(|| tag.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x_replicate_is_recognised_only_alone_and_tagged() {
+        assert_eq!(replicate_tag(b"r X-REPLICATE\r\n"), Some("r".into()));
+        assert_eq!(replicate_tag(b"a1 x-replicate\r\n"), Some("a1".into()));
+        assert_eq!(replicate_tag(b"a1 X-REPLICATE now\r\n"), None);
+        assert_eq!(replicate_tag(b"* X-REPLICATE\r\n"), None);
+        assert_eq!(replicate_tag(b"a1 NOOP\r\n"), None);
+    }
 
     #[test]
     fn a_batch_holds_one_message_at_least_and_bytes_max_at_most() {
