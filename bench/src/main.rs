@@ -5,6 +5,7 @@
 mod cluster;
 mod dovecot_lmtp;
 mod dsync;
+mod laptop;
 mod lmtp;
 mod noop;
 mod plot;
@@ -65,6 +66,9 @@ struct Args {
     noop_messages: usize,
     #[arg(long, default_value_t = 2000)]
     noops: usize,
+    /// The "laptop" part: the slow link's latency, each way, in ms.
+    #[arg(long, default_value_t = 750)]
+    laptop_one_way_ms: u64,
     /// Keep the benchmark directory afterwards.
     #[arg(long)]
     keep: bool,
@@ -173,6 +177,35 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
         }
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         store::splice_marked(&workspace.join("BENCHMARKS.md"), "noop", &noop::markdown(&rows, &command))?;
+    }
+    if args.parts.iter().any(|p| p == "laptop") {
+        let one_way = std::time::Duration::from_millis(args.laptop_one_way_ms);
+        say(&format!("a laptop's day apart over a link of {} ms each way", one_way.as_millis()));
+        let genmail = anchors.join("genmail.py");
+        let eml = root.join("laptop-mail");
+        for (count, tag) in [(laptop::BASE, "m"), (laptop::SERVER_NEW + laptop::LAPTOP_NEW, "day")] {
+            let status = Command::new("python3")
+                .arg(&genmail)
+                .args(["eml", &eml.join(tag).to_string_lossy(), &count.to_string(), "--tag", tag])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(|e| format!("{}: {e}", genmail.display()))?;
+            if !status.success() {
+                return Err(format!("genmail.py failed: {status}"));
+            }
+        }
+        let base = scenarios::read_messages(&eml.join("m"))?;
+        let day = scenarios::read_messages(&eml.join("day"))?;
+        let mut rows = vec![laptop::tandem(tandem, root, &base, &day, one_way)?];
+        say(&format!("  {:?}", rows[0]));
+        if !args.no_dsync {
+            rows.push(laptop::dsync(root, &genmail, &day, one_way)?);
+            say(&format!("  {:?}", rows[1]));
+            rows.push(laptop::mbsync(root, &genmail, &day, one_way)?);
+            say(&format!("  {:?}", rows[2]));
+        }
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        store::splice_marked(&workspace.join("BENCHMARKS.md"), "laptop", &laptop::markdown(&rows, one_way, &command))?;
     }
     let standard = ["sim", "throughput", "wire", "resync"];
     let only_extras = !args.parts.iter().any(|p| standard.contains(&p.as_str()));

@@ -19,6 +19,12 @@ pub struct CountingProxy {
 
 impl CountingProxy {
     pub fn start(upstream: SocketAddr) -> std::io::Result<CountingProxy> {
+        CountingProxy::start_delayed(upstream, std::time::Duration::ZERO)
+    }
+
+    /// Like `start`, with every byte held for `one_way` before it is passed on, in each
+    /// direction (a slow link's latency; bandwidth is not limited).
+    pub fn start_delayed(upstream: SocketAddr, one_way: std::time::Duration) -> std::io::Result<CountingProxy> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let proxy = CountingProxy {
@@ -52,7 +58,11 @@ impl CountingProxy {
                 let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) else { continue };
                 for (from, to) in [(c3, s3), (server, client)] {
                     let bytes = bytes.clone();
-                    std::thread::spawn(move || pump(from, to, &bytes));
+                    if one_way.is_zero() {
+                        std::thread::spawn(move || pump(from, to, &bytes));
+                    } else {
+                        std::thread::spawn(move || pump_delayed(from, to, &bytes, one_way));
+                    }
                 }
             }
         });
@@ -95,6 +105,40 @@ fn pump(mut from: TcpStream, mut to: TcpStream, bytes: &AtomicU64) {
             }
         }
     }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+/// `pump` through a queue: each chunk is written `delay` after it was read.
+fn pump_delayed(mut from: TcpStream, mut to: TcpStream, bytes: &AtomicU64, delay: std::time::Duration) {
+    let (queue, chunks) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let Ok(mut writer_to) = to.try_clone() else { return };
+    let writer = std::thread::spawn(move || {
+        for (due, chunk) in chunks {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if writer_to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::SeqCst);
+                if queue.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(queue);
+    let _ = writer.join();
+    let _ = to.flush();
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
 }

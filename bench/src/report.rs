@@ -28,7 +28,7 @@ const GREEN: RGBColor = RGBColor(44, 160, 44);
 const RED: RGBColor = RGBColor(214, 39, 40);
 const PURPLE: RGBColor = RGBColor(148, 103, 189);
 
-fn bytes(b: f64) -> String {
+pub fn bytes(b: f64) -> String {
     if b >= 1e6 {
         format!("{:.1} MB", b / 1e6)
     } else if b >= 1e4 {

@@ -360,10 +360,13 @@ pub enum ClientReply {
     /// bodies. `pushed_upto`: the modseq up to which every change of this replica's own
     /// is in the cluster (its next push starts there; 0: push whole). `held`: the UID
     /// ranges of the cluster's messages this copy now holds at the cluster's binding.
+    /// `summary`: this copy's summary once the adopt is done (None when it was not): equal
+    /// to the cluster's at the pull, the two copies agree without another look.
     ReplicaAdopted {
         pushed_upto: ModSeq,
         missing: Vec<Guid>,
         held: Vec<(Uid, Uid)>,
+        summary: Option<Summary>,
     },
     Failed {
         kind: FailKind,

@@ -121,7 +121,21 @@ struct Progress {
     from_cluster: Retired,
     cluster_uidvalidity: u32,
     cluster_highest: ModSeq,
+    /// The cluster's summary of the whole mailbox at the pull (after the merge of the push).
+    cluster_summary: Option<Summary>,
+    /// The replica's summary after an adopt that was the whole pull in one piece.
+    replica_summary: Option<Summary>,
     failed: bool,
+}
+
+impl Progress {
+    /// Both copies were seen alike after this round's adopt: nothing to look at again.
+    fn agreed(&self) -> Option<(&Summary, &Summary)> {
+        let (r, c) = (self.replica_summary.as_ref()?, self.cluster_summary.as_ref()?);
+        let alike =
+            !self.failed && self.took_all && (r.uidvalidity, r.count, r.digest) == (c.uidvalidity, c.count, c.digest);
+        alike.then_some((r, c))
+    }
 }
 
 impl Progress {
@@ -159,6 +173,10 @@ pub struct ReplicaSync {
     lists: BTreeMap<Side, Vec<Summary>>,
     /// Mailboxes the last round synced (a second look finds them unequal: whole next).
     synced_last_round: BTreeSet<MailboxKey>,
+    /// Mailboxes whose adopt in the last round left a conflict for the cluster: a delta
+    /// pull may miss what the conflict needs (explore seed 2325: a tombstone merged into
+    /// the cluster's copy under an old modseq), so the next round is whole.
+    unresolved_last_round: BTreeSet<MailboxKey>,
     mailboxes: BTreeMap<MailboxKey, Progress>,
     report: SyncReport,
 }
@@ -175,6 +193,7 @@ impl ReplicaSync {
             waiting: BTreeMap::new(),
             lists: BTreeMap::new(),
             synced_last_round: BTreeSet::new(),
+            unresolved_last_round: BTreeSet::new(),
             mailboxes: BTreeMap::new(),
             report: SyncReport::default(),
         };
@@ -328,6 +347,7 @@ impl ReplicaSync {
         }
         self.phase = Phase::Syncing;
         let previous = std::mem::take(&mut self.synced_last_round);
+        let unresolved = std::mem::take(&mut self.unresolved_last_round);
         for (key, replica_summary, cluster_summary) in work {
             self.report.mailboxes_synced += 1;
             let marks = self.marks.mailboxes.get(&*key.name).cloned();
@@ -338,7 +358,8 @@ impl ReplicaSync {
                 replica_summary.as_ref().is_none_or(|r| r.highest_modseq <= m.pushed)
                     && cluster_summary.as_ref().is_none_or(|c| c.highest_modseq <= m.pulled)
             };
-            let whole = marks.as_ref().is_none_or(|m| previous.contains(&key) && unchanged(m));
+            let whole =
+                marks.as_ref().is_none_or(|m| previous.contains(&key) && (unchanged(m) || unresolved.contains(&key)));
             self.synced_last_round.insert(key.clone());
             // Only for the incarnation of the mailbox the replica holds.
             let from_cluster = marks
@@ -486,6 +507,8 @@ impl ReplicaSync {
         }
         p.cluster_uidvalidity = state.uidvalidity;
         p.cluster_highest = state.highest_modseq;
+        p.cluster_summary = summary;
+        p.replica_summary = None;
         p.new_pushed = None;
         p.took_all = true;
         self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
@@ -499,8 +522,13 @@ impl ReplicaSync {
             ClientReply::ReplicaAdopted { missing, .. } if !missing.is_empty() => {
                 self.fetch_bodies(&mailbox, piece, missing, false)
             }
-            ClientReply::ReplicaAdopted { pushed_upto, held, .. } => {
+            ClientReply::ReplicaAdopted { pushed_upto, held, summary, .. } => {
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
+                // Pieces may be adopted in any order: only a single piece's summary is
+                // the copy as the whole pull left it.
+                if p.pieces.len() == 1 {
+                    p.replica_summary = summary;
+                }
                 p.new_pushed = Some(p.new_pushed.map_or(pushed_upto, |m| m.min(pushed_upto)));
                 // A push mark of 0 is the replica's word that a conflict was left over.
                 p.took_all &= pushed_upto != 0;
@@ -508,6 +536,10 @@ impl ReplicaSync {
                     p.from_cluster.insert_range(first, last);
                 }
                 p.pieces_left = p.pieces_left.saturating_sub(1);
+                if p.pieces_left == 0 && !p.failed && !p.took_all {
+                    self.unresolved_last_round.insert(mailbox.clone());
+                }
+                let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
                 if p.pieces_left == 0 && !p.failed {
                     // What was not all taken is pulled again from where the last
                     // complete adopt left off.
@@ -526,6 +558,22 @@ impl ReplicaSync {
                         from_cluster: p.from_cluster.clone(),
                     };
                     self.marks.mailboxes.insert(mailbox.name.to_string(), marks);
+                    if let Some((r, c)) = p.agreed() {
+                        // In step, as a listing would have found them: every binding the
+                        // replica holds is one the cluster holds.
+                        let mut from_cluster = p.from_cluster.clone();
+                        if r.uidnext > 1 {
+                            from_cluster.insert_range(1, r.uidnext - 1);
+                        }
+                        let marks = MailboxMarks {
+                            cluster_uidvalidity: c.uidvalidity,
+                            pulled: c.highest_modseq,
+                            replica_uidvalidity: r.uidvalidity,
+                            pushed: r.highest_modseq,
+                            from_cluster,
+                        };
+                        self.marks.mailboxes.insert(mailbox.name.to_string(), marks);
+                    }
                 }
             }
             other => self.fail(&mailbox, format!("the replica refused the cluster's copy: {other:?}")),
@@ -536,7 +584,13 @@ impl ReplicaSync {
         if self.phase != Phase::Syncing || !self.waiting.is_empty() {
             return;
         }
-        // Every mailbox's requests are answered: look again.
+        // Every mailbox's requests are answered. When each one's adopt left the two copies
+        // alike, the sync is done: a look again would cost a round trip to find that.
+        if self.mailboxes.values().all(|p| p.agreed().is_some()) {
+            self.report.converged = true;
+            self.phase = Phase::Done;
+            return;
+        }
         self.start_round();
     }
 }

@@ -92,7 +92,7 @@ fn demo_password() -> String {
 }
 
 /// A CA, and a certificate it signs for 127.0.0.1 and localhost; returns the CA's path.
-fn write_certificates(dir: &Path) -> Result<PathBuf, String> {
+pub fn write_certificates(dir: &Path) -> Result<PathBuf, String> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let err = |e: rcgen::Error| format!("certificate: {e}");
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -186,7 +186,10 @@ impl Server {
         }
         let missing = self.take_replica_bodies(state, bodies);
         if !missing.is_empty() {
-            self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing, held: Vec::new() });
+            self.out.reply_when_durable(
+                id,
+                ClientReply::ReplicaAdopted { pushed_upto, missing, held: Vec::new(), summary: None },
+            );
             return;
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
@@ -204,7 +207,9 @@ impl Server {
             (false, false) => pushed_upto,
         };
         let held = self.held_as_cluster_has(&state);
-        self.out.reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held });
+        let summary = self.image.summary(&state.mailbox);
+        self.out
+            .reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held, summary });
     }
 
     /// The cluster's copy without the messages a client of this replica expunged since

@@ -490,16 +490,25 @@ impl Session {
             }
             // A user replica's agent (`tandem replicate`): the rest of the connection is
             // the replica link, gated to this user's mailboxes.
-            if let Some(tag) = replicate_tag(fragmentizer.message_bytes()) {
+            if let Some((tag, deflate)) = replicate_command(fragmentizer.message_bytes()) {
                 let Some(user) = self.user.clone() else {
                     self.line(&format!("{tag} NO log in first"));
                     self.flush().await?;
                     continue;
                 };
-                info!(user, ip = %self.peer_ip, "a user replica's sync begins");
+                info!(user, ip = %self.peer_ip, deflate, "a user replica's sync begins");
                 self.line(&format!("{tag} OK the replica link begins"));
                 self.flush().await?;
-                let stream = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+                // The agent waits for this answer before its first frame, so nothing of
+                // the link is in the fragmentizer.
+                let mut stream = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+                if deflate && !self.compressed {
+                    let (reader, writer) = tokio::io::split(stream);
+                    let reader =
+                        async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
+                    let writer = async_compression::tokio::write::DeflateEncoder::new(writer);
+                    stream = Box::new(tokio::io::join(reader, writer));
+                }
                 let gate = crate::replica_link::Gate::User(user.as_str().into());
                 return crate::replica_link::serve(stream, gate, self.node.clone()).await;
             }
@@ -2867,13 +2876,23 @@ fn set_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
-/// The tag of an `X-REPLICATE` command (`tag X-REPLICATE` and nothing else), if this is one.
-fn replicate_tag(message: &[u8]) -> Option<String> {
+/// An `X-REPLICATE` command (`tag X-REPLICATE`, or `tag X-REPLICATE DEFLATE` for a link
+/// compressed from the answer on): its tag, and whether DEFLATE was asked for.
+fn replicate_command(message: &[u8]) -> Option<(String, bool)> {
     let line = message.strip_suffix(b"\r\n").or_else(|| message.strip_suffix(b"\n"))?;
     let text = std::str::from_utf8(line).ok()?;
     let (tag, command) = text.split_once(' ')?;
     let tag_ok = !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b));
-    (tag_ok && command.eq_ignore_ascii_case("X-REPLICATE")).then(|| tag.to_string())
+    if !tag_ok {
+        return None;
+    }
+    if command.eq_ignore_ascii_case("X-REPLICATE") {
+        Some((tag.to_string(), false))
+    } else if command.eq_ignore_ascii_case("X-REPLICATE DEFLATE") {
+        Some((tag.to_string(), true))
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -2882,11 +2901,11 @@ mod tests {
 
     #[test]
     fn x_replicate_is_recognised_only_alone_and_tagged() {
-        assert_eq!(replicate_tag(b"r X-REPLICATE\r\n"), Some("r".into()));
-        assert_eq!(replicate_tag(b"a1 x-replicate\r\n"), Some("a1".into()));
-        assert_eq!(replicate_tag(b"a1 X-REPLICATE now\r\n"), None);
-        assert_eq!(replicate_tag(b"* X-REPLICATE\r\n"), None);
-        assert_eq!(replicate_tag(b"a1 NOOP\r\n"), None);
+        assert_eq!(replicate_command(b"r X-REPLICATE\r\n"), Some(("r".into(), false)));
+        assert_eq!(replicate_command(b"a1 x-replicate deflate\r\n"), Some(("a1".into(), true)));
+        assert_eq!(replicate_command(b"a1 X-REPLICATE now\r\n"), None);
+        assert_eq!(replicate_command(b"* X-REPLICATE\r\n"), None);
+        assert_eq!(replicate_command(b"a1 NOOP\r\n"), None);
     }
 
     #[test]

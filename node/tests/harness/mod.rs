@@ -408,18 +408,5 @@ pub fn require_tools() {
 /// A test CA (`ca.pem`) and a certificate for 127.0.0.1 it signed (`mail.pem`,
 /// `mail.key`) in `dir`: what a node's `mail_tls_cert` and `mail_tls_key` take.
 pub fn make_mail_tls(dir: &std::path::Path) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Distinct names: OpenSSL takes a leaf whose issuer is its own name for self-signed.
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tandem test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    leaf.distinguished_name.push(rcgen::DnType::CommonName, "tandem mail");
-    let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::write(dir.join("mail.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("mail.key"), key.serialize_pem()).unwrap();
+    tandem_node::cluster::write_certificates(dir).unwrap();
 }
