@@ -351,6 +351,11 @@ pub enum ClientReply {
     ReplicaState {
         state: MailboxState,
         summary: Option<Summary>,
+        /// From a user replica: the bodies of the messages of `state` it wrote itself
+        /// (their GUIDs name it), within `ReplicaBodies`' limits, so that its push carries
+        /// them at once rather than after the cluster says it lacks them. Empty from a
+        /// cluster server.
+        own_bodies: Vec<(Guid, Body)>,
     },
     /// `ReplicaBodies`: the bodies found; the others are not here.
     ReplicaBodies {

@@ -123,6 +123,9 @@ struct Progress {
     cluster_highest: ModSeq,
     /// The cluster's summary of the whole mailbox at the pull (after the merge of the push).
     cluster_summary: Option<Summary>,
+    /// The replica's own new messages' bodies, given with its pull: they go up with the
+    /// first push of the piece that holds them.
+    own_bodies: BTreeMap<Guid, Body>,
     /// The replica's summary after an adopt that was the whole pull in one piece.
     replica_summary: Option<Summary>,
     failed: bool,
@@ -145,6 +148,29 @@ impl Progress {
         self.pieces_left = self.pieces.len();
         self.body_rounds = 0;
         self.pieces_left
+    }
+
+    /// The own bodies of a piece's messages, taken (each goes once), within what one
+    /// request carries.
+    fn own_bodies_of(&mut self, piece: usize) -> Vec<(Guid, Body)> {
+        let Some(state) = self.pieces.get(piece) else { return Vec::new() };
+        let mut bodies = Vec::new();
+        let mut bytes = 0usize;
+        for r in &state.messages {
+            if bodies.len() >= crate::server::replica_serving::REPLICA_BODIES_MAX {
+                break;
+            }
+            let Some(body) = self.own_bodies.get(&r.guid) else { continue };
+            if bytes.saturating_add(body.len()) > crate::server::replica_serving::REPLICA_BODY_BYTES_MAX {
+                break;
+            }
+            bytes = bytes.saturating_add(body.len());
+            bodies.push((r.guid, body.clone()));
+        }
+        for (guid, _) in &bodies {
+            self.own_bodies.remove(guid);
+        }
+        bodies
     }
 
     fn cluster_held_ranges(&self) -> Vec<(Uid, Uid)> {
@@ -398,8 +424,8 @@ impl ReplicaSync {
     }
 
     fn on_replica_state(&mut self, mailbox: MailboxKey, reply: ClientReply) {
-        let (state, summary) = match reply {
-            ClientReply::ReplicaState { state, summary } => (state, summary),
+        let (state, summary, own_bodies) = match reply {
+            ClientReply::ReplicaState { state, summary, own_bodies } => (state, summary, own_bodies),
             other => return self.fail(&mailbox, format!("the replica could not be read: {other:?}")),
         };
         let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
@@ -409,9 +435,11 @@ impl ReplicaSync {
             return;
         }
         p.pushed_upto = state.highest_modseq;
+        p.own_bodies = own_bodies.into_iter().collect();
         self.report.records_pushed += (state.messages.len() + state.tombstones.len()) as u64;
         for piece in 0..p.start_pieces(state) {
-            self.push_piece(&mailbox, piece, Vec::new());
+            let bodies = self.mailboxes.get_mut(&mailbox).map(|p| p.own_bodies_of(piece)).unwrap_or_default();
+            self.push_piece(&mailbox, piece, bodies);
         }
     }
 
@@ -496,7 +524,7 @@ impl ReplicaSync {
 
     fn on_cluster_state(&mut self, mailbox: MailboxKey, reply: ClientReply) {
         let (state, summary) = match reply {
-            ClientReply::ReplicaState { state, summary } => (state, summary),
+            ClientReply::ReplicaState { state, summary, .. } => (state, summary),
             other => return self.fail(&mailbox, format!("the cluster could not be read: {other:?}")),
         };
         let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };

@@ -1604,7 +1604,7 @@ fn describe_reply(reply: &ClientReply) -> String {
             format!("OK copied UID {uid} = {:08x}", (guid.0 >> 96) as u32)
         }
         ClientReply::ReplicaList { summaries } => format!("{} mailboxes", summaries.len()),
-        ClientReply::ReplicaState { state, summary } => format!(
+        ClientReply::ReplicaState { state, summary, .. } => format!(
             "{} since: {} messages {} tombstones, highest modseq {}{}",
             state.mailbox,
             state.messages.len(),

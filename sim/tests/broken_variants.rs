@@ -18,7 +18,8 @@ use tandem_sim::shrink::{ShrinkBudget, shrink};
 /// through it at once: first seen at seed 27 (2026-12-02, third session).
 /// A user replica's copy treated as a server's needs a laptop (3 seeds in 10) and a
 /// binding the cluster retired and forgot before the laptop's next sync: first seen at
-/// seed 12 (2026-12-03, after the laptop side learned to drop such copies itself).
+/// seed 12 (2026-12-03, after the laptop side learned to drop such copies itself), at
+/// seed 25 once an adopt that leaves both copies alike ends the sync (2026-12-03, later).
 fn seeds_allowed(bug: Bug) -> u64 {
     match bug {
         Bug::StoreRetriesTwice | Bug::ReplicaResurrects => 400,

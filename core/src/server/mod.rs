@@ -15,7 +15,7 @@ mod log_progress;
 mod masters;
 mod members;
 mod outbox;
-mod replica_serving;
+pub(crate) mod replica_serving;
 mod replication;
 mod root;
 mod root_role;

@@ -34,7 +34,27 @@ impl Server {
             None => MailboxState::empty(mailbox.clone(), 0),
         };
         let summary = self.image.summary(mailbox);
-        self.out.reply(id, ClientReply::ReplicaState { state, summary });
+        let own_bodies = if self.cfg.user_replica { self.own_bodies(&state) } else { Vec::new() };
+        self.out.reply(id, ClientReply::ReplicaState { state, summary, own_bodies });
+    }
+
+    /// The intact bodies of the messages of `state` this server wrote itself, within one
+    /// `ReplicaBodies` answer's limits: a user replica's new mail, which the cluster
+    /// cannot have (a copy of the cluster's mail keeps the cluster's GUID).
+    fn own_bodies(&mut self, state: &MailboxState) -> Vec<(Guid, Body)> {
+        let origin = self.cfg.sid.0 & (Guid::ORIGIN_MASK as u32);
+        let mut bodies = Vec::new();
+        let mut bytes = 0usize;
+        for r in state.messages.iter().filter(|r| r.guid.origin() == origin) {
+            if bodies.len() >= REPLICA_BODIES_MAX || bytes.saturating_add(r.size as usize) > REPLICA_BODY_BYTES_MAX {
+                break;
+            }
+            if let Some(body) = self.image.intact_body(r.guid) {
+                bytes = bytes.saturating_add(body.len());
+                bodies.push((r.guid, body));
+            }
+        }
+        bodies
     }
 
     pub(crate) fn on_replica_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
@@ -197,11 +217,12 @@ impl Server {
             self.take_collected_bindings(state, &uid_set(from_cluster));
         }
         let state = self.without_expunged_here(state);
+        let (state, held_back) = self.without_retiring_unpushed_expunges(state, pushed_upto);
         let outcome = self.merge_state(&state, false, true, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
         let untouched = before == pushed_upto;
-        let pushed_upto = match (outcome.unresolved, untouched) {
+        let pushed_upto = match (outcome.unresolved || held_back, untouched) {
             (true, _) => 0,
             (false, true) => after,
             (false, false) => pushed_upto,
@@ -225,6 +246,48 @@ impl Server {
         let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
         state.messages.retain(|r| !dead.contains(&r.guid));
         state
+    }
+
+    /// The cluster's copy without the retirement of UIDs where a client of this replica
+    /// expunged a message since its last push (a tombstone newer than `pushed_upto`), and
+    /// whether any was held back. Taking the retirement would drop that tombstone (the
+    /// UID is retired, its tombstones collected) before the push that takes the expunge
+    /// to the cluster, and the message would come back (explore seed 1991: the laptop's
+    /// message, pushed and renumbered by the cluster, expunged on the laptop meanwhile).
+    /// The retirement comes again with a later pull, once the expunge is pushed.
+    fn without_retiring_unpushed_expunges(&self, mut state: MailboxState, pushed_upto: ModSeq) -> (MailboxState, bool) {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return (state, false) };
+        if m.uidvalidity != state.uidvalidity || state.retired.ranges.is_empty() {
+            return (state, false);
+        }
+        let unpushed: BTreeSet<Uid> = m
+            .tombstones
+            .values()
+            .filter(|t| t.expunged && t.modseq > pushed_upto && state.retired.contains(t.uid))
+            .map(|t| t.uid)
+            .collect();
+        if unpushed.is_empty() {
+            return (state, false);
+        }
+        let mut kept = Retired { ranges: Default::default(), collected: state.retired.collected };
+        for (&first, &last) in &state.retired.ranges {
+            // The next UID of the range not yet kept or held back (None: past the end).
+            let mut start = Some(first);
+            for &uid in unpushed.range(first..=last) {
+                if let Some(from) = start
+                    && uid > from
+                {
+                    kept.insert_range(from, uid - 1);
+                }
+                start = uid.checked_add(1);
+            }
+            if let Some(from) = start.filter(|from| *from <= last) {
+                kept.insert_range(from, last);
+            }
+        }
+        debug_assert!(unpushed.iter().all(|uid| !kept.contains(*uid)), "a held-back UID stays unretired");
+        state.retired = kept;
+        (state, true)
     }
 
     /// The UID ranges where this copy now binds a message as the cluster's `state` does.
