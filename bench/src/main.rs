@@ -184,15 +184,7 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
         let genmail = anchors.join("genmail.py");
         let eml = root.join("laptop-mail");
         for (count, tag) in [(laptop::BASE, "m"), (laptop::SERVER_NEW + laptop::LAPTOP_NEW, "day")] {
-            let status = Command::new("python3")
-                .arg(&genmail)
-                .args(["eml", &eml.join(tag).to_string_lossy(), &count.to_string(), "--tag", tag])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .map_err(|e| format!("{}: {e}", genmail.display()))?;
-            if !status.success() {
-                return Err(format!("genmail.py failed: {status}"));
-            }
+            generate_eml(&genmail, &eml.join(tag), count, tag)?;
         }
         let base = scenarios::read_messages(&eml.join("m"))?;
         let day = scenarios::read_messages(&eml.join("day"))?;
@@ -217,15 +209,7 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
     say(&format!("generating {max_size} messages and 1,000 arrivals (genmail.py, as dsync's script does)"));
     let genmail = anchors.join("genmail.py");
     for (dir, count, tag) in [("mail", max_size.max(2100), "m"), ("arrivals", 1000, "append")] {
-        let status = Command::new("python3")
-            .arg(&genmail)
-            .args(["eml", &root.join(dir).to_string_lossy(), &count.to_string(), "--tag", tag])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| format!("{}: {e}", genmail.display()))?;
-        if !status.success() {
-            return Err(format!("genmail.py failed: {status}"));
-        }
+        generate_eml(&genmail, &root.join(dir), count, tag)?;
     }
     let messages = scenarios::read_messages(&root.join("mail"))?;
     let arrivals = scenarios::read_messages(&root.join("arrivals"))?;
@@ -391,8 +375,23 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
 /// Sections other runs wrote (between their markers) are kept when the other
 /// benchmarks are rerun: `bench/imaptest --write`'s table, the "store" part's, and
 /// `bench/fetch-memory`'s, the NOOP part's and `bench/migrate --write`'s.
+/// `count` messages as .eml files in `dir` by the anchor's generator (as dsync's script
+/// makes them), their Message-IDs tagged `tag`.
+fn generate_eml(genmail: &Path, dir: &Path, count: usize, tag: &str) -> Result<(), String> {
+    let status = Command::new("python3")
+        .arg(genmail)
+        .args(["eml", &dir.to_string_lossy(), &count.to_string(), "--tag", tag])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("{}: {e}", genmail.display()))?;
+    if !status.success() {
+        return Err(format!("genmail.py failed: {status}"));
+    }
+    Ok(())
+}
+
 fn keep_imaptest_section(path: &Path, md: String) -> String {
-    const MARKERS: [(&str, &str); 7] = [
+    const MARKERS: [(&str, &str); 8] = [
         ("<!-- imaptest:begin", "<!-- imaptest:end -->"),
         ("<!-- store:start -->", "<!-- store:end -->"),
         ("<!-- fetch:start -->", "<!-- fetch:end -->"),
@@ -400,6 +399,7 @@ fn keep_imaptest_section(path: &Path, md: String) -> String {
         ("<!-- lmtp-disk:start -->", "<!-- lmtp-disk:end -->"),
         ("<!-- noop:start -->", "<!-- noop:end -->"),
         ("<!-- migrate:start -->", "<!-- migrate:end -->"),
+        ("<!-- laptop:start -->", "<!-- laptop:end -->"),
     ];
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = md;
