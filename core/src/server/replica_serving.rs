@@ -10,7 +10,7 @@ use super::Server;
 use crate::io::{ClientReply, RequestId};
 use crate::msg::{FailKind, WriteResult};
 use crate::types::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Bodies one `ReplicaBodies` answer carries at most, and their bytes at most (the
 /// agent asks again for the rest).
@@ -179,6 +179,9 @@ impl Server {
             .iter()
             .filter(|r| from_cluster.contains(r.uid) && m.retired.contains(r.uid))
             .filter(|r| m.messages.get(&r.uid).is_none_or(|ours| ours.guid != r.guid))
+            // A message live here at another UID was moved, not expunged: the merge takes
+            // the replica's flag changes to where it lives (explore seed 2637).
+            .filter(|r| !m.messages.has_guid(r.guid))
             .map(|r| r.uid)
             .collect()
     }
@@ -213,11 +216,26 @@ impl Server {
             return;
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
+        let mut carried_flags = false;
+        let mut state = std::borrow::Cow::Borrowed(state);
         if !self.has_bug(crate::Bug::ReplicaResurrects) {
-            self.take_collected_bindings(state, &uid_set(from_cluster));
+            let unpushed = self.take_collected_bindings(&state, &uid_set(from_cluster), pushed_upto);
+            if !unpushed.is_empty() {
+                // Flag changes made here since the last push follow the message to the
+                // cluster's binding (explore seed 2637: a \Draft set between the pull
+                // and the adopt was lost with the collected binding).
+                for r in state.to_mut().messages.iter_mut() {
+                    if let Some(flags) = unpushed.get(&r.guid) {
+                        carried_flags |= crate::mailbox::join_flags(&mut r.flags, flags);
+                    }
+                }
+            }
         }
-        let state = self.without_expunged_here(state);
+        let state = self.without_expunged_here(&state);
         let (state, held_back) = self.without_retiring_unpushed_expunges(state, pushed_upto);
+        // What was carried must go up whole next time: the records it rides on carry the
+        // cluster's modseqs, which a delta by this copy's modseqs may pass over.
+        let held_back = held_back || carried_flags;
         let outcome = self.merge_state(&state, false, true, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
@@ -308,24 +326,56 @@ impl Server {
     /// UID was expunged or moved by the cluster, and goes; one of this replica's own
     /// whose GUID the cluster's copy holds at another UID follows it there. Any other is
     /// left for the cluster's master to move (the next push).
-    fn take_collected_bindings(&mut self, state: &MailboxState, from_cluster: &Retired) {
-        let Some(m) = self.image.mailbox(&state.mailbox) else { return };
+    ///
+    /// Returns the flags of the messages that went with changes made here since the last
+    /// push (`pushed_upto`), by GUID, for the cluster's binding of each to take.
+    fn take_collected_bindings(
+        &mut self,
+        state: &MailboxState,
+        from_cluster: &Retired,
+        pushed_upto: ModSeq,
+    ) -> BTreeMap<Guid, BTreeMap<Flag, FlagState>> {
+        let mut unpushed = BTreeMap::new();
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return unpushed };
         if m.uidvalidity != state.uidvalidity || state.retired.ranges.is_empty() {
-            return;
+            return unpushed;
         }
-        let moved: BTreeSet<Guid> = state.messages.iter().map(|r| r.guid).collect();
-        let gone: Vec<Uid> = m
-            .messages
-            .values()
-            .filter(|r| state.retired.contains(r.uid) && (from_cluster.contains(r.uid) || moved.contains(&r.guid)))
-            .map(|r| r.uid)
-            .collect();
+        let cluster_uid: BTreeMap<Guid, Uid> = state.messages.iter().map(|r| (r.guid, r.uid)).collect();
+        // Whether this copy can bind `guid` where the cluster has it (nothing else of ours
+        // on that UID, live or retired).
+        let placeable = |guid: Guid| {
+            cluster_uid.get(&guid).is_some_and(|&uid| {
+                !m.retired.contains(uid)
+                    && m.messages.get(&uid).is_none_or(|ours| ours.guid == guid)
+                    && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
+            })
+        };
+        let mut gone = Vec::new();
+        for r in m.messages.values() {
+            let moved = cluster_uid.contains_key(&r.guid);
+            if !state.retired.contains(r.uid) || !(from_cluster.contains(r.uid) || moved) {
+                continue;
+            }
+            if moved && r.modseq > pushed_upto {
+                if !placeable(r.guid) {
+                    // Changed here since the last push, and the cluster's binding cannot
+                    // be taken yet (a message of ours holds its UID): kept where it is,
+                    // for the next push to take its changes to the cluster's binding
+                    // (explore seed 2637).
+                    unpushed.insert(r.guid, BTreeMap::new());
+                    continue;
+                }
+                unpushed.insert(r.guid, r.flags.clone());
+            }
+            gone.push(r.uid);
+        }
         if !gone.is_empty() {
             self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
         }
         for uid in gone {
             self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
         }
+        unpushed
     }
 }
 
