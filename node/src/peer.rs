@@ -29,6 +29,15 @@ pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
+/// The stream with raw DEFLATE both ways (IMAP's COMPRESS=DEFLATE, RFC 4978, and the
+/// replica link's `X-REPLICATE DEFLATE`).
+pub fn deflated(stream: PeerStream) -> PeerStream {
+    let (reader, writer) = tokio::io::split(stream);
+    let reader = async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
+    let writer = async_compression::tokio::write::DeflateEncoder::new(writer);
+    Box::new(tokio::io::join(reader, writer))
+}
+
 pub const HANDSHAKE_LINE_MAX: usize = 512;
 /// A link with nothing to send sends an empty line this often, so that its peer can tell
 /// a quiet link from a dead one (a halted process, a silent middlebox, a cut cable).

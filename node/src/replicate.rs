@@ -171,18 +171,7 @@ async fn answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, tag: &str) -> R
 }
 
 fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = ca_file.map(Path::to_path_buf).unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-    for cert in crate::tls::certs(&ca)? {
-        roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(crate::tls::client_trusting(ca_file)?)))
 }
 
 /// Logs in to the cluster as the user over TLS and switches to the replica link.
@@ -219,10 +208,7 @@ pub async fn open_cluster(login: &ClusterLogin) -> Result<Box<dyn PeerIo>, Strin
         answer(&mut stream, "a").await.map_err(|e| format!("{addr}: login as {}: {e}", login.user))?;
         answer(&mut stream, "r").await.map_err(|e| format!("{addr}: X-REPLICATE: {e}"))?;
         if login.compress {
-            let (reader, writer) = tokio::io::split(stream);
-            let reader = async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
-            let writer = async_compression::tokio::write::DeflateEncoder::new(writer);
-            stream = Box::new(tokio::io::join(reader, writer));
+            stream = crate::peer::deflated(stream);
         }
         Ok::<_, String>(stream)
     };

@@ -43,6 +43,22 @@ pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// A client's TLS configuration trusting the CA certificates in `ca_file` (default: the
+/// system's bundle): how `tandem import` and `tandem replicate` reach an IMAP server.
+pub fn client_trusting(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = ca_file.map(Path::to_path_buf).unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+    for cert in certs(&ca)? {
+        roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// TLS for mail clients (STARTTLS and implicit TLS on IMAP).
 #[derive(Clone)]
 pub struct MailTls(pub TlsAcceptor);

@@ -503,11 +503,7 @@ impl Session {
                 // the link is in the fragmentizer.
                 let mut stream = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
                 if deflate && !self.compressed {
-                    let (reader, writer) = tokio::io::split(stream);
-                    let reader =
-                        async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
-                    let writer = async_compression::tokio::write::DeflateEncoder::new(writer);
-                    stream = Box::new(tokio::io::join(reader, writer));
+                    stream = crate::peer::deflated(stream);
                 }
                 let gate = crate::replica_link::Gate::User(user.as_str().into());
                 return crate::replica_link::serve(stream, gate, self.node.clone()).await;
@@ -673,11 +669,7 @@ impl Session {
                     // after the command was sent before it knew, and is dropped.
                     *fragmentizer = Fragmentizer::new(self.message_len_max());
                     let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
-                    let (reader, writer) = tokio::io::split(plain);
-                    let reader =
-                        async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
-                    let writer = async_compression::tokio::write::DeflateEncoder::new(writer);
-                    self.stream = Box::new(tokio::io::join(reader, writer));
+                    self.stream = crate::peer::deflated(plain);
                     self.compressed = true;
                     return Ok(Flow::Continue);
                 }

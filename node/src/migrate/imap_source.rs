@@ -204,19 +204,7 @@ impl ImapSource {
         let tcp = TcpStream::connect(&addr).map_err(|e| format!("{addr}: {e}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
         let stream: Box<dyn Stream> = if url.tls {
-            let mut roots = rustls::RootCertStore::empty();
-            let ca = ca_file
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-            for cert in crate::tls::certs(&ca)? {
-                roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let config = crate::tls::client_trusting(ca_file)?;
             let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| e.to_string())?;
             let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(|e| e.to_string())?;
             Box::new(rustls::StreamOwned::new(conn, tcp))
