@@ -39,10 +39,14 @@ pub enum Bug {
     /// dropping it, the replica's expunge stays at the binding it saw, and the replica
     /// leaves the bindings the cluster retired and forgot for the master to move.
     ReplicaResurrects,
+    /// A cluster server pulled by a partial replica sends what is outside its date
+    /// window as expunged ("the replica drops what left its window"); the replica's next
+    /// push takes those expunges back, and the cluster loses mail the replica never held.
+    PartialExpungesUnheld,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 12] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -54,6 +58,7 @@ impl Bug {
         Bug::SkipStartupHold,
         Bug::CancelClaimedSaves,
         Bug::ReplicaResurrects,
+        Bug::PartialExpungesUnheld,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +74,7 @@ impl Bug {
             Bug::SkipStartupHold => "skip-startup-hold",
             Bug::CancelClaimedSaves => "cancel-claimed-saves",
             Bug::ReplicaResurrects => "replica-resurrects",
+            Bug::PartialExpungesUnheld => "partial-expunges-unheld",
         }
     }
 

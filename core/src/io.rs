@@ -62,6 +62,10 @@ pub struct Config {
     /// mailbox with `ClientRequest::ReplicaAdopt`, which a cluster server refuses.
     #[serde(default)]
     pub user_replica: bool,
+    /// A user replica that holds only part of its user's mail (see [`crate::partial`]);
+    /// None (or a cluster server): all of it.
+    #[serde(default)]
+    pub partial: Option<crate::partial::Partial>,
     /// A deliberately broken variant, for tests of the oracle only.
     #[cfg(feature = "broken")]
     #[serde(default)]
@@ -128,6 +132,7 @@ impl Config {
             fresh_read_us: Config::FRESH_READ_US_DEFAULT,
             retry_window_s: Config::RETRY_WINDOW_S_DEFAULT,
             user_replica: false,
+            partial: None,
             #[cfg(feature = "broken")]
             bug: None,
         }
@@ -235,11 +240,18 @@ pub enum ClientRequest {
     /// every mailbox of `user` here, deleted ones included.
     ReplicaList {
         user: std::sync::Arc<str>,
+        /// A partial replica's spec, from its own `ReplicaList` answer: a cluster server
+        /// lists only the mailboxes it holds, with summaries of the part it holds (see
+        /// [`crate::mailbox::summary_within`]). A user replica goes by its own config.
+        partial: Option<crate::partial::Partial>,
     },
-    /// The durable state of a mailbox changed after `since` (all of it when None).
+    /// The durable state of a mailbox changed after `since` (all of it when None); from a
+    /// cluster server to a partial replica, only the part it holds
+    /// ([`crate::partial::Partial::window_state`]).
     ReplicaPull {
         mailbox: MailboxKey,
         since: Option<ModSeq>,
+        partial: Option<crate::partial::Partial>,
     },
     /// The bodies of these messages of `mailbox` that this server holds, intact. Only
     /// a message live in the mailbox is answered: the agent of one user's replica never
@@ -267,6 +279,21 @@ pub enum ClientRequest {
         bodies: Vec<(Guid, Body)>,
         pushed_upto: ModSeq,
         from_cluster: Vec<(Uid, Uid)>,
+    },
+    /// Bodies a client of this partial replica asked for (`ReplicaList`'s `wanted`),
+    /// brought from the cluster by the agent: each is kept if a live record of `mailbox`
+    /// names it and the bytes match the record's checksum. Answered with
+    /// `ClientReply::BodiesKept` once durable.
+    ReplicaKeepBodies {
+        mailbox: MailboxKey,
+        bodies: Vec<(Guid, Body)>,
+    },
+    /// The body of one message, for a client (IMAP FETCH BODY[]): answered with
+    /// `ClientReply::Body`. On a partial replica a body it omitted is queued for the
+    /// agent to bring (`ReplicaList`'s `wanted`) and the client is told to try again.
+    FetchBody {
+        mailbox: MailboxKey,
+        uid: Uid,
     },
 }
 
@@ -342,9 +369,13 @@ pub enum ClientReply {
     Members {
         members: crate::membership::Membership,
     },
-    /// `ReplicaList`'s summaries, in mailbox order.
+    /// `ReplicaList`'s summaries, in mailbox order. From a user replica also its partial
+    /// spec (None: it holds everything) and the omitted bodies its clients asked for, by
+    /// mailbox, for the agent to bring.
     ReplicaList {
         summaries: Vec<Summary>,
+        partial: Option<crate::partial::Partial>,
+        wanted: Vec<(MailboxKey, Guid)>,
     },
     /// `ReplicaPull`'s state, with the summary of the whole mailbox it is part of (None:
     /// no such mailbox here).
@@ -360,6 +391,15 @@ pub enum ClientReply {
     /// `ReplicaBodies`: the bodies found; the others are not here.
     ReplicaBodies {
         bodies: Vec<(Guid, Body)>,
+    },
+    /// `ReplicaKeepBodies` done: how many of the bodies were kept.
+    BodiesKept {
+        kept: u32,
+    },
+    /// `FetchBody`: the message's body, intact.
+    Body {
+        guid: Guid,
+        body: Body,
     },
     /// `ReplicaAdopt` done, or (when `missing` is not empty) not done for want of these
     /// bodies. `pushed_upto`: the modseq up to which every change of this replica's own

@@ -15,6 +15,7 @@ pub mod mailbox;
 pub mod marks;
 pub mod membership;
 pub mod msg;
+pub mod partial;
 pub mod record;
 pub mod server;
 pub mod store;

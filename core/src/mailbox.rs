@@ -210,6 +210,32 @@ pub fn summary_with_digest(key: &MailboxKey, m: &StoredMailbox, digest: u64) -> 
     }
 }
 
+/// The summary of a partial replica's part of the mailbox: only the live messages
+/// inside `partial`'s date window count (see [`crate::partial`]); tombstones,
+/// retirements and the lifecycle count whole, as both sides hold them whole. Both sides
+/// of a user replica's sync compute it alike, so equal summaries mean the replica holds
+/// the window as the cluster does. O(messages), unlike the cached whole summary.
+pub fn summary_within(key: &MailboxKey, m: &StoredMailbox, partial: &crate::partial::Partial) -> Summary {
+    if partial.since_s == 0 {
+        return summary(key, m);
+    }
+    let mut count = 0u32;
+    let mut live = 0u64;
+    for r in m.messages.values().filter(|r| partial.in_window(r)) {
+        count = count.saturating_add(1);
+        live ^= record_hash(r);
+    }
+    let dead = m.tombstones.values().fold(0u64, |acc, t| acc ^ tombstone_hash(t));
+    Summary {
+        mailbox: key.clone(),
+        uidvalidity: m.uidvalidity,
+        uidnext: m.uidnext,
+        count,
+        highest_modseq: m.highest_modseq,
+        digest: combine_digest(live, dead, &m.lifecycle, retired_hash(&m.retired)),
+    }
+}
+
 pub fn state(key: &MailboxKey, m: &StoredMailbox) -> MailboxState {
     state_since(key, m, None)
 }

@@ -10,7 +10,10 @@
 //! it reads deltas from modseqs it keeps itself ([`SyncMarks`]), so the cluster keeps
 //! no log for it. Per mailbox, a round is:
 //!
-//! 1. compare both sides' summaries (`ReplicaList`): equal digests need nothing;
+//! 1. compare both sides' summaries (`ReplicaList`), the replica's first: it says what
+//!    part of the user's mail it holds (a partial replica, see [`crate::partial`]) and
+//!    which omitted bodies its clients asked for, and the cluster then lists that part.
+//!    Equal digests need nothing;
 //! 2. pull the replica's changes since the last push (`ReplicaPull`) and push them to
 //!    the cluster (`ReplicaPush`), where the mailbox's master merges them exactly as it
 //!    merges a peer's SYNC: the same conflict rules, the same renumbering;
@@ -25,6 +28,7 @@
 //! that reached the cluster's copy out of modseq order), up to `rounds_max`.
 use crate::io::{ClientReply, ClientRequest, RequestId};
 use crate::msg::WriteResult;
+use crate::partial::Partial;
 use crate::types::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -82,6 +86,9 @@ pub struct SyncReport {
     pub converged: bool,
     /// Mailboxes a round could not finish, and why (each is tried again next round).
     pub failures: Vec<String>,
+    /// Omitted bodies a partial replica's clients asked for, brought this sync.
+    #[serde(default)]
+    pub bodies_on_demand: u64,
 }
 
 /// Rounds a sync makes at most by default: one, and one more for what a delta missed
@@ -95,11 +102,27 @@ const BODY_ROUNDS_MAX: u32 = 64;
 enum Awaited {
     List,
     PullReplica(MailboxKey),
-    Push { mailbox: MailboxKey, piece: usize },
-    BodiesForPush { mailbox: MailboxKey, piece: usize },
+    Push {
+        mailbox: MailboxKey,
+        piece: usize,
+    },
+    BodiesForPush {
+        mailbox: MailboxKey,
+        piece: usize,
+    },
     PullCluster(MailboxKey),
-    Adopt { mailbox: MailboxKey, piece: usize },
-    BodiesForAdopt { mailbox: MailboxKey, piece: usize },
+    Adopt {
+        mailbox: MailboxKey,
+        piece: usize,
+    },
+    BodiesForAdopt {
+        mailbox: MailboxKey,
+        piece: usize,
+    },
+    /// The cluster's copies of omitted bodies the replica's clients asked for.
+    WantedBodies(MailboxKey),
+    /// The replica keeping them.
+    KeepWanted(MailboxKey),
 }
 
 /// One mailbox's round.
@@ -129,6 +152,9 @@ struct Progress {
     /// The replica's summary after an adopt that was the whole pull in one piece.
     replica_summary: Option<Summary>,
     failed: bool,
+    /// The replica holds a date window: equal summaries (of the window) do not show a
+    /// change it made outside it since the push (see `on_list`).
+    windowed: bool,
 }
 
 impl Progress {
@@ -137,7 +163,11 @@ impl Progress {
         let (r, c) = (self.replica_summary.as_ref()?, self.cluster_summary.as_ref()?);
         let alike =
             !self.failed && self.took_all && (r.uidvalidity, r.count, r.digest) == (c.uidvalidity, c.count, c.digest);
-        alike.then_some((r, c))
+        // Outside a window a change since the push is not in the summaries: only a copy
+        // with nothing unpushed is in step (explore seed 475: a message saved outside the
+        // window between the pull and the adopt was never pushed).
+        let pushed_all = !self.windowed || self.new_pushed.is_some_and(|p| r.highest_modseq <= p);
+        (alike && pushed_all).then_some((r, c))
     }
 }
 
@@ -197,6 +227,10 @@ pub struct ReplicaSync {
     outbox: VecDeque<(Side, RequestId, ClientRequest)>,
     waiting: BTreeMap<(Side, RequestId), Awaited>,
     lists: BTreeMap<Side, Vec<Summary>>,
+    /// What the replica holds, as its listing said (None: everything).
+    partial: Option<Partial>,
+    /// Omitted bodies the replica's clients asked for, as its listing said.
+    wanted: Vec<(MailboxKey, Guid)>,
     /// Mailboxes the last round synced (a second look finds them unequal: whole next).
     synced_last_round: BTreeSet<MailboxKey>,
     /// Mailboxes whose adopt in the last round left a conflict for the cluster: a delta
@@ -218,6 +252,8 @@ impl ReplicaSync {
             outbox: VecDeque::new(),
             waiting: BTreeMap::new(),
             lists: BTreeMap::new(),
+            partial: None,
+            wanted: Vec::new(),
             synced_last_round: BTreeSet::new(),
             unresolved_last_round: BTreeSet::new(),
             mailboxes: BTreeMap::new(),
@@ -277,6 +313,8 @@ impl ReplicaSync {
             Awaited::PullCluster(mailbox) => self.on_cluster_state(mailbox, reply),
             Awaited::Adopt { mailbox, piece } => self.on_adopted(mailbox, piece, reply),
             Awaited::BodiesForAdopt { mailbox, piece } => self.on_bodies(mailbox, piece, reply, false),
+            Awaited::WantedBodies(mailbox) => self.on_wanted_bodies(mailbox, reply),
+            Awaited::KeepWanted(mailbox) => self.on_kept(mailbox, reply),
         }
         self.end_round_if_done();
     }
@@ -294,9 +332,10 @@ impl ReplicaSync {
         self.phase = Phase::Listing;
         self.lists.clear();
         self.mailboxes.clear();
+        // The replica first (it is local): its answer says what part of the user's mail
+        // it holds, which the cluster's listing is then of.
         let user = self.user.clone();
-        self.request(Side::Replica, ClientRequest::ReplicaList { user: user.clone() }, Awaited::List);
-        self.request(Side::Cluster, ClientRequest::ReplicaList { user }, Awaited::List);
+        self.request(Side::Replica, ClientRequest::ReplicaList { user, partial: None }, Awaited::List);
     }
 
     fn fail(&mut self, mailbox: &MailboxKey, why: String) {
@@ -308,17 +347,26 @@ impl ReplicaSync {
     }
 
     fn on_list(&mut self, side: Side, reply: ClientReply) {
-        let summaries = match reply {
-            ClientReply::ReplicaList { summaries } => summaries,
+        let (summaries, partial, wanted) = match reply {
+            ClientReply::ReplicaList { summaries, partial, wanted } => (summaries, partial, wanted),
             other => {
                 self.report.failures.push(format!("the {side:?} side could not list the mailboxes: {other:?}"));
                 self.phase = Phase::Done;
                 return;
             }
         };
-        // Only the user's own mailboxes, whatever a side answered.
+        if side == Side::Replica {
+            self.partial = partial.filter(|p| !p.is_whole());
+            self.wanted = wanted;
+            let (user, partial) = (self.user.clone(), self.partial.clone());
+            self.request(Side::Cluster, ClientRequest::ReplicaList { user, partial }, Awaited::List);
+        }
+        // Only the user's own mailboxes, of those the replica holds, whatever a side
+        // answered (a mailbox of the replica's outside its patterns stays its own).
         let user = self.user.clone();
-        self.lists.insert(side, summaries.into_iter().filter(|s| s.mailbox.user == user).collect());
+        let held = |s: &Summary| self.partial.as_ref().is_none_or(|p| p.holds_mailbox(&s.mailbox.name));
+        let summaries: Vec<Summary> = summaries.into_iter().filter(|s| s.mailbox.user == user && held(s)).collect();
+        self.lists.insert(side, summaries);
         if self.lists.len() < 2 {
             return;
         }
@@ -329,10 +377,18 @@ impl ReplicaSync {
         let cluster = by_key(self.lists.get(&Side::Cluster));
         let keys: BTreeSet<MailboxKey> = replica.keys().chain(cluster.keys()).cloned().collect();
         let mut work = Vec::new();
+        // A date window's summaries count only the messages inside it: a change the
+        // replica made to one outside (a flag, an old-dated APPEND) must still go up, so
+        // its copy is in step only when nothing changed there since the last push.
+        let windowed = self.partial.as_ref().is_some_and(|p| p.since_s > 0);
         for key in keys {
             let (r, c) = (replica.get(&key), cluster.get(&key));
+            let pushed_all = |r: &Summary| {
+                !windowed || self.marks.mailboxes.get(&*key.name).is_some_and(|m| r.highest_modseq <= m.pushed)
+            };
             if let (Some(r), Some(c)) = (r, c)
                 && (r.uidvalidity, r.count, r.digest) == (c.uidvalidity, c.count, c.digest)
+                && pushed_all(r)
             {
                 // In step: everything each holds now the other has, so every UID the
                 // replica has bound so far is at a binding the cluster holds.
@@ -361,7 +417,8 @@ impl ReplicaSync {
             }
             work.push((key, r.cloned(), c.cloned()));
         }
-        if work.is_empty() {
+        let wanted_work = self.fetch_wanted(&cluster);
+        if work.is_empty() && !wanted_work {
             self.report.converged = true;
             self.phase = Phase::Done;
             return;
@@ -393,14 +450,14 @@ impl ReplicaSync {
                 .filter(|m| Some(m.replica_uidvalidity) == replica_summary.as_ref().map(|r| r.uidvalidity))
                 .map(|m| m.from_cluster.clone())
                 .unwrap_or_default();
-            self.mailboxes.insert(key.clone(), Progress { whole, from_cluster, ..Progress::default() });
+            self.mailboxes.insert(key.clone(), Progress { whole, from_cluster, windowed, ..Progress::default() });
             let marks = marks.as_ref();
             match replica_summary {
                 Some(r) => {
                     let since = marks.filter(|m| !whole && m.replica_uidvalidity == r.uidvalidity).map(|m| m.pushed);
                     self.request(
                         Side::Replica,
-                        ClientRequest::ReplicaPull { mailbox: key.clone(), since },
+                        ClientRequest::ReplicaPull { mailbox: key.clone(), since, partial: None },
                         Awaited::PullReplica(key),
                     );
                 }
@@ -416,11 +473,62 @@ impl ReplicaSync {
         let since = marks
             .filter(|m| !whole && cluster_summary.is_none_or(|c| c.uidvalidity == m.cluster_uidvalidity))
             .map(|m| m.pulled);
+        let partial = self.partial.clone();
         self.request(
             Side::Cluster,
-            ClientRequest::ReplicaPull { mailbox: key.clone(), since },
+            ClientRequest::ReplicaPull { mailbox: key.clone(), since, partial },
             Awaited::PullCluster(key.clone()),
         );
+    }
+
+    /// Asks the cluster for the omitted bodies the replica's clients want, a request per
+    /// mailbox the cluster has. Whether any was asked for.
+    fn fetch_wanted(&mut self, cluster: &BTreeMap<MailboxKey, Summary>) -> bool {
+        let mut by_mailbox: BTreeMap<MailboxKey, Vec<Guid>> = BTreeMap::new();
+        for (mailbox, guid) in std::mem::take(&mut self.wanted) {
+            if cluster.contains_key(&mailbox) {
+                by_mailbox.entry(mailbox).or_default().push(guid);
+            }
+        }
+        let asked = !by_mailbox.is_empty();
+        for (mailbox, mut guids) in by_mailbox {
+            guids.truncate(crate::server::replica_serving::REPLICA_BODIES_MAX);
+            self.request(
+                Side::Cluster,
+                ClientRequest::ReplicaBodies { mailbox: mailbox.clone(), guids },
+                Awaited::WantedBodies(mailbox),
+            );
+        }
+        asked
+    }
+
+    fn on_wanted_bodies(&mut self, mailbox: MailboxKey, reply: ClientReply) {
+        let bodies = match reply {
+            ClientReply::ReplicaBodies { bodies } => bodies,
+            other => {
+                self.report.failures.push(format!("{mailbox}: the cluster could not read wanted bodies: {other:?}"));
+                return;
+            }
+        };
+        if bodies.is_empty() {
+            // Expunged on the cluster since: the next sync takes the message away.
+            return;
+        }
+        self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.request(
+            Side::Replica,
+            ClientRequest::ReplicaKeepBodies { mailbox: mailbox.clone(), bodies },
+            Awaited::KeepWanted(mailbox),
+        );
+    }
+
+    fn on_kept(&mut self, mailbox: MailboxKey, reply: ClientReply) {
+        match reply {
+            ClientReply::BodiesKept { kept } => self.report.bodies_on_demand += u64::from(kept),
+            other => {
+                self.report.failures.push(format!("{mailbox}: the replica did not keep the wanted bodies: {other:?}"))
+            }
+        }
     }
 
     fn on_replica_state(&mut self, mailbox: MailboxKey, reply: ClientReply) {

@@ -31,6 +31,11 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::with_partial(None)
+    }
+
+    /// The cluster, and a laptop holding the part `partial` names.
+    fn with_partial(partial: Option<tandem_core::partial::Partial>) -> World {
         let mut servers = BTreeMap::new();
         let mut bodies = BTreeMap::new();
         for sid in [S1, S2] {
@@ -44,6 +49,7 @@ impl World {
         let mut cfg = Config::new(LAPTOP, vec![LAPTOP]);
         cfg.replicas = 0;
         cfg.user_replica = true;
+        cfg.partial = partial;
         servers.insert(LAPTOP, Server::new(cfg, 99, Box::new(store.clone())));
         bodies.insert(LAPTOP, store);
         let mut w = World { servers, bodies, now: Instant(0), next_id: 1, replies: BTreeMap::new() };
@@ -115,11 +121,23 @@ impl World {
     }
 
     fn save(&mut self, sid: Sid, name: &str, text: &str, flags: &[&str]) -> Uid {
+        self.save_sized(sid, name, text, flags, (1_700_000_000, 0))
+    }
+
+    /// A save received at `received`, its body padded with `padding` bytes.
+    fn save_sized(
+        &mut self,
+        sid: Sid,
+        name: &str,
+        text: &str,
+        flags: &[&str],
+        (received, padding): (u64, usize),
+    ) -> Uid {
         let request = ClientRequest::Save {
             mailbox: key(name),
-            received: 1_700_000_000,
+            received,
             flags: flags.iter().map(|f| flag(f)).collect(),
-            body: Body::from(format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes()),
+            body: Body::from(format!("Subject: {text}\r\n\r\n{text}\r\n{}", "x".repeat(padding)).into_bytes()),
             delivery: false,
         };
         match self.request(sid, request) {
@@ -309,7 +327,7 @@ fn a_cluster_server_refuses_to_adopt_answers_only_the_mailboxs_bodies_and_merges
     assert!(matches!(w.request(S1, ask(key("INBOX"))), ClientReply::ReplicaBodies { bodies } if bodies.is_empty()));
     assert!(matches!(w.request(S1, ask(bob)), ClientReply::ReplicaBodies { bodies } if bodies.len() == 1));
     // A push that names a message whose body neither side has changes nothing.
-    let pulled = match w.request(S1, ClientRequest::ReplicaPull { mailbox: key("INBOX"), since: None }) {
+    let pulled = match w.request(S1, ClientRequest::ReplicaPull { mailbox: key("INBOX"), since: None, partial: None }) {
         ClientReply::ReplicaState { state, .. } => state,
         other => panic!("{other:?}"),
     };
@@ -332,4 +350,89 @@ fn a_cluster_server_refuses_to_adopt_answers_only_the_mailboxs_bodies_and_merges
         ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(43)]),
         other => panic!("{other:?}"),
     }
+}
+
+/// The seed thread's "replicate only certain folders over certain date ranges (or only
+/// parts of certain messages, eg excluding large attachments)", and Timo's FETCH-SMALL
+/// that remembers what it dropped "so that they could later be downloaded again".
+#[test]
+fn a_partial_laptop_holds_its_folders_its_window_and_small_bodies_and_fetches_the_rest_on_demand() {
+    let partial = tandem_core::partial::Partial {
+        mailboxes: vec!["INBOX".into(), "Notes".into()],
+        since_s: 1_500,
+        body_bytes_max: Some(1000),
+        keep_fetched: true,
+    };
+    let mut w = World::with_partial(Some(partial));
+    w.save_sized(S1, "INBOX", "old", &[], (1_000, 0));
+    w.save_sized(S1, "INBOX", "small", &[], (2_000, 0));
+    let big = w.save_sized(S1, "INBOX", "big", &[], (2_000, 5000));
+    w.save_sized(S2, "Archive", "archived", &[], (2_000, 0));
+
+    let (first, marks) = w.sync(S2, SyncMarks::default());
+    assert!(first.converged, "{first:?}");
+    assert_eq!(first.bodies_pulled, 1, "only the small body in the window comes down: {first:?}");
+    assert_eq!(w.mailbox_names(LAPTOP), ["INBOX".to_string()].into(), "Archive is not held");
+    let inbox = w.contents(LAPTOP, "INBOX");
+    assert_eq!(inbox.iter().map(|m| m.0).collect::<Vec<_>>(), vec![2, 3], "the window, at the cluster's UIDs");
+    assert_eq!(inbox[1].1, "", "the big body is omitted: {inbox:?}");
+    let (idle, marks) = w.sync(S2, marks);
+    assert!(idle.converged && idle.mailboxes_synced == 0, "what is not held is not a difference: {idle:?}");
+
+    // A client reads the big one: told to come back; the next sync brings it.
+    let fetch = ClientRequest::FetchBody { mailbox: key("INBOX"), uid: big };
+    assert!(matches!(w.request(LAPTOP, fetch.clone()), ClientReply::Failed { kind: FailKind::Temporary, .. }));
+    let (brought, marks) = w.sync(S2, marks);
+    assert!(brought.converged && brought.bodies_on_demand == 1, "{brought:?}");
+    match w.request(LAPTOP, fetch) {
+        ClientReply::Body { body, .. } => assert!(body.starts_with(b"Subject: big"), "the cluster's bytes"),
+        other => panic!("the body is here now: {other:?}"),
+    }
+
+    // Offline on the laptop: "small" expunged, a note written, a folder of its own
+    // (outside its patterns) made. The cluster flags the old message the laptop never held.
+    w.write(LAPTOP, ClientRequest::Expunge { mailbox: key("INBOX"), uids: vec![2] });
+    w.save(LAPTOP, "Notes", "note", &[]);
+    w.save(LAPTOP, "Private", "diary", &[]);
+    let flag_old = ClientRequest::Store {
+        mailbox: key("INBOX"),
+        uids: vec![1],
+        add: vec![flag("\\Flagged")],
+        remove: Vec::new(),
+        unchanged_since: None,
+    };
+    w.write(S1, flag_old);
+    let (back, marks) = w.sync(S2, marks);
+    assert!(back.converged, "{back:?}");
+    let cluster = subjects(&w.contents(S1, "INBOX"));
+    assert_eq!(cluster, ["old", "big"].map(String::from).into(), "the expunge went up, nothing else went");
+    assert_eq!(subjects(&w.contents(S1, "Notes")), ["note".to_string()].into());
+    assert!(!w.mailbox_names(S1).contains("Private"), "a folder outside the patterns stays the laptop's");
+    assert_eq!(subjects(&w.contents(S1, "Archive")), ["archived".to_string()].into());
+    assert_eq!(subjects(&w.contents(LAPTOP, "INBOX")), ["big".to_string()].into(), "still not the old one");
+    let (again, _) = w.sync(S2, marks);
+    assert!(again.converged && again.mailboxes_synced == 0, "{again:?}");
+}
+
+#[test]
+fn a_body_fetched_for_one_read_is_dropped_again_when_not_kept() {
+    let partial =
+        tandem_core::partial::Partial { body_bytes_max: Some(100), keep_fetched: false, ..Default::default() };
+    let mut w = World::with_partial(Some(partial));
+    let big = w.save_sized(S1, "INBOX", "big", &[], (2_000, 500));
+    let (_, marks) = w.sync(S2, SyncMarks::default());
+    let fetch = ClientRequest::FetchBody { mailbox: key("INBOX"), uid: big };
+    assert!(matches!(w.request(LAPTOP, fetch.clone()), ClientReply::Failed { kind: FailKind::Temporary, .. }));
+    let (brought, marks) = w.sync(S2, marks);
+    assert_eq!(brought.bodies_on_demand, 1, "{brought:?}");
+    assert!(matches!(w.request(LAPTOP, fetch.clone()), ClientReply::Body { .. }));
+    assert!(matches!(w.request(LAPTOP, fetch), ClientReply::Failed { kind: FailKind::Temporary, .. }), "dropped");
+    // The scrub does not take the omitted body for a lost one: nothing to repair, and
+    // the copies still agree.
+    for _ in 0..50 {
+        w.tick();
+    }
+    let (again, _) = w.sync(S2, marks);
+    assert!(again.converged && again.mailboxes_synced == 0, "{again:?}");
+    assert_eq!(w.servers[&LAPTOP].wanted_bodies(), 0, "neither the adopt nor the scrub wants an omitted body");
 }

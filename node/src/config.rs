@@ -27,6 +27,11 @@ struct FileConfig {
     /// `Config::user_replica`. It has no peers; `tandem replicate` syncs it.
     #[serde(default)]
     user_replica: Option<bool>,
+    /// A user replica that holds part of its user's mail (`[partial]`: `mailboxes`
+    /// patterns, `since` as seconds since the Unix epoch, `body_bytes_max`,
+    /// `keep_fetched`): see the core's `partial` module. Only with `user_replica`.
+    #[serde(default)]
+    partial: Option<tandem_core::partial::Partial>,
     #[serde(default)]
     log_capacity: Option<usize>,
     #[serde(default)]
@@ -427,6 +432,16 @@ impl NodeConfig {
             }
             core.user_replica = true;
         }
+        if let Some(partial) = file.partial {
+            if !core.user_replica {
+                return Err(bad(
+                    "partial",
+                    "only a user replica holds part of a user's mail (set user_replica = true)",
+                ));
+            }
+            partial.check().map_err(|why| bad("partial", why))?;
+            core.partial = Some(partial);
+        }
         if let Some(r) = file.replicas {
             if usize::from(r) > file.peer.len() {
                 return Err(bad(
@@ -647,6 +662,26 @@ mod tests {
         assert!(e.is_err(), "a missing secret file or plain links off loopback are refused");
         let e = parse("id = 1\nlisten = \"127.0.0.1:1\"\n[limits]\nconnections_max = 0\n").unwrap_err();
         assert!(e.0.contains("`limits.connections_max`"), "{e}");
+    }
+
+    #[test]
+    fn a_partial_spec_belongs_to_a_user_replica_and_is_bounded() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7101\"\n";
+        let c = parse(&format!(
+            "{base}user_replica = true\npartial = {{ mailboxes = [\"INBOX\", \"Work/%\"], since_s = 1700000000, body_bytes_max = 100000 }}\n"
+        ))
+        .unwrap();
+        let p = c.core.partial.expect("the spec is taken");
+        assert_eq!(
+            (p.mailboxes.len(), p.since_s, p.body_bytes_max, p.keep_fetched),
+            (2, 1_700_000_000, Some(100_000), true)
+        );
+        let e = parse(&format!("{base}partial = {{ body_bytes_max = 1 }}\n")).unwrap_err();
+        assert!(e.0.contains("`partial`") && e.0.contains("user_replica"), "{e}");
+        let e = parse(&format!("{base}user_replica = true\npartial = {{ mailboxes = [\"\"] }}\n")).unwrap_err();
+        assert!(e.0.contains("`partial`"), "{e}");
+        let typo = parse(&format!("{base}user_replica = true\npartial = {{ since = 5 }}\n"));
+        assert!(typo.is_err(), "an unknown key is refused, not ignored");
     }
 
     #[test]

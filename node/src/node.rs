@@ -998,7 +998,9 @@ impl EventLoop {
             ClientReply::ReplicaList { .. }
             | ClientReply::ReplicaState { .. }
             | ClientReply::ReplicaBodies { .. }
-            | ClientReply::ReplicaAdopted { .. } => {
+            | ClientReply::ReplicaAdopted { .. }
+            | ClientReply::BodiesKept { .. }
+            | ClientReply::Body { .. } => {
                 AdminReply::Error { temporary: false, reason: "a user replica's answer is not an admin answer".into() }
             }
         }

@@ -64,11 +64,15 @@ impl Gate {
             Gate::Owner => None,
         };
         match request {
-            ClientRequest::ReplicaList { user } => owner_of(user),
+            ClientRequest::ReplicaList { user, .. } => owner_of(user),
             ClientRequest::ReplicaPull { mailbox, .. } | ClientRequest::ReplicaBodies { mailbox, .. } => {
                 owner_of(&mailbox.user)
             }
             ClientRequest::ReplicaPush { state, .. } => owner_of(&state.mailbox.user),
+            ClientRequest::ReplicaKeepBodies { mailbox, .. } => match self {
+                Gate::Owner => None,
+                Gate::User(_) => Some(format!("{mailbox}: the cluster's bodies are not given to it by a replica")),
+            },
             ClientRequest::ReplicaAdopt { state, .. } => match self {
                 Gate::Owner => None,
                 Gate::User(_) => Some(format!(
@@ -258,7 +262,7 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_oversize_lengths_are_refused() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let frame = RequestFrame { id: 7, request: ClientRequest::ReplicaList { user: "alice".into() } };
+        let frame = RequestFrame { id: 7, request: ClientRequest::ReplicaList { user: "alice".into(), partial: None } };
         write_frame(&mut a, &frame).await.unwrap();
         let got: Option<RequestFrame> = read_frame(&mut b, Duration::from_secs(1)).await.unwrap();
         assert_eq!(got, Some(frame));
@@ -275,10 +279,15 @@ mod tests {
         let alice = Gate::User("alice".into());
         let own = MailboxKey::new("alice", "INBOX");
         let other = MailboxKey::new("bob", "INBOX");
-        assert_eq!(alice.refusal(&ClientRequest::ReplicaList { user: "alice".into() }), None);
-        assert!(alice.refusal(&ClientRequest::ReplicaList { user: "bob".into() }).is_some());
-        assert_eq!(alice.refusal(&ClientRequest::ReplicaPull { mailbox: own.clone(), since: None }), None);
-        assert!(alice.refusal(&ClientRequest::ReplicaPull { mailbox: other.clone(), since: None }).is_some());
+        assert_eq!(alice.refusal(&ClientRequest::ReplicaList { user: "alice".into(), partial: None }), None);
+        assert!(alice.refusal(&ClientRequest::ReplicaList { user: "bob".into(), partial: None }).is_some());
+        assert_eq!(
+            alice.refusal(&ClientRequest::ReplicaPull { mailbox: own.clone(), since: None, partial: None }),
+            None
+        );
+        assert!(
+            alice.refusal(&ClientRequest::ReplicaPull { mailbox: other.clone(), since: None, partial: None }).is_some()
+        );
         assert!(alice.refusal(&ClientRequest::ReplicaBodies { mailbox: other.clone(), guids: vec![] }).is_some());
         let state = tandem_core::MailboxState::empty(own.clone(), 1);
         let push = ClientRequest::ReplicaPush { state: state.clone(), bodies: vec![], from_cluster: vec![] };

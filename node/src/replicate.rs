@@ -307,7 +307,7 @@ pub async fn sync_once(opts: &ReplicateOptions) -> Result<SyncReport, String> {
 /// The report as one line for the operator's log.
 pub fn summary(report: &SyncReport) -> String {
     format!(
-        "{}: {} rounds, {} requests, {} mailbox syncs; pushed {} records and {} bodies ({} bytes), pulled {} records and {} bodies ({} bytes){}",
+        "{}: {} rounds, {} requests, {} mailbox syncs; pushed {} records and {} bodies ({} bytes), pulled {} records and {} bodies ({} bytes){}{}",
         if report.converged { "in sync" } else { "NOT in sync" },
         report.rounds,
         report.requests,
@@ -318,6 +318,11 @@ pub fn summary(report: &SyncReport) -> String {
         report.records_pulled,
         report.bodies_pulled,
         report.body_bytes_pulled,
+        if report.bodies_on_demand == 0 {
+            String::new()
+        } else {
+            format!(", {} asked for by a client", report.bodies_on_demand)
+        },
         if report.failures.is_empty() { String::new() } else { format!("; {}", report.failures.join("; ")) }
     )
 }

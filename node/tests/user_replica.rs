@@ -28,6 +28,11 @@ struct Setup {
 }
 
 fn start() -> Setup {
+    start_laptop("")
+}
+
+/// The cluster, and a laptop with `extra` in its config (a partial replica's spec).
+fn start_laptop(extra: &str) -> Setup {
     let tls_dir = tempfile::tempdir().unwrap();
     harness::make_mail_tls(tls_dir.path());
     let users = tls_dir.path().join("users");
@@ -49,7 +54,7 @@ fn start() -> Setup {
     let laptop_users = tls_dir.path().join("laptop-users");
     tandem_node::users::add_user(&laptop_users, ALICE, LAPTOP_PASSWORD.as_bytes()).unwrap();
     let laptop_imap = harness::free_port();
-    let laptop = Cluster::start_with(1, "user_replica = true", move |_| {
+    let laptop = Cluster::start_with(1, &format!("user_replica = true\n{extra}"), move |_| {
         format!("imap = \"{laptop_imap}\"\nusers_file = \"{}\"", laptop_users.display())
     });
     Setup { cluster, laptop, cluster_imap, cluster_imaps, laptop_imap, tls_dir }
@@ -362,8 +367,8 @@ fn the_cluster_refuses_a_wrong_password_another_user_s_mail_and_a_master_s_work(
         let bob = tandem_core::MailboxKey::new("bob@example.org", "INBOX");
         let own = tandem_core::MailboxKey::new(ALICE, "INBOX");
         let requests = vec![
-            ClientRequest::ReplicaList { user: "bob@example.org".into() },
-            ClientRequest::ReplicaPull { mailbox: bob.clone(), since: None },
+            ClientRequest::ReplicaList { user: "bob@example.org".into(), partial: None },
+            ClientRequest::ReplicaPull { mailbox: bob.clone(), since: None, partial: None },
             ClientRequest::ReplicaBodies { mailbox: bob.clone(), guids: vec![] },
             ClientRequest::ReplicaPush {
                 state: tandem_core::MailboxState::empty(bob.clone(), 1),
@@ -378,7 +383,7 @@ fn the_cluster_refuses_a_wrong_password_another_user_s_mail_and_a_master_s_work(
             },
             ClientRequest::MasterMove { mailbox: own.clone() },
             ClientRequest::Save { mailbox: own.clone(), received: 0, flags: vec![], body: "x".into(), delivery: false },
-            ClientRequest::ReplicaList { user: ALICE.into() },
+            ClientRequest::ReplicaList { user: ALICE.into(), partial: None },
         ];
         let count = requests.len() as u64;
         for (id, request) in requests.into_iter().enumerate() {
@@ -429,4 +434,48 @@ fn a_cluster_node_is_not_a_user_replica_and_a_laptop_has_no_peers() {
     });
     let reply = harness::call(&s.laptop.admin[0], &AdminRequest::Status).unwrap();
     assert!(matches!(reply, AdminReply::Status(_)));
+}
+
+/// A partial laptop (issue 17): INBOX only, bodies of up to 400 bytes. The big message
+/// comes as a record; a client's FETCH of it is answered NO [UNAVAILABLE] and queued, and
+/// the next `tandem replicate` brings it. The laptop's expunge goes up; nothing it did not
+/// hold (another folder, the big body) is touched on the cluster.
+#[test]
+fn a_partial_laptop_holds_inbox_and_small_bodies_and_fetches_a_big_one_when_asked() {
+    let s = start_laptop("partial = { mailboxes = [\"INBOX\"], body_bytes_max = 400 }");
+    s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &body("small")).unwrap();
+    let big = format!("{}{}\r\n", body("big"), "attachment ".repeat(200));
+    s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &big).unwrap();
+    s.cluster.deliver(0, &format!("{ALICE}/Archive"), &body("archived")).unwrap();
+    let (ok, report) = s.replicate(ALICE_PASSWORD);
+    assert!(ok, "first sync: {report}");
+    assert!(report.contains("pulled 2 records and 1 bodies"), "the small body only: {report}");
+    assert_eq!(shape(&s.laptop_dump("INBOX")), shape(&s.cluster_dump("INBOX")));
+
+    let mut laptop = Imap::login(s.laptop_imap, ALICE, LAPTOP_PASSWORD);
+    assert_eq!(laptop.folders(), vec!["INBOX"], "Archive is not held");
+    laptop.ok("EXAMINE INBOX");
+    let (ok, lines) = laptop.run("UID FETCH 1:* (BODY.PEEK[TEXT])");
+    assert!(!ok, "{lines:?}");
+    let text = lines.join("\n");
+    assert!(text.contains("small, the text.") && text.contains("NO [UNAVAILABLE]"), "{text}");
+    assert!(!text.contains("attachment"), "{text}");
+    laptop.ok("LOGOUT");
+
+    let (ok, report) = s.replicate(ALICE_PASSWORD);
+    assert!(ok && report.contains("1 asked for by a client"), "second sync: {report}");
+    let mut laptop = Imap::login(s.laptop_imap, ALICE, LAPTOP_PASSWORD);
+    laptop.ok("SELECT INBOX");
+    let text = laptop.ok("UID FETCH 1:* (BODY.PEEK[TEXT])").join("\n");
+    assert!(text.contains("attachment attachment"), "the big body is here now: {text}");
+    laptop.ok("UID STORE 1 +FLAGS (\\Deleted)");
+    laptop.ok("UID EXPUNGE 1");
+    laptop.ok("LOGOUT");
+
+    let (ok, report) = s.replicate(ALICE_PASSWORD);
+    assert!(ok, "third sync: {report}");
+    let inbox = s.cluster_dump("INBOX");
+    assert_eq!(inbox.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![2], "the expunge went up, only it");
+    assert_eq!(s.cluster_dump("Archive").messages.len(), 1, "what the laptop does not hold stays");
+    assert_eq!(shape(&s.laptop_dump("INBOX")), shape(&inbox));
 }

@@ -444,7 +444,30 @@ fn laptop(
         };
         events.push(event(at, action));
     }
-    vec![LaptopSpec { sid, user, home, latency_ms }]
+    // Now and then a partial laptop: some folders, recent mail, small bodies, and a
+    // client reading bodies it left on the cluster.
+    let partial = rng.random_bool(0.4).then(|| tandem_core::partial::Partial {
+        mailboxes: match rng.random_range(0..3u32) {
+            0 => Vec::new(),
+            1 => vec!["INBOX".to_string(), "Notes".to_string()],
+            _ => vec!["Box%".to_string(), "INBOX".to_string()],
+        },
+        since_s: if rng.random_bool(0.5) {
+            crate::scenario::SIM_EPOCH_S + rng.random_range(0..duration_ms / 2000 + 1)
+        } else {
+            0
+        },
+        body_bytes_max: rng.random_bool(0.6).then(|| rng.random_range(200..1500u32)),
+        keep_fetched: rng.random_bool(0.5),
+    });
+    if partial.is_some() {
+        for _ in 0..rng.random_range(0..=6u32) {
+            let Some((mailbox, label)) = mine.get(rng.random_range(0..mine.len().max(1))).cloned() else { break };
+            let at = rng.random_range(200..duration_ms.max(201));
+            events.push(event(at, Action::FetchBody { server: sid, mailbox, label }));
+        }
+    }
+    vec![LaptopSpec { sid, user, home, latency_ms, partial }]
 }
 
 /// Now and then a migration (`tandem import`) into a user's mailbox while everything

@@ -462,7 +462,9 @@ fn client_action(
         ClientRequest::ReplicaList { .. }
         | ClientRequest::ReplicaPull { .. }
         | ClientRequest::ReplicaBodies { .. }
-        | ClientRequest::ReplicaAdopt { .. } => return None,
+        | ClientRequest::ReplicaAdopt { .. }
+        | ClientRequest::ReplicaKeepBodies { .. }
+        | ClientRequest::FetchBody { .. } => return None,
     })
 }
 

@@ -19,7 +19,10 @@ pub const READ_YOUR_WRITES: &str = "read_your_writes";
 /// change on (their replication logs empty when they went down), with no start-up hold
 /// running out, renumbers nothing: a restart is a normal condition.
 pub const RESTARTS_RENUMBER_NOTHING: &str = "restarts_renumber_nothing";
-pub const INVARIANTS: [&str; 9] = [
+/// A partial user replica never causes the expunge of mail it did not hold (issue 17):
+/// what it leaves out is not what it deleted.
+pub const PARTIAL_HOLDS_ITS_OWN: &str = "partial_holds_its_own";
+pub const INVARIANTS: [&str; 10] = [
     NO_ACKED_LOSS,
     UIDS_NEVER_REUSED,
     MONOTONIC,
@@ -29,6 +32,7 @@ pub const INVARIANTS: [&str; 9] = [
     READ_YOUR_WRITES,
     RETRIES_STORED_ONCE,
     RESTARTS_RENUMBER_NOTHING,
+    PARTIAL_HOLDS_ITS_OWN,
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -458,6 +462,14 @@ impl Oracle {
                 }
             }
         }
+    }
+
+    /// Whether any client asked for the message to go from the mailbox: an EXPUNGE of
+    /// it, a DELETE or a RENAME of the mailbox.
+    pub fn removal_asked(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
+        self.expunge_requested.contains(&(mailbox.clone(), guid))
+            || self.deleted_mailboxes.contains(mailbox)
+            || self.renamed.contains_key(mailbox)
     }
 
     pub fn expunge_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {

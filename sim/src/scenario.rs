@@ -80,7 +80,13 @@ pub struct LaptopSpec {
     pub home: Sid,
     /// One-way latency between the laptop and any cluster server, in milliseconds.
     pub latency_ms: (u64, u64),
+    /// What part of its user's mail it holds (None: all).
+    pub partial: Option<tandem_core::partial::Partial>,
 }
+
+/// The simulator's clock at 0 in seconds since the Unix epoch: a message saved at
+/// simulated time t is received at this plus t.
+pub const SIM_EPOCH_S: u64 = 1_700_000_000;
 
 /// A laptop's default one-way latency to the cluster: a home connection's.
 pub const LAPTOP_LATENCY_MS_DEFAULT: (u64, u64) = (10, 40);
@@ -150,6 +156,7 @@ impl Action {
                 | Action::Expunge { .. }
                 | Action::Store { .. }
                 | Action::Read { .. }
+                | Action::FetchBody { .. }
                 | Action::Status { .. }
                 | Action::MasterMove { .. }
                 | Action::CreateMailbox { .. }
@@ -215,6 +222,13 @@ pub enum Action {
         server: Sid,
         mailbox: MailboxKey,
         fresh: bool,
+    },
+    /// A client reads a message's body (IMAP FETCH BODY[]): on a partial laptop one it
+    /// omitted is answered with a temporary failure and brought by its next sync.
+    FetchBody {
+        server: Sid,
+        mailbox: MailboxKey,
+        label: String,
     },
     /// A client asks for the mailbox's STATUS counts, fresh as a fresh read is
     /// (`ClientRequest::FreshStatus`).
@@ -432,6 +446,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("expunge", &["server", "mailbox", "labels", "label"]),
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
     ("read", &["server", "mailbox", "fresh"]),
+    ("fetch_body", &["server", "mailbox", "label"]),
     ("status", &["server", "mailbox"]),
     ("master_move", &["server", "mailbox"]),
     ("create_mailbox", &["server", "mailbox", "special_use"]),
@@ -971,7 +986,20 @@ impl Tab<'_> {
             }
             let home = tab.server(Some(&laptop.home), "home")?;
             let latency_ms = tab.range(laptop.latency_ms, "latency_ms")?.unwrap_or(LAPTOP_LATENCY_MS_DEFAULT);
-            laptops.push(LaptopSpec { sid, user: laptop.user, home, latency_ms });
+            let partial = match laptop.partial {
+                None => None,
+                Some(p) => {
+                    let partial = tandem_core::partial::Partial {
+                        mailboxes: p.mailboxes.unwrap_or_default(),
+                        since_s: p.since_ms.map_or(0, |ms| SIM_EPOCH_S + ms / 1000),
+                        body_bytes_max: p.body_bytes_max,
+                        keep_fetched: p.keep_fetched.unwrap_or(true),
+                    };
+                    partial.check().map_err(|why| tab.err(line, format!("partial: {why}")))?;
+                    Some(partial)
+                }
+            };
+            laptops.push(LaptopSpec { sid, user: laptop.user, home, latency_ms, partial });
         }
         Ok(laptops)
     }
@@ -1043,6 +1071,11 @@ impl Tab<'_> {
                 Action::Store { server, mailbox, labels, add, remove, unchanged_since }
             }
             "read" => Action::Read { server: server()?, mailbox: mailbox()?, fresh: event.fresh.unwrap_or(false) },
+            "fetch_body" => Action::FetchBody {
+                server: server()?,
+                mailbox: mailbox()?,
+                label: tab.req_label(event.label.as_deref(), "label")?,
+            },
             "status" => Action::Status { server: server()?, mailbox: mailbox()? },
             "master_move" => Action::MasterMove { server: server()?, mailbox: mailbox()? },
             "create_mailbox" => Action::CreateMailbox {

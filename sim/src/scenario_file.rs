@@ -54,6 +54,19 @@ pub(crate) struct LaptopToml {
     pub user: String,
     pub home: String,
     pub latency_ms: Option<RangeToml>,
+    pub partial: Option<PartialToml>,
+}
+
+/// A partial laptop (`partial = { ... }`): the mailbox patterns it holds, the simulated
+/// time from which it holds the messages received, the body size above which it holds
+/// only the record, and whether a body fetched for a read is kept.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialToml {
+    pub mailboxes: Option<Vec<String>>,
+    pub since_ms: Option<u64>,
+    pub body_bytes_max: Option<u32>,
+    pub keep_fetched: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize)]

@@ -51,6 +51,12 @@ fn file_of(s: &Scenario) -> FileToml {
                             user: l.user.clone(),
                             home: l.home.to_string(),
                             latency_ms: Some(range(l.latency_ms)),
+                            partial: l.partial.as_ref().map(|p| PartialToml {
+                                mailboxes: (!p.mailboxes.is_empty()).then(|| p.mailboxes.clone()),
+                                since_ms: (p.since_s > 0).then(|| p.since_s.saturating_sub(SIM_EPOCH_S) * 1000),
+                                body_bytes_max: p.body_bytes_max,
+                                keep_fetched: (!p.keep_fetched).then_some(false),
+                            }),
                         },
                     )
                 })
@@ -141,6 +147,10 @@ fn event_of(e: &TimedEvent) -> EventToml {
                 UnchangedSince::Value(modseq) => ModseqToml::Value(*modseq),
             });
             "store"
+        }
+        Action::FetchBody { server: s, mailbox: m, label } => {
+            (table.server, table.mailbox, table.label) = (server(s), mailbox(m), Some(label.clone()));
+            "fetch_body"
         }
         Action::Read { server: s, mailbox: m, fresh } => {
             (table.server, table.mailbox) = (server(s), mailbox(m));

@@ -139,6 +139,7 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::Expunge { server, .. }
         | Action::Store { server, .. }
         | Action::Read { server, .. }
+        | Action::FetchBody { server, .. }
         | Action::Status { server, .. }
         | Action::MasterMove { server, .. }
         | Action::CreateMailbox { server, .. }

@@ -341,6 +341,8 @@ pub struct World {
     agent_runs: u64,
     /// Each laptop's agent marks, kept between its runs (the file beside its store).
     laptop_marks: BTreeMap<Sid, user_replica::SyncMarks>,
+    /// What each partial laptop has ever held, by (laptop, mailbox, GUID).
+    laptop_held: BTreeSet<(Sid, MailboxKey, Guid)>,
     /// Every finished sync, in order.
     sync_reports: Vec<(Sid, user_replica::SyncReport)>,
 }
@@ -449,6 +451,7 @@ impl World {
             agents: BTreeMap::new(),
             agent_runs: 0,
             laptop_marks: BTreeMap::new(),
+            laptop_held: BTreeSet::new(),
             sync_reports: Vec::new(),
         };
         for sid in everyone.iter().copied().chain(spec.laptops.iter().map(|l| l.sid)) {
@@ -477,6 +480,7 @@ impl World {
             let mut cfg = Config::new(sid, vec![sid]);
             cfg.replicas = 0;
             cfg.user_replica = true;
+            cfg.partial = spec.laptops.iter().find(|l| l.sid == sid).and_then(|l| l.partial.clone());
             cfg.request_timeout_us = spec.request_timeout_ms * 1000;
             if let Err(e) = cfg.set_bug(self.opts.bug) {
                 self.config_error = Some(e.to_string());
@@ -893,6 +897,7 @@ impl World {
 
     fn drain(&mut self, sid: Sid) {
         let mut wrote = false;
+        let partial_laptop = self.scenario.cluster.laptops.iter().any(|l| l.sid == sid && l.partial.is_some());
         loop {
             let Some(node) = self.nodes.get_mut(&sid) else { return };
             let Some(server) = node.server.as_mut() else { return };
@@ -915,6 +920,9 @@ impl World {
                     let incarnation = node.incarnation;
                     let image = server.image();
                     self.oracle.write(self.now.0, sid, incarnation, image, &write);
+                    if partial_laptop && let StoreWrite::PutMessage { mailbox, record } = &write {
+                        self.laptop_held.insert((sid, mailbox.clone(), record.guid));
+                    }
                     if let Some(replayed) = node.replayed.as_mut() {
                         replayed.apply(&write);
                         wrote = true;
@@ -1225,10 +1233,37 @@ impl World {
                     self.schedule(self.now, Ev::AgentReply { tag, reply: None });
                     return;
                 }
+                if let ClientRequest::ReplicaPush { state, .. } = &request {
+                    self.check_partial_push(tag.laptop, home, state);
+                }
                 let o = Outstanding { agent: Some(tag), ..Outstanding::none() };
                 self.request(home, request, None, o);
             }
             Ev::AgentReply { tag, reply } => self.agent_reply(tag, reply),
+        }
+    }
+
+    /// A partial laptop never causes the expunge of mail it did not hold: every expunge its
+    /// push carries of a message live on the cluster is of one it held, or one a client
+    /// asked to remove (a tombstone the laptop took from the cluster goes back up too)
+    /// (issue 17; the broken variant `partial-expunges-unheld` is caught here, and by
+    /// no_acked_loss).
+    fn check_partial_push(&mut self, laptop: Sid, home: Sid, state: &MailboxState) {
+        if !self.scenario.cluster.laptops.iter().any(|l| l.sid == laptop && l.partial.is_some()) {
+            return;
+        }
+        let Some(cluster) = self.stored_mailbox(home, &state.mailbox) else { return };
+        let unheld: Vec<Guid> = state
+            .tombstones
+            .iter()
+            .filter(|t| t.expunged && cluster.messages.has_guid(t.guid))
+            .filter(|t| !self.laptop_held.contains(&(laptop, state.mailbox.clone(), t.guid)))
+            .filter(|t| !self.oracle.removal_asked(&state.mailbox, t.guid))
+            .map(|t| t.guid)
+            .collect();
+        for guid in unheld {
+            let detail = format!("{laptop} pushed an expunge of {guid} in {}, which it never held", state.mailbox);
+            self.oracle.violate(oracle::PARTIAL_HOLDS_ITS_OWN, self.now.0, detail);
         }
     }
 
@@ -1279,21 +1314,45 @@ impl World {
         let members = self.member_servers();
         let (&csid, cluster) = members.iter().next()?;
         type Shown = BTreeMap<String, (u32, Vec<(Uid, Guid, Vec<Flag>)>)>;
-        let shown = |server: &Server, user: &str| -> Shown {
+        // A partial laptop is compared on the part it holds: the mailboxes its patterns
+        // name, the messages inside its window (see `tandem_core::partial`).
+        let shown = |server: &Server, user: &str, partial: Option<&partial::Partial>| -> Shown {
             server
                 .image()
                 .mailboxes
                 .iter()
                 .filter(|(k, m)| &*k.user == user && m.visible())
+                .filter(|(k, _)| partial.is_none_or(|p| p.holds_mailbox(&k.name)))
                 .map(|(k, m)| {
-                    let messages = m.messages.values().map(|r| (r.uid, r.guid, r.present_flags())).collect();
+                    let messages = m
+                        .messages
+                        .values()
+                        .filter(|r| partial.is_none_or(|p| p.in_window(r)))
+                        .map(|r| (r.uid, r.guid, r.present_flags()))
+                        .collect();
                     (k.name.to_string(), (m.uidvalidity, messages))
                 })
                 .collect()
         };
         for l in &self.scenario.cluster.laptops {
             let Some(laptop) = self.nodes.get(&l.sid).and_then(|n| n.server.as_ref()) else { continue };
-            let (mine, theirs) = (shown(laptop, &l.user), shown(cluster, &l.user));
+            let partial = l.partial.as_ref();
+            if let Some(p) = partial {
+                // What it holds outside its window (its own old-dated mail) is on the
+                // cluster too; and every body it does not omit is here.
+                for (k, m) in laptop.image().mailboxes.iter().filter(|(k, _)| p.holds_mailbox(&k.name)) {
+                    for r in m.messages.values() {
+                        let there = cluster.image().mailboxes.get(k).is_some_and(|c| c.messages.has_guid(r.guid));
+                        if !there {
+                            return Some(format!("{k}: {} holds {} and {csid} does not", l.sid, r.guid));
+                        }
+                        if !p.omits_body(r.size) && !laptop.image().bodies.contains_key(&r.guid) {
+                            return Some(format!("{k}: {} lacks the body of {}", l.sid, r.guid));
+                        }
+                    }
+                }
+            }
+            let (mine, theirs) = (shown(laptop, &l.user, partial), shown(cluster, &l.user, partial));
             if mine == theirs {
                 continue;
             }
@@ -1492,6 +1551,18 @@ impl World {
         outside
     }
 
+    /// Whether `mailbox` on `sid` is a partial laptop's own, outside the patterns it
+    /// syncs: nothing of it reaches the cluster, by design.
+    fn kept_apart(&self, sid: Sid, mailbox: &MailboxKey) -> bool {
+        self.scenario
+            .cluster
+            .laptops
+            .iter()
+            .find(|l| l.sid == sid)
+            .and_then(|l| l.partial.as_ref())
+            .is_some_and(|p| !p.holds_mailbox(&mailbox.name))
+    }
+
     fn is_laptop(&self, sid: Sid) -> bool {
         self.scenario.cluster.laptops.iter().any(|l| l.sid == sid)
     }
@@ -1553,8 +1624,18 @@ fn describe_request(request: &ClientRequest) -> String {
         ClientRequest::Subscription { mailbox, subscribe: false } => format!("UNSUBSCRIBE {mailbox}"),
         ClientRequest::RenameMailbox { from, to } => format!("RENAME {from} to {to}"),
         ClientRequest::Membership { change } => format!("MEMBER {change:?}"),
-        ClientRequest::ReplicaList { user } => format!("REPLICA-LIST {user}"),
-        ClientRequest::ReplicaPull { mailbox, since } => format!("REPLICA-PULL {mailbox} since {since:?}"),
+        ClientRequest::ReplicaList { user, partial: None } => format!("REPLICA-LIST {user}"),
+        ClientRequest::ReplicaList { user, partial: Some(p) } => format!("REPLICA-LIST {user} of {p:?}"),
+        ClientRequest::ReplicaPull { mailbox, since, partial: None } => {
+            format!("REPLICA-PULL {mailbox} since {since:?}")
+        }
+        ClientRequest::ReplicaPull { mailbox, since, partial: Some(_) } => {
+            format!("REPLICA-PULL {mailbox} since {since:?}, the part held")
+        }
+        ClientRequest::ReplicaKeepBodies { mailbox, bodies } => {
+            format!("REPLICA-KEEP-BODIES {mailbox} {}", bodies.len())
+        }
+        ClientRequest::FetchBody { mailbox, uid } => format!("FETCH {mailbox} UID {uid} BODY[]"),
         ClientRequest::ReplicaBodies { mailbox, guids } => format!("REPLICA-BODIES {mailbox} {} GUIDs", guids.len()),
         ClientRequest::ReplicaPush { state, bodies, from_cluster } => format!(
             "REPLICA-PUSH {} {} messages {} tombstones {} bodies, the cluster's at {from_cluster:?}",
@@ -1603,7 +1684,13 @@ fn describe_reply(reply: &ClientReply) -> String {
         ClientReply::Write(WriteResult::Copied { uid, guid, .. }) => {
             format!("OK copied UID {uid} = {:08x}", (guid.0 >> 96) as u32)
         }
-        ClientReply::ReplicaList { summaries } => format!("{} mailboxes", summaries.len()),
+        ClientReply::ReplicaList { summaries, wanted, .. } if wanted.is_empty() => {
+            format!("{} mailboxes", summaries.len())
+        }
+        ClientReply::ReplicaList { summaries, wanted, .. } => {
+            format!("{} mailboxes, {} omitted bodies wanted", summaries.len(), wanted.len())
+        }
+        ClientReply::Body { guid, body } => format!("body of {:08x}, {} bytes", (guid.0 >> 96) as u32, body.len()),
         ClientReply::ReplicaState { state, summary, .. } => format!(
             "{} since: {} messages {} tombstones, highest modseq {}{}",
             state.mailbox,
@@ -1830,6 +1917,22 @@ impl World {
         if temporary && let Some(retry) = o.retry.clone() {
             self.retry_later(sid, retry);
         }
+        if o.mailbox.as_ref().is_some_and(|m| self.kept_apart(sid, m)) {
+            // A partial laptop's own folder, outside what it syncs: its mail is the
+            // laptop's alone (a folder of the same name on the cluster is another one),
+            // and no cluster invariant is about it.
+            if let (
+                ClientReply::Write(WriteResult::Saved { guid, .. } | WriteResult::Copied { guid, .. }),
+                Some(label),
+            ) = (&reply, &o.label)
+            {
+                self.set_label(label.clone(), *guid);
+            }
+            if let Some(e) = o.event {
+                self.answers.insert(e, reply);
+            }
+            return;
+        }
         match &reply {
             ClientReply::Read(view) => self.oracle.view(t, sid, view),
             ClientReply::FreshStatus { status, caught_up } => {
@@ -1867,6 +1970,16 @@ impl World {
                 }
                 if let Some(label) = &o.label {
                     self.set_label(label.clone(), *guid);
+                }
+            }
+            ClientReply::Body { guid, body } => {
+                // The bytes the client saved under that label, and no others.
+                let saved = o.label.as_ref().filter(|l| self.labels.get(*l) == Some(guid));
+                if let Some(want) = saved.and_then(|l| self.labelled_bytes.get(l))
+                    && want.as_ref() != body.as_ref()
+                {
+                    let detail = format!("{sid} gave other bytes for {guid} than were saved");
+                    self.oracle.violate(oracle::NO_ACKED_LOSS, t, detail);
                 }
             }
             ClientReply::Write(WriteResult::Expunged { .. }) => {
@@ -2021,6 +2134,16 @@ impl World {
                     ClientRequest::Read { mailbox: mailbox.clone() }
                 };
                 self.request(server, request, event, Outstanding { mailbox: Some(mailbox), ..none() })
+            }
+            Action::FetchBody { server, mailbox, label } => {
+                let Some(uid) = self.uid_of(server, &mailbox, &label) else { return self.skip(server, &label, event) };
+                let request = ClientRequest::FetchBody { mailbox: mailbox.clone(), uid };
+                self.request(
+                    server,
+                    request,
+                    event,
+                    Outstanding { label: Some(label), mailbox: Some(mailbox), ..none() },
+                )
             }
             Action::Status { server, mailbox } => {
                 let request = ClientRequest::FreshStatus { mailbox: mailbox.clone() };

@@ -20,6 +20,9 @@ use tandem_sim::shrink::{ShrinkBudget, shrink};
 /// binding the cluster retired and forgot before the laptop's next sync: first seen at
 /// seed 12 (2026-12-03, after the laptop side learned to drop such copies itself), at
 /// seed 25 once an adopt that leaves both copies alike ends the sync (2026-12-03, later).
+/// A partial replica that sends the cluster's mail outside its window back as expunged
+/// needs a partial laptop with a date window (about 1 seed in 16): first seen at seed 5
+/// (2026-12-03, fourth session of that day).
 fn seeds_allowed(bug: Bug) -> u64 {
     match bug {
         Bug::StoreRetriesTwice | Bug::ReplicaResurrects => 400,
@@ -156,4 +159,19 @@ fn skipping_the_startup_hold_is_caught() {
 #[test]
 fn a_replica_copy_resurrecting_what_the_cluster_expunged_is_caught() {
     catch_and_shrink(Bug::ReplicaResurrects);
+}
+
+#[test]
+fn a_partial_replica_expunging_what_it_did_not_hold_is_caught() {
+    catch_and_shrink(Bug::PartialExpungesUnheld);
+}
+
+#[test]
+fn the_partial_laptop_scenario_catches_expunges_of_mail_it_did_not_hold() {
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/laptop-partial.toml"));
+    let scenario = tandem_sim::scenario::load(path).expect("the scenario loads");
+    let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::PartialExpungesUnheld), ..Default::default() });
+    assert_eq!(category(&broken).as_deref(), Some("partial_holds_its_own"), "{:?}", broken.failures);
+    let fixed = run_guarded(&scenario, &RunOptions::default());
+    assert!(fixed.passed, "{:?}", fixed.failures);
 }

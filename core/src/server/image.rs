@@ -864,8 +864,9 @@ impl Image {
 
     /// Reads the next bodies back from the store and checks them against their checksums
     /// (a verdict from an earlier check is not trusted: the disk may have changed under
-    /// us), and finds messages that have no body here and are not in `wanted`.
-    pub(crate) fn scrub(&mut self, wanted: impl Fn(&Guid) -> bool) -> ScrubFindings {
+    /// us), and finds messages that have no body here and are not `excused` (a body
+    /// already wanted, or one a partial replica omits on purpose).
+    pub(crate) fn scrub(&mut self, excused: impl Fn(&MessageRecord) -> bool) -> ScrubFindings {
         let mut found = ScrubFindings::default();
         let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
         let mut bytes = 0u64;
@@ -916,7 +917,7 @@ impl Image {
             if disk.bodies.contains_key(&r.guid) {
                 return false;
             }
-            if !wanted(&r.guid) {
+            if !excused(r) {
                 missing.push((r.guid, r.checksum));
             }
             true
@@ -927,7 +928,7 @@ impl Image {
                 .mailboxes
                 .values()
                 .flat_map(|m| m.messages.values())
-                .filter(|r| !self.disk.bodies.contains_key(&r.guid) && !wanted(&r.guid))
+                .filter(|r| !self.disk.bodies.contains_key(&r.guid) && !excused(r))
                 .map(|r| (r.guid, r.checksum))
                 .collect::<Vec<_>>(),
             "scrub suspects missed a message without a body"
@@ -1145,7 +1146,7 @@ mod tests {
         let found = image.scrub(|_| false);
         assert_eq!(found.corrupt, vec![(Guid(1), checksum)]);
         assert_eq!(found.missing, vec![(Guid(2), 0)]);
-        assert!(image.scrub(|g| *g == Guid(2)).missing.is_empty(), "a wanted body is not reported");
+        assert!(image.scrub(|r| r.guid == Guid(2)).missing.is_empty(), "a wanted body is not reported");
     }
 
     #[test]

@@ -130,6 +130,7 @@ impl Server {
                 | ClientRequest::ReplicaList { .. }
                 | ClientRequest::ReplicaPull { .. }
                 | ClientRequest::ReplicaBodies { .. }
+                | ClientRequest::FetchBody { .. }
         );
         if !is_read && matches!(self.startup, super::StartupHold::Until(_)) {
             self.marks.hit(Mark::WriteAtStart);
@@ -261,12 +262,20 @@ impl Server {
                 WriteRequest::Mailbox { mailbox, action }
             }
             ClientRequest::RenameMailbox { from, to } => WriteRequest::Rename { from, to },
-            ClientRequest::ReplicaList { user } => {
-                self.on_replica_list(id, &user);
+            ClientRequest::ReplicaList { user, partial } => {
+                self.on_replica_list(id, &user, partial.as_ref());
                 return;
             }
-            ClientRequest::ReplicaPull { mailbox, since } => {
-                self.on_replica_pull(id, &mailbox, since);
+            ClientRequest::ReplicaPull { mailbox, since, partial } => {
+                self.on_replica_pull(id, &mailbox, since, partial.as_ref());
+                return;
+            }
+            ClientRequest::ReplicaKeepBodies { mailbox, bodies } => {
+                self.on_replica_keep_bodies(id, &mailbox, bodies);
+                return;
+            }
+            ClientRequest::FetchBody { mailbox, uid } => {
+                self.on_fetch_body(id, &mailbox, uid);
                 return;
             }
             ClientRequest::ReplicaBodies { mailbox, guids } => {
@@ -766,6 +775,10 @@ impl Server {
             WriteRequest::Copy { src, guid, dst, received, flags, .. } => {
                 if src == dst {
                     Ordered::unreplicated(fail(FailKind::Permanent, "COPY into the source mailbox is not supported"))
+                } else if !self.image.has_body(&guid) && !self.has_live(&dst, guid) && self.omitted_source(&src, guid) {
+                    // No peer has it to fetch: the agent's next sync brings it.
+                    let reason = "the body of this message is on the server: the next sync brings it, then copy again";
+                    Ordered::unreplicated(fail(FailKind::Temporary, reason))
                 } else if !self.image.has_body(&guid) && !self.has_live(&dst, guid) {
                     let from = self.origin_peer(id);
                     self.want_body(guid, None, from, false);
@@ -1287,7 +1300,7 @@ impl Server {
         debug_assert!(!outcome.unresolved, "a rename's target merges without conflict here");
         debug_assert!(visible_now(self.image.mailbox(to)), "a renamed mailbox is shown under its new name");
         for r in &outcome.records {
-            if !self.image.has_body(&r.guid) {
+            if !self.image.has_body(&r.guid) && !self.omits_by_design(r) {
                 self.want_body(r.guid, Some(r.checksum), None, false);
             }
         }

@@ -14,6 +14,7 @@ pub use jobs::mailbox_view;
 mod log_progress;
 mod masters;
 mod members;
+pub(crate) mod omitted_bodies;
 mod outbox;
 pub(crate) mod replica_serving;
 mod replication;
@@ -94,6 +95,9 @@ pub struct Server {
     unreferenced_since: BTreeMap<Guid, Instant>,
     /// Saves ordered here as master, for cancels (see `cancels`).
     ordered_saves: cancels::OrderedSaves,
+    /// A partial replica's omitted bodies its clients asked for (see `omitted_bodies`).
+    #[serde(default)]
+    omitted: omitted_bodies::OmittedBodies,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -149,6 +153,7 @@ impl Server {
             leaving: None,
             unreferenced_since: BTreeMap::new(),
             ordered_saves: Default::default(),
+            omitted: Default::default(),
         };
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
@@ -216,6 +221,7 @@ impl Server {
             leaving: self.leaving.clone(),
             unreferenced_since: self.unreferenced_since.clone(),
             ordered_saves: self.ordered_saves.clone(),
+            omitted: self.omitted.clone(),
         }
     }
 
@@ -254,7 +260,12 @@ impl Server {
             self.leaving,
             self.unreferenced_since,
             self.ordered_saves,
-        )
+        )?;
+        // Only a partial replica ever has any (and a state without them hashes as before).
+        if !self.omitted.is_empty() {
+            write!(h, "|{:?}", self.omitted)?;
+        }
+        Ok(())
     }
 
     pub fn sid(&self) -> Sid {

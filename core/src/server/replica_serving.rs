@@ -9,6 +9,7 @@
 use super::Server;
 use crate::io::{ClientReply, RequestId};
 use crate::msg::{FailKind, WriteResult};
+use crate::partial::Partial;
 use crate::types::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,22 +19,67 @@ pub const REPLICA_BODIES_MAX: usize = 1024;
 pub const REPLICA_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 impl Server {
-    pub(crate) fn on_replica_list(&mut self, id: RequestId, user: &str) {
-        let summaries = self.image.summaries_of_user(user);
-        self.out.reply(id, ClientReply::ReplicaList { summaries });
-    }
-
-    /// What is durable only: a crash here never takes back what a replica was given.
-    pub(crate) fn on_replica_pull(&mut self, id: RequestId, mailbox: &MailboxKey, since: Option<ModSeq>) {
-        if let Err(reason) = crate::limits::check_mailbox(mailbox) {
+    /// A user replica answers with its own partial spec (the request's is the agent's
+    /// copy of it, for a cluster server) and the omitted bodies its clients want.
+    pub(crate) fn on_replica_list(&mut self, id: RequestId, user: &str, partial: Option<&Partial>) {
+        if let Some(reason) = partial.and_then(|p| p.check().err()) {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
-        let state = match self.image.durable_mailbox(mailbox) {
+        let own = self.user_replica_partial().cloned();
+        let partial = if self.cfg.user_replica { own.clone() } else { partial.cloned() };
+        let mut summaries = self.image.summaries_of_user(user);
+        if let Some(p) = partial.as_ref().filter(|p| !p.is_whole()) {
+            summaries.retain(|s| p.holds_mailbox(&s.mailbox.name));
+            if p.since_s > 0 {
+                for s in &mut summaries {
+                    if let Some(within) = self.replica_summary(&s.mailbox.clone(), Some(p)) {
+                        *s = within;
+                    }
+                }
+            }
+        }
+        let wanted = if self.cfg.user_replica { self.omitted.wanted() } else { Vec::new() };
+        self.out.reply(id, ClientReply::ReplicaList { summaries, partial: own, wanted });
+    }
+
+    /// The summary a user replica's sync compares: of the part a partial replica holds.
+    fn replica_summary(&mut self, key: &MailboxKey, partial: Option<&Partial>) -> Option<Summary> {
+        match partial.filter(|p| p.since_s > 0) {
+            Some(p) => self.image.mailbox(key).map(|m| crate::mailbox::summary_within(key, m, p)),
+            None => self.image.summary(key),
+        }
+    }
+
+    /// What is durable only: a crash here never takes back what a replica was given. To
+    /// a partial replica (`partial`, from a cluster server) only the part it holds.
+    pub(crate) fn on_replica_pull(
+        &mut self,
+        id: RequestId,
+        mailbox: &MailboxKey,
+        since: Option<ModSeq>,
+        partial: Option<&Partial>,
+    ) {
+        let checked = crate::limits::check_mailbox(mailbox).and_then(|()| partial.map_or(Ok(()), Partial::check));
+        if let Err(reason) = checked {
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let mut state = match self.image.durable_mailbox(mailbox) {
             Some(m) => crate::mailbox::state_since(mailbox, &m, since),
             None => MailboxState::empty(mailbox.clone(), 0),
         };
-        let summary = self.image.summary(mailbox);
+        let own = self.user_replica_partial().cloned();
+        // A user replica's pull is what it pushes: all it has, whatever it holds.
+        let window = if self.cfg.user_replica { None } else { partial };
+        if let Some(p) = window {
+            if self.has_bug(crate::Bug::PartialExpungesUnheld) {
+                p.window_state_broken(&mut state);
+            } else {
+                p.window_state(&mut state);
+            }
+        }
+        let summary = self.replica_summary(mailbox, if self.cfg.user_replica { own.as_ref() } else { partial });
         let own_bodies = if self.cfg.user_replica { self.own_bodies(&state) } else { Vec::new() };
         self.out.reply(id, ClientReply::ReplicaState { state, summary, own_bodies });
     }
@@ -99,9 +145,12 @@ impl Server {
             .mailbox(&state.mailbox)
             .map(|m| m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect())
             .unwrap_or_default();
+        // A body this partial replica omits by design is not missing (`crate::partial`).
+        let omitted_above = self.omitted_above();
         let mut missing: Vec<Guid> = state
             .messages
             .iter()
+            .filter(|r| omitted_above.is_none_or(|max| r.size <= max))
             .map(|r| r.guid)
             .filter(|g| !self.image.has_body(g) && !expunged.contains(g))
             .collect();
@@ -246,7 +295,8 @@ impl Server {
             (false, false) => pushed_upto,
         };
         let held = self.held_as_cluster_has(&state);
-        let summary = self.image.summary(&state.mailbox);
+        let own = self.user_replica_partial().cloned();
+        let summary = self.replica_summary(&state.mailbox, own.as_ref());
         self.out
             .reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held, summary });
     }

@@ -272,7 +272,7 @@ impl Server {
         let mailbox = state.mailbox.clone();
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);
         for r in &out.records {
-            if !self.image.has_body(&r.guid) {
+            if !self.image.has_body(&r.guid) && !self.omits_by_design(r) {
                 self.want_body(r.guid, Some(r.checksum), src, false);
             }
         }
@@ -651,7 +651,9 @@ impl Server {
     /// Check some bodies against their checksums, and that every message has a body.
     pub(crate) fn scrub_bodies(&mut self) {
         let wanted = &self.body_fetch;
-        let found = self.image.scrub(|g| wanted.is_wanted(g));
+        // A body a partial replica omits on purpose is not missing (see `crate::partial`).
+        let omitted_above = self.omitted_above();
+        let found = self.image.scrub(|r| wanted.is_wanted(&r.guid) || omitted_above.is_some_and(|max| r.size > max));
         for (guid, checksum) in found.corrupt {
             self.want_body(guid, Some(checksum), None, true);
         }

@@ -278,6 +278,8 @@ const BODY_BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// FETCH reads bodies, and writes their responses to the client, in batches of at most
 /// this many bytes of message (one message at least).
 const FETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// Absent bodies one FETCH asks the core for at most (the rest with the next FETCH).
+const FETCH_BODIES_ASKED_MAX: usize = 64;
 
 /// The flags every mailbox has.
 const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
@@ -1773,6 +1775,9 @@ impl Session {
             tokio::spawn(async move { if wanted.is_empty() { BTreeMap::new() } else { node.bodies(wanted).await } })
         };
         let mut next = (needs_body && !batches.is_empty()).then(|| read_batch(self, batches[0]));
+        // Messages whose bodies are not here: being repaired from a peer, or (on a partial
+        // replica) left on the cluster until a client asks, as this one does now.
+        let mut absent: Vec<Uid> = Vec::new();
         for (i, &(start, end)) in batches.iter().enumerate() {
             let bodies = match next.take() {
                 Some(read) => read.await.unwrap_or_default(),
@@ -1786,7 +1791,8 @@ impl Session {
                 let parsed = parsed_only.then(|| self.front.parsed.get(m.guid)).flatten();
                 let body = bodies.get(&m.guid).map(|b| b.as_ref());
                 if needs_body && body.is_none() && parsed.is_none() {
-                    // Not here yet (being fetched from a peer): say nothing rather than lie.
+                    // Not here yet: say nothing rather than lie.
+                    absent.push(m.uid);
                     continue;
                 }
                 let message = Message::new(body.unwrap_or_default(), parsed);
@@ -1816,6 +1822,20 @@ impl Session {
             if end < rows.len() {
                 self.flush().await?;
             }
+        }
+        if !absent.is_empty()
+            && let Some(mailbox) = self.selected.as_ref().map(|s| s.mailbox.clone())
+        {
+            // The core queues each (a partial replica's agent brings it at its next sync;
+            // a cluster server repairs it from a peer); the client asks again later.
+            for uid in absent.iter().take(FETCH_BODIES_ASKED_MAX) {
+                let _ = self.node.request(ClientRequest::FetchBody { mailbox: mailbox.clone(), uid: *uid }).await;
+            }
+            return Err(format!(
+                "NO [UNAVAILABLE] {} message bodies are not here yet (UID {}): try again after the next sync",
+                absent.len(),
+                uid_set(&absent)
+            ));
         }
         Ok(format!("{}FETCH done", if uid { "UID " } else { "" }))
     }
@@ -2769,42 +2789,7 @@ fn mailbox_name(m: &Mailbox<'_>) -> String {
     }
 }
 
-/// IMAP LIST wildcards: `*` matches anything, `%` anything but the delimiter. One pass
-/// per pattern byte over the set of name positions reachable so far: O(pattern x name),
-/// never the exponential backtracking a recursive matcher does on `*a*a*a*...b`.
-fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let name = name.as_bytes();
-    // reachable[i]: the pattern so far can match name[..i].
-    let mut reachable = vec![false; name.len() + 1];
-    reachable[0] = true;
-    let mut next = vec![false; name.len() + 1];
-    for &p in pattern.as_bytes() {
-        next.iter_mut().for_each(|x| *x = false);
-        match p {
-            b'*' | b'%' => {
-                let mut open = false;
-                for i in 0..=name.len() {
-                    open |= reachable[i];
-                    next[i] = open;
-                    // `%` cannot run across a hierarchy delimiter.
-                    if p == b'%' && name.get(i) == Some(&b'/') {
-                        open = false;
-                    }
-                }
-            }
-            c => {
-                for i in 0..name.len() {
-                    next[i + 1] = reachable[i] && name[i].eq_ignore_ascii_case(&c);
-                }
-            }
-        }
-        std::mem::swap(&mut reachable, &mut next);
-        if !reachable.iter().any(|x| *x) {
-            return false;
-        }
-    }
-    reachable[name.len()]
-}
+use tandem_core::partial::wildcard_match;
 
 /// Numbers in the order given, as an IMAP set without ranges: 4,2,9.
 fn comma_list(numbers: &[u32]) -> String {

@@ -184,7 +184,7 @@ fn dotted_keys_without_spans_parse() {
 #[test]
 fn every_op_parses() {
     let text = format!(
-        r#"{HEAD}laptops = [{{ server = "s9", user = "alice", home = "s2", latency_ms = [100, 200] }}]
+        r#"{HEAD}laptops = [{{ server = "s9", user = "alice", home = "s2", latency_ms = [100, 200], partial = {{ mailboxes = ["INBOX"], since_ms = 5000, body_bytes_max = 900, keep_fetched = false }} }}]
 [[event]]
 at_ms = 1
 op = "save"
@@ -402,13 +402,33 @@ at_ms = 39
 op = "replicate"
 server = "s9"
 home = "s3"
+[[event]]
+at_ms = 40
+op = "fetch_body"
+server = "s9"
+mailbox = "alice/INBOX"
+label = "m1"
 "#
     );
     let s = parse(&text, None).unwrap();
     assert_eq!(
         s.cluster.laptops,
-        vec![LaptopSpec { sid: Sid(9), user: "alice".into(), home: Sid(2), latency_ms: (100, 200) }]
+        vec![LaptopSpec {
+            sid: Sid(9),
+            user: "alice".into(),
+            home: Sid(2),
+            latency_ms: (100, 200),
+            partial: Some(tandem_core::partial::Partial {
+                mailboxes: vec!["INBOX".into()],
+                since_s: SIM_EPOCH_S + 5,
+                body_bytes_max: Some(900),
+                keep_fetched: false,
+            }),
+        }]
     );
+    // A written scenario (a shrunk failure) keeps its laptops' partial specs.
+    let again = parse(&crate::scenario_write::to_toml(&s, "round trip"), None).unwrap();
+    assert_eq!(again.cluster.laptops, s.cluster.laptops);
     let (s1, s2, s3) = (Sid(1), Sid(2), Sid(3));
     let inbox = mb("alice/INBOX");
     let all_but_lose = vec![
@@ -499,10 +519,11 @@ home = "s3"
             size: 300,
         },
         Action::Replicate { server: Sid(9), home: Some(s3) },
+        Action::FetchBody { server: Sid(9), mailbox: inbox.clone(), label: "m1".into() },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=39).collect::<Vec<_>>());
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");

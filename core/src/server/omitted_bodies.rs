@@ -1,0 +1,149 @@
+//! A partial replica's omitted bodies (see [`crate::partial`]): the bodies above its size
+//! limit that it holds the record of and not the bytes, the ones its clients asked for
+//! (queued for the agent's next round), and the bodies the agent brings.
+use super::Server;
+use crate::io::{ClientReply, RequestId};
+use crate::msg::FailKind;
+use crate::store::StoreWrite;
+use crate::types::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Omitted bodies asked for and not yet brought, at most: a client asking for more
+/// waits for the next sync to bring some first.
+pub const WANTED_MAX: usize = 1024;
+
+/// The bodies clients of this replica asked for, by GUID, with the mailbox the agent
+/// reads each from on the cluster (only a live message's body is answered there).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct OmittedBodies {
+    wanted: BTreeMap<Guid, MailboxKey>,
+    /// Bodies the agent brought for a read and not yet read, when they are not kept
+    /// (`Partial::keep_fetched` false): dropped once read. Never one of this replica's
+    /// own messages, whose body is the only copy until it is pushed.
+    #[serde(default)]
+    on_loan: BTreeSet<Guid>,
+}
+
+impl OmittedBodies {
+    pub(crate) fn wanted(&self) -> Vec<(MailboxKey, Guid)> {
+        self.wanted.iter().map(|(g, m)| (m.clone(), *g)).collect()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.wanted.is_empty() && self.on_loan.is_empty()
+    }
+}
+
+impl Server {
+    /// The size above which this server holds bodies only on demand: a partial user
+    /// replica's limit (a cluster server holds every body).
+    pub(crate) fn omitted_above(&self) -> Option<u32> {
+        self.user_replica_partial().and_then(|p| p.body_bytes_max)
+    }
+
+    /// This server's partial spec, when it is a user replica that has one.
+    pub(crate) fn user_replica_partial(&self) -> Option<&crate::partial::Partial> {
+        self.cfg.partial.as_ref().filter(|_| self.cfg.user_replica)
+    }
+
+    /// Whether this server holds `r` without its body by design (a partial replica's
+    /// size limit): its absence is not one to repair.
+    pub(crate) fn omits_by_design(&self, r: &MessageRecord) -> bool {
+        self.omitted_above().is_some_and(|max| r.size > max)
+    }
+
+    /// Whether this server omits the body of `r` by design (and does not hold it now).
+    pub(crate) fn omits(&self, r: &MessageRecord) -> bool {
+        self.omits_by_design(r) && !self.image.has_body(&r.guid)
+    }
+
+    /// Queues an omitted body for the agent's next round. False when the queue is full.
+    pub(crate) fn want_omitted(&mut self, mailbox: &MailboxKey, guid: Guid) -> bool {
+        let queue = &mut self.omitted.wanted;
+        if queue.len() >= WANTED_MAX && !queue.contains_key(&guid) {
+            return false;
+        }
+        queue.insert(guid, mailbox.clone());
+        true
+    }
+
+    /// Whether `guid` in `src` is a message whose body this replica omits (a COPY of it
+    /// cannot be made here until the body comes): if so it is queued for the agent.
+    pub(crate) fn omitted_source(&mut self, src: &MailboxKey, guid: Guid) -> bool {
+        let Some(record) = self.image.mailbox(src).and_then(|m| m.messages.find_guid(guid)).cloned() else {
+            return false;
+        };
+        if !self.omits(&record) {
+            return false;
+        }
+        self.want_omitted(src, guid);
+        true
+    }
+
+    /// A client's read of one message's body.
+    pub(crate) fn on_fetch_body(&mut self, id: RequestId, mailbox: &MailboxKey, uid: Uid) {
+        let record = self.image.mailbox(mailbox).and_then(|m| m.messages.get(&uid)).cloned();
+        let Some(record) = record else {
+            let reason = format!("{mailbox} has no message at UID {uid}");
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        };
+        if let Some(body) = self.image.intact_body(record.guid) {
+            self.out.reply(id, ClientReply::Body { guid: record.guid, body });
+            if self.omitted.on_loan.remove(&record.guid) {
+                // Fetched for this read, not to keep (a laptop short of disk).
+                self.commit(StoreWrite::RemoveBody { guid: record.guid });
+            }
+            return;
+        }
+        if self.omits(&record) {
+            let reason = if self.want_omitted(mailbox, record.guid) {
+                "the body of this message is on the server: the next sync brings it".to_string()
+            } else {
+                format!("{WANTED_MAX} bodies wait for the next sync already: try again after it")
+            };
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
+            return;
+        }
+        // Missing or damaged: the scrub's repair brings it back from a peer.
+        self.want_body(record.guid, Some(record.checksum), None, true);
+        let reason = "the body of this message is being repaired: try again shortly".to_string();
+        self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
+    }
+
+    /// Bodies the agent brought for this replica's clients: each kept when a live
+    /// record of `mailbox` names it and its bytes match that record's checksum.
+    pub(crate) fn on_replica_keep_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, bodies: Vec<(Guid, Body)>) {
+        if !self.cfg.user_replica {
+            let reason = "only a user replica is brought bodies by its agent".to_string();
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let bytes: usize = bodies.iter().map(|(_, b)| b.len()).sum();
+        if bodies.len() > crate::limits::REPLICA_PUSH_BODIES_MAX || bytes > crate::limits::REPLICA_PUSH_BYTES_MAX {
+            let reason = format!(
+                "at most {} bodies of {} bytes in all at once",
+                crate::limits::REPLICA_PUSH_BODIES_MAX,
+                crate::limits::REPLICA_PUSH_BYTES_MAX
+            );
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let keep = self.user_replica_partial().is_none_or(|p| p.keep_fetched);
+        let mut kept = 0u32;
+        for (guid, bytes) in bodies {
+            let checksum = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.checksum);
+            self.omitted.wanted.remove(&guid);
+            let Some(checksum) = checksum else { continue };
+            if self.image.has_body(&guid) || crate::hash::body_checksum(&bytes) != checksum {
+                continue;
+            }
+            self.image.put_checked_body(&mut self.out, guid, checksum, bytes);
+            if !keep && self.omitted.on_loan.len() < WANTED_MAX {
+                self.omitted.on_loan.insert(guid);
+            }
+            kept += 1;
+        }
+        self.out.reply_when_durable(id, ClientReply::BodiesKept { kept });
+    }
+}
