@@ -281,6 +281,10 @@ impl Outstanding {
     }
 }
 
+/// One-way trips over its link a laptop's final syncs may take at most (three syncs of
+/// up to three rounds, each a list, pulls, pushes, adopts and body fetches).
+const LAPTOP_SETTLE_TRIPS: u64 = 120;
+
 /// Cloning a world forks it: the copy shares nothing with it (servers, body stores,
 /// queue, oracle), and both go on alike on the same choices.
 #[derive(Clone)]
@@ -626,7 +630,14 @@ impl World {
             });
         }
         if converged_at.is_some() && self.failures.is_empty() && !self.scenario.cluster.laptops.is_empty() {
-            self.settle_laptops(settle_deadline);
+            // The laptops' final syncs start once the cluster has converged, and take a
+            // few round trips each over their links: bounded by the slowest link, not by
+            // what the cluster's convergence left of `settle_ms` (explore seed 5174: a
+            // link of 2 s each way had 11 s left).
+            let slowest_ms = self.scenario.cluster.laptops.iter().map(|l| l.latency_ms.1).max().unwrap_or(0);
+            let laptops_deadline =
+                self.now.plus_us((self.scenario.settle_ms + LAPTOP_SETTLE_TRIPS * slowest_ms) * 1000);
+            self.settle_laptops(laptops_deadline.max(settle_deadline));
         }
         let stores = live_members(&self.nodes, &self.outside_cluster());
         let check_loss = match self.scenario.cluster.durability {
