@@ -43,10 +43,14 @@ pub enum Bug {
     /// window as expunged ("the replica drops what left its window"); the replica's next
     /// push takes those expunges back, and the cluster loses mail the replica never held.
     PartialExpungesUnheld,
+    /// A partial cluster server's acknowledgement of a replicated save whose body it left
+    /// out counts as a copy: sync mode answers OK with fewer bodies on disk than it
+    /// promises.
+    PartialAckCountsAsCopy,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 12] = [
+    pub const ALL: [Bug; 13] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -59,6 +63,7 @@ impl Bug {
         Bug::CancelClaimedSaves,
         Bug::ReplicaResurrects,
         Bug::PartialExpungesUnheld,
+        Bug::PartialAckCountsAsCopy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +80,7 @@ impl Bug {
             Bug::CancelClaimedSaves => "cancel-claimed-saves",
             Bug::ReplicaResurrects => "replica-resurrects",
             Bug::PartialExpungesUnheld => "partial-expunges-unheld",
+            Bug::PartialAckCountsAsCopy => "partial-ack-counts-as-copy",
         }
     }
 

@@ -27,9 +27,10 @@ struct FileConfig {
     /// `Config::user_replica`. It has no peers; `tandem replicate` syncs it.
     #[serde(default)]
     user_replica: Option<bool>,
-    /// A user replica that holds part of its user's mail (`[partial]`: `mailboxes`
-    /// patterns, `since` as seconds since the Unix epoch, `body_bytes_max`,
-    /// `keep_fetched`): see the core's `partial` module. Only with `user_replica`.
+    /// A user replica that holds part of its user's mail (`partial = { mailboxes
+    /// (patterns), since_s (seconds since the Unix epoch), body_bytes_max, keep_fetched }`),
+    /// or a cluster server that holds large bodies only on demand (`body_bytes_max`,
+    /// `keep_fetched` only): see the core's `partial` module.
     #[serde(default)]
     partial: Option<tandem_core::partial::Partial>,
     #[serde(default)]
@@ -433,10 +434,11 @@ impl NodeConfig {
             core.user_replica = true;
         }
         if let Some(partial) = file.partial {
-            if !core.user_replica {
+            if !core.user_replica && (!partial.mailboxes.is_empty() || partial.since_s != 0) {
                 return Err(bad(
                     "partial",
-                    "only a user replica holds part of a user's mail (set user_replica = true)",
+                    "a cluster server holds every mailbox and every date (only body_bytes_max and keep_fetched); \
+                     folders and dates are for a user replica (user_replica = true)",
                 ));
             }
             partial.check().map_err(|why| bad("partial", why))?;
@@ -676,7 +678,9 @@ mod tests {
             (p.mailboxes.len(), p.since_s, p.body_bytes_max, p.keep_fetched),
             (2, 1_700_000_000, Some(100_000), true)
         );
-        let e = parse(&format!("{base}partial = {{ body_bytes_max = 1 }}\n")).unwrap_err();
+        let server = parse(&format!("{base}partial = {{ body_bytes_max = 1000 }}\n")).unwrap();
+        assert_eq!(server.core.partial.and_then(|p| p.body_bytes_max), Some(1000), "a partial cluster server");
+        let e = parse(&format!("{base}partial = {{ mailboxes = [\"INBOX\"] }}\n")).unwrap_err();
         assert!(e.0.contains("`partial`") && e.0.contains("user_replica"), "{e}");
         let e = parse(&format!("{base}user_replica = true\npartial = {{ mailboxes = [\"\"] }}\n")).unwrap_err();
         assert!(e.0.contains("`partial`"), "{e}");

@@ -33,6 +33,12 @@ fn start() -> Setup {
 
 /// The cluster, and a laptop with `extra` in its config (a partial replica's spec).
 fn start_laptop(extra: &str) -> Setup {
+    start_with(extra, "")
+}
+
+/// [`start_laptop`], with `third` in the third cluster server's config.
+fn start_with(extra: &str, third: &str) -> Setup {
+    let third = third.to_string();
     let tls_dir = tempfile::tempdir().unwrap();
     harness::make_mail_tls(tls_dir.path());
     let users = tls_dir.path().join("users");
@@ -44,10 +50,11 @@ fn start_laptop(extra: &str) -> Setup {
         (cluster_imap.clone(), cluster_imaps.clone(), users.clone(), tls_dir.path().to_path_buf());
     let cluster = Cluster::start_with(3, "", move |i| {
         format!(
-            "imap = \"{}\"\nimaps = \"{}\"\nusers_file = \"{}\"\nmail_tls_cert = \"{d}/mail.pem\"\nmail_tls_key = \"{d}/mail.key\"",
+            "imap = \"{}\"\nimaps = \"{}\"\nusers_file = \"{}\"\nmail_tls_cert = \"{d}/mail.pem\"\nmail_tls_key = \"{d}/mail.key\"\n{}",
             imap[i],
             imaps[i],
             users_path.display(),
+            if i == 2 { third.as_str() } else { "" },
             d = dir.display()
         )
     });
@@ -478,4 +485,33 @@ fn a_partial_laptop_holds_inbox_and_small_bodies_and_fetches_a_big_one_when_aske
     assert_eq!(inbox.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![2], "the expunge went up, only it");
     assert_eq!(s.cluster_dump("Archive").messages.len(), 1, "what the laptop does not hold stays");
     assert_eq!(shape(&s.laptop_dump("INBOX")), shape(&inbox));
+}
+
+/// A partial cluster server (issue 17): the third node keeps bodies above 400 bytes only
+/// on demand. A big message delivered through the first is on the third as a record; an
+/// IMAP FETCH of its body there is answered NO [UNAVAILABLE] while the node fetches it
+/// from a peer, and the same FETCH a moment later gets it.
+#[test]
+fn a_partial_cluster_server_fetches_a_big_body_from_a_peer_when_a_client_asks() {
+    let s = start_with("", "partial = { body_bytes_max = 400 }");
+    let big = format!("{}{}\r\n", body("big"), "attachment ".repeat(200));
+    s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &big).unwrap();
+    s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &body("small")).unwrap();
+    let dump = s.cluster_dump("INBOX");
+    assert_eq!(dump.messages.len(), 2);
+    let mut third = Imap::login(s.cluster_imap[2], ALICE, ALICE_PASSWORD);
+    third.ok("EXAMINE INBOX");
+    let (ok, lines) = third.run("UID FETCH 1:* (BODY.PEEK[TEXT])");
+    let text = lines.join("\n");
+    assert!(!ok && text.contains("NO [UNAVAILABLE]") && text.contains("small, the text."), "{text}");
+    let mut got = String::new();
+    for _ in 0..50 {
+        let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
+        if ok {
+            got = lines.join("\n");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got.contains("attachment attachment"), "the body came from a peer: {got}");
 }

@@ -272,6 +272,7 @@ pub fn generate(seed: u64) -> Scenario {
     writes_after_starts(&mut rng, &mut events, &labels);
     imports(&mut rng, &mut events, &servers, users, duration_ms);
     let laptops = laptop(&mut rng, &mut events, &servers, &labels, (users, boxes), duration_ms);
+    let partial_servers = partial_server(&mut rng, &mut events, &servers, &labels, replicas, duration_ms);
     events.sort_by_key(|e| e.at_ms);
     Scenario {
         name: format!("explore-seed-{seed}"),
@@ -293,6 +294,7 @@ pub fn generate(seed: u64) -> Scenario {
             startup_hold_ms: crate::scenario::STARTUP_HOLD_MS_DEFAULT,
             mta_retry_ms: Some(MTA_RETRY_MS),
             laptops,
+            partial_servers,
         },
         events,
         expects: vec![Expect::Invariants],
@@ -468,6 +470,36 @@ fn laptop(
         }
     }
     vec![LaptopSpec { sid, user, home, latency_ms, partial }]
+}
+
+/// Now and then a partial cluster server (issue 17): one server that keeps bodies above a
+/// size only while it masters their save or once a client asks, with clients reading
+/// bodies through it. Only where the other servers can hold every save's copies; drawn
+/// after everything else.
+fn partial_server(
+    rng: &mut ChaCha8Rng,
+    events: &mut Vec<TimedEvent>,
+    servers: &[Sid],
+    labels: &[(MailboxKey, String)],
+    replicas: u8,
+    duration_ms: u64,
+) -> BTreeMap<Sid, tandem_core::partial::Partial> {
+    if servers.len() < usize::from(replicas) + 2 || !rng.random_bool(0.15) {
+        return BTreeMap::new();
+    }
+    let sid = servers[rng.random_range(0..servers.len())];
+    let spec = tandem_core::partial::Partial {
+        body_bytes_max: Some(rng.random_range(200..1500u32)),
+        keep_fetched: rng.random_bool(0.5),
+        ..Default::default()
+    };
+    for _ in 0..rng.random_range(0..=8u32) {
+        let Some((mailbox, label)) = labels.get(rng.random_range(0..labels.len().max(1))).cloned() else { break };
+        let at_ms = rng.random_range(200..duration_ms.max(201));
+        let action = Action::FetchBody { server: sid, mailbox, label };
+        events.push(TimedEvent { at_ms, id: None, action, expect: None, line: 0 });
+    }
+    BTreeMap::from([(sid, spec)])
 }
 
 /// Now and then a migration (`tandem import`) into a user's mailbox while everything

@@ -41,6 +41,10 @@ pub struct Scenario {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterSpec {
     pub servers: Vec<Sid>,
+    /// Cluster servers that hold bodies above a size only on demand (see
+    /// `tandem_core::partial`: a server's spec has only `body_bytes_max` and
+    /// `keep_fetched`).
+    pub partial_servers: BTreeMap<Sid, tandem_core::partial::Partial>,
     /// Servers that exist (with links to every server) but are neither started nor
     /// members until a `member_add` names them.
     pub spares: Vec<Sid>,
@@ -960,6 +964,23 @@ impl Tab<'_> {
             startup_hold_ms: startup_hold_ms.unwrap_or(STARTUP_HOLD_MS_DEFAULT),
             mta_retry_ms,
             laptops: self.laptops(cluster.laptops, &with_spares)?,
+            partial_servers: {
+                let mut partial = BTreeMap::new();
+                for p in cluster.partial_servers.unwrap_or_default() {
+                    const PARTIAL: &str = "a server of the cluster, listed once";
+                    let sid = parse_sid(&p.server).ok_or_else(|| self.bad("partial_servers", PARTIAL, &p.server))?;
+                    if !with_spares.contains(&sid) || partial.contains_key(&sid) {
+                        return Err(self.bad("partial_servers", PARTIAL, &p.server));
+                    }
+                    let spec = tandem_core::partial::Partial {
+                        body_bytes_max: Some(p.body_bytes_max),
+                        keep_fetched: p.keep_fetched.unwrap_or(true),
+                        ..Default::default()
+                    };
+                    partial.insert(sid, spec);
+                }
+                partial
+            },
             servers,
             spares,
         })

@@ -43,6 +43,17 @@ pub(crate) struct ClusterToml {
     pub spares: Option<Vec<String>>,
     pub links: Option<Vec<Spanned<LinkToml>>>,
     pub laptops: Option<Vec<Spanned<LaptopToml>>>,
+    pub partial_servers: Option<Vec<PartialServerToml>>,
+}
+
+/// A partial cluster server (`[cluster] partial_servers = [...]`): bodies above
+/// `body_bytes_max` are held only while it masters their save or once a client asks.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialServerToml {
+    pub server: String,
+    pub body_bytes_max: u32,
+    pub keep_fetched: Option<bool>,
 }
 
 /// A user replica (`[cluster] laptops = [...]`): its server name, its user, the cluster

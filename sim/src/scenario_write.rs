@@ -40,6 +40,16 @@ fn file_of(s: &Scenario) -> FileToml {
         mta_retry_ms: c.mta_retry_ms,
         spares: (!c.spares.is_empty()).then(|| c.spares.iter().map(Sid::to_string).collect()),
         links: c.links.as_ref().map(|links| links.iter().map(link).collect()),
+        partial_servers: (!c.partial_servers.is_empty()).then(|| {
+            c.partial_servers
+                .iter()
+                .map(|(sid, p)| PartialServerToml {
+                    server: sid.to_string(),
+                    body_bytes_max: p.body_bytes_max.unwrap_or(u32::MAX),
+                    keep_fetched: (!p.keep_fetched).then_some(false),
+                })
+                .collect()
+        }),
         laptops: (!c.laptops.is_empty()).then(|| {
             c.laptops
                 .iter()

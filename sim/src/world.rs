@@ -497,6 +497,7 @@ impl World {
             servers.push(sid);
         }
         let mut cfg = Config::new(sid, servers);
+        cfg.partial = spec.partial_servers.get(&sid).cloned();
         cfg.durability = spec.durability;
         cfg.replicas = spec.replicas;
         cfg.log_capacity = spec.log_capacity;

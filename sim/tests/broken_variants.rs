@@ -22,7 +22,8 @@ use tandem_sim::shrink::{ShrinkBudget, shrink};
 /// seed 25 once an adopt that leaves both copies alike ends the sync (2026-12-03, later).
 /// A partial replica that sends the cluster's mail outside its window back as expunged
 /// needs a partial laptop with a date window (about 1 seed in 16): first seen at seed 5
-/// (2026-12-03, fourth session of that day).
+/// (2026-12-03, fourth session of that day). A partial cluster server whose acknowledgement
+/// of a save it left the body of counts as a copy: first seen at seed 1 (the same day).
 fn seeds_allowed(bug: Bug) -> u64 {
     match bug {
         Bug::StoreRetriesTwice | Bug::ReplicaResurrects => 400,
@@ -172,6 +173,21 @@ fn the_partial_laptop_scenario_catches_expunges_of_mail_it_did_not_hold() {
     let scenario = tandem_sim::scenario::load(path).expect("the scenario loads");
     let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::PartialExpungesUnheld), ..Default::default() });
     assert_eq!(category(&broken).as_deref(), Some("partial_holds_its_own"), "{:?}", broken.failures);
+    let fixed = run_guarded(&scenario, &RunOptions::default());
+    assert!(fixed.passed, "{:?}", fixed.failures);
+}
+
+#[test]
+fn a_partial_server_s_acknowledgement_counted_as_a_copy_is_caught() {
+    catch_and_shrink(Bug::PartialAckCountsAsCopy);
+}
+
+#[test]
+fn the_partial_server_scenario_catches_an_acknowledgement_counted_as_a_copy() {
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/partial-server.toml"));
+    let scenario = tandem_sim::scenario::load(path).expect("the scenario loads");
+    let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::PartialAckCountsAsCopy), ..Default::default() });
+    assert_eq!(category(&broken).as_deref(), Some("no_acked_loss"), "{:?}", broken.failures);
     let fixed = run_guarded(&scenario, &RunOptions::default());
     assert!(fixed.passed, "{:?}", fixed.failures);
 }

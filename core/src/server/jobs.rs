@@ -847,6 +847,7 @@ impl Server {
         for id in self.jobs.body_arrived(guid) {
             self.dispatch(id);
         }
+        self.answer_waiting_bodies();
     }
 
     fn has_live(&self, mailbox: &MailboxKey, guid: Guid) -> bool {

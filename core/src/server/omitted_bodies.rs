@@ -11,17 +11,32 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Omitted bodies asked for and not yet brought, at most: a client asking for more
 /// waits for the next sync to bring some first.
 pub const WANTED_MAX: usize = 1024;
+/// A user replica's body reads a partial server holds while it fetches omitted bodies
+/// from its peers, at most (more are answered with what is here).
+const WAITING_MAX: usize = 64;
+
+/// A user replica's `ReplicaBodies` at a partial cluster server, held until the omitted
+/// bodies it names arrive from peers (or are no longer wanted, or `until`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct WaitingBodies {
+    id: RequestId,
+    mailbox: MailboxKey,
+    guids: Vec<Guid>,
+    until: Instant,
+}
 
 /// The bodies clients of this replica asked for, by GUID, with the mailbox the agent
 /// reads each from on the cluster (only a live message's body is answered there).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct OmittedBodies {
     wanted: BTreeMap<Guid, MailboxKey>,
-    /// Bodies the agent brought for a read and not yet read, when they are not kept
-    /// (`Partial::keep_fetched` false): dropped once read. Never one of this replica's
-    /// own messages, whose body is the only copy until it is pushed.
+    /// Omitted bodies a client asked for, when they are not kept (`Partial::keep_fetched`
+    /// false): dropped once read. Never one of this server's own messages (whose body is
+    /// here, so never asked for), which may be the only copy.
     #[serde(default)]
     on_loan: BTreeSet<Guid>,
+    #[serde(default)]
+    waiting: Vec<WaitingBodies>,
 }
 
 impl OmittedBodies {
@@ -30,15 +45,30 @@ impl OmittedBodies {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.wanted.is_empty() && self.on_loan.is_empty()
+        self.wanted.is_empty() && self.on_loan.is_empty() && self.waiting.is_empty()
     }
 }
 
 impl Server {
     /// The size above which this server holds bodies only on demand: a partial user
-    /// replica's limit (a cluster server holds every body).
+    /// replica's limit, or a partial cluster server's (which holds the record of every
+    /// message, and the bodies above it only while it masters their save, or once a
+    /// client asked for one).
     pub(crate) fn omitted_above(&self) -> Option<u32> {
-        self.user_replica_partial().and_then(|p| p.body_bytes_max)
+        self.cfg.partial.as_ref().and_then(|p| p.body_bytes_max)
+    }
+
+    /// Whether this server holds `r` without its body by design: its absence is not a
+    /// loss, nor one to repair (for the simulator's oracle too).
+    pub fn omits_body(&self, r: &MessageRecord) -> bool {
+        self.omits_by_design(r)
+    }
+
+    /// Whether a replicated SAVE's body is left out here: above the size limit, not held
+    /// already, and not ours to order (a master keeps what it saves: it is a copy the
+    /// client's answer counts on). Its acknowledgement then counts for no copy.
+    pub(crate) fn drops_replicated_body(&self, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
+        self.omits_by_design(r) && !self.image.has_body(&r.guid) && !self.masters.masters(&self.master_key(mailbox))
     }
 
     /// This server's partial spec, when it is a user replica that has one.
@@ -55,6 +85,49 @@ impl Server {
     /// Whether this server omits the body of `r` by design (and does not hold it now).
     pub(crate) fn omits(&self, r: &MessageRecord) -> bool {
         self.omits_by_design(r) && !self.image.has_body(&r.guid)
+    }
+
+    /// A partial cluster server asked by a user replica's agent for bodies it omitted:
+    /// fetches them from its peers and holds the answer until they are here. Whether it
+    /// holds it.
+    pub(crate) fn wait_for_omitted_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) -> bool {
+        if self.cfg.user_replica || self.omitted_above().is_none() || self.omitted.waiting.len() >= WAITING_MAX {
+            return false;
+        }
+        let Some(m) = self.image.mailbox(mailbox) else { return false };
+        let absent: Vec<MessageRecord> = guids
+            .iter()
+            .take(super::replica_serving::REPLICA_BODIES_MAX)
+            .filter_map(|g| m.messages.find_guid(*g))
+            .filter(|r| self.omits(r))
+            .cloned()
+            .collect();
+        if absent.is_empty() {
+            return false;
+        }
+        for r in &absent {
+            self.want_body(r.guid, Some(r.checksum), None, false);
+        }
+        let until = self.now.plus_us(self.cfg.request_timeout_us);
+        self.omitted.waiting.push(WaitingBodies { id, mailbox: mailbox.clone(), guids: guids.to_vec(), until });
+        true
+    }
+
+    /// Answers the held body reads whose bodies are here (or no longer wanted: gone,
+    /// or found nowhere), and those held long enough.
+    pub(crate) fn answer_waiting_bodies(&mut self) {
+        if self.omitted.waiting.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let (ready, waiting): (Vec<WaitingBodies>, Vec<WaitingBodies>) =
+            std::mem::take(&mut self.omitted.waiting).into_iter().partition(|w| {
+                w.until <= now || w.guids.iter().all(|g| self.image.has_body(g) || !self.body_fetch.is_wanted(g))
+            });
+        self.omitted.waiting = waiting;
+        for w in ready {
+            self.answer_replica_bodies(w.id, &w.mailbox, &w.guids);
+        }
     }
 
     /// Queues an omitted body for the agent's next round. False when the queue is full.
@@ -97,6 +170,17 @@ impl Server {
             return;
         }
         if self.omits(&record) {
+            let keep = self.cfg.partial.as_ref().is_none_or(|p| p.keep_fetched);
+            if !keep && self.omitted.on_loan.len() < WANTED_MAX {
+                self.omitted.on_loan.insert(record.guid);
+            }
+            if !self.cfg.user_replica {
+                // A partial cluster server: a peer has it.
+                self.want_body(record.guid, Some(record.checksum), None, false);
+                let reason = "the body of this message is on another server: try again shortly".to_string();
+                self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
+                return;
+            }
             let reason = if self.want_omitted(mailbox, record.guid) {
                 "the body of this message is on the server: the next sync brings it".to_string()
             } else {
@@ -129,7 +213,6 @@ impl Server {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
-        let keep = self.user_replica_partial().is_none_or(|p| p.keep_fetched);
         let mut kept = 0u32;
         for (guid, bytes) in bodies {
             let checksum = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.checksum);
@@ -139,9 +222,6 @@ impl Server {
                 continue;
             }
             self.image.put_checked_body(&mut self.out, guid, checksum, bytes);
-            if !keep && self.omitted.on_loan.len() < WANTED_MAX {
-                self.omitted.on_loan.insert(guid);
-            }
             kept += 1;
         }
         self.out.reply_when_durable(id, ClientReply::BodiesKept { kept });

@@ -104,6 +104,14 @@ impl Server {
     }
 
     pub(crate) fn on_replica_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
+        if self.wait_for_omitted_bodies(id, mailbox, guids) {
+            return;
+        }
+        self.answer_replica_bodies(id, mailbox, guids);
+    }
+
+    /// `ReplicaBodies` answered with what is here now.
+    pub(crate) fn answer_replica_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
         let Some(m) = self.image.mailbox(mailbox) else {
             self.out.reply(id, ClientReply::ReplicaBodies { bodies: Vec::new() });
             return;

@@ -179,12 +179,21 @@ impl Server {
 
     /// A change from a peer's log.
     pub(crate) fn on_change(&mut self, src: Sid, seq: u64, change: Change) {
+        // A partial server takes the record of a large message without its body; its
+        // acknowledgement counts for no copy of the message (see `omitted_bodies`).
+        let (change, body_dropped) = match change {
+            Change::Save { mailbox, uidvalidity, record, .. } if self.drops_replicated_body(&mailbox, &record) => {
+                (Change::Copy { mailbox, uidvalidity, record }, true)
+            }
+            change => (change, false),
+        };
         let fragment = self.fragment_of(src, change);
         let applied = match fragment {
             Some(fragment) => !self.merge_foreign(src, &fragment).unresolved,
             None => true,
         };
-        self.log_progress.owe(src, seq, self.out.last_write(), applied);
+        let counts = !body_dropped || self.has_bug(crate::Bug::PartialAckCountsAsCopy);
+        self.log_progress.owe(src, seq, self.out.last_write(), applied && counts);
     }
 
     /// The piece of mailbox state a change carries. Bodies are stored on the way.
@@ -532,6 +541,7 @@ impl Server {
     }
 
     pub(crate) fn fetch_wanted_bodies(&mut self) {
+        self.answer_waiting_bodies();
         let now = self.now;
         let peers: Vec<Sid> = self.routing.reachable_peers();
         if peers.is_empty() {

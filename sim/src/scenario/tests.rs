@@ -87,6 +87,7 @@ fn example_parses_to_expected_structure() {
         seed: 7,
         wire: true,
         cluster: ClusterSpec {
+            partial_servers: BTreeMap::new(),
             servers: vec![Sid(1), Sid(2), Sid(3)],
             spares: Vec::new(),
             replicas: 1,
