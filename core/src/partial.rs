@@ -191,6 +191,9 @@ mod tests {
         assert!(wildcard_match("Archive/%", "Archive/2024"));
         assert!(wildcard_match("inbox", "INBOX"));
         assert!(!wildcard_match("Work*", "Notes"));
+        assert!(!wildcard_match("Sent", "Sent Items"));
+        assert!(wildcard_match("A%/%", "a/b") && !wildcard_match("%", "a/") && wildcard_match("%/", "a/"));
+        assert!(wildcard_match("*b", "a/b") && wildcard_match("a*b*", "ab") && !wildcard_match("a*c", "ab"));
         // No backtracking blow-up on a hostile pattern.
         let name = "a".repeat(1000);
         assert!(!wildcard_match(&format!("{}b", "*a".repeat(100)), &name));

@@ -141,15 +141,20 @@ fn retried_deliveries_stored_twice_are_caught() {
 /// arrival and its cancel's (it takes a link slower than the request timeout and a retry
 /// in that window; none in 400 seeds on 2026-12-02), so this variant is shown caught by
 /// the scenario made for it: the oracle finds the acknowledged retry lost.
-#[test]
-fn cancelling_a_save_a_retry_was_answered_with_is_caught() {
-    let path =
-        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/cancel-after-retry-keeps-it.toml"));
-    let scenario = tandem_sim::scenario::load(path).expect("the scenario loads");
-    let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::CancelClaimedSaves), ..Default::default() });
-    assert_eq!(category(&broken).as_deref(), Some("no_acked_loss"), "{:?}", broken.failures);
+/// The scenario file (in `scenarios/`) breaks `invariant` first with the bug, and
+/// passes without it.
+fn scenario_catches(file: &str, bug: Bug, invariant: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file);
+    let scenario = tandem_sim::scenario::load(&path).expect("the scenario loads");
+    let broken = run_guarded(&scenario, &RunOptions { bug: Some(bug), ..Default::default() });
+    assert_eq!(category(&broken).as_deref(), Some(invariant), "{:?}", broken.failures);
     let fixed = run_guarded(&scenario, &RunOptions::default());
     assert!(fixed.passed, "{:?}", fixed.failures);
+}
+
+#[test]
+fn cancelling_a_save_a_retry_was_answered_with_is_caught() {
+    scenario_catches("cancel-after-retry-keeps-it.toml", Bug::CancelClaimedSaves, "no_acked_loss");
 }
 
 #[test]
@@ -169,12 +174,7 @@ fn a_partial_replica_expunging_what_it_did_not_hold_is_caught() {
 
 #[test]
 fn the_partial_laptop_scenario_catches_expunges_of_mail_it_did_not_hold() {
-    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/laptop-partial.toml"));
-    let scenario = tandem_sim::scenario::load(path).expect("the scenario loads");
-    let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::PartialExpungesUnheld), ..Default::default() });
-    assert_eq!(category(&broken).as_deref(), Some("partial_holds_its_own"), "{:?}", broken.failures);
-    let fixed = run_guarded(&scenario, &RunOptions::default());
-    assert!(fixed.passed, "{:?}", fixed.failures);
+    scenario_catches("laptop-partial.toml", Bug::PartialExpungesUnheld, "partial_holds_its_own");
 }
 
 #[test]
@@ -184,10 +184,5 @@ fn a_partial_server_s_acknowledgement_counted_as_a_copy_is_caught() {
 
 #[test]
 fn the_partial_server_scenario_catches_an_acknowledgement_counted_as_a_copy() {
-    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/partial-server.toml"));
-    let scenario = tandem_sim::scenario::load(path).expect("the scenario loads");
-    let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::PartialAckCountsAsCopy), ..Default::default() });
-    assert_eq!(category(&broken).as_deref(), Some("no_acked_loss"), "{:?}", broken.failures);
-    let fixed = run_guarded(&scenario, &RunOptions::default());
-    assert!(fixed.passed, "{:?}", fixed.failures);
+    scenario_catches("partial-server.toml", Bug::PartialAckCountsAsCopy, "no_acked_loss");
 }
