@@ -992,44 +992,40 @@ impl Server {
     /// the body's checksum, confirmed on the stored bytes, so a different message that
     /// shares a checksum or a Message-ID is never taken for it.
     fn stored_before(&self, mailbox: &MailboxKey, received: u64, bytes: &Body) -> Option<(Guid, Uid)> {
-        let window = self.cfg.retry_window_s;
-        if window == 0 || self.has_bug(crate::Bug::StoreRetriesTwice) {
-            return None;
-        }
-        let checksum = crate::hash::body_checksum(bytes);
-        let size = u32::try_from(bytes.len()).ok()?;
-        let candidates: Vec<(Guid, Uid)> = self
-            .image
-            .mailbox(mailbox)?
-            .messages
-            .with_checksum(checksum)
-            .filter(|r| r.size == size && r.received.abs_diff(received) <= window)
+        self.retry_candidates(mailbox, received, bytes)
+            .find(|r| self.image.stored_bytes(r.guid).is_some_and(|stored| stored.as_ref() == bytes.as_ref()))
             .map(|r| (r.guid, r.uid))
-            .take(RETRY_CANDIDATES_MAX)
-            .collect();
-        candidates
+    }
+
+    /// The live messages of `mailbox` a delivery of `bytes` received at `received` could
+    /// be a retry of: the same checksum and size, within the retry window; at most
+    /// `RETRY_CANDIDATES_MAX`; none when retries are not looked for (a window of 0).
+    fn retry_candidates<'a>(
+        &'a self,
+        mailbox: &MailboxKey,
+        received: u64,
+        bytes: &Body,
+    ) -> impl Iterator<Item = &'a MessageRecord> + 'a {
+        let window = self.cfg.retry_window_s;
+        let looked_for = window != 0 && !self.has_bug(crate::Bug::StoreRetriesTwice);
+        let checksum = crate::hash::body_checksum(bytes);
+        let size = u32::try_from(bytes.len()).ok();
+        self.image
+            .mailbox(mailbox)
+            .filter(|_| looked_for)
             .into_iter()
-            .find(|(guid, _)| self.image.stored_bytes(*guid).is_some_and(|stored| stored.as_ref() == bytes.as_ref()))
+            .flat_map(move |m| m.messages.with_checksum(checksum))
+            .filter(move |r| Some(r.size) == size && r.received.abs_diff(received) <= window)
+            .take(RETRY_CANDIDATES_MAX)
     }
 
     /// A live message a delivery could be a retry of (same checksum, size and mailbox,
     /// within the retry window) whose body this partial server left out, with its
     /// checksum: its bytes must be here before the delivery is compared with it.
     fn omitted_retry_candidate(&self, mailbox: &MailboxKey, received: u64, bytes: &Body) -> Option<(Guid, u64)> {
-        let window = self.cfg.retry_window_s;
-        if window == 0 || self.omitted_above().is_none() || self.has_bug(crate::Bug::StoreRetriesTwice) {
-            return None;
-        }
-        let checksum = crate::hash::body_checksum(bytes);
-        let size = u32::try_from(bytes.len()).ok()?;
-        self.image
-            .mailbox(mailbox)?
-            .messages
-            .with_checksum(checksum)
-            .filter(|r| r.size == size && r.received.abs_diff(received) <= window)
-            .take(RETRY_CANDIDATES_MAX)
-            .find(|r| self.omits(r))
-            .map(|r| (r.guid, r.checksum))
+        // Only a partial server leaves bodies out.
+        self.omitted_above()?;
+        self.retry_candidates(mailbox, received, bytes).find(|r| self.omits(r)).map(|r| (r.guid, r.checksum))
     }
 
     /// Writes a new message at the mailbox's next UID (or `at`, at or above it) and next
@@ -1328,7 +1324,7 @@ impl Server {
         debug_assert!(!outcome.unresolved, "a rename's target merges without conflict here");
         debug_assert!(visible_now(self.image.mailbox(to)), "a renamed mailbox is shown under its new name");
         for r in &outcome.records {
-            if !self.image.has_body(&r.guid) && !self.omits_by_design(r) {
+            if !self.image.has_body(&r.guid) && !self.omits_body(r) {
                 self.want_body(r.guid, Some(r.checksum), None, false);
             }
         }

@@ -58,17 +58,11 @@ impl Server {
         self.cfg.partial.as_ref().and_then(|p| p.body_bytes_max)
     }
 
-    /// Whether this server holds `r` without its body by design: its absence is not a
-    /// loss, nor one to repair (for the simulator's oracle too).
-    pub fn omits_body(&self, r: &MessageRecord) -> bool {
-        self.omits_by_design(r)
-    }
-
     /// Whether a replicated SAVE's body is left out here: above the size limit, not held
     /// already, and not ours to order (a master keeps what it saves: it is a copy the
     /// client's answer counts on). Its acknowledgement then counts for no copy.
     pub(crate) fn drops_replicated_body(&self, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
-        self.omits_by_design(r) && !self.image.has_body(&r.guid) && !self.masters.masters(&self.master_key(mailbox))
+        self.omits_body(r) && !self.image.has_body(&r.guid) && !self.masters.masters(&self.master_key(mailbox))
     }
 
     /// This server's partial spec, when it is a user replica that has one.
@@ -76,15 +70,16 @@ impl Server {
         self.cfg.partial.as_ref().filter(|_| self.cfg.user_replica)
     }
 
-    /// Whether this server holds `r` without its body by design (a partial replica's
-    /// size limit): its absence is not one to repair.
-    pub(crate) fn omits_by_design(&self, r: &MessageRecord) -> bool {
+    /// Whether this server holds `r` without its body by design (a partial replica's or
+    /// server's size limit): its absence is not a loss, nor one to repair (for the
+    /// simulator's oracle too).
+    pub fn omits_body(&self, r: &MessageRecord) -> bool {
         self.omitted_above().is_some_and(|max| r.size > max)
     }
 
     /// Whether this server omits the body of `r` by design (and does not hold it now).
     pub(crate) fn omits(&self, r: &MessageRecord) -> bool {
-        self.omits_by_design(r) && !self.image.has_body(&r.guid)
+        self.omits_body(r) && !self.image.has_body(&r.guid)
     }
 
     /// A partial cluster server asked by a user replica's agent for bodies it omitted:

@@ -154,11 +154,10 @@ impl Server {
             .map(|m| m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect())
             .unwrap_or_default();
         // A body this partial replica omits by design is not missing (`crate::partial`).
-        let omitted_above = self.omitted_above();
         let mut missing: Vec<Guid> = state
             .messages
             .iter()
-            .filter(|r| omitted_above.is_none_or(|max| r.size <= max))
+            .filter(|r| !self.omits_body(r))
             .map(|r| r.guid)
             .filter(|g| !self.image.has_body(g) && !expunged.contains(g))
             .collect();

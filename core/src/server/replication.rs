@@ -281,7 +281,7 @@ impl Server {
         let mailbox = state.mailbox.clone();
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);
         for r in &out.records {
-            if !self.image.has_body(&r.guid) && !self.omits_by_design(r) {
+            if !self.image.has_body(&r.guid) && !self.omits_body(r) {
                 self.want_body(r.guid, Some(r.checksum), src, false);
             }
         }
