@@ -288,6 +288,28 @@ pub enum ClientRequest {
         mailbox: MailboxKey,
         bodies: Vec<(Guid, Body)>,
     },
+    /// The whole bodies of these messages of `mailbox`, to be cut to their text parts
+    /// for a partial replica (see [`crate::partial`]): answered with
+    /// `ClientReply::ReplicaTextParts`, which the driver that carries it to the agent cuts
+    /// (the driver knows the mail format; the core never parses mail). Only a live
+    /// message of the mailbox is answered, as for `ReplicaBodies`.
+    ReplicaTextParts {
+        mailbox: MailboxKey,
+        guids: Vec<Guid>,
+    },
+    /// The text parts of messages whose bodies this partial replica omits
+    /// (`ReplicaList`'s `texts_wanted`), brought by the agent: each is kept if a live
+    /// record of `mailbox` names it and its body is omitted here. Answered with
+    /// `ClientReply::BodiesKept` once durable.
+    ReplicaKeepTextParts {
+        mailbox: MailboxKey,
+        parts: Vec<(Guid, Body)>,
+    },
+    /// The text parts held for these messages whose bodies are omitted here (a client's
+    /// FETCH answers what it can from them): answered with `ClientReply::TextParts`.
+    ReadTextParts {
+        guids: Vec<Guid>,
+    },
     /// The body of one message, for a client (IMAP FETCH BODY[]): answered with
     /// `ClientReply::Body`. On a partial replica a body it omitted is queued for the
     /// agent to bring (`ReplicaList`'s `wanted`) and the client is told to try again.
@@ -376,6 +398,9 @@ pub enum ClientReply {
         summaries: Vec<Summary>,
         partial: Option<crate::partial::Partial>,
         wanted: Vec<(MailboxKey, Guid)>,
+        /// From a partial user replica: messages whose bodies it omits and whose text
+        /// parts it does not hold yet, for the agent to bring.
+        texts_wanted: Vec<(MailboxKey, Guid)>,
     },
     /// `ReplicaPull`'s state, with the summary of the whole mailbox it is part of (None:
     /// no such mailbox here).
@@ -392,7 +417,16 @@ pub enum ClientReply {
     ReplicaBodies {
         bodies: Vec<(Guid, Body)>,
     },
-    /// `ReplicaKeepBodies` done: how many of the bodies were kept.
+    /// `ReplicaTextParts`: the whole bodies found (intact), before the driver cuts each
+    /// to its text parts on the way to the agent; the agent receives the text parts.
+    ReplicaTextParts {
+        bodies: Vec<(Guid, Body)>,
+    },
+    /// `ReadTextParts`: the text parts held, of those asked for.
+    TextParts {
+        parts: Vec<(Guid, Body)>,
+    },
+    /// `ReplicaKeepBodies` (or `ReplicaKeepTextParts`) done: how many were kept.
     BodiesKept {
         kept: u32,
     },
@@ -407,11 +441,14 @@ pub enum ClientReply {
     /// ranges of the cluster's messages this copy now holds at the cluster's binding.
     /// `summary`: this copy's summary once the adopt is done (None when it was not): equal
     /// to the cluster's at the pull, the two copies agree without another look.
+    /// `texts_wanted`: on a partial replica, messages of the copy whose bodies it omits
+    /// and whose text parts it lacks (for the agent to bring in the same round).
     ReplicaAdopted {
         pushed_upto: ModSeq,
         missing: Vec<Guid>,
         held: Vec<(Uid, Uid)>,
         summary: Option<Summary>,
+        texts_wanted: Vec<Guid>,
     },
     Failed {
         kind: FailKind,

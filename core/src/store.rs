@@ -414,6 +414,10 @@ pub struct DiskImage {
     /// configured servers at start; see `membership`).
     #[serde(default)]
     pub members: crate::membership::Membership,
+    /// A partial replica's text parts of messages whose bodies it omits (see
+    /// [`crate::partial`]), by GUID: opaque bytes the driver cut from the whole body.
+    #[serde(default)]
+    pub text_parts: BTreeMap<Guid, Body>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -481,6 +485,14 @@ pub enum StoreWrite {
         mailbox: MailboxKey,
         retired: Retired,
     },
+    /// A partial replica's text parts of a message whose body it omits.
+    PutTextParts {
+        guid: Guid,
+        bytes: Body,
+    },
+    RemoveTextParts {
+        guid: Guid,
+    },
     /// A replica takes its master's UIDVALIDITY for the mailbox (see
     /// `mailbox::merge_as_replica`): the old one's tombstones and retired UIDs go (its
     /// messages go by their own writes, before); the meta write sets the new value.
@@ -504,6 +516,8 @@ impl StoreWrite {
             StoreWrite::LogOverflow { .. }
             | StoreWrite::PutBody { .. }
             | StoreWrite::RemoveBody { .. }
+            | StoreWrite::PutTextParts { .. }
+            | StoreWrite::RemoveTextParts { .. }
             | StoreWrite::LogAppend { .. }
             | StoreWrite::LogRemove { .. }
             | StoreWrite::Epoch { .. }
@@ -563,6 +577,12 @@ impl DiskImage {
             }
             StoreWrite::RemoveBody { guid } => {
                 self.bodies.remove(guid);
+            }
+            StoreWrite::PutTextParts { guid, bytes } => {
+                self.text_parts.insert(*guid, bytes.clone());
+            }
+            StoreWrite::RemoveTextParts { guid } => {
+                self.text_parts.remove(guid);
             }
             StoreWrite::LogAppend { peer, seq, change } => {
                 let log = self.logs.entry(*peer).or_default();

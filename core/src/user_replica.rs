@@ -89,6 +89,11 @@ pub struct SyncReport {
     /// Omitted bodies a partial replica's clients asked for, brought this sync.
     #[serde(default)]
     pub bodies_on_demand: u64,
+    /// Text parts of omitted bodies brought to a partial replica, and their bytes.
+    #[serde(default)]
+    pub text_parts_pulled: u64,
+    #[serde(default)]
+    pub text_part_bytes_pulled: u64,
 }
 
 /// Rounds a sync makes at most by default: one, and one more for what a delta missed
@@ -123,7 +128,16 @@ enum Awaited {
     WantedBodies(MailboxKey),
     /// The replica keeping them.
     KeepWanted(MailboxKey),
+    /// The text parts of omitted bodies the replica lacks, from the cluster.
+    TextParts(MailboxKey),
+    /// The replica keeping them.
+    KeepTextParts(MailboxKey),
 }
+
+/// Text parts asked for in one `ReplicaTextParts` request at most: the cluster reads
+/// each whole body (large ones, by definition) to cut it, within `ReplicaBodies`' byte
+/// limit; several small requests go at once rather than one that comes back short.
+const TEXT_PARTS_PER_REQUEST: usize = 8;
 
 /// One mailbox's round.
 #[derive(Clone, Debug, Default)]
@@ -231,6 +245,11 @@ pub struct ReplicaSync {
     partial: Option<Partial>,
     /// Omitted bodies the replica's clients asked for, as its listing said.
     wanted: Vec<(MailboxKey, Guid)>,
+    /// Omitted bodies whose text parts the replica lacks, as its listing said.
+    texts_wanted: Vec<(MailboxKey, Guid)>,
+    /// Text parts asked of the cluster in this sync: not asked twice (one the cluster
+    /// cannot give now waits for the next sync rather than holding this one).
+    texts_asked: BTreeSet<Guid>,
     /// Mailboxes the last round synced (a second look finds them unequal: whole next).
     synced_last_round: BTreeSet<MailboxKey>,
     /// Mailboxes whose adopt in the last round left a conflict for the cluster: a delta
@@ -254,6 +273,8 @@ impl ReplicaSync {
             lists: BTreeMap::new(),
             partial: None,
             wanted: Vec::new(),
+            texts_wanted: Vec::new(),
+            texts_asked: BTreeSet::new(),
             synced_last_round: BTreeSet::new(),
             unresolved_last_round: BTreeSet::new(),
             mailboxes: BTreeMap::new(),
@@ -315,6 +336,8 @@ impl ReplicaSync {
             Awaited::BodiesForAdopt { mailbox, piece } => self.on_bodies(mailbox, piece, reply, false),
             Awaited::WantedBodies(mailbox) => self.on_wanted_bodies(mailbox, reply),
             Awaited::KeepWanted(mailbox) => self.on_kept(mailbox, reply),
+            Awaited::TextParts(mailbox) => self.on_text_parts(mailbox, reply),
+            Awaited::KeepTextParts(mailbox) => self.on_text_parts_kept(mailbox, reply),
         }
         self.end_round_if_done();
     }
@@ -347,8 +370,10 @@ impl ReplicaSync {
     }
 
     fn on_list(&mut self, side: Side, reply: ClientReply) {
-        let (summaries, partial, wanted) = match reply {
-            ClientReply::ReplicaList { summaries, partial, wanted } => (summaries, partial, wanted),
+        let (summaries, partial, wanted, texts_wanted) = match reply {
+            ClientReply::ReplicaList { summaries, partial, wanted, texts_wanted } => {
+                (summaries, partial, wanted, texts_wanted)
+            }
             other => {
                 self.report.failures.push(format!("the {side:?} side could not list the mailboxes: {other:?}"));
                 self.phase = Phase::Done;
@@ -358,6 +383,7 @@ impl ReplicaSync {
         if side == Side::Replica {
             self.partial = partial.filter(|p| !p.is_whole());
             self.wanted = wanted;
+            self.texts_wanted = texts_wanted;
             let (user, partial) = (self.user.clone(), self.partial.clone());
             self.request(Side::Cluster, ClientRequest::ReplicaList { user, partial }, Awaited::List);
         }
@@ -418,7 +444,9 @@ impl ReplicaSync {
             work.push((key, r.cloned(), c.cloned()));
         }
         let wanted_work = self.fetch_wanted(&cluster);
-        if work.is_empty() && !wanted_work {
+        let texts = std::mem::take(&mut self.texts_wanted);
+        let texts_work = self.fetch_text_parts(texts.into_iter().filter(|(m, _)| cluster.contains_key(m)));
+        if work.is_empty() && !wanted_work && !texts_work {
             self.report.converged = true;
             self.phase = Phase::Done;
             return;
@@ -520,6 +548,52 @@ impl ReplicaSync {
             ClientRequest::ReplicaKeepBodies { mailbox: mailbox.clone(), bodies },
             Awaited::KeepWanted(mailbox),
         );
+    }
+
+    /// Asks the cluster for text parts the replica lacks (of mailboxes the cluster has),
+    /// none twice in one sync. Whether any was asked for.
+    fn fetch_text_parts(&mut self, wanted: impl Iterator<Item = (MailboxKey, Guid)>) -> bool {
+        let mut by_mailbox: BTreeMap<MailboxKey, Vec<Guid>> = BTreeMap::new();
+        for (mailbox, guid) in wanted {
+            if self.texts_asked.insert(guid) {
+                by_mailbox.entry(mailbox).or_default().push(guid);
+            }
+        }
+        let asked = !by_mailbox.is_empty();
+        for (mailbox, guids) in by_mailbox {
+            for chunk in guids.chunks(TEXT_PARTS_PER_REQUEST) {
+                let request = ClientRequest::ReplicaTextParts { mailbox: mailbox.clone(), guids: chunk.to_vec() };
+                self.request(Side::Cluster, request, Awaited::TextParts(mailbox.clone()));
+            }
+        }
+        asked
+    }
+
+    fn on_text_parts(&mut self, mailbox: MailboxKey, reply: ClientReply) {
+        let parts = match reply {
+            ClientReply::ReplicaTextParts { bodies } => bodies,
+            other => {
+                self.report.failures.push(format!("{mailbox}: the cluster could not read text parts: {other:?}"));
+                return;
+            }
+        };
+        if parts.is_empty() {
+            // Gone from the cluster since, or its body is not on the server asked.
+            return;
+        }
+        self.report.text_part_bytes_pulled += parts.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.request(
+            Side::Replica,
+            ClientRequest::ReplicaKeepTextParts { mailbox: mailbox.clone(), parts },
+            Awaited::KeepTextParts(mailbox),
+        );
+    }
+
+    fn on_text_parts_kept(&mut self, mailbox: MailboxKey, reply: ClientReply) {
+        match reply {
+            ClientReply::BodiesKept { kept } => self.report.text_parts_pulled += u64::from(kept),
+            other => self.report.failures.push(format!("{mailbox}: the replica did not keep text parts: {other:?}")),
+        }
     }
 
     fn on_kept(&mut self, mailbox: MailboxKey, reply: ClientReply) {
@@ -658,7 +732,9 @@ impl ReplicaSync {
             ClientReply::ReplicaAdopted { missing, .. } if !missing.is_empty() => {
                 self.fetch_bodies(&mailbox, piece, missing, false)
             }
-            ClientReply::ReplicaAdopted { pushed_upto, held, summary, .. } => {
+            ClientReply::ReplicaAdopted { pushed_upto, held, summary, texts_wanted, .. } => {
+                // The text parts of what came without its body, in this round.
+                self.fetch_text_parts(texts_wanted.into_iter().map(|g| (mailbox.clone(), g)));
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
                 // Pieces may be adopted in any order: only a single piece's summary is
                 // the copy as the whole pull left it.

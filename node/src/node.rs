@@ -998,6 +998,8 @@ impl EventLoop {
             ClientReply::ReplicaList { .. }
             | ClientReply::ReplicaState { .. }
             | ClientReply::ReplicaBodies { .. }
+            | ClientReply::ReplicaTextParts { .. }
+            | ClientReply::TextParts { .. }
             | ClientReply::ReplicaAdopted { .. }
             | ClientReply::BodiesKept { .. }
             | ClientReply::Body { .. } => {

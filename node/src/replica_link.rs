@@ -65,14 +65,16 @@ impl Gate {
         };
         match request {
             ClientRequest::ReplicaList { user, .. } => owner_of(user),
-            ClientRequest::ReplicaPull { mailbox, .. } | ClientRequest::ReplicaBodies { mailbox, .. } => {
-                owner_of(&mailbox.user)
-            }
+            ClientRequest::ReplicaPull { mailbox, .. }
+            | ClientRequest::ReplicaBodies { mailbox, .. }
+            | ClientRequest::ReplicaTextParts { mailbox, .. } => owner_of(&mailbox.user),
             ClientRequest::ReplicaPush { state, .. } => owner_of(&state.mailbox.user),
-            ClientRequest::ReplicaKeepBodies { mailbox, .. } => match self {
-                Gate::Owner => None,
-                Gate::User(_) => Some(format!("{mailbox}: the cluster's bodies are not given to it by a replica")),
-            },
+            ClientRequest::ReplicaKeepBodies { mailbox, .. } | ClientRequest::ReplicaKeepTextParts { mailbox, .. } => {
+                match self {
+                    Gate::Owner => None,
+                    Gate::User(_) => Some(format!("{mailbox}: the cluster's bodies are not given to it by a replica")),
+                }
+            }
             ClientRequest::ReplicaAdopt { state, .. } => match self {
                 Gate::Owner => None,
                 Gate::User(_) => Some(format!(
@@ -181,7 +183,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
                     tracing::warn!(?gate, reason, "a replica request refused");
                     ClientReply::Failed { kind: FailKind::Permanent, reason }
                 }
-                None => node.request(frame.request).await,
+                None => match node.request(frame.request).await {
+                    // Whole bodies leave the core; their text parts go over the link.
+                    ClientReply::ReplicaTextParts { bodies } => {
+                        let cut = tokio::task::spawn_blocking(move || {
+                            bodies.into_iter().map(|(g, b)| (g, crate::imap::text_parts::cut(&b).into())).collect()
+                        });
+                        ClientReply::ReplicaTextParts { bodies: cut.await.unwrap_or_default() }
+                    }
+                    other => other,
+                },
             };
             let _ = replies.send(ReplyFrame { id: frame.id, reply }).await;
         });
@@ -289,6 +300,13 @@ mod tests {
             alice.refusal(&ClientRequest::ReplicaPull { mailbox: other.clone(), since: None, partial: None }).is_some()
         );
         assert!(alice.refusal(&ClientRequest::ReplicaBodies { mailbox: other.clone(), guids: vec![] }).is_some());
+        let texts = |mailbox: &MailboxKey| ClientRequest::ReplicaTextParts { mailbox: mailbox.clone(), guids: vec![] };
+        assert_eq!(alice.refusal(&texts(&own)), None);
+        assert!(alice.refusal(&texts(&other)).is_some());
+        let keep_texts = ClientRequest::ReplicaKeepTextParts { mailbox: own.clone(), parts: vec![] };
+        assert!(alice.refusal(&keep_texts).is_some(), "only the replica's owner gives it text parts");
+        assert_eq!(Gate::Owner.refusal(&keep_texts), None);
+        assert!(alice.refusal(&ClientRequest::ReadTextParts { guids: vec![] }).is_some());
         let state = tandem_core::MailboxState::empty(own.clone(), 1);
         let push = ClientRequest::ReplicaPush { state: state.clone(), bodies: vec![], from_cluster: vec![] };
         assert_eq!(alice.refusal(&push), None);

@@ -307,7 +307,7 @@ pub async fn sync_once(opts: &ReplicateOptions) -> Result<SyncReport, String> {
 /// The report as one line for the operator's log.
 pub fn summary(report: &SyncReport) -> String {
     format!(
-        "{}: {} rounds, {} requests, {} mailbox syncs; pushed {} records and {} bodies ({} bytes), pulled {} records and {} bodies ({} bytes){}{}",
+        "{}: {} rounds, {} requests, {} mailbox syncs; pushed {} records and {} bodies ({} bytes), pulled {} records and {} bodies ({} bytes){}{}{}",
         if report.converged { "in sync" } else { "NOT in sync" },
         report.rounds,
         report.requests,
@@ -322,6 +322,14 @@ pub fn summary(report: &SyncReport) -> String {
             String::new()
         } else {
             format!(", {} asked for by a client", report.bodies_on_demand)
+        },
+        if report.text_parts_pulled == 0 {
+            String::new()
+        } else {
+            format!(
+                ", text parts of {} large messages ({} bytes)",
+                report.text_parts_pulled, report.text_part_bytes_pulled
+            )
         },
         if report.failures.is_empty() { String::new() } else { format!("; {}", report.failures.join("; ")) }
     )

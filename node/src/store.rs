@@ -46,6 +46,9 @@ const LIFECYCLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lifecycl
 const RETIRED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retired");
 /// (peer, mailbox) -> (peer, mailbox) for mailboxes that overflowed a peer's log.
 const LOG_OVERFLOWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log_overflowed");
+/// guid -> a partial replica's text parts of a message whose body it omits (small: the
+/// text of large messages only, so in a table rather than body files).
+const TEXT_PARTS: TableDefinition<u128, &[u8]> = TableDefinition::new("text_parts");
 
 #[derive(Debug)]
 pub struct StoreError(pub String);
@@ -155,6 +158,7 @@ impl Store {
             txn.open_table(LOG_OVERFLOWED)?;
             txn.open_table(LIFECYCLES)?;
             txn.open_table(RETIRED)?;
+            txn.open_table(TEXT_PARTS)?;
         }
         txn.commit()?;
         index.attach(db.clone());
@@ -210,6 +214,7 @@ impl Store {
         copy_table(src, dst, LIFECYCLES)?;
         copy_table(src, dst, RETIRED)?;
         copy_table(src, dst, LOG_OVERFLOWED)?;
+        copy_table(src, dst, TEXT_PARTS)?;
         copy_table(src, dst, crate::bodies::INLINE_CHUNKS)?;
         copy_table(src, dst, crate::bodies::INLINE_TAILS)?;
         let mut in_files = BTreeSet::new();
@@ -361,6 +366,10 @@ impl Store {
             let (peer, mailbox): (u32, MailboxKey) = dec(v.value(), "overflow mark")?;
             image.logs.entry(Sid(peer)).or_default().overflowed.insert(mailbox);
         }
+        for row in txn.open_table(TEXT_PARTS)?.iter()? {
+            let (k, v) = row?;
+            image.text_parts.insert(Guid(k.value()), Body::copy_from_slice(v.value()));
+        }
         Ok(image)
     }
 
@@ -382,6 +391,7 @@ impl Store {
             let mut lifecycles = txn.open_table(LIFECYCLES)?;
             let mut retired_uids = txn.open_table(RETIRED)?;
             let mut membership = txn.open_table(MEMBERSHIP)?;
+            let mut text_parts = txn.open_table(TEXT_PARTS)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -408,6 +418,12 @@ impl Store {
                     }
                     StoreWrite::RemoveBody { guid } => {
                         bodies.remove(&mut body_tables, *guid)?;
+                    }
+                    StoreWrite::PutTextParts { guid, bytes } => {
+                        text_parts.insert(guid.0, bytes.as_ref())?;
+                    }
+                    StoreWrite::RemoveTextParts { guid } => {
+                        text_parts.remove(guid.0)?;
                     }
                     StoreWrite::LogAppend { peer, seq, change } => {
                         log_entries.insert((peer.0, *seq), enc(change)?.as_slice())?;
@@ -762,6 +778,9 @@ mod tests {
                 mailbox: mailbox.clone(),
                 retired: Retired { ranges: [(8, 8)].into_iter().collect(), collected: 5 },
             },
+            StoreWrite::PutTextParts { guid: Guid(7), bytes: Body::from_static(b"the text") },
+            StoreWrite::PutTextParts { guid: Guid(8), bytes: Body::from_static(b"gone") },
+            StoreWrite::RemoveTextParts { guid: Guid(8) },
         ];
         let mut expected = DiskImage::default();
         for w in &writes {
@@ -778,6 +797,7 @@ mod tests {
         assert_eq!(inbox.retired.ranges.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(), vec![(2, 4), (8, 8)]);
         assert_eq!(inbox.retired.collected, 6);
         assert_eq!(loaded.mailboxes[&MailboxKey::new("u@d", "INBOX2")].tombstones.len(), 1);
+        assert_eq!(loaded.text_parts.keys().copied().collect::<Vec<_>>(), vec![Guid(7)], "text parts are kept");
     }
 
     fn store_inline_count(dir: &Path) -> usize {

@@ -443,30 +443,51 @@ fn a_cluster_node_is_not_a_user_replica_and_a_laptop_has_no_peers() {
     assert!(matches!(reply, AdminReply::Status(_)));
 }
 
+/// A message with a text part and a large attachment (about 2,000 bytes of base64).
+fn with_attachment(subject: &str) -> String {
+    format!(
+        "From: someone@example.org\r\nTo: {ALICE}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n\
+         {subject}, the text.\r\n--b1\r\nContent-Type: application/octet-stream\r\n\
+         Content-Disposition: attachment; filename=a.bin\r\nContent-Transfer-Encoding: base64\r\n\r\n{}--b1--\r\n",
+        "QXR0YWNobWVudEF0dGFjaG1lbnRBdHRhY2htZW50QXR0YWNobWVudEF0dGFjaG1lbnRBdHRhY2ht\r\n".repeat(26)
+    )
+}
+
 /// A partial laptop (issue 17): INBOX only, bodies of up to 400 bytes. The big message
-/// comes as a record; a client's FETCH of it is answered NO [UNAVAILABLE] and queued, and
-/// the next `tandem replicate` brings it. The laptop's expunge goes up; nothing it did not
+/// comes as a record and its text parts: a client reads its text and its structure at
+/// once; a FETCH of the whole of it is answered NO [UNAVAILABLE] and queued, and the
+/// next `tandem replicate` brings it. The laptop's expunge goes up; nothing it did not
 /// hold (another folder, the big body) is touched on the cluster.
 #[test]
 fn a_partial_laptop_holds_inbox_and_small_bodies_and_fetches_a_big_one_when_asked() {
     let s = start_laptop("partial = { mailboxes = [\"INBOX\"], body_bytes_max = 400 }");
     s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &body("small")).unwrap();
-    let big = format!("{}{}\r\n", body("big"), "attachment ".repeat(200));
+    let big = with_attachment("big");
     s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &big).unwrap();
     s.cluster.deliver(0, &format!("{ALICE}/Archive"), &body("archived")).unwrap();
     let (ok, report) = s.replicate(ALICE_PASSWORD);
     assert!(ok, "first sync: {report}");
     assert!(report.contains("pulled 2 records and 1 bodies"), "the small body only: {report}");
+    assert!(report.contains("text parts of 1 large messages"), "and the big one's text: {report}");
+    let text_bytes: usize = between(&report, "large messages (", " bytes)").unwrap().parse().unwrap();
+    assert!(text_bytes < big.len(), "the attachment stayed on the cluster: {text_bytes} of {}", big.len());
     assert_eq!(shape(&s.laptop_dump("INBOX")), shape(&s.cluster_dump("INBOX")));
 
     let mut laptop = Imap::login(s.laptop_imap, ALICE, LAPTOP_PASSWORD);
     assert_eq!(laptop.folders(), vec!["INBOX"], "Archive is not held");
     laptop.ok("EXAMINE INBOX");
+    // The text and the structure of the big message are here, the attachment's size too.
+    let text = laptop.ok("UID FETCH 2 (BODYSTRUCTURE ENVELOPE BODY.PEEK[1] BODY.PEEK[2.MIME])").join("\n");
+    assert!(text.contains("big, the text.") && text.contains("\"APPLICATION\" \"OCTET-STREAM\""), "{text}");
+    assert!(text.contains("\"big\""), "ENVELOPE has the subject: {text}");
+    assert!(text.contains("filename=a.bin"), "the attachment's MIME header: {text}");
+    assert!(!text.contains("QXR0"), "{text}");
     let (ok, lines) = laptop.run("UID FETCH 1:* (BODY.PEEK[TEXT])");
     assert!(!ok, "{lines:?}");
     let text = lines.join("\n");
     assert!(text.contains("small, the text.") && text.contains("NO [UNAVAILABLE]"), "{text}");
-    assert!(!text.contains("attachment"), "{text}");
+    assert!(!text.contains("QXR0"), "{text}");
     laptop.ok("LOGOUT");
 
     let (ok, report) = s.replicate(ALICE_PASSWORD);
@@ -474,7 +495,7 @@ fn a_partial_laptop_holds_inbox_and_small_bodies_and_fetches_a_big_one_when_aske
     let mut laptop = Imap::login(s.laptop_imap, ALICE, LAPTOP_PASSWORD);
     laptop.ok("SELECT INBOX");
     let text = laptop.ok("UID FETCH 1:* (BODY.PEEK[TEXT])").join("\n");
-    assert!(text.contains("attachment attachment"), "the big body is here now: {text}");
+    assert!(text.contains("QXR0YWNobWVudEF0"), "the big body is here now: {text}");
     laptop.ok("UID STORE 1 +FLAGS (\\Deleted)");
     laptop.ok("UID EXPUNGE 1");
     laptop.ok("LOGOUT");

@@ -464,6 +464,9 @@ fn client_action(
         | ClientRequest::ReplicaBodies { .. }
         | ClientRequest::ReplicaAdopt { .. }
         | ClientRequest::ReplicaKeepBodies { .. }
+        | ClientRequest::ReplicaTextParts { .. }
+        | ClientRequest::ReplicaKeepTextParts { .. }
+        | ClientRequest::ReadTextParts { .. }
         | ClientRequest::FetchBody { .. } => return None,
     })
 }

@@ -1361,6 +1361,18 @@ impl World {
                         if !p.omits_body(r.size) && !laptop.image().bodies.contains_key(&r.guid) {
                             return Some(format!("{k}: {} lacks the body of {}", l.sid, r.guid));
                         }
+                        if laptop.image().bodies.contains_key(&r.guid) {
+                            continue;
+                        }
+                        // A body it omits: its text parts are here, cut from the body.
+                        let Some(body) = self.body_on_cluster(r.guid) else { continue };
+                        match laptop.image().text_parts.get(&r.guid) {
+                            None => return Some(format!("{k}: {} lacks the text parts of {}", l.sid, r.guid)),
+                            Some(t) if *t != text_parts_of(&body) => {
+                                return Some(format!("{k}: {} holds wrong text parts of {}", l.sid, r.guid));
+                            }
+                            Some(_) => {}
+                        }
                     }
                 }
             }
@@ -1379,6 +1391,16 @@ impl World {
             }
         }
         None
+    }
+
+    /// The intact body of `guid` on a live member of the cluster, if one holds it.
+    fn body_on_cluster(&self, guid: Guid) -> Option<Body> {
+        let members = self.member_servers();
+        members.keys().filter_map(|sid| self.nodes.get(sid)).find_map(|n| {
+            let body = n.bodies.read(guid)?;
+            let record = n.server.as_ref()?.image().bodies.get(&guid)?;
+            (tandem_core::hash::body_checksum(&body) == record.checksum).then_some(body)
+        })
     }
 
     /// One way between a laptop and the cluster, drawn from the laptop's latency.
@@ -1649,6 +1671,13 @@ fn describe_request(request: &ClientRequest) -> String {
         }
         ClientRequest::FetchBody { mailbox, uid } => format!("FETCH {mailbox} UID {uid} BODY[]"),
         ClientRequest::ReplicaBodies { mailbox, guids } => format!("REPLICA-BODIES {mailbox} {} GUIDs", guids.len()),
+        ClientRequest::ReplicaTextParts { mailbox, guids } => {
+            format!("REPLICA-TEXT-PARTS {mailbox} {} GUIDs", guids.len())
+        }
+        ClientRequest::ReplicaKeepTextParts { mailbox, parts } => {
+            format!("REPLICA-KEEP-TEXT-PARTS {mailbox} {}", parts.len())
+        }
+        ClientRequest::ReadTextParts { guids } => format!("READ-TEXT-PARTS {} GUIDs", guids.len()),
         ClientRequest::ReplicaPush { state, bodies, from_cluster } => format!(
             "REPLICA-PUSH {} {} messages {} tombstones {} bodies, the cluster's at {from_cluster:?}",
             state.mailbox,
@@ -1712,6 +1741,7 @@ fn describe_reply(reply: &ClientReply) -> String {
             if summary.is_none() { " (no such mailbox)" } else { "" }
         ),
         ClientReply::ReplicaBodies { bodies } => format!("{} bodies", bodies.len()),
+        ClientReply::ReplicaTextParts { bodies } => format!("{} text parts", bodies.len()),
         other => format!("{other:?}"),
     }
 }
@@ -1810,6 +1840,18 @@ pub fn describe(envelope: &Envelope) -> String {
         Msg::Error { text } => text.clone(),
     };
     format!("{} {detail}{via}", envelope.msg.name())
+}
+
+/// Bytes of a simulated message's text kept in its text parts (after its header).
+pub const TEXT_PART_BYTES: usize = 256;
+
+/// The text parts of a simulated message, as the simulator's driver cuts them for a
+/// partial laptop (the node cuts real mail by its MIME parts): its header and the first
+/// [`TEXT_PART_BYTES`] of its text, the rest standing for its attachments.
+pub fn text_parts_of(body: &[u8]) -> Body {
+    let header_end = body.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+    let end = body.len().min(header_end + TEXT_PART_BYTES);
+    Body::copy_from_slice(&body[..end])
 }
 
 // Clients, faults and expectations.
@@ -1915,6 +1957,14 @@ impl World {
         self.trace_hash = mix64(self.trace_hash ^ reply_hash(t, &reply));
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         if let Some(tag) = o.agent {
+            // The driver's part of a text parts answer: whole bodies leave the core and
+            // their text parts go over the link.
+            let reply = match reply {
+                ClientReply::ReplicaTextParts { bodies } => ClientReply::ReplicaTextParts {
+                    bodies: bodies.into_iter().map(|(g, b)| (g, text_parts_of(&b))).collect(),
+                },
+                other => other,
+            };
             // Through the queue, never at once: the agent's next request must not run
             // inside this server's input.
             let delay = if tag.side == user_replica::Side::Cluster { self.laptop_delay_us(tag.laptop) } else { 0 };

@@ -130,6 +130,8 @@ impl Server {
                 | ClientRequest::ReplicaList { .. }
                 | ClientRequest::ReplicaPull { .. }
                 | ClientRequest::ReplicaBodies { .. }
+                | ClientRequest::ReplicaTextParts { .. }
+                | ClientRequest::ReadTextParts { .. }
                 | ClientRequest::FetchBody { .. }
         );
         if !is_read && matches!(self.startup, super::StartupHold::Until(_)) {
@@ -280,6 +282,23 @@ impl Server {
             }
             ClientRequest::ReplicaBodies { mailbox, guids } => {
                 self.on_replica_bodies(id, &mailbox, &guids);
+                return;
+            }
+            ClientRequest::ReplicaTextParts { mailbox, guids } => {
+                // A partial cluster server fetches the bodies it omits first.
+                if !self.wait_for_omitted_bodies(id, &mailbox, &guids, true) {
+                    let bodies = self.intact_bodies_of(&mailbox, &guids);
+                    self.out.reply(id, ClientReply::ReplicaTextParts { bodies });
+                }
+                return;
+            }
+            ClientRequest::ReplicaKeepTextParts { mailbox, parts } => {
+                self.on_replica_keep_text_parts(id, &mailbox, parts);
+                return;
+            }
+            ClientRequest::ReadTextParts { guids } => {
+                let parts = self.text_parts_held(&guids);
+                self.out.reply(id, ClientReply::TextParts { parts });
                 return;
             }
             ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster } => {

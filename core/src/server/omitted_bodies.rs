@@ -15,6 +15,15 @@ pub const WANTED_MAX: usize = 1024;
 /// from its peers, at most (more are answered with what is here).
 const WAITING_MAX: usize = 64;
 
+/// Messages a partial replica lists as lacking their text parts, at most per listing
+/// (the agent brings these; the next round lists more).
+pub const TEXTS_WANTED_MAX: usize = 256;
+/// What a message's text parts may take beyond its own size: the driver's cut may carry
+/// a description of the whole message (its MIME structure) beside the parts it keeps.
+pub const TEXT_PARTS_OVERHEAD_MAX: usize = 64 * 1024;
+/// Text parts removed per maintenance pass at most, once their messages are gone.
+const TEXT_PARTS_COLLECTED_MAX: usize = 1024;
+
 /// A user replica's `ReplicaBodies` at a partial cluster server, held until the omitted
 /// bodies it names arrive from peers (or are no longer wanted, or `until`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -23,6 +32,9 @@ pub(crate) struct WaitingBodies {
     mailbox: MailboxKey,
     guids: Vec<Guid>,
     until: Instant,
+    /// A `ReplicaTextParts` (answered with the whole bodies, which its driver cuts).
+    #[serde(default)]
+    text_parts: bool,
 }
 
 /// The bodies clients of this replica asked for, by GUID, with the mailbox the agent
@@ -85,7 +97,13 @@ impl Server {
     /// A partial cluster server asked by a user replica's agent for bodies it omitted:
     /// fetches them from its peers and holds the answer until they are here. Whether it
     /// holds it.
-    pub(crate) fn wait_for_omitted_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) -> bool {
+    pub(crate) fn wait_for_omitted_bodies(
+        &mut self,
+        id: RequestId,
+        mailbox: &MailboxKey,
+        guids: &[Guid],
+        text_parts: bool,
+    ) -> bool {
         if self.cfg.user_replica || self.omitted_above().is_none() || self.omitted.waiting.len() >= WAITING_MAX {
             return false;
         }
@@ -104,7 +122,8 @@ impl Server {
             self.want_body(r.guid, Some(r.checksum), None, false);
         }
         let until = self.now.plus_us(self.cfg.request_timeout_us);
-        self.omitted.waiting.push(WaitingBodies { id, mailbox: mailbox.clone(), guids: guids.to_vec(), until });
+        let waiting = WaitingBodies { id, mailbox: mailbox.clone(), guids: guids.to_vec(), until, text_parts };
+        self.omitted.waiting.push(waiting);
         true
     }
 
@@ -121,7 +140,12 @@ impl Server {
             });
         self.omitted.waiting = waiting;
         for w in ready {
-            self.answer_replica_bodies(w.id, &w.mailbox, &w.guids);
+            if w.text_parts {
+                let bodies = self.intact_bodies_of(&w.mailbox, &w.guids);
+                self.out.reply(w.id, ClientReply::ReplicaTextParts { bodies });
+            } else {
+                self.answer_replica_bodies(w.id, &w.mailbox, &w.guids);
+            }
         }
     }
 
@@ -188,6 +212,96 @@ impl Server {
         self.want_body(record.guid, Some(record.checksum), None, true);
         let reason = "the body of this message is being repaired: try again shortly".to_string();
         self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
+    }
+
+    /// Messages of the mailboxes this partial user replica holds whose bodies it omits and
+    /// whose text parts it lacks, for the agent to bring (up to [`TEXTS_WANTED_MAX`]).
+    pub(crate) fn texts_wanted(&self) -> Vec<(MailboxKey, Guid)> {
+        let Some(partial) = self.user_replica_partial().filter(|p| p.body_bytes_max.is_some()) else {
+            return Vec::new();
+        };
+        let mut wanted = Vec::new();
+        for key in self.image.mailboxes().keys().filter(|k| partial.holds_mailbox(&k.name)) {
+            let room = TEXTS_WANTED_MAX - wanted.len();
+            wanted.extend(self.lacking_text_parts(key).take(room).map(|g| (key.clone(), g)));
+            if wanted.len() >= TEXTS_WANTED_MAX {
+                break;
+            }
+        }
+        wanted
+    }
+
+    /// [`Server::texts_wanted`] of one mailbox (after an adopt into it).
+    pub(crate) fn texts_wanted_of(&self, mailbox: &MailboxKey) -> Vec<Guid> {
+        if self.user_replica_partial().is_none_or(|p| p.body_bytes_max.is_none()) {
+            return Vec::new();
+        }
+        self.lacking_text_parts(mailbox).take(TEXTS_WANTED_MAX).collect()
+    }
+
+    fn lacking_text_parts<'a>(&'a self, mailbox: &MailboxKey) -> impl Iterator<Item = Guid> + 'a {
+        let text_parts = &self.image.disk().text_parts;
+        let messages = self.image.mailbox(mailbox).into_iter().flat_map(|m| m.messages.values());
+        messages.filter(move |r| self.omits(r) && !text_parts.contains_key(&r.guid)).map(|r| r.guid)
+    }
+
+    /// Text parts the agent brought: each kept when a live record of `mailbox` names it,
+    /// its body is omitted here, and it is no larger than the message allows.
+    pub(crate) fn on_replica_keep_text_parts(&mut self, id: RequestId, mailbox: &MailboxKey, parts: Vec<(Guid, Body)>) {
+        if !self.cfg.user_replica || self.omitted_above().is_none() {
+            let reason = "only a partial user replica keeps text parts".to_string();
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let bytes: usize = parts.iter().map(|(_, b)| b.len()).sum();
+        if parts.len() > crate::limits::REPLICA_PUSH_BODIES_MAX || bytes > crate::limits::REPLICA_PUSH_BYTES_MAX {
+            let reason = format!(
+                "at most {} text parts of {} bytes in all at once",
+                crate::limits::REPLICA_PUSH_BODIES_MAX,
+                crate::limits::REPLICA_PUSH_BYTES_MAX
+            );
+            self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
+            return;
+        }
+        let mut kept = 0u32;
+        for (guid, bytes) in parts {
+            let Some(record) = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).cloned() else {
+                continue;
+            };
+            let fits = bytes.len() <= (record.size as usize).saturating_add(TEXT_PARTS_OVERHEAD_MAX);
+            if !fits || !self.omits(&record) || self.image.disk().text_parts.contains_key(&guid) {
+                continue;
+            }
+            self.commit(StoreWrite::PutTextParts { guid, bytes });
+            kept += 1;
+        }
+        self.out.reply_when_durable(id, ClientReply::BodiesKept { kept });
+    }
+
+    /// The text parts held of these messages (at most `ReplicaBodies`' count).
+    pub(crate) fn text_parts_held(&self, guids: &[Guid]) -> Vec<(Guid, Body)> {
+        let text_parts = &self.image.disk().text_parts;
+        guids
+            .iter()
+            .take(super::replica_serving::REPLICA_BODIES_MAX)
+            .filter_map(|g| text_parts.get(g).map(|b| (*g, b.clone())))
+            .collect()
+    }
+
+    /// Removes the text parts of messages no live record holds any more.
+    pub(crate) fn collect_text_parts(&mut self) {
+        let gone: Vec<Guid> = self
+            .image
+            .disk()
+            .text_parts
+            .keys()
+            .filter(|g| !self.image.is_referenced(**g))
+            .take(TEXT_PARTS_COLLECTED_MAX)
+            .copied()
+            .collect();
+        for guid in gone {
+            self.commit(StoreWrite::RemoveTextParts { guid });
+        }
     }
 
     /// Bodies the agent brought for this replica's clients: each kept when a live

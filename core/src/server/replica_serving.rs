@@ -39,8 +39,9 @@ impl Server {
                 }
             }
         }
-        let wanted = if self.cfg.user_replica { self.omitted.wanted() } else { Vec::new() };
-        self.out.reply(id, ClientReply::ReplicaList { summaries, partial: own, wanted });
+        let (wanted, texts_wanted) =
+            if self.cfg.user_replica { (self.omitted.wanted(), self.texts_wanted()) } else { Default::default() };
+        self.out.reply(id, ClientReply::ReplicaList { summaries, partial: own, wanted, texts_wanted });
     }
 
     /// The summary a user replica's sync compares: of the part a partial replica holds.
@@ -104,7 +105,7 @@ impl Server {
     }
 
     pub(crate) fn on_replica_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
-        if self.wait_for_omitted_bodies(id, mailbox, guids) {
+        if self.wait_for_omitted_bodies(id, mailbox, guids, false) {
             return;
         }
         self.answer_replica_bodies(id, mailbox, guids);
@@ -112,10 +113,14 @@ impl Server {
 
     /// `ReplicaBodies` answered with what is here now.
     pub(crate) fn answer_replica_bodies(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
-        let Some(m) = self.image.mailbox(mailbox) else {
-            self.out.reply(id, ClientReply::ReplicaBodies { bodies: Vec::new() });
-            return;
-        };
+        let bodies = self.intact_bodies_of(mailbox, guids);
+        self.out.reply(id, ClientReply::ReplicaBodies { bodies });
+    }
+
+    /// The intact bodies held here of live messages of `mailbox` among `guids`, within
+    /// `ReplicaBodies`' limits.
+    pub(crate) fn intact_bodies_of(&mut self, mailbox: &MailboxKey, guids: &[Guid]) -> Vec<(Guid, Body)> {
+        let Some(m) = self.image.mailbox(mailbox) else { return Vec::new() };
         // A live message of the mailbox, by the GUID index; no more asked than answered.
         let held: BTreeSet<Guid> =
             guids.iter().take(REPLICA_BODIES_MAX).copied().filter(|g| m.messages.has_guid(*g)).collect();
@@ -131,7 +136,7 @@ impl Server {
                 bodies.push((guid, body));
             }
         }
-        self.out.reply(id, ClientReply::ReplicaBodies { bodies });
+        bodies
     }
 
     /// Stores the given bodies that belong to records of `state` (checked against their
@@ -267,7 +272,13 @@ impl Server {
         if !missing.is_empty() {
             self.out.reply_when_durable(
                 id,
-                ClientReply::ReplicaAdopted { pushed_upto, missing, held: Vec::new(), summary: None },
+                ClientReply::ReplicaAdopted {
+                    pushed_upto,
+                    missing,
+                    held: Vec::new(),
+                    summary: None,
+                    texts_wanted: Vec::new(),
+                },
             );
             return;
         }
@@ -304,8 +315,9 @@ impl Server {
         let held = self.held_as_cluster_has(&state);
         let own = self.user_replica_partial().cloned();
         let summary = self.replica_summary(&state.mailbox, own.as_ref());
-        self.out
-            .reply_when_durable(id, ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held, summary });
+        let texts_wanted = self.texts_wanted_of(&state.mailbox);
+        let reply = ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held, summary, texts_wanted };
+        self.out.reply_when_durable(id, reply);
     }
 
     /// The cluster's copy without the messages a client of this replica expunged since

@@ -684,6 +684,7 @@ impl Server {
     /// log, not wanted, not needed by a job. A COPY or a replica's FETCH that comes later
     /// finds no body here and is served by a server that still holds the message.
     pub(crate) fn collect_bodies(&mut self) {
+        self.collect_text_parts();
         let candidates: Vec<Guid> = self.image.unreferenced_bodies().take(COLLECT_PER_PASS_MAX).collect();
         // A body no record here holds may still be needed: the message may have moved
         // (a RENAME whose new mailbox arrives later, by SYNC after a log overflow) to a

@@ -23,6 +23,7 @@ pub(crate) mod parsed;
 pub(crate) mod recent;
 pub(crate) mod session;
 mod special_use;
+pub(crate) mod text_parts;
 pub(crate) mod thread;
 mod utf7;
 mod wire;

@@ -1,6 +1,6 @@
 use super::parsed::Parsed;
 use super::wire::{astring, literal, string, text_literal};
-use super::{mime, thread};
+use super::{mime, text_parts, thread};
 use crate::front::{Front, LoginError, UserSession};
 use crate::node::NodeHandle;
 use crate::peer::PeerIo;
@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::io::{ClientReply, ClientRequest, MailboxChanges, MailboxStatus, MailboxView, MessageView};
 use tandem_core::msg::{FailKind, WriteResult};
-use tandem_core::types::{Flag, MailboxKey, SpecialUse, Uid};
+use tandem_core::types::{Body, Flag, Guid, MailboxKey, SpecialUse, Uid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -1777,7 +1777,7 @@ impl Session {
         let mut next = (needs_body && !batches.is_empty()).then(|| read_batch(self, batches[0]));
         // Messages whose bodies are not here: being repaired from a peer, or (on a partial
         // replica) left on the cluster until a client asks, as this one does now.
-        let mut absent: Vec<Uid> = Vec::new();
+        let mut absent: Vec<usize> = Vec::new();
         for (i, &(start, end)) in batches.iter().enumerate() {
             let bodies = match next.take() {
                 Some(read) => read.await.unwrap_or_default(),
@@ -1787,12 +1787,12 @@ impl Session {
                 next = Some(read_batch(self, following));
             }
             let mut out = Vec::new();
-            for (seq, _, m, recent) in &rows[start..end] {
+            for (row, (seq, _, m, recent)) in rows[start..end].iter().enumerate() {
                 let parsed = parsed_only.then(|| self.front.parsed.get(m.guid)).flatten();
                 let body = bodies.get(&m.guid).map(|b| b.as_ref());
                 if needs_body && body.is_none() && parsed.is_none() {
                     // Not here yet: say nothing rather than lie.
-                    absent.push(m.uid);
+                    absent.push(start + row);
                     continue;
                 }
                 let message = Message::new(body.unwrap_or_default(), parsed);
@@ -1823,6 +1823,13 @@ impl Session {
                 self.flush().await?;
             }
         }
+        if !absent.is_empty() {
+            // A partial replica answers what it can from the text parts it holds of a
+            // large message (its text, its structure); the rest is asked for below.
+            let answered = self.fetch_from_text_parts(&items, &rows, &absent).await?;
+            absent.retain(|i| !answered.contains(i));
+        }
+        let absent: Vec<Uid> = absent.iter().filter_map(|i| rows.get(*i)).map(|r| r.1).collect();
         if !absent.is_empty()
             && let Some(mailbox) = self.selected.as_ref().map(|s| s.mailbox.clone())
         {
@@ -1838,6 +1845,52 @@ impl Session {
             ));
         }
         Ok(format!("{}FETCH done", if uid { "UID " } else { "" }))
+    }
+
+    /// FETCH responses from text parts (see [`text_parts`]) for the rows whose bodies are
+    /// not here, where every item can be answered from them. The rows answered.
+    async fn fetch_from_text_parts(
+        &mut self,
+        items: &[MessageDataItemName<'_>],
+        rows: &[(usize, Uid, MessageView, bool)],
+        absent: &[usize],
+    ) -> Result<BTreeSet<usize>> {
+        let guids: Vec<Guid> = absent.iter().filter_map(|i| rows.get(*i)).map(|r| r.2.guid).collect();
+        let held: BTreeMap<Guid, Body> = match self.node.request(ClientRequest::ReadTextParts { guids }).await {
+            ClientReply::TextParts { parts } => parts.into_iter().collect(),
+            _ => return Ok(BTreeSet::new()),
+        };
+        let mut answered = BTreeSet::new();
+        let mut out = Vec::new();
+        for &i in absent {
+            let Some((seq, _, m, recent)) = rows.get(i) else { continue };
+            let Some(parts) = held.get(&m.guid).and_then(|b| text_parts::TextParts::decode(b)) else { continue };
+            if !parts.answer(items) {
+                continue;
+            }
+            let message = Message::new(&parts.abridged, Some(parts.parsed()));
+            let before = out.len();
+            out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
+            let mut ok = true;
+            for (n, item) in items.iter().enumerate() {
+                if n > 0 {
+                    out.push(b' ');
+                }
+                if fetch_item(&mut out, item, m, *recent, &message).is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                // Left for the whole body (which the error, if it is the body's, repeats).
+                out.truncate(before);
+                continue;
+            }
+            out.extend_from_slice(b")\r\n");
+            answered.insert(i);
+        }
+        self.out.extend_from_slice(&out);
+        Ok(answered)
     }
 
     async fn store(
