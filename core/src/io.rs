@@ -288,11 +288,11 @@ pub enum ClientRequest {
         mailbox: MailboxKey,
         bodies: Vec<(Guid, Body)>,
     },
-    /// The whole bodies of these messages of `mailbox`, to be cut to their text parts
-    /// for a partial replica (see [`crate::partial`]): answered with
-    /// `ClientReply::ReplicaTextParts`, which the driver that carries it to the agent cuts
-    /// (the driver knows the mail format; the core never parses mail). Only a live
-    /// message of the mailbox is answered, as for `ReplicaBodies`.
+    /// The text parts of these messages of `mailbox`, for a partial replica (see
+    /// [`crate::partial`]): cut from their whole bodies by the driver's store
+    /// (`BodyStore::text_parts`: the driver knows the mail format, the core never parses
+    /// mail), or as a partial server holds them. Only a live message of the mailbox is
+    /// answered, as for `ReplicaBodies`.
     ReplicaTextParts {
         mailbox: MailboxKey,
         guids: Vec<Guid>,
@@ -417,10 +417,9 @@ pub enum ClientReply {
     ReplicaBodies {
         bodies: Vec<(Guid, Body)>,
     },
-    /// `ReplicaTextParts`: the whole bodies found (intact), before the driver cuts each
-    /// to its text parts on the way to the agent; the agent receives the text parts.
+    /// `ReplicaTextParts`: the text parts found; the others are not here.
     ReplicaTextParts {
-        bodies: Vec<(Guid, Body)>,
+        parts: Vec<(Guid, Body)>,
     },
     /// `ReadTextParts`: the text parts held, of those asked for.
     TextParts {

@@ -105,6 +105,12 @@ pub enum Frame {
         guid: Guid,
         checksum: Option<u64>,
     },
+    /// The core asked its store to cut a body to its text parts (for a partial replica):
+    /// the answer, its bytes kept like a read body's.
+    TextParts {
+        guid: Guid,
+        parts: Option<Body>,
+    },
 }
 
 /// The first fields of a header frame, which every format keeps in place.

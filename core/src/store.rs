@@ -331,7 +331,20 @@ pub trait BodyStore: Send + std::fmt::Debug {
     fn checksum(&self, guid: Guid) -> Option<u64> {
         self.read(guid).map(|bytes| crate::hash::body_checksum(&bytes))
     }
+
+    /// The text parts of the message `guid` whose whole body is `body`, for a partial
+    /// replica that omits large bodies (see [`crate::partial`]): what it holds of such a
+    /// message. The driver knows the mail format (the node cuts by MIME parts); the core
+    /// never parses mail. None from a store that does not cut. Deterministic for given
+    /// bytes.
+    fn text_parts(&self, guid: Guid, body: &[u8]) -> Option<Body> {
+        let _ = (guid, body);
+        None
+    }
 }
+
+/// How a driver cuts a message to its text parts (see [`BodyStore::text_parts`]).
+pub type TextPartsCut = fn(&[u8]) -> Body;
 
 /// A body store in memory, shared between the driver that writes it and the core that
 /// reads it (the simulator, tests, the fuzzer).
@@ -339,6 +352,8 @@ pub trait BodyStore: Send + std::fmt::Debug {
 pub struct MemoryBodies {
     /// Each body with the checksum of its bytes, taken when they were put.
     bodies: std::sync::Arc<std::sync::Mutex<BTreeMap<Guid, (Body, u64)>>>,
+    /// How this driver cuts text parts, if it does.
+    cut: Option<TextPartsCut>,
 }
 
 impl MemoryBodies {
@@ -346,7 +361,12 @@ impl MemoryBodies {
     /// shares the store).
     pub fn deep_copy(&self) -> MemoryBodies {
         let bodies = self.locked().clone();
-        MemoryBodies { bodies: std::sync::Arc::new(std::sync::Mutex::new(bodies)) }
+        MemoryBodies { bodies: std::sync::Arc::new(std::sync::Mutex::new(bodies)), cut: self.cut }
+    }
+    /// This store, cutting text parts with `cut`.
+    pub fn cutting(mut self, cut: TextPartsCut) -> MemoryBodies {
+        self.cut = Some(cut);
+        self
     }
     fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, (Body, u64)>> {
         // A panic elsewhere while holding the lock leaves the map itself whole.
@@ -386,6 +406,10 @@ impl BodyStore for MemoryBodies {
         let checksum = self.locked().get(&guid).map(|(_, checksum)| *checksum);
         debug_assert_eq!(checksum, self.read(guid).map(|b| crate::hash::body_checksum(&b)));
         checksum
+    }
+
+    fn text_parts(&self, _guid: Guid, body: &[u8]) -> Option<Body> {
+        self.cut.map(|cut| cut(body))
     }
 }
 

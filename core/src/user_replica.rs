@@ -571,7 +571,7 @@ impl ReplicaSync {
 
     fn on_text_parts(&mut self, mailbox: MailboxKey, reply: ClientReply) {
         let parts = match reply {
-            ClientReply::ReplicaTextParts { bodies } => bodies,
+            ClientReply::ReplicaTextParts { parts } => parts,
             other => {
                 self.report.failures.push(format!("{mailbox}: the cluster could not read text parts: {other:?}"));
                 return;

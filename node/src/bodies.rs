@@ -370,6 +370,10 @@ impl BodyStore for BodyReader {
             InlineLookup::Unavailable => None,
         }
     }
+
+    fn text_parts(&self, _guid: Guid, body: &[u8]) -> Option<Body> {
+        Some(crate::imap::text_parts::cut(body).into())
+    }
 }
 
 #[cfg(test)]

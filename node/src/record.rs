@@ -328,6 +328,15 @@ impl Recorder {
         }
     }
 
+    /// Text parts the core asked its store to cut, as the store answered.
+    pub fn text_parts(&mut self, guid: Guid, parts: Option<&Body>) {
+        if self.stopped {
+            return;
+        }
+        let parts = parts.map(|b| self.stand_in(b));
+        self.write_or_stop(&Frame::TextParts { guid, parts });
+    }
+
     /// An output the core asked for.
     pub fn output(&mut self, output: &Output) {
         if !self.stopped {
@@ -385,6 +394,12 @@ impl BodyStore for RecordingBodies {
         let checksum = self.inner.checksum(guid);
         lock(&self.recorder).checksum(guid, checksum);
         checksum
+    }
+
+    fn text_parts(&self, guid: Guid, body: &[u8]) -> Option<Body> {
+        let parts = self.inner.text_parts(guid, body);
+        lock(&self.recorder).text_parts(guid, parts.as_ref());
+        parts
     }
 }
 
@@ -446,6 +461,7 @@ mod tests {
                     Frame::Input { .. } => "input",
                     Frame::Read { .. } => "read",
                     Frame::Checksum { .. } => "checksum",
+                    Frame::TextParts { .. } => "text parts",
                     Frame::Outputs { count, .. } => {
                         if *count == 1 {
                             "outputs1"

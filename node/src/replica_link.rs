@@ -183,16 +183,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
                     tracing::warn!(?gate, reason, "a replica request refused");
                     ClientReply::Failed { kind: FailKind::Permanent, reason }
                 }
-                None => match node.request(frame.request).await {
-                    // Whole bodies leave the core; their text parts go over the link.
-                    ClientReply::ReplicaTextParts { bodies } => {
-                        let cut = tokio::task::spawn_blocking(move || {
-                            bodies.into_iter().map(|(g, b)| (g, crate::imap::text_parts::cut(&b).into())).collect()
-                        });
-                        ClientReply::ReplicaTextParts { bodies: cut.await.unwrap_or_default() }
-                    }
-                    other => other,
-                },
+                None => node.request(frame.request).await,
             };
             let _ = replies.send(ReplyFrame { id: frame.id, reply }).await;
         });

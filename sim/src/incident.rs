@@ -238,7 +238,10 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
     while i < frames.len() {
         if let Frame::Input { now, input } = &frames[i] {
             let mut j = i + 1;
-            while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. } | Frame::Checksum { .. })) = frames.get(j) {
+            while let Some(
+                frame @ (Frame::Read { .. } | Frame::Body { .. } | Frame::Checksum { .. } | Frame::TextParts { .. }),
+            ) = frames.get(j)
+            {
                 take(frame, &mut bodies).map_err(missing)?;
                 j += 1;
             }

@@ -32,6 +32,8 @@ pub(crate) struct RecordedReads {
     checksums: Arc<Mutex<BTreeMap<Guid, Option<u64>>>>,
     /// GUIDs the core read that the recording never saw read: a divergence.
     unrecorded: Arc<Mutex<Vec<Guid>>>,
+    /// The text parts the store cut, by GUID (the latest so far).
+    text_parts: Arc<Mutex<BTreeMap<Guid, Option<Body>>>>,
 }
 
 impl RecordedReads {
@@ -40,6 +42,9 @@ impl RecordedReads {
     }
     pub(crate) fn checksums(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<u64>>> {
         self.checksums.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn text_parts(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, Option<Body>>> {
+        self.text_parts.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn unrecorded(&self) -> std::sync::MutexGuard<'_, Vec<Guid>> {
         self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
@@ -65,6 +70,11 @@ impl BodyStore for RecordedReads {
 
     fn checksum(&self, guid: Guid) -> Option<u64> {
         let recorded = self.checksums().get(&guid).copied();
+        self.answer(guid, recorded)
+    }
+
+    fn text_parts(&self, guid: Guid, _body: &[u8]) -> Option<Body> {
+        let recorded = self.text_parts().get(&guid).cloned();
         self.answer(guid, recorded)
     }
 }
@@ -115,6 +125,17 @@ pub(crate) fn take_body_or_read(
         }
         Frame::Checksum { guid, checksum } => {
             reads.checksums().insert(*guid, *checksum);
+        }
+        Frame::TextParts { guid, parts } => {
+            let mut parts = parts.clone();
+            if let Some(b) = &mut parts {
+                let mut missing = None;
+                record::resolve_one(b, bodies, &mut missing);
+                if let Some(key) = missing {
+                    return Err(key);
+                }
+            }
+            reads.text_parts().insert(*guid, parts);
         }
         Frame::Header(_) | Frame::Input { .. } | Frame::Outputs { .. } => {}
     }
@@ -182,7 +203,7 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
     while i < frames.len() {
         match &frames[i] {
             Frame::Header(_) => return Err(format!("a second header at frame {}", i + 1)),
-            frame @ (Frame::Body { .. } | Frame::Read { .. } | Frame::Checksum { .. }) => {
+            frame @ (Frame::Body { .. } | Frame::Read { .. } | Frame::Checksum { .. } | Frame::TextParts { .. }) => {
                 take_body_or_read(frame, &mut bodies, &reads).map_err(missing_body)?;
             }
             Frame::Input { now, input } => {
@@ -190,8 +211,10 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
                 // (with the bytes of bodies read for the first time): the store must
                 // answer them before the core asks.
                 let mut j = i + 1;
-                while let Some(frame @ (Frame::Read { .. } | Frame::Body { .. } | Frame::Checksum { .. })) =
-                    frames.get(j)
+                while let Some(
+                    frame
+                    @ (Frame::Read { .. } | Frame::Body { .. } | Frame::Checksum { .. } | Frame::TextParts { .. }),
+                ) = frames.get(j)
                 {
                     take_body_or_read(frame, &mut bodies, &reads).map_err(missing_body)?;
                     j += 1;
@@ -214,7 +237,7 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
                 let unrecorded = std::mem::take(&mut *reads.unrecorded());
                 if let Some(guid) = unrecorded.first() {
                     let later = frames[j..].iter().position(
-                        |f| matches!(f, Frame::Read { guid: g, .. } | Frame::Checksum { guid: g, .. } if g == guid),
+                        |f| matches!(f, Frame::Read { guid: g, .. } | Frame::Checksum { guid: g, .. } | Frame::TextParts { guid: g, .. } if g == guid),
                     );
                     let inputs_before =
                         |k: usize| frames[..k].iter().filter(|f| matches!(f, Frame::Input { .. })).count();

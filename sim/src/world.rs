@@ -464,7 +464,7 @@ impl World {
                 Node {
                     server: None,
                     disk: DiskImage::default(),
-                    bodies: MemoryBodies::default(),
+                    bodies: sim_bodies(),
                     pending: Vec::new(),
                     replayed: None,
                     fsync_in_flight: false,
@@ -640,6 +640,15 @@ impl World {
                 self.now.plus_us((self.scenario.settle_ms + LAPTOP_SETTLE_TRIPS * slowest_ms) * 1000);
             self.settle_laptops(laptops_deadline.max(settle_deadline));
         }
+        if converged_at.is_some()
+            && let Some(why) = self.wrong_text_parts()
+        {
+            self.oracle.violations.push(oracle::Violation {
+                invariant: oracle::CONVERGENCE,
+                time_us: self.now.0,
+                detail: format!("after the heal: {why}"),
+            });
+        }
         let stores = live_members(&self.nodes, &self.outside_cluster());
         let check_loss = match self.scenario.cluster.durability {
             Durability::Sync => self.lost_for_good <= usize::from(self.scenario.cluster.replicas),
@@ -787,7 +796,7 @@ impl World {
         let Some(node) = self.nodes.get_mut(&sid) else { return };
         if empty {
             node.disk = DiskImage::default();
-            node.bodies = MemoryBodies::default();
+            node.bodies = sim_bodies();
             // A new, empty server under the old id (a replaced disk): what the old one
             // showed no longer binds it, as when a disk is wiped on stop.
             self.oracle.forget_server(sid);
@@ -819,7 +828,7 @@ impl World {
         if !self.alive(sid) {
             if wipe && let Some(node) = self.nodes.get_mut(&sid) {
                 node.disk = DiskImage::default();
-                node.bodies = MemoryBodies::default();
+                node.bodies = sim_bodies();
                 node.lost = true;
                 self.oracle.forget_server(sid);
             }
@@ -837,7 +846,7 @@ impl World {
         node.timer_at = None;
         if wipe {
             node.disk = DiskImage::default();
-            node.bodies = MemoryBodies::default();
+            node.bodies = sim_bodies();
             node.lost = true;
             self.oracle.forget_server(sid);
         }
@@ -1364,14 +1373,11 @@ impl World {
                         if laptop.image().bodies.contains_key(&r.guid) {
                             continue;
                         }
-                        // A body it omits: its text parts are here, cut from the body.
-                        let Some(body) = self.body_on_cluster(r.guid) else { continue };
-                        match laptop.image().text_parts.get(&r.guid) {
-                            None => return Some(format!("{k}: {} lacks the text parts of {}", l.sid, r.guid)),
-                            Some(t) if *t != text_parts_of(&body) => {
-                                return Some(format!("{k}: {} holds wrong text parts of {}", l.sid, r.guid));
-                            }
-                            Some(_) => {}
+                        // A body it omits (and the cluster holds): its text parts are here
+                        // (`wrong_text_parts` checks they are the body's).
+                        let lacks = !laptop.image().text_parts.contains_key(&r.guid);
+                        if lacks && self.body_on_cluster(r.guid).is_some() {
+                            return Some(format!("{k}: {} lacks the text parts of {}", l.sid, r.guid));
                         }
                     }
                 }
@@ -1387,6 +1393,21 @@ impl World {
             for (name, ours) in &mine {
                 if theirs.get(name) != Some(ours) {
                     return Some(format!("{}/{name}: {} has {ours:?}, {csid} {:?}", l.user, l.sid, theirs.get(name)));
+                }
+            }
+        }
+        None
+    }
+
+    /// The first text parts a live server or laptop holds that are not what the driver
+    /// cuts from the message's body on the cluster.
+    fn wrong_text_parts(&self) -> Option<String> {
+        for (sid, node) in &self.nodes {
+            let Some(server) = node.server.as_ref() else { continue };
+            for (guid, parts) in &server.image().text_parts {
+                let Some(body) = self.body_on_cluster(*guid) else { continue };
+                if *parts != text_parts_of(&body) {
+                    return Some(format!("{sid} holds text parts of {guid} that are not its body's"));
                 }
             }
         }
@@ -1741,7 +1762,7 @@ fn describe_reply(reply: &ClientReply) -> String {
             if summary.is_none() { " (no such mailbox)" } else { "" }
         ),
         ClientReply::ReplicaBodies { bodies } => format!("{} bodies", bodies.len()),
-        ClientReply::ReplicaTextParts { bodies } => format!("{} text parts", bodies.len()),
+        ClientReply::ReplicaTextParts { parts } => format!("{} text parts", parts.len()),
         other => format!("{other:?}"),
     }
 }
@@ -1840,6 +1861,11 @@ pub fn describe(envelope: &Envelope) -> String {
         Msg::Error { text } => text.clone(),
     };
     format!("{} {detail}{via}", envelope.msg.name())
+}
+
+/// A node's body store: in memory, cutting text parts as the simulator's driver does.
+fn sim_bodies() -> MemoryBodies {
+    MemoryBodies::default().cutting(text_parts_of)
 }
 
 /// Bytes of a simulated message's text kept in its text parts (after its header).
@@ -1957,14 +1983,6 @@ impl World {
         self.trace_hash = mix64(self.trace_hash ^ reply_hash(t, &reply));
         self.note(|w: &World| format!("{} {sid} -> client #{id} {}", w.ms(), describe_reply(&reply)));
         if let Some(tag) = o.agent {
-            // The driver's part of a text parts answer: whole bodies leave the core and
-            // their text parts go over the link.
-            let reply = match reply {
-                ClientReply::ReplicaTextParts { bodies } => ClientReply::ReplicaTextParts {
-                    bodies: bodies.into_iter().map(|(g, b)| (g, text_parts_of(&b))).collect(),
-                },
-                other => other,
-            };
             // Through the queue, never at once: the agent's next request must not run
             // inside this server's input.
             let delay = if tag.side == user_replica::Side::Cluster { self.laptop_delay_us(tag.laptop) } else { 0 };

@@ -208,6 +208,11 @@ impl Image {
         intact.then_some(bytes)
     }
 
+    /// The text parts the driver cuts from a whole body (see `BodyStore::text_parts`).
+    pub(crate) fn cut_text_parts(&self, guid: Guid, body: &[u8]) -> Option<Body> {
+        self.bodies.text_parts(guid, body)
+    }
+
     /// Writes up to `upto` are on disk: the driver's store holds their bodies now.
     pub(crate) fn durable(&mut self, upto: WriteId) {
         self.unsynced.retain(|_, (id, _)| *id > upto);

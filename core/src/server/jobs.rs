@@ -285,10 +285,9 @@ impl Server {
                 return;
             }
             ClientRequest::ReplicaTextParts { mailbox, guids } => {
-                // A partial cluster server fetches the bodies it omits first.
+                // A partial cluster server fetches the bodies it has neither whole nor cut.
                 if !self.wait_for_omitted_bodies(id, &mailbox, &guids, true) {
-                    let bodies = self.intact_bodies_of(&mailbox, &guids);
-                    self.out.reply(id, ClientReply::ReplicaTextParts { bodies });
+                    self.answer_text_parts(id, &mailbox, &guids);
                 }
                 return;
             }

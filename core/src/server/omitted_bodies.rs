@@ -113,6 +113,7 @@ impl Server {
             .take(super::replica_serving::REPLICA_BODIES_MAX)
             .filter_map(|g| m.messages.find_guid(*g))
             .filter(|r| self.omits(r))
+            .filter(|r| !(text_parts && self.image.disk().text_parts.contains_key(&r.guid)))
             .cloned()
             .collect();
         if absent.is_empty() {
@@ -141,8 +142,7 @@ impl Server {
         self.omitted.waiting = waiting;
         for w in ready {
             if w.text_parts {
-                let bodies = self.intact_bodies_of(&w.mailbox, &w.guids);
-                self.out.reply(w.id, ClientReply::ReplicaTextParts { bodies });
+                self.answer_text_parts(w.id, &w.mailbox, &w.guids);
             } else {
                 self.answer_replica_bodies(w.id, &w.mailbox, &w.guids);
             }
@@ -181,6 +181,8 @@ impl Server {
             return;
         };
         if let Some(body) = self.image.intact_body(record.guid) {
+            // Read once for a client: what stays of it if it goes again.
+            self.keep_text_parts(&record, &body);
             self.out.reply(id, ClientReply::Body { guid: record.guid, body });
             if self.omitted.on_loan.remove(&record.guid) {
                 // Fetched for this read, not to keep (a laptop short of disk).
@@ -276,6 +278,43 @@ impl Server {
             kept += 1;
         }
         self.out.reply_when_durable(id, ClientReply::BodiesKept { kept });
+    }
+
+    /// `ReplicaTextParts` answered with what is here now: the text parts held, and those
+    /// the driver cuts from the intact bodies held (within `ReplicaBodies`' limits).
+    pub(crate) fn answer_text_parts(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
+        let live: Vec<Guid> = match self.image.mailbox(mailbox) {
+            Some(m) => guids
+                .iter()
+                .take(super::replica_serving::REPLICA_BODIES_MAX)
+                .copied()
+                .filter(|g| m.messages.has_guid(*g))
+                .collect(),
+            None => Vec::new(),
+        };
+        let (held, to_cut): (Vec<Guid>, Vec<Guid>) =
+            live.into_iter().partition(|g| self.image.disk().text_parts.contains_key(g));
+        let mut parts = self.text_parts_held(&held);
+        for (guid, body) in self.intact_bodies_of(mailbox, &to_cut) {
+            if let Some(cut) = self.image.cut_text_parts(guid, &body) {
+                parts.push((guid, cut));
+            }
+        }
+        self.out.reply(id, ClientReply::ReplicaTextParts { parts });
+    }
+
+    /// Keeps the text parts of a message whose body this server omits, cut from its
+    /// whole body (which must be the record's) while that is here.
+    pub(crate) fn keep_text_parts(&mut self, record: &MessageRecord, body: &[u8]) {
+        if !self.omits_body(record)
+            || self.image.disk().text_parts.contains_key(&record.guid)
+            || crate::hash::body_checksum(body) != record.checksum
+        {
+            return;
+        }
+        if let Some(bytes) = self.image.cut_text_parts(record.guid, body) {
+            self.commit(StoreWrite::PutTextParts { guid: record.guid, bytes });
+        }
     }
 
     /// The text parts held of these messages (at most `ReplicaBodies`' count).

@@ -182,7 +182,9 @@ impl Server {
         // A partial server takes the record of a large message without its body; its
         // acknowledgement counts for no copy of the message (see `omitted_bodies`).
         let (change, body_dropped) = match change {
-            Change::Save { mailbox, uidvalidity, record, .. } if self.drops_replicated_body(&mailbox, &record) => {
+            Change::Save { mailbox, uidvalidity, record, body } if self.drops_replicated_body(&mailbox, &record) => {
+                // What it keeps of the message: its text parts.
+                self.keep_text_parts(&record, &body);
                 (Change::Copy { mailbox, uidvalidity, record }, true)
             }
             change => (change, false),
