@@ -192,6 +192,23 @@ dHJlYW0KeJytWk1v2zAMvetX6LgdqkqyZNnHYdgwYMCAYTl0t2JbmgZt0iFJ0/77UbYsybQlO2lRoLVN
     }
 
     #[test]
+    fn a_megabyte_attachment_leaves_a_few_hundred_bytes() {
+        let mut msg = MIXED[..MIXED.len() - b"--b1--\r\n".len()].to_vec();
+        msg.extend_from_slice(b"--b1\r\nContent-Type: image/jpeg\r\nContent-Transfer-Encoding: base64\r\n\r\n");
+        for _ in 0..(1 << 20) / 78 {
+            msg.extend_from_slice(&[b'A'; 76]);
+            msg.extend_from_slice(b"\r\n");
+        }
+        msg.extend_from_slice(b"--b1--\r\n");
+        let cut = cut(&msg);
+        assert!(msg.len() > 1 << 20);
+        eprintln!("{} bytes of text parts for {} of message", cut.len(), msg.len());
+        assert!(cut.len() < 2048, "{} bytes of text parts for {} of message", cut.len(), msg.len());
+        let parts = TextParts::decode(&cut).unwrap();
+        assert_eq!(parts.left_out.len(), 2, "the PDF and the photo");
+    }
+
+    #[test]
     fn a_message_of_text_only_is_whole_and_garbage_is_not_text_parts() {
         let plain = b"From: a@example.org\r\nSubject: hi\r\n\r\nJust text.\r\n";
         let parts = TextParts::decode(&cut(plain)).unwrap();
