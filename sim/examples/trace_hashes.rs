@@ -11,14 +11,16 @@ fn main() {
         let scenario = explore::generate(seed);
         let r = run(&scenario, &RunOptions::default());
         println!(
-            "seed {seed} hash {:016x} passed {} msgs {} steps {} sim_us {} wire {} violations {}",
+            "seed {seed} hash {:016x} passed {} msgs {} steps {} sim_us {} wire {} violations {} laptops {} partial_servers {}",
             r.trace_hash,
             r.passed,
             r.messages,
             r.steps,
             r.sim_time_us,
             r.wire_bytes,
-            r.violations.len()
+            r.violations.len(),
+            scenario.cluster.laptops.len(),
+            scenario.cluster.partial_servers.len()
         );
     }
 }
