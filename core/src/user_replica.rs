@@ -134,6 +134,10 @@ enum Awaited {
     KeepTextParts(MailboxKey),
 }
 
+fn bytes_of(items: &[(Guid, Body)]) -> u64 {
+    items.iter().map(|(_, b)| b.len() as u64).sum()
+}
+
 /// Text parts asked for in one `ReplicaTextParts` request at most: the cluster reads
 /// each whole body (large ones, by definition) to cut it, within `ReplicaBodies`' byte
 /// limit; several small requests go at once rather than one that comes back short.
@@ -538,16 +542,12 @@ impl ReplicaSync {
                 return;
             }
         };
-        if bodies.is_empty() {
-            // Expunged on the cluster since: the next sync takes the message away.
-            return;
+        // None: expunged on the cluster since (the next sync takes the message away).
+        self.report.body_bytes_pulled += bytes_of(&bodies);
+        if !bodies.is_empty() {
+            let request = ClientRequest::ReplicaKeepBodies { mailbox: mailbox.clone(), bodies };
+            self.request(Side::Replica, request, Awaited::KeepWanted(mailbox));
         }
-        self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-        self.request(
-            Side::Replica,
-            ClientRequest::ReplicaKeepBodies { mailbox: mailbox.clone(), bodies },
-            Awaited::KeepWanted(mailbox),
-        );
     }
 
     /// Asks the cluster for text parts the replica lacks (of mailboxes the cluster has),
@@ -577,16 +577,12 @@ impl ReplicaSync {
                 return;
             }
         };
-        if parts.is_empty() {
-            // Gone from the cluster since, or its body is not on the server asked.
-            return;
+        // None: gone from the cluster since, or its body is not on the server asked.
+        self.report.text_part_bytes_pulled += bytes_of(&parts);
+        if !parts.is_empty() {
+            let request = ClientRequest::ReplicaKeepTextParts { mailbox: mailbox.clone(), parts };
+            self.request(Side::Replica, request, Awaited::KeepTextParts(mailbox));
         }
-        self.report.text_part_bytes_pulled += parts.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-        self.request(
-            Side::Replica,
-            ClientRequest::ReplicaKeepTextParts { mailbox: mailbox.clone(), parts },
-            Awaited::KeepTextParts(mailbox),
-        );
     }
 
     fn on_text_parts_kept(&mut self, mailbox: MailboxKey, reply: ClientReply) {
@@ -630,7 +626,7 @@ impl ReplicaSync {
         let Some(state) = p.pieces.get(piece).cloned() else { return };
         let from_cluster = p.cluster_held_ranges();
         self.report.bodies_pushed += bodies.len() as u64;
-        self.report.body_bytes_pushed += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.report.body_bytes_pushed += bytes_of(&bodies);
         self.request(
             Side::Cluster,
             ClientRequest::ReplicaPush { state, bodies, from_cluster },
@@ -643,7 +639,7 @@ impl ReplicaSync {
         let Some(state) = p.pieces.get(piece).cloned() else { return };
         let (pushed_upto, from_cluster) = (p.pushed_upto, p.cluster_held_ranges());
         self.report.bodies_pulled += bodies.len() as u64;
-        self.report.body_bytes_pulled += bodies.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.report.body_bytes_pulled += bytes_of(&bodies);
         self.request(
             Side::Replica,
             ClientRequest::ReplicaAdopt { state, bodies, pushed_upto, from_cluster },

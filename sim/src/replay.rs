@@ -113,33 +113,33 @@ pub(crate) fn take_body_or_read(
             bodies.insert(*key, bytes.clone());
         }
         Frame::Read { guid, body } => {
-            let mut body = body.clone();
-            if let Some(b) = &mut body {
-                let mut missing = None;
-                record::resolve_one(b, bodies, &mut missing);
-                if let Some(key) = missing {
-                    return Err(key);
-                }
-            }
+            let body = resolved(body, bodies)?;
             reads.answers().insert(*guid, body);
         }
         Frame::Checksum { guid, checksum } => {
             reads.checksums().insert(*guid, *checksum);
         }
         Frame::TextParts { guid, parts } => {
-            let mut parts = parts.clone();
-            if let Some(b) = &mut parts {
-                let mut missing = None;
-                record::resolve_one(b, bodies, &mut missing);
-                if let Some(key) = missing {
-                    return Err(key);
-                }
-            }
+            let parts = resolved(parts, bodies)?;
             reads.text_parts().insert(*guid, parts);
         }
         Frame::Header(_) | Frame::Input { .. } | Frame::Outputs { .. } => {}
     }
     Ok(())
+}
+
+/// A recorded answer's bytes, with a stand-in replaced by the body it refers to (its key
+/// is the error when that body's frame has not come yet).
+fn resolved(answer: &Option<Body>, bodies: &BTreeMap<BodyKey, Body>) -> Result<Option<Body>, BodyKey> {
+    let mut answer = answer.clone();
+    if let Some(b) = &mut answer {
+        let mut missing = None;
+        record::resolve_one(b, bodies, &mut missing);
+        if let Some(key) = missing {
+            return Err(key);
+        }
+    }
+    Ok(answer)
 }
 
 /// The core a recording begins with: recovered from the header's store, or, for a file

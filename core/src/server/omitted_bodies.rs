@@ -61,6 +61,15 @@ impl OmittedBodies {
     }
 }
 
+/// Why bytes an agent brings to its replica in one request are refused, if they are: more
+/// than a push may carry.
+fn over_push_limits(items: &[(Guid, Body)], what: &str) -> Option<String> {
+    let (count_max, bytes_max) = (crate::limits::REPLICA_PUSH_BODIES_MAX, crate::limits::REPLICA_PUSH_BYTES_MAX);
+    let bytes: usize = items.iter().map(|(_, b)| b.len()).sum();
+    (items.len() > count_max || bytes > bytes_max)
+        .then(|| format!("at most {count_max} {what} of {bytes_max} bytes in all at once"))
+}
+
 impl Server {
     /// The size above which this server holds bodies only on demand: a partial user
     /// replica's limit, or a partial cluster server's (which holds the record of every
@@ -255,13 +264,7 @@ impl Server {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
-        let bytes: usize = parts.iter().map(|(_, b)| b.len()).sum();
-        if parts.len() > crate::limits::REPLICA_PUSH_BODIES_MAX || bytes > crate::limits::REPLICA_PUSH_BYTES_MAX {
-            let reason = format!(
-                "at most {} text parts of {} bytes in all at once",
-                crate::limits::REPLICA_PUSH_BODIES_MAX,
-                crate::limits::REPLICA_PUSH_BYTES_MAX
-            );
+        if let Some(reason) = over_push_limits(&parts, "text parts") {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
@@ -351,13 +354,7 @@ impl Server {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
-        let bytes: usize = bodies.iter().map(|(_, b)| b.len()).sum();
-        if bodies.len() > crate::limits::REPLICA_PUSH_BODIES_MAX || bytes > crate::limits::REPLICA_PUSH_BYTES_MAX {
-            let reason = format!(
-                "at most {} bodies of {} bytes in all at once",
-                crate::limits::REPLICA_PUSH_BODIES_MAX,
-                crate::limits::REPLICA_PUSH_BYTES_MAX
-            );
+        if let Some(reason) = over_push_limits(&bodies, "bodies") {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
