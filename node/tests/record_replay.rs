@@ -218,3 +218,35 @@ fn a_recording_without_bodies_holds_no_mail_and_says_it_cannot_replay() {
     let err = tandem_sim::replay::replay(&other, false).expect_err("another build");
     assert!(err.contains("core build 0.0.0+src.0000000000000000") && err.contains("--any-build"), "{err}");
 }
+
+/// A partial server's recording (issue 17): the text parts its store cut from a large
+/// replicated save are recorded as the store's answer (a `TextParts` frame), and the
+/// recording replays without divergence on a core whose store cuts nothing.
+#[test]
+fn a_partial_server_s_text_parts_are_recorded_and_replay() {
+    let c = Cluster::start_with(3, "mode = \"sync\"\nreplicas = 1", |i| {
+        let partial = if i == 2 { "partial = { body_bytes_max = 400 }\n" } else { "" };
+        format!("{partial}[record]\ndir = \"rec-{}\"\nmax_mb = 64\nbodies = true\n", i + 1)
+    });
+    let mailbox = "fay@example.org/INBOX";
+    let big = format!(
+        "Subject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n\
+         Content-Type: text/plain\r\n\r\nthe text\r\n--b\r\nContent-Type: image/png\r\n\r\n{}\r\n--b--\r\n",
+        "iVBORw0KGgo".repeat(100)
+    );
+    c.deliver(0, mailbox, &big).expect("delivered");
+    c.converged(mailbox, CONVERGE);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut cut = 0;
+    for file in recordings(&c, 2) {
+        let recording = tandem_sim::replay::load(&file).expect("the recording reads");
+        cut += recording
+            .frames
+            .iter()
+            .filter(|f| matches!(f, tandem_core::record::Frame::TextParts { parts: Some(_), .. }))
+            .count();
+        let report = tandem_sim::replay::replay(&recording, false).expect("the recording replays");
+        assert!(report.divergence.is_none(), "{}: {:?}", file.display(), report.divergence);
+    }
+    assert!(cut >= 1, "the partial server cut the big message's text parts");
+}
