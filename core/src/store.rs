@@ -442,6 +442,10 @@ pub struct DiskImage {
     /// [`crate::partial`]), by GUID: opaque bytes the driver cut from the whole body.
     #[serde(default)]
     pub text_parts: BTreeMap<Guid, Body>,
+    /// Omitted bodies fetched for a client's read and not to be kept
+    /// (`Partial::keep_fetched` false): each is dropped once read, across a restart too.
+    #[serde(default)]
+    pub on_loan: BTreeSet<Guid>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -517,6 +521,12 @@ pub enum StoreWrite {
     RemoveTextParts {
         guid: Guid,
     },
+    /// An omitted body fetched for a client's read is (or is no longer) to be dropped
+    /// once read.
+    OnLoan {
+        guid: Guid,
+        on_loan: bool,
+    },
     /// A replica takes its master's UIDVALIDITY for the mailbox (see
     /// `mailbox::merge_as_replica`): the old one's tombstones and retired UIDs go (its
     /// messages go by their own writes, before); the meta write sets the new value.
@@ -542,6 +552,7 @@ impl StoreWrite {
             | StoreWrite::RemoveBody { .. }
             | StoreWrite::PutTextParts { .. }
             | StoreWrite::RemoveTextParts { .. }
+            | StoreWrite::OnLoan { .. }
             | StoreWrite::LogAppend { .. }
             | StoreWrite::LogRemove { .. }
             | StoreWrite::Epoch { .. }
@@ -607,6 +618,12 @@ impl DiskImage {
             }
             StoreWrite::RemoveTextParts { guid } => {
                 self.text_parts.remove(guid);
+            }
+            StoreWrite::OnLoan { guid, on_loan: true } => {
+                self.on_loan.insert(*guid);
+            }
+            StoreWrite::OnLoan { guid, on_loan: false } => {
+                self.on_loan.remove(guid);
             }
             StoreWrite::LogAppend { peer, seq, change } => {
                 let log = self.logs.entry(*peer).or_default();

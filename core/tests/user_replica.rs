@@ -425,6 +425,11 @@ fn a_body_fetched_for_one_read_is_dropped_again_when_not_kept() {
     assert!(matches!(w.request(LAPTOP, fetch.clone()), ClientReply::Failed { kind: FailKind::Temporary, .. }));
     let (brought, marks) = w.sync(S2, marks);
     assert_eq!(brought.bodies_on_demand, 1, "{brought:?}");
+    // A restart between the fetch and the read forgets nothing: the body is still on loan.
+    let laptop = &w.servers[&LAPTOP];
+    let (cfg, disk) = (laptop.config().clone(), laptop.image().clone());
+    w.servers.insert(LAPTOP, Server::recover(cfg, disk, 100, Box::new(w.bodies[&LAPTOP].clone())));
+    w.tick();
     assert!(matches!(w.request(LAPTOP, fetch.clone()), ClientReply::Body { .. }));
     assert!(matches!(w.request(LAPTOP, fetch), ClientReply::Failed { kind: FailKind::Temporary, .. }), "dropped");
     // The scrub does not take the omitted body for a lost one: nothing to repair, and

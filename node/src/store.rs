@@ -49,6 +49,8 @@ const LOG_OVERFLOWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log_
 /// guid -> a partial replica's text parts of a message whose body it omits (small: the
 /// text of large messages only, so in a table rather than body files).
 const TEXT_PARTS: TableDefinition<u128, &[u8]> = TableDefinition::new("text_parts");
+/// guid -> nothing: omitted bodies fetched for a client's read, dropped once read.
+const ON_LOAN: TableDefinition<u128, &[u8]> = TableDefinition::new("on_loan");
 
 #[derive(Debug)]
 pub struct StoreError(pub String);
@@ -159,6 +161,7 @@ impl Store {
             txn.open_table(LIFECYCLES)?;
             txn.open_table(RETIRED)?;
             txn.open_table(TEXT_PARTS)?;
+            txn.open_table(ON_LOAN)?;
         }
         txn.commit()?;
         index.attach(db.clone());
@@ -215,6 +218,7 @@ impl Store {
         copy_table(src, dst, RETIRED)?;
         copy_table(src, dst, LOG_OVERFLOWED)?;
         copy_table(src, dst, TEXT_PARTS)?;
+        copy_table(src, dst, ON_LOAN)?;
         copy_table(src, dst, crate::bodies::INLINE_CHUNKS)?;
         copy_table(src, dst, crate::bodies::INLINE_TAILS)?;
         let mut in_files = BTreeSet::new();
@@ -370,6 +374,10 @@ impl Store {
             let (k, v) = row?;
             image.text_parts.insert(Guid(k.value()), Body::copy_from_slice(v.value()));
         }
+        for row in txn.open_table(ON_LOAN)?.iter()? {
+            let (k, _) = row?;
+            image.on_loan.insert(Guid(k.value()));
+        }
         Ok(image)
     }
 
@@ -392,6 +400,7 @@ impl Store {
             let mut retired_uids = txn.open_table(RETIRED)?;
             let mut membership = txn.open_table(MEMBERSHIP)?;
             let mut text_parts = txn.open_table(TEXT_PARTS)?;
+            let mut on_loan = txn.open_table(ON_LOAN)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -424,6 +433,12 @@ impl Store {
                     }
                     StoreWrite::RemoveTextParts { guid } => {
                         text_parts.remove(guid.0)?;
+                    }
+                    StoreWrite::OnLoan { guid, on_loan: true } => {
+                        on_loan.insert(guid.0, &[][..])?;
+                    }
+                    StoreWrite::OnLoan { guid, on_loan: false } => {
+                        on_loan.remove(guid.0)?;
                     }
                     StoreWrite::LogAppend { peer, seq, change } => {
                         log_entries.insert((peer.0, *seq), enc(change)?.as_slice())?;
@@ -781,6 +796,9 @@ mod tests {
             StoreWrite::PutTextParts { guid: Guid(7), bytes: Body::from_static(b"the text") },
             StoreWrite::PutTextParts { guid: Guid(8), bytes: Body::from_static(b"gone") },
             StoreWrite::RemoveTextParts { guid: Guid(8) },
+            StoreWrite::OnLoan { guid: Guid(7), on_loan: true },
+            StoreWrite::OnLoan { guid: Guid(8), on_loan: true },
+            StoreWrite::OnLoan { guid: Guid(8), on_loan: false },
         ];
         let mut expected = DiskImage::default();
         for w in &writes {
@@ -798,6 +816,7 @@ mod tests {
         assert_eq!(inbox.retired.collected, 6);
         assert_eq!(loaded.mailboxes[&MailboxKey::new("u@d", "INBOX2")].tombstones.len(), 1);
         assert_eq!(loaded.text_parts.keys().copied().collect::<Vec<_>>(), vec![Guid(7)], "text parts are kept");
+        assert_eq!(loaded.on_loan.iter().copied().collect::<Vec<_>>(), vec![Guid(7)], "and loan marks");
     }
 
     fn store_inline_count(dir: &Path) -> usize {

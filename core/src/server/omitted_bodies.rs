@@ -6,7 +6,7 @@ use crate::io::{ClientReply, RequestId};
 use crate::msg::FailKind;
 use crate::store::StoreWrite;
 use crate::types::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Omitted bodies asked for and not yet brought, at most: a client asking for more
 /// waits for the next sync to bring some first.
@@ -42,11 +42,6 @@ pub(crate) struct WaitingBodies {
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct OmittedBodies {
     wanted: BTreeMap<Guid, MailboxKey>,
-    /// Omitted bodies a client asked for, when they are not kept (`Partial::keep_fetched`
-    /// false): dropped once read. Never one of this server's own messages (whose body is
-    /// here, so never asked for), which may be the only copy.
-    #[serde(default)]
-    on_loan: BTreeSet<Guid>,
     #[serde(default)]
     waiting: Vec<WaitingBodies>,
 }
@@ -57,7 +52,7 @@ impl OmittedBodies {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.wanted.is_empty() && self.on_loan.is_empty() && self.waiting.is_empty()
+        self.wanted.is_empty() && self.waiting.is_empty()
     }
 }
 
@@ -193,16 +188,20 @@ impl Server {
             // Read once for a client: what stays of it if it goes again.
             self.keep_text_parts(&record, &body);
             self.out.reply(id, ClientReply::Body { guid: record.guid, body });
-            if self.omitted.on_loan.remove(&record.guid) {
+            if self.image.disk().on_loan.contains(&record.guid) {
                 // Fetched for this read, not to keep (a laptop short of disk).
+                self.commit(StoreWrite::OnLoan { guid: record.guid, on_loan: false });
                 self.commit(StoreWrite::RemoveBody { guid: record.guid });
             }
             return;
         }
         if self.omits(&record) {
             let keep = self.cfg.partial.as_ref().is_none_or(|p| p.keep_fetched);
-            if !keep && self.omitted.on_loan.len() < WANTED_MAX {
-                self.omitted.on_loan.insert(record.guid);
+            // Never one of this server's own messages (whose body is here, so never asked
+            // for), which may be the only copy.
+            let on_loan = &self.image.disk().on_loan;
+            if !keep && on_loan.len() < WANTED_MAX && !on_loan.contains(&record.guid) {
+                self.commit(StoreWrite::OnLoan { guid: record.guid, on_loan: true });
             }
             if !self.cfg.user_replica {
                 // A partial cluster server: a peer has it.
@@ -330,19 +329,20 @@ impl Server {
             .collect()
     }
 
-    /// Removes the text parts of messages no live record holds any more.
+    /// Removes the text parts (and the loan marks) of messages no live record holds any
+    /// more.
     pub(crate) fn collect_text_parts(&mut self) {
-        let gone: Vec<Guid> = self
-            .image
-            .disk()
-            .text_parts
-            .keys()
-            .filter(|g| !self.image.is_referenced(**g))
-            .take(TEXT_PARTS_COLLECTED_MAX)
-            .copied()
-            .collect();
+        let disk = self.image.disk();
+        let unreferenced = |g: &&Guid| !self.image.is_referenced(**g);
+        let gone: Vec<Guid> =
+            disk.text_parts.keys().filter(unreferenced).take(TEXT_PARTS_COLLECTED_MAX).copied().collect();
+        let returned: Vec<Guid> =
+            disk.on_loan.iter().filter(unreferenced).take(TEXT_PARTS_COLLECTED_MAX).copied().collect();
         for guid in gone {
             self.commit(StoreWrite::RemoveTextParts { guid });
+        }
+        for guid in returned {
+            self.commit(StoreWrite::OnLoan { guid, on_loan: false });
         }
     }
 
