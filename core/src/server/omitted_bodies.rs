@@ -185,10 +185,13 @@ impl Server {
             return;
         };
         if let Some(body) = self.image.intact_body(record.guid) {
-            // Read once for a client: what stays of it if it goes again.
-            self.keep_text_parts(&record, &body);
+            let on_loan = self.image.disk().on_loan.contains(&record.guid);
+            if on_loan {
+                // Read once for a client and going again: its text parts stay.
+                self.keep_text_parts(&record, &body);
+            }
             self.out.reply(id, ClientReply::Body { guid: record.guid, body });
-            if self.image.disk().on_loan.contains(&record.guid) {
+            if on_loan {
                 // Fetched for this read, not to keep (a laptop short of disk).
                 self.commit(StoreWrite::OnLoan { guid: record.guid, on_loan: false });
                 self.commit(StoreWrite::RemoveBody { guid: record.guid });
