@@ -32,7 +32,7 @@ pub(crate) struct WaitingBodies {
     mailbox: MailboxKey,
     guids: Vec<Guid>,
     until: Instant,
-    /// A `ReplicaTextParts` (answered with the whole bodies, which its driver cuts).
+    /// A `ReplicaTextParts` (answered with text parts, cut from the bodies once here).
     #[serde(default)]
     text_parts: bool,
 }
