@@ -142,6 +142,7 @@ fn bytes_of(items: &[(Guid, Body)]) -> u64 {
 /// each whole body (large ones, by definition) to cut it, within `ReplicaBodies`' byte
 /// limit; several small requests go at once rather than one that comes back short.
 const TEXT_PARTS_PER_REQUEST: usize = 8;
+const _: () = assert!(TEXT_PARTS_PER_REQUEST <= crate::server::TEXT_PARTS_ANSWERED_MAX);
 
 /// One mailbox's round.
 #[derive(Clone, Debug, Default)]

@@ -29,6 +29,11 @@ struct World {
     replies: BTreeMap<(Sid, RequestId), ClientReply>,
 }
 
+fn first_line(body: &[u8]) -> Body {
+    let end = body.iter().position(|b| *b == b'\n').map_or(body.len(), |i| i + 1);
+    Body::copy_from_slice(&body[..end])
+}
+
 impl World {
     fn new() -> World {
         World::with_partial(None)
@@ -39,7 +44,8 @@ impl World {
         let mut servers = BTreeMap::new();
         let mut bodies = BTreeMap::new();
         for sid in [S1, S2] {
-            let store = MemoryBodies::default();
+            // The cluster's driver cuts a message to its text parts: here, its first line.
+            let store = MemoryBodies::default().cutting(first_line);
             let mut cfg = Config::new(sid, vec![S1, S2]);
             cfg.replicas = 1;
             servers.insert(sid, Server::new(cfg, 7 + u64::from(sid.0), Box::new(store.clone())));
@@ -440,4 +446,29 @@ fn a_body_fetched_for_one_read_is_dropped_again_when_not_kept() {
     let (again, _) = w.sync(S2, marks);
     assert!(again.converged && again.mailboxes_synced == 0, "{again:?}");
     assert_eq!(w.servers[&LAPTOP].wanted_bodies(), 0, "neither the adopt nor the scrub wants an omitted body");
+}
+
+/// A partial laptop gets the text parts of what it omits in the sync that brings the
+/// record; an agent's text parts request is answered for a bounded number of messages.
+#[test]
+fn a_partial_laptop_gets_text_parts_and_a_request_for_them_is_bounded() {
+    let partial = tandem_core::partial::Partial { body_bytes_max: Some(100), ..Default::default() };
+    let mut w = World::with_partial(Some(partial));
+    for n in 0..20 {
+        w.save_sized(S1, "INBOX", &format!("big {n}"), &[], (1_700_000_000, 500));
+    }
+    let (report, _) = w.sync(S2, SyncMarks::default());
+    assert!(report.converged, "{report:?}");
+    assert_eq!(report.text_parts_pulled, 20, "{report:?}");
+    let laptop = w.servers[&LAPTOP].image();
+    assert_eq!(laptop.text_parts.len(), 20);
+    assert!(laptop.text_parts.values().all(|t| t.starts_with(b"Subject: big ") && t.len() < 20), "first lines only");
+    let guids: Vec<Guid> = w.view(S1, "INBOX").messages.iter().map(|m| m.guid).collect();
+    let asked = ClientRequest::ReplicaTextParts { mailbox: key("INBOX"), guids };
+    match w.request(S1, asked) {
+        ClientReply::ReplicaTextParts { parts } => {
+            assert_eq!(parts.len(), tandem_core::server::TEXT_PARTS_ANSWERED_MAX)
+        }
+        other => panic!("{other:?}"),
+    }
 }

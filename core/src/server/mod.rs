@@ -15,6 +15,7 @@ mod log_progress;
 mod masters;
 mod members;
 pub(crate) mod omitted_bodies;
+pub use omitted_bodies::TEXT_PARTS_ANSWERED_MAX;
 mod outbox;
 pub(crate) mod replica_serving;
 mod replication;

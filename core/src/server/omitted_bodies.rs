@@ -21,6 +21,10 @@ pub const TEXTS_WANTED_MAX: usize = 256;
 /// What a message's text parts may take beyond its own size: the driver's cut may carry
 /// a description of the whole message (its MIME structure) beside the parts it keeps.
 pub const TEXT_PARTS_OVERHEAD_MAX: usize = 64 * 1024;
+/// Messages one `ReplicaTextParts` is answered for at most: each is a large body read
+/// and cut (by the driver, on the core's turn), so a logged-in user's agent cannot make
+/// one request cost more than a few of them (the agent asks 8 at a time).
+pub const TEXT_PARTS_ANSWERED_MAX: usize = 16;
 /// Text parts removed per maintenance pass at most, once their messages are gone.
 const TEXT_PARTS_COLLECTED_MAX: usize = 1024;
 
@@ -112,9 +116,11 @@ impl Server {
             return false;
         }
         let Some(m) = self.image.mailbox(mailbox) else { return false };
+        let answered_max =
+            if text_parts { TEXT_PARTS_ANSWERED_MAX } else { super::replica_serving::REPLICA_BODIES_MAX };
         let absent: Vec<MessageRecord> = guids
             .iter()
-            .take(super::replica_serving::REPLICA_BODIES_MAX)
+            .take(answered_max)
             .filter_map(|g| m.messages.find_guid(*g))
             .filter(|r| self.omits(r))
             .filter(|r| !(text_parts && self.image.disk().text_parts.contains_key(&r.guid)))
@@ -289,12 +295,9 @@ impl Server {
     /// the driver cuts from the intact bodies held (within `ReplicaBodies`' limits).
     pub(crate) fn answer_text_parts(&mut self, id: RequestId, mailbox: &MailboxKey, guids: &[Guid]) {
         let live: Vec<Guid> = match self.image.mailbox(mailbox) {
-            Some(m) => guids
-                .iter()
-                .take(super::replica_serving::REPLICA_BODIES_MAX)
-                .copied()
-                .filter(|g| m.messages.has_guid(*g))
-                .collect(),
+            Some(m) => {
+                guids.iter().take(TEXT_PARTS_ANSWERED_MAX).copied().filter(|g| m.messages.has_guid(*g)).collect()
+            }
             None => Vec::new(),
         };
         let (held, to_cut): (Vec<Guid>, Vec<Guid>) =
