@@ -137,10 +137,6 @@ fn retried_deliveries_stored_twice_are_caught() {
     catch_and_shrink(Bug::StoreRetriesTwice);
 }
 
-/// The explorer's workloads rarely put a retry's answer between a timed-out save's
-/// arrival and its cancel's (it takes a link slower than the request timeout and a retry
-/// in that window; none in 400 seeds on 2026-12-02), so this variant is shown caught by
-/// the scenario made for it: the oracle finds the acknowledged retry lost.
 /// The scenario file (in `scenarios/`) breaks `invariant` first with the bug, and
 /// passes without it.
 fn scenario_catches(file: &str, bug: Bug, invariant: &str) {
@@ -152,6 +148,10 @@ fn scenario_catches(file: &str, bug: Bug, invariant: &str) {
     assert!(fixed.passed, "{:?}", fixed.failures);
 }
 
+/// The explorer's workloads rarely put a retry's answer between a timed-out save's
+/// arrival and its cancel's (it takes a link slower than the request timeout and a retry
+/// in that window; none in 400 seeds on 2026-12-02), so this variant is shown caught by
+/// the scenario made for it: the oracle finds the acknowledged retry lost.
 #[test]
 fn cancelling_a_save_a_retry_was_answered_with_is_caught() {
     scenario_catches("cancel-after-retry-keeps-it.toml", Bug::CancelClaimedSaves, "no_acked_loss");

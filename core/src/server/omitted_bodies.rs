@@ -37,7 +37,6 @@ pub(crate) struct WaitingBodies {
     guids: Vec<Guid>,
     until: Instant,
     /// A `ReplicaTextParts` (answered with text parts, cut from the bodies once here).
-    #[serde(default)]
     text_parts: bool,
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tandem_core::types::Guid;
 
 /// The response bytes of one message's parsed FETCH items.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Parsed {
     pub envelope: Vec<u8>,
     pub body: Vec<u8>,
@@ -17,6 +17,15 @@ pub struct Parsed {
 }
 
 impl Parsed {
+    /// ENVELOPE, BODY and BODYSTRUCTURE of `msg`, whose MIME tree is `structure`.
+    pub fn of(msg: &[u8], structure: &super::mime::Structure) -> Parsed {
+        Parsed {
+            envelope: super::mime::envelope(msg),
+            body: super::mime::describe(msg, structure, false),
+            bodystructure: super::mime::describe(msg, structure, true),
+        }
+    }
+
     fn bytes(&self) -> usize {
         self.envelope.len() + self.body.len() + self.bodystructure.len() + 64
     }

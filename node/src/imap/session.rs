@@ -1796,20 +1796,11 @@ impl Session {
                     continue;
                 }
                 let message = Message::new(body.unwrap_or_default(), parsed);
-                let answered = out.len();
-                out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b' ');
-                    }
-                    if let Err(why) = fetch_item(&mut out, item, m, *recent, &message) {
-                        // What was answered for earlier messages stands.
-                        out.truncate(answered);
-                        self.out.extend_from_slice(&out);
-                        return Err(format!("NO [UNKNOWN-CTE] message {seq}: {why}"));
-                    }
+                if let Err(why) = fetch_row(&mut out, *seq, &items, m, *recent, &message) {
+                    // What was answered for earlier messages stands.
+                    self.out.extend_from_slice(&out);
+                    return Err(format!("NO [UNKNOWN-CTE] message {seq}: {why}"));
                 }
-                out.extend_from_slice(b")\r\n");
                 // A body read whole anyway is parsed while it is here (as Dovecot caches
                 // what it learns on a FETCH): the client's next ENVELOPE or
                 // BODYSTRUCTURE of it reads nothing.
@@ -1868,26 +1859,12 @@ impl Session {
             if !parts.answer(items) {
                 continue;
             }
-            let message = Message::new(&parts.abridged, Some(parts.parsed()));
-            let before = out.len();
-            out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
-            let mut ok = true;
-            for (n, item) in items.iter().enumerate() {
-                if n > 0 {
-                    out.push(b' ');
-                }
-                if fetch_item(&mut out, item, m, *recent, &message).is_err() {
-                    ok = false;
-                    break;
-                }
+            let message = Message::new(&parts.abridged, Some(Arc::new(parts.whole)));
+            // An item that fails is left for the whole body (which repeats the error if
+            // it is the body's).
+            if fetch_row(&mut out, *seq, items, m, *recent, &message).is_ok() {
+                answered.insert(i);
             }
-            if !ok {
-                // Left for the whole body (which the error, if it is the body's, repeats).
-                out.truncate(before);
-                continue;
-            }
-            out.extend_from_slice(b")\r\n");
-            answered.insert(i);
         }
         self.out.extend_from_slice(&out);
         Ok(answered)
@@ -2689,19 +2666,36 @@ impl<'a> Message<'a> {
 
     /// ENVELOPE, BODY and BODYSTRUCTURE (parsed from the bytes unless the cache had them).
     fn parsed(&self) -> Arc<Parsed> {
-        self.parsed
-            .get_or_init(|| {
-                Arc::new(Parsed {
-                    envelope: mime::envelope(self.bytes),
-                    body: mime::describe(self.bytes, self.structure(), false),
-                    bodystructure: mime::describe(self.bytes, self.structure(), true),
-                })
-            })
-            .clone()
+        self.parsed.get_or_init(|| Arc::new(Parsed::of(self.bytes, self.structure()))).clone()
     }
 }
 
 /// One FETCH item of one message; `Err` when a BINARY section's encoding cannot be undone.
+/// One message's FETCH response (`* seq FETCH (...)`) appended to `out`; on an item's
+/// error nothing of it is left in `out`.
+fn fetch_row(
+    out: &mut Vec<u8>,
+    seq: usize,
+    items: &[MessageDataItemName<'_>],
+    m: &MessageView,
+    recent: bool,
+    message: &Message<'_>,
+) -> std::result::Result<(), String> {
+    let start = out.len();
+    out.extend_from_slice(format!("* {seq} FETCH (").as_bytes());
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        if let Err(why) = fetch_item(out, item, m, recent, message) {
+            out.truncate(start);
+            return Err(why);
+        }
+    }
+    out.extend_from_slice(b")\r\n");
+    Ok(())
+}
+
 fn fetch_item(
     out: &mut Vec<u8>,
     item: &MessageDataItemName<'_>,

@@ -14,15 +14,12 @@ use super::parsed::Parsed;
 use crate::codec::{Bincode, RecordCodec};
 use imap_codec::imap_types::fetch::{MessageDataItemName, Section};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// What a partial replica holds of a message whose body it omits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TextParts {
     /// ENVELOPE, BODY and BODYSTRUCTURE of the whole message.
-    pub envelope: Vec<u8>,
-    pub body: Vec<u8>,
-    pub bodystructure: Vec<u8>,
+    pub whole: Parsed,
     /// The message with the bodies of the parts in `left_out` emptied: every header and
     /// every boundary stays, so its MIME parts have the whole message's numbers.
     pub abridged: Vec<u8>,
@@ -40,8 +37,6 @@ fn is_text(part: &mime::Part) -> bool {
 /// Cuts `msg` to its text parts (encoded for the link and the store).
 pub fn cut(msg: &[u8]) -> Vec<u8> {
     let structure = Structure::of(msg);
-    let whole = Message { bytes: msg, structure: &structure };
-    let parsed = whole.parsed();
     let leaves: Vec<usize> = (0..structure.parts.len())
         .filter(|&i| structure.parts[i].holds == Holds::Nothing && !is_text(&structure.parts[i]))
         .collect();
@@ -64,31 +59,10 @@ pub fn cut(msg: &[u8]) -> Vec<u8> {
         abridged = msg[..mime::header_end(msg)].to_vec();
         left_out = vec![0];
     }
-    let parts = TextParts {
-        envelope: parsed.envelope,
-        body: parsed.body,
-        bodystructure: parsed.bodystructure,
-        abridged,
-        left_out,
-    };
+    let parts = TextParts { whole: Parsed::of(msg, &structure), abridged, left_out };
     // Encoding plain bytes and vectors cannot fail; an empty answer is one the replica
     // cannot read, and its FETCH then asks for the whole body.
     Bincode::encode(&parts).unwrap_or_default()
-}
-
-struct Message<'a> {
-    bytes: &'a [u8],
-    structure: &'a Structure,
-}
-
-impl Message<'_> {
-    fn parsed(&self) -> Parsed {
-        Parsed {
-            envelope: mime::envelope(self.bytes),
-            body: mime::describe(self.bytes, self.structure, false),
-            bodystructure: mime::describe(self.bytes, self.structure, true),
-        }
-    }
 }
 
 impl TextParts {
@@ -97,17 +71,8 @@ impl TextParts {
         Bincode::decode::<TextParts>(bytes).ok()
     }
 
-    /// ENVELOPE, BODY and BODYSTRUCTURE of the whole message.
-    pub fn parsed(&self) -> Arc<Parsed> {
-        Arc::new(Parsed {
-            envelope: self.envelope.clone(),
-            body: self.body.clone(),
-            bodystructure: self.bodystructure.clone(),
-        })
-    }
-
     /// Whether every item can be answered from the text parts (with the abridged message
-    /// as the bytes, and [`TextParts::parsed`]): nothing it needs was left out.
+    /// as the bytes, and `whole` as what is parsed): nothing it needs was left out.
     pub fn answer(&self, items: &[MessageDataItemName<'_>]) -> bool {
         let structure = Structure::of(&self.abridged);
         items.iter().all(|item| self.answers(&structure, item))
@@ -179,7 +144,7 @@ dHJlYW0KeJytWk1v2zAMvetX6LgdqkqyZNnHYdgwYMCAYTl0t2JbmgZt0iFJ0/77UbYsybQlO2lRoLVN
         let text = |msg: &[u8], s: &Structure| mime::section(msg, s, &[1], mime::SectionText::All);
         assert_eq!(text(MIXED, &whole), text(&parts.abridged, &abridged), "the text part is the same");
         assert_eq!(
-            parts.bodystructure,
+            parts.whole.bodystructure,
             mime::describe(MIXED, &whole, true),
             "BODYSTRUCTURE is the whole message's (the PDF's size included)"
         );
