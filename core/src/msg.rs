@@ -50,9 +50,9 @@ pub enum WriteRequest {
     /// A migrated message at the UID it had elsewhere: see [`crate::ClientRequest::Import`].
     Import { mailbox: MailboxKey, guid: Guid, received: u64, flags: Vec<Flag>, body: Body, uidvalidity: u32, uid: Uid },
     /// A SAVE whose client was told it failed (it timed out where it was taken): the
-    /// master expunges the message if it ordered it and told nobody it is stored (see
-    /// `server::cancels`).
-    Cancel { mailbox: MailboxKey, guid: Guid },
+    /// master expunges the message if it (or the sender, `sender_ordered`) ordered it and
+    /// told nobody it is stored (see `server::cancels`).
+    Cancel { mailbox: MailboxKey, guid: Guid, sender_ordered: bool },
     /// IMAP CREATE and DELETE (the seed is silent; users expect them to replicate).
     Mailbox { mailbox: MailboxKey, action: MailboxAction },
     /// IMAP RENAME, ordered by the master of `from`: `to` gets every message of `from`

@@ -25,6 +25,7 @@
 //! | `MASTER-MOVE` | `<tag> <key> <requester-sid>` |
 //! | `MOVED` | `<tag> <key> <epoch> <generation> (<state>...)` |
 //! | `SAVE` | `<tag> <mbox> <guid> <received> (<flag>...) APPEND\|DELIVERY {n}<body>` |
+//! | `CANCEL` | `<tag> <mbox> <guid> TAKEN\|ORDERED` (ORDERED: the sender ordered the save as master and answered no retry with it) |
 //! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
@@ -1034,8 +1035,8 @@ fn write_request(w: &mut Writer, request: &WriteRequest) {
         WriteRequest::Import { mailbox, guid, received, flags, body, uidvalidity, uid } => {
             w.mailbox(mailbox).guid(*guid).num(*received).flags(flags).num(*uidvalidity).num(*uid).body(body);
         }
-        WriteRequest::Cancel { mailbox, guid } => {
-            w.mailbox(mailbox).guid(*guid);
+        WriteRequest::Cancel { mailbox, guid, sender_ordered } => {
+            w.mailbox(mailbox).guid(*guid).atom(if *sender_ordered { "ORDERED" } else { "TAKEN" });
         }
         WriteRequest::Copy { src, src_uid, guid, dst, received, flags } => {
             w.mailbox(src).num(*src_uid).guid(*guid).mailbox(dst).num(*received).flags(flags);
@@ -1127,7 +1128,11 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
             uid: r.u32()?,
             body: r.body()?,
         },
-        b"CANCEL" => WriteRequest::Cancel { mailbox: r.mailbox()?, guid: r.guid()? },
+        b"CANCEL" => WriteRequest::Cancel {
+            mailbox: r.mailbox()?,
+            guid: r.guid()?,
+            sender_ordered: read_keyword(r, &["TAKEN", "ORDERED"])? == 1,
+        },
         b"COPY" => WriteRequest::Copy {
             src: r.mailbox()?,
             src_uid: r.u32()?,
@@ -2297,8 +2302,10 @@ mod tests {
             tag: 3,
             request: WriteRequest::Mailbox { mailbox, action: MailboxAction::CreateWithValidity(v) },
         });
-        let cancel = (mailbox_key(), guid())
-            .prop_map(|(mailbox, guid)| Msg::Request { tag: 4, request: WriteRequest::Cancel { mailbox, guid } });
+        let cancel = (mailbox_key(), guid(), any::<bool>()).prop_map(|(mailbox, guid, sender_ordered)| Msg::Request {
+            tag: 4,
+            request: WriteRequest::Cancel { mailbox, guid, sender_ordered },
+        });
         let msg = prop_oneof![save, import, create, cancel, store, change_save, sync, mbox, error, failed];
         (any::<u32>(), any::<u32>(), any::<u8>(), msg).prop_map(|(src, dst, hops, msg)| env(src, dst, hops, msg))
     }

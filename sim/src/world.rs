@@ -1782,7 +1782,9 @@ pub fn describe(envelope: &Envelope) -> String {
         Msg::MoveDone { tag, key, .. } => format!("#{tag} {key}"),
         Msg::Request { tag, request } => match request {
             WriteRequest::Save { mailbox, guid, .. } => format!("#{tag} {mailbox} {guid}"),
-            WriteRequest::Cancel { mailbox, guid } => format!("#{tag} {mailbox} {guid}"),
+            WriteRequest::Cancel { mailbox, guid, sender_ordered } => {
+                format!("#{tag} {mailbox} {guid}{}", if *sender_ordered { " ORDERED" } else { "" })
+            }
             WriteRequest::Import { mailbox, guid, uidvalidity, uid, .. } => {
                 format!("#{tag} {mailbox} {guid} at {uidvalidity}/{uid}")
             }

@@ -782,7 +782,7 @@ impl Server {
                 match delivered {
                     Some((first_guid, first_uid)) => {
                         self.marks.hit(Mark::RetryRecognised);
-                        self.ordered_saves.claimed(first_guid);
+                        self.ordered_saves.claimed(first_guid, self.now);
                         self.resend_saved(&mailbox, first_guid, first_uid, Some(body), id)
                     }
                     None => {
@@ -825,7 +825,9 @@ impl Server {
                 Ordered::unreplicated(fail(FailKind::Temporary, "the master does not have that message yet"))
             }
             WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, id),
-            WriteRequest::Cancel { mailbox, guid } => self.master_cancel(&mailbox, guid, id),
+            WriteRequest::Cancel { mailbox, guid, sender_ordered } => {
+                self.master_cancel(&mailbox, guid, sender_ordered, id)
+            }
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
             WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
@@ -879,14 +881,15 @@ impl Server {
         self.image.mailbox(mailbox).is_some_and(|m| m.messages.has_guid(guid))
     }
 
-    /// CANCEL at the master: the message goes if this master ordered it and no retry
-    /// was answered with it (see the module comment).
-    fn master_cancel(&mut self, mailbox: &MailboxKey, guid: Guid, id: JobId) -> Ordered {
+    /// CANCEL at the master: the message goes if this master ordered it, or the sender
+    /// did, and no retry was answered with it (see `super::cancels`).
+    fn master_cancel(&mut self, mailbox: &MailboxKey, guid: Guid, sender_ordered: bool, id: JobId) -> Ordered {
         let live = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid);
         let highest_modseq = self.image.mailbox(mailbox).map_or(0, |m| m.highest_modseq);
         let kept = Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: highest_modseq });
         // Forgotten either way: a save is cancelled at most once.
-        let cancellable = self.ordered_saves.take_cancellable(guid);
+        let horizon_us = self.cancel_horizon_us();
+        let cancellable = self.ordered_saves.take_cancellable(guid, sender_ordered, self.now, horizon_us);
         let Some(uid) = live else { return kept };
         if !cancellable && !self.has_bug(crate::Bug::CancelClaimedSaves) {
             self.marks.hit(Mark::SaveCancelRefused);
