@@ -1,6 +1,9 @@
 //! A partial replica (issue 17): a user replica that holds a subset of its user's mail,
 //! chosen by mailbox patterns and a received-date window, with bodies above a size limit
-//! left on the cluster until a client of the replica asks for one.
+//! left on the cluster until a client of the replica asks for one. A partial cluster
+//! server takes the same spec with another reach: it holds every record, and leaves out
+//! the bodies above the limit, outside the patterns (over `user/mailbox`) or before the
+//! date (`Server::omits_body`), fetching one from a peer when a client asks.
 //!
 //! The seed thread: "replicate only certain folders over certain date ranges (or only
 //! parts of certain messages, eg excluding large attachments)", and Timo's FETCH-SMALL

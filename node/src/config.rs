@@ -29,8 +29,9 @@ struct FileConfig {
     user_replica: Option<bool>,
     /// A user replica that holds part of its user's mail (`partial = { mailboxes
     /// (patterns), since_s (seconds since the Unix epoch), body_bytes_max, keep_fetched }`),
-    /// or a cluster server that holds large bodies only on demand (`body_bytes_max`,
-    /// `keep_fetched` only): see the core's `partial` module.
+    /// or a cluster server that holds every record but only some bodies on demand (those
+    /// above `body_bytes_max`, outside `mailboxes`, patterns over `user/mailbox`, or
+    /// received before `since_s`): see the core's `partial` module.
     #[serde(default)]
     partial: Option<tandem_core::partial::Partial>,
     #[serde(default)]
@@ -434,11 +435,13 @@ impl NodeConfig {
             core.user_replica = true;
         }
         if let Some(partial) = file.partial {
-            if !core.user_replica && (!partial.mailboxes.is_empty() || partial.since_s != 0) {
+            if !core.user_replica && partial.mailboxes.iter().any(|p| !p.contains('/')) {
+                // A user replica's patterns name its user's folders; a server holds every
+                // user's, so a pattern without a user part would match no mailbox at all.
                 return Err(bad(
                     "partial",
-                    "a cluster server holds every mailbox and every date (only body_bytes_max and keep_fetched); \
-                     folders and dates are for a user replica (user_replica = true)",
+                    "on a cluster server a mailbox pattern names user/mailbox, like \"%/INBOX\" (every user's INBOX) \
+                     or \"*@example.org/*\"",
                 ));
             }
             partial.check().map_err(|why| bad("partial", why))?;
@@ -667,7 +670,7 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_spec_belongs_to_a_user_replica_and_is_bounded() {
+    fn a_partial_spec_is_checked_and_bounded() {
         let base = "id = 1\nlisten = \"127.0.0.1:7101\"\n";
         let c = parse(&format!(
             "{base}user_replica = true\npartial = {{ mailboxes = [\"INBOX\", \"Work/%\"], since_s = 1700000000, body_bytes_max = 100000 }}\n"
@@ -681,7 +684,11 @@ mod tests {
         let server = parse(&format!("{base}partial = {{ body_bytes_max = 1000 }}\n")).unwrap();
         assert_eq!(server.core.partial.and_then(|p| p.body_bytes_max), Some(1000), "a partial cluster server");
         let e = parse(&format!("{base}partial = {{ mailboxes = [\"INBOX\"] }}\n")).unwrap_err();
-        assert!(e.0.contains("`partial`") && e.0.contains("user_replica"), "{e}");
+        assert!(e.0.contains("`partial`") && e.0.contains("user/mailbox"), "{e}");
+        let server =
+            parse(&format!("{base}partial = {{ mailboxes = [\"%/INBOX\"], since_s = 1700000000 }}\n")).unwrap();
+        let p = server.core.partial.expect("a server holding some folders' and dates' bodies");
+        assert_eq!((p.mailboxes, p.since_s, p.body_bytes_max), (vec!["%/INBOX".to_string()], 1_700_000_000, None));
         let e = parse(&format!("{base}user_replica = true\npartial = {{ mailboxes = [\"\"] }}\n")).unwrap_err();
         assert!(e.0.contains("`partial`"), "{e}");
         let typo = parse(&format!("{base}user_replica = true\npartial = {{ since = 5 }}\n"));

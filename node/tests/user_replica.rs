@@ -548,3 +548,43 @@ fn a_partial_cluster_server_fetches_a_big_body_from_a_peer_when_a_client_asks() 
     }
     assert!(got.contains("QXR0YWNobWVudEF0"), "the body came from a peer: {got}");
 }
+
+/// A partial cluster server that holds the bodies of every user's INBOX only (issue 17):
+/// a message delivered to Archive through the first node is on the third as a record, and
+/// an IMAP FETCH of its text there is answered NO [UNAVAILABLE] while the node fetches
+/// the body from a peer, and gets it a moment later; an INBOX message's body is there at
+/// once.
+#[test]
+fn a_partial_cluster_server_by_folder_fetches_another_folders_body_when_asked() {
+    let s = start_with("", "partial = { mailboxes = [\"%/INBOX\"] }");
+    s.cluster.deliver(0, &format!("{ALICE}/Archive"), &body("archived")).unwrap();
+    s.cluster.deliver(0, &format!("{ALICE}/INBOX"), &body("inboxed")).unwrap();
+    assert_eq!(s.cluster_dump("Archive").messages.len(), 1);
+    let mut third = Imap::login(s.cluster_imap[2], ALICE, ALICE_PASSWORD);
+    let mut inbox = String::new();
+    for _ in 0..50 {
+        // The replicated saves may still be on the way to the third node.
+        third.ok("EXAMINE INBOX");
+        let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
+        if ok && lines.iter().any(|l| l.contains("FETCH")) {
+            inbox = lines.join("\n");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(inbox.contains("inboxed, the text."), "an INBOX body is held: {inbox}");
+    third.ok("EXAMINE Archive");
+    let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
+    let first = lines.join("\n");
+    assert!(!ok && first.contains("NO [UNAVAILABLE]"), "Archive's body is left out: {first}");
+    let mut got = String::new();
+    for _ in 0..50 {
+        let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
+        if ok {
+            got = lines.join("\n");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got.contains("archived, the text."), "the body came from a peer: {got}");
+}

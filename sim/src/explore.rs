@@ -488,11 +488,21 @@ fn partial_server(
         return BTreeMap::new();
     }
     let sid = servers[rng.random_range(0..servers.len())];
-    let spec = tandem_core::partial::Partial {
+    let mut spec = tandem_core::partial::Partial {
         body_bytes_max: Some(rng.random_range(200..1500u32)),
         keep_fetched: rng.random_bool(0.5),
         ..Default::default()
     };
+    // Some hold the bodies of some mailboxes or dates only (and maybe no size limit).
+    match rng.random_range(0..4u32) {
+        0 => spec.mailboxes = vec!["%/INBOX".into()],
+        1 => spec.mailboxes = vec!["u1@*/*".into(), "*/Box%".into()],
+        2 => spec.since_s = crate::scenario::SIM_EPOCH_S + rng.random_range(0..duration_ms / 2000 + 1),
+        _ => {}
+    }
+    if !spec.mailboxes.is_empty() && rng.random_bool(0.5) {
+        spec.body_bytes_max = None;
+    }
     for _ in 0..rng.random_range(0..=8u32) {
         let Some((mailbox, label)) = labels.get(rng.random_range(0..labels.len().max(1))).cloned() else { break };
         let at_ms = rng.random_range(200..duration_ms.max(201));

@@ -587,11 +587,14 @@ impl Oracle {
                     continue;
                 }
                 for sid in stores.keys() {
-                    let record = places.iter().find_map(|place| by_guid[sid].get(place).and_then(|m| m.get(guid)));
+                    let record = places
+                        .iter()
+                        .find_map(|place| by_guid[sid].get(place).and_then(|m| m.get(guid)).map(|r| (place, r)));
                     let live = record.is_some();
-                    // A partial server holds a large message's record only (a full server
-                    // must then have the body: it is checked there).
-                    let omitted = record.is_some_and(|r| servers[sid].omits_body(r));
+                    // A partial server holds the record only of a large message, or of one
+                    // outside its mailboxes or date (a full server must then have the
+                    // body: it is checked there).
+                    let omitted = record.is_some_and(|(place, r)| servers[sid].omits_body(place, r));
                     let body = omitted || verdicts.intact(*guid, servers[sid]);
                     if !live || !body {
                         found.push((
@@ -721,7 +724,7 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
         let image = server.image();
         for (mailbox, m) in &image.mailboxes {
             for r in m.messages.values() {
-                let ok = server.omits_body(r) || verdicts.intact(r.guid, server);
+                let ok = server.omits_body(mailbox, r) || verdicts.intact(r.guid, server);
                 if !ok {
                     return Some(format!("{sid} lacks an intact body for {} in {mailbox}", r.guid));
                 }

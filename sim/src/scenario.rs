@@ -412,6 +412,9 @@ pub enum Expect {
     Tombstones { mailbox: MailboxKey, count: usize },
     /// Whether every live server shows the mailbox (after CREATE/DELETE).
     Visible { mailbox: MailboxKey, visible: bool },
+    /// Whether `server` holds the message's body at the end (a partial server leaves
+    /// some out: its record is there either way).
+    BodyHeld { server: Sid, label: String, held: bool },
     /// Every named message ends on a UID other than the first one a client saw for it.
     Renumbered { labels: Vec<String> },
     /// Every live server gives the mailbox these special uses (none: no client gave it
@@ -495,6 +498,7 @@ const CHECKS: &[(&str, &[&str])] = &[
     ("uidvalidity", &["mailbox", "uidvalidity"]),
     ("tombstones", &["mailbox", "count"]),
     ("visible", &["mailbox", "visible"]),
+    ("body_held", &["server", "label", "held"]),
     ("renumbered", &["labels"]),
     ("special_use", &["mailbox", "special_use"]),
     ("member", &["server", "state"]),
@@ -973,10 +977,15 @@ impl Tab<'_> {
                         return Err(self.bad("partial_servers", PARTIAL, &p.server));
                     }
                     let spec = tandem_core::partial::Partial {
-                        body_bytes_max: Some(p.body_bytes_max),
+                        body_bytes_max: p.body_bytes_max,
+                        mailboxes: p.mailboxes.unwrap_or_default(),
+                        since_s: p.since_ms.map_or(0, |ms| SIM_EPOCH_S + ms / 1000),
                         keep_fetched: p.keep_fetched.unwrap_or(true),
-                        ..Default::default()
                     };
+                    const RULE: &str = "a partial server with body_bytes_max, mailboxes or since_ms, within bounds";
+                    if spec.is_whole() || spec.check().is_err() {
+                        return Err(self.bad("partial_servers", RULE, &p.server));
+                    }
                     partial.insert(sid, spec);
                 }
                 partial
@@ -1290,6 +1299,11 @@ impl Tab<'_> {
                 let visible = tab.req(expect.visible, "visible", "true or false")?;
                 Expect::Visible { mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?, visible }
             }
+            "body_held" => Expect::BodyHeld {
+                server: tab.server(expect.server.as_deref(), "server")?,
+                label: label()?,
+                held: tab.req(expect.held, "held", "true or false")?,
+            },
             "renumbered" => Expect::Renumbered { labels: tab.label_list(expect.labels, "labels")? },
             "special_use" => Expect::SpecialUse {
                 mailbox: tab.mailbox(expect.mailbox.as_deref(), "mailbox")?,

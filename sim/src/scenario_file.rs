@@ -46,13 +46,18 @@ pub(crate) struct ClusterToml {
     pub partial_servers: Option<Vec<PartialServerToml>>,
 }
 
-/// A partial cluster server (`[cluster] partial_servers = [...]`): bodies above
-/// `body_bytes_max` are held only while it masters their save or once a client asks.
+/// A partial cluster server (`[cluster] partial_servers = [...]`): it holds every record,
+/// and the bodies above `body_bytes_max`, outside `mailboxes` or received before
+/// `since_ms` only while it masters their save or once a client asks.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PartialServerToml {
     pub server: String,
-    pub body_bytes_max: u32,
+    pub body_bytes_max: Option<u32>,
+    /// The mailboxes whose bodies it holds, as patterns over `user/mailbox`.
+    pub mailboxes: Option<Vec<String>>,
+    /// The date from which it holds bodies, in simulated ms.
+    pub since_ms: Option<u64>,
     pub keep_fetched: Option<bool>,
 }
 
@@ -175,6 +180,8 @@ pub(crate) struct ExpectToml {
     pub count: Option<u64>,
     pub uidvalidity: Option<u64>,
     pub visible: Option<bool>,
+    /// body_held: whether the server holds the body.
+    pub held: Option<bool>,
     pub labels: Option<Vec<String>>,
     pub special_use: Option<Vec<String>>,
     /// member: active, leaving or retired.

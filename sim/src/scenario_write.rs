@@ -45,7 +45,9 @@ fn file_of(s: &Scenario) -> FileToml {
                 .iter()
                 .map(|(sid, p)| PartialServerToml {
                     server: sid.to_string(),
-                    body_bytes_max: p.body_bytes_max.unwrap_or(u32::MAX),
+                    body_bytes_max: p.body_bytes_max,
+                    mailboxes: (!p.mailboxes.is_empty()).then(|| p.mailboxes.clone()),
+                    since_ms: (p.since_s > 0).then(|| p.since_s.saturating_sub(SIM_EPOCH_S) * 1000),
                     keep_fetched: (!p.keep_fetched).then_some(false),
                 })
                 .collect()
@@ -306,6 +308,10 @@ fn expect_of(x: &Expect) -> ExpectToml {
         Expect::Visible { mailbox: m, visible } => {
             (table.mailbox, table.visible) = (mailbox(m), Some(*visible));
             "visible"
+        }
+        Expect::BodyHeld { server, label, held } => {
+            (table.server, table.label, table.held) = (Some(server.to_string()), Some(label.clone()), Some(*held));
+            "body_held"
         }
         Expect::Renumbered { labels } => {
             table.labels = Some(labels.clone());

@@ -2791,6 +2791,24 @@ impl World {
                         }
                     }
                 }
+                Expect::BodyHeld { server, label, held } => {
+                    let Some(guid) = self.labels.get(&label).copied() else {
+                        failures.push(format!("{label} was never saved"));
+                        continue;
+                    };
+                    match self.nodes.get(&server).and_then(|n| n.server.as_ref()) {
+                        None => failures.push(format!("{server} is not running at the end")),
+                        Some(s) => {
+                            let here = s.image().bodies.contains_key(&guid);
+                            let record = self.copies_of(&label).iter().any(|(sid, _, _)| *sid == server);
+                            if !record {
+                                failures.push(format!("{server} holds no record of {label}"));
+                            } else if here != held {
+                                failures.push(format!("{server} holds the body of {label}: {here}, expected {held}"));
+                            }
+                        }
+                    }
+                }
                 Expect::Renumbered { labels } => {
                     for label in labels {
                         let Some(guid) = self.labels.get(&label).copied() else {

@@ -871,7 +871,7 @@ impl Image {
     /// (a verdict from an earlier check is not trusted: the disk may have changed under
     /// us), and finds messages that have no body here and are not `excused` (a body
     /// already wanted, or one a partial replica omits on purpose).
-    pub(crate) fn scrub(&mut self, excused: impl Fn(&MessageRecord) -> bool) -> ScrubFindings {
+    pub(crate) fn scrub(&mut self, excused: impl Fn(&MailboxKey, &MessageRecord) -> bool) -> ScrubFindings {
         let mut found = ScrubFindings::default();
         let start = self.scrub_cursor.map(|g| Guid(g.0.wrapping_add(1))).unwrap_or(Guid(0));
         let mut bytes = 0u64;
@@ -922,7 +922,7 @@ impl Image {
             if disk.bodies.contains_key(&r.guid) {
                 return false;
             }
-            if !excused(r) {
+            if !excused(k, r) {
                 missing.push((r.guid, r.checksum));
             }
             true
@@ -931,9 +931,10 @@ impl Image {
             found.missing,
             self.disk
                 .mailboxes
-                .values()
-                .flat_map(|m| m.messages.values())
-                .filter(|r| !self.disk.bodies.contains_key(&r.guid) && !excused(r))
+                .iter()
+                .flat_map(|(k, m)| m.messages.values().map(move |r| (k, r)))
+                .filter(|(k, r)| !self.disk.bodies.contains_key(&r.guid) && !excused(k, r))
+                .map(|(_, r)| r)
                 .map(|r| (r.guid, r.checksum))
                 .collect::<Vec<_>>(),
             "scrub suspects missed a message without a body"
@@ -1148,10 +1149,10 @@ mod tests {
         assert_eq!(image.body_intact(Guid(1)), Some(false), "a changed body is checked again");
         assert_eq!(image.intact_body(Guid(1)), None, "a damaged body is never handed out");
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 2) });
-        let found = image.scrub(|_| false);
+        let found = image.scrub(|_, _| false);
         assert_eq!(found.corrupt, vec![(Guid(1), checksum)]);
         assert_eq!(found.missing, vec![(Guid(2), 0)]);
-        assert!(image.scrub(|r| r.guid == Guid(2)).missing.is_empty(), "a wanted body is not reported");
+        assert!(image.scrub(|_, r| r.guid == Guid(2)).missing.is_empty(), "a wanted body is not reported");
     }
 
     #[test]
@@ -1243,8 +1244,8 @@ mod tests {
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 5) });
         store.overwrite(Guid(5), bytes);
         image.durable(out.last_write());
-        assert!(image.scrub(|_| false).corrupt.is_empty());
+        assert!(image.scrub(|_, _| false).corrupt.is_empty());
         store.overwrite(Guid(5), Body::from_static(b"kept safE"));
-        assert_eq!(image.scrub(|_| false).corrupt, vec![(Guid(5), checksum)]);
+        assert_eq!(image.scrub(|_, _| false).corrupt, vec![(Guid(5), checksum)]);
     }
 }

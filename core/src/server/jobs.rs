@@ -1045,8 +1045,10 @@ impl Server {
     /// checksum: its bytes must be here before the delivery is compared with it.
     fn omitted_retry_candidate(&self, mailbox: &MailboxKey, received: u64, bytes: &Body) -> Option<(Guid, u64)> {
         // Only a partial server leaves bodies out.
-        self.omitted_above()?;
-        self.retry_candidates(mailbox, received, bytes).find(|r| self.omits(r)).map(|r| (r.guid, r.checksum))
+        if !self.omits_some() {
+            return None;
+        }
+        self.retry_candidates(mailbox, received, bytes).find(|r| self.omits(mailbox, r)).map(|r| (r.guid, r.checksum))
     }
 
     /// Writes a new message at the mailbox's next UID (or `at`, at or above it) and next
@@ -1345,7 +1347,7 @@ impl Server {
         debug_assert!(!outcome.unresolved, "a rename's target merges without conflict here");
         debug_assert!(visible_now(self.image.mailbox(to)), "a renamed mailbox is shown under its new name");
         for r in &outcome.records {
-            if !self.image.has_body(&r.guid) && !self.omits_body(r) {
+            if !self.image.has_body(&r.guid) && !self.omits_body(to, r) {
                 self.want_body(r.guid, Some(r.checksum), None, false);
             }
         }

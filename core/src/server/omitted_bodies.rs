@@ -77,11 +77,20 @@ impl Server {
         self.cfg.partial.as_ref().and_then(|p| p.body_bytes_max)
     }
 
+    /// Whether this server leaves any body out by design: a partial user replica with a
+    /// size limit, or a partial cluster server with any rule.
+    pub(crate) fn omits_some(&self) -> bool {
+        self.cfg
+            .partial
+            .as_ref()
+            .is_some_and(|p| p.body_bytes_max.is_some() || (!self.cfg.user_replica && !p.is_whole()))
+    }
+
     /// Whether a replicated SAVE's body is left out here: above the size limit, not held
     /// already, and not ours to order (a master keeps what it saves: it is a copy the
     /// client's answer counts on). Its acknowledgement then counts for no copy.
     pub(crate) fn drops_replicated_body(&self, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
-        self.omits_body(r) && !self.image.has_body(&r.guid) && !self.masters.masters(&self.master_key(mailbox))
+        self.omits_body(mailbox, r) && !self.image.has_body(&r.guid) && !self.masters.masters(&self.master_key(mailbox))
     }
 
     /// This server's partial spec, when it is a user replica that has one.
@@ -89,16 +98,16 @@ impl Server {
         self.cfg.partial.as_ref().filter(|_| self.cfg.user_replica)
     }
 
-    /// Whether this server holds `r` without its body by design (a partial replica's or
-    /// server's size limit): its absence is not a loss, nor one to repair (for the
-    /// simulator's oracle too).
-    pub fn omits_body(&self, r: &MessageRecord) -> bool {
-        self.omitted_above().is_some_and(|max| r.size > max)
+    /// Whether this server holds `r` of `mailbox` without its body by design (a partial
+    /// replica's or server's size limit; a partial server's mailbox patterns and date):
+    /// its absence is not a loss, nor one to repair (for the simulator's oracle too).
+    pub fn omits_body(&self, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
+        self.cfg.partial.as_ref().is_some_and(|p| omitted_by(p, self.cfg.user_replica, mailbox, r))
     }
 
     /// Whether this server omits the body of `r` by design (and does not hold it now).
-    pub(crate) fn omits(&self, r: &MessageRecord) -> bool {
-        self.omits_body(r) && !self.image.has_body(&r.guid)
+    pub(crate) fn omits(&self, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
+        self.omits_body(mailbox, r) && !self.image.has_body(&r.guid)
     }
 
     /// A partial cluster server asked by a user replica's agent for bodies it omitted:
@@ -111,7 +120,7 @@ impl Server {
         guids: &[Guid],
         text_parts: bool,
     ) -> bool {
-        if self.cfg.user_replica || self.omitted_above().is_none() || self.omitted.waiting.len() >= WAITING_MAX {
+        if self.cfg.user_replica || !self.omits_some() || self.omitted.waiting.len() >= WAITING_MAX {
             return false;
         }
         let Some(m) = self.image.mailbox(mailbox) else { return false };
@@ -121,7 +130,7 @@ impl Server {
             .iter()
             .take(answered_max)
             .filter_map(|g| m.messages.find_guid(*g))
-            .filter(|r| self.omits(r))
+            .filter(|r| self.omits(mailbox, r))
             .filter(|r| !(text_parts && self.image.disk().text_parts.contains_key(&r.guid)))
             .cloned()
             .collect();
@@ -174,7 +183,7 @@ impl Server {
         let Some(record) = self.image.mailbox(src).and_then(|m| m.messages.find_guid(guid)).cloned() else {
             return false;
         };
-        if !self.omits(&record) {
+        if !self.omits(src, &record) {
             return false;
         }
         self.want_omitted(src, guid);
@@ -203,7 +212,7 @@ impl Server {
             }
             return;
         }
-        if self.omits(&record) {
+        if self.omits(mailbox, &record) {
             let keep = self.cfg.partial.as_ref().is_none_or(|p| p.keep_fetched);
             // Never one of this server's own messages (whose body is here, so never asked
             // for), which may be the only copy.
@@ -257,10 +266,10 @@ impl Server {
         self.lacking_text_parts(mailbox).take(TEXTS_WANTED_MAX).collect()
     }
 
-    fn lacking_text_parts<'a>(&'a self, mailbox: &MailboxKey) -> impl Iterator<Item = Guid> + 'a {
+    fn lacking_text_parts<'a>(&'a self, mailbox: &'a MailboxKey) -> impl Iterator<Item = Guid> + 'a {
         let text_parts = &self.image.disk().text_parts;
         let messages = self.image.mailbox(mailbox).into_iter().flat_map(|m| m.messages.values());
-        messages.filter(move |r| self.omits(r) && !text_parts.contains_key(&r.guid)).map(|r| r.guid)
+        messages.filter(move |r| self.omits(mailbox, r) && !text_parts.contains_key(&r.guid)).map(|r| r.guid)
     }
 
     /// Text parts the agent brought: each kept when a live record of `mailbox` names it,
@@ -281,7 +290,7 @@ impl Server {
                 continue;
             };
             let fits = bytes.len() <= (record.size as usize).saturating_add(TEXT_PARTS_OVERHEAD_MAX);
-            if !fits || !self.omits(&record) || self.image.disk().text_parts.contains_key(&guid) {
+            if !fits || !self.omits(mailbox, &record) || self.image.disk().text_parts.contains_key(&guid) {
                 continue;
             }
             self.commit(StoreWrite::PutTextParts { guid, bytes });
@@ -313,7 +322,9 @@ impl Server {
     /// Keeps the text parts of a message whose body this server omits, cut from its
     /// whole body (which must be the record's) while that is here.
     pub(crate) fn keep_text_parts(&mut self, record: &MessageRecord, body: &[u8]) {
-        if !self.omits_body(record)
+        // Text parts stand in for a body too large to hold, not for mail a partial
+        // server's patterns or date leave out (of which it holds the records only).
+        if self.omitted_above().is_none_or(|max| record.size <= max)
             || self.image.disk().text_parts.contains_key(&record.guid)
             || crate::hash::body_checksum(body) != record.checksum
         {
@@ -376,4 +387,18 @@ impl Server {
         }
         self.out.reply_when_durable(id, ClientReply::BodiesKept { kept });
     }
+}
+
+/// Whether `partial` leaves the body of `r` in `mailbox` out: above its size limit; on a
+/// cluster server also outside its mailbox patterns (matched against `user/mailbox`) or
+/// received before its date. A user replica's patterns and date choose what is listed
+/// and sent to it at all (`crate::partial`), so they leave no record without its body.
+pub(crate) fn omitted_by(
+    partial: &crate::partial::Partial,
+    user_replica: bool,
+    mailbox: &MailboxKey,
+    r: &MessageRecord,
+) -> bool {
+    partial.omits_body(r.size)
+        || (!user_replica && (!partial.in_window(r) || !partial.holds_mailbox(&mailbox.to_string())))
 }

@@ -162,7 +162,7 @@ impl Server {
         let mut missing: Vec<Guid> = state
             .messages
             .iter()
-            .filter(|r| !self.omits_body(r))
+            .filter(|r| !self.omits_body(&state.mailbox, r))
             .map(|r| r.guid)
             .filter(|g| !self.image.has_body(g) && !expunged.contains(g))
             .collect();

@@ -3,6 +3,7 @@
 //! edited behind the protocol's back.
 
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
+use super::omitted_bodies::omitted_by;
 use super::timers::Timer;
 use super::{CatchupId, JobId, Server};
 use crate::hash::body_checksum;
@@ -283,7 +284,7 @@ impl Server {
         let mailbox = state.mailbox.clone();
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);
         for r in &out.records {
-            if !self.image.has_body(&r.guid) && !self.omits_body(r) {
+            if !self.image.has_body(&r.guid) && !self.omits_body(&mailbox, r) {
                 self.want_body(r.guid, Some(r.checksum), src, false);
             }
         }
@@ -664,8 +665,11 @@ impl Server {
     pub(crate) fn scrub_bodies(&mut self) {
         let wanted = &self.body_fetch;
         // A body a partial replica omits on purpose is not missing (see `crate::partial`).
-        let omitted_above = self.omitted_above();
-        let found = self.image.scrub(|r| wanted.is_wanted(&r.guid) || omitted_above.is_some_and(|max| r.size > max));
+        let partial = self.cfg.partial.clone();
+        let user_replica = self.cfg.user_replica;
+        let found = self.image.scrub(|k, r| {
+            wanted.is_wanted(&r.guid) || partial.as_ref().is_some_and(|p| omitted_by(p, user_replica, k, r))
+        });
         for (guid, checksum) in found.corrupt {
             self.want_body(guid, Some(checksum), None, true);
         }
