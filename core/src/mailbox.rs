@@ -878,6 +878,141 @@ impl MasterMerge<'_> {
     }
 }
 
+/// How a user replica takes the cluster's copy of a mailbox (an adopt, see
+/// `crate::user_replica`): a replica merge (`merge_as_replica`) of the cluster's state as
+/// this rule leaves it, after the messages in `gone` are removed here. A replica merge
+/// leaves every conflict to a master; a user replica is never one, and the cluster's copy
+/// is its master's word, so the rule takes the cluster's decisions a replica merge would
+/// refuse, and keeps back what the replica's own changes not yet pushed still need:
+///
+/// 1. Bindings the cluster retired and forgot (their tombstones collected while the
+///    replica was away): a message here at such a UID that the cluster held
+///    (`from_cluster`), or whose GUID the cluster holds at another UID, goes (`gone`);
+///    flags changed here since the last push (`pushed_upto`) follow it to the cluster's
+///    binding. One changed here whose cluster binding this copy cannot take yet stays,
+///    for the next push to carry its changes there (explore seed 2637).
+/// 2. Messages a client of this replica expunged since the pull this adopt answers (a
+///    tombstone here, at whatever UID the cluster has them now) are left out: a GUID
+///    expunged from a mailbox never comes back to it, and the next push takes the
+///    expunge up.
+/// 3. The retirement of a UID where a client here expunged a message since the last
+///    push is held back: taking it would drop that tombstone before the push that takes
+///    the expunge to the cluster, and the message would come back (explore seed 1991).
+///    The retirement comes again with a later pull.
+/// 4. Whatever was carried or held back makes the next push whole (`push_whole`): the
+///    records it rides on carry the cluster's modseqs, which a delta by this copy's
+///    modseqs may pass over.
+///
+/// `take_collected` false is the broken variant `replica-resurrects` (step 1 skipped).
+pub fn adopt_rule(
+    here: Option<&StoredMailbox>,
+    cluster: &MailboxState,
+    from_cluster: &Retired,
+    pushed_upto: ModSeq,
+    take_collected: bool,
+) -> Adopt {
+    let mut adopt = Adopt { state: cluster.clone(), gone: Vec::new(), push_whole: false };
+    let Some(m) = here.filter(|m| m.uidvalidity == cluster.uidvalidity) else { return adopt };
+    if take_collected && !cluster.retired.ranges.is_empty() {
+        let (gone, unpushed) = collected_bindings(m, cluster, from_cluster, pushed_upto);
+        adopt.gone = gone;
+        for r in adopt.state.messages.iter_mut() {
+            if let Some(flags) = unpushed.get(&r.guid) {
+                adopt.push_whole |= join_flags(&mut r.flags, flags);
+            }
+        }
+    }
+    let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
+    adopt.state.messages.retain(|r| !dead.contains(&r.guid));
+    adopt.push_whole |= hold_back_unpushed_retirements(m, &mut adopt.state.retired, pushed_upto);
+    adopt
+}
+
+/// What [`adopt_rule`] makes of the cluster's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopt {
+    /// The cluster's state as this copy merges it.
+    pub state: MailboxState,
+    /// This copy's messages at bindings the cluster retired and forgot, by UID: removed
+    /// before the merge.
+    pub gone: Vec<Uid>,
+    /// The next push must send everything, not a delta.
+    pub push_whole: bool,
+}
+
+/// Step 1 of [`adopt_rule`]: the UIDs of the messages that go, and the flags of those
+/// changed here since the last push, by GUID (empty flags: kept, its changes to follow).
+fn collected_bindings(
+    m: &StoredMailbox,
+    cluster: &MailboxState,
+    from_cluster: &Retired,
+    pushed_upto: ModSeq,
+) -> (Vec<Uid>, BTreeMap<Guid, BTreeMap<Flag, FlagState>>) {
+    let mut unpushed = BTreeMap::new();
+    let cluster_uid: BTreeMap<Guid, Uid> = cluster.messages.iter().map(|r| (r.guid, r.uid)).collect();
+    // Whether this copy can bind `guid` where the cluster has it (nothing else of ours on
+    // that UID, live or retired).
+    let placeable = |guid: Guid| {
+        cluster_uid.get(&guid).is_some_and(|&uid| {
+            !m.retired.contains(uid)
+                && m.messages.get(&uid).is_none_or(|ours| ours.guid == guid)
+                && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
+        })
+    };
+    let mut gone = Vec::new();
+    for r in m.messages.values() {
+        let moved = cluster_uid.contains_key(&r.guid);
+        if !cluster.retired.contains(r.uid) || !(from_cluster.contains(r.uid) || moved) {
+            continue;
+        }
+        if moved && r.modseq > pushed_upto {
+            if !placeable(r.guid) {
+                unpushed.insert(r.guid, BTreeMap::new());
+                continue;
+            }
+            unpushed.insert(r.guid, r.flags.clone());
+        }
+        gone.push(r.uid);
+    }
+    (gone, unpushed)
+}
+
+/// Step 3 of [`adopt_rule`]: takes out of `retired` the UIDs where this copy holds an
+/// expunge newer than the last push; whether any was.
+fn hold_back_unpushed_retirements(m: &StoredMailbox, retired: &mut Retired, pushed_upto: ModSeq) -> bool {
+    if retired.ranges.is_empty() {
+        return false;
+    }
+    let unpushed: BTreeSet<Uid> = m
+        .tombstones
+        .values()
+        .filter(|t| t.expunged && t.modseq > pushed_upto && retired.contains(t.uid))
+        .map(|t| t.uid)
+        .collect();
+    if unpushed.is_empty() {
+        return false;
+    }
+    let mut kept = Retired { ranges: Default::default(), collected: retired.collected };
+    for (&first, &last) in &retired.ranges {
+        // The next UID of the range not yet kept or held back (None: past the end).
+        let mut start = Some(first);
+        for &uid in unpushed.range(first..=last) {
+            if let Some(from) = start
+                && uid > from
+            {
+                kept.insert_range(from, uid - 1);
+            }
+            start = uid.checked_add(1);
+        }
+        if let Some(from) = start.filter(|from| *from <= last) {
+            kept.insert_range(from, last);
+        }
+    }
+    debug_assert!(unpushed.iter().all(|uid| !kept.contains(*uid)), "a held-back UID stays unretired");
+    *retired = kept;
+    true
+}
+
 /// No live message sits on a UID that is tombstoned for another message, or retired.
 pub fn no_retired_uid_live(m: &StoredMailbox) -> bool {
     m.tombstones.keys().all(|(uid, guid)| m.messages.get(uid).is_none_or(|r| r.guid == *guid))
@@ -923,6 +1058,39 @@ mod tests {
 
     fn st(m: &StoredMailbox) -> MailboxState {
         state(&MailboxKey::new("u", "INBOX"), m)
+    }
+
+    #[test]
+    fn an_adopt_takes_the_clusters_forgotten_decisions_and_keeps_back_what_is_not_pushed() {
+        // Here: 1 (the cluster's, expunged and forgotten there), 2 (the replica's own,
+        // which the cluster moved to 7, flagged here since the last push at modseq 5),
+        // 3 expunged here since the last push (the cluster retired 3 meanwhile), 4 live.
+        let mut here = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[("\\Seen", true, 6)]), rec(4, 40, &[])]);
+        here.tombstones.insert((3, Guid(30)), Tombstone { uid: 3, guid: Guid(30), modseq: 6, expunged: true });
+        let mut cluster = st(&mbox(vec![rec(4, 40, &[]), rec(5, 30, &[]), rec(7, 20, &[])]));
+        cluster.retired.insert_range(1, 3);
+        let from_cluster = {
+            let mut r = Retired::default();
+            r.insert_range(1, 1);
+            r
+        };
+        let adopt = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true);
+        assert_eq!(adopt.gone, vec![1, 2], "the forgotten binding and the moved one go");
+        let moved = adopt.state.messages.iter().find(|r| r.guid == Guid(20)).expect("the moved message");
+        assert!(moved.flags.get(&Flag::new("\\Seen").unwrap()).is_some_and(|f| f.present), "its flag follows it");
+        assert!(adopt.state.messages.iter().all(|r| r.guid != Guid(30)), "expunged here: not taken back");
+        assert!(adopt.state.retired.contains(1) && adopt.state.retired.contains(2));
+        assert!(!adopt.state.retired.contains(3), "the retirement of an unpushed expunge waits");
+        assert!(adopt.push_whole);
+        // The broken variant takes none of the forgotten decisions.
+        assert!(adopt_rule(Some(&here), &cluster, &from_cluster, 5, false).gone.is_empty());
+        // After the push (pushed_upto 6), nothing is held back or carried.
+        let after_push = adopt_rule(Some(&here), &cluster, &from_cluster, 6, true);
+        assert!(after_push.state.retired.contains(3) && !after_push.push_whole);
+        // Another UIDVALIDITY: the state as it is, for the replica merge to decide.
+        cluster.uidvalidity += 1;
+        let other = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true);
+        assert_eq!((other.state, other.gone, other.push_whole), (cluster, Vec::new(), false));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::io::{ClientReply, RequestId};
 use crate::msg::{FailKind, WriteResult};
 use crate::partial::Partial;
 use crate::types::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// Bodies one `ReplicaBodies` answer carries at most, and their bytes at most (the
 /// agent asks again for the rest).
@@ -283,31 +283,21 @@ impl Server {
             return;
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
-        let mut carried_flags = false;
-        let mut state = std::borrow::Cow::Borrowed(state);
-        if !self.has_bug(crate::Bug::ReplicaResurrects) {
-            let unpushed = self.take_collected_bindings(&state, &uid_set(from_cluster), pushed_upto);
-            if !unpushed.is_empty() {
-                // Flag changes made here since the last push follow the message to the
-                // cluster's binding (explore seed 2637: a \Draft set between the pull
-                // and the adopt was lost with the collected binding).
-                for r in state.to_mut().messages.iter_mut() {
-                    if let Some(flags) = unpushed.get(&r.guid) {
-                        carried_flags |= crate::mailbox::join_flags(&mut r.flags, flags);
-                    }
-                }
-            }
+        let take_collected = !self.has_bug(crate::Bug::ReplicaResurrects);
+        let here = self.image.mailbox(&state.mailbox);
+        let adopt = crate::mailbox::adopt_rule(here, state, &uid_set(from_cluster), pushed_upto, take_collected);
+        let crate::mailbox::Adopt { state, gone, push_whole } = adopt;
+        if !gone.is_empty() {
+            self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
         }
-        let state = self.without_expunged_here(&state);
-        let (state, held_back) = self.without_retiring_unpushed_expunges(state, pushed_upto);
-        // What was carried must go up whole next time: the records it rides on carry the
-        // cluster's modseqs, which a delta by this copy's modseqs may pass over.
-        let held_back = held_back || carried_flags;
+        for uid in gone {
+            self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
+        }
         let outcome = self.merge_state(&state, false, true, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
         let untouched = before == pushed_upto;
-        let pushed_upto = match (outcome.unresolved || held_back, untouched) {
+        let pushed_upto = match (outcome.unresolved || push_whole, untouched) {
             (true, _) => 0,
             (false, true) => after,
             (false, false) => pushed_upto,
@@ -320,63 +310,6 @@ impl Server {
         self.out.reply_when_durable(id, reply);
     }
 
-    /// The cluster's copy without the messages a client of this replica expunged since
-    /// the pull it answers (this copy's tombstone says so, at whatever UID the cluster
-    /// has them now): the next push takes the expunge to the cluster. A GUID expunged
-    /// from a mailbox never comes back to it.
-    fn without_expunged_here(&self, state: &MailboxState) -> MailboxState {
-        let mut state = state.clone();
-        let Some(m) = self.image.mailbox(&state.mailbox) else { return state };
-        if m.uidvalidity != state.uidvalidity {
-            return state;
-        }
-        let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
-        state.messages.retain(|r| !dead.contains(&r.guid));
-        state
-    }
-
-    /// The cluster's copy without the retirement of UIDs where a client of this replica
-    /// expunged a message since its last push (a tombstone newer than `pushed_upto`), and
-    /// whether any was held back. Taking the retirement would drop that tombstone (the
-    /// UID is retired, its tombstones collected) before the push that takes the expunge
-    /// to the cluster, and the message would come back (explore seed 1991: the laptop's
-    /// message, pushed and renumbered by the cluster, expunged on the laptop meanwhile).
-    /// The retirement comes again with a later pull, once the expunge is pushed.
-    fn without_retiring_unpushed_expunges(&self, mut state: MailboxState, pushed_upto: ModSeq) -> (MailboxState, bool) {
-        let Some(m) = self.image.mailbox(&state.mailbox) else { return (state, false) };
-        if m.uidvalidity != state.uidvalidity || state.retired.ranges.is_empty() {
-            return (state, false);
-        }
-        let unpushed: BTreeSet<Uid> = m
-            .tombstones
-            .values()
-            .filter(|t| t.expunged && t.modseq > pushed_upto && state.retired.contains(t.uid))
-            .map(|t| t.uid)
-            .collect();
-        if unpushed.is_empty() {
-            return (state, false);
-        }
-        let mut kept = Retired { ranges: Default::default(), collected: state.retired.collected };
-        for (&first, &last) in &state.retired.ranges {
-            // The next UID of the range not yet kept or held back (None: past the end).
-            let mut start = Some(first);
-            for &uid in unpushed.range(first..=last) {
-                if let Some(from) = start
-                    && uid > from
-                {
-                    kept.insert_range(from, uid - 1);
-                }
-                start = uid.checked_add(1);
-            }
-            if let Some(from) = start.filter(|from| *from <= last) {
-                kept.insert_range(from, last);
-            }
-        }
-        debug_assert!(unpushed.iter().all(|uid| !kept.contains(*uid)), "a held-back UID stays unretired");
-        state.retired = kept;
-        (state, true)
-    }
-
     /// The UID ranges where this copy now binds a message as the cluster's `state` does.
     fn held_as_cluster_has(&self, state: &MailboxState) -> Vec<(Uid, Uid)> {
         let Some(m) = self.image.mailbox(&state.mailbox) else { return Vec::new() };
@@ -387,64 +320,6 @@ impl Server {
             }
         }
         held.ranges.into_iter().collect()
-    }
-
-    /// Takes the cluster's decisions on UIDs it retired and forgot (their tombstones
-    /// collected while this replica was away), which a replica's merge leaves to a
-    /// master: a message here at a binding the cluster held (`from_cluster`) at such a
-    /// UID was expunged or moved by the cluster, and goes; one of this replica's own
-    /// whose GUID the cluster's copy holds at another UID follows it there. Any other is
-    /// left for the cluster's master to move (the next push).
-    ///
-    /// Returns the flags of the messages that went with changes made here since the last
-    /// push (`pushed_upto`), by GUID, for the cluster's binding of each to take.
-    fn take_collected_bindings(
-        &mut self,
-        state: &MailboxState,
-        from_cluster: &Retired,
-        pushed_upto: ModSeq,
-    ) -> BTreeMap<Guid, BTreeMap<Flag, FlagState>> {
-        let mut unpushed = BTreeMap::new();
-        let Some(m) = self.image.mailbox(&state.mailbox) else { return unpushed };
-        if m.uidvalidity != state.uidvalidity || state.retired.ranges.is_empty() {
-            return unpushed;
-        }
-        let cluster_uid: BTreeMap<Guid, Uid> = state.messages.iter().map(|r| (r.guid, r.uid)).collect();
-        // Whether this copy can bind `guid` where the cluster has it (nothing else of ours
-        // on that UID, live or retired).
-        let placeable = |guid: Guid| {
-            cluster_uid.get(&guid).is_some_and(|&uid| {
-                !m.retired.contains(uid)
-                    && m.messages.get(&uid).is_none_or(|ours| ours.guid == guid)
-                    && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
-            })
-        };
-        let mut gone = Vec::new();
-        for r in m.messages.values() {
-            let moved = cluster_uid.contains_key(&r.guid);
-            if !state.retired.contains(r.uid) || !(from_cluster.contains(r.uid) || moved) {
-                continue;
-            }
-            if moved && r.modseq > pushed_upto {
-                if !placeable(r.guid) {
-                    // Changed here since the last push, and the cluster's binding cannot
-                    // be taken yet (a message of ours holds its UID): kept where it is,
-                    // for the next push to take its changes to the cluster's binding
-                    // (explore seed 2637).
-                    unpushed.insert(r.guid, BTreeMap::new());
-                    continue;
-                }
-                unpushed.insert(r.guid, r.flags.clone());
-            }
-            gone.push(r.uid);
-        }
-        if !gone.is_empty() {
-            self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
-        }
-        for uid in gone {
-            self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
-        }
-        unpushed
     }
 }
 
