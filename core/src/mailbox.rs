@@ -902,6 +902,12 @@ impl MasterMerge<'_> {
 /// 4. Whatever was carried or held back makes the next push whole (`push_whole`): the
 ///    records it rides on carry the cluster's modseqs, which a delta by this copy's
 ///    modseqs may pass over.
+/// 5. Under another UIDVALIDITY (the cluster's incarnation of the name differs), the
+///    replica merge takes the cluster's copy only if every message here is in it. A
+///    windowed replica (`since_s`) is not shown the cluster's messages from before its
+///    window, so its own from before the window, already pushed (and so placed in the
+///    cluster's incarnation), go here (`left_window`) rather than block the adopt
+///    forever (explore seed 15950).
 ///
 /// `take_collected` false is the broken variant `replica-resurrects` (step 1 skipped).
 pub fn adopt_rule(
@@ -910,9 +916,23 @@ pub fn adopt_rule(
     from_cluster: &Retired,
     pushed_upto: ModSeq,
     take_collected: bool,
+    since_s: u64,
 ) -> Adopt {
-    let mut adopt = Adopt { state: cluster.clone(), gone: Vec::new(), push_whole: false };
-    let Some(m) = here.filter(|m| m.uidvalidity == cluster.uidvalidity) else { return adopt };
+    let mut adopt = Adopt { state: cluster.clone(), gone: Vec::new(), left_window: Vec::new(), push_whole: false };
+    let Some(m) = here else { return adopt };
+    if m.uidvalidity != cluster.uidvalidity {
+        if since_s > 0 {
+            let theirs: BTreeSet<Guid> =
+                cluster.messages.iter().map(|r| r.guid).chain(cluster.tombstones.iter().map(|t| t.guid)).collect();
+            adopt.left_window = m
+                .messages
+                .values()
+                .filter(|r| r.received < since_s && r.modseq <= pushed_upto && !theirs.contains(&r.guid))
+                .map(|r| r.uid)
+                .collect();
+        }
+        return adopt;
+    }
     if take_collected && !cluster.retired.ranges.is_empty() {
         let (gone, unpushed) = collected_bindings(m, cluster, from_cluster, pushed_upto);
         adopt.gone = gone;
@@ -936,6 +956,9 @@ pub struct Adopt {
     /// This copy's messages at bindings the cluster retired and forgot, by UID: removed
     /// before the merge.
     pub gone: Vec<Uid>,
+    /// This copy's own messages from before its window, pushed, under a UIDVALIDITY the
+    /// cluster no longer has: removed before the merge (step 5).
+    pub left_window: Vec<Uid>,
     /// The next push must send everything, not a delta.
     pub push_whole: bool,
 }
@@ -1074,7 +1097,7 @@ mod tests {
             r.insert_range(1, 1);
             r
         };
-        let adopt = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true);
+        let adopt = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true, 0);
         assert_eq!(adopt.gone, vec![1, 2], "the forgotten binding and the moved one go");
         let moved = adopt.state.messages.iter().find(|r| r.guid == Guid(20)).expect("the moved message");
         assert!(moved.flags.get(&Flag::new("\\Seen").unwrap()).is_some_and(|f| f.present), "its flag follows it");
@@ -1083,13 +1106,13 @@ mod tests {
         assert!(!adopt.state.retired.contains(3), "the retirement of an unpushed expunge waits");
         assert!(adopt.push_whole);
         // The broken variant takes none of the forgotten decisions.
-        assert!(adopt_rule(Some(&here), &cluster, &from_cluster, 5, false).gone.is_empty());
+        assert!(adopt_rule(Some(&here), &cluster, &from_cluster, 5, false, 0).gone.is_empty());
         // After the push (pushed_upto 6), nothing is held back or carried.
-        let after_push = adopt_rule(Some(&here), &cluster, &from_cluster, 6, true);
+        let after_push = adopt_rule(Some(&here), &cluster, &from_cluster, 6, true, 0);
         assert!(after_push.state.retired.contains(3) && !after_push.push_whole);
         // Another UIDVALIDITY: the state as it is, for the replica merge to decide.
         cluster.uidvalidity += 1;
-        let other = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true);
+        let other = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true, 0);
         assert_eq!((other.state, other.gone, other.push_whole), (cluster, Vec::new(), false));
     }
 

@@ -18,6 +18,14 @@ use crate::{Change, MailboxState, Summary};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+/// Whether a write committed to the image is in it already (a merge changes the mailbox
+/// in place, then writes what it did).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    No,
+    Already,
+}
+
 /// Bodies, and bytes of them, read back and checked against their checksum per scrub
 /// (a maintenance pass): the disk is walked at a rate that does not compete with clients.
 const SCRUB_PER_PASS_MAX: usize = 256;
@@ -379,16 +387,55 @@ impl Image {
     /// Applies a write to the image, keeps the caches in step and emits it.
     pub(crate) fn commit(&mut self, out: &mut Outbox, write: StoreWrite) -> WriteId {
         let undo = self.before_image(&write);
-        self.commit_undo(out, write, undo)
+        debug_assert!(!matches!(write, StoreWrite::NewValidity { .. }), "a new UIDVALIDITY is written by a merge");
+        self.commit_with(out, write, undo, Applied::No)
     }
 
-    /// [`Image::commit`] with the before-image given: a merge changes the mailbox first.
+    /// A write of a merge: the merge changed the mailbox first, in place (the
+    /// before-image is given), so the write is not applied to the image again.
     fn commit_undo(&mut self, out: &mut Outbox, write: StoreWrite, undo: Option<(MailboxKey, Undo)>) -> WriteId {
+        debug_assert!(self.merge_applied(&write), "a merge's write says what the merge did: {write:?}");
+        self.commit_with(out, write, undo, Applied::Already)
+    }
+
+    /// Whether the image already holds what a merge's `write` says.
+    fn merge_applied(&self, write: &StoreWrite) -> bool {
+        let mailbox = |k: &MailboxKey| self.disk.mailboxes.get(k);
+        match write {
+            StoreWrite::MailboxMeta { mailbox: k, uidvalidity, uidnext, highest_modseq } => {
+                mailbox(k).is_some_and(|m| {
+                    (m.uidvalidity, m.uidnext, m.highest_modseq) == (*uidvalidity, *uidnext, *highest_modseq)
+                })
+            }
+            StoreWrite::PutMessage { mailbox: k, record } => {
+                mailbox(k).is_some_and(|m| m.messages.get(&record.uid) == Some(record))
+            }
+            StoreWrite::RemoveMessage { mailbox: k, uid } => mailbox(k).is_none_or(|m| m.messages.get(uid).is_none()),
+            StoreWrite::PutTombstone { mailbox: k, tombstone: t } => {
+                mailbox(k).is_some_and(|m| m.tombstones.get(&(t.uid, t.guid)) == Some(t))
+            }
+            StoreWrite::MailboxLifecycle { mailbox: k, lifecycle } => {
+                mailbox(k).is_some_and(|m| m.lifecycle == *lifecycle)
+            }
+            StoreWrite::RetireUids { mailbox: k, retired } => {
+                mailbox(k).is_some_and(|m| m.retired == *retired && m.tombstones.values().all(|t| !retired.covers(t)))
+            }
+            // Never applied: the merge emptied the image's copy and filled it anew.
+            StoreWrite::NewValidity { .. } => true,
+            _ => false,
+        }
+    }
+
+    fn commit_with(
+        &mut self,
+        out: &mut Outbox,
+        write: StoreWrite,
+        undo: Option<(MailboxKey, Undo)>,
+        applied: Applied,
+    ) -> WriteId {
         self.count_refs(&write, undo.as_ref().map(|(_, u)| u));
         self.count_logged_write(&write);
-        // A new UIDVALIDITY is only ever written after the merge that took it, which
-        // already emptied the image's copy and then filled it anew.
-        if !matches!(write, StoreWrite::NewValidity { .. }) {
+        if applied == Applied::No {
             self.disk.apply(&write);
         }
         self.follow(&write);
@@ -678,10 +725,13 @@ impl Image {
             // already did all of this to the image.
             for &uid in &outcome.removed {
                 let before = snapshot.records.get(&uid).cloned().flatten();
-                self.commit_undo(
+                // The old record's removal: the image may already hold the new
+                // incarnation's message at this UID, written below.
+                self.commit_with(
                     out,
                     StoreWrite::RemoveMessage { mailbox: key.clone(), uid },
                     undo(Undo::Record { uid, before }),
+                    Applied::Already,
                 );
             }
             self.commit_undo(out, StoreWrite::NewValidity { mailbox: key.clone() }, None);
@@ -1038,6 +1088,32 @@ mod tests {
         assert!(outcome.changed());
         assert_eq!(image.mailbox(&key("Sent")).map(|m| m.messages.len()), Some(2));
         assert_eq!(&replay(&mut out), image.disk());
+    }
+
+    /// A replica takes its master's copy under another UIDVALIDITY (two incarnations of
+    /// one name) whose message sits at a UID the old incarnation used too: the old
+    /// record's removal must not take the new one with it (it did, until the image
+    /// stopped applying a merge's writes a second time: the new message was missing
+    /// here until anti-entropy brought it back).
+    #[test]
+    fn a_new_uidvalidity_keeps_the_new_message_at_a_reused_uid() {
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let old = MailboxState { messages: vec![record(1, 1)], uidnext: 2, ..two_messages(key("INBOX")) };
+        image.merge(&mut out, &old, false, &MergeRules::default(), false);
+        let new = MailboxState {
+            uidvalidity: 6,
+            uidnext: 3,
+            messages: vec![record(1, 7), record(2, 1)],
+            ..two_messages(key("INBOX"))
+        };
+        let rules = MergeRules { from_master: true, ..MergeRules::default() };
+        let outcome = image.merge(&mut out, &new, false, &rules, false);
+        assert!(outcome.new_validity && !outcome.unresolved, "{outcome:?}");
+        let m = image.mailbox(&key("INBOX")).expect("the mailbox");
+        let live: Vec<(Uid, Guid)> = m.messages.values().map(|r| (r.uid, r.guid)).collect();
+        assert_eq!((m.uidvalidity, live), (6, vec![(1, Guid(7)), (2, Guid(1))]));
+        assert_eq!(&replay(&mut out), image.disk(), "the disk holds what the image does");
     }
 
     /// A renumbering merge and an expunge, cut after every one of their writes (a crash

@@ -285,12 +285,14 @@ impl Server {
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         let take_collected = !self.has_bug(crate::Bug::ReplicaResurrects);
         let here = self.image.mailbox(&state.mailbox);
-        let adopt = crate::mailbox::adopt_rule(here, state, &uid_set(from_cluster), pushed_upto, take_collected);
-        let crate::mailbox::Adopt { state, gone, push_whole } = adopt;
+        let since_s = self.user_replica_partial().map_or(0, |p| p.since_s);
+        let from_cluster = uid_set(from_cluster);
+        let adopt = crate::mailbox::adopt_rule(here, state, &from_cluster, pushed_upto, take_collected, since_s);
+        let crate::mailbox::Adopt { state, gone, left_window, push_whole } = adopt;
         if !gone.is_empty() {
             self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
         }
-        for uid in gone {
+        for uid in gone.into_iter().chain(left_window) {
             self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
         }
         let outcome = self.merge_state(&state, false, true, None);
