@@ -1336,13 +1336,20 @@ impl World {
         let (&csid, cluster) = members.iter().next()?;
         type Shown = BTreeMap<String, (u32, Vec<(Uid, Guid, Vec<Flag>)>)>;
         // A partial laptop is compared on the part it holds: the mailboxes its patterns
-        // name, the messages inside its window (see `tandem_core::partial`).
+        // name, the messages inside its window (see `tandem_core::partial`), and a
+        // mailbox is shown as the window shows it: one that only messages from before
+        // the window keep shown (a client deleted or renamed it away) is not (explore
+        // seed 27564: the laptop's own old-dated message pushed into a renamed-away box).
+        let in_view = |m: &tandem_core::store::StoredMailbox, partial: Option<&partial::Partial>| {
+            m.lifecycle.created_at >= m.lifecycle.deleted_at
+                || m.messages.values().any(|r| partial.is_none_or(|p| p.in_window(r)))
+        };
         let shown = |server: &Server, user: &str, partial: Option<&partial::Partial>| -> Shown {
             server
                 .image()
                 .mailboxes
                 .iter()
-                .filter(|(k, m)| &*k.user == user && m.visible())
+                .filter(|(k, m)| &*k.user == user && in_view(m, partial))
                 .filter(|(k, _)| partial.is_none_or(|p| p.holds_mailbox(&k.name)))
                 .map(|(k, m)| {
                     let messages = m

@@ -158,11 +158,15 @@ impl Server {
             .mailbox(&state.mailbox)
             .map(|m| m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect())
             .unwrap_or_default();
-        // A body this partial replica omits by design is not missing (`crate::partial`).
+        // A body this partial user replica omits by design is not missing
+        // (`crate::partial`). A partial cluster server taking a push as master is not
+        // excused: like a SAVE's, the body must be here before the merge (the replica's
+        // copy of a message the cluster has since expunged and collected everywhere may be
+        // the only one: explore seed 26372).
         let mut missing: Vec<Guid> = state
             .messages
             .iter()
-            .filter(|r| !self.omits_body(&state.mailbox, r))
+            .filter(|r| !(self.cfg.user_replica && self.omits_body(&state.mailbox, r)))
             .map(|r| r.guid)
             .filter(|g| !self.image.has_body(g) && !expunged.contains(g))
             .collect();
