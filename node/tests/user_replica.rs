@@ -181,6 +181,19 @@ impl Imap {
         lines
     }
 
+    /// The answer to `command` once it is OK, tried every 100 ms for 5 s (a body on its
+    /// way from a peer); empty if it never was.
+    fn once_ok(&mut self, command: &str) -> String {
+        for _ in 0..50 {
+            let (ok, lines) = self.run(command);
+            if ok {
+                return lines.join("\n");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        String::new()
+    }
+
     /// UID -> FLAGS of a mailbox, as a client sees them (flags sorted).
     fn flags_by_uid(&mut self, mailbox: &str) -> Vec<(u32, Vec<String>)> {
         self.ok(&format!("EXAMINE \"{mailbox}\""));
@@ -537,15 +550,7 @@ fn a_partial_cluster_server_fetches_a_big_body_from_a_peer_when_a_client_asks() 
     let (ok, lines) = third.run("UID FETCH 1:* (BODY.PEEK[TEXT])");
     let text = lines.join("\n");
     assert!(!ok && text.contains("NO [UNAVAILABLE]") && text.contains("small, the text."), "{text}");
-    let mut got = String::new();
-    for _ in 0..50 {
-        let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
-        if ok {
-            got = lines.join("\n");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let got = third.once_ok("UID FETCH 1 (BODY.PEEK[TEXT])");
     assert!(got.contains("QXR0YWNobWVudEF0"), "the body came from a peer: {got}");
 }
 
@@ -577,14 +582,6 @@ fn a_partial_cluster_server_by_folder_fetches_another_folders_body_when_asked() 
     let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
     let first = lines.join("\n");
     assert!(!ok && first.contains("NO [UNAVAILABLE]"), "Archive's body is left out: {first}");
-    let mut got = String::new();
-    for _ in 0..50 {
-        let (ok, lines) = third.run("UID FETCH 1 (BODY.PEEK[TEXT])");
-        if ok {
-            got = lines.join("\n");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let got = third.once_ok("UID FETCH 1 (BODY.PEEK[TEXT])");
     assert!(got.contains("archived, the text."), "the body came from a peer: {got}");
 }
