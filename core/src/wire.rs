@@ -25,7 +25,7 @@
 //! | `MASTER-MOVE` | `<tag> <key> <requester-sid>` |
 //! | `MOVED` | `<tag> <key> <epoch> <generation> (<state>...)` |
 //! | `SAVE` | `<tag> <mbox> <guid> <received> (<flag>...) APPEND\|DELIVERY {n}<body>` |
-//! | `CANCEL` | `<tag> <mbox> <guid> TAKEN\|ORDERED` (ORDERED: the sender ordered the save as master and answered no retry with it) |
+//! | `CANCEL` | `<tag> <mbox> <guid> [TAKEN\|ORDERED]` (ORDERED: the sender ordered the save as master and answered no retry with it; absent: TAKEN) |
 //! | `COPY` | `<tag> <src-mbox> <src-uid> <guid> <dst-mbox> <received> (<flag>...)` |
 //! | `EXPUNGE` | `<tag> <mbox> (<uid>...)` |
 //! | `STORE` | `<tag> <mbox> (<uid>...) (<add-flag>...) (<remove-flag>...) <unchangedsince>\|NIL <known-modseq>` |
@@ -1131,7 +1131,8 @@ fn read_request(r: &mut Reader, name: &[u8]) -> Parse<WriteRequest> {
         b"CANCEL" => WriteRequest::Cancel {
             mailbox: r.mailbox()?,
             guid: r.guid()?,
-            sender_ordered: read_keyword(r, &["TAKEN", "ORDERED"])? == 1,
+            // Absent from a node of the version before (its word is not given).
+            sender_ordered: r.peek() == Some(b' ') && read_keyword(r, &["TAKEN", "ORDERED"])? == 1,
         },
         b"COPY" => WriteRequest::Copy {
             src: r.mailbox()?,
@@ -1817,6 +1818,21 @@ mod tests {
     fn samples_cover_every_command() {
         let names: BTreeSet<&str> = samples().iter().map(|e| e.msg.name()).collect();
         assert_eq!(names.len(), 31, "{names:?}");
+    }
+
+    #[test]
+    fn a_cancel_without_the_senders_word_is_taken_as_not_ordered() {
+        let request = |sender_ordered| WriteRequest::Cancel {
+            mailbox: MailboxKey::new("a", "INBOX"),
+            guid: Guid(7),
+            sender_ordered,
+        };
+        let ordered = env(1, 2, 0, Msg::Request { tag: 4, request: request(true) });
+        let text = String::from_utf8(encode_all(std::slice::from_ref(&ordered))).unwrap();
+        assert!(text.contains(" ORDERED"), "{text}");
+        let older = text.replace(" ORDERED", "");
+        let decoded = decode_all(older.as_bytes()).unwrap();
+        assert_eq!(decoded, vec![env(1, 2, 0, Msg::Request { tag: 4, request: request(false) })]);
     }
 
     #[test]
