@@ -158,15 +158,19 @@ impl Server {
             .mailbox(&state.mailbox)
             .map(|m| m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect())
             .unwrap_or_default();
-        // A body this partial user replica omits by design is not missing
-        // (`crate::partial`). A partial cluster server taking a push as master is not
-        // excused: like a SAVE's, the body must be here before the merge (the replica's
-        // copy of a message the cluster has since expunged and collected everywhere may be
-        // the only one: explore seed 26372).
+        // A body this partial replica omits by design is not missing (`crate::partial`).
+        // A partial cluster server taking a push as master is excused only while a live
+        // record of the message is here (so every full server holds its body): the
+        // replica's copy of a message the cluster has since expunged and collected
+        // everywhere may be the only one (explore seed 26372), and a partial replica's
+        // copy of one whose body it omits too is the cluster's own (seed 44301).
+        let excused = |r: &MessageRecord| {
+            self.omits_body(&state.mailbox, r) && (self.cfg.user_replica || self.image.is_referenced(r.guid))
+        };
         let mut missing: Vec<Guid> = state
             .messages
             .iter()
-            .filter(|r| !(self.cfg.user_replica && self.omits_body(&state.mailbox, r)))
+            .filter(|r| !excused(r))
             .map(|r| r.guid)
             .filter(|g| !self.image.has_body(g) && !expunged.contains(g))
             .collect();
