@@ -372,6 +372,10 @@ impl Server {
         if self.masters.is_moving(&key) && !is_move_job {
             return;
         }
+        if self.masters.cached(&key) == Some(self.cfg.sid) {
+            // Not master here (checked above): whatever said so is stale.
+            self.masters.forget(&key);
+        }
         let Some(master) = self.masters.cached(&key).filter(|m| self.routing.is_reachable(*m)) else {
             self.lookup_master(&key);
             return;
@@ -463,8 +467,12 @@ impl Server {
             return;
         }
         let key = job.key.clone();
+        // A reply names the master that ordered the write, which may since have given the
+        // key up: never take it for ourselves (we know whether we master the key), or
+        // we would forward to ourselves, and no one would answer (explore seed 50572).
         if let Some(m) = master
             && !self.masters.masters(&key)
+            && m != self.cfg.sid
         {
             self.masters.remember(key, m);
         }
