@@ -453,9 +453,13 @@ pub fn live_on_retired(m: &StoredMailbox) -> Vec<Uid> {
 /// lacked): only when every message live here is in the master's, live or expunged, so
 /// nothing is lost by it.
 fn adoptable(m: &StoredMailbox, master: &MailboxState) -> bool {
-    let theirs: BTreeSet<Guid> =
-        master.messages.iter().map(|r| r.guid).chain(master.tombstones.iter().map(|t| t.guid)).collect();
+    let theirs = guids_named(master);
     m.messages.values().all(|r| theirs.contains(&r.guid))
+}
+
+/// Every GUID a state names, live or expunged.
+fn guids_named(state: &MailboxState) -> BTreeSet<Guid> {
+    state.messages.iter().map(|r| r.guid).chain(state.tombstones.iter().map(|t| t.guid)).collect()
 }
 
 /// The replica's copy empties and takes the master's UIDVALIDITY, UIDNEXT and
@@ -922,8 +926,7 @@ pub fn adopt_rule(
     let Some(m) = here else { return adopt };
     if m.uidvalidity != cluster.uidvalidity {
         if since_s > 0 {
-            let theirs: BTreeSet<Guid> =
-                cluster.messages.iter().map(|r| r.guid).chain(cluster.tombstones.iter().map(|t| t.guid)).collect();
+            let theirs = guids_named(cluster);
             adopt.left_window = m
                 .messages
                 .values()

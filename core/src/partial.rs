@@ -22,7 +22,7 @@
 //!   neither an adopt, the scrub nor a census counts that as a body gone missing. A
 //!   client's read of it (`ClientRequest::FetchBody`) queues it; the agent's next round
 //!   brings it.
-use crate::types::{MailboxState, MessageRecord};
+use crate::types::{MailboxKey, MailboxState, MessageRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -84,6 +84,34 @@ impl Partial {
             return Err(format!("mailbox patterns have at most {PATTERN_BYTES_MAX} bytes in all, not {bytes}"));
         }
         Ok(())
+    }
+
+    /// [`Partial::check`] for a cluster server's spec too: there a pattern names
+    /// `user/mailbox` (a server holds every user's mail), so one without `/` would match
+    /// no mailbox at all.
+    pub fn check_on(&self, user_replica: bool) -> Result<(), String> {
+        self.check()?;
+        if !user_replica && self.mailboxes.iter().any(|p| !p.contains('/')) {
+            return Err("on a cluster server a mailbox pattern names user/mailbox, like \"%/INBOX\" (every \
+                        user's INBOX) or \"*@example.org/*\""
+                .into());
+        }
+        Ok(())
+    }
+
+    /// Whether a server with this spec leaves any body out by design: a user replica only
+    /// above its size limit, a cluster server by any of its rules.
+    pub fn leaves_out_some(&self, user_replica: bool) -> bool {
+        if user_replica { self.body_bytes_max.is_some() } else { !self.is_whole() }
+    }
+
+    /// Whether a server with this spec holds `r` of `mailbox` without its body: above the
+    /// size limit; on a cluster server also outside the patterns (matched against
+    /// `user/mailbox`) or received before the date. A user replica's patterns and date
+    /// choose what is listed and sent to it at all, so they leave no record without its
+    /// body.
+    pub fn leaves_out_body(&self, user_replica: bool, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
+        self.omits_body(r.size) || (!user_replica && (!self.in_window(r) || !self.holds_mailbox(&mailbox.to_string())))
     }
 
     pub fn holds_mailbox(&self, name: &str) -> bool {
@@ -226,6 +254,21 @@ mod tests {
         broken.messages = vec![rec(1, 50), rec(2, 150)];
         p.window_state_broken(&mut broken);
         assert!(broken.tombstones.iter().any(|t| t.guid == Guid(1) && t.expunged));
+    }
+
+    #[test]
+    fn a_cluster_server_leaves_out_bodies_by_its_patterns_and_date_and_a_user_replica_by_size_only() {
+        let p = Partial { mailboxes: vec!["%/INBOX".into()], since_s: 100, ..Partial::default() };
+        let (inbox, archive) = (MailboxKey::new("a@x", "INBOX"), MailboxKey::new("a@x", "Archive"));
+        assert!(!p.leaves_out_body(false, &inbox, &rec(1, 150)));
+        assert!(p.leaves_out_body(false, &archive, &rec(1, 150)), "outside the patterns");
+        assert!(p.leaves_out_body(false, &inbox, &rec(1, 50)), "before the date");
+        assert!(!p.leaves_out_body(true, &archive, &rec(1, 50)), "a user replica's patterns and date list, not omit");
+        assert!(p.leaves_out_some(false) && !p.leaves_out_some(true));
+        assert!(p.check_on(false).is_ok());
+        let bare = Partial { mailboxes: vec!["INBOX".into()], ..Partial::default() };
+        assert!(bare.check_on(true).is_ok());
+        assert!(bare.check_on(false).is_err_and(|e| e.contains("user/mailbox")), "a server's pattern names the user");
     }
 
     #[test]

@@ -305,7 +305,13 @@ impl StoredMailbox {
 
     /// Whether clients see the mailbox (see [`Lifecycle`]).
     pub fn visible(&self) -> bool {
-        !self.messages.is_empty() || self.lifecycle.created_at >= self.lifecycle.deleted_at
+        self.visible_by(|_| true)
+    }
+
+    /// [`StoredMailbox::visible`] counting only the messages `counted` keeps (a windowed
+    /// replica's view: a box only messages outside the window keep shown is not shown).
+    pub fn visible_by(&self, counted: impl Fn(&MessageRecord) -> bool) -> bool {
+        self.lifecycle.created_at >= self.lifecycle.deleted_at || self.messages.values().any(counted)
     }
 }
 

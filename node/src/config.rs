@@ -435,16 +435,7 @@ impl NodeConfig {
             core.user_replica = true;
         }
         if let Some(partial) = file.partial {
-            if !core.user_replica && partial.mailboxes.iter().any(|p| !p.contains('/')) {
-                // A user replica's patterns name its user's folders; a server holds every
-                // user's, so a pattern without a user part would match no mailbox at all.
-                return Err(bad(
-                    "partial",
-                    "on a cluster server a mailbox pattern names user/mailbox, like \"%/INBOX\" (every user's INBOX) \
-                     or \"*@example.org/*\"",
-                ));
-            }
-            partial.check().map_err(|why| bad("partial", why))?;
+            partial.check_on(core.user_replica).map_err(|why| bad("partial", why))?;
             core.partial = Some(partial);
         }
         if let Some(r) = file.replicas {

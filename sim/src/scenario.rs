@@ -983,7 +983,7 @@ impl Tab<'_> {
                         keep_fetched: p.keep_fetched.unwrap_or(true),
                     };
                     const RULE: &str = "a partial server with body_bytes_max, mailboxes or since_ms, within bounds";
-                    if spec.is_whole() || spec.check().is_err() {
+                    if spec.is_whole() || spec.check_on(false).is_err() {
                         return Err(self.bad("partial_servers", RULE, &p.server));
                     }
                     partial.insert(sid, spec);

@@ -1340,16 +1340,12 @@ impl World {
         // mailbox is shown as the window shows it: one that only messages from before
         // the window keep shown (a client deleted or renamed it away) is not (explore
         // seed 27564: the laptop's own old-dated message pushed into a renamed-away box).
-        let in_view = |m: &tandem_core::store::StoredMailbox, partial: Option<&partial::Partial>| {
-            m.lifecycle.created_at >= m.lifecycle.deleted_at
-                || m.messages.values().any(|r| partial.is_none_or(|p| p.in_window(r)))
-        };
         let shown = |server: &Server, user: &str, partial: Option<&partial::Partial>| -> Shown {
             server
                 .image()
                 .mailboxes
                 .iter()
-                .filter(|(k, m)| &*k.user == user && in_view(m, partial))
+                .filter(|(k, m)| &*k.user == user && m.visible_by(|r| partial.is_none_or(|p| p.in_window(r))))
                 .filter(|(k, _)| partial.is_none_or(|p| p.holds_mailbox(&k.name)))
                 .map(|(k, m)| {
                     let messages = m

@@ -984,8 +984,7 @@ impl Image {
                 .iter()
                 .flat_map(|(k, m)| m.messages.values().map(move |r| (k, r)))
                 .filter(|(k, r)| !self.disk.bodies.contains_key(&r.guid) && !excused(k, r))
-                .map(|(_, r)| r)
-                .map(|r| (r.guid, r.checksum))
+                .map(|(_, r)| (r.guid, r.checksum))
                 .collect::<Vec<_>>(),
             "scrub suspects missed a message without a body"
         );

@@ -80,10 +80,7 @@ impl Server {
     /// Whether this server leaves any body out by design: a partial user replica with a
     /// size limit, or a partial cluster server with any rule.
     pub(crate) fn omits_some(&self) -> bool {
-        self.cfg
-            .partial
-            .as_ref()
-            .is_some_and(|p| p.body_bytes_max.is_some() || (!self.cfg.user_replica && !p.is_whole()))
+        self.cfg.partial.as_ref().is_some_and(|p| p.leaves_out_some(self.cfg.user_replica))
     }
 
     /// Whether a replicated SAVE's body is left out here: above the size limit, not held
@@ -102,7 +99,7 @@ impl Server {
     /// replica's or server's size limit; a partial server's mailbox patterns and date):
     /// its absence is not a loss, nor one to repair (for the simulator's oracle too).
     pub fn omits_body(&self, mailbox: &MailboxKey, r: &MessageRecord) -> bool {
-        self.cfg.partial.as_ref().is_some_and(|p| omitted_by(p, self.cfg.user_replica, mailbox, r))
+        self.cfg.partial.as_ref().is_some_and(|p| p.leaves_out_body(self.cfg.user_replica, mailbox, r))
     }
 
     /// Whether this server omits the body of `r` by design (and does not hold it now).
@@ -387,18 +384,4 @@ impl Server {
         }
         self.out.reply_when_durable(id, ClientReply::BodiesKept { kept });
     }
-}
-
-/// Whether `partial` leaves the body of `r` in `mailbox` out: above its size limit; on a
-/// cluster server also outside its mailbox patterns (matched against `user/mailbox`) or
-/// received before its date. A user replica's patterns and date choose what is listed
-/// and sent to it at all (`crate::partial`), so they leave no record without its body.
-pub(crate) fn omitted_by(
-    partial: &crate::partial::Partial,
-    user_replica: bool,
-    mailbox: &MailboxKey,
-    r: &MessageRecord,
-) -> bool {
-    partial.omits_body(r.size)
-        || (!user_replica && (!partial.in_window(r) || !partial.holds_mailbox(&mailbox.to_string())))
 }

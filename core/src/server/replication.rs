@@ -3,7 +3,6 @@
 //! edited behind the protocol's back.
 
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
-use super::omitted_bodies::omitted_by;
 use super::timers::Timer;
 use super::{CatchupId, JobId, Server};
 use crate::hash::body_checksum;
@@ -663,12 +662,10 @@ impl Server {
 
     /// Check some bodies against their checksums, and that every message has a body.
     pub(crate) fn scrub_bodies(&mut self) {
-        let wanted = &self.body_fetch;
+        let (wanted, cfg) = (&self.body_fetch, &self.cfg);
         // A body a partial replica omits on purpose is not missing (see `crate::partial`).
-        let partial = self.cfg.partial.clone();
-        let user_replica = self.cfg.user_replica;
         let found = self.image.scrub(|k, r| {
-            wanted.is_wanted(&r.guid) || partial.as_ref().is_some_and(|p| omitted_by(p, user_replica, k, r))
+            wanted.is_wanted(&r.guid) || cfg.partial.as_ref().is_some_and(|p| p.leaves_out_body(cfg.user_replica, k, r))
         });
         for (guid, checksum) in found.corrupt {
             self.want_body(guid, Some(checksum), None, true);
