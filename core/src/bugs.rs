@@ -47,10 +47,13 @@ pub enum Bug {
     /// out counts as a copy: sync mode answers OK with fewer bodies on disk than it
     /// promises.
     PartialAckCountsAsCopy,
+    /// A user replica takes the census's loss of a message it still holds the body of
+    /// like any expunge, and the message is gone everywhere.
+    ReplicaTakesLostExpunge,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 13] = [
+    pub const ALL: [Bug; 14] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -64,6 +67,7 @@ impl Bug {
         Bug::ReplicaResurrects,
         Bug::PartialExpungesUnheld,
         Bug::PartialAckCountsAsCopy,
+        Bug::ReplicaTakesLostExpunge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +85,7 @@ impl Bug {
             Bug::ReplicaResurrects => "replica-resurrects",
             Bug::PartialExpungesUnheld => "partial-expunges-unheld",
             Bug::PartialAckCountsAsCopy => "partial-ack-counts-as-copy",
+            Bug::ReplicaTakesLostExpunge => "replica-takes-lost-expunge",
         }
     }
 
@@ -98,4 +103,8 @@ pub struct MergeRules {
     /// The state merged comes from the mailbox's master: a replica may take its
     /// UIDVALIDITY (see `mailbox::merge_as_replica`).
     pub from_master: bool,
+    /// The state merged is a user replica's push (master only): a message the census
+    /// gave up as lost (see `Tombstone::lost`), whose body the push brought, comes back
+    /// at a new UID.
+    pub revive_lost: bool,
 }

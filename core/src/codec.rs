@@ -34,3 +34,33 @@ impl RecordCodec for Bincode {
         bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Guid, Tombstone};
+
+    /// A tombstone as stores wrote it before a census's loss had its own fate.
+    #[derive(serde::Serialize)]
+    struct TombstoneWithBool {
+        uid: u32,
+        guid: Guid,
+        modseq: u64,
+        expunged: bool,
+    }
+
+    #[test]
+    fn a_tombstone_stored_with_a_bool_fate_reads_the_same() {
+        for expunged in [false, true] {
+            let old = Bincode::encode(&TombstoneWithBool { uid: 7, guid: Guid(9), modseq: 3, expunged }).unwrap();
+            let t: Tombstone = Bincode::decode(&old).unwrap();
+            assert_eq!(t, Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged, lost: false });
+            assert_eq!(Bincode::encode(&t).unwrap(), old, "written back byte for byte");
+        }
+        let lost = Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true };
+        assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&lost).unwrap()).unwrap(), lost);
+        let mut bad = Bincode::encode(&lost).unwrap();
+        *bad.last_mut().unwrap() = 3;
+        assert!(Bincode::decode::<Tombstone>(&bad).unwrap_err().contains("fate"));
+    }
+}

@@ -85,7 +85,9 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
         &t.uid.to_le_bytes(),
         &t.guid.0.to_le_bytes(),
         &t.modseq.to_le_bytes(),
-        &[u8::from(t.expunged)],
+        // A census's loss digests apart from a client's expunge; the byte is as before
+        // for every other tombstone.
+        &[u8::from(t.expunged) + 2 * u8::from(t.lost)],
     ]))
 }
 
@@ -315,10 +317,13 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
             out.tombstones.push(t);
         }
         std::collections::btree_map::Entry::Occupied(mut e)
-            if e.get().modseq < t.modseq || (t.expunged && !e.get().expunged) =>
+            if e.get().modseq < t.modseq || t.fate_rank() > e.get().fate_rank() =>
         {
+            // The fate joins to the more final: a client's expunge over a census's loss
+            // over a retirement.
+            let fate = if t.fate_rank() >= e.get().fate_rank() { t } else { *e.get() };
             let joined =
-                Tombstone { modseq: e.get().modseq.max(t.modseq), expunged: e.get().expunged || t.expunged, ..t };
+                Tombstone { modseq: e.get().modseq.max(t.modseq), expunged: fate.expunged, lost: fate.lost, ..t };
             e.insert(joined);
             out.tombstones.push(joined);
         }
@@ -371,12 +376,15 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
 }
 
 /// An EXPUNGE removes the message, not one binding of it: where a renumbering moved
-/// the message meanwhile, its new binding is expunged too.
+/// the message meanwhile, its new binding is expunged too. A census's loss reaches only
+/// the bindings below its own: a message a replica brought back with its body is placed
+/// above every UID the mailbox used, and lives on there.
 fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) {
     for t in tombstones.iter().filter(|t| t.expunged) {
-        let moved: Vec<Uid> = m.messages.uids_of(t.guid).filter(|uid| *uid != t.uid).collect();
+        let moved: Vec<Uid> =
+            m.messages.uids_of(t.guid).filter(|uid| *uid != t.uid && (!t.lost || *uid < t.uid)).collect();
         for uid in moved {
-            add_tombstone(m, Tombstone { uid, guid: t.guid, modseq: t.modseq, expunged: true }, out);
+            add_tombstone(m, Tombstone { uid, guid: t.guid, modseq: t.modseq, ..*t }, out);
         }
     }
 }
@@ -575,8 +583,19 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     let same_validity = foreign.uidvalidity == m.uidvalidity;
     let mut merge = MasterMerge {
         modseq: m.highest_modseq.max(foreign.highest_modseq).saturating_add(1),
-        // Messages a client expunged (here or on a copy we merged before).
-        ours_dead: m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect(),
+        // Messages a client expunged (here or on a copy we merged before), and those a
+        // census gave up, unless a replica's push brings them back.
+        ours_dead: m
+            .tombstones
+            .values()
+            .filter(|t| t.by_client() || (t.lost && !rules.revive_lost))
+            .map(|t| t.guid)
+            .collect(),
+        ours_lost: if rules.revive_lost {
+            m.tombstones.values().filter(|t| t.lost).map(|t| t.guid).collect()
+        } else {
+            BTreeSet::new()
+        },
         ours_live: BTreeMap::new(),
         m,
         foreign,
@@ -619,6 +638,8 @@ struct MasterMerge<'a> {
     /// The merge's one new modseq.
     modseq: ModSeq,
     ours_dead: BTreeSet<Guid>,
+    /// Messages a census gave up here (filled only for a replica's push).
+    ours_lost: BTreeSet<Guid>,
     ours_live: BTreeMap<Guid, Uid>,
     /// Messages that must move to a new UID, by (old uid, guid).
     movers: BTreeMap<(Uid, Guid), MessageRecord>,
@@ -671,11 +692,11 @@ impl MasterMerge<'_> {
             let live: Vec<Uid> = self.m.messages.uids_of(t.guid).collect();
             if live.is_empty() {
                 let uid = self.m.uidnext;
-                add_tombstone(self.m, Tombstone { uid, guid: t.guid, modseq, expunged: true }, &mut self.out);
+                add_tombstone(self.m, Tombstone { uid, guid: t.guid, modseq, ..*t }, &mut self.out);
                 debug_assert!(self.m.uidnext > uid, "a tombstone at UIDNEXT raises UIDNEXT");
             }
             for uid in live {
-                add_tombstone(self.m, Tombstone { uid, guid: t.guid, modseq, expunged: true }, &mut self.out);
+                add_tombstone(self.m, Tombstone { uid, guid: t.guid, modseq, ..*t }, &mut self.out);
             }
             debug_assert!(!self.m.messages.has_guid(t.guid), "a message expunged in the other incarnation is live");
             self.ours_dead.insert(t.guid);
@@ -692,6 +713,12 @@ impl MasterMerge<'_> {
             return;
         }
         if self.m.tombstones.contains_key(&(r.uid, r.guid)) {
+            if self.revived(r.guid) {
+                // A census gave it up while this replica held it: it comes back, above
+                // every UID used (the lost binding stays dead).
+                self.movers.insert((r.uid, r.guid), r.clone());
+                return;
+            }
             follow_guid(self.m, r, self.rules, &mut self.out);
             return;
         }
@@ -704,11 +731,20 @@ impl MasterMerge<'_> {
         }
         if self.ours_dead.contains(&r.guid) {
             // Expunged here under another UID: the expunge wins.
-            let t = Tombstone { uid: r.uid, guid: r.guid, modseq: self.modseq, expunged: false };
+            let t = Tombstone { uid: r.uid, guid: r.guid, modseq: self.modseq, expunged: false, lost: false };
             add_tombstone(self.m, t, &mut self.out);
             return;
         }
         self.place_at_uid(r);
+    }
+
+    /// Whether their record of `guid` brings back a message a census gave up here (see
+    /// [`MergeRules::revive_lost`]): lost here, expunged by no client, live nowhere here.
+    fn revived(&self, guid: Guid) -> bool {
+        self.rules.revive_lost
+            && !self.ours_dead.contains(&guid)
+            && !self.m.messages.has_guid(guid)
+            && self.ours_lost.contains(&guid)
     }
 
     /// Their record of a message live here at `our_uid`. True when that settles it;
@@ -720,7 +756,11 @@ impl MasterMerge<'_> {
             // message up, so theirs is the later binding. Ours retires, and theirs is
             // placed like any record (it may meet a conflict on its UID).
             if let Some(ours) = self.m.messages.remove(&our_uid) {
-                add_tombstone(self.m, Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false }, &mut self.out);
+                add_tombstone(
+                    self.m,
+                    Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false, lost: false },
+                    &mut self.out,
+                );
                 self.out.removed.push(our_uid);
                 join_flags_by(&mut r.flags, &ours.flags, rules);
                 r.modseq = r.modseq.max(ours.modseq);
@@ -730,7 +770,11 @@ impl MasterMerge<'_> {
         if our_uid != r.uid {
             // Same message here under a higher UID: retire their binding, keep ours,
             // take their flag changes.
-            add_tombstone(self.m, Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false }, &mut self.out);
+            add_tombstone(
+                self.m,
+                Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false, lost: false },
+                &mut self.out,
+            );
         }
         if let Some(mut ours) = self.m.messages.get_mut(&our_uid) {
             if join_flags_by(&mut ours.flags, &r.flags, rules) {
@@ -790,7 +834,7 @@ impl MasterMerge<'_> {
         duplicates.sort_by_key(|(_, drop)| *drop);
         for (keep, drop) in duplicates {
             let Some(dropped) = self.m.messages.get(&drop).cloned() else { continue };
-            let t = Tombstone { uid: drop, guid: dropped.guid, modseq: self.modseq, expunged: false };
+            let t = Tombstone { uid: drop, guid: dropped.guid, modseq: self.modseq, expunged: false, lost: false };
             add_tombstone(self.m, t, &mut self.out);
             if let Some(mut kept) = self.m.messages.get_mut(&keep) {
                 join_flags_by(&mut kept.flags, &dropped.flags, self.rules);
@@ -833,7 +877,7 @@ impl MasterMerge<'_> {
         let mut moved_guids = BTreeSet::new();
         for ((old_uid, guid), rec) in std::mem::take(&mut self.movers) {
             if self.same_validity || self.m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
-                let t = Tombstone { uid: old_uid, guid, modseq: self.modseq, expunged: false };
+                let t = Tombstone { uid: old_uid, guid, modseq: self.modseq, expunged: false, lost: false };
                 add_tombstone(self.m, t, &mut self.out);
             }
             if !moved_guids.insert(guid) || self.m.messages.has_guid(guid) {
@@ -894,7 +938,10 @@ impl MasterMerge<'_> {
 ///    (`from_cluster`), or whose GUID the cluster holds at another UID, goes (`gone`);
 ///    flags changed here since the last push (`pushed_upto`) follow it to the cluster's
 ///    binding. One changed here whose cluster binding this copy cannot take yet stays,
-///    for the next push to carry its changes there (explore seed 2637).
+///    for the next push to carry its changes there (explore seed 2637). So does one a
+///    windowed copy (`since_s`) is not shown, from before its window and changed here
+///    since the last push: the cluster may have moved it, not expunged it (explore
+///    seed 90542).
 /// 2. Messages a client of this replica expunged since the pull this adopt answers (a
 ///    tombstone here, at whatever UID the cluster has them now) are left out: a GUID
 ///    expunged from a mailbox never comes back to it, and the next push takes the
@@ -912,6 +959,12 @@ impl MasterMerge<'_> {
 ///    window, so its own from before the window, already pushed (and so placed in the
 ///    cluster's incarnation), go here (`left_window`) rather than block the adopt
 ///    forever (explore seed 15950).
+/// 6. A census's loss (`Tombstone::lost`) of a message the cluster has live nowhere,
+///    and that this copy holds with its body (`holds_body`), is not taken: the message
+///    stays here (`kept_lost`), and the next push is whole, so that it goes back to the
+///    cluster with its body and lives again at a new UID. This copy's message may be the
+///    only one left: a master that took it lost its disk before any peer held the body
+///    (explore seed 82928).
 ///
 /// `take_collected` false is the broken variant `replica-resurrects` (step 1 skipped).
 pub fn adopt_rule(
@@ -921,8 +974,15 @@ pub fn adopt_rule(
     pushed_upto: ModSeq,
     take_collected: bool,
     since_s: u64,
+    holds_body: impl Fn(Guid) -> bool,
 ) -> Adopt {
-    let mut adopt = Adopt { state: cluster.clone(), gone: Vec::new(), left_window: Vec::new(), push_whole: false };
+    let mut adopt = Adopt {
+        state: cluster.clone(),
+        gone: Vec::new(),
+        left_window: Vec::new(),
+        push_whole: false,
+        kept_lost: Vec::new(),
+    };
     let Some(m) = here else { return adopt };
     if m.uidvalidity != cluster.uidvalidity {
         if since_s > 0 {
@@ -937,8 +997,9 @@ pub fn adopt_rule(
         return adopt;
     }
     if take_collected && !cluster.retired.ranges.is_empty() {
-        let (gone, unpushed) = collected_bindings(m, cluster, from_cluster, pushed_upto);
+        let (gone, unpushed, unshown_kept) = collected_bindings(m, cluster, from_cluster, pushed_upto, since_s);
         adopt.gone = gone;
+        adopt.push_whole |= unshown_kept;
         for r in adopt.state.messages.iter_mut() {
             if let Some(flags) = unpushed.get(&r.guid) {
                 adopt.push_whole |= join_flags(&mut r.flags, flags);
@@ -948,7 +1009,31 @@ pub fn adopt_rule(
     let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
     adopt.state.messages.retain(|r| !dead.contains(&r.guid));
     adopt.push_whole |= hold_back_unpushed_retirements(m, &mut adopt.state.retired, pushed_upto);
+    keep_lost_messages(m, &mut adopt, holds_body);
     adopt
+}
+
+/// Step 6 of [`adopt_rule`].
+fn keep_lost_messages(m: &StoredMailbox, adopt: &mut Adopt, holds_body: impl Fn(Guid) -> bool) {
+    let lost: BTreeSet<Guid> = adopt.state.tombstones.iter().filter(|t| t.lost).map(|t| t.guid).collect();
+    if lost.is_empty() {
+        return;
+    }
+    let live_there: BTreeSet<Guid> = adopt.state.messages.iter().map(|r| r.guid).collect();
+    let client_expunged: BTreeSet<Guid> =
+        adopt.state.tombstones.iter().filter(|t| t.by_client()).map(|t| t.guid).collect();
+    let kept: BTreeSet<Guid> = lost
+        .into_iter()
+        .filter(|g| {
+            !live_there.contains(g) && !client_expunged.contains(g) && m.messages.has_guid(*g) && holds_body(*g)
+        })
+        .collect();
+    if kept.is_empty() {
+        return;
+    }
+    adopt.state.tombstones.retain(|t| !kept.contains(&t.guid));
+    adopt.kept_lost = kept.into_iter().collect();
+    adopt.push_whole = true;
 }
 
 /// What [`adopt_rule`] makes of the cluster's copy.
@@ -964,6 +1049,9 @@ pub struct Adopt {
     pub left_window: Vec<Uid>,
     /// The next push must send everything, not a delta.
     pub push_whole: bool,
+    /// Messages kept here against a census's loss (step 6): their bodies go with the
+    /// next push.
+    pub kept_lost: Vec<Guid>,
 }
 
 /// Step 1 of [`adopt_rule`]: the UIDs of the messages that go, and the flags of those
@@ -973,7 +1061,9 @@ fn collected_bindings(
     cluster: &MailboxState,
     from_cluster: &Retired,
     pushed_upto: ModSeq,
-) -> (Vec<Uid>, BTreeMap<Guid, BTreeMap<Flag, FlagState>>) {
+    since_s: u64,
+) -> (Vec<Uid>, BTreeMap<Guid, BTreeMap<Flag, FlagState>>, bool) {
+    let mut unshown_kept = false;
     let mut unpushed = BTreeMap::new();
     let cluster_uid: BTreeMap<Guid, Uid> = cluster.messages.iter().map(|r| (r.guid, r.uid)).collect();
     // Whether this copy can bind `guid` where the cluster has it (nothing else of ours on
@@ -998,9 +1088,18 @@ fn collected_bindings(
             }
             unpushed.insert(r.guid, r.flags.clone());
         }
+        if !moved && r.received < since_s && r.modseq > pushed_upto {
+            // A windowed copy is not shown the cluster's messages from before its window:
+            // this one may have moved there rather than gone. Its changes not pushed yet
+            // go up first (the master takes them to where it lives, or drops them with
+            // it if the cluster expunged it); it goes at a later adopt (explore seed
+            // 90542).
+            unshown_kept = true;
+            continue;
+        }
         gone.push(r.uid);
     }
-    (gone, unpushed)
+    (gone, unpushed, unshown_kept)
 }
 
 /// Step 3 of [`adopt_rule`]: takes out of `retired` the UIDs where this copy holds an
@@ -1092,7 +1191,8 @@ mod tests {
         // which the cluster moved to 7, flagged here since the last push at modseq 5),
         // 3 expunged here since the last push (the cluster retired 3 meanwhile), 4 live.
         let mut here = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[("\\Seen", true, 6)]), rec(4, 40, &[])]);
-        here.tombstones.insert((3, Guid(30)), Tombstone { uid: 3, guid: Guid(30), modseq: 6, expunged: true });
+        here.tombstones
+            .insert((3, Guid(30)), Tombstone { uid: 3, guid: Guid(30), modseq: 6, expunged: true, lost: false });
         let mut cluster = st(&mbox(vec![rec(4, 40, &[]), rec(5, 30, &[]), rec(7, 20, &[])]));
         cluster.retired.insert_range(1, 3);
         let from_cluster = {
@@ -1100,7 +1200,7 @@ mod tests {
             r.insert_range(1, 1);
             r
         };
-        let adopt = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true, 0);
+        let adopt = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true, 0, |_| false);
         assert_eq!(adopt.gone, vec![1, 2], "the forgotten binding and the moved one go");
         let moved = adopt.state.messages.iter().find(|r| r.guid == Guid(20)).expect("the moved message");
         assert!(moved.flags.get(&Flag::new("\\Seen").unwrap()).is_some_and(|f| f.present), "its flag follows it");
@@ -1109,14 +1209,93 @@ mod tests {
         assert!(!adopt.state.retired.contains(3), "the retirement of an unpushed expunge waits");
         assert!(adopt.push_whole);
         // The broken variant takes none of the forgotten decisions.
-        assert!(adopt_rule(Some(&here), &cluster, &from_cluster, 5, false, 0).gone.is_empty());
+        assert!(adopt_rule(Some(&here), &cluster, &from_cluster, 5, false, 0, |_| false).gone.is_empty());
         // After the push (pushed_upto 6), nothing is held back or carried.
-        let after_push = adopt_rule(Some(&here), &cluster, &from_cluster, 6, true, 0);
+        let after_push = adopt_rule(Some(&here), &cluster, &from_cluster, 6, true, 0, |_| false);
         assert!(after_push.state.retired.contains(3) && !after_push.push_whole);
         // Another UIDVALIDITY: the state as it is, for the replica merge to decide.
         cluster.uidvalidity += 1;
-        let other = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true, 0);
+        let other = adopt_rule(Some(&here), &cluster, &from_cluster, 5, true, 0, |_| false);
         assert_eq!((other.state, other.gone, other.push_whole), (cluster, Vec::new(), false));
+    }
+
+    fn lost(uid: Uid, guid: u128, modseq: ModSeq) -> Tombstone {
+        Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: true }
+    }
+
+    #[test]
+    fn an_adopt_keeps_a_message_a_census_lost_while_it_holds_the_body() {
+        // Here: 2 (held with its body) and 3 (no body here). The cluster's census lost
+        // both; 4 was lost too but a client expunged it at another binding.
+        let here = mbox(vec![rec(2, 20, &[]), rec(3, 30, &[]), rec(4, 40, &[])]);
+        let mut cluster = st(&mbox(vec![]));
+        cluster.uidnext = 9;
+        cluster.tombstones = vec![
+            lost(2, 20, 5),
+            lost(3, 30, 5),
+            lost(4, 40, 5),
+            Tombstone { uid: 8, guid: Guid(40), modseq: 6, expunged: true, lost: false },
+        ];
+        let holds = |g: Guid| g == Guid(20) || g == Guid(40);
+        let adopt = adopt_rule(Some(&here), &cluster, &Retired::default(), 5, true, 0, holds);
+        assert_eq!(adopt.kept_lost, vec![Guid(20)]);
+        assert!(adopt.push_whole, "it goes back with the next push");
+        let guids: Vec<u128> = adopt.state.tombstones.iter().map(|t| t.guid.0).collect();
+        assert_eq!(guids, vec![30, 40, 40], "the others' losses and the client's expunge are taken");
+        // Once the cluster has it live again, its lost binding is taken like a retirement.
+        cluster.messages.push(rec(9, 20, &[]));
+        let again = adopt_rule(Some(&here), &cluster, &Retired::default(), 5, true, 0, holds);
+        assert!(again.kept_lost.is_empty() && again.state.tombstones.iter().any(|t| t.guid == Guid(20)));
+    }
+
+    #[test]
+    fn a_push_brings_back_a_lost_message_at_a_new_uid_and_a_sync_does_not() {
+        let mut master = mbox(vec![rec(1, 10, &[])]);
+        master.uidnext = 3;
+        master.highest_modseq = 5;
+        master.tombstones.insert((2, Guid(20)), lost(2, 20, 5));
+        let replica = st(&mbox(vec![rec(2, 20, &[("\\Seen", true, 4)])]));
+        // A server's copy (a SYNC, a log entry) of the lost binding: it stays lost.
+        let mut synced = master.clone();
+        let out = merge_as_master(&mut synced, &replica, &MergeRules::default());
+        assert!(!synced.messages.has_guid(Guid(20)) && out.renumbered == 0);
+        // A user replica's push of it (its body with it): back, above every UID used.
+        let push = MergeRules { revive_lost: true, ..MergeRules::default() };
+        let out = merge_as_master(&mut master, &replica, &push);
+        assert_eq!(master.messages.last_uid_of(Guid(20)), Some(3));
+        assert_eq!(out.renumbered, 1);
+        assert!(master.tombstones.get(&(2, Guid(20))).is_some_and(|t| t.lost), "the lost binding stays dead");
+        // A replica that merges the master's copy keeps it: the loss reaches only the
+        // bindings below its own.
+        let mut other = mbox(vec![rec(1, 10, &[])]);
+        let out =
+            merge_as_replica(&mut other, &st(&master), &MergeRules { from_master: true, ..MergeRules::default() });
+        assert!(!out.unresolved && other.messages.last_uid_of(Guid(20)) == Some(3));
+        // A client's expunge is final even for a push.
+        let mut expunged = master.clone();
+        expunged.messages.remove(&3);
+        expunged
+            .tombstones
+            .insert((3, Guid(20)), Tombstone { uid: 3, guid: Guid(20), modseq: 7, expunged: true, lost: false });
+        merge_as_master(&mut expunged, &replica, &push);
+        assert!(!expunged.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn a_tombstones_fate_joins_to_the_more_final() {
+        let retired = Tombstone { uid: 2, guid: Guid(20), modseq: 9, expunged: false, lost: false };
+        let by_client = Tombstone { modseq: 3, expunged: true, ..retired };
+        for (a, b, want) in
+            [(retired, lost(2, 20, 5), 1), (lost(2, 20, 5), by_client, 2), (by_client, lost(2, 20, 5), 2)]
+        {
+            for (x, y) in [(a, b), (b, a)] {
+                let mut m = mbox(vec![]);
+                add_tombstone(&mut m, x, &mut MergeOutcome::default());
+                add_tombstone(&mut m, y, &mut MergeOutcome::default());
+                let t = m.tombstones[&(2, Guid(20))];
+                assert_eq!((t.fate_rank(), t.modseq), (want, x.modseq.max(y.modseq)));
+            }
+        }
     }
 
     #[test]
@@ -1139,7 +1318,9 @@ mod tests {
     fn expunged_conflict_found_by_tombstone() {
         let mut master = mbox(vec![rec(1, 10, &[])]);
         let mut other = mbox(vec![]);
-        other.tombstones.insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true });
+        other
+            .tombstones
+            .insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true, lost: false });
         other.uidnext = 2;
         let out = merge_as_master(&mut master, &st(&other), &MergeRules::default());
         assert!(out.tombstone_conflict);
@@ -1158,7 +1339,9 @@ mod tests {
         assert!(master.messages.has_guid(Guid(20)));
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
-        expunged.tombstones.insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true });
+        expunged
+            .tombstones
+            .insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false });
         merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)), "the expunge in the other incarnation is ignored");
         assert!(master.messages.has_guid(Guid(10)));
@@ -1173,7 +1356,9 @@ mod tests {
         master.uidvalidity = 7;
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
-        expunged.tombstones.insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true });
+        expunged
+            .tombstones
+            .insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false });
         merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
         assert!(master.tombstones.get(&(40, Guid(20))).is_some_and(|t| t.expunged));
         assert_eq!(master.uidnext, 41);
@@ -1243,7 +1428,7 @@ mod carry_tests {
         m.messages.insert(17, rec.clone());
         m.uidnext = 18;
         let moved = MessageRecord { uid: 34, modseq: 36, flags: BTreeMap::new(), ..rec.clone() };
-        let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false };
+        let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false, lost: false };
         let fragment = MailboxState {
             mailbox: key.clone(),
             uidvalidity: m.uidvalidity,
@@ -1340,7 +1525,7 @@ mod retired_tests {
     fn retired_uids_drop_the_tombstones_they_cover_and_no_later_one() {
         let mut replica = new_mailbox(&key());
         replica.messages.insert(1, rec(1, 10, 1));
-        let t = |uid: Uid, guid: u128, modseq| Tombstone { uid, guid: Guid(guid), modseq, expunged: true };
+        let t = |uid: Uid, guid: u128, modseq| Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: false };
         for tomb in [t(2, 20, 3), t(3, 30, 3), t(4, 40, 9)] {
             replica.tombstones.insert((tomb.uid, tomb.guid), tomb);
         }

@@ -74,10 +74,15 @@ pub enum Mark {
     /// A user replica's copy of a message the cluster expunged and forgot (its tombstone
     /// collected while the replica was away) was dropped, not merged back in.
     ReplicaCopyOfForgottenExpunge,
+    /// A user replica kept a message the cluster's census gave up as lost (it holds the
+    /// body), to push it back.
+    LostMessageKept,
+    /// A master took back a message a census had given up, its body brought by a push.
+    LostMessageRevived,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 37] = [
+    pub const ALL: [Mark; 39] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -115,6 +120,8 @@ impl Mark {
         Mark::MemberLeaving,
         Mark::MemberRetired,
         Mark::ReplicaCopyOfForgottenExpunge,
+        Mark::LostMessageKept,
+        Mark::LostMessageRevived,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +163,8 @@ impl Mark {
             Mark::MemberLeaving => "member_leaving",
             Mark::MemberRetired => "member_retired",
             Mark::ReplicaCopyOfForgottenExpunge => "replica_copy_of_forgotten_expunge",
+            Mark::LostMessageKept => "lost_message_kept",
+            Mark::LostMessageRevived => "lost_message_revived",
         }
     }
 

@@ -211,6 +211,7 @@ impl MessageRecord {
 /// An expunged or retired (UID, GUID) binding. Kept so that a later merge knows the UID
 /// was used and by which message (the seed's FIXME).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "StoredTombstone", try_from = "StoredTombstone")]
 pub struct Tombstone {
     pub uid: Uid,
     pub guid: Guid,
@@ -219,6 +220,64 @@ pub struct Tombstone {
     /// UID-conflict renumbering and the message lives on at another UID: a retirement
     /// must never be taken for a deletion.
     pub expunged: bool,
+    /// No client expunged it: the mailbox master found its body on no server (a census)
+    /// and took the message out so that every copy agrees. Implies `expunged`. A user
+    /// replica that still holds the body does not take such an expunge: it pushes the
+    /// message again, and the master places it at a new UID (its body back in the
+    /// cluster). Never collected, so that a replica away for long still sees it.
+    pub lost: bool,
+}
+
+impl Tombstone {
+    /// How final the tombstone is: a retirement, a census's loss, a client's expunge.
+    /// Two tombstones of one binding join to the higher.
+    pub fn fate_rank(&self) -> u8 {
+        match (self.expunged, self.lost) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        }
+    }
+
+    /// A client's expunge (not a retirement, not a census's loss).
+    pub fn by_client(&self) -> bool {
+        self.expunged && !self.lost
+    }
+}
+
+/// A tombstone as stored and recorded: the fate is one byte, 0 retired, 1 expunged,
+/// 2 lost, so a store written when the fate was a `bool` (0 or 1, one byte under
+/// bincode) reads unchanged.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct StoredTombstone {
+    uid: Uid,
+    guid: Guid,
+    modseq: ModSeq,
+    fate: u8,
+}
+
+impl From<Tombstone> for StoredTombstone {
+    fn from(t: Tombstone) -> Self {
+        let fate = match (t.expunged, t.lost) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        };
+        StoredTombstone { uid: t.uid, guid: t.guid, modseq: t.modseq, fate }
+    }
+}
+
+impl TryFrom<StoredTombstone> for Tombstone {
+    type Error = String;
+    fn try_from(s: StoredTombstone) -> Result<Self, String> {
+        let (expunged, lost) = match s.fate {
+            0 => (false, false),
+            1 => (true, false),
+            2 => (true, true),
+            other => return Err(format!("a tombstone's fate is 0, 1 or 2, not {other}")),
+        };
+        Ok(Tombstone { uid: s.uid, guid: s.guid, modseq: s.modseq, expunged, lost })
+    }
 }
 
 /// The summary carried by MBOX: enough to tell in O(1) whether two copies differ.

@@ -1412,18 +1412,20 @@ fn read_flag_states(r: &mut Reader) -> Parse<BTreeMap<Flag, FlagState>> {
 
 fn write_tombstone(w: &mut Writer, t: &Tombstone) {
     w.group(|w| {
-        w.num(t.uid).guid(t.guid).num(t.modseq).atom(if t.expunged { "EXPUNGED" } else { "RETIRED" });
+        let fate = match (t.expunged, t.lost) {
+            (false, _) => "RETIRED",
+            (true, false) => "EXPUNGED",
+            (true, true) => "LOST",
+        };
+        w.num(t.uid).guid(t.guid).num(t.modseq).atom(fate);
     });
 }
 
 fn read_tombstone(r: &mut Reader) -> Parse<Tombstone> {
     r.group(|r| {
-        Ok(Tombstone {
-            uid: r.u32()?,
-            guid: r.guid()?,
-            modseq: r.u64()?,
-            expunged: read_keyword(r, &["RETIRED", "EXPUNGED"])? == 1,
-        })
+        let (uid, guid, modseq) = (r.u32()?, r.guid()?, r.u64()?);
+        let fate = read_keyword(r, &["RETIRED", "EXPUNGED", "LOST"])?;
+        Ok(Tombstone { uid, guid, modseq, expunged: fate >= 1, lost: fate == 2 })
     })
 }
 
@@ -1469,8 +1471,8 @@ mod tests {
             highest_modseq: 99,
             messages: vec![record(1), record(2), MessageRecord { flags: BTreeMap::new(), ..record(3) }],
             tombstones: vec![
-                Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true },
-                Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false },
+                Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true, lost: false },
+                Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false, lost: false },
             ],
             lifecycle: Lifecycle {
                 created_at: 3,
@@ -1685,7 +1687,7 @@ mod tests {
                     Change::Expunge {
                         mailbox: inbox.clone(),
                         uidvalidity: 77,
-                        tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: true }],
+                        tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: true, lost: false }],
                     },
                 ),
             ),
@@ -2244,8 +2246,13 @@ mod tests {
                 change: Change::Save { mailbox, uidvalidity, record, body: body.into() },
             },
         );
-        let tombstone = (any::<u32>(), guid(), any::<u64>(), any::<bool>())
-            .prop_map(|(uid, guid, modseq, expunged)| Tombstone { uid, guid, modseq, expunged });
+        let tombstone = (any::<u32>(), guid(), any::<u64>(), 0u8..3).prop_map(|(uid, guid, modseq, fate)| Tombstone {
+            uid,
+            guid,
+            modseq,
+            expunged: fate >= 1,
+            lost: fate == 2,
+        });
         let sync = (
             any::<bool>(),
             mailbox_key(),

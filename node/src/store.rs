@@ -746,7 +746,7 @@ mod tests {
             StoreWrite::PutBody { guid: Guid(7), checksum: 9, bytes: Body::from_static(b"abc") },
             StoreWrite::PutTombstone {
                 mailbox: mailbox.clone(),
-                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true },
+                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true, lost: false },
             },
             StoreWrite::PutMessage { mailbox: MailboxKey::new("v@d", "Box"), record: record.clone() },
             StoreWrite::RemoveMessage { mailbox: MailboxKey::new("v@d", "Box"), uid: 1 },
@@ -779,11 +779,11 @@ mod tests {
             // nor one above the collection's modseq.
             StoreWrite::PutTombstone {
                 mailbox: MailboxKey::new("u@d", "INBOX2"),
-                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true },
+                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true, lost: false },
             },
             StoreWrite::PutTombstone {
                 mailbox: mailbox.clone(),
-                tombstone: Tombstone { uid: 4, guid: Guid(9), modseq: 9, expunged: false },
+                tombstone: Tombstone { uid: 4, guid: Guid(9), modseq: 9, expunged: false, lost: false },
             },
             StoreWrite::RetireUids {
                 mailbox: mailbox.clone(),

@@ -831,7 +831,11 @@ impl Server {
                 }
                 Ordered::unreplicated(fail(FailKind::Temporary, "the master does not have that message yet"))
             }
-            WriteRequest::Expunge { mailbox, messages } => self.master_expunge(&mailbox, &messages, id),
+            WriteRequest::Expunge { mailbox, messages } => {
+                // The server's own expunge is a census's: the body is on no server.
+                let lost = matches!(self.jobs.get(id).map(|j| &j.origin), Some(Origin::Internal));
+                self.master_expunge(&mailbox, &messages, lost, id)
+            }
             WriteRequest::Cancel { mailbox, guid, sender_ordered } => {
                 self.master_cancel(&mailbox, guid, sender_ordered, id)
             }
@@ -903,7 +907,7 @@ impl Server {
             return kept;
         }
         self.marks.hit(Mark::SaveCancelled);
-        self.master_expunge(mailbox, &[(uid, guid)], id)
+        self.master_expunge(mailbox, &[(uid, guid)], false, id)
     }
 
     /// A migrated message at the UID it had elsewhere (see `ClientRequest::Import`).
@@ -1132,7 +1136,7 @@ impl Server {
         Ordered::replicated(result)
     }
 
-    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], id: JobId) -> Ordered {
+    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], lost: bool, id: JobId) -> Ordered {
         let Some(m) = self.image.mailbox(mailbox) else {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
         };
@@ -1141,7 +1145,7 @@ impl Server {
         let tombstones: Vec<Tombstone> = uids
             .iter()
             .filter_map(|(_, uid)| m.messages.get(uid))
-            .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true })
+            .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true, lost })
             .collect();
         if tombstones.is_empty() {
             return Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq });
@@ -1221,7 +1225,7 @@ impl Server {
                 tombstones = m
                     .messages
                     .values()
-                    .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true })
+                    .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true, lost: false })
                     .collect();
                 lifecycle.deleted_at = modseq;
             }
@@ -1364,7 +1368,7 @@ impl Server {
         // The target first: a peer that applies the source's deletion has its messages.
         self.replicate(Change::Merge { state }, Some(id));
         let done = if &*from.name == "INBOX" {
-            if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, id)) }
+            if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, false, id)) }
         } else {
             Some(self.master_lifecycle(from, MailboxAction::Delete, id))
         };

@@ -99,6 +99,11 @@ pub struct Server {
     /// A partial replica's omitted bodies its clients asked for (see `omitted_bodies`).
     #[serde(default)]
     omitted: omitted_bodies::OmittedBodies,
+    /// A user replica's messages kept against a census's loss (`mailbox::adopt_rule`
+    /// step 6): their bodies go up with the next push. Learnt again at each adopt, so
+    /// not stored.
+    #[serde(default)]
+    kept_lost: std::collections::BTreeSet<Guid>,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -155,6 +160,7 @@ impl Server {
             unreferenced_since: BTreeMap::new(),
             ordered_saves: Default::default(),
             omitted: Default::default(),
+            kept_lost: Default::default(),
         };
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
@@ -223,6 +229,7 @@ impl Server {
             unreferenced_since: self.unreferenced_since.clone(),
             ordered_saves: self.ordered_saves.clone(),
             omitted: self.omitted.clone(),
+            kept_lost: self.kept_lost.clone(),
         }
     }
 
@@ -265,6 +272,9 @@ impl Server {
         // Only a partial replica ever has any (and a state without them hashes as before).
         if !self.omitted.is_empty() {
             write!(h, "|{:?}", self.omitted)?;
+        }
+        if !self.kept_lost.is_empty() {
+            write!(h, "|{:?}", self.kept_lost)?;
         }
         Ok(())
     }
@@ -478,6 +488,7 @@ impl Server {
             ignore_tombstones: self.has_bug(crate::Bug::IgnoreTombstones),
             replica_overwrites: self.has_bug(crate::Bug::ReplicaOverwritesUid),
             from_master: false,
+            revive_lost: false,
         }
     }
 

@@ -17,6 +17,9 @@ use std::collections::BTreeSet;
 /// agent asks again for the rest).
 pub const REPLICA_BODIES_MAX: usize = 1024;
 pub const REPLICA_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How many messages kept against a census's loss a user replica remembers to push with
+/// their bodies; more wait for the next adopt.
+const KEPT_LOST_MAX: usize = 65_536;
 
 impl Server {
     /// A user replica answers with its own partial spec (the request's is the agent's
@@ -92,7 +95,9 @@ impl Server {
         let origin = self.cfg.sid.0 & (Guid::ORIGIN_MASK as u32);
         let mut bodies = Vec::new();
         let mut bytes = 0usize;
-        for r in state.messages.iter().filter(|r| r.guid.origin() == origin) {
+        // Its own new messages, and any it keeps against a census's loss (the cluster
+        // has no body of those).
+        for r in state.messages.iter().filter(|r| r.guid.origin() == origin || self.kept_lost.contains(&r.guid)) {
             if bodies.len() >= REPLICA_BODIES_MAX || bytes.saturating_add(r.size as usize) > REPLICA_BODY_BYTES_MAX {
                 break;
             }
@@ -201,9 +206,32 @@ impl Server {
         if !missing.is_empty() {
             return WriteResult::Merged { modseq: highest(self), missing };
         }
-        let outcome = self.merge_state(&state, true, false, None);
+        // A message a census gave up comes back only with its body (the replica sends
+        // the bodies of those it keeps, `mailbox::adopt_rule` step 6): without, it
+        // stays lost.
+        let lost = self.lost_here(&state.mailbox);
+        if !lost.is_empty() {
+            state.messages.retain(|r| !lost.contains(&r.guid) || self.image.body_intact(r.guid) == Some(true));
+        }
+        let rules = crate::MergeRules { revive_lost: true, ..self.merge_rules() };
+        let outcome = self.merge_state_by(&state, true, rules, None);
         debug_assert!(!outcome.unresolved, "a master decides every conflict");
+        if outcome.records.iter().any(|r| lost.contains(&r.guid)) {
+            self.marks.hit(crate::marks::Mark::LostMessageRevived);
+        }
         WriteResult::Merged { modseq: highest(self), missing: Vec::new() }
+    }
+
+    /// The messages of `mailbox` a census gave up here: lost, expunged by no client,
+    /// live nowhere in it.
+    fn lost_here(&self, mailbox: &MailboxKey) -> BTreeSet<Guid> {
+        let Some(m) = self.image.mailbox(mailbox) else { return BTreeSet::new() };
+        let lost: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.lost).map(|t| t.guid).collect();
+        if lost.is_empty() {
+            return lost;
+        }
+        let by_client: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.by_client()).map(|t| t.guid).collect();
+        lost.into_iter().filter(|g| !by_client.contains(g) && !m.messages.has_guid(*g)).collect()
     }
 
     /// The replica's client expunged each message of an expunged tombstone, at the
@@ -219,7 +247,8 @@ impl Server {
         let moved: Vec<Tombstone> = state
             .tombstones
             .iter()
-            .filter(|t| t.expunged)
+            // A census's loss the replica took from the cluster kills only its binding.
+            .filter(|t| t.by_client())
             .filter_map(|t| {
                 let here = m.messages.last_uid_of(t.guid)?;
                 (here != t.uid).then_some(Tombstone {
@@ -227,6 +256,7 @@ impl Server {
                     guid: t.guid,
                     modseq: t.modseq.max(1),
                     expunged: true,
+                    lost: false,
                 })
             })
             .collect();
@@ -243,6 +273,7 @@ impl Server {
         if m.uidvalidity != state.uidvalidity {
             return BTreeSet::new();
         }
+        let lost = self.lost_here(&state.mailbox);
         state
             .messages
             .iter()
@@ -251,6 +282,8 @@ impl Server {
             // A message live here at another UID was moved, not expunged: the merge takes
             // the replica's flag changes to where it lives (explore seed 2637).
             .filter(|r| !m.messages.has_guid(r.guid))
+            // One a census gave up may come back (see `master_merge`).
+            .filter(|r| !lost.contains(&r.guid))
             .map(|r| r.uid)
             .collect()
     }
@@ -292,11 +325,29 @@ impl Server {
         }
         let before = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         let take_collected = !self.has_bug(crate::Bug::ReplicaResurrects);
+        let takes_lost = self.has_bug(crate::Bug::ReplicaTakesLostExpunge);
+        let lost_held: BTreeSet<Guid> = state
+            .tombstones
+            .iter()
+            .filter(|t| t.lost && !takes_lost)
+            .map(|t| t.guid)
+            .filter(|g| self.image.body_intact(*g) == Some(true))
+            .collect();
         let here = self.image.mailbox(&state.mailbox);
         let since_s = self.user_replica_partial().map_or(0, |p| p.since_s);
         let from_cluster = uid_set(from_cluster);
-        let adopt = crate::mailbox::adopt_rule(here, state, &from_cluster, pushed_upto, take_collected, since_s);
-        let crate::mailbox::Adopt { state, gone, left_window, push_whole } = adopt;
+        let holds_body = |g: Guid| lost_held.contains(&g);
+        let adopt =
+            crate::mailbox::adopt_rule(here, state, &from_cluster, pushed_upto, take_collected, since_s, holds_body);
+        let crate::mailbox::Adopt { state, gone, left_window, push_whole, kept_lost } = adopt;
+        if !kept_lost.is_empty() {
+            self.marks.hit(crate::marks::Mark::LostMessageKept);
+        }
+        for guid in kept_lost {
+            if self.kept_lost.len() < KEPT_LOST_MAX {
+                self.kept_lost.insert(guid);
+            }
+        }
         if !gone.is_empty() {
             self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
         }

@@ -279,6 +279,17 @@ impl Server {
     ) -> MergeOutcome {
         let mut rules = self.merge_rules();
         rules.from_master = from_master;
+        self.merge_state_by(state, is_master, rules, src)
+    }
+
+    /// [`Server::merge_state`] under the given rules.
+    pub(crate) fn merge_state_by(
+        &mut self,
+        state: &MailboxState,
+        is_master: bool,
+        rules: crate::MergeRules,
+        src: Option<Sid>,
+    ) -> MergeOutcome {
         let reuse_bug = self.has_bug(crate::Bug::ReuseUidAfterRenumber);
         let mailbox = state.mailbox.clone();
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);

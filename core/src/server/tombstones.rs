@@ -19,6 +19,7 @@ use crate::marks::Mark;
 use crate::msg::Change;
 use crate::store::StoreWrite;
 use crate::types::*;
+use std::collections::BTreeSet;
 
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
 
@@ -44,7 +45,7 @@ impl Server {
     fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
         let (with_tombstones, resume_after) =
             self.image.mailbox_pass(self.anti_entropy.collection_start(), EXAMINED_PER_PASS_MAX, |_, m| {
-                !m.tombstones.is_empty()
+                m.tombstones.values().any(|t| !t.lost)
             });
         let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
         (ready, resume_after)
@@ -82,8 +83,14 @@ impl Server {
         );
         let collected = m.highest_modseq.saturating_add(1);
         let mut fresh = Retired { ranges: Default::default(), collected };
-        for (uid, _) in m.tombstones.keys() {
+        // A census's loss stays (see `Tombstone::lost`), and so its UID is not retired:
+        // a retired UID covers every tombstone on it.
+        let kept: BTreeSet<Uid> = m.tombstones.values().filter(|t| t.lost).map(|t| t.uid).collect();
+        for (uid, _) in m.tombstones.keys().filter(|(uid, _)| !kept.contains(uid)) {
             fresh.insert_range(*uid, *uid);
+        }
+        if fresh.ranges.is_empty() {
+            return;
         }
         let (uidvalidity, uidnext) = (m.uidvalidity, m.uidnext);
         debug_assert!(fresh.last_uid().is_none_or(|last| last < uidnext), "a tombstone's UID is below UIDNEXT");
@@ -96,8 +103,10 @@ impl Server {
         });
         self.commit(StoreWrite::RetireUids { mailbox: mailbox.clone(), retired: fresh.clone() });
         debug_assert!(
-            self.image.mailbox(mailbox).is_some_and(|m| m.tombstones.is_empty() && m.retired.collected == collected),
-            "a collection leaves no tombstone"
+            self.image.mailbox(mailbox).is_some_and(
+                |m| m.tombstones.keys().all(|(uid, _)| kept.contains(uid)) && m.retired.collected == collected
+            ),
+            "a collection leaves only the tombstones on a census's lost UIDs"
         );
         self.marks.hit(Mark::TombstonesCollected);
         // Only the new ranges travel: retired UIDs are joined, never replaced.
