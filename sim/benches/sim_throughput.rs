@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tandem_sim::{RunOptions, run, scenario};
 
+// The allocator the `tandem-sim` binary runs with (see its src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn measure(name: &str, s: &scenario::Scenario, runs: u64) {
     if std::env::var("BENCH_FILTER").is_ok_and(|f| !name.contains(f.as_str())) {
         return;

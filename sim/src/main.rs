@@ -11,6 +11,12 @@ use tandem_sim::scenario_write::to_toml;
 use tandem_sim::shrink::{ShrinkBudget, shrink};
 use tandem_sim::{RunOptions, run};
 
+// The simulator allocates and frees small objects at nearly every step (messages,
+// records, merge outcomes); mimalloc serves those faster than the system allocator
+// (BENCHMARKS.md, "Simulator speed").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tandem-sim", about = "Deterministic simulator of a tandem cluster")]
 struct Cli {

@@ -1889,11 +1889,22 @@ pub fn text_parts_of(body: &[u8]) -> Body {
 impl World {
     fn body(&mut self, size: usize, salt: u64) -> Body {
         let mut body = format!("From: sim@example.org\r\nSubject: message {salt}\r\n\r\n").into_bytes();
-        // Eight letters per draw from the generator.
+        // Eight letters per draw from the generator (byte b is the letter b % 26, by
+        // table).
+        const LETTERS: [u8; 256] = {
+            let mut t = [0u8; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = b'a' + (i % 26) as u8;
+                i += 1;
+            }
+            t
+        };
+        body.reserve(size.saturating_sub(body.len()));
         while body.len() < size {
             let word = self.rng.random::<u64>().to_le_bytes();
             let take = (size - body.len()).min(word.len());
-            body.extend(word[..take].iter().map(|b| b'a' + b % 26));
+            body.extend(word[..take].iter().map(|b| LETTERS[usize::from(*b)]));
         }
         body.into()
     }
