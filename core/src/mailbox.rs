@@ -349,7 +349,8 @@ fn retire_bindings(
 ) -> BTreeMap<Guid, MessageRecord> {
     let mut carried = BTreeMap::new();
     for t in tombstones {
-        if !t.expunged
+        // A census's loss of a message a replica brought back moves it, like a retirement.
+        if !t.by_client()
             && let Some(ours) = m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
         {
             carried.insert(ours.guid, ours.clone());
@@ -362,7 +363,9 @@ fn retire_bindings(
 /// Flag changes made on a binding that was retired meanwhile follow the message to the
 /// UID it lives at now (never to an expunged one).
 fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out: &mut MergeOutcome) {
-    let expunged = m.tombstones.get(&(r.uid, r.guid)).is_some_and(|t| t.expunged);
+    // A binding a census lost whose message lives again (a replica's push brought it
+    // back) passes its flag changes on, as a retired one does.
+    let expunged = m.tombstones.get(&(r.uid, r.guid)).is_some_and(|t| t.by_client());
     if expunged {
         return;
     }
@@ -653,7 +656,7 @@ impl MasterMerge<'_> {
     /// another message must move.
     fn take_tombstones(&mut self, tombstones: &[Tombstone]) {
         for t in tombstones {
-            if !t.expunged
+            if !t.by_client()
                 && let Some(ours) = self.m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
             {
                 self.carried.insert(ours.guid, ours.clone());
@@ -1006,7 +1009,9 @@ pub fn adopt_rule(
             }
         }
     }
-    let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect();
+    // A census's loss taken here earlier does not hide the message once a replica's push
+    // brought it back.
+    let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.by_client()).map(|t| t.guid).collect();
     adopt.state.messages.retain(|r| !dead.contains(&r.guid));
     adopt.push_whole |= hold_back_unpushed_retirements(m, &mut adopt.state.retired, pushed_upto);
     keep_lost_messages(m, &mut adopt, holds_body);
@@ -1032,6 +1037,9 @@ fn keep_lost_messages(m: &StoredMailbox, adopt: &mut Adopt, holds_body: impl Fn(
         return;
     }
     adopt.state.tombstones.retain(|t| !kept.contains(&t.guid));
+    // Step 1 may have it go from a binding the cluster retired and forgot (renumbered,
+    // then lost at its new UID): it stays, for the push to bring back.
+    adopt.gone.retain(|uid| m.messages.get(uid).is_none_or(|r| !kept.contains(&r.guid)));
     adopt.kept_lost = kept.into_iter().collect();
     adopt.push_whole = true;
 }
@@ -1246,6 +1254,22 @@ mod tests {
         cluster.messages.push(rec(9, 20, &[]));
         let again = adopt_rule(Some(&here), &cluster, &Retired::default(), 5, true, 0, holds);
         assert!(again.kept_lost.is_empty() && again.state.tombstones.iter().any(|t| t.guid == Guid(20)));
+        // A copy that took the loss earlier (its tombstone here) takes the message back.
+        let mut took = mbox(vec![]);
+        took.tombstones.insert((2, Guid(20)), lost(2, 20, 5));
+        let back = adopt_rule(Some(&took), &cluster, &Retired::default(), 5, true, 0, |_| false);
+        assert!(back.state.messages.iter().any(|r| r.guid == Guid(20)), "a loss is no client's expunge");
+        // Renumbered from 1 to 2 (1 collected since), then lost at 2: held here at 1, it
+        // stays for the push rather than go as a binding the cluster forgot.
+        let mut renumbered = st(&mbox(vec![]));
+        renumbered.uidnext = 3;
+        renumbered.tombstones = vec![lost(2, 20, 5)];
+        renumbered.retired.insert_range(1, 1);
+        let at_one = mbox(vec![rec(1, 20, &[])]);
+        let mut from_cluster = Retired::default();
+        from_cluster.insert_range(1, 1);
+        let kept = adopt_rule(Some(&at_one), &renumbered, &from_cluster, 5, true, 0, holds);
+        assert_eq!((kept.kept_lost, kept.gone), (vec![Guid(20)], Vec::new()));
     }
 
     #[test]
@@ -1271,6 +1295,11 @@ mod tests {
         let out =
             merge_as_replica(&mut other, &st(&master), &MergeRules { from_master: true, ..MergeRules::default() });
         assert!(!out.unresolved && other.messages.last_uid_of(Guid(20)) == Some(3));
+        // Another replica's flag on the lost binding follows the message to its new UID.
+        let flagged = st(&mbox(vec![rec(2, 20, &[("\\Flagged", true, 6)])]));
+        merge_as_master(&mut master, &flagged, &push);
+        let revived = master.messages.get(&3).expect("revived");
+        assert!(revived.flags.get(&Flag::new("\\Flagged").unwrap()).is_some_and(|f| f.present));
         // A client's expunge is final even for a push.
         let mut expunged = master.clone();
         expunged.messages.remove(&3);

@@ -1277,7 +1277,8 @@ impl World {
         let unheld: Vec<Guid> = state
             .tombstones
             .iter()
-            .filter(|t| t.expunged && cluster.messages.has_guid(t.guid))
+            // A census's loss kills only its binding (a push may have brought it back).
+            .filter(|t| t.by_client() && cluster.messages.has_guid(t.guid))
             .filter(|t| !self.laptop_held.contains(&(laptop, state.mailbox.clone(), t.guid)))
             .filter(|t| !self.oracle.removal_asked(&state.mailbox, t.guid))
             .map(|t| t.guid)

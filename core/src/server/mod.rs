@@ -103,7 +103,7 @@ pub struct Server {
     /// step 6): their bodies go up with the next push. Learnt again at each adopt, so
     /// not stored.
     #[serde(default)]
-    kept_lost: std::collections::BTreeSet<Guid>,
+    kept_lost: BTreeMap<MailboxKey, std::collections::BTreeSet<Guid>>,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 pub const REPLICA_BODIES_MAX: usize = 1024;
 pub const REPLICA_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How many messages kept against a census's loss a user replica remembers to push with
-/// their bodies; more wait for the next adopt.
+/// their bodies; more wait for a later adopt.
 const KEPT_LOST_MAX: usize = 65_536;
 
 impl Server {
@@ -95,9 +95,12 @@ impl Server {
         let origin = self.cfg.sid.0 & (Guid::ORIGIN_MASK as u32);
         let mut bodies = Vec::new();
         let mut bytes = 0usize;
-        // Its own new messages, and any it keeps against a census's loss (the cluster
-        // has no body of those).
-        for r in state.messages.iter().filter(|r| r.guid.origin() == origin || self.kept_lost.contains(&r.guid)) {
+        // Those it keeps against a census's loss first (the cluster asks for no lost
+        // message's body), then its own new messages.
+        let kept = self.kept_lost.get(&state.mailbox);
+        let is_kept = |r: &&MessageRecord| kept.is_some_and(|k| k.contains(&r.guid));
+        let own = |r: &&MessageRecord| r.guid.origin() == origin && !is_kept(r);
+        for r in state.messages.iter().filter(is_kept).chain(state.messages.iter().filter(own)) {
             if bodies.len() >= REPLICA_BODIES_MAX || bytes.saturating_add(r.size as usize) > REPLICA_BODY_BYTES_MAX {
                 break;
             }
@@ -158,10 +161,20 @@ impl Server {
             }
             self.image.put_checked_body(&mut self.out, guid, record.checksum, bytes);
         }
+        // A user replica taking the cluster's copy needs the body of a message a census
+        // lost here and a push brought back; a master does not ask for a lost message's
+        // body (a partial replica may not hold it): without it, it stays lost.
+        let user_replica = self.cfg.user_replica;
         let expunged: BTreeSet<Guid> = self
             .image
             .mailbox(&state.mailbox)
-            .map(|m| m.tombstones.values().filter(|t| t.expunged).map(|t| t.guid).collect())
+            .map(|m| {
+                m.tombstones
+                    .values()
+                    .filter(|t| if user_replica { t.by_client() } else { t.expunged })
+                    .map(|t| t.guid)
+                    .collect()
+            })
             .unwrap_or_default();
         // A body this partial replica omits by design is not missing (`crate::partial`).
         // A partial cluster server taking a push as master is excused only while a live
@@ -340,13 +353,13 @@ impl Server {
         let adopt =
             crate::mailbox::adopt_rule(here, state, &from_cluster, pushed_upto, take_collected, since_s, holds_body);
         let crate::mailbox::Adopt { state, gone, left_window, push_whole, kept_lost } = adopt;
+        // What this adopt keeps is what the next push brings back (those the cluster
+        // has live again are done).
+        self.kept_lost.remove(&state.mailbox);
         if !kept_lost.is_empty() {
             self.marks.hit(crate::marks::Mark::LostMessageKept);
-        }
-        for guid in kept_lost {
-            if self.kept_lost.len() < KEPT_LOST_MAX {
-                self.kept_lost.insert(guid);
-            }
+            let room = KEPT_LOST_MAX.saturating_sub(self.kept_lost.values().map(BTreeSet::len).sum());
+            self.kept_lost.insert(state.mailbox.clone(), kept_lost.into_iter().take(room).collect());
         }
         if !gone.is_empty() {
             self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);

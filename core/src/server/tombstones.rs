@@ -45,7 +45,7 @@ impl Server {
     fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
         let (with_tombstones, resume_after) =
             self.image.mailbox_pass(self.anti_entropy.collection_start(), EXAMINED_PER_PASS_MAX, |_, m| {
-                m.tombstones.values().any(|t| !t.lost)
+                m.tombstones.values().any(|t| !t.lost && !lost_on(m, t.uid))
             });
         let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
         (ready, resume_after)
@@ -122,4 +122,10 @@ impl Server {
         };
         self.replicate(Change::Merge { state }, None);
     }
+}
+
+/// Whether a census's loss sits on `uid` (its UID is never retired: see
+/// `collect_mailbox_tombstones`).
+fn lost_on(m: &crate::store::StoredMailbox, uid: Uid) -> bool {
+    m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).any(|(_, t)| t.lost)
 }
