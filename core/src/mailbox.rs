@@ -392,6 +392,24 @@ fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut
     }
 }
 
+/// The messages a census gave up (see [`Tombstone::lost`]) that no client expunged and
+/// that are not `live`: those a replica's push may bring back.
+pub fn lost_messages<'a>(
+    tombstones: impl Iterator<Item = &'a Tombstone>,
+    live: impl Fn(Guid) -> bool,
+) -> BTreeSet<Guid> {
+    let (mut lost, mut by_client) = (BTreeSet::new(), BTreeSet::new());
+    for t in tombstones {
+        if t.lost {
+            lost.insert(t.guid);
+        } else if t.by_client() {
+            by_client.insert(t.guid);
+        }
+    }
+    lost.retain(|g| !by_client.contains(g) && !live(*g));
+    lost
+}
+
 /// A message placed at a new UID keeps the flag changes its retired binding had here.
 fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, rules: &MergeRules) {
     if let Some(old) = carried.get(&r.guid) {
@@ -595,7 +613,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
             .map(|t| t.guid)
             .collect(),
         ours_lost: if rules.revive_lost {
-            m.tombstones.values().filter(|t| t.lost).map(|t| t.guid).collect()
+            // Whether one is live is asked as each record is placed (`revived`).
+            lost_messages(m.tombstones.values(), |_| false)
         } else {
             BTreeSet::new()
         },
@@ -641,7 +660,8 @@ struct MasterMerge<'a> {
     /// The merge's one new modseq.
     modseq: ModSeq,
     ours_dead: BTreeSet<Guid>,
-    /// Messages a census gave up here (filled only for a replica's push).
+    /// Messages a census gave up here that no client expunged ([`lost_messages`]; filled
+    /// only for a replica's push).
     ours_lost: BTreeSet<Guid>,
     ours_live: BTreeMap<Guid, Uid>,
     /// Messages that must move to a new UID, by (old uid, guid).
@@ -742,12 +762,9 @@ impl MasterMerge<'_> {
     }
 
     /// Whether their record of `guid` brings back a message a census gave up here (see
-    /// [`MergeRules::revive_lost`]): lost here, expunged by no client, live nowhere here.
+    /// [`MergeRules::revive_lost`]), not placed again by this merge yet.
     fn revived(&self, guid: Guid) -> bool {
-        self.rules.revive_lost
-            && !self.ours_dead.contains(&guid)
-            && !self.m.messages.has_guid(guid)
-            && self.ours_lost.contains(&guid)
+        self.ours_lost.contains(&guid) && !self.m.messages.has_guid(guid)
     }
 
     /// Their record of a message live here at `our_uid`. True when that settles it;
@@ -1020,19 +1037,12 @@ pub fn adopt_rule(
 
 /// Step 6 of [`adopt_rule`].
 fn keep_lost_messages(m: &StoredMailbox, adopt: &mut Adopt, holds_body: impl Fn(Guid) -> bool) {
-    let lost: BTreeSet<Guid> = adopt.state.tombstones.iter().filter(|t| t.lost).map(|t| t.guid).collect();
-    if lost.is_empty() {
+    if !adopt.state.tombstones.iter().any(|t| t.lost) {
         return;
     }
     let live_there: BTreeSet<Guid> = adopt.state.messages.iter().map(|r| r.guid).collect();
-    let client_expunged: BTreeSet<Guid> =
-        adopt.state.tombstones.iter().filter(|t| t.by_client()).map(|t| t.guid).collect();
-    let kept: BTreeSet<Guid> = lost
-        .into_iter()
-        .filter(|g| {
-            !live_there.contains(g) && !client_expunged.contains(g) && m.messages.has_guid(*g) && holds_body(*g)
-        })
-        .collect();
+    let mut kept = lost_messages(adopt.state.tombstones.iter(), |g| live_there.contains(&g));
+    kept.retain(|g| m.messages.has_guid(*g) && holds_body(*g));
     if kept.is_empty() {
         return;
     }

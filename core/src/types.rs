@@ -259,11 +259,33 @@ impl Tombstone {
     pub fn by_client(&self) -> bool {
         self.expunged && !self.lost
     }
+
+    /// The fate's names on the wire, by [`Tombstone::fate_code`].
+    pub const FATE_NAMES: [&'static str; 3] = ["RETIRED", "EXPUNGED", "LOST"];
+
+    /// The fate as stored and sent: 0 retired, 1 expunged, 2 lost (a store written when
+    /// the fate was a `bool`, one byte 0 or 1 under bincode, reads unchanged).
+    pub fn fate_code(&self) -> u8 {
+        match (self.expunged, self.lost) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        }
+    }
+
+    /// A tombstone of the fate [`Tombstone::fate_code`] gives `code`; None for no fate.
+    pub fn with_fate(uid: Uid, guid: Guid, modseq: ModSeq, code: u8) -> Option<Tombstone> {
+        let (expunged, lost) = match code {
+            0 => (false, false),
+            1 => (true, false),
+            2 => (true, true),
+            _ => return None,
+        };
+        Some(Tombstone { uid, guid, modseq, expunged, lost })
+    }
 }
 
-/// A tombstone as stored and recorded: the fate is one byte, 0 retired, 1 expunged,
-/// 2 lost, so a store written when the fate was a `bool` (0 or 1, one byte under
-/// bincode) reads unchanged.
+/// A tombstone as stored and recorded: the fate is one byte ([`Tombstone::fate_code`]).
 #[derive(Clone, Copy, Serialize, Deserialize)]
 struct StoredTombstone {
     uid: Uid,
@@ -274,25 +296,15 @@ struct StoredTombstone {
 
 impl From<Tombstone> for StoredTombstone {
     fn from(t: Tombstone) -> Self {
-        let fate = match (t.expunged, t.lost) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
-        };
-        StoredTombstone { uid: t.uid, guid: t.guid, modseq: t.modseq, fate }
+        StoredTombstone { uid: t.uid, guid: t.guid, modseq: t.modseq, fate: t.fate_code() }
     }
 }
 
 impl TryFrom<StoredTombstone> for Tombstone {
     type Error = String;
     fn try_from(s: StoredTombstone) -> Result<Self, String> {
-        let (expunged, lost) = match s.fate {
-            0 => (false, false),
-            1 => (true, false),
-            2 => (true, true),
-            other => return Err(format!("a tombstone's fate is 0, 1 or 2, not {other}")),
-        };
-        Ok(Tombstone { uid: s.uid, guid: s.guid, modseq: s.modseq, expunged, lost })
+        Tombstone::with_fate(s.uid, s.guid, s.modseq, s.fate)
+            .ok_or_else(|| format!("a tombstone's fate is 0, 1 or 2, not {}", s.fate))
     }
 }
 

@@ -1412,20 +1412,19 @@ fn read_flag_states(r: &mut Reader) -> Parse<BTreeMap<Flag, FlagState>> {
 
 fn write_tombstone(w: &mut Writer, t: &Tombstone) {
     w.group(|w| {
-        let fate = match (t.expunged, t.lost) {
-            (false, _) => "RETIRED",
-            (true, false) => "EXPUNGED",
-            (true, true) => "LOST",
-        };
-        w.num(t.uid).guid(t.guid).num(t.modseq).atom(fate);
+        w.num(t.uid).guid(t.guid).num(t.modseq).atom(Tombstone::FATE_NAMES[usize::from(t.fate_code())]);
     });
 }
 
 fn read_tombstone(r: &mut Reader) -> Parse<Tombstone> {
     r.group(|r| {
         let (uid, guid, modseq) = (r.u32()?, r.guid()?, r.u64()?);
-        let fate = read_keyword(r, &["RETIRED", "EXPUNGED", "LOST"])?;
-        Ok(Tombstone { uid, guid, modseq, expunged: fate >= 1, lost: fate == 2 })
+        let at = r.pos;
+        let fate = read_keyword(r, &Tombstone::FATE_NAMES)?;
+        match u8::try_from(fate).ok().and_then(|code| Tombstone::with_fate(uid, guid, modseq, code)) {
+            Some(t) => Ok(t),
+            None => r.bad(at, "a tombstone's fate"),
+        }
     })
 }
 
@@ -2246,13 +2245,8 @@ mod tests {
                 change: Change::Save { mailbox, uidvalidity, record, body: body.into() },
             },
         );
-        let tombstone = (any::<u32>(), guid(), any::<u64>(), 0u8..3).prop_map(|(uid, guid, modseq, fate)| Tombstone {
-            uid,
-            guid,
-            modseq,
-            expunged: fate >= 1,
-            lost: fate == 2,
-        });
+        let tombstone = (any::<u32>(), guid(), any::<u64>(), 0u8..3)
+            .prop_filter_map("a fate", |(uid, guid, modseq, fate)| Tombstone::with_fate(uid, guid, modseq, fate));
         let sync = (
             any::<bool>(),
             mailbox_key(),

@@ -27,7 +27,9 @@ pub enum Origin {
         sid: Sid,
         job: JobId,
     },
-    /// The server itself (a message file found in the store).
+    /// The server itself: a message file found in the store (a SAVE), or a census that
+    /// found a body on no server (an EXPUNGE, which is therefore a loss: see
+    /// `Tombstone::lost`).
     Internal,
     /// A part of a request too large to forward as one command (see `split_job`).
     Part {
@@ -832,7 +834,7 @@ impl Server {
                 Ordered::unreplicated(fail(FailKind::Temporary, "the master does not have that message yet"))
             }
             WriteRequest::Expunge { mailbox, messages } => {
-                // The server's own expunge is a census's: the body is on no server.
+                // The server's own expunge is a census's (see `Origin::Internal`).
                 let lost = matches!(self.jobs.get(id).map(|j| &j.origin), Some(Origin::Internal));
                 self.master_expunge(&mailbox, &messages, lost, id)
             }

@@ -235,16 +235,11 @@ impl Server {
         WriteResult::Merged { modseq: highest(self), missing: Vec::new() }
     }
 
-    /// The messages of `mailbox` a census gave up here: lost, expunged by no client,
-    /// live nowhere in it.
+    /// The messages of `mailbox` a census gave up here that a push may bring back
+    /// (`mailbox::lost_messages`).
     fn lost_here(&self, mailbox: &MailboxKey) -> BTreeSet<Guid> {
         let Some(m) = self.image.mailbox(mailbox) else { return BTreeSet::new() };
-        let lost: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.lost).map(|t| t.guid).collect();
-        if lost.is_empty() {
-            return lost;
-        }
-        let by_client: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.by_client()).map(|t| t.guid).collect();
-        lost.into_iter().filter(|g| !by_client.contains(g) && !m.messages.has_guid(*g)).collect()
+        crate::mailbox::lost_messages(m.tombstones.values(), |g| m.messages.has_guid(g))
     }
 
     /// The replica's client expunged each message of an expunged tombstone, at the

@@ -19,7 +19,6 @@ use crate::marks::Mark;
 use crate::msg::Change;
 use crate::store::StoreWrite;
 use crate::types::*;
-use std::collections::BTreeSet;
 
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
 
@@ -45,7 +44,7 @@ impl Server {
     fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
         let (with_tombstones, resume_after) =
             self.image.mailbox_pass(self.anti_entropy.collection_start(), EXAMINED_PER_PASS_MAX, |_, m| {
-                m.tombstones.values().any(|t| !t.lost && !lost_on(m, t.uid))
+                m.tombstones.keys().any(|(uid, _)| !lost_on(m, *uid))
             });
         let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
         (ready, resume_after)
@@ -85,8 +84,7 @@ impl Server {
         let mut fresh = Retired { ranges: Default::default(), collected };
         // A census's loss stays (see `Tombstone::lost`), and so its UID is not retired:
         // a retired UID covers every tombstone on it.
-        let kept: BTreeSet<Uid> = m.tombstones.values().filter(|t| t.lost).map(|t| t.uid).collect();
-        for (uid, _) in m.tombstones.keys().filter(|(uid, _)| !kept.contains(uid)) {
+        for (uid, _) in m.tombstones.keys().filter(|(uid, _)| !lost_on(m, *uid)) {
             fresh.insert_range(*uid, *uid);
         }
         if fresh.ranges.is_empty() {
@@ -104,7 +102,7 @@ impl Server {
         self.commit(StoreWrite::RetireUids { mailbox: mailbox.clone(), retired: fresh.clone() });
         debug_assert!(
             self.image.mailbox(mailbox).is_some_and(
-                |m| m.tombstones.keys().all(|(uid, _)| kept.contains(uid)) && m.retired.collected == collected
+                |m| m.tombstones.keys().all(|(uid, _)| lost_on(m, *uid)) && m.retired.collected == collected
             ),
             "a collection leaves only the tombstones on a census's lost UIDs"
         );
