@@ -61,17 +61,48 @@ impl Instant {
 }
 
 /// (user, mailbox name). Both are non-empty and contain no control characters.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Ordered as the text is, user first, then name (what a derive would give).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(from = "MailboxKeyText", into = "MailboxKeyText")]
 pub struct MailboxKey {
     /// Shared, not owned: a key is cloned into every write, change and job, and a
     /// reference count costs less than a copy of the text (serialized as a string).
     pub user: std::sync::Arc<str>,
     pub name: std::sync::Arc<str>,
+    /// The prefix words of user and of name (see `prefix_word`): keys are compared in
+    /// every map of mailboxes, and most pairs are decided by one integer comparison.
+    /// Set once, by [`MailboxKey::from_shared`].
+    prefixes: [u64; 2],
+}
+
+/// A key as it is stored and sent: its text only.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename = "MailboxKey")]
+struct MailboxKeyText {
+    user: std::sync::Arc<str>,
+    name: std::sync::Arc<str>,
+}
+
+impl From<MailboxKeyText> for MailboxKey {
+    fn from(text: MailboxKeyText) -> Self {
+        MailboxKey::from_shared(text.user, text.name)
+    }
+}
+
+impl From<MailboxKey> for MailboxKeyText {
+    fn from(key: MailboxKey) -> Self {
+        MailboxKeyText { user: key.user, name: key.name }
+    }
 }
 
 impl MailboxKey {
     pub fn new(user: &str, name: &str) -> Self {
-        MailboxKey { user: user.into(), name: name.into() }
+        MailboxKey::from_shared(user.into(), name.into())
+    }
+    /// A key of text already shared (another key's user, a decoder's strings).
+    pub fn from_shared(user: std::sync::Arc<str>, name: std::sync::Arc<str>) -> Self {
+        let prefixes = [prefix_word(&user), prefix_word(&name)];
+        MailboxKey { user, name, prefixes }
     }
     pub fn domain(&self) -> &str {
         self.user.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
@@ -81,6 +112,74 @@ impl MailboxKey {
     pub fn initial_uidvalidity(&self) -> u32 {
         let h = crate::hash::fnv64(&[self.user.as_bytes(), b"\0", self.name.as_bytes()]);
         ((h as u32) & 0x7fff_ffff).max(1)
+    }
+}
+
+/// Seven bytes of `text` (zero-padded) and its length up to eight, as one big-endian
+/// word. Two texts whose words differ order as their words do: they differ in the first
+/// seven bytes (padding is below any byte the longer text has there, or the texts
+/// agree up to it), or one is a shorter prefix of the other. Equal words under eight in
+/// length are equal texts; at eight the rest decides.
+fn prefix_word(text: &str) -> u64 {
+    let mut word = [0u8; 8];
+    let n = text.len().min(7);
+    word[..n].copy_from_slice(&text.as_bytes()[..n]);
+    word[7] = text.len().min(PREFIX_LONG) as u8;
+    u64::from_be_bytes(word)
+}
+
+/// A prefix word's length byte for a text longer than its seven bytes.
+const PREFIX_LONG: usize = 8;
+
+/// `a.cmp(b)` for text, with its prefix words: most pairs are decided by the words or
+/// share one allocation (clones of one key).
+#[inline]
+fn shared_text_cmp(a: &std::sync::Arc<str>, b: &std::sync::Arc<str>, wa: u64, wb: u64) -> std::cmp::Ordering {
+    if wa != wb {
+        return wa.cmp(&wb);
+    }
+    if (wa & 0xff) < PREFIX_LONG as u64 || std::sync::Arc::ptr_eq(a, b) {
+        return std::cmp::Ordering::Equal;
+    }
+    a.cmp(b)
+}
+
+impl PartialEq for MailboxKey {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for MailboxKey {}
+
+impl PartialOrd for MailboxKey {
+    #[inline]
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for MailboxKey {
+    #[inline]
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let [su, sn] = self.prefixes;
+        let [ou, on] = other.prefixes;
+        shared_text_cmp(&self.user, &other.user, su, ou).then_with(|| shared_text_cmp(&self.name, &other.name, sn, on))
+    }
+}
+
+impl std::hash::Hash for MailboxKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.user.hash(state);
+        self.name.hash(state);
+    }
+}
+
+// As a derive would print it: the text only.
+impl fmt::Debug for MailboxKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MailboxKey").field("user", &self.user).field("name", &self.name).finish()
     }
 }
 
@@ -545,4 +644,60 @@ pub enum Durability {
     Sync,
     /// Acked when durable on the master in the local component.
     Async,
+}
+
+#[cfg(test)]
+mod mailbox_key_order {
+    use super::MailboxKey;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The key's order and equality are its text's: (user, name), byte-wise.
+        #[test]
+        fn orders_as_the_text_does(
+            a in "[a-c@.\\x00é]{0,12}", b in "[a-c@.\\x00é]{0,12}",
+            c in "[A-C/\\x00]{0,10}", d in "[A-C/\\x00]{0,10}",
+        ) {
+            let (x, y) = (MailboxKey::new(&a, &c), MailboxKey::new(&b, &d));
+            prop_assert_eq!(x.cmp(&y), (a.as_str(), c.as_str()).cmp(&(b.as_str(), d.as_str())));
+            prop_assert_eq!(x == y, a == b && c == d);
+            prop_assert_eq!(x.cmp(&x.clone()), std::cmp::Ordering::Equal);
+        }
+    }
+
+    #[test]
+    fn prefixes_and_long_names_order_as_text() {
+        let names = [
+            "",
+            "a",
+            "ab",
+            "ab\0",
+            "ab\0c",
+            "abcdef",
+            "abcdefg",
+            "abcdefg\0",
+            "abcdefgh",
+            "abcdefgh\0",
+            "abcdefgh1",
+            "abcdefgi",
+            "abcdefghabcdefgh",
+            "abcdefghabcdefgg",
+            "b",
+        ];
+        for x in names {
+            for y in names {
+                let (kx, ky) = (MailboxKey::new("u", x), MailboxKey::new("u", y));
+                assert_eq!(kx.cmp(&ky), x.cmp(y), "{x:?} against {y:?}");
+                assert_eq!(kx == ky, x == y, "{x:?} against {y:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_shows_the_text_only() {
+        assert_eq!(
+            format!("{:?}", MailboxKey::new("alice", "INBOX")),
+            r#"MailboxKey { user: "alice", name: "INBOX" }"#
+        );
+    }
 }

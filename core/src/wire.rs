@@ -509,7 +509,7 @@ impl<'a> Reader<'a> {
         if id > MAILBOX_IDS_MAX {
             return too_large("mailbox id", MAILBOX_IDS_MAX as usize);
         }
-        let key = MailboxKey { user: self.string()?.into(), name: self.string()?.into() };
+        let key = MailboxKey::from_shared(self.string()?.into(), self.string()?.into());
         self.end()?;
         self.pending.insert(id, key);
         Ok(())
@@ -2145,7 +2145,7 @@ mod tests {
     fn mailbox_key() -> impl Strategy<Value = MailboxKey> {
         // A small user space so that streams reuse bindings.
         (prop_oneof![Just("u".to_string()), text()], text())
-            .prop_map(|(user, name)| MailboxKey { user: user.into(), name: name.into() })
+            .prop_map(|(user, name)| MailboxKey::from_shared(user.into(), name.into()))
     }
 
     fn any_flag() -> impl Strategy<Value = Flag> {

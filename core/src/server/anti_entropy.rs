@@ -178,7 +178,7 @@ mod tests {
     use super::*;
 
     fn mb() -> MailboxKey {
-        MailboxKey { user: "alice".into(), name: "INBOX".into() }
+        MailboxKey::from_shared("alice".into(), "INBOX".into())
     }
 
     #[test]

@@ -1036,7 +1036,7 @@ mod tests {
     use crate::store::MemoryBodies;
 
     fn key(name: &str) -> MailboxKey {
-        MailboxKey { user: "alice".into(), name: name.into() }
+        MailboxKey::from_shared("alice".into(), name.into())
     }
 
     fn record(uid: Uid, guid: u128) -> MessageRecord {

@@ -296,7 +296,7 @@ mod tests {
     use super::*;
 
     fn key(n: &str) -> MasterKey {
-        MasterKey::of(&MailboxKey { user: "alice".into(), name: n.into() }, Granularity::Mailbox)
+        MasterKey::of(&MailboxKey::from_shared("alice".into(), n.into()), Granularity::Mailbox)
     }
 
     fn catching_up(id: u64, peers: &[u32], deadline: u64) -> Mastership {
@@ -315,10 +315,10 @@ mod tests {
         m.start(key("A"), catching_up(7, &[2, 3], 1_000));
         assert!(m.masters(&key("A")) && !m.masters_ready(&key("A")));
         m.listed(CatchupId(7), Sid(2));
-        m.await_sync(&key("A"), Sid(3), MailboxKey { user: "alice".into(), name: "A".into() });
+        m.await_sync(&key("A"), Sid(3), MailboxKey::from_shared("alice".into(), "A".into()));
         m.listed(CatchupId(7), Sid(3));
         assert!(m.finished_catchups(Instant(0)).is_empty(), "a SYNC is still awaited");
-        m.synced(&key("A"), Sid(3), &MailboxKey { user: "alice".into(), name: "A".into() });
+        m.synced(&key("A"), Sid(3), &MailboxKey::from_shared("alice".into(), "A".into()));
         assert_eq!(m.finished_catchups(Instant(0)), vec![key("A")]);
         m.caught_up(&key("A"));
         assert!(m.masters_ready(&key("A")));

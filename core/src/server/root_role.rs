@@ -205,7 +205,7 @@ mod tests {
     use super::*;
 
     fn key() -> MasterKey {
-        MasterKey::of(&MailboxKey { user: "alice".into(), name: "INBOX".into() }, Granularity::Mailbox)
+        MasterKey::of(&MailboxKey::from_shared("alice".into(), "INBOX".into()), Granularity::Mailbox)
     }
 
     fn set(ids: &[u32]) -> BTreeSet<Sid> {
