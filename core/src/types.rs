@@ -240,8 +240,11 @@ impl fmt::Display for MasterKey {
 }
 
 /// An IMAP system flag (`\Seen`) or keyword (`$Junk`, `work`). Atom characters only.
+/// Shared text: a message's record, flags included, is cloned into every write, change
+/// and reply, and a reference count costs less than an allocation (serialized as a
+/// string).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Flag(String);
+pub struct Flag(std::sync::Arc<str>);
 
 pub const FLAG_LEN_MAX: usize = 64;
 
@@ -251,7 +254,7 @@ impl Flag {
         let ok = !body.is_empty()
             && text.len() <= FLAG_LEN_MAX
             && body.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b));
-        if ok { Ok(Flag(text.to_string())) } else { Err(crate::Error::BadFlag(text.to_string())) }
+        if ok { Ok(Flag(text.into())) } else { Err(crate::Error::BadFlag(text.to_string())) }
     }
     pub fn as_str(&self) -> &str {
         &self.0

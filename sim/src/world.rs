@@ -4,7 +4,7 @@
 
 use crate::oracle::{self, Oracle};
 use crate::scenario::*;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -1901,11 +1901,17 @@ impl World {
             }
             t
         };
-        body.reserve(size.saturating_sub(body.len()));
-        while body.len() < size {
-            let word = self.rng.random::<u64>().to_le_bytes();
-            let take = (size - body.len()).min(word.len());
-            body.extend(word[..take].iter().map(|b| LETTERS[usize::from(*b)]));
+        // Whole 64-bit draws, as one draw per eight letters would take them (the last
+        // draw's unused bytes included), so the generator's stream goes on alike.
+        let start = body.len();
+        if size > start {
+            let drawn = (size - start).div_ceil(8) * 8;
+            body.resize(start + drawn, 0);
+            self.rng.fill_bytes(&mut body[start..]);
+            body.truncate(size);
+            for b in &mut body[start..] {
+                *b = LETTERS[usize::from(*b)];
+            }
         }
         body.into()
     }
