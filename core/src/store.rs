@@ -354,12 +354,38 @@ pub type TextPartsCut = fn(&[u8]) -> Body;
 
 /// A body store in memory, shared between the driver that writes it and the core that
 /// reads it (the simulator, tests, the fuzzer).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct MemoryBodies {
-    /// Each body with the checksum of its bytes, taken when they were put.
-    bodies: std::sync::Arc<std::sync::Mutex<BTreeMap<Guid, (Body, u64)>>>,
+    /// Each body with the checksum of its bytes, taken when they were put. Asked by
+    /// GUID only, never walked: a hash map (no order to keep deterministic).
+    bodies: std::sync::Arc<std::sync::Mutex<BodyMap>>,
     /// How this driver cuts text parts, if it does.
     cut: Option<TextPartsCut>,
+}
+
+type BodyMap = std::collections::HashMap<Guid, (Body, u64), std::hash::BuildHasherDefault<GuidHasher>>;
+
+/// A hasher for GUIDs, which are random already: their bits, mixed once.
+#[derive(Default)]
+struct GuidHasher(u64);
+
+impl std::hash::Hasher for GuidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = crate::hash::mix64(self.0 ^ crate::hash::fnv64(&[bytes]));
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = crate::hash::mix64(self.0 ^ (v as u64) ^ crate::hash::mix64((v >> 64) as u64));
+    }
+}
+
+// The bodies themselves are not printed: a count says what the store holds.
+impl std::fmt::Debug for MemoryBodies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBodies").field("bodies", &self.locked().len()).finish()
+    }
 }
 
 impl MemoryBodies {
@@ -374,7 +400,7 @@ impl MemoryBodies {
         self.cut = Some(cut);
         self
     }
-    fn locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<Guid, (Body, u64)>> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, BodyMap> {
         // A panic elsewhere while holding the lock leaves the map itself whole.
         self.bodies.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
