@@ -622,6 +622,9 @@ impl Image {
         rules: &MergeRules,
         reuse_retired_uid: bool,
     ) -> MergeOutcome {
+        if !as_master && let Some(outcome) = self.merge_new_record(out, state) {
+            return outcome;
+        }
         let key = &state.mailbox;
         let is_new = !self.disk.mailboxes.contains_key(key);
         let snapshot = self.merge_snapshot(state, as_master);
@@ -655,6 +658,62 @@ impl Image {
         };
         self.commit_outcome(out, key, &outcome, &snapshot);
         outcome
+    }
+
+    /// A replica's merge of one record at a UID and a GUID its mailbox has never held
+    /// (what most R-SAVEs and R-COPYs bring): the merge's result and writes, as
+    /// `mailbox::merge_as_replica` and `commit_outcome` would make them (the UIDNEXT
+    /// and HIGHESTMODSEQ, then the record, with the same before-images), without their
+    /// general bookkeeping. None for anything else: a new mailbox, another
+    /// UIDVALIDITY, tombstones, retired UIDs or a lifecycle change either side, a UID
+    /// in use or retired here, a message live here already.
+    fn merge_new_record(&mut self, out: &mut Outbox, state: &MailboxState) -> Option<MergeOutcome> {
+        let [r] = state.messages.as_slice() else { return None };
+        let key = &state.mailbox;
+        let m = self.disk.mailboxes.get_mut(key)?;
+        let mut lifecycle = m.lifecycle;
+        let plain = state.uidvalidity == m.uidvalidity
+            && state.tombstones.is_empty()
+            && state.retired.is_default()
+            && !lifecycle.join(&state.lifecycle)
+            && !m.messages.contains_key(&r.uid)
+            && !m.retired.contains(r.uid)
+            && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_none()
+            && !m.messages.has_guid(r.guid);
+        if !plain {
+            return None;
+        }
+        let before = Undo::meta_of(m);
+        let mut outcome = MergeOutcome::default();
+        m.messages.insert(r.uid, r.clone());
+        outcome.records.push(r.clone());
+        let next = r.uid.saturating_add(1);
+        if next > m.uidnext {
+            m.uidnext = next;
+            outcome.meta_changed = true;
+        }
+        if r.modseq > m.highest_modseq {
+            m.highest_modseq = r.modseq;
+            outcome.meta_changed = true;
+        }
+        if state.uidnext > m.uidnext {
+            m.uidnext = state.uidnext;
+            outcome.meta_changed = true;
+        }
+        if state.highest_modseq > m.highest_modseq {
+            m.highest_modseq = state.highest_modseq;
+            outcome.meta_changed = true;
+        }
+        let record = r.clone();
+        let meta = self.meta_write(key);
+        self.commit_undo(out, meta, Some((key.clone(), before)));
+        let uid = record.uid;
+        self.commit_undo(
+            out,
+            StoreWrite::PutMessage { mailbox: key.clone(), record },
+            Some((key.clone(), Undo::Record { uid, before: None })),
+        );
+        Some(outcome)
     }
 
     /// Before a merge of `state`: the mailbox's meta, lifecycle and every record the
@@ -767,7 +826,10 @@ impl Image {
             .filter(|uid| seen.insert(*uid))
             .collect();
         let live = |image: &Image, uid: &Uid| image.disk.mailboxes.get(key).and_then(|m| m.messages.get(uid)).cloned();
-        let (kept, gone): (Vec<Uid>, Vec<Uid>) = touched.into_iter().partition(|uid| live(self, uid).is_some());
+        let (kept, gone): (Vec<Uid>, Vec<Uid>) = match self.disk.mailboxes.get(key) {
+            Some(m) => touched.into_iter().partition(|uid| m.messages.contains_key(uid)),
+            None => (Vec::new(), touched),
+        };
         for uid in kept {
             let Some(record) = live(self, &uid) else { continue };
             // A UID the merge brought that the mailbox did not hold before (or whose old
