@@ -2,14 +2,13 @@
 //! commands that dominate replication traffic. Run: `cargo bench -p tandem-core --bench codec`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use std::collections::BTreeMap;
 use tandem_core::msg::{Change, Envelope, Msg, WriteRequest};
 use tandem_core::types::*;
 use tandem_core::wire::{Decoder, Encoder};
 
 fn record(uid: Uid) -> MessageRecord {
     let stamp = Stamp { modseq: u64::from(uid), sid: Sid(1) };
-    let flags: BTreeMap<Flag, FlagState> = ["\\Seen", "\\Flagged", "$Work"]
+    let flags: Flags = ["\\Seen", "\\Flagged", "$Work"]
         .iter()
         .filter_map(|f| Flag::new(f).ok())
         .map(|f| (f, FlagState { present: true, stamp }))

@@ -262,9 +262,9 @@ pub fn state_since(key: &MailboxKey, m: &StoredMailbox, since: Option<ModSeq>) -
 }
 
 /// Per-flag last-writer-wins join (or, in the broken variant, the newer whole set).
-fn join_flags_by(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, FlagState>, rules: &MergeRules) -> bool {
+fn join_flags_by(into: &mut Flags, from: &Flags, rules: &MergeRules) -> bool {
     if rules.whole_flag_sets {
-        let newest = |m: &BTreeMap<Flag, FlagState>| m.values().map(|s| s.stamp).max();
+        let newest = |m: &Flags| m.values().map(|s| s.stamp).max();
         if newest(from) > newest(into) && into != from {
             *into = from.clone();
             return true;
@@ -274,8 +274,9 @@ fn join_flags_by(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, Fla
     join_flags(into, from)
 }
 
-/// Per-flag last-writer-wins join. Returns whether `into` changed.
-pub fn join_flags(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, FlagState>) -> bool {
+/// Per-flag last-writer-wins join. Returns whether `into` changed; a map that does not
+/// change stays shared.
+pub fn join_flags(into: &mut Flags, from: &Flags) -> bool {
     let mut changed = false;
     for (flag, theirs) in from {
         match into.get(flag) {
@@ -285,7 +286,8 @@ pub fn join_flags(into: &mut BTreeMap<Flag, FlagState>, from: &BTreeMap<Flag, Fl
                 // Same stamp, different value: only a hand-edited store can do this.
                 // Removal wins so every server decides the same way.
                 if ours.present {
-                    into.insert(flag.clone(), FlagState { present: false, stamp: ours.stamp });
+                    let stamp = ours.stamp;
+                    into.insert(flag.clone(), FlagState { present: false, stamp });
                     changed = true;
                 }
             }
@@ -1080,7 +1082,7 @@ fn collected_bindings(
     from_cluster: &Retired,
     pushed_upto: ModSeq,
     since_s: u64,
-) -> (Vec<Uid>, BTreeMap<Guid, BTreeMap<Flag, FlagState>>, bool) {
+) -> (Vec<Uid>, BTreeMap<Guid, Flags>, bool) {
     let mut unshown_kept = false;
     let mut unpushed = BTreeMap::new();
     let cluster_uid: BTreeMap<Guid, Uid> = cluster.messages.iter().map(|r| (r.guid, r.uid)).collect();
@@ -1101,7 +1103,7 @@ fn collected_bindings(
         }
         if moved && r.modseq > pushed_upto {
             if !placeable(r.guid) {
-                unpushed.insert(r.guid, BTreeMap::new());
+                unpushed.insert(r.guid, Flags::default());
                 continue;
             }
             unpushed.insert(r.guid, r.flags.clone());
@@ -1461,12 +1463,12 @@ mod carry_tests {
             size: 1,
             checksum: 0,
             modseq: 26,
-            flags: BTreeMap::new(),
+            flags: Flags::default(),
         };
         rec.flags.insert(Flag::new("$Work").unwrap(), FlagState { present: true, stamp });
         m.messages.insert(17, rec.clone());
         m.uidnext = 18;
-        let moved = MessageRecord { uid: 34, modseq: 36, flags: BTreeMap::new(), ..rec.clone() };
+        let moved = MessageRecord { uid: 34, modseq: 36, flags: Flags::default(), ..rec.clone() };
         let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false, lost: false };
         let fragment = MailboxState {
             mailbox: key.clone(),
@@ -1493,7 +1495,7 @@ mod retired_tests {
     }
 
     fn rec(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
-        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq, flags: BTreeMap::new() }
+        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq, flags: Flags::default() }
     }
 
     fn retired(ranges: &[(Uid, Uid)], collected: ModSeq) -> Retired {

@@ -296,7 +296,57 @@ pub struct MessageRecord {
     pub modseq: ModSeq,
     /// Every flag ever touched, with its last change. Cleared flags stay as entries so a
     /// removal is never lost in a merge.
-    pub flags: BTreeMap<Flag, FlagState>,
+    pub flags: Flags,
+}
+
+/// A record's flags by name, each with its last change: shared between the clones of a
+/// record (a write, a log entry, a change to each peer) until one of them changes
+/// (copy on write). Read as the map it holds; stored, sent and printed as that map.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Flags(std::sync::Arc<BTreeMap<Flag, FlagState>>);
+
+impl Flags {
+    /// The map to change: this record's own copy from here on.
+    pub fn make_mut(&mut self) -> &mut BTreeMap<Flag, FlagState> {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+    pub fn insert(&mut self, flag: Flag, state: FlagState) -> Option<FlagState> {
+        self.make_mut().insert(flag, state)
+    }
+}
+
+impl std::ops::Deref for Flags {
+    type Target = BTreeMap<Flag, FlagState>;
+    fn deref(&self) -> &BTreeMap<Flag, FlagState> {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Flags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<BTreeMap<Flag, FlagState>> for Flags {
+    fn from(map: BTreeMap<Flag, FlagState>) -> Flags {
+        Flags(std::sync::Arc::new(map))
+    }
+}
+
+impl FromIterator<(Flag, FlagState)> for Flags {
+    fn from_iter<I: IntoIterator<Item = (Flag, FlagState)>>(iter: I) -> Flags {
+        Flags::from(iter.into_iter().collect::<BTreeMap<_, _>>())
+    }
+}
+
+impl<'a> IntoIterator for &'a Flags {
+    type Item = (&'a Flag, &'a FlagState);
+    type IntoIter = std::collections::btree_map::Iter<'a, Flag, FlagState>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 impl MessageRecord {

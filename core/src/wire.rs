@@ -1385,7 +1385,7 @@ fn read_record(r: &mut Reader) -> Parse<MessageRecord> {
             size: r.u32()?,
             checksum: r.u64()?,
             modseq: r.u64()?,
-            flags: read_flag_states(r)?,
+            flags: read_flag_states(r)?.into(),
         })
     })
 }
@@ -1454,11 +1454,11 @@ mod tests {
             size: 1234,
             checksum: u64::MAX - u64::from(uid),
             modseq: 40 + u64::from(uid),
-            flags: BTreeMap::from([
+            flags: Flags::from(BTreeMap::from([
                 (flag("\\Seen"), FlagState { present: true, stamp: stamp(41, 1) }),
                 (flag("\\Deleted"), FlagState { present: false, stamp: stamp(42, 2) }),
                 (flag("$Junk"), FlagState { present: true, stamp: stamp(u64::MAX, u32::MAX) }),
-            ]),
+            ])),
         }
     }
 
@@ -1468,7 +1468,7 @@ mod tests {
             uidvalidity: 77,
             uidnext: 10,
             highest_modseq: 99,
-            messages: vec![record(1), record(2), MessageRecord { flags: BTreeMap::new(), ..record(3) }],
+            messages: vec![record(1), record(2), MessageRecord { flags: Flags::default(), ..record(3) }],
             tombstones: vec![
                 Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true, lost: false },
                 Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false, lost: false },
@@ -2208,7 +2208,7 @@ mod tests {
                 size,
                 checksum,
                 modseq,
-                flags,
+                flags: flags.into(),
             },
         )
     }

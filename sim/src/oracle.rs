@@ -48,7 +48,14 @@ fn went_down(before: (u32, Uid, ModSeq), now: (u32, Uid, ModSeq)) -> bool {
 }
 
 /// Each message's flags on one server.
-type FlagView<'a> = BTreeMap<(&'a MailboxKey, Guid), Vec<Flag>>;
+/// One store's records by (mailbox, GUID) (the highest UID's, for a message live twice),
+/// whose set flags are compared across stores.
+type FlagView<'a> = BTreeMap<(&'a MailboxKey, Guid), &'a MessageRecord>;
+
+/// The flags set on a record, in order, without collecting them.
+fn set_flags(r: &MessageRecord) -> impl Iterator<Item = &Flag> {
+    r.flags.iter().filter(|(_, s)| s.present).map(|(f, _)| f)
+}
 
 /// `body_checksum(bytes) == checksum` for stored bodies, computed once per distinct body
 /// of a GUID: a copy with the same bytes and checksum as the one last checked gets the
@@ -336,7 +343,12 @@ impl Oracle {
             }
             StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
                 let now = (*uidvalidity, *uidnext, *highest_modseq);
-                if let Some(before) = self.written_meta.insert((server, incarnation, mailbox.clone()), now)
+                let key = (server, incarnation, mailbox.clone());
+                let before = match self.written_meta.get_mut(&key) {
+                    Some(seen) => Some(std::mem::replace(seen, now)),
+                    None => self.written_meta.insert(key, now),
+                };
+                if let Some(before) = before
                     && went_down(before, now)
                 {
                     self.violate(
@@ -676,7 +688,7 @@ impl Oracle {
                 let flags = image
                     .mailboxes
                     .iter()
-                    .flat_map(|(k, m)| m.messages.values().map(move |r| ((k, r.guid), r.present_flags())))
+                    .flat_map(|(k, m)| m.messages.values().map(move |r| ((k, r.guid), r)))
                     .collect();
                 (*sid, flags)
             })
@@ -686,10 +698,11 @@ impl Oracle {
             match first {
                 None => first = Some((sid, flags)),
                 Some((s0, f0)) => {
-                    for (k, f) in flags {
+                    for (k, r) in flags {
                         if let Some(other) = f0.get(k)
-                            && other != f
+                            && !set_flags(other).eq(set_flags(r))
                         {
+                            let (f, other) = (r.present_flags(), other.present_flags());
                             found.push((
                                 FLAGS_AGREE,
                                 format!("{} in {} has flags {f:?} on {sid} but {other:?} on {s0}", k.1, k.0),
@@ -751,7 +764,8 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
                     m0.uidvalidity, m0.uidnext, m0.highest_modseq, m.uidvalidity, m.uidnext, m.highest_modseq
                 ));
             }
-            if m0.messages != m.messages {
+            // The records only: the indexes kept beside them follow from them.
+            if !m0.messages.iter().eq(m.messages.iter()) {
                 let first_diff = m0
                     .messages
                     .iter()
