@@ -392,7 +392,8 @@ fn wire_seeds(dir: &Path) {
     let mut flags = std::collections::BTreeMap::new();
     flags.insert(flag("\\Seen"), FlagState { present: true, stamp: Stamp { modseq: 3, sid: S1 } });
     flags.insert(flag("$Junk"), FlagState { present: false, stamp: Stamp { modseq: 4, sid: S2 } });
-    let record = MessageRecord { uid: 1, guid, received: 1_700_000_000, size: 5, checksum: 77, modseq: 4, flags: flags.into() };
+    let record =
+        MessageRecord { uid: 1, guid, received: 1_700_000_000, size: 5, checksum: 77, modseq: 4, flags: flags.into() };
     let state = MailboxState {
         mailbox: inbox.clone(),
         uidvalidity: 77,
