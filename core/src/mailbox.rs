@@ -474,6 +474,29 @@ fn without_collected<'a>(m: &StoredMailbox, foreign: &'a MailboxState) -> std::b
     std::borrow::Cow::Owned(kept)
 }
 
+/// Whether merging `state` into `m` can change nothing, as master or as replica: it is
+/// `m` exactly (what a master hands over at a MASTER-MOVE to a peer in step with it,
+/// or what an up-to-date peer sends), and `m` holds none of what a merge settles
+/// whatever it is given: a message live twice or on a retired UID, a live message at a
+/// tombstoned UID, a live GUID that a tombstone expunged. The merge of such a state
+/// joins every part with itself.
+pub fn holds_exactly(m: &StoredMailbox, state: &MailboxState) -> bool {
+    state.uidvalidity == m.uidvalidity
+        && state.uidnext == m.uidnext
+        && state.highest_modseq == m.highest_modseq
+        && state.lifecycle == m.lifecycle
+        && state.messages.len() == m.messages.len()
+        && state.tombstones.len() == m.tombstones.len()
+        && state.retired == m.retired
+        && state.messages.iter().eq(m.messages.values())
+        && state.tombstones.iter().eq(m.tombstones.values())
+        && m.messages.duplicated().is_empty()
+        && m.tombstones
+            .values()
+            .all(|t| !m.messages.contains_key(&t.uid) && !(t.expunged && m.messages.has_guid(t.guid)))
+        && live_on_retired(m).is_empty()
+}
+
 /// Our live messages on retired UIDs, by walking the retired ranges.
 pub fn live_on_retired(m: &StoredMailbox) -> Vec<Uid> {
     m.retired.ranges.iter().flat_map(|(first, last)| m.messages.uids_in(*first, *last)).collect()
@@ -1203,6 +1226,53 @@ mod tests {
 
     fn st(m: &StoredMailbox) -> MailboxState {
         state(&MailboxKey::new("u", "INBOX"), m)
+    }
+
+    /// A mailbox `holds_exactly` its own state only when a merge of that state, as master
+    /// or as replica, changes nothing; each thing a merge settles whatever it is given
+    /// makes it false.
+    #[test]
+    fn a_copy_of_itself_changes_nothing_unless_something_is_left_to_settle() {
+        let tomb = |uid, guid, expunged| Tombstone { uid, guid: Guid(guid), modseq: 9, expunged, lost: false };
+        let mut settled = mbox(vec![rec(1, 10, &[("\\Seen", true, 3)]), rec(4, 40, &[]), rec(6, 20, &[])]);
+        // 2 expunged, 3 retired from 20 (which lives at 6), 5 collected.
+        settled.tombstones.insert((2, Guid(30)), tomb(2, 30, true));
+        settled.tombstones.insert((3, Guid(20)), tomb(3, 20, false));
+        settled.retired.insert_range(5, 5);
+        settled.highest_modseq = 9;
+        let unsettled = |edit: &dyn Fn(&mut StoredMailbox)| {
+            let mut m = settled.clone();
+            edit(&mut m);
+            m
+        };
+        let cases = [
+            (settled.clone(), true),
+            // A message live twice.
+            (unsettled(&|m| _ = m.messages.insert(7, rec(7, 40, &[]))), false),
+            // A message on a retired UID.
+            (unsettled(&|m| _ = m.messages.insert(5, rec(5, 50, &[]))), false),
+            // A live message at a tombstoned UID.
+            (unsettled(&|m| _ = m.messages.insert(2, rec(2, 60, &[]))), false),
+            // A live GUID a tombstone expunged.
+            (unsettled(&|m| _ = m.tombstones.insert((8, Guid(40)), tomb(8, 40, true))), false),
+        ];
+        for (i, (m, settles)) in cases.into_iter().enumerate() {
+            let copy = st(&m);
+            assert_eq!(holds_exactly(&m, &copy), settles, "case {i}");
+            let rules = MergeRules::default();
+            let (mut as_master, mut as_replica) = (m.clone(), m.clone());
+            let master_out = merge_as_master(&mut as_master, &copy, &rules);
+            let replica_out = merge_as_replica(&mut as_replica, &copy, &rules);
+            if settles {
+                assert!(!master_out.changed() && !master_out.unresolved, "case {i}: {master_out:?}");
+                assert!(!replica_out.changed() && !replica_out.unresolved, "case {i}: {replica_out:?}");
+                assert_eq!((as_master, as_replica), (m.clone(), m), "case {i}");
+            }
+        }
+        // Any difference from the copy: not exactly held.
+        let mut newer = st(&settled);
+        newer.messages[0].modseq = 8;
+        assert!(!holds_exactly(&settled, &newer));
     }
 
     #[test]

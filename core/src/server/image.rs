@@ -622,6 +622,9 @@ impl Image {
         rules: &MergeRules,
         reuse_retired_uid: bool,
     ) -> MergeOutcome {
+        if self.disk.mailboxes.get(&state.mailbox).is_some_and(|m| mailbox::holds_exactly(m, state)) {
+            return MergeOutcome::default();
+        }
         if !as_master && let Some(outcome) = self.merge_new_record(out, state) {
             return outcome;
         }
