@@ -491,9 +491,10 @@ pub fn holds_exactly(m: &StoredMailbox, state: &MailboxState) -> bool {
         && state.messages.iter().eq(m.messages.values())
         && state.tombstones.iter().eq(m.tombstones.values())
         && m.messages.duplicated().is_empty()
-        && m.tombstones
+        && !m
+            .tombstones
             .values()
-            .all(|t| !m.messages.contains_key(&t.uid) && !(t.expunged && m.messages.has_guid(t.guid)))
+            .any(|t| m.messages.contains_key(&t.uid) || (t.expunged && m.messages.has_guid(t.guid)))
         && live_on_retired(m).is_empty()
 }
 
