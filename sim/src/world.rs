@@ -1640,15 +1640,32 @@ impl World {
         if everyone.all(|t| t == first) {
             return false;
         }
-        let retired = self.outside_cluster();
-        let mut terms = self
-            .nodes
-            .iter()
-            .filter(|(sid, _)| !retired.contains(sid))
-            .filter_map(|(_, n)| n.server.as_ref())
-            .map(|s| s.term());
-        let Some(first) = terms.next() else { return false };
-        terms.any(|t| t != first)
+        // Two servers inside the cluster (see `outside_cluster`) with different terms.
+        // Only a server whose term differs from the first inside one's is asked whether
+        // it is inside: after every step, a scan of every member table is too dear.
+        let mut reference = None;
+        for (sid, node) in &self.nodes {
+            let Some(server) = node.server.as_ref() else { continue };
+            let term = server.term();
+            if reference.as_ref() == Some(&term) || self.is_outside_cluster(*sid) {
+                continue;
+            }
+            if reference.is_some() {
+                return true;
+            }
+            reference = Some(term);
+        }
+        false
+    }
+
+    /// Whether `sid` is in `outside_cluster()`, without building the set.
+    fn is_outside_cluster(&self, sid: Sid) -> bool {
+        self.scenario.cluster.laptops.iter().any(|l| l.sid == sid)
+            || self
+                .nodes
+                .values()
+                .filter_map(|n| n.server.as_ref())
+                .any(|s| s.members().state(sid) == Some(MemberState::Retired))
     }
 
     /// Why the live servers have not converged, or None.
