@@ -755,8 +755,19 @@ impl MasterMerge<'_> {
     /// One of their records: joined with ours, placed at its UID, or marked to move.
     fn place(&mut self, r: &MessageRecord) {
         if !self.same_validity {
-            // Their UIDs mean nothing here: every message of theirs we lack is new.
-            if !self.ours_live.contains_key(&r.guid) && !self.ours_dead.contains(&r.guid) {
+            // Their UIDs mean nothing here: every message of theirs we lack is new. One we
+            // have is the same message (one GUID in a mailbox): its flag changes join
+            // ours, wherever it lives here (explore seed 112832: a STORE made on the other
+            // incarnation's copy was dropped at the heal).
+            if let Some(&our_uid) = self.ours_live.get(&r.guid) {
+                let (rules, modseq) = (self.rules, self.modseq);
+                if let Some(mut ours) = self.m.messages.get_mut(&our_uid)
+                    && join_flags_by(&mut ours.flags, &r.flags, rules)
+                {
+                    ours.modseq = modseq;
+                    self.out.records.push(ours.clone());
+                }
+            } else if !self.ours_dead.contains(&r.guid) {
                 self.movers.insert((r.uid, r.guid), r.clone());
             }
             return;
