@@ -300,7 +300,8 @@ pub fn join_flags(into: &mut Flags, from: &Flags) -> bool {
     changed
 }
 
-fn bump_meta(m: &mut StoredMailbox, uidnext: Uid, hms: ModSeq, out: &mut MergeOutcome) {
+/// Raises UIDNEXT and HIGHESTMODSEQ to at least these (never lowers them).
+pub(crate) fn bump_meta(m: &mut StoredMailbox, uidnext: Uid, hms: ModSeq, out: &mut MergeOutcome) {
     if uidnext > m.uidnext {
         m.uidnext = uidnext;
         out.meta_changed = true;

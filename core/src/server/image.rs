@@ -690,23 +690,9 @@ impl Image {
         let mut outcome = MergeOutcome::default();
         m.messages.insert(r.uid, r.clone());
         outcome.records.push(r.clone());
-        let next = r.uid.saturating_add(1);
-        if next > m.uidnext {
-            m.uidnext = next;
-            outcome.meta_changed = true;
-        }
-        if r.modseq > m.highest_modseq {
-            m.highest_modseq = r.modseq;
-            outcome.meta_changed = true;
-        }
-        if state.uidnext > m.uidnext {
-            m.uidnext = state.uidnext;
-            outcome.meta_changed = true;
-        }
-        if state.highest_modseq > m.highest_modseq {
-            m.highest_modseq = state.highest_modseq;
-            outcome.meta_changed = true;
-        }
+        // As the general merge raises them: by the record, then by the state.
+        mailbox::bump_meta(m, r.uid.saturating_add(1), r.modseq, &mut outcome);
+        mailbox::bump_meta(m, state.uidnext, state.highest_modseq, &mut outcome);
         let record = r.clone();
         let meta = self.meta_write(key);
         self.commit_undo(out, meta, Some((key.clone(), before)));
