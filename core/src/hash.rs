@@ -52,6 +52,25 @@ pub fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// A hasher for maps keyed by GUID (asked by key, never walked): GUIDs are random
+/// already, so their bits are mixed once.
+#[derive(Default)]
+pub struct GuidHasher(u64);
+
+impl std::hash::Hasher for GuidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = mix64(self.0 ^ fnv64(&[bytes]));
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = mix64(self.0 ^ (v as u64) ^ mix64((v >> 64) as u64));
+    }
+}
+
 pub fn body_checksum(body: &[u8]) -> u64 {
     mix64(fnv64(&[body]))
 }

@@ -761,13 +761,7 @@ impl MasterMerge<'_> {
             // ours, wherever it lives here (explore seed 112832: a STORE made on the other
             // incarnation's copy was dropped at the heal).
             if let Some(&our_uid) = self.ours_live.get(&r.guid) {
-                let (rules, modseq) = (self.rules, self.modseq);
-                if let Some(mut ours) = self.m.messages.get_mut(&our_uid)
-                    && join_flags_by(&mut ours.flags, &r.flags, rules)
-                {
-                    ours.modseq = modseq;
-                    self.out.records.push(ours.clone());
-                }
+                self.join_flag_changes(our_uid, r);
             } else if !self.ours_dead.contains(&r.guid) {
                 self.movers.insert((r.uid, r.guid), r.clone());
             }
@@ -834,18 +828,29 @@ impl MasterMerge<'_> {
                 &mut self.out,
             );
         }
-        if let Some(mut ours) = self.m.messages.get_mut(&our_uid) {
-            if join_flags_by(&mut ours.flags, &r.flags, rules) {
-                ours.modseq = modseq;
-                self.out.records.push(ours.clone());
-            } else if r.modseq > ours.modseq {
-                // A copy saw a later change of this message (from an earlier master):
-                // adopt its modseq rather than make a new one, so two servers that both
-                // think they master the mailbox do not outbid each other forever.
-                ours.modseq = r.modseq;
-                self.out.records.push(ours.clone());
-            }
+        if !self.join_flag_changes(our_uid, r)
+            && let Some(mut ours) = self.m.messages.get_mut(&our_uid)
+            && r.modseq > ours.modseq
+        {
+            // A copy saw a later change of this message (from an earlier master):
+            // adopt its modseq rather than make a new one, so two servers that both
+            // think they master the mailbox do not outbid each other forever.
+            ours.modseq = r.modseq;
+            self.out.records.push(ours.clone());
         }
+        true
+    }
+
+    /// Their flag changes of the message live here at `our_uid`, joined into ours at the
+    /// merge's modseq. Whether any changed.
+    fn join_flag_changes(&mut self, our_uid: Uid, r: &MessageRecord) -> bool {
+        let (rules, modseq) = (self.rules, self.modseq);
+        let Some(mut ours) = self.m.messages.get_mut(&our_uid) else { return false };
+        if !join_flags_by(&mut ours.flags, &r.flags, rules) {
+            return false;
+        }
+        ours.modseq = modseq;
+        self.out.records.push(ours.clone());
         true
     }
 

@@ -363,23 +363,7 @@ pub struct MemoryBodies {
     cut: Option<TextPartsCut>,
 }
 
-type BodyMap = std::collections::HashMap<Guid, (Body, u64), std::hash::BuildHasherDefault<GuidHasher>>;
-
-/// A hasher for GUIDs, which are random already: their bits, mixed once.
-#[derive(Default)]
-struct GuidHasher(u64);
-
-impl std::hash::Hasher for GuidHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = crate::hash::mix64(self.0 ^ crate::hash::fnv64(&[bytes]));
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = crate::hash::mix64(self.0 ^ (v as u64) ^ crate::hash::mix64((v >> 64) as u64));
-    }
-}
+type BodyMap = std::collections::HashMap<Guid, (Body, u64), std::hash::BuildHasherDefault<crate::hash::GuidHasher>>;
 
 // The bodies themselves are not printed: a count says what the store holds.
 impl std::fmt::Debug for MemoryBodies {

@@ -307,12 +307,9 @@ pub struct MessageRecord {
 pub struct Flags(std::sync::Arc<BTreeMap<Flag, FlagState>>);
 
 impl Flags {
-    /// The map to change: this record's own copy from here on.
-    pub fn make_mut(&mut self) -> &mut BTreeMap<Flag, FlagState> {
-        std::sync::Arc::make_mut(&mut self.0)
-    }
+    /// Sets one flag's state; the map is this record's own copy from here on.
     pub fn insert(&mut self, flag: Flag, state: FlagState) -> Option<FlagState> {
-        self.make_mut().insert(flag, state)
+        std::sync::Arc::make_mut(&mut self.0).insert(flag, state)
     }
 }
 

@@ -343,12 +343,7 @@ impl Oracle {
             }
             StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
                 let now = (*uidvalidity, *uidnext, *highest_modseq);
-                let key = (server, incarnation, mailbox.clone());
-                let before = match self.written_meta.get_mut(&key) {
-                    Some(seen) => Some(std::mem::replace(seen, now)),
-                    None => self.written_meta.insert(key, now),
-                };
-                if let Some(before) = before
+                if let Some(before) = self.written_meta.insert((server, incarnation, mailbox.clone()), now)
                     && went_down(before, now)
                 {
                     self.violate(

@@ -8,8 +8,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
-use tandem_core::hash::{Fnv64, fnv64, mix64};
+use std::hash::BuildHasherDefault;
+use tandem_core::hash::{Fnv64, GuidHasher, fnv64, mix64};
 use tandem_core::wire::{Decoder, Encoder};
 use tandem_core::*;
 
@@ -132,24 +132,6 @@ struct Retry {
 
 /// Attempts a client makes at one delivery before it gives up (an MTA bounces later).
 const DELIVERY_ATTEMPTS_MAX: u32 = 5;
-
-/// A hasher for GUIDs, which are random already: a quick mix of their bits.
-#[derive(Default)]
-struct GuidHasher(u64);
-
-impl Hasher for GuidHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = mix64(self.0 ^ fnv64(&[bytes]));
-    }
-
-    fn write_u128(&mut self, v: u128) {
-        self.0 = mix64(self.0 ^ (v as u64) ^ mix64((v >> 64) as u64));
-    }
-}
 
 /// An event in the queue, ordered by time and then by `id` (scheduling order).
 #[derive(Clone)]
@@ -1660,7 +1642,7 @@ impl World {
 
     /// Whether `sid` is in `outside_cluster()`, without building the set.
     fn is_outside_cluster(&self, sid: Sid) -> bool {
-        self.scenario.cluster.laptops.iter().any(|l| l.sid == sid)
+        self.is_laptop(sid)
             || self
                 .nodes
                 .values()
