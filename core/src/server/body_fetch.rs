@@ -13,6 +13,9 @@ const FETCH_RETRY_US: u64 = 100_000;
 const FETCH_WINDOW_MAX: usize = 256;
 /// A census whose answers did not all arrive is started again after this long.
 const CENSUS_TIMEOUT_US: u64 = 5_000_000;
+/// Bodies omitted here by design that peers asked us for, remembered at most (see
+/// `BodyFetch::asked_for_omitted`); more are not remembered until some are settled.
+const OMITTED_ASKS_MAX: usize = 1024;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WantedBody {
@@ -43,6 +46,10 @@ pub(crate) struct BodyFetch {
     in_flight: BTreeMap<Guid, Instant>,
     /// Set by whatever may let more FETCHes go out; acted on once after the input.
     kick: bool,
+    /// Bodies this server omits by design (a partial server) that peers asked it for,
+    /// with who asked: at most `OMITTED_ASKS_MAX`.
+    #[serde(default)]
+    omitted_asks: BTreeMap<Guid, BTreeSet<Sid>>,
 }
 
 impl BodyFetch {
@@ -139,6 +146,37 @@ impl BodyFetch {
         Some(target)
     }
 
+    /// `src` asked us for a body we omit by design. True when it asked before: a peer
+    /// asks each of its peers in turn, so a second ask means it tried every other server
+    /// without finding the body. The master that omits it is then the one to look for
+    /// it and, if it is nowhere, to run the census that gives it up (a peer's census
+    /// may not: it masters none of the mailboxes holding it).
+    pub(crate) fn asked_for_omitted(&mut self, guid: Guid, src: Sid) -> bool {
+        if self.wanted.contains_key(&guid) {
+            return false;
+        }
+        if let Some(askers) = self.omitted_asks.get_mut(&guid) {
+            if !askers.insert(src) {
+                self.omitted_asks.remove(&guid);
+                return true;
+            }
+            return false;
+        }
+        if self.omitted_asks.len() < OMITTED_ASKS_MAX {
+            self.omitted_asks.insert(guid, BTreeSet::from([src]));
+        }
+        false
+    }
+
+    /// Forgets the asks for omitted bodies `keep` rejects (no message holds them any more).
+    pub(crate) fn retain_omitted_asks(&mut self, keep: impl Fn(&Guid) -> bool) {
+        self.omitted_asks.retain(|g, _| keep(g));
+    }
+
+    pub(crate) fn omitted_asks_count(&self) -> usize {
+        self.omitted_asks.len()
+    }
+
     /// A census of `guid` starts now (every configured server is asked).
     pub(crate) fn start_census(&mut self, guid: Guid, now: Instant) {
         if let Some(w) = self.wanted.get_mut(&guid) {
@@ -166,6 +204,22 @@ impl BodyFetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_ask_for_an_omitted_body_from_one_peer_means_it_tried_everyone() {
+        let mut f = BodyFetch::default();
+        assert!(!f.asked_for_omitted(Guid(7), Sid(2)));
+        assert!(!f.asked_for_omitted(Guid(7), Sid(3)), "another peer's first ask");
+        assert!(f.asked_for_omitted(Guid(7), Sid(2)), "s2 came round again");
+        assert_eq!(f.omitted_asks_count(), 0, "settled: the body is wanted here now");
+        f.want(Guid(8), 1, None, false, Instant(0));
+        assert!(!f.asked_for_omitted(Guid(8), Sid(2)));
+        assert!(!f.asked_for_omitted(Guid(8), Sid(2)), "wanted here already: nothing to start");
+        for g in 0..(OMITTED_ASKS_MAX as u64 + 10) {
+            f.asked_for_omitted(Guid(100 + g), Sid(2));
+        }
+        assert_eq!(f.omitted_asks_count(), OMITTED_ASKS_MAX, "bounded");
+    }
 
     #[test]
     fn the_hint_is_asked_first_then_the_others_in_turn() {

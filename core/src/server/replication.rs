@@ -575,6 +575,7 @@ impl Server {
         self.leaving_served_body();
         let Some(checksum) = self.image.body(&guid).map(|b| b.checksum) else {
             self.send(src, Msg::NoBody { guid });
+            self.look_for_omitted_body(src, guid);
             return;
         };
         let Some(body) = self.image.intact_body(guid) else {
@@ -598,6 +599,27 @@ impl Server {
         }
         let _ = src;
         self.body_arrived(guid);
+    }
+
+    /// A peer asked for a body we lack. If we omit it by design (a partial server) in a
+    /// mailbox we master and the peer asked before, it found the body on no other
+    /// server: we want it ourselves, so that we find it or, if no server has it, our
+    /// census gives it up (only a master's census may).
+    /// Only while every server is reachable: a peer cut off from the holder asks us
+    /// again too, and the census could not run anyway.
+    fn look_for_omitted_body(&mut self, src: Sid, guid: Guid) {
+        if !self.omits_some() || !self.member_servers.iter().all(|s| self.routing.is_reachable(*s)) {
+            return;
+        }
+        let mastered_omitted = self.image.mailboxes().iter().find_map(|(key, m)| {
+            let r = m.messages.find_guid(guid)?;
+            (self.omits(key, r) && self.masters.masters(&self.master_key(key))).then_some(r.checksum)
+        });
+        let Some(checksum) = mastered_omitted else { return };
+        if self.body_fetch.asked_for_omitted(guid, src) {
+            self.note(|| format!("{src} found omitted body {guid} on no other server: looking for it"));
+            self.want_body(guid, Some(checksum), None, false);
+        }
     }
 
     /// A census may decide that a body is gone for good only where nothing that could
@@ -691,6 +713,10 @@ impl Server {
             referenced.sort_unstable();
             let awaited = self.jobs.awaited_bodies();
             self.body_fetch.retain(|g| referenced.binary_search(g).is_ok() || awaited.contains(g));
+        }
+        if self.body_fetch.omitted_asks_count() > 0 {
+            let image = &self.image;
+            self.body_fetch.retain_omitted_asks(|g| image.is_referenced(*g) && !image.has_body(g));
         }
     }
 
