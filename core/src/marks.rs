@@ -79,10 +79,13 @@ pub enum Mark {
     LostMessageKept,
     /// A master took back a message a census had given up, its body brought by a push.
     LostMessageRevived,
+    /// A master that got its key from the root took the copy a late MOVED carried (the
+    /// old master's, which may hold changes no other server has).
+    LateHandoffMerged,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 39] = [
+    pub const ALL: [Mark; 40] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -122,6 +125,7 @@ impl Mark {
         Mark::ReplicaCopyOfForgottenExpunge,
         Mark::LostMessageKept,
         Mark::LostMessageRevived,
+        Mark::LateHandoffMerged,
     ];
 
     pub fn name(self) -> &'static str {
@@ -165,6 +169,7 @@ impl Mark {
             Mark::ReplicaCopyOfForgottenExpunge => "replica_copy_of_forgotten_expunge",
             Mark::LostMessageKept => "lost_message_kept",
             Mark::LostMessageRevived => "lost_message_revived",
+            Mark::LateHandoffMerged => "late_handoff_merged",
         }
     }
 

@@ -1502,6 +1502,9 @@ impl Server {
             _ => None,
         };
         self.masters.done_moving(&key);
+        if epoch == self.root_role.epoch() && self.masters.masters(&key) {
+            self.take_late_handoff(from, &key, &states);
+        }
         if epoch != self.root_role.epoch() || self.masters.masters(&key) {
             if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
                 self.out.reply(
@@ -1537,6 +1540,20 @@ impl Server {
     /// once) or from the root (catch up with every reachable server first).
     /// `moved`: the states a MASTER-MOVE handed over, and who handed them (the bodies
     /// they lack are asked of it first: it had them all).
+    /// A MOVED for a key we master already: the root gave it to us after the old
+    /// master's MOVED went astray (explore seed 101347). The old master's copy may hold
+    /// changes no other server has (its logs to them overflowed, and as master no more it
+    /// sends no summaries): it is joined like any peer's SYNC, and the old master is told
+    /// who masters the key, which ends its resends.
+    fn take_late_handoff(&mut self, from: Sid, key: &MasterKey, states: &[MailboxState]) {
+        self.marks.hit(Mark::LateHandoffMerged);
+        for state in states.iter().filter(|s| key.covers(&s.mailbox)) {
+            self.merge_foreign(from, state);
+        }
+        let (epoch, generation) = (self.root_role.epoch(), self.masters.generation(key));
+        self.send(from, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid, generation });
+    }
+
     pub(crate) fn become_master(&mut self, key: MasterKey, moved: Option<(Sid, Vec<MailboxState>)>, generation: u64) {
         self.masters.forget(&key);
         // News of an older master of this key must not unseat us.

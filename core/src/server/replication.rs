@@ -429,12 +429,16 @@ impl Server {
                 self.anti_entropy.confirmed(src, mailbox.clone(), summary.digest, self.now);
                 self.image.clear_overflow(&mut self.out, src, &mailbox);
             } else if !self.logs_hold(&mailbox)
+                && self.masters.cached(&key).is_none_or(|master| master == src)
                 && let Some(mine) = self.summary_of(&mailbox)
             {
                 self.leaving_confirmed(src, &mailbox);
                 // Our confirmation is what lets the master collect the mailbox's
                 // tombstones: it is given for a copy a crash here cannot take back, with
-                // none of the mailbox's changes still on their way from here.
+                // none of the mailbox's changes still on their way from here. It goes
+                // to the master, not to another replica's confirmation (two servers
+                // that each took the other's for the master's check answered each other
+                // every round trip for ever: explore seed 101347).
                 self.send_when_durable(src, Msg::Mbox { tag: 0, summary: mine });
             }
             return;
