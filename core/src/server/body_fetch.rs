@@ -215,7 +215,7 @@ mod tests {
         f.want(Guid(8), 1, None, false, Instant(0));
         assert!(!f.asked_for_omitted(Guid(8), Sid(2)));
         assert!(!f.asked_for_omitted(Guid(8), Sid(2)), "wanted here already: nothing to start");
-        for g in 0..(OMITTED_ASKS_MAX as u64 + 10) {
+        for g in 0..(OMITTED_ASKS_MAX as u128 + 10) {
             f.asked_for_omitted(Guid(100 + g), Sid(2));
         }
         assert_eq!(f.omitted_asks_count(), OMITTED_ASKS_MAX, "bounded");
