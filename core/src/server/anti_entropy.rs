@@ -26,6 +26,10 @@ pub struct PeerCheck {
     /// The digest the peer last confirmed and when it first confirmed it: kept across
     /// new summaries, so tombstone collection knows how long the copies have agreed.
     pub agreed_since: Option<(u64, Instant)>,
+    /// Our digest when a pass last looked at this copy: a digest that moved since
+    /// means the mailbox is still changing (see `Server::summary_to_check`).
+    #[serde(default)]
+    pub examined_digest: Option<u64>,
 }
 
 /// A point both copies of a mailbox had reached, and how many delta SYNCs may still be
@@ -59,10 +63,22 @@ impl AntiEntropy {
         self.checks.get(&(peer, mailbox.clone())).copied().unwrap_or_default()
     }
 
-    /// Our summary of `mailbox` went to `peer`; its confirmation is awaited again.
-    pub(crate) fn summary_sent(&mut self, peer: Sid, mailbox: MailboxKey, now: Instant) {
+    /// Our summary of `mailbox`, at `digest`, went to `peer`; its confirmation is awaited
+    /// again.
+    pub(crate) fn summary_sent(&mut self, peer: Sid, mailbox: MailboxKey, digest: u64, now: Instant) {
         let check = self.checks.entry((peer, mailbox)).or_default();
-        *check = PeerCheck { last_sent: Some(now), agreed_since: check.agreed_since, ..PeerCheck::default() };
+        *check = PeerCheck {
+            last_sent: Some(now),
+            agreed_since: check.agreed_since,
+            examined_digest: Some(digest),
+            ..PeerCheck::default()
+        };
+    }
+
+    /// A pass looked at `peer`'s copy of `mailbox` while ours was at `digest`, and sent
+    /// nothing.
+    pub(crate) fn examined(&mut self, peer: Sid, mailbox: MailboxKey, digest: u64) {
+        self.checks.entry((peer, mailbox)).or_default().examined_digest = Some(digest);
     }
 
     /// `peer` showed the same digest as ours.
@@ -106,6 +122,13 @@ impl AntiEntropy {
 
     pub(crate) fn forget_check(&mut self, peer: Sid, mailbox: &MailboxKey) {
         self.checks.remove(&(peer, mailbox.clone()));
+    }
+
+    /// Every peer's copy of the mailboxes `covers` accepts is checked again (a new
+    /// mastership: what was confirmed to an earlier one says nothing of the changes
+    /// made meanwhile by another master).
+    pub(crate) fn recheck_mailboxes(&mut self, covers: impl Fn(&MailboxKey) -> bool) {
+        self.checks.retain(|(_, k), _| !covers(k));
     }
 
     /// Every copy of `peer`'s is checked again (it may have restarted with another disk).
@@ -198,14 +221,15 @@ mod tests {
         let mut a = AntiEntropy::default();
         a.confirmed(Sid(2), mb(), 77, Instant(10));
         assert_eq!(a.check(Sid(2), &mb()).confirmed_digest, Some(77));
-        a.summary_sent(Sid(2), mb(), Instant(20));
+        a.summary_sent(Sid(2), mb(), 77, Instant(20));
         assert_eq!(
             a.check(Sid(2), &mb()),
             PeerCheck {
                 confirmed_digest: None,
                 confirmed_at: None,
                 last_sent: Some(Instant(20)),
-                agreed_since: Some((77, Instant(10)))
+                agreed_since: Some((77, Instant(10))),
+                examined_digest: Some(77),
             }
         );
         assert_eq!(a.agreed_since(Sid(2), &mb(), 77), Some(Instant(10)), "agreement outlives a new summary");

@@ -939,8 +939,14 @@ impl Image {
     }
 
     /// The peer's copy of `mailbox` was confirmed: it no longer needs a full SYNC.
+    /// Whether changes of `mailbox` were dropped from `peer`'s log (only a SYNC brings
+    /// them).
+    pub(crate) fn is_overflowed(&self, peer: Sid, mailbox: &MailboxKey) -> bool {
+        self.disk.logs.get(&peer).is_some_and(|l| l.overflowed.contains(mailbox))
+    }
+
     pub(crate) fn clear_overflow(&mut self, out: &mut Outbox, peer: Sid, mailbox: &MailboxKey) {
-        if self.disk.logs.get(&peer).is_some_and(|l| l.overflowed.contains(mailbox)) {
+        if self.is_overflowed(peer, mailbox) {
             self.commit(out, StoreWrite::LogOverflow { peer, mailbox: mailbox.clone(), overflowed: false });
         }
     }

@@ -1562,6 +1562,7 @@ impl Server {
         if self.is_root() && generation >= self.root_role.generation(&key) {
             self.root_role.record(key.clone(), self.cfg.sid, generation);
         }
+        self.anti_entropy.recheck_mailboxes(|k| key.covers(k));
         let how = if moved.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some((old_master, states)) = moved {

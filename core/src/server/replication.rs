@@ -494,7 +494,7 @@ impl Server {
             self.anti_entropy.pass_ended(peer, resume_after);
             for mailbox in candidates {
                 let Some(summary) = self.summary_to_check(peer, &mailbox) else { continue };
-                self.anti_entropy.summary_sent(peer, summary.mailbox.clone(), self.now);
+                self.anti_entropy.summary_sent(peer, summary.mailbox.clone(), summary.digest, self.now);
                 self.send(peer, Msg::Mbox { tag: 0, summary });
             }
         }
@@ -523,6 +523,17 @@ impl Server {
             return None;
         }
         if check.last_sent.is_some_and(|at| now.0.saturating_sub(at.0) < interval) {
+            return None;
+        }
+        // A copy confirmed lately, of a mailbox that changed since the last pass, is
+        // checked once the mailbox settles (or its confirmation grows old), not on every
+        // pass: each change reached the peer through the log, acknowledged (only a
+        // drained log makes a candidate), and a busy mailbox's summary every pass to
+        // every peer was a fifth of all peer messages under steady load. A log that
+        // dropped the mailbox's changes (overflow) is checked at once.
+        let changing = check.examined_digest.is_some_and(|d| d != summary.digest);
+        if changing && fresh && !self.image.is_overflowed(peer, mailbox) {
+            self.anti_entropy.examined(peer, mailbox.clone(), summary.digest);
             return None;
         }
         Some(summary)
