@@ -223,6 +223,10 @@ impl Change {
     }
 }
 
+/// The tag of an MBOX that confirms a check: a replica's copy has the summary it was
+/// sent. Never a catch-up's number (`JobTable::unique_number` skips it).
+pub const MBOX_CONFIRMATION: u64 = u64::MAX;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// Link-state flooding: `origin`'s direct neighbours, newest `seq` wins. `epoch` is
@@ -305,7 +309,10 @@ pub enum Msg {
         tag: u64,
         key: MasterKey,
     },
-    /// Seed MBOX: one mailbox's summary. `tag` is 0 when unsolicited.
+    /// Seed MBOX: one mailbox's summary. `tag` is 0 for a check (a master's, or a
+    /// replica's before a fresh read), [`MBOX_CONFIRMATION`] for a replica's answer
+    /// that its copy is the same (never answered in turn), and a catch-up's number
+    /// otherwise.
     Mbox {
         tag: u64,
         summary: Summary,

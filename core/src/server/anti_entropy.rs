@@ -4,7 +4,7 @@
 //! and for a replica, the mailboxes holding a conflict it may not decide (dirty), whose
 //! copy goes to the master.
 
-use crate::types::{Instant, MailboxKey, ModSeq, Sid};
+use crate::types::{Instant, MailboxKey, MasterKey, ModSeq, Sid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -124,11 +124,19 @@ impl AntiEntropy {
         self.checks.remove(&(peer, mailbox.clone()));
     }
 
-    /// Every peer's copy of the mailboxes `covers` accepts is checked again (a new
+    /// Every peer's copy of the mailboxes `key` covers is checked again (a new
     /// mastership: what was confirmed to an earlier one says nothing of the changes
     /// made meanwhile by another master).
-    pub(crate) fn recheck_mailboxes(&mut self, covers: impl Fn(&MailboxKey) -> bool) {
-        self.checks.retain(|(_, k), _| !covers(k));
+    pub(crate) fn recheck_mailboxes(&mut self, key: &MasterKey, peers: &[Sid]) {
+        match key {
+            // One mailbox, the common key: removed directly, not by a walk of every check.
+            MasterKey::Mailbox(mailbox) => {
+                for &peer in peers {
+                    self.checks.remove(&(peer, mailbox.clone()));
+                }
+            }
+            _ => self.checks.retain(|(_, k), _| !key.covers(k)),
+        }
     }
 
     /// Every copy of `peer`'s is checked again (it may have restarted with another disk).

@@ -14,8 +14,12 @@ const FETCH_WINDOW_MAX: usize = 256;
 /// A census whose answers did not all arrive is started again after this long.
 const CENSUS_TIMEOUT_US: u64 = 5_000_000;
 /// Bodies omitted here by design that peers asked us for, remembered at most (see
-/// `BodyFetch::asked_for_omitted`); more are not remembered until some are settled.
+/// `BodyFetch::asked_for_omitted`): when full, the oldest ask is forgotten.
 const OMITTED_ASKS_MAX: usize = 1024;
+/// An ask for an omitted body is forgotten after this long: a peer that goes round its
+/// peers comes back well within it (a retry waits at most a second), and one that
+/// found the body elsewhere never comes back.
+const OMITTED_ASK_KEPT_US: u64 = 60_000_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WantedBody {
@@ -47,9 +51,9 @@ pub(crate) struct BodyFetch {
     /// Set by whatever may let more FETCHes go out; acted on once after the input.
     kick: bool,
     /// Bodies this server omits by design (a partial server) that peers asked it for,
-    /// with who asked: at most `OMITTED_ASKS_MAX`.
+    /// with when first asked and who asked: at most `OMITTED_ASKS_MAX`.
     #[serde(default)]
-    omitted_asks: BTreeMap<Guid, BTreeSet<Sid>>,
+    omitted_asks: BTreeMap<Guid, (Instant, BTreeSet<Sid>)>,
 }
 
 impl BodyFetch {
@@ -132,13 +136,21 @@ impl BodyFetch {
         (w.census.is_none() || census_stale) && w.attempts as usize >= peers_count
     }
 
-    /// The peer to ask for a due body next (the hint first, then each in turn); the
-    /// FETCH counts as in flight until its retry is due.
+    /// The peer to ask for a due body next (the hint first, then each other peer in
+    /// turn, then every peer in turn); the FETCH counts as in flight until its retry is
+    /// due. A first round that asks each peer once is what lets a peer that omits the
+    /// body by design take a second ask as "no other server has it"
+    /// (`asked_for_omitted`).
     pub(crate) fn ask(&mut self, guid: Guid, peers: &[Sid], now: Instant) -> Option<Sid> {
         let w = self.wanted.get_mut(&guid)?;
-        let target = match w.hint.filter(|h| w.attempts == 0 && peers.contains(h)) {
-            Some(h) => h,
-            None => *peers.get((w.attempts as usize + guid.0 as usize) % peers.len().max(1))?,
+        let attempts = w.attempts as usize;
+        let turn = |among: usize, step: usize| (step + guid.0 as usize) % among.max(1);
+        let target = match w.hint.filter(|h| peers.contains(h)) {
+            Some(h) if attempts == 0 => h,
+            Some(h) if attempts < peers.len() => {
+                *peers.iter().filter(|p| **p != h).nth(turn(peers.len() - 1, attempts - 1))?
+            }
+            _ => *peers.get(turn(peers.len(), attempts))?,
         };
         w.attempts = w.attempts.saturating_add(1);
         w.next_try = now.plus_us(FETCH_RETRY_US * u64::from(w.attempts.min(10)));
@@ -151,26 +163,34 @@ impl BodyFetch {
     /// without finding the body. The master that omits it is then the one to look for
     /// it and, if it is nowhere, to run the census that gives it up (a peer's census
     /// may not: it masters none of the mailboxes holding it).
-    pub(crate) fn asked_for_omitted(&mut self, guid: Guid, src: Sid) -> bool {
+    pub(crate) fn asked_for_omitted(&mut self, guid: Guid, src: Sid, now: Instant) -> bool {
         if self.wanted.contains_key(&guid) {
             return false;
         }
-        if let Some(askers) = self.omitted_asks.get_mut(&guid) {
+        if let Some((since, askers)) = self.omitted_asks.get_mut(&guid)
+            && since.plus_us(OMITTED_ASK_KEPT_US) > now
+        {
             if !askers.insert(src) {
                 self.omitted_asks.remove(&guid);
                 return true;
             }
             return false;
         }
-        if self.omitted_asks.len() < OMITTED_ASKS_MAX {
-            self.omitted_asks.insert(guid, BTreeSet::from([src]));
+        if self.omitted_asks.len() >= OMITTED_ASKS_MAX && !self.omitted_asks.contains_key(&guid) {
+            let oldest = self.omitted_asks.iter().min_by_key(|(g, (since, _))| (*since, **g)).map(|(g, _)| *g);
+            if let Some(oldest) = oldest {
+                self.omitted_asks.remove(&oldest);
+            }
         }
+        self.omitted_asks.insert(guid, (now, BTreeSet::from([src])));
+        debug_assert!(self.omitted_asks.len() <= OMITTED_ASKS_MAX);
         false
     }
 
-    /// Forgets the asks for omitted bodies `keep` rejects (no message holds them any more).
-    pub(crate) fn retain_omitted_asks(&mut self, keep: impl Fn(&Guid) -> bool) {
-        self.omitted_asks.retain(|g, _| keep(g));
+    /// Forgets the asks for omitted bodies `keep` rejects (no message holds them any
+    /// more, or we hold the body now), and those kept long enough.
+    pub(crate) fn retain_omitted_asks(&mut self, keep: impl Fn(&Guid) -> bool, now: Instant) {
+        self.omitted_asks.retain(|g, (since, _)| since.plus_us(OMITTED_ASK_KEPT_US) > now && keep(g));
     }
 
     pub(crate) fn omitted_asks_count(&self) -> usize {
@@ -208,17 +228,22 @@ mod tests {
     #[test]
     fn a_second_ask_for_an_omitted_body_from_one_peer_means_it_tried_everyone() {
         let mut f = BodyFetch::default();
-        assert!(!f.asked_for_omitted(Guid(7), Sid(2)));
-        assert!(!f.asked_for_omitted(Guid(7), Sid(3)), "another peer's first ask");
-        assert!(f.asked_for_omitted(Guid(7), Sid(2)), "s2 came round again");
+        let t = Instant(1_000);
+        assert!(!f.asked_for_omitted(Guid(7), Sid(2), t));
+        assert!(!f.asked_for_omitted(Guid(7), Sid(3), t), "another peer's first ask");
+        assert!(f.asked_for_omitted(Guid(7), Sid(2), t), "s2 came round again");
         assert_eq!(f.omitted_asks_count(), 0, "settled: the body is wanted here now");
-        f.want(Guid(8), 1, None, false, Instant(0));
-        assert!(!f.asked_for_omitted(Guid(8), Sid(2)));
-        assert!(!f.asked_for_omitted(Guid(8), Sid(2)), "wanted here already: nothing to start");
+        f.want(Guid(8), 1, None, false, t);
+        assert!(!f.asked_for_omitted(Guid(8), Sid(2), t));
+        assert!(!f.asked_for_omitted(Guid(8), Sid(2), t), "wanted here already: nothing to start");
+        assert!(!f.asked_for_omitted(Guid(9), Sid(2), t));
+        let late = t.plus_us(OMITTED_ASK_KEPT_US);
+        assert!(!f.asked_for_omitted(Guid(9), Sid(2), late), "an ask that old is forgotten: a first ask again");
         for g in 0..(OMITTED_ASKS_MAX as u128 + 10) {
-            f.asked_for_omitted(Guid(100 + g), Sid(2));
+            f.asked_for_omitted(Guid(100 + g), Sid(2), late.plus_us(g as u64));
         }
         assert_eq!(f.omitted_asks_count(), OMITTED_ASKS_MAX, "bounded");
+        assert!(!f.asked_for_omitted(Guid(100), Sid(2), late), "the oldest was forgotten to make room");
     }
 
     #[test]
@@ -232,7 +257,10 @@ mod tests {
         assert!(f.due(Instant(0)).is_empty(), "in flight until its retry");
         let retry = Instant(FETCH_RETRY_US);
         assert_eq!(f.due(retry), vec![Guid(4)]);
-        assert_eq!(f.ask(Guid(4), &peers, retry), Some(Sid(3)));
+        assert_eq!(f.ask(Guid(4), &peers, retry), Some(Sid(2)), "the other peer, not the hint again");
+        let (second, third) = (Instant(FETCH_RETRY_US * 3), Instant(FETCH_RETRY_US * 6));
+        let asked = [f.ask(Guid(4), &peers, second), f.ask(Guid(4), &peers, third)];
+        assert!(asked.contains(&Some(Sid(2))) && asked.contains(&Some(Sid(3))), "then every peer in turn");
     }
 
     #[test]

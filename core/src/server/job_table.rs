@@ -32,7 +32,11 @@ impl JobTable {
     /// the high bits, a random start below it): for jobs, and for catch-ups, whose
     /// answers carry it.
     pub(crate) fn unique_number(&mut self) -> u64 {
-        self.next_number += 1;
+        // 0 and `MBOX_CONFIRMATION` mean something else as an MBOX's tag.
+        self.next_number = self.next_number.wrapping_add(1);
+        if self.next_number == 0 || self.next_number == crate::msg::MBOX_CONFIRMATION {
+            self.next_number = 1;
+        }
         self.next_number
     }
 

@@ -1470,18 +1470,14 @@ impl Server {
             self.marks.hit(Mark::MasterMovedMidSave);
         }
         let generation = self.masters.stop(&key).map(|m| m.generation).unwrap_or(0).saturating_add(1);
-        let states: Vec<MailboxState> =
-            self.image.mailboxes().iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect();
+        let states = self.states_covered_by(&key);
         let epoch = self.root_role.epoch();
         if self.is_root() {
             self.root_role.record(key.clone(), requester, generation);
         } else if let Some(root) = self.root_role.root() {
             self.send(root, Msg::MasterIs { epoch, key: key.clone(), master: requester, generation });
         }
-        self.masters.hand_off(
-            key.clone(),
-            super::Handoff { requester, requester_job: id, epoch, generation, states: states.clone() },
-        );
+        self.masters.hand_off(key.clone(), super::Handoff { requester, requester_job: id, epoch, generation });
         self.send_move_done(requester, id, key.clone(), epoch, generation, states);
         self.requeue_jobs_for(&key);
     }
@@ -1503,7 +1499,7 @@ impl Server {
         };
         self.masters.done_moving(&key);
         if epoch == self.root_role.epoch() && self.masters.masters(&key) {
-            self.take_late_handoff(from, &key, &states);
+            self.take_late_handoff(from, &key, generation, &states);
         }
         if epoch != self.root_role.epoch() || self.masters.masters(&key) {
             if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
@@ -1541,17 +1537,27 @@ impl Server {
     /// `moved`: the states a MASTER-MOVE handed over, and who handed them (the bodies
     /// they lack are asked of it first: it had them all).
     /// A MOVED for a key we master already: the root gave it to us after the old
-    /// master's MOVED went astray (explore seed 101347). The old master's copy may hold
-    /// changes no other server has (its logs to them overflowed, and as master no more it
-    /// sends no summaries): it is joined like any peer's SYNC, and the old master is told
-    /// who masters the key, which ends its resends.
-    fn take_late_handoff(&mut self, from: Sid, key: &MasterKey, states: &[MailboxState]) {
-        self.marks.hit(Mark::LateHandoffMerged);
+    /// master's MOVED went astray (explore seed 101347), or this is a resend of one we
+    /// took. The old master's copy may hold changes no other server has (its logs to
+    /// them overflowed, and as master no more it sends no summaries): it is joined like
+    /// any peer's SYNC. The old master is told who masters the key, at a generation no
+    /// lower than its handover's (which it requires), which ends its resends.
+    fn take_late_handoff(&mut self, from: Sid, key: &MasterKey, generation: u64, states: &[MailboxState]) {
+        let mut changed = false;
         for state in states.iter().filter(|s| key.covers(&s.mailbox)) {
-            self.merge_foreign(from, state);
+            changed |= self.merge_foreign(from, state).changed();
         }
-        let (epoch, generation) = (self.root_role.epoch(), self.masters.generation(key));
+        if changed {
+            self.marks.hit(Mark::LateHandoffMerged);
+        }
+        let generation = self.masters.raise_generation(key, generation);
+        let epoch = self.root_role.epoch();
         self.send(from, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid, generation });
+    }
+
+    /// Our copies of the mailboxes `key` covers.
+    pub(crate) fn states_covered_by(&self, key: &MasterKey) -> Vec<MailboxState> {
+        self.image.mailboxes().iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect()
     }
 
     pub(crate) fn become_master(&mut self, key: MasterKey, moved: Option<(Sid, Vec<MailboxState>)>, generation: u64) {
@@ -1562,13 +1568,18 @@ impl Server {
         if self.is_root() && generation >= self.root_role.generation(&key) {
             self.root_role.record(key.clone(), self.cfg.sid, generation);
         }
-        self.anti_entropy.recheck_mailboxes(|k| key.covers(k));
+        if !self.masters.masters(&key) {
+            // A new mastership: what was confirmed to an earlier one says nothing of the
+            // changes another master made meanwhile.
+            let peers = self.member_servers.clone();
+            self.anti_entropy.recheck_mailboxes(&key, &peers);
+        }
         let how = if moved.is_some() { "by MASTER-MOVE" } else { "from the root" };
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some((old_master, states)) = moved {
             self.masters.start(key.clone(), Mastership { catchup: None, generation });
-            for state in states {
-                self.merge_foreign(old_master, &state);
+            for state in states.iter().filter(|s| key.covers(&s.mailbox)) {
+                self.merge_foreign(old_master, state);
             }
             return;
         }

@@ -4,7 +4,6 @@
 //! flight and handovers not yet confirmed. A new term (see `root`) drops all of it.
 
 use super::jobs::JobId;
-use crate::MailboxState;
 use crate::types::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +41,6 @@ pub struct Handoff {
     pub requester_job: JobId,
     pub epoch: u64,
     pub generation: u64,
-    pub states: Vec<MailboxState>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -181,6 +179,17 @@ impl Masters {
 
     pub(crate) fn generation(&self, key: &MasterKey) -> u64 {
         self.generations.get(key).copied().unwrap_or(0)
+    }
+
+    /// Our mastership of `key` counts from at least `generation` (a handover's that
+    /// reached us after the root made us master): the generation it has now.
+    pub(crate) fn raise_generation(&mut self, key: &MasterKey, generation: u64) -> u64 {
+        let raised = self.generation(key).max(generation);
+        self.generations.insert(key.clone(), raised);
+        if let Some(m) = self.mastered.get_mut(key) {
+            m.generation = m.generation.max(raised);
+        }
+        raised
     }
 
     pub(crate) fn set_generation(&mut self, key: MasterKey, generation: u64) {
@@ -365,10 +374,7 @@ mod tests {
         let mut m = Masters::new();
         m.start(key("A"), Mastership { catchup: None, generation: 1 });
         let generation = m.stop(&key("A")).map(|s| s.generation + 1).unwrap_or(0);
-        m.hand_off(
-            key("A"),
-            Handoff { requester: Sid(2), requester_job: JobId(9), epoch: 1, generation, states: Vec::new() },
-        );
+        m.hand_off(key("A"), Handoff { requester: Sid(2), requester_job: JobId(9), epoch: 1, generation });
         assert_eq!(m.cached(&key("A")), Some(Sid(2)));
         assert_eq!(m.generation(&key("A")), 2);
         m.announced(&key("A"), Sid(3), 5);

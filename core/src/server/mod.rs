@@ -19,6 +19,7 @@ pub use omitted_bodies::TEXT_PARTS_ANSWERED_MAX;
 mod outbox;
 pub(crate) mod replica_serving;
 mod replication;
+use replication::SummaryKind;
 mod root;
 mod root_role;
 mod route_table;
@@ -572,7 +573,14 @@ impl Server {
             Msg::Ack { seqs, refused } => self.on_ack(src, seqs, refused),
             // A catch-up's number; 0 in an unsolicited MBOX (anti-entropy).
             Msg::MboxRequest { tag, key } => self.on_mbox_request(src, CatchupId(tag), key),
-            Msg::Mbox { tag, summary } => self.on_mbox(src, (tag != 0).then_some(CatchupId(tag)), summary),
+            Msg::Mbox { tag, summary } => {
+                let kind = match tag {
+                    0 => SummaryKind::Check,
+                    crate::msg::MBOX_CONFIRMATION => SummaryKind::Confirmation,
+                    id => SummaryKind::Catchup(CatchupId(id)),
+                };
+                self.on_mbox(src, kind, summary)
+            }
             Msg::MboxDone { tag, count } => self.on_mbox_done(src, CatchupId(tag), count),
             Msg::Sync { reply, state } => self.on_sync(src, reply, state),
             Msg::SyncPart { state } => {
@@ -711,7 +719,11 @@ impl Server {
                 self.masters.handoff_done(&key);
                 continue;
             }
-            self.send_move_done(h.requester, h.requester_job, key, h.epoch, h.generation, h.states);
+            // Our copy as it is now, not as it was at the handover: it has taken the new
+            // master's changes since, and a copy frozen then would bring back what was
+            // expunged meanwhile (once its tombstones were collected).
+            let states = self.states_covered_by(&key);
+            self.send_move_done(h.requester, h.requester_job, key, h.epoch, h.generation, states);
         }
     }
 

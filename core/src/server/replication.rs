@@ -19,6 +19,15 @@ const RESEND_PER_PASS_MAX: usize = 1024;
 /// Anti-entropy periods after which a confirmed copy is checked again.
 const RECONFIRM_PERIODS: u64 = 10;
 
+/// What an MBOX is (by its tag): a check of our copy, a replica's confirmation of ours,
+/// or an answer to a catch-up of ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SummaryKind {
+    Check,
+    Confirmation,
+    Catchup(CatchupId),
+}
+
 impl Server {
     /// Append a master-ordered change to every peer's log and send it to the reachable
     /// ones. `waiter` is the job that waits for the peers' acknowledgements.
@@ -395,7 +404,11 @@ impl Server {
 
     /// A peer's summary of a mailbox: an answer to our catch-up `catchup`, or (None)
     /// anti-entropy's.
-    pub(crate) fn on_mbox(&mut self, src: Sid, catchup: Option<CatchupId>, summary: Summary) {
+    pub(crate) fn on_mbox(&mut self, src: Sid, kind: SummaryKind, summary: Summary) {
+        let catchup = match kind {
+            SummaryKind::Catchup(id) => Some(id),
+            SummaryKind::Check | SummaryKind::Confirmation => None,
+        };
         let mailbox = summary.mailbox.clone();
         let key = self.master_key(&mailbox);
         let equal = self.summary_of(&mailbox).as_ref() == Some(&summary);
@@ -428,18 +441,18 @@ impl Server {
             if i_master {
                 self.anti_entropy.confirmed(src, mailbox.clone(), summary.digest, self.now);
                 self.image.clear_overflow(&mut self.out, src, &mailbox);
-            } else if !self.logs_hold(&mailbox)
-                && self.masters.cached(&key).is_none_or(|master| master == src)
+            } else if kind == SummaryKind::Check
+                && !self.logs_hold(&mailbox)
                 && let Some(mine) = self.summary_of(&mailbox)
             {
                 self.leaving_confirmed(src, &mailbox);
                 // Our confirmation is what lets the master collect the mailbox's
                 // tombstones: it is given for a copy a crash here cannot take back, with
-                // none of the mailbox's changes still on their way from here. It goes
-                // to the master, not to another replica's confirmation (two servers
-                // that each took the other's for the master's check answered each other
-                // every round trip for ever: explore seed 101347).
-                self.send_when_durable(src, Msg::Mbox { tag: 0, summary: mine });
+                // none of the mailbox's changes still on their way from here. It answers
+                // a check only, never another confirmation: two servers that had each
+                // stopped mastering the mailbox answered each other's every round trip
+                // for ever (explore seed 101347).
+                self.send_when_durable(src, Msg::Mbox { tag: crate::msg::MBOX_CONFIRMATION, summary: mine });
             }
             return;
         }
@@ -623,7 +636,10 @@ impl Server {
     /// Only while every server is reachable: a peer cut off from the holder asks us
     /// again too, and the census could not run anyway.
     fn look_for_omitted_body(&mut self, src: Sid, guid: Guid) {
-        if !self.omits_some() || !self.member_servers.iter().all(|s| self.routing.is_reachable(*s)) {
+        if !self.omits_some()
+            || !self.image.is_referenced(guid)
+            || !self.member_servers.iter().all(|s| self.routing.is_reachable(*s))
+        {
             return;
         }
         let mastered_omitted = self.image.mailboxes().iter().find_map(|(key, m)| {
@@ -631,7 +647,7 @@ impl Server {
             (self.omits(key, r) && self.masters.masters(&self.master_key(key))).then_some(r.checksum)
         });
         let Some(checksum) = mastered_omitted else { return };
-        if self.body_fetch.asked_for_omitted(guid, src) {
+        if self.body_fetch.asked_for_omitted(guid, src, self.now) {
             self.note(|| format!("{src} found omitted body {guid} on no other server: looking for it"));
             self.want_body(guid, Some(checksum), None, false);
         }
@@ -731,7 +747,7 @@ impl Server {
         }
         if self.body_fetch.omitted_asks_count() > 0 {
             let image = &self.image;
-            self.body_fetch.retain_omitted_asks(|g| image.is_referenced(*g) && !image.has_body(g));
+            self.body_fetch.retain_omitted_asks(|g| image.is_referenced(*g) && !image.has_body(g), self.now);
         }
     }
 
@@ -744,8 +760,8 @@ impl Server {
         // A body no record here holds may still be needed: the message may have moved
         // (a RENAME whose new mailbox arrives later, by SYNC after a log overflow) to a
         // master that never had its bytes. It is kept a few maintenance passes after it
-        // lost its last record, in which that SYNC comes (the master's anti-entropy sends
-        // its summary every pass).
+        // lost its last record, in which that SYNC comes (an overflow makes the master's
+        // anti-entropy check that mailbox at its next pass).
         let keep_us = self.cfg.anti_entropy_us * BODY_KEEP_PASSES;
         let now = self.now;
         self.unreferenced_since.retain(|g, _| candidates.binary_search(g).is_ok());
