@@ -38,6 +38,8 @@ pub struct MergeOutcome {
     /// A replica took its master's UIDVALIDITY: every earlier tombstone and retired UID
     /// of the mailbox is dropped (its messages are in `removed`).
     pub new_validity: bool,
+    /// The bindings whose tombstones the retired UIDs joined in dropped (collected).
+    pub collected: Vec<(Uid, Guid)>,
 }
 
 impl MergeOutcome {
@@ -451,7 +453,7 @@ fn join_retired(m: &mut StoredMailbox, foreign: &MailboxState, out: &mut MergeOu
     if foreign.retired.is_default() {
         return Vec::new();
     }
-    let (added, changed) = m.retire(&foreign.retired);
+    let (added, changed) = m.retire_collecting(&foreign.retired, &mut out.collected);
     if !changed {
         return Vec::new();
     }

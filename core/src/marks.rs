@@ -82,10 +82,13 @@ pub enum Mark {
     /// A master that got its key from the root took the copy a late MOVED carried (the
     /// old master's, which may hold changes no other server has).
     LateHandoffMerged,
+    /// A copy of a binding whose tombstone was collected here lately (one in flight
+    /// since before the collection) was dropped, not merged back in.
+    CollectedCopyDropped,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 40] = [
+    pub const ALL: [Mark; 41] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -126,6 +129,7 @@ impl Mark {
         Mark::LostMessageKept,
         Mark::LostMessageRevived,
         Mark::LateHandoffMerged,
+        Mark::CollectedCopyDropped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -170,6 +174,7 @@ impl Mark {
             Mark::LostMessageKept => "lost_message_kept",
             Mark::LostMessageRevived => "lost_message_revived",
             Mark::LateHandoffMerged => "late_handoff_merged",
+            Mark::CollectedCopyDropped => "collected_copy_dropped",
         }
     }
 

@@ -295,10 +295,23 @@ impl StoredMailbox {
     /// ranges that added UIDs and whether anything changed. (UIDNEXT is the caller's: it
     /// is meta, written by its own write.)
     pub fn retire(&mut self, retired: &Retired) -> (Vec<(Uid, Uid)>, bool) {
+        let mut dropped = Vec::new();
+        self.retire_collecting(retired, &mut dropped)
+    }
+
+    /// [`StoredMailbox::retire`], adding to `dropped` the bindings whose tombstones it
+    /// dropped.
+    pub fn retire_collecting(&mut self, retired: &Retired, dropped: &mut Vec<(Uid, Guid)>) -> (Vec<(Uid, Uid)>, bool) {
         let (added, changed) = self.retired.join(retired);
         if changed {
             let covered = &self.retired;
-            self.tombstones.retain(|_, t| !covered.covers(t));
+            self.tombstones.retain(|key, t| {
+                let keep = !covered.covers(t);
+                if !keep {
+                    dropped.push(*key);
+                }
+                keep
+            });
         }
         (added, changed)
     }

@@ -17,6 +17,7 @@ mod members;
 pub(crate) mod omitted_bodies;
 pub use omitted_bodies::TEXT_PARTS_ANSWERED_MAX;
 mod outbox;
+mod recently_collected;
 pub(crate) mod replica_serving;
 mod replication;
 use replication::SummaryKind;
@@ -105,6 +106,9 @@ pub struct Server {
     /// not stored.
     #[serde(default)]
     kept_lost: BTreeMap<MailboxKey, std::collections::BTreeSet<Guid>>,
+    /// Bindings whose tombstones were collected lately (see `recently_collected`).
+    #[serde(default)]
+    recently_collected: recently_collected::RecentlyCollected,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -162,6 +166,7 @@ impl Server {
             ordered_saves: Default::default(),
             omitted: Default::default(),
             kept_lost: Default::default(),
+            recently_collected: Default::default(),
         };
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
@@ -231,6 +236,7 @@ impl Server {
             ordered_saves: self.ordered_saves.clone(),
             omitted: self.omitted.clone(),
             kept_lost: self.kept_lost.clone(),
+            recently_collected: self.recently_collected.clone(),
         }
     }
 
@@ -276,6 +282,9 @@ impl Server {
         }
         if !self.kept_lost.is_empty() {
             write!(h, "|{:?}", self.kept_lost)?;
+        }
+        if !self.recently_collected.is_empty() {
+            write!(h, "|{:?}", self.recently_collected)?;
         }
         Ok(())
     }
@@ -709,6 +718,7 @@ impl Server {
         self.scrub_bodies();
         self.collect_bodies();
         self.collect_tombstones();
+        self.recently_collected.expire(self.now);
         self.finish_leaving();
         self.forget_old_saves();
     }

@@ -301,7 +301,24 @@ impl Server {
     ) -> MergeOutcome {
         let reuse_bug = self.has_bug(crate::Bug::ReuseUidAfterRenumber);
         let mailbox = state.mailbox.clone();
+        let fresh;
+        let here = self.image.mailbox(&mailbox);
+        let live_here = |guid: Guid| here.is_some_and(|m| m.messages.has_guid(guid));
+        let state = match self.recently_collected.without_collected(state, live_here) {
+            Some((kept, dropped)) => {
+                self.marks.hit(Mark::CollectedCopyDropped);
+                self.note(|| format!("{dropped} copies of bindings collected here dropped from {mailbox}"));
+                fresh = kept;
+                &fresh
+            }
+            None => state,
+        };
         let out = self.image.merge(&mut self.out, state, is_master, &rules, reuse_bug);
+        if !out.collected.is_empty()
+            && let Some(uidvalidity) = self.image.mailbox(&mailbox).map(|m| m.uidvalidity)
+        {
+            self.recently_collected.note(&mailbox, uidvalidity, &out.collected, self.now);
+        }
         for r in &out.records {
             if !self.image.has_body(&r.guid) && !self.omits_body(&mailbox, r) {
                 self.want_body(r.guid, Some(r.checksum), src, false);

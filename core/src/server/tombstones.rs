@@ -92,6 +92,9 @@ impl Server {
         }
         let (uidvalidity, uidnext) = (m.uidvalidity, m.uidnext);
         debug_assert!(fresh.last_uid().is_none_or(|last| last < uidnext), "a tombstone's UID is below UIDNEXT");
+        let bindings: Vec<(Uid, Guid)> =
+            m.tombstones.values().filter(|t| fresh.covers(t)).map(|t| (t.uid, t.guid)).collect();
+        self.recently_collected.note(mailbox, uidvalidity, &bindings, self.now);
         // The modseq first (it is never given out twice), then the retirement.
         self.commit(StoreWrite::MailboxMeta {
             mailbox: mailbox.clone(),

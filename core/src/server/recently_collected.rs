@@ -1,0 +1,148 @@
+//! Bindings this server saw collected lately: tombstones turned into retired UIDs (see
+//! `tombstones`), by the master here or by a collection it replicated. A copy of one of
+//! those bindings that arrives after the collection (a duplicate of a log entry that an
+//! acknowledged copy overtook on another path, a state sent before the collection) is a
+//! copy of a message the cluster expunged, not mail no other server has: it is dropped
+//! before it is merged (explore seeds 167756 and 184755, where a master placed such a
+//! copy at a new UID and brought an expunged message back). Past the horizon, or once
+//! forgotten (a restart), the merge's own rule applies: a message on a retired UID moves
+//! to a new one, as it may be mail that only a disk which forgot the retirement holds.
+use crate::types::{Guid, Instant, MailboxKey, MailboxState, Uid};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Collected bindings remembered at most, over every mailbox; when full, the oldest go.
+pub(crate) const RECENTLY_COLLECTED_MAX: usize = 4096;
+/// How long a collected binding is remembered: far longer than any message stays in
+/// flight between servers (a copy older than this went through a restart or a disk).
+pub(crate) const RECENTLY_COLLECTED_KEPT_US: u64 = 600_000_000;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct RecentlyCollected {
+    /// By mailbox, then (UIDVALIDITY, UID, GUID): when the collection was seen here.
+    bindings: BTreeMap<MailboxKey, BTreeMap<(u32, Uid, Guid), Instant>>,
+    count: usize,
+}
+
+impl RecentlyCollected {
+    /// The tombstones of these bindings of `mailbox` (at `uidvalidity`) were collected.
+    pub(crate) fn note(&mut self, mailbox: &MailboxKey, uidvalidity: u32, collected: &[(Uid, Guid)], now: Instant) {
+        for &(uid, guid) in collected {
+            if self.count >= RECENTLY_COLLECTED_MAX {
+                self.forget_oldest();
+            }
+            let previous = self.bindings.entry(mailbox.clone()).or_default().insert((uidvalidity, uid, guid), now);
+            if previous.is_none() {
+                self.count += 1;
+            }
+        }
+        debug_assert!(self.count <= RECENTLY_COLLECTED_MAX);
+        debug_assert_eq!(self.count, self.bindings.values().map(BTreeMap::len).sum::<usize>());
+    }
+
+    fn forget_oldest(&mut self) {
+        let oldest = self
+            .bindings
+            .iter()
+            .flat_map(|(k, b)| b.iter().map(move |(binding, at)| (*at, k, *binding)))
+            .min()
+            .map(|(_, k, binding)| (k.clone(), binding));
+        if let Some((mailbox, binding)) = oldest {
+            self.remove(&mailbox, &binding);
+        }
+    }
+
+    fn remove(&mut self, mailbox: &MailboxKey, binding: &(u32, Uid, Guid)) {
+        if let Some(b) = self.bindings.get_mut(mailbox) {
+            if b.remove(binding).is_some() {
+                self.count -= 1;
+            }
+            if b.is_empty() {
+                self.bindings.remove(mailbox);
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Forgets what is older than the horizon.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        if self.count == 0 {
+            return;
+        }
+        let fresh = |at: &Instant| at.plus_us(RECENTLY_COLLECTED_KEPT_US) > now;
+        for b in self.bindings.values_mut() {
+            b.retain(|_, at| fresh(at));
+        }
+        self.bindings.retain(|_, b| !b.is_empty());
+        self.count = self.bindings.values().map(BTreeMap::len).sum();
+    }
+
+    /// `state` without its records of bindings collected here lately whose message is
+    /// not live here (`live_here`) any more, and how many went; None when it has none.
+    /// A message live here at another UID was moved, not expunged: its record stays, and
+    /// the merge takes its flag changes to where it lives (scenario
+    /// `laptop-flag-during-sync`).
+    pub(crate) fn without_collected(
+        &self,
+        state: &MailboxState,
+        live_here: impl Fn(Guid) -> bool,
+    ) -> Option<(MailboxState, usize)> {
+        let collected = self.bindings.get(&state.mailbox)?;
+        let stale = |uid: Uid, guid: Guid| collected.contains_key(&(state.uidvalidity, uid, guid)) && !live_here(guid);
+        let dropped = state.messages.iter().filter(|r| stale(r.uid, r.guid)).count();
+        if dropped == 0 {
+            return None;
+        }
+        let mut kept = state.clone();
+        kept.messages.retain(|r| !stale(r.uid, r.guid));
+        Some((kept, dropped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::MessageRecord;
+
+    fn mb() -> MailboxKey {
+        MailboxKey::from_shared("alice".into(), "INBOX".into())
+    }
+
+    fn record(uid: Uid, guid: u128) -> MessageRecord {
+        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq: 1, flags: Default::default() }
+    }
+
+    #[test]
+    fn a_copy_of_a_collected_binding_is_dropped_and_nothing_else() {
+        let mut r = RecentlyCollected::default();
+        let mut state = MailboxState::empty(mb(), 7);
+        state.messages = vec![record(2, 20), record(3, 30), record(4, 40)];
+        assert!(r.without_collected(&state, |_| false).is_none(), "nothing collected yet");
+        r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(99))], Instant(0));
+        let (kept, dropped) = r.without_collected(&state, |_| false).expect("one stale copy");
+        assert_eq!(dropped, 1);
+        assert_eq!(kept.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![3, 4], "another GUID at 3 stays");
+        assert!(r.without_collected(&state, |g| g == Guid(20)).is_none(), "a message moved, not expunged, stays");
+        state.uidvalidity = 8;
+        assert!(r.without_collected(&state, |_| false).is_none(), "another incarnation's UIDs mean something else");
+        r.expire(Instant(RECENTLY_COLLECTED_KEPT_US));
+        state.uidvalidity = 7;
+        assert!(r.without_collected(&state, |_| false).is_none(), "forgotten past the horizon");
+    }
+
+    #[test]
+    fn the_memory_is_bounded_and_forgets_the_oldest() {
+        let mut r = RecentlyCollected::default();
+        for uid in 1..=(RECENTLY_COLLECTED_MAX as u32 + 5) {
+            r.note(&mb(), 7, &[(uid, Guid(u128::from(uid)))], Instant(u64::from(uid)));
+        }
+        assert_eq!(r.count, RECENTLY_COLLECTED_MAX);
+        let mut state = MailboxState::empty(mb(), 7);
+        state.messages = vec![record(1, 1), record(6, 6)];
+        let (kept, _) = r.without_collected(&state, |_| false).expect("the newer one is remembered");
+        assert_eq!(kept.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![1], "the oldest was forgotten");
+    }
+}
