@@ -136,21 +136,20 @@ impl BodyFetch {
         (w.census.is_none() || census_stale) && w.attempts as usize >= peers_count
     }
 
-    /// The peer to ask for a due body next (the hint first, then each other peer in
-    /// turn, then every peer in turn); the FETCH counts as in flight until its retry is
-    /// due. A first round that asks each peer once is what lets a peer that omits the
-    /// body by design take a second ask as "no other server has it"
+    /// The peer to ask for a due body next: round after round, the hint first and then
+    /// each other peer in turn (each once a round); the FETCH counts as in flight until
+    /// its retry is due. A round that asks each peer once is what lets a peer that
+    /// omits the body by design take a second ask as "no other server has it"
     /// (`asked_for_omitted`).
     pub(crate) fn ask(&mut self, guid: Guid, peers: &[Sid], now: Instant) -> Option<Sid> {
         let w = self.wanted.get_mut(&guid)?;
-        let attempts = w.attempts as usize;
-        let turn = |among: usize, step: usize| (step + guid.0 as usize) % among.max(1);
-        let target = match w.hint.filter(|h| peers.contains(h)) {
-            Some(h) if attempts == 0 => h,
-            Some(h) if attempts < peers.len() => {
-                *peers.iter().filter(|p| **p != h).nth(turn(peers.len() - 1, attempts - 1))?
-            }
-            _ => *peers.get(turn(peers.len(), attempts))?,
+        let (attempts, offset) = (w.attempts as usize, guid.0 as usize);
+        let target = match w.hint.filter(|h| peers.contains(h) && peers.len() > 1) {
+            Some(h) => match attempts % peers.len() {
+                0 => h,
+                step => *peers.iter().filter(|p| **p != h).nth((step - 1 + offset) % (peers.len() - 1))?,
+            },
+            None => *peers.get((attempts + offset) % peers.len().max(1))?,
         };
         w.attempts = w.attempts.saturating_add(1);
         w.next_try = now.plus_us(FETCH_RETRY_US * u64::from(w.attempts.min(10)));

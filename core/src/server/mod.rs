@@ -686,6 +686,10 @@ impl Server {
             || (self.is_root() && !self.root_role.active())
             || self.masters.has_catchups()
             || self.body_fetch.count() > 0
+            // A user replica's body read held for bodies from peers is answered once
+            // they are here, no longer wanted (a census gave one up) or at its deadline,
+            // which no input announces (explore seed 218709).
+            || self.omitted.has_waiting()
     }
 
     fn retry_waiting_work(&mut self) {

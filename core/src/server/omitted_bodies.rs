@@ -57,6 +57,10 @@ impl OmittedBodies {
     pub(crate) fn is_empty(&self) -> bool {
         self.wanted.is_empty() && self.waiting.is_empty()
     }
+
+    pub(crate) fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
 }
 
 /// Why bytes an agent brings to its replica in one request are refused, if they are: more
