@@ -126,16 +126,21 @@ impl AntiEntropy {
 
     /// Every peer's copy of the mailboxes `key` covers is checked again (a new
     /// mastership: what was confirmed to an earlier one says nothing of the changes
-    /// made meanwhile by another master).
+    /// made meanwhile by another master). Since when a peer has shown a digest stays:
+    /// it is about that digest only, whoever mastered the mailbox then.
     pub(crate) fn recheck_mailboxes(&mut self, key: &MasterKey, peers: &[Sid]) {
+        let recheck =
+            |check: &mut PeerCheck| *check = PeerCheck { agreed_since: check.agreed_since, ..PeerCheck::default() };
         match key {
-            // One mailbox, the common key: removed directly, not by a walk of every check.
+            // One mailbox, the common key: found directly, not by a walk of every check.
             MasterKey::Mailbox(mailbox) => {
                 for &peer in peers {
-                    self.checks.remove(&(peer, mailbox.clone()));
+                    if let Some(check) = self.checks.get_mut(&(peer, mailbox.clone())) {
+                        recheck(check);
+                    }
                 }
             }
-            _ => self.checks.retain(|(_, k), _| !key.covers(k)),
+            _ => self.checks.iter_mut().filter(|((_, k), _)| key.covers(k)).for_each(|(_, check)| recheck(check)),
         }
     }
 

@@ -304,7 +304,11 @@ impl Server {
         let fresh;
         let here = self.image.mailbox(&mailbox);
         let live_here = |guid: Guid| here.is_some_and(|m| m.messages.has_guid(guid));
-        let state = match self.recently_collected.without_collected(state, live_here) {
+        // Only a peer's state: a user replica's push has its own rule for its copies of
+        // bindings the cluster forgot (`replica_serving::forgotten_here`), which the
+        // broken variant `replica-resurrects` must still be caught breaking.
+        let late_copies = src.and_then(|_| self.recently_collected.without_collected(state, live_here));
+        let state = match late_copies {
             Some((kept, dropped)) => {
                 self.marks.hit(Mark::CollectedCopyDropped);
                 self.note(|| format!("{dropped} copies of bindings collected here dropped from {mailbox}"));
