@@ -423,8 +423,8 @@ impl Server {
         self.send(to, Msg::MoveDone { tag: requester_job.0, key, epoch, generation, states });
     }
 
-    /// A peer's summary of a mailbox: an answer to our catch-up `catchup`, or (None)
-    /// anti-entropy's.
+    /// A peer's summary of a mailbox (`kind`): an answer to our catch-up, a master's
+    /// (or a fresh read's) check of our copy, or a replica's confirmation of ours.
     pub(crate) fn on_mbox(&mut self, src: Sid, kind: SummaryKind, summary: Summary) {
         let catchup = match kind {
             SummaryKind::Catchup(id) => Some(id),
