@@ -938,13 +938,13 @@ impl Image {
         self.disk.logs.values().all(|l| l.entries.is_empty() && l.overflowed.is_empty())
     }
 
-    /// The peer's copy of `mailbox` was confirmed: it no longer needs a full SYNC.
     /// Whether changes of `mailbox` were dropped from `peer`'s log (only a SYNC brings
     /// them).
     pub(crate) fn is_overflowed(&self, peer: Sid, mailbox: &MailboxKey) -> bool {
         self.disk.logs.get(&peer).is_some_and(|l| l.overflowed.contains(mailbox))
     }
 
+    /// The peer's copy of `mailbox` was confirmed: it no longer needs a full SYNC.
     pub(crate) fn clear_overflow(&mut self, out: &mut Outbox, peer: Sid, mailbox: &MailboxKey) {
         if self.is_overflowed(peer, mailbox) {
             self.commit(out, StoreWrite::LogOverflow { peer, mailbox: mailbox.clone(), overflowed: false });

@@ -1498,10 +1498,10 @@ impl Server {
             _ => None,
         };
         self.masters.done_moving(&key);
-        if epoch == self.root_role.epoch() && self.masters.masters(&key) {
-            self.take_late_handoff(from, &key, generation, &states);
-        }
         if epoch != self.root_role.epoch() || self.masters.masters(&key) {
+            if epoch == self.root_role.epoch() {
+                self.take_late_handoff(from, &key, generation, &states);
+            }
             if let Some(Origin::Client(id)) = job.map(|j| j.origin) {
                 self.out.reply(
                     id,
@@ -1532,10 +1532,6 @@ impl Server {
         self.requeue_jobs_for(&key);
     }
 
-    /// Take mastership of `key`: from a MASTER-MOVE (the old master's states, ready at
-    /// once) or from the root (catch up with every reachable server first).
-    /// `moved`: the states a MASTER-MOVE handed over, and who handed them (the bodies
-    /// they lack are asked of it first: it had them all).
     /// A MOVED for a key we master already: the root gave it to us after the old
     /// master's MOVED went astray (explore seed 101347), or this is a resend of one we
     /// took. The old master's copy may hold changes no other server has (its logs to
@@ -1543,11 +1539,7 @@ impl Server {
     /// any peer's SYNC. The old master is told who masters the key, at a generation no
     /// lower than its handover's (which it requires), which ends its resends.
     fn take_late_handoff(&mut self, from: Sid, key: &MasterKey, generation: u64, states: &[MailboxState]) {
-        let mut changed = false;
-        for state in states.iter().filter(|s| key.covers(&s.mailbox)) {
-            changed |= self.merge_foreign(from, state).changed();
-        }
-        if changed {
+        if self.merge_handed_over(from, key, states) {
             self.marks.hit(Mark::LateHandoffMerged);
         }
         let generation = self.masters.raise_generation(key, generation);
@@ -1555,11 +1547,25 @@ impl Server {
         self.send(from, Msg::MasterIs { epoch, key: key.clone(), master: self.cfg.sid, generation });
     }
 
+    /// Joins the states `from` handed over with `key` (those of mailboxes the key
+    /// covers) like a peer's SYNC. Whether any changed something here.
+    fn merge_handed_over(&mut self, from: Sid, key: &MasterKey, states: &[MailboxState]) -> bool {
+        let mut changed = false;
+        for state in states.iter().filter(|s| key.covers(&s.mailbox)) {
+            changed |= self.merge_foreign(from, state).changed();
+        }
+        changed
+    }
+
     /// Our copies of the mailboxes `key` covers.
     pub(crate) fn states_covered_by(&self, key: &MasterKey) -> Vec<MailboxState> {
         self.image.mailboxes().iter().filter(|(k, _)| key.covers(k)).map(|(k, m)| mailbox::state(k, m)).collect()
     }
 
+    /// Take mastership of `key`: from a MASTER-MOVE (the old master's states, ready at
+    /// once) or from the root (catch up with every reachable server first).
+    /// `moved`: the states a MASTER-MOVE handed over, and who handed them (the bodies
+    /// they lack are asked of it first: it had them all).
     pub(crate) fn become_master(&mut self, key: MasterKey, moved: Option<(Sid, Vec<MailboxState>)>, generation: u64) {
         self.masters.forget(&key);
         // News of an older master of this key must not unseat us.
@@ -1578,9 +1584,7 @@ impl Server {
         self.note(|| format!("becomes master of {key} {how}"));
         if let Some((old_master, states)) = moved {
             self.masters.start(key.clone(), Mastership { catchup: None, generation });
-            for state in states.iter().filter(|s| key.covers(&s.mailbox)) {
-                self.merge_foreign(old_master, state);
-            }
+            self.merge_handed_over(old_master, &key, &states);
             return;
         }
         if self.masters.masters(&key) {

@@ -20,24 +20,30 @@ pub(crate) const RECENTLY_COLLECTED_KEPT_US: u64 = 600_000_000;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct RecentlyCollected {
     /// By mailbox, then (UIDVALIDITY, UID, GUID): when the collection was seen here.
+    /// A mailbox with none is not listed.
     bindings: BTreeMap<MailboxKey, BTreeMap<(u32, Uid, Guid), Instant>>,
-    count: usize,
 }
 
 impl RecentlyCollected {
     /// The tombstones of these bindings of `mailbox` (at `uidvalidity`) were collected.
     pub(crate) fn note(&mut self, mailbox: &MailboxKey, uidvalidity: u32, collected: &[(Uid, Guid)], now: Instant) {
+        let mut count = self.len();
         for &(uid, guid) in collected {
-            if self.count >= RECENTLY_COLLECTED_MAX {
+            if count >= RECENTLY_COLLECTED_MAX {
                 self.forget_oldest();
+                count -= 1;
             }
-            let previous = self.bindings.entry(mailbox.clone()).or_default().insert((uidvalidity, uid, guid), now);
-            if previous.is_none() {
-                self.count += 1;
+            if self.bindings.entry(mailbox.clone()).or_default().insert((uidvalidity, uid, guid), now).is_none() {
+                count += 1;
             }
         }
-        debug_assert!(self.count <= RECENTLY_COLLECTED_MAX);
-        debug_assert_eq!(self.count, self.bindings.values().map(BTreeMap::len).sum::<usize>());
+        debug_assert_eq!(count, self.len());
+        debug_assert!(count <= RECENTLY_COLLECTED_MAX);
+    }
+
+    /// Bindings remembered, in all.
+    fn len(&self) -> usize {
+        self.bindings.values().map(BTreeMap::len).sum()
     }
 
     fn forget_oldest(&mut self) {
@@ -47,37 +53,26 @@ impl RecentlyCollected {
             .flat_map(|(k, b)| b.iter().map(move |(binding, at)| (*at, k, *binding)))
             .min()
             .map(|(_, k, binding)| (k.clone(), binding));
-        if let Some((mailbox, binding)) = oldest {
-            self.remove(&mailbox, &binding);
-        }
-    }
-
-    fn remove(&mut self, mailbox: &MailboxKey, binding: &(u32, Uid, Guid)) {
-        if let Some(b) = self.bindings.get_mut(mailbox) {
-            if b.remove(binding).is_some() {
-                self.count -= 1;
-            }
+        let Some((mailbox, binding)) = oldest else { return };
+        if let Some(b) = self.bindings.get_mut(&mailbox) {
+            b.remove(&binding);
             if b.is_empty() {
-                self.bindings.remove(mailbox);
+                self.bindings.remove(&mailbox);
             }
         }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.count == 0
+        self.bindings.is_empty()
     }
 
     /// Forgets what is older than the horizon.
     pub(crate) fn expire(&mut self, now: Instant) {
-        if self.count == 0 {
-            return;
-        }
         let fresh = |at: &Instant| at.plus_us(RECENTLY_COLLECTED_KEPT_US) > now;
         for b in self.bindings.values_mut() {
             b.retain(|_, at| fresh(at));
         }
         self.bindings.retain(|_, b| !b.is_empty());
-        self.count = self.bindings.values().map(BTreeMap::len).sum();
     }
 
     /// `state` without its records of bindings collected here lately whose message is
@@ -139,7 +134,7 @@ mod tests {
         for uid in 1..=(RECENTLY_COLLECTED_MAX as u32 + 5) {
             r.note(&mb(), 7, &[(uid, Guid(u128::from(uid)))], Instant(u64::from(uid)));
         }
-        assert_eq!(r.count, RECENTLY_COLLECTED_MAX);
+        assert_eq!(r.len(), RECENTLY_COLLECTED_MAX);
         let mut state = MailboxState::empty(mb(), 7);
         state.messages = vec![record(1, 1), record(6, 6)];
         let (kept, _) = r.without_collected(&state, |_| false).expect("the newer one is remembered");
