@@ -85,7 +85,7 @@ pub enum Frame {
     /// An input, given to the core at `now`.
     Input {
         now: Instant,
-        input: Input,
+        input: Box<Input>,
     },
     /// The core read a body from its store (while handling the last input).
     Read {
@@ -350,7 +350,7 @@ mod tests {
     fn a_recording_reads_back_and_a_torn_tail_ends_it() {
         let frames = vec![
             Frame::Header(Box::new(header())),
-            Frame::Input { now: Instant(5), input: Input::Timer },
+            Frame::Input { now: Instant(5), input: Box::new(Input::Timer) },
             Frame::Outputs { count: 0, digest: 1 },
         ];
         let bytes = file(&frames);
@@ -401,7 +401,7 @@ mod tests {
             let mut bytes = MAGIC.to_vec();
             bytes.extend(&tail);
             let _ = parse(&bytes);
-            let mut real = file(&[Frame::Header(Box::new(header())), Frame::Input { now: Instant(1), input: Input::Timer }]);
+            let mut real = file(&[Frame::Header(Box::new(header())), Frame::Input { now: Instant(1), input: Box::new(Input::Timer) }]);
             let at = tail.first().map_or(0, |b| usize::from(*b) % real.len());
             real.truncate(at.max(MAGIC.len()));
             real.extend(&tail);

@@ -348,7 +348,7 @@ pub trait BodyStore: Send + std::fmt::Debug {
     /// that knows it without reading (one in memory, which hashed the bytes when they
     /// were written and knows when they change) answers from there.
     fn checksum(&self, guid: Guid) -> Option<u64> {
-        self.read(guid).map(|bytes| crate::hash::body_checksum(&bytes))
+        self.read(guid).map(|bytes| bytes.checksum())
     }
 
     /// The text parts of the message `guid` whose whole body is `body`, for a partial
@@ -407,7 +407,7 @@ impl MemoryBodies {
             StoreWrite::PutBody { guid, bytes, checksum } => {
                 // The core writes only bodies it checked against their checksum: no
                 // second pass over the bytes.
-                debug_assert_eq!(crate::hash::body_checksum(bytes), *checksum);
+                debug_assert_eq!(bytes.checksum(), *checksum);
                 self.locked().insert(*guid, (bytes.clone(), *checksum));
             }
             StoreWrite::RemoveBody { guid } => {
@@ -418,7 +418,7 @@ impl MemoryBodies {
     }
     /// Replaces what is stored for `guid` (a hand edit, a damaged disk).
     pub fn overwrite(&self, guid: Guid, bytes: Body) {
-        let checksum = crate::hash::body_checksum(&bytes);
+        let checksum = bytes.checksum();
         self.locked().insert(guid, (bytes, checksum));
     }
     pub fn is_empty(&self) -> bool {
@@ -433,7 +433,7 @@ impl BodyStore for MemoryBodies {
 
     fn checksum(&self, guid: Guid) -> Option<u64> {
         let checksum = self.locked().get(&guid).map(|(_, checksum)| *checksum);
-        debug_assert_eq!(checksum, self.read(guid).map(|b| crate::hash::body_checksum(&b)));
+        debug_assert_eq!(checksum, self.read(guid).map(|b| b.checksum()));
         checksum
     }
 

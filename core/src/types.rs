@@ -38,7 +38,161 @@ impl fmt::Display for Guid {
 
 /// A message body's bytes. Cloning shares them (a reference count), so a body goes from
 /// the front end through the core, the store and the socket without being copied.
-pub type Body = bytes::Bytes;
+///
+/// The body's checksum is computed at most once per buffer and kept with it: the bytes
+/// never change, so a master that looks for a retried delivery and then stores it, or
+/// a simulated cluster whose replicas receive the very buffer the master sent, hashes
+/// it once. Bytes that arrive from a socket or a disk are a new buffer, hashed anew.
+#[derive(Clone, Default)]
+pub struct Body(std::sync::Arc<BodyBytes>);
+
+#[derive(Default)]
+struct BodyBytes {
+    bytes: bytes::Bytes,
+    checksum: std::sync::OnceLock<u64>,
+}
+
+impl Body {
+    pub fn new() -> Body {
+        Body::default()
+    }
+    pub fn from_static(bytes: &'static [u8]) -> Body {
+        Body::from(bytes::Bytes::from_static(bytes))
+    }
+    pub fn copy_from_slice(bytes: &[u8]) -> Body {
+        Body::from(bytes::Bytes::copy_from_slice(bytes))
+    }
+    /// The bytes, shared.
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.0.bytes
+    }
+    /// A part of the body, sharing its bytes (its checksum is its own).
+    pub fn slice(&self, range: impl std::ops::RangeBounds<usize>) -> Body {
+        Body::from(self.0.bytes.slice(range))
+    }
+    /// [`crate::hash::body_checksum`] of the bytes, computed on first use.
+    pub fn checksum(&self) -> u64 {
+        *self.0.checksum.get_or_init(|| crate::hash::body_checksum(&self.0.bytes))
+    }
+}
+
+impl From<bytes::Bytes> for Body {
+    fn from(bytes: bytes::Bytes) -> Body {
+        Body(std::sync::Arc::new(BodyBytes { bytes, checksum: std::sync::OnceLock::new() }))
+    }
+}
+
+impl From<Body> for bytes::Bytes {
+    fn from(body: Body) -> bytes::Bytes {
+        body.0.bytes.clone()
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(bytes: Vec<u8>) -> Body {
+        Body::from(bytes::Bytes::from(bytes))
+    }
+}
+
+impl From<String> for Body {
+    fn from(text: String) -> Body {
+        Body::from(bytes::Bytes::from(text))
+    }
+}
+
+impl From<&'static [u8]> for Body {
+    fn from(bytes: &'static [u8]) -> Body {
+        Body::from_static(bytes)
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(text: &'static str) -> Body {
+        Body::from_static(text.as_bytes())
+    }
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Body {
+    fn borrow(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.bytes == other.0.bytes
+    }
+}
+
+impl Eq for Body {}
+
+impl PartialEq<[u8]> for Body {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.0.bytes == other
+    }
+}
+
+impl PartialEq<&[u8]> for Body {
+    fn eq(&self, other: &&[u8]) -> bool {
+        self.0.bytes == *other
+    }
+}
+
+impl PartialEq<Vec<u8>> for Body {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self.0.bytes == other
+    }
+}
+
+impl PartialOrd for Body {
+    fn partial_cmp(&self, other: &Body) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Body {
+    fn cmp(&self, other: &Body) -> std::cmp::Ordering {
+        self.0.bytes.cmp(&other.0.bytes)
+    }
+}
+
+impl std::hash::Hash for Body {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.bytes.hash(state);
+    }
+}
+
+// Printed as the bytes are (what traces and state descriptions have always shown).
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0.bytes, f)
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.bytes.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Body, D::Error> {
+        bytes::Bytes::deserialize(deserializer).map(Body::from)
+    }
+}
 
 pub type Uid = u32;
 pub type ModSeq = u64;

@@ -305,7 +305,7 @@ impl Recorder {
                 *b = s;
             }
         });
-        self.write_or_stop(&Frame::Input { now, input: copy });
+        self.write_or_stop(&Frame::Input { now, input: Box::new(copy) });
         self.input_open = true;
         if self.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush();

@@ -197,10 +197,8 @@ fn a_recording_without_bodies_holds_no_mail_and_says_it_cannot_replay() {
             r.frames.iter().any(|f| {
                 matches!(
                     f,
-                    tandem_core::record::Frame::Input {
-                        input: tandem_core::Input::Client { request: tandem_core::ClientRequest::Save { .. }, .. },
-                        ..
-                    }
+                    tandem_core::record::Frame::Input { input, .. }
+                        if matches!(**input, tandem_core::Input::Client { request: tandem_core::ClientRequest::Save { .. }, .. })
                 )
             })
         })

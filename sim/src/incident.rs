@@ -249,7 +249,7 @@ fn read_one(p: &Placed<'_>, r: &mut Reading) -> Result<(), String> {
                 // Cut by a crash while the node handled it: its reads are not all here.
                 break;
             }
-            let mut input = input.clone();
+            let mut input = Input::clone(input);
             record::resolve_bodies(&mut input, &bodies).map_err(missing)?;
             // A damaged file's instants must not overflow the clock.
             let at_ms = p.start_ms.saturating_add(now.0 / 1000);
@@ -359,7 +359,7 @@ fn client_action(
     };
     Some(match request {
         ClientRequest::Save { mailbox, flags, body, delivery, .. } => {
-            let key = tandem_core::hash::body_checksum(body);
+            let key = body.checksum();
             let retried = delivery.then(|| r.delivery_label.get(&(mailbox.clone(), key)).cloned()).flatten();
             let label = match retried {
                 Some(label) => label,
@@ -383,7 +383,7 @@ fn client_action(
             }
         }
         ClientRequest::Import { mailbox, uidvalidity, uid, flags, body, .. } => {
-            let key = tandem_core::hash::body_checksum(body);
+            let key = body.checksum();
             let label = r.label_of_checksum.get(&key).cloned().unwrap_or_else(|| r.body_label(key));
             pending.insert(id, label.clone());
             Action::Import {

@@ -79,7 +79,7 @@ impl BodyVerdicts {
         {
             return *verdict;
         }
-        let verdict = hash::body_checksum(&bytes) == stored.checksum;
+        let verdict = bytes.checksum() == stored.checksum;
         self.seen.insert(guid, (stored.checksum, bytes, verdict));
         verdict
     }

@@ -225,7 +225,7 @@ pub fn replay(recording: &Recording, any_build: bool) -> Result<ReplayReport, St
                     report.torn.get_or_insert_with(|| "the recording ends inside its last input".into());
                     break;
                 }
-                let mut input = input.clone();
+                let mut input = tandem_core::Input::clone(input);
                 record::resolve_bodies(&mut input, &bodies).map_err(missing_body)?;
                 last = format!("input {} at {} µs ({})", report.inputs + 1, now.0, describe(&input));
                 server.handle(*now, input);

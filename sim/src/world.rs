@@ -1406,7 +1406,7 @@ impl World {
         members.keys().filter_map(|sid| self.nodes.get(sid)).find_map(|n| {
             let body = n.bodies.read(guid)?;
             let record = n.server.as_ref()?.image().bodies.get(&guid)?;
-            (tandem_core::hash::body_checksum(&body) == record.checksum).then_some(body)
+            (body.checksum() == record.checksum).then_some(body)
         })
     }
 
@@ -1517,7 +1517,7 @@ impl World {
         // A retry made while every server is up, connected and agreeing must find its
         // first attempt, if that was stored: only a partition can hide it.
         if self.whole() && self.converged().is_none() {
-            let checksum = tandem_core::hash::body_checksum(&retry.body);
+            let checksum = retry.body.checksum();
             self.retried_when_whole.insert((retry.mailbox.clone(), checksum));
         }
         let request = ClientRequest::Save {

@@ -9,7 +9,6 @@
 
 use super::outbox::Outbox;
 use crate::MergeRules;
-use crate::hash::body_checksum;
 use crate::io::WriteId;
 use crate::mailbox::{self, MergeOutcome};
 use crate::store::{BodyStore, DiskImage, PeerLog, StoreWrite, StoredBody, StoredMailbox};
@@ -142,7 +141,7 @@ impl Image {
     pub(crate) fn describe_state(&self, into: &mut impl std::fmt::Write) -> std::fmt::Result {
         write!(into, "{:?}|{:?}|", self.disk, self.undo)?;
         for (guid, (id, body)) in &self.unsynced {
-            write!(into, "{guid:?}@{id:?}:{}:{:016x};", body.len(), crate::hash::body_checksum(body))?;
+            write!(into, "{guid:?}@{id:?}:{}:{:016x};", body.len(), body.checksum())?;
         }
         Ok(())
     }
@@ -212,7 +211,7 @@ impl Image {
     pub(crate) fn intact_body(&mut self, guid: Guid) -> Option<Body> {
         let stored = *self.disk.bodies.get(&guid)?;
         let bytes = self.stored_bytes(guid)?;
-        let intact = *self.body_verdicts.entry(guid).or_insert_with(|| body_checksum(&bytes) == stored.checksum);
+        let intact = *self.body_verdicts.entry(guid).or_insert_with(|| bytes.checksum() == stored.checksum);
         intact.then_some(bytes)
     }
 
@@ -516,7 +515,7 @@ impl Image {
 
     /// Stores a body whose bytes were checked against `checksum`.
     pub(crate) fn put_checked_body(&mut self, out: &mut Outbox, guid: Guid, checksum: u64, bytes: Body) {
-        debug_assert_eq!(body_checksum(&bytes), checksum, "a checked body matches its checksum");
+        debug_assert_eq!(bytes.checksum(), checksum, "a checked body matches its checksum");
         debug_assert!(u32::try_from(bytes.len()).is_ok(), "a body's size fits a record");
         self.commit(out, StoreWrite::PutBody { guid, checksum, bytes });
         self.body_verdicts.insert(guid, true);
@@ -535,7 +534,7 @@ impl Image {
         }
         // A body the store cannot produce is as bad as a damaged one: fetched again.
         let now = match self.unsynced.get(&guid) {
-            Some((_, bytes)) => Some(body_checksum(bytes)),
+            Some((_, bytes)) => Some(bytes.checksum()),
             None => self.bodies.checksum(guid),
         };
         let intact = now == Some(stored.checksum);
@@ -1265,7 +1264,7 @@ mod tests {
         let store = MemoryBodies::default();
         let (mut image, mut out) = (Image::new(DiskImage::default(), Box::new(store.clone())), Outbox::default());
         let bytes = Body::from_static(b"hello");
-        let checksum = body_checksum(&bytes);
+        let checksum = crate::hash::body_checksum(&bytes);
         image.put_checked_body(&mut out, Guid(1), checksum, bytes);
         assert_eq!(image.body_intact(Guid(1)), Some(true));
         // The driver stores the body and reports it durable; then the disk changes it.
@@ -1292,7 +1291,7 @@ mod tests {
         let store = MemoryBodies::default();
         let (mut image, mut out) = (Image::new(DiskImage::default(), Box::new(store.clone())), Outbox::default());
         let bytes = Body::from_static(b"body");
-        image.put_checked_body(&mut out, Guid(3), body_checksum(&bytes), bytes.clone());
+        image.put_checked_body(&mut out, Guid(3), crate::hash::body_checksum(&bytes), bytes.clone());
         assert_eq!(image.intact_body(Guid(3)), Some(bytes.clone()), "not yet in the store: read from the image");
         assert!(store.is_empty());
         image.durable(out.last_write());
@@ -1300,7 +1299,7 @@ mod tests {
         store.overwrite(Guid(3), bytes.clone());
         image.body_changed(Guid(3));
         assert_eq!(image.intact_body(Guid(3)), Some(bytes));
-        assert_eq!(image.disk().bodies[&Guid(3)], StoredBody { checksum: body_checksum(b"body"), len: 4 });
+        assert_eq!(image.disk().bodies[&Guid(3)], StoredBody { checksum: crate::hash::body_checksum(b"body"), len: 4 });
     }
 
     #[test]
@@ -1352,7 +1351,7 @@ mod tests {
         let (mut image, mut out) =
             (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         let bytes = Body::from_static(b"shared");
-        image.put_checked_body(&mut out, Guid(9), body_checksum(&bytes), bytes);
+        image.put_checked_body(&mut out, Guid(9), crate::hash::body_checksum(&bytes), bytes);
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("A"), record: record(1, 9) });
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("B"), record: record(4, 9) });
         assert_eq!(image.unreferenced_bodies().count(), 0);
@@ -1371,7 +1370,7 @@ mod tests {
         let store = MemoryBodies::default();
         let (mut image, mut out) = (Image::new(DiskImage::default(), Box::new(store.clone())), Outbox::default());
         let bytes = Body::from_static(b"kept safe");
-        let checksum = body_checksum(&bytes);
+        let checksum = crate::hash::body_checksum(&bytes);
         image.put_checked_body(&mut out, Guid(5), checksum, bytes.clone());
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 5) });
         store.overwrite(Guid(5), bytes);

@@ -511,7 +511,7 @@ impl Server {
         // answered with the message its first attempt stored.
         if let WriteRequest::Save { body, .. } = request
             && !self.image.has_body(&record.guid)
-            && crate::hash::body_checksum(body) == record.checksum
+            && body.checksum() == record.checksum
         {
             self.image.put_checked_body(&mut self.out, record.guid, record.checksum, body.clone());
         }
@@ -933,7 +933,7 @@ impl Server {
             return Ordered::unreplicated(fail(FailKind::Permanent, reason));
         }
         if let Some(r) = m.messages.get(&uid) {
-            if u64::from(r.size) == body.len() as u64 && r.checksum == crate::hash::body_checksum(&body) {
+            if u64::from(r.size) == body.len() as u64 && r.checksum == body.checksum() {
                 // A resumed import: this message was placed by an earlier attempt.
                 let first = r.guid;
                 return self.resend_saved(mailbox, first, uid, Some(body), id);
@@ -993,7 +993,7 @@ impl Server {
             return Ordered::unreplicated(fail(FailKind::Permanent, "the mailbox has run out of UIDs"));
         }
         let (checksum, size) = match (&body, self.image.body(&guid)) {
-            (Some(b), _) => (crate::hash::body_checksum(b), u32::try_from(b.len()).unwrap_or(u32::MAX)),
+            (Some(b), _) => (b.checksum(), u32::try_from(b.len()).unwrap_or(u32::MAX)),
             (None, Some(stored)) => (stored.checksum, u32::try_from(stored.len).unwrap_or(u32::MAX)),
             (None, None) => return Ordered::unreplicated(fail(FailKind::Temporary, "message body not available")),
         };
@@ -1042,7 +1042,7 @@ impl Server {
     ) -> impl Iterator<Item = &'a MessageRecord> + 'a {
         let window = self.cfg.retry_window_s;
         let looked_for = window != 0 && !self.has_bug(crate::Bug::StoreRetriesTwice);
-        let checksum = crate::hash::body_checksum(bytes);
+        let checksum = bytes.checksum();
         let size = u32::try_from(bytes.len()).ok();
         self.image
             .mailbox(mailbox)
@@ -1129,7 +1129,7 @@ impl Server {
             }
         };
         let Some(record) = record else { return Ordered::unreplicated(result) };
-        if crate::hash::body_checksum(&bytes) != record.checksum {
+        if bytes.checksum() != record.checksum {
             return Ordered::unreplicated(fail(FailKind::Permanent, "the body does not match the stored message"));
         }
         self.store_body(guid, record.checksum, bytes.clone(), None);

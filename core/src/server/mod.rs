@@ -347,7 +347,7 @@ impl Server {
     pub fn checked_body(&self, guid: Guid) -> Result<Option<Body>, BodyDamaged> {
         let Some(stored) = self.image.body(&guid) else { return Ok(None) };
         match self.image.stored_bytes(guid) {
-            Some(bytes) if crate::hash::body_checksum(&bytes) == stored.checksum => Ok(Some(bytes)),
+            Some(bytes) if bytes.checksum() == stored.checksum => Ok(Some(bytes)),
             _ => Err(BodyDamaged),
         }
     }

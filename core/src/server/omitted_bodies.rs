@@ -380,7 +380,7 @@ impl Server {
             let checksum = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.checksum);
             self.omitted.wanted.remove(&guid);
             let Some(checksum) = checksum else { continue };
-            if self.image.has_body(&guid) || crate::hash::body_checksum(&bytes) != checksum {
+            if self.image.has_body(&guid) || bytes.checksum() != checksum {
                 continue;
             }
             self.image.put_checked_body(&mut self.out, guid, checksum, bytes);

@@ -153,9 +153,7 @@ impl Server {
     pub(crate) fn take_replica_bodies(&mut self, state: &MailboxState, bodies: Vec<(Guid, Body)>) -> Vec<Guid> {
         for (guid, bytes) in bodies {
             let Some(record) = state.messages.iter().find(|r| r.guid == guid) else { continue };
-            if self.image.has_body(&guid)
-                || crate::hash::body_checksum(&bytes) != record.checksum
-                || u32::try_from(bytes.len()).is_err()
+            if self.image.has_body(&guid) || bytes.checksum() != record.checksum || u32::try_from(bytes.len()).is_err()
             {
                 continue;
             }

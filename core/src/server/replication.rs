@@ -5,7 +5,6 @@
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
 use super::timers::Timer;
 use super::{CatchupId, JobId, Server};
-use crate::hash::body_checksum;
 use crate::io::ExternalEdit;
 use crate::mailbox::{self, MergeOutcome};
 use crate::marks::Mark;
@@ -638,7 +637,7 @@ impl Server {
 
     pub(crate) fn on_body(&mut self, src: Sid, guid: Guid, checksum: u64, body: Body) {
         let Some((expected, repair)) = self.body_fetch.expected(&guid, checksum) else { return };
-        if body_checksum(&body) != expected {
+        if body.checksum() != expected {
             return;
         }
         self.body_fetch.fetched(&guid);
@@ -736,7 +735,7 @@ impl Server {
         if self.image.body_intact(guid) == Some(true) {
             return;
         }
-        if body_checksum(&body) != checksum {
+        if body.checksum() != checksum {
             self.want_body(guid, Some(checksum), src, false);
             return;
         }
