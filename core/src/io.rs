@@ -405,7 +405,7 @@ pub enum ClientReply {
     /// `ReplicaPull`'s state, with the summary of the whole mailbox it is part of (None:
     /// no such mailbox here).
     ReplicaState {
-        state: MailboxState,
+        state: Box<MailboxState>,
         summary: Option<Summary>,
         /// From a user replica: the bodies of the messages of `state` it wrote itself
         /// (their GUIDs name it), within `ReplicaBodies`' limits, so that its push carries

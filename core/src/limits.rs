@@ -404,9 +404,10 @@ pub fn change_parts(change: Change) -> Vec<Change> {
             .chunks(UIDS_PER_CHANGE_MAX)
             .map(|chunk| Change::Expunge { mailbox: mailbox.clone(), uidvalidity, tombstones: chunk.to_vec() })
             .collect(),
-        Change::Merge { state } => {
-            state_pieces(state, STATE_PIECE_LEN_MAX).into_iter().map(|state| Change::Merge { state }).collect()
-        }
+        Change::Merge { state } => state_pieces(*state, STATE_PIECE_LEN_MAX)
+            .into_iter()
+            .map(|state| Change::Merge { state: Box::new(state) })
+            .collect(),
         change => vec![change],
     }
 }

@@ -207,7 +207,7 @@ pub enum Change {
     /// The outcome of a merge (UID-conflict renumbering, adopted messages) as one
     /// atomic piece, so no delivery interleaves with a renumbering anywhere.
     Merge {
-        state: MailboxState,
+        state: Box<MailboxState>,
     },
 }
 

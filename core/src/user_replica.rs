@@ -616,7 +616,7 @@ impl ReplicaSync {
         p.pushed_upto = state.highest_modseq;
         p.own_bodies = own_bodies.into_iter().collect();
         self.report.records_pushed += (state.messages.len() + state.tombstones.len()) as u64;
-        for piece in 0..p.start_pieces(state) {
+        for piece in 0..p.start_pieces(*state) {
             let bodies = self.mailboxes.get_mut(&mailbox).map(|p| p.own_bodies_of(piece)).unwrap_or_default();
             self.push_piece(&mailbox, piece, bodies);
         }
@@ -719,7 +719,7 @@ impl ReplicaSync {
         p.new_pushed = None;
         p.took_all = true;
         self.report.records_pulled += (state.messages.len() + state.tombstones.len()) as u64;
-        for piece in 0..p.start_pieces(state) {
+        for piece in 0..p.start_pieces(*state) {
             self.adopt_piece(&mailbox, piece, Vec::new());
         }
     }

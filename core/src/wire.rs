@@ -1287,7 +1287,7 @@ fn read_change(r: &mut Reader, name: &[u8]) -> Parse<Change> {
             add: r.flags()?,
             remove: r.flags()?,
         },
-        _ => Change::Merge { state: read_state(r)? },
+        _ => Change::Merge { state: Box::new(read_state(r)?) },
     })
 }
 
@@ -1706,7 +1706,7 @@ mod tests {
                     },
                 ),
             ),
-            env(1, 2, 0, change(5, Change::Merge { state: state(odd.clone()) })),
+            env(1, 2, 0, change(5, Change::Merge { state: Box::new(state(odd.clone())) })),
             env(2, 1, 0, Msg::Ack { seqs: vec![1, 2, 3, u64::MAX], refused: vec![4] }),
             env(2, 1, 0, Msg::Ack { seqs: vec![], refused: vec![] }),
             env(3, 1, 0, Msg::MboxRequest { tag: 10, key: keys[0].clone() }),

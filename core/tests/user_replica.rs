@@ -342,7 +342,7 @@ fn a_cluster_server_refuses_to_adopt_answers_only_the_mailboxs_bodies_and_merges
     record.uid = 7;
     record.guid = Guid(42);
     forged.messages = vec![record];
-    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies: Vec::new(), from_cluster: Vec::new() }) {
+    match w.request(S2, ClientRequest::ReplicaPush { state: *forged, bodies: Vec::new(), from_cluster: Vec::new() }) {
         ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(42)]),
         other => panic!("{other:?}"),
     }
@@ -352,7 +352,7 @@ fn a_cluster_server_refuses_to_adopt_answers_only_the_mailboxs_bodies_and_merges
     forged.messages[0].uid = 8;
     forged.messages[0].guid = Guid(43);
     let bodies = vec![(Guid(43), Body::from_static(b"other bytes"))];
-    match w.request(S2, ClientRequest::ReplicaPush { state: forged, bodies, from_cluster: Vec::new() }) {
+    match w.request(S2, ClientRequest::ReplicaPush { state: *forged, bodies, from_cluster: Vec::new() }) {
         ClientReply::Write(WriteResult::Merged { missing, .. }) => assert_eq!(missing, vec![Guid(43)]),
         other => panic!("{other:?}"),
     }

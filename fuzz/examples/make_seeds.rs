@@ -584,7 +584,7 @@ fn wire_seeds(dir: &Path) {
                         },
                     },
                 ),
-                env(1, 2, Msg::Change { seq: 5, change: Change::Merge { state: state.clone() } }),
+                env(1, 2, Msg::Change { seq: 5, change: Change::Merge { state: Box::new(state.clone()) } }),
                 env(2, 1, Msg::Ack { seqs: vec![1, 2, 3, 4, 5], refused: Vec::new() }),
             ],
         ),

@@ -57,32 +57,12 @@ fn set_flags(r: &MessageRecord) -> impl Iterator<Item = &Flag> {
     r.flags.iter().filter(|(_, s)| s.present).map(|(f, _)| f)
 }
 
-/// `body_checksum(bytes) == checksum` for stored bodies, computed once per distinct body
-/// of a GUID: a copy with the same bytes and checksum as the one last checked gets the
-/// same verdict (the bytes are compared, not trusted).
-#[derive(Clone, Debug, Default)]
-pub struct BodyVerdicts {
-    seen: BTreeMap<Guid, (u64, Body, bool)>,
-}
-
-impl BodyVerdicts {
-    /// Whether `server` holds the body of `guid` intact: listed in its image, with bytes
-    /// that match the checksum.
-    pub fn intact(&mut self, guid: Guid, server: &Server) -> bool {
-        let Some(stored) = server.image().bodies.get(&guid) else { return false };
-        let Some(bytes) = server.stored_body(guid) else { return false };
-        // The same allocation (a clone of the bytes checked, which `seen` keeps alive)
-        // holds the same bytes: compared only when the store holds another copy.
-        if let Some((checksum, seen, verdict)) = self.seen.get(&guid)
-            && *checksum == stored.checksum
-            && ((seen.as_ptr() == bytes.as_ptr() && seen.len() == bytes.len()) || *seen == bytes)
-        {
-            return *verdict;
-        }
-        let verdict = bytes.checksum() == stored.checksum;
-        self.seen.insert(guid, (stored.checksum, bytes, verdict));
-        verdict
-    }
+/// Whether `server` holds the body of `guid` intact: listed in its image, with bytes
+/// that match the checksum (a body keeps its checksum once computed, so the same stored
+/// bytes are hashed once however often they are checked).
+pub fn body_intact(guid: Guid, server: &Server) -> bool {
+    let Some(stored) = server.image().bodies.get(&guid) else { return false };
+    server.stored_body(guid).is_some_and(|bytes| bytes.checksum() == stored.checksum)
 }
 
 /// For one store: each mailbox's messages by GUID (the lowest UID's record).
@@ -147,8 +127,6 @@ pub struct Oracle {
     saved_with: BTreeSet<(MailboxKey, Guid, Flag)>,
     /// Every UID binding a SAVE/COPY answer showed.
     acked_bindings: BTreeSet<(UidKey, Guid)>,
-    /// Bodies checked at quiescence and for convergence.
-    pub body_verdicts: BodyVerdicts,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -582,7 +560,6 @@ impl Oracle {
         // Violations found, reported in the order found once the checks are done.
         let mut found: Vec<(&'static str, String)> = Vec::new();
         if check_loss {
-            let verdicts = &mut self.body_verdicts;
             for ((mailbox, guid), (server, at)) in &self.acked {
                 // Where it may be: here, or where a rename asked for may have moved it.
                 let places = rename_targets(&self.renamed, mailbox);
@@ -604,7 +581,7 @@ impl Oracle {
                     // outside its mailboxes or date (a full server must then have the
                     // body: it is checked there).
                     let omitted = record.is_some_and(|(place, r)| servers[sid].omits_body(place, r));
-                    let body = omitted || verdicts.intact(*guid, servers[sid]);
+                    let body = omitted || body_intact(*guid, servers[sid]);
                     if !live || !body {
                         found.push((
                             NO_ACKED_LOSS,
@@ -722,11 +699,6 @@ impl Oracle {
 /// deleted, subscribed, special use), intact bodies, one root, one master per master
 /// key.
 pub fn divergence(servers: &BTreeMap<Sid, &Server>) -> Option<String> {
-    divergence_with(servers, &mut BodyVerdicts::default())
-}
-
-/// [`divergence`], remembering the bodies it checked in `verdicts`.
-pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerdicts) -> Option<String> {
     let mut iter = servers.iter();
     let (s0, first) = iter.next()?;
     let img0 = first.image();
@@ -734,7 +706,7 @@ pub fn divergence_with(servers: &BTreeMap<Sid, &Server>, verdicts: &mut BodyVerd
         let image = server.image();
         for (mailbox, m) in &image.mailboxes {
             for r in m.messages.values() {
-                let ok = server.omits_body(mailbox, r) || verdicts.intact(r.guid, server);
+                let ok = server.omits_body(mailbox, r) || body_intact(r.guid, server);
                 if !ok {
                     return Some(format!("{sid} lacks an intact body for {} in {mailbox}", r.guid));
                 }

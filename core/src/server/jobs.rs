@@ -1266,7 +1266,7 @@ impl Server {
             MailboxAction::Subscribe => lifecycle.subscribed(),
             MailboxAction::Unsubscribe => !lifecycle.subscribed(),
         });
-        self.replicate(Change::Merge { state }, Some(id));
+        self.replicate(Change::Merge { state: Box::new(state) }, Some(id));
         Ordered::replicated(WriteResult::MailboxDone { modseq })
     }
 
@@ -1368,7 +1368,7 @@ impl Server {
             return Ordered::unreplicated(fail(FailKind::Temporary, "the renamed mailbox vanished"));
         };
         // The target first: a peer that applies the source's deletion has its messages.
-        self.replicate(Change::Merge { state }, Some(id));
+        self.replicate(Change::Merge { state: Box::new(state) }, Some(id));
         let done = if &*from.name == "INBOX" {
             if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, false, id)) }
         } else {

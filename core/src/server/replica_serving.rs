@@ -85,7 +85,7 @@ impl Server {
         }
         let summary = self.replica_summary(mailbox, if self.cfg.user_replica { own.as_ref() } else { partial });
         let own_bodies = if self.cfg.user_replica { self.own_bodies(&state) } else { Vec::new() };
-        self.out.reply(id, ClientReply::ReplicaState { state, summary, own_bodies });
+        self.out.reply(id, ClientReply::ReplicaState { state: Box::new(state), summary, own_bodies });
     }
 
     /// The intact bodies of the messages of `state` this server wrote itself, within one

@@ -263,7 +263,7 @@ impl Server {
                 }
                 Some(f)
             }
-            Change::Merge { state } => Some(state),
+            Change::Merge { state } => Some(*state),
         }
     }
 
@@ -354,7 +354,7 @@ impl Server {
                 // or only the new ones would do alike).
                 retired: if out.retired_changed { m.retired.clone() } else { Default::default() },
             };
-            self.replicate(Change::Merge { state: fragment }, None);
+            self.replicate(Change::Merge { state: Box::new(fragment) }, None);
         }
         out
     }

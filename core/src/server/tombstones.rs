@@ -121,7 +121,7 @@ impl Server {
             lifecycle: self.image.mailbox(mailbox).map(|m| m.lifecycle).unwrap_or_default(),
             retired: fresh,
         };
-        self.replicate(Change::Merge { state }, None);
+        self.replicate(Change::Merge { state: Box::new(state) }, None);
     }
 }
 
