@@ -351,6 +351,12 @@ pub trait BodyStore: Send + std::fmt::Debug {
         self.read(guid).map(|bytes| bytes.checksum())
     }
 
+    /// [`BodyStore::checksum`] of each of `guids`, in their order: the scrub asks for a
+    /// batch, which a store may answer at once.
+    fn checksums(&self, guids: &[Guid]) -> Vec<Option<u64>> {
+        guids.iter().map(|guid| self.checksum(*guid)).collect()
+    }
+
     /// The text parts of the message `guid` whose whole body is `body`, for a partial
     /// replica that omits large bodies (see [`crate::partial`]): what it holds of such a
     /// message. The driver knows the mail format (the node cuts by MIME parts); the core
@@ -435,6 +441,16 @@ impl BodyStore for MemoryBodies {
         let checksum = self.locked().get(&guid).map(|(_, checksum)| *checksum);
         debug_assert_eq!(checksum, self.read(guid).map(|b| b.checksum()));
         checksum
+    }
+
+    fn checksums(&self, guids: &[Guid]) -> Vec<Option<u64>> {
+        let bodies = self.locked();
+        let checksums: Vec<Option<u64>> = guids.iter().map(|g| bodies.get(g).map(|(_, checksum)| *checksum)).collect();
+        debug_assert!(
+            guids.iter().zip(&checksums).all(|(g, c)| *c == bodies.get(g).map(|(b, _)| b.checksum())),
+            "a stored checksum is its bytes'"
+        );
+        checksums
     }
 
     fn text_parts(&self, _guid: Guid, body: &[u8]) -> Option<Body> {

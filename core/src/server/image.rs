@@ -993,20 +993,43 @@ impl Image {
         }
         let last = guids.last().map(|(g, _)| *g);
         let more = last.is_some_and(|g| self.disk.bodies.range(Guid(g.0.saturating_add(1))..).next().is_some());
+        // A body not yet durable keeps its verdict (the bytes in hand were checked); any
+        // other is asked of the store again, whatever was known of it.
+        let mut durable: Vec<(Guid, u64)> = Vec::with_capacity(guids.len());
         for (g, checksum) in guids {
-            // A body not yet durable keeps its verdict (the bytes in hand were checked);
-            // any other is asked of the store again, whatever was known of it.
-            let intact = if self.unsynced.contains_key(&g) {
-                self.body_intact(g).unwrap_or(false)
-            } else {
-                let intact = self.bodies.checksum(g) == Some(checksum);
-                self.body_verdicts.insert(g, intact);
-                intact
-            };
-            if !intact {
+            if !self.unsynced.contains_key(&g) {
+                durable.push((g, checksum));
+            } else if !self.body_intact(g).unwrap_or(false) {
                 found.corrupt.push((g, checksum));
             }
         }
+        let asked: Vec<Guid> = durable.iter().map(|(g, _)| *g).collect();
+        let stored = self.bodies.checksums(&asked);
+        debug_assert_eq!(stored.len(), asked.len(), "a store answers each checksum asked");
+        // The verdicts are rewritten in one walk beside the GUIDs (both in order), not
+        // looked up one by one.
+        let mut fresh: Vec<(Guid, bool)> = Vec::new();
+        if let (Some(first), Some(last)) = (asked.first(), asked.last()) {
+            let mut cached = self.body_verdicts.range_mut(*first..=*last).peekable();
+            for ((g, checksum), stored) in durable.iter().zip(stored) {
+                let intact = stored == Some(*checksum);
+                if !intact {
+                    found.corrupt.push((*g, *checksum));
+                }
+                while cached.next_if(|(k, _)| **k < *g).is_some() {}
+                match cached.peek_mut() {
+                    Some((k, verdict)) if **k == *g => **verdict = intact,
+                    _ => fresh.push((*g, intact)),
+                }
+            }
+        }
+        self.body_verdicts.extend(fresh);
+        // In GUID order, as the bodies were walked.
+        found.corrupt.sort_unstable_by_key(|(g, _)| *g);
+        debug_assert!(
+            durable.iter().all(|(g, c)| self.body_verdicts.get(g) == Some(&(self.bodies.checksum(*g) == Some(*c)))),
+            "the scrub left each durable body's verdict as its store answered"
+        );
         self.scrub_cursor = if more { last } else { None };
         // Only a message written while its body was not here, or one whose body was
         // removed, can lack one (and, after a start, any): those are the ones looked at,
