@@ -65,12 +65,13 @@ fn why_missed(what: &str) -> &'static str {
          has joined the new term would drop the echoes; letting the catch-up skip a mailbox \
          whose difference is still in the log would drop the SYNCs."
     } else if what.contains("simulator") {
-        "the profile is flat (callgrind of `bench/sim-steady-five.toml`, 1.35 G instructions \
-         on 2026-12-04, tenth session; 1.79 G at the ninth session's start): the replicas' apply of each change 16% (the FNV \
-         body checksum alone 4%, latency-bound), the simulator's output handling 21%, the \
-         image's write bookkeeping 8%, the masters' client path 8%, maintenance 7%, the \
-         end-of-run checks 8%, memcpy of large enums 9%. Next: an 8-bytes-a-step checksum \
-         (a format change), flatter per-mailbox indexes, boxed large variants."
+        "the profile is flat (callgrind of `bench/sim-steady-five.toml`, 1.20 G instructions \
+         on 2026-12-04, eleventh session; 1.35 G at its start, 1.79 G at the ninth session's): \
+         the simulator's output handling and its checks 22%, the replicas' apply of each change \
+         14%, the clients' requests and the masters' path 11%, the image's write bookkeeping \
+         9%, memcpy 9%, the end-of-run checks 7%, maintenance 7%; the FNV body checksum, now \
+         computed once per body buffer, is 2%. Next: flatter per-mailbox indexes and fewer \
+         allocations per write; a faster checksum needs a peer protocol version."
     } else if what.contains("flag changes") && what.contains("wall") {
         "the time is the heal's term handover (ROOT, DROPPED, catch-up) before the changes are \
          confirmed on both sides; see the bytes row."
