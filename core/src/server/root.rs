@@ -323,6 +323,17 @@ impl Server {
         }
         if self.is_root() && from != self.cfg.sid {
             let recorded = self.root_role.generation(&key);
+            let owner = self.root_role.table().get(&key).copied();
+            if let Some(owner) = owner.filter(|o| *o != master && from == master && generation <= recorded) {
+                // A master our table contradicts at no later generation: its handover
+                // crossed our own assignment of the key (a MOVED reached a server after
+                // we gave the key to another; explore seeds 299220, 317758). Both would
+                // master the key for ever, each announcing it to us: the claimant is told
+                // the recorded master, at the recorded generation, and stops.
+                self.note(|| format!("{from} claims {key} at generation {generation}: tells it {owner} masters it"));
+                self.send(from, Msg::MasterIs { epoch, key, master: owner, generation: recorded });
+                return;
+            }
             if generation < recorded {
                 // A late report of an earlier move (relayed, or resent): the root knows
                 // a later master, maybe itself, and must not give the key up for it.
