@@ -62,14 +62,6 @@ impl Body {
     pub fn copy_from_slice(bytes: &[u8]) -> Body {
         Body::from(bytes::Bytes::copy_from_slice(bytes))
     }
-    /// The bytes, shared.
-    pub fn bytes(&self) -> &bytes::Bytes {
-        &self.0.bytes
-    }
-    /// A part of the body, sharing its bytes (its checksum is its own).
-    pub fn slice(&self, range: impl std::ops::RangeBounds<usize>) -> Body {
-        Body::from(self.0.bytes.slice(range))
-    }
     /// [`crate::hash::body_checksum`] of the bytes, computed on first use.
     pub fn checksum(&self) -> u64 {
         *self.0.checksum.get_or_init(|| crate::hash::body_checksum(&self.0.bytes))
