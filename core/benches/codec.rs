@@ -75,7 +75,7 @@ fn kinds() -> Vec<(&'static str, Envelope)> {
                 },
             }),
         ),
-        ("ACK", env(Msg::Ack { seqs: (1..=16).collect(), refused: vec![] })),
+        ("ACK", env(Msg::Ack { seqs: (1..=16).collect(), refused: vec![], store: 0x5eed_5eed_5eed_5eed })),
         (
             "MBOX",
             env(Msg::Mbox {

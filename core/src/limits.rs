@@ -162,7 +162,7 @@ pub fn check_peer_msg(msg: &Msg) -> Result<(), &'static str> {
             epoch(*e)
         }
         // Bounded as it is read (`Membership::join_member` drops entries past the limits).
-        Msg::Members { members } => {
+        Msg::Members { members, .. } => {
             if members.len() > crate::membership::MEMBERS_MAX {
                 Err("too many members")
             } else {

@@ -85,10 +85,13 @@ pub enum Mark {
     /// A copy of a binding whose tombstone was collected here lately (one in flight
     /// since before the collection) was dropped, not merged back in.
     CollectedCopyDropped,
+    /// A master stopped counting a copy that a peer acknowledged with a store it no
+    /// longer has (its disk was lost or replaced since).
+    ReplacedStoreAckDropped,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 41] = [
+    pub const ALL: [Mark; 42] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -130,6 +133,7 @@ impl Mark {
         Mark::LostMessageRevived,
         Mark::LateHandoffMerged,
         Mark::CollectedCopyDropped,
+        Mark::ReplacedStoreAckDropped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -175,6 +179,7 @@ impl Mark {
             Mark::LostMessageRevived => "lost_message_revived",
             Mark::LateHandoffMerged => "late_handoff_merged",
             Mark::CollectedCopyDropped => "collected_copy_dropped",
+            Mark::ReplacedStoreAckDropped => "replaced_store_ack_dropped",
         }
     }
 

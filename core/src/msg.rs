@@ -231,17 +231,24 @@ pub const MBOX_CONFIRMATION: u64 = u64::MAX;
 pub enum Msg {
     /// Link-state flooding: `origin`'s direct neighbours, newest `seq` wins. `epoch` is
     /// the highest root epoch `origin` knows, so that a server that lost its disk never
-    /// opens a term with an epoch already in use.
+    /// opens a term with an epoch already in use. `store` is `origin`'s store identity
+    /// (see `DiskImage::store_id`): a new one tells every master that the copies
+    /// `origin` acknowledged before are gone.
     LinkState {
         origin: Sid,
         seq: u64,
         epoch: u64,
+        store: u64,
         neighbors: Vec<Sid>,
     },
     /// The sender's membership (see `membership`), flooded hop by hop like link state:
     /// to every neighbour when a link comes up and whenever it changes.
+    /// `store` is the sender's store identity (see `DiskImage::store_id`): the first
+    /// thing a neighbour hears on a new link, so that a master learns of a lost disk
+    /// before anything else the new store says.
     Members {
         members: crate::membership::Membership,
+        store: u64,
     },
     /// A new root term. The receiver flushes its master cache, drops its masterships
     /// and answers `Dropped`.
@@ -300,9 +307,11 @@ pub enum Msg {
     /// The receiver is done with these changes; the sender may drop them from its log.
     /// `seqs` it made durable; `refused` it could not apply (a UID conflict it may not
     /// decide, settled by a SYNC with the master instead), so they count for no copy.
+    /// `store` is the sender's store identity: the store that holds the copies.
     Ack {
         seqs: Vec<u64>,
         refused: Vec<u64>,
+        store: u64,
     },
     /// Ask for the summaries of every mailbox under `key` (a new master catching up).
     MboxRequest {

@@ -479,6 +479,11 @@ pub struct DiskImage {
     pub link_seq: u64,
     /// Restarts so far; mixed into GUIDs and tags so nothing repeats after a crash.
     pub incarnation: u64,
+    /// Who this store is: drawn when the store is made (0 until then) and never changed,
+    /// so that peers can tell a restart from a lost disk. A master counts a peer's
+    /// acknowledgement as a copy only while that peer still has the store that made it.
+    #[serde(default)]
+    pub store_id: u64,
     /// Servers added or retired after the configuration was written (joined with the
     /// configured servers at start; see `membership`).
     #[serde(default)]
@@ -541,8 +546,11 @@ pub enum StoreWrite {
     LinkSeq {
         seq: u64,
     },
+    /// A start of the server, with the store's identity (see [`DiskImage::store_id`]):
+    /// drawn at the first start, the stored one at every later start.
     Incarnation {
         incarnation: u64,
+        store_id: u64,
     },
     /// The membership as this server now knows it (joined with what is stored).
     Members {
@@ -692,7 +700,13 @@ impl DiskImage {
             }
             StoreWrite::Epoch { epoch } => self.epoch = self.epoch.max(*epoch),
             StoreWrite::LinkSeq { seq } => self.link_seq = self.link_seq.max(*seq),
-            StoreWrite::Incarnation { incarnation } => self.incarnation = self.incarnation.max(*incarnation),
+            StoreWrite::Incarnation { incarnation, store_id } => {
+                self.incarnation = self.incarnation.max(*incarnation);
+                // Set once: a store keeps the identity it was made with.
+                if self.store_id == 0 {
+                    self.store_id = *store_id;
+                }
+            }
             StoreWrite::Members { members } => {
                 self.members.join(members);
             }

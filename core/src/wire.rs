@@ -16,8 +16,8 @@
 //!
 //! | command | arguments after `<tag> <NAME>` |
 //! |---|---|
-//! | `LINKSTATE` | `<origin-sid> <seq> (<sid>...)` |
-//! | `MEMBERS` | `((<sid> ACTIVE\|LEAVING\|RETIRED <string>)...)` |
+//! | `LINKSTATE` | `<origin-sid> <seq> <epoch> <store-id> (<sid>...)` |
+//! | `MEMBERS` | `((<sid> ACTIVE\|LEAVING\|RETIRED <string>)...) <store-id>` |
 //! | `ROOT` | `<epoch> <root-sid>` |
 //! | `DROPPED` | `<epoch>` |
 //! | `WHO` | `<epoch> (<key>...)` |
@@ -37,7 +37,7 @@
 //! | `R-EXPUNGE` | `<seq> <mbox> <uidvalidity> (<tombstone>...)` |
 //! | `R-STORE` | `<seq> <mbox> <uidvalidity> <stamp-modseq> <stamp-sid> ((<uid> <guid>)...) (<add-flag>...) (<remove-flag>...)` |
 //! | `R-MERGE` | `<seq> <state>` |
-//! | `ACK` | `(<seq>...)` |
+//! | `ACK` | `(<seq>...) (<refused-seq>...) <store-id>` |
 //! | `MBOX-REQ` | `<tag> <key>` |
 //! | `MBOX` | `<tag> <mbox> <uidvalidity> <uidnext> <count> <highest-modseq> <digest>` |
 //! | `MBOX-DONE` | `<tag> <count>` |
@@ -801,18 +801,19 @@ fn write_msg(w: &mut Writer, msg: &Msg) {
 /// `write_replication_msg`).
 fn write_fields(w: &mut Writer, msg: &Msg) {
     match msg {
-        Msg::LinkState { origin, seq, epoch, neighbors } => {
-            w.sid(*origin).num(*seq).num(*epoch).list(neighbors, |w, &s| {
+        Msg::LinkState { origin, seq, epoch, store, neighbors } => {
+            w.sid(*origin).num(*seq).num(*epoch).num(*store).list(neighbors, |w, &s| {
                 w.sid(s);
             });
         }
-        Msg::Members { members } => {
+        Msg::Members { members, store } => {
             let entries: Vec<(Sid, &crate::membership::Member)> = members.entries().collect();
             w.list(&entries, |w, (sid, m)| {
                 w.group(|w| {
                     w.sid(*sid).atom(member_state_atom(m.state)).string(&m.address);
                 });
-            });
+            })
+            .num(*store);
         }
         Msg::Root { epoch, root } => {
             w.num(*epoch).sid(*root);
@@ -878,13 +879,14 @@ fn write_replication_msg(w: &mut Writer, msg: &Msg) {
             w.num(*seq);
             write_change(w, change);
         }
-        Msg::Ack { seqs, refused } => {
+        Msg::Ack { seqs, refused, store } => {
             w.list(seqs, |w, &seq| {
                 w.num(seq);
             })
             .list(refused, |w, &seq| {
                 w.num(seq);
-            });
+            })
+            .num(*store);
         }
         Msg::MboxRequest { tag, key } => {
             w.num(*tag);
@@ -922,9 +924,13 @@ fn write_replication_msg(w: &mut Writer, msg: &Msg) {
 
 fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
     Ok(match name {
-        b"LINKSTATE" => {
-            Msg::LinkState { origin: r.sid()?, seq: r.u64()?, epoch: r.u64()?, neighbors: r.list(Reader::sid)? }
-        }
+        b"LINKSTATE" => Msg::LinkState {
+            origin: r.sid()?,
+            seq: r.u64()?,
+            epoch: r.u64()?,
+            store: r.u64()?,
+            neighbors: r.list(Reader::sid)?,
+        },
         b"MEMBERS" => {
             let entries = r.list(|r| {
                 r.group(|r| {
@@ -935,7 +941,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
                     Ok((sid, crate::membership::Member { state, address }))
                 })
             })?;
-            Msg::Members { members: crate::membership::Membership::from_entries(entries) }
+            Msg::Members { members: crate::membership::Membership::from_entries(entries), store: r.u64()? }
         }
         b"ROOT" => Msg::Root { epoch: r.u64()?, root: r.sid()? },
         b"DROPPED" => Msg::Dropped { epoch: r.u64()? },
@@ -965,7 +971,7 @@ fn read_msg(r: &mut Reader, name: &[u8], at: usize) -> Parse<Msg> {
         b"R-SAVE" | b"R-COPY" | b"R-EXPUNGE" | b"R-STORE" | b"R-MERGE" => {
             Msg::Change { seq: r.u64()?, change: read_change(r, name)? }
         }
-        b"ACK" => Msg::Ack { seqs: r.list(Reader::u64)?, refused: r.list(Reader::u64)? },
+        b"ACK" => Msg::Ack { seqs: r.list(Reader::u64)?, refused: r.list(Reader::u64)?, store: r.u64()? },
         b"MBOX-REQ" => Msg::MboxRequest { tag: r.u64()?, key: read_master_key(r)? },
         b"MBOX" => Msg::Mbox {
             tag: r.u64()?,
@@ -1509,8 +1515,13 @@ mod tests {
         let reply = |master, result| Msg::Reply { tag: 9, master, result, record: None };
         let change = |seq, change| Msg::Change { seq, change };
         vec![
-            env(1, 2, 0, Msg::LinkState { origin: Sid(1), seq: 3, epoch: 65537, neighbors: vec![Sid(2), Sid(3)] }),
-            env(1, 2, 0, Msg::LinkState { origin: Sid(7), seq: 0, epoch: 0, neighbors: vec![] }),
+            env(
+                1,
+                2,
+                0,
+                Msg::LinkState { origin: Sid(1), seq: 3, epoch: 65537, store: 9, neighbors: vec![Sid(2), Sid(3)] },
+            ),
+            env(1, 2, 0, Msg::LinkState { origin: Sid(7), seq: 0, epoch: 0, store: u64::MAX, neighbors: vec![] }),
             env(
                 1,
                 2,
@@ -1524,6 +1535,7 @@ mod tests {
                         ),
                         (Sid(9), crate::membership::Member { state: MemberState::Retired, address: "h\u{e9}".into() }),
                     ]),
+                    store: 3,
                 },
             ),
             env(1, 2, 1, Msg::Root { epoch: 5, root: Sid(1) }),
@@ -1707,8 +1719,8 @@ mod tests {
                 ),
             ),
             env(1, 2, 0, change(5, Change::Merge { state: Box::new(state(odd.clone())) })),
-            env(2, 1, 0, Msg::Ack { seqs: vec![1, 2, 3, u64::MAX], refused: vec![4] }),
-            env(2, 1, 0, Msg::Ack { seqs: vec![], refused: vec![] }),
+            env(2, 1, 0, Msg::Ack { seqs: vec![1, 2, 3, u64::MAX], refused: vec![4], store: 17 }),
+            env(2, 1, 0, Msg::Ack { seqs: vec![], refused: vec![], store: 0 }),
             env(3, 1, 0, Msg::MboxRequest { tag: 10, key: keys[0].clone() }),
             env(
                 1,

@@ -266,8 +266,8 @@ fn absurd_numbers_from_a_peer_are_refused() {
         flags: Default::default(),
     };
     let absurd = [
-        Msg::LinkState { origin: S2, seq: 999_999, epoch: u64::MAX, neighbors: vec![S1] },
-        Msg::LinkState { origin: S2, seq: u64::MAX, epoch: 1, neighbors: vec![S1] },
+        Msg::LinkState { origin: S2, seq: 999_999, epoch: u64::MAX, store: 1, neighbors: vec![S1] },
+        Msg::LinkState { origin: S2, seq: u64::MAX, epoch: 1, store: 1, neighbors: vec![S1] },
         Msg::Root { epoch: u64::MAX, root: S2 },
         Msg::Dropped { epoch: u64::MAX },
         Msg::Change {

@@ -409,7 +409,7 @@ fn wire_seeds(dir: &Path) {
         (
             "routing",
             vec![
-                env(2, 1, Msg::LinkState { origin: S2, seq: 3, epoch: 1, neighbors: vec![S1, S3] }),
+                env(2, 1, Msg::LinkState { origin: S2, seq: 3, epoch: 1, store: 2, neighbors: vec![S1, S3] }),
                 env(1, 2, Msg::Root { epoch: 5, root: S1 }),
                 env(2, 1, Msg::Dropped { epoch: 5 }),
                 env(
@@ -585,7 +585,7 @@ fn wire_seeds(dir: &Path) {
                     },
                 ),
                 env(1, 2, Msg::Change { seq: 5, change: Change::Merge { state: Box::new(state.clone()) } }),
-                env(2, 1, Msg::Ack { seqs: vec![1, 2, 3, 4, 5], refused: Vec::new() }),
+                env(2, 1, Msg::Ack { seqs: vec![1, 2, 3, 4, 5], refused: Vec::new(), store: 2 }),
             ],
         ),
         (

@@ -504,10 +504,12 @@ impl Harness {
                 Msg::Reply { tag, master, result, record }
             }
             Msg::Change { seq, .. } => {
+                // Now and then from another store (the peer lost its disk meanwhile).
+                let store = 1 + u64::from(v % 7 == 0);
                 if v % 5 == 0 {
-                    Msg::Ack { seqs: Vec::new(), refused: vec![seq] }
+                    Msg::Ack { seqs: Vec::new(), refused: vec![seq], store }
                 } else {
-                    Msg::Ack { seqs: vec![seq], refused: Vec::new() }
+                    Msg::Ack { seqs: vec![seq], refused: Vec::new(), store }
                 }
             }
             Msg::MboxRequest { tag, .. } => Msg::MboxDone { tag, count: 0 },

@@ -4,8 +4,8 @@
 //! Handshake (one line each way, each at most [`HANDSHAKE_LINE_MAX`] bytes):
 //!
 //! ```text
-//! dialer   -> TANDEM/1 HELLO <dialer id> <nonce A> <deflate 0|1>
-//! acceptor -> TANDEM/1 CHALLENGE <acceptor id> <nonce B> <HMAC(secret, "acceptor", ids, A, B)>
+//! dialer   -> TANDEM/2 HELLO <dialer id> <nonce A> <deflate 0|1>
+//! acceptor -> TANDEM/2 CHALLENGE <acceptor id> <nonce B> <HMAC(secret, "acceptor", ids, A, B)>
 //! dialer   -> PROOF <HMAC(secret, "dialer", ids, A, B)>
 //! acceptor -> OK <deflate 0|1>            (or ERROR <reason>, then close)
 //! ```
@@ -13,6 +13,10 @@
 //! Both proofs cover both fresh nonces and both ids, and the roles differ, so a proof can
 //! be neither replayed nor reflected; a side without the secret learns nothing but a
 //! MAC over nonces it cannot choose twice.
+//!
+//! `TANDEM/<n>` names the peer protocol: servers speak to peers of the same version
+//! only, and refuse another with a line that names both (version 2 added store
+//! identities to LINKSTATE, MEMBERS and ACK).
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use hmac::{Hmac, Mac};
@@ -118,6 +122,18 @@ async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &str) -> Result<(), 
     w.write_all(format!("{line}\r\n").as_bytes()).await.map_err(|e| Refused(format!("write failed: {e}")))
 }
 
+/// The peer protocol this server speaks (see the module's doc).
+pub const PROTOCOL: &str = "TANDEM/2";
+
+/// A peer speaking another version of the peer protocol: refused by name, so that an
+/// operator upgrading the cluster one server at a time sees why two servers do not talk.
+fn other_version(theirs: &str) -> Refused {
+    let theirs: String = theirs.chars().take(32).filter(|c| c.is_ascii_graphic()).collect();
+    Refused(format!(
+        "the peer speaks the peer protocol {theirs} and this server {PROTOCOL}: upgrade every server to the same release"
+    ))
+}
+
 /// Dials side of the handshake: we expect to reach `peer`.
 pub async fn dial_handshake(
     stream: &mut PeerStream,
@@ -127,13 +143,14 @@ pub async fn dial_handshake(
     deflate: bool,
 ) -> Result<Agreed, Refused> {
     let ours = nonce();
-    write_line(stream, &format!("TANDEM/1 HELLO {} {ours} {}", me.0, u8::from(deflate))).await?;
+    write_line(stream, &format!("{PROTOCOL} HELLO {} {ours} {}", me.0, u8::from(deflate))).await?;
     let line = read_line(stream).await?;
     let words: Vec<&str> = line.split(' ').collect();
     let (id, theirs, proof) = match words.as_slice() {
-        ["TANDEM/1", "CHALLENGE", id, theirs, proof] => (*id, *theirs, *proof),
+        [PROTOCOL, "CHALLENGE", id, theirs, proof] => (*id, *theirs, *proof),
         ["ERROR", ..] => return Err(Refused(format!("the peer refused us: {line}"))),
-        _ => return Err(Refused("the peer did not answer with a TANDEM/1 CHALLENGE".into())),
+        [version, "CHALLENGE", ..] if version.starts_with("TANDEM/") => return Err(other_version(version)),
+        _ => return Err(Refused(format!("the peer did not answer with a {PROTOCOL} CHALLENGE"))),
     };
     if id.parse::<u32>().ok() != Some(peer.0) {
         return Err(Refused(format!("expected server {peer}, reached server {id}")));
@@ -168,8 +185,9 @@ pub async fn accept_handshake(
         let line = read_line(stream).await?;
         let words: Vec<&str> = line.split(' ').collect();
         let (id, theirs, wants_deflate) = match words.as_slice() {
-            ["TANDEM/1", "HELLO", id, theirs, d] => (*id, *theirs, *d == "1"),
-            _ => return Err(Refused("expected TANDEM/1 HELLO".into())),
+            [PROTOCOL, "HELLO", id, theirs, d] => (*id, *theirs, *d == "1"),
+            [version, "HELLO", ..] if version.starts_with("TANDEM/") => return Err(other_version(version)),
+            _ => return Err(Refused(format!("expected {PROTOCOL} HELLO"))),
         };
         let peer = id.parse::<u32>().ok().map(Sid).filter(|s| *s != me && servers.contains(s));
         let Some(peer) = peer else { return Err(Refused(format!("server {id} is not in this cluster"))) };
@@ -181,7 +199,7 @@ pub async fn accept_handshake(
         }
         let ours = nonce();
         let proof = mac(secret, "acceptor", peer, me, theirs, &ours).finalize().into_bytes();
-        write_line(stream, &format!("TANDEM/1 CHALLENGE {} {ours} {}", me.0, hex(&proof))).await?;
+        write_line(stream, &format!("{PROTOCOL} CHALLENGE {} {ours} {}", me.0, hex(&proof))).await?;
         let line = read_line(stream).await?;
         let proof = match line.split(' ').collect::<Vec<_>>().as_slice() {
             ["PROOF", p] => unhex(p).ok_or_else(|| Refused("proof is not hex".into()))?,

@@ -18,7 +18,7 @@ use tandem_core::msg::Change;
 use tandem_core::store::{DiskImage, StoreWrite, StoredBody};
 use tandem_core::types::*;
 
-/// "epoch", "link_seq", "incarnation" -> u64.
+/// "epoch", "link_seq", "incarnation", "store_id" -> u64.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// mailbox -> (uidvalidity, uidnext, highest_modseq).
 const MAILBOXES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailboxes");
@@ -285,6 +285,7 @@ impl Store {
         image.epoch = meta.get("epoch")?.map(|v| v.value()).unwrap_or(0);
         image.link_seq = meta.get("link_seq")?.map(|v| v.value()).unwrap_or(0);
         image.incarnation = meta.get("incarnation")?.map(|v| v.value()).unwrap_or(0);
+        image.store_id = meta.get("store_id")?.map(|v| v.value()).unwrap_or(0);
         match txn.open_table(MEMBERSHIP) {
             Ok(table) => {
                 if let Some(v) = table.get("members")? {
@@ -488,7 +489,13 @@ impl Store {
                     }
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
-                    StoreWrite::Incarnation { incarnation } => raise(&mut meta, "incarnation", *incarnation)?,
+                    StoreWrite::Incarnation { incarnation, store_id } => {
+                        raise(&mut meta, "incarnation", *incarnation)?;
+                        // Set once, like the core's image: a store keeps its identity.
+                        if meta.get("store_id")?.is_none() {
+                            meta.insert("store_id", *store_id)?;
+                        }
+                    }
                     StoreWrite::Members { members } => {
                         let mut joined = members.clone();
                         if let Some(old) = membership.get("members")? {
@@ -740,7 +747,7 @@ mod tests {
             flags: Default::default(),
         };
         let writes = vec![
-            StoreWrite::Incarnation { incarnation: 1 },
+            StoreWrite::Incarnation { incarnation: 1, store_id: 7 },
             StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity: 42, uidnext: 2, highest_modseq: 1 },
             StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() },
             StoreWrite::PutBody { guid: Guid(7), checksum: 9, bytes: Body::from_static(b"abc") },
@@ -799,6 +806,8 @@ mod tests {
             StoreWrite::OnLoan { guid: Guid(7), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: false },
+            // A later start keeps the store's identity whatever it is told.
+            StoreWrite::Incarnation { incarnation: 2, store_id: 8 },
         ];
         let mut expected = DiskImage::default();
         for w in &writes {
@@ -817,6 +826,7 @@ mod tests {
         assert_eq!(loaded.mailboxes[&MailboxKey::new("u@d", "INBOX2")].tombstones.len(), 1);
         assert_eq!(loaded.text_parts.keys().copied().collect::<Vec<_>>(), vec![Guid(7)], "text parts are kept");
         assert_eq!(loaded.on_loan.iter().copied().collect::<Vec<_>>(), vec![Guid(7)], "and loan marks");
+        assert_eq!((loaded.incarnation, loaded.store_id), (2, 7), "the identity it was made with");
     }
 
     fn store_inline_count(dir: &Path) -> usize {

@@ -714,8 +714,20 @@ fn absurd_numbers_from_a_peer_with_the_secret_change_nothing() {
         1,
         2,
         &[
-            forged(Msg::LinkState { origin: Sid(2), seq: 999_999, epoch: u64::MAX, neighbors: vec![Sid(1), Sid(3)] }),
-            forged(Msg::LinkState { origin: Sid(1), seq: u64::MAX, epoch: u64::MAX - 5, neighbors: vec![Sid(2)] }),
+            forged(Msg::LinkState {
+                origin: Sid(2),
+                seq: 999_999,
+                epoch: u64::MAX,
+                store: 1,
+                neighbors: vec![Sid(1), Sid(3)],
+            }),
+            forged(Msg::LinkState {
+                origin: Sid(1),
+                seq: u64::MAX,
+                epoch: u64::MAX - 5,
+                store: 2,
+                neighbors: vec![Sid(2)],
+            }),
         ],
     );
     assert!(sent, "the forged link came up (the impostor holds the secret)");

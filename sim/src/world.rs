@@ -1774,8 +1774,10 @@ fn describe_reply(reply: &ClientReply) -> String {
 pub fn describe(envelope: &Envelope) -> String {
     let via = if envelope.hops > 0 { format!(" (relayed, {} hops)", envelope.hops) } else { String::new() };
     let detail = match &envelope.msg {
-        Msg::LinkState { origin, seq, epoch, neighbors } => format!("{origin}#{seq} epoch {epoch} {neighbors:?}"),
-        Msg::Members { members } => {
+        Msg::LinkState { origin, seq, epoch, store, neighbors } => {
+            format!("{origin}#{seq} epoch {epoch} store {store:016x} {neighbors:?}")
+        }
+        Msg::Members { members, .. } => {
             members.entries().map(|(s, m)| format!("{s}:{}", m.state.name())).collect::<Vec<_>>().join(" ")
         }
         Msg::Root { epoch, root } => format!("epoch {epoch} root {root}"),
@@ -1838,8 +1840,8 @@ pub fn describe(envelope: &Envelope) -> String {
                 state.retired.collected
             ),
         },
-        Msg::Ack { seqs, refused } if refused.is_empty() => format!("{} entries", seqs.len()),
-        Msg::Ack { seqs, refused } => format!("{} entries, {} refused", seqs.len(), refused.len()),
+        Msg::Ack { seqs, refused, .. } if refused.is_empty() => format!("{} entries", seqs.len()),
+        Msg::Ack { seqs, refused, .. } => format!("{} entries, {} refused", seqs.len(), refused.len()),
         Msg::MboxRequest { tag, key } => format!("#{tag} {key}"),
         Msg::Mbox { tag, summary } => format!(
             "#{tag} {} uidnext {} count {} hms {} digest {:016x}",

@@ -967,9 +967,14 @@ impl Image {
         seq
     }
 
-    pub(crate) fn start_incarnation(&mut self, out: &mut Outbox) -> u64 {
+    /// Records a start: the next incarnation, and the store's identity, `drawn` when the
+    /// store is new (a store made earlier keeps its own).
+    pub(crate) fn start_incarnation(&mut self, out: &mut Outbox, drawn: u64) -> u64 {
+        debug_assert_ne!(drawn, 0, "0 means no identity yet");
         let incarnation = self.disk.incarnation.saturating_add(1);
-        self.commit(out, StoreWrite::Incarnation { incarnation });
+        let store_id = if self.disk.store_id == 0 { drawn } else { self.disk.store_id };
+        self.commit(out, StoreWrite::Incarnation { incarnation, store_id });
+        debug_assert_eq!(self.disk.store_id, store_id, "a running server's store has an identity");
         incarnation
     }
 

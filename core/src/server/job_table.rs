@@ -151,19 +151,45 @@ impl JobTable {
         self.jobs.values().any(|j| j.key == *key && matches!(j.state, JobState::Replicating { .. }))
     }
 
-    /// `peer` made the whole change of job `id` durable: one more copy.
-    pub(crate) fn peer_acked(&mut self, id: JobId, peer: Sid) {
+    /// `peer`, with the store `store`, made the whole change of job `id` durable: one
+    /// more copy, while `peer` keeps that store.
+    pub(crate) fn peer_acked(&mut self, id: JobId, peer: Sid, store: u64) {
         if let Some(Job { state: JobState::Replicating { acked, .. }, .. }) = self.jobs.get_mut(&id) {
-            acked.insert(peer);
+            acked.insert(peer, store);
         }
     }
 
-    /// Jobs executed here whose writes are durable and whose copies are all acknowledged.
-    pub(crate) fn replicated(&self, is_durable: impl Fn(WriteId) -> bool) -> Vec<JobId> {
+    /// Jobs executed here whose writes are durable and whose copies are all
+    /// acknowledged by stores their peers still have: `store_of` gives a peer's store
+    /// as its newest announcement says (None: no announcement yet, and the
+    /// acknowledgement's word is taken).
+    pub(crate) fn replicated(
+        &self,
+        is_durable: impl Fn(WriteId) -> bool,
+        store_of: impl Fn(Sid) -> Option<u64>,
+    ) -> Vec<JobId> {
         self.ids_where(|j| match &j.state {
-            JobState::Replicating { write, need, acked, .. } => is_durable(*write) && acked.len() >= *need,
+            JobState::Replicating { write, need, acked, .. } => {
+                is_durable(*write) && counted_copies(acked, &store_of) >= *need
+            }
             _ => false,
         })
+    }
+
+    /// `peer` has the store `store` now: the copies it acknowledged with any other store
+    /// are gone, and waiting jobs forget them for good (so that hearing an older
+    /// identity again, late, cannot bring them back). How many were forgotten.
+    pub(crate) fn forget_copies_of_other_stores(&mut self, peer: Sid, store: u64) -> usize {
+        let mut forgotten = 0;
+        for job in self.jobs.values_mut() {
+            if let JobState::Replicating { acked, .. } = &mut job.state
+                && acked.get(&peer).is_some_and(|s| *s != store)
+            {
+                acked.remove(&peer);
+                forgotten += 1;
+            }
+        }
+        forgotten
     }
 
     /// One part of a split job answered. When it was the last, the parent job leaves the
@@ -197,6 +223,11 @@ impl JobTable {
     fn ids_where(&self, keep: impl Fn(&Job) -> bool) -> Vec<JobId> {
         self.jobs.iter().filter(|(_, j)| keep(j)).map(|(t, _)| *t).collect()
     }
+}
+
+/// The acknowledged copies whose peers still have the store that made them.
+fn counted_copies(acked: &BTreeMap<Sid, u64>, store_of: &impl Fn(Sid) -> Option<u64>) -> usize {
+    acked.iter().filter(|(peer, store)| store_of(**peer).is_none_or(|now| now == **store)).count()
 }
 
 #[cfg(test)]
@@ -236,15 +267,41 @@ mod tests {
     fn a_job_is_done_when_durable_and_acked_enough() {
         let mut t = JobTable::new(1, 0);
         let result = WriteResult::MailboxDone { modseq: 1 };
-        let state = JobState::Replicating { write: 5, need: 2, acked: BTreeSet::new(), result };
+        let state = JobState::Replicating { write: 5, need: 2, acked: BTreeMap::new(), result };
         let id = t.insert(job(state, 0));
-        assert!(t.replicated(|_| true).is_empty(), "no copies yet");
-        t.peer_acked(id, Sid(2));
-        t.peer_acked(id, Sid(2));
-        assert!(t.replicated(|_| true).is_empty(), "one peer counts once");
-        t.peer_acked(id, Sid(3));
-        assert!(t.replicated(|w| w < 5).is_empty(), "the write is not durable yet");
-        assert_eq!(t.replicated(|w| w <= 5), vec![id]);
+        let unknown = |_: Sid| None;
+        assert!(t.replicated(|_| true, unknown).is_empty(), "no copies yet");
+        t.peer_acked(id, Sid(2), 20);
+        t.peer_acked(id, Sid(2), 20);
+        assert!(t.replicated(|_| true, unknown).is_empty(), "one peer counts once");
+        t.peer_acked(id, Sid(3), 30);
+        assert!(t.replicated(|w| w < 5, unknown).is_empty(), "the write is not durable yet");
+        assert_eq!(t.replicated(|w| w <= 5, unknown), vec![id]);
+    }
+
+    #[test]
+    fn a_copy_counts_only_while_its_peer_keeps_the_store_that_made_it() {
+        let mut t = JobTable::new(1, 0);
+        let result = WriteResult::MailboxDone { modseq: 1 };
+        let state = JobState::Replicating { write: 5, need: 2, acked: BTreeMap::new(), result };
+        let id = t.insert(job(state, 0));
+        t.peer_acked(id, Sid(2), 20);
+        t.peer_acked(id, Sid(3), 30);
+        let before = |s: Sid| Some(u64::from(s.0) * 10);
+        assert_eq!(t.replicated(|_| true, before), vec![id], "both stores are the ones announced");
+        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 20), 0);
+        // Server 2 lost its disk: its new store announces itself.
+        let replaced = |s: Sid| Some(if s == Sid(2) { 21 } else { u64::from(s.0) * 10 });
+        assert!(t.replicated(|_| true, replaced).is_empty(), "the old store's copy is gone");
+        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 21), 1);
+        assert!(t.replicated(|_| true, before).is_empty(), "forgotten, even if the old identity is heard again");
+        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 21), 0);
+        // The new store acknowledges the change again (a resend): it counts.
+        t.peer_acked(id, Sid(2), 21);
+        assert_eq!(t.replicated(|_| true, replaced), vec![id]);
+        // An acknowledgement from the old store, late, counts for nothing.
+        t.peer_acked(id, Sid(2), 20);
+        assert!(t.replicated(|_| true, replaced).is_empty());
     }
 
     #[test]

@@ -65,7 +65,9 @@ pub enum JobState {
     Replicating {
         write: WriteId,
         need: usize,
-        acked: BTreeSet<Sid>,
+        /// The peers that made the change durable, each with the store identity its
+        /// acknowledgement carried: a copy counts only while the peer has that store.
+        acked: BTreeMap<Sid, u64>,
         result: WriteResult,
     },
     /// A COPY at the master, waiting for the body.
@@ -714,8 +716,8 @@ impl Server {
 
     /// Finish jobs whose writes are durable and whose replicas have acknowledged.
     pub(crate) fn progress_jobs(&mut self) {
-        let out = &self.out;
-        let done = self.jobs.replicated(|write| out.is_durable(write));
+        let (out, routing) = (&self.out, &self.routing);
+        let done = self.jobs.replicated(|write| out.is_durable(write), |peer| routing.store_of(peer));
         for id in done {
             let Some(job) = self.jobs.remove(id) else { continue };
             self.log_progress.job_over(id);
@@ -878,7 +880,7 @@ impl Server {
             return;
         }
         let write = self.out.last_write();
-        self.jobs.set_state(id, JobState::Replicating { write, need, acked: BTreeSet::new(), result });
+        self.jobs.set_state(id, JobState::Replicating { write, need, acked: BTreeMap::new(), result });
         self.progress_jobs();
     }
 

@@ -94,8 +94,8 @@ impl Server {
 
     /// Tells a neighbour (member or not) our membership.
     pub(crate) fn send_members(&mut self, to: Sid) {
-        let envelope =
-            Envelope { src: self.cfg.sid, dst: to, hops: 0, msg: Msg::Members { members: self.members.clone() } };
+        let msg = Msg::Members { members: self.members.clone(), store: self.image.disk().store_id };
+        let envelope = Envelope { src: self.cfg.sid, dst: to, hops: 0, msg };
         self.out.send(to, envelope);
     }
 

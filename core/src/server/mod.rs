@@ -125,6 +125,9 @@ pub(crate) enum StartupHold {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BodyDamaged;
 
+/// Mixed into the driver's seed when a new store draws its identity.
+const STORE_ID_SALT: u64 = 0x5354_4f52_4549_4421;
+
 impl Server {
     /// A server starting with an empty store; `bodies` is where the driver keeps the
     /// bytes of the bodies it is asked to write (see [`BodyStore`]).
@@ -177,7 +180,10 @@ impl Server {
         // root); maintenance starts an interval later.
         server.timers.set(Timer::Retry, Instant(0));
         server.timers.set(Timer::Maintenance, Instant(server.cfg.anti_entropy_us));
-        let started = server.image.start_incarnation(&mut server.out);
+        // From its own generator, so that the server's stream of random numbers is the
+        // same whether its store is new or not.
+        let drawn = ChaCha8Rng::seed_from_u64(seed ^ STORE_ID_SALT ^ u64::from(server.cfg.sid.0)).next_u64().max(1);
+        let started = server.image.start_incarnation(&mut server.out, drawn);
         debug_assert_eq!(started, incarnation);
         if server.image.finish_interrupted_merges(&mut server.out) > 0 {
             server.marks.hit(Mark::InterruptedMergeFinished);
@@ -532,9 +538,9 @@ impl Server {
             // A neighbour outside the membership (not added yet, or retired) is told
             // and heard about membership and links only.
             match envelope.msg {
-                Msg::Members { members } if envelope.dst == self.cfg.sid => self.on_members(&members),
-                Msg::LinkState { origin, seq, epoch, neighbors } if !self.retired() => {
-                    self.on_link_state(from, origin, seq, epoch, neighbors)
+                Msg::Members { members, .. } if envelope.dst == self.cfg.sid => self.on_members(&members),
+                Msg::LinkState { origin, seq, epoch, store, neighbors } if !self.retired() => {
+                    self.on_link_state(from, origin, seq, epoch, store, neighbors)
                 }
                 _ => {}
             }
@@ -560,13 +566,22 @@ impl Server {
             let name = envelope.msg.name();
             self.note(|| format!("refuses {name} from {src}: {why}"));
             if let Msg::Change { seq, .. } = envelope.msg {
-                self.send(src, Msg::Ack { seqs: Vec::new(), refused: vec![seq] });
+                let store = self.image.disk().store_id;
+                self.send(src, Msg::Ack { seqs: Vec::new(), refused: vec![seq], store });
             }
             return;
         }
         match envelope.msg {
-            Msg::LinkState { origin, seq, epoch, neighbors } => self.on_link_state(from, origin, seq, epoch, neighbors),
-            Msg::Members { members } => self.on_members(&members),
+            Msg::LinkState { origin, seq, epoch, store, neighbors } => {
+                self.on_link_state(from, origin, seq, epoch, store, neighbors)
+            }
+            Msg::Members { members, store } => {
+                self.on_members(&members);
+                // Said by the neighbour itself on this link: its store now.
+                if src == from {
+                    self.heard_store(src, store, true);
+                }
+            }
             Msg::Root { epoch, root } => self.on_root(src, epoch, root),
             Msg::Dropped { epoch } => self.on_dropped(src, epoch),
             Msg::Who { epoch, keys } => self.on_who(src, epoch, keys),
@@ -579,7 +594,7 @@ impl Server {
             Msg::Request { tag, request } => self.on_peer_request(src, JobId(tag), request),
             Msg::Reply { tag, master, result, record } => self.on_peer_reply(src, JobId(tag), master, result, record),
             Msg::Change { seq, change } => self.on_change(src, seq, change),
-            Msg::Ack { seqs, refused } => self.on_ack(src, seqs, refused),
+            Msg::Ack { seqs, refused, store } => self.on_ack(src, seqs, refused, store),
             // A catch-up's number; 0 in an unsolicited MBOX (anti-entropy).
             Msg::MboxRequest { tag, key } => self.on_mbox_request(src, CatchupId(tag), key),
             Msg::Mbox { tag, summary } => {

@@ -158,7 +158,7 @@ impl Server {
         }
     }
 
-    pub(crate) fn on_ack(&mut self, src: Sid, seqs: Vec<u64>, refused: Vec<u64>) {
+    pub(crate) fn on_ack(&mut self, src: Sid, seqs: Vec<u64>, refused: Vec<u64>, store: u64) {
         let held: BTreeSet<u64> = seqs.iter().copied().collect();
         let removed = self.image.log_remove(&mut self.out, src, seqs.into_iter().chain(refused).collect());
         if removed.is_empty() {
@@ -166,7 +166,7 @@ impl Server {
         }
         for seq in &removed {
             if let Some(job) = self.log_progress.acknowledged(src, *seq, held.contains(seq)) {
-                self.jobs.peer_acked(job, src);
+                self.jobs.peer_acked(job, src, store);
             }
         }
         debug_assert!(
@@ -180,9 +180,27 @@ impl Server {
     pub(crate) fn flush_acks(&mut self) {
         let out = &self.out;
         let ready = self.log_progress.take_ready_acks(|write| out.is_durable(write));
+        let store = self.image.disk().store_id;
         for (peer, (seqs, refused)) in ready {
-            self.send(peer, Msg::Ack { seqs, refused });
+            self.send(peer, Msg::Ack { seqs, refused, store });
         }
+    }
+
+    /// `peer` has the store `store`, which is not the one we knew (`replaced`), or we
+    /// knew none. Another store means a lost or replaced disk: the copies the peer
+    /// acknowledged with its old store are gone, and the jobs waiting for copies forget
+    /// them (a sync-mode answer then waits for another copy, or fails temporarily at its
+    /// deadline); acknowledgements the new store sent before we heard of it count from
+    /// now on.
+    pub(crate) fn peer_store_changed(&mut self, peer: Sid, store: u64, replaced: bool) {
+        if replaced {
+            let dropped = self.jobs.forget_copies_of_other_stores(peer, store);
+            self.note(|| format!("{peer} has a new store {store:016x}: {dropped} acknowledged copies no longer count"));
+            if dropped > 0 {
+                self.marks.hit(Mark::ReplacedStoreAckDropped);
+            }
+        }
+        self.progress_jobs();
     }
 
     /// A change from a peer's log.

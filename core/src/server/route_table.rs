@@ -20,6 +20,8 @@ pub const LINK_HOLD_US: u64 = 2_000;
 pub struct LinkAnnouncement {
     pub seq: u64,
     pub epoch: u64,
+    /// The announcing server's store identity (see `DiskImage::store_id`).
+    pub store: u64,
     pub neighbors: BTreeSet<Sid>,
 }
 
@@ -40,6 +42,14 @@ pub(crate) struct RouteTable {
     /// Links up to servers outside the membership.
     stranger_links: BTreeSet<Sid>,
     announcements: BTreeMap<Sid, LinkAnnouncement>,
+    /// Each member's store identity as last heard: from the member itself when a link to
+    /// it comes up (its MEMBERS), or from its newest announcement.
+    #[serde(default)]
+    stores: BTreeMap<Sid, u64>,
+    /// Neighbours whose store we heard from them on the link that is up now: until it
+    /// goes down, no announcement (which may be an old one, relayed) overrides it.
+    #[serde(default)]
+    stores_from_link: BTreeSet<Sid>,
     next_hops: BTreeMap<Sid, Sid>,
     /// Always holds `me`.
     reachable: BTreeSet<Sid>,
@@ -53,6 +63,8 @@ impl RouteTable {
             links: BTreeSet::new(),
             stranger_links: BTreeSet::new(),
             announcements: BTreeMap::new(),
+            stores: BTreeMap::new(),
+            stores_from_link: BTreeSet::new(),
             next_hops: BTreeMap::new(),
             reachable: BTreeSet::from([me]),
         }
@@ -86,6 +98,9 @@ impl RouteTable {
         let changed = links != self.links;
         self.links = links;
         self.stranger_links = strangers;
+        let (servers, links) = (&self.servers, &self.links);
+        self.stores.retain(|s, _| servers.contains(s));
+        self.stores_from_link.retain(|s| links.contains(s));
         changed
     }
 
@@ -125,6 +140,7 @@ impl RouteTable {
     /// True when a link to a member was up.
     pub(crate) fn link_down(&mut self, peer: Sid) -> bool {
         self.stranger_links.remove(&peer);
+        self.stores_from_link.remove(&peer);
         self.links.remove(&peer)
     }
 
@@ -133,9 +149,33 @@ impl RouteTable {
         self.announcements.iter().filter(|(s, _)| **s != self.me).map(|(s, a)| (*s, a.clone())).collect()
     }
 
+    /// `server`'s store identity as last heard (None: not heard yet).
+    pub(crate) fn store_of(&self, server: Sid) -> Option<u64> {
+        self.stores.get(&server).copied()
+    }
+
+    /// `server` has the store `store`, as it or its newest announcement says. Some(the
+    /// identity heard before, if any) when this is news. A member's store changes only
+    /// by a lost or replaced disk; the table is bounded like the announcements.
+    pub(crate) fn heard_store(&mut self, server: Sid, store: u64, on_link: bool) -> Option<Option<u64>> {
+        debug_assert_ne!(server, self.me, "our own store is not learned");
+        if !self.servers.contains(&server) {
+            return None;
+        }
+        if on_link {
+            debug_assert!(self.links.contains(&server), "heard on a link that is up");
+            self.stores_from_link.insert(server);
+        } else if self.stores_from_link.contains(&server) {
+            return None;
+        }
+        let before = self.stores.insert(server, store);
+        debug_assert!(self.stores.len() <= self.servers.len(), "one store per member");
+        (before != Some(store)).then_some(before)
+    }
+
     /// Records our own announcement of our current links.
-    pub(crate) fn announce_own(&mut self, seq: u64, epoch: u64) -> LinkAnnouncement {
-        let own = LinkAnnouncement { seq, epoch, neighbors: self.links.clone() };
+    pub(crate) fn announce_own(&mut self, seq: u64, epoch: u64, store: u64) -> LinkAnnouncement {
+        let own = LinkAnnouncement { seq, epoch, store, neighbors: self.links.clone() };
         self.announcements.insert(self.me, own.clone());
         own
     }
@@ -148,6 +188,7 @@ impl RouteTable {
         origin: Sid,
         seq: u64,
         epoch: u64,
+        store: u64,
         neighbors: Vec<Sid>,
     ) -> Option<(LinkAnnouncement, bool)> {
         debug_assert_ne!(origin, self.me, "our own announcements are not learned");
@@ -158,7 +199,7 @@ impl RouteTable {
         }
         let neighbors: BTreeSet<Sid> = neighbors.into_iter().collect();
         let changed = self.announcements.get(&origin).is_none_or(|a| a.neighbors != neighbors);
-        let announcement = LinkAnnouncement { seq, epoch, neighbors };
+        let announcement = LinkAnnouncement { seq, epoch, store, neighbors };
         self.announcements.insert(origin, announcement.clone());
         Some((announcement, changed))
     }
@@ -304,8 +345,8 @@ mod tests {
     fn line() -> RouteTable {
         let mut t = RouteTable::new(s(1), &[s(1), s(2), s(3)]);
         t.link_up(s(2));
-        t.learn(s(2), 1, 0, vec![s(1), s(3)]);
-        t.learn(s(3), 1, 0, vec![s(2)]);
+        t.learn(s(2), 1, 0, 0, vec![s(1), s(3)]);
+        t.learn(s(3), 1, 0, 0, vec![s(2)]);
         t
     }
 
@@ -325,7 +366,7 @@ mod tests {
         t.link_up(s(2));
         t.recompute();
         assert!(!t.is_reachable(s(2)), "2 has not announced the link yet");
-        t.learn(s(2), 1, 0, vec![s(1)]);
+        t.learn(s(2), 1, 0, 0, vec![s(1)]);
         t.recompute();
         assert!(t.is_reachable(s(2)));
     }
@@ -338,8 +379,8 @@ mod tests {
         let mut middle = RouteTable::new(s(2), &[s(1), s(2), s(3)]);
         middle.link_up(s(1));
         middle.link_up(s(3));
-        middle.learn(s(1), 1, 0, vec![s(2)]);
-        middle.learn(s(3), 1, 0, vec![s(2)]);
+        middle.learn(s(1), 1, 0, 0, vec![s(2)]);
+        middle.learn(s(3), 1, 0, 0, vec![s(2)]);
         middle.recompute();
         assert_eq!(middle.reachable_peers(), vec![s(1), s(3)]);
         assert!(!middle.others_connected_without_me(), "1 and 3 meet only through 2");
@@ -359,9 +400,9 @@ mod tests {
     #[test]
     fn stale_announcements_are_ignored_and_strangers_are_not_routed_to() {
         let mut t = line();
-        assert!(t.learn(s(2), 1, 0, vec![s(1)]).is_none(), "same seq");
-        assert!(t.learn(s(9), 1, 0, vec![s(2)]).is_some(), "kept for when 9 is added");
-        let (kept, changed) = t.learn(s(2), 2, 5, vec![s(1), s(3), s(9)]).expect("newer");
+        assert!(t.learn(s(2), 1, 0, 0, vec![s(1)]).is_none(), "same seq");
+        assert!(t.learn(s(9), 1, 0, 0, vec![s(2)]).is_some(), "kept for when 9 is added");
+        let (kept, changed) = t.learn(s(2), 2, 5, 0, vec![s(1), s(3), s(9)]).expect("newer");
         assert!(changed);
         assert_eq!(kept.neighbors, BTreeSet::from([s(1), s(3), s(9)]));
         t.recompute();
@@ -400,7 +441,7 @@ mod tests {
         for n in 2..=6u32 {
             let prev = if n == 1 { 6 } else { n - 1 };
             let next = if n == 6 { 1 } else { n + 1 };
-            t.learn(s(n), 1, 0, vec![s(prev), s(next)]);
+            t.learn(s(n), 1, 0, 0, vec![s(prev), s(next)]);
         }
         t.recompute();
         assert_eq!(t.routes_dense(), Some(t.routes_sparse()));

@@ -15,8 +15,14 @@ impl Server {
     pub(crate) fn announce_links(&mut self, seen: u64) {
         let seq = self.image.next_link_seq(&mut self.out, seen);
         let me = self.cfg.sid;
-        let own = self.routing.announce_own(seq, self.image.disk().epoch);
-        let msg = Msg::LinkState { origin: me, seq, epoch: own.epoch, neighbors: own.neighbors.into_iter().collect() };
+        let own = self.routing.announce_own(seq, self.image.disk().epoch, self.image.disk().store_id);
+        let msg = Msg::LinkState {
+            origin: me,
+            seq,
+            epoch: own.epoch,
+            store: own.store,
+            neighbors: own.neighbors.into_iter().collect(),
+        };
         for peer in self.routing.links().clone() {
             self.send_direct(peer, msg.clone());
         }
@@ -46,7 +52,8 @@ impl Server {
     pub(crate) fn send_announcements(&mut self, peer: Sid) {
         for (origin, ann) in self.routing.others_announcements() {
             let neighbors = ann.neighbors.into_iter().collect();
-            self.send_direct(peer, Msg::LinkState { origin, seq: ann.seq, epoch: ann.epoch, neighbors });
+            let msg = Msg::LinkState { origin, seq: ann.seq, epoch: ann.epoch, store: ann.store, neighbors };
+            self.send_direct(peer, msg);
         }
     }
 
@@ -72,7 +79,15 @@ impl Server {
         }
     }
 
-    pub(crate) fn on_link_state(&mut self, from: Sid, origin: Sid, seq: u64, epoch: u64, neighbors: Vec<Sid>) {
+    pub(crate) fn on_link_state(
+        &mut self,
+        from: Sid,
+        origin: Sid,
+        seq: u64,
+        epoch: u64,
+        store: u64,
+        neighbors: Vec<Sid>,
+    ) {
         // Learned before the routes change, so that a term opened because the component
         // grew has an epoch above every epoch in it (even our own from before a disk loss).
         if self.set_epoch(epoch) && self.routing.is_reachable(origin) {
@@ -85,8 +100,8 @@ impl Server {
             }
             return;
         }
-        let Some((kept, changed)) = self.routing.learn(origin, seq, epoch, neighbors) else { return };
-        let msg = Msg::LinkState { origin, seq, epoch, neighbors: kept.neighbors.into_iter().collect() };
+        let Some((kept, changed)) = self.routing.learn(origin, seq, epoch, store, neighbors) else { return };
+        let msg = Msg::LinkState { origin, seq, epoch, store, neighbors: kept.neighbors.into_iter().collect() };
         for peer in self.routing.links().clone() {
             if peer != from {
                 self.send_direct(peer, msg.clone());
@@ -94,6 +109,15 @@ impl Server {
         }
         if changed {
             self.recompute_routes();
+        }
+        self.heard_store(origin, store, false);
+    }
+
+    /// `server` has the store `store`, as it said on the link up now (`on_link`) or as
+    /// its newest announcement says.
+    pub(crate) fn heard_store(&mut self, server: Sid, store: u64, on_link: bool) {
+        if let Some(before) = self.routing.heard_store(server, store, on_link) {
+            self.peer_store_changed(server, store, before.is_some());
         }
     }
 
