@@ -50,10 +50,13 @@ pub enum Bug {
     /// A user replica takes the census's loss of a message it still holds the body of
     /// like any expunge, and the message is gone everywhere.
     ReplicaTakesLostExpunge,
+    /// A master counts a peer's acknowledgement whatever store the peer has now: a copy
+    /// acknowledged by a store since lost with its disk still counts.
+    CountsAcksOfLostStores,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 14] = [
+    pub const ALL: [Bug; 15] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -68,6 +71,7 @@ impl Bug {
         Bug::PartialExpungesUnheld,
         Bug::PartialAckCountsAsCopy,
         Bug::ReplicaTakesLostExpunge,
+        Bug::CountsAcksOfLostStores,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +90,7 @@ impl Bug {
             Bug::PartialExpungesUnheld => "partial-expunges-unheld",
             Bug::PartialAckCountsAsCopy => "partial-ack-counts-as-copy",
             Bug::ReplicaTakesLostExpunge => "replica-takes-lost-expunge",
+            Bug::CountsAcksOfLostStores => "counts-acks-of-lost-stores",
         }
     }
 

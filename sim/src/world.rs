@@ -175,6 +175,8 @@ struct Node {
     incarnation: u64,
     lost: bool,
     timer_at: Option<Instant>,
+    /// When the node's current store was made (0: at the start of the run).
+    store_made_us: u64,
 }
 
 /// A copy of a node that shares nothing with it: its own body store, and its server
@@ -192,6 +194,7 @@ impl Clone for Node {
             incarnation: self.incarnation,
             lost: self.lost,
             timer_at: self.timer_at,
+            store_made_us: self.store_made_us,
         }
     }
 }
@@ -453,6 +456,7 @@ impl World {
                     incarnation: 0,
                     lost: false,
                     timer_at: None,
+                    store_made_us: 0,
                 },
             );
         }
@@ -779,6 +783,7 @@ impl World {
         if empty {
             node.disk = DiskImage::default();
             node.bodies = sim_bodies();
+            node.store_made_us = self.now.0;
             // A new, empty server under the old id (a replaced disk): what the old one
             // showed no longer binds it, as when a disk is wiped on stop.
             self.oracle.forget_server(sid);
@@ -1953,7 +1958,7 @@ impl World {
 
     /// Sync mode promises that a client hears of a save only once the master and
     /// `replicas` peers hold the message on disk: count the durable copies right now.
-    fn check_copies_at_ack(&mut self, mailbox: &MailboxKey, guid: Guid, lost_meanwhile: usize) {
+    fn check_copies_at_ack(&mut self, mailbox: &MailboxKey, guid: Guid, lost_meanwhile: usize, issued_us: u64) {
         if self.scenario.cluster.durability != Durability::Sync {
             return;
         }
@@ -1976,12 +1981,34 @@ impl World {
                 })
             })
             .count();
+        let lost_meanwhile = lost_meanwhile + self.unknown_disk_losses(mailbox, guid, issued_us);
         if copies + lost_meanwhile < copies_needed {
             let detail = format!(
                 "message {guid} in {mailbox} acked with {copies} durable copies, sync mode promises {copies_needed}"
             );
             self.oracle.violate(oracle::NO_ACKED_LOSS, self.now.0, detail);
         }
+    }
+
+    /// Servers whose disk was replaced since a save was issued (`issued_us`), which do
+    /// not hold it, and whose new store some running server has not heard of yet: the
+    /// master may be that server, and what it cannot know it cannot count out (the core
+    /// forgets an acknowledgement once it hears of the new store). Such a loss is like
+    /// any other server's lost for good.
+    fn unknown_disk_losses(&self, mailbox: &MailboxKey, guid: Guid, issued_us: u64) -> usize {
+        let servers = || self.nodes.iter().filter(|(sid, _)| !self.is_laptop(**sid));
+        servers()
+            .filter(|(_, n)| n.store_made_us > issued_us)
+            .filter(|(_, n)| n.disk.mailboxes.get(mailbox).is_none_or(|m| !m.messages.has_guid(guid)))
+            .filter_map(|(sid, n)| Some((*sid, n.server.as_ref()?)))
+            .filter(|(sid, s)| {
+                let store = s.image().store_id;
+                servers()
+                    .filter(|(other, _)| *other != sid)
+                    .filter_map(|(_, n)| n.server.as_ref())
+                    .any(|other| other.peer_store(*sid) != Some(store))
+            })
+            .count()
     }
 
     /// A running server's copy of a mailbox.
@@ -2061,7 +2088,7 @@ impl World {
                     // A laptop is a cluster of one: its copies are the cluster's business
                     // once its agent pushed them.
                     if *uid != 0 && !self.is_laptop(sid) {
-                        self.check_copies_at_ack(mailbox, *guid, copies_lost);
+                        self.check_copies_at_ack(mailbox, *guid, copies_lost, o.issued_us);
                     }
                 }
                 if let Some(label) = &o.label {

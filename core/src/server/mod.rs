@@ -301,6 +301,10 @@ impl Server {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// `server`'s store identity as this server last heard it (None: not heard yet).
+    pub fn peer_store(&self, server: Sid) -> Option<u64> {
+        self.routing.store_of(server)
+    }
     /// What the store holds, as the core sees it (durable or about to be).
     pub fn image(&self) -> &DiskImage {
         self.image.disk()

@@ -193,7 +193,7 @@ impl Server {
     /// deadline); acknowledgements the new store sent before we heard of it count from
     /// now on.
     pub(crate) fn peer_store_changed(&mut self, peer: Sid, store: u64, replaced: bool) {
-        if replaced {
+        if replaced && !self.has_bug(crate::Bug::CountsAcksOfLostStores) {
             let dropped = self.jobs.forget_copies_of_other_stores(peer, store);
             self.note(|| format!("{peer} has a new store {store:016x}: {dropped} acknowledged copies no longer count"));
             if dropped > 0 {

@@ -334,9 +334,14 @@ impl Server {
                 self.send(from, Msg::MasterIs { epoch, key, master: owner, generation: recorded });
                 return;
             }
-            if generation < recorded {
+            if generation < recorded || (generation == recorded && owner.is_some_and(|o| o != master)) {
                 // A late report of an earlier move (relayed, or resent): the root knows
                 // a later master, maybe itself, and must not give the key up for it.
+                // Nor for another server's word on a master our table contradicts at
+                // the same generation: the claimant itself hears the recorded master
+                // from us (above), and the recorded master, maybe we, masters on
+                // (explore seed 352662: the root, recorded master, stopped for a third
+                // server's report and told the claimant to stop too; no one mastered).
                 return;
             }
             if generation > recorded {
