@@ -162,6 +162,10 @@ pub struct LinkStatus {
     pub connected: bool,
     pub reachable: bool,
     pub backlog: usize,
+    /// The peer's store identity as this node last heard it (16 hex digits), if heard:
+    /// it changes only when the peer's disk was lost or replaced.
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -185,6 +189,9 @@ pub struct Status {
     pub mailboxes: Vec<MailboxStatus>,
     pub jobs: usize,
     pub wanted_bodies: usize,
+    /// This node's store identity (16 hex digits), drawn when its store was made.
+    #[serde(default)]
+    pub store: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

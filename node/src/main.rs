@@ -392,18 +392,19 @@ async fn run(command: Command) -> Result<(), String> {
             if as_json {
                 return out(&json(&s)?);
             }
-            let mut text = format!("server {}  root {:?}  epoch {}\n", s.id, s.root, s.epoch);
+            let mut text = format!("server {}  store {}  root {:?}  epoch {}\n", s.id, s.store, s.root, s.epoch);
             text += &format!("masters known: {:?}\n", s.masters);
             text += &format!("mastered here: {:?}\n", s.mastered_here);
             for l in &s.links {
                 text += &format!(
                     "{}\n",
                     format_args!(
-                        "peer {}: {} {} backlog {}",
+                        "peer {}: {} {} backlog {} store {}",
                         l.peer,
                         if l.connected { "connected" } else { "not connected" },
                         if l.reachable { "reachable" } else { "unreachable" },
-                        l.backlog
+                        l.backlog,
+                        l.store.as_deref().unwrap_or("unknown")
                     )
                 );
             }

@@ -1027,6 +1027,7 @@ impl EventLoop {
                     connected: self.links.contains_key(p),
                     reachable: s.is_reachable(*p),
                     backlog: backlog.get(p).copied().unwrap_or(0),
+                    store: s.peer_store(*p).map(|id| format!("{id:016x}")),
                 })
                 .collect(),
             mailboxes: s
@@ -1043,6 +1044,7 @@ impl EventLoop {
                 .collect(),
             jobs: s.jobs_in_progress(),
             wanted_bodies: s.wanted_bodies(),
+            store: format!("{:016x}", s.image().store_id),
         }
     }
 

@@ -599,3 +599,48 @@ fn tombstones_are_collected_once_every_node_agreed_and_survive_a_kill_9() {
     let shown: Vec<u32> = view.messages.iter().map(|m| m.uid).collect();
     assert_eq!(shown, vec![uids[0], uids[4], uids[5], uid]);
 }
+
+/// A node whose disk is lost comes back with a new store: its peers hear the new store
+/// identity from it on the new link (so no master goes on counting what the old store
+/// acknowledged), and the mail is copied onto the new disk.
+#[test]
+fn a_node_with_a_new_disk_is_known_by_its_new_store_identity() {
+    let mut c = Cluster::start(3, "");
+    let mailbox = "frank@example.org/INBOX";
+    let mut acked = BTreeSet::new();
+    for i in 0..3 {
+        let (_, guid) = c.deliver(i, mailbox, &format!("Subject: before {i}\r\n\r\n")).expect("save");
+        acked.insert(guid);
+    }
+    c.converged(mailbox, CONVERGE);
+    let heard = |c: &Cluster, from: usize| {
+        c.status(from).links.iter().find(|l| l.peer == 3).and_then(|l| l.store.clone()).unwrap_or_default()
+    };
+    let old = c.status(2).store;
+    assert_eq!(old.len(), 16, "{old:?}");
+    assert!(harness::eventually(|| heard(&c, 0) == old && heard(&c, 1) == old), "the peers know node 3's store");
+    c.kill9(2);
+    std::fs::remove_dir_all(c.dir.path().join("data-3")).expect("the disk is lost");
+    c.spawn(2);
+    c.wait_up(2);
+    c.wait_linked();
+    let new = c.status(2).store;
+    assert_eq!(new.len(), 16, "{new:?}");
+    assert_ne!(new, old, "a new store has a new identity");
+    assert!(
+        harness::eventually(|| heard(&c, 0) == new && heard(&c, 1) == new),
+        "the peers hear the new store: {} {}",
+        heard(&c, 0),
+        heard(&c, 1)
+    );
+    let (_, guid) = c.deliver(2, mailbox, "Subject: after\r\n\r\n").expect("a save through the new disk");
+    acked.insert(guid);
+    let view = c.converged(mailbox, CONVERGE);
+    let present: BTreeSet<String> = view.messages.iter().map(|m| m.guid.clone()).collect();
+    assert_eq!(present, acked, "every acknowledged message is on every disk, the new one too");
+    // A restart keeps the store's identity.
+    c.kill9(2);
+    c.spawn(2);
+    c.wait_up(2);
+    assert_eq!(c.status(2).store, new);
+}
