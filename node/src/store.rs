@@ -207,6 +207,10 @@ impl Store {
         let mailboxes = copy_table(src, dst, MAILBOXES)?;
         let messages = copy_table(src, dst, MESSAGES)?;
         copy_table(src, dst, META)?;
+        // A restored copy is not the store that acknowledged what came after the
+        // snapshot: without an identity, it draws a new one at its first start, and no
+        // master counts those acknowledgements as its copies (see `DiskImage::store_id`).
+        dst.open_table(META)?.remove("store_id")?;
         copy_table(src, dst, TOMBSTONES)?;
         copy_table(src, dst, LEGACY_BODIES)?;
         copy_table(src, dst, BODY_REFS)?;

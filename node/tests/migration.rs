@@ -339,6 +339,7 @@ fn a_backup_under_load_restored_on_a_fresh_node_directory_converges_with_nothing
     let at_backup = acked.lock().unwrap().len();
     wait_for(at_backup + 150);
     // Node 3 is lost with its disk; a new machine gets the backup.
+    let lost_store = c.status(2).store;
     c.kill9(2);
     let data = c.dir.path().join("data-3");
     std::fs::remove_dir_all(&data).unwrap();
@@ -347,6 +348,12 @@ fn a_backup_under_load_restored_on_a_fresh_node_directory_converges_with_nothing
     wait_for(killed + 100);
     c.spawn(2);
     c.wait_up(2);
+    let restored_store = c.status(2).store;
+    assert_eq!(restored_store.len(), 16, "{restored_store:?}");
+    assert_ne!(
+        restored_store, lost_store,
+        "a restored backup is a new store: it did not acknowledge what came after it"
+    );
     let restarted = acked.lock().unwrap().len();
     wait_for(restarted + 100);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

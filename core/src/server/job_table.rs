@@ -161,7 +161,7 @@ impl JobTable {
 
     /// Jobs executed here whose writes are durable and whose copies are all
     /// acknowledged by stores their peers still have: `store_of` gives a peer's store
-    /// as its newest announcement says (None: no announcement yet, and the
+    /// as last heard (`RouteTable::store_of`; None: not heard yet, and the
     /// acknowledgement's word is taken).
     pub(crate) fn replicated(
         &self,
