@@ -323,25 +323,27 @@ impl Server {
         }
         if self.is_root() && from != self.cfg.sid {
             let recorded = self.root_role.generation(&key);
-            let owner = self.root_role.table().get(&key).copied();
-            if let Some(owner) = owner.filter(|o| *o != master && from == master && generation <= recorded) {
-                // A master our table contradicts at no later generation: its handover
-                // crossed our own assignment of the key (a MOVED reached a server after
-                // we gave the key to another; explore seeds 299220, 317758). Both would
-                // master the key for ever, each announcing it to us: the claimant is told
-                // the recorded master, at the recorded generation, and stops.
+            // The recorded master, when this report names another at no later generation:
+            // its handover crossed our own assignment of the key.
+            let contradicted =
+                self.root_role.table().get(&key).copied().filter(|o| *o != master && generation <= recorded);
+            if let Some(owner) = contradicted.filter(|_| from == master) {
+                // The claimant itself (a MOVED reached it after we gave the key to
+                // another; explore seeds 299220, 317758): both would master the key for
+                // ever, each announcing it to us, so it is told the recorded master, at
+                // the recorded generation, and stops.
                 self.note(|| format!("{from} claims {key} at generation {generation}: tells it {owner} masters it"));
                 self.send(from, Msg::MasterIs { epoch, key, master: owner, generation: recorded });
                 return;
             }
-            if generation < recorded || (generation == recorded && owner.is_some_and(|o| o != master)) {
+            if generation < recorded || contradicted.is_some() {
                 // A late report of an earlier move (relayed, or resent): the root knows
                 // a later master, maybe itself, and must not give the key up for it.
-                // Nor for another server's word on a master our table contradicts at
-                // the same generation: the claimant itself hears the recorded master
-                // from us (above), and the recorded master, maybe we, masters on
-                // (explore seed 352662: the root, recorded master, stopped for a third
-                // server's report and told the claimant to stop too; no one mastered).
+                // Nor for another server's word on a master our table contradicts: the
+                // claimant hears the recorded master from us (above), and the recorded
+                // master, maybe we, masters on (explore seed 352662: the root, recorded
+                // master, stopped for a third server's report and told the claimant to
+                // stop too; no one mastered).
                 return;
             }
             if generation > recorded {
