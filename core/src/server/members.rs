@@ -12,7 +12,8 @@
 //!   (whose catch-ups include the leaving server's copies). Every master checks its
 //!   copies with it at once. It retires itself once it masters nothing, its logs are
 //!   empty, each mailbox it held has been shown equal by an active server since it began
-//!   to leave, and no peer has fetched a body from it for a while.
+//!   to leave, and no peer has fetched a body from it for a while with every member in
+//!   reach.
 //! - A member **retired** is dropped: its logs, its link, every wait for it. A retired
 //!   server refuses writes and never opens a term.
 
@@ -31,9 +32,11 @@ use std::collections::BTreeSet;
 pub(crate) struct Leaving {
     /// Mailboxes held when leaving began that no active server has shown equal since.
     unconfirmed: BTreeSet<MailboxKey>,
-    /// The last time a peer fetched a body from us: a master that merged our copy may
-    /// still need bodies only we hold.
-    last_fetch: Instant,
+    /// The last time a peer fetched a body from us, or some member was out of reach: a
+    /// master that merged our copy, or that was cut off from us, may still need bodies
+    /// only we hold (explore seed 448759: a master whose copy was damaged while it was
+    /// cut off asked for it just after the heal, and we had retired).
+    quiet_since: Instant,
 }
 
 /// How long a leaving server must serve no body before it retires: a few maintenance
@@ -42,7 +45,7 @@ const LEAVING_QUIET_PASSES: u64 = 3;
 
 impl Leaving {
     pub(crate) fn new(unconfirmed: BTreeSet<MailboxKey>, now: Instant) -> Leaving {
-        Leaving { unconfirmed, last_fetch: now }
+        Leaving { unconfirmed, quiet_since: now }
     }
 }
 
@@ -208,15 +211,22 @@ impl Server {
     pub(crate) fn leaving_served_body(&mut self) {
         let now = self.now;
         if let Some(l) = self.leaving.as_mut() {
-            l.last_fetch = now;
+            l.quiet_since = now;
         }
     }
 
     /// A leaving server retires itself once nothing of it is needed (see the module
     /// comment). Checked at every maintenance pass.
     pub(crate) fn finish_leaving(&mut self) {
-        let Some(l) = self.leaving.as_ref() else { return };
-        let quiet = self.now.0.saturating_sub(l.last_fetch.0) >= self.cfg.anti_entropy_us * LEAVING_QUIET_PASSES;
+        let all_reachable = self.member_servers.iter().all(|s| self.routing.is_reachable(*s));
+        let now = self.now;
+        let Some(l) = self.leaving.as_mut() else { return };
+        if !all_reachable {
+            // The quiet passes count only with every member able to ask us.
+            l.quiet_since = now;
+            return;
+        }
+        let quiet = now.0.saturating_sub(l.quiet_since.0) >= self.cfg.anti_entropy_us * LEAVING_QUIET_PASSES;
         let root = self.root_role.root();
         let done = l.unconfirmed.is_empty()
             && quiet
@@ -224,10 +234,9 @@ impl Server {
             && self.masters.ready_keys().is_empty()
             && !self.masters.has_catchups()
             && self.image.logs_drained()
-            // Only with every other member in reach: a leaving server that is the only
-            // relay between others (now, or once a partition heals) stays, leaving and
-            // a relay only, until their links no longer need it.
-            && self.member_servers.iter().all(|s| self.routing.is_reachable(*s))
+            // A leaving server that is the only relay between others (now, or once a
+            // partition heals) stays, leaving and a relay only, until their links no
+            // longer need it.
             && self.routing.others_connected_without_me();
         if !done {
             return;
