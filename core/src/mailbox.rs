@@ -1296,6 +1296,22 @@ mod tests {
         assert!(!holds_exactly(&settled, &newer));
     }
 
+    /// Explore seed 432314: one message (GUID 9) COPYed into the mailbox on both sides of
+    /// a partition, at UID 2 here and UID 1 there, where UID 1 here is another message;
+    /// there a STORE removed \Flagged. Their binding retires onto the message live here
+    /// and its removal joins, since a COPY stamps the flags it carries at modseq 0.
+    #[test]
+    fn a_binding_that_meets_its_message_live_elsewhere_brings_its_flag_changes() {
+        let mut here = mbox(vec![rec(1, 7, &[]), rec(2, 9, &[("\\Flagged", true, 0)])]);
+        let there = st(&mbox(vec![rec(1, 9, &[("\\Flagged", false, 2)])]));
+        let out = merge_as_master(&mut here, &there, &MergeRules::default());
+        assert!(!out.unresolved);
+        let live: Vec<Uid> = here.messages.uids_of(Guid(9)).collect();
+        assert_eq!(live.len(), 1, "one message, one UID");
+        assert!(here.messages[&live[0]].present_flags().is_empty(), "the removal joined: {here:?}");
+        assert!(here.messages.has_guid(Guid(7)), "the other message moved, not dropped");
+    }
+
     #[test]
     fn an_adopt_takes_the_clusters_forgotten_decisions_and_keeps_back_what_is_not_pushed() {
         // Here: 1 (the cluster's, expunged and forgotten there), 2 (the replica's own,

@@ -1006,7 +1006,8 @@ impl Server {
         {
             self.image.put_checked_body(&mut self.out, guid, checksum, bytes.clone());
         }
-        let (record, uidvalidity) = self.place_new_message(mailbox, guid, received, flags, (checksum, size), at);
+        let (record, uidvalidity) =
+            self.place_new_message(mailbox, guid, received, (flags, is_copy), (checksum, size), at);
         let uid = record.uid;
         // A replica acks a COPY once its record is durable, body or not. Sync mode counts
         // acks as copies of the message, so there the body travels with it.
@@ -1071,12 +1072,18 @@ impl Server {
     /// Writes a new message at the mailbox's next UID (or `at`, at or above it) and next
     /// modseq (creating the mailbox if needed). Returns its record and the mailbox's
     /// UIDVALIDITY.
+    ///
+    /// The flags a COPY carries are stamped older than any STORE (modseq 0): a mailbox
+    /// holds a message once, so a COPY of one it holds already changes nothing, and two
+    /// COPYs of one message into one mailbox on the two sides of a partition become one
+    /// message whose STOREs must win over what either COPY brought (explore seed 432314:
+    /// the later side's COPY outstamped a STORE that removed \Flagged on the other).
     fn place_new_message(
         &mut self,
         mailbox: &MailboxKey,
         guid: Guid,
         received: u64,
-        flags: &[Flag],
+        (flags, is_copy): (&[Flag], bool),
         (checksum, size): (u64, u32),
         at: Option<Uid>,
     ) -> (MessageRecord, u32) {
@@ -1085,7 +1092,7 @@ impl Server {
         let (uid, uidvalidity) = (at.unwrap_or(m.uidnext).max(m.uidnext), m.uidvalidity);
         let modseq = m.highest_modseq.saturating_add(1);
         debug_assert!(!m.messages.contains_key(&uid), "UIDNEXT is above every live UID");
-        let stamp = Stamp { modseq, sid: self.cfg.sid };
+        let stamp = Stamp { modseq: if is_copy { 0 } else { modseq }, sid: self.cfg.sid };
         let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
         let record = MessageRecord { uid, guid, received, size, checksum, modseq, flags };
         let meta = StoreWrite::MailboxMeta {
