@@ -526,6 +526,12 @@ impl Image {
         }
     }
 
+    /// Whether a body of `guid` is stored and not known to be damaged: what a replica
+    /// can say of a copy without reading the bytes (the scrub reads them in its time).
+    pub(crate) fn body_not_known_bad(&self, guid: Guid) -> bool {
+        self.disk.bodies.contains_key(&guid) && self.body_verdicts.get(&guid) != Some(&false)
+    }
+
     /// Whether the stored body of `guid` matches its checksum (None: no body stored).
     pub(crate) fn body_intact(&mut self, guid: Guid) -> Option<bool> {
         let stored = *self.disk.bodies.get(&guid)?;

@@ -229,20 +229,22 @@ impl Server {
         let counts = if body_dropped {
             self.has_bug(crate::Bug::PartialAckCountsAsCopy)
         } else {
-            // A message held without an intact body is no copy either: the bytes that
-            // came failed their checksum (the master's own were damaged unseen, explore
-            // seed 439077), or none came and ours is missing or damaged. Its master must
-            // not count us; we fetch the body meanwhile.
-            message.is_none_or(|(mailbox, guid)| self.holds_intact_or_not_live(&mailbox, guid))
+            // A message held without its body is no copy either: the bytes that came
+            // failed their checksum (the master's own were damaged unseen, explore seed
+            // 439077), or none came and ours is missing or known damaged. Its master
+            // must not count us; we fetch the body meanwhile.
+            message.is_none_or(|(mailbox, guid)| self.holds_body_or_not_live(&mailbox, guid))
         };
         self.log_progress.owe(src, seq, self.out.last_write(), applied && counts);
     }
 
-    /// Whether a message we took from a change is a copy here: live with an intact body,
-    /// or not live at all (expunged meanwhile: nothing is left to count or to wait for).
-    fn holds_intact_or_not_live(&mut self, mailbox: &MailboxKey, guid: Guid) -> bool {
+    /// Whether a message we took from a change is a copy here: live with a body not
+    /// known to be damaged (bytes that came with the change were checked on arrival; a
+    /// body stored before is not read again for this), or not live at all (expunged
+    /// meanwhile: nothing is left to count or to wait for).
+    fn holds_body_or_not_live(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
         let live = self.image.mailbox(mailbox).is_some_and(|m| m.messages.has_guid(guid));
-        !live || self.image.body_intact(guid) == Some(true)
+        !live || self.image.body_not_known_bad(guid)
     }
 
     /// The piece of mailbox state a change carries. Bodies are stored on the way.
