@@ -632,9 +632,11 @@ impl Oracle {
         for sid in stores.keys().filter(|_| check_loss) {
             for ((mailbox, guid, flag), h) in &self.flag_requests {
                 let key = (mailbox.clone(), *guid);
-                if self.expunge_requested.contains(&key) && self.copy_requested.contains(&key) {
-                    // Expunged and copied back: the message there now is a new copy (same
-                    // GUID) with its source's flags, not the one the STOREs changed.
+                if self.removal_asked(mailbox, *guid) && self.copy_requested.contains(&key) {
+                    // Expunged (or the mailbox deleted or renamed away, explore seed 539095:
+                    // RENAME INBOX took the flagged message along) and copied back: the
+                    // message there now is a new copy (same GUID) with its source's flags,
+                    // not the one the STOREs changed.
                     continue;
                 }
                 let Some(r) = by_guid[sid].get(mailbox).and_then(|m| m.get(guid)) else { continue };
