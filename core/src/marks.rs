@@ -88,10 +88,12 @@ pub enum Mark {
     /// A master stopped counting a copy that a peer acknowledged with a store it no
     /// longer has (its disk was lost or replaced since).
     ReplacedStoreAckDropped,
+    /// A master sent a waiting SAVE or COPY again to a peer's new store.
+    CopySentAgain,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 42] = [
+    pub const ALL: [Mark; 43] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -134,6 +136,7 @@ impl Mark {
         Mark::LateHandoffMerged,
         Mark::CollectedCopyDropped,
         Mark::ReplacedStoreAckDropped,
+        Mark::CopySentAgain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -180,6 +183,7 @@ impl Mark {
             Mark::LateHandoffMerged => "late_handoff_merged",
             Mark::CollectedCopyDropped => "collected_copy_dropped",
             Mark::ReplacedStoreAckDropped => "replaced_store_ack_dropped",
+            Mark::CopySentAgain => "copy_sent_again",
         }
     }
 

@@ -149,6 +149,15 @@ impl AntiEntropy {
         self.checks.retain(|(p, _), _| *p != peer);
     }
 
+    /// `peer` has another store now (its disk was lost or replaced): nothing we knew of
+    /// its copies holds, least of all a point they had reached, from which a SYNC would
+    /// send only what changed since and leave out everything before it.
+    pub(crate) fn forget_peer(&mut self, peer: Sid) {
+        self.checks.retain(|(p, _), _| *p != peer);
+        self.common.retain(|(p, _), _| *p != peer);
+        self.resume_after.remove(&peer);
+    }
+
     /// Both copies reached `modseq`.
     pub(crate) fn agreed(&mut self, peer: Sid, mailbox: MailboxKey, modseq: ModSeq) {
         self.common.insert((peer, mailbox), CommonPoint { modseq, deltas_left: DELTA_SYNCS_MAX });
@@ -227,6 +236,18 @@ mod tests {
         }
         assert_eq!(a.take_delta_base(Sid(2), &mb()), None);
         assert_eq!(a.common_point(Sid(2), &mb()), None, "the used-up point is gone");
+    }
+
+    #[test]
+    fn a_peer_with_a_new_store_gets_full_syncs_only() {
+        let mut a = AntiEntropy::default();
+        a.agreed(Sid(2), mb(), 40);
+        a.agreed(Sid(3), mb(), 40);
+        a.confirmed(Sid(2), mb(), 77, Instant(10));
+        a.forget_peer(Sid(2));
+        assert_eq!(a.take_delta_base(Sid(2), &mb()), None, "the old store's point is gone");
+        assert_eq!(a.check(Sid(2), &mb()), PeerCheck::default(), "and every confirmation of it");
+        assert_eq!(a.take_delta_base(Sid(3), &mb()), Some(40), "other peers keep theirs");
     }
 
     #[test]

@@ -178,15 +178,15 @@ impl JobTable {
 
     /// `peer` has the store `store` now: the copies it acknowledged with any other store
     /// are gone, and waiting jobs forget them for good (so that hearing an older
-    /// identity again, late, cannot bring them back). How many were forgotten.
-    pub(crate) fn forget_copies_of_other_stores(&mut self, peer: Sid, store: u64) -> usize {
-        let mut forgotten = 0;
-        for job in self.jobs.values_mut() {
+    /// identity again, late, cannot bring them back). The jobs that forgot one.
+    pub(crate) fn forget_copies_of_other_stores(&mut self, peer: Sid, store: u64) -> Vec<JobId> {
+        let mut forgotten = Vec::new();
+        for (id, job) in &mut self.jobs {
             if let JobState::Replicating { acked, .. } = &mut job.state
                 && acked.get(&peer).is_some_and(|s| *s != store)
             {
                 acked.remove(&peer);
-                forgotten += 1;
+                forgotten.push(*id);
             }
         }
         forgotten
@@ -289,13 +289,13 @@ mod tests {
         t.peer_acked(id, Sid(3), 30);
         let before = |s: Sid| Some(u64::from(s.0) * 10);
         assert_eq!(t.replicated(|_| true, before), vec![id], "both stores are the ones announced");
-        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 20), 0);
+        assert!(t.forget_copies_of_other_stores(Sid(2), 20).is_empty());
         // Server 2 lost its disk: its new store announces itself.
         let replaced = |s: Sid| Some(if s == Sid(2) { 21 } else { u64::from(s.0) * 10 });
         assert!(t.replicated(|_| true, replaced).is_empty(), "the old store's copy is gone");
-        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 21), 1);
+        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 21), vec![id]);
         assert!(t.replicated(|_| true, before).is_empty(), "forgotten, even if the old identity is heard again");
-        assert_eq!(t.forget_copies_of_other_stores(Sid(2), 21), 0);
+        assert!(t.forget_copies_of_other_stores(Sid(2), 21).is_empty());
         // The new store acknowledges the change again (a resend): it counts.
         t.peer_acked(id, Sid(2), 21);
         assert_eq!(t.replicated(|_| true, replaced), vec![id]);

@@ -4,7 +4,7 @@
 
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
 use super::timers::Timer;
-use super::{CatchupId, JobId, Server};
+use super::{CatchupId, JobId, JobKind, JobState, Server};
 use crate::io::ExternalEdit;
 use crate::mailbox::{self, MergeOutcome};
 use crate::marks::Mark;
@@ -189,18 +189,60 @@ impl Server {
     /// `peer` has the store `store`, which is not the one we knew (`replaced`), or we
     /// knew none. Another store means a lost or replaced disk: the copies the peer
     /// acknowledged with its old store are gone, and the jobs waiting for copies forget
-    /// them (a sync-mode answer then waits for another copy, or fails temporarily at its
-    /// deadline); acknowledgements the new store sent before we heard of it count from
-    /// now on.
+    /// them, and each waiting SAVE or COPY goes to the new store again; acknowledgements
+    /// the new store sent before we heard of it count from now on. What anti-entropy
+    /// knew of the old store's copies is dropped: the next SYNC with it is full.
     pub(crate) fn peer_store_changed(&mut self, peer: Sid, store: u64, replaced: bool) {
+        if replaced {
+            // Explore seed 581473: a leaving server synced a mailbox with its master's
+            // new, empty store from the point the old store had reached, so sent nothing,
+            // and retired holding the only copy of an acknowledged message.
+            self.anti_entropy.forget_peer(peer);
+        }
         if replaced && !self.has_bug(crate::Bug::CountsAcksOfLostStores) {
             let dropped = self.jobs.forget_copies_of_other_stores(peer, store);
-            self.note(|| format!("{peer} has a new store {store:016x}: {dropped} acknowledged copies no longer count"));
-            if dropped > 0 {
+            let count = dropped.len();
+            self.note(|| format!("{peer} has a new store {store:016x}: {count} acknowledged copies no longer count"));
+            if count > 0 {
                 self.marks.hit(Mark::ReplacedStoreAckDropped);
+            }
+            for job in dropped {
+                self.send_copy_again(peer, job);
             }
         }
         self.progress_jobs();
+    }
+
+    /// A waiting SAVE or COPY whose copy on `peer` went with its old store: the message
+    /// goes to the new store again, body and all, so that its acknowledgement can count
+    /// before the job's deadline (anti-entropy would fill the store too, but no job
+    /// waits for that).
+    fn send_copy_again(&mut self, peer: Sid, job: JobId) {
+        let Some(j) = self.jobs.get(job) else { return };
+        let (
+            JobKind::Write(WriteRequest::Save { mailbox, .. } | WriteRequest::Copy { dst: mailbox, .. }),
+            JobState::Replicating {
+                result: WriteResult::Saved { uid, guid, .. } | WriteResult::Copied { uid, guid, .. },
+                ..
+            },
+        ) = (&j.kind, &j.state)
+        else {
+            return;
+        };
+        let (mailbox, uid, guid) = (mailbox.clone(), *uid, *guid);
+        let Some(m) = self.image.mailbox(&mailbox) else { return };
+        let Some(record) = m.messages.get(&uid).filter(|r| r.guid == guid).cloned() else { return };
+        let uidvalidity = m.uidvalidity;
+        let Some(body) = self.image.intact_body(guid) else { return };
+        let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body };
+        self.make_room(peer, &mailbox);
+        let Some(seq) = self.image.log_append(&mut self.out, peer, change.clone()) else { return };
+        self.log_progress.wait_for(peer, seq, job);
+        self.marks.hit(Mark::CopySentAgain);
+        if self.routing.is_reachable(peer) {
+            self.log_progress.sent(peer, seq, self.now);
+            self.send(peer, Msg::Change { seq, change });
+        }
     }
 
     /// A change from a peer's log.
