@@ -11,8 +11,8 @@
 //!   opens a new term, so every mastership is dropped and given again to active servers
 //!   (whose catch-ups include the leaving server's copies). Every master checks its
 //!   copies with it at once. It retires itself once it masters nothing, its logs are
-//!   empty, each mailbox it held has been shown equal by an active server since it began
-//!   to leave, and no peer has fetched a body from it for a while with every member in
+//!   empty, each mailbox it holds (also one that came after it began to leave) has been
+//!   shown equal by an active server since it began to leave, and no peer has fetched a body from it for a while with every member in
 //!   reach.
 //! - A member **retired** is dropped: its logs, its link, every wait for it. A retired
 //!   server refuses writes and never opens a term.
@@ -30,8 +30,11 @@ use std::collections::BTreeSet;
 /// A leaving server's progress towards retiring itself.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Leaving {
-    /// Mailboxes held when leaving began that no active server has shown equal since.
-    unconfirmed: BTreeSet<MailboxKey>,
+    /// Mailboxes an active server has shown equal to ours since leaving began. Every
+    /// mailbox held must be among them to retire, also one that came after leaving began
+    /// (explore seed 581473: a save through us while leaving, whose master then lost its
+    /// disk, made a mailbox nobody had confirmed).
+    confirmed: BTreeSet<MailboxKey>,
     /// The last time a peer fetched a body from us, or some member was out of reach: a
     /// master that merged our copy, or that was cut off from us, may still need bodies
     /// only we hold (explore seed 448759: a master whose copy was damaged while it was
@@ -44,8 +47,8 @@ pub(crate) struct Leaving {
 const LEAVING_QUIET_PASSES: u64 = 3;
 
 impl Leaving {
-    pub(crate) fn new(unconfirmed: BTreeSet<MailboxKey>, now: Instant) -> Leaving {
-        Leaving { unconfirmed, quiet_since: now }
+    pub(crate) fn new(now: Instant) -> Leaving {
+        Leaving { confirmed: BTreeSet::new(), quiet_since: now }
     }
 }
 
@@ -170,11 +173,10 @@ impl Server {
         self.check_root();
     }
 
-    /// Every mailbox held now waits for an active server to show it equal (also after a
+    /// Every mailbox held waits for an active server to show it equal (also after a
     /// restart while leaving: confirmations are not stored).
     pub(crate) fn start_leaving(&mut self) {
-        let unconfirmed = self.image.mailboxes().keys().cloned().collect();
-        self.leaving = Some(Leaving::new(unconfirmed, self.now));
+        self.leaving = Some(Leaving::new(self.now));
     }
 
     /// The servers routes may use: members, and ourselves even when retired (a retired
@@ -203,7 +205,7 @@ impl Server {
             return;
         }
         if let Some(l) = self.leaving.as_mut() {
-            l.unconfirmed.remove(mailbox);
+            l.confirmed.insert(mailbox.clone());
         }
     }
 
@@ -228,8 +230,8 @@ impl Server {
         }
         let quiet = now.0.saturating_sub(l.quiet_since.0) >= self.cfg.anti_entropy_us * LEAVING_QUIET_PASSES;
         let root = self.root_role.root();
-        let done = l.unconfirmed.is_empty()
-            && quiet
+        let done = quiet
+            && self.image.mailboxes().keys().all(|k| l.confirmed.contains(k))
             && root.is_some_and(|r| r != self.cfg.sid && self.members.is_active(r))
             && self.masters.ready_keys().is_empty()
             && !self.masters.has_catchups()
