@@ -52,18 +52,23 @@ impl Server {
                 self.overflow(peer, BTreeSet::from([mailbox.clone()]));
                 continue;
             }
-            let Some(seq) = self.image.log_append(&mut self.out, peer, change.clone()) else {
-                // The peer will get this mailbox by SYNC.
-                continue;
-            };
-            if let Some(job) = waiter {
-                self.log_progress.wait_for(peer, seq, job);
-            }
-            if self.routing.is_reachable(peer) {
-                self.log_progress.sent(peer, seq, self.now);
-                self.send(peer, Msg::Change { seq, change: change.clone() });
-            }
+            self.log_for(peer, change.clone(), waiter);
         }
+    }
+
+    /// Appends a change to `peer`'s log (`waiter` waits for its acknowledgement) and
+    /// sends it if the peer is in reach. False when the log took nothing: the peer will
+    /// get the mailbox by SYNC.
+    fn log_for(&mut self, peer: Sid, change: Change, waiter: Option<JobId>) -> bool {
+        let Some(seq) = self.image.log_append(&mut self.out, peer, change.clone()) else { return false };
+        if let Some(job) = waiter {
+            self.log_progress.wait_for(peer, seq, job);
+        }
+        if self.routing.is_reachable(peer) {
+            self.log_progress.sent(peer, seq, self.now);
+            self.send(peer, Msg::Change { seq, change });
+        }
+        true
     }
 
     /// A full log drops the mailbox's entries and marks it for SYNC with that peer.
@@ -236,12 +241,8 @@ impl Server {
         let Some(body) = self.image.intact_body(guid) else { return };
         let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body };
         self.make_room(peer, &mailbox);
-        let Some(seq) = self.image.log_append(&mut self.out, peer, change.clone()) else { return };
-        self.log_progress.wait_for(peer, seq, job);
-        self.marks.hit(Mark::CopySentAgain);
-        if self.routing.is_reachable(peer) {
-            self.log_progress.sent(peer, seq, self.now);
-            self.send(peer, Msg::Change { seq, change });
+        if self.log_for(peer, change, Some(job)) {
+            self.marks.hit(Mark::CopySentAgain);
         }
     }
 
