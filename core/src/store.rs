@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, btree_map};
 #[serde(from = "BTreeMap<Uid, MessageRecord>", into = "BTreeMap<Uid, MessageRecord>")]
 pub struct Messages {
     by_uid: BTreeMap<Uid, MessageRecord>,
-    by_guid: BTreeMap<Guid, BTreeSet<Uid>>,
+    by_guid: BTreeMap<Guid, LiveAt>,
     /// GUIDs live at more than one UID (two masters renumbered one message differently).
     multi: BTreeSet<Guid>,
     /// Every record by its modseq: what changed after a modseq a session has shown is a
@@ -27,6 +27,59 @@ pub struct Messages {
     /// Every record by its body checksum: a retried SAVE finds the message its first
     /// attempt stored by a lookup (see `Server::master_save`).
     by_checksum: BTreeSet<(u64, Uid)>,
+}
+
+/// The UIDs one message is live at: almost always one, kept without a set of its own
+/// (an allocation per message, on every server and every disk).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LiveAt {
+    One(Uid),
+    /// Two or more (two masters renumbered one message differently).
+    Many(BTreeSet<Uid>),
+}
+
+impl LiveAt {
+    fn iter(&self) -> impl Iterator<Item = Uid> + '_ {
+        let (one, many) = match self {
+            LiveAt::One(uid) => (Some(*uid), None),
+            LiveAt::Many(uids) => (None, Some(uids.iter().copied())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+    fn last(&self) -> Option<Uid> {
+        match self {
+            LiveAt::One(uid) => Some(*uid),
+            LiveAt::Many(uids) => uids.last().copied(),
+        }
+    }
+    /// Adds `uid`; true when the message is now live at more than one UID.
+    fn add(&mut self, uid: Uid) -> bool {
+        match self {
+            LiveAt::One(first) if *first == uid => false,
+            LiveAt::One(first) => {
+                *self = LiveAt::Many(BTreeSet::from([*first, uid]));
+                true
+            }
+            LiveAt::Many(uids) => {
+                uids.insert(uid);
+                true
+            }
+        }
+    }
+    /// Takes `uid` out; the UIDs left (0, 1 or more).
+    fn take(&mut self, uid: Uid) -> usize {
+        match self {
+            LiveAt::One(first) => usize::from(*first != uid),
+            LiveAt::Many(uids) => {
+                uids.remove(&uid);
+                let left = uids.len();
+                if let (1, Some(&only)) = (left, uids.first()) {
+                    *self = LiveAt::One(only);
+                }
+                left
+            }
+        }
+    }
 }
 
 /// Records with `\Seen` and with `\Deleted` set.
@@ -143,9 +196,14 @@ impl Messages {
             }
         }
         self.by_checksum.insert((checksum, uid));
-        let uids = self.by_guid.entry(guid).or_default();
-        uids.insert(uid);
-        if uids.len() > 1 {
+        let many = match self.by_guid.entry(guid) {
+            btree_map::Entry::Vacant(e) => {
+                e.insert(LiveAt::One(uid));
+                false
+            }
+            btree_map::Entry::Occupied(mut e) => e.get_mut().add(uid),
+        };
+        if many {
             self.multi.insert(guid);
         }
         old
@@ -160,8 +218,7 @@ impl Messages {
     }
     fn unindex(&mut self, guid: Guid, uid: Uid) {
         if let Some(uids) = self.by_guid.get_mut(&guid) {
-            uids.remove(&uid);
-            match uids.len() {
+            match uids.take(uid) {
                 0 => {
                     self.by_guid.remove(&guid);
                     self.multi.remove(&guid);
@@ -193,7 +250,7 @@ impl Messages {
     }
     /// The UIDs a message is live at, lowest first.
     pub fn uids_of(&self, guid: Guid) -> impl Iterator<Item = Uid> + '_ {
-        self.by_guid.get(&guid).into_iter().flat_map(|uids| uids.iter().copied())
+        self.by_guid.get(&guid).into_iter().flat_map(LiveAt::iter)
     }
     pub fn has_guid(&self, guid: Guid) -> bool {
         self.by_guid.contains_key(&guid)
@@ -204,7 +261,7 @@ impl Messages {
     }
     /// The message's highest UID (its latest binding).
     pub fn last_uid_of(&self, guid: Guid) -> Option<Uid> {
-        self.by_guid.get(&guid).and_then(|uids| uids.last().copied())
+        self.by_guid.get(&guid).and_then(LiveAt::last)
     }
     /// The live UIDs in `first..=last`.
     pub fn uids_in(&self, first: Uid, last: Uid) -> impl Iterator<Item = Uid> + '_ {
@@ -228,7 +285,9 @@ impl Messages {
         let mut counts = FlagCounts::default();
         self.by_uid.values().for_each(|r| counts.add(r));
         let by_checksum: BTreeSet<(u64, Uid)> = self.by_uid.values().map(|r| (r.checksum, r.uid)).collect();
-        expected == self.by_guid
+        let indexed: BTreeMap<Guid, BTreeSet<Uid>> =
+            self.by_guid.iter().map(|(guid, uids)| (*guid, uids.iter().collect())).collect();
+        expected == indexed
             && multi == self.multi
             && by_modseq == self.by_modseq
             && counts == self.counts

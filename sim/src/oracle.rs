@@ -184,8 +184,8 @@ impl Oracle {
         uidvalidity: u32,
         bindings: impl IntoIterator<Item = (Uid, Guid)>,
     ) {
-        let mut bindings = bindings.into_iter().peekable();
-        if bindings.peek().is_none() {
+        let bindings: Vec<(Uid, Guid)> = bindings.into_iter().collect();
+        if bindings.is_empty() {
             return;
         }
         let by_server = self.shown.entry(server).or_default();
@@ -202,6 +202,22 @@ impl Oracle {
             (by_server.get_mut(mailbox), self.shown_any.get_mut(mailbox), self.first_uid.get_mut(mailbox))
         else {
             return;
+        };
+        // A view lists its messages in UID order, and most were shown before: those are
+        // found by one walk beside what was shown, not by a lookup each.
+        let in_uid_order = bindings.windows(2).all(|w| w[0].0 < w[1].0);
+        let bindings = if in_uid_order && bindings.len() > 1 {
+            let mut before = shown.range((uidvalidity, 0)..=(uidvalidity, Uid::MAX)).peekable();
+            let mut fresh = Vec::new();
+            for (uid, guid) in bindings {
+                while before.next_if(|((_, u), _)| *u < uid).is_some() {}
+                if before.peek().is_none_or(|((_, u), g)| *u != uid || **g != guid) {
+                    fresh.push((uid, guid));
+                }
+            }
+            fresh
+        } else {
+            bindings
         };
         let mut rebound = Vec::new();
         for (uid, guid) in bindings {
@@ -364,7 +380,8 @@ impl Oracle {
         if renamed || self.deleted_mailboxes.contains(mailbox) {
             return;
         }
-        let shown: BTreeSet<Guid> = view.messages.iter().map(|m| m.guid).collect();
+        let mut shown: Vec<Guid> = view.messages.iter().map(|m| m.guid).collect();
+        shown.sort_unstable();
         let range = (mailbox.clone(), Guid(0))..=(mailbox.clone(), Guid(u128::MAX));
         let missing: Vec<(Guid, Sid, u64)> = self
             .acked
@@ -372,7 +389,7 @@ impl Oracle {
             .filter(|(_, (by, acked_us))| {
                 *acked_us < issued_us && *acked_us > faults_until_us && !self.apart.contains(by)
             })
-            .filter(|((m, g), _)| !shown.contains(g) && !self.expunge_requested.contains(&(m.clone(), *g)))
+            .filter(|((m, g), _)| shown.binary_search(g).is_err() && !self.expunge_requested.contains(&(m.clone(), *g)))
             .map(|((_, g), (by, acked_us))| (*g, *by, *acked_us))
             .collect();
         for (guid, by, acked_us) in missing {

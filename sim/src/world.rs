@@ -1171,16 +1171,15 @@ impl World {
                 if node.incarnation != incarnation || node.server.is_none() {
                     return;
                 }
-                let pending = std::mem::take(&mut node.pending);
+                // Writes are pending in the order issued: those up to `upto` are a prefix,
+                // taken out in place (the vector keeps its room for the next ones).
+                debug_assert!(node.pending.windows(2).all(|w| w[0].0 < w[1].0), "pending writes in order");
+                let durable = node.pending.partition_point(|(id, _)| *id <= upto);
                 let mut last = 0;
-                for (id, write) in pending {
-                    if id <= upto {
-                        node.bodies.apply(&write);
-                        node.disk.apply_owned(write);
-                        last = id;
-                    } else {
-                        node.pending.push((id, write));
-                    }
+                for (id, write) in node.pending.drain(..durable) {
+                    node.bodies.apply(&write);
+                    node.disk.apply_owned(write);
+                    last = id;
                 }
                 node.fsync_in_flight = false;
                 if let Some((next, _)) = node.pending.last() {

@@ -116,15 +116,16 @@ impl LogProgress {
         if self.owed.is_empty() {
             return ready;
         }
-        let owed = std::mem::take(&mut self.owed);
-        for (peer, seq, write, taken) in owed {
+        // In place: most calls find nothing durable yet, and a taken vector would be
+        // grown again from empty each time.
+        self.owed.retain(|&(peer, seq, write, taken)| {
             if !is_durable(write) {
-                self.owed.push((peer, seq, write, taken));
-                continue;
+                return true;
             }
             let (seqs, refused) = ready.entry(peer).or_default();
             if taken { seqs } else { refused }.push(seq);
-        }
+            false
+        });
         ready
     }
 }
