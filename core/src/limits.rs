@@ -42,7 +42,12 @@ pub const COUNTER_MAX: u64 = 1 << 62;
 
 /// Why a client's mailbox name is refused, if it is.
 pub fn check_mailbox(key: &MailboxKey) -> Result<(), String> {
-    if key.user.is_empty() || key.name.is_empty() || key.user.chars().chain(key.name.chars()).any(|c| c.is_control()) {
+    // Bytes first (every peer change is checked): an ASCII name needs no decoding, and
+    // only a name with other characters is looked at for C1 controls.
+    let has_control = |text: &str| {
+        text.bytes().any(|b| b.is_ascii_control()) || (!text.is_ascii() && text.chars().any(char::is_control))
+    };
+    if key.user.is_empty() || key.name.is_empty() || has_control(&key.user) || has_control(&key.name) {
         return Err(format!("bad mailbox name {key:?}"));
     }
     if key.user.len() > USER_LEN_MAX {
@@ -51,7 +56,7 @@ pub fn check_mailbox(key: &MailboxKey) -> Result<(), String> {
     if key.name.len() > MAILBOX_NAME_LEN_MAX {
         return Err(format!("mailbox name longer than {MAILBOX_NAME_LEN_MAX} bytes"));
     }
-    if key.name.split('/').count() > MAILBOX_DEPTH_MAX {
+    if key.name.bytes().filter(|b| *b == b'/').count() + 1 > MAILBOX_DEPTH_MAX {
         return Err(format!("mailbox name deeper than {MAILBOX_DEPTH_MAX} levels"));
     }
     Ok(())

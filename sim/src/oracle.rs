@@ -646,25 +646,37 @@ impl Oracle {
         // Flag deltas survive every merge: a flag an acknowledged STORE added that no
         // request ever removed is set at the end, and one an acknowledged STORE removed
         // that no request (nor the SAVE) ever added is clear. Whole-flag-set merges fail.
-        for sid in stores.keys().filter(|_| check_loss) {
-            for ((mailbox, guid, flag), h) in &self.flag_requests {
-                let key = (mailbox.clone(), *guid);
-                if self.removal_asked(mailbox, *guid) && self.copy_requested.contains(&key) {
+        // What each request's check needs that is the same on every server, found once.
+        let checked: Vec<(&MailboxKey, Guid, &Flag, &FlagHistory, bool)> = if check_loss {
+            self.flag_requests
+                .iter()
+                .filter(|((mailbox, guid, _), _)| {
                     // Expunged (or the mailbox deleted or renamed away, explore seed 539095:
                     // RENAME INBOX took the flagged message along) and copied back: the
                     // message there now is a new copy (same GUID) with its source's flags,
                     // not the one the STOREs changed.
-                    continue;
-                }
-                let Some(r) = by_guid[sid].get(mailbox).and_then(|m| m.get(guid)) else { continue };
-                let present = r.flags.get(flag).is_some_and(|s| s.present);
+                    !(self.removal_asked(mailbox, *guid) && self.copy_requested.contains(&(mailbox.clone(), *guid)))
+                })
+                .map(|((mailbox, guid, flag), h)| {
+                    let saved_with = h.remove_acked
+                        && !h.add_requested
+                        && self.saved_with.contains(&(mailbox.clone(), *guid, flag.clone()));
+                    (mailbox, *guid, flag, h, saved_with)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for sid in stores.keys() {
+            for (mailbox, guid, flag, h, saved_with) in &checked {
+                let Some(r) = by_guid[sid].get(*mailbox).and_then(|m| m.get(guid)) else { continue };
+                let present = r.flags.get(*flag).is_some_and(|s| s.present);
                 if h.add_acked && !h.remove_requested && !present {
                     let detail = format!(
                         "{sid}: {guid} in {mailbox} lost {flag}, added by an acknowledged STORE and never removed"
                     );
                     found.push((FLAGS_AGREE, detail));
                 }
-                let saved_with = self.saved_with.contains(&(mailbox.clone(), *guid, flag.clone()));
                 if h.remove_acked && !h.add_requested && !saved_with && present {
                     let detail = format!(
                         "{sid}: {guid} in {mailbox} has {flag} back, removed by an acknowledged STORE and never added"
@@ -689,8 +701,12 @@ impl Oracle {
             match first {
                 None => first = Some((sid, flags)),
                 Some((s0, f0)) => {
+                    // Both views are in key order: one walk side by side, not a lookup each.
+                    let mut theirs = f0.iter().peekable();
                     for (k, r) in flags {
-                        if let Some(other) = f0.get(k)
+                        while theirs.next_if(|(k0, _)| *k0 < k).is_some() {}
+                        let other = theirs.peek().filter(|(k0, _)| *k0 == k).map(|(_, r0)| **r0);
+                        if let Some(other) = other
                             && !set_flags(other).eq(set_flags(r))
                         {
                             let (f, other) = (r.present_flags(), other.present_flags());

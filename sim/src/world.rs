@@ -161,6 +161,61 @@ impl Ord for Queued {
     }
 }
 
+/// The events to come, in (time, id) order: those scheduled as the run goes (a few
+/// dozen at a time) in a heap, and a planned workload (thousands, known at once) in a
+/// vector sorted latest first, so that the heap's every push and pop stays short. The
+/// order taken out is the one a single heap would give.
+#[derive(Clone, Default)]
+struct EventQueue {
+    near: BinaryHeap<Reverse<Queued>>,
+    /// Latest first: the next planned event is the last.
+    planned: Vec<Queued>,
+}
+
+impl EventQueue {
+    fn push(&mut self, q: Queued) {
+        self.near.push(Reverse(q));
+    }
+
+    /// Adds planned events; they are sorted in with the others planned.
+    fn plan(&mut self, events: impl IntoIterator<Item = Queued>) {
+        self.planned.extend(events);
+        self.planned.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    fn peek(&self) -> Option<&Queued> {
+        match (self.near.peek(), self.planned.last()) {
+            (Some(Reverse(n)), Some(p)) => Some(if p < n { p } else { n }),
+            (Some(Reverse(n)), None) => Some(n),
+            (None, p) => p,
+        }
+    }
+
+    fn pop(&mut self) -> Option<Queued> {
+        let planned_first = match (self.near.peek(), self.planned.last()) {
+            (Some(Reverse(n)), Some(p)) => p < n,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if planned_first { self.planned.pop() } else { self.near.pop().map(|Reverse(q)| q) }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Queued> {
+        self.near.iter().map(|Reverse(q)| q).chain(self.planned.iter())
+    }
+
+    /// Takes out the event `id`, wherever it is.
+    fn remove(&mut self, id: u64) -> Option<Queued> {
+        if let Some(i) = self.planned.iter().position(|q| q.id == id) {
+            return Some(self.planned.remove(i));
+        }
+        let mut rest = std::mem::take(&mut self.near).into_vec();
+        let found = rest.iter().position(|Reverse(q)| q.id == id).map(|i| rest.swap_remove(i).0);
+        self.near = BinaryHeap::from(rest);
+        found
+    }
+}
+
 struct Node {
     server: Option<Server>,
     disk: DiskImage,
@@ -279,7 +334,7 @@ pub struct World {
     rng: ChaCha8Rng,
     now: Instant,
     /// Scheduled events, earliest first (ties in scheduling order).
-    queue: BinaryHeap<Reverse<Queued>>,
+    queue: EventQueue,
     next_event: u64,
     nodes: BTreeMap<Sid, Node>,
     links: BTreeMap<(Sid, Sid), Link>,
@@ -407,7 +462,7 @@ impl World {
             opts: opts.clone(),
             rng: ChaCha8Rng::seed_from_u64(seed),
             now: Instant(0),
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             next_event: 0,
             nodes: BTreeMap::new(),
             links,
@@ -500,7 +555,7 @@ impl World {
     fn schedule(&mut self, at: Instant, ev: Ev) {
         let id = self.next_event;
         self.next_event += 1;
-        self.queue.push(Reverse(Queued { at, id, ev: Box::new(ev) }));
+        self.queue.push(Queued { at, id, ev: Box::new(ev) });
     }
 
     /// A trace line, formatted only when someone will read it.
@@ -1026,7 +1081,7 @@ impl World {
     /// The next event of each stream, by stream name: what may happen next.
     pub fn choices(&self) -> BTreeMap<String, (Instant, u64)> {
         let mut next: BTreeMap<String, (Instant, u64)> = BTreeMap::new();
-        for Reverse(q) in self.queue.iter() {
+        for q in self.queue.iter() {
             let stream = self.stream_of(&q.ev);
             let entry = next.entry(stream).or_insert((q.at, q.id));
             if (q.at, q.id) < *entry {
@@ -1042,10 +1097,7 @@ impl World {
     /// servers' own deadlines come due.
     pub fn take(&mut self, stream: &str) -> bool {
         let Some(&(at, id)) = self.choices().get(stream) else { return false };
-        let mut rest = std::mem::take(&mut self.queue).into_vec();
-        let Some(i) = rest.iter().position(|Reverse(q)| q.id == id) else { return false };
-        let Reverse(queued) = rest.swap_remove(i);
-        self.queue = BinaryHeap::from(rest);
+        let Some(queued) = self.queue.remove(id) else { return false };
         if stream.starts_with("timer ") {
             self.now = self.now.max(at);
         }
@@ -1095,7 +1147,7 @@ impl World {
         let queued: BTreeSet<(String, u64, String)> = self
             .queue
             .iter()
-            .map(|Reverse(q)| {
+            .map(|q| {
                 let stream = self.stream_of(&q.ev);
                 let due = if stream.starts_with("timer ") { q.at.0.saturating_sub(self.now.0) } else { 0 };
                 (stream, due, format!("{:?}", q.ev))
@@ -1114,7 +1166,7 @@ impl World {
 
     /// Runs every event scheduled up to `end`, in time order.
     pub fn run_until(&mut self, end: Instant) {
-        while let Some(Reverse(Queued { at, .. })) = self.queue.peek() {
+        while let Some(Queued { at, .. }) = self.queue.peek() {
             let at = *at;
             if at > end || !self.failures.is_empty() {
                 break;
@@ -1123,7 +1175,7 @@ impl World {
                 self.failures.push(format!("the run exceeded {STEPS_MAX} steps"));
                 break;
             }
-            let Some(Reverse(queued)) = self.queue.pop() else { break };
+            let Some(queued) = self.queue.pop() else { break };
             self.now = self.now.max(at);
             self.run_event(*queued.ev);
         }
@@ -2486,6 +2538,7 @@ impl World {
         let gap_us = 1_000_000 / ops_per_s.max(1);
         let mut t = self.now.0;
         let end = until_ms * 1000;
+        let mut planned = Vec::new();
         while t < end {
             t += self.rng.random_range(gap_us / 2..=gap_us * 3 / 2).max(1);
             let server = servers[self.rng.random_range(0..servers.len())];
@@ -2496,8 +2549,11 @@ impl World {
             };
             let mailbox = MailboxKey::new(&user, &name);
             let roll = self.rng.random_range(0..100u32);
-            self.schedule(Instant(t), Ev::RandomOp { server, mailbox, roll });
+            let id = self.next_event;
+            self.next_event += 1;
+            planned.push(Queued { at: Instant(t), id, ev: Box::new(Ev::RandomOp { server, mailbox, roll }) });
         }
+        self.queue.plan(planned);
     }
 
     fn plan_faults(&mut self, until_ms: u64, count: u32, kinds: Vec<FaultKind>) {

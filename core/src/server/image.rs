@@ -903,8 +903,17 @@ impl Image {
     /// Removes the entries of a peer's log that are there; returns those removed.
     pub(crate) fn log_remove(&mut self, out: &mut Outbox, peer: Sid, seqs: Vec<u64>) -> Vec<u64> {
         let Some(log) = self.disk.logs.get(&peer) else { return Vec::new() };
+        // Each entry once, in the order listed: a short list is scanned, a long one
+        // (a peer's list is bounded by the line, not by us) is looked up in a set.
         let mut seen = BTreeSet::new();
-        let removed: Vec<u64> = seqs.into_iter().filter(|s| log.entries.contains_key(s) && seen.insert(*s)).collect();
+        let mut removed: Vec<u64> = Vec::with_capacity(seqs.len());
+        let short = seqs.len() <= super::replication::ACK_LIST_SCAN_MAX;
+        for s in seqs {
+            let first = if short { !removed.contains(&s) } else { seen.insert(s) };
+            if first && log.entries.contains_key(&s) {
+                removed.push(s);
+            }
+        }
         if !removed.is_empty() {
             self.commit(out, StoreWrite::LogRemove { peer, seqs: removed.clone() });
         }

@@ -27,6 +27,9 @@ pub(crate) enum SummaryKind {
     Catchup(CatchupId),
 }
 
+/// Entries an acknowledgement may list before its lists are looked up in sets rather
+/// than scanned.
+pub(crate) const ACK_LIST_SCAN_MAX: usize = 8;
 impl Server {
     /// Append a master-ordered change to every peer's log and send it to the reachable
     /// ones. `waiter` is the job that waits for the peers' acknowledgements.
@@ -164,13 +167,19 @@ impl Server {
     }
 
     pub(crate) fn on_ack(&mut self, src: Sid, seqs: Vec<u64>, refused: Vec<u64>, store: u64) {
-        let held: BTreeSet<u64> = seqs.iter().copied().collect();
-        let removed = self.image.log_remove(&mut self.out, src, seqs.into_iter().chain(refused).collect());
+        // Most acknowledgements carry one entry: sets only for long lists (a peer's list is
+        // bounded by the line, not by us).
+        let held: Option<BTreeSet<u64>> = (seqs.len() > ACK_LIST_SCAN_MAX).then(|| seqs.iter().copied().collect());
+        let is_held = |seq: &u64| held.as_ref().map_or_else(|| seqs.contains(seq), |h| h.contains(seq));
+        let mut all = Vec::with_capacity(seqs.len() + refused.len());
+        all.extend_from_slice(&seqs);
+        all.extend(refused);
+        let removed = self.image.log_remove(&mut self.out, src, all);
         if removed.is_empty() {
             return;
         }
         for seq in &removed {
-            if let Some(job) = self.log_progress.acknowledged(src, *seq, held.contains(seq)) {
+            if let Some(job) = self.log_progress.acknowledged(src, *seq, is_held(seq)) {
                 self.jobs.peer_acked(job, src, store);
             }
         }
