@@ -352,7 +352,9 @@ pub struct World {
     /// term alike, is a look at this, not a walk of the nodes.
     live_terms: Vec<(Sid, tandem_core::server::Term)>,
     messages: u64,
-    messages_by_kind: BTreeMap<&'static str, u64>,
+    /// Counted per message sent: a short list of the kinds seen, found by the name's
+    /// address before its text (a name is one static string), sorted for the report.
+    messages_by_kind: Vec<(&'static str, u64)>,
     wire_bytes: u64,
     steps: u64,
     trace_hash: u64,
@@ -479,7 +481,7 @@ impl World {
             failures: Vec::new(),
             live_terms: Vec::new(),
             messages: 0,
-            messages_by_kind: BTreeMap::new(),
+            messages_by_kind: Vec::new(),
             wire_bytes: 0,
             steps: 0,
             trace_hash: 0,
@@ -789,7 +791,10 @@ impl World {
             marks,
             converged_after_us,
             violations: self.oracle.violations.clone(),
-            messages_by_kind: self.messages_by_kind,
+            messages_by_kind: self.messages_by_kind.into_iter().fold(BTreeMap::new(), |mut kinds, (k, n)| {
+                *kinds.entry(k).or_default() += n;
+                kinds
+            }),
             labels: self.labels,
             final_mailboxes,
         }
@@ -1029,7 +1034,11 @@ impl World {
 
     fn transmit(&mut self, from: Sid, to: Sid, envelope: Envelope) {
         self.messages += 1;
-        *self.messages_by_kind.entry(envelope.msg.name()).or_default() += 1;
+        let kind = envelope.msg.name();
+        match self.messages_by_kind.iter_mut().find(|(k, _)| std::ptr::eq(*k, kind) || *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => self.messages_by_kind.push((kind, 1)),
+        }
         let key = link_key(from, to);
         if !self.link_usable(from, to) {
             return;

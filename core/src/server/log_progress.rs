@@ -111,6 +111,13 @@ impl LogProgress {
     }
 
     /// Acknowledgements whose writes are durable, taken out of those owed.
+    /// Whether any owed acknowledgement waits on a durable write. Acknowledgements are
+    /// owed in the order of their writes, so the first owed tells.
+    pub(crate) fn has_ready_acks(&self, is_durable: impl Fn(WriteId) -> bool) -> bool {
+        debug_assert!(self.owed.windows(2).all(|w| w[0].2 <= w[1].2), "acknowledgements owed in write order");
+        self.owed.first().is_some_and(|(_, _, write, _)| is_durable(*write))
+    }
+
     pub(crate) fn take_ready_acks(&mut self, is_durable: impl Fn(WriteId) -> bool) -> ReadyAcks {
         let mut ready = ReadyAcks::new();
         if self.owed.is_empty() {

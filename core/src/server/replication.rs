@@ -193,6 +193,10 @@ impl Server {
     /// Acknowledge received changes whose writes are durable.
     pub(crate) fn flush_acks(&mut self) {
         let out = &self.out;
+        // After every input: most find nothing to send.
+        if !self.log_progress.has_ready_acks(|write| out.is_durable(write)) {
+            return;
+        }
         let ready = self.log_progress.take_ready_acks(|write| out.is_durable(write));
         let store = self.image.disk().store_id;
         for (peer, (seqs, refused)) in ready {
