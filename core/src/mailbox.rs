@@ -787,8 +787,15 @@ impl MasterMerge<'_> {
             return;
         }
         if self.ours_dead.contains(&r.guid) {
-            // Expunged here under another UID: the expunge wins.
-            let t = Tombstone { uid: r.uid, guid: r.guid, modseq: self.modseq, expunged: false, lost: false };
+            // Expunged here under another UID: the expunge wins, and a client's expunge
+            // takes their binding as it took ours (an EXPUNGE removes the message, not
+            // one binding: `expunge_everywhere`). A retirement would say the message
+            // lives on at another UID, and a replica holding that binding live kept it
+            // while this master held the retirement, each SYNC changing nothing (explore
+            // seed 772280: a COPY made after the expunge's tombstone was collected on
+            // one side of a partition, the tombstone still there on the other).
+            let by_client = self.m.tombstones.values().any(|t| t.guid == r.guid && t.by_client());
+            let t = Tombstone { uid: r.uid, guid: r.guid, modseq: self.modseq, expunged: by_client, lost: false };
             add_tombstone(self.m, t, &mut self.out);
             return;
         }
@@ -1473,6 +1480,28 @@ mod tests {
         let out = merge_as_master(&mut master, &st(&other), &MergeRules::default());
         assert!(out.tombstone_conflict);
         assert_eq!(master.messages.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn a_binding_of_a_message_a_client_expunged_here_is_expunged_not_retired() {
+        // Explore seed 772280: a COPY placed the message again at UID 2 on a side where
+        // the expunge's tombstone at UID 1 was collected. A retirement of their binding
+        // would say the message lives on elsewhere, and the replica holding it live
+        // would keep it for good.
+        let mut master = mbox(vec![]);
+        master.uidnext = 2;
+        master
+            .tombstones
+            .insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false });
+        let copied = mbox(vec![rec(2, 20, &[])]);
+        merge_as_master(&mut master, &st(&copied), &MergeRules::default());
+        assert!(!master.messages.has_guid(Guid(20)), "the expunge wins");
+        let theirs = master.tombstones.get(&(2, Guid(20))).copied();
+        assert!(theirs.is_some_and(|t| t.by_client()), "their binding goes as the message went: {theirs:?}");
+        // A replica holding that binding takes the master's state and drops it.
+        let mut replica = mbox(vec![rec(2, 20, &[])]);
+        merge_as_replica(&mut replica, &st(&master), &MergeRules { from_master: true, ..MergeRules::default() });
+        assert!(!replica.messages.has_guid(Guid(20)), "the replica's copy goes too");
     }
 
     #[test]
