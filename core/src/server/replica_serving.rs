@@ -153,8 +153,13 @@ impl Server {
     pub(crate) fn take_replica_bodies(&mut self, state: &MailboxState, bodies: Vec<(Guid, Body)>) -> Vec<Guid> {
         for (guid, bytes) in bodies {
             let Some(record) = state.messages.iter().find(|r| r.guid == guid) else { continue };
-            if self.image.has_body(&guid) || bytes.checksum() != record.checksum || u32::try_from(bytes.len()).is_err()
-            {
+            // Bytes that match the record replace ours unless ours are intact, as a body
+            // fetched from a peer does (`store_body`): the replica's copy may be the one
+            // intact body left (explore seed 881284: a census gave the message up after
+            // its body was damaged on every server, and the pushed body was dropped for
+            // the damaged one still stored here).
+            let keep_ours = self.image.body_intact(guid) == Some(true);
+            if keep_ours || bytes.checksum() != record.checksum || u32::try_from(bytes.len()).is_err() {
                 continue;
             }
             self.image.put_checked_body(&mut self.out, guid, record.checksum, bytes);
