@@ -30,6 +30,7 @@ pub(crate) enum SummaryKind {
 /// Entries an acknowledgement may list before its lists are looked up in sets rather
 /// than scanned.
 pub(crate) const ACK_LIST_SCAN_MAX: usize = 8;
+
 impl Server {
     /// Append a master-ordered change to every peer's log and send it to the reachable
     /// ones. `waiter` is the job that waits for the peers' acknowledgements.
