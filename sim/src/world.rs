@@ -183,21 +183,21 @@ impl EventQueue {
         self.planned.sort_unstable_by(|a, b| b.cmp(a));
     }
 
-    fn peek(&self) -> Option<&Queued> {
+    /// Whether the next event is a planned one.
+    fn planned_first(&self) -> bool {
         match (self.near.peek(), self.planned.last()) {
-            (Some(Reverse(n)), Some(p)) => Some(if p < n { p } else { n }),
-            (Some(Reverse(n)), None) => Some(n),
-            (None, p) => p,
-        }
-    }
-
-    fn pop(&mut self) -> Option<Queued> {
-        let planned_first = match (self.near.peek(), self.planned.last()) {
             (Some(Reverse(n)), Some(p)) => p < n,
             (None, Some(_)) => true,
             _ => false,
-        };
-        if planned_first { self.planned.pop() } else { self.near.pop().map(|Reverse(q)| q) }
+        }
+    }
+
+    fn peek(&self) -> Option<&Queued> {
+        if self.planned_first() { self.planned.last() } else { self.near.peek().map(|Reverse(q)| q) }
+    }
+
+    fn pop(&mut self) -> Option<Queued> {
+        if self.planned_first() { self.planned.pop() } else { self.near.pop().map(|Reverse(q)| q) }
     }
 
     fn iter(&self) -> impl Iterator<Item = &Queued> {
