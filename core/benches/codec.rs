@@ -21,6 +21,7 @@ fn record(uid: Uid) -> MessageRecord {
         checksum: 0xfeed_beef,
         modseq: u64::from(uid),
         flags,
+        claimed: false,
     }
 }
 

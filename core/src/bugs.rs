@@ -112,4 +112,7 @@ pub struct MergeRules {
     /// gave up as lost (see `Tombstone::lost`), whose body the push brought, comes back
     /// at a new UID.
     pub revive_lost: bool,
+    /// A cancel removes a claimed record like any other (the broken variant
+    /// `cancel-claimed-saves`; see `MessageRecord::claimed`).
+    pub cancels_remove_claimed: bool,
 }

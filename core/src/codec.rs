@@ -38,7 +38,7 @@ impl RecordCodec for Bincode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Guid, Tombstone};
+    use crate::types::{Flag, FlagState, Guid, MessageRecord, Sid, Stamp, Tombstone};
 
     /// A tombstone as stores wrote it before a census's loss had its own fate.
     #[derive(serde::Serialize)]
@@ -54,13 +54,43 @@ mod tests {
         for expunged in [false, true] {
             let old = Bincode::encode(&TombstoneWithBool { uid: 7, guid: Guid(9), modseq: 3, expunged }).unwrap();
             let t: Tombstone = Bincode::decode(&old).unwrap();
-            assert_eq!(t, Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged, lost: false });
+            assert_eq!(t, Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged, lost: false, cancelled: false });
             assert_eq!(Bincode::encode(&t).unwrap(), old, "written back byte for byte");
         }
-        let lost = Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true };
+        let lost = Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true, cancelled: false };
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&lost).unwrap()).unwrap(), lost);
+        let cancel = Tombstone { modseq: 3, ..Tombstone::cancel(7, Guid(9)) };
+        assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&cancel).unwrap()).unwrap(), cancel);
         let mut bad = Bincode::encode(&lost).unwrap();
-        *bad.last_mut().unwrap() = 3;
+        *bad.last_mut().unwrap() = 4;
         assert!(Bincode::decode::<Tombstone>(&bad).unwrap_err().contains("fate"));
+    }
+
+    /// A record as stores wrote it before claims were recorded.
+    #[derive(serde::Serialize)]
+    struct RecordWithoutClaim {
+        uid: u32,
+        guid: Guid,
+        received: u64,
+        size: u32,
+        checksum: u64,
+        modseq: u64,
+        flags: std::collections::BTreeMap<Flag, FlagState>,
+    }
+
+    #[test]
+    fn a_record_stored_before_claims_reads_the_same_and_a_claim_round_trips() {
+        let stamp = Stamp { modseq: 2, sid: Sid(1) };
+        let flags =
+            std::collections::BTreeMap::from([(Flag::new("\\Seen").unwrap(), FlagState { present: true, stamp })]);
+        let old =
+            RecordWithoutClaim { uid: 7, guid: Guid(9), received: 5, size: 64 << 20, checksum: 3, modseq: 4, flags };
+        let bytes = Bincode::encode(&old).unwrap();
+        let r: MessageRecord = Bincode::decode(&bytes).unwrap();
+        assert_eq!((r.uid, r.size, r.modseq, r.claimed, r.flags.len()), (7, 64 << 20, 4, false, 1));
+        assert_eq!(Bincode::encode(&r).unwrap(), bytes, "written back byte for byte");
+        let claimed = MessageRecord { claimed: true, ..r };
+        let back: MessageRecord = Bincode::decode(&Bincode::encode(&claimed).unwrap()).unwrap();
+        assert_eq!(back, claimed);
     }
 }

@@ -68,6 +68,10 @@ pub fn new_mailbox(key: &MailboxKey) -> StoredMailbox {
 
 fn record_hash(r: &MessageRecord) -> u64 {
     let mut h = fnv64(&[&r.uid.to_le_bytes(), &r.guid.0.to_le_bytes(), &r.modseq.to_le_bytes()]);
+    if r.claimed {
+        // Only a claimed record digests apart from before claims were recorded.
+        h = mix64(h ^ 0x0063_6c61_696d_6564);
+    }
     for (flag, state) in &r.flags {
         h = mix64(
             h ^ fnv64(&[
@@ -87,9 +91,9 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
         &t.uid.to_le_bytes(),
         &t.guid.0.to_le_bytes(),
         &t.modseq.to_le_bytes(),
-        // A census's loss digests apart from a client's expunge; the byte is as before
-        // for every other tombstone.
-        &[u8::from(t.expunged) + 2 * u8::from(t.lost)],
+        // A census's loss and a cancel digest apart from a client's expunge; the byte is
+        // as before for every other tombstone.
+        &[u8::from(t.expunged) + 2 * u8::from(t.lost) + 4 * u8::from(t.cancelled)],
     ]))
 }
 
@@ -325,10 +329,9 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
             if e.get().modseq < t.modseq || t.fate_rank() > e.get().fate_rank() =>
         {
             // The fate joins to the more final: a client's expunge over a census's loss
-            // over a retirement.
+            // over a cancel over a retirement.
             let fate = if t.fate_rank() >= e.get().fate_rank() { t } else { *e.get() };
-            let joined =
-                Tombstone { modseq: e.get().modseq.max(t.modseq), expunged: fate.expunged, lost: fate.lost, ..t };
+            let joined = Tombstone { modseq: e.get().modseq.max(t.modseq), ..fate };
             e.insert(joined);
             out.tombstones.push(joined);
         }
@@ -376,7 +379,7 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
     }
     let lowest = m.messages.uids_of(r.guid).next();
     if let Some(mut live) = lowest.and_then(|uid| m.messages.get_mut(&uid))
-        && join_flags_by(&mut live.flags, &r.flags, rules)
+        && (join_flags_by(&mut live.flags, &r.flags, rules) | live.join_claim(r))
     {
         live.modseq = live.modseq.max(r.modseq);
         out.records.push(live.clone());
@@ -386,9 +389,10 @@ fn follow_guid(m: &mut StoredMailbox, r: &MessageRecord, rules: &MergeRules, out
 /// An EXPUNGE removes the message, not one binding of it: where a renumbering moved
 /// the message meanwhile, its new binding is expunged too. A census's loss reaches only
 /// the bindings below its own: a message a replica brought back with its body is placed
-/// above every UID the mailbox used, and lives on there.
+/// above every UID the mailbox used, and lives on there. A cancel reaches only its own
+/// binding: a claim moved the message a client was told is stored (`Tombstone::cancelled`).
 fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut MergeOutcome) {
-    for t in tombstones.iter().filter(|t| t.expunged) {
+    for t in tombstones.iter().filter(|t| t.of_message()) {
         let moved: Vec<Uid> =
             m.messages.uids_of(t.guid).filter(|uid| *uid != t.uid && (!t.lost || *uid < t.uid)).collect();
         for uid in moved {
@@ -419,6 +423,7 @@ pub fn lost_messages<'a>(
 fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, rules: &MergeRules) {
     if let Some(old) = carried.get(&r.guid) {
         join_flags_by(&mut r.flags, &old.flags, rules);
+        r.join_claim(old);
         r.modseq = r.modseq.max(old.modseq);
     }
 }
@@ -426,7 +431,12 @@ fn carry_flags(carried: &BTreeMap<Guid, MessageRecord>, r: &mut MessageRecord, r
 /// The foreign tombstones a replica applies now. A retirement whose replacement binding
 /// cannot be placed here is not applied yet: our binding stays live (with its flag
 /// changes) until the master settles it, and `unresolved` is set.
-fn replica_tombstones(m: &StoredMailbox, foreign: &MailboxState, out: &mut MergeOutcome) -> Vec<Tombstone> {
+fn replica_tombstones(
+    m: &StoredMailbox,
+    foreign: &MailboxState,
+    rules: &MergeRules,
+    out: &mut MergeOutcome,
+) -> Vec<Tombstone> {
     let placeable = |r: &MessageRecord| {
         !m.tombstones.contains_key(&(r.uid, r.guid))
             && !m.retired.contains(r.uid)
@@ -435,9 +445,12 @@ fn replica_tombstones(m: &StoredMailbox, foreign: &MailboxState, out: &mut Merge
     };
     let mut tombstones = Vec::new();
     for t in &foreign.tombstones {
-        let ours_live = m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid);
+        let ours = m.messages.get(&t.uid).filter(|r| r.guid == t.guid);
+        // A cancel of a message claimed here is taken as a retirement: the master moves
+        // the message (`keep_claimed`), and until its new binding is here ours stays.
+        let retires = !t.expunged || (t.cancelled && ours.is_some_and(|r| r.claimed) && !rules.cancels_remove_claimed);
         let replacement = foreign.messages.iter().find(|r| r.guid == t.guid && r.uid != t.uid);
-        if !t.expunged && ours_live && !replacement.is_some_and(placeable) {
+        if retires && ours.is_some() && !replacement.is_some_and(placeable) {
             out.unresolved = true;
             continue;
         }
@@ -497,7 +510,7 @@ pub fn holds_exactly(m: &StoredMailbox, state: &MailboxState) -> bool {
         && !m
             .tombstones
             .values()
-            .any(|t| m.messages.contains_key(&t.uid) || (t.expunged && m.messages.has_guid(t.guid)))
+            .any(|t| m.messages.contains_key(&t.uid) || (t.of_message() && m.messages.has_guid(t.guid)))
         && live_on_retired(m).is_empty()
 }
 
@@ -555,7 +568,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         out.unresolved = true;
     }
     let foreign = &*without_collected(m, foreign);
-    let tombstones = replica_tombstones(m, foreign, &mut out);
+    let tombstones = replica_tombstones(m, foreign, rules, &mut out);
     let carried = retire_bindings(m, &tombstones, &mut out);
     expunge_everywhere(m, &tombstones, &mut out);
     if !rules.ignore_tombstones
@@ -566,7 +579,13 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         out.unresolved = true;
     }
     for r in &foreign.messages {
-        if m.tombstones.contains_key(&(r.uid, r.guid)) {
+        if let Some(t) = m.tombstones.get(&(r.uid, r.guid)) {
+            if r.claimed && t.cancelled && !m.messages.has_guid(r.guid) && !rules.cancels_remove_claimed {
+                // Their claimed message, cancelled here: our cancel goes to the master,
+                // which keeps the message at a new UID.
+                out.unresolved = true;
+                continue;
+            }
             follow_guid(m, r, rules, &mut out);
             continue;
         }
@@ -579,7 +598,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         match m.messages.get(&r.uid).map(|ours| ours.guid) {
             Some(guid) if guid == r.guid => {
                 if let Some(mut ours) = m.messages.get_mut(&r.uid) {
-                    let mut changed = join_flags_by(&mut ours.flags, &r.flags, rules);
+                    let mut changed = join_flags_by(&mut ours.flags, &r.flags, rules) | ours.join_claim(r);
                     if r.modseq > ours.modseq {
                         ours.modseq = r.modseq;
                         changed = true;
@@ -654,6 +673,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
         same_validity,
         movers: BTreeMap::new(),
         carried: BTreeMap::new(),
+        claimed_cancelled: Vec::new(),
         out: MergeOutcome::default(),
     };
     if same_validity {
@@ -662,6 +682,7 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
         let uncollected = without_collected(merge.m, foreign);
         merge.take_tombstones(&uncollected.tombstones);
         expunge_everywhere(merge.m, &uncollected.tombstones, &mut merge.out);
+        merge.keep_claimed();
     } else {
         merge.take_other_incarnation_expunges();
     }
@@ -697,6 +718,8 @@ struct MasterMerge<'a> {
     movers: BTreeMap<(Uid, Guid), MessageRecord>,
     /// Our records of bindings their tombstones retire: the flag changes follow.
     carried: BTreeMap<Guid, MessageRecord>,
+    /// Our claimed records their cancels removed: they move (`keep_claimed`).
+    claimed_cancelled: Vec<MessageRecord>,
     out: MergeOutcome,
 }
 
@@ -709,6 +732,9 @@ impl MasterMerge<'_> {
                 && let Some(ours) = self.m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
             {
                 self.carried.insert(ours.guid, ours.clone());
+                if t.cancelled && ours.claimed && !self.rules.cancels_remove_claimed {
+                    self.claimed_cancelled.push(ours.clone());
+                }
             }
             if self.m.tombstones.contains_key(&(t.uid, t.guid)) {
                 add_tombstone(self.m, *t, &mut self.out);
@@ -727,6 +753,23 @@ impl MasterMerge<'_> {
         }
     }
 
+    /// A claimed message of ours that a cancel of theirs removed from its binding lives on
+    /// above every UID used: a client was told it is stored (`MessageRecord::claimed`;
+    /// explore seeds 778520, 770826). Unless a client expunged it meanwhile.
+    fn keep_claimed(&mut self) {
+        for r in std::mem::take(&mut self.claimed_cancelled) {
+            if !self.m.messages.has_guid(r.guid) && !self.expunged_here(r.guid) {
+                self.movers.insert((r.uid, r.guid), r);
+            }
+        }
+    }
+
+    /// Whether a tombstone here removes `guid` wherever it lives (a client's expunge, a
+    /// census's loss): a scan, asked only for a claimed message a cancel met.
+    fn expunged_here(&self, guid: Guid) -> bool {
+        self.m.tombstones.values().any(|t| t.guid == guid && t.of_message())
+    }
+
     /// Their copy is another incarnation of this mailbox (another UIDVALIDITY): its UIDs
     /// mean nothing here, but its expunges do. A message is one GUID in a mailbox, so an
     /// expunge there kills the message here, at whatever UID it came in under (a record
@@ -737,7 +780,7 @@ impl MasterMerge<'_> {
     fn take_other_incarnation_expunges(&mut self) {
         debug_assert!(!self.same_validity);
         let (modseq, foreign) = (self.modseq, self.foreign);
-        for t in foreign.tombstones.iter().filter(|t| t.expunged) {
+        for t in foreign.tombstones.iter().filter(|t| t.of_message()) {
             if self.ours_dead.contains(&t.guid) {
                 continue;
             }
@@ -776,6 +819,26 @@ impl MasterMerge<'_> {
                 self.movers.insert((r.uid, r.guid), r.clone());
                 return;
             }
+            if r.claimed
+                && !self.rules.cancels_remove_claimed
+                && self.m.tombstones.get(&(r.uid, r.guid)).is_some_and(|t| t.cancelled)
+                && !self.m.messages.has_guid(r.guid)
+                && !self.expunged_here(r.guid)
+            {
+                // A cancel decided here before a claim elsewhere: the message a client
+                // was told is stored comes back above every UID used.
+                self.movers.insert((r.uid, r.guid), r.clone());
+                return;
+            }
+            if self.cancelled_here(r.guid) {
+                // Their binding was retired here and the message then cancelled at its
+                // later binding: theirs is dead too, and says so. A retirement would
+                // tell their copy the message lives on elsewhere, and it would keep
+                // its binding while this master kept the retirement, each SYNC changing
+                // nothing (explore seed 770826, once a cancel removed only its binding).
+                let t = Tombstone { modseq: self.modseq, ..Tombstone::cancel(r.uid, r.guid) };
+                add_tombstone(self.m, t, &mut self.out);
+            }
             follow_guid(self.m, r, self.rules, &mut self.out);
             return;
         }
@@ -795,11 +858,24 @@ impl MasterMerge<'_> {
             // seed 772280: a COPY made after the expunge's tombstone was collected on
             // one side of a partition, the tombstone still there on the other).
             let by_client = self.m.tombstones.values().any(|t| t.guid == r.guid && t.by_client());
-            let t = Tombstone { uid: r.uid, guid: r.guid, modseq: self.modseq, expunged: by_client, lost: false };
+            let t = Tombstone {
+                uid: r.uid,
+                guid: r.guid,
+                modseq: self.modseq,
+                expunged: by_client,
+                lost: false,
+                cancelled: false,
+            };
             add_tombstone(self.m, t, &mut self.out);
             return;
         }
         self.place_at_uid(r);
+    }
+
+    /// Whether `guid` lives nowhere here and was cancelled at one of its bindings (a
+    /// scan of the tombstones: asked only for a binding retired here).
+    fn cancelled_here(&self, guid: Guid) -> bool {
+        !self.m.messages.has_guid(guid) && self.m.tombstones.values().any(|t| t.guid == guid && t.cancelled)
     }
 
     /// Whether their record of `guid` brings back a message a census gave up here (see
@@ -819,11 +895,12 @@ impl MasterMerge<'_> {
             if let Some(ours) = self.m.messages.remove(&our_uid) {
                 add_tombstone(
                     self.m,
-                    Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false, lost: false },
+                    Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false, lost: false, cancelled: false },
                     &mut self.out,
                 );
                 self.out.removed.push(our_uid);
                 join_flags_by(&mut r.flags, &ours.flags, rules);
+                r.join_claim(&ours);
                 r.modseq = r.modseq.max(ours.modseq);
             }
             return false;
@@ -833,7 +910,7 @@ impl MasterMerge<'_> {
             // take their flag changes.
             add_tombstone(
                 self.m,
-                Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false, lost: false },
+                Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false, lost: false, cancelled: false },
                 &mut self.out,
             );
         }
@@ -855,7 +932,7 @@ impl MasterMerge<'_> {
     fn join_flag_changes(&mut self, our_uid: Uid, r: &MessageRecord) -> bool {
         let (rules, modseq) = (self.rules, self.modseq);
         let Some(mut ours) = self.m.messages.get_mut(&our_uid) else { return false };
-        if !join_flags_by(&mut ours.flags, &r.flags, rules) {
+        if !(join_flags_by(&mut ours.flags, &r.flags, rules) | ours.join_claim(r)) {
             return false;
         }
         ours.modseq = modseq;
@@ -906,10 +983,18 @@ impl MasterMerge<'_> {
         duplicates.sort_by_key(|(_, drop)| *drop);
         for (keep, drop) in duplicates {
             let Some(dropped) = self.m.messages.get(&drop).cloned() else { continue };
-            let t = Tombstone { uid: drop, guid: dropped.guid, modseq: self.modseq, expunged: false, lost: false };
+            let t = Tombstone {
+                uid: drop,
+                guid: dropped.guid,
+                modseq: self.modseq,
+                expunged: false,
+                lost: false,
+                cancelled: false,
+            };
             add_tombstone(self.m, t, &mut self.out);
             if let Some(mut kept) = self.m.messages.get_mut(&keep) {
                 join_flags_by(&mut kept.flags, &dropped.flags, self.rules);
+                kept.join_claim(&dropped);
                 kept.modseq = self.modseq;
                 self.out.records.push(kept.clone());
             }
@@ -949,7 +1034,14 @@ impl MasterMerge<'_> {
         let mut moved_guids = BTreeSet::new();
         for ((old_uid, guid), rec) in std::mem::take(&mut self.movers) {
             if self.same_validity || self.m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
-                let t = Tombstone { uid: old_uid, guid, modseq: self.modseq, expunged: false, lost: false };
+                let t = Tombstone {
+                    uid: old_uid,
+                    guid,
+                    modseq: self.modseq,
+                    expunged: false,
+                    lost: false,
+                    cancelled: false,
+                };
                 add_tombstone(self.m, t, &mut self.out);
             }
             if !moved_guids.insert(guid) || self.m.messages.has_guid(guid) {
@@ -1237,6 +1329,7 @@ mod tests {
                     (Flag::new(f).unwrap(), FlagState { present: *p, stamp: Stamp { modseq: *m, sid: Sid(1) } })
                 })
                 .collect(),
+            claimed: false,
         }
     }
 
@@ -1260,7 +1353,14 @@ mod tests {
     /// makes it false.
     #[test]
     fn a_copy_of_itself_changes_nothing_unless_something_is_left_to_settle() {
-        let tomb = |uid, guid, expunged| Tombstone { uid, guid: Guid(guid), modseq: 9, expunged, lost: false };
+        let tomb = |uid, guid, expunged| Tombstone {
+            uid,
+            guid: Guid(guid),
+            modseq: 9,
+            expunged,
+            lost: false,
+            cancelled: false,
+        };
         let mut settled = mbox(vec![rec(1, 10, &[("\\Seen", true, 3)]), rec(4, 40, &[]), rec(6, 20, &[])]);
         // 2 expunged, 3 retired from 20 (which lives at 6), 5 collected.
         settled.tombstones.insert((2, Guid(30)), tomb(2, 30, true));
@@ -1325,8 +1425,10 @@ mod tests {
         // which the cluster moved to 7, flagged here since the last push at modseq 5),
         // 3 expunged here since the last push (the cluster retired 3 meanwhile), 4 live.
         let mut here = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[("\\Seen", true, 6)]), rec(4, 40, &[])]);
-        here.tombstones
-            .insert((3, Guid(30)), Tombstone { uid: 3, guid: Guid(30), modseq: 6, expunged: true, lost: false });
+        here.tombstones.insert(
+            (3, Guid(30)),
+            Tombstone { uid: 3, guid: Guid(30), modseq: 6, expunged: true, lost: false, cancelled: false },
+        );
         let mut cluster = st(&mbox(vec![rec(4, 40, &[]), rec(5, 30, &[]), rec(7, 20, &[])]));
         cluster.retired.insert_range(1, 3);
         let from_cluster = {
@@ -1354,7 +1456,7 @@ mod tests {
     }
 
     fn lost(uid: Uid, guid: u128, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: true }
+        Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: true, cancelled: false }
     }
 
     #[test]
@@ -1368,7 +1470,7 @@ mod tests {
             lost(2, 20, 5),
             lost(3, 30, 5),
             lost(4, 40, 5),
-            Tombstone { uid: 8, guid: Guid(40), modseq: 6, expunged: true, lost: false },
+            Tombstone { uid: 8, guid: Guid(40), modseq: 6, expunged: true, lost: false, cancelled: false },
         ];
         let holds = |g: Guid| g == Guid(20) || g == Guid(40);
         let adopt = adopt_rule(Some(&here), &cluster, &Retired::default(), 5, true, 0, holds);
@@ -1429,20 +1531,80 @@ mod tests {
         // A client's expunge is final even for a push.
         let mut expunged = master.clone();
         expunged.messages.remove(&3);
-        expunged
-            .tombstones
-            .insert((3, Guid(20)), Tombstone { uid: 3, guid: Guid(20), modseq: 7, expunged: true, lost: false });
+        expunged.tombstones.insert(
+            (3, Guid(20)),
+            Tombstone { uid: 3, guid: Guid(20), modseq: 7, expunged: true, lost: false, cancelled: false },
+        );
         merge_as_master(&mut expunged, &replica, &push);
         assert!(!expunged.messages.has_guid(Guid(20)));
     }
 
     #[test]
+    fn a_cancel_removes_its_binding_but_never_a_claimed_message() {
+        let claimed = |uid, guid| MessageRecord { claimed: true, ..rec(uid, guid, &[]) };
+        // The canceller's copy: the save's binding 2 cancelled.
+        let mut theirs = mbox(vec![rec(1, 10, &[])]);
+        theirs.tombstones.insert((2, Guid(20)), Tombstone { modseq: 6, ..Tombstone::cancel(2, Guid(20)) });
+        theirs.uidnext = 3;
+        let rules = MergeRules::default();
+        // Unclaimed here: the cancel removes it.
+        let mut master = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[])]);
+        merge_as_master(&mut master, &st(&theirs), &rules);
+        assert!(!master.messages.has_guid(Guid(20)));
+        // Claimed here (a retry was answered with it): it moves above every UID used.
+        let mut master = mbox(vec![rec(1, 10, &[]), claimed(2, 20)]);
+        merge_as_master(&mut master, &st(&theirs), &rules);
+        assert_eq!(master.messages.last_uid_of(Guid(20)), Some(3));
+        assert!(master.messages.get(&3).is_some_and(|r| r.claimed));
+        assert!(master.tombstones.get(&(2, Guid(20))).is_some_and(|t| t.cancelled), "the binding stays cancelled");
+        // A replica holding the claimed binding keeps it until the master's move is there.
+        let from_master = MergeRules { from_master: true, ..MergeRules::default() };
+        let mut replica = mbox(vec![rec(1, 10, &[]), claimed(2, 20)]);
+        assert!(merge_as_replica(&mut replica, &st(&theirs), &from_master).unresolved);
+        assert!(replica.messages.get(&2).is_some_and(|r| r.guid == Guid(20)));
+        let out = merge_as_replica(&mut replica, &st(&master), &from_master);
+        assert!(!out.unresolved && replica.messages.last_uid_of(Guid(20)) == Some(3));
+        // The canceller, as master, meets a claimed copy: it comes back too.
+        let mut canceller = theirs.clone();
+        merge_as_master(&mut canceller, &st(&mbox(vec![claimed(2, 20)])), &rules);
+        assert_eq!(canceller.messages.last_uid_of(Guid(20)), Some(3));
+        // A client's expunge removes a claimed message all the same.
+        let mut expunged = theirs.clone();
+        let by_client = Tombstone { uid: 9, guid: Guid(20), modseq: 7, expunged: true, lost: false, cancelled: false };
+        expunged.tombstones.insert((9, Guid(20)), by_client);
+        merge_as_master(&mut expunged, &st(&mbox(vec![claimed(2, 20)])), &rules);
+        assert!(!expunged.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn a_binding_retired_before_a_cancel_is_cancelled_too() {
+        // Renumbered from 3 to 6, then cancelled at 6: a replica still holds 3.
+        let retired = Tombstone { uid: 3, guid: Guid(20), modseq: 5, expunged: false, lost: false, cancelled: false };
+        let mut master = mbox(vec![rec(1, 10, &[])]);
+        master.tombstones.insert((3, Guid(20)), retired);
+        master.tombstones.insert((6, Guid(20)), Tombstone { modseq: 7, ..Tombstone::cancel(6, Guid(20)) });
+        master.uidnext = 7;
+        let mut replica = mbox(vec![rec(1, 10, &[]), rec(3, 20, &[])]);
+        let from_master = MergeRules { from_master: true, ..MergeRules::default() };
+        assert!(merge_as_replica(&mut replica, &st(&master), &from_master).unresolved, "a retirement keeps it");
+        merge_as_master(&mut master, &st(&replica), &MergeRules::default());
+        assert!(master.tombstones.get(&(3, Guid(20))).is_some_and(|t| t.cancelled), "the older binding is cancelled");
+        let out = merge_as_replica(&mut replica, &st(&master), &from_master);
+        assert!(!out.unresolved && !replica.messages.has_guid(Guid(20)), "and the replica lets it go");
+    }
+
+    #[test]
     fn a_tombstones_fate_joins_to_the_more_final() {
-        let retired = Tombstone { uid: 2, guid: Guid(20), modseq: 9, expunged: false, lost: false };
+        let retired = Tombstone { uid: 2, guid: Guid(20), modseq: 9, expunged: false, lost: false, cancelled: false };
         let by_client = Tombstone { modseq: 3, expunged: true, ..retired };
-        for (a, b, want) in
-            [(retired, lost(2, 20, 5), 1), (lost(2, 20, 5), by_client, 2), (by_client, lost(2, 20, 5), 2)]
-        {
+        let cancel = Tombstone { modseq: 4, ..Tombstone::cancel(2, Guid(20)) };
+        for (a, b, want) in [
+            (retired, cancel, 1),
+            (cancel, lost(2, 20, 5), 2),
+            (retired, lost(2, 20, 5), 2),
+            (lost(2, 20, 5), by_client, 3),
+            (by_client, cancel, 3),
+        ] {
             for (x, y) in [(a, b), (b, a)] {
                 let mut m = mbox(vec![]);
                 add_tombstone(&mut m, x, &mut MergeOutcome::default());
@@ -1473,9 +1635,10 @@ mod tests {
     fn expunged_conflict_found_by_tombstone() {
         let mut master = mbox(vec![rec(1, 10, &[])]);
         let mut other = mbox(vec![]);
-        other
-            .tombstones
-            .insert((1, Guid(99)), Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true, lost: false });
+        other.tombstones.insert(
+            (1, Guid(99)),
+            Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true, lost: false, cancelled: false },
+        );
         other.uidnext = 2;
         let out = merge_as_master(&mut master, &st(&other), &MergeRules::default());
         assert!(out.tombstone_conflict);
@@ -1490,9 +1653,10 @@ mod tests {
         // would keep it for good.
         let mut master = mbox(vec![]);
         master.uidnext = 2;
-        master
-            .tombstones
-            .insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false });
+        master.tombstones.insert(
+            (1, Guid(20)),
+            Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false, cancelled: false },
+        );
         let copied = mbox(vec![rec(2, 20, &[])]);
         merge_as_master(&mut master, &st(&copied), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)), "the expunge wins");
@@ -1516,9 +1680,10 @@ mod tests {
         assert!(master.messages.has_guid(Guid(20)));
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
-        expunged
-            .tombstones
-            .insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false });
+        expunged.tombstones.insert(
+            (1, Guid(20)),
+            Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false, cancelled: false },
+        );
         merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)), "the expunge in the other incarnation is ignored");
         assert!(master.messages.has_guid(Guid(10)));
@@ -1533,9 +1698,10 @@ mod tests {
         master.uidvalidity = 7;
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
-        expunged
-            .tombstones
-            .insert((1, Guid(20)), Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false });
+        expunged.tombstones.insert(
+            (1, Guid(20)),
+            Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false, cancelled: false },
+        );
         merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
         assert!(master.tombstones.get(&(40, Guid(20))).is_some_and(|t| t.expunged));
         assert_eq!(master.uidnext, 41);
@@ -1600,12 +1766,13 @@ mod carry_tests {
             checksum: 0,
             modseq: 26,
             flags: Flags::default(),
+            claimed: false,
         };
         rec.flags.insert(Flag::new("$Work").unwrap(), FlagState { present: true, stamp });
         m.messages.insert(17, rec.clone());
         m.uidnext = 18;
         let moved = MessageRecord { uid: 34, modseq: 36, flags: Flags::default(), ..rec.clone() };
-        let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false, lost: false };
+        let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false, lost: false, cancelled: false };
         let fragment = MailboxState {
             mailbox: key.clone(),
             uidvalidity: m.uidvalidity,
@@ -1631,7 +1798,16 @@ mod retired_tests {
     }
 
     fn rec(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
-        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq, flags: Flags::default() }
+        MessageRecord {
+            uid,
+            guid: Guid(guid),
+            received: 0,
+            size: 1,
+            checksum: 0,
+            modseq,
+            flags: Flags::default(),
+            claimed: false,
+        }
     }
 
     fn retired(ranges: &[(Uid, Uid)], collected: ModSeq) -> Retired {
@@ -1702,7 +1878,14 @@ mod retired_tests {
     fn retired_uids_drop_the_tombstones_they_cover_and_no_later_one() {
         let mut replica = new_mailbox(&key());
         replica.messages.insert(1, rec(1, 10, 1));
-        let t = |uid: Uid, guid: u128, modseq| Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: false };
+        let t = |uid: Uid, guid: u128, modseq| Tombstone {
+            uid,
+            guid: Guid(guid),
+            modseq,
+            expunged: true,
+            lost: false,
+            cancelled: false,
+        };
         for tomb in [t(2, 20, 3), t(3, 30, 3), t(4, 40, 9)] {
             replica.tombstones.insert((tomb.uid, tomb.guid), tomb);
         }

@@ -158,6 +158,7 @@ impl Partial {
                 modseq: r.modseq,
                 expunged: true,
                 lost: false,
+                cancelled: false,
             })
             .collect();
         state.messages.retain(|r| self.in_window(r));
@@ -217,6 +218,7 @@ mod tests {
             checksum: 0,
             modseq: uid as u64,
             flags: Default::default(),
+            claimed: false,
         }
     }
 
@@ -251,7 +253,8 @@ mod tests {
         let mut state = MailboxState::empty(MailboxKey::new("u", "INBOX"), 1);
         state.messages = vec![rec(1, 50), rec(2, 150), rec(3, 20)];
         // UID 3 moved here from a retired UID 9: it stays, so the replica learns where.
-        state.tombstones = vec![Tombstone { uid: 9, guid: Guid(3), modseq: 4, expunged: false, lost: false }];
+        state.tombstones =
+            vec![Tombstone { uid: 9, guid: Guid(3), modseq: 4, expunged: false, lost: false, cancelled: false }];
         let before = state.tombstones.clone();
         p.window_state(&mut state);
         assert_eq!(state.messages.iter().map(|r| r.uid).collect::<Vec<_>>(), vec![2, 3]);

@@ -430,7 +430,8 @@ pub struct FlagState {
 }
 
 /// A message as every server stores it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "StoredRecord", from = "StoredRecord")]
 pub struct MessageRecord {
     pub uid: Uid,
     pub guid: Guid,
@@ -443,6 +444,81 @@ pub struct MessageRecord {
     /// Every flag ever touched, with its last change. Cleared flags stay as entries so a
     /// removal is never lost in a merge.
     pub flags: Flags,
+    /// A retry of its delivery was answered with it (a claim, `server::cancels`): a client
+    /// was told it is stored, so no cancel of its save removes it, wherever the cancel
+    /// was decided. Joined as "either copy says so"; never cleared.
+    pub claimed: bool,
+}
+
+/// `claimed` shows only when set, so a record reads (and the simulator's trace hash,
+/// which formats replies, comes out) as before claims were recorded.
+impl fmt::Debug for MessageRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("MessageRecord");
+        d.field("uid", &self.uid)
+            .field("guid", &self.guid)
+            .field("received", &self.received)
+            .field("size", &self.size)
+            .field("checksum", &self.checksum)
+            .field("modseq", &self.modseq)
+            .field("flags", &self.flags);
+        if self.claimed {
+            d.field("claimed", &true);
+        }
+        d.finish()
+    }
+}
+
+/// The top bit of a stored or sent size: the record is claimed. No size uses it (a body
+/// is at most `wire::LITERAL_LEN_MAX`, far below 2^31), so a store written, or a peer
+/// built, before claims were recorded reads the same bytes as unclaimed records.
+const CLAIMED_SIZE_BIT: u32 = 1 << 31;
+
+impl MessageRecord {
+    /// The size field as stored and sent, with the claim in its top bit.
+    pub fn packed_size(&self) -> u32 {
+        (self.size & !CLAIMED_SIZE_BIT) | if self.claimed { CLAIMED_SIZE_BIT } else { 0 }
+    }
+
+    /// (size, claimed) from a stored or sent size field.
+    pub fn unpack_size(packed: u32) -> (u32, bool) {
+        (packed & !CLAIMED_SIZE_BIT, packed & CLAIMED_SIZE_BIT != 0)
+    }
+
+    /// Joins another copy's claim into this one; whether it changed.
+    pub fn join_claim(&mut self, other: &MessageRecord) -> bool {
+        let changed = other.claimed && !self.claimed;
+        self.claimed |= other.claimed;
+        changed
+    }
+}
+
+/// A record as stored and recorded: the claim rides in the size (`CLAIMED_SIZE_BIT`).
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredRecord {
+    uid: Uid,
+    guid: Guid,
+    received: u64,
+    size: u32,
+    checksum: u64,
+    modseq: ModSeq,
+    flags: Flags,
+}
+
+impl From<MessageRecord> for StoredRecord {
+    fn from(r: MessageRecord) -> Self {
+        let size = r.packed_size();
+        let MessageRecord { uid, guid, received, checksum, modseq, flags, .. } = r;
+        StoredRecord { uid, guid, received, size, checksum, modseq, flags }
+    }
+}
+
+impl From<StoredRecord> for MessageRecord {
+    fn from(s: StoredRecord) -> Self {
+        let (size, claimed) = MessageRecord::unpack_size(s.size);
+        let StoredRecord { uid, guid, received, checksum, modseq, flags, .. } = s;
+        MessageRecord { uid, guid, received, size, checksum, modseq, flags, claimed }
+    }
 }
 
 /// A record's flags by name, each with its last change: shared between the clones of a
@@ -521,10 +597,16 @@ pub struct Tombstone {
     /// message again, and the master places it at a new UID (its body back in the
     /// cluster). Never collected, so that a replica away for long still sees it.
     pub lost: bool,
+    /// No client expunged it: the client that saved it was told it is not stored, and its
+    /// master took it out (a CANCEL, `server::cancels`). Implies `expunged`. It removes
+    /// this binding only, never the message at another: a retry answered with the message
+    /// (a claim) moves it to a new binding first, so a cancel that reaches a master after
+    /// another master's claim cannot remove what a client was told is stored.
+    pub cancelled: bool,
 }
 
-/// `lost` shows only when set, so a tombstone reads (and the simulator's trace hash,
-/// which formats replies, comes out) as before a census's loss had its own fate.
+/// `lost` and `cancelled` show only when set, so a tombstone reads (and the simulator's
+/// trace hash, which formats replies, comes out) as before those fates were told apart.
 impl fmt::Debug for Tombstone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Tombstone");
@@ -535,48 +617,65 @@ impl fmt::Debug for Tombstone {
         if self.lost {
             d.field("lost", &true);
         }
+        if self.cancelled {
+            d.field("cancelled", &true);
+        }
         d.finish()
     }
 }
 
 impl Tombstone {
-    /// How final the tombstone is: a retirement, a census's loss, a client's expunge.
-    /// Two tombstones of one binding join to the higher.
+    /// How final the tombstone is: a retirement, a cancel, a census's loss, a client's
+    /// expunge. Two tombstones of one binding join to the higher.
     pub fn fate_rank(&self) -> u8 {
-        match (self.expunged, self.lost) {
-            (false, _) => 0,
-            (true, true) => 1,
-            (true, false) => 2,
+        match (self.expunged, self.lost, self.cancelled) {
+            (false, _, _) => 0,
+            (true, false, true) => 1,
+            (true, true, _) => 2,
+            (true, false, false) => 3,
         }
     }
 
-    /// A client's expunge (not a retirement, not a census's loss).
+    /// A cancel's tombstone of the binding (`uid`, `guid`), at modseq 0.
+    pub fn cancel(uid: Uid, guid: Guid) -> Tombstone {
+        Tombstone { uid, guid, modseq: 0, expunged: true, lost: false, cancelled: true }
+    }
+
+    /// A client's expunge (not a retirement, a cancel nor a census's loss).
     pub fn by_client(&self) -> bool {
-        self.expunged && !self.lost
+        self.expunged && !self.lost && !self.cancelled
+    }
+
+    /// An expunge that removes the message wherever it lives (a client's or a census's),
+    /// not only this binding (a retirement, a cancel).
+    pub fn of_message(&self) -> bool {
+        self.expunged && !self.cancelled
     }
 
     /// The fate's names on the wire, by [`Tombstone::fate_code`].
-    pub const FATE_NAMES: [&'static str; 3] = ["RETIRED", "EXPUNGED", "LOST"];
+    pub const FATE_NAMES: [&'static str; 4] = ["RETIRED", "EXPUNGED", "LOST", "CANCELLED"];
 
-    /// The fate as stored and sent: 0 retired, 1 expunged, 2 lost (a store written when
-    /// the fate was a `bool`, one byte 0 or 1 under bincode, reads unchanged).
+    /// The fate as stored and sent: 0 retired, 1 expunged, 2 lost, 3 cancelled (a store
+    /// written when the fate was a `bool`, one byte 0 or 1 under bincode, reads unchanged).
     pub fn fate_code(&self) -> u8 {
-        match (self.expunged, self.lost) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
+        match (self.expunged, self.lost, self.cancelled) {
+            (false, _, _) => 0,
+            (true, false, false) => 1,
+            (true, true, _) => 2,
+            (true, false, true) => 3,
         }
     }
 
     /// A tombstone of the fate [`Tombstone::fate_code`] gives `code`; None for no fate.
     pub fn with_fate(uid: Uid, guid: Guid, modseq: ModSeq, code: u8) -> Option<Tombstone> {
-        let (expunged, lost) = match code {
-            0 => (false, false),
-            1 => (true, false),
-            2 => (true, true),
+        let (expunged, lost, cancelled) = match code {
+            0 => (false, false, false),
+            1 => (true, false, false),
+            2 => (true, true, false),
+            3 => (true, false, true),
             _ => return None,
         };
-        Some(Tombstone { uid, guid, modseq, expunged, lost })
+        Some(Tombstone { uid, guid, modseq, expunged, lost, cancelled })
     }
 }
 
@@ -599,7 +698,7 @@ impl TryFrom<StoredTombstone> for Tombstone {
     type Error = String;
     fn try_from(s: StoredTombstone) -> Result<Self, String> {
         Tombstone::with_fate(s.uid, s.guid, s.modseq, s.fate)
-            .ok_or_else(|| format!("a tombstone's fate is 0, 1 or 2, not {}", s.fate))
+            .ok_or_else(|| format!("a tombstone's fate is 0, 1, 2 or 3, not {}", s.fate))
     }
 }
 

@@ -48,8 +48,9 @@
 //!
 //! where `<key>` is `MAILBOX <mbox>`, `USER <string>`, `DOMAIN <string>` or `GLOBAL`;
 //! `<state>` is `(<mbox> <uidvalidity> <uidnext> <highest-modseq> (<record>...) (<tombstone>...))`;
-//! `<record>` is `(<uid> <guid> <received> <size> <checksum> <modseq> ((<flag> SET|CLEAR <modseq> <sid>)...))`;
-//! `<tombstone>` is `(<uid> <guid> <modseq> EXPUNGED|RETIRED)`; and `<result>` is one of
+//! `<record>` is `(<uid> <guid> <received> <size> <checksum> <modseq> ((<flag> SET|CLEAR <modseq> <sid>)...))`,
+//! where `<size>` has the claim in its top bit (`MessageRecord::packed_size`);
+//! `<tombstone>` is `(<uid> <guid> <modseq> RETIRED|EXPUNGED|LOST|CANCELLED)`; and `<result>` is one of
 //! `SAVED <uidvalidity> <uid> <guid>`, `COPIED <uidvalidity> <uid> <guid>`,
 //! `EXPUNGED (<uid>...) <modseq>`, `STORED <modseq> (<rejected-uid>...) ((<uid> (<flag>...) <modseq>)...)`,
 //! `FAILED TEMPORARY|PERMANENT <string>`, `MAILBOX-DONE <modseq>`, `POSITION <highest-modseq> <digest>`,
@@ -1372,7 +1373,8 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
 
 fn write_record(w: &mut Writer, m: &MessageRecord) {
     w.group(|w| {
-        w.num(m.uid).guid(m.guid).num(m.received).num(m.size).num(m.checksum).num(m.modseq);
+        // The claim rides in the size's top bit (`MessageRecord::packed_size`).
+        w.num(m.uid).guid(m.guid).num(m.received).num(m.packed_size()).num(m.checksum).num(m.modseq);
         w.list(&m.flags, |w, (flag, state)| {
             w.group(|w| {
                 w.flag(flag).atom(if state.present { "SET" } else { "CLEAR" });
@@ -1384,14 +1386,17 @@ fn write_record(w: &mut Writer, m: &MessageRecord) {
 
 fn read_record(r: &mut Reader) -> Parse<MessageRecord> {
     r.group(|r| {
+        let (uid, guid, received) = (r.u32()?, r.guid()?, r.u64()?);
+        let (size, claimed) = MessageRecord::unpack_size(r.u32()?);
         Ok(MessageRecord {
-            uid: r.u32()?,
-            guid: r.guid()?,
-            received: r.u64()?,
-            size: r.u32()?,
+            uid,
+            guid,
+            received,
+            size,
             checksum: r.u64()?,
             modseq: r.u64()?,
             flags: read_flag_states(r)?.into(),
+            claimed,
         })
     })
 }
@@ -1465,6 +1470,7 @@ mod tests {
                 (flag("\\Deleted"), FlagState { present: false, stamp: stamp(42, 2) }),
                 (flag("$Junk"), FlagState { present: true, stamp: stamp(u64::MAX, u32::MAX) }),
             ])),
+            claimed: false,
         }
     }
 
@@ -1476,8 +1482,8 @@ mod tests {
             highest_modseq: 99,
             messages: vec![record(1), record(2), MessageRecord { flags: Flags::default(), ..record(3) }],
             tombstones: vec![
-                Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true, lost: false },
-                Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false, lost: false },
+                Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true, lost: false, cancelled: false },
+                Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false, lost: false, cancelled: false },
             ],
             lifecycle: Lifecycle {
                 created_at: 3,
@@ -1698,7 +1704,14 @@ mod tests {
                     Change::Expunge {
                         mailbox: inbox.clone(),
                         uidvalidity: 77,
-                        tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: true, lost: false }],
+                        tombstones: vec![Tombstone {
+                            uid: 1,
+                            guid,
+                            modseq: 102,
+                            expunged: true,
+                            lost: false,
+                            cancelled: false,
+                        }],
                     },
                 ),
             ),
@@ -2212,8 +2225,10 @@ mod tests {
         let flag_state = (any::<bool>(), any::<u64>(), any::<u32>())
             .prop_map(|(present, modseq, sid)| FlagState { present, stamp: Stamp { modseq, sid: Sid(sid) } });
         let flags = proptest::collection::btree_map(any_flag(), flag_state, 0..4);
-        (any::<u32>(), guid(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>(), flags).prop_map(
-            |(uid, guid, received, size, checksum, modseq, flags)| MessageRecord {
+        // A size below the claim's bit (`MessageRecord::packed_size`), as every size is.
+        let size = (0..1u32 << 31, any::<bool>());
+        (any::<u32>(), guid(), any::<u64>(), size, any::<u64>(), any::<u64>(), flags).prop_map(
+            |(uid, guid, received, (size, claimed), checksum, modseq, flags)| MessageRecord {
                 uid,
                 guid,
                 received,
@@ -2221,6 +2236,7 @@ mod tests {
                 checksum,
                 modseq,
                 flags: flags.into(),
+                claimed,
             },
         )
     }

@@ -45,6 +45,7 @@ fn image(n: u32, store: &MemoryBodies) -> DiskImage {
             checksum,
             modseq: 1,
             flags: Default::default(),
+            claimed: false,
         };
         m.messages.insert(uid, record);
         db.bodies.insert(guid, StoredBody { checksum, len: body.len() as u64 });
@@ -264,6 +265,7 @@ fn absurd_numbers_from_a_peer_are_refused() {
         checksum: hash::body_checksum(b"x"),
         modseq,
         flags: Default::default(),
+        claimed: false,
     };
     let absurd = [
         Msg::LinkState { origin: S2, seq: 999_999, epoch: u64::MAX, store: 1, neighbors: vec![S1] },
@@ -335,7 +337,14 @@ fn maximal_parts_fit_a_line() {
         .map(|i| Flag::new(&format!("{i:0>width$}", width = types::FLAG_LEN_MAX)).unwrap())
         .collect();
     let messages: Vec<(Uid, Guid)> = (0..n).map(|_| (u32::MAX, Guid(u128::MAX))).collect();
-    let tombstone = Tombstone { uid: u32::MAX, guid: Guid(u128::MAX), modseq: u64::MAX, expunged: false, lost: false };
+    let tombstone = Tombstone {
+        uid: u32::MAX,
+        guid: Guid(u128::MAX),
+        modseq: u64::MAX,
+        expunged: false,
+        lost: false,
+        cancelled: false,
+    };
     let msgs = [
         Msg::Change {
             seq: u64::MAX,

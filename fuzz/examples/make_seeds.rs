@@ -393,14 +393,23 @@ fn wire_seeds(dir: &Path) {
     flags.insert(flag("\\Seen"), FlagState { present: true, stamp: Stamp { modseq: 3, sid: S1 } });
     flags.insert(flag("$Junk"), FlagState { present: false, stamp: Stamp { modseq: 4, sid: S2 } });
     let record =
-        MessageRecord { uid: 1, guid, received: 1_700_000_000, size: 5, checksum: 77, modseq: 4, flags: flags.into() };
+        MessageRecord {
+            uid: 1,
+            guid,
+            received: 1_700_000_000,
+            size: 5,
+            checksum: 77,
+            modseq: 4,
+            flags: flags.into(),
+            claimed: false,
+        };
     let state = MailboxState {
         mailbox: inbox.clone(),
         uidvalidity: 77,
         uidnext: 3,
         highest_modseq: 9,
         messages: vec![record.clone()],
-        tombstones: vec![Tombstone { uid: 2, guid: Guid(2), modseq: 8, expunged: true, lost: false }],
+        tombstones: vec![Tombstone { uid: 2, guid: Guid(2), modseq: 8, expunged: true, lost: false, cancelled: false }],
         lifecycle: Default::default(),
         retired: Default::default(),
     };
@@ -565,7 +574,7 @@ fn wire_seeds(dir: &Path) {
                         change: Change::Expunge {
                             mailbox: inbox.clone(),
                             uidvalidity: 77,
-                            tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: false, lost: false }],
+                            tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: false, lost: false, cancelled: false }],
                         },
                     },
                 ),

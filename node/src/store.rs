@@ -749,6 +749,7 @@ mod tests {
             checksum: 9,
             modseq: 1,
             flags: Default::default(),
+            claimed: false,
         };
         let writes = vec![
             StoreWrite::Incarnation { incarnation: 1, store_id: 7 },
@@ -757,7 +758,14 @@ mod tests {
             StoreWrite::PutBody { guid: Guid(7), checksum: 9, bytes: Body::from_static(b"abc") },
             StoreWrite::PutTombstone {
                 mailbox: mailbox.clone(),
-                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true, lost: false },
+                tombstone: Tombstone {
+                    uid: 3,
+                    guid: Guid(8),
+                    modseq: 2,
+                    expunged: true,
+                    lost: false,
+                    cancelled: false,
+                },
             },
             StoreWrite::PutMessage { mailbox: MailboxKey::new("v@d", "Box"), record: record.clone() },
             StoreWrite::RemoveMessage { mailbox: MailboxKey::new("v@d", "Box"), uid: 1 },
@@ -790,11 +798,25 @@ mod tests {
             // nor one above the collection's modseq.
             StoreWrite::PutTombstone {
                 mailbox: MailboxKey::new("u@d", "INBOX2"),
-                tombstone: Tombstone { uid: 3, guid: Guid(8), modseq: 2, expunged: true, lost: false },
+                tombstone: Tombstone {
+                    uid: 3,
+                    guid: Guid(8),
+                    modseq: 2,
+                    expunged: true,
+                    lost: false,
+                    cancelled: false,
+                },
             },
             StoreWrite::PutTombstone {
                 mailbox: mailbox.clone(),
-                tombstone: Tombstone { uid: 4, guid: Guid(9), modseq: 9, expunged: false, lost: false },
+                tombstone: Tombstone {
+                    uid: 4,
+                    guid: Guid(9),
+                    modseq: 9,
+                    expunged: false,
+                    lost: false,
+                    cancelled: false,
+                },
             },
             StoreWrite::RetireUids {
                 mailbox: mailbox.clone(),
@@ -1001,6 +1023,7 @@ mod tests {
                         checksum: 0,
                         modseq: 1,
                         flags: Default::default(),
+                        claimed: false,
                     },
                     body: Body::from_static(b"same"),
                 };

@@ -163,6 +163,13 @@ fn cancelling_a_save_a_retry_was_answered_with_is_caught() {
     scenario_catches("cancel-after-retry-keeps-it.toml", Bug::CancelClaimedSaves, "no_acked_loss");
 }
 
+/// A cancel decided at a master that then crashed reaches the cluster after another
+/// master's claim (explore seed 778520): only the claim on the record keeps the message.
+#[test]
+fn a_cancel_removing_a_record_claimed_elsewhere_is_caught() {
+    scenario_catches("regression-cancel-after-claim-keeps-mail-778520.toml", Bug::CancelClaimedSaves, "no_acked_loss");
+}
+
 #[test]
 fn skipping_the_startup_hold_is_caught() {
     catch_and_shrink(Bug::SkipStartupHold);

@@ -1139,7 +1139,16 @@ mod tests {
     }
 
     fn record(uid: Uid, guid: u128) -> MessageRecord {
-        MessageRecord { uid, guid: Guid(guid), received: 0, size: 1, checksum: 0, modseq: 1, flags: Flags::default() }
+        MessageRecord {
+            uid,
+            guid: Guid(guid),
+            received: 0,
+            size: 1,
+            checksum: 0,
+            modseq: 1,
+            flags: Flags::default(),
+            claimed: false,
+        }
     }
 
     /// A copy of `mailbox` with UIDs 1 and 2 (GUIDs 1 and 2), UIDVALIDITY 5.
@@ -1250,7 +1259,7 @@ mod tests {
         });
         writes.push(StoreWrite::PutTombstone {
             mailbox: mailbox.clone(),
-            tombstone: Tombstone { uid, guid: Guid(3), modseq, expunged: true, lost: false },
+            tombstone: Tombstone { uid, guid: Guid(3), modseq, expunged: true, lost: false, cancelled: false },
         });
         writes.push(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid });
         // Theirs is here from the moment its new binding is written.

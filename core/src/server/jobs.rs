@@ -796,7 +796,7 @@ impl Server {
                     Some((first_guid, first_uid)) => {
                         self.marks.hit(Mark::RetryRecognised);
                         self.ordered_saves.claimed(first_guid, self.now);
-                        self.resend_saved(&mailbox, first_guid, first_uid, Some(body), id)
+                        self.claim_saved(&mailbox, first_guid, first_uid, body, id)
                     }
                     None => {
                         let ordered = self.master_save(&mailbox, guid, received, &flags, Some(body), id, None);
@@ -839,8 +839,9 @@ impl Server {
             }
             WriteRequest::Expunge { mailbox, messages } => {
                 // The server's own expunge is a census's (see `Origin::Internal`).
-                let lost = matches!(self.jobs.get(id).map(|j| &j.origin), Some(Origin::Internal));
-                self.master_expunge(&mailbox, &messages, lost, id)
+                let internal = matches!(self.jobs.get(id).map(|j| &j.origin), Some(Origin::Internal));
+                let why = if internal { Removal::Lost } else { Removal::ByClient };
+                self.master_expunge(&mailbox, &messages, why, id)
             }
             WriteRequest::Cancel { mailbox, guid, sender_ordered } => {
                 self.master_cancel(&mailbox, guid, sender_ordered, id)
@@ -908,12 +909,14 @@ impl Server {
         let horizon_us = self.cancel_horizon_us();
         let cancellable = self.ordered_saves.take_cancellable(guid, sender_ordered, self.now, horizon_us);
         let Some(uid) = live else { return kept };
-        if !cancellable && !self.has_bug(crate::Bug::CancelClaimedSaves) {
+        // A claim made at another master is on the record (`MessageRecord::claimed`).
+        let claimed = self.image.mailbox(mailbox).and_then(|m| m.messages.get(&uid)).is_some_and(|r| r.claimed);
+        if (!cancellable || claimed) && !self.has_bug(crate::Bug::CancelClaimedSaves) {
             self.marks.hit(Mark::SaveCancelRefused);
             return kept;
         }
         self.marks.hit(Mark::SaveCancelled);
-        self.master_expunge(mailbox, &[(uid, guid)], false, id)
+        self.master_expunge(mailbox, &[(uid, guid)], Removal::Cancelled, id)
     }
 
     /// A migrated message at the UID it had elsewhere (see `ClientRequest::Import`).
@@ -1094,7 +1097,7 @@ impl Server {
         debug_assert!(!m.messages.contains_key(&uid), "UIDNEXT is above every live UID");
         let stamp = Stamp { modseq: if is_copy { 0 } else { modseq }, sid: self.cfg.sid };
         let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
-        let record = MessageRecord { uid, guid, received, size, checksum, modseq, flags };
+        let record = MessageRecord { uid, guid, received, size, checksum, modseq, flags, claimed: false };
         let meta = StoreWrite::MailboxMeta {
             mailbox: mailbox.clone(),
             uidvalidity,
@@ -1149,7 +1152,38 @@ impl Server {
         Ordered::replicated(result)
     }
 
-    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], lost: bool, id: JobId) -> Ordered {
+    /// A retry answered with the message it retries (a claim): its client is told the
+    /// message is stored, and the record says so for good (`MessageRecord::claimed`), at
+    /// a new modseq so that every copy learns it. A cancel of the save decided at a
+    /// master that had not seen this claim (mastership moved, or its log waited for a
+    /// SYNC) then cannot remove it anywhere (explore seeds 778520, 770826). The message
+    /// goes out as `resend_saved` sends it.
+    fn claim_saved(&mut self, mailbox: &MailboxKey, guid: Guid, uid: Uid, body: Body, id: JobId) -> Ordered {
+        let Some(m) = self.image.mailbox(mailbox) else {
+            return Ordered::unreplicated(fail(FailKind::Temporary, "the mailbox changed meanwhile"));
+        };
+        let Some(record) = m.messages.get(&uid).filter(|r| r.guid == guid).cloned() else {
+            return Ordered::unreplicated(fail(FailKind::Temporary, "the mailbox changed meanwhile"));
+        };
+        if record.claimed {
+            return self.resend_saved(mailbox, guid, uid, Some(body), id);
+        }
+        let (uidvalidity, uidnext, modseq) = (m.uidvalidity, m.uidnext, m.highest_modseq.saturating_add(1));
+        let claimed = MessageRecord { claimed: true, modseq, ..record };
+        self.commit(StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity, uidnext, highest_modseq: modseq });
+        self.commit(StoreWrite::PutMessage { mailbox: mailbox.clone(), record: claimed.clone() });
+        if self.cfg.durability == Durability::Sync {
+            // The record goes out with the body, claimed.
+            return self.resend_saved(mailbox, guid, uid, Some(body), id);
+        }
+        let mut piece = MailboxState::empty(mailbox.clone(), uidvalidity);
+        (piece.uidnext, piece.highest_modseq, piece.messages) = (uidnext, modseq, vec![claimed]);
+        piece.lifecycle = self.image.mailbox(mailbox).map(|m| m.lifecycle).unwrap_or_default();
+        self.replicate(Change::Merge { state: Box::new(piece) }, Some(id));
+        Ordered::replicated(saved(false, uidvalidity, uid, guid))
+    }
+
+    fn master_expunge(&mut self, mailbox: &MailboxKey, messages: &[(Uid, Guid)], why: Removal, id: JobId) -> Ordered {
         let Some(m) = self.image.mailbox(mailbox) else {
             return Ordered::unreplicated(fail(FailKind::Permanent, format!("no mailbox {mailbox}")));
         };
@@ -1158,7 +1192,14 @@ impl Server {
         let tombstones: Vec<Tombstone> = uids
             .iter()
             .filter_map(|(_, uid)| m.messages.get(uid))
-            .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true, lost })
+            .map(|r| Tombstone {
+                uid: r.uid,
+                guid: r.guid,
+                modseq,
+                expunged: true,
+                lost: why == Removal::Lost,
+                cancelled: why == Removal::Cancelled,
+            })
             .collect();
         if tombstones.is_empty() {
             return Ordered::unreplicated(WriteResult::Expunged { uids: Vec::new(), modseq: m.highest_modseq });
@@ -1238,7 +1279,14 @@ impl Server {
                 tombstones = m
                     .messages
                     .values()
-                    .map(|r| Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: true, lost: false })
+                    .map(|r| Tombstone {
+                        uid: r.uid,
+                        guid: r.guid,
+                        modseq,
+                        expunged: true,
+                        lost: false,
+                        cancelled: false,
+                    })
                     .collect();
                 lifecycle.deleted_at = modseq;
             }
@@ -1381,7 +1429,7 @@ impl Server {
         // The target first: a peer that applies the source's deletion has its messages.
         self.replicate(Change::Merge { state: Box::new(state) }, Some(id));
         let done = if &*from.name == "INBOX" {
-            if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, false, id)) }
+            if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, Removal::ByClient, id)) }
         } else {
             Some(self.master_lifecycle(from, MailboxAction::Delete, id))
         };
@@ -1813,4 +1861,15 @@ fn renamed_validity(old: u32, modseq: ModSeq) -> u32 {
     }
     debug_assert!(v != old && v != 0);
     v
+}
+
+/// Why a master removes messages: the tombstone's fate (`Tombstone`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Removal {
+    /// A client's EXPUNGE (or a MOVE's): the message goes wherever it lives.
+    ByClient,
+    /// This server's census found no body anywhere.
+    Lost,
+    /// A CANCEL of a save whose client was told it is not stored: this binding only.
+    Cancelled,
 }

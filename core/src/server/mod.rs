@@ -509,6 +509,7 @@ impl Server {
             replica_overwrites: self.has_bug(crate::Bug::ReplicaOverwritesUid),
             from_master: false,
             revive_lost: false,
+            cancels_remove_claimed: self.has_bug(crate::Bug::CancelClaimedSaves),
         }
     }
 

@@ -268,6 +268,7 @@ impl Server {
                     modseq: t.modseq.max(1),
                     expunged: true,
                     lost: false,
+                    cancelled: false,
                 })
             })
             .collect();
