@@ -1798,16 +1798,7 @@ mod retired_tests {
     }
 
     fn rec(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
-        MessageRecord {
-            uid,
-            guid: Guid(guid),
-            received: 0,
-            size: 1,
-            checksum: 0,
-            modseq,
-            flags: Flags::default(),
-            claimed: false,
-        }
+        MessageRecord::bare(uid, guid, modseq)
     }
 
     fn retired(ranges: &[(Uid, Uid)], collected: ModSeq) -> Retired {

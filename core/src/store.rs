@@ -784,16 +784,7 @@ mod tests {
     use super::*;
 
     fn record(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
-        MessageRecord {
-            uid,
-            guid: Guid(guid),
-            received: 0,
-            size: 1,
-            checksum: 0,
-            modseq,
-            flags: Default::default(),
-            claimed: false,
-        }
+        MessageRecord::bare(uid, guid, modseq)
     }
 
     #[test]

@@ -485,6 +485,13 @@ impl MessageRecord {
         (packed & !CLAIMED_SIZE_BIT, packed & CLAIMED_SIZE_BIT != 0)
     }
 
+    /// A record with nothing but a binding and a modseq (tests).
+    #[cfg(test)]
+    pub(crate) fn bare(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
+        let (received, size, checksum, flags) = (0, 1, 0, Flags::default());
+        MessageRecord { uid, guid: Guid(guid), received, size, checksum, modseq, flags, claimed: false }
+    }
+
     /// Joins another copy's claim into this one; whether it changed.
     pub fn join_claim(&mut self, other: &MessageRecord) -> bool {
         let changed = other.claimed && !self.claimed;

@@ -1139,16 +1139,7 @@ mod tests {
     }
 
     fn record(uid: Uid, guid: u128) -> MessageRecord {
-        MessageRecord {
-            uid,
-            guid: Guid(guid),
-            received: 0,
-            size: 1,
-            checksum: 0,
-            modseq: 1,
-            flags: Flags::default(),
-            claimed: false,
-        }
+        MessageRecord::bare(uid, guid, 1)
     }
 
     /// A copy of `mailbox` with UIDs 1 and 2 (GUIDs 1 and 2), UIDVALIDITY 5.

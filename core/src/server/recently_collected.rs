@@ -107,16 +107,7 @@ mod tests {
     }
 
     fn record(uid: Uid, guid: u128) -> MessageRecord {
-        MessageRecord {
-            uid,
-            guid: Guid(guid),
-            received: 0,
-            size: 1,
-            checksum: 0,
-            modseq: 1,
-            flags: Default::default(),
-            claimed: false,
-        }
+        MessageRecord::bare(uid, guid, 1)
     }
 
     #[test]
