@@ -1427,7 +1427,20 @@ impl Server {
             return Ordered::unreplicated(fail(FailKind::Temporary, "the renamed mailbox vanished"));
         };
         // The target first: a peer that applies the source's deletion has its messages.
-        self.replicate(Change::Merge { state: Box::new(state) }, Some(id));
+        // A full log drops other mailboxes' entries rather than the target's (explore
+        // seed 932889: the target went by SYNC, the source's expunge by the log, and the
+        // master, a partial server holding none of the moved bodies, crashed between:
+        // the peers collected the bodies). A peer that gets the target by SYNC all the
+        // same (it was behind already) gets the source's removal that way too.
+        self.replicate_first(Change::Merge { state: Box::new(state) }, Some(id));
+        let behind: Vec<Sid> = self
+            .peers()
+            .into_iter()
+            .filter(|p| self.image.log(*p).is_some_and(|l| l.overflowed.contains(to)))
+            .collect();
+        for peer in behind {
+            self.overflow(peer, BTreeSet::from([from.clone()]));
+        }
         let done = if &*from.name == "INBOX" {
             if moved.is_empty() { None } else { Some(self.master_expunge(from, &moved, Removal::ByClient, id)) }
         } else {

@@ -38,18 +38,27 @@ impl Server {
     /// `limits::change_parts`); the waiter counts a peer once it acknowledged them all.
     pub(crate) fn replicate(&mut self, change: Change, waiter: Option<JobId>) {
         for part in crate::limits::change_parts(change) {
-            self.replicate_part(part, waiter);
+            self.replicate_part(part, waiter, false);
         }
     }
 
-    fn replicate_part(&mut self, change: Change, waiter: Option<JobId>) {
+    /// [`Server::replicate`] for a change each peer must have before the changes that
+    /// follow it (a RENAME's target before its source's removal): a full log makes room
+    /// by dropping other mailboxes' entries first, so the change is logged.
+    pub(crate) fn replicate_first(&mut self, change: Change, waiter: Option<JobId>) {
+        for part in crate::limits::change_parts(change) {
+            self.replicate_part(part, waiter, true);
+        }
+    }
+
+    fn replicate_part(&mut self, change: Change, waiter: Option<JobId>, spare: bool) {
         let mailbox = change.mailbox().clone();
         // The safety net: a change that still cannot be encoded within the peer's limits
         // is never logged (it would wedge the link); the peer gets the mailbox by SYNC.
         let sendable = crate::limits::change_fits(&change);
         debug_assert!(sendable, "a replicated change does not fit a command line");
         for peer in self.peers() {
-            self.make_room(peer, &mailbox);
+            self.make_room(peer, &mailbox, spare);
             if !sendable {
                 self.marks.hit(Mark::UnsendableChange);
                 self.note(|| format!("cannot send a change of {mailbox} to {peer}: marked for SYNC"));
@@ -75,17 +84,19 @@ impl Server {
         true
     }
 
-    /// A full log drops the mailbox's entries and marks it for SYNC with that peer.
-    fn make_room(&mut self, peer: Sid, mailbox: &MailboxKey) {
+    /// A full log drops the mailbox's entries and marks it for SYNC with that peer, and
+    /// the largest others' until there is room; with `spare`, the others' first, and the
+    /// mailbox's only if they are not enough.
+    fn make_room(&mut self, peer: Sid, mailbox: &MailboxKey, spare: bool) {
         let capacity = self.cfg.log_capacity.max(1);
         let Some(log) = self.image.log(peer) else { return };
         if log.entries.len() < capacity {
             return;
         }
         self.marks.hit(Mark::LogOverflow);
-        let mut victims = vec![mailbox.clone()];
-        let mut left = log.entries.len()
-            - self.image.logged_counts(peer).find(|(k, _)| *k == mailbox).map_or(0, |(_, n)| n as usize);
+        let own = self.image.logged_counts(peer).find(|(k, _)| *k == mailbox).map_or(0, |(_, n)| n as usize);
+        let mut victims = if spare { Vec::new() } else { vec![mailbox.clone()] };
+        let mut left = log.entries.len() - if spare { 0 } else { own };
         let counts: Vec<(usize, MailboxKey)> = self
             .image
             .logged_counts(peer)
@@ -101,11 +112,14 @@ impl Server {
             left -= count;
             victims.push(key);
         }
+        if spare && left >= capacity {
+            victims.push(mailbox.clone());
+        }
         self.overflow(peer, victims.into_iter().collect());
     }
 
     /// Drops the log entries of `victims` for `peer` and marks them for full SYNC.
-    fn overflow(&mut self, peer: Sid, victims: BTreeSet<MailboxKey>) {
+    pub(crate) fn overflow(&mut self, peer: Sid, victims: BTreeSet<MailboxKey>) {
         if self.image.log(peer).is_none() {
             return;
         }
@@ -254,7 +268,7 @@ impl Server {
         let uidvalidity = m.uidvalidity;
         let Some(body) = self.image.intact_body(guid) else { return };
         let change = Change::Save { mailbox: mailbox.clone(), uidvalidity, record, body };
-        self.make_room(peer, &mailbox);
+        self.make_room(peer, &mailbox, false);
         if self.log_for(peer, change, Some(job)) {
             self.marks.hit(Mark::CopySentAgain);
         }
