@@ -59,7 +59,7 @@ mod tests {
         }
         let lost = Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true, cancelled: false };
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&lost).unwrap()).unwrap(), lost);
-        let cancel = Tombstone { modseq: 3, ..Tombstone::cancel(7, Guid(9)) };
+        let cancel = Tombstone::cancel(7, Guid(9), 3);
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&cancel).unwrap()).unwrap(), cancel);
         let mut bad = Bincode::encode(&lost).unwrap();
         *bad.last_mut().unwrap() = 4;

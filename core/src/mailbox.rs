@@ -836,7 +836,7 @@ impl MasterMerge<'_> {
                 // tell their copy the message lives on elsewhere, and it would keep
                 // its binding while this master kept the retirement, each SYNC changing
                 // nothing (explore seed 770826, once a cancel removed only its binding).
-                let t = Tombstone { modseq: self.modseq, ..Tombstone::cancel(r.uid, r.guid) };
+                let t = Tombstone::cancel(r.uid, r.guid, self.modseq);
                 add_tombstone(self.m, t, &mut self.out);
             }
             follow_guid(self.m, r, self.rules, &mut self.out);
@@ -858,14 +858,8 @@ impl MasterMerge<'_> {
             // seed 772280: a COPY made after the expunge's tombstone was collected on
             // one side of a partition, the tombstone still there on the other).
             let by_client = self.m.tombstones.values().any(|t| t.guid == r.guid && t.by_client());
-            let t = Tombstone {
-                uid: r.uid,
-                guid: r.guid,
-                modseq: self.modseq,
-                expunged: by_client,
-                lost: false,
-                cancelled: false,
-            };
+            let fate = if by_client { Tombstone::expunge } else { Tombstone::retirement };
+            let t = fate(r.uid, r.guid, self.modseq);
             add_tombstone(self.m, t, &mut self.out);
             return;
         }
@@ -893,11 +887,7 @@ impl MasterMerge<'_> {
             // message up, so theirs is the later binding. Ours retires, and theirs is
             // placed like any record (it may meet a conflict on its UID).
             if let Some(ours) = self.m.messages.remove(&our_uid) {
-                add_tombstone(
-                    self.m,
-                    Tombstone { uid: our_uid, guid: r.guid, modseq, expunged: false, lost: false, cancelled: false },
-                    &mut self.out,
-                );
+                add_tombstone(self.m, Tombstone::retirement(our_uid, r.guid, modseq), &mut self.out);
                 self.out.removed.push(our_uid);
                 join_flags_by(&mut r.flags, &ours.flags, rules);
                 r.join_claim(&ours);
@@ -908,11 +898,7 @@ impl MasterMerge<'_> {
         if our_uid != r.uid {
             // Same message here under a higher UID: retire their binding, keep ours,
             // take their flag changes.
-            add_tombstone(
-                self.m,
-                Tombstone { uid: r.uid, guid: r.guid, modseq, expunged: false, lost: false, cancelled: false },
-                &mut self.out,
-            );
+            add_tombstone(self.m, Tombstone::retirement(r.uid, r.guid, modseq), &mut self.out);
         }
         if !self.join_flag_changes(our_uid, r)
             && let Some(mut ours) = self.m.messages.get_mut(&our_uid)
@@ -983,14 +969,7 @@ impl MasterMerge<'_> {
         duplicates.sort_by_key(|(_, drop)| *drop);
         for (keep, drop) in duplicates {
             let Some(dropped) = self.m.messages.get(&drop).cloned() else { continue };
-            let t = Tombstone {
-                uid: drop,
-                guid: dropped.guid,
-                modseq: self.modseq,
-                expunged: false,
-                lost: false,
-                cancelled: false,
-            };
+            let t = Tombstone::retirement(drop, dropped.guid, self.modseq);
             add_tombstone(self.m, t, &mut self.out);
             if let Some(mut kept) = self.m.messages.get_mut(&keep) {
                 join_flags_by(&mut kept.flags, &dropped.flags, self.rules);
@@ -1034,14 +1013,7 @@ impl MasterMerge<'_> {
         let mut moved_guids = BTreeSet::new();
         for ((old_uid, guid), rec) in std::mem::take(&mut self.movers) {
             if self.same_validity || self.m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
-                let t = Tombstone {
-                    uid: old_uid,
-                    guid,
-                    modseq: self.modseq,
-                    expunged: false,
-                    lost: false,
-                    cancelled: false,
-                };
+                let t = Tombstone::retirement(old_uid, guid, self.modseq);
                 add_tombstone(self.m, t, &mut self.out);
             }
             if !moved_guids.insert(guid) || self.m.messages.has_guid(guid) {
@@ -1353,13 +1325,8 @@ mod tests {
     /// makes it false.
     #[test]
     fn a_copy_of_itself_changes_nothing_unless_something_is_left_to_settle() {
-        let tomb = |uid, guid, expunged| Tombstone {
-            uid,
-            guid: Guid(guid),
-            modseq: 9,
-            expunged,
-            lost: false,
-            cancelled: false,
+        let tomb = |uid, guid, expunged| {
+            if expunged { Tombstone::expunge(uid, Guid(guid), 9) } else { Tombstone::retirement(uid, Guid(guid), 9) }
         };
         let mut settled = mbox(vec![rec(1, 10, &[("\\Seen", true, 3)]), rec(4, 40, &[]), rec(6, 20, &[])]);
         // 2 expunged, 3 retired from 20 (which lives at 6), 5 collected.
@@ -1425,10 +1392,7 @@ mod tests {
         // which the cluster moved to 7, flagged here since the last push at modseq 5),
         // 3 expunged here since the last push (the cluster retired 3 meanwhile), 4 live.
         let mut here = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[("\\Seen", true, 6)]), rec(4, 40, &[])]);
-        here.tombstones.insert(
-            (3, Guid(30)),
-            Tombstone { uid: 3, guid: Guid(30), modseq: 6, expunged: true, lost: false, cancelled: false },
-        );
+        here.tombstones.insert((3, Guid(30)), Tombstone::expunge(3, Guid(30), 6));
         let mut cluster = st(&mbox(vec![rec(4, 40, &[]), rec(5, 30, &[]), rec(7, 20, &[])]));
         cluster.retired.insert_range(1, 3);
         let from_cluster = {
@@ -1466,12 +1430,7 @@ mod tests {
         let here = mbox(vec![rec(2, 20, &[]), rec(3, 30, &[]), rec(4, 40, &[])]);
         let mut cluster = st(&mbox(vec![]));
         cluster.uidnext = 9;
-        cluster.tombstones = vec![
-            lost(2, 20, 5),
-            lost(3, 30, 5),
-            lost(4, 40, 5),
-            Tombstone { uid: 8, guid: Guid(40), modseq: 6, expunged: true, lost: false, cancelled: false },
-        ];
+        cluster.tombstones = vec![lost(2, 20, 5), lost(3, 30, 5), lost(4, 40, 5), Tombstone::expunge(8, Guid(40), 6)];
         let holds = |g: Guid| g == Guid(20) || g == Guid(40);
         let adopt = adopt_rule(Some(&here), &cluster, &Retired::default(), 5, true, 0, holds);
         assert_eq!(adopt.kept_lost, vec![Guid(20)]);
@@ -1531,10 +1490,7 @@ mod tests {
         // A client's expunge is final even for a push.
         let mut expunged = master.clone();
         expunged.messages.remove(&3);
-        expunged.tombstones.insert(
-            (3, Guid(20)),
-            Tombstone { uid: 3, guid: Guid(20), modseq: 7, expunged: true, lost: false, cancelled: false },
-        );
+        expunged.tombstones.insert((3, Guid(20)), Tombstone::expunge(3, Guid(20), 7));
         merge_as_master(&mut expunged, &replica, &push);
         assert!(!expunged.messages.has_guid(Guid(20)));
     }
@@ -1544,7 +1500,7 @@ mod tests {
         let claimed = |uid, guid| MessageRecord { claimed: true, ..rec(uid, guid, &[]) };
         // The canceller's copy: the save's binding 2 cancelled.
         let mut theirs = mbox(vec![rec(1, 10, &[])]);
-        theirs.tombstones.insert((2, Guid(20)), Tombstone { modseq: 6, ..Tombstone::cancel(2, Guid(20)) });
+        theirs.tombstones.insert((2, Guid(20)), Tombstone::cancel(2, Guid(20), 6));
         theirs.uidnext = 3;
         let rules = MergeRules::default();
         // Unclaimed here: the cancel removes it.
@@ -1570,7 +1526,7 @@ mod tests {
         assert_eq!(canceller.messages.last_uid_of(Guid(20)), Some(3));
         // A client's expunge removes a claimed message all the same.
         let mut expunged = theirs.clone();
-        let by_client = Tombstone { uid: 9, guid: Guid(20), modseq: 7, expunged: true, lost: false, cancelled: false };
+        let by_client = Tombstone::expunge(9, Guid(20), 7);
         expunged.tombstones.insert((9, Guid(20)), by_client);
         merge_as_master(&mut expunged, &st(&mbox(vec![claimed(2, 20)])), &rules);
         assert!(!expunged.messages.has_guid(Guid(20)));
@@ -1579,10 +1535,10 @@ mod tests {
     #[test]
     fn a_binding_retired_before_a_cancel_is_cancelled_too() {
         // Renumbered from 3 to 6, then cancelled at 6: a replica still holds 3.
-        let retired = Tombstone { uid: 3, guid: Guid(20), modseq: 5, expunged: false, lost: false, cancelled: false };
+        let retired = Tombstone::retirement(3, Guid(20), 5);
         let mut master = mbox(vec![rec(1, 10, &[])]);
         master.tombstones.insert((3, Guid(20)), retired);
-        master.tombstones.insert((6, Guid(20)), Tombstone { modseq: 7, ..Tombstone::cancel(6, Guid(20)) });
+        master.tombstones.insert((6, Guid(20)), Tombstone::cancel(6, Guid(20), 7));
         master.uidnext = 7;
         let mut replica = mbox(vec![rec(1, 10, &[]), rec(3, 20, &[])]);
         let from_master = MergeRules { from_master: true, ..MergeRules::default() };
@@ -1595,9 +1551,9 @@ mod tests {
 
     #[test]
     fn a_tombstones_fate_joins_to_the_more_final() {
-        let retired = Tombstone { uid: 2, guid: Guid(20), modseq: 9, expunged: false, lost: false, cancelled: false };
+        let retired = Tombstone::retirement(2, Guid(20), 9);
         let by_client = Tombstone { modseq: 3, expunged: true, ..retired };
-        let cancel = Tombstone { modseq: 4, ..Tombstone::cancel(2, Guid(20)) };
+        let cancel = Tombstone::cancel(2, Guid(20), 4);
         for (a, b, want) in [
             (retired, cancel, 1),
             (cancel, lost(2, 20, 5), 2),
@@ -1635,10 +1591,7 @@ mod tests {
     fn expunged_conflict_found_by_tombstone() {
         let mut master = mbox(vec![rec(1, 10, &[])]);
         let mut other = mbox(vec![]);
-        other.tombstones.insert(
-            (1, Guid(99)),
-            Tombstone { uid: 1, guid: Guid(99), modseq: 2, expunged: true, lost: false, cancelled: false },
-        );
+        other.tombstones.insert((1, Guid(99)), Tombstone::expunge(1, Guid(99), 2));
         other.uidnext = 2;
         let out = merge_as_master(&mut master, &st(&other), &MergeRules::default());
         assert!(out.tombstone_conflict);
@@ -1653,10 +1606,7 @@ mod tests {
         // would keep it for good.
         let mut master = mbox(vec![]);
         master.uidnext = 2;
-        master.tombstones.insert(
-            (1, Guid(20)),
-            Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false, cancelled: false },
-        );
+        master.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
         let copied = mbox(vec![rec(2, 20, &[])]);
         merge_as_master(&mut master, &st(&copied), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)), "the expunge wins");
@@ -1680,10 +1630,7 @@ mod tests {
         assert!(master.messages.has_guid(Guid(20)));
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
-        expunged.tombstones.insert(
-            (1, Guid(20)),
-            Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false, cancelled: false },
-        );
+        expunged.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
         merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)), "the expunge in the other incarnation is ignored");
         assert!(master.messages.has_guid(Guid(10)));
@@ -1698,10 +1645,7 @@ mod tests {
         master.uidvalidity = 7;
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
-        expunged.tombstones.insert(
-            (1, Guid(20)),
-            Tombstone { uid: 1, guid: Guid(20), modseq: 3, expunged: true, lost: false, cancelled: false },
-        );
+        expunged.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
         merge_as_master(&mut master, &st(&expunged), &MergeRules::default());
         assert!(master.tombstones.get(&(40, Guid(20))).is_some_and(|t| t.expunged));
         assert_eq!(master.uidnext, 41);
@@ -1772,7 +1716,7 @@ mod carry_tests {
         m.messages.insert(17, rec.clone());
         m.uidnext = 18;
         let moved = MessageRecord { uid: 34, modseq: 36, flags: Flags::default(), ..rec.clone() };
-        let t = |uid, modseq| Tombstone { uid, guid: Guid(9), modseq, expunged: false, lost: false, cancelled: false };
+        let t = |uid, modseq| Tombstone::retirement(uid, Guid(9), modseq);
         let fragment = MailboxState {
             mailbox: key.clone(),
             uidvalidity: m.uidvalidity,
@@ -1869,14 +1813,7 @@ mod retired_tests {
     fn retired_uids_drop_the_tombstones_they_cover_and_no_later_one() {
         let mut replica = new_mailbox(&key());
         replica.messages.insert(1, rec(1, 10, 1));
-        let t = |uid: Uid, guid: u128, modseq| Tombstone {
-            uid,
-            guid: Guid(guid),
-            modseq,
-            expunged: true,
-            lost: false,
-            cancelled: false,
-        };
+        let t = |uid: Uid, guid: u128, modseq| Tombstone::expunge(uid, Guid(guid), modseq);
         for tomb in [t(2, 20, 3), t(3, 30, 3), t(4, 40, 9)] {
             replica.tombstones.insert((tomb.uid, tomb.guid), tomb);
         }

@@ -152,14 +152,7 @@ impl Partial {
             .messages
             .iter()
             .filter(|r| !self.in_window(r))
-            .map(|r| crate::types::Tombstone {
-                uid: r.uid,
-                guid: r.guid,
-                modseq: r.modseq,
-                expunged: true,
-                lost: false,
-                cancelled: false,
-            })
+            .map(|r| crate::types::Tombstone::expunge(r.uid, r.guid, r.modseq))
             .collect();
         state.messages.retain(|r| self.in_window(r));
         state.tombstones.extend(gone);
@@ -253,8 +246,7 @@ mod tests {
         let mut state = MailboxState::empty(MailboxKey::new("u", "INBOX"), 1);
         state.messages = vec![rec(1, 50), rec(2, 150), rec(3, 20)];
         // UID 3 moved here from a retired UID 9: it stays, so the replica learns where.
-        state.tombstones =
-            vec![Tombstone { uid: 9, guid: Guid(3), modseq: 4, expunged: false, lost: false, cancelled: false }];
+        state.tombstones = vec![Tombstone::retirement(9, Guid(3), 4)];
         let before = state.tombstones.clone();
         p.window_state(&mut state);
         assert_eq!(state.messages.iter().map(|r| r.uid).collect::<Vec<_>>(), vec![2, 3]);

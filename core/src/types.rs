@@ -643,9 +643,20 @@ impl Tombstone {
         }
     }
 
-    /// A cancel's tombstone of the binding (`uid`, `guid`), at modseq 0.
-    pub fn cancel(uid: Uid, guid: Guid) -> Tombstone {
-        Tombstone { uid, guid, modseq: 0, expunged: true, lost: false, cancelled: true }
+    /// A renumbering's tombstone: the binding (`uid`, `guid`) is retired, the message
+    /// lives on at another UID.
+    pub fn retirement(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
+        Tombstone { uid, guid, modseq, expunged: false, lost: false, cancelled: false }
+    }
+
+    /// A client's expunge of the message at (`uid`, `guid`).
+    pub fn expunge(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
+        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: false }
+    }
+
+    /// A cancel's tombstone of the binding (`uid`, `guid`).
+    pub fn cancel(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
+        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: true }
     }
 
     /// A client's expunge (not a retirement, a cancel nor a census's loss).

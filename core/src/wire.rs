@@ -1481,10 +1481,7 @@ mod tests {
             uidnext: 10,
             highest_modseq: 99,
             messages: vec![record(1), record(2), MessageRecord { flags: Flags::default(), ..record(3) }],
-            tombstones: vec![
-                Tombstone { uid: 4, guid: Guid(u128::MAX), modseq: 5, expunged: true, lost: false, cancelled: false },
-                Tombstone { uid: 5, guid: Guid(0), modseq: 0, expunged: false, lost: false, cancelled: false },
-            ],
+            tombstones: vec![Tombstone::expunge(4, Guid(u128::MAX), 5), Tombstone::retirement(5, Guid(0), 0)],
             lifecycle: Lifecycle {
                 created_at: 3,
                 deleted_at: 7,
@@ -1704,14 +1701,7 @@ mod tests {
                     Change::Expunge {
                         mailbox: inbox.clone(),
                         uidvalidity: 77,
-                        tombstones: vec![Tombstone {
-                            uid: 1,
-                            guid,
-                            modseq: 102,
-                            expunged: true,
-                            lost: false,
-                            cancelled: false,
-                        }],
+                        tombstones: vec![Tombstone::expunge(1, guid, 102)],
                     },
                 ),
             ),

@@ -337,14 +337,7 @@ fn maximal_parts_fit_a_line() {
         .map(|i| Flag::new(&format!("{i:0>width$}", width = types::FLAG_LEN_MAX)).unwrap())
         .collect();
     let messages: Vec<(Uid, Guid)> = (0..n).map(|_| (u32::MAX, Guid(u128::MAX))).collect();
-    let tombstone = Tombstone {
-        uid: u32::MAX,
-        guid: Guid(u128::MAX),
-        modseq: u64::MAX,
-        expunged: false,
-        lost: false,
-        cancelled: false,
-    };
+    let tombstone = Tombstone::retirement(u32::MAX, Guid(u128::MAX), u64::MAX);
     let msgs = [
         Msg::Change {
             seq: u64::MAX,

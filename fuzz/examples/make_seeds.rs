@@ -409,7 +409,7 @@ fn wire_seeds(dir: &Path) {
         uidnext: 3,
         highest_modseq: 9,
         messages: vec![record.clone()],
-        tombstones: vec![Tombstone { uid: 2, guid: Guid(2), modseq: 8, expunged: true, lost: false, cancelled: false }],
+        tombstones: vec![Tombstone::expunge(2, Guid(2), 8)],
         lifecycle: Default::default(),
         retired: Default::default(),
     };
@@ -574,7 +574,7 @@ fn wire_seeds(dir: &Path) {
                         change: Change::Expunge {
                             mailbox: inbox.clone(),
                             uidvalidity: 77,
-                            tombstones: vec![Tombstone { uid: 1, guid, modseq: 102, expunged: false, lost: false, cancelled: false }],
+                            tombstones: vec![Tombstone::retirement(1, guid, 102)],
                         },
                     },
                 ),

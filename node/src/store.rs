@@ -756,17 +756,7 @@ mod tests {
             StoreWrite::MailboxMeta { mailbox: mailbox.clone(), uidvalidity: 42, uidnext: 2, highest_modseq: 1 },
             StoreWrite::PutMessage { mailbox: mailbox.clone(), record: record.clone() },
             StoreWrite::PutBody { guid: Guid(7), checksum: 9, bytes: Body::from_static(b"abc") },
-            StoreWrite::PutTombstone {
-                mailbox: mailbox.clone(),
-                tombstone: Tombstone {
-                    uid: 3,
-                    guid: Guid(8),
-                    modseq: 2,
-                    expunged: true,
-                    lost: false,
-                    cancelled: false,
-                },
-            },
+            StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: Tombstone::expunge(3, Guid(8), 2) },
             StoreWrite::PutMessage { mailbox: MailboxKey::new("v@d", "Box"), record: record.clone() },
             StoreWrite::RemoveMessage { mailbox: MailboxKey::new("v@d", "Box"), uid: 1 },
             StoreWrite::LogAppend {
@@ -798,26 +788,9 @@ mod tests {
             // nor one above the collection's modseq.
             StoreWrite::PutTombstone {
                 mailbox: MailboxKey::new("u@d", "INBOX2"),
-                tombstone: Tombstone {
-                    uid: 3,
-                    guid: Guid(8),
-                    modseq: 2,
-                    expunged: true,
-                    lost: false,
-                    cancelled: false,
-                },
+                tombstone: Tombstone::expunge(3, Guid(8), 2),
             },
-            StoreWrite::PutTombstone {
-                mailbox: mailbox.clone(),
-                tombstone: Tombstone {
-                    uid: 4,
-                    guid: Guid(9),
-                    modseq: 9,
-                    expunged: false,
-                    lost: false,
-                    cancelled: false,
-                },
-            },
+            StoreWrite::PutTombstone { mailbox: mailbox.clone(), tombstone: Tombstone::retirement(4, Guid(9), 9) },
             StoreWrite::RetireUids {
                 mailbox: mailbox.clone(),
                 retired: Retired { ranges: [(2, 4)].into_iter().collect(), collected: 6 },

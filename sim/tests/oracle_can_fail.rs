@@ -187,7 +187,7 @@ fn a_message_moved_from_a_shown_uid_is_found() {
     let servers: BTreeMap<Sid, &Server> = [(Sid(1), &same)].into_iter().collect();
     assert!(o.moved_from_shown_uids(&servers, 5).is_empty(), "still at the UID shown");
     let mut img = image(vec![record(7, 10, &[])]);
-    let retired = Tombstone { uid: 5, guid: Guid(10), modseq: 2, expunged: false, lost: false, cancelled: false };
+    let retired = Tombstone::retirement(5, Guid(10), 2);
     img.mailboxes.get_mut(&inbox()).unwrap().tombstones.insert((5, Guid(10)), retired);
     let bodies = MemoryBodies::default();
     bodies.overwrite(Guid(10), Body::from_static(b"body"));

@@ -1250,7 +1250,7 @@ mod tests {
         });
         writes.push(StoreWrite::PutTombstone {
             mailbox: mailbox.clone(),
-            tombstone: Tombstone { uid, guid: Guid(3), modseq, expunged: true, lost: false, cancelled: false },
+            tombstone: Tombstone::expunge(uid, Guid(3), modseq),
         });
         writes.push(StoreWrite::RemoveMessage { mailbox: mailbox.clone(), uid });
         // Theirs is here from the moment its new binding is written.

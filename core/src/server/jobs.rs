@@ -1276,18 +1276,7 @@ impl Server {
                 (lifecycle.special_use, lifecycle.special_use_at) = (special_use, modseq);
             }
             MailboxAction::Delete => {
-                tombstones = m
-                    .messages
-                    .values()
-                    .map(|r| Tombstone {
-                        uid: r.uid,
-                        guid: r.guid,
-                        modseq,
-                        expunged: true,
-                        lost: false,
-                        cancelled: false,
-                    })
-                    .collect();
+                tombstones = m.messages.values().map(|r| Tombstone::expunge(r.uid, r.guid, modseq)).collect();
                 lifecycle.deleted_at = modseq;
             }
             MailboxAction::Subscribe => lifecycle.subscribed_at = modseq,

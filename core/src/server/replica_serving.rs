@@ -262,14 +262,7 @@ impl Server {
             .filter(|t| t.by_client())
             .filter_map(|t| {
                 let here = m.messages.last_uid_of(t.guid)?;
-                (here != t.uid).then_some(Tombstone {
-                    uid: here,
-                    guid: t.guid,
-                    modseq: t.modseq.max(1),
-                    expunged: true,
-                    lost: false,
-                    cancelled: false,
-                })
+                (here != t.uid).then_some(Tombstone::expunge(here, t.guid, t.modseq.max(1)))
             })
             .collect();
         state.tombstones.extend(moved);
