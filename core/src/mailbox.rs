@@ -1011,13 +1011,26 @@ impl MasterMerge<'_> {
         }
         let mut next_uid = self.m.uidnext.max(self.foreign.uidnext);
         let mut moved_guids = BTreeSet::new();
+        // A mover a client expunged (their expunge of it at another binding, taken after
+        // it was marked to move) is not placed again: `expunge_everywhere` removed it
+        // where it lived, and its record here is the one from before (explore seed
+        // 1151560: their tombstone of another message on its UID marked it, their
+        // expunge of it at that UID removed it, and it came back above every UID).
+        let mover_guids: BTreeSet<Guid> = self.movers.keys().map(|(_, guid)| *guid).collect();
+        let expunged: BTreeSet<Guid> = self
+            .m
+            .tombstones
+            .values()
+            .filter(|t| t.by_client() && mover_guids.contains(&t.guid))
+            .map(|t| t.guid)
+            .collect();
         for ((old_uid, guid), rec) in std::mem::take(&mut self.movers) {
             if self.same_validity || self.m.messages.get(&old_uid).is_some_and(|r| r.guid == guid) {
                 let t = Tombstone::retirement(old_uid, guid, self.modseq);
                 add_tombstone(self.m, t, &mut self.out);
             }
-            if !moved_guids.insert(guid) || self.m.messages.has_guid(guid) {
-                // Already moved, or still live at another UID: nothing more to place.
+            if !moved_guids.insert(guid) || self.m.messages.has_guid(guid) || expunged.contains(&guid) {
+                // Already moved, still live at another UID, or expunged: nothing to place.
                 continue;
             }
             let moved = MessageRecord { uid: next_uid, modseq: self.modseq, ..rec };
@@ -1101,6 +1114,11 @@ impl MasterMerge<'_> {
 ///    cluster with its body and lives again at a new UID. This copy's message may be the
 ///    only one left: a master that took it lost its disk before any peer held the body
 ///    (explore seed 82928).
+/// 7. The same loss of a message this copy does not hold here but holds live, with its
+///    body, in another mailbox ([`keep_lost_held_elsewhere`], after this rule): the
+///    message is put back here at the lost binding and kept as in step 6. A RENAME moved
+///    it out of the mailbox this copy holds it in before the census lost it at the
+///    target (explore seed 1159717).
 ///
 /// `take_collected` false is the broken variant `replica-resurrects` (step 1 skipped).
 pub fn adopt_rule(
@@ -1168,6 +1186,54 @@ fn keep_lost_messages(m: &StoredMailbox, adopt: &mut Adopt, holds_body: impl Fn(
     adopt.gone.retain(|uid| m.messages.get(uid).is_none_or(|r| !kept.contains(&r.guid)));
     adopt.kept_lost = kept.into_iter().collect();
     adopt.push_whole = true;
+}
+
+/// Step 7 of [`adopt_rule`]: `elsewhere` is this copy's live record of a GUID in another
+/// mailbox whose body it holds intact. The binding must be free here (no message, no
+/// retirement, no tombstone of another message at its UID), and no client of this copy
+/// expunged the message from this mailbox.
+pub fn keep_lost_held_elsewhere(
+    here: Option<&StoredMailbox>,
+    adopt: &mut Adopt,
+    elsewhere: impl Fn(Guid) -> Option<MessageRecord>,
+) {
+    if !adopt.state.tombstones.iter().any(|t| t.lost) || here.is_some_and(|m| m.uidvalidity != adopt.state.uidvalidity)
+    {
+        return;
+    }
+    let live_there: BTreeSet<Guid> = adopt.state.messages.iter().map(|r| r.guid).collect();
+    let lost = lost_messages(adopt.state.tombstones.iter(), |g| live_there.contains(&g));
+    for guid in lost {
+        if adopt.kept_lost.contains(&guid) {
+            continue;
+        }
+        let Some(binding) = adopt.state.tombstones.iter().filter(|t| t.lost && t.guid == guid).max_by_key(|t| t.uid)
+        else {
+            continue;
+        };
+        let (uid, modseq) = (binding.uid, binding.modseq);
+        let free_here = here.is_none_or(|m| {
+            !m.messages.has_guid(guid)
+                && !m.messages.contains_key(&uid)
+                && !m.retired.contains(uid)
+                && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
+                && !m.tombstones.values().any(|t| t.guid == guid && t.by_client())
+        });
+        // Nothing else the cluster binds there either (a piece of its state may not show
+        // all, and the replica merge would refuse a clash).
+        let clash = adopt.state.messages.iter().any(|r| r.uid == uid)
+            || adopt.state.tombstones.iter().any(|t| t.uid == uid && t.guid != guid);
+        if !free_here || clash {
+            continue;
+        }
+        let Some(copy) = elsewhere(guid) else { continue };
+        debug_assert_eq!(copy.guid, guid, "a copy elsewhere is of the same message");
+        adopt.state.tombstones.retain(|t| t.guid != guid);
+        let at = adopt.state.messages.partition_point(|r| r.uid < uid);
+        adopt.state.messages.insert(at, MessageRecord { uid, modseq, ..copy });
+        adopt.kept_lost.push(guid);
+        adopt.push_whole = true;
+    }
 }
 
 /// What [`adopt_rule`] makes of the cluster's copy.
@@ -1460,6 +1526,42 @@ mod tests {
     }
 
     #[test]
+    fn an_adopt_puts_back_a_lost_message_held_in_another_mailbox() {
+        // The cluster renamed the mailbox this copy holds 20 in, then lost 20 at the
+        // target (UID 2). This copy has no target yet, or one with 3 expunged by a client.
+        let mut cluster = st(&mbox(vec![rec(1, 10, &[])]));
+        cluster.uidnext = 5;
+        cluster.tombstones = vec![lost(2, 20, 6), lost(3, 30, 6), lost(4, 40, 6)];
+        let elsewhere = |g: Guid| (g != Guid(40)).then(|| rec(7, g.0, &[("\\Seen", true, 3)]));
+        let mut fresh = adopt_rule(None, &cluster, &Retired::default(), 0, true, 0, |_| false);
+        keep_lost_held_elsewhere(None, &mut fresh, elsewhere);
+        assert_eq!(fresh.kept_lost, vec![Guid(20), Guid(30)]);
+        assert!(fresh.push_whole, "they go back with the next push");
+        let bound: Vec<(Uid, u128, ModSeq)> =
+            fresh.state.messages.iter().map(|r| (r.uid, r.guid.0, r.modseq)).collect();
+        assert_eq!(bound, vec![(1, 10, 1), (2, 20, 6), (3, 30, 6)], "at the lost binding, in UID order");
+        assert!(fresh.state.messages[1].has_flag("\\Seen"), "with the flags of the copy held");
+        let guids: Vec<u128> = fresh.state.tombstones.iter().map(|t| t.guid.0).collect();
+        assert_eq!(guids, vec![40], "a loss with no body held is taken");
+        // A client of this copy expunged 30 from the target: it stays out.
+        let mut here = mbox(vec![rec(1, 10, &[])]);
+        here.tombstones.insert((3, Guid(30)), Tombstone::expunge(3, Guid(30), 2));
+        let mut target = adopt_rule(Some(&here), &cluster, &Retired::default(), 0, true, 0, |_| false);
+        keep_lost_held_elsewhere(Some(&here), &mut target, elsewhere);
+        assert_eq!(target.kept_lost, vec![Guid(20)]);
+        // Another message bound at the UID here, or another incarnation: nothing put back.
+        let taken = mbox(vec![rec(2, 99, &[])]);
+        let mut clash = adopt_rule(Some(&taken), &cluster, &Retired::default(), 0, true, 0, |_| false);
+        keep_lost_held_elsewhere(Some(&taken), &mut clash, elsewhere);
+        assert_eq!(clash.kept_lost, vec![Guid(30)]);
+        let mut other = cluster.clone();
+        other.uidvalidity += 1;
+        let mut reborn = adopt_rule(Some(&here), &other, &Retired::default(), 0, true, 0, |_| false);
+        keep_lost_held_elsewhere(Some(&here), &mut reborn, elsewhere);
+        assert!(reborn.kept_lost.is_empty() && !reborn.push_whole);
+    }
+
+    #[test]
     fn a_push_brings_back_a_lost_message_at_a_new_uid_and_a_sync_does_not() {
         let mut master = mbox(vec![rec(1, 10, &[])]);
         master.uidnext = 3;
@@ -1493,6 +1595,26 @@ mod tests {
         expunged.tombstones.insert((3, Guid(20)), Tombstone::expunge(3, Guid(20), 7));
         merge_as_master(&mut expunged, &replica, &push);
         assert!(!expunged.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn a_message_marked_to_move_and_expunged_by_the_same_copy_stays_expunged() {
+        // Here (a master that renumbered 70 from 1 to 2): 70 at 2, 1 retired. There (a
+        // master of the other side of a partition): 70 expunged at 1, then at 2 when it
+        // took our renumbering, and 36 (ordered before 70), saved at 2 there, moved to 4.
+        let mut here = mbox(vec![rec(2, 70, &[])]);
+        here.tombstones.insert((1, Guid(70)), Tombstone::retirement(1, Guid(70), 2));
+        let mut there = st(&mbox(vec![rec(4, 36, &[])]));
+        there.tombstones = vec![
+            Tombstone::expunge(1, Guid(70), 3),
+            Tombstone::retirement(2, Guid(36), 4),
+            Tombstone::expunge(2, Guid(70), 4),
+        ];
+        let out = merge_as_master(&mut here, &there, &MergeRules::default());
+        assert!(!here.messages.has_guid(Guid(70)), "a client's expunge is final: {:?}", here.messages);
+        assert!(out.records.iter().all(|r| r.guid != Guid(70)));
+        assert_eq!(here.messages.last_uid_of(Guid(36)), Some(4));
+        assert!(here.tombstones.get(&(2, Guid(70))).is_some_and(|t| t.by_client()));
     }
 
     #[test]

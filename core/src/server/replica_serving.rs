@@ -342,8 +342,12 @@ impl Server {
         let since_s = self.user_replica_partial().map_or(0, |p| p.since_s);
         let from_cluster = uid_set(from_cluster);
         let holds_body = |g: Guid| lost_held.contains(&g);
-        let adopt =
+        let mut adopt =
             crate::mailbox::adopt_rule(here, state, &from_cluster, pushed_upto, take_collected, since_s, holds_body);
+        if !takes_lost {
+            let elsewhere = |g: Guid| self.live_copy_elsewhere(&state.mailbox, g, &lost_held);
+            crate::mailbox::keep_lost_held_elsewhere(here, &mut adopt, elsewhere);
+        }
         let crate::mailbox::Adopt { state, gone, left_window, push_whole, kept_lost } = adopt;
         // What this adopt keeps is what the next push brings back (those the cluster
         // has live again are done).
@@ -374,6 +378,19 @@ impl Server {
         let texts_wanted = self.texts_wanted_of(&state.mailbox);
         let reply = ClientReply::ReplicaAdopted { pushed_upto, missing: Vec::new(), held, summary, texts_wanted };
         self.out.reply_when_durable(id, reply);
+    }
+
+    /// A live record of `guid` in another mailbox of `mailbox`'s user, if its body is
+    /// among `intact` (`mailbox::keep_lost_held_elsewhere`).
+    fn live_copy_elsewhere(&self, mailbox: &MailboxKey, guid: Guid, intact: &BTreeSet<Guid>) -> Option<MessageRecord> {
+        if !intact.contains(&guid) {
+            return None;
+        }
+        self.image
+            .mailboxes()
+            .iter()
+            .filter(|(key, _)| key.user == mailbox.user && *key != mailbox)
+            .find_map(|(_, m)| m.messages.uids_of(guid).next().and_then(|uid| m.messages.get(&uid)).cloned())
     }
 
     /// The UID ranges where this copy now binds a message as the cluster's `state` does.
