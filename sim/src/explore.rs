@@ -134,7 +134,10 @@ pub fn generate(seed: u64) -> Scenario {
                 next_label += 1;
                 let as_label = format!("m{next_label}");
                 labels.push((to.clone(), as_label.clone()));
-                Action::Copy { server, from: mailbox, label, to, as_label: Some(as_label) }
+                // Every other copy is a MOVE (by the label count, not the generator, so
+                // that the rest of the scenario is drawn as before moves were made).
+                let moving = next_label % 2 == 0;
+                Action::Copy { server, from: mailbox, label, to, as_label: Some(as_label), moving }
             }
             88..94 => Action::MasterMove { server, mailbox },
             // Deleting or corrupting a file destroys a copy: only where the mode keeps a
@@ -445,7 +448,7 @@ fn laptop(
                 let to = MailboxKey::new(&user, if name == "INBOX" { "Notes" } else { "INBOX" });
                 let as_label = format!("laptop{n}-copy");
                 mine.push((to.clone(), as_label.clone()));
-                Action::Copy { server: sid, from: mailbox, label, to, as_label: Some(as_label) }
+                Action::Copy { server: sid, from: mailbox, label, to, as_label: Some(as_label), moving: n % 2 == 0 }
             }
             _ => Action::CreateMailbox { server: sid, mailbox, special_use: SpecialUse::NONE },
         };

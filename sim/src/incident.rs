@@ -401,7 +401,14 @@ fn client_action(
             r.copies += 1;
             let as_label = r.new_label(&format!("copy{}", r.copies));
             pending.insert(id, as_label.clone());
-            Action::Copy { server: server_sid, from: src.clone(), label, to: dst.clone(), as_label: Some(as_label) }
+            Action::Copy {
+                server: server_sid,
+                from: src.clone(),
+                label,
+                to: dst.clone(),
+                as_label: Some(as_label),
+                moving: false,
+            }
         }
         ClientRequest::Expunge { mailbox, uids } => {
             let labels = uids_named(mailbox, uids, r);

@@ -200,12 +200,15 @@ pub enum Action {
         flags: Vec<Flag>,
         size: usize,
     },
+    /// IMAP COPY, or (`moving`, the file's `move` op) IMAP MOVE as a server does it: the
+    /// copy, then, once it is answered, the source's EXPUNGE at the same server.
     Copy {
         server: Sid,
         from: MailboxKey,
         label: String,
         to: MailboxKey,
         as_label: Option<String>,
+        moving: bool,
     },
     Expunge {
         server: Sid,
@@ -450,6 +453,7 @@ const OPS: &[(&str, &[&str])] = &[
     ("save", &["server", "mailbox", "label", "flags", "size"]),
     ("import", &["server", "mailbox", "label", "uidvalidity", "uid", "flags", "size"]),
     ("copy", &["server", "from", "label", "to", "as_label"]),
+    ("move", &["server", "from", "label", "to", "as_label"]),
     ("expunge", &["server", "mailbox", "labels", "label"]),
     ("store", &["server", "mailbox", "labels", "label", "add", "remove", "unchanged_since"]),
     ("read", &["server", "mailbox", "fresh"]),
@@ -1071,12 +1075,13 @@ impl Tab<'_> {
                 flags: tab.flags(event.flags, "flags")?,
                 size: tab.int_in(event.size, "size", 0..=u32::MAX.into())?.unwrap_or(1000) as usize,
             },
-            "copy" => Action::Copy {
+            "copy" | "move" => Action::Copy {
                 server: server()?,
                 from: tab.mailbox(event.from.as_deref(), "from")?,
                 label: tab.req_label(event.label.as_deref(), "label")?,
                 to: tab.mailbox(event.to.as_deref(), "to")?,
                 as_label: tab.label(event.as_label.as_deref(), "as_label")?,
+                moving: *op == "move",
             },
             "expunge" => Action::Expunge {
                 server: server()?,

@@ -132,10 +132,10 @@ fn event_of(e: &TimedEvent) -> EventToml {
                 (Some(u64::from(*uidvalidity)), Some(u64::from(*uid)), Some(*size as u64));
             "import"
         }
-        Action::Copy { server: s, from, label, to, as_label } => {
+        Action::Copy { server: s, from, label, to, as_label, moving } => {
             (table.server, table.from, table.label) = (server(s), mailbox(from), Some(label.clone()));
             (table.to, table.as_label) = (mailbox(to), as_label.clone());
-            "copy"
+            if *moving { "move" } else { "copy" }
         }
         Action::Replicate { server: s, home } => {
             table.server = server(s);

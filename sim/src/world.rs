@@ -296,6 +296,8 @@ struct Outstanding {
     retry: Option<Retry>,
     /// A laptop agent's request: its answer goes to the agent.
     agent: Option<AgentTag>,
+    /// A MOVE's copy: the source mailbox and label to expunge once it is answered.
+    then_expunge: Option<(MailboxKey, String)>,
 }
 
 impl Outstanding {
@@ -317,6 +319,7 @@ impl Outstanding {
             issued_us: 0,
             retry: None,
             agent: None,
+            then_expunge: None,
         }
     }
 }
@@ -2180,6 +2183,15 @@ impl World {
                 if let Some(label) = &o.label {
                     self.set_label(label.clone(), *guid);
                 }
+                if let Some((mailbox, label)) = o.then_expunge.clone()
+                    && *uid != 0
+                {
+                    // A MOVE: the source's EXPUNGE right after the copy's answer, as the
+                    // node's IMAP session does it; through the queue, never inside this
+                    // server's input.
+                    let action = Action::Expunge { server: sid, mailbox, labels: vec![label] };
+                    self.schedule(self.now, Ev::Action { action, event: None });
+                }
             }
             ClientReply::Body { guid, body } => {
                 // The bytes the client saved under that label, and no others.
@@ -2281,13 +2293,15 @@ impl World {
                 let o = Outstanding { label: Some(label), mailbox: Some(mailbox), add: flags, ..none() };
                 self.request(server, request, event, o);
             }
-            Action::Copy { server, from, label, to, as_label } => {
+            Action::Copy { server, from, label, to, as_label, moving } => {
                 let Some(uid) = self.uid_of(server, &from, &label) else { return self.skip(server, &label, event) };
                 if let Some(guid) = self.labels.get(&label) {
                     self.oracle.copy_requested(&to, *guid);
                 }
+                let then_expunge = moving.then(|| (from.clone(), label));
                 let request = ClientRequest::Copy { src: from, src_uid: uid, dst: to.clone() };
-                self.request(server, request, event, Outstanding { label: as_label, mailbox: Some(to), ..none() });
+                let o = Outstanding { label: as_label, mailbox: Some(to), then_expunge, ..none() };
+                self.request(server, request, event, o);
             }
             Action::Expunge { server, mailbox, labels } => {
                 let found: Vec<(Uid, Guid)> = labels
@@ -2709,7 +2723,7 @@ impl World {
                 let to = MailboxKey::new(&mailbox.user, if &*mailbox.name == "INBOX" { "Box1" } else { "INBOX" });
                 self.label_counter += 1;
                 let as_label = Some(format!("auto{}", self.label_counter));
-                Action::Copy { server, from: mailbox, label, to, as_label }
+                Action::Copy { server, from: mailbox, label, to, as_label, moving: false }
             }
             94..100 => Action::MasterMove { server, mailbox },
             1000 => {

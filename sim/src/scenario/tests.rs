@@ -200,6 +200,13 @@ label = "m1"
 to = "alice/Archive/2008"
 as_label = "c1"
 [[event]]
+at_ms = 2
+op = "move"
+server = "s2"
+from = "alice/INBOX"
+label = "m2"
+to = "alice/Archive/2008"
+[[event]]
 at_ms = 3
 op = "expunge"
 server = "s1"
@@ -448,6 +455,15 @@ label = "m1"
             label: "m1".into(),
             to: mb("alice/Archive/2008"),
             as_label: Some("c1".into()),
+            moving: false,
+        },
+        Action::Copy {
+            server: s2,
+            from: inbox.clone(),
+            label: "m2".into(),
+            to: mb("alice/Archive/2008"),
+            as_label: None,
+            moving: true,
         },
         Action::Expunge { server: s1, mailbox: inbox.clone(), labels: vec!["m1".into(), "m2".into()] },
         Action::Expunge { server: s1, mailbox: inbox.clone(), labels: vec!["m3".into()] },
@@ -524,7 +540,9 @@ label = "m1"
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+    let mut at: Vec<u64> = (1..=40).collect();
+    at.insert(2, 2);
+    assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), at);
     // Every op in the table is exercised.
     for (op, _) in OPS {
         assert!(text.contains(&format!("op = \"{op}\"")), "op {op} untested");
