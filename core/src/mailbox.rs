@@ -553,9 +553,12 @@ fn adopt_validity(m: &mut StoredMailbox, master: &MailboxState, out: &mut MergeO
 pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     if foreign.uidvalidity != m.uidvalidity {
-        if !(rules.from_master && adoptable(m, foreign)) {
-            // Ours goes to the master (by SYNC), which gives what it lacks new UIDs in
-            // its own UIDVALIDITY; then this copy can take that one.
+        let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
+            || rules.any_incarnation;
+        if !(rules.from_master && wins && adoptable(m, foreign)) {
+            // Ours goes to the master (by SYNC): a master of a lesser incarnation takes
+            // ours and gives its messages new UIDs in it, one of a greater gives ours
+            // new UIDs in its own; then this copy can take that one.
             out.unresolved = true;
             return out;
         }
@@ -649,6 +652,9 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 /// order, and the old UID is retired with a tombstone per GUID. The merge is one change
 /// at one new modseq.
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
+    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)) && !rules.revive_lost {
+        return merge_into_their_incarnation(m, foreign, rules);
+    }
     let same_validity = foreign.uidvalidity == m.uidvalidity;
     let mut merge = MasterMerge {
         modseq: m.highest_modseq.max(foreign.highest_modseq).saturating_add(1),
@@ -699,6 +705,53 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     merge.move_off_retired_uids();
     merge.renumber_movers();
     merge.finish()
+}
+
+/// Which of two incarnations of one name, each as (UIDVALIDITY, UIDNEXT), wins where
+/// they meet: one that gave out a UID over one that never did (nothing was shown under
+/// it: an IMPORT gives a mailbox created a moment before its source's UIDVALIDITY),
+/// else the greater UIDVALIDITY. Every server applies the same rule, as master and as
+/// replica, so a server only ever leaves an incarnation for one that wins over it, and
+/// no branch of an incarnation that a server left with UIDs shown is taken up again:
+/// those bindings, which its clients saw, are known to no copy that might bind the UIDs
+/// to other messages later (explore seed 1322614: a replica left its branch of an
+/// IMPORT's UIDVALIDITY for the name's own, and at the heal the other branch's master
+/// kept its own, binding a UID the replica had shown as another message). A user
+/// replica's push is the exception: the cluster keeps its incarnation and the user
+/// replica takes it (`MergeRules::any_incarnation`).
+pub fn incarnation_wins((theirs, their_next): (u32, Uid), (ours, our_next): (u32, Uid)) -> bool {
+    if theirs == ours || theirs == 0 || ours == 0 {
+        return false;
+    }
+    (their_next > 1, theirs) > (our_next > 1, ours)
+}
+
+/// A master's merge of a copy of a greater incarnation ([`incarnation_wins`]): its copy
+/// empties and takes theirs, and then its own copy is merged in as another
+/// incarnation's (its messages at new UIDs, its expunges taken). One outcome, written
+/// as a replica's change of UIDVALIDITY is (`new_validity`).
+fn merge_into_their_incarnation(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
+    debug_assert!(incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)));
+    let ours = state(&foreign.mailbox, m);
+    let mut out = MergeOutcome::default();
+    adopt_validity(m, foreign, &mut out);
+    for step in [merge_as_master(m, foreign, rules), merge_as_master(m, &ours, rules)] {
+        out.records.extend(step.records);
+        out.removed.extend(step.removed);
+        out.tombstones.extend(step.tombstones);
+        out.collected.extend(step.collected);
+        out.renumbered += step.renumbered;
+        out.tombstone_conflict |= step.tombstone_conflict;
+        out.lifecycle_changed |= step.lifecycle_changed;
+        out.retired_changed |= step.retired_changed;
+        debug_assert!(!step.unresolved && !step.new_validity, "a master decides, in one incarnation");
+    }
+    debug_assert_eq!(m.uidvalidity, foreign.uidvalidity);
+    debug_assert!(
+        ours.messages.iter().all(|r| m.messages.has_guid(r.guid) || m.tombstones.values().any(|t| t.guid == r.guid)),
+        "every message of ours is placed or expunged"
+    );
+    out
 }
 
 /// One master merge in progress (see [`merge_as_master`]).
@@ -1745,7 +1798,8 @@ mod tests {
         // Explore seed 67714: theirs saved 20 at UID 1 and later expunged it, under
         // another UIDVALIDITY; their R-SAVE moved 20 in here first.
         let mut master = mbox(vec![rec(39, 10, &[])]);
-        master.uidvalidity = 7;
+        // An incarnation above theirs: the master keeps its own (`incarnation_wins`).
+        master.uidvalidity = 0x7fff_fff0;
         let saved = mbox(vec![rec(1, 20, &[])]);
         let out = merge_as_master(&mut master, &st(&saved), &MergeRules::default());
         assert_eq!(out.renumbered, 1);
@@ -1764,7 +1818,8 @@ mod tests {
     #[test]
     fn an_unseen_expunge_in_another_incarnation_is_remembered_at_a_fresh_uid() {
         let mut master = mbox(vec![rec(39, 10, &[])]);
-        master.uidvalidity = 7;
+        // An incarnation above theirs: the master keeps its own (`incarnation_wins`).
+        master.uidvalidity = 0x7fff_fff0;
         let mut expunged = mbox(vec![]);
         expunged.uidnext = 2;
         expunged.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
@@ -1779,6 +1834,47 @@ mod tests {
         // And the master, given that replica's old state, still does not take 20.
         merge_as_master(&mut master, &st(&mbox(vec![rec(1, 20, &[])])), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn the_greater_incarnation_wins_at_a_master_and_at_a_replica() {
+        // Here: 10 at 1 and 30 expunged at 2, under the name's own UIDVALIDITY. Theirs: a
+        // greater one (an IMPORT's), 20 at 1 and 30 at 2.
+        let mut here = mbox(vec![rec(1, 10, &[])]);
+        here.uidnext = 3;
+        here.tombstones.insert((2, Guid(30)), Tombstone::expunge(2, Guid(30), 2));
+        let lesser = here.uidvalidity;
+        let mut greater = st(&mbox(vec![rec(1, 20, &[]), rec(2, 30, &[])]));
+        greater.uidvalidity = lesser + 5;
+        // A replica never leaves its incarnation for a lesser one, even its master's: its
+        // copy goes to the master instead. A user replica takes the cluster's.
+        let mut as_replica = mbox(vec![rec(1, 10, &[])]);
+        as_replica.uidvalidity = lesser + 5;
+        let from_master = MergeRules { from_master: true, ..MergeRules::default() };
+        assert!(merge_as_replica(&mut as_replica, &st(&here), &from_master).unresolved);
+        let laptop = MergeRules { any_incarnation: true, ..from_master };
+        let out = merge_as_replica(&mut as_replica, &st(&here), &laptop);
+        assert!(!out.unresolved && as_replica.uidvalidity == lesser);
+        // A master takes the greater incarnation: theirs at their UIDs, ours at new UIDs
+        // above, our expunge of 30 taken (it is one message whatever the UIDVALIDITY).
+        let out = merge_as_master(&mut here, &greater, &MergeRules::default());
+        assert!(out.new_validity && !out.unresolved);
+        assert_eq!(here.uidvalidity, lesser + 5);
+        let live: Vec<(Uid, u128)> = here.messages.values().map(|r| (r.uid, r.guid.0)).collect();
+        assert_eq!(live, vec![(1, 20), (3, 10)]);
+        assert!(here.tombstones.get(&(2, Guid(30))).is_some_and(|t| t.by_client()));
+        assert!(out.removed.contains(&1) && out.records.iter().any(|r| r.uid == 3 && r.guid == Guid(10)));
+        // Their lesser copy met again changes nothing of the incarnation.
+        let mut old = st(&mbox(vec![rec(1, 10, &[])]));
+        old.uidvalidity = lesser;
+        let again = merge_as_master(&mut here, &old, &MergeRules::default());
+        assert!(!again.new_validity && here.uidvalidity == lesser + 5);
+        assert_eq!(here.messages.last_uid_of(Guid(10)), Some(3));
+        // A user replica's push of a greater incarnation does not move the cluster's.
+        let mut cluster = mbox(vec![rec(1, 10, &[])]);
+        let push = MergeRules { revive_lost: true, ..MergeRules::default() };
+        merge_as_master(&mut cluster, &greater, &push);
+        assert_eq!(cluster.uidvalidity, lesser);
     }
 
     #[test]

@@ -363,7 +363,8 @@ impl Server {
         for uid in gone.into_iter().chain(left_window) {
             self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
         }
-        let outcome = self.merge_state(&state, false, true, None);
+        let rules = crate::MergeRules { from_master: true, any_incarnation: true, ..self.merge_rules() };
+        let outcome = self.merge_state_by(&state, false, rules, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
         let untouched = before == pushed_upto;
