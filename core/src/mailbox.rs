@@ -401,6 +401,14 @@ fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut
     }
 }
 
+/// Whether `m` may bind `uid` to `guid`: nothing else of its own on that UID, live,
+/// tombstoned or retired.
+fn can_bind(m: &StoredMailbox, uid: Uid, guid: Guid) -> bool {
+    !m.retired.contains(uid)
+        && m.messages.get(&uid).is_none_or(|ours| ours.guid == guid)
+        && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
+}
+
 /// The messages a census gave up (see [`Tombstone::lost`]) that no client expunged and
 /// that are not `live`: those a replica's push may bring back.
 pub fn lost_messages<'a>(
@@ -437,12 +445,7 @@ fn replica_tombstones(
     rules: &MergeRules,
     out: &mut MergeOutcome,
 ) -> Vec<Tombstone> {
-    let placeable = |r: &MessageRecord| {
-        !m.tombstones.contains_key(&(r.uid, r.guid))
-            && !m.retired.contains(r.uid)
-            && m.messages.get(&r.uid).is_none_or(|ours| ours.guid == r.guid)
-            && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).all(|((_, g), _)| *g == r.guid)
-    };
+    let placeable = |r: &MessageRecord| !m.tombstones.contains_key(&(r.uid, r.guid)) && can_bind(m, r.uid, r.guid);
     let mut tombstones = Vec::new();
     for t in &foreign.tombstones {
         let ours = m.messages.get(&t.uid).filter(|r| r.guid == t.guid);
@@ -1267,9 +1270,7 @@ pub fn keep_lost_held_elsewhere(
         let (uid, modseq) = (binding.uid, binding.modseq);
         let free_here = here.is_none_or(|m| {
             !m.messages.has_guid(guid)
-                && !m.messages.contains_key(&uid)
-                && !m.retired.contains(uid)
-                && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
+                && can_bind(m, uid, guid)
                 && !m.tombstones.values().any(|t| t.guid == guid && t.by_client())
         });
         // Nothing else the cluster binds there either (a piece of its state may not show
@@ -1319,15 +1320,8 @@ fn collected_bindings(
     let mut unshown_kept = false;
     let mut unpushed = BTreeMap::new();
     let cluster_uid: BTreeMap<Guid, Uid> = cluster.messages.iter().map(|r| (r.guid, r.uid)).collect();
-    // Whether this copy can bind `guid` where the cluster has it (nothing else of ours on
-    // that UID, live or retired).
-    let placeable = |guid: Guid| {
-        cluster_uid.get(&guid).is_some_and(|&uid| {
-            !m.retired.contains(uid)
-                && m.messages.get(&uid).is_none_or(|ours| ours.guid == guid)
-                && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
-        })
-    };
+    // Whether this copy can bind `guid` where the cluster has it.
+    let placeable = |guid: Guid| cluster_uid.get(&guid).is_some_and(|&uid| can_bind(m, uid, guid));
     let mut gone = Vec::new();
     for r in m.messages.values() {
         let moved = cluster_uid.contains_key(&r.guid);

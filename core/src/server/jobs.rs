@@ -1422,11 +1422,7 @@ impl Server {
         // the peers collected the bodies). A peer that gets the target by SYNC all the
         // same (it was behind already) gets the source's removal that way too.
         self.replicate_first(Change::Merge { state: Box::new(state) }, Some(id));
-        let behind: Vec<Sid> = self
-            .peers()
-            .into_iter()
-            .filter(|p| self.image.log(*p).is_some_and(|l| l.overflowed.contains(to)))
-            .collect();
+        let behind: Vec<Sid> = self.peers().into_iter().filter(|p| self.image.is_overflowed(*p, to)).collect();
         for peer in behind {
             self.overflow(peer, BTreeSet::from([from.clone()]));
         }

@@ -344,10 +344,9 @@ impl Server {
         let holds_body = |g: Guid| lost_held.contains(&g);
         let mut adopt =
             crate::mailbox::adopt_rule(here, state, &from_cluster, pushed_upto, take_collected, since_s, holds_body);
-        if !takes_lost {
-            let elsewhere = |g: Guid| self.live_copy_elsewhere(&state.mailbox, g, &lost_held);
-            crate::mailbox::keep_lost_held_elsewhere(here, &mut adopt, elsewhere);
-        }
+        // Step 7 (none under the broken variant: `lost_held` is empty there).
+        let elsewhere = |g: Guid| self.live_copy_elsewhere(&state.mailbox, g, &lost_held);
+        crate::mailbox::keep_lost_held_elsewhere(here, &mut adopt, elsewhere);
         let crate::mailbox::Adopt { state, gone, left_window, push_whole, kept_lost } = adopt;
         // What this adopt keeps is what the next push brings back (those the cluster
         // has live again are done).

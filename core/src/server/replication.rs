@@ -37,17 +37,19 @@ impl Server {
     /// A change too large for one command goes as several log entries (see
     /// `limits::change_parts`); the waiter counts a peer once it acknowledged them all.
     pub(crate) fn replicate(&mut self, change: Change, waiter: Option<JobId>) {
-        for part in crate::limits::change_parts(change) {
-            self.replicate_part(part, waiter, false);
-        }
+        self.replicate_parts(change, waiter, false);
     }
 
     /// [`Server::replicate`] for a change each peer must have before the changes that
     /// follow it (a RENAME's target before its source's removal): a full log makes room
     /// by dropping other mailboxes' entries first, so the change is logged.
     pub(crate) fn replicate_first(&mut self, change: Change, waiter: Option<JobId>) {
+        self.replicate_parts(change, waiter, true);
+    }
+
+    fn replicate_parts(&mut self, change: Change, waiter: Option<JobId>, spare: bool) {
         for part in crate::limits::change_parts(change) {
-            self.replicate_part(part, waiter, true);
+            self.replicate_part(part, waiter, spare);
         }
     }
 
