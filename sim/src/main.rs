@@ -474,6 +474,11 @@ fn main() -> ExitCode {
                 if stats {
                     let kinds: Vec<String> = report.messages_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
                     tandem_sim::say!("    messages: {}", kinds.join(", "));
+                    tandem_sim::say!(
+                        "    fsyncs: {}, of log-entry removals only: {}",
+                        report.fsyncs,
+                        report.fsyncs_of_log_removals
+                    );
                 }
                 if report.passed {
                     passed += 1;

@@ -42,6 +42,10 @@ pub struct RunReport {
     pub violations: Vec<oracle::Violation>,
     /// Peer messages sent, by command name.
     pub messages_by_kind: BTreeMap<&'static str, u64>,
+    /// Fsyncs completed, and those whose writes were all log-entry removals (an ACK taken
+    /// in), for `run --stats`.
+    pub fsyncs: u64,
+    pub fsyncs_of_log_removals: u64,
     /// The GUID each labelled message got.
     pub labels: BTreeMap<String, Guid>,
     /// At the end, each running server's mailboxes: (UID, GUID, flags) in UID order.
@@ -358,6 +362,8 @@ pub struct World {
     /// Counted per message sent: a short list of the kinds seen, found by the name's
     /// address before its text (a name is one static string), sorted for the report.
     messages_by_kind: Vec<(&'static str, u64)>,
+    fsyncs: u64,
+    fsyncs_of_log_removals: u64,
     wire_bytes: u64,
     steps: u64,
     trace_hash: u64,
@@ -485,6 +491,8 @@ impl World {
             live_terms: Vec::new(),
             messages: 0,
             messages_by_kind: Vec::new(),
+            fsyncs: 0,
+            fsyncs_of_log_removals: 0,
             wire_bytes: 0,
             steps: 0,
             trace_hash: 0,
@@ -794,6 +802,8 @@ impl World {
             marks,
             converged_after_us,
             violations: self.oracle.violations.clone(),
+            fsyncs: self.fsyncs,
+            fsyncs_of_log_removals: self.fsyncs_of_log_removals,
             messages_by_kind: self.messages_by_kind.into_iter().fold(BTreeMap::new(), |mut kinds, (k, n)| {
                 *kinds.entry(k).or_default() += n;
                 kinds
@@ -1251,6 +1261,11 @@ impl World {
                 // taken out in place (the vector keeps its room for the next ones).
                 debug_assert!(node.pending.windows(2).all(|w| w[0].0 < w[1].0), "pending writes in order");
                 let durable = node.pending.partition_point(|(id, _)| *id <= upto);
+                self.fsyncs += 1;
+                if durable > 0 && node.pending[..durable].iter().all(|(_, w)| matches!(w, StoreWrite::LogRemove { .. }))
+                {
+                    self.fsyncs_of_log_removals += 1;
+                }
                 let mut last = 0;
                 for (id, write) in node.pending.drain(..durable) {
                     node.bodies.apply(&write);
