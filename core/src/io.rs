@@ -495,6 +495,11 @@ pub enum Input {
     External(ExternalEdit),
 }
 
+/// How long a driver may hold a lazy write (`StoreWrite::is_lazy`) waiting for a write
+/// that needs a flush anyway. Nothing waits for it; the bound keeps a quiet server's
+/// disk from lagging its image for long (a crash then repeats less work).
+pub const LAZY_WRITE_HOLD_US_MAX: u64 = 1_000_000;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
     /// Send to the direct neighbour `to`.
@@ -506,7 +511,9 @@ pub enum Output {
         id: RequestId,
         reply: ClientReply,
     },
-    /// Make this write durable, in order, then report `Input::Durable`.
+    /// Make this write durable, in order, then report `Input::Durable`. A lazy write
+    /// (`StoreWrite::is_lazy`) need not start a flush of its own: it may wait for the
+    /// next write that is not lazy, for at most [`LAZY_WRITE_HOLD_US_MAX`].
     Write {
         id: WriteId,
         write: StoreWrite,

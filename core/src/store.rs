@@ -645,9 +645,24 @@ pub enum StoreWrite {
     NewValidity {
         mailbox: MailboxKey,
     },
+    /// Entries a peer acknowledged, dropped from its log: the one write nothing waits
+    /// for ([`StoreWrite::is_lazy`]). A crash that loses it leaves entries the peer
+    /// already holds; they go out again and merge there as no-ops.
+    LogAcked {
+        peer: Sid,
+        seqs: Vec<u64>,
+    },
 }
 
 impl StoreWrite {
+    /// A write whose durability nothing waits for: a driver need not start a flush for
+    /// it, and may hold it (in order) until the next write that is not lazy, for at
+    /// most [`crate::io::LAZY_WRITE_HOLD_US_MAX`]. The core never holds a reply or a
+    /// message for it (`Outbox::last_write`).
+    pub fn is_lazy(&self) -> bool {
+        matches!(self, StoreWrite::LogAcked { .. })
+    }
+
     /// The mailbox whose state this write changes, if it changes one: what a driver
     /// needs to wake the sessions watching that mailbox once the write is durable.
     pub fn mailbox(&self) -> Option<&MailboxKey> {
@@ -667,6 +682,7 @@ impl StoreWrite {
             | StoreWrite::OnLoan { .. }
             | StoreWrite::LogAppend { .. }
             | StoreWrite::LogRemove { .. }
+            | StoreWrite::LogAcked { .. }
             | StoreWrite::Epoch { .. }
             | StoreWrite::LinkSeq { .. }
             | StoreWrite::Incarnation { .. }
@@ -742,7 +758,7 @@ impl DiskImage {
                 log.entries.insert(*seq, change.clone());
                 log.next_seq = log.next_seq.max(seq + 1);
             }
-            StoreWrite::LogRemove { peer, seqs } => {
+            StoreWrite::LogRemove { peer, seqs } | StoreWrite::LogAcked { peer, seqs } => {
                 if let Some(log) = self.logs.get_mut(peer) {
                     for s in seqs {
                         log.entries.remove(s);

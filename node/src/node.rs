@@ -1142,7 +1142,7 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
 }
 
 /// Group commit: everything queued while the previous transaction committed goes into
-/// the next one. A commit that fails (a full disk, an I/O error) is retried with the
+/// the next one; lazy writes alone wait for company (`StoreWrite::is_lazy`). A commit that fails (a full disk, an I/O error) is retried with the
 /// store reopened, the failed batch first and in order, until it lands: nothing is
 /// reported durable that is not, the core's later writes wait behind it, writes get
 /// temporary failures by their timeout, and reads go on.
@@ -1169,6 +1169,18 @@ fn spawn_store_thread(
                 }
             }
             absorb(first, &mut upto, &mut writes);
+            // Writes nothing waits for (acknowledged log entries) start no commit of
+            // their own: they go with the next batch that needs one, or when their
+            // hold ends (a fsync fewer per acknowledgement on the master).
+            let held_since = std::time::Instant::now();
+            while writes.iter().all(StoreWrite::is_lazy) {
+                let hold = Duration::from_micros(tandem_core::io::LAZY_WRITE_HOLD_US_MAX);
+                let Some(left) = hold.checked_sub(held_since.elapsed()) else { break };
+                match batches.recv_timeout(left) {
+                    Ok(more) => absorb(more, &mut upto, &mut writes),
+                    Err(_) => break,
+                }
+            }
             loop {
                 while let Ok(more) = batches.try_recv() {
                     absorb(more, &mut upto, &mut writes);
@@ -1617,5 +1629,73 @@ async fn reload_users_on_hangup(
             }
             Err(e) => tracing::warn!(error = %e, "SIGHUP: users file not read again; the users stay as they were"),
         }
+    }
+}
+
+#[cfg(test)]
+mod store_thread_tests {
+    use super::*;
+    use crate::store::Store;
+
+    type Batches = std::sync::mpsc::Sender<Vec<(WriteId, StoreWrite)>>;
+
+    fn store_thread() -> (tempfile::TempDir, Batches, mpsc::Receiver<Event>, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (batches_tx, batches_rx) = std::sync::mpsc::channel();
+        let (events_tx, events_rx) = mpsc::channel(16);
+        let thread = spawn_store_thread(store, dir.path().to_path_buf(), 0, batches_rx, events_tx);
+        (dir, batches_tx, events_rx, thread)
+    }
+
+    fn acked(seq: u64) -> StoreWrite {
+        StoreWrite::LogAcked { peer: Sid(2), seqs: vec![seq] }
+    }
+
+    fn durable(events: &mut mpsc::Receiver<Event>) -> (WriteId, usize) {
+        match events.blocking_recv() {
+            Some(Event::Durable { upto, writes }) => (upto, writes),
+            Some(_) => panic!("expected a durable report"),
+            None => panic!("the store thread ended"),
+        }
+    }
+
+    #[test]
+    fn a_lazy_write_waits_for_the_next_write_that_needs_a_commit() {
+        let (_dir, batches, mut events, thread) = store_thread();
+        batches.send(vec![(1, acked(1))]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        batches.send(vec![(2, StoreWrite::Epoch { epoch: 3 })]).unwrap();
+        // One commit for both, reported once: the lazy write started none of its own
+        // (the hold is a second; the second batch came well within it).
+        assert_eq!(durable(&mut events), (2, 2));
+        drop(batches);
+        thread.join().unwrap();
+        assert!(events.blocking_recv().is_none(), "nothing more was committed");
+    }
+
+    #[test]
+    fn a_lazy_write_alone_is_committed_when_its_hold_ends() {
+        let (_dir, batches, mut events, thread) = store_thread();
+        let sent = std::time::Instant::now();
+        batches.send(vec![(1, acked(1)), (2, acked(2))]).unwrap();
+        assert_eq!(durable(&mut events), (2, 2));
+        let hold = Duration::from_micros(tandem_core::io::LAZY_WRITE_HOLD_US_MAX);
+        assert!(sent.elapsed() >= hold, "held for its hold, not committed at once");
+        drop(batches);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_lazy_write_held_at_shutdown_is_committed() {
+        let (dir, batches, mut events, thread) = store_thread();
+        batches.send(vec![(1, StoreWrite::Epoch { epoch: 9 })]).unwrap();
+        assert_eq!(durable(&mut events), (1, 1));
+        batches.send(vec![(2, acked(1))]).unwrap();
+        drop(batches);
+        assert_eq!(durable(&mut events), (2, 1));
+        thread.join().unwrap();
+        let image = Store::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(image.epoch, 9);
     }
 }

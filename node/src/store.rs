@@ -450,7 +450,7 @@ impl Store {
                         let next = log_next.get(peer.0)?.map(|v| v.value()).unwrap_or(0);
                         log_next.insert(peer.0, next.max(seq + 1))?;
                     }
-                    StoreWrite::LogRemove { peer, seqs } => {
+                    StoreWrite::LogRemove { peer, seqs } | StoreWrite::LogAcked { peer, seqs } => {
                         for seq in seqs {
                             log_entries.remove((peer.0, *seq))?;
                         }

@@ -475,9 +475,9 @@ fn main() -> ExitCode {
                     let kinds: Vec<String> = report.messages_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
                     tandem_sim::say!("    messages: {}", kinds.join(", "));
                     tandem_sim::say!(
-                        "    fsyncs: {}, of log-entry removals only: {}",
+                        "    fsyncs: {}, of lazy writes only (acknowledged log entries): {}",
                         report.fsyncs,
-                        report.fsyncs_of_log_removals
+                        report.fsyncs_of_lazy_writes
                     );
                 }
                 if report.passed {

@@ -230,6 +230,12 @@ impl Image {
 
     /// The mailbox as the durable store holds it (None: not there), for a client's read.
     /// Costs nothing extra unless writes to it are pending.
+    ///
+    /// Writes become durable in order but not in groups, so the store may hold an
+    /// operation's meta (UIDNEXT, HIGHESTMODSEQ) before its record. What is shown then
+    /// has UIDNEXT and HIGHESTMODSEQ below every pending change: a client (or a user
+    /// replica's push, explore seed 36846) that saw HIGHESTMODSEQ 2 must never later
+    /// meet a message at UID 2 or modseq 2 it was not shown.
     pub(crate) fn durable_mailbox(&self, key: &MailboxKey) -> Option<std::borrow::Cow<'_, StoredMailbox>> {
         let now = self.disk.mailboxes.get(key);
         let mut pending = self.undo.iter().filter(|(_, k, _)| k == key).map(|(_, _, u)| u).peekable();
@@ -237,7 +243,11 @@ impl Image {
         if **first == Undo::Absent {
             return None;
         }
-        let mut m = now?.clone();
+        let now = now?;
+        let mut m = now.clone();
+        // The lowest UID a pending write adds and the lowest modseq a pending write
+        // shows a change at (the record's modseq now, or its removal's tombstone's).
+        let (mut pending_uid_min, mut pending_modseq_min) = (Uid::MAX, ModSeq::MAX);
         let (mut meta_done, mut lifecycle_done, mut records_done) = (false, false, BTreeSet::new());
         // The oldest pending write's before-image of each part is its durable value.
         for undo in pending {
@@ -251,16 +261,34 @@ impl Image {
                     lifecycle_done = true;
                     m.lifecycle = *lifecycle;
                 }
-                Undo::Record { uid, before } if records_done.insert(*uid) => match before {
-                    Some(record) => {
-                        m.messages.insert(*uid, record.clone());
+                Undo::Record { uid, before } if records_done.insert(*uid) => {
+                    let changed_at = match (now.messages.get(uid), before) {
+                        (Some(record), _) => Some(record.modseq),
+                        (None, Some(gone)) => now.tombstones.get(&(*uid, gone.guid)).map(|t| t.modseq),
+                        (None, None) => None,
+                    };
+                    if let Some(modseq) = changed_at {
+                        pending_modseq_min = pending_modseq_min.min(modseq);
                     }
-                    None => {
-                        m.messages.remove(uid);
+                    match before {
+                        Some(record) => {
+                            m.messages.insert(*uid, record.clone());
+                        }
+                        None => {
+                            pending_uid_min = pending_uid_min.min(*uid);
+                            m.messages.remove(uid);
+                        }
                     }
-                },
+                }
                 _ => {}
             }
+        }
+        if pending_uid_min < m.uidnext || pending_modseq_min <= m.highest_modseq {
+            // Never below what the view itself shows.
+            let (uid_shown_max, modseq_shown_max) =
+                m.messages.iter().fold((0, 0), |(u, s), (uid, r)| (u.max(*uid), s.max(r.modseq)));
+            m.uidnext = m.uidnext.min(pending_uid_min).max(uid_shown_max.saturating_add(1));
+            m.highest_modseq = m.highest_modseq.min(pending_modseq_min.saturating_sub(1)).max(modseq_shown_max);
         }
         Some(std::borrow::Cow::Owned(m))
     }
@@ -331,7 +359,9 @@ impl Image {
     fn count_logged_write(&mut self, write: &StoreWrite) {
         let (peer, seqs, added) = match write {
             StoreWrite::LogAppend { peer, seq, change } => (*peer, std::slice::from_ref(seq), Some(change.mailbox())),
-            StoreWrite::LogRemove { peer, seqs } => (*peer, seqs.as_slice(), None),
+            StoreWrite::LogRemove { peer, seqs } | StoreWrite::LogAcked { peer, seqs } => {
+                (*peer, seqs.as_slice(), None)
+            }
             _ => return,
         };
         let log = self.disk.logs.get(&peer);
@@ -900,7 +930,8 @@ impl Image {
         Some(seq)
     }
 
-    /// Removes the entries of a peer's log that are there; returns those removed.
+    /// Removes the entries of a peer's log that are there (the peer acknowledged them:
+    /// a lazy write, see `StoreWrite::LogAcked`); returns those removed.
     pub(crate) fn log_remove(&mut self, out: &mut Outbox, peer: Sid, seqs: Vec<u64>) -> Vec<u64> {
         let Some(log) = self.disk.logs.get(&peer) else { return Vec::new() };
         // Each entry once, in the order listed: a short list is scanned, a long one
@@ -915,7 +946,7 @@ impl Image {
             }
         }
         if !removed.is_empty() {
-            self.commit(out, StoreWrite::LogRemove { peer, seqs: removed.clone() });
+            self.commit(out, StoreWrite::LogAcked { peer, seqs: removed.clone() });
         }
         removed
     }
@@ -1387,6 +1418,32 @@ mod tests {
         assert_eq!(view(image.durable_mailbox(&key("INBOX")).as_deref()), view(before.as_ref()));
         image.durable(out.last_write());
         assert_eq!(image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned()).as_ref(), image.mailbox(&key("INBOX")));
+    }
+
+    /// Explore seed 36846: a laptop's pull saw HIGHESTMODSEQ 2 with the record at modseq
+    /// 2 not yet durable, pushed "up to 2" without it, and never pushed it.
+    #[test]
+    fn a_read_between_an_operations_meta_and_its_record_shows_neither() {
+        let (mut image, mut out) =
+            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        image.create_mailbox(&mut out, &key("INBOX"), Some(7));
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
+        let meta = StoreWrite::MailboxMeta { mailbox: key("INBOX"), uidvalidity: 7, uidnext: 2, highest_modseq: 1 };
+        image.commit(&mut out, meta);
+        image.durable(out.last_write());
+        // A copy: its meta, then its record, durable only as far as the meta.
+        let meta = StoreWrite::MailboxMeta { mailbox: key("INBOX"), uidvalidity: 7, uidnext: 3, highest_modseq: 2 };
+        let meta_write = image.commit(&mut out, meta);
+        let copied = MessageRecord::bare(2, 10, 2);
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: copied });
+        image.durable(meta_write);
+        let shown = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
+        let shown = shown.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
+        assert_eq!(shown, Some((1, 2, 1)), "neither UID 2 nor modseq 2 is shown before the record is durable");
+        image.durable(out.last_write());
+        let shown = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
+        let shown = shown.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
+        assert_eq!(shown, Some((2, 3, 2)));
     }
 
     #[test]

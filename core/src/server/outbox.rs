@@ -13,6 +13,10 @@ use std::collections::VecDeque;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Outbox {
     outputs: VecDeque<Output>,
+    /// The last write issued.
+    last_issued: WriteId,
+    /// The last write issued that is not lazy (`StoreWrite::is_lazy`): what a reply
+    /// or a message waits for, so a lazy write never holds one back.
     last_write: WriteId,
     durable_upto: WriteId,
     /// Replies and messages that may go out once every write up to theirs is durable.
@@ -62,11 +66,17 @@ impl Outbox {
     /// Numbers a write and queues it. The caller has applied it to the image (see
     /// `Image::commit`, the only caller).
     pub(super) fn write(&mut self, write: StoreWrite) -> WriteId {
-        self.last_write += 1;
-        self.outputs.push_back(Output::Write { id: self.last_write, write });
-        self.last_write
+        self.last_issued += 1;
+        let id = self.last_issued;
+        if !write.is_lazy() {
+            self.last_write = id;
+        }
+        self.outputs.push_back(Output::Write { id, write });
+        id
     }
 
+    /// The last write issued that is not lazy: once it is durable, so is everything
+    /// a reply or a message may depend on.
     pub(crate) fn last_write(&self) -> WriteId {
         self.last_write
     }
@@ -77,8 +87,8 @@ impl Outbox {
 
     /// The shell made every write up to `upto` durable: replies held for them go out.
     pub(crate) fn durable(&mut self, upto: WriteId) {
-        debug_assert!(upto <= self.last_write, "durable beyond the last write issued");
-        self.durable_upto = self.durable_upto.max(upto.min(self.last_write));
+        debug_assert!(upto <= self.last_issued, "durable beyond the last write issued");
+        self.durable_upto = self.durable_upto.max(upto.min(self.last_issued));
         // Writes become durable in order, so what is held (queued in write order) goes
         // out from the front.
         while let Some((write, _)) = self.held.front() {
@@ -134,6 +144,29 @@ mod tests {
         while out.pop().is_some() {}
         out.reply_when_durable(3, ClientReply::Moved { master: Sid(2) });
         assert!(matches!(out.pop(), Some(Output::Reply { id: 3, .. })));
+    }
+
+    #[test]
+    fn a_lazy_write_holds_back_nothing() {
+        let mut out = Outbox::default();
+        out.write(epoch(1));
+        let acked = out.write(StoreWrite::LogAcked { peer: Sid(2), seqs: vec![4] });
+        assert_eq!(acked, 2, "a lazy write is numbered in order with the rest");
+        assert_eq!(out.last_write(), 1, "what a reply waits for is the last write that is not lazy");
+        out.reply_when_durable(7, ClientReply::Moved { master: Sid(1) });
+        while out.pop().is_some() {}
+        out.durable(1);
+        assert!(
+            matches!(out.pop(), Some(Output::Reply { id: 7, .. })),
+            "the reply goes before the lazy write is durable"
+        );
+        out.write(epoch(3));
+        out.reply_when_durable(8, ClientReply::Moved { master: Sid(1) });
+        while out.pop().is_some() {}
+        out.durable(2);
+        assert!(out.pop().is_none(), "a write that is not lazy after it is still waited for");
+        out.durable(3);
+        assert!(matches!(out.pop(), Some(Output::Reply { id: 8, .. })));
     }
 
     #[test]
