@@ -230,13 +230,21 @@ impl Image {
 
     /// The mailbox as the durable store holds it (None: not there), for a client's read.
     /// Costs nothing extra unless writes to it are pending.
-    ///
-    /// Writes become durable in order but not in groups, so the store may hold an
-    /// operation's meta (UIDNEXT, HIGHESTMODSEQ) before its record. What is shown then
-    /// has UIDNEXT and HIGHESTMODSEQ below every pending change: a client (or a user
-    /// replica's push, explore seed 36846) that saw HIGHESTMODSEQ 2 must never later
-    /// meet a message at UID 2 or modseq 2 it was not shown.
     pub(crate) fn durable_mailbox(&self, key: &MailboxKey) -> Option<std::borrow::Cow<'_, StoredMailbox>> {
+        self.durable_mailbox_as(key, false)
+    }
+
+    /// [`Image::durable_mailbox`] for a user replica's pull, which its sync agent takes
+    /// as "pushed up to HIGHESTMODSEQ": UIDNEXT and HIGHESTMODSEQ below every pending
+    /// change. Writes become durable in order, not in groups, so the store may hold an
+    /// operation's meta before its record; a pull that showed HIGHESTMODSEQ 2 without
+    /// the record at modseq 2 had that record never pushed (explore seed 36846).
+    /// Clients' reads keep the durable values, which never go down (`monotonic`).
+    pub(crate) fn durable_mailbox_to_push(&self, key: &MailboxKey) -> Option<std::borrow::Cow<'_, StoredMailbox>> {
+        self.durable_mailbox_as(key, true)
+    }
+
+    fn durable_mailbox_as(&self, key: &MailboxKey, below_pending: bool) -> Option<std::borrow::Cow<'_, StoredMailbox>> {
         let now = self.disk.mailboxes.get(key);
         let mut pending = self.undo.iter().filter(|(_, k, _)| k == key).map(|(_, _, u)| u).peekable();
         let Some(first) = pending.peek() else { return now.map(std::borrow::Cow::Borrowed) };
@@ -283,7 +291,7 @@ impl Image {
                 _ => {}
             }
         }
-        if pending_uid_min < m.uidnext || pending_modseq_min <= m.highest_modseq {
+        if below_pending && (pending_uid_min < m.uidnext || pending_modseq_min <= m.highest_modseq) {
             // Never below what the view itself shows.
             let (uid_shown_max, modseq_shown_max) =
                 m.messages.iter().fold((0, 0), |(u, s), (uid, r)| (u.max(*uid), s.max(r.modseq)));
@@ -1423,7 +1431,7 @@ mod tests {
     /// Explore seed 36846: a laptop's pull saw HIGHESTMODSEQ 2 with the record at modseq
     /// 2 not yet durable, pushed "up to 2" without it, and never pushed it.
     #[test]
-    fn a_read_between_an_operations_meta_and_its_record_shows_neither() {
+    fn a_pull_between_an_operations_meta_and_its_record_shows_neither() {
         let (mut image, mut out) =
             (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
         image.create_mailbox(&mut out, &key("INBOX"), Some(7));
@@ -1437,11 +1445,14 @@ mod tests {
         let copied = MessageRecord::bare(2, 10, 2);
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: copied });
         image.durable(meta_write);
-        let shown = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
+        let shown = image.durable_mailbox_to_push(&key("INBOX")).map(|m| m.into_owned());
         let shown = shown.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
         assert_eq!(shown, Some((1, 2, 1)), "neither UID 2 nor modseq 2 is shown before the record is durable");
+        let read = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
+        let read = read.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
+        assert_eq!(read, Some((1, 3, 2)), "a client's read shows the durable meta");
         image.durable(out.last_write());
-        let shown = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
+        let shown = image.durable_mailbox_to_push(&key("INBOX")).map(|m| m.into_owned());
         let shown = shown.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
         assert_eq!(shown, Some((2, 3, 2)));
     }

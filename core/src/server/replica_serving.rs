@@ -69,7 +69,7 @@ impl Server {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
             return;
         }
-        let mut state = match self.image.durable_mailbox(mailbox) {
+        let mut state = match self.image.durable_mailbox_to_push(mailbox) {
             Some(m) => crate::mailbox::state_since(mailbox, &m, since),
             None => MailboxState::empty(mailbox.clone(), 0),
         };
