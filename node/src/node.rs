@@ -1142,7 +1142,8 @@ fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, Str
 }
 
 /// Group commit: everything queued while the previous transaction committed goes into
-/// the next one; lazy writes alone wait for company (`StoreWrite::is_lazy`). A commit that fails (a full disk, an I/O error) is retried with the
+/// the next one; lazy writes alone wait for company (`StoreWrite::is_lazy`). A commit
+/// that fails (a full disk, an I/O error) is retried with the
 /// store reopened, the failed batch first and in order, until it lands: nothing is
 /// reported durable that is not, the core's later writes wait behind it, writes get
 /// temporary failures by their timeout, and reads go on.
@@ -1173,8 +1174,8 @@ fn spawn_store_thread(
             // their own: they go with the next batch that needs one, or when their
             // hold ends (a fsync fewer per acknowledgement on the master).
             let held_since = std::time::Instant::now();
+            let hold = Duration::from_micros(tandem_core::io::LAZY_WRITE_HOLD_US_MAX);
             while writes.iter().all(StoreWrite::is_lazy) {
-                let hold = Duration::from_micros(tandem_core::io::LAZY_WRITE_HOLD_US_MAX);
                 let Some(left) = hold.checked_sub(held_since.elapsed()) else { break };
                 match batches.recv_timeout(left) {
                     Ok(more) => absorb(more, &mut upto, &mut writes),

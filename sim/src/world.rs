@@ -42,8 +42,8 @@ pub struct RunReport {
     pub violations: Vec<oracle::Violation>,
     /// Peer messages sent, by command name.
     pub messages_by_kind: BTreeMap<&'static str, u64>,
-    /// Fsyncs completed, and those whose writes were all log-entry removals (an ACK taken
-    /// in), for `run --stats`.
+    /// Fsyncs completed, and those whose writes were all lazy (acknowledged log entries),
+    /// for `run --stats`.
     pub fsyncs: u64,
     pub fsyncs_of_lazy_writes: u64,
     /// The GUID each labelled message got.
@@ -1308,8 +1308,6 @@ impl World {
                     node.disk.apply_owned(write);
                     last = id;
                 }
-                node.fsync_in_flight = false;
-                node.flush_is_lazy = false;
                 self.schedule_flush(server);
                 if last > 0 {
                     self.input(server, Input::Durable { upto: last });

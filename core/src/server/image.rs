@@ -1445,16 +1445,23 @@ mod tests {
         let copied = MessageRecord::bare(2, 10, 2);
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: copied });
         image.durable(meta_write);
-        let shown = image.durable_mailbox_to_push(&key("INBOX")).map(|m| m.into_owned());
-        let shown = shown.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
-        assert_eq!(shown, Some((1, 2, 1)), "neither UID 2 nor modseq 2 is shown before the record is durable");
-        let read = image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned());
-        let read = read.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
-        assert_eq!(read, Some((1, 3, 2)), "a client's read shows the durable meta");
+        // (messages, UIDNEXT, HIGHESTMODSEQ) as a pull and as a client's read show them.
+        let shown = |image: &Image, to_push: bool| {
+            let m = if to_push {
+                image.durable_mailbox_to_push(&key("INBOX"))
+            } else {
+                image.durable_mailbox(&key("INBOX"))
+            };
+            m.map(|m| (m.messages.len(), m.uidnext, m.highest_modseq))
+        };
+        assert_eq!(
+            shown(&image, true),
+            Some((1, 2, 1)),
+            "neither UID 2 nor modseq 2 is shown before the record is durable"
+        );
+        assert_eq!(shown(&image, false), Some((1, 3, 2)), "a client's read shows the durable meta");
         image.durable(out.last_write());
-        let shown = image.durable_mailbox_to_push(&key("INBOX")).map(|m| m.into_owned());
-        let shown = shown.as_ref().map(|m| (m.messages.len(), m.uidnext, m.highest_modseq));
-        assert_eq!(shown, Some((2, 3, 2)));
+        assert_eq!(shown(&image, true), Some((2, 3, 2)));
     }
 
     #[test]
