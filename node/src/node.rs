@@ -115,6 +115,13 @@ impl NodeHandle {
         ask(&self.events, |reply| Event::Watch { mailbox, reply }).await
     }
 
+    /// A wake-up channel for every durable change to any of `user`'s mailboxes (their
+    /// messages, names and subscriptions): what a NOTIFY session waits on.
+    pub async fn watch_user(&self, user: &str) -> Option<watch::Receiver<u64>> {
+        let user: std::sync::Arc<str> = user.into();
+        ask(&self.events, |reply| Event::WatchUser { user, reply }).await
+    }
+
     /// What a user's mail takes on this node (for the quota).
     pub async fn usage(&self, user: &str) -> Usage {
         let user = user.to_string();
@@ -161,6 +168,10 @@ enum Event {
     },
     Watch {
         mailbox: MailboxKey,
+        reply: oneshot::Sender<watch::Receiver<u64>>,
+    },
+    WatchUser {
+        user: std::sync::Arc<str>,
         reply: oneshot::Sender<watch::Receiver<u64>>,
     },
     Subscriptions {
@@ -230,6 +241,8 @@ struct EventLoop {
     /// The mailboxes IDLE sessions wait on; a sender whose receivers are all gone is
     /// dropped when next met (and all of them when the map outgrows `watchers_live`).
     watchers: BTreeMap<MailboxKey, watch::Sender<u64>>,
+    /// The users NOTIFY sessions wait on, pruned like `watchers`.
+    user_watchers: BTreeMap<std::sync::Arc<str>, watch::Sender<u64>>,
     /// The map's size after its last pruning: it is pruned again at twice that.
     watchers_live: usize,
     /// The mailbox each not-yet-durable write changes (consecutive repeats once): a
@@ -511,6 +524,7 @@ impl EventLoop {
             metrics: Metrics::default(),
             last_store_warning: None,
             watchers: BTreeMap::new(),
+            user_watchers: BTreeMap::new(),
             watchers_live: 0,
             undurable: std::collections::VecDeque::new(),
             peers: None,
@@ -682,6 +696,9 @@ impl EventLoop {
             Event::Watch { mailbox, reply } => {
                 let _ = reply.send(self.watch(mailbox));
             }
+            Event::WatchUser { user, reply } => {
+                let _ = reply.send(self.watch_user(user));
+            }
             Event::Mailboxes { user, reply } => {
                 let _ = reply.send(self.server.visible_summaries(&user));
             }
@@ -702,13 +719,28 @@ impl EventLoop {
         self.watchers.entry(mailbox).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
-    /// Wakes the sessions watching a mailbox that writes up to `upto` changed.
+    fn watch_user(&mut self, user: std::sync::Arc<str>) -> watch::Receiver<u64> {
+        if self.user_watchers.len() >= WATCHERS_PRUNE_MIN {
+            self.user_watchers.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        self.user_watchers.entry(user).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Wakes the sessions watching a mailbox that writes up to `upto` changed, and those
+    /// watching its user.
     fn wake_watchers(&mut self, upto: WriteId) {
         while let Some((id, _)) = self.undurable.front() {
             if *id > upto {
                 break;
             }
             let Some((_, mailbox)) = self.undurable.pop_front() else { break };
+            if let Some(tx) = self.user_watchers.get(&mailbox.user) {
+                if tx.receiver_count() == 0 {
+                    self.user_watchers.remove(&mailbox.user);
+                } else {
+                    tx.send_modify(|changes| *changes = changes.wrapping_add(1));
+                }
+            }
             let Some(tx) = self.watchers.get(&mailbox) else { continue };
             if tx.receiver_count() == 0 {
                 self.watchers.remove(&mailbox);

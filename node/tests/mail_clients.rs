@@ -170,6 +170,70 @@ impl Lines {
         assert!(lines.last().is_some_and(|l| l.split(' ').nth(1) == Some("OK")), "{text}: {lines:?}");
         lines
     }
+
+    /// Lines the server sends without a command, up to and with the first that `until`
+    /// accepts (the read timeout fails the test if none comes).
+    fn unsolicited(&mut self, until: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut self.reader, &mut line)
+                .unwrap_or_else(|e| panic!("waiting for a notification after {lines:?}: {e}"));
+            assert!(n > 0, "connection closed after {lines:?}");
+            let line = line.trim_end().to_string();
+            let done = until(&line);
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+}
+
+/// NOTIFY (RFC 5465): a session that sends no command is told, as they happen, of new
+/// mail in its selected mailbox (EXISTS), of other mailboxes' counts (STATUS), and of
+/// names and subscriptions that change (LIST), whichever node the change came through;
+/// NOTIFY NONE stops it, and events tandem cannot report are refused with BADEVENT.
+#[test]
+fn notify_tells_an_idle_session_of_changes_anywhere() {
+    let m = start("mode = \"sync\"\nreplicas = 1");
+    let mut watcher = Lines::login(m.imap[2]);
+    let mut other = Lines::login(m.imap[0]);
+    assert!(watcher.ok("CAPABILITY")[0].contains(" NOTIFY"));
+    watcher.ok("CREATE Work");
+    watcher.ok("SELECT INBOX");
+    let refused = watcher.command("NOTIFY SET (personal (MessageNew MessageExpunge AnnotationChange))");
+    assert!(refused.last().is_some_and(|l| l.contains(" NO [BADEVENT")), "{refused:?}");
+    let set = watcher.ok("NOTIFY SET STATUS (selected (MessageNew MessageExpunge)) \
+         (personal (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange))");
+    assert!(set.iter().any(|l| l.starts_with("* STATUS Work (MESSAGES 0 UIDNEXT 1 UIDVALIDITY ")), "{set:?}");
+    assert!(!set.iter().any(|l| l.starts_with("* STATUS INBOX")), "the selected mailbox has no STATUS: {set:?}");
+
+    // New mail in the selected mailbox, delivered through another node: EXISTS.
+    client(&["lmtp", &port(m.lmtp[0]), "sender@example.net", "1", USER]);
+    watcher.unsolicited(|l| l == "* 1 EXISTS");
+    // A message copied into another mailbox through another node: its STATUS.
+    other.ok("SELECT INBOX");
+    other.ok("COPY 1 Work");
+    watcher.unsolicited(|l| l.starts_with("* STATUS Work (MESSAGES 1 UIDNEXT 2 "));
+    // An expunge in the selected mailbox (`selected`, not `selected-delayed`): at once.
+    other.ok("STORE 1 +FLAGS.SILENT (\\Deleted)");
+    other.ok("EXPUNGE");
+    watcher.unsolicited(|l| l == "* 1 EXPUNGE");
+    // Names and subscriptions.
+    other.ok("CREATE Projects");
+    watcher.unsolicited(|l| l.starts_with("* LIST (") && l.ends_with(" Projects"));
+    other.ok("SUBSCRIBE Projects");
+    watcher.unsolicited(|l| l == "* LIST (\\Subscribed) \"/\" Projects");
+    other.ok("DELETE Projects");
+    watcher.unsolicited(|l| l.starts_with("* LIST (\\NonExistent") && l.ends_with(" Projects"));
+
+    // NOTIFY NONE: nothing more without a command.
+    watcher.ok("NOTIFY NONE");
+    other.ok("CREATE Later");
+    std::thread::sleep(Duration::from_millis(1500));
+    let noop = watcher.ok("NOOP");
+    assert!(!noop.iter().any(|l| l.starts_with("* LIST") || l.starts_with("* STATUS")), "{noop:?}");
 }
 
 /// Read-your-writes across nodes: what a client did through one node and was told OK

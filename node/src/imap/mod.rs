@@ -19,6 +19,7 @@ mod esearch;
 mod listext;
 pub(crate) mod mime;
 mod multiappend;
+mod notify;
 pub(crate) mod parsed;
 pub(crate) mod recent;
 pub(crate) mod session;

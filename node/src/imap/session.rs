@@ -40,7 +40,7 @@ const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// The command text around literals in one command may add this much to the message.
 const COMMAND_TEXT_SLACK: u32 = 1024 * 1024;
-const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS SPECIAL-USE CREATE-SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT X-REPLICATE";
+const CAPABILITIES: &str = "IMAP4rev1 SASL-IR IDLE UIDPLUS UNSELECT MOVE ID NAMESPACE LITERAL+ ENABLE CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES BINARY ESEARCH ESORT CONTEXT=SEARCH MULTIAPPEND LIST-EXTENDED LIST-STATUS NOTIFY SPECIAL-USE CREATE-SPECIAL-USE COMPRESS=DEFLATE CATENATE UTF8=ACCEPT X-REPLICATE";
 
 /// Serves IMAP on `listener`: with `implicit_tls`, TLS from the first byte; otherwise
 /// plain, with STARTTLS offered when `tls` is set.
@@ -110,6 +110,7 @@ pub(crate) async fn run_session(
         utf8: false,
         returning: None,
         create_use: SpecialUse::NONE,
+        notify: None,
     };
     session.run().await
 }
@@ -313,6 +314,16 @@ struct Session {
     returning: Option<super::esearch::ReturnOptions>,
     /// The special use the CREATE being run asked for (CREATE-SPECIAL-USE).
     create_use: SpecialUse,
+    /// What NOTIFY (RFC 5465) asked to be told, and what the session told last.
+    notify: Option<NotifyState>,
+}
+
+struct NotifyState {
+    set: super::notify::NotifySet,
+    told: super::notify::Snapshot,
+    /// Wakes the session for any durable change to the user's mailboxes; None once the
+    /// node stopped sending wake-ups.
+    wake: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -363,7 +374,22 @@ impl Session {
     async fn read_more(&mut self, fragmentizer: &mut Fragmentizer) -> Result<()> {
         let mut buf = [0u8; 16 * 1024];
         let deadline = self.read_deadline();
-        let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+        // Between commands a NOTIFY session is told of changes as they happen.
+        let between_commands = fragmentizer.message_bytes().is_empty();
+        let read = loop {
+            let wake = if between_commands { self.notify.as_mut().and_then(|n| n.wake.as_mut()) } else { None };
+            tokio::select! {
+                read = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => break read,
+                woken = changed_ref(wake) => {
+                    if !woken && let Some(n) = self.notify.as_mut() {
+                        n.wake = None;
+                    }
+                    self.notify_round(true).await;
+                    self.flush().await?;
+                }
+            }
+        };
+        let n = match read {
             Ok(n) => n.map_err(|e| e.to_string())?,
             Err(_) => {
                 let why = if self.user.is_none() { "no login in time" } else { "autologout: idle too long" };
@@ -487,6 +513,17 @@ impl Session {
                     }
                 };
                 self.line(&answer);
+                self.flush().await?;
+                continue;
+            }
+            // NOTIFY (RFC 5465), which the codec does not parse.
+            if let Some((tag, parsed)) = super::notify::parse(fragmentizer.message_bytes()) {
+                let answer = match parsed {
+                    _ if self.user.is_none() => "BAD log in first".to_string(),
+                    Err(refused) => refused.answer(),
+                    Ok(command) => self.notify_command(command).await,
+                };
+                self.line(&format!("{tag} {answer}"));
                 self.flush().await?;
                 continue;
             }
@@ -1094,6 +1131,96 @@ impl Session {
             Some(uses) => uses.names().collect(),
             None => by_name.get(name).copied().into_iter().collect(),
         }
+    }
+
+    /// NOTIFY NONE or SET: the answer after the tag. A SET with STATUS tells every
+    /// covered mailbox's STATUS first.
+    async fn notify_command(&mut self, command: super::notify::Command) -> String {
+        let mut set = match command {
+            super::notify::Command::None => {
+                self.notify = None;
+                return "OK NOTIFY done".into();
+            }
+            super::notify::Command::Set(set) => set,
+        };
+        for name in set.names_mut() {
+            let stored = self.stored_name(std::mem::take(name));
+            *name = stored.trim_end_matches('/').to_string();
+        }
+        let user = self.user.clone().unwrap_or_default();
+        let now = self.notify_snapshot().await;
+        if set.status {
+            let selected = self.selected.as_ref().map(|s| s.mailbox.name.to_string());
+            for notice in super::notify::initial_status(&set, &now, selected.as_deref()) {
+                self.tell(notice);
+            }
+        }
+        let wake = self.node.watch_user(&user).await;
+        self.notify = Some(NotifyState { set, told: now, wake });
+        "OK NOTIFY done".into()
+    }
+
+    /// The user's mailboxes as NOTIFY compares them: INBOX is there before its first
+    /// message, as LIST shows it.
+    async fn notify_snapshot(&self) -> super::notify::Snapshot {
+        let user = self.user.clone().unwrap_or_default();
+        let mut mailboxes: BTreeMap<String, super::notify::Counts> = self
+            .node
+            .mailboxes(&user)
+            .await
+            .into_iter()
+            .map(|s| {
+                let counts = super::notify::Counts {
+                    uidvalidity: s.uidvalidity,
+                    uidnext: s.uidnext,
+                    messages: s.count,
+                    highest_modseq: s.highest_modseq,
+                };
+                (s.mailbox.name.to_string(), counts)
+            })
+            .collect();
+        mailboxes.entry("INBOX".into()).or_insert_with(|| super::notify::Counts {
+            uidvalidity: self.key("INBOX").initial_uidvalidity(),
+            uidnext: 1,
+            messages: 0,
+            highest_modseq: 0,
+        });
+        let subscribed = self.node.subscriptions(&user).await.into_iter().collect();
+        super::notify::Snapshot { mailboxes, subscribed }
+    }
+
+    /// Tells what changed since the last round that NOTIFY asked for: between commands
+    /// (`between_commands`) the selected mailbox's own reports too, if its events were
+    /// asked for.
+    async fn notify_round(&mut self, between_commands: bool) {
+        let Some((selected_events, delayed)) = self.notify.as_ref().map(|n| (n.set.selected, n.set.selected_delayed))
+        else {
+            return;
+        };
+        if between_commands && selected_events.about_messages() {
+            // RFC 3501 sends no EXPUNGE outside a command; NOTIFY's `selected` lifts that.
+            self.refresh(!delayed).await;
+        }
+        let now = self.notify_snapshot().await;
+        let selected = self.selected.as_ref().map(|s| s.mailbox.name.to_string());
+        let Some(state) = self.notify.as_mut() else { return };
+        let notices = super::notify::notices(&state.set, &state.told, &now, selected.as_deref());
+        state.told = now;
+        for notice in notices {
+            self.tell(notice);
+        }
+    }
+
+    fn tell(&mut self, notice: super::notify::Notice) {
+        let line = match notice {
+            super::notify::Notice::Status { name, items, counts } => {
+                format!("* STATUS {} ({})", self.shown_astring(&name), items.text(&counts))
+            }
+            super::notify::Notice::List { name, attributes } => {
+                format!("* LIST ({}) \"/\" {}", attributes.join(" "), self.shown_astring(&name))
+            }
+        };
+        self.line(&line);
     }
 
     /// An extended LIST: see `super::listext`.
@@ -2295,10 +2422,20 @@ impl Session {
                         wake = None;
                     }
                     self.refresh(true).await;
+                    self.notify_round(false).await;
+                    self.flush().await?;
+                }
+                woken = changed_ref(self.notify.as_mut().and_then(|n| n.wake.as_mut())) => {
+                    if !woken && let Some(n) = self.notify.as_mut() {
+                        n.wake = None;
+                    }
+                    self.refresh(true).await;
+                    self.notify_round(false).await;
                     self.flush().await?;
                 }
                 _ = tokio::time::sleep(IDLE_POLL) => {
                     self.refresh(true).await;
+                    self.notify_round(false).await;
                     self.flush().await?;
                 }
             }
@@ -2348,6 +2485,14 @@ fn status_item(name: &str) -> Option<StatusDataItemName> {
 /// True when the watched mailbox changed; false when the node stopped sending wake-ups;
 /// never resolves without a watch.
 async fn changed(wake: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match wake {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// `changed`, for a watch borrowed out of a longer-lived state.
+async fn changed_ref(wake: Option<&mut tokio::sync::watch::Receiver<u64>>) -> bool {
     match wake {
         Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
