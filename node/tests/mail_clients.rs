@@ -225,8 +225,16 @@ fn notify_tells_an_idle_session_of_changes_anywhere() {
     watcher.unsolicited(|l| l.starts_with("* LIST (") && l.ends_with(" Projects"));
     other.ok("SUBSCRIBE Projects");
     watcher.unsolicited(|l| l == "* LIST (\\Subscribed) \"/\" Projects");
-    other.ok("DELETE Projects");
-    watcher.unsolicited(|l| l.starts_with("* LIST (\\NonExistent") && l.ends_with(" Projects"));
+    // A rename is told under the new name with the old one (OLDNAME, RFC 5258) when its
+    // writes are durable together, else as the old name gone and the new one there.
+    other.ok("RENAME Projects Plans");
+    let renamed = watcher.unsolicited(|l| l.starts_with("* LIST (") && l.contains(" Plans"));
+    let told_as_rename = renamed.last().is_some_and(|l| l.ends_with(" Plans (\"OLDNAME\" (Projects))"));
+    if !told_as_rename {
+        watcher.unsolicited(|l| l.starts_with("* LIST (\\NonExistent") && l.ends_with(" Projects"));
+    }
+    other.ok("DELETE Plans");
+    watcher.unsolicited(|l| l.starts_with("* LIST (\\NonExistent") && l.ends_with(" Plans"));
 
     // NOTIFY NONE: nothing more without a command.
     watcher.ok("NOTIFY NONE");

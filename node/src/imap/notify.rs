@@ -541,8 +541,8 @@ impl StatusItems {
 pub enum Notice {
     /// `* STATUS name (items)` with the mailbox's counts now.
     Status { name: String, items: StatusItems, counts: Counts },
-    /// `* LIST (attributes) "/" name`.
-    List { name: String, attributes: Vec<&'static str> },
+    /// `* LIST (attributes) "/" name`, with `("OLDNAME" (old))` for a rename.
+    List { name: String, attributes: Vec<&'static str>, old_name: Option<String> },
 }
 
 /// The STATUS of every covered mailbox but the selected one (NOTIFY SET STATUS).
@@ -573,6 +573,24 @@ pub fn notices(set: &NotifySet, before: &Snapshot, now: &Snapshot, selected: Opt
         e.add(set.events_for(name, |n| before.subscribed.contains(n)));
         e
     };
+    // A RENAME keeps the mailbox's UIDVALIDITY under the new name: a name gone and one
+    // come with the same UIDVALIDITY in one round is told as the rename it is (two
+    // rounds apart, as the old name gone and the new one there).
+    let mut gone: BTreeMap<u32, &String> = BTreeMap::new();
+    for (name, counts) in &before.mailboxes {
+        if !now.mailboxes.contains_key(name) {
+            gone.entry(counts.uidvalidity).or_insert(name);
+        }
+    }
+    let mut renamed_to: BTreeMap<&String, &String> = BTreeMap::new();
+    for (name, counts) in &now.mailboxes {
+        if !before.mailboxes.contains_key(name)
+            && let Some(old) = gone.remove(&counts.uidvalidity)
+        {
+            renamed_to.insert(old, name);
+        }
+    }
+    let renamed_from: BTreeMap<&String, &String> = renamed_to.iter().map(|(old, new)| (*new, *old)).collect();
     let names: BTreeSet<&String> = before
         .mailboxes
         .keys()
@@ -584,7 +602,10 @@ pub fn notices(set: &NotifySet, before: &Snapshot, now: &Snapshot, selected: Opt
         let events = events_of(name);
         let (was, is) = (before.mailboxes.get(name), now.mailboxes.get(name));
         let subscribed = now.subscribed.contains(name);
-        let name_changed = events.has(Events::MAILBOX_NAME) && was.is_some() != is.is_some();
+        let old_name = renamed_from.get(name).filter(|old| events_of(old).has(Events::MAILBOX_NAME));
+        // The old name of a rename told under the new one is not told again.
+        let told_as_rename = renamed_to.get(name).is_some_and(|new| events_of(new).has(Events::MAILBOX_NAME));
+        let name_changed = events.has(Events::MAILBOX_NAME) && was.is_some() != is.is_some() && !told_as_rename;
         let subscription_changed =
             events.has(Events::SUBSCRIPTION_CHANGE) && before.subscribed.contains(name) != subscribed;
         if name_changed || subscription_changed {
@@ -595,7 +616,8 @@ pub fn notices(set: &NotifySet, before: &Snapshot, now: &Snapshot, selected: Opt
             if subscribed {
                 attributes.push("\\Subscribed");
             }
-            out.push(Notice::List { name: name.clone(), attributes });
+            let old_name = old_name.filter(|_| name_changed).map(|old| old.to_string());
+            out.push(Notice::List { name: name.clone(), attributes, old_name });
         }
         let (Some(was), Some(is)) = (was, is) else { continue };
         if Some(name.as_str()) == selected || was == is {
@@ -742,14 +764,17 @@ mod tests {
         now.mailboxes.insert("box2".into(), counts(1, 2, 9)); // flags only: box2 did not ask
         now.mailboxes.insert("Lists/a".into(), counts(1, 2, 9)); // flags: asked
         now.mailboxes.remove("old");
-        now.mailboxes.insert("new".into(), counts(0, 1, 0));
+        now.mailboxes.insert("new".into(), Counts { uidvalidity: 8, ..counts(0, 1, 0) }); // not a rename of "old"
         now.subscribed.remove("quiet");
         let told = notices(&s, &before, &now, None);
         let lines: Vec<String> = told
             .iter()
             .map(|n| match n {
                 Notice::Status { name, items, counts } => format!("STATUS {name} ({})", items.text(counts)),
-                Notice::List { name, attributes } => format!("LIST ({}) {name}", attributes.join(" ")),
+                Notice::List { name, attributes, old_name: None } => format!("LIST ({}) {name}", attributes.join(" ")),
+                Notice::List { name, attributes, old_name: Some(old) } => {
+                    format!("LIST ({}) {name} OLDNAME {old}", attributes.join(" "))
+                }
             })
             .collect();
         assert_eq!(
@@ -769,5 +794,15 @@ mod tests {
         assert_eq!(told.len(), 1);
         assert!(matches!(&told[0], Notice::Status { name, .. } if name == "box2"));
         assert!(notices(&s, &later, &later, None).is_empty());
+        // A rename (same UIDVALIDITY, old name gone, new one there): one LIST with OLDNAME.
+        let mut renamed = later.clone();
+        let counts_of_box2 = renamed.mailboxes.remove("box2").expect("box2");
+        renamed.mailboxes.insert("box3".into(), counts_of_box2);
+        let told = notices(&s, &later, &renamed, None);
+        assert_eq!(
+            told,
+            vec![Notice::List { name: "box3".into(), attributes: vec![], old_name: Some("box2".into()) }],
+            "{told:?}"
+        );
     }
 }

@@ -1216,8 +1216,10 @@ impl Session {
             super::notify::Notice::Status { name, items, counts } => {
                 format!("* STATUS {} ({})", self.shown_astring(&name), items.text(&counts))
             }
-            super::notify::Notice::List { name, attributes } => {
-                format!("* LIST ({}) \"/\" {}", attributes.join(" "), self.shown_astring(&name))
+            super::notify::Notice::List { name, attributes, old_name } => {
+                let old =
+                    old_name.map(|old| format!(" (\"OLDNAME\" ({}))", self.shown_astring(&old))).unwrap_or_default();
+                format!("* LIST ({}) \"/\" {}{old}", attributes.join(" "), self.shown_astring(&name))
             }
         };
         self.line(&line);
