@@ -661,20 +661,8 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     let same_validity = foreign.uidvalidity == m.uidvalidity;
     let mut merge = MasterMerge {
         modseq: m.highest_modseq.max(foreign.highest_modseq).saturating_add(1),
-        // Messages a client expunged (here or on a copy we merged before), and those a
-        // census gave up, unless a replica's push brings them back.
-        ours_dead: m
-            .tombstones
-            .values()
-            .filter(|t| t.by_client() || (t.lost && !rules.revive_lost))
-            .map(|t| t.guid)
-            .collect(),
-        ours_lost: if rules.revive_lost {
-            // Whether one is live is asked as each record is placed (`revived`).
-            lost_messages(m.tombstones.values(), |_| false)
-        } else {
-            BTreeSet::new()
-        },
+        ours_dead: dead_here(m, rules),
+        ours_lost: lost_here(m, rules),
         ours_live: BTreeMap::new(),
         m,
         foreign,
@@ -688,6 +676,17 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     if same_validity {
         merge.out.lifecycle_changed = merge.m.lifecycle.join(&foreign.lifecycle);
         join_retired(merge.m, foreign, &mut merge.out);
+        if merge.out.retired_changed {
+            // Tombstones their copy collected are collected here now: the messages they
+            // expunged are dead no more. Once every server has seen an expunge, a COPY
+            // may bring the message back into the mailbox at a new UID (`master_save`
+            // refuses it only while the tombstone is there), and that copy is not the
+            // expunged message (explore seed 144021: a server cut off before the
+            // collection, master on its side, merged the copy's mailbox at the heal and
+            // retired the copy's binding while every other server kept it).
+            merge.ours_dead = dead_here(merge.m, rules);
+            merge.ours_lost = lost_here(merge.m, rules);
+        }
         let uncollected = without_collected(merge.m, foreign);
         merge.take_tombstones(&uncollected.tombstones);
         expunge_everywhere(merge.m, &uncollected.tombstones, &mut merge.out);
@@ -708,6 +707,19 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     merge.move_off_retired_uids();
     merge.renumber_movers();
     merge.finish()
+}
+
+/// Messages a client expunged here (or on a copy merged here before), and those a census
+/// gave up, unless a replica's push brings them back: a master's merge keeps them dead at
+/// whatever binding their copy shows them.
+fn dead_here(m: &StoredMailbox, rules: &MergeRules) -> BTreeSet<Guid> {
+    m.tombstones.values().filter(|t| t.by_client() || (t.lost && !rules.revive_lost)).map(|t| t.guid).collect()
+}
+
+/// Messages a census gave up here that a replica's push may bring back (whether one is
+/// live is asked as each record is placed: `MasterMerge::revived`).
+fn lost_here(m: &StoredMailbox, rules: &MergeRules) -> BTreeSet<Guid> {
+    if rules.revive_lost { lost_messages(m.tombstones.values(), |_| false) } else { BTreeSet::new() }
 }
 
 /// Which of two incarnations of one name, each as (UIDVALIDITY, UIDNEXT), wins where
@@ -1785,6 +1797,30 @@ mod tests {
         let mut replica = mbox(vec![rec(2, 20, &[])]);
         merge_as_replica(&mut replica, &st(&master), &MergeRules { from_master: true, ..MergeRules::default() });
         assert!(!replica.messages.has_guid(Guid(20)), "the replica's copy goes too");
+    }
+
+    #[test]
+    fn a_copy_made_after_the_expunge_was_collected_lives_where_the_merge_collects_it() {
+        // Explore seed 144021: the copy's side collected the expunge's tombstone (UID 1),
+        // then a COPY placed the message again at UID 2. This master, cut off before the
+        // collection reached it, still holds the tombstone; merging their copy collects
+        // it, and the message it expunged is not dead any more.
+        let mut master = mbox(vec![]);
+        master.uidnext = 2;
+        master.highest_modseq = 3;
+        master.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
+        let mut copied = mbox(vec![rec(2, 20, &[])]);
+        copied.retired.insert_range(1, 1);
+        copied.retired.collected = 3;
+        merge_as_master(&mut master, &st(&copied), &MergeRules::default());
+        assert!(master.messages.get(&2).is_some_and(|r| r.guid == Guid(20)), "the copy lives: {master:?}");
+        assert!(master.tombstones.is_empty(), "nothing retires or expunges the copy: {:?}", master.tombstones);
+        // Without the collection in their state the expunge still wins (seed 772280).
+        let mut uncollected = mbox(vec![]);
+        uncollected.uidnext = 2;
+        uncollected.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
+        merge_as_master(&mut uncollected, &st(&mbox(vec![rec(2, 20, &[])])), &MergeRules::default());
+        assert!(!uncollected.messages.has_guid(Guid(20)));
     }
 
     #[test]
