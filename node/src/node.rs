@@ -238,13 +238,10 @@ struct EventLoop {
     store: std::sync::mpsc::Sender<Vec<(WriteId, StoreWrite)>>,
     metrics: Metrics,
     last_store_warning: Option<TokioInstant>,
-    /// The mailboxes IDLE sessions wait on; a sender whose receivers are all gone is
-    /// dropped when next met (and all of them when the map outgrows `watchers_live`).
-    watchers: BTreeMap<MailboxKey, watch::Sender<u64>>,
-    /// The users NOTIFY sessions wait on, pruned like `watchers`.
-    user_watchers: BTreeMap<std::sync::Arc<str>, watch::Sender<u64>>,
-    /// The map's size after its last pruning: it is pruned again at twice that.
-    watchers_live: usize,
+    /// The mailboxes IDLE sessions wait on.
+    watchers: Watchers<MailboxKey>,
+    /// The users NOTIFY sessions wait on.
+    user_watchers: Watchers<std::sync::Arc<str>>,
     /// The mailbox each not-yet-durable write changes (consecutive repeats once): a
     /// session reads durable state, so its wake-up comes with `Event::Durable`.
     undurable: std::collections::VecDeque<(WriteId, MailboxKey)>,
@@ -523,9 +520,8 @@ impl EventLoop {
             store,
             metrics: Metrics::default(),
             last_store_warning: None,
-            watchers: BTreeMap::new(),
-            user_watchers: BTreeMap::new(),
-            watchers_live: 0,
+            watchers: Watchers::default(),
+            user_watchers: Watchers::default(),
             undurable: std::collections::VecDeque::new(),
             peers: None,
             backup_reader: None,
@@ -694,10 +690,10 @@ impl EventLoop {
                 let _ = reply.send(self.server.changes_since(&mailbox, uidvalidity, since));
             }
             Event::Watch { mailbox, reply } => {
-                let _ = reply.send(self.watch(mailbox));
+                let _ = reply.send(self.watchers.subscribe(mailbox));
             }
             Event::WatchUser { user, reply } => {
-                let _ = reply.send(self.watch_user(user));
+                let _ = reply.send(self.user_watchers.subscribe(user));
             }
             Event::Mailboxes { user, reply } => {
                 let _ = reply.send(self.server.visible_summaries(&user));
@@ -711,21 +707,6 @@ impl EventLoop {
         }
     }
 
-    fn watch(&mut self, mailbox: MailboxKey) -> watch::Receiver<u64> {
-        if self.watchers.len() >= WATCHERS_PRUNE_MIN.max(2 * self.watchers_live) {
-            self.watchers.retain(|_, tx| tx.receiver_count() > 0);
-            self.watchers_live = self.watchers.len();
-        }
-        self.watchers.entry(mailbox).or_insert_with(|| watch::channel(0).0).subscribe()
-    }
-
-    fn watch_user(&mut self, user: std::sync::Arc<str>) -> watch::Receiver<u64> {
-        if self.user_watchers.len() >= WATCHERS_PRUNE_MIN {
-            self.user_watchers.retain(|_, tx| tx.receiver_count() > 0);
-        }
-        self.user_watchers.entry(user).or_insert_with(|| watch::channel(0).0).subscribe()
-    }
-
     /// Wakes the sessions watching a mailbox that writes up to `upto` changed, and those
     /// watching its user.
     fn wake_watchers(&mut self, upto: WriteId) {
@@ -734,19 +715,8 @@ impl EventLoop {
                 break;
             }
             let Some((_, mailbox)) = self.undurable.pop_front() else { break };
-            if let Some(tx) = self.user_watchers.get(&mailbox.user) {
-                if tx.receiver_count() == 0 {
-                    self.user_watchers.remove(&mailbox.user);
-                } else {
-                    tx.send_modify(|changes| *changes = changes.wrapping_add(1));
-                }
-            }
-            let Some(tx) = self.watchers.get(&mailbox) else { continue };
-            if tx.receiver_count() == 0 {
-                self.watchers.remove(&mailbox);
-            } else {
-                tx.send_modify(|changes| *changes = changes.wrapping_add(1));
-            }
+            self.user_watchers.wake(&mailbox.user);
+            self.watchers.wake(&mailbox);
         }
     }
 
@@ -1107,6 +1077,39 @@ fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
 }
 
 /// Ok(None) for requests the loop answers itself (status).
+/// Wake-up channels by key (a mailbox, a user): a sender whose receivers are all gone
+/// is dropped when next woken, and all of them when the map outgrows twice its size after
+/// the last pruning.
+struct Watchers<K> {
+    senders: BTreeMap<K, watch::Sender<u64>>,
+    live_after_pruning: usize,
+}
+
+impl<K> Default for Watchers<K> {
+    fn default() -> Self {
+        Watchers { senders: BTreeMap::new(), live_after_pruning: 0 }
+    }
+}
+
+impl<K: Ord> Watchers<K> {
+    fn subscribe(&mut self, key: K) -> watch::Receiver<u64> {
+        if self.senders.len() >= WATCHERS_PRUNE_MIN.max(2 * self.live_after_pruning) {
+            self.senders.retain(|_, tx| tx.receiver_count() > 0);
+            self.live_after_pruning = self.senders.len();
+        }
+        self.senders.entry(key).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn wake(&mut self, key: &K) {
+        let Some(tx) = self.senders.get(key) else { return };
+        if tx.receiver_count() == 0 {
+            self.senders.remove(key);
+        } else {
+            tx.send_modify(|changes| *changes = changes.wrapping_add(1));
+        }
+    }
+}
+
 fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, String> {
     Ok(Some(match request {
         AdminRequest::Status | AdminRequest::Members => return Ok(None),

@@ -1206,10 +1206,14 @@ mod tests {
         disk
     }
 
+    /// An image with nothing in it, and its outbox.
+    fn empty_image() -> (Image, Outbox) {
+        (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default())
+    }
+
     #[test]
     fn a_commit_is_applied_and_emitted() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         image.create_mailbox(&mut out, &key("INBOX"), Some(7));
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
         assert_eq!(image.mailbox(&key("INBOX")).map(|m| m.uidvalidity), Some(7));
@@ -1218,8 +1222,7 @@ mod tests {
 
     #[test]
     fn a_merge_commits_everything_it_changed() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         let state = two_messages(key("Sent"));
         let outcome = image.merge(&mut out, &state, false, &MergeRules::default(), false);
         assert!(outcome.changed());
@@ -1234,8 +1237,7 @@ mod tests {
     /// here until anti-entropy brought it back).
     #[test]
     fn a_new_uidvalidity_keeps_the_new_message_at_a_reused_uid() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         let old = MailboxState { messages: vec![record(1, 1)], uidnext: 2, ..two_messages(key("INBOX")) };
         image.merge(&mut out, &old, false, &MergeRules::default(), false);
         let new = MailboxState {
@@ -1261,8 +1263,7 @@ mod tests {
     fn a_crash_after_any_prefix_of_a_merge_loses_nothing() {
         let mailbox = key("INBOX");
         let ours = two_messages(mailbox.clone());
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         image.merge(&mut out, &ours, false, &MergeRules::default(), false);
         let start = replay(&mut out);
         // Theirs bound UID 2 to another message: both move above UID 2.
@@ -1317,8 +1318,7 @@ mod tests {
 
     #[test]
     fn the_log_skips_an_overflowed_mailbox() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         let change = |n: &str| Change::Copy { mailbox: key(n), uidvalidity: 1, record: record(1, 1) };
         assert_eq!(image.log_append(&mut out, Sid(2), change("A")), Some(0));
         assert_eq!(image.log_append(&mut out, Sid(2), change("B")), Some(1));
@@ -1333,8 +1333,7 @@ mod tests {
 
     #[test]
     fn epochs_only_rise() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         assert!(image.raise_epoch(&mut out, 5));
         assert!(!image.raise_epoch(&mut out, 5));
         assert!(!image.raise_epoch(&mut out, 3));
@@ -1386,8 +1385,7 @@ mod tests {
 
     #[test]
     fn a_logged_save_references_its_body() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         let change =
             Change::Save { mailbox: key("A"), uidvalidity: 1, record: record(1, 1), body: Body::from_static(b"x") };
         assert_eq!(image.log_append(&mut out, Sid(2), change), Some(0));
@@ -1397,8 +1395,7 @@ mod tests {
 
     #[test]
     fn a_read_sees_the_durable_mailbox_while_writes_are_pending() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         assert!(image.durable_mailbox(&key("INBOX")).is_none());
         image.create_mailbox(&mut out, &key("INBOX"), Some(7));
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
@@ -1432,8 +1429,7 @@ mod tests {
     /// 2 not yet durable, pushed "up to 2" without it, and never pushed it.
     #[test]
     fn a_pull_between_an_operations_meta_and_its_record_shows_neither() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         image.create_mailbox(&mut out, &key("INBOX"), Some(7));
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
         let meta = StoreWrite::MailboxMeta { mailbox: key("INBOX"), uidvalidity: 7, uidnext: 2, highest_modseq: 1 };
@@ -1466,8 +1462,7 @@ mod tests {
 
     #[test]
     fn a_body_becomes_collectable_when_its_last_record_goes() {
-        let (mut image, mut out) =
-            (Image::new(DiskImage::default(), Box::new(MemoryBodies::default())), Outbox::default());
+        let (mut image, mut out) = empty_image();
         let bytes = Body::from_static(b"shared");
         image.put_checked_body(&mut out, Guid(9), crate::hash::body_checksum(&bytes), bytes);
         image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("A"), record: record(1, 9) });

@@ -623,13 +623,9 @@ pub fn notices(set: &NotifySet, before: &Snapshot, now: &Snapshot, selected: Opt
         if Some(name.as_str()) == selected || was == is {
             continue;
         }
+        // Only HIGHESTMODSEQ moved: a flag change, told for FlagChange alone.
         let moved = was.uidvalidity != is.uidvalidity || was.uidnext != is.uidnext || was.messages != is.messages;
-        let told = if moved {
-            events.has(Events::MESSAGE_NEW) || events.has(Events::MESSAGE_EXPUNGE) || events.has(Events::FLAG_CHANGE)
-        } else {
-            events.has(Events::FLAG_CHANGE)
-        };
-        if told {
+        if (moved && events.about_messages()) || events.has(Events::FLAG_CHANGE) {
             out.push(Notice::Status { name: name.clone(), items: StatusItems::for_events(events), counts: *is });
         }
     }
