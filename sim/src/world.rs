@@ -293,7 +293,8 @@ struct Outstanding {
     event: Option<usize>,
     label: Option<String>,
     mailbox: Option<MailboxKey>,
-    expunging: Vec<Guid>,
+    /// An EXPUNGE's messages as (UID asked for, GUID).
+    expunging: Vec<(Uid, Guid)>,
     unchanged_since: Option<ModSeq>,
     /// A STORE's messages as (UID here, GUID) and its deltas.
     storing: Vec<(Uid, Guid)>,
@@ -2247,9 +2248,14 @@ impl World {
                     self.oracle.violate(oracle::NO_ACKED_LOSS, t, detail);
                 }
             }
-            ClientReply::Write(WriteResult::Expunged { .. }) => {
+            ClientReply::Write(WriteResult::Expunged { uids, .. }) => {
+                // Acknowledged is what the answer names: a UID it leaves out was not there
+                // to expunge at the master (expunged before, or its mailbox being deleted:
+                // explore seed 359095, a DELETE that then failed), and a client is told of
+                // no EXPUNGE for it.
                 if let Some(mailbox) = &o.mailbox {
-                    self.oracle.expunge_acked(mailbox, &o.expunging);
+                    let gone: Vec<Guid> = o.expunging.iter().filter(|(u, _)| uids.contains(u)).map(|m| m.1).collect();
+                    self.oracle.expunge_acked(mailbox, &gone);
                 }
             }
             ClientReply::Write(result @ WriteResult::Stored { rejected, .. }) => {
@@ -2357,11 +2363,16 @@ impl World {
                 }
                 let request =
                     ClientRequest::Expunge { mailbox: mailbox.clone(), uids: found.iter().map(|f| f.0).collect() };
-                let expunging: Vec<Guid> = found.iter().map(|f| f.1).collect();
+                let guids: Vec<Guid> = found.iter().map(|f| f.1).collect();
                 // An EXPUNGE whose answer is lost (a crash, a timeout) may still have
                 // taken effect: those messages are no longer owed to anyone.
-                self.oracle.expunge_requested(&mailbox, &expunging);
-                self.request(server, request, event, Outstanding { mailbox: Some(mailbox), expunging, ..none() });
+                self.oracle.expunge_requested(&mailbox, &guids);
+                self.request(
+                    server,
+                    request,
+                    event,
+                    Outstanding { mailbox: Some(mailbox), expunging: found, ..none() },
+                );
             }
             Action::Store { server, mailbox, labels, add, remove, unchanged_since } => {
                 let storing: Vec<(Uid, Guid)> = labels
