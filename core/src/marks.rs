@@ -40,6 +40,9 @@ pub enum Mark {
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
     ImportedAtUid,
+    /// A COPY (or MOVE) went back into a mailbox where its message was expunged: it took
+    /// a GUID derived from the expunged one.
+    CopiedBack,
     /// A client's SAVE timed out where it was taken: a CANCEL went to the master.
     SaveCancelSent,
     /// A master expunged a save it ordered whose client was told it failed.
@@ -93,7 +96,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 43] = [
+    pub const ALL: [Mark; 44] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -116,6 +119,7 @@ impl Mark {
         Mark::ValidityAdopted,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
+        Mark::CopiedBack,
         Mark::SaveCancelSent,
         Mark::SaveCancelled,
         Mark::SaveCancelRefused,
@@ -163,6 +167,7 @@ impl Mark {
             Mark::ValidityAdopted => "validity_adopted",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
+            Mark::CopiedBack => "copied_back",
             Mark::SaveCancelSent => "save_cancel_sent",
             Mark::SaveCancelled => "save_cancelled",
             Mark::SaveCancelRefused => "save_cancel_refused",

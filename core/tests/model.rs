@@ -201,15 +201,15 @@ struct MBox {
     uidnext: Uid,
     hms: ModSeq,
     messages: BTreeMap<Uid, MMsg>,
-    /// GUIDs expunged from this mailbox. DEVIATION: the core keeps a tombstone per
-    /// expunged (UID, GUID) and refuses to COPY that GUID in again (its guard against a
-    /// resent SAVE); IMAP would make a new message.
-    expunged: BTreeSet<Guid>,
+    /// GUIDs expunged from this mailbox, with the expunge's modseq: a COPY of one back
+    /// in is a new message under a GUID derived from both (`Guid::copied_back`), as IMAP
+    /// makes a new message; the core's tombstone keeps the old GUID out.
+    expunged: BTreeMap<Guid, ModSeq>,
 }
 
 impl MBox {
     fn new() -> MBox {
-        MBox { uidnext: 1, hms: 0, messages: BTreeMap::new(), expunged: BTreeSet::new() }
+        MBox { uidnext: 1, hms: 0, messages: BTreeMap::new(), expunged: BTreeMap::new() }
     }
 }
 
@@ -251,17 +251,21 @@ impl Model {
         if src == dst {
             return permanent();
         }
-        let guid = msg.guid;
+        let mut guid = msg.guid;
         let flags = msg.flags.clone();
         let b = self.boxes.entry(dst.to_string()).or_insert_with(MBox::new);
         let uidvalidity = key(dst).initial_uidvalidity();
-        // DEVIATION (design): a GUID is live at most once per mailbox, so a second COPY of
-        // the same message answers with the existing UID instead of making a new message.
-        if let Some((&uid, _)) = b.messages.iter().find(|(_, m)| m.guid == guid) {
-            return ClientReply::Write(WriteResult::Copied { uidvalidity, uid, guid });
-        }
-        if b.expunged.contains(&guid) {
-            return permanent();
+        for generation in 0.. {
+            if generation == 16 {
+                return permanent();
+            }
+            // DEVIATION (design): a GUID is live at most once per mailbox, so a second COPY
+            // of the same message answers with the existing UID instead of making a new one.
+            if let Some((&uid, _)) = b.messages.iter().find(|(_, m)| m.guid == guid) {
+                return ClientReply::Write(WriteResult::Copied { uidvalidity, uid, guid });
+            }
+            let Some(&expunged_at) = b.expunged.get(&guid) else { break };
+            guid = guid.copied_back(&key(dst), expunged_at);
         }
         let uid = b.uidnext;
         b.uidnext += 1;
@@ -276,7 +280,7 @@ impl Model {
         let mut removed = Vec::new();
         for uid in uids {
             if let Some(m) = b.messages.remove(uid) {
-                b.expunged.insert(m.guid);
+                b.expunged.insert(m.guid, b.hms + 1);
                 removed.push(*uid);
             }
         }
@@ -613,6 +617,41 @@ fn copy_failures_and_unknown_mailboxes() {
     assert_eq!(copied, 1);
     let v = view(&mut h, "Other");
     assert_eq!((v.uidnext, v.highest_modseq, v.messages[0].modseq), (2, 1, 1));
+}
+
+#[test]
+fn a_message_moved_to_trash_and_back_is_a_new_message_in_its_old_mailbox() {
+    let mut h = Harness::new(Durability::Sync, Mode::Linked);
+    let copy = |src: &str, src_uid, dst: &str| ClientRequest::Copy { src: key(src), src_uid, dst: key(dst) };
+    let expunge = |mailbox: &str, uid| ClientRequest::Expunge { mailbox: key(mailbox), uids: vec![uid] };
+    let copied = |reply: ClientReply| match reply {
+        ClientReply::Write(WriteResult::Copied { uid, guid, .. }) => (uid, guid),
+        other => panic!("COPY failed: {other:?}"),
+    };
+    let uid = save(&mut h, "INBOX", &["\\Seen"]);
+    let original = view(&mut h, "INBOX").messages[0].guid;
+    // A MOVE to Trash: a COPY, then the EXPUNGE of the source.
+    let (in_trash, trash_guid) = copied(h.request(copy("INBOX", uid, "Trash")));
+    assert_eq!(trash_guid, original, "a COPY elsewhere keeps the GUID");
+    h.request(expunge("INBOX", uid));
+    // And back: INBOX holds a tombstone of the GUID, so the copy is a new message.
+    let (back, back_guid) = copied(h.request(copy("Trash", in_trash, "INBOX")));
+    assert!(back > uid, "a new UID above the expunged one");
+    assert_ne!(back_guid, original, "the expunged GUID stays expunged");
+    let again = copied(h.request(copy("Trash", in_trash, "INBOX")));
+    assert_eq!(again, (back, back_guid), "the same COPY again places nothing more");
+    h.request(expunge("Trash", in_trash));
+    let inbox = view(&mut h, "INBOX");
+    let kept: Vec<_> = inbox.messages.iter().map(|m| (m.uid, m.guid, m.flags.clone())).collect();
+    assert_eq!(kept, vec![(back, back_guid, vec![flag("\\Seen")])], "flags travel with the move back");
+    assert!(view(&mut h, "Trash").messages.is_empty());
+    // Twice more round the same way: each time another GUID, each placed once.
+    let (to_trash, _) = copied(h.request(copy("INBOX", back, "Trash")));
+    h.request(expunge("INBOX", back));
+    let (third, third_guid) = copied(h.request(copy("Trash", to_trash, "INBOX")));
+    assert!(third > back);
+    assert!(third_guid != back_guid && third_guid != original);
+    assert_eq!(view(&mut h, "INBOX").messages.len(), 1);
 }
 
 fn rename(h: &mut Harness, from: &str, to: &str) -> ClientReply {

@@ -119,6 +119,10 @@ const FRESH_READ_ROUNDS_MAX: usize = 4;
 /// are the same message saved on purpose again and again, and the retry is one more.
 const RETRY_CANDIDATES_MAX: usize = 8;
 
+/// Times one message can be copied back into a mailbox where it was expunged before the
+/// tombstones are collected (each time a new GUID, found by walking the chain).
+const COPY_BACK_GENERATIONS_MAX: usize = 16;
+
 fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
     WriteResult::Failed { kind, reason: reason.into() }
 }
@@ -990,10 +994,28 @@ impl Server {
         at: Option<Uid>,
     ) -> Ordered {
         let is_copy = body.is_none();
+        let (guid, mut body) = if is_copy && self.image.mailbox(mailbox).is_some() {
+            let Some(placed) = self.copy_guid(mailbox, guid) else {
+                let reason = "that message was expunged from the mailbox and copied back too often";
+                return Ordered::unreplicated(fail(FailKind::Permanent, reason));
+            };
+            if placed == guid || self.image.has_body(&placed) {
+                (placed, None)
+            } else {
+                // The copy's own body: the same bytes, stored once more under its GUID.
+                let Some(bytes) = self.image.intact_body(guid) else {
+                    return Ordered::unreplicated(fail(FailKind::Temporary, "message body not available"));
+                };
+                (placed, Some(bytes))
+            }
+        } else {
+            (guid, body)
+        };
         if let Some(uid) = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid) {
             return self.resend_saved(mailbox, guid, uid, body, id);
         }
         if self.image.mailbox(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
+            debug_assert!(!is_copy, "a copy takes a GUID the mailbox never expunged");
             return Ordered::unreplicated(fail(FailKind::Permanent, "that message was expunged from the mailbox"));
         }
         if self.image.mailbox(mailbox).is_some_and(|m| m.uidnext > crate::limits::UID_MAX) {
@@ -1014,7 +1036,7 @@ impl Server {
         let uid = record.uid;
         // A replica acks a COPY once its record is durable, body or not. Sync mode counts
         // acks as copies of the message, so there the body travels with it.
-        let body = match body {
+        body = match body {
             Some(body) => Some(body),
             None if self.cfg.durability == Durability::Sync => self.image.stored_bytes(guid),
             None => None,
@@ -1025,6 +1047,32 @@ impl Server {
         };
         self.replicate(change, Some(id));
         Ordered::replicated(saved(is_copy, uidvalidity, uid, guid))
+    }
+
+    /// The GUID a COPY of `guid` takes in `mailbox`: its own, unless the mailbox holds a
+    /// tombstone of it (moved to Trash and now moved back, say), then one derived from it
+    /// and that expunge (`Guid::copied_back`), and so on while the derived one was
+    /// expunged there too; a derived one the mailbox holds live is the copy, placed
+    /// before. None past `COPY_BACK_GENERATIONS_MAX` generations.
+    fn copy_guid(&mut self, mailbox: &MailboxKey, guid: Guid) -> Option<Guid> {
+        let m = self.image.mailbox(mailbox)?;
+        let mut placed = guid;
+        for _ in 0..COPY_BACK_GENERATIONS_MAX {
+            if m.messages.has_guid(placed) {
+                return Some(placed);
+            }
+            // Its tombstones (one per UID it had there) share the modseq of the expunge
+            // unless two sides of a partition both expunged it: the latest then.
+            let expunged_at = m.tombstones.iter().filter(|((_, g), _)| *g == placed).map(|(_, t)| t.modseq).max();
+            let Some(expunged_at) = expunged_at else {
+                if placed != guid {
+                    self.marks.hit(Mark::CopiedBack);
+                }
+                return Some(placed);
+            };
+            placed = placed.copied_back(mailbox, expunged_at);
+        }
+        None
     }
 
     /// A live message of `mailbox` with exactly these bytes, received within

@@ -243,6 +243,27 @@ def main():
         assert check(a.thread("ORDEREDSUBJECT", "UTF-8", "ALL"))[0] == b"(1)(2 3)", a.thread("ORDEREDSUBJECT", "UTF-8", "ALL")
         typ, data = a.sort("(ARRIVAL)", "KOI8-R", "ALL")
         assert typ == "NO" and b"BADCHARSET" in data[0], (typ, data)
+        # MOVE to Trash and straight back (an undo): the message is in Edges again, a
+        # new UID with the same bytes and flags, and Trash is empty.
+        def move(seq, dest):
+            tag = a._new_tag().decode()
+            a.send(f"{tag} MOVE {seq} {dest}\r\n".encode())
+            lines = []
+            while not lines or not lines[-1].startswith(tag.encode()):
+                lines.append(a.readline())
+            assert lines[-1].startswith(f"{tag} OK".encode()), lines
+
+        a.create("Trash")
+        check(a.store("1", "+FLAGS", "\\Flagged"))
+        moved = check(a.fetch("1", "(BODY.PEEK[])"))[0][1]
+        move("1", "Trash")
+        check(a.select("Trash"))
+        move("1", "Edges")
+        assert check(a.search(None, "ALL"))[0] == b"", a.search(None, "ALL")
+        typ, data = a.select("Edges")
+        assert data == [b"3"], data
+        assert check(a.search(None, "FLAGGED"))[0] == b"3", a.search(None, "FLAGGED")
+        assert check(a.fetch("3", "(BODY.PEEK[])"))[0][1] == moved
         a.logout()
         b.logout()
         print(json.dumps({"ok": True}))
