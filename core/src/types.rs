@@ -24,17 +24,18 @@ impl Guid {
     pub const ORIGIN_MASK: u128 = 0xffff;
 
     /// The GUID of a copy of this message placed back into `mailbox`, where this one
-    /// was expunged at `expunged_at`: an expunge removes a GUID from a mailbox at every
-    /// UID it has there, so the copy must be another message. Derived, not drawn: a
-    /// retried COPY, or the same COPY made at the two masters of a partition, places one
+    /// was expunged at UID `expunged_uid`: an expunge removes a GUID from a mailbox at
+    /// every UID it has there, so the copy must be another message. Derived, not drawn:
+    /// a retried COPY, or the same COPY made at the two masters of a partition (one may
+    /// hold the tombstone, the other have collected it; both know the UID), places one
     /// message, as a COPY of a message the mailbox holds does. The origin bits stay.
-    pub fn copied_back(self, mailbox: &MailboxKey, expunged_at: ModSeq) -> Guid {
+    pub fn copied_back(self, mailbox: &MailboxKey, expunged_uid: Uid) -> Guid {
         let mut h = crate::hash::Fnv64::default();
         h.write(&self.0.to_le_bytes());
         h.write(mailbox.user.as_bytes());
         h.write(&[0]);
         h.write(mailbox.name.as_bytes());
-        h.write(&expunged_at.to_le_bytes());
+        h.write(&expunged_uid.to_le_bytes());
         let hi = crate::hash::mix64(h.0);
         let lo = crate::hash::mix64(hi ^ h.0.rotate_left(32));
         let bits = (u128::from(hi) << 64) | u128::from(lo);

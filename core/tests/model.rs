@@ -201,10 +201,10 @@ struct MBox {
     uidnext: Uid,
     hms: ModSeq,
     messages: BTreeMap<Uid, MMsg>,
-    /// GUIDs expunged from this mailbox, with the expunge's modseq: a COPY of one back
-    /// in is a new message under a GUID derived from both (`Guid::copied_back`), as IMAP
+    /// GUIDs expunged from this mailbox, with the UID they had: a COPY of one back in
+    /// is a new message under a GUID derived from both (`Guid::copied_back`), as IMAP
     /// makes a new message; the core's tombstone keeps the old GUID out.
-    expunged: BTreeMap<Guid, ModSeq>,
+    expunged: BTreeMap<Guid, Uid>,
 }
 
 impl MBox {
@@ -264,8 +264,8 @@ impl Model {
             if let Some((&uid, _)) = b.messages.iter().find(|(_, m)| m.guid == guid) {
                 return ClientReply::Write(WriteResult::Copied { uidvalidity, uid, guid });
             }
-            let Some(&expunged_at) = b.expunged.get(&guid) else { break };
-            guid = guid.copied_back(&key(dst), expunged_at);
+            let Some(&expunged_uid) = b.expunged.get(&guid) else { break };
+            guid = guid.copied_back(&key(dst), expunged_uid);
         }
         let uid = b.uidnext;
         b.uidnext += 1;
@@ -280,7 +280,7 @@ impl Model {
         let mut removed = Vec::new();
         for uid in uids {
             if let Some(m) = b.messages.remove(uid) {
-                b.expunged.insert(m.guid, b.hms + 1);
+                b.expunged.insert(m.guid, *uid);
                 removed.push(*uid);
             }
         }

@@ -1049,11 +1049,14 @@ impl Server {
         Ordered::replicated(saved(is_copy, uidvalidity, uid, guid))
     }
 
-    /// The GUID a COPY of `guid` takes in `mailbox`: its own, unless the mailbox holds a
-    /// tombstone of it (moved to Trash and now moved back, say), then one derived from it
-    /// and that expunge (`Guid::copied_back`), and so on while the derived one was
-    /// expunged there too; a derived one the mailbox holds live is the copy, placed
-    /// before. None past `COPY_BACK_GENERATIONS_MAX` generations.
+    /// The GUID a COPY of `guid` takes in `mailbox`: its own, unless it was expunged
+    /// there (moved to Trash and now moved back, say): a tombstone of it, or a binding
+    /// of it collected lately (`recently_collected`: a server cut off before the
+    /// collection still holds the tombstone, and would expunge the same GUID at its new
+    /// UID when the partition heals, explore seed 772280). Then one derived from it and
+    /// that UID (`Guid::copied_back`), and so on while the derived one was expunged there
+    /// too; a derived one the mailbox holds live is the copy, placed before. None past
+    /// `COPY_BACK_GENERATIONS_MAX` generations.
     fn copy_guid(&mut self, mailbox: &MailboxKey, guid: Guid) -> Option<Guid> {
         let m = self.image.mailbox(mailbox)?;
         let mut placed = guid;
@@ -1061,16 +1064,15 @@ impl Server {
             if m.messages.has_guid(placed) {
                 return Some(placed);
             }
-            // Its tombstones (one per UID it had there) share the modseq of the expunge
-            // unless two sides of a partition both expunged it: the latest then.
-            let expunged_at = m.tombstones.iter().filter(|((_, g), _)| *g == placed).map(|(_, t)| t.modseq).max();
-            let Some(expunged_at) = expunged_at else {
+            let tombstone = m.tombstones.keys().filter(|(_, g)| *g == placed).map(|(uid, _)| *uid).max();
+            let collected = self.recently_collected.collected_at(mailbox, m.uidvalidity, placed);
+            let Some(expunged_uid) = tombstone.max(collected) else {
                 if placed != guid {
                     self.marks.hit(Mark::CopiedBack);
                 }
                 return Some(placed);
             };
-            placed = placed.copied_back(mailbox, expunged_at);
+            placed = placed.copied_back(mailbox, expunged_uid);
         }
         None
     }

@@ -75,6 +75,15 @@ impl RecentlyCollected {
         self.bindings.retain(|_, b| !b.is_empty());
     }
 
+    /// The highest UID of `mailbox` (at `uidvalidity`) at which `guid` was collected
+    /// lately: a COPY of it back there is a new message (`Server::copy_guid`), as it
+    /// is while the tombstone is there.
+    pub(crate) fn collected_at(&self, mailbox: &MailboxKey, uidvalidity: u32, guid: Guid) -> Option<Uid> {
+        let collected = self.bindings.get(mailbox)?;
+        let range = (uidvalidity, 0, Guid(0))..=(uidvalidity, Uid::MAX, Guid(u128::MAX));
+        collected.range(range).filter(|((_, _, g), _)| *g == guid).map(|((_, uid, _), _)| *uid).max()
+    }
+
     /// `state` without its records of bindings collected here lately whose message is
     /// not live here (`live_here`) any more, and how many went; None when it has none.
     /// A message live here at another UID was moved, not expunged: its record stays, and
@@ -123,7 +132,11 @@ mod tests {
         assert!(r.without_collected(&state, |g| g == Guid(20)).is_none(), "a message moved, not expunged, stays");
         state.uidvalidity = 8;
         assert!(r.without_collected(&state, |_| false).is_none(), "another incarnation's UIDs mean something else");
+        assert_eq!(r.collected_at(&mb(), 7, Guid(20)), Some(2));
+        assert_eq!(r.collected_at(&mb(), 8, Guid(20)), None, "another incarnation");
+        assert_eq!(r.collected_at(&mb(), 7, Guid(30)), None, "collected at 3 was another GUID");
         r.expire(Instant(RECENTLY_COLLECTED_KEPT_US));
+        assert_eq!(r.collected_at(&mb(), 7, Guid(20)), None, "forgotten past the horizon");
         state.uidvalidity = 7;
         assert!(r.without_collected(&state, |_| false).is_none(), "forgotten past the horizon");
     }
