@@ -119,8 +119,8 @@ const FRESH_READ_ROUNDS_MAX: usize = 4;
 /// are the same message saved on purpose again and again, and the retry is one more.
 const RETRY_CANDIDATES_MAX: usize = 8;
 
-/// Times one message can be copied back into a mailbox where it was expunged before the
-/// tombstones are collected (each time a new GUID, found by walking the chain).
+/// Times one message can be copied back into a mailbox where it was expunged while the
+/// expunges are remembered there (each time a new GUID, found by walking the chain).
 const COPY_BACK_GENERATIONS_MAX: usize = 16;
 
 fn fail(kind: FailKind, reason: impl Into<String>) -> WriteResult {
@@ -994,7 +994,7 @@ impl Server {
         at: Option<Uid>,
     ) -> Ordered {
         let is_copy = body.is_none();
-        let (guid, mut body) = if is_copy && self.image.mailbox(mailbox).is_some() {
+        let (guid, mut body) = if is_copy {
             let Some(placed) = self.copy_guid(mailbox, guid) else {
                 let reason = "that message was expunged from the mailbox and copied back too often";
                 return Ordered::unreplicated(fail(FailKind::Permanent, reason));
@@ -1058,7 +1058,7 @@ impl Server {
     /// too; a derived one the mailbox holds live is the copy, placed before. None past
     /// `COPY_BACK_GENERATIONS_MAX` generations.
     fn copy_guid(&mut self, mailbox: &MailboxKey, guid: Guid) -> Option<Guid> {
-        let m = self.image.mailbox(mailbox)?;
+        let Some(m) = self.image.mailbox(mailbox) else { return Some(guid) };
         let mut placed = guid;
         for _ in 0..COPY_BACK_GENERATIONS_MAX {
             if m.messages.has_guid(placed) {
