@@ -350,6 +350,11 @@ pub struct StoredMailbox {
 }
 
 impl StoredMailbox {
+    /// The highest UID `guid` was expunged at here, while its tombstone is kept.
+    pub fn expunged_at(&self, guid: Guid) -> Option<Uid> {
+        self.tombstones.keys().filter(|(_, g)| *g == guid).map(|(uid, _)| *uid).max()
+    }
+
     /// Joins retired UIDs in and drops the tombstones they cover. Returns the joined
     /// ranges that added UIDs and whether anything changed. (UIDNEXT is the caller's: it
     /// is meta, written by its own write.)

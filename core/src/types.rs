@@ -30,14 +30,10 @@ impl Guid {
     /// hold the tombstone, the other have collected it; both know the UID), places one
     /// message, as a COPY of a message the mailbox holds does. The origin bits stay.
     pub fn copied_back(self, mailbox: &MailboxKey, expunged_uid: Uid) -> Guid {
-        let mut h = crate::hash::Fnv64::default();
-        h.write(&self.0.to_le_bytes());
-        h.write(mailbox.user.as_bytes());
-        h.write(&[0]);
-        h.write(mailbox.name.as_bytes());
-        h.write(&expunged_uid.to_le_bytes());
-        let hi = crate::hash::mix64(h.0);
-        let lo = crate::hash::mix64(hi ^ h.0.rotate_left(32));
+        let (user, name) = (mailbox.user.as_bytes(), mailbox.name.as_bytes());
+        let h = crate::hash::fnv64(&[&self.0.to_le_bytes(), user, &[0], name, &expunged_uid.to_le_bytes()]);
+        let hi = crate::hash::mix64(h);
+        let lo = crate::hash::mix64(hi ^ h.rotate_left(32));
         let bits = (u128::from(hi) << 64) | u128::from(lo);
         Guid((bits & !Self::ORIGIN_MASK) | (self.0 & Self::ORIGIN_MASK))
     }

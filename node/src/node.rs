@@ -1076,7 +1076,6 @@ fn flags(names: &[String]) -> Result<Vec<Flag>, String> {
     names.iter().map(|f| Flag::new(f).map_err(|e| format!("bad flag {f:?}: {e:?}"))).collect()
 }
 
-/// Ok(None) for requests the loop answers itself (status).
 /// Wake-up channels by key (a mailbox, a user): a sender whose receivers are all gone
 /// is dropped when next woken, and all of them when the map outgrows twice its size after
 /// the last pruning.
@@ -1110,6 +1109,7 @@ impl<K: Ord> Watchers<K> {
     }
 }
 
+/// Ok(None) for requests the loop answers itself (status).
 fn to_client_request(request: AdminRequest) -> Result<Option<ClientRequest>, String> {
     Ok(Some(match request {
         AdminRequest::Status | AdminRequest::Members => return Ok(None),

@@ -1014,7 +1014,7 @@ impl Server {
         if let Some(uid) = self.image.mailbox(mailbox).and_then(|m| m.messages.find_guid(guid)).map(|r| r.uid) {
             return self.resend_saved(mailbox, guid, uid, body, id);
         }
-        if self.image.mailbox(mailbox).is_some_and(|m| m.tombstones.keys().any(|(_, g)| *g == guid)) {
+        if self.image.mailbox(mailbox).is_some_and(|m| m.expunged_at(guid).is_some()) {
             debug_assert!(!is_copy, "a copy takes a GUID the mailbox never expunged");
             return Ordered::unreplicated(fail(FailKind::Permanent, "that message was expunged from the mailbox"));
         }
@@ -1064,7 +1064,7 @@ impl Server {
             if m.messages.has_guid(placed) {
                 return Some(placed);
             }
-            let tombstone = m.tombstones.keys().filter(|(_, g)| *g == placed).map(|(uid, _)| *uid).max();
+            let tombstone = m.expunged_at(placed);
             let collected = self.recently_collected.collected_at(mailbox, m.uidvalidity, placed);
             let Some(expunged_uid) = tombstone.max(collected) else {
                 if placed != guid {
@@ -1405,7 +1405,7 @@ impl Server {
                 // A message expunged (or retired) from that name before would be dropped
                 // by the rule that an expunge wins: refused rather than lost.
                 if let Some((_, guid)) =
-                    moved.iter().find(|(_, g)| old.tombstones.keys().any(|(_, t)| t == g) || old.messages.has_guid(*g))
+                    moved.iter().find(|(_, g)| old.expunged_at(*g).is_some() || old.messages.has_guid(*g))
                 {
                     return Ordered::unreplicated(fail(
                         FailKind::Permanent,

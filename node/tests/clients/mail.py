@@ -23,6 +23,17 @@ def check(result):
     return data
 
 
+def tagged(conn, text):
+    """Sends one command by hand (imaplib has no MOVE) and returns its tag and every line
+    up to and including its tagged answer."""
+    tag = conn._new_tag().decode()
+    conn.send(f"{tag} {text}\r\n".encode())
+    lines = []
+    while not lines or not lines[-1].startswith(tag.encode()):
+        lines.append(conn.readline())
+    return tag, lines
+
+
 def state(port, user, password, mailbox="INBOX"):
     """UIDVALIDITY, HIGHESTMODSEQ and (UID, sorted flags) of every message."""
     c = imap(port, user, password)
@@ -224,11 +235,7 @@ def main():
         check(a.noop())
         typ, data = a.copy("1", "Edges")
         assert typ == "OK" and b"COPYUID" in data[0], (typ, data)
-        tag = a._new_tag().decode()
-        a.send(f"{tag} MOVE 1 Edges\r\n".encode())
-        lines = []
-        while not lines or not lines[-1].startswith(tag.encode()):
-            lines.append(a.readline())
+        tag, lines = tagged(a, "MOVE 1 Edges")
         copyuid = next(i for i, l in enumerate(lines) if b"[COPYUID" in l)
         expunge = next(i for i, l in enumerate(lines) if l.endswith(b"EXPUNGE\r\n"))
         assert copyuid < expunge and lines[-1].startswith(f"{tag} OK".encode()), lines
@@ -246,11 +253,7 @@ def main():
         # MOVE to Trash and straight back (an undo): the message is in Edges again, a
         # new UID with the same bytes and flags, and Trash is empty.
         def move(seq, dest):
-            tag = a._new_tag().decode()
-            a.send(f"{tag} MOVE {seq} {dest}\r\n".encode())
-            lines = []
-            while not lines or not lines[-1].startswith(tag.encode()):
-                lines.append(a.readline())
+            tag, lines = tagged(a, f"MOVE {seq} {dest}")
             assert lines[-1].startswith(f"{tag} OK".encode()), lines
 
         a.create("Trash")
