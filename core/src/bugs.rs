@@ -115,8 +115,4 @@ pub struct MergeRules {
     /// A cancel removes a claimed record like any other (the broken variant
     /// `cancel-claimed-saves`; see `MessageRecord::claimed`).
     pub cancels_remove_claimed: bool,
-    /// A user replica's adopt (replica only): it takes the cluster's incarnation of a
-    /// name whichever wins ([`crate::mailbox::incarnation_wins`]), as it takes every
-    /// decision of the cluster's.
-    pub any_incarnation: bool,
 }

@@ -556,12 +556,12 @@ fn adopt_validity(m: &mut StoredMailbox, master: &MailboxState, out: &mut MergeO
 pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     if foreign.uidvalidity != m.uidvalidity {
-        let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
-            || rules.any_incarnation;
+        let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext));
         if !(rules.from_master && wins && adoptable(m, foreign)) {
-            // Ours goes to the master (by SYNC): a master of a lesser incarnation takes
-            // ours and gives its messages new UIDs in it, one of a greater gives ours
-            // new UIDs in its own; then this copy can take that one.
+            // Ours goes to the master (by SYNC, or a user replica's next push, sent
+            // whole): a master of a lesser incarnation takes ours and gives its messages
+            // new UIDs in it, one of a greater gives ours new UIDs in its own; then this
+            // copy can take that one.
             out.unresolved = true;
             return out;
         }
@@ -655,7 +655,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 /// order, and the old UID is retired with a tombstone per GUID. The merge is one change
 /// at one new modseq.
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
-    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)) && !rules.revive_lost {
+    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)) {
         return merge_into_their_incarnation(m, foreign, rules);
     }
     let same_validity = foreign.uidvalidity == m.uidvalidity;
@@ -732,8 +732,12 @@ fn lost_here(m: &StoredMailbox, rules: &MergeRules) -> BTreeSet<Guid> {
 /// to other messages later (explore seed 1322614: a replica left its branch of an
 /// IMPORT's UIDVALIDITY for the name's own, and at the heal the other branch's master
 /// kept its own, binding a UID the replica had shown as another message). A user
-/// replica's push is the exception: the cluster keeps its incarnation and the user
-/// replica takes it (`MergeRules::any_incarnation`).
+/// replica is no exception: its push moves the cluster's master to its incarnation if
+/// that wins, and its adopt never leaves one for a losing one (explore seed 661150: a
+/// laptop's own INBOX and one made on the far side of a cut shared the name's
+/// UIDVALIDITY and each gave out UID 1; the laptop left its INBOX for an IMPORT's lesser
+/// one, forgetting its UID 1, and took the name's back at the heal with the other
+/// message on it).
 pub fn incarnation_wins((theirs, their_next): (u32, Uid), (ours, our_next): (u32, Uid)) -> bool {
     if theirs == ours || theirs == 0 || ours == 0 {
         return false;
@@ -1867,6 +1871,28 @@ mod tests {
     }
 
     #[test]
+    fn a_user_replicas_push_of_a_winning_incarnation_moves_the_master() {
+        // The cluster: an IMPORT's lesser UIDVALIDITY, 20 at 30. The laptop's push: its
+        // own copy under a greater one, 10 at 1, which its client saw.
+        let mut cluster = mbox(vec![rec(30, 20, &[])]);
+        cluster.uidnext = 31;
+        let mut laptop = st(&mbox(vec![rec(1, 10, &[])]));
+        laptop.uidvalidity = cluster.uidvalidity + 5;
+        let push = MergeRules { revive_lost: true, ..MergeRules::default() };
+        let out = merge_as_master(&mut cluster, &laptop, &push);
+        assert!(out.new_validity && !out.unresolved);
+        assert_eq!(cluster.uidvalidity, laptop.uidvalidity);
+        let live: Vec<(Uid, u128)> = cluster.messages.values().map(|r| (r.uid, r.guid.0)).collect();
+        assert_eq!(live, vec![(1, 10), (31, 20)], "the laptop's binding kept, the cluster's moved above");
+        // A push of a losing incarnation is placed in the cluster's, at new UIDs.
+        let mut lesser = st(&mbox(vec![rec(1, 40, &[])]));
+        lesser.uidvalidity = laptop.uidvalidity - 1;
+        let out = merge_as_master(&mut cluster, &lesser, &push);
+        assert!(!out.new_validity && cluster.uidvalidity == laptop.uidvalidity);
+        assert!(cluster.messages.last_uid_of(Guid(40)).is_some_and(|uid| uid > 31));
+    }
+
+    #[test]
     fn the_greater_incarnation_wins_at_a_master_and_at_a_replica() {
         // Here: 10 at 1 and 30 expunged at 2, under the name's own UIDVALIDITY. Theirs: a
         // greater one (an IMPORT's), 20 at 1 and 30 at 2.
@@ -1877,14 +1903,12 @@ mod tests {
         let mut greater = st(&mbox(vec![rec(1, 20, &[]), rec(2, 30, &[])]));
         greater.uidvalidity = lesser + 5;
         // A replica never leaves its incarnation for a lesser one, even its master's: its
-        // copy goes to the master instead. A user replica takes the cluster's.
+        // copy goes to the master instead.
         let mut as_replica = mbox(vec![rec(1, 10, &[])]);
         as_replica.uidvalidity = lesser + 5;
         let from_master = MergeRules { from_master: true, ..MergeRules::default() };
         assert!(merge_as_replica(&mut as_replica, &st(&here), &from_master).unresolved);
-        let laptop = MergeRules { any_incarnation: true, ..from_master };
-        let out = merge_as_replica(&mut as_replica, &st(&here), &laptop);
-        assert!(!out.unresolved && as_replica.uidvalidity == lesser);
+        assert_eq!(as_replica.uidvalidity, lesser + 5);
         // A master takes the greater incarnation: theirs at their UIDs, ours at new UIDs
         // above, our expunge of 30 taken (it is one message whatever the UIDVALIDITY).
         let out = merge_as_master(&mut here, &greater, &MergeRules::default());
@@ -1900,11 +1924,6 @@ mod tests {
         let again = merge_as_master(&mut here, &old, &MergeRules::default());
         assert!(!again.new_validity && here.uidvalidity == lesser + 5);
         assert_eq!(here.messages.last_uid_of(Guid(10)), Some(3));
-        // A user replica's push of a greater incarnation does not move the cluster's.
-        let mut cluster = mbox(vec![rec(1, 10, &[])]);
-        let push = MergeRules { revive_lost: true, ..MergeRules::default() };
-        merge_as_master(&mut cluster, &greater, &push);
-        assert_eq!(cluster.uidvalidity, lesser);
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub enum Mark {
     /// A replica took its master's UIDVALIDITY for a mailbox (two incarnations of one
     /// name, made by RENAMEs on both sides of a partition).
     ValidityAdopted,
+    /// A user replica's push brought an incarnation of a name that wins over the
+    /// cluster's (`mailbox::incarnation_wins`): the master took it.
+    PushMovedIncarnation,
+    /// A user replica kept its own incarnation of a name, which wins over the cluster's,
+    /// rather than adopt the cluster's: its next push takes it to the cluster.
+    ReplicaKeptWinningIncarnation,
     /// A migrated mailbox took the UIDVALIDITY it had elsewhere.
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
@@ -96,7 +102,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 44] = [
+    pub const ALL: [Mark; 46] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -117,6 +123,8 @@ impl Mark {
         Mark::TombstonesCollected,
         Mark::StartupHoldExpired,
         Mark::ValidityAdopted,
+        Mark::PushMovedIncarnation,
+        Mark::ReplicaKeptWinningIncarnation,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
         Mark::CopiedBack,
@@ -165,6 +173,8 @@ impl Mark {
             Mark::TombstonesCollected => "tombstones_collected",
             Mark::StartupHoldExpired => "startup_hold_expired",
             Mark::ValidityAdopted => "validity_adopted",
+            Mark::PushMovedIncarnation => "push_moved_incarnation",
+            Mark::ReplicaKeptWinningIncarnation => "replica_kept_winning_incarnation",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
             Mark::CopiedBack => "copied_back",

@@ -510,7 +510,6 @@ impl Server {
             from_master: false,
             revive_lost: false,
             cancels_remove_claimed: self.has_bug(crate::Bug::CancelClaimedSaves),
-            any_incarnation: false,
         }
     }
 

@@ -232,6 +232,9 @@ impl Server {
         let rules = crate::MergeRules { revive_lost: true, ..self.merge_rules() };
         let outcome = self.merge_state_by(&state, true, rules, None);
         debug_assert!(!outcome.unresolved, "a master decides every conflict");
+        if outcome.new_validity {
+            self.marks.hit(crate::marks::Mark::PushMovedIncarnation);
+        }
         if outcome.records.iter().any(|r| lost.contains(&r.guid)) {
             self.marks.hit(crate::marks::Mark::LostMessageRevived);
         }
@@ -362,7 +365,13 @@ impl Server {
         for uid in gone.into_iter().chain(left_window) {
             self.commit(crate::store::StoreWrite::RemoveMessage { mailbox: state.mailbox.clone(), uid });
         }
-        let rules = crate::MergeRules { from_master: true, any_incarnation: true, ..self.merge_rules() };
+        let keeps_own = self.image.mailbox(&state.mailbox).is_some_and(|m| {
+            crate::mailbox::incarnation_wins((m.uidvalidity, m.uidnext), (state.uidvalidity, state.uidnext))
+        });
+        if keeps_own {
+            self.marks.hit(crate::marks::Mark::ReplicaKeptWinningIncarnation);
+        }
+        let rules = crate::MergeRules { from_master: true, ..self.merge_rules() };
         let outcome = self.merge_state_by(&state, false, rules, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
