@@ -472,3 +472,55 @@ fn a_partial_laptop_gets_text_parts_and_a_request_for_them_is_bounded() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_laptops_own_incarnation_that_wins_moves_the_cluster_and_is_never_left() {
+    let mut w = World::new();
+    // Offline, the laptop makes INBOX itself: the name's own UIDVALIDITY, laptop-1 shown
+    // at UID 1. The cluster's INBOX is an IMPORT's, under a lesser UIDVALIDITY.
+    let own = key("INBOX").initial_uidvalidity();
+    assert!(own > 1, "the import's UIDVALIDITY must be the lesser");
+    assert_eq!(w.save(LAPTOP, "INBOX", "laptop-1", &[]), 1);
+    let import = ClientRequest::Import {
+        mailbox: key("INBOX"),
+        uidvalidity: 1,
+        uid: 30,
+        received: 1_700_000_000,
+        flags: Vec::new(),
+        body: Body::from(b"Subject: imported\r\n\r\nimported\r\n".to_vec()),
+    };
+    w.write(S1, import);
+    assert_eq!(w.view(S1, "INBOX").uidvalidity, 1);
+
+    // The laptop's incarnation wins (both gave out UIDs; its UIDVALIDITY is the
+    // greater): the push moves the cluster to it, the laptop keeps its UID 1, and the
+    // imported message takes a new UID in it.
+    let (report, _) = w.sync(S2, SyncMarks::default());
+    assert!(report.converged, "{report:?}");
+    w.assert_same(&["INBOX"]);
+    assert_eq!(w.view(S1, "INBOX").uidvalidity, own);
+    let inbox = w.contents(S1, "INBOX");
+    assert_eq!(inbox.iter().find(|m| m.1 == "laptop-1").map(|m| m.0), Some(1), "{inbox:?}");
+    assert!(inbox.iter().any(|m| m.1 == "imported" && m.0 > 30), "{inbox:?}");
+    // The job ran at the mailbox's master, S1 (where the IMPORT was).
+    assert_eq!(w.servers[&S1].marks().count(Mark::PushMovedIncarnation), 1);
+
+    // Its adopt never leaves a winning incarnation for the cluster's: the laptop, given
+    // the cluster's lesser copy directly, refuses it and keeps its own.
+    let mut other = World::new();
+    assert_eq!(other.save(LAPTOP, "INBOX", "laptop-1", &[]), 1);
+    let mut lesser = MailboxState::empty(key("INBOX"), 1);
+    lesser.uidnext = 31;
+    lesser.highest_modseq = 1;
+    let reply = other.request(
+        LAPTOP,
+        ClientRequest::ReplicaAdopt { state: lesser, bodies: Vec::new(), pushed_upto: 0, from_cluster: Vec::new() },
+    );
+    assert!(
+        matches!(reply, ClientReply::ReplicaAdopted { pushed_upto: 0, ref held, .. } if held.is_empty()),
+        "{reply:?}"
+    );
+    assert_eq!(other.view(LAPTOP, "INBOX").uidvalidity, own);
+    assert_eq!(other.contents(LAPTOP, "INBOX").first().map(|m| m.0), Some(1));
+    assert_eq!(other.servers[&LAPTOP].marks().count(Mark::ReplicaKeptWinningIncarnation), 1);
+}

@@ -404,7 +404,11 @@ impl Server {
 
     /// The UID ranges where this copy now binds a message as the cluster's `state` does.
     fn held_as_cluster_has(&self, state: &MailboxState) -> Vec<(Uid, Uid)> {
-        let Some(m) = self.image.mailbox(&state.mailbox) else { return Vec::new() };
+        // A copy that kept its own incarnation (it wins) holds none of the cluster's
+        // bindings, whatever UIDs the two share.
+        let Some(m) = self.image.mailbox(&state.mailbox).filter(|m| m.uidvalidity == state.uidvalidity) else {
+            return Vec::new();
+        };
         let mut held = Retired::default();
         for r in &state.messages {
             if m.messages.get(&r.uid).is_some_and(|ours| ours.guid == r.guid) {
