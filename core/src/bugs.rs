@@ -53,10 +53,15 @@ pub enum Bug {
     /// A master counts a peer's acknowledgement whatever store the peer has now: a copy
     /// acknowledged by a store since lost with its disk still counts.
     CountsAcksOfLostStores,
+    /// A user replica leaves its own incarnation of a name for the cluster's whichever
+    /// wins: its push does not move the cluster's master to a winning incarnation, and
+    /// its adopt takes a losing one, forgetting the UIDs its clients saw (explore seed
+    /// 661150).
+    LaptopLeavesItsIncarnation,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 15] = [
+    pub const ALL: [Bug; 16] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -72,6 +77,7 @@ impl Bug {
         Bug::PartialAckCountsAsCopy,
         Bug::ReplicaTakesLostExpunge,
         Bug::CountsAcksOfLostStores,
+        Bug::LaptopLeavesItsIncarnation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +97,7 @@ impl Bug {
             Bug::PartialAckCountsAsCopy => "partial-ack-counts-as-copy",
             Bug::ReplicaTakesLostExpunge => "replica-takes-lost-expunge",
             Bug::CountsAcksOfLostStores => "counts-acks-of-lost-stores",
+            Bug::LaptopLeavesItsIncarnation => "laptop-leaves-its-incarnation",
         }
     }
 
@@ -115,4 +122,8 @@ pub struct MergeRules {
     /// A cancel removes a claimed record like any other (the broken variant
     /// `cancel-claimed-saves`; see `MessageRecord::claimed`).
     pub cancels_remove_claimed: bool,
+    /// A user replica's push and adopt leave its incarnation for the cluster's whichever
+    /// wins (the broken variant `laptop-leaves-its-incarnation`; see
+    /// [`crate::mailbox::incarnation_wins`]).
+    pub laptop_leaves_incarnation: bool,
 }

@@ -556,7 +556,8 @@ fn adopt_validity(m: &mut StoredMailbox, master: &MailboxState, out: &mut MergeO
 pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
     let mut out = MergeOutcome::default();
     if foreign.uidvalidity != m.uidvalidity {
-        let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext));
+        let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
+            || rules.laptop_leaves_incarnation;
         if !(rules.from_master && wins && adoptable(m, foreign)) {
             // Ours goes to the master (by SYNC, or a user replica's next push, sent
             // whole): a master of a lesser incarnation takes ours and gives its messages
@@ -655,7 +656,9 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 /// order, and the old UID is retired with a tombstone per GUID. The merge is one change
 /// at one new modseq.
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
-    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)) {
+    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
+        && !rules.laptop_leaves_incarnation
+    {
         return merge_into_their_incarnation(m, foreign, rules);
     }
     let same_validity = foreign.uidvalidity == m.uidvalidity;

@@ -217,3 +217,14 @@ fn a_laptop_taking_the_census_s_loss_of_its_own_message_is_caught() {
 fn an_acknowledgement_from_a_lost_disk_counted_as_a_copy_is_caught() {
     scenario_catches("regression-ack-from-a-lost-disk-308924.toml", Bug::CountsAcksOfLostStores, "no_acked_loss");
 }
+
+/// A laptop's own branch of a name's incarnation meets another branch of it only after a
+/// partition with an IMPORT on one side: shown caught by the scenario made for it.
+#[test]
+fn a_laptop_leaving_its_winning_incarnation_is_caught() {
+    scenario_catches(
+        "regression-laptop-incarnation-moves-the-cluster-661150.toml",
+        Bug::LaptopLeavesItsIncarnation,
+        "uids_never_reused",
+    );
+}

@@ -510,6 +510,7 @@ impl Server {
             from_master: false,
             revive_lost: false,
             cancels_remove_claimed: self.has_bug(crate::Bug::CancelClaimedSaves),
+            laptop_leaves_incarnation: false,
         }
     }
 

@@ -229,7 +229,8 @@ impl Server {
         if !lost.is_empty() {
             state.messages.retain(|r| !lost.contains(&r.guid) || self.image.body_intact(r.guid) == Some(true));
         }
-        let rules = crate::MergeRules { revive_lost: true, ..self.merge_rules() };
+        let laptop_leaves_incarnation = self.has_bug(crate::Bug::LaptopLeavesItsIncarnation);
+        let rules = crate::MergeRules { revive_lost: true, laptop_leaves_incarnation, ..self.merge_rules() };
         let outcome = self.merge_state_by(&state, true, rules, None);
         debug_assert!(!outcome.unresolved, "a master decides every conflict");
         if outcome.new_validity {
@@ -371,7 +372,8 @@ impl Server {
         if keeps_own {
             self.marks.hit(crate::marks::Mark::ReplicaKeptWinningIncarnation);
         }
-        let rules = crate::MergeRules { from_master: true, ..self.merge_rules() };
+        let laptop_leaves_incarnation = self.has_bug(crate::Bug::LaptopLeavesItsIncarnation);
+        let rules = crate::MergeRules { from_master: true, laptop_leaves_incarnation, ..self.merge_rules() };
         let outcome = self.merge_state_by(&state, false, rules, None);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
