@@ -761,7 +761,10 @@ impl ReplicaSync {
                     let marks = MailboxMarks {
                         cluster_uidvalidity: p.cluster_uidvalidity,
                         pulled,
-                        // The replica takes the cluster's UIDVALIDITY when it adopts.
+                        // The replica takes the cluster's UIDVALIDITY when it adopts. One
+                        // that kept its own (it wins) answered a push mark of 0, so the
+                        // next round pushes it whole, and these marks, of another
+                        // incarnation than it holds, give that round no ranges.
                         replica_uidvalidity: p.cluster_uidvalidity,
                         pushed: p.new_pushed.unwrap_or(0),
                         from_cluster: p.from_cluster.clone(),
