@@ -174,7 +174,7 @@ impl Mark {
             Mark::StartupHoldExpired => "startup_hold_expired",
             Mark::ValidityAdopted => "validity_adopted",
             Mark::PushMovedIncarnation => "push_moved_incarnation",
-            Mark::ReplicaKeptWinningIncarnation => "replica_kept_winning_incarnation",
+            Mark::ReplicaKeptWinningIncarnation => "replica_kept_own_incarnation",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
             Mark::CopiedBack => "copied_back",

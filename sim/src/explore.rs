@@ -743,11 +743,12 @@ pub fn explore(opts: &ExploreOptions) -> Summary {
 
 /// The coverage table: every mark of the core, with the seeds that hit it.
 pub fn mark_table(summary: &Summary) -> String {
-    let mut out = String::from("mark                           seeds      %\n");
+    let width = Mark::ALL.iter().map(|m| m.name().len()).max().unwrap_or(0);
+    let mut out = format!("{:<width$} {:>6} {:>6}\n", "mark", "seeds", "%");
     for mark in Mark::ALL {
         let hit = summary.marks.get(mark.name()).copied().unwrap_or(0);
         let pct = if summary.seeds_run == 0 { 0.0 } else { 100.0 * hit as f64 / summary.seeds_run as f64 };
-        out.push_str(&format!("{:<30} {:>6} {:>6.1}\n", mark.name(), hit, pct));
+        out.push_str(&format!("{:<width$} {:>6} {:>6.1}\n", mark.name(), hit, pct));
     }
     out
 }

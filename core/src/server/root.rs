@@ -234,7 +234,11 @@ impl Server {
         let before = self.root_role.generation(&key);
         let (master, generation) =
             self.root_role.assign(&key, candidate, |m| routing.is_reachable(m) && members.is_active(m));
-        if asker == me || (master == me && generation != before) {
+        // A root that gives away a key it masters (it is leaving, so no longer eligible)
+        // stops mastering it at once, as any master told of another does: else it goes
+        // on saving at UIDs the new master gives out too (explore seed 1030620).
+        let gives_ours_away = master != me && generation != before && self.masters.masters(&key);
+        if asker == me || (master == me && generation != before) || gives_ours_away {
             self.on_master_is(me, epoch, key.clone(), master, generation);
         }
         if asker != me {
