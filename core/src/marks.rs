@@ -41,7 +41,7 @@ pub enum Mark {
     PushMovedIncarnation,
     /// A user replica kept its own incarnation of a name, which wins over the cluster's,
     /// rather than adopt the cluster's: its next push takes it to the cluster.
-    ReplicaKeptWinningIncarnation,
+    ReplicaKeptOwnIncarnation,
     /// A migrated mailbox took the UIDVALIDITY it had elsewhere.
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
@@ -124,7 +124,7 @@ impl Mark {
         Mark::StartupHoldExpired,
         Mark::ValidityAdopted,
         Mark::PushMovedIncarnation,
-        Mark::ReplicaKeptWinningIncarnation,
+        Mark::ReplicaKeptOwnIncarnation,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
         Mark::CopiedBack,
@@ -174,7 +174,7 @@ impl Mark {
             Mark::StartupHoldExpired => "startup_hold_expired",
             Mark::ValidityAdopted => "validity_adopted",
             Mark::PushMovedIncarnation => "push_moved_incarnation",
-            Mark::ReplicaKeptWinningIncarnation => "replica_kept_own_incarnation",
+            Mark::ReplicaKeptOwnIncarnation => "replica_kept_own_incarnation",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
             Mark::CopiedBack => "copied_back",

@@ -370,7 +370,7 @@ impl Server {
             crate::mailbox::incarnation_wins((m.uidvalidity, m.uidnext), (state.uidvalidity, state.uidnext))
         });
         if keeps_own {
-            self.marks.hit(crate::marks::Mark::ReplicaKeptWinningIncarnation);
+            self.marks.hit(crate::marks::Mark::ReplicaKeptOwnIncarnation);
         }
         let laptop_leaves_incarnation = self.has_bug(crate::Bug::LaptopLeavesItsIncarnation);
         let rules = crate::MergeRules { from_master: true, laptop_leaves_incarnation, ..self.merge_rules() };

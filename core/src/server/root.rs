@@ -237,8 +237,8 @@ impl Server {
         // A root that gives away a key it masters (it is leaving, so no longer eligible)
         // stops mastering it at once, as any master told of another does: else it goes
         // on saving at UIDs the new master gives out too (explore seed 1030620).
-        let gives_ours_away = master != me && generation != before && self.masters.masters(&key);
-        if asker == me || (master == me && generation != before) || gives_ours_away {
+        let changed_for_us = generation != before && (master == me || self.masters.masters(&key));
+        if asker == me || changed_for_us {
             self.on_master_is(me, epoch, key.clone(), master, generation);
         }
         if asker != me {
