@@ -58,10 +58,15 @@ pub enum Bug {
     /// its adopt takes a losing one, forgetting the UIDs its clients saw (explore seed
     /// 661150).
     LaptopLeavesItsIncarnation,
+    /// A master decides a log entry's record of a message a client expunged here at
+    /// another binding from the entry alone (the expunge wins), though the entry cannot
+    /// show whether its sender saw that expunge collected: a MOVE back made after the
+    /// collection is expunged at the heal, and the message is gone.
+    ExpungeWinsOverLogCopy,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 16] = [
+    pub const ALL: [Bug; 17] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -78,6 +83,7 @@ impl Bug {
         Bug::ReplicaTakesLostExpunge,
         Bug::CountsAcksOfLostStores,
         Bug::LaptopLeavesItsIncarnation,
+        Bug::ExpungeWinsOverLogCopy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +104,7 @@ impl Bug {
             Bug::ReplicaTakesLostExpunge => "replica-takes-lost-expunge",
             Bug::CountsAcksOfLostStores => "counts-acks-of-lost-stores",
             Bug::LaptopLeavesItsIncarnation => "laptop-leaves-its-incarnation",
+            Bug::ExpungeWinsOverLogCopy => "expunge-wins-over-log-copy",
         }
     }
 
@@ -126,4 +133,12 @@ pub struct MergeRules {
     /// wins (the broken variant `laptop-leaves-its-incarnation`; see
     /// [`crate::mailbox::incarnation_wins`]).
     pub laptop_leaves_incarnation: bool,
+    /// The state merged is a log entry's piece of a mailbox (a change as its master made
+    /// it), not a copy's state: it carries retired UIDs only if that change retired
+    /// some, so it cannot show whether its sender saw an expunge collected (see
+    /// `MasterMerge::place`).
+    pub from_log: bool,
+    /// A master decides such a piece alone (the broken variant
+    /// `expunge-wins-over-log-copy`).
+    pub log_copy_loses: bool,
 }

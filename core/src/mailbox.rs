@@ -27,6 +27,10 @@ pub struct MergeOutcome {
     pub renumbered: usize,
     /// A non-master met a conflict it may not decide: it needs a SYNC with the master.
     pub unresolved: bool,
+    /// A master met, in a log entry's piece of state, a record of a message a client
+    /// expunged here at another binding: left out, to be decided by the sender's state
+    /// (a SYNC), which shows whether the sender saw that expunge collected.
+    pub needs_senders_state: bool,
     /// Whether UIDNEXT/HIGHESTMODSEQ/UIDVALIDITY moved.
     pub meta_changed: bool,
     /// A conflict was found through a tombstone (the seed's FIXME).
@@ -925,6 +929,17 @@ impl MasterMerge<'_> {
             return;
         }
         if self.ours_dead.contains(&r.guid) {
+            let by_client = self.m.tombstones.values().any(|t| t.guid == r.guid && t.by_client());
+            if by_client && self.rules.from_log && !self.rules.log_copy_loses {
+                // A log entry cannot tell a stale binding of the expunged message from
+                // the message brought back by a COPY or MOVE made once its sender had
+                // seen the expunge collected and forgotten (a restart, or past the
+                // horizon of `recently_collected`): the sender's state can, by its
+                // retired UIDs (`join_retired` above). Taking the expunge here lost a
+                // moved message at a heal.
+                self.out.needs_senders_state = true;
+                return;
+            }
             // Expunged here under another UID: the expunge wins, and a client's expunge
             // takes their binding as it took ours (an EXPUNGE removes the message, not
             // one binding: `expunge_everywhere`). A retirement would say the message
@@ -932,7 +947,6 @@ impl MasterMerge<'_> {
             // while this master held the retirement, each SYNC changing nothing (explore
             // seed 772280: a COPY made after the expunge's tombstone was collected on
             // one side of a partition, the tombstone still there on the other).
-            let by_client = self.m.tombstones.values().any(|t| t.guid == r.guid && t.by_client());
             let fate = if by_client { Tombstone::expunge } else { Tombstone::retirement };
             let t = fate(r.uid, r.guid, self.modseq);
             add_tombstone(self.m, t, &mut self.out);

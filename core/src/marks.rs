@@ -42,6 +42,9 @@ pub enum Mark {
     /// A user replica kept its own incarnation of a name, which wins over the cluster's,
     /// rather than adopt the cluster's: its next push takes it to the cluster.
     ReplicaKeptOwnIncarnation,
+    /// A master left out a logged copy of a message a client expunged here at another
+    /// binding, and asked its sender's state to decide (see `MergeRules::from_log`).
+    LogCopySettledBySync,
     /// A migrated mailbox took the UIDVALIDITY it had elsewhere.
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
@@ -102,7 +105,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 46] = [
+    pub const ALL: [Mark; 47] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -125,6 +128,7 @@ impl Mark {
         Mark::ValidityAdopted,
         Mark::PushMovedIncarnation,
         Mark::ReplicaKeptOwnIncarnation,
+        Mark::LogCopySettledBySync,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
         Mark::CopiedBack,
@@ -175,6 +179,7 @@ impl Mark {
             Mark::ValidityAdopted => "validity_adopted",
             Mark::PushMovedIncarnation => "push_moved_incarnation",
             Mark::ReplicaKeptOwnIncarnation => "replica_kept_own_incarnation",
+            Mark::LogCopySettledBySync => "log_copy_settled_by_sync",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
             Mark::CopiedBack => "copied_back",

@@ -108,6 +108,21 @@ pub struct Oracle {
     pub expunged: BTreeSet<(MailboxKey, Guid)>,
     /// Every message an EXPUNGE was asked for, answered or not.
     pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
+    /// When EXPUNGEs of each message were asked for and answered (see `ExpungeTimes`).
+    expunge_times: BTreeMap<(MailboxKey, Guid), ExpungeTimes>,
+    /// Where a message a client asked to expunge was placed again (at a UID no EXPUNGE
+    /// named), and whether the server that placed it knew of the expunge then (its copy
+    /// of the mailbox held a tombstone of the message, or had retired a UID the expunge
+    /// named): by binding, the first placement's verdict.
+    placed_after_expunge: BTreeMap<(MailboxKey, Uid, Guid), bool>,
+    /// A SAVE or COPY answered OK with a binding placed by a server that knew of the
+    /// message's expunge, asked for after every EXPUNGE of the message asked for before
+    /// it had been answered (a message moved to Trash and moved back once the expunge was
+    /// done and collected): owed again, unless an EXPUNGE asked for later took it. A copy
+    /// made where the expunge was not known yet (the other side of a partition) may be
+    /// taken by it at the heal, as the design says. By message: who answered, when, and
+    /// when it was asked for.
+    acked_after_expunge: BTreeMap<(MailboxKey, Guid), (Sid, u64, u64)>,
     /// Mailboxes a client asked to DELETE.
     pub deleted_mailboxes: BTreeSet<MailboxKey>,
     /// RENAMEs asked for: from each mailbox to where its messages may have gone.
@@ -127,6 +142,17 @@ pub struct Oracle {
     saved_with: BTreeSet<(MailboxKey, Guid, Flag)>,
     /// Every UID binding a SAVE/COPY answer showed.
     acked_bindings: BTreeSet<(UidKey, Guid)>,
+}
+
+/// The EXPUNGEs of one message: when the last was asked for, how many are unanswered
+/// (one whose answer never came may still take effect), when the last answer came, and
+/// the UIDs they named.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ExpungeTimes {
+    last_requested_us: u64,
+    unanswered: u32,
+    last_answered_us: u64,
+    uids: BTreeSet<Uid>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -161,7 +187,12 @@ impl Oracle {
             self.saved_with,
             self.acked_bindings,
             self.violations.len()
-        )
+        )?;
+        let owed_again: Vec<(&(MailboxKey, Guid), Sid)> =
+            self.acked_after_expunge.iter().map(|(k, (sid, _, _))| (k, *sid)).collect();
+        let unanswered: Vec<(&(MailboxKey, Guid), u32)> =
+            self.expunge_times.iter().map(|(k, t)| (k, t.unanswered)).collect();
+        write!(into, "|{owed_again:?}|{unanswered:?}")
     }
 
     pub fn violate(&mut self, invariant: &'static str, time_us: u64, detail: String) {
@@ -319,6 +350,15 @@ impl Oracle {
     pub fn write(&mut self, time_us: u64, server: Sid, incarnation: u64, image: &DiskImage, write: &StoreWrite) {
         match write {
             StoreWrite::PutMessage { mailbox, record } => {
+                if let Some(t) = self.expunge_times.get(&(mailbox.clone(), record.guid))
+                    && !t.uids.contains(&record.uid)
+                {
+                    let knew = image.mailboxes.get(mailbox).is_some_and(|m| {
+                        m.tombstones.values().any(|tomb| tomb.guid == record.guid)
+                            || t.uids.iter().any(|uid| m.retired.contains(*uid))
+                    });
+                    self.placed_after_expunge.entry((mailbox.clone(), record.uid, record.guid)).or_insert(knew);
+                }
                 let uidvalidity = image.mailboxes.get(mailbox).map(|m| m.uidvalidity).unwrap_or(0);
                 if let Some(shown) =
                     self.shown.get(&server).and_then(|m| m.get(mailbox)).and_then(|m| m.get(&(uidvalidity, record.uid)))
@@ -354,12 +394,30 @@ impl Oracle {
         }
     }
 
-    pub fn saved(&mut self, time_us: u64, server: Sid, mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, guid: Guid) {
+    /// A SAVE or COPY asked for at `issued_us` was answered OK at `time_us`.
+    pub fn saved(
+        &mut self,
+        time_us: u64,
+        server: Sid,
+        mailbox: &MailboxKey,
+        (uidvalidity, uid, guid): (u32, Uid, Guid),
+        issued_us: u64,
+    ) {
         if uid != 0 {
             self.shown(time_us, server, mailbox, uidvalidity, uid, guid);
             self.acked_bindings.insert(((mailbox.clone(), uidvalidity, uid), guid));
         }
-        self.acked.entry((mailbox.clone(), guid)).or_insert((server, time_us));
+        let key = (mailbox.clone(), guid);
+        let placed_knowingly = self.placed_after_expunge.get(&(mailbox.clone(), uid, guid)) == Some(&true);
+        if placed_knowingly
+            && let Some(t) = self.expunge_times.get(&key)
+            && t.unanswered == 0
+            && t.last_answered_us < issued_us
+            && t.last_requested_us < issued_us
+        {
+            self.acked_after_expunge.insert(key.clone(), (server, time_us, issued_us));
+        }
+        self.acked.entry(key).or_insert((server, time_us));
     }
 
     /// A fresh read that caught up with its master's position (asked at `issued_us`)
@@ -476,9 +534,23 @@ impl Oracle {
             || self.renamed.contains_key(mailbox)
     }
 
-    pub fn expunge_requested(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
-        for g in guids {
+    pub fn expunge_requested(&mut self, time_us: u64, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) {
+        for (uid, g) in messages {
             self.expunge_requested.insert((mailbox.clone(), *g));
+            let t = self.expunge_times.entry((mailbox.clone(), *g)).or_default();
+            t.last_requested_us = time_us;
+            t.unanswered = t.unanswered.saturating_add(1);
+            t.uids.insert(*uid);
+        }
+    }
+
+    /// An EXPUNGE of these messages was answered (each expunged or not there to expunge).
+    pub fn expunge_answered(&mut self, time_us: u64, mailbox: &MailboxKey, guids: &[Guid]) {
+        for g in guids {
+            if let Some(t) = self.expunge_times.get_mut(&(mailbox.clone(), *g)) {
+                t.unanswered = t.unanswered.saturating_sub(1);
+                t.last_answered_us = time_us;
+            }
         }
     }
 
@@ -586,7 +658,25 @@ impl Oracle {
                         || self.expunge_requested.contains(&key)
                         || self.deleted_mailboxes.contains(place)
                 });
-                if gone_on_purpose || unrecoverable.contains(guid) {
+                // Unless it came back after every EXPUNGE of it was done, and none asked
+                // for since may have taken it (a MOVE to Trash and back).
+                let (server, at) = match self.acked_after_expunge.get(&(mailbox.clone(), *guid)) {
+                    Some((again_by, again_at, issued_us))
+                        if gone_on_purpose
+                            && !places.iter().any(|place| {
+                                self.deleted_mailboxes.contains(place)
+                                    || self
+                                        .expunge_times
+                                        .get(&(place.clone(), *guid))
+                                        .is_some_and(|t| t.last_requested_us >= *issued_us || t.unanswered > 0)
+                            }) =>
+                    {
+                        (again_by, again_at)
+                    }
+                    _ if gone_on_purpose => continue,
+                    _ => (server, at),
+                };
+                if unrecoverable.contains(guid) {
                     continue;
                 }
                 for sid in stores.keys() {

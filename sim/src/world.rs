@@ -2213,7 +2213,7 @@ impl World {
                 WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid },
             ) => {
                 if let Some(mailbox) = &o.mailbox {
-                    self.oracle.saved(t, sid, mailbox, *uidvalidity, *uid, *guid);
+                    self.oracle.saved(t, sid, mailbox, (*uidvalidity, *uid, *guid), o.issued_us);
                     self.oracle.saved_flags(mailbox, *guid, &o.add);
                     let copies_lost =
                         (self.lost_for_good - o.losses_before) + (self.hand_deletes - o.hand_deletes_before);
@@ -2256,6 +2256,8 @@ impl World {
                 if let Some(mailbox) = &o.mailbox {
                     let gone: Vec<Guid> = o.expunging.iter().filter(|(u, _)| uids.contains(u)).map(|m| m.1).collect();
                     self.oracle.expunge_acked(mailbox, &gone);
+                    let asked: Vec<Guid> = o.expunging.iter().map(|m| m.1).collect();
+                    self.oracle.expunge_answered(t, mailbox, &asked);
                 }
             }
             ClientReply::Write(result @ WriteResult::Stored { rejected, .. }) => {
@@ -2363,10 +2365,9 @@ impl World {
                 }
                 let request =
                     ClientRequest::Expunge { mailbox: mailbox.clone(), uids: found.iter().map(|f| f.0).collect() };
-                let guids: Vec<Guid> = found.iter().map(|f| f.1).collect();
                 // An EXPUNGE whose answer is lost (a crash, a timeout) may still have
                 // taken effect: those messages are no longer owed to anyone.
-                self.oracle.expunge_requested(&mailbox, &guids);
+                self.oracle.expunge_requested(self.now.0, &mailbox, &found);
                 self.request(
                     server,
                     request,

@@ -97,8 +97,8 @@ fn monotonic_fails_when_a_server_writes_a_lower_highestmodseq() {
 #[test]
 fn no_acked_loss_fails_when_an_acked_message_is_missing() {
     let mut o = Oracle::default();
-    o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
-    o.saved(1, Sid(1), &inbox(), 7, 2, Guid(11));
+    o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
+    o.saved(1, Sid(1), &inbox(), (7, 2, Guid(11)), 0);
     o.expunge_acked(&inbox(), &[Guid(11)]);
     let has_it = server(vec![record(1, 10, &[])]);
     let lacks_it = server(vec![]);
@@ -116,10 +116,41 @@ fn no_acked_loss_fails_when_an_acked_message_is_missing() {
     assert!(o.violated(oracle::NO_ACKED_LOSS));
 }
 
+/// A message expunged and then placed again (a MOVE to Trash and back) is owed again
+/// when the server that placed it knew of the expunge, and only then: a copy made where
+/// the expunge was not known yet (the other side of a partition) may be taken by it.
+#[test]
+fn no_acked_loss_owes_a_message_placed_again_by_a_server_that_knew_of_its_expunge() {
+    let history = |knew: bool, expunged_again: bool| {
+        let mut o = Oracle::default();
+        o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
+        o.expunge_requested(2, &inbox(), &[(1, Guid(10))]);
+        o.expunge_acked(&inbox(), &[Guid(10)]);
+        o.expunge_answered(3, &inbox(), &[Guid(10)]);
+        let mut placer = image(vec![record(2, 10, &[])]);
+        if knew {
+            let m = placer.mailboxes.get_mut(&inbox()).unwrap();
+            m.tombstones.insert((1, Guid(10)), Tombstone::expunge(1, Guid(10), 2));
+        }
+        let put = StoreWrite::PutMessage { mailbox: inbox(), record: record(2, 10, &[]) };
+        o.write(5, Sid(2), 1, &placer, &put);
+        o.saved(6, Sid(2), &inbox(), (7, 2, Guid(10)), 4);
+        if expunged_again {
+            o.expunge_requested(7, &inbox(), &[(2, Guid(10))]);
+        }
+        let lacks_it = server(vec![]);
+        o.at_quiescence(9, &BTreeMap::from([(Sid(1), &lacks_it)]), true, &BTreeSet::new());
+        o.violated(oracle::NO_ACKED_LOSS)
+    };
+    assert!(history(true, false), "placed again knowingly, acknowledged, and gone");
+    assert!(!history(false, false), "placed where the expunge was not known: it may take the copy");
+    assert!(!history(true, true), "an EXPUNGE asked for later may take it");
+}
+
 #[test]
 fn no_resurrection_fails_when_an_expunged_message_is_back() {
     let mut o = Oracle::default();
-    o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
+    o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
     o.expunge_acked(&inbox(), &[Guid(10)]);
     let gone = server(vec![]);
     let back = server(vec![record(3, 10, &[])]);
@@ -132,7 +163,7 @@ fn no_resurrection_fails_when_an_expunged_message_is_back() {
 #[test]
 fn no_acked_loss_fails_on_a_corrupted_body() {
     let mut o = Oracle::default();
-    o.saved(1, Sid(1), &inbox(), 7, 1, Guid(10));
+    o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
     let img = server_with(vec![record(1, 10, &[])], b"bodx");
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), true, &BTreeSet::new());
     assert!(o.violated(oracle::NO_ACKED_LOSS));

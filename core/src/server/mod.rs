@@ -511,6 +511,8 @@ impl Server {
             revive_lost: false,
             cancels_remove_claimed: self.has_bug(crate::Bug::CancelClaimedSaves),
             laptop_leaves_incarnation: false,
+            from_log: false,
+            log_copy_loses: self.has_bug(crate::Bug::ExpungeWinsOverLogCopy),
         }
     }
 

@@ -296,7 +296,10 @@ impl Server {
         };
         let fragment = self.fragment_of(src, change);
         let applied = match fragment {
-            Some(fragment) => !self.merge_foreign(src, &fragment).unresolved,
+            Some(fragment) => {
+                let out = self.merge_log_piece(src, &fragment);
+                !out.unresolved && !out.needs_senders_state
+            }
             None => true,
         };
         let counts = if body_dropped {
@@ -388,6 +391,25 @@ impl Server {
         let is_master = self.masters.masters(&key);
         let from_master = self.masters.cached(&key) == Some(src);
         self.merge_state(state, is_master, from_master, Some(src))
+    }
+
+    /// [`Server::merge_foreign`] of a log entry's piece of state (see
+    /// `MergeRules::from_log`). A piece a master may not decide alone is answered with
+    /// our state as a SYNC request: the sender's state comes back and decides it.
+    fn merge_log_piece(&mut self, src: Sid, piece: &MailboxState) -> MergeOutcome {
+        let key = self.master_key(&piece.mailbox);
+        let is_master = self.masters.masters(&key);
+        let mut rules = self.merge_rules();
+        rules.from_master = self.masters.cached(&key) == Some(src);
+        rules.from_log = true;
+        let out = self.merge_state_by(piece, is_master, rules, Some(src));
+        if out.needs_senders_state {
+            self.marks.hit(Mark::LogCopySettledBySync);
+            let mailbox = &piece.mailbox;
+            self.note(|| format!("a copy {src} logged in {mailbox} of a message expunged here: its state decides"));
+            self.send_state(src, mailbox, false);
+        }
+        out
     }
 
     /// [`Server::merge_foreign`] with the role given: a user replica's copy merged by its
