@@ -106,6 +106,10 @@ pub struct Server {
     /// not stored.
     #[serde(default)]
     kept_lost: BTreeMap<MailboxKey, std::collections::BTreeSet<Guid>>,
+    /// A user replica's records its adopts dropped lately while it held their bodies, by
+    /// GUID, with when (see `replica_serving::DROPPED_LATELY_MAX`). In memory only.
+    #[serde(default)]
+    dropped_lately: BTreeMap<Guid, (MessageRecord, Instant)>,
     /// Bindings whose tombstones were collected lately (see `recently_collected`).
     #[serde(default)]
     recently_collected: recently_collected::RecentlyCollected,
@@ -169,6 +173,7 @@ impl Server {
             ordered_saves: Default::default(),
             omitted: Default::default(),
             kept_lost: Default::default(),
+            dropped_lately: Default::default(),
             recently_collected: Default::default(),
         };
         server.member_servers = server.routing_servers();
@@ -242,6 +247,7 @@ impl Server {
             ordered_saves: self.ordered_saves.clone(),
             omitted: self.omitted.clone(),
             kept_lost: self.kept_lost.clone(),
+            dropped_lately: self.dropped_lately.clone(),
             recently_collected: self.recently_collected.clone(),
         }
     }
@@ -288,6 +294,10 @@ impl Server {
         }
         if !self.kept_lost.is_empty() {
             write!(h, "|{:?}", self.kept_lost)?;
+        }
+        if !self.dropped_lately.is_empty() {
+            let dropped: Vec<&Guid> = self.dropped_lately.keys().collect();
+            write!(h, "|{dropped:?}")?;
         }
         if !self.recently_collected.is_empty() {
             write!(h, "|{:?}", self.recently_collected)?;

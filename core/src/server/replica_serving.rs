@@ -20,6 +20,13 @@ pub const REPLICA_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How many messages kept against a census's loss a user replica remembers to push with
 /// their bodies; more wait for a later adopt.
 const KEPT_LOST_MAX: usize = 65_536;
+/// How many records a user replica's adopts dropped while it held their bodies it
+/// remembers, and for how long: a census may give the message up in the mailbox a RENAME
+/// moved it to, and this copy's adopt of that mailbox may come after the adopt that took
+/// the RENAME's expunge from the old one (explore seed 1159717 again, the adopts in the
+/// other order); step 7 of `mailbox::adopt_rule` then finds the message here.
+const DROPPED_LATELY_MAX: usize = 1024;
+const DROPPED_LATELY_KEPT_US: u64 = 600_000_000;
 
 impl Server {
     /// A user replica answers with its own partial spec (the request's is the agent's
@@ -374,7 +381,9 @@ impl Server {
         }
         let laptop_leaves_incarnation = self.has_bug(crate::Bug::LaptopLeavesItsIncarnation);
         let rules = crate::MergeRules { from_master: true, laptop_leaves_incarnation, ..self.merge_rules() };
+        let at_risk = self.records_under_tombstones(&state);
         let outcome = self.merge_state_by(&state, false, rules, None);
+        self.remember_dropped(at_risk);
         let after = self.image.mailbox(&state.mailbox).map_or(0, |m| m.highest_modseq);
         debug_assert!(after >= before, "HIGHESTMODSEQ never goes down");
         let untouched = before == pushed_upto;
@@ -391,8 +400,9 @@ impl Server {
         self.out.reply_when_durable(id, reply);
     }
 
-    /// A live record of `guid` in another mailbox of `mailbox`'s user, if its body is
-    /// among `intact` (`mailbox::keep_lost_held_elsewhere`).
+    /// A live record of `guid` in another mailbox of `mailbox`'s user, or one an adopt
+    /// dropped lately (`dropped_lately`), if its body is among `intact`
+    /// (`mailbox::keep_lost_held_elsewhere`).
     fn live_copy_elsewhere(&self, mailbox: &MailboxKey, guid: Guid, intact: &BTreeSet<Guid>) -> Option<MessageRecord> {
         if !intact.contains(&guid) {
             return None;
@@ -402,6 +412,42 @@ impl Server {
             .iter()
             .filter(|(key, _)| key.user == mailbox.user && *key != mailbox)
             .find_map(|(_, m)| m.messages.uids_of(guid).next().and_then(|uid| m.messages.get(&uid)).cloned())
+            .or_else(|| self.dropped_lately.get(&guid).map(|(record, _)| record.clone()))
+    }
+
+    /// This copy's live records of the mailbox `state` is of whose messages `state` has
+    /// tombstones of: those the adopt may drop.
+    fn records_under_tombstones(&self, state: &MailboxState) -> Vec<MessageRecord> {
+        let Some(m) = self.image.mailbox(&state.mailbox) else { return Vec::new() };
+        let mut records: Vec<MessageRecord> = state
+            .tombstones
+            .iter()
+            .filter_map(|t| m.messages.last_uid_of(t.guid).and_then(|uid| m.messages.get(&uid)))
+            .cloned()
+            .collect();
+        records.sort_by_key(|r| r.guid);
+        records.dedup_by_key(|r| r.guid);
+        records
+    }
+
+    /// Remembers those of `at_risk` now live in no mailbox here whose bodies this copy
+    /// holds intact (see `DROPPED_LATELY_MAX`); forgets the oldest past the bounds.
+    fn remember_dropped(&mut self, at_risk: Vec<MessageRecord>) {
+        let now = self.now;
+        self.dropped_lately.retain(|_, (_, at)| now.0.saturating_sub(at.0) < DROPPED_LATELY_KEPT_US);
+        for record in at_risk {
+            let live = self.image.mailboxes().values().any(|m| m.messages.has_guid(record.guid));
+            if live || self.image.body_intact(record.guid) != Some(true) {
+                continue;
+            }
+            if self.dropped_lately.len() >= DROPPED_LATELY_MAX
+                && let Some(oldest) = self.dropped_lately.iter().min_by_key(|(g, (_, at))| (*at, **g)).map(|(g, _)| *g)
+            {
+                self.dropped_lately.remove(&oldest);
+            }
+            self.dropped_lately.insert(record.guid, (record, now));
+        }
+        debug_assert!(self.dropped_lately.len() <= DROPPED_LATELY_MAX);
     }
 
     /// The UID ranges where this copy now binds a message as the cluster's `state` does.
