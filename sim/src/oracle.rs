@@ -109,7 +109,8 @@ pub struct Oracle {
     /// Every message an EXPUNGE was asked for, answered or not.
     pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
     /// When EXPUNGEs of each message were asked for and answered (see `ExpungeTimes`).
-    expunge_times: BTreeMap<(MailboxKey, Guid), ExpungeTimes>,
+    /// By message, then mailbox (a write's look-up compares GUIDs first, which is cheap).
+    expunge_times: BTreeMap<Guid, BTreeMap<MailboxKey, ExpungeTimes>>,
     /// Where a message a client asked to expunge was placed again (at a UID no EXPUNGE
     /// named), and whether the server that placed it knew of the expunge then (its copy
     /// of the mailbox held a tombstone of the message, or had retired a UID the expunge
@@ -190,8 +191,11 @@ impl Oracle {
         )?;
         let owed_again: Vec<(&(MailboxKey, Guid), Sid)> =
             self.acked_after_expunge.iter().map(|(k, (sid, _, _))| (k, *sid)).collect();
-        let unanswered: Vec<(&(MailboxKey, Guid), u32)> =
-            self.expunge_times.iter().map(|(k, t)| (k, t.unanswered)).collect();
+        let unanswered: Vec<(&Guid, &MailboxKey, u32)> = self
+            .expunge_times
+            .iter()
+            .flat_map(|(g, by_mailbox)| by_mailbox.iter().map(move |(k, t)| (g, k, t.unanswered)))
+            .collect();
         write!(into, "|{owed_again:?}|{unanswered:?}")
     }
 
@@ -350,7 +354,7 @@ impl Oracle {
     pub fn write(&mut self, time_us: u64, server: Sid, incarnation: u64, image: &DiskImage, write: &StoreWrite) {
         match write {
             StoreWrite::PutMessage { mailbox, record } => {
-                if let Some(t) = self.expunge_times.get(&(mailbox.clone(), record.guid))
+                if let Some(t) = self.expunge_times.get(&record.guid).and_then(|m| m.get(mailbox))
                     && !t.uids.contains(&record.uid)
                 {
                     let knew = image.mailboxes.get(mailbox).is_some_and(|m| {
@@ -410,7 +414,7 @@ impl Oracle {
         let key = (mailbox.clone(), guid);
         let placed_knowingly = self.placed_after_expunge.get(&(mailbox.clone(), uid, guid)) == Some(&true);
         if placed_knowingly
-            && let Some(t) = self.expunge_times.get(&key)
+            && let Some(t) = self.expunge_times.get(&guid).and_then(|m| m.get(mailbox))
             && t.unanswered == 0
             && t.last_answered_us < issued_us
             && t.last_requested_us < issued_us
@@ -537,7 +541,7 @@ impl Oracle {
     pub fn expunge_requested(&mut self, time_us: u64, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) {
         for (uid, g) in messages {
             self.expunge_requested.insert((mailbox.clone(), *g));
-            let t = self.expunge_times.entry((mailbox.clone(), *g)).or_default();
+            let t = self.expunge_times.entry(*g).or_default().entry(mailbox.clone()).or_default();
             t.last_requested_us = time_us;
             t.unanswered = t.unanswered.saturating_add(1);
             t.uids.insert(*uid);
@@ -547,7 +551,7 @@ impl Oracle {
     /// An EXPUNGE of these messages was answered (each expunged or not there to expunge).
     pub fn expunge_answered(&mut self, time_us: u64, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
-            if let Some(t) = self.expunge_times.get_mut(&(mailbox.clone(), *g)) {
+            if let Some(t) = self.expunge_times.get_mut(g).and_then(|m| m.get_mut(mailbox)) {
                 t.unanswered = t.unanswered.saturating_sub(1);
                 t.last_answered_us = time_us;
             }
@@ -667,7 +671,8 @@ impl Oracle {
                                 self.deleted_mailboxes.contains(place)
                                     || self
                                         .expunge_times
-                                        .get(&(place.clone(), *guid))
+                                        .get(guid)
+                                        .and_then(|m| m.get(place))
                                         .is_some_and(|t| t.last_requested_us >= *issued_us || t.unanswered > 0)
                             }) =>
                     {
