@@ -721,11 +721,27 @@ impl Oracle {
                 }
             }
         }
+        // Where more servers lost their disks than the mode survives (`check_loss` off), a
+        // binding shown by a server since lost, of a message no live server has any trace
+        // of in the mailbox (no record, no tombstone), died with it: nothing left can know
+        // that UID was used (explore-style runs where every disk holding it was lost).
+        let traced: BTreeSet<(&MailboxKey, Guid)> = if check_loss {
+            BTreeSet::new()
+        } else {
+            stores
+                .values()
+                .flat_map(|image| image.mailboxes.iter())
+                .flat_map(|(k, m)| {
+                    m.messages.values().map(|r| r.guid).chain(m.tombstones.keys().map(|(_, g)| *g)).map(move |g| (k, g))
+                })
+                .collect()
+        };
+        let remembered = |mailbox: &MailboxKey, g: &Guid| check_loss || traced.contains(&(mailbox, *g));
         for (sid, image) in stores {
             for (mailbox, m) in &image.mailboxes {
                 for r in m.messages.values() {
                     if let Some(guids) = self.shown_any.get(mailbox).and_then(|s| s.get(&(m.uidvalidity, r.uid)))
-                        && guids.iter().any(|g| *g != r.guid)
+                        && guids.iter().any(|g| *g != r.guid && remembered(mailbox, g))
                     {
                         found.push((
                             UIDS_NEVER_REUSED,

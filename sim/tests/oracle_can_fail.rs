@@ -70,6 +70,26 @@ fn uids_never_reused_fails_when_a_conflicting_uid_is_not_retired() {
     assert!(o.violated(oracle::UIDS_NEVER_REUSED));
 }
 
+/// Past the mode's promise (more disks lost than it survives), a UID shown only for a
+/// message no live server has any trace of died with those disks; one still traced counts.
+#[test]
+fn uids_never_reused_forgets_only_bindings_nothing_left_knows() {
+    let history = |traced: bool| {
+        let mut o = Oracle::default();
+        o.shown(1, Sid(3), &inbox(), 7, 1, Guid(11));
+        o.shown(2, Sid(13), &inbox(), 7, 1, Guid(10));
+        let mut records = vec![record(1, 10, &[])];
+        if traced {
+            records.push(record(2, 11, &[]));
+        }
+        let img = server(records);
+        o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), false, &BTreeSet::new());
+        o.violated(oracle::UIDS_NEVER_REUSED)
+    };
+    assert!(!history(false), "the only server that knew of UID 1's other message lost its disk");
+    assert!(history(true), "the other message is still here: UID 1 was reused");
+}
+
 #[test]
 fn monotonic_fails_when_uidnext_goes_down() {
     let mut o = Oracle::default();
