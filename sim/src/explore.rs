@@ -3,6 +3,7 @@
 //! then heal and convergence), and reports the invariant it broke. Seeds run on every
 //! core in parallel; each seed stays deterministic.
 
+use crate::focus::Focus;
 use crate::scenario::*;
 use crate::world::{RunOptions, RunReport, run};
 use rand::{Rng, SeedableRng};
@@ -636,8 +637,16 @@ pub fn run_guarded(s: &Scenario, opts: &RunOptions) -> RunReport {
     })
 }
 
-pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedResult {
-    let scenario = generate(seed);
+/// The scenario of `seed`: the general generator's, or a focused one's.
+pub fn scenario_of(seed: u64, focus: Option<Focus>) -> Scenario {
+    match focus {
+        Some(focus) => crate::focus::generate(focus, seed),
+        None => generate(seed),
+    }
+}
+
+pub fn run_seed(seed: u64, bug: Option<Bug>, focus: Option<Focus>) -> SeedResult {
+    let scenario = scenario_of(seed, focus);
     let report = run_guarded(&scenario, &RunOptions { bug, ..Default::default() });
     SeedResult {
         seed,
@@ -668,6 +677,8 @@ pub struct ExploreOptions {
     pub threads: usize,
     pub time_budget: Option<Duration>,
     pub bug: Option<Bug>,
+    /// Seeds of a focused generator (`focus`) instead of the general one.
+    pub focus: Option<Focus>,
     /// Stop after this many failing seeds (0: never).
     pub stop_after_failures: usize,
     pub progress: bool,
@@ -682,14 +693,14 @@ pub fn explore(opts: &ExploreOptions) -> Summary {
     let (tx, rx) = mpsc::channel::<SeedResult>();
     let mut workers = Vec::new();
     for _ in 0..opts.threads.max(1) {
-        let (next, stop, tx, bug) = (next.clone(), stop.clone(), tx.clone(), opts.bug);
+        let (next, stop, tx, bug, focus) = (next.clone(), stop.clone(), tx.clone(), opts.bug, opts.focus);
         workers.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let seed = next.fetch_add(1, Ordering::Relaxed);
                 if seed >= end {
                     break;
                 }
-                if tx.send(run_seed(seed, bug)).is_err() {
+                if tx.send(run_seed(seed, bug, focus)).is_err() {
                     break;
                 }
             }

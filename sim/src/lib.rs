@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod explore;
+pub mod focus;
 pub mod incident;
 pub mod oracle;
 pub mod replay;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tandem_core::Bug;
 use tandem_sim::explore::{self, ExploreOptions};
+use tandem_sim::focus::Focus;
 use tandem_sim::scenario::{self, Scenario};
 use tandem_sim::scenario_write::to_toml;
 use tandem_sim::shrink::{ShrinkBudget, shrink};
@@ -64,6 +65,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_parser = parse_bug)]
         bug: Option<Bug>,
+        /// Seeds of a focused generator: move-back or laptop (see `tandem_sim::focus`).
+        #[arg(long, value_parser = parse_focus)]
+        focus: Option<Focus>,
     },
     /// Explore every order of events for a small cluster (breadth first, each state
     /// once) and check the invariants in every state; the first violation is written as
@@ -119,10 +123,20 @@ enum Command {
         scenario: Option<PathBuf>,
         #[arg(long, value_parser = parse_bug)]
         bug: Option<Bug>,
+        /// The seed is a focused generator's (see `explore --focus`).
+        #[arg(long, value_parser = parse_focus)]
+        focus: Option<Focus>,
         /// Where to write the scenario (default: shrunk-seed-N.toml).
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+fn parse_focus(name: &str) -> Result<Focus, String> {
+    Focus::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Focus::ALL.iter().map(|f| f.name()).collect();
+        format!("unknown focus {name:?}; one of {}", names.join(", "))
+    })
 }
 
 fn parse_bug(name: &str) -> Result<Bug, String> {
@@ -133,18 +147,27 @@ fn parse_bug(name: &str) -> Result<Bug, String> {
 }
 
 /// Shrinks `seed`'s failure and writes the scenario; returns the path and event count.
-fn shrink_seed(seed: u64, bug: Option<Bug>, out: &Path) -> Result<(PathBuf, usize, String), String> {
-    let scenario = explore::generate(seed);
+fn shrink_seed(
+    seed: u64,
+    bug: Option<Bug>,
+    focus: Option<Focus>,
+    out: &Path,
+) -> Result<(PathBuf, usize, String), String> {
+    let scenario = explore::scenario_of(seed, focus);
     let opts = RunOptions { bug, ..Default::default() };
     let Some((small, broken)) = shrink(&scenario, &opts, &ShrinkBudget::default()) else {
         return Err(format!("seed {seed} passes: nothing to shrink"));
     };
     let mut small = small;
-    small.name = format!("shrunk-seed-{seed}");
+    let (prefix, focus_arg) = match focus {
+        Some(f) => (format!("focus-{}-", f.name()), format!(" --focus {}", f.name())),
+        None => (String::new(), String::new()),
+    };
+    small.name = format!("shrunk-{prefix}seed-{seed}");
     let bug_line =
         bug.map(|b| format!("\nrun with: tandem-sim run --bug {} <this file>", b.name())).unwrap_or_default();
     let comment = format!(
-        "Shrunk by `tandem-sim shrink --seed {seed}` from explore seed {seed} ({} events -> {}).\nIt breaks invariant {broken}.{bug_line}",
+        "Shrunk by `tandem-sim shrink --seed {seed}{focus_arg}` from explore seed {seed} ({} events -> {}).\nIt breaks invariant {broken}.{bug_line}",
         scenario.events.len(),
         small.events.len()
     );
@@ -152,7 +175,7 @@ fn shrink_seed(seed: u64, bug: Option<Bug>, out: &Path) -> Result<(PathBuf, usiz
     let path = if out.extension().is_some_and(|x| x == "toml") {
         out.to_path_buf()
     } else {
-        out.join(format!("shrunk-seed-{seed}.toml"))
+        out.join(format!("shrunk-{prefix}seed-{seed}.toml"))
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -250,13 +273,14 @@ fn load(path: &Path) -> Result<Scenario, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Explore { seeds, from, time_budget, threads, shrink, out, bug } => {
+        Command::Explore { seeds, from, time_budget, threads, shrink, out, bug, focus } => {
             let opts = ExploreOptions {
                 from,
                 seeds,
                 threads,
                 time_budget: time_budget.map(Duration::from_secs),
                 bug,
+                focus,
                 stop_after_failures: 0,
                 progress: true,
             };
@@ -270,7 +294,7 @@ fn main() -> ExitCode {
             );
             print!("{}", explore::mark_table(&summary));
             for f in summary.failures.iter().take(shrink) {
-                match shrink_seed(f.seed, bug, &out) {
+                match shrink_seed(f.seed, bug, focus, &out) {
                     Ok((path, n, broken)) => {
                         tandem_sim::say!("seed {} ({broken}) shrunk to {n} events: {}", f.seed, path.display())
                     }
@@ -394,7 +418,7 @@ fn main() -> ExitCode {
             }
             if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
-        Command::Shrink { seed: None, scenario: Some(file), bug, out } => {
+        Command::Shrink { seed: None, scenario: Some(file), bug, out, .. } => {
             let out = out.unwrap_or_else(|| file.with_extension("shrunk.toml"));
             match shrink_file(&file, bug, &out) {
                 Ok(Some((n, why))) => {
@@ -411,10 +435,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Shrink { seed, bug, out, .. } => {
+        Command::Shrink { seed, bug, focus, out, .. } => {
             let seed = seed.unwrap_or(0);
             let out = out.unwrap_or_else(|| PathBuf::from("."));
-            match shrink_seed(seed, bug, &out) {
+            match shrink_seed(seed, bug, focus, &out) {
                 Ok((path, n, broken)) => {
                     tandem_sim::say!("seed {seed} ({broken}) shrunk to {n} events: {}", path.display());
                     ExitCode::SUCCESS

@@ -106,6 +106,10 @@ pub struct Oracle {
     pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
     /// EXPUNGE answered OK, by message.
     pub expunged: BTreeSet<(MailboxKey, Guid)>,
+    /// The servers that answered each EXPUNGE OK, by message.
+    expunge_ackers: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
+    /// Servers whose disks were lost for good (see `forget_server`).
+    lost_servers: BTreeSet<Sid>,
     /// Every message an EXPUNGE was asked for, answered or not.
     pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
     /// When EXPUNGEs of each message were asked for and answered (see `ExpungeTimes`).
@@ -315,6 +319,7 @@ impl Oracle {
     /// What it alone showed (bindings it never got to replicate) dies with it: the
     /// cluster-wide record keeps only what other servers showed or acknowledged.
     pub fn forget_server(&mut self, server: Sid) {
+        self.lost_servers.insert(server);
         self.shown.remove(&server);
         self.views.retain(|(s, _), _| *s != server);
         let mut any: BTreeMap<MailboxKey, AnyBindings> = BTreeMap::new();
@@ -574,9 +579,10 @@ impl Oracle {
         self.copy_requested.insert((mailbox.clone(), guid));
     }
 
-    pub fn expunge_acked(&mut self, mailbox: &MailboxKey, guids: &[Guid]) {
+    pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
             self.expunged.insert((mailbox.clone(), *g));
+            self.expunge_ackers.entry((mailbox.clone(), *g)).or_default().insert(server);
         }
     }
 
@@ -711,7 +717,15 @@ impl Oracle {
         // An acknowledged EXPUNGE is final: the message is not live again anywhere
         // (unless a COPY brought it back), whatever copy, log entry or collected
         // tombstone a merge met.
-        for (mailbox, guid) in self.expunged.iter().filter(|k| !self.copy_requested.contains(*k)) {
+        // Where more disks were lost than the mode survives, an EXPUNGE answered only by
+        // servers whose disks were then lost may be undone with them, as a SAVE may be
+        // lost (async mode: answered once durable there alone).
+        let undone_with_lost_disks = |key: &(MailboxKey, Guid)| {
+            !check_loss && self.expunge_ackers.get(key).is_some_and(|a| a.iter().all(|s| self.lost_servers.contains(s)))
+        };
+        for (mailbox, guid) in
+            self.expunged.iter().filter(|k| !self.copy_requested.contains(*k) && !undone_with_lost_disks(k))
+        {
             for sid in stores.keys() {
                 if by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid)) {
                     found.push((

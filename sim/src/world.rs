@@ -2255,7 +2255,7 @@ impl World {
                 // no EXPUNGE for it.
                 if let Some(mailbox) = &o.mailbox {
                     let gone: Vec<Guid> = o.expunging.iter().filter(|(u, _)| uids.contains(u)).map(|m| m.1).collect();
-                    self.oracle.expunge_acked(mailbox, &gone);
+                    self.oracle.expunge_acked(sid, mailbox, &gone);
                     let asked: Vec<Guid> = o.expunging.iter().map(|m| m.1).collect();
                     self.oracle.expunge_answered(t, mailbox, &asked);
                 }
