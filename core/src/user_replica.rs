@@ -682,30 +682,24 @@ impl ReplicaSync {
             }
             ClientReply::Write(WriteResult::Merged { .. }) => {
                 let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
-                // The cluster holds these bindings now (or retired them for a move).
-                let pushed: Vec<Uid> = p
-                    .pieces
-                    .get(piece)
-                    .map(|s| s.messages.iter().map(|r| r.uid).filter(|uid| *uid > 0).collect())
-                    .unwrap_or_default();
-                for &uid in &pushed {
-                    p.from_cluster.insert_range(uid, uid);
-                }
-                // Kept at once, not only when this round's adopt ends: a round cut off
-                // after the push would leave the next one pushing the same copies as
-                // never seen, and a binding the cluster expunged and collected meanwhile
-                // would come back at a new UID (`explore --focus laptop` seed 68044).
-                if let Some(uidvalidity) = p.pieces.get(piece).map(|s| s.uidvalidity) {
+                if let Some(pushed) = p.pieces.get(piece) {
+                    // The cluster holds these bindings now (or retired them for a move).
+                    // Kept in the marks at once, not only when this round's adopt ends: a
+                    // round cut off after the push would leave the next one pushing the
+                    // same copies as never seen, and a binding the cluster expunged and
+                    // collected meanwhile would come back at a new UID (`explore --focus
+                    // laptop` seed 68044).
+                    let uidvalidity = pushed.uidvalidity;
                     let fresh = || MailboxMarks { replica_uidvalidity: uidvalidity, ..MailboxMarks::default() };
                     let marks = self.marks.mailboxes.entry(mailbox.name.to_string()).or_insert_with(fresh);
                     if marks.replica_uidvalidity != uidvalidity {
                         *marks = fresh();
                     }
-                    for &uid in &pushed {
+                    for uid in pushed.messages.iter().map(|r| r.uid).filter(|uid| *uid > 0) {
+                        p.from_cluster.insert_range(uid, uid);
                         marks.from_cluster.insert_range(uid, uid);
                     }
                 }
-                let Some(p) = self.mailboxes.get_mut(&mailbox) else { return };
                 p.pieces_left = p.pieces_left.saturating_sub(1);
                 if p.pieces_left == 0 && !p.failed {
                     let summary =

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tandem_core::{Bug, Durability, Flag, Granularity, MailboxKey, Mark, Sid, SpecialUse};
 
 /// Explored clients retry failed deliveries as an MTA does, after this long.
-const MTA_RETRY_MS: u64 = 4000;
+pub(crate) const MTA_RETRY_MS: u64 = 4000;
 
 /// Keeps the generator's stream apart from the run's own RNG stream of the same seed.
 const GENERATOR_SALT: u64 = 0x5eed_0f5e_ed0f_5eed;

@@ -104,16 +104,13 @@ pub struct Oracle {
     first_uid: BTreeMap<MailboxKey, BTreeMap<Guid, Uid>>,
     /// SAVE/COPY answered OK.
     pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
-    /// EXPUNGE answered OK, by message.
-    pub expunged: BTreeSet<(MailboxKey, Guid)>,
-    /// The servers that answered each EXPUNGE OK, by message.
-    expunge_ackers: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
+    /// EXPUNGE answered OK, by message: the servers that answered it.
+    pub expunged: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
     /// Servers whose disks were lost for good (see `forget_server`).
     lost_servers: BTreeSet<Sid>,
-    /// Every message an EXPUNGE was asked for, answered or not.
-    pub expunge_requested: BTreeSet<(MailboxKey, Guid)>,
-    /// When EXPUNGEs of each message were asked for and answered (see `ExpungeTimes`).
-    /// By message, then mailbox (a write's look-up compares GUIDs first, which is cheap).
+    /// Every message an EXPUNGE was asked for, answered or not: when they were asked for
+    /// and answered (see `ExpungeTimes`). By message, then mailbox (a write's look-up
+    /// compares GUIDs first, which is cheap).
     expunge_times: BTreeMap<Guid, BTreeMap<MailboxKey, ExpungeTimes>>,
     /// Where a message a client asked to expunge was placed again (at a UID no EXPUNGE
     /// named), and whether the server that placed it knew of the expunge then (its copy
@@ -174,6 +171,9 @@ impl Oracle {
     /// other times are one state).
     pub fn describe_timeless(&self, into: &mut impl std::fmt::Write) -> std::fmt::Result {
         let acked: Vec<(&(MailboxKey, Guid), Sid)> = self.acked.iter().map(|(k, (sid, _))| (k, *sid)).collect();
+        let expunged: BTreeSet<&(MailboxKey, Guid)> = self.expunged.keys().collect();
+        let expunge_requested: BTreeSet<(&MailboxKey, &Guid)> =
+            self.expunge_times.iter().flat_map(|(g, by_mailbox)| by_mailbox.keys().map(move |k| (k, g))).collect();
         write!(
             into,
             "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
@@ -181,8 +181,8 @@ impl Oracle {
             self.shown_any,
             self.first_uid,
             acked,
-            self.expunged,
-            self.expunge_requested,
+            expunged,
+            expunge_requested,
             self.deleted_mailboxes,
             self.renamed,
             self.copy_requested,
@@ -456,7 +456,7 @@ impl Oracle {
             .filter(|(_, (by, acked_us))| {
                 *acked_us < issued_us && *acked_us > faults_until_us && !self.apart.contains(by)
             })
-            .filter(|((m, g), _)| shown.binary_search(g).is_err() && !self.expunge_requested.contains(&(m.clone(), *g)))
+            .filter(|((m, g), _)| shown.binary_search(g).is_err() && !self.expunge_asked(m, *g))
             .map(|((_, g), (by, acked_us))| (*g, *by, *acked_us))
             .collect();
         for (guid, by, acked_us) in missing {
@@ -494,7 +494,7 @@ impl Oracle {
             .filter(|(_, (by, acked_us))| {
                 *acked_us < issued_us && *acked_us > faults_until_us && !self.apart.contains(by)
             })
-            .filter(|((m, g), _)| !self.expunge_requested.contains(&(m.clone(), *g)))
+            .filter(|((m, g), _)| !self.expunge_asked(m, *g))
             .count();
         if status.messages < owed {
             let detail = format!(
@@ -538,14 +538,18 @@ impl Oracle {
     /// Whether any client asked for the message to go from the mailbox: an EXPUNGE of
     /// it, a DELETE or a RENAME of the mailbox.
     pub fn removal_asked(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
-        self.expunge_requested.contains(&(mailbox.clone(), guid))
+        self.expunge_asked(mailbox, guid)
             || self.deleted_mailboxes.contains(mailbox)
             || self.renamed.contains_key(mailbox)
     }
 
+    /// Whether an EXPUNGE of the message was asked for, answered or not.
+    fn expunge_asked(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
+        self.expunge_times.get(&guid).is_some_and(|m| m.contains_key(mailbox))
+    }
+
     pub fn expunge_requested(&mut self, time_us: u64, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) {
         for (uid, g) in messages {
-            self.expunge_requested.insert((mailbox.clone(), *g));
             let t = self.expunge_times.entry(*g).or_default().entry(mailbox.clone()).or_default();
             t.last_requested_us = time_us;
             t.unanswered = t.unanswered.saturating_add(1);
@@ -581,8 +585,7 @@ impl Oracle {
 
     pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
-            self.expunged.insert((mailbox.clone(), *g));
-            self.expunge_ackers.entry((mailbox.clone(), *g)).or_default().insert(server);
+            self.expunged.entry((mailbox.clone(), *g)).or_default().insert(server);
         }
     }
 
@@ -663,29 +666,26 @@ impl Oracle {
                 // Where it may be: here, or where a rename asked for may have moved it.
                 let places = rename_targets(&self.renamed, mailbox);
                 let gone_on_purpose = places.iter().any(|place| {
-                    let key = (place.clone(), *guid);
-                    self.expunged.contains(&key)
-                        || self.expunge_requested.contains(&key)
+                    self.expunged.contains_key(&(place.clone(), *guid))
+                        || self.expunge_asked(place, *guid)
                         || self.deleted_mailboxes.contains(place)
                 });
                 // Unless it came back after every EXPUNGE of it was done, and none asked
                 // for since may have taken it (a MOVE to Trash and back).
+                let taken_since = |issued_us: u64| {
+                    places.iter().any(|place| {
+                        self.deleted_mailboxes.contains(place)
+                            || self
+                                .expunge_times
+                                .get(guid)
+                                .and_then(|m| m.get(place))
+                                .is_some_and(|t| t.last_requested_us >= issued_us || t.unanswered > 0)
+                    })
+                };
                 let (server, at) = match self.acked_after_expunge.get(&(mailbox.clone(), *guid)) {
-                    Some((again_by, again_at, issued_us))
-                        if gone_on_purpose
-                            && !places.iter().any(|place| {
-                                self.deleted_mailboxes.contains(place)
-                                    || self
-                                        .expunge_times
-                                        .get(guid)
-                                        .and_then(|m| m.get(place))
-                                        .is_some_and(|t| t.last_requested_us >= *issued_us || t.unanswered > 0)
-                            }) =>
-                    {
-                        (again_by, again_at)
-                    }
-                    _ if gone_on_purpose => continue,
-                    _ => (server, at),
+                    _ if !gone_on_purpose => (server, at),
+                    Some((again_by, again_at, issued_us)) if !taken_since(*issued_us) => (again_by, again_at),
+                    _ => continue,
                 };
                 if unrecoverable.contains(guid) {
                     continue;
@@ -721,10 +721,10 @@ impl Oracle {
         // servers whose disks were then lost may be undone with them, as a SAVE may be
         // lost (async mode: answered once durable there alone).
         let undone_with_lost_disks = |key: &(MailboxKey, Guid)| {
-            !check_loss && self.expunge_ackers.get(key).is_some_and(|a| a.iter().all(|s| self.lost_servers.contains(s)))
+            !check_loss && self.expunged.get(key).is_some_and(|a| a.iter().all(|s| self.lost_servers.contains(s)))
         };
         for (mailbox, guid) in
-            self.expunged.iter().filter(|k| !self.copy_requested.contains(*k) && !undone_with_lost_disks(k))
+            self.expunged.keys().filter(|k| !self.copy_requested.contains(*k) && !undone_with_lost_disks(k))
         {
             for sid in stores.keys() {
                 if by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid)) {

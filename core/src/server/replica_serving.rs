@@ -436,8 +436,7 @@ impl Server {
         let now = self.now;
         self.dropped_lately.retain(|_, (_, at)| now.0.saturating_sub(at.0) < DROPPED_LATELY_KEPT_US);
         for record in at_risk {
-            let live = self.image.mailboxes().values().any(|m| m.messages.has_guid(record.guid));
-            if live || self.image.body_intact(record.guid) != Some(true) {
+            if self.image.is_referenced(record.guid) || self.image.body_intact(record.guid) != Some(true) {
                 continue;
             }
             if self.dropped_lately.len() >= DROPPED_LATELY_MAX

@@ -387,22 +387,25 @@ impl Server {
     /// Join a piece of state from `src` into our copy: as master (deciding conflicts and
     /// replicating the outcome) or as a replica (refusing conflicts, asking for SYNC).
     pub(crate) fn merge_foreign(&mut self, src: Sid, state: &MailboxState) -> MergeOutcome {
+        self.merge_from_peer(src, state, false)
+    }
+
+    /// A peer's piece of state merged in our role for its mailbox; `from_log`: a log
+    /// entry's piece (`MergeRules::from_log`), not a copy's state.
+    fn merge_from_peer(&mut self, src: Sid, state: &MailboxState, from_log: bool) -> MergeOutcome {
         let key = self.master_key(&state.mailbox);
         let is_master = self.masters.masters(&key);
-        let from_master = self.masters.cached(&key) == Some(src);
-        self.merge_state(state, is_master, from_master, Some(src))
+        let mut rules = self.merge_rules();
+        rules.from_master = self.masters.cached(&key) == Some(src);
+        rules.from_log = from_log;
+        self.merge_state_by(state, is_master, rules, Some(src))
     }
 
     /// [`Server::merge_foreign`] of a log entry's piece of state (see
     /// `MergeRules::from_log`). A piece a master may not decide alone is answered with
     /// our state as a SYNC request: the sender's state comes back and decides it.
     fn merge_log_piece(&mut self, src: Sid, piece: &MailboxState) -> MergeOutcome {
-        let key = self.master_key(&piece.mailbox);
-        let is_master = self.masters.masters(&key);
-        let mut rules = self.merge_rules();
-        rules.from_master = self.masters.cached(&key) == Some(src);
-        rules.from_log = true;
-        let out = self.merge_state_by(piece, is_master, rules, Some(src));
+        let out = self.merge_from_peer(src, piece, true);
         if out.needs_senders_state {
             self.marks.hit(Mark::LogCopySettledBySync);
             let mailbox = &piece.mailbox;
@@ -412,21 +415,9 @@ impl Server {
         out
     }
 
-    /// [`Server::merge_foreign`] with the role given: a user replica's copy merged by its
-    /// master (no peer sent it), or the cluster's copy taken by a user replica.
-    pub(crate) fn merge_state(
-        &mut self,
-        state: &MailboxState,
-        is_master: bool,
-        from_master: bool,
-        src: Option<Sid>,
-    ) -> MergeOutcome {
-        let mut rules = self.merge_rules();
-        rules.from_master = from_master;
-        self.merge_state_by(state, is_master, rules, src)
-    }
-
-    /// [`Server::merge_state`] under the given rules.
+    /// [`Server::merge_foreign`] in the role and under the rules given: also a user
+    /// replica's copy merged by its master (no peer sent it, `src` None), or the
+    /// cluster's copy taken by a user replica.
     pub(crate) fn merge_state_by(
         &mut self,
         state: &MailboxState,
