@@ -11,6 +11,14 @@
 //!   expunges on both, its agent's syncs, RENAMEs, master moves, crashes, lost disks and
 //!   partitions in any order. Found explore seed 1159717's second order of adopts and a
 //!   false alarm of the oracle after lost async disks.
+//! - `partial`: a partial cluster server (bodies of some mailboxes, dates or sizes only)
+//!   beside three whole ones, with saves of small and large messages, copies and moves,
+//!   expunges, RENAMEs across its patterns, clients reading bodies through it, master
+//!   moves to and from it, crashes, lost disks, damaged bodies and partitions.
+//! - `leave`: a server leaves the cluster (`tandem member remove`) while mail goes on,
+//!   sometimes with a spare joining, the leaving server crashing or cut off during its
+//!   handover, and a laptop whose home it was syncing before and after (through another
+//!   server once its home is gone).
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,15 +31,19 @@ const FOCUS_SALT: u64 = 0xf0c5_5eed_f0c5_5eed;
 pub enum Focus {
     MoveBack,
     Laptop,
+    Partial,
+    Leave,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 2] = [Focus::MoveBack, Focus::Laptop];
+    pub const ALL: [Focus; 4] = [Focus::MoveBack, Focus::Laptop, Focus::Partial, Focus::Leave];
 
     pub fn name(self) -> &'static str {
         match self {
             Focus::MoveBack => "move-back",
             Focus::Laptop => "laptop",
+            Focus::Partial => "partial",
+            Focus::Leave => "leave",
         }
     }
 
@@ -46,6 +58,8 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
     let mut draft = match focus {
         Focus::MoveBack => move_back(&mut rng),
         Focus::Laptop => laptop(&mut rng),
+        Focus::Partial => partial(&mut rng),
+        Focus::Leave => leave(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -54,8 +68,8 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         seed,
         wire: false,
         cluster: ClusterSpec {
-            servers: servers(),
-            spares: Vec::new(),
+            servers: draft.servers,
+            spares: draft.spares,
             replicas: 1,
             durability: draft.durability,
             log_capacity: draft.log_capacity,
@@ -68,7 +82,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
             startup_hold_ms: STARTUP_HOLD_MS_DEFAULT,
             mta_retry_ms: Some(crate::explore::MTA_RETRY_MS),
             laptops: draft.laptops,
-            partial_servers: Default::default(),
+            partial_servers: draft.partial_servers,
         },
         events: draft.events,
         expects: vec![Expect::Invariants],
@@ -86,6 +100,9 @@ struct Draft {
     latency_ms: (u64, u64),
     tombstone_grace_ms: u64,
     laptops: Vec<LaptopSpec>,
+    servers: Vec<Sid>,
+    spares: Vec<Sid>,
+    partial_servers: std::collections::BTreeMap<Sid, tandem_core::partial::Partial>,
 }
 
 impl Draft {
@@ -98,6 +115,9 @@ impl Draft {
             latency_ms: (1, one_of(rng, latencies_ms)),
             tombstone_grace_ms: one_of(rng, graces_ms),
             laptops: Vec::new(),
+            servers: servers(),
+            spares: Vec::new(),
+            partial_servers: Default::default(),
         }
     }
 
@@ -248,6 +268,247 @@ fn laptop(rng: &mut ChaCha8Rng) -> Draft {
             }
             80..86 => d.at(t, Action::Heal),
             _ => d.at(t, Action::Replicate { server: laptop, home: None }),
+        }
+    }
+    d
+}
+
+fn partial(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let whole = servers();
+    let part = Sid(4);
+    let mut all = whole.clone();
+    all.push(part);
+    d.servers = all.clone();
+    let user = "u1@d1";
+    let mut spec = tandem_core::partial::Partial {
+        body_bytes_max: Some(one_of(rng, &[500, 1000])),
+        keep_fetched: rng.random_bool(0.5),
+        ..Default::default()
+    };
+    // Patterns on the names RENAMEs move messages between, so that a RENAME may carry
+    // them into or out of what the partial server holds.
+    match rng.random_range(0..5u32) {
+        0 => spec.mailboxes = vec!["%/INBOX".into()],
+        1 => spec.mailboxes = vec!["*/Box%".into()],
+        2 => spec.mailboxes = vec!["*/Ren%".into(), "%/INBOX".into()],
+        3 => spec.since_s = crate::scenario::SIM_EPOCH_S + rng.random_range(0..8u64),
+        _ => {}
+    }
+    if !spec.mailboxes.is_empty() && rng.random_bool(0.5) {
+        spec.body_bytes_max = None;
+    }
+    d.partial_servers.insert(part, spec);
+    let mut boxes = vec![MailboxKey::new(user, "INBOX"), MailboxKey::new(user, "Box1")];
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut renames = 0;
+    let mut t = 300;
+    // Mostly through the partial server: it is the one under test.
+    let through = |rng: &mut ChaCha8Rng| if rng.random_bool(0.5) { part } else { one_of(rng, &whole) };
+    for _ in 0..rng.random_range(1..=3u32) {
+        let label = format!("m{}", labels.len() + 1);
+        let mailbox = one_of(rng, &boxes);
+        let size = one_of(rng, &[100, 1500]);
+        let server = through(rng);
+        d.at(t, save(server, &mailbox, &label, size));
+        labels.push((mailbox, label));
+        t += rng.random_range(10..=200u64);
+    }
+    for _ in 0..rng.random_range(8..=18u32) {
+        t += rng.random_range(50..=900u64);
+        match rng.random_range(0..100u32) {
+            0..22 => {
+                let label = format!("m{}", labels.len() + 1);
+                let mailbox = one_of(rng, &boxes);
+                let size = one_of(rng, &[100, 1500]);
+                let server = through(rng);
+                d.at(t, save(server, &mailbox, &label, size));
+                labels.push((mailbox, label));
+            }
+            22..32 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let others: Vec<MailboxKey> = boxes.iter().filter(|b| **b != from).cloned().collect();
+                let to = one_of(rng, &others);
+                let as_label = format!("m{}", labels.len() + 1);
+                let server = through(rng);
+                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                labels.push((to, as_label));
+            }
+            32..40 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                let server = through(rng);
+                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+            }
+            40..52 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::FetchBody { server: part, mailbox, label });
+            }
+            52..55 => {
+                let fresh = rng.random_bool(0.5);
+                d.at(t, Action::Read { server: part, mailbox: one_of(rng, &boxes), fresh });
+            }
+            55..60 => {
+                let server = if rng.random_bool(0.5) { part } else { one_of(rng, &all) };
+                d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) });
+            }
+            60..68 => {
+                renames += 1;
+                let from = one_of(rng, &boxes);
+                let name = if rng.random_bool(0.5) { format!("Ren{renames}") } else { format!("Box{}", renames + 1) };
+                let to = MailboxKey::new(user, &name);
+                let server = through(rng);
+                d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
+                // A RENAME of INBOX leaves an empty INBOX behind; its messages go along.
+                for (mailbox, _) in labels.iter_mut() {
+                    if *mailbox == from {
+                        *mailbox = to.clone();
+                    }
+                }
+                boxes.retain(|b| *b != from || &*b.name == "INBOX");
+                boxes.push(to);
+            }
+            68..78 => {
+                let server = if rng.random_bool(0.5) { part } else { one_of(rng, &whole) };
+                let fault = match rng.random_range(0..4u32) {
+                    0 => Action::Lose { server },
+                    _ => Action::Crash { server },
+                };
+                d.at(t, fault);
+                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
+            }
+            78..82 if !labels.is_empty() => {
+                let (_, label) = one_of(rng, &labels);
+                d.at(t, Action::Corrupt { server: one_of(rng, &all), label });
+            }
+            82..92 => {
+                let alone = if rng.random_bool(0.5) { part } else { one_of(rng, &whole) };
+                let rest: Vec<Sid> = all.iter().copied().filter(|s| *s != alone).collect();
+                d.at(t, Action::Partition { groups: vec![vec![alone], rest] });
+            }
+            _ => d.at(t, Action::Heal),
+        }
+    }
+    d
+}
+
+fn leave(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let all = servers();
+    let spare = Sid(4);
+    let leaving = one_of(rng, &all);
+    let staying: Vec<Sid> = all.iter().copied().filter(|s| *s != leaving).collect();
+    let joins = rng.random_bool(0.5);
+    let mut present = all.clone();
+    if joins {
+        d.spares.push(spare);
+    }
+    let user = "u1@d1";
+    let boxes = [MailboxKey::new(user, "INBOX"), MailboxKey::new(user, "Box1")];
+    let laptop = Sid(13);
+    let with_laptop = rng.random_bool(0.5);
+    if with_laptop {
+        // Its home is the server that leaves, mostly.
+        let home = if rng.random_bool(0.7) { leaving } else { one_of(rng, &all) };
+        d.laptops.push(LaptopSpec { sid: laptop, user: user.to_string(), home, latency_ms: (1, 10), partial: None });
+    }
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    let leave_at = rng.random_range(1500..=6000u64);
+    let join_at = rng.random_range(500..=8000u64);
+    let mut left = false;
+    let mut joined = false;
+    for _ in 0..rng.random_range(10..=20u32) {
+        t += rng.random_range(50..=700u64);
+        if !left && t >= leave_at {
+            left = true;
+            d.at(t, Action::MemberRemove { server: one_of(rng, &present), member: leaving, lost: false });
+            present.retain(|s| *s != leaving);
+            // The leaving server crashes or is cut off in the middle of its handover.
+            match rng.random_range(0..4u32) {
+                0 => {
+                    let at = t + rng.random_range(1..=300u64);
+                    d.at(at, Action::Crash { server: leaving });
+                    d.at(at + rng.random_range(50..=800u64), Action::Restart { server: leaving });
+                }
+                1 => {
+                    let at = t + rng.random_range(1..=300u64);
+                    d.at(at, Action::Partition { groups: vec![vec![leaving], staying.clone()] });
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if joins && !joined && t >= join_at {
+            joined = true;
+            d.at(t, Action::MemberAdd { server: one_of(rng, &present), member: spare });
+            present.push(spare);
+            continue;
+        }
+        let server = if with_laptop && rng.random_bool(0.25) { laptop } else { one_of(rng, &present) };
+        match rng.random_range(0..100u32) {
+            0..30 => {
+                let label = format!("m{}", labels.len() + 1);
+                let mailbox = one_of(rng, &boxes);
+                d.at(t, save(server, &mailbox, &label, one_of(rng, &[100, 1500])));
+                labels.push((mailbox, label));
+            }
+            30..40 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = boxes.iter().find(|b| **b != from).cloned().unwrap_or_else(|| from.clone());
+                let as_label = format!("m{}", labels.len() + 1);
+                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                labels.push((to, as_label));
+            }
+            40..48 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+            }
+            48..58 if with_laptop => {
+                // Once its home has left, the user points it at another server.
+                let home = left.then(|| one_of(rng, &present));
+                d.at(t, Action::Replicate { server: laptop, home });
+            }
+            58..68 => d.at(t, Action::MasterMove { server: one_of(rng, &present), mailbox: one_of(rng, &boxes) }),
+            68..76 => {
+                let server = one_of(rng, &present);
+                d.at(t, Action::Crash { server });
+                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
+            }
+            76..86 => {
+                let alone = one_of(rng, &present);
+                let rest: Vec<Sid> = present.iter().copied().filter(|s| *s != alone).collect();
+                d.at(t, Action::Partition { groups: vec![vec![alone], rest] });
+            }
+            _ => d.at(t, Action::Heal),
+        }
+    }
+    if left {
+        // Long enough after for the leaving server to have handed everything over and
+        // retired (a run otherwise ends once the servers agree): then more mail, the
+        // retired server restarting, the laptop syncing through a server that stays.
+        t += rng.random_range(50..=500u64);
+        d.at(t, Action::Heal);
+        t += rng.random_range(15_000..=40_000u64);
+        if rng.random_bool(0.3) {
+            d.at(t + 1, Action::Crash { server: leaving });
+            d.at(t + rng.random_range(50..=800u64), Action::Restart { server: leaving });
+        }
+        for _ in 0..rng.random_range(1..=4u32) {
+            t += rng.random_range(50..=700u64);
+            let server = one_of(rng, &present);
+            match rng.random_range(0..4u32) {
+                0 if !labels.is_empty() => {
+                    let (mailbox, label) = one_of(rng, &labels);
+                    d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+                }
+                1 if with_laptop => d.at(t, Action::Replicate { server: laptop, home: Some(server) }),
+                _ => {
+                    let label = format!("m{}", labels.len() + 1);
+                    let mailbox = one_of(rng, &boxes);
+                    d.at(t, save(server, &mailbox, &label, 100));
+                    labels.push((mailbox, label));
+                }
+            }
         }
     }
     d

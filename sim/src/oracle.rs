@@ -736,26 +736,47 @@ impl Oracle {
             }
         }
         // Where more servers lost their disks than the mode survives (`check_loss` off), a
-        // binding shown by a server since lost, of a message no live server has any trace
-        // of in the mailbox (no record, no tombstone), died with it: nothing left can know
-        // that UID was used (explore-style runs where every disk holding it was lost).
-        let traced: BTreeSet<(&MailboxKey, Guid)> = if check_loss {
+        // binding no running server showed, that no live server has any trace of at its
+        // UID (no record of that message there, no tombstone of it, the UID not retired),
+        // was shown by servers since lost and died with them: nothing left can know that
+        // UID was used (explore-style runs where every disk holding it was lost). The
+        // same message placed again in the mailbox at another UID (a later COPY of it)
+        // does not make the lost binding known (focus partial seeds 54022, 163926).
+        let traced: BTreeSet<(&MailboxKey, u32, Uid, Guid)> = if check_loss {
             BTreeSet::new()
         } else {
             stores
                 .values()
                 .flat_map(|image| image.mailboxes.iter())
                 .flat_map(|(k, m)| {
-                    m.messages.values().map(|r| r.guid).chain(m.tombstones.keys().map(|(_, g)| *g)).map(move |g| (k, g))
+                    let v = m.uidvalidity;
+                    m.messages
+                        .values()
+                        .map(|r| (r.uid, r.guid))
+                        .chain(m.tombstones.keys().copied())
+                        .map(move |(uid, g)| (k, v, uid, g))
                 })
                 .collect()
         };
-        let remembered = |mailbox: &MailboxKey, g: &Guid| check_loss || traced.contains(&(mailbox, *g));
+        let retired_on_live = |mailbox: &MailboxKey, uidvalidity: u32, uid: Uid| {
+            stores.values().any(|image| {
+                image.mailboxes.get(mailbox).is_some_and(|m| m.uidvalidity == uidvalidity && m.retired.contains(uid))
+            })
+        };
+        let shown_by_running = |mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, g: &Guid| {
+            self.shown.values().any(|by| by.get(mailbox).and_then(|b| b.get(&(uidvalidity, uid))) == Some(g))
+        };
+        let remembered = |mailbox: &MailboxKey, uidvalidity: u32, uid: Uid, g: &Guid| {
+            check_loss
+                || shown_by_running(mailbox, uidvalidity, uid, g)
+                || traced.contains(&(mailbox, uidvalidity, uid, *g))
+                || retired_on_live(mailbox, uidvalidity, uid)
+        };
         for (sid, image) in stores {
             for (mailbox, m) in &image.mailboxes {
                 for r in m.messages.values() {
                     if let Some(guids) = self.shown_any.get(mailbox).and_then(|s| s.get(&(m.uidvalidity, r.uid)))
-                        && guids.iter().any(|g| *g != r.guid && remembered(mailbox, g))
+                        && guids.iter().any(|g| *g != r.guid && remembered(mailbox, m.uidvalidity, r.uid, g))
                     {
                         found.push((
                             UIDS_NEVER_REUSED,

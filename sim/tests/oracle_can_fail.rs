@@ -70,24 +70,44 @@ fn uids_never_reused_fails_when_a_conflicting_uid_is_not_retired() {
     assert!(o.violated(oracle::UIDS_NEVER_REUSED));
 }
 
-/// Past the mode's promise (more disks lost than it survives), a UID shown only for a
-/// message no live server has any trace of died with those disks; one still traced counts.
+/// Past the mode's promise (more disks lost than it survives), a UID shown only by a
+/// server whose disk was then lost, for a message no live server has any trace of at that
+/// UID, died with that disk; one still shown by a running server, or traced at that UID,
+/// counts. The same message placed again at another UID (copied back) does not make the
+/// lost binding known (focus partial seeds 54022, 163926).
 #[test]
 fn uids_never_reused_forgets_only_bindings_nothing_left_knows() {
-    let history = |traced: bool| {
+    #[derive(PartialEq)]
+    enum Then {
+        Nothing,
+        CopiedBackAtAnotherUid,
+        HeldAtThatUidElsewhere,
+        ShowerKeptItsDisk,
+    }
+    let history = |then: Then| {
         let mut o = Oracle::default();
         o.shown(1, Sid(3), &inbox(), 7, 1, Guid(11));
+        if then != Then::ShowerKeptItsDisk {
+            o.forget_server(Sid(3));
+        }
         o.shown(2, Sid(13), &inbox(), 7, 1, Guid(10));
         let mut records = vec![record(1, 10, &[])];
-        if traced {
+        if then == Then::CopiedBackAtAnotherUid {
             records.push(record(2, 11, &[]));
         }
-        let img = server(records);
-        o.at_quiescence(5, &BTreeMap::from([(Sid(1), &img)]), false, &BTreeSet::new());
+        let here = server(records);
+        let elsewhere = server(vec![record(1, 11, &[])]);
+        let mut stores = BTreeMap::from([(Sid(1), &here)]);
+        if then == Then::HeldAtThatUidElsewhere {
+            stores.insert(Sid(2), &elsewhere);
+        }
+        o.at_quiescence(5, &stores, false, &BTreeSet::new());
         o.violated(oracle::UIDS_NEVER_REUSED)
     };
-    assert!(!history(false), "the only server that knew of UID 1's other message lost its disk");
-    assert!(history(true), "the other message is still here: UID 1 was reused");
+    assert!(!history(Then::Nothing), "the only server that knew of UID 1's other message lost its disk");
+    assert!(!history(Then::CopiedBackAtAnotherUid), "its message copied back elsewhere knows nothing of UID 1");
+    assert!(history(Then::HeldAtThatUidElsewhere), "a live server knows UID 1 holds the other message: reused");
+    assert!(history(Then::ShowerKeptItsDisk), "the server that showed it still runs: UID 1 was reused");
 }
 
 #[test]
