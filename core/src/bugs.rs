@@ -63,10 +63,14 @@ pub enum Bug {
     /// show whether its sender saw that expunge collected: a MOVE back made after the
     /// collection is expunged at the heal, and the message is gone.
     ExpungeWinsOverLogCopy,
+    /// Tombstone collection takes a user replica's message's expunge like any other: a
+    /// push whose answer was lost, sent again after the expunge's collection, brings the
+    /// message back (focus leave seed 157812).
+    CollectReplicaTombstones,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 17] = [
+    pub const ALL: [Bug; 18] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -84,6 +88,7 @@ impl Bug {
         Bug::CountsAcksOfLostStores,
         Bug::LaptopLeavesItsIncarnation,
         Bug::ExpungeWinsOverLogCopy,
+        Bug::CollectReplicaTombstones,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,6 +110,7 @@ impl Bug {
             Bug::CountsAcksOfLostStores => "counts-acks-of-lost-stores",
             Bug::LaptopLeavesItsIncarnation => "laptop-leaves-its-incarnation",
             Bug::ExpungeWinsOverLogCopy => "expunge-wins-over-log-copy",
+            Bug::CollectReplicaTombstones => "collect-replica-tombstones",
         }
     }
 

@@ -8,8 +8,8 @@
 //!   rearranged or healed. Found the loss fixed by `MergeRules::from_log` (44 of its first
 //!   4,000 seeds fail under the broken variant `expunge-wins-over-log-copy`).
 //! - `laptop`: a laptop of one user beside three servers; saves, copies, moves and
-//!   expunges on both, its agent's syncs, RENAMEs, master moves, crashes, lost disks and
-//!   partitions in any order. Found explore seed 1159717's second order of adopts and a
+//!   expunges on both, its agent's syncs, RENAMEs, master moves, crashes (the laptop's
+//!   too, in the middle of a sync round), lost disks and partitions in any order. Found explore seed 1159717's second order of adopts and a
 //!   false alarm of the oracle after lost async disks.
 //! - `partial`: a partial cluster server (bodies of some mailboxes, dates or sizes only)
 //!   beside three whole ones, with saves of small and large messages, copies and moves,
@@ -267,6 +267,14 @@ fn laptop(rng: &mut ChaCha8Rng) -> Draft {
                 d.at(t, Action::Partition { groups: vec![vec![alone], rest] });
             }
             80..86 => d.at(t, Action::Heal),
+            86..90 => {
+                // The laptop crashes in the middle of a sync round: what it remembers
+                // only in memory (records its adopts dropped) is gone after.
+                d.at(t, Action::Replicate { server: laptop, home: None });
+                let at = t + rng.random_range(1..=60u64);
+                d.at(at, Action::Crash { server: laptop });
+                d.at(at + rng.random_range(50..=800u64), Action::Restart { server: laptop });
+            }
             _ => d.at(t, Action::Replicate { server: laptop, home: None }),
         }
     }

@@ -2213,6 +2213,14 @@ impl World {
                 WriteResult::Saved { uidvalidity, uid, guid } | WriteResult::Copied { uidvalidity, uid, guid },
             ) => {
                 if let Some(mailbox) = &o.mailbox {
+                    if matches!(reply, ClientReply::Write(WriteResult::Copied { .. })) {
+                        // A copy back of a message expunged there takes a GUID derived
+                        // from the source's (`Guid::copied_back`), which a laptop and the
+                        // cluster derive alike: a COPY brought that one to the mailbox too
+                        // (focus leave seeds 38471, 41072: the cluster's copy expunged,
+                        // the laptop's pushed after).
+                        self.oracle.copy_requested(mailbox, *guid);
+                    }
                     self.oracle.saved(t, sid, mailbox, (*uidvalidity, *uid, *guid), o.issued_us);
                     self.oracle.saved_flags(mailbox, *guid, &o.add);
                     let copies_lost =

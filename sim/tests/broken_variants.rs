@@ -243,6 +243,23 @@ fn a_master_taking_the_expunge_over_a_logged_move_back_is_caught() {
     );
 }
 
+/// A laptop's push merged while its answer was lost, the message then expunged and its
+/// tombstone collected, and the push sent again (focus leave seed 157812; five of the
+/// leave focus's 200,000 seeds and one of the laptop focus's 200,000 reached it).
+#[test]
+fn collecting_a_laptop_made_messages_tombstone_is_caught() {
+    scenario_catches(
+        "regression-push-answer-lost-then-expunged-and-collected-157812.toml",
+        Bug::CollectReplicaTombstones,
+        "no_resurrection",
+    );
+    scenario_catches(
+        "regression-laptop-crash-after-push-then-expunged-188146.toml",
+        Bug::CollectReplicaTombstones,
+        "no_resurrection",
+    );
+}
+
 /// The move-back focus (`tandem_sim::focus`) catches the same variant from generated
 /// seeds (first at seed 35 on 2026-12-06), and its first 500 seeds pass on the real
 /// core (CI sweeps more).

@@ -13,6 +13,14 @@
 //!
 //! The UIDs stay retired (see [`Retired`]): nothing is placed there again, and a message
 //! that turns up there anyway (a disk restored from an old backup) moves to a new UID.
+//!
+//! Two kinds of tombstone stay: a census's loss (see `Tombstone::lost`), and, up to
+//! [`REPLICA_TOMBSTONES_KEPT_MAX`] per mailbox (the newest), a client's expunge of a
+//! message made on a user replica (its GUID's origin is no server of the cluster). A
+//! replica's push whose answer was lost (its home crashed, or the laptop) leaves the
+//! replica knowing of no binding the cluster held for what it pushed; once that message
+//! is expunged, only its tombstone tells the replica's next push of it from new mail
+//! (focus leave seed 157812, focus laptop seed 188146).
 
 use super::Server;
 use crate::marks::Mark;
@@ -21,6 +29,10 @@ use crate::store::StoreWrite;
 use crate::types::*;
 
 use super::anti_entropy::EXAMINED_PER_PASS_MAX;
+
+/// Tombstones of messages made on user replicas a mailbox keeps past collection, at
+/// most (the newest by modseq): some 50 bytes each.
+pub(crate) const REPLICA_TOMBSTONES_KEPT_MAX: usize = 1_000;
 
 impl Server {
     /// Collects the tombstones of the mailboxes we master whose every copy agrees (see
@@ -46,6 +58,15 @@ impl Server {
             self.image.mailbox_pass(self.anti_entropy.collection_start(), EXAMINED_PER_PASS_MAX, |_, m| {
                 m.tombstones.keys().any(|(uid, _)| !lost_on(m, *uid))
             });
+        let with_tombstones = with_tombstones
+            .into_iter()
+            .filter(|k| {
+                self.image.mailbox(k).is_some_and(|m| {
+                    let kept = self.kept_for_replicas(m);
+                    m.tombstones.keys().any(|(uid, _)| !lost_on(m, *uid) && !kept.contains(uid))
+                })
+            })
+            .collect::<Vec<_>>();
         let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
         (ready, resume_after)
     }
@@ -82,9 +103,11 @@ impl Server {
         );
         let collected = m.highest_modseq.saturating_add(1);
         let mut fresh = Retired { ranges: Default::default(), collected };
-        // A census's loss stays (see `Tombstone::lost`), and so its UID is not retired:
-        // a retired UID covers every tombstone on it.
-        for (uid, _) in m.tombstones.keys().filter(|(uid, _)| !lost_on(m, *uid)) {
+        // A census's loss stays (see `Tombstone::lost`), and so does a user replica's
+        // message's expunge (see the module comment): their UIDs are not retired, as a
+        // retired UID covers every tombstone on it.
+        let kept = self.kept_for_replicas(m);
+        for (uid, _) in m.tombstones.keys().filter(|(uid, _)| !lost_on(m, *uid) && !kept.contains(uid)) {
             fresh.insert_range(*uid, *uid);
         }
         if fresh.ranges.is_empty() {
@@ -104,10 +127,12 @@ impl Server {
         });
         self.commit(StoreWrite::RetireUids { mailbox: mailbox.clone(), retired: fresh.clone() });
         debug_assert!(
-            self.image.mailbox(mailbox).is_some_and(
-                |m| m.tombstones.keys().all(|(uid, _)| lost_on(m, *uid)) && m.retired.collected == collected
-            ),
-            "a collection leaves only the tombstones on a census's lost UIDs"
+            self.image.mailbox(mailbox).is_some_and(|m| m
+                .tombstones
+                .keys()
+                .all(|(uid, _)| lost_on(m, *uid) || kept.contains(uid))
+                && m.retired.collected == collected),
+            "a collection leaves only the tombstones on a census's lost UIDs and those kept for user replicas"
         );
         self.marks.hit(Mark::TombstonesCollected);
         // Only the new ranges travel: retired UIDs are joined, never replaced.
@@ -127,6 +152,25 @@ impl Server {
 
 /// Whether a census's loss sits on `uid` (its UID is never retired: see
 /// `collect_mailbox_tombstones`).
+impl Server {
+    /// The UIDs whose tombstones `m` keeps for user replicas (see the module comment):
+    /// a client's expunge of a message whose GUID no server of the cluster made (its
+    /// origin is no member, now or before), the newest [`REPLICA_TOMBSTONES_KEPT_MAX`].
+    fn kept_for_replicas(&self, m: &crate::store::StoredMailbox) -> std::collections::BTreeSet<Uid> {
+        if self.has_bug(crate::Bug::CollectReplicaTombstones) {
+            return Default::default();
+        }
+        let mut made_on_replicas: Vec<(ModSeq, Uid)> = m
+            .tombstones
+            .values()
+            .filter(|t| t.by_client() && self.members.get(Sid(t.guid.origin())).is_none())
+            .map(|t| (t.modseq, t.uid))
+            .collect();
+        made_on_replicas.sort_unstable();
+        made_on_replicas.iter().rev().take(REPLICA_TOMBSTONES_KEPT_MAX).map(|(_, uid)| *uid).collect()
+    }
+}
+
 fn lost_on(m: &crate::store::StoredMailbox, uid: Uid) -> bool {
     m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).any(|(_, t)| t.lost)
 }
