@@ -859,8 +859,22 @@ impl MasterMerge<'_> {
     fn take_other_incarnation_expunges(&mut self) {
         debug_assert!(!self.same_validity);
         let (modseq, foreign) = (self.modseq, self.foreign);
+        // Their incarnation is deleted: its expunges were of a mailbox its user then
+        // deleted or renamed away (a RENAME deletes its source, the messages going on to
+        // the target), not of the messages this incarnation holds (focus rename seed
+        // 46772: both sides of a partition renamed a mailbox onto the other's name, and
+        // each side's deleted source took the message the other renamed in).
+        if foreign.lifecycle.deleted_at > foreign.lifecycle.created_at && foreign.messages.is_empty() {
+            return;
+        }
         for t in foreign.tombstones.iter().filter(|t| t.of_message()) {
-            if self.ours_dead.contains(&t.guid) {
+            // An expunge our retired UIDs cover is one every server had seen when it was
+            // collected here, from the name's shared history: this incarnation began
+            // knowing it (a RENAME into a name with history starts above its UIDs), so a
+            // message live here now came back after it, by a RENAME or a COPY, and stays
+            // (focus rename seed 109115: a server down during the collection brought the
+            // old incarnation's tombstone back, and it took the message renamed in since).
+            if self.ours_dead.contains(&t.guid) || self.m.retired.covers(t) {
                 continue;
             }
             let live: Vec<Uid> = self.m.messages.uids_of(t.guid).collect();

@@ -19,6 +19,10 @@
 //!   sometimes with a spare joining, the leaving server crashing or cut off during its
 //!   handover, and a laptop whose home it was syncing before and after (through another
 //!   server once its home is gone).
+//! - `rename`: RENAMEs of one user's mailboxes back and forth among a few names, on both
+//!   sides of a partition (the same mailbox renamed to two names at once, two mailboxes to
+//!   one name), DELETEs and CREATEs of those names, saves, copies, moves, expunges and
+//!   flag changes into them, master moves, crashes and heals.
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -33,10 +37,11 @@ pub enum Focus {
     Laptop,
     Partial,
     Leave,
+    Rename,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 4] = [Focus::MoveBack, Focus::Laptop, Focus::Partial, Focus::Leave];
+    pub const ALL: [Focus; 5] = [Focus::MoveBack, Focus::Laptop, Focus::Partial, Focus::Leave, Focus::Rename];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +49,7 @@ impl Focus {
             Focus::Laptop => "laptop",
             Focus::Partial => "partial",
             Focus::Leave => "leave",
+            Focus::Rename => "rename",
         }
     }
 
@@ -60,6 +66,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Laptop => laptop(&mut rng),
         Focus::Partial => partial(&mut rng),
         Focus::Leave => leave(&mut rng),
+        Focus::Rename => rename(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -517,6 +524,88 @@ fn leave(rng: &mut ChaCha8Rng) -> Draft {
                     labels.push((mailbox, label));
                 }
             }
+        }
+    }
+    d
+}
+
+fn rename(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let all = servers();
+    let user = "u1@d1";
+    let names = ["INBOX", "Box1", "Box2", "Box3"];
+    let mailbox = |name: &str| MailboxKey::new(user, name);
+    let flag: Vec<tandem_core::Flag> = tandem_core::Flag::new("\\Seen").ok().into_iter().collect();
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    for _ in 0..rng.random_range(1..=3u32) {
+        let label = format!("m{}", labels.len() + 1);
+        let to = mailbox(one_of(rng, &names));
+        d.at(t, save(one_of(rng, &all), &to, &label, 100));
+        labels.push((to, label));
+        t += rng.random_range(10..=200u64);
+    }
+    for _ in 0..rng.random_range(8..=18u32) {
+        t += rng.random_range(20..=700u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..100u32) {
+            0..16 => {
+                let label = format!("m{}", labels.len() + 1);
+                let to = mailbox(one_of(rng, &names));
+                d.at(t, save(server, &to, &label, 100));
+                labels.push((to, label));
+            }
+            16..40 => {
+                // Where labels go is the sim's business (it follows the messages); the
+                // names are drawn afresh, so a RENAME may find its source gone or its
+                // target taken, as two clients racing would.
+                let from = mailbox(one_of(rng, &names));
+                let to = mailbox(one_of(rng, &names));
+                if from != to {
+                    d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
+                    for (m, _) in labels.iter_mut() {
+                        if *m == from {
+                            *m = to.clone();
+                        }
+                    }
+                }
+            }
+            40..46 => d.at(t, Action::DeleteMailbox { server, mailbox: mailbox(one_of(rng, &names[1..])) }),
+            46..50 => d.at(
+                t,
+                Action::CreateMailbox {
+                    server,
+                    mailbox: mailbox(one_of(rng, &names[1..])),
+                    special_use: Default::default(),
+                },
+            ),
+            50..58 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = mailbox(one_of(rng, &names));
+                let as_label = format!("m{}", labels.len() + 1);
+                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                labels.push((to, as_label));
+            }
+            58..64 if !labels.is_empty() => {
+                let (m, label) = one_of(rng, &labels);
+                d.at(t, Action::Expunge { server, mailbox: m, labels: vec![label] });
+            }
+            64..70 if !labels.is_empty() => {
+                let (m, label) = one_of(rng, &labels);
+                let (add, remove) =
+                    if rng.random_bool(0.6) { (flag.clone(), Vec::new()) } else { (Vec::new(), flag.clone()) };
+                d.at(t, Action::Store { server, mailbox: m, labels: vec![label], add, remove, unchanged_since: None });
+            }
+            70..78 => d.at(t, Action::MasterMove { server, mailbox: mailbox(one_of(rng, &names)) }),
+            78..84 => {
+                d.at(t, Action::Crash { server });
+                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
+            }
+            84..94 => {
+                let rest: Vec<Sid> = all.iter().copied().filter(|s| *s != server).collect();
+                d.at(t, Action::Partition { groups: vec![vec![server], rest] });
+            }
+            _ => d.at(t, Action::Heal),
         }
     }
     d

@@ -2450,6 +2450,19 @@ impl World {
             Action::RenameMailbox { server, from, to } => {
                 // Its messages may end in `to` (or stay, if the rename is refused).
                 self.oracle.rename_requested(&from, &to);
+                // A RENAME brings them to `to` as a COPY would: one expunged from `to`
+                // before (moved away, the old name deleted) is there again rightly (focus
+                // rename seeds 7971, 23625). Those `from` holds on any running server now.
+                let moving: BTreeSet<Guid> = self
+                    .nodes
+                    .values()
+                    .filter_map(|n| n.server.as_ref())
+                    .filter_map(|s| s.image().mailboxes.get(&from))
+                    .flat_map(|m| m.messages.values().map(|r| r.guid))
+                    .collect();
+                for guid in moving {
+                    self.oracle.copy_requested(&to, guid);
+                }
                 let o = Outstanding { mailbox: Some(from.clone()), ..none() };
                 self.request(server, ClientRequest::RenameMailbox { from, to }, event, o)
             }

@@ -174,3 +174,46 @@ impl Server {
 fn lost_on(m: &crate::store::StoredMailbox, uid: Uid) -> bool {
     m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).any(|(_, t)| t.lost)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Config;
+    use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
+
+    /// A GUID made by server (or replica) `origin`.
+    fn guid(n: u128, origin: u32) -> Guid {
+        Guid((n << 16) | u128::from(origin))
+    }
+
+    #[test]
+    fn only_the_newest_expunges_of_messages_made_on_user_replicas_are_kept() {
+        let mut m = StoredMailbox { uidvalidity: 7, ..Default::default() };
+        let laptop = 13;
+        let made_on_laptop = REPLICA_TOMBSTONES_KEPT_MAX as u32 + 5;
+        for uid in 1..=made_on_laptop {
+            let t = Tombstone::expunge(uid, guid(u128::from(uid), laptop), u64::from(uid));
+            m.tombstones.insert((t.uid, t.guid), t);
+        }
+        let server_made = made_on_laptop + 1;
+        let t = Tombstone::expunge(server_made, guid(1, 2), 9_999);
+        m.tombstones.insert((t.uid, t.guid), t);
+        // A retirement (a renumbering's), not a client's expunge: never kept.
+        let retired_uid = made_on_laptop + 2;
+        let t = Tombstone { expunged: false, ..Tombstone::expunge(retired_uid, guid(2, laptop), 10_000) };
+        m.tombstones.insert((t.uid, t.guid), t);
+        m.uidnext = retired_uid + 1;
+        let server = Server::recover(
+            Config::new(Sid(1), vec![Sid(1), Sid(2)]),
+            DiskImage::default(),
+            1,
+            Box::new(MemoryBodies::default()),
+        );
+        let kept = server.kept_for_replicas(&m);
+        assert_eq!(kept.len(), REPLICA_TOMBSTONES_KEPT_MAX);
+        assert!(kept.contains(&made_on_laptop) && kept.contains(&6), "the newest are kept");
+        assert!(!kept.contains(&5) && !kept.contains(&1), "the oldest beyond the limit go");
+        assert!(!kept.contains(&server_made), "a message a server of the cluster made is collected");
+        assert!(!kept.contains(&retired_uid), "a retirement is collected");
+    }
+}
