@@ -54,19 +54,25 @@ impl Server {
 
     /// The mailboxes of this pass whose tombstones may go, and where the next pass starts.
     fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
+        let members = &self.members;
+        let bug = self.has_bug(crate::Bug::CollectReplicaTombstones);
+        // Something to collect: a tombstone neither a census's loss nor kept for user
+        // replicas (one of a server's message, or one beyond the replicas' limit). A pass
+        // over the mailbox's tombstones that stops at the first (most are servers').
         let (with_tombstones, resume_after) =
             self.image.mailbox_pass(self.anti_entropy.collection_start(), EXAMINED_PER_PASS_MAX, |_, m| {
-                m.tombstones.keys().any(|(uid, _)| !lost_on(m, *uid))
-            });
-        let with_tombstones = with_tombstones
-            .into_iter()
-            .filter(|k| {
-                self.image.mailbox(k).is_some_and(|m| {
-                    let kept = self.kept_for_replicas(m);
-                    m.tombstones.keys().any(|(uid, _)| !lost_on(m, *uid) && !kept.contains(uid))
+                let mut made_on_replicas = 0;
+                m.tombstones.values().any(|t| {
+                    if lost_on(m, t.uid) {
+                        return false;
+                    }
+                    if bug || !made_on_replica(members, t) {
+                        return true;
+                    }
+                    made_on_replicas += 1;
+                    made_on_replicas > REPLICA_TOMBSTONES_KEPT_MAX
                 })
-            })
-            .collect::<Vec<_>>();
+            });
         let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
         (ready, resume_after)
     }
@@ -160,15 +166,17 @@ impl Server {
         if self.has_bug(crate::Bug::CollectReplicaTombstones) {
             return Default::default();
         }
-        let mut made_on_replicas: Vec<(ModSeq, Uid)> = m
-            .tombstones
-            .values()
-            .filter(|t| t.by_client() && self.members.get(Sid(t.guid.origin())).is_none())
-            .map(|t| (t.modseq, t.uid))
-            .collect();
+        let mut made_on_replicas: Vec<(ModSeq, Uid)> =
+            m.tombstones.values().filter(|t| made_on_replica(&self.members, t)).map(|t| (t.modseq, t.uid)).collect();
         made_on_replicas.sort_unstable();
         made_on_replicas.iter().rev().take(REPLICA_TOMBSTONES_KEPT_MAX).map(|(_, uid)| *uid).collect()
     }
+}
+
+/// A client's expunge of a message a user replica made: its GUID's origin is no server of
+/// the cluster, now or before.
+fn made_on_replica(members: &crate::membership::Membership, t: &Tombstone) -> bool {
+    t.by_client() && members.get(Sid(t.guid.origin())).is_none()
 }
 
 fn lost_on(m: &crate::store::StoredMailbox, uid: Uid) -> bool {
