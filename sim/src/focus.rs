@@ -321,25 +321,13 @@ fn partial(rng: &mut ChaCha8Rng) -> Draft {
     // Mostly through the partial server: it is the one under test.
     let through = |rng: &mut ChaCha8Rng| if rng.random_bool(0.5) { part } else { one_of(rng, &whole) };
     for _ in 0..rng.random_range(1..=3u32) {
-        let label = format!("m{}", labels.len() + 1);
-        let mailbox = one_of(rng, &boxes);
-        let size = one_of(rng, &[100, 1500]);
-        let server = through(rng);
-        d.at(t, save(server, &mailbox, &label, size));
-        labels.push((mailbox, label));
+        save_new(&mut d, rng, t, &boxes, &mut labels, through);
         t += rng.random_range(10..=200u64);
     }
     for _ in 0..rng.random_range(8..=18u32) {
         t += rng.random_range(50..=900u64);
         match rng.random_range(0..100u32) {
-            0..22 => {
-                let label = format!("m{}", labels.len() + 1);
-                let mailbox = one_of(rng, &boxes);
-                let size = one_of(rng, &[100, 1500]);
-                let server = through(rng);
-                d.at(t, save(server, &mailbox, &label, size));
-                labels.push((mailbox, label));
-            }
+            0..22 => save_new(&mut d, rng, t, &boxes, &mut labels, through),
             22..32 if !labels.is_empty() => {
                 let (from, label) = one_of(rng, &labels);
                 let others: Vec<MailboxKey> = boxes.iter().filter(|b| **b != from).cloned().collect();
@@ -404,6 +392,24 @@ fn partial(rng: &mut ChaCha8Rng) -> Draft {
         }
     }
     d
+}
+
+/// A save of a new message, small or large, into one of `boxes` through the server
+/// `through` draws, labelled after those before.
+fn save_new(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    t: u64,
+    boxes: &[MailboxKey],
+    labels: &mut Vec<(MailboxKey, String)>,
+    through: impl Fn(&mut ChaCha8Rng) -> Sid,
+) {
+    let label = format!("m{}", labels.len() + 1);
+    let mailbox = one_of(rng, boxes);
+    let size = one_of(rng, &[100, 1500]);
+    let server = through(rng);
+    d.at(t, save(server, &mailbox, &label, size));
+    labels.push((mailbox, label));
 }
 
 fn leave(rng: &mut ChaCha8Rng) -> Draft {
