@@ -864,7 +864,7 @@ impl MasterMerge<'_> {
         // the target), not of the messages this incarnation holds (focus rename seed
         // 46772: both sides of a partition renamed a mailbox onto the other's name, and
         // each side's deleted source took the message the other renamed in).
-        if foreign.lifecycle.deleted_at > foreign.lifecycle.created_at && foreign.messages.is_empty() {
+        if foreign.lifecycle.deleted() && foreign.messages.is_empty() {
             return;
         }
         for t in foreign.tombstones.iter().filter(|t| t.of_message()) {

@@ -388,7 +388,7 @@ impl StoredMailbox {
     /// [`StoredMailbox::visible`] counting only the messages `counted` keeps (a windowed
     /// replica's view: a box only messages outside the window keep shown is not shown).
     pub fn visible_by(&self, counted: impl Fn(&MessageRecord) -> bool) -> bool {
-        self.lifecycle.created_at >= self.lifecycle.deleted_at || self.messages.values().any(counted)
+        !self.lifecycle.deleted() || self.messages.values().any(counted)
     }
 }
 

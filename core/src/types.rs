@@ -937,6 +937,12 @@ impl SpecialUse {
 }
 
 impl Lifecycle {
+    /// A DELETE came after the last CREATE (a mailbox so deleted is still shown while it
+    /// holds messages: see `StoredMailbox::visible`).
+    pub fn deleted(&self) -> bool {
+        self.deleted_at > self.created_at
+    }
+
     pub fn join(&mut self, other: &Lifecycle) -> bool {
         let before = *self;
         self.created_at = self.created_at.max(other.created_at);

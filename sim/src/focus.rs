@@ -9,8 +9,9 @@
 //!   4,000 seeds fail under the broken variant `expunge-wins-over-log-copy`).
 //! - `laptop`: a laptop of one user beside three servers; saves, copies, moves and
 //!   expunges on both, its agent's syncs, RENAMEs, master moves, crashes (the laptop's
-//!   too, in the middle of a sync round), lost disks and partitions in any order. Found explore seed 1159717's second order of adopts and a
-//!   false alarm of the oracle after lost async disks.
+//!   too, in the middle of a sync round), lost disks and partitions in any order. Found
+//!   explore seed 1159717's second order of adopts, a false alarm of the oracle after
+//!   lost async disks, and (with the laptop's crashes) seed 188146.
 //! - `partial`: a partial cluster server (bodies of some mailboxes, dates or sizes only)
 //!   beside three whole ones, with saves of small and large messages, copies and moves,
 //!   expunges, RENAMEs across its patterns, clients reading bodies through it, master
@@ -130,6 +131,19 @@ impl Draft {
 
     fn at(&mut self, at_ms: u64, action: Action) {
         self.events.push(TimedEvent { at_ms, id: None, action, expect: None, line: 0 });
+    }
+
+    /// `server` goes down at `at_ms` by `fault` (a crash or a lost disk) and restarts
+    /// 50 to 800 ms later.
+    fn down_and_up(&mut self, rng: &mut ChaCha8Rng, at_ms: u64, fault: Action, server: Sid) {
+        self.at(at_ms, fault);
+        self.at(at_ms + rng.random_range(50..=800u64), Action::Restart { server });
+    }
+
+    /// A partition that cuts `alone` off from the rest of `among`.
+    fn isolate(&mut self, at_ms: u64, alone: Sid, among: &[Sid]) {
+        let rest: Vec<Sid> = among.iter().copied().filter(|s| *s != alone).collect();
+        self.at(at_ms, Action::Partition { groups: vec![vec![alone], rest] });
     }
 }
 
@@ -253,8 +267,7 @@ fn laptop(rng: &mut ChaCha8Rng) -> Draft {
             54..62 => {
                 let server = one_of(rng, &all);
                 let fault = if rng.random_bool(0.5) { Action::Lose { server } } else { Action::Crash { server } };
-                d.at(t, fault);
-                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
+                d.down_and_up(rng, t, fault, server);
             }
             62..70 => {
                 renames += 1;
@@ -270,8 +283,7 @@ fn laptop(rng: &mut ChaCha8Rng) -> Draft {
             }
             70..80 => {
                 let alone = one_of(rng, &all);
-                let rest: Vec<Sid> = all.iter().copied().filter(|s| *s != alone).collect();
-                d.at(t, Action::Partition { groups: vec![vec![alone], rest] });
+                d.isolate(t, alone, &all);
             }
             80..86 => d.at(t, Action::Heal),
             86..90 => {
@@ -279,8 +291,7 @@ fn laptop(rng: &mut ChaCha8Rng) -> Draft {
                 // only in memory (records its adopts dropped) is gone after.
                 d.at(t, Action::Replicate { server: laptop, home: None });
                 let at = t + rng.random_range(1..=60u64);
-                d.at(at, Action::Crash { server: laptop });
-                d.at(at + rng.random_range(50..=800u64), Action::Restart { server: laptop });
+                d.down_and_up(rng, at, Action::Crash { server: laptop }, laptop);
             }
             _ => d.at(t, Action::Replicate { server: laptop, home: None }),
         }
@@ -362,11 +373,7 @@ fn partial(rng: &mut ChaCha8Rng) -> Draft {
                 let server = through(rng);
                 d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
                 // A RENAME of INBOX leaves an empty INBOX behind; its messages go along.
-                for (mailbox, _) in labels.iter_mut() {
-                    if *mailbox == from {
-                        *mailbox = to.clone();
-                    }
-                }
+                follow_rename(&mut labels, &from, &to);
                 boxes.retain(|b| *b != from || &*b.name == "INBOX");
                 boxes.push(to);
             }
@@ -376,8 +383,7 @@ fn partial(rng: &mut ChaCha8Rng) -> Draft {
                     0 => Action::Lose { server },
                     _ => Action::Crash { server },
                 };
-                d.at(t, fault);
-                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
+                d.down_and_up(rng, t, fault, server);
             }
             78..82 if !labels.is_empty() => {
                 let (_, label) = one_of(rng, &labels);
@@ -385,13 +391,22 @@ fn partial(rng: &mut ChaCha8Rng) -> Draft {
             }
             82..92 => {
                 let alone = if rng.random_bool(0.5) { part } else { one_of(rng, &whole) };
-                let rest: Vec<Sid> = all.iter().copied().filter(|s| *s != alone).collect();
-                d.at(t, Action::Partition { groups: vec![vec![alone], rest] });
+                d.isolate(t, alone, &all);
             }
             _ => d.at(t, Action::Heal),
         }
     }
     d
+}
+
+/// The labels of messages in `from` now name them in `to` (a RENAME asked for; the sim
+/// follows the messages themselves).
+fn follow_rename(labels: &mut [(MailboxKey, String)], from: &MailboxKey, to: &MailboxKey) {
+    for (mailbox, _) in labels.iter_mut() {
+        if mailbox == from {
+            *mailbox = to.clone();
+        }
+    }
 }
 
 /// A save of a new message, small or large, into one of `boxes` through the server
@@ -417,7 +432,6 @@ fn leave(rng: &mut ChaCha8Rng) -> Draft {
     let all = servers();
     let spare = Sid(4);
     let leaving = one_of(rng, &all);
-    let staying: Vec<Sid> = all.iter().copied().filter(|s| *s != leaving).collect();
     let joins = rng.random_bool(0.5);
     let mut present = all.clone();
     if joins {
@@ -448,12 +462,11 @@ fn leave(rng: &mut ChaCha8Rng) -> Draft {
             match rng.random_range(0..4u32) {
                 0 => {
                     let at = t + rng.random_range(1..=300u64);
-                    d.at(at, Action::Crash { server: leaving });
-                    d.at(at + rng.random_range(50..=800u64), Action::Restart { server: leaving });
+                    d.down_and_up(rng, at, Action::Crash { server: leaving }, leaving);
                 }
                 1 => {
                     let at = t + rng.random_range(1..=300u64);
-                    d.at(at, Action::Partition { groups: vec![vec![leaving], staying.clone()] });
+                    d.isolate(at, leaving, &all);
                 }
                 _ => {}
             }
@@ -492,13 +505,11 @@ fn leave(rng: &mut ChaCha8Rng) -> Draft {
             58..68 => d.at(t, Action::MasterMove { server: one_of(rng, &present), mailbox: one_of(rng, &boxes) }),
             68..76 => {
                 let server = one_of(rng, &present);
-                d.at(t, Action::Crash { server });
-                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
+                d.down_and_up(rng, t, Action::Crash { server }, server);
             }
             76..86 => {
                 let alone = one_of(rng, &present);
-                let rest: Vec<Sid> = present.iter().copied().filter(|s| *s != alone).collect();
-                d.at(t, Action::Partition { groups: vec![vec![alone], rest] });
+                d.isolate(t, alone, &present);
             }
             _ => d.at(t, Action::Heal),
         }
@@ -569,11 +580,7 @@ fn rename(rng: &mut ChaCha8Rng) -> Draft {
                 let to = mailbox(one_of(rng, &names));
                 if from != to {
                     d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
-                    for (m, _) in labels.iter_mut() {
-                        if *m == from {
-                            *m = to.clone();
-                        }
-                    }
+                    follow_rename(&mut labels, &from, &to);
                 }
             }
             40..46 => d.at(t, Action::DeleteMailbox { server, mailbox: mailbox(one_of(rng, &names[1..])) }),
@@ -603,14 +610,8 @@ fn rename(rng: &mut ChaCha8Rng) -> Draft {
                 d.at(t, Action::Store { server, mailbox: m, labels: vec![label], add, remove, unchanged_since: None });
             }
             70..78 => d.at(t, Action::MasterMove { server, mailbox: mailbox(one_of(rng, &names)) }),
-            78..84 => {
-                d.at(t, Action::Crash { server });
-                d.at(t + rng.random_range(50..=800u64), Action::Restart { server });
-            }
-            84..94 => {
-                let rest: Vec<Sid> = all.iter().copied().filter(|s| *s != server).collect();
-                d.at(t, Action::Partition { groups: vec![vec![server], rest] });
-            }
+            78..84 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            84..94 => d.isolate(t, server, &all),
             _ => d.at(t, Action::Heal),
         }
     }

@@ -574,9 +574,15 @@ impl Oracle {
     }
 
     /// A RENAME of `from` to `to` was asked for: a message acknowledged in `from` may
-    /// now be live in `to` instead (or further on, if `to` was renamed too).
-    pub fn rename_requested(&mut self, from: &MailboxKey, to: &MailboxKey) {
+    /// now be live in `to` instead (or further on, if `to` was renamed too). It brings
+    /// `from`'s messages (`moving`: those a running server holds there now) to `to` as a
+    /// COPY would: one expunged from `to` before (moved away, the old name deleted) is
+    /// there again rightly (focus rename seeds 7971, 23625).
+    pub fn rename_requested(&mut self, from: &MailboxKey, to: &MailboxKey, moving: impl IntoIterator<Item = Guid>) {
         self.renamed.entry(from.clone()).or_default().insert(to.clone());
+        for guid in moving {
+            self.copy_requested(to, guid);
+        }
     }
 
     pub fn copy_requested(&mut self, mailbox: &MailboxKey, guid: Guid) {

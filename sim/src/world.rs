@@ -2449,10 +2449,6 @@ impl World {
             Action::Replicate { server, home } => self.start_agent(server, home),
             Action::RenameMailbox { server, from, to } => {
                 // Its messages may end in `to` (or stay, if the rename is refused).
-                self.oracle.rename_requested(&from, &to);
-                // A RENAME brings them to `to` as a COPY would: one expunged from `to`
-                // before (moved away, the old name deleted) is there again rightly (focus
-                // rename seeds 7971, 23625). Those `from` holds on any running server now.
                 let moving: BTreeSet<Guid> = self
                     .nodes
                     .values()
@@ -2460,9 +2456,7 @@ impl World {
                     .filter_map(|s| s.image().mailboxes.get(&from))
                     .flat_map(|m| m.messages.values().map(|r| r.guid))
                     .collect();
-                for guid in moving {
-                    self.oracle.copy_requested(&to, guid);
-                }
+                self.oracle.rename_requested(&from, &to, moving);
                 let o = Outstanding { mailbox: Some(from.clone()), ..none() };
                 self.request(server, ClientRequest::RenameMailbox { from, to }, event, o)
             }

@@ -54,8 +54,6 @@ impl Server {
 
     /// The mailboxes of this pass whose tombstones may go, and where the next pass starts.
     fn collection_candidates(&mut self) -> (Vec<MailboxKey>, Option<MailboxKey>) {
-        let members = &self.members;
-        let bug = self.has_bug(crate::Bug::CollectReplicaTombstones);
         // Something to collect: a tombstone neither a census's loss nor kept for user
         // replicas (one of a server's message, or one beyond the replicas' limit). A pass
         // over the mailbox's tombstones that stops at the first (most are servers').
@@ -66,7 +64,7 @@ impl Server {
                     if lost_on(m, t.uid) {
                         return false;
                     }
-                    if bug || !made_on_replica(members, t) {
+                    if !self.kept_for_replicas_kind(t) {
                         return true;
                     }
                     made_on_replicas += 1;
@@ -75,6 +73,24 @@ impl Server {
             });
         let ready = with_tombstones.into_iter().filter(|k| self.may_collect(k)).collect();
         (ready, resume_after)
+    }
+
+    /// Of the kind a mailbox keeps for user replicas (see the module comment): a client's
+    /// expunge of a message whose GUID no server of the cluster made (its origin is no
+    /// member, now or before).
+    fn kept_for_replicas_kind(&self, t: &Tombstone) -> bool {
+        !self.has_bug(crate::Bug::CollectReplicaTombstones)
+            && t.by_client()
+            && self.members.get(Sid(t.guid.origin())).is_none()
+    }
+
+    /// The UIDs whose tombstones `m` keeps for user replicas: those of that kind, the
+    /// newest [`REPLICA_TOMBSTONES_KEPT_MAX`].
+    fn kept_for_replicas(&self, m: &crate::store::StoredMailbox) -> std::collections::BTreeSet<Uid> {
+        let mut kept: Vec<(ModSeq, Uid)> =
+            m.tombstones.values().filter(|t| self.kept_for_replicas_kind(t)).map(|t| (t.modseq, t.uid)).collect();
+        kept.sort_unstable();
+        kept.iter().rev().take(REPLICA_TOMBSTONES_KEPT_MAX).map(|(_, uid)| *uid).collect()
     }
 
     /// Whether `mailbox`'s tombstones may go now (see the module comment).
@@ -158,27 +174,6 @@ impl Server {
 
 /// Whether a census's loss sits on `uid` (its UID is never retired: see
 /// `collect_mailbox_tombstones`).
-impl Server {
-    /// The UIDs whose tombstones `m` keeps for user replicas (see the module comment):
-    /// a client's expunge of a message whose GUID no server of the cluster made (its
-    /// origin is no member, now or before), the newest [`REPLICA_TOMBSTONES_KEPT_MAX`].
-    fn kept_for_replicas(&self, m: &crate::store::StoredMailbox) -> std::collections::BTreeSet<Uid> {
-        if self.has_bug(crate::Bug::CollectReplicaTombstones) {
-            return Default::default();
-        }
-        let mut made_on_replicas: Vec<(ModSeq, Uid)> =
-            m.tombstones.values().filter(|t| made_on_replica(&self.members, t)).map(|t| (t.modseq, t.uid)).collect();
-        made_on_replicas.sort_unstable();
-        made_on_replicas.iter().rev().take(REPLICA_TOMBSTONES_KEPT_MAX).map(|(_, uid)| *uid).collect()
-    }
-}
-
-/// A client's expunge of a message a user replica made: its GUID's origin is no server of
-/// the cluster, now or before.
-fn made_on_replica(members: &crate::membership::Membership, t: &Tombstone) -> bool {
-    t.by_client() && members.get(Sid(t.guid.origin())).is_none()
-}
-
 fn lost_on(m: &crate::store::StoredMailbox, uid: Uid) -> bool {
     m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).any(|(_, t)| t.lost)
 }
