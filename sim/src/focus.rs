@@ -24,6 +24,20 @@
 //!   sides of a partition (the same mailbox renamed to two names at once, two mailboxes to
 //!   one name), DELETEs and CREATEs of those names, saves, copies, moves, expunges and
 //!   flag changes into them, master moves, crashes and heals.
+//! - `conflict`: a split brain on one mailbox, what dsync gets wrong without saved state:
+//!   each side saves new mail (the same UIDs taken on both), clients read those UIDs on
+//!   both, flags are added on one side and removed on the other (some STOREs conditional,
+//!   UNCHANGEDSINCE), messages flagged on one side expunged or moved on the other; small
+//!   logs that overflow into a full SYNC, a second split before the first healed,
+//!   crashes and lost disks on the way, then the heal and more reads and flag changes.
+//! - `import`: a migration (`tandem import`) into a mailbox that is RENAMEd, DELETEd and
+//!   CREATEd again while the import runs, some messages sent twice (a resumed import),
+//!   through servers cut off or crashing, beside saves, copies, moves and expunges of
+//!   the imported messages.
+//! - `slow`: links that turn slow past the request timeout, go silent one way, reset
+//!   (what was acknowledged into the void is sent again) or flap, while mail is saved
+//!   (an MTA retrying what timed out), copied, moved, expunged and flagged, masters
+//!   move in the middle of saves and servers crash: cancels, retries and duplicates.
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -39,10 +53,22 @@ pub enum Focus {
     Partial,
     Leave,
     Rename,
+    Conflict,
+    Import,
+    Slow,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 5] = [Focus::MoveBack, Focus::Laptop, Focus::Partial, Focus::Leave, Focus::Rename];
+    pub const ALL: [Focus; 8] = [
+        Focus::MoveBack,
+        Focus::Laptop,
+        Focus::Partial,
+        Focus::Leave,
+        Focus::Rename,
+        Focus::Conflict,
+        Focus::Import,
+        Focus::Slow,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +77,9 @@ impl Focus {
             Focus::Partial => "partial",
             Focus::Leave => "leave",
             Focus::Rename => "rename",
+            Focus::Conflict => "conflict",
+            Focus::Import => "import",
+            Focus::Slow => "slow",
         }
     }
 
@@ -68,6 +97,9 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Partial => partial(&mut rng),
         Focus::Leave => leave(&mut rng),
         Focus::Rename => rename(&mut rng),
+        Focus::Conflict => conflict(&mut rng),
+        Focus::Import => import(&mut rng),
+        Focus::Slow => slow(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -612,6 +644,274 @@ fn rename(rng: &mut ChaCha8Rng) -> Draft {
             70..78 => d.at(t, Action::MasterMove { server, mailbox: mailbox(one_of(rng, &names)) }),
             78..84 => d.down_and_up(rng, t, Action::Crash { server }, server),
             84..94 => d.isolate(t, server, &all),
+            _ => d.at(t, Action::Heal),
+        }
+    }
+    d
+}
+
+/// Flags the conflict and import focuses change: a system flag, another, a keyword.
+fn some_flags() -> Vec<tandem_core::Flag> {
+    ["\\Seen", "\\Flagged", "$Work"].iter().filter_map(|f| tandem_core::Flag::new(f).ok()).collect()
+}
+
+/// A STORE of one drawn flag on `label`: added or removed, sometimes conditional on the
+/// modseq the executing server shows (CONDSTORE's UNCHANGEDSINCE).
+fn store_one(rng: &mut ChaCha8Rng, server: Sid, mailbox: &MailboxKey, label: String) -> Action {
+    let flag = vec![one_of(rng, &some_flags())];
+    let (add, remove) = if rng.random_bool(0.5) { (flag, Vec::new()) } else { (Vec::new(), flag) };
+    let unchanged_since = rng.random_bool(0.2).then_some(UnchangedSince::Current);
+    Action::Store { server, mailbox: mailbox.clone(), labels: vec![label], add, remove, unchanged_since }
+}
+
+fn conflict(rng: &mut ChaCha8Rng) -> Draft {
+    // Small logs mostly: an overflow turns the heal into a full SYNC of the mailbox.
+    let mut d = Draft::new(rng, &[2, 3, 6, 40], &[2, 10, 40], &[660, 5000]);
+    let all = servers();
+    let user = "u1@d1";
+    let inbox = MailboxKey::new(user, "INBOX");
+    let other = MailboxKey::new(user, "Box1");
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    // Mail both sides know, read (its UIDs shown) and flagged before the split.
+    for _ in 0..rng.random_range(2..=5u32) {
+        let label = format!("m{}", labels.len() + 1);
+        let flags = if rng.random_bool(0.3) { vec![one_of(rng, &some_flags())] } else { Vec::new() };
+        let server = one_of(rng, &all);
+        d.at(t, Action::Save { server, mailbox: inbox.clone(), label: Some(label.clone()), flags, size: 100 });
+        labels.push((inbox.clone(), label));
+        t += rng.random_range(10..=150u64);
+    }
+    t += rng.random_range(100..=1500u64);
+    d.at(t, Action::Read { server: one_of(rng, &all), mailbox: inbox.clone(), fresh: rng.random_bool(0.5) });
+    // The split: one server alone against two, or all three apart.
+    t += rng.random_range(10..=800u64);
+    let alone = one_of(rng, &all);
+    let sides: Vec<Vec<Sid>> = if rng.random_bool(0.7) {
+        vec![vec![alone], all.iter().copied().filter(|s| *s != alone).collect()]
+    } else {
+        all.iter().map(|s| vec![*s]).collect()
+    };
+    d.at(t, Action::Partition { groups: sides.clone() });
+    let before_split = labels.len();
+    // Each side works on its own: its own master of the mailbox, its own UIDs.
+    for _ in 0..rng.random_range(6..=16u32) {
+        t += rng.random_range(20..=400u64);
+        let side = one_of(rng, &sides);
+        let server = one_of(rng, &side);
+        match rng.random_range(0..100u32) {
+            0..30 => {
+                let label = format!("m{}", labels.len() + 1);
+                d.at(t, save(server, &inbox, &label, one_of(rng, &[100, 1500])));
+                labels.push((inbox.clone(), label));
+            }
+            30..40 => d.at(t, Action::Read { server, mailbox: inbox.clone(), fresh: rng.random_bool(0.3) }),
+            40..62 if !labels.is_empty() => {
+                // Mostly the messages both sides have: the flag conflicts.
+                let (mailbox, label) = if rng.random_bool(0.7) && before_split > 0 {
+                    labels[rng.random_range(0..before_split)].clone()
+                } else {
+                    one_of(rng, &labels)
+                };
+                let action = store_one(rng, server, &mailbox, label);
+                d.at(t, action);
+            }
+            62..72 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+            }
+            72..80 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = if from == inbox { other.clone() } else { inbox.clone() };
+                let as_label = format!("m{}", labels.len() + 1);
+                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                labels.push((to, as_label));
+            }
+            80..86 => d.at(t, Action::MasterMove { server, mailbox: inbox.clone() }),
+            86..93 => {
+                let fault = if rng.random_bool(0.25) { Action::Lose { server } } else { Action::Crash { server } };
+                d.down_and_up(rng, t, fault, server);
+            }
+            _ => {
+                // Split again another way before the first healed.
+                let alone = one_of(rng, &all);
+                d.isolate(t, alone, &all);
+            }
+        }
+    }
+    t += rng.random_range(100..=2000u64);
+    d.at(t, Action::Heal);
+    // Right after the heal, while the sides merge: a crash, reads, more flag changes.
+    for _ in 0..rng.random_range(1..=5u32) {
+        t += rng.random_range(1..=300u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..10u32) {
+            0..2 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            2..5 => d.at(t, Action::Read { server, mailbox: inbox.clone(), fresh: rng.random_bool(0.5) }),
+            5..8 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                let action = store_one(rng, server, &mailbox, label);
+                d.at(t, action);
+            }
+            _ => {
+                let label = format!("m{}", labels.len() + 1);
+                d.at(t, save(server, &inbox, &label, 100));
+                labels.push((inbox.clone(), label));
+            }
+        }
+    }
+    d
+}
+
+fn import(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let all = servers();
+    let user = "u1@d1";
+    let inbox = MailboxKey::new(user, "INBOX");
+    let names = ["Imported", "Archive"];
+    let mut target = if rng.random_bool(0.8) { MailboxKey::new(user, names[0]) } else { inbox.clone() };
+    let uidvalidity = rng.random_range(1..=1_000_000_000u32);
+    let mut uid = rng.random_range(1..=50u32);
+    let mut sent: Vec<(String, u32)> = Vec::new();
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    if rng.random_bool(0.5) {
+        let label = format!("m{}", labels.len() + 1);
+        d.at(t, save(one_of(rng, &all), &inbox, &label, 100));
+        labels.push((inbox.clone(), label));
+    }
+    for i in 0..rng.random_range(8..=20u32) {
+        t += rng.random_range(10..=400u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..100u32) {
+            0..40 => {
+                // The next message of the import, or one sent before again (resumed).
+                let (label, this_uid) = match sent.get(rng.random_range(0..sent.len().max(1))) {
+                    Some((label, u)) if rng.random_bool(0.25) => (label.clone(), *u),
+                    _ => {
+                        uid += rng.random_range(1..=5u32);
+                        let label = format!("imp{i}");
+                        sent.push((label.clone(), uid));
+                        labels.push((target.clone(), label.clone()));
+                        (label, uid)
+                    }
+                };
+                let size = 100 + (this_uid as usize * 37) % 1400;
+                let mailbox = target.clone();
+                d.at(t, Action::Import { server, mailbox, label, uidvalidity, uid: this_uid, flags: Vec::new(), size });
+            }
+            40..52 => {
+                // The import's target renamed away (and the import goes on under its old
+                // name, as a running `tandem import` would), or back.
+                let from = target.clone();
+                let to = if &*from.name == names[0] {
+                    MailboxKey::new(user, names[1])
+                } else {
+                    MailboxKey::new(user, names[0])
+                };
+                if from != inbox {
+                    d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
+                    follow_rename(&mut labels, &from, &to);
+                    if rng.random_bool(0.5) {
+                        target = to;
+                    }
+                }
+            }
+            52..56 if target != inbox => d.at(t, Action::DeleteMailbox { server, mailbox: target.clone() }),
+            56..59 if target != inbox => {
+                d.at(t, Action::CreateMailbox { server, mailbox: target.clone(), special_use: Default::default() })
+            }
+            59..67 => {
+                let label = format!("m{}", labels.len() + 1);
+                d.at(t, save(server, &inbox, &label, 100));
+                labels.push((inbox.clone(), label));
+            }
+            67..75 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = if from == inbox { target.clone() } else { inbox.clone() };
+                if to != from {
+                    let as_label = format!("m{}", labels.len() + 1);
+                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                    labels.push((to, as_label));
+                }
+            }
+            75..81 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+            }
+            81..85 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                let action = store_one(rng, server, &mailbox, label);
+                d.at(t, action);
+            }
+            85..89 => d.at(t, Action::MasterMove { server, mailbox: target.clone() }),
+            89..94 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            94..98 => d.isolate(t, server, &all),
+            _ => d.at(t, Action::Heal),
+        }
+    }
+    d
+}
+
+fn slow(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let all = servers();
+    let user = "u1@d1";
+    let boxes = [MailboxKey::new(user, "INBOX"), MailboxKey::new(user, "Box1")];
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    let pair = |rng: &mut ChaCha8Rng| {
+        let a = one_of(rng, &all);
+        let others: Vec<Sid> = all.iter().copied().filter(|s| *s != a).collect();
+        (a, one_of(rng, &others))
+    };
+    for _ in 0..rng.random_range(10..=22u32) {
+        t += rng.random_range(10..=600u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..100u32) {
+            0..26 => {
+                let label = format!("m{}", labels.len() + 1);
+                let mailbox = one_of(rng, &boxes);
+                d.at(t, save(server, &mailbox, &label, one_of(rng, &[100, 1500])));
+                labels.push((mailbox, label));
+            }
+            26..34 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = boxes.iter().find(|b| **b != from).cloned().unwrap_or_else(|| from.clone());
+                let as_label = format!("m{}", labels.len() + 1);
+                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                labels.push((to, as_label));
+            }
+            34..40 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+            }
+            40..46 if !labels.is_empty() => {
+                let (mailbox, label) = one_of(rng, &labels);
+                let action = store_one(rng, server, &mailbox, label);
+                d.at(t, action);
+            }
+            46..50 => d.at(t, Action::Read { server, mailbox: one_of(rng, &boxes), fresh: rng.random_bool(0.5) }),
+            50..64 => {
+                // Past the request timeout (5 s) sometimes: the asking server cancels.
+                let (a, b) = pair(rng);
+                let delay_ms = one_of(rng, &[200, 2000, 6000]);
+                d.at(t, Action::Slow { a, b, delay_ms, for_ms: rng.random_range(500..=12_000u64) });
+            }
+            64..72 => {
+                let (from, to) = pair(rng);
+                d.at(t, Action::Silence { from, to, for_ms: rng.random_range(100..=8000u64) });
+            }
+            72..80 => {
+                let (a, b) = pair(rng);
+                d.at(t, Action::Reset { a, b, down_ms: rng.random_range(1..=500u64) });
+            }
+            80..85 => {
+                let (a, b) = pair(rng);
+                d.at(t, Action::Flap { a, b, down_ms: rng.random_range(1..=2000u64) });
+            }
+            85..92 => d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) }),
+            92..97 => d.down_and_up(rng, t, Action::Crash { server }, server),
             _ => d.at(t, Action::Heal),
         }
     }

@@ -106,6 +106,11 @@ pub struct Oracle {
     pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
     /// EXPUNGE answered OK, by message: the servers that answered it.
     pub expunged: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
+    /// By message: the servers on whose disk a client's EXPUNGE of it was durable at some
+    /// point (a tombstone that says so flushed there). A server that answered an EXPUNGE
+    /// by asking the master need not be one (async mode, its log overflowed: focus
+    /// conflict seed 1018).
+    expunge_holders: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
     /// Servers whose disks were lost for good (see `forget_server`).
     lost_servers: BTreeSet<Sid>,
     /// Every message an EXPUNGE was asked for, answered or not: when they were asked for
@@ -176,7 +181,7 @@ impl Oracle {
             self.expunge_times.iter().flat_map(|(g, by_mailbox)| by_mailbox.keys().map(move |k| (k, g))).collect();
         write!(
             into,
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
             self.shown,
             self.shown_any,
             self.first_uid,
@@ -191,6 +196,7 @@ impl Oracle {
             self.flag_requests,
             self.saved_with,
             self.acked_bindings,
+            self.expunge_holders,
             self.violations.len()
         )?;
         let owed_again: Vec<(&(MailboxKey, Guid), Sid)> =
@@ -589,6 +595,15 @@ impl Oracle {
         self.copy_requested.insert((mailbox.clone(), guid));
     }
 
+    /// A write became durable on `server`'s disk: a client's expunge there is noted.
+    pub fn durable(&mut self, server: Sid, write: &StoreWrite) {
+        if let StoreWrite::PutTombstone { mailbox, tombstone } = write
+            && tombstone.expunged
+        {
+            self.expunge_holders.entry((mailbox.clone(), tombstone.guid)).or_default().insert(server);
+        }
+    }
+
     pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, guids: &[Guid]) {
         for g in guids {
             self.expunged.entry((mailbox.clone(), *g)).or_default().insert(server);
@@ -725,9 +740,14 @@ impl Oracle {
         // tombstone a merge met.
         // Where more disks were lost than the mode survives, an EXPUNGE answered only by
         // servers whose disks were then lost may be undone with them, as a SAVE may be
-        // lost (async mode: answered once durable there alone).
+        // lost (async mode: answered once durable there alone); so may one that only
+        // lost disks ever held (answered through a server that asked the master, and
+        // never replicated before the master's disk was lost).
+        let lost = |servers: &BTreeSet<Sid>| servers.iter().all(|s| self.lost_servers.contains(s));
         let undone_with_lost_disks = |key: &(MailboxKey, Guid)| {
-            !check_loss && self.expunged.get(key).is_some_and(|a| a.iter().all(|s| self.lost_servers.contains(s)))
+            !check_loss
+                && (self.expunged.get(key).is_some_and(lost)
+                    || self.expunge_holders.get(key).is_some_and(|h| !h.is_empty() && lost(h)))
         };
         for (mailbox, guid) in
             self.expunged.keys().filter(|k| !self.copy_requested.contains(*k) && !undone_with_lost_disks(k))

@@ -1305,6 +1305,7 @@ impl World {
                 }
                 let mut last = 0;
                 for (id, write) in node.pending.drain(..durable) {
+                    self.oracle.durable(server, &write);
                     node.bodies.apply(&write);
                     node.disk.apply_owned(write);
                     last = id;

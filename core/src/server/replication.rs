@@ -885,12 +885,11 @@ impl Server {
             self.want_body(guid, Some(checksum), None, true);
         }
         if self.body_fetch.count() > 0 {
-            // A body whose every message was expunged meanwhile is no longer wanted.
-            let mut referenced: Vec<Guid> =
-                self.image.mailboxes().values().flat_map(|m| m.messages.values()).map(|r| r.guid).collect();
-            referenced.sort_unstable();
+            // A body whose every message was expunged meanwhile is no longer wanted (the
+            // image counts the live records of each GUID: a lookup, not a pass).
             let awaited = self.jobs.awaited_bodies();
-            self.body_fetch.retain(|g| referenced.binary_search(g).is_ok() || awaited.contains(g));
+            let image = &self.image;
+            self.body_fetch.retain(|g| image.is_referenced(*g) || awaited.contains(g));
         }
         if self.body_fetch.omitted_asks_count() > 0 {
             let image = &self.image;
