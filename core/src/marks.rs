@@ -102,10 +102,13 @@ pub enum Mark {
     ReplacedStoreAckDropped,
     /// A master sent a waiting SAVE or COPY again to a peer's new store.
     CopySentAgain,
+    /// A RENAME waited to master its new name's key (another server's, or nobody's yet)
+    /// before taking the old name's UIDs there.
+    RenameTakesTarget,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 47] = [
+    pub const ALL: [Mark; 48] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -153,6 +156,7 @@ impl Mark {
         Mark::CollectedCopyDropped,
         Mark::ReplacedStoreAckDropped,
         Mark::CopySentAgain,
+        Mark::RenameTakesTarget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -204,6 +208,7 @@ impl Mark {
             Mark::CollectedCopyDropped => "collected_copy_dropped",
             Mark::ReplacedStoreAckDropped => "replaced_store_ack_dropped",
             Mark::CopySentAgain => "copy_sent_again",
+            Mark::RenameTakesTarget => "rename_takes_target",
         }
     }
 

@@ -137,6 +137,15 @@ pub struct Oracle {
     /// Every (mailbox, message) a COPY was asked for: a message expunged from a
     /// mailbox may come back by a later COPY.
     copy_requested: BTreeSet<(MailboxKey, Guid)>,
+    /// RENAMEs asked for and not answered yet, by request: (old name, new name). A RENAME
+    /// runs at its master whenever it gets there, and takes along what was copied or
+    /// moved into the old name meanwhile (focus import seed 304901: a message MOVEd into
+    /// Imported while a RENAME of Imported to Archive waited out a restart's hold).
+    pending_renames: BTreeMap<u64, (MailboxKey, MailboxKey)>,
+    /// COPYs and MOVEs asked for and not answered yet, by request: (target, GUID). One
+    /// may run at the master after a RENAME of its target asked for later (both held by
+    /// a restart's hold, then forwarded together: focus import seed 315925).
+    pending_copies: BTreeMap<u64, (MailboxKey, Guid)>,
     /// Last UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ a client saw per server and mailbox.
     views: BTreeMap<(Sid, MailboxKey), (u32, Uid, ModSeq)>,
     /// Last UIDNEXT/HIGHESTMODSEQ written by each server incarnation.
@@ -181,7 +190,7 @@ impl Oracle {
             self.expunge_times.iter().flat_map(|(g, by_mailbox)| by_mailbox.keys().map(move |k| (k, g))).collect();
         write!(
             into,
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
             self.shown,
             self.shown_any,
             self.first_uid,
@@ -191,6 +200,8 @@ impl Oracle {
             self.deleted_mailboxes,
             self.renamed,
             self.copy_requested,
+            self.pending_renames,
+            self.pending_copies,
             self.views,
             self.written_meta,
             self.flag_requests,
@@ -591,8 +602,37 @@ impl Oracle {
         }
     }
 
+    /// Client request `id` is a RENAME, not answered yet (see `pending_renames`).
+    pub fn rename_pending(&mut self, id: u64, from: &MailboxKey, to: &MailboxKey) {
+        self.pending_renames.insert(id, (from.clone(), to.clone()));
+        let arriving: Vec<Guid> =
+            self.pending_copies.values().filter(|(target, _)| target == from).map(|(_, g)| *g).collect();
+        for guid in arriving {
+            self.copy_requested(to, guid);
+        }
+    }
+
+    /// Client request `id` is a COPY (or MOVE) of `guid` into `to`, not answered yet.
+    pub fn copy_pending(&mut self, id: u64, to: &MailboxKey, guid: Guid) {
+        self.pending_copies.insert(id, (to.clone(), guid));
+    }
+
+    /// Client request `id` was answered: a RENAME or COPY it was has run (or never will).
+    pub fn request_answered(&mut self, id: u64) {
+        self.pending_renames.remove(&id);
+        self.pending_copies.remove(&id);
+    }
+
+    /// A COPY (or MOVE) of `guid` into `mailbox` was asked for: it may end there, and
+    /// wherever a RENAME not answered yet takes `mailbox`'s messages (and on from there).
     pub fn copy_requested(&mut self, mailbox: &MailboxKey, guid: Guid) {
-        self.copy_requested.insert((mailbox.clone(), guid));
+        let mut places = vec![mailbox.clone()];
+        while let Some(place) = places.pop() {
+            if !self.copy_requested.insert((place.clone(), guid)) {
+                continue;
+            }
+            places.extend(self.pending_renames.values().filter(|(from, _)| *from == place).map(|(_, to)| to.clone()));
+        }
     }
 
     /// A write became durable on `server`'s disk: a client's expunge there is noted.

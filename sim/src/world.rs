@@ -2153,6 +2153,7 @@ impl World {
 
     fn client_reply(&mut self, sid: Sid, id: RequestId, reply: ClientReply) {
         let Some(o) = self.outstanding.remove(&id) else { return };
+        self.oracle.request_answered(id);
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
         if o.server != sid || o.incarnation != incarnation {
             return;
@@ -2356,13 +2357,20 @@ impl World {
             }
             Action::Copy { server, from, label, to, as_label, moving } => {
                 let Some(uid) = self.uid_of(server, &from, &label) else { return self.skip(server, &label, event) };
-                if let Some(guid) = self.labels.get(&label) {
-                    self.oracle.copy_requested(&to, *guid);
+                let guid = self.labels.get(&label).copied();
+                if let Some(guid) = guid {
+                    self.oracle.copy_requested(&to, guid);
                 }
                 let then_expunge = moving.then(|| (from.clone(), label));
                 let request = ClientRequest::Copy { src: from, src_uid: uid, dst: to.clone() };
-                let o = Outstanding { label: as_label, mailbox: Some(to), then_expunge, ..none() };
+                let o = Outstanding { label: as_label, mailbox: Some(to.clone()), then_expunge, ..none() };
+                let id = self.next_request;
                 self.request(server, request, event, o);
+                if let Some(guid) = guid
+                    && self.outstanding.contains_key(&id)
+                {
+                    self.oracle.copy_pending(id, &to, guid);
+                }
             }
             Action::Expunge { server, mailbox, labels } => {
                 let found: Vec<(Uid, Guid)> = labels
@@ -2459,7 +2467,11 @@ impl World {
                     .collect();
                 self.oracle.rename_requested(&from, &to, moving);
                 let o = Outstanding { mailbox: Some(from.clone()), ..none() };
-                self.request(server, ClientRequest::RenameMailbox { from, to }, event, o)
+                let id = self.next_request;
+                self.request(server, ClientRequest::RenameMailbox { from: from.clone(), to: to.clone() }, event, o);
+                if self.outstanding.contains_key(&id) {
+                    self.oracle.rename_pending(id, &from, &to);
+                }
             }
             Action::MasterMove { server, mailbox } => {
                 self.request(server, ClientRequest::MasterMove { mailbox }, event, none())

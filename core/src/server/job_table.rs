@@ -1,7 +1,7 @@
 //! Requests in progress here, by id: what each waits for, and the rules that move it
 //! from one state to the next. `jobs` decides where a job goes; the table keeps them.
 
-use super::jobs::{Job, JobId, JobKind, JobState};
+use super::jobs::{Job, JobId, JobKind, JobState, Origin};
 use crate::types::*;
 use crate::{WriteId, WriteResult};
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,23 @@ impl JobTable {
             }
         }
         (ids, moves)
+    }
+
+    /// RENAMEs that waited to master `key` go back to the queue; returns them.
+    pub(crate) fn master_known(&mut self, key: &MasterKey) -> Vec<JobId> {
+        let waiting = JobState::WaitingMaster { key: key.clone() };
+        let ids = self.ids_where(|j| j.state == waiting);
+        for id in &ids {
+            self.set_state(*id, JobState::Queued);
+        }
+        ids
+    }
+
+    /// Whether a move of `key` to this server is asked for already (a job of ours).
+    pub(crate) fn moving_here(&self, key: &MasterKey) -> bool {
+        self.jobs
+            .values()
+            .any(|j| j.key == *key && matches!(j.kind, JobKind::MasterMove { .. }) && j.origin == Origin::Internal)
     }
 
     /// COPYs that waited for `guid` go back to the queue; returns them.
@@ -232,7 +249,6 @@ fn counted_copies(acked: &BTreeMap<Sid, u64>, store_of: &impl Fn(Sid) -> Option<
 
 #[cfg(test)]
 mod tests {
-    use super::super::jobs::Origin;
     use super::*;
 
     fn key() -> MasterKey {

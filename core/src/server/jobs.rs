@@ -74,6 +74,11 @@ pub enum JobState {
     WaitingBody {
         guid: Guid,
     },
+    /// A RENAME at the master of its old name, waiting to master the new name's key too
+    /// (see `Server::rename_waits_for_target`).
+    WaitingMaster {
+        key: MasterKey,
+    },
     /// Forwarded in parts (jobs whose origin is `Origin::Part` of this one): `left`
     /// parts have not answered; `result` joins the answers so far.
     Split {
@@ -420,6 +425,9 @@ impl Server {
 
     /// Jobs waiting on `key` try again (a master became known or ready, or was lost).
     pub(crate) fn requeue_jobs_for(&mut self, key: &MasterKey) {
+        for id in self.jobs.master_known(key) {
+            self.dispatch(id);
+        }
         for id in self.jobs.queued_for(key) {
             self.dispatch(id);
         }
@@ -690,6 +698,7 @@ impl Server {
                 JobState::Queued => "no master reachable in time",
                 JobState::Forwarded { .. } => "the master did not answer in time",
                 JobState::WaitingBody { .. } => "the message body could not be fetched in time",
+                JobState::WaitingMaster { .. } => "the new name's master did not hand it over in time",
                 JobState::Split { .. } => "the parts of the request did not finish in time",
             };
             match job.kind {
@@ -851,7 +860,12 @@ impl Server {
                 self.master_cancel(&mailbox, guid, sender_ordered, id)
             }
             WriteRequest::Mailbox { mailbox, action } => self.master_lifecycle(&mailbox, action, id),
-            WriteRequest::Rename { from, to } => self.master_rename(&from, &to, id),
+            WriteRequest::Rename { from, to } => {
+                if self.rename_waits_for_target(&from, &to, id) {
+                    return None;
+                }
+                self.master_rename(&from, &to, id)
+            }
             store @ WriteRequest::Store { .. } => self.master_store(&store, id),
             WriteRequest::Merge { state, bodies, from_cluster } => {
                 Ordered::unreplicated(self.master_merge(*state, bodies, &from_cluster))
@@ -1366,6 +1380,38 @@ impl Server {
         });
         self.replicate(Change::Merge { state: Box::new(state) }, Some(id));
         Ordered::replicated(WriteResult::MailboxDone { modseq })
+    }
+
+    /// Whether RENAME job `id` must first master the key of its new name (and now waits
+    /// for it, having asked for it). Only a name's master may hand out its UIDs: a new
+    /// name this server has never seen may be one another server masters and is
+    /// writing into right now (a resumed import, an APPEND), and the old name's UIDs
+    /// taken along would then meet that server's at the same UIDs, renumbered in a
+    /// cluster without a fault (focus import seed 153756). Where one key covers both
+    /// names (user or global granularity) there is nothing to wait for.
+    fn rename_waits_for_target(&mut self, from: &MailboxKey, to: &MailboxKey, id: JobId) -> bool {
+        let key = self.master_key(to);
+        // A leaving server takes no mastership (its RENAME keeps the old way).
+        if key == self.master_key(from) || self.masters.masters_ready(&key) || !self.members.is_active(self.cfg.sid) {
+            return false;
+        }
+        // Nothing to wait for where the RENAME fails anyway (as `master_rename` checks).
+        if self.image.mailbox(from).is_none_or(|m| !m.visible()) {
+            return false;
+        }
+        self.jobs.set_state(id, JobState::WaitingMaster { key: key.clone() });
+        let deadline = self.jobs.get(id).map(|j| j.deadline).unwrap_or(self.now);
+        if !self.masters.masters(&key) && !self.jobs.moving_here(&key) {
+            self.marks.hit(Mark::RenameTakesTarget);
+            self.start_job(Job {
+                origin: Origin::Internal,
+                kind: JobKind::MasterMove { requester: self.cfg.sid },
+                key,
+                state: JobState::Queued,
+                deadline,
+            });
+        }
+        true
     }
 
     /// RENAME at the master of `from`, in one step: `to` gets every message of `from`,
