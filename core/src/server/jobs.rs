@@ -334,7 +334,7 @@ impl Server {
 
     /// `submit_write` with a deadline `within_us` from now.
     pub(crate) fn submit_write_within(&mut self, origin: Origin, request: WriteRequest, within_us: u64) {
-        let key = self.master_key(request.target());
+        let key = self.job_key(&request);
         let job = Job {
             origin,
             kind: JobKind::Write(request),
@@ -454,7 +454,7 @@ impl Server {
             );
             return;
         }
-        let key = self.master_key(request.target());
+        let key = self.job_key(&request);
         if !self.masters.masters(&key) && self.masters.cached(&key) == Some(src) {
             // The sender thinks we are master and we think it is: ask the root.
             self.masters.forget(&key);
@@ -1382,23 +1382,37 @@ impl Server {
         Ordered::replicated(WriteResult::MailboxDone { modseq })
     }
 
-    /// Whether RENAME job `id` must first master the key of its new name (and now waits
-    /// for it, having asked for it). Only a name's master may hand out its UIDs: a new
-    /// name this server has never seen may be one another server masters and is
-    /// writing into right now (a resumed import, an APPEND), and the old name's UIDs
-    /// taken along would then meet that server's at the same UIDs, renumbered in a
-    /// cluster without a fault (focus import seed 153756). Where one key covers both
-    /// names (user or global granularity) there is nothing to wait for.
+    /// The key whose master takes a write's job: its mailbox's, and for a RENAME the
+    /// lesser of its two names' keys (see `rename_waits_for_target`).
+    fn job_key(&self, request: &WriteRequest) -> MasterKey {
+        match request {
+            WriteRequest::Rename { from, to } => self.master_key(from).min(self.master_key(to)),
+            _ => self.master_key(request.target()),
+        }
+    }
+
+    /// Whether RENAME job `id` must first master the other of its two names' keys (and
+    /// now waits for it, having asked for it). Only a name's master may hand out its
+    /// UIDs: a new name this server has never seen may be one another server masters
+    /// and is writing into right now (a resumed import, an APPEND), and the old name's
+    /// UIDs taken along would then meet that server's at the same UIDs, renumbered in a
+    /// cluster without a fault (focus import seed 153756); and only the old name's
+    /// master knows all it holds. The job goes to the master of the lesser key, which
+    /// takes the greater: two RENAMEs that need the same two keys (crossed ones, A to B
+    /// and B to A) meet at one server instead of taking each other's keys in turn for
+    /// ever (focus import seed 21557). Where one key covers both names (user or global
+    /// granularity) there is nothing to wait for.
     fn rename_waits_for_target(&mut self, from: &MailboxKey, to: &MailboxKey, id: JobId) -> bool {
-        let key = self.master_key(to);
+        let key = self.master_key(from).max(self.master_key(to));
         // A leaving server takes no mastership (its RENAME keeps the old way).
-        if key == self.master_key(from) || self.masters.masters_ready(&key) || !self.members.is_active(self.cfg.sid) {
+        if self.masters.masters_ready(&key) || !self.members.is_active(self.cfg.sid) {
             return false;
         }
-        // Nothing to wait for where the RENAME fails anyway (as `master_rename` checks).
-        if self.image.mailbox(from).is_none_or(|m| !m.visible()) {
-            return false;
-        }
+        debug_assert_eq!(
+            self.jobs.get(id).map(|j| &j.key),
+            Some(&self.master_key(from).min(self.master_key(to))),
+            "a RENAME's job waits at the master of its lesser key"
+        );
         self.jobs.set_state(id, JobState::WaitingMaster { key: key.clone() });
         let deadline = self.jobs.get(id).map(|j| j.deadline).unwrap_or(self.now);
         if !self.masters.masters(&key) && !self.jobs.moving_here(&key) {
