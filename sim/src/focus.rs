@@ -459,6 +459,38 @@ fn save_new(
     labels.push((mailbox, label));
 }
 
+/// A save of a new message, small or large, through `server` into one of `boxes`,
+/// labelled after those before.
+fn save_into(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    t: u64,
+    server: Sid,
+    boxes: &[MailboxKey],
+    labels: &mut Vec<(MailboxKey, String)>,
+) {
+    let label = format!("m{}", labels.len() + 1);
+    let mailbox = one_of(rng, boxes);
+    d.at(t, save(server, &mailbox, &label, one_of(rng, &[100, 1500])));
+    labels.push((mailbox, label));
+}
+
+/// A COPY or MOVE through `server` of a labelled message into the other of two `boxes`.
+fn copy_to_the_other(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    t: u64,
+    server: Sid,
+    boxes: &[MailboxKey],
+    labels: &mut Vec<(MailboxKey, String)>,
+) {
+    let (from, label) = one_of(rng, labels);
+    let to = boxes.iter().find(|b| **b != from).cloned().unwrap_or_else(|| from.clone());
+    let as_label = format!("m{}", labels.len() + 1);
+    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+    labels.push((to, as_label));
+}
+
 fn leave(rng: &mut ChaCha8Rng) -> Draft {
     let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
     let all = servers();
@@ -512,19 +544,8 @@ fn leave(rng: &mut ChaCha8Rng) -> Draft {
         }
         let server = if with_laptop && rng.random_bool(0.25) { laptop } else { one_of(rng, &present) };
         match rng.random_range(0..100u32) {
-            0..30 => {
-                let label = format!("m{}", labels.len() + 1);
-                let mailbox = one_of(rng, &boxes);
-                d.at(t, save(server, &mailbox, &label, one_of(rng, &[100, 1500])));
-                labels.push((mailbox, label));
-            }
-            30..40 if !labels.is_empty() => {
-                let (from, label) = one_of(rng, &labels);
-                let to = boxes.iter().find(|b| **b != from).cloned().unwrap_or_else(|| from.clone());
-                let as_label = format!("m{}", labels.len() + 1);
-                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
-                labels.push((to, as_label));
-            }
+            0..30 => save_into(&mut d, rng, t, server, &boxes, &mut labels),
+            30..40 if !labels.is_empty() => copy_to_the_other(&mut d, rng, t, server, &boxes, &mut labels),
             40..48 if !labels.is_empty() => {
                 let (mailbox, label) = one_of(rng, &labels);
                 d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
@@ -662,6 +683,19 @@ fn store_one(rng: &mut ChaCha8Rng, server: Sid, mailbox: &MailboxKey, label: Str
     let (add, remove) = if rng.random_bool(0.5) { (flag, Vec::new()) } else { (Vec::new(), flag) };
     let unchanged_since = rng.random_bool(0.2).then_some(UnchangedSince::Current);
     Action::Store { server, mailbox: mailbox.clone(), labels: vec![label], add, remove, unchanged_since }
+}
+
+/// An EXPUNGE through `server` of one labelled message.
+fn expunge_one(d: &mut Draft, rng: &mut ChaCha8Rng, t: u64, server: Sid, labels: &[(MailboxKey, String)]) {
+    let (mailbox, label) = one_of(rng, labels);
+    d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
+}
+
+/// A STORE through `server` of one drawn flag on one labelled message (see `store_one`).
+fn flag_one(d: &mut Draft, rng: &mut ChaCha8Rng, t: u64, server: Sid, labels: &[(MailboxKey, String)]) {
+    let (mailbox, label) = one_of(rng, labels);
+    let action = store_one(rng, server, &mailbox, label);
+    d.at(t, action);
 }
 
 fn conflict(rng: &mut ChaCha8Rng) -> Draft {
@@ -835,15 +869,8 @@ fn import(rng: &mut ChaCha8Rng) -> Draft {
                     labels.push((to, as_label));
                 }
             }
-            75..81 if !labels.is_empty() => {
-                let (mailbox, label) = one_of(rng, &labels);
-                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
-            }
-            81..85 if !labels.is_empty() => {
-                let (mailbox, label) = one_of(rng, &labels);
-                let action = store_one(rng, server, &mailbox, label);
-                d.at(t, action);
-            }
+            75..81 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
+            81..85 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
             85..89 => d.at(t, Action::MasterMove { server, mailbox: target.clone() }),
             89..94 => d.down_and_up(rng, t, Action::Crash { server }, server),
             94..98 => d.isolate(t, server, &all),
@@ -869,28 +896,10 @@ fn slow(rng: &mut ChaCha8Rng) -> Draft {
         t += rng.random_range(10..=600u64);
         let server = one_of(rng, &all);
         match rng.random_range(0..100u32) {
-            0..26 => {
-                let label = format!("m{}", labels.len() + 1);
-                let mailbox = one_of(rng, &boxes);
-                d.at(t, save(server, &mailbox, &label, one_of(rng, &[100, 1500])));
-                labels.push((mailbox, label));
-            }
-            26..34 if !labels.is_empty() => {
-                let (from, label) = one_of(rng, &labels);
-                let to = boxes.iter().find(|b| **b != from).cloned().unwrap_or_else(|| from.clone());
-                let as_label = format!("m{}", labels.len() + 1);
-                d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
-                labels.push((to, as_label));
-            }
-            34..40 if !labels.is_empty() => {
-                let (mailbox, label) = one_of(rng, &labels);
-                d.at(t, Action::Expunge { server, mailbox, labels: vec![label] });
-            }
-            40..46 if !labels.is_empty() => {
-                let (mailbox, label) = one_of(rng, &labels);
-                let action = store_one(rng, server, &mailbox, label);
-                d.at(t, action);
-            }
+            0..26 => save_into(&mut d, rng, t, server, &boxes, &mut labels),
+            26..34 if !labels.is_empty() => copy_to_the_other(&mut d, rng, t, server, &boxes, &mut labels),
+            34..40 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
+            40..46 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
             46..50 => d.at(t, Action::Read { server, mailbox: one_of(rng, &boxes), fresh: rng.random_bool(0.5) }),
             50..64 => {
                 // Past the request timeout (5 s) sometimes: the asking server cancels.
