@@ -102,8 +102,8 @@ pub enum Mark {
     ReplacedStoreAckDropped,
     /// A master sent a waiting SAVE or COPY again to a peer's new store.
     CopySentAgain,
-    /// A RENAME waited to master its new name's key (another server's, or nobody's yet)
-    /// before taking the old name's UIDs there.
+    /// A RENAME waited to master the greater of its two names' keys (another server's,
+    /// or nobody's yet) before it ran.
     RenameTakesTarget,
 }
 

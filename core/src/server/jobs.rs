@@ -74,8 +74,8 @@ pub enum JobState {
     WaitingBody {
         guid: Guid,
     },
-    /// A RENAME at the master of its old name, waiting to master the new name's key too
-    /// (see `Server::rename_waits_for_target`).
+    /// A RENAME at the master of the lesser of its two names' keys, waiting to master
+    /// the greater too (see `Server::rename_waits_for_target`).
     WaitingMaster {
         key: MasterKey,
     },
@@ -1428,7 +1428,7 @@ impl Server {
         true
     }
 
-    /// RENAME at the master of `from`, in one step: `to` gets every message of `from`,
+    /// RENAME at the master of both names' keys (see `rename_waits_for_target`), in one step: `to` gets every message of `from`,
     /// then `from` is deleted (INBOX is emptied instead). A `to` this server has never
     /// seen takes `from`'s UIDVALIDITY, UIDNEXT, UIDs and modseqs; a `to` with history
     /// here (a deleted mailbox of that name) keeps its own UIDVALIDITY and gives the
