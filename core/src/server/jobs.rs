@@ -1428,8 +1428,9 @@ impl Server {
         true
     }
 
-    /// RENAME at the master of both names' keys (see `rename_waits_for_target`), in one step: `to` gets every message of `from`,
-    /// then `from` is deleted (INBOX is emptied instead). A `to` this server has never
+    /// RENAME at the master of both names' keys (see `rename_waits_for_target`), in one
+    /// step: `to` gets every message of `from`, then `from` is deleted (INBOX is emptied
+    /// instead). A `to` this server has never
     /// seen takes `from`'s UIDVALIDITY, UIDNEXT, UIDs and modseqs; a `to` with history
     /// here (a deleted mailbox of that name) keeps its own UIDVALIDITY and gives the
     /// messages new UIDs above every UID it used, as COPY would, so no UID of it is ever
