@@ -10,6 +10,7 @@ mod lmtp;
 mod noop;
 mod plot;
 mod proxy;
+mod rename;
 mod report;
 mod scenarios;
 mod speed;
@@ -40,7 +41,8 @@ struct Args {
     /// Skip Dovecot's dsync (needs root and dovecot-core 2.3).
     #[arg(long)]
     no_dsync: bool,
-    /// Only these parts (sim, throughput, wire, resync), for working on one of them.
+    /// Only these parts (sim, throughput, wire, resync; or the extras store, noop, laptop,
+    /// record, lmtp, rename), for working on one of them.
     #[arg(long, value_delimiter = ',', default_value = "sim,throughput,wire,resync")]
     parts: Vec<String>,
     /// Where both systems keep their stores (tmpfs by default, as dsync's script).
@@ -69,6 +71,9 @@ struct Args {
     /// The "laptop" part: the slow link's latency, each way, in ms.
     #[arg(long, default_value_t = 750)]
     laptop_one_way_ms: u64,
+    /// The "rename" part: RENAMEs timed per granularity.
+    #[arg(long, default_value_t = 200)]
+    renames: usize,
     /// Keep the benchmark directory afterwards.
     #[arg(long)]
     keep: bool,
@@ -198,6 +203,15 @@ fn measure_and_report(args: &Args, workspace: &Path, anchors: &Path, tandem: &Pa
         }
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         store::splice_marked(&workspace.join("BENCHMARKS.md"), "laptop", &laptop::markdown(&rows, one_way, &command))?;
+    }
+    if args.parts.iter().any(|p| p == "rename") {
+        say("RENAME latency by master granularity");
+        let rows = rename::rename_latency(tandem, root, args.renames)?;
+        for row in &rows {
+            say(&format!("  {row:?}"));
+        }
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        store::splice_marked(&workspace.join("BENCHMARKS.md"), "rename", &rename::markdown(&rows, &command))?;
     }
     let standard = ["sim", "throughput", "wire", "resync"];
     let only_extras = !args.parts.iter().any(|p| standard.contains(&p.as_str()));

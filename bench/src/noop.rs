@@ -25,14 +25,14 @@ pub struct NoopRow {
     pub status_p99_us: f64,
 }
 
-struct Imap {
+pub(crate) struct Imap {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     tag: u64,
 }
 
 impl Imap {
-    fn connect(addr: SocketAddr) -> Result<Imap, String> {
+    pub(crate) fn connect(addr: SocketAddr) -> Result<Imap, String> {
         let stream = TcpStream::connect(addr).map_err(|e| format!("imap {addr}: {e}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -44,7 +44,7 @@ impl Imap {
     }
 
     /// Sends a command and reads through its tagged answer, which must be OK.
-    fn command(&mut self, text: &str) -> Result<(), String> {
+    pub(crate) fn command(&mut self, text: &str) -> Result<(), String> {
         self.tag += 1;
         let tag = format!("t{}", self.tag);
         self.send(&format!("{tag} {text}"))?;
@@ -72,7 +72,7 @@ impl Imap {
     }
 }
 
-fn percentile(sorted_us: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted_us: &[f64], p: f64) -> f64 {
     if sorted_us.is_empty() {
         return 0.0;
     }
