@@ -45,6 +45,9 @@ pub enum Mark {
     /// A master left out a logged copy of a message a client expunged here at another
     /// binding, and asked its sender's state to decide (see `MergeRules::from_log`).
     LogCopySettledBySync,
+    /// A further logged copy of that kind from the same peer waited for the state
+    /// already asked for, instead of asking again (see `Server::ask_state_once`).
+    StateAskedAlready,
     /// A migrated mailbox took the UIDVALIDITY it had elsewhere.
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
@@ -108,7 +111,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 48] = [
+    pub const ALL: [Mark; 49] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -132,6 +135,7 @@ impl Mark {
         Mark::PushMovedIncarnation,
         Mark::ReplicaKeptOwnIncarnation,
         Mark::LogCopySettledBySync,
+        Mark::StateAskedAlready,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
         Mark::CopiedBack,
@@ -184,6 +188,7 @@ impl Mark {
             Mark::PushMovedIncarnation => "push_moved_incarnation",
             Mark::ReplicaKeptOwnIncarnation => "replica_kept_own_incarnation",
             Mark::LogCopySettledBySync => "log_copy_settled_by_sync",
+            Mark::StateAskedAlready => "state_asked_already",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
             Mark::CopiedBack => "copied_back",

@@ -113,6 +113,11 @@ pub struct Server {
     /// Bindings whose tombstones were collected lately (see `recently_collected`).
     #[serde(default)]
     recently_collected: recently_collected::RecentlyCollected,
+    /// Peers asked for their state of a mailbox to settle the copies they logged of
+    /// messages expunged here (`Server::merge_log_piece`), with when: further such
+    /// copies from that peer wait for that state instead of asking again.
+    #[serde(default)]
+    states_asked: BTreeMap<(Sid, MailboxKey), Instant>,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -175,6 +180,7 @@ impl Server {
             kept_lost: Default::default(),
             dropped_lately: Default::default(),
             recently_collected: Default::default(),
+            states_asked: BTreeMap::new(),
         };
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
@@ -249,6 +255,7 @@ impl Server {
             kept_lost: self.kept_lost.clone(),
             dropped_lately: self.dropped_lately.clone(),
             recently_collected: self.recently_collected.clone(),
+            states_asked: self.states_asked.clone(),
         }
     }
 
@@ -301,6 +308,9 @@ impl Server {
         }
         if !self.recently_collected.is_empty() {
             write!(h, "|{:?}", self.recently_collected)?;
+        }
+        if !self.states_asked.is_empty() {
+            write!(h, "|{:?}", self.states_asked)?;
         }
         Ok(())
     }
@@ -756,6 +766,7 @@ impl Server {
         self.collect_bodies();
         self.collect_tombstones();
         self.recently_collected.expire(self.now);
+        self.expire_states_asked();
         self.finish_leaving();
         self.forget_old_saves();
     }

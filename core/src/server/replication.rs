@@ -31,6 +31,10 @@ pub(crate) enum SummaryKind {
 /// than scanned.
 pub(crate) const ACK_LIST_SCAN_MAX: usize = 8;
 
+/// Unanswered asks for a peer's state kept at most (see `Server::ask_state_once`); past
+/// it an ask is sent without being noted.
+const STATES_ASKED_MAX: usize = 4096;
+
 impl Server {
     /// Append a master-ordered change to every peer's log and send it to the reachable
     /// ones. `waiter` is the job that waits for the peers' acknowledgements.
@@ -410,9 +414,37 @@ impl Server {
             self.marks.hit(Mark::LogCopySettledBySync);
             let mailbox = &piece.mailbox;
             self.note(|| format!("a copy {src} logged in {mailbox} of a message expunged here: its state decides"));
-            self.send_state(src, mailbox, false);
+            // A heal brings a peer's whole log at once: one state asked for settles every
+            // copy it logged before it answered (they reach us first, on one link), so
+            // the next copies wait for that answer rather than each asking for it again.
+            if self.ask_state_once(src, mailbox) {
+                self.send_state(src, mailbox, false);
+            }
         }
         out
+    }
+
+    /// Whether to ask `peer` for its state of `mailbox` now (and note that we did): not
+    /// while an earlier ask is unanswered and younger than a request's deadline.
+    fn ask_state_once(&mut self, peer: Sid, mailbox: &MailboxKey) -> bool {
+        let key = (peer, mailbox.clone());
+        let timeout_us = self.cfg.request_timeout_us;
+        if self.states_asked.get(&key).is_some_and(|at| self.now.0.saturating_sub(at.0) < timeout_us) {
+            self.marks.hit(Mark::StateAskedAlready);
+            return false;
+        }
+        if self.states_asked.len() < STATES_ASKED_MAX || self.states_asked.contains_key(&key) {
+            self.states_asked.insert(key, self.now);
+        }
+        debug_assert!(self.states_asked.len() <= STATES_ASKED_MAX);
+        true
+    }
+
+    /// Forgets the asks older than a request's deadline: their answer was lost, and the
+    /// next copy asks again (anti-entropy settles the mailbox meanwhile).
+    pub(crate) fn expire_states_asked(&mut self) {
+        let (now, timeout_us) = (self.now, self.cfg.request_timeout_us);
+        self.states_asked.retain(|_, at| now.0.saturating_sub(at.0) < timeout_us);
     }
 
     /// [`Server::merge_foreign`] in the role and under the rules given: also a user
@@ -628,6 +660,9 @@ impl Server {
             self.marks.hit(Mark::FullSync);
         }
         let mailbox = state.mailbox.clone();
+        if !self.states_asked.is_empty() {
+            self.states_asked.remove(&(src, mailbox.clone()));
+        }
         let out = self.merge_foreign(src, &state);
         if !reply {
             self.send_state(src, &mailbox, true);
@@ -976,5 +1011,59 @@ fn logged_guids(change: &Change) -> Vec<Guid> {
         Change::Save { record, .. } | Change::Copy { record, .. } => vec![record.guid],
         Change::Merge { state } => state.messages.iter().map(|r| r.guid).collect(),
         Change::Expunge { .. } | Change::Store { .. } => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Config;
+    use crate::store::{DiskImage, MemoryBodies};
+
+    fn server() -> Server {
+        Server::recover(
+            Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]),
+            DiskImage::default(),
+            1,
+            Box::new(MemoryBodies::default()),
+        )
+    }
+
+    #[test]
+    fn a_peers_state_is_asked_for_once_until_it_answers_or_the_ask_expires() {
+        let mut s = server();
+        let (inbox, other) = (MailboxKey::new("u@d", "INBOX"), MailboxKey::new("u@d", "Trash"));
+        s.now = Instant(1_000);
+        assert!(s.ask_state_once(Sid(2), &inbox), "the first copy asks");
+        assert!(!s.ask_state_once(Sid(2), &inbox), "the next copies wait for that answer");
+        assert!(!s.ask_state_once(Sid(2), &inbox));
+        assert_eq!(s.marks().count(Mark::StateAskedAlready), 2);
+        assert!(s.ask_state_once(Sid(2), &other), "another mailbox asks for itself");
+        assert!(s.ask_state_once(Sid(3), &inbox), "another peer is asked for its own state");
+        // The peer's state comes: the next copy it logs asks again.
+        s.on_sync(Sid(2), true, MailboxState::empty(inbox.clone(), 7));
+        assert!(s.ask_state_once(Sid(2), &inbox), "after the answer, a new copy asks again");
+        // An answer lost: past a request's deadline the next copy asks again, and the
+        // maintenance pass forgets the old asks.
+        s.now = Instant(1_000 + s.cfg.request_timeout_us - 1);
+        assert!(!s.ask_state_once(Sid(3), &inbox));
+        s.now = Instant(1_000 + s.cfg.request_timeout_us);
+        assert!(s.ask_state_once(Sid(3), &inbox), "an unanswered ask expires");
+        s.now = Instant(1_000 + 3 * s.cfg.request_timeout_us);
+        s.expire_states_asked();
+        assert!(s.states_asked.is_empty(), "expired asks are forgotten");
+    }
+
+    #[test]
+    fn asks_beyond_the_limit_are_sent_without_being_noted() {
+        let mut s = server();
+        s.now = Instant(1);
+        for i in 0..STATES_ASKED_MAX {
+            assert!(s.ask_state_once(Sid(2), &MailboxKey::new("u@d", &format!("box{i}"))));
+        }
+        let extra = MailboxKey::new("u@d", "one more");
+        assert!(s.ask_state_once(Sid(2), &extra));
+        assert!(s.ask_state_once(Sid(2), &extra), "not noted, so asked again");
+        assert_eq!(s.states_asked.len(), STATES_ASKED_MAX);
     }
 }
