@@ -7,6 +7,14 @@
 //! copy at a new UID and brought an expunged message back). Past the horizon, or once
 //! forgotten (a restart), the merge's own rule applies: a message on a retired UID moves
 //! to a new one, as it may be mail that only a disk which forgot the retirement holds.
+//!
+//! Memory is enough: a late copy travels only on a link (a message in flight, or held
+//! in a relay's queue for us), and a restart closes every link, with whatever they
+//! held. What reaches a restarted server is what its peers send anew: their logs, which
+//! held no change of the mailbox when they confirmed the copy the collection waited for
+//! (`tombstones`), and their states, which agree with that copy (the binding tombstoned
+//! or retired there too). Only a disk restored from before the expunge brings the
+//! binding back after that, and then the merge's rule above applies.
 use crate::types::{Guid, Instant, MailboxKey, MailboxState, Uid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -24,7 +24,10 @@ const KEPT_LOST_MAX: usize = 65_536;
 /// remembers, and for how long: a census may give the message up in the mailbox a RENAME
 /// moved it to, and this copy's adopt of that mailbox may come after the adopt that took
 /// the RENAME's expunge from the old one (explore seed 1159717 again, the adopts in the
-/// other order); step 7 of `mailbox::adopt_rule` then finds the message here.
+/// other order); step 7 of `mailbox::adopt_rule` then finds the message here. In memory
+/// only: both adopts belong to one sync round, and a replica that restarts between them
+/// forgets the record (the census's loss of it is then final on the replica too: a
+/// narrow window, a census's loss, a RENAME and a crash inside one round).
 const DROPPED_LATELY_MAX: usize = 1024;
 const DROPPED_LATELY_KEPT_US: u64 = 600_000_000;
 
