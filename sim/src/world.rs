@@ -2070,6 +2070,21 @@ impl World {
         server.image().mailboxes.get(mailbox)?.messages.uids_of(*guid).next()
     }
 
+    /// [`World::request`], and the request's id while its answer is awaited (None: the
+    /// server is down, or it answered within the input): what the oracle must know is
+    /// pending.
+    fn request_awaited(
+        &mut self,
+        sid: Sid,
+        request: ClientRequest,
+        event: Option<usize>,
+        o: Outstanding,
+    ) -> Option<RequestId> {
+        let id = self.next_request;
+        self.request(sid, request, event, o);
+        self.outstanding.contains_key(&id).then_some(id)
+    }
+
     fn request(&mut self, sid: Sid, request: ClientRequest, event: Option<usize>, o: Outstanding) {
         if !self.alive(sid) {
             self.note(|w: &World| format!("{} client at {sid}: server is down", w.ms()));
@@ -2364,11 +2379,7 @@ impl World {
                 let then_expunge = moving.then(|| (from.clone(), label));
                 let request = ClientRequest::Copy { src: from, src_uid: uid, dst: to.clone() };
                 let o = Outstanding { label: as_label, mailbox: Some(to.clone()), then_expunge, ..none() };
-                let id = self.next_request;
-                self.request(server, request, event, o);
-                if let Some(guid) = guid
-                    && self.outstanding.contains_key(&id)
-                {
+                if let (Some(id), Some(guid)) = (self.request_awaited(server, request, event, o), guid) {
                     self.oracle.copy_pending(id, &to, guid);
                 }
             }
@@ -2467,9 +2478,8 @@ impl World {
                     .collect();
                 self.oracle.rename_requested(&from, &to, moving);
                 let o = Outstanding { mailbox: Some(from.clone()), ..none() };
-                let id = self.next_request;
-                self.request(server, ClientRequest::RenameMailbox { from: from.clone(), to: to.clone() }, event, o);
-                if self.outstanding.contains_key(&id) {
+                let request = ClientRequest::RenameMailbox { from: from.clone(), to: to.clone() };
+                if let Some(id) = self.request_awaited(server, request, event, o) {
                     self.oracle.rename_pending(id, &from, &to);
                 }
             }
