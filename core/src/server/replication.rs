@@ -415,8 +415,9 @@ impl Server {
             let mailbox = &piece.mailbox;
             self.note(|| format!("a copy {src} logged in {mailbox} of a message expunged here: its state decides"));
             // A heal brings a peer's whole log at once: one state asked for settles every
-            // copy it logged before it answered (they reach us first, on one link), so
-            // the next copies wait for that answer rather than each asking for it again.
+            // copy it logged before it answered (on one path they reach us before the
+            // answer; one that came round another way is settled by anti-entropy), so the
+            // next copies wait for that answer rather than each asking for it again.
             if self.ask_state_once(src, mailbox) {
                 self.send_state(src, mailbox, false);
             }
