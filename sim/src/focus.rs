@@ -442,7 +442,8 @@ fn follow_rename(labels: &mut [(MailboxKey, String)], from: &MailboxKey, to: &Ma
 }
 
 /// A save of a new message, small or large, into one of `boxes` through the server
-/// `through` draws, labelled after those before.
+/// `through` draws (after the mailbox and the size; `|_| server` draws none), labelled
+/// after those before.
 fn save_new(
     d: &mut Draft,
     rng: &mut ChaCha8Rng,
@@ -456,22 +457,6 @@ fn save_new(
     let size = one_of(rng, &[100, 1500]);
     let server = through(rng);
     d.at(t, save(server, &mailbox, &label, size));
-    labels.push((mailbox, label));
-}
-
-/// A save of a new message, small or large, through `server` into one of `boxes`,
-/// labelled after those before.
-fn save_into(
-    d: &mut Draft,
-    rng: &mut ChaCha8Rng,
-    t: u64,
-    server: Sid,
-    boxes: &[MailboxKey],
-    labels: &mut Vec<(MailboxKey, String)>,
-) {
-    let label = format!("m{}", labels.len() + 1);
-    let mailbox = one_of(rng, boxes);
-    d.at(t, save(server, &mailbox, &label, one_of(rng, &[100, 1500])));
     labels.push((mailbox, label));
 }
 
@@ -544,7 +529,7 @@ fn leave(rng: &mut ChaCha8Rng) -> Draft {
         }
         let server = if with_laptop && rng.random_bool(0.25) { laptop } else { one_of(rng, &present) };
         match rng.random_range(0..100u32) {
-            0..30 => save_into(&mut d, rng, t, server, &boxes, &mut labels),
+            0..30 => save_new(&mut d, rng, t, &boxes, &mut labels, |_| server),
             30..40 if !labels.is_empty() => copy_to_the_other(&mut d, rng, t, server, &boxes, &mut labels),
             40..48 if !labels.is_empty() => {
                 let (mailbox, label) = one_of(rng, &labels);
@@ -896,7 +881,7 @@ fn slow(rng: &mut ChaCha8Rng) -> Draft {
         t += rng.random_range(10..=600u64);
         let server = one_of(rng, &all);
         match rng.random_range(0..100u32) {
-            0..26 => save_into(&mut d, rng, t, server, &boxes, &mut labels),
+            0..26 => save_new(&mut d, rng, t, &boxes, &mut labels, |_| server),
             26..34 if !labels.is_empty() => copy_to_the_other(&mut d, rng, t, server, &boxes, &mut labels),
             34..40 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
             40..46 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
