@@ -610,9 +610,12 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
     let extra = format!("mode = \"{mode}\"");
     let cluster = tandem_node::cluster::prepare(&dir, nodes, &extra)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut children = Vec::new();
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A node stops cleanly when its stdin closes: dropping these is the stop.
+    let mut stdins = Vec::new();
+    let mut running = Vec::new();
     for m in &cluster.node {
-        let child = tokio::process::Command::new(&exe)
+        let mut child = tokio::process::Command::new(&exe)
             .arg("node")
             .arg("--config")
             .arg(&m.config)
@@ -621,17 +624,37 @@ async fn run_cluster(nodes: usize, dir: Option<PathBuf>, mode: &str) -> Result<(
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start node {}: {e}", m.id))?;
-        children.push(child);
+        stdins.push(child.stdin.take());
+        let (id, stopping) = (m.id, stopping.clone());
+        running.push(tokio::spawn(async move {
+            let status = child.wait().await;
+            if !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match status {
+                    Ok(s) => eprintln!("tandem cluster: node {id} stopped by itself ({s}); its log above says why"),
+                    Err(e) => eprintln!("tandem cluster: node {id}: {e}"),
+                }
+            }
+        }));
     }
     print!("{}", tandem_node::cluster::describe(&cluster, &dir));
     println!("\n`tandem cluster --nodes {nodes} --dir {}` starts this cluster again, data kept.", dir.display());
     println!("Ctrl-C stops the cluster.");
     let _ = tokio::signal::ctrl_c().await;
-    for c in &mut children {
-        let _ = c.kill().await;
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(stdins);
+    // Each node commits what it holds and closes its store; one that does not stop in
+    // time is killed (dropping its task drops the child, which kills it).
+    for task in running {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(CLUSTER_STOP_WAIT, task).await.is_err() {
+            abort.abort();
+        }
     }
     Ok(())
 }
+
+/// How long `tandem cluster` waits on Ctrl-C for its nodes' clean stop.
+const CLUSTER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// What a loaded config sets up, one fact a line (`tandem check-config`).
 fn describe_config(cfg: &NodeConfig) -> String {

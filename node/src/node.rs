@@ -369,13 +369,39 @@ pub fn spawn_in_memory(core: tandem_core::io::Config) -> NodeHandle {
     handle
 }
 
+/// How long a start waits for a store another process holds (an earlier run stopping:
+/// it commits what it holds and closes, seconds at most) before refusing to start.
+const STORE_HELD_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a start waits for a port another process holds (an earlier run of this
+/// node that gave up its store but has not exited yet) before refusing to start.
+const PORT_HELD_WAIT: Duration = Duration::from_secs(10);
+
+/// Listens on `addr`, waiting up to [`PORT_HELD_WAIT`] while it is in use.
+async fn bind_waiting(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, String> {
+    let started = TokioInstant::now();
+    let mut warned = false;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < PORT_HELD_WAIT => {
+                if !warned {
+                    warn!(%addr, what, "the address is in use (an earlier run still stopping?); waiting for it");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(|e| format!("{what} on {addr}: {e}")),
+        }
+    }
+}
+
 /// Runs a node until `shutdown` resolves or its store fails.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
     // Before the store loads: a SIGHUP's default action would kill the node.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // Each start-up phase's time is logged: a slow start is the operator's to explain.
     let started = std::time::Instant::now();
-    let store = Store::open_with_index(&cfg.data_dir, Default::default(), cfg.body_inline_max_bytes)
+    let store = Store::open_waiting(&cfg.data_dir, Default::default(), cfg.body_inline_max_bytes, STORE_HELD_WAIT)
         .map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let opened_ms = started.elapsed().as_millis();
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
@@ -423,7 +449,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let store_thread =
         spawn_store_thread(store, cfg.data_dir.clone(), cfg.body_inline_max_bytes, store_rx, events_tx.clone());
 
-    let peer_listener = TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let peer_listener = bind_waiting(cfg.listen, "listen").await?;
     let admin_listener = AdminListener::bind(&cfg.admin)?;
     let conn_ids = Arc::new(AtomicU64::new(1));
     let accepted = Arc::new(std::sync::RwLock::new(server.members().servers()));
@@ -452,19 +478,19 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     // The plain IMAP port (STARTTLS when a certificate is set) and the implicit-TLS one.
     for (addr, implicit_tls) in [(cfg.imap, false), (cfg.imaps, true)] {
         let Some(addr) = addr else { continue };
-        let listener = TcpListener::bind(addr).await.map_err(|e| format!("imap on {addr}: {e}"))?;
+        let listener = bind_waiting(addr, "imap").await?;
         info!(%addr, implicit_tls, "IMAP listening");
         let tls = cfg.mail_tls.clone().map(|t| t.0);
         tokio::spawn(crate::imap::serve(listener, handle.clone(), front.clone(), tls, implicit_tls));
     }
     if let Some(addr) = cfg.lmtp {
-        let listener = TcpListener::bind(addr).await.map_err(|e| format!("lmtp on {addr}: {e}"))?;
+        let listener = bind_waiting(addr, "lmtp").await?;
         info!(%addr, "LMTP listening");
         let hostname = format!("tandem-{}", cfg.core.sid.0);
         tokio::spawn(crate::lmtp::serve(listener, handle.clone(), front.clone(), hostname));
     }
     if let Some(addr) = cfg.metrics {
-        let listener = TcpListener::bind(addr).await.map_err(|e| format!("metrics on {addr}: {e}"))?;
+        let listener = bind_waiting(addr, "metrics").await?;
         tokio::spawn(serve_metrics(listener, events_tx.clone()));
     }
 

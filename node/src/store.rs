@@ -55,6 +55,9 @@ const ON_LOAN: TableDefinition<u128, &[u8]> = TableDefinition::new("on_loan");
 #[derive(Debug)]
 pub struct StoreError(pub String);
 
+/// How often a start retries a store another process holds.
+const STORE_HELD_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -143,8 +146,42 @@ impl Store {
     /// Opens the store, or opens it again after a failure keeping the index the core
     /// reads through; new bodies up to `inline_len_max` bytes go into the database.
     pub fn open_with_index(dir: &Path, index: BodyIndex, inline_len_max: u64) -> Result<Store, StoreError> {
+        Store::open_waiting(dir, index, inline_len_max, std::time::Duration::ZERO)
+    }
+
+    /// Opens the store as [`Store::open_with_index`] does, but while another process
+    /// holds the database (an earlier run of this node still stopping, as after a
+    /// restart that did not wait for the stop) retries for up to `wait` before failing.
+    pub fn open_waiting(
+        dir: &Path,
+        index: BodyIndex,
+        inline_len_max: u64,
+        wait: std::time::Duration,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
-        let db = Arc::new(Database::create(dir.join("tandem.redb"))?);
+        let started = std::time::Instant::now();
+        let mut warned = false;
+        let db = loop {
+            match Database::create(dir.join("tandem.redb")) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < wait => {
+                    if !warned {
+                        tracing::warn!(
+                            wait_s = wait.as_secs(),
+                            "the store is held by another process (an earlier run still stopping?); waiting for it"
+                        );
+                        warned = true;
+                    }
+                    std::thread::sleep(STORE_HELD_RETRY);
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(StoreError(format!(
+                        "{}: held by another process (is this node already running?)",
+                        dir.join("tandem.redb").display()
+                    )));
+                }
+                other => break Arc::new(other?),
+            }
+        };
         let txn = begin_write(&db)?;
         {
             txn.open_table(META)?;

@@ -157,17 +157,39 @@ fn tandem_cluster_starts_a_usable_local_cluster() {
     let fetched =
         ["new", "cur"].iter().filter_map(|d| std::fs::read_dir(maildir.join("INBOX").join(d)).ok()).flatten().count();
     assert_eq!(fetched, 1, "the LMTP delivery reached the Maildir: {text}");
+    // Killed without a word: its nodes see their stdin close and stop by themselves,
+    // maybe still closing their stores when the next run starts (which waits for them).
     let _ = child.kill();
     let _ = child.wait();
 
-    // The same directory again: the same user, password and mail.
+    // The same directory again at once: the same user, password and mail.
     let (mut child, again) = start_local_cluster(dir.path());
     assert!(again.contains("the cluster recorded in"), "{again}");
     assert!(again.contains(&format!("password {password}")), "{again}");
     let a3 = printed_after(&again, "admin on ", ',')[2].to_string();
     assert!(dump_shows(&a3, "demo@example.org/INBOX", 1), "the mail is kept across runs");
-    let _ = child.kill();
-    let _ = child.wait();
+
+    // Ctrl-C stops every node before the command returns: each store is free at once.
+    let interrupted =
+        std::process::Command::new("sh").arg("-c").arg(format!("kill -INT {}", child.id())).status().unwrap();
+    assert!(interrupted.success());
+    let stopped = (0..200).find_map(|_| match child.try_wait() {
+        Ok(Some(status)) => Some(status),
+        _ => {
+            std::thread::sleep(Duration::from_millis(100));
+            None
+        }
+    });
+    let Some(stopped) = stopped else {
+        let _ = child.kill();
+        panic!("tandem cluster did not stop on Ctrl-C");
+    };
+    assert!(stopped.success(), "{stopped:?}");
+    for node in 1..=3 {
+        let data = dir.path().join(format!("data-{node}"));
+        let opened = tandem_node::store::Store::open(&data);
+        assert!(opened.is_ok(), "node {node}'s store is free after Ctrl-C: {:?}", opened.err());
+    }
 }
 
 /// `tandem check-config` accepts a node's file and says what it sets up, refuses a bad
