@@ -261,6 +261,7 @@ pub fn generate_mailboxes(data: &Path, users: &[String], messages: usize, body_b
                 modseq: u64::from(uid),
                 flags: Default::default(),
                 claimed: false,
+                pushed: false,
             };
             writes.push(StoreWrite::PutBody { guid, checksum, bytes: body.into_bytes().into() });
             writes.push(StoreWrite::PutMessage { mailbox: mailbox.clone(), record });

@@ -22,6 +22,7 @@ fn record(uid: Uid) -> MessageRecord {
         modseq: u64::from(uid),
         flags,
         claimed: false,
+        pushed: false,
     }
 }
 

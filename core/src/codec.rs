@@ -54,15 +54,21 @@ mod tests {
         for expunged in [false, true] {
             let old = Bincode::encode(&TombstoneWithBool { uid: 7, guid: Guid(9), modseq: 3, expunged }).unwrap();
             let t: Tombstone = Bincode::decode(&old).unwrap();
-            assert_eq!(t, Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged, lost: false, cancelled: false });
+            assert_eq!(
+                t,
+                Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged, lost: false, cancelled: false, pushed: false }
+            );
             assert_eq!(Bincode::encode(&t).unwrap(), old, "written back byte for byte");
         }
-        let lost = Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true, cancelled: false };
+        let lost =
+            Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true, cancelled: false, pushed: false };
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&lost).unwrap()).unwrap(), lost);
         let cancel = Tombstone::cancel(7, Guid(9), 3);
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&cancel).unwrap()).unwrap(), cancel);
+        let pushed = Tombstone { pushed: true, ..Tombstone::expunge(7, Guid(9), 3) };
+        assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&pushed).unwrap()).unwrap(), pushed);
         let mut bad = Bincode::encode(&lost).unwrap();
-        *bad.last_mut().unwrap() = 4;
+        *bad.last_mut().unwrap() = 5;
         assert!(Bincode::decode::<Tombstone>(&bad).unwrap_err().contains("fate"));
     }
 
@@ -89,8 +95,13 @@ mod tests {
         let r: MessageRecord = Bincode::decode(&bytes).unwrap();
         assert_eq!((r.uid, r.size, r.modseq, r.claimed, r.flags.len()), (7, 64 << 20, 4, false, 1));
         assert_eq!(Bincode::encode(&r).unwrap(), bytes, "written back byte for byte");
-        let claimed = MessageRecord { claimed: true, ..r };
+        let claimed = MessageRecord { claimed: true, ..r.clone() };
         let back: MessageRecord = Bincode::decode(&Bincode::encode(&claimed).unwrap()).unwrap();
         assert_eq!(back, claimed);
+        for (claimed, pushed) in [(false, true), (true, true)] {
+            let marked = MessageRecord { claimed, pushed, ..r.clone() };
+            let back: MessageRecord = Bincode::decode(&Bincode::encode(&marked).unwrap()).unwrap();
+            assert_eq!(back, marked);
+        }
     }
 }

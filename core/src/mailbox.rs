@@ -76,6 +76,10 @@ fn record_hash(r: &MessageRecord) -> u64 {
         // Only a claimed record digests apart from before claims were recorded.
         h = mix64(h ^ 0x0063_6c61_696d_6564);
     }
+    if r.pushed {
+        // Likewise a pushed one.
+        h = mix64(h ^ 0x0070_7573_6865_6400);
+    }
     for (flag, state) in &r.flags {
         h = mix64(
             h ^ fnv64(&[
@@ -95,9 +99,9 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
         &t.uid.to_le_bytes(),
         &t.guid.0.to_le_bytes(),
         &t.modseq.to_le_bytes(),
-        // A census's loss and a cancel digest apart from a client's expunge; the byte is
-        // as before for every other tombstone.
-        &[u8::from(t.expunged) + 2 * u8::from(t.lost) + 4 * u8::from(t.cancelled)],
+        // A census's loss, a cancel and a pushed binding's expunge digest apart from a
+        // client's expunge; the byte is as before for every other tombstone.
+        &[u8::from(t.expunged) + 2 * u8::from(t.lost) + 4 * u8::from(t.cancelled) + 8 * u8::from(t.pushed)],
     ]))
 }
 
@@ -330,12 +334,16 @@ fn add_tombstone(m: &mut StoredMailbox, t: Tombstone, out: &mut MergeOutcome) {
             out.tombstones.push(t);
         }
         std::collections::btree_map::Entry::Occupied(mut e)
-            if e.get().modseq < t.modseq || t.fate_rank() > e.get().fate_rank() =>
+            if e.get().modseq < t.modseq
+                || t.fate_rank() > e.get().fate_rank()
+                || (t.pushed && !e.get().pushed && e.get().by_client()) =>
         {
             // The fate joins to the more final: a client's expunge over a census's loss
-            // over a cancel over a retirement.
+            // over a cancel over a retirement; a client's expunge of a pushed binding
+            // stays one.
             let fate = if t.fate_rank() >= e.get().fate_rank() { t } else { *e.get() };
-            let joined = Tombstone { modseq: e.get().modseq.max(t.modseq), ..fate };
+            let pushed = fate.by_client() && (t.pushed || e.get().pushed);
+            let joined = Tombstone { modseq: e.get().modseq.max(t.modseq), pushed, ..fate };
             e.insert(joined);
             out.tombstones.push(joined);
         }
@@ -1462,6 +1470,7 @@ mod tests {
                 })
                 .collect(),
             claimed: false,
+            pushed: false,
         }
     }
 
@@ -1580,7 +1589,7 @@ mod tests {
     }
 
     fn lost(uid: Uid, guid: u128, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: true, cancelled: false }
+        Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: true, cancelled: false, pushed: false }
     }
 
     #[test]
@@ -1783,6 +1792,27 @@ mod tests {
                 add_tombstone(&mut m, y, &mut MergeOutcome::default());
                 let t = m.tombstones[&(2, Guid(20))];
                 assert_eq!((t.fate_rank(), t.modseq), (want, x.modseq.max(y.modseq)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_pushed_bindings_expunge_stays_marked_whatever_it_joins() {
+        let pushed = Tombstone { pushed: true, ..Tombstone::expunge(2, Guid(20), 3) };
+        for (other, want_pushed) in [
+            (Tombstone::expunge(2, Guid(20), 3), true),
+            (Tombstone::expunge(2, Guid(20), 8), true),
+            (Tombstone::retirement(2, Guid(20), 8), true),
+            (lost(2, 20, 8), true),
+            (Tombstone::cancel(2, Guid(20), 8), true),
+        ] {
+            for (x, y) in [(pushed, other), (other, pushed)] {
+                let mut m = mbox(vec![]);
+                add_tombstone(&mut m, x, &mut MergeOutcome::default());
+                add_tombstone(&mut m, y, &mut MergeOutcome::default());
+                let t = m.tombstones[&(2, Guid(20))];
+                assert_eq!(t.pushed, want_pushed, "{x:?} then {y:?}");
+                assert!(t.by_client(), "a client's expunge is the most final fate");
             }
         }
     }
@@ -2009,6 +2039,7 @@ mod carry_tests {
             modseq: 26,
             flags: Flags::default(),
             claimed: false,
+            pushed: false,
         };
         rec.flags.insert(Flag::new("$Work").unwrap(), FlagState { present: true, stamp });
         m.messages.insert(17, rec.clone());

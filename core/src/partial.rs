@@ -212,6 +212,7 @@ mod tests {
             modseq: uid as u64,
             flags: Default::default(),
             claimed: false,
+            pushed: false,
         }
     }
 

@@ -463,6 +463,13 @@ pub struct MessageRecord {
     /// was told it is stored, so no cancel of its save removes it, wherever the cancel
     /// was decided. Joined as "either copy says so"; never cleared.
     pub claimed: bool,
+    /// A user replica's push placed this binding, the replica not knowing that the
+    /// cluster held it: mail made there (a new message, a COPY) or a push whose answer
+    /// was lost. A client's expunge of it leaves a tombstone the cluster keeps past
+    /// collection (`server::tombstones`): the replica may push the binding again, as
+    /// new, and only the tombstone tells it from new mail. Joined as "either copy says
+    /// so"; never cleared.
+    pub pushed: bool,
 }
 
 /// `claimed` shows only when set, so a record reads (and the simulator's trace hash,
@@ -480,37 +487,59 @@ impl fmt::Debug for MessageRecord {
         if self.claimed {
             d.field("claimed", &true);
         }
+        if self.pushed {
+            d.field("pushed", &true);
+        }
         d.finish()
     }
 }
 
 /// The top bit of a stored or sent size: the record is claimed. No size uses it (a body
-/// is at most `wire::LITERAL_LEN_MAX`, far below 2^31), so a store written, or a peer
+/// is at most `wire::LITERAL_LEN_MAX`, far below 2^30), so a store written, or a peer
 /// built, before claims were recorded reads the same bytes as unclaimed records.
 const CLAIMED_SIZE_BIT: u32 = 1 << 31;
+/// The next bit: the binding was pushed by a user replica (`MessageRecord::pushed`).
+const PUSHED_SIZE_BIT: u32 = 1 << 30;
+/// The bits of a stored or sent size that are the size.
+pub const SIZE_BITS: u32 = PUSHED_SIZE_BIT - 1;
+
+/// A size field's parts (`MessageRecord::unpack_size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedSize {
+    pub size: u32,
+    pub claimed: bool,
+    pub pushed: bool,
+}
 
 impl MessageRecord {
-    /// The size field as stored and sent, with the claim in its top bit.
+    /// The size field as stored and sent, with the claim and the push in its top bits.
     pub fn packed_size(&self) -> u32 {
-        (self.size & !CLAIMED_SIZE_BIT) | if self.claimed { CLAIMED_SIZE_BIT } else { 0 }
+        (self.size & SIZE_BITS)
+            | if self.claimed { CLAIMED_SIZE_BIT } else { 0 }
+            | if self.pushed { PUSHED_SIZE_BIT } else { 0 }
     }
 
-    /// (size, claimed) from a stored or sent size field.
-    pub fn unpack_size(packed: u32) -> (u32, bool) {
-        (packed & !CLAIMED_SIZE_BIT, packed & CLAIMED_SIZE_BIT != 0)
+    /// The size, the claim and the push from a stored or sent size field.
+    pub fn unpack_size(packed: u32) -> PackedSize {
+        PackedSize {
+            size: packed & SIZE_BITS,
+            claimed: packed & CLAIMED_SIZE_BIT != 0,
+            pushed: packed & PUSHED_SIZE_BIT != 0,
+        }
     }
 
     /// A record with nothing but a binding and a modseq (tests).
     #[cfg(test)]
     pub(crate) fn bare(uid: Uid, guid: u128, modseq: ModSeq) -> MessageRecord {
         let (received, size, checksum, flags) = (0, 1, 0, Flags::default());
-        MessageRecord { uid, guid: Guid(guid), received, size, checksum, modseq, flags, claimed: false }
+        MessageRecord { uid, guid: Guid(guid), received, size, checksum, modseq, flags, claimed: false, pushed: false }
     }
 
-    /// Joins another copy's claim into this one; whether it changed.
+    /// Joins another copy's claim and push into this one; whether either changed.
     pub fn join_claim(&mut self, other: &MessageRecord) -> bool {
-        let changed = other.claimed && !self.claimed;
+        let changed = (other.claimed && !self.claimed) || (other.pushed && !self.pushed);
         self.claimed |= other.claimed;
+        self.pushed |= other.pushed;
         changed
     }
 }
@@ -537,9 +566,9 @@ impl From<MessageRecord> for StoredRecord {
 
 impl From<StoredRecord> for MessageRecord {
     fn from(s: StoredRecord) -> Self {
-        let (size, claimed) = MessageRecord::unpack_size(s.size);
+        let PackedSize { size, claimed, pushed } = MessageRecord::unpack_size(s.size);
         let StoredRecord { uid, guid, received, checksum, modseq, flags, .. } = s;
-        MessageRecord { uid, guid, received, size, checksum, modseq, flags, claimed }
+        MessageRecord { uid, guid, received, size, checksum, modseq, flags, claimed, pushed }
     }
 }
 
@@ -625,6 +654,9 @@ pub struct Tombstone {
     /// (a claim) moves it to a new binding first, so a cancel that reaches a master after
     /// another master's claim cannot remove what a client was told is stored.
     pub cancelled: bool,
+    /// A client's expunge (only) of a binding a user replica pushed
+    /// (`MessageRecord::pushed`): kept past collection (`server::tombstones`).
+    pub pushed: bool,
 }
 
 /// `lost` and `cancelled` show only when set, so a tombstone reads (and the simulator's
@@ -641,6 +673,9 @@ impl fmt::Debug for Tombstone {
         }
         if self.cancelled {
             d.field("cancelled", &true);
+        }
+        if self.pushed {
+            d.field("pushed", &true);
         }
         d.finish()
     }
@@ -661,17 +696,23 @@ impl Tombstone {
     /// A renumbering's tombstone: the binding (`uid`, `guid`) is retired, the message
     /// lives on at another UID.
     pub fn retirement(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid, modseq, expunged: false, lost: false, cancelled: false }
+        Tombstone { uid, guid, modseq, expunged: false, lost: false, cancelled: false, pushed: false }
     }
 
     /// A client's expunge of the message at (`uid`, `guid`).
     pub fn expunge(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: false }
+        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: false, pushed: false }
+    }
+
+    /// A client's expunge of `record`, at `modseq`: kept past collection if a user
+    /// replica pushed the binding.
+    pub fn expunge_of(record: &MessageRecord, modseq: ModSeq) -> Tombstone {
+        Tombstone { pushed: record.pushed, ..Tombstone::expunge(record.uid, record.guid, modseq) }
     }
 
     /// A cancel's tombstone of the binding (`uid`, `guid`).
     pub fn cancel(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: true }
+        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: true, pushed: false }
     }
 
     /// A client's expunge (not a retirement, a cancel nor a census's loss).
@@ -686,13 +727,15 @@ impl Tombstone {
     }
 
     /// The fate's names on the wire, by [`Tombstone::fate_code`].
-    pub const FATE_NAMES: [&'static str; 4] = ["RETIRED", "EXPUNGED", "LOST", "CANCELLED"];
+    pub const FATE_NAMES: [&'static str; 5] = ["RETIRED", "EXPUNGED", "LOST", "CANCELLED", "EXPUNGED-PUSHED"];
 
-    /// The fate as stored and sent: 0 retired, 1 expunged, 2 lost, 3 cancelled (a store
-    /// written when the fate was a `bool`, one byte 0 or 1 under bincode, reads unchanged).
+    /// The fate as stored and sent: 0 retired, 1 expunged, 2 lost, 3 cancelled, 4 a
+    /// client's expunge of a pushed binding (a store written when the fate was a `bool`,
+    /// one byte 0 or 1 under bincode, reads unchanged).
     pub fn fate_code(&self) -> u8 {
         match (self.expunged, self.lost, self.cancelled) {
             (false, _, _) => 0,
+            (true, false, false) if self.pushed => 4,
             (true, false, false) => 1,
             (true, true, _) => 2,
             (true, false, true) => 3,
@@ -701,14 +744,15 @@ impl Tombstone {
 
     /// A tombstone of the fate [`Tombstone::fate_code`] gives `code`; None for no fate.
     pub fn with_fate(uid: Uid, guid: Guid, modseq: ModSeq, code: u8) -> Option<Tombstone> {
-        let (expunged, lost, cancelled) = match code {
-            0 => (false, false, false),
-            1 => (true, false, false),
-            2 => (true, true, false),
-            3 => (true, false, true),
+        let (expunged, lost, cancelled, pushed) = match code {
+            0 => (false, false, false, false),
+            1 => (true, false, false, false),
+            2 => (true, true, false, false),
+            3 => (true, false, true, false),
+            4 => (true, false, false, true),
             _ => return None,
         };
-        Some(Tombstone { uid, guid, modseq, expunged, lost, cancelled })
+        Some(Tombstone { uid, guid, modseq, expunged, lost, cancelled, pushed })
     }
 }
 
@@ -731,7 +775,7 @@ impl TryFrom<StoredTombstone> for Tombstone {
     type Error = String;
     fn try_from(s: StoredTombstone) -> Result<Self, String> {
         Tombstone::with_fate(s.uid, s.guid, s.modseq, s.fate)
-            .ok_or_else(|| format!("a tombstone's fate is 0, 1, 2 or 3, not {}", s.fate))
+            .ok_or_else(|| format!("a tombstone's fate is 0 to 4, not {}", s.fate))
     }
 }
 

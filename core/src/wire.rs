@@ -49,8 +49,8 @@
 //! where `<key>` is `MAILBOX <mbox>`, `USER <string>`, `DOMAIN <string>` or `GLOBAL`;
 //! `<state>` is `(<mbox> <uidvalidity> <uidnext> <highest-modseq> (<record>...) (<tombstone>...))`;
 //! `<record>` is `(<uid> <guid> <received> <size> <checksum> <modseq> ((<flag> SET|CLEAR <modseq> <sid>)...))`,
-//! where `<size>` has the claim in its top bit (`MessageRecord::packed_size`);
-//! `<tombstone>` is `(<uid> <guid> <modseq> RETIRED|EXPUNGED|LOST|CANCELLED)`; and `<result>` is one of
+//! where `<size>` has the claim and the push in its top bits (`MessageRecord::packed_size`);
+//! `<tombstone>` is `(<uid> <guid> <modseq> RETIRED|EXPUNGED|LOST|CANCELLED|EXPUNGED-PUSHED)`; and `<result>` is one of
 //! `SAVED <uidvalidity> <uid> <guid>`, `COPIED <uidvalidity> <uid> <guid>`,
 //! `EXPUNGED (<uid>...) <modseq>`, `STORED <modseq> (<rejected-uid>...) ((<uid> (<flag>...) <modseq>)...)`,
 //! `FAILED TEMPORARY|PERMANENT <string>`, `MAILBOX-DONE <modseq>`, `POSITION <highest-modseq> <digest>`,
@@ -1373,7 +1373,7 @@ fn read_state(r: &mut Reader) -> Parse<MailboxState> {
 
 fn write_record(w: &mut Writer, m: &MessageRecord) {
     w.group(|w| {
-        // The claim rides in the size's top bit (`MessageRecord::packed_size`).
+        // The claim and the push ride in the size's top bits (`MessageRecord::packed_size`).
         w.num(m.uid).guid(m.guid).num(m.received).num(m.packed_size()).num(m.checksum).num(m.modseq);
         w.list(&m.flags, |w, (flag, state)| {
             w.group(|w| {
@@ -1387,7 +1387,7 @@ fn write_record(w: &mut Writer, m: &MessageRecord) {
 fn read_record(r: &mut Reader) -> Parse<MessageRecord> {
     r.group(|r| {
         let (uid, guid, received) = (r.u32()?, r.guid()?, r.u64()?);
-        let (size, claimed) = MessageRecord::unpack_size(r.u32()?);
+        let PackedSize { size, claimed, pushed } = MessageRecord::unpack_size(r.u32()?);
         Ok(MessageRecord {
             uid,
             guid,
@@ -1397,6 +1397,7 @@ fn read_record(r: &mut Reader) -> Parse<MessageRecord> {
             modseq: r.u64()?,
             flags: read_flag_states(r)?.into(),
             claimed,
+            pushed,
         })
     })
 }
@@ -1471,6 +1472,7 @@ mod tests {
                 (flag("$Junk"), FlagState { present: true, stamp: stamp(u64::MAX, u32::MAX) }),
             ])),
             claimed: false,
+            pushed: false,
         }
     }
 
@@ -2215,10 +2217,11 @@ mod tests {
         let flag_state = (any::<bool>(), any::<u64>(), any::<u32>())
             .prop_map(|(present, modseq, sid)| FlagState { present, stamp: Stamp { modseq, sid: Sid(sid) } });
         let flags = proptest::collection::btree_map(any_flag(), flag_state, 0..4);
-        // A size below the claim's bit (`MessageRecord::packed_size`), as every size is.
-        let size = (0..1u32 << 31, any::<bool>());
+        // A size below the claim's and the push's bits (`MessageRecord::packed_size`), as
+        // every size is.
+        let size = (0..=SIZE_BITS, any::<bool>(), any::<bool>());
         (any::<u32>(), guid(), any::<u64>(), size, any::<u64>(), any::<u64>(), flags).prop_map(
-            |(uid, guid, received, (size, claimed), checksum, modseq, flags)| MessageRecord {
+            |(uid, guid, received, (size, claimed, pushed), checksum, modseq, flags)| MessageRecord {
                 uid,
                 guid,
                 received,
@@ -2227,6 +2230,7 @@ mod tests {
                 modseq,
                 flags: flags.into(),
                 claimed,
+                pushed,
             },
         )
     }
@@ -2263,7 +2267,7 @@ mod tests {
                 change: Change::Save { mailbox, uidvalidity, record, body: body.into() },
             },
         );
-        let tombstone = (any::<u32>(), guid(), any::<u64>(), 0u8..3)
+        let tombstone = (any::<u32>(), guid(), any::<u64>(), 0u8..=4)
             .prop_filter_map("a fate", |(uid, guid, modseq, fate)| Tombstone::with_fate(uid, guid, modseq, fate));
         let sync = (
             any::<bool>(),

@@ -46,6 +46,7 @@ fn image(n: u32, store: &MemoryBodies) -> DiskImage {
             modseq: 1,
             flags: Default::default(),
             claimed: false,
+            pushed: false,
         };
         m.messages.insert(uid, record);
         db.bodies.insert(guid, StoredBody { checksum, len: body.len() as u64 });
@@ -266,6 +267,7 @@ fn absurd_numbers_from_a_peer_are_refused() {
         modseq,
         flags: Default::default(),
         claimed: false,
+        pushed: false,
     };
     let absurd = [
         Msg::LinkState { origin: S2, seq: 999_999, epoch: u64::MAX, store: 1, neighbors: vec![S1] },

@@ -402,6 +402,7 @@ fn wire_seeds(dir: &Path) {
             modseq: 4,
             flags: flags.into(),
             claimed: false,
+            pushed: false,
         };
     let state = MailboxState {
         mailbox: inbox.clone(),

@@ -457,7 +457,7 @@ impl Harness {
                     let stamp = Stamp { modseq: 5, sid: peer };
                     let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
                     let size = u32::try_from(body.len()).unwrap_or(u32::MAX);
-                    MessageRecord { uid, guid, received, size, checksum: hash::body_checksum(body), modseq: 5, flags, claimed: false }
+                    MessageRecord { uid, guid, received, size, checksum: hash::body_checksum(body), modseq: 5, flags, claimed: false, pushed: false }
                 };
                 let (result, record) = match (v % 4, request) {
                     (1, _) => (WriteResult::Failed { kind: FailKind::Temporary, reason: "busy".into() }, None),

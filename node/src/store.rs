@@ -787,6 +787,7 @@ mod tests {
             modseq: 1,
             flags: Default::default(),
             claimed: false,
+            pushed: false,
         };
         let writes = vec![
             StoreWrite::Incarnation { incarnation: 1, store_id: 7 },
@@ -1034,6 +1035,7 @@ mod tests {
                         modseq: 1,
                         flags: Default::default(),
                         claimed: false,
+                        pushed: false,
                     },
                     body: Body::from_static(b"same"),
                 };

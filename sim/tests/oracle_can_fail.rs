@@ -21,6 +21,7 @@ fn record(uid: Uid, guid: u128, flags: &[&str]) -> MessageRecord {
         modseq: 1,
         flags: flags.iter().map(|f| (Flag::new(f).unwrap(), FlagState { present: true, stamp })).collect(),
         claimed: false,
+        pushed: false,
     }
 }
 

@@ -1161,7 +1161,8 @@ impl Server {
         debug_assert!(!m.messages.contains_key(&uid), "UIDNEXT is above every live UID");
         let stamp = Stamp { modseq: if is_copy { 0 } else { modseq }, sid: self.cfg.sid };
         let flags = flags.iter().map(|f| (f.clone(), FlagState { present: true, stamp })).collect();
-        let record = MessageRecord { uid, guid, received, size, checksum, modseq, flags, claimed: false };
+        let record =
+            MessageRecord { uid, guid, received, size, checksum, modseq, flags, claimed: false, pushed: false };
         let meta = StoreWrite::MailboxMeta {
             mailbox: mailbox.clone(),
             uidvalidity,
@@ -1263,6 +1264,9 @@ impl Server {
                 expunged: true,
                 lost: why == Removal::Lost,
                 cancelled: why == Removal::Cancelled,
+                // A client's expunge of a binding a user replica pushed is kept past
+                // collection (`server::tombstones`).
+                pushed: r.pushed && why == Removal::ByClient,
             })
             .collect();
         if tombstones.is_empty() {

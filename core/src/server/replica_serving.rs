@@ -219,8 +219,15 @@ impl Server {
         bodies: Vec<(Guid, Body)>,
         from_cluster: &[(Uid, Uid)],
     ) -> WriteResult {
+        let known = uid_set(from_cluster);
+        // A binding the replica does not know the cluster held is marked pushed: its
+        // expunge's tombstone is kept past collection, as a later push of it as new
+        // mail would otherwise bring the message back (`server::tombstones`).
+        for r in state.messages.iter_mut().filter(|r| !known.contains(r.uid)) {
+            r.pushed = true;
+        }
         if !self.has_bug(crate::Bug::ReplicaResurrects) {
-            let forgotten = self.forgotten_here(&state, &uid_set(from_cluster));
+            let forgotten = self.forgotten_here(&state, &known);
             if !forgotten.is_empty() {
                 self.marks.hit(crate::marks::Mark::ReplicaCopyOfForgottenExpunge);
                 state.messages.retain(|r| !forgotten.contains(&r.uid));

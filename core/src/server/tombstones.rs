@@ -16,11 +16,13 @@
 //!
 //! Two kinds of tombstone stay: a census's loss (see `Tombstone::lost`), and, up to
 //! [`REPLICA_TOMBSTONES_KEPT_MAX`] per mailbox (the newest), a client's expunge of a
-//! message made on a user replica (its GUID's origin is no server of the cluster). A
-//! replica's push whose answer was lost (its home crashed, or the laptop) leaves the
-//! replica knowing of no binding the cluster held for what it pushed; once that message
-//! is expunged, only its tombstone tells the replica's next push of it from new mail
-//! (focus leave seed 157812, focus laptop seed 188146).
+//! message made on a user replica (its GUID's origin is no server of the cluster) or of
+//! a binding a replica's push placed (`MessageRecord::pushed`: a COPY made on the
+//! replica keeps the cluster's GUID). A replica's push whose answer was lost (its home
+//! crashed, or the laptop) leaves the replica knowing of no binding the cluster held for
+//! what it pushed; once that message is expunged, only its tombstone tells the replica's
+//! next push of it from new mail (focus leave seed 157812, focus laptop seed 188146,
+//! `scenarios/regression-laptop-copy-push-answer-lost-then-expunged.toml`).
 
 use super::Server;
 use crate::marks::Mark;
@@ -77,11 +79,12 @@ impl Server {
 
     /// Of the kind a mailbox keeps for user replicas (see the module comment): a client's
     /// expunge of a message whose GUID no server of the cluster made (its origin is no
-    /// member, now or before).
+    /// member, now or before), or of a binding a user replica pushed (a COPY made there
+    /// of the cluster's mail keeps the cluster's GUID).
     fn kept_for_replicas_kind(&self, t: &Tombstone) -> bool {
         !self.has_bug(crate::Bug::CollectReplicaTombstones)
             && t.by_client()
-            && self.members.get(Sid(t.guid.origin())).is_none()
+            && (t.pushed || self.members.get(Sid(t.guid.origin())).is_none())
     }
 
     /// The UIDs whose tombstones `m` keeps for user replicas: those of that kind, the
@@ -205,7 +208,11 @@ mod tests {
         let retired_uid = made_on_laptop + 2;
         let t = Tombstone { expunged: false, ..Tombstone::expunge(retired_uid, guid(2, laptop), 10_000) };
         m.tombstones.insert((t.uid, t.guid), t);
-        m.uidnext = retired_uid + 1;
+        // A laptop's COPY of the cluster's mail, pushed: the cluster's GUID, kept.
+        let pushed_copy = retired_uid + 1;
+        let t = Tombstone { pushed: true, ..Tombstone::expunge(pushed_copy, guid(3, 2), 10_001) };
+        m.tombstones.insert((t.uid, t.guid), t);
+        m.uidnext = pushed_copy + 1;
         let server = Server::recover(
             Config::new(Sid(1), vec![Sid(1), Sid(2)]),
             DiskImage::default(),
@@ -214,8 +221,9 @@ mod tests {
         );
         let kept = server.kept_for_replicas(&m);
         assert_eq!(kept.len(), REPLICA_TOMBSTONES_KEPT_MAX);
-        assert!(kept.contains(&made_on_laptop) && kept.contains(&6), "the newest are kept");
-        assert!(!kept.contains(&5) && !kept.contains(&1), "the oldest beyond the limit go");
+        assert!(kept.contains(&pushed_copy), "a pushed binding's expunge is kept, whoever made the GUID");
+        assert!(kept.contains(&made_on_laptop) && kept.contains(&7), "the newest are kept");
+        assert!(!kept.contains(&6) && !kept.contains(&1), "the oldest beyond the limit go");
         assert!(!kept.contains(&server_made), "a message a server of the cluster made is collected");
         assert!(!kept.contains(&retired_uid), "a retirement is collected");
     }
