@@ -4,8 +4,8 @@
 //! Handshake (one line each way, each at most [`HANDSHAKE_LINE_MAX`] bytes):
 //!
 //! ```text
-//! dialer   -> TANDEM/2 HELLO <dialer id> <nonce A> <deflate 0|1>
-//! acceptor -> TANDEM/2 CHALLENGE <acceptor id> <nonce B> <HMAC(secret, "acceptor", ids, A, B)>
+//! dialer   -> TANDEM/3 HELLO <dialer id> <nonce A> <deflate 0|1>
+//! acceptor -> TANDEM/3 CHALLENGE <acceptor id> <nonce B> <HMAC(secret, "acceptor", ids, A, B)>
 //! dialer   -> PROOF <HMAC(secret, "dialer", ids, A, B)>
 //! acceptor -> OK <deflate 0|1>            (or ERROR <reason>, then close)
 //! ```
@@ -16,7 +16,8 @@
 //!
 //! `TANDEM/<n>` names the peer protocol: servers speak to peers of the same version
 //! only, and refuse another with a line that names both (version 2 added store
-//! identities to LINKSTATE, MEMBERS and ACK).
+//! identities to LINKSTATE, MEMBERS and ACK; version 3 a record's pushed bit in its size
+//! and the EXPUNGED-PUSHED tombstone fate, which a version 2 server would misread).
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use hmac::{Hmac, Mac};
@@ -123,7 +124,7 @@ async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &str) -> Result<(), 
 }
 
 /// The peer protocol this server speaks (see the module's doc).
-pub const PROTOCOL: &str = "TANDEM/2";
+pub const PROTOCOL: &str = "TANDEM/3";
 
 /// A peer speaking another version of the peer protocol: refused by name, so that an
 /// operator upgrading the cluster one server at a time sees why two servers do not talk.
