@@ -35,7 +35,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
 /// The stream with raw DEFLATE both ways (IMAP's COMPRESS=DEFLATE, RFC 4978, and the
-/// replica link's `X-REPLICATE DEFLATE`).
+/// replica link's `X-REPLICATE 2 DEFLATE`).
 pub fn deflated(stream: PeerStream) -> PeerStream {
     let (reader, writer) = tokio::io::split(stream);
     let reader = async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));

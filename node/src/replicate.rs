@@ -200,13 +200,18 @@ pub async fn open_cluster(login: &ClusterLogin) -> Result<Box<dyn PeerIo>, Strin
         use base64::Engine;
         let plain = base64::engine::general_purpose::STANDARD
             .encode(format!("\0{}\0{}", login.user, login.password).as_bytes());
-        let switch = if login.compress { "r X-REPLICATE DEFLATE" } else { "r X-REPLICATE" };
+        let version = crate::replica_link::VERSION;
+        let switch = format!("r X-REPLICATE {version}{}", if login.compress { " DEFLATE" } else { "" });
         send(&mut stream, &format!("a AUTHENTICATE PLAIN {plain}\r\n{switch}")).await?;
         if login.tls == TlsMode::Implicit {
             greeting(&mut stream).await?;
         }
         answer(&mut stream, "a").await.map_err(|e| format!("{addr}: login as {}: {e}", login.user))?;
-        answer(&mut stream, "r").await.map_err(|e| format!("{addr}: X-REPLICATE: {e}"))?;
+        answer(&mut stream, "r").await.map_err(|e| {
+            // A server from before link versions does not know the command with one.
+            let hint = if e.starts_with("BAD") { " (is the cluster an older tandem release?)" } else { "" };
+            format!("{addr}: X-REPLICATE {version}: {e}{hint}")
+        })?;
         if login.compress {
             stream = crate::peer::deflated(stream);
         }

@@ -363,10 +363,27 @@ fn the_cluster_refuses_a_wrong_password_another_user_s_mail_and_a_master_s_work(
     let mut reader = BufReader::new(plain.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    plain.write_all(b"r X-REPLICATE\r\n").unwrap();
+    plain.write_all(b"r X-REPLICATE 2\r\n").unwrap();
     line.clear();
     reader.read_line(&mut line).unwrap();
     assert!(line.starts_with("r NO"), "{line}");
+
+    // Logged in, an agent of another link version is refused by name, and the session
+    // goes on as IMAP.
+    plain.write_all(format!("a LOGIN \"{ALICE}\" \"{ALICE_PASSWORD}\"\r\n").as_bytes()).unwrap();
+    let tagged = |reader: &mut BufReader<TcpStream>, tag: &str| {
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 && !line.starts_with(tag) {
+            line.clear();
+        }
+        line
+    };
+    assert!(tagged(&mut reader, "a ").starts_with("a OK"));
+    plain.write_all(b"r X-REPLICATE\r\n").unwrap();
+    let refused = tagged(&mut reader, "r ");
+    assert!(refused.contains("replica link version 2 and the agent 1 (unnamed)"), "{refused}");
+    plain.write_all(b"n NOOP\r\n").unwrap();
+    assert!(tagged(&mut reader, "n ").starts_with("n OK"));
 
     // Logged in as alice, on the link: bob's mailboxes and a master's requests refused.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -529,12 +529,22 @@ impl Session {
             }
             // A user replica's agent (`tandem replicate`): the rest of the connection is
             // the replica link, gated to this user's mailboxes.
-            if let Some((tag, deflate)) = replicate_command(fragmentizer.message_bytes()) {
+            if let Some(ReplicateCommand { tag, version, deflate }) = replicate_command(fragmentizer.message_bytes()) {
                 let Some(user) = self.user.clone() else {
                     self.line(&format!("{tag} NO log in first"));
                     self.flush().await?;
                     continue;
                 };
+                if version != Some(crate::replica_link::VERSION) {
+                    let theirs = version.map_or("1 (unnamed)".to_string(), |v| v.to_string());
+                    warn!(user, ip = %self.peer_ip, theirs, "a user replica's agent of another link version refused");
+                    self.line(&format!(
+                        "{tag} NO [X-VERSION] this server speaks replica link version {} and the agent {theirs}: use the same tandem release on both sides",
+                        crate::replica_link::VERSION
+                    ));
+                    self.flush().await?;
+                    continue;
+                }
                 info!(user, ip = %self.peer_ip, deflate, "a user replica's sync begins");
                 self.line(&format!("{tag} OK the replica link begins"));
                 self.flush().await?;
@@ -3047,9 +3057,17 @@ fn set_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
-/// An `X-REPLICATE` command (`tag X-REPLICATE`, or `tag X-REPLICATE DEFLATE` for a link
-/// compressed from the answer on): its tag, and whether DEFLATE was asked for.
-fn replicate_command(message: &[u8]) -> Option<(String, bool)> {
+/// An `X-REPLICATE` command (`tag X-REPLICATE <version>`, with ` DEFLATE` after it for a
+/// link compressed from the answer on; an agent from before versions sends no version).
+#[derive(Debug, PartialEq, Eq)]
+struct ReplicateCommand {
+    tag: String,
+    /// The replica link version the agent speaks; None for an agent before versions.
+    version: Option<u32>,
+    deflate: bool,
+}
+
+fn replicate_command(message: &[u8]) -> Option<ReplicateCommand> {
     let line = message.strip_suffix(b"\r\n").or_else(|| message.strip_suffix(b"\n"))?;
     let text = std::str::from_utf8(line).ok()?;
     let (tag, command) = text.split_once(' ')?;
@@ -3057,13 +3075,30 @@ fn replicate_command(message: &[u8]) -> Option<(String, bool)> {
     if !tag_ok {
         return None;
     }
-    if command.eq_ignore_ascii_case("X-REPLICATE") {
-        Some((tag.to_string(), false))
-    } else if command.eq_ignore_ascii_case("X-REPLICATE DEFLATE") {
-        Some((tag.to_string(), true))
-    } else {
-        None
+    let mut words = command.split(' ');
+    if !words.next()?.eq_ignore_ascii_case("X-REPLICATE") {
+        return None;
     }
+    let (mut version, mut deflate) = (None, false);
+    let mut rest = words.peekable();
+    if let Some(word) = rest.peek()
+        && !word.is_empty()
+        && word.len() <= 9
+        && word.bytes().all(|b| b.is_ascii_digit())
+    {
+        version = word.parse().ok();
+        rest.next();
+    }
+    if let Some(word) = rest.next() {
+        if !word.eq_ignore_ascii_case("DEFLATE") {
+            return None;
+        }
+        deflate = true;
+    }
+    if rest.next().is_some() {
+        return None;
+    }
+    Some(ReplicateCommand { tag: tag.to_string(), version, deflate })
 }
 
 #[cfg(test)]
@@ -3072,9 +3107,14 @@ mod tests {
 
     #[test]
     fn x_replicate_is_recognised_only_alone_and_tagged() {
-        assert_eq!(replicate_command(b"r X-REPLICATE\r\n"), Some(("r".into(), false)));
-        assert_eq!(replicate_command(b"a1 x-replicate deflate\r\n"), Some(("a1".into(), true)));
+        let command = |tag: &str, version, deflate| Some(ReplicateCommand { tag: tag.into(), version, deflate });
+        assert_eq!(replicate_command(b"r X-REPLICATE 2\r\n"), command("r", Some(2), false));
+        assert_eq!(replicate_command(b"a1 x-replicate 2 deflate\r\n"), command("a1", Some(2), true));
+        assert_eq!(replicate_command(b"r X-REPLICATE\r\n"), command("r", None, false), "an agent before versions");
+        assert_eq!(replicate_command(b"a1 x-replicate deflate\r\n"), command("a1", None, true));
         assert_eq!(replicate_command(b"a1 X-REPLICATE now\r\n"), None);
+        assert_eq!(replicate_command(b"a1 X-REPLICATE 2 DEFLATE more\r\n"), None);
+        assert_eq!(replicate_command(b"a1 X-REPLICATE 99999999999 DEFLATE\r\n"), None);
         assert_eq!(replicate_command(b"* X-REPLICATE\r\n"), None);
         assert_eq!(replicate_command(b"a1 NOOP\r\n"), None);
     }
