@@ -126,7 +126,7 @@ fn tandem_cluster_starts_a_usable_local_cluster() {
     let saved = saved.expect("deliver through node 1");
     assert!(saved.starts_with("saved UID 1"), "{saved}");
     let dump_shows = |admin: &str, mailbox: &str, lines: usize| {
-        (0..100).any(|_| {
+        (0..300).any(|_| {
             let (ok, text) = tandem(&["dump", "--admin", admin, "--mailbox", mailbox]);
             let shown = ok && text.lines().count() == lines + 1;
             if !shown {
