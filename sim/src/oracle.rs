@@ -14,6 +14,10 @@ pub const CONVERGENCE: &str = "convergence";
 /// at the end (its first attempt, if stored, was found and answered with).
 pub const RETRIES_STORED_ONCE: &str = "retries_stored_once";
 pub const NO_RESURRECTION: &str = "no_resurrection";
+
+/// COPY request times kept per (mailbox, message) at most (`Oracle::copy_request_times`);
+/// past it, any COPY excuses the message.
+const COPY_TIMES_MAX: usize = 32;
 pub const READ_YOUR_WRITES: &str = "read_your_writes";
 /// A run whose only faults were crashes and restarts of servers that had handed every
 /// change on (their replication logs empty when they went down), with no start-up hold
@@ -137,6 +141,13 @@ pub struct Oracle {
     /// Every (mailbox, message) a COPY was asked for: a message expunged from a
     /// mailbox may come back by a later COPY.
     copy_requested: BTreeSet<(MailboxKey, Guid)>,
+    /// When each COPY (or RENAME) that may have placed the message in the mailbox was
+    /// asked for, the first [`COPY_TIMES_MAX`]: each may have made one binding. One asked
+    /// for before the message's last EXPUNGE there, whose binding that EXPUNGE took, does
+    /// not bring it back (see `copy_excuses`).
+    copy_request_times: BTreeMap<(MailboxKey, Guid), Vec<u64>>,
+    /// The simulated time, set by the world before each step.
+    pub now_us: u64,
     /// RENAMEs asked for and not answered yet, by request: (old name, new name). A RENAME
     /// runs at its master whenever it gets there, and takes along what was copied or
     /// moved into the old name meanwhile (focus import seed 304901: a message MOVEd into
@@ -217,7 +228,7 @@ impl Oracle {
             .iter()
             .flat_map(|(g, by_mailbox)| by_mailbox.iter().map(move |(k, t)| (g, k, t.unanswered)))
             .collect();
-        write!(into, "|{owed_again:?}|{unanswered:?}")
+        write!(into, "|{owed_again:?}|{unanswered:?}|{:?}", self.copy_excuses_timeless())
     }
 
     pub fn violate(&mut self, invariant: &'static str, time_us: u64, detail: String) {
@@ -560,6 +571,25 @@ impl Oracle {
             || self.renamed.contains_key(mailbox)
     }
 
+    /// Whether a COPY may rightly have placed the message in the mailbox again after an
+    /// acknowledged EXPUNGE of it there: one asked for after the last EXPUNGE was (a
+    /// message moved to Trash and back), or more asked for before it than the bindings
+    /// the EXPUNGEs named (each COPY made one binding at most; a laptop's, made offline,
+    /// may arrive after the EXPUNGE took the cluster's: focus leave seed 38471). Every
+    /// COPY asked for before, each binding taken: the message is gone (a laptop's COPY
+    /// whose push answer was lost, pushed again after the collection).
+    fn copy_excuses(&self, key: &(MailboxKey, Guid)) -> bool {
+        let Some(times) = self.copy_request_times.get(key) else { return false };
+        let Some(expunge) = self.expunge_times.get(&key.1).and_then(|m| m.get(&key.0)) else { return true };
+        let before = times.iter().filter(|t| **t < expunge.last_requested_us).count();
+        times.len() >= COPY_TIMES_MAX || before < times.len() || before > expunge.uids.len()
+    }
+
+    /// The part of `copy_excuses`' knowledge that is not a time, by message.
+    fn copy_excuses_timeless(&self) -> Vec<(&(MailboxKey, Guid), bool)> {
+        self.copy_request_times.keys().map(|k| (k, self.copy_excuses(k))).collect()
+    }
+
     /// Whether an EXPUNGE of the message was asked for, answered or not.
     fn expunge_asked(&self, mailbox: &MailboxKey, guid: Guid) -> bool {
         self.expunge_times.get(&guid).is_some_and(|m| m.contains_key(mailbox))
@@ -618,9 +648,20 @@ impl Oracle {
     }
 
     /// Client request `id` was answered: a RENAME or COPY it was has run (or never will).
-    pub fn request_answered(&mut self, id: u64) {
+    /// A COPY's (target, GUID asked for).
+    pub fn request_answered(&mut self, id: u64) -> Option<(MailboxKey, Guid)> {
         self.pending_renames.remove(&id);
-        self.pending_copies.remove(&id);
+        self.pending_copies.remove(&id)
+    }
+
+    /// A COPY asked for as `asked` (target, source GUID) was answered with `guid` placed
+    /// in `mailbox`: a GUID derived for a copy back (`Guid::copied_back`) is noted as
+    /// copied there too; the asked one was noted when it was asked for.
+    pub fn copy_answered(&mut self, mailbox: &MailboxKey, guid: Guid, asked: Option<&(MailboxKey, Guid)>) {
+        if asked.is_some_and(|(to, asked)| to == mailbox && *asked == guid) {
+            return;
+        }
+        self.copy_requested(mailbox, guid);
     }
 
     /// A COPY (or MOVE) of `guid` into `mailbox` was asked for: it may end there, and
@@ -628,6 +669,10 @@ impl Oracle {
     pub fn copy_requested(&mut self, mailbox: &MailboxKey, guid: Guid) {
         let mut places = vec![mailbox.clone()];
         while let Some(place) = places.pop() {
+            let times = self.copy_request_times.entry((place.clone(), guid)).or_default();
+            if times.len() < COPY_TIMES_MAX {
+                times.push(self.now_us);
+            }
             if !self.copy_requested.insert((place.clone(), guid)) {
                 continue;
             }
@@ -789,9 +834,7 @@ impl Oracle {
                 && (self.expunged.get(key).is_some_and(lost)
                     || self.expunge_holders.get(key).is_some_and(|h| !h.is_empty() && lost(h)))
         };
-        for (mailbox, guid) in
-            self.expunged.keys().filter(|k| !self.copy_requested.contains(*k) && !undone_with_lost_disks(k))
-        {
+        for (mailbox, guid) in self.expunged.keys().filter(|k| !self.copy_excuses(k) && !undone_with_lost_disks(k)) {
             for sid in stores.keys() {
                 if by_guid[sid].get(mailbox).is_some_and(|m| m.contains_key(guid)) {
                     found.push((

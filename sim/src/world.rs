@@ -1255,6 +1255,7 @@ impl World {
     }
 
     fn step(&mut self, ev: Box<Ev>) {
+        self.oracle.now_us = self.now.0;
         match *ev {
             Ev::Deliver { from, to, generation, envelope } => {
                 let link = self.links.get(&link_key(from, to));
@@ -2168,7 +2169,7 @@ impl World {
 
     fn client_reply(&mut self, sid: Sid, id: RequestId, reply: ClientReply) {
         let Some(o) = self.outstanding.remove(&id) else { return };
-        self.oracle.request_answered(id);
+        let copy_asked = self.oracle.request_answered(id);
         let incarnation = self.nodes.get(&sid).map(|n| n.incarnation).unwrap_or(0);
         if o.server != sid || o.incarnation != incarnation {
             return;
@@ -2236,7 +2237,7 @@ impl World {
                         // cluster derive alike: a COPY brought that one to the mailbox too
                         // (focus leave seeds 38471, 41072: the cluster's copy expunged,
                         // the laptop's pushed after).
-                        self.oracle.copy_requested(mailbox, *guid);
+                        self.oracle.copy_answered(mailbox, *guid, copy_asked.as_ref());
                     }
                     self.oracle.saved(t, sid, mailbox, (*uidvalidity, *uid, *guid), o.issued_us);
                     self.oracle.saved_flags(mailbox, *guid, &o.add);
