@@ -48,6 +48,9 @@ pub enum Mark {
     /// A further logged copy of that kind from the same peer waited for the state
     /// already asked for, instead of asking again (see `Server::ask_state_once`).
     StateAskedAlready,
+    /// A server that does not master a mailbox sent its copy to the master because its
+    /// log to the master had dropped the mailbox's changes (see `Server::sync_overflowed`).
+    OverflowedCopySent,
     /// A migrated mailbox took the UIDVALIDITY it had elsewhere.
     ImportedValidity,
     /// A migrated message was placed at the UID it had elsewhere.
@@ -111,7 +114,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 49] = [
+    pub const ALL: [Mark; 50] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -136,6 +139,7 @@ impl Mark {
         Mark::ReplicaKeptOwnIncarnation,
         Mark::LogCopySettledBySync,
         Mark::StateAskedAlready,
+        Mark::OverflowedCopySent,
         Mark::ImportedValidity,
         Mark::ImportedAtUid,
         Mark::CopiedBack,
@@ -189,6 +193,7 @@ impl Mark {
             Mark::ReplicaKeptOwnIncarnation => "replica_kept_own_incarnation",
             Mark::LogCopySettledBySync => "log_copy_settled_by_sync",
             Mark::StateAskedAlready => "state_asked_already",
+            Mark::OverflowedCopySent => "overflowed_copy_sent",
             Mark::ImportedValidity => "imported_validity",
             Mark::ImportedAtUid => "imported_at_uid",
             Mark::CopiedBack => "copied_back",

@@ -762,6 +762,7 @@ impl Server {
         self.resend_lookups();
         self.anti_entropy();
         self.sync_dirty();
+        self.sync_overflowed();
         self.scrub_bodies();
         self.collect_bodies();
         self.collect_tombstones();

@@ -15,6 +15,9 @@ use std::collections::BTreeSet;
 
 /// Log entries resent to one peer per pass at most.
 const RESEND_PER_PASS_MAX: usize = 1024;
+/// Copies of mailboxes whose changes a log to their master dropped, sent per pass at
+/// most (`Server::sync_overflowed`); the next pass sends more.
+const OVERFLOWED_SENT_PER_PASS_MAX: usize = 64;
 /// Anti-entropy periods after which a confirmed copy is checked again.
 const RECONFIRM_PERIODS: u64 = 10;
 
@@ -621,6 +624,11 @@ impl Server {
             if i_master {
                 self.anti_entropy.confirmed(src, mailbox.clone(), summary.digest, self.now);
                 self.image.clear_overflow(&mut self.out, src, &mailbox);
+            } else if kind == SummaryKind::Check && self.image.is_overflowed(src, &mailbox) {
+                // The master holds every change of ours our log to it dropped: the
+                // overflow is over (see `sync_overflowed`); the confirmation follows at
+                // the next check.
+                self.image.clear_overflow(&mut self.out, src, &mailbox);
             } else if kind == SummaryKind::Check
                 && !self.logs_hold(&mailbox)
                 && let Some(mine) = self.summary_of(&mailbox)
@@ -733,6 +741,43 @@ impl Server {
             return None;
         }
         Some(summary)
+    }
+
+    /// A mailbox whose changes our log to its master dropped (the log overflowed), which
+    /// we do not master: our copy goes to the master, at most once per
+    /// `anti_entropy_us`, until the master's check finds the copies equal (which clears
+    /// the overflow, `on_mbox`). The master's anti-entropy checks only the mailboxes it
+    /// holds: one only we hold, made here while we mastered it on the other side of a
+    /// partition, would otherwise never reach it (explore seed 1818703: an acknowledged
+    /// COPY into a new mailbox lost to the rest of the cluster).
+    pub(crate) fn sync_overflowed(&mut self) {
+        let (now, interval) = (self.now, self.cfg.anti_entropy_us);
+        let mut due: Vec<(Sid, MailboxKey)> = Vec::new();
+        for (peer, log) in self.image.logs() {
+            if !self.routing.is_reachable(*peer) {
+                continue;
+            }
+            for mailbox in &log.overflowed {
+                if due.len() >= OVERFLOWED_SENT_PER_PASS_MAX {
+                    break;
+                }
+                let key = self.master_key(mailbox);
+                if self.masters.masters(&key) || self.masters.cached(&key) != Some(*peer) {
+                    continue;
+                }
+                let sent = self.anti_entropy.check(*peer, mailbox).last_sent;
+                if sent.is_some_and(|at| now.0.saturating_sub(at.0) < interval) {
+                    continue;
+                }
+                due.push((*peer, mailbox.clone()));
+            }
+        }
+        for (master, mailbox) in due {
+            let digest = self.image.summary(&mailbox).map_or(0, |s| s.digest);
+            self.anti_entropy.summary_sent(master, mailbox.clone(), digest, now);
+            self.marks.hit(Mark::OverflowedCopySent);
+            self.send_state(master, &mailbox, false);
+        }
     }
 
     /// Replicas holding a conflict they may not decide send their copy to the master.
