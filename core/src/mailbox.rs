@@ -1799,19 +1799,19 @@ mod tests {
     #[test]
     fn a_pushed_bindings_expunge_stays_marked_whatever_it_joins() {
         let pushed = Tombstone { pushed: true, ..Tombstone::expunge(2, Guid(20), 3) };
-        for (other, want_pushed) in [
-            (Tombstone::expunge(2, Guid(20), 3), true),
-            (Tombstone::expunge(2, Guid(20), 8), true),
-            (Tombstone::retirement(2, Guid(20), 8), true),
-            (lost(2, 20, 8), true),
-            (Tombstone::cancel(2, Guid(20), 8), true),
+        for other in [
+            Tombstone::expunge(2, Guid(20), 3),
+            Tombstone::expunge(2, Guid(20), 8),
+            Tombstone::retirement(2, Guid(20), 8),
+            lost(2, 20, 8),
+            Tombstone::cancel(2, Guid(20), 8),
         ] {
             for (x, y) in [(pushed, other), (other, pushed)] {
                 let mut m = mbox(vec![]);
                 add_tombstone(&mut m, x, &mut MergeOutcome::default());
                 add_tombstone(&mut m, y, &mut MergeOutcome::default());
                 let t = m.tombstones[&(2, Guid(20))];
-                assert_eq!(t.pushed, want_pushed, "{x:?} then {y:?}");
+                assert!(t.pushed, "{x:?} then {y:?}");
                 assert!(t.by_client(), "a client's expunge is the most final fate");
             }
         }

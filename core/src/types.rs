@@ -704,12 +704,6 @@ impl Tombstone {
         Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: false, pushed: false }
     }
 
-    /// A client's expunge of `record`, at `modseq`: kept past collection if a user
-    /// replica pushed the binding.
-    pub fn expunge_of(record: &MessageRecord, modseq: ModSeq) -> Tombstone {
-        Tombstone { pushed: record.pushed, ..Tombstone::expunge(record.uid, record.guid, modseq) }
-    }
-
     /// A cancel's tombstone of the binding (`uid`, `guid`).
     pub fn cancel(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
         Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: true, pushed: false }

@@ -138,11 +138,8 @@ pub struct Oracle {
     pub deleted_mailboxes: BTreeSet<MailboxKey>,
     /// RENAMEs asked for: from each mailbox to where its messages may have gone.
     pub renamed: BTreeMap<MailboxKey, BTreeSet<MailboxKey>>,
-    /// Every (mailbox, message) a COPY was asked for: a message expunged from a
-    /// mailbox may come back by a later COPY.
-    copy_requested: BTreeSet<(MailboxKey, Guid)>,
-    /// When each COPY (or RENAME) that may have placed the message in the mailbox was
-    /// asked for, the first [`COPY_TIMES_MAX`]: each may have made one binding. One asked
+    /// Every (mailbox, message) a COPY (or RENAME) was asked for, and when, the first
+    /// [`COPY_TIMES_MAX`]: each may have made one binding. One asked
     /// for before the message's last EXPUNGE there, whose binding that EXPUNGE took, does
     /// not bring it back (see `copy_excuses`).
     copy_request_times: BTreeMap<(MailboxKey, Guid), Vec<u64>>,
@@ -210,7 +207,7 @@ impl Oracle {
             expunge_requested,
             self.deleted_mailboxes,
             self.renamed,
-            self.copy_requested,
+            self.copy_request_times.keys().collect::<Vec<_>>(),
             self.pending_renames,
             self.pending_copies,
             self.views,
@@ -670,10 +667,11 @@ impl Oracle {
         let mut places = vec![mailbox.clone()];
         while let Some(place) = places.pop() {
             let times = self.copy_request_times.entry((place.clone(), guid)).or_default();
+            let first = times.is_empty();
             if times.len() < COPY_TIMES_MAX {
                 times.push(self.now_us);
             }
-            if !self.copy_requested.insert((place.clone(), guid)) {
+            if !first {
                 continue;
             }
             places.extend(self.pending_renames.values().filter(|(from, _)| *from == place).map(|(_, to)| to.clone()));
@@ -910,7 +908,8 @@ impl Oracle {
                     // RENAME INBOX took the flagged message along) and copied back: the
                     // message there now is a new copy (same GUID) with its source's flags,
                     // not the one the STOREs changed.
-                    !(self.removal_asked(mailbox, *guid) && self.copy_requested.contains(&(mailbox.clone(), *guid)))
+                    !(self.removal_asked(mailbox, *guid)
+                        && self.copy_request_times.contains_key(&(mailbox.clone(), *guid)))
                 })
                 .map(|((mailbox, guid, flag), h)| {
                     let saved_with = h.remove_acked
