@@ -536,11 +536,45 @@ pub fn live_on_retired(m: &StoredMailbox) -> Vec<Uid> {
 
 /// Whether a replica may drop its copy for its master's, which has another UIDVALIDITY
 /// (two incarnations of one name, made by a RENAME onto a name whose history one side
-/// lacked): only when every message live here is in the master's, live or expunged, so
-/// nothing is lost by it.
-fn adoptable(m: &StoredMailbox, master: &MailboxState) -> bool {
+/// lacked): only when every message live here is in the master's, live (with every
+/// change we made to it) or expunged, and every expunge made here is there, so nothing
+/// is lost by it.
+fn adoptable(m: &StoredMailbox, master: &MailboxState, rules: &MergeRules) -> bool {
     let theirs = guids_named(master);
-    m.messages.values().all(|r| theirs.contains(&r.guid))
+    let their_live: BTreeMap<Guid, &MessageRecord> = master.messages.iter().map(|r| (r.guid, r)).collect();
+    m.messages
+        .values()
+        .all(|r| theirs.contains(&r.guid) && their_live.get(&r.guid).is_none_or(|t| !lacks_changes_of(t, r, rules)))
+        && !expunges_the_master_lacks(m, master)
+}
+
+/// Whether the master's record `theirs` of a message lacks a change our record `ours`
+/// holds: a flag change (a STORE made on our incarnation's copy, focus minority seed
+/// 192920: dropped with our copy when it took the master's) or a claim. The master's
+/// merge of our copy joins them into its record (`MasterMerge::place`), and then its
+/// record holds them.
+fn lacks_changes_of(theirs: &MessageRecord, ours: &MessageRecord, rules: &MergeRules) -> bool {
+    let mut joined = theirs.clone();
+    join_flags_by(&mut joined.flags, &ours.flags, rules) | joined.join_claim(ours)
+}
+
+/// Whether our copy expunged a message (a client's expunge, or a census's loss) that the
+/// master's copy does not show expunged: dropping our copy would drop that expunge, and
+/// the message would come back with the master's copy (focus minority seed 26431: a
+/// server cut off alone expunged a message renamed in on its side, which the other side
+/// had merged into its own incarnation of the name meanwhile; at the heal the lone
+/// server's copy, holding no live message, took the other incarnation and its tombstone
+/// went with its own). Absent is not enough: a log piece of the master names only what
+/// it changed. The master takes our copy's expunges into its incarnation
+/// (`take_other_incarnation_expunges`), and then its copy names them expunged; what it
+/// leaves out there, this leaves out here: expunges its collected UIDs cover, and those
+/// of a copy deleted and empty.
+fn expunges_the_master_lacks(m: &StoredMailbox, master: &MailboxState) -> bool {
+    if m.lifecycle.deleted() && m.messages.is_empty() {
+        return false;
+    }
+    let expunged_there: BTreeSet<Guid> = master.tombstones.iter().filter(|t| t.of_message()).map(|t| t.guid).collect();
+    m.tombstones.values().any(|t| t.of_message() && !expunged_there.contains(&t.guid) && !master.retired.covers(t))
 }
 
 /// Every GUID a state names, live or expunged.
@@ -570,7 +604,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
     if foreign.uidvalidity != m.uidvalidity {
         let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
             || rules.laptop_leaves_incarnation;
-        if !(rules.from_master && wins && adoptable(m, foreign)) {
+        if !(rules.from_master && wins && adoptable(m, foreign, rules)) {
             // Ours goes to the master (by SYNC, or a user replica's next push, sent
             // whole): a master of a lesser incarnation takes ours and gives its messages
             // new UIDs in it, one of a greater gives ours new UIDs in its own; then this
@@ -1929,6 +1963,56 @@ mod tests {
         // And the master, given that replica's old state, still does not take 20.
         merge_as_master(&mut master, &st(&mbox(vec![rec(1, 20, &[])])), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn a_replica_keeps_its_incarnation_while_the_master_lacks_its_expunge() {
+        // Here, a replica: 20 was expunged at 1, nothing is live. The master's copy, of a
+        // winning incarnation, holds 20 live at 2 (merged in from another branch).
+        let mut replica = mbox(vec![]);
+        replica.uidnext = 2;
+        replica.tombstones.insert((1, Guid(20)), Tombstone::expunge(1, Guid(20), 3));
+        let mut master = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[])]);
+        master.uidvalidity = replica.uidvalidity + 5;
+        let from_master = MergeRules { from_master: true, ..Default::default() };
+        // Neither its whole copy nor a log piece naming only 10 makes the replica drop
+        // its expunge with its incarnation.
+        let piece = MailboxState { messages: vec![rec(1, 10, &[])], ..st(&master) };
+        for theirs in [st(&master), piece] {
+            let mut here = replica.clone();
+            let out = merge_as_replica(&mut here, &theirs, &from_master);
+            assert!(out.unresolved && !out.new_validity);
+            assert_eq!(here, replica);
+        }
+        // The replica's copy goes to the master, which takes the expunge into its own
+        // incarnation; then the replica takes the master's copy, without 20.
+        merge_as_master(&mut master, &st(&replica), &MergeRules::default());
+        assert!(!master.messages.has_guid(Guid(20)));
+        let out = merge_as_replica(&mut replica, &st(&master), &from_master);
+        assert!(!out.unresolved && out.new_validity);
+        assert!(!replica.messages.has_guid(Guid(20)) && replica.messages.has_guid(Guid(10)));
+    }
+
+    #[test]
+    fn a_replica_keeps_its_incarnation_while_the_master_lacks_its_flag_change() {
+        // Here, a replica: 20 at 1 with $Work added by a STORE on this incarnation. The
+        // master's copy, of a winning incarnation, holds 20 at 3 without it.
+        let mut replica = mbox(vec![rec(1, 20, &[("$Work", true, 5)])]);
+        let mut master = mbox(vec![rec(3, 20, &[])]);
+        master.uidvalidity = replica.uidvalidity + 5;
+        let from_master = MergeRules { from_master: true, ..Default::default() };
+        let before = replica.clone();
+        let out = merge_as_replica(&mut replica, &st(&master), &from_master);
+        assert!(out.unresolved && !out.new_validity);
+        assert_eq!(replica, before);
+        // The master takes the flag change from the replica's copy; then the replica
+        // takes the master's copy, the flag with it.
+        merge_as_master(&mut master, &st(&replica), &MergeRules::default());
+        let out = merge_as_replica(&mut replica, &st(&master), &from_master);
+        assert!(!out.unresolved && out.new_validity);
+        let r = replica.messages.find_guid(Guid(20)).expect("20 is live");
+        assert_eq!(r.uid, 3);
+        assert!(r.flags.get(&Flag::new("$Work").expect("a keyword")).is_some_and(|f| f.present));
     }
 
     #[test]

@@ -56,10 +56,11 @@ pub enum Focus {
     Conflict,
     Import,
     Slow,
+    Minority,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 8] = [
+    pub const ALL: [Focus; 9] = [
         Focus::MoveBack,
         Focus::Laptop,
         Focus::Partial,
@@ -68,6 +69,7 @@ impl Focus {
         Focus::Conflict,
         Focus::Import,
         Focus::Slow,
+        Focus::Minority,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +82,7 @@ impl Focus {
             Focus::Conflict => "conflict",
             Focus::Import => "import",
             Focus::Slow => "slow",
+            Focus::Minority => "minority",
         }
     }
 
@@ -100,6 +103,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Conflict => conflict(&mut rng),
         Focus::Import => import(&mut rng),
         Focus::Slow => slow(&mut rng),
+        Focus::Minority => minority(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -907,6 +911,113 @@ fn slow(rng: &mut ChaCha8Rng) -> Draft {
             85..92 => d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) }),
             92..97 => d.down_and_up(rng, t, Action::Crash { server }, server),
             _ => d.at(t, Action::Heal),
+        }
+    }
+    d
+}
+
+fn minority(rng: &mut ChaCha8Rng) -> Draft {
+    // Small logs mostly: the minority's changes overflow its logs to the majority.
+    let mut d = Draft::new(rng, &[2, 4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let all: Vec<Sid> = (1..=rng.random_range(4..=5u32)).map(Sid).collect();
+    d.servers = all.clone();
+    let users = ["u1@d1", "u2@d1"];
+    let names = ["INBOX", "Box1", "Box2", "Box9"];
+    let any_box = |rng: &mut ChaCha8Rng| MailboxKey::new(one_of(rng, &users), one_of(rng, &names));
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    // Mail everyone has before the split.
+    for _ in 0..rng.random_range(1..=4u32) {
+        let label = format!("m{}", labels.len() + 1);
+        let to = MailboxKey::new(one_of(rng, &users), "INBOX");
+        d.at(t, save(one_of(rng, &all), &to, &label, one_of(rng, &[100, 1500])));
+        labels.push((to, label));
+        t += rng.random_range(10..=200u64);
+    }
+    // The split: one or two servers against the rest.
+    t += rng.random_range(100..=1500u64);
+    let mut order = all.clone();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let minority_size = rng.random_range(1..=2usize);
+    let mut minority: Vec<Sid> = order[..minority_size].to_vec();
+    let mut majority: Vec<Sid> = order[minority_size..].to_vec();
+    d.at(t, Action::Partition { groups: vec![minority.clone(), majority.clone()] });
+    for _ in 0..rng.random_range(8..=22u32) {
+        t += rng.random_range(20..=600u64);
+        // The minority does most of the work: what it makes is what the majority lacks.
+        let side = if rng.random_bool(0.65) { &minority } else { &majority };
+        let server = one_of(rng, side);
+        match rng.random_range(0..100u32) {
+            0..28 => {
+                let label = format!("m{}", labels.len() + 1);
+                let to = any_box(rng);
+                d.at(t, save(server, &to, &label, one_of(rng, &[100, 1500])));
+                labels.push((to, label));
+            }
+            28..34 => d.at(t, Action::CreateMailbox { server, mailbox: any_box(rng), special_use: Default::default() }),
+            34..46 if !labels.is_empty() => {
+                // Into a name of the same user, often one the other side never saw.
+                let (from, label) = one_of(rng, &labels);
+                let to = MailboxKey::new(&from.user, one_of(rng, &names));
+                if to != from {
+                    let as_label = format!("m{}", labels.len() + 1);
+                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                    labels.push((to, as_label));
+                }
+            }
+            46..52 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
+            52..57 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
+            57..61 => d.at(t, Action::Read { server, mailbox: any_box(rng), fresh: rng.random_bool(0.5) }),
+            61..71 => d.at(t, Action::MasterMove { server, mailbox: any_box(rng) }),
+            71..74 => {
+                let from = any_box(rng);
+                let to = MailboxKey::new(&from.user, one_of(rng, &names));
+                if from != to {
+                    d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
+                    follow_rename(&mut labels, &from, &to);
+                }
+            }
+            74..77 => d.at(t, Action::DeleteMailbox { server, mailbox: MailboxKey::new(one_of(rng, &users), "Box2") }),
+            77..84 => {
+                let fault = if rng.random_bool(0.25) { Action::Lose { server } } else { Action::Crash { server } };
+                d.down_and_up(rng, t, fault, server);
+            }
+            84..94 => {
+                // The split reshaped: a server crosses to the other side (a master taken
+                // over now catches up from the side it is on).
+                let (from, to) = if rng.random_bool(0.5) && majority.len() > 1 {
+                    (&mut majority, &mut minority)
+                } else if minority.len() > 1 {
+                    (&mut minority, &mut majority)
+                } else {
+                    (&mut majority, &mut minority)
+                };
+                let i = rng.random_range(0..from.len());
+                let crossing = from.remove(i);
+                to.push(crossing);
+                d.at(t, Action::Partition { groups: vec![minority.clone(), majority.clone()] });
+            }
+            _ => d.isolate(t, server, &all),
+        }
+    }
+    t += rng.random_range(100..=3000u64);
+    d.at(t, Action::Heal);
+    // After the heal, while the sides merge: more mail, reads, a crash.
+    for _ in 0..rng.random_range(1..=4u32) {
+        t += rng.random_range(1..=400u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..10u32) {
+            0..2 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            2..5 => d.at(t, Action::Read { server, mailbox: any_box(rng), fresh: rng.random_bool(0.5) }),
+            5..7 => d.at(t, Action::MasterMove { server, mailbox: any_box(rng) }),
+            _ => {
+                let label = format!("m{}", labels.len() + 1);
+                let to = any_box(rng);
+                d.at(t, save(server, &to, &label, 100));
+                labels.push((to, label));
+            }
         }
     }
     d

@@ -387,8 +387,12 @@ impl Oracle {
                 if let Some(t) = self.expunge_times.get(&record.guid).and_then(|m| m.get(mailbox))
                     && !t.uids.contains(&record.uid)
                 {
+                    // An expunge's tombstone, not a retirement: a master that renumbered
+                    // the message in a UID conflict retired its old binding knowing
+                    // nothing of an expunge on the other side of a partition (focus
+                    // minority seed 120031).
                     let knew = image.mailboxes.get(mailbox).is_some_and(|m| {
-                        m.tombstones.values().any(|tomb| tomb.guid == record.guid)
+                        m.tombstones.values().any(|tomb| tomb.guid == record.guid && tomb.expunged)
                             || t.uids.iter().any(|uid| m.retired.contains(*uid))
                     });
                     self.placed_after_expunge.entry((mailbox.clone(), record.uid, record.guid)).or_insert(knew);
