@@ -568,13 +568,23 @@ fn lacks_changes_of(theirs: &MessageRecord, ours: &MessageRecord, rules: &MergeR
 /// it changed. The master takes our copy's expunges into its incarnation
 /// (`take_other_incarnation_expunges`), and then its copy names them expunged; what it
 /// leaves out there, this leaves out here: expunges its collected UIDs cover, and those
-/// of a copy deleted and empty.
+/// the deletion of a copy deleted and empty made (`deletion_of`).
 fn expunges_the_master_lacks(m: &StoredMailbox, master: &MailboxState) -> bool {
-    if m.lifecycle.deleted() && m.messages.is_empty() {
-        return false;
-    }
+    let deletion = (m.lifecycle.deleted() && m.messages.is_empty()).then_some(m.lifecycle.deleted_at);
     let expunged_there: BTreeSet<Guid> = master.tombstones.iter().filter(|t| t.of_message()).map(|t| t.guid).collect();
-    m.tombstones.values().any(|t| t.of_message() && !expunged_there.contains(&t.guid) && !master.retired.covers(t))
+    m.tombstones.values().any(|t| {
+        t.of_message()
+            && deletion.is_none_or(|at| t.modseq < at)
+            && !expunged_there.contains(&t.guid)
+            && !master.retired.covers(t)
+    })
+}
+
+/// The modseq of the deletion of a copy deleted and empty (its DELETE, or a RENAME of
+/// it away): the tombstones that deletion made are at that modseq or above; those below
+/// were a client's expunges before it.
+fn deletion_of(state: &MailboxState) -> Option<ModSeq> {
+    (state.lifecycle.deleted() && state.messages.is_empty()).then_some(state.lifecycle.deleted_at)
 }
 
 /// Every GUID a state names, live or expunged.
@@ -901,15 +911,16 @@ impl MasterMerge<'_> {
     fn take_other_incarnation_expunges(&mut self) {
         debug_assert!(!self.same_validity);
         let (modseq, foreign) = (self.modseq, self.foreign);
-        // Their incarnation is deleted: its expunges were of a mailbox its user then
-        // deleted or renamed away (a RENAME deletes its source, the messages going on to
-        // the target), not of the messages this incarnation holds (focus rename seed
-        // 46772: both sides of a partition renamed a mailbox onto the other's name, and
-        // each side's deleted source took the message the other renamed in).
-        if foreign.lifecycle.deleted() && foreign.messages.is_empty() {
-            return;
-        }
-        for t in foreign.tombstones.iter().filter(|t| t.of_message()) {
+        // Their incarnation is deleted: the expunges its deletion made were of a mailbox
+        // its user then deleted or renamed away (a RENAME deletes its source, the
+        // messages going on to the target), not of the messages this incarnation holds
+        // (focus rename seed 46772: both sides of a partition renamed a mailbox onto the
+        // other's name, and each side's deleted source took the message the other
+        // renamed in). An expunge a client made before the deletion stands (focus
+        // incarnation seed 142539: a message expunged from a name renamed away on one
+        // side came back from the other side's copy of the same incarnation).
+        let deletion = deletion_of(foreign);
+        for t in foreign.tombstones.iter().filter(|t| t.of_message() && deletion.is_none_or(|at| t.modseq < at)) {
             // An expunge our retired UIDs cover is one every server had seen when it was
             // collected here, from the name's shared history: this incarnation began
             // knowing it (a RENAME into a name with history starts above its UIDs), so a
@@ -1942,6 +1953,25 @@ mod tests {
         // Their earlier state (20 live) arriving again does not bring it back.
         merge_as_master(&mut master, &st(&saved), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(20)));
+    }
+
+    #[test]
+    fn a_deleted_incarnation_gives_its_clients_expunges_not_its_deletions() {
+        // The master: 10 and 20 live, an incarnation above theirs. Theirs: deleted (a
+        // RENAME away at modseq 6), empty; a client expunged 10 at modseq 4 before, and
+        // the deletion tombstoned 20 at 6.
+        let mut master = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[])]);
+        master.uidvalidity = 0x7fff_fff0;
+        let mut deleted = mbox(vec![]);
+        deleted.uidnext = 3;
+        deleted.highest_modseq = 6;
+        deleted.lifecycle.created_at = 2;
+        deleted.lifecycle.deleted_at = 6;
+        deleted.tombstones.insert((1, Guid(10)), Tombstone::expunge(1, Guid(10), 4));
+        deleted.tombstones.insert((2, Guid(20)), Tombstone::expunge(2, Guid(20), 6));
+        merge_as_master(&mut master, &st(&deleted), &MergeRules::default());
+        assert!(!master.messages.has_guid(Guid(10)), "the client's expunge is taken");
+        assert!(master.messages.has_guid(Guid(20)), "the deletion's is not");
     }
 
     #[test]

@@ -57,10 +57,11 @@ pub enum Focus {
     Import,
     Slow,
     Minority,
+    Incarnation,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 9] = [
+    pub const ALL: [Focus; 10] = [
         Focus::MoveBack,
         Focus::Laptop,
         Focus::Partial,
@@ -70,6 +71,7 @@ impl Focus {
         Focus::Import,
         Focus::Slow,
         Focus::Minority,
+        Focus::Incarnation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +85,7 @@ impl Focus {
             Focus::Import => "import",
             Focus::Slow => "slow",
             Focus::Minority => "minority",
+            Focus::Incarnation => "incarnation",
         }
     }
 
@@ -104,6 +107,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Import => import(&mut rng),
         Focus::Slow => slow(&mut rng),
         Focus::Minority => minority(&mut rng),
+        Focus::Incarnation => incarnation(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -1015,6 +1019,119 @@ fn minority(rng: &mut ChaCha8Rng) -> Draft {
             _ => {
                 let label = format!("m{}", labels.len() + 1);
                 let to = any_box(rng);
+                d.at(t, save(server, &to, &label, 100));
+                labels.push((to, label));
+            }
+        }
+    }
+    d
+}
+
+fn incarnation(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[2, 4, 8, 40], &[5, 30, 110], &[660, 5000]);
+    let all: Vec<Sid> = (1..=rng.random_range(3..=4u32)).map(Sid).collect();
+    d.servers = all.clone();
+    let user = "u1@d1";
+    let names = ["INBOX", "Box1", "Box2", "Box3"];
+    let mailbox = |name: &str| MailboxKey::new(user, name);
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    for _ in 0..rng.random_range(1..=3u32) {
+        let label = format!("m{}", labels.len() + 1);
+        d.at(t, save(one_of(rng, &all), &mailbox("INBOX"), &label, 100));
+        labels.push((mailbox("INBOX"), label));
+        t += rng.random_range(10..=200u64);
+    }
+    // The split: one server against the rest, or every server apart.
+    let split = |rng: &mut ChaCha8Rng| -> Vec<Vec<Sid>> {
+        if rng.random_bool(0.7) {
+            let alone = one_of(rng, &all);
+            vec![vec![alone], all.iter().copied().filter(|s| *s != alone).collect()]
+        } else {
+            all.iter().map(|s| vec![*s]).collect()
+        }
+    };
+    t += rng.random_range(100..=1000u64);
+    let mut sides = split(rng);
+    d.at(t, Action::Partition { groups: sides.clone() });
+    for _ in 0..rng.random_range(10..=24u32) {
+        t += rng.random_range(20..=500u64);
+        let side = one_of(rng, &sides);
+        let server = one_of(rng, &side);
+        match rng.random_range(0..100u32) {
+            0..14 => {
+                let label = format!("m{}", labels.len() + 1);
+                let to = mailbox(one_of(rng, &names));
+                d.at(t, save(server, &to, &label, one_of(rng, &[100, 1500])));
+                labels.push((to, label));
+            }
+            14..20 => {
+                let special_use = Default::default();
+                d.at(t, Action::CreateMailbox { server, mailbox: mailbox(one_of(rng, &names[1..])), special_use });
+            }
+            20..38 => {
+                let (from, to) = (mailbox(one_of(rng, &names)), mailbox(one_of(rng, &names)));
+                if from != to {
+                    d.at(t, Action::RenameMailbox { server, from: from.clone(), to: to.clone() });
+                    follow_rename(&mut labels, &from, &to);
+                }
+            }
+            38..46 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = mailbox(one_of(rng, &names));
+                if to != from {
+                    let as_label = format!("m{}", labels.len() + 1);
+                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                    labels.push((to, as_label));
+                }
+            }
+            46..60 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
+            60..68 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
+            68..71 => {
+                d.at(t, Action::Read { server, mailbox: mailbox(one_of(rng, &names)), fresh: rng.random_bool(0.5) })
+            }
+            71..75 => d.at(t, Action::DeleteMailbox { server, mailbox: mailbox(one_of(rng, &names[1..])) }),
+            75..82 => d.at(t, Action::MasterMove { server, mailbox: mailbox(one_of(rng, &names)) }),
+            82..87 => {
+                let fault = if rng.random_bool(0.2) { Action::Lose { server } } else { Action::Crash { server } };
+                d.down_and_up(rng, t, fault, server);
+            }
+            87..95 => {
+                sides = split(rng);
+                d.at(t, Action::Partition { groups: sides.clone() });
+            }
+            _ => {
+                // Healed for a while: the incarnations meet, then split again or not.
+                d.at(t, Action::Heal);
+                sides = vec![all.clone()];
+            }
+        }
+    }
+    t += rng.random_range(100..=2000u64);
+    d.at(t, Action::Heal);
+    // Right after the heal, while the copies settle: flags, expunges, copies, reads.
+    for _ in 0..rng.random_range(2..=8u32) {
+        t += rng.random_range(1..=300u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..10u32) {
+            0..3 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
+            3..5 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
+            5..6 if !labels.is_empty() => {
+                let (from, label) = one_of(rng, &labels);
+                let to = mailbox(one_of(rng, &names));
+                if to != from {
+                    let as_label = format!("m{}", labels.len() + 1);
+                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+                    labels.push((to, as_label));
+                }
+            }
+            6..8 => {
+                d.at(t, Action::Read { server, mailbox: mailbox(one_of(rng, &names)), fresh: rng.random_bool(0.5) })
+            }
+            8 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            _ => {
+                let label = format!("m{}", labels.len() + 1);
+                let to = mailbox(one_of(rng, &names));
                 d.at(t, save(server, &to, &label, 100));
                 labels.push((to, label));
             }

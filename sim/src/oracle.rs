@@ -630,6 +630,23 @@ impl Oracle {
         self.renamed.entry(from.clone()).or_default().insert(to.clone());
         for guid in moving {
             self.copy_requested(to, guid);
+            // The message takes its flags along, and with them what was asked of them:
+            // a flag removed in the source and added in the target on the far side of a
+            // partition is a conflict either way may settle (focus incarnation seeds
+            // 31646, 70412), not an acknowledged change lost. Only the asking goes along,
+            // which excuses: what was acknowledged in the source is owed there (the
+            // RENAME may be refused, or the source live on across a partition).
+            let carried: Vec<(Flag, FlagHistory)> = self
+                .flag_requests
+                .iter()
+                .filter(|((m, g, _), _)| m == from && *g == guid)
+                .map(|((_, _, f), h)| (f.clone(), *h))
+                .collect();
+            for (flag, h) in carried {
+                let there = self.flag_requests.entry((to.clone(), guid, flag)).or_default();
+                there.add_requested |= h.add_requested;
+                there.remove_requested |= h.remove_requested;
+            }
         }
     }
 
