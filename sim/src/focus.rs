@@ -484,6 +484,25 @@ fn copy_to_the_other(
     labels.push((to, as_label));
 }
 
+/// A COPY or MOVE (drawn) through `server` of `label` in `from` into `to`, labelled after
+/// those before; nothing when `to` is `from`.
+fn copy_labelled(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    t: u64,
+    server: Sid,
+    (from, label): (MailboxKey, String),
+    to: MailboxKey,
+    labels: &mut Vec<(MailboxKey, String)>,
+) {
+    if to == from {
+        return;
+    }
+    let as_label = format!("m{}", labels.len() + 1);
+    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
+    labels.push((to, as_label));
+}
+
 fn leave(rng: &mut ChaCha8Rng) -> Draft {
     let mut d = Draft::new(rng, &[4, 8, 40], &[5, 30, 110], &[660, 5000]);
     let all = servers();
@@ -856,11 +875,7 @@ fn import(rng: &mut ChaCha8Rng) -> Draft {
             67..75 if !labels.is_empty() => {
                 let (from, label) = one_of(rng, &labels);
                 let to = if from == inbox { target.clone() } else { inbox.clone() };
-                if to != from {
-                    let as_label = format!("m{}", labels.len() + 1);
-                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
-                    labels.push((to, as_label));
-                }
+                copy_labelled(&mut d, rng, t, server, (from, label), to, &mut labels);
             }
             75..81 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
             81..85 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
@@ -965,11 +980,7 @@ fn minority(rng: &mut ChaCha8Rng) -> Draft {
                 // Into a name of the same user, often one the other side never saw.
                 let (from, label) = one_of(rng, &labels);
                 let to = MailboxKey::new(&from.user, one_of(rng, &names));
-                if to != from {
-                    let as_label = format!("m{}", labels.len() + 1);
-                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
-                    labels.push((to, as_label));
-                }
+                copy_labelled(&mut d, rng, t, server, (from, label), to, &mut labels);
             }
             46..52 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
             52..57 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
@@ -1079,11 +1090,7 @@ fn incarnation(rng: &mut ChaCha8Rng) -> Draft {
             38..46 if !labels.is_empty() => {
                 let (from, label) = one_of(rng, &labels);
                 let to = mailbox(one_of(rng, &names));
-                if to != from {
-                    let as_label = format!("m{}", labels.len() + 1);
-                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
-                    labels.push((to, as_label));
-                }
+                copy_labelled(&mut d, rng, t, server, (from, label), to, &mut labels);
             }
             46..60 if !labels.is_empty() => flag_one(&mut d, rng, t, server, &labels),
             60..68 if !labels.is_empty() => expunge_one(&mut d, rng, t, server, &labels),
@@ -1119,11 +1126,7 @@ fn incarnation(rng: &mut ChaCha8Rng) -> Draft {
             5..6 if !labels.is_empty() => {
                 let (from, label) = one_of(rng, &labels);
                 let to = mailbox(one_of(rng, &names));
-                if to != from {
-                    let as_label = format!("m{}", labels.len() + 1);
-                    d.at(t, copy(server, &from, &label, &to, &as_label, rng.random_bool(0.5)));
-                    labels.push((to, as_label));
-                }
+                copy_labelled(&mut d, rng, t, server, (from, label), to, &mut labels);
             }
             6..8 => {
                 d.at(t, Action::Read { server, mailbox: mailbox(one_of(rng, &names)), fresh: rng.random_bool(0.5) })
