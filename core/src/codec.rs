@@ -56,19 +56,38 @@ mod tests {
             let t: Tombstone = Bincode::decode(&old).unwrap();
             assert_eq!(
                 t,
-                Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged, lost: false, cancelled: false, pushed: false }
+                Tombstone {
+                    uid: 7,
+                    guid: Guid(9),
+                    modseq: 3,
+                    expunged,
+                    lost: false,
+                    cancelled: false,
+                    pushed: false,
+                    deleted: false
+                }
             );
             assert_eq!(Bincode::encode(&t).unwrap(), old, "written back byte for byte");
         }
-        let lost =
-            Tombstone { uid: 7, guid: Guid(9), modseq: 3, expunged: true, lost: true, cancelled: false, pushed: false };
+        let lost = Tombstone {
+            uid: 7,
+            guid: Guid(9),
+            modseq: 3,
+            expunged: true,
+            lost: true,
+            cancelled: false,
+            pushed: false,
+            deleted: false,
+        };
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&lost).unwrap()).unwrap(), lost);
         let cancel = Tombstone::cancel(7, Guid(9), 3);
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&cancel).unwrap()).unwrap(), cancel);
         let pushed = Tombstone { pushed: true, ..Tombstone::expunge(7, Guid(9), 3) };
         assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&pushed).unwrap()).unwrap(), pushed);
+        let deletion = Tombstone::deletion(7, Guid(9), 3);
+        assert_eq!(Bincode::decode::<Tombstone>(&Bincode::encode(&deletion).unwrap()).unwrap(), deletion);
         let mut bad = Bincode::encode(&lost).unwrap();
-        *bad.last_mut().unwrap() = 5;
+        *bad.last_mut().unwrap() = 6;
         assert!(Bincode::decode::<Tombstone>(&bad).unwrap_err().contains("fate"));
     }
 

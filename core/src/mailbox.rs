@@ -99,9 +99,13 @@ fn tombstone_hash(t: &Tombstone) -> u64 {
         &t.uid.to_le_bytes(),
         &t.guid.0.to_le_bytes(),
         &t.modseq.to_le_bytes(),
-        // A census's loss, a cancel and a pushed binding's expunge digest apart from a
-        // client's expunge; the byte is as before for every other tombstone.
-        &[u8::from(t.expunged) + 2 * u8::from(t.lost) + 4 * u8::from(t.cancelled) + 8 * u8::from(t.pushed)],
+        // A census's loss, a cancel, a pushed binding's expunge and a deletion's digest
+        // apart from a client's expunge; the byte is as before for every other tombstone.
+        &[u8::from(t.expunged)
+            + 2 * u8::from(t.lost)
+            + 4 * u8::from(t.cancelled)
+            + 8 * u8::from(t.pushed)
+            + 16 * u8::from(t.deleted)],
     ]))
 }
 
@@ -568,23 +572,13 @@ fn lacks_changes_of(theirs: &MessageRecord, ours: &MessageRecord, rules: &MergeR
 /// it changed. The master takes our copy's expunges into its incarnation
 /// (`take_other_incarnation_expunges`), and then its copy names them expunged; what it
 /// leaves out there, this leaves out here: expunges its collected UIDs cover, and those
-/// the deletion of a copy deleted and empty made (`deletion_of`).
+/// the deletion of a copy deleted and empty made (`Tombstone::deleted`).
 fn expunges_the_master_lacks(m: &StoredMailbox, master: &MailboxState) -> bool {
-    let deletion = (m.lifecycle.deleted() && m.messages.is_empty()).then_some(m.lifecycle.deleted_at);
+    let gone = m.lifecycle.deleted() && m.messages.is_empty();
     let expunged_there: BTreeSet<Guid> = master.tombstones.iter().filter(|t| t.of_message()).map(|t| t.guid).collect();
-    m.tombstones.values().any(|t| {
-        t.of_message()
-            && deletion.is_none_or(|at| t.modseq < at)
-            && !expunged_there.contains(&t.guid)
-            && !master.retired.covers(t)
-    })
-}
-
-/// The modseq of the deletion of a copy deleted and empty (its DELETE, or a RENAME of
-/// it away): the tombstones that deletion made are at that modseq or above; those below
-/// were a client's expunges before it.
-fn deletion_of(state: &MailboxState) -> Option<ModSeq> {
-    (state.lifecycle.deleted() && state.messages.is_empty()).then_some(state.lifecycle.deleted_at)
+    // Already expunged there, or what the master leaves out of its incarnation.
+    let left_out = |t: &Tombstone| (gone && t.deleted) || expunged_there.contains(&t.guid) || master.retired.covers(t);
+    m.tombstones.values().any(|t| t.of_message() && !left_out(t))
 }
 
 /// Every GUID a state names, live or expunged.
@@ -916,11 +910,12 @@ impl MasterMerge<'_> {
         // messages going on to the target), not of the messages this incarnation holds
         // (focus rename seed 46772: both sides of a partition renamed a mailbox onto the
         // other's name, and each side's deleted source took the message the other
-        // renamed in). An expunge a client made before the deletion stands (focus
-        // incarnation seed 142539: a message expunged from a name renamed away on one
-        // side came back from the other side's copy of the same incarnation).
-        let deletion = deletion_of(foreign);
-        for t in foreign.tombstones.iter().filter(|t| t.of_message() && deletion.is_none_or(|at| t.modseq < at)) {
+        // renamed in). An expunge a client made stands, before the deletion or joined
+        // into its tombstone (focus incarnation seeds 142539, 108924: a message expunged
+        // from a name renamed away on one side came back from another copy of the same
+        // incarnation).
+        let gone = foreign.lifecycle.deleted() && foreign.messages.is_empty();
+        for t in foreign.tombstones.iter().filter(|t| t.of_message() && !(gone && t.deleted)) {
             // An expunge our retired UIDs cover is one every server had seen when it was
             // collected here, from the name's shared history: this incarnation began
             // knowing it (a RENAME into a name with history starts above its UIDs), so a
@@ -1634,7 +1629,16 @@ mod tests {
     }
 
     fn lost(uid: Uid, guid: u128, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid: Guid(guid), modseq, expunged: true, lost: true, cancelled: false, pushed: false }
+        Tombstone {
+            uid,
+            guid: Guid(guid),
+            modseq,
+            expunged: true,
+            lost: true,
+            cancelled: false,
+            pushed: false,
+            deleted: false,
+        }
     }
 
     #[test]
@@ -1824,12 +1828,15 @@ mod tests {
         let retired = Tombstone::retirement(2, Guid(20), 9);
         let by_client = Tombstone { modseq: 3, expunged: true, ..retired };
         let cancel = Tombstone::cancel(2, Guid(20), 4);
+        let deletion = Tombstone::deletion(2, Guid(20), 6);
         for (a, b, want) in [
             (retired, cancel, 1),
             (cancel, lost(2, 20, 5), 2),
             (retired, lost(2, 20, 5), 2),
-            (lost(2, 20, 5), by_client, 3),
-            (by_client, cancel, 3),
+            (lost(2, 20, 5), deletion, 3),
+            (deletion, by_client, 4),
+            (lost(2, 20, 5), by_client, 4),
+            (by_client, cancel, 4),
         ] {
             for (x, y) in [(a, b), (b, a)] {
                 let mut m = mbox(vec![]);
@@ -1960,18 +1967,28 @@ mod tests {
         // The master: 10 and 20 live, an incarnation above theirs. Theirs: deleted (a
         // RENAME away at modseq 6), empty; a client expunged 10 at modseq 4 before, and
         // the deletion tombstoned 20 at 6.
-        let mut master = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[])]);
+        let mut master = mbox(vec![rec(1, 10, &[]), rec(2, 20, &[]), rec(3, 30, &[])]);
         master.uidvalidity = 0x7fff_fff0;
         let mut deleted = mbox(vec![]);
-        deleted.uidnext = 3;
+        deleted.uidnext = 4;
         deleted.highest_modseq = 6;
         deleted.lifecycle.created_at = 2;
         deleted.lifecycle.deleted_at = 6;
         deleted.tombstones.insert((1, Guid(10)), Tombstone::expunge(1, Guid(10), 4));
-        deleted.tombstones.insert((2, Guid(20)), Tombstone::expunge(2, Guid(20), 6));
+        deleted.tombstones.insert((2, Guid(20)), Tombstone::deletion(2, Guid(20), 6));
+        // 30: a client's expunge at 4 joined with the deletion's at 6 (from another copy
+        // of the incarnation): the client's fate, the deletion's modseq.
+        let mut joined = mbox(vec![]);
+        let mut out = MergeOutcome::default();
+        add_tombstone(&mut joined, Tombstone::expunge(3, Guid(30), 4), &mut out);
+        add_tombstone(&mut joined, Tombstone::deletion(3, Guid(30), 6), &mut out);
+        let t30 = joined.tombstones[&(3, Guid(30))];
+        assert!(!t30.deleted && t30.modseq == 6);
+        deleted.tombstones.insert((3, Guid(30)), t30);
         merge_as_master(&mut master, &st(&deleted), &MergeRules::default());
         assert!(!master.messages.has_guid(Guid(10)), "the client's expunge is taken");
         assert!(master.messages.has_guid(Guid(20)), "the deletion's is not");
+        assert!(!master.messages.has_guid(Guid(30)), "nor is a client's joined with it");
     }
 
     #[test]

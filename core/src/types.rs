@@ -657,6 +657,13 @@ pub struct Tombstone {
     /// A client's expunge (only) of a binding a user replica pushed
     /// (`MessageRecord::pushed`): kept past collection (`server::tombstones`).
     pub pushed: bool,
+    /// The expunge a DELETE of the mailbox (or a RENAME of it away) made of each message
+    /// it held, no client's of the message: another incarnation of the name, merged with
+    /// this deleted one, keeps the messages it holds (`mailbox::take_other_incarnation_expunges`).
+    /// Implies `expunged`; joined with a client's expunge of the binding, the client's
+    /// stands (focus incarnation seed 108924).
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 /// `lost` and `cancelled` show only when set, so a tombstone reads (and the simulator's
@@ -677,39 +684,52 @@ impl fmt::Debug for Tombstone {
         if self.pushed {
             d.field("pushed", &true);
         }
+        if self.deleted {
+            d.field("deleted", &true);
+        }
+        if self.deleted {
+            d.field("deleted", &true);
+        }
         d.finish()
     }
 }
 
 impl Tombstone {
-    /// How final the tombstone is: a retirement, a cancel, a census's loss, a client's
-    /// expunge. Two tombstones of one binding join to the higher.
+    /// How final the tombstone is: a retirement, a cancel, a census's loss, a deletion's
+    /// expunge, a client's expunge. Two tombstones of one binding join to the higher.
     pub fn fate_rank(&self) -> u8 {
         match (self.expunged, self.lost, self.cancelled) {
             (false, _, _) => 0,
             (true, false, true) => 1,
             (true, true, _) => 2,
-            (true, false, false) => 3,
+            (true, false, false) if self.deleted => 3,
+            (true, false, false) => 4,
         }
     }
 
     /// A renumbering's tombstone: the binding (`uid`, `guid`) is retired, the message
     /// lives on at another UID.
     pub fn retirement(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid, modseq, expunged: false, lost: false, cancelled: false, pushed: false }
+        Tombstone { uid, guid, modseq, expunged: false, lost: false, cancelled: false, pushed: false, deleted: false }
     }
 
     /// A client's expunge of the message at (`uid`, `guid`).
     pub fn expunge(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: false, pushed: false }
+        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: false, pushed: false, deleted: false }
+    }
+
+    /// The expunge a mailbox's deletion makes of the message at (`uid`, `guid`).
+    pub fn deletion(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
+        Tombstone { deleted: true, ..Tombstone::expunge(uid, guid, modseq) }
     }
 
     /// A cancel's tombstone of the binding (`uid`, `guid`).
     pub fn cancel(uid: Uid, guid: Guid, modseq: ModSeq) -> Tombstone {
-        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: true, pushed: false }
+        Tombstone { uid, guid, modseq, expunged: true, lost: false, cancelled: true, pushed: false, deleted: false }
     }
 
-    /// A client's expunge (not a retirement, a cancel nor a census's loss).
+    /// A client's expunge (not a retirement, a cancel nor a census's loss); a deletion's
+    /// is one too, but where a deleted incarnation meets another (`deleted`).
     pub fn by_client(&self) -> bool {
         self.expunged && !self.lost && !self.cancelled
     }
@@ -721,15 +741,17 @@ impl Tombstone {
     }
 
     /// The fate's names on the wire, by [`Tombstone::fate_code`].
-    pub const FATE_NAMES: [&'static str; 5] = ["RETIRED", "EXPUNGED", "LOST", "CANCELLED", "EXPUNGED-PUSHED"];
+    pub const FATE_NAMES: [&'static str; 6] =
+        ["RETIRED", "EXPUNGED", "LOST", "CANCELLED", "EXPUNGED-PUSHED", "EXPUNGED-DELETED"];
 
     /// The fate as stored and sent: 0 retired, 1 expunged, 2 lost, 3 cancelled, 4 a
-    /// client's expunge of a pushed binding (a store written when the fate was a `bool`,
-    /// one byte 0 or 1 under bincode, reads unchanged).
+    /// client's expunge of a pushed binding, 5 a deletion's expunge (a store written when
+    /// the fate was a `bool`, one byte 0 or 1 under bincode, reads unchanged).
     pub fn fate_code(&self) -> u8 {
         match (self.expunged, self.lost, self.cancelled) {
             (false, _, _) => 0,
             (true, false, false) if self.pushed => 4,
+            (true, false, false) if self.deleted => 5,
             (true, false, false) => 1,
             (true, true, _) => 2,
             (true, false, true) => 3,
@@ -738,15 +760,16 @@ impl Tombstone {
 
     /// A tombstone of the fate [`Tombstone::fate_code`] gives `code`; None for no fate.
     pub fn with_fate(uid: Uid, guid: Guid, modseq: ModSeq, code: u8) -> Option<Tombstone> {
-        let (expunged, lost, cancelled, pushed) = match code {
-            0 => (false, false, false, false),
-            1 => (true, false, false, false),
-            2 => (true, true, false, false),
-            3 => (true, false, true, false),
-            4 => (true, false, false, true),
+        let (expunged, lost, cancelled, pushed, deleted) = match code {
+            0 => (false, false, false, false, false),
+            1 => (true, false, false, false, false),
+            2 => (true, true, false, false, false),
+            3 => (true, false, true, false, false),
+            4 => (true, false, false, true, false),
+            5 => (true, false, false, false, true),
             _ => return None,
         };
-        Some(Tombstone { uid, guid, modseq, expunged, lost, cancelled, pushed })
+        Some(Tombstone { uid, guid, modseq, expunged, lost, cancelled, pushed, deleted })
     }
 }
 
@@ -769,7 +792,7 @@ impl TryFrom<StoredTombstone> for Tombstone {
     type Error = String;
     fn try_from(s: StoredTombstone) -> Result<Self, String> {
         Tombstone::with_fate(s.uid, s.guid, s.modseq, s.fate)
-            .ok_or_else(|| format!("a tombstone's fate is 0 to 4, not {}", s.fate))
+            .ok_or_else(|| format!("a tombstone's fate is 0 to 5, not {}", s.fate))
     }
 }
 

@@ -50,7 +50,7 @@
 //! `<state>` is `(<mbox> <uidvalidity> <uidnext> <highest-modseq> (<record>...) (<tombstone>...))`;
 //! `<record>` is `(<uid> <guid> <received> <size> <checksum> <modseq> ((<flag> SET|CLEAR <modseq> <sid>)...))`,
 //! where `<size>` has the claim and the push in its top bits (`MessageRecord::packed_size`);
-//! `<tombstone>` is `(<uid> <guid> <modseq> RETIRED|EXPUNGED|LOST|CANCELLED|EXPUNGED-PUSHED)`; and `<result>` is one of
+//! `<tombstone>` is `(<uid> <guid> <modseq> RETIRED|EXPUNGED|LOST|CANCELLED|EXPUNGED-PUSHED|EXPUNGED-DELETED)`; and `<result>` is one of
 //! `SAVED <uidvalidity> <uid> <guid>`, `COPIED <uidvalidity> <uid> <guid>`,
 //! `EXPUNGED (<uid>...) <modseq>`, `STORED <modseq> (<rejected-uid>...) ((<uid> (<flag>...) <modseq>)...)`,
 //! `FAILED TEMPORARY|PERMANENT <string>`, `MAILBOX-DONE <modseq>`, `POSITION <highest-modseq> <digest>`,

@@ -4,8 +4,8 @@
 //! Handshake (one line each way, each at most [`HANDSHAKE_LINE_MAX`] bytes):
 //!
 //! ```text
-//! dialer   -> TANDEM/3 HELLO <dialer id> <nonce A> <deflate 0|1>
-//! acceptor -> TANDEM/3 CHALLENGE <acceptor id> <nonce B> <HMAC(secret, "acceptor", ids, A, B)>
+//! dialer   -> TANDEM/4 HELLO <dialer id> <nonce A> <deflate 0|1>
+//! acceptor -> TANDEM/4 CHALLENGE <acceptor id> <nonce B> <HMAC(secret, "acceptor", ids, A, B)>
 //! dialer   -> PROOF <HMAC(secret, "dialer", ids, A, B)>
 //! acceptor -> OK <deflate 0|1>            (or ERROR <reason>, then close)
 //! ```
@@ -17,7 +17,8 @@
 //! `TANDEM/<n>` names the peer protocol: servers speak to peers of the same version
 //! only, and refuse another with a line that names both (version 2 added store
 //! identities to LINKSTATE, MEMBERS and ACK; version 3 a record's pushed bit in its size
-//! and the EXPUNGED-PUSHED tombstone fate, which a version 2 server would misread).
+//! and the EXPUNGED-PUSHED tombstone fate, which a version 2 server would misread;
+//! version 4 the EXPUNGED-DELETED fate, a deletion's expunge, which version 3 refuses).
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use hmac::{Hmac, Mac};
@@ -35,7 +36,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
 /// The stream with raw DEFLATE both ways (IMAP's COMPRESS=DEFLATE, RFC 4978, and the
-/// replica link's `X-REPLICATE 2 DEFLATE`).
+/// replica link's `X-REPLICATE 3 DEFLATE`).
 pub fn deflated(stream: PeerStream) -> PeerStream {
     let (reader, writer) = tokio::io::split(stream);
     let reader = async_compression::tokio::bufread::DeflateDecoder::new(tokio::io::BufReader::new(reader));
@@ -124,7 +125,7 @@ async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &str) -> Result<(), 
 }
 
 /// The peer protocol this server speaks (see the module's doc).
-pub const PROTOCOL: &str = "TANDEM/3";
+pub const PROTOCOL: &str = "TANDEM/4";
 
 /// A peer speaking another version of the peer protocol: refused by name, so that an
 /// operator upgrading the cluster one server at a time sees why two servers do not talk.

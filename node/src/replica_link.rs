@@ -23,10 +23,10 @@ use tokio::sync::{Semaphore, mpsc};
 
 /// The replica link's version, named in the switch (`tag X-REPLICATE <version>
 /// [DEFLATE]`): frames carry records and tombstones in the record codec, whose meaning
-/// changes between versions (2: a record's pushed bit in its size and the pushed
-/// tombstone fate; 1, unnamed, before). A cluster refuses an agent of another version
+/// changes between versions (3: a deletion's tombstone fate; 2: a record's pushed bit in
+/// its size and the pushed tombstone fate; 1, unnamed, before). A cluster refuses an agent of another version
 /// with an answer that names both, rather than let it misread a size.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// A frame's encoded length at most: a push or an adopt carries at most 128 MiB of
 /// bodies (the core's `check_adopted_state`) and a state piece beside them.

@@ -451,11 +451,11 @@ fn a_peer_with_a_wrong_secret_is_refused() {
     let c = Cluster::start(3, "");
     let mut s = TcpStream::connect(c.listen[1]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    s.write_all(b"TANDEM/3 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n").unwrap();
+    s.write_all(b"TANDEM/4 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n").unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("TANDEM/3 CHALLENGE 2 "), "{line:?}");
+    assert!(line.starts_with("TANDEM/4 CHALLENGE 2 "), "{line:?}");
     s.write_all(format!("PROOF {}\r\n", "00".repeat(32)).as_bytes()).unwrap();
     line.clear();
     r.read_line(&mut line).unwrap();
@@ -487,15 +487,15 @@ fn a_peer_with_a_wrong_secret_is_refused() {
 fn garbage_on_the_peer_port_gets_an_error_and_changes_nothing() {
     let c = Cluster::start(3, "");
     let answer = raw_exchange(c.listen[0], b"\x16\x03\x01\x02\x00GET / HTTP/1.1\r\n\r\n");
-    assert!(answer.starts_with("ERROR expected TANDEM/3 HELLO"), "{answer:?}");
+    assert!(answer.starts_with("ERROR expected TANDEM/4 HELLO"), "{answer:?}");
     let answer = raw_exchange(c.listen[0], &[0xffu8; 4000]);
     assert!(answer.starts_with("ERROR handshake line too long"), "{answer:?}");
-    let answer = raw_exchange(c.listen[0], b"TANDEM/3 HELLO 9 000102030405060708090a0b0c0d0e0f 0\r\n");
+    let answer = raw_exchange(c.listen[0], b"TANDEM/4 HELLO 9 000102030405060708090a0b0c0d0e0f 0\r\n");
     assert!(answer.starts_with("ERROR server 9 is not in this cluster"), "{answer:?}");
     // A server of the release before pushed bindings is told why it cannot join.
     let answer = raw_exchange(c.listen[0], b"TANDEM/2 HELLO 2 000102030405060708090a0b0c0d0e0f 0\r\n");
     assert!(
-        answer.starts_with("ERROR the peer speaks the peer protocol TANDEM/2 and this server TANDEM/3"),
+        answer.starts_with("ERROR the peer speaks the peer protocol TANDEM/2 and this server TANDEM/4"),
         "{answer:?}"
     );
     let s = c.status(0);
@@ -537,7 +537,7 @@ fn mutual_tls_links_carry_replication_and_refuse_plain_peers() {
     let view = c.converged("tls@example.org/INBOX", CONVERGE);
     assert_eq!(view.messages.len(), 3);
     // A peer speaking plain text to a TLS port gets nowhere.
-    let answer = raw_exchange(c.listen[1], b"TANDEM/3 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n");
+    let answer = raw_exchange(c.listen[1], b"TANDEM/4 HELLO 1 000102030405060708090a0b0c0d0e0f 0\r\n");
     assert!(!answer.contains("CHALLENGE"), "{answer:?}");
     assert!(harness::eventually(|| c.log(1).contains("TLS handshake")), "the refusal is logged");
     assert!(c.status(1).links.iter().all(|l| l.connected));

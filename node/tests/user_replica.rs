@@ -381,7 +381,7 @@ fn the_cluster_refuses_a_wrong_password_another_user_s_mail_and_a_master_s_work(
     assert!(tagged(&mut reader, "a ").starts_with("a OK"));
     plain.write_all(b"r X-REPLICATE\r\n").unwrap();
     let refused = tagged(&mut reader, "r ");
-    assert!(refused.contains("replica link version 2 and the agent 1 (unnamed)"), "{refused}");
+    assert!(refused.contains("replica link version 3 and the agent 1 (unnamed)"), "{refused}");
     plain.write_all(b"n NOOP\r\n").unwrap();
     assert!(tagged(&mut reader, "n ").starts_with("n OK"));
 

@@ -1267,6 +1267,7 @@ impl Server {
                 // A client's expunge of a binding a user replica pushed is kept past
                 // collection (`server::tombstones`).
                 pushed: r.pushed && why == Removal::ByClient,
+                deleted: false,
             })
             .collect();
         if tombstones.is_empty() {
@@ -1344,7 +1345,7 @@ impl Server {
                 (lifecycle.special_use, lifecycle.special_use_at) = (special_use, modseq);
             }
             MailboxAction::Delete => {
-                tombstones = m.messages.values().map(|r| Tombstone::expunge(r.uid, r.guid, modseq)).collect();
+                tombstones = m.messages.values().map(|r| Tombstone::deletion(r.uid, r.guid, modseq)).collect();
                 lifecycle.deleted_at = modseq;
             }
             MailboxAction::Subscribe => lifecycle.subscribed_at = modseq,
