@@ -274,6 +274,37 @@ impl MailboxKey {
         let h = crate::hash::fnv64(&[self.user.as_bytes(), b"\0", self.name.as_bytes()]);
         ((h as u32) & 0x7fff_ffff).max(1)
     }
+
+    /// The UIDVALIDITY a RENAME of `from` (UIDVALIDITY `from_validity`) gives this name
+    /// where the name has no history: drawn from the rename's path (the source's
+    /// UIDVALIDITY and both names), never the source's own. Each birth of a name by a
+    /// RENAME is thus an incarnation of its own: two servers apart that bring the same
+    /// messages under one name by different paths (crossed RENAMEs, INBOX to Box1 to Box3
+    /// on one side and INBOX to Box3 to Box1 on the other) hold two incarnations, and the
+    /// tombstones one side's RENAME away leaves do not take the other side's live copies
+    /// (focus incarnation seed 13005: they did, and the message was in no mailbox). The
+    /// same RENAME on both sides gives one value, so that those copies are one
+    /// incarnation as they should be; and a client can tell a rename from the values
+    /// (NOTIFY does).
+    pub fn renamed_uidvalidity(&self, from: &MailboxKey, from_validity: u32) -> u32 {
+        let h = crate::hash::fnv64(&[
+            &from_validity.to_be_bytes(),
+            from.user.as_bytes(),
+            b"\0",
+            from.name.as_bytes(),
+            b"\0",
+            self.user.as_bytes(),
+            b"\0",
+            self.name.as_bytes(),
+        ]);
+        let mut v = (crate::hash::mix64(h) as u32) & 0x7fff_ffff;
+        // Neither the source's value nor the one a CREATE of this name gives (which would
+        // make the birth one with a CREATE's on another server), nor 0.
+        while v == 0 || v == from_validity || v == self.initial_uidvalidity() {
+            v = v.wrapping_add(1) & 0x7fff_ffff;
+        }
+        v
+    }
 }
 
 /// Seven bytes of `text` (zero-padded) and its length up to eight, as one big-endian

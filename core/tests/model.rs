@@ -659,7 +659,7 @@ fn rename(h: &mut Harness, from: &str, to: &str) -> ClientReply {
 }
 
 #[test]
-fn rename_onto_a_new_name_keeps_uidvalidity_uids_and_flags() {
+fn rename_onto_a_new_name_keeps_uids_and_flags_under_the_uidvalidity_of_its_path() {
     for mode in [Mode::Isolated, Mode::Linked] {
         let mut h = Harness::new(Durability::Sync, mode);
         assert!(matches!(
@@ -672,7 +672,11 @@ fn rename_onto_a_new_name_keeps_uidvalidity_uids_and_flags() {
         let before = view(&mut h, "Work");
         assert!(matches!(rename(&mut h, "Work", "Done"), ClientReply::Write(WriteResult::MailboxDone { .. })));
         let after = view(&mut h, "Done");
-        assert_eq!((after.uidvalidity, after.uidnext), (before.uidvalidity, before.uidnext), "{mode:?}");
+        assert_eq!(after.uidnext, before.uidnext, "{mode:?}");
+        // A UIDVALIDITY of the rename's path: not the old name's, and the same wherever
+        // that RENAME is made (see `MailboxKey::renamed_uidvalidity`).
+        assert_eq!(after.uidvalidity, key("Done").renamed_uidvalidity(&key("Work"), before.uidvalidity), "{mode:?}");
+        assert_ne!(after.uidvalidity, before.uidvalidity, "{mode:?}");
         assert_eq!(
             after.messages.iter().map(|m| (m.uid, m.guid, m.flags.clone())).collect::<Vec<_>>(),
             before.messages.iter().map(|m| (m.uid, m.guid, m.flags.clone())).collect::<Vec<_>>()

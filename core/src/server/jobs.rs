@@ -1436,7 +1436,8 @@ impl Server {
     /// RENAME at the master of both names' keys (see `rename_waits_for_target`), in one
     /// step: `to` gets every message of `from`, then `from` is deleted (INBOX is emptied
     /// instead). A `to` this server has never
-    /// seen takes `from`'s UIDVALIDITY, UIDNEXT, UIDs and modseqs; a `to` with history
+    /// seen takes `from`'s UIDNEXT, UIDs and modseqs under a UIDVALIDITY of the rename's
+    /// path (`MailboxKey::renamed_uidvalidity`); a `to` with history
     /// here (a deleted mailbox of that name) keeps its own UIDVALIDITY and gives the
     /// messages new UIDs above every UID it used, as COPY would, so no UID of it is ever
     /// shown again for another message. `to`'s state travels as a merge: its master (if
@@ -1452,12 +1453,19 @@ impl Server {
         let moved: Vec<(Uid, Guid)> = src.messages.values().map(|r| (r.uid, r.guid)).collect();
         let special_use = src.lifecycle.special_use();
         let to_master = self.masters.masters(&self.master_key(to));
-        // What the target starts from: nothing (a new name keeps the source's UIDVALIDITY,
-        // UIDs and modseqs), or a name with history, which becomes a new incarnation (a
-        // new UIDVALIDITY, UIDs still above every one it used, so its tombstones keep
-        // their meaning; replicas take it from here as their master's).
+        // What the target starts from: nothing (a new name keeps the source's UIDs and
+        // modseqs under a UIDVALIDITY of the rename's path, `renamed_uidvalidity`), or a
+        // name with history, which becomes a new incarnation (a new UIDVALIDITY, UIDs
+        // still above every one it used, so its tombstones keep their meaning; replicas
+        // take it from here as their master's).
         let (uidvalidity, renumber_from, modseq, lifecycle, incarnation) = match self.image.mailbox(to) {
-            None => (src.uidvalidity, None, src.highest_modseq.saturating_add(1), Lifecycle::default(), None),
+            None => (
+                to.renamed_uidvalidity(from, src.uidvalidity),
+                None,
+                src.highest_modseq.saturating_add(1),
+                Lifecycle::default(),
+                None,
+            ),
             Some(old) => {
                 // Only the name's master may hand out its UIDs: another server's view of
                 // them may be behind (a UID it gives could already be shown for another

@@ -14,6 +14,7 @@
 //! nesting of at most four lists, read in one pass without recursion.
 
 use std::collections::{BTreeMap, BTreeSet};
+use tandem_core::types::MailboxKey;
 
 /// Mailbox names a NOTIFY may name (Dovecot's limit too); more is NOTIFICATIONOVERFLOW.
 pub const NAMES_MAX: usize = 100;
@@ -562,10 +563,14 @@ pub fn initial_status(set: &NotifySet, now: &Snapshot, selected: Option<&str>) -
         .collect()
 }
 
-/// What changed from `before` to `now` that `set` asks to be told, in name order:
+/// Names gone times names come in one round past which no rename is looked for: each
+/// pair costs a hash of both names.
+const RENAME_PAIRS_MAX: usize = 4096;
+
+/// What changed from `before` to `now` (`user`'s mailboxes) that `set` asks to be told, in name order:
 /// names that appeared or went, subscriptions, then STATUS of other mailboxes whose
 /// counts moved in a way the events cover.
-pub fn notices(set: &NotifySet, before: &Snapshot, now: &Snapshot, selected: Option<&str>) -> Vec<Notice> {
+pub fn notices(set: &NotifySet, user: &str, before: &Snapshot, now: &Snapshot, selected: Option<&str>) -> Vec<Notice> {
     let mut out = Vec::new();
     // A name covered then or now (a subscription filter follows the subscription).
     let events_of = |name: &str| {
@@ -573,21 +578,34 @@ pub fn notices(set: &NotifySet, before: &Snapshot, now: &Snapshot, selected: Opt
         e.add(set.events_for(name, |n| before.subscribed.contains(n)));
         e
     };
-    // A RENAME keeps the mailbox's UIDVALIDITY under the new name: a name gone and one
-    // come with the same UIDVALIDITY in one round is told as the rename it is (two
-    // rounds apart, as the old name gone and the new one there).
-    let mut gone: BTreeMap<u32, &String> = BTreeMap::new();
-    for (name, counts) in &before.mailboxes {
-        if !now.mailboxes.contains_key(name) {
-            gone.entry(counts.uidvalidity).or_insert(name);
-        }
-    }
+    // A RENAME gives the new name a UIDVALIDITY drawn from its path (the old name's
+    // UIDVALIDITY and both names, `MailboxKey::renamed_uidvalidity`): a name gone and one
+    // come with that UIDVALIDITY in one round is told as the rename it is (two rounds
+    // apart, as the old name gone and the new one there). Bounded: past
+    // `RENAME_PAIRS_MAX` pairs in one round, every name is told as gone or come.
+    let gone: Vec<(&String, u32)> = before
+        .mailboxes
+        .iter()
+        .filter(|(name, _)| !now.mailboxes.contains_key(*name))
+        .map(|(name, counts)| (name, counts.uidvalidity))
+        .collect();
+    let come: Vec<(&String, u32)> = now
+        .mailboxes
+        .iter()
+        .filter(|(name, _)| !before.mailboxes.contains_key(*name))
+        .map(|(name, counts)| (name, counts.uidvalidity))
+        .collect();
     let mut renamed_to: BTreeMap<&String, &String> = BTreeMap::new();
-    for (name, counts) in &now.mailboxes {
-        if !before.mailboxes.contains_key(name)
-            && let Some(old) = gone.remove(&counts.uidvalidity)
-        {
-            renamed_to.insert(old, name);
+    if gone.len().saturating_mul(come.len()) <= RENAME_PAIRS_MAX {
+        for (new, validity) in &come {
+            let new_key = MailboxKey::new(user, new);
+            let old = gone.iter().find(|(old, old_validity)| {
+                !renamed_to.contains_key(old)
+                    && new_key.renamed_uidvalidity(&MailboxKey::new(user, old), *old_validity) == *validity
+            });
+            if let Some((old, _)) = old {
+                renamed_to.insert(old, new);
+            }
         }
     }
     let renamed_from: BTreeMap<&String, &String> = renamed_to.iter().map(|(old, new)| (*new, *old)).collect();
@@ -762,7 +780,7 @@ mod tests {
         now.mailboxes.remove("old");
         now.mailboxes.insert("new".into(), Counts { uidvalidity: 8, ..counts(0, 1, 0) }); // not a rename of "old"
         now.subscribed.remove("quiet");
-        let told = notices(&s, &before, &now, None);
+        let told = notices(&s, "u@d", &before, &now, None);
         let lines: Vec<String> = told
             .iter()
             .map(|n| match n {
@@ -786,15 +804,23 @@ mod tests {
         let mut later = now.clone();
         later.mailboxes.insert("box2".into(), counts(2, 3, 10));
         later.mailboxes.insert("Lists/a".into(), counts(0, 2, 11));
-        let told = notices(&s, &now, &later, Some("Lists/a"));
+        let told = notices(&s, "u@d", &now, &later, Some("Lists/a"));
         assert_eq!(told.len(), 1);
         assert!(matches!(&told[0], Notice::Status { name, .. } if name == "box2"));
-        assert!(notices(&s, &later, &later, None).is_empty());
-        // A rename (same UIDVALIDITY, old name gone, new one there): one LIST with OLDNAME.
+        assert!(notices(&s, "u@d", &later, &later, None).is_empty());
+        // A rename (old name gone, new one there with the UIDVALIDITY of that rename's
+        // path): one LIST with OLDNAME.
         let mut renamed = later.clone();
         let counts_of_box2 = renamed.mailboxes.remove("box2").expect("box2");
-        renamed.mailboxes.insert("box3".into(), counts_of_box2);
-        let told = notices(&s, &later, &renamed, None);
+        let uidvalidity = MailboxKey::new("u@d", "box3").renamed_uidvalidity(&MailboxKey::new("u@d", "box2"), 7);
+        renamed.mailboxes.insert("box3".into(), Counts { uidvalidity, ..counts_of_box2 });
+        // Another name come with the old one's UIDVALIDITY is no rename of it.
+        let mut not_renamed = later.clone();
+        not_renamed.mailboxes.remove("box2");
+        not_renamed.mailboxes.insert("box4".into(), counts_of_box2);
+        let told = notices(&s, "u@d", &later, &not_renamed, None);
+        assert!(told.iter().all(|n| !matches!(n, Notice::List { old_name: Some(_), .. })), "{told:?}");
+        let told = notices(&s, "u@d", &later, &renamed, None);
         assert_eq!(
             told,
             vec![Notice::List { name: "box3".into(), attributes: vec![], old_name: Some("box2".into()) }],

@@ -1213,8 +1213,9 @@ impl Session {
         }
         let now = self.notify_snapshot().await;
         let selected = self.selected.as_ref().map(|s| s.mailbox.name.to_string());
+        let user = self.user.clone().unwrap_or_default();
         let Some(state) = self.notify.as_mut() else { return };
-        let notices = super::notify::notices(&state.set, &state.told, &now, selected.as_deref());
+        let notices = super::notify::notices(&state.set, &user, &state.told, &now, selected.as_deref());
         state.told = now;
         for notice in notices {
             self.tell(notice);
