@@ -711,6 +711,11 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     {
         return merge_into_their_incarnation(m, foreign, rules);
     }
+    if !rules.laptop_leaves_incarnation
+        && let Some(validity) = new_incarnation_for(m, foreign)
+    {
+        return merge_into_a_new_incarnation(m, foreign, validity, rules);
+    }
     let same_validity = foreign.uidvalidity == m.uidvalidity;
     let mut merge = MasterMerge {
         modseq: m.highest_modseq.max(foreign.highest_modseq).saturating_add(1),
@@ -796,6 +801,100 @@ pub fn incarnation_wins((theirs, their_next): (u32, Uid), (ours, our_next): (u32
         return false;
     }
     (their_next > 1, theirs) > (our_next > 1, ours)
+}
+
+/// A UIDVALIDITY greater than `old`, drawn from `modseq`, in 1..2^31: the one a RENAME
+/// gives a name with history (`old` its UIDVALIDITY before), and the one a master's
+/// merge makes when two incarnations meet that neither can take whole
+/// ([`merge_into_a_new_incarnation`]).
+pub fn greater_validity(old: u32, modseq: ModSeq) -> u32 {
+    let mixed = crate::hash::mix64(u64::from(old) ^ modseq.rotate_left(32)) as u32;
+    // Above the old one, so that the new incarnation wins wherever a copy of the old one
+    // is met (`mailbox::incarnation_wins`), as RFC 3501 asks of a new UIDVALIDITY; a
+    // step drawn from the name's history so that two such RENAMEs rarely pick one value.
+    // At the top of the range (no UIDVALIDITY the hash of a name gives comes near) a
+    // value is drawn as before.
+    const TOP: u32 = 0x7fff_ffff;
+    let v = match old.checked_add(1 + (mixed & 0xffff)) {
+        Some(v) if v <= TOP => v,
+        _ => {
+            let mut v = mixed & TOP;
+            while v == 0 || v == old {
+                v = v.wrapping_add(1) & TOP;
+            }
+            v
+        }
+    };
+    debug_assert!(v != old && v != 0);
+    v
+}
+
+/// The UIDVALIDITY of a new incarnation for a master's merge of another incarnation
+/// that its own, winning, cannot take whole: ours deleted and empty, and a message live
+/// in theirs that our deletion tombstoned (a RENAME away, or a DELETE, of our copy of the
+/// name). Taken into ours, the message would be dropped for that tombstone (a message is
+/// one GUID in a mailbox, and an expunge there is final); ours left for theirs, a server
+/// would go back to a lesser incarnation, whose UIDs it may have shown bound to other
+/// messages. A third, greater than both, takes each as another incarnation: ours gives
+/// its clients' expunges and not its deletion's, theirs its messages (focus incarnation
+/// seed 534855: crossed RENAMEs moved one message into both names on the two sides of a
+/// partition; at the heal each name's deleted incarnation won over the live one, and the
+/// message was in no mailbox). None where no value greater than both is left.
+fn new_incarnation_for(m: &StoredMailbox, foreign: &MailboxState) -> Option<u32> {
+    if foreign.uidvalidity == m.uidvalidity || !m.lifecycle.deleted() || !m.messages.is_empty() {
+        return None;
+    }
+    let deleted: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.deleted).map(|t| t.guid).collect();
+    if !foreign.messages.iter().any(|r| deleted.contains(&r.guid)) {
+        return None;
+    }
+    let modseq = m.highest_modseq.max(foreign.highest_modseq).saturating_add(1);
+    let validity = greater_validity(m.uidvalidity.max(foreign.uidvalidity), modseq);
+    (validity > m.uidvalidity && validity > foreign.uidvalidity).then_some(validity)
+}
+
+/// A master's merge into a new incarnation ([`new_incarnation_for`]): its copy empties
+/// and takes `validity`, with UIDs above every UID either incarnation used, and then its
+/// own copy and theirs are merged in as other incarnations, each of which it wins over.
+/// One outcome, written as a replica's change of UIDVALIDITY is (`new_validity`).
+fn merge_into_a_new_incarnation(
+    m: &mut StoredMailbox,
+    foreign: &MailboxState,
+    validity: u32,
+    rules: &MergeRules,
+) -> MergeOutcome {
+    let ours = state(&foreign.mailbox, m);
+    let fresh = MailboxState {
+        mailbox: foreign.mailbox.clone(),
+        uidvalidity: validity,
+        uidnext: m.uidnext.max(foreign.uidnext),
+        highest_modseq: m.highest_modseq.max(foreign.highest_modseq),
+        messages: Vec::new(),
+        tombstones: Vec::new(),
+        lifecycle: foreign.lifecycle,
+        retired: Default::default(),
+    };
+    let mut out = MergeOutcome::default();
+    adopt_validity(m, &fresh, &mut out);
+    for step in
+        [merge_as_master(m, &fresh, rules), merge_as_master(m, &ours, rules), merge_as_master(m, foreign, rules)]
+    {
+        out.records.extend(step.records);
+        out.removed.extend(step.removed);
+        out.tombstones.extend(step.tombstones);
+        out.collected.extend(step.collected);
+        out.renumbered += step.renumbered;
+        out.tombstone_conflict |= step.tombstone_conflict;
+        out.lifecycle_changed |= step.lifecycle_changed;
+        out.retired_changed |= step.retired_changed;
+        debug_assert!(!step.unresolved && !step.new_validity, "a master decides, in one incarnation");
+    }
+    debug_assert_eq!(m.uidvalidity, validity);
+    debug_assert!(
+        foreign.messages.iter().all(|r| m.messages.has_guid(r.guid) || m.tombstones.values().any(|t| t.guid == r.guid)),
+        "every message of theirs is placed or expunged"
+    );
+    out
 }
 
 /// A master's merge of a copy of a greater incarnation ([`incarnation_wins`]): its copy
@@ -1316,8 +1415,41 @@ pub fn adopt_rule(
     let dead: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.by_client()).map(|t| t.guid).collect();
     adopt.state.messages.retain(|r| !dead.contains(&r.guid));
     adopt.push_whole |= hold_back_unpushed_retirements(m, &mut adopt.state.retired, pushed_upto);
+    adopt.push_whole |= hold_back_retirements_of_unpushed_changes(m, &mut adopt.state, pushed_upto);
     keep_lost_messages(m, &mut adopt, holds_body);
     adopt
+}
+
+/// Step 3 of [`adopt_rule`], for retirements the cluster still holds as tombstones: one
+/// of a binding here whose record changed since the last push (`pushed_upto`), of a
+/// message whose latest binding the cluster's state does not show live (a window's
+/// piece; a copy that holds the retirement of a later binding and the record of an
+/// earlier one, the record at the new binding not there yet), is held back. Taking it
+/// would drop the record, and with it the change (a STORE a client here was told is
+/// done), as nothing here could carry it to the message's new binding (general seed
+/// 2063596: a partial laptop's \Seen on a message it saved, whose push the cluster
+/// renumbered, was lost when an adopt of a piece that showed the message live only below
+/// a retirement of it dropped the record). The record stays; the next push is whole and
+/// carries the change to the master, whose merge follows the GUID to its binding; the
+/// retirement comes again with a later pull.
+fn hold_back_retirements_of_unpushed_changes(m: &StoredMailbox, state: &mut MailboxState, pushed_upto: ModSeq) -> bool {
+    let mut retired_above: BTreeMap<Guid, Uid> = BTreeMap::new();
+    for t in state.tombstones.iter().filter(|t| !t.expunged) {
+        let top = retired_above.entry(t.guid).or_insert(t.uid);
+        *top = (*top).max(t.uid);
+    }
+    let live_latest: BTreeSet<Guid> = state
+        .messages
+        .iter()
+        .filter(|r| retired_above.get(&r.guid).is_none_or(|top| r.uid > *top))
+        .map(|r| r.guid)
+        .collect();
+    let before = state.tombstones.len();
+    state.tombstones.retain(|t| {
+        let unpushed_here = m.messages.get(&t.uid).is_some_and(|r| r.guid == t.guid && r.modseq > pushed_upto);
+        t.expunged || live_latest.contains(&t.guid) || !unpushed_here
+    });
+    state.tombstones.len() != before
 }
 
 /// Step 6 of [`adopt_rule`].
@@ -2038,6 +2170,73 @@ mod tests {
         let out = merge_as_replica(&mut replica, &st(&master), &from_master);
         assert!(!out.unresolved && out.new_validity);
         assert!(!replica.messages.has_guid(Guid(20)) && replica.messages.has_guid(Guid(10)));
+    }
+
+    #[test]
+    fn a_deleted_incarnation_and_a_live_one_holding_its_message_meet_in_a_third() {
+        // Ours, the master's: deleted (a RENAME away took 20 from 1, and a client expunged
+        // 30 at 2), empty, of the greater UIDVALIDITY. Theirs: live, 20 and 30 at 1 and 2.
+        let mut ours = mbox(vec![]);
+        ours.uidnext = 3;
+        ours.highest_modseq = 4;
+        ours.uidvalidity = 900;
+        ours.lifecycle.deleted_at = 4;
+        ours.tombstones.insert((1, Guid(20)), Tombstone::deletion(1, Guid(20), 4));
+        ours.tombstones.insert((2, Guid(30)), Tombstone::expunge(2, Guid(30), 3));
+        let mut theirs = mbox(vec![rec(1, 20, &[("\\Seen", true, 2)]), rec(2, 30, &[])]);
+        theirs.uidvalidity = 700;
+        assert!(!incarnation_wins((theirs.uidvalidity, theirs.uidnext), (ours.uidvalidity, ours.uidnext)));
+        let before = ours.clone();
+        let out = merge_as_master(&mut ours, &st(&theirs), &MergeRules::default());
+        // A third incarnation, greater than both, with UIDs above both's.
+        assert!(out.new_validity && ours.uidvalidity > 900, "{}", ours.uidvalidity);
+        // 20 is theirs, live (the deletion took it from ours only), its flag along; 30 a
+        // client expunged on ours: gone, and so stays.
+        let live: Vec<(Guid, bool)> = ours.messages.values().map(|r| (r.guid, r.has_flag("\\Seen"))).collect();
+        assert_eq!(live, vec![(Guid(20), true)]);
+        assert!(ours.messages.values().all(|r| r.uid >= 3));
+        assert!(ours.tombstones.values().any(|t| t.guid == Guid(30) && t.by_client()));
+        assert!(ours.visible());
+        // Each old incarnation's copy, met again, changes nothing: the third wins over both.
+        let settled = ours.clone();
+        for old in [st(&before), st(&theirs)] {
+            let out = merge_as_master(&mut ours, &old, &MergeRules::default());
+            assert!(!out.new_validity && !out.unresolved);
+        }
+        assert_eq!(ours.messages.values().map(|r| r.guid).collect::<Vec<_>>(), vec![Guid(20)]);
+        assert_eq!(ours.uidvalidity, settled.uidvalidity);
+        // A replica of either takes the master's.
+        let from_master = MergeRules { from_master: true, ..Default::default() };
+        for mut replica in [before, theirs] {
+            let out = merge_as_replica(&mut replica, &st(&settled), &from_master);
+            assert!(!out.unresolved && out.new_validity);
+            assert_eq!(replica.messages.values().map(|r| r.guid).collect::<Vec<_>>(), vec![Guid(20)]);
+        }
+    }
+
+    #[test]
+    fn an_adopt_holds_back_the_retirement_of_a_record_changed_since_the_push() {
+        // Here, a user replica: 20 at 2, \\Seen added at modseq 3, after the push (up to 2).
+        let here = mbox(vec![rec(2, 20, &[("\\Seen", true, 3)])]);
+        // The cluster's piece: 20 live at 25 below a retirement of it at 30 (its record at
+        // the binding after that not in the piece yet), and the retirement of 2.
+        let mut cluster = mbox(vec![rec(25, 20, &[])]);
+        cluster.tombstones.insert((2, Guid(20)), Tombstone::retirement(2, Guid(20), 35));
+        cluster.tombstones.insert((30, Guid(20)), Tombstone::retirement(30, Guid(20), 41));
+        let adopt = adopt_rule(Some(&here), &st(&cluster), &Retired::default(), 2, true, 0, |_| false);
+        assert!(adopt.push_whole);
+        assert!(!adopt.state.tombstones.iter().any(|t| t.uid == 2), "{:?}", adopt.state.tombstones);
+        // Once pushed (up to 3), the retirement is taken.
+        let after_push = adopt_rule(Some(&here), &st(&cluster), &Retired::default(), 3, true, 0, |_| false);
+        assert!(after_push.state.tombstones.iter().any(|t| t.uid == 2));
+        // Where the piece shows the message live at its latest binding, the merge carries
+        // the change there, and the retirement is taken.
+        let mut whole = cluster.clone();
+        whole.tombstones.insert((25, Guid(20)), Tombstone::retirement(25, Guid(20), 40));
+        whole.messages = crate::store::Messages::new();
+        whole.messages.insert(32, rec(32, 20, &[]));
+        let adopt = adopt_rule(Some(&here), &st(&whole), &Retired::default(), 2, true, 0, |_| false);
+        assert!(adopt.state.tombstones.iter().any(|t| t.uid == 2));
     }
 
     #[test]

@@ -108,13 +108,16 @@ pub struct Oracle {
     first_uid: BTreeMap<MailboxKey, BTreeMap<Guid, Uid>>,
     /// SAVE/COPY answered OK.
     pub acked: BTreeMap<(MailboxKey, Guid), (Sid, u64)>,
-    /// EXPUNGE answered OK, by message: the servers that answered it.
-    pub expunged: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
-    /// By message: the servers on whose disk a client's EXPUNGE of it was durable at some
-    /// point (a tombstone that says so flushed there). A server that answered an EXPUNGE
-    /// by asking the master need not be one (async mode, its log overflowed: focus
+    /// EXPUNGE answered OK, by message and the UID it was expunged at: the servers that
+    /// answered it. By UID, as a message copied back after an EXPUNGE and expunged again
+    /// has two bindings whose EXPUNGEs stand or fall apart (focus incarnation seed 424426:
+    /// the second one answered by a server alone and lost with its disk).
+    pub expunged: BTreeMap<(MailboxKey, Guid), BTreeMap<Uid, BTreeSet<Sid>>>,
+    /// By message and UID: the servers on whose disk a client's EXPUNGE of it was durable
+    /// at some point (a tombstone that says so flushed there). A server that answered an
+    /// EXPUNGE by asking the master need not be one (async mode, its log overflowed: focus
     /// conflict seed 1018).
-    expunge_holders: BTreeMap<(MailboxKey, Guid), BTreeSet<Sid>>,
+    expunge_holders: BTreeMap<(MailboxKey, Guid), BTreeMap<Uid, BTreeSet<Sid>>>,
     /// Servers whose disks were lost for good (see `forget_server`).
     lost_servers: BTreeSet<Sid>,
     /// Every message an EXPUNGE was asked for, answered or not: when they were asked for
@@ -704,13 +707,14 @@ impl Oracle {
         if let StoreWrite::PutTombstone { mailbox, tombstone } = write
             && tombstone.expunged
         {
-            self.expunge_holders.entry((mailbox.clone(), tombstone.guid)).or_default().insert(server);
+            let holders = self.expunge_holders.entry((mailbox.clone(), tombstone.guid)).or_default();
+            holders.entry(tombstone.uid).or_default().insert(server);
         }
     }
 
-    pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, guids: &[Guid]) {
-        for g in guids {
-            self.expunged.entry((mailbox.clone(), *g)).or_default().insert(server);
+    pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) {
+        for (uid, g) in messages {
+            self.expunged.entry((mailbox.clone(), *g)).or_default().entry(*uid).or_default().insert(server);
         }
     }
 
@@ -846,12 +850,16 @@ impl Oracle {
         // servers whose disks were then lost may be undone with them, as a SAVE may be
         // lost (async mode: answered once durable there alone); so may one that only
         // lost disks ever held (answered through a server that asked the master, and
-        // never replicated before the master's disk was lost).
+        // never replicated before the master's disk was lost). Each binding's EXPUNGE
+        // on its own: one undone leaves the message live (at that UID, or renumbered).
         let lost = |servers: &BTreeSet<Sid>| servers.iter().all(|s| self.lost_servers.contains(s));
         let undone_with_lost_disks = |key: &(MailboxKey, Guid)| {
             !check_loss
-                && (self.expunged.get(key).is_some_and(lost)
-                    || self.expunge_holders.get(key).is_some_and(|h| !h.is_empty() && lost(h)))
+                && (self.expunged.get(key).is_some_and(|by_uid| by_uid.values().any(lost))
+                    || self
+                        .expunge_holders
+                        .get(key)
+                        .is_some_and(|by_uid| by_uid.values().any(|h| !h.is_empty() && lost(h))))
         };
         for (mailbox, guid) in self.expunged.keys().filter(|k| !self.copy_excuses(k) && !undone_with_lost_disks(k)) {
             for sid in stores.keys() {

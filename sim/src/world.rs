@@ -2280,7 +2280,8 @@ impl World {
                 // explore seed 359095, a DELETE that then failed), and a client is told of
                 // no EXPUNGE for it.
                 if let Some(mailbox) = &o.mailbox {
-                    let gone: Vec<Guid> = o.expunging.iter().filter(|(u, _)| uids.contains(u)).map(|m| m.1).collect();
+                    let gone: Vec<(Uid, Guid)> =
+                        o.expunging.iter().filter(|(u, _)| uids.contains(u)).copied().collect();
                     self.oracle.expunge_acked(sid, mailbox, &gone);
                     let asked: Vec<Guid> = o.expunging.iter().map(|m| m.1).collect();
                     self.oracle.expunge_answered(t, mailbox, &asked);

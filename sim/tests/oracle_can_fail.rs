@@ -140,7 +140,7 @@ fn no_acked_loss_fails_when_an_acked_message_is_missing() {
     let mut o = Oracle::default();
     o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
     o.saved(1, Sid(1), &inbox(), (7, 2, Guid(11)), 0);
-    o.expunge_acked(Sid(1), &inbox(), &[Guid(11)]);
+    o.expunge_acked(Sid(1), &inbox(), &[(2, Guid(11))]);
     let has_it = server(vec![record(1, 10, &[])]);
     let lacks_it = server(vec![]);
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &has_it)]), true, &BTreeSet::new());
@@ -166,7 +166,7 @@ fn no_acked_loss_owes_a_message_placed_again_by_a_server_that_knew_of_its_expung
         let mut o = Oracle::default();
         o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
         o.expunge_requested(2, &inbox(), &[(1, Guid(10))]);
-        o.expunge_acked(Sid(1), &inbox(), &[Guid(10)]);
+        o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))]);
         o.expunge_answered(3, &inbox(), &[Guid(10)]);
         let mut placer = image(vec![record(2, 10, &[])]);
         if knew {
@@ -192,7 +192,7 @@ fn no_acked_loss_owes_a_message_placed_again_by_a_server_that_knew_of_its_expung
 fn no_resurrection_fails_when_an_expunged_message_is_back() {
     let mut o = Oracle::default();
     o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
-    o.expunge_acked(Sid(1), &inbox(), &[Guid(10)]);
+    o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))]);
     let gone = server(vec![]);
     let back = server(vec![record(3, 10, &[])]);
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &gone)]), true, &BTreeSet::new());
@@ -203,22 +203,29 @@ fn no_resurrection_fails_when_an_expunged_message_is_back() {
 
 /// Past the mode's promise, an EXPUNGE answered only by a server whose disk was then lost
 /// may be undone with it; within the promise, or answered by a server still here, not.
+/// Each binding's on its own: an earlier EXPUNGE of the message at another UID, answered
+/// by a server still here, does not make a later one final (focus incarnation seed 424426).
 #[test]
 fn no_resurrection_excuses_only_an_expunge_lost_with_every_disk_that_answered_it() {
-    let history = |answered_by_lost: bool, within_promise: bool| {
+    let history = |answered_by_lost: bool, within_promise: bool, expunged_before: bool| {
         let mut o = Oracle::default();
         o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
-        o.expunge_acked(Sid(3), &inbox(), &[Guid(10)]);
+        if expunged_before {
+            o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))]);
+        }
+        o.expunge_acked(Sid(3), &inbox(), &[(2, Guid(10))]);
         if answered_by_lost {
             o.forget_server(Sid(3));
         }
-        let back = server(vec![record(1, 10, &[])]);
+        let back = server(vec![record(2, 10, &[])]);
         o.at_quiescence(5, &BTreeMap::from([(Sid(1), &back)]), within_promise, &BTreeSet::new());
         o.violated(oracle::NO_RESURRECTION)
     };
-    assert!(!history(true, false), "the only disk that answered it is gone, past the promise");
-    assert!(history(false, false), "the server that answered it is still here");
-    assert!(history(true, true), "within the promise an answered EXPUNGE is final");
+    for before in [false, true] {
+        assert!(!history(true, false, before), "the only disk that answered it is gone, past the promise");
+        assert!(history(false, false, before), "the server that answered it is still here");
+        assert!(history(true, true, before), "within the promise an answered EXPUNGE is final");
+    }
 }
 
 #[test]

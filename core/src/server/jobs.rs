@@ -1487,7 +1487,7 @@ impl Server {
                     ));
                 }
                 let modseq = old.highest_modseq.max(src.highest_modseq).saturating_add(1);
-                let uidvalidity = renamed_validity(old.uidvalidity, modseq);
+                let uidvalidity = mailbox::greater_validity(old.uidvalidity, modseq);
                 let meta = StoreWrite::MailboxMeta {
                     mailbox: to.clone(),
                     uidvalidity,
@@ -1972,30 +1972,6 @@ pub(crate) fn message_view(r: &crate::types::MessageRecord) -> MessageView {
 
 fn visible_now(m: Option<&crate::store::StoredMailbox>) -> bool {
     m.is_some_and(|m| m.visible())
-}
-
-/// The UIDVALIDITY a RENAME gives a name with history (`old` before): a greater one,
-/// drawn from the rename's modseq, in 1..2^31.
-fn renamed_validity(old: u32, modseq: ModSeq) -> u32 {
-    let mixed = crate::hash::mix64(u64::from(old) ^ modseq.rotate_left(32)) as u32;
-    // Above the old one, so that the new incarnation wins wherever a copy of the old one
-    // is met (`mailbox::incarnation_wins`), as RFC 3501 asks of a new UIDVALIDITY; a
-    // step drawn from the name's history so that two such RENAMEs rarely pick one value.
-    // At the top of the range (no UIDVALIDITY the hash of a name gives comes near) a
-    // value is drawn as before.
-    const TOP: u32 = 0x7fff_ffff;
-    let v = match old.checked_add(1 + (mixed & 0xffff)) {
-        Some(v) if v <= TOP => v,
-        _ => {
-            let mut v = mixed & TOP;
-            while v == 0 || v == old {
-                v = v.wrapping_add(1) & TOP;
-            }
-            v
-        }
-    };
-    debug_assert!(v != old && v != 0);
-    v
 }
 
 /// Why a master removes messages: the tombstone's fate (`Tombstone`).
