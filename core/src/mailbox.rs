@@ -47,6 +47,20 @@ pub struct MergeOutcome {
 }
 
 impl MergeOutcome {
+    /// Takes in one master merge of several that make one outcome (a change of
+    /// incarnation: the winner's copy, then each other incarnation's).
+    fn absorb_master_step(&mut self, step: MergeOutcome) {
+        debug_assert!(!step.unresolved && !step.new_validity, "a master decides, in one incarnation");
+        self.records.extend(step.records);
+        self.removed.extend(step.removed);
+        self.tombstones.extend(step.tombstones);
+        self.collected.extend(step.collected);
+        self.renumbered += step.renumbered;
+        self.tombstone_conflict |= step.tombstone_conflict;
+        self.lifecycle_changed |= step.lifecycle_changed;
+        self.retired_changed |= step.retired_changed;
+    }
+
     pub fn changed(&self) -> bool {
         !self.records.is_empty()
             || !self.removed.is_empty()
@@ -879,15 +893,7 @@ fn merge_into_a_new_incarnation(
     for step in
         [merge_as_master(m, &fresh, rules), merge_as_master(m, &ours, rules), merge_as_master(m, foreign, rules)]
     {
-        out.records.extend(step.records);
-        out.removed.extend(step.removed);
-        out.tombstones.extend(step.tombstones);
-        out.collected.extend(step.collected);
-        out.renumbered += step.renumbered;
-        out.tombstone_conflict |= step.tombstone_conflict;
-        out.lifecycle_changed |= step.lifecycle_changed;
-        out.retired_changed |= step.retired_changed;
-        debug_assert!(!step.unresolved && !step.new_validity, "a master decides, in one incarnation");
+        out.absorb_master_step(step);
     }
     debug_assert_eq!(m.uidvalidity, validity);
     debug_assert!(
@@ -907,15 +913,7 @@ fn merge_into_their_incarnation(m: &mut StoredMailbox, foreign: &MailboxState, r
     let mut out = MergeOutcome::default();
     adopt_validity(m, foreign, &mut out);
     for step in [merge_as_master(m, foreign, rules), merge_as_master(m, &ours, rules)] {
-        out.records.extend(step.records);
-        out.removed.extend(step.removed);
-        out.tombstones.extend(step.tombstones);
-        out.collected.extend(step.collected);
-        out.renumbered += step.renumbered;
-        out.tombstone_conflict |= step.tombstone_conflict;
-        out.lifecycle_changed |= step.lifecycle_changed;
-        out.retired_changed |= step.retired_changed;
-        debug_assert!(!step.unresolved && !step.new_validity, "a master decides, in one incarnation");
+        out.absorb_master_step(step);
     }
     debug_assert_eq!(m.uidvalidity, foreign.uidvalidity);
     debug_assert!(
