@@ -300,7 +300,8 @@ impl MailboxKey {
         let mut v = (crate::hash::mix64(h) as u32) & 0x7fff_ffff;
         // Neither the source's value nor the one a CREATE of this name gives (which would
         // make the birth one with a CREATE's on another server), nor 0.
-        while v == 0 || v == from_validity || v == self.initial_uidvalidity() {
+        let created = self.initial_uidvalidity();
+        while v == 0 || v == from_validity || v == created {
             v = v.wrapping_add(1) & 0x7fff_ffff;
         }
         v
@@ -714,9 +715,6 @@ impl fmt::Debug for Tombstone {
         }
         if self.pushed {
             d.field("pushed", &true);
-        }
-        if self.deleted {
-            d.field("deleted", &true);
         }
         if self.deleted {
             d.field("deleted", &true);

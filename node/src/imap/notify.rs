@@ -583,18 +583,15 @@ pub fn notices(set: &NotifySet, user: &str, before: &Snapshot, now: &Snapshot, s
     // come with that UIDVALIDITY in one round is told as the rename it is (two rounds
     // apart, as the old name gone and the new one there). Bounded: past
     // `RENAME_PAIRS_MAX` pairs in one round, every name is told as gone or come.
-    let gone: Vec<(&String, u32)> = before
-        .mailboxes
-        .iter()
-        .filter(|(name, _)| !now.mailboxes.contains_key(*name))
-        .map(|(name, counts)| (name, counts.uidvalidity))
-        .collect();
-    let come: Vec<(&String, u32)> = now
-        .mailboxes
-        .iter()
-        .filter(|(name, _)| !before.mailboxes.contains_key(*name))
-        .map(|(name, counts)| (name, counts.uidvalidity))
-        .collect();
+    // The names one snapshot holds and the other does not, with their UIDVALIDITY.
+    fn only_in<'a>(this: &'a Snapshot, other: &Snapshot) -> Vec<(&'a String, u32)> {
+        this.mailboxes
+            .iter()
+            .filter(|(name, _)| !other.mailboxes.contains_key(*name))
+            .map(|(name, counts)| (name, counts.uidvalidity))
+            .collect()
+    }
+    let (gone, come) = (only_in(before, now), only_in(now, before));
     let mut renamed_to: BTreeMap<&String, &String> = BTreeMap::new();
     if gone.len().saturating_mul(come.len()) <= RENAME_PAIRS_MAX {
         for (new, validity) in &come {
