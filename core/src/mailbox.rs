@@ -950,6 +950,9 @@ impl MasterMerge<'_> {
     /// another message must move.
     fn take_tombstones(&mut self, tombstones: &[Tombstone]) {
         for t in tombstones {
+            if self.retires_to_nowhere(t, tombstones) {
+                continue;
+            }
             if !t.by_client()
                 && let Some(ours) = self.m.messages.get(&t.uid).filter(|r| r.guid == t.guid)
             {
@@ -973,6 +976,32 @@ impl MasterMerge<'_> {
             }
             add_tombstone(self.m, *t, &mut self.out);
         }
+    }
+
+    /// Whether their retirement `t` would take our live binding of a message that neither
+    /// copy holds live at a later binding, and that no tombstone here or theirs expunges:
+    /// the later binding has not reached their copy yet (a replica took the retirement
+    /// from its log before the renumbered record), and taken here the retirement would
+    /// leave the message in no place this merge knows, its flag changes carried to no
+    /// record (general seed 2152499: a master dropped its binding with an acknowledged
+    /// STORE's flag on a replica's SYNC request, and the message came back later without
+    /// it). Such a retirement is left out: our binding stays live, and when the later
+    /// binding arrives, `join_live` retires ours into it with its flags.
+    fn retires_to_nowhere(&self, t: &Tombstone, theirs: &[Tombstone]) -> bool {
+        if t.expunged || self.rules.ignore_tombstones {
+            return false;
+        }
+        if self.m.messages.get(&t.uid).is_none_or(|r| r.guid != t.guid) {
+            return false;
+        }
+        let expunged = |x: &Tombstone| x.guid == t.guid && x.expunged;
+        // A renumbering only ever moves a message up: a binding of theirs below the
+        // retired one is an older one (retired here), not where the message went.
+        let later = |r: &MessageRecord| r.guid == t.guid && r.uid > t.uid;
+        !self.foreign.messages.iter().any(later)
+            && !self.m.messages.uids_of(t.guid).any(|uid| uid > t.uid)
+            && !theirs.iter().any(expunged)
+            && !self.m.tombstones.values().any(expunged)
     }
 
     /// A claimed message of ours that a cancel of theirs removed from its binding lives on
@@ -2210,6 +2239,43 @@ mod tests {
             assert!(!out.unresolved && out.new_validity);
             assert_eq!(replica.messages.values().map(|r| r.guid).collect::<Vec<_>>(), vec![Guid(20)]);
         }
+    }
+
+    #[test]
+    fn a_master_keeps_a_binding_retired_towards_no_binding_it_knows() {
+        // Ours, the master's: 20 at 25 with \\Answered from a STORE (modseq 33), its
+        // binding 22 retired here.
+        let mut ours = mbox(vec![rec(25, 20, &[("\\Answered", true, 33)])]);
+        ours.tombstones.insert((22, Guid(20)), Tombstone::retirement(22, Guid(20), 29));
+        ours.uidnext = 26;
+        ours.highest_modseq = 33;
+        // Theirs, a replica's: 20 live at its old binding 22 only, and the retirements of
+        // 25 and 28 (the later binding, 33, not there yet).
+        let mut theirs = mbox(vec![rec(22, 20, &[])]);
+        theirs.tombstones.insert((25, Guid(20)), Tombstone::retirement(25, Guid(20), 34));
+        theirs.tombstones.insert((28, Guid(20)), Tombstone::retirement(28, Guid(20), 35));
+        theirs.uidnext = 34;
+        theirs.highest_modseq = 35;
+        let rules = MergeRules::default();
+        merge_as_master(&mut ours, &st(&theirs), &rules);
+        let live: Vec<(Uid, bool)> = ours.messages.values().map(|r| (r.uid, r.has_flag("\\Answered"))).collect();
+        assert_eq!(live, vec![(25, true)], "the binding stays, with its flag");
+        assert!(!ours.tombstones.contains_key(&(25, Guid(20))));
+        // The later binding arrives: ours retires into it, the flag along.
+        let mut later = theirs.clone();
+        later.messages = crate::store::Messages::new();
+        later.messages.insert(33, rec(33, 20, &[]));
+        merge_as_master(&mut ours, &st(&later), &rules);
+        let live: Vec<(Uid, bool)> = ours.messages.values().map(|r| (r.uid, r.has_flag("\\Answered"))).collect();
+        assert_eq!(live, vec![(33, true)]);
+        assert!(ours.tombstones.get(&(25, Guid(20))).is_some_and(|t| !t.expunged));
+        // A retirement whose message a client expunged at another binding is taken.
+        let mut expunged = mbox(vec![rec(25, 30, &[])]);
+        let mut theirs = mbox(vec![]);
+        theirs.tombstones.insert((25, Guid(30)), Tombstone::retirement(25, Guid(30), 34));
+        theirs.tombstones.insert((28, Guid(30)), Tombstone::expunge(28, Guid(30), 35));
+        merge_as_master(&mut expunged, &st(&theirs), &rules);
+        assert!(expunged.messages.is_empty());
     }
 
     #[test]
