@@ -817,7 +817,7 @@ impl Server {
             return;
         }
         for guid in self.body_fetch.due(now) {
-            if self.body_fetch.census_due(&guid, peers.len(), now) && self.may_run_census(guid) {
+            if self.body_fetch.census_due(&guid, peers.len(), now) && self.census_mailboxes(guid).is_some() {
                 self.start_census(guid);
                 continue;
             }
@@ -881,26 +881,30 @@ impl Server {
         }
     }
 
-    /// A census may decide that a body is gone for good only where nothing that could
-    /// still bring it is in flight: we are the ready master of every mailbox that holds
-    /// the message, no write of ours on those mailboxes is pending, every replica has
-    /// acknowledged every change we logged for them, and every configured server is
-    /// reachable to be asked.
-    fn may_run_census(&self, guid: Guid) -> bool {
+    /// The mailboxes a census of `guid` may give the message up in: those holding it that
+    /// we are the ready master of. A census may decide that a body is gone for good only
+    /// where nothing that could still bring it is in flight: no write of ours on those
+    /// mailboxes is pending, every replica has acknowledged every change we logged for
+    /// them, and every configured server is reachable to be asked. None where that does
+    /// not hold or we master no mailbox holding it. A mailbox holding it that another
+    /// server masters is that master's to give up, by its own census (general seed
+    /// 2199143: a COPY put a message whose body no server held intact into a mailbox of
+    /// another master, and a census that waited to master every holder never ran).
+    fn census_mailboxes(&self, guid: Guid) -> Option<Vec<MailboxKey>> {
         if !self.member_servers.iter().all(|s| self.routing.is_reachable(*s)) {
-            return false;
+            return None;
         }
-        let holders = self.mailboxes_holding(guid);
-        if holders.is_empty() {
-            return false;
-        }
-        holders.iter().all(|mailbox| {
-            let key = self.master_key(mailbox);
-            let ready = self.masters.masters_ready(&key);
-            let job_pending = self.jobs.any_for(&key);
+        let mastered: Vec<MailboxKey> = self
+            .mailboxes_holding(guid)
+            .into_iter()
+            .filter(|mailbox| self.masters.masters_ready(&self.master_key(mailbox)))
+            .collect();
+        let quiet = mastered.iter().all(|mailbox| {
+            let job_pending = self.jobs.any_for(&self.master_key(mailbox));
             let unacked = self.image.logs().values().any(|l| l.entries.values().any(|c| c.mailbox() == mailbox));
-            ready && !job_pending && !unacked
-        })
+            !job_pending && !unacked
+        });
+        (!mastered.is_empty() && quiet).then_some(mastered)
     }
 
     fn mailboxes_holding(&self, guid: Guid) -> Vec<MailboxKey> {
@@ -919,14 +923,12 @@ impl Server {
         if !self.body_fetch.denied(guid, src, &self.peers()) {
             return;
         }
-        if !self.may_run_census(guid) {
-            return;
-        }
+        let Some(mastered) = self.census_mailboxes(guid) else { return };
         // No server has an intact copy: the message can never be read again. Expunging it
         // is the only way the servers agree; it was never acknowledged to a client, or a
         // copy would have survived (a client is told of a save only once enough servers
         // hold the body).
-        for mailbox in self.mailboxes_holding(guid) {
+        for mailbox in mastered {
             let messages: Vec<(Uid, Guid)> = self.image.mailboxes()[&mailbox]
                 .messages
                 .values()
