@@ -318,7 +318,7 @@ impl Image {
                         self.unreferenced.insert(before.guid);
                     }
                 }
-                None => debug_assert!(false, "a replaced record was counted"),
+                None => debug_assert!(false, "a replaced record was counted: {before:?}"),
             }
         }
         if let Some(guid) = added {
@@ -814,7 +814,18 @@ impl Image {
             // UIDs, before anything of the new one is written: a crash between these
             // writes never leaves an old message under the new UIDVALIDITY. The merge
             // already did all of this to the image.
+            // Each UID once: a merge into another incarnation can remove one twice (the
+            // old incarnation's record, then a record of the new one placed there and
+            // taken out again by a later step of the merge, never written nor counted),
+            // and a second removal with the old record as its before-image uncounted it
+            // twice (focus incarnation seed 276: the debug assertion in `count_refs`; in
+            // a release build the body of a message still live elsewhere could count as
+            // unreferenced and be collected).
+            let mut uncounted = BTreeSet::new();
             for &uid in &outcome.removed {
+                if !uncounted.insert(uid) {
+                    continue;
+                }
                 let before = snapshot.records.get(&uid).cloned().flatten();
                 // The old record's removal: the image may already hold the new
                 // incarnation's message at this UID, written below.
