@@ -720,15 +720,15 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 /// order, and the old UID is retired with a tombstone per GUID. The merge is one change
 /// at one new modseq.
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
-    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
-        && !rules.laptop_leaves_incarnation
-    {
-        return merge_into_their_incarnation(m, foreign, rules);
-    }
     if !rules.laptop_leaves_incarnation
         && let Some(validity) = new_incarnation_for(m, foreign)
     {
         return merge_into_a_new_incarnation(m, foreign, validity, rules);
+    }
+    if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
+        && !rules.laptop_leaves_incarnation
+    {
+        return merge_into_their_incarnation(m, foreign, rules);
     }
     let same_validity = foreign.uidvalidity == m.uidvalidity;
     let mut merge = MasterMerge {
@@ -844,22 +844,36 @@ pub fn greater_validity(old: u32, modseq: ModSeq) -> u32 {
 }
 
 /// The UIDVALIDITY of a new incarnation for a master's merge of another incarnation
-/// that its own, winning, cannot take whole: ours deleted and empty, and a message live
-/// in theirs that our deletion tombstoned (a RENAME away, or a DELETE, of our copy of the
-/// name). Taken into ours, the message would be dropped for that tombstone (a message is
-/// one GUID in a mailbox, and an expunge there is final); ours left for theirs, a server
-/// would go back to a lesser incarnation, whose UIDs it may have shown bound to other
-/// messages. A third, greater than both, takes each as another incarnation: ours gives
-/// its clients' expunges and not its deletion's, theirs its messages (focus incarnation
-/// seed 534855: crossed RENAMEs moved one message into both names on the two sides of a
+/// that the winning one cannot take whole: the winner deleted and empty, and a message
+/// live in the other that the winner's deletion tombstoned (a RENAME away, or a DELETE,
+/// of the winner's copy of the name). Taken into the winner, the message would be
+/// dropped for that tombstone (a message is one GUID in a mailbox, and an expunge there
+/// is final); the winner left for the other, a server would go back to a lesser
+/// incarnation, whose UIDs it may have shown bound to other messages. A third, greater
+/// than both, takes each as another incarnation: the deleted one gives its clients'
+/// expunges and not its deletion's, the live one its messages (focus incarnation seed
+/// 534855: crossed RENAMEs moved one message into both names on the two sides of a
 /// partition; at the heal each name's deleted incarnation won over the live one, and the
-/// message was in no mailbox). None where no value greater than both is left.
+/// message was in no mailbox). Either side may be the deleted winner: ours (focus
+/// incarnation seed 534855), or theirs (seed 6343: decided here up front, where it had
+/// been found only inside the merge into their incarnation, one merge nested in
+/// another). None where no value greater than both is left.
 fn new_incarnation_for(m: &StoredMailbox, foreign: &MailboxState) -> Option<u32> {
-    if foreign.uidvalidity == m.uidvalidity || !m.lifecycle.deleted() || !m.messages.is_empty() {
+    if foreign.uidvalidity == m.uidvalidity {
         return None;
     }
-    let deleted: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.deleted).map(|t| t.guid).collect();
-    if !foreign.messages.iter().any(|r| deleted.contains(&r.guid)) {
+    let needed = if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)) {
+        foreign.lifecycle.deleted() && foreign.messages.is_empty() && {
+            let deleted: BTreeSet<Guid> = foreign.tombstones.iter().filter(|t| t.deleted).map(|t| t.guid).collect();
+            m.messages.values().any(|r| deleted.contains(&r.guid))
+        }
+    } else {
+        m.lifecycle.deleted() && m.messages.is_empty() && {
+            let deleted: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.deleted).map(|t| t.guid).collect();
+            foreign.messages.iter().any(|r| deleted.contains(&r.guid))
+        }
+    };
+    if !needed {
         return None;
     }
     let modseq = m.highest_modseq.max(foreign.highest_modseq).saturating_add(1);
