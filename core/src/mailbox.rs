@@ -862,16 +862,24 @@ fn new_incarnation_for(m: &StoredMailbox, foreign: &MailboxState) -> Option<u32>
     if foreign.uidvalidity == m.uidvalidity {
         return None;
     }
+    // Whether a deleted, empty copy's deletion tombstoned a message live in the other.
+    fn deletion_took<'a>(
+        deleted_and_empty: bool,
+        tombstones: impl Iterator<Item = &'a Tombstone>,
+        mut live: impl Iterator<Item = &'a MessageRecord>,
+    ) -> bool {
+        if !deleted_and_empty {
+            return false;
+        }
+        let deleted: BTreeSet<Guid> = tombstones.filter(|t| t.deleted).map(|t| t.guid).collect();
+        live.any(|r| deleted.contains(&r.guid))
+    }
     let needed = if incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext)) {
-        foreign.lifecycle.deleted() && foreign.messages.is_empty() && {
-            let deleted: BTreeSet<Guid> = foreign.tombstones.iter().filter(|t| t.deleted).map(|t| t.guid).collect();
-            m.messages.values().any(|r| deleted.contains(&r.guid))
-        }
+        let gone = foreign.lifecycle.deleted() && foreign.messages.is_empty();
+        deletion_took(gone, foreign.tombstones.iter(), m.messages.values())
     } else {
-        m.lifecycle.deleted() && m.messages.is_empty() && {
-            let deleted: BTreeSet<Guid> = m.tombstones.values().filter(|t| t.deleted).map(|t| t.guid).collect();
-            foreign.messages.iter().any(|r| deleted.contains(&r.guid))
-        }
+        let gone = m.lifecycle.deleted() && m.messages.is_empty();
+        deletion_took(gone, m.tombstones.values(), foreign.messages.iter())
     };
     if !needed {
         return None;
