@@ -38,6 +38,11 @@
 //!   (what was acknowledged into the void is sent again) or flap, while mail is saved
 //!   (an MTA retrying what timed out), copied, moved, expunged and flagged, masters
 //!   move in the middle of saves and servers crash: cancels, retries and duplicates.
+//! - `edit`: the store edited by hand under the protocol: message files deleted, bodies
+//!   damaged on disk (one copy, or every copy of a message held in several mailboxes, so
+//!   that a census gives it up), files dropped in, beside copies, moves, expunges, flag
+//!   changes, body reads, master moves, crashes, lost disks and partitions: the scrub's
+//!   repairs, the census and the masters' merges meeting.
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -58,10 +63,11 @@ pub enum Focus {
     Slow,
     Minority,
     Incarnation,
+    Edit,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 10] = [
+    pub const ALL: [Focus; 11] = [
         Focus::MoveBack,
         Focus::Laptop,
         Focus::Partial,
@@ -72,6 +78,7 @@ impl Focus {
         Focus::Slow,
         Focus::Minority,
         Focus::Incarnation,
+        Focus::Edit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +93,7 @@ impl Focus {
             Focus::Slow => "slow",
             Focus::Minority => "minority",
             Focus::Incarnation => "incarnation",
+            Focus::Edit => "edit",
         }
     }
 
@@ -108,6 +116,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Slow => slow(&mut rng),
         Focus::Minority => minority(&mut rng),
         Focus::Incarnation => incarnation(&mut rng),
+        Focus::Edit => edit(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -1138,6 +1147,94 @@ fn incarnation(rng: &mut ChaCha8Rng) -> Draft {
                 d.at(t, save(server, &to, &label, 100));
                 labels.push((to, label));
             }
+        }
+    }
+    d
+}
+
+fn edit(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 40], &[2, 5, 20], &[660, 5000]);
+    // A damaged or deleted copy is repaired only where the mode keeps another durable
+    // one: mostly sync; async runs check the rest (no resurrection, convergence).
+    if rng.random_bool(0.75) {
+        d.durability = Durability::Sync;
+    }
+    let all = servers();
+    let user = "u1@d1";
+    let boxes: Vec<MailboxKey> = ["INBOX", "Box1", "Box2"].iter().map(|n| MailboxKey::new(user, n)).collect();
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let mut t = 300;
+    // Mail every server has, some of it copied so that one body is held by several
+    // mailboxes (a census decides for all of them at once).
+    for _ in 0..rng.random_range(2..=4u32) {
+        save_new(&mut d, rng, t, &boxes, &mut labels, |rng| one_of(rng, &all));
+        t += rng.random_range(10..=200u64);
+    }
+    for _ in 0..rng.random_range(0..=3u32) {
+        let server = one_of(rng, &all);
+        copy_to_the_other(&mut d, rng, t, server, &boxes, &mut labels);
+        t += rng.random_range(10..=300u64);
+    }
+    t += rng.random_range(300..=1500u64);
+    for _ in 0..rng.random_range(6..=18u32) {
+        t += rng.random_range(1..=700u64);
+        let server = one_of(rng, &all);
+        match rng.random_range(0..100u32) {
+            0..12 => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::HandDelete { server, mailbox, label });
+            }
+            12..24 => {
+                let (_, label) = one_of(rng, &labels);
+                d.at(t, Action::Corrupt { server, label });
+            }
+            24..30 => {
+                // Every copy of one message destroyed, one server after another: what
+                // no server can repair, given up by a census.
+                let (mailbox, label) = one_of(rng, &labels);
+                for s in &all {
+                    t += rng.random_range(0..=150u64);
+                    if rng.random_bool(0.5) {
+                        d.at(t, Action::Corrupt { server: *s, label: label.clone() });
+                    } else {
+                        d.at(t, Action::HandDelete { server: *s, mailbox: mailbox.clone(), label: label.clone() });
+                    }
+                }
+            }
+            30..36 => {
+                let label = format!("m{}", labels.len() + 1);
+                let mailbox = one_of(rng, &boxes);
+                d.at(t, Action::HandAdd { server, mailbox: mailbox.clone(), label: Some(label.clone()) });
+                labels.push((mailbox, label));
+            }
+            36..46 => save_new(&mut d, rng, t, &boxes, &mut labels, |_| server),
+            46..56 => copy_to_the_other(&mut d, rng, t, server, &boxes, &mut labels),
+            56..61 => expunge_one(&mut d, rng, t, server, &labels),
+            61..66 => flag_one(&mut d, rng, t, server, &labels),
+            66..74 => {
+                let (mailbox, label) = one_of(rng, &labels);
+                d.at(t, Action::FetchBody { server, mailbox, label });
+            }
+            74..82 => d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) }),
+            82..89 => {
+                let fault = if rng.random_bool(0.2) { Action::Lose { server } } else { Action::Crash { server } };
+                d.down_and_up(rng, t, fault, server);
+            }
+            89..95 => d.isolate(t, server, &all),
+            _ => d.at(t, Action::Heal),
+        }
+    }
+    t += rng.random_range(100..=3000u64);
+    d.at(t, Action::Heal);
+    // After the heal, while repairs and censuses run: reads of bodies, a master move.
+    for _ in 0..rng.random_range(1..=3u32) {
+        t += rng.random_range(1..=1500u64);
+        let server = one_of(rng, &all);
+        if rng.random_bool(0.7) {
+            let (mailbox, label) = one_of(rng, &labels);
+            d.at(t, Action::FetchBody { server, mailbox, label });
+        } else {
+            d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) });
         }
     }
     d
