@@ -43,6 +43,11 @@
 //!   that a census gives it up), files dropped in, beside copies, moves, expunges, flag
 //!   changes, body reads, master moves, crashes, lost disks and partitions: the scrub's
 //!   repairs, the census and the masters' merges meeting.
+//! - `restore`: a server's store backed up (`tandem backup`) and later put back in place
+//!   of its store (sometimes after its disk was lost), while mail went on: saves,
+//!   copies, moves, expunges and flag changes after the backup, master moves to and from
+//!   it, crashes and partitions; it comes back with a new store identity, as it was at
+//!   the backup, within the tombstone grace (README, "Backups").
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -64,10 +69,11 @@ pub enum Focus {
     Minority,
     Incarnation,
     Edit,
+    Restore,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 11] = [
+    pub const ALL: [Focus; 12] = [
         Focus::MoveBack,
         Focus::Laptop,
         Focus::Partial,
@@ -79,6 +85,7 @@ impl Focus {
         Focus::Minority,
         Focus::Incarnation,
         Focus::Edit,
+        Focus::Restore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +101,7 @@ impl Focus {
             Focus::Minority => "minority",
             Focus::Incarnation => "incarnation",
             Focus::Edit => "edit",
+            Focus::Restore => "restore",
         }
     }
 
@@ -117,6 +125,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Minority => minority(&mut rng),
         Focus::Incarnation => incarnation(&mut rng),
         Focus::Edit => edit(&mut rng),
+        Focus::Restore => restore(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -1237,6 +1246,84 @@ fn edit(rng: &mut ChaCha8Rng) -> Draft {
             d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) });
         }
     }
+    d
+}
+
+fn restore(rng: &mut ChaCha8Rng) -> Draft {
+    // Graces long enough that the restore falls within one of the backup (README,
+    // "Backups": older expunges may come back, by design).
+    let mut d = Draft::new(rng, &[4, 40], &[2, 5, 20], &[3000, 5000, 10_000]);
+    if rng.random_bool(0.75) {
+        d.durability = Durability::Sync;
+    }
+    let grace_ms = d.tombstone_grace_ms;
+    let all = servers();
+    let user = "u1@d1";
+    let boxes: Vec<MailboxKey> = ["INBOX", "Box1"].iter().map(|n| MailboxKey::new(user, n)).collect();
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    let restored = one_of(rng, &all);
+    let mut t = 300;
+    let op = |d: &mut Draft, rng: &mut ChaCha8Rng, t: u64, labels: &mut Vec<(MailboxKey, String)>| {
+        let server = one_of(rng, &all);
+        match rng.random_range(0..100u32) {
+            0..25 => save_new(d, rng, t, &boxes, labels, |_| server),
+            25..40 => copy_to_the_other(d, rng, t, server, &boxes, labels),
+            40..55 => expunge_one(d, rng, t, server, labels),
+            55..67 => flag_one(d, rng, t, server, labels),
+            67..72 => {
+                let (mailbox, label) = one_of(rng, labels);
+                d.at(t, Action::FetchBody { server, mailbox, label });
+            }
+            72..77 => d.at(t, Action::Read { server, mailbox: one_of(rng, &boxes), fresh: rng.random_bool(0.5) }),
+            77..88 => {
+                // Often to the server restored later: it masters what its backup lacks.
+                let to = if rng.random_bool(0.5) { restored } else { server };
+                d.at(t, Action::MasterMove { server: to, mailbox: one_of(rng, &boxes) });
+            }
+            88..94 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            _ => d.isolate(t, server, &all),
+        }
+    };
+    for _ in 0..rng.random_range(2..=5u32) {
+        save_new(&mut d, rng, t, &boxes, &mut labels, |rng| one_of(rng, &all));
+        t += rng.random_range(10..=200u64);
+    }
+    for _ in 0..rng.random_range(0..=4u32) {
+        t += rng.random_range(10..=400u64);
+        op(&mut d, rng, t, &mut labels);
+    }
+    t += rng.random_range(200..=1500u64);
+    let backup_ms = t;
+    d.at(backup_ms, Action::Backup { server: restored });
+    // Mail goes on after the backup (what the restored store will lack), for half the
+    // grace at most.
+    let steps = rng.random_range(2..=10u32);
+    let step_ms_max = (grace_ms / 2 / u64::from(steps)).max(20);
+    for _ in 0..steps {
+        t += rng.random_range(10..=step_ms_max);
+        op(&mut d, rng, t, &mut labels);
+    }
+    if rng.random_bool(0.2) {
+        t += rng.random_range(10..=100u64);
+        d.at(t, Action::Lose { server: restored });
+    }
+    t += rng.random_range(10..=200u64);
+    // Back before the grace since the backup has passed: an expunge made since cannot
+    // have been collected while it was away.
+    let restart_ms = (t + rng.random_range(50..=800u64)).min(backup_ms + grace_ms - 100);
+    let restore_ms = t.min(restart_ms - 10);
+    d.at(restore_ms, Action::RestoreBackup { server: restored });
+    d.at(restart_ms, Action::Restart { server: restored });
+    t = restart_ms;
+    if rng.random_bool(0.3) {
+        d.at(t, Action::Heal);
+    }
+    for _ in 0..rng.random_range(1..=5u32) {
+        t += rng.random_range(1..=600u64);
+        op(&mut d, rng, t, &mut labels);
+    }
+    t += rng.random_range(100..=2000u64);
+    d.at(t, Action::Heal);
     d
 }
 

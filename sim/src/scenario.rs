@@ -328,6 +328,15 @@ pub enum Action {
     Replace {
         server: Sid,
     },
+    /// The operator backs the server's store up (`tandem backup`): what is durable now.
+    Backup {
+        server: Sid,
+    },
+    /// The operator stops the server and puts its last backup in place of its store; a
+    /// `restart` starts it again.
+    RestoreBackup {
+        server: Sid,
+    },
     /// An operator at `server` adds `member` to the cluster (`tandem member add`) and
     /// starts it (empty) if it is a spare that never ran.
     MemberAdd {
@@ -477,6 +486,8 @@ const OPS: &[(&str, &[&str])] = &[
     ("restart", &["server"]),
     ("lose", &["server"]),
     ("replace", &["server"]),
+    ("backup", &["server"]),
+    ("restore_backup", &["server"]),
     ("member_add", &["server", "member"]),
     ("member_remove", &["server", "member", "lost"]),
     ("hand_add", &["server", "mailbox", "label"]),
@@ -1165,6 +1176,8 @@ impl Tab<'_> {
             "restart" => Action::Restart { server: server()? },
             "lose" => Action::Lose { server: server()? },
             "replace" => Action::Replace { server: server()? },
+            "backup" => Action::Backup { server: server()? },
+            "restore_backup" => Action::RestoreBackup { server: server()? },
             "member_add" | "member_remove" => {
                 let (server, member) = (server()?, tab.server(event.member.as_deref(), "member")?);
                 match *op {

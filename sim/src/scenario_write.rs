@@ -215,13 +215,17 @@ fn event_of(e: &TimedEvent) -> EventToml {
         | Action::Crash { server: s }
         | Action::Restart { server: s }
         | Action::Lose { server: s }
-        | Action::Replace { server: s } => {
+        | Action::Replace { server: s }
+        | Action::Backup { server: s }
+        | Action::RestoreBackup { server: s } => {
             table.server = server(s);
             match e.action {
                 Action::Isolate { .. } => "isolate",
                 Action::Crash { .. } => "crash",
                 Action::Restart { .. } => "restart",
                 Action::Lose { .. } => "lose",
+                Action::Backup { .. } => "backup",
+                Action::RestoreBackup { .. } => "restore_backup",
                 _ => "replace",
             }
         }

@@ -150,6 +150,8 @@ fn mentions(action: &Action, sid: Sid) -> bool {
         | Action::Restart { server }
         | Action::Lose { server }
         | Action::Replace { server }
+        | Action::Backup { server }
+        | Action::RestoreBackup { server }
         | Action::HandAdd { server, .. }
         | Action::HandDelete { server, .. }
         | Action::Corrupt { server, .. } => *server == sid,

@@ -243,6 +243,9 @@ struct Node {
     timer_at: Option<Instant>,
     /// When the node's current store was made (0: at the start of the run).
     store_made_us: u64,
+    /// The operator's last backup of the node's store (`tandem backup`): what was
+    /// durable then, the bodies with it.
+    backup: Option<(DiskImage, MemoryBodies)>,
 }
 
 /// A copy of a node that shares nothing with it: its own body store, and its server
@@ -263,6 +266,7 @@ impl Clone for Node {
             lost: self.lost,
             timer_at: self.timer_at,
             store_made_us: self.store_made_us,
+            backup: self.backup.as_ref().map(|(disk, bodies)| (disk.clone(), bodies.deep_copy())),
         }
     }
 }
@@ -542,6 +546,7 @@ impl World {
                     lost: false,
                     timer_at: None,
                     store_made_us: 0,
+                    backup: None,
                 },
             );
         }
@@ -2314,6 +2319,7 @@ impl World {
             | Action::Silence { .. }
             | Action::Lose { .. }
             | Action::Replace { .. }
+            | Action::RestoreBackup { .. }
             | Action::HandAdd { .. }
             | Action::HandDelete { .. }
             | Action::Corrupt { .. }
@@ -2558,6 +2564,35 @@ impl World {
                     self.lost_for_good += 1;
                 }
                 self.stop_server(server, true);
+            }
+            Action::Backup { server } => {
+                // One read snapshot of what is durable, with the bodies it lists. A copy
+                // carries no store identity: the restored node draws a new one.
+                let Some(node) = self.nodes.get_mut(&server) else { return };
+                let mut disk = node.disk.clone();
+                disk.store_id = 0;
+                node.backup = Some((disk, node.bodies.deep_copy()));
+                self.note(|w: &World| format!("{} backup of {server}'s store", w.ms()));
+            }
+            Action::RestoreBackup { server } => {
+                if self.nodes.get(&server).is_none_or(|n| n.backup.is_none()) {
+                    return self.skip(server, "a backup", event);
+                }
+                // The server stops, its store is replaced by the copy, and it starts again
+                // (a `restart` event): what it made durable since the backup is lost, as a
+                // lost disk's is.
+                self.stop_server(server, false);
+                let Some(node) = self.nodes.get_mut(&server) else { return };
+                let Some((disk, bodies)) = node.backup.as_ref() else { return };
+                node.disk = disk.clone();
+                node.bodies = bodies.deep_copy();
+                node.store_made_us = self.now.0;
+                if !node.lost {
+                    self.lost_for_good += 1;
+                }
+                node.lost = false;
+                self.oracle.forget_server(server);
+                self.note(|w: &World| format!("{} {server}'s store restored from its backup", w.ms()));
             }
             Action::Replace { server } => {
                 if !self.alive(server) {

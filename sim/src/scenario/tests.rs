@@ -416,6 +416,14 @@ op = "fetch_body"
 server = "s9"
 mailbox = "alice/INBOX"
 label = "m1"
+[[event]]
+at_ms = 41
+op = "backup"
+server = "s2"
+[[event]]
+at_ms = 42
+op = "restore_backup"
+server = "s2"
 "#
     );
     let s = parse(&text, None).unwrap();
@@ -537,10 +545,12 @@ label = "m1"
         },
         Action::Replicate { server: Sid(9), home: Some(s3) },
         Action::FetchBody { server: Sid(9), mailbox: inbox.clone(), label: "m1".into() },
+        Action::Backup { server: s2 },
+        Action::RestoreBackup { server: s2 },
     ];
     let got: Vec<Action> = s.events.iter().map(|e| e.action.clone()).collect();
     assert_eq!(got, expected);
-    let mut at: Vec<u64> = (1..=40).collect();
+    let mut at: Vec<u64> = (1..=42).collect();
     at.insert(2, 2);
     assert_eq!(s.events.iter().map(|e| e.at_ms).collect::<Vec<_>>(), at);
     // Every op in the table is exercised.
