@@ -513,6 +513,26 @@ fn join_retired(m: &mut StoredMailbox, foreign: &MailboxState, out: &mut MergeOu
     added.iter().flat_map(|(first, last)| m.messages.uids_in(*first, *last)).collect()
 }
 
+/// Our live copies of bindings another server collected, which it names by a tombstone
+/// our retired UIDs cover (`Server::tell_collected`; a store restored from a backup older
+/// than the expunge): they go, and no tombstone stays (the retired UID stands for it).
+/// Whoever tells it: a collection is every server's agreement that the binding is dead
+/// (its message expunged, or live at the other binding, which the teller's check that
+/// the message is live nowhere else in its copy rules out), so only a store that went
+/// back before it can hold the binding live. New mail a forgetful store placed on a
+/// retired UID is another binding (another GUID), and still moves to a new UID.
+fn drop_collected_copies(m: &mut StoredMailbox, foreign: &MailboxState, out: &mut MergeOutcome) {
+    if m.retired.is_default() {
+        return;
+    }
+    for t in foreign.tombstones.iter().filter(|t| m.retired.covers(t)) {
+        if m.messages.get(&t.uid).is_some_and(|ours| ours.guid == t.guid) {
+            m.messages.remove(&t.uid);
+            out.removed.push(t.uid);
+        }
+    }
+}
+
 /// Their state without the tombstones our retired UIDs cover (already collected here).
 fn without_collected<'a>(m: &StoredMailbox, foreign: &'a MailboxState) -> std::borrow::Cow<'a, MailboxState> {
     if m.retired.is_default() || !foreign.tombstones.iter().any(|t| m.retired.covers(t)) {
@@ -633,10 +653,14 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
         adopt_validity(m, foreign, &mut out);
     }
     out.lifecycle_changed = m.lifecycle.join(&foreign.lifecycle);
-    if !rules.ignore_tombstones && !join_retired(m, foreign, &mut out).is_empty() {
-        // A message of ours on a UID whose tombstones were collected elsewhere: only the
-        // master may move it (it is kept, never dropped).
-        out.unresolved = true;
+    if !rules.ignore_tombstones {
+        let on_retired = join_retired(m, foreign, &mut out);
+        drop_collected_copies(m, foreign, &mut out);
+        if on_retired.iter().any(|uid| m.messages.get(uid).is_some()) {
+            // A message of ours on a UID whose tombstones were collected elsewhere: only
+            // the master may move it (it is kept, never dropped).
+            out.unresolved = true;
+        }
     }
     let foreign = &*without_collected(m, foreign);
     let tombstones = replica_tombstones(m, foreign, rules, &mut out);
@@ -748,6 +772,9 @@ pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &Me
     if same_validity {
         merge.out.lifecycle_changed = merge.m.lifecycle.join(&foreign.lifecycle);
         join_retired(merge.m, foreign, &mut merge.out);
+        // A copy of ours that their collection names is no message to move to a new UID
+        // (a master's store restored from a backup older than the expunge).
+        drop_collected_copies(merge.m, foreign, &mut merge.out);
         if merge.out.retired_changed {
             // Tombstones their copy collected are collected here now: the messages they
             // expunged are dead no more. Once every server has seen an expunge, a COPY
@@ -2261,6 +2288,45 @@ mod tests {
             assert!(!out.unresolved && out.new_validity);
             assert_eq!(replica.messages.values().map(|r| r.guid).collect::<Vec<_>>(), vec![Guid(20)]);
         }
+    }
+
+    #[test]
+    fn a_copy_of_a_collected_binding_goes_where_another_server_names_it() {
+        // A store restored from a backup older than the expunge: 10 live at 1 and 20 at
+        // 2, where the others collected both bindings (UIDs 1 to 2 retired up to modseq
+        // 7); 30 at 3 is new mail on a UID they did not retire.
+        let restored = || mbox(vec![rec(1, 10, &[]), rec(2, 20, &[]), rec(3, 30, &[])]);
+        let mut told = st(&mbox(vec![]));
+        told.retired.insert_range(1, 2);
+        told.retired.collected = 7;
+        told.uidnext = 3;
+        // The teller names 10 at 1 (`Server::tell_collected`), not 20 at 2.
+        told.tombstones = vec![Tombstone::expunge(1, Guid(10), 7)];
+        for as_master in [false, true] {
+            let mut m = restored();
+            let out = if as_master {
+                merge_as_master(&mut m, &told, &MergeRules::default())
+            } else {
+                merge_as_replica(&mut m, &told, &MergeRules::default())
+            };
+            assert!(m.messages.get(&1).is_none(), "the named copy goes (master {as_master})");
+            assert!(!m.tombstones.contains_key(&(1, Guid(10))), "the retired UID stands for it (master {as_master})");
+            assert!(out.removed.contains(&1));
+            if as_master {
+                // The unnamed one on a retired UID is mail to keep: a new UID.
+                assert!(m.messages.get(&2).is_none() && m.messages.has_guid(Guid(20)));
+            } else {
+                assert!(out.unresolved, "the unnamed one waits for the master");
+                assert!(m.messages.get(&2).is_some_and(|r| r.guid == Guid(20)));
+            }
+            assert!(m.messages.get(&3).is_some_and(|r| r.guid == Guid(30)));
+        }
+        // A tombstone of another GUID on the UID names another binding: ours stays.
+        let mut other = told.clone();
+        other.tombstones = vec![Tombstone::expunge(1, Guid(99), 7)];
+        let mut m = restored();
+        merge_as_replica(&mut m, &other, &MergeRules::default());
+        assert!(m.messages.get(&1).is_some_and(|r| r.guid == Guid(10)));
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! held no change of the mailbox when they confirmed the copy the collection waited for
 //! (`tombstones`), and their states, which agree with that copy (the binding tombstoned
 //! or retired there too). Only a disk restored from before the expunge brings the
-//! binding back after that, and then the merge's rule above applies.
+//! binding back after that: its server holds the copy durably and sends it again and
+//! again, so the server that drops it also tells it the binding is collected
+//! (`Server::tell_collected`), and the copy goes there too; past the horizon the merge's
+//! rule above applies.
 use crate::types::{Guid, Instant, MailboxKey, MailboxState, Uid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -93,7 +96,8 @@ impl RecentlyCollected {
     }
 
     /// `state` without its records of bindings collected here lately whose message is
-    /// not live here (`live_here`) any more, and how many went; None when it has none.
+    /// not live here (`live_here`) any more, and the bindings that went; None when it has
+    /// none.
     /// A message live here at another UID was moved, not expunged: its record stays, and
     /// the merge takes its flag changes to where it lives (scenario
     /// `laptop-flag-during-sync`).
@@ -101,11 +105,12 @@ impl RecentlyCollected {
         &self,
         state: &MailboxState,
         live_here: impl Fn(Guid) -> bool,
-    ) -> Option<(MailboxState, usize)> {
+    ) -> Option<(MailboxState, Vec<(Uid, Guid)>)> {
         let collected = self.bindings.get(&state.mailbox)?;
         let stale = |uid: Uid, guid: Guid| collected.contains_key(&(state.uidvalidity, uid, guid)) && !live_here(guid);
-        let dropped = state.messages.iter().filter(|r| stale(r.uid, r.guid)).count();
-        if dropped == 0 {
+        let dropped: Vec<(Uid, Guid)> =
+            state.messages.iter().filter(|r| stale(r.uid, r.guid)).map(|r| (r.uid, r.guid)).collect();
+        if dropped.is_empty() {
             return None;
         }
         let mut kept = state.clone();
@@ -135,7 +140,7 @@ mod tests {
         assert!(r.without_collected(&state, |_| false).is_none(), "nothing collected yet");
         r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(99))], Instant(0));
         let (kept, dropped) = r.without_collected(&state, |_| false).expect("one stale copy");
-        assert_eq!(dropped, 1);
+        assert_eq!(dropped, vec![(2, Guid(20))]);
         assert_eq!(kept.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![3, 4], "another GUID at 3 stays");
         assert!(r.without_collected(&state, |g| g == Guid(20)).is_none(), "a message moved, not expunged, stays");
         state.uidvalidity = 8;

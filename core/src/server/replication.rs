@@ -473,7 +473,11 @@ impl Server {
         let state = match late_copies {
             Some((kept, dropped)) => {
                 self.marks.hit(Mark::CollectedCopyDropped);
-                self.note(|| format!("{dropped} copies of bindings collected here dropped from {mailbox}"));
+                let count = dropped.len();
+                self.note(|| format!("{count} copies of bindings collected here dropped from {mailbox}"));
+                if let Some(peer) = src {
+                    self.tell_collected(peer, &mailbox, &dropped);
+                }
                 fresh = kept;
                 &fresh
             }
@@ -520,6 +524,36 @@ impl Server {
             self.replicate(Change::Merge { state: Box::new(fragment) }, None);
         }
         out
+    }
+
+    /// Tells `peer`, whose copy holds bindings collected here lately, that they are gone:
+    /// a SYNC-PART (merged, never answered: no exchange can loop on it) with our retired
+    /// UIDs and a tombstone of each such binding on its retired UID, which the peer takes
+    /// (`mailbox::drop_collected_copies`) where it would otherwise keep the copy for the
+    /// master to move. Such a copy is a late one in flight (the peer has seen the
+    /// collection: the piece changes nothing there) or one a store restored from a backup
+    /// older than the expunge brought back (focus restore seed 71, restarted past the
+    /// grace: the copy stayed on the restored replica while the others dropped it each
+    /// time it came, and the copies never agreed; seed 46: a restored master moved it to
+    /// a new UID, the expunged message back).
+    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, bindings: &[(Uid, Guid)]) {
+        let Some(m) = self.image.mailbox(mailbox) else { return };
+        // At the modseq the collection reached: a tombstone the retired UIDs cover, which
+        // no copy keeps.
+        let tombstones: Vec<Tombstone> =
+            bindings.iter().map(|&(uid, guid)| Tombstone::expunge(uid, guid, m.retired.collected)).collect();
+        debug_assert!(tombstones.iter().all(|t| m.retired.covers(t)), "a collected binding is on a retired UID");
+        let state = MailboxState {
+            mailbox: mailbox.clone(),
+            uidvalidity: m.uidvalidity,
+            uidnext: m.uidnext,
+            highest_modseq: m.highest_modseq,
+            messages: Vec::new(),
+            tombstones,
+            lifecycle: m.lifecycle,
+            retired: m.retired.clone(),
+        };
+        self.send(peer, Msg::SyncPart { state });
     }
 
     pub(crate) fn on_mbox_request(&mut self, src: Sid, catchup: CatchupId, key: MasterKey) {
