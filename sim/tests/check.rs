@@ -94,17 +94,7 @@ fn check_finds_a_cancel_that_loses_a_claimed_save() {
 /// With no departure allowed, `check` runs time order only: the retry bug needs one.
 #[test]
 fn a_check_without_departures_follows_time_order_only() {
-    let opts = tandem_sim::check::CheckOptions {
-        servers: 2,
-        ops: 1,
-        faults: 0,
-        depth_max: 400,
-        states_max: 20_000,
-        bug: Some(tandem_core::Bug::StoreRetriesTwice),
-        scenario: Some(scenario("deep/retry-after-crash")),
-        deviations_max: Some(0),
-    };
-    let report = tandem_sim::check::check(&opts).expect("check runs");
+    let report = check_deep(tandem_core::Bug::StoreRetriesTwice, "deep/retry-after-crash", 0, 20_000);
     assert!(report.exhausted && report.violation.is_none(), "{report:?}");
     assert!(report.states < 1_000, "one order, one state per step: {report:?}");
 }
@@ -119,17 +109,23 @@ fn a_check_without_departures_follows_time_order_only() {
 /// (`broken_variants.rs`).
 #[test]
 fn an_early_collection_is_repaired_by_what_the_servers_remember_in_every_order() {
+    let report = check_deep(tandem_core::Bug::CollectTombstonesEarly, "deep/tombstones-after-crash", 1, 40_000);
+    assert!(report.exhausted && report.violation.is_none(), "{:?}", report.violation.map(|v| v.0));
+    assert!(report.states > 1_000 && report.ends_checked > 0, "{report:?}");
+}
+
+/// `check` of a deep scenario (to 400 steps) with `bug`, within `deviations` departures
+/// from time order and `states_max` states.
+fn check_deep(bug: tandem_core::Bug, name: &str, deviations: usize, states_max: u64) -> tandem_sim::check::CheckReport {
     let opts = tandem_sim::check::CheckOptions {
         servers: 2,
         ops: 1,
         faults: 0,
         depth_max: 400,
-        states_max: 40_000,
-        bug: Some(tandem_core::Bug::CollectTombstonesEarly),
-        scenario: Some(scenario("deep/tombstones-after-crash")),
-        deviations_max: Some(1),
+        states_max,
+        bug: Some(bug),
+        scenario: Some(scenario(name)),
+        deviations_max: Some(deviations),
     };
-    let report = tandem_sim::check::check(&opts).expect("check runs");
-    assert!(report.exhausted && report.violation.is_none(), "{:?}", report.violation.map(|v| v.0));
-    assert!(report.states > 1_000 && report.ends_checked > 0, "{report:?}");
+    tandem_sim::check::check(&opts).expect("check runs")
 }
