@@ -476,7 +476,7 @@ impl Server {
                 let count = dropped.len();
                 self.note(|| format!("{count} copies of bindings collected here dropped from {mailbox}"));
                 if let Some(peer) = src {
-                    self.tell_collected(peer, &mailbox, &dropped);
+                    self.tell_collected(peer, &mailbox, state.uidvalidity, &dropped);
                 }
                 fresh = kept;
                 &fresh
@@ -536,13 +536,21 @@ impl Server {
     /// grace: the copy stayed on the restored replica while the others dropped it each
     /// time it came, and the copies never agreed; seed 46: a restored master moved it to
     /// a new UID, the expunged message back).
-    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, bindings: &[(Uid, Guid)]) {
-        let Some(m) = self.image.mailbox(mailbox) else { return };
+    /// Only within the incarnation the bindings were collected in, and only those our
+    /// retired UIDs still cover: a piece of another incarnation would be a copy of it to
+    /// merge, not a word about the sender's.
+    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, uidvalidity: u32, bindings: &[(Uid, Guid)]) {
+        let Some(m) = self.image.mailbox(mailbox).filter(|m| m.uidvalidity == uidvalidity) else { return };
         // At the modseq the collection reached: a tombstone the retired UIDs cover, which
         // no copy keeps.
-        let tombstones: Vec<Tombstone> =
-            bindings.iter().map(|&(uid, guid)| Tombstone::expunge(uid, guid, m.retired.collected)).collect();
-        debug_assert!(tombstones.iter().all(|t| m.retired.covers(t)), "a collected binding is on a retired UID");
+        let tombstones: Vec<Tombstone> = bindings
+            .iter()
+            .map(|&(uid, guid)| Tombstone::expunge(uid, guid, m.retired.collected))
+            .filter(|t| m.retired.covers(t))
+            .collect();
+        if tombstones.is_empty() {
+            return;
+        }
         let state = MailboxState {
             mailbox: mailbox.clone(),
             uidvalidity: m.uidvalidity,
