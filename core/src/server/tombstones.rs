@@ -142,6 +142,18 @@ impl Server {
         debug_assert!(fresh.last_uid().is_none_or(|last| last < uidnext), "a tombstone's UID is below UIDNEXT");
         let bindings: Vec<(Uid, Guid)> =
             m.tombstones.values().filter(|t| fresh.covers(t)).map(|t| (t.uid, t.guid)).collect();
+        // The change names the bindings whose message is live nowhere else in the mailbox,
+        // by tombstones the new ranges cover: a copy that a store restored from before the
+        // expunge still holds goes wherever the change is merged, master or replica
+        // (`mailbox::drop_collected_copies`), instead of moving to a new UID as new mail on
+        // a retired UID would (focus restore seed 323990: such a store, cut off until
+        // after the collection, came back as master). Every other copy drops them with
+        // the tombstones the ranges cover.
+        let named: Vec<Tombstone> = bindings
+            .iter()
+            .filter(|(_, guid)| !m.messages.has_guid(*guid))
+            .map(|&(uid, guid)| Tombstone::expunge(uid, guid, collected))
+            .collect();
         self.recently_collected.note(mailbox, uidvalidity, &bindings, self.now);
         // The modseq first (it is never given out twice), then the retirement.
         self.commit(StoreWrite::MailboxMeta {
@@ -167,7 +179,7 @@ impl Server {
             uidnext,
             highest_modseq: collected,
             messages: Vec::new(),
-            tombstones: Vec::new(),
+            tombstones: named,
             lifecycle: self.image.mailbox(mailbox).map(|m| m.lifecycle).unwrap_or_default(),
             retired: fresh,
         };
