@@ -896,6 +896,13 @@ impl Retired {
         t.modseq <= self.collected && self.contains(t.uid)
     }
 
+    /// A collected binding named by a tombstone these ranges cover (none if they do not
+    /// retire its UID): how a server says which binding it collected, and what
+    /// `mailbox::drop_collected_copies` takes.
+    pub fn name(&self, uid: Uid, guid: Guid) -> Option<Tombstone> {
+        self.contains(uid).then(|| Tombstone::expunge(uid, guid, self.collected))
+    }
+
     /// The highest retired UID.
     pub fn last_uid(&self) -> Option<Uid> {
         self.ranges.values().next_back().copied()

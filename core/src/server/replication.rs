@@ -541,13 +541,7 @@ impl Server {
     /// merge, not a word about the sender's.
     fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, uidvalidity: u32, bindings: &[(Uid, Guid)]) {
         let Some(m) = self.image.mailbox(mailbox).filter(|m| m.uidvalidity == uidvalidity) else { return };
-        // At the modseq the collection reached: a tombstone the retired UIDs cover, which
-        // no copy keeps.
-        let tombstones: Vec<Tombstone> = bindings
-            .iter()
-            .map(|&(uid, guid)| Tombstone::expunge(uid, guid, m.retired.collected))
-            .filter(|t| m.retired.covers(t))
-            .collect();
+        let tombstones: Vec<Tombstone> = bindings.iter().filter_map(|&(uid, guid)| m.retired.name(uid, guid)).collect();
         if tombstones.is_empty() {
             return;
         }

@@ -154,7 +154,7 @@ impl Server {
         let mut named: Vec<Tombstone> = bindings
             .iter()
             .filter(|(_, guid)| !m.messages.has_guid(*guid))
-            .map(|&(uid, guid)| Tombstone::expunge(uid, guid, collected))
+            .filter_map(|&(uid, guid)| fresh.name(uid, guid))
             .collect();
         let len = named.len() * crate::limits::TOMBSTONE_LEN + fresh.ranges.len() * crate::limits::RETIRED_RANGE_LEN;
         if len > crate::limits::STATE_PIECE_LEN_MAX {
