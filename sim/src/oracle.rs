@@ -113,6 +113,11 @@ pub struct Oracle {
     /// has two bindings whose EXPUNGEs stand or fall apart (focus incarnation seed 424426:
     /// the second one answered by a server alone and lost with its disk).
     pub expunged: BTreeMap<(MailboxKey, Guid), BTreeMap<Uid, BTreeSet<Sid>>>,
+    /// By message: when the last EXPUNGE of it that was answered OK was asked for. A COPY
+    /// asked for later may place it again (see `copy_excuses`); an EXPUNGE that failed or
+    /// was never answered does not move this (focus edit seed 609711: a failed EXPUNGE
+    /// after a COPY back made the copy look expunged).
+    acked_expunge_requested_us: BTreeMap<(MailboxKey, Guid), u64>,
     /// By message and UID: the servers on whose disk a client's EXPUNGE of it was durable
     /// at some point (a tombstone that says so flushed there). A server that answered an
     /// EXPUNGE by asking the master need not be one (async mode, its log overflowed: focus
@@ -576,17 +581,18 @@ impl Oracle {
     }
 
     /// Whether a COPY may rightly have placed the message in the mailbox again after an
-    /// acknowledged EXPUNGE of it there: one asked for after the last EXPUNGE was (a
-    /// message moved to Trash and back), or more asked for before it than the bindings
-    /// the EXPUNGEs named (each COPY made one binding at most; a laptop's, made offline,
+    /// acknowledged EXPUNGE of it there: one asked for after the last acknowledged
+    /// EXPUNGE was (a message moved to Trash and back), or more asked for before it than
+    /// the bindings the acknowledged EXPUNGEs named (each COPY made one binding at most; a laptop's, made offline,
     /// may arrive after the EXPUNGE took the cluster's: focus leave seed 38471). Every
     /// COPY asked for before, each binding taken: the message is gone (a laptop's COPY
     /// whose push answer was lost, pushed again after the collection).
     fn copy_excuses(&self, key: &(MailboxKey, Guid)) -> bool {
         let Some(times) = self.copy_request_times.get(key) else { return false };
-        let Some(expunge) = self.expunge_times.get(&key.1).and_then(|m| m.get(&key.0)) else { return true };
-        let before = times.iter().filter(|t| **t < expunge.last_requested_us).count();
-        times.len() >= COPY_TIMES_MAX || before < times.len() || before > expunge.uids.len()
+        let Some(&expunge_us) = self.acked_expunge_requested_us.get(key) else { return true };
+        let acked_uids = self.expunged.get(key).map_or(0, |by_uid| by_uid.len());
+        let before = times.iter().filter(|t| **t < expunge_us).count();
+        times.len() >= COPY_TIMES_MAX || before < times.len() || before > acked_uids
     }
 
     /// The part of `copy_excuses`' knowledge that is not a time, by message.
@@ -712,9 +718,14 @@ impl Oracle {
         }
     }
 
-    pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, messages: &[(Uid, Guid)]) {
+    /// An EXPUNGE asked for at `requested_us` was answered OK by `server` for these
+    /// messages.
+    pub fn expunge_acked(&mut self, server: Sid, mailbox: &MailboxKey, messages: &[(Uid, Guid)], requested_us: u64) {
         for (uid, g) in messages {
-            self.expunged.entry((mailbox.clone(), *g)).or_default().entry(*uid).or_default().insert(server);
+            let key = (mailbox.clone(), *g);
+            let at = self.acked_expunge_requested_us.entry(key.clone()).or_default();
+            *at = (*at).max(requested_us);
+            self.expunged.entry(key).or_default().entry(*uid).or_default().insert(server);
         }
     }
 

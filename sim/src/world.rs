@@ -2287,7 +2287,7 @@ impl World {
                 if let Some(mailbox) = &o.mailbox {
                     let gone: Vec<(Uid, Guid)> =
                         o.expunging.iter().filter(|(u, _)| uids.contains(u)).copied().collect();
-                    self.oracle.expunge_acked(sid, mailbox, &gone);
+                    self.oracle.expunge_acked(sid, mailbox, &gone, o.issued_us);
                     let asked: Vec<Guid> = o.expunging.iter().map(|m| m.1).collect();
                     self.oracle.expunge_answered(t, mailbox, &asked);
                 }

@@ -140,7 +140,7 @@ fn no_acked_loss_fails_when_an_acked_message_is_missing() {
     let mut o = Oracle::default();
     o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
     o.saved(1, Sid(1), &inbox(), (7, 2, Guid(11)), 0);
-    o.expunge_acked(Sid(1), &inbox(), &[(2, Guid(11))]);
+    o.expunge_acked(Sid(1), &inbox(), &[(2, Guid(11))], 1);
     let has_it = server(vec![record(1, 10, &[])]);
     let lacks_it = server(vec![]);
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &has_it)]), true, &BTreeSet::new());
@@ -166,7 +166,7 @@ fn no_acked_loss_owes_a_message_placed_again_by_a_server_that_knew_of_its_expung
         let mut o = Oracle::default();
         o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
         o.expunge_requested(2, &inbox(), &[(1, Guid(10))]);
-        o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))]);
+        o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))], 2);
         o.expunge_answered(3, &inbox(), &[Guid(10)]);
         let mut placer = image(vec![record(2, 10, &[])]);
         if knew {
@@ -192,13 +192,39 @@ fn no_acked_loss_owes_a_message_placed_again_by_a_server_that_knew_of_its_expung
 fn no_resurrection_fails_when_an_expunged_message_is_back() {
     let mut o = Oracle::default();
     o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
-    o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))]);
+    o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))], 1);
     let gone = server(vec![]);
     let back = server(vec![record(3, 10, &[])]);
     o.at_quiescence(5, &BTreeMap::from([(Sid(1), &gone)]), true, &BTreeSet::new());
     assert!(!o.violated(oracle::NO_RESURRECTION));
     o.at_quiescence(6, &BTreeMap::from([(Sid(1), &gone), (Sid(2), &back)]), true, &BTreeSet::new());
     assert!(o.violated(oracle::NO_RESURRECTION));
+}
+
+/// A message expunged and copied back is rightly live whatever later EXPUNGE of it failed
+/// (focus edit seed 609711: one refused for want of servers made the copy look
+/// expunged); one answered OK takes it.
+#[test]
+fn no_resurrection_counts_only_answered_expunges_after_a_copy_back() {
+    let history = |later_answered_ok: bool| {
+        let mut o = Oracle::default();
+        o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
+        o.expunge_requested(2, &inbox(), &[(1, Guid(10))]);
+        o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))], 2);
+        o.expunge_answered(3, &inbox(), &[Guid(10)]);
+        o.now_us = 4;
+        o.copy_requested(&inbox(), Guid(10));
+        o.expunge_requested(5, &inbox(), &[(2, Guid(10))]);
+        if later_answered_ok {
+            o.expunge_acked(Sid(1), &inbox(), &[(2, Guid(10))], 5);
+        }
+        o.expunge_answered(6, &inbox(), &[Guid(10)]);
+        let back = server(vec![record(2, 10, &[])]);
+        o.at_quiescence(9, &BTreeMap::from([(Sid(1), &back)]), true, &BTreeSet::new());
+        o.violated(oracle::NO_RESURRECTION)
+    };
+    assert!(!history(false), "copied back; the EXPUNGE after it failed");
+    assert!(history(true), "copied back, then expunged");
 }
 
 /// Past the mode's promise, an EXPUNGE answered only by a server whose disk was then lost
@@ -211,9 +237,9 @@ fn no_resurrection_excuses_only_an_expunge_lost_with_every_disk_that_answered_it
         let mut o = Oracle::default();
         o.saved(1, Sid(1), &inbox(), (7, 1, Guid(10)), 0);
         if expunged_before {
-            o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))]);
+            o.expunge_acked(Sid(1), &inbox(), &[(1, Guid(10))], 1);
         }
-        o.expunge_acked(Sid(3), &inbox(), &[(2, Guid(10))]);
+        o.expunge_acked(Sid(3), &inbox(), &[(2, Guid(10))], 1);
         if answered_by_lost {
             o.forget_server(Sid(3));
         }

@@ -301,15 +301,17 @@ impl Server {
             }
             change => (change, false),
         };
-        let fragment = self.fragment_of(src, change);
-        let applied = match fragment {
-            Some(fragment) => {
-                let out = self.merge_log_piece(src, &fragment);
-                !out.unresolved && !out.needs_senders_state
-            }
-            None => true,
-        };
-        let counts = if body_dropped {
+        let (fragment, lacks_messages) = self.fragment_of(src, change);
+        let out = self.merge_log_piece(src, &fragment);
+        let applied = !out.unresolved && !out.needs_senders_state;
+        let counts = if lacks_messages {
+            // A flag change for a message we do not hold is no copy of it (focus restore
+            // seed 600448: a replica that lacked a message acknowledged its \Seen, the
+            // master's store was then restored from before the message, and the
+            // acknowledged flag was on no server). Our SYNC with the master brings the
+            // message; the client may retry meanwhile.
+            false
+        } else if body_dropped {
             self.has_bug(crate::Bug::PartialAckCountsAsCopy)
         } else {
             // A message held without its body is no copy either: the bytes that came
@@ -330,8 +332,9 @@ impl Server {
         !live || self.image.body_not_known_bad(guid)
     }
 
-    /// The piece of mailbox state a change carries. Bodies are stored on the way.
-    fn fragment_of(&mut self, src: Sid, change: Change) -> Option<MailboxState> {
+    /// The piece of mailbox state a change carries, and whether it names a message we
+    /// do not hold (live or expunged). Bodies are stored on the way.
+    fn fragment_of(&mut self, src: Sid, change: Change) -> (MailboxState, bool) {
         let empty = MailboxState::empty;
         match change {
             Change::Save { mailbox, uidvalidity, record, body } => {
@@ -343,14 +346,14 @@ impl Server {
                 f.uidnext = record.uid.saturating_add(1);
                 f.highest_modseq = record.modseq;
                 f.messages.push(record);
-                Some(f)
+                (f, false)
             }
             Change::Expunge { mailbox, uidvalidity, tombstones } => {
                 let mut f = empty(mailbox, uidvalidity);
                 f.uidnext = tombstones.iter().map(|t| t.uid.saturating_add(1)).max().unwrap_or(1);
                 f.highest_modseq = tombstones.iter().map(|t| t.modseq).max().unwrap_or(0);
                 f.tombstones = tombstones;
-                Some(f)
+                (f, false)
             }
             Change::Store { mailbox, uidvalidity, stamp, messages, add, remove } => {
                 let key = self.master_key(&mailbox);
@@ -385,9 +388,9 @@ impl Server {
                     // A flag change for a message we do not have: our copy lags.
                     self.anti_entropy.mark_dirty(mailbox);
                 }
-                Some(f)
+                (f, missing)
             }
-            Change::Merge { state } => Some(*state),
+            Change::Merge { state } => (*state, false),
         }
     }
 
