@@ -43,7 +43,8 @@ pub fn take(reader: &BodyReader, node_id: u32, dir: &Path) -> Result<Copied, Str
     let snapshot = database.begin_read().map_err(|e| store_error(e.into()))?;
     let copy = Database::create(dir.join("tandem.redb")).map_err(|e| store_error(e.into()))?;
     let txn = copy.begin_write().map_err(|e| store_error(e.into()))?;
-    let (mailboxes, messages, in_files) = Store::copy_snapshot(&snapshot, &txn).map_err(store_error)?;
+    let taken_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (mailboxes, messages, in_files) = Store::copy_snapshot(&snapshot, &txn, taken_unix_s).map_err(store_error)?;
     txn.commit().map_err(|e| store_error(e.into()))?;
     drop(copy);
     let mut copied = Copied { mailboxes, messages, ..Copied::default() };
@@ -63,12 +64,33 @@ pub fn take(reader: &BodyReader, node_id: u32, dir: &Path) -> Result<Copied, Str
         "A backup of tandem node {node_id}: {} mailboxes, {} messages, {} body files.\n\
          Restore: stop the node (or use a new machine), put these files in an empty data_dir\n\
          (or point data_dir here) and start it with its config (the same id); it catches up\n\
-         with the other servers by SYNC.\n",
+         with the other servers by SYNC. Older than tombstone_grace_secs, it is refused: with\n\
+         other servers running, start the node on an empty data_dir instead; if this copy is\n\
+         all that is left of the mail, add --accept-old-backup to its first start.\n",
         copied.mailboxes, copied.messages, copied.body_files
     );
     std::fs::write(dir.join("BACKUP.txt"), readme).map_err(err)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     Ok(copied)
+}
+
+/// Whether a node may start on a restored backup taken at `taken_unix_s`. A backup
+/// older than the tombstone grace may hold messages expunged since whose tombstones the
+/// other servers have collected: started as this node, it would bring them back as new
+/// mail. Refused then, unless the operator says (`--accept-old-backup`) that the backup
+/// is all that is left of the mail.
+pub fn check_restore_age(taken_unix_s: u64, now_unix_s: u64, grace_secs: u64, accept_old: bool) -> Result<(), String> {
+    let age_s = now_unix_s.saturating_sub(taken_unix_s);
+    if age_s <= grace_secs || accept_old {
+        return Ok(());
+    }
+    Err(format!(
+        "this data_dir is a backup taken {age_s} s ago, older than tombstone_grace_secs ({grace_secs} s): \
+         messages expunged since then may be forgotten by the other servers, and this copy would \
+         bring them back as new mail. If other servers are running, start this node on an empty \
+         data_dir instead: it fills from them (README, \"Backups\"). If this backup is all that is \
+         left of the mail, start it once with `tandem node --config FILE --accept-old-backup`."
+    ))
 }
 
 /// Copies one body file, checked against its hash; None if it is missing or damaged.
@@ -82,4 +104,39 @@ fn copy_body_file(reader: &BodyReader, hash: &BodyHash, dir: &Path) -> std::io::
     file.write_all(&bytes)?;
     file.sync_data()?;
     Ok(Some(bytes.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::StoreWrite;
+
+    #[test]
+    fn a_backup_knows_when_it_was_taken_until_its_first_start() {
+        let (live_dir, backup_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let live = Store::open(live_dir.path()).unwrap();
+        live.apply(&[StoreWrite::Incarnation { incarnation: 1, store_id: 7 }]).unwrap();
+        assert_eq!(live.restored_backup_taken().unwrap(), None, "a node's own store is no backup");
+        let before_s = crate::record::unix_ms() / 1000;
+        let dir = backup_root.path().join("copy");
+        take(&live.body_reader(), 1, &dir).unwrap();
+        let restored = Store::open(&dir).unwrap();
+        let taken_s = restored.restored_backup_taken().unwrap().expect("the snapshot's time");
+        assert!(taken_s >= before_s && taken_s <= crate::record::unix_ms() / 1000 + 1);
+        assert_eq!(restored.load().unwrap().store_id, 0, "a copy carries no store identity");
+        // Its first start gives it an identity: from then on it is the node's store.
+        restored.apply(&[StoreWrite::Incarnation { incarnation: 2, store_id: 9 }]).unwrap();
+        assert_eq!(restored.restored_backup_taken().unwrap(), None);
+        assert_eq!(restored.load().unwrap().store_id, 9);
+    }
+
+    #[test]
+    fn a_backup_older_than_the_grace_starts_only_when_the_operator_says_so() {
+        let hour = 3600;
+        assert!(check_restore_age(1_000_000, 1_000_000 + hour, hour, false).is_ok(), "within the grace");
+        let refused = check_restore_age(1_000_000, 1_000_000 + hour + 1, hour, false).unwrap_err();
+        assert!(refused.contains("3601 s ago") && refused.contains("--accept-old-backup"), "{refused}");
+        assert!(check_restore_age(1_000_000, 1_000_000 + 30 * hour, hour, true).is_ok(), "accepted");
+        assert!(check_restore_age(1_000_000, 999_000, hour, false).is_ok(), "a clock behind the backup's");
+    }
 }

@@ -296,6 +296,10 @@ pub struct NodeConfig {
     /// as Dovecot's default configuration does, so it needs no replicated state.
     pub special_use: BTreeMap<String, &'static str>,
     pub record: Option<RecordConfig>,
+    /// Start on a restored backup older than the tombstone grace (`tandem node
+    /// --accept-old-backup`; see `backup::check_restore_age`). Never from the file: a
+    /// one-time decision, not a setting to forget.
+    pub accept_old_backup: bool,
 }
 
 /// RFC 6154's special-use attributes.
@@ -618,6 +622,7 @@ impl NodeConfig {
             plaintext_auth_on_loopback: file.plaintext_auth_on_loopback.unwrap_or(true),
             special_use: special_use(file.special_use)?,
             record,
+            accept_old_backup: false,
         })
     }
 }

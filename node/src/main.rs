@@ -26,6 +26,10 @@ enum Command {
         /// Stop when standard input closes (how `tandem cluster` ties its nodes to itself).
         #[arg(long, hide = true)]
         stop_on_stdin_eof: bool,
+        /// Start on a restored backup older than tombstone_grace_secs (messages expunged
+        /// since may come back): only where the backup is all that is left of the mail.
+        #[arg(long)]
+        accept_old_backup: bool,
     },
     /// Read a node's config file as `tandem node` would (secret, TLS files, users file,
     /// limits) and say what it sets up, or what is wrong; exits 1 on a bad file.
@@ -346,8 +350,9 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Node { config, log_json, stop_on_stdin_eof } => {
-            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+        Command::Node { config, log_json, stop_on_stdin_eof, accept_old_backup } => {
+            let mut cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            cfg.accept_old_backup = accept_old_backup;
             init_logs(if log_json { LogFormat::Json } else { cfg.log_format });
             // Signal handlers first, before the store loads (seconds for a large one): a
             // SIGTERM or SIGINT then is a clean stop once the node is up, not a kill by

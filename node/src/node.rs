@@ -404,6 +404,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let store = Store::open_waiting(&cfg.data_dir, Default::default(), cfg.body_inline_max_bytes, STORE_HELD_WAIT)
         .map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let opened_ms = started.elapsed().as_millis();
+    if let Some(taken_unix_s) =
+        store.restored_backup_taken().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?
+    {
+        let now_unix_s = crate::record::unix_ms() / 1000;
+        let grace_secs = cfg.core.tombstone_grace_us / 1_000_000;
+        crate::backup::check_restore_age(taken_unix_s, now_unix_s, grace_secs, cfg.accept_old_backup)
+            .map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
+        info!(age_s = now_unix_s.saturating_sub(taken_unix_s), "starting on a restored backup");
+    }
     let image = store.load().map_err(|e| format!("store {}: {e}", cfg.data_dir.display()))?;
     let loaded_ms = started.elapsed().as_millis();
     let seed: u64 = rand::random();

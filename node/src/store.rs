@@ -18,8 +18,11 @@ use tandem_core::msg::Change;
 use tandem_core::store::{DiskImage, StoreWrite, StoredBody};
 use tandem_core::types::*;
 
-/// "epoch", "link_seq", "incarnation", "store_id" -> u64.
+/// "epoch", "link_seq", "incarnation", "store_id" -> u64; in a backup not started yet,
+/// [`BACKUP_TAKEN_KEY`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// A backup's snapshot time (seconds since the Unix epoch), until its first start.
+const BACKUP_TAKEN_KEY: &str = "backup_taken_unix_s";
 /// mailbox -> (uidvalidity, uidnext, highest_modseq).
 const MAILBOXES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailboxes");
 /// (mailbox, uid) -> (mailbox, record).
@@ -237,9 +240,12 @@ impl Store {
     /// Copies every table of the snapshot `src` into `dst` (a new store's first
     /// transaction): a backup. Returns (mailboxes, messages) copied and the hashes of
     /// the bodies that live in files.
+    /// `taken_unix_s` is the snapshot's time, kept in the copy until its first start (see
+    /// [`Store::restored_backup_taken`]).
     pub fn copy_snapshot(
         src: &redb::ReadTransaction,
         dst: &redb::WriteTransaction,
+        taken_unix_s: u64,
     ) -> Result<(u64, u64, BTreeSet<BodyHash>), StoreError> {
         let mailboxes = copy_table(src, dst, MAILBOXES)?;
         let messages = copy_table(src, dst, MESSAGES)?;
@@ -247,7 +253,10 @@ impl Store {
         // A restored copy is not the store that acknowledged what came after the
         // snapshot: without an identity, it draws a new one at its first start, and no
         // master counts those acknowledgements as its copies (see `DiskImage::store_id`).
-        dst.open_table(META)?.remove("store_id")?;
+        let mut meta = dst.open_table(META)?;
+        meta.remove("store_id")?;
+        meta.insert(BACKUP_TAKEN_KEY, taken_unix_s)?;
+        drop(meta);
         copy_table(src, dst, TOMBSTONES)?;
         copy_table(src, dst, LEGACY_BODIES)?;
         copy_table(src, dst, BODY_REFS)?;
@@ -316,6 +325,17 @@ impl Store {
         txn.commit()?;
         tracing::info!(bodies = converted, "converted the store's bodies to body files and rows");
         Ok(())
+    }
+
+    /// When the backup this store is was taken (seconds since the Unix epoch), while it
+    /// has not started as a node yet; None for any other store.
+    pub fn restored_backup_taken(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        if meta.get("store_id")?.is_some() {
+            return Ok(None);
+        }
+        Ok(meta.get(BACKUP_TAKEN_KEY)?.map(|v| v.value()))
     }
 
     /// Everything the core wrote, as one image.
@@ -533,8 +553,11 @@ impl Store {
                     StoreWrite::Incarnation { incarnation, store_id } => {
                         raise(&mut meta, "incarnation", *incarnation)?;
                         // Set once, like the core's image: a store keeps its identity.
+                        // A restored backup's first start gives it one: from then on it is
+                        // this node's store, no longer a backup waiting to be restored.
                         if meta.get("store_id")?.is_none() {
                             meta.insert("store_id", *store_id)?;
+                            meta.remove(BACKUP_TAKEN_KEY)?;
                         }
                     }
                     StoreWrite::Members { members } => {

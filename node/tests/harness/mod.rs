@@ -212,6 +212,11 @@ impl Cluster {
     }
 
     pub fn spawn(&mut self, i: usize) {
+        self.spawn_with(i, &[]);
+    }
+
+    /// `spawn` with more arguments for `tandem node`.
+    pub fn spawn_with(&mut self, i: usize, args: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -221,6 +226,7 @@ impl Cluster {
             .arg("node")
             .arg("--config")
             .arg(&self.configs[i])
+            .args(args)
             .env("TANDEM_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
