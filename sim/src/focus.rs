@@ -48,6 +48,12 @@
 //!   copies, moves, expunges and flag changes after the backup, master moves to and from
 //!   it, crashes and partitions; it comes back with a new store identity, as it was at
 //!   the backup, within the tombstone grace (README, "Backups").
+//! - `replace`: a server lost for good (its disk gone, or the machine) and replaced as
+//!   README "Replacing a lost server" says: its id retired as lost and a new server
+//!   added under a new id, through any server left, in either order, sometimes cut off
+//!   from the rest, while mail goes on (saves, copies, moves, expunges, flag changes,
+//!   reads, master moves to the new server, crashes and partitions) and the new server
+//!   fills.
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -70,10 +76,11 @@ pub enum Focus {
     Incarnation,
     Edit,
     Restore,
+    Replace,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 12] = [
+    pub const ALL: [Focus; 13] = [
         Focus::MoveBack,
         Focus::Laptop,
         Focus::Partial,
@@ -86,6 +93,7 @@ impl Focus {
         Focus::Incarnation,
         Focus::Edit,
         Focus::Restore,
+        Focus::Replace,
     ];
 
     pub fn name(self) -> &'static str {
@@ -102,6 +110,7 @@ impl Focus {
             Focus::Incarnation => "incarnation",
             Focus::Edit => "edit",
             Focus::Restore => "restore",
+            Focus::Replace => "replace",
         }
     }
 
@@ -126,6 +135,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Incarnation => incarnation(&mut rng),
         Focus::Edit => edit(&mut rng),
         Focus::Restore => restore(&mut rng),
+        Focus::Replace => replace(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -1324,6 +1334,94 @@ fn restore(rng: &mut ChaCha8Rng) -> Draft {
     }
     t += rng.random_range(100..=2000u64);
     d.at(t, Action::Heal);
+    d
+}
+
+fn replace(rng: &mut ChaCha8Rng) -> Draft {
+    let mut d = Draft::new(rng, &[4, 8, 40], &[2, 5, 20], &[660, 3000, 10_000]);
+    if rng.random_bool(0.75) {
+        d.durability = Durability::Sync;
+    }
+    let all = servers();
+    let spare = Sid(4);
+    d.spares.push(spare);
+    let lost = one_of(rng, &all);
+    let user = "u1@d1";
+    let boxes: Vec<MailboxKey> = ["INBOX", "Box1"].iter().map(|n| MailboxKey::new(user, n)).collect();
+    let mut labels: Vec<(MailboxKey, String)> = Vec::new();
+    // Members running: what a client or the operator goes through.
+    let mut up = all.clone();
+    let mut t = 300;
+    let op = |d: &mut Draft, rng: &mut ChaCha8Rng, t: u64, labels: &mut Vec<(MailboxKey, String)>, up: &[Sid]| {
+        let server = one_of(rng, up);
+        match rng.random_range(0..100u32) {
+            0..25 => save_new(d, rng, t, &boxes, labels, |_| server),
+            25..40 => copy_to_the_other(d, rng, t, server, &boxes, labels),
+            40..55 => expunge_one(d, rng, t, server, labels),
+            55..67 => flag_one(d, rng, t, server, labels),
+            67..72 => {
+                let (mailbox, label) = one_of(rng, labels);
+                d.at(t, Action::FetchBody { server, mailbox, label });
+            }
+            72..77 => d.at(t, Action::Read { server, mailbox: one_of(rng, &boxes), fresh: rng.random_bool(0.5) }),
+            // Often to the new server once it is in: it masters what it is still filling.
+            77..88 => {
+                let to = if up.contains(&spare) && rng.random_bool(0.5) { spare } else { one_of(rng, up) };
+                d.at(t, Action::MasterMove { server: to, mailbox: one_of(rng, &boxes) });
+            }
+            88..94 => d.down_and_up(rng, t, Action::Crash { server }, server),
+            _ => d.isolate(t, server, up),
+        }
+    };
+    for _ in 0..rng.random_range(2..=5u32) {
+        save_new(&mut d, rng, t, &boxes, &mut labels, |rng| one_of(rng, &all));
+        t += rng.random_range(10..=200u64);
+    }
+    for _ in 0..rng.random_range(0..=5u32) {
+        t += rng.random_range(10..=400u64);
+        op(&mut d, rng, t, &mut labels, &up);
+    }
+    // The loss: its disk dies (it stays down), or the operator gives the machine up while
+    // it still runs (the retirement stops it).
+    t += rng.random_range(10..=400u64);
+    if rng.random_bool(0.7) {
+        d.at(t, Action::Lose { server: lost });
+    }
+    up.retain(|s| *s != lost);
+    // The operator's two steps, through any server left, in either order, with mail
+    // between them.
+    let remove_first = rng.random_bool(0.7);
+    for step in 0..2 {
+        for _ in 0..rng.random_range(0..=3u32) {
+            t += rng.random_range(10..=500u64);
+            op(&mut d, rng, t, &mut labels, &up);
+        }
+        t += rng.random_range(10..=300u64);
+        let through = one_of(rng, &up);
+        if (step == 0) == remove_first {
+            d.at(t, Action::MemberRemove { server: through, member: lost, lost: true });
+        } else {
+            d.at(t, Action::MemberAdd { server: through, member: spare });
+            up.push(spare);
+        }
+    }
+    // Mail goes on while the new server fills.
+    for _ in 0..rng.random_range(2..=8u32) {
+        t += rng.random_range(10..=600u64);
+        op(&mut d, rng, t, &mut labels, &up);
+    }
+    t += rng.random_range(100..=2000u64);
+    d.at(t, Action::Heal);
+    for _ in 0..rng.random_range(1..=3u32) {
+        t += rng.random_range(1..=1500u64);
+        let server = one_of(rng, &up);
+        if rng.random_bool(0.6) {
+            let (mailbox, label) = one_of(rng, &labels);
+            d.at(t, Action::FetchBody { server, mailbox, label });
+        } else {
+            d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) });
+        }
+    }
     d
 }
 

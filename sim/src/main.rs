@@ -65,7 +65,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_parser = parse_bug)]
         bug: Option<Bug>,
-        /// Seeds of a focused generator: move-back, laptop, partial, leave or rename (see `tandem_sim::focus`).
+        /// Seeds of a focused generator: move-back, laptop, partial, leave, rename, conflict,
+        /// import, slow, minority, incarnation, edit, restore or replace (see `tandem_sim::focus`).
         #[arg(long, value_parser = parse_focus)]
         focus: Option<Focus>,
     },
