@@ -111,10 +111,13 @@ pub enum Mark {
     /// A RENAME waited to master the greater of its two names' keys (another server's,
     /// or nobody's yet) before it ran.
     RenameTakesTarget,
+    /// A replicated flag change named a message not held here: acknowledged as not
+    /// taken, so that its master counts no copy here until a SYNC brings the message.
+    UnheldChangeRefused,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 50] = [
+    pub const ALL: [Mark; 51] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -165,6 +168,7 @@ impl Mark {
         Mark::ReplacedStoreAckDropped,
         Mark::CopySentAgain,
         Mark::RenameTakesTarget,
+        Mark::UnheldChangeRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -219,6 +223,7 @@ impl Mark {
             Mark::ReplacedStoreAckDropped => "replaced_store_ack_dropped",
             Mark::CopySentAgain => "copy_sent_again",
             Mark::RenameTakesTarget => "rename_takes_target",
+            Mark::UnheldChangeRefused => "unheld_change_refused",
         }
     }
 

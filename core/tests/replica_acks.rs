@@ -104,4 +104,5 @@ fn a_flag_change_for_a_message_the_replica_lacks_counts_for_no_copy() {
     // UID 2 was saved while the replica was away: it never came here.
     replica.change(3, seen(&inbox, 2, lacked));
     assert_eq!(replica.acks(), (vec![1, 2], vec![3]));
+    assert_eq!(replica.server.marks().count(Mark::UnheldChangeRefused), 1);
 }

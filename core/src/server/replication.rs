@@ -310,6 +310,7 @@ impl Server {
             // master's store was then restored from before the message, and the
             // acknowledged flag was on no server). Our SYNC with the master brings the
             // message; the client may retry meanwhile.
+            self.marks.hit(Mark::UnheldChangeRefused);
             false
         } else if body_dropped {
             self.has_bug(crate::Bug::PartialAckCountsAsCopy)
