@@ -1259,6 +1259,31 @@ fn edit(rng: &mut ChaCha8Rng) -> Draft {
     d
 }
 
+/// One of the mail operations through `server` that `restore` and `replace` draw, by
+/// `roll` (below 77): a save, a COPY or MOVE, an expunge, a flag change, a body read or
+/// a read of a mailbox.
+fn mail_op(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    t: u64,
+    server: Sid,
+    boxes: &[MailboxKey],
+    labels: &mut Vec<(MailboxKey, String)>,
+    roll: u32,
+) {
+    match roll {
+        0..25 => save_new(d, rng, t, boxes, labels, |_| server),
+        25..40 => copy_to_the_other(d, rng, t, server, boxes, labels),
+        40..55 => expunge_one(d, rng, t, server, labels),
+        55..67 => flag_one(d, rng, t, server, labels),
+        67..72 => {
+            let (mailbox, label) = one_of(rng, labels);
+            d.at(t, Action::FetchBody { server, mailbox, label });
+        }
+        _ => d.at(t, Action::Read { server, mailbox: one_of(rng, boxes), fresh: rng.random_bool(0.5) }),
+    }
+}
+
 fn restore(rng: &mut ChaCha8Rng) -> Draft {
     // Graces long enough that the restore falls within one of the backup (README,
     // "Backups": older expunges may come back, by design).
@@ -1276,15 +1301,7 @@ fn restore(rng: &mut ChaCha8Rng) -> Draft {
     let op = |d: &mut Draft, rng: &mut ChaCha8Rng, t: u64, labels: &mut Vec<(MailboxKey, String)>| {
         let server = one_of(rng, &all);
         match rng.random_range(0..100u32) {
-            0..25 => save_new(d, rng, t, &boxes, labels, |_| server),
-            25..40 => copy_to_the_other(d, rng, t, server, &boxes, labels),
-            40..55 => expunge_one(d, rng, t, server, labels),
-            55..67 => flag_one(d, rng, t, server, labels),
-            67..72 => {
-                let (mailbox, label) = one_of(rng, labels);
-                d.at(t, Action::FetchBody { server, mailbox, label });
-            }
-            72..77 => d.at(t, Action::Read { server, mailbox: one_of(rng, &boxes), fresh: rng.random_bool(0.5) }),
+            roll @ 0..77 => mail_op(d, rng, t, server, &boxes, labels, roll),
             77..88 => {
                 // Often to the server restored later: it masters what its backup lacks.
                 let to = if rng.random_bool(0.5) { restored } else { server };
@@ -1355,15 +1372,7 @@ fn replace(rng: &mut ChaCha8Rng) -> Draft {
     let op = |d: &mut Draft, rng: &mut ChaCha8Rng, t: u64, labels: &mut Vec<(MailboxKey, String)>, up: &[Sid]| {
         let server = one_of(rng, up);
         match rng.random_range(0..100u32) {
-            0..25 => save_new(d, rng, t, &boxes, labels, |_| server),
-            25..40 => copy_to_the_other(d, rng, t, server, &boxes, labels),
-            40..55 => expunge_one(d, rng, t, server, labels),
-            55..67 => flag_one(d, rng, t, server, labels),
-            67..72 => {
-                let (mailbox, label) = one_of(rng, labels);
-                d.at(t, Action::FetchBody { server, mailbox, label });
-            }
-            72..77 => d.at(t, Action::Read { server, mailbox: one_of(rng, &boxes), fresh: rng.random_bool(0.5) }),
+            roll @ 0..77 => mail_op(d, rng, t, server, &boxes, labels, roll),
             // Often to the new server once it is in: it masters what it is still filling.
             77..88 => {
                 let to = if up.contains(&spare) && rng.random_bool(0.5) { spare } else { one_of(rng, up) };
