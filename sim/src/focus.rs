@@ -1246,17 +1246,31 @@ fn edit(rng: &mut ChaCha8Rng) -> Draft {
     t += rng.random_range(100..=3000u64);
     d.at(t, Action::Heal);
     // After the heal, while repairs and censuses run: reads of bodies, a master move.
+    reads_after_heal(&mut d, rng, t, &all, &boxes, &labels, 0.7);
+    d
+}
+
+/// After a heal at `t`, while repairs run: one to three reads of a body (each with
+/// probability `body_read_p`) or master moves, through `servers`.
+fn reads_after_heal(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    mut t: u64,
+    servers: &[Sid],
+    boxes: &[MailboxKey],
+    labels: &[(MailboxKey, String)],
+    body_read_p: f64,
+) {
     for _ in 0..rng.random_range(1..=3u32) {
         t += rng.random_range(1..=1500u64);
-        let server = one_of(rng, &all);
-        if rng.random_bool(0.7) {
-            let (mailbox, label) = one_of(rng, &labels);
+        let server = one_of(rng, servers);
+        if rng.random_bool(body_read_p) {
+            let (mailbox, label) = one_of(rng, labels);
             d.at(t, Action::FetchBody { server, mailbox, label });
         } else {
-            d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) });
+            d.at(t, Action::MasterMove { server, mailbox: one_of(rng, boxes) });
         }
     }
-    d
 }
 
 /// One of the mail operations through `server` that `restore` and `replace` draw, by
@@ -1421,16 +1435,7 @@ fn replace(rng: &mut ChaCha8Rng) -> Draft {
     }
     t += rng.random_range(100..=2000u64);
     d.at(t, Action::Heal);
-    for _ in 0..rng.random_range(1..=3u32) {
-        t += rng.random_range(1..=1500u64);
-        let server = one_of(rng, &up);
-        if rng.random_bool(0.6) {
-            let (mailbox, label) = one_of(rng, &labels);
-            d.at(t, Action::FetchBody { server, mailbox, label });
-        } else {
-            d.at(t, Action::MasterMove { server, mailbox: one_of(rng, &boxes) });
-        }
-    }
+    reads_after_heal(&mut d, rng, t, &up, &boxes, &labels, 0.6);
     d
 }
 
