@@ -766,6 +766,13 @@ impl Image {
             // A replica may take the master's UIDVALIDITY, dropping every record.
             uids.extend(m.messages.keys().copied());
         }
+        // Ours on UIDs the piece retires: the merge moves or drops them (focus replace
+        // seed 22902: a new server's message at a UID the cluster had retired was moved
+        // with no before-image, and its durable copy vanished from reads while the
+        // merge's writes were pending).
+        for (first, last) in &state.retired.ranges {
+            uids.extend(m.messages.uids_in(*first, *last));
+        }
         if as_master {
             let retired =
                 m.tombstones.keys().filter(|(uid, guid)| m.messages.get(uid).is_some_and(|r| r.guid != *guid));
@@ -1431,6 +1438,37 @@ mod tests {
         assert_ne!(image.mailbox(&key("INBOX")), before.as_ref());
         // What a client is shown (tombstones are not, and are not undone).
         let view = |m: Option<&StoredMailbox>| m.map(|m| super::super::mailbox_view(&key("INBOX"), m));
+        assert_eq!(view(image.durable_mailbox(&key("INBOX")).as_deref()), view(before.as_ref()));
+        image.durable(out.last_write());
+        assert_eq!(image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned()).as_ref(), image.mailbox(&key("INBOX")));
+    }
+
+    /// Focus replace seed 22902: a peer's piece retires a UID our message is live at (a
+    /// new server gave out a UID the cluster had retired); the merge moves our message
+    /// to a new UID, and until its writes are durable a read sees it where it was.
+    #[test]
+    fn a_read_keeps_a_message_a_pending_merge_moves_off_a_retired_uid() {
+        let (mut image, mut out) = empty_image();
+        image.create_mailbox(&mut out, &key("INBOX"), Some(7));
+        image.commit(&mut out, StoreWrite::PutMessage { mailbox: key("INBOX"), record: record(1, 9) });
+        image.durable(out.last_write());
+        let before = image.mailbox(&key("INBOX")).cloned();
+        let mut retired = Retired::default();
+        retired.insert_range(1, 1);
+        let collected = MailboxState {
+            mailbox: key("INBOX"),
+            uidvalidity: 7,
+            uidnext: 2,
+            highest_modseq: 3,
+            messages: Vec::new(),
+            tombstones: Vec::new(),
+            lifecycle: Default::default(),
+            retired,
+        };
+        let outcome = image.merge(&mut out, &collected, true, &MergeRules::default(), false);
+        assert!(outcome.renumbered > 0, "{outcome:?}");
+        assert!(image.mailbox(&key("INBOX")).is_some_and(|m| !m.messages.contains_key(&1)));
+        let view = |m: Option<&StoredMailbox>| m.map(|m| super::super::mailbox_view(&key("INBOX"), m).messages);
         assert_eq!(view(image.durable_mailbox(&key("INBOX")).as_deref()), view(before.as_ref()));
         image.durable(out.last_write());
         assert_eq!(image.durable_mailbox(&key("INBOX")).map(|m| m.into_owned()).as_ref(), image.mailbox(&key("INBOX")));
