@@ -306,7 +306,8 @@ pub enum Msg {
     },
     /// The receiver is done with these changes; the sender may drop them from its log.
     /// `seqs` it made durable; `refused` it could not apply (a UID conflict it may not
-    /// decide, settled by a SYNC with the master instead), so they count for no copy.
+    /// decide, or a flag change of a message it does not hold, settled by a SYNC with the
+    /// master instead), so they count for no copy.
     /// `store` is the sender's store identity: the store that holds the copies.
     Ack {
         seqs: Vec<u64>,

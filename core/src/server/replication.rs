@@ -334,7 +334,7 @@ impl Server {
     }
 
     /// The piece of mailbox state a change carries, and whether it names a message we
-    /// do not hold (live or expunged). Bodies are stored on the way.
+    /// hold neither live nor expunged. Bodies are stored on the way.
     fn fragment_of(&mut self, src: Sid, change: Change) -> (MailboxState, bool) {
         let empty = MailboxState::empty;
         match change {
