@@ -53,7 +53,7 @@
 //!   added under a new id, through any server left, in either order, sometimes cut off
 //!   from the rest, while mail goes on (saves, copies, moves, expunges, flag changes,
 //!   reads, master moves to the new server, crashes and partitions) and the new server
-//!   fills.
+//!   fills; sometimes the machine given up comes back with its disk.
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1407,7 +1407,8 @@ fn replace(rng: &mut ChaCha8Rng) -> Draft {
     // The loss: its disk dies (it stays down), or the operator gives the machine up while
     // it still runs (the retirement stops it).
     t += rng.random_range(10..=400u64);
-    if rng.random_bool(0.7) {
+    let disk_lost = rng.random_bool(0.7);
+    if disk_lost {
         d.at(t, Action::Lose { server: lost });
     }
     up.retain(|s| *s != lost);
@@ -1423,6 +1424,11 @@ fn replace(rng: &mut ChaCha8Rng) -> Draft {
         let through = one_of(rng, &up);
         if (step == 0) == remove_first {
             d.at(t, Action::MemberRemove { server: through, member: lost, lost: true });
+            if !disk_lost && rng.random_bool(0.4) {
+                // The machine given up was only cut off: it comes back with its disk, to
+                // find itself retired (its mail no longer counts anywhere).
+                d.at(t + rng.random_range(10..=3000u64), Action::Restart { server: lost });
+            }
         } else {
             d.at(t, Action::MemberAdd { server: through, member: spare });
             up.push(spare);

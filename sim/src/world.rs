@@ -2611,9 +2611,12 @@ impl World {
             Action::MemberRemove { server, member, lost } => {
                 if lost && !self.nodes.get(&member).is_some_and(|n| n.lost) {
                     // Retired as lost: what only it held is gone, as with any server lost
-                    // for good.
+                    // for good. The machine is given up, not destroyed: it stops with its
+                    // disk, and a scenario may start it again (the operator's mistake: it
+                    // was only cut off), to find itself out of the cluster.
                     self.lost_for_good += 1;
-                    self.stop_server(member, true);
+                    self.oracle.forget_server(member);
+                    self.stop_server(member, false);
                 }
                 let change =
                     if lost { MemberChange::Lost { sid: member } } else { MemberChange::Leave { sid: member } };
