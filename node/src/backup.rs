@@ -43,7 +43,7 @@ pub fn take(reader: &BodyReader, node_id: u32, dir: &Path) -> Result<Copied, Str
     let snapshot = database.begin_read().map_err(|e| store_error(e.into()))?;
     let copy = Database::create(dir.join("tandem.redb")).map_err(|e| store_error(e.into()))?;
     let txn = copy.begin_write().map_err(|e| store_error(e.into()))?;
-    let taken_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let taken_unix_s = crate::record::unix_ms() / 1000;
     let (mailboxes, messages, in_files) = Store::copy_snapshot(&snapshot, &txn, taken_unix_s).map_err(store_error)?;
     txn.commit().map_err(|e| store_error(e.into()))?;
     drop(copy);

@@ -1455,16 +1455,7 @@ mod tests {
         let before = image.mailbox(&key("INBOX")).cloned();
         let mut retired = Retired::default();
         retired.insert_range(1, 1);
-        let collected = MailboxState {
-            mailbox: key("INBOX"),
-            uidvalidity: 7,
-            uidnext: 2,
-            highest_modseq: 3,
-            messages: Vec::new(),
-            tombstones: Vec::new(),
-            lifecycle: Default::default(),
-            retired,
-        };
+        let collected = MailboxState { uidnext: 2, highest_modseq: 3, retired, ..MailboxState::empty(key("INBOX"), 7) };
         let outcome = image.merge(&mut out, &collected, true, &MergeRules::default(), false);
         assert!(outcome.renumbered > 0, "{outcome:?}");
         assert!(image.mailbox(&key("INBOX")).is_some_and(|m| !m.messages.contains_key(&1)));
