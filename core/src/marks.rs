@@ -114,10 +114,21 @@ pub enum Mark {
     /// A replicated flag change named a message not held here: acknowledged as not
     /// taken, so that its master counts no copy here until a SYNC brings the message.
     UnheldChangeRefused,
+    /// A store that was never in a root term first heard a peer that had been: it was
+    /// made after its cluster had run, and is filled by its peers (see `filling`).
+    NewcomerStore,
+    /// A newcomer's copy of a mailbox was the same as its master's.
+    NewcomerCopyConfirmed,
+    /// A read that could not reach its master's position was refused (a temporary
+    /// failure), not answered from a copy no master has confirmed yet.
+    UnfilledReadRefused,
+    /// A server whose store is not filled yet, with no other server in reach, opened
+    /// no root term of its own.
+    UnfilledAloneNoTerm,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 51] = [
+    pub const ALL: [Mark; 55] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -169,6 +180,10 @@ impl Mark {
         Mark::CopySentAgain,
         Mark::RenameTakesTarget,
         Mark::UnheldChangeRefused,
+        Mark::NewcomerStore,
+        Mark::NewcomerCopyConfirmed,
+        Mark::UnfilledReadRefused,
+        Mark::UnfilledAloneNoTerm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -224,6 +239,10 @@ impl Mark {
             Mark::CopySentAgain => "copy_sent_again",
             Mark::RenameTakesTarget => "rename_takes_target",
             Mark::UnheldChangeRefused => "unheld_change_refused",
+            Mark::NewcomerStore => "newcomer_store",
+            Mark::NewcomerCopyConfirmed => "newcomer_copy_confirmed",
+            Mark::UnfilledReadRefused => "unfilled_read_refused",
+            Mark::UnfilledAloneNoTerm => "unfilled_alone_no_term",
         }
     }
 

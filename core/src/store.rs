@@ -560,6 +560,18 @@ pub struct DiskImage {
     /// (`Partial::keep_fetched` false): each is dropped once read, across a restart too.
     #[serde(default)]
     pub on_loan: BTreeSet<Guid>,
+    /// This store was made after its cluster had run (a new server, or one started on
+    /// an empty disk after losing its own): it first heard a peer that had been in a root
+    /// term while it never had been. Its copies are then filled by its peers, and one
+    /// filled part of the way is a state the mailbox never had (fewer messages under the
+    /// cluster's UIDVALIDITY): until a master has confirmed a copy (`confirmed`), a read
+    /// that cannot reach the master's position is refused rather than answered from it.
+    #[serde(default)]
+    pub newcomer: bool,
+    /// A newcomer's mailboxes whose copy here was once the same as its master's (see
+    /// `newcomer`); at most one entry per mailbox the store holds. Empty otherwise.
+    #[serde(default)]
+    pub confirmed: BTreeSet<MailboxKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -657,6 +669,13 @@ pub enum StoreWrite {
         peer: Sid,
         seqs: Vec<u64>,
     },
+    /// The store was made after its cluster had run (see [`DiskImage::newcomer`]).
+    Newcomer,
+    /// A newcomer's copy of the mailbox was the same as its master's (see
+    /// [`DiskImage::confirmed`]).
+    Confirmed {
+        mailbox: MailboxKey,
+    },
 }
 
 impl StoreWrite {
@@ -691,7 +710,9 @@ impl StoreWrite {
             | StoreWrite::Epoch { .. }
             | StoreWrite::LinkSeq { .. }
             | StoreWrite::Incarnation { .. }
-            | StoreWrite::Members { .. } => None,
+            | StoreWrite::Members { .. }
+            | StoreWrite::Newcomer
+            | StoreWrite::Confirmed { .. } => None,
         }
     }
 }
@@ -789,6 +810,10 @@ impl DiskImage {
             }
             StoreWrite::Members { members } => {
                 self.members.join(members);
+            }
+            StoreWrite::Newcomer => self.newcomer = true,
+            StoreWrite::Confirmed { mailbox } => {
+                self.confirmed.insert(mailbox.clone());
             }
             StoreWrite::MailboxLifecycle { mailbox, lifecycle } => {
                 self.mailboxes.entry(mailbox.clone()).or_default().lifecycle.join(lifecycle);

@@ -18,7 +18,8 @@ use tandem_core::msg::Change;
 use tandem_core::store::{DiskImage, StoreWrite, StoredBody};
 use tandem_core::types::*;
 
-/// "epoch", "link_seq", "incarnation", "store_id" -> u64; in a backup not started yet,
+/// "epoch", "link_seq", "incarnation", "store_id", "newcomer" (1 when set) -> u64; in a
+/// backup not started yet,
 /// [`BACKUP_TAKEN_KEY`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// A backup's snapshot time (seconds since the Unix epoch), until its first start.
@@ -54,6 +55,9 @@ const LOG_OVERFLOWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log_
 const TEXT_PARTS: TableDefinition<u128, &[u8]> = TableDefinition::new("text_parts");
 /// guid -> nothing: omitted bodies fetched for a client's read, dropped once read.
 const ON_LOAN: TableDefinition<u128, &[u8]> = TableDefinition::new("on_loan");
+/// mailbox -> nothing: a newcomer store's copies a master confirmed (see
+/// `DiskImage::confirmed`).
+const CONFIRMED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("confirmed");
 
 #[derive(Debug)]
 pub struct StoreError(pub String);
@@ -202,6 +206,7 @@ impl Store {
             txn.open_table(RETIRED)?;
             txn.open_table(TEXT_PARTS)?;
             txn.open_table(ON_LOAN)?;
+            txn.open_table(CONFIRMED)?;
         }
         txn.commit()?;
         index.attach(db.clone());
@@ -269,6 +274,7 @@ impl Store {
         copy_table(src, dst, LOG_OVERFLOWED)?;
         copy_table(src, dst, TEXT_PARTS)?;
         copy_table(src, dst, ON_LOAN)?;
+        copy_table(src, dst, CONFIRMED)?;
         copy_table(src, dst, crate::bodies::INLINE_CHUNKS)?;
         copy_table(src, dst, crate::bodies::INLINE_TAILS)?;
         let mut in_files = BTreeSet::new();
@@ -347,6 +353,7 @@ impl Store {
         image.link_seq = meta.get("link_seq")?.map(|v| v.value()).unwrap_or(0);
         image.incarnation = meta.get("incarnation")?.map(|v| v.value()).unwrap_or(0);
         image.store_id = meta.get("store_id")?.map(|v| v.value()).unwrap_or(0);
+        image.newcomer = meta.get("newcomer")?.is_some_and(|v| v.value() != 0);
         match txn.open_table(MEMBERSHIP) {
             Ok(table) => {
                 if let Some(v) = table.get("members")? {
@@ -440,6 +447,10 @@ impl Store {
             let (k, _) = row?;
             image.on_loan.insert(Guid(k.value()));
         }
+        for row in txn.open_table(CONFIRMED)?.iter()? {
+            let (k, _) = row?;
+            image.confirmed.insert(dec(k.value(), "mailbox key")?);
+        }
         Ok(image)
     }
 
@@ -463,6 +474,7 @@ impl Store {
             let mut membership = txn.open_table(MEMBERSHIP)?;
             let mut text_parts = txn.open_table(TEXT_PARTS)?;
             let mut on_loan = txn.open_table(ON_LOAN)?;
+            let mut confirmed = txn.open_table(CONFIRMED)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -550,6 +562,10 @@ impl Store {
                     }
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
+                    StoreWrite::Newcomer => raise(&mut meta, "newcomer", 1)?,
+                    StoreWrite::Confirmed { mailbox } => {
+                        confirmed.insert(enc(mailbox)?.as_slice(), &[][..])?;
+                    }
                     StoreWrite::Incarnation { incarnation, store_id } => {
                         raise(&mut meta, "incarnation", *incarnation)?;
                         // Set once, like the core's image: a store keeps its identity.
@@ -866,6 +882,9 @@ mod tests {
             StoreWrite::OnLoan { guid: Guid(7), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: false },
+            StoreWrite::Newcomer,
+            StoreWrite::Confirmed { mailbox: mailbox.clone() },
+            StoreWrite::Confirmed { mailbox: mailbox.clone() },
             // A later start keeps the store's identity whatever it is told.
             StoreWrite::Incarnation { incarnation: 2, store_id: 8 },
         ];
@@ -879,6 +898,7 @@ mod tests {
         let again = Store::open(dir.path()).unwrap();
         let loaded = again.load().unwrap();
         assert_eq!(loaded, expected);
+        assert!(loaded.newcomer && loaded.confirmed.iter().eq([&mailbox]));
         let inbox = &loaded.mailboxes[&mailbox];
         assert_eq!(inbox.tombstones.keys().map(|(uid, _)| *uid).collect::<Vec<_>>(), vec![4]);
         assert_eq!(inbox.retired.ranges.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(), vec![(2, 4), (8, 8)]);

@@ -5,7 +5,9 @@
 //! before), then waits here until its own durable copy of the mailbox has reached that
 //! position, and answers from it. A read that cannot get there in time (no master
 //! reachable, a copy that does not catch up) is answered from what the server has: a
-//! read is never refused for want of a master, it may only be stale then.
+//! read is not refused for want of a master, it may only be stale then; unless what the
+//! server has is a copy still being filled, a state the mailbox never had (see
+//! `filling`).
 
 use crate::io::{RequestId, WriteId};
 use crate::types::{Instant, MailboxKey, ModSeq};

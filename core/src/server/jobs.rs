@@ -577,11 +577,23 @@ impl Server {
                 self.fresh_reads.wait(id, mailbox, wanted, position, deadline);
             }
             _ => {
-                self.marks.hit(Mark::FreshReadStale);
-                let reply = self.fresh_view(&mailbox, wanted, false);
+                let reply = self.stale_view(&mailbox, wanted);
                 self.out.reply(id, reply);
             }
         }
+    }
+
+    /// A fresh read that could not reach its master's position: answered from what is
+    /// here (stale), unless this server's copy cannot be trusted to be a state the
+    /// mailbox had (see `filling`), when it is refused for now.
+    fn stale_view(&mut self, mailbox: &MailboxKey, wanted: Wanted) -> ClientReply {
+        if !self.copy_trusted(mailbox) {
+            self.marks.hit(Mark::UnfilledReadRefused);
+            let reason = format!("this server's copy of {mailbox} is still being filled from its peers");
+            return ClientReply::Failed { kind: FailKind::Temporary, reason };
+        }
+        self.marks.hit(Mark::FreshReadStale);
+        self.fresh_view(mailbox, wanted, false)
     }
 
     /// Where this server's copy of a mailbox stands, as a fresh read compares it: its
@@ -614,7 +626,8 @@ impl Server {
 
     /// Moves each fresh read on (see `fresh_reads::Step`): answers those whose copy
     /// here durably equals their master's position, and those out of time (from what
-    /// is here: stale, never refused); asks again for those whose copy went past it.
+    /// is here: stale, refused only from a copy not filled yet, see `filling`); asks
+    /// again for those whose copy went past it.
     pub(crate) fn answer_fresh_reads(&mut self) {
         // A master answers a BARRIER at once, so a read asked again may be ready in
         // the same input: a few rounds, each with fewer reads left.
@@ -635,9 +648,14 @@ impl Server {
             let mut asked_again = false;
             for step in steps {
                 match step {
-                    super::fresh_reads::Step::Answer { id, mailbox, wanted, caught_up } => {
-                        self.marks.hit(if caught_up { Mark::FreshReadCaughtUp } else { Mark::FreshReadStale });
-                        let reply = self.fresh_view(&mailbox, wanted, caught_up);
+                    super::fresh_reads::Step::Answer { id, mailbox, wanted, caught_up: true } => {
+                        self.marks.hit(Mark::FreshReadCaughtUp);
+                        self.copy_confirmed(&mailbox);
+                        let reply = self.fresh_view(&mailbox, wanted, true);
+                        self.out.reply(id, reply);
+                    }
+                    super::fresh_reads::Step::Answer { id, mailbox, wanted, caught_up: false } => {
+                        let reply = self.stale_view(&mailbox, wanted);
                         self.out.reply(id, reply);
                     }
                     super::fresh_reads::Step::AskAgain { id, mailbox, wanted, deadline } => {

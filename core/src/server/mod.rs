@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 mod anti_entropy;
 mod body_fetch;
 mod cancels;
+mod filling;
 mod fresh_reads;
 mod image;
 mod job_table;
@@ -118,6 +119,9 @@ pub struct Server {
     /// copies from that peer wait for that state instead of asking again.
     #[serde(default)]
     states_asked: BTreeMap<(Sid, MailboxKey), Instant>,
+    /// Whether this incarnation has heard a peer's link state (see `filling`).
+    #[serde(default)]
+    peer_heard: bool,
 }
 
 /// A just-started server's wait before it may open a root term (`Config::startup_hold_us`).
@@ -181,6 +185,7 @@ impl Server {
             dropped_lately: Default::default(),
             recently_collected: Default::default(),
             states_asked: BTreeMap::new(),
+            peer_heard: false,
         };
         server.member_servers = server.routing_servers();
         server.routing.set_servers(&server.member_servers);
@@ -256,6 +261,7 @@ impl Server {
             dropped_lately: self.dropped_lately.clone(),
             recently_collected: self.recently_collected.clone(),
             states_asked: self.states_asked.clone(),
+            peer_heard: self.peer_heard,
         }
     }
 
@@ -311,6 +317,9 @@ impl Server {
         }
         if !self.states_asked.is_empty() {
             write!(h, "|{:?}", self.states_asked)?;
+        }
+        if self.peer_heard {
+            write!(h, "|peer heard")?;
         }
         Ok(())
     }

@@ -660,6 +660,11 @@ impl Server {
             return;
         }
         let i_master = self.masters.masters_ready(&key);
+        if equal && kind == SummaryKind::Check && !i_master && self.masters.cached(&key).is_none_or(|m| m == src) {
+            // A master's check (or, rarely, a fresh read's comparison sent to a server it
+            // took for the master) found our copy the same: a newcomer trusts it now.
+            self.copy_confirmed(&mailbox);
+        }
         if equal {
             if i_master {
                 self.anti_entropy.confirmed(src, mailbox.clone(), summary.digest, self.now);

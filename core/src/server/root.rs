@@ -57,6 +57,16 @@ impl Server {
         if self.holding_at_start() {
             return;
         }
+        if !self.is_root()
+            && self.member_servers.len() > 1
+            && self.routing.reachable().len() <= 1
+            && self.store_unfilled()
+        {
+            // Alone with a store not filled yet (see `filling`): no term, so no mastership
+            // here; requests wait for a peer (and time out), reads are refused.
+            self.marks.hit(crate::Mark::UnfilledAloneNoTerm);
+            return;
+        }
         let grew = self.root_role.grew(self.routing.reachable());
         let behind = self.image.disk().epoch > self.root_role.epoch();
         if !self.is_root() || grew || behind {

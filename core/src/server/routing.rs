@@ -88,6 +88,10 @@ impl Server {
         store: u64,
         neighbors: Vec<Sid>,
     ) {
+        if origin != self.cfg.sid {
+            // Before the epoch is learned: whether this store was ever in a term.
+            self.heard_peer_epoch(epoch);
+        }
         // Learned before the routes change, so that a term opened because the component
         // grew has an epoch above every epoch in it (even our own from before a disk loss).
         if self.set_epoch(epoch) && self.routing.is_reachable(origin) {

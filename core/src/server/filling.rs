@@ -1,0 +1,76 @@
+//! A store made after its cluster had run (a new server, or one started on an empty disk
+//! after losing its own) is filled by its peers mailbox by mailbox, through anti-entropy
+//! and SYNC, while it already serves. A copy filled part of the way is a state its
+//! mailbox never had: fewer messages under the cluster's UIDVALIDITY (the name's, see
+//! `MailboxKey::initial_uidvalidity`) and a lower UIDNEXT, which a client with cached mail
+//! takes for expunges. So such a store (a newcomer, `DiskImage::newcomer`) answers a read
+//! that cannot reach its master's position only from a copy a master has confirmed
+//! (`DiskImage::confirmed`), and refuses it otherwise (a temporary failure: the client
+//! tries again, or another server). A store that is not filled yet opens no root term
+//! while no other server is in reach: alone, it would master mailboxes from its empty or
+//! partly filled disk and give out UIDs the cluster had given already.
+//!
+//! A store learns it is a newcomer from the first link state it hears in an incarnation:
+//! it was never in a root term (epoch 0) and the peer was. The servers of a new cluster
+//! hear each other before any of them opens the first term (the start-up hold waits for
+//! every configured server), so they are not newcomers; one started after the others had
+//! opened it is, rightly: it may have missed mail.
+
+use super::Server;
+use crate::marks::Mark;
+use crate::store::StoreWrite;
+use crate::types::MailboxKey;
+
+impl Server {
+    /// A peer's link state with the highest epoch it knows: the first one heard in this
+    /// incarnation tells a store that was never in a term whether its cluster had run.
+    pub(crate) fn heard_peer_epoch(&mut self, peer_epoch: u64) {
+        if self.peer_heard {
+            return;
+        }
+        self.peer_heard = true;
+        let disk = self.image.disk();
+        if disk.epoch == 0 && peer_epoch > 0 && !disk.newcomer {
+            self.commit(StoreWrite::Newcomer);
+            self.marks.hit(Mark::NewcomerStore);
+            self.note(|| format!("a newcomer: a peer had been in root term {peer_epoch}, this store never"));
+        }
+        debug_assert!(
+            !self.image.disk().newcomer || self.image.disk().epoch > 0 || peer_epoch > 0,
+            "a newcomer heard of a term"
+        );
+    }
+
+    /// Whether a read that could not reach its master's position may be answered from
+    /// this server's copy of `mailbox`: not while the store was never in a term (nothing
+    /// it holds was ever checked against a master), nor from a newcomer's copy no master
+    /// has confirmed. A server alone in its cluster is every mailbox's master.
+    pub(crate) fn copy_trusted(&self, mailbox: &MailboxKey) -> bool {
+        if self.member_servers.len() <= 1 {
+            return true;
+        }
+        let disk = self.image.disk();
+        disk.epoch > 0 && (!disk.newcomer || disk.confirmed.contains(mailbox))
+    }
+
+    /// This server's copy of `mailbox` is the same as its master's (a master's check
+    /// found it so, or a fresh read caught up with the master's position): a newcomer
+    /// trusts it from now on, across restarts.
+    pub(crate) fn copy_confirmed(&mut self, mailbox: &MailboxKey) {
+        let disk = self.image.disk();
+        if !disk.newcomer || disk.confirmed.contains(mailbox) {
+            return;
+        }
+        self.commit(StoreWrite::Confirmed { mailbox: mailbox.clone() });
+        self.marks.hit(Mark::NewcomerCopyConfirmed);
+        debug_assert!(self.copy_trusted(mailbox) || self.image.disk().epoch == 0, "a confirmed copy is trusted");
+    }
+
+    /// Whether this store is not filled yet: never in a term, or a newcomer holding a
+    /// copy no master has confirmed (counted, not listed: a mailbox confirmed and then
+    /// deleted stays in both). Such a store opens no root term alone.
+    pub(crate) fn store_unfilled(&self) -> bool {
+        let disk = self.image.disk();
+        disk.epoch == 0 || (disk.newcomer && disk.confirmed.len() < disk.mailboxes.len())
+    }
+}
