@@ -192,6 +192,11 @@ pub struct Status {
     /// This node's store identity (16 hex digits), drawn when its store was made.
     #[serde(default)]
     pub store: String,
+    /// A store made after its cluster had run (a new server, or one started on an empty
+    /// disk): how many of its mailboxes no master has confirmed yet (reads that cannot
+    /// reach their master are refused from those). None for any other store.
+    #[serde(default)]
+    pub unconfirmed: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

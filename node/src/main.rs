@@ -398,6 +398,11 @@ async fn run(command: Command) -> Result<(), String> {
                 return out(&json(&s)?);
             }
             let mut text = format!("server {}  store {}  root {:?}  epoch {}\n", s.id, s.store, s.root, s.epoch);
+            if let Some(n) = s.unconfirmed {
+                text += &format!(
+                    "newcomer store: {n} mailboxes not yet confirmed by their masters (0: filled, clients may come)\n"
+                );
+            }
             text += &format!("masters known: {:?}\n", s.masters);
             text += &format!("mastered here: {:?}\n", s.mastered_here);
             for l in &s.links {

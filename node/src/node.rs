@@ -1082,6 +1082,10 @@ impl EventLoop {
             jobs: s.jobs_in_progress(),
             wanted_bodies: s.wanted_bodies(),
             store: format!("{:016x}", s.image().store_id),
+            unconfirmed: s.image().newcomer.then(|| {
+                let image = s.image();
+                image.mailboxes.keys().filter(|m| !image.confirmed.contains(*m)).count()
+            }),
         }
     }
 

@@ -660,9 +660,18 @@ fn a_node_with_a_new_disk_is_known_by_its_new_store_identity() {
     let view = c.converged(mailbox, CONVERGE);
     let present: BTreeSet<String> = view.messages.iter().map(|m| m.guid.clone()).collect();
     assert_eq!(present, acked, "every acknowledged message is on every disk, the new one too");
-    // A restart keeps the store's identity.
+    // The new store is a newcomer (made after the cluster had run); its copy of the
+    // mailbox is confirmed by the master's check once filled. The others are not.
+    assert_eq!(c.status(0).unconfirmed, None, "a store from the cluster's start is no newcomer");
+    assert!(
+        harness::eventually(|| c.status(2).unconfirmed == Some(0)),
+        "the new store's copies are confirmed: {:?}",
+        c.status(2).unconfirmed
+    );
+    // A restart keeps the store's identity, and what was confirmed.
     c.kill9(2);
     c.spawn(2);
     c.wait_up(2);
     assert_eq!(c.status(2).store, new);
+    assert_eq!(c.status(2).unconfirmed, Some(0));
 }
