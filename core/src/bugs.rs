@@ -67,10 +67,15 @@ pub enum Bug {
     /// push whose answer was lost, sent again after the expunge's collection, brings the
     /// message back (focus leave seed 157812).
     CollectReplicaTombstones,
+    /// A store not filled yet (never in a term, or a newcomer with copies no master
+    /// confirmed) is trusted like any other: alone it masters mailboxes from its empty
+    /// disk, and a read that cannot reach its master is answered from a copy still
+    /// being filled.
+    TrustsUnfilledStore,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 18] = [
+    pub const ALL: [Bug; 19] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -89,6 +94,7 @@ impl Bug {
         Bug::LaptopLeavesItsIncarnation,
         Bug::ExpungeWinsOverLogCopy,
         Bug::CollectReplicaTombstones,
+        Bug::TrustsUnfilledStore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -111,6 +117,7 @@ impl Bug {
             Bug::LaptopLeavesItsIncarnation => "laptop-leaves-its-incarnation",
             Bug::ExpungeWinsOverLogCopy => "expunge-wins-over-log-copy",
             Bug::CollectReplicaTombstones => "collect-replica-tombstones",
+            Bug::TrustsUnfilledStore => "trusts-unfilled-store",
         }
     }
 

@@ -297,3 +297,24 @@ fn the_move_back_focus_catches_a_master_taking_the_expunge_over_a_logged_move_ba
     let fixed = sweep(None, 500);
     assert!(fixed.failures.is_empty(), "{:?}", fixed.failures.first());
 }
+
+/// A store not filled yet trusted like any other: the oracle's invariants are each a
+/// server's own (a new store has shown nothing yet), so the scenarios made for it catch
+/// it by their answers: a save through a new store cut off alone is answered at UID 1
+/// under the cluster's UIDVALIDITY, and a read there with an empty INBOX, where each
+/// expects a temporary failure.
+#[test]
+fn trusting_a_store_not_filled_yet_is_caught() {
+    for file in ["new-store-cut-off-masters-nothing.toml", "newcomer-cut-off-mid-fill-refuses-reads.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file);
+        let scenario = tandem_sim::scenario::load(&path).expect("the scenario loads");
+        let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::TrustsUnfilledStore), ..Default::default() });
+        assert!(
+            !broken.passed && broken.failures.iter().any(|f| f.contains("expected the answer to be Temporary")),
+            "{file}: {:?}",
+            broken.failures
+        );
+        let fixed = run_guarded(&scenario, &RunOptions::default());
+        assert!(fixed.passed, "{file}: {:?}", fixed.failures);
+    }
+}

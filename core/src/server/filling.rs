@@ -46,7 +46,7 @@ impl Server {
     /// it holds was ever checked against a master), nor from a newcomer's copy no master
     /// has confirmed. A server alone in its cluster is every mailbox's master.
     pub(crate) fn copy_trusted(&self, mailbox: &MailboxKey) -> bool {
-        if self.member_servers.len() <= 1 {
+        if self.member_servers.len() <= 1 || self.has_bug(crate::Bug::TrustsUnfilledStore) {
             return true;
         }
         let disk = self.image.disk();
@@ -70,6 +70,9 @@ impl Server {
     /// copy no master has confirmed (counted, not listed: a mailbox confirmed and then
     /// deleted stays in both). Such a store opens no root term alone.
     pub(crate) fn store_unfilled(&self) -> bool {
+        if self.has_bug(crate::Bug::TrustsUnfilledStore) {
+            return false;
+        }
         let disk = self.image.disk();
         disk.epoch == 0 || (disk.newcomer && disk.confirmed.len() < disk.mailboxes.len())
     }
