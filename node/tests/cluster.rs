@@ -675,3 +675,44 @@ fn a_node_with_a_new_disk_is_known_by_its_new_store_identity() {
     assert_eq!(c.status(2).store, new);
     assert_eq!(c.status(2).unconfirmed, Some(0));
 }
+
+/// A node started on an empty disk while cut off from the others takes no mastership
+/// alone (its store was never in a root term): a delivery through it gets a temporary
+/// failure instead of UID 1 again under the cluster's UIDVALIDITY (async mode, where a
+/// master alone acknowledges). Once it is linked it is filled, its copy confirmed, and
+/// it takes mail.
+#[test]
+fn a_node_on_an_empty_disk_cut_off_masters_nothing() {
+    let mut c = Cluster::start(3, "mode = \"async\"\nreplicas = 1");
+    let mailbox = "gina@example.org/INBOX";
+    let mut acked = BTreeSet::new();
+    for i in 0..3 {
+        let (_, guid) = c.deliver(i, mailbox, &format!("Subject: before {i}\r\n\r\n")).expect("save");
+        acked.insert(guid);
+    }
+    c.converged(mailbox, CONVERGE);
+    c.kill9(2);
+    std::fs::remove_dir_all(c.dir.path().join("data-3")).expect("the disk is lost");
+    c.isolate(2);
+    c.spawn(2);
+    c.wait_up(2);
+    // Past its start-up hold (2 s) and with the request's whole time (3 s).
+    let refused = c.deliver(2, mailbox, "Subject: alone\r\n\r\n");
+    assert!(refused.is_err(), "a store never in a term masters nothing alone: {refused:?}");
+    let alone = c.status(2);
+    assert_eq!(alone.root, None, "no term of its own");
+    assert!(alone.mailboxes.is_empty(), "{:?}", alone.mailboxes);
+    c.heal();
+    c.wait_linked();
+    assert!(
+        harness::eventually(|| c.status(2).unconfirmed == Some(0)
+            && c.status(2).mailboxes.iter().any(|m| m.mailbox == mailbox && m.messages == 3)),
+        "filled and confirmed once linked: {:?}",
+        c.status(2).unconfirmed
+    );
+    let (_, guid) = c.deliver(2, mailbox, "Subject: after\r\n\r\n").expect("a save once filled");
+    acked.insert(guid);
+    let view = c.converged(mailbox, CONVERGE);
+    let present: BTreeSet<String> = view.messages.iter().map(|m| m.guid.clone()).collect();
+    assert_eq!(present, acked, "the refused delivery stored nothing");
+}
