@@ -123,8 +123,8 @@ pub enum Mark {
     /// failure), not answered from a copy no master has confirmed yet.
     UnfilledReadRefused,
     /// A server whose store is not filled yet, with no other server in reach, opened
-    /// no root term of its own.
-    UnfilledAloneNoTerm,
+    /// no root term of its own, or (a root from before) gave out no mastership.
+    UnfilledAloneMastersNothing,
 }
 
 impl Mark {
@@ -183,7 +183,7 @@ impl Mark {
         Mark::NewcomerStore,
         Mark::NewcomerCopyConfirmed,
         Mark::UnfilledReadRefused,
-        Mark::UnfilledAloneNoTerm,
+        Mark::UnfilledAloneMastersNothing,
     ];
 
     pub fn name(self) -> &'static str {
@@ -242,7 +242,7 @@ impl Mark {
             Mark::NewcomerStore => "newcomer_store",
             Mark::NewcomerCopyConfirmed => "newcomer_copy_confirmed",
             Mark::UnfilledReadRefused => "unfilled_read_refused",
-            Mark::UnfilledAloneNoTerm => "unfilled_alone_no_term",
+            Mark::UnfilledAloneMastersNothing => "unfilled_alone_masters_nothing",
         }
     }
 

@@ -305,7 +305,11 @@ fn the_move_back_focus_catches_a_master_taking_the_expunge_over_a_logged_move_ba
 /// expects a temporary failure.
 #[test]
 fn trusting_a_store_not_filled_yet_is_caught() {
-    for file in ["new-store-cut-off-masters-nothing.toml", "newcomer-cut-off-mid-fill-refuses-reads.toml"] {
+    for file in [
+        "new-store-cut-off-masters-nothing.toml",
+        "newcomer-cut-off-mid-fill-refuses-reads.toml",
+        "newcomer-root-cut-off-mid-catch-up-masters-nothing.toml",
+    ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(file);
         let scenario = tandem_sim::scenario::load(&path).expect("the scenario loads");
         let broken = run_guarded(&scenario, &RunOptions { bug: Some(Bug::TrustsUnfilledStore), ..Default::default() });

@@ -22,8 +22,9 @@ use crate::store::StoreWrite;
 use crate::types::MailboxKey;
 
 impl Server {
-    /// A peer's link state with the highest epoch it knows: the first one heard in this
-    /// incarnation tells a store that was never in a term whether its cluster had run.
+    /// A link state a peer sent, with the highest epoch its origin knew: the first one
+    /// heard in this incarnation tells a store that was never in a term whether its
+    /// cluster had run (the origin may be this server before it lost its disk).
     pub(crate) fn heard_peer_epoch(&mut self, peer_epoch: u64) {
         if self.peer_heard {
             return;
@@ -66,14 +67,22 @@ impl Server {
         debug_assert!(self.copy_trusted(mailbox) || self.image.disk().epoch == 0, "a confirmed copy is trusted");
     }
 
-    /// Whether this store is not filled yet: never in a term, or a newcomer holding a
+    /// Whether this server, with no other server of its cluster in reach, holds a store
+    /// not filled yet: it then opens no root term, and as a root from before gives out
+    /// no mastership (it would master from its empty or partly filled disk).
+    pub(crate) fn alone_unfilled(&self) -> bool {
+        self.member_servers.len() > 1 && self.routing.reachable().len() <= 1 && self.store_unfilled()
+    }
+
+    /// Whether this store is not filled yet: never in a term, or a newcomer with no copy
+    /// confirmed yet (one that has heard of no mailbox is not filled either) or holding a
     /// copy no master has confirmed (counted, not listed: a mailbox confirmed and then
-    /// deleted stays in both). Such a store opens no root term alone.
-    pub(crate) fn store_unfilled(&self) -> bool {
+    /// deleted stays in both).
+    fn store_unfilled(&self) -> bool {
         if self.has_bug(crate::Bug::TrustsUnfilledStore) {
             return false;
         }
         let disk = self.image.disk();
-        disk.epoch == 0 || (disk.newcomer && disk.confirmed.len() < disk.mailboxes.len())
+        disk.epoch == 0 || (disk.newcomer && (disk.confirmed.is_empty() || disk.confirmed.len() < disk.mailboxes.len()))
     }
 }

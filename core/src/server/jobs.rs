@@ -1807,6 +1807,13 @@ impl Server {
     /// Catch-ups that have heard from everyone (or ran out of time) make their master ready.
     pub(crate) fn finish_catchups(&mut self) {
         let ready = self.masters.finished_catchups(self.now);
+        if !ready.is_empty() && self.alone_unfilled() {
+            // Cut off before the peers' states came, with a store not filled yet (see
+            // `filling`): ordering writes now would give out UIDs from what little is
+            // here. The catch-up stays open; a peer back in reach opens a new term.
+            self.marks.hit(Mark::UnfilledAloneMastersNothing);
+            return;
+        }
         if !ready.is_empty() {
             self.anti_entropy.kick();
         }

@@ -57,14 +57,10 @@ impl Server {
         if self.holding_at_start() {
             return;
         }
-        if !self.is_root()
-            && self.member_servers.len() > 1
-            && self.routing.reachable().len() <= 1
-            && self.store_unfilled()
-        {
+        if !self.is_root() && self.alone_unfilled() {
             // Alone with a store not filled yet (see `filling`): no term, so no mastership
             // here; requests wait for a peer (and time out), reads are refused.
-            self.marks.hit(crate::Mark::UnfilledAloneNoTerm);
+            self.marks.hit(crate::Mark::UnfilledAloneMastersNothing);
             return;
         }
         let grew = self.root_role.grew(self.routing.reachable());
@@ -231,6 +227,13 @@ impl Server {
     pub(crate) fn answer_lookup(&mut self, asker: Sid, key: MasterKey) {
         let me = self.cfg.sid;
         let epoch = self.root_role.epoch();
+        if self.alone_unfilled() {
+            // A root from before, now alone with a store not filled yet (see `filling`):
+            // the only asker is itself, and it would master from what it has. It asks
+            // again later (with a peer in reach, or never: its requests time out).
+            self.marks.hit(crate::Mark::UnfilledAloneMastersNothing);
+            return;
+        }
         let candidate = if self.eligible(asker) {
             asker
         } else if self.eligible(me) {
