@@ -6,15 +6,17 @@
 //! takes for expunges. So such a store (a newcomer, `DiskImage::newcomer`) answers a read
 //! that cannot reach its master's position only from a copy a master has confirmed
 //! (`DiskImage::confirmed`), and refuses it otherwise (a temporary failure: the client
-//! tries again, or another server). A store that is not filled yet opens no root term
-//! while no other server is in reach: alone, it would master mailboxes from its empty or
-//! partly filled disk and give out UIDs the cluster had given already.
+//! tries again, or another server). A store that is not filled yet, while no other
+//! server is in reach, opens no root term, gives out no mastership as a root from before
+//! and finishes no catch-up of a mastership: alone, it would master mailboxes from its
+//! empty or partly filled disk and give out UIDs the cluster had given already.
 //!
 //! A store learns it is a newcomer from the first link state it hears in an incarnation:
-//! it was never in a root term (epoch 0) and the peer was. The servers of a new cluster
-//! hear each other before any of them opens the first term (the start-up hold waits for
-//! every configured server), so they are not newcomers; one started after the others had
-//! opened it is, rightly: it may have missed mail.
+//! it was never in a root term (epoch 0) and the link state's origin had been (the origin
+//! may be this server before it lost its disk: a peer relays that back first). The
+//! servers of a new cluster hear each other before any of them opens the first term (the
+//! start-up hold waits for every configured server), so they are not newcomers; one
+//! started after the others had opened it is, rightly: it may have missed mail.
 
 use super::Server;
 use crate::marks::Mark;
@@ -32,14 +34,12 @@ impl Server {
         self.peer_heard = true;
         let disk = self.image.disk();
         if disk.epoch == 0 && peer_epoch > 0 && !disk.newcomer {
+            debug_assert!(disk.confirmed.is_empty(), "only a newcomer's copies are confirmed");
             self.commit(StoreWrite::Newcomer);
             self.marks.hit(Mark::NewcomerStore);
             self.note(|| format!("a newcomer: a peer had been in root term {peer_epoch}, this store never"));
+            debug_assert!(self.image.disk().newcomer, "the store says it is a newcomer");
         }
-        debug_assert!(
-            !self.image.disk().newcomer || self.image.disk().epoch > 0 || peer_epoch > 0,
-            "a newcomer heard of a term"
-        );
     }
 
     /// Whether a read that could not reach its master's position may be answered from
@@ -57,14 +57,18 @@ impl Server {
     /// This server's copy of `mailbox` is the same as its master's (a master's check
     /// found it so, or a fresh read caught up with the master's position): a newcomer
     /// trusts it from now on, across restarts.
+    /// Only a copy held here counts: a fresh read of a name nobody has catches up too, and
+    /// a client could fill the set with names otherwise.
     pub(crate) fn copy_confirmed(&mut self, mailbox: &MailboxKey) {
         let disk = self.image.disk();
-        if !disk.newcomer || disk.confirmed.contains(mailbox) {
+        if !disk.newcomer || disk.confirmed.contains(mailbox) || !disk.mailboxes.contains_key(mailbox) {
             return;
         }
         self.commit(StoreWrite::Confirmed { mailbox: mailbox.clone() });
         self.marks.hit(Mark::NewcomerCopyConfirmed);
-        debug_assert!(self.copy_trusted(mailbox) || self.image.disk().epoch == 0, "a confirmed copy is trusted");
+        let disk = self.image.disk();
+        debug_assert!(disk.confirmed.len() <= disk.mailboxes.len(), "confirmed copies are copies held here");
+        debug_assert!(self.copy_trusted(mailbox) || disk.epoch == 0, "a confirmed copy is trusted");
     }
 
     /// Whether this server, with no other server of its cluster in reach, holds a store
