@@ -36,8 +36,17 @@ impl Metrics {
         backlog: &BTreeMap<u32, usize>,
         links: &BTreeMap<u32, bool>,
         marks: &[(&str, u64)],
+        unconfirmed: Option<usize>,
     ) -> String {
         let mut out = String::new();
+        if let Some(n) = unconfirmed {
+            let _ = writeln!(
+                out,
+                "# HELP tandem_unconfirmed_mailboxes A newcomer store's mailboxes no master has confirmed yet."
+            );
+            let _ = writeln!(out, "# TYPE tandem_unconfirmed_mailboxes gauge");
+            let _ = writeln!(out, "tandem_unconfirmed_mailboxes{{server=\"{sid}\"}} {n}");
+        }
         let _ = writeln!(out, "# HELP tandem_replication_backlog Replication log entries a peer has not acknowledged.");
         let _ = writeln!(out, "# TYPE tandem_replication_backlog gauge");
         for (peer, n) in backlog {

@@ -1045,6 +1045,13 @@ impl EventLoop {
         }
     }
 
+    /// A newcomer store's mailboxes no master has confirmed yet (None for any other
+    /// store): the core confirms only copies it holds.
+    fn unconfirmed(&self) -> Option<usize> {
+        let image = self.server.image();
+        image.newcomer.then(|| image.mailboxes.len().saturating_sub(image.confirmed.len()))
+    }
+
     fn status(&self) -> admin::Status {
         let s = &self.server;
         let backlog = s.backlog();
@@ -1082,10 +1089,7 @@ impl EventLoop {
             jobs: s.jobs_in_progress(),
             wanted_bodies: s.wanted_bodies(),
             store: format!("{:016x}", s.image().store_id),
-            unconfirmed: s.image().newcomer.then(|| {
-                let image = s.image();
-                image.mailboxes.keys().filter(|m| !image.confirmed.contains(*m)).count()
-            }),
+            unconfirmed: self.unconfirmed(),
         }
     }
 
@@ -1100,7 +1104,7 @@ impl EventLoop {
             .map(|p| (p.0, self.links.contains_key(p)))
             .collect();
         let marks: Vec<(&str, u64)> = Mark::ALL.iter().map(|m| (m.name(), s.marks().count(*m))).collect();
-        self.metrics.render(s.sid().0, &backlog, &links, &marks)
+        self.metrics.render(s.sid().0, &backlog, &links, &marks, self.unconfirmed())
     }
 }
 

@@ -46,6 +46,7 @@ fn saves_on_any_node_converge_everywhere() {
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    assert!(!text.contains("tandem_unconfirmed_mailboxes"), "a store from the cluster's start is no newcomer");
 }
 
 /// `tandem cluster` prints until "Ctrl-C stops the cluster."; its output so far.
