@@ -630,12 +630,7 @@ fn tombstones_are_collected_once_every_node_agreed_and_survive_a_kill_9() {
 fn a_node_with_a_new_disk_is_known_by_its_new_store_identity() {
     let mut c = Cluster::start(3, "");
     let mailbox = "frank@example.org/INBOX";
-    let mut acked = BTreeSet::new();
-    for i in 0..3 {
-        let (_, guid) = c.deliver(i, mailbox, &format!("Subject: before {i}\r\n\r\n")).expect("save");
-        acked.insert(guid);
-    }
-    c.converged(mailbox, CONVERGE);
+    let mut acked = one_save_through_each(&c, mailbox);
     let heard = |c: &Cluster, from: usize| {
         c.status(from).links.iter().find(|l| l.peer == 3).and_then(|l| l.store.clone()).unwrap_or_default()
     };
@@ -686,12 +681,7 @@ fn a_node_with_a_new_disk_is_known_by_its_new_store_identity() {
 fn a_node_on_an_empty_disk_cut_off_masters_nothing() {
     let mut c = Cluster::start(3, "mode = \"async\"\nreplicas = 1");
     let mailbox = "gina@example.org/INBOX";
-    let mut acked = BTreeSet::new();
-    for i in 0..3 {
-        let (_, guid) = c.deliver(i, mailbox, &format!("Subject: before {i}\r\n\r\n")).expect("save");
-        acked.insert(guid);
-    }
-    c.converged(mailbox, CONVERGE);
+    let mut acked = one_save_through_each(&c, mailbox);
     c.kill9(2);
     std::fs::remove_dir_all(c.dir.path().join("data-3")).expect("the disk is lost");
     c.isolate(2);
@@ -716,4 +706,15 @@ fn a_node_on_an_empty_disk_cut_off_masters_nothing() {
     let view = c.converged(mailbox, CONVERGE);
     let present: BTreeSet<String> = view.messages.iter().map(|m| m.guid.clone()).collect();
     assert_eq!(present, acked, "the refused delivery stored nothing");
+}
+
+/// One delivery through each of the three nodes, converged: their GUIDs.
+fn one_save_through_each(c: &Cluster, mailbox: &str) -> BTreeSet<String> {
+    let mut acked = BTreeSet::new();
+    for i in 0..3 {
+        let (_, guid) = c.deliver(i, mailbox, &format!("Subject: before {i}\r\n\r\n")).expect("save");
+        acked.insert(guid);
+    }
+    c.converged(mailbox, CONVERGE);
+    acked
 }
