@@ -197,6 +197,11 @@ pub struct Status {
     /// reach their master are refused from those). None for any other store.
     #[serde(default)]
     pub unconfirmed: Option<usize>,
+    /// Whether the store is filled: it has been in a root term and, if a newcomer, every
+    /// mailbox it holds is confirmed (at least one). What an operator waits for before
+    /// sending clients to a new server. None from an older node.
+    #[serde(default)]
+    pub filled: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

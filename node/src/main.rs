@@ -398,10 +398,14 @@ async fn run(command: Command) -> Result<(), String> {
                 return out(&json(&s)?);
             }
             let mut text = format!("server {}  store {}  root {:?}  epoch {}\n", s.id, s.store, s.root, s.epoch);
-            if let Some(n) = s.unconfirmed {
-                text += &format!(
-                    "newcomer store: {n} mailboxes not yet confirmed by their masters (0: filled, clients may come)\n"
-                );
+            match (s.filled, s.unconfirmed) {
+                (Some(false), Some(n)) => {
+                    text +=
+                        &format!("store not filled yet: a newcomer, {n} mailboxes not yet confirmed by their masters\n")
+                }
+                (Some(false), None) => text += "store not filled yet: never in a root term\n",
+                (Some(true), Some(_)) => text += "store filled: a newcomer, every mailbox it holds confirmed\n",
+                _ => {}
             }
             text += &format!("masters known: {:?}\n", s.masters);
             text += &format!("mastered here: {:?}\n", s.mastered_here);

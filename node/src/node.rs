@@ -1090,6 +1090,7 @@ impl EventLoop {
             wanted_bodies: s.wanted_bodies(),
             store: format!("{:016x}", s.image().store_id),
             unconfirmed: self.unconfirmed(),
+            filled: Some(s.store_filled()),
         }
     }
 

@@ -660,10 +660,11 @@ fn a_node_with_a_new_disk_is_known_by_its_new_store_identity() {
     // mailbox is confirmed by the master's check once filled. The others are not.
     assert_eq!(c.status(0).unconfirmed, None, "a store from the cluster's start is no newcomer");
     assert!(
-        harness::eventually(|| c.status(2).unconfirmed == Some(0)),
+        harness::eventually(|| c.status(2).unconfirmed == Some(0) && c.status(2).filled == Some(true)),
         "the new store's copies are confirmed: {:?}",
         c.status(2).unconfirmed
     );
+    assert_eq!(c.status(0).filled, Some(true));
     // A restart keeps the store's identity, and what was confirmed.
     c.kill9(2);
     c.spawn(2);
@@ -692,11 +693,12 @@ fn a_node_on_an_empty_disk_cut_off_masters_nothing() {
     assert!(refused.is_err(), "a store never in a term masters nothing alone: {refused:?}");
     let alone = c.status(2);
     assert_eq!(alone.root, None, "no term of its own");
+    assert_eq!(alone.filled, Some(false), "never in a term");
     assert!(alone.mailboxes.is_empty(), "{:?}", alone.mailboxes);
     c.heal();
     c.wait_linked();
     assert!(
-        harness::eventually(|| c.status(2).unconfirmed == Some(0)
+        harness::eventually(|| c.status(2).filled == Some(true)
             && c.status(2).mailboxes.iter().any(|m| m.mailbox == mailbox && m.messages == 3)),
         "filled and confirmed once linked: {:?}",
         c.status(2).unconfirmed

@@ -11,9 +11,10 @@
 //! and finishes no catch-up of a mastership: alone, it would master mailboxes from its
 //! empty or partly filled disk and give out UIDs the cluster had given already.
 //!
-//! A store learns it is a newcomer from the first link state it hears in an incarnation:
-//! it was never in a root term (epoch 0) and the link state's origin had been (the origin
-//! may be this server before it lost its disk: a peer relays that back first). The
+//! A store learns it is a newcomer from the first epoch a peer tells it in an incarnation
+//! (a link state, a term): it was never in a root term (epoch 0) and the cluster had been
+//! (a link state's origin may be this server before it lost its disk: a peer relays that
+//! back first). The
 //! servers of a new cluster hear each other before any of them opens the first term (the
 //! start-up hold waits for every configured server), so they are not newcomers; one
 //! started after the others had opened it is, rightly: it may have missed mail.
@@ -21,12 +22,13 @@
 use super::Server;
 use crate::marks::Mark;
 use crate::store::StoreWrite;
-use crate::types::MailboxKey;
+use crate::types::{MailboxKey, MasterKey};
 
 impl Server {
-    /// A link state a peer sent, with the highest epoch its origin knew: the first one
-    /// heard in this incarnation tells a store that was never in a term whether its
-    /// cluster had run (the origin may be this server before it lost its disk).
+    /// An epoch a peer's message carries (a link state's, with the highest epoch its
+    /// origin knew, or a term's): the first one heard in this incarnation tells a store
+    /// that was never in a term whether its cluster had run (a link state's origin may
+    /// be this server before it lost its disk).
     pub(crate) fn heard_peer_epoch(&mut self, peer_epoch: u64) {
         if self.peer_heard {
             return;
@@ -71,11 +73,38 @@ impl Server {
         debug_assert!(self.copy_trusted(mailbox) || disk.epoch == 0, "a confirmed copy is trusted");
     }
 
+    /// A catch-up of `key`'s mastership here heard every peer it asked and merged their
+    /// copies: ours of the key's mailboxes are confirmed (as a master, nobody checks them).
+    pub(crate) fn copies_caught_up(&mut self, key: &MasterKey) {
+        if !self.image.disk().newcomer || self.alone_unfilled() {
+            return;
+        }
+        let granularity = self.cfg.granularity;
+        let mailboxes: Vec<MailboxKey> = self
+            .image
+            .disk()
+            .mailboxes
+            .keys()
+            .filter(|m| MasterKey::of(m, granularity) == *key && !self.image.disk().confirmed.contains(*m))
+            .cloned()
+            .collect();
+        for mailbox in &mailboxes {
+            self.copy_confirmed(mailbox);
+        }
+    }
+
     /// Whether this server, with no other server of its cluster in reach, holds a store
     /// not filled yet: it then opens no root term, and as a root from before gives out
     /// no mastership (it would master from its empty or partly filled disk).
     pub(crate) fn alone_unfilled(&self) -> bool {
         self.member_servers.len() > 1 && self.routing.reachable().len() <= 1 && self.store_unfilled()
+    }
+
+    /// Whether this store is filled: neither never in a term nor a newcomer with a copy
+    /// no master confirmed (see `store_unfilled`). What an operator waits for before
+    /// sending clients to a new server.
+    pub fn store_filled(&self) -> bool {
+        !self.store_unfilled()
     }
 
     /// Whether this store is not filled yet: never in a term, or a newcomer with no copy

@@ -139,6 +139,12 @@ impl Masters {
         self.mastered.iter().filter(|(_, m)| m.catchup.as_ref().is_some_and(done)).map(|(k, _)| k.clone()).collect()
     }
 
+    /// Whether the catch-up of `key` has every answer it waited for (it did not end by
+    /// its deadline).
+    pub(crate) fn catchup_heard_all(&self, key: &MasterKey) -> bool {
+        self.catchup(key).is_some_and(|c| c.waiting_mbox.is_empty() && c.waiting_sync.is_empty())
+    }
+
     /// The catch-up of `key` is over: we order its writes from now on.
     pub(crate) fn caught_up(&mut self, key: &MasterKey) {
         if let Some(m) = self.mastered.get_mut(key) {

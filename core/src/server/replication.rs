@@ -660,9 +660,10 @@ impl Server {
             return;
         }
         let i_master = self.masters.masters_ready(&key);
-        if equal && kind == SummaryKind::Check && !i_master && self.masters.cached(&key).is_none_or(|m| m == src) {
-            // A master's check (or, rarely, a fresh read's comparison sent to a server it
-            // took for the master) found our copy the same: a newcomer trusts it now.
+        if equal && kind == SummaryKind::Check && !i_master && self.masters.cached(&key) == Some(src) {
+            // The master's check found our copy the same: a newcomer trusts it now. (A
+            // fresh read's comparison, from a server that took us for the master, is a
+            // Check too: the sender must be the master we know.)
             self.copy_confirmed(&mailbox);
         }
         if equal {

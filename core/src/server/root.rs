@@ -148,6 +148,9 @@ impl Server {
     }
 
     pub(crate) fn on_root(&mut self, from: Sid, epoch: u64, root: Sid) {
+        if from != self.cfg.sid {
+            self.heard_peer_epoch(epoch);
+        }
         if root == self.cfg.sid && from != self.cfg.sid {
             self.on_term_asked(from, epoch);
             return;
@@ -203,6 +206,9 @@ impl Server {
     }
 
     pub(crate) fn on_dropped(&mut self, from: Sid, epoch: u64) {
+        if from != self.cfg.sid {
+            self.heard_peer_epoch(epoch);
+        }
         if epoch > self.image.disk().epoch {
             self.set_epoch(epoch);
             self.check_root();
@@ -260,6 +266,9 @@ impl Server {
     }
 
     pub(crate) fn on_who(&mut self, from: Sid, epoch: u64, keys: Vec<MasterKey>) {
+        if from != self.cfg.sid {
+            self.heard_peer_epoch(epoch);
+        }
         if epoch > self.image.disk().epoch {
             self.set_epoch(epoch);
             self.check_root();
