@@ -48,7 +48,8 @@ pub struct Config {
     #[serde(default = "Config::startup_hold_us_default")]
     pub startup_hold_us: u64,
     /// How long a `ClientRequest::FreshRead` may wait for its master's position and for
-    /// this server's copy to reach it before it is answered from what is here.
+    /// this server's copy to reach it before it is answered from what is here (or
+    /// refused, from a copy still being filled: see `server::filling`).
     #[serde(default = "Config::fresh_read_us_default")]
     pub fresh_read_us: u64,
     /// A SAVE whose bytes equal a live message's in the same mailbox, received within
