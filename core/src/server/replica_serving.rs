@@ -42,15 +42,6 @@ impl Server {
         let own = self.user_replica_partial().cloned();
         let partial = if self.cfg.user_replica { own.clone() } else { partial.cloned() };
         let mut summaries = self.image.summaries_of_user(user);
-        if !self.cfg.user_replica && summaries.iter().any(|s| !self.copy_trusted(&s.mailbox)) {
-            // A laptop syncs from copies the mailboxes really had (see `filling`). A list
-            // without a mailbox the cluster has only makes the laptop push its own copy,
-            // which the master merges.
-            self.marks.hit(crate::Mark::UnfilledReadRefused);
-            let reason = "this server's copies are still being filled from its peers".to_string();
-            self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
-            return;
-        }
         if let Some(p) = partial.as_ref().filter(|p| !p.is_whole()) {
             summaries.retain(|s| p.holds_mailbox(&s.mailbox.name));
             if p.since_s > 0 {
@@ -86,12 +77,6 @@ impl Server {
         let checked = crate::limits::check_mailbox(mailbox).and_then(|()| partial.map_or(Ok(()), Partial::check));
         if let Err(reason) = checked {
             self.out.reply(id, ClientReply::Failed { kind: FailKind::Permanent, reason });
-            return;
-        }
-        if !self.cfg.user_replica && !self.copy_trusted(mailbox) {
-            self.marks.hit(crate::Mark::UnfilledReadRefused);
-            let reason = format!("this server's copy of {mailbox} is still being filled from its peers");
-            self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
             return;
         }
         let mut state = match self.image.durable_mailbox_to_push(mailbox) {

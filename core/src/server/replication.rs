@@ -660,10 +660,12 @@ impl Server {
             return;
         }
         let i_master = self.masters.masters_ready(&key);
-        if equal && kind == SummaryKind::Check && !i_master && self.masters.cached(&key) == Some(src) {
-            // The master's check found our copy the same: a newcomer trusts it now. (A
+        if equal && kind == SummaryKind::Check && !i_master && self.masters.cached(&key).is_none_or(|m| m == src) {
+            // The master's check found our copy the same: a newcomer trusts it now. A
             // fresh read's comparison, from a server that took us for the master, is a
-            // Check too: the sender must be the master we know.)
+            // Check too: a sender other than the master we know is not taken; with no
+            // master known (after every term change, until asked) the check is, or a
+            // newcomer's copies wait long to count (the laptop focus: a third as many).
             self.copy_confirmed(&mailbox);
         }
         if equal {
