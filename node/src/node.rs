@@ -1045,13 +1045,6 @@ impl EventLoop {
         }
     }
 
-    /// A newcomer store's mailboxes no master has confirmed yet (None for any other
-    /// store): the core confirms only copies it holds.
-    fn unconfirmed(&self) -> Option<usize> {
-        let image = self.server.image();
-        image.newcomer.then(|| image.mailboxes.len().saturating_sub(image.confirmed.len()))
-    }
-
     fn status(&self) -> admin::Status {
         let s = &self.server;
         let backlog = s.backlog();
@@ -1089,7 +1082,7 @@ impl EventLoop {
             jobs: s.jobs_in_progress(),
             wanted_bodies: s.wanted_bodies(),
             store: format!("{:016x}", s.image().store_id),
-            unconfirmed: self.unconfirmed(),
+            unconfirmed: s.unconfirmed_copies(),
             filled: Some(s.store_filled()),
         }
     }
@@ -1105,7 +1098,7 @@ impl EventLoop {
             .map(|p| (p.0, self.links.contains_key(p)))
             .collect();
         let marks: Vec<(&str, u64)> = Mark::ALL.iter().map(|m| (m.name(), s.marks().count(*m))).collect();
-        self.metrics.render(s.sid().0, &backlog, &links, &marks, self.unconfirmed())
+        self.metrics.render(s.sid().0, &backlog, &links, &marks, s.unconfirmed_copies())
     }
 }
 

@@ -22,15 +22,15 @@
 use super::Server;
 use crate::marks::Mark;
 use crate::store::StoreWrite;
-use crate::types::{MailboxKey, MasterKey};
+use crate::types::{MailboxKey, MasterKey, Sid};
 
 impl Server {
     /// An epoch a peer's message carries (a link state's, with the highest epoch its
     /// origin knew, or a term's): the first one heard in this incarnation tells a store
     /// that was never in a term whether its cluster had run (a link state's origin may
     /// be this server before it lost its disk).
-    pub(crate) fn heard_peer_epoch(&mut self, peer_epoch: u64) {
-        if self.peer_heard {
+    pub(crate) fn heard_peer_epoch(&mut self, from: Sid, peer_epoch: u64) {
+        if self.peer_heard || from == self.cfg.sid {
             return;
         }
         self.peer_heard = true;
@@ -56,9 +56,9 @@ impl Server {
         disk.epoch > 0 && (!disk.newcomer || disk.confirmed.contains(mailbox))
     }
 
-    /// This server's copy of `mailbox` is the same as its master's (a master's check
-    /// found it so, or a fresh read caught up with the master's position): a newcomer
-    /// trusts it from now on, across restarts.
+    /// This server's copy of `mailbox` is the same as its master's (the master's check
+    /// found it so, a fresh read caught up with another server's position, or a catch-up
+    /// here heard every peer): a newcomer trusts it from now on, across restarts.
     /// Only a copy held here counts: a fresh read of a name nobody has catches up too, and
     /// a client could fill the set with names otherwise.
     pub(crate) fn copy_confirmed(&mut self, mailbox: &MailboxKey) {
@@ -80,14 +80,8 @@ impl Server {
             return;
         }
         let granularity = self.cfg.granularity;
-        let mailboxes: Vec<MailboxKey> = self
-            .image
-            .disk()
-            .mailboxes
-            .keys()
-            .filter(|m| MasterKey::of(m, granularity) == *key && !self.image.disk().confirmed.contains(*m))
-            .cloned()
-            .collect();
+        let mailboxes: Vec<MailboxKey> =
+            self.image.disk().mailboxes.keys().filter(|m| MasterKey::of(m, granularity) == *key).cloned().collect();
         for mailbox in &mailboxes {
             self.copy_confirmed(mailbox);
         }
@@ -116,6 +110,13 @@ impl Server {
             return false;
         }
         let disk = self.image.disk();
-        disk.epoch == 0 || (disk.newcomer && (disk.confirmed.is_empty() || disk.confirmed.len() < disk.mailboxes.len()))
+        disk.epoch == 0 || self.unconfirmed_copies().is_some_and(|n| n > 0 || disk.confirmed.is_empty())
+    }
+
+    /// A newcomer's copies no master has confirmed yet (None for any other store):
+    /// confirmed copies are copies held here, so a count, not a walk.
+    pub fn unconfirmed_copies(&self) -> Option<usize> {
+        let disk = self.image.disk();
+        disk.newcomer.then(|| disk.mailboxes.len().saturating_sub(disk.confirmed.len()))
     }
 }

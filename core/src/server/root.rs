@@ -148,9 +148,7 @@ impl Server {
     }
 
     pub(crate) fn on_root(&mut self, from: Sid, epoch: u64, root: Sid) {
-        if from != self.cfg.sid {
-            self.heard_peer_epoch(epoch);
-        }
+        self.heard_peer_epoch(from, epoch);
         if root == self.cfg.sid && from != self.cfg.sid {
             self.on_term_asked(from, epoch);
             return;
@@ -206,9 +204,7 @@ impl Server {
     }
 
     pub(crate) fn on_dropped(&mut self, from: Sid, epoch: u64) {
-        if from != self.cfg.sid {
-            self.heard_peer_epoch(epoch);
-        }
+        self.heard_peer_epoch(from, epoch);
         if epoch > self.image.disk().epoch {
             self.set_epoch(epoch);
             self.check_root();
@@ -266,9 +262,7 @@ impl Server {
     }
 
     pub(crate) fn on_who(&mut self, from: Sid, epoch: u64, keys: Vec<MasterKey>) {
-        if from != self.cfg.sid {
-            self.heard_peer_epoch(epoch);
-        }
+        self.heard_peer_epoch(from, epoch);
         if epoch > self.image.disk().epoch {
             self.set_epoch(epoch);
             self.check_root();

@@ -90,7 +90,7 @@ impl Server {
     ) {
         // Before the epoch is learned: whether this store was ever in a term. Our own
         // announcement from before a lost disk counts too (a peer relays it back first).
-        self.heard_peer_epoch(epoch);
+        self.heard_peer_epoch(from, epoch);
         // Learned before the routes change, so that a term opened because the component
         // grew has an epoch above every epoch in it (even our own from before a disk loss).
         if self.set_epoch(epoch) && self.routing.is_reachable(origin) {
