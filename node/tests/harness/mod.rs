@@ -264,6 +264,16 @@ impl Cluster {
         }
     }
 
+    /// Node `i`'s exit status if its process has ended (without waiting).
+    #[allow(dead_code)]
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.procs[i].as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
+            self.procs[i] = None;
+        }
+        status
+    }
+
     /// Waits up to `limit` for node `i`'s process to end on its own; its exit status.
     #[allow(dead_code)]
     pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
