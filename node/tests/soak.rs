@@ -1,16 +1,19 @@
-//! A randomized soak of three real `tandem` processes: client threads deliver, flag and
-//! expunge through every node while a schedule drawn from a seed kills nodes (SIGKILL),
-//! cuts and freezes peer links and moves masterships. Then everything heals and the
-//! cluster must agree: every acknowledged delivery present on every node unless an
-//! acknowledged EXPUNGE took it, no acknowledged expunge undone, no node that stopped by
-//! itself, no panic in any log.
+//! A randomized soak of three real `tandem` processes: client threads deliver (through
+//! the admin socket and over LMTP to two recipients at once), flag and expunge through
+//! every node while a schedule drawn from a seed kills nodes (SIGKILL), loses one disk,
+//! cuts, freezes and isolates peer links and moves masterships. Then everything heals
+//! and the cluster must agree: every acknowledged delivery (an admin `saved`, an LMTP
+//! 250 for that recipient) present on every node unless an acknowledged EXPUNGE took
+//! it, no acknowledged expunge undone, no UID a client was told bound to another
+//! message, no permanent error, no node that stopped by itself, no panic in any log.
 //!
 //! The simulator checks the core under far more schedules; this checks what it cannot:
-//! the node's shell (sockets, redb, body files, redials, the admin front end) under the
-//! same kinds of faults. `TANDEM_SOAK_SECS` (default 25) sets how long the faults go
-//! on and `TANDEM_SOAK_SEED` the schedule (default 1; the seed is printed, and a failure
-//! names it): `TANDEM_SOAK_SECS=600 TANDEM_SOAK_SEED=7 cargo test --release -p
-//! tandem-node --test soak -- --nocapture` for a long run by hand.
+//! the node's shell (sockets, redb, body files, redials, the admin and LMTP front ends)
+//! under the same kinds of faults. `TANDEM_SOAK_SECS` (default 25) sets how long the
+//! faults go on and `TANDEM_SOAK_SEED` the schedule (default 1; the seed is printed, and
+//! a failure names it): `TANDEM_SOAK_SECS=600 TANDEM_SOAK_SEED=7 cargo test --release -p
+//! tandem-node --test soak -- --nocapture` for a long run by hand. The nodes are real
+//! processes, so a seed fixes the schedule, not the interleaving.
 
 mod harness;
 
@@ -18,6 +21,8 @@ use harness::{Cluster, call};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +46,9 @@ struct Told {
     counts: BTreeMap<&'static str, u64>,
     /// Answers that were neither OK nor a temporary failure.
     permanent: Vec<String>,
+    /// Deliveries over LMTP answered 250 for a recipient: (mailbox, body checksum as the
+    /// admin dump shows it). Never expunged by the soak, so each must stay.
+    lmtp_saved: BTreeSet<(usize, String)>,
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -130,6 +138,88 @@ fn client(seed: u64, admin: Vec<AdminAddr>, told: Arc<Mutex<Told>>, stop: Arc<At
     }
 }
 
+/// The LMTP recipients and their INBOXes' places in `MAILBOXES`.
+const RECIPIENTS: [(&str, usize); 2] = [("soak@example.org", 0), ("other@example.org", 2)];
+
+/// One LMTP transaction of `body` to every recipient in `RECIPIENTS`: the reply code of
+/// each recipient after DATA, or why the session broke (a node killed mid-session is
+/// one of the faults, so nothing here may panic).
+fn lmtp_once(addr: SocketAddr, body: &str) -> Result<Vec<String>, String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut w = stream;
+    let reply = |r: &mut BufReader<TcpStream>| -> Result<String, String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err(format!("closed after {all:?}"));
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return Ok(all);
+            }
+        }
+    };
+    let send = |w: &mut TcpStream, text: &str| w.write_all(text.as_bytes()).map_err(|e| e.to_string());
+    reply(&mut r)?;
+    send(&mut w, "LHLO soak\r\n")?;
+    reply(&mut r)?;
+    send(&mut w, "MAIL FROM:<sender@example.net>\r\n")?;
+    reply(&mut r)?;
+    let mut accepted = 0;
+    for (rcpt, _) in RECIPIENTS {
+        send(&mut w, &format!("RCPT TO:<{rcpt}>\r\n"))?;
+        let answer = reply(&mut r)?;
+        if !answer.starts_with("250") {
+            return Err(format!("RCPT {rcpt}: {answer}"));
+        }
+        accepted += 1;
+    }
+    send(&mut w, "DATA\r\n")?;
+    let go = reply(&mut r)?;
+    if !go.starts_with("354") {
+        return Err(format!("DATA: {go}"));
+    }
+    send(&mut w, body)?;
+    send(&mut w, ".\r\n")?;
+    (0..accepted).map(|_| reply(&mut r)).collect()
+}
+
+/// Delivers over LMTP through random nodes until `stop`, noting each recipient's 250.
+fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: Arc<AtomicBool>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let node = rng.random_range(0..lmtp.len());
+        let body = format!(
+            "From: sender@example.net\r\nMessage-ID: <lmtp.{seed}.{n}@soak>\r\nSubject: lmtp {seed} {n}\r\n\r\nbody {n}\r\n"
+        );
+        let checksum = format!("{:016x}", tandem_core::hash::body_checksum(body.as_bytes()));
+        let answers = lmtp_once(lmtp[node], &body);
+        let mut t = told.lock().unwrap();
+        match answers {
+            Ok(answers) => {
+                for ((_, mbox), answer) in RECIPIENTS.iter().zip(&answers) {
+                    if answer.starts_with("250") {
+                        t.lmtp_saved.insert((*mbox, checksum.clone()));
+                        *t.counts.entry("lmtp 250").or_default() += 1;
+                    } else if answer.starts_with('4') {
+                        *t.counts.entry("lmtp 4xx").or_default() += 1;
+                    } else {
+                        t.permanent.push(format!("lmtp: {answer}"));
+                    }
+                }
+            }
+            Err(_) => *t.counts.entry("lmtp session broken").or_default() += 1,
+        }
+        drop(t);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Fails with the node's log if a node we did not stop has stopped by itself.
 fn check_running(c: &mut Cluster, up: &[bool], seed: u64) {
     for (i, is_up) in up.iter().enumerate() {
@@ -144,7 +234,15 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     let seed = env_u64("TANDEM_SOAK_SEED", 1);
     let secs = env_u64("TANDEM_SOAK_SECS", 25);
     eprintln!("soak: seed {seed}, {secs} s of faults (TANDEM_SOAK_SEED, TANDEM_SOAK_SECS)");
-    let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
+    let users = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
+    for (user, _) in RECIPIENTS {
+        tandem_node::users::add_user(&users, user, b"a soak password").unwrap();
+    }
+    let lmtp: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let (l2, u2) = (lmtp.clone(), users.clone());
+    let mut c = Cluster::start_with(3, "mode = \"sync\"\nreplicas = 1", move |i| {
+        format!("lmtp = \"{}\"\nusers_file = \"{}\"\n", l2[i], u2.display())
+    });
     let told: Arc<Mutex<Told>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
@@ -153,6 +251,10 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
             std::thread::spawn(move || client(seed.wrapping_mul(1000).wrapping_add(k as u64), admin, told, stop))
         })
         .collect();
+    let lmtp_thread = {
+        let (told, stop) = (told.clone(), stop.clone());
+        std::thread::spawn(move || lmtp_client(seed.wrapping_mul(1000).wrapping_add(999), lmtp, told, stop))
+    };
 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut up = vec![true; 3];
@@ -232,6 +334,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     for client in clients {
         client.join().expect("client thread");
     }
+    lmtp_thread.join().expect("lmtp thread");
     check_running(&mut c, &up, seed);
     for p in c.proxies.values() {
         p.heal();
@@ -272,6 +375,13 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
             assert!(
                 *m != mbox || !present.contains(guid),
                 "seed {seed}: {guid} came back in {mailbox} after an acknowledged EXPUNGE"
+            );
+        }
+        let checksums: BTreeSet<&String> = view.messages.iter().map(|m| &m.checksum).collect();
+        for (m, checksum) in &told.lmtp_saved {
+            assert!(
+                *m != mbox || checksums.contains(checksum),
+                "seed {seed}: a delivery answered 250 over LMTP (body checksum {checksum}) lost from {mailbox}"
             );
         }
         present_total += view.messages.len();
