@@ -11,8 +11,9 @@
 //! the node's shell (sockets, redb, body files, redials, the admin and LMTP front ends)
 //! under the same kinds of faults. `TANDEM_SOAK_SECS` (default 25) sets how long the
 //! faults go on and `TANDEM_SOAK_SEED` the schedule (default 1; the seed is printed, and
-//! a failure names it): `TANDEM_SOAK_SECS=600 TANDEM_SOAK_SEED=7 cargo test --release -p
-//! tandem-node --test soak -- --nocapture` for a long run by hand. The nodes are real
+//! a failure names it), `TANDEM_SOAK_NODES` (default 3) and `TANDEM_SOAK_REPLICAS`
+//! (default 1) the cluster: `TANDEM_SOAK_SECS=600 TANDEM_SOAK_SEED=7 cargo test --release
+//! -p tandem-node --test soak -- --nocapture` for a long run by hand. The nodes are real
 //! processes, so a seed fixes the schedule, not the interleaving.
 
 mod harness;
@@ -233,14 +234,22 @@ fn check_running(c: &mut Cluster, up: &[bool], seed: u64) {
 fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     let seed = env_u64("TANDEM_SOAK_SEED", 1);
     let secs = env_u64("TANDEM_SOAK_SECS", 25);
-    eprintln!("soak: seed {seed}, {secs} s of faults (TANDEM_SOAK_SEED, TANDEM_SOAK_SECS)");
+    // Any `replicas` of at least 1 leaves every acknowledged message on two disks at
+    // least, so the one lost disk a run may have takes none of them.
+    let nodes = env_u64("TANDEM_SOAK_NODES", 3).clamp(2, 9) as usize;
+    let replicas = env_u64("TANDEM_SOAK_REPLICAS", 1).clamp(1, nodes as u64 - 1);
+    eprintln!(
+        "soak: seed {seed}, {secs} s of faults, {nodes} nodes, replicas = {replicas} \
+         (TANDEM_SOAK_SEED, TANDEM_SOAK_SECS, TANDEM_SOAK_NODES, TANDEM_SOAK_REPLICAS)"
+    );
     let users = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
     for (user, _) in RECIPIENTS {
         tandem_node::users::add_user(&users, user, b"a soak password").unwrap();
     }
-    let lmtp: Vec<SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
+    let lmtp: Vec<SocketAddr> = (0..nodes).map(|_| harness::free_port()).collect();
     let (l2, u2) = (lmtp.clone(), users.clone());
-    let mut c = Cluster::start_with(3, "mode = \"sync\"\nreplicas = 1", move |i| {
+    let mode = format!("mode = \"sync\"\nreplicas = {replicas}");
+    let mut c = Cluster::start_with(nodes, &mode, move |i| {
         format!("lmtp = \"{}\"\nusers_file = \"{}\"\n", l2[i], u2.display())
     });
     let told: Arc<Mutex<Told>> = Arc::default();
@@ -257,7 +266,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     };
 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut up = vec![true; 3];
+    let mut up = vec![true; nodes];
     let links: Vec<(usize, usize)> = c.proxies.keys().copied().collect();
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut disk_lost = false;
@@ -267,9 +276,9 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
         check_running(&mut c, &up, seed);
         let down = up.iter().filter(|u| !**u).count();
         match rng.random_range(0..100u32) {
-            // At most two of the three down: the third keeps its disk and its term.
-            0..20 if down < 2 => {
-                let i = rng.random_range(0..3);
+            // All but one down at most: the last keeps its disk and its term.
+            0..20 if down + 1 < nodes => {
+                let i = rng.random_range(0..nodes);
                 if up[i] {
                     c.kill9(i);
                     up[i] = false;
@@ -277,7 +286,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
                 }
             }
             20..45 if down > 0 => {
-                let i = (0..3).find(|i| !up[*i]).unwrap_or(0);
+                let i = (0..nodes).find(|i| !up[*i]).unwrap_or(0);
                 c.spawn(i);
                 c.wait_up(i);
                 up[i] = true;
@@ -301,7 +310,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
                 *faults.entry("links healed").or_default() += 1;
             }
             85..95 => {
-                let i = rng.random_range(0..3);
+                let i = rng.random_range(0..nodes);
                 let mailbox = MAILBOXES[rng.random_range(0..MAILBOXES.len())].to_string();
                 if up[i] {
                     let _ = call(&c.admin[i], &AdminRequest::MasterMove { mailbox });
@@ -312,7 +321,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
             // acknowledged message is on two disks, so one may go (more would be a loss
             // the mode does not promise to survive).
             95..97 if down == 0 && !disk_lost => {
-                let i = rng.random_range(0..3);
+                let i = rng.random_range(0..nodes);
                 c.kill9(i);
                 let data = c.dir.path().join(format!("data-{}", i + 1));
                 std::fs::remove_dir_all(&data).expect("remove a data directory");
@@ -322,7 +331,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
                 *faults.entry("disk lost").or_default() += 1;
             }
             _ => {
-                let i = rng.random_range(0..3);
+                let i = rng.random_range(0..nodes);
                 if up[i] {
                     c.isolate(i);
                     *faults.entry("node isolated").or_default() += 1;
@@ -386,7 +395,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
         }
         present_total += view.messages.len();
     }
-    for i in 0..3 {
+    for i in 0..nodes {
         let log = c.log(i);
         assert!(!log.contains("panicked"), "seed {seed}: node {} panicked; log:\n{log}", i + 1);
     }
