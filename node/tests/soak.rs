@@ -1,14 +1,16 @@
 //! A randomized soak of three real `tandem` processes: client threads deliver (through
-//! the admin socket and over LMTP to two recipients at once), flag and expunge through
+//! the admin socket, over LMTP to two recipients at once, and by IMAP APPEND), flag and
+//! expunge through
 //! every node while a schedule drawn from a seed kills nodes (SIGKILL), loses one disk,
 //! cuts, freezes and isolates peer links and moves masterships. Then everything heals
 //! and the cluster must agree: every acknowledged delivery (an admin `saved`, an LMTP
-//! 250 for that recipient) present on every node unless an acknowledged EXPUNGE took
+//! 250 for that recipient, an APPEND's OK) present on every node unless an acknowledged EXPUNGE took
 //! it, no acknowledged expunge undone, no UID a client was told bound to another
 //! message, no permanent error, no node that stopped by itself, no panic in any log.
 //!
 //! The simulator checks the core under far more schedules; this checks what it cannot:
-//! the node's shell (sockets, redb, body files, redials, the admin and LMTP front ends)
+//! the node's shell (sockets, redb, body files, redials, the admin, LMTP and IMAP front
+//! ends)
 //! under the same kinds of faults. `TANDEM_SOAK_SECS` (default 25) sets how long the
 //! faults go on and `TANDEM_SOAK_SEED` the schedule (default 1; the seed is printed, and
 //! a failure names it), `TANDEM_SOAK_NODES` (default 3), `TANDEM_SOAK_MODE` (`sync`, the
@@ -33,13 +35,18 @@ use tandem_node::admin::{AdminAddr, AdminReply, AdminRequest};
 /// The first `ADMIN_MAILBOXES` take the admin clients' deliveries, flags and expunges;
 /// the INBOXes after them only LMTP deliveries, which no client expunges (in async mode
 /// an EXPUNGE of a UID told across a partition may hit another message there).
-const MAILBOXES: [&str; 5] = [
+const MAILBOXES: [&str; 6] = [
     "soak@example.org/Archive",
     "other@example.org/Work",
     "third@example.org/INBOX",
     "soak@example.org/INBOX",
     "other@example.org/INBOX",
+    "other@example.org/Sent",
 ];
+/// Where the IMAP client appends (its place in `MAILBOXES`), as that user.
+const IMAP_USER: &str = "other@example.org";
+const IMAP_MAILBOX: (&str, usize) = ("Sent", 5);
+const PASSWORD: &[u8] = b"a soak password";
 const ADMIN_MAILBOXES: usize = 3;
 const FLAGS: [&str; 3] = ["\\Seen", "\\Flagged", "$Label1"];
 const CLIENTS: usize = 3;
@@ -61,9 +68,10 @@ struct Told {
     counts: BTreeMap<&'static str, u64>,
     /// Answers that were neither OK nor a temporary failure.
     permanent: Vec<String>,
-    /// Deliveries over LMTP answered 250 for a recipient: (mailbox, body checksum as the
-    /// admin dump shows it). Never expunged by the soak, so each must stay.
-    lmtp_saved: BTreeSet<(usize, String)>,
+    /// Deliveries over LMTP answered 250 for a recipient and IMAP APPENDs answered OK,
+    /// whose GUIDs the client is not told: (mailbox, body checksum as the admin dump
+    /// shows it). Never expunged by the soak, so each must stay.
+    saved_unseen: BTreeSet<(usize, String)>,
     /// Every fault and acknowledged request, with its time since the start: written
     /// beside the nodes' logs when the run fails.
     timeline: Vec<String>,
@@ -236,7 +244,7 @@ fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: A
             Ok(answers) => {
                 for ((_, mbox), answer) in RECIPIENTS.iter().zip(&answers) {
                     if answer.starts_with("250") {
-                        t.lmtp_saved.insert((*mbox, checksum.clone()));
+                        t.saved_unseen.insert((*mbox, checksum.clone()));
                         *t.counts.entry("lmtp 250").or_default() += 1;
                     } else if answer.starts_with('4') {
                         *t.counts.entry("lmtp 4xx").or_default() += 1;
@@ -246,6 +254,93 @@ fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: A
                 }
             }
             Err(_) => *t.counts.entry("lmtp session broken").or_default() += 1,
+        }
+        drop(t);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads IMAP lines until the one tagged `tag`; returns it.
+fn imap_tagged(r: &mut BufReader<TcpStream>, tag: &str) -> Result<String, String> {
+    for _ in 0..1000 {
+        let mut line = String::new();
+        if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("closed".into());
+        }
+        if line.starts_with(&format!("{tag} ")) {
+            return Ok(line);
+        }
+    }
+    Err(format!("no {tag} answer in 1000 lines"))
+}
+
+/// One IMAP session: LOGIN, APPEND of `body` (a CREATE first when the mailbox is not
+/// there yet), LOGOUT. Ok(true) for an APPEND answered OK, Ok(false) for a NO (a
+/// temporary failure under faults); Err when the session broke, or for an answer a
+/// fault should never cause (then starting "BAD").
+fn imap_append_once(addr: SocketAddr, body: &str) -> Result<bool, String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut w = stream;
+    let send = |w: &mut TcpStream, text: &str| w.write_all(text.as_bytes()).map_err(|e| e.to_string());
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).map_err(|e| e.to_string())?;
+    let password = String::from_utf8_lossy(PASSWORD);
+    send(&mut w, &format!("a LOGIN \"{IMAP_USER}\" \"{password}\"\r\n"))?;
+    let login = imap_tagged(&mut r, "a")?;
+    if !login.starts_with("a OK") {
+        return Err(format!("BAD login: {login}"));
+    }
+    let mut answer = String::new();
+    for (attempt, tag) in ["b", "d"].iter().enumerate() {
+        send(&mut w, &format!("{tag} APPEND {} {{{}}}\r\n", IMAP_MAILBOX.0, body.len()))?;
+        let mut go = String::new();
+        r.read_line(&mut go).map_err(|e| e.to_string())?;
+        answer = if go.starts_with('+') {
+            send(&mut w, body)?;
+            send(&mut w, "\r\n")?;
+            imap_tagged(&mut r, tag)?
+        } else {
+            go
+        };
+        if attempt == 0 && answer.contains("[TRYCREATE]") {
+            send(&mut w, &format!("c CREATE {}\r\n", IMAP_MAILBOX.0))?;
+            imap_tagged(&mut r, "c")?;
+            continue;
+        }
+        break;
+    }
+    let _ = send(&mut w, "z LOGOUT\r\n");
+    let ok = answer.split_whitespace().nth(1);
+    match ok {
+        Some("OK") => Ok(true),
+        Some("NO") => Ok(false),
+        _ => Err(format!("BAD append: {answer}")),
+    }
+}
+
+/// Appends over IMAP through random nodes until `stop`, noting each OK.
+fn imap_client(seed: u64, imap: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: Arc<AtomicBool>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let node = rng.random_range(0..imap.len());
+        let body = format!(
+            "From: {IMAP_USER}\r\nMessage-ID: <imap.{seed}.{n}@soak>\r\nSubject: imap {seed} {n}\r\n\r\nbody {n}\r\n"
+        );
+        let checksum = format!("{:016x}", tandem_core::hash::body_checksum(body.as_bytes()));
+        let answer = imap_append_once(imap[node], &body);
+        let mut t = told.lock().unwrap();
+        match answer {
+            Ok(true) => {
+                t.saved_unseen.insert((IMAP_MAILBOX.1, checksum));
+                *t.counts.entry("imap append ok").or_default() += 1;
+            }
+            Ok(false) => *t.counts.entry("imap append no").or_default() += 1,
+            Err(why) if why.starts_with("BAD") => t.permanent.push(format!("imap: {why}")),
+            Err(_) => *t.counts.entry("imap session broken").or_default() += 1,
         }
         drop(t);
         std::thread::sleep(Duration::from_millis(10));
@@ -279,13 +374,14 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     );
     let users = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
     for (user, _) in RECIPIENTS {
-        tandem_node::users::add_user(&users, user, b"a soak password").unwrap();
+        tandem_node::users::add_user(&users, user, PASSWORD).unwrap();
     }
     let lmtp: Vec<SocketAddr> = (0..nodes).map(|_| harness::free_port()).collect();
-    let (l2, u2) = (lmtp.clone(), users.clone());
+    let imap: Vec<SocketAddr> = (0..nodes).map(|_| harness::free_port()).collect();
+    let (l2, i2, u2) = (lmtp.clone(), imap.clone(), users.clone());
     let mode = format!("mode = \"{mode_name}\"\nreplicas = {replicas}");
     let mut c = Cluster::start_with(nodes, &mode, move |i| {
-        format!("lmtp = \"{}\"\nusers_file = \"{}\"\n", l2[i], u2.display())
+        format!("lmtp = \"{}\"\nimap = \"{}\"\nusers_file = \"{}\"\n", l2[i], i2[i], u2.display())
     });
     let told: Arc<Mutex<Told>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -299,6 +395,11 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     let lmtp_thread = {
         let (told, stop) = (told.clone(), stop.clone());
         std::thread::spawn(move || lmtp_client(seed.wrapping_mul(1000).wrapping_add(999), lmtp, told, stop))
+    };
+
+    let imap_thread = {
+        let (told, stop) = (told.clone(), stop.clone());
+        std::thread::spawn(move || imap_client(seed.wrapping_mul(1000).wrapping_add(998), imap, told, stop))
     };
 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -388,6 +489,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
         client.join().expect("client thread");
     }
     lmtp_thread.join().expect("lmtp thread");
+    imap_thread.join().expect("imap thread");
     check_running(&mut c, &up, seed);
     for p in c.proxies.values() {
         p.heal();
@@ -447,10 +549,10 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
             }
         }
         let checksums: BTreeSet<&String> = view.messages.iter().map(|m| &m.checksum).collect();
-        for (m, checksum) in &told.lmtp_saved {
+        for (m, checksum) in &told.saved_unseen {
             if *m == mbox && !checksums.contains(checksum) {
                 failures
-                    .push(format!("a delivery answered 250 over LMTP (body checksum {checksum}) lost from {mailbox}"));
+                    .push(format!("a delivery answered 250 over LMTP or an APPEND answered OK (body checksum {checksum}) lost from {mailbox}"));
             }
         }
         present_total += view.messages.len();
