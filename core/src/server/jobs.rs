@@ -1100,7 +1100,7 @@ impl Server {
                 return Some(placed);
             }
             let tombstone = m.expunged_at(placed);
-            let collected = self.recently_collected.collected_at(mailbox, m.uidvalidity, placed);
+            let collected = self.recently_collected.collected_at(mailbox, m.uidvalidity, placed, self.now);
             let Some(expunged_uid) = tombstone.max(collected) else {
                 if placed != guid {
                     self.marks.hit(Mark::CopiedBack);
