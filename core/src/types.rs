@@ -1056,6 +1056,13 @@ impl Lifecycle {
         self.subscribed_at > self.unsubscribed_at
     }
 
+    /// The newest of the stamps. A copy can hold stamps above its own HIGHESTMODSEQ
+    /// (joined from a copy of the same incarnation that another master, on the other
+    /// side of a partition, stamped), so a master stamps a new change above both.
+    pub fn latest(&self) -> ModSeq {
+        self.created_at.max(self.deleted_at).max(self.subscribed_at).max(self.unsubscribed_at).max(self.special_use_at)
+    }
+
     /// The special use a client gave the mailbox, or None when none ever did (the
     /// server's own default by name then applies).
     pub fn special_use(&self) -> Option<SpecialUse> {

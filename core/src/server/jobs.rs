@@ -1346,7 +1346,10 @@ impl Server {
             _ => {}
         }
         let m = self.image.mailbox_or_new(mailbox);
-        let modseq = m.highest_modseq.saturating_add(1);
+        // Above every stamp the copy holds too, or a CREATE stamped below a DELETE joined
+        // from the other side of a partition would leave the mailbox hidden (focus
+        // import seed 77913, a debug assertion: a deletion stamped 2 beside one at 4).
+        let modseq = m.highest_modseq.max(m.lifecycle.latest()).saturating_add(1);
         let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();
         match action {
@@ -1510,7 +1513,7 @@ impl Server {
                         format!("{to} held message {guid} before: COPY it instead"),
                     ));
                 }
-                let modseq = old.highest_modseq.max(src.highest_modseq).saturating_add(1);
+                let modseq = old.highest_modseq.max(src.highest_modseq).max(old.lifecycle.latest()).saturating_add(1);
                 let uidvalidity = mailbox::greater_validity(old.uidvalidity, modseq);
                 let meta = StoreWrite::MailboxMeta {
                     mailbox: to.clone(),
