@@ -227,6 +227,16 @@ fn lmtp_once(addr: SocketAddr, body: &str) -> Result<Vec<String>, String> {
     (0..accepted).map(|_| reply(&mut r)).collect()
 }
 
+/// The `n`th message a client of `kind` sends, and its body checksum as the admin dump
+/// shows it: how a delivery whose GUID the client is not told is found at the end.
+fn numbered_body(from: &str, kind: &str, seed: u64, n: u64) -> (String, String) {
+    let body = format!(
+        "From: {from}\r\nMessage-ID: <{kind}.{seed}.{n}@soak>\r\nSubject: {kind} {seed} {n}\r\n\r\nbody {n}\r\n"
+    );
+    let checksum = format!("{:016x}", tandem_core::hash::body_checksum(body.as_bytes()));
+    (body, checksum)
+}
+
 /// Delivers over LMTP through random nodes until `stop`, noting each recipient's 250.
 fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: Arc<AtomicBool>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -234,10 +244,7 @@ fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: A
     while !stop.load(Ordering::SeqCst) {
         n += 1;
         let node = rng.random_range(0..lmtp.len());
-        let body = format!(
-            "From: sender@example.net\r\nMessage-ID: <lmtp.{seed}.{n}@soak>\r\nSubject: lmtp {seed} {n}\r\n\r\nbody {n}\r\n"
-        );
-        let checksum = format!("{:016x}", tandem_core::hash::body_checksum(body.as_bytes()));
+        let (body, checksum) = numbered_body("sender@example.net", "lmtp", seed, n);
         let answers = lmtp_once(lmtp[node], &body);
         let mut t = told.lock().unwrap();
         match answers {
@@ -327,10 +334,7 @@ fn imap_client(seed: u64, imap: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: A
     while !stop.load(Ordering::SeqCst) {
         n += 1;
         let node = rng.random_range(0..imap.len());
-        let body = format!(
-            "From: {IMAP_USER}\r\nMessage-ID: <imap.{seed}.{n}@soak>\r\nSubject: imap {seed} {n}\r\n\r\nbody {n}\r\n"
-        );
-        let checksum = format!("{:016x}", tandem_core::hash::body_checksum(body.as_bytes()));
+        let (body, checksum) = numbered_body(IMAP_USER, "imap", seed, n);
         let answer = imap_append_once(imap[node], &body);
         let mut t = told.lock().unwrap();
         match answer {
