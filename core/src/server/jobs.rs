@@ -1346,9 +1346,10 @@ impl Server {
             _ => {}
         }
         let m = self.image.mailbox_or_new(mailbox);
-        // Above every stamp the copy holds too, or a CREATE stamped below a DELETE joined
-        // from the other side of a partition would leave the mailbox hidden (focus
-        // import seed 77913, a debug assertion: a deletion stamped 2 beside one at 4).
+        // Above every stamp the copy holds too: a lifecycle joined from another master's
+        // copy can hold stamps above our HIGHESTMODSEQ, and a CREATE stamped below such a
+        // deletion would leave the mailbox hidden (focus import seed 77913 stamped a
+        // RENAME's deletion 2 beside a joined one at 4, a debug assertion).
         let modseq = m.highest_modseq.max(m.lifecycle.latest()).saturating_add(1);
         let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();

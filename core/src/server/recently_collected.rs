@@ -23,16 +23,16 @@ use crate::types::{Guid, Instant, MailboxKey, MailboxState, Uid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Collected bindings remembered at most, over every mailbox (some 150 bytes each with
-/// the age index, so about 10 MB at most); when full, the oldest go.
+/// Collected bindings remembered at most, over every mailbox (some 200 bytes each with
+/// the age index, so about 13 MB at most); when full, the oldest go.
 pub(crate) const RECENTLY_COLLECTED_MAX: usize = 65_536;
 /// How long a collected binding is remembered: far longer than any message stays in
 /// flight between servers, and long enough that a store put back from a VM or
 /// filesystem snapshot of the last days (its identity kept, nothing to tell it from the
 /// store it was) has its copies of bindings collected since dropped by any server
 /// that saw the collection and has not restarted since, rather than moved to new UIDs
-/// as mail (the `restore` focus with the restore put past the old ten minutes and the
-/// identity kept brought expunged mail back in 239 of 1,000 seeds, by hand).
+/// as mail (the `restore` focus with the restore put past a ten-minute memory brought
+/// expunged mail back in 239 of 1,000 seeds, the identity kept or not, by hand).
 pub(crate) const RECENTLY_COLLECTED_KEPT_US: u64 = 7 * 24 * 3600 * 1_000_000;
 
 /// How long a COPY back into a mailbox of a message whose binding there was collected
@@ -44,6 +44,7 @@ pub(crate) const COPY_BACK_AFTER_COLLECTION_US: u64 = 600_000_000;
 type Binding = (u32, Uid, Guid);
 
 #[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(from = "CollectedBindings", into = "CollectedBindings")]
 pub(crate) struct RecentlyCollected {
     /// By mailbox, then (UIDVALIDITY, UID, GUID): when the collection was seen here.
     /// A mailbox with none is not listed.
@@ -51,6 +52,37 @@ pub(crate) struct RecentlyCollected {
     /// The same entries by age, so that the oldest go in O(log n) when the memory is
     /// full or past the horizon.
     by_age: std::collections::BTreeSet<(Instant, MailboxKey, Binding)>,
+}
+
+/// What a snapshot holds (a recording's, see `Server::snapshot`): the bindings alone, as
+/// before the age index, which is rebuilt from them, so a file cannot give an index that
+/// disagrees with its bindings, nor more than the bound.
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct CollectedBindings {
+    bindings: BTreeMap<MailboxKey, BTreeMap<Binding, Instant>>,
+}
+
+impl From<CollectedBindings> for RecentlyCollected {
+    fn from(c: CollectedBindings) -> RecentlyCollected {
+        let by_age = c
+            .bindings
+            .iter()
+            .flat_map(|(mailbox, b)| b.iter().map(move |(binding, at)| (*at, mailbox.clone(), *binding)))
+            .collect();
+        let mut r = RecentlyCollected { bindings: c.bindings, by_age };
+        r.bindings.retain(|_, b| !b.is_empty());
+        while r.by_age.len() > RECENTLY_COLLECTED_MAX {
+            r.forget_oldest();
+        }
+        debug_assert_eq!(r.by_age.len(), r.len());
+        r
+    }
+}
+
+impl From<RecentlyCollected> for CollectedBindings {
+    fn from(r: RecentlyCollected) -> CollectedBindings {
+        CollectedBindings { bindings: r.bindings }
+    }
 }
 
 /// As before the age index (the state hash of a trace shows this): the index is the
@@ -85,12 +117,10 @@ impl RecentlyCollected {
 
     fn forget_oldest(&mut self) {
         let Some((_, mailbox, binding)) = self.by_age.pop_first() else { return };
-        if let Some(b) = self.bindings.get_mut(&mailbox) {
-            let known = b.remove(&binding);
-            debug_assert!(known.is_some(), "the age index names remembered bindings");
-            if b.is_empty() {
-                self.bindings.remove(&mailbox);
-            }
+        let known = self.bindings.get_mut(&mailbox).and_then(|b| b.remove(&binding));
+        debug_assert!(known.is_some(), "the age index names remembered bindings");
+        if self.bindings.get(&mailbox).is_some_and(BTreeMap::is_empty) {
+            self.bindings.remove(&mailbox);
         }
     }
 
@@ -185,6 +215,27 @@ mod tests {
         assert_eq!(r.collected_at(&mb(), 7, Guid(20), Instant(0)), None, "forgotten past the horizon");
         state.uidvalidity = 7;
         assert!(r.without_collected(&state, |_| false).is_none(), "forgotten past the horizon");
+    }
+
+    #[test]
+    fn a_binding_noted_again_is_aged_from_the_later_time_and_kept_once() {
+        let mut r = RecentlyCollected::default();
+        r.note(&mb(), 7, &[(2, Guid(20))], Instant(0));
+        r.note(&mb(), 7, &[(2, Guid(20))], Instant(5));
+        assert_eq!((r.len(), r.by_age.len()), (1, 1));
+        r.expire(Instant(RECENTLY_COLLECTED_KEPT_US));
+        assert!(r.without_collected(&state_at(7), |_| false).is_some(), "noted again at 5: still remembered");
+        r.expire(Instant(RECENTLY_COLLECTED_KEPT_US + 5));
+        assert!(r.is_empty(), "forgotten past the horizon from the later time");
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_bindings_and_the_index_is_rebuilt() {
+        let mut r = RecentlyCollected::default();
+        r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(30))], Instant(4));
+        let back: RecentlyCollected = CollectedBindings::from(r.clone()).into();
+        assert_eq!(format!("{back:?}"), format!("{r:?}"));
+        assert_eq!(back.by_age, r.by_age);
     }
 
     #[test]
