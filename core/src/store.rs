@@ -350,6 +350,15 @@ pub struct StoredMailbox {
 }
 
 impl StoredMailbox {
+    /// The modseq a master stamps a lifecycle change with: above HIGHESTMODSEQ and above
+    /// every lifecycle stamp, which a copy joined from another master's copy of the same
+    /// incarnation can hold above its own HIGHESTMODSEQ (a CREATE stamped below such a
+    /// deletion would leave the mailbox hidden; focus import seed 77913 stamped a
+    /// RENAME's deletion 2 beside a joined one at 4, a debug assertion).
+    pub fn next_lifecycle_modseq(&self) -> ModSeq {
+        self.highest_modseq.max(self.lifecycle.latest()).saturating_add(1)
+    }
+
     /// The highest UID `guid` was expunged at here, while its tombstone is kept.
     pub fn expunged_at(&self, guid: Guid) -> Option<Uid> {
         self.tombstones.keys().filter(|(_, g)| *g == guid).map(|(uid, _)| *uid).max()

@@ -1056,9 +1056,7 @@ impl Lifecycle {
         self.subscribed_at > self.unsubscribed_at
     }
 
-    /// The newest of the stamps. A copy can hold stamps above its own HIGHESTMODSEQ
-    /// (joined from a copy of the same incarnation that another master, on the other
-    /// side of a partition, stamped), so a master stamps a new change above both.
+    /// The newest of the stamps (see `StoredMailbox::next_lifecycle_modseq`).
     pub fn latest(&self) -> ModSeq {
         self.created_at.max(self.deleted_at).max(self.subscribed_at).max(self.unsubscribed_at).max(self.special_use_at)
     }

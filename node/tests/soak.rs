@@ -95,17 +95,25 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// One client: random requests through random nodes until `stop`.
+/// Calls `request` with the client's generator, a random node (of `nodes`) and the
+/// request's number, one request after another, until `stop`.
+fn until_stopped(seed: u64, nodes: usize, stop: &AtomicBool, mut request: impl FnMut(&mut ChaCha8Rng, usize, u64)) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let node = rng.random_range(0..nodes);
+        request(&mut rng, node, n);
+    }
+}
+
 /// Without `expunges` (async mode, or `replicas` too few for an acknowledgement to need
 /// a majority), the third kind of request is another flag change: there a renumbered
 /// message can sit, after a heal, at a UID that a later partition's other side told a
 /// client for another message, and an EXPUNGE of that UID rightly takes it; the
 /// clients cannot tell that from a loss.
 fn client(seed: u64, admin: Vec<AdminAddr>, expunges: bool, told: Arc<Mutex<Told>>, stop: Arc<AtomicBool>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        n += 1;
-        let node = rng.random_range(0..admin.len());
+    until_stopped(seed, admin.len(), &stop, |rng, node, n| {
         let mbox = rng.random_range(0..ADMIN_MAILBOXES);
         let mailbox = MAILBOXES[mbox].to_string();
         let roll = rng.random_range(0..100u32);
@@ -152,7 +160,7 @@ fn client(seed: u64, admin: Vec<AdminAddr>, expunges: bool, told: Arc<Mutex<Told
                 other => failed("deliver failed", other),
             }
         } else if roll < 85 || !expunges {
-            let Some((_, uid)) = pick(&mut rng) else { continue };
+            let Some((_, uid)) = pick(rng) else { return };
             let flag = FLAGS[rng.random_range(0..FLAGS.len())].to_string();
             let (add, remove) = if rng.random_bool(0.6) { (vec![flag], vec![]) } else { (vec![], vec![flag]) };
             let request = AdminRequest::Store { mailbox, uids: vec![uid], add, remove };
@@ -161,7 +169,7 @@ fn client(seed: u64, admin: Vec<AdminAddr>, expunges: bool, told: Arc<Mutex<Told
                 other => failed("store failed", other),
             }
         } else {
-            let Some((guid, uid)) = pick(&mut rng) else { continue };
+            let Some((guid, uid)) = pick(rng) else { return };
             // Noted before the request: a kill in the middle leaves it unknown.
             told.lock().unwrap().expunge_sent.insert((mbox, uid));
             let request = AdminRequest::Expunge { mailbox, uids: vec![uid] };
@@ -181,7 +189,7 @@ fn client(seed: u64, admin: Vec<AdminAddr>, expunges: bool, told: Arc<Mutex<Told
                 other => failed("expunge failed", other),
             }
         }
-    }
+    });
 }
 
 /// The LMTP recipients and their INBOXes' places in `MAILBOXES`.
@@ -245,11 +253,7 @@ fn numbered_body(from: &str, kind: &str, seed: u64, n: u64) -> (String, String) 
 
 /// Delivers over LMTP through random nodes until `stop`, noting each recipient's 250.
 fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: Arc<AtomicBool>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        n += 1;
-        let node = rng.random_range(0..lmtp.len());
+    until_stopped(seed, lmtp.len(), &stop, |_, node, n| {
         let (body, checksum) = numbered_body("sender@example.net", "lmtp", seed, n);
         let answers = lmtp_once(lmtp[node], &body);
         let mut t = told.lock().unwrap();
@@ -271,7 +275,7 @@ fn lmtp_client(seed: u64, lmtp: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: A
         }
         drop(t);
         std::thread::sleep(Duration::from_millis(10));
-    }
+    });
 }
 
 /// Reads IMAP lines until the one tagged `tag`; returns it.
@@ -347,11 +351,7 @@ fn imap_append_once(addr: SocketAddr, body: &str) -> Result<bool, String> {
 
 /// Appends over IMAP through random nodes until `stop`, noting each OK.
 fn imap_client(seed: u64, imap: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: Arc<AtomicBool>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        n += 1;
-        let node = rng.random_range(0..imap.len());
+    until_stopped(seed, imap.len(), &stop, |_, node, n| {
         let (body, checksum) = numbered_body(IMAP_USER, "imap", seed, n);
         let answer = imap_append_once(imap[node], &body);
         let mut t = told.lock().unwrap();
@@ -366,7 +366,7 @@ fn imap_client(seed: u64, imap: Vec<SocketAddr>, told: Arc<Mutex<Told>>, stop: A
         }
         drop(t);
         std::thread::sleep(Duration::from_millis(10));
-    }
+    });
 }
 
 /// Fails with the node's log if a node we did not stop has stopped by itself.

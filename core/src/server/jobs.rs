@@ -1346,11 +1346,7 @@ impl Server {
             _ => {}
         }
         let m = self.image.mailbox_or_new(mailbox);
-        // Above every stamp the copy holds too: a lifecycle joined from another master's
-        // copy can hold stamps above our HIGHESTMODSEQ, and a CREATE stamped below such a
-        // deletion would leave the mailbox hidden (focus import seed 77913 stamped a
-        // RENAME's deletion 2 beside a joined one at 4, a debug assertion).
-        let modseq = m.highest_modseq.max(m.lifecycle.latest()).saturating_add(1);
+        let modseq = m.next_lifecycle_modseq();
         let mut lifecycle = m.lifecycle;
         let mut tombstones = Vec::new();
         match action {
@@ -1514,7 +1510,7 @@ impl Server {
                         format!("{to} held message {guid} before: COPY it instead"),
                     ));
                 }
-                let modseq = old.highest_modseq.max(src.highest_modseq).max(old.lifecycle.latest()).saturating_add(1);
+                let modseq = old.next_lifecycle_modseq().max(src.highest_modseq.saturating_add(1));
                 let uidvalidity = mailbox::greater_validity(old.uidvalidity, modseq);
                 let meta = StoreWrite::MailboxMeta {
                     mailbox: to.clone(),

@@ -64,17 +64,12 @@ struct CollectedBindings {
 
 impl From<CollectedBindings> for RecentlyCollected {
     fn from(c: CollectedBindings) -> RecentlyCollected {
-        let by_age = c
-            .bindings
-            .iter()
-            .flat_map(|(mailbox, b)| b.iter().map(move |(binding, at)| (*at, mailbox.clone(), *binding)))
-            .collect();
-        let mut r = RecentlyCollected { bindings: c.bindings, by_age };
-        r.bindings.retain(|_, b| !b.is_empty());
-        while r.by_age.len() > RECENTLY_COLLECTED_MAX {
-            r.forget_oldest();
+        let mut r = RecentlyCollected::default();
+        for (mailbox, bindings) in &c.bindings {
+            for (&(uidvalidity, uid, guid), &at) in bindings {
+                r.note(mailbox, uidvalidity, &[(uid, guid)], at);
+            }
         }
-        debug_assert_eq!(r.by_age.len(), r.len());
         r
     }
 }
