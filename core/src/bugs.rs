@@ -72,10 +72,15 @@ pub enum Bug {
     /// disk, and a read that cannot reach its master is answered from a copy still
     /// being filled.
     TrustsUnfilledStore,
+    /// The bindings a server saw collected are forgotten at a restart (kept in memory
+    /// only, as before they were kept on disk): a store put back from before an expunge
+    /// after every server that saw its collection restarted has its copy of the
+    /// expunged message moved to a new UID (focus late-restore).
+    ForgetsCollectionsAtRestart,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 19] = [
+    pub const ALL: [Bug; 20] = [
         Bug::ReuseUidAfterRenumber,
         Bug::WholeFlagSets,
         Bug::AckBeforeReplicaDurable,
@@ -95,6 +100,7 @@ impl Bug {
         Bug::ExpungeWinsOverLogCopy,
         Bug::CollectReplicaTombstones,
         Bug::TrustsUnfilledStore,
+        Bug::ForgetsCollectionsAtRestart,
     ];
 
     pub fn name(self) -> &'static str {
@@ -118,6 +124,7 @@ impl Bug {
             Bug::ExpungeWinsOverLogCopy => "expunge-wins-over-log-copy",
             Bug::CollectReplicaTombstones => "collect-replica-tombstones",
             Bug::TrustsUnfilledStore => "trusts-unfilled-store",
+            Bug::ForgetsCollectionsAtRestart => "forgets-collections-at-restart",
         }
     }
 

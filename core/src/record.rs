@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const MAGIC: &[u8; 8] = b"TDMREC\x00\x01";
-/// The layout of [`Frame`]; a reader refuses another.
-pub const FORMAT: u32 = 2;
+/// The layout of [`Frame`]; a reader refuses another. 3: the header's store image holds
+/// the memory of collections (`DiskImage::collected`).
+pub const FORMAT: u32 = 3;
 /// A frame longer than this is damage, not a frame (a body is far smaller).
 pub const FRAME_BYTES_MAX: usize = 1 << 30;
 const FRAME_HEAD_BYTES: usize = 8;

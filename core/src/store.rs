@@ -581,6 +581,13 @@ pub struct DiskImage {
     /// `newcomer`); at most one entry per mailbox the store holds. Empty otherwise.
     #[serde(default)]
     pub confirmed: BTreeSet<MailboxKey>,
+    /// Bindings (UIDVALIDITY, UID, GUID) whose tombstones this server saw collected, by
+    /// mailbox (see `server::recently_collected`): kept here so that a restart does not
+    /// forget them, and a store put back from before the expunge is still told. At most
+    /// `RECENTLY_COLLECTED_MAX` once the server has started. A mailbox with none is not
+    /// listed.
+    #[serde(default)]
+    pub collected: BTreeMap<MailboxKey, BTreeSet<(u32, Uid, Guid)>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -671,8 +678,8 @@ pub enum StoreWrite {
     NewValidity {
         mailbox: MailboxKey,
     },
-    /// Entries a peer acknowledged, dropped from its log: the one write nothing waits
-    /// for ([`StoreWrite::is_lazy`]). A crash that loses it leaves entries the peer
+    /// Entries a peer acknowledged, dropped from its log: a write nothing waits for
+    /// ([`StoreWrite::is_lazy`]). A crash that loses it leaves entries the peer
     /// already holds; they go out again and merge there as no-ops.
     LogAcked {
         peer: Sid,
@@ -685,6 +692,20 @@ pub enum StoreWrite {
     Confirmed {
         mailbox: MailboxKey,
     },
+    /// The tombstones of these bindings of `mailbox` (at `uidvalidity`) were collected
+    /// (see [`DiskImage::collected`]). Not lazy, though nothing waits for it: it comes
+    /// with the retirement's writes, and is as durable as they are.
+    Collected {
+        mailbox: MailboxKey,
+        uidvalidity: u32,
+        bindings: Vec<(Uid, Guid)>,
+    },
+    /// Collected bindings of `mailbox` no longer remembered (past the horizon, or beyond
+    /// the bound). Lazy: a crash that loses it remembers them longer, which is safe.
+    ForgetCollected {
+        mailbox: MailboxKey,
+        bindings: Vec<(u32, Uid, Guid)>,
+    },
 }
 
 impl StoreWrite {
@@ -693,7 +714,7 @@ impl StoreWrite {
     /// most [`crate::io::LAZY_WRITE_HOLD_US_MAX`]. The core never holds a reply or a
     /// message for it (`Outbox::last_write`).
     pub fn is_lazy(&self) -> bool {
-        matches!(self, StoreWrite::LogAcked { .. })
+        matches!(self, StoreWrite::LogAcked { .. } | StoreWrite::ForgetCollected { .. })
     }
 
     /// The mailbox whose state this write changes, if it changes one: what a driver
@@ -721,7 +742,9 @@ impl StoreWrite {
             | StoreWrite::Incarnation { .. }
             | StoreWrite::Members { .. }
             | StoreWrite::Newcomer
-            | StoreWrite::Confirmed { .. } => None,
+            | StoreWrite::Confirmed { .. }
+            | StoreWrite::Collected { .. }
+            | StoreWrite::ForgetCollected { .. } => None,
         }
     }
 }
@@ -829,6 +852,20 @@ impl DiskImage {
             }
             StoreWrite::RetireUids { mailbox, retired } => {
                 self.mailboxes.entry(mailbox.clone()).or_default().retire(retired);
+            }
+            StoreWrite::Collected { mailbox, uidvalidity, bindings } => {
+                let kept = self.collected.entry(mailbox.clone()).or_default();
+                kept.extend(bindings.iter().map(|&(uid, guid)| (*uidvalidity, uid, guid)));
+            }
+            StoreWrite::ForgetCollected { mailbox, bindings } => {
+                if let Some(kept) = self.collected.get_mut(mailbox) {
+                    for binding in bindings {
+                        kept.remove(binding);
+                    }
+                    if kept.is_empty() {
+                        self.collected.remove(mailbox);
+                    }
+                }
             }
         }
     }

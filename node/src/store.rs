@@ -58,6 +58,9 @@ const ON_LOAN: TableDefinition<u128, &[u8]> = TableDefinition::new("on_loan");
 /// mailbox -> nothing: a newcomer store's copies a master confirmed (see
 /// `DiskImage::confirmed`).
 const CONFIRMED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("confirmed");
+/// (mailbox, UIDVALIDITY, UID, GUID) -> nothing: bindings whose tombstones this server
+/// saw collected (see `DiskImage::collected`), at most 65,536 of them.
+const COLLECTED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("collected");
 
 #[derive(Debug)]
 pub struct StoreError(pub String);
@@ -207,6 +210,7 @@ impl Store {
             txn.open_table(TEXT_PARTS)?;
             txn.open_table(ON_LOAN)?;
             txn.open_table(CONFIRMED)?;
+            txn.open_table(COLLECTED)?;
         }
         txn.commit()?;
         index.attach(db.clone());
@@ -275,6 +279,7 @@ impl Store {
         copy_table(src, dst, TEXT_PARTS)?;
         copy_table(src, dst, ON_LOAN)?;
         copy_table(src, dst, CONFIRMED)?;
+        copy_table(src, dst, COLLECTED)?;
         copy_table(src, dst, crate::bodies::INLINE_CHUNKS)?;
         copy_table(src, dst, crate::bodies::INLINE_TAILS)?;
         let mut in_files = BTreeSet::new();
@@ -451,6 +456,11 @@ impl Store {
             let (k, _) = row?;
             image.confirmed.insert(dec(k.value(), "mailbox key")?);
         }
+        for row in txn.open_table(COLLECTED)?.iter()? {
+            let (k, _) = row?;
+            let (mailbox, uidvalidity, uid, guid): (MailboxKey, u32, Uid, Guid) = dec(k.value(), "collected binding")?;
+            image.collected.entry(mailbox).or_default().insert((uidvalidity, uid, guid));
+        }
         Ok(image)
     }
 
@@ -475,6 +485,7 @@ impl Store {
             let mut text_parts = txn.open_table(TEXT_PARTS)?;
             let mut on_loan = txn.open_table(ON_LOAN)?;
             let mut confirmed = txn.open_table(CONFIRMED)?;
+            let mut collected = txn.open_table(COLLECTED)?;
             for write in writes {
                 match write {
                     StoreWrite::MailboxMeta { mailbox, uidvalidity, uidnext, highest_modseq } => {
@@ -565,6 +576,16 @@ impl Store {
                     StoreWrite::Newcomer => raise(&mut meta, "newcomer", 1)?,
                     StoreWrite::Confirmed { mailbox } => {
                         confirmed.insert(enc(mailbox)?.as_slice(), &[][..])?;
+                    }
+                    StoreWrite::Collected { mailbox, uidvalidity, bindings } => {
+                        for &(uid, guid) in bindings {
+                            collected.insert(enc(&(mailbox, *uidvalidity, uid, guid))?.as_slice(), &[][..])?;
+                        }
+                    }
+                    StoreWrite::ForgetCollected { mailbox, bindings } => {
+                        for &(uidvalidity, uid, guid) in bindings {
+                            collected.remove(enc(&(mailbox, uidvalidity, uid, guid))?.as_slice())?;
+                        }
                     }
                     StoreWrite::Incarnation { incarnation, store_id } => {
                         raise(&mut meta, "incarnation", *incarnation)?;
@@ -885,6 +906,21 @@ mod tests {
             StoreWrite::Newcomer,
             StoreWrite::Confirmed { mailbox: mailbox.clone() },
             StoreWrite::Confirmed { mailbox: mailbox.clone() },
+            StoreWrite::Collected {
+                mailbox: mailbox.clone(),
+                uidvalidity: 42,
+                bindings: vec![(2, Guid(20)), (3, Guid(30))],
+            },
+            StoreWrite::Collected {
+                mailbox: MailboxKey::new("v@d", "Box"),
+                uidvalidity: 1,
+                bindings: vec![(5, Guid(50))],
+            },
+            StoreWrite::ForgetCollected {
+                mailbox: mailbox.clone(),
+                bindings: vec![(42, 2, Guid(20)), (41, 3, Guid(30))],
+            },
+            StoreWrite::ForgetCollected { mailbox: MailboxKey::new("v@d", "Box"), bindings: vec![(1, 5, Guid(50))] },
             // A later start keeps the store's identity whatever it is told.
             StoreWrite::Incarnation { incarnation: 2, store_id: 8 },
         ];
@@ -907,6 +943,13 @@ mod tests {
         assert_eq!(loaded.text_parts.keys().copied().collect::<Vec<_>>(), vec![Guid(7)], "text parts are kept");
         assert_eq!(loaded.on_loan.iter().copied().collect::<Vec<_>>(), vec![Guid(7)], "and loan marks");
         assert_eq!((loaded.incarnation, loaded.store_id), (2, 7), "the identity it was made with");
+        let collected: Vec<_> =
+            loaded.collected.iter().flat_map(|(m, b)| b.iter().map(move |b| (m.clone(), *b))).collect();
+        assert_eq!(
+            collected,
+            vec![(mailbox.clone(), (42, 3, Guid(30)))],
+            "the memory of collections, forgotten ones gone"
+        );
     }
 
     fn store_inline_count(dir: &Path) -> usize {

@@ -54,6 +54,11 @@
 //!   from the rest, while mail goes on (saves, copies, moves, expunges, flag changes,
 //!   reads, master moves to the new server, crashes and partitions) and the new server
 //!   fills; sometimes the machine given up comes back with its disk.
+//! - `late-restore`: as `restore`, but the backup is put back only after the expunges
+//!   made since were collected (with `--accept-old-backup` in the node), half the time
+//!   after every other server restarted: the servers that saw the collection must
+//!   still drop the restored store's copies of the expunged mail, not move them to new
+//!   UIDs as mail only it holds.
 use crate::scenario::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -77,10 +82,11 @@ pub enum Focus {
     Edit,
     Restore,
     Replace,
+    LateRestore,
 }
 
 impl Focus {
-    pub const ALL: [Focus; 13] = [
+    pub const ALL: [Focus; 14] = [
         Focus::MoveBack,
         Focus::Laptop,
         Focus::Partial,
@@ -94,6 +100,7 @@ impl Focus {
         Focus::Edit,
         Focus::Restore,
         Focus::Replace,
+        Focus::LateRestore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -111,6 +118,7 @@ impl Focus {
             Focus::Edit => "edit",
             Focus::Restore => "restore",
             Focus::Replace => "replace",
+            Focus::LateRestore => "late-restore",
         }
     }
 
@@ -136,6 +144,7 @@ pub fn generate(focus: Focus, seed: u64) -> Scenario {
         Focus::Edit => edit(&mut rng),
         Focus::Restore => restore(&mut rng),
         Focus::Replace => replace(&mut rng),
+        Focus::LateRestore => late_restore(&mut rng),
     };
     draft.events.sort_by_key(|e| e.at_ms);
     Scenario {
@@ -1300,8 +1309,19 @@ fn mail_op(
 
 fn restore(rng: &mut ChaCha8Rng) -> Draft {
     // Graces long enough that the restore falls within one of the backup (README,
-    // "Backups": older expunges may come back, by design).
-    let mut d = Draft::new(rng, &[4, 40], &[2, 5, 20], &[3000, 5000, 10_000]);
+    // "Backups").
+    restore_at(rng, &[3000, 5000, 10_000], false)
+}
+
+fn late_restore(rng: &mut ChaCha8Rng) -> Draft {
+    // Graces short enough that the simulated time past them stays short.
+    restore_at(rng, &[660, 1000, 3000], true)
+}
+
+/// A backup put back in place of a server's store; `late`: only after the expunges made
+/// since were collected, sometimes after every other server restarted.
+fn restore_at(rng: &mut ChaCha8Rng, graces_ms: &[u64], late: bool) -> Draft {
+    let mut d = Draft::new(rng, &[4, 40], &[2, 5, 20], graces_ms);
     if rng.random_bool(0.75) {
         d.durability = Durability::Sync;
     }
@@ -1344,14 +1364,35 @@ fn restore(rng: &mut ChaCha8Rng) -> Draft {
         t += rng.random_range(10..=step_ms_max);
         op(&mut d, rng, t, &mut labels);
     }
+    if late {
+        // At least one expunge the backup lacks, and every server up and joined until
+        // its tombstone can be collected.
+        t += rng.random_range(10..=200u64);
+        let server = one_of(rng, &all);
+        expunge_one(&mut d, rng, t, server, &labels);
+        t += rng.random_range(10..=200u64);
+        d.at(t, Action::Heal);
+        t = t.max(backup_ms + 2 * grace_ms) + rng.random_range(500..=5000u64);
+        // Sometimes every server that saw the collection restarts before the store is
+        // put back (a rolling upgrade): the memory of the collection is on disk.
+        if rng.random_bool(0.5) {
+            for server in all.iter().copied().filter(|s| *s != restored) {
+                t += rng.random_range(10..=300u64);
+                d.at(t, Action::Crash { server });
+                t += rng.random_range(50..=800u64);
+                d.at(t, Action::Restart { server });
+            }
+        }
+    }
     if rng.random_bool(0.2) {
         t += rng.random_range(10..=100u64);
         d.at(t, Action::Lose { server: restored });
     }
     t += rng.random_range(10..=200u64);
     // Back before the grace since the backup has passed: an expunge made since cannot
-    // have been collected while it was away.
-    let restart_ms = (t + rng.random_range(50..=800u64)).min(backup_ms + grace_ms - 100);
+    // have been collected while it was away. Late: long after.
+    let restart_ms = t + rng.random_range(50..=800u64);
+    let restart_ms = if late { restart_ms } else { restart_ms.min(backup_ms + grace_ms - 100) };
     let restore_ms = t.min(restart_ms - 10);
     d.at(restore_ms, Action::RestoreBackup { server: restored });
     d.at(restart_ms, Action::Restart { server: restored });

@@ -66,7 +66,8 @@ enum Command {
         #[arg(long, value_parser = parse_bug)]
         bug: Option<Bug>,
         /// Seeds of a focused generator: move-back, laptop, partial, leave, rename, conflict,
-        /// import, slow, minority, incarnation, edit, restore or replace (see `tandem_sim::focus`).
+        /// import, slow, minority, incarnation, edit, restore, replace or late-restore (see
+        /// `tandem_sim::focus`).
         #[arg(long, value_parser = parse_focus)]
         focus: Option<Focus>,
     },

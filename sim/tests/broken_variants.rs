@@ -322,3 +322,30 @@ fn trusting_a_store_not_filled_yet_is_caught() {
         assert!(fixed.passed, "{file}: {:?}", fixed.failures);
     }
 }
+
+/// The late-restore focus catches a server that forgets the bindings it saw collected
+/// when it restarts (first at seed 2 on 2026-12-07; 6,175 of its first 20,000 seeds
+/// fail: `tandem-sim explore --focus late-restore --bug forgets-collections-at-restart
+/// --seeds 20000`, built with the `broken` feature), and its first 500 seeds pass on
+/// the real core (CI sweeps more).
+#[test]
+fn the_late_restore_focus_catches_forgetting_collections_at_a_restart() {
+    use tandem_sim::focus::Focus;
+    let sweep = |bug: Option<Bug>, seeds: u64| {
+        explore(&ExploreOptions {
+            from: 1,
+            seeds,
+            threads: 2,
+            time_budget: Some(Duration::from_secs(300)),
+            bug,
+            focus: Some(Focus::LateRestore),
+            stop_after_failures: 1,
+            progress: false,
+        })
+    };
+    let broken = sweep(Some(Bug::ForgetsCollectionsAtRestart), 200);
+    let first = broken.failures.first().expect("a failing seed within 200");
+    assert_eq!(first.broken.as_deref(), Some("no_resurrection"), "{:?}", first.detail);
+    let fixed = sweep(None, 500);
+    assert!(fixed.failures.is_empty(), "{:?}", fixed.failures.first());
+}

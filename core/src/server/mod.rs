@@ -204,6 +204,7 @@ impl Server {
         if server.image.finish_interrupted_merges(&mut server.out) > 0 {
             server.marks.hit(Mark::InterruptedMergeFinished);
         }
+        server.load_collected();
         // A restarted server rejoins a component that grew, so the root opens a new
         // term and every new master checks this server's copies in its catch-up.
         server
@@ -775,7 +776,7 @@ impl Server {
         self.scrub_bodies();
         self.collect_bodies();
         self.collect_tombstones();
-        self.recently_collected.expire(self.now);
+        self.expire_collected();
         self.expire_states_asked();
         self.finish_leaving();
         self.forget_old_saves();

@@ -1,24 +1,30 @@
 //! Bindings this server saw collected lately: tombstones turned into retired UIDs (see
 //! `tombstones`), by the master here or by a collection it replicated. A copy of one of
 //! those bindings that arrives after the collection (a duplicate of a log entry that an
-//! acknowledged copy overtook on another path, a state sent before the collection) is a
-//! copy of a message the cluster expunged, not mail no other server has: it is dropped
-//! before it is merged (explore seeds 167756 and 184755, where a master placed such a
-//! copy at a new UID and brought an expunged message back). Past the horizon (seven
-//! days), beyond the newest 65,536, or once forgotten (a restart), the merge's own rule
-//! applies: a message on a retired UID moves to a new one, as it may be mail that only
-//! a disk which forgot the retirement holds.
+//! acknowledged copy overtook on another path, a state sent before the collection, a
+//! store put back from before the expunge) is a copy of a message the cluster expunged,
+//! not mail no other server has: it is dropped before it is merged (explore seeds 167756
+//! and 184755, where a master placed such a copy at a new UID and brought an expunged
+//! message back). Past the horizon (seven days) or beyond the newest 65,536, the merge's
+//! own rule applies: a message on a retired UID moves to a new one, as it may be mail
+//! that only a disk which forgot the retirement holds.
 //!
-//! Memory is enough: a late copy travels only on a link (a message in flight, or held
-//! in a relay's queue for us), and a restart closes every link, with whatever they
-//! held. What reaches a restarted server is what its peers send anew: their logs, which
-//! held no change of the mailbox when they confirmed the copy the collection waited for
-//! (`tombstones`), and their states, which agree with that copy (the binding tombstoned
-//! or retired there too). Only a disk restored from before the expunge brings the
-//! binding back after that: its server holds the copy durably and sends it again and
-//! again, so the server that drops it also tells it the binding is collected
-//! (`Server::tell_collected`), and the copy goes there too; past the horizon the merge's
-//! rule above applies.
+//! The bindings are kept on disk too ([`DiskImage::collected`], written lazily by the
+//! server as they come and go), so that a restart does not forget them: a late copy
+//! travels only on a link, and a restart closes every link, but a disk restored from
+//! before the expunge holds the copy durably and sends it again and again, whenever its
+//! server comes back, and the servers that saw the collection may all have restarted
+//! since (a rolling upgrade). The server that drops such a copy also tells its sender the
+//! binding is collected (`Server::tell_collected`), and the copy goes there too. A
+//! binding loaded at a start is aged from the clock's origin ([`LOADED_AT`], the start
+//! in the node, whose clock does not run across restarts): a restart makes a server
+//! remember it longer, never shorter. When it was collected is not kept, so a loaded
+//! binding does not count for a COPY back (`collected_at`): the message takes its own
+//! GUID, as before bindings were kept on disk, and the merge's rule for a logged copy
+//! against a stale tombstone (`MergeRules::from_log`) settles it.
+//!
+//! [`DiskImage::collected`]: crate::store::DiskImage::collected
+use crate::store::StoreWrite;
 use crate::types::{Guid, Instant, MailboxKey, MailboxState, Uid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -41,7 +47,15 @@ pub(crate) const RECENTLY_COLLECTED_KEPT_US: u64 = 7 * 24 * 3600 * 1_000_000;
 /// often in a week is not refused as "copied back too often".
 pub(crate) const COPY_BACK_AFTER_COLLECTION_US: u64 = 600_000_000;
 
-type Binding = (u32, Uid, Guid);
+/// When a binding loaded from disk at a start was collected, for this memory: the
+/// clock's origin (see the module's comment).
+pub(crate) const LOADED_AT: Instant = Instant(0);
+
+/// (UIDVALIDITY, UID, GUID).
+pub(crate) type Binding = (u32, Uid, Guid);
+
+/// Bindings forgotten, by mailbox, each once.
+pub(crate) type Forgotten = BTreeMap<MailboxKey, Vec<Binding>>;
 
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(from = "CollectedBindings", into = "CollectedBindings")]
@@ -67,7 +81,7 @@ impl From<CollectedBindings> for RecentlyCollected {
         let mut r = RecentlyCollected::default();
         for (mailbox, bindings) in &c.bindings {
             for (&(uidvalidity, uid, guid), &at) in bindings {
-                r.note(mailbox, uidvalidity, &[(uid, guid)], at);
+                let _bounded = r.note(mailbox, uidvalidity, &[(uid, guid)], at);
             }
         }
         r
@@ -90,7 +104,16 @@ impl std::fmt::Debug for RecentlyCollected {
 
 impl RecentlyCollected {
     /// The tombstones of these bindings of `mailbox` (at `uidvalidity`) were collected.
-    pub(crate) fn note(&mut self, mailbox: &MailboxKey, uidvalidity: u32, collected: &[(Uid, Guid)], now: Instant) {
+    /// Returns the bindings forgotten to keep the bound (the oldest), by mailbox.
+    #[must_use = "what the bound forgot is forgotten on disk too"]
+    pub(crate) fn note(
+        &mut self,
+        mailbox: &MailboxKey,
+        uidvalidity: u32,
+        collected: &[(Uid, Guid)],
+        now: Instant,
+    ) -> Forgotten {
+        let mut forgotten = Forgotten::new();
         for &(uid, guid) in collected {
             let binding = (uidvalidity, uid, guid);
             if let Some(before) = self.bindings.entry(mailbox.clone()).or_default().insert(binding, now) {
@@ -98,11 +121,45 @@ impl RecentlyCollected {
             }
             self.by_age.insert((now, mailbox.clone(), binding));
             if self.by_age.len() > RECENTLY_COLLECTED_MAX {
-                self.forget_oldest();
+                self.forget_oldest(&mut forgotten);
             }
         }
         debug_assert_eq!(self.by_age.len(), self.len(), "the age index holds every binding once");
         debug_assert!(self.by_age.len() <= RECENTLY_COLLECTED_MAX);
+        forgotten
+    }
+
+    /// The memory a start finds on disk, every binding noted at [`LOADED_AT`], with what
+    /// the bound made it forget (a disk can hold more: a hand edit, a corrupt table).
+    pub(crate) fn loaded(
+        on_disk: &BTreeMap<MailboxKey, std::collections::BTreeSet<Binding>>,
+    ) -> (RecentlyCollected, Forgotten) {
+        let now = LOADED_AT;
+        let mut r = RecentlyCollected::default();
+        let mut forgotten = Forgotten::new();
+        for (mailbox, bindings) in on_disk {
+            for &(uidvalidity, uid, guid) in bindings {
+                for (m, gone) in r.note(mailbox, uidvalidity, &[(uid, guid)], now) {
+                    forgotten.entry(m).or_default().extend(gone);
+                }
+            }
+        }
+        (r, forgotten)
+    }
+
+    /// The bindings of `mailbox` at `uidvalidity` remembered collected.
+    pub(crate) fn bindings_of(&self, mailbox: &MailboxKey, uidvalidity: u32) -> impl Iterator<Item = (Uid, Guid)> + '_ {
+        let range = (uidvalidity, 0, Guid(0))..=(uidvalidity, Uid::MAX, Guid(u128::MAX));
+        self.bindings
+            .get(mailbox)
+            .into_iter()
+            .flat_map(move |b| b.range(range.clone()))
+            .map(|(&(_, uid, guid), _)| (uid, guid))
+    }
+
+    /// Every binding remembered, by mailbox: what the disk must hold too.
+    pub(crate) fn bindings(&self) -> impl Iterator<Item = (&MailboxKey, impl Iterator<Item = &Binding>)> {
+        self.bindings.iter().map(|(mailbox, bindings)| (mailbox, bindings.keys()))
     }
 
     /// Bindings remembered, in all.
@@ -110,13 +167,14 @@ impl RecentlyCollected {
         self.bindings.values().map(BTreeMap::len).sum()
     }
 
-    fn forget_oldest(&mut self) {
+    fn forget_oldest(&mut self, forgotten: &mut Forgotten) {
         let Some((_, mailbox, binding)) = self.by_age.pop_first() else { return };
         let known = self.bindings.get_mut(&mailbox).and_then(|b| b.remove(&binding));
         debug_assert!(known.is_some(), "the age index names remembered bindings");
         if self.bindings.get(&mailbox).is_some_and(BTreeMap::is_empty) {
             self.bindings.remove(&mailbox);
         }
+        forgotten.entry(mailbox).or_default().push(binding);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -124,22 +182,28 @@ impl RecentlyCollected {
         self.bindings.is_empty()
     }
 
-    /// Forgets what is older than the horizon.
-    pub(crate) fn expire(&mut self, now: Instant) {
+    /// Forgets what is older than the horizon; returns it, by mailbox.
+    #[must_use = "what expired is forgotten on disk too"]
+    pub(crate) fn expire(&mut self, now: Instant) -> Forgotten {
+        let mut forgotten = Forgotten::new();
         while self.by_age.first().is_some_and(|(at, _, _)| at.plus_us(RECENTLY_COLLECTED_KEPT_US) <= now) {
-            self.forget_oldest();
+            self.forget_oldest(&mut forgotten);
         }
+        forgotten
     }
 
     /// The highest UID of `mailbox` (at `uidvalidity`) at which `guid` was collected in
-    /// the last [`COPY_BACK_AFTER_COLLECTION_US`]: a COPY of it back there is a new
-    /// message (`Server::copy_guid`), as it is while the tombstone is there.
+    /// the last [`COPY_BACK_AFTER_COLLECTION_US`] (seen since the start, not loaded): a
+    /// COPY of it back there is a new message (`Server::copy_guid`), as it is while the
+    /// tombstone is there.
     pub(crate) fn collected_at(&self, mailbox: &MailboxKey, uidvalidity: u32, guid: Guid, now: Instant) -> Option<Uid> {
         let collected = self.bindings.get(mailbox)?;
         let range = (uidvalidity, 0, Guid(0))..=(uidvalidity, Uid::MAX, Guid(u128::MAX));
         collected
             .range(range)
-            .filter(|((_, _, g), at)| *g == guid && at.plus_us(COPY_BACK_AFTER_COLLECTION_US) > now)
+            .filter(|((_, _, g), at)| {
+                *g == guid && **at != LOADED_AT && at.plus_us(COPY_BACK_AFTER_COLLECTION_US) > now
+            })
             .map(|((_, uid, _), _)| *uid)
             .max()
     }
@@ -168,6 +232,81 @@ impl RecentlyCollected {
     }
 }
 
+impl super::Server {
+    /// The tombstones of these bindings of `mailbox` were collected here: remembered, in
+    /// memory and on disk.
+    pub(crate) fn remember_collected(&mut self, mailbox: &MailboxKey, uidvalidity: u32, bindings: &[(Uid, Guid)]) {
+        if bindings.is_empty() {
+            return;
+        }
+        let forgotten = self.recently_collected.note(mailbox, uidvalidity, bindings, self.now);
+        self.commit(StoreWrite::Collected { mailbox: mailbox.clone(), uidvalidity, bindings: bindings.to_vec() });
+        self.forget_collected_on_disk(forgotten);
+    }
+
+    /// Forgets collected bindings past the horizon, on disk too.
+    pub(crate) fn expire_collected(&mut self) {
+        let forgotten = self.recently_collected.expire(self.now);
+        self.forget_collected_on_disk(forgotten);
+    }
+
+    /// Names in `state` of our copy, as tombstones on their retired UIDs, the bindings
+    /// remembered collected here that its retired UIDs cover and whose message is not
+    /// live here at another UID (that was a move: the copy there is the message);
+    /// returns how many. A state that tells retired UIDs without naming them would have
+    /// a store that went back (a restored backup, a VM snapshot put back) move the
+    /// copies it holds of them to new UIDs as mail only it has: the expunged mail back
+    /// (focus late-restore seeds 1463 and 3345). Named, its merge drops them
+    /// (`mailbox::drop_collected_copies`); a copy that has the retirement already takes
+    /// the tombstones for what it has collected.
+    pub(crate) fn name_collected(&self, state: &mut MailboxState) -> usize {
+        if state.retired.is_default() {
+            return 0;
+        }
+        let Some(m) = self.image.mailbox(&state.mailbox).filter(|m| m.uidvalidity == state.uidvalidity) else {
+            return 0;
+        };
+        let told: std::collections::BTreeSet<(Uid, Guid)> = state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
+        let before = state.tombstones.len();
+        let named = self
+            .recently_collected
+            .bindings_of(&state.mailbox, state.uidvalidity)
+            .filter(|binding| !told.contains(binding) && !m.messages.has_guid(binding.1))
+            .filter_map(|(uid, guid)| state.retired.name(uid, guid));
+        state.tombstones.extend(named);
+        state.tombstones.len() - before
+    }
+
+    /// The memory of collections the disk holds, at a start.
+    pub(super) fn load_collected(&mut self) {
+        let on_disk = &self.image.disk().collected;
+        let (memory, forgotten) = if self.has_bug(crate::Bug::ForgetsCollectionsAtRestart) {
+            let all = on_disk.iter().map(|(m, b)| (m.clone(), b.iter().copied().collect())).collect();
+            (RecentlyCollected::default(), all)
+        } else {
+            RecentlyCollected::loaded(on_disk)
+        };
+        self.recently_collected = memory;
+        self.forget_collected_on_disk(forgotten);
+    }
+
+    fn forget_collected_on_disk(&mut self, forgotten: Forgotten) {
+        for (mailbox, bindings) in forgotten {
+            self.commit(StoreWrite::ForgetCollected { mailbox, bindings });
+        }
+        debug_assert!(self.collected_on_disk_as_remembered(), "the disk holds what the memory of collections does");
+    }
+
+    fn collected_on_disk_as_remembered(&self) -> bool {
+        let on_disk = &self.image.disk().collected;
+        on_disk.len() == self.recently_collected.bindings().count()
+            && self
+                .recently_collected
+                .bindings()
+                .all(|(mailbox, bindings)| on_disk.get(mailbox).is_some_and(|kept| kept.iter().eq(bindings)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,21 +332,21 @@ mod tests {
         let mut state = MailboxState::empty(mb(), 7);
         state.messages = vec![record(2, 20), record(3, 30), record(4, 40)];
         assert!(r.without_collected(&state, |_| false).is_none(), "nothing collected yet");
-        r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(99))], Instant(0));
+        let _ = r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(99))], Instant(1));
         let (kept, dropped) = r.without_collected(&state, |_| false).expect("one stale copy");
         assert_eq!(dropped, vec![(2, Guid(20))]);
         assert_eq!(kept.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![3, 4], "another GUID at 3 stays");
         assert!(r.without_collected(&state, |g| g == Guid(20)).is_none(), "a message moved, not expunged, stays");
         state.uidvalidity = 8;
         assert!(r.without_collected(&state, |_| false).is_none(), "another incarnation's UIDs mean something else");
-        assert_eq!(r.collected_at(&mb(), 7, Guid(20), Instant(0)), Some(2));
-        assert_eq!(r.collected_at(&mb(), 8, Guid(20), Instant(0)), None, "another incarnation");
-        assert_eq!(r.collected_at(&mb(), 7, Guid(30), Instant(0)), None, "collected at 3 was another GUID");
-        let later = Instant(COPY_BACK_AFTER_COLLECTION_US);
+        assert_eq!(r.collected_at(&mb(), 7, Guid(20), Instant(1)), Some(2));
+        assert_eq!(r.collected_at(&mb(), 8, Guid(20), Instant(1)), None, "another incarnation");
+        assert_eq!(r.collected_at(&mb(), 7, Guid(30), Instant(1)), None, "collected at 3 was another GUID");
+        let later = Instant(1 + COPY_BACK_AFTER_COLLECTION_US);
         assert_eq!(r.collected_at(&mb(), 7, Guid(20), later), None, "a copy back takes its own GUID again");
         assert!(r.without_collected(&state_at(7), |_| false).is_some(), "a late copy is still dropped");
-        r.expire(Instant(RECENTLY_COLLECTED_KEPT_US));
-        assert_eq!(r.collected_at(&mb(), 7, Guid(20), Instant(0)), None, "forgotten past the horizon");
+        let _ = r.expire(Instant(1 + RECENTLY_COLLECTED_KEPT_US));
+        assert_eq!(r.collected_at(&mb(), 7, Guid(20), Instant(1)), None, "forgotten past the horizon");
         state.uidvalidity = 7;
         assert!(r.without_collected(&state, |_| false).is_none(), "forgotten past the horizon");
     }
@@ -215,19 +354,20 @@ mod tests {
     #[test]
     fn a_binding_noted_again_is_aged_from_the_later_time_and_kept_once() {
         let mut r = RecentlyCollected::default();
-        r.note(&mb(), 7, &[(2, Guid(20))], Instant(0));
-        r.note(&mb(), 7, &[(2, Guid(20))], Instant(5));
+        let _ = r.note(&mb(), 7, &[(2, Guid(20))], Instant(0));
+        let _ = r.note(&mb(), 7, &[(2, Guid(20))], Instant(5));
         assert_eq!((r.len(), r.by_age.len()), (1, 1));
-        r.expire(Instant(RECENTLY_COLLECTED_KEPT_US));
+        assert!(r.expire(Instant(RECENTLY_COLLECTED_KEPT_US)).is_empty());
         assert!(r.without_collected(&state_at(7), |_| false).is_some(), "noted again at 5: still remembered");
-        r.expire(Instant(RECENTLY_COLLECTED_KEPT_US + 5));
+        let gone = r.expire(Instant(RECENTLY_COLLECTED_KEPT_US + 5));
+        assert_eq!(gone, Forgotten::from([(mb(), vec![(7, 2, Guid(20))])]));
         assert!(r.is_empty(), "forgotten past the horizon from the later time");
     }
 
     #[test]
     fn a_snapshot_holds_the_bindings_and_the_index_is_rebuilt() {
         let mut r = RecentlyCollected::default();
-        r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(30))], Instant(4));
+        let _ = r.note(&mb(), 7, &[(2, Guid(20)), (3, Guid(30))], Instant(4));
         let back: RecentlyCollected = CollectedBindings::from(r.clone()).into();
         assert_eq!(format!("{back:?}"), format!("{r:?}"));
         assert_eq!(back.by_age, r.by_age);
@@ -236,13 +376,39 @@ mod tests {
     #[test]
     fn the_memory_is_bounded_and_forgets_the_oldest() {
         let mut r = RecentlyCollected::default();
+        let mut forgotten = Vec::new();
         for uid in 1..=(RECENTLY_COLLECTED_MAX as u32 + 5) {
-            r.note(&mb(), 7, &[(uid, Guid(u128::from(uid)))], Instant(u64::from(uid)));
+            let gone = r.note(&mb(), 7, &[(uid, Guid(u128::from(uid)))], Instant(u64::from(uid)));
+            forgotten.extend(gone.into_values().flatten());
         }
         assert_eq!(r.len(), RECENTLY_COLLECTED_MAX);
+        assert_eq!(forgotten, (1..=5).map(|uid| (7, uid, Guid(u128::from(uid)))).collect::<Vec<_>>(), "the oldest");
         let mut state = MailboxState::empty(mb(), 7);
         state.messages = vec![record(1, 1), record(6, 6)];
         let (kept, _) = r.without_collected(&state, |_| false).expect("the newer one is remembered");
         assert_eq!(kept.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![1], "the oldest was forgotten");
+    }
+
+    #[test]
+    fn a_start_loads_what_the_disk_holds_aged_from_the_start_and_bounded() {
+        let mut on_disk: BTreeMap<MailboxKey, std::collections::BTreeSet<Binding>> = BTreeMap::new();
+        on_disk
+            .entry(mb())
+            .or_default()
+            .extend((1..=(RECENTLY_COLLECTED_MAX as u32 + 2)).map(|uid| (7, uid, Guid(u128::from(uid) * 10))));
+        let start = LOADED_AT;
+        let (r, forgotten) = RecentlyCollected::loaded(&on_disk);
+        assert_eq!(r.len(), RECENTLY_COLLECTED_MAX);
+        assert_eq!(forgotten, Forgotten::from([(mb(), vec![(7, 1, Guid(10)), (7, 2, Guid(20))])]), "the first");
+        let (kept, dropped) = r.without_collected(&state_at(7), |_| false).expect("3 and 4 are remembered");
+        assert_eq!(dropped, vec![(3, Guid(30)), (4, Guid(40))]);
+        assert_eq!(kept.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![2], "2 was forgotten");
+        assert_eq!(r.collected_at(&mb(), 7, Guid(30), Instant(1)), None, "not for a COPY back");
+        let mut r = r;
+        assert!(r.expire(start.plus_us(RECENTLY_COLLECTED_KEPT_US - 1)).is_empty(), "aged from the start");
+        assert_eq!(
+            r.expire(start.plus_us(RECENTLY_COLLECTED_KEPT_US)).values().map(Vec::len).sum::<usize>(),
+            RECENTLY_COLLECTED_MAX
+        );
     }
 }

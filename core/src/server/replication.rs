@@ -480,7 +480,7 @@ impl Server {
                 let count = dropped.len();
                 self.note(|| format!("{count} copies of bindings collected here dropped from {mailbox}"));
                 if let Some(peer) = src {
-                    self.tell_collected(peer, &mailbox, state.uidvalidity, &dropped);
+                    self.tell_collected(peer, &mailbox, state.uidvalidity);
                 }
                 fresh = kept;
                 &fresh
@@ -491,7 +491,7 @@ impl Server {
         if !out.collected.is_empty()
             && let Some(uidvalidity) = self.image.mailbox(&mailbox).map(|m| m.uidvalidity)
         {
-            self.recently_collected.note(&mailbox, uidvalidity, &out.collected, self.now);
+            self.remember_collected(&mailbox, uidvalidity, &out.collected);
         }
         for r in &out.records {
             if !self.image.has_body(&r.guid) && !self.omits_body(&mailbox, r) {
@@ -542,24 +542,26 @@ impl Server {
     /// a new UID, the expunged message back).
     /// Only within the incarnation the bindings were collected in, and only those our
     /// retired UIDs still cover: a piece of another incarnation would be a copy of it to
-    /// merge, not a word about the sender's.
-    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, uidvalidity: u32, bindings: &[(Uid, Guid)]) {
+    /// merge, not a word about the sender's. Every binding of the mailbox remembered
+    /// collected is named, not only those dropped (`Server::name_collected`).
+    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, uidvalidity: u32) {
         let Some(m) = self.image.mailbox(mailbox).filter(|m| m.uidvalidity == uidvalidity) else { return };
-        let tombstones: Vec<Tombstone> = bindings.iter().filter_map(|&(uid, guid)| m.retired.name(uid, guid)).collect();
-        if tombstones.is_empty() {
-            return;
-        }
-        let state = MailboxState {
+        let mut state = MailboxState {
             mailbox: mailbox.clone(),
             uidvalidity: m.uidvalidity,
             uidnext: m.uidnext,
             highest_modseq: m.highest_modseq,
             messages: Vec::new(),
-            tombstones,
+            tombstones: Vec::new(),
             lifecycle: m.lifecycle,
             retired: m.retired.clone(),
         };
-        self.send(peer, Msg::SyncPart { state });
+        if self.name_collected(&mut state) == 0 {
+            return;
+        }
+        for state in crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX) {
+            self.send(peer, Msg::SyncPart { state });
+        }
     }
 
     pub(crate) fn on_mbox_request(&mut self, src: Sid, catchup: CatchupId, key: MasterKey) {
@@ -577,7 +579,8 @@ impl Server {
         let since = self.anti_entropy.take_delta_base(to, mailbox);
         self.image.create_mailbox(&mut self.out, mailbox, None);
         let Some(m) = self.image.mailbox(mailbox) else { return };
-        let state = mailbox::state_since(mailbox, m, since);
+        let mut state = mailbox::state_since(mailbox, m, since);
+        self.name_collected(&mut state);
         self.send_sync(to, reply, state);
     }
 
@@ -608,6 +611,9 @@ impl Server {
         generation: u64,
         mut states: Vec<MailboxState>,
     ) {
+        for state in &mut states {
+            self.name_collected(state);
+        }
         let len = |s: &MailboxState| {
             s.messages.iter().map(crate::limits::record_len).sum::<usize>()
                 + s.tombstones.len() * crate::limits::TOMBSTONE_LEN

@@ -160,7 +160,7 @@ impl Server {
         if len > crate::limits::STATE_PIECE_LEN_MAX {
             named.clear();
         }
-        self.recently_collected.note(mailbox, uidvalidity, &bindings, self.now);
+        self.remember_collected(mailbox, uidvalidity, &bindings);
         // The modseq first (it is never given out twice), then the retirement.
         self.commit(StoreWrite::MailboxMeta {
             mailbox: mailbox.clone(),
