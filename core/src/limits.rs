@@ -305,16 +305,20 @@ pub const TOMBSTONE_LEN: usize = 96;
 /// A generous estimate of a retired UID range's command text.
 pub const RETIRED_RANGE_LEN: usize = 32;
 
+/// A generous estimate of a mailbox state's command text, without its meta.
+pub fn state_len(state: &MailboxState) -> usize {
+    state.messages.iter().map(record_len).sum::<usize>()
+        + state.tombstones.len() * TOMBSTONE_LEN
+        + state.retired.ranges.len() * RETIRED_RANGE_LEN
+}
+
 /// Cuts a mailbox state into pieces whose estimated text is at most `budget` (each
 /// with at least one item, each carrying the state's meta). A tombstone travels in the
 /// piece of the record with its GUID (a retired binding with the binding that replaces
 /// it, so a replica can apply each piece on its own); the other tombstones follow the
 /// records. A state within the budget stays one piece.
 pub fn state_pieces(mut state: MailboxState, budget: usize) -> Vec<MailboxState> {
-    let total = state.messages.iter().map(record_len).sum::<usize>()
-        + state.tombstones.len() * TOMBSTONE_LEN
-        + state.retired.ranges.len() * RETIRED_RANGE_LEN;
-    if total <= budget {
+    if state_len(&state) <= budget {
         return vec![state];
     }
     // Retired ranges go in pieces of their own after the rest (they are joined, so any

@@ -533,6 +533,26 @@ fn drop_collected_copies(m: &mut StoredMailbox, foreign: &MailboxState, out: &mu
     }
 }
 
+/// Their state without the tombstones their own retired UIDs cover, when it is of
+/// another incarnation than ours. Those name bindings the sender saw collected (a
+/// collection's change, `Server::name_collected`), for a copy of the same incarnation to
+/// drop its stale copies of them (`drop_collected_copies`); their UIDs mean nothing in
+/// ours, and taken as a client's expunges they would expunge our live messages of those
+/// GUIDs (or burn a UID each), where a collected expunge never reached another
+/// incarnation before such names were sent.
+fn without_names_of_another_incarnation<'a>(
+    m: &StoredMailbox,
+    foreign: &'a MailboxState,
+) -> std::borrow::Cow<'a, MailboxState> {
+    let named = |t: &Tombstone| foreign.retired.covers(t);
+    if foreign.uidvalidity == m.uidvalidity || foreign.retired.is_default() || !foreign.tombstones.iter().any(named) {
+        return std::borrow::Cow::Borrowed(foreign);
+    }
+    let mut kept = foreign.clone();
+    kept.tombstones.retain(|t| !named(t));
+    std::borrow::Cow::Owned(kept)
+}
+
 /// Their state without the tombstones our retired UIDs cover (already collected here).
 fn without_collected<'a>(m: &StoredMailbox, foreign: &'a MailboxState) -> std::borrow::Cow<'a, MailboxState> {
     if m.retired.is_default() || !foreign.tombstones.iter().any(|t| m.retired.covers(t)) {
@@ -638,6 +658,7 @@ fn adopt_validity(m: &mut StoredMailbox, master: &MailboxState, out: &mut MergeO
 /// a second GUID on a UID this server holds (live or as a tombstone) is refused and
 /// `unresolved` set: binding that UID would show a client two messages under one UID.
 pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
+    let foreign = &*without_names_of_another_incarnation(m, foreign);
     let mut out = MergeOutcome::default();
     if foreign.uidvalidity != m.uidvalidity {
         let wins = incarnation_wins((foreign.uidvalidity, foreign.uidnext), (m.uidvalidity, m.uidnext))
@@ -744,6 +765,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
 /// order, and the old UID is retired with a tombstone per GUID. The merge is one change
 /// at one new modseq.
 pub fn merge_as_master(m: &mut StoredMailbox, foreign: &MailboxState, rules: &MergeRules) -> MergeOutcome {
+    let foreign = &*without_names_of_another_incarnation(m, foreign);
     if !rules.laptop_leaves_incarnation
         && let Some(validity) = new_incarnation_for(m, foreign)
     {
@@ -1170,8 +1192,9 @@ impl MasterMerge<'_> {
             if by_client && self.rules.from_log && !self.rules.log_copy_loses {
                 // A log entry cannot tell a stale binding of the expunged message from
                 // the message brought back by a COPY or MOVE made once its sender had
-                // seen the expunge collected and forgotten (a restart, or past the
-                // horizon of `recently_collected`): the sender's state can, by its
+                // seen the expunge collected and forgotten when (a restart, or past the
+                // ten minutes in which `recently_collected` derives a COPY back's GUID):
+                // the sender's state can, by its
                 // retired UIDs (`join_retired` above). Taking the expunge here lost a
                 // moved message at a heal.
                 self.out.needs_senders_state = true;

@@ -456,10 +456,20 @@ impl Store {
             let (k, _) = row?;
             image.confirmed.insert(dec(k.value(), "mailbox key")?);
         }
+        // Only advice (what the core drops late copies by): a damaged row is skipped,
+        // not a reason to refuse the store.
+        let mut damaged = 0u64;
         for row in txn.open_table(COLLECTED)?.iter()? {
             let (k, _) = row?;
-            let (mailbox, uidvalidity, uid, guid): (MailboxKey, u32, Uid, Guid) = dec(k.value(), "collected binding")?;
-            image.collected.entry(mailbox).or_default().insert((uidvalidity, uid, guid));
+            match dec::<(MailboxKey, u32, Uid, Guid)>(k.value(), "collected binding") {
+                Ok((mailbox, uidvalidity, uid, guid)) => {
+                    image.collected.entry(mailbox).or_default().insert((uidvalidity, uid, guid));
+                }
+                Err(_) => damaged += 1,
+            }
+        }
+        if damaged > 0 {
+            tracing::warn!(rows = damaged, "skipped damaged rows of the table of collected bindings");
         }
         Ok(image)
     }

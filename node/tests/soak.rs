@@ -80,6 +80,29 @@ struct Told {
     /// Every fault and acknowledged request, with its time since the start: written
     /// beside the nodes' logs when the run fails.
     timeline: Vec<String>,
+    /// Every STORE sent, answered or not.
+    flag_writes: Vec<FlagWrite>,
+}
+
+/// A STORE of one flag on one message: when it was sent, and when it was acknowledged
+/// (None: not answered OK, so it may or may not have been done, at any time after).
+struct FlagWrite {
+    mbox: usize,
+    uid: u32,
+    flag: String,
+    present: bool,
+    sent: Instant,
+    acked: Option<Instant>,
+}
+
+/// Whether `present` is a value the flag may end with, given every STORE of it: that of
+/// a write no acknowledged write was sent after the end of (a later acknowledged write
+/// overrides it), or the delivery's (absent) if none was acknowledged. What a client
+/// that waits for each answer may expect of a register, whichever node it asks.
+fn flag_may_end(writes: &[&FlagWrite], present: bool) -> bool {
+    let after = |done: Instant| writes.iter().any(|w| w.acked.is_some() && w.sent > done);
+    let none_acked = writes.iter().all(|w| w.acked.is_none());
+    (none_acked && !present) || writes.iter().any(|w| w.present == present && w.acked.is_none_or(|done| !after(done)))
 }
 
 impl Told {
@@ -163,8 +186,23 @@ fn client(seed: u64, admin: Vec<AdminAddr>, expunges: bool, told: Arc<Mutex<Told
             let Some((_, uid)) = pick(rng) else { return };
             let flag = FLAGS[rng.random_range(0..FLAGS.len())].to_string();
             let (add, remove) = if rng.random_bool(0.6) { (vec![flag], vec![]) } else { (vec![], vec![flag]) };
+            let (flag, present) = match (add.first(), remove.first()) {
+                (Some(f), _) => (f.clone(), true),
+                (None, Some(f)) => (f.clone(), false),
+                (None, None) => return,
+            };
             let request = AdminRequest::Store { mailbox, uids: vec![uid], add, remove };
-            match call(&admin[node], &request) {
+            let sent = Instant::now();
+            let reply = call(&admin[node], &request);
+            let acked = matches!(reply, Ok(AdminReply::Stored { .. })).then(Instant::now);
+            let mut t = told.lock().unwrap();
+            if acked.is_some() {
+                let sign = if present { '+' } else { '-' };
+                t.note(format!("store via node {} {} UID {uid} {sign}{flag}", node + 1, MAILBOXES[mbox]));
+            }
+            t.flag_writes.push(FlagWrite { mbox, uid, flag, present, sent, acked });
+            drop(t);
+            match reply {
                 Ok(AdminReply::Stored { .. }) => count("store ok"),
                 other => failed("store failed", other),
             }
@@ -537,6 +575,7 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
     eprintln!("soak: seed {seed}: requests {:?}; faults {faults:?}", told.counts);
     let mut failures: Vec<String> = Vec::new();
     let mut present_total = 0;
+    let mut flags_checked = 0;
     for (mbox, mailbox) in MAILBOXES.iter().enumerate() {
         let view = c.converged(mailbox, CONVERGE);
         let present: BTreeSet<&String> = view.messages.iter().map(|m| &m.guid).collect();
@@ -578,6 +617,29 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
                 failures.push(format!("{mailbox} UID {uid} was told as {guid}, now holds {there}"));
             }
         }
+        // Each flag the clients set or cleared ends as the last acknowledged STORE left
+        // it (or as one not acknowledged, or overlapping it, may have), where an
+        // acknowledgement needs a majority.
+        if majority_acks {
+            let mut writes: BTreeMap<(u32, &str), Vec<&FlagWrite>> = BTreeMap::new();
+            for w in told.flag_writes.iter().filter(|w| w.mbox == mbox) {
+                writes.entry((w.uid, w.flag.as_str())).or_default().push(w);
+            }
+            for ((uid, flag), writes) in &writes {
+                let Some(line) = view.messages.iter().find(|m| m.uid == *uid) else { continue };
+                let present = line.flags.iter().any(|f| f.eq_ignore_ascii_case(flag));
+                flags_checked += 1;
+                if !flag_may_end(writes, present) {
+                    let acked = writes.iter().filter(|w| w.acked.is_some()).count();
+                    let now = if present { "set" } else { "clear" };
+                    failures.push(format!(
+                        "{mailbox} UID {uid}: {flag} is {now}, which none of its {} STOREs ({acked} \
+                         acknowledged) can have left",
+                        writes.len()
+                    ));
+                }
+            }
+        }
         let checksums: BTreeSet<&String> = view.messages.iter().map(|m| &m.checksum).collect();
         for (m, checksum) in &told.saved_unseen {
             if *m == mbox && !checksums.contains(checksum) {
@@ -612,5 +674,30 @@ fn nodes_under_kills_cuts_and_freezes_lose_nothing_and_agree() {
             failures.join("\n")
         );
     }
-    eprintln!("soak: seed {seed}: {present_total} messages agreed on every node");
+    eprintln!(
+        "soak: seed {seed}: {present_total} messages agreed on every node, {flags_checked} flags as the STOREs left them"
+    );
+}
+
+#[test]
+fn a_flag_ends_as_the_last_acknowledged_store_left_it_or_as_an_overlapping_one_may_have() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let w = |present: bool, sent: u64, acked: Option<u64>| FlagWrite {
+        mbox: 0,
+        uid: 1,
+        flag: "\\Seen".into(),
+        present,
+        sent: at(sent),
+        acked: acked.map(at),
+    };
+    let (set, clear) = (w(true, 0, Some(10)), w(false, 20, Some(30)));
+    assert!(flag_may_end(&[&set, &clear], false));
+    assert!(!flag_may_end(&[&set, &clear], true), "the clear was sent after the set was acknowledged");
+    let overlapping = w(false, 5, Some(30));
+    assert!(flag_may_end(&[&set, &overlapping], true) && flag_may_end(&[&set, &overlapping], false));
+    let unanswered = w(true, 40, None);
+    assert!(flag_may_end(&[&set, &clear, &unanswered], true), "it may have been done after all");
+    assert!(flag_may_end(&[&unanswered], false) && flag_may_end(&[], false), "as delivered");
+    assert!(!flag_may_end(&[], true));
 }

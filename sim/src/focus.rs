@@ -3,8 +3,9 @@
 //! servers, so that thousands run in seconds (`tandem-sim explore --focus NAME`).
 //!
 //! - `move-back`: a message expunged, its tombstone collected on one side of a partition
-//!   while the other side holds it, the side's servers restarted (forgetting the
-//!   collection), and the message copied or moved back into the mailbox, then the sides
+//!   while the other side holds it, the side's servers restarted (forgetting when the
+//!   collection was, so that a COPY back takes the message's own GUID), and the message
+//!   copied or moved back into the mailbox, then the sides
 //!   rearranged or healed. Found the loss fixed by `MergeRules::from_log` (44 of its first
 //!   4,000 seeds fail under the broken variant `expunge-wins-over-log-copy`).
 //! - `laptop`: a laptop of one user beside three servers; saves, copies, moves and

@@ -3158,6 +3158,9 @@ fn image_difference(replayed: Option<&DiskImage>, image: &DiskImage) -> String {
     if replayed.logs != image.logs {
         return format!("logs: image {:?} writes {:?}", image.logs, replayed.logs);
     }
+    if replayed.collected != image.collected {
+        return format!("collected bindings: image {:?} writes {:?}", image.collected, replayed.collected);
+    }
     format!(
         "epoch {}/{} link_seq {}/{} incarnation {}/{}",
         image.epoch, replayed.epoch, image.link_seq, replayed.link_seq, image.incarnation, replayed.incarnation

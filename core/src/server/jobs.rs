@@ -251,10 +251,18 @@ impl Server {
                 }
             }
             ClientRequest::Expunge { mailbox, uids } => {
+                if let Some(reason) = self.beyond_our_copy(&mailbox, &uids) {
+                    self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
+                    return;
+                }
                 let messages = self.resolve_uids(&mailbox, &uids);
                 WriteRequest::Expunge { mailbox, messages }
             }
             ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
+                if let Some(reason) = self.beyond_our_copy(&mailbox, &uids) {
+                    self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
+                    return;
+                }
                 let messages = self.resolve_uids(&mailbox, &uids);
                 let known_modseq = self
                     .image
@@ -355,6 +363,28 @@ impl Server {
     }
 
     /// The messages a client means by these UIDs here (UIDs we do not hold are dropped).
+    /// Why a STORE or EXPUNGE of `uids` cannot be done through this server yet: a UID
+    /// our copy has no trace of (no message, no tombstone, not retired, or at or above
+    /// its UIDNEXT) is one the cluster gave out that this copy has not heard of: a
+    /// restarted or cut-off server that has not caught up, or one filling a lost disk,
+    /// asked by a client that learnt the UID from another server. `resolve_uids` would
+    /// find no message there, and the request would be answered OK having done nothing
+    /// (a soak of real nodes: STOREs through a just-restarted node and through one that
+    /// had lost its disk, acknowledged and lost). A UID that is gone here (expunged,
+    /// renumbered, collected) leaves a trace, and a client's session names only UIDs it
+    /// was shown here.
+    fn beyond_our_copy(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Option<String> {
+        let m = self.image.mailbox(mailbox)?;
+        let unknown = |uid: Uid| {
+            uid >= m.uidnext
+                || (m.messages.get(&uid).is_none()
+                    && !m.retired.contains(uid)
+                    && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).next().is_none())
+        };
+        let first = uids.iter().copied().find(|u| unknown(*u))?;
+        Some(format!("UID {first} of {mailbox} is not in this server's copy yet (it has not caught up)"))
+    }
+
     fn resolve_uids(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Vec<(Uid, Guid)> {
         let Some(m) = self.image.mailbox(mailbox) else { return Vec::new() };
         uids.iter().filter_map(|u| m.messages.get(u)).map(|r| (r.uid, r.guid)).collect()
@@ -2018,4 +2048,28 @@ enum Removal {
     Lost,
     /// A CANCEL of a save whose client was told it is not stored: this binding only.
     Cancelled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Config;
+    use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
+
+    #[test]
+    fn a_write_naming_a_uid_our_copy_has_no_trace_of_waits_for_the_copy_to_catch_up() {
+        let inbox = MailboxKey::new("u@d", "INBOX");
+        let mut m = StoredMailbox { uidvalidity: 7, uidnext: 6, highest_modseq: 4, ..StoredMailbox::default() };
+        m.messages.insert(1, MessageRecord::bare(1, 10, 1));
+        m.tombstones.insert((2, Guid(20)), Tombstone::expunge(2, Guid(20), 2));
+        m.retired = Retired { ranges: [(3, 3)].into_iter().collect(), collected: 3 };
+        let mut disk = DiskImage::default();
+        disk.mailboxes.insert(inbox.clone(), m);
+        let cfg = Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]);
+        let s = Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()));
+        assert_eq!(s.beyond_our_copy(&inbox, &[1, 2, 3]), None, "live, expunged, collected: known here");
+        assert!(s.beyond_our_copy(&inbox, &[1, 4]).is_some_and(|r| r.contains("UID 4")), "a gap in our copy");
+        assert!(s.beyond_our_copy(&inbox, &[6]).is_some_and(|r| r.contains("UID 6")), "at UIDNEXT");
+        assert_eq!(s.beyond_our_copy(&MailboxKey::new("u@d", "Other"), &[9]), None, "no copy: the master says");
+    }
 }

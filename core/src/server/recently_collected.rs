@@ -16,29 +16,33 @@
 //! server comes back, and the servers that saw the collection may all have restarted
 //! since (a rolling upgrade). The server that drops such a copy also tells its sender the
 //! binding is collected (`Server::tell_collected`), and the copy goes there too. A
-//! binding loaded at a start is aged from the clock's origin ([`LOADED_AT`], the start
-//! in the node, whose clock does not run across restarts): a restart makes a server
-//! remember it longer, never shorter. When it was collected is not kept, so a loaded
+//! binding loaded at a start is aged from the clock's origin ([`LOADED_AT`]): in the
+//! node, whose clock starts at every start, a restart makes a server remember it
+//! longer, never shorter (at most the bound's 65,536 then); in the simulator, whose
+//! clock runs on, from the run's start, far longer ago than its runs last. When it was
+//! collected is not kept, so a loaded
 //! binding does not count for a COPY back (`collected_at`): the message takes its own
 //! GUID, as before bindings were kept on disk, and the merge's rule for a logged copy
 //! against a stale tombstone (`MergeRules::from_log`) settles it.
 //!
 //! [`DiskImage::collected`]: crate::store::DiskImage::collected
 use crate::store::StoreWrite;
-use crate::types::{Guid, Instant, MailboxKey, MailboxState, Uid};
+use crate::types::{Guid, Instant, MailboxKey, MailboxState, Tombstone, Uid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Collected bindings remembered at most, over every mailbox (some 200 bytes each with
-/// the age index, so about 13 MB at most); when full, the oldest go.
+/// the age index, and some 40 more for the image of the disk's copy, so about 16 MB at
+/// most); when full, the oldest go.
 pub(crate) const RECENTLY_COLLECTED_MAX: usize = 65_536;
 /// How long a collected binding is remembered: far longer than any message stays in
 /// flight between servers, and long enough that a store put back from a VM or
 /// filesystem snapshot of the last days (its identity kept, nothing to tell it from the
 /// store it was) has its copies of bindings collected since dropped by any server
-/// that saw the collection and has not restarted since, rather than moved to new UIDs
-/// as mail (the `restore` focus with the restore put past a ten-minute memory brought
-/// expunged mail back in 239 of 1,000 seeds, the identity kept or not, by hand).
+/// that saw the collection, restarted since or not, rather than moved to new UIDs as
+/// mail (the `restore` focus with the restore put past a ten-minute memory brought
+/// expunged mail back in 239 of 1,000 seeds, the identity kept or not, by hand; the
+/// `late-restore` focus restarts the others first).
 pub(crate) const RECENTLY_COLLECTED_KEPT_US: u64 = 7 * 24 * 3600 * 1_000_000;
 
 /// How long a COPY back into a mailbox of a message whose binding there was collected
@@ -48,7 +52,8 @@ pub(crate) const RECENTLY_COLLECTED_KEPT_US: u64 = 7 * 24 * 3600 * 1_000_000;
 pub(crate) const COPY_BACK_AFTER_COLLECTION_US: u64 = 600_000_000;
 
 /// When a binding loaded from disk at a start was collected, for this memory: the
-/// clock's origin (see the module's comment).
+/// clock's origin (see the module's comment). No collection is seen at that instant (it
+/// waits for a grace past the start).
 pub(crate) const LOADED_AT: Instant = Instant(0);
 
 /// (UIDVALIDITY, UID, GUID).
@@ -252,28 +257,44 @@ impl super::Server {
 
     /// Names in `state` of our copy, as tombstones on their retired UIDs, the bindings
     /// remembered collected here that its retired UIDs cover and whose message is not
-    /// live here at another UID (that was a move: the copy there is the message);
-    /// returns how many. A state that tells retired UIDs without naming them would have
-    /// a store that went back (a restored backup, a VM snapshot put back) move the
-    /// copies it holds of them to new UIDs as mail only it has: the expunged mail back
-    /// (focus late-restore seeds 1463 and 3345). Named, its merge drops them
-    /// (`mailbox::drop_collected_copies`); a copy that has the retirement already takes
-    /// the tombstones for what it has collected.
-    pub(crate) fn name_collected(&self, state: &mut MailboxState) -> usize {
-        if state.retired.is_default() {
+    /// live here at another UID (that was a move: the copy there is the message), those
+    /// in `first` first; returns how many. A state that tells retired UIDs without naming
+    /// them would have a store that went back (a restored backup, a VM snapshot put
+    /// back) move the copies it holds of them to new UIDs as mail only it has: the
+    /// expunged mail back (focus late-restore seeds 1463 and 3345). Named, its merge
+    /// drops them (`mailbox::drop_collected_copies`); a copy that has the retirement
+    /// already drops the tombstones with it, and one of another incarnation ignores them
+    /// (`mailbox::without_names_of_another_incarnation`).
+    /// Only while the state stays one piece: split, the tombstones would travel ahead of
+    /// the ranges that cover them (`limits::state_pieces`) and be taken for a client's
+    /// expunges, of every copy of their GUIDs, until those came (as the collection's own
+    /// change, `collect_mailbox_tombstones`). Past that, the merge's rule applies to
+    /// those not named.
+    pub(crate) fn name_collected(&self, state: &mut MailboxState, first: &[(Uid, Guid)]) -> usize {
+        let remembered = self.recently_collected.bindings_of(&state.mailbox, state.uidvalidity).next().is_some();
+        if state.retired.is_default() || !remembered {
             return 0;
         }
         let Some(m) = self.image.mailbox(&state.mailbox).filter(|m| m.uidvalidity == state.uidvalidity) else {
             return 0;
         };
-        let told: std::collections::BTreeSet<(Uid, Guid)> = state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
+        let room = crate::limits::STATE_PIECE_LEN_MAX.saturating_sub(crate::limits::state_len(state))
+            / crate::limits::TOMBSTONE_LEN;
+        let mut told: std::collections::BTreeSet<(Uid, Guid)> =
+            state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
         let before = state.tombstones.len();
-        let named = self
-            .recently_collected
-            .bindings_of(&state.mailbox, state.uidvalidity)
-            .filter(|binding| !told.contains(binding) && !m.messages.has_guid(binding.1))
-            .filter_map(|(uid, guid)| state.retired.name(uid, guid));
+        let candidates =
+            first.iter().copied().chain(self.recently_collected.bindings_of(&state.mailbox, state.uidvalidity));
+        let named: Vec<Tombstone> = candidates
+            .filter(|&(uid, guid)| !m.messages.has_guid(guid) && told.insert((uid, guid)))
+            .filter_map(|(uid, guid)| state.retired.name(uid, guid))
+            .take(room)
+            .collect();
         state.tombstones.extend(named);
+        debug_assert!(
+            state.tombstones.len() == before || crate::limits::state_len(state) <= crate::limits::STATE_PIECE_LEN_MAX,
+            "names are added only while the state stays one piece"
+        );
         state.tombstones.len() - before
     }
 
@@ -299,7 +320,7 @@ impl super::Server {
 
     fn collected_on_disk_as_remembered(&self) -> bool {
         let on_disk = &self.image.disk().collected;
-        on_disk.len() == self.recently_collected.bindings().count()
+        on_disk.values().filter(|b| !b.is_empty()).count() == self.recently_collected.bindings().count()
             && self
                 .recently_collected
                 .bindings()
@@ -410,5 +431,51 @@ mod tests {
             r.expire(start.plus_us(RECENTLY_COLLECTED_KEPT_US)).values().map(Vec::len).sum::<usize>(),
             RECENTLY_COLLECTED_MAX
         );
+    }
+
+    #[test]
+    fn a_restarted_server_names_what_its_disk_remembers_in_a_state_that_fits_one_piece() {
+        use crate::io::Config;
+        use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
+        use crate::types::{Retired, Sid};
+        let mut disk = DiskImage::default();
+        let mut inbox = StoredMailbox { uidvalidity: 7, uidnext: 10, highest_modseq: 6, ..StoredMailbox::default() };
+        inbox.retired = Retired { ranges: [(2, 4)].into_iter().collect(), collected: 5 };
+        // The message collected at UID 4 was moved, not expunged: it lives at 6.
+        inbox.messages.insert(6, MessageRecord::bare(6, 40, 6));
+        disk.mailboxes.insert(mb(), inbox);
+        let remembered = [(7, 2, Guid(20)), (7, 3, Guid(30)), (7, 4, Guid(40)), (8, 2, Guid(99))];
+        disk.collected.insert(mb(), remembered.into_iter().collect());
+        let cfg = Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]);
+        let s = super::super::Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()));
+        assert!(s.collected_on_disk_as_remembered());
+        let ours = |s: &super::super::Server| {
+            let m = s.image.mailbox(&mb()).expect("the mailbox");
+            let mut state = MailboxState::empty(mb(), 7);
+            state.retired = m.retired.clone();
+            state
+        };
+        let mut state = ours(&s);
+        assert_eq!(s.name_collected(&mut state, &[]), 2);
+        let named: Vec<(Uid, Guid)> = state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
+        assert_eq!(named, vec![(2, Guid(20)), (3, Guid(30))], "not the moved one, nor another incarnation's");
+        assert!(state.tombstones.iter().all(|t| state.retired.covers(t)), "each on a retired UID it covers");
+        assert_eq!(s.name_collected(&mut state, &[]), 0, "each named once");
+        let mut state = ours(&s);
+        state.retired = Retired::default();
+        assert_eq!(s.name_collected(&mut state, &[]), 0, "a state that tells no retired UIDs");
+        let mut state = ours(&s);
+        state.uidvalidity = 8;
+        assert_eq!(s.name_collected(&mut state, &[]), 0, "another incarnation than our copy's");
+        // Room for one name only: the one asked for first.
+        let mut state = ours(&s);
+        let len = crate::limits::state_len(&state);
+        let filler = (crate::limits::STATE_PIECE_LEN_MAX - len) / crate::limits::TOMBSTONE_LEN - 1;
+        state.tombstones = (0..filler).map(|i| Tombstone::expunge(100 + i as Uid, Guid(1000 + i as u128), 6)).collect();
+        assert_eq!(s.name_collected(&mut state, &[(3, Guid(30))]), 1);
+        assert_eq!(state.tombstones.last().map(|t| (t.uid, t.guid)), Some((3, Guid(30))));
+        assert!(crate::limits::state_len(&state) <= crate::limits::STATE_PIECE_LEN_MAX);
+        assert_eq!(s.name_collected(&mut state, &[]), 0, "no room left");
+        assert_eq!(s.recently_collected.collected_at(&mb(), 7, Guid(20), Instant(1)), None, "loaded: no COPY back");
     }
 }

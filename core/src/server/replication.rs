@@ -480,7 +480,7 @@ impl Server {
                 let count = dropped.len();
                 self.note(|| format!("{count} copies of bindings collected here dropped from {mailbox}"));
                 if let Some(peer) = src {
-                    self.tell_collected(peer, &mailbox, state.uidvalidity);
+                    self.tell_collected(peer, &mailbox, state.uidvalidity, &dropped);
                 }
                 fresh = kept;
                 &fresh
@@ -544,7 +544,7 @@ impl Server {
     /// retired UIDs still cover: a piece of another incarnation would be a copy of it to
     /// merge, not a word about the sender's. Every binding of the mailbox remembered
     /// collected is named, not only those dropped (`Server::name_collected`).
-    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, uidvalidity: u32) {
+    fn tell_collected(&mut self, peer: Sid, mailbox: &MailboxKey, uidvalidity: u32, dropped: &[(Uid, Guid)]) {
         let Some(m) = self.image.mailbox(mailbox).filter(|m| m.uidvalidity == uidvalidity) else { return };
         let mut state = MailboxState {
             mailbox: mailbox.clone(),
@@ -556,12 +556,10 @@ impl Server {
             lifecycle: m.lifecycle,
             retired: m.retired.clone(),
         };
-        if self.name_collected(&mut state) == 0 {
+        if self.name_collected(&mut state, dropped) == 0 {
             return;
         }
-        for state in crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX) {
-            self.send(peer, Msg::SyncPart { state });
-        }
+        self.send(peer, Msg::SyncPart { state });
     }
 
     pub(crate) fn on_mbox_request(&mut self, src: Sid, catchup: CatchupId, key: MasterKey) {
@@ -580,7 +578,7 @@ impl Server {
         self.image.create_mailbox(&mut self.out, mailbox, None);
         let Some(m) = self.image.mailbox(mailbox) else { return };
         let mut state = mailbox::state_since(mailbox, m, since);
-        self.name_collected(&mut state);
+        self.name_collected(&mut state, &[]);
         self.send_sync(to, reply, state);
     }
 
@@ -612,7 +610,7 @@ impl Server {
         mut states: Vec<MailboxState>,
     ) {
         for state in &mut states {
-            self.name_collected(state);
+            self.name_collected(state, &[]);
         }
         let len = |s: &MailboxState| {
             s.messages.iter().map(crate::limits::record_len).sum::<usize>()
