@@ -23,6 +23,11 @@ impl Guid {
     /// SID fits them, see `EPOCH_SID_BITS`); the rest are random.
     pub const ORIGIN_MASK: u128 = 0xffff;
 
+    /// In a STORE's or EXPUNGE's (UID, GUID) list: the message at this UID in the
+    /// master's copy, a UID the forwarding server's copy has no trace of yet (see
+    /// `Server::resolve_uids`). No message has it (an assigned GUID has random bits).
+    pub const UNRESOLVED: Guid = Guid(0);
+
     /// The GUID of a copy of this message placed back into `mailbox`, where this one
     /// was expunged at UID `expunged_uid`: an expunge removes a GUID from a mailbox at
     /// every UID it has there, so the copy must be another message. Derived, not drawn:

@@ -11,16 +11,22 @@ use std::time::Duration;
 
 const MAILBOX: &str = "u@example.org/INBOX";
 
+/// `tandem backup` of node `i`'s store, into the cluster's directory.
+fn take_backup(c: &Cluster, i: usize) -> std::path::PathBuf {
+    let backup = c.dir.path().join(format!("backup-{}", i + 1));
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["backup", "--admin", &c.admin[i].to_string(), backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+    backup
+}
+
 #[test]
 fn a_backup_older_than_the_grace_is_refused_at_its_first_start_unless_accepted() {
     let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1\ntombstone_grace_secs = 10");
     c.deliver(0, MAILBOX, "Subject: before\r\n\r\nin the backup\r\n").unwrap();
-    let backup = c.dir.path().join("backup-3");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["backup", "--admin", &c.admin[2].to_string(), backup.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+    let backup = take_backup(&c, 2);
     // Older than the grace (10 s) by the time it is restored.
     std::thread::sleep(Duration::from_secs(11));
     c.deliver(0, MAILBOX, "Subject: after\r\n\r\nnot in the backup\r\n").unwrap();
@@ -46,13 +52,6 @@ fn a_backup_older_than_the_grace_is_refused_at_its_first_start_unless_accepted()
     c.wait_up(2);
 }
 
-/// The node's count of a protocol event (a core mark) from its metrics endpoint.
-fn event_count(metrics: std::net::SocketAddr, sid: usize, event: &str) -> u64 {
-    let needle = format!("tandem_protocol_events_total{{server=\"{sid}\",event=\"{event}\"}} ");
-    let text = harness::http_get(metrics);
-    text.lines().find_map(|l| l.strip_prefix(needle.as_str())).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
-}
-
 /// A backup put back after an expunge it lacks was collected, once every other node
 /// restarted (a rolling upgrade): the others remember the collection on disk, so the
 /// restored store's copy of the expunged message is dropped, not moved to a new UID as
@@ -66,16 +65,11 @@ fn a_backup_put_back_after_a_collection_and_a_rolling_restart_brings_no_expunged
     let (gone, _) = c.deliver(0, MAILBOX, "Subject: expunged\r\n\r\nexpunged after the backup\r\n").unwrap();
     let (kept, _) = c.deliver(1, MAILBOX, "Subject: kept\r\n\r\nin the backup and kept\r\n").unwrap();
     c.converged(MAILBOX, Duration::from_secs(60));
-    let backup = c.dir.path().join("backup-3");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["backup", "--admin", &c.admin[2].to_string(), backup.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+    let backup = take_backup(&c, 2);
     let expunge = tandem_node::admin::AdminRequest::Expunge { mailbox: MAILBOX.into(), uids: vec![gone] };
     let reply = harness::call(&c.admin[1], &expunge).expect("expunge");
     assert!(matches!(reply, tandem_node::admin::AdminReply::Expunged { ref uids } if uids == &[gone]), "{reply:?}");
-    let collected = || (0..3).map(|i| event_count(metrics[i], i + 1, "tombstones_collected")).sum::<u64>();
+    let collected = || (0..3).map(|i| harness::event_count(metrics[i], i + 1, "tombstones_collected")).sum::<u64>();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while collected() == 0 {
         assert!(std::time::Instant::now() < deadline, "no collection within 90 s\n{}", c.log(0));

@@ -567,13 +567,6 @@ fn mutual_tls_links_carry_replication_and_refuse_plain_peers() {
     assert!(refused.is_err_and(|e| e.0.contains("does not name tandem-3")));
 }
 
-/// The node's count of a protocol event (a core mark) from its metrics endpoint.
-fn event_count(metrics: std::net::SocketAddr, sid: usize, event: &str) -> u64 {
-    let needle = format!("tandem_protocol_events_total{{server=\"{sid}\",event=\"{event}\"}} ");
-    let text = harness::http_get(metrics);
-    text.lines().find_map(|l| l.strip_prefix(needle.as_str())).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
-}
-
 #[test]
 fn tombstones_are_collected_once_every_node_agreed_and_survive_a_kill_9() {
     let metrics: Vec<std::net::SocketAddr> = (0..3).map(|_| harness::free_port()).collect();
@@ -592,7 +585,7 @@ fn tombstones_are_collected_once_every_node_agreed_and_survive_a_kill_9() {
     c.converged(mailbox, CONVERGE);
     // Collection waits for every node to have shown the master the same copy for the
     // grace period (10 s) after the expunge: not before, but well within a minute.
-    let collected = || (0..3).map(|i| event_count(metrics[i], i + 1, "tombstones_collected")).sum::<u64>();
+    let collected = || (0..3).map(|i| harness::event_count(metrics[i], i + 1, "tombstones_collected")).sum::<u64>();
     assert_eq!(collected(), 0, "collected before the grace period");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while collected() == 0 {

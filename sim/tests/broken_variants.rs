@@ -273,12 +273,9 @@ fn collecting_the_expunge_of_a_laptops_pushed_copy_is_caught() {
     );
 }
 
-/// The move-back focus (`tandem_sim::focus`) catches the same variant from generated
-/// seeds (first at seed 35 on 2026-12-06), and its first 500 seeds pass on the real
-/// core (CI sweeps more).
-#[test]
-fn the_move_back_focus_catches_a_master_taking_the_expunge_over_a_logged_move_back() {
-    use tandem_sim::focus::Focus;
+/// A focus catches `bug` within `seeds` seeds, breaking `invariant`, and its first 500
+/// seeds pass on the real core.
+fn focus_catches(focus: tandem_sim::focus::Focus, bug: Bug, seeds: u64, invariant: &str) {
     let sweep = |bug: Option<Bug>, seeds: u64| {
         explore(&ExploreOptions {
             from: 1,
@@ -286,16 +283,24 @@ fn the_move_back_focus_catches_a_master_taking_the_expunge_over_a_logged_move_ba
             threads: 2,
             time_budget: Some(Duration::from_secs(300)),
             bug,
-            focus: Some(Focus::MoveBack),
+            focus: Some(focus),
             stop_after_failures: 1,
             progress: false,
         })
     };
-    let broken = sweep(Some(Bug::ExpungeWinsOverLogCopy), 1000);
-    let first = broken.failures.first().expect("a failing seed within 1,000");
-    assert_eq!(first.broken.as_deref(), Some("no_acked_loss"), "{:?}", first.detail);
+    let broken = sweep(Some(bug), seeds);
+    let first = broken.failures.first().unwrap_or_else(|| panic!("{}: no failing seed within {seeds}", bug.name()));
+    assert_eq!(first.broken.as_deref(), Some(invariant), "{:?}", first.detail);
     let fixed = sweep(None, 500);
     assert!(fixed.failures.is_empty(), "{:?}", fixed.failures.first());
+}
+
+/// The move-back focus (`tandem_sim::focus`) catches the same variant from generated
+/// seeds (first at seed 35 on 2026-12-06), and its first 500 seeds pass on the real
+/// core (CI sweeps more).
+#[test]
+fn the_move_back_focus_catches_a_master_taking_the_expunge_over_a_logged_move_back() {
+    focus_catches(tandem_sim::focus::Focus::MoveBack, Bug::ExpungeWinsOverLogCopy, 1000, "no_acked_loss");
 }
 
 /// A store not filled yet trusted like any other: the oracle's invariants are each a
@@ -330,22 +335,5 @@ fn trusting_a_store_not_filled_yet_is_caught() {
 /// the real core (CI sweeps more).
 #[test]
 fn the_late_restore_focus_catches_forgetting_collections_at_a_restart() {
-    use tandem_sim::focus::Focus;
-    let sweep = |bug: Option<Bug>, seeds: u64| {
-        explore(&ExploreOptions {
-            from: 1,
-            seeds,
-            threads: 2,
-            time_budget: Some(Duration::from_secs(300)),
-            bug,
-            focus: Some(Focus::LateRestore),
-            stop_after_failures: 1,
-            progress: false,
-        })
-    };
-    let broken = sweep(Some(Bug::ForgetsCollectionsAtRestart), 200);
-    let first = broken.failures.first().expect("a failing seed within 200");
-    assert_eq!(first.broken.as_deref(), Some("no_resurrection"), "{:?}", first.detail);
-    let fixed = sweep(None, 500);
-    assert!(fixed.failures.is_empty(), "{:?}", fixed.failures.first());
+    focus_catches(tandem_sim::focus::Focus::LateRestore, Bug::ForgetsCollectionsAtRestart, 200, "no_resurrection");
 }

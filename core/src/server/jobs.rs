@@ -251,18 +251,10 @@ impl Server {
                 }
             }
             ClientRequest::Expunge { mailbox, uids } => {
-                if let Some(reason) = self.beyond_our_copy(&mailbox, &uids) {
-                    self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
-                    return;
-                }
                 let messages = self.resolve_uids(&mailbox, &uids);
                 WriteRequest::Expunge { mailbox, messages }
             }
             ClientRequest::Store { mailbox, uids, add, remove, unchanged_since } => {
-                if let Some(reason) = self.beyond_our_copy(&mailbox, &uids) {
-                    self.out.reply(id, ClientReply::Failed { kind: FailKind::Temporary, reason });
-                    return;
-                }
                 let messages = self.resolve_uids(&mailbox, &uids);
                 let known_modseq = self
                     .image
@@ -363,31 +355,32 @@ impl Server {
     }
 
     /// The messages a client means by these UIDs here (UIDs we do not hold are dropped).
-    /// Why a STORE or EXPUNGE of `uids` cannot be done through this server yet: a UID
-    /// our copy has no trace of (no message, no tombstone, not retired, or at or above
-    /// its UIDNEXT) is one the cluster gave out that this copy has not heard of: a
-    /// restarted or cut-off server that has not caught up, or one filling a lost disk,
-    /// asked by a client that learnt the UID from another server. `resolve_uids` would
-    /// find no message there, and the request would be answered OK having done nothing
-    /// (a soak of real nodes: STOREs through a just-restarted node and through one that
-    /// had lost its disk, acknowledged and lost). A UID that is gone here (expunged,
-    /// renumbered, collected) leaves a trace, and a client's session names only UIDs it
-    /// was shown here.
-    fn beyond_our_copy(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Option<String> {
-        let m = self.image.mailbox(mailbox)?;
-        let unknown = |uid: Uid| {
+    /// The messages a STORE or EXPUNGE of `uids` names, by (UID, GUID) as our copy
+    /// binds them. A UID our copy has no trace of (no message, no tombstone, not
+    /// retired, or at or above its UIDNEXT) is one the cluster gave out that this copy
+    /// has not heard of yet (a restarted or cut-off server that has not caught up, or one
+    /// filling a lost disk, asked by a client that learnt the UID from another server):
+    /// it goes as [`Guid::UNRESOLVED`], for the master to find in its copy. Left out, the
+    /// request was answered OK having done nothing (a soak of real nodes: STOREs through
+    /// a just-restarted node and through one that had lost its disk, acknowledged and
+    /// lost). A UID gone here (expunged, renumbered, collected) leaves a trace and is
+    /// left out; a client's session names only UIDs it was shown here.
+    fn resolve_uids(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Vec<(Uid, Guid)> {
+        let Some(m) = self.image.mailbox(mailbox) else {
+            return uids.iter().map(|u| (*u, Guid::UNRESOLVED)).collect();
+        };
+        let no_trace = |uid: Uid| {
             uid >= m.uidnext
-                || (m.messages.get(&uid).is_none()
-                    && !m.retired.contains(uid)
+                || (!m.retired.contains(uid)
                     && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).next().is_none())
         };
-        let first = uids.iter().copied().find(|u| unknown(*u))?;
-        Some(format!("UID {first} of {mailbox} is not in this server's copy yet (it has not caught up)"))
-    }
-
-    fn resolve_uids(&self, mailbox: &MailboxKey, uids: &[Uid]) -> Vec<(Uid, Guid)> {
-        let Some(m) = self.image.mailbox(mailbox) else { return Vec::new() };
-        uids.iter().filter_map(|u| m.messages.get(u)).map(|r| (r.uid, r.guid)).collect()
+        uids.iter()
+            .filter_map(|&uid| match m.messages.get(&uid) {
+                Some(r) => Some((uid, r.guid)),
+                None if no_trace(uid) => Some((uid, Guid::UNRESOLVED)),
+                None => None,
+            })
+            .collect()
     }
 
     /// What a client is shown of a mailbox: what is durable.
@@ -1871,7 +1864,8 @@ fn master_uids(m: &crate::store::StoredMailbox, messages: &[(Uid, Guid)]) -> Vec
     messages
         .iter()
         .filter_map(|(theirs, guid)| match m.messages.get(theirs) {
-            Some(r) if r.guid == *guid => Some((*theirs, *theirs)),
+            Some(r) if r.guid == *guid || *guid == Guid::UNRESOLVED => Some((*theirs, *theirs)),
+            _ if *guid == Guid::UNRESOLVED => None,
             _ => m.messages.find_guid(*guid).map(|r| (*theirs, r.uid)),
         })
         .filter(|(_, ours)| seen.insert(*ours))
@@ -1927,9 +1921,10 @@ fn plan_store(
 /// lags the sender's, so it cannot order a change to them yet. A binding retired by a
 /// renumbering does not count: the message lives on at a UID the master has not seen.
 fn unknown_here(m: Option<&crate::store::StoredMailbox>, messages: &[(Uid, Guid)]) -> bool {
-    let Some(m) = m else { return !messages.is_empty() };
+    let Some(m) = m else { return messages.iter().any(|(_, guid)| *guid != Guid::UNRESOLVED) };
     messages
         .iter()
+        .filter(|(_, guid)| *guid != Guid::UNRESOLVED)
         .any(|(_, guid)| !m.messages.has_guid(*guid) && !m.tombstones.values().any(|t| t.guid == *guid && t.expunged))
 }
 
@@ -2057,19 +2052,23 @@ mod tests {
     use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
 
     #[test]
-    fn a_write_naming_a_uid_our_copy_has_no_trace_of_waits_for_the_copy_to_catch_up() {
+    fn a_uid_our_copy_has_no_trace_of_is_left_for_the_master_to_resolve() {
         let inbox = MailboxKey::new("u@d", "INBOX");
         let mut m = StoredMailbox { uidvalidity: 7, uidnext: 6, highest_modseq: 4, ..StoredMailbox::default() };
         m.messages.insert(1, MessageRecord::bare(1, 10, 1));
         m.tombstones.insert((2, Guid(20)), Tombstone::expunge(2, Guid(20), 2));
         m.retired = Retired { ranges: [(3, 3)].into_iter().collect(), collected: 3 };
         let mut disk = DiskImage::default();
-        disk.mailboxes.insert(inbox.clone(), m);
+        disk.mailboxes.insert(inbox.clone(), m.clone());
         let cfg = Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]);
         let s = Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()));
-        assert_eq!(s.beyond_our_copy(&inbox, &[1, 2, 3]), None, "live, expunged, collected: known here");
-        assert!(s.beyond_our_copy(&inbox, &[1, 4]).is_some_and(|r| r.contains("UID 4")), "a gap in our copy");
-        assert!(s.beyond_our_copy(&inbox, &[6]).is_some_and(|r| r.contains("UID 6")), "at UIDNEXT");
-        assert_eq!(s.beyond_our_copy(&MailboxKey::new("u@d", "Other"), &[9]), None, "no copy: the master says");
+        let resolved = s.resolve_uids(&inbox, &[1, 2, 3, 4, 6]);
+        assert_eq!(resolved, vec![(1, Guid(10)), (4, Guid::UNRESOLVED), (6, Guid::UNRESOLVED)], "2 and 3 are gone");
+        let other = MailboxKey::new("u@d", "Other");
+        assert_eq!(s.resolve_uids(&other, &[9]), vec![(9, Guid::UNRESOLVED)], "no copy here at all");
+        // The master finds what it has at those UIDs, and nothing where it has none.
+        m.messages.insert(4, MessageRecord::bare(4, 40, 4));
+        assert_eq!(master_uids(&m, &resolved), vec![(1, 1), (4, 4)]);
+        assert!(!unknown_here(Some(&m), &resolved), "an unresolved UID is not a message the master lacks");
     }
 }

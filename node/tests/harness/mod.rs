@@ -391,6 +391,13 @@ pub fn http_get(addr: SocketAddr) -> String {
     raw_exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n")
 }
 
+/// The node's count of a protocol event (a core mark) from its metrics endpoint.
+pub fn event_count(metrics: SocketAddr, sid: usize, event: &str) -> u64 {
+    let needle = format!("tandem_protocol_events_total{{server=\"{sid}\",event=\"{event}\"}} ");
+    let text = http_get(metrics);
+    text.lines().find_map(|l| l.strip_prefix(needle.as_str())).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
 /// Raw bytes to a peer port; returns what the node answered before closing.
 pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).expect("connect");
