@@ -436,7 +436,7 @@ fn expunge_everywhere(m: &mut StoredMailbox, tombstones: &[Tombstone], out: &mut
 fn can_bind(m: &StoredMailbox, uid: Uid, guid: Guid) -> bool {
     !m.retired.contains(uid)
         && m.messages.get(&uid).is_none_or(|ours| ours.guid == guid)
-        && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).all(|((_, g), _)| *g == guid)
+        && m.tombstones_at(uid).all(|t| t.guid == guid)
 }
 
 /// The messages a census gave up (see [`Tombstone::lost`]) that no client expunged and
@@ -730,8 +730,7 @@ pub fn merge_as_replica(m: &mut StoredMailbox, foreign: &MailboxState, rules: &M
             }
             Some(_) => out.unresolved = true,
             None => {
-                let retired = !rules.ignore_tombstones
-                    && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some();
+                let retired = !rules.ignore_tombstones && m.tombstones_at(r.uid).next().is_some();
                 let elsewhere = m.messages.has_guid(r.guid);
                 if retired || elsewhere {
                     // A second UID for one message, or a UID used by another: the master
@@ -1285,8 +1284,7 @@ impl MasterMerge<'_> {
             }
             None => {
                 let retired = !self.rules.ignore_tombstones
-                    && (self.m.retired.contains(r.uid)
-                        || self.m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_some());
+                    && (self.m.retired.contains(r.uid) || self.m.tombstones_at(r.uid).next().is_some());
                 if retired {
                     self.out.tombstone_conflict = true;
                     self.movers.insert((r.uid, r.guid), r);

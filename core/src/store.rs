@@ -359,6 +359,11 @@ impl StoredMailbox {
         self.highest_modseq.max(self.lifecycle.latest()).saturating_add(1)
     }
 
+    /// The tombstones kept at `uid` (one per GUID a merge met there).
+    pub fn tombstones_at(&self, uid: Uid) -> impl Iterator<Item = &Tombstone> {
+        self.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).map(|(_, t)| t)
+    }
+
     /// The highest UID `guid` was expunged at here, while its tombstone is kept.
     pub fn expunged_at(&self, guid: Guid) -> Option<Uid> {
         self.tombstones.keys().filter(|(_, g)| *g == guid).map(|(uid, _)| *uid).max()

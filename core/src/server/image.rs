@@ -724,7 +724,7 @@ impl Image {
             && !lifecycle.join(&state.lifecycle)
             && !m.messages.contains_key(&r.uid)
             && !m.retired.contains(r.uid)
-            && m.tombstones.range((r.uid, Guid(0))..=(r.uid, Guid(u128::MAX))).next().is_none()
+            && m.tombstones_at(r.uid).next().is_none()
             && !m.messages.has_guid(r.guid);
         if !plain {
             return None;

@@ -369,11 +369,8 @@ impl Server {
         let Some(m) = self.image.mailbox(mailbox) else {
             return uids.iter().map(|u| (*u, Guid::UNRESOLVED)).collect();
         };
-        let no_trace = |uid: Uid| {
-            uid >= m.uidnext
-                || (!m.retired.contains(uid)
-                    && m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).next().is_none())
-        };
+        let no_trace =
+            |uid: Uid| uid >= m.uidnext || (!m.retired.contains(uid) && m.tombstones_at(uid).next().is_none());
         uids.iter()
             .filter_map(|&uid| match m.messages.get(&uid) {
                 Some(r) => Some((uid, r.guid)),

@@ -154,12 +154,13 @@ impl RecentlyCollected {
 
     /// The bindings of `mailbox` at `uidvalidity` remembered collected.
     pub(crate) fn bindings_of(&self, mailbox: &MailboxKey, uidvalidity: u32) -> impl Iterator<Item = (Uid, Guid)> + '_ {
+        self.noted_in(mailbox, uidvalidity).map(|(&(_, uid, guid), _)| (uid, guid))
+    }
+
+    /// The bindings of `mailbox` at `uidvalidity`, with when each was noted.
+    fn noted_in(&self, mailbox: &MailboxKey, uidvalidity: u32) -> impl Iterator<Item = (&Binding, &Instant)> + '_ {
         let range = (uidvalidity, 0, Guid(0))..=(uidvalidity, Uid::MAX, Guid(u128::MAX));
-        self.bindings
-            .get(mailbox)
-            .into_iter()
-            .flat_map(move |b| b.range(range.clone()))
-            .map(|(&(_, uid, guid), _)| (uid, guid))
+        self.bindings.get(mailbox).into_iter().flat_map(move |b| b.range(range.clone()))
     }
 
     /// Every binding remembered, by mailbox: what the disk must hold too.
@@ -202,10 +203,7 @@ impl RecentlyCollected {
     /// COPY of it back there is a new message (`Server::copy_guid`), as it is while the
     /// tombstone is there.
     pub(crate) fn collected_at(&self, mailbox: &MailboxKey, uidvalidity: u32, guid: Guid, now: Instant) -> Option<Uid> {
-        let collected = self.bindings.get(mailbox)?;
-        let range = (uidvalidity, 0, Guid(0))..=(uidvalidity, Uid::MAX, Guid(u128::MAX));
-        collected
-            .range(range)
+        self.noted_in(mailbox, uidvalidity)
             .filter(|((_, _, g), at)| {
                 *g == guid && **at != LOADED_AT && at.plus_us(COPY_BACK_AFTER_COLLECTION_US) > now
             })

@@ -196,7 +196,7 @@ impl Server {
 /// Whether a census's loss sits on `uid` (its UID is never retired: see
 /// `collect_mailbox_tombstones`).
 fn lost_on(m: &crate::store::StoredMailbox, uid: Uid) -> bool {
-    m.tombstones.range((uid, Guid(0))..=(uid, Guid(u128::MAX))).any(|(_, t)| t.lost)
+    m.tombstones_at(uid).any(|t| t.lost)
 }
 
 #[cfg(test)]
