@@ -315,31 +315,85 @@ pub fn state_len(state: &MailboxState) -> usize {
 /// Cuts a mailbox state into pieces whose estimated text is at most `budget` (each
 /// with at least one item, each carrying the state's meta). A tombstone travels in the
 /// piece of the record with its GUID (a retired binding with the binding that replaces
-/// it, so a replica can apply each piece on its own); the other tombstones follow the
-/// records. A state within the budget stays one piece.
+/// it, so a replica can apply each piece on its own); a tombstone the state's retired
+/// UIDs cover (a collected binding it names, `Server::name_collected`) in the piece of
+/// the range that covers it, so that it is never taken for a client's expunge ahead of
+/// its range; the other tombstones follow the records. A state within the budget stays
+/// one piece.
 pub fn state_pieces(mut state: MailboxState, budget: usize) -> Vec<MailboxState> {
     if state_len(&state) <= budget {
         return vec![state];
     }
     // Retired ranges go in pieces of their own after the rest (they are joined, so any
-    // share of them is right to apply alone).
+    // share of them is right to apply alone), with the names they cover.
     let retired = std::mem::take(&mut state.retired);
-    let ranges_per_piece = (budget / RETIRED_RANGE_LEN).max(1);
-    let ranges: Vec<(Uid, Uid)> = retired.ranges.into_iter().collect();
-    let mut range_pieces: Vec<MailboxState> = ranges
-        .chunks(ranges_per_piece)
-        .map(|chunk| MailboxState {
-            messages: Vec::new(),
-            tombstones: Vec::new(),
-            retired: Retired { ranges: chunk.iter().copied().collect(), collected: retired.collected },
-            ..state.clone()
-        })
-        .collect();
+    let live: std::collections::BTreeSet<Guid> = state.messages.iter().map(|r| r.guid).collect();
+    let (mut named, rest): (Vec<Tombstone>, Vec<Tombstone>) =
+        std::mem::take(&mut state.tombstones).into_iter().partition(|t| retired.covers(t) && !live.contains(&t.guid));
+    state.tombstones = rest;
+    named.sort_by_key(|t| (t.uid, t.guid));
+    let meta = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
+    let mut range_pieces = ranges_pieces(&retired, named, &meta, budget);
     if state.messages.is_empty() && state.tombstones.is_empty() {
         return range_pieces;
     }
     let mut pieces = records_pieces(state, budget);
     pieces.append(&mut range_pieces);
+    debug_assert!(
+        pieces
+            .iter()
+            .flat_map(|p| p.tombstones.iter().map(move |t| (p, t)))
+            .all(|(p, t)| !retired.covers(t) || p.retired.covers(t) || live.contains(&t.guid)),
+        "a name travels in the piece of the range that covers it"
+    );
+    pieces
+}
+
+/// Pieces of retired ranges, each with the tombstones its ranges cover (`named`, sorted
+/// by UID). A range whose names pass the budget is cut between two UIDs: a share of a
+/// range is as right to apply alone as the whole.
+fn ranges_pieces(retired: &Retired, named: Vec<Tombstone>, meta: &MailboxState, budget: usize) -> Vec<MailboxState> {
+    // Units: a share of a range with the names it covers, each within the budget (but
+    // for the names of one UID, which are never parted).
+    let mut units: Vec<(Uid, Uid, Vec<Tombstone>)> = Vec::new();
+    let mut names = named.into_iter().peekable();
+    for (&first, &last) in &retired.ranges {
+        let mut unit: (Uid, Uid, Vec<Tombstone>) = (first, last, Vec::new());
+        while let Some(t) = names.next_if(|t| t.uid <= last) {
+            debug_assert!(t.uid >= first, "a name is covered by the range it travels with");
+            let starts_uid = unit.2.last().is_none_or(|previous| previous.uid != t.uid);
+            let len = RETIRED_RANGE_LEN + (unit.2.len() + 1) * TOMBSTONE_LEN;
+            if starts_uid && !unit.2.is_empty() && len > budget {
+                let rest = (t.uid, last, Vec::new());
+                unit.1 = t.uid - 1;
+                units.push(std::mem::replace(&mut unit, rest));
+            }
+            unit.2.push(t);
+        }
+        units.push(unit);
+    }
+    debug_assert!(names.next().is_none(), "every name is covered by a range");
+    let empty_piece = || MailboxState {
+        retired: Retired { ranges: Default::default(), collected: retired.collected },
+        ..meta.clone()
+    };
+    let mut pieces = Vec::new();
+    let mut piece = empty_piece();
+    let mut used = 0;
+    for (first, last, names) in units {
+        let len = RETIRED_RANGE_LEN + names.len() * TOMBSTONE_LEN;
+        // At least one unit per piece, so that every piece makes progress.
+        if used > 0 && used + len > budget {
+            pieces.push(std::mem::replace(&mut piece, empty_piece()));
+            used = 0;
+        }
+        used += len;
+        piece.retired.insert_range(first, last);
+        piece.tombstones.extend(names);
+    }
+    if used > 0 {
+        pieces.push(piece);
+    }
     pieces
 }
 

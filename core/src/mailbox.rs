@@ -2693,6 +2693,69 @@ mod retired_tests {
         assert_eq!(joined, whole.retired);
         assert_eq!(pieces.iter().map(|p| p.messages.len()).sum::<usize>(), 2);
     }
+
+    /// A store put back from before a collection holds copies of the collected messages;
+    /// the state that names them is too large for one piece. Each name travels with the
+    /// range that covers it, so every stale copy goes, as replica or as master, and none
+    /// moves to a new UID.
+    #[test]
+    fn names_in_a_state_of_many_pieces_travel_with_their_ranges_and_drop_every_stale_copy() {
+        let (live, collected_from, collected_to) = (300u32, 301u32, 700u32);
+        let guid_at = |uid: Uid| 100_000 + u128::from(uid);
+        let mut ours = new_mailbox(&key());
+        for uid in 1..=live {
+            ours.messages.insert(uid, rec(uid, guid_at(uid), 2));
+        }
+        ours.uidnext = collected_to + 1;
+        ours.highest_modseq = 9;
+        ours.retired = retired(&[(collected_from, collected_to)], 9);
+        let mut restored = ours.clone();
+        restored.retired = Retired::default();
+        restored.highest_modseq = 5;
+        for uid in collected_from..=collected_to {
+            restored.messages.insert(uid, rec(uid, guid_at(uid), 3));
+        }
+        let mut whole = state(&key(), &ours);
+        whole.tombstones =
+            (collected_from..=collected_to).filter_map(|uid| whole.retired.name(uid, Guid(guid_at(uid)))).collect();
+        let budget = 100 * crate::limits::TOMBSTONE_LEN;
+        let pieces = crate::limits::state_pieces(whole.clone(), budget);
+        assert!(pieces.iter().filter(|p| !p.retired.ranges.is_empty()).count() > 3, "the range itself is cut");
+        let mut joined = Retired::default();
+        for p in &pieces {
+            assert!(crate::limits::state_len(p) <= budget);
+            assert!(p.tombstones.iter().all(|t| p.retired.covers(t)), "a name travels with its range");
+            joined.join(&p.retired);
+        }
+        assert_eq!(joined, whole.retired);
+        assert_eq!(pieces.iter().map(|p| p.tombstones.len()).sum::<usize>(), whole.tombstones.len());
+        let from_master = MergeRules { from_master: true, ..MergeRules::default() };
+        let mut as_replica = restored.clone();
+        let mut as_master = restored;
+        // Another incarnation of the name holds those messages live (under UIDs that
+        // mean nothing in ours): the names are no expunges there.
+        let mut other = new_mailbox(&key());
+        other.uidvalidity = ours.uidvalidity.wrapping_add(1);
+        for uid in collected_from..=collected_to {
+            other.messages.insert(uid - live, rec(uid - live, guid_at(uid), 1));
+        }
+        other.uidnext = collected_to - live + 1;
+        other.highest_modseq = 1;
+        for p in &pieces {
+            assert!(!merge_as_replica(&mut as_replica, p, &from_master).unresolved);
+            merge_as_master(&mut as_master, p, &MergeRules::default());
+            merge_as_master(&mut other, p, &MergeRules::default());
+        }
+        let named_guids = (collected_from..=collected_to).map(|uid| Guid(guid_at(uid)));
+        assert!(named_guids.clone().all(|g| other.messages.has_guid(g)), "another incarnation keeps them");
+        for copy in [&as_replica, &as_master] {
+            assert_eq!(copy.messages.len(), live as usize, "every stale copy dropped");
+            assert_eq!(copy.messages.keys().next_back(), Some(&live), "none moved to a new UID");
+            assert_eq!(copy.uidnext, collected_to + 1);
+            assert!(copy.tombstones.is_empty(), "the retired UIDs stand for them");
+            assert_eq!(copy.retired, whole.retired);
+        }
+    }
 }
 
 #[cfg(test)]

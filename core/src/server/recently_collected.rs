@@ -35,6 +35,13 @@ use std::collections::BTreeMap;
 /// the age index, and some 40 more for the image of the disk's copy, so about 16 MB at
 /// most); when full, the oldest go.
 pub(crate) const RECENTLY_COLLECTED_MAX: usize = 65_536;
+
+/// The most collected bindings one state names (`Server::name_collected`): about 1.5 MB
+/// of command text in pieces, sent with every SYNC of a mailbox that has them for as
+/// long as they are remembered; what a user expunges from one mailbox in a week, in
+/// all but a mass clean-up.
+pub(crate) const NAMES_PER_STATE_MAX: usize = 16_384;
+
 /// How long a collected binding is remembered: far longer than any message stays in
 /// flight between servers, and long enough that a store put back from a VM or
 /// filesystem snapshot of the last days (its identity kept, nothing to tell it from the
@@ -263,11 +270,11 @@ impl super::Server {
     /// drops them (`mailbox::drop_collected_copies`); a copy that has the retirement
     /// already drops the tombstones with it, and one of another incarnation ignores them
     /// (`mailbox::without_names_of_another_incarnation`).
-    /// Only while the state stays one piece: split, the tombstones would travel ahead of
-    /// the ranges that cover them (`limits::state_pieces`) and be taken for a client's
-    /// expunges, of every copy of their GUIDs, until those came (as the collection's own
-    /// change, `collect_mailbox_tombstones`). Past that, the merge's rule applies to
-    /// those not named.
+    /// At most [`NAMES_PER_STATE_MAX`]: a state too large for one command goes in pieces,
+    /// and each name travels in the piece of the retired range that covers it
+    /// (`limits::state_pieces`), never ahead of it, where it would be taken for a
+    /// client's expunge of every copy of its GUID. Past the bound, the merge's rule
+    /// applies to those not named (moved to new UIDs).
     pub(crate) fn name_collected(&self, state: &mut MailboxState, first: &[(Uid, Guid)]) -> usize {
         let remembered = self.recently_collected.bindings_of(&state.mailbox, state.uidvalidity).next().is_some();
         if state.retired.is_default() || !remembered {
@@ -276,8 +283,7 @@ impl super::Server {
         let Some(m) = self.image.mailbox(&state.mailbox).filter(|m| m.uidvalidity == state.uidvalidity) else {
             return 0;
         };
-        let room = crate::limits::STATE_PIECE_LEN_MAX.saturating_sub(crate::limits::state_len(state))
-            / crate::limits::TOMBSTONE_LEN;
+        let room = NAMES_PER_STATE_MAX.saturating_sub(state.tombstones.len());
         let mut told: std::collections::BTreeSet<(Uid, Guid)> =
             state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
         let before = state.tombstones.len();
@@ -290,8 +296,8 @@ impl super::Server {
             .collect();
         state.tombstones.extend(named);
         debug_assert!(
-            state.tombstones.len() == before || crate::limits::state_len(state) <= crate::limits::STATE_PIECE_LEN_MAX,
-            "names are added only while the state stays one piece"
+            state.tombstones.len() == before || state.tombstones.len() <= NAMES_PER_STATE_MAX,
+            "names are added only up to the bound"
         );
         state.tombstones.len() - before
     }
@@ -432,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_server_names_what_its_disk_remembers_in_a_state_that_fits_one_piece() {
+    fn a_restarted_server_names_what_its_disk_remembers_up_to_the_bound() {
         use crate::io::Config;
         use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
         use crate::types::{Retired, Sid};
@@ -465,14 +471,13 @@ mod tests {
         let mut state = ours(&s);
         state.uidvalidity = 8;
         assert_eq!(s.name_collected(&mut state, &[]), 0, "another incarnation than our copy's");
-        // Room for one name only: the one asked for first.
+        // Room for one name only: the one asked for first, whatever the state's size.
         let mut state = ours(&s);
-        let len = crate::limits::state_len(&state);
-        let filler = (crate::limits::STATE_PIECE_LEN_MAX - len) / crate::limits::TOMBSTONE_LEN - 1;
+        let filler = NAMES_PER_STATE_MAX - 1;
         state.tombstones = (0..filler).map(|i| Tombstone::expunge(100 + i as Uid, Guid(1000 + i as u128), 6)).collect();
+        assert!(crate::limits::state_len(&state) > crate::limits::STATE_PIECE_LEN_MAX, "more than one piece");
         assert_eq!(s.name_collected(&mut state, &[(3, Guid(30))]), 1);
         assert_eq!(state.tombstones.last().map(|t| (t.uid, t.guid)), Some((3, Guid(30))));
-        assert!(crate::limits::state_len(&state) <= crate::limits::STATE_PIECE_LEN_MAX);
         assert_eq!(s.name_collected(&mut state, &[]), 0, "no room left");
         assert_eq!(s.recently_collected.collected_at(&mb(), 7, Guid(20), Instant(1)), None, "loaded: no COPY back");
     }

@@ -531,7 +531,7 @@ impl Server {
     }
 
     /// Tells `peer`, whose copy holds bindings collected here lately, that they are gone:
-    /// a SYNC-PART (merged, never answered: no exchange can loop on it) with our retired
+    /// SYNC-PARTs (merged, never answered: no exchange can loop on it) with our retired
     /// UIDs and a tombstone of each such binding on its retired UID, which the peer takes
     /// (`mailbox::drop_collected_copies`) where it would otherwise keep the copy for the
     /// master to move. Such a copy is a late one in flight (the peer has seen the
@@ -559,7 +559,9 @@ impl Server {
         if self.name_collected(&mut state, dropped) == 0 {
             return;
         }
-        self.send(peer, Msg::SyncPart { state });
+        for piece in crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX) {
+            self.send(peer, Msg::SyncPart { state: piece });
+        }
     }
 
     pub(crate) fn on_mbox_request(&mut self, src: Sid, catchup: CatchupId, key: MasterKey) {

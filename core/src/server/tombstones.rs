@@ -148,18 +148,15 @@ impl Server {
         // (`mailbox::drop_collected_copies`), instead of moving to a new UID as new mail on
         // a retired UID would (focus restore seed 323990: such a store, cut off until
         // after the collection, came back as master). Every other copy drops them with
-        // the tombstones the ranges cover. Only while the change stays one piece: split,
-        // its tombstones would travel ahead of the ranges that cover them, and be taken
-        // for expunges until those came.
-        let mut named: Vec<Tombstone> = bindings
+        // the tombstones the ranges cover. Split into pieces, each name travels with the
+        // range that covers it (`limits::state_pieces`); past `NAMES_PER_STATE_MAX`,
+        // the memory of collections names the rest in later states.
+        let named: Vec<Tombstone> = bindings
             .iter()
             .filter(|(_, guid)| !m.messages.has_guid(*guid))
             .filter_map(|&(uid, guid)| fresh.name(uid, guid))
+            .take(super::recently_collected::NAMES_PER_STATE_MAX)
             .collect();
-        let len = named.len() * crate::limits::TOMBSTONE_LEN + fresh.ranges.len() * crate::limits::RETIRED_RANGE_LEN;
-        if len > crate::limits::STATE_PIECE_LEN_MAX {
-            named.clear();
-        }
         self.remember_collected(mailbox, uidvalidity, &bindings);
         // The modseq first (it is never given out twice), then the retirement.
         self.commit(StoreWrite::MailboxMeta {
