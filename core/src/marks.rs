@@ -125,10 +125,13 @@ pub enum Mark {
     /// A server whose store is not filled yet, with no other server in reach, opened
     /// no root term of its own, or (a root from before) gave out no mastership.
     UnfilledAloneMastersNothing,
+    /// A store put back from a backup (in a root term before, with no identity now)
+    /// started as a newcomer: its copies are refilled and confirmed by their masters.
+    RestoredStoreRefills,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 55] = [
+    pub const ALL: [Mark; 56] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -184,6 +187,7 @@ impl Mark {
         Mark::NewcomerCopyConfirmed,
         Mark::UnfilledReadRefused,
         Mark::UnfilledAloneMastersNothing,
+        Mark::RestoredStoreRefills,
     ];
 
     pub fn name(self) -> &'static str {
@@ -243,6 +247,7 @@ impl Mark {
             Mark::NewcomerCopyConfirmed => "newcomer_copy_confirmed",
             Mark::UnfilledReadRefused => "unfilled_read_refused",
             Mark::UnfilledAloneMastersNothing => "unfilled_alone_masters_nothing",
+            Mark::RestoredStoreRefills => "restored_store_refills",
         }
     }
 

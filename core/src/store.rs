@@ -848,7 +848,10 @@ impl DiskImage {
             StoreWrite::Members { members } => {
                 self.members.join(members);
             }
-            StoreWrite::Newcomer => self.newcomer = true,
+            StoreWrite::Newcomer => {
+                self.newcomer = true;
+                self.confirmed.clear();
+            }
             StoreWrite::Confirmed { mailbox } => {
                 self.confirmed.insert(mailbox.clone());
             }

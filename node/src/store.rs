@@ -583,7 +583,17 @@ impl Store {
                     }
                     StoreWrite::Epoch { epoch } => raise(&mut meta, "epoch", *epoch)?,
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
-                    StoreWrite::Newcomer => raise(&mut meta, "newcomer", 1)?,
+                    StoreWrite::Newcomer => {
+                        raise(&mut meta, "newcomer", 1)?;
+                        // A store put back from a backup: what its copy had confirmed goes.
+                        let old: Vec<Vec<u8>> = confirmed
+                            .iter()?
+                            .map(|row| row.map(|(k, _)| k.value().to_vec()))
+                            .collect::<Result<_, _>>()?;
+                        for k in old {
+                            confirmed.remove(k.as_slice())?;
+                        }
+                    }
                     StoreWrite::Confirmed { mailbox } => {
                         confirmed.insert(enc(mailbox)?.as_slice(), &[][..])?;
                     }
@@ -913,6 +923,8 @@ mod tests {
             StoreWrite::OnLoan { guid: Guid(7), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: false },
+            StoreWrite::Confirmed { mailbox: MailboxKey::new("v@d", "Box") },
+            // A store put back from a backup: what it had confirmed goes.
             StoreWrite::Newcomer,
             StoreWrite::Confirmed { mailbox: mailbox.clone() },
             StoreWrite::Confirmed { mailbox: mailbox.clone() },

@@ -93,4 +93,49 @@ fn a_backup_put_back_after_a_collection_and_a_rolling_restart_brings_no_expunged
     let view = c.converged(MAILBOX, Duration::from_secs(60));
     let shown: Vec<u32> = view.messages.iter().map(|m| m.uid).collect();
     assert_eq!(shown, vec![kept], "the expunged message is not back: {view:?}");
+    // It started as a newcomer (cut off alone it would have mastered from the backup's
+    // copies), and is filled once the masters confirmed its copies.
+    assert_eq!(harness::event_count(metrics[2], 3, "restored_store_refills"), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while c.status(2).filled != Some(true) {
+        assert!(std::time::Instant::now() < deadline, "not filled within 60 s: {:?}", c.status(2));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every server lost but one backup: put back on one node, the others started on empty
+/// disks. The restored store starts as a newcomer (alone it would wait for a peer), and
+/// with the others it is the one copy: the mail comes back everywhere and every store
+/// ends filled (README, "Backups").
+#[test]
+fn a_backup_that_is_all_that_is_left_fills_the_cluster_again() {
+    let mut c = Cluster::start(3, "mode = \"sync\"\nreplicas = 1");
+    let (first, _) = c.deliver(0, MAILBOX, "Subject: one\r\n\r\nin the backup\r\n").unwrap();
+    let (second, _) = c.deliver(1, MAILBOX, "Subject: two\r\n\r\nin the backup too\r\n").unwrap();
+    c.converged(MAILBOX, Duration::from_secs(60));
+    let backup = take_backup(&c, 2);
+    for i in 0..3 {
+        c.kill9(i);
+        std::fs::remove_dir_all(c.dir.path().join(format!("data-{}", i + 1))).unwrap();
+    }
+    std::fs::rename(&backup, c.dir.path().join("data-3")).unwrap();
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    for i in 0..3 {
+        c.wait_up(i);
+    }
+    c.wait_linked();
+    let view = c.converged(MAILBOX, Duration::from_secs(60));
+    assert_eq!(view.messages.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![first, second], "{view:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for i in 0..3 {
+        while c.status(i).filled != Some(true) {
+            assert!(std::time::Instant::now() < deadline, "node {} not filled: {:?}", i + 1, c.status(i));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // And new mail goes on at the next UID.
+    let (third, _) = c.deliver(0, MAILBOX, "Subject: three\r\n\r\nafter the restore\r\n").unwrap();
+    assert!(third > second, "{third} after {second}");
 }

@@ -44,6 +44,29 @@ impl Server {
         }
     }
 
+    /// A store that was in a root term and has no identity is a copy put back in place
+    /// (`tandem backup` drops the identity, so that no master counts the acknowledgements
+    /// of the store it copied as copies here): taken for a newcomer, whatever copies it
+    /// had confirmed before, at its first start. Its copies are a state each mailbox had,
+    /// but maybe long ago: cut off alone it would master mailboxes from them and answer
+    /// reads with mail expunged since, where the rest of the cluster retired those UIDs
+    /// (the late-restore focus, seed 3345). As a newcomer, it refuses reads no master's
+    /// position can check and opens no root term alone until every copy it holds is
+    /// confirmed, as a store filled from empty does.
+    pub(super) fn take_restored_store_for_a_newcomer(&mut self) {
+        let disk = self.image.disk();
+        if disk.store_id != 0 || disk.epoch == 0 {
+            return;
+        }
+        self.commit(StoreWrite::Newcomer);
+        self.marks.hit(Mark::RestoredStoreRefills);
+        self.note(|| "a store put back from a backup: refilled as a newcomer's".to_string());
+        debug_assert!(
+            self.image.disk().newcomer && self.image.disk().confirmed.is_empty(),
+            "a newcomer, nothing confirmed"
+        );
+    }
+
     /// Whether a read that could not reach its master's position may be answered from
     /// this server's copy of `mailbox`: not while the store was never in a term (nothing
     /// it holds was ever checked against a master), nor from a newcomer's copy no master
@@ -118,5 +141,39 @@ impl Server {
     pub fn unconfirmed_copies(&self) -> Option<usize> {
         let disk = self.image.disk();
         disk.newcomer.then(|| disk.mailboxes.len().saturating_sub(disk.confirmed.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::io::Config;
+    use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
+    use crate::types::{MailboxKey, Sid};
+
+    fn started(store_id: u64, epoch: u64) -> super::Server {
+        let inbox = MailboxKey::new("u@d", "INBOX");
+        let mut disk = DiskImage { epoch, store_id, newcomer: true, ..DiskImage::default() };
+        disk.mailboxes.insert(inbox.clone(), StoredMailbox::default());
+        disk.confirmed.insert(inbox);
+        let cfg = Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]);
+        super::Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()))
+    }
+
+    #[test]
+    fn a_store_put_back_from_a_backup_refills_as_a_newcomer() {
+        // A backup of a newcomer that had confirmed its copy: put back, the copy may be
+        // long behind, and is confirmed again before it is trusted.
+        let restored = started(0, 4);
+        assert!(restored.image.disk().newcomer && restored.image.disk().confirmed.is_empty());
+        assert!(!restored.store_filled());
+        assert_eq!(restored.unconfirmed_copies(), Some(1));
+        assert_ne!(restored.image.disk().store_id, 0, "it draws a new identity");
+        // A restart of the same store keeps what it had confirmed.
+        let restarted = started(9, 4);
+        assert_eq!(restarted.image.disk().confirmed.len(), 1);
+        assert!(restarted.store_filled());
+        // A store never in a term learns whether it is a newcomer from its peers.
+        let new = started(0, 0);
+        assert_eq!(new.image.disk().confirmed.len(), 1);
     }
 }
