@@ -361,14 +361,17 @@ fn ranges_pieces(retired: &Retired, named: Vec<Tombstone>, meta: &MailboxState, 
         let mut unit: (Uid, Uid, Vec<Tombstone>) = (first, last, Vec::new());
         while let Some(t) = names.next_if(|t| t.uid <= last) {
             debug_assert!(t.uid >= first, "a name is covered by the range it travels with");
-            let starts_uid = unit.2.last().is_none_or(|previous| previous.uid != t.uid);
-            let len = RETIRED_RANGE_LEN + (unit.2.len() + 1) * TOMBSTONE_LEN;
-            if starts_uid && !unit.2.is_empty() && len > budget {
+            let mut at_uid = vec![t];
+            while let Some(same) = names.next_if(|n| n.uid == t.uid) {
+                at_uid.push(same);
+            }
+            let len = RETIRED_RANGE_LEN + (unit.2.len() + at_uid.len()) * TOMBSTONE_LEN;
+            if !unit.2.is_empty() && len > budget {
                 let rest = (t.uid, last, Vec::new());
                 unit.1 = t.uid - 1;
                 units.push(std::mem::replace(&mut unit, rest));
             }
-            unit.2.push(t);
+            unit.2.extend(at_uid);
         }
         units.push(unit);
     }
@@ -500,4 +503,104 @@ pub fn change_fits(change: &Change) -> bool {
             hops: HOPS_MAX,
             msg: Msg::Change { seq: u64::MAX, change: change.clone() },
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A state of `records` (UIDs 1.., GUIDs 1..), tombstones of some of their GUIDs and
+    /// of others past them, and retired `ranges` (past every record and tombstone, at
+    /// `collected` 50) whose `named` UIDs carry names (one or two GUIDs each).
+    fn a_state(records: u32, expunged: &[(u32, bool)], ranges: &[(u32, u32)], named: &[(u32, bool)]) -> MailboxState {
+        let mut state = MailboxState::empty(MailboxKey::new("u@d", "INBOX"), 7);
+        state.messages = (1..=records).map(|uid| MessageRecord::bare(uid, u128::from(uid), 3)).collect();
+        let first_free = records + 1;
+        for (i, &(n, of_a_record)) in expunged.iter().enumerate() {
+            // A retirement of a record's GUID (a renumbering), or a plain expunge.
+            let uid = first_free + i as u32;
+            let t = if of_a_record && records > 0 {
+                Tombstone::retirement(uid, Guid(u128::from(1 + n % records)), 4)
+            } else {
+                Tombstone::expunge(uid, Guid(10_000 + u128::from(uid)), 4)
+            };
+            state.tombstones.push(t);
+        }
+        let base = first_free + expunged.len() as u32 + 1;
+        let mut at = base;
+        for &(gap, len) in ranges {
+            let first = at + gap + 1;
+            state.retired.insert_range(first, first + len);
+            at = first + len + 1;
+        }
+        state.retired.collected = 50;
+        let retired: Vec<Uid> = state.retired.ranges.iter().flat_map(|(first, last)| *first..=*last).collect();
+        for &(pick, twice) in named {
+            if retired.is_empty() {
+                break;
+            }
+            let uid = retired[pick as usize % retired.len()];
+            for guid in [u128::from(uid) * 10, u128::from(uid) * 10 + 1].into_iter().take(1 + usize::from(twice)) {
+                if let Some(t) = state.retired.name(uid, Guid(guid))
+                    && !state.tombstones.contains(&t)
+                {
+                    state.tombstones.push(t);
+                }
+            }
+        }
+        state.uidnext = at + 1;
+        state
+    }
+
+    fn sorted<T: Ord + Clone>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+        let mut v: Vec<T> = items.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    proptest! {
+        /// Cut into pieces, a state loses and repeats nothing, each piece fits (the
+        /// budget holds every unit), carries the meta, and each name travels with the
+        /// range that covers it.
+        #[test]
+        fn pieces_hold_the_whole_state_and_names_travel_with_their_ranges(
+            records in 0u32..40,
+            expunged in prop::collection::vec((0u32..100, any::<bool>()), 0..12),
+            ranges in prop::collection::vec((0u32..4, 0u32..30), 0..8),
+            named in prop::collection::vec((0u32..1000, any::<bool>()), 0..60),
+            budget_units in 14usize..40,
+        ) {
+            let whole = a_state(records, &expunged, &ranges, &named);
+            let budget = budget_units * TOMBSTONE_LEN;
+            let pieces = state_pieces(whole.clone(), budget);
+            if state_len(&whole) <= budget {
+                prop_assert_eq!(&pieces, &vec![whole.clone()]);
+            }
+            prop_assert!(!pieces.is_empty());
+            let mut joined = Retired::default();
+            for p in &pieces {
+                prop_assert!(state_len(p) <= budget, "a piece over budget: {}", state_len(p));
+                let items = p.messages.len() + p.tombstones.len() + p.retired.ranges.len();
+                prop_assert!(items > 0 || pieces.len() == 1, "an empty piece");
+                prop_assert_eq!((&p.mailbox, p.uidvalidity, p.uidnext), (&whole.mailbox, whole.uidvalidity, whole.uidnext));
+                prop_assert!(p.retired.well_formed());
+                for t in p.tombstones.iter().filter(|t| whole.retired.covers(t)) {
+                    prop_assert!(p.retired.covers(t), "name {:?} ahead of its range", t);
+                }
+                joined.join(&p.retired);
+            }
+            if !whole.retired.ranges.is_empty() {
+                prop_assert_eq!(&joined, &whole.retired);
+            }
+            prop_assert_eq!(
+                sorted(pieces.iter().flat_map(|p| p.messages.iter().map(|r| r.uid))),
+                sorted(whole.messages.iter().map(|r| r.uid))
+            );
+            prop_assert_eq!(
+                sorted(pieces.iter().flat_map(|p| p.tombstones.iter().map(|t| (t.uid, t.guid)))),
+                sorted(whole.tombstones.iter().map(|t| (t.uid, t.guid)))
+            );
+        }
+    }
 }
