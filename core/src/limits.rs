@@ -332,7 +332,17 @@ pub fn state_pieces(mut state: MailboxState, budget: usize) -> Vec<MailboxState>
         std::mem::take(&mut state.tombstones).into_iter().partition(|t| retired.covers(t) && !live.contains(&t.guid));
     state.tombstones = rest;
     named.sort_by_key(|t| (t.uid, t.guid));
-    let meta = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
+    // The meta without a copy of the records (a large state's).
+    let meta = MailboxState {
+        mailbox: state.mailbox.clone(),
+        uidvalidity: state.uidvalidity,
+        uidnext: state.uidnext,
+        highest_modseq: state.highest_modseq,
+        messages: Vec::new(),
+        tombstones: Vec::new(),
+        lifecycle: state.lifecycle,
+        retired: Retired::default(),
+    };
     let mut range_pieces = ranges_pieces(&retired, named, &meta, budget);
     if state.messages.is_empty() && state.tombstones.is_empty() {
         return range_pieces;
@@ -550,6 +560,8 @@ mod tests {
             }
         }
         state.uidnext = at + 1;
+        state.highest_modseq = 60;
+        state.lifecycle.created_at = 2;
         state
     }
 
@@ -583,7 +595,10 @@ mod tests {
                 prop_assert!(state_len(p) <= budget, "a piece over budget: {}", state_len(p));
                 let items = p.messages.len() + p.tombstones.len() + p.retired.ranges.len();
                 prop_assert!(items > 0 || pieces.len() == 1, "an empty piece");
-                prop_assert_eq!((&p.mailbox, p.uidvalidity, p.uidnext), (&whole.mailbox, whole.uidvalidity, whole.uidnext));
+                prop_assert_eq!(
+                    (&p.mailbox, p.uidvalidity, p.uidnext, p.highest_modseq, p.lifecycle),
+                    (&whole.mailbox, whole.uidvalidity, whole.uidnext, whole.highest_modseq, whole.lifecycle)
+                );
                 prop_assert!(p.retired.well_formed());
                 for t in p.tombstones.iter().filter(|t| whole.retired.covers(t)) {
                     prop_assert!(p.retired.covers(t), "name {:?} ahead of its range", t);

@@ -128,10 +128,13 @@ pub enum Mark {
     /// A store put back from a backup (in a root term before, with no identity now)
     /// started as a newcomer: its copies are refilled and confirmed by their masters.
     RestoredStoreRefills,
+    /// A state that names collected bindings went in pieces, each name with the retired
+    /// range covering it.
+    NamedStateSplit,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 56] = [
+    pub const ALL: [Mark; 57] = [
         Mark::UidConflictRenumbered,
         Mark::TombstoneConflict,
         Mark::RootElected,
@@ -188,6 +191,7 @@ impl Mark {
         Mark::UnfilledReadRefused,
         Mark::UnfilledAloneMastersNothing,
         Mark::RestoredStoreRefills,
+        Mark::NamedStateSplit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -248,6 +252,7 @@ impl Mark {
             Mark::UnfilledReadRefused => "unfilled_read_refused",
             Mark::UnfilledAloneMastersNothing => "unfilled_alone_masters_nothing",
             Mark::RestoredStoreRefills => "restored_store_refills",
+            Mark::NamedStateSplit => "named_state_split",
         }
     }
 

@@ -580,6 +580,7 @@ pub struct DiskImage {
     /// filled part of the way is a state the mailbox never had (fewer messages under the
     /// cluster's UIDVALIDITY): until a master has confirmed a copy (`confirmed`), a read
     /// that cannot reach the master's position is refused rather than answered from it.
+    /// A backup is written as a newcomer too (`DiskImage::backup_copy`).
     #[serde(default)]
     pub newcomer: bool,
     /// A newcomer's mailboxes whose copy here was once the same as its master's (see
@@ -690,7 +691,8 @@ pub enum StoreWrite {
         peer: Sid,
         seqs: Vec<u64>,
     },
-    /// The store was made after its cluster had run (see [`DiskImage::newcomer`]).
+    /// The store was made after its cluster had run (see [`DiskImage::newcomer`]):
+    /// nothing it had confirmed counts any more.
     Newcomer,
     /// A newcomer's copy of the mailbox was the same as its master's (see
     /// [`DiskImage::confirmed`]).
@@ -755,6 +757,17 @@ impl StoreWrite {
 }
 
 impl DiskImage {
+    /// What a backup of this store holds when it is put back (`tandem backup`, the
+    /// simulator's backup): no store identity (a restored copy is not the store that
+    /// acknowledged what came after the snapshot: it draws a new one at its first
+    /// start, and no master counts those acknowledgements as its copies), and a
+    /// newcomer with nothing confirmed (its copies may be days behind: until their
+    /// masters confirm them it answers no read its master's position cannot check and,
+    /// alone, masters nothing; see `server::filling`).
+    pub fn backup_copy(&self) -> DiskImage {
+        DiskImage { store_id: 0, newcomer: true, confirmed: BTreeSet::new(), ..self.clone() }
+    }
+
     /// [`DiskImage::apply`] taking the write: what it carries is moved in, not copied.
     pub fn apply_owned(&mut self, write: StoreWrite) {
         match write {

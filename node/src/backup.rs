@@ -115,7 +115,14 @@ mod tests {
     fn a_backup_knows_when_it_was_taken_until_its_first_start() {
         let (live_dir, backup_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let live = Store::open(live_dir.path()).unwrap();
-        live.apply(&[StoreWrite::Incarnation { incarnation: 1, store_id: 7 }]).unwrap();
+        let inbox = tandem_core::MailboxKey::new("u@d", "INBOX");
+        live.apply(&[
+            StoreWrite::Incarnation { incarnation: 1, store_id: 7 },
+            StoreWrite::Epoch { epoch: 3 },
+            StoreWrite::Newcomer,
+            StoreWrite::Confirmed { mailbox: inbox },
+        ])
+        .unwrap();
         assert_eq!(live.restored_backup_taken().unwrap(), None, "a node's own store is no backup");
         let before_s = crate::record::unix_ms() / 1000;
         let dir = backup_root.path().join("copy");
@@ -123,7 +130,10 @@ mod tests {
         let restored = Store::open(&dir).unwrap();
         let taken_s = restored.restored_backup_taken().unwrap().expect("the snapshot's time");
         assert!(taken_s >= before_s && taken_s <= crate::record::unix_ms() / 1000 + 1);
-        assert_eq!(restored.load().unwrap().store_id, 0, "a copy carries no store identity");
+        let image = restored.load().unwrap();
+        assert_eq!(image.store_id, 0, "a copy carries no store identity");
+        assert!(image.newcomer && image.confirmed.is_empty(), "and is a newcomer with nothing confirmed");
+        assert_eq!(image, live.load().unwrap().backup_copy(), "as the core's backup copy is");
         // Its first start gives it an identity: from then on it is the node's store.
         restored.apply(&[StoreWrite::Incarnation { incarnation: 2, store_id: 9 }]).unwrap();
         assert_eq!(restored.restored_backup_taken().unwrap(), None);

@@ -262,8 +262,11 @@ impl Store {
         // A restored copy is not the store that acknowledged what came after the
         // snapshot: without an identity, it draws a new one at its first start, and no
         // master counts those acknowledgements as its copies (see `DiskImage::store_id`).
+        // And its copies may be days behind when it is put back: it starts as a newcomer
+        // whose copies no master has confirmed (`DiskImage::backup_copy`).
         let mut meta = dst.open_table(META)?;
         meta.remove("store_id")?;
+        meta.insert("newcomer", 1)?;
         meta.insert(BACKUP_TAKEN_KEY, taken_unix_s)?;
         drop(meta);
         copy_table(src, dst, TOMBSTONES)?;
@@ -278,7 +281,7 @@ impl Store {
         copy_table(src, dst, LOG_OVERFLOWED)?;
         copy_table(src, dst, TEXT_PARTS)?;
         copy_table(src, dst, ON_LOAN)?;
-        copy_table(src, dst, CONFIRMED)?;
+        dst.open_table(CONFIRMED)?;
         copy_table(src, dst, COLLECTED)?;
         copy_table(src, dst, crate::bodies::INLINE_CHUNKS)?;
         copy_table(src, dst, crate::bodies::INLINE_TAILS)?;

@@ -1319,6 +1319,36 @@ fn late_restore(rng: &mut ChaCha8Rng) -> Draft {
     restore_at(rng, &[660, 1000, 3000], true)
 }
 
+/// Saves into `inbox` enough messages with enough keywords that its state passes
+/// `limits::STATE_PIECE_LEN_MAX` (about 4 KB of command text each, 180 of them), through
+/// servers drawn from `all`; returns the time after them.
+fn fill_past_one_piece(
+    d: &mut Draft,
+    rng: &mut ChaCha8Rng,
+    mut t: u64,
+    inbox: &MailboxKey,
+    labels: &mut Vec<(MailboxKey, String)>,
+    all: &[Sid],
+) -> u64 {
+    let keywords: Vec<tandem_core::Flag> =
+        (0..40).filter_map(|i| tandem_core::Flag::new(&format!("$a-keyword-long-enough-{i:02}")).ok()).collect();
+    for _ in 0..180 {
+        let label = format!("m{}", labels.len() + 1);
+        let server = one_of(rng, all);
+        let action = Action::Save {
+            server,
+            mailbox: inbox.clone(),
+            label: Some(label.clone()),
+            flags: keywords.clone(),
+            size: 100,
+        };
+        d.at(t, action);
+        labels.push((inbox.clone(), label));
+        t += rng.random_range(2..=6u64);
+    }
+    t
+}
+
 /// A backup put back in place of a server's store; `late`: only after the expunges made
 /// since were collected, sometimes after every other server restarted.
 fn restore_at(rng: &mut ChaCha8Rng, graces_ms: &[u64], late: bool) -> Draft {
@@ -1350,6 +1380,12 @@ fn restore_at(rng: &mut ChaCha8Rng, graces_ms: &[u64], late: bool) -> Draft {
         save_new(&mut d, rng, t, &boxes, &mut labels, |rng| one_of(rng, &all));
         t += rng.random_range(10..=200u64);
     }
+    // Late, sometimes an INBOX whose state is too large for one command, so that the
+    // names of the bindings collected in it travel in pieces (`limits::state_pieces`).
+    let large = late && rng.random_bool(0.25);
+    if large {
+        t = fill_past_one_piece(&mut d, rng, t, &boxes[0], &mut labels, &all);
+    }
     for _ in 0..rng.random_range(0..=4u32) {
         t += rng.random_range(10..=400u64);
         op(&mut d, rng, t, &mut labels);
@@ -1368,9 +1404,11 @@ fn restore_at(rng: &mut ChaCha8Rng, graces_ms: &[u64], late: bool) -> Draft {
     if late {
         // At least one expunge the backup lacks, and every server up and joined until
         // its tombstone can be collected.
-        t += rng.random_range(10..=200u64);
-        let server = one_of(rng, &all);
-        expunge_one(&mut d, rng, t, server, &labels);
+        for _ in 0..if large { rng.random_range(3..=12u32) } else { 1 } {
+            t += rng.random_range(10..=200u64);
+            let server = one_of(rng, &all);
+            expunge_one(&mut d, rng, t, server, &labels);
+        }
         t += rng.random_range(10..=200u64);
         d.at(t, Action::Heal);
         t = t.max(backup_ms + 2 * grace_ms) + rng.random_range(500..=5000u64);

@@ -2566,12 +2566,11 @@ impl World {
                 self.stop_server(server, true);
             }
             Action::Backup { server } => {
-                // One read snapshot of what is durable, with the bodies it lists. A copy
-                // carries no store identity: the restored node draws a new one.
+                // One read snapshot of what is durable, with the bodies it lists, as
+                // `tandem backup` copies it (`DiskImage::backup_copy`: no store identity,
+                // a newcomer).
                 let Some(node) = self.nodes.get_mut(&server) else { return };
-                let mut disk = node.disk.clone();
-                disk.store_id = 0;
-                node.backup = Some((disk, node.bodies.deep_copy()));
+                node.backup = Some((node.disk.backup_copy(), node.bodies.deep_copy()));
                 self.note(|w: &World| format!("{} backup of {server}'s store", w.ms()));
             }
             Action::RestoreBackup { server } => {

@@ -11,6 +11,9 @@
 //! and finishes no catch-up of a mastership: alone, it would master mailboxes from its
 //! empty or partly filled disk and give out UIDs the cluster had given already.
 //!
+//! A store put back from a backup is one too (`DiskImage::backup_copy`): its copies
+//! were a state each mailbox had, but maybe days ago.
+//!
 //! A store learns it is a newcomer from the first epoch a peer tells it in an incarnation
 //! (a link state, a term): it was never in a root term (epoch 0) and the cluster had been
 //! (a link state's origin may be this server before it lost its disk: a peer relays that
@@ -44,27 +47,23 @@ impl Server {
         }
     }
 
-    /// A store that was in a root term and has no identity is a copy put back in place
-    /// (`tandem backup` drops the identity, so that no master counts the acknowledgements
-    /// of the store it copied as copies here): taken for a newcomer, whatever copies it
-    /// had confirmed before, at its first start. Its copies are a state each mailbox had,
-    /// but maybe long ago: cut off alone it would master mailboxes from them and answer
-    /// reads with mail expunged since, where the rest of the cluster retired those UIDs
-    /// (the late-restore focus, seed 3345). As a newcomer, it refuses reads no master's
-    /// position can check and opens no root term alone until every copy it holds is
-    /// confirmed, as a store filled from empty does.
-    pub(super) fn take_restored_store_for_a_newcomer(&mut self) {
+    /// A store that was in a root term, has no identity and is a newcomer is a copy put
+    /// back in place (`DiskImage::backup_copy`, what `tandem backup` writes): its copies
+    /// are a state each mailbox had, but maybe long ago, and cut off alone it would
+    /// master mailboxes from them and answer reads with mail expunged since, where the
+    /// rest of the cluster retired those UIDs (the late-restore focus, seed 3345). As a
+    /// newcomer it refuses reads no master's position can check and opens no root term
+    /// alone until every copy it holds is confirmed, as a store filled from empty does.
+    /// Marked at its first start (a store of a release before store identities has none
+    /// either, but is no newcomer, and stays as it was).
+    pub(super) fn note_restored_store(&mut self) {
         let disk = self.image.disk();
-        if disk.store_id != 0 || disk.epoch == 0 {
+        if disk.store_id != 0 || disk.epoch == 0 || !disk.newcomer {
             return;
         }
-        self.commit(StoreWrite::Newcomer);
         self.marks.hit(Mark::RestoredStoreRefills);
-        self.note(|| "a store put back from a backup: refilled as a newcomer's".to_string());
-        debug_assert!(
-            self.image.disk().newcomer && self.image.disk().confirmed.is_empty(),
-            "a newcomer, nothing confirmed"
-        );
+        let unconfirmed = disk.mailboxes.len().saturating_sub(disk.confirmed.len());
+        self.note(|| format!("a store put back from a backup: a newcomer, {unconfirmed} copies to confirm"));
     }
 
     /// Whether a read that could not reach its master's position may be answered from
@@ -129,7 +128,9 @@ impl Server {
     /// copy no master has confirmed (counted, not listed: a mailbox confirmed and then
     /// deleted stays in both).
     fn store_unfilled(&self) -> bool {
-        if self.has_bug(crate::Bug::TrustsUnfilledStore) {
+        // A server alone in its cluster is every mailbox's master (a backup put back
+        // there has nobody to fill it either).
+        if self.has_bug(crate::Bug::TrustsUnfilledStore) || self.member_servers.len() <= 1 {
             return false;
         }
         let disk = self.image.disk();
@@ -147,33 +148,44 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use crate::io::Config;
+    use crate::marks::Mark;
     use crate::store::{DiskImage, MemoryBodies, StoredMailbox};
     use crate::types::{MailboxKey, Sid};
 
-    fn started(store_id: u64, epoch: u64) -> super::Server {
+    /// A store that has been in root term 4, a newcomer once, with its INBOX confirmed.
+    fn a_store() -> DiskImage {
         let inbox = MailboxKey::new("u@d", "INBOX");
-        let mut disk = DiskImage { epoch, store_id, newcomer: true, ..DiskImage::default() };
+        let mut disk = DiskImage { epoch: 4, store_id: 9, newcomer: true, ..DiskImage::default() };
         disk.mailboxes.insert(inbox.clone(), StoredMailbox::default());
         disk.confirmed.insert(inbox);
-        let cfg = Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]);
+        disk
+    }
+
+    fn started(disk: DiskImage, servers: u32) -> super::Server {
+        let cfg = Config::new(Sid(1), (1..=servers).map(Sid).collect());
         super::Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()))
     }
 
     #[test]
     fn a_store_put_back_from_a_backup_refills_as_a_newcomer() {
-        // A backup of a newcomer that had confirmed its copy: put back, the copy may be
-        // long behind, and is confirmed again before it is trusted.
-        let restored = started(0, 4);
-        assert!(restored.image.disk().newcomer && restored.image.disk().confirmed.is_empty());
-        assert!(!restored.store_filled());
-        assert_eq!(restored.unconfirmed_copies(), Some(1));
-        assert_ne!(restored.image.disk().store_id, 0, "it draws a new identity");
-        // A restart of the same store keeps what it had confirmed.
-        let restarted = started(9, 4);
+        let never_newcomer = DiskImage { newcomer: false, confirmed: Default::default(), ..a_store() };
+        for disk in [a_store(), never_newcomer] {
+            let restored = started(disk.backup_copy(), 3);
+            assert!(restored.image.disk().newcomer && restored.image.disk().confirmed.is_empty());
+            assert!(!restored.store_filled());
+            assert_eq!(restored.unconfirmed_copies(), Some(1));
+            assert!(restored.marks.count(Mark::RestoredStoreRefills) > 0);
+            assert_ne!(restored.image.disk().store_id, 0, "it draws a new identity");
+            // Alone in its cluster, it has nobody to be filled by.
+            assert!(started(disk.backup_copy(), 1).store_filled());
+        }
+        // A restart keeps what the store had confirmed.
+        let restarted = started(a_store(), 3);
         assert_eq!(restarted.image.disk().confirmed.len(), 1);
         assert!(restarted.store_filled());
-        // A store never in a term learns whether it is a newcomer from its peers.
-        let new = started(0, 0);
-        assert_eq!(new.image.disk().confirmed.len(), 1);
+        assert_eq!(restarted.marks.count(Mark::RestoredStoreRefills), 0);
+        // A store of a release before store identities is no backup.
+        let old = started(DiskImage { store_id: 0, newcomer: false, ..a_store() }, 3);
+        assert!(!old.image.disk().newcomer && old.store_filled());
     }
 }

@@ -199,7 +199,7 @@ impl Server {
         // From its own generator, so that the server's stream of random numbers is the
         // same whether its store is new or not.
         let drawn = ChaCha8Rng::seed_from_u64(seed ^ STORE_ID_SALT ^ u64::from(server.cfg.sid.0)).next_u64().max(1);
-        server.take_restored_store_for_a_newcomer();
+        server.note_restored_store();
         let started = server.image.start_incarnation(&mut server.out, drawn);
         debug_assert_eq!(started, incarnation);
         if server.image.finish_interrupted_merges(&mut server.out) > 0 {

@@ -164,6 +164,15 @@ impl RecentlyCollected {
         self.noted_in(mailbox, uidvalidity).map(|(&(_, uid, guid), _)| (uid, guid))
     }
 
+    /// The bindings of `mailbox` at `uidvalidity`, by UID, with when each was noted.
+    pub(crate) fn bindings_noted(
+        &self,
+        mailbox: &MailboxKey,
+        uidvalidity: u32,
+    ) -> impl Iterator<Item = ((Uid, Guid), Instant)> + '_ {
+        self.noted_in(mailbox, uidvalidity).map(|(&(_, uid, guid), &at)| ((uid, guid), at))
+    }
+
     /// The bindings of `mailbox` at `uidvalidity`, with when each was noted.
     fn noted_in(&self, mailbox: &MailboxKey, uidvalidity: u32) -> impl Iterator<Item = (&Binding, &Instant)> + '_ {
         let range = (uidvalidity, 0, Guid(0))..=(uidvalidity, Uid::MAX, Guid(u128::MAX));
@@ -283,20 +292,48 @@ impl super::Server {
         let Some(m) = self.image.mailbox(&state.mailbox).filter(|m| m.uidvalidity == state.uidvalidity) else {
             return 0;
         };
-        let room = NAMES_PER_STATE_MAX.saturating_sub(state.tombstones.len());
+        let names_in = |state: &MailboxState| state.tombstones.iter().filter(|t| state.retired.covers(t)).count();
+        let room = NAMES_PER_STATE_MAX.saturating_sub(names_in(state));
         let mut told: std::collections::BTreeSet<(Uid, Guid)> =
             state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
         let before = state.tombstones.len();
-        let candidates =
-            first.iter().copied().chain(self.recently_collected.bindings_of(&state.mailbox, state.uidvalidity));
-        let named: Vec<Tombstone> = candidates
-            .filter(|&(uid, guid)| !m.messages.has_guid(guid) && told.insert((uid, guid)))
-            .filter_map(|(uid, guid)| state.retired.name(uid, guid))
-            .take(room)
-            .collect();
-        state.tombstones.extend(named);
+        let mut name = |&(uid, guid): &(Uid, Guid)| {
+            if m.messages.has_guid(guid) || !told.insert((uid, guid)) {
+                return None;
+            }
+            state.retired.name(uid, guid)
+        };
+        let asked: Vec<Tombstone> = first.iter().filter_map(&mut name).take(room).collect();
+        let remembered: Vec<((Uid, Guid), Instant)> =
+            self.recently_collected.bindings_noted(&state.mailbox, state.uidvalidity).collect();
+        let mut from_memory: Vec<(Tombstone, Instant)> =
+            remembered.iter().filter_map(|(binding, at)| name(binding).map(|t| (t, *at))).collect();
+        let room_left = room - asked.len();
+        if from_memory.len() > room_left {
+            // Past the bound, those collected last (a store put back holds those expunged
+            // after its backup was taken), in UID order still.
+            let mut ages: Vec<Instant> = from_memory.iter().map(|(_, at)| *at).collect();
+            ages.sort_unstable();
+            let threshold = ages.get(ages.len() - room_left).copied().unwrap_or(Instant(u64::MAX));
+            // Of those collected at the threshold's instant, the highest UIDs.
+            let mut left = room_left.saturating_sub(from_memory.iter().filter(|(_, at)| *at > threshold).count());
+            let kept: Vec<bool> = from_memory
+                .iter()
+                .rev()
+                .map(|(_, at)| {
+                    let tie_kept = *at == threshold && left > 0;
+                    left -= usize::from(tie_kept);
+                    *at > threshold || tie_kept
+                })
+                .collect();
+            let mut kept = kept.into_iter().rev();
+            from_memory.retain(|_| kept.next().unwrap_or(false));
+            debug_assert_eq!(from_memory.len(), room_left, "the bound is filled, not passed");
+        }
+        state.tombstones.extend(asked);
+        state.tombstones.extend(from_memory.into_iter().map(|(t, _)| t));
         debug_assert!(
-            state.tombstones.len() == before || state.tombstones.len() <= NAMES_PER_STATE_MAX,
+            state.tombstones.len() == before || names_in(state) <= NAMES_PER_STATE_MAX,
             "names are added only up to the bound"
         );
         state.tombstones.len() - before
@@ -451,7 +488,7 @@ mod tests {
         let remembered = [(7, 2, Guid(20)), (7, 3, Guid(30)), (7, 4, Guid(40)), (8, 2, Guid(99))];
         disk.collected.insert(mb(), remembered.into_iter().collect());
         let cfg = Config::new(Sid(1), vec![Sid(1), Sid(2), Sid(3)]);
-        let s = super::super::Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()));
+        let mut s = super::super::Server::recover(cfg, disk, 1, Box::new(MemoryBodies::default()));
         assert!(s.collected_on_disk_as_remembered());
         let ours = |s: &super::super::Server| {
             let m = s.image.mailbox(&mb()).expect("the mailbox");
@@ -471,14 +508,38 @@ mod tests {
         let mut state = ours(&s);
         state.uidvalidity = 8;
         assert_eq!(s.name_collected(&mut state, &[]), 0, "another incarnation than our copy's");
-        // Room for one name only: the one asked for first, whatever the state's size.
+        // Room for two names only: the one asked for first, then another remembered.
+        let mut state = ours(&s);
+        let filler = NAMES_PER_STATE_MAX - 2;
+        state.retired.insert_range(100, 100 + filler as Uid);
+        state.tombstones =
+            (0..filler).filter_map(|i| state.retired.name(100 + i as Uid, Guid(1000 + i as u128))).collect();
+        assert!(crate::limits::state_len(&state) > crate::limits::STATE_PIECE_LEN_MAX, "more than one piece");
+        assert_eq!(s.name_collected(&mut state, &[(2, Guid(20))]), 2);
+        let named: Vec<(Uid, Guid)> = state.tombstones[filler..].iter().map(|t| (t.uid, t.guid)).collect();
+        assert_eq!(named, vec![(2, Guid(20)), (3, Guid(30))]);
+        assert_eq!(s.name_collected(&mut state, &[]), 0, "no room left");
+        // Room for one: the newest remembered (loaded together at the start, so the
+        // highest UID).
         let mut state = ours(&s);
         let filler = NAMES_PER_STATE_MAX - 1;
-        state.tombstones = (0..filler).map(|i| Tombstone::expunge(100 + i as Uid, Guid(1000 + i as u128), 6)).collect();
-        assert!(crate::limits::state_len(&state) > crate::limits::STATE_PIECE_LEN_MAX, "more than one piece");
-        assert_eq!(s.name_collected(&mut state, &[(3, Guid(30))]), 1);
+        state.retired.insert_range(100, 100 + filler as Uid);
+        state.tombstones =
+            (0..filler).filter_map(|i| state.retired.name(100 + i as Uid, Guid(1000 + i as u128))).collect();
+        assert_eq!(s.name_collected(&mut state, &[]), 1);
         assert_eq!(state.tombstones.last().map(|t| (t.uid, t.guid)), Some((3, Guid(30))));
-        assert_eq!(s.name_collected(&mut state, &[]), 0, "no room left");
-        assert_eq!(s.recently_collected.collected_at(&mb(), 7, Guid(20), Instant(1)), None, "loaded: no COPY back");
+        // Collected again since the start, (2, 20) is the newest now.
+        let mut again = ours(&s);
+        again.tombstones = state.tombstones[..filler].to_vec();
+        again.retired = state.retired.clone();
+        let _forgotten = s.recently_collected.note(&mb(), 7, &[(2, Guid(20))], Instant(500));
+        assert_eq!(s.name_collected(&mut again, &[]), 1);
+        assert_eq!(again.tombstones.last().map(|t| (t.uid, t.guid)), Some((2, Guid(20))));
+        // Tombstones that are no names leave the room as it was.
+        let mut state = ours(&s);
+        state.tombstones =
+            (0..NAMES_PER_STATE_MAX as Uid).map(|i| Tombstone::expunge(100 + i, Guid(5000), 6)).collect();
+        assert_eq!(s.name_collected(&mut state, &[]), 2);
+        assert_eq!(s.recently_collected.collected_at(&mb(), 7, Guid(30), Instant(1)), None, "loaded: no COPY back");
     }
 }

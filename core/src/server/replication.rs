@@ -559,7 +559,7 @@ impl Server {
         if self.name_collected(&mut state, dropped) == 0 {
             return;
         }
-        for piece in crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX) {
+        for piece in self.state_pieces(state) {
             self.send(peer, Msg::SyncPart { state: piece });
         }
     }
@@ -584,12 +584,22 @@ impl Server {
         self.send_sync(to, reply, state);
     }
 
+    /// `limits::state_pieces` at the command budget, marking a split state with names.
+    fn state_pieces(&mut self, state: MailboxState) -> Vec<MailboxState> {
+        let named = state.tombstones.iter().any(|t| state.retired.covers(t));
+        let pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
+        if named && pieces.len() > 1 {
+            self.marks.hit(Mark::NamedStateSplit);
+        }
+        pieces
+    }
+
     /// Sends a mailbox state as one SYNC, or, when its text would pass half of
     /// `wire::LINE_LEN_MAX` (a mailbox of some ten thousand messages), as SYNC-PARTs
     /// followed by a SYNC with the rest. Each piece carries the mailbox's meta; pieces
     /// merge like log fragments.
     pub(crate) fn send_sync(&mut self, to: Sid, reply: bool, state: MailboxState) {
-        let mut pieces = crate::limits::state_pieces(state, crate::limits::STATE_PIECE_LEN_MAX);
+        let mut pieces = self.state_pieces(state);
         let last = pieces.pop();
         for piece in pieces {
             self.send(to, Msg::SyncPart { state: piece });
@@ -623,7 +633,7 @@ impl Server {
             for state in &mut states {
                 let meta = MailboxState { messages: Vec::new(), tombstones: Vec::new(), ..state.clone() };
                 let whole = std::mem::replace(state, meta);
-                for piece in crate::limits::state_pieces(whole, crate::limits::STATE_PIECE_LEN_MAX) {
+                for piece in self.state_pieces(whole) {
                     self.send(to, Msg::SyncPart { state: piece });
                 }
             }

@@ -150,7 +150,8 @@ impl Server {
         // after the collection, came back as master). Every other copy drops them with
         // the tombstones the ranges cover. Split into pieces, each name travels with the
         // range that covers it (`limits::state_pieces`); past `NAMES_PER_STATE_MAX`,
-        // the memory of collections names the rest in later states.
+        // the rest only the memory of collections names, in later states and within
+        // the same bound (those collected last first).
         let named: Vec<Tombstone> = bindings
             .iter()
             .filter(|(_, guid)| !m.messages.has_guid(*guid))
