@@ -204,6 +204,14 @@ impl BodyFetch {
         }
     }
 
+    /// The next try of `guid` (a census again, if it is still due) at most one retry
+    /// interval from now.
+    pub(crate) fn retry_soon(&mut self, guid: Guid, now: Instant) {
+        if let Some(w) = self.wanted.get_mut(&guid) {
+            w.next_try = w.next_try.min(now.plus_us(FETCH_RETRY_US));
+        }
+    }
+
     /// `src` has no intact copy of `guid`. True when that completes a census: every
     /// server in `others` has said so (the census is then over).
     pub(crate) fn denied(&mut self, guid: Guid, src: Sid, others: &[Sid]) -> bool {

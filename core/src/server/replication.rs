@@ -987,7 +987,16 @@ impl Server {
         if !self.body_fetch.denied(guid, src, &self.peers()) {
             return;
         }
-        let Some(mastered) = self.census_mailboxes(guid) else { return };
+        let Some(mastered) = self.census_mailboxes(guid) else {
+            // Every server said it has none, but something of ours on those mailboxes is
+            // in flight (often another census's expunge): a census again soon rather than
+            // a whole retry interval later. Many bodies lost at once (unacknowledged
+            // saves a store put back from a backup had alone) then go within seconds,
+            // not one a second (focus late-restore seeds 2529 and 17511: some thirty
+            // were still being given up 30 s after the heal).
+            self.body_fetch.retry_soon(guid, self.now);
+            return;
+        };
         // No server has an intact copy: the message can never be read again. Expunging it
         // is the only way the servers agree; it was never acknowledged to a client, or a
         // copy would have survived (a client is told of a save only once enough servers
