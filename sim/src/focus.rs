@@ -1382,7 +1382,7 @@ fn restore_at(rng: &mut ChaCha8Rng, graces_ms: &[u64], late: bool) -> Draft {
     }
     // Late, sometimes an INBOX whose state is too large for one command, so that the
     // names of the bindings collected in it travel in pieces (`limits::state_pieces`).
-    let large = late && rng.random_bool(0.25);
+    let large = late && rng.random_bool(0.1);
     if large {
         t = fill_past_one_piece(&mut d, rng, t, &boxes[0], &mut labels, &all);
     }
