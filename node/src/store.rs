@@ -588,7 +588,7 @@ impl Store {
                     StoreWrite::LinkSeq { seq } => raise(&mut meta, "link_seq", *seq)?,
                     StoreWrite::Newcomer => {
                         raise(&mut meta, "newcomer", 1)?;
-                        // A store put back from a backup: what its copy had confirmed goes.
+                        // A newcomer trusts nothing it confirmed before (`DiskImage::newcomer`).
                         let old: Vec<Vec<u8>> = confirmed
                             .iter()?
                             .map(|row| row.map(|(k, _)| k.value().to_vec()))
@@ -927,7 +927,7 @@ mod tests {
             StoreWrite::OnLoan { guid: Guid(8), on_loan: true },
             StoreWrite::OnLoan { guid: Guid(8), on_loan: false },
             StoreWrite::Confirmed { mailbox: MailboxKey::new("v@d", "Box") },
-            // A store put back from a backup: what it had confirmed goes.
+            // A newcomer forgets what it had confirmed.
             StoreWrite::Newcomer,
             StoreWrite::Confirmed { mailbox: mailbox.clone() },
             StoreWrite::Confirmed { mailbox: mailbox.clone() },
