@@ -311,23 +311,12 @@ impl super::Server {
         let room_left = room - asked.len();
         if from_memory.len() > room_left {
             // Past the bound, those collected last (a store put back holds those expunged
-            // after its backup was taken), in UID order still.
-            let mut ages: Vec<Instant> = from_memory.iter().map(|(_, at)| *at).collect();
-            ages.sort_unstable();
-            let threshold = ages.get(ages.len() - room_left).copied().unwrap_or(Instant(u64::MAX));
-            // Of those collected at the threshold's instant, the highest UIDs.
-            let mut left = room_left.saturating_sub(from_memory.iter().filter(|(_, at)| *at > threshold).count());
-            let kept: Vec<bool> = from_memory
-                .iter()
-                .rev()
-                .map(|(_, at)| {
-                    let tie_kept = *at == threshold && left > 0;
-                    left -= usize::from(tie_kept);
-                    *at > threshold || tie_kept
-                })
-                .collect();
-            let mut kept = kept.into_iter().rev();
-            from_memory.retain(|_| kept.next().unwrap_or(false));
+            // after its backup was taken), the highest UIDs among equals; in UID order still.
+            let mut newest: Vec<usize> = (0..from_memory.len()).collect();
+            newest.sort_unstable_by_key(|&i| std::cmp::Reverse((from_memory[i].1, i)));
+            let kept: std::collections::BTreeSet<usize> = newest.into_iter().take(room_left).collect();
+            let mut index = 0..;
+            from_memory.retain(|_| index.next().is_some_and(|i| kept.contains(&i)));
             debug_assert_eq!(from_memory.len(), room_left, "the bound is filled, not passed");
         }
         state.tombstones.extend(asked);
@@ -496,6 +485,14 @@ mod tests {
             state.retired = m.retired.clone();
             state
         };
+        // Our state with `filler` names already in it (of bindings nobody remembers).
+        let ours_named = |s: &super::super::Server, filler: usize| {
+            let mut state = ours(s);
+            state.retired.insert_range(100, 100 + filler as Uid);
+            state.tombstones =
+                (0..filler).filter_map(|i| state.retired.name(100 + i as Uid, Guid(1000 + i as u128))).collect();
+            state
+        };
         let mut state = ours(&s);
         assert_eq!(s.name_collected(&mut state, &[]), 2);
         let named: Vec<(Uid, Guid)> = state.tombstones.iter().map(|t| (t.uid, t.guid)).collect();
@@ -509,11 +506,8 @@ mod tests {
         state.uidvalidity = 8;
         assert_eq!(s.name_collected(&mut state, &[]), 0, "another incarnation than our copy's");
         // Room for two names only: the one asked for first, then another remembered.
-        let mut state = ours(&s);
         let filler = NAMES_PER_STATE_MAX - 2;
-        state.retired.insert_range(100, 100 + filler as Uid);
-        state.tombstones =
-            (0..filler).filter_map(|i| state.retired.name(100 + i as Uid, Guid(1000 + i as u128))).collect();
+        let mut state = ours_named(&s, filler);
         assert!(crate::limits::state_len(&state) > crate::limits::STATE_PIECE_LEN_MAX, "more than one piece");
         assert_eq!(s.name_collected(&mut state, &[(2, Guid(20))]), 2);
         let named: Vec<(Uid, Guid)> = state.tombstones[filler..].iter().map(|t| (t.uid, t.guid)).collect();
@@ -521,11 +515,8 @@ mod tests {
         assert_eq!(s.name_collected(&mut state, &[]), 0, "no room left");
         // Room for one: the newest remembered (loaded together at the start, so the
         // highest UID).
-        let mut state = ours(&s);
         let filler = NAMES_PER_STATE_MAX - 1;
-        state.retired.insert_range(100, 100 + filler as Uid);
-        state.tombstones =
-            (0..filler).filter_map(|i| state.retired.name(100 + i as Uid, Guid(1000 + i as u128))).collect();
+        let mut state = ours_named(&s, filler);
         assert_eq!(s.name_collected(&mut state, &[]), 1);
         assert_eq!(state.tombstones.last().map(|t| (t.uid, t.guid)), Some((3, Guid(30))));
         // Collected again since the start, (2, 20) is the newest now.
